@@ -1,0 +1,141 @@
+//! `shadowkv generate`: one prompt in, one continuation out.
+
+use crate::cpu::CpuModel;
+use crate::engine::generate::{generate, GenerateOptions, GenerateRequest};
+use crate::engine::sampling::SamplingParams;
+use crate::model::chat::ChatMessage;
+use crate::model::load::open_model;
+use crate::model::weights::ModelWeights;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Arguments of `shadowkv generate`.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Model: a Hugging Face directory, a .gguf file, or synthetic:<arch>[@seed].
+    #[arg(long)]
+    model: String,
+    /// Prompt text.
+    #[arg(long, conflicts_with = "prompt_file", required_unless_present = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// Treat the prompt as a user message and render it through the chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat (the template's default when absent).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the k most likely tokens (0 = no limit).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Random seed for sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when this string appears (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// CPU threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Prompt tokens per prefill pass.
+    #[arg(long, default_value_t = 512)]
+    prefill_chunk: usize,
+    /// Print one JSON object instead of the text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `shadowkv generate`.
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let threads = super::set_threads(a.threads)?;
+    let text = match (&a.prompt, &a.prompt_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading prompt file {}", f.display()))?
+        }
+        (None, None) => bail!("give --prompt or --prompt-file"),
+    };
+    let progress = std::io::stderr().is_terminal();
+    let t_load = Instant::now();
+    let m = open_model(&a.model)?;
+    let prompt_text = if a.chat {
+        let tmpl = m
+            .chat_template
+            .as_ref()
+            .with_context(|| format!("{}: the model has no chat template", a.model))?;
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage::new("system", s));
+        }
+        msgs.push(ChatMessage::new("user", &text));
+        tmpl.render(&msgs, true)?
+    } else {
+        text
+    };
+    // A chat template writes its own special tokens; plain prompts get the model's BOS.
+    let prompt_ids = m.tokenizer.encode(&prompt_text, !a.chat)?;
+    let weights = ModelWeights::load(&m.config, m.source.as_ref(), progress)?;
+    let model = CpuModel::new(m.config.clone(), weights);
+    let load_secs = t_load.elapsed().as_secs_f64();
+    let req = GenerateRequest {
+        prompt: prompt_ids.clone(),
+        max_tokens: a.max_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        stop: a.stop.clone(),
+    };
+    let opts = GenerateOptions {
+        prefill_chunk: a.prefill_chunk,
+        progress,
+    };
+    let (mut gens, stats) = generate(&model, &m.tokenizer, &[req], opts)?;
+    let g = gens.pop().context("no generation")?;
+    let per_s = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    if a.json {
+        let out = serde_json::json!({
+            "model": a.model,
+            "prompt_ids": prompt_ids,
+            "completion_ids": g.completion_ids,
+            "text": g.text,
+            "finish_reason": g.finish.as_str(),
+            "prompt_tokens": stats.prefill_tokens,
+            "completion_tokens": g.completion_ids.len(),
+            "load_secs": load_secs,
+            "prefill_secs": stats.prefill_secs,
+            "decode_secs": stats.decode_secs,
+            "prefill_tokens_per_s": per_s(stats.prefill_tokens, stats.prefill_secs),
+            "decode_tokens_per_s": per_s(stats.decode_tokens, stats.decode_secs),
+            "threads": threads,
+        });
+        println!("{out}");
+    } else {
+        println!("{}", g.text);
+        eprintln!(
+            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, finish: {}]",
+            stats.prefill_tokens,
+            per_s(stats.prefill_tokens, stats.prefill_secs),
+            g.completion_ids.len(),
+            per_s(stats.decode_tokens, stats.decode_secs),
+            g.finish.as_str()
+        );
+    }
+    Ok(())
+}

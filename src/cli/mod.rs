@@ -1,0 +1,49 @@
+//! The `shadowkv` command line.
+
+mod generate;
+mod inspect;
+mod synth;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+/// shadowkv: long-context LLM inference with ShadowKV.
+#[derive(Parser, Debug)]
+#[command(name = "shadowkv", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate a continuation of a prompt (greedy unless a temperature is given).
+    Generate(generate::GenerateArgs),
+    /// Describe a model: architecture, parameters, dtypes, KV and memory needs.
+    Inspect(inspect::InspectArgs),
+    /// Write a random-weight model in the Hugging Face layout.
+    Synth(synth::SynthArgs),
+}
+
+/// Sizes the rayon pool every CPU matrix product runs on (0 = all cores).
+pub(crate) fn set_threads(threads: usize) -> Result<usize> {
+    let n = if threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    } else {
+        threads
+    };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .context("starting the thread pool")?;
+    Ok(n)
+}
+
+/// Parses the command line and runs the command.
+pub fn run() -> Result<()> {
+    match Cli::parse().command {
+        Command::Generate(a) => generate::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Synth(a) => synth::run(a),
+    }
+}

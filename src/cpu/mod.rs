@@ -1,0 +1,11 @@
+//! The CPU backend: an f32 forward pass that is the numerical reference for every
+//! other backend. Matrix products go through the `gemm` crate on the rayon pool.
+
+pub mod attention;
+pub mod kv_cache;
+pub mod matmul;
+pub mod model;
+pub mod ops;
+
+pub use kv_cache::SeqKvCache;
+pub use model::{CpuModel, LogitsWanted, SeqInput};

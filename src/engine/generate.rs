@@ -1,0 +1,245 @@
+//! The generation loop: chunked prefill, then batched decode steps until each sequence
+//! meets EOS, a stop string, its token limit or the model's context.
+
+use super::sampling::{Sampler, SamplingParams};
+use crate::cpu::{CpuModel, LogitsWanted, SeqInput, SeqKvCache};
+use crate::model::tokenizer::TextTokenizer;
+use anyhow::{bail, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::time::Instant;
+
+/// One prompt to continue.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// Prompt token ids (not empty).
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// How to pick tokens.
+    pub sampling: SamplingParams,
+    /// Strings that end generation; the text is cut before the first one found.
+    pub stop: Vec<String>,
+}
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model emitted an end-of-sequence token.
+    Eos,
+    /// A stop string appeared.
+    Stop,
+    /// `max_tokens` or the model's context was reached.
+    Length,
+}
+
+impl FinishReason {
+    /// The OpenAI-style name (`stop` or `length`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Eos | FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// The result for one request.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Generated ids (EOS excluded; cut at a stop string's token).
+    pub completion_ids: Vec<u32>,
+    /// Generated text (special tokens skipped, cut before a stop string).
+    pub text: String,
+    /// Why generation ended.
+    pub finish: FinishReason,
+}
+
+/// Timings of one [`generate`] call.
+#[derive(Debug, Clone, Default)]
+pub struct GenerateStats {
+    /// Prompt tokens processed.
+    pub prefill_tokens: usize,
+    /// Wall time of all prefills.
+    pub prefill_secs: f64,
+    /// Tokens produced by decode steps (the first token of each sequence comes from
+    /// its prefill and is not counted).
+    pub decode_tokens: usize,
+    /// Wall time of all decode steps.
+    pub decode_secs: f64,
+}
+
+/// Knobs of the loop that do not change results.
+#[derive(Debug, Clone, Copy)]
+pub struct GenerateOptions {
+    /// Prompt tokens per prefill forward pass.
+    pub prefill_chunk: usize,
+    /// Show a progress bar for long prefills.
+    pub progress: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            prefill_chunk: 512,
+            progress: false,
+        }
+    }
+}
+
+struct Active {
+    cache: SeqKvCache,
+    sampler: Sampler,
+    ids: Vec<u32>,
+    done: Option<FinishReason>,
+    text: String,
+}
+
+/// Runs every request to completion as one batch.
+pub fn generate(
+    model: &CpuModel,
+    tok: &TextTokenizer,
+    reqs: &[GenerateRequest],
+    opts: GenerateOptions,
+) -> Result<(Vec<Generation>, GenerateStats)> {
+    let cfg = model.config();
+    let ctx = cfg.max_position_embeddings;
+    for (i, r) in reqs.iter().enumerate() {
+        if r.prompt.is_empty() {
+            bail!("request {i}: the prompt is empty");
+        }
+        if r.prompt.len() >= ctx {
+            bail!(
+                "request {i}: prompt of {} tokens does not fit the model's context of {ctx} tokens",
+                r.prompt.len()
+            );
+        }
+        if r.max_tokens == 0 {
+            bail!("request {i}: max_tokens must be at least 1");
+        }
+        r.sampling.validate().map_err(|e| anyhow::anyhow!("request {i}: {e}"))?;
+    }
+    let mut stats = GenerateStats::default();
+    let total: usize = reqs.iter().map(|r| r.prompt.len()).sum();
+    let bar = if opts.progress && total > 2 * opts.prefill_chunk {
+        let b = ProgressBar::new(total as u64);
+        b.set_style(
+            ProgressStyle::with_template("prefill {bar:40} {pos}/{len} tokens {per_sec} eta {eta}")
+                .expect("static template"),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut seqs = Vec::with_capacity(reqs.len());
+    let t0 = Instant::now();
+    for r in reqs {
+        let mut cache = model.new_cache();
+        let mut logits = Vec::new();
+        let chunk = opts.prefill_chunk.max(1);
+        for (ci, part) in r.prompt.chunks(chunk).enumerate() {
+            let last = (ci + 1) * chunk >= r.prompt.len();
+            let want = if last { LogitsWanted::Last } else { LogitsWanted::None };
+            let mut input = [SeqInput {
+                tokens: part,
+                cache: &mut cache,
+                logits: want,
+            }];
+            logits = model.forward(&mut input)?.pop().unwrap_or_default();
+            bar.inc(part.len() as u64);
+        }
+        let mut sampler = Sampler::new(r.sampling);
+        let first = sampler.sample(&logits);
+        let mut s = Active {
+            cache,
+            sampler,
+            ids: Vec::new(),
+            done: None,
+            text: String::new(),
+        };
+        push_token(&mut s, first, r, tok, cfg.eos_token_ids.as_slice(), ctx)?;
+        seqs.push(s);
+    }
+    bar.finish_and_clear();
+    stats.prefill_tokens = total;
+    stats.prefill_secs = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    loop {
+        let live: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].done.is_none()).collect();
+        if live.is_empty() {
+            break;
+        }
+        let last: Vec<[u32; 1]> = live
+            .iter()
+            .map(|&i| [*seqs[i].ids.last().expect("has a token")])
+            .collect();
+        let mut inputs: Vec<SeqInput> = Vec::with_capacity(live.len());
+        let mut caches: Vec<&mut SeqKvCache> = seqs
+            .iter_mut()
+            .filter(|s| s.done.is_none())
+            .map(|s| &mut s.cache)
+            .collect();
+        for (c, t) in caches.drain(..).zip(&last) {
+            inputs.push(SeqInput {
+                tokens: t,
+                cache: c,
+                logits: LogitsWanted::Last,
+            });
+        }
+        let logits = model.forward(&mut inputs)?;
+        drop(inputs);
+        for (&i, row) in live.iter().zip(&logits) {
+            let next = seqs[i].sampler.sample(row);
+            push_token(&mut seqs[i], next, &reqs[i], tok, cfg.eos_token_ids.as_slice(), ctx)?;
+            stats.decode_tokens += 1;
+        }
+    }
+    stats.decode_secs = t1.elapsed().as_secs_f64();
+    let out = seqs
+        .into_iter()
+        .map(|s| Generation {
+            completion_ids: s.ids_without_eos(),
+            text: s.text,
+            finish: s.done.unwrap_or(FinishReason::Length),
+        })
+        .collect();
+    Ok((out, stats))
+}
+
+impl Active {
+    fn ids_without_eos(&self) -> Vec<u32> {
+        let mut ids = self.ids.clone();
+        if self.done == Some(FinishReason::Eos) {
+            ids.pop();
+        }
+        ids
+    }
+}
+
+/// Records a sampled token and decides whether the sequence is finished.
+fn push_token(
+    s: &mut Active,
+    id: u32,
+    r: &GenerateRequest,
+    tok: &TextTokenizer,
+    eos: &[u32],
+    ctx: usize,
+) -> Result<()> {
+    s.ids.push(id);
+    if eos.contains(&id) {
+        s.done = Some(FinishReason::Eos);
+        return Ok(());
+    }
+    s.text = tok.decode(&s.ids, true)?;
+    if let Some(cut) = r
+        .stop
+        .iter()
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| s.text.find(p.as_str()))
+        .min()
+    {
+        s.text.truncate(cut);
+        s.done = Some(FinishReason::Stop);
+    } else if s.ids.len() >= r.max_tokens || s.cache.len() >= ctx {
+        s.done = Some(FinishReason::Length);
+    }
+    Ok(())
+}

@@ -1,0 +1,4 @@
+//! Sampling and the generation loop on top of a backend.
+
+pub mod generate;
+pub mod sampling;

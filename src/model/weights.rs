@@ -1,0 +1,201 @@
+//! f32 weight tensors in the Hugging Face layout, loaded from any [`TensorSource`].
+
+use super::config::ModelConfig;
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// A dense row-major f32 tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    /// Dimensions, outermost first (a linear layer is `[out, in]`).
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+impl Tensor {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Whether the tensor holds no elements.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+/// Anything that can produce a named tensor in the Hugging Face naming and layout
+/// (`model.layers.3.self_attn.q_proj.weight`, `[out, in]`), dequantised to f32.
+pub trait TensorSource {
+    /// Loads `name`, or `Ok(None)` when the source has no such tensor.
+    fn load(&self, name: &str) -> Result<Option<Tensor>>;
+
+    /// A short description for messages (a path, `synthetic:tiny`, ...).
+    fn describe(&self) -> String;
+}
+
+/// The weights of one transformer block.
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    /// RMSNorm weight before attention, `[hidden]`.
+    pub input_norm: Tensor,
+    /// Query projection, `[heads·d, hidden]`.
+    pub q_proj: Tensor,
+    /// Key projection, `[kv_heads·d, hidden]`.
+    pub k_proj: Tensor,
+    /// Value projection, `[kv_heads·d, hidden]`.
+    pub v_proj: Tensor,
+    /// Optional q/k/v biases (Qwen2).
+    pub qkv_bias: Option<[Tensor; 3]>,
+    /// Output projection, `[hidden, heads·d]`.
+    pub o_proj: Tensor,
+    /// RMSNorm weight before the MLP, `[hidden]`.
+    pub post_norm: Tensor,
+    /// MLP gate projection, `[inter, hidden]`.
+    pub gate_proj: Tensor,
+    /// MLP up projection, `[inter, hidden]`.
+    pub up_proj: Tensor,
+    /// MLP down projection, `[hidden, inter]`.
+    pub down_proj: Tensor,
+}
+
+/// All the weights of a model.
+#[derive(Debug, Clone)]
+pub struct ModelWeights {
+    /// Token embedding, `[vocab, hidden]`.
+    pub embed: Tensor,
+    /// Transformer blocks.
+    pub layers: Vec<LayerWeights>,
+    /// Final RMSNorm weight, `[hidden]`.
+    pub norm: Tensor,
+    /// Output projection `[vocab, hidden]`; `None` when tied to the embedding.
+    pub lm_head: Option<Tensor>,
+}
+
+/// Tensor names within a block and their shapes as `[rows, cols]` factors of the config.
+fn layer_tensors(cfg: &ModelConfig) -> Vec<(&'static str, Vec<usize>)> {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+    let mut v = vec![
+        ("input_layernorm.weight", vec![h]),
+        ("self_attn.q_proj.weight", vec![qd, h]),
+        ("self_attn.k_proj.weight", vec![kvd, h]),
+        ("self_attn.v_proj.weight", vec![kvd, h]),
+        ("self_attn.o_proj.weight", vec![h, qd]),
+        ("post_attention_layernorm.weight", vec![h]),
+        ("mlp.gate_proj.weight", vec![i, h]),
+        ("mlp.up_proj.weight", vec![i, h]),
+        ("mlp.down_proj.weight", vec![h, i]),
+    ];
+    if cfg.attention_bias {
+        v.push(("self_attn.q_proj.bias", vec![qd]));
+        v.push(("self_attn.k_proj.bias", vec![kvd]));
+        v.push(("self_attn.v_proj.bias", vec![kvd]));
+    }
+    v
+}
+
+/// Every tensor a model of this config holds, with its shape, in file order.
+pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let h = cfg.hidden_size;
+    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h])];
+    for l in 0..cfg.num_layers {
+        for (name, shape) in layer_tensors(cfg) {
+            v.push((format!("model.layers.{l}.{name}"), shape));
+        }
+    }
+    v.push(("model.norm.weight".into(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        v.push(("lm_head.weight".into(), vec![cfg.vocab_size, h]));
+    }
+    v
+}
+
+/// Loads `name` and checks its shape, with errors naming the tensor and the source.
+fn fetch(src: &dyn TensorSource, name: &str, shape: &[usize]) -> Result<Tensor> {
+    let t = src
+        .load(name)?
+        .with_context(|| format!("{}: tensor `{name}` is missing", src.describe()))?;
+    check_shape(src, name, t, shape)
+}
+
+fn check_shape(src: &dyn TensorSource, name: &str, t: Tensor, shape: &[usize]) -> Result<Tensor> {
+    if t.shape != shape {
+        bail!(
+            "{}: tensor `{name}` has shape {:?}, the config implies {:?}",
+            src.describe(),
+            t.shape,
+            shape
+        );
+    }
+    Ok(t)
+}
+
+impl ModelWeights {
+    /// Loads every tensor the config calls for, showing a progress bar when `progress`.
+    pub fn load(cfg: &ModelConfig, src: &dyn TensorSource, progress: bool) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let bar = if progress {
+            let b = ProgressBar::new(cfg.num_layers as u64 + 2);
+            b.set_style(
+                ProgressStyle::with_template("loading {prefix} {bar:40} {pos}/{len} {elapsed}")
+                    .expect("static template"),
+            );
+            b.set_prefix(src.describe());
+            b
+        } else {
+            ProgressBar::hidden()
+        };
+        let embed = fetch(src, "model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        bar.inc(1);
+        let parts = layer_tensors(cfg);
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let mut m = std::collections::HashMap::new();
+            for (name, shape) in &parts {
+                m.insert(*name, fetch(src, &format!("model.layers.{l}.{name}"), shape)?);
+            }
+            let mut take = |name: &str| m.remove(name).expect("listed by layer_tensors");
+            let qkv_bias = if cfg.attention_bias {
+                Some([
+                    take("self_attn.q_proj.bias"),
+                    take("self_attn.k_proj.bias"),
+                    take("self_attn.v_proj.bias"),
+                ])
+            } else {
+                None
+            };
+            layers.push(LayerWeights {
+                input_norm: take("input_layernorm.weight"),
+                q_proj: take("self_attn.q_proj.weight"),
+                k_proj: take("self_attn.k_proj.weight"),
+                v_proj: take("self_attn.v_proj.weight"),
+                qkv_bias,
+                o_proj: take("self_attn.o_proj.weight"),
+                post_norm: take("post_attention_layernorm.weight"),
+                gate_proj: take("mlp.gate_proj.weight"),
+                up_proj: take("mlp.up_proj.weight"),
+                down_proj: take("mlp.down_proj.weight"),
+            });
+            bar.inc(1);
+        }
+        let norm = fetch(src, "model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            match src.load("lm_head.weight")? {
+                // Some checkpoints mark tying only by leaving the head out.
+                None => None,
+                Some(t) => Some(check_shape(src, "lm_head.weight", t, &[cfg.vocab_size, h])?),
+            }
+        };
+        bar.finish_and_clear();
+        Ok(ModelWeights {
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+}

@@ -1,0 +1,37 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The SmolLM2 test model: `$SHADOWKV_TEST_MODEL`, else the `tools/fetch-model` cache.
+/// Fails (never skips) when it is absent: `tools/test` and CI fetch it.
+pub fn test_model() -> PathBuf {
+    let p = match std::env::var_os("SHADOWKV_TEST_MODEL") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let home = std::env::var_os("HOME").expect("HOME is set");
+            let cache = std::env::var_os("SHADOWKV_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(home).join(".cache/shadowkv"));
+            cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        }
+    };
+    assert!(
+        p.exists(),
+        "test model {} is missing: run tools/fetch-model (tools/test does)",
+        p.display()
+    );
+    p
+}
+
+/// Path of a file under the repository root.
+pub fn repo_file(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// Largest relative difference between two slices, scaled by the larger magnitude.
+pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = a.iter().chain(b).fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
+}

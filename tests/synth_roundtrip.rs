@@ -1,0 +1,215 @@
+//! synth → write → load → generate round trips for every tiny architecture preset, in
+//! every stored dtype, single-file and sharded, against the in-memory synthetic model.
+
+mod common;
+
+use shadowkv::cpu::{CpuModel, LogitsWanted, SeqInput};
+use shadowkv::engine::generate::{generate, GenerateOptions, GenerateRequest};
+use shadowkv::engine::sampling::SamplingParams;
+use shadowkv::model::load::open_model;
+use shadowkv::model::synthetic::{preset, write_hf, SyntheticSource, WriteDtype};
+use shadowkv::model::weights::ModelWeights;
+use std::process::Command;
+
+fn load(spec: &str) -> (CpuModel, shadowkv::model::tokenizer::TextTokenizer) {
+    let m = open_model(spec).unwrap_or_else(|e| panic!("{spec}: {e:#}"));
+    let w = ModelWeights::load(&m.config, m.source.as_ref(), false).unwrap();
+    (CpuModel::new(m.config.clone(), w), m.tokenizer)
+}
+
+fn last_logits(model: &CpuModel, ids: &[u32]) -> Vec<f32> {
+    let mut cache = model.new_cache();
+    model
+        .forward(&mut [SeqInput {
+            tokens: ids,
+            cache: &mut cache,
+            logits: LogitsWanted::Last,
+        }])
+        .unwrap()
+        .remove(0)
+}
+
+fn greedy(model: &CpuModel, tok: &shadowkv::model::tokenizer::TextTokenizer, ids: &[u32], n: usize) -> Vec<u32> {
+    let req = GenerateRequest {
+        prompt: ids.to_vec(),
+        max_tokens: n,
+        sampling: SamplingParams::default(),
+        stop: vec![],
+    };
+    generate(model, tok, &[req], GenerateOptions::default())
+        .unwrap()
+        .0
+        .remove(0)
+        .completion_ids
+}
+
+#[test]
+fn every_tiny_arch_round_trips_in_every_dtype() {
+    for arch in ["tiny", "tiny-llama3", "tiny-qwen2"] {
+        let (mem, tok) = load(&format!("synthetic:{arch}@7"));
+        let prompt = tok
+            .encode("The quick brown fox jumps over the lazy dog.", true)
+            .unwrap();
+        assert_eq!(prompt[0], mem.config().bos_token_id.unwrap(), "{arch}: BOS added");
+        let want_logits = last_logits(&mem, &prompt);
+        let want_ids = greedy(&mem, &tok, &prompt, 12);
+        let cfg = preset(arch).unwrap();
+        for (dtype, shard) in [
+            (WriteDtype::Bf16, usize::MAX),
+            (WriteDtype::F32, 64 << 10),
+            (WriteDtype::F16, usize::MAX),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let src = SyntheticSource::new(arch, &cfg, 7);
+            write_hf(dir.path(), &cfg, &src, dtype, shard, |_| {}).unwrap();
+            if shard != usize::MAX {
+                assert!(
+                    dir.path().join("model.safetensors.index.json").exists(),
+                    "{arch}: sharded"
+                );
+            }
+            let (disk, disk_tok) = load(dir.path().to_str().unwrap());
+            assert_eq!(disk.config(), mem.config(), "{arch} {dtype:?}: config round trip");
+            assert_eq!(
+                disk_tok.encode("The quick brown fox", true).unwrap(),
+                tok.encode("The quick brown fox", true).unwrap()
+            );
+            let got = last_logits(&disk, &prompt);
+            let diff = common::max_rel_diff(&got, &want_logits);
+            match dtype {
+                // bf16 and f32 hold the synthetic (bf16-rounded) values exactly.
+                WriteDtype::Bf16 | WriteDtype::F32 => assert_eq!(got, want_logits, "{arch} {dtype:?}"),
+                WriteDtype::F16 => assert!(diff < 1e-2, "{arch} f16: logits differ by {diff}"),
+            }
+            if dtype != WriteDtype::F16 {
+                assert_eq!(
+                    greedy(&disk, &disk_tok, &prompt, 12),
+                    want_ids,
+                    "{arch} {dtype:?}: greedy tokens"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn batched_generation_equals_each_sequence_alone() {
+    let (model, tok) = load("synthetic:tiny-qwen2@3");
+    let prompts = [
+        "a",
+        "Hello there, how are you doing today?",
+        "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18",
+    ];
+    let reqs: Vec<GenerateRequest> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| GenerateRequest {
+            prompt: tok.encode(p, true).unwrap(),
+            max_tokens: 10 + 3 * i,
+            sampling: SamplingParams::default(),
+            stop: vec![],
+        })
+        .collect();
+    let (batched, _) = generate(&model, &tok, &reqs, GenerateOptions::default()).unwrap();
+    for (r, b) in reqs.iter().zip(&batched) {
+        let (alone, _) = generate(
+            &model,
+            &tok,
+            std::slice::from_ref(r),
+            GenerateOptions {
+                prefill_chunk: 5,
+                progress: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(alone[0].completion_ids, b.completion_ids);
+        assert_eq!(b.completion_ids.len(), r.max_tokens);
+    }
+}
+
+#[test]
+fn cli_synth_then_generate_json() {
+    let exe = env!("CARGO_BIN_EXE_shadowkv");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m");
+    let st = Command::new(exe)
+        .args(["synth", "--arch", "tiny-llama3", "--out"])
+        .arg(&out)
+        .args(["--seed", "5"])
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let again = Command::new(exe)
+        .args(["synth", "--arch", "tiny", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("--force"));
+    let run = |model: &str| {
+        let o = Command::new(exe)
+            .args([
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                "Once upon a time",
+                "--max-tokens",
+                "8",
+                "--json",
+                "--threads",
+                "2",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let a = run(out.to_str().unwrap());
+    let b = run("synthetic:tiny-llama3@5");
+    for key in [
+        "prompt_ids",
+        "completion_ids",
+        "text",
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+    ] {
+        assert!(a.get(key).is_some(), "missing {key}");
+    }
+    assert_eq!(a["completion_ids"], b["completion_ids"]);
+    assert_eq!(a["completion_ids"].as_array().unwrap().len(), 8);
+    let chat = Command::new(exe)
+        .args([
+            "generate",
+            "--model",
+            "synthetic:tiny",
+            "--prompt",
+            "hi",
+            "--chat",
+            "--max-tokens",
+            "3",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(chat.status.success(), "{}", String::from_utf8_lossy(&chat.stderr));
+    let inspect = Command::new(exe)
+        .args([
+            "inspect",
+            "--model",
+            "synthetic:llama-3.1-8b",
+            "--context",
+            "131072",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(v["kv_bytes_per_token_bf16"], 131072);
+    assert_eq!(v["memory_bytes"]["kv_bf16"], 131072u64 * 131072);
+    let p = v["parameters"].as_u64().unwrap();
+    assert!(
+        (8_000_000_000..8_100_000_000).contains(&p),
+        "llama-3.1-8b has {p} parameters"
+    );
+}
