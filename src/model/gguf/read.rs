@@ -52,17 +52,15 @@ impl std::fmt::Debug for GgufFile {
 impl GgufFile {
     /// Opens, maps and validates a GGUF file. Errors name the file and what is wrong.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-        let len = file
-            .metadata()
-            .with_context(|| format!("{}: cannot stat", path.display()))?
-            .len();
+        let fail = |what: &str, e: std::io::Error| anyhow!("{}: cannot {what}: {e}", path.display());
+        let file = File::open(path).map_err(|e| fail("open", e))?;
+        let len = file.metadata().map_err(|e| fail("stat", e))?.len();
         if len == 0 {
             bail!("{}: file is empty (0 bytes), not a GGUF file", path.display());
         }
         // SAFETY: the map is read-only; like every mmap-based model loader we assume the
         // file is not truncated or rewritten while it is open.
-        let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot mmap", path.display()))?;
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| fail("mmap", e))?;
         let h = parse(&mmap).map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
         let by_name = h.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         Ok(GgufFile {
@@ -394,11 +392,10 @@ fn parse(buf: &[u8]) -> Result<Header> {
     let mut names = HashMap::new();
     for i in 0..n_tensors {
         let name = c.string(format_args!("tensor info {i} name"))?;
-        tensors.push(tensor_info(&mut c, name, alignment)?);
-        let t = &tensors[tensors.len() - 1];
-        if names.insert(t.name.clone(), i).is_some() {
-            bail!("duplicate tensor name `{}`", t.name);
+        if names.insert(name.clone(), i).is_some() {
+            bail!("duplicate tensor name `{name}`");
         }
+        tensors.push(tensor_info(&mut c, name, alignment)?);
     }
 
     let data_start = align_up(c.pos as u64, alignment)
