@@ -1,0 +1,624 @@
+//! The topology file: what `shadowkv serve` runs and how (TOML).
+//!
+//! Every section is optional except that a model must be named (here or on the command
+//! line). Unknown keys, wrong types and impossible values are errors that name the key,
+//! the file and the line. See the README's "Server" section for every key.
+
+mod values;
+
+pub use values::{AutoOr, Cores};
+
+use serde::Deserialize;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+/// A topology file, parsed and checked.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    /// The model to serve.
+    #[serde(default)]
+    pub model: ModelSection,
+    /// Where it runs.
+    #[serde(default)]
+    pub backend: BackendSection,
+    /// Full attention or ShadowKV, with the ShadowKV parameters.
+    #[serde(default)]
+    pub attention: AttentionSection,
+    /// Batch, context and queue limits.
+    #[serde(default)]
+    pub limits: LimitsSection,
+    /// Micro-batches and value fetching.
+    #[serde(default)]
+    pub pipeline: PipelineSection,
+    /// Threads and their placement.
+    #[serde(default)]
+    pub actors: ActorsSection,
+    /// Host memory pools for values.
+    #[serde(default)]
+    pub pools: PoolsSection,
+    /// Listen addresses.
+    #[serde(default)]
+    pub server: ServerSection,
+    /// Chrome trace output.
+    #[serde(default)]
+    pub trace: TraceSection,
+    #[serde(skip)]
+    origin: Origin,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Origin {
+    file: String,
+    src: String,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A Hugging Face directory, a `.gguf` file, `synthetic:<arch>[@seed]`, or
+    /// `auto:smollm2` (the test model, fetched into the cache if absent).
+    pub path: Option<String>,
+    /// The id clients use in `model` (default: the file name without extension).
+    pub name: Option<String>,
+}
+
+/// Compute backend.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// The f32 reference backend.
+    #[default]
+    Cpu,
+    /// NVIDIA GPUs.
+    Cuda,
+}
+
+/// `[backend]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSection {
+    /// `cpu` or `cuda`.
+    #[serde(default)]
+    pub kind: BackendKind,
+    /// CUDA device ordinal.
+    #[serde(default)]
+    pub device: u32,
+}
+
+/// Attention algorithm.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionMode {
+    /// Exact attention over the whole KV cache.
+    #[default]
+    Full,
+    /// ShadowKV sparse attention.
+    Shadowkv,
+}
+
+/// `[attention]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttentionSection {
+    /// `full` or `shadowkv`.
+    #[serde(default)]
+    pub mode: AttentionMode,
+    /// Tokens of selected chunks per step (ShadowKV sparse budget).
+    #[serde(default = "d_budget")]
+    pub budget: usize,
+    /// Rank of the pre-RoPE key factorisation.
+    #[serde(default = "d_rank")]
+    pub rank: usize,
+    /// Tokens per chunk.
+    #[serde(default = "d_chunk_size")]
+    pub chunk_size: usize,
+    /// Chunks kept exactly because their keys are far from their landmark.
+    #[serde(default = "d_outlier_chunks")]
+    pub outlier_chunks: usize,
+    /// Most recent chunks kept exactly.
+    #[serde(default = "d_local_chunks")]
+    pub local_chunks: usize,
+}
+
+fn d_budget() -> usize {
+    2048
+}
+fn d_rank() -> usize {
+    160
+}
+fn d_chunk_size() -> usize {
+    8
+}
+fn d_outlier_chunks() -> usize {
+    48
+}
+fn d_local_chunks() -> usize {
+    4
+}
+
+impl Default for AttentionSection {
+    fn default() -> Self {
+        AttentionSection {
+            mode: AttentionMode::Full,
+            budget: d_budget(),
+            rank: d_rank(),
+            chunk_size: d_chunk_size(),
+            outlier_chunks: d_outlier_chunks(),
+            local_chunks: d_local_chunks(),
+        }
+    }
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Most sequences decoded together.
+    #[serde(default = "d_max_batch")]
+    pub max_batch: usize,
+    /// Most tokens (prompt and completion) of one request (default: the model's context).
+    pub max_context: Option<usize>,
+    /// Most accepted requests waiting for a batch slot; beyond it requests get 429.
+    #[serde(default = "d_max_queue")]
+    pub max_queue: usize,
+    /// Most prompt tokens prefilled per scheduler step.
+    #[serde(default = "d_prefill_chunk")]
+    pub prefill_chunk: usize,
+}
+
+fn d_max_batch() -> usize {
+    8
+}
+fn d_max_queue() -> usize {
+    64
+}
+fn d_prefill_chunk() -> usize {
+    512
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_batch: d_max_batch(),
+            max_context: None,
+            max_queue: d_max_queue(),
+            prefill_chunk: d_prefill_chunk(),
+        }
+    }
+}
+
+/// How ShadowKV moves value chunks to the GPU.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ValueFetch {
+    /// Gather threads copy into pinned staging, a copy stream moves it.
+    #[default]
+    CpuGather,
+    /// A GPU kernel reads the registered host pool directly.
+    ZeroCopy,
+}
+
+/// `[pipeline]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSection {
+    /// Micro-batches the batch is split into to overlap fetching and compute.
+    #[serde(default = "d_micro_batches")]
+    pub micro_batches: usize,
+    /// `cpu-gather` or `zero-copy`.
+    #[serde(default)]
+    pub value_fetch: ValueFetch,
+}
+
+fn d_micro_batches() -> usize {
+    1
+}
+
+impl Default for PipelineSection {
+    fn default() -> Self {
+        PipelineSection {
+            micro_batches: 1,
+            value_fetch: ValueFetch::CpuGather,
+        }
+    }
+}
+
+/// One actor's threads and placement.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ActorSection {
+    /// Threads (`auto`: as many as the cores allow).
+    #[serde(default)]
+    pub threads: AutoOr<usize>,
+    /// Cores to pin to: `auto`, a list `[0, 1]` or ranges `"0-7,12"`.
+    #[serde(default)]
+    pub cores: Cores,
+    /// NUMA node (`auto`: the one closest to the device).
+    #[serde(default)]
+    pub numa_node: AutoOr<u32>,
+}
+
+/// `[actors.*]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ActorsSection {
+    /// Norms, GEMMs, attention, sampling (on the CPU backend: the matrix-product pool).
+    #[serde(default)]
+    pub compute: ActorSection,
+    /// Landmark scoring and top-k selection.
+    #[serde(default)]
+    pub select: ActorSection,
+    /// Value-chunk gathering from the host pools.
+    #[serde(default)]
+    pub gather: ActorSection,
+    /// Host-to-device copies.
+    #[serde(default)]
+    pub transfer: ActorSection,
+}
+
+/// Memory behind a value pool.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolBacking {
+    /// Anonymous memory.
+    #[default]
+    Anonymous,
+    /// A memory-mapped file at `path`.
+    File,
+}
+
+/// `[pools]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PoolsSection {
+    /// `anonymous` or `file`.
+    #[serde(default)]
+    pub backing: PoolBacking,
+    /// Directory or file of a file-backed pool.
+    pub path: Option<PathBuf>,
+    /// NUMA node to bind pool memory to.
+    #[serde(default)]
+    pub numa_node: AutoOr<u32>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// HTTP address of the API (and of `/metrics`).
+    #[serde(default = "d_listen")]
+    pub listen: String,
+    /// A second address serving only `/metrics`, if wanted.
+    pub metrics_listen: Option<String>,
+    /// Seconds running requests may take to finish after SIGTERM/SIGINT.
+    #[serde(default = "d_grace")]
+    pub shutdown_grace_secs: f64,
+    /// Largest request body in bytes.
+    #[serde(default = "d_max_body")]
+    pub max_request_bytes: usize,
+}
+
+fn d_listen() -> String {
+    "127.0.0.1:8000".into()
+}
+fn d_grace() -> f64 {
+    30.0
+}
+fn d_max_body() -> usize {
+    16 << 20
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: d_listen(),
+            metrics_listen: None,
+            shutdown_grace_secs: d_grace(),
+            max_request_bytes: d_max_body(),
+        }
+    }
+}
+
+/// `[trace]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceSection {
+    /// Write a Chrome trace-event file.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Where.
+    #[serde(default = "d_trace_path")]
+    pub path: PathBuf,
+}
+
+fn d_trace_path() -> PathBuf {
+    PathBuf::from("shadowkv-trace.json")
+}
+
+impl Default for TraceSection {
+    fn default() -> Self {
+        TraceSection {
+            enabled: false,
+            path: d_trace_path(),
+        }
+    }
+}
+
+/// An error in a topology file, with the key and where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopologyError {
+    /// The file.
+    pub file: String,
+    /// The dotted key (`limits.max_batch`), when one is concerned.
+    pub key: Option<String>,
+    /// 1-based line and column, when the key or the error is in the file.
+    pub line: Option<(usize, usize)>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for TopologyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some((l, c)) = self.line {
+            write!(f, ", line {l}, column {c}")?;
+        }
+        if let Some(k) = &self.key {
+            write!(f, ", key `{k}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for TopologyError {}
+
+/// 1-based (line, column) of a byte offset.
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(src.len());
+    let before = &src.as_bytes()[..offset];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let col = offset - before.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1) + 1;
+    (line, col)
+}
+
+/// The dotted path of the deepest key whose key or value covers `pos`.
+fn path_at(table: &DeTable, pos: usize) -> Option<(String, usize)> {
+    for (k, v) in table.iter() {
+        let (ks, vs) = (k.span(), v.span());
+        let in_key = ks.start <= pos && pos < ks.end.max(ks.start + 1);
+        let in_val = vs.start <= pos && pos < vs.end.max(vs.start + 1);
+        if let DeValue::Table(t) = v.get_ref() {
+            if let Some((sub, at)) = path_at(t, pos) {
+                return Some((format!("{}.{sub}", k.get_ref()), at));
+            }
+        }
+        if let DeValue::Array(a) = v.get_ref() {
+            for (i, item) in a.iter().enumerate() {
+                if let DeValue::Table(t) = item.get_ref() {
+                    if let Some((sub, at)) = path_at(t, pos) {
+                        return Some((format!("{}[{i}].{sub}", k.get_ref()), at));
+                    }
+                }
+            }
+        }
+        if in_key || in_val {
+            return Some((k.get_ref().to_string(), ks.start));
+        }
+    }
+    None
+}
+
+/// Where the key `path` (dotted) is written: its key's offset.
+fn find_key(table: &DeTable, path: &str) -> Option<usize> {
+    let (head, rest) = match path.split_once('.') {
+        Some((h, r)) => (h, Some(r)),
+        None => (path, None),
+    };
+    let (k, v) = table.iter().find(|(k, _)| k.get_ref().as_ref() == head)?;
+    match (rest, v.get_ref()) {
+        (None, _) => Some(k.span().start),
+        (Some(r), DeValue::Table(t)) => find_key(t, r).or(Some(k.span().start)),
+        (Some(_), _) => Some(k.span().start),
+    }
+}
+
+impl Topology {
+    /// Reads and checks a topology file.
+    pub fn load(path: &Path) -> Result<Topology, TopologyError> {
+        let file = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|e| TopologyError {
+            file: file.clone(),
+            key: None,
+            line: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&src, &file)
+    }
+
+    /// Parses and checks topology text; `file` names it in errors.
+    pub fn parse(src: &str, file: &str) -> Result<Topology, TopologyError> {
+        let err = |key: Option<String>, line, message: String| TopologyError {
+            file: file.to_string(),
+            key,
+            line,
+            message,
+        };
+        let doc: Spanned<DeTable> = DeTable::parse(src).map_err(|e| {
+            let line = e.span().map(|s| line_col(src, s.start));
+            err(None, line, format!("not valid TOML: {}", e.message().trim()))
+        })?;
+        let mut t: Topology = toml::from_str(src).map_err(|e| {
+            let (key, line) = match e.span() {
+                Some(s) => match path_at(doc.get_ref(), s.start) {
+                    Some((k, _)) => (Some(k), Some(line_col(src, s.start))),
+                    None => (None, Some(line_col(src, s.start))),
+                },
+                None => (None, None),
+            };
+            err(key, line, e.message().trim().to_string())
+        })?;
+        t.origin = Origin {
+            file: file.to_string(),
+            src: src.to_string(),
+        };
+        t.validate()?;
+        Ok(t)
+    }
+
+    /// The file this topology came from.
+    pub fn file(&self) -> &str {
+        &self.origin.file
+    }
+
+    /// An error about `key` (dotted), located at the key's line when the file has it.
+    pub fn error_at(&self, key: &str, message: impl Into<String>) -> TopologyError {
+        let line = DeTable::parse(&self.origin.src)
+            .ok()
+            .and_then(|doc| find_key(doc.get_ref(), key))
+            .map(|off| line_col(&self.origin.src, off));
+        TopologyError {
+            file: self.origin.file.clone(),
+            key: Some(key.to_string()),
+            line,
+            message: message.into(),
+        }
+    }
+
+    /// Impossible values and combinations.
+    fn validate(&self) -> Result<(), TopologyError> {
+        let e = |k: &str, m: String| Err(self.error_at(k, m));
+        let a = &self.attention;
+        if a.chunk_size == 0 {
+            return e("attention.chunk_size", "must be at least 1".into());
+        }
+        if a.budget < a.chunk_size || a.budget % a.chunk_size != 0 {
+            return e(
+                "attention.budget",
+                format!(
+                    "must be a positive multiple of attention.chunk_size ({}), got {}",
+                    a.chunk_size, a.budget
+                ),
+            );
+        }
+        if a.rank == 0 {
+            return e("attention.rank", "must be at least 1".into());
+        }
+        if a.local_chunks == 0 {
+            return e("attention.local_chunks", "must be at least 1".into());
+        }
+        let l = &self.limits;
+        if l.max_batch == 0 {
+            return e("limits.max_batch", "must be at least 1".into());
+        }
+        if let Some(c) = l.max_context {
+            if c < 2 {
+                return e("limits.max_context", format!("must be at least 2 tokens, got {c}"));
+            }
+        }
+        if l.prefill_chunk == 0 {
+            return e("limits.prefill_chunk", "must be at least 1".into());
+        }
+        let p = &self.pipeline;
+        if p.micro_batches == 0 || p.micro_batches > l.max_batch {
+            return e(
+                "pipeline.micro_batches",
+                format!(
+                    "must be between 1 and limits.max_batch ({}), got {}",
+                    l.max_batch, p.micro_batches
+                ),
+            );
+        }
+        if p.value_fetch == ValueFetch::ZeroCopy && self.backend.kind != BackendKind::Cuda {
+            return e(
+                "pipeline.value_fetch",
+                "`zero-copy` needs a GPU: set backend.kind = \"cuda\" or use `cpu-gather`".into(),
+            );
+        }
+        for (name, actor) in [
+            ("compute", &self.actors.compute),
+            ("select", &self.actors.select),
+            ("gather", &self.actors.gather),
+            ("transfer", &self.actors.transfer),
+        ] {
+            if actor.threads == AutoOr::Value(0) {
+                return e(
+                    &format!("actors.{name}.threads"),
+                    "must be at least 1 or \"auto\"".into(),
+                );
+            }
+            if let (AutoOr::Value(n), Cores::List(c)) = (actor.threads, &actor.cores) {
+                if n > c.len() {
+                    return e(
+                        &format!("actors.{name}.threads"),
+                        format!("{n} threads cannot be pinned to the {} cores listed in cores", c.len()),
+                    );
+                }
+            }
+        }
+        match (self.pools.backing, &self.pools.path) {
+            (PoolBacking::File, None) => {
+                return e("pools.backing", "a file-backed pool needs pools.path".into());
+            }
+            (PoolBacking::Anonymous, Some(_)) => {
+                return e("pools.path", "is only used with pools.backing = \"file\"".into());
+            }
+            _ => {}
+        }
+        let s = &self.server;
+        let listen = match s.listen.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                return e(
+                    "server.listen",
+                    format!("`{}` is not an address like 127.0.0.1:8000", s.listen),
+                )
+            }
+        };
+        if let Some(m) = &s.metrics_listen {
+            match m.parse::<SocketAddr>() {
+                Err(_) => {
+                    return e(
+                        "server.metrics_listen",
+                        format!("`{m}` is not an address like 127.0.0.1:9100"),
+                    )
+                }
+                Ok(a) if a == listen && a.port() != 0 => {
+                    return e(
+                        "server.metrics_listen",
+                        "must differ from server.listen (leave it out to serve /metrics there)".into(),
+                    )
+                }
+                Ok(_) => {}
+            }
+        }
+        if !(s.shutdown_grace_secs.is_finite() && s.shutdown_grace_secs >= 0.0) {
+            return e(
+                "server.shutdown_grace_secs",
+                format!("must be a number of seconds >= 0, got {}", s.shutdown_grace_secs),
+            );
+        }
+        if s.max_request_bytes < 1024 {
+            return e(
+                "server.max_request_bytes",
+                format!("must be at least 1024, got {}", s.max_request_bytes),
+            );
+        }
+        if self.trace.enabled && self.trace.path.as_os_str().is_empty() {
+            return e("trace.path", "must name a file when trace.enabled = true".into());
+        }
+        if let Some(n) = &self.model.name {
+            if n.trim().is_empty() {
+                return e("model.name", "must not be empty".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
