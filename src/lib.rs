@@ -2,10 +2,15 @@
 //!
 //! Data flows one way through the modules: [`model`] (configs, weight files,
 //! tokenizer, chat templates, synthetic weights) → [`cpu`] (the numerical reference
-//! backend) → [`engine`] (sampling and generation).
+//! backend) → [`shadow`] (the ShadowKV algorithm) → [`pool`] (value pools) →
+//! [`engine`] (sampling, generation); [`eval`] (long-context evaluation) and
+//! [`topology`] (the `serve` configuration) beside them.
 
 pub mod cli;
 pub mod cpu;
 pub mod engine;
+pub mod eval;
 pub mod model;
 pub mod topology;
+pub mod pool;
+pub mod shadow;

@@ -1,5 +1,6 @@
 //! `shadowkv generate`: one prompt in, one continuation out.
 
+use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::CpuModel;
 use crate::engine::generate::{generate, GenerateOptions, GenerateRequest};
 use crate::engine::sampling::SamplingParams;
@@ -57,6 +58,11 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of the text.
     #[arg(long)]
     json: bool,
+    /// Attention method.
+    #[arg(long, value_enum, default_value_t = Method::Full)]
+    attention: Method,
+    #[command(flatten)]
+    shadow: ShadowArgs,
 }
 
 /// Runs `shadowkv generate`.
@@ -102,7 +108,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         },
         stop: a.stop.clone(),
     };
+    let context = (prompt_ids.len() + a.max_tokens).min(m.config.max_position_embeddings);
+    let attention = a.shadow.attention(a.attention, &m.config, context)?;
     let opts = GenerateOptions {
+        attention,
         prefill_chunk: a.prefill_chunk,
         progress,
     };
@@ -124,6 +133,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             "prefill_tokens_per_s": per_s(stats.prefill_tokens, stats.prefill_secs),
             "decode_tokens_per_s": per_s(stats.decode_tokens, stats.decode_secs),
             "threads": threads,
+            "attention": a.attention.label(),
+            "reuse_hit_rate": stats.shadow.map(|s| s.hit_rate()),
+            "value_bytes_fetched": stats.shadow.map(|s| s.value_bytes_fetched),
         });
         println!("{out}");
     } else {

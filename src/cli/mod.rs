@@ -1,7 +1,10 @@
 //! The `shadowkv` command line.
 
+mod bench;
+mod eval;
 mod generate;
 mod inspect;
+mod shadow_args;
 mod synth;
 
 use anyhow::{Context, Result};
@@ -23,6 +26,10 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Write a random-weight model in the Hugging Face layout.
     Synth(synth::SynthArgs),
+    /// Long-context evaluation of full attention and ShadowKV side by side.
+    Eval(eval::EvalArgs),
+    /// Decode throughput of full attention and ShadowKV side by side.
+    Bench(bench::BenchArgs),
 }
 
 /// Sizes the rayon pool every CPU matrix product runs on (0 = all cores).
@@ -45,5 +52,7 @@ pub fn run() -> Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }

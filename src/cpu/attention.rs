@@ -28,25 +28,25 @@ pub struct AttnJob<'a> {
     pub k: &'a [f32],
     /// Values `[start+n, kv_heads·d]`.
     pub v: &'a [f32],
+    /// Row of `out` that receives the first query's output.
+    pub out_row: usize,
 }
 
 /// Computes `softmax(q·kᵀ/√d + causal mask)·v` for every job, writing each job's output
-/// rows `[n, heads·d]` into `out` one after another.
+/// rows `[n, heads·d]` into `out` from row `out_row` on.
 pub fn causal_attention(out: &mut [f32], jobs: &[AttnJob], s: AttnShape) {
     let (qd, kvd, d) = (s.heads * s.head_dim, s.kv_heads * s.head_dim, s.head_dim);
     let group = s.heads / s.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     // Tasks: (job, head, first row, row count, output row offset).
     let mut tasks = Vec::new();
-    let mut row0 = 0;
     for (j, job) in jobs.iter().enumerate() {
         let n = job.q.len() / qd;
         for h in 0..s.heads {
             for i0 in (0..n).step_by(BLOCK) {
-                tasks.push((j, h, i0, BLOCK.min(n - i0), row0));
+                tasks.push((j, h, i0, BLOCK.min(n - i0), job.out_row));
             }
         }
-        row0 += n;
     }
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
@@ -155,6 +155,7 @@ mod tests {
                     start,
                     k: &k,
                     v: &v,
+                    out_row: 0,
                 }],
                 s,
             );

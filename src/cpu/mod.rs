@@ -7,5 +7,5 @@ pub mod matmul;
 pub mod model;
 pub mod ops;
 
-pub use kv_cache::SeqKvCache;
+pub use kv_cache::{SeqCache, SeqKvCache};
 pub use model::{CpuModel, LogitsWanted, SeqInput};

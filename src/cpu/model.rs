@@ -1,11 +1,13 @@
 //! The Llama-family forward pass on the CPU, for batches of sequences of any lengths.
 
 use super::attention::{causal_attention, AttnJob, AttnShape};
-use super::kv_cache::SeqKvCache;
+use super::kv_cache::{SeqCache, SeqKvCache};
 use super::matmul::linear;
 use super::ops::{rms_norm, silu_mul, Rope};
 use crate::model::config::ModelConfig;
 use crate::model::weights::{LayerWeights, ModelWeights};
+use crate::pool::ValuePool;
+use crate::shadow::ShadowParams;
 use anyhow::{bail, Result};
 
 /// One block's weights, with q/k/v and gate/up fused into single matrices.
@@ -53,7 +55,7 @@ pub struct SeqInput<'a> {
     /// New tokens, appended after what `cache` holds.
     pub tokens: &'a [u32],
     /// The sequence's cache, extended by `tokens`.
-    pub cache: &'a mut SeqKvCache,
+    pub cache: &'a mut SeqCache,
     /// Which logits to return.
     pub logits: LogitsWanted,
 }
@@ -87,9 +89,25 @@ impl CpuModel {
         &self.config
     }
 
-    /// A fresh cache for one sequence.
-    pub fn new_cache(&self) -> SeqKvCache {
-        SeqKvCache::new(&self.config)
+    /// A fresh full-attention cache for one sequence.
+    pub fn new_cache(&self) -> SeqCache {
+        SeqCache::Dense(SeqKvCache::new(&self.config))
+    }
+
+    /// A fresh ShadowKV cache for one sequence: dense while prefilling, compressed by
+    /// [`CpuModel::finish_prefill`], values in `pool`.
+    pub fn new_shadow_cache(&self, params: ShadowParams, pool: &ValuePool) -> Result<SeqCache> {
+        params.validate(&self.config)?;
+        Ok(SeqCache::ShadowPrefill {
+            dense: SeqKvCache::with_pre_rope(&self.config),
+            params,
+            pool: pool.clone(),
+        })
+    }
+
+    /// Ends a sequence's prefill: compresses a ShadowKV cache (no-op for full attention).
+    pub fn finish_prefill(&self, cache: &mut SeqCache) -> Result<()> {
+        cache.finish_prefill(&self.config)
     }
 
     /// Runs the new tokens of every sequence through the model, extending their caches.
@@ -144,20 +162,37 @@ impl CpuModel {
                     row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
                 }
             }
-            // Split q | k | v, rotate q and k, append k and v to each sequence's cache.
+            // Split q | k | v, rotate q and k.
             let mut k_new = vec![0.0f32; n * kvd];
+            let mut v_new = vec![0.0f32; n * kvd];
             for (r, row) in qkv.chunks_exact(qkv_w).enumerate() {
                 q[r * qd..(r + 1) * qd].copy_from_slice(&row[..qd]);
                 k_new[r * kvd..(r + 1) * kvd].copy_from_slice(&row[qd..qd + kvd]);
+                v_new[r * kvd..(r + 1) * kvd].copy_from_slice(&row[qd + kvd..]);
             }
+            let k_pre = k_new.clone();
             self.rope.apply(&mut q, c.num_heads, &cos, &sin);
             self.rope.apply(&mut k_new, c.num_kv_heads, &cos, &sin);
+            // Dense caches take the new keys and values and attend in one batched call;
+            // ShadowKV sequences run their own decode stages.
             let mut r0 = 0;
             for s in seqs.iter_mut() {
-                let kv = &mut s.cache.layers[l];
-                for r in r0..r0 + s.tokens.len() {
-                    kv.k.extend_from_slice(&k_new[r * kvd..(r + 1) * kvd]);
-                    kv.v.extend_from_slice(&qkv[r * qkv_w + qd + kvd..(r + 1) * qkv_w]);
+                let rows = r0 * kvd..(r0 + s.tokens.len()) * kvd;
+                let qrows = r0 * qd..(r0 + s.tokens.len()) * qd;
+                match &mut *s.cache {
+                    SeqCache::Dense(d) | SeqCache::ShadowPrefill { dense: d, .. } => {
+                        let keep = d.keeps_pre_rope();
+                        let kv = &mut d.layers[l];
+                        kv.k.extend_from_slice(&k_new[rows.clone()]);
+                        kv.v.extend_from_slice(&v_new[rows.clone()]);
+                        if keep {
+                            kv.k_pre.extend_from_slice(&k_pre[rows]);
+                        }
+                    }
+                    SeqCache::Shadow(sh) => {
+                        let (kn, kp, vn) = (&k_new[rows.clone()], &k_pre[rows.clone()], &v_new[rows]);
+                        sh.attend_layer(l, &q[qrows.clone()], kn, kp, vn, &self.rope, &mut attn[qrows])?;
+                    }
                 }
                 r0 += s.tokens.len();
             }
@@ -165,13 +200,17 @@ impl CpuModel {
             let mut r0 = 0;
             for s in seqs.iter() {
                 let nt = s.tokens.len();
-                let kv = &s.cache.layers[l];
-                jobs.push(AttnJob {
-                    q: &q[r0 * qd..(r0 + nt) * qd],
-                    start: s.cache.len(),
-                    k: &kv.k,
-                    v: &kv.v,
-                });
+                if let SeqCache::Dense(d) | SeqCache::ShadowPrefill { dense: d, .. } = &*s.cache {
+                    let kv = &d.layers[l];
+                    let q = &q[r0 * qd..(r0 + nt) * qd];
+                    jobs.push(AttnJob {
+                        q,
+                        start: d.len(),
+                        k: &kv.k,
+                        v: &kv.v,
+                        out_row: r0,
+                    });
+                }
                 r0 += nt;
             }
             causal_attention(&mut attn, &jobs, shape);
@@ -213,7 +252,10 @@ impl CpuModel {
             };
             out.push(logits[at * v..(at + k) * v].to_vec());
             at += k;
-            s.cache.advance(s.tokens.len());
+            match &mut *s.cache {
+                SeqCache::Dense(d) | SeqCache::ShadowPrefill { dense: d, .. } => d.advance(s.tokens.len()),
+                SeqCache::Shadow(sh) => sh.advance(s.tokens.len()),
+            }
         }
         Ok(out)
     }

@@ -2,8 +2,12 @@
 //! meets EOS, a stop string, its token limit or the model's context.
 
 use super::sampling::{Sampler, SamplingParams};
-use crate::cpu::{CpuModel, LogitsWanted, SeqInput, SeqKvCache};
+pub use super::text::FinishReason;
+use super::text::{SeqText, StopRules};
+use crate::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput};
 use crate::model::tokenizer::TextTokenizer;
+use crate::pool::ValuePool;
+use crate::shadow::{Attention, ShadowStats};
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::time::Instant;
@@ -19,27 +23,6 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Strings that end generation; the text is cut before the first one found.
     pub stop: Vec<String>,
-}
-
-/// Why a sequence stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// The model emitted an end-of-sequence token.
-    Eos,
-    /// A stop string appeared.
-    Stop,
-    /// `max_tokens` or the model's context was reached.
-    Length,
-}
-
-impl FinishReason {
-    /// The OpenAI-style name (`stop` or `length`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Eos | FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-        }
-    }
 }
 
 /// The result for one request.
@@ -65,6 +48,8 @@ pub struct GenerateStats {
     pub decode_tokens: usize,
     /// Wall time of all decode steps.
     pub decode_secs: f64,
+    /// ShadowKV reuse and traffic counters, summed over sequences (ShadowKV only).
+    pub shadow: Option<ShadowStats>,
 }
 
 /// Knobs of the loop that do not change results.
@@ -74,6 +59,8 @@ pub struct GenerateOptions {
     pub prefill_chunk: usize,
     /// Show a progress bar for long prefills.
     pub progress: bool,
+    /// Full attention or ShadowKV.
+    pub attention: Attention,
 }
 
 impl Default for GenerateOptions {
@@ -81,16 +68,15 @@ impl Default for GenerateOptions {
         GenerateOptions {
             prefill_chunk: 512,
             progress: false,
+            attention: Attention::Full,
         }
     }
 }
 
 struct Active {
-    cache: SeqKvCache,
+    cache: SeqCache,
     sampler: Sampler,
-    ids: Vec<u32>,
-    done: Option<FinishReason>,
-    text: String,
+    out: SeqText,
 }
 
 /// Runs every request to completion as one batch.
@@ -130,9 +116,16 @@ pub fn generate(
         ProgressBar::hidden()
     };
     let mut seqs = Vec::with_capacity(reqs.len());
+    let pool = match opts.attention {
+        Attention::Full => None,
+        Attention::ShadowKv(p) => Some(ValuePool::anonymous(p.pool_shape(cfg, reqs.len(), ctx))?),
+    };
     let t0 = Instant::now();
     for r in reqs {
-        let mut cache = model.new_cache();
+        let mut cache = match (opts.attention, &pool) {
+            (Attention::ShadowKv(p), Some(pool)) => model.new_shadow_cache(p, pool)?,
+            _ => model.new_cache(),
+        };
         let mut logits = Vec::new();
         let chunk = opts.prefill_chunk.max(1);
         for (ci, part) in r.prompt.chunks(chunk).enumerate() {
@@ -146,14 +139,13 @@ pub fn generate(
             logits = model.forward(&mut input)?.pop().unwrap_or_default();
             bar.inc(part.len() as u64);
         }
+        model.finish_prefill(&mut cache)?;
         let mut sampler = Sampler::new(r.sampling);
         let first = sampler.sample(&logits);
         let mut s = Active {
             cache,
             sampler,
-            ids: Vec::new(),
-            done: None,
-            text: String::new(),
+            out: SeqText::new(),
         };
         push_token(&mut s, first, r, tok, cfg.eos_token_ids.as_slice(), ctx)?;
         seqs.push(s);
@@ -163,18 +155,18 @@ pub fn generate(
     stats.prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     loop {
-        let live: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].done.is_none()).collect();
+        let live: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].out.finish().is_none()).collect();
         if live.is_empty() {
             break;
         }
         let last: Vec<[u32; 1]> = live
             .iter()
-            .map(|&i| [*seqs[i].ids.last().expect("has a token")])
+            .map(|&i| [*seqs[i].out.ids().last().expect("has a token")])
             .collect();
         let mut inputs: Vec<SeqInput> = Vec::with_capacity(live.len());
-        let mut caches: Vec<&mut SeqKvCache> = seqs
+        let mut caches: Vec<&mut SeqCache> = seqs
             .iter_mut()
-            .filter(|s| s.done.is_none())
+            .filter(|s| s.out.finish().is_none())
             .map(|s| &mut s.cache)
             .collect();
         for (c, t) in caches.drain(..).zip(&last) {
@@ -193,25 +185,18 @@ pub fn generate(
         }
     }
     stats.decode_secs = t1.elapsed().as_secs_f64();
+    for st in seqs.iter().filter_map(|s| s.cache.shadow_stats()) {
+        stats.shadow.get_or_insert_with(ShadowStats::default).add(&st);
+    }
     let out = seqs
         .into_iter()
         .map(|s| Generation {
-            completion_ids: s.ids_without_eos(),
-            text: s.text,
-            finish: s.done.unwrap_or(FinishReason::Length),
+            completion_ids: s.out.completion_ids(),
+            finish: s.out.finish().unwrap_or(FinishReason::Length),
+            text: s.out.into_text(),
         })
         .collect();
     Ok((out, stats))
-}
-
-impl Active {
-    fn ids_without_eos(&self) -> Vec<u32> {
-        let mut ids = self.ids.clone();
-        if self.done == Some(FinishReason::Eos) {
-            ids.pop();
-        }
-        ids
-    }
 }
 
 /// Records a sampled token and decides whether the sequence is finished.
@@ -223,23 +208,11 @@ fn push_token(
     eos: &[u32],
     ctx: usize,
 ) -> Result<()> {
-    s.ids.push(id);
-    if eos.contains(&id) {
-        s.done = Some(FinishReason::Eos);
-        return Ok(());
-    }
-    s.text = tok.decode(&s.ids, true)?;
-    if let Some(cut) = r
-        .stop
-        .iter()
-        .filter(|p| !p.is_empty())
-        .filter_map(|p| s.text.find(p.as_str()))
-        .min()
-    {
-        s.text.truncate(cut);
-        s.done = Some(FinishReason::Stop);
-    } else if s.ids.len() >= r.max_tokens || s.cache.len() >= ctx {
-        s.done = Some(FinishReason::Length);
-    }
+    let rules = StopRules {
+        eos,
+        stop: &r.stop,
+        max_tokens: r.max_tokens,
+    };
+    s.out.push(id, tok, &rules, s.cache.len() >= ctx)?;
     Ok(())
 }

@@ -1,0 +1,225 @@
+//! `shadowkv bench`: decode throughput and step latency of full attention and ShadowKV
+//! side by side, after one shared prefill per context, with the reuse hit rate and the
+//! value bytes fetched per step.
+
+use super::shadow_args::{Method, ShadowArgs};
+use crate::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput, SeqKvCache};
+use crate::engine::sampling::argmax;
+use crate::model::load::open_model;
+use crate::model::weights::ModelWeights;
+use crate::pool::ValuePool;
+use crate::shadow::{Attention, ShadowStats};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Arguments of `shadowkv bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Model: a Hugging Face directory, a .gguf file, or synthetic:<arch>.
+    #[arg(long)]
+    model: String,
+    /// Context lengths in tokens (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![8192usize])]
+    context: Vec<usize>,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Tokens generated per sequence (the first comes from the prefill and is not timed).
+    #[arg(long, default_value_t = 32)]
+    gen: usize,
+    /// Methods (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Method::Full, Method::Shadowkv])]
+    attention: Vec<Method>,
+    #[command(flatten)]
+    shadow: ShadowArgs,
+    /// CPU threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// The machine, for the report.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    format!("{cpu}, {cores} cores")
+}
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    if xs.is_empty() {
+        0.0
+    } else {
+        xs[xs.len() / 2]
+    }
+}
+
+/// Runs `shadowkv bench`.
+pub fn run(a: BenchArgs) -> Result<()> {
+    let threads = super::set_threads(a.threads)?;
+    if a.batch == 0 || a.gen < 2 || a.attention.is_empty() {
+        bail!("--batch must be at least 1, --gen at least 2, --attention not empty");
+    }
+    let m = open_model(&a.model)?;
+    let cfg = m.config.clone();
+    let progress = std::io::stderr().is_terminal();
+    let model = CpuModel::new(cfg.clone(), ModelWeights::load(&cfg, m.source.as_ref(), progress)?);
+    let mut rows = Vec::new();
+    println!(
+        "machine: {}, {threads} threads; model {}; batch {}; {} generated tokens",
+        machine(),
+        a.model,
+        a.batch,
+        a.gen
+    );
+    println!("| context | method | decode tok/s | step ms (median) | vs full | reuse hit | value KiB/step | prefill s | compress s |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    for &ctx in &a.context {
+        if ctx + a.gen > cfg.max_position_embeddings || ctx == 0 {
+            bail!(
+                "context {ctx} + {} generated tokens exceeds the model's {}",
+                a.gen,
+                cfg.max_position_embeddings
+            );
+        }
+        // One shared prefill per sequence, keeping pre-RoPE keys so every method forks it.
+        let bar = if progress {
+            ProgressBar::new((ctx * a.batch) as u64)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template("prefill {bar:40} {pos}/{len} tokens eta {eta}").expect("static template"),
+        );
+        let t0 = Instant::now();
+        let mut prefilled = Vec::new();
+        let mut firsts = Vec::new();
+        for s in 0..a.batch {
+            let ids: Vec<u32> = (0..ctx)
+                .map(|i| ((i * 7919 + s * 104729 + 13) % (cfg.vocab_size - 1)) as u32)
+                .collect();
+            let mut cache = SeqCache::Dense(SeqKvCache::with_pre_rope(&cfg));
+            let mut logits = Vec::new();
+            for (ci, part) in ids.chunks(512).enumerate() {
+                let want = if (ci + 1) * 512 >= ctx {
+                    LogitsWanted::Last
+                } else {
+                    LogitsWanted::None
+                };
+                logits = model
+                    .forward(&mut [SeqInput {
+                        tokens: part,
+                        cache: &mut cache,
+                        logits: want,
+                    }])?
+                    .remove(0);
+                bar.inc(part.len() as u64);
+            }
+            let SeqCache::Dense(d) = cache else {
+                unreachable!("built dense")
+            };
+            prefilled.push(d);
+            firsts.push(argmax(&logits));
+        }
+        bar.finish_and_clear();
+        let prefill_secs = t0.elapsed().as_secs_f64();
+        let mut full_tps = None;
+        for &method in &a.attention {
+            let attention = a.shadow.attention(method, &cfg, ctx + a.gen)?;
+            let tc = Instant::now();
+            let pool = match attention {
+                Attention::ShadowKv(p) => Some(ValuePool::anonymous(p.pool_shape(&cfg, a.batch, ctx + a.gen))?),
+                Attention::Full => None,
+            };
+            let mut caches: Vec<SeqCache> = Vec::new();
+            for d in &prefilled {
+                let mut c = match (attention, &pool) {
+                    (Attention::ShadowKv(p), Some(pool)) => SeqCache::ShadowPrefill {
+                        dense: d.clone(),
+                        params: p,
+                        pool: pool.clone(),
+                    },
+                    _ => SeqCache::Dense(d.clone()),
+                };
+                c.finish_prefill(&cfg)?;
+                caches.push(c);
+            }
+            let compress_secs = tc.elapsed().as_secs_f64();
+            let mut last: Vec<u32> = firsts.clone();
+            let mut steps = Vec::with_capacity(a.gen - 1);
+            let td = Instant::now();
+            for _ in 1..a.gen {
+                let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
+                let mut inputs: Vec<SeqInput> = caches
+                    .iter_mut()
+                    .zip(&toks)
+                    .map(|(c, t)| SeqInput {
+                        tokens: t,
+                        cache: c,
+                        logits: LogitsWanted::Last,
+                    })
+                    .collect();
+                let ts = Instant::now();
+                let logits = model.forward(&mut inputs)?;
+                steps.push(ts.elapsed().as_secs_f64());
+                last = logits.iter().map(|l| argmax(l)).collect();
+            }
+            let decode_secs = td.elapsed().as_secs_f64();
+            let tps = (a.batch * (a.gen - 1)) as f64 / decode_secs;
+            let step_ms = 1e3 * median(&mut steps);
+            let mut st = ShadowStats::default();
+            for c in &caches {
+                if let Some(s) = c.shadow_stats() {
+                    st.add(&s);
+                }
+            }
+            let shadow = !matches!(attention, Attention::Full);
+            if !shadow && full_tps.is_none() {
+                full_tps = Some(tps);
+            }
+            let ratio = full_tps.map(|f| tps / f);
+            let kib_step = st.value_bytes_fetched as f64 / 1024.0 / (a.gen - 1) as f64;
+            println!(
+                "| {ctx} | {} | {tps:.2} | {step_ms:.1} | {} | {} | {} | {prefill_secs:.1} | {} |",
+                method.label(),
+                ratio.map(|r| format!("{r:.2}×")).unwrap_or("-".into()),
+                if shadow {
+                    format!("{:.1} %", 100.0 * st.hit_rate())
+                } else {
+                    "-".into()
+                },
+                if shadow { format!("{kib_step:.0}") } else { "-".into() },
+                if shadow {
+                    format!("{compress_secs:.2}")
+                } else {
+                    "-".into()
+                },
+            );
+            rows.push(serde_json::json!({
+                "context": ctx, "method": method.label(), "settings": format!("{attention:?}"),
+                "batch": a.batch, "generated": a.gen, "decode_tokens_per_s": tps, "step_ms_median": step_ms,
+                "ratio_to_full": ratio, "reuse_hit_rate": shadow.then(|| st.hit_rate()),
+                "value_bytes_fetched_per_step": shadow.then_some(kib_step * 1024.0),
+                "prefill_secs": prefill_secs, "compress_secs": shadow.then_some(compress_secs),
+            }));
+        }
+    }
+    if let Some(p) = &a.json {
+        let out = serde_json::json!({"machine": machine(), "threads": threads, "model": a.model, "results": rows});
+        std::fs::write(p, serde_json::to_string_pretty(&out)?).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! `shadowkv eval`: RULER-style long-context tasks and teacher-forced fidelity, for
+//! full attention and ShadowKV side by side.
+
+use super::shadow_args::{Method, ShadowArgs};
+use crate::cpu::CpuModel;
+use crate::eval::fidelity::fidelity;
+use crate::eval::haystack::Haystack;
+use crate::eval::run::{run_ruler, summary, MethodSpec, RulerPlan};
+use crate::eval::tasks::Task;
+use crate::model::load::{open_model, OpenedModel};
+use crate::model::weights::ModelWeights;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+/// Arguments of `shadowkv eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(subcommand)]
+    kind: EvalKind,
+}
+
+#[derive(Subcommand, Debug)]
+enum EvalKind {
+    /// RULER-style synthetic tasks (needles, variable tracking, word extraction).
+    Ruler(RulerArgs),
+    /// Teacher-forced agreement and KL divergence of ShadowKV against full attention.
+    Fidelity(FidelityArgs),
+}
+
+/// Arguments of `shadowkv eval ruler`.
+#[derive(Args, Debug)]
+struct RulerArgs {
+    /// Model: a Hugging Face directory, a .gguf file, or synthetic:<arch>.
+    #[arg(long)]
+    model: String,
+    /// Tasks (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Task::ALL.to_vec())]
+    tasks: Vec<Task>,
+    /// Prompt lengths in tokens (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![2048usize, 4096, 8192])]
+    lengths: Vec<usize>,
+    /// Samples per task, length and haystack (needle depth swept across them).
+    #[arg(long, default_value_t = 20)]
+    samples: usize,
+    /// Haystacks (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Haystack::Noise, Haystack::Essay])]
+    haystacks: Vec<Haystack>,
+    /// Methods (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Method::Full, Method::Shadowkv])]
+    attention: Vec<Method>,
+    #[command(flatten)]
+    shadow: ShadowArgs,
+    /// Render prompts without the chat template.
+    #[arg(long)]
+    no_chat: bool,
+    /// Seed of the generated samples.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// CPU threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Write every sample's result and the summary as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Arguments of `shadowkv eval fidelity`.
+#[derive(Args, Debug)]
+struct FidelityArgs {
+    /// Model: a Hugging Face directory, a .gguf file, or synthetic:<arch>.
+    #[arg(long)]
+    model: String,
+    /// The long text.
+    #[arg(long)]
+    prompt_file: PathBuf,
+    /// Tokens prefilled before comparing (default: all but the last --positions).
+    #[arg(long)]
+    prefix: Option<usize>,
+    /// Positions compared after the prefix.
+    #[arg(long, default_value_t = 256)]
+    positions: usize,
+    #[command(flatten)]
+    shadow: ShadowArgs,
+    /// CPU threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn load(spec: &str) -> Result<(OpenedModel, CpuModel)> {
+    let m = open_model(spec)?;
+    let w = ModelWeights::load(&m.config, m.source.as_ref(), std::io::stderr().is_terminal())?;
+    let model = CpuModel::new(m.config.clone(), w);
+    Ok((m, model))
+}
+
+/// Runs `shadowkv eval`.
+pub fn run(a: EvalArgs) -> Result<()> {
+    match a.kind {
+        EvalKind::Ruler(r) => ruler(r),
+        EvalKind::Fidelity(f) => fidelity_cmd(f),
+    }
+}
+
+fn ruler(a: RulerArgs) -> Result<()> {
+    super::set_threads(a.threads)?;
+    if a.samples == 0 || a.tasks.is_empty() || a.lengths.is_empty() || a.attention.is_empty() {
+        bail!("--samples, --tasks, --lengths and --attention must not be empty");
+    }
+    let (m, model) = load(&a.model)?;
+    let chat = if a.no_chat { None } else { m.chat_template.as_ref() };
+    let methods: Vec<MethodSpec> = a
+        .attention
+        .iter()
+        .map(|&method| {
+            let (cfg, shadow) = (m.config.clone(), a.shadow.clone());
+            MethodSpec {
+                label: method.label().to_string(),
+                attention: Box::new(move |ctx| shadow.attention(method, &cfg, ctx)),
+            }
+        })
+        .collect();
+    // Report the settings each method uses at each length.
+    for &len in &a.lengths {
+        for s in &methods {
+            eprintln!("length {len:>6} {:<15} {:?}", s.label, (s.attention)(len)?);
+        }
+    }
+    let plan = RulerPlan {
+        tasks: a.tasks.clone(),
+        lengths: a.lengths.clone(),
+        samples: a.samples,
+        haystacks: a.haystacks.clone(),
+        seed: a.seed,
+        prefill_chunk: 512,
+    };
+    let results = run_ruler(
+        &model,
+        &m.tokenizer,
+        chat,
+        &plan,
+        &methods,
+        std::io::stderr().is_terminal(),
+    )?;
+    let rows = summary(&results, &plan, &methods);
+    let labels: Vec<&str> = methods.iter().map(|m| m.label.as_str()).collect();
+    println!("| task | length | {} |", labels.join(" | "));
+    println!("|---|---:|{}", "---:|".repeat(labels.len()));
+    for (task, len, scores) in &rows {
+        let cells: Vec<String> = scores.iter().map(|s| format!("{s:.1}")).collect();
+        println!("| {task} | {len} | {} |", cells.join(" | "));
+    }
+    if let Some(path) = &a.json {
+        let out = serde_json::json!({
+            "model": a.model, "samples": a.samples, "seed": a.seed,
+            "tasks": a.tasks.iter().map(|t| t.name()).collect::<Vec<_>>(),
+            "lengths": a.lengths, "haystacks": a.haystacks, "methods": labels,
+            "settings": a.lengths.iter().map(|&l| methods.iter().map(|s| format!("{:?}", (s.attention)(l).ok())).collect::<Vec<_>>()).collect::<Vec<_>>(),
+            "summary": rows.iter().map(|(t, l, s)| serde_json::json!({"task": t, "length": l, "scores": s})).collect::<Vec<_>>(),
+            "results": results,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn fidelity_cmd(a: FidelityArgs) -> Result<()> {
+    super::set_threads(a.threads)?;
+    let text =
+        std::fs::read_to_string(&a.prompt_file).with_context(|| format!("reading {}", a.prompt_file.display()))?;
+    let (m, model) = load(&a.model)?;
+    let ids = m.tokenizer.encode(&text, true)?;
+    if ids.len() > m.config.max_position_embeddings {
+        bail!(
+            "the text has {} tokens, the model's context is {}",
+            ids.len(),
+            m.config.max_position_embeddings
+        );
+    }
+    let prefix = a.prefix.unwrap_or(ids.len().saturating_sub(a.positions));
+    let end = (prefix + a.positions).min(ids.len());
+    let p = a.shadow.params(&m.config, end)?;
+    let f = fidelity(&model, &ids[..end], prefix, p)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"model": a.model, "tokens": end, "prefix": prefix, "settings": format!("{p:?}"), "fidelity": f})
+        );
+    } else {
+        println!("{p:?}");
+        println!(
+            "{} positions after a {prefix}-token prefix: top-1 agreement {:.1} %, mean KL {:.5} nats (max {:.4}), reuse hit rate {:.1} %",
+            f.positions,
+            100.0 * f.top1_agreement,
+            f.mean_kl,
+            f.max_kl,
+            100.0 * f.reuse_hit_rate
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,241 @@
+//! Value pools: the host-memory home of ShadowKV's values, chunk-major, laid out
+//! `[layer][seq][kv_head][chunk][chunk_size·head_dim]`, backed by an anonymous or a
+//! file-backed memory map. Sequences lease a `seq` slot for their lifetime.
+
+use anyhow::{bail, Context, Result};
+use memmap2::MmapMut;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// The shape of a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolShape {
+    /// Transformer layers.
+    pub layers: usize,
+    /// Sequences that can hold a lease at once.
+    pub seqs: usize,
+    /// Key/value heads per layer.
+    pub kv_heads: usize,
+    /// Chunks per sequence (the longest context divided by the chunk size, rounded up).
+    pub chunks: usize,
+    /// Floats per chunk and head: `chunk_size · head_dim`.
+    pub chunk_elems: usize,
+}
+
+impl PoolShape {
+    /// Total floats.
+    pub fn elems(&self) -> Result<usize> {
+        [self.layers, self.seqs, self.kv_heads, self.chunks, self.chunk_elems]
+            .iter()
+            .try_fold(1usize, |acc, &x| acc.checked_mul(x))
+            .context("pool size overflows")
+    }
+
+    fn offset(&self, layer: usize, seq: usize, head: usize, chunk: usize) -> usize {
+        (((layer * self.seqs + seq) * self.kv_heads + head) * self.chunks + chunk) * self.chunk_elems
+    }
+}
+
+struct PoolInner {
+    shape: PoolShape,
+    /// Start of the map, taken once through `&mut` so leases may write through it.
+    base: *mut f32,
+    /// Keeps the mapping alive; only accessed through `base`.
+    _map: MmapMut,
+    free: Mutex<Vec<usize>>,
+}
+
+// SAFETY: `base` points into `_map`, which lives as long as `PoolInner`; every access
+// goes through a `PoolLease`, and leases own disjoint `seq` slots.
+unsafe impl Send for PoolInner {}
+// SAFETY: as above; the free list is behind a mutex.
+unsafe impl Sync for PoolInner {}
+
+/// A value pool shared by all sequences.
+#[derive(Clone)]
+pub struct ValuePool {
+    inner: Arc<PoolInner>,
+}
+
+/// A sequence's exclusive slot in a pool; returned to the pool when dropped.
+pub struct PoolLease {
+    inner: Arc<PoolInner>,
+    seq: usize,
+}
+
+impl ValuePool {
+    /// An anonymous (RAM, lazily committed) pool.
+    pub fn anonymous(shape: PoolShape) -> Result<Self> {
+        let bytes = shape.elems()?.checked_mul(4).context("pool size overflows")?;
+        let map = MmapMut::map_anon(bytes.max(4)).with_context(|| format!("mapping a {bytes}-byte value pool"))?;
+        Ok(Self::from_map(shape, map))
+    }
+
+    /// A pool backed by the file at `path` (created or truncated to size).
+    pub fn file_backed(shape: PoolShape, path: &Path) -> Result<Self> {
+        let bytes = shape.elems()?.checked_mul(4).context("pool size overflows")?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .with_context(|| format!("opening value pool file {}", path.display()))?;
+        file.set_len(bytes.max(4) as u64)
+            .with_context(|| format!("sizing value pool file {} to {bytes} bytes", path.display()))?;
+        // SAFETY: the file was just created and truncated by us; nothing else maps it.
+        let map = unsafe { MmapMut::map_mut(&file) }.with_context(|| format!("mapping {}", path.display()))?;
+        Ok(Self::from_map(shape, map))
+    }
+
+    fn from_map(shape: PoolShape, mut map: MmapMut) -> Self {
+        let free = Mutex::new((0..shape.seqs).rev().collect());
+        let base = map.as_mut_ptr() as *mut f32;
+        ValuePool {
+            inner: Arc::new(PoolInner {
+                shape,
+                base,
+                _map: map,
+                free,
+            }),
+        }
+    }
+
+    /// The pool's shape.
+    pub fn shape(&self) -> PoolShape {
+        self.inner.shape
+    }
+
+    /// Takes a free sequence slot.
+    pub fn lease(&self) -> Result<PoolLease> {
+        let seq = self.inner.free.lock().expect("pool lock").pop();
+        match seq {
+            Some(seq) => Ok(PoolLease {
+                inner: self.inner.clone(),
+                seq,
+            }),
+            None => bail!("the value pool is full ({} sequences)", self.inner.shape.seqs),
+        }
+    }
+
+    /// Sequence slots currently leased.
+    pub fn leased(&self) -> usize {
+        self.inner.shape.seqs - self.inner.free.lock().expect("pool lock").len()
+    }
+}
+
+impl PoolLease {
+    /// Chunks per head the lease can hold.
+    pub fn chunks(&self) -> usize {
+        self.inner.shape.chunks
+    }
+
+    /// The leased sequence index.
+    pub fn seq(&self) -> usize {
+        self.seq
+    }
+
+    /// Start of one chunk of one head, bounds-checked.
+    fn chunk_ptr(&self, layer: usize, head: usize, chunk: usize) -> *mut f32 {
+        let s = &self.inner.shape;
+        assert!(
+            layer < s.layers && head < s.kv_heads && chunk < s.chunks,
+            "pool index out of range"
+        );
+        // SAFETY: the offset of an in-range index plus `chunk_elems` stays inside the map.
+        unsafe { self.inner.base.add(s.offset(layer, self.seq, head, chunk)) }
+    }
+
+    /// Reads one chunk of values of one head.
+    pub fn read(&self, layer: usize, head: usize, chunk: usize, out: &mut [f32]) {
+        let n = self.inner.shape.chunk_elems;
+        // SAFETY: the chunk lies inside the page-aligned map, and only this lease (which
+        // we borrow shared here) touches slot `self.seq`.
+        let src = unsafe { std::slice::from_raw_parts(self.chunk_ptr(layer, head, chunk), n) };
+        out.copy_from_slice(src);
+    }
+
+    /// Writes one chunk of values of one head.
+    pub fn write(&mut self, layer: usize, head: usize, chunk: usize, data: &[f32]) {
+        let n = self.inner.shape.chunk_elems;
+        // SAFETY: as in `read`, and the lease is borrowed exclusively.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.chunk_ptr(layer, head, chunk), n) };
+        dst.copy_from_slice(data);
+    }
+}
+
+impl Drop for PoolLease {
+    fn drop(&mut self) {
+        if let Ok(mut f) = self.inner.free.lock() {
+            f.push(self.seq);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn round_trip(pool: &ValuePool) {
+        let s = pool.shape();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+        let mut a = pool.lease().unwrap();
+        let mut b = pool.lease().unwrap();
+        assert_ne!(a.seq(), b.seq());
+        let mut want = Vec::new();
+        for l in 0..s.layers {
+            for h in 0..s.kv_heads {
+                for c in 0..s.chunks {
+                    let x: Vec<f32> = (0..s.chunk_elems).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    let y: Vec<f32> = x.iter().map(|v| -v).collect();
+                    a.write(l, h, c, &x);
+                    b.write(l, h, c, &y);
+                    want.push((l, h, c, x, y));
+                }
+            }
+        }
+        let mut got = vec![f32::NAN; s.chunk_elems];
+        for (l, h, c, x, y) in want {
+            a.read(l, h, c, &mut got);
+            assert_eq!(got, x);
+            b.read(l, h, c, &mut got);
+            assert_eq!(got, y);
+        }
+        assert!(pool.lease().is_err(), "two seqs only");
+        drop(a);
+        assert_eq!(pool.leased(), 1);
+        pool.lease().unwrap();
+    }
+
+    #[test]
+    fn anonymous_and_file_backed_round_trip() {
+        let shape = PoolShape {
+            layers: 3,
+            seqs: 2,
+            kv_heads: 2,
+            chunks: 5,
+            chunk_elems: 24,
+        };
+        round_trip(&ValuePool::anonymous(shape).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("values.pool");
+        round_trip(&ValuePool::file_backed(shape, &path).unwrap());
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            (shape.elems().unwrap() * 4) as u64
+        );
+    }
+
+    #[test]
+    fn impossible_sizes_are_errors() {
+        let shape = PoolShape {
+            layers: usize::MAX,
+            seqs: 2,
+            kv_heads: 2,
+            chunks: 5,
+            chunk_elems: 24,
+        };
+        assert!(ValuePool::anonymous(shape).is_err());
+    }
+}

@@ -1,0 +1,152 @@
+//! Rank-r factorisation of pre-RoPE keys: `K ≈ U · SV` with `U = K·V_r` and
+//! `SV = V_rᵀ`, where `V_r` holds the top-r eigenvectors of the Gram matrix `KᵀK`
+//! (the same subspace as a truncated SVD of K).
+
+use crate::cpu::matmul::{matmul, MatRef, Threads};
+use anyhow::{bail, Result};
+use nalgebra::{DMatrix, SymmetricEigen};
+
+/// Low-rank keys of one layer of one sequence.
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    /// Coefficients `[tokens, rank]`, one row per token.
+    pub u: Vec<f32>,
+    /// Basis `[rank, cols]` with orthonormal rows.
+    pub sv: Vec<f32>,
+    /// The rank.
+    pub rank: usize,
+    /// Width of a key row (`kv_heads · head_dim`).
+    pub cols: usize,
+}
+
+impl LowRank {
+    /// Factorises `k` (`[rows, cols]`, row-major) at `rank`.
+    pub fn factorize(k: &[f32], rows: usize, cols: usize, rank: usize) -> Result<Self> {
+        if rank == 0 || rank > cols {
+            bail!("rank {rank} must be in 1..={cols}");
+        }
+        let km = MatRef::row_major(k, rows, cols);
+        let mut gram = vec![0.0f32; cols * cols];
+        matmul(&mut gram, cols, km.t(), km, false, Threads::Pool);
+        let g = DMatrix::from_fn(cols, cols, |i, j| {
+            0.5 * (gram[i * cols + j] as f64 + gram[j * cols + i] as f64)
+        });
+        let eig = SymmetricEigen::new(g);
+        let mut order: Vec<usize> = (0..cols).collect();
+        order.sort_by(|&a, &b| eig.eigenvalues[b].total_cmp(&eig.eigenvalues[a]));
+        let mut sv = vec![0.0f32; rank * cols];
+        for (r, &e) in order.iter().take(rank).enumerate() {
+            for c in 0..cols {
+                sv[r * cols + c] = eig.eigenvectors[(c, e)] as f32;
+            }
+        }
+        let mut lr = LowRank {
+            u: Vec::new(),
+            sv,
+            rank,
+            cols,
+        };
+        lr.u = lr.project(k, rows);
+        Ok(lr)
+    }
+
+    /// Coefficients of new key rows on the existing basis: `k · SVᵀ`, `[rows, rank]`.
+    pub fn project(&self, k: &[f32], rows: usize) -> Vec<f32> {
+        let mut u = vec![0.0f32; rows * self.rank];
+        let km = MatRef::row_major(k, rows, self.cols);
+        let svt = MatRef::row_major(&self.sv, self.rank, self.cols).t();
+        matmul(&mut u, self.rank, km, svt, false, Threads::Single);
+        u
+    }
+
+    /// Appends rows to `u` (keys folded in after prefill).
+    pub fn append(&mut self, k: &[f32], rows: usize) {
+        let u = self.project(k, rows);
+        self.u.extend_from_slice(&u);
+    }
+
+    /// Tokens represented.
+    pub fn tokens(&self) -> usize {
+        self.u.len() / self.rank
+    }
+
+    /// Rebuilds the columns `cols` of token rows `first..first+n` into `out` (`[n, cols.len()]`).
+    pub fn rebuild(&self, first: usize, n: usize, cols: std::ops::Range<usize>, out: &mut [f32]) {
+        let u = MatRef {
+            data: &self.u[first * self.rank..],
+            rows: n,
+            cols: self.rank,
+            row_stride: self.rank,
+            col_stride: 1,
+        };
+        let basis = MatRef {
+            data: &self.sv[cols.start..],
+            rows: self.rank,
+            cols: cols.len(),
+            row_stride: self.cols,
+            col_stride: 1,
+        };
+        matmul(out, cols.len(), u, basis, false, Threads::Single);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Keys with a decaying spectrum, as real pre-RoPE keys have.
+    fn keys(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let basis: Vec<f32> = (0..cols * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut k = vec![0.0f32; rows * cols];
+        for r in 0..rows {
+            for j in 0..cols {
+                let w = rng.random_range(-1.0f32..1.0) / (1.0 + j as f32).powf(1.5);
+                for c in 0..cols {
+                    k[r * cols + c] += w * basis[j * cols + c];
+                }
+            }
+        }
+        k
+    }
+
+    fn error(k: &[f32], lr: &LowRank, rows: usize) -> f32 {
+        let mut rec = vec![f32::NAN; rows * lr.cols];
+        lr.rebuild(0, rows, 0..lr.cols, &mut rec);
+        let num: f32 = k.iter().zip(&rec).map(|(a, b)| (a - b) * (a - b)).sum();
+        let den: f32 = k.iter().map(|a| a * a).sum();
+        (num / den).sqrt()
+    }
+
+    #[test]
+    fn error_falls_with_rank_and_vanishes_at_full_rank() {
+        let seed = rand::random();
+        let (rows, cols) = (300, 48);
+        let k = keys(rows, cols, seed);
+        let mut last = f32::INFINITY;
+        for rank in [4, 8, 16, 32, 48] {
+            let e = error(&k, &LowRank::factorize(&k, rows, cols, rank).unwrap(), rows);
+            assert!(e < last, "seed {seed}: rank {rank} error {e} not below {last}");
+            last = e;
+        }
+        assert!(last < 1e-5, "seed {seed}: full rank error {last}");
+    }
+
+    #[test]
+    fn appended_rows_project_onto_the_basis() {
+        let k = keys(64, 16, 3);
+        let mut lr = LowRank::factorize(&k[..32 * 16], 32, 16, 16).unwrap();
+        lr.append(&k[32 * 16..], 32);
+        assert_eq!(lr.tokens(), 64);
+        assert!(error(&k, &lr, 64) < 1e-5);
+        let mut part = vec![0.0; 4 * 8];
+        lr.rebuild(40, 4, 8..16, &mut part);
+        for t in 0..4 {
+            for c in 0..8 {
+                assert!((part[t * 8 + c] - k[(40 + t) * 16 + 8 + c]).abs() < 1e-4);
+            }
+        }
+        assert!(LowRank::factorize(&k, 64, 16, 17).is_err());
+    }
+}

@@ -1,0 +1,74 @@
+//! Chunk landmarks (mean post-RoPE key per chunk and KV head) and outlier chunks (the
+//! chunks whose keys their landmark represents worst).
+
+/// Landmarks `[chunks, kv_heads·d]` of the first `chunks·chunk_size` rows of `k`
+/// (post-RoPE keys, `[tokens, kv_heads·d]`).
+pub fn landmarks(k: &[f32], chunks: usize, chunk_size: usize, kvd: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; chunks * kvd];
+    for (c, l) in out.chunks_exact_mut(kvd).enumerate() {
+        for t in 0..chunk_size {
+            let row = &k[(c * chunk_size + t) * kvd..(c * chunk_size + t + 1) * kvd];
+            l.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+        }
+        l.iter_mut().for_each(|a| *a /= chunk_size as f32);
+    }
+    out
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if na == 0.0 || nb == 0.0 {
+        return 1.0;
+    }
+    dot / (na * nb)
+}
+
+/// For each KV head, the `count` chunks with the lowest minimum cosine similarity
+/// between the landmark and the chunk's keys, ascending by chunk id.
+pub fn outlier_chunks(
+    k: &[f32],
+    marks: &[f32],
+    chunk_size: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    count: usize,
+) -> Vec<Vec<u32>> {
+    let kvd = kv_heads * head_dim;
+    let chunks = marks.len() / kvd;
+    (0..kv_heads)
+        .map(|h| {
+            let cols = h * head_dim..(h + 1) * head_dim;
+            let mut worst: Vec<(f32, u32)> = (0..chunks)
+                .map(|c| {
+                    let l = &marks[c * kvd..][cols.clone()];
+                    let min = (0..chunk_size)
+                        .map(|t| cosine(l, &k[(c * chunk_size + t) * kvd..][cols.clone()]))
+                        .fold(f32::INFINITY, f32::min);
+                    (min, c as u32)
+                })
+                .collect();
+            worst.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            let mut ids: Vec<u32> = worst.into_iter().take(count).map(|(_, c)| c).collect();
+            ids.sort_unstable();
+            ids
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn landmark_is_the_chunk_mean_and_a_scattered_chunk_is_an_outlier() {
+        // 3 chunks of 2 tokens, 1 head of dim 2. Chunk 1's keys point in opposite directions.
+        let k = [1.0, 0.0, 1.0, 0.2, 1.0, 1.0, -1.0, 1.0, 0.0, 1.0, 0.1, 1.0];
+        let m = landmarks(&k, 3, 2, 2);
+        assert_eq!(&m[..2], &[1.0, 0.1]);
+        assert_eq!(&m[2..4], &[0.0, 1.0]);
+        assert_eq!(outlier_chunks(&k, &m, 2, 1, 2, 1), vec![vec![1]]);
+        assert_eq!(outlier_chunks(&k, &m, 2, 1, 2, 5), vec![vec![0, 1, 2]]);
+    }
+}

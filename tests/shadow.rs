@@ -1,0 +1,145 @@
+//! ShadowKV against full attention on the CPU reference: with a budget covering the
+//! context, full rank and no outliers it must give the same tokens and logits within
+//! 1e-4, through prefill and through generations that fold chunks; at small budgets it
+//! must still run, fetch only misses, and reuse chunks across steps.
+
+mod common;
+
+use shadowkv::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput};
+use shadowkv::engine::sampling::argmax;
+use shadowkv::model::load::open_model;
+use shadowkv::model::weights::ModelWeights;
+use shadowkv::pool::ValuePool;
+use shadowkv::shadow::{ShadowParams, ShadowStats};
+
+fn load(spec: &str) -> CpuModel {
+    let m = open_model(spec).unwrap();
+    let w = ModelWeights::load(&m.config, m.source.as_ref(), false).unwrap();
+    CpuModel::new(m.config.clone(), w)
+}
+
+fn step(model: &CpuModel, cache: &mut SeqCache, tokens: &[u32], want: LogitsWanted) -> Vec<f32> {
+    model
+        .forward(&mut [SeqInput {
+            tokens,
+            cache,
+            logits: want,
+        }])
+        .unwrap()
+        .remove(0)
+}
+
+/// Prefills `prompt` once, forks a full-attention and a ShadowKV cache from it, then
+/// decodes `steps` greedy tokens with both. Returns the largest relative logit
+/// difference, whether the greedy tokens stayed equal, and the ShadowKV counters.
+fn compare(model: &CpuModel, prompt: &[u32], p: ShadowParams, steps: usize) -> (f32, bool, ShadowStats) {
+    let cfg = model.config();
+    let pool = ValuePool::anonymous(p.pool_shape(cfg, 1, cfg.max_position_embeddings)).unwrap();
+    let mut shadow = model.new_shadow_cache(p, &pool).unwrap();
+    let mut logits = Vec::new();
+    for (i, part) in prompt.chunks(512).enumerate() {
+        let want = if (i + 1) * 512 >= prompt.len() {
+            LogitsWanted::Last
+        } else {
+            LogitsWanted::None
+        };
+        logits = step(model, &mut shadow, part, want);
+    }
+    let SeqCache::ShadowPrefill { dense, .. } = &shadow else {
+        panic!("still prefilling")
+    };
+    let mut full = SeqCache::Dense(dense.clone());
+    model.finish_prefill(&mut shadow).unwrap();
+    assert!(matches!(shadow, SeqCache::Shadow(_)));
+    let (mut worst, mut same) = (0.0f32, true);
+    let mut tok = argmax(&logits);
+    for _ in 0..steps {
+        let lf = step(model, &mut full, &[tok], LogitsWanted::Last);
+        let ls = step(model, &mut shadow, &[tok], LogitsWanted::Last);
+        assert!(ls.iter().all(|v| v.is_finite()));
+        worst = worst.max(common::max_rel_diff(&lf, &ls));
+        same &= argmax(&lf) == argmax(&ls);
+        tok = argmax(&lf);
+    }
+    assert_eq!(shadow.len(), full.len());
+    let SeqCache::Shadow(sh) = &shadow else { panic!("compressed") };
+    // Everything is either in the compressed region or in the recent window, and the
+    // window stays within two chunks beyond the local window.
+    assert_eq!(sh.sparse_chunks() * p.chunk_size + sh.recent_tokens(), full.len());
+    assert!(sh.recent_tokens() < (p.local_chunks + 2) * p.chunk_size);
+    (worst, same, shadow.shadow_stats().unwrap())
+}
+
+fn exact_params(model: &CpuModel, context: usize) -> ShadowParams {
+    let cfg = model.config();
+    ShadowParams {
+        budget: context.div_ceil(8) * 8,
+        rank: cfg.num_kv_heads * cfg.head_dim,
+        chunk_size: 8,
+        outlier_chunks: 0,
+        local_chunks: 4,
+    }
+}
+
+fn prompt(len: usize, vocab: usize) -> Vec<u32> {
+    (0..len).map(|i| ((i * 7919 + 13) % (vocab - 300)) as u32).collect()
+}
+
+#[test]
+fn exact_settings_match_full_attention_on_synthetic_models() {
+    for arch in ["tiny", "tiny-llama3", "tiny-qwen2"] {
+        let model = load(&format!("synthetic:{arch}@11"));
+        let ids = prompt(301, model.config().vocab_size);
+        // 60 steps: the recent window folds chunks into the compressed region (checked
+        // in `compare` by the window bound).
+        let (diff, same, stats) = compare(&model, &ids, exact_params(&model, 400), 60);
+        assert!(diff < 1e-4, "{arch}: logits differ by {diff}");
+        assert!(same, "{arch}: greedy tokens differ");
+        assert!(stats.hits > 0 && stats.misses > 0, "{arch}: {stats:?}");
+    }
+}
+
+#[test]
+fn exact_settings_match_full_attention_on_smollm2() {
+    let model = load(common::test_model().to_str().unwrap());
+    let text = std::fs::read_to_string(common::repo_file("tests/golden/smollm2.json")).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let long: Vec<u32> = doc["prompts"][2]["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    assert!(long.len() > 1000);
+    let (diff, same, _) = compare(&model, &long, exact_params(&model, long.len() + 40), 24);
+    assert!(diff < 1e-4, "logits differ by {diff}");
+    assert!(same, "greedy tokens differ");
+}
+
+#[test]
+fn small_budgets_fetch_only_misses_and_reuse_chunks() {
+    let model = load("synthetic:tiny@5");
+    let ids = prompt(600, model.config().vocab_size);
+    let p = ShadowParams {
+        budget: 64,
+        rank: 16,
+        chunk_size: 8,
+        outlier_chunks: 2,
+        local_chunks: 2,
+    };
+    let (_, _, stats) = compare(&model, &ids, p, 20);
+    let cfg = model.config();
+    let head_steps = (20 * cfg.num_layers * cfg.num_kv_heads) as u64;
+    // Every step selects budget/chunk chunks per head, part of them already resident.
+    assert_eq!(stats.hits + stats.misses, head_steps * 8);
+    assert!(stats.hits > 0, "{stats:?}");
+    assert_eq!(stats.value_bytes_fetched, stats.misses * 8 * cfg.head_dim as u64 * 4);
+}
+
+#[test]
+fn prompts_shorter_than_the_local_window_work() {
+    let model = load("synthetic:tiny@2");
+    let ids = prompt(5, model.config().vocab_size);
+    let (diff, same, _) = compare(&model, &ids, exact_params(&model, 64), 40);
+    assert!(diff < 1e-4 && same, "{diff}");
+}
