@@ -62,7 +62,9 @@ fn compare(model: &CpuModel, prompt: &[u32], p: ShadowParams, steps: usize) -> (
         tok = argmax(&lf);
     }
     assert_eq!(shadow.len(), full.len());
-    let SeqCache::Shadow(sh) = &shadow else { panic!("compressed") };
+    let SeqCache::Shadow(sh) = &shadow else {
+        panic!("compressed")
+    };
     // Everything is either in the compressed region or in the recent window, and the
     // window stays within two chunks beyond the local window.
     assert_eq!(sh.sparse_chunks() * p.chunk_size + sh.recent_tokens(), full.len());
@@ -142,4 +144,40 @@ fn prompts_shorter_than_the_local_window_work() {
     let ids = prompt(5, model.config().vocab_size);
     let (diff, same, _) = compare(&model, &ids, exact_params(&model, 64), 40);
     assert!(diff < 1e-4 && same, "{diff}");
+}
+
+#[test]
+fn batched_shadowkv_generation_equals_each_sequence_alone() {
+    use shadowkv::engine::generate::{generate, GenerateOptions, GenerateRequest};
+    use shadowkv::engine::sampling::SamplingParams;
+    use shadowkv::shadow::Attention;
+    let m = open_model("synthetic:tiny-qwen2@4").unwrap();
+    let w = ModelWeights::load(&m.config, m.source.as_ref(), false).unwrap();
+    let model = CpuModel::new(m.config.clone(), w);
+    let p = ShadowParams {
+        budget: 48,
+        rank: 24,
+        chunk_size: 8,
+        outlier_chunks: 1,
+        local_chunks: 2,
+    };
+    let opts = GenerateOptions {
+        attention: Attention::ShadowKv(p),
+        ..GenerateOptions::default()
+    };
+    let reqs: Vec<GenerateRequest> = [40usize, 333, 170]
+        .iter()
+        .map(|&n| GenerateRequest {
+            prompt: prompt(n, m.config.vocab_size),
+            max_tokens: 30,
+            sampling: SamplingParams::default(),
+            stop: vec![],
+        })
+        .collect();
+    let (batched, stats) = generate(&model, &m.tokenizer, &reqs, opts).unwrap();
+    assert!(stats.shadow.unwrap().hits > 0);
+    for (r, b) in reqs.iter().zip(&batched) {
+        let (alone, _) = generate(&model, &m.tokenizer, std::slice::from_ref(r), opts).unwrap();
+        assert_eq!(alone[0].completion_ids, b.completion_ids);
+    }
 }
