@@ -4,8 +4,10 @@
 use super::sampling::{Sampler, SamplingParams};
 pub use super::text::FinishReason;
 use super::text::{SeqText, StopRules};
-use crate::cpu::{CpuModel, LogitsWanted, SeqInput, SeqKvCache};
+use crate::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput};
 use crate::model::tokenizer::TextTokenizer;
+use crate::pool::ValuePool;
+use crate::shadow::{Attention, ShadowStats};
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::time::Instant;
@@ -46,6 +48,8 @@ pub struct GenerateStats {
     pub decode_tokens: usize,
     /// Wall time of all decode steps.
     pub decode_secs: f64,
+    /// ShadowKV reuse and traffic counters, summed over sequences (ShadowKV only).
+    pub shadow: Option<ShadowStats>,
 }
 
 /// Knobs of the loop that do not change results.
@@ -55,6 +59,8 @@ pub struct GenerateOptions {
     pub prefill_chunk: usize,
     /// Show a progress bar for long prefills.
     pub progress: bool,
+    /// Full attention or ShadowKV.
+    pub attention: Attention,
 }
 
 impl Default for GenerateOptions {
@@ -62,12 +68,13 @@ impl Default for GenerateOptions {
         GenerateOptions {
             prefill_chunk: 512,
             progress: false,
+            attention: Attention::Full,
         }
     }
 }
 
 struct Active {
-    cache: SeqKvCache,
+    cache: SeqCache,
     sampler: Sampler,
     out: SeqText,
 }
@@ -109,9 +116,16 @@ pub fn generate(
         ProgressBar::hidden()
     };
     let mut seqs = Vec::with_capacity(reqs.len());
+    let pool = match opts.attention {
+        Attention::Full => None,
+        Attention::ShadowKv(p) => Some(ValuePool::anonymous(p.pool_shape(cfg, reqs.len(), ctx))?),
+    };
     let t0 = Instant::now();
     for r in reqs {
-        let mut cache = model.new_cache();
+        let mut cache = match (opts.attention, &pool) {
+            (Attention::ShadowKv(p), Some(pool)) => model.new_shadow_cache(p, pool)?,
+            _ => model.new_cache(),
+        };
         let mut logits = Vec::new();
         let chunk = opts.prefill_chunk.max(1);
         for (ci, part) in r.prompt.chunks(chunk).enumerate() {
@@ -125,6 +139,7 @@ pub fn generate(
             logits = model.forward(&mut input)?.pop().unwrap_or_default();
             bar.inc(part.len() as u64);
         }
+        model.finish_prefill(&mut cache)?;
         let mut sampler = Sampler::new(r.sampling);
         let first = sampler.sample(&logits);
         let mut s = Active {
@@ -149,7 +164,7 @@ pub fn generate(
             .map(|&i| [*seqs[i].out.ids().last().expect("has a token")])
             .collect();
         let mut inputs: Vec<SeqInput> = Vec::with_capacity(live.len());
-        let mut caches: Vec<&mut SeqKvCache> = seqs
+        let mut caches: Vec<&mut SeqCache> = seqs
             .iter_mut()
             .filter(|s| s.out.finish().is_none())
             .map(|s| &mut s.cache)
@@ -170,6 +185,9 @@ pub fn generate(
         }
     }
     stats.decode_secs = t1.elapsed().as_secs_f64();
+    for st in seqs.iter().filter_map(|s| s.cache.shadow_stats()) {
+        stats.shadow.get_or_insert_with(ShadowStats::default).add(&st);
+    }
     let out = seqs
         .into_iter()
         .map(|s| Generation {
