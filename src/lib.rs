@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod engine;
 pub mod eval;
 pub mod model;
+pub mod telemetry;
 pub mod topology;
 pub mod pool;
 pub mod shadow;

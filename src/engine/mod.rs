@@ -1,5 +1,7 @@
-//! Sampling and the generation loop on top of a backend.
+//! Sampling, the generation loop and the continuous-batching scheduler on top of a backend.
 
+pub mod backend;
 pub mod generate;
 pub mod sampling;
+pub mod scheduler;
 pub mod text;
