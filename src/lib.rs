@@ -3,14 +3,16 @@
 //! Data flows one way through the modules: [`model`] (configs, weight files,
 //! tokenizer, chat templates, synthetic weights) → [`cpu`] (the numerical reference
 //! backend) → [`shadow`] (the ShadowKV algorithm) → [`pool`] (value pools) →
-//! [`engine`] (sampling, generation); [`eval`] (long-context evaluation) and
-//! [`topology`] (the `serve` configuration) beside them.
+//! [`engine`] (sampling, generation, continuous batching) → [`server`]
+//! (OpenAI-compatible HTTP); [`eval`] (long-context evaluation), [`topology`] (the
+//! `serve` configuration) and [`telemetry`] (metrics, traces) beside them.
 
 pub mod cli;
 pub mod cpu;
 pub mod engine;
 pub mod eval;
 pub mod model;
+pub mod server;
 pub mod telemetry;
 pub mod topology;
 pub mod pool;

@@ -5,6 +5,7 @@ mod eval;
 mod generate;
 mod inspect;
 mod shadow_args;
+mod serve;
 mod synth;
 
 use anyhow::{Context, Result};
@@ -30,6 +31,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Decode throughput of full attention and ShadowKV side by side.
     Bench(bench::BenchArgs),
+    /// Run the OpenAI-compatible inference server described by a topology file.
+    Serve(serve::ServeArgs),
 }
 
 /// Sizes the rayon pool every CPU matrix product runs on (0 = all cores).
@@ -54,5 +57,6 @@ pub fn run() -> Result<()> {
         Command::Synth(a) => synth::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }

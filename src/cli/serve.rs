@@ -1,0 +1,308 @@
+//! `shadowkv serve`: the daemon. Reads a topology file, loads the model, starts the
+//! engine thread and the OpenAI-compatible HTTP server, and shuts down cleanly on
+//! SIGTERM/SIGINT.
+
+use crate::cpu::CpuModel;
+use crate::engine::scheduler::{spawn_engine, EngineHandle, SchedulerConfig};
+use crate::model::load::open_model;
+use crate::model::weights::ModelWeights;
+use crate::server::{metrics_router, router, AppState};
+use crate::telemetry::{self, trace::TraceWriter};
+use crate::topology::{AttentionMode, AutoOr, BackendKind, Cores, Topology};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// Arguments of `shadowkv serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Topology file (TOML): model, backend, attention, limits, actors, pools, addresses.
+    #[arg(long)]
+    topology: PathBuf,
+    /// Address to listen on, overriding server.listen (port 0 picks a free port).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Model, overriding model.path: a Hugging Face directory, a .gguf file,
+    /// synthetic:<arch>[@seed] or auto:smollm2.
+    #[arg(long)]
+    model: Option<String>,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// File name of the test model in the `tools/fetch-model` cache.
+const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Resolves `auto:smollm2` to the test model in the `tools/fetch-model` cache, fetching
+/// it with that script (from this source tree) when absent. Other names pass through.
+pub fn resolve_model(spec: &str) -> Result<String> {
+    let Some(name) = spec.strip_prefix("auto:") else {
+        return Ok(spec.to_string());
+    };
+    if name != "smollm2" {
+        bail!("unknown model `{spec}` (the only auto: model is auto:smollm2)");
+    }
+    let cache = match std::env::var_os("SHADOWKV_CACHE") {
+        Some(c) => PathBuf::from(c),
+        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".cache/shadowkv"),
+    };
+    let path = cache.join("models").join(SMOLLM2_FILE);
+    if path.exists() {
+        return Ok(path.display().to_string());
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fetch-model");
+    if !script.exists() {
+        bail!(
+            "{spec}: {} is missing and {} is not here to fetch it; run tools/fetch-model from the source tree",
+            path.display(),
+            script.display()
+        );
+    }
+    info!("{spec}: fetching the test model with {}", script.display());
+    let out = std::process::Command::new(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!("{} failed ({})", script.display(), out.status);
+    }
+    let fetched = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    if fetched.is_empty() || !Path::new(&fetched).exists() {
+        bail!("{} did not print a model path", script.display());
+    }
+    Ok(fetched)
+}
+
+fn served_name(t: &Topology, spec: &str) -> String {
+    if let Some(n) = &t.model.name {
+        return n.clone();
+    }
+    if spec.starts_with("synthetic:") {
+        return spec.to_string();
+    }
+    let p = Path::new(spec.trim_end_matches('/'));
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| spec.to_string())
+}
+
+/// Runs `shadowkv serve`.
+pub fn run(a: ServeArgs) -> Result<()> {
+    init_tracing();
+    let topo = Topology::load(&a.topology)?;
+    let listen: SocketAddr = match &a.listen {
+        Some(l) => l
+            .parse()
+            .with_context(|| format!("--listen `{l}` is not an address like 127.0.0.1:8000"))?,
+        None => topo.server.listen.parse().expect("validated"),
+    };
+    if topo.backend.kind == BackendKind::Cuda {
+        return Err(topo
+            .error_at(
+                "backend.kind",
+                "backend \"cuda\" is not available in this build (only \"cpu\" is); \
+                 the topology is valid but cannot run here",
+            )
+            .into());
+    }
+    if topo.attention.mode == AttentionMode::Shadowkv {
+        return Err(topo
+            .error_at(
+                "attention.mode",
+                "attention \"shadowkv\" is not available in this build yet (only \"full\" is); \
+                 the topology is valid but cannot run here",
+            )
+            .into());
+    }
+    let spec = match (&a.model, &topo.model.path) {
+        (Some(m), _) => m.clone(),
+        (None, Some(p)) => p.clone(),
+        (None, None) => bail!("{}: no model: set model.path or pass --model", topo.file()),
+    };
+    let spec = resolve_model(&spec)?;
+    let compute = &topo.actors.compute;
+    let threads = super::set_threads(match compute.threads {
+        AutoOr::Auto => 0,
+        AutoOr::Value(n) => n,
+    })?;
+    if matches!(compute.cores, Cores::List(_)) || matches!(compute.numa_node, AutoOr::Value(_)) {
+        warn!("actors.compute.cores / numa_node are not applied by the cpu backend (threads are not pinned)");
+    }
+    // Bind before the long model load so a taken port fails at once.
+    let std_listener = std::net::TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    let metrics_listener = match &topo.server.metrics_listen {
+        Some(m) => Some(std::net::TcpListener::bind(m).with_context(|| format!("listening on {m}"))?),
+        None => None,
+    };
+
+    let t0 = Instant::now();
+    let m = open_model(&spec)?;
+    let ctx = m.config.max_position_embeddings;
+    let max_context = topo.limits.max_context.unwrap_or(ctx);
+    if max_context > ctx {
+        return Err(topo
+            .error_at(
+                "limits.max_context",
+                format!("{max_context} exceeds the model's context of {ctx} tokens"),
+            )
+            .into());
+    }
+    let weights = ModelWeights::load(&m.config, m.source.as_ref(), false)?;
+    let model = CpuModel::new(m.config.clone(), weights);
+    let name = served_name(&topo, &spec);
+    let kv_per_token = m.config.kv_bytes_per_token(4);
+    info!(
+        model = %spec, name = %name, format = m.format, threads,
+        max_batch = topo.limits.max_batch, max_context, max_queue = topo.limits.max_queue,
+        "model loaded in {:.1}s; worst-case KV cache {:.2} GiB",
+        t0.elapsed().as_secs_f64(),
+        (kv_per_token * max_context * topo.limits.max_batch) as f64 / (1u64 << 30) as f64
+    );
+
+    let prometheus = telemetry::install_prometheus()?;
+    let trace = if topo.trace.enabled {
+        let w = TraceWriter::create(&topo.trace.path, Instant::now())?;
+        info!("writing a trace to {}", topo.trace.path.display());
+        Some(w)
+    } else {
+        None
+    };
+    let config = SchedulerConfig {
+        max_batch: topo.limits.max_batch,
+        max_queue: topo.limits.max_queue,
+        max_context,
+        prefill_chunk: topo.limits.prefill_chunk,
+    };
+    let tok = Arc::new(m.tokenizer);
+    let (engine, engine_thread) =
+        spawn_engine(model, tok.clone(), config, trace).context("starting the engine thread")?;
+    let state = Arc::new(AppState::new(
+        engine.clone(),
+        tok,
+        m.chat_template,
+        name,
+        m.config.vocab_size,
+        topo.server.max_request_bytes,
+        Some(prometheus.clone()),
+    ));
+    let grace = Duration::from_secs_f64(topo.server.shutdown_grace_secs);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("http")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let served = rt.block_on(serve(
+        state,
+        engine.clone(),
+        std_listener,
+        metrics_listener,
+        grace,
+        prometheus,
+    ));
+    engine.shutdown(Duration::ZERO);
+    if engine_thread.join().is_err() {
+        bail!("the engine thread panicked");
+    }
+    rt.shutdown_timeout(Duration::from_secs(1));
+    served?;
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    }
+}
+
+async fn serve(
+    state: Arc<AppState>,
+    engine: EngineHandle,
+    listener: std::net::TcpListener,
+    metrics_listener: Option<std::net::TcpListener>,
+    grace: Duration,
+    prometheus: metrics_exporter_prometheus::PrometheusHandle,
+) -> Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    tokio::spawn(async move {
+        let sig = wait_for_signal().await;
+        info!(
+            "{sig}: shutting down (running requests get up to {:.0}s)",
+            grace.as_secs_f64()
+        );
+        engine.shutdown(grace);
+        let _ = stop_tx.send(true);
+        let sig = wait_for_signal().await;
+        warn!("{sig} again: exiting now");
+        std::process::exit(130);
+    });
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            prometheus.run_upkeep();
+        }
+    });
+    if let Some(ml) = metrics_listener {
+        ml.set_nonblocking(true)?;
+        let ml = tokio::net::TcpListener::from_std(ml)?;
+        let maddr = ml.local_addr()?;
+        println!("shadowkv metrics on http://{maddr}/metrics");
+        let app = metrics_router(state.clone());
+        let rx = stop_rx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(ml, app).with_graceful_shutdown(stopped(rx)).await {
+                warn!("metrics server: {e}");
+            }
+        });
+    }
+    println!("shadowkv listening on http://{addr}");
+    let _ = std::io::stdout().flush();
+    info!("serving `{}` on http://{addr}", state.model_name);
+    let app = router(state);
+    let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    // Connections still open well after the grace period do not hold the process.
+    let deadline = async move {
+        stopped(stop_rx).await;
+        tokio::time::sleep(grace + Duration::from_secs(5)).await;
+    };
+    tokio::select! {
+        r = server => r.context("HTTP server")?,
+        _ = deadline => warn!("connections still open after the grace period; closing them"),
+    }
+    Ok(())
+}
