@@ -4,8 +4,8 @@ mod bench;
 mod eval;
 mod generate;
 mod inspect;
-mod shadow_args;
 mod serve;
+mod shadow_args;
 mod synth;
 
 use anyhow::{Context, Result};
