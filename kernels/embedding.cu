@@ -1,0 +1,27 @@
+// Embedding gather: out[r, :] = table[ids[r], :] (bf16 rows of `hidden` values).
+//
+// One block per output row. Rows whose id is outside the vocabulary are filled with
+// NaN so that a bad id can never pass silently as plausible numbers.
+#include <cuda_bf16.h>
+
+extern "C" __global__ void embedding_gather(__nv_bfloat16* __restrict__ out,
+                                            const __nv_bfloat16* __restrict__ table,
+                                            const unsigned int* __restrict__ ids,
+                                            int hidden, unsigned int vocab) {
+    const int r = blockIdx.x;
+    const unsigned int id = ids[r];
+    __nv_bfloat16* dst = out + (size_t)r * hidden;
+    if (id >= vocab) {
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = __ushort_as_bfloat16(0x7FC0);
+        return;
+    }
+    const __nv_bfloat16* src = table + (size_t)id * hidden;
+    if ((hidden & 7) == 0) {
+        // 16-byte copies: every row starts 16-byte aligned when hidden % 8 == 0.
+        const uint4* s = reinterpret_cast<const uint4*>(src);
+        uint4* d = reinterpret_cast<uint4*>(dst);
+        for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) d[i] = __ldg(s + i);
+    } else {
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = src[i];
+    }
+}

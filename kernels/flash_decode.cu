@@ -1,0 +1,301 @@
+// Flash-decoding: one query token per sequence attending over that sequence's whole
+// bf16 KV cache, split along the context into partitions that run in parallel, then
+// merged by a second kernel with a log-sum-exp reduction.
+//
+// Layouts (row-major, bf16 unless noted):
+//   q        [batch, heads * D]               post-RoPE queries, heads = kv_heads * group
+//   K_b, V_b [len_b, kv_heads * D]            sequence b's cache (k_ptrs[b], v_ptrs[b])
+//   o_part   [batch, heads, max_parts, D]     fp32 un-normalised partial outputs
+//   ml_part  [batch, heads, max_parts]        fp32 (max, sum) of each partition, log2 domain
+//   out      [batch, heads * D]
+//
+// Split kernel: grid (max_parts, kv_heads, batch), 128 threads (4 warps). A block owns
+// one (sequence, KV head, partition of part_len tokens) and all `group` query heads of
+// that KV head (GQA), so each K/V byte is read once for the whole group. Both products
+// run on the tensor cores with mma.sync m16n8k16 (bf16 in, fp32 accumulate), the query
+// heads padded to n = 8:
+//   1. S = K Qᵀ per 16-token tile (A = K rows straight from global memory, 16-byte
+//      loads, B = the queries held in registers) -> scores in shared memory,
+//      pre-multiplied by log2(e)/sqrt(D);
+//   2. per head: max and exp2 over the partition, P kept in shared memory;
+//   3. Oᵀ = Vᵀ Pᵀ per tile (A = V rows re-packed in registers with byte permutes,
+//      B = P converted to bf16), then summed over the four warps.
+// Within one mma the order of the k index is free as long as both operands use the
+// same one, so the loads are laid out for 16-byte coalesced reads and the fragments
+// are built from them without shuffles.
+#include <cuda_bf16.h>
+
+#define FD_WARPS 4
+#define FD_THREADS (FD_WARPS * 32)
+#define FD_HEADS 8  // query heads per block after padding (mma n)
+#define FD_NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ void mma_16816(float (&d)[4], unsigned a0, unsigned a1, unsigned a2,
+                                          unsigned a3, unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint4 load16(const __nv_bfloat16* p, bool ok) {
+    return ok ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0u, 0u, 0u, 0u);
+}
+
+__device__ __forceinline__ unsigned word(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&h);
+}
+
+// Shared memory (floats): stat[FD_HEADS * 2] then a region used first for the score
+// matrix S[FD_HEADS][part_len + 4] and afterwards for the cross-warp reduction
+// red[FD_WARPS][FD_HEADS][D].
+template <int D>
+__device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
+                                                   float2* __restrict__ ml_part,
+                                                   const __nv_bfloat16* __restrict__ q,
+                                                   const unsigned long long* __restrict__ k_ptrs,
+                                                   const unsigned long long* __restrict__ v_ptrs,
+                                                   const int* __restrict__ lens, int kv_heads,
+                                                   int group, int part_len, int max_parts,
+                                                   float scale_log2) {
+    static_assert(D % 64 == 0, "head dim must be a multiple of 64");
+    constexpr int NCH = D / 32;  // 16-byte chunks per K row per thread (phase 1)
+    constexpr int NKC = D / 16;  // k-steps of phase 1, m-tiles of phase 3
+    constexpr int NVH = D / 64;  // 16-byte chunks per V row per thread (phase 3)
+    extern __shared__ float smem[];
+    float* stat = smem;
+    float* S = smem + 2 * FD_HEADS;
+    float* red = S;
+    const int SP = part_len + 4;  // padded row: conflict-free score stores
+
+    const int part = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+    const int len = lens[b];
+    const int start = part * part_len;
+    if (start >= len) return;
+    const int n = min(part_len, len - start);
+    const int ntile = (n + 15) >> 4;
+    const int heads = kv_heads * group;
+    const size_t rs = (size_t)kv_heads * D;  // cache row stride (elements)
+    const __nv_bfloat16* K =
+        reinterpret_cast<const __nv_bfloat16*>(k_ptrs[b]) + (size_t)start * rs + (size_t)kvh * D;
+    const __nv_bfloat16* V =
+        reinterpret_cast<const __nv_bfloat16*>(v_ptrs[b]) + (size_t)start * rs + (size_t)kvh * D;
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;  // mma groupID, thread-in-group
+
+    // ---- phase 1: scores -------------------------------------------------------------
+    // Query fragments (B operand, n = head g): logical k 2t+e of k-step 2i+j is dim
+    // i*32 + t*8 + 4j + e, and k 2t+8+e is dim i*32 + t*8 + 4j + 2 + e.
+    unsigned qf[NKC][2];
+    {
+        const bool has = g < group;
+        const __nv_bfloat16* qr = q + (size_t)b * heads * D + (size_t)(kvh * group + (has ? g : 0)) * D;
+#pragma unroll
+        for (int i = 0; i < NCH; ++i) {
+            const uint4 v = load16(qr + i * 32 + t * 8, has);
+            qf[2 * i][0] = v.x;
+            qf[2 * i][1] = v.y;
+            qf[2 * i + 1][0] = v.z;
+            qf[2 * i + 1][1] = v.w;
+        }
+    }
+    for (int tile = warp; tile < ntile; tile += 2 * FD_WARPS) {
+        uint4 kr[2][2][NCH];  // [tile of the pair][row g, row g+8][chunk]
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            const int tb = (tile + u * FD_WARPS) * 16;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = tb + g + 8 * h;
+                const __nv_bfloat16* kp = K + (size_t)row * rs + t * 8;
+#pragma unroll
+                for (int i = 0; i < NCH; ++i) kr[u][h][i] = load16(kp + i * 32, row < n);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            const int tb = (tile + u * FD_WARPS) * 16;
+            if (tb >= ntile * 16) break;
+            float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int i = 0; i < NCH; ++i) {
+                mma_16816(acc, kr[u][0][i].x, kr[u][1][i].x, kr[u][0][i].y, kr[u][1][i].y, qf[2 * i][0],
+                          qf[2 * i][1]);
+                mma_16816(acc, kr[u][0][i].z, kr[u][1][i].z, kr[u][0][i].w, kr[u][1][i].w,
+                          qf[2 * i + 1][0], qf[2 * i + 1][1]);
+            }
+            // acc: (token g, head 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
+            S[(2 * t) * SP + tb + g] = acc[0] * scale_log2;
+            S[(2 * t + 1) * SP + tb + g] = acc[1] * scale_log2;
+            S[(2 * t) * SP + tb + g + 8] = acc[2] * scale_log2;
+            S[(2 * t + 1) * SP + tb + g + 8] = acc[3] * scale_log2;
+        }
+    }
+    __syncthreads();
+
+    // ---- phase 2: softmax statistics per real head ------------------------------------
+    for (int h = warp; h < group; h += FD_WARPS) {
+        float* row = S + h * SP;
+        float m = FD_NEG_INF;
+        for (int i = lane; i < n; i += 32) m = fmaxf(m, row[i]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        float l = 0.f;
+        for (int i = lane; i < ntile * 16; i += 32) {
+            const float p = i < n ? exp2f(row[i] - m) : 0.f;
+            row[i] = p;
+            l += p;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+        if (lane == 0) {
+            stat[2 * h] = m;
+            stat[2 * h + 1] = l;
+        }
+    }
+    // Padding heads (group..7) hold scores of a zero query (0 everywhere, never NaN):
+    // they only feed output columns that are discarded.
+    __syncthreads();
+
+    // ---- phase 3: P·V -----------------------------------------------------------------
+    // A operand = Vᵀ (m = dim, k = token). Thread (g, t) reads tokens 2t, 2t+1, 2t+8,
+    // 2t+9 of the tile, dims [c*64 + g*8, +8) for each chunk c; m-tile mt covers word
+    // mt%4 of chunk mt/4: row m = g is the even dim of that word, m = g+8 the odd one.
+    float o[NKC][4];
+#pragma unroll
+    for (int mt = 0; mt < NKC; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
+    for (int tile = warp; tile < ntile; tile += 2 * FD_WARPS) {
+        uint4 vr[2][4][NVH];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            const int tb = (tile + u * FD_WARPS) * 16;
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int row = tb + 2 * t + (r & 1) + 8 * (r >> 1);
+                const __nv_bfloat16* vp = V + (size_t)row * rs + g * 8;
+#pragma unroll
+                for (int c = 0; c < NVH; ++c) vr[u][r][c] = load16(vp + c * 64, row < n);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            const int tb = (tile + u * FD_WARPS) * 16;
+            if (tb >= ntile * 16) break;
+            // B operand = Pᵀ (k = token, n = head g).
+            const float* pr = S + g * SP + tb + 2 * t;
+            const unsigned b0 = pack_bf16(pr[0], pr[1]);
+            const unsigned b1 = pack_bf16(pr[8], pr[9]);
+#pragma unroll
+            for (int mt = 0; mt < NKC; ++mt) {
+                const int c = mt >> 2, w = mt & 3;
+                const unsigned x0 = word(vr[u][0][c], w), x1 = word(vr[u][1][c], w);
+                const unsigned x2 = word(vr[u][2][c], w), x3 = word(vr[u][3][c], w);
+                mma_16816(o[mt], __byte_perm(x0, x1, 0x5410), __byte_perm(x0, x1, 0x7632),
+                          __byte_perm(x2, x3, 0x5410), __byte_perm(x2, x3, 0x7632), b0, b1);
+            }
+        }
+    }
+    __syncthreads();  // everyone is done with S: reuse it as red
+    // o[mt]: (dim pd, head 2t), (pd, 2t+1), (pd+1, 2t), (pd+1, 2t+1), pd = c*64 + g*8 + 2w
+#pragma unroll
+    for (int mt = 0; mt < NKC; ++mt) {
+        const int pd = (mt >> 2) * 64 + g * 8 + 2 * (mt & 3);
+        float* r0 = red + ((size_t)warp * FD_HEADS + 2 * t) * D + pd;
+        *reinterpret_cast<float2*>(r0) = make_float2(o[mt][0], o[mt][2]);
+        *reinterpret_cast<float2*>(r0 + D) = make_float2(o[mt][1], o[mt][3]);
+    }
+    __syncthreads();
+    const size_t head0 = (size_t)b * heads + (size_t)kvh * group;
+    for (int idx = threadIdx.x; idx < group * D; idx += FD_THREADS) {
+        const int h = idx / D, dd = idx - h * D;
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < FD_WARPS; ++w) s += red[((size_t)w * FD_HEADS + h) * D + dd];
+        o_part[((head0 + h) * max_parts + part) * D + dd] = s;
+    }
+    if (threadIdx.x < group)
+        ml_part[(head0 + threadIdx.x) * max_parts + part] =
+            make_float2(stat[2 * threadIdx.x], stat[2 * threadIdx.x + 1]);
+}
+
+#define FD_SPLIT(DIM)                                                                              \
+    extern "C" __global__ void __launch_bounds__(FD_THREADS, 4) flash_decode_split_d##DIM(         \
+        float* __restrict__ o_part, float2* __restrict__ ml_part,                                  \
+        const __nv_bfloat16* __restrict__ q, const unsigned long long* __restrict__ k_ptrs,        \
+        const unsigned long long* __restrict__ v_ptrs, const int* __restrict__ lens,               \
+        int kv_heads, int group, int part_len, int max_parts, float scale_log2) {                  \
+        flash_decode_split<DIM>(o_part, ml_part, q, k_ptrs, v_ptrs, lens, kv_heads, group,         \
+                                part_len, max_parts, scale_log2);                                  \
+    }
+
+FD_SPLIT(64)
+FD_SPLIT(128)
+
+// Merge: grid (heads, batch), any block size; dynamic shared memory max_parts floats.
+// out = sum_p 2^(m_p - M) o_p / sum_p 2^(m_p - M) l_p. Empty sequences give zeros.
+extern "C" __global__ void flash_decode_reduce(__nv_bfloat16* __restrict__ out,
+                                               const float* __restrict__ o_part,
+                                               const float2* __restrict__ ml_part,
+                                               const int* __restrict__ lens, int heads, int head_dim,
+                                               int part_len, int max_parts) {
+    extern __shared__ float wgt[];
+    __shared__ float scratch[32];
+    __shared__ float bcast;
+    const int h = blockIdx.x, b = blockIdx.y;
+    const size_t bh = (size_t)b * heads + h;
+    __nv_bfloat16* dst = out + bh * head_dim;
+    const int len = lens[b];
+    if (len <= 0) {
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) dst[d] = __float2bfloat16_rn(0.f);
+        return;
+    }
+    const int nparts = (len + part_len - 1) / part_len;
+    const float2* ml = ml_part + bh * max_parts;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+
+    float m = FD_NEG_INF;
+    for (int p = threadIdx.x; p < nparts; p += blockDim.x) m = fmaxf(m, ml[p].x);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane == 0) scratch[warp] = m;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float v = scratch[0];
+        for (int w = 1; w < nwarps; ++w) v = fmaxf(v, scratch[w]);
+        bcast = v;
+    }
+    __syncthreads();
+    m = bcast;
+    float l = 0.f;
+    for (int p = threadIdx.x; p < nparts; p += blockDim.x) {
+        const float2 v = ml[p];
+        const float w = exp2f(v.x - m);
+        wgt[p] = w;
+        l += w * v.y;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+    __syncthreads();  // scratch reuse and wgt visibility
+    if (lane == 0) scratch[warp] = l;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float v = 0.f;
+        for (int w = 0; w < nwarps; ++w) v += scratch[w];
+        bcast = v;
+    }
+    __syncthreads();
+    const float inv = 1.f / bcast;
+    const float* op = o_part + bh * max_parts * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float acc = 0.f;
+        for (int p = 0; p < nparts; ++p) acc += wgt[p] * op[(size_t)p * head_dim + d];
+        dst[d] = __float2bfloat16_rn(acc * inv);
+    }
+}

@@ -1,0 +1,29 @@
+// Fills used by tests and benchmarks: constant bit patterns (NaN poisoning) and
+// reproducible pseudo-random bf16 values generated on the device.
+#include <cuda_bf16.h>
+
+extern "C" __global__ void fill_u16(unsigned short* __restrict__ p, size_t n, unsigned short v) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        p[i] = v;
+}
+
+extern "C" __global__ void fill_u32(unsigned int* __restrict__ p, size_t n, unsigned int v) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        p[i] = v;
+}
+
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// p[i] = bf16(uniform in [-scale, scale)), a function of (seed, i) only.
+extern "C" __global__ void fill_random_bf16(__nv_bfloat16* __restrict__ p, size_t n,
+                                            unsigned long long seed, float scale) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const unsigned long long h = mix64(seed * 0x9e3779b97f4a7c15ull + i);
+        const float u = (float)(h >> 40) * (1.0f / 16777216.0f);  // [0, 1)
+        p[i] = __float2bfloat16_rn((2.0f * u - 1.0f) * scale);
+    }
+}
