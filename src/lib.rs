@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod cpu;
+pub mod cuda;
 pub mod engine;
 pub mod eval;
 pub mod model;

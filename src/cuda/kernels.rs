@@ -1,0 +1,84 @@
+//! The kernel files and the functions loaded from them.
+
+use super::device::CudaDevice;
+use super::nvrtc::{KernelFile, Nvrtc};
+use anyhow::{Context, Result};
+use cudarc::driver::{CudaFunction, CudaModule};
+use std::sync::Arc;
+
+macro_rules! kernel_file {
+    ($name:literal) => {
+        KernelFile {
+            path: concat!("kernels/", $name),
+            source: include_str!(concat!("../../kernels/", $name)),
+            arch_specific: false,
+        }
+    };
+}
+
+/// Every kernel file, one per concern.
+pub const KERNEL_FILES: &[KernelFile] = &[
+    kernel_file!("embedding.cu"),
+    kernel_file!("rmsnorm.cu"),
+    kernel_file!("rope.cu"),
+    kernel_file!("swiglu.cu"),
+    kernel_file!("flash_decode.cu"),
+    kernel_file!("util.cu"),
+];
+
+/// The loaded kernel functions.
+pub struct Kernels {
+    pub(crate) embedding_gather: CudaFunction,
+    pub(crate) rmsnorm_residual: CudaFunction,
+    pub(crate) rope_inplace: CudaFunction,
+    pub(crate) swiglu: CudaFunction,
+    pub(crate) flash_decode_split_d64: CudaFunction,
+    pub(crate) flash_decode_split_d128: CudaFunction,
+    pub(crate) flash_decode_reduce: CudaFunction,
+    pub(crate) fill_u16: CudaFunction,
+    pub(crate) fill_u32: CudaFunction,
+    pub(crate) fill_random_bf16: CudaFunction,
+    _modules: Vec<Arc<CudaModule>>,
+}
+
+impl Kernels {
+    /// Compiles (or takes from the cache) and loads every kernel file for `dev`.
+    pub fn load(dev: &CudaDevice) -> Result<Kernels> {
+        let nvrtc = Nvrtc::new()?;
+        let cc = dev.info().compute_capability;
+        let mut modules = Vec::new();
+        let mut load = |file: &KernelFile| -> Result<Arc<CudaModule>> {
+            let cubin = nvrtc.cubin(file, cc)?;
+            let m = dev
+                .context()
+                .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+                .with_context(|| format!("loading the module of {}", file.path))?;
+            modules.push(m.clone());
+            Ok(m)
+        };
+        let find = |name: &str| KERNEL_FILES.iter().find(|f| f.path.ends_with(name)).unwrap();
+        let get = |m: &Arc<CudaModule>, f: &str| -> Result<CudaFunction> {
+            m.load_function(f)
+                .with_context(|| format!("kernel function {f} not found"))
+        };
+        let emb = load(find("embedding.cu"))?;
+        let norm = load(find("rmsnorm.cu"))?;
+        let rope = load(find("rope.cu"))?;
+        let act = load(find("swiglu.cu"))?;
+        let fd = load(find("flash_decode.cu"))?;
+        let util = load(find("util.cu"))?;
+        Ok(Kernels {
+            embedding_gather: get(&emb, "embedding_gather")?,
+            rmsnorm_residual: get(&norm, "rmsnorm_residual")?,
+            rope_inplace: get(&rope, "rope_inplace")?,
+            swiglu: get(&act, "swiglu")?,
+            flash_decode_split_d64: get(&fd, "flash_decode_split_d64")?,
+            flash_decode_split_d128: get(&fd, "flash_decode_split_d128")?,
+            flash_decode_reduce: get(&fd, "flash_decode_reduce")?,
+            fill_u16: get(&util, "fill_u16")?,
+            fill_u32: get(&util, "fill_u32")?,
+            fill_random_bf16: get(&util, "fill_random_bf16")?,
+            _modules: modules,
+        })
+    }
+}

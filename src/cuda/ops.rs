@@ -1,0 +1,430 @@
+//! The element-wise and row-wise operations of the forward pass, and the cuBLAS
+//! matrix product, on bf16 device buffers (fp32 arithmetic inside every kernel).
+//!
+//! Every operation is queued on the device's compute stream and returns once queued;
+//! sizes are checked against the buffers before launching.
+
+use super::device::CudaDevice;
+use super::kernels::Kernels;
+use crate::model::config::ModelConfig;
+use anyhow::{bail, ensure, Result};
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+/// The CUDA backend's operations: the device, its kernels and a cuBLAS handle bound
+/// to the compute stream.
+pub struct CudaOps {
+    dev: CudaDevice,
+    pub(crate) k: Kernels,
+    blas: CudaBlas,
+}
+
+fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
+    ensure!(have >= need, "{what}: buffer of {have} elements, {need} needed");
+    Ok(())
+}
+
+fn i32_of(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| anyhow::anyhow!("{what} = {v} does not fit a 32-bit int"))
+}
+
+fn grid_1d(n: usize, block: u32) -> (u32, u32, u32) {
+    (n.div_ceil(block as usize).clamp(1, 65_535 * 16) as u32, 1, 1)
+}
+
+/// The RoPE inverse frequencies of `cfg` (llama3 scaling included), computed exactly
+/// as [`crate::cpu::ops::Rope::new`] computes them.
+pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
+    let d = cfg.head_dim;
+    let mut inv_freq: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / d as f32))
+        .collect();
+    if let Some(s) = cfg.rope_scaling {
+        let old = s.original_max_position_embeddings as f32;
+        let low_wavelen = old / s.low_freq_factor;
+        let high_wavelen = old / s.high_freq_factor;
+        for f in inv_freq.iter_mut() {
+            let wavelen = 2.0 * std::f32::consts::PI / *f;
+            if wavelen > low_wavelen {
+                *f /= s.factor;
+            } else if wavelen >= high_wavelen {
+                let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
+            }
+        }
+    }
+    inv_freq
+}
+
+impl CudaOps {
+    /// Compiles or loads the kernels for `dev` and creates the cuBLAS handle.
+    pub fn new(dev: CudaDevice) -> Result<CudaOps> {
+        let k = Kernels::load(&dev)?;
+        // SAFETY: only tries to dlopen the library by its usual names.
+        if !unsafe { blas_sys::is_culib_present() } {
+            bail!(
+                "cuBLAS (libcublas.so) was not found: add the CUDA toolkit's library folder to the \
+                 library path, e.g. LD_LIBRARY_PATH={}/lib64",
+                super::nvrtc::cuda_home().display()
+            );
+        }
+        let blas = CudaBlas::new(dev.stream().clone())?;
+        Ok(CudaOps { dev, k, blas })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &CudaDevice {
+        &self.dev
+    }
+
+    fn launch_cfg(grid: (u32, u32, u32), block: u32, smem: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: grid,
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: smem as u32,
+        }
+    }
+
+    /// `out[r, :] = table[ids[r], :]` for `rows` ids; rows of `hidden` values, `vocab`
+    /// rows in the table. An id outside the vocabulary gives a NaN row.
+    pub fn embedding(
+        &self,
+        out: &mut impl DevicePtrMut<bf16>,
+        table: &impl DevicePtr<bf16>,
+        ids: &impl DevicePtr<u32>,
+        rows: usize,
+        hidden: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        check_len("embedding output", out.len(), rows * hidden)?;
+        check_len("embedding table", table.len(), vocab * hidden)?;
+        check_len("embedding ids", ids.len(), rows)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let s = self.dev.stream();
+        let (o, _g1) = out.device_ptr_mut(s);
+        let (t, _g2) = table.device_ptr(s);
+        let (i, _g3) = ids.device_ptr(s);
+        let (h, v) = (i32_of("hidden", hidden)?, u32::try_from(vocab)?);
+        let cfg = Self::launch_cfg((i32_of("rows", rows)? as u32, 1, 1), 128, 0);
+        // SAFETY: the buffers hold rows·hidden, vocab·hidden and rows elements (checked).
+        unsafe {
+            s.launch_builder(&self.k.embedding_gather)
+                .arg(&o)
+                .arg(&t)
+                .arg(&i)
+                .arg(&h)
+                .arg(&v)
+                .launch(cfg)
+        }?;
+        Ok(())
+    }
+
+    /// RMSNorm fused with the residual add, per row of `hidden` values:
+    /// with `r`, `x = bf16(x + r)` in place first; then `y = bf16(w · x / rms(x))`,
+    /// the statistics taken over the stored (rounded) `x`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_residual(
+        &self,
+        y: &mut impl DevicePtrMut<bf16>,
+        x: &mut impl DevicePtrMut<bf16>,
+        r: Option<&dyn DevicePtrDyn>,
+        w: &impl DevicePtr<bf16>,
+        rows: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()> {
+        check_len("rmsnorm output", y.len(), rows * hidden)?;
+        check_len("rmsnorm input", x.len(), rows * hidden)?;
+        check_len("rmsnorm weight", w.len(), hidden)?;
+        if let Some(r) = r {
+            check_len("rmsnorm residual", r.len_bf16(), rows * hidden)?;
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let s = self.dev.stream();
+        let (yp, _g1) = y.device_ptr_mut(s);
+        let (xp, _g2) = x.device_ptr_mut(s);
+        let (wp, _g3) = w.device_ptr(s);
+        let rp: u64 = r.map(|r| r.raw_ptr(s)).unwrap_or(0);
+        let h = i32_of("hidden", hidden)?;
+        let block = if hidden >= 4096 {
+            512
+        } else if hidden >= 1024 {
+            256
+        } else {
+            128
+        };
+        let cfg = Self::launch_cfg((i32_of("rows", rows)? as u32, 1, 1), block, 0);
+        // SAFETY: y and x hold rows·hidden elements, r (when not null) too, w hidden.
+        unsafe {
+            s.launch_builder(&self.k.rmsnorm_residual)
+                .arg(&yp)
+                .arg(&xp)
+                .arg(&rp)
+                .arg(&wp)
+                .arg(&h)
+                .arg(&eps)
+                .launch(cfg)
+        }?;
+        Ok(())
+    }
+
+    /// Rotates, in place, `heads` consecutive heads of width `head_dim` at the start of
+    /// each of `rows` rows (row stride `row_stride` elements) at that row's position,
+    /// Hugging Face rotate-half layout. `inv_freq` holds `head_dim / 2` values
+    /// ([`rope_inv_freq`]). For a fused qkv row, `heads = num_heads + num_kv_heads`
+    /// rotates q and k in one launch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(
+        &self,
+        x: &mut impl DevicePtrMut<bf16>,
+        row_stride: usize,
+        rows: usize,
+        heads: usize,
+        head_dim: usize,
+        positions: &impl DevicePtr<i32>,
+        inv_freq: &impl DevicePtr<f32>,
+    ) -> Result<()> {
+        ensure!(head_dim % 2 == 0, "rope: odd head dimension {head_dim}");
+        ensure!(
+            heads * head_dim <= row_stride,
+            "rope: {heads} heads of {head_dim} exceed the row of {row_stride}"
+        );
+        if rows == 0 {
+            return Ok(());
+        }
+        check_len("rope input", x.len(), (rows - 1) * row_stride + heads * head_dim)?;
+        check_len("rope positions", positions.len(), rows)?;
+        check_len("rope inv_freq", inv_freq.len(), head_dim / 2)?;
+        let s = self.dev.stream();
+        let (xp, _g1) = x.device_ptr_mut(s);
+        let (pp, _g2) = positions.device_ptr(s);
+        let (fp, _g3) = inv_freq.device_ptr(s);
+        let (rs, nh, half) = (
+            i32_of("row_stride", row_stride)?,
+            i32_of("heads", heads)?,
+            (head_dim / 2) as i32,
+        );
+        let cfg = Self::launch_cfg((i32_of("rows", rows)? as u32, 1, 1), 256, head_dim * 4);
+        // SAFETY: x covers every rotated element of every row, positions rows ints,
+        // inv_freq head_dim/2 floats (checked); shared memory holds cos and sin tables.
+        unsafe {
+            s.launch_builder(&self.k.rope_inplace)
+                .arg(&xp)
+                .arg(&rs)
+                .arg(&nh)
+                .arg(&half)
+                .arg(&pp)
+                .arg(&fp)
+                .launch(cfg)
+        }?;
+        Ok(())
+    }
+
+    /// `out[r, i] = silu(gate[r, i]) · up[r, i]` from fused rows `[gate | up]` of
+    /// width `2·inter`.
+    pub fn swiglu(
+        &self,
+        out: &mut impl DevicePtrMut<bf16>,
+        gate_up: &impl DevicePtr<bf16>,
+        rows: usize,
+        inter: usize,
+    ) -> Result<()> {
+        check_len("swiglu output", out.len(), rows * inter)?;
+        check_len("swiglu input", gate_up.len(), rows * 2 * inter)?;
+        if rows == 0 || inter == 0 {
+            return Ok(());
+        }
+        ensure!(rows <= 65_535, "swiglu: {rows} rows exceed one launch (65535)");
+        let s = self.dev.stream();
+        let (op, _g1) = out.device_ptr_mut(s);
+        let (gp, _g2) = gate_up.device_ptr(s);
+        let block = 256u32;
+        let per_block = if inter % 8 == 0 {
+            block as usize * 8
+        } else {
+            block as usize
+        };
+        let cfg = Self::launch_cfg((inter.div_ceil(per_block) as u32, rows as u32, 1), block, 0);
+        let n = i32_of("inter", inter)?;
+        // SAFETY: out holds rows·inter and gate_up rows·2·inter elements (checked).
+        unsafe { s.launch_builder(&self.k.swiglu).arg(&op).arg(&gp).arg(&n).launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `out[m, n] (+)= x[m, k] · wᵀ` for a linear layer's weight `w[n, k]` (row-major,
+    /// as [`crate::cpu::matmul::linear`]): cuBLAS, bf16 operands, fp32 accumulation,
+    /// bf16 output; with `accumulate` the product is added to `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear(
+        &self,
+        out: &mut impl DevicePtrMut<bf16>,
+        x: &impl DevicePtr<bf16>,
+        w: &impl DevicePtr<bf16>,
+        m: usize,
+        k: usize,
+        n: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        check_len("linear output", out.len(), m * n)?;
+        check_len("linear input", x.len(), m * k)?;
+        check_len("linear weight", w.len(), n * k)?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            if !accumulate {
+                let (op, _g) = out.device_ptr_mut(self.dev.stream());
+                self.fill_raw_u16(op, m * n, 0)?;
+            }
+            return Ok(());
+        }
+        let s = self.dev.stream();
+        let (op, _g1) = out.device_ptr_mut(s);
+        let (xp, _g2) = x.device_ptr(s);
+        let (wp, _g3) = w.device_ptr(s);
+        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0f32 });
+        let (mi, ki, ni) = (i32_of("m", m)?, i32_of("k", k)?, i32_of("n", n)?);
+        // Column-major view: outᵀ[n, m] = w[n, k] · xᵀ[k, m], where the row-major
+        // w[n, k] is the column-major [k, n] matrix (transposed) and x[m, k] is the
+        // column-major xᵀ[k, m].
+        // SAFETY: the buffers hold m·n, m·k and n·k elements (checked); alpha and beta
+        // are host scalars (the handle's default pointer mode).
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                ni,
+                mi,
+                ki,
+                (&alpha as *const f32).cast(),
+                wp as *const _,
+                blas_sys::cudaDataType_t::CUDA_R_16BF,
+                ki,
+                xp as *const _,
+                blas_sys::cudaDataType_t::CUDA_R_16BF,
+                ki,
+                (&beta as *const f32).cast(),
+                op as *mut _,
+                blas_sys::cudaDataType_t::CUDA_R_16BF,
+                ni,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }?;
+        Ok(())
+    }
+
+    /// Fills a bf16 buffer with NaN (poisoning outputs before a test launch).
+    pub fn fill_nan_bf16(&self, buf: &mut impl DevicePtrMut<bf16>) -> Result<()> {
+        let n = buf.len();
+        let (p, _g) = buf.device_ptr_mut(self.dev.stream());
+        self.fill_raw_u16(p, n, 0x7FC0)
+    }
+
+    /// Fills an f32 buffer with NaN.
+    pub fn fill_nan_f32(&self, buf: &mut impl DevicePtrMut<f32>) -> Result<()> {
+        let n = buf.len();
+        let (p, _g) = buf.device_ptr_mut(self.dev.stream());
+        self.fill_raw_u32(p, n, 0x7FC0_0000)
+    }
+
+    /// Fills a bf16 buffer with values uniform in `[-scale, scale)`, a function of
+    /// `seed` and the index only (test and benchmark data made on the device).
+    pub fn fill_random_bf16(&self, buf: &mut impl DevicePtrMut<bf16>, seed: u64, scale: f32) -> Result<()> {
+        let n = buf.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let s = self.dev.stream();
+        let (p, _g) = buf.device_ptr_mut(s);
+        let cfg = Self::launch_cfg(grid_1d(n, 256), 256, 0);
+        // SAFETY: writes n elements of the buffer.
+        unsafe {
+            s.launch_builder(&self.k.fill_random_bf16)
+                .arg(&p)
+                .arg(&n)
+                .arg(&seed)
+                .arg(&scale)
+                .launch(cfg)
+        }?;
+        Ok(())
+    }
+
+    pub(crate) fn fill_raw_u16(&self, p: u64, n: usize, v: u16) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let s = self.dev.stream();
+        let cfg = Self::launch_cfg(grid_1d(n, 256), 256, 0);
+        // SAFETY: the caller passes a device pointer to n u16 elements.
+        unsafe { s.launch_builder(&self.k.fill_u16).arg(&p).arg(&n).arg(&v).launch(cfg) }?;
+        Ok(())
+    }
+
+    pub(crate) fn fill_raw_u32(&self, p: u64, n: usize, v: u32) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let s = self.dev.stream();
+        let cfg = Self::launch_cfg(grid_1d(n, 256), 256, 0);
+        // SAFETY: the caller passes a device pointer to n u32 elements.
+        unsafe { s.launch_builder(&self.k.fill_u32).arg(&p).arg(&n).arg(&v).launch(cfg) }?;
+        Ok(())
+    }
+}
+
+/// A read-only bf16 device buffer behind a trait object (for optional arguments).
+pub trait DevicePtrDyn {
+    /// Elements.
+    fn len_bf16(&self) -> usize;
+    /// The raw device address, for a launch on `stream`.
+    fn raw_ptr(&self, stream: &cudarc::driver::CudaStream) -> u64;
+}
+
+impl<T: DevicePtr<bf16>> DevicePtrDyn for T {
+    fn len_bf16(&self) -> usize {
+        self.len()
+    }
+    fn raw_ptr(&self, stream: &cudarc::driver::CudaStream) -> u64 {
+        self.device_ptr(stream).0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::ops::Rope;
+    use crate::model::synthetic::preset;
+
+    #[test]
+    fn inv_freq_matches_the_cpu_rope_tables() {
+        for arch in ["llama-3.1-8b", "smollm2-135m", "qwen2-0.5b", "llama-2-7b"] {
+            let cfg = preset(arch).unwrap();
+            let f = rope_inv_freq(&cfg);
+            assert_eq!(f.len(), cfg.head_dim / 2);
+            let positions = [0usize, 1, 2, 37, 4095, 8192, 65_537, 131_071];
+            let (cos, sin) = Rope::new(&cfg).tables(&positions);
+            for (r, &p) in positions.iter().enumerate() {
+                for (i, &fi) in f.iter().enumerate() {
+                    let a = p as f32 * fi;
+                    assert_eq!(
+                        a.cos().to_bits(),
+                        cos[r * f.len() + i].to_bits(),
+                        "{arch} pos {p} i {i}"
+                    );
+                    assert_eq!(
+                        a.sin().to_bits(),
+                        sin[r * f.len() + i].to_bits(),
+                        "{arch} pos {p} i {i}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,508 @@
+//! The CUDA kernels against the CPU reference (`shadowkv::cpu`), run on f32 copies of
+//! the same bf16-rounded inputs. Every test draws fresh random inputs (the seed is
+//! printed; `SHADOWKV_TEST_SEED=N` repeats a run), fills its outputs with NaN before
+//! launching, uses sizes that are not multiples of the kernels' tiles, and checks that
+//! no NaN is left and that the output is not all zero. Without a CUDA device each
+//! test prints `skipped: no CUDA device (...)` and passes (`SHADOWKV_REQUIRE_CUDA=1`
+//! turns that into a failure, as tools/gpu-check sets it).
+//!
+//! Tolerances, for bf16 outputs (8 significant bits: rounding alone moves a value by up
+//! to 2⁻⁸ of itself, and a different fp32 summation order can move it one more step):
+//! - embedding gather: bit-exact;
+//! - the residual add of RMSNorm: bit-exact (`bf16(x + r)`);
+//! - RMSNorm, RoPE, SwiGLU: every element within 2⁻⁷·|ref| + 10⁻⁵·max|ref|;
+//! - linear (cuBLAS, fp32 accumulation): every element within 2⁻⁷·|ref| + 10⁻³·rms(ref)
+//!   (outputs that cancel to near zero carry the inputs' absolute error); when adding to
+//!   the output (`accumulate`, the residual add) within 2⁻⁷·(|ref| + |out before|) +
+//!   10⁻³·rms(ref): cuBLAS rounds the product to bf16 before adding the old output, so
+//!   a sum that cancels keeps the rounding error of its larger terms;
+//! - flash-decoding: per sequence and head, ‖out − ref‖ / ‖ref‖ ≤ 10⁻² and every element
+//!   within 2·10⁻²·max|ref| (the probabilities go through the tensor cores as bf16).
+//!
+//! Each check prints `RESULT <kernel> <case> max_rel=... max_err/max_ref=... norm_rel=...`:
+//! the largest |out − ref| / |ref| over elements with |ref| ≥ 1% of max|ref|, the largest
+//! |out − ref| over max|ref|, and ‖out − ref‖ / ‖ref‖.
+
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use shadowkv::cpu::attention::{causal_attention, AttnJob, AttnShape};
+use shadowkv::cpu::matmul::linear as cpu_linear;
+use shadowkv::cpu::ops::{rms_norm, silu_mul, Rope};
+use shadowkv::cuda::testing::ops_or_skip;
+use shadowkv::cuda::{rope_inv_freq, CudaOps, DecodeWorkspace, KvTable};
+use shadowkv::model::synthetic::preset;
+
+fn seeded(test: &str) -> StdRng {
+    let seed = std::env::var("SHADOWKV_TEST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    eprintln!("{test}: seed {seed} (SHADOWKV_TEST_SEED={seed} repeats it)");
+    StdRng::seed_from_u64(seed)
+}
+
+/// `n` values uniform in [-scale, scale), as bf16 and as the f32 of that bf16.
+fn rand_bf16(rng: &mut StdRng, n: usize, scale: f32) -> (Vec<bf16>, Vec<f32>) {
+    let b: Vec<bf16> = (0..n)
+        .map(|_| bf16::from_f32(rng.random_range(-scale..scale)))
+        .collect();
+    let f = b.iter().map(|v| v.to_f32()).collect();
+    (b, f)
+}
+
+fn f32s(v: &[bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+#[derive(Default, Clone, Copy)]
+struct Errors {
+    max_rel: f64,
+    max_abs_rel: f64,
+    norm_rel: f64,
+}
+
+impl Errors {
+    fn worst(self, o: Errors) -> Errors {
+        Errors {
+            max_rel: self.max_rel.max(o.max_rel),
+            max_abs_rel: self.max_abs_rel.max(o.max_abs_rel),
+            norm_rel: self.norm_rel.max(o.norm_rel),
+        }
+    }
+
+    fn report(&self, kernel: &str, case: &str) {
+        eprintln!(
+            "RESULT {kernel} {case} max_rel={:.3e} max_err/max_ref={:.3e} norm_rel={:.3e}",
+            self.max_rel, self.max_abs_rel, self.norm_rel
+        );
+    }
+}
+
+/// Compares, asserting no NaN, not all zero, and |got − want| ≤ rtol·|want| + atol.
+fn check(kernel: &str, case: &str, got: &[f32], want: &[f32], rtol: f64, atol: f64) -> Errors {
+    let e = errors(kernel, case, got, want, |_, w| rtol * w.abs() + atol);
+    e.report(kernel, case);
+    e
+}
+
+/// Compares, asserting no NaN, not all zero, and |got[i] − want[i]| ≤ bound(i, want[i]).
+fn errors(kernel: &str, case: &str, got: &[f32], want: &[f32], bound: impl Fn(usize, f64) -> f64) -> Errors {
+    assert_eq!(got.len(), want.len(), "{kernel} {case}: lengths");
+    let nan = got.iter().filter(|v| v.is_nan()).count();
+    assert_eq!(nan, 0, "{kernel} {case}: {nan} NaN outputs (unwritten or invalid)");
+    assert!(got.iter().any(|&v| v != 0.0), "{kernel} {case}: output all zero");
+    let max_ref = want.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
+    let (mut num, mut den, mut max_rel) = (0f64, 0f64, 0f64);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let (g, w) = (g as f64, w as f64);
+        let e = (g - w).abs();
+        let b = bound(i, w);
+        assert!(
+            e <= b,
+            "{kernel} {case}: element {i}: got {g}, want {w} (|diff| {e:.3e} > {b:.3e})"
+        );
+        num += e * e;
+        den += w * w;
+        if w.abs() >= 0.01 * max_ref {
+            max_rel = max_rel.max(e / w.abs());
+        }
+    }
+    let norm_rel = if den > 0.0 { (num / den).sqrt() } else { 0.0 };
+    let max_err = got
+        .iter()
+        .zip(want)
+        .fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs()));
+    Errors {
+        max_rel,
+        max_abs_rel: if max_ref > 0.0 { max_err / max_ref } else { 0.0 },
+        norm_rel,
+    }
+}
+
+fn max_abs(v: &[f32]) -> f64 {
+    v.iter().fold(0f64, |m, &x| m.max((x as f64).abs()))
+}
+
+fn rms(v: &[f32]) -> f64 {
+    (v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>() / v.len().max(1) as f64).sqrt()
+}
+
+const EW_RTOL: f64 = 1.0 / 128.0;
+
+#[test]
+fn embedding_gather_matches_table_rows() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let mut rng = seeded("embedding");
+    for &(vocab, hidden, rows) in &[(1000usize, 576usize, 37usize), (517, 1001, 5), (32000, 4096, 1)] {
+        let (table, _) = rand_bf16(&mut rng, vocab * hidden, 1.0);
+        let ids: Vec<u32> = (0..rows).map(|_| rng.random_range(0..vocab as u32)).collect();
+        let d_table = dev.upload(&table).unwrap();
+        let d_ids = dev.upload(&ids).unwrap();
+        let mut out = dev.zeros::<bf16>(rows * hidden).unwrap();
+        ops.fill_nan_bf16(&mut out).unwrap();
+        ops.embedding(&mut out, &d_table, &d_ids, rows, hidden, vocab).unwrap();
+        let got = dev.download(&out).unwrap();
+        for (r, &id) in ids.iter().enumerate() {
+            let want = &table[id as usize * hidden..(id as usize + 1) * hidden];
+            let row = &got[r * hidden..(r + 1) * hidden];
+            assert!(
+                row.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "row {r} (id {id}) differs from the table"
+            );
+        }
+        Errors::default().report(
+            "embedding_gather",
+            &format!("vocab={vocab},hidden={hidden},rows={rows},bit-exact"),
+        );
+    }
+    // An id past the vocabulary yields a NaN row, never another row's numbers.
+    let d_table = dev.upload(&[bf16::ONE; 4 * 8]).unwrap();
+    let d_ids = dev.upload(&[1u32, 4, 3]).unwrap();
+    let mut out = dev.zeros::<bf16>(3 * 8).unwrap();
+    ops.embedding(&mut out, &d_table, &d_ids, 3, 8, 4).unwrap();
+    let got = dev.download(&out).unwrap();
+    assert!(got[..8].iter().all(|v| *v == bf16::ONE));
+    assert!(got[8..16].iter().all(|v| v.is_nan()), "out-of-range id must give NaN");
+    assert!(got[16..].iter().all(|v| *v == bf16::ONE));
+}
+
+#[test]
+fn rmsnorm_residual_matches_cpu() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let mut rng = seeded("rmsnorm");
+    let eps = 1e-5f32;
+    for &(rows, hidden) in &[(1usize, 576usize), (5, 1001), (64, 4096), (3, 8192), (2, 17)] {
+        for with_residual in [true, false] {
+            let case = format!("rows={rows},hidden={hidden},residual={with_residual}");
+            let (x, xf) = rand_bf16(&mut rng, rows * hidden, 2.0);
+            let (r, rf) = rand_bf16(&mut rng, rows * hidden, 2.0);
+            let (w, wf) = rand_bf16(&mut rng, hidden, 1.5);
+            let mut dx = dev.upload(&x).unwrap();
+            let dr = dev.upload(&r).unwrap();
+            let dw = dev.upload(&w).unwrap();
+            let mut dy = dev.zeros::<bf16>(rows * hidden).unwrap();
+            ops.fill_nan_bf16(&mut dy).unwrap();
+            let res: Option<&dyn shadowkv::cuda::ops::DevicePtrDyn> = if with_residual { Some(&dr) } else { None };
+            ops.rmsnorm_residual(&mut dy, &mut dx, res, &dw, rows, hidden, eps)
+                .unwrap();
+            let (gx, gy) = (dev.download(&dx).unwrap(), dev.download(&dy).unwrap());
+            // The sum is rounded once to bf16, exactly as the CPU does it.
+            let want_x: Vec<bf16> = if with_residual {
+                xf.iter().zip(&rf).map(|(a, b)| bf16::from_f32(a + b)).collect()
+            } else {
+                x.clone()
+            };
+            let bad = gx
+                .iter()
+                .zip(&want_x)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(bad, 0, "{case}: {bad} elements of x + r differ from bf16(x + r)");
+            let mut want_y = vec![0f32; rows * hidden];
+            rms_norm(&mut want_y, &f32s(&want_x), &wf, eps);
+            let atol = 1e-5 * max_abs(&want_y);
+            check("rmsnorm_residual", &case, &f32s(&gy), &want_y, EW_RTOL, atol);
+        }
+    }
+}
+
+#[test]
+fn rope_matches_cpu_on_fused_qkv_rows() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let mut rng = seeded("rope");
+    for arch in ["llama-3.1-8b", "smollm2-135m", "qwen2-0.5b"] {
+        let cfg = preset(arch).unwrap();
+        let (h, kv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let width = (h + 2 * kv) * d;
+        for &rows in &[1usize, 7, 33] {
+            let case = format!("{arch},rows={rows}");
+            let (x, xf) = rand_bf16(&mut rng, rows * width, 3.0);
+            let mut positions: Vec<usize> = (0..rows).map(|_| rng.random_range(0..131_072)).collect();
+            positions[0] = 0;
+            if rows > 1 {
+                positions[1] = 131_071;
+            }
+            let pos_i32: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+            let inv = rope_inv_freq(&cfg);
+            let mut dx = dev.upload(&x).unwrap();
+            let dp = dev.upload(&pos_i32).unwrap();
+            let df = dev.upload(&inv).unwrap();
+            ops.rope(&mut dx, width, rows, h + kv, d, &dp, &df).unwrap();
+            let got = dev.download(&dx).unwrap();
+            // Reference: the CPU Rope on q and k separately.
+            let rope = Rope::new(&cfg);
+            let (cos, sin) = rope.tables(&positions);
+            let (mut q, mut k) = (Vec::new(), Vec::new());
+            for row in xf.chunks_exact(width) {
+                q.extend_from_slice(&row[..h * d]);
+                k.extend_from_slice(&row[h * d..(h + kv) * d]);
+            }
+            rope.apply(&mut q, h, &cos, &sin);
+            rope.apply(&mut k, kv, &cos, &sin);
+            let (mut gq, mut gk) = (Vec::new(), Vec::new());
+            for (grow, xrow) in got.chunks_exact(width).zip(x.chunks_exact(width)) {
+                gq.extend(grow[..h * d].iter().map(|v| v.to_f32()));
+                gk.extend(grow[h * d..(h + kv) * d].iter().map(|v| v.to_f32()));
+                // v is not touched.
+                let (gv, xv) = (&grow[(h + kv) * d..], &xrow[(h + kv) * d..]);
+                assert!(
+                    gv.iter().zip(xv).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{case}: v changed"
+                );
+            }
+            let atol = 1e-5 * max_abs(&xf);
+            check("rope", &format!("{case},q"), &gq, &q, EW_RTOL, atol);
+            check("rope", &format!("{case},k"), &gk, &k, EW_RTOL, atol);
+        }
+    }
+}
+
+#[test]
+fn swiglu_matches_cpu() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let mut rng = seeded("swiglu");
+    for &(rows, inter) in &[(1usize, 1000usize), (7, 1001), (33, 14336), (2, 3)] {
+        let case = format!("rows={rows},inter={inter}");
+        let (gu, guf) = rand_bf16(&mut rng, rows * 2 * inter, 6.0);
+        let dgu = dev.upload(&gu).unwrap();
+        let mut out = dev.zeros::<bf16>(rows * inter).unwrap();
+        ops.fill_nan_bf16(&mut out).unwrap();
+        ops.swiglu(&mut out, &dgu, rows, inter).unwrap();
+        let got = f32s(&dev.download(&out).unwrap());
+        let mut want = vec![0f32; rows * inter];
+        silu_mul(&mut want, &guf, inter);
+        check("swiglu", &case, &got, &want, EW_RTOL, 1e-5 * max_abs(&want));
+    }
+}
+
+#[test]
+fn linear_matches_cpu() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let mut rng = seeded("linear");
+    for &(m, k, n) in &[
+        (1usize, 4096usize, 4096usize),
+        (7, 1000, 333),
+        (33, 577, 129),
+        (130, 256, 1000),
+        (3, 5, 7),
+    ] {
+        for accumulate in [false, true] {
+            let case = format!("m={m},k={k},n={n},accumulate={accumulate}");
+            let (x, xf) = rand_bf16(&mut rng, m * k, 1.0);
+            let (w, wf) = rand_bf16(&mut rng, n * k, 1.0 / (k as f32).sqrt());
+            let (o0, o0f) = rand_bf16(&mut rng, m * n, 1.0);
+            let dx = dev.upload(&x).unwrap();
+            let dw = dev.upload(&w).unwrap();
+            let mut out = dev.upload(&o0).unwrap();
+            if !accumulate {
+                ops.fill_nan_bf16(&mut out).unwrap();
+            }
+            ops.linear(&mut out, &dx, &dw, m, k, n, accumulate).unwrap();
+            let got = f32s(&dev.download(&out).unwrap());
+            let mut want = if accumulate { o0f.clone() } else { vec![0f32; m * n] };
+            cpu_linear(&mut want, &xf, &wf, m, k, n, accumulate);
+            let atol = 1e-3 * rms(&want);
+            let e = errors("linear", &case, &got, &want, |i, w| {
+                let before = if accumulate { o0f[i].abs() as f64 } else { 0.0 };
+                EW_RTOL * (w.abs() + before) + atol
+            });
+            e.report("linear", &case);
+        }
+    }
+}
+
+/// Flash-decoding of a batch against `causal_attention` with one query row per
+/// sequence at its last position. `part_len` None lets the library choose.
+#[allow(clippy::too_many_arguments)]
+fn flash_case(
+    ops: &CudaOps,
+    rng: &mut StdRng,
+    lens: &[usize],
+    kv: &KvData,
+    shape: AttnShape,
+    part_len: Option<usize>,
+    ws: &mut DecodeWorkspace,
+    worst: &mut Errors,
+) {
+    let dev = ops.device();
+    let (heads, d) = (shape.heads, shape.head_dim);
+    let kvd = shape.kv_heads * d;
+    let group = heads / shape.kv_heads;
+    let batch = lens.len();
+    // Queries of spread 3: scores q·k/√d of standard deviation about 1, so the
+    // softmax is neither flat nor one-hot.
+    let (q, qf) = rand_bf16(rng, batch * heads * d, 3.0);
+    let dq = dev.upload(&q).unwrap();
+    let seqs: Vec<_> = (0..batch).map(|b| (&kv.dk[b], &kv.dv[b], lens[b])).collect();
+    let table = KvTable::new(ops, &seqs, kvd).unwrap();
+    let mut out = dev.zeros::<bf16>(batch * heads * d).unwrap();
+    ops.fill_nan_bf16(&mut out).unwrap();
+    ws.poison(ops).unwrap();
+    match part_len {
+        Some(p) => ops
+            .flash_decode_with_partition(&mut out, &dq, &table, shape, ws, p)
+            .unwrap(),
+        None => ops.flash_decode(&mut out, &dq, &table, shape, ws).unwrap(),
+    }
+    let got = f32s(&dev.download(&out).unwrap());
+    let mut want = vec![0f32; batch * heads * d];
+    let jobs: Vec<AttnJob> = (0..batch)
+        .map(|b| AttnJob {
+            q: &qf[b * heads * d..(b + 1) * heads * d],
+            start: lens[b] - 1,
+            k: &kv.kf[b][..lens[b] * kvd],
+            v: &kv.vf[b][..lens[b] * kvd],
+            out_row: b,
+        })
+        .collect();
+    causal_attention(&mut want, &jobs, shape);
+    let case = format!(
+        "lens={lens:?},group={group},kv_heads={},d={d},part={}",
+        shape.kv_heads,
+        part_len.map_or("auto".to_string(), |p| p.to_string())
+    );
+    let nan = got.iter().filter(|v| v.is_nan()).count();
+    assert_eq!(nan, 0, "flash_decode {case}: {nan} NaN outputs");
+    assert!(got.iter().any(|&v| v != 0.0), "flash_decode {case}: all zero");
+    for (i, (g, w)) in got.chunks_exact(d).zip(want.chunks_exact(d)).enumerate() {
+        let atol = 2e-2 * max_abs(w);
+        let e = errors(
+            "flash_decode",
+            &format!("{case},seq={},head={}", i / heads, i % heads),
+            g,
+            w,
+            |_, _| atol,
+        );
+        assert!(
+            e.norm_rel <= 1e-2,
+            "flash_decode {case} seq {} head {}: ‖err‖/‖ref‖ = {:.3e}",
+            i / heads,
+            i % heads,
+            e.norm_rel
+        );
+        *worst = worst.worst(e);
+    }
+}
+
+/// Random caches of a batch: f32 copies for the reference, bf16 on the device.
+struct KvData {
+    kf: Vec<Vec<f32>>,
+    vf: Vec<Vec<f32>>,
+    dk: Vec<CudaSlice<bf16>>,
+    dv: Vec<CudaSlice<bf16>>,
+}
+
+fn random_kv(ops: &CudaOps, rng: &mut StdRng, lens: &[usize], kvd: usize) -> KvData {
+    let mut kv = KvData {
+        kf: Vec::new(),
+        vf: Vec::new(),
+        dk: Vec::new(),
+        dv: Vec::new(),
+    };
+    for &l in lens {
+        let (k, kf) = rand_bf16(rng, l * kvd, 1.0);
+        let (v, vf) = rand_bf16(rng, l * kvd, 1.0);
+        kv.dk.push(ops.device().upload(&k).unwrap());
+        kv.dv.push(ops.device().upload(&v).unwrap());
+        kv.kf.push(kf);
+        kv.vf.push(vf);
+    }
+    kv
+}
+
+#[test]
+fn flash_decode_matches_cpu_across_contexts_and_groups() {
+    let Some(ops) = ops_or_skip() else { return };
+    let mut rng = seeded("flash_decode");
+    let mut ws = DecodeWorkspace::new();
+    let kv_heads = 2;
+    let d = 128;
+    for &ctx in &[1usize, 100, 1000, 4097, 32_768, 131_072] {
+        // Batch 2 with sequences of different lengths.
+        let lens = [ctx, (ctx * 2 / 3).max(1)];
+        let t = std::time::Instant::now();
+        let kv = random_kv(&ops, &mut rng, &lens, kv_heads * d);
+        let mut worst = Errors::default();
+        for &group in &[1usize, 3, 4, 8] {
+            let shape = AttnShape {
+                heads: kv_heads * group,
+                kv_heads,
+                head_dim: d,
+            };
+            flash_case(&ops, &mut rng, &lens, &kv, shape, None, &mut ws, &mut worst);
+        }
+        worst.report("flash_decode", &format!("ctx={ctx},lens={lens:?},groups=1/3/4/8,d={d}"));
+        eprintln!("flash_decode ctx={ctx}: {:.1} s", t.elapsed().as_secs_f64());
+    }
+}
+
+#[test]
+fn flash_decode_head_dim_64_and_explicit_partitions() {
+    let Some(ops) = ops_or_skip() else { return };
+    let mut rng = seeded("flash_decode_partitions");
+    let mut ws = DecodeWorkspace::new();
+    let mut worst = Errors::default();
+    for &(d, kv_heads) in &[(64usize, 3usize), (128, 1)] {
+        for &ctx in &[1usize, 15, 100, 4097] {
+            let lens = [ctx, (ctx / 2).max(1), 17.min(ctx)];
+            let kv = random_kv(&ops, &mut rng, &lens, kv_heads * d);
+            for &group in &[1usize, 7, 8] {
+                let shape = AttnShape {
+                    heads: kv_heads * group,
+                    kv_heads,
+                    head_dim: d,
+                };
+                for part in [Some(16), Some(64), Some(512), Some(1024), None] {
+                    flash_case(&ops, &mut rng, &lens, &kv, shape, part, &mut ws, &mut worst);
+                }
+            }
+        }
+    }
+    worst.report(
+        "flash_decode",
+        "d=64/128,ctx=1/15/100/4097,groups=1/7/8,part=16/64/512/1024/auto",
+    );
+}
+
+#[test]
+fn flash_decode_rejects_bad_shapes() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let k = dev.zeros::<bf16>(10 * 128).unwrap();
+    let q = dev.zeros::<bf16>(16 * 128).unwrap();
+    let mut out = dev.zeros::<bf16>(16 * 128).unwrap();
+    let mut ws = DecodeWorkspace::new();
+    // Caches shorter than the length claimed.
+    assert!(KvTable::new(&ops, &[(&k, &k, 11)], 128).is_err());
+    let table = KvTable::new(&ops, &[(&k, &k, 10)], 128).unwrap();
+    let bad = [
+        AttnShape {
+            heads: 16,
+            kv_heads: 1,
+            head_dim: 128,
+        }, // group 16 > 8
+        AttnShape {
+            heads: 3,
+            kv_heads: 2,
+            head_dim: 128,
+        }, // uneven groups
+        AttnShape {
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 96,
+        }, // unsupported head dim
+    ];
+    for s in bad {
+        assert!(
+            ops.flash_decode(&mut out, &q, &table, s, &mut ws).is_err(),
+            "{s:?} accepted"
+        );
+    }
+}
