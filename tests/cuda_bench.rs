@@ -1,0 +1,137 @@
+//! Micro-benchmarks of the CUDA kernels, ignored by default (they need a GPU and a few
+//! GiB of device memory):
+//!
+//!   cargo test --release --test cuda_bench -- --ignored --nocapture
+//!
+//! Times are medians over repeated launches timed with CUDA events, after warm-up; the
+//! inputs are random (made on the device) and several times larger than the L2 cache.
+//! Each benchmark prints `BENCH <name> ...` lines.
+
+use half::bf16;
+use shadowkv::cpu::attention::AttnShape;
+use shadowkv::cuda::attention::partition_len;
+use shadowkv::cuda::testing::ops_or_skip;
+use shadowkv::cuda::{CudaOps, DecodeWorkspace, KvTable};
+
+/// The HBM bound the design quotes for the H200 (device-to-device copy, bytes read +
+/// written).
+const HBM_GBS: f64 = 4300.0;
+
+/// Median of `reps` timings (ms) of `f`, each bracketed by events, after `warm` runs.
+fn time_ms(ops: &CudaOps, warm: usize, reps: usize, mut f: impl FnMut()) -> (f64, f64, f64) {
+    let dev = ops.device();
+    for _ in 0..warm {
+        f();
+    }
+    dev.synchronize().unwrap();
+    let (start, end) = (dev.event(true).unwrap(), dev.event(true).unwrap());
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        start.record(dev.stream()).unwrap();
+        f();
+        end.record(dev.stream()).unwrap();
+        end.synchronize().unwrap();
+        t.push(start.elapsed_ms(&end).unwrap() as f64);
+    }
+    dev.synchronize().unwrap();
+    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (t[reps / 2], t[0], t[reps - 1])
+}
+
+#[test]
+#[ignore = "benchmark: needs a GPU"]
+fn hbm_copy_ceiling() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let n = 1usize << 31; // 2 Gi bf16 = 4 GiB
+    let mut a = dev.zeros::<bf16>(n).unwrap();
+    let mut b = dev.zeros::<bf16>(n).unwrap();
+    ops.fill_random_bf16(&mut a, 1, 1.0).unwrap();
+    let s = dev.stream().clone();
+    let (med, lo, hi) = time_ms(&ops, 3, 20, || s.memcpy_dtod(&a, &mut b).unwrap());
+    let gbs = 2.0 * (n * 2) as f64 / (med * 1e-3) / 1e9;
+    eprintln!(
+        "BENCH hbm_copy bytes={} median_ms={med:.3} min_ms={lo:.3} max_ms={hi:.3} GB/s={gbs:.0} (read+write)",
+        n * 2
+    );
+}
+
+#[test]
+#[ignore = "benchmark: needs a GPU"]
+fn flash_decode_bandwidth() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    // Llama-3.1-8B attention: 32 query heads, 8 KV heads, head dim 128; batch 8.
+    let shape = AttnShape {
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+    };
+    let batch = 8;
+    let kvd = shape.kv_heads * shape.head_dim;
+    for ctx in [32_768usize, 131_072] {
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for b in 0..batch {
+            let mut kb = dev.zeros::<bf16>(ctx * kvd).unwrap();
+            let mut vb = dev.zeros::<bf16>(ctx * kvd).unwrap();
+            ops.fill_random_bf16(&mut kb, 2 * b as u64 + 10, 1.0).unwrap();
+            ops.fill_random_bf16(&mut vb, 2 * b as u64 + 11, 1.0).unwrap();
+            k.push(kb);
+            v.push(vb);
+        }
+        let mut q = dev.zeros::<bf16>(batch * shape.heads * shape.head_dim).unwrap();
+        ops.fill_random_bf16(&mut q, 7, 3.0).unwrap();
+        let mut out = dev.zeros::<bf16>(batch * shape.heads * shape.head_dim).unwrap();
+        let seqs: Vec<_> = (0..batch).map(|b| (&k[b], &v[b], ctx)).collect();
+        let table = KvTable::new(&ops, &seqs, kvd).unwrap();
+        let mut ws = DecodeWorkspace::new();
+        let auto = partition_len(batch, shape.kv_heads, ctx, dev.info().sm_count);
+        let kv_bytes = (batch * ctx * kvd * 2 * 2) as f64;
+        for part in [auto, 256, 1024] {
+            let (med, lo, hi) = time_ms(&ops, 5, 30, || {
+                ops.flash_decode_with_partition(&mut out, &q, &table, shape, &mut ws, part)
+                    .unwrap()
+            });
+            let parts = ctx.div_ceil(part);
+            let partial_bytes = (batch * shape.heads * parts * (shape.head_dim + 2) * 4 * 2) as f64;
+            let gbs = kv_bytes / (med * 1e-3) / 1e9;
+            let all = (kv_bytes + partial_bytes) / (med * 1e-3) / 1e9;
+            eprintln!(
+                "BENCH flash_decode ctx={ctx} batch={batch} heads=32/8 d=128 part={part}{} kv_bytes={:.3e} \
+                 median_ms={med:.3} min_ms={lo:.3} max_ms={hi:.3} kv_GB/s={gbs:.0} all_GB/s={all:.0} \
+                 of_4.3TB/s={:.1}% bound_ms={:.3}",
+                if part == auto { "(auto)" } else { "" },
+                kv_bytes,
+                100.0 * gbs / HBM_GBS,
+                kv_bytes / (HBM_GBS * 1e9) * 1e3
+            );
+        }
+        let got = dev.download(&out).unwrap();
+        assert!(got.iter().all(|x| x.is_finite()), "non-finite output at ctx {ctx}");
+    }
+}
+
+#[test]
+#[ignore = "benchmark: needs a GPU"]
+fn linear_decode_bandwidth() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    // Llama-3.1-8B's fused gate|up projection at decode batch 8: x[8, 4096] · W[28672, 4096]ᵀ.
+    for &(m, k, n) in &[(8usize, 4096usize, 28_672usize), (8, 14_336, 4096), (64, 4096, 6144)] {
+        let mut x = dev.zeros::<bf16>(m * k).unwrap();
+        let mut w = dev.zeros::<bf16>(n * k).unwrap();
+        let mut out = dev.zeros::<bf16>(m * n).unwrap();
+        ops.fill_random_bf16(&mut x, 1, 1.0).unwrap();
+        ops.fill_random_bf16(&mut w, 2, 0.02).unwrap();
+        let (med, lo, hi) = time_ms(&ops, 5, 50, || ops.linear(&mut out, &x, &w, m, k, n, false).unwrap());
+        let bytes = ((n * k + m * k + m * n) * 2) as f64;
+        let gbs = bytes / (med * 1e-3) / 1e9;
+        let tflops = 2.0 * (m * n * k) as f64 / (med * 1e-3) / 1e12;
+        eprintln!(
+            "BENCH linear m={m} k={k} n={n} median_ms={med:.4} min_ms={lo:.4} max_ms={hi:.4} GB/s={gbs:.0} \
+             of_4.3TB/s={:.1}% TFLOP/s={tflops:.1}",
+            100.0 * gbs / HBM_GBS
+        );
+    }
+}
