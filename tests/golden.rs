@@ -72,23 +72,7 @@ fn logits_and_greedy_tokens_match_transformers() {
         let name = p["name"].as_str().unwrap();
         let prompt = ids(&p["prompt_ids"]);
         let mut cache = l.model.new_cache();
-        let mut logits = Vec::new();
-        for (i, part) in prompt.chunks(512).enumerate() {
-            let want = if (i + 1) * 512 >= prompt.len() {
-                LogitsWanted::Last
-            } else {
-                LogitsWanted::None
-            };
-            logits = l
-                .model
-                .forward(&mut [SeqInput {
-                    tokens: part,
-                    cache: &mut cache,
-                    logits: want,
-                }])
-                .unwrap()
-                .remove(0);
-        }
+        let logits = l.model.prefill(&mut cache, &prompt, 512, |_| {}).unwrap();
         assert!(logits.iter().all(|v| v.is_finite()));
         // Top-5 logits within 1e-3 relative, and the same five ids.
         let top5 = p["top5"].as_array().unwrap();

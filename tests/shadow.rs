@@ -36,15 +36,7 @@ fn compare(model: &CpuModel, prompt: &[u32], p: ShadowParams, steps: usize) -> (
     let cfg = model.config();
     let pool = ValuePool::anonymous(p.pool_shape(cfg, 1, cfg.max_position_embeddings)).unwrap();
     let mut shadow = model.new_shadow_cache(p, &pool).unwrap();
-    let mut logits = Vec::new();
-    for (i, part) in prompt.chunks(512).enumerate() {
-        let want = if (i + 1) * 512 >= prompt.len() {
-            LogitsWanted::Last
-        } else {
-            LogitsWanted::None
-        };
-        logits = step(model, &mut shadow, part, want);
-    }
+    let logits = model.prefill(&mut shadow, prompt, 512, |_| {}).unwrap();
     let SeqCache::ShadowPrefill { dense, .. } = &shadow else {
         panic!("still prefilling")
     };

@@ -116,7 +116,10 @@ fn batched_generation_equals_each_sequence_alone() {
             &model,
             &tok,
             std::slice::from_ref(r),
-            GenerateOptions { prefill_chunk: 5, ..GenerateOptions::default() },
+            GenerateOptions {
+                prefill_chunk: 5,
+                ..GenerateOptions::default()
+            },
         )
         .unwrap();
         assert_eq!(alone[0].completion_ids, b.completion_ids);

@@ -112,22 +112,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 .map(|i| ((i * 7919 + s * 104729 + 13) % (cfg.vocab_size - 1)) as u32)
                 .collect();
             let mut cache = SeqCache::Dense(SeqKvCache::with_pre_rope(&cfg));
-            let mut logits = Vec::new();
-            for (ci, part) in ids.chunks(512).enumerate() {
-                let want = if (ci + 1) * 512 >= ctx {
-                    LogitsWanted::Last
-                } else {
-                    LogitsWanted::None
-                };
-                logits = model
-                    .forward(&mut [SeqInput {
-                        tokens: part,
-                        cache: &mut cache,
-                        logits: want,
-                    }])?
-                    .remove(0);
-                bar.inc(part.len() as u64);
-            }
+            let logits = model.prefill(&mut cache, &ids, 512, |n| bar.inc(n as u64))?;
             let SeqCache::Dense(d) = cache else {
                 unreachable!("built dense")
             };
@@ -146,16 +131,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             };
             let mut caches: Vec<SeqCache> = Vec::new();
             for d in &prefilled {
-                let mut c = match (attention, &pool) {
-                    (Attention::ShadowKv(p), Some(pool)) => SeqCache::ShadowPrefill {
-                        dense: d.clone(),
-                        params: p,
-                        pool: pool.clone(),
-                    },
-                    _ => SeqCache::Dense(d.clone()),
-                };
-                c.finish_prefill(&cfg)?;
-                caches.push(c);
+                caches.push(match (attention, &pool) {
+                    (Attention::ShadowKv(p), Some(pool)) => d.fork(&cfg, Some((p, pool)))?,
+                    _ => d.fork(&cfg, None)?,
+                });
             }
             let compress_secs = tc.elapsed().as_secs_f64();
             let mut last: Vec<u32> = firsts.clone();

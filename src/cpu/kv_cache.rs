@@ -63,6 +63,15 @@ impl SeqKvCache {
         self.len += n;
     }
 
+    /// A cache that continues this one: a copy for full attention, or with
+    /// `Some((params, pool))` its ShadowKV compression (needs the pre-RoPE keys).
+    pub fn fork(&self, cfg: &ModelConfig, shadow: Option<(ShadowParams, &ValuePool)>) -> Result<SeqCache> {
+        Ok(match shadow {
+            None => SeqCache::Dense(self.clone()),
+            Some((params, pool)) => SeqCache::Shadow(Box::new(ShadowSeq::from_prefill(cfg, params, self, pool)?)),
+        })
+    }
+
     /// Bytes held by the cache.
     pub fn bytes(&self) -> usize {
         self.layers

@@ -110,6 +110,35 @@ impl CpuModel {
         cache.finish_prefill(&self.config)
     }
 
+    /// Feeds `ids` after what `cache` holds, `chunk` tokens per forward pass, reporting
+    /// each chunk's length to `progress`; returns the logits of the last token.
+    pub fn prefill(
+        &self,
+        cache: &mut SeqCache,
+        ids: &[u32],
+        chunk: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<f32>> {
+        let chunk = chunk.max(1);
+        let mut logits = Vec::new();
+        for (ci, part) in ids.chunks(chunk).enumerate() {
+            let want = if (ci + 1) * chunk >= ids.len() {
+                LogitsWanted::Last
+            } else {
+                LogitsWanted::None
+            };
+            logits = self
+                .forward(&mut [SeqInput {
+                    tokens: part,
+                    cache: &mut *cache,
+                    logits: want,
+                }])?
+                .remove(0);
+            progress(part.len());
+        }
+        Ok(logits)
+    }
+
     /// Runs the new tokens of every sequence through the model, extending their caches.
     /// Returns, per sequence, the wanted logits as rows of `vocab_size` values.
     pub fn forward(&self, seqs: &mut [SeqInput]) -> Result<Vec<Vec<f32>>> {

@@ -126,19 +126,7 @@ pub fn generate(
             (Attention::ShadowKv(p), Some(pool)) => model.new_shadow_cache(p, pool)?,
             _ => model.new_cache(),
         };
-        let mut logits = Vec::new();
-        let chunk = opts.prefill_chunk.max(1);
-        for (ci, part) in r.prompt.chunks(chunk).enumerate() {
-            let last = (ci + 1) * chunk >= r.prompt.len();
-            let want = if last { LogitsWanted::Last } else { LogitsWanted::None };
-            let mut input = [SeqInput {
-                tokens: part,
-                cache: &mut cache,
-                logits: want,
-            }];
-            logits = model.forward(&mut input)?.pop().unwrap_or_default();
-            bar.inc(part.len() as u64);
-        }
+        let logits = model.prefill(&mut cache, &r.prompt, opts.prefill_chunk, |n| bar.inc(n as u64))?;
         model.finish_prefill(&mut cache)?;
         let mut sampler = Sampler::new(r.sampling);
         let first = sampler.sample(&logits);

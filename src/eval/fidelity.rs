@@ -40,31 +40,12 @@ pub fn fidelity(model: &CpuModel, ids: &[u32], prefix: usize, p: ShadowParams) -
         );
     }
     let mut dense = SeqCache::Dense(SeqKvCache::with_pre_rope(cfg));
-    let mut logits = Vec::new();
-    for (ci, part) in ids[..prefix].chunks(512).enumerate() {
-        let want = if (ci + 1) * 512 >= prefix {
-            LogitsWanted::Last
-        } else {
-            LogitsWanted::None
-        };
-        logits = model
-            .forward(&mut [SeqInput {
-                tokens: part,
-                cache: &mut dense,
-                logits: want,
-            }])?
-            .remove(0);
-    }
+    let logits = model.prefill(&mut dense, &ids[..prefix], 512, |_| {})?;
     let SeqCache::Dense(pre) = dense else {
         unreachable!("built dense")
     };
     let pool = ValuePool::anonymous(p.pool_shape(cfg, 1, ids.len()))?;
-    let mut shadow = SeqCache::ShadowPrefill {
-        dense: pre.clone(),
-        params: p,
-        pool,
-    };
-    shadow.finish_prefill(cfg)?;
+    let mut shadow = pre.fork(cfg, Some((p, &pool)))?;
     let mut full = SeqCache::Dense(pre);
     let (mut agree, mut kl_sum, mut kl_max) = (0usize, 0.0f64, 0.0f64);
     let mut lf = logits.clone();

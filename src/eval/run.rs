@@ -174,20 +174,22 @@ pub fn run_ruler(
                     let mut rng = StdRng::seed_from_u64(seed);
                     let sample = build(task, hay, length / 4, depth, &mut rng);
                     let ids = fit(&sample, length, tok, chat)?;
-                    results.extend(run_sample(model, tok, &ids, &sample, methods)?.into_iter().map(
-                        |(method, output, reuse)| SampleResult {
-                            task: task.name(),
-                            length,
-                            haystack: hay,
-                            depth,
-                            score: score(&output, &sample.answers),
-                            method,
-                            prompt_tokens: ids.len(),
-                            output,
-                            answers: sample.answers.clone(),
-                            reuse_hit_rate: reuse,
-                        },
-                    ));
+                    results.extend(
+                        run_sample(model, tok, &ids, &sample, methods, plan.prefill_chunk)?
+                            .into_iter()
+                            .map(|(method, output, reuse)| SampleResult {
+                                task: task.name(),
+                                length,
+                                haystack: hay,
+                                depth,
+                                score: score(&output, &sample.answers),
+                                method,
+                                prompt_tokens: ids.len(),
+                                output,
+                                answers: sample.answers.clone(),
+                                reuse_hit_rate: reuse,
+                            }),
+                    );
                     bar.inc(1);
                 }
             }
@@ -204,24 +206,11 @@ fn run_sample(
     ids: &[u32],
     sample: &Sample,
     methods: &[MethodSpec],
+    prefill_chunk: usize,
 ) -> Result<Vec<(String, String, Option<f64>)>> {
     let cfg = model.config();
     let mut dense = SeqCache::Dense(SeqKvCache::with_pre_rope(cfg));
-    let mut logits = Vec::new();
-    for (ci, part) in ids.chunks(512).enumerate() {
-        let want = if (ci + 1) * 512 >= ids.len() {
-            LogitsWanted::Last
-        } else {
-            LogitsWanted::None
-        };
-        logits = model
-            .forward(&mut [SeqInput {
-                tokens: part,
-                cache: &mut dense,
-                logits: want,
-            }])?
-            .remove(0);
-    }
+    let logits = model.prefill(&mut dense, ids, prefill_chunk, |_| {})?;
     let SeqCache::Dense(prefilled) = &dense else {
         unreachable!("built dense")
     };
@@ -229,16 +218,9 @@ fn run_sample(
     let mut caches = Vec::with_capacity(methods.len());
     for m in methods {
         caches.push(match (m.attention)(context)? {
-            Attention::Full => SeqCache::Dense(prefilled.clone()),
+            Attention::Full => prefilled.fork(cfg, None)?,
             Attention::ShadowKv(p) => {
-                let pool = ValuePool::anonymous(p.pool_shape(cfg, 1, context))?;
-                let mut c = SeqCache::ShadowPrefill {
-                    dense: prefilled.clone(),
-                    params: p,
-                    pool,
-                };
-                c.finish_prefill(cfg)?;
-                c
+                prefilled.fork(cfg, Some((p, &ValuePool::anonymous(p.pool_shape(cfg, 1, context))?)))?
             }
         });
     }
