@@ -431,6 +431,22 @@ fn dropped_stream_frees_its_slot(s: &Server) {
         Some(cancelled + 1.0)
     );
     assert_eq!(s.metric("shadowkv_kv_cache_bytes"), Some(0.0));
+    // A client waiting for a whole (non-streamed) answer that goes away frees it too.
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 500, "temperature": 0});
+    let conn = serve_util::send(s.addr, "POST", "/v1/completions", Some(&body.to_string()));
+    assert!(wait_until(Duration::from_secs(10), || s
+        .metric("shadowkv_running_sequences")
+        == Some(1.0)));
+    drop(conn);
+    assert!(
+        wait_until(Duration::from_secs(10), || s.metric("shadowkv_running_sequences")
+            == Some(0.0)),
+        "the slot of a dropped non-streamed request was not freed"
+    );
+    assert_eq!(
+        s.metric("shadowkv_requests_total{outcome=\"cancelled\"}"),
+        Some(cancelled + 2.0)
+    );
 }
 
 /// Checks the Prometheus text format line by line; returns the metric types.

@@ -11,7 +11,7 @@ use crate::telemetry::{self, trace::TraceWriter};
 use crate::topology::{AttentionMode, AutoOr, BackendKind, Cores, Topology};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,6 +39,7 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }

@@ -174,7 +174,8 @@ impl Response {
     }
 }
 
-fn send(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> TcpStream {
+/// Sends a request without reading the answer; dropping the stream disconnects.
+pub fn send(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
     let body = body.unwrap_or("");
