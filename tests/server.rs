@@ -672,9 +672,21 @@ shutdown_grace_secs = 60
 }
 
 #[test]
-fn sigint_with_no_grace_cancels_cleanly() {
-    let topo = "[limits]\nmax_batch = 2\n[server]\nshutdown_grace_secs = 0\n";
-    let mut s = Server::start(topo, &["--model", "synthetic:tiny"]);
+fn sigint_with_no_grace_cancels_cleanly_and_writes_the_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.json");
+    let topo = format!(
+        "[limits]\nmax_batch = 2\n[server]\nshutdown_grace_secs = 0\nmetrics_listen = \"127.0.0.1:0\"\n\
+         [trace]\nenabled = true\npath = {:?}\n",
+        trace.to_str().unwrap()
+    );
+    let mut s = Server::start(&topo, &["--model", "synthetic:tiny"]);
+    // The separate metrics address serves /metrics only.
+    let maddr = s.metrics_addr.expect("metrics address printed");
+    let m = serve_util::request(maddr, "GET", "/metrics", None);
+    assert_eq!(m.status, 200);
+    assert!(m.body.contains("shadowkv_running_sequences"));
+    assert_eq!(serve_util::request(maddr, "GET", "/v1/models", None).status, 404);
     let mut st = SseStream::open(
         s.addr,
         "/v1/completions",
@@ -690,6 +702,15 @@ fn sigint_with_no_grace_cancels_cleanly() {
     assert!(cancelled || finished, "{last}");
     let status = s.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "exit status {status}; log:\n{}", s.log());
+    // The trace is a Chrome trace-event JSON array with the engine's steps.
+    let t: Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let names: Vec<&str> = t
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert!(names.contains(&"prefill") && names.contains(&"sample"), "{names:?}");
 }
 
 #[test]

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The `/metrics`-only address, when `server.metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     pub log: Arc<Mutex<String>>,
     _dir: tempfile::TempDir,
 }
@@ -68,22 +70,30 @@ impl Server {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                if let Some(a) = line.strip_prefix("shadowkv metrics on http://") {
+                    let _ = tx.send(("metrics", a.trim().trim_end_matches("/metrics").to_string()));
+                }
                 if let Some(a) = line.strip_prefix("shadowkv listening on http://") {
-                    let _ = tx.send(a.trim().to_string());
+                    let _ = tx.send(("api", a.trim().to_string()));
                 }
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(300)) {
-            Ok(a) => a.parse().unwrap(),
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the server did not start; its log:\n{}", log.lock().unwrap());
+        let mut metrics_addr = None;
+        let addr = loop {
+            match rx.recv_timeout(Duration::from_secs(300)) {
+                Ok(("api", a)) => break a.parse().unwrap(),
+                Ok((_, a)) => metrics_addr = Some(a.parse().unwrap()),
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("the server did not start; its log:\n{}", log.lock().unwrap());
+                }
             }
         };
         Server {
             child,
             addr,
+            metrics_addr,
             log,
             _dir: dir,
         }
