@@ -732,9 +732,9 @@ fn bad_topologies_fail_with_key_and_line() {
             &["line 3", "attention.budget"],
         ),
         (
-            "[attention]\nmode = \"shadowkv\"\n",
+            "[attention]\nmode = \"shadowkv\"\nrank = 4096\n",
             &["--model", "synthetic:tiny"],
-            &["line 2", "attention.mode", "not available in this build"],
+            &["line 3", "attention.rank", "rank 4096"],
         ),
         (
             "[model]\npath = \"synthetic:tiny\"\n\n[limits]\nmax_context = 100000\n",
@@ -758,4 +758,51 @@ fn bad_topologies_fail_with_key_and_line() {
         err.contains("backend.kind") && err.contains("cuda") && err.contains("not available in this build"),
         "{err}"
     );
+}
+
+/// ShadowKV behind the same API: with a budget covering the context, full rank and no
+/// outliers it answers exactly as full attention does, and `/metrics` reports its reuse
+/// hit ratio, value traffic and pool.
+#[test]
+fn shadowkv_server_matches_full_attention_and_reports_its_metrics() {
+    use shadowkv::engine::generate::{generate, GenerateOptions, GenerateRequest};
+    use shadowkv::engine::sampling::SamplingParams;
+    let topology = r#"
+[model]
+name = "smollm2"
+
+[attention]
+mode = "shadowkv"
+budget = 1024
+rank = 192
+outlier_chunks = 0
+local_chunks = 2
+
+[limits]
+max_batch = 4
+max_context = 1024
+prefill_chunk = 128
+"#;
+    let s = Server::start(topology, &["--model", &model_arg()]);
+    let prompt = "The old lighthouse keeper wrote in his journal every evening. ".repeat(20);
+    let v = s
+        .post_json(
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 24, "temperature": 0}),
+        )
+        .json();
+    let m = shadowkv::model::load::open_model(&model_arg()).unwrap();
+    let w = shadowkv::model::weights::ModelWeights::load(&m.config, m.source.as_ref(), false).unwrap();
+    let model = shadowkv::cpu::CpuModel::new(m.config.clone(), w);
+    let req = GenerateRequest {
+        prompt: m.tokenizer.encode(&prompt, true).unwrap(),
+        max_tokens: 24,
+        sampling: SamplingParams::default(),
+        stop: vec![],
+    };
+    let (full, _) = generate(&model, &m.tokenizer, &[req], GenerateOptions::default()).unwrap();
+    assert_eq!(answer_text(&v), full[0].text, "{v}");
+    let hit = s.metric("shadowkv_reuse_hit_ratio").unwrap();
+    assert!(hit > 0.5 && hit <= 1.0, "hit ratio {hit}");
+    assert!(s.metric("shadowkv_value_bytes_fetched_total").unwrap() > 0.0);
 }

@@ -3,12 +3,16 @@
 //! SIGTERM/SIGINT.
 
 use crate::cpu::CpuModel;
+use crate::engine::backend::ShadowCpuModel;
 use crate::engine::scheduler::{spawn_engine, EngineHandle, SchedulerConfig};
+use crate::model::config::ModelConfig;
 use crate::model::load::open_model;
 use crate::model::weights::ModelWeights;
+use crate::pool::ValuePool;
 use crate::server::{metrics_router, router, AppState};
+use crate::shadow::ShadowParams;
 use crate::telemetry::{self, trace::TraceWriter};
-use crate::topology::{AttentionMode, AutoOr, BackendKind, Cores, Topology};
+use crate::topology::{AttentionMode, AutoOr, BackendKind, Cores, PoolBacking, Topology};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::{IsTerminal, Write};
@@ -105,6 +109,57 @@ fn served_name(t: &Topology, spec: &str) -> String {
         .unwrap_or_else(|| spec.to_string())
 }
 
+/// The ShadowKV settings and value pool of a `mode = "shadowkv"` topology, checked
+/// against the model (errors name the key and its line).
+fn shadow_settings(
+    topo: &Topology,
+    cfg: &ModelConfig,
+    max_context: usize,
+) -> Result<Option<(ShadowParams, ValuePool)>> {
+    let a = &topo.attention;
+    if a.mode != AttentionMode::Shadowkv {
+        return Ok(None);
+    }
+    let p = ShadowParams {
+        budget: a.budget,
+        rank: a.rank,
+        chunk_size: a.chunk_size,
+        outlier_chunks: a.outlier_chunks,
+        local_chunks: a.local_chunks,
+    };
+    if let Err(e) = p.validate(cfg) {
+        let key = if a.rank == 0 || a.rank > cfg.num_kv_heads * cfg.head_dim {
+            "attention.rank"
+        } else {
+            "attention.budget"
+        };
+        return Err(topo.error_at(key, e.to_string()).into());
+    }
+    let shape = p.pool_shape(cfg, topo.limits.max_batch, max_context);
+    let pool = match (topo.pools.backing, &topo.pools.path) {
+        (PoolBacking::File, Some(path)) => {
+            let file = if path.is_dir() {
+                path.join("shadowkv-values.pool")
+            } else {
+                path.clone()
+            };
+            ValuePool::file_backed(shape, &file)?
+        }
+        _ => ValuePool::anonymous(shape)?,
+    };
+    info!(
+        "ShadowKV: budget {}, rank {}, chunk {}, {} outlier and {} local chunks; value pool {:.2} GiB ({:?})",
+        p.budget,
+        p.rank,
+        p.chunk_size,
+        p.outlier_chunks,
+        p.local_chunks,
+        (shape.elems()? * 4) as f64 / (1u64 << 30) as f64,
+        topo.pools.backing
+    );
+    Ok(Some((p, pool)))
+}
+
 /// Runs `shadowkv serve`.
 pub fn run(a: ServeArgs) -> Result<()> {
     init_tracing();
@@ -120,15 +175,6 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .error_at(
                 "backend.kind",
                 "backend \"cuda\" is not available in this build (only \"cpu\" is); \
-                 the topology is valid but cannot run here",
-            )
-            .into());
-    }
-    if topo.attention.mode == AttentionMode::Shadowkv {
-        return Err(topo
-            .error_at(
-                "attention.mode",
-                "attention \"shadowkv\" is not available in this build yet (only \"full\" is); \
                  the topology is valid but cannot run here",
             )
             .into());
@@ -166,6 +212,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             )
             .into());
     }
+    let shadow = shadow_settings(&topo, &m.config, max_context)?;
     let weights = ModelWeights::load(&m.config, m.source.as_ref(), false)?;
     let model = CpuModel::new(m.config.clone(), weights);
     let name = served_name(&topo, &spec);
@@ -193,8 +240,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         prefill_chunk: topo.limits.prefill_chunk,
     };
     let tok = Arc::new(m.tokenizer);
-    let (engine, engine_thread) =
-        spawn_engine(model, tok.clone(), config, trace).context("starting the engine thread")?;
+    let (engine, engine_thread) = match shadow {
+        None => spawn_engine(model, tok.clone(), config, trace),
+        Some((params, pool)) => spawn_engine(ShadowCpuModel::new(model, params, pool)?, tok.clone(), config, trace),
+    }
+    .context("starting the engine thread")?;
     let state = Arc::new(AppState::new(
         engine.clone(),
         tok,

@@ -2,9 +2,12 @@
 //! sequences of different lengths, each with its own cache. The CPU model with full
 //! attention implements it here; other backends (ShadowKV, CUDA) plug in the same way.
 
-use crate::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput};
+use crate::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput, SeqKvCache};
 use crate::model::config::ModelConfig;
+use crate::pool::ValuePool;
+use crate::shadow::{ShadowParams, ShadowStats};
 use anyhow::Result;
+use std::sync::Mutex;
 
 /// One sequence's part of a batched step.
 pub struct BatchSeq<'a, C> {
@@ -95,5 +98,83 @@ impl BatchModel for CpuModel {
 
     fn finish_prefill(&self, cache: &mut SeqCache) -> Result<()> {
         CpuModel::finish_prefill(self, cache)
+    }
+}
+
+/// The CPU model decoding with ShadowKV: caches start as dense prefills that keep their
+/// pre-RoPE keys and are compressed when the prompt is in; values live in `pool`.
+pub struct ShadowCpuModel {
+    model: CpuModel,
+    params: ShadowParams,
+    pool: ValuePool,
+    totals: Mutex<ShadowStats>,
+}
+
+impl ShadowCpuModel {
+    /// Wraps `model`; `params` are validated against the model here.
+    pub fn new(model: CpuModel, params: ShadowParams, pool: ValuePool) -> Result<Self> {
+        params.validate(model.config())?;
+        Ok(ShadowCpuModel {
+            model,
+            params,
+            pool,
+            totals: Mutex::new(ShadowStats::default()),
+        })
+    }
+}
+
+impl BatchModel for ShadowCpuModel {
+    type Cache = SeqCache;
+
+    fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    fn new_cache(&self) -> SeqCache {
+        SeqCache::ShadowPrefill {
+            dense: SeqKvCache::with_pre_rope(self.model.config()),
+            params: self.params,
+            pool: self.pool.clone(),
+        }
+    }
+
+    fn cache_len(&self, cache: &SeqCache) -> usize {
+        cache.len()
+    }
+
+    fn cache_bytes(&self, cache: &SeqCache) -> usize {
+        cache.bytes()
+    }
+
+    fn forward(&self, batch: &mut [BatchSeq<'_, SeqCache>]) -> Result<Vec<Vec<f32>>> {
+        let before: Vec<ShadowStats> = batch
+            .iter()
+            .map(|s| s.cache.shadow_stats().unwrap_or_default())
+            .collect();
+        let out = BatchModel::forward(&self.model, batch)?;
+        let mut totals = self.totals.lock().expect("stats lock");
+        for (s, b) in batch.iter().zip(&before) {
+            let a = s.cache.shadow_stats().unwrap_or_default();
+            totals.hits += a.hits - b.hits;
+            totals.misses += a.misses - b.misses;
+            totals.value_bytes_fetched += a.value_bytes_fetched - b.value_bytes_fetched;
+        }
+        Ok(out)
+    }
+
+    fn finish_prefill(&self, cache: &mut SeqCache) -> Result<()> {
+        self.model.finish_prefill(cache)
+    }
+
+    fn stats(&self) -> BackendStats {
+        let t = *self.totals.lock().expect("stats lock");
+        let s = self.pool.shape();
+        let per_seq = (s.layers * s.kv_heads * s.chunks * s.chunk_elems * 4) as u64;
+        BackendStats {
+            pool_bytes: self.pool.leased() as u64 * per_seq,
+            value_bytes_fetched: t.value_bytes_fetched,
+            reuse_hit_ratio: t.hit_rate(),
+            gpu_bytes: 0,
+        }
     }
 }
