@@ -72,6 +72,11 @@ impl Rope {
         Rope { inv_freq }
     }
 
+    /// The inverse frequencies, `head_dim / 2` of them.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     /// `(cos, sin)` tables `[positions.len(), d/2]`.
     pub fn tables(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
         let half = self.inv_freq.len();

@@ -33,28 +33,9 @@ fn grid_1d(n: usize, block: u32) -> (u32, u32, u32) {
     (n.div_ceil(block as usize).clamp(1, 65_535 * 16) as u32, 1, 1)
 }
 
-/// The RoPE inverse frequencies of `cfg` (llama3 scaling included), computed exactly
-/// as [`crate::cpu::ops::Rope::new`] computes them.
+/// The RoPE inverse frequencies of `cfg` (llama3 scaling included), the CPU reference's.
 pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
-    let d = cfg.head_dim;
-    let mut inv_freq: Vec<f32> = (0..d / 2)
-        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / d as f32))
-        .collect();
-    if let Some(s) = cfg.rope_scaling {
-        let old = s.original_max_position_embeddings as f32;
-        let low_wavelen = old / s.low_freq_factor;
-        let high_wavelen = old / s.high_freq_factor;
-        for f in inv_freq.iter_mut() {
-            let wavelen = 2.0 * std::f32::consts::PI / *f;
-            if wavelen > low_wavelen {
-                *f /= s.factor;
-            } else if wavelen >= high_wavelen {
-                let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
-                *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
-            }
-        }
-    }
-    inv_freq
+    crate::cpu::ops::Rope::new(cfg).inv_freq().to_vec()
 }
 
 impl CudaOps {
