@@ -98,6 +98,14 @@ pub fn build(task: Task, haystack: Haystack, filler: usize, depth: f64, rng: &mu
         d[0] = depth;
         d
     };
+    // Four needles with distinct keys, the first at `depth`: (keys, values, needles).
+    let keyed_needles = |rng: &mut StdRng| {
+        let keys: Vec<String> = (0..4).map(|_| key(rng)).collect();
+        let vals: Vec<String> = (0..4).map(|_| number(rng)).collect();
+        let depths = spread(4, rng);
+        let needles = (0..4).map(|i| (depths[i], needle(&keys[i], &vals[i]))).collect();
+        (keys, vals, needles)
+    };
     let number_prefix = |k: &str| format!("The special magic number for {k} mentioned in the provided text is");
     match task {
         Task::NiahSingle => {
@@ -112,12 +120,10 @@ pub fn build(task: Task, haystack: Haystack, filler: usize, depth: f64, rng: &mu
             }
         }
         Task::NiahMultikey => {
-            let keys: Vec<String> = (0..4).map(|_| key(rng)).collect();
-            let vals: Vec<String> = (0..4).map(|_| number(rng)).collect();
-            let depths = spread(4, rng);
+            let (keys, vals, needles) = keyed_needles(rng);
             Sample {
                 filler: fill,
-                needles: (0..4).map(|i| (depths[i], needle(&keys[i], &vals[i]))).collect(),
+                needles,
                 question: format!(
                     "What is the special magic number for {} mentioned in the provided text?",
                     keys[0]
@@ -141,20 +147,13 @@ pub fn build(task: Task, haystack: Haystack, filler: usize, depth: f64, rng: &mu
             }
         }
         Task::NiahMultiquery => {
-            let keys: Vec<String> = (0..4).map(|_| key(rng)).collect();
-            let vals: Vec<String> = (0..4).map(|_| number(rng)).collect();
-            let depths = spread(4, rng);
+            let (keys, vals, needles) = keyed_needles(rng);
+            let all = format!("{} and {}", keys[..3].join(", "), keys[3]);
             Sample {
                 filler: fill,
-                needles: (0..4).map(|i| (depths[i], needle(&keys[i], &vals[i]))).collect(),
-                question: format!(
-                    "What are all the special magic numbers for {}, {}, {} and {} mentioned in the provided text?",
-                    keys[0], keys[1], keys[2], keys[3]
-                ),
-                answer_prefix: format!(
-                    "The special magic numbers for {}, {}, {} and {} mentioned in the provided text are",
-                    keys[0], keys[1], keys[2], keys[3]
-                ),
+                needles,
+                question: format!("What are all the special magic numbers for {all} mentioned in the provided text?"),
+                answer_prefix: format!("The special magic numbers for {all} mentioned in the provided text are"),
                 answers: vals,
                 max_new: 64,
             }
