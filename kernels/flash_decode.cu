@@ -238,35 +238,40 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
 FD_SPLIT(64)
 FD_SPLIT(128)
 
-// Merge: grid (heads, batch), any block size; dynamic shared memory max_parts floats.
+// Merge: grid (heads, batch), block (head_dim, S): S slices of head_dim threads split
+// the partitions between them. Dynamic shared memory: max_parts + S * head_dim floats.
 // out = sum_p 2^(m_p - M) o_p / sum_p 2^(m_p - M) l_p. Empty sequences give zeros.
 extern "C" __global__ void flash_decode_reduce(__nv_bfloat16* __restrict__ out,
                                                const float* __restrict__ o_part,
                                                const float2* __restrict__ ml_part,
                                                const int* __restrict__ lens, int heads, int head_dim,
                                                int part_len, int max_parts) {
-    extern __shared__ float wgt[];
+    extern __shared__ float smem[];
+    float* wgt = smem;              // [max_parts]
+    float* red = smem + max_parts;  // [S][head_dim]
     __shared__ float scratch[32];
     __shared__ float bcast;
     const int h = blockIdx.x, b = blockIdx.y;
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+    const int nthreads = blockDim.x * blockDim.y;
     const size_t bh = (size_t)b * heads + h;
     __nv_bfloat16* dst = out + bh * head_dim;
     const int len = lens[b];
     if (len <= 0) {
-        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) dst[d] = __float2bfloat16_rn(0.f);
+        for (int d = tid; d < head_dim; d += nthreads) dst[d] = __float2bfloat16_rn(0.f);
         return;
     }
     const int nparts = (len + part_len - 1) / part_len;
     const float2* ml = ml_part + bh * max_parts;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+    const int lane = tid & 31, warp = tid >> 5, nwarps = (nthreads + 31) >> 5;
 
     float m = FD_NEG_INF;
-    for (int p = threadIdx.x; p < nparts; p += blockDim.x) m = fmaxf(m, ml[p].x);
+    for (int p = tid; p < nparts; p += nthreads) m = fmaxf(m, ml[p].x);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     if (lane == 0) scratch[warp] = m;
     __syncthreads();
-    if (threadIdx.x == 0) {
+    if (tid == 0) {
         float v = scratch[0];
         for (int w = 1; w < nwarps; ++w) v = fmaxf(v, scratch[w]);
         bcast = v;
@@ -274,7 +279,7 @@ extern "C" __global__ void flash_decode_reduce(__nv_bfloat16* __restrict__ out,
     __syncthreads();
     m = bcast;
     float l = 0.f;
-    for (int p = threadIdx.x; p < nparts; p += blockDim.x) {
+    for (int p = tid; p < nparts; p += nthreads) {
         const float2 v = ml[p];
         const float w = exp2f(v.x - m);
         wgt[p] = w;
@@ -285,7 +290,7 @@ extern "C" __global__ void flash_decode_reduce(__nv_bfloat16* __restrict__ out,
     __syncthreads();  // scratch reuse and wgt visibility
     if (lane == 0) scratch[warp] = l;
     __syncthreads();
-    if (threadIdx.x == 0) {
+    if (tid == 0) {
         float v = 0.f;
         for (int w = 0; w < nwarps; ++w) v += scratch[w];
         bcast = v;
@@ -294,8 +299,21 @@ extern "C" __global__ void flash_decode_reduce(__nv_bfloat16* __restrict__ out,
     const float inv = 1.f / bcast;
     const float* op = o_part + bh * max_parts * head_dim;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float acc = 0.f;
-        for (int p = 0; p < nparts; ++p) acc += wgt[p] * op[(size_t)p * head_dim + d];
-        dst[d] = __float2bfloat16_rn(acc * inv);
+        float acc0 = 0.f, acc1 = 0.f;
+        int p = threadIdx.y;
+        for (; p + (int)blockDim.y < nparts; p += 2 * blockDim.y) {
+            acc0 += wgt[p] * op[(size_t)p * head_dim + d];
+            acc1 += wgt[p + blockDim.y] * op[(size_t)(p + blockDim.y) * head_dim + d];
+        }
+        if (p < nparts) acc0 += wgt[p] * op[(size_t)p * head_dim + d];
+        red[threadIdx.y * head_dim + d] = acc0 + acc1;
+    }
+    __syncthreads();
+    if (threadIdx.y == 0) {
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float acc = 0.f;
+            for (int s = 0; s < (int)blockDim.y; ++s) acc += red[s * head_dim + d];
+            dst[d] = __float2bfloat16_rn(acc * inv);
+        }
     }
 }

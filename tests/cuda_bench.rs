@@ -67,9 +67,8 @@ fn flash_decode_bandwidth() {
         kv_heads: 8,
         head_dim: 128,
     };
-    let batch = 8;
     let kvd = shape.kv_heads * shape.head_dim;
-    for ctx in [32_768usize, 131_072] {
+    for (batch, ctx) in [(8usize, 32_768usize), (8, 131_072), (1, 61_440), (1, 124_928)] {
         let mut k = Vec::new();
         let mut v = Vec::new();
         for b in 0..batch {
@@ -86,9 +85,9 @@ fn flash_decode_bandwidth() {
         let seqs: Vec<_> = (0..batch).map(|b| (&k[b], &v[b], ctx)).collect();
         let table = KvTable::new(&ops, &seqs, kvd).unwrap();
         let mut ws = DecodeWorkspace::new();
-        let auto = partition_len(batch, shape.kv_heads, ctx, dev.info().sm_count);
+        let auto = partition_len(batch, shape.kv_heads, ctx, ops.decode_slots());
         let kv_bytes = (batch * ctx * kvd * 2 * 2) as f64;
-        for part in [auto, 256, 1024] {
+        for part in [auto, 256, 512, 1024] {
             let (med, lo, hi) = time_ms(&ops, 5, 30, || {
                 ops.flash_decode_with_partition(&mut out, &q, &table, shape, &mut ws, part)
                     .unwrap()
@@ -117,21 +116,89 @@ fn flash_decode_bandwidth() {
 fn linear_decode_bandwidth() {
     let Some(ops) = ops_or_skip() else { return };
     let dev = ops.device();
-    // Llama-3.1-8B's fused gate|up projection at decode batch 8: x[8, 4096] · W[28672, 4096]ᵀ.
-    for &(m, k, n) in &[(8usize, 4096usize, 28_672usize), (8, 14_336, 4096), (64, 4096, 6144)] {
-        let mut x = dev.zeros::<bf16>(m * k).unwrap();
-        let mut w = dev.zeros::<bf16>(n * k).unwrap();
-        let mut out = dev.zeros::<bf16>(m * n).unwrap();
-        ops.fill_random_bf16(&mut x, 1, 1.0).unwrap();
-        ops.fill_random_bf16(&mut w, 2, 0.02).unwrap();
-        let (med, lo, hi) = time_ms(&ops, 5, 50, || ops.linear(&mut out, &x, &w, m, k, n, false).unwrap());
-        let bytes = ((n * k + m * k + m * n) * 2) as f64;
-        let gbs = bytes / (med * 1e-3) / 1e9;
-        let tflops = 2.0 * (m * n * k) as f64 / (med * 1e-3) / 1e12;
+    // Llama-3.1-8B's decode products: qkv, o, gate|up, down and the output head, at 1,
+    // 2, 8 and 16 rows; up to GEMV_MAX_M rows with the GEMV kernel and with cuBLAS.
+    let shapes = [
+        (4096usize, 6144usize),
+        (4096, 4096),
+        (4096, 28_672),
+        (14_336, 4096),
+        (4096, 128_256),
+    ];
+    for &m in &[1usize, 2, 8, 16] {
+        for &(k, n) in &shapes {
+            let mut x = dev.zeros::<bf16>(m * k).unwrap();
+            let mut w = dev.zeros::<bf16>(n * k).unwrap();
+            let mut out = dev.zeros::<bf16>(m * n).unwrap();
+            ops.fill_random_bf16(&mut x, 1, 1.0).unwrap();
+            ops.fill_random_bf16(&mut w, 2, 0.02).unwrap();
+            for gemv in [true, false] {
+                if !gemv && m > shadowkv::cuda::ops::GEMV_MAX_M {
+                    continue;
+                }
+                ops.set_gemv(gemv);
+                let (med, lo, hi) = time_ms(&ops, 5, 50, || ops.linear(&mut out, &x, &w, m, k, n, false).unwrap());
+                let bytes = ((n * k + m * k + m * n) * 2) as f64;
+                let gbs = bytes / (med * 1e-3) / 1e9;
+                eprintln!(
+                    "BENCH linear m={m} k={k} n={n} {} median_ms={med:.4} min_ms={lo:.4} max_ms={hi:.4} GB/s={gbs:.0} \
+                     of_4.3TB/s={:.1}%",
+                    if m > shadowkv::cuda::ops::GEMV_MAX_M {
+                        "cublas"
+                    } else if gemv {
+                        "gemv"
+                    } else {
+                        "cublas"
+                    },
+                    100.0 * gbs / HBM_GBS
+                );
+            }
+            ops.set_gemv(true);
+        }
+    }
+}
+
+#[test]
+#[ignore = "benchmark: needs a GPU"]
+fn flash_prefill_throughput() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    // Llama-3.1-8B attention: 32 query heads, 8 KV heads, head dim 128; one sequence,
+    // causal prefill: the whole context in one call, and the last 4096-row chunk of 32K.
+    let shape = AttnShape {
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+    };
+    let (qd, kvd, d) = (
+        shape.heads * shape.head_dim,
+        shape.kv_heads * shape.head_dim,
+        shape.head_dim,
+    );
+    for &(ctx, rows) in &[(8192usize, 8192usize), (32_768, 32_768), (32_768, 4096)] {
+        let mut k = dev.zeros::<bf16>(ctx * kvd).unwrap();
+        let mut v = dev.zeros::<bf16>(ctx * kvd).unwrap();
+        let mut q = dev.zeros::<bf16>(rows * qd).unwrap();
+        let mut out = dev.zeros::<bf16>(rows * qd).unwrap();
+        ops.fill_random_bf16(&mut k, 21, 1.0).unwrap();
+        ops.fill_random_bf16(&mut v, 22, 1.0).unwrap();
+        ops.fill_random_bf16(&mut q, 23, 3.0).unwrap();
+        let table = KvTable::new(&ops, &[(&k, &v, ctx)], kvd).unwrap();
+        // Causal (query, key) pairs: query i of the chunk sits at ctx - rows + i and sees
+        // that many keys plus one. Two products of 2·d FLOPs per pair and head.
+        let start = ctx - rows;
+        let pairs = (rows * start + rows * (rows + 1) / 2) as f64;
+        let flops = 4.0 * d as f64 * shape.heads as f64 * pairs;
+        let (med, lo, hi) = time_ms(&ops, 3, 15, || {
+            ops.flash_prefill(&mut out, &q, &table, &[rows], shape).unwrap()
+        });
         eprintln!(
-            "BENCH linear m={m} k={k} n={n} median_ms={med:.4} min_ms={lo:.4} max_ms={hi:.4} GB/s={gbs:.0} \
-             of_4.3TB/s={:.1}% TFLOP/s={tflops:.1}",
-            100.0 * gbs / HBM_GBS
+            "BENCH flash_prefill ctx={ctx} rows={rows} heads=32/8 d=128 median_ms={med:.3} min_ms={lo:.3} \
+             max_ms={hi:.3} TFLOP/s={:.1} (best {:.1})",
+            flops / (med * 1e-3) / 1e12,
+            flops / (lo * 1e-3) / 1e12
         );
+        let got = dev.download(&out).unwrap();
+        assert!(got.iter().all(|x| x.is_finite()), "non-finite output at ctx {ctx}");
     }
 }

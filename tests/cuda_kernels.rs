@@ -286,36 +286,56 @@ fn linear_matches_cpu() {
     let Some(ops) = ops_or_skip() else { return };
     let dev = ops.device();
     let mut rng = seeded("linear");
+    // Up to GEMV_MAX_M rows run the GEMV kernel (and, with it off, cuBLAS); more run
+    // cuBLAS.
     for &(m, k, n) in &[
         (1usize, 4096usize, 4096usize),
+        (2, 1000, 333),
         (7, 1000, 333),
+        (8, 14_336, 301),
         (33, 577, 129),
         (130, 256, 1000),
         (3, 5, 7),
     ] {
-        for accumulate in [false, true] {
-            let case = format!("m={m},k={k},n={n},accumulate={accumulate}");
-            let (x, xf) = rand_bf16(&mut rng, m * k, 1.0);
-            let (w, wf) = rand_bf16(&mut rng, n * k, 1.0 / (k as f32).sqrt());
-            let (o0, o0f) = rand_bf16(&mut rng, m * n, 1.0);
-            let dx = dev.upload(&x).unwrap();
-            let dw = dev.upload(&w).unwrap();
-            let mut out = dev.upload(&o0).unwrap();
-            if !accumulate {
-                ops.fill_nan_bf16(&mut out).unwrap();
+        for gemv in [true, false] {
+            if !gemv && m > shadowkv::cuda::ops::GEMV_MAX_M {
+                continue;
             }
-            ops.linear(&mut out, &dx, &dw, m, k, n, accumulate).unwrap();
-            let got = f32s(&dev.download(&out).unwrap());
-            let mut want = if accumulate { o0f.clone() } else { vec![0f32; m * n] };
-            cpu_linear(&mut want, &xf, &wf, m, k, n, accumulate);
-            let atol = 1e-3 * rms(&want);
-            let e = errors("linear", &case, &got, &want, |i, w| {
-                let before = if accumulate { o0f[i].abs() as f64 } else { 0.0 };
-                EW_RTOL * (w.abs() + before) + atol
-            });
-            e.report("linear", &case);
+            ops.set_gemv(gemv);
+            for accumulate in [false, true] {
+                let case = format!("m={m},k={k},n={n},accumulate={accumulate},gemv={gemv}");
+                let (x, xf) = rand_bf16(&mut rng, m * k, 1.0);
+                let (w, wf) = rand_bf16(&mut rng, n * k, 1.0 / (k as f32).sqrt());
+                let (o0, o0f) = rand_bf16(&mut rng, m * n, 1.0);
+                let dx = dev.upload(&x).unwrap();
+                let dw = dev.upload(&w).unwrap();
+                let mut out = dev.upload(&o0).unwrap();
+                if !accumulate {
+                    ops.fill_nan_bf16(&mut out).unwrap();
+                }
+                ops.linear(&mut out, &dx, &dw, m, k, n, accumulate).unwrap();
+                let got = f32s(&dev.download(&out).unwrap());
+                let mut want = if accumulate { o0f.clone() } else { vec![0f32; m * n] };
+                cpu_linear(&mut want, &xf, &wf, m, k, n, accumulate);
+                let atol = 1e-3 * rms(&want);
+                let e = errors("linear", &case, &got, &want, |i, w| {
+                    let before = if accumulate { o0f[i].abs() as f64 } else { 0.0 };
+                    EW_RTOL * (w.abs() + before) + atol
+                });
+                e.report("linear", &case);
+                // fp32 output (the logits): only fp32 summation-order error remains.
+                if !accumulate {
+                    let mut out32 = dev.zeros::<f32>(m * n).unwrap();
+                    ops.fill_nan_f32(&mut out32).unwrap();
+                    ops.linear_f32(&mut out32, &dx, &dw, m, k, n).unwrap();
+                    let got = dev.download(&out32).unwrap();
+                    let atol = 1e-4 * rms(&want);
+                    check("linear_f32", &case, &got, &want, 1e-4, atol);
+                }
+            }
         }
     }
+    ops.set_gemv(true);
 }
 
 /// Flash-decoding of a batch against `causal_attention` with one query row per

@@ -18,6 +18,7 @@ use std::marker::PhantomData;
 pub const MAX_GROUP: usize = 8;
 const THREADS: u32 = 128;
 const WARPS: usize = 4;
+const REDUCE_THREADS: usize = 512;
 
 /// The sequences of one decode step: device arrays of cache addresses and lengths.
 /// Borrows the caches so that they outlive every launch that uses the table.
@@ -71,6 +72,16 @@ impl<'a> KvTable<'a> {
     pub fn max_len(&self) -> usize {
         self.host_lens.iter().copied().max().unwrap_or(0)
     }
+
+    /// Each sequence's length in tokens (host copy).
+    pub(crate) fn lens_host(&self) -> &[usize] {
+        &self.host_lens
+    }
+
+    /// Device arrays: key-cache addresses, value-cache addresses, lengths (i32).
+    pub(crate) fn device_arrays(&self) -> (&CudaSlice<u64>, &CudaSlice<u64>, &CudaSlice<i32>) {
+        (&self.k_ptrs, &self.v_ptrs, &self.lens)
+    }
 }
 
 /// Scratch for the partial outputs, grown on demand and reused across steps.
@@ -96,6 +107,16 @@ impl DecodeWorkspace {
         Ok(())
     }
 
+    /// Device addresses of the scratch buffers (0 before the first launch): a captured
+    /// step that launched with other addresses is stale.
+    pub(crate) fn addresses(&self, ops: &CudaOps) -> (u64, u64) {
+        let s = ops.device().stream();
+        (
+            self.o_part.as_ref().map_or(0, |b| b.device_ptr(s).0),
+            self.ml_part.as_ref().map_or(0, |b| b.device_ptr(s).0),
+        )
+    }
+
     /// Fills the scratch with NaN, so that a test sees any partial result the kernels
     /// read without having written.
     pub fn poison(&mut self, ops: &CudaOps) -> Result<()> {
@@ -109,14 +130,36 @@ impl DecodeWorkspace {
     }
 }
 
-/// Partition length for a step: 512 tokens, halved (down to 64) while the grid would
-/// have fewer than two blocks per multiprocessor.
-pub fn partition_len(batch: usize, kv_heads: usize, max_len: usize, sm_count: u32) -> usize {
-    let mut p = 512;
-    while p > 64 && batch * kv_heads * max_len.div_ceil(p) < 2 * sm_count as usize {
-        p /= 2;
+/// Blocks of the flash-decoding split kernel resident on the whole device at once (at
+/// its largest shared-memory footprint).
+pub(crate) fn resident_split_blocks(k: &super::kernels::Kernels, sm_count: u32) -> Result<usize> {
+    let smem = (2 * MAX_GROUP + MAX_GROUP * (1024 + 4)) * 4;
+    let per_sm = k
+        .flash_decode_split_d128
+        .occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None)?;
+    Ok(sm_count as usize * per_sm.max(1) as usize)
+}
+
+/// A block's fixed cost in tokens of work (start-up, its partial result and their
+/// merge), measured on the H200: a 131K context at batch 8 runs 7 % slower in
+/// partitions of 256 than of 1024 for the same bytes.
+const BLOCK_OVERHEAD_TOKENS: usize = 32;
+
+/// Partition length for a step, 64..=1024 tokens: the one that minimises the longest
+/// chain of blocks a multiprocessor runs, waves × (partition length + a block's fixed
+/// cost), with `slots` blocks resident on the whole device; the longest on ties
+/// (fewer partial results to merge).
+pub fn partition_len(batch: usize, kv_heads: usize, max_len: usize, slots: usize) -> usize {
+    let slots = slots.max(1);
+    let mut best = (usize::MAX, 64);
+    for p in (64..=1024).step_by(64) {
+        let blocks = batch * kv_heads * max_len.div_ceil(p).max(1);
+        let cost = blocks.div_ceil(slots) * (p + BLOCK_OVERHEAD_TOKENS);
+        if cost <= best.0 {
+            best = (cost, p);
+        }
     }
-    p
+    best.1
 }
 
 impl CudaOps {
@@ -131,7 +174,7 @@ impl CudaOps {
         shape: AttnShape,
         ws: &mut DecodeWorkspace,
     ) -> Result<()> {
-        let p = partition_len(kv.batch(), shape.kv_heads, kv.max_len(), self.device().info().sm_count);
+        let p = partition_len(kv.batch(), shape.kv_heads, kv.max_len(), self.decode_slots());
         self.flash_decode_with_partition(out, q, kv, shape, ws, p)
     }
 
@@ -142,6 +185,44 @@ impl CudaOps {
         out: &mut impl DevicePtrMut<bf16>,
         q: &impl DevicePtr<bf16>,
         kv: &KvTable,
+        shape: AttnShape,
+        ws: &mut DecodeWorkspace,
+        part_len: usize,
+    ) -> Result<()> {
+        let batch = kv.batch();
+        let need = batch * shape.heads * shape.head_dim;
+        ensure!(q.len() >= need, "q holds {} values, {need} needed", q.len());
+        ensure!(out.len() >= need, "output holds {} values, {need} needed", out.len());
+        let s = self.device().stream();
+        let (qp, _g1) = q.device_ptr(s);
+        let (outp, _g2) = out.device_ptr_mut(s);
+        let (kp, _g3) = kv.k_ptrs.device_ptr(s);
+        let (vp, _g4) = kv.v_ptrs.device_ptr(s);
+        let (lp, _g5) = kv.lens.device_ptr(s);
+        let args = DecodeArgs {
+            out: outp,
+            q: qp,
+            k_ptrs: kp,
+            v_ptrs: vp,
+            lens: lp,
+            batch,
+            max_len: kv.max_len(),
+        };
+        // SAFETY: q and out hold batch·heads·d values (checked), the table's caches hold
+        // len rows of kv_heads·d (checked at construction, borrowed for the table's life).
+        unsafe { self.flash_decode_raw(&args, shape, ws, part_len) }
+    }
+
+    /// Launches flash-decoding on raw device addresses (the whole-model decode step
+    /// keeps its tables on the device, the same for every layer and step).
+    ///
+    /// # Safety
+    /// `args.q` and `args.out` must hold `batch·heads·d` values, `k_ptrs`/`v_ptrs` `batch`
+    /// cache addresses whose caches hold `lens[b]` rows of `kv_heads·d` values, `lens`
+    /// `batch` lengths, none above `max_len`, all alive until the launch completes.
+    pub(crate) unsafe fn flash_decode_raw(
+        &self,
+        args: &DecodeArgs,
         shape: AttnShape,
         ws: &mut DecodeWorkspace,
         part_len: usize,
@@ -165,29 +246,17 @@ impl CudaOps {
             part_len % 16 == 0 && (16..=1024).contains(&part_len),
             "partition length {part_len}"
         );
-        let batch = kv.batch();
+        let batch = args.batch;
         ensure!(
             batch <= 65_535 && kv_heads <= 65_535,
             "batch {batch} or {kv_heads} KV heads too large"
         );
-        ensure!(
-            q.len() >= batch * heads * d,
-            "q holds {} values, {} needed",
-            q.len(),
-            batch * heads * d
-        );
-        ensure!(
-            out.len() >= batch * heads * d,
-            "output holds {} values, {} needed",
-            out.len(),
-            batch * heads * d
-        );
         if batch == 0 {
             return Ok(());
         }
-        let max_parts = kv.max_len().div_ceil(part_len).max(1);
+        let max_parts = args.max_len.div_ceil(part_len).max(1);
         ensure!(
-            max_parts * 4 <= 48 * 1024,
+            (max_parts + REDUCE_THREADS) * 4 <= 48 * 1024,
             "{max_parts} partitions: use a longer partition"
         );
         ws.ensure(self, batch * heads * max_parts * d, batch * heads * max_parts * 2)?;
@@ -196,11 +265,6 @@ impl CudaOps {
         let (op, _g1) = o_part.device_ptr_mut(s);
         let ml_part = ws.ml_part.as_mut().unwrap();
         let (mlp, _g2) = ml_part.device_ptr_mut(s);
-        let (qp, _g3) = q.device_ptr(s);
-        let (kp, _g4) = kv.k_ptrs.device_ptr(s);
-        let (vp, _g5) = kv.v_ptrs.device_ptr(s);
-        let (lp, _g6) = kv.lens.device_ptr(s);
-        let (outp, _g7) = out.device_ptr_mut(s);
         let smem_floats = 2 * MAX_GROUP + (MAX_GROUP * (part_len + 4)).max(WARPS * MAX_GROUP * d);
         let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
         let (kvh, grp, pl, mp) = (kv_heads as i32, group as i32, part_len as i32, max_parts as i32);
@@ -214,18 +278,16 @@ impl CudaOps {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: (smem_floats * 4) as u32,
         };
-        // SAFETY: q and out hold batch·heads·d values, the table's caches hold len rows
-        // of kv_heads·d (checked at construction, borrowed for the table's life), the
-        // workspace holds batch·heads·max_parts partials; grid and shared memory match
-        // the kernel's layout.
+        // SAFETY: the caller's contract; the workspace holds batch·heads·max_parts
+        // partials; grid and shared memory match the kernel's layout.
         unsafe {
             s.launch_builder(split)
                 .arg(&op)
                 .arg(&mlp)
-                .arg(&qp)
-                .arg(&kp)
-                .arg(&vp)
-                .arg(&lp)
+                .arg(&args.q)
+                .arg(&args.k_ptrs)
+                .arg(&args.v_ptrs)
+                .arg(&args.lens)
                 .arg(&kvh)
                 .arg(&grp)
                 .arg(&pl)
@@ -234,18 +296,21 @@ impl CudaOps {
                 .launch(cfg)
         }?;
         let (nh, hd) = (heads as i32, d as i32);
+        // Each block merges one head: `REDUCE_THREADS / d` slices of d threads split the
+        // partitions between them.
+        let slices = REDUCE_THREADS / d;
         let cfg = LaunchConfig {
             grid_dim: (heads as u32, batch as u32, 1),
-            block_dim: (d as u32, 1, 1),
-            shared_mem_bytes: (max_parts * 4) as u32,
+            block_dim: (d as u32, slices as u32, 1),
+            shared_mem_bytes: ((max_parts + slices * d) * 4) as u32,
         };
         // SAFETY: as above; the merge reads only the partitions each sequence has.
         unsafe {
             s.launch_builder(&self.k.flash_decode_reduce)
-                .arg(&outp)
+                .arg(&args.out)
                 .arg(&op)
                 .arg(&mlp)
-                .arg(&lp)
+                .arg(&args.lens)
                 .arg(&nh)
                 .arg(&hd)
                 .arg(&pl)
@@ -256,17 +321,53 @@ impl CudaOps {
     }
 }
 
+/// Raw device addresses of one flash-decoding launch (see
+/// [`CudaOps::flash_decode_raw`]).
+pub(crate) struct DecodeArgs {
+    /// Output `[batch, heads·d]`.
+    pub out: u64,
+    /// Queries `[batch, heads·d]`.
+    pub q: u64,
+    /// `batch` key-cache addresses.
+    pub k_ptrs: u64,
+    /// `batch` value-cache addresses.
+    pub v_ptrs: u64,
+    /// `batch` lengths (i32).
+    pub lens: u64,
+    /// Sequences.
+    pub batch: usize,
+    /// Upper bound of the lengths (sizes the grid).
+    pub max_len: usize,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn partitions_fill_the_device_then_stay_at_512() {
-        // Llama-3.1-8B, batch 8, 32K: plenty of blocks at 512.
-        assert_eq!(partition_len(8, 8, 32_768, 132), 512);
-        // One short sequence: as small as allowed.
-        assert_eq!(partition_len(1, 8, 100, 132), 64);
-        // Batch 2, 2 KV heads, 32K: 2·2·64 = 256 blocks < 264 at 512, so 256.
-        assert_eq!(partition_len(2, 2, 32_768, 132), 256);
+    fn partitions_balance_the_waves() {
+        // 132 SMs with 4 blocks each.
+        let slots = 528;
+        // Llama-3.1-8B, batch 8, 32K: every length gives whole waves; the longest wins.
+        assert_eq!(partition_len(8, 8, 32_768, slots), 1024);
+        // One short sequence: as small as allowed (one wave either way).
+        assert_eq!(partition_len(1, 8, 100, slots), 64);
+        // One sequence of 122K: 131 partitions of 960 fill two waves (1048 blocks),
+        // where 1024 would also take two waves of longer blocks and 512 four.
+        assert_eq!(partition_len(1, 8, 124_928, slots), 960);
+        // A graph's length bucket just past a wave boundary must not fall back to tiny
+        // partitions (their merge traffic costs more than a wave).
+        assert_eq!(partition_len(1, 8, 126_976, slots), 1024);
+        // Whatever is chosen is never worse than 512 or 1024.
+        for (b, h, n) in [
+            (1usize, 8usize, 61_440usize),
+            (7, 8, 124_928),
+            (16, 8, 61_440),
+            (3, 3, 5000),
+        ] {
+            let p = partition_len(b, h, n, slots);
+            let cost = |p: usize| (b * h * n.div_ceil(p)).div_ceil(slots) * (p + BLOCK_OVERHEAD_TOKENS);
+            assert!(cost(p) <= cost(512) && cost(p) <= cost(1024), "{b} {h} {n}: {p}");
+        }
     }
 }

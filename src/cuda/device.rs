@@ -198,6 +198,29 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// Waits for the compute stream and hands the memory that freed buffers left in the
+    /// stream-ordered allocator's pool back to the driver, so that `mem_info` (and other
+    /// processes) see it as free.
+    pub fn release_memory(&self) -> anyhow::Result<()> {
+        self.synchronize()?;
+        self.ctx.bind_to_thread()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: writes the device's current pool handle, then trims that pool; both
+        // calls only touch memory no live buffer owns.
+        unsafe {
+            if sys::cuDeviceGetMemPool(&mut pool, self.ctx.cu_device())
+                .result()
+                .is_ok()
+                && !pool.is_null()
+            {
+                sys::cuMemPoolTrimTo(pool, 0)
+                    .result()
+                    .map_err(driver("trimming the memory pool"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// (free, total) device memory in bytes.
     pub fn mem_info(&self) -> anyhow::Result<(usize, usize)> {
         Ok(self.ctx.mem_get_info()?)

@@ -24,6 +24,10 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     kernel_file!("swiglu.cu"),
     kernel_file!("flash_decode.cu"),
     kernel_file!("util.cu"),
+    kernel_file!("flash_prefill.cu"),
+    kernel_file!("qkv_append.cu"),
+    kernel_file!("sample.cu"),
+    kernel_file!("gemv.cu"),
 ];
 
 /// The loaded kernel functions.
@@ -38,6 +42,12 @@ pub struct Kernels {
     pub(crate) fill_u16: CudaFunction,
     pub(crate) fill_u32: CudaFunction,
     pub(crate) fill_random_bf16: CudaFunction,
+    pub(crate) flash_prefill_d64: CudaFunction,
+    pub(crate) flash_prefill_d128: CudaFunction,
+    pub(crate) qkv_rope_append: CudaFunction,
+    pub(crate) sample_rows: CudaFunction,
+    pub(crate) gemv_bf16: CudaFunction,
+    pub(crate) gemv_f32: CudaFunction,
     _modules: Vec<Arc<CudaModule>>,
 }
 
@@ -67,6 +77,10 @@ impl Kernels {
         let act = load(find("swiglu.cu"))?;
         let fd = load(find("flash_decode.cu"))?;
         let util = load(find("util.cu"))?;
+        let fp = load(find("flash_prefill.cu"))?;
+        let qa = load(find("qkv_append.cu"))?;
+        let smp = load(find("sample.cu"))?;
+        let gv = load(find("gemv.cu"))?;
         Ok(Kernels {
             embedding_gather: get(&emb, "embedding_gather")?,
             rmsnorm_residual: get(&norm, "rmsnorm_residual")?,
@@ -78,6 +92,12 @@ impl Kernels {
             fill_u16: get(&util, "fill_u16")?,
             fill_u32: get(&util, "fill_u32")?,
             fill_random_bf16: get(&util, "fill_random_bf16")?,
+            flash_prefill_d64: get(&fp, "flash_prefill_d64")?,
+            flash_prefill_d128: get(&fp, "flash_prefill_d128")?,
+            qkv_rope_append: get(&qa, "qkv_rope_append")?,
+            sample_rows: get(&smp, "sample_rows")?,
+            gemv_bf16: get(&gv, "gemv_bf16")?,
+            gemv_f32: get(&gv, "gemv_f32")?,
             _modules: modules,
         })
     }

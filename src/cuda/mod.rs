@@ -17,6 +17,8 @@ pub mod device;
 pub mod kernels;
 pub mod nvrtc;
 pub mod ops;
+pub mod prefill;
+pub mod step;
 pub mod testing;
 
 pub use attention::{DecodeWorkspace, KvTable};

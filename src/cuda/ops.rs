@@ -9,7 +9,7 @@ use super::kernels::Kernels;
 use crate::model::config::ModelConfig;
 use anyhow::{bail, ensure, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 /// The CUDA backend's operations: the device, its kernels and a cuBLAS handle bound
@@ -18,7 +18,17 @@ pub struct CudaOps {
     dev: CudaDevice,
     pub(crate) k: Kernels,
     blas: CudaBlas,
+    _blas_ws: CudaSlice<u8>,
+    gemv: std::sync::atomic::AtomicBool,
+    decode_slots: usize,
 }
+
+/// Most input rows the GEMV kernel takes (kernels/gemv.cu); more go to cuBLAS.
+pub const GEMV_MAX_M: usize = 2;
+const GEMV_WARPS: usize = 8;
+
+/// Bytes of the cuBLAS workspace (what cuBLAS recommends for Hopper).
+const BLAS_WORKSPACE: usize = 32 << 20;
 
 fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
     ensure!(have >= need, "{what}: buffer of {have} elements, {need} needed");
@@ -42,6 +52,7 @@ impl CudaOps {
     /// Compiles or loads the kernels for `dev` and creates the cuBLAS handle.
     pub fn new(dev: CudaDevice) -> Result<CudaOps> {
         let k = Kernels::load(&dev)?;
+        let decode_slots = super::attention::resident_split_blocks(&k, dev.info().sm_count)?;
         // SAFETY: only tries to dlopen the library by its usual names.
         if !unsafe { blas_sys::is_culib_present() } {
             bail!(
@@ -51,7 +62,34 @@ impl CudaOps {
             );
         }
         let blas = CudaBlas::new(dev.stream().clone())?;
-        Ok(CudaOps { dev, k, blas })
+        // A workspace of our own, so that cuBLAS never allocates while a decode step is
+        // being captured into a CUDA graph.
+        let blas_ws: CudaSlice<u8> = dev.zeros(BLAS_WORKSPACE)?;
+        {
+            let (p, _g) = blas_ws.device_ptr(dev.stream());
+            // SAFETY: the buffer holds BLAS_WORKSPACE bytes and lives as long as the handle
+            // (both are fields of CudaOps; the handle is dropped first).
+            unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), p as *mut _, BLAS_WORKSPACE) }.result()?;
+        }
+        Ok(CudaOps {
+            dev,
+            k,
+            blas,
+            _blas_ws: blas_ws,
+            gemv: std::sync::atomic::AtomicBool::new(true),
+            decode_slots,
+        })
+    }
+
+    /// Whether products of at most [`GEMV_MAX_M`] rows use the GEMV kernel (on by
+    /// default; benchmarks turn it off to compare with cuBLAS).
+    pub fn set_gemv(&self, on: bool) {
+        self.gemv.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Flash-decoding split blocks the device runs at once (sizes its partitions).
+    pub fn decode_slots(&self) -> usize {
+        self.decode_slots
     }
 
     /// The device.
@@ -238,8 +276,9 @@ impl CudaOps {
     }
 
     /// `out[m, n] (+)= x[m, k] · wᵀ` for a linear layer's weight `w[n, k]` (row-major,
-    /// as [`crate::cpu::matmul::linear`]): cuBLAS, bf16 operands, fp32 accumulation,
-    /// bf16 output; with `accumulate` the product is added to `out`.
+    /// as [`crate::cpu::matmul::linear`]): bf16 operands, fp32 accumulation, bf16
+    /// output; with `accumulate` the product is added to `out`. Up to [`GEMV_MAX_M`]
+    /// rows (decode) run the streaming GEMV kernel, more run cuBLAS.
     #[allow(clippy::too_many_arguments)]
     pub fn linear(
         &self,
@@ -252,29 +291,82 @@ impl CudaOps {
         accumulate: bool,
     ) -> Result<()> {
         check_len("linear output", out.len(), m * n)?;
-        check_len("linear input", x.len(), m * k)?;
-        check_len("linear weight", w.len(), n * k)?;
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        if k == 0 {
+        if m > 0 && n > 0 && k == 0 {
             if !accumulate {
                 let (op, _g) = out.device_ptr_mut(self.dev.stream());
                 self.fill_raw_u16(op, m * n, 0)?;
             }
             return Ok(());
         }
+        let (op, _g) = out.device_ptr_mut(self.dev.stream());
+        let out_type = blas_sys::cudaDataType_t::CUDA_R_16BF;
+        self.gemm(op, out_type, x, w, (m, k, n), accumulate)
+    }
+
+    /// [`CudaOps::linear`] with an fp32 output (the logits of the output head).
+    pub fn linear_f32(
+        &self,
+        out: &mut impl DevicePtrMut<f32>,
+        x: &impl DevicePtr<bf16>,
+        w: &impl DevicePtr<bf16>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        check_len("linear output", out.len(), m * n)?;
+        ensure!(k > 0 || m * n == 0, "linear: empty inner dimension");
+        let (op, _g) = out.device_ptr_mut(self.dev.stream());
+        self.gemm(op, blas_sys::cudaDataType_t::CUDA_R_32F, x, w, (m, k, n), false)
+    }
+
+    fn gemm(
+        &self,
+        op: u64,
+        out_type: blas_sys::cudaDataType_t,
+        x: &impl DevicePtr<bf16>,
+        w: &impl DevicePtr<bf16>,
+        (m, k, n): (usize, usize, usize),
+        accumulate: bool,
+    ) -> Result<()> {
+        check_len("linear input", x.len(), m * k)?;
+        check_len("linear weight", w.len(), n * k)?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
         let s = self.dev.stream();
-        let (op, _g1) = out.device_ptr_mut(s);
         let (xp, _g2) = x.device_ptr(s);
         let (wp, _g3) = w.device_ptr(s);
+        if m <= GEMV_MAX_M && k % 8 == 0 && (xp | wp) % 16 == 0 && self.gemv.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let f = if out_type == blas_sys::cudaDataType_t::CUDA_R_32F {
+                &self.k.gemv_f32
+            } else {
+                &self.k.gemv_bf16
+            };
+            let (mi, ni, ki, acc) = (m as i32, i32_of("n", n)?, i32_of("k", k)?, accumulate as i32);
+            let cfg = Self::launch_cfg((n.div_ceil(GEMV_WARPS) as u32, 1, 1), (GEMV_WARPS * 32) as u32, 0);
+            // SAFETY: out holds m·n (checked by the callers), x m·k and w n·k elements,
+            // 16-byte aligned with k a multiple of 8 (checked).
+            unsafe {
+                s.launch_builder(f)
+                    .arg(&op)
+                    .arg(&xp)
+                    .arg(&wp)
+                    .arg(&mi)
+                    .arg(&ni)
+                    .arg(&ki)
+                    .arg(&acc)
+                    .launch(cfg)
+            }?;
+            return Ok(());
+        }
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0f32 });
         let (mi, ki, ni) = (i32_of("m", m)?, i32_of("k", k)?, i32_of("n", n)?);
         // Column-major view: outᵀ[n, m] = w[n, k] · xᵀ[k, m], where the row-major
         // w[n, k] is the column-major [k, n] matrix (transposed) and x[m, k] is the
         // column-major xᵀ[k, m].
-        // SAFETY: the buffers hold m·n, m·k and n·k elements (checked); alpha and beta
-        // are host scalars (the handle's default pointer mode).
+        // SAFETY: the buffers hold m·n (checked by the callers), m·k and n·k elements;
+        // alpha and beta are host scalars (the handle's default pointer mode).
         unsafe {
             blas::gemm_ex(
                 *self.blas.handle(),
@@ -292,7 +384,7 @@ impl CudaOps {
                 ki,
                 (&beta as *const f32).cast(),
                 op as *mut _,
-                blas_sys::cudaDataType_t::CUDA_R_16BF,
+                out_type,
                 ni,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,

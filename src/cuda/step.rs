@@ -1,0 +1,169 @@
+//! The two per-step kernels of the whole-model forward pass that work on the rows of a
+//! batch: splitting the fused qkv projection into the KV caches
+//! (kernels/qkv_append.cu) and sampling the next tokens (kernels/sample.cu).
+
+use super::ops::CudaOps;
+use crate::engine::sampling::SamplingParams;
+use anyhow::{ensure, Result};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+/// Where each row of a step goes: device arrays of `rows` entries.
+#[derive(Clone, Copy, Debug)]
+pub struct RowTargets {
+    /// Rows in the step.
+    pub rows: usize,
+    /// `i32` position of each row in its sequence.
+    pub positions: u64,
+    /// `u64` device address of each row's sequence cache.
+    pub cache_base: u64,
+    /// `i32` capacity (tokens) of each row's sequence cache.
+    pub cache_cap: u64,
+}
+
+/// The layer of a sequence cache laid out `[layer][k | v][cap][kv_width]` (the layout
+/// [`crate::cuda::model::GpuCache`] allocates): element offsets of its keys and values.
+pub fn cache_offsets(layer: usize, cap: usize, kv_width: usize) -> (usize, usize) {
+    (2 * layer * cap * kv_width, (2 * layer + 1) * cap * kv_width)
+}
+
+/// One row of the sampling table: what [`CudaOps::sample`] reads for one sequence.
+pub fn sampling_row(p: &SamplingParams, seed: u64, counter: u64) -> [u64; 5] {
+    let top_k = if p.top_k == 0 { 0 } else { p.top_k as u64 };
+    [
+        p.temperature.to_bits() as u64,
+        top_k,
+        p.top_p.to_bits() as u64,
+        seed,
+        counter,
+    ]
+}
+
+impl CudaOps {
+    /// Splits `rows` fused rows `[q | k | v]` of `qkv` (width `(heads + 2·kv_heads)·d`):
+    /// adds `bias` when given, rotates q and k at each row's position with `inv_freq`,
+    /// writes q to `q_out` `[rows, heads·d]`, and k and v to layer `layer` of each row's
+    /// sequence cache at its position; `k_pre_out` `[rows, kv_heads·d]` receives the
+    /// un-rotated keys when given.
+    ///
+    /// # Safety
+    /// `t`'s arrays must hold `t.rows` entries, and every row's cache must be a live
+    /// allocation of `[layers][2][cap][kv_heads·d]` bf16 with `layer` below its layer
+    /// count and the row's position below `cap`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn qkv_rope_append(
+        &self,
+        q_out: &mut impl DevicePtrMut<bf16>,
+        k_pre_out: Option<&mut CudaSlice<bf16>>,
+        qkv: &impl DevicePtr<bf16>,
+        bias: Option<&CudaSlice<bf16>>,
+        t: &RowTargets,
+        inv_freq: &impl DevicePtr<f32>,
+        layer: usize,
+        (heads, kv_heads, d): (usize, usize, usize),
+    ) -> Result<()> {
+        ensure!(d % 2 == 0, "qkv split: odd head dimension {d}");
+        let width = (heads + 2 * kv_heads) * d;
+        let rows = t.rows;
+        ensure!(qkv.len() >= rows * width, "qkv split: input of {} values", qkv.len());
+        ensure!(
+            q_out.len() >= rows * heads * d,
+            "qkv split: q output of {} values",
+            q_out.len()
+        );
+        ensure!(
+            inv_freq.len() >= d / 2,
+            "qkv split: {} inverse frequencies",
+            inv_freq.len()
+        );
+        if let Some(b) = bias {
+            ensure!(
+                b.len() >= width,
+                "qkv split: bias of {} values, {width} needed",
+                b.len()
+            );
+        }
+        if let Some(k) = &k_pre_out {
+            ensure!(
+                k.len() >= rows * kv_heads * d,
+                "qkv split: pre-RoPE output of {} values",
+                k.len()
+            );
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let s = self.device().stream();
+        let (qp, _g1) = q_out.device_ptr_mut(s);
+        let kp = k_pre_out.map(|k| k.device_ptr_mut(s).0).unwrap_or(0);
+        let (xp, _g2) = qkv.device_ptr(s);
+        let bp = bias.map(|b| b.device_ptr(s).0).unwrap_or(0);
+        let (fp, _g3) = inv_freq.device_ptr(s);
+        let (l, nh, nkv, half) = (layer as i32, heads as i32, kv_heads as i32, (d / 2) as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (u32::try_from(rows)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (d * 4) as u32,
+        };
+        // SAFETY: sizes checked above; the targets are the caller's contract.
+        unsafe {
+            s.launch_builder(&self.k.qkv_rope_append)
+                .arg(&qp)
+                .arg(&kp)
+                .arg(&xp)
+                .arg(&bp)
+                .arg(&t.positions)
+                .arg(&t.cache_base)
+                .arg(&t.cache_cap)
+                .arg(&fp)
+                .arg(&l)
+                .arg(&nh)
+                .arg(&nkv)
+                .arg(&half)
+                .launch(cfg)
+        }?;
+        Ok(())
+    }
+
+    /// Picks one token per row of fp32 `logits` `[rows, vocab]` into `out`, each row
+    /// with its own [`sampling_row`] in `params` `[rows, 5]`: greedy (the first largest
+    /// logit) at temperature 0 or top-k 1, else a draw from the softmax of
+    /// `logits / temperature` restricted to the top-k, then top-p, tokens, determined by
+    /// the row's seed and counter.
+    pub fn sample(
+        &self,
+        out: &mut impl DevicePtrMut<u32>,
+        logits: &impl DevicePtr<f32>,
+        params: &impl DevicePtr<u64>,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        ensure!(vocab > 0, "sampling: empty vocabulary");
+        ensure!(logits.len() >= rows * vocab, "sampling: {} logits", logits.len());
+        ensure!(params.len() >= rows * 5, "sampling: {} parameters", params.len());
+        ensure!(out.len() >= rows, "sampling: output of {}", out.len());
+        if rows == 0 {
+            return Ok(());
+        }
+        let s = self.device().stream();
+        let (op, _g1) = out.device_ptr_mut(s);
+        let (lp, _g2) = logits.device_ptr(s);
+        let (pp, _g3) = params.device_ptr(s);
+        let v = i32::try_from(vocab)?;
+        let cfg = LaunchConfig {
+            grid_dim: (u32::try_from(rows)?, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: sizes checked above.
+        unsafe {
+            s.launch_builder(&self.k.sample_rows)
+                .arg(&op)
+                .arg(&lp)
+                .arg(&v)
+                .arg(&pp)
+                .launch(cfg)
+        }?;
+        Ok(())
+    }
+}
