@@ -2,6 +2,7 @@
 //! side by side, after one shared prefill per context, with the reuse hit rate and the
 //! value bytes fetched per step.
 
+use super::backend::{Backend, CudaArgs};
 use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput, SeqKvCache};
 use crate::engine::sampling::argmax;
@@ -25,9 +26,10 @@ pub struct BenchArgs {
     /// Context lengths in tokens (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = vec![8192usize])]
     context: Vec<usize>,
-    /// Sequences decoded together.
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
+    /// Sequences decoded together: a number, or `auto` (with --backend cuda) for the
+    /// largest batch whose caches fit in GPU memory.
+    #[arg(long, default_value = "1")]
+    batch: String,
     /// Tokens generated per sequence (the first comes from the prefill and is not timed).
     #[arg(long, default_value_t = 32)]
     gen: usize,
@@ -39,9 +41,29 @@ pub struct BenchArgs {
     /// CPU threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Write the results as JSON.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    /// Write the results as JSON: to FILE, or to stdout when no file is given.
+    #[arg(long, num_args = 0..=1, value_name = "FILE")]
+    json: Option<Option<PathBuf>>,
+    /// Where the model runs. The CUDA benchmark runs full attention: prefill speed,
+    /// decode throughput and the ratio to the HBM bound.
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    backend: Backend,
+    #[command(flatten)]
+    cuda: CudaArgs,
+    /// Also run a peer of the same shape in the same invocation (with --backend cuda):
+    /// `torch` runs tools/peers/torch_decode.py with the GPU host's PyTorch.
+    #[arg(long, value_enum)]
+    peer: Option<Peer>,
+    /// Prompt tokens per prefill pass (with --backend cuda).
+    #[arg(long, default_value_t = 4096)]
+    prefill_chunk: usize,
+}
+
+/// A peer implementation to compare with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Peer {
+    /// A PyTorch decoder: SDPA with GQA, static KV cache, one CUDA graph per step.
+    Torch,
 }
 
 /// The machine, for the report.
@@ -70,9 +92,39 @@ fn median(xs: &mut [f64]) -> f64 {
 /// Runs `shadowkv bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
     let threads = super::set_threads(a.threads)?;
-    if a.batch == 0 || a.gen < 2 || a.attention.is_empty() {
-        bail!("--batch must be at least 1, --gen at least 2, --attention not empty");
+    let batch = match a.batch.as_str() {
+        "auto" => None,
+        b => Some(
+            b.parse::<usize>()
+                .ok()
+                .filter(|&b| b > 0)
+                .with_context(|| format!("--batch must be a positive number or `auto`, got `{b}`"))?,
+        ),
+    };
+    if a.gen < 2 || a.attention.is_empty() {
+        bail!("--gen must be at least 2 and --attention not empty");
     }
+    if a.backend == Backend::Cuda {
+        if a.attention.iter().any(|&m| m != Method::Full) {
+            bail!("--backend cuda benchmarks full attention only: pass --attention full");
+        }
+        return super::bench_cuda::run(super::bench_cuda::CudaBench {
+            model: a.model,
+            contexts: a.context,
+            batch,
+            gen: a.gen,
+            prefill_chunk: a.prefill_chunk,
+            peer_torch: a.peer == Some(Peer::Torch),
+            cuda: a.cuda,
+            json: a.json,
+        });
+    }
+    if a.peer.is_some() {
+        bail!("--peer needs --backend cuda");
+    }
+    let Some(batch) = batch else {
+        bail!("--batch auto needs --backend cuda (the CPU benchmark takes a number)");
+    };
     let m = open_model(&a.model)?;
     let cfg = m.config.clone();
     let progress = std::io::stderr().is_terminal();
@@ -82,7 +134,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "machine: {}, {threads} threads; model {}; batch {}; {} generated tokens",
         machine(),
         a.model,
-        a.batch,
+        batch,
         a.gen
     );
     println!("| context | method | decode tok/s | step ms (median) | vs full | reuse hit | value KiB/step | prefill s | compress s |");
@@ -97,7 +149,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         // One shared prefill per sequence, keeping pre-RoPE keys so every method forks it.
         let bar = if progress {
-            ProgressBar::new((ctx * a.batch) as u64)
+            ProgressBar::new((ctx * batch) as u64)
         } else {
             ProgressBar::hidden()
         };
@@ -107,7 +159,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let t0 = Instant::now();
         let mut prefilled = Vec::new();
         let mut firsts = Vec::new();
-        for s in 0..a.batch {
+        for s in 0..batch {
             let ids: Vec<u32> = (0..ctx)
                 .map(|i| ((i * 7919 + s * 104729 + 13) % (cfg.vocab_size - 1)) as u32)
                 .collect();
@@ -126,7 +178,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let attention = a.shadow.attention(method, &cfg, ctx + a.gen)?;
             let tc = Instant::now();
             let pool = match attention {
-                Attention::ShadowKv(p) => Some(ValuePool::anonymous(p.pool_shape(&cfg, a.batch, ctx + a.gen))?),
+                Attention::ShadowKv(p) => Some(ValuePool::anonymous(p.pool_shape(&cfg, batch, ctx + a.gen))?),
                 Attention::Full => None,
             };
             let mut caches: Vec<SeqCache> = Vec::new();
@@ -157,7 +209,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 last = logits.iter().map(|l| argmax(l)).collect();
             }
             let decode_secs = td.elapsed().as_secs_f64();
-            let tps = (a.batch * (a.gen - 1)) as f64 / decode_secs;
+            let tps = (batch * (a.gen - 1)) as f64 / decode_secs;
             let step_ms = 1e3 * median(&mut steps);
             let mut st = ShadowStats::default();
             for c in &caches {
@@ -189,16 +241,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
             );
             rows.push(serde_json::json!({
                 "context": ctx, "method": method.label(), "settings": format!("{attention:?}"),
-                "batch": a.batch, "generated": a.gen, "decode_tokens_per_s": tps, "step_ms_median": step_ms,
+                "batch": batch, "generated": a.gen, "decode_tokens_per_s": tps, "step_ms_median": step_ms,
                 "ratio_to_full": ratio, "reuse_hit_rate": shadow.then(|| st.hit_rate()),
                 "value_bytes_fetched_per_step": shadow.then_some(kib_step * 1024.0),
                 "prefill_secs": prefill_secs, "compress_secs": shadow.then_some(compress_secs),
             }));
         }
     }
-    if let Some(p) = &a.json {
+    if let Some(dest) = &a.json {
         let out = serde_json::json!({"machine": machine(), "threads": threads, "model": a.model, "results": rows});
-        std::fs::write(p, serde_json::to_string_pretty(&out)?).with_context(|| format!("writing {}", p.display()))?;
+        let text = serde_json::to_string_pretty(&out)?;
+        match dest {
+            Some(p) => std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?,
+            None => println!("{text}"),
+        }
     }
     Ok(())
 }

@@ -1,8 +1,10 @@
 //! `shadowkv generate`: one prompt in, one continuation out.
 
+use super::backend::{load_cuda_model, Backend, CudaArgs};
 use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::CpuModel;
 use crate::engine::generate::{generate, GenerateOptions, GenerateRequest};
+use crate::engine::generate_cuda::generate_cuda;
 use crate::engine::sampling::SamplingParams;
 use crate::model::chat::ChatMessage;
 use crate::model::load::open_model;
@@ -63,6 +65,11 @@ pub struct GenerateArgs {
     attention: Method,
     #[command(flatten)]
     shadow: ShadowArgs,
+    /// Where the model runs.
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    backend: Backend,
+    #[command(flatten)]
+    cuda: CudaArgs,
 }
 
 /// Runs `shadowkv generate`.
@@ -94,9 +101,6 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     // A chat template writes its own special tokens; plain prompts get the model's BOS.
     let prompt_ids = m.tokenizer.encode(&prompt_text, !a.chat)?;
-    let weights = ModelWeights::load(&m.config, m.source.as_ref(), progress)?;
-    let model = CpuModel::new(m.config.clone(), weights);
-    let load_secs = t_load.elapsed().as_secs_f64();
     let req = GenerateRequest {
         prompt: prompt_ids.clone(),
         max_tokens: a.max_tokens,
@@ -115,7 +119,20 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         prefill_chunk: a.prefill_chunk,
         progress,
     };
-    let (mut gens, stats) = generate(&model, &m.tokenizer, &[req], opts)?;
+    let (load_secs, (mut gens, stats)) = match a.backend {
+        Backend::Cpu => {
+            let weights = ModelWeights::load(&m.config, m.source.as_ref(), progress)?;
+            let model = CpuModel::new(m.config.clone(), weights);
+            let load_secs = t_load.elapsed().as_secs_f64();
+            (load_secs, generate(&model, &m.tokenizer, &[req], opts)?)
+        }
+        Backend::Cuda => {
+            let model = load_cuda_model(&a.model, &m, &a.cuda, progress)?;
+            let load_secs = t_load.elapsed().as_secs_f64();
+            let graphs = !a.cuda.no_graph;
+            (load_secs, generate_cuda(&model, &m.tokenizer, &[req], opts, graphs)?)
+        }
+    };
     let g = gens.pop().context("no generation")?;
     let per_s = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
     if a.json {
@@ -134,6 +151,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             "decode_tokens_per_s": per_s(stats.decode_tokens, stats.decode_secs),
             "threads": threads,
             "attention": a.attention.label(),
+            "backend": format!("{:?}", a.backend).to_lowercase(),
             "reuse_hit_rate": stats.shadow.map(|s| s.hit_rate()),
             "value_bytes_fetched": stats.shadow.map(|s| s.value_bytes_fetched),
         });

@@ -1,6 +1,8 @@
 //! The `shadowkv` command line.
 
+mod backend;
 mod bench;
+mod bench_cuda;
 mod eval;
 mod generate;
 mod inspect;

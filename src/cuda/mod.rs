@@ -5,8 +5,13 @@
 //! - [`nvrtc`]: compiles `kernels/*.cu` for the device's architecture with NVRTC and
 //!   caches the machine code on disk.
 //! - [`ops`]: embedding gather, RMSNorm fused with the residual add, RoPE, SwiGLU and
-//!   the cuBLAS `linear`, with the same meaning as the CPU reference in [`crate::cpu`].
-//! - [`attention`]: flash-decoding over each sequence's KV cache.
+//!   `linear` (a streaming GEMV for one or two rows, cuBLAS otherwise), with the same
+//!   meaning as the CPU reference in [`crate::cpu`].
+//! - [`attention`]: flash-decoding over each sequence's KV cache; [`prefill`]: causal
+//!   flash attention for prefill chunks.
+//! - [`step`]: the qkv split into the KV caches, and sampling on the device.
+//! - [`model`]: the whole model (weights, caches, batched forward pass); [`graph`]:
+//!   sampling steps, decode steps replayed from CUDA graphs.
 //! - [`testing`]: open the device or skip (used by `tests/cuda_*.rs`).
 //!
 //! cudarc loads libcuda, libnvrtc and libcublas at run time, so the crate builds and
@@ -14,7 +19,9 @@
 
 pub mod attention;
 pub mod device;
+pub mod graph;
 pub mod kernels;
+pub mod model;
 pub mod nvrtc;
 pub mod ops;
 pub mod prefill;
@@ -23,4 +30,6 @@ pub mod testing;
 
 pub use attention::{DecodeWorkspace, KvTable};
 pub use device::{CudaDevice, DeviceError, DeviceInfo};
+pub use graph::StepGraphs;
+pub use model::{CudaModel, GpuCache, GpuSeq};
 pub use ops::{rope_inv_freq, CudaOps};

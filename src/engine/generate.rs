@@ -88,33 +88,10 @@ pub fn generate(
 ) -> Result<(Vec<Generation>, GenerateStats)> {
     let cfg = model.config();
     let ctx = cfg.max_position_embeddings;
-    for (i, r) in reqs.iter().enumerate() {
-        if r.prompt.is_empty() {
-            bail!("request {i}: the prompt is empty");
-        }
-        if r.prompt.len() >= ctx {
-            bail!(
-                "request {i}: prompt of {} tokens does not fit the model's context of {ctx} tokens",
-                r.prompt.len()
-            );
-        }
-        if r.max_tokens == 0 {
-            bail!("request {i}: max_tokens must be at least 1");
-        }
-        r.sampling.validate().map_err(|e| anyhow::anyhow!("request {i}: {e}"))?;
-    }
+    validate_requests(reqs, ctx)?;
     let mut stats = GenerateStats::default();
     let total: usize = reqs.iter().map(|r| r.prompt.len()).sum();
-    let bar = if opts.progress && total > 2 * opts.prefill_chunk {
-        let b = ProgressBar::new(total as u64);
-        b.set_style(
-            ProgressStyle::with_template("prefill {bar:40} {pos}/{len} tokens {per_sec} eta {eta}")
-                .expect("static template"),
-        );
-        b
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = prefill_bar(opts, total);
     let mut seqs = Vec::with_capacity(reqs.len());
     let pool = match opts.attention {
         Attention::Full => None,
@@ -196,11 +173,59 @@ fn push_token(
     eos: &[u32],
     ctx: usize,
 ) -> Result<()> {
+    let full = s.cache.len() >= ctx;
+    push_text(&mut s.out, id, r, tok, eos, full)
+}
+
+/// Appends a sampled token to a sequence's text under the request's stop rules;
+/// `context_full` ends it.
+pub(crate) fn push_text(
+    out: &mut SeqText,
+    id: u32,
+    r: &GenerateRequest,
+    tok: &TextTokenizer,
+    eos: &[u32],
+    context_full: bool,
+) -> Result<()> {
     let rules = StopRules {
         eos,
         stop: &r.stop,
         max_tokens: r.max_tokens,
     };
-    s.out.push(id, tok, &rules, s.cache.len() >= ctx)?;
+    out.push(id, tok, &rules, context_full)?;
     Ok(())
+}
+
+/// Rejects requests that cannot run: an empty prompt, one that fills the context of
+/// `ctx` tokens, no tokens to generate, or bad sampling parameters.
+pub(crate) fn validate_requests(reqs: &[GenerateRequest], ctx: usize) -> Result<()> {
+    for (i, r) in reqs.iter().enumerate() {
+        if r.prompt.is_empty() {
+            bail!("request {i}: the prompt is empty");
+        }
+        if r.prompt.len() >= ctx {
+            bail!(
+                "request {i}: prompt of {} tokens does not fit the model's context of {ctx} tokens",
+                r.prompt.len()
+            );
+        }
+        if r.max_tokens == 0 {
+            bail!("request {i}: max_tokens must be at least 1");
+        }
+        r.sampling.validate().map_err(|e| anyhow::anyhow!("request {i}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The prefill progress bar (shown when asked and the prompts span a few chunks).
+pub(crate) fn prefill_bar(opts: GenerateOptions, total: usize) -> ProgressBar {
+    if !(opts.progress && total > 2 * opts.prefill_chunk) {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(total as u64);
+    b.set_style(
+        ProgressStyle::with_template("prefill {bar:40} {pos}/{len} tokens {per_sec} eta {eta}")
+            .expect("static template"),
+    );
+    b
 }

@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod generate;
+pub mod generate_cuda;
 pub mod sampling;
 pub mod scheduler;
 pub mod text;

@@ -37,17 +37,25 @@ fn special_token(v: Option<&serde_json::Value>) -> String {
     }
 }
 
+/// The architecture preset and seed of a `synthetic:<arch>[@seed]` spec, `None` for
+/// any other spec.
+pub fn synthetic_spec(spec: &str) -> Result<Option<(&str, u64)>> {
+    let Some(rest) = spec.strip_prefix("synthetic:") else {
+        return Ok(None);
+    };
+    Ok(Some(match rest.split_once('@') {
+        Some((a, s)) => (
+            a,
+            s.parse::<u64>()
+                .with_context(|| format!("bad seed `{s}` in `{spec}`"))?,
+        ),
+        None => (rest, 0),
+    }))
+}
+
 /// Opens the model named by `spec`.
 pub fn open_model(spec: &str) -> Result<OpenedModel> {
-    if let Some(rest) = spec.strip_prefix("synthetic:") {
-        let (arch, seed) = match rest.split_once('@') {
-            Some((a, s)) => (
-                a,
-                s.parse::<u64>()
-                    .with_context(|| format!("bad seed `{s}` in `{spec}`"))?,
-            ),
-            None => (rest, 0),
-        };
+    if let Some((arch, seed)) = synthetic_spec(spec)? {
         let config = synthetic::preset(arch)?;
         let tokenizer = synthetic::synthetic_tokenizer(&config)?;
         let chat = ChatTemplate::new(synthetic::CHATML_TEMPLATE, "<|begin_of_text|>", "<|end_of_text|>")?;

@@ -135,61 +135,16 @@ fn check_shape(src: &dyn TensorSource, name: &str, t: Tensor, shape: &[usize]) -
 impl ModelWeights {
     /// Loads every tensor the config calls for, showing a progress bar when `progress`.
     pub fn load(cfg: &ModelConfig, src: &dyn TensorSource, progress: bool) -> Result<Self> {
-        let h = cfg.hidden_size;
-        let bar = if progress {
-            let b = ProgressBar::new(cfg.num_layers as u64 + 2);
-            b.set_style(
-                ProgressStyle::with_template("loading {prefix} {bar:40} {pos}/{len} {elapsed}")
-                    .expect("static template"),
-            );
-            b.set_prefix(src.describe());
-            b
-        } else {
-            ProgressBar::hidden()
-        };
-        let embed = fetch(src, "model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let bar = loading_bar(src, cfg.num_layers as u64 + 2, progress);
+        let embed = load_embed(cfg, src)?;
         bar.inc(1);
-        let parts = layer_tensors(cfg);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
-            let mut m = std::collections::HashMap::new();
-            for (name, shape) in &parts {
-                m.insert(*name, fetch(src, &format!("model.layers.{l}.{name}"), shape)?);
-            }
-            let mut take = |name: &str| m.remove(name).expect("listed by layer_tensors");
-            let qkv_bias = if cfg.attention_bias {
-                Some([
-                    take("self_attn.q_proj.bias"),
-                    take("self_attn.k_proj.bias"),
-                    take("self_attn.v_proj.bias"),
-                ])
-            } else {
-                None
-            };
-            layers.push(LayerWeights {
-                input_norm: take("input_layernorm.weight"),
-                q_proj: take("self_attn.q_proj.weight"),
-                k_proj: take("self_attn.k_proj.weight"),
-                v_proj: take("self_attn.v_proj.weight"),
-                qkv_bias,
-                o_proj: take("self_attn.o_proj.weight"),
-                post_norm: take("post_attention_layernorm.weight"),
-                gate_proj: take("mlp.gate_proj.weight"),
-                up_proj: take("mlp.up_proj.weight"),
-                down_proj: take("mlp.down_proj.weight"),
-            });
+            layers.push(load_layer(cfg, src, l)?);
             bar.inc(1);
         }
-        let norm = fetch(src, "model.norm.weight", &[h])?;
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            match src.load("lm_head.weight")? {
-                // Some checkpoints mark tying only by leaving the head out.
-                None => None,
-                Some(t) => Some(check_shape(src, "lm_head.weight", t, &[cfg.vocab_size, h])?),
-            }
-        };
+        let norm = load_final_norm(cfg, src)?;
+        let lm_head = load_lm_head(cfg, src)?;
         bar.finish_and_clear();
         Ok(ModelWeights {
             embed,
@@ -198,4 +153,74 @@ impl ModelWeights {
             lm_head,
         })
     }
+}
+
+/// The progress bar of a weight load of `steps` steps (hidden unless `show`).
+pub fn loading_bar(src: &dyn TensorSource, steps: u64, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(steps);
+    b.set_style(
+        ProgressStyle::with_template("loading {prefix} {bar:40} {pos}/{len} {elapsed}").expect("static template"),
+    );
+    b.set_prefix(src.describe());
+    b
+}
+
+/// The token embedding table `[vocab, hidden]`.
+pub fn load_embed(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Tensor> {
+    fetch(src, "model.embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size])
+}
+
+/// The final norm's weight `[hidden]`.
+pub fn load_final_norm(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Tensor> {
+    fetch(src, "model.norm.weight", &[cfg.hidden_size])
+}
+
+/// The output head `[vocab, hidden]`, or `None` when it is tied to the embedding.
+pub fn load_lm_head(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Option<Tensor>> {
+    if cfg.tie_word_embeddings {
+        return Ok(None);
+    }
+    match src.load("lm_head.weight")? {
+        // Some checkpoints mark tying only by leaving the head out.
+        None => Ok(None),
+        Some(t) => Ok(Some(check_shape(
+            src,
+            "lm_head.weight",
+            t,
+            &[cfg.vocab_size, cfg.hidden_size],
+        )?)),
+    }
+}
+
+/// The weights of block `l` (loaded one block at a time by backends that upload them).
+pub fn load_layer(cfg: &ModelConfig, src: &dyn TensorSource, l: usize) -> Result<LayerWeights> {
+    let mut m = std::collections::HashMap::new();
+    for (name, shape) in layer_tensors(cfg) {
+        m.insert(name, fetch(src, &format!("model.layers.{l}.{name}"), &shape)?);
+    }
+    let mut take = |name: &str| m.remove(name).expect("listed by layer_tensors");
+    let qkv_bias = if cfg.attention_bias {
+        Some([
+            take("self_attn.q_proj.bias"),
+            take("self_attn.k_proj.bias"),
+            take("self_attn.v_proj.bias"),
+        ])
+    } else {
+        None
+    };
+    Ok(LayerWeights {
+        input_norm: take("input_layernorm.weight"),
+        q_proj: take("self_attn.q_proj.weight"),
+        k_proj: take("self_attn.k_proj.weight"),
+        v_proj: take("self_attn.v_proj.weight"),
+        qkv_bias,
+        o_proj: take("self_attn.o_proj.weight"),
+        post_norm: take("post_attention_layernorm.weight"),
+        gate_proj: take("mlp.gate_proj.weight"),
+        up_proj: take("mlp.up_proj.weight"),
+        down_proj: take("mlp.down_proj.weight"),
+    })
 }

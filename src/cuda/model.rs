@@ -1,0 +1,696 @@
+//! The whole Llama-family model on the GPU: bf16 weights, per-sequence KV caches and a
+//! batched forward pass over sequences of different lengths, the same computation as
+//! [`crate::cpu::CpuModel`] in bf16 storage with fp32 arithmetic.
+//!
+//! One forward pass runs, per layer: fused residual add + RMSNorm, the fused qkv
+//! projection (cuBLAS), the qkv split that adds the bias, applies RoPE and appends k
+//! and v to each sequence's cache, attention (flash-decoding when every sequence brings
+//! one token, causal flash attention for prefill chunks otherwise), the output
+//! projection, the second norm, the fused gate/up projection, SwiGLU and the down
+//! projection. The logits of the wanted rows come out in fp32.
+//!
+//! Everything a step needs from the host (token ids, positions, cache addresses,
+//! lengths) goes to the device in a few copies at the start of the step, into buffers
+//! that stay put, so that [`super::graph::DecodeGraph`] can capture a decode step once
+//! and replay it.
+
+use super::attention::{partition_len, DecodeArgs, DecodeWorkspace, KvTable};
+use super::ops::{rope_inv_freq, CudaOps};
+use super::step::{cache_offsets, RowTargets};
+use crate::cpu::attention::AttnShape;
+use crate::cpu::LogitsWanted;
+use crate::model::config::ModelConfig;
+use crate::model::weights::{load_embed, load_final_norm, load_layer, load_lm_head, loading_bar, Tensor, TensorSource};
+use anyhow::{bail, ensure, Context, Result};
+use cudarc::driver::{CudaSlice, DevicePtr};
+use half::bf16;
+use std::sync::Mutex;
+
+/// One block's weights on the device, q/k/v and gate/up fused.
+struct GpuLayer {
+    input_norm: CudaSlice<bf16>,
+    /// `[(heads + 2·kv_heads)·d, hidden]`.
+    wqkv: CudaSlice<bf16>,
+    bqkv: Option<CudaSlice<bf16>>,
+    wo: CudaSlice<bf16>,
+    post_norm: CudaSlice<bf16>,
+    /// `[2·inter, hidden]`: gate rows, then up rows.
+    w_gate_up: CudaSlice<bf16>,
+    w_down: CudaSlice<bf16>,
+}
+
+/// One sequence's KV cache on the device: `[layer][k | v][cap][kv_heads·d]` bf16, keys
+/// after RoPE.
+pub struct GpuCache {
+    buf: CudaSlice<bf16>,
+    cap: usize,
+    len: usize,
+}
+
+impl GpuCache {
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the cache holds no token.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Tokens it can hold.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Device bytes it holds.
+    pub fn bytes(&self) -> usize {
+        self.buf.len() * 2
+    }
+
+    /// Makes this cache a copy of `other`'s first `other.len()` tokens (benchmarks fill a
+    /// batch from one prefill this way).
+    pub fn copy_from(&mut self, model: &CudaModel, other: &GpuCache) -> Result<()> {
+        ensure!(
+            other.len <= self.cap,
+            "cache of {} tokens cannot take {} tokens",
+            self.cap,
+            other.len
+        );
+        let kvw = model.kv_width();
+        let s = model.ops.device().stream();
+        for l in 0..model.config.num_layers {
+            let (sk, sv) = cache_offsets(l, other.cap, kvw);
+            let (dk, dv) = cache_offsets(l, self.cap, kvw);
+            let n = other.len * kvw;
+            s.memcpy_dtod(&other.buf.slice(sk..sk + n), &mut self.buf.slice_mut(dk..dk + n))?;
+            s.memcpy_dtod(&other.buf.slice(sv..sv + n), &mut self.buf.slice_mut(dv..dv + n))?;
+        }
+        self.len = other.len;
+        Ok(())
+    }
+
+    fn base(&self, model: &CudaModel) -> u64 {
+        self.buf.device_ptr(model.ops.device().stream()).0
+    }
+
+    /// The allocation's device address (identifies the cache in a captured step).
+    pub(crate) fn device_addr(&self, model: &CudaModel) -> u64 {
+        self.base(model)
+    }
+
+    /// Counts `n` tokens the last step appended.
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+}
+
+/// One sequence's part of a batched forward pass.
+pub struct GpuSeq<'a> {
+    /// New tokens, appended after what `cache` holds.
+    pub tokens: &'a [u32],
+    /// The sequence's cache, extended by `tokens`.
+    pub cache: &'a mut GpuCache,
+    /// Which logits to return.
+    pub logits: LogitsWanted,
+}
+
+/// Activations and step inputs, grown on demand and kept between steps.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    rows: usize,
+    picked: usize,
+    batch: usize,
+    x: Option<CudaSlice<bf16>>,
+    xn: Option<CudaSlice<bf16>>,
+    y: Option<CudaSlice<bf16>>,
+    qkv: Option<CudaSlice<bf16>>,
+    q: Option<CudaSlice<bf16>>,
+    attn: Option<CudaSlice<bf16>>,
+    gate_up: Option<CudaSlice<bf16>>,
+    act: Option<CudaSlice<bf16>>,
+    sel: Option<CudaSlice<bf16>>,
+    /// `[picked, vocab]` fp32 logits.
+    pub(crate) logits: Option<CudaSlice<f32>>,
+    /// Token ids of the rows, then the picked rows' indices.
+    pub(crate) ids: Option<CudaSlice<u32>>,
+    /// Positions and cache capacities of the rows, then the sequences' lengths.
+    pub(crate) ints: Option<CudaSlice<i32>>,
+    /// Cache addresses of the rows, then the key and value cache tables
+    /// `[layers][batch]`, then the sampling table `[batch][5]`.
+    pub(crate) addrs: Option<CudaSlice<u64>>,
+    /// Sampled tokens.
+    pub(crate) tokens: Option<CudaSlice<u32>>,
+    pub(crate) decode_ws: DecodeWorkspace,
+    /// Where this step's sampling table starts in `addrs`.
+    pub(crate) sampling_offset: usize,
+    /// Bumped whenever a buffer is reallocated (a captured step is then stale).
+    pub(crate) generation: u64,
+}
+
+fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    ops: &CudaOps,
+    generation: &mut u64,
+    buf: &mut Option<CudaSlice<T>>,
+    n: usize,
+) -> Result<()> {
+    if buf.as_ref().is_none_or(|b| b.len() < n.max(1)) {
+        *buf = None;
+        *buf = Some(ops.device().zeros(n.max(1))?);
+        *generation += 1;
+    }
+    Ok(())
+}
+
+/// What the host sends for one step (see [`CudaModel::stage_step`]).
+pub(crate) struct StepPlan {
+    /// Rows (new tokens) in the step.
+    pub rows: usize,
+    /// Rows whose logits are wanted, in order.
+    pub picked: Vec<u32>,
+    /// New rows per sequence.
+    pub q_rows: Vec<usize>,
+    /// Cache length per sequence after the step.
+    pub lens: Vec<usize>,
+    /// Whether every sequence brings exactly one token (flash-decoding).
+    pub decode: bool,
+    /// Bound of the lengths that sizes the flash-decoding grid (at least the longest).
+    pub max_len: usize,
+}
+
+/// A model on the GPU.
+pub struct CudaModel {
+    ops: CudaOps,
+    config: ModelConfig,
+    embed: CudaSlice<bf16>,
+    layers: Vec<GpuLayer>,
+    norm: CudaSlice<bf16>,
+    lm_head: Option<CudaSlice<bf16>>,
+    inv_freq: CudaSlice<f32>,
+    weight_bytes: usize,
+    pub(crate) scratch: Mutex<Scratch>,
+}
+
+fn to_bf16(t: &Tensor) -> Vec<bf16> {
+    t.data.iter().map(|&v| bf16::from_f32(v)).collect()
+}
+
+impl CudaModel {
+    /// Uploads the weights of `src`, one block at a time (dequantised to f32 by the
+    /// source, stored as bf16), with a progress bar when `progress`.
+    pub fn from_source(ops: CudaOps, config: ModelConfig, src: &dyn TensorSource, progress: bool) -> Result<Self> {
+        config.validate()?;
+        let bar = loading_bar(src, config.num_layers as u64 + 2, progress);
+        let dev = ops.device();
+        let up = |t: &Tensor| dev.upload(&to_bf16(t));
+        let embed = up(&load_embed(&config, src)?)?;
+        bar.inc(1);
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for l in 0..config.num_layers {
+            let w = load_layer(&config, src, l)?;
+            let cat = |parts: &[&Tensor]| -> Result<CudaSlice<bf16>> {
+                let v: Vec<bf16> = parts.iter().flat_map(|t| to_bf16(t)).collect();
+                dev.upload(&v)
+            };
+            layers.push(GpuLayer {
+                input_norm: up(&w.input_norm)?,
+                wqkv: cat(&[&w.q_proj, &w.k_proj, &w.v_proj])?,
+                bqkv: w.qkv_bias.as_ref().map(|[q, k, v]| cat(&[q, k, v])).transpose()?,
+                wo: up(&w.o_proj)?,
+                post_norm: up(&w.post_norm)?,
+                w_gate_up: cat(&[&w.gate_proj, &w.up_proj])?,
+                w_down: up(&w.down_proj)?,
+            });
+            bar.inc(1);
+        }
+        let norm = up(&load_final_norm(&config, src)?)?;
+        let lm_head = load_lm_head(&config, src)?.map(|t| up(&t)).transpose()?;
+        bar.finish_and_clear();
+        Self::assemble(ops, config, embed, layers, norm, lm_head)
+    }
+
+    /// Random weights made on the device (an 8B-shaped model needs no files): matrices
+    /// uniform with standard deviation 1/√fan_in, norm weights 1 ± 0.1, a function of
+    /// `seed` only. They are not the values of the CPU's `synthetic:` source of the same
+    /// seed (that one draws on the host); the cost of a forward pass does not depend on
+    /// them.
+    pub fn synthetic(ops: CudaOps, config: ModelConfig, seed: u64, progress: bool) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let qkv_w = (c.num_heads + 2 * c.num_kv_heads) * d;
+        let counter = std::cell::Cell::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        // Uniform in [-a, a) has standard deviation a/√3.
+        let uniform = |n: usize, std: f32| -> Result<CudaSlice<bf16>> {
+            let mut b = ops.device().zeros::<bf16>(n)?;
+            counter.set(counter.get().wrapping_add(1));
+            ops.fill_random_bf16(&mut b, counter.get(), std * 3f32.sqrt())?;
+            Ok(b)
+        };
+        let matrix = |rows: usize, cols: usize| uniform(rows * cols, 1.0 / (cols as f32).sqrt());
+        let bar = if progress {
+            let b = indicatif::ProgressBar::new(c.num_layers as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("generating weights on the GPU {bar:40} {pos}/{len}")
+                    .expect("static template"),
+            );
+            b
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let embed = matrix(c.vocab_size, h)?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        let mut rng = seed ^ 0x5851_f42d_4c95_7f2d;
+        let mut norm_w = |ops: &CudaOps| -> Result<CudaSlice<bf16>> {
+            let v: Vec<bf16> = (0..h)
+                .map(|_| {
+                    rng = rng
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    bf16::from_f32(1.0 + ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2)
+                })
+                .collect();
+            ops.device().upload(&v)
+        };
+        for _ in 0..c.num_layers {
+            let bqkv = if c.attention_bias {
+                Some(uniform(qkv_w, 0.02)?)
+            } else {
+                None
+            };
+            layers.push(GpuLayer {
+                input_norm: norm_w(&ops)?,
+                wqkv: matrix(qkv_w, h)?,
+                bqkv,
+                wo: matrix(h, c.num_heads * d)?,
+                post_norm: norm_w(&ops)?,
+                w_gate_up: matrix(2 * c.intermediate_size, h)?,
+                w_down: matrix(h, c.intermediate_size)?,
+            });
+            bar.inc(1);
+        }
+        let norm = norm_w(&ops)?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(matrix(c.vocab_size, h)?)
+        };
+        bar.finish_and_clear();
+        Self::assemble(ops, config, embed, layers, norm, lm_head)
+    }
+
+    fn assemble(
+        ops: CudaOps,
+        config: ModelConfig,
+        embed: CudaSlice<bf16>,
+        layers: Vec<GpuLayer>,
+        norm: CudaSlice<bf16>,
+        lm_head: Option<CudaSlice<bf16>>,
+    ) -> Result<Self> {
+        let d = config.head_dim;
+        ensure!(
+            d == 64 || d == 128,
+            "the CUDA backend supports head dimensions 64 and 128, this model has {d}"
+        );
+        let inv_freq = ops.device().upload(&rope_inv_freq(&config))?;
+        let weight_bytes = 2
+            * (embed.len()
+                + norm.len()
+                + lm_head.as_ref().map_or(0, |w| w.len())
+                + layers
+                    .iter()
+                    .map(|l| {
+                        l.input_norm.len()
+                            + l.wqkv.len()
+                            + l.bqkv.as_ref().map_or(0, |b| b.len())
+                            + l.wo.len()
+                            + l.post_norm.len()
+                            + l.w_gate_up.len()
+                            + l.w_down.len()
+                    })
+                    .sum::<usize>());
+        ops.device().synchronize()?;
+        Ok(CudaModel {
+            ops,
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            weight_bytes,
+            scratch: Mutex::new(Scratch::default()),
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The device operations.
+    pub fn ops(&self) -> &CudaOps {
+        &self.ops
+    }
+
+    /// Bytes of weights on the device (what a decode step reads once).
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// `kv_heads · head_dim`.
+    pub fn kv_width(&self) -> usize {
+        self.config.num_kv_heads * self.config.head_dim
+    }
+
+    /// Device bytes of a cache of `cap` tokens.
+    pub fn cache_bytes(&self, cap: usize) -> usize {
+        self.config.num_layers * 2 * cap * self.kv_width() * 2
+    }
+
+    /// An empty cache for up to `cap` tokens.
+    pub fn new_cache(&self, cap: usize) -> Result<GpuCache> {
+        ensure!(cap > 0, "a cache needs room for at least one token");
+        let n = self.config.num_layers * 2 * cap * self.kv_width();
+        let (free, _) = self.ops.device().mem_info()?;
+        let free = if n * 2 > free {
+            // Freed caches may still sit in the allocator's pool.
+            self.ops.device().release_memory()?;
+            self.ops.device().mem_info()?.0
+        } else {
+            free
+        };
+        if n * 2 > free {
+            bail!(
+                "a KV cache of {cap} tokens needs {:.2} GiB of GPU memory, {:.2} GiB are free",
+                (n * 2) as f64 / (1u64 << 30) as f64,
+                free as f64 / (1u64 << 30) as f64
+            );
+        }
+        let buf = self
+            .ops
+            .device()
+            .zeros(n)
+            .with_context(|| format!("allocating a KV cache of {cap} tokens"))?;
+        Ok(GpuCache { buf, cap, len: 0 })
+    }
+
+    /// Feeds `ids` after what `cache` holds, `chunk` tokens per forward pass, reporting
+    /// each chunk's length to `progress`; returns the logits of the last token.
+    pub fn prefill(
+        &self,
+        cache: &mut GpuCache,
+        ids: &[u32],
+        chunk: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<f32>> {
+        let chunk = chunk.max(1);
+        let mut logits = Vec::new();
+        for (ci, part) in ids.chunks(chunk).enumerate() {
+            let want = if (ci + 1) * chunk >= ids.len() {
+                LogitsWanted::Last
+            } else {
+                LogitsWanted::None
+            };
+            logits = self
+                .forward(&mut [GpuSeq {
+                    tokens: part,
+                    cache: &mut *cache,
+                    logits: want,
+                }])?
+                .remove(0);
+            progress(part.len());
+        }
+        Ok(logits)
+    }
+
+    /// Runs the new tokens of every sequence, extending their caches; returns, per
+    /// sequence, the wanted logits as rows of `vocab_size` fp32 values.
+    pub fn forward(&self, seqs: &mut [GpuSeq]) -> Result<Vec<Vec<f32>>> {
+        let mut sc = self.scratch.lock().expect("scratch lock");
+        let plan = self.stage_step(&mut sc, seqs)?;
+        self.encode_step(
+            &mut sc,
+            &plan,
+            seqs.iter().map(|s| &*s.cache).collect::<Vec<_>>().as_slice(),
+        )?;
+        let v = self.config.vocab_size;
+        let mut out = Vec::with_capacity(seqs.len());
+        let host: Vec<f32> = if plan.picked.is_empty() {
+            Vec::new()
+        } else {
+            let logits = sc.logits.as_ref().expect("staged");
+            self.ops
+                .device()
+                .stream()
+                .clone_dtoh(&logits.slice(0..plan.picked.len() * v))?
+        };
+        let mut at = 0;
+        for s in seqs.iter_mut() {
+            let k = match s.logits {
+                LogitsWanted::None => 0,
+                LogitsWanted::Last => 1,
+                LogitsWanted::All => s.tokens.len(),
+            };
+            out.push(host[at * v..(at + k) * v].to_vec());
+            at += k;
+            s.cache.advance(s.tokens.len());
+        }
+        Ok(out)
+    }
+
+    /// Checks a step and copies its inputs into the scratch buffers (growing them).
+    pub(crate) fn stage_step(&self, sc: &mut Scratch, seqs: &[GpuSeq]) -> Result<StepPlan> {
+        let c = &self.config;
+        let mut ids = Vec::new();
+        let (mut positions, mut caps, mut bases) = (Vec::new(), Vec::new(), Vec::new());
+        let mut picked = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            let end = s.cache.len + s.tokens.len();
+            if end > c.max_position_embeddings {
+                bail!(
+                    "sequence of {end} tokens exceeds the model's context of {} tokens",
+                    c.max_position_embeddings
+                );
+            }
+            if end > s.cache.cap {
+                bail!("sequence {i}: {end} tokens exceed its cache of {} tokens", s.cache.cap);
+            }
+            if let Some(&t) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                bail!("token id {t} is outside the vocabulary ({} ids)", c.vocab_size);
+            }
+            let r0 = ids.len() as u32;
+            match s.logits {
+                LogitsWanted::None => {}
+                LogitsWanted::Last if s.tokens.is_empty() => {}
+                LogitsWanted::Last => picked.push(r0 + s.tokens.len() as u32 - 1),
+                LogitsWanted::All => picked.extend(r0..r0 + s.tokens.len() as u32),
+            }
+            ids.extend_from_slice(s.tokens);
+            let base = s.cache.base(self);
+            for p in s.cache.len..end {
+                positions.push(p as i32);
+                caps.push(s.cache.cap as i32);
+                bases.push(base);
+            }
+        }
+        let lens: Vec<usize> = seqs.iter().map(|s| s.cache.len + s.tokens.len()).collect();
+        let q_rows: Vec<usize> = seqs.iter().map(|s| s.tokens.len()).collect();
+        let decode = q_rows.iter().all(|&n| n == 1);
+        let plan = StepPlan {
+            rows: ids.len(),
+            picked,
+            q_rows,
+            max_len: lens.iter().copied().max().unwrap_or(0),
+            lens,
+            decode,
+        };
+        self.reserve(sc, plan.rows, plan.picked.len(), seqs.len())?;
+        let (b, l) = (seqs.len(), c.num_layers);
+        let kvw = self.kv_width();
+        let mut ints = positions;
+        ints.extend(caps);
+        ints.extend(plan.lens.iter().map(|&n| n as i32));
+        let mut addrs = bases;
+        for part in [0, 1] {
+            for layer in 0..l {
+                for s in seqs {
+                    let (ko, vo) = cache_offsets(layer, s.cache.cap, kvw);
+                    addrs.push(s.cache.base(self) + 2 * [ko, vo][part] as u64);
+                }
+            }
+        }
+        debug_assert_eq!(addrs.len(), plan.rows + 2 * l * b);
+        sc.sampling_offset = addrs.len();
+        ids.extend_from_slice(&plan.picked);
+        let s = self.ops.device().stream();
+        s.memcpy_htod(&ids, sc.ids.as_mut().expect("reserved"))?;
+        s.memcpy_htod(&ints, sc.ints.as_mut().expect("reserved"))?;
+        s.memcpy_htod(&addrs, sc.addrs.as_mut().expect("reserved"))?;
+        Ok(plan)
+    }
+
+    /// Makes the scratch big enough for `rows` rows, `picked` logits rows and `batch`
+    /// sequences.
+    pub(crate) fn reserve(&self, sc: &mut Scratch, rows: usize, picked: usize, batch: usize) -> Result<()> {
+        let c = &self.config;
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let qd = c.num_heads * d;
+        let qkv_w = qd + 2 * self.kv_width();
+        let ops = &self.ops;
+        let g = &mut sc.generation;
+        if rows > sc.rows {
+            grow(ops, g, &mut sc.x, rows * h)?;
+            grow(ops, g, &mut sc.xn, rows * h)?;
+            grow(ops, g, &mut sc.y, rows * h)?;
+            grow(ops, g, &mut sc.qkv, rows * qkv_w)?;
+            grow(ops, g, &mut sc.q, rows * qd)?;
+            grow(ops, g, &mut sc.attn, rows * qd)?;
+            grow(ops, g, &mut sc.gate_up, rows * 2 * c.intermediate_size)?;
+            grow(ops, g, &mut sc.act, rows * c.intermediate_size)?;
+            sc.rows = rows;
+        }
+        if picked > sc.picked {
+            grow(ops, g, &mut sc.sel, picked * h)?;
+            grow(ops, g, &mut sc.logits, picked * c.vocab_size)?;
+            sc.picked = picked;
+        }
+        sc.batch = sc.batch.max(batch);
+        grow(ops, g, &mut sc.ids, sc.rows + sc.picked)?;
+        grow(ops, g, &mut sc.ints, 2 * sc.rows + sc.batch)?;
+        grow(
+            ops,
+            g,
+            &mut sc.addrs,
+            sc.rows + 2 * c.num_layers * sc.batch + 5 * sc.batch,
+        )?;
+        grow(ops, g, &mut sc.tokens, sc.batch)?;
+        Ok(())
+    }
+
+    /// Queues the kernels of a staged step: every launch reads its inputs from the
+    /// scratch buffers, so a decode step can be captured once and replayed.
+    pub(crate) fn encode_step(&self, sc: &mut Scratch, plan: &StepPlan, caches: &[&GpuCache]) -> Result<()> {
+        let c = &self.config;
+        let n = plan.rows;
+        if n == 0 {
+            return Ok(());
+        }
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let (qd, kvw) = (c.num_heads * d, self.kv_width());
+        let qkv_w = qd + 2 * kvw;
+        let inter = c.intermediate_size;
+        let eps = c.rms_norm_eps;
+        let shape = AttnShape {
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: d,
+        };
+        let ops = &self.ops;
+        let s = ops.device().stream().clone();
+        let batch = caches.len();
+        let Scratch {
+            x,
+            xn,
+            y,
+            qkv,
+            q,
+            attn,
+            gate_up,
+            act,
+            sel,
+            logits,
+            ids,
+            ints,
+            addrs,
+            decode_ws,
+            ..
+        } = sc;
+        let (x, xn, y) = (x.as_mut().unwrap(), xn.as_mut().unwrap(), y.as_mut().unwrap());
+        let (qkv, q, attn) = (qkv.as_mut().unwrap(), q.as_mut().unwrap(), attn.as_mut().unwrap());
+        let (gate_up, act) = (gate_up.as_mut().unwrap(), act.as_mut().unwrap());
+        let (ids, ints, addrs) = (ids.as_ref().unwrap(), ints.as_ref().unwrap(), addrs.as_ref().unwrap());
+        let ints_p = ints.device_ptr(&s).0;
+        let addrs_p = addrs.device_ptr(&s).0;
+        let targets = RowTargets {
+            rows: n,
+            positions: ints_p,
+            cache_base: addrs_p,
+            cache_cap: ints_p + 4 * n as u64,
+        };
+        let lens_p = ints_p + 8 * n as u64;
+        let k_table = addrs_p + 8 * n as u64;
+        let v_table = k_table + 8 * (c.num_layers * batch) as u64;
+        let max_len = plan.max_len;
+        let part = partition_len(batch, c.num_kv_heads, max_len, ops.decode_slots());
+        ops.embedding(x, &self.embed, ids, n, h, c.vocab_size)?;
+        for (l, w) in self.layers.iter().enumerate() {
+            let residual = if l == 0 {
+                None
+            } else {
+                Some(&*y as &dyn super::ops::DevicePtrDyn)
+            };
+            ops.rmsnorm_residual(xn, x, residual, &w.input_norm, n, h, eps)?;
+            ops.linear(qkv, xn, &w.wqkv, n, h, qkv_w, false)?;
+            // SAFETY: the targets were staged for these caches, each big enough (checked
+            // in stage_step) and alive for the step (borrowed by `caches`).
+            unsafe {
+                ops.qkv_rope_append(
+                    q,
+                    None,
+                    qkv,
+                    w.bqkv.as_ref(),
+                    &targets,
+                    &self.inv_freq,
+                    l,
+                    (c.num_heads, c.num_kv_heads, d),
+                )?
+            };
+            if plan.decode {
+                let args = DecodeArgs {
+                    out: attn.device_ptr(&s).0,
+                    q: q.device_ptr(&s).0,
+                    k_ptrs: k_table + 8 * (l * batch) as u64,
+                    v_ptrs: v_table + 8 * (l * batch) as u64,
+                    lens: lens_p,
+                    batch,
+                    max_len,
+                };
+                // SAFETY: q and attn hold rows = batch query rows; the tables hold this
+                // layer's cache addresses, whose caches hold `lens` rows (staged above).
+                unsafe { ops.flash_decode_raw(&args, shape, decode_ws, part)? };
+            } else {
+                let views: Vec<_> = caches
+                    .iter()
+                    .zip(&plan.lens)
+                    .map(|(cache, &len)| {
+                        let (ko, vo) = cache_offsets(l, cache.cap, kvw);
+                        (
+                            cache.buf.slice(ko..ko + len * kvw),
+                            cache.buf.slice(vo..vo + len * kvw),
+                            len,
+                        )
+                    })
+                    .collect();
+                let refs: Vec<_> = views.iter().map(|(k, v, len)| (k, v, *len)).collect();
+                let table = KvTable::new(ops, &refs, kvw)?;
+                ops.flash_prefill(attn, q, &table, &plan.q_rows, shape)?;
+            }
+            ops.linear(y, attn, &w.wo, n, qd, h, false)?;
+            ops.rmsnorm_residual(xn, x, Some(&*y), &w.post_norm, n, h, eps)?;
+            ops.linear(gate_up, xn, &w.w_gate_up, n, h, 2 * inter, false)?;
+            ops.swiglu(act, gate_up, n, inter)?;
+            ops.linear(y, act, &w.w_down, n, inter, h, false)?;
+        }
+        if plan.picked.is_empty() {
+            return Ok(());
+        }
+        let k = plan.picked.len();
+        let (sel, logits) = (sel.as_mut().unwrap(), logits.as_mut().unwrap());
+        ops.rmsnorm_residual(xn, x, Some(&*y), &self.norm, n, h, eps)?;
+        ops.embedding(sel, xn, &ids.slice(n..n + k), k, h, n)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        ops.linear_f32(logits, sel, head, k, h, c.vocab_size)?;
+        Ok(())
+    }
+}
