@@ -750,12 +750,13 @@ fn bad_topologies_fail_with_key_and_line() {
             assert!(err.contains(w), "{topo:?}: stderr lacks {w:?}:\n{err}");
         }
     }
-    // The GPU host's topology is valid but needs CUDA, which this build refuses by name.
+    // The GPU host's topology is valid, but the CUDA backend serves full attention
+    // only so far: refused by name, before any model is opened.
     let h200 = std::fs::read_to_string(common::repo_file("pipeline-configs/h200.toml")).unwrap();
     let (status, err) = serve_fails(&h200, &[]);
     assert!(!status.success());
     assert!(
-        err.contains("backend.kind") && err.contains("cuda") && err.contains("not available in this build"),
+        err.contains("attention.mode") && err.contains("full attention only"),
         "{err}"
     );
 }

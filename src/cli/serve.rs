@@ -4,6 +4,7 @@
 
 use crate::cpu::CpuModel;
 use crate::engine::backend::ShadowCpuModel;
+use crate::engine::backend_cuda::CudaBatchModel;
 use crate::engine::scheduler::{spawn_engine, EngineHandle, SchedulerConfig};
 use crate::model::config::ModelConfig;
 use crate::model::load::open_model;
@@ -160,6 +161,12 @@ fn shadow_settings(
     Ok(Some((p, pool)))
 }
 
+/// The model the engine thread runs.
+enum Loaded {
+    Cpu(Box<CpuModel>),
+    Cuda(Box<CudaBatchModel>),
+}
+
 /// Runs `shadowkv serve`.
 pub fn run(a: ServeArgs) -> Result<()> {
     init_tracing();
@@ -170,12 +177,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .with_context(|| format!("--listen `{l}` is not an address like 127.0.0.1:8000"))?,
         None => topo.server.listen.parse().expect("validated"),
     };
-    if topo.backend.kind == BackendKind::Cuda {
+    let cuda = topo.backend.kind == BackendKind::Cuda;
+    if cuda && topo.attention.mode != AttentionMode::Full {
         return Err(topo
             .error_at(
-                "backend.kind",
-                "backend \"cuda\" is not available in this build (only \"cpu\" is); \
-                 the topology is valid but cannot run here",
+                "attention.mode",
+                "the cuda backend serves full attention only for now (ShadowKV runs on the cpu backend)",
             )
             .into());
     }
@@ -213,10 +220,22 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .into());
     }
     let shadow = shadow_settings(&topo, &m.config, max_context)?;
-    let weights = ModelWeights::load(&m.config, m.source.as_ref(), false)?;
-    let model = CpuModel::new(m.config.clone(), weights);
+    let model = if cuda {
+        let args = super::backend::CudaArgs {
+            device: topo.backend.device as usize,
+            no_graph: false,
+        };
+        let model = super::backend::load_cuda_model(&spec, &m, &args, false)?;
+        Loaded::Cuda(Box::new(
+            CudaBatchModel::new(model, max_context, topo.limits.max_batch)
+                .map_err(|e| topo.error_at("limits", format!("{e:#}")))?,
+        ))
+    } else {
+        let weights = ModelWeights::load(&m.config, m.source.as_ref(), false)?;
+        Loaded::Cpu(Box::new(CpuModel::new(m.config.clone(), weights)))
+    };
     let name = served_name(&topo, &spec);
-    let kv_per_token = m.config.kv_bytes_per_token(4);
+    let kv_per_token = m.config.kv_bytes_per_token(if cuda { 2 } else { 4 });
     info!(
         model = %spec, name = %name, format = m.format, threads,
         max_batch = topo.limits.max_batch, max_context, max_queue = topo.limits.max_queue,
@@ -240,9 +259,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
         prefill_chunk: topo.limits.prefill_chunk,
     };
     let tok = Arc::new(m.tokenizer);
-    let (engine, engine_thread) = match shadow {
-        None => spawn_engine(model, tok.clone(), config, trace),
-        Some((params, pool)) => spawn_engine(ShadowCpuModel::new(model, params, pool)?, tok.clone(), config, trace),
+    let (engine, engine_thread) = match model {
+        Loaded::Cuda(model) => spawn_engine(*model, tok.clone(), config, trace),
+        Loaded::Cpu(model) => match shadow {
+            None => spawn_engine(*model, tok.clone(), config, trace),
+            Some((params, pool)) => {
+                spawn_engine(ShadowCpuModel::new(*model, params, pool)?, tok.clone(), config, trace)
+            }
+        },
     }
     .context("starting the engine thread")?;
     let state = Arc::new(AppState::new(

@@ -1,6 +1,7 @@
 //! Sampling, the generation loop and the continuous-batching scheduler on top of a backend.
 
 pub mod backend;
+pub mod backend_cuda;
 pub mod generate;
 pub mod generate_cuda;
 pub mod sampling;
