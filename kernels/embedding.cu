@@ -4,10 +4,14 @@
 // NaN so that a bad id can never pass silently as plausible numbers.
 #include <cuda_bf16.h>
 
+#include "pdl.cuh"
+
 extern "C" __global__ void embedding_gather(__nv_bfloat16* __restrict__ out,
                                             const __nv_bfloat16* __restrict__ table,
                                             const unsigned int* __restrict__ ids,
                                             int hidden, unsigned int vocab) {
+    pdl_wait();
+    pdl_trigger();
     const int r = blockIdx.x;
     const unsigned int id = ids[r];
     __nv_bfloat16* dst = out + (size_t)r * hidden;

@@ -25,6 +25,8 @@
 // are built from them without shuffles.
 #include <cuda_bf16.h>
 
+#include "pdl.cuh"
+
 #define FD_WARPS 4
 #define FD_THREADS (FD_WARPS * 32)
 #define FD_HEADS 8  // query heads per block after padding (mma n)
@@ -74,6 +76,8 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
     float* red = S;
     const int SP = part_len + 4;  // padded row: conflict-free score stores
 
+    pdl_wait();
+    pdl_trigger();
     const int part = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
     const int len = lens[b];
     const int start = part * part_len;
@@ -246,6 +250,8 @@ extern "C" __global__ void flash_decode_reduce(__nv_bfloat16* __restrict__ out,
                                                const float2* __restrict__ ml_part,
                                                const int* __restrict__ lens, int heads, int head_dim,
                                                int part_len, int max_parts) {
+    pdl_wait();
+    pdl_trigger();
     extern __shared__ float smem[];
     float* wgt = smem;              // [max_parts]
     float* red = smem + max_parts;  // [S][head_dim]

@@ -1,14 +1,18 @@
-// Skinny matrix products for decode: out[m, n] (+)= x[m, k] · W[n, k]ᵀ for m ≤ 8 rows,
+// Skinny matrix products for decode: out[m, n] (+)= x[m, k] · W[n, k]ᵀ for m ≤ 2 rows,
 // bf16 operands, fp32 accumulation, bf16 or fp32 output.
 //
 // At decode the product is bound by reading W once from HBM, so the kernel is a
-// streaming read: one warp per output column n (a row of W), each lane reading 16-byte
-// chunks of that row, GEMV_UNROLL chunks in flight per lane, the m input rows (small,
-// shared by every warp) through the read-only cache. Partial sums are reduced across
-// the warp with shuffles. Requires k % 8 == 0 and 16-byte aligned rows.
+// streaming read. A block of GEMV_WARPS warps covers GEMV_WARPS / splits columns
+// (rows of W); the `splits` warps of a column each stream one slice of its k range in
+// 16-byte chunks, GEMV_UNROLL chunks in flight per lane, with the m input rows (small,
+// shared by every warp) through the read-only cache. Warp shuffles, then shared memory,
+// reduce the partial sums. The host picks `splits` (1, 2, 4 or 8) so that the grid fills
+// whole waves of resident warps: small matrices would otherwise leave most of the GPU
+// idle for a second, partial wave. Requires k % 8 == 0 and 16-byte aligned rows.
 #include <cuda_bf16.h>
 
-#define GEMV_MAX_M 8
+#include "pdl.cuh"
+
 #define GEMV_WARPS 8
 #define GEMV_UNROLL 4
 
@@ -22,92 +26,99 @@ __device__ __forceinline__ void gemv_unpack(const uint4& u, float (&f)[8]) {
     }
 }
 
+template <int M>
+__device__ __forceinline__ void gemv_fma(const uint4& w, const uint4* __restrict__ xr, int chunks, int c,
+                                         float (&acc)[M]) {
+    float wf[8];
+    gemv_unpack(w, wf);
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+        float xf[8];
+        gemv_unpack(__ldg(xr + (size_t)r * chunks + c), xf);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[r] = fmaf(wf[j], xf[j], acc[r]);
+    }
+}
+
 template <int M, typename Out>
 __device__ __forceinline__ void gemv_rows(Out* __restrict__ out, const __nv_bfloat16* __restrict__ x,
-                                          const __nv_bfloat16* __restrict__ w, int n, int k,
-                                          int accumulate) {
+                                          const __nv_bfloat16* __restrict__ w, int n, int k, int accumulate,
+                                          int splits) {
+    __shared__ float red[GEMV_WARPS][M];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int col = blockIdx.x * GEMV_WARPS + warp;
-    if (col >= n) return;
-    const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)col * k);
-    const uint4* xr = reinterpret_cast<const uint4*>(x);
+    const int cols = GEMV_WARPS / splits;
+    const int col = blockIdx.x * cols + warp / splits;
+    const int part = warp % splits;
     const int chunks = k >> 3;
+    const int per = (chunks + splits - 1) / splits;
+    const int c0 = part * per, c1 = min(chunks, c0 + per);
     float acc[M];
 #pragma unroll
     for (int r = 0; r < M; ++r) acc[r] = 0.f;
-    int c = lane;
-    for (; c + 32 * (GEMV_UNROLL - 1) < chunks; c += 32 * GEMV_UNROLL) {
-        uint4 wv[GEMV_UNROLL];
+    if (col < n) {
+        const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)col * k);
+        const uint4* xr = reinterpret_cast<const uint4*>(x);
+        int c = c0 + lane;
+        for (; c + 32 * (GEMV_UNROLL - 1) < c1; c += 32 * GEMV_UNROLL) {
+            uint4 wv[GEMV_UNROLL];
 #pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; ++u) wv[u] = __ldcs(wr + c + 32 * u);  // streamed once
+            for (int u = 0; u < GEMV_UNROLL; ++u) wv[u] = __ldcs(wr + c + 32 * u);  // streamed once
 #pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; ++u) {
-            float wf[8];
-            gemv_unpack(wv[u], wf);
-#pragma unroll
-            for (int r = 0; r < M; ++r) {
-                float xf[8];
-                gemv_unpack(__ldg(xr + (size_t)r * chunks + c + 32 * u), xf);
-#pragma unroll
-                for (int j = 0; j < 8; ++j) acc[r] = fmaf(wf[j], xf[j], acc[r]);
-            }
+            for (int u = 0; u < GEMV_UNROLL; ++u) gemv_fma<M>(wv[u], xr, chunks, c + 32 * u, acc);
         }
-    }
-    for (; c < chunks; c += 32) {
-        float wf[8];
-        gemv_unpack(__ldcs(wr + c), wf);
-#pragma unroll
-        for (int r = 0; r < M; ++r) {
-            float xf[8];
-            gemv_unpack(__ldg(xr + (size_t)r * chunks + c), xf);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) acc[r] = fmaf(wf[j], xf[j], acc[r]);
-        }
+        for (; c < c1; c += 32) gemv_fma<M>(__ldcs(wr + c), xr, chunks, c, acc);
     }
 #pragma unroll
     for (int r = 0; r < M; ++r) {
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
     }
-    if (lane < M) {
-        // Lane r writes row r (a register array indexed by a constant per unrolled step).
-        float v = 0.f;
+    if (lane == 0) {
 #pragma unroll
-        for (int r = 0; r < M; ++r)
-            if (lane == r) v = acc[r];
-        Out* dst = out + (size_t)lane * n + col;
-        if constexpr (sizeof(Out) == 4) {
-            *dst = accumulate ? *dst + v : v;
-        } else {
-            *dst = __float2bfloat16_rn(accumulate ? __bfloat162float(*dst) + v : v);
+        for (int r = 0; r < M; ++r) red[warp][r] = acc[r];
+    }
+    __syncthreads();
+    // Thread t < cols·M finishes column t / M, row t % M.
+    const int t = threadIdx.x;
+    if (t < cols * M) {
+        const int lc = t / M, r = t - lc * M;
+        const int oc = blockIdx.x * cols + lc;
+        if (oc < n) {
+            float v = 0.f;
+            for (int s = 0; s < splits; ++s) v += red[lc * splits + s][r];
+            Out* dst = out + (size_t)r * n + oc;
+            if constexpr (sizeof(Out) == 4) {
+                *dst = accumulate ? *dst + v : v;
+            } else {
+                *dst = __float2bfloat16_rn(accumulate ? __bfloat162float(*dst) + v : v);
+            }
         }
     }
 }
 
 template <typename Out>
 __device__ __forceinline__ void gemv_dispatch(Out* out, const __nv_bfloat16* x, const __nv_bfloat16* w,
-                                              int m, int n, int k, int accumulate) {
-    switch (m) {
-        case 1: gemv_rows<1>(out, x, w, n, k, accumulate); break;
-        case 2: gemv_rows<2>(out, x, w, n, k, accumulate); break;
-        case 3: gemv_rows<3>(out, x, w, n, k, accumulate); break;
-        case 4: gemv_rows<4>(out, x, w, n, k, accumulate); break;
-        case 5: gemv_rows<5>(out, x, w, n, k, accumulate); break;
-        case 6: gemv_rows<6>(out, x, w, n, k, accumulate); break;
-        case 7: gemv_rows<7>(out, x, w, n, k, accumulate); break;
-        default: gemv_rows<8>(out, x, w, n, k, accumulate); break;
+                                              int m, int n, int k, int accumulate, int splits) {
+    if (m == 1) {
+        gemv_rows<1>(out, x, w, n, k, accumulate, splits);
+    } else {
+        gemv_rows<2>(out, x, w, n, k, accumulate, splits);
     }
 }
 
-// Grid ceil(n / GEMV_WARPS), GEMV_WARPS * 32 threads.
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+// Grid ceil(n / (GEMV_WARPS / splits)), GEMV_WARPS * 32 threads.
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
     gemv_bf16(__nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ x,
-              const __nv_bfloat16* __restrict__ w, int m, int n, int k, int accumulate) {
-    gemv_dispatch(out, x, w, m, n, k, accumulate);
+              const __nv_bfloat16* __restrict__ w, int m, int n, int k, int accumulate, int splits) {
+    pdl_wait();
+    pdl_trigger();
+    gemv_dispatch(out, x, w, m, n, k, accumulate, splits);
 }
 
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
     gemv_f32(float* __restrict__ out, const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
-             int m, int n, int k, int accumulate) {
-    gemv_dispatch(out, x, w, m, n, k, accumulate);
+             int m, int n, int k, int accumulate, int splits) {
+    pdl_wait();
+    pdl_trigger();
+    gemv_dispatch(out, x, w, m, n, k, accumulate, splits);
 }

@@ -10,6 +10,8 @@
 // One block per row.
 #include <cuda_bf16.h>
 
+#include "pdl.cuh"
+
 extern "C" __global__ void qkv_rope_append(__nv_bfloat16* __restrict__ q_out,
                                            __nv_bfloat16* __restrict__ k_pre_out,
                                            const __nv_bfloat16* __restrict__ qkv,
@@ -19,6 +21,8 @@ extern "C" __global__ void qkv_rope_append(__nv_bfloat16* __restrict__ q_out,
                                            const int* __restrict__ row_cap,
                                            const float* __restrict__ inv_freq, int layer,
                                            int heads, int kv_heads, int half) {
+    pdl_wait();
+    pdl_trigger();
     extern __shared__ float cs[];  // cos[half], sin[half]
     const int row = blockIdx.x;
     const int pos = positions[row];

@@ -7,6 +7,8 @@
 // norm of what later layers read back. One block per row; rows of any width.
 #include <cuda_bf16.h>
 
+#include "pdl.cuh"
+
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -43,6 +45,8 @@ extern "C" __global__ void rmsnorm_residual(__nv_bfloat16* __restrict__ y,
                                             const __nv_bfloat16* __restrict__ r,
                                             const __nv_bfloat16* __restrict__ w,
                                             int hidden, float eps) {
+    pdl_wait();
+    pdl_trigger();
     __shared__ float scratch[32];
     const size_t base = (size_t)blockIdx.x * hidden;
     __nv_bfloat16* xr = x + base;

@@ -12,6 +12,8 @@
 // floats: 32 counting passes over the row, no sort.
 #include <cuda_bf16.h>
 
+#include "pdl.cuh"
+
 #define SAMPLE_THREADS 1024
 
 __device__ __forceinline__ unsigned int ordered(float f) {
@@ -50,6 +52,8 @@ __device__ __forceinline__ unsigned long long best_of(unsigned long long a, unsi
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_rows(unsigned int* __restrict__ out, const float* __restrict__ logits, int vocab,
                 const unsigned long long* __restrict__ params) {
+    pdl_wait();
+    pdl_trigger();
     __shared__ unsigned long long s_u64[32];
     __shared__ unsigned int s_u32[32];
     __shared__ float s_f32[32];

@@ -2,12 +2,16 @@
 // [gate | up] of width 2*inter and writing rows of width inter. fp32 arithmetic.
 #include <cuda_bf16.h>
 
+#include "pdl.cuh"
+
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 // grid: (ceil(inter / (blockDim.x * 8)), rows) when inter % 8 == 0, else
 // (ceil(inter / blockDim.x), rows).
 extern "C" __global__ void swiglu(__nv_bfloat16* __restrict__ out,
                                   const __nv_bfloat16* __restrict__ gate_up, int inter) {
+    pdl_wait();
+    pdl_trigger();
     const int row = blockIdx.y;
     const __nv_bfloat16* g = gate_up + (size_t)row * 2 * inter;
     const __nv_bfloat16* u = g + inter;

@@ -287,9 +287,11 @@ fn linear_matches_cpu() {
     let dev = ops.device();
     let mut rng = seeded("linear");
     // Up to GEMV_MAX_M rows run the GEMV kernel (and, with it off, cuBLAS); more run
-    // cuBLAS.
+    // cuBLAS. n = 6144 splits each column between warps on an H200 (gemv_splits).
     for &(m, k, n) in &[
         (1usize, 4096usize, 4096usize),
+        (1, 4096, 6144),
+        (2, 4096, 6144),
         (2, 1000, 333),
         (7, 1000, 333),
         (8, 14_336, 301),

@@ -241,8 +241,13 @@ fn smollm2_matches_the_cpu_and_its_greedy_tokens() {
     }
 }
 
-/// Sequences of different lengths in one step (prefill chunks beside decode rows)
-/// give what each gives alone, and replayed graphs give what eager steps give.
+/// Sequences of different lengths in one step (prefill chunks beside decode rows),
+/// decoded together with steps replayed from a CUDA graph, pick the tokens each picks
+/// alone in eager forward passes. Both runs take the same (teacher-forced) tokens, and
+/// the batched token must be the lone run's argmax wherever that run's top-2 margin is
+/// clear of bf16 noise: one row or three take different matrix-product kernels (GEMV or
+/// cuBLAS), so near-ties may break either way, but a wrong cache, table or graph input
+/// cannot pass.
 #[test]
 fn batches_and_graph_replays_equal_single_eager_runs() {
     let Some(ops) = ops_or_skip() else { return };
@@ -254,85 +259,84 @@ fn batches_and_graph_replays_equal_single_eager_runs() {
         .map(|&n| (0..n).map(|_| rng.random_range(100..40_000)).collect())
         .collect();
     let steps = 24;
-    let greedy = sampling_row(&SamplingParams::default(), 0, 0);
-    // Alone, eager.
-    let mut alone = Vec::new();
+    // Alone, eager forward passes, greedy on the host: tokens and logits per step.
+    let mut alone: Vec<(Vec<u32>, Vec<Vec<f32>>)> = Vec::new();
     for p in &prompts {
         let mut c = gpu.new_cache(p.len() + steps + 1).unwrap();
-        let mut g = StepGraphs::new(false);
-        let mut toks = gpu
-            .step(
-                &mut [GpuSeq {
-                    tokens: p,
+        let mut logits = gpu.prefill(&mut c, p, 256, |_| {}).unwrap();
+        let (mut toks, mut rows) = (Vec::new(), Vec::new());
+        for _ in 0..=steps {
+            let t = argmax(&logits);
+            toks.push(t);
+            rows.push(logits);
+            logits = gpu
+                .forward(&mut [GpuSeq {
+                    tokens: &[t],
                     cache: &mut c,
                     logits: LogitsWanted::Last,
-                }],
-                &[greedy],
-                &mut g,
-            )
-            .unwrap();
-        for _ in 0..steps {
-            let t = [*toks.last().unwrap()];
-            let next = gpu
-                .step(
-                    &mut [GpuSeq {
-                        tokens: &t,
-                        cache: &mut c,
-                        logits: LogitsWanted::Last,
-                    }],
-                    &[greedy],
-                    &mut g,
-                )
-                .unwrap();
-            toks.push(next[0]);
+                }])
+                .unwrap()
+                .remove(0);
         }
-        alone.push(toks);
+        alone.push((toks, rows));
     }
-    // Together: the prompts in one mixed step, then batched decode replayed from graphs.
+    // Together: the prompts in one mixed step, then batched decode replayed from graphs,
+    // each sequence fed its lone run's tokens.
     let mut caches: Vec<_> = prompts
         .iter()
         .map(|p| gpu.new_cache(p.len() + steps + 1).unwrap())
         .collect();
+    let greedy = sampling_row(&SamplingParams::default(), 0, 0);
     let mut g = StepGraphs::new(true);
-    let mut seqs: Vec<GpuSeq> = caches
-        .iter_mut()
-        .zip(&prompts)
-        .map(|(c, p)| GpuSeq {
-            tokens: p,
-            cache: c,
-            logits: LogitsWanted::Last,
-        })
-        .collect();
-    let first = gpu.step(&mut seqs, &[greedy; 3], &mut g).unwrap();
-    drop(seqs);
-    let mut together: Vec<Vec<u32>> = first.iter().map(|&t| vec![t]).collect();
-    for _ in 0..steps {
-        let last: Vec<[u32; 1]> = together.iter().map(|t| [*t.last().unwrap()]).collect();
+    let (mut clear, mut agree) = (0, 0);
+    for step in 0..=steps {
+        let inputs: Vec<Vec<u32>> = (0..3)
+            .map(|i| {
+                if step == 0 {
+                    prompts[i].clone()
+                } else {
+                    vec![alone[i].0[step - 1]]
+                }
+            })
+            .collect();
         let mut seqs: Vec<GpuSeq> = caches
             .iter_mut()
-            .zip(&last)
+            .zip(&inputs)
             .map(|(c, t)| GpuSeq {
                 tokens: t,
                 cache: c,
                 logits: LogitsWanted::Last,
             })
             .collect();
-        let next = gpu.step(&mut seqs, &[greedy; 3], &mut g).unwrap();
-        for (t, n) in together.iter_mut().zip(next) {
-            t.push(n);
+        let got = gpu.step(&mut seqs, &[greedy; 3], &mut g).unwrap();
+        for i in 0..3 {
+            let row = &alone[i].1[step];
+            if margin(row) > 0.1 {
+                clear += 1;
+                agree += (got[i] == alone[i].0[step]) as usize;
+                assert_eq!(
+                    got[i],
+                    alone[i].0[step],
+                    "sequence {i} (prompt of {} tokens), step {step}: batched token differs from the lone \
+                     run's argmax (margin {})",
+                    lens[i],
+                    margin(row)
+                );
+            }
         }
     }
     eprintln!(
-        "graphs: {} captures, {} replays, {} eager steps",
+        "graphs: {} captures, {} replays, {} eager steps; {agree}/{clear} tokens with clear margins agree",
         g.captures, g.replays, g.eager
     );
     assert!(
         g.captures >= 1 && g.replays >= steps - 2,
         "decode steps were not replayed"
     );
-    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
-        assert_eq!(a, b, "sequence {i} (prompt of {} tokens): alone vs batched", lens[i]);
-    }
+    assert!(
+        clear >= 3 * (steps + 1) / 2,
+        "too few clear margins ({clear}) to test anything"
+    );
     // A step past a cache's capacity is an error that says so.
     let t = [1u32, 1];
     let full = &mut caches[0];

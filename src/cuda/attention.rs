@@ -7,10 +7,10 @@
 //! run as separate blocks (all query heads of one KV head per block); a second kernel
 //! merges the partitions' partial outputs with their log-sum-exp statistics.
 
-use super::ops::CudaOps;
+use super::ops::{kernel_params, CudaOps};
 use crate::cpu::attention::AttnShape;
 use anyhow::{ensure, Result};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
 use std::marker::PhantomData;
 
@@ -281,19 +281,23 @@ impl CudaOps {
         // SAFETY: the caller's contract; the workspace holds batch·heads·max_parts
         // partials; grid and shared memory match the kernel's layout.
         unsafe {
-            s.launch_builder(split)
-                .arg(&op)
-                .arg(&mlp)
-                .arg(&args.q)
-                .arg(&args.k_ptrs)
-                .arg(&args.v_ptrs)
-                .arg(&args.lens)
-                .arg(&kvh)
-                .arg(&grp)
-                .arg(&pl)
-                .arg(&mp)
-                .arg(&scale_log2)
-                .launch(cfg)
+            self.launch_pdl(
+                split,
+                cfg,
+                &mut kernel_params![
+                    &op,
+                    &mlp,
+                    &args.q,
+                    &args.k_ptrs,
+                    &args.v_ptrs,
+                    &args.lens,
+                    &kvh,
+                    &grp,
+                    &pl,
+                    &mp,
+                    &scale_log2
+                ],
+            )
         }?;
         let (nh, hd) = (heads as i32, d as i32);
         // Each block merges one head: `REDUCE_THREADS / d` slices of d threads split the
@@ -306,16 +310,11 @@ impl CudaOps {
         };
         // SAFETY: as above; the merge reads only the partitions each sequence has.
         unsafe {
-            s.launch_builder(&self.k.flash_decode_reduce)
-                .arg(&args.out)
-                .arg(&op)
-                .arg(&mlp)
-                .arg(&args.lens)
-                .arg(&nh)
-                .arg(&hd)
-                .arg(&pl)
-                .arg(&mp)
-                .launch(cfg)
+            self.launch_pdl(
+                &self.k.flash_decode_reduce,
+                cfg,
+                &mut kernel_params![&args.out, &op, &mlp, &args.lens, &nh, &hd, &pl, &mp],
+            )
         }?;
         Ok(())
     }

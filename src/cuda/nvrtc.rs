@@ -15,6 +15,10 @@ use cudarc::nvrtc::sys;
 use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
 
+/// Headers the kernel files include by name (`#include "pdl.cuh"`), handed to NVRTC
+/// in memory.
+pub const KERNEL_HEADERS: &[(&str, &str)] = &[("pdl.cuh", include_str!("../../kernels/pdl.cuh"))];
+
 /// One kernel source file.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelFile {
@@ -114,8 +118,10 @@ impl Nvrtc {
     pub fn cubin(&self, file: &KernelFile, cc: (i32, i32)) -> Result<Vec<u8>> {
         let arch = Self::target(file, cc);
         let opts = compile_options(&arch, &self.include);
+        let headers: Vec<&[u8]> = KERNEL_HEADERS.iter().map(|(_, h)| h.as_bytes()).collect();
         let key = fnv1a(&[
             file.source.as_bytes(),
+            &headers.concat(),
             file.path.as_bytes(),
             opts.join("\n").as_bytes(),
             format!("{}.{}", self.version.0, self.version.1).as_bytes(),
@@ -148,15 +154,19 @@ impl Nvrtc {
         let src = CString::new(file.source).with_context(|| format!("{} contains a NUL byte", file.path))?;
         let name = CString::new(file.path)?;
         let mut prog: sys::nvrtcProgram = std::ptr::null_mut();
-        // SAFETY: src and name outlive the program, which is destroyed below.
+        let h_src: Vec<CString> = KERNEL_HEADERS.iter().map(|(_, t)| CString::new(*t).unwrap()).collect();
+        let h_name: Vec<CString> = KERNEL_HEADERS.iter().map(|(n, _)| CString::new(*n).unwrap()).collect();
+        let h_src_p: Vec<*const std::ffi::c_char> = h_src.iter().map(|c| c.as_ptr()).collect();
+        let h_name_p: Vec<*const std::ffi::c_char> = h_name.iter().map(|c| c.as_ptr()).collect();
+        // SAFETY: src, name and the headers outlive the program, which is destroyed below.
         unsafe {
             sys::nvrtcCreateProgram(
                 &mut prog,
                 src.as_ptr(),
                 name.as_ptr(),
-                0,
-                std::ptr::null(),
-                std::ptr::null(),
+                h_src_p.len() as i32,
+                h_src_p.as_ptr(),
+                h_name_p.as_ptr(),
             )
         }
         .result()

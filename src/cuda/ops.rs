@@ -20,12 +20,44 @@ pub struct CudaOps {
     blas: CudaBlas,
     _blas_ws: CudaSlice<u8>,
     gemv: std::sync::atomic::AtomicBool,
+    pdl: std::sync::atomic::AtomicBool,
+    gemv_warps: usize,
     decode_slots: usize,
 }
+
+/// Pointers to kernel arguments for [`CudaOps::launch_pdl`], from references to the
+/// argument values.
+macro_rules! kernel_params {
+    ($($a:expr),* $(,)?) => {
+        [$(std::ptr::from_ref($a) as *mut std::ffi::c_void),*]
+    };
+}
+pub(crate) use kernel_params;
 
 /// Most input rows the GEMV kernel takes (kernels/gemv.cu); more go to cuBLAS.
 pub const GEMV_MAX_M: usize = 2;
 const GEMV_WARPS: usize = 8;
+
+/// How many warps share one output column of the GEMV (1, 2, 4 or 8): the split whose
+/// grid of `n · splits` warps fills whole waves of the `resident` warps the device runs
+/// at once best (time ∝ waves / splits; a split must gain 5 %), each warp keeping at
+/// least 64 chunks of 8 values of its column.
+pub fn gemv_splits(n: usize, k: usize, resident: usize) -> usize {
+    let resident = resident.max(1);
+    let mut best = (f64::MAX, 1);
+    for s in [1usize, 2, 4, 8] {
+        if s > 1 && k / 8 / s < 64 {
+            break;
+        }
+        let cost = (n * s).div_ceil(resident) as f64 / s as f64;
+        // Splitting has a cost of its own (shorter streams, a shared-memory merge):
+        // only worth it for a clear gain.
+        if cost < 0.95 * best.0 {
+            best = (cost, s);
+        }
+    }
+    best.1
+}
 
 /// Bytes of the cuBLAS workspace (what cuBLAS recommends for Hopper).
 const BLAS_WORKSPACE: usize = 32 << 20;
@@ -53,6 +85,11 @@ impl CudaOps {
     pub fn new(dev: CudaDevice) -> Result<CudaOps> {
         let k = Kernels::load(&dev)?;
         let decode_slots = super::attention::resident_split_blocks(&k, dev.info().sm_count)?;
+        let hopper = dev.info().compute_capability.0 >= 9;
+        let gemv_blocks =
+            k.gemv_bf16
+                .occupancy_max_active_blocks_per_multiprocessor((GEMV_WARPS * 32) as u32, 0, None)?;
+        let gemv_warps = dev.info().sm_count as usize * gemv_blocks.max(1) as usize * GEMV_WARPS;
         // SAFETY: only tries to dlopen the library by its usual names.
         if !unsafe { blas_sys::is_culib_present() } {
             bail!(
@@ -77,6 +114,8 @@ impl CudaOps {
             blas,
             _blas_ws: blas_ws,
             gemv: std::sync::atomic::AtomicBool::new(true),
+            pdl: std::sync::atomic::AtomicBool::new(hopper),
+            gemv_warps,
             decode_slots,
         })
     }
@@ -85,6 +124,51 @@ impl CudaOps {
     /// default; benchmarks turn it off to compare with cuBLAS).
     pub fn set_gemv(&self, on: bool) {
         self.gemv.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether decode-step kernels are launched with programmatic dependent launch
+    /// (kernels/pdl.cuh; on by default on sm_90 and later, where it exists).
+    pub fn set_pdl(&self, on: bool) {
+        let ok = self.dev.info().compute_capability.0 >= 9;
+        self.pdl.store(on && ok, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Launches `f` on the compute stream, with programmatic dependent launch when it is
+    /// on: the kernel may be scheduled while the stream's previous kernel finishes, so
+    /// it must start with `pdl_wait()` (kernels/pdl.cuh).
+    ///
+    /// # Safety
+    /// `params` must point to one value per kernel parameter, of the parameter's type,
+    /// alive for the call; the launch must satisfy the kernel's contract.
+    pub(crate) unsafe fn launch_pdl(
+        &self,
+        f: &cudarc::driver::CudaFunction,
+        cfg: LaunchConfig,
+        params: &mut [*mut std::ffi::c_void],
+    ) -> Result<()> {
+        use cudarc::driver::sys;
+        let s = self.dev.stream();
+        // SAFETY: a zeroed attribute is a valid "no attribute" value; id and value set below.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let pdl = self.pdl.load(std::sync::atomic::Ordering::Relaxed);
+        let conf = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: s.cu_stream(),
+            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
+            numAttrs: pdl as u32,
+        };
+        self.dev.context().bind_to_thread()?;
+        // SAFETY: the caller's contract; conf and attr outlive the call.
+        unsafe { sys::cuLaunchKernelEx(&conf, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result()?;
+        Ok(())
     }
 
     /// Flash-decoding split blocks the device runs at once (sizes its partitions).
@@ -129,15 +213,7 @@ impl CudaOps {
         let (h, v) = (i32_of("hidden", hidden)?, u32::try_from(vocab)?);
         let cfg = Self::launch_cfg((i32_of("rows", rows)? as u32, 1, 1), 128, 0);
         // SAFETY: the buffers hold rows·hidden, vocab·hidden and rows elements (checked).
-        unsafe {
-            s.launch_builder(&self.k.embedding_gather)
-                .arg(&o)
-                .arg(&t)
-                .arg(&i)
-                .arg(&h)
-                .arg(&v)
-                .launch(cfg)
-        }?;
+        unsafe { self.launch_pdl(&self.k.embedding_gather, cfg, &mut kernel_params![&o, &t, &i, &h, &v]) }?;
         Ok(())
     }
 
@@ -180,14 +256,11 @@ impl CudaOps {
         let cfg = Self::launch_cfg((i32_of("rows", rows)? as u32, 1, 1), block, 0);
         // SAFETY: y and x hold rows·hidden elements, r (when not null) too, w hidden.
         unsafe {
-            s.launch_builder(&self.k.rmsnorm_residual)
-                .arg(&yp)
-                .arg(&xp)
-                .arg(&rp)
-                .arg(&wp)
-                .arg(&h)
-                .arg(&eps)
-                .launch(cfg)
+            self.launch_pdl(
+                &self.k.rmsnorm_residual,
+                cfg,
+                &mut kernel_params![&yp, &xp, &rp, &wp, &h, &eps],
+            )
         }?;
         Ok(())
     }
@@ -271,7 +344,7 @@ impl CudaOps {
         let cfg = Self::launch_cfg((inter.div_ceil(per_block) as u32, rows as u32, 1), block, 0);
         let n = i32_of("inter", inter)?;
         // SAFETY: out holds rows·inter and gate_up rows·2·inter elements (checked).
-        unsafe { s.launch_builder(&self.k.swiglu).arg(&op).arg(&gp).arg(&n).launch(cfg) }?;
+        unsafe { self.launch_pdl(&self.k.swiglu, cfg, &mut kernel_params![&op, &gp, &n]) }?;
         Ok(())
     }
 
@@ -343,21 +416,19 @@ impl CudaOps {
             } else {
                 &self.k.gemv_bf16
             };
-            let (mi, ni, ki, acc) = (m as i32, i32_of("n", n)?, i32_of("k", k)?, accumulate as i32);
-            let cfg = Self::launch_cfg((n.div_ceil(GEMV_WARPS) as u32, 1, 1), (GEMV_WARPS * 32) as u32, 0);
+            let splits = gemv_splits(n, k, self.gemv_warps);
+            let (mi, ni, ki, acc, sp) = (
+                m as i32,
+                i32_of("n", n)?,
+                i32_of("k", k)?,
+                accumulate as i32,
+                splits as i32,
+            );
+            let cols = GEMV_WARPS / splits;
+            let cfg = Self::launch_cfg((n.div_ceil(cols) as u32, 1, 1), (GEMV_WARPS * 32) as u32, 0);
             // SAFETY: out holds m·n (checked by the callers), x m·k and w n·k elements,
             // 16-byte aligned with k a multiple of 8 (checked).
-            unsafe {
-                s.launch_builder(f)
-                    .arg(&op)
-                    .arg(&xp)
-                    .arg(&wp)
-                    .arg(&mi)
-                    .arg(&ni)
-                    .arg(&ki)
-                    .arg(&acc)
-                    .launch(cfg)
-            }?;
+            unsafe { self.launch_pdl(f, cfg, &mut kernel_params![&op, &xp, &wp, &mi, &ni, &ki, &acc, &sp]) }?;
             return Ok(());
         }
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0f32 });
@@ -474,6 +545,20 @@ mod tests {
     use super::*;
     use crate::cpu::ops::Rope;
     use crate::model::synthetic::preset;
+
+    #[test]
+    fn gemv_splits_fill_whole_waves() {
+        // 132 SMs × 4 blocks × 8 warps resident.
+        let r = 4224;
+        // o-proj (n 4096): one wave already.
+        assert_eq!(gemv_splits(4096, 4096, r), 1);
+        // qkv (n 6144): 1.45 waves unsplit, 2.9 of half-length warps split in two.
+        assert_eq!(gemv_splits(6144, 4096, r), 2);
+        // Tiny k never splits below 64 chunks per warp.
+        assert_eq!(gemv_splits(6144, 576, r), 1);
+        // The output head is many waves: no split.
+        assert_eq!(gemv_splits(128_256, 4096, r), 1);
+    }
 
     #[test]
     fn inv_freq_matches_the_cpu_rope_tables() {

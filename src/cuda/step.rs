@@ -2,10 +2,10 @@
 //! batch: splitting the fused qkv projection into the KV caches
 //! (kernels/qkv_append.cu) and sampling the next tokens (kernels/sample.cu).
 
-use super::ops::CudaOps;
+use super::ops::{kernel_params, CudaOps};
 use crate::engine::sampling::SamplingParams;
 use anyhow::{ensure, Result};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
 
 /// Where each row of a step goes: device arrays of `rows` entries.
@@ -107,20 +107,24 @@ impl CudaOps {
         };
         // SAFETY: sizes checked above; the targets are the caller's contract.
         unsafe {
-            s.launch_builder(&self.k.qkv_rope_append)
-                .arg(&qp)
-                .arg(&kp)
-                .arg(&xp)
-                .arg(&bp)
-                .arg(&t.positions)
-                .arg(&t.cache_base)
-                .arg(&t.cache_cap)
-                .arg(&fp)
-                .arg(&l)
-                .arg(&nh)
-                .arg(&nkv)
-                .arg(&half)
-                .launch(cfg)
+            self.launch_pdl(
+                &self.k.qkv_rope_append,
+                cfg,
+                &mut kernel_params![
+                    &qp,
+                    &kp,
+                    &xp,
+                    &bp,
+                    &t.positions,
+                    &t.cache_base,
+                    &t.cache_cap,
+                    &fp,
+                    &l,
+                    &nh,
+                    &nkv,
+                    &half
+                ],
+            )
         }?;
         Ok(())
     }
@@ -156,14 +160,7 @@ impl CudaOps {
             shared_mem_bytes: 0,
         };
         // SAFETY: sizes checked above.
-        unsafe {
-            s.launch_builder(&self.k.sample_rows)
-                .arg(&op)
-                .arg(&lp)
-                .arg(&v)
-                .arg(&pp)
-                .launch(cfg)
-        }?;
+        unsafe { self.launch_pdl(&self.k.sample_rows, cfg, &mut kernel_params![&op, &lp, &v, &pp]) }?;
         Ok(())
     }
 }
