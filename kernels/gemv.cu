@@ -1,5 +1,8 @@
 // Skinny matrix products for decode: out[m, n] (+)= x[m, k] · W[n, k]ᵀ for m ≤ 2 rows,
-// bf16 operands, fp32 accumulation, bf16 or fp32 output.
+// bf16 operands, fp32 accumulation, bf16 or fp32 output. With `normalize` the input rows
+// are RMS-normalised first: out = (x · Wᵀ) / sqrt(mean(x²) + eps) per row, the norm's
+// weight being folded into W's columns by the caller. Every block computes the m rows'
+// statistics itself, so a decode step needs no separate normalisation kernel.
 //
 // At decode the product is bound by reading W once from HBM, so the kernel is a
 // streaming read. A block of GEMV_WARPS warps covers GEMV_WARPS / splits columns
@@ -40,11 +43,45 @@ __device__ __forceinline__ void gemv_fma(const uint4& w, const uint4* __restrict
     }
 }
 
+// 1 / sqrt(mean(x_r²) + eps) of each of the M rows of x [M, k], for every thread.
+template <int M>
+__device__ __forceinline__ void gemv_row_stats(const __nv_bfloat16* __restrict__ x, int k, float eps,
+                                               float (&inv)[M]) {
+    __shared__ float part[GEMV_WARPS][M];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const uint4* xr = reinterpret_cast<const uint4*>(x);
+    const int chunks = k >> 3;
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+        float ss = 0.f;
+        for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+            float f[8];
+            gemv_unpack(__ldg(xr + (size_t)r * chunks + c), f);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) ss = fmaf(f[j], f[j], ss);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) part[warp][r] = ss;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+        float ss = 0.f;
+        for (int w = 0; w < GEMV_WARPS; ++w) ss += part[w][r];
+        inv[r] = rsqrtf(ss / (float)k + eps);
+    }
+}
+
 template <int M, typename Out>
 __device__ __forceinline__ void gemv_rows(Out* __restrict__ out, const __nv_bfloat16* __restrict__ x,
                                           const __nv_bfloat16* __restrict__ w, int n, int k, int accumulate,
-                                          int splits) {
+                                          int splits, int normalize, float eps) {
     __shared__ float red[GEMV_WARPS][M];
+    float inv[M];
+#pragma unroll
+    for (int r = 0; r < M; ++r) inv[r] = 1.f;
+    if (normalize) gemv_row_stats<M>(x, k, eps, inv);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int cols = GEMV_WARPS / splits;
     const int col = blockIdx.x * cols + warp / splits;
@@ -86,6 +123,11 @@ __device__ __forceinline__ void gemv_rows(Out* __restrict__ out, const __nv_bflo
         if (oc < n) {
             float v = 0.f;
             for (int s = 0; s < splits; ++s) v += red[lc * splits + s][r];
+            float scale = inv[0];
+#pragma unroll
+            for (int q = 1; q < M; ++q)
+                if (r == q) scale = inv[q];
+            v *= scale;
             Out* dst = out + (size_t)r * n + oc;
             if constexpr (sizeof(Out) == 4) {
                 *dst = accumulate ? *dst + v : v;
@@ -98,27 +140,29 @@ __device__ __forceinline__ void gemv_rows(Out* __restrict__ out, const __nv_bflo
 
 template <typename Out>
 __device__ __forceinline__ void gemv_dispatch(Out* out, const __nv_bfloat16* x, const __nv_bfloat16* w,
-                                              int m, int n, int k, int accumulate, int splits) {
+                                              int m, int n, int k, int accumulate, int splits, int normalize,
+                                              float eps) {
     if (m == 1) {
-        gemv_rows<1>(out, x, w, n, k, accumulate, splits);
+        gemv_rows<1>(out, x, w, n, k, accumulate, splits, normalize, eps);
     } else {
-        gemv_rows<2>(out, x, w, n, k, accumulate, splits);
+        gemv_rows<2>(out, x, w, n, k, accumulate, splits, normalize, eps);
     }
 }
 
 // Grid ceil(n / (GEMV_WARPS / splits)), GEMV_WARPS * 32 threads.
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
     gemv_bf16(__nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ x,
-              const __nv_bfloat16* __restrict__ w, int m, int n, int k, int accumulate, int splits) {
+              const __nv_bfloat16* __restrict__ w, int m, int n, int k, int accumulate, int splits,
+              int normalize, float eps) {
     pdl_wait();
     pdl_trigger();
-    gemv_dispatch(out, x, w, m, n, k, accumulate, splits);
+    gemv_dispatch(out, x, w, m, n, k, accumulate, splits, normalize, eps);
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
     gemv_f32(float* __restrict__ out, const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
-             int m, int n, int k, int accumulate, int splits) {
+             int m, int n, int k, int accumulate, int splits, int normalize, float eps) {
     pdl_wait();
     pdl_trigger();
-    gemv_dispatch(out, x, w, m, n, k, accumulate, splits);
+    gemv_dispatch(out, x, w, m, n, k, accumulate, splits, normalize, eps);
 }

@@ -340,6 +340,47 @@ fn linear_matches_cpu() {
     ops.set_gemv(true);
 }
 
+/// The RMSNorm-fused product (norm weight folded into the matrix, so unit weight here):
+/// the fused GEMV for one and two rows, the norm kernel and cuBLAS for more.
+#[test]
+fn linear_normed_matches_cpu_norm_then_product() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let mut rng = seeded("linear_normed");
+    for &(m, k, n) in &[
+        (1usize, 4096usize, 6144usize),
+        (2, 576, 1536),
+        (5, 576, 300),
+        (1, 14_336, 4096),
+    ] {
+        let case = format!("m={m},k={k},n={n}");
+        // Rows with an offset so that the norm matters.
+        let (x, xf) = rand_bf16(&mut rng, m * k, 3.0);
+        let (w, wf) = rand_bf16(&mut rng, n * k, 1.0 / (k as f32).sqrt());
+        let mut dx = dev.upload(&x).unwrap();
+        let dw = dev.upload(&w).unwrap();
+        let ones = dev.upload(&vec![bf16::ONE; k]).unwrap();
+        let mut xn = dev.zeros::<bf16>(m * k).unwrap();
+        let mut out = dev.zeros::<bf16>(m * n).unwrap();
+        ops.fill_nan_bf16(&mut out).unwrap();
+        ops.linear_normed(&mut out, &mut dx, &dw, (m, k, n), 1e-5, &mut xn, &ones)
+            .unwrap();
+        let got = f32s(&dev.download(&out).unwrap());
+        let mut normed = vec![0f32; m * k];
+        rms_norm(&mut normed, &xf, &vec![1.0; k], 1e-5);
+        // The unfused path rounds the normalised rows to bf16 before the product.
+        if m > shadowkv::cuda::ops::GEMV_MAX_M {
+            normed.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32());
+        }
+        let mut want = vec![0f32; m * n];
+        cpu_linear(&mut want, &normed, &wf, m, k, n, false);
+        let atol = 2e-3 * rms(&want);
+        check("linear_normed", &case, &got, &want, EW_RTOL, atol);
+        // The input rows are left as they were.
+        assert_eq!(dev.download(&dx).unwrap(), x, "{case}: input modified");
+    }
+}
+
 /// Flash-decoding of a batch against `causal_attention` with one query row per
 /// sequence at its last position. `part_len` None lets the library choose.
 #[allow(clippy::too_many_arguments)]

@@ -2,12 +2,14 @@
 //! batched forward pass over sequences of different lengths, the same computation as
 //! [`crate::cpu::CpuModel`] in bf16 storage with fp32 arithmetic.
 //!
-//! One forward pass runs, per layer: fused residual add + RMSNorm, the fused qkv
-//! projection (cuBLAS), the qkv split that adds the bias, applies RoPE and appends k
-//! and v to each sequence's cache, attention (flash-decoding when every sequence brings
-//! one token, causal flash attention for prefill chunks otherwise), the output
-//! projection, the second norm, the fused gate/up projection, SwiGLU and the down
-//! projection. The logits of the wanted rows come out in fp32.
+//! One forward pass runs, per layer: RMSNorm and the fused qkv projection (one GEMV
+//! kernel for one or two rows, the norm kernel and cuBLAS otherwise; the norm's weight
+//! is folded into the matrix), the qkv split that adds the bias, applies RoPE and
+//! appends k and v to each sequence's cache, attention (flash-decoding when every
+//! sequence brings one token, causal flash attention for prefill chunks otherwise), the
+//! output projection adding into the residual stream, the second norm with the fused
+//! gate/up projection, SwiGLU and the down projection adding into the residual stream.
+//! The logits of the wanted rows come out in fp32.
 //!
 //! Everything a step needs from the host (token ids, positions, cache addresses,
 //! lengths) goes to the device in a few copies at the start of the step, into buffers
@@ -26,15 +28,15 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
 use std::sync::Mutex;
 
-/// One block's weights on the device, q/k/v and gate/up fused.
+/// One block's weights on the device, q/k/v and gate/up fused, with the weights of the
+/// RMSNorm before each folded into its columns (`W · diag(g)`), so that the norm itself
+/// has unit weight and fuses into the decode GEMV.
 struct GpuLayer {
-    input_norm: CudaSlice<bf16>,
-    /// `[(heads + 2·kv_heads)·d, hidden]`.
+    /// `[(heads + 2·kv_heads)·d, hidden]`, input norm folded in.
     wqkv: CudaSlice<bf16>,
     bqkv: Option<CudaSlice<bf16>>,
     wo: CudaSlice<bf16>,
-    post_norm: CudaSlice<bf16>,
-    /// `[2·inter, hidden]`: gate rows, then up rows.
+    /// `[2·inter, hidden]`: gate rows, then up rows; post-attention norm folded in.
     w_gate_up: CudaSlice<bf16>,
     w_down: CudaSlice<bf16>,
 }
@@ -123,7 +125,6 @@ pub(crate) struct Scratch {
     batch: usize,
     x: Option<CudaSlice<bf16>>,
     xn: Option<CudaSlice<bf16>>,
-    y: Option<CudaSlice<bf16>>,
     qkv: Option<CudaSlice<bf16>>,
     q: Option<CudaSlice<bf16>>,
     attn: Option<CudaSlice<bf16>>,
@@ -187,6 +188,8 @@ pub struct CudaModel {
     norm: CudaSlice<bf16>,
     lm_head: Option<CudaSlice<bf16>>,
     inv_freq: CudaSlice<f32>,
+    /// Unit norm weight (the block norms' weights are folded into the matrices).
+    ones: CudaSlice<bf16>,
     weight_bytes: usize,
     pub(crate) scratch: Mutex<Scratch>,
 }
@@ -208,17 +211,27 @@ impl CudaModel {
         let mut layers = Vec::with_capacity(config.num_layers);
         for l in 0..config.num_layers {
             let w = load_layer(&config, src, l)?;
-            let cat = |parts: &[&Tensor]| -> Result<CudaSlice<bf16>> {
-                let v: Vec<bf16> = parts.iter().flat_map(|t| to_bf16(t)).collect();
+            // Rows of the parts, one after another; with `g`, every row times g (f32,
+            // then rounded once to bf16).
+            let cat = |parts: &[&Tensor], g: Option<&Tensor>| -> Result<CudaSlice<bf16>> {
+                let mut v: Vec<bf16> = Vec::with_capacity(parts.iter().map(|t| t.len()).sum());
+                for t in parts {
+                    match g {
+                        Some(g) => {
+                            for row in t.data.chunks_exact(g.len()) {
+                                v.extend(row.iter().zip(&g.data).map(|(a, b)| bf16::from_f32(a * b)));
+                            }
+                        }
+                        None => v.extend(t.data.iter().map(|&a| bf16::from_f32(a))),
+                    }
+                }
                 dev.upload(&v)
             };
             layers.push(GpuLayer {
-                input_norm: up(&w.input_norm)?,
-                wqkv: cat(&[&w.q_proj, &w.k_proj, &w.v_proj])?,
-                bqkv: w.qkv_bias.as_ref().map(|[q, k, v]| cat(&[q, k, v])).transpose()?,
+                wqkv: cat(&[&w.q_proj, &w.k_proj, &w.v_proj], Some(&w.input_norm))?,
+                bqkv: w.qkv_bias.as_ref().map(|[q, k, v]| cat(&[q, k, v], None)).transpose()?,
                 wo: up(&w.o_proj)?,
-                post_norm: up(&w.post_norm)?,
-                w_gate_up: cat(&[&w.gate_proj, &w.up_proj])?,
+                w_gate_up: cat(&[&w.gate_proj, &w.up_proj], Some(&w.post_norm))?,
                 w_down: up(&w.down_proj)?,
             });
             bar.inc(1);
@@ -230,7 +243,8 @@ impl CudaModel {
     }
 
     /// Random weights made on the device (an 8B-shaped model needs no files): matrices
-    /// uniform with standard deviation 1/√fan_in, norm weights 1 ± 0.1, a function of
+    /// uniform with standard deviation 1/√fan_in, the final norm's weight 1 ± 0.1 (the
+    /// block norms' weights live folded in the matrices), a function of
     /// `seed` only. They are not the values of the CPU's `synthetic:` source of the same
     /// seed (that one draws on the host); the cost of a forward pass does not depend on
     /// them.
@@ -278,12 +292,11 @@ impl CudaModel {
             } else {
                 None
             };
+            // The norms' weights would be folded into these: random either way.
             layers.push(GpuLayer {
-                input_norm: norm_w(&ops)?,
                 wqkv: matrix(qkv_w, h)?,
                 bqkv,
                 wo: matrix(h, c.num_heads * d)?,
-                post_norm: norm_w(&ops)?,
                 w_gate_up: matrix(2 * c.intermediate_size, h)?,
                 w_down: matrix(h, c.intermediate_size)?,
             });
@@ -313,6 +326,7 @@ impl CudaModel {
             "the CUDA backend supports head dimensions 64 and 128, this model has {d}"
         );
         let inv_freq = ops.device().upload(&rope_inv_freq(&config))?;
+        let ones = ops.device().upload(&vec![bf16::ONE; config.hidden_size])?;
         let weight_bytes = 2
             * (embed.len()
                 + norm.len()
@@ -320,11 +334,9 @@ impl CudaModel {
                 + layers
                     .iter()
                     .map(|l| {
-                        l.input_norm.len()
-                            + l.wqkv.len()
+                        l.wqkv.len()
                             + l.bqkv.as_ref().map_or(0, |b| b.len())
                             + l.wo.len()
-                            + l.post_norm.len()
                             + l.w_gate_up.len()
                             + l.w_down.len()
                     })
@@ -338,6 +350,7 @@ impl CudaModel {
             norm,
             lm_head,
             inv_freq,
+            ones,
             weight_bytes,
             scratch: Mutex::new(Scratch::default()),
         })
@@ -542,7 +555,6 @@ impl CudaModel {
         if rows > sc.rows {
             grow(ops, g, &mut sc.x, rows * h)?;
             grow(ops, g, &mut sc.xn, rows * h)?;
-            grow(ops, g, &mut sc.y, rows * h)?;
             grow(ops, g, &mut sc.qkv, rows * qkv_w)?;
             grow(ops, g, &mut sc.q, rows * qd)?;
             grow(ops, g, &mut sc.attn, rows * qd)?;
@@ -592,7 +604,6 @@ impl CudaModel {
         let Scratch {
             x,
             xn,
-            y,
             qkv,
             q,
             attn,
@@ -606,7 +617,7 @@ impl CudaModel {
             decode_ws,
             ..
         } = sc;
-        let (x, xn, y) = (x.as_mut().unwrap(), xn.as_mut().unwrap(), y.as_mut().unwrap());
+        let (x, xn) = (x.as_mut().unwrap(), xn.as_mut().unwrap());
         let (qkv, q, attn) = (qkv.as_mut().unwrap(), q.as_mut().unwrap(), attn.as_mut().unwrap());
         let (gate_up, act) = (gate_up.as_mut().unwrap(), act.as_mut().unwrap());
         let (ids, ints, addrs) = (ids.as_ref().unwrap(), ints.as_ref().unwrap(), addrs.as_ref().unwrap());
@@ -625,13 +636,7 @@ impl CudaModel {
         let part = partition_len(batch, c.num_kv_heads, max_len, ops.decode_slots());
         ops.embedding(x, &self.embed, ids, n, h, c.vocab_size)?;
         for (l, w) in self.layers.iter().enumerate() {
-            let residual = if l == 0 {
-                None
-            } else {
-                Some(&*y as &dyn super::ops::DevicePtrDyn)
-            };
-            ops.rmsnorm_residual(xn, x, residual, &w.input_norm, n, h, eps)?;
-            ops.linear(qkv, xn, &w.wqkv, n, h, qkv_w, false)?;
+            ops.linear_normed(qkv, x, &w.wqkv, (n, h, qkv_w), eps, xn, &self.ones)?;
             // SAFETY: the targets were staged for these caches, each big enough (checked
             // in stage_step) and alive for the step (borrowed by `caches`).
             unsafe {
@@ -676,18 +681,18 @@ impl CudaModel {
                 let table = KvTable::new(ops, &refs, kvw)?;
                 ops.flash_prefill(attn, q, &table, &plan.q_rows, shape)?;
             }
-            ops.linear(y, attn, &w.wo, n, qd, h, false)?;
-            ops.rmsnorm_residual(xn, x, Some(&*y), &w.post_norm, n, h, eps)?;
-            ops.linear(gate_up, xn, &w.w_gate_up, n, h, 2 * inter, false)?;
+            // Residual adds in the products' epilogues.
+            ops.linear(x, attn, &w.wo, n, qd, h, true)?;
+            ops.linear_normed(gate_up, x, &w.w_gate_up, (n, h, 2 * inter), eps, xn, &self.ones)?;
             ops.swiglu(act, gate_up, n, inter)?;
-            ops.linear(y, act, &w.w_down, n, inter, h, false)?;
+            ops.linear(x, act, &w.w_down, n, inter, h, true)?;
         }
         if plan.picked.is_empty() {
             return Ok(());
         }
         let k = plan.picked.len();
         let (sel, logits) = (sel.as_mut().unwrap(), logits.as_mut().unwrap());
-        ops.rmsnorm_residual(xn, x, Some(&*y), &self.norm, n, h, eps)?;
+        ops.rmsnorm_residual(xn, x, None, &self.norm, n, h, eps)?;
         ops.embedding(sel, xn, &ids.slice(n..n + k), k, h, n)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         ops.linear_f32(logits, sel, head, k, h, c.vocab_size)?;

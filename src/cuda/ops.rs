@@ -373,7 +373,47 @@ impl CudaOps {
         }
         let (op, _g) = out.device_ptr_mut(self.dev.stream());
         let out_type = blas_sys::cudaDataType_t::CUDA_R_16BF;
-        self.gemm(op, out_type, x, w, (m, k, n), accumulate)
+        self.gemm(op, out_type, x, w, (m, k, n), accumulate, None)
+    }
+
+    /// Whether a product of `m` rows of `k` values (addresses OR-ed in `addrs`) runs on
+    /// the GEMV kernel.
+    fn gemv_takes(&self, m: usize, k: usize, addrs: u64) -> bool {
+        m <= GEMV_MAX_M && k % 8 == 0 && addrs % 16 == 0 && self.gemv.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `out[m, n] = rms_norm(x)[m, k] · wᵀ` where the norm's weight is already folded
+    /// into the columns of `w` (so the norm here has unit weight): one fused GEMV
+    /// kernel for decode-sized `m`, otherwise the RMSNorm kernel into `xn` (with the
+    /// unit weight `ones`, `k` values) and the product.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_normed(
+        &self,
+        out: &mut impl DevicePtrMut<bf16>,
+        x: &mut CudaSlice<bf16>,
+        w: &impl DevicePtr<bf16>,
+        (m, k, n): (usize, usize, usize),
+        eps: f32,
+        xn: &mut CudaSlice<bf16>,
+        ones: &impl DevicePtr<bf16>,
+    ) -> Result<()> {
+        check_len("linear output", out.len(), m * n)?;
+        let s = self.dev.stream();
+        let addrs = x.device_ptr(s).0 | w.device_ptr(s).0;
+        if self.gemv_takes(m, k, addrs) {
+            let (op, _g) = out.device_ptr_mut(s);
+            return self.gemm(
+                op,
+                blas_sys::cudaDataType_t::CUDA_R_16BF,
+                x,
+                w,
+                (m, k, n),
+                false,
+                Some(eps),
+            );
+        }
+        self.rmsnorm_residual(xn, x, None, ones, m, k, eps)?;
+        self.linear(out, xn, w, m, k, n, false)
     }
 
     /// [`CudaOps::linear`] with an fp32 output (the logits of the output head).
@@ -389,9 +429,10 @@ impl CudaOps {
         check_len("linear output", out.len(), m * n)?;
         ensure!(k > 0 || m * n == 0, "linear: empty inner dimension");
         let (op, _g) = out.device_ptr_mut(self.dev.stream());
-        self.gemm(op, blas_sys::cudaDataType_t::CUDA_R_32F, x, w, (m, k, n), false)
+        self.gemm(op, blas_sys::cudaDataType_t::CUDA_R_32F, x, w, (m, k, n), false, None)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
         op: u64,
@@ -400,6 +441,7 @@ impl CudaOps {
         w: &impl DevicePtr<bf16>,
         (m, k, n): (usize, usize, usize),
         accumulate: bool,
+        normalize: Option<f32>,
     ) -> Result<()> {
         check_len("linear input", x.len(), m * k)?;
         check_len("linear weight", w.len(), n * k)?;
@@ -409,8 +451,7 @@ impl CudaOps {
         let s = self.dev.stream();
         let (xp, _g2) = x.device_ptr(s);
         let (wp, _g3) = w.device_ptr(s);
-        if m <= GEMV_MAX_M && k % 8 == 0 && (xp | wp) % 16 == 0 && self.gemv.load(std::sync::atomic::Ordering::Relaxed)
-        {
+        if self.gemv_takes(m, k, xp | wp) {
             let f = if out_type == blas_sys::cudaDataType_t::CUDA_R_32F {
                 &self.k.gemv_f32
             } else {
@@ -424,13 +465,21 @@ impl CudaOps {
                 accumulate as i32,
                 splits as i32,
             );
+            let (norm, eps) = (normalize.is_some() as i32, normalize.unwrap_or(0.0));
             let cols = GEMV_WARPS / splits;
             let cfg = Self::launch_cfg((n.div_ceil(cols) as u32, 1, 1), (GEMV_WARPS * 32) as u32, 0);
             // SAFETY: out holds m·n (checked by the callers), x m·k and w n·k elements,
             // 16-byte aligned with k a multiple of 8 (checked).
-            unsafe { self.launch_pdl(f, cfg, &mut kernel_params![&op, &xp, &wp, &mi, &ni, &ki, &acc, &sp]) }?;
+            unsafe {
+                self.launch_pdl(
+                    f,
+                    cfg,
+                    &mut kernel_params![&op, &xp, &wp, &mi, &ni, &ki, &acc, &sp, &norm, &eps],
+                )
+            }?;
             return Ok(());
         }
+        ensure!(normalize.is_none(), "linear: normalisation needs the GEMV kernel");
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0f32 });
         let (mi, ki, ni) = (i32_of("m", m)?, i32_of("k", k)?, i32_of("n", n)?);
         // Column-major view: outᵀ[n, m] = w[n, k] · xᵀ[k, m], where the row-major
