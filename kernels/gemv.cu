@@ -14,30 +14,22 @@
 // idle for a second, partial wave. Requires k % 8 == 0 and 16-byte aligned rows.
 #include <cuda_bf16.h>
 
+#include "common.cuh"
 #include "pdl.cuh"
 
 #define GEMV_WARPS 8
 #define GEMV_UNROLL 4
 
-__device__ __forceinline__ void gemv_unpack(const uint4& u, float (&f)[8]) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const float2 p = __bfloat1622float2(h[i]);
-        f[2 * i] = p.x;
-        f[2 * i + 1] = p.y;
-    }
-}
 
 template <int M>
 __device__ __forceinline__ void gemv_fma(const uint4& w, const uint4* __restrict__ xr, int chunks, int c,
                                          float (&acc)[M]) {
     float wf[8];
-    gemv_unpack(w, wf);
+    unpack8(w, wf);
 #pragma unroll
     for (int r = 0; r < M; ++r) {
         float xf[8];
-        gemv_unpack(__ldg(xr + (size_t)r * chunks + c), xf);
+        unpack8(__ldg(xr + (size_t)r * chunks + c), xf);
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[r] = fmaf(wf[j], xf[j], acc[r]);
     }
@@ -56,7 +48,7 @@ __device__ __forceinline__ void gemv_row_stats(const __nv_bfloat16* __restrict__
         float ss = 0.f;
         for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
             float f[8];
-            gemv_unpack(__ldg(xr + (size_t)r * chunks + c), f);
+            unpack8(__ldg(xr + (size_t)r * chunks + c), f);
 #pragma unroll
             for (int j = 0; j < 8; ++j) ss = fmaf(f[j], f[j], ss);
         }

@@ -7,6 +7,7 @@
 // norm of what later layers read back. One block per row; rows of any width.
 #include <cuda_bf16.h>
 
+#include "common.cuh"
 #include "pdl.cuh"
 
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
@@ -22,23 +23,7 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return v;
 }
 
-__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const float2 p = __bfloat1622float2(h[i]);
-        f[2 * i] = p.x;
-        f[2 * i + 1] = p.y;
-    }
-}
 
-__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
-    uint4 u;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-    return u;
-}
 
 extern "C" __global__ void rmsnorm_residual(__nv_bfloat16* __restrict__ y,
                                             __nv_bfloat16* __restrict__ x,

@@ -12,6 +12,7 @@
 // floats: 32 counting passes over the row, no sort.
 #include <cuda_bf16.h>
 
+#include "common.cuh"
 #include "pdl.cuh"
 
 #define SAMPLE_THREADS 1024
@@ -25,11 +26,6 @@ __device__ __forceinline__ float unordered(unsigned int o) {
     return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
 }
 
-__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
 
 template <typename T, typename Op>
 __device__ __forceinline__ T block_reduce(T v, T* scratch, Op op) {

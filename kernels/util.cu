@@ -2,6 +2,8 @@
 // reproducible pseudo-random bf16 values generated on the device.
 #include <cuda_bf16.h>
 
+#include "common.cuh"
+
 extern "C" __global__ void fill_u16(unsigned short* __restrict__ p, size_t n, unsigned short v) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         p[i] = v;
@@ -12,11 +14,6 @@ extern "C" __global__ void fill_u32(unsigned int* __restrict__ p, size_t n, unsi
         p[i] = v;
 }
 
-__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
 
 // p[i] = bf16(uniform in [-scale, scale)), a function of (seed, i) only.
 extern "C" __global__ void fill_random_bf16(__nv_bfloat16* __restrict__ p, size_t n,

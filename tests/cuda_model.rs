@@ -10,10 +10,11 @@
 
 mod common;
 
+use common::gpu_check::seeded;
+use common::{golden, ids};
+
 use half::bf16;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use serde_json::Value;
+use rand::Rng;
 use shadowkv::cpu::ops::Rope;
 use shadowkv::cpu::{CpuModel, LogitsWanted, SeqInput};
 use shadowkv::cuda::step::{sampling_row, RowTargets};
@@ -26,15 +27,6 @@ use shadowkv::model::config::ModelConfig;
 use shadowkv::model::load::open_model;
 use shadowkv::model::synthetic::{preset, SyntheticSource};
 use shadowkv::model::weights::ModelWeights;
-
-fn seeded(test: &str) -> StdRng {
-    let seed = std::env::var("SHADOWKV_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
-    eprintln!("{test}: seed {seed} (SHADOWKV_TEST_SEED={seed} repeats it)");
-    StdRng::seed_from_u64(seed)
-}
 
 /// ‖a − b‖ / ‖b‖, after checking `a` has no NaN and is not all zero.
 fn norm_rel(what: &str, a: &[f32], b: &[f32]) -> f64 {
@@ -156,19 +148,6 @@ fn synthetic_models_match_the_cpu_reference() {
         assert_eq!(agree, clear, "{name}: greedy token differs where the margin is clear");
         assert_eq!(gc.len(), 373);
     }
-}
-
-fn golden() -> Value {
-    let text = std::fs::read_to_string(common::repo_file("tests/golden/smollm2.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 fn smollm2(ops: CudaOps) -> (CpuModel, CudaModel, shadowkv::model::load::OpenedModel) {

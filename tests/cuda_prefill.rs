@@ -13,96 +13,16 @@
 //! max_err/max_ref=... norm_rel=...` (worst over its rows and heads; see
 //! tests/cuda_kernels.rs for the three measures).
 
+mod common;
+
+use common::gpu_check::*;
 use half::bf16;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use shadowkv::cpu::attention::{causal_attention, AttnJob, AttnShape};
 use shadowkv::cuda::prefill::PrefillTiles;
 use shadowkv::cuda::testing::ops_or_skip;
 use shadowkv::cuda::{CudaOps, KvTable};
 use std::ops::Range;
-
-fn seeded(test: &str) -> StdRng {
-    let seed = std::env::var("SHADOWKV_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
-    eprintln!("{test}: seed {seed} (SHADOWKV_TEST_SEED={seed} repeats it)");
-    StdRng::seed_from_u64(seed)
-}
-
-/// `n` bf16 values uniform in [-scale, scale).
-fn rand_bf16(rng: &mut StdRng, n: usize, scale: f32) -> Vec<bf16> {
-    (0..n)
-        .map(|_| bf16::from_f32(rng.random_range(-scale..scale)))
-        .collect()
-}
-
-fn f32s(v: &[bf16]) -> Vec<f32> {
-    v.iter().map(|x| x.to_f32()).collect()
-}
-
-#[derive(Default, Clone, Copy)]
-struct Errors {
-    max_rel: f64,
-    max_abs_rel: f64,
-    norm_rel: f64,
-}
-
-impl Errors {
-    fn worst(self, o: Errors) -> Errors {
-        Errors {
-            max_rel: self.max_rel.max(o.max_rel),
-            max_abs_rel: self.max_abs_rel.max(o.max_abs_rel),
-            norm_rel: self.norm_rel.max(o.norm_rel),
-        }
-    }
-
-    fn report(&self, kernel: &str, case: &str) {
-        eprintln!(
-            "RESULT {kernel} {case} max_rel={:.3e} max_err/max_ref={:.3e} norm_rel={:.3e}",
-            self.max_rel, self.max_abs_rel, self.norm_rel
-        );
-    }
-}
-
-/// Compares, asserting no NaN, not all zero, and |got[i] − want[i]| ≤ bound(i, want[i]).
-fn errors(kernel: &str, case: &str, got: &[f32], want: &[f32], bound: impl Fn(usize, f64) -> f64) -> Errors {
-    assert_eq!(got.len(), want.len(), "{kernel} {case}: lengths");
-    let nan = got.iter().filter(|v| v.is_nan()).count();
-    assert_eq!(nan, 0, "{kernel} {case}: {nan} NaN outputs (unwritten or invalid)");
-    assert!(got.iter().any(|&v| v != 0.0), "{kernel} {case}: output all zero");
-    let max_ref = want.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
-    let (mut num, mut den, mut max_rel) = (0f64, 0f64, 0f64);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let (g, w) = (g as f64, w as f64);
-        let e = (g - w).abs();
-        let b = bound(i, w);
-        assert!(
-            e <= b,
-            "{kernel} {case}: element {i}: got {g}, want {w} (|diff| {e:.3e} > {b:.3e})"
-        );
-        num += e * e;
-        den += w * w;
-        if w.abs() >= 0.01 * max_ref {
-            max_rel = max_rel.max(e / w.abs());
-        }
-    }
-    let norm_rel = if den > 0.0 { (num / den).sqrt() } else { 0.0 };
-    let max_err = got
-        .iter()
-        .zip(want)
-        .fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs()));
-    Errors {
-        max_rel,
-        max_abs_rel: if max_ref > 0.0 { max_err / max_ref } else { 0.0 },
-        norm_rel,
-    }
-}
-
-fn max_abs(v: &[f32]) -> f64 {
-    v.iter().fold(0f64, |m, &x| m.max((x as f64).abs()))
-}
 
 /// SmolLM2-135M attention: 9 query heads, 3 KV heads, head dim 64.
 const SMOLLM2: AttnShape = AttnShape {
@@ -138,14 +58,14 @@ fn prefill_case(
     // deviation about 1, so the softmax is neither flat nor one-hot.
     let (mut kf, mut vf, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for &l in lens {
-        let k = rand_bf16(rng, l * kvd, 1.0);
-        let v = rand_bf16(rng, l * kvd, 1.0);
+        let k = rand_bf16(rng, l * kvd, 1.0).0;
+        let v = rand_bf16(rng, l * kvd, 1.0).0;
         dk.push(dev.upload(&k).unwrap());
         dv.push(dev.upload(&v).unwrap());
         kf.push(f32s(&k));
         vf.push(f32s(&v));
     }
-    let q = rand_bf16(rng, rows * qd, 3.0);
+    let q = rand_bf16(rng, rows * qd, 3.0).0;
     let dq = dev.upload(&q).unwrap();
     let seqs: Vec<_> = (0..lens.len()).map(|b| (&dk[b], &dv[b], lens[b])).collect();
     let table = KvTable::new(ops, &seqs, kvd).unwrap();
@@ -288,11 +208,11 @@ fn flash_prefill_reuses_a_tile_table_and_skips_empty_calls() {
     let rows: usize = q_rows.iter().sum();
     let k: Vec<_> = lens
         .iter()
-        .map(|&l| dev.upload(&rand_bf16(&mut rng, l * kvd, 1.0)).unwrap())
+        .map(|&l| dev.upload(&rand_bf16(&mut rng, l * kvd, 1.0).0).unwrap())
         .collect();
     let v: Vec<_> = lens
         .iter()
-        .map(|&l| dev.upload(&rand_bf16(&mut rng, l * kvd, 1.0)).unwrap())
+        .map(|&l| dev.upload(&rand_bf16(&mut rng, l * kvd, 1.0).0).unwrap())
         .collect();
     let seqs: Vec<_> = (0..2).map(|b| (&k[b], &v[b], lens[b])).collect();
     let table = KvTable::new(&ops, &seqs, kvd).unwrap();
@@ -301,7 +221,7 @@ fn flash_prefill_reuses_a_tile_table_and_skips_empty_calls() {
     assert_eq!(tiles.count(), 3);
     // Two layers' worth of queries through one table equal the per-call path.
     for layer in 0..2 {
-        let q = dev.upload(&rand_bf16(&mut rng, rows * qd, 3.0)).unwrap();
+        let q = dev.upload(&rand_bf16(&mut rng, rows * qd, 3.0).0).unwrap();
         let mut a = dev.zeros::<bf16>(rows * qd).unwrap();
         let mut b = dev.zeros::<bf16>(rows * qd).unwrap();
         ops.fill_nan_bf16(&mut a).unwrap();

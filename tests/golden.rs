@@ -5,7 +5,8 @@
 
 mod common;
 
-use serde_json::Value;
+use common::{golden, ids};
+
 use shadowkv::cpu::{CpuModel, LogitsWanted, SeqInput};
 use shadowkv::engine::sampling::argmax;
 use shadowkv::model::chat::{ChatMessage, ChatTemplate};
@@ -31,19 +32,6 @@ fn loaded() -> &'static Loaded {
             chat: m.chat_template.unwrap(),
         }
     })
-}
-
-fn golden() -> Value {
-    let text = std::fs::read_to_string(common::repo_file("tests/golden/smollm2.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 #[test]

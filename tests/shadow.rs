@@ -96,14 +96,7 @@ fn exact_settings_match_full_attention_on_synthetic_models() {
 #[test]
 fn exact_settings_match_full_attention_on_smollm2() {
     let model = load(common::test_model().to_str().unwrap());
-    let text = std::fs::read_to_string(common::repo_file("tests/golden/smollm2.json")).unwrap();
-    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let long: Vec<u32> = doc["prompts"][2]["prompt_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
+    let long = common::ids(&common::golden()["prompts"][2]["prompt_ids"]);
     assert!(long.len() > 1000);
     let (diff, same, _) = compare(&model, &long, exact_params(&model, long.len() + 40), 24);
     assert!(diff < 1e-4, "logits differ by {diff}");

@@ -8,16 +8,10 @@
 
 mod common;
 
+use common::ids;
+
 use serde_json::Value;
 use shadowkv::model::load::open_model;
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
 
 #[test]
 fn ids_and_round_trips_match_the_reference() {

@@ -9,6 +9,7 @@
 //! bytes of a step are the weights plus the keys and values read and written.
 
 use super::backend::{load_cuda_model, CudaArgs};
+use crate::cpu::model::chunked_prefill;
 use crate::cpu::LogitsWanted;
 use crate::cuda::step::sampling_row;
 use crate::cuda::{CudaModel, GpuCache, GpuSeq, StepGraphs};
@@ -117,17 +118,19 @@ pub fn run(a: CudaBench) -> Result<()> {
         let t0 = Instant::now();
         let mut graphs = StepGraphs::new(!a.cuda.no_graph);
         let greedy = sampling_row(&SamplingParams::default(), 0, 0);
-        let mut next = Vec::new();
-        for (ci, part) in ids.chunks(a.prefill_chunk.max(1)).enumerate() {
-            let last = (ci + 1) * a.prefill_chunk.max(1) >= ids.len();
-            let mut one = [GpuSeq {
-                tokens: part,
-                cache: &mut first,
-                logits: if last { LogitsWanted::Last } else { LogitsWanted::None },
-            }];
-            next = model.step(&mut one, &[greedy], &mut graphs)?;
-            bar.inc(part.len() as u64);
-        }
+        let next = chunked_prefill(
+            &ids,
+            a.prefill_chunk,
+            |n| bar.inc(n as u64),
+            |part, logits| {
+                let mut one = [GpuSeq {
+                    tokens: part,
+                    cache: &mut first,
+                    logits,
+                }];
+                model.step(&mut one, &[greedy], &mut graphs)
+            },
+        )?;
         bar.finish_and_clear();
         let prefill_secs = t0.elapsed().as_secs_f64();
         let (lin, att) = prefill_flops(&cfg, ctx);

@@ -50,6 +50,30 @@ pub enum LogitsWanted {
     All,
 }
 
+/// Runs `ids` through `forward` in chunks of `chunk` tokens (the last chunk asking for
+/// its last token's logits, the others for none), reporting each chunk's length to
+/// `progress`; returns what the last chunk's pass returned (its logits, or the token
+/// sampled from them). Every backend's prefill.
+pub fn chunked_prefill<T: Default>(
+    ids: &[u32],
+    chunk: usize,
+    mut progress: impl FnMut(usize),
+    mut forward: impl FnMut(&[u32], LogitsWanted) -> Result<T>,
+) -> Result<T> {
+    let chunk = chunk.max(1);
+    let mut logits = T::default();
+    for (ci, part) in ids.chunks(chunk).enumerate() {
+        let want = if (ci + 1) * chunk >= ids.len() {
+            LogitsWanted::Last
+        } else {
+            LogitsWanted::None
+        };
+        logits = forward(part, want)?;
+        progress(part.len());
+    }
+    Ok(logits)
+}
+
 /// One sequence's part of a batched forward pass.
 pub struct SeqInput<'a> {
     /// New tokens, appended after what `cache` holds.
@@ -117,26 +141,17 @@ impl CpuModel {
         cache: &mut SeqCache,
         ids: &[u32],
         chunk: usize,
-        mut progress: impl FnMut(usize),
+        progress: impl FnMut(usize),
     ) -> Result<Vec<f32>> {
-        let chunk = chunk.max(1);
-        let mut logits = Vec::new();
-        for (ci, part) in ids.chunks(chunk).enumerate() {
-            let want = if (ci + 1) * chunk >= ids.len() {
-                LogitsWanted::Last
-            } else {
-                LogitsWanted::None
-            };
-            logits = self
+        chunked_prefill(ids, chunk, progress, |part, logits| {
+            Ok(self
                 .forward(&mut [SeqInput {
                     tokens: part,
                     cache: &mut *cache,
-                    logits: want,
+                    logits,
                 }])?
-                .remove(0);
-            progress(part.len());
-        }
-        Ok(logits)
+                .remove(0))
+        })
     }
 
     /// Runs the new tokens of every sequence through the model, extending their caches.

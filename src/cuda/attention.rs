@@ -227,21 +227,17 @@ impl CudaOps {
         ws: &mut DecodeWorkspace,
         part_len: usize,
     ) -> Result<()> {
+        check_head_shape(shape)?;
         let AttnShape {
             heads,
             kv_heads,
             head_dim: d,
         } = shape;
-        ensure!(
-            kv_heads > 0 && heads % kv_heads == 0,
-            "{heads} query heads do not split into {kv_heads} KV heads"
-        );
         let group = heads / kv_heads;
         ensure!(
             group <= MAX_GROUP,
             "GQA group of {group} query heads (at most {MAX_GROUP})"
         );
-        ensure!(d == 64 || d == 128, "head dimension {d} (64 or 128 supported)");
         ensure!(
             part_len % 16 == 0 && (16..=1024).contains(&part_len),
             "partition length {part_len}"
@@ -318,6 +314,23 @@ impl CudaOps {
         }?;
         Ok(())
     }
+}
+
+/// The head shapes the attention kernels serve: query heads in whole groups per KV
+/// head (at most 65535), head dimension 64 or 128.
+pub(crate) fn check_head_shape(shape: AttnShape) -> Result<()> {
+    let AttnShape {
+        heads,
+        kv_heads,
+        head_dim: d,
+    } = shape;
+    ensure!(
+        kv_heads > 0 && heads > 0 && heads % kv_heads == 0,
+        "{heads} query heads do not split into {kv_heads} KV heads"
+    );
+    ensure!(heads <= 65_535, "{heads} query heads (at most 65535)");
+    ensure!(d == 64 || d == 128, "head dimension {d} (64 or 128 supported)");
+    Ok(())
 }
 
 /// Raw device addresses of one flash-decoding launch (see

@@ -20,6 +20,7 @@ use super::attention::{partition_len, DecodeArgs, DecodeWorkspace, KvTable};
 use super::ops::{rope_inv_freq, CudaOps};
 use super::step::{cache_offsets, RowTargets};
 use crate::cpu::attention::AttnShape;
+use crate::cpu::model::chunked_prefill;
 use crate::cpu::LogitsWanted;
 use crate::model::config::ModelConfig;
 use crate::model::weights::{load_embed, load_final_norm, load_layer, load_lm_head, loading_bar, Tensor, TensorSource};
@@ -415,26 +416,17 @@ impl CudaModel {
         cache: &mut GpuCache,
         ids: &[u32],
         chunk: usize,
-        mut progress: impl FnMut(usize),
+        progress: impl FnMut(usize),
     ) -> Result<Vec<f32>> {
-        let chunk = chunk.max(1);
-        let mut logits = Vec::new();
-        for (ci, part) in ids.chunks(chunk).enumerate() {
-            let want = if (ci + 1) * chunk >= ids.len() {
-                LogitsWanted::Last
-            } else {
-                LogitsWanted::None
-            };
-            logits = self
+        chunked_prefill(ids, chunk, progress, |part, logits| {
+            Ok(self
                 .forward(&mut [GpuSeq {
                     tokens: part,
                     cache: &mut *cache,
-                    logits: want,
+                    logits,
                 }])?
-                .remove(0);
-            progress(part.len());
-        }
-        Ok(logits)
+                .remove(0))
+        })
     }
 
     /// Runs the new tokens of every sequence, extending their caches; returns, per

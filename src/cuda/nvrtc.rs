@@ -17,7 +17,10 @@ use std::path::{Path, PathBuf};
 
 /// Headers the kernel files include by name (`#include "pdl.cuh"`), handed to NVRTC
 /// in memory.
-pub const KERNEL_HEADERS: &[(&str, &str)] = &[("pdl.cuh", include_str!("../../kernels/pdl.cuh"))];
+pub const KERNEL_HEADERS: &[(&str, &str)] = &[
+    ("common.cuh", include_str!("../../kernels/common.cuh")),
+    ("pdl.cuh", include_str!("../../kernels/pdl.cuh")),
+];
 
 /// One kernel source file.
 #[derive(Clone, Copy, Debug)]

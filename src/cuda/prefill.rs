@@ -166,7 +166,7 @@ impl CudaOps {
         q_rows: &[usize],
         shape: AttnShape,
     ) -> Result<()> {
-        check_shape(shape)?;
+        super::attention::check_head_shape(shape)?;
         let tiles = PrefillTiles::new(self, kv, q_rows, shape.head_dim)?;
         self.flash_prefill_tiles(out, q, kv, &tiles, shape)
     }
@@ -181,7 +181,7 @@ impl CudaOps {
         tiles: &PrefillTiles,
         shape: AttnShape,
     ) -> Result<()> {
-        check_shape(shape)?;
+        super::attention::check_head_shape(shape)?;
         let AttnShape {
             heads,
             kv_heads,
@@ -266,21 +266,6 @@ impl CudaOps {
         }?;
         Ok(())
     }
-}
-
-fn check_shape(shape: AttnShape) -> Result<()> {
-    let AttnShape {
-        heads,
-        kv_heads,
-        head_dim: d,
-    } = shape;
-    ensure!(
-        kv_heads > 0 && heads > 0 && heads % kv_heads == 0,
-        "{heads} query heads do not split into {kv_heads} KV heads"
-    );
-    ensure!(heads <= 65_535, "{heads} query heads (at most 65535)");
-    ensure!(d == 64 || d == 128, "head dimension {d} (64 or 128 supported)");
-    Ok(())
 }
 
 #[cfg(test)]

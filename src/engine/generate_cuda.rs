@@ -5,6 +5,7 @@
 use super::generate::{prefill_bar, push_text, validate_requests, GenerateOptions, GenerateRequest};
 use super::generate::{GenerateStats, Generation};
 use super::text::{FinishReason, SeqText};
+use crate::cpu::model::chunked_prefill;
 use crate::cpu::LogitsWanted;
 use crate::cuda::step::sampling_row;
 use crate::cuda::{CudaModel, GpuCache, GpuSeq, StepGraphs};
@@ -47,18 +48,20 @@ pub fn generate_cuda(
             seed: r.sampling.seed.unwrap_or_else(rand::random),
             out: SeqText::new(),
         };
-        let chunk = opts.prefill_chunk.max(1);
-        let mut first = Vec::new();
-        for (ci, part) in r.prompt.chunks(chunk).enumerate() {
-            let last = (ci + 1) * chunk >= r.prompt.len();
-            let mut one = [GpuSeq {
-                tokens: part,
-                cache: &mut s.cache,
-                logits: if last { LogitsWanted::Last } else { LogitsWanted::None },
-            }];
-            first = model.step(&mut one, &[sampling_row(&r.sampling, s.seed, 0)], &mut graphs)?;
-            bar.inc(part.len() as u64);
-        }
+        let row = [sampling_row(&r.sampling, s.seed, 0)];
+        let first = chunked_prefill(
+            &r.prompt,
+            opts.prefill_chunk,
+            |n| bar.inc(n as u64),
+            |part, logits| {
+                let mut one = [GpuSeq {
+                    tokens: part,
+                    cache: &mut s.cache,
+                    logits,
+                }];
+                model.step(&mut one, &row, &mut graphs)
+            },
+        )?;
         let full = s.cache.len() >= s.cache.capacity();
         push_text(&mut s.out, first[0], r, tok, eos, full)?;
         seqs.push(s);

@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod gpu_check;
+
+use serde_json::Value;
 use std::path::PathBuf;
 
 /// The SmolLM2 test model: `$SHADOWKV_TEST_MODEL`, else the `tools/fetch-model` cache.
@@ -34,4 +37,19 @@ pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = a.iter().chain(b).fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
+}
+
+/// The golden outputs of transformers on SmolLM2 (`tests/golden/smollm2.json`).
+pub fn golden() -> Value {
+    let text = std::fs::read_to_string(repo_file("tests/golden/smollm2.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A JSON array of token ids.
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }

@@ -1,0 +1,32 @@
+// Small helpers shared by several kernel files: eight packed bf16 values to and from
+// fp32, and a 64-bit mixing function for reproducible pseudo-random numbers.
+// Passed to NVRTC as an in-memory header by src/cuda/nvrtc.rs and tools/nvrtc-check.
+#pragma once
+#include <cuda_bf16.h>
+
+// The eight bf16 values of a 16-byte load, as fp32.
+__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 p = __bfloat1622float2(h[i]);
+        f[2 * i] = p.x;
+        f[2 * i + 1] = p.y;
+    }
+}
+
+// Eight fp32 values rounded to bf16, packed for a 16-byte store.
+__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
+    uint4 u;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+    return u;
+}
+
+// SplitMix64's finaliser.
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
