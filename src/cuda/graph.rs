@@ -15,7 +15,7 @@
 use super::model::{CudaModel, GpuSeq, StepPlan};
 use crate::cpu::LogitsWanted;
 use anyhow::{ensure, Result};
-use cudarc::driver::{sys, CudaGraph, DevicePtr};
+use cudarc::driver::{sys, CudaGraph};
 
 /// Sequence lengths are bucketed to multiples of this for a captured step.
 const LEN_BUCKET: usize = 1024;
@@ -160,8 +160,6 @@ impl CudaModel {
             sc.addrs.as_ref().expect("reserved"),
             sc.tokens.as_mut().expect("reserved"),
         );
-        let s = self.ops().device().stream();
-        debug_assert!(addrs.device_ptr(s).0 != 0);
         self.ops().sample(
             tokens,
             logits,
