@@ -50,6 +50,17 @@ pub enum LogitsWanted {
     All,
 }
 
+impl LogitsWanted {
+    /// Which of the batch rows `r0..r0 + n` (a sequence's `n` new tokens) want logits.
+    pub fn rows(self, r0: usize, n: usize) -> std::ops::Range<usize> {
+        match self {
+            LogitsWanted::None => r0..r0,
+            LogitsWanted::Last => (r0 + n).saturating_sub(1).max(r0)..r0 + n,
+            LogitsWanted::All => r0..r0 + n,
+        }
+    }
+}
+
 /// Runs `ids` through `forward` in chunks of `chunk` tokens (the last chunk asking for
 /// its last token's logits, the others for none), reporting each chunk's length to
 /// `progress`; returns what the last chunk's pass returned (its logits, or the token
@@ -268,13 +279,8 @@ impl CpuModel {
         let mut rows = Vec::new();
         let mut r0 = 0;
         for s in seqs.iter() {
-            let nt = s.tokens.len();
-            match s.logits {
-                LogitsWanted::None => {}
-                LogitsWanted::Last => rows.push(r0 + nt - 1),
-                LogitsWanted::All => rows.extend(r0..r0 + nt),
-            }
-            r0 += nt;
+            rows.extend(s.logits.rows(r0, s.tokens.len()));
+            r0 += s.tokens.len();
         }
         let picked: Vec<f32> = rows
             .iter()
@@ -289,11 +295,7 @@ impl CpuModel {
         let mut out = Vec::with_capacity(seqs.len());
         let mut at = 0;
         for s in seqs.iter_mut() {
-            let k = match s.logits {
-                LogitsWanted::None => 0,
-                LogitsWanted::Last => 1,
-                LogitsWanted::All => s.tokens.len(),
-            };
+            let k = s.logits.rows(0, s.tokens.len()).len();
             out.push(logits[at * v..(at + k) * v].to_vec());
             at += k;
             match &mut *s.cache {

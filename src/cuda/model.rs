@@ -452,11 +452,7 @@ impl CudaModel {
         };
         let mut at = 0;
         for s in seqs.iter_mut() {
-            let k = match s.logits {
-                LogitsWanted::None => 0,
-                LogitsWanted::Last => 1,
-                LogitsWanted::All => s.tokens.len(),
-            };
+            let k = s.logits.rows(0, s.tokens.len()).len();
             out.push(host[at * v..(at + k) * v].to_vec());
             at += k;
             s.cache.advance(s.tokens.len());
@@ -484,13 +480,7 @@ impl CudaModel {
             if let Some(&t) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
                 bail!("token id {t} is outside the vocabulary ({} ids)", c.vocab_size);
             }
-            let r0 = ids.len() as u32;
-            match s.logits {
-                LogitsWanted::None => {}
-                LogitsWanted::Last if s.tokens.is_empty() => {}
-                LogitsWanted::Last => picked.push(r0 + s.tokens.len() as u32 - 1),
-                LogitsWanted::All => picked.extend(r0..r0 + s.tokens.len() as u32),
-            }
+            picked.extend(s.logits.rows(ids.len(), s.tokens.len()).map(|r| r as u32));
             ids.extend_from_slice(s.tokens);
             let base = s.cache.base(self);
             for p in s.cache.len..end {
