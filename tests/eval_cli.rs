@@ -44,7 +44,17 @@ fn ruler_eval_writes_a_table_and_json() {
         table.contains("| niah_single | 2000 |") && table.contains("| average | 2000 |"),
         "{table}"
     );
+    // Full attention has no hit rate; both ShadowKV methods report one.
+    let rates = table
+        .lines()
+        .find(|l| l.starts_with("| reuse hit rate | 2000 | - | "))
+        .expect(&table);
+    assert_eq!(rates.matches(" %").count(), 2, "{rates}");
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["complete"], true);
+    assert!(!dir.path().join("ruler.json.partial").exists());
+    let json_rates = v["reuse_hit_rate"][0]["rates"].as_array().unwrap();
+    assert!(json_rates[0].is_null() && json_rates[1].as_f64().unwrap() > 0.0);
     // 2 tasks × 2 haystacks × 2 samples × 3 methods.
     assert_eq!(v["results"].as_array().unwrap().len(), 24);
     for r in v["results"].as_array().unwrap() {

@@ -5,7 +5,7 @@ use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::CpuModel;
 use crate::eval::fidelity::fidelity;
 use crate::eval::haystack::Haystack;
-use crate::eval::run::{run_ruler, summary, MethodSpec, RulerPlan};
+use crate::eval::run::{hit_rates, run_ruler, summary, MethodSpec, RulerPlan, SampleResult};
 use crate::eval::tasks::Task;
 use crate::model::load::{open_model, OpenedModel};
 use crate::model::weights::ModelWeights;
@@ -61,7 +61,8 @@ struct RulerArgs {
     /// CPU threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Write every sample's result and the summary as JSON.
+    /// Write every sample's result and the summary as JSON (rewritten after each sample,
+    /// with "complete": false until the run ends, so an interrupted run keeps its work).
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -138,6 +139,12 @@ fn ruler(a: RulerArgs) -> Result<()> {
         seed: a.seed,
         prefill_chunk: 512,
     };
+    let save = |results: &[SampleResult], complete: bool| -> Result<()> {
+        match &a.json {
+            Some(path) => write_ruler_json(path, &a, &plan, &methods, results, complete),
+            None => Ok(()),
+        }
+    };
     let results = run_ruler(
         &model,
         &m.tokenizer,
@@ -145,28 +152,50 @@ fn ruler(a: RulerArgs) -> Result<()> {
         &plan,
         &methods,
         std::io::stderr().is_terminal(),
+        |partial| save(partial, false),
     )?;
-    let rows = summary(&results, &plan, &methods);
+    save(&results, true)?;
     let labels: Vec<&str> = methods.iter().map(|m| m.label.as_str()).collect();
     println!("| task | length | {} |", labels.join(" | "));
     println!("|---|---:|{}", "---:|".repeat(labels.len()));
-    for (task, len, scores) in &rows {
+    for (task, len, scores) in &summary(&results, &plan, &methods) {
         let cells: Vec<String> = scores.iter().map(|s| format!("{s:.1}")).collect();
         println!("| {task} | {len} | {} |", cells.join(" | "));
     }
-    if let Some(path) = &a.json {
-        let out = serde_json::json!({
-            "model": a.model, "samples": a.samples, "seed": a.seed,
-            "tasks": a.tasks.iter().map(|t| t.name()).collect::<Vec<_>>(),
-            "lengths": a.lengths, "haystacks": a.haystacks, "methods": labels,
-            "settings": a.lengths.iter().map(|&l| methods.iter().map(|s| format!("{:?}", (s.attention)(l).ok())).collect::<Vec<_>>()).collect::<Vec<_>>(),
-            "summary": rows.iter().map(|(t, l, s)| serde_json::json!({"task": t, "length": l, "scores": s})).collect::<Vec<_>>(),
-            "results": results,
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&out)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+    for (len, rates) in hit_rates(&results, &plan, &methods) {
+        let cells: Vec<String> = rates
+            .iter()
+            .map(|r| r.map_or("-".to_string(), |r| format!("{:.1} %", 100.0 * r)))
+            .collect();
+        println!("| reuse hit rate | {len} | {} |", cells.join(" | "));
     }
     Ok(())
+}
+
+/// Writes the ruler results so far (atomically: a temporary file, then a rename).
+fn write_ruler_json(
+    path: &std::path::Path,
+    a: &RulerArgs,
+    plan: &RulerPlan,
+    methods: &[MethodSpec],
+    results: &[SampleResult],
+    complete: bool,
+) -> Result<()> {
+    let labels: Vec<&str> = methods.iter().map(|m| m.label.as_str()).collect();
+    let rows = summary(results, plan, methods);
+    let rates = hit_rates(results, plan, methods);
+    let out = serde_json::json!({
+        "model": a.model, "samples": a.samples, "seed": a.seed, "complete": complete,
+        "tasks": a.tasks.iter().map(|t| t.name()).collect::<Vec<_>>(),
+        "lengths": a.lengths, "haystacks": a.haystacks, "methods": labels,
+        "settings": a.lengths.iter().map(|&l| methods.iter().map(|s| format!("{:?}", (s.attention)(l).ok())).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        "summary": rows.iter().map(|(t, l, s)| serde_json::json!({"task": t, "length": l, "scores": s})).collect::<Vec<_>>(),
+        "reuse_hit_rate": rates.iter().map(|(l, r)| serde_json::json!({"length": l, "rates": r})).collect::<Vec<_>>(),
+        "results": results,
+    });
+    let tmp = path.with_extension("json.partial");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&out)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
 fn fidelity_cmd(a: FidelityArgs) -> Result<()> {

@@ -136,7 +136,8 @@ fn decode_all(model: &CpuModel, caches: &mut [SeqCache], first: u32, max_new: us
     Ok(outs)
 }
 
-/// Runs the plan; returns one result per sample and method.
+/// Runs the plan; returns one result per sample and method. `after_sample` sees every
+/// result so far each time a sample finishes (to save partial results).
 pub fn run_ruler(
     model: &CpuModel,
     tok: &TextTokenizer,
@@ -144,6 +145,7 @@ pub fn run_ruler(
     plan: &RulerPlan,
     methods: &[MethodSpec],
     progress: bool,
+    mut after_sample: impl FnMut(&[SampleResult]) -> Result<()>,
 ) -> Result<Vec<SampleResult>> {
     let cfg = model.config();
     let total = plan.tasks.len() * plan.lengths.len() * plan.samples * plan.haystacks.len();
@@ -190,6 +192,7 @@ pub fn run_ruler(
                                 reuse_hit_rate: reuse,
                             }),
                     );
+                    after_sample(&results)?;
                     bar.inc(1);
                 }
             }
@@ -234,6 +237,22 @@ fn run_sample(
         ));
     }
     Ok(res)
+}
+
+/// Mean ShadowKV reuse hit rate per (length, method), `None` for methods without one.
+pub fn hit_rates(results: &[SampleResult], plan: &RulerPlan, methods: &[MethodSpec]) -> Vec<(usize, Vec<Option<f64>>)> {
+    let mean = |length: usize, m: &str| -> Option<f64> {
+        let xs: Vec<f64> = results
+            .iter()
+            .filter(|r| r.length == length && r.method == m)
+            .filter_map(|r| r.reuse_hit_rate)
+            .collect();
+        (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+    };
+    plan.lengths
+        .iter()
+        .map(|&l| (l, methods.iter().map(|m| mean(l, &m.label)).collect()))
+        .collect()
 }
 
 /// Mean score ×100 per (task, length, method), in plan order, plus per-length averages.
