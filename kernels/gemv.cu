@@ -20,7 +20,6 @@
 #define GEMV_WARPS 8
 #define GEMV_UNROLL 4
 
-
 template <int M>
 __device__ __forceinline__ void gemv_fma(const uint4& w, const uint4* __restrict__ xr, int chunks, int c,
                                          float (&acc)[M]) {

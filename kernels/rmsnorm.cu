@@ -23,8 +23,6 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return v;
 }
 
-
-
 extern "C" __global__ void rmsnorm_residual(__nv_bfloat16* __restrict__ y,
                                             __nv_bfloat16* __restrict__ x,
                                             const __nv_bfloat16* __restrict__ r,

@@ -14,7 +14,6 @@ extern "C" __global__ void fill_u32(unsigned int* __restrict__ p, size_t n, unsi
         p[i] = v;
 }
 
-
 // p[i] = bf16(uniform in [-scale, scale)), a function of (seed, i) only.
 extern "C" __global__ void fill_random_bf16(__nv_bfloat16* __restrict__ p, size_t n,
                                             unsigned long long seed, float scale) {
