@@ -172,7 +172,7 @@ fn ruler(a: RulerArgs) -> Result<()> {
     Ok(())
 }
 
-/// Writes the ruler results so far (atomically: a temporary file, then a rename).
+/// Writes the ruler results so far (atomically: `<path>.partial`, then a rename).
 fn write_ruler_json(
     path: &std::path::Path,
     a: &RulerArgs,
@@ -193,7 +193,9 @@ fn write_ruler_json(
         "reuse_hit_rate": rates.iter().map(|(l, r)| serde_json::json!({"length": l, "rates": r})).collect::<Vec<_>>(),
         "results": results,
     });
-    let tmp = path.with_extension("json.partial");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = PathBuf::from(tmp);
     std::fs::write(&tmp, serde_json::to_string_pretty(&out)?).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
