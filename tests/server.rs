@@ -519,7 +519,7 @@ fn metrics_are_prometheus_with_histograms(s: &Server) {
     ] {
         assert_eq!(types.get(h).map(String::as_str), Some("histogram"), "{h}:\n{text}");
     }
-    for stage in ["prefill", "decode", "sample", "step"] {
+    for stage in ["prefill", "decode", "output", "step"] {
         let count = metric_value(&text, &format!("shadowkv_stage_seconds_count{{stage=\"{stage}\"}}"));
         assert!(count.unwrap_or(0.0) > 0.0, "stage {stage} never timed:\n{text}");
         assert!(text.contains(&format!(
@@ -710,7 +710,7 @@ fn sigint_with_no_grace_cancels_cleanly_and_writes_the_trace() {
         .iter()
         .filter_map(|e| e["name"].as_str())
         .collect();
-    assert!(names.contains(&"prefill") && names.contains(&"sample"), "{names:?}");
+    assert!(names.contains(&"prefill") && names.contains(&"output"), "{names:?}");
 }
 
 #[test]

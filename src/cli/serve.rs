@@ -3,8 +3,8 @@
 //! SIGTERM/SIGINT.
 
 use crate::cpu::CpuModel;
-use crate::engine::backend::ShadowCpuModel;
-use crate::engine::backend_cuda::CudaBatchModel;
+use crate::engine::backend::CpuBackend;
+use crate::engine::backend_cuda::CudaBackend;
 use crate::engine::scheduler::{spawn_engine, EngineHandle, SchedulerConfig};
 use crate::model::config::ModelConfig;
 use crate::model::load::open_model;
@@ -13,7 +13,7 @@ use crate::pool::ValuePool;
 use crate::server::{metrics_router, router, AppState};
 use crate::shadow::ShadowParams;
 use crate::telemetry::{self, trace::TraceWriter};
-use crate::topology::{AttentionMode, AutoOr, BackendKind, Cores, PoolBacking, Topology};
+use crate::topology::{AttentionMode, AutoOr, BackendKind, Cores, PoolBacking, PrefillLane, Topology};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::{IsTerminal, Write};
@@ -164,7 +164,7 @@ fn shadow_settings(
 /// The model the engine thread runs.
 enum Loaded {
     Cpu(Box<CpuModel>),
-    Cuda(Box<CudaBatchModel>),
+    Cuda(Box<CudaBackend>),
 }
 
 /// Runs `shadowkv serve`.
@@ -226,8 +226,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
             no_graph: false,
         };
         let model = super::backend::load_cuda_model(&spec, &m, &args, false)?;
+        let lanes = match topo.limits.prefill_lane {
+            PrefillLane::Mixed => 1,
+            PrefillLane::Auto | PrefillLane::Separate => 2,
+        };
         Loaded::Cuda(Box::new(
-            CudaBatchModel::new(model, max_context, topo.limits.max_batch)
+            CudaBackend::new(model, max_context, topo.limits.max_batch, lanes, true)
                 .map_err(|e| topo.error_at("limits", format!("{e:#}")))?,
         ))
     } else {
@@ -261,12 +265,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let tok = Arc::new(m.tokenizer);
     let (engine, engine_thread) = match model {
         Loaded::Cuda(model) => spawn_engine(*model, tok.clone(), config, trace),
-        Loaded::Cpu(model) => match shadow {
-            None => spawn_engine(*model, tok.clone(), config, trace),
-            Some((params, pool)) => {
-                spawn_engine(ShadowCpuModel::new(*model, params, pool)?, tok.clone(), config, trace)
-            }
-        },
+        Loaded::Cpu(model) => spawn_engine(CpuBackend::new(*model, shadow)?, tok.clone(), config, trace),
     }
     .context("starting the engine thread")?;
     let state = Arc::new(AppState::new(

@@ -8,9 +8,10 @@ use anyhow::{Context, Result};
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Per-stage latency histogram, label `stage`: `prefill` (forward passes that carry
-/// prompt tokens), `decode` (forward passes of decode steps only), `sample` (sampling,
-/// detokenisation and stop handling of a step), `step` (one whole scheduler step).
+/// Per-stage latency histogram, label `stage`: `prefill` (steps that carry prompt
+/// tokens), `decode` (decode-only steps), `step` (every step: from when its lane could
+/// start it to its end, sampling included), `output` (the host work after a step:
+/// detokenising, stop strings, streaming; on the GPU it overlaps the next step).
 pub const STAGE_SECONDS: &str = "shadowkv_stage_seconds";
 /// Time from a request's arrival to its first generated token.
 pub const TTFT_SECONDS: &str = "shadowkv_time_to_first_token_seconds";

@@ -169,6 +169,23 @@ pub struct LimitsSection {
     /// Most prompt tokens prefilled per scheduler step.
     #[serde(default = "d_prefill_chunk")]
     pub prefill_chunk: usize,
+    /// Where prompts are prefilled: in the decode steps, or beside them.
+    #[serde(default)]
+    pub prefill_lane: PrefillLane,
+}
+
+/// Where prompts are prefilled.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefillLane {
+    /// `separate` on the cuda backend, `mixed` on the cpu backend.
+    #[default]
+    Auto,
+    /// Prompt chunks ride in the decode steps (at most `prefill_chunk` tokens a step).
+    Mixed,
+    /// Prompts are prefilled on a second, lower-priority CUDA stream beside the decode
+    /// steps (cuda only).
+    Separate,
 }
 
 fn d_max_batch() -> usize {
@@ -188,6 +205,7 @@ impl Default for LimitsSection {
             max_context: None,
             max_queue: d_max_queue(),
             prefill_chunk: d_prefill_chunk(),
+            prefill_lane: PrefillLane::Auto,
         }
     }
 }
@@ -522,6 +540,12 @@ impl Topology {
         }
         if l.prefill_chunk == 0 {
             return e("limits.prefill_chunk", "must be at least 1".into());
+        }
+        if l.prefill_lane == PrefillLane::Separate && self.backend.kind != BackendKind::Cuda {
+            return e(
+                "limits.prefill_lane",
+                "`separate` prefills on a second CUDA stream: it needs backend.kind = \"cuda\"".into(),
+            );
         }
         let p = &self.pipeline;
         if p.micro_batches == 0 || p.micro_batches > l.max_batch {
