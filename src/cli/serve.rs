@@ -10,6 +10,7 @@ use crate::model::config::ModelConfig;
 use crate::model::load::open_model;
 use crate::model::weights::ModelWeights;
 use crate::pool::ValuePool;
+use crate::server::auth::{open_api_warning, ApiKeys};
 use crate::server::{metrics_router, router, AppState};
 use crate::shadow::ShadowParams;
 use crate::telemetry::{self, trace::TraceWriter};
@@ -177,6 +178,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .with_context(|| format!("--listen `{l}` is not an address like 127.0.0.1:8000"))?,
         None => topo.server.listen.parse().expect("validated"),
     };
+    let keys = ApiKeys::new(topo.api_keys()?);
+    if let Some(w) = open_api_warning(listen, &keys) {
+        warn!("{w}");
+    } else if !keys.is_empty() {
+        info!("API keys: {} set; /v1/* needs one", keys.len());
+    }
     let cuda = topo.backend.kind == BackendKind::Cuda;
     if cuda && topo.attention.mode != AttentionMode::Full {
         return Err(topo
@@ -286,6 +293,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .context("starting the async runtime")?;
     let served = rt.block_on(serve(
         state,
+        keys,
         engine.clone(),
         std_listener,
         metrics_listener,
@@ -319,6 +327,7 @@ async fn wait_for_signal() -> &'static str {
 
 async fn serve(
     state: Arc<AppState>,
+    keys: ApiKeys,
     engine: EngineHandle,
     listener: std::net::TcpListener,
     metrics_listener: Option<std::net::TcpListener>,
@@ -367,7 +376,7 @@ async fn serve(
     println!("shadowkv listening on http://{addr}");
     let _ = std::io::stdout().flush();
     info!("serving `{}` on http://{addr}", state.model_name);
-    let app = router(state);
+    let app = router(state, keys);
     let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
     // Connections still open well after the grace period do not hold the process.
     let deadline = async move {

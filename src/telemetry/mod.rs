@@ -30,7 +30,7 @@ pub const PROMPT_TOKENS: &str = "shadowkv_prompt_tokens_total";
 /// Tokens generated.
 pub const GENERATED_TOKENS: &str = "shadowkv_generated_tokens_total";
 /// Requests by outcome (label `outcome`: `completed`, `cancelled`, `rejected`,
-/// `queue_full`, `shutdown`, `error`).
+/// `queue_full`, `shutdown`, `error`, `unauthorized`: a missing or wrong API key).
 pub const REQUESTS: &str = "shadowkv_requests_total";
 /// Bytes held by the KV caches of running sequences.
 pub const KV_BYTES: &str = "shadowkv_kv_cache_bytes";
@@ -95,7 +95,15 @@ pub fn install_prometheus() -> Result<PrometheusHandle> {
     for c in [PROMPT_TOKENS, GENERATED_TOKENS, VALUE_BYTES_FETCHED] {
         metrics::counter!(c).increment(0);
     }
-    for outcome in ["completed", "cancelled", "rejected", "queue_full", "shutdown", "error"] {
+    for outcome in [
+        "completed",
+        "cancelled",
+        "rejected",
+        "queue_full",
+        "shutdown",
+        "error",
+        "unauthorized",
+    ] {
         metrics::counter!(REQUESTS, "outcome" => outcome).increment(0);
     }
     Ok(handle)
