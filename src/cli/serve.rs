@@ -9,6 +9,7 @@ use crate::engine::scheduler::{spawn_engine, EngineHandle, SchedulerConfig};
 use crate::model::config::ModelConfig;
 use crate::model::load::open_model;
 use crate::model::weights::ModelWeights;
+use crate::pool::space::SpaceError;
 use crate::pool::ValuePool;
 use crate::server::auth::{open_api_warning, ApiKeys};
 use crate::server::{metrics_router, router, AppState};
@@ -145,9 +146,28 @@ fn shadow_settings(
             } else {
                 path.clone()
             };
-            ValuePool::file_backed(shape, &file)?
+            ValuePool::file_backed(shape, &file).map_err(|e| {
+                let hint = match e.downcast_ref::<SpaceError>() {
+                    Some(SpaceError::Disk { .. }) => {
+                        "; make room there, point pools.path at a larger disk, or lower limits.max_batch or \
+                         limits.max_context"
+                    }
+                    _ => "",
+                };
+                topo.error_at("pools.path", format!("{e:#}{hint}"))
+            })?
         }
-        _ => ValuePool::anonymous(shape)?,
+        _ => ValuePool::anonymous(shape).map_err(|e| {
+            topo.error_at(
+                "limits.max_batch",
+                format!(
+                    "the anonymous value pool (pools.backing) for {} sequences (limits.max_batch) of {max_context} \
+                     tokens (limits.max_context): {e:#}; lower either limit, or set pools.backing = \"file\" \
+                     with pools.path on a disk with room",
+                    topo.limits.max_batch
+                ),
+            )
+        })?,
     };
     info!(
         "ShadowKV: budget {}, rank {}, chunk {}, {} outlier and {} local chunks; value pool {:.2} GiB ({:?})",
@@ -156,7 +176,7 @@ fn shadow_settings(
         p.chunk_size,
         p.outlier_chunks,
         p.local_chunks,
-        (shape.elems()? * 4) as f64 / (1u64 << 30) as f64,
+        shape.bytes(4)? as f64 / (1u64 << 30) as f64,
         topo.pools.backing
     );
     Ok(Some((p, pool)))
