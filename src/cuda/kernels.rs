@@ -28,6 +28,10 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     kernel_file!("qkv_append.cu"),
     kernel_file!("sample.cu"),
     kernel_file!("gemv.cu"),
+    kernel_file!("select.cu"),
+    kernel_file!("reuse.cu"),
+    kernel_file!("rebuild.cu"),
+    kernel_file!("fetch.cu"),
 ];
 
 /// The loaded kernel functions.
@@ -48,6 +52,13 @@ pub struct Kernels {
     pub(crate) sample_rows: CudaFunction,
     pub(crate) gemv_bf16: CudaFunction,
     pub(crate) gemv_f32: CudaFunction,
+    pub(crate) shadow_scores: CudaFunction,
+    pub(crate) shadow_top_k: CudaFunction,
+    pub(crate) topk_rows: CudaFunction,
+    pub(crate) shadow_reuse: CudaFunction,
+    pub(crate) shadow_rebuild: CudaFunction,
+    pub(crate) shadow_fetch: CudaFunction,
+    pub(crate) shadow_scatter: CudaFunction,
     _modules: Vec<Arc<CudaModule>>,
 }
 
@@ -81,6 +92,10 @@ impl Kernels {
         let qa = load(find("qkv_append.cu"))?;
         let smp = load(find("sample.cu"))?;
         let gv = load(find("gemv.cu"))?;
+        let sel = load(find("select.cu"))?;
+        let reuse = load(find("reuse.cu"))?;
+        let rebuild = load(find("rebuild.cu"))?;
+        let fetch = load(find("fetch.cu"))?;
         Ok(Kernels {
             embedding_gather: get(&emb, "embedding_gather")?,
             rmsnorm_residual: get(&norm, "rmsnorm_residual")?,
@@ -98,6 +113,13 @@ impl Kernels {
             sample_rows: get(&smp, "sample_rows")?,
             gemv_bf16: get(&gv, "gemv_bf16")?,
             gemv_f32: get(&gv, "gemv_f32")?,
+            shadow_scores: get(&sel, "shadow_scores")?,
+            shadow_top_k: get(&sel, "shadow_top_k")?,
+            topk_rows: get(&sel, "topk_rows")?,
+            shadow_reuse: get(&reuse, "shadow_reuse")?,
+            shadow_rebuild: get(&rebuild, "shadow_rebuild")?,
+            shadow_fetch: get(&fetch, "shadow_fetch")?,
+            shadow_scatter: get(&fetch, "shadow_scatter")?,
             _modules: modules,
         })
     }

@@ -1,0 +1,22 @@
+//! ShadowKV on the GPU, the kernel layer: each stage of the CPU reference
+//! ([`crate::shadow`]) as batched kernels with plain device data between them.
+//!
+//! - [`layout`]: the buffers of one sequence and layer and their rows, defined once
+//!   ([`ShadowLayout`]), and the per-sequence tables the kernels read.
+//! - [`buffers`]: the buffers ([`LayerBuffers`]), a batch's table ([`ShadowTable`]) and
+//!   a decode step's scratch ([`StepScratch`]).
+//! - Decode, per layer, one launch per stage for the whole batch: [`select`] (scores,
+//!   top-k) → [`reuse`] (the slot diff) → [`fetch`] (values of the misses) | [`rebuild`]
+//!   (keys of the misses) → attention with [`crate::cuda::CudaOps::flash_decode`], one
+//!   entry per (sequence, KV head) over [`ShadowLayout::attended_rows`].
+
+pub mod buffers;
+pub mod fetch;
+pub mod layout;
+pub mod rebuild;
+pub mod reuse;
+pub mod select;
+
+pub use buffers::{LayerBuffers, ShadowTable, StepScratch};
+pub use fetch::{HostMapping, FETCH_BLOCKS};
+pub use layout::{DevicePool, SeqAddrs, SeqCounts, ShadowLayout};
