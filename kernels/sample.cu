@@ -18,11 +18,6 @@
 
 #define SAMPLE_THREADS 1024
 
-__device__ __forceinline__ unsigned int ordered(float f) {
-    const unsigned int u = __float_as_uint(f);
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
 __device__ __forceinline__ float unordered(unsigned int o) {
     return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
 }

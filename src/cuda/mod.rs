@@ -13,6 +13,8 @@
 //! - [`model`]: the whole model (weights, caches, batched forward pass); [`graph`]:
 //!   sampling steps, decode steps replayed from CUDA graphs, lanes (streams of their
 //!   own) that queue steps asynchronously.
+//! - [`shadow`]: ShadowKV's kernels (selection, reuse diff, key rebuild, value fetch,
+//!   prefill compression, append and fold) on a layout defined once.
 //! - [`testing`]: open the device or skip (used by `tests/cuda_*.rs`).
 //!
 //! cudarc loads libcuda, libnvrtc and libcublas at run time, so the crate builds and
@@ -26,6 +28,7 @@ pub mod model;
 pub mod nvrtc;
 pub mod ops;
 pub mod prefill;
+pub mod shadow;
 pub mod step;
 pub mod testing;
 

@@ -67,12 +67,12 @@ pub fn gemv_splits(n: usize, k: usize, resident: usize) -> usize {
 /// Bytes of the cuBLAS workspace (what cuBLAS recommends for Hopper).
 const BLAS_WORKSPACE: usize = 32 << 20;
 
-fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
+pub(crate) fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
     ensure!(have >= need, "{what}: buffer of {have} elements, {need} needed");
     Ok(())
 }
 
-fn i32_of(what: &str, v: usize) -> Result<i32> {
+pub(crate) fn i32_of(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| anyhow::anyhow!("{what} = {v} does not fit a 32-bit int"))
 }
 
