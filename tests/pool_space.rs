@@ -8,7 +8,7 @@ mod serve_util;
 
 use serde_json::json;
 use serve_util::{serve_fails, Server};
-use shadowkv::engine::backend::ShadowCpuModel;
+use shadowkv::engine::backend::CpuBackend;
 use shadowkv::engine::sampling::SamplingParams;
 use shadowkv::engine::scheduler::{spawn_engine, EngineError, EngineRequest, Event, SchedulerConfig};
 use shadowkv::model::load::open_model;
@@ -211,7 +211,13 @@ fn a_pool_that_cannot_be_leased_fails_only_that_request() {
         prefill_chunk: 256,
     };
     let tok = Arc::new(m.tokenizer);
-    let (engine, join) = spawn_engine(ShadowCpuModel::new(model, p, pool).unwrap(), tok.clone(), config, None).unwrap();
+    let (engine, join) = spawn_engine(
+        CpuBackend::new(model, Some((p, pool))).unwrap(),
+        tok.clone(),
+        config,
+        None,
+    )
+    .unwrap();
     let req = |words: usize| EngineRequest {
         prompt: tok.encode(&"word ".repeat(words), true).unwrap(),
         max_tokens: 12,
