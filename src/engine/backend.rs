@@ -44,6 +44,17 @@ pub struct StepSeq<'a, S> {
     pub prompt_done: bool,
 }
 
+/// What a finished step gives back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepOutput {
+    /// One token per sampling sequence, in the step's order (a failed sequence's token
+    /// means nothing).
+    pub tokens: Vec<u32>,
+    /// Sequences of the step (their index in its batch) that failed on their own, with
+    /// why: the step's other sequences are fine.
+    pub failed: Vec<(usize, String)>,
+}
+
 /// Counters a backend may report; zero where it has no such thing.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct BackendStats {
@@ -95,8 +106,9 @@ pub trait StepBackend: Send {
     fn is_done(&self, ticket: &Self::Ticket) -> bool;
 
     /// Waits for a queued step of `lane`; returns the sampled tokens in the order of
-    /// the step's sampling sequences.
-    fn complete(&mut self, lane: usize, ticket: Self::Ticket) -> Result<Vec<u32>>;
+    /// the step's sampling sequences, and the sequences that failed on their own (an
+    /// error of the whole step is an `Err`).
+    fn complete(&mut self, lane: usize, ticket: Self::Ticket) -> Result<StepOutput>;
 
     /// Backend counters for the metrics.
     fn stats(&self) -> BackendStats {
@@ -219,7 +231,7 @@ impl<M: Borrow<CpuModel>> CpuBackend<M> {
 
 impl<M: Borrow<CpuModel> + Send> StepBackend for CpuBackend<M> {
     type Seq = CpuSeq;
-    type Ticket = Vec<u32>;
+    type Ticket = StepOutput;
 
     fn lanes(&self) -> usize {
         self.last_tokens.len()
@@ -257,7 +269,7 @@ impl<M: Borrow<CpuModel> + Send> StepBackend for CpuBackend<M> {
         seq.cache.bytes()
     }
 
-    fn submit(&mut self, lane: usize, batch: &mut [StepSeq<'_, CpuSeq>]) -> Result<Vec<u32>> {
+    fn submit(&mut self, lane: usize, batch: &mut [StepSeq<'_, CpuSeq>]) -> Result<StepOutput> {
         ensure!(lane < self.last_tokens.len(), "no lane {lane}");
         let mut prev = Vec::with_capacity(batch.len());
         for s in batch.iter() {
@@ -294,10 +306,13 @@ impl<M: Borrow<CpuModel> + Send> StepBackend for CpuBackend<M> {
         let logits = model.forward(&mut inputs)?;
         drop(inputs);
         let step = self.serials.take(lane);
-        let mut tokens = Vec::new();
-        for ((s, row), b) in batch.iter_mut().zip(&logits).zip(&before) {
+        let mut out = StepOutput::default();
+        for (i, ((s, row), b)) in batch.iter_mut().zip(&logits).zip(&before).enumerate() {
             if s.prompt_done {
-                model.finish_prefill(&mut s.seq.cache)?;
+                // A pool that cannot take this sequence fails it alone.
+                if let Err(e) = model.finish_prefill(&mut s.seq.cache) {
+                    out.failed.push((i, format!("{e:#}")));
+                }
             }
             if let Some(a) = s.seq.cache.shadow_stats() {
                 self.totals.hits += a.hits - b.hits;
@@ -308,20 +323,20 @@ impl<M: Borrow<CpuModel> + Send> StepBackend for CpuBackend<M> {
                 s.seq.last = Some(LastSample {
                     lane,
                     step,
-                    row: tokens.len(),
+                    row: out.tokens.len(),
                 });
-                tokens.push(s.seq.sampler.sample(row));
+                out.tokens.push(s.seq.sampler.sample(row));
             }
         }
-        self.last_tokens[lane].clone_from(&tokens);
-        Ok(tokens)
+        self.last_tokens[lane].clone_from(&out.tokens);
+        Ok(out)
     }
 
-    fn is_done(&self, _ticket: &Vec<u32>) -> bool {
+    fn is_done(&self, _ticket: &StepOutput) -> bool {
         true
     }
 
-    fn complete(&mut self, _lane: usize, ticket: Vec<u32>) -> Result<Vec<u32>> {
+    fn complete(&mut self, _lane: usize, ticket: StepOutput) -> Result<StepOutput> {
         Ok(ticket)
     }
 

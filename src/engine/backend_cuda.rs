@@ -7,7 +7,7 @@
 //! Each sequence's KV cache is allocated on the GPU at its first step, sized for the
 //! server's context limit.
 
-use super::backend::{BackendStats, LaneSerials, LastSample, StepBackend, StepInput, StepSeq};
+use super::backend::{BackendStats, LaneSerials, LastSample, StepBackend, StepInput, StepOutput, StepSeq};
 use super::sampling::SamplingParams;
 use crate::cpu::LogitsWanted;
 use crate::cuda::device::StreamPriority;
@@ -171,8 +171,12 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
         ticket.is_done()
     }
 
-    fn complete(&mut self, lane: usize, ticket: StepTicket) -> Result<Vec<u32>> {
-        self.model.borrow().complete(&mut self.lanes[lane], ticket)
+    fn complete(&mut self, lane: usize, ticket: StepTicket) -> Result<StepOutput> {
+        let tokens = self.model.borrow().complete(&mut self.lanes[lane], ticket)?;
+        Ok(StepOutput {
+            tokens,
+            failed: Vec::new(),
+        })
     }
 
     fn stats(&self) -> BackendStats {

@@ -3,7 +3,7 @@
 //! model's context. [`generate`] runs it on the CPU (full attention or ShadowKV),
 //! [`generate_cuda`] on the GPU.
 
-use super::backend::{CpuBackend, StepBackend, StepInput, StepSeq};
+use super::backend::{CpuBackend, StepBackend, StepInput, StepOutput, StepSeq};
 use super::backend_cuda::CudaBackend;
 use super::sampling::SamplingParams;
 pub use super::text::FinishReason;
@@ -158,7 +158,7 @@ pub fn run<B: StepBackend>(
                     prompt_done: last,
                 }];
                 let ticket = backend.submit(0, &mut one)?;
-                backend.complete(0, ticket)
+                step_tokens(backend.complete(0, ticket)?)
             },
         )?;
         let mut out = SeqText::new();
@@ -192,7 +192,7 @@ pub fn run<B: StepBackend>(
             .collect();
         let ticket = backend.submit(0, &mut batch)?;
         drop(batch);
-        let next = backend.complete(0, ticket)?;
+        let next = step_tokens(backend.complete(0, ticket)?)?;
         for (&i, &id) in live.iter().zip(&next) {
             let (seq, out) = &mut seqs[i];
             let full = backend.seq_len(seq) >= ctx;
@@ -211,6 +211,14 @@ pub fn run<B: StepBackend>(
         })
         .collect();
     Ok((out, stats))
+}
+
+/// The tokens of a step in which no sequence may fail on its own.
+fn step_tokens(out: StepOutput) -> Result<Vec<u32>> {
+    match out.failed.first() {
+        Some((_, why)) => bail!("{why}"),
+        None => Ok(out.tokens),
+    }
 }
 
 /// Appends a sampled token to a sequence's text under the request's stop rules;

@@ -736,15 +736,20 @@ impl<M: StepBackend> Engine<M> {
                 s.in_flight -= 1;
             }
         }
-        let tokens = match result {
-            Ok(t) => t,
+        let out = match result {
+            Ok(o) => o,
             Err(e) => {
                 let keys: Vec<u64> = f.members.iter().map(|m| m.key).collect();
                 self.fail_members(&keys, &e);
                 return;
             }
         };
-        let generated = self.process(&f.members, &tokens, t1);
+        for (i, why) in &out.failed {
+            if let Some(m) = f.members.get(*i) {
+                self.fail_members(&[m.key], &anyhow::anyhow!("{why}"));
+            }
+        }
+        let generated = self.process(&f.members, &out.tokens, t1);
         metrics::counter!(tm::GENERATED_TOKENS).increment(generated);
         let t2 = Instant::now();
         metrics::histogram!(tm::STAGE_SECONDS, "stage" => "output").record((t2 - t1).as_secs_f64());
@@ -907,6 +912,51 @@ mod tests {
     #[test]
     fn batched_requests_equal_each_alone_with_a_prefill_lane() {
         batched_requests_equal_each_alone(2, 2);
+    }
+
+    /// A shutdown while steps are queued ends every stream with a final event (cancelled,
+    /// or done if it ended first) and stops the engine.
+    #[test]
+    fn shutdown_with_steps_queued_ends_every_stream() {
+        let (model, tok) = tiny();
+        let tok = Arc::new(tok);
+        let config = SchedulerConfig {
+            max_batch: 2,
+            max_queue: 2,
+            max_context: 4096,
+            prefill_chunk: 64,
+        };
+        let backend = CpuBackend::new(model, None).unwrap().with_schedule(2, 2);
+        let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
+        let long = EngineRequest {
+            prompt: tok.encode("a b c d", true).unwrap(),
+            max_tokens: 4000,
+            sampling: SamplingParams::default(),
+            stop: vec![],
+        };
+        let rxs: Vec<_> = (0..4).map(|_| engine.submit(long.clone()).unwrap()).collect();
+        let t0 = Instant::now();
+        while engine.running() < 2 {
+            assert!(t0.elapsed() < Duration::from_secs(30), "not admitted");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        engine.shutdown(Duration::ZERO);
+        join.join().unwrap();
+        for mut rx in rxs {
+            let mut end = None;
+            while let Some(ev) = rx.blocking_recv() {
+                if !matches!(ev, Event::Text(_)) {
+                    end = Some(ev);
+                }
+            }
+            assert!(
+                matches!(
+                    end,
+                    Some(Event::Failed(EngineError::ShuttingDown)) | Some(Event::Done { .. })
+                ),
+                "{end:?}"
+            );
+        }
     }
 
     #[test]
