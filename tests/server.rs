@@ -551,17 +551,21 @@ fn metrics_are_prometheus_with_histograms(s: &Server) {
 }
 
 fn openai_python_client(s: &Server) {
-    let py = Command::new("python3").args(["-c", "import openai"]).output();
+    let python = common::python();
+    let py = Command::new(&python).args(["-c", "import openai"]).output();
     match py {
-        Err(e) => panic!("python3 is needed for the openai client test: {e}"),
+        Err(e) => panic!(
+            "cannot run {python} for the openai client test ({e}): {}",
+            common::PYTHON_HINT
+        ),
         Ok(o) if !o.status.success() => panic!(
-            "the Python package `openai` is missing: pip install -r tools/reference/requirements.txt \
-             (tools/test does this)\n{}",
+            "{python} lacks the `openai` package: {}\n{}",
+            common::PYTHON_HINT,
             String::from_utf8_lossy(&o.stderr)
         ),
         Ok(_) => {}
     }
-    let out = Command::new("python3")
+    let out = Command::new(&python)
         .arg(common::repo_file("tests/openai_client.py"))
         .arg(format!("http://{}/v1", s.addr))
         .arg("smollm2")

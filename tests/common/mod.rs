@@ -27,6 +27,17 @@ pub fn test_model() -> PathBuf {
     p
 }
 
+/// The Python interpreter the tests run: `$SHADOWKV_PYTHON` (`tools/test` sets it to the
+/// project's environment from `tools/python-env`), else `python3` from `PATH`.
+pub fn python() -> String {
+    std::env::var("SHADOWKV_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// What to do when [`python`] lacks a package the tests need.
+pub const PYTHON_HINT: &str =
+    "run the tests with tools/test, or set SHADOWKV_PYTHON=\"$(tools/python-env)\" (the project's Python \
+     environment with tools/reference/requirements.txt)";
+
 /// Path of a file under the repository root.
 pub fn repo_file(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
