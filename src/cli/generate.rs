@@ -1,6 +1,6 @@
 //! `shadowkv generate`: one prompt in, one continuation out.
 
-use super::backend::{load_cuda_model, Backend, CudaArgs};
+use super::backend::{load_cuda_model, open_gpu, Backend, CudaArgs};
 use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::CpuModel;
 use crate::engine::generate::{generate, GenerateOptions, GenerateRequest};
@@ -127,7 +127,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             (load_secs, generate(&model, &m.tokenizer, &[req], opts)?)
         }
         Backend::Cuda => {
-            let model = load_cuda_model(&a.model, &m, &a.cuda, progress)?;
+            let model = load_cuda_model(open_gpu(&a.cuda)?, &a.model, &m, progress)?;
             let load_secs = t_load.elapsed().as_secs_f64();
             let graphs = !a.cuda.no_graph;
             (load_secs, generate_cuda(&model, &m.tokenizer, &[req], opts, graphs)?)

@@ -3,6 +3,7 @@
 //! SIGTERM/SIGINT.
 
 use crate::cpu::CpuModel;
+use crate::cuda::{CudaDevice, DeviceError};
 use crate::engine::backend::ShadowCpuModel;
 use crate::engine::backend_cuda::CudaBatchModel;
 use crate::engine::scheduler::{spawn_engine, EngineHandle, SchedulerConfig};
@@ -186,6 +187,20 @@ pub fn run(a: ServeArgs) -> Result<()> {
             )
             .into());
     }
+    // The GPU is checked before any model is fetched or opened; a missing one is the
+    // topology's `backend.kind`, named like every other topology error.
+    let gpu = if cuda {
+        let ordinal = topo.backend.device as usize;
+        Some(CudaDevice::new(ordinal).map_err(|e| match e {
+            DeviceError::Unavailable(why) => anyhow::Error::from(topo.error_at(
+                "backend.kind",
+                format!("`cuda` needs a usable NVIDIA GPU (backend.device = {ordinal}): {why}"),
+            )),
+            e => anyhow::Error::from(e).context(format!("opening CUDA device {ordinal}")),
+        })?)
+    } else {
+        None
+    };
     let spec = match (&a.model, &topo.model.path) {
         (Some(m), _) => m.clone(),
         (None, Some(p)) => p.clone(),
@@ -220,12 +235,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .into());
     }
     let shadow = shadow_settings(&topo, &m.config, max_context)?;
-    let model = if cuda {
-        let args = super::backend::CudaArgs {
-            device: topo.backend.device as usize,
-            no_graph: false,
-        };
-        let model = super::backend::load_cuda_model(&spec, &m, &args, false)?;
+    let model = if let Some(dev) = gpu {
+        let model = super::backend::load_cuda_model(dev, &spec, &m, false)?;
         Loaded::Cuda(Box::new(
             CudaBatchModel::new(model, max_context, topo.limits.max_batch)
                 .map_err(|e| topo.error_at("limits", format!("{e:#}")))?,
