@@ -640,12 +640,13 @@ shutdown_grace_secs = 60
     let rest = b.rest();
     assert_eq!(rest.last().map(String::as_str), Some("[DONE]"), "{}", b.body);
 
-    // SIGTERM: the queued request is refused with 503, the running one finishes, the
+    // SIGTERM: the queued request is refused with 503; while the running one finishes,
+    // the listener stays open and /health and new requests answer 503; then the
     // process exits 0.
     let mut e = SseStream::open(
         s.addr,
         "/v1/completions",
-        &json!({"prompt": "Once upon a time", "max_tokens": 30, "stream": true, "temperature": 0}),
+        &json!({"prompt": "Once upon a time", "max_tokens": 200, "stream": true, "temperature": 0}),
     );
     e.next_data().unwrap();
     let addr = s.addr;
@@ -663,6 +664,18 @@ shutdown_grace_secs = 60
     let f = f.join().unwrap();
     assert_eq!(f.status, 503, "{}", f.body);
     assert_eq!(f.json()["error"]["code"], "shutting_down");
+    let h = s.get("/health");
+    assert_eq!(h.status, 503, "{}", h.body);
+    assert_eq!(h.json()["status"], "shutting_down", "{}", h.body);
+    assert_eq!(
+        h.json()["running"],
+        1,
+        "the long request should still be running: {}",
+        h.body
+    );
+    let g = s.post_json("/v1/completions", &json!({"prompt": "z", "max_tokens": 1}));
+    assert_eq!(g.status, 503, "{}", g.body);
+    assert_eq!(g.json()["error"]["code"], "shutting_down");
     let data = e.rest();
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{}", e.body);
     let last: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();

@@ -296,16 +296,25 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    // The HTTP server stays up while the engine drains after a signal; it learns here
+    // that the engine thread has ended.
+    let (ended_tx, engine_ended) = tokio::sync::watch::channel(false);
+    let joined = rt.spawn_blocking(move || {
+        let r = engine_thread.join();
+        let _ = ended_tx.send(true);
+        r
+    });
     let served = rt.block_on(serve(
         state,
         engine.clone(),
+        engine_ended,
         std_listener,
         metrics_listener,
         grace,
         prometheus,
     ));
     engine.shutdown(Duration::ZERO);
-    if engine_thread.join().is_err() {
+    if !matches!(rt.block_on(joined), Ok(Ok(()))) {
         bail!("the engine thread panicked");
     }
     rt.shutdown_timeout(Duration::from_secs(1));
@@ -329,9 +338,14 @@ async fn wait_for_signal() -> &'static str {
     }
 }
 
+/// Serves until a signal, then drains: the listeners stay open while the engine lets
+/// running requests finish (up to `grace`), `/health` and new requests answer 503 in the
+/// meantime (what load balancers and probes expect), and the listeners close once the
+/// engine thread has ended. A second signal exits at once.
 async fn serve(
     state: Arc<AppState>,
     engine: EngineHandle,
+    mut engine_ended: tokio::sync::watch::Receiver<bool>,
     listener: std::net::TcpListener,
     metrics_listener: Option<std::net::TcpListener>,
     grace: Duration,
@@ -347,12 +361,27 @@ async fn serve(
     tokio::spawn(async move {
         let sig = wait_for_signal().await;
         info!(
-            "{sig}: shutting down (running requests get up to {:.0}s)",
+            "{sig}: shutting down (running requests get up to {:.0}s; /health and new requests get 503 meanwhile)",
             grace.as_secs_f64()
         );
         engine.shutdown(grace);
-        let _ = stop_tx.send(true);
-        let sig = wait_for_signal().await;
+        // The engine ends within the grace period; the margin covers a step in flight.
+        let drained = async move {
+            let ended = engine_ended.wait_for(|e| *e);
+            if tokio::time::timeout(grace + Duration::from_secs(5), ended)
+                .await
+                .is_err()
+            {
+                warn!("the engine did not stop within the grace period; closing anyway");
+            }
+        };
+        let sig = tokio::select! {
+            _ = drained => {
+                let _ = stop_tx.send(true);
+                wait_for_signal().await
+            }
+            sig = wait_for_signal() => sig,
+        };
         warn!("{sig} again: exiting now");
         std::process::exit(130);
     });
@@ -381,14 +410,14 @@ async fn serve(
     info!("serving `{}` on http://{addr}", state.model_name);
     let app = router(state);
     let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
-    // Connections still open well after the grace period do not hold the process.
+    // Connections still open well after the engine has ended do not hold the process.
     let deadline = async move {
         stopped(stop_rx).await;
-        tokio::time::sleep(grace + Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
     };
     tokio::select! {
         r = server => r.context("HTTP server")?,
-        _ = deadline => warn!("connections still open after the grace period; closing them"),
+        _ = deadline => warn!("connections still open 5 s after the engine stopped; closing them"),
     }
     Ok(())
 }
