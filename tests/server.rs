@@ -386,6 +386,13 @@ fn bad_inputs_get_4xx_naming_the_field(s: &Server) {
     let r = s.post("/v1/completions", &json!({"prompt": long}).to_string()).json();
     assert_eq!(r["error"]["code"], "context_length_exceeded");
     assert!(r["error"]["message"].as_str().unwrap().contains("1024"), "{r}");
+    let msgs = json!({"messages": [{"role": "user", "content": long}]});
+    let r = s.post("/v1/chat/completions", &msgs.to_string()).json();
+    assert_eq!(r["error"]["code"], "context_length_exceeded");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("the messages have"),
+        "{r}"
+    );
     // Unknown routes and methods answer JSON too.
     let r = s.get("/v1/nope");
     assert_eq!(r.status, 404);

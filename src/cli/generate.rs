@@ -10,19 +10,20 @@ use crate::model::chat::ChatMessage;
 use crate::model::load::open_model;
 use crate::model::weights::ModelWeights;
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{ArgGroup, Args};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
 /// Arguments of `shadowkv generate`.
 #[derive(Args, Debug)]
+#[command(group(ArgGroup::new("input").required(true).args(["prompt", "prompt_file"])))]
 pub struct GenerateArgs {
     /// Model: a Hugging Face directory, a .gguf file, or synthetic:<arch>[@seed].
     #[arg(long)]
     model: String,
     /// Prompt text.
-    #[arg(long, conflicts_with = "prompt_file", required_unless_present = "prompt_file")]
+    #[arg(long)]
     prompt: Option<String>,
     /// Read the prompt from a file.
     #[arg(long)]
