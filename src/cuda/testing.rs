@@ -41,8 +41,8 @@ fn record_skip() {
 }
 
 /// The CUDA operations on device 0, or `None` after printing why the caller should
-/// skip (no driver, no GPU) and recording the skip in `$SHADOWKV_SKIP_LOG`. Panics on any other failure, and on a missing device when
-/// `SHADOWKV_REQUIRE_CUDA=1`.
+/// skip (no driver, no GPU) and recording the skip in `$SHADOWKV_SKIP_LOG`. Panics on
+/// any other failure, and on a missing device when `SHADOWKV_REQUIRE_CUDA=1`.
 pub fn ops_or_skip() -> Option<CudaOps> {
     let require = std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1");
     match CudaDevice::new(0) {
