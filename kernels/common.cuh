@@ -1,5 +1,6 @@
 // Small helpers shared by several kernel files: eight packed bf16 values to and from
-// fp32, and a 64-bit mixing function for reproducible pseudo-random numbers.
+// fp32, the order-preserving integer image of a float, and a 64-bit mixing function
+// for reproducible pseudo-random numbers.
 // Passed to NVRTC as an in-memory header by src/cuda/nvrtc.rs and tools/nvrtc-check.
 #pragma once
 #include <cuda_bf16.h>
@@ -22,6 +23,14 @@ __device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
     return u;
+}
+
+// The float's order-preserving unsigned image: a < b as unsigned exactly when a comes
+// before b in IEEE total order (-NaN < -inf < ... < -0 < +0 < ... < inf < NaN), the
+// order of Rust's f32::total_cmp. ordered(-x) == ~ordered(x).
+__device__ __forceinline__ unsigned int ordered(float f) {
+    const unsigned int u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
 // SplitMix64's finaliser.

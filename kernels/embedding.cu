@@ -1,7 +1,10 @@
 // Embedding gather: out[r, :] = table[ids[r], :] (bf16 rows of `hidden` values).
 //
 // One block per output row. Rows whose id is outside the vocabulary are filled with
-// NaN so that a bad id can never pass silently as plausible numbers.
+// NaN so that a bad id can never pass silently as plausible numbers. With `prev_map`
+// (may be null), a row r with prev_map[r] >= 0 takes its id from prev_tokens[prev_map[r]]
+// instead: the token a previous step sampled on the device, which the host has not read
+// back yet (asynchronous scheduling).
 #include <cuda_bf16.h>
 
 #include "pdl.cuh"
@@ -9,11 +12,14 @@
 extern "C" __global__ void embedding_gather(__nv_bfloat16* __restrict__ out,
                                             const __nv_bfloat16* __restrict__ table,
                                             const unsigned int* __restrict__ ids,
+                                            const int* __restrict__ prev_map,
+                                            const unsigned int* __restrict__ prev_tokens,
                                             int hidden, unsigned int vocab) {
     pdl_wait();
     pdl_trigger();
     const int r = blockIdx.x;
-    const unsigned int id = ids[r];
+    const int from = prev_map ? prev_map[r] : -1;
+    const unsigned int id = from >= 0 ? prev_tokens[from] : ids[r];
     __nv_bfloat16* dst = out + (size_t)r * hidden;
     if (id >= vocab) {
         for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = __ushort_as_bfloat16(0x7FC0);

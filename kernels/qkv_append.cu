@@ -3,29 +3,48 @@
 // [rows, heads * D] buffer and appends k and v to the row's sequence cache; optionally
 // keeps the un-rotated (pre-RoPE) keys for ShadowKV.
 //
-// A sequence cache is one allocation laid out [layer][k | v][cap][kv_heads * D]:
+// qkv_rope_append: a sequence cache is one allocation laid out [layer][k | v][cap][kv_heads * D]:
 //   k row of (layer, pos) = base + ((2 * layer) * cap + pos) * kv_width
 //   v row of (layer, pos) = base + ((2 * layer + 1) * cap + pos) * kv_width
 // Per row r: positions[r], row_base[r] (the cache's device address) and row_cap[r].
+// qkv_rope_append_shadow: row b is the new token of sequence b of a ShadowKV batch (the
+// layout of shadow.cuh); with n tokens in its recent window, k and v go to row R - n - 1
+// of each head of ak and av, and the pre-RoPE key to row R - n - 1 of kpre (the window is
+// newest-first; the caller then counts n + 1).
 // One block per row.
 #include <cuda_bf16.h>
 
 #include "pdl.cuh"
+#include "shadow.cuh"
 
-extern "C" __global__ void qkv_rope_append(__nv_bfloat16* __restrict__ q_out,
-                                           __nv_bfloat16* __restrict__ k_pre_out,
-                                           const __nv_bfloat16* __restrict__ qkv,
-                                           const __nv_bfloat16* __restrict__ bias,
-                                           const int* __restrict__ positions,
-                                           const unsigned long long* __restrict__ row_base,
-                                           const int* __restrict__ row_cap,
-                                           const float* __restrict__ inv_freq, int layer,
-                                           int heads, int kv_heads, int half) {
-    pdl_wait();
-    pdl_trigger();
-    extern __shared__ float cs[];  // cos[half], sin[half]
-    const int row = blockIdx.x;
-    const int pos = positions[row];
+// Where one row's k, v and pre-RoPE k go in a dense cache: kv_width consecutive values.
+struct DenseRow {
+    __nv_bfloat16* k;
+    __nv_bfloat16* v;
+    __nv_bfloat16* kp;  // null: not kept
+    __device__ __nv_bfloat16* k_at(int col) const { return k + col; }
+    __device__ __nv_bfloat16* v_at(int col) const { return v + col; }
+};
+
+// Where they go in a ShadowKV sequence: head-major attention rows, a row-major kpre.
+struct ShadowRow {
+    __nv_bfloat16* k;   // ak at head 0, the target row
+    __nv_bfloat16* v;   // av at head 0, the target row
+    __nv_bfloat16* kp;  // kpre at the target row
+    size_t head_stride;  // rows_cap * D
+    int d;
+    __device__ __nv_bfloat16* k_at(int col) const { return k + (size_t)(col / d) * head_stride + col % d; }
+    __device__ __nv_bfloat16* v_at(int col) const { return v + (size_t)(col / d) * head_stride + col % d; }
+};
+
+// The split of one fused row `src` at position `pos`; cs holds 2 * half floats of
+// shared memory.
+template <typename Row>
+__device__ __forceinline__ void qkv_split_row(__nv_bfloat16* __restrict__ q_dst, const Row& dst,
+                                              const __nv_bfloat16* __restrict__ src,
+                                              const __nv_bfloat16* __restrict__ bias, int pos,
+                                              const float* __restrict__ inv_freq, int heads, int kv_heads,
+                                              int half, float* cs) {
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         float s, c;
         sincosf(__fmul_rn((float)pos, inv_freq[i]), &s, &c);
@@ -35,14 +54,6 @@ extern "C" __global__ void qkv_rope_append(__nv_bfloat16* __restrict__ q_out,
     __syncthreads();
     const int d = 2 * half;
     const int kvw = kv_heads * d;
-    const int width = heads * d + 2 * kvw;
-    const __nv_bfloat16* src = qkv + (size_t)row * width;
-    const size_t cap = (size_t)row_cap[row];
-    __nv_bfloat16* base = reinterpret_cast<__nv_bfloat16*>(row_base[row]);
-    __nv_bfloat16* k_dst = base + ((size_t)(2 * layer) * cap + pos) * kvw;
-    __nv_bfloat16* v_dst = base + ((size_t)(2 * layer + 1) * cap + pos) * kvw;
-    __nv_bfloat16* q_dst = q_out + (size_t)row * heads * d;
-    __nv_bfloat16* kp_dst = k_pre_out != nullptr ? k_pre_out + (size_t)row * kvw : nullptr;
     auto in = [&](int c) {
         float v = __bfloat162float(src[c]);
         if (bias != nullptr) v = __fadd_rn(v, __bfloat162float(bias[c]));
@@ -61,14 +72,65 @@ extern "C" __global__ void qkv_rope_append(__nv_bfloat16* __restrict__ q_out,
             q_dst[c0 + half] = y1;
         } else {
             const int kc = c0 - heads * d;
-            k_dst[kc] = y0;
-            k_dst[kc + half] = y1;
-            if (kp_dst != nullptr) {
-                kp_dst[kc] = __float2bfloat16_rn(x0);
-                kp_dst[kc + half] = __float2bfloat16_rn(x1);
+            *dst.k_at(kc) = y0;
+            *dst.k_at(kc + half) = y1;
+            if (dst.kp != nullptr) {
+                dst.kp[kc] = __float2bfloat16_rn(x0);
+                dst.kp[kc + half] = __float2bfloat16_rn(x1);
             }
         }
     }
-    for (int i = threadIdx.x; i < kvw; i += blockDim.x)
-        v_dst[i] = __float2bfloat16_rn(in(heads * d + kvw + i));
+    for (int i = threadIdx.x; i < kvw; i += blockDim.x) *dst.v_at(i) = __float2bfloat16_rn(in(heads * d + kvw + i));
+}
+
+extern "C" __global__ void qkv_rope_append(__nv_bfloat16* __restrict__ q_out,
+                                           __nv_bfloat16* __restrict__ k_pre_out,
+                                           const __nv_bfloat16* __restrict__ qkv,
+                                           const __nv_bfloat16* __restrict__ bias,
+                                           const int* __restrict__ positions,
+                                           const unsigned long long* __restrict__ row_base,
+                                           const int* __restrict__ row_cap,
+                                           const float* __restrict__ inv_freq, int layer,
+                                           int heads, int kv_heads, int half) {
+    pdl_wait();
+    pdl_trigger();
+    extern __shared__ float cs[];  // cos[half], sin[half]
+    const int row = blockIdx.x;
+    const int pos = positions[row];
+    const int d = 2 * half;
+    const int kvw = kv_heads * d;
+    const int width = heads * d + 2 * kvw;
+    const size_t cap = (size_t)row_cap[row];
+    __nv_bfloat16* base = reinterpret_cast<__nv_bfloat16*>(row_base[row]);
+    DenseRow dst;
+    dst.k = base + ((size_t)(2 * layer) * cap + pos) * kvw;
+    dst.v = base + ((size_t)(2 * layer + 1) * cap + pos) * kvw;
+    dst.kp = k_pre_out != nullptr ? k_pre_out + (size_t)row * kvw : nullptr;
+    qkv_split_row(q_out + (size_t)row * heads * d, dst, qkv + (size_t)row * width, bias, pos, inv_freq, heads,
+                  kv_heads, half, cs);
+}
+
+extern "C" __global__ void qkv_rope_append_shadow(__nv_bfloat16* __restrict__ q_out,
+                                                  const __nv_bfloat16* __restrict__ qkv,
+                                                  const __nv_bfloat16* __restrict__ bias,
+                                                  const int* __restrict__ positions,
+                                                  const ShadowSeqBufs* __restrict__ bufs,
+                                                  const ShadowSeqCounts* __restrict__ counts,
+                                                  const float* __restrict__ inv_freq, int heads,
+                                                  ShadowDims dims) {
+    pdl_wait();
+    pdl_trigger();
+    extern __shared__ float cs[];  // cos[half], sin[half]
+    const int b = blockIdx.x;
+    const int d = dims.head_dim, kvw = dims.kv_heads * d;
+    const int width = heads * d + 2 * kvw;
+    const int row = dims.recent - counts[b].recent - 1;
+    ShadowRow dst;
+    dst.k = shadow_attn_row(bufs[b].ak, dims, 0, row);
+    dst.v = shadow_attn_row(bufs[b].av, dims, 0, row);
+    dst.kp = reinterpret_cast<__nv_bfloat16*>(bufs[b].kpre) + (size_t)row * kvw;
+    dst.head_stride = (size_t)dims.rows_cap * d;
+    dst.d = d;
+    qkv_split_row(q_out + (size_t)b * heads * d, dst, qkv + (size_t)b * width, bias, positions[b], inv_freq, heads,
+                  dims.kv_heads, d / 2, cs);
 }

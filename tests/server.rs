@@ -526,7 +526,7 @@ fn metrics_are_prometheus_with_histograms(s: &Server) {
     ] {
         assert_eq!(types.get(h).map(String::as_str), Some("histogram"), "{h}:\n{text}");
     }
-    for stage in ["prefill", "decode", "sample", "step"] {
+    for stage in ["prefill", "decode", "output", "step"] {
         let count = metric_value(&text, &format!("shadowkv_stage_seconds_count{{stage=\"{stage}\"}}"));
         assert!(count.unwrap_or(0.0) > 0.0, "stage {stage} never timed:\n{text}");
         assert!(text.contains(&format!(
@@ -557,7 +557,9 @@ fn metrics_are_prometheus_with_histograms(s: &Server) {
     assert!(metric_value(&text, "shadowkv_requests_total{outcome=\"rejected\"}").unwrap() >= 10.0);
 }
 
-fn openai_python_client(s: &Server) {
+/// The tests' Python (`common::python`), checked to have the `openai` package, for the
+/// official-client tests.
+fn python_with_openai() -> Command {
     let python = common::python();
     let py = Command::new(&python).args(["-c", "import openai"]).output();
     match py {
@@ -572,7 +574,11 @@ fn openai_python_client(s: &Server) {
         ),
         Ok(_) => {}
     }
-    let out = Command::new(&python)
+    Command::new(python)
+}
+
+fn openai_python_client(s: &Server) {
+    let out = python_with_openai()
         .arg(common::repo_file("tests/openai_client.py"))
         .arg(format!("http://{}/v1", s.addr))
         .arg("smollm2")
@@ -734,7 +740,7 @@ fn sigint_with_no_grace_cancels_cleanly_and_writes_the_trace() {
         .iter()
         .filter_map(|e| e["name"].as_str())
         .collect();
-    assert!(names.contains(&"prefill") && names.contains(&"sample"), "{names:?}");
+    assert!(names.contains(&"prefill") && names.contains(&"output"), "{names:?}");
 }
 
 #[test]
@@ -830,4 +836,174 @@ prefill_chunk = 128
     let hit = s.metric("shadowkv_reuse_hit_ratio").unwrap();
     assert!(hit > 0.5 && hit <= 1.0, "hit ratio {hit}");
     assert!(s.metric("shadowkv_value_bytes_fetched_total").unwrap() > 0.0);
+}
+
+/// API keys from all three sources guard `/v1/*` and `/metrics` on the API address: raw
+/// HTTP and the official client get 401 `authentication_error` without a key or with a
+/// wrong one and work with any configured key; `/health` and the separate metrics address
+/// stay open; afterwards no key is in the daemon's log or in `/metrics`.
+#[test]
+fn api_keys_guard_the_api_and_never_show() {
+    const LISTED: &str = "sk-listed-3d1c9e77a0";
+    const FILED: &str = "sk-filed-8b24f06e5c";
+    const ENV_1: &str = "sk-env-one-5f9a2c11d4";
+    const ENV_2: &str = "sk-env-two-c07e3b9a62";
+    const WRONG: &str = "sk-wrong-guess-41ad7e";
+    // What tests/openai_client.py sends as its wrong key.
+    const CLIENT_WRONG: &str = "sk-wrong-key-never-valid";
+    let secrets = [LISTED, FILED, ENV_1, ENV_2, WRONG, CLIENT_WRONG];
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys");
+    std::fs::write(&file, format!("# team A\n\n{FILED}\n")).unwrap();
+    let topology = format!(
+        "[model]\nname = \"smollm2\"\n[limits]\nmax_batch = 2\nmax_context = 512\n\
+         [server]\nmetrics_listen = \"127.0.0.1:0\"\napi_keys = [\"{LISTED}\"]\n\
+         api_keys_file = {:?}\napi_keys_env = \"SHADOWKV_TEST_API_KEYS\"\n",
+        file.to_str().unwrap()
+    );
+    let env_value = format!("{ENV_1}, {ENV_2}");
+    let s = Server::start_with_env(
+        &topology,
+        &["--model", &model_arg()],
+        &[("SHADOWKV_TEST_API_KEYS", &env_value), ("RUST_LOG", "info")],
+    );
+    let call = |method: &str, path: &str, auth: Option<&str>, body: Option<&str>| {
+        let h = auth.map(|a| ("Authorization", a));
+        serve_util::request_with_headers(s.addr, method, path, h.as_slice(), body)
+    };
+    let completion = json!({"prompt": "Hi", "max_tokens": 2, "temperature": 0}).to_string();
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).to_string();
+    let protected: &[(&str, &str, Option<&str>)] = &[
+        ("GET", "/v1/models", None),
+        ("GET", "/v1/models/smollm2", None),
+        ("POST", "/v1/completions", Some(&completion)),
+        ("POST", "/v1/chat/completions", Some(&chat)),
+        ("GET", "/v1/no-such-route", None),
+        ("GET", "/metrics", None),
+    ];
+    let refusals = [
+        None,
+        Some(format!("Bearer {WRONG}")),
+        Some(format!("Basic {LISTED}")),
+        Some(LISTED.to_string()),
+        Some("Bearer ".to_string()),
+    ];
+    for (method, path, body) in protected {
+        for auth in &refusals {
+            let r = call(method, path, auth.as_deref(), *body);
+            assert_eq!(r.status, 401, "{method} {path} with {auth:?}: {}", r.body);
+            assert_eq!(r.header("www-authenticate"), Some("Bearer"), "{path}");
+            let e = &r.json()["error"];
+            assert_eq!(e["type"], "authentication_error", "{path}: {}", r.body);
+            assert_eq!(e["code"], "invalid_api_key", "{path}: {}", r.body);
+            assert_eq!(e["param"], Value::Null, "{path}: {}", r.body);
+            assert!(e["message"].is_string(), "{}", r.body);
+            for k in secrets {
+                assert!(!r.body.contains(k), "a 401 names a key: {}", r.body);
+            }
+        }
+    }
+    // Every source's keys are accepted.
+    for key in [LISTED, FILED, ENV_1, ENV_2] {
+        let r = call("GET", "/v1/models", Some(&format!("Bearer {key}")), None);
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let r = call(
+        "POST",
+        "/v1/completions",
+        Some(&format!("Bearer {ENV_2}")),
+        Some(&completion),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    // /health and the separate metrics address need no key.
+    let h = s.get("/health");
+    assert_eq!((h.status, h.json()["status"].as_str()), (200, Some("ok")), "{}", h.body);
+    let maddr = s.metrics_addr.expect("metrics address printed");
+    let open_metrics = serve_util::request(maddr, "GET", "/metrics", None);
+    assert_eq!(open_metrics.status, 200);
+    // The official client: the key from OPENAI_API_KEY works for every call; a wrong
+    // key and none raise its AuthenticationError.
+    let out = python_with_openai()
+        .arg(common::repo_file("tests/openai_client.py"))
+        .arg(format!("http://{}/v1", s.addr))
+        .arg("smollm2")
+        .arg("--auth")
+        .env("OPENAI_API_KEY", FILED)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openai client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
+    assert!(v["chat"].as_str().is_some_and(|c| !c.is_empty()), "{v}");
+    assert!(v["stream"]["chunks"].as_u64().unwrap() > 1, "{v}");
+    assert_eq!(v["refused"].as_array().map(Vec::len), Some(8), "{v}");
+    // Refusals are counted; no key is in the log or either /metrics.
+    let api_metrics = call("GET", "/metrics", Some(&format!("Bearer {LISTED}")), None);
+    assert_eq!(api_metrics.status, 200);
+    let unauthorized = metric_value(&api_metrics.body, "shadowkv_requests_total{outcome=\"unauthorized\"}");
+    assert!(
+        unauthorized >= Some((protected.len() * refusals.len() + 8) as f64),
+        "{unauthorized:?}"
+    );
+    let log = s.log();
+    assert!(log.contains("API keys: 4 set"), "{log}");
+    for (what, text) in [
+        ("log", &log),
+        ("/metrics", &api_metrics.body),
+        ("metrics_listen", &open_metrics.body),
+    ] {
+        for k in secrets {
+            assert!(!text.contains(k), "the {what} shows a key:\n{text}");
+        }
+    }
+}
+
+/// A key source that cannot be read stops start-up with the topology key and line, and
+/// the message quotes no key.
+#[test]
+fn api_key_sources_that_fail_stop_start_up_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-keys");
+    let bad = dir.path().join("bad-keys");
+    std::fs::write(&bad, "sk-good-a8f2\nsk-bad key-77e1\n").unwrap();
+    let cases: Vec<(String, &[&str])> = vec![
+        (
+            "[server]\napi_keys = [\"sk-good-a8f2\", \"\"]\n".into(),
+            &["line 2", "server.api_keys", "key 2 of the list is empty"],
+        ),
+        (
+            "[server]\n\napi_keys_env = \"SHADOWKV_TEST_UNSET_VARIABLE\"\n".into(),
+            &[
+                "line 3",
+                "server.api_keys_env",
+                "`SHADOWKV_TEST_UNSET_VARIABLE` is not set",
+            ],
+        ),
+        (
+            format!("[server]\napi_keys_file = {:?}\n", missing.to_str().unwrap()),
+            &["line 2", "server.api_keys_file", "cannot read", "no-such-keys"],
+        ),
+        (
+            format!("[server]\napi_keys_file = {:?}\n", bad.to_str().unwrap()),
+            &[
+                "line 2",
+                "server.api_keys_file",
+                "bad-keys`, line 2: the key has a space",
+            ],
+        ),
+    ];
+    for (topo, want) in &cases {
+        let (status, err) = serve_fails(topo, &["--model", "synthetic:tiny"]);
+        assert!(!status.success(), "{topo:?} was accepted");
+        for w in *want {
+            assert!(err.contains(w), "{topo:?}: stderr lacks {w:?}:\n{err}");
+        }
+        for k in ["sk-good", "sk-bad", "key-77e1"] {
+            assert!(!err.contains(k), "{topo:?}: stderr quotes a key:\n{err}");
+        }
+    }
 }

@@ -11,7 +11,6 @@
 use super::backend::{load_cuda_model, open_gpu, CudaArgs};
 use crate::cpu::model::chunked_prefill;
 use crate::cpu::LogitsWanted;
-use crate::cuda::step::sampling_row;
 use crate::cuda::{CudaModel, GpuCache, GpuSeq, StepGraphs};
 use crate::engine::sampling::SamplingParams;
 use crate::model::config::ModelConfig;
@@ -117,7 +116,7 @@ pub fn run(a: CudaBench) -> Result<()> {
         model.ops().device().synchronize()?;
         let t0 = Instant::now();
         let mut graphs = StepGraphs::new(!a.cuda.no_graph);
-        let greedy = sampling_row(&SamplingParams::default(), 0, 0);
+        let greedy = SamplingParams::default().device_row(0, 0);
         let next = chunked_prefill(
             &ids,
             a.prefill_chunk,

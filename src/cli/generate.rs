@@ -3,8 +3,7 @@
 use super::backend::{load_cuda_model, open_gpu, Backend, CudaArgs};
 use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::CpuModel;
-use crate::engine::generate::{generate, GenerateOptions, GenerateRequest};
-use crate::engine::generate_cuda::generate_cuda;
+use crate::engine::generate::{generate, generate_cuda, GenerateOptions, GenerateRequest};
 use crate::engine::sampling::SamplingParams;
 use crate::model::chat::ChatMessage;
 use crate::model::load::open_model;

@@ -4,17 +4,19 @@
 
 use crate::cpu::CpuModel;
 use crate::cuda::{CudaDevice, DeviceError};
-use crate::engine::backend::ShadowCpuModel;
-use crate::engine::backend_cuda::CudaBatchModel;
+use crate::engine::backend::CpuBackend;
+use crate::engine::backend_cuda::CudaBackend;
 use crate::engine::scheduler::{spawn_engine, EngineHandle, SchedulerConfig};
 use crate::model::config::ModelConfig;
 use crate::model::load::open_model;
 use crate::model::weights::ModelWeights;
+use crate::pool::space::SpaceError;
 use crate::pool::ValuePool;
+use crate::server::auth::{open_api_warning, ApiKeys};
 use crate::server::{metrics_router, router, AppState};
 use crate::shadow::ShadowParams;
 use crate::telemetry::{self, trace::TraceWriter};
-use crate::topology::{AttentionMode, AutoOr, BackendKind, Cores, PoolBacking, Topology};
+use crate::topology::{AttentionMode, AutoOr, BackendKind, Cores, PoolBacking, PrefillLane, Topology};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::{IsTerminal, Write};
@@ -145,9 +147,28 @@ fn shadow_settings(
             } else {
                 path.clone()
             };
-            ValuePool::file_backed(shape, &file)?
+            ValuePool::file_backed(shape, &file).map_err(|e| {
+                let hint = match e.downcast_ref::<SpaceError>() {
+                    Some(SpaceError::Disk { .. }) => {
+                        "; make room there, point pools.path at a larger disk, or lower limits.max_batch or \
+                         limits.max_context"
+                    }
+                    _ => "",
+                };
+                topo.error_at("pools.path", format!("{e:#}{hint}"))
+            })?
         }
-        _ => ValuePool::anonymous(shape)?,
+        _ => ValuePool::anonymous(shape).map_err(|e| {
+            topo.error_at(
+                "limits.max_batch",
+                format!(
+                    "the anonymous value pool (pools.backing) for {} sequences (limits.max_batch) of {max_context} \
+                     tokens (limits.max_context): {e:#}; lower either limit, or set pools.backing = \"file\" \
+                     with pools.path on a disk with room",
+                    topo.limits.max_batch
+                ),
+            )
+        })?,
     };
     info!(
         "ShadowKV: budget {}, rank {}, chunk {}, {} outlier and {} local chunks; value pool {:.2} GiB ({:?})",
@@ -156,7 +177,7 @@ fn shadow_settings(
         p.chunk_size,
         p.outlier_chunks,
         p.local_chunks,
-        (shape.elems()? * 4) as f64 / (1u64 << 30) as f64,
+        shape.bytes(4)? as f64 / (1u64 << 30) as f64,
         topo.pools.backing
     );
     Ok(Some((p, pool)))
@@ -165,7 +186,7 @@ fn shadow_settings(
 /// The model the engine thread runs.
 enum Loaded {
     Cpu(Box<CpuModel>),
-    Cuda(Box<CudaBatchModel>),
+    Cuda(Box<CudaBackend>),
 }
 
 /// Runs `shadowkv serve`.
@@ -178,6 +199,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .with_context(|| format!("--listen `{l}` is not an address like 127.0.0.1:8000"))?,
         None => topo.server.listen.parse().expect("validated"),
     };
+    let keys = ApiKeys::new(topo.api_keys()?);
+    if let Some(w) = open_api_warning(listen, &keys) {
+        warn!("{w}");
+    } else if !keys.is_empty() {
+        info!("API keys: {} set; /v1/* needs one", keys.len());
+    }
     let cuda = topo.backend.kind == BackendKind::Cuda;
     if cuda && topo.attention.mode != AttentionMode::Full {
         return Err(topo
@@ -237,8 +264,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let shadow = shadow_settings(&topo, &m.config, max_context)?;
     let model = if let Some(dev) = gpu {
         let model = super::backend::load_cuda_model(dev, &spec, &m, false)?;
+        let lanes = match topo.limits.prefill_lane {
+            PrefillLane::Mixed => 1,
+            PrefillLane::Auto | PrefillLane::Separate => 2,
+        };
         Loaded::Cuda(Box::new(
-            CudaBatchModel::new(model, max_context, topo.limits.max_batch)
+            CudaBackend::new(model, max_context, topo.limits.max_batch, lanes, true)
                 .map_err(|e| topo.error_at("limits", format!("{e:#}")))?,
         ))
     } else {
@@ -272,12 +303,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let tok = Arc::new(m.tokenizer);
     let (engine, engine_thread) = match model {
         Loaded::Cuda(model) => spawn_engine(*model, tok.clone(), config, trace),
-        Loaded::Cpu(model) => match shadow {
-            None => spawn_engine(*model, tok.clone(), config, trace),
-            Some((params, pool)) => {
-                spawn_engine(ShadowCpuModel::new(*model, params, pool)?, tok.clone(), config, trace)
-            }
-        },
+        Loaded::Cpu(model) => spawn_engine(CpuBackend::new(*model, shadow)?, tok.clone(), config, trace),
     }
     .context("starting the engine thread")?;
     let state = Arc::new(AppState::new(
@@ -304,15 +330,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let _ = ended_tx.send(true);
         r
     });
-    let served = rt.block_on(serve(
-        state,
-        engine.clone(),
-        engine_ended,
-        std_listener,
-        metrics_listener,
+    let drain = Drain {
+        engine: engine.clone(),
+        ended: engine_ended,
         grace,
-        prometheus,
-    ));
+    };
+    let served = rt.block_on(serve(state, keys, drain, std_listener, metrics_listener, prometheus));
     engine.shutdown(Duration::ZERO);
     if !matches!(rt.block_on(joined), Ok(Ok(()))) {
         bail!("the engine thread panicked");
@@ -338,36 +361,33 @@ async fn wait_for_signal() -> &'static str {
     }
 }
 
-/// Serves until a signal, then drains: the listeners stay open while the engine lets
-/// running requests finish (up to `grace`), `/health` and new requests answer 503 in the
-/// meantime (what load balancers and probes expect), and the listeners close once the
-/// engine thread has ended. A second signal exits at once.
-async fn serve(
-    state: Arc<AppState>,
+/// What the shutdown after a signal needs.
+struct Drain {
+    /// The engine to stop.
     engine: EngineHandle,
-    mut engine_ended: tokio::sync::watch::Receiver<bool>,
-    listener: std::net::TcpListener,
-    metrics_listener: Option<std::net::TcpListener>,
+    /// Becomes true once the engine thread has ended.
+    ended: tokio::sync::watch::Receiver<bool>,
+    /// How long running requests may still finish.
     grace: Duration,
-    prometheus: metrics_exporter_prometheus::PrometheusHandle,
-) -> Result<()> {
-    listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    let addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    tokio::spawn(async move {
+}
+
+impl Drain {
+    /// Waits for SIGTERM/SIGINT, then drains: the engine cancels queued requests and lets
+    /// running ones finish (up to the grace period) while the listeners stay open, so
+    /// `/health` and new requests answer 503 (what load balancers and probes expect);
+    /// once the engine thread has ended, `stop` closes the listeners. A second signal
+    /// exits at once.
+    async fn on_signal(mut self, stop: tokio::sync::watch::Sender<bool>) {
+        let grace = self.grace;
         let sig = wait_for_signal().await;
         info!(
             "{sig}: shutting down (running requests get up to {:.0}s; /health and new requests get 503 meanwhile)",
             grace.as_secs_f64()
         );
-        engine.shutdown(grace);
+        self.engine.shutdown(grace);
         // The engine ends within the grace period; the margin covers a step in flight.
         let drained = async move {
-            let ended = engine_ended.wait_for(|e| *e);
+            let ended = self.ended.wait_for(|e| *e);
             if tokio::time::timeout(grace + Duration::from_secs(5), ended)
                 .await
                 .is_err()
@@ -377,14 +397,33 @@ async fn serve(
         };
         let sig = tokio::select! {
             _ = drained => {
-                let _ = stop_tx.send(true);
+                let _ = stop.send(true);
                 wait_for_signal().await
             }
             sig = wait_for_signal() => sig,
         };
         warn!("{sig} again: exiting now");
         std::process::exit(130);
-    });
+    }
+}
+
+/// Serves until a signal, then drains (see [`Drain::on_signal`]).
+async fn serve(
+    state: Arc<AppState>,
+    keys: ApiKeys,
+    drain: Drain,
+    listener: std::net::TcpListener,
+    metrics_listener: Option<std::net::TcpListener>,
+    prometheus: metrics_exporter_prometheus::PrometheusHandle,
+) -> Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    tokio::spawn(drain.on_signal(stop_tx));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
@@ -408,7 +447,7 @@ async fn serve(
     println!("shadowkv listening on http://{addr}");
     let _ = std::io::stdout().flush();
     info!("serving `{}` on http://{addr}", state.model_name);
-    let app = router(state);
+    let app = router(state, keys);
     let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
     // Connections still open well after the engine has ended do not hold the process.
     let deadline = async move {

@@ -132,7 +132,7 @@ impl DecodeWorkspace {
 
 /// Blocks of the flash-decoding split kernel resident on the whole device at once (at
 /// its largest shared-memory footprint).
-pub(crate) fn resident_split_blocks(k: &super::kernels::Kernels, sm_count: u32) -> Result<usize> {
+fn resident_split_blocks(k: &super::kernels::Kernels, sm_count: u32) -> Result<usize> {
     let smem = (2 * MAX_GROUP + MAX_GROUP * (1024 + 4)) * 4;
     let per_sm = k
         .flash_decode_split_d128
@@ -163,6 +163,15 @@ pub fn partition_len(batch: usize, kv_heads: usize, max_len: usize, slots: usize
 }
 
 impl CudaOps {
+    /// Flash-decoding split blocks the device runs at once (sizes the partitions);
+    /// found on first use from the kernel's occupancy.
+    pub fn decode_slots(&self) -> usize {
+        *self.decode_slots.get_or_init(|| {
+            let sms = self.device().info().sm_count;
+            resident_split_blocks(&self.k, sms).unwrap_or(sms as usize)
+        })
+    }
+
     /// `out[b, h·d..] = softmax(q_b,h · K_bᵀ / √d) · V_b` for every sequence `b` of
     /// `kv` and query head `h` (GQA: head h reads KV head h / (heads / kv_heads)).
     /// `q` and `out` are `[batch, heads·head_dim]`.

@@ -46,6 +46,15 @@ impl DeviceInfo {
     }
 }
 
+/// How the GPU schedules a stream's blocks against other streams' blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamPriority {
+    /// The default (lowest) priority.
+    Normal,
+    /// The highest priority: its blocks go first when both streams have work waiting.
+    High,
+}
+
 /// One GPU: its primary context and a compute stream.
 ///
 /// The wrapper turns off cudarc's automatic per-buffer event tracking: work on several
@@ -163,6 +172,24 @@ impl CudaDevice {
     /// A new non-blocking stream (copy or select streams of the pipeline).
     pub fn new_stream(&self) -> anyhow::Result<Arc<CudaStream>> {
         Ok(self.ctx.new_stream()?)
+    }
+
+    /// The same device and context with a compute stream of its own, created at
+    /// `priority` (see [`StreamPriority`]): what another lane of work (a prefill running
+    /// beside decode steps) launches on.
+    pub fn with_new_stream(&self, priority: StreamPriority) -> anyhow::Result<CudaDevice> {
+        self.ctx.bind_to_thread()?;
+        let (least, greatest) = cudarc::driver::result::stream::get_priority_range()?;
+        let p = match priority {
+            StreamPriority::Normal => least,
+            StreamPriority::High => greatest,
+        };
+        let stream = self.ctx.new_stream_with_priority(p)?;
+        Ok(CudaDevice {
+            ctx: self.ctx.clone(),
+            stream,
+            info: self.info.clone(),
+        })
     }
 
     /// An event; `timing` enables [`CudaEvent::elapsed_ms`] (slightly slower to record).

@@ -1,4 +1,6 @@
-//! Sampling steps, with decode steps captured as CUDA graphs.
+//! Sampling steps, with decode steps captured as CUDA graphs, run synchronously
+//! ([`CudaModel::step`]) or queued on a lane of their own ([`CudaModel::submit`] and
+//! [`CudaModel::complete`]).
 //!
 //! A decode step (one token per sequence) launches about ten kernels per layer; at a
 //! small batch their launch overhead rivals the work. [`StepGraphs`] captures the whole
@@ -11,11 +13,19 @@
 //! blocks past a sequence's length exit at once); when the batch changes, a sequence
 //! outgrows the bucket or the scratch buffers move, the step runs eagerly and is
 //! captured again.
+//!
+//! A [`Lane`] is a stream of its own with its own scratch, captured step and read-back
+//! buffers: the server runs decode steps on one lane and long prefills on another, and
+//! queues step n+1 of a lane before it reads step n's tokens back. Step n+1 can take a
+//! sequence's input token straight from the tokens step n sampled on the device (see
+//! [`CudaModel::submit`]), so the host never waits for them to launch the next step.
 
-use super::model::{CudaModel, GpuSeq, StepPlan};
+use super::device::StreamPriority;
+use super::model::{CudaModel, GpuCache, GpuSeq, Scratch, StepPlan};
+use super::ops::CudaOps;
 use crate::cpu::LogitsWanted;
 use anyhow::{ensure, Result};
-use cudarc::driver::{sys, CudaGraph};
+use cudarc::driver::{sys, CudaEvent, CudaGraph, PinnedHostSlice};
 
 /// Sequence lengths are bucketed to multiples of this for a captured step.
 const LEN_BUCKET: usize = 1024;
@@ -40,6 +50,12 @@ struct Captured {
     workspace: (u64, u64),
 }
 
+// SAFETY: an executable CUDA graph is a driver object of its context, not of a thread:
+// any thread with the context current may launch it (`CudaGraph::launch` binds the
+// context). `Captured` is only reached through `&mut StepGraphs`, so one thread at a
+// time uses it; it moves with the engine to the engine thread.
+unsafe impl Send for Captured {}
+
 impl StepGraphs {
     /// Graph capture on (`enabled`) or every step eager.
     pub fn new(enabled: bool) -> Self {
@@ -53,28 +69,142 @@ impl StepGraphs {
     }
 }
 
+/// A stream of work of its own: its operations handle (stream and cuBLAS), scratch,
+/// captured decode step and pinned buffers the sampled tokens are read back into.
+pub struct Lane {
+    ops: CudaOps,
+    sc: Scratch,
+    /// The lane's captured decode step and counters.
+    pub graphs: StepGraphs,
+    readback: [Option<PinnedHostSlice<u32>>; 2],
+    next_buf: usize,
+    /// Rows sampled by the lane's last queued step (bounds `prev` of the next).
+    last_picked: usize,
+}
+
+/// A step queued on a lane; [`CudaModel::complete`] waits for it and gives its tokens.
+pub struct StepTicket {
+    picked: usize,
+    buf: usize,
+    done: CudaEvent,
+}
+
+impl StepTicket {
+    /// Whether the step has finished on the GPU (never blocks).
+    pub fn is_done(&self) -> bool {
+        self.done.is_complete()
+    }
+}
+
 impl CudaModel {
+    /// A new lane on its own stream at `priority`; `graphs` turns decode-step capture on.
+    pub fn new_lane(&self, priority: StreamPriority, graphs: bool) -> Result<Lane> {
+        Ok(Lane {
+            ops: self.ops().fork(priority)?,
+            sc: Scratch::default(),
+            graphs: StepGraphs::new(graphs),
+            readback: [None, None],
+            next_buf: 0,
+            last_picked: 0,
+        })
+    }
+
     /// Runs one step and samples one token for every sequence that wants logits
-    /// (`LogitsWanted::Last`), with `sampling[i]` the [`super::step::sampling_row`] of
-    /// sequence `i`; returns the tokens of those sequences, in order. Decode steps are
-    /// replayed from a CUDA graph when `graphs` allows.
+    /// (`LogitsWanted::Last`), with `sampling[i]` the
+    /// [`crate::engine::sampling::SamplingParams::device_row`] of sequence `i`; returns
+    /// the tokens of those sequences, in order. Decode steps are replayed from a CUDA
+    /// graph when `graphs` allows.
     pub fn step(&self, seqs: &mut [GpuSeq], sampling: &[[u64; 5]], graphs: &mut StepGraphs) -> Result<Vec<u32>> {
+        let mut sc = self.scratch.lock().expect("scratch lock");
+        let ops = self.ops();
+        let n = self.queue_step(ops, &mut sc, graphs, seqs, sampling, &[])?;
+        let tokens = if n == 0 {
+            Vec::new()
+        } else {
+            let t = sc.tokens.as_ref().expect("reserved");
+            ops.device().stream().clone_dtoh(&t.slice(0..n))?
+        };
+        ops.device().synchronize()?;
+        Ok(tokens)
+    }
+
+    /// Queues one step on `lane` (as [`CudaModel::step`]) and returns at once. Where
+    /// `prev[i] = Some(r)`, sequence `i`'s one input token is the token the lane's
+    /// previous step sampled for its `r`-th sampled row, read on the device (its id in
+    /// `seqs` is ignored); `prev` may be empty. The caches advance now; they must stay
+    /// alive until the ticket completes.
+    pub fn submit(
+        &self,
+        lane: &mut Lane,
+        seqs: &mut [GpuSeq],
+        sampling: &[[u64; 5]],
+        prev: &[Option<u32>],
+    ) -> Result<StepTicket> {
+        if let Some(r) = prev.iter().flatten().find(|&&r| r as usize >= lane.last_picked) {
+            anyhow::bail!(
+                "previous-step row {r} does not exist (the lane's last step sampled {} rows)",
+                lane.last_picked
+            );
+        }
+        let n = self.queue_step(&lane.ops, &mut lane.sc, &mut lane.graphs, seqs, sampling, prev)?;
+        let buf = lane.next_buf;
+        lane.next_buf ^= 1;
+        lane.last_picked = n;
+        let stream = lane.ops.device().stream().clone();
+        if n > 0 {
+            let slot = &mut lane.readback[buf];
+            if slot.as_ref().is_none_or(|b| b.len() < n) {
+                // Plain pinned memory (not write-combined: the host reads it).
+                // SAFETY: the buffer is written by the copy below before it is read.
+                *slot = Some(unsafe { lane.ops.device().context().alloc_pinned_with_flags::<u32>(n.max(64), 0) }?);
+            }
+            let t = lane.sc.tokens.as_ref().expect("reserved");
+            stream.memcpy_dtoh(&t.slice(0..n), slot.as_mut().expect("allocated"))?;
+        }
+        let done = lane.ops.device().event(false)?;
+        done.record(&stream)?;
+        Ok(StepTicket { picked: n, buf, done })
+    }
+
+    /// Waits for a step queued with [`CudaModel::submit`] and returns its sampled
+    /// tokens, in order, raising any error the GPU met on the way.
+    pub fn complete(&self, lane: &mut Lane, t: StepTicket) -> Result<Vec<u32>> {
+        t.done.synchronize()?;
+        lane.ops.device().context().check_err()?;
+        if t.picked == 0 {
+            return Ok(Vec::new());
+        }
+        let buf = lane.readback[t.buf].as_ref().expect("written by submit");
+        Ok(buf.as_slice()?[..t.picked].to_vec())
+    }
+
+    /// Stages and queues one sampling step on `ops`'s stream (replaying or capturing a
+    /// decode graph where `graphs` allows) and advances the caches; returns how many
+    /// tokens it samples (left in `sc.tokens`).
+    fn queue_step(
+        &self,
+        ops: &CudaOps,
+        sc: &mut Scratch,
+        graphs: &mut StepGraphs,
+        seqs: &mut [GpuSeq],
+        sampling: &[[u64; 5]],
+        prev: &[Option<u32>],
+    ) -> Result<usize> {
         ensure!(
             seqs.iter().all(|s| s.logits != LogitsWanted::All),
             "a sampling step takes the logits of each sequence's last token only"
         );
         ensure!(sampling.len() == seqs.len(), "one sampling row per sequence");
-        let mut sc = self.scratch.lock().expect("scratch lock");
         let before = sc.generation;
-        let mut plan = self.stage_step(&mut sc, seqs)?;
+        let mut plan = self.stage_step(ops, sc, seqs, prev)?;
         let rows: Vec<[u64; 5]> = seqs
             .iter()
             .zip(sampling)
             .filter(|(s, _)| s.logits == LogitsWanted::Last && !s.tokens.is_empty())
             .map(|(_, r)| *r)
             .collect();
-        self.stage_sampling(&mut sc, &plan, &rows)?;
-        let caches: Vec<&super::model::GpuCache> = seqs.iter().map(|s| &*s.cache).collect();
+        self.stage_sampling(ops, sc, &plan, &rows)?;
+        let caches: Vec<&GpuCache> = seqs.iter().map(|s| &*s.cache).collect();
         let key: Vec<(u64, usize)> = caches.iter().map(|c| (c.device_addr(self), c.capacity())).collect();
         let capture = graphs.enabled && plan.decode && !plan.picked.is_empty();
         if capture {
@@ -84,23 +214,24 @@ impl CudaModel {
                     && g.bucket == plan.max_len
                     && g.generation == sc.generation
                     && sc.generation == before
-                    && g.workspace == sc.decode_ws.addresses(self.ops())
+                    && g.workspace == sc.decode_ws.addresses(ops)
             });
             if reusable {
                 graphs.current.as_ref().expect("checked").graph.launch()?;
                 graphs.replays += 1;
             } else {
                 graphs.current = None;
-                // Run it eagerly first: sizes every workspace for this bucket, so that
-                // nothing is allocated while capturing.
-                self.encode_step(&mut sc, &plan, &caches)?;
-                self.encode_sampling(&mut sc, &plan)?;
+                // Run it eagerly first (this step's result): that sizes every workspace
+                // for this bucket, so that nothing is allocated while capturing; the
+                // capture only records, its first launch is the next step's.
+                self.encode_step(ops, sc, &plan, &caches)?;
+                self.encode_sampling(ops, sc, &plan)?;
                 let gen = sc.generation;
-                let stream = self.ops().device().stream().clone();
+                let stream = ops.device().stream().clone();
                 stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
                 let queued = self
-                    .encode_step(&mut sc, &plan, &caches)
-                    .and_then(|()| self.encode_sampling(&mut sc, &plan));
+                    .encode_step(ops, sc, &plan, &caches)
+                    .and_then(|()| self.encode_sampling(ops, sc, &plan));
                 let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
                 queued?;
                 ensure!(sc.generation == gen, "scratch buffers moved while capturing a step");
@@ -111,59 +242,50 @@ impl CudaModel {
                         key,
                         bucket: plan.max_len,
                         generation: gen,
-                        workspace: sc.decode_ws.addresses(self.ops()),
+                        workspace: sc.decode_ws.addresses(ops),
                     });
                     graphs.captures += 1;
                 }
                 graphs.eager += 1;
             }
         } else {
-            self.encode_step(&mut sc, &plan, &caches)?;
-            self.encode_sampling(&mut sc, &plan)?;
+            self.encode_step(ops, sc, &plan, &caches)?;
+            self.encode_sampling(ops, sc, &plan)?;
             graphs.eager += 1;
         }
-        let n = plan.picked.len();
-        let tokens = if n == 0 {
-            Vec::new()
-        } else {
-            let t = sc.tokens.as_ref().expect("reserved");
-            self.ops().device().stream().clone_dtoh(&t.slice(0..n))?
-        };
-        self.ops().device().synchronize()?;
         for s in seqs.iter_mut() {
             s.cache.advance(s.tokens.len());
         }
-        Ok(tokens)
+        Ok(plan.picked.len())
     }
 
-    fn stage_sampling(&self, sc: &mut super::model::Scratch, plan: &StepPlan, rows: &[[u64; 5]]) -> Result<()> {
+    fn stage_sampling(&self, ops: &CudaOps, sc: &mut Scratch, plan: &StepPlan, rows: &[[u64; 5]]) -> Result<()> {
         ensure!(rows.len() == plan.picked.len(), "one sampling row per sampled sequence");
         if rows.is_empty() {
             return Ok(());
         }
         let flat: Vec<u64> = rows.iter().flatten().copied().collect();
-        let at = sc.sampling_offset;
-        let s = self.ops().device().stream();
         let addrs = sc.addrs.as_mut().expect("reserved");
-        s.memcpy_htod(&flat, &mut addrs.slice_mut(at..at + flat.len()))?;
+        ops.device()
+            .stream()
+            .memcpy_htod(&flat, &mut addrs.slice_mut(plan.layout.sampling()))?;
         Ok(())
     }
 
-    fn encode_sampling(&self, sc: &mut super::model::Scratch, plan: &StepPlan) -> Result<()> {
+    fn encode_sampling(&self, ops: &CudaOps, sc: &mut Scratch, plan: &StepPlan) -> Result<()> {
         let n = plan.picked.len();
         if n == 0 {
             return Ok(());
         }
-        let at = sc.sampling_offset;
         let (logits, addrs, tokens) = (
             sc.logits.as_ref().expect("reserved"),
             sc.addrs.as_ref().expect("reserved"),
             sc.tokens.as_mut().expect("reserved"),
         );
-        self.ops().sample(
+        ops.sample(
             tokens,
             logits,
-            &addrs.slice(at..at + 5 * n),
+            &addrs.slice(plan.layout.sampling()),
             n,
             self.config().vocab_size,
         )

@@ -28,6 +28,12 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     kernel_file!("qkv_append.cu"),
     kernel_file!("sample.cu"),
     kernel_file!("gemv.cu"),
+    kernel_file!("select.cu"),
+    kernel_file!("reuse.cu"),
+    kernel_file!("rebuild.cu"),
+    kernel_file!("fetch.cu"),
+    kernel_file!("landmarks.cu"),
+    kernel_file!("fold.cu"),
 ];
 
 /// The loaded kernel functions.
@@ -48,6 +54,21 @@ pub struct Kernels {
     pub(crate) sample_rows: CudaFunction,
     pub(crate) gemv_bf16: CudaFunction,
     pub(crate) gemv_f32: CudaFunction,
+    pub(crate) qkv_rope_append_shadow: CudaFunction,
+    pub(crate) shadow_scores: CudaFunction,
+    pub(crate) shadow_top_k: CudaFunction,
+    pub(crate) topk_rows: CudaFunction,
+    pub(crate) shadow_reuse: CudaFunction,
+    pub(crate) shadow_rebuild: CudaFunction,
+    pub(crate) shadow_fetch: CudaFunction,
+    pub(crate) shadow_scatter: CudaFunction,
+    pub(crate) shadow_landmarks: CudaFunction,
+    pub(crate) shadow_outlier_flags: CudaFunction,
+    pub(crate) shadow_place_prefill: CudaFunction,
+    pub(crate) shadow_pool_write: CudaFunction,
+    pub(crate) shadow_fold_chunk: CudaFunction,
+    pub(crate) shadow_fold_project: CudaFunction,
+    pub(crate) shadow_fold_shift: CudaFunction,
     _modules: Vec<Arc<CudaModule>>,
 }
 
@@ -81,6 +102,12 @@ impl Kernels {
         let qa = load(find("qkv_append.cu"))?;
         let smp = load(find("sample.cu"))?;
         let gv = load(find("gemv.cu"))?;
+        let sel = load(find("select.cu"))?;
+        let reuse = load(find("reuse.cu"))?;
+        let rebuild = load(find("rebuild.cu"))?;
+        let fetch = load(find("fetch.cu"))?;
+        let marks = load(find("landmarks.cu"))?;
+        let fold = load(find("fold.cu"))?;
         Ok(Kernels {
             embedding_gather: get(&emb, "embedding_gather")?,
             rmsnorm_residual: get(&norm, "rmsnorm_residual")?,
@@ -98,6 +125,21 @@ impl Kernels {
             sample_rows: get(&smp, "sample_rows")?,
             gemv_bf16: get(&gv, "gemv_bf16")?,
             gemv_f32: get(&gv, "gemv_f32")?,
+            qkv_rope_append_shadow: get(&qa, "qkv_rope_append_shadow")?,
+            shadow_scores: get(&sel, "shadow_scores")?,
+            shadow_top_k: get(&sel, "shadow_top_k")?,
+            topk_rows: get(&sel, "topk_rows")?,
+            shadow_reuse: get(&reuse, "shadow_reuse")?,
+            shadow_rebuild: get(&rebuild, "shadow_rebuild")?,
+            shadow_fetch: get(&fetch, "shadow_fetch")?,
+            shadow_scatter: get(&fetch, "shadow_scatter")?,
+            shadow_landmarks: get(&marks, "shadow_landmarks")?,
+            shadow_outlier_flags: get(&marks, "shadow_outlier_flags")?,
+            shadow_place_prefill: get(&marks, "shadow_place_prefill")?,
+            shadow_pool_write: get(&marks, "shadow_pool_write")?,
+            shadow_fold_chunk: get(&fold, "shadow_fold_chunk")?,
+            shadow_fold_project: get(&fold, "shadow_fold_project")?,
+            shadow_fold_shift: get(&fold, "shadow_fold_shift")?,
             _modules: modules,
         })
     }

@@ -11,7 +11,10 @@
 //!   flash attention for prefill chunks.
 //! - [`step`]: the qkv split into the KV caches, and sampling on the device.
 //! - [`model`]: the whole model (weights, caches, batched forward pass); [`graph`]:
-//!   sampling steps, decode steps replayed from CUDA graphs.
+//!   sampling steps, decode steps replayed from CUDA graphs, lanes (streams of their
+//!   own) that queue steps asynchronously.
+//! - [`shadow`]: ShadowKV's kernels (selection, reuse diff, key rebuild, value fetch,
+//!   prefill compression, append and fold) on a layout defined once.
 //! - [`testing`]: open the device or skip (used by `tests/cuda_*.rs`).
 //!
 //! cudarc loads libcuda, libnvrtc and libcublas at run time, so the crate builds and
@@ -25,11 +28,12 @@ pub mod model;
 pub mod nvrtc;
 pub mod ops;
 pub mod prefill;
+pub mod shadow;
 pub mod step;
 pub mod testing;
 
 pub use attention::{DecodeWorkspace, KvTable};
-pub use device::{CudaDevice, DeviceError, DeviceInfo};
-pub use graph::StepGraphs;
+pub use device::{CudaDevice, DeviceError, DeviceInfo, StreamPriority};
+pub use graph::{Lane, StepGraphs, StepTicket};
 pub use model::{CudaModel, GpuCache, GpuSeq};
 pub use ops::{rope_inv_freq, CudaOps};

@@ -18,7 +18,7 @@
 
 use super::attention::{partition_len, DecodeArgs, DecodeWorkspace, KvTable};
 use super::ops::{rope_inv_freq, CudaOps};
-use super::step::{cache_offsets, RowTargets};
+use super::step::{cache_offsets, RowTargets, StepLayout};
 use crate::cpu::attention::AttnShape;
 use crate::cpu::model::chunked_prefill;
 use crate::cpu::LogitsWanted;
@@ -118,12 +118,12 @@ pub struct GpuSeq<'a> {
     pub logits: LogitsWanted,
 }
 
-/// Activations and step inputs, grown on demand and kept between steps.
+/// Activations and step inputs of one lane of work, grown on demand and kept
+/// between steps.
 #[derive(Default)]
 pub(crate) struct Scratch {
     rows: usize,
     picked: usize,
-    batch: usize,
     x: Option<CudaSlice<bf16>>,
     xn: Option<CudaSlice<bf16>>,
     qkv: Option<CudaSlice<bf16>>,
@@ -134,18 +134,13 @@ pub(crate) struct Scratch {
     sel: Option<CudaSlice<bf16>>,
     /// `[picked, vocab]` fp32 logits.
     pub(crate) logits: Option<CudaSlice<f32>>,
-    /// Token ids of the rows, then the picked rows' indices.
+    /// The staged inputs, laid out as [`StepLayout`] says.
     pub(crate) ids: Option<CudaSlice<u32>>,
-    /// Positions and cache capacities of the rows, then the sequences' lengths.
     pub(crate) ints: Option<CudaSlice<i32>>,
-    /// Cache addresses of the rows, then the key and value cache tables
-    /// `[layers][batch]`, then the sampling table `[batch][5]`.
     pub(crate) addrs: Option<CudaSlice<u64>>,
-    /// Sampled tokens.
+    /// Sampled tokens (the next step's `prev_map` indexes them).
     pub(crate) tokens: Option<CudaSlice<u32>>,
     pub(crate) decode_ws: DecodeWorkspace,
-    /// Where this step's sampling table starts in `addrs`.
-    pub(crate) sampling_offset: usize,
     /// Bumped whenever a buffer is reallocated (a captured step is then stale).
     pub(crate) generation: u64,
 }
@@ -166,8 +161,8 @@ fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
 
 /// What the host sends for one step (see [`CudaModel::stage_step`]).
 pub(crate) struct StepPlan {
-    /// Rows (new tokens) in the step.
-    pub rows: usize,
+    /// Where the staged inputs sit.
+    pub layout: StepLayout,
     /// Rows whose logits are wanted, in order.
     pub picked: Vec<u32>,
     /// New rows per sequence.
@@ -433,8 +428,10 @@ impl CudaModel {
     /// sequence, the wanted logits as rows of `vocab_size` fp32 values.
     pub fn forward(&self, seqs: &mut [GpuSeq]) -> Result<Vec<Vec<f32>>> {
         let mut sc = self.scratch.lock().expect("scratch lock");
-        let plan = self.stage_step(&mut sc, seqs)?;
+        let ops = &self.ops;
+        let plan = self.stage_step(ops, &mut sc, seqs, &[])?;
         self.encode_step(
+            ops,
             &mut sc,
             &plan,
             seqs.iter().map(|s| &*s.cache).collect::<Vec<_>>().as_slice(),
@@ -445,8 +442,7 @@ impl CudaModel {
             Vec::new()
         } else {
             let logits = sc.logits.as_ref().expect("staged");
-            self.ops
-                .device()
+            ops.device()
                 .stream()
                 .clone_dtoh(&logits.slice(0..plan.picked.len() * v))?
         };
@@ -461,10 +457,22 @@ impl CudaModel {
     }
 
     /// Checks a step and copies its inputs into the scratch buffers (growing them).
-    pub(crate) fn stage_step(&self, sc: &mut Scratch, seqs: &[GpuSeq]) -> Result<StepPlan> {
+    /// `prev[i] = Some(r)` feeds sequence `i` (one token) the token sampled for row `r`
+    /// of this lane's previous step instead of its id in `seqs` (empty: none does).
+    pub(crate) fn stage_step(
+        &self,
+        ops: &CudaOps,
+        sc: &mut Scratch,
+        seqs: &[GpuSeq],
+        prev: &[Option<u32>],
+    ) -> Result<StepPlan> {
         let c = &self.config;
+        ensure!(
+            prev.is_empty() || prev.len() == seqs.len(),
+            "one previous-token entry per sequence"
+        );
         let mut ids = Vec::new();
-        let (mut positions, mut caps, mut bases) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut positions, mut caps, mut bases, mut prev_map) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut picked = Vec::new();
         for (i, s) in seqs.iter().enumerate() {
             let end = s.cache.len + s.tokens.len();
@@ -477,11 +485,15 @@ impl CudaModel {
             if end > s.cache.cap {
                 bail!("sequence {i}: {end} tokens exceed its cache of {} tokens", s.cache.cap);
             }
-            if let Some(&t) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            let from = prev.get(i).copied().flatten();
+            if from.is_some() {
+                ensure!(s.tokens.len() == 1, "sequence {i}: a previous step's token is one row");
+            } else if let Some(&t) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
                 bail!("token id {t} is outside the vocabulary ({} ids)", c.vocab_size);
             }
             picked.extend(s.logits.rows(ids.len(), s.tokens.len()).map(|r| r as u32));
             ids.extend_from_slice(s.tokens);
+            prev_map.extend(s.tokens.iter().map(|_| from.map_or(-1, |r| r as i32)));
             let base = s.cache.base(self);
             for p in s.cache.len..end {
                 positions.push(p as i32);
@@ -492,47 +504,52 @@ impl CudaModel {
         let lens: Vec<usize> = seqs.iter().map(|s| s.cache.len + s.tokens.len()).collect();
         let q_rows: Vec<usize> = seqs.iter().map(|s| s.tokens.len()).collect();
         let decode = q_rows.iter().all(|&n| n == 1);
-        let plan = StepPlan {
+        let layout = StepLayout {
             rows: ids.len(),
+            batch: seqs.len(),
+            picked: picked.len(),
+            layers: c.num_layers,
+        };
+        let plan = StepPlan {
+            layout,
             picked,
             q_rows,
             max_len: lens.iter().copied().max().unwrap_or(0),
             lens,
             decode,
         };
-        self.reserve(sc, plan.rows, plan.picked.len(), seqs.len())?;
-        let (b, l) = (seqs.len(), c.num_layers);
+        self.reserve(ops, sc, &layout)?;
         let kvw = self.kv_width();
         let mut ints = positions;
         ints.extend(caps);
         ints.extend(plan.lens.iter().map(|&n| n as i32));
+        ints.extend(prev_map);
+        debug_assert_eq!(ints.len(), layout.ints_len());
         let mut addrs = bases;
         for part in [0, 1] {
-            for layer in 0..l {
+            for layer in 0..c.num_layers {
                 for s in seqs {
                     let (ko, vo) = cache_offsets(layer, s.cache.cap, kvw);
                     addrs.push(s.cache.base(self) + 2 * [ko, vo][part] as u64);
                 }
             }
         }
-        debug_assert_eq!(addrs.len(), plan.rows + 2 * l * b);
-        sc.sampling_offset = addrs.len();
+        debug_assert_eq!(addrs.len(), layout.sampling().start);
         ids.extend_from_slice(&plan.picked);
-        let s = self.ops.device().stream();
+        let s = ops.device().stream();
         s.memcpy_htod(&ids, sc.ids.as_mut().expect("reserved"))?;
         s.memcpy_htod(&ints, sc.ints.as_mut().expect("reserved"))?;
         s.memcpy_htod(&addrs, sc.addrs.as_mut().expect("reserved"))?;
         Ok(plan)
     }
 
-    /// Makes the scratch big enough for `rows` rows, `picked` logits rows and `batch`
-    /// sequences.
-    pub(crate) fn reserve(&self, sc: &mut Scratch, rows: usize, picked: usize, batch: usize) -> Result<()> {
+    /// Makes the scratch big enough for a step laid out as `layout`.
+    pub(crate) fn reserve(&self, ops: &CudaOps, sc: &mut Scratch, layout: &StepLayout) -> Result<()> {
         let c = &self.config;
         let (h, d) = (c.hidden_size, c.head_dim);
         let qd = c.num_heads * d;
         let qkv_w = qd + 2 * self.kv_width();
-        let ops = &self.ops;
+        let (rows, picked) = (layout.rows, layout.picked);
         let g = &mut sc.generation;
         if rows > sc.rows {
             grow(ops, g, &mut sc.x, rows * h)?;
@@ -549,24 +566,36 @@ impl CudaModel {
             grow(ops, g, &mut sc.logits, picked * c.vocab_size)?;
             sc.picked = picked;
         }
-        sc.batch = sc.batch.max(batch);
-        grow(ops, g, &mut sc.ids, sc.rows + sc.picked)?;
-        grow(ops, g, &mut sc.ints, 2 * sc.rows + sc.batch)?;
-        grow(
-            ops,
-            g,
-            &mut sc.addrs,
-            sc.rows + 2 * c.num_layers * sc.batch + 5 * sc.batch,
-        )?;
-        grow(ops, g, &mut sc.tokens, sc.batch)?;
+        grow(ops, g, &mut sc.ids, layout.ids_len())?;
+        grow(ops, g, &mut sc.ints, layout.ints_len())?;
+        grow(ops, g, &mut sc.addrs, layout.addrs_len())?;
+        // The sampled tokens are the next step's input where it asks for them: a bigger
+        // buffer starts with the old one's contents.
+        if sc.tokens.as_ref().is_none_or(|t| t.len() < layout.picked.max(1)) {
+            let mut bigger = ops.device().zeros::<u32>(layout.picked.max(64))?;
+            if let Some(old) = &sc.tokens {
+                ops.device()
+                    .stream()
+                    .memcpy_dtod(old, &mut bigger.slice_mut(0..old.len()))?;
+            }
+            sc.tokens = Some(bigger);
+            sc.generation += 1;
+        }
         Ok(())
     }
 
     /// Queues the kernels of a staged step: every launch reads its inputs from the
     /// scratch buffers, so a decode step can be captured once and replayed.
-    pub(crate) fn encode_step(&self, sc: &mut Scratch, plan: &StepPlan, caches: &[&GpuCache]) -> Result<()> {
+    pub(crate) fn encode_step(
+        &self,
+        ops: &CudaOps,
+        sc: &mut Scratch,
+        plan: &StepPlan,
+        caches: &[&GpuCache],
+    ) -> Result<()> {
         let c = &self.config;
-        let n = plan.rows;
+        let lay = plan.layout;
+        let n = lay.rows;
         if n == 0 {
             return Ok(());
         }
@@ -580,7 +609,6 @@ impl CudaModel {
             kv_heads: c.num_kv_heads,
             head_dim: d,
         };
-        let ops = &self.ops;
         let s = ops.device().stream().clone();
         let batch = caches.len();
         let Scratch {
@@ -596,6 +624,7 @@ impl CudaModel {
             ids,
             ints,
             addrs,
+            tokens,
             decode_ws,
             ..
         } = sc;
@@ -603,20 +632,29 @@ impl CudaModel {
         let (qkv, q, attn) = (qkv.as_mut().unwrap(), q.as_mut().unwrap(), attn.as_mut().unwrap());
         let (gate_up, act) = (gate_up.as_mut().unwrap(), act.as_mut().unwrap());
         let (ids, ints, addrs) = (ids.as_ref().unwrap(), ints.as_ref().unwrap(), addrs.as_ref().unwrap());
+        let ids_p = ids.device_ptr(&s).0;
         let ints_p = ints.device_ptr(&s).0;
         let addrs_p = addrs.device_ptr(&s).0;
+        let int_at = |r: std::ops::Range<usize>| ints_p + 4 * r.start as u64;
+        let addr_at = |r: std::ops::Range<usize>| addrs_p + 8 * r.start as u64;
         let targets = RowTargets {
             rows: n,
-            positions: ints_p,
-            cache_base: addrs_p,
-            cache_cap: ints_p + 4 * n as u64,
+            positions: int_at(lay.positions()),
+            cache_base: addr_at(lay.cache_base()),
+            cache_cap: int_at(lay.caps()),
         };
-        let lens_p = ints_p + 8 * n as u64;
-        let k_table = addrs_p + 8 * n as u64;
-        let v_table = k_table + 8 * (c.num_layers * batch) as u64;
+        let lens_p = int_at(lay.lens());
         let max_len = plan.max_len;
         let part = partition_len(batch, c.num_kv_heads, max_len, ops.decode_slots());
-        ops.embedding(x, &self.embed, ids, n, h, c.vocab_size)?;
+        let prev = (
+            ids_p,
+            int_at(lay.prev_map()),
+            tokens.as_ref().expect("reserved").device_ptr(&s).0,
+        );
+        // SAFETY: ids and prev_map hold `n` staged rows; prev_map's indices were checked
+        // against the previous step's sampled rows by the caller (`CudaModel::submit`),
+        // and `tokens` keeps them when it grows.
+        unsafe { ops.embedding_raw(x, &self.embed, prev, n, h, c.vocab_size)? };
         for (l, w) in self.layers.iter().enumerate() {
             ops.linear_normed(qkv, x, &w.wqkv, (n, h, qkv_w), eps, xn, &self.ones)?;
             // SAFETY: the targets were staged for these caches, each big enough (checked
@@ -637,8 +675,8 @@ impl CudaModel {
                 let args = DecodeArgs {
                     out: attn.device_ptr(&s).0,
                     q: q.device_ptr(&s).0,
-                    k_ptrs: k_table + 8 * (l * batch) as u64,
-                    v_ptrs: v_table + 8 * (l * batch) as u64,
+                    k_ptrs: addr_at(lay.k_table(l)),
+                    v_ptrs: addr_at(lay.v_table(l)),
                     lens: lens_p,
                     batch,
                     max_len,
@@ -675,7 +713,7 @@ impl CudaModel {
         let k = plan.picked.len();
         let (sel, logits) = (sel.as_mut().unwrap(), logits.as_mut().unwrap());
         ops.rmsnorm_residual(xn, x, None, &self.norm, n, h, eps)?;
-        ops.embedding(sel, xn, &ids.slice(n..n + k), k, h, n)?;
+        ops.embedding(sel, xn, &ids.slice(lay.picked()), k, h, n)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         ops.linear_f32(logits, sel, head, k, h, c.vocab_size)?;
         Ok(())

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 pub const KERNEL_HEADERS: &[(&str, &str)] = &[
     ("common.cuh", include_str!("../../kernels/common.cuh")),
     ("pdl.cuh", include_str!("../../kernels/pdl.cuh")),
+    ("shadow.cuh", include_str!("../../kernels/shadow.cuh")),
 ];
 
 /// One kernel source file.

@@ -4,25 +4,30 @@
 //! Every operation is queued on the device's compute stream and returns once queued;
 //! sizes are checked against the buffers before launching.
 
-use super::device::CudaDevice;
+use super::device::{CudaDevice, StreamPriority};
 use super::kernels::Kernels;
 use crate::model::config::ModelConfig;
 use anyhow::{bail, ensure, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
-/// The CUDA backend's operations: the device, its kernels and a cuBLAS handle bound
-/// to the compute stream.
+/// The CUDA backend's operations on one stream: the device with that stream, the
+/// compiled kernels (shared by every stream's handle, see [`CudaOps::fork`]) and a
+/// cuBLAS handle bound to the stream.
 pub struct CudaOps {
     dev: CudaDevice,
-    pub(crate) k: Kernels,
+    pub(crate) k: Arc<Kernels>,
     blas: CudaBlas,
     _blas_ws: CudaSlice<u8>,
-    gemv: std::sync::atomic::AtomicBool,
-    pdl: std::sync::atomic::AtomicBool,
+    gemv: AtomicBool,
+    pdl: AtomicBool,
     gemv_warps: usize,
-    decode_slots: usize,
+    /// Flash-decoding split blocks resident at once, found on first use
+    /// (`super::attention`).
+    pub(crate) decode_slots: OnceLock<usize>,
 }
 
 /// Pointers to kernel arguments for [`CudaOps::launch_pdl`], from references to the
@@ -62,12 +67,12 @@ pub fn gemv_splits(n: usize, k: usize, resident: usize) -> usize {
 /// Bytes of the cuBLAS workspace (what cuBLAS recommends for Hopper).
 const BLAS_WORKSPACE: usize = 32 << 20;
 
-fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
+pub(crate) fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
     ensure!(have >= need, "{what}: buffer of {have} elements, {need} needed");
     Ok(())
 }
 
-fn i32_of(what: &str, v: usize) -> Result<i32> {
+pub(crate) fn i32_of(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| anyhow::anyhow!("{what} = {v} does not fit a 32-bit int"))
 }
 
@@ -83,13 +88,30 @@ pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
 impl CudaOps {
     /// Compiles or loads the kernels for `dev` and creates the cuBLAS handle.
     pub fn new(dev: CudaDevice) -> Result<CudaOps> {
-        let k = Kernels::load(&dev)?;
-        let decode_slots = super::attention::resident_split_blocks(&k, dev.info().sm_count)?;
+        let k = Arc::new(Kernels::load(&dev)?);
         let hopper = dev.info().compute_capability.0 >= 9;
         let gemv_blocks =
             k.gemv_bf16
                 .occupancy_max_active_blocks_per_multiprocessor((GEMV_WARPS * 32) as u32, 0, None)?;
         let gemv_warps = dev.info().sm_count as usize * gemv_blocks.max(1) as usize * GEMV_WARPS;
+        Self::on_device(dev, k, hopper, gemv_warps)
+    }
+
+    /// The same kernels and settings on a new stream of the same device, created at
+    /// `priority`, with a cuBLAS handle of its own: another lane of work that the GPU
+    /// runs beside this one.
+    pub fn fork(&self, priority: StreamPriority) -> Result<CudaOps> {
+        let ops = Self::on_device(
+            self.dev.with_new_stream(priority)?,
+            self.k.clone(),
+            self.pdl.load(Ordering::Relaxed),
+            self.gemv_warps,
+        )?;
+        ops.gemv.store(self.gemv.load(Ordering::Relaxed), Ordering::Relaxed);
+        Ok(ops)
+    }
+
+    fn on_device(dev: CudaDevice, k: Arc<Kernels>, pdl: bool, gemv_warps: usize) -> Result<CudaOps> {
         // SAFETY: only tries to dlopen the library by its usual names.
         if !unsafe { blas_sys::is_culib_present() } {
             bail!(
@@ -113,24 +135,24 @@ impl CudaOps {
             k,
             blas,
             _blas_ws: blas_ws,
-            gemv: std::sync::atomic::AtomicBool::new(true),
-            pdl: std::sync::atomic::AtomicBool::new(hopper),
+            gemv: AtomicBool::new(true),
+            pdl: AtomicBool::new(pdl),
             gemv_warps,
-            decode_slots,
+            decode_slots: OnceLock::new(),
         })
     }
 
     /// Whether products of at most [`GEMV_MAX_M`] rows use the GEMV kernel (on by
     /// default; benchmarks turn it off to compare with cuBLAS).
     pub fn set_gemv(&self, on: bool) {
-        self.gemv.store(on, std::sync::atomic::Ordering::Relaxed);
+        self.gemv.store(on, Ordering::Relaxed);
     }
 
     /// Whether decode-step kernels are launched with programmatic dependent launch
     /// (kernels/pdl.cuh; on by default on sm_90 and later, where it exists).
     pub fn set_pdl(&self, on: bool) {
         let ok = self.dev.info().compute_capability.0 >= 9;
-        self.pdl.store(on && ok, std::sync::atomic::Ordering::Relaxed);
+        self.pdl.store(on && ok, Ordering::Relaxed);
     }
 
     /// Launches `f` on the compute stream, with programmatic dependent launch when it is
@@ -152,7 +174,7 @@ impl CudaOps {
         let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
         attr.value.programmaticStreamSerializationAllowed = 1;
-        let pdl = self.pdl.load(std::sync::atomic::Ordering::Relaxed);
+        let pdl = self.pdl.load(Ordering::Relaxed);
         let conf = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -169,11 +191,6 @@ impl CudaOps {
         // SAFETY: the caller's contract; conf and attr outlive the call.
         unsafe { sys::cuLaunchKernelEx(&conf, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result()?;
         Ok(())
-    }
-
-    /// Flash-decoding split blocks the device runs at once (sizes its partitions).
-    pub fn decode_slots(&self) -> usize {
-        self.decode_slots
     }
 
     /// The device.
@@ -200,20 +217,48 @@ impl CudaOps {
         hidden: usize,
         vocab: usize,
     ) -> Result<()> {
+        check_len("embedding ids", ids.len(), rows)?;
+        let s = self.dev.stream();
+        let (i, _g) = ids.device_ptr(s);
+        // SAFETY: no previous-token map.
+        unsafe { self.embedding_raw(out, table, (i, 0, 0), rows, hidden, vocab) }
+    }
+
+    /// [`CudaOps::embedding`] from raw device addresses `(ids, prev_map, prev_tokens)`:
+    /// row `r` takes its id from `prev_tokens[prev_map[r]]` where `prev_map[r] >= 0`
+    /// (`prev_map` may be 0: none), else from `ids[r]`.
+    ///
+    /// # Safety
+    /// `ids` and (when not 0) `prev_map` must hold `rows` elements, and `prev_tokens`
+    /// every index `prev_map` names.
+    pub(crate) unsafe fn embedding_raw(
+        &self,
+        out: &mut impl DevicePtrMut<bf16>,
+        table: &impl DevicePtr<bf16>,
+        (i, pm, pt): (u64, u64, u64),
+        rows: usize,
+        hidden: usize,
+        vocab: usize,
+    ) -> Result<()> {
         check_len("embedding output", out.len(), rows * hidden)?;
         check_len("embedding table", table.len(), vocab * hidden)?;
-        check_len("embedding ids", ids.len(), rows)?;
         if rows == 0 {
             return Ok(());
         }
         let s = self.dev.stream();
         let (o, _g1) = out.device_ptr_mut(s);
         let (t, _g2) = table.device_ptr(s);
-        let (i, _g3) = ids.device_ptr(s);
         let (h, v) = (i32_of("hidden", hidden)?, u32::try_from(vocab)?);
         let cfg = Self::launch_cfg((i32_of("rows", rows)? as u32, 1, 1), 128, 0);
-        // SAFETY: the buffers hold rows·hidden, vocab·hidden and rows elements (checked).
-        unsafe { self.launch_pdl(&self.k.embedding_gather, cfg, &mut kernel_params![&o, &t, &i, &h, &v]) }?;
+        // SAFETY: out and table hold rows·hidden and vocab·hidden elements (checked); the
+        // id arrays are the caller's contract.
+        unsafe {
+            self.launch_pdl(
+                &self.k.embedding_gather,
+                cfg,
+                &mut kernel_params![&o, &t, &i, &pm, &pt, &h, &v],
+            )
+        }?;
         Ok(())
     }
 
@@ -379,7 +424,7 @@ impl CudaOps {
     /// Whether a product of `m` rows of `k` values (addresses OR-ed in `addrs`) runs on
     /// the GEMV kernel.
     fn gemv_takes(&self, m: usize, k: usize, addrs: u64) -> bool {
-        m <= GEMV_MAX_M && k % 8 == 0 && addrs % 16 == 0 && self.gemv.load(std::sync::atomic::Ordering::Relaxed)
+        m <= GEMV_MAX_M && k % 8 == 0 && addrs % 16 == 0 && self.gemv.load(Ordering::Relaxed)
     }
 
     /// `out[m, n] = rms_norm(x)[m, k] · wᵀ` where the norm's weight is already folded

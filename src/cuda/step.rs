@@ -1,12 +1,13 @@
 //! The two per-step kernels of the whole-model forward pass that work on the rows of a
 //! batch: splitting the fused qkv projection into the KV caches
-//! (kernels/qkv_append.cu) and sampling the next tokens (kernels/sample.cu).
+//! (kernels/qkv_append.cu) and sampling the next tokens (kernels/sample.cu); and the
+//! layout of a step's staged inputs ([`StepLayout`]).
 
 use super::ops::{kernel_params, CudaOps};
-use crate::engine::sampling::SamplingParams;
 use anyhow::{ensure, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
+use std::ops::Range;
 
 /// Where each row of a step goes: device arrays of `rows` entries.
 #[derive(Clone, Copy, Debug)]
@@ -27,16 +28,82 @@ pub fn cache_offsets(layer: usize, cap: usize, kv_width: usize) -> (usize, usize
     (2 * layer * cap * kv_width, (2 * layer + 1) * cap * kv_width)
 }
 
-/// One row of the sampling table: what [`CudaOps::sample`] reads for one sequence.
-pub fn sampling_row(p: &SamplingParams, seed: u64, counter: u64) -> [u64; 5] {
-    let top_k = if p.top_k == 0 { 0 } else { p.top_k as u64 };
-    [
-        p.temperature.to_bits() as u64,
-        top_k,
-        p.top_p.to_bits() as u64,
-        seed,
-        counter,
-    ]
+/// Where one step's inputs sit in the scratch buffers they are staged into, defined
+/// once: `ids` (u32) holds the rows' token ids, then the indices of the rows whose
+/// logits are wanted; `ints` (i32) the rows' positions, their caches' capacities, the
+/// sequences' lengths after the step, then each row's index into the previous step's
+/// sampled tokens (-1: the id in `ids`); `addrs` (u64) each row's cache address, the
+/// key-cache table `[layer][seq]`, the value-cache table `[layer][seq]`, then the
+/// sampling table `[picked][5]`. Staging writes by these ranges and the kernels read by
+/// them, so a captured step replays with the same offsets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepLayout {
+    /// Rows (new tokens) of the step.
+    pub rows: usize,
+    /// Sequences.
+    pub batch: usize,
+    /// Rows whose logits are wanted.
+    pub picked: usize,
+    /// Transformer layers.
+    pub layers: usize,
+}
+
+impl StepLayout {
+    /// `ids`: token ids.
+    pub fn ids(&self) -> Range<usize> {
+        0..self.rows
+    }
+    /// `ids`: the picked rows.
+    pub fn picked(&self) -> Range<usize> {
+        self.rows..self.rows + self.picked
+    }
+    /// Elements of `ids`.
+    pub fn ids_len(&self) -> usize {
+        self.rows + self.picked
+    }
+    /// `ints`: positions.
+    pub fn positions(&self) -> Range<usize> {
+        0..self.rows
+    }
+    /// `ints`: cache capacities.
+    pub fn caps(&self) -> Range<usize> {
+        self.rows..2 * self.rows
+    }
+    /// `ints`: sequence lengths after the step.
+    pub fn lens(&self) -> Range<usize> {
+        2 * self.rows..2 * self.rows + self.batch
+    }
+    /// `ints`: previous-step token indices.
+    pub fn prev_map(&self) -> Range<usize> {
+        2 * self.rows + self.batch..3 * self.rows + self.batch
+    }
+    /// Elements of `ints`.
+    pub fn ints_len(&self) -> usize {
+        3 * self.rows + self.batch
+    }
+    /// `addrs`: cache addresses of the rows.
+    pub fn cache_base(&self) -> Range<usize> {
+        0..self.rows
+    }
+    /// `addrs`: key-cache addresses of layer `l`.
+    pub fn k_table(&self, l: usize) -> Range<usize> {
+        let at = self.rows + l * self.batch;
+        at..at + self.batch
+    }
+    /// `addrs`: value-cache addresses of layer `l`.
+    pub fn v_table(&self, l: usize) -> Range<usize> {
+        let at = self.rows + (self.layers + l) * self.batch;
+        at..at + self.batch
+    }
+    /// `addrs`: the sampling table.
+    pub fn sampling(&self) -> Range<usize> {
+        let at = self.rows + 2 * self.layers * self.batch;
+        at..at + 5 * self.picked
+    }
+    /// Elements of `addrs`.
+    pub fn addrs_len(&self) -> usize {
+        self.sampling().end
+    }
 }
 
 impl CudaOps {
@@ -130,7 +197,9 @@ impl CudaOps {
     }
 
     /// Picks one token per row of fp32 `logits` `[rows, vocab]` into `out`, each row
-    /// with its own [`sampling_row`] in `params` `[rows, 5]`: greedy (the first largest
+    /// with its own sampling row in `params` `[rows, 5]` (the bits of the f32
+    /// temperature, top-k with 0 for all, the bits of the f32 top-p, a seed and a
+    /// counter): greedy (the first largest
     /// logit) at temperature 0 or top-k 1, else a draw from the softmax of
     /// `logits / temperature` restricted to the top-k, then top-p, tokens, determined by
     /// the row's seed and counter.

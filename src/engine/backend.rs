@@ -1,22 +1,47 @@
-//! The interface the scheduler drives: a model that runs one batched forward pass over
-//! sequences of different lengths, each with its own cache. The CPU model with full
-//! attention implements it here; other backends (ShadowKV, CUDA) plug in the same way.
+//! The interface the scheduler and the generation loop drive: a model that runs one
+//! batched step over sequences of different lengths, each with its own state (cache
+//! and sampler), and samples the next token of the sequences that want one.
+//!
+//! A step is queued with [`StepBackend::submit`] and its tokens collected with
+//! [`StepBackend::complete`]; a backend whose steps run asynchronously (the GPU) lets
+//! the caller queue step n+1 before it reads step n back, and a sequence can feed step
+//! n+1 the token step n sampled without the host knowing it yet
+//! ([`StepInput::Previous`]). Steps run on lanes: every backend has lane 0; a backend
+//! with a second lane ([`StepBackend::lanes`]) runs it beside the first (long prefills
+//! beside decode steps).
+//!
+//! The CPU model (full attention or ShadowKV) implements it here; the GPU in
+//! [`super::backend_cuda`].
 
-use crate::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput, SeqKvCache};
+use super::sampling::{Sampler, SamplingParams};
+use crate::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput};
 use crate::model::config::ModelConfig;
 use crate::pool::ValuePool;
 use crate::shadow::{ShadowParams, ShadowStats};
-use anyhow::Result;
-use std::sync::Mutex;
+use anyhow::{bail, ensure, Result};
+use std::borrow::Borrow;
 
-/// One sequence's part of a batched step.
-pub struct BatchSeq<'a, C> {
-    /// New tokens, appended after what `cache` holds.
-    pub tokens: &'a [u32],
-    /// The sequence's cache, extended by `tokens`.
-    pub cache: &'a mut C,
-    /// Which logits to return.
-    pub logits: LogitsWanted,
+/// What a sequence feeds a step.
+#[derive(Debug, Clone, Copy)]
+pub enum StepInput<'a> {
+    /// These token ids (prompt tokens, or a sampled token the host holds).
+    Tokens(&'a [u32]),
+    /// The one token the sequence was given by the previous step of the same lane,
+    /// which the host may not have read yet.
+    Previous,
+}
+
+/// One sequence's part of a step.
+pub struct StepSeq<'a, S> {
+    /// Its new tokens.
+    pub input: StepInput<'a>,
+    /// Its state, extended by the step.
+    pub seq: &'a mut S,
+    /// Whether to sample a token after the step (false for a prompt chunk that is not
+    /// the prompt's last).
+    pub sample: bool,
+    /// Whether the step completes the prompt (ShadowKV compresses the prefill then).
+    pub prompt_done: bool,
 }
 
 /// Counters a backend may report; zero where it has no such thing.
@@ -32,148 +57,288 @@ pub struct BackendStats {
     pub gpu_bytes: u64,
 }
 
-/// A model the scheduler can run.
-pub trait BatchModel: Send + 'static {
-    /// The per-sequence cache.
-    type Cache: Send;
+/// A model the scheduler and the generation loop can run.
+pub trait StepBackend: Send {
+    /// One sequence's state: its cache and its sampler.
+    type Seq: Send;
+    /// A queued step.
+    type Ticket: Send;
 
     /// The model's hyper-parameters.
     fn config(&self) -> &ModelConfig;
 
-    /// A fresh cache for one sequence.
-    fn new_cache(&self) -> Self::Cache;
-
-    /// Tokens held by a cache.
-    fn cache_len(&self, cache: &Self::Cache) -> usize;
-
-    /// Bytes held by a cache.
-    fn cache_bytes(&self, cache: &Self::Cache) -> usize;
-
-    /// Runs the new tokens of every sequence, extending their caches; returns, per
-    /// sequence, the wanted logits as rows of `vocab_size` values.
-    fn forward(&self, batch: &mut [BatchSeq<'_, Self::Cache>]) -> Result<Vec<Vec<f32>>>;
-
-    /// Called once a sequence's whole prompt is in its cache, before its first token is
-    /// sampled (ShadowKV compresses the prefill cache here).
-    fn finish_prefill(&self, _cache: &mut Self::Cache) -> Result<()> {
-        Ok(())
+    /// Lanes of steps that run side by side (1 or 2).
+    fn lanes(&self) -> usize {
+        1
     }
+
+    /// Steps a lane may hold queued before the oldest is completed: 1 where `submit`
+    /// runs the step itself (nothing to overlap), 2 where it only queues it.
+    fn queue_depth(&self) -> usize {
+        1
+    }
+
+    /// A fresh sequence sampling with `sampling` and `seed`.
+    fn new_seq(&self, sampling: &SamplingParams, seed: u64) -> Result<Self::Seq>;
+
+    /// Tokens held by a sequence's cache (queued steps included).
+    fn seq_len(&self, seq: &Self::Seq) -> usize;
+
+    /// Bytes held by a sequence's cache.
+    fn seq_bytes(&self, seq: &Self::Seq) -> usize;
+
+    /// Queues one step on `lane`: runs the new tokens of every sequence, extending its
+    /// cache, and samples a token for each sequence with `sample`.
+    fn submit(&mut self, lane: usize, batch: &mut [StepSeq<'_, Self::Seq>]) -> Result<Self::Ticket>;
+
+    /// Whether a queued step has finished (never blocks).
+    fn is_done(&self, ticket: &Self::Ticket) -> bool;
+
+    /// Waits for a queued step of `lane`; returns the sampled tokens in the order of
+    /// the step's sampling sequences.
+    fn complete(&mut self, lane: usize, ticket: Self::Ticket) -> Result<Vec<u32>>;
 
     /// Backend counters for the metrics.
     fn stats(&self) -> BackendStats {
         BackendStats::default()
     }
-}
 
-impl BatchModel for CpuModel {
-    type Cache = SeqCache;
-
-    fn config(&self) -> &ModelConfig {
-        CpuModel::config(self)
-    }
-
-    fn new_cache(&self) -> SeqCache {
-        CpuModel::new_cache(self)
-    }
-
-    fn cache_len(&self, cache: &SeqCache) -> usize {
-        cache.len()
-    }
-
-    fn cache_bytes(&self, cache: &SeqCache) -> usize {
-        cache.bytes()
-    }
-
-    fn forward(&self, batch: &mut [BatchSeq<'_, SeqCache>]) -> Result<Vec<Vec<f32>>> {
-        let mut inputs: Vec<SeqInput> = batch
-            .iter_mut()
-            .map(|s| SeqInput {
-                tokens: s.tokens,
-                cache: &mut *s.cache,
-                logits: s.logits,
-            })
-            .collect();
-        CpuModel::forward(self, &mut inputs)
-    }
-
-    fn finish_prefill(&self, cache: &mut SeqCache) -> Result<()> {
-        CpuModel::finish_prefill(self, cache)
+    /// ShadowKV's reuse and traffic counters since the start (`None` with full
+    /// attention).
+    fn shadow_stats(&self) -> Option<ShadowStats> {
+        None
     }
 }
 
-/// The CPU model decoding with ShadowKV: caches start as dense prefills that keep their
-/// pre-RoPE keys and are compressed when the prompt is in; values live in `pool`.
-pub struct ShadowCpuModel {
-    model: CpuModel,
-    params: ShadowParams,
-    pool: ValuePool,
-    totals: Mutex<ShadowStats>,
+/// Where a sequence's latest sampled token sits until the host reads it: the lane, the
+/// serial number of the step on that lane, and the row among that step's samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastSample {
+    /// Lane of the step.
+    pub lane: usize,
+    /// The step's serial number on its lane.
+    pub step: u64,
+    /// Row among the step's sampled tokens.
+    pub row: usize,
 }
 
-impl ShadowCpuModel {
-    /// Wraps `model`; `params` are validated against the model here.
-    pub fn new(model: CpuModel, params: ShadowParams, pool: ValuePool) -> Result<Self> {
-        params.validate(model.config())?;
-        Ok(ShadowCpuModel {
+/// Serial numbers of each lane's steps and the checks of [`StepInput::Previous`]
+/// shared by the backends.
+#[derive(Debug, Default)]
+pub struct LaneSerials {
+    next: Vec<u64>,
+}
+
+impl LaneSerials {
+    /// The serial number the next step of `lane` gets (does not advance it).
+    pub fn peek(&mut self, lane: usize) -> u64 {
+        if self.next.len() <= lane {
+            self.next.resize(lane + 1, 0);
+        }
+        self.next[lane]
+    }
+
+    /// Takes the next serial number of `lane`.
+    pub fn take(&mut self, lane: usize) -> u64 {
+        let s = self.peek(lane);
+        self.next[lane] += 1;
+        s
+    }
+
+    /// The row of the previous step of `lane` that sampled `last`, if that step is the
+    /// one right before the next step of the lane; an error otherwise.
+    pub fn previous_row(&mut self, lane: usize, last: Option<LastSample>) -> Result<usize> {
+        let next = self.peek(lane);
+        match last {
+            Some(l) if l.lane == lane && l.step + 1 == next => Ok(l.row),
+            _ => bail!("a sequence asked for its previous token, but lane {lane}'s previous step did not sample it"),
+        }
+    }
+}
+
+/// One sequence on the CPU: its cache, its sampler and where its last token is.
+pub struct CpuSeq {
+    cache: SeqCache,
+    sampler: Sampler,
+    last: Option<LastSample>,
+}
+
+impl CpuSeq {
+    /// The cache.
+    pub fn cache(&self) -> &SeqCache {
+        &self.cache
+    }
+}
+
+/// The CPU model (owned, or borrowed by the generation loop) behind the scheduler,
+/// with full attention or ShadowKV (caches start as dense prefills that keep their
+/// pre-RoPE keys and are compressed when the prompt is in; values live in `pool`).
+/// Steps run synchronously in `submit`.
+pub struct CpuBackend<M: Borrow<CpuModel> = CpuModel> {
+    model: M,
+    shadow: Option<(ShadowParams, ValuePool)>,
+    totals: ShadowStats,
+    serials: LaneSerials,
+    /// Each lane's last step's tokens (what [`StepInput::Previous`] reads).
+    last_tokens: Vec<Vec<u32>>,
+    queue_depth: usize,
+}
+
+impl<M: Borrow<CpuModel>> CpuBackend<M> {
+    /// Wraps `model`; with `shadow`, sequences decode with ShadowKV (the parameters are
+    /// checked against the model here).
+    pub fn new(model: M, shadow: Option<(ShadowParams, ValuePool)>) -> Result<Self> {
+        if let Some((p, _)) = &shadow {
+            p.validate(model.borrow().config())?;
+        }
+        Ok(CpuBackend {
             model,
-            params,
-            pool,
-            totals: Mutex::new(ShadowStats::default()),
+            shadow,
+            totals: ShadowStats::default(),
+            serials: LaneSerials::default(),
+            last_tokens: vec![Vec::new()],
+            queue_depth: 1,
         })
     }
+
+    /// Reports `lanes` lanes and a queue depth of `depth`, as the GPU does (the steps
+    /// still run synchronously in `submit`): the scheduler then runs its asynchronous
+    /// paths (queued steps, previous-step tokens, a prefill lane) on the CPU, which is
+    /// how they are tested without a GPU.
+    pub fn with_schedule(mut self, lanes: usize, depth: usize) -> Self {
+        self.last_tokens = vec![Vec::new(); lanes.max(1)];
+        self.queue_depth = depth.max(1);
+        self
+    }
+
+    /// The model.
+    pub fn model(&self) -> &CpuModel {
+        self.model.borrow()
+    }
 }
 
-impl BatchModel for ShadowCpuModel {
-    type Cache = SeqCache;
+impl<M: Borrow<CpuModel> + Send> StepBackend for CpuBackend<M> {
+    type Seq = CpuSeq;
+    type Ticket = Vec<u32>;
+
+    fn lanes(&self) -> usize {
+        self.last_tokens.len()
+    }
+
+    fn queue_depth(&self) -> usize {
+        self.queue_depth
+    }
 
     fn config(&self) -> &ModelConfig {
-        self.model.config()
+        self.model().config()
     }
 
-    fn new_cache(&self) -> SeqCache {
-        SeqCache::ShadowPrefill {
-            dense: SeqKvCache::with_pre_rope(self.model.config()),
-            params: self.params,
-            pool: self.pool.clone(),
+    fn new_seq(&self, sampling: &SamplingParams, seed: u64) -> Result<CpuSeq> {
+        let cache = match &self.shadow {
+            Some((p, pool)) => self.model().new_shadow_cache(*p, pool)?,
+            None => self.model().new_cache(),
+        };
+        let sampler = Sampler::new(SamplingParams {
+            seed: Some(sampling.seed.unwrap_or(seed)),
+            ..*sampling
+        });
+        Ok(CpuSeq {
+            cache,
+            sampler,
+            last: None,
+        })
+    }
+
+    fn seq_len(&self, seq: &CpuSeq) -> usize {
+        seq.cache.len()
+    }
+
+    fn seq_bytes(&self, seq: &CpuSeq) -> usize {
+        seq.cache.bytes()
+    }
+
+    fn submit(&mut self, lane: usize, batch: &mut [StepSeq<'_, CpuSeq>]) -> Result<Vec<u32>> {
+        ensure!(lane < self.last_tokens.len(), "no lane {lane}");
+        let mut prev = Vec::with_capacity(batch.len());
+        for s in batch.iter() {
+            prev.push(match s.input {
+                StepInput::Tokens(_) => None,
+                StepInput::Previous => {
+                    let row = self.serials.previous_row(lane, s.seq.last)?;
+                    Some([self.last_tokens[lane][row]])
+                }
+            });
         }
-    }
-
-    fn cache_len(&self, cache: &SeqCache) -> usize {
-        cache.len()
-    }
-
-    fn cache_bytes(&self, cache: &SeqCache) -> usize {
-        cache.bytes()
-    }
-
-    fn forward(&self, batch: &mut [BatchSeq<'_, SeqCache>]) -> Result<Vec<Vec<f32>>> {
         let before: Vec<ShadowStats> = batch
             .iter()
-            .map(|s| s.cache.shadow_stats().unwrap_or_default())
+            .map(|s| s.seq.cache.shadow_stats().unwrap_or_default())
             .collect();
-        let out = BatchModel::forward(&self.model, batch)?;
-        let mut totals = self.totals.lock().expect("stats lock");
-        for (s, b) in batch.iter().zip(&before) {
-            let a = s.cache.shadow_stats().unwrap_or_default();
-            totals.hits += a.hits - b.hits;
-            totals.misses += a.misses - b.misses;
-            totals.value_bytes_fetched += a.value_bytes_fetched - b.value_bytes_fetched;
+        let mut inputs: Vec<SeqInput> = batch
+            .iter_mut()
+            .zip(&prev)
+            .map(|(s, p)| SeqInput {
+                tokens: match (&s.input, p) {
+                    (_, Some(t)) => t,
+                    (StepInput::Tokens(t), None) => t,
+                    (StepInput::Previous, None) => unreachable!("resolved above"),
+                },
+                cache: &mut s.seq.cache,
+                logits: if s.sample {
+                    LogitsWanted::Last
+                } else {
+                    LogitsWanted::None
+                },
+            })
+            .collect();
+        let model: &CpuModel = self.model.borrow();
+        let logits = model.forward(&mut inputs)?;
+        drop(inputs);
+        let step = self.serials.take(lane);
+        let mut tokens = Vec::new();
+        for ((s, row), b) in batch.iter_mut().zip(&logits).zip(&before) {
+            if s.prompt_done {
+                model.finish_prefill(&mut s.seq.cache)?;
+            }
+            if let Some(a) = s.seq.cache.shadow_stats() {
+                self.totals.hits += a.hits - b.hits;
+                self.totals.misses += a.misses - b.misses;
+                self.totals.value_bytes_fetched += a.value_bytes_fetched - b.value_bytes_fetched;
+            }
+            if s.sample {
+                s.seq.last = Some(LastSample {
+                    lane,
+                    step,
+                    row: tokens.len(),
+                });
+                tokens.push(s.seq.sampler.sample(row));
+            }
         }
-        Ok(out)
+        self.last_tokens[lane].clone_from(&tokens);
+        Ok(tokens)
     }
 
-    fn finish_prefill(&self, cache: &mut SeqCache) -> Result<()> {
-        self.model.finish_prefill(cache)
+    fn is_done(&self, _ticket: &Vec<u32>) -> bool {
+        true
+    }
+
+    fn complete(&mut self, _lane: usize, ticket: Vec<u32>) -> Result<Vec<u32>> {
+        Ok(ticket)
+    }
+
+    fn shadow_stats(&self) -> Option<ShadowStats> {
+        self.shadow.as_ref().map(|_| self.totals)
     }
 
     fn stats(&self) -> BackendStats {
-        let t = *self.totals.lock().expect("stats lock");
-        let s = self.pool.shape();
+        let Some((_, pool)) = &self.shadow else {
+            return BackendStats::default();
+        };
+        let s = pool.shape();
         let per_seq = (s.layers * s.kv_heads * s.chunks * s.chunk_elems * 4) as u64;
         BackendStats {
-            pool_bytes: self.pool.leased() as u64 * per_seq,
-            value_bytes_fetched: t.value_bytes_fetched,
-            reuse_hit_ratio: t.hit_rate(),
+            pool_bytes: pool.leased() as u64 * per_seq,
+            value_bytes_fetched: self.totals.value_bytes_fetched,
+            reuse_hit_ratio: self.totals.hit_rate(),
             gpu_bytes: 0,
         }
     }

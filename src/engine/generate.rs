@@ -1,10 +1,16 @@
-//! The generation loop: chunked prefill, then batched decode steps until each sequence
-//! meets EOS, a stop string, its token limit or the model's context.
+//! The generation loop, one for every backend ([`run`]): chunked prefill, then batched
+//! decode steps until each sequence meets EOS, a stop string, its token limit or the
+//! model's context. [`generate`] runs it on the CPU (full attention or ShadowKV),
+//! [`generate_cuda`] on the GPU.
 
-use super::sampling::{Sampler, SamplingParams};
+use super::backend::{CpuBackend, StepBackend, StepInput, StepSeq};
+use super::backend_cuda::CudaBackend;
+use super::sampling::SamplingParams;
 pub use super::text::FinishReason;
 use super::text::{SeqText, StopRules};
-use crate::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput};
+use crate::cpu::model::chunked_prefill;
+use crate::cpu::{CpuModel, LogitsWanted};
+use crate::cuda::CudaModel;
 use crate::model::tokenizer::TextTokenizer;
 use crate::pool::ValuePool;
 use crate::shadow::{Attention, ShadowStats};
@@ -73,13 +79,8 @@ impl Default for GenerateOptions {
     }
 }
 
-struct Active {
-    cache: SeqCache,
-    sampler: Sampler,
-    out: SeqText,
-}
-
-/// Runs every request to completion as one batch.
+/// Runs every request to completion as one batch on the CPU, with full attention or
+/// ShadowKV as `opts.attention` says.
 pub fn generate(
     model: &CpuModel,
     tok: &TextTokenizer,
@@ -87,99 +88,134 @@ pub fn generate(
     opts: GenerateOptions,
 ) -> Result<(Vec<Generation>, GenerateStats)> {
     let cfg = model.config();
+    let shadow = match opts.attention {
+        Attention::Full => None,
+        Attention::ShadowKv(p) => Some((
+            p,
+            ValuePool::anonymous(p.pool_shape(cfg, reqs.len(), cfg.max_position_embeddings))?,
+        )),
+    };
+    run(&mut CpuBackend::new(model, shadow)?, tok, reqs, opts)
+}
+
+/// Runs every request to completion as one batch on the GPU; `graphs` captures decode
+/// steps as CUDA graphs. Full attention only.
+pub fn generate_cuda(
+    model: &CudaModel,
+    tok: &TextTokenizer,
+    reqs: &[GenerateRequest],
+    opts: GenerateOptions,
+    graphs: bool,
+) -> Result<(Vec<Generation>, GenerateStats)> {
+    if opts.attention != Attention::Full {
+        bail!("the CUDA backend runs full attention only (ShadowKV runs on the CPU backend for now)");
+    }
+    let ctx = model.config().max_position_embeddings;
+    validate_requests(reqs, ctx)?;
+    let cap = reqs
+        .iter()
+        .map(|r| (r.prompt.len() + r.max_tokens).min(ctx))
+        .max()
+        .unwrap_or(1);
+    run(
+        &mut CudaBackend::new(model, cap, reqs.len(), 1, graphs)?,
+        tok,
+        reqs,
+        opts,
+    )
+}
+
+/// The generation loop over any backend: each prompt prefilled in chunks, then decode
+/// steps over every unfinished sequence until each meets EOS, a stop string, its token
+/// limit or the model's context.
+pub fn run<B: StepBackend>(
+    backend: &mut B,
+    tok: &TextTokenizer,
+    reqs: &[GenerateRequest],
+    opts: GenerateOptions,
+) -> Result<(Vec<Generation>, GenerateStats)> {
+    let cfg = backend.config();
     let ctx = cfg.max_position_embeddings;
+    let eos = cfg.eos_token_ids.clone();
     validate_requests(reqs, ctx)?;
     let mut stats = GenerateStats::default();
     let total: usize = reqs.iter().map(|r| r.prompt.len()).sum();
     let bar = prefill_bar(opts, total);
     let mut seqs = Vec::with_capacity(reqs.len());
-    let pool = match opts.attention {
-        Attention::Full => None,
-        Attention::ShadowKv(p) => Some(ValuePool::anonymous(p.pool_shape(cfg, reqs.len(), ctx))?),
-    };
     let t0 = Instant::now();
     for r in reqs {
-        let mut cache = match (opts.attention, &pool) {
-            (Attention::ShadowKv(p), Some(pool)) => model.new_shadow_cache(p, pool)?,
-            _ => model.new_cache(),
-        };
-        let logits = model.prefill(&mut cache, &r.prompt, opts.prefill_chunk, |n| bar.inc(n as u64))?;
-        model.finish_prefill(&mut cache)?;
-        let mut sampler = Sampler::new(r.sampling);
-        let first = sampler.sample(&logits);
-        let mut s = Active {
-            cache,
-            sampler,
-            out: SeqText::new(),
-        };
-        push_token(&mut s, first, r, tok, cfg.eos_token_ids.as_slice(), ctx)?;
-        seqs.push(s);
+        let mut seq = backend.new_seq(&r.sampling, r.sampling.seed.unwrap_or_else(rand::random))?;
+        let first = chunked_prefill(
+            &r.prompt,
+            opts.prefill_chunk,
+            |n| bar.inc(n as u64),
+            |part, logits| {
+                let last = logits == LogitsWanted::Last;
+                let mut one = [StepSeq {
+                    input: StepInput::Tokens(part),
+                    seq: &mut seq,
+                    sample: last,
+                    prompt_done: last,
+                }];
+                let ticket = backend.submit(0, &mut one)?;
+                backend.complete(0, ticket)
+            },
+        )?;
+        let mut out = SeqText::new();
+        let full = backend.seq_len(&seq) >= ctx;
+        push_text(&mut out, first[0], r, tok, &eos, full)?;
+        seqs.push((seq, out));
     }
     bar.finish_and_clear();
     stats.prefill_tokens = total;
     stats.prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     loop {
-        let live: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].out.finish().is_none()).collect();
+        let live: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].1.finish().is_none()).collect();
         if live.is_empty() {
             break;
         }
         let last: Vec<[u32; 1]> = live
             .iter()
-            .map(|&i| [*seqs[i].out.ids().last().expect("has a token")])
+            .map(|&i| [*seqs[i].1.ids().last().expect("has a token")])
             .collect();
-        let mut inputs: Vec<SeqInput> = Vec::with_capacity(live.len());
-        let mut caches: Vec<&mut SeqCache> = seqs
+        let mut batch: Vec<StepSeq<'_, B::Seq>> = seqs
             .iter_mut()
-            .filter(|s| s.out.finish().is_none())
-            .map(|s| &mut s.cache)
+            .filter(|s| s.1.finish().is_none())
+            .zip(&last)
+            .map(|(s, t)| StepSeq {
+                input: StepInput::Tokens(t),
+                seq: &mut s.0,
+                sample: true,
+                prompt_done: false,
+            })
             .collect();
-        for (c, t) in caches.drain(..).zip(&last) {
-            inputs.push(SeqInput {
-                tokens: t,
-                cache: c,
-                logits: LogitsWanted::Last,
-            });
-        }
-        let logits = model.forward(&mut inputs)?;
-        drop(inputs);
-        for (&i, row) in live.iter().zip(&logits) {
-            let next = seqs[i].sampler.sample(row);
-            push_token(&mut seqs[i], next, &reqs[i], tok, cfg.eos_token_ids.as_slice(), ctx)?;
+        let ticket = backend.submit(0, &mut batch)?;
+        drop(batch);
+        let next = backend.complete(0, ticket)?;
+        for (&i, &id) in live.iter().zip(&next) {
+            let (seq, out) = &mut seqs[i];
+            let full = backend.seq_len(seq) >= ctx;
+            push_text(out, id, &reqs[i], tok, &eos, full)?;
             stats.decode_tokens += 1;
         }
     }
     stats.decode_secs = t1.elapsed().as_secs_f64();
-    for st in seqs.iter().filter_map(|s| s.cache.shadow_stats()) {
-        stats.shadow.get_or_insert_with(ShadowStats::default).add(&st);
-    }
+    stats.shadow = backend.shadow_stats();
     let out = seqs
         .into_iter()
-        .map(|s| Generation {
-            completion_ids: s.out.completion_ids(),
-            finish: s.out.finish().unwrap_or(FinishReason::Length),
-            text: s.out.into_text(),
+        .map(|(_, out)| Generation {
+            completion_ids: out.completion_ids(),
+            finish: out.finish().unwrap_or(FinishReason::Length),
+            text: out.into_text(),
         })
         .collect();
     Ok((out, stats))
 }
 
-/// Records a sampled token and decides whether the sequence is finished.
-fn push_token(
-    s: &mut Active,
-    id: u32,
-    r: &GenerateRequest,
-    tok: &TextTokenizer,
-    eos: &[u32],
-    ctx: usize,
-) -> Result<()> {
-    let full = s.cache.len() >= ctx;
-    push_text(&mut s.out, id, r, tok, eos, full)
-}
-
 /// Appends a sampled token to a sequence's text under the request's stop rules;
 /// `context_full` ends it.
-pub(crate) fn push_text(
+fn push_text(
     out: &mut SeqText,
     id: u32,
     r: &GenerateRequest,
@@ -198,7 +234,7 @@ pub(crate) fn push_text(
 
 /// Rejects requests that cannot run: an empty prompt, one that fills the context of
 /// `ctx` tokens, no tokens to generate, or bad sampling parameters.
-pub(crate) fn validate_requests(reqs: &[GenerateRequest], ctx: usize) -> Result<()> {
+fn validate_requests(reqs: &[GenerateRequest], ctx: usize) -> Result<()> {
     for (i, r) in reqs.iter().enumerate() {
         if r.prompt.is_empty() {
             bail!("request {i}: the prompt is empty");
@@ -218,7 +254,7 @@ pub(crate) fn validate_requests(reqs: &[GenerateRequest], ctx: usize) -> Result<
 }
 
 /// The prefill progress bar (shown when asked and the prompts span a few chunks).
-pub(crate) fn prefill_bar(opts: GenerateOptions, total: usize) -> ProgressBar {
+fn prefill_bar(opts: GenerateOptions, total: usize) -> ProgressBar {
     if !(opts.progress && total > 2 * opts.prefill_chunk) {
         return ProgressBar::hidden();
     }

@@ -3,7 +3,6 @@
 pub mod backend;
 pub mod backend_cuda;
 pub mod generate;
-pub mod generate_cuda;
 pub mod sampling;
 pub mod scheduler;
 pub mod text;

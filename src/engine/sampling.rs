@@ -29,6 +29,19 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// The row a device sampler reads for one sequence (kernels/sample.cu): the bits
+    /// of the f32 temperature, top-k (0: all), the bits of the f32 top-p, the seed and
+    /// a counter (the step), so that a (seed, counter) pair always draws the same token.
+    pub fn device_row(&self, seed: u64, counter: u64) -> [u64; 5] {
+        [
+            self.temperature.to_bits() as u64,
+            self.top_k as u64,
+            self.top_p.to_bits() as u64,
+            seed,
+            counter,
+        ]
+    }
+
     /// Rejects values that have no meaning, naming the parameter.
     pub fn validate(&self) -> Result<()> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {

@@ -1,16 +1,29 @@
 //! Continuous batching on an engine thread.
 //!
-//! Requests arrive on a channel and join the running batch between steps. Each step runs
-//! one forward pass over every decoding sequence (one token each) plus prompt chunks of
-//! sequences still prefilling, at most `prefill_chunk` prompt tokens per step, so long
-//! prompts never stall running streams. Chunk boundaries of a prompt are always the same
-//! (multiples of `prefill_chunk`), whatever else shares the step. A sequence whose
-//! receiver is gone (the client disconnected) leaves the batch before the next step.
+//! Requests arrive on a channel and join the running batch between steps. The engine
+//! loops over three parts, as vLLM's scheduler does: [`Engine::schedule`] decides a
+//! step as plain data (which sequences, how many tokens each, where each input token
+//! comes from), the backend queues it ([`StepBackend::submit`]), and once the backend
+//! has finished a step ([`StepBackend::complete`]) its tokens are detokenised, checked
+//! against the stop rules and streamed ([`Engine::process`]). On the GPU the engine
+//! queues step n+1 before it completes step n, so this host work runs while the GPU
+//! computes; a decoding sequence feeds step n+1 the token step n sampled on the device
+//! ([`StepInput::Previous`]) without the host reading it first. A sequence that step n
+//! ends (end-of-sequence token, stop string) is already in step n+1: that token is
+//! dropped, and its state is freed once no queued step holds it.
+//!
+//! Prompts are prefilled in chunks of at most `prefill_chunk` tokens per step, at the
+//! same boundaries whatever else shares the step. With one lane, the chunks ride in
+//! the decode steps (every decoding sequence brings one token per step). With two
+//! lanes (the GPU with `limits.prefill_lane = "separate"`), prompts are prefilled on
+//! the second lane, a lower-priority CUDA stream, beside the decode steps of the first,
+//! so long prompts never hold decoding sequences to one token per prefill step. A
+//! sequence whose receiver is gone (the client disconnected) leaves before the next
+//! step.
 
-use super::backend::{BatchModel, BatchSeq};
-use super::sampling::{Sampler, SamplingParams};
+use super::backend::{StepBackend, StepInput, StepSeq};
+use super::sampling::SamplingParams;
 use super::text::{FinishReason, SeqText, StopRules};
-use crate::cpu::LogitsWanted;
 use crate::model::tokenizer::TextTokenizer;
 use crate::telemetry::{self as tm, trace::TraceWriter};
 use std::collections::VecDeque;
@@ -229,7 +242,7 @@ impl EngineHandle {
 }
 
 /// Starts the engine thread. `trace`, when given, gets one span per step.
-pub fn spawn_engine<M: BatchModel>(
+pub fn spawn_engine<M: StepBackend + 'static>(
     model: M,
     tok: Arc<TextTokenizer>,
     config: SchedulerConfig,
@@ -246,6 +259,7 @@ pub fn spawn_engine<M: BatchModel>(
         alive: AtomicBool::new(true),
     });
     let eos = model.config().eos_token_ids.clone();
+    let lanes = (0..model.lanes()).map(|_| LaneQueue::default()).collect();
     let mut engine = Engine {
         model,
         tok,
@@ -257,6 +271,8 @@ pub fn spawn_engine<M: BatchModel>(
         running: Vec::new(),
         deadline: None,
         trace,
+        lanes,
+        next_key: 0,
     };
     let join = std::thread::Builder::new().name("engine".into()).spawn(move || {
         let _alive = AliveGuard(engine.shared.clone());
@@ -276,25 +292,84 @@ impl Drop for AliveGuard {
     }
 }
 
-struct Seq<C> {
+struct Seq<S> {
+    key: u64,
     prompt: Vec<u32>,
-    /// Prompt tokens already in the cache.
+    /// Prompt tokens given to queued or finished steps.
     fed: usize,
-    cache: C,
-    sampler: Sampler,
+    state: S,
     out: SeqText,
     stop: Vec<String>,
     max_tokens: usize,
     tx: UnboundedSender<Event>,
     arrived: Instant,
     last_token_at: Option<Instant>,
-    /// The last sampled token, still to be fed (decoding) — `None` while prefilling.
-    next: Option<[u32; 1]>,
-    /// Set when the sequence must leave the batch.
-    gone: bool,
+    /// Tokens sampled for it by queued steps and not yet processed, and the lane of the
+    /// latest such step.
+    pending: usize,
+    pending_lane: usize,
+    /// Queued steps that hold it: its state stays until they are done.
+    in_flight: usize,
+    /// Its end has been sent (or it must end): further tokens are dropped.
+    finished: bool,
 }
 
-struct Engine<M: BatchModel> {
+impl<S> Seq<S> {
+    fn prefilled(&self) -> bool {
+        self.fed == self.prompt.len()
+    }
+}
+
+/// Where a sequence's input comes from in a planned step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Input {
+    /// Prompt tokens `fed..fed + n`.
+    Prompt(usize),
+    /// The last token the host holds.
+    Last,
+    /// The token the lane's previous step sampled.
+    Previous,
+}
+
+/// One step, decided: plain data, nothing changed yet.
+struct StepPlan {
+    /// (sequence key, its input) in batch order.
+    members: Vec<(u64, Input)>,
+    prefill_tokens: usize,
+}
+
+/// A queued step: who is in it and what each gets back.
+struct InFlight<T> {
+    ticket: T,
+    members: Vec<Member>,
+    submitted: Instant,
+    prefill_tokens: usize,
+}
+
+struct Member {
+    key: u64,
+    samples: bool,
+    /// The sequence's cache length after the step.
+    len_after: usize,
+}
+
+struct LaneQueue<T> {
+    queued: VecDeque<InFlight<T>>,
+    /// When the lane's last completed step ended (the next one's GPU time starts no
+    /// earlier).
+    last_done: Option<Instant>,
+}
+
+impl<T> Default for LaneQueue<T> {
+    fn default() -> Self {
+        LaneQueue {
+            queued: VecDeque::new(),
+            last_done: None,
+        }
+    }
+}
+
+struct Engine<M: StepBackend> {
     model: M,
     tok: Arc<TextTokenizer>,
     eos: Vec<u32>,
@@ -302,9 +377,11 @@ struct Engine<M: BatchModel> {
     rx: mpsc::Receiver<Command>,
     shared: Arc<Shared>,
     waiting: VecDeque<Job>,
-    running: Vec<Seq<M::Cache>>,
+    running: Vec<Seq<M::Seq>>,
     deadline: Option<Instant>,
     trace: Option<TraceWriter>,
+    lanes: Vec<LaneQueue<M::Ticket>>,
+    next_key: u64,
 }
 
 fn request_done(outcome: &'static str, arrived: Instant) {
@@ -312,10 +389,13 @@ fn request_done(outcome: &'static str, arrived: Instant) {
     metrics::histogram!(tm::E2E_SECONDS).record(arrived.elapsed().as_secs_f64());
 }
 
-impl<M: BatchModel> Engine<M> {
+impl<M: StepBackend> Engine<M> {
     fn run(&mut self) {
         if let Some(t) = &mut self.trace {
             let _ = t.thread_name(1, "engine");
+            for lane in 0..self.lanes.len() {
+                let _ = t.thread_name(2 + lane as u64, &format!("lane {lane}"));
+            }
         }
         loop {
             if !self.receive() {
@@ -323,22 +403,35 @@ impl<M: BatchModel> Engine<M> {
             }
             if let Some(d) = self.deadline {
                 if Instant::now() >= d {
-                    for s in &mut self.running {
+                    for s in self.running.iter_mut().filter(|s| !s.finished) {
                         let _ = s.tx.send(Event::Failed(EngineError::ShuttingDown));
-                        s.gone = true;
+                        s.finished = true;
                         request_done("shutdown", s.arrived);
                     }
                 }
             }
             self.drop_gone();
             self.admit();
-            if !self.running.is_empty() {
-                self.step();
-                self.drop_gone();
+            let depth = self.model.queue_depth().max(1);
+            for lane in 0..self.lanes.len() {
+                while self.lanes[lane].queued.len() < depth {
+                    let Some(plan) = self.schedule(lane) else { break };
+                    self.submit(lane, plan);
+                }
+            }
+            match self.lane_to_complete() {
+                Some(lane) => self.complete(lane),
+                None => self.fail_stalled(),
             }
             self.publish();
             if self.deadline.is_some() && self.running.is_empty() && self.waiting.is_empty() {
                 break;
+            }
+        }
+        // Steps still queued finish before their sequences' state is dropped.
+        for lane in 0..self.lanes.len() {
+            while let Some(f) = self.lanes[lane].queued.pop_front() {
+                let _ = self.model.complete(lane, f.ticket);
             }
         }
         // Anything still queued (the channel closed without a shutdown) is cancelled.
@@ -402,7 +495,8 @@ impl<M: BatchModel> Engine<M> {
         }
     }
 
-    /// Removes finished, failed and disconnected sequences (and disconnected waiters).
+    /// Ends disconnected sequences (and drops disconnected waiters), and frees ended
+    /// sequences that no queued step holds any more.
     fn drop_gone(&mut self) {
         let before = self.waiting.len();
         self.waiting.retain(|j| {
@@ -413,14 +507,12 @@ impl<M: BatchModel> Engine<M> {
             keep
         });
         let mut freed = before - self.waiting.len();
+        for s in self.running.iter_mut().filter(|s| !s.finished && s.tx.is_closed()) {
+            s.finished = true;
+            request_done("cancelled", s.arrived);
+        }
         let n = self.running.len();
-        self.running.retain(|s| {
-            if !s.gone && s.tx.is_closed() {
-                request_done("cancelled", s.arrived);
-                return false;
-            }
-            !s.gone
-        });
+        self.running.retain(|s| !(s.finished && s.in_flight == 0));
         freed += n - self.running.len();
         if freed > 0 {
             self.shared.in_system.fetch_sub(freed, Ordering::SeqCst);
@@ -433,10 +525,22 @@ impl<M: BatchModel> Engine<M> {
         }
         while self.running.len() < self.config.max_batch {
             let Some(job) = self.waiting.pop_front() else { break };
+            let seed = job.req.sampling.seed.unwrap_or_else(rand::random);
+            let state = match self.model.new_seq(&job.req.sampling, seed) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("starting a sequence failed: {e:#}");
+                    let _ = job.tx.send(Event::Failed(EngineError::Internal(format!("{e:#}"))));
+                    self.shared.in_system.fetch_sub(1, Ordering::SeqCst);
+                    request_done("error", job.arrived);
+                    continue;
+                }
+            };
             metrics::counter!(tm::PROMPT_TOKENS).increment(job.req.prompt.len() as u64);
+            self.next_key += 1;
             self.running.push(Seq {
-                cache: self.model.new_cache(),
-                sampler: Sampler::new(job.req.sampling),
+                key: self.next_key,
+                state,
                 out: SeqText::new(),
                 fed: 0,
                 prompt: job.req.prompt,
@@ -445,8 +549,10 @@ impl<M: BatchModel> Engine<M> {
                 tx: job.tx,
                 arrived: job.arrived,
                 last_token_at: None,
-                next: None,
-                gone: false,
+                pending: 0,
+                pending_lane: 0,
+                in_flight: 0,
+                finished: false,
             });
         }
     }
@@ -457,7 +563,7 @@ impl<M: BatchModel> Engine<M> {
         let queued = self.shared.in_system.load(Ordering::SeqCst).saturating_sub(running);
         metrics::gauge!(tm::RUNNING).set(running as f64);
         metrics::gauge!(tm::QUEUE_DEPTH).set(queued as f64);
-        let kv: usize = self.running.iter().map(|s| self.model.cache_bytes(&s.cache)).sum();
+        let kv: usize = self.running.iter().map(|s| self.model.seq_bytes(&s.state)).sum();
         metrics::gauge!(tm::KV_BYTES).set(kv as f64);
         let st = self.model.stats();
         metrics::gauge!(tm::POOL_BYTES).set(st.pool_bytes as f64);
@@ -466,74 +572,207 @@ impl<M: BatchModel> Engine<M> {
         metrics::counter!(tm::VALUE_BYTES_FETCHED).absolute(st.value_bytes_fetched);
     }
 
-    /// One forward pass over the batch, then sampling for every sequence that got logits.
-    fn step(&mut self) {
-        let t0 = Instant::now();
-        let chunk = self.config.prefill_chunk;
-        let mut members = Vec::with_capacity(self.running.len());
-        let mut batch: Vec<BatchSeq<'_, M::Cache>> = Vec::with_capacity(self.running.len());
-        let (mut prefill_tokens, mut decode_rows) = (0usize, 0usize);
-        for (i, s) in self.running.iter_mut().enumerate() {
-            if let Some(t) = &s.next {
-                batch.push(BatchSeq {
-                    tokens: t,
-                    cache: &mut s.cache,
-                    logits: LogitsWanted::Last,
-                });
-                decode_rows += 1;
+    /// The lane prompts are prefilled on.
+    fn prefill_lane(&self) -> usize {
+        self.lanes.len() - 1
+    }
+
+    /// The next step of `lane`, if it has work: every decoding sequence that may take
+    /// another token (one token each; on the prefill lane of two, none), then prompt
+    /// chunks, at most `prefill_chunk` prompt tokens in all.
+    fn schedule(&self, lane: usize) -> Option<StepPlan> {
+        let last_step = self.lanes[lane].queued.back();
+        let mut plan = StepPlan {
+            members: Vec::new(),
+            prefill_tokens: 0,
+        };
+        let decodes_here = lane == 0;
+        for s in self.running.iter().filter(|s| !s.finished) {
+            if !s.prefilled() || !decodes_here {
+                continue;
+            }
+            let generated = s.out.ids().len() + s.pending;
+            let len = self.model.seq_len(&s.state);
+            if generated == 0 || generated >= s.max_tokens || len >= self.config.max_context {
+                continue;
+            }
+            let input = if s.pending == 0 {
+                Input::Last
+            } else if s.pending_lane == lane
+                && last_step.is_some_and(|f| f.members.iter().any(|m| m.key == s.key && m.samples))
+            {
+                Input::Previous
             } else {
+                // Its token comes from the other lane's step: wait for it.
+                continue;
+            };
+            plan.members.push((s.key, input));
+        }
+        if lane == self.prefill_lane() {
+            let chunk = self.config.prefill_chunk;
+            for s in self.running.iter().filter(|s| !s.finished && !s.prefilled()) {
                 let n = (s.prompt.len() - s.fed).min(chunk);
-                if prefill_tokens > 0 && prefill_tokens + n > chunk {
+                if plan.prefill_tokens > 0 && plan.prefill_tokens + n > chunk {
                     continue;
                 }
-                prefill_tokens += n;
-                let last = s.fed + n == s.prompt.len();
-                batch.push(BatchSeq {
-                    tokens: &s.prompt[s.fed..s.fed + n],
-                    cache: &mut s.cache,
-                    logits: if last { LogitsWanted::Last } else { LogitsWanted::None },
-                });
+                plan.prefill_tokens += n;
+                plan.members.push((s.key, Input::Prompt(n)));
             }
-            members.push(i);
         }
-        let result = self.model.forward(&mut batch);
-        drop(batch);
-        let t1 = Instant::now();
-        let stage = if prefill_tokens > 0 { "prefill" } else { "decode" };
-        metrics::histogram!(tm::STAGE_SECONDS, "stage" => stage).record((t1 - t0).as_secs_f64());
-        metrics::histogram!(tm::BATCH_TOKENS).record((prefill_tokens + decode_rows) as f64);
-        let logits = match result {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!("forward pass failed: {e:#}");
-                for &i in &members {
-                    let s = &mut self.running[i];
-                    let _ = s.tx.send(Event::Failed(EngineError::Internal(format!("{e:#}"))));
-                    s.gone = true;
-                    request_done("error", s.arrived);
+        (!plan.members.is_empty()).then_some(plan)
+    }
+
+    /// Queues a planned step on `lane`.
+    fn submit(&mut self, lane: usize, plan: StepPlan) {
+        let t0 = Instant::now();
+        let keys: Vec<u64> = plan.members.iter().map(|m| m.0).collect();
+        let mut by_key: std::collections::HashMap<u64, &mut Seq<M::Seq>> = self
+            .running
+            .iter_mut()
+            .filter(|s| keys.contains(&s.key))
+            .map(|s| (s.key, s))
+            .collect();
+        let mut batch: Vec<StepSeq<'_, M::Seq>> = Vec::with_capacity(keys.len());
+        let mut members = Vec::with_capacity(keys.len());
+        for &(key, input) in &plan.members {
+            let s = by_key.remove(&key).expect("planned from the running sequences");
+            let (input, sample, prompt_done) = match input {
+                Input::Prompt(n) => {
+                    let done = s.fed + n == s.prompt.len();
+                    (StepInput::Tokens(&s.prompt[s.fed..s.fed + n]), done, done)
                 }
+                Input::Last => (
+                    StepInput::Tokens(std::slice::from_ref(s.out.ids().last().expect("has a token"))),
+                    true,
+                    false,
+                ),
+                Input::Previous => (StepInput::Previous, true, false),
+            };
+            members.push(Member {
+                key,
+                samples: sample,
+                len_after: 0,
+            });
+            batch.push(StepSeq {
+                input,
+                seq: &mut s.state,
+                sample,
+                prompt_done,
+            });
+        }
+        let queued = self.model.submit(lane, &mut batch);
+        for (m, b) in members.iter_mut().zip(&batch) {
+            m.len_after = self.model.seq_len(b.seq);
+        }
+        drop(batch);
+        let ticket = match queued {
+            Ok(t) => t,
+            Err(e) => return self.fail_members(&keys, &e),
+        };
+        for (&(_, input), m) in plan.members.iter().zip(&members) {
+            let s = self.running.iter_mut().find(|s| s.key == m.key).expect("a member");
+            if let Input::Prompt(n) = input {
+                s.fed += n;
+            }
+            if m.samples {
+                s.pending += 1;
+                s.pending_lane = lane;
+            }
+            s.in_flight += 1;
+        }
+        self.lanes[lane].queued.push_back(InFlight {
+            ticket,
+            members,
+            submitted: t0,
+            prefill_tokens: plan.prefill_tokens,
+        });
+    }
+
+    fn fail_members(&mut self, keys: &[u64], e: &anyhow::Error) {
+        tracing::error!("a step failed: {e:#}");
+        for s in self.running.iter_mut().filter(|s| keys.contains(&s.key) && !s.finished) {
+            let _ = s.tx.send(Event::Failed(EngineError::Internal(format!("{e:#}"))));
+            s.finished = true;
+            request_done("error", s.arrived);
+        }
+    }
+
+    /// Which lane's oldest step to complete next: one that is done already, else the
+    /// decode lane's (its steps are the short ones), else any.
+    fn lane_to_complete(&self) -> Option<usize> {
+        let busy = (0..self.lanes.len()).filter(|&l| !self.lanes[l].queued.is_empty());
+        let mut first = None;
+        for l in busy {
+            if self.model.is_done(&self.lanes[l].queued[0].ticket) {
+                return Some(l);
+            }
+            first.get_or_insert(l);
+        }
+        first
+    }
+
+    /// Nothing is queued and nothing could be: sequences that are running but can take
+    /// no step would wait forever; end them.
+    fn fail_stalled(&mut self) {
+        let stuck: Vec<u64> = self.running.iter().filter(|s| !s.finished).map(|s| s.key).collect();
+        if !stuck.is_empty() {
+            let e = anyhow::anyhow!("{} sequences could not be scheduled", stuck.len());
+            self.fail_members(&stuck, &e);
+        }
+    }
+
+    /// Waits for `lane`'s oldest step and hands its tokens to their sequences.
+    fn complete(&mut self, lane: usize) {
+        let f = self.lanes[lane].queued.pop_front().expect("a queued step");
+        let result = self.model.complete(lane, f.ticket);
+        let t1 = Instant::now();
+        // The step's own time: from when the GPU could start it (its submission, or the
+        // end of the lane's previous step) to its end.
+        let start = self.lanes[lane].last_done.map_or(f.submitted, |d| d.max(f.submitted));
+        self.lanes[lane].last_done = Some(t1);
+        let kind = if f.prefill_tokens > 0 { "prefill" } else { "decode" };
+        let secs = (t1 - start).as_secs_f64();
+        metrics::histogram!(tm::STAGE_SECONDS, "stage" => kind).record(secs);
+        metrics::histogram!(tm::STAGE_SECONDS, "stage" => "step").record(secs);
+        let decode_rows = f.members.iter().filter(|m| m.samples).count();
+        metrics::histogram!(tm::BATCH_TOKENS).record((f.prefill_tokens + decode_rows) as f64);
+        for m in &f.members {
+            if let Some(s) = self.running.iter_mut().find(|s| s.key == m.key) {
+                s.in_flight -= 1;
+            }
+        }
+        let tokens = match result {
+            Ok(t) => t,
+            Err(e) => {
+                let keys: Vec<u64> = f.members.iter().map(|m| m.key).collect();
+                self.fail_members(&keys, &e);
                 return;
             }
         };
+        let generated = self.process(&f.members, &tokens, t1);
+        metrics::counter!(tm::GENERATED_TOKENS).increment(generated);
+        let t2 = Instant::now();
+        metrics::histogram!(tm::STAGE_SECONDS, "stage" => "output").record((t2 - t1).as_secs_f64());
+        if let Some(tr) = &mut self.trace {
+            let args = serde_json::json!({"sequences": f.members.len(), "prefill_tokens": f.prefill_tokens,
+                "sampled": decode_rows});
+            let _ = tr.span(2 + lane as u64, kind, start, t1, args);
+            let _ = tr.span(1, "output", t1, t2, serde_json::json!({"tokens": generated}));
+        }
+    }
+
+    /// Gives each sampling member its token: time to first token or inter-token
+    /// latency, stop rules, streamed text, the end. Returns the tokens kept.
+    fn process(&mut self, members: &[Member], tokens: &[u32], now: Instant) -> u64 {
         let mut generated = 0u64;
-        for (&i, row) in members.iter().zip(&logits) {
-            let s = &mut self.running[i];
-            if s.next.is_none() {
-                let n = (s.prompt.len() - s.fed).min(chunk);
-                s.fed += n;
-                if s.fed < s.prompt.len() {
-                    continue;
-                }
-                if let Err(e) = self.model.finish_prefill(&mut s.cache) {
-                    tracing::error!("finishing a prefill failed: {e:#}");
-                    let _ = s.tx.send(Event::Failed(EngineError::Internal(format!("{e:#}"))));
-                    s.gone = true;
-                    request_done("error", s.arrived);
-                    continue;
-                }
+        for (m, &id) in members.iter().filter(|m| m.samples).zip(tokens) {
+            let Some(s) = self.running.iter_mut().find(|s| s.key == m.key) else {
+                continue;
+            };
+            s.pending -= 1;
+            if s.finished {
+                continue;
             }
-            let id = s.sampler.sample(row);
-            let now = Instant::now();
             match s.last_token_at {
                 None => metrics::histogram!(tm::TTFT_SECONDS).record((now - s.arrived).as_secs_f64()),
                 Some(t) => metrics::histogram!(tm::ITL_SECONDS).record((now - t).as_secs_f64()),
@@ -545,20 +784,19 @@ impl<M: BatchModel> Engine<M> {
                 stop: &s.stop,
                 max_tokens: s.max_tokens,
             };
-            let full = self.model.cache_len(&s.cache) >= self.config.max_context;
+            let full = m.len_after >= self.config.max_context;
             let finish = match s.out.push(id, &self.tok, &rules, full) {
                 Ok(f) => f,
                 Err(e) => {
                     let _ = s.tx.send(Event::Failed(EngineError::Internal(format!("{e:#}"))));
-                    s.gone = true;
+                    s.finished = true;
                     request_done("error", s.arrived);
                     continue;
                 }
             };
-            s.next = Some([id]);
             let delta = s.out.take_stream_delta(&s.stop);
             if !delta.is_empty() && s.tx.send(Event::Text(delta)).is_err() {
-                s.gone = true;
+                s.finished = true;
                 request_done("cancelled", s.arrived);
                 continue;
             }
@@ -568,20 +806,11 @@ impl<M: BatchModel> Engine<M> {
                     completion_tokens: s.out.completion_len(),
                 };
                 let _ = s.tx.send(Event::Done { finish, usage });
-                s.gone = true;
+                s.finished = true;
                 request_done("completed", s.arrived);
             }
         }
-        metrics::counter!(tm::GENERATED_TOKENS).increment(generated);
-        let t2 = Instant::now();
-        metrics::histogram!(tm::STAGE_SECONDS, "stage" => "sample").record((t2 - t1).as_secs_f64());
-        metrics::histogram!(tm::STAGE_SECONDS, "stage" => "step").record((t2 - t0).as_secs_f64());
-        if let Some(tr) = &mut self.trace {
-            let args = serde_json::json!({"sequences": members.len(), "prefill_tokens": prefill_tokens,
-                "decode_rows": decode_rows});
-            let _ = tr.span(1, stage, t0, t1, args);
-            let _ = tr.span(1, "sample", t1, t2, serde_json::json!({"tokens": generated}));
-        }
+        generated
     }
 }
 
@@ -589,6 +818,7 @@ impl<M: BatchModel> Engine<M> {
 mod tests {
     use super::*;
     use crate::cpu::CpuModel;
+    use crate::engine::backend::CpuBackend;
     use crate::engine::generate::{generate, GenerateOptions, GenerateRequest};
     use crate::model::load::open_model;
     use crate::model::weights::ModelWeights;
@@ -610,8 +840,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn batched_requests_equal_each_alone() {
+    /// Every request through the engine gives what it gives alone through `generate`,
+    /// on every schedule: one lane run step by step, one lane with a step queued ahead
+    /// (tokens fed from the previous step, a finished sequence's extra token dropped),
+    /// and a second lane for prefills. Some requests end at a stop string found in
+    /// their own output, some at their token limit.
+    fn batched_requests_equal_each_alone(lanes: usize, depth: usize) {
         let (model, tok) = tiny();
         let (reference, _) = tiny();
         let tok = Arc::new(tok);
@@ -621,8 +855,21 @@ mod tests {
             max_context: 256,
             prefill_chunk: 7,
         };
-        let (engine, join) = spawn_engine(model, tok.clone(), config, None).unwrap();
-        let reqs: Vec<EngineRequest> = (0..7)
+        let backend = CpuBackend::new(model, None).unwrap().with_schedule(lanes, depth);
+        let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
+        let alone = |r: &EngineRequest| {
+            let g = GenerateRequest {
+                prompt: r.prompt.clone(),
+                max_tokens: r.max_tokens,
+                sampling: r.sampling,
+                stop: r.stop.clone(),
+            };
+            generate(&reference, &tok, &[g], GenerateOptions::default())
+                .unwrap()
+                .0
+                .remove(0)
+        };
+        let mut reqs: Vec<EngineRequest> = (0..7)
             .map(|i| EngineRequest {
                 prompt: tok.encode(&"word ".repeat(1 + 5 * i), true).unwrap(),
                 max_tokens: 3 + 2 * i,
@@ -630,19 +877,21 @@ mod tests {
                 stop: vec![],
             })
             .collect();
+        for r in reqs.iter_mut().skip(3).step_by(2) {
+            let text = alone(r).text;
+            let mid = text.char_indices().nth(text.chars().count() / 2).map_or(0, |(i, _)| i);
+            let stop: String = text[mid..].chars().take(2).collect();
+            if !stop.is_empty() {
+                r.stop = vec![stop];
+            }
+        }
         let rxs: Vec<_> = reqs.iter().map(|r| engine.submit(r.clone()).unwrap()).collect();
         for (r, rx) in reqs.iter().zip(rxs) {
             let (text, finish, usage) = collect(rx);
-            let alone = GenerateRequest {
-                prompt: r.prompt.clone(),
-                max_tokens: r.max_tokens,
-                sampling: r.sampling,
-                stop: vec![],
-            };
-            let (g, _) = generate(&reference, &tok, &[alone], GenerateOptions::default()).unwrap();
-            assert_eq!(text, g[0].text);
-            assert_eq!(finish, g[0].finish);
-            assert_eq!(usage.completion_tokens, g[0].completion_ids.len());
+            let g = alone(r);
+            assert_eq!(text, g.text, "lanes {lanes} depth {depth}");
+            assert_eq!(finish, g.finish);
+            assert_eq!(usage.completion_tokens, g.completion_ids.len());
             assert_eq!(usage.prompt_tokens, r.prompt.len());
         }
         engine.shutdown(Duration::ZERO);
@@ -651,7 +900,27 @@ mod tests {
     }
 
     #[test]
+    fn batched_requests_equal_each_alone_step_by_step() {
+        batched_requests_equal_each_alone(1, 1);
+    }
+
+    #[test]
+    fn batched_requests_equal_each_alone_with_steps_queued_ahead() {
+        batched_requests_equal_each_alone(1, 2);
+    }
+
+    #[test]
+    fn batched_requests_equal_each_alone_with_a_prefill_lane() {
+        batched_requests_equal_each_alone(2, 2);
+    }
+
+    #[test]
     fn full_queue_is_refused_and_dropped_receivers_free_slots() {
+        full_queue_and_dropped_receivers(1);
+        full_queue_and_dropped_receivers(2);
+    }
+
+    fn full_queue_and_dropped_receivers(depth: usize) {
         let (model, tok) = tiny();
         let tok = Arc::new(tok);
         let config = SchedulerConfig {
@@ -660,7 +929,8 @@ mod tests {
             max_context: 4096,
             prefill_chunk: 64,
         };
-        let (engine, join) = spawn_engine(model, tok.clone(), config, None).unwrap();
+        let backend = CpuBackend::new(model, None).unwrap().with_schedule(1, depth);
+        let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
         let long = EngineRequest {
             prompt: tok.encode("a b c", true).unwrap(),
             max_tokens: 4000,

@@ -38,12 +38,21 @@ pub struct StopRules<'a> {
 }
 
 /// Generated ids and text of one sequence.
+///
+/// The text is decoded incrementally: `text[..committed]` is the decode of
+/// `ids[..read]`, and each new token re-decodes only the few ids from `prefix` on
+/// (`ids[prefix..read]` and `ids[prefix..]`), taking the difference as new text, so a
+/// token costs the same at the thousandth token as at the first. Decoders that strip a
+/// window's leading space or drop special tokens strip both decodes alike.
 #[derive(Debug, Clone, Default)]
 pub struct SeqText {
     ids: Vec<u32>,
     text: String,
     streamed: usize,
     finish: Option<FinishReason>,
+    prefix: usize,
+    read: usize,
+    committed: usize,
 }
 
 impl SeqText {
@@ -67,12 +76,19 @@ impl SeqText {
             self.finish = Some(FinishReason::Eos);
             return Ok(self.finish);
         }
-        self.text = tok.decode(&self.ids, true)?;
+        let searched = self.committed;
+        self.decode_tail(tok)?;
+        // A stop string can only have appeared where the new text is, or overlapping it.
+        let longest = rules.stop.iter().map(|p| p.len()).max().unwrap_or(0);
+        let mut from = searched.saturating_sub(longest);
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
         if let Some(cut) = rules
             .stop
             .iter()
             .filter(|p| !p.is_empty())
-            .filter_map(|p| self.text.find(p.as_str()))
+            .filter_map(|p| self.text[from..].find(p.as_str()).map(|i| from + i))
             .min()
         {
             self.text.truncate(cut);
@@ -81,6 +97,32 @@ impl SeqText {
             self.finish = Some(FinishReason::Length);
         }
         Ok(self.finish)
+    }
+
+    /// Brings `text` up to the decode of every id, re-decoding only the tail.
+    fn decode_tail(&mut self, tok: &TextTokenizer) -> Result<()> {
+        let before = tok.decode(&self.ids[self.prefix..self.read], true)?;
+        let after = tok.decode(&self.ids[self.prefix..], true)?;
+        self.text.truncate(self.committed);
+        match after.strip_prefix(before.as_str()) {
+            Some(new) => {
+                self.text.push_str(new);
+                // A complete character at the end: commit, and move the window on.
+                if !new.is_empty() && !new.ends_with('\u{FFFD}') {
+                    self.committed = self.text.len();
+                    self.prefix = self.read;
+                    self.read = self.ids.len();
+                }
+            }
+            None => {
+                // The decoder rewrote text behind the window: decode everything.
+                self.text = tok.decode(&self.ids, true)?;
+                self.committed = self.text.len();
+                self.prefix = self.ids.len();
+                self.read = self.ids.len();
+            }
+        }
+        Ok(())
     }
 
     /// Why the sequence ended, once it has.
@@ -202,6 +244,36 @@ mod tests {
         assert_eq!(s.finish(), Some(FinishReason::Stop));
         assert_eq!(s.text(), "one two ");
         assert_eq!(streamed, "one two ");
+    }
+
+    #[test]
+    fn incremental_text_equals_decoding_every_id() {
+        use rand::{Rng, SeedableRng};
+        let tok = tiny_tokenizer();
+        let seed = rand::random();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        // Words, digits and multi-byte characters, so that tokens split characters.
+        let sample = "héllo wörld 42 ∑ 日本語 emoji 🙂 ok";
+        let base = tok.encode(sample, false).unwrap();
+        let rules = StopRules {
+            eos: &[],
+            stop: &[],
+            max_tokens: usize::MAX,
+        };
+        for _ in 0..20 {
+            let mut s = SeqText::new();
+            let mut ids = Vec::new();
+            for _ in 0..60 {
+                let id = if rng.random_bool(0.7) {
+                    base[rng.random_range(0..base.len())]
+                } else {
+                    rng.random_range(0..tok.vocab_size() as u32)
+                };
+                ids.push(id);
+                s.push(id, &tok, &rules, false).unwrap();
+                assert_eq!(s.text(), tok.decode(&ids, true).unwrap(), "seed {seed}, ids {ids:?}");
+            }
+        }
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! Value pools: the host-memory home of ShadowKV's values, chunk-major, laid out
 //! `[layer][seq][kv_head][chunk][chunk_size·head_dim]`, backed by an anonymous or a
-//! file-backed memory map. Sequences lease a `seq` slot for their lifetime.
+//! file-backed memory map whose room is made sure of when it is created ([`space`]).
+//! Sequences lease a `seq` slot for their lifetime.
+
+pub mod space;
 
 use anyhow::{bail, Context, Result};
-use memmap2::MmapMut;
+use space::PoolMemory;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -31,6 +34,11 @@ impl PoolShape {
             .context("pool size overflows")
     }
 
+    /// Total bytes, at `elem_bytes` bytes per element.
+    pub fn bytes(&self, elem_bytes: usize) -> Result<usize> {
+        self.elems()?.checked_mul(elem_bytes).context("pool size overflows")
+    }
+
     fn offset(&self, layer: usize, seq: usize, head: usize, chunk: usize) -> usize {
         (((layer * self.seqs + seq) * self.kv_heads + head) * self.chunks + chunk) * self.chunk_elems
     }
@@ -41,11 +49,11 @@ struct PoolInner {
     /// Start of the map, taken once through `&mut` so leases may write through it.
     base: *mut f32,
     /// Keeps the mapping alive; only accessed through `base`.
-    _map: MmapMut,
+    _memory: PoolMemory,
     free: Mutex<Vec<usize>>,
 }
 
-// SAFETY: `base` points into `_map`, which lives as long as `PoolInner`; every access
+// SAFETY: `base` points into `_memory`, which lives as long as `PoolInner`; every access
 // goes through a `PoolLease`, and leases own disjoint `seq` slots.
 unsafe impl Send for PoolInner {}
 // SAFETY: as above; the free list is behind a mutex.
@@ -64,38 +72,27 @@ pub struct PoolLease {
 }
 
 impl ValuePool {
-    /// An anonymous (RAM, lazily committed) pool.
+    /// An anonymous (RAM, lazily committed) pool; refused (a [`space::SpaceError`]) when
+    /// the machine has less memory available.
     pub fn anonymous(shape: PoolShape) -> Result<Self> {
-        let bytes = shape.elems()?.checked_mul(4).context("pool size overflows")?;
-        let map = MmapMut::map_anon(bytes.max(4)).with_context(|| format!("mapping a {bytes}-byte value pool"))?;
-        Ok(Self::from_map(shape, map))
+        Ok(Self::from_memory(shape, space::anonymous(shape.bytes(4)?)?))
     }
 
-    /// A pool backed by the file at `path` (created or truncated to size).
+    /// A pool backed by the file at `path`, created or emptied, with its blocks reserved
+    /// and locked against other processes; refused (a [`space::SpaceError`]) when its
+    /// filesystem has too little room.
     pub fn file_backed(shape: PoolShape, path: &Path) -> Result<Self> {
-        let bytes = shape.elems()?.checked_mul(4).context("pool size overflows")?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .with_context(|| format!("opening value pool file {}", path.display()))?;
-        file.set_len(bytes.max(4) as u64)
-            .with_context(|| format!("sizing value pool file {} to {bytes} bytes", path.display()))?;
-        // SAFETY: the file was just created and truncated by us; nothing else maps it.
-        let map = unsafe { MmapMut::map_mut(&file) }.with_context(|| format!("mapping {}", path.display()))?;
-        Ok(Self::from_map(shape, map))
+        Ok(Self::from_memory(shape, space::file_backed(path, shape.bytes(4)?)?))
     }
 
-    fn from_map(shape: PoolShape, mut map: MmapMut) -> Self {
+    fn from_memory(shape: PoolShape, mut memory: PoolMemory) -> Self {
         let free = Mutex::new((0..shape.seqs).rev().collect());
-        let base = map.as_mut_ptr() as *mut f32;
+        let base = memory.as_mut_ptr() as *mut f32;
         ValuePool {
             inner: Arc::new(PoolInner {
                 shape,
                 base,
-                _map: map,
+                _memory: memory,
                 free,
             }),
         }

@@ -64,6 +64,18 @@ impl ApiError {
         }
     }
 
+    /// A 401 for a missing or wrong API key (the message must not quote a key).
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: message.into(),
+            kind: "authentication_error",
+            param: None,
+            code: Some("invalid_api_key"),
+            retry_after: None,
+        }
+    }
+
     /// A 429 for a full queue.
     pub fn queue_full(message: impl Into<String>, retry_after: u64) -> Self {
         ApiError {

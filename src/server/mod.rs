@@ -2,6 +2,7 @@
 //! errors. The engine thread does the work; handlers only parse, tokenize, submit and
 //! relay.
 
+pub mod auth;
 pub mod error;
 pub mod openai;
 pub mod routes;
@@ -10,6 +11,7 @@ pub mod sse;
 use crate::engine::scheduler::EngineHandle;
 use crate::model::chat::ChatTemplate;
 use crate::model::tokenizer::TextTokenizer;
+use auth::ApiKeys;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
@@ -100,8 +102,8 @@ impl AppState {
     }
 }
 
-/// The API router (with `/metrics`).
-pub fn router(state: Arc<AppState>) -> Router {
+/// The API router (with `/metrics`); with `keys` set, `/v1/*` and `/metrics` need one.
+pub fn router(state: Arc<AppState>, keys: ApiKeys) -> Router {
     let limit = state.max_request_bytes;
     Router::new()
         .route("/v1/completions", post(routes::completions))
@@ -113,10 +115,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(keys, auth::require_key))
         .with_state(state)
 }
 
-/// A router serving only `/metrics` (for `server.metrics_listen`).
+/// A router serving only `/metrics` (for `server.metrics_listen`), open to all.
 pub fn metrics_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/metrics", get(routes::metrics))

@@ -25,8 +25,29 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
     dot / (na * nb)
 }
 
+/// For each KV head (`[kv_heads][chunks]`), each chunk's minimum cosine similarity
+/// between its landmark and its keys (a zero vector has cosine 1).
+pub fn min_cosines(k: &[f32], marks: &[f32], chunk_size: usize, kv_heads: usize, head_dim: usize) -> Vec<Vec<f32>> {
+    let kvd = kv_heads * head_dim;
+    let chunks = marks.len() / kvd;
+    (0..kv_heads)
+        .map(|h| {
+            let cols = h * head_dim..(h + 1) * head_dim;
+            (0..chunks)
+                .map(|c| {
+                    let l = &marks[c * kvd..][cols.clone()];
+                    (0..chunk_size)
+                        .map(|t| cosine(l, &k[(c * chunk_size + t) * kvd..][cols.clone()]))
+                        .fold(f32::INFINITY, f32::min)
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// For each KV head, the `count` chunks with the lowest minimum cosine similarity
-/// between the landmark and the chunk's keys, ascending by chunk id.
+/// between the landmark and the chunk's keys ([`min_cosines`]), ties to the lower id,
+/// ascending by chunk id.
 pub fn outlier_chunks(
     k: &[f32],
     marks: &[f32],
@@ -35,20 +56,10 @@ pub fn outlier_chunks(
     head_dim: usize,
     count: usize,
 ) -> Vec<Vec<u32>> {
-    let kvd = kv_heads * head_dim;
-    let chunks = marks.len() / kvd;
-    (0..kv_heads)
-        .map(|h| {
-            let cols = h * head_dim..(h + 1) * head_dim;
-            let mut worst: Vec<(f32, u32)> = (0..chunks)
-                .map(|c| {
-                    let l = &marks[c * kvd..][cols.clone()];
-                    let min = (0..chunk_size)
-                        .map(|t| cosine(l, &k[(c * chunk_size + t) * kvd..][cols.clone()]))
-                        .fold(f32::INFINITY, f32::min);
-                    (min, c as u32)
-                })
-                .collect();
+    min_cosines(k, marks, chunk_size, kv_heads, head_dim)
+        .into_iter()
+        .map(|mins| {
+            let mut worst: Vec<(f32, u32)> = mins.into_iter().zip(0u32..).collect();
             worst.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
             let mut ids: Vec<u32> = worst.into_iter().take(count).map(|(_, c)| c).collect();
             ids.sort_unstable();

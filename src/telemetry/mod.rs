@@ -8,9 +8,10 @@ use anyhow::{Context, Result};
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Per-stage latency histogram, label `stage`: `prefill` (forward passes that carry
-/// prompt tokens), `decode` (forward passes of decode steps only), `sample` (sampling,
-/// detokenisation and stop handling of a step), `step` (one whole scheduler step).
+/// Per-stage latency histogram, label `stage`: `prefill` (steps that carry prompt
+/// tokens), `decode` (decode-only steps), `step` (every step: from when its lane could
+/// start it to its end, sampling included), `output` (the host work after a step:
+/// detokenising, stop strings, streaming; on the GPU it overlaps the next step).
 pub const STAGE_SECONDS: &str = "shadowkv_stage_seconds";
 /// Time from a request's arrival to its first generated token.
 pub const TTFT_SECONDS: &str = "shadowkv_time_to_first_token_seconds";
@@ -29,7 +30,7 @@ pub const PROMPT_TOKENS: &str = "shadowkv_prompt_tokens_total";
 /// Tokens generated.
 pub const GENERATED_TOKENS: &str = "shadowkv_generated_tokens_total";
 /// Requests by outcome (label `outcome`: `completed`, `cancelled`, `rejected`,
-/// `queue_full`, `shutdown`, `error`).
+/// `queue_full`, `shutdown`, `error`, `unauthorized`: a missing or wrong API key).
 pub const REQUESTS: &str = "shadowkv_requests_total";
 /// Bytes held by the KV caches of running sequences.
 pub const KV_BYTES: &str = "shadowkv_kv_cache_bytes";
@@ -94,7 +95,15 @@ pub fn install_prometheus() -> Result<PrometheusHandle> {
     for c in [PROMPT_TOKENS, GENERATED_TOKENS, VALUE_BYTES_FETCHED] {
         metrics::counter!(c).increment(0);
     }
-    for outcome in ["completed", "cancelled", "rejected", "queue_full", "shutdown", "error"] {
+    for outcome in [
+        "completed",
+        "cancelled",
+        "rejected",
+        "queue_full",
+        "shutdown",
+        "error",
+        "unauthorized",
+    ] {
         metrics::counter!(REQUESTS, "outcome" => outcome).increment(0);
     }
     Ok(handle)

@@ -4,10 +4,12 @@
 //! line). Unknown keys, wrong types and impossible values are errors that name the key,
 //! the file and the line. See the README's "Server" section for every key.
 
+mod api_keys;
 mod values;
 
 pub use values::{AutoOr, Cores};
 
+use secrecy::SecretString;
 use serde::Deserialize;
 use std::fmt;
 use std::net::SocketAddr;
@@ -50,10 +52,19 @@ pub struct Topology {
     origin: Origin,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 struct Origin {
     file: String,
     src: String,
+}
+
+/// Without the text, which may hold API keys.
+impl fmt::Debug for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Origin")
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `[model]`.
@@ -169,6 +180,23 @@ pub struct LimitsSection {
     /// Most prompt tokens prefilled per scheduler step.
     #[serde(default = "d_prefill_chunk")]
     pub prefill_chunk: usize,
+    /// Where prompts are prefilled: in the decode steps, or beside them.
+    #[serde(default)]
+    pub prefill_lane: PrefillLane,
+}
+
+/// Where prompts are prefilled.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefillLane {
+    /// `separate` on the cuda backend, `mixed` on the cpu backend.
+    #[default]
+    Auto,
+    /// Prompt chunks ride in the decode steps (at most `prefill_chunk` tokens a step).
+    Mixed,
+    /// Prompts are prefilled on a second, lower-priority CUDA stream beside the decode
+    /// steps (cuda only).
+    Separate,
 }
 
 fn d_max_batch() -> usize {
@@ -188,6 +216,7 @@ impl Default for LimitsSection {
             max_context: None,
             max_queue: d_max_queue(),
             prefill_chunk: d_prefill_chunk(),
+            prefill_lane: PrefillLane::Auto,
         }
     }
 }
@@ -301,6 +330,15 @@ pub struct ServerSection {
     /// Largest request body in bytes.
     #[serde(default = "d_max_body")]
     pub max_request_bytes: usize,
+    /// API keys clients must send as `Authorization: Bearer <key>` (a list, or one
+    /// string). With the two settings below, all keys from all three are accepted; with
+    /// none of the three, the API is open. [`Topology::api_keys`] gathers them.
+    #[serde(default, deserialize_with = "api_keys::deserialize_keys")]
+    pub api_keys: Vec<SecretString>,
+    /// A file of API keys, one a line (blank lines and `#` comments skipped).
+    pub api_keys_file: Option<PathBuf>,
+    /// An environment variable holding API keys, separated by commas or whitespace.
+    pub api_keys_env: Option<String>,
 }
 
 fn d_listen() -> String {
@@ -320,6 +358,9 @@ impl Default for ServerSection {
             metrics_listen: None,
             shutdown_grace_secs: d_grace(),
             max_request_bytes: d_max_body(),
+            api_keys: Vec::new(),
+            api_keys_file: None,
+            api_keys_env: None,
         }
     }
 }
@@ -523,6 +564,12 @@ impl Topology {
         if l.prefill_chunk == 0 {
             return e("limits.prefill_chunk", "must be at least 1".into());
         }
+        if l.prefill_lane == PrefillLane::Separate && self.backend.kind != BackendKind::Cuda {
+            return e(
+                "limits.prefill_lane",
+                "`separate` prefills on a second CUDA stream: it needs backend.kind = \"cuda\"".into(),
+            );
+        }
         let p = &self.pipeline;
         if p.micro_batches == 0 || p.micro_batches > l.max_batch {
             return e(
@@ -608,6 +655,7 @@ impl Topology {
                 format!("must be at least 1024, got {}", s.max_request_bytes),
             );
         }
+        self.check_api_key_settings()?;
         if self.trace.enabled && self.trace.path.as_os_str().is_empty() {
             return e("trace.path", "must name a file when trace.enabled = true".into());
         }

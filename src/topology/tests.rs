@@ -78,6 +78,7 @@ fn impossible_values_name_key_and_line() {
         ("[limits]\nmax_batch = 0\n", "limits.max_batch", 2),
         ("[limits]\nmax_context = 1\n", "limits.max_context", 2),
         ("[limits]\nprefill_chunk = 0\n", "limits.prefill_chunk", 2),
+        ("[limits]\nprefill_lane = \"separate\"\n", "limits.prefill_lane", 2),
         ("[attention]\nchunk_size = 8\nbudget = 100\n", "attention.budget", 3),
         ("[attention]\nrank = 0\n", "attention.rank", 2),
         ("[attention]\nchunk_size = 0\n", "attention.chunk_size", 2),
@@ -146,4 +147,150 @@ fn core_ranges() {
     assert_eq!(values::parse_core_ranges("0-2, 5").unwrap(), vec![0, 1, 2, 5]);
     assert!(values::parse_core_ranges("3-1").is_err());
     assert!(values::parse_core_ranges("a").is_err());
+}
+
+mod api_keys {
+    use super::*;
+    use secrecy::ExposeSecret;
+    use std::ffi::OsString;
+
+    fn shown(keys: &[SecretString]) -> Vec<&str> {
+        keys.iter().map(|k| k.expose_secret()).collect()
+    }
+
+    fn no_env(_: &str) -> Option<OsString> {
+        None
+    }
+
+    /// `err` checked for the key, the line, and that it quotes none of `secrets`.
+    fn check(e: &TopologyError, key: &str, line: usize, secrets: &[&str]) {
+        assert_eq!(e.key.as_deref(), Some(key), "{e}");
+        assert_eq!(e.line.map(|l| l.0), Some(line), "{e}");
+        let text = format!("{e} {e:?}");
+        for s in secrets {
+            assert!(!text.contains(s), "the error quotes a key: {text}");
+        }
+    }
+
+    #[test]
+    fn none_set_means_an_open_api() {
+        let t = Topology::parse("[server]\nlisten = \"0.0.0.0:8000\"\n", "t.toml").unwrap();
+        assert!(t.api_keys_with(no_env).unwrap().is_empty());
+    }
+
+    #[test]
+    fn listed_keys_parse_and_never_show() {
+        let t = Topology::parse("[server]\napi_keys = [\"sk-a1\", \"sk-b2\"]\n", "t.toml").unwrap();
+        assert_eq!(shown(&t.api_keys_with(no_env).unwrap()), ["sk-a1", "sk-b2"]);
+        let debug = format!("{t:?}");
+        assert!(!debug.contains("sk-a1") && !debug.contains("sk-b2"), "{debug}");
+        let t = Topology::parse("[server]\napi_keys = \"sk-only\"\n", "t.toml").unwrap();
+        assert_eq!(shown(&t.api_keys_with(no_env).unwrap()), ["sk-only"]);
+    }
+
+    #[test]
+    fn bad_listed_keys_name_key_and_line_not_the_key() {
+        let cases: &[(&str, &str, usize, &[&str])] = &[
+            (
+                "[server]\napi_keys = [\"sk-fine\", \"\"]\n",
+                "server.api_keys",
+                2,
+                &["sk-fine"],
+            ),
+            (
+                "[server]\n\napi_keys = [\"sk-has space\"]\n",
+                "server.api_keys",
+                3,
+                &["sk-has"],
+            ),
+            (
+                "[server]\napi_keys = [\"sk-caf\u{e9}\"]\n",
+                "server.api_keys",
+                2,
+                &["sk-caf"],
+            ),
+            (
+                "[server]\napi_keys = [\"sk-fine\", 5]\n",
+                "server.api_keys",
+                2,
+                &["sk-fine"],
+            ),
+            (
+                "[server]\napi_keys = {k = \"sk-in-table\"}\n",
+                "server.api_keys",
+                2,
+                &["sk-in"],
+            ),
+            ("[server]\napi_keys_env = \"\"\n", "server.api_keys_env", 2, &[]),
+            ("[server]\napi_keys_file = \"\"\n", "server.api_keys_file", 2, &[]),
+            ("[server]\napi_key = \"sk-typo\"\n", "server.api_key", 2, &["sk-typo"]),
+        ];
+        for (src, key, line, secrets) in cases {
+            check(&err(src), key, *line, secrets);
+        }
+        let e = err("[server]\napi_keys = [\"sk-fine\", \"\"]\n");
+        assert!(e.message.contains("key 2 of the list is empty"), "{e}");
+    }
+
+    #[test]
+    fn keys_file_skips_blanks_and_comments() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, "# team A\nsk-file-1\r\n\n   \n  sk-file-2  \n#sk-commented\n").unwrap();
+        let src = format!(
+            "[server]\napi_keys = [\"sk-list\"]\napi_keys_file = {:?}\napi_keys_env = \"SKV_KEYS\"\n",
+            path.to_str().unwrap()
+        );
+        let t = Topology::parse(&src, "t.toml").unwrap();
+        let env = |name: &str| (name == "SKV_KEYS").then(|| OsString::from(" sk-env-1,sk-env-2\tsk-env-3,\n"));
+        assert_eq!(
+            shown(&t.api_keys_with(env).unwrap()),
+            ["sk-list", "sk-file-1", "sk-file-2", "sk-env-1", "sk-env-2", "sk-env-3"]
+        );
+    }
+
+    #[test]
+    fn keys_file_errors_name_the_file_and_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        let src = format!("# c\n[server]\napi_keys_file = {:?}\n", path.to_str().unwrap());
+        let t = Topology::parse(&src, "t.toml").unwrap();
+        let e = t.api_keys_with(no_env).unwrap_err();
+        check(&e, "server.api_keys_file", 3, &[]);
+        assert!(e.message.contains("cannot read") && e.message.contains("keys"), "{e}");
+        std::fs::write(&path, "# nothing here\n\n").unwrap();
+        let e = t.api_keys_with(no_env).unwrap_err();
+        check(&e, "server.api_keys_file", 3, &[]);
+        assert!(e.message.contains("holds no key"), "{e}");
+        std::fs::write(&path, "sk-good\n\nsk-bad key\n").unwrap();
+        let e = t.api_keys_with(no_env).unwrap_err();
+        check(&e, "server.api_keys_file", 3, &["sk-good", "sk-bad"]);
+        assert!(e.message.contains("line 3: the key has a space"), "{e}");
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        let t = Topology::parse("[server]\n\napi_keys_env = \"SKV_KEYS\"\n", "t.toml").unwrap();
+        let e = t.api_keys_with(no_env).unwrap_err();
+        check(&e, "server.api_keys_env", 3, &[]);
+        assert!(e.message.contains("`SKV_KEYS` is not set"), "{e}");
+        for empty in ["", " , \n"] {
+            let e = t.api_keys_with(|_| Some(OsString::from(empty))).unwrap_err();
+            check(&e, "server.api_keys_env", 3, &[]);
+            assert!(e.message.contains("holds no key"), "{e}");
+        }
+        let e = t
+            .api_keys_with(|_| Some(OsString::from("sk-good,sk-bad\u{7}bell")))
+            .unwrap_err();
+        check(&e, "server.api_keys_env", 3, &["sk-good", "sk-bad", "bell"]);
+        assert!(e.message.contains("key 2 of `SKV_KEYS`"), "{e}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStringExt;
+            let e = t
+                .api_keys_with(|_| Some(OsString::from_vec(vec![b's', 0xff])))
+                .unwrap_err();
+            assert!(e.message.contains("not valid UTF-8"), "{e}");
+        }
+    }
 }

@@ -38,8 +38,18 @@ pub const PYTHON_HINT: &str =
     "run the tests with tools/test, or set SHADOWKV_PYTHON=\"$(tools/python-env)\" (the project's Python \
      environment with tools/reference/requirements.txt)";
 
-/// Path of a file under the repository root.
+/// Path of a file under the repository root: `$SHADOWKV_REPO` (tools/gpu-check sets
+/// it where test binaries run away from the tree they were built in), else the
+/// working directory when it holds the file (`cargo test` runs tests from the
+/// repository root), else the root the tests were built from.
 pub fn repo_file(rel: &str) -> PathBuf {
+    if let Some(root) = std::env::var_os("SHADOWKV_REPO") {
+        return PathBuf::from(root).join(rel);
+    }
+    let here = PathBuf::from(rel);
+    if here.exists() {
+        return here;
+    }
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 

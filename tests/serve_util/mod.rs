@@ -42,6 +42,11 @@ pub fn serve_fails(topology: &str, args: &[&str]) -> (std::process::ExitStatus, 
 impl Server {
     /// Starts the server on 127.0.0.1:0 and waits until it listens.
     pub fn start(topology: &str, args: &[&str]) -> Server {
+        Self::start_with_env(topology, args, &[])
+    }
+
+    /// [`Server::start`] with these environment variables set for the server.
+    pub fn start_with_env(topology: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let topo: PathBuf = dir.path().join("topology.toml");
         std::fs::write(&topo, topology).unwrap();
@@ -51,6 +56,7 @@ impl Server {
             .arg(&topo)
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -186,12 +192,24 @@ impl Response {
 
 /// Sends a request without reading the answer; dropping the stream disconnects.
 pub fn send(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> TcpStream {
+    send_with_headers(addr, method, path, &[], body)
+}
+
+/// [`send`] with extra header lines (`("Authorization", "Bearer ...")`).
+pub fn send_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
     let body = body.unwrap_or("");
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
+         {extra}Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).unwrap();
@@ -268,7 +286,18 @@ impl<R: BufRead> Read for Chunked<R> {
 
 /// Sends one request and reads the whole response.
 pub fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Response {
-    let s = send(addr, method, path, body);
+    request_with_headers(addr, method, path, &[], body)
+}
+
+/// [`request`] with extra header lines.
+pub fn request_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Response {
+    let s = send_with_headers(addr, method, path, headers, body);
     let mut r = BufReader::new(s);
     let (status, headers) = read_head(&mut r);
     let chunked = headers

@@ -1,0 +1,110 @@
+// Folding of the ShadowKV recent window (reference: ShadowSeq::fold in
+// src/shadow/seq.rs): a sequence whose recent window is full (n == R tokens) moves its
+// oldest chunk into the sparse region as chunk ch = chunks_b. Sequences with n < R are
+// left alone, so the same three launches serve every step of a batch. In the recent
+// window the oldest chunk is rows R - c .. R, its token i (in time order) at row R - 1 - i.
+//
+// shadow_fold_chunk, grid (kv_heads, batch), FOLD_THREADS threads, per head h:
+//   - the landmark (fp32 mean of the chunk's post-RoPE keys, summed in time order) to
+//     marks[ch, h*d..] as bf16;
+//   - the chunk's values, token order, to the host value pool at (layer, pool_seq, h, ch)
+//     through the pool's device-mapped address (the device writes the pool itself);
+//   - outlier[h, ch] = 0.
+// shadow_fold_project, grid (c, batch), FOLD_THREADS threads, per chunk token i: its
+//   coefficients on the basis, u[ch * c + i, k] = kpre[R - 1 - i, :] . sv[k, :] (fp32
+//   sums over kv_heads * d, one warp per k), stored bf16.
+// shadow_fold_shift, grid (kv_heads, batch), FOLD_THREADS threads: the other R - c rows
+//   move down by c rows, to end at row R again (ak, av and kpre; the caller then counts
+//   n = R - c and chunks_b + 1). Launched after the two kernels above, which read the
+//   rows it overwrites. The move goes chunk by chunk from the oldest end, and each thread
+//   always handles the same words of a chunk, so it only ever overwrites words it has
+//   already moved: no barrier is needed.
+#include <cuda_bf16.h>
+
+#include "pdl.cuh"
+#include "shadow.cuh"
+
+#define FOLD_THREADS 256
+
+extern "C" __global__ void __launch_bounds__(FOLD_THREADS)
+    shadow_fold_chunk(const ShadowSeqBufs* __restrict__ bufs, const ShadowSeqCounts* __restrict__ counts,
+                      ShadowDims dims, __nv_bfloat16* __restrict__ pool, int layer, int pool_seqs,
+                      int pool_chunks) {
+    pdl_wait();
+    pdl_trigger();
+    const int h = blockIdx.x, b = blockIdx.y;
+    const ShadowSeqCounts n = counts[b];
+    if (n.recent != dims.recent) return;
+    const int d = dims.head_dim, c = dims.chunk, R = dims.recent, ch = n.chunks;
+    const size_t kvd = (size_t)dims.kv_heads * d;
+    const ShadowSeqBufs s = bufs[b];
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float l = 0.f;
+        for (int i = 0; i < c; ++i) l += __bfloat162float(shadow_attn_row(s.ak, dims, h, R - 1 - i)[j]);
+        reinterpret_cast<__nv_bfloat16*>(s.marks)[(size_t)ch * kvd + (size_t)h * d + j] = __float2bfloat16_rn(l / (float)c);
+    }
+    const int row_words = d / 8;
+    const size_t seq = (size_t)layer * pool_seqs + n.pool_seq;
+    uint4* dst = reinterpret_cast<uint4*>(pool + ((seq * dims.kv_heads + h) * pool_chunks + ch) * c * d);
+    for (int w = threadIdx.x; w < c * row_words; w += blockDim.x) {
+        const int i = w / row_words, x = w - i * row_words;
+        dst[w] = reinterpret_cast<const uint4*>(shadow_attn_row(s.av, dims, h, R - 1 - i))[x];
+    }
+    if (threadIdx.x == 0) reinterpret_cast<unsigned char*>(s.outlier)[(size_t)h * dims.chunk_cap + ch] = 0;
+    __threadfence_system();
+}
+
+extern "C" __global__ void __launch_bounds__(FOLD_THREADS)
+    shadow_fold_project(const ShadowSeqBufs* __restrict__ bufs, const ShadowSeqCounts* __restrict__ counts,
+                        ShadowDims dims) {
+    pdl_wait();
+    pdl_trigger();
+    __shared__ float kp[1024];  // kv_heads * d <= 1024
+    const int i = blockIdx.x, b = blockIdx.y;
+    const ShadowSeqCounts n = counts[b];
+    if (n.recent != dims.recent) return;
+    const int kvd = dims.kv_heads * dims.head_dim, r = dims.rank;
+    const ShadowSeqBufs s = bufs[b];
+    const __nv_bfloat16* src = reinterpret_cast<const __nv_bfloat16*>(s.kpre) + (size_t)(dims.recent - 1 - i) * kvd;
+    for (int col = threadIdx.x; col < kvd; col += blockDim.x) kp[col] = __bfloat162float(src[col]);
+    __syncthreads();
+    const float* sv = reinterpret_cast<const float*>(s.sv);
+    __nv_bfloat16* u = reinterpret_cast<__nv_bfloat16*>(s.u) + ((size_t)n.chunks * dims.chunk + i) * r;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    for (int k = warp; k < r; k += nwarps) {
+        const float* row = sv + (size_t)k * kvd;
+        float acc = 0.f;
+        for (int col = lane; col < kvd; col += 32) acc += kp[col] * row[col];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (lane == 0) u[k] = __float2bfloat16_rn(acc);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(FOLD_THREADS)
+    shadow_fold_shift(const ShadowSeqBufs* __restrict__ bufs, const ShadowSeqCounts* __restrict__ counts,
+                      ShadowDims dims) {
+    pdl_wait();
+    pdl_trigger();
+    const int h = blockIdx.x, b = blockIdx.y;
+    if (counts[b].recent != dims.recent) return;
+    const int d = dims.head_dim, c = dims.chunk, R = dims.recent;
+    const size_t kvd = (size_t)dims.kv_heads * d;
+    const ShadowSeqBufs s = bufs[b];
+    const int row_words = d / 8, words = c * row_words;  // 16-byte words per chunk of one head
+    uint4* ak = reinterpret_cast<uint4*>(shadow_attn_row(s.ak, dims, h, 0));
+    uint4* av = reinterpret_cast<uint4*>(shadow_attn_row(s.av, dims, h, 0));
+    __nv_bfloat16* kpre = reinterpret_cast<__nv_bfloat16*>(s.kpre) + (size_t)h * d;
+    // Chunk q of the move: rows [R - (q + 2) c, R - (q + 1) c) to [R - (q + 1) c, R - q c).
+    for (int q = 0; q + 1 < R / c; ++q) {
+        const int src_row = R - (q + 2) * c, dst_row = R - (q + 1) * c;
+        for (int w = threadIdx.x; w < words; w += blockDim.x) {
+            const int i = w / row_words, x = w - i * row_words;
+            const size_t sw = (size_t)(src_row + i) * row_words + x, dw = (size_t)(dst_row + i) * row_words + x;
+            ak[dw] = ak[sw];
+            av[dw] = av[sw];
+            reinterpret_cast<uint4*>(kpre + (size_t)(dst_row + i) * kvd)[x] =
+                reinterpret_cast<const uint4*>(kpre + (size_t)(src_row + i) * kvd)[x];
+        }
+    }
+}

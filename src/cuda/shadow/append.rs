@@ -1,0 +1,80 @@
+//! The decode step's append to the recent window (the ShadowKV mode of
+//! kernels/qkv_append.cu): the qkv split and RoPE of [`CudaOps::qkv_rope_append`],
+//! with the new token's key and value written to the recent rows of the attention
+//! buffers and its pre-RoPE key to `kpre` (reference: the append at the start of
+//! [`crate::shadow::ShadowSeq::attend_layer`]).
+
+use super::buffers::ShadowTable;
+use crate::cuda::ops::{check_len, i32_of, kernel_params, CudaOps};
+use anyhow::{ensure, Result};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
+use half::bf16;
+
+impl CudaOps {
+    /// Splits the fused rows `qkv` `[batch, (heads + 2·kv_heads)·d]` of one new token per
+    /// sequence of `t`: adds `bias` when given, rotates q and k at `positions[b]` with
+    /// `inv_freq`, writes q to `q_out` `[batch, heads·d]`, and, for a sequence with `n`
+    /// recent tokens, k and v to row `R - n - 1` of each head of its attention buffers
+    /// and the pre-RoPE k to row `R - n - 1` of its `kpre`. The caller then counts
+    /// `n + 1` ([`ShadowTable::set_counts`]); every sequence must have `n < R`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn shadow_qkv_append(
+        &self,
+        q_out: &mut impl DevicePtrMut<bf16>,
+        qkv: &impl DevicePtr<bf16>,
+        bias: Option<&CudaSlice<bf16>>,
+        positions: &impl DevicePtr<i32>,
+        inv_freq: &impl DevicePtr<f32>,
+        t: &ShadowTable,
+        heads: usize,
+    ) -> Result<()> {
+        let l = t.layout();
+        let b = t.batch();
+        let d = l.head_dim;
+        ensure!(
+            heads == l.kv_heads * l.group,
+            "qkv append: {heads} query heads, the layout has {} × {}",
+            l.kv_heads,
+            l.group
+        );
+        let width = (heads + 2 * l.kv_heads) * d;
+        check_len("qkv append: input", qkv.len(), b * width)?;
+        check_len("qkv append: q output", q_out.len(), b * heads * d)?;
+        check_len("qkv append: positions", positions.len(), b)?;
+        check_len("qkv append: inv_freq", inv_freq.len(), d / 2)?;
+        if let Some(bias) = bias {
+            check_len("qkv append: bias", bias.len(), width)?;
+        }
+        for (i, c) in t.counts().iter().enumerate() {
+            ensure!(
+                (c.recent as usize) < l.recent_rows(),
+                "qkv append: sequence {i}'s recent window is full ({} tokens): fold it first",
+                c.recent
+            );
+        }
+        let s = self.device().stream();
+        let (qp, _g1) = q_out.device_ptr_mut(s);
+        let (xp, _g2) = qkv.device_ptr(s);
+        let bp = bias.map_or(0, |b| b.device_ptr(s).0);
+        let (pp, _g3) = positions.device_ptr(s);
+        let (fp, _g4) = inv_freq.device_ptr(s);
+        let (addrs, counts) = t.device_arrays(self);
+        let nh = i32_of("heads", heads)?;
+        let dims = l.dims();
+        let cfg = LaunchConfig {
+            grid_dim: (b as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (d * 4) as u32,
+        };
+        // SAFETY: the inputs and outputs hold the batch's rows (checked); every target
+        // row R - n - 1 is inside the buffers (n < R checked), which match the layout
+        // (checked when the table was made).
+        unsafe {
+            self.launch_pdl(
+                &self.k.qkv_rope_append_shadow,
+                cfg,
+                &mut kernel_params![&qp, &xp, &bp, &pp, &addrs, &counts, &fp, &nh, &dims],
+            )
+        }
+    }
+}

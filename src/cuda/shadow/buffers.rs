@@ -1,0 +1,214 @@
+//! Device buffers of the ShadowKV state ([`LayerBuffers`]), the batch table the
+//! decode kernels read ([`ShadowTable`]) and the buffers that carry a decode step from
+//! one stage to the next ([`StepScratch`]).
+
+use super::layout::{SeqAddrs, SeqCounts, ShadowLayout};
+use crate::cuda::CudaOps;
+use anyhow::{ensure, Result};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use half::bf16;
+use std::marker::PhantomData;
+
+/// One sequence's ShadowKV buffers for one layer, sized by a [`ShadowLayout`] (whose
+/// documentation gives each one's layout).
+pub struct LayerBuffers {
+    layout: ShadowLayout,
+    /// Landmarks `[chunk_cap, kv_heads·d]`.
+    pub marks: CudaSlice<bf16>,
+    /// Outlier flags `[kv_heads, chunk_cap]`.
+    pub outlier: CudaSlice<u8>,
+    /// Low-rank coefficients `[chunk_cap·c, rank]`.
+    pub u: CudaSlice<bf16>,
+    /// Basis `[rank, kv_heads·d]`.
+    pub sv: CudaSlice<f32>,
+    /// Slot table `[kv_heads, S]`.
+    pub slots: CudaSlice<i32>,
+    /// Attention keys `[kv_heads, rows_cap, d]`.
+    pub ak: CudaSlice<bf16>,
+    /// Attention values `[kv_heads, rows_cap, d]`.
+    pub av: CudaSlice<bf16>,
+    /// Pre-RoPE keys of the recent window `[R, kv_heads·d]`.
+    pub kpre: CudaSlice<bf16>,
+}
+
+impl LayerBuffers {
+    /// Zeroed buffers for `layout`, with every slot empty (-1).
+    pub fn new(ops: &CudaOps, layout: ShadowLayout) -> Result<Self> {
+        layout.validate()?;
+        let dev = ops.device();
+        let mut slots = dev.zeros::<i32>(layout.slots_len())?;
+        let p = slots.device_ptr_mut(dev.stream()).0;
+        ops.fill_raw_u32(p, slots.len(), u32::MAX)?;
+        Ok(LayerBuffers {
+            layout,
+            marks: dev.zeros(layout.marks_len())?,
+            outlier: dev.zeros(layout.outlier_len())?,
+            u: dev.zeros(layout.u_len())?,
+            sv: dev.zeros(layout.sv_len())?,
+            slots,
+            ak: dev.zeros(layout.attn_len())?,
+            av: dev.zeros(layout.attn_len())?,
+            kpre: dev.zeros(layout.kpre_len())?,
+        })
+    }
+
+    /// The layout the buffers were made for.
+    pub fn layout(&self) -> &ShadowLayout {
+        &self.layout
+    }
+
+    /// Checks that every buffer still holds its layout's size (the fields are public,
+    /// so a buffer may have been replaced).
+    pub fn check(&self) -> Result<()> {
+        let l = &self.layout;
+        for (name, have, need) in [
+            ("marks", self.marks.len(), l.marks_len()),
+            ("outlier", self.outlier.len(), l.outlier_len()),
+            ("u", self.u.len(), l.u_len()),
+            ("sv", self.sv.len(), l.sv_len()),
+            ("slots", self.slots.len(), l.slots_len()),
+            ("ak", self.ak.len(), l.attn_len()),
+            ("av", self.av.len(), l.attn_len()),
+            ("kpre", self.kpre.len(), l.kpre_len()),
+        ] {
+            ensure!(
+                have >= need,
+                "ShadowKV buffer {name}: {have} elements, the layout needs {need}"
+            );
+        }
+        Ok(())
+    }
+
+    /// The buffers' device addresses.
+    pub fn addrs(&self, ops: &CudaOps) -> SeqAddrs {
+        let s = ops.device().stream();
+        SeqAddrs {
+            marks: self.marks.device_ptr(s).0,
+            outlier: self.outlier.device_ptr(s).0,
+            u: self.u.device_ptr(s).0,
+            sv: self.sv.device_ptr(s).0,
+            slots: self.slots.device_ptr(s).0,
+            ak: self.ak.device_ptr(s).0,
+            av: self.av.device_ptr(s).0,
+            kpre: self.kpre.device_ptr(s).0,
+        }
+    }
+}
+
+/// The sequences of a batch at one layer, as the batched kernels read them: device
+/// arrays of each sequence's buffer addresses and counts (one launch covers the batch,
+/// and the arrays keep their addresses, so a step can be captured in a CUDA graph).
+/// The kernels write the buffers through it: it borrows them so that they outlive it.
+pub struct ShadowTable<'a> {
+    layout: ShadowLayout,
+    addrs: CudaSlice<SeqAddrs>,
+    counts: CudaSlice<SeqCounts>,
+    host_counts: Vec<SeqCounts>,
+    _bufs: PhantomData<&'a LayerBuffers>,
+}
+
+impl<'a> ShadowTable<'a> {
+    /// One entry per sequence: its buffers of this layer and its counts.
+    pub fn new(ops: &CudaOps, seqs: &[(&'a LayerBuffers, SeqCounts)]) -> Result<Self> {
+        ensure!(!seqs.is_empty(), "a ShadowKV batch needs at least one sequence");
+        let layout = *seqs[0].0.layout();
+        ensure!(
+            seqs.len() <= 65_535 && seqs.len() * layout.kv_heads <= 12_000,
+            "a batch of {} sequences × {} KV heads is too large for one launch",
+            seqs.len(),
+            layout.kv_heads
+        );
+        let mut addrs = Vec::with_capacity(seqs.len());
+        for (i, (b, c)) in seqs.iter().enumerate() {
+            ensure!(
+                *b.layout() == layout,
+                "sequence {i}: buffers of another layout ({:?}, the batch's is {layout:?})",
+                b.layout()
+            );
+            b.check()?;
+            layout.check_counts(i, c)?;
+            addrs.push(b.addrs(ops));
+        }
+        let host_counts: Vec<SeqCounts> = seqs.iter().map(|s| s.1).collect();
+        Ok(ShadowTable {
+            layout,
+            addrs: ops.device().upload(&addrs)?,
+            counts: ops.device().upload(&host_counts)?,
+            host_counts,
+            _bufs: PhantomData,
+        })
+    }
+
+    /// Replaces every sequence's counts (in place: the device array keeps its address).
+    pub fn set_counts(&mut self, ops: &CudaOps, counts: &[SeqCounts]) -> Result<()> {
+        ensure!(
+            counts.len() == self.host_counts.len(),
+            "{} counts for a batch of {}",
+            counts.len(),
+            self.host_counts.len()
+        );
+        for (i, c) in counts.iter().enumerate() {
+            self.layout.check_counts(i, c)?;
+        }
+        ops.device().stream().memcpy_htod(counts, &mut self.counts)?;
+        self.host_counts.copy_from_slice(counts);
+        Ok(())
+    }
+
+    /// The batch's layout.
+    pub fn layout(&self) -> &ShadowLayout {
+        &self.layout
+    }
+
+    /// Sequences.
+    pub fn batch(&self) -> usize {
+        self.host_counts.len()
+    }
+
+    /// Each sequence's counts (host copy).
+    pub fn counts(&self) -> &[SeqCounts] {
+        &self.host_counts
+    }
+
+    /// Device addresses of the address and count arrays.
+    pub(crate) fn device_arrays(&self, ops: &CudaOps) -> (u64, u64) {
+        let s = ops.device().stream();
+        (self.addrs.device_ptr(s).0, self.counts.device_ptr(s).0)
+    }
+
+    /// The launch grid of one block per (KV head, sequence).
+    pub(crate) fn head_grid(&self) -> (u32, u32, u32) {
+        // new() keeps both below 65536.
+        (self.layout.kv_heads as u32, self.batch() as u32, 1)
+    }
+}
+
+/// What one decode step of a batch passes from stage to stage, sized for `batch`
+/// sequences of a layout (see each stage in [`crate::cuda::shadow`]).
+pub struct StepScratch {
+    /// Landmark scores `[batch, kv_heads, chunk_cap]` f32.
+    pub scores: CudaSlice<f32>,
+    /// Selected chunks `[batch, kv_heads, S]`, ascending, -1 after the last.
+    pub selected: CudaSlice<i32>,
+    /// Misses `[batch, kv_heads, S]` as (slot, chunk) pairs (`2·S` ints per head).
+    pub misses: CudaSlice<i32>,
+    /// Misses per head `[batch, kv_heads]`.
+    pub miss_count: CudaSlice<i32>,
+    /// Hits so far (one counter, added to by every step).
+    pub hits: CudaSlice<u64>,
+}
+
+impl StepScratch {
+    /// Scratch for `batch` sequences of `layout`.
+    pub fn new(ops: &CudaOps, layout: &ShadowLayout, batch: usize) -> Result<Self> {
+        let dev = ops.device();
+        let heads = batch * layout.kv_heads;
+        Ok(StepScratch {
+            scores: dev.zeros(heads * layout.chunk_cap)?,
+            selected: dev.zeros(heads * layout.slots)?,
+            misses: dev.zeros(heads * layout.slots * 2)?,
+            miss_count: dev.zeros(heads)?,
+            hits: dev.zeros(1)?,
+        })
+    }
+}

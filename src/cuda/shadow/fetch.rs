@@ -1,0 +1,188 @@
+//! Stage 3b of the decode step, the value fetch of the missed chunks
+//! (kernels/fetch.cu): `zero-copy` (a kernel reads the host pool through its
+//! device-mapped address) and the last step of `cpu-gather` (the host gathered the
+//! chunks into a staging buffer, now on the device; a kernel scatters them to the
+//! slots). Both give the same bytes in the same places.
+
+use super::buffers::ShadowTable;
+use super::layout::DevicePool;
+use crate::cuda::ops::{check_len, i32_of, kernel_params, CudaOps};
+use anyhow::{ensure, Result};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
+use half::bf16;
+
+/// Threads of a fetch block.
+const FETCH_THREADS: u32 = 256;
+/// Blocks of the zero-copy fetch that keep PCIe busy without holding the SMs other
+/// kernels need (measured on the H200: 16 blocks of 256 threads move 50 GB/s and leave
+/// a concurrent HBM-bound kernel 3.46 TB/s of its 4.24).
+pub const FETCH_BLOCKS: usize = 16;
+
+impl CudaOps {
+    /// Zero-copy fetch: copies every miss's `c·d` values (as [`CudaOps::shadow_reuse`]
+    /// lists them) from layer `layer` of the host value `pool` into its slot of `av`,
+    /// on `blocks` blocks of 256 threads striding over all misses of the batch.
+    ///
+    /// # Safety
+    /// `pool.addr` must be the device-mapped address of a live bf16 allocation of
+    /// `pool.shape` (host memory registered with the driver, e.g. [`HostMapping`]),
+    /// not written by the host while the copy runs.
+    pub unsafe fn shadow_fetch_values(
+        &self,
+        t: &ShadowTable,
+        misses: &CudaSlice<i32>,
+        miss_count: &CudaSlice<i32>,
+        pool: &DevicePool,
+        layer: usize,
+        blocks: usize,
+    ) -> Result<()> {
+        let l = t.layout();
+        pool.check(l, layer, t.counts())?;
+        let (mp, cp, cfg) = self.miss_launch(t, misses, miss_count, blocks)?;
+        let (addrs, counts) = t.device_arrays(self);
+        let dims = l.dims();
+        let batch = t.batch() as i32;
+        let (li, seqs, chunks) = (
+            i32_of("layer", layer)?,
+            i32_of("pool sequences", pool.shape.seqs)?,
+            i32_of("pool chunks", pool.shape.chunks)?,
+        );
+        // SAFETY: the miss lists hold what the batch needs (checked; the kernel skips
+        // entries naming a slot or chunk out of range); the pool's shape serves the
+        // layout and every sequence's pool slot (checked), its address the caller's
+        // contract.
+        unsafe {
+            self.launch_pdl(
+                &self.k.shadow_fetch,
+                cfg,
+                &mut kernel_params![&mp, &cp, &addrs, &counts, &dims, &batch, &pool.addr, &li, &seqs, &chunks],
+            )
+        }
+    }
+
+    /// The cpu-gather path's last step: copies the misses' values from `staging`
+    /// `[n, c·d]` (on the device), row `i` for the `i`-th miss of the batch in list
+    /// order (sequence, then KV head, then the miss's place in its head's list), into
+    /// their slots of `av`, on `blocks` blocks. `staging` must hold a row for every miss
+    /// the batch can have (`batch · kv_heads · S`).
+    pub fn shadow_scatter_values(
+        &self,
+        t: &ShadowTable,
+        misses: &CudaSlice<i32>,
+        miss_count: &CudaSlice<i32>,
+        staging: &impl DevicePtr<bf16>,
+        blocks: usize,
+    ) -> Result<()> {
+        let l = t.layout();
+        let rows = t.batch() * l.kv_heads * l.slots;
+        check_len("scatter: staging", staging.len(), rows * l.chunk * l.head_dim)?;
+        let (mp, cp, cfg) = self.miss_launch(t, misses, miss_count, blocks)?;
+        let s = self.device().stream();
+        let (sp, _g) = staging.device_ptr(s);
+        ensure!(sp % 16 == 0, "scatter: staging address {sp:#x} is not 16-byte aligned");
+        let (addrs, counts) = t.device_arrays(self);
+        let dims = l.dims();
+        let batch = t.batch() as i32;
+        // SAFETY: staging holds a row per possible miss (checked), the miss lists what
+        // the batch needs (checked; out-of-range entries are skipped).
+        unsafe {
+            self.launch_pdl(
+                &self.k.shadow_scatter,
+                cfg,
+                &mut kernel_params![&mp, &cp, &addrs, &counts, &dims, &batch, &sp],
+            )
+        }
+    }
+
+    /// Checks the miss lists of a fetch or scatter and returns their addresses and the
+    /// launch configuration.
+    fn miss_launch(
+        &self,
+        t: &ShadowTable,
+        misses: &CudaSlice<i32>,
+        miss_count: &CudaSlice<i32>,
+        blocks: usize,
+    ) -> Result<(u64, u64, LaunchConfig)> {
+        let l = t.layout();
+        let heads = t.batch() * l.kv_heads;
+        check_len("fetch: misses", misses.len(), heads * l.slots * 2)?;
+        check_len("fetch: miss counts", miss_count.len(), heads)?;
+        ensure!((1..=65_535).contains(&blocks), "fetch: {blocks} blocks (1..=65535)");
+        let s = self.device().stream();
+        Ok((
+            misses.device_ptr(s).0,
+            miss_count.device_ptr(s).0,
+            LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (FETCH_THREADS, 1, 1),
+                // ShadowTable::new keeps batch · kv_heads ≤ 12000.
+                shared_mem_bytes: ((heads + 1) * 4) as u32,
+            },
+        ))
+    }
+}
+
+/// Host memory registered with the driver and mapped into the device's address space,
+/// so that kernels read and write it over PCIe (the value pool of the zero-copy path).
+/// Unregistered when dropped; borrows the memory so that it outlives the mapping.
+pub struct HostMapping<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    dev_addr: u64,
+    ctx: std::sync::Arc<cudarc::driver::CudaContext>,
+    _mem: std::marker::PhantomData<&'a mut [T]>,
+}
+
+impl<'a, T: Copy> HostMapping<'a, T> {
+    /// Registers `mem` (page-locks it) and maps it for the device of `ops`.
+    pub fn new(ops: &CudaOps, mem: &'a mut [T]) -> Result<Self> {
+        use cudarc::driver::sys;
+        ensure!(!mem.is_empty(), "cannot register an empty host buffer");
+        let ctx = ops.device().context().clone();
+        ctx.bind_to_thread()?;
+        let bytes = std::mem::size_of_val(mem);
+        let ptr = mem.as_mut_ptr();
+        // SAFETY: ptr..ptr+bytes is a live allocation borrowed for 'a; the mapping
+        // unregisters it on drop, before the borrow ends.
+        unsafe { sys::cuMemHostRegister_v2(ptr.cast(), bytes, sys::CU_MEMHOSTREGISTER_DEVICEMAP) }
+            .result()
+            .map_err(|e| anyhow::anyhow!("registering {bytes} bytes of host memory with the driver: {e}"))?;
+        let mut dev_addr: sys::CUdeviceptr = 0;
+        // SAFETY: ptr is registered (above) with DEVICEMAP.
+        if let Err(e) = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev_addr, ptr.cast(), 0) }.result() {
+            // SAFETY: registered above, not yet handed out.
+            unsafe { sys::cuMemHostUnregister(ptr.cast()) };
+            anyhow::bail!("mapping registered host memory for the device: {e}");
+        }
+        Ok(HostMapping {
+            ptr,
+            len: mem.len(),
+            dev_addr,
+            ctx,
+            _mem: std::marker::PhantomData,
+        })
+    }
+
+    /// The memory's device address.
+    pub fn device_addr(&self) -> u64 {
+        self.dev_addr
+    }
+
+    /// The memory, after waiting for all work on the device (kernels may write it).
+    pub fn host(&self) -> Result<&[T]> {
+        self.ctx.synchronize()?;
+        // SAFETY: the borrowed allocation of len elements, with no device work pending;
+        // the kernels that write it are launched through unsafe functions whose
+        // contract forbids host access while they run.
+        Ok(unsafe { std::slice::from_raw_parts(self.ptr, self.len) })
+    }
+}
+
+impl<T> Drop for HostMapping<'_, T> {
+    fn drop(&mut self) {
+        // Work still queued may use the memory: wait for it before unpinning.
+        let _ = self.ctx.synchronize();
+        // SAFETY: registered in new(), unregistered once.
+        unsafe { cudarc::driver::sys::cuMemHostUnregister(self.ptr.cast()) };
+    }
+}

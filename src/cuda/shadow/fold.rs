@@ -1,0 +1,74 @@
+//! Folding the oldest recent chunk into the sparse region (kernels/fold.cu; reference
+//! [`crate::shadow::ShadowSeq`]'s fold), so that generation runs to the context limit.
+
+use super::buffers::ShadowTable;
+use super::layout::DevicePool;
+use crate::cuda::ops::{i32_of, kernel_params, CudaOps};
+use anyhow::{ensure, Result};
+use cudarc::driver::LaunchConfig;
+
+const FOLD_THREADS: u32 = 256;
+
+impl CudaOps {
+    /// Folds every sequence of `t` whose recent window is full (`n = R` tokens; the
+    /// others are left alone): its oldest chunk becomes sparse chunk `chunks` — the
+    /// landmark of its post-RoPE keys joins `marks`, its values go to layer `layer` of
+    /// the host value `pool` (written by the device through the pool's mapped address),
+    /// its pre-RoPE keys' coefficients on the basis join `u`, and it is no outlier —
+    /// then the other recent rows move down by one chunk. The caller then counts
+    /// `n = R - c` and `chunks + 1` for those sequences ([`ShadowTable::set_counts`]).
+    ///
+    /// # Safety
+    /// `pool.addr` must be the device-mapped address of a live bf16 allocation of
+    /// `pool.shape`, not accessed by the host while the kernels run.
+    pub unsafe fn shadow_fold(&self, t: &ShadowTable, pool: &DevicePool, layer: usize) -> Result<()> {
+        let l = t.layout();
+        pool.check(l, layer, t.counts())?;
+        let full = l.recent_rows() as i32;
+        for (i, c) in t.counts().iter().enumerate() {
+            ensure!(
+                c.recent != full || (c.chunks as usize) < l.chunk_cap,
+                "fold: sequence {i} already holds {} chunks, the most it can",
+                c.chunks
+            );
+        }
+        let (addrs, counts) = t.device_arrays(self);
+        let dims = l.dims();
+        let (li, seqs, pc) = (
+            i32_of("layer", layer)?,
+            i32_of("pool sequences", pool.shape.seqs)?,
+            i32_of("pool chunks", pool.shape.chunks)?,
+        );
+        let heads = LaunchConfig {
+            grid_dim: t.head_grid(),
+            block_dim: (FOLD_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let tokens = LaunchConfig {
+            grid_dim: (l.chunk as u32, t.batch() as u32, 1),
+            ..heads
+        };
+        // SAFETY: the folding sequences have room for one more chunk in their buffers
+        // (checked here) and in the pool (which serves the layout, layer and their pool
+        // slots: checked); the buffers match the layout (checked when the table was
+        // made); the pool's address is the caller's contract. The three kernels run in
+        // stream order, the shift last.
+        unsafe {
+            self.launch_pdl(
+                &self.k.shadow_fold_chunk,
+                heads,
+                &mut kernel_params![&addrs, &counts, &dims, &pool.addr, &li, &seqs, &pc],
+            )?;
+            self.launch_pdl(
+                &self.k.shadow_fold_project,
+                tokens,
+                &mut kernel_params![&addrs, &counts, &dims],
+            )?;
+            self.launch_pdl(
+                &self.k.shadow_fold_shift,
+                heads,
+                &mut kernel_params![&addrs, &counts, &dims],
+            )
+        }
+    }
+}

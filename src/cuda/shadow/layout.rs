@@ -1,0 +1,499 @@
+//! The GPU ShadowKV layout, defined once: the buffers of one sequence and layer, the
+//! rows of its attention buffers, the per-sequence tables the batched kernels read, and
+//! the host value pool. `kernels/shadow.cuh` mirrors the `#[repr(C)]` types.
+//!
+//! Per sequence and layer, with `kvh` KV heads of dimension `d`, chunks of `c` tokens,
+//! rank `r`, `S` slots (selected chunks per head), `O` outlier chunks per head and `L`
+//! local chunks:
+//! - `marks` `[chunk_cap, kvh·d]` bf16: the landmark of each chunk (row = chunk);
+//! - `outlier` `[kvh, chunk_cap]` u8: 1 = an outlier chunk of that head (never selected);
+//! - `u` `[chunk_cap·c, r]` bf16: low-rank coefficients of the sparse tokens; `sv`
+//!   `[r, kvh·d]` f32: the basis (pre-RoPE keys ≈ `u · sv`);
+//! - `slots` `[kvh, S]` i32: the chunk each slot holds, -1 = empty;
+//! - `ak`, `av` `[kvh, rows_cap, d]` bf16, `rows_cap = R + (O + S)·c`, per head one region
+//!   after another: the recent window `[0, R)`, `R = (L + 2)·c`, stored newest-first so
+//!   that `n` recent tokens fill rows `[R - n, R)` (the newest at `R - n`, the oldest at
+//!   `R - 1`); the sequence's `O' ≤ O` outlier chunks at `[R, R + O'·c)`; slot `s` at
+//!   `R + (O' + s)·c`. Slots are occupied from slot 0 up (the selection never shrinks),
+//!   so a query attends ONE contiguous range of rows, [`ShadowLayout::attended_rows`].
+//!   (With `O' = O`, the usual case, slot `s` starts at `R + O·c + s·c`.)
+//! - `kpre` `[R, kvh·d]` bf16: the pre-RoPE keys of the recent window, same rows.
+//!
+//! The host value pool is bf16 `[layer][pool_seq][kvh][chunk][c·d]`, the CPU pool's
+//! layout ([`crate::pool::PoolShape`]), read (and written, when a chunk folds) by the
+//! kernels through its device-mapped address.
+
+use crate::model::config::ModelConfig;
+use crate::pool::PoolShape;
+use crate::shadow::ShadowParams;
+use anyhow::{ensure, Result};
+
+/// Largest GQA group the selection kernel serves (as flash-decoding).
+pub const MAX_GROUP: usize = 8;
+/// Largest chunk the key rebuild serves.
+pub const MAX_CHUNK: usize = 16;
+/// Largest `kv_heads · head_dim` (the fold's projection holds a key row in shared memory).
+pub const MAX_KV_WIDTH: usize = 1024;
+
+/// The shape of the ShadowKV state of every sequence of a batch (one model, one set of
+/// settings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShadowLayout {
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Head dimension (64 or 128).
+    pub head_dim: usize,
+    /// Query heads per KV head (1..=8).
+    pub group: usize,
+    /// Tokens per chunk (1..=16).
+    pub chunk: usize,
+    /// Rank of the low-rank keys.
+    pub rank: usize,
+    /// Selected chunks per head (`S`).
+    pub slots: usize,
+    /// Outlier chunks per head (`O`, the most a sequence has).
+    pub outliers: usize,
+    /// Local chunks (`L`).
+    pub local: usize,
+    /// Chunks a sequence holds at most.
+    pub chunk_cap: usize,
+}
+
+impl ShadowLayout {
+    /// The layout for `cfg` with settings `p` and sequences of up to `context` tokens:
+    /// `S` = the budget's chunks (at most the context's), `O` and `L` as set.
+    pub fn new(cfg: &ModelConfig, p: &ShadowParams, context: usize) -> Result<Self> {
+        p.validate(cfg)?;
+        let chunk_cap = context.div_ceil(p.chunk_size);
+        let l = ShadowLayout {
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            group: cfg.num_heads / cfg.num_kv_heads.max(1),
+            chunk: p.chunk_size,
+            rank: p.rank,
+            slots: p.selected_chunks().min(chunk_cap),
+            outliers: p.outlier_chunks,
+            local: p.local_chunks,
+            chunk_cap,
+        };
+        l.validate()?;
+        Ok(l)
+    }
+
+    /// Rejects a shape the kernels do not serve, naming the value.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.kv_heads > 0, "ShadowKV on the GPU: no KV heads");
+        ensure!(
+            self.head_dim == 64 || self.head_dim == 128,
+            "ShadowKV on the GPU: head dimension {} (64 or 128 supported)",
+            self.head_dim
+        );
+        ensure!(
+            (1..=MAX_GROUP).contains(&self.group),
+            "ShadowKV on the GPU: GQA group of {} query heads (1..={MAX_GROUP})",
+            self.group
+        );
+        ensure!(
+            (1..=MAX_CHUNK).contains(&self.chunk),
+            "ShadowKV on the GPU: chunk size {} (1..={MAX_CHUNK})",
+            self.chunk
+        );
+        ensure!(
+            self.kv_width() <= MAX_KV_WIDTH,
+            "ShadowKV on the GPU: kv_heads · head_dim = {} (at most {MAX_KV_WIDTH})",
+            self.kv_width()
+        );
+        ensure!(
+            (1..=self.kv_width()).contains(&self.rank),
+            "ShadowKV on the GPU: rank {} must be in 1..={}",
+            self.rank,
+            self.kv_width()
+        );
+        ensure!(self.slots > 0, "ShadowKV on the GPU: no slots (budget below one chunk)");
+        // Every element count, including a batch's scratch, stays well inside an i32.
+        let big = [
+            self.rows_cap() * self.head_dim * self.kv_heads,
+            self.token_cap() * self.rank,
+            self.chunk_cap * self.kv_width(),
+        ];
+        ensure!(
+            big.iter().all(|&n| n < (1 << 30)),
+            "ShadowKV on the GPU: {} chunks of context are too many for one sequence's buffers",
+            self.chunk_cap
+        );
+        Ok(())
+    }
+
+    /// `kv_heads · head_dim`.
+    pub fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// Rows of the recent window, `R = (L + 2)·c`.
+    pub fn recent_rows(&self) -> usize {
+        (self.local + 2) * self.chunk
+    }
+
+    /// Rows of each head's attention buffer, `R + (O + S)·c`.
+    pub fn rows_cap(&self) -> usize {
+        self.recent_rows() + (self.outliers + self.slots) * self.chunk
+    }
+
+    /// Tokens the sparse region holds at most (rows of `u`).
+    pub fn token_cap(&self) -> usize {
+        self.chunk_cap * self.chunk
+    }
+
+    /// Attention row of the `t`-th oldest (from 0) of `n` recent tokens.
+    pub fn recent_row(&self, n: usize, t: usize) -> usize {
+        debug_assert!(t < n && n <= self.recent_rows());
+        self.recent_rows() - 1 - t
+    }
+
+    /// First attention row of outlier chunk `o`.
+    pub fn outlier_row(&self, o: usize) -> usize {
+        self.recent_rows() + o * self.chunk
+    }
+
+    /// First attention row of slot `s` of a sequence with `outliers` outlier chunks.
+    pub fn slot_row(&self, outliers: usize, s: usize) -> usize {
+        self.recent_rows() + (outliers + s) * self.chunk
+    }
+
+    /// Chunks a sequence selects per head each step: `S`, or fewer when it has fewer
+    /// candidates (its non-outlier chunks).
+    pub fn selected_for(&self, c: &SeqCounts) -> usize {
+        self.slots.min(c.chunks.saturating_sub(c.outliers) as usize)
+    }
+
+    /// The rows `(first, len)` of each head's attention buffers that a query of a
+    /// sequence attends once its selection is in place: the recent window, the
+    /// outliers and the occupied slots, one contiguous range.
+    pub fn attended_rows(&self, c: &SeqCounts) -> (usize, usize) {
+        let n = c.recent as usize;
+        let first = self.recent_rows() - n;
+        (first, n + (c.outliers as usize + self.selected_for(c)) * self.chunk)
+    }
+
+    /// Elements of `marks`.
+    pub fn marks_len(&self) -> usize {
+        self.chunk_cap * self.kv_width()
+    }
+
+    /// Elements of `outlier`.
+    pub fn outlier_len(&self) -> usize {
+        self.kv_heads * self.chunk_cap
+    }
+
+    /// Elements of `u`.
+    pub fn u_len(&self) -> usize {
+        self.token_cap() * self.rank
+    }
+
+    /// Elements of `sv`.
+    pub fn sv_len(&self) -> usize {
+        self.rank * self.kv_width()
+    }
+
+    /// Elements of `slots`.
+    pub fn slots_len(&self) -> usize {
+        self.kv_heads * self.slots
+    }
+
+    /// Elements of `ak` (and of `av`).
+    pub fn attn_len(&self) -> usize {
+        self.kv_heads * self.rows_cap() * self.head_dim
+    }
+
+    /// Elements of `kpre`.
+    pub fn kpre_len(&self) -> usize {
+        self.recent_rows() * self.kv_width()
+    }
+
+    /// Chunks in the sparse region after a prefill of `tokens` tokens: the whole chunks
+    /// less the local window (as [`crate::shadow::ShadowSeq::from_prefill`]); the tokens
+    /// after them form the recent window.
+    pub fn prefill_chunks(&self, tokens: usize) -> usize {
+        (tokens / self.chunk).saturating_sub(self.local)
+    }
+
+    /// A sequence's counts right after a prefill of `tokens` tokens.
+    pub fn prefill_counts(&self, tokens: usize, pool_seq: usize) -> SeqCounts {
+        let chunks = self.prefill_chunks(tokens);
+        SeqCounts {
+            chunks: chunks as i32,
+            recent: (tokens - chunks * self.chunk) as i32,
+            outliers: self.outliers.min(chunks) as i32,
+            pool_seq: pool_seq as i32,
+        }
+    }
+
+    /// Checks that a prefill of `tokens` tokens fits the layout.
+    pub fn check_prefill(&self, tokens: usize) -> Result<()> {
+        let chunks = self.prefill_chunks(tokens);
+        ensure!(
+            chunks <= self.chunk_cap,
+            "a prompt of {tokens} tokens needs {chunks} chunks, the layout holds {}",
+            self.chunk_cap
+        );
+        // Fewer than L + 1 whole chunks stay in the window, below its R = (L + 2)·c rows.
+        Ok(())
+    }
+
+    /// Checks one sequence's counts against the layout, naming sequence `i`.
+    pub fn check_counts(&self, i: usize, c: &SeqCounts) -> Result<()> {
+        ensure!(
+            c.chunks >= 0 && c.chunks as usize <= self.chunk_cap,
+            "sequence {i}: {} chunks (capacity {})",
+            c.chunks,
+            self.chunk_cap
+        );
+        ensure!(
+            c.recent >= 0 && c.recent as usize <= self.recent_rows(),
+            "sequence {i}: {} recent tokens (window of {})",
+            c.recent,
+            self.recent_rows()
+        );
+        ensure!(
+            c.outliers >= 0 && c.outliers as usize <= self.outliers.min(c.chunks as usize),
+            "sequence {i}: {} outlier chunks (at most {} of its {} chunks)",
+            c.outliers,
+            self.outliers,
+            c.chunks
+        );
+        ensure!(c.pool_seq >= 0, "sequence {i}: pool slot {}", c.pool_seq);
+        Ok(())
+    }
+
+    /// The kernels' view of the layout.
+    pub(crate) fn dims(&self) -> ShadowDims {
+        let i = |v: usize| v as i32; // validate() keeps every value far below i32::MAX
+        ShadowDims {
+            kv_heads: i(self.kv_heads),
+            head_dim: i(self.head_dim),
+            group: i(self.group),
+            chunk: i(self.chunk),
+            rank: i(self.rank),
+            slots: i(self.slots),
+            outliers: i(self.outliers),
+            recent: i(self.recent_rows()),
+            rows_cap: i(self.rows_cap()),
+            chunk_cap: i(self.chunk_cap),
+        }
+    }
+}
+
+/// [`ShadowLayout`] as the kernels take it (`ShadowDims` in kernels/shadow.cuh), by value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ShadowDims {
+    kv_heads: i32,
+    head_dim: i32,
+    group: i32,
+    chunk: i32,
+    rank: i32,
+    slots: i32,
+    outliers: i32,
+    recent: i32,
+    rows_cap: i32,
+    chunk_cap: i32,
+}
+
+/// Device addresses of one sequence's buffers for one layer (`ShadowSeqBufs` in
+/// kernels/shadow.cuh); see the module documentation for each buffer's layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeqAddrs {
+    /// `marks`.
+    pub marks: u64,
+    /// `outlier`.
+    pub outlier: u64,
+    /// `u`.
+    pub u: u64,
+    /// `sv`.
+    pub sv: u64,
+    /// `slots`.
+    pub slots: u64,
+    /// `ak`.
+    pub ak: u64,
+    /// `av`.
+    pub av: u64,
+    /// `kpre`.
+    pub kpre: u64,
+}
+
+/// Where one sequence stands (`ShadowSeqCounts` in kernels/shadow.cuh); the same for
+/// every layer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeqCounts {
+    /// Chunks in the sparse region.
+    pub chunks: i32,
+    /// Tokens in the recent window (`n`).
+    pub recent: i32,
+    /// Outlier chunks of each head (`O'`, at most `O`).
+    pub outliers: i32,
+    /// The sequence's slot in the host value pool.
+    pub pool_seq: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<ShadowDims>() == 40);
+const _: () = assert!(std::mem::size_of::<SeqAddrs>() == 64);
+const _: () = assert!(std::mem::size_of::<SeqCounts>() == 16);
+
+// SAFETY: plain #[repr(C)] structs of integers, valid for any bit pattern, copied to the
+// device as they are.
+unsafe impl cudarc::driver::DeviceRepr for SeqAddrs {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for SeqCounts {}
+
+/// A bf16 host value pool seen from the device: its device-mapped address and shape.
+#[derive(Clone, Copy, Debug)]
+pub struct DevicePool {
+    /// Device address of element 0 (host memory registered with the driver).
+    pub addr: u64,
+    /// The pool's shape (`chunk_elems = c · d`).
+    pub shape: PoolShape,
+}
+
+impl DevicePool {
+    /// Element offset of a chunk: `(((layer·seqs + seq)·kv_heads + head)·chunks + chunk)·chunk_elems`.
+    pub fn chunk_offset(&self, layer: usize, seq: usize, head: usize, chunk: usize) -> usize {
+        let s = &self.shape;
+        (((layer * s.seqs + seq) * s.kv_heads + head) * s.chunks + chunk) * s.chunk_elems
+    }
+
+    /// Checks that the pool serves `layout` at `layer` for sequences with `counts`: the
+    /// same heads and chunk size, room for every chunk a sequence can hold, each
+    /// sequence's pool slot inside the pool.
+    pub(crate) fn check(&self, layout: &ShadowLayout, layer: usize, counts: &[SeqCounts]) -> Result<()> {
+        let s = &self.shape;
+        ensure!(
+            s.kv_heads == layout.kv_heads && s.chunk_elems == layout.chunk * layout.head_dim,
+            "value pool of {} heads × {} values per chunk, the layout needs {} × {}",
+            s.kv_heads,
+            s.chunk_elems,
+            layout.kv_heads,
+            layout.chunk * layout.head_dim
+        );
+        ensure!(
+            s.chunks >= layout.chunk_cap,
+            "value pool of {} chunks per sequence, the layout holds {}",
+            s.chunks,
+            layout.chunk_cap
+        );
+        ensure!(layer < s.layers, "layer {layer} outside the value pool's {}", s.layers);
+        ensure!(
+            s.seqs <= i32::MAX as usize && s.chunks <= i32::MAX as usize,
+            "value pool of {} sequences × {} chunks: too large for the kernels' indices",
+            s.seqs,
+            s.chunks
+        );
+        ensure!(
+            self.addr % 16 == 0,
+            "value pool address {:#x} is not 16-byte aligned",
+            self.addr
+        );
+        for (i, c) in counts.iter().enumerate() {
+            ensure!(
+                (c.pool_seq as usize) < s.seqs,
+                "sequence {i}: pool slot {} outside the pool's {}",
+                c.pool_seq,
+                s.seqs
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::synthetic::preset;
+
+    #[test]
+    fn regions_follow_one_another_and_the_attended_rows_are_contiguous() {
+        let cfg = preset("llama-3.1-8b").unwrap();
+        let p = ShadowParams::defaults(&cfg, 131_072);
+        let l = ShadowLayout::new(&cfg, &p, 131_072).unwrap();
+        assert_eq!((l.kv_heads, l.head_dim, l.group, l.chunk), (8, 128, 4, 8));
+        assert_eq!((l.slots, l.outliers, l.local), (256, 48, 4));
+        assert_eq!(l.recent_rows(), 48);
+        assert_eq!(l.rows_cap(), 48 + (48 + 256) * 8);
+        assert_eq!(l.outlier_row(0), 48);
+        assert_eq!(l.slot_row(48, 0), 48 + 48 * 8);
+        assert_eq!(l.slot_row(48, 255) + 8, l.rows_cap());
+        // Newest-first: the newest of 5 tokens at R - 5, the oldest at R - 1.
+        assert_eq!(l.recent_row(5, 4), 43);
+        assert_eq!(l.recent_row(5, 0), 47);
+        let c = SeqCounts {
+            chunks: 1000,
+            recent: 13,
+            outliers: 48,
+            pool_seq: 0,
+        };
+        assert_eq!(l.attended_rows(&c), (35, 13 + (48 + 256) * 8));
+        // A short sequence: fewer outliers and fewer candidates than slots; the slots
+        // follow its own outliers.
+        let c = SeqCounts {
+            chunks: 10,
+            recent: 40,
+            outliers: 10,
+            pool_seq: 0,
+        };
+        assert_eq!(l.selected_for(&c), 0);
+        assert_eq!(l.attended_rows(&c), (8, 40 + 80));
+        let c = SeqCounts { outliers: 4, ..c };
+        assert_eq!(l.selected_for(&c), 6);
+        assert_eq!(l.slot_row(4, 0), 48 + 32);
+        assert_eq!(l.attended_rows(&c).1, 40 + 32 + 48);
+        l.check_counts(0, &c).unwrap();
+    }
+
+    #[test]
+    fn shapes_the_kernels_do_not_serve_are_named() {
+        let cfg = preset("smollm2-135m").unwrap();
+        let p = ShadowParams::defaults(&cfg, 8192);
+        let l = ShadowLayout::new(&cfg, &p, 8192).unwrap();
+        assert_eq!((l.kv_heads, l.head_dim, l.group), (3, 64, 3));
+        let bad = [
+            (ShadowLayout { head_dim: 96, ..l }, "head dimension 96"),
+            (ShadowLayout { group: 9, ..l }, "group of 9"),
+            (ShadowLayout { chunk: 17, ..l }, "chunk size 17"),
+            (ShadowLayout { rank: 193, ..l }, "rank 193"),
+            (ShadowLayout { slots: 0, ..l }, "no slots"),
+            (
+                ShadowLayout {
+                    kv_heads: 9,
+                    head_dim: 128,
+                    ..l
+                },
+                "1152",
+            ),
+        ];
+        for (b, msg) in bad {
+            let e = b.validate().unwrap_err().to_string();
+            assert!(e.contains(msg), "{e}");
+        }
+        let c = SeqCounts {
+            chunks: 10,
+            recent: 49,
+            outliers: 2,
+            pool_seq: 0,
+        };
+        let e = l.check_counts(3, &c).unwrap_err().to_string();
+        assert!(e.contains("sequence 3") && e.contains("49 recent"), "{e}");
+        let e = l
+            .check_counts(
+                0,
+                &SeqCounts {
+                    recent: 0,
+                    outliers: 11,
+                    ..c
+                },
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("11 outlier"), "{e}");
+    }
+}

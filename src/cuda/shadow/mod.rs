@@ -1,0 +1,29 @@
+//! ShadowKV on the GPU, the kernel layer: each stage of the CPU reference
+//! ([`crate::shadow`]) as batched kernels with plain device data between them.
+//!
+//! - [`layout`]: the buffers of one sequence and layer and their rows, defined once
+//!   ([`ShadowLayout`]), and the per-sequence tables the kernels read.
+//! - [`buffers`]: the buffers ([`LayerBuffers`]), a batch's table ([`ShadowTable`]) and
+//!   a decode step's scratch ([`StepScratch`]).
+//! - Prefill, per layer and sequence ([`landmarks`]): landmarks, outlier chunks, the
+//!   exact outlier and recent rows, the values to the host pool.
+//! - Decode, per layer, one launch per stage for the whole batch: [`append`] (the new
+//!   token into the recent window) → [`select`] (scores, top-k) → [`reuse`] (the slot
+//!   diff) → [`fetch`] (values of the misses) | [`rebuild`] (keys of the misses) →
+//!   attention with [`crate::cuda::CudaOps::flash_decode`], one entry per (sequence,
+//!   KV head) over [`ShadowLayout::attended_rows`] → [`fold`] (a full recent window's
+//!   oldest chunk into the sparse region).
+
+pub mod append;
+pub mod buffers;
+pub mod fetch;
+pub mod fold;
+pub mod landmarks;
+pub mod layout;
+pub mod rebuild;
+pub mod reuse;
+pub mod select;
+
+pub use buffers::{LayerBuffers, ShadowTable, StepScratch};
+pub use fetch::{HostMapping, FETCH_BLOCKS};
+pub use layout::{DevicePool, SeqAddrs, SeqCounts, ShadowLayout};

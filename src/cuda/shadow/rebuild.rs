@@ -1,0 +1,53 @@
+//! Stage 3a of the decode step, the key rebuild of the missed chunks
+//! (kernels/rebuild.cu; reference [`crate::shadow::factor::LowRank::rebuild`] then
+//! [`crate::cpu::ops::Rope`]).
+
+use super::buffers::ShadowTable;
+use crate::cuda::ops::{check_len, kernel_params, CudaOps};
+use anyhow::Result;
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
+
+/// Threads of one rebuild block (misses in flight × d/2).
+const REBUILD_THREADS: usize = 256;
+
+impl CudaOps {
+    /// Rebuilds the keys of every miss (as [`CudaOps::shadow_reuse`] lists them) into its
+    /// slot of `ak`: the chunk's rows of `u · sv` for the head, rotated at the tokens'
+    /// positions with `inv_freq` (`d/2` values, [`crate::cuda::rope_inv_freq`]).
+    pub fn shadow_rebuild(
+        &self,
+        t: &ShadowTable,
+        misses: &CudaSlice<i32>,
+        miss_count: &CudaSlice<i32>,
+        inv_freq: &impl DevicePtr<f32>,
+    ) -> Result<()> {
+        let l = t.layout();
+        let heads = t.batch() * l.kv_heads;
+        check_len("rebuild: misses", misses.len(), heads * l.slots * 2)?;
+        check_len("rebuild: miss counts", miss_count.len(), heads)?;
+        check_len("rebuild: inv_freq", inv_freq.len(), l.head_dim / 2)?;
+        let s = self.device().stream();
+        let (mp, _g1) = misses.device_ptr(s);
+        let (cp, _g2) = miss_count.device_ptr(s);
+        let (fp, _g3) = inv_freq.device_ptr(s);
+        let (addrs, counts) = t.device_arrays(self);
+        let dims = l.dims();
+        let half = l.head_dim / 2;
+        let cfg = LaunchConfig {
+            grid_dim: t.head_grid(),
+            block_dim: (half as u32, (REBUILD_THREADS / half) as u32, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the miss lists and inv_freq hold what the batch needs (checked); the
+        // table's buffers match its layout (checked when it was made); the miss lists
+        // name slots below S and chunks whose rows of u are inside the buffer, as
+        // shadow_reuse writes them from shadow_top_k's selection.
+        unsafe {
+            self.launch_pdl(
+                &self.k.shadow_rebuild,
+                cfg,
+                &mut kernel_params![&mp, &cp, &addrs, &counts, &fp, &dims],
+            )
+        }
+    }
+}

@@ -1,0 +1,1410 @@
+//! ShadowKV's GPU kernels (`shadowkv::cuda::shadow`) against the CPU reference
+//! (`shadowkv::shadow`), on f32 copies of the same bf16-rounded inputs, in the style of
+//! tests/cuda_kernels.rs: every test draws fresh random inputs (the seed is printed;
+//! `SHADOWKV_TEST_SEED=N` repeats a run), poisons its outputs before launching (NaN,
+//! or a sentinel for integers), checks that no poison is left where a kernel writes and
+//! that nothing changed where it must not write, and runs batches of sequences of
+//! different lengths in one launch, chunk counts that are not multiples of any tile,
+//! d = 64 and 128, groups 1, 3, 4, 7 and 8, SmolLM2's shape (3 KV heads, d 64, group 3)
+//! and Llama-3.1-8B's (8, 128, 4), up to 16K chunks per head for the selection. Without
+//! a CUDA device each test prints `skipped: no CUDA device (...)` and passes
+//! (`SHADOWKV_REQUIRE_CUDA=1` turns that into a failure, as tools/gpu-check sets it).
+//!
+//! Tolerances, and why:
+//! - landmark scores (fp32 throughout; the dot products, and the softmax's normaliser
+//!   over up to 16K chunks, accumulated online, sum in another order than the CPU's):
+//!   every score within 2⁻¹³·|ref| + 10⁻⁹·max|ref|; outlier chunks exactly -inf;
+//! - top-k (on the GPU's own scores, and on quantised scores full of ties), reuse diff,
+//!   outlier selection (on the GPU's own cosines): exact. Against the CPU's selection
+//!   from its own scores (end-to-end test, outliers), the same chunks except near ties:
+//!   a chunk chosen by one side only must score within the score tolerance of the last
+//!   one chosen;
+//! - key rebuild and the fold's projection onto the basis (fp32 sums of rank or
+//!   kv_heads·d products, stored bf16): every element within 2⁻⁷·|ref| + 10⁻⁴·rms(ref)
+//!   (bf16 rounding, one step more at a rounding boundary; sums that cancel keep fp32's
+//!   absolute error); the rotation is rope.cu's arithmetic;
+//! - the append's q and k (RoPE, as the rope test of tests/cuda_kernels.rs): within
+//!   2⁻⁷·|ref| + 10⁻⁵·max|ref|; its v and pre-RoPE k: bit-exact (bf16 of the same fp32
+//!   sum);
+//! - landmarks (the same fp32 sum in the same token order, one rounding): bit-exact;
+//! - minimum cosines (fp32 dot products of d terms and two square roots, |cos| ≤ 1):
+//!   within 2·10⁻⁵;
+//! - every copy (value fetch, scatter, prefill placement, pool writes, the fold's values
+//!   and its shift of the recent window): bit-exact;
+//! - one layer's decode end to end (flash-decoding over the rows the stages assembled,
+//!   against the CPU's attention over [recent | outliers | selected chunks], the rebuilt
+//!   keys rounded to bf16 as the GPU stores them): per sequence and query head
+//!   ‖out − ref‖ / ‖ref‖ ≤ 10⁻² and every element within 2·10⁻²·max|ref| (the
+//!   flash-decoding tolerance: probabilities go through the tensor cores as bf16).
+//!
+//! Each check prints `RESULT <kernel> <case> ...` as tests/cuda_kernels.rs does
+//! (`exact` for the bit-exact and integer ones).
+
+mod common;
+
+use common::gpu_check::*;
+use cudarc::driver::{CudaSlice, CudaView};
+use half::bf16;
+use memmap2::MmapMut;
+use rand::rngs::StdRng;
+use rand::Rng;
+use shadowkv::cpu::attention::{causal_attention, AttnJob, AttnShape};
+use shadowkv::cpu::ops::Rope;
+use shadowkv::cuda::shadow::{
+    DevicePool, HostMapping, LayerBuffers, SeqCounts, ShadowLayout, ShadowTable, StepScratch, FETCH_BLOCKS,
+};
+use shadowkv::cuda::testing::ops_or_skip;
+use shadowkv::cuda::{rope_inv_freq, CudaOps, DecodeWorkspace, KvTable};
+use shadowkv::model::config::ModelConfig;
+use shadowkv::model::synthetic::preset;
+use shadowkv::pool::PoolShape;
+use shadowkv::shadow::factor::LowRank;
+use shadowkv::shadow::landmarks::{landmarks, min_cosines, outlier_chunks};
+use shadowkv::shadow::reuse::SlotTable;
+use shadowkv::shadow::select::{chunk_scores, top_k, HeadMarks};
+use std::collections::BTreeSet;
+
+const SCORE_RTOL: f64 = 1.0 / 8192.0;
+const EW_RTOL: f64 = 1.0 / 128.0;
+const COS_ATOL: f64 = 2e-5;
+const NAN_BITS: u16 = 0x7FC0;
+
+/// A small layout of `kv_heads` heads of dimension `d` and group `g`; tests override
+/// what they exercise.
+fn small_layout(kv_heads: usize, d: usize, g: usize) -> ShadowLayout {
+    ShadowLayout {
+        kv_heads,
+        head_dim: d,
+        group: g,
+        chunk: 8,
+        rank: 16,
+        slots: 16,
+        outliers: 2,
+        local: 2,
+        chunk_cap: 64,
+    }
+}
+
+/// `base` with the heads of `cfg`.
+fn layout_of(cfg: &ModelConfig, base: ShadowLayout) -> ShadowLayout {
+    let l = ShadowLayout {
+        kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+        group: cfg.num_heads / cfg.num_kv_heads,
+        ..base
+    };
+    l.validate().unwrap();
+    l
+}
+
+fn counts(chunks: usize, recent: usize, outliers: usize, pool_seq: usize) -> SeqCounts {
+    SeqCounts {
+        chunks: chunks as i32,
+        recent: recent as i32,
+        outliers: outliers as i32,
+        pool_seq: pool_seq as i32,
+    }
+}
+
+fn bits(v: &[bf16]) -> Vec<u16> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Asserts a selection row: `want` ascending, then -1 to the row's end.
+fn assert_selection(got: &[i32], want: &[u32], what: &str) {
+    let w: Vec<i32> = want
+        .iter()
+        .map(|&c| c as i32)
+        .chain(std::iter::repeat(-1))
+        .take(got.len())
+        .collect();
+    assert_eq!(got, &w[..], "{what}");
+}
+
+/// The chunk ids of a selection row (up to the first -1).
+fn selection_of(row: &[i32]) -> Vec<u32> {
+    row.iter().take_while(|&&c| c >= 0).map(|&c| c as u32).collect()
+}
+
+/// Asserts that two selections are the same chunks, except chunks taken by one side
+/// only whose reference `scores` tie with the lowest score taken (within
+/// `rtol`·|that score| + `atol`): fp32 rounding may order near ties either way.
+fn assert_same_but_near_ties(want: &[u32], got: &[u32], scores: &[f32], (rtol, atol): (f64, f64), what: &str) {
+    if want == got {
+        return;
+    }
+    assert_eq!(
+        want.len(),
+        got.len(),
+        "{what}: {got:?} selected, the CPU selects {want:?}"
+    );
+    let a: BTreeSet<u32> = want.iter().copied().collect();
+    let b: BTreeSet<u32> = got.iter().copied().collect();
+    let last = want.iter().map(|&c| scores[c as usize]).fold(f32::INFINITY, f32::min) as f64;
+    let diff: Vec<u32> = a.symmetric_difference(&b).copied().collect();
+    for &c in &diff {
+        let s = scores[c as usize] as f64;
+        assert!(
+            (s - last).abs() <= rtol * last.abs() + atol,
+            "{what}: chunk {c} (score {s}) chosen by one side only, not a near tie of the last ({last})"
+        );
+    }
+    eprintln!("{what}: selections differ at near ties {diff:?}");
+}
+
+/// Miss lists of a batch: per (sequence, head), `b * kv_heads + h`, the (slot, chunk)
+/// pairs, and the device arrays the kernels take.
+struct Misses {
+    lists: Vec<Vec<(usize, usize)>>,
+    /// `[batch, kv_heads, S]` pairs, unused entries -1.
+    pairs: CudaSlice<i32>,
+    /// `[batch, kv_heads]`.
+    count: CudaSlice<i32>,
+}
+
+/// Random miss lists: per (sequence, head) up to `S` distinct slots, each with a
+/// distinct chunk below the sequence's chunk count (the first list as long as it can
+/// be, so that full lists occur, and holding the last chunk, the largest positions).
+fn random_misses(ops: &CudaOps, rng: &mut StdRng, l: &ShadowLayout, chunks: &[usize]) -> Misses {
+    let mut lists = Vec::new();
+    let mut flat = vec![-1i32; chunks.len() * l.kv_heads * l.slots * 2];
+    for (b, &n) in chunks.iter().enumerate() {
+        for h in 0..l.kv_heads {
+            let most = l.slots.min(n);
+            let m = if b == 0 && h == 0 {
+                most
+            } else {
+                rng.random_range(0..=most)
+            };
+            let slots = rand::seq::index::sample(rng, l.slots, m).into_vec();
+            let mut ids = rand::seq::index::sample(rng, n, m).into_vec();
+            if b == 0 && h == 0 && m > 0 {
+                ids[0] = n - 1;
+                ids.sort_unstable();
+                ids.dedup();
+                while ids.len() < m {
+                    let c = rng.random_range(0..n);
+                    if !ids.contains(&c) {
+                        ids.push(c);
+                    }
+                }
+            }
+            let list: Vec<(usize, usize)> = slots.into_iter().zip(ids).collect();
+            let e = b * l.kv_heads + h;
+            for (j, &(s, c)) in list.iter().enumerate() {
+                flat[(e * l.slots + j) * 2] = s as i32;
+                flat[(e * l.slots + j) * 2 + 1] = c as i32;
+            }
+            lists.push(list);
+        }
+    }
+    let cnt: Vec<i32> = lists.iter().map(|x| x.len() as i32).collect();
+    Misses {
+        lists,
+        pairs: ops.device().upload(&flat).unwrap(),
+        count: ops.device().upload(&cnt).unwrap(),
+    }
+}
+
+/// An anonymous map for a bf16 pool of `shape` (page-aligned, as the real pools are),
+/// filled with random values; also returns the values.
+fn random_pool(rng: &mut StdRng, shape: &PoolShape) -> (MmapMut, Vec<bf16>) {
+    let n = shape.elems().unwrap();
+    let mut map = MmapMut::map_anon(n * 2).unwrap();
+    let (vals, _) = rand_bf16(rng, n, 1.0);
+    pool_slice(&mut map).copy_from_slice(&vals);
+    (map, vals)
+}
+
+fn pool_slice(map: &mut MmapMut) -> &mut [bf16] {
+    bytemuck::cast_slice_mut(&mut map[..])
+}
+
+/// Element offset of one row of head `h` in an attention buffer.
+fn attn_at(l: &ShadowLayout, h: usize, row: usize) -> usize {
+    (h * l.rows_cap() + row) * l.head_dim
+}
+
+#[test]
+fn scores_and_top_k_match_the_cpu() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let mut rng = seeded("shadow_select");
+    // (kv_heads, d, group, chunks of each sequence, S)
+    let cases: &[(usize, usize, usize, &[usize], usize)] = &[
+        (3, 64, 3, &[1000, 37, 5, 0], 32),
+        (8, 128, 4, &[2049, 700], 256),
+        (2, 128, 1, &[300, 301, 1], 64),
+        (2, 64, 7, &[513], 20),
+        (1, 64, 8, &[16_381], 512),
+        (8, 128, 4, &[16_384], 256),
+    ];
+    for &(kvh, d, g, chunks, slots) in cases {
+        let chunk_cap = chunks.iter().max().unwrap() + 3;
+        let l = ShadowLayout {
+            slots,
+            chunk_cap,
+            ..small_layout(kvh, d, g)
+        };
+        l.validate().unwrap();
+        let case = format!("kv_heads={kvh},d={d},group={g},chunks={chunks:?},S={slots}");
+        let kvd = kvh * d;
+        let batch = chunks.len();
+        let mut bufs = Vec::new();
+        let mut marks_f = Vec::new();
+        let mut flags_all = Vec::new();
+        for &n in chunks {
+            let mut b = LayerBuffers::new(&ops, l).unwrap();
+            let (m, mf) = rand_bf16(&mut rng, chunk_cap * kvd, 1.0);
+            let mut flags: Vec<u8> = (0..kvh * chunk_cap).map(|_| rng.random_bool(0.1) as u8).collect();
+            if n == 5 {
+                // A head whose every chunk is an outlier: nothing to select.
+                flags[..chunk_cap].fill(1);
+            }
+            b.marks = dev.upload(&m).unwrap();
+            b.outlier = dev.upload(&flags).unwrap();
+            bufs.push(b);
+            marks_f.push(mf);
+            flags_all.push(flags);
+        }
+        let entries: Vec<(&LayerBuffers, SeqCounts)> =
+            bufs.iter().zip(chunks).map(|(b, &n)| (b, counts(n, 0, 0, 0))).collect();
+        let table = ShadowTable::new(&ops, &entries).unwrap();
+        // Queries of spread 3: q·landmark/√d of standard deviation about 1.
+        let (q, qf) = rand_bf16(&mut rng, batch * kvh * g * d, 3.0);
+        let dq = dev.upload(&q).unwrap();
+        let mut scratch = StepScratch::new(&ops, &l, batch).unwrap();
+        ops.fill_nan_f32(&mut scratch.scores).unwrap();
+        ops.shadow_scores(&table, &dq, &mut scratch.scores).unwrap();
+        let got = dev.download(&scratch.scores).unwrap();
+        let mut selected = dev.upload(&vec![i32::MIN; batch * kvh * slots]).unwrap();
+        ops.shadow_top_k(&table, &scratch.scores, &mut selected).unwrap();
+        let sel = dev.download(&selected).unwrap();
+        let mut worst = Errors::default();
+        for (b, &n) in chunks.iter().enumerate() {
+            for h in 0..kvh {
+                let what = format!("{case},seq={b},head={h}");
+                let ex: Vec<bool> = flags_all[b][h * chunk_cap..][..n].iter().map(|&f| f != 0).collect();
+                let qg = &qf[(b * kvh + h) * g * d..][..g * d];
+                let marks = HeadMarks {
+                    marks: &marks_f[b][..n * kvd],
+                    kvd,
+                    col0: h * d,
+                    head_dim: d,
+                };
+                let want = chunk_scores(qg, marks, &ex);
+                let row = &got[(b * kvh + h) * chunk_cap..][..chunk_cap];
+                for c in 0..n {
+                    if ex[c] {
+                        assert_eq!(row[c], f32::NEG_INFINITY, "{what}: outlier chunk {c}");
+                    }
+                }
+                assert!(row[n..].iter().all(|v| v.is_nan()), "{what}: written past the chunks");
+                let (gs, ws): (Vec<f32>, Vec<f32>) = (0..n).filter(|&c| !ex[c]).map(|c| (row[c], want[c])).unzip();
+                if !ws.is_empty() {
+                    let atol = 1e-9 * max_abs(&ws);
+                    worst = worst.worst(errors("shadow_scores", &what, &gs, &ws, |_, w| {
+                        SCORE_RTOL * w.abs() + atol
+                    }));
+                }
+                // The top-k of the GPU's own scores, exactly.
+                let want_sel = top_k(&row[..n], &ex, slots);
+                assert_selection(
+                    &sel[(b * kvh + h) * slots..][..slots],
+                    &want_sel,
+                    &format!("top-k {what}"),
+                );
+            }
+        }
+        worst.report("shadow_scores", &case);
+        Errors::default().report("shadow_top_k", &format!("{case},exact"));
+    }
+}
+
+#[test]
+fn top_k_is_exact_with_many_ties() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let mut rng = seeded("shadow_top_k_ties");
+    // Few distinct values, signed zeros among them (total order: -0 < +0).
+    let values = [-1.0f32, -0.0, 0.0, 0.25, 0.5, 0.5, 0.75, 1.0, f32::NEG_INFINITY];
+    // (kv_heads, chunks of each sequence, S)
+    let cases: &[(usize, &[usize], usize)] = &[
+        (2, &[16_381, 9000], 512),
+        (3, &[100, 30, 0, 1, 64], 64),
+        (1, &[5000, 2], 1),
+        (4, &[1025, 1023, 1024], 300),
+    ];
+    for &(kvh, chunks, slots) in cases {
+        let chunk_cap = chunks.iter().max().unwrap() + 5;
+        let l = ShadowLayout {
+            slots,
+            chunk_cap,
+            ..small_layout(kvh, 64, 1)
+        };
+        let case = format!("kv_heads={kvh},chunks={chunks:?},S={slots}");
+        let batch = chunks.len();
+        let mut bufs = Vec::new();
+        let mut flags_all = Vec::new();
+        // Scores past a sequence's chunks are NaN, which would be the largest: a kernel
+        // reading them would select them.
+        let mut scores = vec![f32::NAN; batch * kvh * chunk_cap];
+        for (b, &n) in chunks.iter().enumerate() {
+            let mut lb = LayerBuffers::new(&ops, l).unwrap();
+            let flags: Vec<u8> = (0..kvh * chunk_cap).map(|_| rng.random_bool(0.2) as u8).collect();
+            lb.outlier = dev.upload(&flags).unwrap();
+            bufs.push(lb);
+            flags_all.push(flags);
+            for h in 0..kvh {
+                for c in 0..n {
+                    scores[(b * kvh + h) * chunk_cap + c] = values[rng.random_range(0..values.len())];
+                }
+            }
+        }
+        let entries: Vec<(&LayerBuffers, SeqCounts)> =
+            bufs.iter().zip(chunks).map(|(b, &n)| (b, counts(n, 0, 0, 0))).collect();
+        let table = ShadowTable::new(&ops, &entries).unwrap();
+        let ds = dev.upload(&scores).unwrap();
+        let mut selected = dev.upload(&vec![i32::MIN; batch * kvh * slots]).unwrap();
+        ops.shadow_top_k(&table, &ds, &mut selected).unwrap();
+        let sel = dev.download(&selected).unwrap();
+        for (b, &n) in chunks.iter().enumerate() {
+            for h in 0..kvh {
+                let ex: Vec<bool> = flags_all[b][h * chunk_cap..][..n].iter().map(|&f| f != 0).collect();
+                let want = top_k(&scores[(b * kvh + h) * chunk_cap..][..n], &ex, slots);
+                assert_selection(
+                    &sel[(b * kvh + h) * slots..][..slots],
+                    &want,
+                    &format!("{case},seq={b},head={h}"),
+                );
+            }
+        }
+        Errors::default().report("shadow_top_k", &format!("{case},ties,exact"));
+    }
+}
+
+#[test]
+fn reuse_diff_matches_slot_table_plan_over_many_steps() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let mut rng = seeded("shadow_reuse");
+    // (kv_heads, S, batch); 300 slots span two tiles of the kernel's 256 threads.
+    for &(kvh, slots, batch) in &[(3usize, 7usize, 2usize), (8, 64, 3), (1, 300, 2), (2, 1, 4)] {
+        let l = ShadowLayout {
+            slots,
+            chunk_cap: 4 * slots + 10,
+            ..small_layout(kvh, 64, 1)
+        };
+        let case = format!("kv_heads={kvh},S={slots},batch={batch}");
+        let bufs: Vec<LayerBuffers> = (0..batch).map(|_| LayerBuffers::new(&ops, l).unwrap()).collect();
+        let entries: Vec<(&LayerBuffers, SeqCounts)> = bufs.iter().map(|b| (b, counts(l.chunk_cap, 0, 0, 0))).collect();
+        let table = ShadowTable::new(&ops, &entries).unwrap();
+        let mut cpu: Vec<SlotTable> = (0..batch * kvh).map(|_| SlotTable::new(slots)).collect();
+        let mut prev: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); batch * kvh];
+        let mut hits = dev.zeros::<u64>(1).unwrap();
+        let mut hits_cpu = 0u64;
+        let (mut total_hits, mut total_misses) = (0usize, 0usize);
+        for step in 0..40 {
+            // Each head keeps part of its last selection and adds new chunks.
+            let mut flat = vec![-1i32; batch * kvh * slots];
+            let mut sels = Vec::new();
+            for (e, p) in prev.iter_mut().enumerate() {
+                let k = rng.random_range(0..=slots);
+                let mut set: BTreeSet<u32> = p.iter().copied().filter(|_| rng.random_bool(0.7)).collect();
+                while set.len() < k {
+                    set.insert(rng.random_range(0..l.chunk_cap as u32));
+                }
+                let mut sel: Vec<u32> = set.into_iter().collect();
+                while sel.len() > k {
+                    sel.remove(rng.random_range(0..sel.len()));
+                }
+                for (i, &c) in sel.iter().enumerate() {
+                    flat[e * slots + i] = c as i32;
+                }
+                *p = sel.iter().copied().collect();
+                sels.push(sel);
+            }
+            let dsel = dev.upload(&flat).unwrap();
+            let mut misses = dev.upload(&vec![-7i32; batch * kvh * slots * 2]).unwrap();
+            let mut miss_count = dev.upload(&vec![-7i32; batch * kvh]).unwrap();
+            ops.shadow_reuse(&table, &dsel, &mut misses, &mut miss_count, &mut hits)
+                .unwrap();
+            let gm = dev.download(&misses).unwrap();
+            let gc = dev.download(&miss_count).unwrap();
+            let gh = dev.download(&hits).unwrap()[0];
+            for (b, buf) in bufs.iter().enumerate() {
+                let gt = dev.download(&buf.slots).unwrap();
+                for h in 0..kvh {
+                    let e = b * kvh + h;
+                    let what = format!("{case},step={step},seq={b},head={h}");
+                    let plan = cpu[e].plan(&sels[e]);
+                    hits_cpu += plan.hits as u64;
+                    total_hits += plan.hits;
+                    total_misses += plan.misses.len();
+                    assert_eq!(gc[e] as usize, plan.misses.len(), "{what}: miss count");
+                    let want: Vec<i32> = plan.misses.iter().flat_map(|&(s, c)| [s as i32, c as i32]).collect();
+                    let row = &gm[e * slots * 2..][..slots * 2];
+                    assert_eq!(&row[..want.len()], &want[..], "{what}: misses");
+                    assert!(
+                        row[want.len()..].iter().all(|&x| x == -7),
+                        "{what}: written past the misses"
+                    );
+                    let table_want: Vec<i32> = cpu[e].slots().iter().map(|s| s.map_or(-1, |c| c as i32)).collect();
+                    assert_eq!(&gt[h * slots..][..slots], &table_want[..], "{what}: slot table");
+                }
+            }
+            assert_eq!(gh, hits_cpu, "{case} step {step}: hit counter");
+        }
+        assert!(
+            total_hits > 0 && total_misses > 0,
+            "{case}: the steps had no hits or no misses"
+        );
+        Errors::default().report(
+            "shadow_reuse",
+            &format!("{case},steps=40,hits={total_hits},misses={total_misses},exact"),
+        );
+    }
+}
+
+#[test]
+fn key_rebuild_matches_low_rank_and_rope() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let mut rng = seeded("shadow_rebuild");
+    // (model, chunk, rank, chunk_cap, S): llama3 RoPE scaling at positions up to 131K,
+    // chunks of 16 and of 5 tokens, rank 1, group 7 (Qwen2).
+    for &(arch, chunk, rank, chunk_cap, slots) in &[
+        ("smollm2-135m", 8usize, 160usize, 1100usize, 32usize),
+        ("llama-3.1-8b", 8, 160, 16_384, 64),
+        ("llama-3.1-8b", 16, 1, 100, 12),
+        ("qwen2-0.5b", 5, 128, 300, 20),
+    ] {
+        let cfg = preset(arch).unwrap();
+        let l = layout_of(
+            &cfg,
+            ShadowLayout {
+                chunk,
+                rank,
+                slots,
+                outliers: 3,
+                chunk_cap,
+                ..small_layout(1, 64, 1)
+            },
+        );
+        let (kvh, d, kvd) = (l.kv_heads, l.head_dim, l.kv_width());
+        let case = format!("{arch},c={chunk},rank={rank},S={slots}");
+        let chunks = [chunk_cap, chunk_cap / 3];
+        let outliers = [3usize, 1];
+        let mut bufs = Vec::new();
+        let mut lowrank = Vec::new();
+        for _ in 0..chunks.len() {
+            let mut b = LayerBuffers::new(&ops, l).unwrap();
+            let (u, uf) = rand_bf16(&mut rng, l.u_len(), 1.0);
+            let s = (3.0 / rank as f32).sqrt();
+            let sv: Vec<f32> = (0..l.sv_len()).map(|_| rng.random_range(-s..s)).collect();
+            b.u = dev.upload(&u).unwrap();
+            b.sv = dev.upload(&sv).unwrap();
+            ops.fill_nan_bf16(&mut b.ak).unwrap();
+            bufs.push(b);
+            lowrank.push(LowRank {
+                u: uf,
+                sv,
+                rank,
+                cols: kvd,
+            });
+        }
+        let entries: Vec<(&LayerBuffers, SeqCounts)> = bufs
+            .iter()
+            .enumerate()
+            .map(|(b, x)| (x, counts(chunks[b], 0, outliers[b], 0)))
+            .collect();
+        let table = ShadowTable::new(&ops, &entries).unwrap();
+        let misses = random_misses(&ops, &mut rng, &l, &chunks);
+        let inv = dev.upload(&rope_inv_freq(&cfg)).unwrap();
+        ops.shadow_rebuild(&table, &misses.pairs, &misses.count, &inv).unwrap();
+        let rope = Rope::new(&cfg);
+        let (mut got, mut want) = (Vec::new(), Vec::new());
+        let mut written = 0;
+        for (b, buf) in bufs.iter().enumerate() {
+            let ak = dev.download(&buf.ak).unwrap();
+            for h in 0..kvh {
+                for &(slot, ch) in &misses.lists[b * kvh + h] {
+                    let mut k = vec![0f32; chunk * d];
+                    lowrank[b].rebuild(ch * chunk, chunk, h * d..(h + 1) * d, &mut k);
+                    let positions: Vec<usize> = (ch * chunk..(ch + 1) * chunk).collect();
+                    let (cos, sin) = rope.tables(&positions);
+                    rope.apply(&mut k, 1, &cos, &sin);
+                    want.extend(k);
+                    let at = attn_at(&l, h, l.slot_row(outliers[b], slot));
+                    got.extend(f32s(&ak[at..at + chunk * d]));
+                    written += chunk * d;
+                }
+            }
+            let untouched = ak.iter().filter(|v| v.to_bits() == NAN_BITS).count();
+            assert_eq!(ak.len() - untouched, written, "{case}: rows written outside the slots");
+            written = 0;
+        }
+        let atol = 1e-4 * rms(&want);
+        check("shadow_rebuild", &case, &got, &want, EW_RTOL, atol);
+    }
+}
+
+#[test]
+fn value_fetch_and_scatter_copy_the_misses_bit_exact() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let mut rng = seeded("shadow_fetch");
+    // (kv_heads, d, chunk, S, batch)
+    for &(kvh, d, chunk, slots, batch) in &[
+        (3usize, 64usize, 8usize, 32usize, 3usize),
+        (8, 128, 8, 64, 2),
+        (2, 128, 16, 7, 4),
+        (1, 64, 1, 300, 2),
+    ] {
+        let l = ShadowLayout {
+            chunk,
+            slots,
+            chunk_cap: 2 * slots + 9,
+            ..small_layout(kvh, d, 1)
+        };
+        let case = format!("kv_heads={kvh},d={d},c={chunk},S={slots},batch={batch}");
+        let shape = PoolShape {
+            layers: 3,
+            seqs: batch + 2,
+            kv_heads: kvh,
+            chunks: l.chunk_cap,
+            chunk_elems: chunk * d,
+        };
+        let (mut map, pool_ref) = random_pool(&mut rng, &shape);
+        let mapping = HostMapping::new(&ops, pool_slice(&mut map)).unwrap();
+        let pool = DevicePool {
+            addr: mapping.device_addr(),
+            shape,
+        };
+        let layer = 1;
+        let pool_seqs = rand::seq::index::sample(&mut rng, shape.seqs, batch).into_vec();
+        let outs: Vec<usize> = (0..batch).map(|_| rng.random_range(0..=l.outliers)).collect();
+        let chunks = vec![l.chunk_cap; batch];
+        let mut zc: Vec<LayerBuffers> = (0..batch).map(|_| LayerBuffers::new(&ops, l).unwrap()).collect();
+        let mut cg: Vec<LayerBuffers> = (0..batch).map(|_| LayerBuffers::new(&ops, l).unwrap()).collect();
+        for b in zc.iter_mut().chain(cg.iter_mut()) {
+            ops.fill_nan_bf16(&mut b.av).unwrap();
+        }
+        let seq_counts: Vec<SeqCounts> = (0..batch)
+            .map(|b| counts(chunks[b], 0, outs[b], pool_seqs[b]))
+            .collect();
+        let misses = random_misses(&ops, &mut rng, &l, &chunks);
+        // What every slot row must hold, per sequence: the pool chunk or untouched NaN.
+        let ce = chunk * d;
+        let want: Vec<Vec<u16>> = (0..batch)
+            .map(|b| {
+                let mut av = vec![NAN_BITS; l.attn_len()];
+                for h in 0..kvh {
+                    for &(slot, ch) in &misses.lists[b * kvh + h] {
+                        let at = attn_at(&l, h, l.slot_row(outs[b], slot));
+                        let src = pool.chunk_offset(layer, pool_seqs[b], h, ch);
+                        av[at..at + ce].copy_from_slice(&bits(&pool_ref[src..src + ce]));
+                    }
+                }
+                av
+            })
+            .collect();
+        for blocks in [1, FETCH_BLOCKS, 5] {
+            for b in zc.iter_mut() {
+                ops.fill_nan_bf16(&mut b.av).unwrap();
+            }
+            let entries: Vec<(&LayerBuffers, SeqCounts)> = zc.iter().zip(&seq_counts).map(|(b, c)| (b, *c)).collect();
+            let table = ShadowTable::new(&ops, &entries).unwrap();
+            // SAFETY: the pool is mapped for the device and the host leaves it alone.
+            unsafe { ops.shadow_fetch_values(&table, &misses.pairs, &misses.count, &pool, layer, blocks) }.unwrap();
+            for (b, buf) in zc.iter().enumerate() {
+                let got = bits(&dev.download(&buf.av).unwrap());
+                assert!(
+                    got == want[b],
+                    "{case}, {blocks} blocks, seq {b}: fetched values differ"
+                );
+            }
+        }
+        Errors::default().report("shadow_fetch", &format!("{case},blocks=1/16/5,exact"));
+        // cpu-gather: the host gathers the same chunks in list order into staging.
+        let rows = batch * kvh * slots;
+        let mut staging = vec![bf16::from_bits(NAN_BITS); rows * ce];
+        let mut t = 0;
+        for (e, list) in misses.lists.iter().enumerate() {
+            let (b, h) = (e / kvh, e % kvh);
+            for &(_, ch) in list {
+                let src = pool.chunk_offset(layer, pool_seqs[b], h, ch);
+                staging[t * ce..(t + 1) * ce].copy_from_slice(&pool_ref[src..src + ce]);
+                t += 1;
+            }
+        }
+        let dstaging = dev.upload(&staging).unwrap();
+        let entries: Vec<(&LayerBuffers, SeqCounts)> = cg.iter().zip(&seq_counts).map(|(b, c)| (b, *c)).collect();
+        let table = ShadowTable::new(&ops, &entries).unwrap();
+        ops.shadow_scatter_values(&table, &misses.pairs, &misses.count, &dstaging, FETCH_BLOCKS)
+            .unwrap();
+        for (b, (zb, cb)) in zc.iter().zip(&cg).enumerate() {
+            let got = bits(&dev.download(&cb.av).unwrap());
+            assert!(got == want[b], "{case}, seq {b}: scattered values differ");
+            assert!(
+                got == bits(&dev.download(&zb.av).unwrap()),
+                "{case}, seq {b}: the two fetch paths differ"
+            );
+        }
+        Errors::default().report("shadow_scatter", &format!("{case},same as zero-copy,exact"));
+        drop(mapping);
+    }
+}
+
+#[test]
+fn prefill_compression_matches_the_cpu() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let mut rng = seeded("shadow_prefill");
+    // (model, prompt tokens, O, L, chunk): whole and partial chunks, fewer chunks than
+    // outliers, no sparse chunk at all, chunks of 7.
+    for &(arch, tokens, outliers, local, chunk) in &[
+        ("smollm2-135m", 8 * 50 + 5, 6usize, 4usize, 8usize),
+        ("llama-3.1-8b", 8 * 300 + 3, 24, 4, 8),
+        ("llama-3.1-8b", 51, 6, 4, 8),
+        ("qwen2-0.5b", 20, 4, 4, 8),
+        ("smollm2-135m", 7 * 97, 5, 1, 7),
+    ] {
+        let cfg = preset(arch).unwrap();
+        let l = layout_of(
+            &cfg,
+            ShadowLayout {
+                chunk,
+                rank: 16,
+                slots: 8,
+                outliers,
+                local,
+                chunk_cap: tokens / chunk + 2,
+                ..small_layout(1, 64, 1)
+            },
+        );
+        let (kvh, d, kvd, c) = (l.kv_heads, l.head_dim, l.kv_width(), l.chunk);
+        let chunks = l.prefill_chunks(tokens);
+        let n = tokens - chunks * c;
+        let n_out = outliers.min(chunks);
+        let case = format!("{arch},tokens={tokens},chunks={chunks},recent={n},O={outliers},c={c}");
+        let (mut k, _) = rand_bf16(&mut rng, tokens * kvd, 1.0);
+        if chunks >= 2 {
+            // Chunk 1 of head 0 all zero: cosine 1 by definition.
+            for t in c..2 * c {
+                k[t * kvd..t * kvd + d].fill(bf16::ZERO);
+            }
+        }
+        let kf = f32s(&k);
+        let (v, _) = rand_bf16(&mut rng, tokens * kvd, 1.0);
+        let (kpre, _) = rand_bf16(&mut rng, tokens * kvd, 1.0);
+        let (dk, dv, dkp) = (
+            dev.upload(&k).unwrap(),
+            dev.upload(&v).unwrap(),
+            dev.upload(&kpre).unwrap(),
+        );
+        let mut bufs = LayerBuffers::new(&ops, l).unwrap();
+        ops.fill_nan_bf16(&mut bufs.marks).unwrap();
+        ops.fill_nan_bf16(&mut bufs.ak).unwrap();
+        ops.fill_nan_bf16(&mut bufs.av).unwrap();
+        ops.fill_nan_bf16(&mut bufs.kpre).unwrap();
+        bufs.outlier = dev.upload(&vec![7u8; l.outlier_len()]).unwrap();
+        let mut neg_cos = dev.zeros::<f32>(kvh * l.chunk_cap).unwrap();
+        ops.fill_nan_f32(&mut neg_cos).unwrap();
+        let mut ids = dev.upload(&vec![i32::MIN; kvh * outliers]).unwrap();
+        ops.shadow_landmarks(&bufs, &dk, tokens, &mut neg_cos).unwrap();
+        ops.shadow_outliers(&bufs, &neg_cos, tokens, &mut ids).unwrap();
+        ops.shadow_place_prefill(&bufs, (&dk, &dv, &dkp), tokens, &ids).unwrap();
+        let shape = PoolShape {
+            layers: 2,
+            seqs: 3,
+            kv_heads: kvh,
+            chunks: l.chunk_cap,
+            chunk_elems: c * d,
+        };
+        let mut map = MmapMut::map_anon(shape.elems().unwrap() * 2).unwrap();
+        pool_slice(&mut map).fill(bf16::from_bits(NAN_BITS));
+        let mapping = HostMapping::new(&ops, pool_slice(&mut map)).unwrap();
+        let pool = DevicePool {
+            addr: mapping.device_addr(),
+            shape,
+        };
+        // SAFETY: the pool is mapped for the device and read only after the copy.
+        unsafe { ops.shadow_pool_write(&l, &pool, (1, 2), &dv, tokens) }.unwrap();
+
+        // Landmarks: bit-exact; rows past the chunks untouched.
+        let marks_cpu = landmarks(&kf, chunks, c, kvd);
+        let marks = dev.download(&bufs.marks).unwrap();
+        let want: Vec<u16> = marks_cpu
+            .iter()
+            .map(|&x| bf16::from_f32(x).to_bits())
+            .chain(std::iter::repeat(NAN_BITS))
+            .take(marks.len())
+            .collect();
+        assert!(bits(&marks) == want, "{case}: landmarks differ");
+        Errors::default().report("shadow_landmarks", &format!("{case},exact"));
+        // Minimum cosines.
+        let gc = dev.download(&neg_cos).unwrap();
+        let cpu_cos = min_cosines(&kf[..chunks * c * kvd], &marks_cpu, c, kvh, d);
+        if chunks > 0 {
+            let got: Vec<f32> = (0..kvh)
+                .flat_map(|h| gc[h * l.chunk_cap..][..chunks].to_vec())
+                .collect();
+            let want: Vec<f32> = cpu_cos.iter().flatten().map(|x| -x).collect();
+            check("shadow_min_cosine", &case, &got, &want, 0.0, COS_ATOL);
+            if chunks >= 2 {
+                assert_eq!(gc[1], -1.0, "{case}: a zero chunk has cosine 1");
+            }
+        }
+        // Outliers: exact on the GPU's cosines, the CPU's but for near ties, flags.
+        let gids = dev.download(&ids).unwrap();
+        let cpu_ids = outlier_chunks(&kf[..chunks * c * kvd], &marks_cpu, c, kvh, d, n_out);
+        let flags = dev.download(&bufs.outlier).unwrap();
+        for h in 0..kvh {
+            let what = format!("{case},head={h}");
+            let row = &gids[h * outliers..][..outliers];
+            let own = top_k(&gc[h * l.chunk_cap..][..chunks], &vec![false; chunks], outliers);
+            assert_selection(row, &own, &format!("outliers {what}"));
+            let neg: Vec<f32> = cpu_cos[h].iter().map(|x| -x).collect();
+            let chosen = selection_of(row);
+            assert_same_but_near_ties(&cpu_ids[h], &chosen, &neg, (0.0, 2.0 * COS_ATOL), &what);
+            for ch in 0..l.chunk_cap {
+                assert_eq!(
+                    flags[h * l.chunk_cap + ch] as usize,
+                    chosen.contains(&(ch as u32)) as usize,
+                    "{what}: outlier flag of chunk {ch}"
+                );
+            }
+        }
+        Errors::default().report("shadow_outliers", &format!("{case},exact"));
+        // Placement: the outliers' rows and the recent window, nothing else.
+        let (ak, av, kp) = (
+            bits(&dev.download(&bufs.ak).unwrap()),
+            bits(&dev.download(&bufs.av).unwrap()),
+            bits(&dev.download(&bufs.kpre).unwrap()),
+        );
+        let (kb, vb, pb) = (bits(&k), bits(&v), bits(&kpre));
+        let mut want_k = vec![NAN_BITS; l.attn_len()];
+        let mut want_v = vec![NAN_BITS; l.attn_len()];
+        let mut want_p = vec![NAN_BITS; l.kpre_len()];
+        for h in 0..kvh {
+            let mut place = |row: usize, token: usize| {
+                let (src, dst) = (token * kvd + h * d, attn_at(&l, h, row));
+                want_k[dst..dst + d].copy_from_slice(&kb[src..src + d]);
+                want_v[dst..dst + d].copy_from_slice(&vb[src..src + d]);
+            };
+            for (o, &ch) in selection_of(&gids[h * outliers..][..outliers]).iter().enumerate() {
+                for i in 0..c {
+                    place(l.outlier_row(o) + i, ch as usize * c + i);
+                }
+            }
+            for t in 0..n {
+                place(l.recent_row(n, t), chunks * c + t);
+                let (src, dst) = ((chunks * c + t) * kvd + h * d, l.recent_row(n, t) * kvd + h * d);
+                want_p[dst..dst + d].copy_from_slice(&pb[src..src + d]);
+            }
+        }
+        assert!(ak == want_k, "{case}: attention keys differ");
+        assert!(av == want_v, "{case}: attention values differ");
+        assert!(kp == want_p, "{case}: recent pre-RoPE keys differ");
+        Errors::default().report("shadow_place_prefill", &format!("{case},exact"));
+        // The pool: every sparse chunk of slot 2 of layer 1, nothing else.
+        let got = bits(mapping.host().unwrap());
+        let mut want = vec![NAN_BITS; got.len()];
+        for h in 0..kvh {
+            for ch in 0..chunks {
+                let dst = pool.chunk_offset(1, 2, h, ch);
+                for i in 0..c {
+                    let src = (ch * c + i) * kvd + h * d;
+                    want[dst + i * d..dst + (i + 1) * d].copy_from_slice(&vb[src..src + d]);
+                }
+            }
+        }
+        assert!(got == want, "{case}: pool contents differ");
+        Errors::default().report("shadow_pool_write", &format!("{case},exact"));
+    }
+}
+
+#[test]
+fn append_writes_the_new_token_into_the_recent_window() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let mut rng = seeded("shadow_append");
+    for arch in ["smollm2-135m", "qwen2-0.5b", "llama-3.1-8b"] {
+        for with_bias in [false, true] {
+            let cfg = preset(arch).unwrap();
+            let l = layout_of(&cfg, small_layout(1, 64, 1));
+            let (kvh, d, kvd, heads) = (l.kv_heads, l.head_dim, l.kv_width(), cfg.num_heads);
+            let width = (heads + 2 * kvh) * d;
+            let big_r = l.recent_rows();
+            let case = format!("{arch},bias={with_bias}");
+            let recent = [0usize, 13, big_r - 1];
+            let batch = recent.len();
+            let mut bufs = Vec::new();
+            let mut before = Vec::new();
+            for _ in 0..batch {
+                let mut b = LayerBuffers::new(&ops, l).unwrap();
+                let (ak, _) = rand_bf16(&mut rng, l.attn_len(), 1.0);
+                let (av, _) = rand_bf16(&mut rng, l.attn_len(), 1.0);
+                let (kp, _) = rand_bf16(&mut rng, l.kpre_len(), 1.0);
+                b.ak = dev.upload(&ak).unwrap();
+                b.av = dev.upload(&av).unwrap();
+                b.kpre = dev.upload(&kp).unwrap();
+                bufs.push(b);
+                before.push((bits(&ak), bits(&av), bits(&kp)));
+            }
+            let entries: Vec<(&LayerBuffers, SeqCounts)> =
+                bufs.iter().zip(recent).map(|(b, n)| (b, counts(10, n, 2, 0))).collect();
+            let table = ShadowTable::new(&ops, &entries).unwrap();
+            let (x, xf) = rand_bf16(&mut rng, batch * width, 3.0);
+            let (bias, bf) = rand_bf16(&mut rng, width, 0.5);
+            let mut positions: Vec<usize> = (0..batch).map(|_| rng.random_range(0..131_072)).collect();
+            positions[0] = 0;
+            let pos_i32: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+            let dbias = dev.upload(&bias).unwrap();
+            let mut q_out = dev.zeros::<bf16>(batch * heads * d).unwrap();
+            ops.fill_nan_bf16(&mut q_out).unwrap();
+            ops.shadow_qkv_append(
+                &mut q_out,
+                &dev.upload(&x).unwrap(),
+                with_bias.then_some(&dbias),
+                &dev.upload(&pos_i32).unwrap(),
+                &dev.upload(&rope_inv_freq(&cfg)).unwrap(),
+                &table,
+                heads,
+            )
+            .unwrap();
+            // Reference: the bias added in fp32, then the CPU Rope on q and k.
+            let rope = Rope::new(&cfg);
+            let (cos, sin) = rope.tables(&positions);
+            let rows: Vec<f32> = xf
+                .chunks_exact(width)
+                .flat_map(|r| {
+                    r.iter()
+                        .zip(&bf)
+                        .map(|(a, b)| if with_bias { a + b } else { *a })
+                        .collect::<Vec<f32>>()
+                })
+                .collect();
+            let (mut q, mut k, mut vv, mut kpre) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for row in rows.chunks_exact(width) {
+                q.extend_from_slice(&row[..heads * d]);
+                k.extend_from_slice(&row[heads * d..heads * d + kvd]);
+                kpre.extend_from_slice(&row[heads * d..heads * d + kvd]);
+                vv.extend_from_slice(&row[heads * d + kvd..]);
+            }
+            rope.apply(&mut q, heads, &cos, &sin);
+            rope.apply(&mut k, kvh, &cos, &sin);
+            let gq = f32s(&dev.download(&q_out).unwrap());
+            check(
+                "shadow_append",
+                &format!("{case},q"),
+                &gq,
+                &q,
+                EW_RTOL,
+                1e-5 * max_abs(&q),
+            );
+            let mut gk = Vec::new();
+            for (b, buf) in bufs.iter().enumerate() {
+                let (ak, av, kp) = (
+                    bits(&dev.download(&buf.ak).unwrap()),
+                    bits(&dev.download(&buf.av).unwrap()),
+                    bits(&dev.download(&buf.kpre).unwrap()),
+                );
+                let row = big_r - recent[b] - 1;
+                let (mut wk, mut wv, mut wp) = before[b].clone();
+                for h in 0..kvh {
+                    let at = attn_at(&l, h, row);
+                    gk.extend(ak[at..at + d].iter().map(|&x| bf16::from_bits(x).to_f32()));
+                    wk[at..at + d].copy_from_slice(&ak[at..at + d]); // compared with a tolerance
+                    for j in 0..d {
+                        wv[at + j] = bf16::from_f32(vv[b * kvd + h * d + j]).to_bits();
+                    }
+                }
+                for j in 0..kvd {
+                    wp[row * kvd + j] = bf16::from_f32(kpre[b * kvd + j]).to_bits();
+                }
+                assert!(ak == wk, "{case} seq {b}: keys written outside row {row}");
+                assert!(av == wv, "{case} seq {b}: values differ");
+                assert!(kp == wp, "{case} seq {b}: pre-RoPE keys differ");
+            }
+            check(
+                "shadow_append",
+                &format!("{case},k"),
+                &gk,
+                &k,
+                EW_RTOL,
+                1e-5 * max_abs(&k),
+            );
+        }
+    }
+}
+
+#[test]
+fn fold_matches_the_cpu_fold() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let mut rng = seeded("shadow_fold");
+    for &(arch, chunk, local) in &[
+        ("smollm2-135m", 8usize, 2usize),
+        ("llama-3.1-8b", 8, 4),
+        ("qwen2-0.5b", 5, 1),
+    ] {
+        let cfg = preset(arch).unwrap();
+        let l = layout_of(
+            &cfg,
+            ShadowLayout {
+                chunk,
+                local,
+                rank: 24,
+                slots: 4,
+                outliers: 2,
+                chunk_cap: 40,
+                ..small_layout(1, 64, 1)
+            },
+        );
+        let (kvh, d, kvd, c, rank) = (l.kv_heads, l.head_dim, l.kv_width(), l.chunk, l.rank);
+        let big_r = l.recent_rows();
+        let case = format!("{arch},c={c},R={big_r}");
+        // (chunks, recent, pool slot): two full windows fold (one into the last chunk
+        // the layout holds), one a token short does not.
+        let seqs = [(10usize, big_r, 2usize), (3, big_r - 1, 0), (39, big_r, 1)];
+        let shape = PoolShape {
+            layers: 2,
+            seqs: 3,
+            kv_heads: kvh,
+            chunks: l.chunk_cap,
+            chunk_elems: c * d,
+        };
+        let layer = 1;
+        let (mut map, pool_before) = random_pool(&mut rng, &shape);
+        let mapping = HostMapping::new(&ops, pool_slice(&mut map)).unwrap();
+        let pool = DevicePool {
+            addr: mapping.device_addr(),
+            shape,
+        };
+        let mut bufs = Vec::new();
+        let mut before = Vec::new();
+        let mut svs = Vec::new();
+        for _ in &seqs {
+            let mut b = LayerBuffers::new(&ops, l).unwrap();
+            let (marks, _) = rand_bf16(&mut rng, l.marks_len(), 1.0);
+            let (u, _) = rand_bf16(&mut rng, l.u_len(), 1.0);
+            let (ak, _) = rand_bf16(&mut rng, l.attn_len(), 1.0);
+            let (av, _) = rand_bf16(&mut rng, l.attn_len(), 1.0);
+            let (kp, _) = rand_bf16(&mut rng, l.kpre_len(), 1.0);
+            let sv: Vec<f32> = (0..l.sv_len()).map(|_| rng.random_range(-0.2..0.2)).collect();
+            b.marks = dev.upload(&marks).unwrap();
+            b.outlier = dev.upload(&vec![1u8; l.outlier_len()]).unwrap();
+            b.u = dev.upload(&u).unwrap();
+            b.sv = dev.upload(&sv).unwrap();
+            b.ak = dev.upload(&ak).unwrap();
+            b.av = dev.upload(&av).unwrap();
+            b.kpre = dev.upload(&kp).unwrap();
+            bufs.push(b);
+            before.push([bits(&marks), bits(&u), bits(&ak), bits(&av), bits(&kp)]);
+            svs.push(sv);
+        }
+        let entries: Vec<(&LayerBuffers, SeqCounts)> = bufs
+            .iter()
+            .zip(&seqs)
+            .map(|(b, &(ch, n, ps))| (b, counts(ch, n, 2, ps)))
+            .collect();
+        let table = ShadowTable::new(&ops, &entries).unwrap();
+        // SAFETY: the pool is mapped for the device and read only after the fold.
+        unsafe { ops.shadow_fold(&table, &pool, layer) }.unwrap();
+        let pool_after = bits(mapping.host().unwrap());
+        let mut pool_want = bits(&pool_before);
+        let (mut gu, mut wu) = (Vec::new(), Vec::new());
+        for (b, buf) in bufs.iter().enumerate() {
+            let (ch, n, ps) = seqs[b];
+            let what = format!("{case},seq={b}");
+            let [_, _, ak0, av0, kp0] = &before[b];
+            let got = [
+                bits(&dev.download(&buf.marks).unwrap()),
+                bits(&dev.download(&buf.u).unwrap()),
+                bits(&dev.download(&buf.ak).unwrap()),
+                bits(&dev.download(&buf.av).unwrap()),
+                bits(&dev.download(&buf.kpre).unwrap()),
+            ];
+            let flags = dev.download(&buf.outlier).unwrap();
+            let mut want = before[b].clone();
+            let mut want_flags = vec![1u8; l.outlier_len()];
+            if n == big_r {
+                // The oldest chunk in time order: token i at row R - 1 - i.
+                let mut k_old = vec![0f32; c * kvd];
+                let mut p_old = vec![0f32; c * kvd];
+                for i in 0..c {
+                    let row = big_r - 1 - i;
+                    for h in 0..kvh {
+                        let at = attn_at(&l, h, row);
+                        for j in 0..d {
+                            k_old[i * kvd + h * d + j] = bf16::from_bits(ak0[at + j]).to_f32();
+                        }
+                        let dst = pool.chunk_offset(layer, ps, h, ch) + i * d;
+                        pool_want[dst..dst + d].copy_from_slice(&av0[at..at + d]);
+                    }
+                    for j in 0..kvd {
+                        p_old[i * kvd + j] = bf16::from_bits(kp0[row * kvd + j]).to_f32();
+                    }
+                }
+                for (j, m) in landmarks(&k_old, 1, c, kvd).iter().enumerate() {
+                    want[0][ch * kvd + j] = bf16::from_f32(*m).to_bits();
+                }
+                let basis = LowRank {
+                    u: Vec::new(),
+                    sv: svs[b].clone(),
+                    rank,
+                    cols: kvd,
+                };
+                let u_new = basis.project(&p_old, c);
+                let u_at = ch * c * rank;
+                gu.extend(
+                    got[1][u_at..u_at + c * rank]
+                        .iter()
+                        .map(|&x| bf16::from_bits(x).to_f32()),
+                );
+                wu.extend_from_slice(&u_new);
+                want[1][u_at..u_at + c * rank].copy_from_slice(&got[1][u_at..u_at + c * rank]);
+                for h in 0..kvh {
+                    want_flags[h * l.chunk_cap + ch] = 0;
+                    // The other rows move down by one chunk.
+                    let (from, to) = (attn_at(&l, h, 0), attn_at(&l, h, c));
+                    want[2][to..to + (big_r - c) * d].copy_from_slice(&ak0[from..from + (big_r - c) * d]);
+                    want[3][to..to + (big_r - c) * d].copy_from_slice(&av0[from..from + (big_r - c) * d]);
+                }
+                want[4][c * kvd..big_r * kvd].copy_from_slice(&kp0[..(big_r - c) * kvd]);
+            }
+            let names = ["landmarks", "u", "keys", "values", "pre-RoPE keys"];
+            for ((g, w), name) in got.iter().zip(&want).zip(names) {
+                assert!(g == w, "{what}: {name} differ");
+            }
+            assert_eq!(flags, want_flags, "{what}: outlier flags");
+        }
+        assert!(pool_after == pool_want, "{case}: pool contents differ");
+        Errors::default().report("shadow_fold", &format!("{case},landmark/values/shift exact"));
+        check("shadow_fold_project", &case, &gu, &wu, EW_RTOL, 1e-4 * rms(&wu));
+    }
+}
+
+/// One sequence of the end-to-end test, as the host knows it.
+struct HostSeq {
+    counts: SeqCounts,
+    marks: Vec<f32>,
+    flags: Vec<u8>,
+    basis: LowRank,
+    ak: Vec<f32>,
+    av: Vec<f32>,
+}
+
+#[test]
+fn one_layer_decode_end_to_end_matches_cpu_attention() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let mut rng = seeded("shadow_decode");
+    let mut ws = DecodeWorkspace::new();
+    for arch in ["smollm2-135m", "llama-3.1-8b"] {
+        let cfg = preset(arch).unwrap();
+        let l = layout_of(
+            &cfg,
+            ShadowLayout {
+                chunk: 8,
+                rank: 48,
+                slots: 24,
+                outliers: 4,
+                local: 2,
+                chunk_cap: 1200,
+                ..small_layout(1, 64, 1)
+            },
+        );
+        let (kvh, d, g, kvd, c) = (l.kv_heads, l.head_dim, l.group, l.kv_width(), l.chunk);
+        let (big_r, slots) = (l.recent_rows(), l.slots);
+        // (chunks, recent tokens, outlier chunks): the last has fewer candidates than slots.
+        let shapes = [(1100usize, 13usize, 4usize), (257, big_r, 4), (37, 1, 3), (20, 5, 2)];
+        let batch = shapes.len();
+        let case = format!("{arch},seqs={shapes:?},S={slots}");
+        let shape = PoolShape {
+            layers: 2,
+            seqs: batch + 1,
+            kv_heads: kvh,
+            chunks: l.chunk_cap,
+            chunk_elems: c * d,
+        };
+        let layer = 1;
+        let (mut map, pool_vals) = random_pool(&mut rng, &shape);
+        let pool_f = f32s(&pool_vals);
+        let mapping = HostMapping::new(&ops, pool_slice(&mut map)).unwrap();
+        let pool = DevicePool {
+            addr: mapping.device_addr(),
+            shape,
+        };
+        let mut bufs = Vec::new();
+        let mut host = Vec::new();
+        for (i, &(chunks, n, n_out)) in shapes.iter().enumerate() {
+            let mut b = LayerBuffers::new(&ops, l).unwrap();
+            let (marks, marks_f) = rand_bf16(&mut rng, l.marks_len(), 1.0);
+            let mut flags = vec![0u8; l.outlier_len()];
+            for h in 0..kvh {
+                for o in rand::seq::index::sample(&mut rng, chunks, n_out) {
+                    flags[h * l.chunk_cap + o] = 1;
+                }
+            }
+            let (u, uf) = rand_bf16(&mut rng, l.u_len(), 1.0);
+            // Rebuilt keys of about the spread of the exact ones.
+            let s = (3.0 / l.rank as f32).sqrt();
+            let sv: Vec<f32> = (0..l.sv_len()).map(|_| rng.random_range(-s..s)).collect();
+            let (ak, akf) = rand_bf16(&mut rng, l.attn_len(), 1.0);
+            let (av, avf) = rand_bf16(&mut rng, l.attn_len(), 1.0);
+            b.marks = dev.upload(&marks).unwrap();
+            b.outlier = dev.upload(&flags).unwrap();
+            b.u = dev.upload(&u).unwrap();
+            b.sv = dev.upload(&sv).unwrap();
+            b.ak = dev.upload(&ak).unwrap();
+            b.av = dev.upload(&av).unwrap();
+            bufs.push(b);
+            host.push(HostSeq {
+                counts: counts(chunks, n, n_out, i),
+                marks: marks_f,
+                flags,
+                basis: LowRank {
+                    u: uf,
+                    sv,
+                    rank: l.rank,
+                    cols: kvd,
+                },
+                ak: akf,
+                av: avf,
+            });
+        }
+        let entries: Vec<(&LayerBuffers, SeqCounts)> = bufs.iter().zip(&host).map(|(b, h)| (b, h.counts)).collect();
+        let table = ShadowTable::new(&ops, &entries).unwrap();
+        let mut scratch = StepScratch::new(&ops, &l, batch).unwrap();
+        let inv = dev.upload(&rope_inv_freq(&cfg)).unwrap();
+        let rope = Rope::new(&cfg);
+        let mut cpu_tables: Vec<SlotTable> = (0..batch * kvh).map(|_| SlotTable::new(slots)).collect();
+        let (q1, q1f) = rand_bf16(&mut rng, batch * kvh * g * d, 3.0);
+        let mut hits_cpu = 0u64;
+        for step in 0..2 {
+            // The second step's queries are near the first's: most selections repeat.
+            let q: Vec<bf16> = if step == 0 {
+                q1.clone()
+            } else {
+                q1f.iter()
+                    .map(|&x| bf16::from_f32(x + rng.random_range(-0.5f32..0.5)))
+                    .collect()
+            };
+            let qf = f32s(&q);
+            let dq = dev.upload(&q).unwrap();
+            ops.fill_nan_f32(&mut scratch.scores).unwrap();
+            ops.shadow_scores(&table, &dq, &mut scratch.scores).unwrap();
+            ops.shadow_top_k(&table, &scratch.scores, &mut scratch.selected)
+                .unwrap();
+            ops.shadow_reuse(
+                &table,
+                &scratch.selected,
+                &mut scratch.misses,
+                &mut scratch.miss_count,
+                &mut scratch.hits,
+            )
+            .unwrap();
+            ops.shadow_rebuild(&table, &scratch.misses, &scratch.miss_count, &inv)
+                .unwrap();
+            // SAFETY: the pool is mapped for the device and the host leaves it alone.
+            unsafe {
+                ops.shadow_fetch_values(&table, &scratch.misses, &scratch.miss_count, &pool, layer, FETCH_BLOCKS)
+            }
+            .unwrap();
+            // Attention: one entry per (sequence, KV head) over its contiguous rows.
+            let views: Vec<(CudaView<bf16>, CudaView<bf16>, usize)> = (0..batch * kvh)
+                .map(|e| {
+                    let (b, h) = (e / kvh, e % kvh);
+                    let (first, len) = l.attended_rows(&host[b].counts);
+                    let range = attn_at(&l, h, first)..attn_at(&l, h + 1, 0);
+                    (bufs[b].ak.slice(range.clone()), bufs[b].av.slice(range), len)
+                })
+                .collect();
+            let kv_entries: Vec<(&CudaView<bf16>, &CudaView<bf16>, usize)> =
+                views.iter().map(|(k, v, n)| (k, v, *n)).collect();
+            let kv = KvTable::new(&ops, &kv_entries, d).unwrap();
+            let attn = AttnShape {
+                heads: g,
+                kv_heads: 1,
+                head_dim: d,
+            };
+            let mut out = dev.zeros::<bf16>(batch * kvh * g * d).unwrap();
+            ops.fill_nan_bf16(&mut out).unwrap();
+            ops.flash_decode(&mut out, &dq, &kv, attn, &mut ws).unwrap();
+            let got = f32s(&dev.download(&out).unwrap());
+            let sel = dev.download(&scratch.selected).unwrap();
+            let gm = dev.download(&scratch.misses).unwrap();
+            let gc = dev.download(&scratch.miss_count).unwrap();
+            let gh = dev.download(&scratch.hits).unwrap()[0];
+            let mut worst = Errors::default();
+            for (b, hs) in host.iter().enumerate() {
+                let gt = dev.download(&bufs[b].slots).unwrap();
+                let n_out = hs.counts.outliers as usize;
+                let n = hs.counts.recent as usize;
+                let chunks = hs.counts.chunks as usize;
+                for h in 0..kvh {
+                    let e = b * kvh + h;
+                    let what = format!("{case},step={step},seq={b},head={h}");
+                    // Selection: the CPU's from its own scores, but for near ties.
+                    let ex: Vec<bool> = hs.flags[h * l.chunk_cap..][..chunks].iter().map(|&f| f != 0).collect();
+                    let qg = &qf[e * g * d..(e + 1) * g * d];
+                    let marks = HeadMarks {
+                        marks: &hs.marks[..chunks * kvd],
+                        kvd,
+                        col0: h * d,
+                        head_dim: d,
+                    };
+                    let scores = chunk_scores(qg, marks, &ex);
+                    let gpu_sel = selection_of(&sel[e * slots..][..slots]);
+                    let cpu_sel = top_k(&scores, &ex, slots);
+                    assert_same_but_near_ties(&cpu_sel, &gpu_sel, &scores, (2.0 * SCORE_RTOL, 0.0), &what);
+                    // The reuse diff of that selection: exactly the CPU's.
+                    let plan = cpu_tables[e].plan(&gpu_sel);
+                    hits_cpu += plan.hits as u64;
+                    assert_eq!(gc[e] as usize, plan.misses.len(), "{what}: misses");
+                    for (j, &(s, ch)) in plan.misses.iter().enumerate() {
+                        let at = (e * slots + j) * 2;
+                        assert_eq!((gm[at] as usize, gm[at + 1] as u32), (s, ch), "{what}: miss {j}");
+                    }
+                    let occ = l.selected_for(&hs.counts);
+                    assert_eq!(gpu_sel.len(), occ, "{what}: chunks selected");
+                    let held: Vec<i32> = cpu_tables[e]
+                        .slots()
+                        .iter()
+                        .map(|s| s.map_or(-1, |c| c as i32))
+                        .collect();
+                    assert_eq!(&gt[h * slots..][..slots], &held[..], "{what}: slot table");
+                    assert!(
+                        held[..occ].iter().all(|&c| c >= 0) && held[occ..].iter().all(|&c| c < 0),
+                        "{what}: occupied slots are not 0..{occ}"
+                    );
+                    // Reference attention over [recent | outliers | occupied slots].
+                    let (mut keys, mut vals) = (Vec::new(), Vec::new());
+                    let first = big_r - n;
+                    for row in first..big_r + n_out * c {
+                        let at = attn_at(&l, h, row);
+                        keys.extend_from_slice(&hs.ak[at..at + d]);
+                        vals.extend_from_slice(&hs.av[at..at + d]);
+                    }
+                    for &ch in &held[..occ] {
+                        let ch = ch as usize;
+                        let mut k = vec![0f32; c * d];
+                        hs.basis.rebuild(ch * c, c, h * d..(h + 1) * d, &mut k);
+                        let positions: Vec<usize> = (ch * c..(ch + 1) * c).collect();
+                        let (cos, sin) = rope.tables(&positions);
+                        rope.apply(&mut k, 1, &cos, &sin);
+                        keys.extend(k.iter().map(|&x| bf16::from_f32(x).to_f32()));
+                        let src = pool.chunk_offset(layer, hs.counts.pool_seq as usize, h, ch);
+                        vals.extend_from_slice(&pool_f[src..src + c * d]);
+                    }
+                    let len = keys.len() / d;
+                    assert_eq!(len, l.attended_rows(&hs.counts).1, "{what}: rows attended");
+                    let mut want = vec![0f32; g * d];
+                    let job = AttnJob {
+                        q: qg,
+                        start: len - 1,
+                        k: &keys,
+                        v: &vals,
+                        out_row: 0,
+                    };
+                    causal_attention(&mut want, &[job], attn);
+                    for (j, (gh, wh)) in got[e * g * d..(e + 1) * g * d]
+                        .chunks_exact(d)
+                        .zip(want.chunks_exact(d))
+                        .enumerate()
+                    {
+                        let atol = 2e-2 * max_abs(wh);
+                        let err = errors("shadow_decode", &format!("{what},qhead={j}"), gh, wh, |_, _| atol);
+                        assert!(
+                            err.norm_rel <= 1e-2,
+                            "{what} query head {j}: ‖err‖/‖ref‖ = {:.3e}",
+                            err.norm_rel
+                        );
+                        worst = worst.worst(err);
+                    }
+                }
+            }
+            assert_eq!(gh, hits_cpu, "{case} step {step}: hit counter");
+            if step == 1 {
+                assert!(gh > 0, "{case}: the second step found no hits");
+            }
+            worst.report("shadow_decode", &format!("{case},step={step},hits={gh}"));
+        }
+        drop(mapping);
+    }
+}
+
+#[test]
+fn bad_inputs_are_errors_that_say_what() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let l = small_layout(2, 64, 2);
+    let ok = counts(10, 3, 2, 0);
+    let msg = |e: anyhow::Error| format!("{e:#}");
+    let mut b = LayerBuffers::new(&ops, l).unwrap();
+    let e = ShadowTable::new(&ops, &[(&b, counts(65, 0, 0, 0))])
+        .err()
+        .map(msg)
+        .unwrap();
+    assert!(e.contains("sequence 0") && e.contains("65 chunks"), "{e}");
+    let other = LayerBuffers::new(&ops, ShadowLayout { slots: 8, ..l }).unwrap();
+    let e = ShadowTable::new(&ops, &[(&b, ok), (&other, ok)])
+        .err()
+        .map(msg)
+        .unwrap();
+    assert!(e.contains("sequence 1") && e.contains("another layout"), "{e}");
+    {
+        let table = ShadowTable::new(&ops, &[(&b, ok), (&b, ok)]).unwrap();
+        let mut one = StepScratch::new(&ops, &l, 1).unwrap();
+        let q = dev.zeros::<bf16>(2 * l.kv_heads * l.group * l.head_dim).unwrap();
+        let e = msg(ops.shadow_scores(&table, &q, &mut one.scores).unwrap_err());
+        assert!(e.contains("select: scores"), "{e}");
+        let short = dev.zeros::<bf16>(10).unwrap();
+        let mut two = StepScratch::new(&ops, &l, 2).unwrap();
+        let e = msg(ops.shadow_scores(&table, &short, &mut two.scores).unwrap_err());
+        assert!(e.contains("select: queries"), "{e}");
+        let bad_pool = DevicePool {
+            addr: 0,
+            shape: PoolShape {
+                layers: 1,
+                seqs: 1,
+                kv_heads: l.kv_heads,
+                chunks: l.chunk_cap,
+                chunk_elems: 4 * l.head_dim,
+            },
+        };
+        // SAFETY: refused before any launch (the pool's shape does not fit).
+        let e = msg(
+            unsafe { ops.shadow_fetch_values(&table, &two.misses, &two.miss_count, &bad_pool, 0, 16) }.unwrap_err(),
+        );
+        assert!(e.contains("values per chunk"), "{e}");
+        // SAFETY: as above.
+        let e = msg(unsafe { ops.shadow_fold(&table, &bad_pool, 0) }.unwrap_err());
+        assert!(e.contains("values per chunk"), "{e}");
+    }
+    {
+        let full = counts(10, l.recent_rows(), 2, 0);
+        let table = ShadowTable::new(&ops, &[(&b, full)]).unwrap();
+        let heads = l.kv_heads * l.group;
+        let width = (heads + 2 * l.kv_heads) * l.head_dim;
+        let mut q = dev.zeros::<bf16>(heads * l.head_dim).unwrap();
+        let e = msg(ops
+            .shadow_qkv_append(
+                &mut q,
+                &dev.zeros::<bf16>(width).unwrap(),
+                None,
+                &dev.zeros::<i32>(1).unwrap(),
+                &dev.zeros::<f32>(l.head_dim / 2).unwrap(),
+                &table,
+                heads,
+            )
+            .unwrap_err());
+        assert!(e.contains("fold it first"), "{e}");
+    }
+    b.ak = dev.zeros(10).unwrap();
+    let e = ShadowTable::new(&ops, &[(&b, ok)]).err().map(msg).unwrap();
+    assert!(e.contains("buffer ak"), "{e}");
+}
