@@ -7,13 +7,15 @@ use super::ops::CudaOps;
 /// skip, so that a GPU run cannot pass by skipping everything.
 pub const REQUIRE_ENV: &str = "SHADOWKV_REQUIRE_CUDA";
 
-/// A file (`tools/test` names one) to which each skipping test appends its name, so the
-/// suite's summary counts skips apart from passes.
+/// A file (`tools/test` names one) to which each skipping test appends its name and
+/// why, so the suite's summary counts skips apart from passes.
 pub const SKIP_LOG_ENV: &str = "SHADOWKV_SKIP_LOG";
 
-/// Appends `<test binary>::<test>` to `$SHADOWKV_SKIP_LOG`, when it is set. libtest runs
-/// each test on a thread named after it.
-fn record_skip() {
+/// Records that the running test skipped, for want of `why` (`no CUDA device`): appends
+/// `<test binary>::<test>\t<why>` to `$SHADOWKV_SKIP_LOG` when it is set. Every test
+/// that returns early because the machine lacks something calls it (libtest runs each
+/// test on a thread named after it).
+pub fn record_skip(why: &str) {
     use std::io::Write;
     let Some(path) = std::env::var_os(SKIP_LOG_ENV) else {
         return;
@@ -26,7 +28,8 @@ fn record_skip() {
         .unwrap_or_default();
     // cargo names test binaries `<target>-<hash>`.
     let binary = stem.rsplit_once('-').map_or(stem.as_str(), |(b, _)| b);
-    let line = format!("{binary}::{}\n", std::thread::current().name().unwrap_or("unnamed"));
+    let test = std::thread::current().name().unwrap_or("unnamed").to_string();
+    let line = format!("{binary}::{test}\t{}\n", why.replace(['\t', '\n'], " "));
     let written = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -70,7 +73,7 @@ pub fn ops_or_skip() -> Option<CudaOps> {
         }
         Err(DeviceError::Unavailable(e)) if !require => {
             eprintln!("skipped: no CUDA device ({e})");
-            record_skip();
+            record_skip("no CUDA device");
             None
         }
         Err(e) => panic!("CUDA device required ({REQUIRE_ENV}=1) but: {e}"),

@@ -38,6 +38,13 @@ pub const PYTHON_HINT: &str =
     "run the tests with tools/test, or set SHADOWKV_PYTHON=\"$(tools/python-env)\" (the project's Python \
      environment with tools/reference/requirements.txt)";
 
+/// Says that the running test skips, and why, and records it for the summary of
+/// `tools/test` (which counts skips apart from passes).
+pub fn skip(why: &str) {
+    eprintln!("skipped: {why}");
+    shadowkv::cuda::testing::record_skip(why);
+}
+
 /// Path of a file under the repository root: `$SHADOWKV_REPO` (tools/gpu-check sets
 /// it where test binaries run away from the tree they were built in), else the
 /// working directory when it holds the file (`cargo test` runs tests from the
