@@ -71,3 +71,26 @@ fn bench_options_are_checked_by_name() {
         assert!(err.contains(want), "{args:?}: stderr lacks {want:?}:\n{err}");
     }
 }
+
+/// `backend.kind = "cuda"` in a topology names the file, the line and the key where there
+/// is no GPU, like every other topology error (and never a flag that was not used). On
+/// a GPU host the GPU opens and synthetic:tiny's head dimension is what is refused.
+#[test]
+fn serve_with_the_cuda_backend_and_no_gpu_names_the_topology_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let topo = dir.path().join("gpu.toml");
+    std::fs::write(
+        &topo,
+        "[model]\npath = \"synthetic:tiny\"\n\n[backend]\nkind = \"cuda\"\n",
+    )
+    .unwrap();
+    let (ok, err) = shadowkv(&["serve", "--topology", topo.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    assert!(!ok, "{err}");
+    if err.contains("head dimensions 64 and 128") {
+        return;
+    }
+    let want = format!("{}, line 5, column 1, key `backend.kind`: ", topo.display());
+    assert!(err.contains(&want), "stderr lacks {want:?}:\n{err}");
+    assert!(err.contains("needs a usable NVIDIA GPU"), "{err}");
+    assert!(!err.contains("--backend"), "{err}");
+}

@@ -2,6 +2,8 @@
 //! metadata/tensor round trips, and dequantisation checked bit-for-bit against the
 //! `gguf` Python package (`tools/reference/gguf_dequant.py`).
 
+mod common;
+
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -74,24 +76,26 @@ fn reference_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/reference/gguf_dequant.py")
 }
 
-/// Fails (does not skip) when python3 or the gguf module is missing.
+/// Fails (does not skip) when Python or the gguf module is missing.
 fn require_python() {
     static CHECK: Once = Once::new();
     CHECK.call_once(|| {
-        let out = Command::new("python3").args(["-c", "import gguf, numpy"]).output();
+        let py = common::python();
+        let out = Command::new(&py).args(["-c", "import gguf, numpy"]).output();
         match out {
             Ok(o) if o.status.success() => {}
             Ok(o) => panic!(
-                "python3 cannot import gguf/numpy; run `pip install gguf numpy`\n{}",
+                "{py} cannot import gguf/numpy: {}\n{}",
+                common::PYTHON_HINT,
                 String::from_utf8_lossy(&o.stderr)
             ),
-            Err(e) => panic!("cannot run python3 ({e}); install Python 3 and `pip install gguf numpy`"),
+            Err(e) => panic!("cannot run {py} ({e}): {}", common::PYTHON_HINT),
         }
     });
 }
 
 fn run_reference(args: &[&str]) -> Command {
-    let mut cmd = Command::new("python3");
+    let mut cmd = Command::new(common::python());
     cmd.arg(reference_script()).args(args);
     cmd
 }

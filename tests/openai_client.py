@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The official `openai` Python client against a running `shadowkv serve`.
 
-    python3 tests/openai_client.py http://127.0.0.1:PORT/v1 MODEL [--auth]
+    "$(tools/python-env)" tests/openai_client.py http://127.0.0.1:PORT/v1 MODEL [--auth]
 
 Does a completion, a chat completion and a streamed chat completion (with usage), checks
 the shapes the client parses, and prints one JSON line with what came back. Exits non-zero
@@ -20,8 +20,8 @@ try:
     import openai
 except ImportError:
     sys.exit(
-        "the `openai` package is missing: pip install -r tools/reference/requirements.txt "
-        "(tools/test installs it)"
+        "the `openai` package is missing: run this with the project's Python, "
+        "\"$(tools/python-env)\" tests/openai_client.py ... (tools/test does)"
     )
 
 

@@ -155,7 +155,9 @@ fn a_small_tmpfs_refuses_a_large_pool_and_serves_from_a_small_one() {
     let tmpfs = match Tmpfs::mount(dir.path(), "2m") {
         Ok(t) => t,
         Err(why) => {
-            eprintln!("skipped: cannot mount a tmpfs ({why}); the free-space test covers the refusal");
+            common::skip(&format!(
+                "cannot mount a tmpfs ({why}); the free-space test covers the refusal"
+            ));
             return;
         }
     };

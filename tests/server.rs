@@ -386,6 +386,13 @@ fn bad_inputs_get_4xx_naming_the_field(s: &Server) {
     let r = s.post("/v1/completions", &json!({"prompt": long}).to_string()).json();
     assert_eq!(r["error"]["code"], "context_length_exceeded");
     assert!(r["error"]["message"].as_str().unwrap().contains("1024"), "{r}");
+    let msgs = json!({"messages": [{"role": "user", "content": long}]});
+    let r = s.post("/v1/chat/completions", &msgs.to_string()).json();
+    assert_eq!(r["error"]["code"], "context_length_exceeded");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("the messages have"),
+        "{r}"
+    );
     // Unknown routes and methods answer JSON too.
     let r = s.get("/v1/nope");
     assert_eq!(r.status, 404);
@@ -550,19 +557,24 @@ fn metrics_are_prometheus_with_histograms(s: &Server) {
     assert!(metric_value(&text, "shadowkv_requests_total{outcome=\"rejected\"}").unwrap() >= 10.0);
 }
 
-/// `python3`, checked to have the `openai` package, for the official-client tests.
+/// The tests' Python (`common::python`), checked to have the `openai` package, for the
+/// official-client tests.
 fn python_with_openai() -> Command {
-    let py = Command::new("python3").args(["-c", "import openai"]).output();
+    let python = common::python();
+    let py = Command::new(&python).args(["-c", "import openai"]).output();
     match py {
-        Err(e) => panic!("python3 is needed for the openai client test: {e}"),
+        Err(e) => panic!(
+            "cannot run {python} for the openai client test ({e}): {}",
+            common::PYTHON_HINT
+        ),
         Ok(o) if !o.status.success() => panic!(
-            "the Python package `openai` is missing: pip install -r tools/reference/requirements.txt \
-             (tools/test does this)\n{}",
+            "{python} lacks the `openai` package: {}\n{}",
+            common::PYTHON_HINT,
             String::from_utf8_lossy(&o.stderr)
         ),
         Ok(_) => {}
     }
-    Command::new("python3")
+    Command::new(python)
 }
 
 fn openai_python_client(s: &Server) {
@@ -641,12 +653,13 @@ shutdown_grace_secs = 60
     let rest = b.rest();
     assert_eq!(rest.last().map(String::as_str), Some("[DONE]"), "{}", b.body);
 
-    // SIGTERM: the queued request is refused with 503, the running one finishes, the
+    // SIGTERM: the queued request is refused with 503; while the running one finishes,
+    // the listener stays open and /health and new requests answer 503; then the
     // process exits 0.
     let mut e = SseStream::open(
         s.addr,
         "/v1/completions",
-        &json!({"prompt": "Once upon a time", "max_tokens": 30, "stream": true, "temperature": 0}),
+        &json!({"prompt": "Once upon a time", "max_tokens": 200, "stream": true, "temperature": 0}),
     );
     e.next_data().unwrap();
     let addr = s.addr;
@@ -664,6 +677,18 @@ shutdown_grace_secs = 60
     let f = f.join().unwrap();
     assert_eq!(f.status, 503, "{}", f.body);
     assert_eq!(f.json()["error"]["code"], "shutting_down");
+    let h = s.get("/health");
+    assert_eq!(h.status, 503, "{}", h.body);
+    assert_eq!(h.json()["status"], "shutting_down", "{}", h.body);
+    assert_eq!(
+        h.json()["running"],
+        1,
+        "the long request should still be running: {}",
+        h.body
+    );
+    let g = s.post_json("/v1/completions", &json!({"prompt": "z", "max_tokens": 1}));
+    assert_eq!(g.status, 503, "{}", g.body);
+    assert_eq!(g.json()["error"]["code"], "shutting_down");
     let data = e.rest();
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{}", e.body);
     let last: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();

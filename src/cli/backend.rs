@@ -26,13 +26,17 @@ pub struct CudaArgs {
     pub no_graph: bool,
 }
 
-/// Opens the GPU and puts the model `spec` on it: `synthetic:` weights are generated on
-/// the device, other models are uploaded from their files one block at a time.
-pub fn load_cuda_model(spec: &str, m: &OpenedModel, a: &CudaArgs, progress: bool) -> Result<CudaModel> {
-    let dev = CudaDevice::new(a.device).map_err(|e| match e {
+/// Opens GPU `--device` for `--backend cuda`; a missing GPU is an error naming the flag.
+pub fn open_gpu(a: &CudaArgs) -> Result<CudaDevice> {
+    CudaDevice::new(a.device).map_err(|e| match e {
         DeviceError::Unavailable(why) => anyhow::anyhow!("--backend cuda: no usable GPU ({why})"),
         e => e.into(),
-    })?;
+    })
+}
+
+/// Puts the model `spec` on the opened GPU: `synthetic:` weights are generated on the
+/// device, other models are uploaded from their files one block at a time.
+pub fn load_cuda_model(dev: CudaDevice, spec: &str, m: &OpenedModel, progress: bool) -> Result<CudaModel> {
     let ops = CudaOps::new(dev).context("starting the CUDA backend")?;
     match synthetic_spec(spec)? {
         Some((_, seed)) => CudaModel::synthetic(ops, m.config.clone(), seed, progress),

@@ -249,7 +249,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     }
     if let Some(dest) = &a.json {
-        let out = serde_json::json!({"machine": machine(), "threads": threads, "model": a.model, "results": rows});
+        let out = serde_json::json!({"machine": machine(), "backend": "cpu", "threads": threads, "model": a.model,
+            "results": rows});
         let text = serde_json::to_string_pretty(&out)?;
         match dest {
             Some(p) => std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?,

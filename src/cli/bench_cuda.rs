@@ -8,7 +8,7 @@
 //! Decode tokens/s is batch × steps / decode time, as the paper measures it; the HBM
 //! bytes of a step are the weights plus the keys and values read and written.
 
-use super::backend::{load_cuda_model, CudaArgs};
+use super::backend::{load_cuda_model, open_gpu, CudaArgs};
 use crate::cpu::model::chunked_prefill;
 use crate::cpu::LogitsWanted;
 use crate::cuda::{CudaModel, GpuCache, GpuSeq, StepGraphs};
@@ -76,7 +76,7 @@ pub fn run(a: CudaBench) -> Result<()> {
     let m = open_model(&a.model)?;
     let cfg = m.config.clone();
     let t_load = Instant::now();
-    let model = load_cuda_model(&a.model, &m, &a.cuda, progress)?;
+    let model = load_cuda_model(open_gpu(&a.cuda)?, &a.model, &m, progress)?;
     let load_secs = t_load.elapsed().as_secs_f64();
     let info = model.ops().device().info().clone();
     let (_, total_mem) = model.ops().device().mem_info()?;

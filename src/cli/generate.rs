@@ -1,6 +1,6 @@
 //! `shadowkv generate`: one prompt in, one continuation out.
 
-use super::backend::{load_cuda_model, Backend, CudaArgs};
+use super::backend::{load_cuda_model, open_gpu, Backend, CudaArgs};
 use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::CpuModel;
 use crate::engine::generate::{generate, generate_cuda, GenerateOptions, GenerateRequest};
@@ -9,19 +9,20 @@ use crate::model::chat::ChatMessage;
 use crate::model::load::open_model;
 use crate::model::weights::ModelWeights;
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{ArgGroup, Args};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
 /// Arguments of `shadowkv generate`.
 #[derive(Args, Debug)]
+#[command(group(ArgGroup::new("input").required(true).args(["prompt", "prompt_file"])))]
 pub struct GenerateArgs {
     /// Model: a Hugging Face directory, a .gguf file, or synthetic:<arch>[@seed].
     #[arg(long)]
     model: String,
     /// Prompt text.
-    #[arg(long, conflicts_with = "prompt_file", required_unless_present = "prompt_file")]
+    #[arg(long)]
     prompt: Option<String>,
     /// Read the prompt from a file.
     #[arg(long)]
@@ -126,7 +127,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             (load_secs, generate(&model, &m.tokenizer, &[req], opts)?)
         }
         Backend::Cuda => {
-            let model = load_cuda_model(&a.model, &m, &a.cuda, progress)?;
+            let model = load_cuda_model(open_gpu(&a.cuda)?, &a.model, &m, progress)?;
             let load_secs = t_load.elapsed().as_secs_f64();
             let graphs = !a.cuda.no_graph;
             (load_secs, generate_cuda(&model, &m.tokenizer, &[req], opts, graphs)?)

@@ -3,6 +3,7 @@
 //! SIGTERM/SIGINT.
 
 use crate::cpu::CpuModel;
+use crate::cuda::{CudaDevice, DeviceError};
 use crate::engine::backend::CpuBackend;
 use crate::engine::backend_cuda::CudaBackend;
 use crate::engine::scheduler::{spawn_engine, EngineHandle, SchedulerConfig};
@@ -213,6 +214,20 @@ pub fn run(a: ServeArgs) -> Result<()> {
             )
             .into());
     }
+    // The GPU is checked before any model is fetched or opened; a missing one is the
+    // topology's `backend.kind`, named like every other topology error.
+    let gpu = if cuda {
+        let ordinal = topo.backend.device as usize;
+        Some(CudaDevice::new(ordinal).map_err(|e| match e {
+            DeviceError::Unavailable(why) => anyhow::Error::from(topo.error_at(
+                "backend.kind",
+                format!("`cuda` needs a usable NVIDIA GPU (backend.device = {ordinal}): {why}"),
+            )),
+            e => anyhow::Error::from(e).context(format!("opening CUDA device {ordinal}")),
+        })?)
+    } else {
+        None
+    };
     let spec = match (&a.model, &topo.model.path) {
         (Some(m), _) => m.clone(),
         (None, Some(p)) => p.clone(),
@@ -247,12 +262,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .into());
     }
     let shadow = shadow_settings(&topo, &m.config, max_context)?;
-    let model = if cuda {
-        let args = super::backend::CudaArgs {
-            device: topo.backend.device as usize,
-            no_graph: false,
-        };
-        let model = super::backend::load_cuda_model(&spec, &m, &args, false)?;
+    let model = if let Some(dev) = gpu {
+        let model = super::backend::load_cuda_model(dev, &spec, &m, false)?;
         let lanes = match topo.limits.prefill_lane {
             PrefillLane::Mixed => 1,
             PrefillLane::Auto | PrefillLane::Separate => 2,
@@ -311,17 +322,22 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let served = rt.block_on(serve(
-        state,
-        keys,
-        engine.clone(),
-        std_listener,
-        metrics_listener,
+    // The HTTP server stays up while the engine drains after a signal; it learns here
+    // that the engine thread has ended.
+    let (ended_tx, engine_ended) = tokio::sync::watch::channel(false);
+    let joined = rt.spawn_blocking(move || {
+        let r = engine_thread.join();
+        let _ = ended_tx.send(true);
+        r
+    });
+    let drain = Drain {
+        engine: engine.clone(),
+        ended: engine_ended,
         grace,
-        prometheus,
-    ));
+    };
+    let served = rt.block_on(serve(state, keys, drain, std_listener, metrics_listener, prometheus));
     engine.shutdown(Duration::ZERO);
-    if engine_thread.join().is_err() {
+    if !matches!(rt.block_on(joined), Ok(Ok(()))) {
         bail!("the engine thread panicked");
     }
     rt.shutdown_timeout(Duration::from_secs(1));
@@ -345,13 +361,59 @@ async fn wait_for_signal() -> &'static str {
     }
 }
 
+/// What the shutdown after a signal needs.
+struct Drain {
+    /// The engine to stop.
+    engine: EngineHandle,
+    /// Becomes true once the engine thread has ended.
+    ended: tokio::sync::watch::Receiver<bool>,
+    /// How long running requests may still finish.
+    grace: Duration,
+}
+
+impl Drain {
+    /// Waits for SIGTERM/SIGINT, then drains: the engine cancels queued requests and lets
+    /// running ones finish (up to the grace period) while the listeners stay open, so
+    /// `/health` and new requests answer 503 (what load balancers and probes expect);
+    /// once the engine thread has ended, `stop` closes the listeners. A second signal
+    /// exits at once.
+    async fn on_signal(mut self, stop: tokio::sync::watch::Sender<bool>) {
+        let grace = self.grace;
+        let sig = wait_for_signal().await;
+        info!(
+            "{sig}: shutting down (running requests get up to {:.0}s; /health and new requests get 503 meanwhile)",
+            grace.as_secs_f64()
+        );
+        self.engine.shutdown(grace);
+        // The engine ends within the grace period; the margin covers a step in flight.
+        let drained = async move {
+            let ended = self.ended.wait_for(|e| *e);
+            if tokio::time::timeout(grace + Duration::from_secs(5), ended)
+                .await
+                .is_err()
+            {
+                warn!("the engine did not stop within the grace period; closing anyway");
+            }
+        };
+        let sig = tokio::select! {
+            _ = drained => {
+                let _ = stop.send(true);
+                wait_for_signal().await
+            }
+            sig = wait_for_signal() => sig,
+        };
+        warn!("{sig} again: exiting now");
+        std::process::exit(130);
+    }
+}
+
+/// Serves until a signal, then drains (see [`Drain::on_signal`]).
 async fn serve(
     state: Arc<AppState>,
     keys: ApiKeys,
-    engine: EngineHandle,
+    drain: Drain,
     listener: std::net::TcpListener,
     metrics_listener: Option<std::net::TcpListener>,
-    grace: Duration,
     prometheus: metrics_exporter_prometheus::PrometheusHandle,
 ) -> Result<()> {
     listener.set_nonblocking(true)?;
@@ -361,18 +423,7 @@ async fn serve(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    tokio::spawn(async move {
-        let sig = wait_for_signal().await;
-        info!(
-            "{sig}: shutting down (running requests get up to {:.0}s)",
-            grace.as_secs_f64()
-        );
-        engine.shutdown(grace);
-        let _ = stop_tx.send(true);
-        let sig = wait_for_signal().await;
-        warn!("{sig} again: exiting now");
-        std::process::exit(130);
-    });
+    tokio::spawn(drain.on_signal(stop_tx));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
@@ -398,14 +449,14 @@ async fn serve(
     info!("serving `{}` on http://{addr}", state.model_name);
     let app = router(state, keys);
     let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
-    // Connections still open well after the grace period do not hold the process.
+    // Connections still open well after the engine has ended do not hold the process.
     let deadline = async move {
         stopped(stop_rx).await;
-        tokio::time::sleep(grace + Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
     };
     tokio::select! {
         r = server => r.context("HTTP server")?,
-        _ = deadline => warn!("connections still open after the grace period; closing them"),
+        _ = deadline => warn!("connections still open 5 s after the engine stopped; closing them"),
     }
     Ok(())
 }

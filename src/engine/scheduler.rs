@@ -226,6 +226,11 @@ impl EngineHandle {
         self.shared.alive.load(Ordering::SeqCst) && !self.shared.closing.load(Ordering::SeqCst)
     }
 
+    /// Whether [`EngineHandle::shutdown`] was called (the engine may still be draining).
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.closing.load(Ordering::SeqCst)
+    }
+
     /// Stops accepting requests: queued ones are cancelled at once, running ones may
     /// finish within `grace` and are cancelled after it. The engine thread then ends.
     pub fn shutdown(&self, grace: Duration) {

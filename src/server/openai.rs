@@ -240,11 +240,13 @@ fn budget(
     if prompt_len == 0 {
         return Err(ApiError::invalid(param, format!("`{param}` must not be empty")));
     }
+    // "the prompt has", "the messages have"
+    let has = if param.ends_with('s') { "have" } else { "has" };
     if prompt_len >= max_context {
         return Err(ApiError::invalid(
             param,
             format!(
-                "This server's maximum context length is {max_context} tokens, but the {param} has \
+                "This server's maximum context length is {max_context} tokens, but the {param} {has} \
                  {prompt_len} tokens (at least one more is needed to generate). Shorten the {param}."
             ),
         )
@@ -261,7 +263,7 @@ fn budget(
                 return Err(ApiError::invalid(
                     name,
                     format!(
-                        "`{name}` = {m} is too large: the {param} has {prompt_len} tokens and this server's \
+                        "`{name}` = {m} is too large: the {param} {has} {prompt_len} tokens and this server's \
                          maximum context length is {max_context} tokens, so at most {room} can be generated"
                     ),
                 )

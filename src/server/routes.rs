@@ -171,9 +171,17 @@ pub async fn model(State(st): St, Path(id): Path<String>) -> Response {
     }
 }
 
-/// `GET /health`: 200 while serving, 503 once shutting down.
+/// `GET /health`: 200 `ok` while serving; 503 `shutting_down` while running requests
+/// drain after a signal, `unavailable` if the engine has stopped otherwise.
 pub async fn health(State(st): St) -> Response {
-    let body = json!({"status": if st.engine.is_serving() { "ok" } else { "unavailable" },
+    let status = if st.engine.is_serving() {
+        "ok"
+    } else if st.engine.is_shutting_down() {
+        "shutting_down"
+    } else {
+        "unavailable"
+    };
+    let body = json!({"status": status,
         "model": st.model_name, "running": st.engine.running(),
         "queued": st.engine.in_system().saturating_sub(st.engine.running())});
     if st.engine.is_serving() {

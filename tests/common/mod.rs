@@ -27,6 +27,24 @@ pub fn test_model() -> PathBuf {
     p
 }
 
+/// The Python interpreter the tests run: `$SHADOWKV_PYTHON` (`tools/test` sets it to the
+/// project's environment from `tools/python-env`), else `python3` from `PATH`.
+pub fn python() -> String {
+    std::env::var("SHADOWKV_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// What to do when [`python`] lacks a package the tests need.
+pub const PYTHON_HINT: &str =
+    "run the tests with tools/test, or set SHADOWKV_PYTHON=\"$(tools/python-env)\" (the project's Python \
+     environment with tools/reference/requirements.txt)";
+
+/// Says that the running test skips, and why, and records it for the summary of
+/// `tools/test` (which counts skips apart from passes).
+pub fn skip(why: &str) {
+    eprintln!("skipped: {why}");
+    shadowkv::cuda::testing::record_skip(why);
+}
+
 /// Path of a file under the repository root: `$SHADOWKV_REPO` (tools/gpu-check sets
 /// it where test binaries run away from the tree they were built in), else the
 /// working directory when it holds the file (`cargo test` runs tests from the

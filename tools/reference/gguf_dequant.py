@@ -7,7 +7,7 @@
                                            dequantise tensor NAME of MODEL.gguf
 
 Both write little-endian f32 to OUT, in ggml memory order (ne[0] fastest).
-Needs: pip install gguf numpy
+Needs gguf and numpy: run it with the project's Python, "$(tools/python-env)".
 """
 import sys
 
@@ -16,7 +16,7 @@ try:
     from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import dequantize
 except ImportError as e:  # pragma: no cover
-    sys.exit(f"gguf_dequant.py: {e}; run `pip install gguf numpy`")
+    sys.exit(f"gguf_dequant.py: {e}; run it with the project's Python: \"$(tools/python-env)\" {sys.argv[0]} ...")
 
 
 def write_f32(values, out, n):
