@@ -6,6 +6,42 @@ use crate::cpu::matmul::{matmul, MatRef, Threads};
 use anyhow::{bail, Result};
 use nalgebra::{DMatrix, SymmetricEigen};
 
+/// The top-`rank` eigenvectors of the symmetric `[cols, cols]` matrix `gram` (taken as
+/// `(G + Gᵀ)/2` and decomposed in f64), as orthonormal rows `[rank, cols]`, the largest
+/// eigenvalue first. A non-finite `gram` (keys holding NaN or infinity) is an error.
+pub fn top_eigenvectors(gram: &[f32], cols: usize, rank: usize) -> Result<Vec<f32>> {
+    if rank == 0 || rank > cols {
+        bail!("rank {rank} must be in 1..={cols}");
+    }
+    if gram.len() != cols * cols {
+        bail!("Gram matrix of {} values, {cols}×{cols} expected", gram.len());
+    }
+    if let Some(i) = gram.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "the keys' Gram matrix holds {} at ({}, {}): the keys are not finite",
+            gram[i],
+            i / cols,
+            i % cols
+        );
+    }
+    let g = DMatrix::from_fn(cols, cols, |i, j| {
+        0.5 * (gram[i * cols + j] as f64 + gram[j * cols + i] as f64)
+    });
+    // Converges in a few sweeps per eigenvalue on finite input; the cap only turns a
+    // failure into an error.
+    let eig = SymmetricEigen::try_new(g, f64::EPSILON, 1000 * cols)
+        .ok_or_else(|| anyhow::anyhow!("the {cols}×{cols} eigendecomposition did not converge"))?;
+    let mut order: Vec<usize> = (0..cols).collect();
+    order.sort_by(|&a, &b| eig.eigenvalues[b].total_cmp(&eig.eigenvalues[a]));
+    let mut sv = vec![0.0f32; rank * cols];
+    for (r, &e) in order.iter().take(rank).enumerate() {
+        for c in 0..cols {
+            sv[r * cols + c] = eig.eigenvectors[(c, e)] as f32;
+        }
+    }
+    Ok(sv)
+}
+
 /// Low-rank keys of one layer of one sequence.
 #[derive(Debug, Clone)]
 pub struct LowRank {
@@ -28,18 +64,7 @@ impl LowRank {
         let km = MatRef::row_major(k, rows, cols);
         let mut gram = vec![0.0f32; cols * cols];
         matmul(&mut gram, cols, km.t(), km, false, Threads::Pool);
-        let g = DMatrix::from_fn(cols, cols, |i, j| {
-            0.5 * (gram[i * cols + j] as f64 + gram[j * cols + i] as f64)
-        });
-        let eig = SymmetricEigen::new(g);
-        let mut order: Vec<usize> = (0..cols).collect();
-        order.sort_by(|&a, &b| eig.eigenvalues[b].total_cmp(&eig.eigenvalues[a]));
-        let mut sv = vec![0.0f32; rank * cols];
-        for (r, &e) in order.iter().take(rank).enumerate() {
-            for c in 0..cols {
-                sv[r * cols + c] = eig.eigenvectors[(c, e)] as f32;
-            }
-        }
+        let sv = top_eigenvectors(&gram, cols, rank)?;
         let mut lr = LowRank {
             u: Vec::new(),
             sv,
