@@ -10,6 +10,7 @@ pub mod params;
 pub mod reuse;
 pub mod select;
 pub mod seq;
+pub mod subspace;
 
 pub use params::{Attention, ShadowParams};
 pub use seq::{ShadowSeq, ShadowStats};
