@@ -34,6 +34,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     kernel_file!("fetch.cu"),
     kernel_file!("landmarks.cu"),
     kernel_file!("fold.cu"),
+    kernel_file!("factor.cu"),
 ];
 
 /// The loaded kernel functions.
@@ -69,6 +70,9 @@ pub struct Kernels {
     pub(crate) shadow_fold_chunk: CudaFunction,
     pub(crate) shadow_fold_project: CudaFunction,
     pub(crate) shadow_fold_shift: CudaFunction,
+    pub(crate) factor_gram_f64: CudaFunction,
+    pub(crate) factor_basis_out: CudaFunction,
+    pub(crate) factor_round_bf16: CudaFunction,
     _modules: Vec<Arc<CudaModule>>,
 }
 
@@ -108,6 +112,7 @@ impl Kernels {
         let fetch = load(find("fetch.cu"))?;
         let marks = load(find("landmarks.cu"))?;
         let fold = load(find("fold.cu"))?;
+        let factor = load(find("factor.cu"))?;
         Ok(Kernels {
             embedding_gather: get(&emb, "embedding_gather")?,
             rmsnorm_residual: get(&norm, "rmsnorm_residual")?,
@@ -140,6 +145,9 @@ impl Kernels {
             shadow_fold_chunk: get(&fold, "shadow_fold_chunk")?,
             shadow_fold_project: get(&fold, "shadow_fold_project")?,
             shadow_fold_shift: get(&fold, "shadow_fold_shift")?,
+            factor_gram_f64: get(&factor, "factor_gram_f64")?,
+            factor_basis_out: get(&factor, "factor_basis_out")?,
+            factor_round_bf16: get(&factor, "factor_round_bf16")?,
             _modules: modules,
         })
     }

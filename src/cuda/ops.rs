@@ -20,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 pub struct CudaOps {
     dev: CudaDevice,
     pub(crate) k: Arc<Kernels>,
-    blas: CudaBlas,
+    pub(crate) blas: CudaBlas,
     _blas_ws: CudaSlice<u8>,
     gemv: AtomicBool,
     pdl: AtomicBool,

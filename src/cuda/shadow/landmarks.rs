@@ -2,7 +2,7 @@
 //! keys and values (kernels/landmarks.cu; references [`crate::shadow::landmarks`] and
 //! [`crate::shadow::ShadowSeq::from_prefill`]): landmarks, outlier chunks, the exact
 //! rows of the outliers and the recent window, and the values to the host pool. (The
-//! factorisation of the pre-RoPE keys, `u` and `sv`, is not here.)
+//! factorisation of the pre-RoPE keys, `u` and `sv`, is [`super::factor`].)
 //!
 //! Order: [`CudaOps::shadow_landmarks`] → [`CudaOps::shadow_outliers`] →
 //! [`CudaOps::shadow_place_prefill`]; [`CudaOps::shadow_pool_write`] at any point.

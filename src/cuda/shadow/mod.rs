@@ -5,8 +5,9 @@
 //!   ([`ShadowLayout`]), and the per-sequence tables the kernels read.
 //! - [`buffers`]: the buffers ([`LayerBuffers`]), a batch's table ([`ShadowTable`]) and
 //!   a decode step's scratch ([`StepScratch`]).
-//! - Prefill, per layer and sequence ([`landmarks`]): landmarks, outlier chunks, the
-//!   exact outlier and recent rows, the values to the host pool.
+//! - Prefill, per layer and sequence: [`factor`] (the low-rank pre-RoPE keys, `u` and
+//!   `sv`), [`landmarks`] (landmarks, outlier chunks, the exact outlier and recent rows,
+//!   the values to the host pool).
 //! - Decode, per layer, one launch per stage for the whole batch: [`append`] (the new
 //!   token into the recent window) → [`select`] (scores, top-k) → [`reuse`] (the slot
 //!   diff) → [`fetch`] (values of the misses) | [`rebuild`] (keys of the misses) →
@@ -16,6 +17,7 @@
 
 pub mod append;
 pub mod buffers;
+pub mod factor;
 pub mod fetch;
 pub mod fold;
 pub mod landmarks;
@@ -25,5 +27,6 @@ pub mod reuse;
 pub mod select;
 
 pub use buffers::{LayerBuffers, ShadowTable, StepScratch};
+pub use factor::{FactorMethod, FactorWorkspace};
 pub use fetch::{HostMapping, FETCH_BLOCKS};
 pub use layout::{DevicePool, SeqAddrs, SeqCounts, ShadowLayout};
