@@ -8,9 +8,9 @@
 //   v row of (layer, pos) = base + ((2 * layer + 1) * cap + pos) * kv_width
 // Per row r: positions[r], row_base[r] (the cache's device address) and row_cap[r].
 // qkv_rope_append_shadow: row b is the new token of sequence b of a ShadowKV batch (the
-// layout of shadow.cuh); with n tokens in its recent window, k and v go to row R - n - 1
-// of each head of ak and av, and the pre-RoPE key to row R - n - 1 of kpre (the window is
-// newest-first; the caller then counts n + 1).
+// layout of shadow.cuh), whose counts already include it: with n tokens in its recent
+// window, this one the newest, k and v go to row R - n of each head of ak and av, and the
+// pre-RoPE key to row R - n of kpre (the window is newest-first).
 // One block per row.
 #include <cuda_bf16.h>
 
@@ -124,7 +124,7 @@ extern "C" __global__ void qkv_rope_append_shadow(__nv_bfloat16* __restrict__ q_
     const int b = blockIdx.x;
     const int d = dims.head_dim, kvw = dims.kv_heads * d;
     const int width = heads * d + 2 * kvw;
-    const int row = dims.recent - counts[b].recent - 1;
+    const int row = dims.recent - counts[b].recent;
     ShadowRow dst;
     dst.k = shadow_attn_row(bufs[b].ak, dims, 0, row);
     dst.v = shadow_attn_row(bufs[b].av, dims, 0, row);

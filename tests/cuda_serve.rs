@@ -116,7 +116,7 @@ fn through_engine(s: &Setup, reqs: &[EngineRequest], lanes: usize, max_batch: us
         max_context: 1024,
         prefill_chunk: 64,
     };
-    let backend = CudaBackend::new(s.gpu.clone(), 1024, max_batch, lanes, true).unwrap();
+    let backend = CudaBackend::new(s.gpu.clone(), 1024, max_batch, lanes, true, None).unwrap();
     let (engine, join) = spawn_engine(backend, s.tok.clone(), config, None).unwrap();
     let rxs: Vec<_> = reqs.iter().map(|r| engine.submit(r.clone()).unwrap()).collect();
     let out = rxs.into_iter().map(collect).collect();
@@ -206,7 +206,7 @@ fn engine_frees_dropped_requests_and_shuts_down_with_steps_in_flight() {
         max_context: 1024,
         prefill_chunk: 64,
     };
-    let backend = CudaBackend::new(s.gpu.clone(), 1024, 2, 2, true).unwrap();
+    let backend = CudaBackend::new(s.gpu.clone(), 1024, 2, 2, true, None).unwrap();
     let (engine, join) = spawn_engine(backend, s.tok.clone(), config, None).unwrap();
     let long = EngineRequest {
         prompt: s.tok.encode("Tell me a very long story.", true).unwrap(),

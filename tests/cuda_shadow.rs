@@ -838,7 +838,8 @@ fn append_writes_the_new_token_into_the_recent_window() {
             let width = (heads + 2 * kvh) * d;
             let big_r = l.recent_rows();
             let case = format!("{arch},bias={with_bias}");
-            let recent = [0usize, 13, big_r - 1];
+            // The window after the append: 1 (an empty window took the token), 14, full.
+            let recent = [1usize, 14, big_r];
             let batch = recent.len();
             let mut bufs = Vec::new();
             let mut before = Vec::new();
@@ -911,7 +912,7 @@ fn append_writes_the_new_token_into_the_recent_window() {
                     bits(&dev.download(&buf.av).unwrap()),
                     bits(&dev.download(&buf.kpre).unwrap()),
                 );
-                let row = big_r - recent[b] - 1;
+                let row = big_r - recent[b];
                 let (mut wk, mut wv, mut wp) = before[b].clone();
                 for h in 0..kvh {
                     let at = attn_at(&l, h, row);

@@ -1,5 +1,6 @@
 //! `--backend cpu|cuda` and loading a model onto the GPU.
 
+use crate::cuda::shadow::decode::FetchPath;
 use crate::cuda::{CudaDevice, CudaModel, CudaOps, DeviceError};
 use crate::model::load::{synthetic_spec, OpenedModel};
 use anyhow::{Context, Result};
@@ -10,7 +11,7 @@ use clap::{Args, ValueEnum};
 pub enum Backend {
     /// The f32 CPU reference.
     Cpu,
-    /// bf16 on an NVIDIA GPU (full attention).
+    /// bf16 on an NVIDIA GPU (full attention or ShadowKV).
     Cuda,
 }
 
@@ -24,6 +25,49 @@ pub struct CudaArgs {
     /// CUDA graph (with --backend cuda).
     #[arg(long)]
     pub no_graph: bool,
+    /// How ShadowKV on the GPU fetches the missed value chunks from host memory:
+    /// `zero-copy` (a kernel reads the registered pool over PCIe) or `cpu-gather` (host
+    /// threads gather them into pinned staging, copied in one transfer). `bench` takes
+    /// a list and measures each.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![ValueFetch::ZeroCopy])]
+    pub value_fetch: Vec<ValueFetch>,
+}
+
+/// How ShadowKV on the GPU fetches missed values (`--value-fetch`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ValueFetch {
+    /// A kernel reads the registered host pool over PCIe.
+    ZeroCopy,
+    /// Host threads gather into pinned staging; one copy to the GPU.
+    CpuGather,
+}
+
+impl ValueFetch {
+    /// The decode path's setting.
+    pub fn path(self) -> FetchPath {
+        match self {
+            ValueFetch::ZeroCopy => FetchPath::ZeroCopy,
+            ValueFetch::CpuGather => FetchPath::CpuGather,
+        }
+    }
+
+    /// The name as typed on the command line.
+    pub fn label(self) -> &'static str {
+        match self {
+            ValueFetch::ZeroCopy => "zero-copy",
+            ValueFetch::CpuGather => "cpu-gather",
+        }
+    }
+}
+
+impl CudaArgs {
+    /// The one fetch path of a command that runs one (`generate`, `eval`).
+    pub fn one_fetch(&self) -> Result<FetchPath> {
+        match self.value_fetch.as_slice() {
+            [f] => Ok(f.path()),
+            _ => anyhow::bail!("--value-fetch takes one path here, not a list"),
+        }
+    }
 }
 
 /// Opens GPU `--device` for `--backend cuda`; a missing GPU is an error naming the flag.

@@ -105,10 +105,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("--gen must be at least 2 and --attention not empty");
     }
     if a.backend == Backend::Cuda {
-        if a.attention.iter().any(|&m| m != Method::Full) {
-            bail!("--backend cuda benchmarks full attention only: pass --attention full");
-        }
         return super::bench_cuda::run(super::bench_cuda::CudaBench {
+            full: a.attention.contains(&Method::Full),
+            shadow: a.attention.iter().copied().filter(|&m| m != Method::Full).collect(),
+            shadow_args: a.shadow.clone(),
             model: a.model,
             contexts: a.context,
             batch,

@@ -9,12 +9,14 @@
 //! bytes of a step are the weights plus the keys and values read and written.
 
 use super::backend::{load_cuda_model, open_gpu, CudaArgs};
+use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::model::chunked_prefill;
 use crate::cpu::LogitsWanted;
 use crate::cuda::{CudaModel, GpuCache, GpuSeq, StepGraphs};
 use crate::engine::sampling::SamplingParams;
 use crate::model::config::ModelConfig;
 use crate::model::load::{open_model, synthetic_spec};
+use crate::shadow::{Attention, ShadowParams};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -42,9 +44,44 @@ pub struct CudaBench {
     pub cuda: CudaArgs,
     /// JSON output: `Some(None)` to stdout, `Some(Some(path))` to a file.
     pub json: Option<Option<PathBuf>>,
+    /// Whether full attention runs.
+    pub full: bool,
+    /// The ShadowKV methods that run, and their settings.
+    pub shadow: Vec<Method>,
+    /// ShadowKV settings given on the command line.
+    pub shadow_args: ShadowArgs,
 }
 
-fn median(xs: &mut [f64]) -> f64 {
+impl CudaBench {
+    /// The ShadowKV settings of each ShadowKV method at context `ctx` (the generated
+    /// tokens included).
+    fn shadow_for(&self, cfg: &ModelConfig, ctx: usize) -> Result<Vec<ShadowParams>> {
+        self.shadow
+            .iter()
+            .filter_map(|&m| match self.shadow_args.attention(m, cfg, ctx + self.gen) {
+                Ok(Attention::Full) => None,
+                Ok(Attention::ShadowKv(p)) => Some(Ok(p)),
+                Err(e) => Some(Err(e)),
+            })
+            .collect()
+    }
+}
+
+/// The prefill progress bar (hidden off a terminal).
+fn prefill_bar(progress: bool, ctx: usize) -> ProgressBar {
+    let bar = if progress {
+        ProgressBar::new(ctx as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("prefill {bar:40} {pos}/{len} tokens eta {eta}").expect("static template"),
+    );
+    bar
+}
+
+/// The median of `xs` (sorted in place).
+pub(crate) fn median(xs: &mut [f64]) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs.get(xs.len() / 2).copied().unwrap_or(0.0)
 }
@@ -91,6 +128,7 @@ pub fn run(a: CudaBench) -> Result<()> {
         if a.cuda.no_graph { "off" } else { "on" }
     );
     let mut rows = Vec::new();
+    let mut shadow_rows = Vec::new();
     for &ctx in &a.contexts {
         if ctx == 0 || ctx + a.gen > cfg.max_position_embeddings {
             bail!(
@@ -99,20 +137,25 @@ pub fn run(a: CudaBench) -> Result<()> {
                 cfg.max_position_embeddings
             );
         }
+        for p in &a.shadow_for(&cfg, ctx)? {
+            for &fetch in &a.cuda.value_fetch {
+                let bar = prefill_bar(progress, ctx);
+                let mut r = super::bench_cuda_shadow::run(&model, p, fetch, ctx, a.batch, a.gen, a.prefill_chunk, bar)?;
+                r.row["machine"] = serde_json::json!(info.name);
+                shadow_rows.push(r);
+                model.ops().device().release_memory()?;
+            }
+        }
+        if !a.full {
+            continue;
+        }
         let cap = ctx + a.gen;
         // Prefill one sequence.
         let mut first = model.new_cache(cap)?;
         let ids: Vec<u32> = (0..ctx)
             .map(|i| ((i * 7919 + 13) % (cfg.vocab_size - 1)) as u32)
             .collect();
-        let bar = if progress {
-            ProgressBar::new(ctx as u64)
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_style(
-            ProgressStyle::with_template("prefill {bar:40} {pos}/{len} tokens eta {eta}").expect("static template"),
-        );
+        let bar = prefill_bar(progress, ctx);
         model.ops().device().synchronize()?;
         let t0 = Instant::now();
         let mut graphs = StepGraphs::new(!a.cuda.no_graph);
@@ -202,6 +245,10 @@ pub fn run(a: CudaBench) -> Result<()> {
             "hbm_bound_ratio": bound_ratio, "peak_gpu_gib": peak_gib, "graphs": !a.cuda.no_graph,
             "graph_captures": graphs.captures, "graph_replays": graphs.replays,
         }));
+        // ShadowKV at its largest batch against full attention at its own.
+        for r in shadow_rows.iter_mut().filter(|r| r.row["context"] == ctx) {
+            r.row["ratio_to_full"] = serde_json::json!(r.tokens_per_s / tps);
+        }
     }
     let weight_bytes = model.weight_bytes();
     // The peer gets the whole GPU: free ours first.
@@ -242,10 +289,41 @@ pub fn run(a: CudaBench) -> Result<()> {
                 .map_or("-".to_string(), |v| format!("{v:.2}×")),
         );
     }
+    if !shadow_rows.is_empty() {
+        println!();
+        println!("| context | fetch | ShadowKV batch | decode tok/s | vs full | step ms (median) | bound ms | × bound | reuse hit | value MiB/step | prefill s | compression share | peak GiB | host pool GiB |");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for r in &shadow_rows {
+            let r = &r.row;
+            let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "| {} | {} | {} | {:.1} | {} | {:.2} | {:.2} | {:.2} | {:.3} | {:.1} | {:.2} | {:.1} % | {:.1} | {:.1} |",
+                r["context"],
+                r["value_fetch"].as_str().unwrap_or("-"),
+                r["batch"],
+                f("decode_tokens_per_s"),
+                r["ratio_to_full"].as_f64().map_or("-".to_string(), |v| format!("{v:.2}×")),
+                f("step_ms_median"),
+                f("bound_ms"),
+                f("bound_ratio"),
+                f("reuse_hit_rate"),
+                f("value_bytes_per_step") / (1u64 << 20) as f64,
+                f("prefill_secs"),
+                100.0 * f("compress_share"),
+                f("peak_gpu_gib"),
+                f("host_pool_gib"),
+            );
+        }
+    }
     if let Some(dest) = &a.json {
+        let mut all = rows;
+        for r in &mut all {
+            r["method"] = serde_json::json!("full");
+        }
+        all.extend(shadow_rows.into_iter().map(|r| r.row));
         let out = serde_json::json!({
             "machine": info.name, "backend": "cuda", "model": a.model,
-            "weight_bytes": weight_bytes, "results": rows,
+            "weight_bytes": weight_bytes, "results": all,
         });
         let text = serde_json::to_string_pretty(&out)?;
         match dest {

@@ -118,6 +118,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         attention,
         prefill_chunk: a.prefill_chunk,
         progress,
+        value_fetch: a.cuda.one_fetch()?,
     };
     let (load_secs, (mut gens, stats)) = match a.backend {
         Backend::Cpu => {

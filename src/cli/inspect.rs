@@ -1,5 +1,8 @@
 //! `shadowkv inspect`: what a model is and what running it costs in memory.
 
+use super::shadow_args::ShadowArgs;
+use crate::cuda::shadow::seq::sequence_bytes;
+use crate::cuda::shadow::ShadowLayout;
 use crate::model::load::open_model;
 use anyhow::{bail, Result};
 use clap::Args;
@@ -19,6 +22,8 @@ pub struct InspectArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    shadow: ShadowArgs,
 }
 
 fn gib(bytes: u64) -> String {
@@ -39,6 +44,10 @@ pub fn run(a: InspectArgs) -> Result<()> {
     let tokens = (ctx as u64).saturating_mul(a.batch as u64);
     let kv_total_bf16 = kv_bf16.saturating_mul(tokens);
     let kv_total_f32 = kv_f32.saturating_mul(tokens);
+    // ShadowKV on the GPU: its state per sequence on the GPU, its values in host memory.
+    let p = a.shadow.params(c, ctx)?;
+    let (shadow_gpu, shadow_host) = sequence_bytes(&ShadowLayout::new(c, &p, ctx)?, c.num_layers)?;
+    let (shadow_gpu, shadow_host) = (shadow_gpu as u64, shadow_host as u64);
     if a.json {
         let dtypes: serde_json::Map<String, serde_json::Value> = m
             .dtypes
@@ -56,7 +65,11 @@ pub fn run(a: InspectArgs) -> Result<()> {
             "kv_bytes_per_token_bf16": kv_bf16, "kv_bytes_per_token_f32": kv_f32,
             "context": ctx, "batch": a.batch,
             "memory_bytes": {"weights_bf16": params * 2, "weights_f32": params * 4,
-                "kv_bf16": kv_total_bf16, "kv_f32": kv_total_f32},
+                "kv_bf16": kv_total_bf16, "kv_f32": kv_total_f32,
+                "shadowkv_gpu": shadow_gpu * a.batch as u64, "shadowkv_host": shadow_host * a.batch as u64},
+            "shadowkv": {"budget": p.budget, "rank": p.rank, "chunk_size": p.chunk_size,
+                "outlier_chunks": p.outlier_chunks, "local_chunks": p.local_chunks,
+                "gpu_bytes_per_sequence": shadow_gpu, "host_bytes_per_sequence": shadow_host},
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -97,6 +110,15 @@ pub fn run(a: InspectArgs) -> Result<()> {
         "  kv cache     {} bf16 (GPU), {} f32 (CPU)",
         gib(kv_total_bf16),
         gib(kv_total_f32)
+    );
+    println!(
+        "  ShadowKV     {} on the GPU (low-rank keys, landmarks, exact chunks, slots), {} of bf16 values in host \
+         memory (budget {}, rank {}, {} outlier chunks)",
+        gib(shadow_gpu * a.batch as u64),
+        gib(shadow_host * a.batch as u64),
+        p.budget,
+        p.rank,
+        p.outlier_chunks
     );
     Ok(())
 }

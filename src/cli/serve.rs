@@ -3,6 +3,7 @@
 //! SIGTERM/SIGINT.
 
 use crate::cpu::CpuModel;
+use crate::cuda::shadow::decode::FetchPath;
 use crate::cuda::{CudaDevice, DeviceError};
 use crate::engine::backend::CpuBackend;
 use crate::engine::backend_cuda::CudaBackend;
@@ -11,12 +12,14 @@ use crate::model::config::ModelConfig;
 use crate::model::load::open_model;
 use crate::model::weights::ModelWeights;
 use crate::pool::space::SpaceError;
-use crate::pool::ValuePool;
+use crate::pool::{ValuePool, ValueType};
 use crate::server::auth::{open_api_warning, ApiKeys};
 use crate::server::{metrics_router, router, AppState};
 use crate::shadow::ShadowParams;
 use crate::telemetry::{self, trace::TraceWriter};
-use crate::topology::{AttentionMode, AutoOr, BackendKind, Cores, PoolBacking, PrefillLane, Topology};
+use crate::topology::{
+    AttentionMode, AutoOr, BackendKind, Cores, PoolBacking, PrefillLane, Topology, ValueFetch as TopoFetch,
+};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::{IsTerminal, Write};
@@ -139,6 +142,12 @@ fn shadow_settings(
         };
         return Err(topo.error_at(key, e.to_string()).into());
     }
+    // The GPU keeps its values in bf16, the CPU reference in f32.
+    let ty = if topo.backend.kind == BackendKind::Cuda {
+        ValueType::Bf16
+    } else {
+        ValueType::F32
+    };
     let shape = p.pool_shape(cfg, topo.limits.max_batch, max_context);
     let pool = match (topo.pools.backing, &topo.pools.path) {
         (PoolBacking::File, Some(path)) => {
@@ -147,7 +156,7 @@ fn shadow_settings(
             } else {
                 path.clone()
             };
-            ValuePool::file_backed(shape, &file).map_err(|e| {
+            ValuePool::file_backed_of(shape, &file, ty).map_err(|e| {
                 let hint = match e.downcast_ref::<SpaceError>() {
                     Some(SpaceError::Disk { .. }) => {
                         "; make room there, point pools.path at a larger disk, or lower limits.max_batch or \
@@ -158,7 +167,7 @@ fn shadow_settings(
                 topo.error_at("pools.path", format!("{e:#}{hint}"))
             })?
         }
-        _ => ValuePool::anonymous(shape).map_err(|e| {
+        _ => ValuePool::anonymous_of(shape, ty).map_err(|e| {
             topo.error_at(
                 "limits.max_batch",
                 format!(
@@ -206,11 +215,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         info!("API keys: {} set; /v1/* needs one", keys.len());
     }
     let cuda = topo.backend.kind == BackendKind::Cuda;
-    if cuda && topo.attention.mode != AttentionMode::Full {
+    if cuda && topo.attention.mode == AttentionMode::Shadowkv && topo.limits.prefill_lane == PrefillLane::Mixed {
         return Err(topo
             .error_at(
-                "attention.mode",
-                "the cuda backend serves full attention only for now (ShadowKV runs on the cpu backend)",
+                "limits.prefill_lane",
+                "ShadowKV on the cuda backend prefills on a lane of its own: use `separate` (or `auto`)",
             )
             .into());
     }
@@ -261,7 +270,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             )
             .into());
     }
-    let shadow = shadow_settings(&topo, &m.config, max_context)?;
+    let mut shadow = shadow_settings(&topo, &m.config, max_context)?;
     let model = if let Some(dev) = gpu {
         let model = super::backend::load_cuda_model(dev, &spec, &m, false)?;
         let lanes = match topo.limits.prefill_lane {
@@ -269,8 +278,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
             PrefillLane::Auto | PrefillLane::Separate => 2,
         };
         Loaded::Cuda(Box::new(
-            CudaBackend::new(model, max_context, topo.limits.max_batch, lanes, true)
-                .map_err(|e| topo.error_at("limits", format!("{e:#}")))?,
+            CudaBackend::new(model, max_context, topo.limits.max_batch, lanes, true, shadow.take())
+                .map_err(|e| topo.error_at("limits", format!("{e:#}")))?
+                .with_fetch(match topo.pipeline.value_fetch {
+                    TopoFetch::ZeroCopy => FetchPath::ZeroCopy,
+                    TopoFetch::CpuGather => FetchPath::CpuGather,
+                }),
         ))
     } else {
         let weights = ModelWeights::load(&m.config, m.source.as_ref(), false)?;

@@ -21,8 +21,10 @@
 //! [`CudaModel::submit`]), so the host never waits for them to launch the next step.
 
 use super::device::StreamPriority;
-use super::model::{CudaModel, GpuCache, GpuSeq, Scratch, StepPlan};
+use super::model::{Attend, CudaModel, GpuCache, GpuSeq, Scratch, StageSeq, StepPlan};
 use super::ops::CudaOps;
+use super::shadow::decode::{FetchPath, GatherTimes};
+use super::shadow::{GpuShadowSeq, GpuValuePool, ShadowStep, StepScratch};
 use crate::cpu::LogitsWanted;
 use anyhow::{ensure, Result};
 use cudarc::driver::{sys, CudaEvent, CudaGraph, PinnedHostSlice};
@@ -80,6 +82,27 @@ pub struct Lane {
     next_buf: usize,
     /// Rows sampled by the lane's last queued step (bounds `prev` of the next).
     last_picked: usize,
+    /// ShadowKV chunks its steps selected (hits and misses together), and the hits
+    /// counted by scratch buffers since replaced.
+    shadow_selected: u64,
+    shadow_hits: u64,
+    /// Host time of the cpu-gather path's steps.
+    pub gather: GatherTimes,
+}
+
+/// One ShadowKV sequence's part of a decode step.
+pub struct ShadowSeqInput<'a> {
+    /// Its one new token (ignored where the step takes it from the previous one).
+    pub token: &'a [u32],
+    /// Its state, extended by the step.
+    pub seq: &'a mut GpuShadowSeq,
+}
+
+impl Lane {
+    /// The lane's operations (its stream).
+    pub fn ops(&self) -> &CudaOps {
+        &self.ops
+    }
 }
 
 /// A step queued on a lane; [`CudaModel::complete`] waits for it and gives its tokens.
@@ -94,6 +117,13 @@ impl StepTicket {
     pub fn is_done(&self) -> bool {
         self.done.is_complete()
     }
+
+    /// Moves the step's end past the work queued on `lane` since it was submitted (a
+    /// compression that follows a prefill's last step): completing the ticket then
+    /// waits for that work too, so another lane may use what it made.
+    pub fn extend(&self, lane: &Lane) -> Result<()> {
+        Ok(self.done.record(lane.ops.device().stream())?)
+    }
 }
 
 impl CudaModel {
@@ -106,6 +136,9 @@ impl CudaModel {
             readback: [None, None],
             next_buf: 0,
             last_picked: 0,
+            shadow_selected: 0,
+            shadow_hits: 0,
+            gather: GatherTimes::default(),
         })
     }
 
@@ -140,13 +173,95 @@ impl CudaModel {
         sampling: &[[u64; 5]],
         prev: &[Option<u32>],
     ) -> Result<StepTicket> {
+        self.check_previous(lane, prev)?;
+        let n = self.queue_step(&lane.ops, &mut lane.sc, &mut lane.graphs, seqs, sampling, prev)?;
+        Self::read_back(lane, n)
+    }
+
+    /// Queues one ShadowKV decode step on `lane`: each sequence of `seqs` takes its one
+    /// token (from the lane's previous step where `prev` says so, as
+    /// [`CudaModel::submit`]), attends through its ShadowKV state with its values in
+    /// `pool` (fetched by `fetch`), and samples the next; returns at once (with
+    /// `cpu-gather`, once the host has gathered every layer's values). Run eagerly (no
+    /// graph yet).
+    pub fn submit_shadow(
+        &self,
+        lane: &mut Lane,
+        seqs: &mut [ShadowSeqInput],
+        sampling: &[[u64; 5]],
+        prev: &[Option<u32>],
+        pool: &GpuValuePool,
+        fetch: FetchPath,
+    ) -> Result<StepTicket> {
+        self.check_previous(lane, prev)?;
+        ensure!(sampling.len() == seqs.len(), "one sampling row per sequence");
+        ensure!(!seqs.is_empty(), "an empty ShadowKV step");
+        let staged: Vec<StageSeq> = seqs
+            .iter()
+            .map(|s| StageSeq {
+                tokens: s.token,
+                len: s.seq.len(),
+                cap: self.config().max_position_embeddings,
+                base: 0,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let (ops, sc) = (&lane.ops, &mut lane.sc);
+        let plan = self.stage_rows(ops, sc, &staged, prev)?;
+        self.stage_sampling(ops, sc, &plan, sampling)?;
+        let step = {
+            let refs: Vec<&GpuShadowSeq> = seqs.iter().map(|s| &*s.seq).collect();
+            ShadowStep::new(ops, &refs, pool, fetch)?
+        };
+        let layout = *step.layout();
+        if sc
+            .shadow
+            .as_ref()
+            .is_none_or(|s| s.batch() < seqs.len() || s.layout() != &layout)
+        {
+            // The hit counter lives in the scratch: keep its count.
+            if let Some(old) = sc.shadow.take() {
+                lane.shadow_hits += ops.device().stream().clone_dtoh(&old.hits)?[0];
+            }
+            sc.shadow = Some(StepScratch::new(ops, &layout, seqs.len())?);
+        }
+        self.encode_step(ops, sc, &plan, Attend::Shadow(&step))?;
+        self.encode_sampling(ops, sc, &plan)?;
+        lane.graphs.eager += 1;
+        lane.shadow_selected += step.selected;
+        let g = step.gather.get();
+        lane.gather.wait_secs += g.wait_secs;
+        lane.gather.gather_secs += g.gather_secs;
+        lane.gather.bytes += g.bytes;
+        drop(step);
+        for s in seqs.iter_mut() {
+            s.seq.advance(&layout);
+        }
+        Self::read_back(lane, plan.picked.len())
+    }
+
+    /// ShadowKV chunks selected and found resident by the lane's steps so far.
+    pub fn shadow_counters(&self, lane: &Lane) -> Result<(u64, u64)> {
+        let hits = match lane.sc.shadow.as_ref() {
+            Some(s) => lane.ops.device().stream().clone_dtoh(&s.hits)?[0],
+            None => 0,
+        };
+        Ok((lane.shadow_selected, lane.shadow_hits + hits))
+    }
+
+    fn check_previous(&self, lane: &Lane, prev: &[Option<u32>]) -> Result<()> {
         if let Some(r) = prev.iter().flatten().find(|&&r| r as usize >= lane.last_picked) {
             anyhow::bail!(
                 "previous-step row {r} does not exist (the lane's last step sampled {} rows)",
                 lane.last_picked
             );
         }
-        let n = self.queue_step(&lane.ops, &mut lane.sc, &mut lane.graphs, seqs, sampling, prev)?;
+        Ok(())
+    }
+
+    /// Queues the read-back of the `n` tokens the lane's step just sampled and the
+    /// event that marks its end.
+    fn read_back(lane: &mut Lane, n: usize) -> Result<StepTicket> {
         let buf = lane.next_buf;
         lane.next_buf ^= 1;
         lane.last_picked = n;
@@ -224,13 +339,13 @@ impl CudaModel {
                 // Run it eagerly first (this step's result): that sizes every workspace
                 // for this bucket, so that nothing is allocated while capturing; the
                 // capture only records, its first launch is the next step's.
-                self.encode_step(ops, sc, &plan, &caches)?;
+                self.encode_step(ops, sc, &plan, Attend::Dense(&caches))?;
                 self.encode_sampling(ops, sc, &plan)?;
                 let gen = sc.generation;
                 let stream = ops.device().stream().clone();
                 stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
                 let queued = self
-                    .encode_step(ops, sc, &plan, &caches)
+                    .encode_step(ops, sc, &plan, Attend::Dense(&caches))
                     .and_then(|()| self.encode_sampling(ops, sc, &plan));
                 let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
                 queued?;
@@ -249,7 +364,7 @@ impl CudaModel {
                 graphs.eager += 1;
             }
         } else {
-            self.encode_step(ops, sc, &plan, &caches)?;
+            self.encode_step(ops, sc, &plan, Attend::Dense(&caches))?;
             self.encode_sampling(ops, sc, &plan)?;
             graphs.eager += 1;
         }

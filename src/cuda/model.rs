@@ -18,6 +18,7 @@
 
 use super::attention::{partition_len, DecodeArgs, DecodeWorkspace, KvTable};
 use super::ops::{rope_inv_freq, CudaOps};
+use super::shadow::{ShadowStep, StepScratch};
 use super::step::{cache_offsets, RowTargets, StepLayout};
 use crate::cpu::attention::AttnShape;
 use crate::cpu::model::chunked_prefill;
@@ -25,7 +26,7 @@ use crate::cpu::LogitsWanted;
 use crate::model::config::ModelConfig;
 use crate::model::weights::{load_embed, load_final_norm, load_layer, load_lm_head, loading_bar, Tensor, TensorSource};
 use anyhow::{bail, ensure, Context, Result};
-use cudarc::driver::{CudaSlice, DevicePtr};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr};
 use half::bf16;
 use std::sync::Mutex;
 
@@ -43,9 +44,11 @@ struct GpuLayer {
 }
 
 /// One sequence's KV cache on the device: `[layer][k | v][cap][kv_heads·d]` bf16, keys
-/// after RoPE.
+/// after RoPE; a cache made for ShadowKV also keeps the keys before RoPE,
+/// `[layer][cap][kv_heads·d]`, which the compression factorises.
 pub struct GpuCache {
     buf: CudaSlice<bf16>,
+    pre_rope: Option<CudaSlice<bf16>>,
     cap: usize,
     len: usize,
 }
@@ -68,7 +71,29 @@ impl GpuCache {
 
     /// Device bytes it holds.
     pub fn bytes(&self) -> usize {
-        self.buf.len() * 2
+        (self.buf.len() + self.pre_rope.as_ref().map_or(0, |p| p.len())) * 2
+    }
+
+    /// Whether it keeps the keys before RoPE.
+    pub fn keeps_pre_rope(&self) -> bool {
+        self.pre_rope.is_some()
+    }
+
+    /// Layer `l`'s first `len()` keys (after RoPE), values and, when kept, keys before
+    /// RoPE, each `[len, kv_heads·d]`.
+    pub fn layer(
+        &self,
+        model: &CudaModel,
+        l: usize,
+    ) -> (CudaView<'_, bf16>, CudaView<'_, bf16>, Option<CudaView<'_, bf16>>) {
+        let kvw = model.kv_width();
+        let (ko, vo) = cache_offsets(l, self.cap, kvw);
+        let n = self.len * kvw;
+        let pre = self
+            .pre_rope
+            .as_ref()
+            .map(|p| p.slice(l * self.cap * kvw..l * self.cap * kvw + n));
+        (self.buf.slice(ko..ko + n), self.buf.slice(vo..vo + n), pre)
     }
 
     /// Makes this cache a copy of `other`'s first `other.len()` tokens (benchmarks fill a
@@ -88,6 +113,10 @@ impl GpuCache {
             let n = other.len * kvw;
             s.memcpy_dtod(&other.buf.slice(sk..sk + n), &mut self.buf.slice_mut(dk..dk + n))?;
             s.memcpy_dtod(&other.buf.slice(sv..sv + n), &mut self.buf.slice_mut(dv..dv + n))?;
+            if let (Some(src), Some(dst)) = (&other.pre_rope, &mut self.pre_rope) {
+                let (so, d0) = (l * other.cap * kvw, l * self.cap * kvw);
+                s.memcpy_dtod(&src.slice(so..so + n), &mut dst.slice_mut(d0..d0 + n))?;
+            }
         }
         self.len = other.len;
         Ok(())
@@ -118,6 +147,37 @@ pub struct GpuSeq<'a> {
     pub logits: LogitsWanted,
 }
 
+/// Whose keys and values a step's attention reads.
+#[derive(Clone, Copy)]
+pub(crate) enum Attend<'s, 'a> {
+    /// Dense caches, one per sequence (full attention, or a prefill).
+    Dense(&'s [&'a GpuCache]),
+    /// ShadowKV sequences, one token each.
+    Shadow(&'s ShadowStep<'a>),
+}
+
+/// The row buffers one layer's dense attention works on.
+struct DenseRows<'a> {
+    q: &'a mut CudaSlice<bf16>,
+    qkv: &'a CudaSlice<bf16>,
+    pre_rope: Option<&'a mut CudaSlice<bf16>>,
+    out: &'a mut CudaSlice<bf16>,
+}
+
+/// What staging a step needs of one sequence.
+pub(crate) struct StageSeq<'a> {
+    /// New tokens.
+    pub tokens: &'a [u32],
+    /// Tokens held before the step.
+    pub len: usize,
+    /// Tokens it can hold.
+    pub cap: usize,
+    /// Its dense cache's address (0: none, a ShadowKV sequence).
+    pub base: u64,
+    /// Which logits to return.
+    pub logits: LogitsWanted,
+}
+
 /// Activations and step inputs of one lane of work, grown on demand and kept
 /// between steps.
 #[derive(Default)]
@@ -132,6 +192,8 @@ pub(crate) struct Scratch {
     gate_up: Option<CudaSlice<bf16>>,
     act: Option<CudaSlice<bf16>>,
     sel: Option<CudaSlice<bf16>>,
+    /// `[rows, kv_heads·d]` keys before RoPE, for caches that keep them.
+    pre_rope: Option<CudaSlice<bf16>>,
     /// `[picked, vocab]` fp32 logits.
     pub(crate) logits: Option<CudaSlice<f32>>,
     /// The staged inputs, laid out as [`StepLayout`] says.
@@ -141,6 +203,8 @@ pub(crate) struct Scratch {
     /// Sampled tokens (the next step's `prev_map` indexes them).
     pub(crate) tokens: Option<CudaSlice<u32>>,
     pub(crate) decode_ws: DecodeWorkspace,
+    /// The stage buffers of ShadowKV decode steps (grown for the batch).
+    pub(crate) shadow: Option<StepScratch>,
     /// Bumped whenever a buffer is reallocated (a captured step is then stale).
     pub(crate) generation: u64,
 }
@@ -379,8 +443,18 @@ impl CudaModel {
 
     /// An empty cache for up to `cap` tokens.
     pub fn new_cache(&self, cap: usize) -> Result<GpuCache> {
+        self.new_cache_with(cap, false)
+    }
+
+    /// An empty cache for up to `cap` tokens that keeps the keys before RoPE too (a
+    /// prefill ShadowKV compresses).
+    pub fn new_cache_pre_rope(&self, cap: usize) -> Result<GpuCache> {
+        self.new_cache_with(cap, true)
+    }
+
+    fn new_cache_with(&self, cap: usize, pre_rope: bool) -> Result<GpuCache> {
         ensure!(cap > 0, "a cache needs room for at least one token");
-        let n = self.config.num_layers * 2 * cap * self.kv_width();
+        let n = self.config.num_layers * (2 + pre_rope as usize) * cap * self.kv_width();
         let (free, _) = self.ops.device().mem_info()?;
         let free = if n * 2 > free {
             // Freed caches may still sit in the allocator's pool.
@@ -396,12 +470,21 @@ impl CudaModel {
                 free as f64 / (1u64 << 30) as f64
             );
         }
-        let buf = self
-            .ops
-            .device()
-            .zeros(n)
-            .with_context(|| format!("allocating a KV cache of {cap} tokens"))?;
-        Ok(GpuCache { buf, cap, len: 0 })
+        let kv = self.config.num_layers * 2 * cap * self.kv_width();
+        let alloc = |n: usize| {
+            self.ops
+                .device()
+                .zeros(n)
+                .with_context(|| format!("allocating a KV cache of {cap} tokens"))
+        };
+        let buf = alloc(kv)?;
+        let pre_rope = if pre_rope { Some(alloc(n - kv)?) } else { None };
+        Ok(GpuCache {
+            buf,
+            pre_rope,
+            cap,
+            len: 0,
+        })
     }
 
     /// Feeds `ids` after what `cache` holds, `chunk` tokens per forward pass, reporting
@@ -430,12 +513,8 @@ impl CudaModel {
         let mut sc = self.scratch.lock().expect("scratch lock");
         let ops = &self.ops;
         let plan = self.stage_step(ops, &mut sc, seqs, &[])?;
-        self.encode_step(
-            ops,
-            &mut sc,
-            &plan,
-            seqs.iter().map(|s| &*s.cache).collect::<Vec<_>>().as_slice(),
-        )?;
+        let caches: Vec<&GpuCache> = seqs.iter().map(|s| &*s.cache).collect();
+        self.encode_step(ops, &mut sc, &plan, Attend::Dense(&caches))?;
         let v = self.config.vocab_size;
         let mut out = Vec::with_capacity(seqs.len());
         let host: Vec<f32> = if plan.picked.is_empty() {
@@ -466,6 +545,28 @@ impl CudaModel {
         seqs: &[GpuSeq],
         prev: &[Option<u32>],
     ) -> Result<StepPlan> {
+        let staged: Vec<StageSeq> = seqs
+            .iter()
+            .map(|s| StageSeq {
+                tokens: s.tokens,
+                len: s.cache.len,
+                cap: s.cache.cap,
+                base: s.cache.base(self),
+                logits: s.logits,
+            })
+            .collect();
+        self.stage_rows(ops, sc, &staged, prev)
+    }
+
+    /// [`CudaModel::stage_step`] for any sequences: dense caches (their address and
+    /// capacity) or ShadowKV state (no dense cache: address 0, the tables left empty).
+    pub(crate) fn stage_rows(
+        &self,
+        ops: &CudaOps,
+        sc: &mut Scratch,
+        seqs: &[StageSeq],
+        prev: &[Option<u32>],
+    ) -> Result<StepPlan> {
         let c = &self.config;
         ensure!(
             prev.is_empty() || prev.len() == seqs.len(),
@@ -475,15 +576,15 @@ impl CudaModel {
         let (mut positions, mut caps, mut bases, mut prev_map) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut picked = Vec::new();
         for (i, s) in seqs.iter().enumerate() {
-            let end = s.cache.len + s.tokens.len();
+            let end = s.len + s.tokens.len();
             if end > c.max_position_embeddings {
                 bail!(
                     "sequence of {end} tokens exceeds the model's context of {} tokens",
                     c.max_position_embeddings
                 );
             }
-            if end > s.cache.cap {
-                bail!("sequence {i}: {end} tokens exceed its cache of {} tokens", s.cache.cap);
+            if end > s.cap {
+                bail!("sequence {i}: {end} tokens exceed its cache of {} tokens", s.cap);
             }
             let from = prev.get(i).copied().flatten();
             if from.is_some() {
@@ -494,14 +595,13 @@ impl CudaModel {
             picked.extend(s.logits.rows(ids.len(), s.tokens.len()).map(|r| r as u32));
             ids.extend_from_slice(s.tokens);
             prev_map.extend(s.tokens.iter().map(|_| from.map_or(-1, |r| r as i32)));
-            let base = s.cache.base(self);
-            for p in s.cache.len..end {
+            for p in s.len..end {
                 positions.push(p as i32);
-                caps.push(s.cache.cap as i32);
-                bases.push(base);
+                caps.push(s.cap as i32);
+                bases.push(s.base);
             }
         }
-        let lens: Vec<usize> = seqs.iter().map(|s| s.cache.len + s.tokens.len()).collect();
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len + s.tokens.len()).collect();
         let q_rows: Vec<usize> = seqs.iter().map(|s| s.tokens.len()).collect();
         let decode = q_rows.iter().all(|&n| n == 1);
         let layout = StepLayout {
@@ -529,8 +629,12 @@ impl CudaModel {
         for part in [0, 1] {
             for layer in 0..c.num_layers {
                 for s in seqs {
-                    let (ko, vo) = cache_offsets(layer, s.cache.cap, kvw);
-                    addrs.push(s.cache.base(self) + 2 * [ko, vo][part] as u64);
+                    let (ko, vo) = cache_offsets(layer, s.cap, kvw);
+                    addrs.push(if s.base == 0 {
+                        0
+                    } else {
+                        s.base + 2 * [ko, vo][part] as u64
+                    });
                 }
             }
         }
@@ -584,15 +688,126 @@ impl CudaModel {
         Ok(())
     }
 
-    /// Queues the kernels of a staged step: every launch reads its inputs from the
-    /// scratch buffers, so a decode step can be captured once and replayed.
-    pub(crate) fn encode_step(
+    /// Layer `l`'s attention over dense caches: the qkv split (bias, RoPE, the new keys
+    /// and values into the caches, the keys before RoPE kept where a cache wants them),
+    /// then flash-decoding when every sequence brings one token, causal flash attention
+    /// for prefill chunks otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn dense_attention(
         &self,
         ops: &CudaOps,
-        sc: &mut Scratch,
+        l: usize,
+        w: &GpuLayer,
+        rows: DenseRows,
         plan: &StepPlan,
         caches: &[&GpuCache],
+        (ints, addrs): (&CudaSlice<i32>, &CudaSlice<u64>),
+        decode_ws: &mut DecodeWorkspace,
     ) -> Result<()> {
+        let c = &self.config;
+        let lay = plan.layout;
+        let (d, kvw) = (c.head_dim, self.kv_width());
+        let shape = AttnShape {
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: d,
+        };
+        let s = ops.device().stream();
+        let ints_p = ints.device_ptr(s).0;
+        let addrs_p = addrs.device_ptr(s).0;
+        let int_at = |r: std::ops::Range<usize>| ints_p + 4 * r.start as u64;
+        let addr_at = |r: std::ops::Range<usize>| addrs_p + 8 * r.start as u64;
+        let targets = RowTargets {
+            rows: lay.rows,
+            positions: int_at(lay.positions()),
+            cache_base: addr_at(lay.cache_base()),
+            cache_cap: int_at(lay.caps()),
+        };
+        let DenseRows { q, qkv, pre_rope, out } = rows;
+        let pre_rows = pre_rope.as_ref().map(|p| p.device_ptr(s).0);
+        // SAFETY: the targets were staged for these caches, each big enough (checked
+        // in stage_step) and alive for the step (borrowed by `caches`).
+        unsafe {
+            ops.qkv_rope_append(
+                q,
+                pre_rope,
+                qkv,
+                w.bqkv.as_ref(),
+                &targets,
+                &self.inv_freq,
+                l,
+                (c.num_heads, c.num_kv_heads, d),
+            )?
+        };
+        if let Some(src) = pre_rows {
+            self.keep_pre_rope(ops, src, caches, plan, l)?;
+        }
+        let batch = caches.len();
+        if plan.decode {
+            let part = partition_len(batch, c.num_kv_heads, plan.max_len, ops.decode_slots());
+            let args = DecodeArgs {
+                out: out.device_ptr(s).0,
+                q: q.device_ptr(s).0,
+                k_ptrs: addr_at(lay.k_table(l)),
+                v_ptrs: addr_at(lay.v_table(l)),
+                lens: int_at(lay.lens()),
+                batch,
+                max_len: plan.max_len,
+            };
+            // SAFETY: q and out hold rows = batch query rows; the tables hold this layer's
+            // cache addresses, whose caches hold `lens` rows (staged above).
+            unsafe { ops.flash_decode_raw(&args, shape, decode_ws, part) }
+        } else {
+            let views: Vec<_> = caches
+                .iter()
+                .zip(&plan.lens)
+                .map(|(cache, &len)| {
+                    let (ko, vo) = cache_offsets(l, cache.cap, kvw);
+                    (
+                        cache.buf.slice(ko..ko + len * kvw),
+                        cache.buf.slice(vo..vo + len * kvw),
+                        len,
+                    )
+                })
+                .collect();
+            let refs: Vec<_> = views.iter().map(|(k, v, len)| (k, v, *len)).collect();
+            let table = KvTable::new(ops, &refs, kvw)?;
+            ops.flash_prefill(out, q, &table, &plan.q_rows, shape)
+        }
+    }
+
+    /// Copies each pre-RoPE-keeping cache's new rows of layer `l` from the step's rows
+    /// buffer at `src0` (`[rows, kv_heads·d]`) into the cache, after what it held.
+    fn keep_pre_rope(&self, ops: &CudaOps, src0: u64, caches: &[&GpuCache], plan: &StepPlan, l: usize) -> Result<()> {
+        let kvw = self.kv_width();
+        let s = ops.device().stream();
+        let mut row = 0;
+        for ((c, &n), &len) in caches.iter().zip(&plan.q_rows).zip(&plan.lens) {
+            if let Some(dst) = &c.pre_rope {
+                let at = l * c.cap + (len - n);
+                let dst = dst.device_ptr(s).0 + 2 * (at * kvw) as u64;
+                // SAFETY: rows row..row+n of the step's buffer (n·kvw values) go to rows
+                // len-n..len of layer l of the cache, inside its `cap` (checked when the
+                // step was staged); both allocations outlive the queued copy (the step
+                // borrows the caches, the scratch is the lane's).
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        dst,
+                        src0 + 2 * (row * kvw) as u64,
+                        2 * n * kvw,
+                        s.cu_stream(),
+                    )
+                }?;
+            }
+            row += n;
+        }
+        Ok(())
+    }
+
+    /// Queues the kernels of a staged step: every launch reads its inputs from the
+    /// scratch buffers, so a decode step can be captured once and replayed. `attend`
+    /// says whose keys and values the attention reads.
+    pub(crate) fn encode_step(&self, ops: &CudaOps, sc: &mut Scratch, plan: &StepPlan, attend: Attend) -> Result<()> {
         let c = &self.config;
         let lay = plan.layout;
         let n = lay.rows;
@@ -604,13 +819,7 @@ impl CudaModel {
         let qkv_w = qd + 2 * kvw;
         let inter = c.intermediate_size;
         let eps = c.rms_norm_eps;
-        let shape = AttnShape {
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: d,
-        };
         let s = ops.device().stream().clone();
-        let batch = caches.len();
         let Scratch {
             x,
             xn,
@@ -620,12 +829,14 @@ impl CudaModel {
             gate_up,
             act,
             sel,
+            pre_rope,
             logits,
             ids,
             ints,
             addrs,
             tokens,
             decode_ws,
+            shadow,
             ..
         } = sc;
         let (x, xn) = (x.as_mut().unwrap(), xn.as_mut().unwrap());
@@ -634,72 +845,43 @@ impl CudaModel {
         let (ids, ints, addrs) = (ids.as_ref().unwrap(), ints.as_ref().unwrap(), addrs.as_ref().unwrap());
         let ids_p = ids.device_ptr(&s).0;
         let ints_p = ints.device_ptr(&s).0;
-        let addrs_p = addrs.device_ptr(&s).0;
-        let int_at = |r: std::ops::Range<usize>| ints_p + 4 * r.start as u64;
-        let addr_at = |r: std::ops::Range<usize>| addrs_p + 8 * r.start as u64;
-        let targets = RowTargets {
-            rows: n,
-            positions: int_at(lay.positions()),
-            cache_base: addr_at(lay.cache_base()),
-            cache_cap: int_at(lay.caps()),
-        };
-        let lens_p = int_at(lay.lens());
-        let max_len = plan.max_len;
-        let part = partition_len(batch, c.num_kv_heads, max_len, ops.decode_slots());
         let prev = (
             ids_p,
-            int_at(lay.prev_map()),
+            ints_p + 4 * lay.prev_map().start as u64,
             tokens.as_ref().expect("reserved").device_ptr(&s).0,
         );
         // SAFETY: ids and prev_map hold `n` staged rows; prev_map's indices were checked
         // against the previous step's sampled rows by the caller (`CudaModel::submit`),
         // and `tokens` keeps them when it grows.
         unsafe { ops.embedding_raw(x, &self.embed, prev, n, h, c.vocab_size)? };
+        // Caches that keep the keys before RoPE get them from a rows buffer, copied
+        // into place after each layer's split.
+        let keep_pre = matches!(attend, Attend::Dense(caches) if caches.iter().any(|c| c.keeps_pre_rope()));
+        if keep_pre && pre_rope.as_ref().is_none_or(|p| p.len() < n * kvw) {
+            *pre_rope = Some(ops.device().zeros(n * kvw)?);
+        }
         for (l, w) in self.layers.iter().enumerate() {
             ops.linear_normed(qkv, x, &w.wqkv, (n, h, qkv_w), eps, xn, &self.ones)?;
-            // SAFETY: the targets were staged for these caches, each big enough (checked
-            // in stage_step) and alive for the step (borrowed by `caches`).
-            unsafe {
-                ops.qkv_rope_append(
-                    q,
-                    None,
-                    qkv,
-                    w.bqkv.as_ref(),
-                    &targets,
-                    &self.inv_freq,
+            match attend {
+                Attend::Dense(caches) => {
+                    let rows = DenseRows {
+                        q: &mut *q,
+                        qkv: &*qkv,
+                        pre_rope: if keep_pre { pre_rope.as_mut() } else { None },
+                        out: &mut *attn,
+                    };
+                    self.dense_attention(ops, l, w, rows, plan, caches, (ints, addrs), decode_ws)?
+                }
+                Attend::Shadow(step) => step.attend_layer(
+                    ops,
                     l,
-                    (c.num_heads, c.num_kv_heads, d),
-                )?
-            };
-            if plan.decode {
-                let args = DecodeArgs {
-                    out: attn.device_ptr(&s).0,
-                    q: q.device_ptr(&s).0,
-                    k_ptrs: addr_at(lay.k_table(l)),
-                    v_ptrs: addr_at(lay.v_table(l)),
-                    lens: lens_p,
-                    batch,
-                    max_len,
-                };
-                // SAFETY: q and attn hold rows = batch query rows; the tables hold this
-                // layer's cache addresses, whose caches hold `lens` rows (staged above).
-                unsafe { ops.flash_decode_raw(&args, shape, decode_ws, part)? };
-            } else {
-                let views: Vec<_> = caches
-                    .iter()
-                    .zip(&plan.lens)
-                    .map(|(cache, &len)| {
-                        let (ko, vo) = cache_offsets(l, cache.cap, kvw);
-                        (
-                            cache.buf.slice(ko..ko + len * kvw),
-                            cache.buf.slice(vo..vo + len * kvw),
-                            len,
-                        )
-                    })
-                    .collect();
-                let refs: Vec<_> = views.iter().map(|(k, v, len)| (k, v, *len)).collect();
-                let table = KvTable::new(ops, &refs, kvw)?;
-                ops.flash_prefill(attn, q, &table, &plan.q_rows, shape)?;
+                    (&mut *q, &*qkv, w.bqkv.as_ref()),
+                    &ints.slice(lay.positions()),
+                    &self.inv_freq,
+                    &mut *attn,
+                    shadow.as_mut().expect("reserved for ShadowKV steps"),
+                    decode_ws,
+                )?,
             }
             // Residual adds in the products' epilogues.
             ops.linear(x, attn, &w.wo, n, qd, h, true)?;

@@ -89,8 +89,8 @@ pub trait StepBackend: Send {
         1
     }
 
-    /// A fresh sequence sampling with `sampling` and `seed`.
-    fn new_seq(&self, sampling: &SamplingParams, seed: u64) -> Result<Self::Seq>;
+    /// A fresh sequence.
+    fn new_seq(&self, spec: &SeqSpec) -> Result<Self::Seq>;
 
     /// Tokens held by a sequence's cache (queued steps included).
     fn seq_len(&self, seq: &Self::Seq) -> usize;
@@ -120,6 +120,19 @@ pub trait StepBackend: Send {
     fn shadow_stats(&self) -> Option<ShadowStats> {
         None
     }
+}
+
+/// What a backend knows of a sequence when it starts.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqSpec {
+    /// How to pick its tokens.
+    pub sampling: SamplingParams,
+    /// The seed of its draws (`sampling.seed` when set).
+    pub seed: u64,
+    /// Tokens of its prompt.
+    pub prompt_tokens: usize,
+    /// Most tokens it generates.
+    pub max_tokens: usize,
 }
 
 /// Where a sequence's latest sampled token sits until the host reads it: the lane, the
@@ -245,14 +258,14 @@ impl<M: Borrow<CpuModel> + Send> StepBackend for CpuBackend<M> {
         self.model().config()
     }
 
-    fn new_seq(&self, sampling: &SamplingParams, seed: u64) -> Result<CpuSeq> {
+    fn new_seq(&self, spec: &SeqSpec) -> Result<CpuSeq> {
         let cache = match &self.shadow {
             Some((p, pool)) => self.model().new_shadow_cache(*p, pool)?,
             None => self.model().new_cache(),
         };
         let sampler = Sampler::new(SamplingParams {
-            seed: Some(sampling.seed.unwrap_or(seed)),
-            ..*sampling
+            seed: Some(spec.sampling.seed.unwrap_or(spec.seed)),
+            ..spec.sampling
         });
         Ok(CpuSeq {
             cache,

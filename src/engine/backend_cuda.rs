@@ -1,30 +1,58 @@
-//! The GPU model behind the scheduler: full attention in bf16, tokens sampled on the
-//! device, decode steps replayed from CUDA graphs, each step queued on a lane (a CUDA
-//! stream of its own) so that the host prepares step n+1 while step n runs. Lane 0 runs
-//! at high priority; with a second lane, long prefills run on it at normal priority
-//! beside the decode steps, which the GPU then schedules first.
+//! The GPU model behind the scheduler and the generation loop: bf16, tokens sampled on
+//! the device, each step queued on a lane (a CUDA stream of its own) so that the host
+//! prepares step n+1 while step n runs. Lane 0 runs at high priority; with a second
+//! lane, long prefills run on it at normal priority beside the decode steps, which the
+//! GPU then schedules first.
 //!
-//! Each sequence's KV cache is allocated on the GPU at its first step, sized for the
-//! server's context limit.
+//! Attention is full (each sequence's dense KV cache on the GPU, allocated at its first
+//! step for its prompt and completion) or ShadowKV: a sequence is prefilled densely
+//! into a cache that also keeps its keys before RoPE, compressed on the GPU when the
+//! prompt is in (low-rank keys, landmarks, outliers and the recent window on the GPU,
+//! its values in the registered host pool), and decodes through its ShadowKV state;
+//! its dense cache is freed once the compression that read it has run.
 
-use super::backend::{BackendStats, LaneSerials, LastSample, StepBackend, StepInput, StepOutput, StepSeq};
-use super::sampling::SamplingParams;
+use super::backend::{BackendStats, LaneSerials, LastSample, SeqSpec, StepBackend, StepInput, StepOutput, StepSeq};
 use crate::cpu::LogitsWanted;
 use crate::cuda::device::StreamPriority;
+use crate::cuda::graph::ShadowSeqInput;
+use crate::cuda::shadow::decode::FetchPath;
+use crate::cuda::shadow::seq::layer_bytes;
+use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout};
 use crate::cuda::{CudaModel, GpuCache, GpuSeq, Lane, StepTicket};
 use crate::model::config::ModelConfig;
+use crate::pool::ValuePool;
+use crate::shadow::{ShadowParams, ShadowStats};
 use anyhow::{bail, ensure, Result};
+use cudarc::driver::CudaEvent;
 use std::borrow::Borrow;
 
-/// One sequence on the GPU: its cache (allocated at its first step), its sampling row
-/// and where its last sampled token is.
+/// Where a sequence's keys and values are.
+enum GpuState {
+    /// Nothing yet (allocated at its first step).
+    Empty,
+    /// A dense cache.
+    Dense(GpuCache),
+    /// ShadowKV state, after its prompt was compressed.
+    Shadow(GpuShadowSeq),
+}
+
+/// One sequence on the GPU: its state, its sampling row and where its last sampled
+/// token is.
 pub struct CudaSeq {
-    cache: Option<GpuCache>,
-    sampling: SamplingParams,
-    seed: u64,
+    state: GpuState,
+    spec: SeqSpec,
     /// Tokens sampled so far (the device sampler's counter).
     sampled: u64,
     last: Option<LastSample>,
+}
+
+/// ShadowKV on the GPU: the layout of every sequence, the host value pool and the
+/// compression's scratch.
+struct ShadowGpu {
+    layout: ShadowLayout,
+    pool: GpuValuePool,
+    ws: CompressWorkspace,
+    fetch: FetchPath,
 }
 
 /// [`CudaModel`] (owned, or borrowed by the generation loop) for the server.
@@ -33,26 +61,64 @@ pub struct CudaBackend<M: Borrow<CudaModel> = CudaModel> {
     cache_tokens: usize,
     lanes: Vec<Lane>,
     serials: LaneSerials,
+    shadow: Option<ShadowGpu>,
+    /// Dense caches a queued compression still reads, freed once its event is done.
+    retired: Vec<(CudaEvent, GpuCache)>,
 }
 
 impl<M: Borrow<CudaModel>> CudaBackend<M> {
-    /// Serves `model` with caches of `cache_tokens` tokens for up to `max_batch`
-    /// sequences on `lanes` lanes (1: prompts ride in the decode steps; 2: prompts are
-    /// prefilled on a second stream); refuses limits whose caches cannot all fit in the
-    /// free GPU memory.
-    pub fn new(model: M, cache_tokens: usize, max_batch: usize, lanes: usize, graphs: bool) -> Result<Self> {
+    /// Serves `model` for up to `max_batch` sequences of `cache_tokens` tokens on `lanes`
+    /// lanes (1: prompts ride in the decode steps; 2: prompts are prefilled on a second
+    /// stream), with full attention or, given `shadow` (its settings and a bf16 value
+    /// pool for `max_batch` sequences), ShadowKV; refuses limits whose state cannot all
+    /// fit in the free GPU memory.
+    pub fn new(
+        model: M,
+        cache_tokens: usize,
+        max_batch: usize,
+        lanes: usize,
+        graphs: bool,
+        shadow: Option<(ShadowParams, ValuePool)>,
+    ) -> Result<Self> {
         ensure!((1..=2).contains(&lanes), "1 or 2 lanes, not {lanes}");
         let m: &CudaModel = model.borrow();
-        let need = m.cache_bytes(cache_tokens) * max_batch;
+        let shadow = match shadow {
+            Some((p, pool)) => {
+                let layout = ShadowLayout::new(m.config(), &p, cache_tokens)?;
+                ensure!(
+                    pool.shape().seqs >= max_batch,
+                    "a value pool of {} sequences for a batch of {max_batch}",
+                    pool.shape().seqs
+                );
+                Some(ShadowGpu {
+                    layout,
+                    pool: GpuValuePool::new(m.ops(), pool)?,
+                    ws: CompressWorkspace::default(),
+                    fetch: FetchPath::ZeroCopy,
+                })
+            }
+            None => None,
+        };
+        let need = match &shadow {
+            // Every sequence's ShadowKV state, and one dense prefill of the longest prompt
+            // (keys, values and keys before RoPE).
+            Some(s) => layer_bytes(&s.layout) * m.config().num_layers * max_batch + m.cache_bytes(cache_tokens) * 3 / 2,
+            None => m.cache_bytes(cache_tokens) * max_batch,
+        };
         let (free, _) = m.ops().device().mem_info()?;
         // Room for the activations of a prefill chunk (on whichever lane prefills) and
         // each further lane's own scratch and cuBLAS workspace, besides the caches.
         let margin = (2usize << 30) + (256usize << 20) * (lanes - 1);
         if need + margin > free {
             bail!(
-                "{max_batch} sequences of {cache_tokens} tokens need {:.1} GiB of KV cache, {:.1} GiB of GPU \
-                 memory are free after the weights: lower limits.max_batch or limits.max_context",
+                "{max_batch} sequences of {cache_tokens} tokens need {:.1} GiB of GPU memory for their {}, \
+                 {:.1} GiB are free after the weights: lower limits.max_batch or limits.max_context",
                 need as f64 / (1u64 << 30) as f64,
+                if shadow.is_some() {
+                    "ShadowKV state and a prefill"
+                } else {
+                    "KV caches"
+                },
                 free.saturating_sub(margin) as f64 / (1u64 << 30) as f64
             );
         }
@@ -66,6 +132,8 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
             cache_tokens,
             lanes,
             serials: LaneSerials::default(),
+            shadow,
+            retired: Vec::new(),
         })
     }
 
@@ -74,12 +142,138 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
         self.model.borrow()
     }
 
+    /// ShadowKV fetches the missed values by `fetch` (zero-copy unless set).
+    pub fn with_fetch(mut self, fetch: FetchPath) -> Self {
+        if let Some(s) = &mut self.shadow {
+            s.fetch = fetch;
+        }
+        self
+    }
+
     /// Graph captures, replays and eager steps of each lane.
     pub fn graph_counts(&self) -> Vec<(usize, usize, usize)> {
         self.lanes
             .iter()
             .map(|l| (l.graphs.captures, l.graphs.replays, l.graphs.eager))
             .collect()
+    }
+
+    /// Frees the dense caches whose compression has run.
+    fn free_retired(&mut self) {
+        self.retired.retain(|(done, _)| !done.is_complete());
+    }
+
+    /// A dense step (prompt chunks, or full-attention decoding) of `batch` on `lane`;
+    /// ShadowKV compresses each prompt it completes.
+    fn submit_dense(
+        &mut self,
+        lane: usize,
+        batch: &mut [StepSeq<'_, CudaSeq>],
+        prev: &[Option<u32>],
+    ) -> Result<StepTicket> {
+        let model: &CudaModel = self.model.borrow();
+        let mut allocated = false;
+        for s in batch.iter_mut() {
+            if matches!(s.seq.state, GpuState::Empty) {
+                let spec = s.seq.spec;
+                let cache = match &self.shadow {
+                    // The dense cache holds the prompt only: decoding is ShadowKV's.
+                    Some(_) => model.new_cache_pre_rope(spec.prompt_tokens)?,
+                    None => model.new_cache((spec.prompt_tokens + spec.max_tokens).min(self.cache_tokens))?,
+                };
+                s.seq.state = GpuState::Dense(cache);
+                allocated = true;
+            }
+        }
+        if allocated {
+            // New caches are allocated and zeroed on the model's own stream: done before
+            // the lane's stream writes them.
+            model.ops().device().synchronize()?;
+        }
+        let sampling: Vec<[u64; 5]> = batch
+            .iter()
+            .map(|s| s.seq.spec.sampling.device_row(s.seq.spec.seed, s.seq.sampled))
+            .collect();
+        const ONE: [u32; 1] = [0];
+        let mut seqs: Vec<GpuSeq> = batch
+            .iter_mut()
+            .map(|s| GpuSeq {
+                tokens: match s.input {
+                    StepInput::Tokens(t) => t,
+                    StepInput::Previous => &ONE,
+                },
+                cache: match &mut s.seq.state {
+                    GpuState::Dense(c) => c,
+                    _ => unreachable!("a dense step's sequences hold dense caches"),
+                },
+                logits: if s.sample {
+                    LogitsWanted::Last
+                } else {
+                    LogitsWanted::None
+                },
+            })
+            .collect();
+        let ticket = model.submit(&mut self.lanes[lane], &mut seqs, &sampling, prev)?;
+        drop(seqs);
+        if let Some(sh) = &mut self.shadow {
+            let ops = self.lanes[lane].ops();
+            let mut compressed_any = false;
+            for s in batch.iter_mut().filter(|s| s.prompt_done) {
+                compressed_any = true;
+                let GpuState::Dense(dense) = &s.seq.state else {
+                    unreachable!("checked above")
+                };
+                let compressed = model.compress_shadow(ops, dense, &sh.layout, &sh.pool, &mut sh.ws)?;
+                let done = ops.device().event(false)?;
+                done.record(ops.device().stream())?;
+                let GpuState::Dense(dense) = std::mem::replace(&mut s.seq.state, GpuState::Shadow(compressed)) else {
+                    unreachable!("checked above")
+                };
+                self.retired.push((done, dense));
+            }
+            if compressed_any {
+                // The sequences decode on another lane: their step ends once compressed.
+                ticket.extend(&self.lanes[lane])?;
+            }
+        }
+        Ok(ticket)
+    }
+
+    /// A ShadowKV decode step of `batch` (one token each) on `lane`.
+    fn submit_shadow(
+        &mut self,
+        lane: usize,
+        batch: &mut [StepSeq<'_, CudaSeq>],
+        prev: &[Option<u32>],
+    ) -> Result<StepTicket> {
+        let sh = self
+            .shadow
+            .as_ref()
+            .expect("ShadowKV sequences come from a ShadowKV backend");
+        let sampling: Vec<[u64; 5]> = batch
+            .iter()
+            .map(|s| s.seq.spec.sampling.device_row(s.seq.spec.seed, s.seq.sampled))
+            .collect();
+        const ONE: [u32; 1] = [0];
+        let mut inputs = Vec::with_capacity(batch.len());
+        for s in batch.iter_mut() {
+            ensure!(
+                s.sample && !s.prompt_done,
+                "a ShadowKV step decodes one token per sequence"
+            );
+            let token = match s.input {
+                StepInput::Tokens(t) if t.len() == 1 => t,
+                StepInput::Tokens(t) => bail!("a ShadowKV decode step takes one token per sequence, not {}", t.len()),
+                StepInput::Previous => &ONE,
+            };
+            let GpuState::Shadow(seq) = &mut s.seq.state else {
+                unreachable!("checked by the caller")
+            };
+            inputs.push(ShadowSeqInput { token, seq });
+        }
+        self.model
+            .borrow()
+            .submit_shadow(&mut self.lanes[lane], &mut inputs, &sampling, prev, &sh.pool, sh.fetch)
     }
 }
 
@@ -99,66 +293,56 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
         2
     }
 
-    fn new_seq(&self, sampling: &SamplingParams, seed: u64) -> Result<CudaSeq> {
+    fn new_seq(&self, spec: &SeqSpec) -> Result<CudaSeq> {
+        if let Some(sh) = &self.shadow {
+            sh.layout.check_prefill(spec.prompt_tokens)?;
+        }
         Ok(CudaSeq {
-            cache: None,
-            sampling: *sampling,
-            seed: sampling.seed.unwrap_or(seed),
+            state: GpuState::Empty,
+            spec: SeqSpec {
+                seed: spec.sampling.seed.unwrap_or(spec.seed),
+                ..*spec
+            },
             sampled: 0,
             last: None,
         })
     }
 
     fn seq_len(&self, seq: &CudaSeq) -> usize {
-        seq.cache.as_ref().map_or(0, |c| c.len())
+        match &seq.state {
+            GpuState::Empty => 0,
+            GpuState::Dense(c) => c.len(),
+            GpuState::Shadow(s) => s.len(),
+        }
     }
 
     fn seq_bytes(&self, seq: &CudaSeq) -> usize {
-        seq.cache.as_ref().map_or(0, |c| c.bytes())
+        match &seq.state {
+            GpuState::Empty => 0,
+            GpuState::Dense(c) => c.bytes(),
+            GpuState::Shadow(s) => s.bytes(),
+        }
     }
 
     fn submit(&mut self, lane: usize, batch: &mut [StepSeq<'_, CudaSeq>]) -> Result<StepTicket> {
         ensure!(lane < self.lanes.len(), "no lane {lane}");
+        self.free_retired();
         let mut prev = Vec::with_capacity(batch.len());
-        let mut sampling = Vec::with_capacity(batch.len());
-        let mut allocated = false;
-        for s in batch.iter_mut() {
-            if s.seq.cache.is_none() {
-                s.seq.cache = Some(self.model.borrow().new_cache(self.cache_tokens)?);
-                allocated = true;
-            }
+        for s in batch.iter() {
             prev.push(match s.input {
                 StepInput::Tokens(_) => None,
                 StepInput::Previous => Some(self.serials.previous_row(lane, s.seq.last)? as u32),
             });
-            sampling.push(s.seq.sampling.device_row(s.seq.seed, s.seq.sampled));
         }
-        if allocated {
-            // New caches are allocated and zeroed on the model's own stream: done before
-            // the lane's stream writes them.
-            self.model().ops().device().synchronize()?;
-        }
-        const ONE: [u32; 1] = [0];
-        let mut seqs: Vec<GpuSeq> = batch
-            .iter_mut()
-            .map(|s| GpuSeq {
-                tokens: match s.input {
-                    StepInput::Tokens(t) => t,
-                    StepInput::Previous => &ONE,
-                },
-                cache: s.seq.cache.as_mut().expect("allocated above"),
-                logits: if s.sample {
-                    LogitsWanted::Last
-                } else {
-                    LogitsWanted::None
-                },
-            })
-            .collect();
-        let ticket = self
-            .model
-            .borrow()
-            .submit(&mut self.lanes[lane], &mut seqs, &sampling, &prev)?;
-        drop(seqs);
+        let shadow = batch
+            .iter()
+            .filter(|s| matches!(s.seq.state, GpuState::Shadow(_)))
+            .count();
+        let ticket = match shadow {
+            0 => self.submit_dense(lane, batch, &prev)?,
+            n if n == batch.len() => self.submit_shadow(lane, batch, &prev)?,
+            _ => bail!("a step mixes ShadowKV decoding with prompt chunks: prefill on a lane of its own"),
+        };
         let step = self.serials.take(lane);
         for (row, s) in batch.iter_mut().filter(|s| s.sample).enumerate() {
             s.seq.last = Some(LastSample { lane, step, row });
@@ -173,6 +357,7 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
 
     fn complete(&mut self, lane: usize, ticket: StepTicket) -> Result<StepOutput> {
         let tokens = self.model.borrow().complete(&mut self.lanes[lane], ticket)?;
+        self.free_retired();
         Ok(StepOutput {
             tokens,
             failed: Vec::new(),
@@ -186,9 +371,31 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
             .device()
             .mem_info()
             .map_or(0, |(free, total)| total.saturating_sub(free));
+        let shadow = self.shadow_stats().unwrap_or_default();
         BackendStats {
             gpu_bytes: used as u64,
-            ..BackendStats::default()
+            pool_bytes: self.shadow.as_ref().map_or(0, |s| {
+                let p = s.pool.pool();
+                (p.leased() * p.bytes() / p.shape().seqs.max(1)) as u64
+            }),
+            value_bytes_fetched: shadow.value_bytes_fetched,
+            reuse_hit_ratio: shadow.hit_rate(),
         }
+    }
+
+    fn shadow_stats(&self) -> Option<ShadowStats> {
+        let sh = self.shadow.as_ref()?;
+        let (mut selected, mut hits) = (0, 0);
+        for lane in &self.lanes {
+            let (s, h) = self.model().shadow_counters(lane).unwrap_or((0, 0));
+            selected += s;
+            hits += h;
+        }
+        let misses = selected.saturating_sub(hits);
+        Some(ShadowStats {
+            hits,
+            misses,
+            value_bytes_fetched: misses * (sh.layout.chunk * sh.layout.head_dim * 2) as u64,
+        })
     }
 }

@@ -3,16 +3,18 @@
 //! model's context. [`generate`] runs it on the CPU (full attention or ShadowKV),
 //! [`generate_cuda`] on the GPU.
 
-use super::backend::{CpuBackend, StepBackend, StepInput, StepOutput, StepSeq};
+use super::backend::{CpuBackend, SeqSpec, StepBackend, StepInput, StepOutput, StepSeq};
 use super::backend_cuda::CudaBackend;
 use super::sampling::SamplingParams;
 pub use super::text::FinishReason;
 use super::text::{SeqText, StopRules};
 use crate::cpu::model::chunked_prefill;
 use crate::cpu::{CpuModel, LogitsWanted};
+use crate::cuda::shadow::decode::FetchPath;
+use crate::cuda::shadow::{GpuValuePool, ShadowLayout};
 use crate::cuda::CudaModel;
 use crate::model::tokenizer::TextTokenizer;
-use crate::pool::ValuePool;
+use crate::pool::{ValuePool, ValueType};
 use crate::shadow::{Attention, ShadowStats};
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -67,6 +69,8 @@ pub struct GenerateOptions {
     pub progress: bool,
     /// Full attention or ShadowKV.
     pub attention: Attention,
+    /// How ShadowKV on the GPU fetches the missed values.
+    pub value_fetch: FetchPath,
 }
 
 impl Default for GenerateOptions {
@@ -75,6 +79,7 @@ impl Default for GenerateOptions {
             prefill_chunk: 512,
             progress: false,
             attention: Attention::Full,
+            value_fetch: FetchPath::ZeroCopy,
         }
     }
 }
@@ -98,8 +103,9 @@ pub fn generate(
     run(&mut CpuBackend::new(model, shadow)?, tok, reqs, opts)
 }
 
-/// Runs every request to completion as one batch on the GPU; `graphs` captures decode
-/// steps as CUDA graphs. Full attention only.
+/// Runs every request to completion as one batch on the GPU, with full attention or
+/// ShadowKV as `opts.attention` says; `graphs` captures full-attention decode steps as
+/// CUDA graphs.
 pub fn generate_cuda(
     model: &CudaModel,
     tok: &TextTokenizer,
@@ -107,18 +113,24 @@ pub fn generate_cuda(
     opts: GenerateOptions,
     graphs: bool,
 ) -> Result<(Vec<Generation>, GenerateStats)> {
-    if opts.attention != Attention::Full {
-        bail!("the CUDA backend runs full attention only (ShadowKV runs on the CPU backend for now)");
-    }
-    let ctx = model.config().max_position_embeddings;
+    let cfg = model.config();
+    let ctx = cfg.max_position_embeddings;
     validate_requests(reqs, ctx)?;
     let cap = reqs
         .iter()
         .map(|r| (r.prompt.len() + r.max_tokens).min(ctx))
         .max()
         .unwrap_or(1);
+    let shadow = match opts.attention {
+        Attention::Full => None,
+        Attention::ShadowKv(p) => {
+            let layout = ShadowLayout::new(cfg, &p, cap)?;
+            let shape = GpuValuePool::shape_for(&layout, cfg.num_layers, reqs.len());
+            Some((p, ValuePool::anonymous_of(shape, ValueType::Bf16)?))
+        }
+    };
     run(
-        &mut CudaBackend::new(model, cap, reqs.len(), 1, graphs)?,
+        &mut CudaBackend::new(model, cap, reqs.len(), 1, graphs, shadow)?.with_fetch(opts.value_fetch),
         tok,
         reqs,
         opts,
@@ -144,7 +156,12 @@ pub fn run<B: StepBackend>(
     let mut seqs = Vec::with_capacity(reqs.len());
     let t0 = Instant::now();
     for r in reqs {
-        let mut seq = backend.new_seq(&r.sampling, r.sampling.seed.unwrap_or_else(rand::random))?;
+        let mut seq = backend.new_seq(&SeqSpec {
+            sampling: r.sampling,
+            seed: r.sampling.seed.unwrap_or_else(rand::random),
+            prompt_tokens: r.prompt.len(),
+            max_tokens: r.max_tokens,
+        })?;
         let first = chunked_prefill(
             &r.prompt,
             opts.prefill_chunk,

@@ -21,7 +21,7 @@
 //! sequence whose receiver is gone (the client disconnected) leaves before the next
 //! step.
 
-use super::backend::{StepBackend, StepInput, StepSeq};
+use super::backend::{SeqSpec, StepBackend, StepInput, StepSeq};
 use super::sampling::SamplingParams;
 use super::text::{FinishReason, SeqText, StopRules};
 use crate::model::tokenizer::TextTokenizer;
@@ -526,7 +526,13 @@ impl<M: StepBackend> Engine<M> {
         while self.running.len() < self.config.max_batch {
             let Some(job) = self.waiting.pop_front() else { break };
             let seed = job.req.sampling.seed.unwrap_or_else(rand::random);
-            let state = match self.model.new_seq(&job.req.sampling, seed) {
+            let spec = SeqSpec {
+                sampling: job.req.sampling,
+                seed,
+                prompt_tokens: job.req.prompt.len(),
+                max_tokens: job.req.max_tokens,
+            };
+            let state = match self.model.new_seq(&spec) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!("starting a sequence failed: {e:#}");

@@ -1,7 +1,9 @@
 //! Value pools: the host-memory home of ShadowKV's values, chunk-major, laid out
 //! `[layer][seq][kv_head][chunk][chunk_size·head_dim]`, backed by an anonymous or a
 //! file-backed memory map whose room is made sure of when it is created ([`space`]).
-//! Sequences lease a `seq` slot for their lifetime.
+//! Values are f32 (the CPU reference) or bf16 (the GPU, which registers the pool with
+//! the driver and reads and writes it through a mapped address). Sequences lease a
+//! `seq` slot for their lifetime.
 
 pub mod space;
 
@@ -44,10 +46,30 @@ impl PoolShape {
     }
 }
 
+/// The element type of a pool's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueType {
+    /// 4-byte floats (the CPU reference).
+    F32,
+    /// bf16 (the GPU).
+    Bf16,
+}
+
+impl ValueType {
+    /// Bytes per value.
+    pub fn bytes(self) -> usize {
+        match self {
+            ValueType::F32 => 4,
+            ValueType::Bf16 => 2,
+        }
+    }
+}
+
 struct PoolInner {
     shape: PoolShape,
+    ty: ValueType,
     /// Start of the map, taken once through `&mut` so leases may write through it.
-    base: *mut f32,
+    base: *mut u8,
     /// Keeps the mapping alive; only accessed through `base`.
     _memory: PoolMemory,
     free: Mutex<Vec<usize>>,
@@ -72,25 +94,44 @@ pub struct PoolLease {
 }
 
 impl ValuePool {
-    /// An anonymous (RAM, lazily committed) pool; refused (a [`space::SpaceError`]) when
-    /// the machine has less memory available.
+    /// An anonymous (RAM, lazily committed) f32 pool; refused (a [`space::SpaceError`])
+    /// when the machine has less memory available.
     pub fn anonymous(shape: PoolShape) -> Result<Self> {
-        Ok(Self::from_memory(shape, space::anonymous(shape.bytes(4)?)?))
+        Self::anonymous_of(shape, ValueType::F32)
     }
 
-    /// A pool backed by the file at `path`, created or emptied, with its blocks reserved
-    /// and locked against other processes; refused (a [`space::SpaceError`]) when its
-    /// filesystem has too little room.
+    /// An anonymous pool of `ty` values.
+    pub fn anonymous_of(shape: PoolShape, ty: ValueType) -> Result<Self> {
+        Ok(Self::from_memory(
+            shape,
+            ty,
+            space::anonymous(shape.bytes(ty.bytes())?)?,
+        ))
+    }
+
+    /// An f32 pool backed by the file at `path`, created or emptied, with its blocks
+    /// reserved and locked against other processes; refused (a [`space::SpaceError`])
+    /// when its filesystem has too little room.
     pub fn file_backed(shape: PoolShape, path: &Path) -> Result<Self> {
-        Ok(Self::from_memory(shape, space::file_backed(path, shape.bytes(4)?)?))
+        Self::file_backed_of(shape, path, ValueType::F32)
     }
 
-    fn from_memory(shape: PoolShape, mut memory: PoolMemory) -> Self {
+    /// A file-backed pool of `ty` values.
+    pub fn file_backed_of(shape: PoolShape, path: &Path, ty: ValueType) -> Result<Self> {
+        Ok(Self::from_memory(
+            shape,
+            ty,
+            space::file_backed(path, shape.bytes(ty.bytes())?)?,
+        ))
+    }
+
+    fn from_memory(shape: PoolShape, ty: ValueType, mut memory: PoolMemory) -> Self {
         let free = Mutex::new((0..shape.seqs).rev().collect());
-        let base = memory.as_mut_ptr() as *mut f32;
+        let base = memory.as_mut_ptr();
         ValuePool {
             inner: Arc::new(PoolInner {
                 shape,
+                ty,
                 base,
                 _memory: memory,
                 free,
@@ -101,6 +142,26 @@ impl ValuePool {
     /// The pool's shape.
     pub fn shape(&self) -> PoolShape {
         self.inner.shape
+    }
+
+    /// The pool's value type.
+    pub fn value_type(&self) -> ValueType {
+        self.inner.ty
+    }
+
+    /// Bytes the pool holds.
+    pub fn bytes(&self) -> usize {
+        self.inner.shape.elems().expect("checked at creation") * self.inner.ty.bytes()
+    }
+
+    /// The start of the pool's memory, for registering it with a device (which then
+    /// reads and writes leased slots through its own mapping).
+    ///
+    /// # Safety
+    /// The memory is the leases' to access: whoever writes through this pointer must
+    /// only touch slots whose leases it holds, and never while the host reads them.
+    pub unsafe fn base_ptr(&self) -> *mut u8 {
+        self.inner.base
     }
 
     /// Takes a free sequence slot.
@@ -133,31 +194,52 @@ impl PoolLease {
     }
 
     /// Start of one chunk of one head, bounds-checked.
-    fn chunk_ptr(&self, layer: usize, head: usize, chunk: usize) -> *mut f32 {
+    fn chunk_ptr(&self, layer: usize, head: usize, chunk: usize) -> *mut u8 {
         let s = &self.inner.shape;
         assert!(
             layer < s.layers && head < s.kv_heads && chunk < s.chunks,
             "pool index out of range"
         );
-        // SAFETY: the offset of an in-range index plus `chunk_elems` stays inside the map.
-        unsafe { self.inner.base.add(s.offset(layer, self.seq, head, chunk)) }
+        // SAFETY: the offset of an in-range index plus one chunk stays inside the map.
+        unsafe {
+            self.inner
+                .base
+                .add(s.offset(layer, self.seq, head, chunk) * self.inner.ty.bytes())
+        }
     }
 
-    /// Reads one chunk of values of one head.
+    /// Reads one chunk of f32 values of one head.
     pub fn read(&self, layer: usize, head: usize, chunk: usize, out: &mut [f32]) {
-        let n = self.inner.shape.chunk_elems;
-        // SAFETY: the chunk lies inside the page-aligned map, and only this lease (which
-        // we borrow shared here) touches slot `self.seq`.
-        let src = unsafe { std::slice::from_raw_parts(self.chunk_ptr(layer, head, chunk), n) };
-        out.copy_from_slice(src);
+        assert_eq!(
+            self.inner.ty,
+            ValueType::F32,
+            "an f32 read of a {:?} pool",
+            self.inner.ty
+        );
+        out.copy_from_slice(bytemuck::cast_slice(self.chunk_bytes(layer, head, chunk)));
     }
 
-    /// Writes one chunk of values of one head.
+    /// Writes one chunk of f32 values of one head.
     pub fn write(&mut self, layer: usize, head: usize, chunk: usize, data: &[f32]) {
-        let n = self.inner.shape.chunk_elems;
-        // SAFETY: as in `read`, and the lease is borrowed exclusively.
+        assert_eq!(
+            self.inner.ty,
+            ValueType::F32,
+            "an f32 write to a {:?} pool",
+            self.inner.ty
+        );
+        let n = self.inner.shape.chunk_elems * 4;
+        // SAFETY: the chunk lies inside the map, f32-aligned (the map is page-aligned
+        // and offsets are whole values), and the lease is borrowed exclusively.
         let dst = unsafe { std::slice::from_raw_parts_mut(self.chunk_ptr(layer, head, chunk), n) };
-        dst.copy_from_slice(data);
+        dst.copy_from_slice(bytemuck::cast_slice(data));
+    }
+
+    /// The bytes of one chunk of one head (`chunk_elems` values of the pool's type).
+    pub fn chunk_bytes(&self, layer: usize, head: usize, chunk: usize) -> &[u8] {
+        let n = self.inner.shape.chunk_elems * self.inner.ty.bytes();
+        // SAFETY: the chunk lies inside the map, and only this lease (borrowed shared
+        // here) touches slot `self.seq` from the host.
+        unsafe { std::slice::from_raw_parts(self.chunk_ptr(layer, head, chunk), n) }
     }
 }
 

@@ -13,10 +13,11 @@ use half::bf16;
 impl CudaOps {
     /// Splits the fused rows `qkv` `[batch, (heads + 2·kv_heads)·d]` of one new token per
     /// sequence of `t`: adds `bias` when given, rotates q and k at `positions[b]` with
-    /// `inv_freq`, writes q to `q_out` `[batch, heads·d]`, and, for a sequence with `n`
-    /// recent tokens, k and v to row `R - n - 1` of each head of its attention buffers
-    /// and the pre-RoPE k to row `R - n - 1` of its `kpre`. The caller then counts
-    /// `n + 1` ([`ShadowTable::set_counts`]); every sequence must have `n < R`.
+    /// `inv_freq`, writes q to `q_out` `[batch, heads·d]`, and, for a sequence whose
+    /// counts (already including this token) hold `n ≥ 1` recent tokens, k and v to row
+    /// `R - n` of each head of its attention buffers and the pre-RoPE k to row `R - n`
+    /// of its `kpre`: the counts of the whole step (select, attend, fold) serve the
+    /// append too.
     #[allow(clippy::too_many_arguments)]
     pub fn shadow_qkv_append(
         &self,
@@ -47,9 +48,8 @@ impl CudaOps {
         }
         for (i, c) in t.counts().iter().enumerate() {
             ensure!(
-                (c.recent as usize) < l.recent_rows(),
-                "qkv append: sequence {i}'s recent window is full ({} tokens): fold it first",
-                c.recent
+                c.recent >= 1,
+                "qkv append: sequence {i}'s counts must include the new token (recent window of 0)"
             );
         }
         let s = self.device().stream();
@@ -67,8 +67,8 @@ impl CudaOps {
             shared_mem_bytes: (d * 4) as u32,
         };
         // SAFETY: the inputs and outputs hold the batch's rows (checked); every target
-        // row R - n - 1 is inside the buffers (n < R checked), which match the layout
-        // (checked when the table was made).
+        // row R - n is inside the buffers (1 ≤ n checked here, n ≤ R when the table was
+        // made), which match the layout (checked then too).
         unsafe {
             self.launch_pdl(
                 &self.k.qkv_rope_append_shadow,

@@ -5,7 +5,7 @@
 use super::layout::{SeqAddrs, SeqCounts, ShadowLayout};
 use crate::cuda::CudaOps;
 use anyhow::{ensure, Result};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PinnedHostSlice};
 use half::bf16;
 use std::marker::PhantomData;
 
@@ -186,6 +186,8 @@ impl<'a> ShadowTable<'a> {
 /// What one decode step of a batch passes from stage to stage, sized for `batch`
 /// sequences of a layout (see each stage in [`crate::cuda::shadow`]).
 pub struct StepScratch {
+    layout: ShadowLayout,
+    batch: usize,
     /// Landmark scores `[batch, kv_heads, chunk_cap]` f32.
     pub scores: CudaSlice<f32>,
     /// Selected chunks `[batch, kv_heads, S]`, ascending, -1 after the last.
@@ -196,19 +198,66 @@ pub struct StepScratch {
     pub miss_count: CudaSlice<i32>,
     /// Hits so far (one counter, added to by every step).
     pub hits: CudaSlice<u64>,
+    /// The cpu-gather path's buffers, made on its first use.
+    pub gather: Option<GatherBuffers>,
+}
+
+/// What the cpu-gather path moves through the host: the miss lists read back, the
+/// gathered values in pinned staging, and their copy on the device.
+pub struct GatherBuffers {
+    /// Miss lists `[batch, kv_heads, S]` of (slot, chunk) pairs, read back.
+    pub misses: PinnedHostSlice<i32>,
+    /// Misses per head `[batch, kv_heads]`, read back.
+    pub miss_count: PinnedHostSlice<i32>,
+    /// Gathered values, `[misses, c·d]` in list order.
+    pub staging: PinnedHostSlice<bf16>,
+    /// The staging on the device.
+    pub device: CudaSlice<bf16>,
+}
+
+impl GatherBuffers {
+    /// Buffers for `batch` sequences of `layout`.
+    pub fn new(ops: &CudaOps, layout: &ShadowLayout, batch: usize) -> Result<Self> {
+        let ctx = ops.device().context();
+        let heads = batch * layout.kv_heads;
+        let rows = heads * layout.slots * layout.chunk * layout.head_dim;
+        // SAFETY: plain pinned memory (flags 0: the host reads and writes it), written
+        // by copies or by the gather before it is read.
+        unsafe {
+            Ok(GatherBuffers {
+                misses: ctx.alloc_pinned_with_flags(heads * layout.slots * 2, 0)?,
+                miss_count: ctx.alloc_pinned_with_flags(heads, 0)?,
+                staging: ctx.alloc_pinned_with_flags(rows, 0)?,
+                device: ops.device().zeros(rows)?,
+            })
+        }
+    }
 }
 
 impl StepScratch {
+    /// The layout it was made for.
+    pub fn layout(&self) -> &ShadowLayout {
+        &self.layout
+    }
+
+    /// Sequences it serves at most.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
     /// Scratch for `batch` sequences of `layout`.
     pub fn new(ops: &CudaOps, layout: &ShadowLayout, batch: usize) -> Result<Self> {
         let dev = ops.device();
         let heads = batch * layout.kv_heads;
         Ok(StepScratch {
+            layout: *layout,
+            batch,
             scores: dev.zeros(heads * layout.chunk_cap)?,
             selected: dev.zeros(heads * layout.slots)?,
             misses: dev.zeros(heads * layout.slots * 2)?,
             miss_count: dev.zeros(heads)?,
             hits: dev.zeros(1)?,
+            gather: None,
         })
     }
 }

@@ -133,6 +133,11 @@ pub struct HostMapping<'a, T> {
     _mem: std::marker::PhantomData<&'a mut [T]>,
 }
 
+// SAFETY: the mapping holds the memory's registration and an exclusive borrow of it;
+// a registration belongs to the context, not to a thread, so the mapping may move to
+// another thread (the engine thread) with its borrow.
+unsafe impl<T: Send> Send for HostMapping<'_, T> {}
+
 impl<'a, T: Copy> HostMapping<'a, T> {
     /// Registers `mem` (page-locks it) and maps it for the device of `ops`.
     pub fn new(ops: &CudaOps, mem: &'a mut [T]) -> Result<Self> {

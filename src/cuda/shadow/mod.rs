@@ -13,20 +13,30 @@
 //!   diff) → [`fetch`] (values of the misses) | [`rebuild`] (keys of the misses) →
 //!   attention with [`crate::cuda::CudaOps::flash_decode`], one entry per (sequence,
 //!   KV head) over [`ShadowLayout::attended_rows`] → [`fold`] (a full recent window's
-//!   oldest chunk into the sparse region).
+//!   oldest chunk into the sparse region); [`decode`] runs them in order for a step
+//!   ([`ShadowStep`]), fetching by zero-copy or cpu-gather.
+//! - A sequence ([`seq`]): its buffers of every layer, made from a dense prefill by
+//!   [`crate::cuda::CudaModel::compress_shadow`]; its values in the registered host
+//!   pool ([`pool`]).
 
 pub mod append;
 pub mod buffers;
+pub mod decode;
 pub mod factor;
 pub mod fetch;
 pub mod fold;
 pub mod landmarks;
 pub mod layout;
+pub mod pool;
 pub mod rebuild;
 pub mod reuse;
 pub mod select;
+pub mod seq;
 
 pub use buffers::{LayerBuffers, ShadowTable, StepScratch};
+pub use decode::ShadowStep;
 pub use factor::{FactorMethod, FactorWorkspace};
 pub use fetch::{HostMapping, FETCH_BLOCKS};
 pub use layout::{DevicePool, SeqAddrs, SeqCounts, ShadowLayout};
+pub use pool::GpuValuePool;
+pub use seq::{CompressWorkspace, GpuShadowSeq};

@@ -1,0 +1,269 @@
+//! The attention of one ShadowKV decode step, layer by layer ([`ShadowStep`]): the
+//! GPU form of [`crate::shadow::ShadowSeq::attend_layer`], one launch per stage for the
+//! whole batch — append the token to the recent window → landmark scores and top-k →
+//! reuse diff → rebuild the missed keys | fetch the missed values → flash-decoding over
+//! each (sequence, KV head)'s attended rows → fold a full window's oldest chunk.
+//!
+//! The values of the misses come one of two ways ([`FetchPath`]): `zero-copy`, a
+//! kernel on a few blocks reads them from the registered host pool over PCIe; or
+//! `cpu-gather`, the miss lists go back to the host, which copies the chunks from the
+//! pool into pinned staging on several threads while the GPU rebuilds the keys, and the
+//! staging goes to the GPU in one copy that a kernel scatters into the slots. The host
+//! waits for each layer's miss lists in this path (the pipeline actors of a later stage
+//! take that wait off the compute stream's thread).
+
+use super::buffers::{GatherBuffers, ShadowTable, StepScratch};
+use super::fetch::FETCH_BLOCKS;
+use super::layout::{DevicePool, SeqCounts, ShadowLayout};
+use super::pool::GpuValuePool;
+use super::seq::GpuShadowSeq;
+use crate::cpu::attention::AttnShape;
+use crate::cuda::attention::{partition_len, DecodeArgs, DecodeWorkspace};
+use crate::cuda::CudaOps;
+use anyhow::{ensure, Result};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr};
+use half::bf16;
+use rayon::prelude::*;
+use std::cell::Cell;
+use std::time::Instant;
+
+/// One decode step's ShadowKV state for every layer: each layer's table of the
+/// sequences' buffers and counts (the step's token included), the flash-decoding
+/// tables over the rows each (sequence, KV head) attends, and the value pool.
+pub struct ShadowStep<'a> {
+    layout: ShadowLayout,
+    tables: Vec<ShadowTable<'a>>,
+    pool: &'a GpuValuePool,
+    dev_pool: DevicePool,
+    fetch: FetchPath,
+    /// cpu-gather: seconds the host waited for miss lists, seconds it gathered, bytes.
+    pub gather: Cell<GatherTimes>,
+    /// `[layer][k | v][batch·kv_heads]` row addresses of the attended rows.
+    attn_ptrs: CudaSlice<u64>,
+    /// `[batch·kv_heads]` attended rows.
+    lens: CudaSlice<i32>,
+    max_len: usize,
+    /// Chunks selected this step, over the batch's heads (the hits and misses to come).
+    pub selected: u64,
+}
+
+impl<'a> ShadowStep<'a> {
+    /// The step of `seqs` (each about to take one token) on `ops`'s stream, fetching
+    /// values from `pool` by `fetch`.
+    pub fn new(ops: &CudaOps, seqs: &[&'a GpuShadowSeq], pool: &'a GpuValuePool, fetch: FetchPath) -> Result<Self> {
+        ensure!(!seqs.is_empty(), "a ShadowKV step needs a sequence");
+        let layout = *seqs[0].layer(0).layout();
+        let layers = seqs[0].layers();
+        let counts: Vec<SeqCounts> = seqs.iter().map(|s| s.counts_with_token()).collect();
+        let mut tables = Vec::with_capacity(layers);
+        for l in 0..layers {
+            let entries: Vec<_> = seqs.iter().zip(&counts).map(|(s, c)| (s.layer(l), *c)).collect();
+            tables.push(ShadowTable::new(ops, &entries)?);
+        }
+        let (d, kvh) = (layout.head_dim, layout.kv_heads);
+        let e = seqs.len() * kvh;
+        let mut ptrs = Vec::with_capacity(layers * 2 * e);
+        let mut lens = Vec::with_capacity(e);
+        let mut selected = 0u64;
+        for c in &counts {
+            let (_, len) = layout.attended_rows(c);
+            lens.extend(std::iter::repeat_n(len as i32, kvh));
+            selected += (kvh * layout.selected_for(c)) as u64;
+        }
+        for l in 0..layers {
+            for part in 0..2 {
+                for (s, c) in seqs.iter().zip(&counts) {
+                    let a = s.layer(l).addrs(ops);
+                    let base = [a.ak, a.av][part];
+                    let (first, _) = layout.attended_rows(c);
+                    for h in 0..kvh {
+                        ptrs.push(base + 2 * ((h * layout.rows_cap() + first) * d) as u64);
+                    }
+                }
+            }
+        }
+        let max_len = lens.iter().copied().max().unwrap_or(0) as usize;
+        Ok(ShadowStep {
+            layout,
+            tables,
+            pool,
+            dev_pool: pool.device(),
+            fetch,
+            gather: Cell::new(GatherTimes::default()),
+            attn_ptrs: ops.device().upload(&ptrs)?,
+            lens: ops.device().upload(&lens)?,
+            max_len,
+            selected,
+        })
+    }
+
+    /// Sequences.
+    pub fn batch(&self) -> usize {
+        self.tables[0].batch()
+    }
+
+    /// The batch's layout.
+    pub fn layout(&self) -> &ShadowLayout {
+        &self.layout
+    }
+
+    /// Layer `l`'s attention for the step's rows (one per sequence): splits `qkv`
+    /// (`[batch, (heads + 2·kv_heads)·d]`, `bias` added) into the rotated queries `q`
+    /// and the new key and value appended to each recent window (at `positions`), then
+    /// selects, diffs, rebuilds and fetches the missed chunks, writes the attention
+    /// output to `out` `[batch, heads·d]`, and folds full windows.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attend_layer(
+        &self,
+        ops: &CudaOps,
+        l: usize,
+        (q, qkv, bias): (&mut CudaSlice<bf16>, &CudaSlice<bf16>, Option<&CudaSlice<bf16>>),
+        positions: &CudaView<'_, i32>,
+        inv_freq: &CudaSlice<f32>,
+        out: &mut CudaSlice<bf16>,
+        scratch: &mut StepScratch,
+        ws: &mut DecodeWorkspace,
+    ) -> Result<()> {
+        let t = &self.tables[l];
+        let lay = &self.layout;
+        let heads = lay.kv_heads * lay.group;
+        ops.shadow_qkv_append(q, qkv, bias, positions, inv_freq, t, heads)?;
+        ops.shadow_scores(t, &*q, &mut scratch.scores)?;
+        ops.shadow_top_k(t, &scratch.scores, &mut scratch.selected)?;
+        ops.shadow_reuse(
+            t,
+            &scratch.selected,
+            &mut scratch.misses,
+            &mut scratch.miss_count,
+            &mut scratch.hits,
+        )?;
+        match self.fetch {
+            FetchPath::ZeroCopy => {
+                ops.shadow_rebuild(t, &scratch.misses, &scratch.miss_count, inv_freq)?;
+                // SAFETY: the pool is registered with the device (GpuValuePool) and each
+                // sequence reads only its own leased slot.
+                unsafe {
+                    ops.shadow_fetch_values(t, &scratch.misses, &scratch.miss_count, &self.dev_pool, l, FETCH_BLOCKS)?
+                };
+            }
+            FetchPath::CpuGather => self.cpu_gather(ops, l, scratch, inv_freq)?,
+        }
+        let e = self.batch() * lay.kv_heads;
+        let s = ops.device().stream();
+        let ptrs = self.attn_ptrs.device_ptr(s).0 + 8 * (2 * l * e) as u64;
+        let args = DecodeArgs {
+            out: out.device_ptr(s).0,
+            q: q.device_ptr(s).0,
+            k_ptrs: ptrs,
+            v_ptrs: ptrs + 8 * e as u64,
+            lens: self.lens.device_ptr(s).0,
+            batch: e,
+            max_len: self.max_len,
+        };
+        let shape = AttnShape {
+            heads: lay.group,
+            kv_heads: 1,
+            head_dim: lay.head_dim,
+        };
+        let part = partition_len(e, 1, self.max_len, ops.decode_slots());
+        // SAFETY: q and out hold batch·heads·d values (the step's rows); each entry's
+        // address is its head's first attended row, `lens` rows of d values inside the
+        // attention buffers (attended_rows), which the tables borrow for the step.
+        unsafe { ops.flash_decode_raw(&args, shape, ws, part)? };
+        // SAFETY: as the fetch: the registered pool, each sequence its own slot.
+        unsafe { ops.shadow_fold(t, &self.dev_pool, l) }
+    }
+
+    /// The cpu-gather fetch of layer `l`: reads the miss lists back, queues the key
+    /// rebuild, gathers the missed chunks from the pool into pinned staging on the
+    /// host's threads meanwhile, then copies the staging to the GPU and scatters it.
+    fn cpu_gather(&self, ops: &CudaOps, l: usize, scratch: &mut StepScratch, inv_freq: &CudaSlice<f32>) -> Result<()> {
+        let t = &self.tables[l];
+        let lay = &self.layout;
+        let batch = t.batch();
+        if scratch.gather.is_none() {
+            scratch.gather = Some(GatherBuffers::new(ops, lay, scratch.batch())?);
+        }
+        let s = ops.device().stream();
+        let heads = batch * lay.kv_heads;
+        {
+            let g = scratch.gather.as_mut().expect("made above");
+            s.memcpy_dtoh(&scratch.misses.slice(0..heads * lay.slots * 2), &mut g.misses)?;
+            s.memcpy_dtoh(&scratch.miss_count.slice(0..heads), &mut g.miss_count)?;
+        }
+        let lists = ops.device().event(false)?;
+        lists.record(s)?;
+        // The GPU rebuilds the keys while the host gathers the values.
+        ops.shadow_rebuild(t, &scratch.misses, &scratch.miss_count, inv_freq)?;
+        let t0 = Instant::now();
+        lists.synchronize()?;
+        let t1 = Instant::now();
+        let g = scratch.gather.as_mut().expect("made above");
+        let (misses, counts) = (g.misses.as_slice()?, g.miss_count.as_slice()?);
+        let shape = self.dev_pool.shape;
+        let chunk_elems = shape.chunk_elems;
+        // Each miss's source in the pool, in list order (sequence, head, place).
+        let mut sources = Vec::new();
+        for (e, &n) in counts[..heads].iter().enumerate() {
+            let (b, h) = (e / lay.kv_heads, e % lay.kv_heads);
+            let seq = t.counts()[b].pool_seq as usize;
+            for j in 0..n.max(0) as usize {
+                let chunk = misses[(e * lay.slots + j) * 2 + 1] as usize;
+                sources.push(self.dev_pool.chunk_offset(l, seq, h, chunk));
+            }
+        }
+        let staging = g.staging.as_mut_slice()?;
+        ensure!(
+            sources.len() * chunk_elems <= staging.len(),
+            "cpu-gather: {} misses overflow the staging",
+            sources.len()
+        );
+        // SAFETY: the pool's memory holds `shape` bf16 values; the offsets are of chunks
+        // inside it (the miss lists name chunks below chunk_cap of leased slots), which
+        // the device does not write during this step's fetch.
+        let pool: &[bf16] = unsafe {
+            std::slice::from_raw_parts(
+                self.pool.pool().base_ptr().cast::<bf16>(),
+                shape.elems().expect("checked at creation"),
+            )
+        };
+        staging[..sources.len() * chunk_elems]
+            .par_chunks_mut(chunk_elems)
+            .zip(sources.par_iter())
+            .for_each(|(dst, &src)| dst.copy_from_slice(&pool[src..src + chunk_elems]));
+        let t2 = Instant::now();
+        let n = sources.len() * chunk_elems;
+        let dst = g.device.device_ptr(s).0;
+        // SAFETY: the first n staged values go to the device staging (as large); the
+        // pinned staging outlives the copy, and the next write to it (the next layer's
+        // gather) waits for that layer's miss lists, queued after this copy.
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, &staging[..n], s.cu_stream()) }?;
+        ops.shadow_scatter_values(t, &scratch.misses, &scratch.miss_count, &g.device, FETCH_BLOCKS)?;
+        let mut times = self.gather.get();
+        times.wait_secs += (t1 - t0).as_secs_f64();
+        times.gather_secs += (t2 - t1).as_secs_f64();
+        times.bytes += 2 * n as u64;
+        self.gather.set(times);
+        Ok(())
+    }
+}
+
+/// How a decode step gets the missed values to the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FetchPath {
+    /// A kernel reads them from the registered host pool.
+    ZeroCopy,
+    /// Host threads gather them into pinned staging; one copy and a scatter kernel.
+    CpuGather,
+}
+
+/// Where the cpu-gather path spent its host time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GatherTimes {
+    /// Waiting for the miss lists.
+    pub wait_secs: f64,
+    /// Copying the chunks into staging.
+    pub gather_secs: f64,
+    /// Bytes gathered.
+    pub bytes: u64,
+}

@@ -1,0 +1,280 @@
+//! ShadowKV on the GPU, the whole model: prefill, compression on the GPU, decoding
+//! through the ShadowKV state with the values in the registered host pool. Without a
+//! GPU each test prints that it skipped.
+//!
+//! - With a budget covering the context, full rank and no outlier chunks, GPU ShadowKV
+//!   gives GPU full attention's greedy tokens, through generations that fold chunks.
+//!   The keys are rebuilt from bf16 coefficients (one more rounding than the dense
+//!   cache's keys), so a token may differ only at a near-tie: where full attention's
+//!   own top-2 margin, its logits recomputed with the tokens forced, is below 0.25.
+//! - At SmolLM2's usual settings, GPU ShadowKV against the CPU reference's ShadowKV:
+//!   the greedy tokens agree wherever the CPU's top-2 margin is clear (0.5: the GPU's
+//!   bf16 logits sit 0.1–0.3 from the CPU's f32 ones on SmolLM2), and the reuse hit
+//!   rates within 5 points.
+//! - The zero-copy and cpu-gather fetch paths give the same tokens (the same bytes).
+//! - Through the engine with a prefill lane, a request alone equals `generate_cuda`.
+
+mod common;
+
+use shadowkv::cpu::{CpuModel, LogitsWanted, SeqInput};
+use shadowkv::cuda::shadow::decode::FetchPath;
+use shadowkv::cuda::testing::ops_or_skip;
+use shadowkv::cuda::{CudaModel, GpuSeq};
+use shadowkv::engine::backend_cuda::CudaBackend;
+use shadowkv::engine::generate::{generate, generate_cuda, GenerateOptions, GenerateRequest};
+use shadowkv::engine::sampling::SamplingParams;
+use shadowkv::engine::scheduler::{spawn_engine, EngineRequest, Event, SchedulerConfig};
+use shadowkv::model::load::open_model;
+use shadowkv::model::tokenizer::TextTokenizer;
+use shadowkv::model::weights::ModelWeights;
+use shadowkv::pool::{ValuePool, ValueType};
+use shadowkv::shadow::{Attention, ShadowParams};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Top-2 margin of each row of `logits` (`rows × vocab`).
+fn margins(logits: &[f32], vocab: usize) -> Vec<f32> {
+    logits
+        .chunks_exact(vocab)
+        .map(|row| {
+            let mut top = [f32::NEG_INFINITY; 2];
+            for &x in row {
+                if x > top[0] {
+                    top = [x, top[0]];
+                } else if x > top[1] {
+                    top[1] = x;
+                }
+            }
+            top[0] - top[1]
+        })
+        .collect()
+}
+
+/// The prompt's last token, then the generated ones but the last: the inputs whose
+/// logits chose each generated token.
+fn forced(prompt: &[u32], gen: &[u32]) -> Vec<u32> {
+    let mut ids = vec![*prompt.last().expect("a prompt")];
+    ids.extend_from_slice(&gen[..gen.len().saturating_sub(1)]);
+    ids
+}
+
+/// The GPU's full-attention margins at each generated position, the tokens forced.
+fn gpu_margins(gpu: &CudaModel, prompt: &[u32], gen: &[u32]) -> Vec<f32> {
+    let mut cache = gpu.new_cache(prompt.len() + gen.len()).unwrap();
+    gpu.prefill(&mut cache, &prompt[..prompt.len() - 1], 512, |_| {})
+        .unwrap();
+    let logits = gpu
+        .forward(&mut [GpuSeq {
+            tokens: &forced(prompt, gen),
+            cache: &mut cache,
+            logits: LogitsWanted::All,
+        }])
+        .unwrap()
+        .remove(0);
+    margins(&logits, gpu.config().vocab_size)
+}
+
+/// The CPU's margins at each generated position, the tokens forced.
+fn cpu_margins(cpu: &CpuModel, prompt: &[u32], gen: &[u32]) -> Vec<f32> {
+    let mut cache = cpu.new_cache();
+    cpu.prefill(&mut cache, &prompt[..prompt.len() - 1], 512, |_| {})
+        .unwrap();
+    let logits = cpu
+        .forward(&mut [SeqInput {
+            tokens: &forced(prompt, gen),
+            cache: &mut cache,
+            logits: LogitsWanted::All,
+        }])
+        .unwrap()
+        .remove(0);
+    margins(&logits, cpu.config().vocab_size)
+}
+
+/// Where two token sequences first differ, if they do.
+fn parting(a: &[u32], b: &[u32]) -> Option<usize> {
+    (0..a.len().min(b.len())).find(|&i| a[i] != b[i])
+}
+
+fn smollm2() -> Option<(CudaModel, CpuModel, TextTokenizer)> {
+    let ops = ops_or_skip()?;
+    let m = open_model(common::test_model().to_str().unwrap()).unwrap();
+    let gpu = CudaModel::from_source(ops, m.config.clone(), m.source.as_ref(), false).unwrap();
+    let cpu = CpuModel::new(
+        m.config.clone(),
+        ModelWeights::load(&m.config, m.source.as_ref(), false).unwrap(),
+    );
+    Some((gpu, cpu, m.tokenizer))
+}
+
+/// A prompt of about `n` tokens of prose-like text.
+fn prompt(tok: &TextTokenizer, n: usize) -> Vec<u32> {
+    let text = "The river runs past the old mill, where the miller keeps his accounts in a \
+                ledger bound in green leather. Every spring the water rises and the village \
+                counts the days until the bridge opens again. ";
+    let mut ids = tok.encode(&text.repeat(n / 30 + 1), true).unwrap();
+    ids.truncate(n);
+    ids
+}
+
+fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        prompt,
+        max_tokens,
+        sampling: SamplingParams::default(),
+        stop: vec![],
+    }
+}
+
+#[test]
+fn every_chunk_at_full_rank_equals_full_attention() {
+    let Some((gpu, _, tok)) = smollm2() else { return };
+    let cfg = gpu.config().clone();
+    let kvd = cfg.num_kv_heads * cfg.head_dim;
+    for &(n, gen) in &[(700usize, 80usize), (1500, 64)] {
+        let ids = prompt(&tok, n);
+        let p = ShadowParams {
+            budget: 2048,
+            rank: kvd,
+            chunk_size: 8,
+            outlier_chunks: 0,
+            local_chunks: 4,
+        };
+        let opts = |attention| GenerateOptions {
+            prefill_chunk: 256,
+            attention,
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let (full, _) = generate_cuda(&gpu, &tok, &[request(ids.clone(), gen)], opts(Attention::Full), true).unwrap();
+        let (shadow, stats) = generate_cuda(
+            &gpu,
+            &tok,
+            &[request(ids.clone(), gen)],
+            opts(Attention::ShadowKv(p)),
+            true,
+        )
+        .unwrap();
+        let (a, b) = (&full[0].completion_ids, &shadow[0].completion_ids);
+        let st = stats.shadow.expect("ShadowKV counters");
+        eprintln!(
+            "prompt {n}: {} and {} tokens, hit rate {:.3}, {:.1} s",
+            a.len(),
+            b.len(),
+            st.hit_rate(),
+            t0.elapsed().as_secs_f64()
+        );
+        match parting(a, b) {
+            None => {
+                assert_eq!(a.len(), b.len(), "prompt {n}: one stopped early");
+                eprintln!("RESULT shadowkv_full_budget prompt={n} equal_tokens={}", a.len());
+            }
+            Some(i) => {
+                let m = gpu_margins(&gpu, &ids, a)[i];
+                eprintln!("RESULT shadowkv_full_budget prompt={n} parts_at={i} margin={m:.3}");
+                assert!(m < 0.25, "prompt {n}: token {i} differs at a clear margin {m:.3}");
+            }
+        }
+        // Everything stays resident: after the first step, every selected chunk is a hit.
+        assert!(st.hits > 0 && st.hit_rate() > 0.9, "hit rate {}", st.hit_rate());
+    }
+}
+
+#[test]
+fn usual_settings_agree_with_the_cpu_reference() {
+    let Some((gpu, cpu, tok)) = smollm2() else { return };
+    let ids = prompt(&tok, 3000);
+    let p = ShadowParams {
+        budget: 256,
+        rank: 96,
+        chunk_size: 8,
+        outlier_chunks: 8,
+        local_chunks: 4,
+    };
+    let gen = 64;
+    let opts = GenerateOptions {
+        prefill_chunk: 512,
+        attention: Attention::ShadowKv(p),
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let (g, gs) = generate_cuda(&gpu, &tok, &[request(ids.clone(), gen)], opts, true).unwrap();
+    let gpu_secs = t0.elapsed().as_secs_f64();
+    let (c, cs) = generate(&cpu, &tok, &[request(ids.clone(), gen)], opts).unwrap();
+    // The cpu-gather path moves the same bytes to the same slots: the same tokens.
+    let gather = GenerateOptions {
+        value_fetch: FetchPath::CpuGather,
+        ..opts
+    };
+    let (g2, _) = generate_cuda(&gpu, &tok, &[request(ids.clone(), gen)], gather, true).unwrap();
+    assert_eq!(
+        g2[0].completion_ids, g[0].completion_ids,
+        "zero-copy and cpu-gather differ"
+    );
+    eprintln!("RESULT shadowkv_fetch_paths equal_tokens={}", g[0].completion_ids.len());
+    let (a, b) = (&c[0].completion_ids, &g[0].completion_ids);
+    let (gh, ch) = (gs.shadow.unwrap().hit_rate(), cs.shadow.unwrap().hit_rate());
+    eprintln!("GPU {gpu_secs:.1} s, hit rates GPU {gh:.3} CPU {ch:.3}");
+    match parting(a, b) {
+        None => eprintln!("RESULT shadowkv_vs_cpu equal_tokens={}", a.len().min(b.len())),
+        Some(i) => {
+            let m = cpu_margins(&cpu, &ids, a)[i];
+            eprintln!("RESULT shadowkv_vs_cpu parts_at={i} cpu_margin={m:.3}");
+            assert!(m < 0.5, "token {i} differs from the CPU's at a clear margin {m:.3}");
+        }
+    }
+    assert!((gh - ch).abs() < 0.05, "hit rates GPU {gh:.3}, CPU {ch:.3}");
+}
+
+#[test]
+fn engine_with_a_prefill_lane_equals_generate_cuda() {
+    let Some((gpu, _, tok)) = smollm2() else { return };
+    let gpu = Arc::new(gpu);
+    let tok = Arc::new(tok);
+    let cfg = gpu.config().clone();
+    let p = ShadowParams {
+        budget: 256,
+        rank: 96,
+        chunk_size: 8,
+        outlier_chunks: 8,
+        local_chunks: 4,
+    };
+    let ids = prompt(&tok, 1200);
+    let gen = 40;
+    let opts = GenerateOptions {
+        prefill_chunk: 256,
+        attention: Attention::ShadowKv(p),
+        ..Default::default()
+    };
+    let (want, _) = generate_cuda(&gpu, &tok, &[request(ids.clone(), gen)], opts, true).unwrap();
+    let max_context = 2048;
+    let shape = p.pool_shape(&cfg, 2, max_context);
+    let pool = ValuePool::anonymous_of(shape, ValueType::Bf16).unwrap();
+    let backend = CudaBackend::new(gpu.clone(), max_context, 2, 2, true, Some((p, pool))).unwrap();
+    let config = SchedulerConfig {
+        max_batch: 2,
+        max_queue: 2,
+        max_context,
+        prefill_chunk: 256,
+    };
+    let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
+    let mut rx = engine
+        .submit(EngineRequest {
+            prompt: ids,
+            max_tokens: gen,
+            sampling: SamplingParams::default(),
+            stop: vec![],
+        })
+        .unwrap();
+    let mut text = String::new();
+    loop {
+        match rx.blocking_recv().expect("the engine ended the stream") {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done { .. } => break,
+            Event::Failed(e) => panic!("{e}"),
+        }
+    }
+    engine.shutdown(Duration::ZERO);
+    join.join().unwrap();
+    assert_eq!(text, want[0].text);
+    eprintln!("RESULT shadowkv_engine equal_text={}", text.len());
+}
