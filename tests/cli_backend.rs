@@ -61,7 +61,10 @@ fn bench_options_are_checked_by_name() {
         ),
         (&["--batch", "many"], "got `many`"),
         (&["--peer", "torch"], "--peer needs --backend cuda"),
-        (&["--backend", "cuda", "--attention", "shadowkv"], "full attention only"),
+        (
+            &["--backend", "cuda", "--value-fetch", "sideways"],
+            "invalid value 'sideways'",
+        ),
     ];
     for (extra, want) in cases {
         let mut args = vec!["bench", "--model", "synthetic:tiny", "--context", "64", "--gen", "2"];

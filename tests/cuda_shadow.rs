@@ -1387,8 +1387,9 @@ fn bad_inputs_are_errors_that_say_what() {
         assert!(e.contains("values per chunk"), "{e}");
     }
     {
-        let full = counts(10, l.recent_rows(), 2, 0);
-        let table = ShadowTable::new(&ops, &[(&b, full)]).unwrap();
+        // The append's counts include the new token: an empty window is a caller's mistake.
+        let empty = counts(10, 0, 2, 0);
+        let table = ShadowTable::new(&ops, &[(&b, empty)]).unwrap();
         let heads = l.kv_heads * l.group;
         let width = (heads + 2 * l.kv_heads) * l.head_dim;
         let mut q = dev.zeros::<bf16>(heads * l.head_dim).unwrap();
@@ -1403,7 +1404,7 @@ fn bad_inputs_are_errors_that_say_what() {
                 heads,
             )
             .unwrap_err());
-        assert!(e.contains("fold it first"), "{e}");
+        assert!(e.contains("include the new token"), "{e}");
     }
     b.ak = dev.zeros(10).unwrap();
     let e = ShadowTable::new(&ops, &[(&b, ok)]).err().map(msg).unwrap();

@@ -772,6 +772,11 @@ fn bad_topologies_fail_with_key_and_line() {
             &["line 5", "limits.max_context", "4096"],
         ),
         ("[limits]\nmax_batch = 2\n", &[], &["no model"]),
+        (
+            "[backend]\nkind = \"cuda\"\n\n[attention]\nmode = \"shadowkv\"\n\n[limits]\nprefill_lane = \"mixed\"\n",
+            &["--model", "synthetic:tiny"],
+            &["line 8", "limits.prefill_lane", "separate"],
+        ),
     ];
     for (topo, args, want) in cases {
         let (status, err) = serve_fails(topo, args);
@@ -780,15 +785,14 @@ fn bad_topologies_fail_with_key_and_line() {
             assert!(err.contains(w), "{topo:?}: stderr lacks {w:?}:\n{err}");
         }
     }
-    // The GPU host's topology is valid, but the CUDA backend serves full attention
-    // only so far: refused by name, before any model is opened.
-    let h200 = std::fs::read_to_string(common::repo_file("pipeline-configs/h200.toml")).unwrap();
-    let (status, err) = serve_fails(&h200, &[]);
-    assert!(!status.success());
-    assert!(
-        err.contains("attention.mode") && err.contains("full attention only"),
-        "{err}"
-    );
+    // The GPU host's topology is valid; without a GPU it is refused by its
+    // `backend.kind`, before any model is opened.
+    if shadowkv::cuda::CudaDevice::new(0).is_err() {
+        let h200 = std::fs::read_to_string(common::repo_file("pipeline-configs/h200.toml")).unwrap();
+        let (status, err) = serve_fails(&h200, &[]);
+        assert!(!status.success());
+        assert!(err.contains("backend.kind"), "{err}");
+    }
 }
 
 /// ShadowKV behind the same API: with a budget covering the context, full rank and no

@@ -56,6 +56,8 @@ pub fn run(
     let cfg = model.config();
     let layout = ShadowLayout::new(cfg, p, ctx + gen)?;
     let mut lane = model.new_lane(StreamPriority::High, false)?;
+    // Each stage of each layer timed on the GPU (events; a little overhead per layer).
+    lane.time_stages(true);
     let ops_dev = model.ops().device();
     let greedy = SamplingParams::default().device_row(0, 0);
     // Prefill one sequence, keeping its keys before RoPE.
@@ -147,6 +149,19 @@ pub fn run(
     let decode_secs = td.elapsed().as_secs_f64();
     let (sel1, hit1) = model.shadow_counters(&lane)?;
     let gather = lane.gather;
+    let stages: Vec<(String, f64)> = lane
+        .stage_ms
+        .iter()
+        .map(|(s, ms)| (s.name().to_string(), ms / gen as f64))
+        .collect();
+    eprintln!(
+        "[GPU ms per step by stage, summed over layers: {}]",
+        stages
+            .iter()
+            .map(|(s, ms)| format!("{s} {ms:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let (selected, hits) = ((sel1 - sel0) as f64, (hit1 - hit0) as f64);
     let misses = selected - hits;
     let chunk_bytes = (layout.chunk * layout.head_dim * 2) as f64;
@@ -200,6 +215,7 @@ pub fn run(
         "bound_ratio": step_ms / 1e3 / bound_s, "pcie_bytes_per_s_assumed": PCIE_BYTES_PER_S,
         "peak_gpu_gib": peak_gib, "host_pool_gib": host_gib, "pool_register_secs": register_secs,
         "gpu_fit": gpu_fit, "host_fit": host_fit, "value_fetch": fetch.label(),
+        "stage_ms_per_step": stages.iter().map(|(s, ms)| (s.clone(), serde_json::json!(ms))).collect::<serde_json::Map<_, _>>(),
         "gather_wait_ms_per_step": 1e3 * gather.wait_secs / gen as f64,
         "gather_ms_per_step": 1e3 * gather.gather_secs / gen as f64,
         "gather_gb_per_s": if gather.gather_secs > 0.0 { gather.bytes as f64 / gather.gather_secs / 1e9 } else { 0.0 },

@@ -23,7 +23,7 @@
 use super::device::StreamPriority;
 use super::model::{Attend, CudaModel, GpuCache, GpuSeq, Scratch, StageSeq, StepPlan};
 use super::ops::CudaOps;
-use super::shadow::decode::{FetchPath, GatherTimes};
+use super::shadow::decode::{stage_ms, FetchPath, GatherTimes, Stage};
 use super::shadow::{GpuShadowSeq, GpuValuePool, ShadowStep, StepScratch};
 use crate::cpu::LogitsWanted;
 use anyhow::{ensure, Result};
@@ -88,6 +88,12 @@ pub struct Lane {
     shadow_hits: u64,
     /// Host time of the cpu-gather path's steps.
     pub gather: GatherTimes,
+    /// Whether ShadowKV steps time their stages on the GPU.
+    time_stages: bool,
+    /// The queued step's stage marks, read when it completes.
+    marks: Vec<(Stage, CudaEvent)>,
+    /// Milliseconds of GPU time per ShadowKV stage, summed over completed steps.
+    pub stage_ms: Vec<(Stage, f64)>,
 }
 
 /// One ShadowKV sequence's part of a decode step.
@@ -102,6 +108,12 @@ impl Lane {
     /// The lane's operations (its stream).
     pub fn ops(&self) -> &CudaOps {
         &self.ops
+    }
+
+    /// Times the stages of its ShadowKV steps with events on the GPU (summed in
+    /// [`Lane::stage_ms`] as steps complete; a few microseconds of events a layer).
+    pub fn time_stages(&mut self, on: bool) {
+        self.time_stages = on;
     }
 }
 
@@ -139,6 +151,9 @@ impl CudaModel {
             shadow_selected: 0,
             shadow_hits: 0,
             gather: GatherTimes::default(),
+            time_stages: false,
+            marks: Vec::new(),
+            stage_ms: Vec::new(),
         })
     }
 
@@ -211,7 +226,12 @@ impl CudaModel {
         self.stage_sampling(ops, sc, &plan, sampling)?;
         let step = {
             let refs: Vec<&GpuShadowSeq> = seqs.iter().map(|s| &*s.seq).collect();
-            ShadowStep::new(ops, &refs, pool, fetch)?
+            let step = ShadowStep::new(ops, &refs, pool, fetch)?;
+            if lane.time_stages {
+                step.with_stage_times()
+            } else {
+                step
+            }
         };
         let layout = *step.layout();
         if sc
@@ -233,6 +253,7 @@ impl CudaModel {
         lane.gather.wait_secs += g.wait_secs;
         lane.gather.gather_secs += g.gather_secs;
         lane.gather.bytes += g.bytes;
+        lane.marks = step.take_marks();
         drop(step);
         for s in seqs.iter_mut() {
             s.seq.advance(&layout);
@@ -286,6 +307,14 @@ impl CudaModel {
     pub fn complete(&self, lane: &mut Lane, t: StepTicket) -> Result<Vec<u32>> {
         t.done.synchronize()?;
         lane.ops.device().context().check_err()?;
+        if !lane.marks.is_empty() {
+            for (stage, ms) in stage_ms(&std::mem::take(&mut lane.marks))? {
+                match lane.stage_ms.iter_mut().find(|(s, _)| *s == stage) {
+                    Some((_, t)) => *t += ms,
+                    None => lane.stage_ms.push((stage, ms)),
+                }
+            }
+        }
         if t.picked == 0 {
             return Ok(Vec::new());
         }

@@ -21,10 +21,11 @@ use crate::cpu::attention::AttnShape;
 use crate::cuda::attention::{partition_len, DecodeArgs, DecodeWorkspace};
 use crate::cuda::CudaOps;
 use anyhow::{ensure, Result};
+use cudarc::driver::CudaEvent;
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr};
 use half::bf16;
 use rayon::prelude::*;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::time::Instant;
 
 /// One decode step's ShadowKV state for every layer: each layer's table of the
@@ -38,12 +39,15 @@ pub struct ShadowStep<'a> {
     fetch: FetchPath,
     /// cpu-gather: seconds the host waited for miss lists, seconds it gathered, bytes.
     pub gather: Cell<GatherTimes>,
+    /// With stage timing on, an event at the end of each stage of each layer.
+    marks: Option<RefCell<Vec<(Stage, CudaEvent)>>>,
     /// `[layer][k | v][batch·kv_heads]` row addresses of the attended rows.
     attn_ptrs: CudaSlice<u64>,
     /// `[batch·kv_heads]` attended rows.
     lens: CudaSlice<i32>,
     max_len: usize,
-    /// Chunks selected this step, over the batch's heads (the hits and misses to come).
+    /// Chunks selected this step, over the batch's layers and heads (the hits and
+    /// misses to come).
     pub selected: u64,
 }
 
@@ -68,7 +72,8 @@ impl<'a> ShadowStep<'a> {
         for c in &counts {
             let (_, len) = layout.attended_rows(c);
             lens.extend(std::iter::repeat_n(len as i32, kvh));
-            selected += (kvh * layout.selected_for(c)) as u64;
+            // Every layer selects (and the reuse kernel counts hits) for every head.
+            selected += (layers * kvh * layout.selected_for(c)) as u64;
         }
         for l in 0..layers {
             for part in 0..2 {
@@ -90,6 +95,7 @@ impl<'a> ShadowStep<'a> {
             dev_pool: pool.device(),
             fetch,
             gather: Cell::new(GatherTimes::default()),
+            marks: None,
             attn_ptrs: ops.device().upload(&ptrs)?,
             lens: ops.device().upload(&lens)?,
             max_len,
@@ -100,6 +106,12 @@ impl<'a> ShadowStep<'a> {
     /// Sequences.
     pub fn batch(&self) -> usize {
         self.tables[0].batch()
+    }
+
+    /// Times every stage of every layer with events on the GPU ([`ShadowStep::take_marks`]).
+    pub fn with_stage_times(mut self) -> Self {
+        self.marks = Some(RefCell::new(Vec::new()));
+        self
     }
 
     /// The batch's layout.
@@ -127,9 +139,12 @@ impl<'a> ShadowStep<'a> {
         let t = &self.tables[l];
         let lay = &self.layout;
         let heads = lay.kv_heads * lay.group;
+        self.mark(ops, Stage::Start)?;
         ops.shadow_qkv_append(q, qkv, bias, positions, inv_freq, t, heads)?;
+        self.mark(ops, Stage::Append)?;
         ops.shadow_scores(t, &*q, &mut scratch.scores)?;
         ops.shadow_top_k(t, &scratch.scores, &mut scratch.selected)?;
+        self.mark(ops, Stage::Select)?;
         ops.shadow_reuse(
             t,
             &scratch.selected,
@@ -137,14 +152,17 @@ impl<'a> ShadowStep<'a> {
             &mut scratch.miss_count,
             &mut scratch.hits,
         )?;
+        self.mark(ops, Stage::Reuse)?;
         match self.fetch {
             FetchPath::ZeroCopy => {
                 ops.shadow_rebuild(t, &scratch.misses, &scratch.miss_count, inv_freq)?;
+                self.mark(ops, Stage::Rebuild)?;
                 // SAFETY: the pool is registered with the device (GpuValuePool) and each
                 // sequence reads only its own leased slot.
                 unsafe {
                     ops.shadow_fetch_values(t, &scratch.misses, &scratch.miss_count, &self.dev_pool, l, FETCH_BLOCKS)?
                 };
+                self.mark(ops, Stage::Fetch)?;
             }
             FetchPath::CpuGather => self.cpu_gather(ops, l, scratch, inv_freq)?,
         }
@@ -170,8 +188,26 @@ impl<'a> ShadowStep<'a> {
         // address is its head's first attended row, `lens` rows of d values inside the
         // attention buffers (attended_rows), which the tables borrow for the step.
         unsafe { ops.flash_decode_raw(&args, shape, ws, part)? };
+        self.mark(ops, Stage::Attend)?;
         // SAFETY: as the fetch: the registered pool, each sequence its own slot.
-        unsafe { ops.shadow_fold(t, &self.dev_pool, l) }
+        unsafe { ops.shadow_fold(t, &self.dev_pool, l)? };
+        self.mark(ops, Stage::Fold)
+    }
+
+    /// With stage timing on, records an event marking the end of `stage` (or the start
+    /// of the layer's work) on `ops`'s stream.
+    fn mark(&self, ops: &CudaOps, stage: Stage) -> Result<()> {
+        if let Some(marks) = &self.marks {
+            let e = ops.device().event(true)?;
+            e.record(ops.device().stream())?;
+            marks.borrow_mut().push((stage, e));
+        }
+        Ok(())
+    }
+
+    /// The stage marks recorded (empty without timing), to read once the step is done.
+    pub fn take_marks(&self) -> Vec<(Stage, CudaEvent)> {
+        self.marks.as_ref().map(|m| m.take()).unwrap_or_default()
     }
 
     /// The cpu-gather fetch of layer `l`: reads the miss lists back, queues the key
@@ -195,6 +231,7 @@ impl<'a> ShadowStep<'a> {
         lists.record(s)?;
         // The GPU rebuilds the keys while the host gathers the values.
         ops.shadow_rebuild(t, &scratch.misses, &scratch.miss_count, inv_freq)?;
+        self.mark(ops, Stage::Rebuild)?;
         let t0 = Instant::now();
         lists.synchronize()?;
         let t1 = Instant::now();
@@ -239,6 +276,7 @@ impl<'a> ShadowStep<'a> {
         // gather) waits for that layer's miss lists, queued after this copy.
         unsafe { cudarc::driver::result::memcpy_htod_async(dst, &staging[..n], s.cu_stream()) }?;
         ops.shadow_scatter_values(t, &scratch.misses, &scratch.miss_count, &g.device, FETCH_BLOCKS)?;
+        self.mark(ops, Stage::Fetch)?;
         let mut times = self.gather.get();
         times.wait_secs += (t1 - t0).as_secs_f64();
         times.gather_secs += (t2 - t1).as_secs_f64();
@@ -246,6 +284,62 @@ impl<'a> ShadowStep<'a> {
         self.gather.set(times);
         Ok(())
     }
+}
+
+/// The stages of a ShadowKV decode layer, as the stage timing names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// The layer's work begins (no stage ends here).
+    Start,
+    /// The qkv split and the append to the recent window.
+    Append,
+    /// Landmark scores and top-k.
+    Select,
+    /// The reuse diff.
+    Reuse,
+    /// The key rebuild of the misses.
+    Rebuild,
+    /// The value fetch of the misses (zero-copy, or cpu-gather's copy and scatter).
+    Fetch,
+    /// Flash-decoding over the attended rows.
+    Attend,
+    /// The fold of full windows.
+    Fold,
+}
+
+impl Stage {
+    /// The stage's name (metrics and benchmark labels).
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Start => "start",
+            Stage::Append => "append",
+            Stage::Select => "select",
+            Stage::Reuse => "reuse",
+            Stage::Rebuild => "reconstruct",
+            Stage::Fetch => "fetch",
+            Stage::Attend => "attention",
+            Stage::Fold => "fold",
+        }
+    }
+}
+
+/// Milliseconds of GPU time per stage, from a step's marks (each stage from the
+/// previous mark to its own; `Start` marks open a layer).
+pub fn stage_ms(marks: &[(Stage, CudaEvent)]) -> Result<Vec<(Stage, f64)>> {
+    let mut out: Vec<(Stage, f64)> = Vec::new();
+    for w in marks.windows(2) {
+        let (_, a) = &w[0];
+        let (stage, b) = &w[1];
+        if *stage == Stage::Start {
+            continue;
+        }
+        let ms = a.elapsed_ms(b)? as f64;
+        match out.iter_mut().find(|(s, _)| s == stage) {
+            Some((_, t)) => *t += ms,
+            None => out.push((*stage, ms)),
+        }
+    }
+    Ok(out)
 }
 
 /// How a decode step gets the missed values to the GPU.
