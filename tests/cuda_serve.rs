@@ -15,9 +15,8 @@
 
 mod common;
 
-use shadowkv::cpu::LogitsWanted;
 use shadowkv::cuda::testing::ops_or_skip;
-use shadowkv::cuda::{CudaModel, GpuSeq};
+use shadowkv::cuda::CudaModel;
 use shadowkv::engine::backend_cuda::CudaBackend;
 use shadowkv::engine::generate::{generate_cuda, GenerateOptions, GenerateRequest};
 use shadowkv::engine::sampling::SamplingParams;
@@ -59,37 +58,6 @@ fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (String, usiz
             Event::Failed(e) => panic!("request failed: {e}"),
         }
     }
-}
-
-/// The top-2 margin of the GPU's logits at each generated position of `gen` after
-/// `prompt`, the tokens forced.
-fn gpu_margins(gpu: &CudaModel, prompt: &[u32], gen: &[u32]) -> Vec<f32> {
-    let mut ids = prompt.to_vec();
-    ids.extend_from_slice(&gen[..gen.len().saturating_sub(1)]);
-    let mut cache = gpu.new_cache(ids.len()).unwrap();
-    let logits = gpu
-        .forward(&mut [GpuSeq {
-            tokens: &ids,
-            cache: &mut cache,
-            logits: LogitsWanted::All,
-        }])
-        .unwrap()
-        .remove(0);
-    let v = gpu.config().vocab_size;
-    (prompt.len() - 1..ids.len())
-        .map(|p| {
-            let row = &logits[p * v..(p + 1) * v];
-            let mut top = [f32::NEG_INFINITY; 2];
-            for &x in row {
-                if x > top[0] {
-                    top = [x, top[0]];
-                } else if x > top[1] {
-                    top[1] = x;
-                }
-            }
-            top[0] - top[1]
-        })
-        .collect()
 }
 
 struct Setup {
@@ -179,7 +147,7 @@ fn engine_batch_equals_lone_runs_up_to_near_ties() {
             let at = (0..ids.len())
                 .find(|&k| !text.starts_with(&s.tok.decode(&ids[..=k], true).unwrap()))
                 .unwrap_or(ids.len());
-            let margins = gpu_margins(&s.gpu, &r.prompt, ids);
+            let margins = common::gpu_margins(&s.gpu, &r.prompt, ids);
             let m = margins.get(at).copied().unwrap_or(0.0);
             eprintln!("lanes {lanes}: a sequence parts from its lone run at token {at} (margin {m:.3})");
             assert!(

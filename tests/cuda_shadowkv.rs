@@ -19,7 +19,7 @@ mod common;
 use shadowkv::cpu::{CpuModel, LogitsWanted, SeqInput};
 use shadowkv::cuda::shadow::decode::FetchPath;
 use shadowkv::cuda::testing::ops_or_skip;
-use shadowkv::cuda::{CudaModel, GpuSeq};
+use shadowkv::cuda::CudaModel;
 use shadowkv::engine::backend_cuda::CudaBackend;
 use shadowkv::engine::generate::{generate, generate_cuda, GenerateOptions, GenerateRequest};
 use shadowkv::engine::sampling::SamplingParams;
@@ -32,48 +32,6 @@ use shadowkv::shadow::{Attention, ShadowParams};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Top-2 margin of each row of `logits` (`rows × vocab`).
-fn margins(logits: &[f32], vocab: usize) -> Vec<f32> {
-    logits
-        .chunks_exact(vocab)
-        .map(|row| {
-            let mut top = [f32::NEG_INFINITY; 2];
-            for &x in row {
-                if x > top[0] {
-                    top = [x, top[0]];
-                } else if x > top[1] {
-                    top[1] = x;
-                }
-            }
-            top[0] - top[1]
-        })
-        .collect()
-}
-
-/// The prompt's last token, then the generated ones but the last: the inputs whose
-/// logits chose each generated token.
-fn forced(prompt: &[u32], gen: &[u32]) -> Vec<u32> {
-    let mut ids = vec![*prompt.last().expect("a prompt")];
-    ids.extend_from_slice(&gen[..gen.len().saturating_sub(1)]);
-    ids
-}
-
-/// The GPU's full-attention margins at each generated position, the tokens forced.
-fn gpu_margins(gpu: &CudaModel, prompt: &[u32], gen: &[u32]) -> Vec<f32> {
-    let mut cache = gpu.new_cache(prompt.len() + gen.len()).unwrap();
-    gpu.prefill(&mut cache, &prompt[..prompt.len() - 1], 512, |_| {})
-        .unwrap();
-    let logits = gpu
-        .forward(&mut [GpuSeq {
-            tokens: &forced(prompt, gen),
-            cache: &mut cache,
-            logits: LogitsWanted::All,
-        }])
-        .unwrap()
-        .remove(0);
-    margins(&logits, gpu.config().vocab_size)
-}
-
 /// The CPU's margins at each generated position, the tokens forced.
 fn cpu_margins(cpu: &CpuModel, prompt: &[u32], gen: &[u32]) -> Vec<f32> {
     let mut cache = cpu.new_cache();
@@ -81,13 +39,13 @@ fn cpu_margins(cpu: &CpuModel, prompt: &[u32], gen: &[u32]) -> Vec<f32> {
         .unwrap();
     let logits = cpu
         .forward(&mut [SeqInput {
-            tokens: &forced(prompt, gen),
+            tokens: &common::forced_inputs(prompt, gen),
             cache: &mut cache,
             logits: LogitsWanted::All,
         }])
         .unwrap()
         .remove(0);
-    margins(&logits, cpu.config().vocab_size)
+    common::top2_margins(&logits, cpu.config().vocab_size)
 }
 
 /// Where two token sequences first differ, if they do.
@@ -169,7 +127,7 @@ fn every_chunk_at_full_rank_equals_full_attention() {
                 eprintln!("RESULT shadowkv_full_budget prompt={n} equal_tokens={}", a.len());
             }
             Some(i) => {
-                let m = gpu_margins(&gpu, &ids, a)[i];
+                let m = common::gpu_margins(&gpu, &ids, a)[i];
                 eprintln!("RESULT shadowkv_full_budget prompt={n} parts_at={i} margin={m:.3}");
                 assert!(m < 0.25, "prompt {n}: token {i} differs at a clear margin {m:.3}");
             }

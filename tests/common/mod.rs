@@ -81,3 +81,46 @@ pub fn ids(v: &Value) -> Vec<u32> {
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
 }
+
+/// The top-2 margin (largest minus second-largest) of each row of `logits` (`rows × vocab`).
+pub fn top2_margins(logits: &[f32], vocab: usize) -> Vec<f32> {
+    logits
+        .chunks_exact(vocab)
+        .map(|row| {
+            let mut top = [f32::NEG_INFINITY; 2];
+            for &x in row {
+                if x > top[0] {
+                    top = [x, top[0]];
+                } else if x > top[1] {
+                    top[1] = x;
+                }
+            }
+            top[0] - top[1]
+        })
+        .collect()
+}
+
+/// The prompt's last token, then the generated ones but the last: the inputs whose
+/// logits chose each generated token.
+pub fn forced_inputs(prompt: &[u32], gen: &[u32]) -> Vec<u32> {
+    let mut ids = vec![*prompt.last().expect("a prompt")];
+    ids.extend_from_slice(&gen[..gen.len().saturating_sub(1)]);
+    ids
+}
+
+/// The GPU's full-attention top-2 margins at each generated position of `gen` after
+/// `prompt`, the tokens forced.
+pub fn gpu_margins(gpu: &shadowkv::cuda::CudaModel, prompt: &[u32], gen: &[u32]) -> Vec<f32> {
+    let mut cache = gpu.new_cache(prompt.len() + gen.len()).unwrap();
+    gpu.prefill(&mut cache, &prompt[..prompt.len() - 1], 512, |_| {})
+        .unwrap();
+    let logits = gpu
+        .forward(&mut [shadowkv::cuda::GpuSeq {
+            tokens: &forced_inputs(prompt, gen),
+            cache: &mut cache,
+            logits: shadowkv::cpu::LogitsWanted::All,
+        }])
+        .unwrap()
+        .remove(0);
+    top2_margins(&logits, gpu.config().vocab_size)
+}
