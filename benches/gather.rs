@@ -16,7 +16,9 @@ const MISSES: usize = 4096;
 fn bench(c: &mut Criterion) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!("machine: {cores} hardware threads");
-    let pool: Vec<bf16> = (0..POOL_CHUNKS * CHUNK).map(|i| bf16::from_f32((i % 251) as f32)).collect();
+    let pool: Vec<bf16> = (0..POOL_CHUNKS * CHUNK)
+        .map(|i| bf16::from_f32((i % 251) as f32))
+        .collect();
     // A fixed scramble of chunk ids (a multiplicative hash), the same every run.
     let sources: Vec<usize> = (0..MISSES).map(|i| (i * 2_654_435_761 % POOL_CHUNKS) * CHUNK).collect();
     let mut staging = vec![bf16::ZERO; MISSES * CHUNK];

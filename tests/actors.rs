@@ -24,9 +24,7 @@ fn a_full_inbox_blocks_the_sender() {
     // The handler waits for a release per message: the inbox (2) plus the message in
     // hand hold 3, so the 4th send must block until one is released.
     let (release, gate) = bounded::<()>(0);
-    let actor = Arc::new(
-        Actor::spawn(ActorSpec::new("pressure", 2), move |_: u32| gate.recv().unwrap()).unwrap(),
-    );
+    let actor = Arc::new(Actor::spawn(ActorSpec::new("pressure", 2), move |_: u32| gate.recv().unwrap()).unwrap());
     for m in 0..3 {
         actor.send(m).unwrap();
     }
@@ -90,7 +88,10 @@ fn a_panicking_handler_is_reported_not_hung() {
 
 #[test]
 fn the_busy_ratio_and_counts_follow_the_work() {
-    let actor = Actor::spawn(ActorSpec::new("busy", 8), |_: ()| std::thread::sleep(Duration::from_millis(20))).unwrap();
+    let actor = Actor::spawn(ActorSpec::new("busy", 8), |_: ()| {
+        std::thread::sleep(Duration::from_millis(20))
+    })
+    .unwrap();
     assert_eq!(actor.busy_ratio(), 0.0);
     for _ in 0..5 {
         actor.send(()).unwrap();
@@ -124,9 +125,16 @@ fn gather_copies_every_chunk_to_its_place() {
         let mut dst = vec![u32::MAX; sources.len() * chunk + 5];
         pool.gather(&src, &sources, chunk, &mut dst).unwrap();
         for (i, &s) in sources.iter().enumerate() {
-            assert_eq!(&dst[i * chunk..][..chunk], &src[s..s + chunk], "threads {threads}, chunk {i}");
+            assert_eq!(
+                &dst[i * chunk..][..chunk],
+                &src[s..s + chunk],
+                "threads {threads}, chunk {i}"
+            );
         }
-        assert!(dst[sources.len() * chunk..].iter().all(|&v| v == u32::MAX), "wrote past the list");
+        assert!(
+            dst[sources.len() * chunk..].iter().all(|&v| v == u32::MAX),
+            "wrote past the list"
+        );
         // Fewer items than threads, and none.
         pool.gather(&src, &sources[..2], chunk, &mut dst).unwrap();
         pool.gather(&src, &[], chunk, &mut dst).unwrap();
@@ -138,11 +146,17 @@ fn gather_refuses_what_does_not_fit() {
     let pool = GatherPool::new(2, &[]).unwrap();
     let src = vec![0u16; 100];
     let mut dst = vec![0u16; 30];
-    let e = pool.gather(&src, &[0, 10, 20, 30], 10, &mut dst).unwrap_err().to_string();
+    let e = pool
+        .gather(&src, &[0, 10, 20, 30], 10, &mut dst)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("overflow the staging of 30"), "{e}");
     let e = pool.gather(&src, &[0, 95], 10, &mut dst).unwrap_err().to_string();
     assert!(e.contains("chunk at 95 lies outside the pool of 100"), "{e}");
-    let e = pool.gather(&src, &[usize::MAX - 3], 10, &mut dst).unwrap_err().to_string();
+    let e = pool
+        .gather(&src, &[usize::MAX - 3], 10, &mut dst)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("outside the pool"), "{e}");
     assert!(GatherPool::new(0, &[]).is_err());
 }

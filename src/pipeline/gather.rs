@@ -105,16 +105,31 @@ impl GatherPool {
     /// Copies chunk `sources[i]` of `src` (chunks of `chunk` elements; the source is
     /// given as the chunk's first element) to the i-th chunk of `dst`, the list split
     /// over the threads.
-    pub fn gather<T: Copy + Send + Sync>(&self, src: &[T], sources: &[usize], chunk: usize, dst: &mut [T]) -> Result<()> {
-        let need = sources.len().checked_mul(chunk).ok_or_else(|| anyhow!("gather: size overflows"))?;
+    pub fn gather<T: Copy + Send + Sync>(
+        &self,
+        src: &[T],
+        sources: &[usize],
+        chunk: usize,
+        dst: &mut [T],
+    ) -> Result<()> {
+        let need = sources
+            .len()
+            .checked_mul(chunk)
+            .ok_or_else(|| anyhow!("gather: size overflows"))?;
         ensure!(
             need <= dst.len(),
             "gather: {} chunks of {chunk} elements overflow the staging of {}",
             sources.len(),
             dst.len()
         );
-        if let Some(&bad) = sources.iter().find(|&&s| s.checked_add(chunk).is_none_or(|e| e > src.len())) {
-            return Err(anyhow!("gather: a chunk at {bad} lies outside the pool of {} elements", src.len()));
+        if let Some(&bad) = sources
+            .iter()
+            .find(|&&s| s.checked_add(chunk).is_none_or(|e| e > src.len()))
+        {
+            return Err(anyhow!(
+                "gather: a chunk at {bad} lies outside the pool of {} elements",
+                src.len()
+            ));
         }
         let out = dst.as_mut_ptr() as usize;
         self.for_each_range(sources.len(), &|r: Range<usize>| {
