@@ -13,6 +13,7 @@ pub mod cuda;
 pub mod engine;
 pub mod eval;
 pub mod model;
+pub mod pipeline;
 pub mod pool;
 pub mod server;
 pub mod shadow;

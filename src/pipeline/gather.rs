@@ -1,0 +1,146 @@
+//! The gather actors: threads pinned to the cores of the GPU's NUMA node that copy
+//! missed value chunks from the pool into staging, each a share of the list.
+//!
+//! [`GatherPool::for_each_range`] splits `0..n` into one contiguous range per thread
+//! and waits until every thread has answered; [`GatherPool::gather`] is the chunk copy
+//! built on it. A thread whose work panics answers with an error, so the call fails
+//! with a message naming the thread, the other threads finish their ranges, and the
+//! pool keeps serving the next call.
+
+use super::actor::{panic_message, Actor, ActorSpec};
+use anyhow::{anyhow, ensure, Result};
+use crossbeam_channel::{bounded, Sender};
+use std::ops::Range;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Work handed to a gather thread: a range of the call's items and the function to run
+/// on it (borrowed from the caller, who waits for the answer before returning).
+struct Part {
+    range: Range<usize>,
+    work: *const (dyn Fn(Range<usize>) + Sync + 'static),
+    done: Sender<std::result::Result<(), String>>,
+}
+
+// SAFETY: `work` points to a `Sync` closure that outlives the part: for_each_range
+// waits for the answer of every part it sent before it returns.
+unsafe impl Send for Part {}
+
+/// N pinned gather threads.
+pub struct GatherPool {
+    threads: Vec<Actor<Part>>,
+}
+
+impl GatherPool {
+    /// One thread per entry of `cores` (each pinned to its core), or `threads`
+    /// unpinned threads when `cores` is empty. Thread i is named `gather-i`.
+    pub fn new(threads: usize, cores: &[usize]) -> Result<Self> {
+        let n = if cores.is_empty() { threads } else { cores.len() };
+        ensure!(n > 0, "the gather pool needs at least one thread");
+        let threads = (0..n)
+            .map(|i| {
+                let name = format!("gather-{i}");
+                let mut spec = ActorSpec::new(name.clone(), 2);
+                if let Some(&core) = cores.get(i) {
+                    spec = spec.on_cores(&[core]);
+                }
+                Actor::spawn(spec, move |p: Part| {
+                    // SAFETY: see Part; the caller is blocked in for_each_range.
+                    let work = unsafe { &*p.work };
+                    let answer = catch_unwind(AssertUnwindSafe(|| work(p.range.clone())))
+                        .map_err(|panic| format!("{name} panicked: {}", panic_message(&*panic)));
+                    // The caller waits on the channel, so the answer is received.
+                    let _ = p.done.send(answer);
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(GatherPool { threads })
+    }
+
+    /// Threads in the pool.
+    pub fn threads(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Runs `work` on contiguous ranges covering `0..n` (one per thread, in order, none
+    /// empty) and returns when all are done: the first error when a range's work
+    /// panicked.
+    pub fn for_each_range(&self, n: usize, work: &(dyn Fn(Range<usize>) + Sync)) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let parts = self.threads.len().min(n);
+        let (tx, rx) = bounded(parts);
+        // SAFETY: only the lifetime is erased; every part sent is answered (the thread
+        // catches panics) before this function returns, so `work` outlives its use.
+        let work: *const (dyn Fn(Range<usize>) + Sync + 'static) = unsafe { std::mem::transmute(work) };
+        let mut sent = 0;
+        let mut first_err = None;
+        for (i, thread) in self.threads.iter().take(parts).enumerate() {
+            let range = n * i / parts..n * (i + 1) / parts;
+            let part = Part {
+                range,
+                work,
+                done: tx.clone(),
+            };
+            match thread.send(part) {
+                Ok(()) => sent += 1,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        for _ in 0..sent {
+            match rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(msg)) => {
+                    first_err.get_or_insert(anyhow!("value gather failed: {msg}"));
+                }
+                Err(_) => unreachable!("tx is held here until every answer is in"),
+            }
+        }
+        drop(tx);
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Copies chunk `sources[i]` of `src` (chunks of `chunk` elements; the source is
+    /// given as the chunk's first element) to the i-th chunk of `dst`, the list split
+    /// over the threads.
+    pub fn gather<T: Copy + Send + Sync>(
+        &self,
+        src: &[T],
+        sources: &[usize],
+        chunk: usize,
+        dst: &mut [T],
+    ) -> Result<()> {
+        let need = sources
+            .len()
+            .checked_mul(chunk)
+            .ok_or_else(|| anyhow!("gather: size overflows"))?;
+        ensure!(
+            need <= dst.len(),
+            "gather: {} chunks of {chunk} elements overflow the staging of {}",
+            sources.len(),
+            dst.len()
+        );
+        if let Some(&bad) = sources
+            .iter()
+            .find(|&&s| s.checked_add(chunk).is_none_or(|e| e > src.len()))
+        {
+            return Err(anyhow!(
+                "gather: a chunk at {bad} lies outside the pool of {} elements",
+                src.len()
+            ));
+        }
+        let out = dst.as_mut_ptr() as usize;
+        self.for_each_range(sources.len(), &|r: Range<usize>| {
+            for i in r {
+                // SAFETY: the ranges are disjoint, so each destination chunk is written
+                // by one thread; sources and destinations are in bounds (checked).
+                unsafe {
+                    let d = (out as *mut T).add(i * chunk);
+                    std::ptr::copy_nonoverlapping(src.as_ptr().add(sources[i]), d, chunk);
+                }
+            }
+        })
+    }
+}
