@@ -32,6 +32,23 @@ fn cuda_backend_without_a_usable_gpu_or_shape_says_why() {
         "{err}"
     );
     let (ok, err) = shadowkv(&[
+        "eval",
+        "ruler",
+        "--backend",
+        "cuda",
+        "--model",
+        "synthetic:tiny",
+        "--lengths",
+        "512",
+        "--samples",
+        "1",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("--backend cuda: no usable GPU") || err.contains("head dimensions 64 and 128"),
+        "{err}"
+    );
+    let (ok, err) = shadowkv(&[
         "bench",
         "--backend",
         "cuda",

@@ -13,6 +13,8 @@
 //!   rates within 5 points.
 //! - The zero-copy and cpu-gather fetch paths give the same tokens (the same bytes).
 //! - Through the engine with a prefill lane, a request alone equals `generate_cuda`.
+//! - `eval ruler` on the GPU scores like the CPU reference on the same samples (full
+//!   attention and ShadowKV), with the reuse hit rate within 5 points.
 
 mod common;
 
@@ -24,6 +26,9 @@ use shadowkv::engine::backend_cuda::CudaBackend;
 use shadowkv::engine::generate::{generate, generate_cuda, GenerateOptions, GenerateRequest};
 use shadowkv::engine::sampling::SamplingParams;
 use shadowkv::engine::scheduler::{spawn_engine, EngineRequest, Event, SchedulerConfig};
+use shadowkv::eval::haystack::Haystack;
+use shadowkv::eval::run::{run_ruler, EvalModel, MethodSpec, RulerPlan, SampleResult};
+use shadowkv::eval::tasks::Task;
 use shadowkv::model::load::open_model;
 use shadowkv::model::tokenizer::TextTokenizer;
 use shadowkv::model::weights::ModelWeights;
@@ -235,4 +240,77 @@ fn engine_with_a_prefill_lane_equals_generate_cuda() {
     join.join().unwrap();
     assert_eq!(text, want[0].text);
     eprintln!("RESULT shadowkv_engine equal_text={}", text.len());
+}
+
+/// Mean score and mean hit rate of one method's results.
+fn method_means(results: &[SampleResult], method: &str) -> (f64, Option<f64>) {
+    let mine: Vec<&SampleResult> = results.iter().filter(|r| r.method == method).collect();
+    let score = mine.iter().map(|r| r.score).sum::<f64>() / mine.len() as f64;
+    let rates: Vec<f64> = mine.iter().filter_map(|r| r.reuse_hit_rate).collect();
+    let rate = (!rates.is_empty()).then(|| rates.iter().sum::<f64>() / rates.len() as f64);
+    (score, rate)
+}
+
+#[test]
+fn eval_ruler_on_the_gpu_scores_like_the_cpu() {
+    let Some((gpu, cpu, tok)) = smollm2() else { return };
+    let m = open_model(common::test_model().to_str().unwrap()).unwrap();
+    let chat = m.chat_template.as_ref();
+    let plan = RulerPlan {
+        tasks: vec![Task::NiahSingle, Task::NiahMultikey],
+        lengths: vec![2048],
+        samples: 3,
+        haystacks: vec![Haystack::Noise, Haystack::Essay],
+        seed: 0,
+        prefill_chunk: 512,
+    };
+    let methods = || {
+        let cfg = cpu.config().clone();
+        vec![
+            MethodSpec {
+                label: "full".into(),
+                attention: Box::new(|_| Ok(Attention::Full)),
+            },
+            MethodSpec {
+                label: "shadowkv".into(),
+                attention: Box::new(move |ctx| Ok(Attention::ShadowKv(ShadowParams::defaults(&cfg, ctx)))),
+            },
+        ]
+    };
+    let t0 = Instant::now();
+    let on_cpu = run_ruler(&EvalModel::Cpu(&cpu), &tok, chat, &plan, &methods(), false, |_| Ok(())).unwrap();
+    let cpu_secs = t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    let on_gpu = run_ruler(
+        &EvalModel::Cuda {
+            model: &gpu,
+            fetch: FetchPath::ZeroCopy,
+            graphs: true,
+        },
+        &tok,
+        chat,
+        &plan,
+        &methods(),
+        false,
+        |_| Ok(()),
+    )
+    .unwrap();
+    let gpu_secs = t0.elapsed().as_secs_f64();
+    assert_eq!(on_cpu.len(), on_gpu.len());
+    for method in ["full", "shadowkv"] {
+        let (cs, cr) = method_means(&on_cpu, method);
+        let (gs, gr) = method_means(&on_gpu, method);
+        eprintln!("eval {method}: score cpu {cs:.3} gpu {gs:.3}, hit rate cpu {cr:?} gpu {gr:?}");
+        // 12 samples of the same prompts: the bf16 GPU may flip a borderline one or two.
+        assert!((cs - gs).abs() <= 0.2, "{method}: cpu {cs:.3}, gpu {gs:.3}");
+        match (cr, gr) {
+            (Some(c), Some(g)) => assert!((c - g).abs() <= 0.05, "{method}: hit rate cpu {c:.3}, gpu {g:.3}"),
+            (None, None) => assert_eq!(method, "full"),
+            other => panic!("{method}: hit rates {other:?}"),
+        }
+    }
+    eprintln!(
+        "eval: cpu {cpu_secs:.1} s, gpu {gpu_secs:.1} s ({:.1}x)",
+        cpu_secs / gpu_secs
+    );
 }

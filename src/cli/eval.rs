@@ -1,11 +1,12 @@
 //! `shadowkv eval`: RULER-style long-context tasks and teacher-forced fidelity, for
 //! full attention and ShadowKV side by side.
 
+use super::backend::{load_cuda_model, open_gpu, Backend, CudaArgs};
 use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::CpuModel;
 use crate::eval::fidelity::fidelity;
 use crate::eval::haystack::Haystack;
-use crate::eval::run::{hit_rates, run_ruler, summary, MethodSpec, RulerPlan, SampleResult};
+use crate::eval::run::{hit_rates, run_ruler, summary, EvalModel, MethodSpec, RulerPlan, SampleResult};
 use crate::eval::tasks::Task;
 use crate::model::load::{open_model, OpenedModel};
 use crate::model::weights::ModelWeights;
@@ -61,6 +62,12 @@ struct RulerArgs {
     /// CPU threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Where the model runs: the CPU reference, or a GPU (each method then prefills and
+    /// decodes every sample on its own).
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    backend: Backend,
+    #[command(flatten)]
+    cuda: CudaArgs,
     /// Write every sample's result and the summary as JSON (rewritten after each sample,
     /// with "complete": false until the run ends, so an interrupted run keeps its work).
     #[arg(long)]
@@ -112,7 +119,24 @@ fn ruler(a: RulerArgs) -> Result<()> {
     if a.samples == 0 || a.tasks.is_empty() || a.lengths.is_empty() || a.attention.is_empty() {
         bail!("--samples, --tasks, --lengths and --attention must not be empty");
     }
-    let (m, model) = load(&a.model)?;
+    let progress = std::io::stderr().is_terminal();
+    let m = open_model(&a.model)?;
+    let (cpu, gpu) = match a.backend {
+        Backend::Cpu => {
+            let w = ModelWeights::load(&m.config, m.source.as_ref(), progress)?;
+            (Some(CpuModel::new(m.config.clone(), w)), None)
+        }
+        Backend::Cuda => (None, Some(load_cuda_model(open_gpu(&a.cuda)?, &a.model, &m, progress)?)),
+    };
+    let model = match (&cpu, &gpu) {
+        (Some(c), _) => EvalModel::Cpu(c),
+        (_, Some(g)) => EvalModel::Cuda {
+            model: g,
+            fetch: a.cuda.one_fetch()?,
+            graphs: !a.cuda.no_graph,
+        },
+        _ => unreachable!("one backend is loaded"),
+    };
     let chat = if a.no_chat { None } else { m.chat_template.as_ref() };
     let methods: Vec<MethodSpec> = a
         .attention
@@ -137,7 +161,11 @@ fn ruler(a: RulerArgs) -> Result<()> {
         samples: a.samples,
         haystacks: a.haystacks.clone(),
         seed: a.seed,
-        prefill_chunk: 512,
+        // The GPU prefills larger chunks at once; the outputs do not depend on it.
+        prefill_chunk: match a.backend {
+            Backend::Cpu => 512,
+            Backend::Cuda => 2048,
+        },
     };
     let save = |results: &[SampleResult], complete: bool| -> Result<()> {
         match &a.json {
@@ -145,15 +173,9 @@ fn ruler(a: RulerArgs) -> Result<()> {
             None => Ok(()),
         }
     };
-    let results = run_ruler(
-        &model,
-        &m.tokenizer,
-        chat,
-        &plan,
-        &methods,
-        std::io::stderr().is_terminal(),
-        |partial| save(partial, false),
-    )?;
+    let results = run_ruler(&model, &m.tokenizer, chat, &plan, &methods, progress, |partial| {
+        save(partial, false)
+    })?;
     save(&results, true)?;
     let labels: Vec<&str> = methods.iter().map(|m| m.label.as_str()).collect();
     println!("| task | length | {} |", labels.join(" | "));
@@ -185,7 +207,8 @@ fn write_ruler_json(
     let rows = summary(results, plan, methods);
     let rates = hit_rates(results, plan, methods);
     let out = serde_json::json!({
-        "model": a.model, "samples": a.samples, "seed": a.seed, "complete": complete,
+        "model": a.model, "backend": format!("{:?}", a.backend).to_lowercase(),
+        "samples": a.samples, "seed": a.seed, "complete": complete,
         "tasks": a.tasks.iter().map(|t| t.name()).collect::<Vec<_>>(),
         "lengths": a.lengths, "haystacks": a.haystacks, "methods": labels,
         "settings": a.lengths.iter().map(|&l| methods.iter().map(|s| format!("{:?}", (s.attention)(l).ok())).collect::<Vec<_>>()).collect::<Vec<_>>(),

@@ -1,20 +1,52 @@
-//! Runs the RULER-style tasks with several attention methods side by side. Each
-//! sample's prompt is prefilled once (dense, keeping pre-RoPE keys); every method then
-//! decodes from its own fork of that prefill, so the methods differ only in decoding.
+//! Runs the RULER-style tasks with several attention methods side by side. On the CPU
+//! each sample's prompt is prefilled once (dense, keeping pre-RoPE keys) and every
+//! method decodes from its own fork of that prefill, so the methods differ only in
+//! decoding; on the GPU each method runs the prompt through the generation loop (the
+//! same dense prefill, then its own decode).
 
 use super::haystack::Haystack;
 use super::tasks::{build, context, score, Sample, Task};
 use crate::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput, SeqKvCache};
-use crate::engine::sampling::argmax;
+use crate::cuda::shadow::decode::FetchPath;
+use crate::cuda::CudaModel;
+use crate::engine::generate::{generate_cuda, GenerateOptions, GenerateRequest};
+use crate::engine::sampling::{argmax, SamplingParams};
 use crate::model::chat::{ChatMessage, ChatTemplate};
+use crate::model::config::ModelConfig;
 use crate::model::tokenizer::TextTokenizer;
 use crate::pool::ValuePool;
 use crate::shadow::Attention;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::Serialize;
+
+/// The model the samples run on.
+pub enum EvalModel<'a> {
+    /// The CPU reference.
+    Cpu(&'a CpuModel),
+    /// A GPU: its value-fetch path for ShadowKV, and whether full-attention decode steps
+    /// replay CUDA graphs.
+    Cuda {
+        /// The model on the GPU.
+        model: &'a CudaModel,
+        /// How ShadowKV fetches the missed values.
+        fetch: FetchPath,
+        /// Capture full-attention decode steps as CUDA graphs.
+        graphs: bool,
+    },
+}
+
+impl EvalModel<'_> {
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            EvalModel::Cpu(m) => m.config(),
+            EvalModel::Cuda { model, .. } => model.config(),
+        }
+    }
+}
 
 /// A named attention method to evaluate; ShadowKV settings may depend on the length.
 pub struct MethodSpec {
@@ -139,7 +171,7 @@ fn decode_all(model: &CpuModel, caches: &mut [SeqCache], first: u32, max_new: us
 /// Runs the plan; returns one result per sample and method. `after_sample` sees every
 /// result so far each time a sample finishes (to save partial results).
 pub fn run_ruler(
-    model: &CpuModel,
+    model: &EvalModel,
     tok: &TextTokenizer,
     chat: Option<&ChatTemplate>,
     plan: &RulerPlan,
@@ -202,8 +234,46 @@ pub fn run_ruler(
     Ok(results)
 }
 
-/// Prefills one prompt and decodes it with every method: (label, text, hit rate).
+/// Runs one prompt with every method: (label, text, hit rate).
 fn run_sample(
+    model: &EvalModel,
+    tok: &TextTokenizer,
+    ids: &[u32],
+    sample: &Sample,
+    methods: &[MethodSpec],
+    prefill_chunk: usize,
+) -> Result<Vec<(String, String, Option<f64>)>> {
+    match *model {
+        EvalModel::Cpu(m) => run_sample_cpu(m, tok, ids, sample, methods, prefill_chunk),
+        EvalModel::Cuda { model, fetch, graphs } => {
+            let context = ids.len() + sample.max_new;
+            methods
+                .iter()
+                .map(|m| {
+                    let opts = GenerateOptions {
+                        prefill_chunk,
+                        progress: false,
+                        attention: (m.attention)(context)?,
+                        value_fetch: fetch,
+                    };
+                    let req = GenerateRequest {
+                        prompt: ids.to_vec(),
+                        max_tokens: sample.max_new,
+                        sampling: SamplingParams::default(),
+                        stop: Vec::new(),
+                    };
+                    let (mut gens, stats) = generate_cuda(model, tok, &[req], opts, graphs)?;
+                    let g = gens.pop().context("no generation")?;
+                    Ok((m.label.clone(), g.text, stats.shadow.map(|s| s.hit_rate())))
+                })
+                .collect()
+        }
+    }
+}
+
+/// Prefills one prompt on the CPU and decodes it with every method from a fork of the
+/// prefill.
+fn run_sample_cpu(
     model: &CpuModel,
     tok: &TextTokenizer,
     ids: &[u32],
