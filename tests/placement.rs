@@ -52,7 +52,7 @@ fn plan_err(src: &str, m: &Machine) -> TopologyError {
     }
 }
 
-fn placed<'a>(p: &'a Placement, a: Actor) -> &'a ActorPlacement {
+fn placed(p: &Placement, a: Actor) -> &ActorPlacement {
     p.actor(a).unwrap_or_else(|| panic!("{a:?} not placed in {p}"))
 }
 
