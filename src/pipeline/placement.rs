@@ -402,9 +402,9 @@ impl<'a> Planner<'a> {
     /// The pool's node: `auto` is the node of the threads that read it (`reader`: the
     /// gather threads, or the CPU backend's pool), else the home node.
     fn pool_node(&mut self, reader: Option<&ActorPlacement>) -> Result<u32, TopologyError> {
-        let gather = reader.and_then(|r| r.node);
+        let reader_node = reader.and_then(|r| r.node);
         match self.topo.pools.numa_node {
-            AutoOr::Auto => Ok(gather.unwrap_or(self.home)),
+            AutoOr::Auto => Ok(reader_node.unwrap_or(self.home)),
             AutoOr::Value(n) => {
                 let key = "pools.numa_node";
                 if self.machine.node(n).is_none() {
@@ -413,7 +413,7 @@ impl<'a> Planner<'a> {
                         format!("NUMA node {n} does not exist here (nodes: {})", node_list(self.machine)),
                     ));
                 }
-                if let (Some(g), Some(r)) = (gather.filter(|&g| g != n), reader) {
+                if let (Some(g), Some(r)) = (reader_node.filter(|&g| g != n), reader) {
                     self.warnings.push(format!(
                         "{key} = {n}, but the {} threads that read the pool run on node {g}: every value they \
                          read crosses the link between the nodes",
