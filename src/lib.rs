@@ -3,7 +3,7 @@
 //! Data flows one way through the modules: [`model`] (configs, weight files,
 //! tokenizer, chat templates, synthetic weights) → [`cpu`] (the numerical reference
 //! backend) → [`shadow`] (the ShadowKV algorithm) → [`pool`] (value pools) →
-//! [`engine`] (sampling, generation, continuous batching) → [`server`]
+//! [`pipeline`] (the decode pipeline's actors and their placement) → [`engine`] (sampling, generation, continuous batching) → [`server`]
 //! (OpenAI-compatible HTTP); [`eval`] (long-context evaluation), [`topology`] (the
 //! `serve` configuration) and [`telemetry`] (metrics, traces) beside them.
 

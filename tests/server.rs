@@ -773,6 +773,17 @@ fn bad_topologies_fail_with_key_and_line() {
         ),
         ("[limits]\nmax_batch = 2\n", &[], &["no model"]),
         (
+            "[actors.compute]\nthreads = 1\ncores = [4095]\n",
+            &[],
+            &["line 3", "actors.compute.cores", "core 4095 does not exist"],
+        ),
+        (
+            "\n[actors.compute]\nnuma_node = 63\n",
+            &[],
+            &["line 3", "actors.compute.numa_node", "NUMA node 63 does not exist"],
+        ),
+        ("[pools]\nnuma_node = 63\n", &[], &["line 2", "pools.numa_node"]),
+        (
             "[backend]\nkind = \"cuda\"\n\n[attention]\nmode = \"shadowkv\"\n\n[limits]\nprefill_lane = \"mixed\"\n",
             &["--model", "synthetic:tiny"],
             &["line 8", "limits.prefill_lane", "separate"],
@@ -793,6 +804,48 @@ fn bad_topologies_fail_with_key_and_line() {
         assert!(!status.success());
         assert!(err.contains("backend.kind"), "{err}");
     }
+}
+
+/// The CPUs a thread may run on, from its `/proc/.../status`.
+fn cpus_allowed(status_path: &std::path::Path) -> String {
+    let status = std::fs::read_to_string(status_path).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|c| c.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// `actors.compute.cores` pins the CPU backend's matrix-product threads (named
+/// `compute-<i>`), one core each, and the start-up log says where they run.
+#[test]
+fn compute_threads_are_pinned_to_their_cores() {
+    let allowed = cpus_allowed(std::path::Path::new("/proc/self/status"));
+    // The last CPU this test may use: `0-1` → 1, `0,2-5` → 5.
+    let core: usize = allowed
+        .rsplit([',', '-'])
+        .next()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read Cpus_allowed_list `{allowed}`"));
+    let topology = format!("[model]\nname = \"smollm2\"\n\n[actors.compute]\ncores = [{core}]\n");
+    let s = Server::start(&topology, &["--model", &model_arg()]);
+    let log = s.log();
+    assert!(log.contains(&format!("compute on core {core}")), "{log}");
+    let tasks = std::path::PathBuf::from(format!("/proc/{}/task", s.child.id()));
+    let compute: Vec<String> = std::fs::read_dir(&tasks)
+        .unwrap()
+        .filter_map(|t| {
+            let t = t.ok()?.path();
+            let name = std::fs::read_to_string(t.join("comm")).ok()?;
+            name.starts_with("compute-").then(|| cpus_allowed(&t.join("status")))
+        })
+        .collect();
+    assert_eq!(compute, vec![core.to_string()], "one compute thread, on core {core}");
+    let r = s.post_json(
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 4}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
 }
 
 /// ShadowKV behind the same API: with a budget covering the context, full rank and no

@@ -11,6 +11,8 @@ use crate::engine::scheduler::{spawn_engine, EngineHandle, SchedulerConfig};
 use crate::model::config::ModelConfig;
 use crate::model::load::open_model;
 use crate::model::weights::ModelWeights;
+use crate::pipeline::machine::Source;
+use crate::pipeline::{pin, Machine, Placement, Role};
 use crate::pool::space::SpaceError;
 use crate::pool::{ValuePool, ValueType};
 use crate::server::auth::{open_api_warning, ApiKeys};
@@ -18,7 +20,7 @@ use crate::server::{metrics_router, router, AppState};
 use crate::shadow::ShadowParams;
 use crate::telemetry::{self, trace::TraceWriter};
 use crate::topology::{
-    AttentionMode, AutoOr, BackendKind, Cores, PoolBacking, PrefillLane, Topology, ValueFetch as TopoFetch,
+    AttentionMode, AutoOr, BackendKind, PoolBacking, PrefillLane, Topology, ValueFetch as TopoFetch,
 };
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -192,6 +194,30 @@ fn shadow_settings(
     Ok(Some((p, pool)))
 }
 
+/// Where the actors run (see [`Placement::plan`]), logged; impossible settings are
+/// refused with their key and line.
+fn place_actors(topo: &Topology, gpu: Option<&CudaDevice>) -> Result<Placement> {
+    let bus_id = gpu.map(|d| d.info().pci_bus_id.to_string());
+    let machine = Machine::read(Source::Host, bus_id.as_deref())?;
+    let placement = Placement::plan(topo, &machine)?;
+    for w in &placement.warnings {
+        warn!("{w}");
+    }
+    info!("placement: {placement}");
+    if gpu.is_some() {
+        info!(
+            "the cuda backend checks this placement but does not pin its threads or bind the pool yet (the actor \
+             pipeline will)"
+        );
+    } else if topo.attention.mode == AttentionMode::Shadowkv {
+        info!(
+            "the value pool's memory is not bound to node {} yet",
+            placement.pool_node
+        );
+    }
+    Ok(placement)
+}
+
 /// The model the engine thread runs.
 enum Loaded {
     Cpu(Box<CpuModel>),
@@ -237,20 +263,20 @@ pub fn run(a: ServeArgs) -> Result<()> {
     } else {
         None
     };
+    let placement = place_actors(&topo, gpu.as_ref())?;
     let spec = match (&a.model, &topo.model.path) {
         (Some(m), _) => m.clone(),
         (None, Some(p)) => p.clone(),
         (None, None) => bail!("{}: no model: set model.path or pass --model", topo.file()),
     };
     let spec = resolve_model(&spec)?;
-    let compute = &topo.actors.compute;
-    let threads = super::set_threads(match compute.threads {
-        AutoOr::Auto => 0,
-        AutoOr::Value(n) => n,
-    })?;
-    if matches!(compute.cores, Cores::List(_)) || matches!(compute.numa_node, AutoOr::Value(_)) {
-        warn!("actors.compute.cores / numa_node are not applied by the cpu backend (threads are not pinned)");
-    }
+    let threads = match placement.actor(Role::Compute) {
+        Some(compute) if !cuda => pin::start_global_pool(compute)?,
+        _ => super::set_threads(match topo.actors.compute.threads {
+            AutoOr::Auto => 0,
+            AutoOr::Value(n) => n,
+        })?,
+    };
     // Bind before the long model load so a taken port fails at once.
     let std_listener = std::net::TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
     let metrics_listener = match &topo.server.metrics_listen {

@@ -37,6 +37,26 @@ pub struct DeviceInfo {
     pub l2_bytes: usize,
     /// Driver API version, e.g. 13000 for CUDA 13.0.
     pub driver_version: i32,
+    /// Where the device sits on the PCI bus (to find its NUMA node).
+    pub pci_bus_id: PciBusId,
+}
+
+/// A GPU's PCI address. Displays as hwloc, `nvidia-smi` and sysfs write it,
+/// `dddd:bb:dd.f` in hex (`0000:3b:00.0`); a GPU is always function 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciBusId {
+    /// PCI domain (segment).
+    pub domain: u32,
+    /// Bus.
+    pub bus: u8,
+    /// Device on the bus.
+    pub device: u8,
+}
+
+impl std::fmt::Display for PciBusId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:04x}:{:02x}:{:02x}.0", self.domain, self.bus, self.device)
+    }
 }
 
 impl DeviceInfo {
@@ -149,6 +169,11 @@ impl CudaDevice {
             total_mem: ctx.total_mem().map_err(driver("reading the memory size"))?,
             l2_bytes: attr(A::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as usize,
             driver_version,
+            pci_bus_id: PciBusId {
+                domain: attr(A::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID)? as u32,
+                bus: attr(A::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID)? as u8,
+                device: attr(A::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID)? as u8,
+            },
         };
         Ok(CudaDevice { ctx, stream, info })
     }

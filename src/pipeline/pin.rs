@@ -1,14 +1,64 @@
-//! Pinning a thread to cores (hwloc CPU binding of the calling thread).
+//! Pinning threads to cores (hwloc CPU binding of the calling thread).
 
+use super::placement::ActorPlacement;
+use anyhow::Context;
+use hwlocality::bitmap::BitmapIndex;
+use hwlocality::cpu::binding::CpuBindingFlags;
+use hwlocality::cpu::cpuset::CpuSet;
+use hwlocality::Topology as Hwloc;
+use std::sync::OnceLock;
 use tracing::warn;
 
+/// This host's topology, loaded once for every thread that pins itself.
+fn host() -> Result<&'static Hwloc, String> {
+    static HOST: OnceLock<Result<Hwloc, String>> = OnceLock::new();
+    HOST.get_or_init(|| Hwloc::new().map_err(|e| format!("hwloc cannot read this host: {e}")))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
 /// Pins the calling thread to `cores` (the OS's CPU numbers): it then runs only there.
-/// An empty list leaves it free. Placeholder until the placement branch lands: it warns
-/// and returns false for a non-empty list.
+/// An empty list leaves it free. When the pin fails (a core this process may not use,
+/// a system without thread binding) it logs a warning naming the thread and the cores
+/// and returns false: the thread still runs, unpinned.
 pub fn pin_current_thread(cores: &[usize]) -> bool {
     if cores.is_empty() {
         return true;
     }
-    warn!("could not pin thread to cores {cores:?}");
-    false
+    let bound = host().and_then(|topo| {
+        let mut set = CpuSet::new();
+        for &c in cores {
+            set.set(BitmapIndex::try_from(c).map_err(|_| format!("{c} is not a CPU number"))?);
+        }
+        topo.bind_cpu(&set, CpuBindingFlags::THREAD).map_err(|e| e.to_string())
+    });
+    match bound {
+        Ok(()) => true,
+        Err(why) => {
+            let t = std::thread::current();
+            warn!(
+                "could not pin thread `{}` to cores {}: {why}; it runs unpinned",
+                t.name().unwrap_or("unnamed"),
+                super::placement::format_cores(cores)
+            );
+            false
+        }
+    }
+}
+
+/// Starts rayon's global pool as `actor`'s threads: `actor.threads` of them, named
+/// `<actor>-<i>`, thread `i` pinned to [`ActorPlacement::thread_cores`]`(i)` (unpinned
+/// when the actor has no cores). Returns the thread count.
+pub fn start_global_pool(actor: &ActorPlacement) -> anyhow::Result<usize> {
+    let name = actor.actor.name();
+    let placed = actor.clone();
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(actor.threads)
+        .thread_name(move |i| format!("{name}-{i}"))
+        .start_handler(move |i| {
+            pin_current_thread(placed.thread_cores(i));
+        })
+        .build_global()
+        .context("starting the thread pool")?;
+    Ok(actor.threads)
 }
