@@ -252,3 +252,41 @@ fn a_pool_that_cannot_be_leased_fails_only_that_request() {
     engine.shutdown(Duration::ZERO);
     join.join().unwrap();
 }
+
+#[test]
+fn an_anonymous_pool_binds_to_a_numa_node_before_it_is_shared() {
+    use shadowkv::pipeline::machine::Source;
+    use shadowkv::pipeline::Machine;
+    use shadowkv::pool::PoolShape;
+    let shape = PoolShape {
+        layers: 2,
+        seqs: 2,
+        kv_heads: 2,
+        chunks: 64,
+        chunk_elems: 8 * 16,
+    };
+    let node = Machine::read(Source::Host, None).unwrap().nodes[0].index;
+    let mut pool = ValuePool::anonymous(shape).unwrap();
+    let (_, strict) = pool.memory_binding().unwrap();
+    assert!(!strict, "a fresh map is not bound");
+    pool.bind_to_node(node).unwrap();
+    assert_eq!(pool.memory_binding().unwrap(), (vec![node], true));
+    // Bound memory serves as before.
+    let mut lease = pool.lease().unwrap();
+    let data: Vec<f32> = (0..shape.chunk_elems).map(|i| i as f32).collect();
+    lease.write(1, 1, 63, &data);
+    let mut back = vec![0f32; shape.chunk_elems];
+    lease.read(1, 1, 63, &mut back);
+    assert_eq!(back, data);
+    // Once shared, no more binding; a node that is not there; a file-backed pool.
+    let e = pool.bind_to_node(node).unwrap_err().to_string();
+    assert!(e.contains("before it is shared"), "{e}");
+    drop(lease);
+    let mut other = ValuePool::anonymous(shape).unwrap();
+    let e = other.bind_to_node(4000).unwrap_err().to_string();
+    assert!(e.contains("NUMA node 4000"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut file = ValuePool::file_backed(shape, &dir.path().join("values.pool")).unwrap();
+    let e = file.bind_to_node(node).unwrap_err().to_string();
+    assert!(e.contains("file-backed"), "{e}");
+}

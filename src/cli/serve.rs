@@ -205,17 +205,19 @@ fn place_actors(topo: &Topology, gpu: Option<&CudaDevice>) -> Result<Placement> 
     }
     info!("placement: {placement}");
     if gpu.is_some() {
-        info!(
-            "the cuda backend checks this placement but does not pin its threads or bind the pool yet (the actor \
-             pipeline will)"
-        );
-    } else if topo.attention.mode == AttentionMode::Shadowkv {
-        info!(
-            "the value pool's memory is not bound to node {} yet",
-            placement.pool_node
-        );
+        info!("the cuda backend checks this placement but does not pin its threads yet (the actor pipeline will)");
     }
     Ok(placement)
+}
+
+/// Binds an anonymous value pool's memory to the placement's pool node before anything
+/// touches it; where that cannot be done the pool still serves, unbound, with a warning.
+fn bind_pool(pool: &mut ValuePool, placement: &Placement) {
+    let node = placement.pool_node;
+    match pool.bind_to_node(node) {
+        Ok(()) => info!("value pool bound to NUMA node {node}"),
+        Err(e) => warn!("value pool not bound to NUMA node {node} (pools.numa_node): {e:#}; it serves unbound"),
+    }
 }
 
 /// The model the engine thread runs.
@@ -297,6 +299,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .into());
     }
     let mut shadow = shadow_settings(&topo, &m.config, max_context)?;
+    if let Some((_, pool)) = &mut shadow {
+        bind_pool(pool, &placement);
+    }
     let model = if let Some(dev) = gpu {
         let model = super::backend::load_cuda_model(dev, &spec, &m, false)?;
         let lanes = match topo.limits.prefill_lane {

@@ -5,6 +5,7 @@
 //! the driver and reads and writes it through a mapped address). Sequences lease a
 //! `seq` slot for their lifetime.
 
+pub mod numa;
 pub mod space;
 
 use anyhow::{bail, Context, Result};
@@ -70,12 +71,13 @@ struct PoolInner {
     ty: ValueType,
     /// Start of the map, taken once through `&mut` so leases may write through it.
     base: *mut u8,
-    /// Keeps the mapping alive; only accessed through `base`.
-    _memory: PoolMemory,
+    /// Keeps the mapping alive; accessed through `base`, except to bind it to a NUMA
+    /// node before the pool is shared.
+    memory: PoolMemory,
     free: Mutex<Vec<usize>>,
 }
 
-// SAFETY: `base` points into `_memory`, which lives as long as `PoolInner`; every access
+// SAFETY: `base` points into `memory`, which lives as long as `PoolInner`; every access
 // goes through a `PoolLease`, and leases own disjoint `seq` slots.
 unsafe impl Send for PoolInner {}
 // SAFETY: as above; the free list is behind a mutex.
@@ -133,7 +135,7 @@ impl ValuePool {
                 shape,
                 ty,
                 base,
-                _memory: memory,
+                memory,
                 free,
             }),
         }
@@ -162,6 +164,24 @@ impl ValuePool {
     /// only touch slots whose leases it holds, and never while the host reads them.
     pub unsafe fn base_ptr(&self) -> *mut u8 {
         self.inner.base
+    }
+
+    /// Binds the pool's memory to NUMA node `node` (see [`numa::bind_area`]), before it
+    /// is shared: refused once a lease or a clone of the pool exists, and for a
+    /// file-backed pool (the page cache's placement is the kernel's to choose).
+    pub fn bind_to_node(&mut self, node: u32) -> Result<()> {
+        let inner = Arc::get_mut(&mut self.inner).context("a value pool is bound to a node before it is shared")?;
+        if inner.memory.is_file_backed() {
+            bail!("a file-backed value pool is not bound to a NUMA node (its pages are the page cache's)");
+        }
+        numa::bind_area(inner.memory.as_slice(), node)
+    }
+
+    /// The NUMA nodes the pool's memory is bound to, and whether strictly (see
+    /// [`numa::area_binding`]); before it is shared, as [`ValuePool::bind_to_node`].
+    pub fn memory_binding(&mut self) -> Result<(Vec<u32>, bool)> {
+        let inner = Arc::get_mut(&mut self.inner).context("a value pool's binding is read before it is shared")?;
+        numa::area_binding(inner.memory.as_slice())
     }
 
     /// Takes a free sequence slot.

@@ -91,6 +91,16 @@ impl PoolMemory {
         self.map.as_mut_ptr()
     }
 
+    /// Whether a file backs the map (its pages live in the page cache).
+    pub fn is_file_backed(&self) -> bool {
+        self._file.is_some()
+    }
+
+    /// The mapped bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.map
+    }
+
     /// Mapped bytes (at least one).
     pub fn len(&self) -> usize {
         self.map.len()
