@@ -36,7 +36,7 @@ fn free_addr() -> SocketAddr {
 struct Prometheus {
     child: Child,
     addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Prometheus {
@@ -59,10 +59,10 @@ impl Prometheus {
             .arg("--log.level=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-        Prometheus { child, addr, _dir: dir }
+        Prometheus { child, addr, dir }
     }
 
     /// The value of the instant query `q` (one series, or the sum Prometheus was asked
@@ -80,9 +80,13 @@ impl Prometheus {
     }
 
     /// Polls `q` until `ok` holds for its value, for at most `within`.
-    fn wait_for(&self, q: &str, within: Duration, ok: impl Fn(f64) -> bool) -> f64 {
+    fn wait_for(&mut self, q: &str, within: Duration, ok: impl Fn(f64) -> bool) -> f64 {
         let t0 = Instant::now();
         loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let log = std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default();
+                panic!("Prometheus exited ({status}) while waiting for `{q}`:\n{log}");
+            }
             if let Some(v) = self.query(q).filter(|&v| ok(v)) {
                 return v;
             }
@@ -124,7 +128,7 @@ fn prometheus_scrapes_the_stage_histograms() {
         &["--model", "synthetic:tiny"],
     );
     let target = s.metrics_addr.expect("metrics address printed");
-    let prom = Prometheus::start(&bin, target);
+    let mut prom = Prometheus::start(&bin, target);
     for i in 0..3 {
         let r = s.post_json(
             "/v1/completions",

@@ -99,11 +99,10 @@ struct FidelityArgs {
     json: bool,
 }
 
-fn load(spec: &str) -> Result<(OpenedModel, CpuModel)> {
-    let m = open_model(spec)?;
-    let w = ModelWeights::load(&m.config, m.source.as_ref(), std::io::stderr().is_terminal())?;
-    let model = CpuModel::new(m.config.clone(), w);
-    Ok((m, model))
+/// The f32 CPU model of an opened model file.
+fn cpu_model(m: &OpenedModel, progress: bool) -> Result<CpuModel> {
+    let w = ModelWeights::load(&m.config, m.source.as_ref(), progress)?;
+    Ok(CpuModel::new(m.config.clone(), w))
 }
 
 /// Runs `shadowkv eval`.
@@ -120,19 +119,18 @@ fn ruler(a: RulerArgs) -> Result<()> {
         bail!("--samples, --tasks, --lengths and --attention must not be empty");
     }
     let progress = std::io::stderr().is_terminal();
+    // Option errors before the (long) model load.
+    let fetch = a.cuda.one_fetch()?;
     let m = open_model(&a.model)?;
     let (cpu, gpu) = match a.backend {
-        Backend::Cpu => {
-            let w = ModelWeights::load(&m.config, m.source.as_ref(), progress)?;
-            (Some(CpuModel::new(m.config.clone(), w)), None)
-        }
+        Backend::Cpu => (Some(cpu_model(&m, progress)?), None),
         Backend::Cuda => (None, Some(load_cuda_model(open_gpu(&a.cuda)?, &a.model, &m, progress)?)),
     };
     let model = match (&cpu, &gpu) {
         (Some(c), _) => EvalModel::Cpu(c),
         (_, Some(g)) => EvalModel::Cuda {
             model: g,
-            fetch: a.cuda.one_fetch()?,
+            fetch,
             graphs: !a.cuda.no_graph,
         },
         _ => unreachable!("one backend is loaded"),
@@ -207,7 +205,7 @@ fn write_ruler_json(
     let rows = summary(results, plan, methods);
     let rates = hit_rates(results, plan, methods);
     let out = serde_json::json!({
-        "model": a.model, "backend": format!("{:?}", a.backend).to_lowercase(),
+        "model": a.model, "backend": clap::ValueEnum::to_possible_value(&a.backend).map(|v| v.get_name().to_string()),
         "samples": a.samples, "seed": a.seed, "complete": complete,
         "tasks": a.tasks.iter().map(|t| t.name()).collect::<Vec<_>>(),
         "lengths": a.lengths, "haystacks": a.haystacks, "methods": labels,
@@ -227,7 +225,8 @@ fn fidelity_cmd(a: FidelityArgs) -> Result<()> {
     super::set_threads(a.threads)?;
     let text =
         std::fs::read_to_string(&a.prompt_file).with_context(|| format!("reading {}", a.prompt_file.display()))?;
-    let (m, model) = load(&a.model)?;
+    let m = open_model(&a.model)?;
+    let model = cpu_model(&m, std::io::stderr().is_terminal())?;
     let ids = m.tokenizer.encode(&text, true)?;
     if ids.len() > m.config.max_position_embeddings {
         bail!(

@@ -57,6 +57,7 @@ pub struct MethodSpec {
 }
 
 /// What to run.
+#[derive(Clone, Debug)]
 pub struct RulerPlan {
     /// Task families.
     pub tasks: Vec<Task>,

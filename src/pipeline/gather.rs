@@ -9,7 +9,7 @@
 
 use super::actor::{panic_message, Actor, ActorSpec};
 use anyhow::{anyhow, ensure, Result};
-use crossbeam_channel::{bounded, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -24,6 +24,21 @@ struct Part {
 // SAFETY: `work` points to a `Sync` closure that outlives the part: for_each_range
 // waits for the answer of every part it sent before it returns.
 unsafe impl Send for Part {}
+
+/// The answers a call still waits for; dropped (also on unwind) only once they are in,
+/// so no thread runs borrowed work after its caller returned.
+struct Answers {
+    rx: Receiver<std::result::Result<(), String>>,
+    left: usize,
+}
+
+impl Drop for Answers {
+    fn drop(&mut self) {
+        while self.left > 0 && self.rx.recv().is_ok() {
+            self.left -= 1;
+        }
+    }
+}
 
 /// N pinned gather threads.
 pub struct GatherPool {
@@ -70,35 +85,45 @@ impl GatherPool {
         }
         let parts = self.threads.len().min(n);
         let (tx, rx) = bounded(parts);
-        // SAFETY: only the lifetime is erased; every part sent is answered (the thread
-        // catches panics) before this function returns, so `work` outlives its use.
+        // SAFETY: only the lifetime is erased; every part sent is answered or dropped
+        // unrun before this function returns (`Answers` waits even on unwind), so
+        // `work` outlives its use.
         let work: *const (dyn Fn(Range<usize>) + Sync + 'static) = unsafe { std::mem::transmute(work) };
-        let mut sent = 0;
+        let mut answers = Answers { rx, left: 0 };
         let mut first_err = None;
+        let (base, extra) = (n / parts, n % parts);
         for (i, thread) in self.threads.iter().take(parts).enumerate() {
-            let range = n * i / parts..n * (i + 1) / parts;
+            // The first `extra` ranges take one more item: no product can overflow.
+            let start = base * i + i.min(extra);
+            let range = start..start + base + usize::from(i < extra);
             let part = Part {
                 range,
                 work,
                 done: tx.clone(),
             };
             match thread.send(part) {
-                Ok(()) => sent += 1,
+                Ok(()) => answers.left += 1,
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }
             }
         }
-        for _ in 0..sent {
-            match rx.recv() {
+        // Only the parts hold senders now: a part dropped unrun disconnects the channel.
+        drop(tx);
+        while answers.left > 0 {
+            let answer = answers.rx.recv();
+            answers.left -= 1;
+            match answer {
                 Ok(Ok(())) => {}
                 Ok(Err(msg)) => {
                     first_err.get_or_insert(anyhow!("value gather failed: {msg}"));
                 }
-                Err(_) => unreachable!("tx is held here until every answer is in"),
+                Err(_) => {
+                    answers.left = 0;
+                    first_err.get_or_insert(anyhow!("value gather failed: a gather thread stopped mid-call"));
+                }
             }
         }
-        drop(tx);
         first_err.map_or(Ok(()), Err)
     }
 

@@ -1,21 +1,12 @@
 //! Pinning threads to cores (hwloc CPU binding of the calling thread).
 
 use super::placement::ActorPlacement;
+use crate::pool::numa::host_topology;
 use anyhow::Context;
 use hwlocality::bitmap::BitmapIndex;
 use hwlocality::cpu::binding::CpuBindingFlags;
 use hwlocality::cpu::cpuset::CpuSet;
-use hwlocality::Topology as Hwloc;
-use std::sync::OnceLock;
 use tracing::warn;
-
-/// This host's topology, loaded once for every thread that pins itself.
-fn host() -> Result<&'static Hwloc, String> {
-    static HOST: OnceLock<Result<Hwloc, String>> = OnceLock::new();
-    HOST.get_or_init(|| Hwloc::new().map_err(|e| format!("hwloc cannot read this host: {e}")))
-        .as_ref()
-        .map_err(Clone::clone)
-}
 
 /// Pins the calling thread to `cores` (the OS's CPU numbers): it then runs only there.
 /// An empty list leaves it free. When the pin fails (a core this process may not use,
@@ -25,7 +16,7 @@ pub fn pin_current_thread(cores: &[usize]) -> bool {
     if cores.is_empty() {
         return true;
     }
-    let bound = host().and_then(|topo| {
+    let bound = host_topology().and_then(|topo| {
         let mut set = CpuSet::new();
         for &c in cores {
             set.set(BitmapIndex::try_from(c).map_err(|_| format!("{c} is not a CPU number"))?);

@@ -166,22 +166,16 @@ impl ValuePool {
         self.inner.base
     }
 
-    /// Binds the pool's memory to NUMA node `node` (see [`numa::bind_area`]), before it
-    /// is shared: refused once a lease or a clone of the pool exists, and for a
-    /// file-backed pool (the page cache's placement is the kernel's to choose).
+    /// Places the pool's memory on NUMA node `node`, as a preference (see
+    /// [`numa::bind_area`]), before it is shared: refused once a lease or a clone of the
+    /// pool exists, and for a file-backed pool (the page cache's placement is the
+    /// kernel's to choose).
     pub fn bind_to_node(&mut self, node: u32) -> Result<()> {
         let inner = Arc::get_mut(&mut self.inner).context("a value pool is bound to a node before it is shared")?;
         if inner.memory.is_file_backed() {
             bail!("a file-backed value pool is not bound to a NUMA node (its pages are the page cache's)");
         }
         numa::bind_area(inner.memory.as_slice(), node)
-    }
-
-    /// The NUMA nodes the pool's memory is bound to, and whether strictly (see
-    /// [`numa::area_binding`]); before it is shared, as [`ValuePool::bind_to_node`].
-    pub fn memory_binding(&mut self) -> Result<(Vec<u32>, bool)> {
-        let inner = Arc::get_mut(&mut self.inner).context("a value pool's binding is read before it is shared")?;
-        numa::area_binding(inner.memory.as_slice())
     }
 
     /// Takes a free sequence slot.
