@@ -1,12 +1,19 @@
 // Chunk selection of the ShadowKV decode step (reference: src/shadow/select.rs).
 //
-// shadow_scores, grid (kv_heads, batch), SELECT_SCORE_THREADS threads: for KV head h of
-// sequence b and each query head j of its group, s_j[ch] = q_j . marks[ch, h*d..] / sqrt(d)
-// over the sequence's `chunks` chunks, softmax over the chunks per query head, then
-// score[ch] = max_j softmax_j[ch]; outlier chunks score -inf. Written to
-// scores [batch, kv_heads, chunk_cap] (entries past the sequence's chunks untouched).
-// One warp per chunk (each lane holds d/32 dims of the landmark); two passes over the
-// landmarks: the online max and sum of the exponentials, then the normalised scores.
+// The score of chunk ch for KV head h of sequence b is max_j softmax_j(q_j . marks[ch,
+// h*d..] / sqrt(d))[ch] over the query heads j of the head's group, the softmax taken over
+// the sequence's `chunks` chunks; outlier chunks score -inf. Three kernels:
+//
+// shadow_logits, grid (tiles, kv_heads, batch), SELECT_THREADS threads: the logits of a
+// tile of SELECT_TILE chunks, logits [batch, kv_heads, chunk_cap, group] (outliers -inf),
+// and the tile's softmax statistics per query head, stats [batch, kv_heads, tile_cap,
+// group] as (max, sum of exp(logit - max)). Eight lanes per chunk, each holding d/8
+// dims of the landmark (16-byte loads), reduced by three shuffles; the landmarks are
+// read once, by as many blocks as the batch has tiles.
+//
+// shadow_softmax, same grid: combines the statistics of the sequence's tiles per query
+// head and writes the scores of its tile, scores [batch, kv_heads, chunk_cap] (entries
+// past the sequence's chunks untouched).
 //
 // shadow_top_k, grid (kv_heads, batch), TOPK_THREADS threads: the `slots` best
 // non-outlier chunks of those scores, ties to the lower id, written ascending to
@@ -25,112 +32,141 @@
 #include "pdl.cuh"
 #include "shadow.cuh"
 
-#define SELECT_SCORE_THREADS 256
+#define SELECT_THREADS 256
+#define SELECT_TILE 256
+#define SELECT_LANES 8  // lanes per chunk; also the largest group
 #define SELECT_MAX_GROUP 8
 #define SELECT_MAX_DIM 128
 #define TOPK_THREADS 1024
 #define SELECT_NEG_INF __int_as_float(0xff800000)
 
-// Per query head j < group: s[j] = q_j . landmark row (all lanes get the full sums).
-// qs: the group's queries as fp32 in shared memory; lanes own dims lane*per .. +per.
-__device__ __forceinline__ void landmark_dots(float (&s)[SELECT_MAX_GROUP], const float* qs,
-                                              const __nv_bfloat16* __restrict__ row, int d, int group,
-                                              int lane) {
-    const int per = d >> 5;
-    float l[SELECT_MAX_DIM / 32];
-#pragma unroll
-    for (int e = 0; e < SELECT_MAX_DIM / 32; ++e) l[e] = e < per ? __bfloat162float(row[lane * per + e]) : 0.f;
-#pragma unroll
-    for (int j = 0; j < SELECT_MAX_GROUP; ++j) {
-        float acc = 0.f;
-        if (j < group) {
-#pragma unroll
-            for (int e = 0; e < SELECT_MAX_DIM / 32; ++e)
-                if (e < per) acc += qs[j * d + lane * per + e] * l[e];
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-        s[j] = acc;
-    }
+static_assert(SELECT_TILE == SELECT_THREADS, "shadow_softmax scores one chunk per thread");
+static_assert(SELECT_THREADS % 32 == 0 && 32 % SELECT_LANES == 0, "chunk groups stay inside a warp");
+
+// The (max, sum) pair of a softmax over a union of two sets, each given by its own pair.
+__device__ __forceinline__ float2 softmax_merge(float2 a, float2 b) {
+    if (a.x == SELECT_NEG_INF) return b;
+    if (b.x == SELECT_NEG_INF) return a;
+    const float m = fmaxf(a.x, b.x);
+    return make_float2(m, a.y * expf(a.x - m) + b.y * expf(b.x - m));
 }
 
-extern "C" __global__ void __launch_bounds__(SELECT_SCORE_THREADS)
-    shadow_scores(float* __restrict__ scores, const __nv_bfloat16* __restrict__ q,
+// Eight bf16 of a 16-byte load, times eight query values from shared memory, summed.
+__device__ __forceinline__ float dot8(uint4 raw, const float* q) {
+    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&raw);
+    float acc = 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const float2 f = __bfloat1622float2(p[e]);
+        acc += q[2 * e] * f.x + q[2 * e + 1] * f.y;
+    }
+    return acc;
+}
+
+extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
+    shadow_logits(float* __restrict__ logits, float2* __restrict__ stats, const __nv_bfloat16* __restrict__ q,
                   const ShadowSeqBufs* __restrict__ bufs, const ShadowSeqCounts* __restrict__ counts,
                   ShadowDims dims, float scale) {
     pdl_wait();
     pdl_trigger();
     __shared__ float qs[SELECT_MAX_GROUP * SELECT_MAX_DIM];
-    __shared__ float wm[SELECT_SCORE_THREADS / 32][SELECT_MAX_GROUP];
-    __shared__ float wl[SELECT_SCORE_THREADS / 32][SELECT_MAX_GROUP];
-    __shared__ float stat_m[SELECT_MAX_GROUP], stat_inv[SELECT_MAX_GROUP];
-    const int h = blockIdx.x, b = blockIdx.y;
+    __shared__ float2 part[SELECT_THREADS / SELECT_LANES][SELECT_LANES];
+    const int tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int n = counts[b].chunks, ch0 = tile * SELECT_TILE;
+    if (ch0 >= n) return;
     const int d = dims.head_dim, g = dims.group, kvd = dims.kv_heads * d;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-    const int n = counts[b].chunks;
-    const __nv_bfloat16* qb = q + ((size_t)b * dims.kv_heads + h) * g * d;
+    const int sub = threadIdx.x % SELECT_LANES, grp = threadIdx.x / SELECT_LANES;
+    const int per = d / SELECT_LANES;  // 8 or 16 dims: one or two 16-byte loads
+    const size_t row = (size_t)b * dims.kv_heads + h;
+    const __nv_bfloat16* qb = q + row * g * d;
     for (int i = threadIdx.x; i < g * d; i += blockDim.x) qs[i] = __bfloat162float(qb[i]);
     __syncthreads();
-    const __nv_bfloat16* marks = reinterpret_cast<const __nv_bfloat16*>(bufs[b].marks) + (size_t)h * d;
+    const __nv_bfloat16* marks = reinterpret_cast<const __nv_bfloat16*>(bufs[b].marks) + (size_t)h * d + sub * per;
     const unsigned char* excl = reinterpret_cast<const unsigned char*>(bufs[b].outlier) + (size_t)h * dims.chunk_cap;
-    float* out = scores + ((size_t)b * dims.kv_heads + h) * dims.chunk_cap;
+    float* out = logits + row * dims.chunk_cap * g;
 
-    // Pass 1: per query head, the running max m and sum l of exp(s - m) (each warp's
-    // lanes hold identical copies).
-    float m[SELECT_MAX_GROUP], l[SELECT_MAX_GROUP];
-#pragma unroll
-    for (int j = 0; j < SELECT_MAX_GROUP; ++j) {
-        m[j] = SELECT_NEG_INF;
-        l[j] = 0.f;
-    }
-    for (int ch = warp; ch < n; ch += nwarps) {
-        if (excl[ch]) continue;
-        float s[SELECT_MAX_GROUP];
-        landmark_dots(s, qs, marks + (size_t)ch * kvd, d, g, lane);
+    // Lane `sub` keeps the statistics of query head j = sub.
+    float2 st = make_float2(SELECT_NEG_INF, 0.f);
+    const int end = min(n, ch0 + SELECT_TILE);
+    // The trip count is the block's, so every lane of a warp takes part in the shuffles.
+#pragma unroll 2
+    for (int base = ch0; base < end; base += SELECT_THREADS / SELECT_LANES) {
+        const int ch = base + grp;
+        const bool valid = ch < end;
+        const uint4* src = reinterpret_cast<const uint4*>(marks + (size_t)(valid ? ch : ch0) * kvd);
+        const uint4 r0 = src[0];
+        const uint4 r1 = per > 8 ? src[1] : make_uint4(0u, 0u, 0u, 0u);
+        const bool out_chunk = valid && excl[ch] != 0;
+        float mine = SELECT_NEG_INF;
 #pragma unroll
         for (int j = 0; j < SELECT_MAX_GROUP; ++j) {
             if (j >= g) break;
-            const float v = s[j] * scale;
-            if (v > m[j]) {
-                l[j] = l[j] * expf(m[j] - v) + 1.f;
-                m[j] = v;
+            const float* qj = qs + j * d + sub * per;
+            float acc = dot8(r0, qj);
+            if (per > 8) acc += dot8(r1, qj + 8);
+#pragma unroll
+            for (int o = SELECT_LANES / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+            if (j == sub) mine = acc * scale;
+        }
+        if (valid && sub < g) {
+            if (out_chunk) {
+                out[(size_t)ch * g + sub] = SELECT_NEG_INF;
             } else {
-                l[j] += expf(v - m[j]);
+                out[(size_t)ch * g + sub] = mine;
+                st = softmax_merge(st, make_float2(mine, 1.f));
             }
         }
     }
-    if (lane == 0) {
-#pragma unroll
-        for (int j = 0; j < SELECT_MAX_GROUP; ++j) {
-            wm[warp][j] = m[j];
-            wl[warp][j] = l[j];
-        }
-    }
+    part[grp][sub] = st;
     __syncthreads();
     if (threadIdx.x < g) {
-        const int j = threadIdx.x;
-        float mm = SELECT_NEG_INF;
-        for (int w = 0; w < nwarps; ++w) mm = fmaxf(mm, wm[w][j]);
-        float ll = 0.f;
-        for (int w = 0; w < nwarps; ++w)
-            if (wm[w][j] != SELECT_NEG_INF) ll += wl[w][j] * expf(wm[w][j] - mm);
-        stat_m[j] = mm;
-        stat_inv[j] = ll > 0.f ? 1.f / ll : 0.f;
+        float2 t = make_float2(SELECT_NEG_INF, 0.f);
+        for (int w = 0; w < SELECT_THREADS / SELECT_LANES; ++w) t = softmax_merge(t, part[w][threadIdx.x]);
+        const int tile_cap = (dims.chunk_cap + SELECT_TILE - 1) / SELECT_TILE;
+        stats[(row * tile_cap + tile) * g + threadIdx.x] = t;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
+    shadow_softmax(float* __restrict__ scores, const float* __restrict__ logits, const float2* __restrict__ stats,
+                   const ShadowSeqBufs* __restrict__ bufs, const ShadowSeqCounts* __restrict__ counts,
+                   ShadowDims dims) {
+    pdl_wait();
+    pdl_trigger();
+    __shared__ float stat_m[SELECT_MAX_GROUP], stat_inv[SELECT_MAX_GROUP];
+    const int tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int n = counts[b].chunks, ch0 = tile * SELECT_TILE;
+    if (ch0 >= n) return;
+    const int g = dims.group, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const size_t row = (size_t)b * dims.kv_heads + h;
+    const int tile_cap = (dims.chunk_cap + SELECT_TILE - 1) / SELECT_TILE;
+    const int tiles = (n + SELECT_TILE - 1) / SELECT_TILE;
+    // Warp j combines the statistics of query head j over the sequence's tiles.
+    if (warp < g) {
+        float2 t = make_float2(SELECT_NEG_INF, 0.f);
+        for (int i = lane; i < tiles; i += 32) t = softmax_merge(t, stats[(row * tile_cap + i) * g + warp]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float2 u = make_float2(__shfl_xor_sync(0xffffffffu, t.x, o), __shfl_xor_sync(0xffffffffu, t.y, o));
+            t = softmax_merge(t, u);
+        }
+        if (lane == 0) {
+            stat_m[warp] = t.x;
+            stat_inv[warp] = t.y > 0.f ? 1.f / t.y : 0.f;
+        }
     }
     __syncthreads();
-
-    // Pass 2: the normalised scores, max over the group.
-    for (int ch = warp; ch < n; ch += nwarps) {
-        float best = SELECT_NEG_INF;
-        if (!excl[ch]) {
-            float s[SELECT_MAX_GROUP];
-            landmark_dots(s, qs, marks + (size_t)ch * kvd, d, g, lane);
+    const int ch = ch0 + threadIdx.x;
+    if (ch >= n) return;
+    const float* lg = logits + (row * dims.chunk_cap + ch) * g;
+    const unsigned char* excl = reinterpret_cast<const unsigned char*>(bufs[b].outlier) + (size_t)h * dims.chunk_cap;
+    float best = SELECT_NEG_INF;
+    if (!excl[ch]) {
 #pragma unroll
-            for (int j = 0; j < SELECT_MAX_GROUP; ++j)
-                if (j < g) best = fmaxf(best, expf(s[j] * scale - stat_m[j]) * stat_inv[j]);
-        }
-        if (lane == 0) out[ch] = best;
+        for (int j = 0; j < SELECT_MAX_GROUP; ++j)
+            if (j < g) best = fmaxf(best, expf(lg[j] - stat_m[j]) * stat_inv[j]);
     }
+    scores[row * dims.chunk_cap + ch] = best;
 }
 
 // The k best of v[0..n) (not excluded where excl is given), by value, ties to the lower

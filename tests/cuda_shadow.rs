@@ -275,7 +275,7 @@ fn scores_and_top_k_match_the_cpu() {
         let dq = dev.upload(&q).unwrap();
         let mut scratch = StepScratch::new(&ops, &l, batch).unwrap();
         ops.fill_nan_f32(&mut scratch.scores).unwrap();
-        ops.shadow_scores(&table, &dq, &mut scratch.scores).unwrap();
+        ops.shadow_scores(&table, &dq, &mut scratch).unwrap();
         let got = dev.download(&scratch.scores).unwrap();
         let mut selected = dev.upload(&vec![i32::MIN; batch * kvh * slots]).unwrap();
         ops.shadow_top_k(&table, &scratch.scores, &mut selected).unwrap();
@@ -1197,7 +1197,7 @@ fn one_layer_decode_end_to_end_matches_cpu_attention() {
             let qf = f32s(&q);
             let dq = dev.upload(&q).unwrap();
             ops.fill_nan_f32(&mut scratch.scores).unwrap();
-            ops.shadow_scores(&table, &dq, &mut scratch.scores).unwrap();
+            ops.shadow_scores(&table, &dq, &mut scratch).unwrap();
             ops.shadow_top_k(&table, &scratch.scores, &mut scratch.selected)
                 .unwrap();
             ops.shadow_reuse(
@@ -1361,11 +1361,11 @@ fn bad_inputs_are_errors_that_say_what() {
         let table = ShadowTable::new(&ops, &[(&b, ok), (&b, ok)]).unwrap();
         let mut one = StepScratch::new(&ops, &l, 1).unwrap();
         let q = dev.zeros::<bf16>(2 * l.kv_heads * l.group * l.head_dim).unwrap();
-        let e = msg(ops.shadow_scores(&table, &q, &mut one.scores).unwrap_err());
+        let e = msg(ops.shadow_scores(&table, &q, &mut one).unwrap_err());
         assert!(e.contains("select: scores"), "{e}");
         let short = dev.zeros::<bf16>(10).unwrap();
         let mut two = StepScratch::new(&ops, &l, 2).unwrap();
-        let e = msg(ops.shadow_scores(&table, &short, &mut two.scores).unwrap_err());
+        let e = msg(ops.shadow_scores(&table, &short, &mut two).unwrap_err());
         assert!(e.contains("select: queries"), "{e}");
         let bad_pool = DevicePool {
             addr: 0,

@@ -188,6 +188,11 @@ impl<'a> ShadowTable<'a> {
 pub struct StepScratch {
     layout: ShadowLayout,
     batch: usize,
+    /// Landmark logits `[batch, kv_heads, chunk_cap, group]` f32 (scaled by `1/√d`).
+    pub logits: CudaSlice<f32>,
+    /// Softmax statistics of each tile of the logits, `[batch, kv_heads, score_tiles,
+    /// group]` (max, sum of exponentials) as pairs of f32.
+    pub stats: CudaSlice<f32>,
     /// Landmark scores `[batch, kv_heads, chunk_cap]` f32.
     pub scores: CudaSlice<f32>,
     /// Selected chunks `[batch, kv_heads, S]`, ascending, -1 after the last.
@@ -252,6 +257,8 @@ impl StepScratch {
         Ok(StepScratch {
             layout: *layout,
             batch,
+            logits: dev.zeros(heads * layout.chunk_cap * layout.group)?,
+            stats: dev.zeros(heads * layout.score_tiles() * layout.group * 2)?,
             scores: dev.zeros(heads * layout.chunk_cap)?,
             selected: dev.zeros(heads * layout.slots)?,
             misses: dev.zeros(heads * layout.slots * 2)?,

@@ -142,7 +142,7 @@ impl<'a> ShadowStep<'a> {
         self.mark(ops, Stage::Start)?;
         ops.shadow_qkv_append(q, qkv, bias, positions, inv_freq, t, heads)?;
         self.mark(ops, Stage::Append)?;
-        ops.shadow_scores(t, &*q, &mut scratch.scores)?;
+        ops.shadow_scores(t, &*q, scratch)?;
         ops.shadow_top_k(t, &scratch.scores, &mut scratch.selected)?;
         self.mark(ops, Stage::Select)?;
         ops.shadow_reuse(

@@ -34,6 +34,9 @@ pub const MAX_GROUP: usize = 8;
 pub const MAX_CHUNK: usize = 16;
 /// Largest `kv_heads · head_dim` (the fold's projection holds a key row in shared memory).
 pub const MAX_KV_WIDTH: usize = 1024;
+/// Chunks one block of the selection's logits and softmax kernels scores
+/// (`SELECT_TILE` of kernels/select.cu).
+pub const SELECT_TILE: usize = 256;
 
 /// The shape of the ShadowKV state of every sequence of a batch (one model, one set of
 /// settings).
@@ -137,6 +140,11 @@ impl ShadowLayout {
     /// Rows of each head's attention buffer, `R + (O + S)·c`.
     pub fn rows_cap(&self) -> usize {
         self.recent_rows() + (self.outliers + self.slots) * self.chunk
+    }
+
+    /// Tiles of [`SELECT_TILE`] chunks a sequence's selection is scored in, at most.
+    pub fn score_tiles(&self) -> usize {
+        self.chunk_cap.div_ceil(SELECT_TILE)
     }
 
     /// Tokens the sparse region holds at most (rows of `u`).

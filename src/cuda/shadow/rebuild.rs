@@ -7,8 +7,8 @@ use crate::cuda::ops::{check_len, kernel_params, CudaOps};
 use anyhow::Result;
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 
-/// Threads of one rebuild block (misses in flight × d/2).
-const REBUILD_THREADS: usize = 256;
+/// Misses one rebuild block takes (`REBUILD_MISSES` of kernels/rebuild.cu).
+const REBUILD_MISSES: usize = 8;
 
 impl CudaOps {
     /// Rebuilds the keys of every miss (as [`CudaOps::shadow_reuse`] lists them) into its
@@ -33,9 +33,12 @@ impl CudaOps {
         let (addrs, counts) = t.device_arrays(self);
         let dims = l.dims();
         let half = l.head_dim / 2;
+        let (kvh, batch, _) = t.head_grid();
+        // A block per REBUILD_MISSES entries of each head's miss list (blocks past a
+        // head's misses return at once).
         let cfg = LaunchConfig {
-            grid_dim: t.head_grid(),
-            block_dim: (half as u32, (REBUILD_THREADS / half) as u32, 1),
+            grid_dim: (l.slots.div_ceil(REBUILD_MISSES) as u32, kvh, batch),
+            block_dim: (half as u32, REBUILD_MISSES as u32, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: the miss lists and inv_freq hold what the batch needs (checked); the

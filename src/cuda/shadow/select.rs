@@ -1,45 +1,74 @@
 //! Stage 1 of the decode step, chunk selection (kernels/select.cu; reference
 //! [`crate::shadow::select`]): landmark scores, then the top-k chunks per KV head.
 
-use super::buffers::ShadowTable;
+use super::buffers::{ShadowTable, StepScratch};
 use crate::cuda::ops::{check_len, i32_of, kernel_params, CudaOps};
 use anyhow::{ensure, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
 
-const SCORE_THREADS: u32 = 256;
+/// Threads of a logits or softmax block (`SELECT_THREADS` of kernels/select.cu).
+const SELECT_THREADS: u32 = 256;
+/// Threads of a top-k block.
 const TOPK_THREADS: u32 = 1024;
 
 impl CudaOps {
     /// Landmark scores of every KV head of every sequence of `t`: for each query head
     /// of the head's group, the softmax over the sequence's chunks of `q · landmark /
     /// √d`, then the max over the group; outlier chunks score `-inf`
-    /// ([`crate::shadow::select::chunk_scores`]). `q` is `[batch, heads·d]` (post-RoPE);
-    /// `scores` `[batch, kv_heads, chunk_cap]` receives each sequence's `chunks` scores
-    /// (the rest of each row is left as it was).
-    pub fn shadow_scores(&self, t: &ShadowTable, q: &impl DevicePtr<bf16>, scores: &mut CudaSlice<f32>) -> Result<()> {
+    /// ([`crate::shadow::select::chunk_scores`]). `q` is `[batch, heads·d]` (post-RoPE).
+    /// Two launches over tiles of
+    /// [`super::layout::SELECT_TILE`] chunks: the logits and each tile's
+    /// softmax statistics into `scratch.logits` and `scratch.stats`, then the scores into
+    /// `scratch.scores` `[batch, kv_heads, chunk_cap]` (each sequence's `chunks` entries;
+    /// the rest of each row is left as it was).
+    pub fn shadow_scores(&self, t: &ShadowTable, q: &impl DevicePtr<bf16>, scratch: &mut StepScratch) -> Result<()> {
         let l = t.layout();
         let b = t.batch();
         check_len("select: queries", q.len(), b * l.kv_heads * l.group * l.head_dim)?;
-        check_len("select: scores", scores.len(), b * l.kv_heads * l.chunk_cap)?;
+        ensure!(
+            scratch.layout() == l,
+            "select: the step scratch was made for another layout"
+        );
+        check_len("select: scores", scratch.scores.len(), b * l.kv_heads * l.chunk_cap)?;
+        check_len(
+            "select: logits",
+            scratch.logits.len(),
+            b * l.kv_heads * l.chunk_cap * l.group,
+        )?;
+        check_len(
+            "select: statistics",
+            scratch.stats.len(),
+            b * l.kv_heads * l.score_tiles() * l.group * 2,
+        )?;
         let s = self.device().stream();
         let (qp, _g1) = q.device_ptr(s);
-        let (sp, _g2) = scores.device_ptr_mut(s);
+        let (lp, _g2) = scratch.logits.device_ptr_mut(s);
+        let (tp, _g3) = scratch.stats.device_ptr_mut(s);
+        let (sp, _g4) = scratch.scores.device_ptr_mut(s);
         let (addrs, counts) = t.device_arrays(self);
         let dims = l.dims();
         let scale = 1.0 / (l.head_dim as f32).sqrt();
+        let (kvh, batch, _) = t.head_grid();
+        // At most 2^30 chunks (ShadowLayout::validate), so the tile count fits a grid.
         let cfg = LaunchConfig {
-            grid_dim: t.head_grid(),
-            block_dim: (SCORE_THREADS, 1, 1),
+            grid_dim: (l.score_tiles() as u32, kvh, batch),
+            block_dim: (SELECT_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: q and scores hold what the batch needs (checked); the table's buffers
-        // match its layout (checked when it was made, borrowed for its life).
+        // SAFETY: q and the scratch hold what the batch needs (checked); the table's
+        // buffers match its layout (checked when it was made, borrowed for its life) and
+        // are whole allocations, so the landmark rows are 16-byte aligned (d is 64 or 128).
         unsafe {
             self.launch_pdl(
-                &self.k.shadow_scores,
+                &self.k.shadow_logits,
                 cfg,
-                &mut kernel_params![&sp, &qp, &addrs, &counts, &dims, &scale],
+                &mut kernel_params![&lp, &tp, &qp, &addrs, &counts, &dims, &scale],
+            )?;
+            self.launch_pdl(
+                &self.k.shadow_softmax,
+                cfg,
+                &mut kernel_params![&sp, &lp, &tp, &addrs, &counts, &dims],
             )
         }
     }
