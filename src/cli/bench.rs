@@ -57,6 +57,11 @@ pub struct BenchArgs {
     /// Prompt tokens per prefill pass (with --backend cuda).
     #[arg(long, default_value_t = 4096)]
     prefill_chunk: usize,
+    /// ShadowKV on the GPU: split the batch into this many micro-batches, each on its
+    /// own CUDA stream, so one waits for its values while another computes; a list
+    /// measures each on the same sequences (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1usize])]
+    micro_batches: Vec<usize>,
 }
 
 /// A peer implementation to compare with.
@@ -101,6 +106,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 .with_context(|| format!("--batch must be a positive number or `auto`, got `{b}`"))?,
         ),
     };
+    if a.micro_batches.is_empty() || a.micro_batches.contains(&0) {
+        bail!("--micro-batches takes counts of at least 1");
+    }
     if a.gen < 2 || a.attention.is_empty() {
         bail!("--gen must be at least 2 and --attention not empty");
     }
@@ -114,6 +122,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             batch,
             gen: a.gen,
             prefill_chunk: a.prefill_chunk,
+            micro_batches: a.micro_batches,
             peer_torch: a.peer == Some(Peer::Torch),
             cuda: a.cuda,
             json: a.json,
@@ -121,6 +130,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     if a.peer.is_some() {
         bail!("--peer needs --backend cuda");
+    }
+    if a.micro_batches != [1] {
+        bail!("--micro-batches needs --backend cuda (the CPU backend decodes its batch as one)");
     }
     let Some(batch) = batch else {
         bail!("--batch auto needs --backend cuda (the CPU benchmark takes a number)");

@@ -38,6 +38,8 @@ pub struct CudaBench {
     pub gen: usize,
     /// Prompt tokens per prefill pass.
     pub prefill_chunk: usize,
+    /// ShadowKV micro-batch counts, each measured.
+    pub micro_batches: Vec<usize>,
     /// Run the PyTorch peer too.
     pub peer_torch: bool,
     /// CUDA options.
@@ -140,9 +142,21 @@ pub fn run(a: CudaBench) -> Result<()> {
         for p in &a.shadow_for(&cfg, ctx)? {
             for &fetch in &a.cuda.value_fetch {
                 let bar = prefill_bar(progress, ctx);
-                let mut r = super::bench_cuda_shadow::run(&model, p, fetch, ctx, a.batch, a.gen, a.prefill_chunk, bar)?;
-                r.row["machine"] = serde_json::json!(info.name);
-                shadow_rows.push(r);
+                let runs = super::bench_cuda_shadow::run(
+                    &model,
+                    p,
+                    fetch,
+                    ctx,
+                    a.batch,
+                    a.gen,
+                    &a.micro_batches,
+                    a.prefill_chunk,
+                    bar,
+                )?;
+                for mut r in runs {
+                    r.row["machine"] = serde_json::json!(info.name);
+                    shadow_rows.push(r);
+                }
                 model.ops().device().release_memory()?;
             }
         }
@@ -291,15 +305,16 @@ pub fn run(a: CudaBench) -> Result<()> {
     }
     if !shadow_rows.is_empty() {
         println!();
-        println!("| context | fetch | ShadowKV batch | decode tok/s | vs full | step ms (median) | bound ms | × bound | reuse hit | value MiB/step | prefill s | compression share | peak GiB | host pool GiB |");
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| context | fetch | micro-batches | ShadowKV batch | decode tok/s | vs full | step ms (median) | bound ms | × bound | reuse hit | value MiB/step | prefill s | compression share | peak GiB | host pool GiB |");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &shadow_rows {
             let r = &r.row;
             let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
             println!(
-                "| {} | {} | {} | {:.1} | {} | {:.2} | {:.2} | {:.2} | {:.3} | {:.1} | {:.2} | {:.1} % | {:.1} | {:.1} |",
+                "| {} | {} | {} | {} | {:.1} | {} | {:.2} | {:.2} | {:.2} | {:.3} | {:.1} | {:.2} | {:.1} % | {:.1} | {:.1} |",
                 r["context"],
                 r["value_fetch"].as_str().unwrap_or("-"),
+                r["micro_batches"],
                 r["batch"],
                 f("decode_tokens_per_s"),
                 r["ratio_to_full"].as_f64().map_or("-".to_string(), |v| format!("{v:.2}×")),

@@ -16,15 +16,16 @@ use super::backend::ValueFetch;
 use super::bench_cuda::{median, HBM_BYTES_PER_S};
 use crate::cpu::model::chunked_prefill;
 use crate::cuda::device::StreamPriority;
-use crate::cuda::graph::ShadowSeqInput;
+use crate::cuda::graph::{Lane, ShadowSeqInput};
 use crate::cuda::shadow::seq::sequence_bytes;
+use crate::cuda::shadow::decode::GatherTimes;
 use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout};
 use crate::cuda::{CudaModel, GpuSeq};
 use crate::engine::sampling::SamplingParams;
 use crate::pool::space::MachineMemory;
 use crate::pool::{ValuePool, ValueType};
 use crate::shadow::ShadowParams;
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 use indicatif::ProgressBar;
 use std::time::Instant;
 
@@ -41,7 +42,9 @@ pub struct ShadowRun {
 }
 
 /// Benchmarks ShadowKV with `p` at context `ctx` on `model`: `batch` sequences (the
-/// largest that fits when `None`), `gen` decode steps.
+/// largest that fits when `None`), then `gen` decode steps for each entry of `micro`
+/// (the batch split into that many micro-batches, one lane and stream each), all on
+/// the same prefilled and compressed sequences; one result per entry.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     model: &CudaModel,
@@ -50,14 +53,14 @@ pub fn run(
     ctx: usize,
     batch: Option<usize>,
     gen: usize,
+    micro: &[usize],
     prefill_chunk: usize,
     bar: ProgressBar,
-) -> Result<ShadowRun> {
+) -> Result<Vec<ShadowRun>> {
     let cfg = model.config();
-    let layout = ShadowLayout::new(cfg, p, ctx + gen)?;
+    // Room for every run's generated tokens.
+    let layout = ShadowLayout::new(cfg, p, ctx + gen * micro.len())?;
     let mut lane = model.new_lane(StreamPriority::High, false)?;
-    // Each stage of each layer timed on the GPU (events; a little overhead per layer).
-    lane.time_stages(true);
     let ops_dev = model.ops().device();
     let greedy = SamplingParams::default().device_row(0, 0);
     // Prefill one sequence, keeping its keys before RoPE.
@@ -86,7 +89,7 @@ pub fn run(
     // How many sequences fit: their ShadowKV state on the GPU (the prefill cache still
     // held), their values in host memory.
     let (per_gpu, one_pool) = sequence_bytes(&layout, cfg.num_layers)?;
-    let (free, total) = ops_dev.mem_info()?;
+    let (free, _) = ops_dev.mem_info()?;
     let gpu_fit = free.saturating_sub(2 << 30) / per_gpu;
     let host = MachineMemory::read()?;
     // Leave a tenth of the host's memory to everything else.
@@ -124,101 +127,215 @@ pub fn run(
     ops.device().synchronize()?;
     drop(dense);
     ops_dev.release_memory()?;
-    // Decode.
-    let mut last = vec![first[0]; batch];
-    let rows = vec![greedy; batch];
-    let mut steps = Vec::with_capacity(gen);
-    let mut min_free = usize::MAX;
-    let (sel0, hit0) = model.shadow_counters(&lane)?;
-    let td = Instant::now();
-    for _ in 0..gen {
-        let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
-        let mut inputs: Vec<ShadowSeqInput> = seqs
-            .iter_mut()
-            .zip(&toks)
-            .map(|(seq, t)| ShadowSeqInput { token: t, seq })
-            .collect();
-        let ts = Instant::now();
-        let ticket = model.submit_shadow(&mut lane, &mut inputs, &rows, &[], &pool, fetch.path())?;
-        last = model.complete(&mut lane, ticket)?;
-        steps.push(ts.elapsed().as_secs_f64());
-        if steps.len() == 2 {
-            min_free = min_free.min(ops_dev.mem_info()?.0);
-        }
-    }
-    let decode_secs = td.elapsed().as_secs_f64();
-    let (sel1, hit1) = model.shadow_counters(&lane)?;
-    let gather = lane.gather;
-    let stages: Vec<(String, f64)> = lane
-        .stage_ms
-        .iter()
-        .map(|(s, ms)| (s.name().to_string(), ms / gen as f64))
-        .collect();
-    eprintln!(
-        "[GPU ms per step by stage, summed over layers: {}]",
-        stages
-            .iter()
-            .map(|(s, ms)| format!("{s} {ms:.2}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let (selected, hits) = ((sel1 - sel0) as f64, (hit1 - hit0) as f64);
-    let misses = selected - hits;
-    let chunk_bytes = (layout.chunk * layout.head_dim * 2) as f64;
-    let fetched_per_step = misses * chunk_bytes / gen as f64;
-    // GPU bytes of a step: the weights, and per sequence and layer the landmarks
-    // scored, the rows attended (keys and values), and for each miss its rebuilt keys
-    // (the coefficients read, the keys written) and its values written.
-    let c = seqs[0].counts();
-    let (_, attended) = layout.attended_rows(&c);
-    let per_layer =
-        (c.chunks as usize * layout.kv_width() * 2 + attended * layout.kv_heads * layout.head_dim * 4) as f64;
-    let per_miss = (layout.chunk * (layout.rank * 2 + layout.head_dim * 4)) as f64;
-    let gpu_bytes =
-        model.weight_bytes() as f64 + (batch * cfg.num_layers) as f64 * per_layer + misses / gen as f64 * per_miss;
-    let step_ms = 1e3 * median(&mut steps);
-    let bound_s = (fetched_per_step / PCIE_BYTES_PER_S).max(gpu_bytes / HBM_BYTES_PER_S);
-    let tps = (batch * gen) as f64 / decode_secs;
-    let peak_gib = (total - min_free.min(total)) as f64 / (1u64 << 30) as f64;
-    let host_gib = pool.pool().bytes() as f64 / (1u64 << 30) as f64;
-    let hit_rate = if selected > 0.0 { hits / selected } else { 0.0 };
-    eprintln!(
-        "[context {ctx}, ShadowKV ({}): batch {batch} (GPU fits {gpu_fit}, host {host_fit}), prefill {prefill_secs:.2} s + \
-         compression {compress_secs:.3} s ({:.1} %), decode {tps:.1} tok/s, step {step_ms:.2} ms = {:.2}× its bound, \
-         hit rate {hit_rate:.3}, {:.1} MiB of values fetched a step; pool {host_gib:.1} GiB registered in {register_secs:.1} s]",
-        fetch.label(),
-        100.0 * compress_secs / (prefill_secs + compress_secs),
-        step_ms / 1e3 / bound_s,
-        fetched_per_step / (1u64 << 20) as f64,
-    );
-    if fetch == ValueFetch::CpuGather {
-        eprintln!(
-            "[cpu-gather per step: {:.2} ms waiting for miss lists, {:.2} ms gathering ({:.1} GB/s)]",
-            1e3 * gather.wait_secs / gen as f64,
-            1e3 * gather.gather_secs / gen as f64,
-            if gather.gather_secs > 0.0 {
-                gather.bytes as f64 / gather.gather_secs / 1e9
-            } else {
-                0.0
-            }
-        );
-    }
-    let row = serde_json::json!({
+    drop(lane);
+    let fixed = serde_json::json!({
         "context": ctx, "method": "shadowkv", "batch": batch, "generated": gen,
         "settings": {"budget": p.budget, "rank": p.rank, "chunk_size": p.chunk_size,
                      "outlier_chunks": p.outlier_chunks, "local_chunks": p.local_chunks},
         "prefill_secs": prefill_secs, "compress_secs": compress_secs,
         "compress_share": compress_secs / (prefill_secs + compress_secs),
-        "decode_tokens_per_s": tps, "step_ms_median": step_ms,
-        "reuse_hit_rate": hit_rate, "value_bytes_per_step": fetched_per_step,
-        "gpu_bytes_per_step": gpu_bytes, "bound_ms": bound_s * 1e3,
-        "bound_ratio": step_ms / 1e3 / bound_s, "pcie_bytes_per_s_assumed": PCIE_BYTES_PER_S,
-        "peak_gpu_gib": peak_gib, "host_pool_gib": host_gib, "pool_register_secs": register_secs,
+        "pcie_bytes_per_s_assumed": PCIE_BYTES_PER_S,
+        "host_pool_gib": pool.pool().bytes() as f64 / (1u64 << 30) as f64, "pool_register_secs": register_secs,
         "gpu_fit": gpu_fit, "host_fit": host_fit, "value_fetch": fetch.label(),
-        "stage_ms_per_step": stages.iter().map(|(s, ms)| (s.clone(), serde_json::json!(ms))).collect::<serde_json::Map<_, _>>(),
-        "gather_wait_ms_per_step": 1e3 * gather.wait_secs / gen as f64,
-        "gather_ms_per_step": 1e3 * gather.gather_secs / gen as f64,
-        "gather_gb_per_s": if gather.gather_secs > 0.0 { gather.bytes as f64 / gather.gather_secs / 1e9 } else { 0.0 },
     });
-    Ok(ShadowRun { row, tokens_per_s: tps })
+    let mut last = vec![first[0]; batch];
+    let mut runs = Vec::with_capacity(micro.len());
+    for &m in micro {
+        let d = decode(model, &mut seqs, &pool, fetch, m, gen, &mut last)?;
+        let ctx_now = seqs[0].len();
+        let bound_s = bound_secs(model, &layout, &seqs, d.misses_per_step);
+        let tps = (batch * gen) as f64 / d.decode_secs;
+        let peak_gib = (d.total - d.min_free.min(d.total)) as f64 / (1u64 << 30) as f64;
+        let fetched_per_step = d.misses_per_step * (layout.chunk * layout.head_dim * 2) as f64;
+        eprintln!(
+            "[context {ctx}, ShadowKV ({}, {m} micro-batch{}): batch {batch} (GPU fits {gpu_fit}, host {host_fit}), \
+             prefill {prefill_secs:.2} s + compression {compress_secs:.3} s ({:.1} %), decode {tps:.1} tok/s, \
+             step {:.2} ms = {:.2}× its bound, hit rate {:.3}, {:.1} MiB of values fetched a step; \
+             pool registered in {register_secs:.1} s]",
+            fetch.label(),
+            if m == 1 { "" } else { "es" },
+            100.0 * compress_secs / (prefill_secs + compress_secs),
+            d.step_ms,
+            d.step_ms / 1e3 / bound_s,
+            d.hit_rate,
+            fetched_per_step / (1u64 << 20) as f64,
+        );
+        eprintln!(
+            "[GPU ms per step by stage, summed over layers and micro-batches: {}]",
+            d.stages
+                .iter()
+                .map(|(s, ms)| format!("{s} {ms:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let g = d.gather;
+        let gather_gbs = if g.gather_secs > 0.0 {
+            g.bytes as f64 / g.gather_secs / 1e9
+        } else {
+            0.0
+        };
+        if fetch == ValueFetch::CpuGather {
+            eprintln!(
+                "[cpu-gather per step: {:.2} ms waiting for miss lists, {:.2} ms gathering ({gather_gbs:.1} GB/s)]",
+                1e3 * g.wait_secs / gen as f64,
+                1e3 * g.gather_secs / gen as f64,
+            );
+        }
+        let mut row = fixed.clone();
+        let more = serde_json::json!({
+            "micro_batches": m, "context_at_end": ctx_now,
+            "decode_tokens_per_s": tps, "step_ms_median": d.step_ms,
+            "reuse_hit_rate": d.hit_rate, "value_bytes_per_step": fetched_per_step,
+            "gpu_bytes_per_step": d.gpu_bytes, "bound_ms": bound_s * 1e3,
+            "bound_ratio": d.step_ms / 1e3 / bound_s, "peak_gpu_gib": peak_gib,
+            "stage_ms_per_step": d.stages.iter().map(|(s, ms)| (s.clone(), serde_json::json!(ms))).collect::<serde_json::Map<_, _>>(),
+            "gather_wait_ms_per_step": 1e3 * g.wait_secs / gen as f64,
+            "gather_ms_per_step": 1e3 * g.gather_secs / gen as f64,
+            "gather_gb_per_s": gather_gbs,
+        });
+        for (k, v) in more.as_object().expect("an object") {
+            row[k] = v.clone();
+        }
+        runs.push(ShadowRun { row, tokens_per_s: tps });
+    }
+    Ok(runs)
+}
+
+
+/// What the decode steps of one micro-batch setting measured.
+struct Decoded {
+    decode_secs: f64,
+    step_ms: f64,
+    misses_per_step: f64,
+    hit_rate: f64,
+    gpu_bytes: f64,
+    stages: Vec<(String, f64)>,
+    gather: GatherTimes,
+    min_free: usize,
+    total: usize,
+}
+
+/// Runs `gen` decode steps of `seqs` split into `micro` micro-batches: one lane (its
+/// own stream, scratch and step) per micro-batch, each submitted and completed on its
+/// own thread, so one micro-batch's value fetch overlaps another's compute. `last`
+/// holds each sequence's last token and is advanced.
+fn decode(
+    model: &CudaModel,
+    seqs: &mut [GpuShadowSeq],
+    pool: &GpuValuePool,
+    fetch: ValueFetch,
+    micro: usize,
+    gen: usize,
+    last: &mut [u32],
+) -> Result<Decoded> {
+    let batch = seqs.len();
+    ensure!(
+        micro >= 1 && micro <= batch,
+        "--micro-batches {micro} does not split a batch of {batch}"
+    );
+    let mut lanes = (0..micro)
+        .map(|_| {
+            let mut lane = model.new_lane(StreamPriority::High, false)?;
+            // Each stage of each layer timed on the GPU (events; a little overhead).
+            lane.time_stages(true);
+            Ok(lane)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let sizes: Vec<usize> = (0..micro).map(|i| batch / micro + usize::from(i < batch % micro)).collect();
+    let greedy = SamplingParams::default().device_row(0, 0);
+    let counters = |lanes: &[Lane]| -> Result<(u64, u64)> {
+        lanes.iter().try_fold((0, 0), |(s, h), lane| {
+            let (s1, h1) = model.shadow_counters(lane)?;
+            Ok((s + s1, h + h1))
+        })
+    };
+    let dev = model.ops().device();
+    dev.synchronize()?;
+    let (sel0, hit0) = counters(&lanes)?;
+    let mut steps = Vec::with_capacity(gen);
+    let mut min_free = usize::MAX;
+    let td = Instant::now();
+    for _ in 0..gen {
+        let ts = Instant::now();
+        let next = std::thread::scope(|scope| -> Result<Vec<u32>> {
+            let mut rest_seqs = &mut *seqs;
+            let mut rest_last = &*last;
+            let mut jobs = Vec::with_capacity(micro);
+            for (lane, &n) in lanes.iter_mut().zip(&sizes) {
+                let (group, more) = rest_seqs.split_at_mut(n);
+                let (toks, more_last) = rest_last.split_at(n);
+                (rest_seqs, rest_last) = (more, more_last);
+                jobs.push(scope.spawn(move || -> Result<Vec<u32>> {
+                    let toks: Vec<[u32; 1]> = toks.iter().map(|&t| [t]).collect();
+                    let mut inputs: Vec<ShadowSeqInput> = group
+                        .iter_mut()
+                        .zip(&toks)
+                        .map(|(seq, t)| ShadowSeqInput { token: t, seq })
+                        .collect();
+                    let rows = vec![greedy; inputs.len()];
+                    let ticket = model.submit_shadow(lane, &mut inputs, &rows, &[], pool, fetch.path())?;
+                    model.complete(lane, ticket)
+                }));
+            }
+            let mut out = Vec::with_capacity(batch);
+            for job in jobs {
+                out.extend(job.join().map_err(|_| anyhow!("a micro-batch's thread panicked"))??);
+            }
+            Ok(out)
+        })?;
+        last.copy_from_slice(&next);
+        steps.push(ts.elapsed().as_secs_f64());
+        if steps.len() == 2 {
+            min_free = min_free.min(dev.mem_info()?.0);
+        }
+    }
+    let decode_secs = td.elapsed().as_secs_f64();
+    let (sel1, hit1) = counters(&lanes)?;
+    let mut stages: Vec<(String, f64)> = Vec::new();
+    let mut gather = GatherTimes::default();
+    for lane in &lanes {
+        for (s, ms) in &lane.stage_ms {
+            match stages.iter_mut().find(|(n, _)| n == s.name()) {
+                Some((_, t)) => *t += ms / gen as f64,
+                None => stages.push((s.name().to_string(), ms / gen as f64)),
+            }
+        }
+        gather.wait_secs += lane.gather.wait_secs;
+        gather.gather_secs += lane.gather.gather_secs;
+        gather.bytes += lane.gather.bytes;
+    }
+    let (selected, hits) = ((sel1 - sel0) as f64, (hit1 - hit0) as f64);
+    let misses_per_step = (selected - hits) / gen as f64;
+    Ok(Decoded {
+        decode_secs,
+        step_ms: 1e3 * median(&mut steps),
+        misses_per_step,
+        hit_rate: if selected > 0.0 { hits / selected } else { 0.0 },
+        gpu_bytes: gpu_bytes(model, seqs, misses_per_step, micro),
+        stages,
+        gather,
+        min_free,
+        total: dev.mem_info()?.1,
+    })
+}
+
+/// GPU bytes of a step: the weights (read once per micro-batch), and per sequence and
+/// layer the landmarks scored, the rows attended (keys and values), and for each miss
+/// its rebuilt keys (the coefficients read, the keys written) and its values written.
+fn gpu_bytes(model: &CudaModel, seqs: &[GpuShadowSeq], misses_per_step: f64, micro: usize) -> f64 {
+    let layout = seqs[0].layer(0).layout();
+    let c = seqs[0].counts();
+    let (_, attended) = layout.attended_rows(&c);
+    let per_layer = (c.chunks as usize * layout.kv_width() * 2 + attended * layout.kv_heads * layout.head_dim * 4) as f64;
+    let per_miss = (layout.chunk * (layout.rank * 2 + layout.head_dim * 4)) as f64;
+    (micro * model.weight_bytes()) as f64
+        + (seqs.len() * model.config().num_layers) as f64 * per_layer
+        + misses_per_step * per_miss
+}
+
+/// The step's bound: the larger of its missed value bytes over PCIe and its GPU bytes
+/// (one micro-batch: the weights once) at the HBM rate.
+fn bound_secs(model: &CudaModel, layout: &ShadowLayout, seqs: &[GpuShadowSeq], misses_per_step: f64) -> f64 {
+    let fetched = misses_per_step * (layout.chunk * layout.head_dim * 2) as f64;
+    (fetched / PCIE_BYTES_PER_S).max(gpu_bytes(model, seqs, misses_per_step, 1) / HBM_BYTES_PER_S)
 }

@@ -137,6 +137,10 @@ pub struct HostMapping<'a, T> {
 // a registration belongs to the context, not to a thread, so the mapping may move to
 // another thread (the engine thread) with its borrow.
 unsafe impl<T: Send> Send for HostMapping<'_, T> {}
+// SAFETY: through `&HostMapping` the host only reads the memory (`host`, after the
+// device is idle) or its addresses; the micro-batches of a step share one pool this way
+// from their threads, each sequence's kernels touching only its own leased slot.
+unsafe impl<T: Sync> Sync for HostMapping<'_, T> {}
 
 impl<'a, T: Copy> HostMapping<'a, T> {
     /// Registers `mem` (page-locks it) and maps it for the device of `ops`.
