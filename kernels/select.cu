@@ -194,10 +194,16 @@ __device__ void block_top_k(const float* __restrict__ v, const unsigned char* __
         for (int shift = 24; shift >= 0; shift -= 8) {
             for (int i = tid; i < 256; i += nt) hist[i] = 0;
             __syncthreads();
-            for (int i = tid; i < n; i += nt) {
-                if (excl != nullptr && excl[i] != 0) continue;
-                const unsigned int u = ordered(v[i]);
-                if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
+            // Warp-aggregated counts: the lanes of a warp with the same digit add once
+            // (scores of one softmax share their top digits, which would otherwise
+            // serialise every lane on one bin).
+            for (int i0 = 0; i0 < n; i0 += nt) {
+                const int i = i0 + tid;
+                const bool cand = i < n && (excl == nullptr || excl[i] == 0);
+                const unsigned int u = cand ? ordered(v[i]) : 0u;
+                const unsigned int digit = cand && (u & mask) == prefix ? (u >> shift) & 255u : 256u;
+                const unsigned int peers = __match_any_sync(0xffffffffu, digit);
+                if (digit < 256u && (tid & 31) == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
             }
             __syncthreads();
             if (tid == 0) {
@@ -223,15 +229,18 @@ __device__ void block_top_k(const float* __restrict__ v, const unsigned char* __
             const int i = t0 + tid;
             const bool cand = i < n && (excl == nullptr || excl[i] == 0);
             const unsigned int u = cand ? ordered(v[i]) : 0u;
-            const bool eq = cand && u == thr;
-            int eq_total;
-            const int eq_rank = equal_seen + block_exclusive_sum(eq, scratch, &eq_total);
-            const bool take = cand && (u > thr || (eq && eq_rank < ties));
-            int take_total;
-            const int pos = taken + block_exclusive_sum(take, scratch, &take_total);
-            if (take) out[pos] = i;
-            taken += take_total;
-            equal_seen += eq_total;
+            const bool eq = cand && u == thr, above = cand && u > thr;
+            // One scan counts both (above in the high half, equal in the low; at most
+            // nt <= 1024 of each): of the keys equal to thr only the first `left` are
+            // taken, so the keys taken before this one are those above it plus
+            // min(equal before it, left).
+            int total;
+            const int before = block_exclusive_sum(((int)above << 16) | (int)eq, scratch, &total);
+            const int left = max(0, ties - equal_seen);
+            const int eq_before = before & 0xffff;
+            if (above || (eq && eq_before < left)) out[taken + (before >> 16) + min(eq_before, left)] = i;
+            taken += (total >> 16) + min(total & 0xffff, left);
+            equal_seen += total & 0xffff;
         }
     }
     for (int i = kk + tid; i < out_len; i += nt) out[i] = -1;

@@ -94,6 +94,9 @@ pub struct Lane {
     marks: Vec<(Stage, CudaEvent)>,
     /// Milliseconds of GPU time per ShadowKV stage, summed over completed steps.
     pub stage_ms: Vec<(Stage, f64)>,
+    /// The stream the zero-copy value fetch runs on beside the key rebuild (made at
+    /// the lane's first ShadowKV step).
+    fetch_ops: Option<CudaOps>,
 }
 
 /// One ShadowKV sequence's part of a decode step.
@@ -154,6 +157,7 @@ impl CudaModel {
             time_stages: false,
             marks: Vec::new(),
             stage_ms: Vec::new(),
+            fetch_ops: None,
         })
     }
 
@@ -221,12 +225,15 @@ impl CudaModel {
                 logits: LogitsWanted::Last,
             })
             .collect();
+        if fetch == FetchPath::ZeroCopy && lane.fetch_ops.is_none() {
+            lane.fetch_ops = Some(lane.ops.fork(StreamPriority::High)?);
+        }
         let (ops, sc) = (&lane.ops, &mut lane.sc);
         let plan = self.stage_rows(ops, sc, &staged, prev)?;
         self.stage_sampling(ops, sc, &plan, sampling)?;
         let step = {
             let refs: Vec<&GpuShadowSeq> = seqs.iter().map(|s| &*s.seq).collect();
-            let step = ShadowStep::new(ops, &refs, pool, fetch)?;
+            let step = ShadowStep::new(ops, &refs, pool, fetch)?.with_fetch_stream(lane.fetch_ops.as_ref());
             if lane.time_stages {
                 step.with_stage_times()
             } else {

@@ -5,7 +5,9 @@
 //! each (sequence, KV head)'s attended rows → fold a full window's oldest chunk.
 //!
 //! The values of the misses come one of two ways ([`FetchPath`]): `zero-copy`, a
-//! kernel on a few blocks reads them from the registered host pool over PCIe; or
+//! kernel on a few blocks reads them from the registered host pool over PCIe, on a
+//! stream of its own beside the key rebuild where the step has one
+//! ([`ShadowStep::with_fetch_stream`]; a lane gives its steps one); or
 //! `cpu-gather`, the miss lists go back to the host, which copies the chunks from the
 //! pool into pinned staging on several threads while the GPU rebuilds the keys, and the
 //! staging goes to the GPU in one copy that a kernel scatters into the slots. The host
@@ -37,6 +39,9 @@ pub struct ShadowStep<'a> {
     pool: &'a GpuValuePool,
     dev_pool: DevicePool,
     fetch: FetchPath,
+    /// zero-copy: the stream the fetch runs on beside the key rebuild (none: after it,
+    /// on the step's stream).
+    fetch_ops: Option<&'a CudaOps>,
     /// cpu-gather: seconds the host waited for miss lists, seconds it gathered, bytes.
     pub gather: Cell<GatherTimes>,
     /// With stage timing on, an event at the end of each stage of each layer.
@@ -94,6 +99,7 @@ impl<'a> ShadowStep<'a> {
             pool,
             dev_pool: pool.device(),
             fetch,
+            fetch_ops: None,
             gather: Cell::new(GatherTimes::default()),
             marks: None,
             attn_ptrs: ops.device().upload(&ptrs)?,
@@ -106,6 +112,14 @@ impl<'a> ShadowStep<'a> {
     /// Sequences.
     pub fn batch(&self) -> usize {
         self.tables[0].batch()
+    }
+
+    /// Runs the zero-copy fetch on `ops`'s stream (when given), concurrently with the
+    /// key rebuild on the step's stream: the fetch waits for the layer's miss lists, the
+    /// attention for the fetch.
+    pub fn with_fetch_stream(mut self, ops: Option<&'a CudaOps>) -> Self {
+        self.fetch_ops = ops;
+        self
     }
 
     /// Times every stage of every layer with events on the GPU ([`ShadowStep::take_marks`]).
@@ -143,6 +157,7 @@ impl<'a> ShadowStep<'a> {
         ops.shadow_qkv_append(q, qkv, bias, positions, inv_freq, t, heads)?;
         self.mark(ops, Stage::Append)?;
         ops.shadow_scores(t, &*q, scratch)?;
+        self.mark(ops, Stage::Scores)?;
         ops.shadow_top_k(t, &scratch.scores, &mut scratch.selected)?;
         self.mark(ops, Stage::Select)?;
         ops.shadow_reuse(
@@ -155,13 +170,27 @@ impl<'a> ShadowStep<'a> {
         self.mark(ops, Stage::Reuse)?;
         match self.fetch {
             FetchPath::ZeroCopy => {
+                // The fetch reads the miss lists and writes the missed slots' values; the
+                // rebuild reads the lists and writes their keys: the two run side by
+                // side when the step has a fetch stream (few blocks reading PCIe beside
+                // many computing), and the attention waits for both.
+                let fetch = |on: &CudaOps| {
+                    // SAFETY: the pool is registered with the device (GpuValuePool) and
+                    // each sequence reads only its own leased slot.
+                    unsafe {
+                        on.shadow_fetch_values(t, &scratch.misses, &scratch.miss_count, &self.dev_pool, l, FETCH_BLOCKS)
+                    }
+                };
+                if let Some(side) = self.fetch_ops {
+                    side.device().stream().join(ops.device().stream())?;
+                    fetch(side)?;
+                }
                 ops.shadow_rebuild(t, &scratch.misses, &scratch.miss_count, inv_freq)?;
                 self.mark(ops, Stage::Rebuild)?;
-                // SAFETY: the pool is registered with the device (GpuValuePool) and each
-                // sequence reads only its own leased slot.
-                unsafe {
-                    ops.shadow_fetch_values(t, &scratch.misses, &scratch.miss_count, &self.dev_pool, l, FETCH_BLOCKS)?
-                };
+                match self.fetch_ops {
+                    Some(side) => ops.device().stream().join(side.device().stream())?,
+                    None => fetch(ops)?,
+                }
                 self.mark(ops, Stage::Fetch)?;
             }
             FetchPath::CpuGather => self.cpu_gather(ops, l, scratch, inv_freq)?,
@@ -293,7 +322,9 @@ pub enum Stage {
     Start,
     /// The qkv split and the append to the recent window.
     Append,
-    /// Landmark scores and top-k.
+    /// Landmark logits and their softmax (the scores).
+    Scores,
+    /// The top-k of the scores.
     Select,
     /// The reuse diff.
     Reuse,
@@ -313,7 +344,8 @@ impl Stage {
         match self {
             Stage::Start => "start",
             Stage::Append => "append",
-            Stage::Select => "select",
+            Stage::Scores => "scores",
+            Stage::Select => "top-k",
             Stage::Reuse => "reuse",
             Stage::Rebuild => "reconstruct",
             Stage::Fetch => "fetch",
