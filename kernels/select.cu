@@ -9,7 +9,8 @@
 // and the tile's softmax statistics per query head, stats [batch, kv_heads, tile_cap,
 // group] as (max, sum of exp(logit - max)). Eight lanes per chunk, each holding d/8
 // dims of the landmark (16-byte loads), reduced by three shuffles; the landmarks are
-// read once, by as many blocks as the batch has tiles.
+// read once, by as many blocks as the batch has tiles, SELECT_BATCH rounds of loads
+// issued before their dot products.
 //
 // shadow_softmax, same grid: combines the statistics of the sequence's tiles per query
 // head and writes the scores of its tile, scores [batch, kv_heads, chunk_cap] (entries
@@ -37,6 +38,7 @@
 #define SELECT_LANES 8  // lanes per chunk; also the largest group
 #define SELECT_MAX_GROUP 8
 #define SELECT_MAX_DIM 128
+#define SELECT_BATCH 4  // rounds of chunks whose landmarks are loaded together
 #define TOPK_THREADS 1024
 #define SELECT_NEG_INF __int_as_float(0xff800000)
 
@@ -89,31 +91,41 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
     float2 st = make_float2(SELECT_NEG_INF, 0.f);
     const int end = min(n, ch0 + SELECT_TILE);
     // The trip count is the block's, so every lane of a warp takes part in the shuffles.
-#pragma unroll 2
-    for (int base = ch0; base < end; base += SELECT_THREADS / SELECT_LANES) {
-        const int ch = base + grp;
-        const bool valid = ch < end;
-        const uint4* src = reinterpret_cast<const uint4*>(marks + (size_t)(valid ? ch : ch0) * kvd);
-        const uint4 r0 = src[0];
-        const uint4 r1 = per > 8 ? src[1] : make_uint4(0u, 0u, 0u, 0u);
-        const bool out_chunk = valid && excl[ch] != 0;
-        float mine = SELECT_NEG_INF;
+    // The landmarks of SELECT_BATCH rounds are loaded before any is used, so that many
+    // 16-byte loads per lane are in flight at once (the kernel is bound by HBM latency
+    // otherwise: each round's shuffles would wait for its own loads).
+    for (int base = ch0; base < end; base += SELECT_BATCH * (SELECT_THREADS / SELECT_LANES)) {
+        uint4 r0[SELECT_BATCH], r1[SELECT_BATCH];
 #pragma unroll
-        for (int j = 0; j < SELECT_MAX_GROUP; ++j) {
-            if (j >= g) break;
-            const float* qj = qs + j * d + sub * per;
-            float acc = dot8(r0, qj);
-            if (per > 8) acc += dot8(r1, qj + 8);
-#pragma unroll
-            for (int o = SELECT_LANES / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-            if (j == sub) mine = acc * scale;
+        for (int u = 0; u < SELECT_BATCH; ++u) {
+            const int ch = base + u * (SELECT_THREADS / SELECT_LANES) + grp;
+            const uint4* src = reinterpret_cast<const uint4*>(marks + (size_t)(ch < end ? ch : ch0) * kvd);
+            r0[u] = src[0];
+            r1[u] = per > 8 ? src[1] : make_uint4(0u, 0u, 0u, 0u);
         }
-        if (valid && sub < g) {
-            if (out_chunk) {
-                out[(size_t)ch * g + sub] = SELECT_NEG_INF;
-            } else {
-                out[(size_t)ch * g + sub] = mine;
-                st = softmax_merge(st, make_float2(mine, 1.f));
+#pragma unroll
+        for (int u = 0; u < SELECT_BATCH; ++u) {
+            const int ch = base + u * (SELECT_THREADS / SELECT_LANES) + grp;
+            const bool valid = ch < end;
+            const bool out_chunk = valid && excl[ch] != 0;
+            float mine = SELECT_NEG_INF;
+#pragma unroll
+            for (int j = 0; j < SELECT_MAX_GROUP; ++j) {
+                if (j >= g) break;
+                const float* qj = qs + j * d + sub * per;
+                float acc = dot8(r0[u], qj);
+                if (per > 8) acc += dot8(r1[u], qj + 8);
+#pragma unroll
+                for (int o = SELECT_LANES / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+                if (j == sub) mine = acc * scale;
+            }
+            if (valid && sub < g) {
+                if (out_chunk) {
+                    out[(size_t)ch * g + sub] = SELECT_NEG_INF;
+                } else {
+                    out[(size_t)ch * g + sub] = mine;
+                    st = softmax_merge(st, make_float2(mine, 1.f));
+                }
             }
         }
     }

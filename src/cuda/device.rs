@@ -71,8 +71,12 @@ impl DeviceInfo {
 pub enum StreamPriority {
     /// The default (lowest) priority.
     Normal,
-    /// The highest priority: its blocks go first when both streams have work waiting.
+    /// Above `Normal` (decode lanes): its blocks go first when both have work waiting.
     High,
+    /// The greatest priority (the value fetch beside a decode lane's compute: its few
+    /// blocks must start as soon as the miss lists are out, not after the rebuild's).
+    /// The same as `High` on a device with only two levels.
+    Highest,
 }
 
 /// One GPU: its primary context and a compute stream.
@@ -205,9 +209,11 @@ impl CudaDevice {
     pub fn with_new_stream(&self, priority: StreamPriority) -> anyhow::Result<CudaDevice> {
         self.ctx.bind_to_thread()?;
         let (least, greatest) = cudarc::driver::result::stream::get_priority_range()?;
+        // Greater priorities are smaller numbers.
         let p = match priority {
             StreamPriority::Normal => least,
-            StreamPriority::High => greatest,
+            StreamPriority::High => (greatest + 1).min(least),
+            StreamPriority::Highest => greatest,
         };
         let stream = self.ctx.new_stream_with_priority(p)?;
         Ok(CudaDevice {

@@ -226,7 +226,7 @@ impl CudaModel {
             })
             .collect();
         if fetch == FetchPath::ZeroCopy && lane.fetch_ops.is_none() {
-            lane.fetch_ops = Some(lane.ops.fork(StreamPriority::High)?);
+            lane.fetch_ops = Some(lane.ops.fork(StreamPriority::Highest)?);
         }
         let (ops, sc) = (&lane.ops, &mut lane.sc);
         let plan = self.stage_rows(ops, sc, &staged, prev)?;
