@@ -471,13 +471,20 @@ fn key_rebuild_matches_low_rank_and_rope() {
     let Some(ops) = ops_or_skip() else { return };
     let dev = ops.device();
     let mut rng = seeded("shadow_rebuild");
-    // (model, chunk, rank, chunk_cap, S): llama3 RoPE scaling at positions up to 131K,
-    // chunks of 16 and of 5 tokens, rank 1, group 7 (Qwen2).
+    // (model, chunk, rank, chunk_cap, S): llama3 RoPE scaling at positions up to 131K;
+    // d = 64 and 128; chunks of 1, 3, 5, 8 and 16 tokens (blocks take 128 / c misses,
+    // rows past them empty); ranks 1, 37 and 203 (not multiples of the mma's 8 nor of
+    // the 32-rank tile) up to kv_heads·d = 1024, the largest; several blocks per head;
+    // group 7 (Qwen2).
     for &(arch, chunk, rank, chunk_cap, slots) in &[
         ("smollm2-135m", 8usize, 160usize, 1100usize, 32usize),
         ("llama-3.1-8b", 8, 160, 16_384, 64),
         ("llama-3.1-8b", 16, 1, 100, 12),
         ("qwen2-0.5b", 5, 128, 300, 20),
+        ("smollm2-135m", 16, 37, 400, 30),
+        ("llama-3.1-8b", 5, 1024, 200, 60),
+        ("llama-3.1-8b", 3, 203, 500, 100),
+        ("qwen2-0.5b", 1, 64, 700, 300),
     ] {
         let cfg = preset(arch).unwrap();
         let l = layout_of(

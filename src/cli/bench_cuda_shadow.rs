@@ -17,8 +17,8 @@ use super::bench_cuda::{median, HBM_BYTES_PER_S};
 use crate::cpu::model::chunked_prefill;
 use crate::cuda::device::StreamPriority;
 use crate::cuda::graph::{Lane, ShadowSeqInput};
-use crate::cuda::shadow::seq::sequence_bytes;
 use crate::cuda::shadow::decode::GatherTimes;
+use crate::cuda::shadow::seq::sequence_bytes;
 use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout};
 use crate::cuda::{CudaModel, GpuSeq};
 use crate::engine::sampling::SamplingParams;
@@ -201,7 +201,6 @@ pub fn run(
     Ok(runs)
 }
 
-
 /// What the decode steps of one micro-batch setting measured.
 struct Decoded {
     decode_secs: f64,
@@ -241,7 +240,9 @@ fn decode(
             Ok(lane)
         })
         .collect::<Result<Vec<_>>>()?;
-    let sizes: Vec<usize> = (0..micro).map(|i| batch / micro + usize::from(i < batch % micro)).collect();
+    let sizes: Vec<usize> = (0..micro)
+        .map(|i| batch / micro + usize::from(i < batch % micro))
+        .collect();
     let greedy = SamplingParams::default().device_row(0, 0);
     let counters = |lanes: &[Lane]| -> Result<(u64, u64)> {
         lanes.iter().try_fold((0, 0), |(s, h), lane| {
@@ -326,7 +327,8 @@ fn gpu_bytes(model: &CudaModel, seqs: &[GpuShadowSeq], misses_per_step: f64, mic
     let layout = seqs[0].layer(0).layout();
     let c = seqs[0].counts();
     let (_, attended) = layout.attended_rows(&c);
-    let per_layer = (c.chunks as usize * layout.kv_width() * 2 + attended * layout.kv_heads * layout.head_dim * 4) as f64;
+    let per_layer =
+        (c.chunks as usize * layout.kv_width() * 2 + attended * layout.kv_heads * layout.head_dim * 4) as f64;
     let per_miss = (layout.chunk * (layout.rank * 2 + layout.head_dim * 4)) as f64;
     (micro * model.weight_bytes()) as f64
         + (seqs.len() * model.config().num_layers) as f64 * per_layer

@@ -3,12 +3,17 @@
 //! [`crate::cpu::ops::Rope`]).
 
 use super::buffers::ShadowTable;
+use super::layout::MAX_CHUNK;
 use crate::cuda::ops::{check_len, kernel_params, CudaOps};
 use anyhow::Result;
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 
-/// Misses one rebuild block takes (`REBUILD_MISSES` of kernels/rebuild.cu).
-const REBUILD_MISSES: usize = 8;
+/// Rows one rebuild block computes (`REBUILD_ROWS` of kernels/rebuild.cu): the rows of
+/// `REBUILD_ROWS / chunk` misses.
+const REBUILD_ROWS: usize = 128;
+/// Threads of a rebuild block (`REBUILD_THREADS`: 8 warps).
+const REBUILD_THREADS: u32 = 256;
+const _: () = assert!(REBUILD_ROWS >= MAX_CHUNK, "a block holds the rows of one miss at least");
 
 impl CudaOps {
     /// Rebuilds the keys of every miss (as [`CudaOps::shadow_reuse`] lists them) into its
@@ -32,13 +37,13 @@ impl CudaOps {
         let (fp, _g3) = inv_freq.device_ptr(s);
         let (addrs, counts) = t.device_arrays(self);
         let dims = l.dims();
-        let half = l.head_dim / 2;
         let (kvh, batch, _) = t.head_grid();
-        // A block per REBUILD_MISSES entries of each head's miss list (blocks past a
-        // head's misses return at once).
+        // A block per REBUILD_ROWS / chunk entries of each head's miss list (blocks past
+        // a head's misses return at once); the layout keeps the chunk in 1..=MAX_CHUNK.
+        let per_block = REBUILD_ROWS / l.chunk;
         let cfg = LaunchConfig {
-            grid_dim: (l.slots.div_ceil(REBUILD_MISSES) as u32, kvh, batch),
-            block_dim: (half as u32, REBUILD_MISSES as u32, 1),
+            grid_dim: (l.slots.div_ceil(per_block) as u32, kvh, batch),
+            block_dim: (REBUILD_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: the miss lists and inv_freq hold what the batch needs (checked); the
