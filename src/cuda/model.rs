@@ -17,6 +17,7 @@
 //! and replay it.
 
 use super::attention::{partition_len, DecodeArgs, DecodeWorkspace, KvTable};
+use super::prefill::PrefillTiles;
 use super::ops::{rope_inv_freq, CudaOps};
 use super::shadow::{ShadowStep, StepScratch};
 use super::step::{cache_offsets, RowTargets, StepLayout};
@@ -703,6 +704,7 @@ impl CudaModel {
         caches: &[&GpuCache],
         (ints, addrs): (&CudaSlice<i32>, &CudaSlice<u64>),
         decode_ws: &mut DecodeWorkspace,
+        tiles: &mut Option<PrefillTiles>,
     ) -> Result<()> {
         let c = &self.config;
         let lay = plan.layout;
@@ -772,7 +774,13 @@ impl CudaModel {
                 .collect();
             let refs: Vec<_> = views.iter().map(|(k, v, len)| (k, v, *len)).collect();
             let table = KvTable::new(ops, &refs, kvw)?;
-            ops.flash_prefill(out, q, &table, &plan.q_rows, shape)
+            // Every layer of the step has the same tiles: built and uploaded once (an
+            // upload per layer could hold the host thread, which also drives the
+            // decode lane, behind this lane's queued work).
+            if tiles.is_none() {
+                *tiles = Some(PrefillTiles::new(ops, &table, &plan.q_rows, d)?);
+            }
+            ops.flash_prefill_tiles(out, q, &table, tiles.as_ref().expect("built above"), shape)
         }
     }
 
@@ -860,6 +868,7 @@ impl CudaModel {
         if keep_pre && pre_rope.as_ref().is_none_or(|p| p.len() < n * kvw) {
             *pre_rope = Some(ops.device().zeros(n * kvw)?);
         }
+        let mut tiles = None;
         for (l, w) in self.layers.iter().enumerate() {
             ops.linear_normed(qkv, x, &w.wqkv, (n, h, qkv_w), eps, xn, &self.ones)?;
             match attend {
@@ -870,7 +879,7 @@ impl CudaModel {
                         pre_rope: if keep_pre { pre_rope.as_mut() } else { None },
                         out: &mut *attn,
                     };
-                    self.dense_attention(ops, l, w, rows, plan, caches, (ints, addrs), decode_ws)?
+                    self.dense_attention(ops, l, w, rows, plan, caches, (ints, addrs), decode_ws, &mut tiles)?
                 }
                 Attend::Shadow(step) => step.attend_layer(
                     ops,
