@@ -2,45 +2,19 @@
 // every query row of a chunk attends to its sequence's cached keys up to its own
 // position, earlier chunks included.
 //
-// Layouts (row-major):
-//   q, out   [rows, heads * D] bf16     post-RoPE queries; sequence b's rows consecutive
-//   K_b, V_b [len_b, kv_heads * D] bf16 sequence b's cache (k_ptrs[b], v_ptrs[b]), keys
+// Layouts (row-major, bf16):
+//   q, out   [rows, heads * D]          post-RoPE queries; sequence b's rows consecutive
+//   K_b, V_b [len_b, kv_heads * D]      sequence b's cache (k_ptrs[b], v_ptrs[b]), keys
 //                                       post-RoPE, this chunk's rows already appended
-//   pieces   [n_pieces][2] int4         (sequence, first row in q, position of that
-//                                       row, rows <= BM), then (first key, end key,
-//                                       workspace slot or -1, 0); built on the host
-//   o_ws     [slots, heads, BM, D] fp32 partial outputs of split tiles, unnormalised
-//   ml_ws    [slots, heads, BM] float2  their (row maximum · scale · log2 e, row sum)
-//   merges   [n_merges] int4            (first row in q, rows, first slot, pieces)
+//   tiles    [n_tiles] int4             (sequence, first row in q, position of that
+//                                       row, rows <= BM), built on the host
 //
-// Split key ranges. A tile is BM query rows of one sequence; its keys are 0..=last,
-// the position of its last row. Walking them all in one block took ~3 ms at 60K keys
-// (D = 128: 332 TFLOP/s over 264 resident blocks is ~52 ns per key for a block of 128
-// rows), and a decode kernel on a higher-priority stream waits for such blocks to
-// retire: priorities only order blocks waiting to start. So the host cuts each tile's
-// keys into pieces of PrefillSplit::keys (2048 at D = 128, ~110 us a block; 4096 at
-// D = 64, the same work), a multiple of BN so that no K/V tile straddles two pieces.
-// Each piece is a block: grid (heads, pieces). A tile of one piece writes `out`
-// directly, normalised, as before the split: short prompts and the first chunks of
-// long ones pay nothing for it. A tile of several pieces writes each piece's
-// unnormalised O (fp32), row maximum and row sum to its own workspace slot, and
-// flash_prefill_merge combines them (log-sum-exp: weights 2^(m_p - max m), out =
-// Σ w_p O_p / Σ w_p l_p) into `out` bf16. The workspace is bounded: the host launches
-// the pieces in groups of at most PrefillSplit::group_pieces slots, the split kernel
-// then the merge for each group, and lengthens the pieces of a tile that alone would
-// need more slots than a group has.
-//
-// A row can see no key of a piece (a piece past the row's position, for a tile that
-// crosses a piece boundary): its maximum stays -inf and its sum 0, and the merge gives
-// it weight 0. Every real row sees key 0, in the first piece, so the merged maximum is
-// finite and its sum positive.
-//
-// Grid (heads, pieces), WARPS * 32 threads. A block owns BM = WARPS * 16 * MT query
+// Grid (heads, n_tiles), WARPS * 32 threads. A block owns BM = WARPS * 16 * MT query
 // rows of one head; warp w owns MT m-tiles of 16 rows (FlashAttention-2 gives each
 // warp 32 rows: every K/V fragment read from shared memory feeds two mma). Query head h
 // reads KV head h / (heads / kv_heads); the heads of one KV head are adjacent in
 // blockIdx.x, so they run together and share the K/V tiles in L2. The host orders the
-// pieces of a launch longest first, so the short ones fill the tail.
+// tiles longest first, so the short ones fill the tail of the launch.
 //
 // Per block: Q [BM, D] goes to shared memory once (cp.async), then either into
 // registers as mma A fragments (Q_REGS) or is re-read per k-step by ldmatrix; K and V
@@ -54,8 +28,9 @@
 // row. Shared memory rows are 16-byte chunks XOR-swizzled by (row & 7), so the cp.async
 // stores and the ldmatrix reads are free of bank conflicts.
 //
-// Keys at or past len and query rows past the tile's rows are zero-filled on load.
-// Rows past `rows` are never written, to `out` or to the workspace.
+// Keys at or past len and query rows past the tile's rows are zero-filled on load;
+// every real row sees key 0, so its softmax sum is positive. Rows past `rows` are
+// never written.
 #include <cuda_bf16.h>
 
 #define FP_NEG_INF __int_as_float(0xff800000)
@@ -116,11 +91,11 @@ __device__ __forceinline__ unsigned fp_pack_bf16(float lo, float hi) {
 // either kept in registers as A fragments (Q_REGS) or re-read from shared memory per
 // k-step.
 template <int D, int WARPS, int MT, int BN, int STAGES, bool Q_REGS>
-__device__ __forceinline__ void flash_prefill(__nv_bfloat16* __restrict__ out, float* __restrict__ o_ws,
-                                              float2* __restrict__ ml_ws, const __nv_bfloat16* __restrict__ q,
+__device__ __forceinline__ void flash_prefill(__nv_bfloat16* __restrict__ out,
+                                              const __nv_bfloat16* __restrict__ q,
                                               const unsigned long long* __restrict__ k_ptrs,
                                               const unsigned long long* __restrict__ v_ptrs,
-                                              const int* __restrict__ lens, const int4* __restrict__ pieces,
+                                              const int* __restrict__ lens, const int4* __restrict__ tiles,
                                               int heads, int kv_heads, float scale_log2) {
     static_assert(D % 64 == 0, "head dim must be a multiple of 64");
     static_assert(STAGES >= 2, "at least double buffering");
@@ -141,10 +116,8 @@ __device__ __forceinline__ void flash_prefill(__nv_bfloat16* __restrict__ out, f
     __nv_bfloat16* sV = sK + STAGES * KV_TILE;                       // [STAGES][BN][D]
 
     const int h = blockIdx.x;
-    const int4 tile = pieces[2 * blockIdx.y];
-    const int4 keys = pieces[2 * blockIdx.y + 1];
+    const int4 tile = tiles[blockIdx.y];
     const int b = tile.x, row0 = tile.y, pos0 = tile.z, nrows = tile.w;
-    const int slot = keys.z;  // -1: the tile is one piece, written to out directly
     const int kvh = h / (heads / kv_heads);
     const int len = lens[b];
     const size_t q_stride = (size_t)heads * D;
@@ -153,10 +126,7 @@ __device__ __forceinline__ void flash_prefill(__nv_bfloat16* __restrict__ out, f
     const __nv_bfloat16* kg = reinterpret_cast<const __nv_bfloat16*>(k_ptrs[b]) + (size_t)kvh * D;
     const __nv_bfloat16* vg = reinterpret_cast<const __nv_bfloat16*>(v_ptrs[b]) + (size_t)kvh * D;
     const int last = pos0 + nrows - 1;  // position of the block's last real row
-    // The piece's K/V tiles: from its first key (a multiple of BN) to its end key or
-    // the tile holding key `last`, whichever comes first.
-    const int j0 = keys.x / BN;
-    const int n_kv = min((keys.y + BN - 1) / BN, last / BN + 1) - j0;
+    const int n_kv = last / BN + 1;     // K/V tiles holding keys 0..=last
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;  // mma groupID, thread in group
@@ -176,7 +146,7 @@ __device__ __forceinline__ void flash_prefill(__nv_bfloat16* __restrict__ out, f
         for (int i = 0; i < BN * CH / THREADS; ++i) {
             const int idx = tid + i * THREADS;
             const int r = idx / CH, c = idx % CH;
-            const int key = (j0 + j) * BN + r;
+            const int key = j * BN + r;
             const bool ok = key < len;
             const size_t off = ok ? (size_t)key * kv_stride + c * 8 : 0;
             const int so = r * D + ((c ^ (r & 7)) << 3);
@@ -249,7 +219,7 @@ __device__ __forceinline__ void flash_prefill(__nv_bfloat16* __restrict__ out, f
                         fp_ldsm_x4(qf[mt][kk], sQa + mt * 16 * ROW_BYTES + (q_sw ^ (kk << 5)));
             }
         }
-        const int kb = (j0 + j) * BN;
+        const int kb = j * BN;
         if (warp_live && kb <= warp_last) {
             const unsigned kbase = sKa + stage * (KV_TILE * 2);
             const unsigned vbase = sVa + stage * (KV_TILE * 2);
@@ -372,10 +342,8 @@ __device__ __forceinline__ void flash_prefill(__nv_bfloat16* __restrict__ out, f
     }
     fp_cp_async_wait<0>();  // no copy may still target shared memory at exit
 
-    // ---- store: o[mt][i] = (row 16 mt + g, dims 8i + 2t, +1), (row + 8, same) -------------
-    // One piece: normalised, to out. Several: O, m and l as they are, to the slot.
+    // ---- normalise and store: o[mt][i] = (row 16 mt + g, dims 8i + 2t, +1), (row + 8, same)
     if (!warp_live) return;
-    const size_t ws_row0 = ((size_t)slot * heads + h) * BM;  // the slot's row 0 of head h
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -384,65 +352,16 @@ __device__ __forceinline__ void flash_prefill(__nv_bfloat16* __restrict__ out, f
             sum += __shfl_xor_sync(0xffffffffu, sum, 1);
             sum += __shfl_xor_sync(0xffffffffu, sum, 2);
             const int r = wr + 16 * mt + 8 * hf + g;
-            if (r >= nrows) continue;
-            if (slot < 0) {
+            if (r < nrows) {
                 const float inv = 1.f / sum;
                 unsigned* dst =
                     reinterpret_cast<unsigned*>(out + (size_t)(row0 + r) * q_stride + (size_t)h * D + 2 * t);
 #pragma unroll
                 for (int i = 0; i < 2 * NK; ++i)
                     dst[4 * i] = fp_pack_bf16(o[mt][i][2 * hf] * inv, o[mt][i][2 * hf + 1] * inv);
-            } else {
-                float2* dst = reinterpret_cast<float2*>(o_ws + (ws_row0 + r) * D + 2 * t);
-#pragma unroll
-                for (int i = 0; i < 2 * NK; ++i) dst[4 * i] = make_float2(o[mt][i][2 * hf], o[mt][i][2 * hf + 1]);
-                // m is the same in the four threads of a row (reduced in the softmax);
-                // -inf where the row saw no key of the piece.
-                if (t == 0) ml_ws[ws_row0 + r] = make_float2(m[mt][hf] * scale_log2, sum);
             }
         }
     }
-}
-
-// Merges the pieces of split tiles: block (h, i, z) writes rows z·MR.. of merge
-// entry i, head h, to out (bf16): out = Σ_p 2^(m_p - M) O_p / Σ_p 2^(m_p - M) l_p with
-// M = max_p m_p (m in the log2 domain; a piece with m_p = -inf has weight 0). D / 4
-// threads per row, four dimensions each; blockDim.x = MR · D / 4.
-template <int D, int BM, int MR>
-__device__ __forceinline__ void flash_prefill_merge(__nv_bfloat16* __restrict__ out,
-                                                    const float* __restrict__ o_ws,
-                                                    const float2* __restrict__ ml_ws,
-                                                    const int4* __restrict__ merges, int heads) {
-    static_assert(BM % MR == 0, "rows per merge block");
-    constexpr int TPR = D / 4;  // threads per row
-    const int h = blockIdx.x;
-    const int4 mg = merges[blockIdx.y];
-    const int row0 = mg.x, nrows = mg.y, slot0 = mg.z, np = mg.w;
-    const int r = blockIdx.z * MR + threadIdx.x / TPR;
-    const int c = threadIdx.x % TPR;
-    if (r >= nrows) return;
-    const size_t stride = (size_t)heads * BM;             // one slot, in rows
-    const size_t base = ((size_t)slot0 * heads + h) * BM + r;  // row r of head h, first slot
-    float mx = FP_NEG_INF;
-    for (int p = 0; p < np; ++p) mx = fmaxf(mx, ml_ws[base + p * stride].x);
-    float l = 0.f;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-    for (int p = 0; p < np; ++p) {
-        const size_t at = base + p * stride;
-        const float2 ml = ml_ws[at];
-        const float w = exp2f(ml.x - mx);  // 2^-inf = 0
-        const float4 v = reinterpret_cast<const float4*>(o_ws + at * D)[c];
-        l = fmaf(w, ml.y, l);
-        acc.x = fmaf(w, v.x, acc.x);
-        acc.y = fmaf(w, v.y, acc.y);
-        acc.z = fmaf(w, v.z, acc.z);
-        acc.w = fmaf(w, v.w, acc.w);
-    }
-    const float inv = 1.f / l;
-    unsigned* dst = reinterpret_cast<unsigned*>(out + (size_t)(row0 + r) * heads * D + (size_t)h * D + 4 * c);
-    dst[0] = fp_pack_bf16(acc.x * inv, acc.y * inv);
-    dst[1] = fp_pack_bf16(acc.z * inv, acc.w * inv);
 }
 
 // Configurations (tools/nvrtc-check prints their registers; none may spill):
@@ -451,21 +370,15 @@ __device__ __forceinline__ void flash_prefill_merge(__nv_bfloat16* __restrict__ 
 //   D = 64:  4 warps x 32 rows (BM = 128), BN = 64, 3 stages, Q in registers: 64 KiB.
 // (D = 128 with BN = 64 or Q in registers needs more than 255 registers.)
 // Dynamic shared memory = (BM + 2 * STAGES * BN) * D * 2 bytes; keep in step with
-// PrefillConfig in src/cuda/prefill.rs. The merge: 256 threads, MR = 1024 / D rows
-// per block.
-#define FP_KERNEL(DIM, WARPS, MT, BN, STAGES, QREGS, MIN_BLOCKS)                                   \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) flash_prefill_d##DIM(      \
-        __nv_bfloat16* __restrict__ out, float* __restrict__ o_ws, float2* __restrict__ ml_ws,     \
-        const __nv_bfloat16* __restrict__ q, const unsigned long long* __restrict__ k_ptrs,        \
-        const unsigned long long* __restrict__ v_ptrs, const int* __restrict__ lens,              \
-        const int4* __restrict__ pieces, int heads, int kv_heads, float scale_log2) {              \
-        flash_prefill<DIM, WARPS, MT, BN, STAGES, QREGS>(out, o_ws, ml_ws, q, k_ptrs, v_ptrs, lens, \
-                                                         pieces, heads, kv_heads, scale_log2);     \
-    }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(256) flash_prefill_merge_d##DIM(                  \
-        __nv_bfloat16* __restrict__ out, const float* __restrict__ o_ws,                           \
-        const float2* __restrict__ ml_ws, const int4* __restrict__ merges, int heads) {            \
-        flash_prefill_merge<DIM, WARPS * 16 * MT, 1024 / DIM>(out, o_ws, ml_ws, merges, heads);    \
+// PrefillConfig in src/cuda/prefill.rs.
+#define FP_KERNEL(DIM, WARPS, MT, BN, STAGES, QREGS, MIN_BLOCKS)                                  \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) flash_prefill_d##DIM(     \
+        __nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ q,                       \
+        const unsigned long long* __restrict__ k_ptrs, const unsigned long long* __restrict__ v_ptrs, \
+        const int* __restrict__ lens, const int4* __restrict__ tiles, int heads, int kv_heads,      \
+        float scale_log2) {                                                                         \
+        flash_prefill<DIM, WARPS, MT, BN, STAGES, QREGS>(out, q, k_ptrs, v_ptrs, lens, tiles, heads,   \
+                                                     kv_heads, scale_log2);                         \
     }
 
 FP_KERNEL(64, 4, 2, 64, 3, true, 2)

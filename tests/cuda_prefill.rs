@@ -19,7 +19,7 @@ use common::gpu_check::*;
 use half::bf16;
 use rand::rngs::StdRng;
 use shadowkv::cpu::attention::{causal_attention, AttnJob, AttnShape};
-use shadowkv::cuda::prefill::{PrefillSplit, PrefillTiles};
+use shadowkv::cuda::prefill::PrefillTiles;
 use shadowkv::cuda::testing::ops_or_skip;
 use shadowkv::cuda::{CudaOps, KvTable};
 use std::ops::Range;
@@ -48,30 +48,11 @@ fn prefill_case(
     shape: AttnShape,
     check: impl Fn(usize, usize) -> Vec<Range<usize>>,
 ) -> Errors {
-    prefill_case_with(ops, rng, lens, q_rows, shape, None, check).0
-}
-
-/// [`prefill_case`], the keys split as `split` says where given: then the call runs
-/// twice, the second time after the split workspace and the output were filled with
-/// NaN, so that a partial result merged without having been written shows. Returns
-/// the errors and, with a split, (tiles, pieces, launches) of its table.
-fn prefill_case_with(
-    ops: &CudaOps,
-    rng: &mut StdRng,
-    lens: &[usize],
-    q_rows: &[usize],
-    shape: AttnShape,
-    split: Option<PrefillSplit>,
-    check: impl Fn(usize, usize) -> Vec<Range<usize>>,
-) -> (Errors, Option<(usize, usize, usize)>) {
     let dev = ops.device();
     let (heads, d) = (shape.heads, shape.head_dim);
     let (qd, kvd) = (heads * d, shape.kv_heads * d);
     let rows: usize = q_rows.iter().sum();
-    let mut case = format!("lens={lens:?},q_rows={q_rows:?},heads={heads}/{},d={d}", shape.kv_heads);
-    if let Some(s) = split {
-        case += &format!(",split={}/{}", s.keys, s.group_pieces);
-    }
+    let case = format!("lens={lens:?},q_rows={q_rows:?},heads={heads}/{},d={d}", shape.kv_heads);
     let t = std::time::Instant::now();
     // Queries of spread 3, keys and values of spread 1: scores q·k/√d of standard
     // deviation about 1, so the softmax is neither flat nor one-hot.
@@ -90,23 +71,7 @@ fn prefill_case_with(
     let table = KvTable::new(ops, &seqs, kvd).unwrap();
     let mut out = dev.zeros::<bf16>(rows * qd).unwrap();
     ops.fill_nan_bf16(&mut out).unwrap();
-    let counts = match split {
-        None => {
-            ops.flash_prefill(&mut out, &dq, &table, q_rows, shape).unwrap();
-            None
-        }
-        Some(split) => {
-            let tiles = PrefillTiles::with_split(ops, &table, q_rows, d, split).unwrap();
-            // The first call allocates the workspace; the second starts from NaN.
-            ops.flash_prefill_tiles(&mut out, &dq, &table, &tiles, shape).unwrap();
-            ops.poison_prefill_workspace().unwrap();
-            ops.fill_nan_bf16(&mut out).unwrap();
-            ops.flash_prefill_tiles(&mut out, &dq, &table, &tiles, shape).unwrap();
-            let counts = (tiles.count(), tiles.pieces(), tiles.launches());
-            eprintln!("flash_prefill {case}: (tiles, pieces, launches) = {counts:?}");
-            Some(counts)
-        }
-    };
+    ops.flash_prefill(&mut out, &dq, &table, q_rows, shape).unwrap();
     let got = f32s(&dev.download(&out).unwrap());
     let nan = got.iter().filter(|v| v.is_nan()).count();
     assert_eq!(nan, 0, "flash_prefill {case}: {nan} NaN outputs (unwritten or invalid)");
@@ -169,7 +134,7 @@ fn prefill_case_with(
     }
     worst.report("flash_prefill", &case);
     eprintln!("flash_prefill {case}: {:.1} s", t.elapsed().as_secs_f64());
-    (worst, counts)
+    worst
 }
 
 fn all_rows(_: usize, n: usize) -> Vec<Range<usize>> {
@@ -229,51 +194,6 @@ fn flash_prefill_matches_cpu_at_32k() {
     prefill_case(&ops, &mut rng, &[ctx], &[ctx], LLAMA_8B, ends);
     prefill_case(&ops, &mut rng, &[ctx], &[4096], LLAMA_8B, ends);
     prefill_case(&ops, &mut rng, &[ctx - 1], &[3001], SMOLLM2, ends);
-}
-
-#[test]
-fn flash_prefill_matches_cpu_with_keys_split_many_times() {
-    let Some(ops) = ops_or_skip() else { return };
-    let mut rng = seeded("flash_prefill_split");
-    // Pieces of 1024 keys (a multiple of both kernels' K/V tiles), so that a 20K
-    // context splits into 20 pieces; small groups, so that one call is many launches.
-    let split = |group_pieces| PrefillSplit {
-        keys: 1024,
-        group_pieces,
-    };
-    // The first rows, the rows around the first split tile (positions 896..1151: the
-    // last tile of one piece and the first of two) and the last 200.
-    let spots = |_: usize, n: usize| vec![0..64.min(n), 896.min(n)..1152.min(n), n.saturating_sub(200)..n];
-
-    // A whole 20K prompt: 157 tiles, the longest in 20 pieces, two such tiles a launch.
-    let (_, counts) = prefill_case_with(&ops, &mut rng, &[20_000], &[20_000], LLAMA_8B, Some(split(40)), spots);
-    let (tiles, pieces, launches) = counts.unwrap();
-    assert_eq!(tiles, 157);
-    assert!(pieces > 1500 && launches > 30, "{counts:?}");
-
-    // A chunk of 3001 rows from position 21000 (not on a tile or piece boundary): its
-    // tiles cross piece boundaries, so some of their rows see no key of a piece.
-    let chunk = |_: usize, n: usize| vec![0..64, 440..600, n - 200..n];
-    prefill_case_with(&ops, &mut rng, &[24_001], &[3001], LLAMA_8B, Some(split(60)), chunk);
-    // Groups of 8 slots: each tile gets 8 longer pieces (2656 to 3008 keys), not 21-24.
-    let (_, counts) = prefill_case_with(&ops, &mut rng, &[24_001], &[3001], LLAMA_8B, Some(split(8)), chunk);
-    assert_eq!(counts, Some((24, 24 * 8, 24)));
-
-    // A mixed batch: tiles split and tiles of one piece (writing out directly) in the
-    // same launches, and a sequence with no rows; every row compared.
-    for shape in [SMOLLM2, LLAMA_8B] {
-        let (_, counts) = prefill_case_with(
-            &ops,
-            &mut rng,
-            &[20_000, 300, 5000, 7],
-            &[700, 300, 129, 0],
-            shape,
-            Some(split(64)),
-            all_rows,
-        );
-        let (tiles, pieces, _) = counts.unwrap();
-        assert!(pieces > tiles, "{counts:?}");
-    }
 }
 
 #[test]

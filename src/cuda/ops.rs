@@ -6,14 +6,13 @@
 
 use super::device::{CudaDevice, StreamPriority};
 use super::kernels::Kernels;
-use super::prefill::PrefillWorkspace;
 use crate::model::config::ModelConfig;
 use anyhow::{bail, ensure, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 /// The CUDA backend's operations on one stream: the device with that stream, the
 /// compiled kernels (shared by every stream's handle, see [`CudaOps::fork`]) and a
@@ -29,8 +28,6 @@ pub struct CudaOps {
     /// Flash-decoding split blocks resident at once, found on first use
     /// (`super::attention`).
     pub(crate) decode_slots: OnceLock<usize>,
-    /// The split workspace of prefill attention on this stream (`super::prefill`).
-    pub(crate) prefill_ws: Mutex<PrefillWorkspace>,
 }
 
 /// Pointers to kernel arguments for [`CudaOps::launch_pdl`], from references to the
@@ -142,7 +139,6 @@ impl CudaOps {
             pdl: AtomicBool::new(pdl),
             gemv_warps,
             decode_slots: OnceLock::new(),
-            prefill_ws: Mutex::default(),
         })
     }
 
