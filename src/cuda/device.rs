@@ -75,7 +75,7 @@ pub enum StreamPriority {
     High,
     /// The greatest priority (the value fetch beside a decode lane's compute: its few
     /// blocks must start as soon as the miss lists are out, not after the rebuild's).
-    /// The same as `High` on a device with only two levels.
+    /// The same as `High` on a device with fewer than three levels.
     Highest,
 }
 
@@ -212,7 +212,9 @@ impl CudaDevice {
         // Greater priorities are smaller numbers.
         let p = match priority {
             StreamPriority::Normal => least,
-            StreamPriority::High => (greatest + 1).min(least),
+            // One level below the greatest while that is still above Normal.
+            StreamPriority::High if greatest + 1 < least => greatest + 1,
+            StreamPriority::High => greatest,
             StreamPriority::Highest => greatest,
         };
         let stream = self.ctx.new_stream_with_priority(p)?;
