@@ -207,6 +207,14 @@ fn place_actors(topo: &Topology, gpu: Option<&CudaDevice>) -> Result<Placement> 
     if gpu.is_some() {
         info!("the cuda backend checks this placement but does not pin its threads yet (the actor pipeline will)");
     }
+    if topo.pipeline.micro_batches > 1 {
+        warn!(
+            "pipeline.micro_batches = {}: the daemon does not split its steps yet (each ShadowKV step runs its \
+             value fetch on a stream beside the key rebuild instead); `shadowkv bench --micro-batches` measures \
+             the split",
+            topo.pipeline.micro_batches
+        );
+    }
     Ok(placement)
 }
 
