@@ -17,8 +17,8 @@
 //! and replay it.
 
 use super::attention::{partition_len, DecodeArgs, DecodeWorkspace, KvTable};
-use super::prefill::PrefillTiles;
 use super::ops::{rope_inv_freq, CudaOps};
+use super::prefill::PrefillTiles;
 use super::shadow::{ShadowStep, StepScratch};
 use super::step::{cache_offsets, RowTargets, StepLayout};
 use crate::cpu::attention::AttnShape;
