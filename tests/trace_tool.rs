@@ -498,3 +498,49 @@ fn bad_input_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("stages both compute and fetch: gather"), "{err}");
 }
+
+/// The GPU timeline `bench --trace` writes (a step's stage marks as spans on a lane's
+/// compute and fetch streams, through the same code), drawn by the tool: two tracks, the
+/// fetch [1.0, 2.0] ms hidden behind the rebuild [1.0, 1.6] and nothing else of the
+/// compute stream (the fetch-wait is not compute), so 60 % hidden; the stages by name.
+#[test]
+fn a_bench_gpu_timeline_shows_the_fetch_hidden_behind_the_rebuild() {
+    use shadowkv::cli::bench_cuda_shadow::BenchTrace;
+    use shadowkv::cuda::shadow::decode::Stage::*;
+    use shadowkv::cuda::shadow::timeline::spans;
+    let marks = [
+        (Start, 0.0),
+        (Append, 0.1),
+        (Scores, 0.5),
+        (Select, 0.6),
+        (Reuse, 1.0),
+        (Rebuild, 1.6),
+        (Fetch, 2.0),
+        (Attend, 2.2),
+        (Fold, 2.3),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gpu.json");
+    let mut t = BenchTrace::create(&path).unwrap();
+    t.lane(
+        "61440 tokens, zero-copy, lane 0",
+        std::time::Instant::now(),
+        &spans(&marks, &[(1.0, 2.0)]),
+    )
+    .unwrap();
+    t.finish().unwrap();
+    let v = numbers(&path, dir.path());
+    assert_eq!(v["tracks"].as_array().unwrap().len(), 2, "{v}");
+    let f = &v["value_fetch"];
+    assert!((f["total_ms"].as_f64().unwrap() - 1.0).abs() < 1e-3, "{f}");
+    assert!((f["hidden_ms"].as_f64().unwrap() - 0.6).abs() < 1e-3, "{f}");
+    let names: Vec<&str> = v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    for n in ["scores", "top-k", "reconstruct", "fetch", "fetch-wait", "attention"] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+}

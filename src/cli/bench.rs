@@ -62,6 +62,12 @@ pub struct BenchArgs {
     /// measures each on the same sequences (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = vec![1usize])]
     micro_batches: Vec<usize>,
+    /// ShadowKV on the GPU: write the GPU timeline of the last decode steps of each run
+    /// (every stage of every layer on each micro-batch's compute and fetch streams, timed
+    /// by GPU events and placed on the host clock) to FILE as Chrome trace JSON, for
+    /// `tools/trace FILE` or Perfetto.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
 }
 
 /// A peer implementation to compare with.
@@ -123,6 +129,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             gen: a.gen,
             prefill_chunk: a.prefill_chunk,
             micro_batches: a.micro_batches,
+            trace: a.trace,
             peer_torch: a.peer == Some(Peer::Torch),
             cuda: a.cuda,
             json: a.json,
@@ -133,6 +140,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     if a.micro_batches != [1] {
         bail!("--micro-batches needs --backend cuda (the CPU backend decodes its batch as one)");
+    }
+    if a.trace.is_some() {
+        bail!("--trace needs --backend cuda (it records GPU streams)");
     }
     let Some(batch) = batch else {
         bail!("--batch auto needs --backend cuda (the CPU benchmark takes a number)");

@@ -40,6 +40,8 @@ pub struct CudaBench {
     pub prefill_chunk: usize,
     /// ShadowKV micro-batch counts, each measured.
     pub micro_batches: Vec<usize>,
+    /// Where to write the GPU timeline of the ShadowKV runs (Chrome trace JSON).
+    pub trace: Option<PathBuf>,
     /// Run the PyTorch peer too.
     pub peer_torch: bool,
     /// CUDA options.
@@ -130,6 +132,14 @@ pub fn run(a: CudaBench) -> Result<()> {
         if a.cuda.no_graph { "off" } else { "on" }
     );
     let mut rows = Vec::new();
+    let mut trace = match &a.trace {
+        Some(p) if a.shadow.is_empty() => bail!(
+            "--trace {} records the GPU timeline of ShadowKV steps: add shadowkv to --attention",
+            p.display()
+        ),
+        Some(p) => Some(super::bench_cuda_shadow::BenchTrace::create(p)?),
+        None => None,
+    };
     let mut shadow_rows = Vec::new();
     for &ctx in &a.contexts {
         if ctx == 0 || ctx + a.gen > cfg.max_position_embeddings {
@@ -152,6 +162,7 @@ pub fn run(a: CudaBench) -> Result<()> {
                     &a.micro_batches,
                     a.prefill_chunk,
                     bar,
+                    trace.as_mut(),
                 )?;
                 for mut r in runs {
                     r.row["machine"] = serde_json::json!(info.name);
@@ -329,6 +340,15 @@ pub fn run(a: CudaBench) -> Result<()> {
                 f("host_pool_gib"),
             );
         }
+    }
+    if let (Some(t), Some(p)) = (trace, &a.trace) {
+        t.finish()?;
+        eprintln!(
+            "[GPU timeline of the last {} ShadowKV steps of each run written to {}: `tools/trace {}` draws it]",
+            super::bench_cuda_shadow::TRACE_STEPS,
+            p.display(),
+            p.display()
+        );
     }
     if let Some(dest) = &a.json {
         let mut all = rows;

@@ -19,12 +19,14 @@ use crate::cuda::device::StreamPriority;
 use crate::cuda::graph::{Lane, ShadowSeqInput};
 use crate::cuda::shadow::decode::GatherTimes;
 use crate::cuda::shadow::seq::sequence_bytes;
+use crate::cuda::shadow::timeline::{GpuSpan, StreamKind};
 use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout};
 use crate::cuda::{CudaModel, GpuSeq};
 use crate::engine::sampling::SamplingParams;
 use crate::pool::space::MachineMemory;
 use crate::pool::{ValuePool, ValueType};
 use crate::shadow::ShadowParams;
+use crate::telemetry::trace::TraceWriter;
 use anyhow::{anyhow, bail, ensure, Result};
 use indicatif::ProgressBar;
 use std::time::Instant;
@@ -56,6 +58,7 @@ pub fn run(
     micro: &[usize],
     prefill_chunk: usize,
     bar: ProgressBar,
+    mut trace: Option<&mut BenchTrace>,
 ) -> Result<Vec<ShadowRun>> {
     let cfg = model.config();
     // Room for every run's generated tokens.
@@ -141,7 +144,13 @@ pub fn run(
     let mut last = vec![first[0]; batch];
     let mut runs = Vec::with_capacity(micro.len());
     for &m in micro {
-        let d = decode(model, &mut seqs, &pool, fetch, m, gen, &mut last)?;
+        let label = format!(
+            "{ctx} tokens, {} ({m} micro-batch{})",
+            fetch.label(),
+            if m == 1 { "" } else { "es" }
+        );
+        let tr = trace.as_deref_mut().map(|t| (t, label.as_str()));
+        let d = decode(model, &mut seqs, &pool, fetch, m, gen, &mut last, tr)?;
         let ctx_now = seqs[0].len();
         let bound_s = bound_secs(model, &layout, &seqs, d.misses_per_step);
         let tps = (batch * gen) as f64 / d.decode_secs;
@@ -217,7 +226,9 @@ struct Decoded {
 /// Runs `gen` decode steps of `seqs` split into `micro` micro-batches: one lane (its
 /// own stream, scratch and step) per micro-batch, each submitted and completed on its
 /// own thread, so one micro-batch's value fetch overlaps another's compute. `last`
-/// holds each sequence's last token and is advanced.
+/// holds each sequence's last token and is advanced. With `trace`, the GPU timeline of
+/// the last [`TRACE_STEPS`] steps goes to it, under `label`.
+#[allow(clippy::too_many_arguments)]
 fn decode(
     model: &CudaModel,
     seqs: &mut [GpuShadowSeq],
@@ -226,6 +237,7 @@ fn decode(
     micro: usize,
     gen: usize,
     last: &mut [u32],
+    trace: Option<(&mut BenchTrace, &str)>,
 ) -> Result<Decoded> {
     let batch = seqs.len();
     ensure!(
@@ -255,8 +267,12 @@ fn decode(
     let (sel0, hit0) = counters(&lanes)?;
     let mut steps = Vec::with_capacity(gen);
     let mut min_free = usize::MAX;
+    let mut anchors = Vec::new();
     let td = Instant::now();
-    for _ in 0..gen {
+    for step in 0..gen {
+        if trace.is_some() && step + TRACE_STEPS.min(gen) == gen {
+            anchors = lanes.iter_mut().map(|l| l.start_trace()).collect::<Result<Vec<_>>>()?;
+        }
         let ts = Instant::now();
         let next = std::thread::scope(|scope| -> Result<Vec<u32>> {
             let mut rest_seqs = &mut *seqs;
@@ -291,6 +307,11 @@ fn decode(
         }
     }
     let decode_secs = td.elapsed().as_secs_f64();
+    if let Some((t, label)) = trace {
+        for (i, (lane, anchor)) in lanes.iter_mut().zip(anchors).enumerate() {
+            t.lane(&format!("{label}, lane {i}"), anchor, &lane.take_trace())?;
+        }
+    }
     let (sel1, hit1) = counters(&lanes)?;
     let mut stages: Vec<(String, f64)> = Vec::new();
     let mut gather = GatherTimes::default();
@@ -340,4 +361,55 @@ fn gpu_bytes(model: &CudaModel, seqs: &[GpuShadowSeq], misses_per_step: f64, mic
 fn bound_secs(model: &CudaModel, layout: &ShadowLayout, seqs: &[GpuShadowSeq], misses_per_step: f64) -> f64 {
     let fetched = misses_per_step * (layout.chunk * layout.head_dim * 2) as f64;
     (fetched / PCIE_BYTES_PER_S).max(gpu_bytes(model, seqs, misses_per_step, 1) / HBM_BYTES_PER_S)
+}
+
+/// Decode steps traced at the end of each run (`bench --trace`).
+pub const TRACE_STEPS: usize = 3;
+
+/// `bench --trace`: the GPU timelines of the ShadowKV runs, two tracks per lane (its
+/// compute stream and its fetch stream), placed on the host clock.
+pub struct BenchTrace {
+    writer: TraceWriter,
+    next_tid: u64,
+}
+
+impl BenchTrace {
+    /// A trace written to `path`.
+    pub fn create(path: &std::path::Path) -> Result<Self> {
+        Ok(BenchTrace {
+            writer: TraceWriter::create(path, Instant::now())?,
+            next_tid: 1,
+        })
+    }
+
+    /// Adds a lane's spans, in milliseconds from the GPU event that stands for the host
+    /// time `anchor`, as the tracks `<label> compute` and `<label> fetch`.
+    pub fn lane(&mut self, label: &str, anchor: Instant, spans: &[GpuSpan]) -> Result<()> {
+        let (compute, fetch) = (self.next_tid, self.next_tid + 1);
+        self.next_tid += 2;
+        self.writer.thread_name(compute, &format!("{label} compute"))?;
+        if spans.iter().any(|s| s.stream == StreamKind::Fetch) {
+            self.writer.thread_name(fetch, &format!("{label} fetch"))?;
+        }
+        let at = |ms: f64| anchor + std::time::Duration::from_secs_f64(ms.max(0.0) / 1e3);
+        for s in spans {
+            let tid = match s.stream {
+                StreamKind::Compute => compute,
+                StreamKind::Fetch => fetch,
+            };
+            self.writer.span(
+                tid,
+                s.name,
+                at(s.start_ms),
+                at(s.end_ms),
+                serde_json::json!({"layer": s.layer}),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Closes the file.
+    pub fn finish(self) -> Result<()> {
+        self.writer.finish()
+    }
 }

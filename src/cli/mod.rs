@@ -3,7 +3,7 @@
 mod backend;
 mod bench;
 mod bench_cuda;
-mod bench_cuda_shadow;
+pub mod bench_cuda_shadow;
 mod eval;
 mod generate;
 mod inspect;

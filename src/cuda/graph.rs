@@ -24,6 +24,7 @@ use super::device::StreamPriority;
 use super::model::{Attend, CudaModel, GpuCache, GpuSeq, Scratch, StageSeq, StepPlan};
 use super::ops::CudaOps;
 use super::shadow::decode::{stage_ms, FetchPath, GatherTimes, Stage};
+use super::shadow::timeline::{step_spans, GpuSpan};
 use super::shadow::{GpuShadowSeq, GpuValuePool, ShadowStep, StepScratch};
 use crate::cpu::LogitsWanted;
 use anyhow::{ensure, Result};
@@ -92,6 +93,11 @@ pub struct Lane {
     time_stages: bool,
     /// The queued step's stage marks, read when it completes.
     marks: Vec<(Stage, CudaEvent)>,
+    /// The queued step's fetch-stream marks, read when it completes.
+    fetch_marks: Vec<(CudaEvent, CudaEvent)>,
+    /// While tracing: the anchor event the spans are timed from, and the spans of the
+    /// steps completed since.
+    trace: Option<(CudaEvent, Vec<GpuSpan>)>,
     /// Milliseconds of GPU time per ShadowKV stage, summed over completed steps.
     pub stage_ms: Vec<(Stage, f64)>,
     /// The stream the zero-copy value fetch runs on beside the key rebuild (made at
@@ -111,6 +117,26 @@ impl Lane {
     /// The lane's operations (its stream).
     pub fn ops(&self) -> &CudaOps {
         &self.ops
+    }
+
+    /// Starts recording the GPU timeline of its ShadowKV steps (with stage timing on):
+    /// waits for the lane's work, records an anchor event and returns the host time it
+    /// stands for; [`Lane::take_trace`] gives the spans of the steps completed since,
+    /// in milliseconds from it.
+    pub fn start_trace(&mut self) -> Result<std::time::Instant> {
+        let stream = self.ops.device().stream();
+        stream.synchronize()?;
+        let anchor = self.ops.device().event(true)?;
+        anchor.record(stream)?;
+        anchor.synchronize()?;
+        let at = std::time::Instant::now();
+        self.trace = Some((anchor, Vec::new()));
+        Ok(at)
+    }
+
+    /// Stops recording and returns the spans recorded (empty when not tracing).
+    pub fn take_trace(&mut self) -> Vec<GpuSpan> {
+        self.trace.take().map(|(_, s)| s).unwrap_or_default()
     }
 
     /// Times the stages of its ShadowKV steps with events on the GPU (summed in
@@ -156,6 +182,8 @@ impl CudaModel {
             gather: GatherTimes::default(),
             time_stages: false,
             marks: Vec::new(),
+            fetch_marks: Vec::new(),
+            trace: None,
             stage_ms: Vec::new(),
             fetch_ops: None,
         })
@@ -261,6 +289,7 @@ impl CudaModel {
         lane.gather.gather_secs += g.gather_secs;
         lane.gather.bytes += g.bytes;
         lane.marks = step.take_marks();
+        lane.fetch_marks = step.take_fetch_marks();
         drop(step);
         for s in seqs.iter_mut() {
             s.seq.advance(&layout);
@@ -314,6 +343,10 @@ impl CudaModel {
     pub fn complete(&self, lane: &mut Lane, t: StepTicket) -> Result<Vec<u32>> {
         t.done.synchronize()?;
         lane.ops.device().context().check_err()?;
+        if let Some((anchor, spans)) = &mut lane.trace {
+            spans.extend(step_spans(anchor, &lane.marks, &lane.fetch_marks)?);
+        }
+        lane.fetch_marks.clear();
         if !lane.marks.is_empty() {
             for (stage, ms) in stage_ms(&std::mem::take(&mut lane.marks))? {
                 match lane.stage_ms.iter_mut().find(|(s, _)| *s == stage) {

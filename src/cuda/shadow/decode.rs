@@ -46,6 +46,9 @@ pub struct ShadowStep<'a> {
     pub gather: Cell<GatherTimes>,
     /// With stage timing on, an event at the end of each stage of each layer.
     marks: Option<RefCell<Vec<(Stage, CudaEvent)>>>,
+    /// With stage timing on and a fetch stream, events on that stream around each
+    /// layer's fetch.
+    fetch_marks: Option<RefCell<Vec<(CudaEvent, CudaEvent)>>>,
     /// `[layer][k | v][batch·kv_heads]` row addresses of the attended rows.
     attn_ptrs: CudaSlice<u64>,
     /// `[batch·kv_heads]` attended rows.
@@ -102,6 +105,7 @@ impl<'a> ShadowStep<'a> {
             fetch_ops: None,
             gather: Cell::new(GatherTimes::default()),
             marks: None,
+            fetch_marks: None,
             attn_ptrs: ops.device().upload(&ptrs)?,
             lens: ops.device().upload(&lens)?,
             max_len,
@@ -125,6 +129,7 @@ impl<'a> ShadowStep<'a> {
     /// Times every stage of every layer with events on the GPU ([`ShadowStep::take_marks`]).
     pub fn with_stage_times(mut self) -> Self {
         self.marks = Some(RefCell::new(Vec::new()));
+        self.fetch_marks = Some(RefCell::new(Vec::new()));
         self
     }
 
@@ -183,7 +188,20 @@ impl<'a> ShadowStep<'a> {
                 };
                 if let Some(side) = self.fetch_ops {
                     side.device().stream().join(ops.device().stream())?;
+                    let begin = self
+                        .fetch_marks
+                        .as_ref()
+                        .map(|_| side.device().event(true))
+                        .transpose()?;
+                    if let Some(e) = &begin {
+                        e.record(side.device().stream())?;
+                    }
                     fetch(side)?;
+                    if let (Some(marks), Some(begin)) = (&self.fetch_marks, begin) {
+                        let end = side.device().event(true)?;
+                        end.record(side.device().stream())?;
+                        marks.borrow_mut().push((begin, end));
+                    }
                 }
                 ops.shadow_rebuild(t, &scratch.misses, &scratch.miss_count, inv_freq)?;
                 self.mark(ops, Stage::Rebuild)?;
@@ -237,6 +255,12 @@ impl<'a> ShadowStep<'a> {
     /// The stage marks recorded (empty without timing), to read once the step is done.
     pub fn take_marks(&self) -> Vec<(Stage, CudaEvent)> {
         self.marks.as_ref().map(|m| m.take()).unwrap_or_default()
+    }
+
+    /// The (begin, end) events of each layer's fetch on the fetch stream (empty without
+    /// timing or without a fetch stream), to read once the step is done.
+    pub fn take_fetch_marks(&self) -> Vec<(CudaEvent, CudaEvent)> {
+        self.fetch_marks.as_ref().map(|m| m.take()).unwrap_or_default()
     }
 
     /// The cpu-gather fetch of layer `l`: reads the miss lists back, queues the key

@@ -18,6 +18,7 @@
 //! - A sequence ([`seq`]): its buffers of every layer, made from a dense prefill by
 //!   [`crate::cuda::CudaModel::compress_shadow`]; its values in the registered host
 //!   pool ([`pool`]).
+//! - [`timeline`]: a step's stage events as spans on its streams (`bench --trace`).
 
 pub mod append;
 pub mod buffers;
@@ -32,6 +33,7 @@ pub mod rebuild;
 pub mod reuse;
 pub mod select;
 pub mod seq;
+pub mod timeline;
 
 pub use buffers::{LayerBuffers, ShadowTable, StepScratch};
 pub use decode::ShadowStep;
