@@ -219,7 +219,14 @@ fn cli_synth_then_generate_json() {
 #[test]
 fn inspect_describes_llama_3_1_70b_without_loading_it() {
     let out = Command::new(env!("CARGO_BIN_EXE_shadowkv"))
-        .args(["inspect", "--model", "synthetic:llama-3.1-70b", "--context", "131072", "--json"])
+        .args([
+            "inspect",
+            "--model",
+            "synthetic:llama-3.1-70b",
+            "--context",
+            "131072",
+            "--json",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -241,7 +248,13 @@ fn inspect_describes_llama_3_1_70b_without_loading_it() {
     // 2 (k, v) x 80 layers x 8 KV heads x 128 dims x 2 bytes.
     assert_eq!(v["kv_bytes_per_token_bf16"], 327_680);
     let p = v["parameters"].as_u64().unwrap();
-    assert!((70_500_000_000..70_600_000_000).contains(&p), "llama-3.1-70b has {p} parameters");
+    assert!(
+        (70_500_000_000..70_600_000_000).contains(&p),
+        "llama-3.1-70b has {p} parameters"
+    );
     let bf16 = v["memory_bytes"]["weights_bf16"].as_u64().unwrap();
-    assert!((141_000_000_000..141_200_000_000).contains(&bf16), "{bf16} bytes of bf16 weights");
+    assert!(
+        (141_000_000_000..141_200_000_000).contains(&bf16),
+        "{bf16} bytes of bf16 weights"
+    );
 }
