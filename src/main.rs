@@ -3,6 +3,8 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Before any thread starts, and so before NCCL could ever read it.
+    shadowkv::cuda::nccl::disable_nvlink_multicast();
     match shadowkv::cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

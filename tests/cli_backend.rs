@@ -114,3 +114,39 @@ fn serve_with_the_cuda_backend_and_no_gpu_names_the_topology_key() {
     assert!(err.contains("needs a usable NVIDIA GPU"), "{err}");
     assert!(!err.contains("--backend"), "{err}");
 }
+
+/// Several GPUs are planned (issue 13), not built: every command that takes them
+/// refuses a list of more than one at start-up, naming the flag or the topology key,
+/// before any model or GPU is opened.
+#[test]
+fn several_devices_are_refused_at_start_up() {
+    let planned = "tensor parallel over 2 GPUs is planned (issue 13); this build runs one GPU";
+    let tiny = ["--model", "synthetic:tiny"];
+    let runs: [&[&str]; 3] = [
+        &["generate", "--prompt", "hi"],
+        &["bench", "--context", "64", "--gen", "2"],
+        &["eval", "ruler", "--lengths", "512", "--samples", "1"],
+    ];
+    for run in runs {
+        for backend in ["cpu", "cuda"] {
+            let args = [run, &tiny[..], &["--backend", backend, "--devices", "0,1"]].concat();
+            let (ok, err) = shadowkv(&args);
+            assert!(!ok, "{args:?}");
+            assert!(err.contains(&format!("--devices 0,1: {planned}")), "{args:?}: {err}");
+        }
+        let args = [run, &tiny[..], &["--devices", "1,1"]].concat();
+        let (ok, err) = shadowkv(&args);
+        assert!(!ok && err.contains("--devices lists GPU 1 twice"), "{args:?}: {err}");
+        let args = [run, &tiny[..], &["--device", "1", "--devices", "0,1"]].concat();
+        let (ok, err) = shadowkv(&args);
+        assert!(!ok && err.contains("cannot be used with"), "{args:?}: {err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let topo = dir.path().join("two.toml");
+    let text = "[model]\npath = \"synthetic:tiny\"\n\n[backend]\nkind = \"cuda\"\ndevices = [0, 1]\n";
+    std::fs::write(&topo, text).unwrap();
+    let (ok, err) = shadowkv(&["serve", "--topology", topo.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    assert!(!ok, "{err}");
+    let want = format!("{}, line 6, column 1, key `backend.devices`: {planned}", topo.display());
+    assert!(err.contains(&want), "stderr lacks {want:?}:\n{err}");
+}

@@ -213,3 +213,48 @@ fn cli_synth_then_generate_json() {
         "llama-3.1-8b has {p} parameters"
     );
 }
+
+/// Llama-3.1-70B's shape, described without generating a weight: `inspect` only reads
+/// the config, so the 141 GB of weights are never allocated.
+#[test]
+fn inspect_describes_llama_3_1_70b_without_loading_it() {
+    let out = Command::new(env!("CARGO_BIN_EXE_shadowkv"))
+        .args([
+            "inspect",
+            "--model",
+            "synthetic:llama-3.1-70b",
+            "--context",
+            "131072",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (key, want) in [
+        ("layers", 80),
+        ("hidden_size", 8192),
+        ("intermediate_size", 28672),
+        ("heads", 64),
+        ("kv_heads", 8),
+        ("head_dim", 128),
+        ("vocab_size", 128256),
+        ("max_context", 131072),
+    ] {
+        assert_eq!(v[key], want, "{key}");
+    }
+    assert_eq!(v["rope_theta"], 500000.0);
+    assert_eq!(v["llama3_rope_scaling"], true);
+    // 2 (k, v) x 80 layers x 8 KV heads x 128 dims x 2 bytes.
+    assert_eq!(v["kv_bytes_per_token_bf16"], 327_680);
+    let p = v["parameters"].as_u64().unwrap();
+    assert!(
+        (70_500_000_000..70_600_000_000).contains(&p),
+        "llama-3.1-70b has {p} parameters"
+    );
+    let bf16 = v["memory_bytes"]["weights_bf16"].as_u64().unwrap();
+    assert!(
+        (141_000_000_000..141_200_000_000).contains(&bf16),
+        "{bf16} bytes of bf16 weights"
+    );
+}

@@ -21,6 +21,10 @@ pub struct CudaArgs {
     /// CUDA device ordinal (with --backend cuda).
     #[arg(long, default_value_t = 0)]
     pub device: usize,
+    /// CUDA device ordinals for tensor parallelism, comma-separated (`0,1`); not with
+    /// --device. Planned (issue 13): this build runs one GPU and refuses more.
+    #[arg(long, value_delimiter = ',', num_args = 1.., conflicts_with = "device")]
+    pub devices: Option<Vec<usize>>,
     /// Launch every decode step's kernels one by one instead of replaying a captured
     /// CUDA graph (with --backend cuda).
     #[arg(long)]
@@ -60,7 +64,29 @@ impl ValueFetch {
     }
 }
 
+/// Why a run over `n` GPUs stops at start-up in this build.
+pub fn tensor_parallel_planned(n: usize) -> String {
+    format!("tensor parallel over {n} GPUs is planned (issue 13); this build runs one GPU")
+}
+
 impl CudaArgs {
+    /// The one GPU to run on: `--device`, or the only entry of `--devices`. A list with
+    /// a repeated ordinal, or of more than one GPU, is an error naming `--devices`.
+    pub fn ordinal(&self) -> Result<usize> {
+        let Some(list) = &self.devices else {
+            return Ok(self.device);
+        };
+        for (i, d) in list.iter().enumerate() {
+            if list[..i].contains(d) {
+                anyhow::bail!("--devices lists GPU {d} twice");
+            }
+        }
+        match list.as_slice() {
+            [d] => Ok(*d),
+            _ => anyhow::bail!("--devices {}: {}", join(list), tensor_parallel_planned(list.len())),
+        }
+    }
+
     /// The one fetch path of a command that runs one (`generate`, `eval`).
     pub fn one_fetch(&self) -> Result<FetchPath> {
         match self.value_fetch.as_slice() {
@@ -70,9 +96,15 @@ impl CudaArgs {
     }
 }
 
-/// Opens GPU `--device` for `--backend cuda`; a missing GPU is an error naming the flag.
+/// `0,1` for a list of ordinals.
+fn join(list: &[usize]) -> String {
+    list.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// Opens the GPU of `--device` (or `--devices`) for `--backend cuda`; a missing GPU is
+/// an error naming the flag.
 pub fn open_gpu(a: &CudaArgs) -> Result<CudaDevice> {
-    CudaDevice::new(a.device).map_err(|e| match e {
+    CudaDevice::new(a.ordinal()?).map_err(|e| match e {
         DeviceError::Unavailable(why) => anyhow::anyhow!("--backend cuda: no usable GPU ({why})"),
         e => e.into(),
     })
@@ -85,5 +117,50 @@ pub fn load_cuda_model(dev: CudaDevice, spec: &str, m: &OpenedModel, progress: b
     match synthetic_spec(spec)? {
         Some((_, seed)) => CudaModel::synthetic(ops, m.config.clone(), seed, progress),
         None => CudaModel::from_source(ops, m.config.clone(), m.source.as_ref(), progress),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cmd {
+        #[command(flatten)]
+        cuda: CudaArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<CudaArgs, clap::Error> {
+        Cmd::try_parse_from(std::iter::once("cmd").chain(args.iter().copied())).map(|c| c.cuda)
+    }
+
+    #[test]
+    fn one_device_from_either_flag() {
+        assert_eq!(parse(&[]).unwrap().ordinal().unwrap(), 0);
+        assert_eq!(parse(&["--device", "3"]).unwrap().ordinal().unwrap(), 3);
+        let one = parse(&["--devices", "2"]).unwrap();
+        assert_eq!((one.devices.clone(), one.ordinal().unwrap()), (Some(vec![2]), 2));
+    }
+
+    #[test]
+    fn device_lists_are_refused_with_reasons() {
+        let two = parse(&["--devices", "0,1"]).unwrap();
+        assert_eq!(two.devices, Some(vec![0, 1]));
+        let e = two.ordinal().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "--devices 0,1: tensor parallel over 2 GPUs is planned (issue 13); this build runs one GPU"
+        );
+        let e = parse(&["--devices", "1,0,1"])
+            .unwrap()
+            .ordinal()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "--devices lists GPU 1 twice");
+        let e = parse(&["--device", "0", "--devices", "0,1"]).unwrap_err().to_string();
+        assert!(e.contains("--devices") && e.contains("--device "), "{e}");
+        assert!(parse(&["--devices", "0,x"]).is_err());
+        assert!(parse(&["--devices"]).is_err());
     }
 }

@@ -121,6 +121,7 @@ fn ruler(a: RulerArgs) -> Result<()> {
     let progress = std::io::stderr().is_terminal();
     // Option errors before the (long) model load.
     let fetch = a.cuda.one_fetch()?;
+    a.cuda.ordinal()?;
     let m = open_model(&a.model)?;
     let (cpu, gpu) = match a.backend {
         Backend::Cpu => (Some(cpu_model(&m, progress)?), None),

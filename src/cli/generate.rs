@@ -75,6 +75,7 @@ pub struct GenerateArgs {
 /// Runs `shadowkv generate`.
 pub fn run(a: GenerateArgs) -> Result<()> {
     let threads = super::set_threads(a.threads)?;
+    a.cuda.ordinal()?;
     let text = match (&a.prompt, &a.prompt_file) {
         (Some(p), _) => p.clone(),
         (None, Some(f)) => {

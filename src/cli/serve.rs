@@ -261,12 +261,26 @@ pub fn run(a: ServeArgs) -> Result<()> {
     }
     // The GPU is checked before any model is fetched or opened; a missing one is the
     // topology's `backend.kind`, named like every other topology error.
+    let devices = topo.backend.device_list();
+    if devices.len() > 1 {
+        return Err(topo
+            .error_at(
+                "backend.devices",
+                super::backend::tensor_parallel_planned(devices.len()),
+            )
+            .into());
+    }
     let gpu = if cuda {
-        let ordinal = topo.backend.device as usize;
+        let ordinal = devices[0] as usize;
+        let key = if topo.backend.devices.is_some() {
+            "backend.devices"
+        } else {
+            "backend.device"
+        };
         Some(CudaDevice::new(ordinal).map_err(|e| match e {
             DeviceError::Unavailable(why) => anyhow::Error::from(topo.error_at(
                 "backend.kind",
-                format!("`cuda` needs a usable NVIDIA GPU (backend.device = {ordinal}): {why}"),
+                format!("`cuda` needs a usable NVIDIA GPU ({key} = {ordinal}): {why}"),
             )),
             e => anyhow::Error::from(e).context(format!("opening CUDA device {ordinal}")),
         })?)

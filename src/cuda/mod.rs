@@ -15,6 +15,7 @@
 //!   own) that queue steps asynchronously.
 //! - [`shadow`]: ShadowKV's kernels (selection, reuse diff, key rebuild, value fetch,
 //!   prefill compression, append and fold) on a layout defined once.
+//! - [`nccl`]: finding NCCL and keeping NVLink multicast off (no collective yet).
 //! - [`testing`]: open the device or skip (used by `tests/cuda_*.rs`).
 //!
 //! cudarc loads libcuda, libnvrtc and libcublas at run time, so the crate builds and
@@ -25,6 +26,7 @@ pub mod device;
 pub mod graph;
 pub mod kernels;
 pub mod model;
+pub mod nccl;
 pub mod nvrtc;
 pub mod ops;
 pub mod prefill;

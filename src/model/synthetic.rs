@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// Names accepted by [`preset`].
-pub const ARCHS: [&str; 11] = [
+pub const ARCHS: [&str; 12] = [
     "tiny",
     "tiny-llama3",
     "tiny-qwen2",
@@ -20,6 +20,7 @@ pub const ARCHS: [&str; 11] = [
     "llama-2-7b",
     "llama-3-8b",
     "llama-3.1-8b",
+    "llama-3.1-70b",
     "yi-6b",
     "yi-34b",
     "qwen2-0.5b",
@@ -94,6 +95,12 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
             rope_theta: 500000.0,
             rope_scaling: Some(llama31),
             ..shape(Llama, 4096, 14336, 32, 32, 8, 128256, 131072)
+        },
+        // 141 GB of bf16 weights: more than one GPU holds (tensor parallelism, issue 13).
+        "llama-3.1-70b" => ModelConfig {
+            rope_theta: 500000.0,
+            rope_scaling: Some(llama31),
+            ..shape(Llama, 8192, 28672, 80, 64, 8, 128256, 131072)
         },
         "yi-6b" => ModelConfig {
             rope_theta: 5000000.0,

@@ -96,9 +96,23 @@ pub struct BackendSection {
     /// `cpu` or `cuda`.
     #[serde(default)]
     pub kind: BackendKind,
-    /// CUDA device ordinal.
+    /// One CUDA device ordinal (0 when neither this nor `devices` is given).
     #[serde(default)]
-    pub device: u32,
+    pub device: Option<u32>,
+    /// Several CUDA device ordinals for tensor parallelism (planned: issue 13). Not
+    /// together with `device`.
+    #[serde(default)]
+    pub devices: Option<Vec<u32>>,
+}
+
+impl BackendSection {
+    /// The GPUs to run on: `devices`, else `[device]`, else `[0]`.
+    pub fn device_list(&self) -> Vec<u32> {
+        match (&self.devices, self.device) {
+            (Some(list), _) => list.clone(),
+            (None, d) => vec![d.unwrap_or(0)],
+        }
+    }
 }
 
 /// Attention algorithm.
@@ -569,6 +583,25 @@ impl Topology {
                 "limits.prefill_lane",
                 "`separate` prefills on a second CUDA stream: it needs backend.kind = \"cuda\"".into(),
             );
+        }
+        if let Some(list) = &self.backend.devices {
+            if self.backend.device.is_some() {
+                return e(
+                    "backend.devices",
+                    "give either backend.device or backend.devices, not both".into(),
+                );
+            }
+            if list.is_empty() {
+                return e("backend.devices", "must list at least one CUDA device ordinal".into());
+            }
+            for (i, d) in list.iter().enumerate() {
+                if let Some(j) = list[..i].iter().position(|x| x == d) {
+                    return e(
+                        "backend.devices",
+                        format!("device {d} is listed twice (entries {} and {})", j + 1, i + 1),
+                    );
+                }
+            }
         }
         let p = &self.pipeline;
         if p.micro_batches == 0 || p.micro_batches > l.max_batch {

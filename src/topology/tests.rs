@@ -294,3 +294,25 @@ mod api_keys {
         }
     }
 }
+
+#[test]
+fn backend_devices_one_or_several_never_both() {
+    let t = |src: &str| Topology::parse(src, "t.toml").unwrap().backend.device_list();
+    assert_eq!(t(""), vec![0]);
+    assert_eq!(t("[backend]\ndevice = 2\n"), vec![2]);
+    assert_eq!(t("[backend]\nkind = \"cuda\"\ndevices = [0, 1]\n"), vec![0, 1]);
+    assert_eq!(t("[backend]\ndevices = [3]\n"), vec![3]);
+    let e = err("[backend]\ndevice = 0\ndevices = [0, 1]\n");
+    assert_eq!(e.key.as_deref(), Some("backend.devices"), "{e}");
+    assert_eq!(e.line, Some((3, 1)), "{e}");
+    assert!(e.message.contains("backend.device or backend.devices, not both"), "{e}");
+    let e = err("[backend]\ndevices = []\n");
+    assert_eq!(e.key.as_deref(), Some("backend.devices"), "{e}");
+    assert!(e.message.contains("at least one"), "{e}");
+    let e = err("[backend]\ndevices = [1, 0, 1]\n");
+    assert_eq!(e.message, "device 1 is listed twice (entries 1 and 3)", "{e}");
+    let e = err("[backend]\ndevices = \"0,1\"\n");
+    assert_eq!(e.key.as_deref(), Some("backend.devices"), "{e}");
+    let e = err("[backend]\ndevices = [-1]\n");
+    assert_eq!(e.key.as_deref(), Some("backend.devices"), "{e}");
+}
