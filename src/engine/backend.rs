@@ -45,7 +45,7 @@ pub struct StepSeq<'a, S> {
 }
 
 /// What a finished step gives back.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepOutput {
     /// One token per sampling sequence, in the step's order (a failed sequence's token
     /// means nothing).
@@ -53,6 +53,9 @@ pub struct StepOutput {
     /// Sequences of the step (their index in its batch) that failed on their own, with
     /// why: the step's other sequences are fine.
     pub failed: Vec<(usize, String)>,
+    /// Seconds of GPU time the step spent in each stage, from the GPU's own event
+    /// timestamps (ShadowKV steps on the GPU; empty elsewhere).
+    pub gpu_stages: Vec<(&'static str, f64)>,
 }
 
 /// Counters a backend may report; zero where it has no such thing.

@@ -15,7 +15,7 @@ use super::backend::{BackendStats, LaneSerials, LastSample, SeqSpec, StepBackend
 use crate::cpu::LogitsWanted;
 use crate::cuda::device::StreamPriority;
 use crate::cuda::graph::ShadowSeqInput;
-use crate::cuda::shadow::decode::FetchPath;
+use crate::cuda::shadow::decode::{FetchPath, Stage};
 use crate::cuda::shadow::seq::layer_bytes;
 use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout};
 use crate::cuda::{CudaModel, GpuCache, GpuSeq, Lane, StepTicket};
@@ -123,10 +123,17 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
             );
         }
         let priorities = [StreamPriority::High, StreamPriority::Normal];
-        let lanes = priorities[..lanes]
+        let mut lanes = priorities[..lanes]
             .iter()
             .map(|&p| m.new_lane(p, graphs))
             .collect::<Result<Vec<_>>>()?;
+        if shadow.is_some() {
+            // ShadowKV steps time their stages on the GPU (events read once each step
+            // is done, no extra synchronisation) for the stage metrics.
+            for lane in &mut lanes {
+                lane.time_stages(true);
+            }
+        }
         Ok(CudaBackend {
             model,
             cache_tokens,
@@ -356,11 +363,13 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
     }
 
     fn complete(&mut self, lane: usize, ticket: StepTicket) -> Result<StepOutput> {
+        let before = self.lanes[lane].stage_ms.clone();
         let tokens = self.model.borrow().complete(&mut self.lanes[lane], ticket)?;
         self.free_retired();
         Ok(StepOutput {
             tokens,
             failed: Vec::new(),
+            gpu_stages: step_stages(&before, &self.lanes[lane].stage_ms),
         })
     }
 
@@ -397,5 +406,46 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
             misses,
             value_bytes_fetched: misses * (sh.layout.chunk * sh.layout.head_dim * 2) as u64,
         })
+    }
+}
+
+/// A step's seconds per stage: the growth of a lane's cumulative stage times, the
+/// selection's scores and top-k together as `select`.
+fn step_stages(before: &[(Stage, f64)], after: &[(Stage, f64)]) -> Vec<(&'static str, f64)> {
+    let mut out: Vec<(&'static str, f64)> = Vec::new();
+    for &(stage, ms) in after {
+        let was = before.iter().find(|(s, _)| *s == stage).map_or(0.0, |(_, t)| *t);
+        let name = match stage {
+            Stage::Scores | Stage::Select => "select",
+            other => other.name(),
+        };
+        let secs = (ms - was).max(0.0) / 1e3;
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, t)) => *t += secs,
+            None => out.push((name, secs)),
+        }
+    }
+    out.retain(|&(_, s)| s > 0.0);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_stages_are_the_growth_with_select_merged() {
+        let before = [(Stage::Scores, 10.0), (Stage::Select, 1.0), (Stage::Fetch, 5.0)];
+        let after = [
+            (Stage::Scores, 12.0),
+            (Stage::Select, 1.5),
+            (Stage::Fetch, 5.0),
+            (Stage::Rebuild, 3.0),
+        ];
+        let s = step_stages(&before, &after);
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert_eq!(s[0].0, "select");
+        assert!((s[0].1 - 2.5e-3).abs() < 1e-12);
+        assert_eq!(s[1], ("reconstruct", 3.0e-3));
     }
 }

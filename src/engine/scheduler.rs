@@ -760,6 +760,9 @@ impl<M: StepBackend> Engine<M> {
                 self.fail_members(&[m.key], &anyhow::anyhow!("{why}"));
             }
         }
+        for &(stage, secs) in &out.gpu_stages {
+            metrics::histogram!(tm::STAGE_SECONDS, "stage" => stage).record(secs);
+        }
         let generated = self.process(&f.members, &out.tokens, t1);
         metrics::counter!(tm::GENERATED_TOKENS).increment(generated);
         let t2 = Instant::now();

@@ -113,7 +113,8 @@ fn describe() {
     describe_histogram!(
         STAGE_SECONDS,
         Unit::Seconds,
-        "Latency of engine stages (label stage: prefill, decode, sample, step)"
+        "Latency of engine stages (label stage: prefill, decode, step, output; with ShadowKV on the GPU also \
+         the GPU time of select, reuse, reconstruct, fetch, attention, append and fold, from GPU timestamps)"
     );
     describe_histogram!(
         TTFT_SECONDS,
