@@ -12,7 +12,8 @@ use crate::model::config::ModelConfig;
 use crate::model::load::open_model;
 use crate::model::weights::ModelWeights;
 use crate::pipeline::machine::Source;
-use crate::pipeline::{pin, Machine, Placement, Role};
+use crate::pipeline::placement::format_cores;
+use crate::pipeline::{pin, GatherPool, Machine, Placement, Role};
 use crate::pool::space::SpaceError;
 use crate::pool::{ValuePool, ValueType};
 use crate::server::auth::{open_api_warning, ApiKeys};
@@ -228,6 +229,26 @@ fn bind_pool(pool: &mut ValuePool, placement: &Placement) {
     }
 }
 
+/// The gather actor's threads, pinned one to a core where the placement gives as many
+/// cores as threads (unpinned otherwise), for the cpu-gather value fetch.
+fn gather_pool(placement: &Placement) -> Result<GatherPool> {
+    let Some(g) = placement.actors.iter().find(|a| a.actor == Role::Gather) else {
+        bail!("the placement has no gather actor");
+    };
+    let cores: &[usize] = if g.cores.len() == g.threads { &g.cores } else { &[] };
+    let pool = GatherPool::new(g.threads, cores)?;
+    info!(
+        "value gather: {} threads{}",
+        pool.threads(),
+        if cores.is_empty() {
+            String::new()
+        } else {
+            format!(" pinned to cores {}", format_cores(cores))
+        }
+    );
+    Ok(pool)
+}
+
 /// The model the engine thread runs.
 enum Loaded {
     Cpu(Box<CpuModel>),
@@ -330,14 +351,17 @@ pub fn run(a: ServeArgs) -> Result<()> {
             PrefillLane::Mixed => 1,
             PrefillLane::Auto | PrefillLane::Separate => 2,
         };
-        Loaded::Cuda(Box::new(
-            CudaBackend::new(model, max_context, topo.limits.max_batch, lanes, true, shadow.take())
-                .map_err(|e| topo.error_at("limits", format!("{e:#}")))?
-                .with_fetch(match topo.pipeline.value_fetch {
-                    TopoFetch::ZeroCopy => FetchPath::ZeroCopy,
-                    TopoFetch::CpuGather => FetchPath::CpuGather,
-                }),
-        ))
+        let shadowkv = shadow.is_some();
+        let mut backend = CudaBackend::new(model, max_context, topo.limits.max_batch, lanes, true, shadow.take())
+            .map_err(|e| topo.error_at("limits", format!("{e:#}")))?
+            .with_fetch(match topo.pipeline.value_fetch {
+                TopoFetch::ZeroCopy => FetchPath::ZeroCopy,
+                TopoFetch::CpuGather => FetchPath::CpuGather,
+            });
+        if shadowkv && topo.pipeline.value_fetch == TopoFetch::CpuGather {
+            backend = backend.with_gatherer(Arc::new(gather_pool(&placement)?));
+        }
+        Loaded::Cuda(Box::new(backend))
     } else {
         let weights = ModelWeights::load(&m.config, m.source.as_ref(), false)?;
         Loaded::Cpu(Box::new(CpuModel::new(m.config.clone(), weights)))

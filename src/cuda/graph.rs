@@ -23,12 +23,13 @@
 use super::device::StreamPriority;
 use super::model::{Attend, CudaModel, GpuCache, GpuSeq, Scratch, StageSeq, StepPlan};
 use super::ops::CudaOps;
-use super::shadow::decode::{stage_ms, FetchPath, GatherTimes, Stage};
+use super::shadow::decode::{stage_ms, ChunkGather, FetchPath, GatherTimes, Stage};
 use super::shadow::timeline::{step_spans, GpuSpan};
 use super::shadow::{GpuShadowSeq, GpuValuePool, ShadowStep, StepScratch};
 use crate::cpu::LogitsWanted;
 use anyhow::{ensure, Result};
 use cudarc::driver::{sys, CudaEvent, CudaGraph, PinnedHostSlice};
+use std::sync::Arc;
 
 /// Sequence lengths are bucketed to multiples of this for a captured step.
 const LEN_BUCKET: usize = 1024;
@@ -103,6 +104,8 @@ pub struct Lane {
     /// The stream the zero-copy value fetch runs on beside the key rebuild (made at
     /// the lane's first ShadowKV step).
     fetch_ops: Option<CudaOps>,
+    /// The cpu-gather path's chunk copy (none: rayon's threads).
+    gatherer: Option<Arc<dyn ChunkGather + Send>>,
 }
 
 /// One ShadowKV sequence's part of a decode step.
@@ -117,6 +120,12 @@ impl Lane {
     /// The lane's operations (its stream).
     pub fn ops(&self) -> &CudaOps {
         &self.ops
+    }
+
+    /// Has the cpu-gather path copy the missed chunks with `g` (the pipeline's pinned
+    /// gather threads) instead of rayon's threads.
+    pub fn set_gatherer(&mut self, g: Arc<dyn ChunkGather + Send>) {
+        self.gatherer = Some(g);
     }
 
     /// Starts recording the GPU timeline of its ShadowKV steps (with stage timing on):
@@ -186,6 +195,7 @@ impl CudaModel {
             trace: None,
             stage_ms: Vec::new(),
             fetch_ops: None,
+            gatherer: None,
         })
     }
 
@@ -256,12 +266,15 @@ impl CudaModel {
         if fetch == FetchPath::ZeroCopy && lane.fetch_ops.is_none() {
             lane.fetch_ops = Some(lane.ops.fork(StreamPriority::Highest)?);
         }
+        let gatherer = lane.gatherer.clone();
         let (ops, sc) = (&lane.ops, &mut lane.sc);
         let plan = self.stage_rows(ops, sc, &staged, prev)?;
         self.stage_sampling(ops, sc, &plan, sampling)?;
         let step = {
             let refs: Vec<&GpuShadowSeq> = seqs.iter().map(|s| &*s.seq).collect();
-            let step = ShadowStep::new(ops, &refs, pool, fetch)?.with_fetch_stream(lane.fetch_ops.as_ref());
+            let step = ShadowStep::new(ops, &refs, pool, fetch)?
+                .with_fetch_stream(lane.fetch_ops.as_ref())
+                .with_gatherer(gatherer.as_deref().map(|g| g as &dyn ChunkGather));
             if lane.time_stages {
                 step.with_stage_times()
             } else {

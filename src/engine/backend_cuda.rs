@@ -157,6 +157,15 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
         self
     }
 
+    /// The cpu-gather path copies the missed value chunks with `g` (the pipeline's
+    /// pinned gather threads) on every lane.
+    pub fn with_gatherer(mut self, g: std::sync::Arc<dyn crate::cuda::shadow::decode::ChunkGather + Send>) -> Self {
+        for lane in &mut self.lanes {
+            lane.set_gatherer(g.clone());
+        }
+        self
+    }
+
     /// Graph captures, replays and eager steps of each lane.
     pub fn graph_counts(&self) -> Vec<(usize, usize, usize)> {
         self.lanes

@@ -169,3 +169,9 @@ impl GatherPool {
         })
     }
 }
+
+impl crate::cuda::shadow::decode::ChunkGather for GatherPool {
+    fn gather(&self, src: &[half::bf16], sources: &[usize], chunk: usize, dst: &mut [half::bf16]) -> Result<()> {
+        GatherPool::gather(self, src, sources, chunk, dst)
+    }
+}

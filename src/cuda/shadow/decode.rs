@@ -42,6 +42,8 @@ pub struct ShadowStep<'a> {
     /// zero-copy: the stream the fetch runs on beside the key rebuild (none: after it,
     /// on the step's stream).
     fetch_ops: Option<&'a CudaOps>,
+    /// cpu-gather: the threads that copy the missed chunks (none: rayon's).
+    gatherer: Option<&'a dyn ChunkGather>,
     /// cpu-gather: seconds the host waited for miss lists, seconds it gathered, bytes.
     pub gather: Cell<GatherTimes>,
     /// With stage timing on, an event at the end of each stage of each layer.
@@ -103,6 +105,7 @@ impl<'a> ShadowStep<'a> {
             dev_pool: pool.device(),
             fetch,
             fetch_ops: None,
+            gatherer: None,
             gather: Cell::new(GatherTimes::default()),
             marks: None,
             fetch_marks: None,
@@ -123,6 +126,13 @@ impl<'a> ShadowStep<'a> {
     /// attention for the fetch.
     pub fn with_fetch_stream(mut self, ops: Option<&'a CudaOps>) -> Self {
         self.fetch_ops = ops;
+        self
+    }
+
+    /// Copies the cpu-gather path's missed chunks with `g` (when given) instead of
+    /// rayon's threads.
+    pub fn with_gatherer(mut self, g: Option<&'a dyn ChunkGather>) -> Self {
+        self.gatherer = g;
         self
     }
 
@@ -317,10 +327,10 @@ impl<'a> ShadowStep<'a> {
                 shape.elems().expect("checked at creation"),
             )
         };
-        staging[..sources.len() * chunk_elems]
-            .par_chunks_mut(chunk_elems)
-            .zip(sources.par_iter())
-            .for_each(|(dst, &src)| dst.copy_from_slice(&pool[src..src + chunk_elems]));
+        match self.gatherer {
+            Some(g) => g.gather(pool, &sources, chunk_elems, &mut staging[..sources.len() * chunk_elems])?,
+            None => RayonGather.gather(pool, &sources, chunk_elems, &mut staging[..sources.len() * chunk_elems])?,
+        }
         let t2 = Instant::now();
         let n = sources.len() * chunk_elems;
         let dst = g.device.device_ptr(s).0;
@@ -416,4 +426,36 @@ pub struct GatherTimes {
     pub gather_secs: f64,
     /// Bytes gathered.
     pub bytes: u64,
+}
+
+/// The cpu-gather path's chunk copy: chunk `i` of `dst` (chunks of `chunk` values) is
+/// `src[sources[i] .. sources[i] + chunk]`. The pipeline's pinned gather threads
+/// implement it; [`RayonGather`] is the default.
+pub trait ChunkGather: Sync {
+    /// Copies every chunk (`dst` holds exactly `sources.len()` chunks).
+    fn gather(&self, src: &[bf16], sources: &[usize], chunk: usize, dst: &mut [bf16]) -> Result<()>;
+}
+
+/// [`ChunkGather`] on rayon's global thread pool.
+pub struct RayonGather;
+
+impl ChunkGather for RayonGather {
+    fn gather(&self, src: &[bf16], sources: &[usize], chunk: usize, dst: &mut [bf16]) -> Result<()> {
+        ensure!(
+            dst.len() == sources.len() * chunk,
+            "gather: {} chunks of {chunk} into {} values",
+            sources.len(),
+            dst.len()
+        );
+        ensure!(
+            sources
+                .iter()
+                .all(|&s| s.checked_add(chunk).is_some_and(|e| e <= src.len())),
+            "gather: a chunk lies outside the pool"
+        );
+        dst.par_chunks_mut(chunk)
+            .zip(sources.par_iter())
+            .for_each(|(d, &s)| d.copy_from_slice(&src[s..s + chunk]));
+        Ok(())
+    }
 }
