@@ -206,7 +206,10 @@ fn place_actors(topo: &Topology, gpu: Option<&CudaDevice>) -> Result<Placement> 
     }
     info!("placement: {placement}");
     if gpu.is_some() {
-        info!("the cuda backend checks this placement but does not pin its threads yet (the actor pipeline will)");
+        info!(
+            "the cuda backend pins its gather threads (cpu-gather) as placed; compute, select and transfer run on \
+             the engine thread and CUDA streams for now"
+        );
     }
     if topo.pipeline.micro_batches > 1 {
         warn!(
