@@ -34,6 +34,16 @@ fn trace_ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The stage names of the tool's `--json` numbers, in its order.
+fn stage_names(v: &Value) -> Vec<&str> {
+    v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect()
+}
+
 /// The tool's `--json` numbers for `trace`, its SVG and HTML written under `out`.
 fn numbers(trace: &Path, out: &Path) -> Value {
     let text = trace_ok(&[trace.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"]);
@@ -241,12 +251,7 @@ fn a_window_covers_only_its_stretch() {
         ("lane 1", 1),
     ];
     assert_eq!(spans, want.map(|(n, c)| (n.to_string(), c)));
-    let names: Vec<&str> = v["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
+    let names = stage_names(&v);
     assert_eq!(names, ["prefill", "reconstruct", "gather", "step"]);
     assert_eq!(
         v["value_fetch"],
@@ -534,12 +539,7 @@ fn a_bench_gpu_timeline_shows_the_fetch_hidden_behind_the_rebuild() {
     let f = &v["value_fetch"];
     assert!((f["total_ms"].as_f64().unwrap() - 1.0).abs() < 1e-3, "{f}");
     assert!((f["hidden_ms"].as_f64().unwrap() - 0.6).abs() < 1e-3, "{f}");
-    let names: Vec<&str> = v["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
+    let names = stage_names(&v);
     for n in ["scores", "top-k", "reconstruct", "fetch", "fetch-wait", "attention"] {
         assert!(names.contains(&n), "{n} missing from {names:?}");
     }
