@@ -10,7 +10,9 @@
 // group] as (max, sum of exp(logit - max)). Eight lanes per chunk, each holding d/8
 // dims of the landmark (16-byte loads), reduced by three shuffles; the landmarks are
 // read once, by as many blocks as the batch has tiles, SELECT_BATCH rounds of loads
-// issued before their dot products.
+// issued before their dot products. The queries sit in shared memory as float4 pieces
+// interleaved by lane (the eight lanes of a chunk read 128 consecutive bytes), each
+// piece read once per SELECT_BATCH rounds.
 //
 // shadow_softmax, same grid: combines the statistics of the sequence's tiles per query
 // head and writes the scores of its tile, scores [batch, kv_heads, chunk_cap] (entries
@@ -38,7 +40,7 @@
 #define SELECT_LANES 8  // lanes per chunk; also the largest group
 #define SELECT_MAX_GROUP 8
 #define SELECT_MAX_DIM 128
-#define SELECT_BATCH 4  // rounds of chunks whose landmarks are loaded together
+#define SELECT_BATCH 2  // rounds of chunks whose landmarks are loaded together (4: 128 registers)
 #define TOPK_THREADS 1024
 #define SELECT_NEG_INF __int_as_float(0xff800000)
 
@@ -71,7 +73,7 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
                   ShadowDims dims, float scale) {
     pdl_wait();
     pdl_trigger();
-    __shared__ float qs[SELECT_MAX_GROUP * SELECT_MAX_DIM];
+    __shared__ float4 qs4[SELECT_MAX_GROUP * SELECT_MAX_DIM / 4];
     __shared__ float2 part[SELECT_THREADS / SELECT_LANES][SELECT_LANES];
     const int tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int n = counts[b].chunks, ch0 = tile * SELECT_TILE;
@@ -81,7 +83,16 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
     const int per = d / SELECT_LANES;  // 8 or 16 dims: one or two 16-byte loads
     const size_t row = (size_t)b * dims.kv_heads + h;
     const __nv_bfloat16* qb = q + row * g * d;
-    for (int i = threadIdx.x; i < g * d; i += blockDim.x) qs[i] = __bfloat162float(qb[i]);
+    // Lane `sub` holds dims sub*per .. +per of a landmark, as per/4 float4 pieces; piece
+    // m of query head j sits at (j * pieces + m) * SELECT_LANES + sub, so the eight
+    // lanes of a chunk read 128 consecutive bytes (no bank conflict), once per round.
+    const int pieces = per / 4;
+    for (int i = threadIdx.x; i < g * d / 4; i += blockDim.x) {
+        const int s = i % SELECT_LANES, m = (i / SELECT_LANES) % pieces, j = i / (SELECT_LANES * pieces);
+        const __nv_bfloat16* src = qb + j * d + s * per + 4 * m;
+        qs4[i] = make_float4(__bfloat162float(src[0]), __bfloat162float(src[1]), __bfloat162float(src[2]),
+                             __bfloat162float(src[3]));
+    }
     __syncthreads();
     const __nv_bfloat16* marks = reinterpret_cast<const __nv_bfloat16*>(bufs[b].marks) + (size_t)h * d + sub * per;
     const unsigned char* excl = reinterpret_cast<const unsigned char*>(bufs[b].outlier) + (size_t)h * dims.chunk_cap;
@@ -103,6 +114,35 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
             r0[u] = src[0];
             r1[u] = per > 8 ? src[1] : make_uint4(0u, 0u, 0u, 0u);
         }
+        // Dot products: each query piece read once and applied to the round's chunks.
+        float acc[SELECT_BATCH][SELECT_MAX_GROUP];
+#pragma unroll
+        for (int u = 0; u < SELECT_BATCH; ++u)
+#pragma unroll
+            for (int j = 0; j < SELECT_MAX_GROUP; ++j) acc[u][j] = 0.f;
+#pragma unroll
+        for (int j = 0; j < SELECT_MAX_GROUP; ++j) {
+            if (j >= g) break;
+#pragma unroll
+            for (int m = 0; m < SELECT_MAX_DIM / SELECT_LANES / 4; ++m) {
+                if (m >= pieces) break;
+                const float4 qv = qs4[(j * pieces + m) * SELECT_LANES + sub];
+#pragma unroll
+                for (int u = 0; u < SELECT_BATCH; ++u) {
+                    // Piece m: dims 4m .. 4m+3 of the lane's, in r0 (m < 2) or r1.
+                    const uint4 raw = m < 2 ? r0[u] : r1[u];
+                    const unsigned int w0 = (m & 1) ? raw.z : raw.x, w1 = (m & 1) ? raw.w : raw.y;
+                    const float2 f0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w0));
+                    const float2 f1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w1));
+                    float a = acc[u][j];
+                    a = fmaf(qv.x, f0.x, a);
+                    a = fmaf(qv.y, f0.y, a);
+                    a = fmaf(qv.z, f1.x, a);
+                    a = fmaf(qv.w, f1.y, a);
+                    acc[u][j] = a;
+                }
+            }
+        }
 #pragma unroll
         for (int u = 0; u < SELECT_BATCH; ++u) {
             const int ch = base + u * (SELECT_THREADS / SELECT_LANES) + grp;
@@ -112,12 +152,10 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
 #pragma unroll
             for (int j = 0; j < SELECT_MAX_GROUP; ++j) {
                 if (j >= g) break;
-                const float* qj = qs + j * d + sub * per;
-                float acc = dot8(r0[u], qj);
-                if (per > 8) acc += dot8(r1[u], qj + 8);
+                float a = acc[u][j];
 #pragma unroll
-                for (int o = SELECT_LANES / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-                if (j == sub) mine = acc * scale;
+                for (int o = SELECT_LANES / 2; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+                if (j == sub) mine = a * scale;
             }
             if (valid && sub < g) {
                 if (out_chunk) {
