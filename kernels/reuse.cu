@@ -9,7 +9,16 @@
 //   - the selected chunks that are not hits (the misses, in ascending chunk order) take
 //     the free slots in that order; free slots left over stay -1.
 // The table is updated in place; misses[b, h, j] = (slot, chunk) for j < miss_count[b, h]
-// (entries past the count untouched), and the hits are added to *hits.
+// (entries past the count untouched), and the hits are added to hits[0].
+//
+// With a GPU value tier (dims.tier = T > 0; layout in shadow.cuh) each miss is looked up
+// in the sequence's tier first (before this step changes it). The list then holds first
+// the fetch_count[b, h] misses to fetch from the host, in ascending chunk order, then the
+// tier_count[b, h] tier hits (their entry in tier_src[b, h, j]), in ascending chunk order; the j-th fetched
+// chunk, j < T, replaces tier entry (tier_next + j) % T (the table is updated here, the
+// values by the fetch; tier_base[b, h] = tier_next before the step), tier_next moves on,
+// and the tier hits are added to hits[1]. Without a tier every miss is fetched
+// (fetch_count = miss_count) and the list is as above.
 #include "pdl.cuh"
 #include "shadow.cuh"
 
@@ -26,17 +35,19 @@ __device__ __forceinline__ int find_chunk(const int* sel, int k, int c) {
 }
 
 extern "C" __global__ void __launch_bounds__(REUSE_THREADS)
-    shadow_reuse(int2* __restrict__ misses, int* __restrict__ miss_count, unsigned long long* __restrict__ hits,
+    shadow_reuse(int2* __restrict__ misses, int* __restrict__ miss_count, int* __restrict__ fetch_count,
+                 int* __restrict__ tier_count, int* __restrict__ tier_src, int* __restrict__ tier_base, unsigned long long* __restrict__ hits,
                  const int* __restrict__ selected, const ShadowSeqBufs* __restrict__ bufs, ShadowDims dims) {
     pdl_wait();
     pdl_trigger();
     extern __shared__ int smem[];
     __shared__ int scratch[32];
+    __shared__ int base;
     const int h = blockIdx.x, b = blockIdx.y;
     const int S = dims.slots, tid = threadIdx.x, nt = blockDim.x;
     const size_t row = (size_t)b * dims.kv_heads + h;
     int* sel = smem;               // [S] the selection
-    int* is_hit = smem + S;        // [S] per selected entry: already resident
+    int* is_hit = smem + S;        // [S] per selected entry: 1 resident, 2 + e in tier entry e, 0 else
     int* free_slot = smem + 2 * S; // [S] the free slots, ascending
     int* table = reinterpret_cast<int*>(bufs[b].slots) + (size_t)h * S;
     const int* sel_in = selected + row * S;
@@ -73,22 +84,59 @@ extern "C" __global__ void __launch_bounds__(REUSE_THREADS)
     }
     __syncthreads();
 
-    // Misses, in selection order, take the free slots in order.
-    int nmiss = 0;
+    // Tier lookup of the misses, before this step changes the tier.
+    const int T = dims.tier;
+    int* tmap = T > 0 ? reinterpret_cast<int*>(bufs[b].tier_map) + (size_t)h * dims.chunk_cap : nullptr;
+    int* towner = T > 0 ? reinterpret_cast<int*>(bufs[b].tier_owner) + (size_t)h * T : nullptr;
+    int to_fetch = 0;
+    for (int i = tid; i < k; i += nt) {
+        if (is_hit[i] == 1) continue;
+        const int c = sel[i];
+        const int e = T > 0 && c < dims.chunk_cap ? tmap[c] : -1;
+        is_hit[i] = e >= 0 && e < T ? 2 + e : 0;
+        to_fetch += is_hit[i] == 0;
+    }
+    if (tid == 0) base = T > 0 ? reinterpret_cast<int*>(bufs[b].tier_next)[h] % T : 0;
+    int nfetch;
+    block_exclusive_sum(to_fetch, scratch, &nfetch);  // its barriers publish is_hit and base
+
+    // Misses, in selection order, take the free slots in order; fetched ones first in the
+    // list, tier hits after them.
+    int nmiss = 0, nf = 0, nt_hit = 0;
     for (int t0 = 0; t0 < k; t0 += nt) {
         const int i = t0 + tid;
-        const bool miss = i < k && !is_hit[i];
-        int total;
+        const int code = i < k ? is_hit[i] : 1;
+        const bool miss = code != 1, fetched = code == 0, tiered = code >= 2;
+        int total, total_f, total_t;
         const int r = nmiss + block_exclusive_sum(miss, scratch, &total);
+        const int rf = nf + block_exclusive_sum(fetched, scratch, &total_f);
+        const int rt = nt_hit + block_exclusive_sum(tiered, scratch, &total_t);
         if (miss && r < nfree) {  // always, unless the table held a chunk twice
-            const int s = free_slot[r];
-            table[s] = sel[i];
-            misses[row * S + r] = make_int2(s, sel[i]);
+            const int s = free_slot[r], c = sel[i];
+            table[s] = c;
+            const int at = fetched ? rf : nfetch + rt;
+            misses[row * S + at] = make_int2(s, c);
+            if (tiered) tier_src[row * S + at] = code - 2;
+            if (fetched && rf < T) {
+                // Distinct entries for distinct fetched chunks, none of them in the tier.
+                const int e = (base + rf) % T;
+                const int old = towner[e];
+                if (old >= 0 && old < dims.chunk_cap) tmap[old] = -1;
+                tmap[c] = e;
+                towner[e] = c;
+            }
         }
         nmiss += total;
+        nf += total_f;
+        nt_hit += total_t;
     }
     if (tid == 0) {
         miss_count[row] = nmiss;
+        fetch_count[row] = nf;
+        tier_count[row] = nt_hit;
+        tier_base[row] = base;
+        if (T > 0) reinterpret_cast<int*>(bufs[b].tier_next)[h] = (base + min(nf, T)) % T;
         if (k > nmiss) atomicAdd(hits, (unsigned long long)(k - nmiss));
+        if (nt_hit > 0) atomicAdd(hits + 1, (unsigned long long)nt_hit);
     }
 }

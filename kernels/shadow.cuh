@@ -14,6 +14,12 @@
 //           the newest at R - n), outliers [R, R + n_out * c), slot s at
 //           R + (n_out + s) * c (n_out = the sequence's outlier chunks)
 //   kpre    [R, kvh * d]         bf16   pre-RoPE keys of the recent window, same rows
+// and, with a GPU value tier of T > 0 entries per head (a FIFO cache of chunks' values in
+// device memory, so that a missed chunk found there is not read over PCIe):
+//   tier       [kvh, T, c * d]   bf16   the values of the chunk each entry holds
+//   tier_map   [kvh, chunk_cap]  i32    the entry holding each chunk, -1 = none
+//   tier_owner [kvh, T]          i32    the chunk each entry holds, -1 = empty
+//   tier_next  [kvh]             i32    the entry the next fetched chunk replaces
 #pragma once
 #include <cuda_bf16.h>
 
@@ -28,10 +34,12 @@ struct ShadowDims {
     int recent;     // rows of the recent window, R = (local + 2) * chunk
     int rows_cap;   // R + (O + S) * chunk
     int chunk_cap;  // chunks per sequence
+    int tier;       // entries of the GPU value tier per head (T, 0 = none)
 };
 
 struct ShadowSeqBufs {
     unsigned long long marks, outlier, u, sv, slots, ak, av, kpre;
+    unsigned long long tier, tier_map, tier_owner, tier_next;  // 0 without a tier
 };
 
 struct ShadowSeqCounts {
@@ -41,8 +49,8 @@ struct ShadowSeqCounts {
     int pool_seq;  // the sequence's slot in the host value pool
 };
 
-static_assert(sizeof(ShadowDims) == 40, "ShadowDims mirrors layout.rs");
-static_assert(sizeof(ShadowSeqBufs) == 64, "ShadowSeqBufs mirrors layout.rs");
+static_assert(sizeof(ShadowDims) == 44, "ShadowDims mirrors layout.rs");
+static_assert(sizeof(ShadowSeqBufs) == 96, "ShadowSeqBufs mirrors layout.rs");
 static_assert(sizeof(ShadowSeqCounts) == 16, "ShadowSeqCounts mirrors layout.rs");
 
 // First row of slot `slot` for a sequence with `n_out` outlier chunks.
@@ -114,4 +122,62 @@ __device__ __forceinline__ int run_of(const int* off, int n, int t) {
         if (off[mid] <= t) lo = mid; else hi = mid - 1;
     }
     return lo;
+}
+
+// Copies chunks of c * d bf16 values for a batch's concatenated lists: list e = b *
+// kv_heads + h holds n(e) = counts[e] entries (clamped to [0, S]) at list[e * S + first(e)
+// ...]; entry j of list e copies src_of(b, h, entry, t) (t = the entry's place in the
+// whole concatenation) to its slot's rows of av and, where extra_of(b, h, j, e) is not
+// null, there too. One warp per chunk, 16-byte words, COPY_UNROLL loads in flight per
+// lane; the warps of the whole grid stride over the concatenation. Dynamic shared
+// memory: (batch * kv_heads + 1) ints. Entries naming a slot out of range, or (where
+// `limit` > 0) a second field at or past `limit`, are skipped.
+#define COPY_UNROLL 4
+template <typename First, typename Src, typename Extra>
+__device__ __forceinline__ void copy_chunks(const int2* __restrict__ list, const int* __restrict__ counts,
+                                            const ShadowSeqBufs* __restrict__ bufs,
+                                            const ShadowSeqCounts* __restrict__ seq_counts, const ShadowDims& dims,
+                                            int batch, int limit, First first_of, Src src_of, Extra extra_of) {
+    extern __shared__ int off[];  // [batch * kv_heads + 1]
+    __shared__ int scratch[32];
+    const int lists = batch * dims.kv_heads;
+    const int total = block_offsets(counts, lists, dims.slots, off, scratch);
+    const int lane = threadIdx.x & 31;
+    const int warps = (gridDim.x * blockDim.x) >> 5;
+    const int words = dims.chunk * dims.head_dim / 8;  // 16-byte words per chunk
+    for (int t = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; t < total; t += warps) {
+        const int e = run_of(off, lists, t);
+        const int b = e / dims.kv_heads, h = e - b * dims.kv_heads;
+        const int j = first_of(e) + (t - off[e]);
+        if (j >= dims.slots) continue;
+        const int2 m = list[(size_t)e * dims.slots + j];  // (slot, chunk or entry)
+        if (m.x < 0 || m.x >= dims.slots || m.y < 0 || (limit > 0 && m.y >= limit)) continue;
+        const uint4* src = src_of(b, h, m.y, t, e * dims.slots + j);
+        uint4* dst = reinterpret_cast<uint4*>(
+            shadow_attn_row(bufs[b].av, dims, h, shadow_slot_row(dims, seq_counts[b].outliers, m.x)));
+        uint4* extra = extra_of(b, h, j, e);
+        for (int w0 = 0; w0 < words; w0 += 32 * COPY_UNROLL) {
+            uint4 v[COPY_UNROLL];
+#pragma unroll
+            for (int u = 0; u < COPY_UNROLL; ++u) {
+                const int w = w0 + u * 32 + lane;
+                if (w < words) v[u] = src[w];
+            }
+#pragma unroll
+            for (int u = 0; u < COPY_UNROLL; ++u) {
+                const int w = w0 + u * 32 + lane;
+                if (w < words) {
+                    dst[w] = v[u];
+                    if (extra) extra[w] = v[u];
+                }
+            }
+        }
+    }
+}
+
+// The tier entry `entry` of head h (c * d values) of a sequence's buffers.
+__device__ __forceinline__ uint4* shadow_tier_entry(const ShadowSeqBufs& b, const ShadowDims& dims, int h,
+                                                    int entry) {
+    return reinterpret_cast<uint4*>(reinterpret_cast<__nv_bfloat16*>(b.tier) +
+                                    ((size_t)h * dims.tier + entry) * dims.chunk * dims.head_dim);
 }

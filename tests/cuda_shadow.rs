@@ -30,7 +30,8 @@
 //! - minimum cosines (fp32 dot products of d terms and two square roots, |cos| ≤ 1):
 //!   within 2·10⁻⁵;
 //! - every copy (value fetch, scatter, prefill placement, pool writes, the fold's values
-//!   and its shift of the recent window): bit-exact;
+//!   and its shift of the recent window, the GPU value tier's fill and copies): bit-exact;
+//!   the tier's table against a FIFO model of it: exact;
 //! - one layer's decode end to end (flash-decoding over the rows the stages assembled,
 //!   against the CPU's attention over [recent | outliers | selected chunks], the rebuilt
 //!   keys rounded to bf16 as the GPU stores them): per sequence and query head
@@ -62,7 +63,7 @@ use shadowkv::shadow::factor::LowRank;
 use shadowkv::shadow::landmarks::{landmarks, min_cosines, outlier_chunks};
 use shadowkv::shadow::reuse::SlotTable;
 use shadowkv::shadow::select::{chunk_scores, top_k, HeadMarks};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 const SCORE_RTOL: f64 = 1.0 / 8192.0;
 const EW_RTOL: f64 = 1.0 / 128.0;
@@ -82,6 +83,7 @@ fn small_layout(kv_heads: usize, d: usize, g: usize) -> ShadowLayout {
         outliers: 2,
         local: 2,
         chunk_cap: 64,
+        tier: 0,
     }
 }
 
@@ -401,7 +403,7 @@ fn reuse_diff_matches_slot_table_plan_over_many_steps() {
         let table = ShadowTable::new(&ops, &entries).unwrap();
         let mut cpu: Vec<SlotTable> = (0..batch * kvh).map(|_| SlotTable::new(slots)).collect();
         let mut prev: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); batch * kvh];
-        let mut hits = dev.zeros::<u64>(1).unwrap();
+        let mut scratch = StepScratch::new(&ops, &l, batch).unwrap();
         let mut hits_cpu = 0u64;
         let (mut total_hits, mut total_misses) = (0usize, 0usize);
         for step in 0..40 {
@@ -424,14 +426,17 @@ fn reuse_diff_matches_slot_table_plan_over_many_steps() {
                 *p = sel.iter().copied().collect();
                 sels.push(sel);
             }
-            let dsel = dev.upload(&flat).unwrap();
-            let mut misses = dev.upload(&vec![-7i32; batch * kvh * slots * 2]).unwrap();
-            let mut miss_count = dev.upload(&vec![-7i32; batch * kvh]).unwrap();
-            ops.shadow_reuse(&table, &dsel, &mut misses, &mut miss_count, &mut hits)
-                .unwrap();
-            let gm = dev.download(&misses).unwrap();
-            let gc = dev.download(&miss_count).unwrap();
-            let gh = dev.download(&hits).unwrap()[0];
+            scratch.selected = dev.upload(&flat).unwrap();
+            scratch.misses = dev.upload(&vec![-7i32; batch * kvh * slots * 2]).unwrap();
+            scratch.miss_count = dev.upload(&vec![-7i32; batch * kvh]).unwrap();
+            ops.shadow_reuse(&table, &mut scratch).unwrap();
+            let gm = dev.download(&scratch.misses).unwrap();
+            let gc = dev.download(&scratch.miss_count).unwrap();
+            let gf = dev.download(&scratch.fetch_count).unwrap();
+            let gh = dev.download(&scratch.hits).unwrap();
+            assert_eq!(gf, gc, "{case} step {step}: without a tier every miss is fetched");
+            assert_eq!(gh[1], 0, "{case} step {step}: tier hits without a tier");
+            let gh = gh[0];
             for (b, buf) in bufs.iter().enumerate() {
                 let gt = dev.download(&buf.slots).unwrap();
                 for h in 0..kvh {
@@ -463,6 +468,299 @@ fn reuse_diff_matches_slot_table_plan_over_many_steps() {
             "shadow_reuse",
             &format!("{case},steps=40,hits={total_hits},misses={total_misses},exact"),
         );
+    }
+}
+
+/// A step's misses as the tier splits them: (slot, chunk) to fetch, and (slot, chunk,
+/// entry) found in the tier.
+type TierSplit = (Vec<(usize, u32)>, Vec<(usize, u32, usize)>);
+
+/// One head's GPU value tier as the reuse diff keeps it: a FIFO of `T` entries.
+struct TierModel {
+    map: HashMap<u32, usize>,
+    owner: Vec<Option<u32>>,
+    next: usize,
+}
+
+impl TierModel {
+    /// The tier after a prefill filled it with the newest of `chunks` chunks.
+    fn filled(t: usize, chunks: usize) -> Self {
+        let n = t.min(chunks);
+        let mut m = TierModel {
+            map: HashMap::new(),
+            owner: vec![None; t],
+            next: n % t,
+        };
+        for x in 0..n {
+            let c = (chunks - n + x) as u32;
+            m.owner[x] = Some(c);
+            m.map.insert(c, x);
+        }
+        m
+    }
+
+    /// Splits a step's misses (ascending chunks) into those to fetch and the tier hits
+    /// (with their entries), then gives the first `T` fetched ones the next entries.
+    fn step(&mut self, misses: &[(usize, u32)]) -> TierSplit {
+        let (mut fetch, mut hits) = (Vec::new(), Vec::new());
+        for &(s, c) in misses {
+            match self.map.get(&c) {
+                Some(&e) => hits.push((s, c, e)),
+                None => fetch.push((s, c)),
+            }
+        }
+        let t = self.owner.len();
+        for (j, &(_, c)) in fetch.iter().enumerate().take(t) {
+            let e = (self.next + j) % t;
+            if let Some(old) = self.owner[e] {
+                self.map.remove(&old);
+            }
+            self.owner[e] = Some(c);
+            self.map.insert(c, e);
+        }
+        self.next = (self.next + fetch.len().min(t)) % t;
+        (fetch, hits)
+    }
+}
+
+#[test]
+fn gpu_value_tier_keeps_its_fifo_and_moves_the_pool_bytes() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    // (kv_heads, d, chunk, S, T, batch): a tier larger than the slots, one smaller (more
+    // fetched chunks a step than entries), and 300 slots (two tiles of the kernels).
+    for &(kvh, d, chunk, slots, tier, batch) in &[
+        (3usize, 64usize, 8usize, 16usize, 24usize, 2usize),
+        (2, 128, 16, 7, 5, 3),
+        (1, 64, 1, 300, 400, 2),
+    ] {
+        let l = ShadowLayout {
+            chunk,
+            slots,
+            chunk_cap: 3 * slots + 5,
+            ..small_layout(kvh, d, 1)
+        }
+        .with_tier(tier)
+        .unwrap();
+        let case = format!("kv_heads={kvh},d={d},c={chunk},S={slots},T={tier},batch={batch}");
+        let shape = PoolShape {
+            layers: 1,
+            seqs: batch,
+            kv_heads: kvh,
+            chunks: l.chunk_cap,
+            chunk_elems: chunk * d,
+        };
+        let mut rng = seeded("shadow_tier");
+        let (mut map, pool_ref) = random_pool(&mut rng, &shape);
+        let mapping = HostMapping::new(&ops, pool_slice(&mut map)).unwrap();
+        let pool = DevicePool {
+            addr: mapping.device_addr(),
+            shape,
+        };
+        let ce = chunk * d;
+        let chunk_of = |b: usize, h: usize, c: usize| {
+            let at = pool.chunk_offset(0, b, h, c);
+            bits(&pool_ref[at..at + ce])
+        };
+        let outs: Vec<usize> = (0..batch).map(|_| rng.random_range(0..=l.outliers)).collect();
+        let seq_counts: Vec<SeqCounts> = (0..batch).map(|b| counts(l.chunk_cap, 0, outs[b], b)).collect();
+        // The selections of every step, shared by both fetch paths.
+        let steps = 30;
+        let mut sels: Vec<Vec<Vec<u32>>> = Vec::new();
+        let mut prev: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); batch * kvh];
+        for _ in 0..steps {
+            let mut step = Vec::new();
+            for p in prev.iter_mut() {
+                let k = rng.random_range(slots / 2..=slots);
+                let mut set: BTreeSet<u32> = p.iter().copied().filter(|_| rng.random_bool(0.5)).collect();
+                while set.len() < k {
+                    set.insert(rng.random_range(0..l.chunk_cap as u32));
+                }
+                let mut sel: Vec<u32> = set.into_iter().collect();
+                while sel.len() > k {
+                    sel.remove(rng.random_range(0..sel.len()));
+                }
+                *p = sel.iter().copied().collect();
+                step.push(sel);
+            }
+            sels.push(step);
+        }
+        let mut finals: Vec<Vec<Vec<u16>>> = Vec::new();
+        for gather in [false, true] {
+            let path = if gather { "cpu-gather" } else { "zero-copy" };
+            let mut bufs: Vec<LayerBuffers> = (0..batch).map(|_| LayerBuffers::new(&ops, l).unwrap()).collect();
+            // The prefill fills each tier with its newest chunks, from the dense values
+            // `[tokens, kv_heads·d]` (here the pool's chunks laid out token-major).
+            let tokens = l.chunk_cap * chunk;
+            for (b, buf) in bufs.iter_mut().enumerate() {
+                ops.fill_nan_bf16(&mut buf.av).unwrap();
+                let mut v = vec![bf16::ZERO; tokens * l.kv_width()];
+                for c in 0..l.chunk_cap {
+                    for h in 0..kvh {
+                        let at = pool.chunk_offset(0, b, h, c);
+                        for t in 0..chunk {
+                            let row = (c * chunk + t) * l.kv_width() + h * d;
+                            v[row..row + d].copy_from_slice(&pool_ref[at + t * d..at + (t + 1) * d]);
+                        }
+                    }
+                }
+                ops.shadow_tier_fill(buf, &dev.upload(&v).unwrap(), tokens, l.chunk_cap)
+                    .unwrap();
+            }
+            let entries: Vec<(&LayerBuffers, SeqCounts)> = bufs.iter().zip(&seq_counts).map(|(b, c)| (b, *c)).collect();
+            let table = ShadowTable::new(&ops, &entries).unwrap();
+            let mut scratch = StepScratch::new(&ops, &l, batch).unwrap();
+            let mut cpu: Vec<SlotTable> = (0..batch * kvh).map(|_| SlotTable::new(slots)).collect();
+            let mut model: Vec<TierModel> = (0..batch * kvh).map(|_| TierModel::filled(tier, l.chunk_cap)).collect();
+            let (mut slot_hits, mut tier_hits, mut fetched) = (0u64, 0u64, 0u64);
+            for (step, sel) in sels.iter().enumerate() {
+                let mut flat = vec![-1i32; batch * kvh * slots];
+                for (e, s) in sel.iter().enumerate() {
+                    for (i, &c) in s.iter().enumerate() {
+                        flat[e * slots + i] = c as i32;
+                    }
+                }
+                scratch.selected = dev.upload(&flat).unwrap();
+                scratch.misses = dev.upload(&vec![-7i32; batch * kvh * slots * 2]).unwrap();
+                ops.shadow_reuse(&table, &mut scratch).unwrap();
+                ops.shadow_tier_copy(&table, &scratch).unwrap();
+                let gm = dev.download(&scratch.misses).unwrap();
+                let (gc, gf, gt) = (
+                    dev.download(&scratch.miss_count).unwrap(),
+                    dev.download(&scratch.fetch_count).unwrap(),
+                    dev.download(&scratch.tier_count).unwrap(),
+                );
+                let gs = dev.download(&scratch.tier_src).unwrap();
+                let mut lists = Vec::new();
+                for e in 0..batch * kvh {
+                    let what = format!("{case},{path},step={step},list={e}");
+                    let plan = cpu[e].plan(&sel[e]);
+                    slot_hits += plan.hits as u64;
+                    let (fetch, hits) = model[e].step(&plan.misses);
+                    fetched += fetch.len() as u64;
+                    tier_hits += hits.len() as u64;
+                    assert_eq!(
+                        (gc[e] as usize, gf[e] as usize, gt[e] as usize),
+                        (plan.misses.len(), fetch.len(), hits.len()),
+                        "{what}: miss, fetch and tier counts"
+                    );
+                    let row = &gm[e * slots * 2..][..slots * 2];
+                    let want: Vec<i32> = fetch
+                        .iter()
+                        .map(|&(s, c)| (s, c))
+                        .chain(hits.iter().map(|&(s, c, _)| (s, c)))
+                        .flat_map(|(s, c)| [s as i32, c as i32])
+                        .collect();
+                    assert_eq!(&row[..want.len()], &want[..], "{what}: fetched, then tier hits");
+                    for (j, &(_, _, entry)) in hits.iter().enumerate() {
+                        assert_eq!(
+                            gs[e * slots + fetch.len() + j] as usize,
+                            entry,
+                            "{what}: tier entry of hit {j}"
+                        );
+                    }
+                    lists.push(fetch);
+                }
+                if gather {
+                    // The host gathers the chunks to fetch in list order; the scatter puts
+                    // them in their slots and tier entries.
+                    let mut staging = vec![bf16::from_bits(NAN_BITS); batch * kvh * slots * ce];
+                    let mut t = 0;
+                    for (e, list) in lists.iter().enumerate() {
+                        for &(_, c) in list {
+                            let at = pool.chunk_offset(0, e / kvh, e % kvh, c as usize);
+                            staging[t * ce..(t + 1) * ce].copy_from_slice(&pool_ref[at..at + ce]);
+                            t += 1;
+                        }
+                    }
+                    let ds = dev.upload(&staging).unwrap();
+                    ops.shadow_scatter_values(
+                        &table,
+                        &scratch.misses,
+                        &scratch.fetch_count,
+                        Some(&scratch.tier_base),
+                        &ds,
+                        FETCH_BLOCKS,
+                    )
+                    .unwrap();
+                } else {
+                    // SAFETY: the pool is mapped for the device and the host leaves it alone.
+                    unsafe {
+                        ops.shadow_fetch_values(
+                            &table,
+                            &scratch.misses,
+                            &scratch.fetch_count,
+                            Some(&scratch.tier_base),
+                            &pool,
+                            0,
+                            FETCH_BLOCKS,
+                        )
+                    }
+                    .unwrap();
+                }
+                let gh = dev.download(&scratch.hits).unwrap();
+                assert_eq!(
+                    (gh[0], gh[1]),
+                    (slot_hits, tier_hits),
+                    "{case},{path},step={step}: hit counters"
+                );
+                // Every occupied slot holds its chunk's values; the tier is the model's,
+                // each entry holding its chunk's values.
+                for (b, buf) in bufs.iter().enumerate() {
+                    let av = bits(&dev.download(&buf.av).unwrap());
+                    let t = buf.tier.as_ref().expect("a tier");
+                    let (tv, tmap, towner, tnext) = (
+                        bits(&dev.download(&t.values).unwrap()),
+                        dev.download(&t.map).unwrap(),
+                        dev.download(&t.owner).unwrap(),
+                        dev.download(&t.next).unwrap(),
+                    );
+                    for h in 0..kvh {
+                        let e = b * kvh + h;
+                        let what = format!("{case},{path},step={step},seq={b},head={h}");
+                        for (s, c) in cpu[e].slots().iter().enumerate() {
+                            if let Some(c) = c {
+                                let at = attn_at(&l, h, l.slot_row(outs[b], s));
+                                assert!(av[at..at + ce] == chunk_of(b, h, *c as usize)[..], "{what}: slot {s}");
+                            }
+                        }
+                        let m = &model[e];
+                        assert_eq!(tnext[h] as usize, m.next, "{what}: next entry");
+                        for (x, o) in m.owner.iter().enumerate() {
+                            assert_eq!(towner[h * tier + x], o.map_or(-1, |c| c as i32), "{what}: owner of {x}");
+                            if let Some(c) = o {
+                                assert_eq!(tmap[h * l.chunk_cap + *c as usize], x as i32, "{what}: map of {c}");
+                                assert!(
+                                    tv[(h * tier + x) * ce..][..ce] == chunk_of(b, h, *c as usize)[..],
+                                    "{what}: values of entry {x}"
+                                );
+                            }
+                        }
+                        let mapped = tmap[h * l.chunk_cap..][..l.chunk_cap]
+                            .iter()
+                            .filter(|&&x| x >= 0)
+                            .count();
+                        assert_eq!(mapped, m.map.len(), "{what}: chunks mapped");
+                    }
+                }
+            }
+            assert!(
+                slot_hits > 0 && tier_hits > 0 && fetched > 0,
+                "{case},{path}: the steps had no slot hits ({slot_hits}), tier hits ({tier_hits}) or fetches ({fetched})"
+            );
+            finals.push(bufs.iter().map(|b| bits(&dev.download(&b.av).unwrap())).collect());
+            Errors::default().report(
+                "shadow_tier",
+                &format!(
+                    "{case},{path},steps={steps},slot_hits={slot_hits},tier_hits={tier_hits},fetched={fetched},exact"
+                ),
+            );
+        }
+        assert!(
+            finals[0] == finals[1],
+            "{case}: the two fetch paths leave different values"
+        );
+        drop(mapping);
     }
 }
 
@@ -623,7 +921,8 @@ fn value_fetch_and_scatter_copy_the_misses_bit_exact() {
             let entries: Vec<(&LayerBuffers, SeqCounts)> = zc.iter().zip(&seq_counts).map(|(b, c)| (b, *c)).collect();
             let table = ShadowTable::new(&ops, &entries).unwrap();
             // SAFETY: the pool is mapped for the device and the host leaves it alone.
-            unsafe { ops.shadow_fetch_values(&table, &misses.pairs, &misses.count, &pool, layer, blocks) }.unwrap();
+            unsafe { ops.shadow_fetch_values(&table, &misses.pairs, &misses.count, None, &pool, layer, blocks) }
+                .unwrap();
             for (b, buf) in zc.iter().enumerate() {
                 let got = bits(&dev.download(&buf.av).unwrap());
                 assert!(
@@ -648,7 +947,7 @@ fn value_fetch_and_scatter_copy_the_misses_bit_exact() {
         let dstaging = dev.upload(&staging).unwrap();
         let entries: Vec<(&LayerBuffers, SeqCounts)> = cg.iter().zip(&seq_counts).map(|(b, c)| (b, *c)).collect();
         let table = ShadowTable::new(&ops, &entries).unwrap();
-        ops.shadow_scatter_values(&table, &misses.pairs, &misses.count, &dstaging, FETCH_BLOCKS)
+        ops.shadow_scatter_values(&table, &misses.pairs, &misses.count, None, &dstaging, FETCH_BLOCKS)
             .unwrap();
         for (b, (zb, cb)) in zc.iter().zip(&cg).enumerate() {
             let got = bits(&dev.download(&cb.av).unwrap());
@@ -1207,19 +1506,20 @@ fn one_layer_decode_end_to_end_matches_cpu_attention() {
             ops.shadow_scores(&table, &dq, &mut scratch).unwrap();
             ops.shadow_top_k(&table, &scratch.scores, &mut scratch.selected)
                 .unwrap();
-            ops.shadow_reuse(
-                &table,
-                &scratch.selected,
-                &mut scratch.misses,
-                &mut scratch.miss_count,
-                &mut scratch.hits,
-            )
-            .unwrap();
+            ops.shadow_reuse(&table, &mut scratch).unwrap();
             ops.shadow_rebuild(&table, &scratch.misses, &scratch.miss_count, &inv)
                 .unwrap();
             // SAFETY: the pool is mapped for the device and the host leaves it alone.
             unsafe {
-                ops.shadow_fetch_values(&table, &scratch.misses, &scratch.miss_count, &pool, layer, FETCH_BLOCKS)
+                ops.shadow_fetch_values(
+                    &table,
+                    &scratch.misses,
+                    &scratch.fetch_count,
+                    None,
+                    &pool,
+                    layer,
+                    FETCH_BLOCKS,
+                )
             }
             .unwrap();
             // Attention: one entry per (sequence, KV head) over its contiguous rows.
@@ -1386,7 +1686,8 @@ fn bad_inputs_are_errors_that_say_what() {
         };
         // SAFETY: refused before any launch (the pool's shape does not fit).
         let e = msg(
-            unsafe { ops.shadow_fetch_values(&table, &two.misses, &two.miss_count, &bad_pool, 0, 16) }.unwrap_err(),
+            unsafe { ops.shadow_fetch_values(&table, &two.misses, &two.miss_count, None, &bad_pool, 0, 16) }
+                .unwrap_err(),
         );
         assert!(e.contains("values per chunk"), "{e}");
         // SAFETY: as above.

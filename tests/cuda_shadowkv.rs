@@ -20,6 +20,7 @@ mod common;
 
 use shadowkv::cpu::{CpuModel, LogitsWanted, SeqInput};
 use shadowkv::cuda::shadow::decode::FetchPath;
+use shadowkv::cuda::shadow::TierSize;
 use shadowkv::cuda::testing::ops_or_skip;
 use shadowkv::cuda::CudaModel;
 use shadowkv::engine::backend_cuda::CudaBackend;
@@ -174,6 +175,33 @@ fn usual_settings_agree_with_the_cpu_reference() {
         "zero-copy and cpu-gather differ"
     );
     eprintln!("RESULT shadowkv_fetch_paths equal_tokens={}", g[0].completion_ids.len());
+    // A GPU value tier (small: entries replaced every step; as large as memory allows)
+    // changes where the values come from, not which: the same tokens on both paths.
+    for (value_fetch, gpu_tier) in [
+        (FetchPath::ZeroCopy, TierSize::Chunks(16)),
+        (FetchPath::CpuGather, TierSize::Chunks(16)),
+        (FetchPath::ZeroCopy, TierSize::Auto),
+    ] {
+        let o = GenerateOptions {
+            value_fetch,
+            gpu_tier,
+            ..opts
+        };
+        let (gt, ts) = generate_cuda(&gpu, &tok, &[request(ids.clone(), gen)], o, true).unwrap();
+        assert_eq!(
+            gt[0].completion_ids, g[0].completion_ids,
+            "{value_fetch:?} with a GPU value tier of {gpu_tier} differs"
+        );
+        let (base, with) = (
+            gs.shadow.unwrap().value_bytes_fetched,
+            ts.shadow.unwrap().value_bytes_fetched,
+        );
+        eprintln!("RESULT shadowkv_gpu_tier {value_fetch:?} tier={gpu_tier} equal_tokens={gen} fetched={with} (no tier {base})");
+        assert!(
+            with < base,
+            "a GPU value tier of {gpu_tier} fetched {with} bytes, {base} without"
+        );
+    }
     let (a, b) = (&c[0].completion_ids, &g[0].completion_ids);
     let (gh, ch) = (gs.shadow.unwrap().hit_rate(), cs.shadow.unwrap().hit_rate());
     eprintln!("GPU {gpu_secs:.1} s, hit rates GPU {gh:.3} CPU {ch:.3}");
@@ -290,6 +318,7 @@ fn eval_ruler_on_the_gpu_scores_like_the_cpu() {
         &EvalModel::Cuda {
             model: &gpu,
             fetch: FetchPath::ZeroCopy,
+            tier: TierSize::Off,
             graphs: true,
         },
         &tok,

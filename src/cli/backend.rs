@@ -1,6 +1,7 @@
 //! `--backend cpu|cuda` and loading a model onto the GPU.
 
 use crate::cuda::shadow::decode::FetchPath;
+use crate::cuda::shadow::TierSize;
 use crate::cuda::{CudaDevice, CudaModel, CudaOps, DeviceError};
 use crate::model::load::{synthetic_spec, OpenedModel};
 use anyhow::{Context, Result};
@@ -35,6 +36,13 @@ pub struct CudaArgs {
     /// a list and measures each.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![ValueFetch::ZeroCopy])]
     pub value_fetch: Vec<ValueFetch>,
+    /// ShadowKV's GPU value tier: besides the selected chunks, keep chunks' values in
+    /// free GPU memory (a FIFO cache per layer and KV head, filled with the newest chunks
+    /// at prefill), so a missed chunk found there is not read over PCIe. `off`, `auto`
+    /// (as many chunks as the free memory holds once the batch fits) or a number of
+    /// chunks per KV head. `bench` takes a list and measures each.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![TierSize::Off])]
+    pub gpu_tier: Vec<TierSize>,
 }
 
 /// How ShadowKV on the GPU fetches missed values (`--value-fetch`).
@@ -84,6 +92,14 @@ impl CudaArgs {
         match list.as_slice() {
             [d] => Ok(*d),
             _ => anyhow::bail!("--devices {}: {}", join(list), tensor_parallel_planned(list.len())),
+        }
+    }
+
+    /// The one GPU value tier of a command that runs one (`generate`, `eval`).
+    pub fn one_tier(&self) -> Result<TierSize> {
+        match self.gpu_tier.as_slice() {
+            [t] => Ok(*t),
+            _ => anyhow::bail!("--gpu-tier takes one size here, not a list"),
         }
     }
 

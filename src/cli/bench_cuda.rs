@@ -150,12 +150,17 @@ pub fn run(a: CudaBench) -> Result<()> {
             );
         }
         for p in &a.shadow_for(&cfg, ctx)? {
-            for &fetch in &a.cuda.value_fetch {
+            for (&fetch, &tier) in a
+                .cuda
+                .value_fetch
+                .iter()
+                .flat_map(|f| a.cuda.gpu_tier.iter().map(move |t| (f, t)))
+            {
                 let bar = prefill_bar(progress, ctx);
                 let runs = super::bench_cuda_shadow::run(
                     &model,
                     p,
-                    fetch,
+                    (fetch, tier),
                     ctx,
                     a.batch,
                     a.gen,
@@ -316,15 +321,16 @@ pub fn run(a: CudaBench) -> Result<()> {
     }
     if !shadow_rows.is_empty() {
         println!();
-        println!("| context | fetch | micro-batches | ShadowKV batch | decode tok/s | vs full | step ms (median) | bound ms | × bound | reuse hit | value MiB/step | prefill s | compression share | peak GiB | host pool GiB |");
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| context | fetch | GPU tier (chunks/head) | micro-batches | ShadowKV batch | decode tok/s | vs full | step ms (median) | bound ms | × bound | reuse hit | tier hit | value MiB/step | prefill s | compression share | peak GiB | host pool GiB |");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &shadow_rows {
             let r = &r.row;
             let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
             println!(
-                "| {} | {} | {} | {} | {:.1} | {} | {:.2} | {:.2} | {:.2} | {:.3} | {:.1} | {:.2} | {:.1} % | {:.1} | {:.1} |",
+                "| {} | {} | {} | {} | {} | {:.1} | {} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.1} | {:.2} | {:.1} % | {:.1} | {:.1} |",
                 r["context"],
                 r["value_fetch"].as_str().unwrap_or("-"),
+                r["gpu_tier_chunks"],
                 r["micro_batches"],
                 r["batch"],
                 f("decode_tokens_per_s"),
@@ -333,6 +339,7 @@ pub fn run(a: CudaBench) -> Result<()> {
                 f("bound_ms"),
                 f("bound_ratio"),
                 f("reuse_hit_rate"),
+                f("tier_hit_rate"),
                 f("value_bytes_per_step") / (1u64 << 20) as f64,
                 f("prefill_secs"),
                 100.0 * f("compress_share"),

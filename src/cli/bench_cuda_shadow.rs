@@ -19,9 +19,10 @@ use crate::cuda::device::StreamPriority;
 use crate::cuda::graph::{Lane, ShadowSeqInput};
 use crate::cuda::shadow::decode::GatherTimes;
 use crate::cuda::shadow::seq::sequence_bytes;
+use crate::cuda::shadow::tier::tier_chunks_for;
 use crate::cuda::shadow::timeline::{GpuSpan, StreamKind};
-use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout};
-use crate::cuda::{CudaModel, GpuSeq};
+use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout, TierSize};
+use crate::cuda::{CudaModel, GpuSeq, ShadowCounters};
 use crate::engine::sampling::SamplingParams;
 use crate::pool::space::MachineMemory;
 use crate::pool::{ValuePool, ValueType};
@@ -43,15 +44,17 @@ pub struct ShadowRun {
     pub tokens_per_s: f64,
 }
 
-/// Benchmarks ShadowKV with `p` at context `ctx` on `model`: `batch` sequences (the
-/// largest that fits when `None`), then `gen` decode steps for each entry of `micro`
+/// Benchmarks ShadowKV with `p` at context `ctx` on `model`, fetching by `fetch` with a
+/// GPU value tier of `tier`: `batch` sequences (the largest that fits when `None`; the
+/// tier, at `auto`, takes what the free GPU memory holds after them), then `gen` decode
+/// steps for each entry of `micro`
 /// (the batch split into that many micro-batches, one lane and stream each), all on
 /// the same prefilled and compressed sequences; one result per entry.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     model: &CudaModel,
     p: &ShadowParams,
-    fetch: ValueFetch,
+    (fetch, tier): (ValueFetch, TierSize),
     ctx: usize,
     batch: Option<usize>,
     gen: usize,
@@ -111,6 +114,28 @@ pub fn run(
         None if fit == 0 => bail!("not one ShadowKV sequence of {ctx} tokens fits the GPU and host memory"),
         None => fit,
     };
+    // The tier: the free memory left once the batch's state is in place, less a margin
+    // for the steps' scratch. Every sequence is compressed from the prefill cache, which
+    // is held until the last one is: its memory is not the tier's.
+    let tier = match tier {
+        TierSize::Off => 0,
+        TierSize::Chunks(n) => n,
+        TierSize::Auto => {
+            let left = free.saturating_sub(batch * per_gpu + (4 << 30));
+            tier_chunks_for(&layout, cfg.num_layers, batch, left / 20 * 19)
+        }
+    };
+    let layout = layout.with_tier(tier)?;
+    let (per_gpu_tier, _) = sequence_bytes(&layout, cfg.num_layers)?;
+    let tier_bytes = batch * cfg.num_layers * layout.tier_bytes();
+    ensure!(
+        batch * per_gpu_tier <= free.saturating_sub(2 << 30),
+        "a GPU value tier of {tier} chunks per KV head for {batch} sequences needs {:.1} GiB besides their \
+         {:.1} GiB of ShadowKV state; {:.1} GiB are free",
+        tier_bytes as f64 / (1u64 << 30) as f64,
+        (batch * per_gpu) as f64 / (1u64 << 30) as f64,
+        free as f64 / (1u64 << 30) as f64,
+    );
     let t_reg = Instant::now();
     let pool = GpuValuePool::new(
         model.ops(),
@@ -140,33 +165,48 @@ pub fn run(
         "pcie_bytes_per_s_assumed": PCIE_BYTES_PER_S,
         "host_pool_gib": pool.pool().bytes() as f64 / (1u64 << 30) as f64, "pool_register_secs": register_secs,
         "gpu_fit": gpu_fit, "host_fit": host_fit, "value_fetch": fetch.label(),
+        "gpu_tier_chunks": tier, "gpu_tier_gib": tier_bytes as f64 / (1u64 << 30) as f64,
     });
     let mut last = vec![first[0]; batch];
     let mut runs = Vec::with_capacity(micro.len());
     for &m in micro {
         let label = format!(
-            "{ctx} tokens, {} ({m} micro-batch{})",
+            "{ctx} tokens, {}{} ({m} micro-batch{})",
             fetch.label(),
+            if tier > 0 {
+                format!(", GPU tier {tier}")
+            } else {
+                String::new()
+            },
             if m == 1 { "" } else { "es" }
         );
         let tr = trace.as_deref_mut().map(|t| (t, label.as_str()));
         let d = decode(model, &mut seqs, &pool, fetch, m, gen, &mut last, tr)?;
         let ctx_now = seqs[0].len();
-        let bound_s = bound_secs(model, &layout, &seqs, d.misses_per_step);
+        let bound_s = bound_secs(model, &layout, &seqs, d.misses);
         let tps = (batch * gen) as f64 / d.decode_secs;
         let peak_gib = (d.total - d.min_free.min(d.total)) as f64 / (1u64 << 30) as f64;
-        let fetched_per_step = d.misses_per_step * (layout.chunk * layout.head_dim * 2) as f64;
+        let fetched_per_step = d.misses.fetched * (layout.chunk * layout.head_dim * 2) as f64;
         eprintln!(
-            "[context {ctx}, ShadowKV ({}, {m} micro-batch{}): batch {batch} (GPU fits {gpu_fit}, host {host_fit}), \
+            "[context {ctx}, ShadowKV ({}{}, {m} micro-batch{}): batch {batch} (GPU fits {gpu_fit}, host {host_fit}), \
              prefill {prefill_secs:.2} s + compression {compress_secs:.3} s ({:.1} %), decode {tps:.1} tok/s, \
-             step {:.2} ms = {:.2}× its bound, hit rate {:.3}, {:.1} MiB of values fetched a step; \
+             step {:.2} ms = {:.2}× its bound, hit rate {:.3} (GPU tier {:.3}), {:.1} MiB of values fetched a step; \
              pool registered in {register_secs:.1} s]",
             fetch.label(),
+            if tier > 0 {
+                format!(
+                    ", GPU tier of {tier} chunks per head ({:.1} GiB)",
+                    tier_bytes as f64 / (1u64 << 30) as f64
+                )
+            } else {
+                String::new()
+            },
             if m == 1 { "" } else { "es" },
             100.0 * compress_secs / (prefill_secs + compress_secs),
             d.step_ms,
             d.step_ms / 1e3 / bound_s,
             d.hit_rate,
+            d.tier_hit_rate,
             fetched_per_step / (1u64 << 20) as f64,
         );
         eprintln!(
@@ -194,7 +234,7 @@ pub fn run(
         let more = serde_json::json!({
             "micro_batches": m, "context_at_end": ctx_now,
             "decode_tokens_per_s": tps, "step_ms_median": d.step_ms,
-            "reuse_hit_rate": d.hit_rate, "value_bytes_per_step": fetched_per_step,
+            "reuse_hit_rate": d.hit_rate, "tier_hit_rate": d.tier_hit_rate, "value_bytes_per_step": fetched_per_step,
             "gpu_bytes_per_step": d.gpu_bytes, "bound_ms": bound_s * 1e3,
             "bound_ratio": d.step_ms / 1e3 / bound_s, "peak_gpu_gib": peak_gib,
             "stage_ms_per_step": d.stages.iter().map(|(s, ms)| (s.clone(), serde_json::json!(ms))).collect::<serde_json::Map<_, _>>(),
@@ -214,8 +254,11 @@ pub fn run(
 struct Decoded {
     decode_secs: f64,
     step_ms: f64,
-    misses_per_step: f64,
+    /// Misses of the slots a step.
+    misses: Misses,
     hit_rate: f64,
+    /// Of the selected chunks, the share found in the GPU value tier.
+    tier_hit_rate: f64,
     gpu_bytes: f64,
     stages: Vec<(String, f64)>,
     gather: GatherTimes,
@@ -256,15 +299,15 @@ fn decode(
         .map(|i| batch / micro + usize::from(i < batch % micro))
         .collect();
     let greedy = SamplingParams::default().device_row(0, 0);
-    let counters = |lanes: &[Lane]| -> Result<(u64, u64)> {
-        lanes.iter().try_fold((0, 0), |(s, h), lane| {
-            let (s1, h1) = model.shadow_counters(lane)?;
-            Ok((s + s1, h + h1))
-        })
+    let counters = |lanes: &[Lane]| -> Result<ShadowCounters> {
+        lanes.iter().try_fold(
+            ShadowCounters::default(),
+            |c, lane| Ok(c + model.shadow_counters(lane)?),
+        )
     };
     let dev = model.ops().device();
     dev.synchronize()?;
-    let (sel0, hit0) = counters(&lanes)?;
+    let c0 = counters(&lanes)?;
     let mut steps = Vec::with_capacity(gen);
     let mut min_free = usize::MAX;
     let mut anchors = Vec::new();
@@ -312,7 +355,7 @@ fn decode(
             t.lane(&format!("{label}, lane {i}"), anchor, &lane.take_trace())?;
         }
     }
-    let (sel1, hit1) = counters(&lanes)?;
+    let c = counters(&lanes)? - c0;
     let mut stages: Vec<(String, f64)> = Vec::new();
     let mut gather = GatherTimes::default();
     for lane in &lanes {
@@ -326,14 +369,19 @@ fn decode(
         gather.gather_secs += lane.gather.gather_secs;
         gather.bytes += lane.gather.bytes;
     }
-    let (selected, hits) = ((sel1 - sel0) as f64, (hit1 - hit0) as f64);
-    let misses_per_step = (selected - hits) / gen as f64;
+    let (selected, hits, tier_hits) = (c.selected as f64, c.hits as f64, c.tier_hits as f64);
+    let misses = Misses {
+        fetched: c.fetched() as f64 / gen as f64,
+        tier: tier_hits / gen as f64,
+    };
+    let share = |n: f64| if selected > 0.0 { n / selected } else { 0.0 };
     Ok(Decoded {
         decode_secs,
         step_ms: 1e3 * median(&mut steps),
-        misses_per_step,
-        hit_rate: if selected > 0.0 { hits / selected } else { 0.0 },
-        gpu_bytes: gpu_bytes(model, seqs, misses_per_step, micro),
+        misses,
+        hit_rate: share(hits),
+        tier_hit_rate: share(tier_hits),
+        gpu_bytes: gpu_bytes(model, seqs, misses, micro),
         stages,
         gather,
         min_free,
@@ -342,25 +390,39 @@ fn decode(
 }
 
 /// GPU bytes of a step: the weights (read once per micro-batch), and per sequence and
-/// layer the landmarks scored, the rows attended (keys and values), and for each miss
-/// its rebuilt keys (the coefficients read, the keys written) and its values written.
-fn gpu_bytes(model: &CudaModel, seqs: &[GpuShadowSeq], misses_per_step: f64, micro: usize) -> f64 {
+/// layer the landmarks scored, the rows attended (keys and values), for each miss of the
+/// slots its rebuilt keys (the coefficients read, the keys written) and its values
+/// written, and with a GPU value tier the tier hits' values read from the tier and the
+/// fetched chunks' values written to it.
+fn gpu_bytes(model: &CudaModel, seqs: &[GpuShadowSeq], m: Misses, micro: usize) -> f64 {
     let layout = seqs[0].layer(0).layout();
     let c = seqs[0].counts();
     let (_, attended) = layout.attended_rows(&c);
     let per_layer =
         (c.chunks as usize * layout.kv_width() * 2 + attended * layout.kv_heads * layout.head_dim * 4) as f64;
     let per_miss = (layout.chunk * (layout.rank * 2 + layout.head_dim * 4)) as f64;
+    let values = (layout.chunk * layout.head_dim * 2) as f64;
+    let tier_moves = if layout.tier > 0 { m.tier + m.fetched } else { 0.0 };
     (micro * model.weight_bytes()) as f64
         + (seqs.len() * model.config().num_layers) as f64 * per_layer
-        + misses_per_step * per_miss
+        + (m.fetched + m.tier) * per_miss
+        + tier_moves * values
 }
 
-/// The step's bound: the larger of its missed value bytes over PCIe and its GPU bytes
+/// The step's bound: the larger of its fetched value bytes over PCIe and its GPU bytes
 /// (one micro-batch: the weights once) at the HBM rate.
-fn bound_secs(model: &CudaModel, layout: &ShadowLayout, seqs: &[GpuShadowSeq], misses_per_step: f64) -> f64 {
-    let fetched = misses_per_step * (layout.chunk * layout.head_dim * 2) as f64;
-    (fetched / PCIE_BYTES_PER_S).max(gpu_bytes(model, seqs, misses_per_step, 1) / HBM_BYTES_PER_S)
+fn bound_secs(model: &CudaModel, layout: &ShadowLayout, seqs: &[GpuShadowSeq], m: Misses) -> f64 {
+    let fetched = m.fetched * (layout.chunk * layout.head_dim * 2) as f64;
+    (fetched / PCIE_BYTES_PER_S).max(gpu_bytes(model, seqs, m, 1) / HBM_BYTES_PER_S)
+}
+
+/// Misses of the slots a step, by where their values came from.
+#[derive(Clone, Copy)]
+struct Misses {
+    /// Fetched from the host.
+    fetched: f64,
+    /// Found in the GPU value tier.
+    tier: f64,
 }
 
 /// Decode steps traced at the end of each run (`bench --trace`).

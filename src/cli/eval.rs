@@ -121,6 +121,7 @@ fn ruler(a: RulerArgs) -> Result<()> {
     let progress = std::io::stderr().is_terminal();
     // Option errors before the (long) model load.
     let fetch = a.cuda.one_fetch()?;
+    let tier = a.cuda.one_tier()?;
     a.cuda.ordinal()?;
     let m = open_model(&a.model)?;
     let (cpu, gpu) = match a.backend {
@@ -132,6 +133,7 @@ fn ruler(a: RulerArgs) -> Result<()> {
         (_, Some(g)) => EvalModel::Cuda {
             model: g,
             fetch,
+            tier,
             graphs: !a.cuda.no_graph,
         },
         _ => unreachable!("one backend is loaded"),

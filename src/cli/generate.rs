@@ -120,6 +120,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         prefill_chunk: a.prefill_chunk,
         progress,
         value_fetch: a.cuda.one_fetch()?,
+        gpu_tier: a.cuda.one_tier()?,
     };
     let (load_secs, (mut gens, stats)) = match a.backend {
         Backend::Cpu => {

@@ -4,6 +4,7 @@
 
 use crate::cpu::CpuModel;
 use crate::cuda::shadow::decode::FetchPath;
+use crate::cuda::shadow::TierSize;
 use crate::cuda::{CudaDevice, DeviceError};
 use crate::engine::backend::CpuBackend;
 use crate::engine::backend_cuda::CudaBackend;
@@ -360,7 +361,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .with_fetch(match topo.pipeline.value_fetch {
                 TopoFetch::ZeroCopy => FetchPath::ZeroCopy,
                 TopoFetch::CpuGather => FetchPath::CpuGather,
-            });
+            })
+            .with_tier(match topo.pipeline.gpu_tier {
+                AutoOr::Auto => TierSize::Auto,
+                AutoOr::Value(0) => TierSize::Off,
+                AutoOr::Value(n) => TierSize::Chunks(n),
+            })
+            .map_err(|e| topo.error_at("pipeline.gpu_tier", format!("{e:#}")))?;
         if shadowkv && topo.pipeline.value_fetch == TopoFetch::CpuGather {
             backend = backend.with_gatherer(Arc::new(gather_pool(&placement)?));
         }

@@ -84,10 +84,10 @@ pub struct Lane {
     next_buf: usize,
     /// Rows sampled by the lane's last queued step (bounds `prev` of the next).
     last_picked: usize,
-    /// ShadowKV chunks its steps selected (hits and misses together), and the hits
-    /// counted by scratch buffers since replaced.
+    /// ShadowKV chunks its steps selected (hits and misses together), and the slot and
+    /// tier hits counted by scratch buffers since replaced.
     shadow_selected: u64,
-    shadow_hits: u64,
+    shadow_hits: [u64; 2],
     /// Host time of the cpu-gather path's steps.
     pub gather: GatherTimes,
     /// Whether ShadowKV steps time their stages on the GPU.
@@ -187,7 +187,7 @@ impl CudaModel {
             next_buf: 0,
             last_picked: 0,
             shadow_selected: 0,
-            shadow_hits: 0,
+            shadow_hits: [0; 2],
             gather: GatherTimes::default(),
             time_stages: false,
             marks: Vec::new(),
@@ -289,7 +289,9 @@ impl CudaModel {
         {
             // The hit counter lives in the scratch: keep its count.
             if let Some(old) = sc.shadow.take() {
-                lane.shadow_hits += ops.device().stream().clone_dtoh(&old.hits)?[0];
+                let h = ops.device().stream().clone_dtoh(&old.hits)?;
+                lane.shadow_hits[0] += h[0];
+                lane.shadow_hits[1] += h[1];
             }
             sc.shadow = Some(StepScratch::new(ops, &layout, seqs.len())?);
         }
@@ -310,13 +312,18 @@ impl CudaModel {
         Self::read_back(lane, plan.picked.len())
     }
 
-    /// ShadowKV chunks selected and found resident by the lane's steps so far.
-    pub fn shadow_counters(&self, lane: &Lane) -> Result<(u64, u64)> {
-        let hits = match lane.sc.shadow.as_ref() {
-            Some(s) => lane.ops.device().stream().clone_dtoh(&s.hits)?[0],
-            None => 0,
+    /// ShadowKV chunks selected, found in their slot and found in the GPU value tier by
+    /// the lane's steps so far.
+    pub fn shadow_counters(&self, lane: &Lane) -> Result<ShadowCounters> {
+        let now = match lane.sc.shadow.as_ref() {
+            Some(s) => lane.ops.device().stream().clone_dtoh(&s.hits)?,
+            None => vec![0, 0],
         };
-        Ok((lane.shadow_selected, lane.shadow_hits + hits))
+        Ok(ShadowCounters {
+            selected: lane.shadow_selected,
+            hits: lane.shadow_hits[0] + now[0],
+            tier_hits: lane.shadow_hits[1] + now[1],
+        })
     }
 
     fn check_previous(&self, lane: &Lane, prev: &[Option<u32>]) -> Result<()> {
@@ -486,5 +493,45 @@ impl CudaModel {
             n,
             self.config().vocab_size,
         )
+    }
+}
+
+/// ShadowKV counters of decode steps, summed over layers, KV heads and sequences.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShadowCounters {
+    /// Chunks selected.
+    pub selected: u64,
+    /// Of them, found in their slot (no fetch, no rebuild).
+    pub hits: u64,
+    /// Of the others, found in the GPU value tier (rebuilt, copied from device memory).
+    pub tier_hits: u64,
+}
+
+impl ShadowCounters {
+    /// Chunks whose values came from the host.
+    pub fn fetched(&self) -> u64 {
+        self.selected.saturating_sub(self.hits + self.tier_hits)
+    }
+}
+
+impl std::ops::Add for ShadowCounters {
+    type Output = Self;
+    fn add(self, o: Self) -> Self {
+        ShadowCounters {
+            selected: self.selected + o.selected,
+            hits: self.hits + o.hits,
+            tier_hits: self.tier_hits + o.tier_hits,
+        }
+    }
+}
+
+impl std::ops::Sub for ShadowCounters {
+    type Output = Self;
+    fn sub(self, o: Self) -> Self {
+        ShadowCounters {
+            selected: self.selected - o.selected,
+            hits: self.hits - o.hits,
+            tier_hits: self.tier_hits - o.tier_hits,
+        }
     }
 }

@@ -32,6 +32,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     kernel_file!("reuse.cu"),
     kernel_file!("rebuild.cu"),
     kernel_file!("fetch.cu"),
+    kernel_file!("tier.cu"),
     kernel_file!("landmarks.cu"),
     kernel_file!("fold.cu"),
     kernel_file!("factor.cu"),
@@ -64,6 +65,8 @@ pub struct Kernels {
     pub(crate) shadow_rebuild: CudaFunction,
     pub(crate) shadow_fetch: CudaFunction,
     pub(crate) shadow_scatter: CudaFunction,
+    pub(crate) shadow_tier_copy: CudaFunction,
+    pub(crate) shadow_tier_fill: CudaFunction,
     pub(crate) shadow_landmarks: CudaFunction,
     pub(crate) shadow_outlier_flags: CudaFunction,
     pub(crate) shadow_place_prefill: CudaFunction,
@@ -111,6 +114,7 @@ impl Kernels {
         let reuse = load(find("reuse.cu"))?;
         let rebuild = load(find("rebuild.cu"))?;
         let fetch = load(find("fetch.cu"))?;
+        let tier = load(find("tier.cu"))?;
         let marks = load(find("landmarks.cu"))?;
         let fold = load(find("fold.cu"))?;
         let factor = load(find("factor.cu"))?;
@@ -140,6 +144,8 @@ impl Kernels {
             shadow_rebuild: get(&rebuild, "shadow_rebuild")?,
             shadow_fetch: get(&fetch, "shadow_fetch")?,
             shadow_scatter: get(&fetch, "shadow_scatter")?,
+            shadow_tier_copy: get(&tier, "shadow_tier_copy")?,
+            shadow_tier_fill: get(&tier, "shadow_tier_fill")?,
             shadow_landmarks: get(&marks, "shadow_landmarks")?,
             shadow_outlier_flags: get(&marks, "shadow_outlier_flags")?,
             shadow_place_prefill: get(&marks, "shadow_place_prefill")?,

@@ -36,6 +36,6 @@ pub mod testing;
 
 pub use attention::{DecodeWorkspace, KvTable};
 pub use device::{CudaDevice, DeviceError, DeviceInfo, PciBusId, StreamPriority};
-pub use graph::{Lane, StepGraphs, StepTicket};
+pub use graph::{Lane, ShadowCounters, StepGraphs, StepTicket};
 pub use model::{CudaModel, GpuCache, GpuSeq};
 pub use ops::{rope_inv_freq, CudaOps};

@@ -17,8 +17,9 @@ use crate::cuda::device::StreamPriority;
 use crate::cuda::graph::ShadowSeqInput;
 use crate::cuda::shadow::decode::{FetchPath, Stage};
 use crate::cuda::shadow::seq::layer_bytes;
-use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout};
-use crate::cuda::{CudaModel, GpuCache, GpuSeq, Lane, StepTicket};
+use crate::cuda::shadow::tier::tier_chunks_for;
+use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout, TierSize};
+use crate::cuda::{CudaModel, GpuCache, GpuSeq, Lane, ShadowCounters, StepTicket};
 use crate::model::config::ModelConfig;
 use crate::pool::ValuePool;
 use crate::shadow::{ShadowParams, ShadowStats};
@@ -50,6 +51,8 @@ pub struct CudaSeq {
 /// compression's scratch.
 struct ShadowGpu {
     layout: ShadowLayout,
+    /// Sequences the backend serves at most.
+    max_batch: usize,
     pool: GpuValuePool,
     ws: CompressWorkspace,
     fetch: FetchPath,
@@ -92,6 +95,7 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
                 );
                 Some(ShadowGpu {
                     layout,
+                    max_batch,
                     pool: GpuValuePool::new(m.ops(), pool)?,
                     ws: CompressWorkspace::default(),
                     fetch: FetchPath::ZeroCopy,
@@ -147,6 +151,37 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
     /// The model.
     pub fn model(&self) -> &CudaModel {
         self.model.borrow()
+    }
+
+    /// ShadowKV keeps a GPU value tier of `tier` (none unless set; at `auto`, what the
+    /// free GPU memory holds once every sequence's state and a prefill fit). Refuses a
+    /// tier that does not fit, saying how much it needs and how much is free.
+    pub fn with_tier(mut self, tier: TierSize) -> Result<Self> {
+        let layers = self.model().config().num_layers;
+        let cache = self.model().cache_bytes(self.cache_tokens) * 3 / 2;
+        let (free, _) = self.model().ops().device().mem_info()?;
+        let Some(s) = &mut self.shadow else {
+            return Ok(self);
+        };
+        let state = layer_bytes(&s.layout) * layers * s.max_batch + cache + (2usize << 30);
+        let chunks = match tier {
+            TierSize::Off => 0,
+            TierSize::Chunks(n) => n,
+            TierSize::Auto => tier_chunks_for(&s.layout, layers, s.max_batch, free.saturating_sub(state) / 10 * 9),
+        };
+        let layout = s.layout.with_tier(chunks)?;
+        let need = layout.tier_bytes() * layers * s.max_batch;
+        if state + need > free {
+            bail!(
+                "a GPU value tier of {chunks} chunks per KV head for {} sequences needs {:.1} GiB; {:.1} GiB are free \
+                 besides their ShadowKV state and a prefill",
+                s.max_batch,
+                need as f64 / (1u64 << 30) as f64,
+                free.saturating_sub(state) as f64 / (1u64 << 30) as f64
+            );
+        }
+        s.layout = layout;
+        Ok(self)
     }
 
     /// ShadowKV fetches the missed values by `fetch` (zero-copy unless set).
@@ -403,17 +438,17 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
 
     fn shadow_stats(&self) -> Option<ShadowStats> {
         let sh = self.shadow.as_ref()?;
-        let (mut selected, mut hits) = (0, 0);
+        let mut c = ShadowCounters::default();
         for lane in &self.lanes {
-            let (s, h) = self.model().shadow_counters(lane).unwrap_or((0, 0));
-            selected += s;
-            hits += h;
+            c = c + self.model().shadow_counters(lane).unwrap_or_default();
         }
-        let misses = selected.saturating_sub(hits);
+        // Tier hits are misses of the slots (their keys are rebuilt) whose values did not
+        // cross PCIe.
+        let misses = c.selected.saturating_sub(c.hits);
         Some(ShadowStats {
-            hits,
+            hits: c.hits,
             misses,
-            value_bytes_fetched: misses * (sh.layout.chunk * sh.layout.head_dim * 2) as u64,
+            value_bytes_fetched: c.fetched() * (sh.layout.chunk * sh.layout.head_dim * 2) as u64,
         })
     }
 }

@@ -11,7 +11,7 @@ use super::text::{SeqText, StopRules};
 use crate::cpu::model::chunked_prefill;
 use crate::cpu::{CpuModel, LogitsWanted};
 use crate::cuda::shadow::decode::FetchPath;
-use crate::cuda::shadow::{GpuValuePool, ShadowLayout};
+use crate::cuda::shadow::{GpuValuePool, ShadowLayout, TierSize};
 use crate::cuda::CudaModel;
 use crate::model::tokenizer::TextTokenizer;
 use crate::pool::{ValuePool, ValueType};
@@ -71,6 +71,8 @@ pub struct GenerateOptions {
     pub attention: Attention,
     /// How ShadowKV on the GPU fetches the missed values.
     pub value_fetch: FetchPath,
+    /// ShadowKV on the GPU: the GPU value tier.
+    pub gpu_tier: TierSize,
 }
 
 impl Default for GenerateOptions {
@@ -80,6 +82,7 @@ impl Default for GenerateOptions {
             progress: false,
             attention: Attention::Full,
             value_fetch: FetchPath::ZeroCopy,
+            gpu_tier: TierSize::Off,
         }
     }
 }
@@ -130,7 +133,9 @@ pub fn generate_cuda(
         }
     };
     run(
-        &mut CudaBackend::new(model, cap, reqs.len(), 1, graphs, shadow)?.with_fetch(opts.value_fetch),
+        &mut CudaBackend::new(model, cap, reqs.len(), 1, graphs, shadow)?
+            .with_fetch(opts.value_fetch)
+            .with_tier(opts.gpu_tier)?,
         tok,
         reqs,
         opts,

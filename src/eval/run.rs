@@ -8,6 +8,7 @@ use super::haystack::Haystack;
 use super::tasks::{build, context, score, Sample, Task};
 use crate::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput, SeqKvCache};
 use crate::cuda::shadow::decode::FetchPath;
+use crate::cuda::shadow::TierSize;
 use crate::cuda::CudaModel;
 use crate::engine::generate::{generate_cuda, GenerateOptions, GenerateRequest};
 use crate::engine::sampling::{argmax, SamplingParams};
@@ -33,6 +34,8 @@ pub enum EvalModel<'a> {
         model: &'a CudaModel,
         /// How ShadowKV fetches the missed values.
         fetch: FetchPath,
+        /// ShadowKV's GPU value tier.
+        tier: TierSize,
         /// Capture full-attention decode steps as CUDA graphs.
         graphs: bool,
     },
@@ -246,7 +249,12 @@ fn run_sample(
 ) -> Result<Vec<(String, String, Option<f64>)>> {
     match *model {
         EvalModel::Cpu(m) => run_sample_cpu(m, tok, ids, sample, methods, prefill_chunk),
-        EvalModel::Cuda { model, fetch, graphs } => {
+        EvalModel::Cuda {
+            model,
+            fetch,
+            tier,
+            graphs,
+        } => {
             let context = ids.len() + sample.max_new;
             methods
                 .iter()
@@ -256,6 +264,7 @@ fn run_sample(
                         progress: false,
                         attention: (m.attention)(context)?,
                         value_fetch: fetch,
+                        gpu_tier: tier,
                     };
                     let req = GenerateRequest {
                         prompt: ids.to_vec(),

@@ -256,6 +256,15 @@ pub struct PipelineSection {
     /// `cpu-gather` or `zero-copy`.
     #[serde(default)]
     pub value_fetch: ValueFetch,
+    /// ShadowKV on the GPU: chunks per layer and KV head whose values stay in free GPU
+    /// memory besides the selected ones (`0` = none, `auto` = what the memory left
+    /// after `limits` holds).
+    #[serde(default = "d_gpu_tier")]
+    pub gpu_tier: AutoOr<usize>,
+}
+
+fn d_gpu_tier() -> AutoOr<usize> {
+    AutoOr::Value(0)
 }
 
 fn d_micro_batches() -> usize {
@@ -267,6 +276,7 @@ impl Default for PipelineSection {
         PipelineSection {
             micro_batches: 1,
             value_fetch: ValueFetch::CpuGather,
+            gpu_tier: d_gpu_tier(),
         }
     }
 }
@@ -617,6 +627,12 @@ impl Topology {
             return e(
                 "pipeline.value_fetch",
                 "`zero-copy` needs a GPU: set backend.kind = \"cuda\" or use `cpu-gather`".into(),
+            );
+        }
+        if p.gpu_tier != AutoOr::Value(0) && self.backend.kind != BackendKind::Cuda {
+            return e(
+                "pipeline.gpu_tier",
+                "a GPU value tier needs a GPU: set backend.kind = \"cuda\" or gpu_tier = 0".into(),
             );
         }
         for (name, actor) in [

@@ -89,6 +89,7 @@ fn impossible_values_name_key_and_line() {
             4,
         ),
         ("[pipeline]\nvalue_fetch = \"zero-copy\"\n", "pipeline.value_fetch", 2),
+        ("[pipeline]\ngpu_tier = \"auto\"\n", "pipeline.gpu_tier", 2),
         (
             "[actors.gather]\nthreads = 4\ncores = [0, 1]\n",
             "actors.gather.threads",

@@ -29,10 +29,44 @@ pub struct LayerBuffers {
     pub av: CudaSlice<bf16>,
     /// Pre-RoPE keys of the recent window `[R, kv_heads·d]`.
     pub kpre: CudaSlice<bf16>,
+    /// The GPU value tier, where the layout has one.
+    pub tier: Option<TierBuffers>,
+}
+
+/// One sequence's GPU value tier for one layer (`T` = the layout's `tier` entries per
+/// KV head; see [`ShadowLayout`]).
+pub struct TierBuffers {
+    /// Values of the chunk each entry holds, `[kv_heads, T, c·d]`.
+    pub values: CudaSlice<bf16>,
+    /// The entry holding each chunk, -1 = none, `[kv_heads, chunk_cap]`.
+    pub map: CudaSlice<i32>,
+    /// The chunk each entry holds, -1 = empty, `[kv_heads, T]`.
+    pub owner: CudaSlice<i32>,
+    /// The entry the next fetched chunk replaces, `[kv_heads]`.
+    pub next: CudaSlice<i32>,
+}
+
+impl TierBuffers {
+    /// An empty tier for `layout` (which has one).
+    fn new(ops: &CudaOps, layout: &ShadowLayout) -> Result<Self> {
+        let dev = ops.device();
+        let mut map = dev.zeros::<i32>(layout.tier_map_len())?;
+        let mut owner = dev.zeros::<i32>(layout.tier_owner_len())?;
+        for b in [&mut map, &mut owner] {
+            let p = b.device_ptr_mut(dev.stream()).0;
+            ops.fill_raw_u32(p, b.len(), u32::MAX)?;
+        }
+        Ok(TierBuffers {
+            values: dev.zeros(layout.tier_len())?,
+            map,
+            owner,
+            next: dev.zeros(layout.tier_next_len())?,
+        })
+    }
 }
 
 impl LayerBuffers {
-    /// Zeroed buffers for `layout`, with every slot empty (-1).
+    /// Zeroed buffers for `layout`, with every slot (and tier entry) empty (-1).
     pub fn new(ops: &CudaOps, layout: ShadowLayout) -> Result<Self> {
         layout.validate()?;
         let dev = ops.device();
@@ -49,6 +83,11 @@ impl LayerBuffers {
             ak: dev.zeros(layout.attn_len())?,
             av: dev.zeros(layout.attn_len())?,
             kpre: dev.zeros(layout.kpre_len())?,
+            tier: if layout.tier > 0 {
+                Some(TierBuffers::new(ops, &layout)?)
+            } else {
+                None
+            },
         })
     }
 
@@ -76,12 +115,29 @@ impl LayerBuffers {
                 "ShadowKV buffer {name}: {have} elements, the layout needs {need}"
             );
         }
+        match &self.tier {
+            None => ensure!(l.tier == 0, "ShadowKV buffers without the layout's value tier"),
+            Some(t) => {
+                for (name, have, need) in [
+                    ("tier", t.values.len(), l.tier_len()),
+                    ("tier map", t.map.len(), l.tier_map_len()),
+                    ("tier owner", t.owner.len(), l.tier_owner_len()),
+                    ("tier next", t.next.len(), l.tier_next_len()),
+                ] {
+                    ensure!(
+                        need > 0 && have >= need,
+                        "ShadowKV buffer {name}: {have} elements, the layout needs {need}"
+                    );
+                }
+            }
+        }
         Ok(())
     }
 
     /// The buffers' device addresses.
     pub fn addrs(&self, ops: &CudaOps) -> SeqAddrs {
         let s = ops.device().stream();
+        let t = self.tier.as_ref();
         SeqAddrs {
             marks: self.marks.device_ptr(s).0,
             outlier: self.outlier.device_ptr(s).0,
@@ -91,6 +147,10 @@ impl LayerBuffers {
             ak: self.ak.device_ptr(s).0,
             av: self.av.device_ptr(s).0,
             kpre: self.kpre.device_ptr(s).0,
+            tier: t.map_or(0, |t| t.values.device_ptr(s).0),
+            tier_map: t.map_or(0, |t| t.map.device_ptr(s).0),
+            tier_owner: t.map_or(0, |t| t.owner.device_ptr(s).0),
+            tier_next: t.map_or(0, |t| t.next.device_ptr(s).0),
         }
     }
 }
@@ -199,9 +259,19 @@ pub struct StepScratch {
     pub selected: CudaSlice<i32>,
     /// Misses `[batch, kv_heads, S]` as (slot, chunk) pairs (`2·S` ints per head).
     pub misses: CudaSlice<i32>,
-    /// Misses per head `[batch, kv_heads]`.
+    /// Misses per head `[batch, kv_heads]` (slots that change chunk: keys to rebuild).
     pub miss_count: CudaSlice<i32>,
-    /// Hits so far (one counter, added to by every step).
+    /// Of them, those to fetch from the host (the first in each list) `[batch, kv_heads]`;
+    /// the rest are in the GPU value tier.
+    pub fetch_count: CudaSlice<i32>,
+    /// The tier entry of each tier hit, at its place in the miss list, `[batch, kv_heads, S]`.
+    pub tier_src: CudaSlice<i32>,
+    /// Each head's first tier entry to replace this step `[batch, kv_heads]`.
+    pub tier_base: CudaSlice<i32>,
+    /// Tier hits per head `[batch, kv_heads]` (`miss_count - fetch_count`).
+    pub tier_count: CudaSlice<i32>,
+    /// Counters added to by every step: selected chunks found in their slot, and misses
+    /// found in the GPU value tier.
     pub hits: CudaSlice<u64>,
     /// The cpu-gather path's buffers, made on its first use.
     pub gather: Option<GatherBuffers>,
@@ -212,7 +282,7 @@ pub struct StepScratch {
 pub struct GatherBuffers {
     /// Miss lists `[batch, kv_heads, S]` of (slot, chunk) pairs, read back.
     pub misses: PinnedHostSlice<i32>,
-    /// Misses per head `[batch, kv_heads]`, read back.
+    /// Misses to fetch per head `[batch, kv_heads]` (the first of each list), read back.
     pub miss_count: PinnedHostSlice<i32>,
     /// Gathered values, `[misses, c·d]` in list order.
     pub staging: PinnedHostSlice<bf16>,
@@ -263,7 +333,11 @@ impl StepScratch {
             selected: dev.zeros(heads * layout.slots)?,
             misses: dev.zeros(heads * layout.slots * 2)?,
             miss_count: dev.zeros(heads)?,
-            hits: dev.zeros(1)?,
+            fetch_count: dev.zeros(heads)?,
+            tier_src: dev.zeros(heads * layout.slots)?,
+            tier_base: dev.zeros(heads)?,
+            tier_count: dev.zeros(heads)?,
+            hits: dev.zeros(2)?,
             gather: None,
         })
     }

@@ -175,14 +175,14 @@ impl<'a> ShadowStep<'a> {
         self.mark(ops, Stage::Scores)?;
         ops.shadow_top_k(t, &scratch.scores, &mut scratch.selected)?;
         self.mark(ops, Stage::Select)?;
-        ops.shadow_reuse(
-            t,
-            &scratch.selected,
-            &mut scratch.misses,
-            &mut scratch.miss_count,
-            &mut scratch.hits,
-        )?;
+        ops.shadow_reuse(t, scratch)?;
         self.mark(ops, Stage::Reuse)?;
+        if lay.tier > 0 {
+            // Before the fetch, which may replace the entries the hits come from.
+            ops.shadow_tier_copy(t, scratch)?;
+            self.mark(ops, Stage::Tier)?;
+        }
+        let tier_base = (lay.tier > 0).then_some(&scratch.tier_base);
         match self.fetch {
             FetchPath::ZeroCopy => {
                 // The fetch reads the miss lists and writes the missed slots' values; the
@@ -193,7 +193,15 @@ impl<'a> ShadowStep<'a> {
                     // SAFETY: the pool is registered with the device (GpuValuePool) and
                     // each sequence reads only its own leased slot.
                     unsafe {
-                        on.shadow_fetch_values(t, &scratch.misses, &scratch.miss_count, &self.dev_pool, l, FETCH_BLOCKS)
+                        on.shadow_fetch_values(
+                            t,
+                            &scratch.misses,
+                            &scratch.fetch_count,
+                            tier_base,
+                            &self.dev_pool,
+                            l,
+                            FETCH_BLOCKS,
+                        )
                     }
                 };
                 if let Some(side) = self.fetch_ops {
@@ -288,7 +296,7 @@ impl<'a> ShadowStep<'a> {
         {
             let g = scratch.gather.as_mut().expect("made above");
             s.memcpy_dtoh(&scratch.misses.slice(0..heads * lay.slots * 2), &mut g.misses)?;
-            s.memcpy_dtoh(&scratch.miss_count.slice(0..heads), &mut g.miss_count)?;
+            s.memcpy_dtoh(&scratch.fetch_count.slice(0..heads), &mut g.miss_count)?;
         }
         let lists = ops.device().event(false)?;
         lists.record(s)?;
@@ -338,7 +346,15 @@ impl<'a> ShadowStep<'a> {
         // pinned staging outlives the copy, and the next write to it (the next layer's
         // gather) waits for that layer's miss lists, queued after this copy.
         unsafe { cudarc::driver::result::memcpy_htod_async(dst, &staging[..n], s.cu_stream()) }?;
-        ops.shadow_scatter_values(t, &scratch.misses, &scratch.miss_count, &g.device, FETCH_BLOCKS)?;
+        let tier_base = (lay.tier > 0).then_some(&scratch.tier_base);
+        ops.shadow_scatter_values(
+            t,
+            &scratch.misses,
+            &scratch.fetch_count,
+            tier_base,
+            &g.device,
+            FETCH_BLOCKS,
+        )?;
         self.mark(ops, Stage::Fetch)?;
         let mut times = self.gather.get();
         times.wait_secs += (t1 - t0).as_secs_f64();
@@ -362,6 +378,8 @@ pub enum Stage {
     Select,
     /// The reuse diff.
     Reuse,
+    /// The copy of the misses found in the GPU value tier.
+    Tier,
     /// The key rebuild of the misses.
     Rebuild,
     /// The value fetch of the misses (zero-copy, or cpu-gather's copy and scatter).
@@ -381,6 +399,7 @@ impl Stage {
             Stage::Scores => "scores",
             Stage::Select => "top-k",
             Stage::Reuse => "reuse",
+            Stage::Tier => "tier",
             Stage::Rebuild => "reconstruct",
             Stage::Fetch => "fetch",
             Stage::Attend => "attention",

@@ -2,7 +2,8 @@
 //! (kernels/fetch.cu): `zero-copy` (a kernel reads the host pool through its
 //! device-mapped address) and the last step of `cpu-gather` (the host gathered the
 //! chunks into a staging buffer, now on the device; a kernel scatters them to the
-//! slots). Both give the same bytes in the same places.
+//! slots). Both give the same bytes in the same places, and with a GPU value tier both
+//! also leave each fetched chunk in the tier entry the reuse diff gave it.
 
 use super::buffers::ShadowTable;
 use super::layout::DevicePool;
@@ -19,26 +20,31 @@ const FETCH_THREADS: u32 = 256;
 pub const FETCH_BLOCKS: usize = 16;
 
 impl CudaOps {
-    /// Zero-copy fetch: copies every miss's `c·d` values (as [`CudaOps::shadow_reuse`]
-    /// lists them) from layer `layer` of the host value `pool` into its slot of `av`,
-    /// on `blocks` blocks of 256 threads striding over all misses of the batch.
+    /// Zero-copy fetch: copies the `c·d` values of every miss to fetch (the first
+    /// `fetch_count` of each head's list, as [`CudaOps::shadow_reuse`] writes them) from
+    /// layer `layer` of the host value `pool` into its slot of `av`, on `blocks` blocks of
+    /// 256 threads striding over all misses of the batch. With a GPU value tier,
+    /// `tier_base` (the reuse diff's) places each in its tier entry too.
     ///
     /// # Safety
     /// `pool.addr` must be the device-mapped address of a live bf16 allocation of
     /// `pool.shape` (host memory registered with the driver, e.g. [`HostMapping`]),
     /// not written by the host while the copy runs.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn shadow_fetch_values(
         &self,
         t: &ShadowTable,
         misses: &CudaSlice<i32>,
-        miss_count: &CudaSlice<i32>,
+        fetch_count: &CudaSlice<i32>,
+        tier_base: Option<&CudaSlice<i32>>,
         pool: &DevicePool,
         layer: usize,
         blocks: usize,
     ) -> Result<()> {
         let l = t.layout();
         pool.check(l, layer, t.counts())?;
-        let (mp, cp, cfg) = self.miss_launch(t, misses, miss_count, blocks)?;
+        let (mp, cp, cfg) = self.miss_launch(t, misses, fetch_count, blocks)?;
+        let tb = self.tier_base_addr(t, tier_base)?;
         let (addrs, counts) = t.device_arrays(self);
         let dims = l.dims();
         let batch = t.batch() as i32;
@@ -55,28 +61,31 @@ impl CudaOps {
             self.launch_pdl(
                 &self.k.shadow_fetch,
                 cfg,
-                &mut kernel_params![&mp, &cp, &addrs, &counts, &dims, &batch, &pool.addr, &li, &seqs, &chunks],
+                &mut kernel_params![&mp, &cp, &tb, &addrs, &counts, &dims, &batch, &pool.addr, &li, &seqs, &chunks],
             )
         }
     }
 
-    /// The cpu-gather path's last step: copies the misses' values from `staging`
+    /// The cpu-gather path's last step: copies the fetched misses' values from `staging`
     /// `[n, c·d]` (on the device), row `i` for the `i`-th miss of the batch in list
-    /// order (sequence, then KV head, then the miss's place in its head's list), into
-    /// their slots of `av`, on `blocks` blocks. `staging` must hold a row for every miss
-    /// the batch can have (`batch · kv_heads · S`).
+    /// order (sequence, then KV head, then the miss's place among the first
+    /// `fetch_count` of its head's list), into their slots of `av` (and, with a GPU
+    /// value tier, their tier entries), on `blocks` blocks. `staging` must hold a row for
+    /// every miss the batch can have (`batch · kv_heads · S`).
     pub fn shadow_scatter_values(
         &self,
         t: &ShadowTable,
         misses: &CudaSlice<i32>,
-        miss_count: &CudaSlice<i32>,
+        fetch_count: &CudaSlice<i32>,
+        tier_base: Option<&CudaSlice<i32>>,
         staging: &impl DevicePtr<bf16>,
         blocks: usize,
     ) -> Result<()> {
         let l = t.layout();
         let rows = t.batch() * l.kv_heads * l.slots;
         check_len("scatter: staging", staging.len(), rows * l.chunk * l.head_dim)?;
-        let (mp, cp, cfg) = self.miss_launch(t, misses, miss_count, blocks)?;
+        let (mp, cp, cfg) = self.miss_launch(t, misses, fetch_count, blocks)?;
+        let tb = self.tier_base_addr(t, tier_base)?;
         let s = self.device().stream();
         let (sp, _g) = staging.device_ptr(s);
         ensure!(sp % 16 == 0, "scatter: staging address {sp:#x} is not 16-byte aligned");
@@ -89,14 +98,28 @@ impl CudaOps {
             self.launch_pdl(
                 &self.k.shadow_scatter,
                 cfg,
-                &mut kernel_params![&mp, &cp, &addrs, &counts, &dims, &batch, &sp],
+                &mut kernel_params![&mp, &cp, &tb, &addrs, &counts, &dims, &batch, &sp],
             )
         }
     }
 
-    /// Checks the miss lists of a fetch or scatter and returns their addresses and the
-    /// launch configuration.
-    fn miss_launch(
+    /// The address of the reuse diff's tier bases, which a batch with a GPU value tier
+    /// needs (0 without a tier: the kernels do not read it then).
+    fn tier_base_addr(&self, t: &ShadowTable, tier_base: Option<&CudaSlice<i32>>) -> Result<u64> {
+        let l = t.layout();
+        match tier_base {
+            _ if l.tier == 0 => Ok(0),
+            None => anyhow::bail!("fetch: a batch with a GPU value tier needs the reuse diff's tier bases"),
+            Some(b) => {
+                check_len("fetch: tier bases", b.len(), t.batch() * l.kv_heads)?;
+                Ok(b.device_ptr(self.device().stream()).0)
+            }
+        }
+    }
+
+    /// Checks the miss lists of a fetch, scatter or tier copy and returns their
+    /// addresses and the launch configuration.
+    pub(super) fn miss_launch(
         &self,
         t: &ShadowTable,
         misses: &CudaSlice<i32>,

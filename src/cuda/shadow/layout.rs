@@ -18,6 +18,12 @@
 //!   so a query attends ONE contiguous range of rows, [`ShadowLayout::attended_rows`].
 //!   (With `O' = O`, the usual case, slot `s` starts at `R + O·c + s·c`.)
 //! - `kpre` `[R, kvh·d]` bf16: the pre-RoPE keys of the recent window, same rows.
+//! - with a GPU value tier of `T > 0` entries per head (a FIFO cache of chunks' values in
+//!   device memory: a missed chunk found there is copied from HBM, not read over PCIe):
+//!   `tier` `[kvh, T, c·d]` bf16 (the values of the chunk each entry holds), `tier_map`
+//!   `[kvh, chunk_cap]` i32 (the entry holding each chunk, -1 = none), `tier_owner`
+//!   `[kvh, T]` i32 (the chunk each entry holds, -1 = empty) and `tier_next` `[kvh]` i32
+//!   (the entry the next fetched chunk replaces).
 //!
 //! The host value pool is bf16 `[layer][pool_seq][kvh][chunk][c·d]`, the CPU pool's
 //! layout ([`crate::pool::PoolShape`]), read (and written, when a chunk folds) by the
@@ -60,6 +66,9 @@ pub struct ShadowLayout {
     pub local: usize,
     /// Chunks a sequence holds at most.
     pub chunk_cap: usize,
+    /// Entries of the GPU value tier per (layer, KV head): chunks whose values stay in
+    /// device memory besides the selected ones (`T`; 0 = no tier).
+    pub tier: usize,
 }
 
 impl ShadowLayout {
@@ -78,6 +87,7 @@ impl ShadowLayout {
             outliers: p.outlier_chunks,
             local: p.local_chunks,
             chunk_cap,
+            tier: 0,
         };
         l.validate()?;
         Ok(l)
@@ -113,11 +123,18 @@ impl ShadowLayout {
             self.kv_width()
         );
         ensure!(self.slots > 0, "ShadowKV on the GPU: no slots (budget below one chunk)");
+        ensure!(
+            self.tier <= self.chunk_cap,
+            "ShadowKV on the GPU: a value tier of {} chunks per head, more than the {} a sequence holds",
+            self.tier,
+            self.chunk_cap
+        );
         // Every element count, including a batch's scratch, stays well inside an i32.
         let big = [
             self.rows_cap() * self.head_dim * self.kv_heads,
             self.token_cap() * self.rank,
             self.chunk_cap * self.kv_width(),
+            self.tier_len(),
         ];
         ensure!(
             big.iter().all(|&n| n < (1 << 30)),
@@ -218,6 +235,46 @@ impl ShadowLayout {
         self.recent_rows() * self.kv_width()
     }
 
+    /// The layout with a GPU value tier of `chunks` entries per (layer, KV head).
+    pub fn with_tier(self, chunks: usize) -> Result<Self> {
+        let l = ShadowLayout { tier: chunks, ..self };
+        l.validate()?;
+        Ok(l)
+    }
+
+    /// Elements of `tier` (0 without a tier).
+    pub fn tier_len(&self) -> usize {
+        self.kv_heads * self.tier * self.chunk * self.head_dim
+    }
+
+    /// Elements of `tier_map` (0 without a tier).
+    pub fn tier_map_len(&self) -> usize {
+        if self.tier == 0 {
+            0
+        } else {
+            self.kv_heads * self.chunk_cap
+        }
+    }
+
+    /// Elements of `tier_owner` (0 without a tier).
+    pub fn tier_owner_len(&self) -> usize {
+        self.kv_heads * self.tier
+    }
+
+    /// Elements of `tier_next` (0 without a tier).
+    pub fn tier_next_len(&self) -> usize {
+        if self.tier == 0 {
+            0
+        } else {
+            self.kv_heads
+        }
+    }
+
+    /// Device bytes of one layer's tier of one sequence.
+    pub fn tier_bytes(&self) -> usize {
+        2 * self.tier_len() + 4 * (self.tier_map_len() + self.tier_owner_len() + self.tier_next_len())
+    }
+
     /// Chunks in the sparse region after a prefill of `tokens` tokens: the whole chunks
     /// less the local window (as [`crate::shadow::ShadowSeq::from_prefill`]); the tokens
     /// after them form the recent window.
@@ -287,6 +344,7 @@ impl ShadowLayout {
             recent: i(self.recent_rows()),
             rows_cap: i(self.rows_cap()),
             chunk_cap: i(self.chunk_cap),
+            tier: i(self.tier),
         }
     }
 }
@@ -305,6 +363,7 @@ pub(crate) struct ShadowDims {
     recent: i32,
     rows_cap: i32,
     chunk_cap: i32,
+    tier: i32,
 }
 
 /// Device addresses of one sequence's buffers for one layer (`ShadowSeqBufs` in
@@ -328,6 +387,14 @@ pub struct SeqAddrs {
     pub av: u64,
     /// `kpre`.
     pub kpre: u64,
+    /// `tier` (0 without a tier).
+    pub tier: u64,
+    /// `tier_map` (0 without a tier).
+    pub tier_map: u64,
+    /// `tier_owner` (0 without a tier).
+    pub tier_owner: u64,
+    /// `tier_next` (0 without a tier).
+    pub tier_next: u64,
 }
 
 /// Where one sequence stands (`ShadowSeqCounts` in kernels/shadow.cuh); the same for
@@ -345,8 +412,8 @@ pub struct SeqCounts {
     pub pool_seq: i32,
 }
 
-const _: () = assert!(std::mem::size_of::<ShadowDims>() == 40);
-const _: () = assert!(std::mem::size_of::<SeqAddrs>() == 64);
+const _: () = assert!(std::mem::size_of::<ShadowDims>() == 44);
+const _: () = assert!(std::mem::size_of::<SeqAddrs>() == 96);
 const _: () = assert!(std::mem::size_of::<SeqCounts>() == 16);
 
 // SAFETY: plain #[repr(C)] structs of integers, valid for any bit pattern, copied to the

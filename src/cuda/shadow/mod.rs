@@ -15,6 +15,8 @@
 //!   KV head) over [`ShadowLayout::attended_rows`] → [`fold`] (a full recent window's
 //!   oldest chunk into the sparse region); [`decode`] runs them in order for a step
 //!   ([`ShadowStep`]), fetching by zero-copy or cpu-gather.
+//! - [`tier`]: the GPU value tier, a FIFO cache of chunks' values in free device memory
+//!   that the reuse diff consults before a miss is fetched from the host.
 //! - A sequence ([`seq`]): its buffers of every layer, made from a dense prefill by
 //!   [`crate::cuda::CudaModel::compress_shadow`]; its values in the registered host
 //!   pool ([`pool`]).
@@ -33,6 +35,7 @@ pub mod rebuild;
 pub mod reuse;
 pub mod select;
 pub mod seq;
+pub mod tier;
 pub mod timeline;
 
 pub use buffers::{LayerBuffers, ShadowTable, StepScratch};
@@ -42,3 +45,4 @@ pub use fetch::{HostMapping, FETCH_BLOCKS};
 pub use layout::{DevicePool, SeqAddrs, SeqCounts, ShadowLayout};
 pub use pool::GpuValuePool;
 pub use seq::{CompressWorkspace, GpuShadowSeq};
+pub use tier::TierSize;

@@ -78,6 +78,7 @@ pub fn layer_bytes(l: &ShadowLayout) -> usize {
     2 * (l.marks_len() + l.u_len() + 2 * l.attn_len() + l.kpre_len())
         + l.outlier_len()
         + 4 * (l.sv_len() + l.slots_len())
+        + l.tier_bytes()
 }
 
 /// Device bytes of one sequence's ShadowKV state over `layers` layers of `layout`, and
@@ -102,7 +103,7 @@ impl CudaModel {
     /// RoPE) into ShadowKV state, on `ops`'s stream: per layer the rank-r factorisation
     /// of the pre-RoPE keys, the landmarks and outlier chunks, the exact rows of the
     /// outliers and the recent window, and the values of the sparse chunks to a newly
-    /// leased slot of `pool`.
+    /// leased slot of `pool` (and, with a GPU value tier, the newest of them to the tier).
     pub fn compress_shadow(
         &self,
         ops: &CudaOps,
@@ -151,6 +152,7 @@ impl CudaModel {
             // SAFETY: the pool is registered for the device (GpuValuePool) and slot
             // `lease.seq()` is this sequence's alone; the host does not touch it.
             unsafe { ops.shadow_pool_write(layout, &dev_pool, (l, lease.seq()), &v, tokens)? };
+            ops.shadow_tier_fill(&bufs, &v, tokens, counts.chunks as usize)?;
             layers.push(bufs);
         }
         Ok(GpuShadowSeq {

@@ -1,0 +1,57 @@
+// The GPU value tier of ShadowKV decoding: per (sequence, layer, KV head) a FIFO cache of
+// T chunks' values in device memory (layout in shadow.cuh), so that a missed chunk found
+// there is copied from HBM instead of read over PCIe. The reuse diff (reuse.cu) looks the
+// misses up and keeps the table; the fetch (fetch.cu) writes each chunk it brings from
+// the host into the entry the diff gave it. No CPU reference: the tier moves the same
+// bytes as the host pool holds, so a step's values are bit-identical with it or without.
+//
+// shadow_tier_copy, any grid of TIER_THREADS-thread blocks, dynamic shared memory
+// (batch * kv_heads + 1) ints: the tier hits of list e = b * kv_heads + h are
+// misses[e, fetch_count[e] .. fetch_count[e] + tier_count[e]), each (slot, chunk), with
+// tier_src[e, j] the entry holding it; each goes to its slot of av.
+// shadow_tier_fill, grid (n, kv_heads), block 128: at the end of a prefill, entry x < n of
+// head h takes chunk first + x of the dense values v [T_tokens, kv_heads * d] (one
+// sequence), and the table records it; tier_next[h] = n % T.
+#include <cuda_bf16.h>
+
+#include "pdl.cuh"
+#include "shadow.cuh"
+
+#define TIER_THREADS 256
+
+extern "C" __global__ void __launch_bounds__(TIER_THREADS)
+    shadow_tier_copy(const int2* __restrict__ misses, const int* __restrict__ fetch_count,
+                     const int* __restrict__ tier_count, const int* __restrict__ tier_src,
+                     const ShadowSeqBufs* __restrict__ bufs, const ShadowSeqCounts* __restrict__ counts,
+                     ShadowDims dims, int batch) {
+    pdl_wait();
+    pdl_trigger();
+    if (dims.tier <= 0) return;
+    copy_chunks(
+        misses, tier_count, bufs, counts, dims, batch, 0, [=](int e) { return max(fetch_count[e], 0); },
+        [=](int b, int h, int, int, int idx) -> const uint4* {
+            const int entry = tier_src[idx];
+            return shadow_tier_entry(bufs[b], dims, h, min(max(entry, 0), dims.tier - 1));
+        },
+        [](int, int, int, int) -> uint4* { return nullptr; });
+}
+
+extern "C" __global__ void shadow_tier_fill(ShadowSeqBufs bufs, const __nv_bfloat16* __restrict__ v, int first,
+                                            ShadowDims dims) {
+    pdl_wait();
+    pdl_trigger();
+    const int x = blockIdx.x, h = blockIdx.y, n = gridDim.x;
+    const int d = dims.head_dim, c = dims.chunk, ch = first + x;
+    const size_t kvd = (size_t)dims.kv_heads * d;
+    const int row_words = d / 8;
+    uint4* dst = shadow_tier_entry(bufs, dims, h, x);
+    for (int w = threadIdx.x; w < c * row_words; w += blockDim.x) {
+        const int t = w / row_words, i = w - t * row_words;
+        dst[w] = reinterpret_cast<const uint4*>(v + ((size_t)ch * c + t) * kvd + (size_t)h * d)[i];
+    }
+    if (threadIdx.x == 0) {
+        reinterpret_cast<int*>(bufs.tier_owner)[(size_t)h * dims.tier + x] = ch;
+        reinterpret_cast<int*>(bufs.tier_map)[(size_t)h * dims.chunk_cap + ch] = x;
+        if (x == 0) reinterpret_cast<int*>(bufs.tier_next)[h] = n % dims.tier;
+    }
+}
