@@ -7,6 +7,7 @@ use super::buffers::LayerBuffers;
 use super::factor::{FactorStep, FactorWorkspace};
 use super::layout::{SeqCounts, ShadowLayout};
 use super::pool::GpuValuePool;
+use crate::cuda::device::StreamPriority;
 use crate::cuda::{CudaModel, CudaOps, GpuCache};
 use crate::pool::PoolLease;
 use anyhow::{ensure, Result};
@@ -98,6 +99,8 @@ pub struct CompressWorkspace {
     factor: FactorWorkspace,
     /// Stage timing, when on: each compression's marks, read by `take_times`.
     timing: Option<Vec<TimedCompression>>,
+    /// The stream of the stages beside the factorisation (made on first use).
+    side: Option<CudaOps>,
 }
 
 /// A stage of [`CudaModel::compress_shadow`], per layer, as
@@ -123,6 +126,11 @@ pub enum CompressStage {
     Place,
     /// The values to the host pool.
     PoolWrite,
+    /// The side stream waiting for a layer's buffers (the landmarks, outliers, exact
+    /// rows and pool write run on a stream of their own, beside the factorisation).
+    SideIdle,
+    /// The compression's stream waiting, at the end, for the side stream to finish.
+    SideTail,
 }
 
 impl CompressStage {
@@ -138,6 +146,8 @@ impl CompressStage {
             CompressStage::Outliers => "outliers",
             CompressStage::Place => "place",
             CompressStage::PoolWrite => "pool-write",
+            CompressStage::SideIdle => "side-idle",
+            CompressStage::SideTail => "side-tail",
         }
     }
 }
@@ -256,10 +266,17 @@ impl CompressWorkspace {
 
 impl CudaModel {
     /// Compresses a finished prefill in `dense` (a cache that kept its keys before
-    /// RoPE) into ShadowKV state, on `ops`'s stream: per layer the rank-r factorisation
-    /// of the pre-RoPE keys, the landmarks and outlier chunks, the exact rows of the
-    /// outliers and the recent window, and the values of the sparse chunks to a newly
-    /// leased slot of `pool`.
+    /// RoPE) into ShadowKV state, ordered after the work queued on `ops`'s stream: per
+    /// layer the rank-r factorisation of the pre-RoPE keys, the landmarks and outlier
+    /// chunks, the exact rows of the outliers and the recent window, and the values of
+    /// the sparse chunks to a newly leased slot of `pool`.
+    ///
+    /// The factorisation runs on `ops`'s stream, and its host waits for that stream at
+    /// every round trip of the subspace iteration; the rest of each layer (landmarks,
+    /// outliers, exact rows, the pool write) runs beside it on the workspace's side
+    /// stream, once the layer's buffers are cleared. Before it returns, `ops`'s stream
+    /// waits for the side stream: work queued on `ops`'s stream afterwards (or an event
+    /// recorded there) sees the whole sequence, and so does dropping its buffers.
     pub fn compress_shadow(
         &self,
         ops: &CudaOps,
@@ -285,49 +302,73 @@ impl CudaModel {
         if ws.ids.as_ref().is_none_or(|b| b.len() < (kvh * layout.outliers).max(1)) {
             ws.ids = Some(dev.zeros((kvh * layout.outliers).max(1))?);
         }
-        let (neg_cos, ids) = (ws.neg_cos.as_mut().expect("grown"), ws.ids.as_mut().expect("grown"));
+        if ws.side.is_none() {
+            // Below the caller's priority: its small products go first.
+            ws.side = Some(ops.fork(StreamPriority::Normal)?);
+        }
+        let CompressWorkspace {
+            neg_cos,
+            ids,
+            factor,
+            timing,
+            side,
+        } = ws;
+        let (neg_cos, ids) = (neg_cos.as_mut().expect("grown"), ids.as_mut().expect("grown"));
+        let side = side.as_ref().expect("made above");
         let sparse_tokens = counts.chunks as usize * layout.chunk;
         // Marks a failed compression left behind are not this one's.
-        ws.factor.take_timing();
-        let mut marks = ws.timing.is_some().then(Vec::new);
+        factor.take_timing();
+        let (mut marks, mut side_marks) = (timing.is_some().then(Vec::new), timing.is_some().then(Vec::new));
         mark(&mut marks, ops, CompressStage::Begin)?;
+        mark(&mut side_marks, side, CompressStage::Begin)?;
         let mut eigen_host = Duration::ZERO;
+        // Every layer's buffers stay here until the side stream is joined below, even
+        // when a layer fails: the side stream may still be writing them.
         let mut layers = Vec::with_capacity(self.config().num_layers);
-        for l in 0..self.config().num_layers {
-            let mut bufs = LayerBuffers::new(ops, *layout)?;
-            mark(&mut marks, ops, CompressStage::Alloc)?;
-            let (k, v, pre) = dense.layer(self, l);
-            let pre = pre.expect("checked above");
-            ops.shadow_factorize(
-                &pre,
-                tokens,
-                layout.kv_width(),
-                layout.rank,
-                sparse_tokens,
-                &mut bufs.sv,
-                &mut bufs.u,
-                &mut ws.factor,
-            )?;
-            if let Some(m) = &mut marks {
-                let t = ws.factor.take_timing();
-                m.extend(t.marks.into_iter().map(|(s, e)| (s.into(), e)));
-                eigen_host += t.host;
+        let mut compress_layers = || -> Result<()> {
+            for l in 0..self.config().num_layers {
+                layers.push(LayerBuffers::new(ops, *layout)?);
+                let bufs = layers.last_mut().expect("pushed above");
+                mark(&mut marks, ops, CompressStage::Alloc)?;
+                let (k, v, pre) = dense.layer(self, l);
+                let pre = pre.expect("checked above");
+                side.device().stream().join(ops.device().stream())?;
+                mark(&mut side_marks, side, CompressStage::SideIdle)?;
+                side.shadow_landmarks(bufs, &k, tokens, neg_cos)?;
+                mark(&mut side_marks, side, CompressStage::Landmarks)?;
+                side.shadow_outliers(bufs, neg_cos, tokens, ids)?;
+                mark(&mut side_marks, side, CompressStage::Outliers)?;
+                side.shadow_place_prefill(bufs, (&k, &v, &pre), tokens, ids)?;
+                mark(&mut side_marks, side, CompressStage::Place)?;
+                // SAFETY: the pool is registered for the device (GpuValuePool) and slot
+                // `lease.seq()` is this sequence's alone; the host does not touch it.
+                unsafe { side.shadow_pool_write(layout, &dev_pool, (l, lease.seq()), &v, tokens)? };
+                mark(&mut side_marks, side, CompressStage::PoolWrite)?;
+                ops.shadow_factorize(
+                    &pre,
+                    tokens,
+                    layout.kv_width(),
+                    layout.rank,
+                    sparse_tokens,
+                    &mut bufs.sv,
+                    &mut bufs.u,
+                    factor,
+                )?;
+                if let Some(m) = &mut marks {
+                    let t = factor.take_timing();
+                    m.extend(t.marks.into_iter().map(|(s, e)| (s.into(), e)));
+                    eigen_host += t.host;
+                }
             }
-            ops.shadow_landmarks(&bufs, &k, tokens, neg_cos)?;
-            mark(&mut marks, ops, CompressStage::Landmarks)?;
-            ops.shadow_outliers(&bufs, neg_cos, tokens, ids)?;
-            mark(&mut marks, ops, CompressStage::Outliers)?;
-            ops.shadow_place_prefill(&bufs, (&k, &v, &pre), tokens, ids)?;
-            mark(&mut marks, ops, CompressStage::Place)?;
-            // SAFETY: the pool is registered for the device (GpuValuePool) and slot
-            // `lease.seq()` is this sequence's alone; the host does not touch it.
-            unsafe { ops.shadow_pool_write(layout, &dev_pool, (l, lease.seq()), &v, tokens)? };
-            mark(&mut marks, ops, CompressStage::PoolWrite)?;
-            layers.push(bufs);
-        }
-        if let (Some(m), Some(timed)) = (marks, &mut ws.timing) {
+            Ok(())
+        };
+        let done = compress_layers();
+        ops.device().stream().join(side.device().stream())?;
+        done?;
+        mark(&mut marks, ops, CompressStage::SideTail)?;
+        if let (Some(m), Some(s), Some(timed)) = (marks, side_marks, timing) {
             timed.push(TimedCompression {
-                streams: vec![m],
+                streams: vec![m, s],
                 eigen_host,
             });
         }
