@@ -159,7 +159,7 @@ pub fn run(
             .collect::<serde_json::Map<_, _>>()
     };
     let compress_stage_ms = serde_json::json!({"first": stage_json(&first_ms), "mean": stage_json(&mean_ms)});
-    drop(dense);
+    drop((dense, ws));
     ops_dev.release_memory()?;
     drop(lane);
     let fixed = serde_json::json!({
