@@ -336,8 +336,8 @@ impl CudaOps {
         let part = grow(dev, &mut ws.u_part, piece_rows * rank)?;
         let (kp, _g1) = kpre.device_ptr(s);
         let (up, _g2) = u.device_ptr_mut(s);
-        let (hp, _g3) = ws.sv_hi.as_ref().expect("grown above").device_ptr(s);
-        let (lp, _g4) = ws.sv_lo.as_ref().expect("grown above").device_ptr(s);
+        let (hp, _g3) = ws.sv_hi.as_ref().expect("grown by shadow_factorize").device_ptr(s);
+        let (lp, _g4) = ws.sv_lo.as_ref().expect("grown by shadow_factorize").device_ptr(s);
         let (pp, _g5) = part.device_ptr_mut(s);
         for first in (0..u_rows).step_by(piece_rows) {
             let n = piece_rows.min(u_rows - first);
