@@ -18,7 +18,11 @@
 //   otherwise: recent token t = x - O * c (0 = the oldest, position chunks * c + t)
 //              to ak/av[h, R - 1 - t] and its pre-RoPE key to kpre[R - 1 - t, h*d..].
 // shadow_pool_write, grid (chunks, kv_heads), block 128: the values of chunk ch of head h
-// to the host value pool (device-mapped) at (layer, pool_seq, h, ch), token order.
+// to the host value pool (device-mapped) at (layer, pool_seq, h, ch), token order, one
+// 16-byte store per thread (a warp writes 512 contiguous bytes). No fence: the host reads
+// the pool only after it has seen the kernel complete, and a kernel after it on the
+// device only after pdl_wait (or the kernel boundary), both of which make the writes
+// visible.
 #include <cuda_bf16.h>
 
 #include "pdl.cuh"
@@ -120,5 +124,4 @@ extern "C" __global__ void shadow_pool_write(__nv_bfloat16* __restrict__ pool, c
         const int t = w / row_words, i = w - t * row_words;
         dst[w] = reinterpret_cast<const uint4*>(v + ((size_t)ch * c + t) * kvd + (size_t)h * d)[i];
     }
-    __threadfence_system();
 }

@@ -4,7 +4,9 @@
 //! Per context: one sequence is prefilled densely (its keys before RoPE kept; timed),
 //! compressed on the GPU (timed: the factorisation, landmarks, outliers, exact rows and
 //! the values to the host pool), and compressed again into every other sequence of the
-//! batch, each with its own slot of the registered bf16 value pool; then `gen` decode
+//! batch, each with its own slot of the registered bf16 value pool (the first
+//! compression and their mean timed, and each stage of both by GPU events, see
+//! [`CompressWorkspace::time_stages`]); then `gen` decode
 //! steps run through the ShadowKV state with the tokens sampled greedily on the GPU and
 //! the missed value chunks read from host memory by a zero-copy kernel. The batch is the
 //! largest that fits both the GPU (every sequence's ShadowKV state, while the prefill
@@ -143,17 +145,46 @@ pub fn run(
     )?;
     let register_secs = t_reg.elapsed().as_secs_f64();
     let mut ws = CompressWorkspace::default();
+    ws.time_stages(true);
     let ops = lane.ops();
     ops.device().synchronize()?;
     let t1 = Instant::now();
     let mut seqs: Vec<GpuShadowSeq> = vec![model.compress_shadow(ops, &dense, &layout, &pool, &mut ws)?];
     ops.device().synchronize()?;
     let compress_secs = t1.elapsed().as_secs_f64();
+    let first_stages = ws.take_times()?;
+    let t2 = Instant::now();
     for _ in 1..batch {
         seqs.push(model.compress_shadow(ops, &dense, &layout, &pool, &mut ws)?);
     }
     ops.device().synchronize()?;
-    drop(dense);
+    let compress_secs_mean = (compress_secs + t2.elapsed().as_secs_f64()) / batch as f64;
+    let mut all_stages = ws.take_times()?;
+    all_stages.add(&first_stages);
+    let (first_ms, mean_ms) = (first_stages.per_compression(), all_stages.per_compression());
+    let share = |secs: f64| secs / (prefill_secs + secs);
+    eprintln!(
+        "[context {ctx}, ShadowKV compression: first {compress_secs:.3} s ({:.1} % of prefill + compression), \
+         mean of {batch} {compress_secs_mean:.3} s ({:.1} %); ms by stage summed over layers, first / mean (GPU \
+         events; eigenvectors-host by the host's clock, part of eigenvectors): {}]",
+        100.0 * share(compress_secs),
+        100.0 * share(compress_secs_mean),
+        first_ms
+            .iter()
+            .map(|(name, ms)| {
+                let mean = mean_ms.iter().find(|(n, _)| n == name).map_or(0.0, |m| m.1);
+                format!("{name} {ms:.1} / {mean:.1}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let stage_json = |ms: &[(&str, f64)]| {
+        ms.iter()
+            .map(|(n, v)| (n.to_string(), serde_json::json!(v)))
+            .collect::<serde_json::Map<_, _>>()
+    };
+    let compress_stage_ms = serde_json::json!({"first": stage_json(&first_ms), "mean": stage_json(&mean_ms)});
+    drop((dense, ws));
     ops_dev.release_memory()?;
     drop(lane);
     let fixed = serde_json::json!({
@@ -161,7 +192,8 @@ pub fn run(
         "settings": {"budget": p.budget, "rank": p.rank, "chunk_size": p.chunk_size,
                      "outlier_chunks": p.outlier_chunks, "local_chunks": p.local_chunks},
         "prefill_secs": prefill_secs, "compress_secs": compress_secs,
-        "compress_share": compress_secs / (prefill_secs + compress_secs),
+        "compress_share": share(compress_secs), "compress_secs_mean": compress_secs_mean,
+        "compress_share_mean": share(compress_secs_mean), "compress_stage_ms": compress_stage_ms,
         "pcie_bytes_per_s_assumed": PCIE_BYTES_PER_S,
         "host_pool_gib": pool.pool().bytes() as f64 / (1u64 << 30) as f64, "pool_register_secs": register_secs,
         "gpu_fit": gpu_fit, "host_fit": host_fit, "value_fetch": fetch.label(),

@@ -21,6 +21,10 @@
 //! each, accumulating in fp32 in pieces of at most [`U_PIECE`] values, each then rounded
 //! once to bf16: `u` is `bf16(K·svᵀ)` with the fp32 `sv`, as the fold projects later keys
 //! (`shadow_fold_project`).
+//!
+//! With [`FactorWorkspace::time_steps`] on, each call records an event on the stream at
+//! the end of each [`FactorStep`] and adds up the host's time on the eigenvectors' small
+//! matrices (no synchronisation added; `bench` reads them).
 
 use crate::cuda::device::CudaDevice;
 use crate::cuda::ops::{check_len, i32_of, CudaOps};
@@ -28,9 +32,12 @@ use crate::shadow::factor::top_eigenvectors;
 use crate::shadow::subspace::{gaussian_block, top_subspace, BlockOps, SubspacePlan, OVERSAMPLING, RIDGE};
 use anyhow::{ensure, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaEvent, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
 use half::bf16;
 use nalgebra::DMatrix;
+use std::time::{Duration, Instant};
 
 /// Widths up to which [`FactorMethod::Auto`] takes the exact eigendecomposition: the
 /// host's f64 eigendecomposition costs about as much as the randomised path's host work
@@ -70,11 +77,37 @@ impl FactorMethod {
     }
 }
 
+/// The steps of [`CudaOps::shadow_factorize`], as [`FactorWorkspace::time_steps`] marks
+/// their ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FactorStep {
+    /// `G = KᵀK` (and, on the randomised path, its symmetric f64 copy).
+    Gram,
+    /// The top eigenvectors of `G`: the subspace iteration with its host round trips, or
+    /// `G` to the host and its eigendecomposition there.
+    Eigenvectors,
+    /// `sv`, its bf16 terms and the coefficients `u`.
+    Coefficients,
+}
+
+/// What the factorisations timed since the last [`FactorWorkspace::take_timing`].
+#[derive(Default)]
+pub struct FactorTiming {
+    /// An event on the stream at the end of each step, in order.
+    pub marks: Vec<(FactorStep, CudaEvent)>,
+    /// The host's own work on the eigenvectors: the `[l, l]` factorisations of the
+    /// subspace iteration (its waits for the device and copies excluded), or the whole
+    /// exact eigendecomposition.
+    pub host: Duration,
+}
+
 /// The device scratch of [`CudaOps::shadow_factorize`], grown on demand and kept, so that
 /// the factorisation of every layer of a prefill allocates once.
 #[derive(Default)]
 pub struct FactorWorkspace {
     method: FactorMethod,
+    /// Step timing, when on.
+    timing: Option<FactorTiming>,
     /// `G` in fp32, `[kvd, kvd]`.
     gram: Option<CudaSlice<f32>>,
     /// `(G + Gᵀ)/2 + ridge·I` in f64, `[kvd, kvd]` (randomised path).
@@ -106,6 +139,35 @@ impl FactorWorkspace {
         FactorWorkspace {
             method,
             ..Self::default()
+        }
+    }
+
+    /// Turns step timing on (events at the ends of the steps, host timers; nothing
+    /// waits) or off (and drops what was timed).
+    pub fn time_steps(&mut self, on: bool) {
+        self.timing = on.then(FactorTiming::default);
+    }
+
+    /// What was timed since the last call (empty with timing off); the events are read
+    /// once the stream has passed them.
+    pub fn take_timing(&mut self) -> FactorTiming {
+        self.timing.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// With timing on, records the end of `step` on `ops`'s stream.
+    fn mark(&mut self, ops: &CudaOps, step: FactorStep) -> Result<()> {
+        if let Some(t) = &mut self.timing {
+            let e = ops.device().event(true)?;
+            e.record(ops.device().stream())?;
+            t.marks.push((step, e));
+        }
+        Ok(())
+    }
+
+    /// With timing on, adds `d` to the host's time on the eigenvectors.
+    fn add_host(&mut self, d: Duration) {
+        if let Some(t) = &mut self.timing {
+            t.host += d;
         }
     }
 
@@ -176,7 +238,7 @@ impl CudaOps {
         check_len("factorisation: keys", kpre.len(), rows * kvd)?;
         check_len("factorisation: sv", sv.len(), rank * kvd)?;
         check_len("factorisation: u", u.len(), u_rows * rank)?;
-        let (rows_i, kvd_i, rank_i) = (i32_of("rows", rows)?, i32_of("kvd", kvd)?, i32_of("rank", rank)?);
+        let (rows_i, kvd_i) = (i32_of("rows", rows)?, i32_of("kvd", kvd)?);
         let dev = self.device();
         let s = dev.stream();
 
@@ -216,18 +278,19 @@ impl CudaOps {
         let n_sv = rank * kvd;
         grow(dev, &mut ws.sv_hi, n_sv)?;
         grow(dev, &mut ws.sv_lo, n_sv)?;
-        let basis_f64 = match ws.method.resolve(kvd, rank) {
-            FactorMethod::Randomized => {
-                self.factor_randomized(kvd, rank, ws)?;
-                Some(ws.basis.as_ref().expect("written by factor_randomized"))
-            }
-            _ => {
-                let g = dev.download(ws.gram.as_ref().expect("grown above"))?;
-                let basis = top_eigenvectors(&g[..kvd * kvd], kvd, rank)?;
-                s.memcpy_htod(&basis, sv)?;
-                None
-            }
-        };
+        let randomized = ws.method.resolve(kvd, rank) == FactorMethod::Randomized;
+        if randomized {
+            self.factor_randomized(kvd, rank, ws)?;
+        } else {
+            ws.mark(self, FactorStep::Gram)?;
+            let g = dev.download(ws.gram.as_ref().expect("grown above"))?;
+            let t = Instant::now();
+            let basis = top_eigenvectors(&g[..kvd * kvd], kvd, rank)?;
+            ws.add_host(t.elapsed());
+            s.memcpy_htod(&basis, sv)?;
+        }
+        ws.mark(self, FactorStep::Eigenvectors)?;
+        let basis_f64 = randomized.then(|| ws.basis.as_ref().expect("written by factor_randomized"));
 
         // sv (from the f64 basis, or as uploaded) and its bf16 terms hi + lo.
         {
@@ -249,18 +312,32 @@ impl CudaOps {
             }?;
         }
 
-        // u = kpre[..u_rows]·(hi + lo)ᵀ, in pieces of whole rows: column-major,
-        // uᵀ[rank, n] = svᵀ[rank, kvd] (the row-major sv is the column-major [kvd, rank]
-        // matrix, transposed) · kpreᵀ[kvd, n].
+        self.factor_coefficients(kpre, (kvd, rank, u_rows), u, ws)?;
+        ws.mark(self, FactorStep::Coefficients)
+    }
+
+    /// `u = kpre[..u_rows]·(hi + lo)ᵀ` from the terms in `ws`, in pieces of whole rows:
+    /// column-major, `uᵀ[rank, n] = svᵀ[rank, kvd]` (the row-major sv is the column-major
+    /// `[kvd, rank]` matrix, transposed) `· kpreᵀ[kvd, n]`.
+    fn factor_coefficients(
+        &self,
+        kpre: &impl DevicePtr<bf16>,
+        (kvd, rank, u_rows): (usize, usize, usize),
+        u: &mut impl DevicePtrMut<bf16>,
+        ws: &mut FactorWorkspace,
+    ) -> Result<()> {
         if u_rows == 0 {
             return Ok(());
         }
+        let (kvd_i, rank_i) = (i32_of("kvd", kvd)?, i32_of("rank", rank)?);
+        let dev = self.device();
+        let s = dev.stream();
         let piece_rows = (U_PIECE / rank).clamp(1, u_rows);
         let part = grow(dev, &mut ws.u_part, piece_rows * rank)?;
         let (kp, _g1) = kpre.device_ptr(s);
         let (up, _g2) = u.device_ptr_mut(s);
-        let (hp, _g3) = ws.sv_hi.as_ref().expect("grown above").device_ptr(s);
-        let (lp, _g4) = ws.sv_lo.as_ref().expect("grown above").device_ptr(s);
+        let (hp, _g3) = ws.sv_hi.as_ref().expect("grown by shadow_factorize").device_ptr(s);
+        let (lp, _g4) = ws.sv_lo.as_ref().expect("grown by shadow_factorize").device_ptr(s);
         let (pp, _g5) = part.device_ptr_mut(s);
         for first in (0..u_rows).step_by(piece_rows) {
             let n = piece_rows.min(u_rows - first);
@@ -346,31 +423,38 @@ impl CudaOps {
                     .launch(cfg)
             }?;
         }
-        let FactorWorkspace {
-            gram64,
-            omega,
-            y,
-            z,
-            basis,
-            small_out,
-            small_in,
-            ..
-        } = ws;
-        let (gp, _g1) = gram64.as_ref().expect("grown above").device_ptr(s);
-        let (op, _g2) = omega.as_ref().expect("uploaded above").0.device_ptr(s);
-        let (yp, _g3) = y.as_mut().expect("grown above").device_ptr_mut(s);
-        let (zp, _g4) = z.as_mut().expect("grown above").device_ptr_mut(s);
-        let (bp, _g5) = basis.as_mut().expect("grown above").device_ptr_mut(s);
-        let mut blocks = DeviceBlocks {
-            ops: self,
-            g: gp,
-            dim: kvd,
-            width: l,
-            small_out: small_out.as_ref().expect("grown above"),
-            small_in: small_in.as_mut().expect("grown above"),
+        ws.mark(self, FactorStep::Gram)?;
+        let host = {
+            let FactorWorkspace {
+                gram64,
+                omega,
+                y,
+                z,
+                basis,
+                small_out,
+                small_in,
+                ..
+            } = &mut *ws;
+            let (gp, _g1) = gram64.as_ref().expect("grown above").device_ptr(s);
+            let (op, _g2) = omega.as_ref().expect("uploaded above").0.device_ptr(s);
+            let (yp, _g3) = y.as_mut().expect("grown above").device_ptr_mut(s);
+            let (zp, _g4) = z.as_mut().expect("grown above").device_ptr_mut(s);
+            let (bp, _g5) = basis.as_mut().expect("grown above").device_ptr_mut(s);
+            let mut blocks = DeviceBlocks {
+                ops: self,
+                g: gp,
+                dim: kvd,
+                width: l,
+                small_out: small_out.as_ref().expect("grown above"),
+                small_in: small_in.as_mut().expect("grown above"),
+                in_ops: Duration::ZERO,
+            };
+            let (mut yb, mut zb, mut out) = (Block(yp), Block(zp), Block(bp));
+            let t = Instant::now();
+            top_subspace(&mut blocks, &plan, &Block(op), (&mut yb, &mut zb), &mut out)?;
+            t.elapsed().saturating_sub(blocks.in_ops)
         };
-        let (mut yb, mut zb, mut out) = (Block(yp), Block(zp), Block(bp));
-        top_subspace(&mut blocks, &plan, &Block(op), (&mut yb, &mut zb), &mut out)?;
+        ws.add_host(host);
         Ok(())
     }
 }
@@ -396,9 +480,20 @@ struct DeviceBlocks<'a> {
     width: usize,
     small_out: &'a CudaSlice<f64>,
     small_in: &'a mut CudaSlice<f64>,
+    /// Host time spent inside the [`BlockOps`] calls (launches, copies, waits for the
+    /// device): the rest of the iteration's time is the host's own work.
+    in_ops: Duration,
 }
 
 impl DeviceBlocks<'_> {
+    /// `f(self)`, its time added to [`DeviceBlocks::in_ops`].
+    fn timed<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        let t = Instant::now();
+        let r = f(self);
+        self.in_ops += t.elapsed();
+        r
+    }
+
     /// `c[m, n] = op(a)·b` in f64, column-major, with the leading dimensions given.
     fn dgemm(
         &self,
@@ -455,11 +550,30 @@ impl BlockOps for DeviceBlocks<'_> {
     type Block = Block;
 
     fn apply_g(&mut self, x: &Block, out: &mut Block) -> Result<()> {
+        self.timed(|b| b.apply_g_now(x, out))
+    }
+
+    fn inner(&mut self, x: &Block, y: &Block) -> Result<DMatrix<f64>> {
+        self.timed(|b| b.inner_now(x, y))
+    }
+
+    fn solve_upper(&mut self, x: &mut Block, r: &DMatrix<f64>) -> Result<()> {
+        self.timed(|b| b.solve_upper_now(x, r))
+    }
+
+    fn times(&mut self, x: &Block, m: &DMatrix<f64>, out: &mut Block) -> Result<()> {
+        self.timed(|b| b.times_now(x, m, out))
+    }
+}
+
+/// The [`BlockOps`] products themselves (untimed).
+impl DeviceBlocks<'_> {
+    fn apply_g_now(&mut self, x: &Block, out: &mut Block) -> Result<()> {
         let (d, l) = (self.dim, self.width);
         self.dgemm(false, (d, l, d), (self.g, d), (x.0, d), (out.0, d))
     }
 
-    fn inner(&mut self, x: &Block, y: &Block) -> Result<DMatrix<f64>> {
+    fn inner_now(&mut self, x: &Block, y: &Block) -> Result<DMatrix<f64>> {
         let (d, l) = (self.dim, self.width);
         let s = self.ops.device().stream();
         let op = self.small_out.device_ptr(s).0;
@@ -470,7 +584,7 @@ impl BlockOps for DeviceBlocks<'_> {
         Ok(DMatrix::from_vec(l, l, host))
     }
 
-    fn solve_upper(&mut self, x: &mut Block, r: &DMatrix<f64>) -> Result<()> {
+    fn solve_upper_now(&mut self, x: &mut Block, r: &DMatrix<f64>) -> Result<()> {
         let (d, l) = (self.dim, self.width);
         ensure!(
             r.nrows() == l && r.ncols() == l,
@@ -502,7 +616,7 @@ impl BlockOps for DeviceBlocks<'_> {
         Ok(())
     }
 
-    fn times(&mut self, x: &Block, m: &DMatrix<f64>, out: &mut Block) -> Result<()> {
+    fn times_now(&mut self, x: &Block, m: &DMatrix<f64>, out: &mut Block) -> Result<()> {
         let (d, l) = (self.dim, self.width);
         ensure!(
             m.nrows() == l,
