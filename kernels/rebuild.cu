@@ -66,6 +66,22 @@ __device__ __forceinline__ void rb_mma(float (&d)[4], const unsigned (&a)[4], un
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Loads a thread's 16-byte pieces of the u rows of the rank tile from k0 (zero past the
+// rank or for an empty row) into registers, where `vec` (the rank keeps rows 16-byte
+// aligned); nothing otherwise.
+template <int PARTS, int LOADS>
+__device__ __forceinline__ void rb_load_u(uint4 (&ur)[LOADS], const RebuildSmem& s,
+                                          const unsigned short* __restrict__ U, int r, int k0, int tid, bool vec) {
+    if (!vec) return;
+#pragma unroll
+    for (int q = 0; q < LOADS; ++q) {
+        const int i = tid + q * REBUILD_THREADS, row = i / PARTS, k = (i % PARTS) * 8;
+        const int tok = s.tok[row];
+        ur[q] = tok >= 0 && k0 + k < r ? *reinterpret_cast<const uint4*>(U + (size_t)tok * r + k0 + k)
+                                       : make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
 // The block's work once the rows are in s.tok / s.arow, for head dimension D. U: the
 // sequence's u (bf16 bits); SV: its sv from the head's first column (row stride kvd);
 // ak: row 0 of the head's attention keys.
@@ -77,10 +93,13 @@ __device__ __forceinline__ void rebuild_rows(RebuildSmem& s, const unsigned shor
     constexpr int SV_LOADS = REBUILD_K_TILE * QUADS / REBUILD_THREADS;  // a thread's, per tile
     constexpr int U_ROW_STEP = REBUILD_THREADS / REBUILD_K_TILE;        // rows staged at once
     constexpr int U_LOADS = REBUILD_ROWS / U_ROW_STEP;                  // a thread's, per tile
+    constexpr int U_PARTS = REBUILD_K_TILE / 8;                         // 16-byte pieces of a u row's tile
+    constexpr int U_VLOADS = REBUILD_ROWS * U_PARTS / REBUILD_THREADS;  // a thread's, per tile
     constexpr int PAIRS = D / 32;  // rotation pairs of n8 tiles a warp computes
     constexpr int HALF = D / 16;   // n8 tiles of half a head
     static_assert(SV_LOADS * REBUILD_THREADS == REBUILD_K_TILE * QUADS, "sv tile split evenly");
     static_assert(U_LOADS * U_ROW_STEP == REBUILD_ROWS, "u tile split evenly");
+    static_assert(U_VLOADS * REBUILD_THREADS == REBUILD_ROWS * U_PARTS, "u tile split evenly in 16-byte pieces");
     static_assert(REBUILD_ROWS == REBUILD_WARPS / 2 * 32 && D <= REBUILD_MAX_DIM, "warp tiling");
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -98,6 +117,12 @@ __device__ __forceinline__ void rebuild_rows(RebuildSmem& s, const unsigned shor
 #pragma unroll
             for (int e = 0; e < 8; ++e) acc[m][p][e / 4][e % 4] = 0.f;
 
+    // Software pipeline: where the rank keeps u's rows 16-byte aligned, the next rank
+    // tile's u (gathered rows, from HBM) is loaded into registers while this tile's
+    // products run; sv (one matrix a head, mostly in L2) is loaded when staged.
+    const bool vec_u = (r & 7) == 0;
+    uint4 ur[U_VLOADS];
+    rb_load_u<U_PARTS, U_VLOADS>(ur, s, U, r, 0, tid, vec_u);
     for (int k0 = 0; k0 < r; k0 += REBUILD_K_TILE) {
         // Stage the rank tile from k0, zero past the rank or for an empty row: sv split
         // into TF32 hi and lo, u as it is.
@@ -118,12 +143,21 @@ __device__ __forceinline__ void rebuild_rows(RebuildSmem& s, const unsigned shor
             *reinterpret_cast<uint4*>(&s.sv_hi[kk][col]) = hi;
             *reinterpret_cast<uint4*>(&s.sv_lo[kk][col]) = lo;
         }
+        if (vec_u) {
 #pragma unroll
-        for (int q = 0; q < U_LOADS; ++q) {
-            const int row = urow + q * U_ROW_STEP, tok = s.tok[row];
-            s.u[row][uk] = tok >= 0 && k0 + uk < r ? U[(size_t)tok * r + k0 + uk] : 0;
+            for (int q = 0; q < U_VLOADS; ++q) {
+                const int i = tid + q * REBUILD_THREADS, row = i / U_PARTS, k = (i % U_PARTS) * 8;
+                *reinterpret_cast<uint4*>(&s.u[row][k]) = ur[q];
+            }
+        } else {
+#pragma unroll
+            for (int q = 0; q < U_LOADS; ++q) {
+                const int row = urow + q * U_ROW_STEP, tok = s.tok[row];
+                s.u[row][uk] = tok >= 0 && k0 + uk < r ? U[(size_t)tok * r + k0 + uk] : 0;
+            }
         }
         __syncthreads();
+        if (k0 + REBUILD_K_TILE < r) rb_load_u<U_PARTS, U_VLOADS>(ur, s, U, r, k0 + REBUILD_K_TILE, tid, vec_u);
         if (active) {
             // One k-step at a time (32 mma each): unrolled, the loads run ahead and the
             // registers pass the 128 that two blocks an SM allow.
