@@ -82,6 +82,11 @@ fn bench_options_are_checked_by_name() {
             &["--backend", "cuda", "--value-fetch", "sideways"],
             "invalid value 'sideways'",
         ),
+        (&["--gpu-tier", "auto"], "--gpu-tier needs --backend cuda"),
+        (
+            &["--backend", "cuda", "--gpu-tier", "lots"],
+            "the GPU value tier is `off`, `auto` or a number of chunks",
+        ),
     ];
     for (extra, want) in cases {
         let mut args = vec!["bench", "--model", "synthetic:tiny", "--context", "64", "--gen", "2"];

@@ -95,6 +95,15 @@ impl CudaArgs {
         }
     }
 
+    /// Refuses a GPU value tier on the CPU backend (which keeps every value in host
+    /// memory).
+    pub fn cpu_has_no_tier(&self) -> Result<()> {
+        if self.gpu_tier.iter().any(|&t| t != TierSize::Off) {
+            anyhow::bail!("--gpu-tier needs --backend cuda (the CPU backend has no GPU memory to keep values in)");
+        }
+        Ok(())
+    }
+
     /// The one GPU value tier of a command that runs one (`generate`, `eval`).
     pub fn one_tier(&self) -> Result<TierSize> {
         match self.gpu_tier.as_slice() {

@@ -145,6 +145,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.trace.is_some() {
         bail!("--trace needs --backend cuda (it records GPU streams)");
     }
+    a.cuda.cpu_has_no_tier()?;
     let Some(batch) = batch else {
         bail!("--batch auto needs --backend cuda (the CPU benchmark takes a number)");
     };

@@ -122,6 +122,9 @@ fn ruler(a: RulerArgs) -> Result<()> {
     // Option errors before the (long) model load.
     let fetch = a.cuda.one_fetch()?;
     let tier = a.cuda.one_tier()?;
+    if a.backend == Backend::Cpu {
+        a.cuda.cpu_has_no_tier()?;
+    }
     a.cuda.ordinal()?;
     let m = open_model(&a.model)?;
     let (cpu, gpu) = match a.backend {

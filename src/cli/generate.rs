@@ -124,6 +124,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let (load_secs, (mut gens, stats)) = match a.backend {
         Backend::Cpu => {
+            a.cuda.cpu_has_no_tier()?;
             let weights = ModelWeights::load(&m.config, m.source.as_ref(), progress)?;
             let model = CpuModel::new(m.config.clone(), weights);
             let load_secs = t_load.elapsed().as_secs_f64();
