@@ -104,15 +104,11 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
             None => None,
         };
         let need = match &shadow {
-            // Every sequence's ShadowKV state, and one dense prefill of the longest prompt
-            // (keys, values and keys before RoPE).
-            Some(s) => layer_bytes(&s.layout) * m.config().num_layers * max_batch + m.cache_bytes(cache_tokens) * 3 / 2,
+            Some(s) => shadow_need(m, &s.layout, cache_tokens, max_batch),
             None => m.cache_bytes(cache_tokens) * max_batch,
         };
         let (free, _) = m.ops().device().mem_info()?;
-        // Room for the activations of a prefill chunk (on whichever lane prefills) and
-        // each further lane's own scratch and cuBLAS workspace, besides the caches.
-        let margin = (2usize << 30) + (256usize << 20) * (lanes - 1);
+        let margin = memory_margin(lanes);
         if need + margin > free {
             bail!(
                 "{max_batch} sequences of {cache_tokens} tokens need {:.1} GiB of GPU memory for their {}, \
@@ -157,13 +153,13 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
     /// free GPU memory holds once every sequence's state and a prefill fit). Refuses a
     /// tier that does not fit, saying how much it needs and how much is free.
     pub fn with_tier(mut self, tier: TierSize) -> Result<Self> {
-        let layers = self.model().config().num_layers;
-        let cache = self.model().cache_bytes(self.cache_tokens) * 3 / 2;
-        let (free, _) = self.model().ops().device().mem_info()?;
-        let Some(s) = &mut self.shadow else {
+        let m: &CudaModel = self.model.borrow();
+        let layers = m.config().num_layers;
+        let (free, _) = m.ops().device().mem_info()?;
+        let Some(s) = &self.shadow else {
             return Ok(self);
         };
-        let state = layer_bytes(&s.layout) * layers * s.max_batch + cache + (2usize << 30);
+        let state = shadow_need(m, &s.layout, self.cache_tokens, s.max_batch) + memory_margin(self.lanes.len());
         let chunks = match tier {
             TierSize::Off => 0,
             TierSize::Chunks(n) => n,
@@ -180,7 +176,9 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
                 free.saturating_sub(state) as f64 / (1u64 << 30) as f64
             );
         }
-        s.layout = layout;
+        if let Some(s) = &mut self.shadow {
+            s.layout = layout;
+        }
         Ok(self)
     }
 
@@ -451,6 +449,19 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
             value_bytes_fetched: c.fetched() * (sh.layout.chunk * sh.layout.head_dim * 2) as u64,
         })
     }
+}
+
+/// GPU bytes of ShadowKV for `max_batch` sequences of `layout` with room for
+/// `cache_tokens`: every sequence's state, and one dense prefill of the longest prompt
+/// (keys, values and keys before RoPE).
+fn shadow_need(m: &CudaModel, layout: &ShadowLayout, cache_tokens: usize, max_batch: usize) -> usize {
+    layer_bytes(layout) * m.config().num_layers * max_batch + m.cache_bytes(cache_tokens) * 3 / 2
+}
+
+/// GPU bytes kept free besides the caches: the activations of a prefill chunk (on
+/// whichever lane prefills) and each further lane's own scratch and cuBLAS workspace.
+fn memory_margin(lanes: usize) -> usize {
+    (2usize << 30) + (256usize << 20) * lanes.saturating_sub(1)
 }
 
 /// A step's seconds per stage: the growth of a lane's cumulative stage times, the
