@@ -12,6 +12,9 @@
 // shadow_tier_fill, grid (n, kv_heads), block 128: at the end of a prefill, entry x < n of
 // head h takes chunk first + x of the dense values v [T_tokens, kv_heads * d] (one
 // sequence), and the table records it; tier_next[h] = n % T.
+// shadow_tier_fill_pool, the same grid and result, the chunks read from the sequence's
+// slot of the registered host value pool instead (a tier added after the prefill's
+// dense cache is gone): pool [layer][pool_seq][kv_head][chunk][c * d].
 #include <cuda_bf16.h>
 
 #include "pdl.cuh"
@@ -49,6 +52,26 @@ extern "C" __global__ void shadow_tier_fill(ShadowSeqBufs bufs, const __nv_bfloa
         const int t = w / row_words, i = w - t * row_words;
         dst[w] = reinterpret_cast<const uint4*>(v + ((size_t)ch * c + t) * kvd + (size_t)h * d)[i];
     }
+    if (threadIdx.x == 0) {
+        reinterpret_cast<int*>(bufs.tier_owner)[(size_t)h * dims.tier + x] = ch;
+        reinterpret_cast<int*>(bufs.tier_map)[(size_t)h * dims.chunk_cap + ch] = x;
+        if (x == 0) reinterpret_cast<int*>(bufs.tier_next)[h] = n % dims.tier;
+    }
+}
+
+extern "C" __global__ void shadow_tier_fill_pool(ShadowSeqBufs bufs, const __nv_bfloat16* __restrict__ pool, int layer,
+                                                 int pool_seq, int pool_seqs, int pool_chunks, int first,
+                                                 ShadowDims dims) {
+    pdl_wait();
+    pdl_trigger();
+    const int x = blockIdx.x, h = blockIdx.y, n = gridDim.x;
+    const int ch = first + x;
+    const int words = dims.chunk * dims.head_dim / 8;
+    const size_t seq = (size_t)layer * pool_seqs + pool_seq;
+    const uint4* src = reinterpret_cast<const uint4*>(pool + ((seq * dims.kv_heads + h) * pool_chunks + ch) *
+                                                                 dims.chunk * dims.head_dim);
+    uint4* dst = shadow_tier_entry(bufs, dims, h, x);
+    for (int w = threadIdx.x; w < words; w += blockDim.x) dst[w] = src[w];
     if (threadIdx.x == 0) {
         reinterpret_cast<int*>(bufs.tier_owner)[(size_t)h * dims.tier + x] = ch;
         reinterpret_cast<int*>(bufs.tier_map)[(size_t)h * dims.chunk_cap + ch] = x;

@@ -525,6 +525,8 @@ impl TierModel {
 
 #[test]
 fn gpu_value_tier_keeps_its_fifo_and_moves_the_pool_bytes() {
+    // Both fills (from a prefill's dense values, from the pool into a tier added later)
+    // and both fetch paths; the same FIFO model and bytes for each.
     let Some(ops) = ops_or_skip() else { return };
     let dev = ops.device();
     // (kv_heads, d, chunk, S, T, batch): a tier larger than the slots, one smaller (more
@@ -588,12 +590,22 @@ fn gpu_value_tier_keeps_its_fifo_and_moves_the_pool_bytes() {
         let mut finals: Vec<Vec<Vec<u16>>> = Vec::new();
         for gather in [false, true] {
             let path = if gather { "cpu-gather" } else { "zero-copy" };
-            let mut bufs: Vec<LayerBuffers> = (0..batch).map(|_| LayerBuffers::new(&ops, l).unwrap()).collect();
-            // The prefill fills each tier with its newest chunks, from the dense values
-            // `[tokens, kv_heads·d]` (here the pool's chunks laid out token-major).
+            // zero-copy: each tier is made with the buffers and filled at the prefill
+            // with its newest chunks, from the dense values `[tokens, kv_heads·d]` (here
+            // the pool's chunks laid out token-major); cpu-gather: added afterwards and
+            // filled from the pool.
+            let made = if gather { l.with_tier(0).unwrap() } else { l };
+            let mut bufs: Vec<LayerBuffers> = (0..batch).map(|_| LayerBuffers::new(&ops, made).unwrap()).collect();
             let tokens = l.chunk_cap * chunk;
             for (b, buf) in bufs.iter_mut().enumerate() {
                 ops.fill_nan_bf16(&mut buf.av).unwrap();
+                if gather {
+                    buf.add_tier(&ops, tier).unwrap();
+                    assert_eq!(buf.layout(), &l);
+                    // SAFETY: the pool is mapped for the device and the host leaves it alone.
+                    unsafe { ops.shadow_tier_fill_pool(buf, &pool, (0, b), l.chunk_cap) }.unwrap();
+                    continue;
+                }
                 let mut v = vec![bf16::ZERO; tokens * l.kv_width()];
                 for c in 0..l.chunk_cap {
                     for h in 0..kvh {

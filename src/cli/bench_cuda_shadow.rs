@@ -116,28 +116,6 @@ pub fn run(
         None if fit == 0 => bail!("not one ShadowKV sequence of {ctx} tokens fits the GPU and host memory"),
         None => fit,
     };
-    // The tier: the free memory left once the batch's state is in place, less a margin
-    // for the steps' scratch. Every sequence is compressed from the prefill cache, which
-    // is held until the last one is: its memory is not the tier's.
-    let tier = match tier {
-        TierSize::Off => 0,
-        TierSize::Chunks(n) => n,
-        TierSize::Auto => {
-            let left = free.saturating_sub(batch * per_gpu + (4 << 30));
-            tier_chunks_for(&layout, cfg.num_layers, batch, left / 20 * 19)
-        }
-    };
-    let layout = layout.with_tier(tier)?;
-    let (per_gpu_tier, _) = sequence_bytes(&layout, cfg.num_layers)?;
-    let tier_bytes = batch * cfg.num_layers * layout.tier_bytes();
-    ensure!(
-        batch * per_gpu_tier <= free.saturating_sub(2 << 30),
-        "a GPU value tier of {tier} chunks per KV head for {batch} sequences needs {:.1} GiB besides their \
-         {:.1} GiB of ShadowKV state; {:.1} GiB are free",
-        tier_bytes as f64 / (1u64 << 30) as f64,
-        (batch * per_gpu) as f64 / (1u64 << 30) as f64,
-        free as f64 / (1u64 << 30) as f64,
-    );
     let t_reg = Instant::now();
     let pool = GpuValuePool::new(
         model.ops(),
@@ -187,6 +165,29 @@ pub fn run(
     drop((dense, ws));
     ops_dev.release_memory()?;
     drop(lane);
+    // The tier, added once the prefill cache (every sequence was compressed from it) is
+    // gone: at `auto` what the free memory holds, less a margin for the steps' scratch;
+    // filled with each sequence's newest chunks from the pool.
+    let (free, _) = ops_dev.mem_info()?;
+    let tier = match tier {
+        TierSize::Off => 0,
+        TierSize::Chunks(n) => n,
+        TierSize::Auto => tier_chunks_for(&layout, cfg.num_layers, batch, free.saturating_sub(4 << 30) / 20 * 19),
+    };
+    let layout = layout.with_tier(tier)?;
+    let tier_bytes = batch * cfg.num_layers * layout.tier_bytes();
+    ensure!(
+        tier_bytes <= free.saturating_sub(2 << 30),
+        "a GPU value tier of {tier} chunks per KV head for {batch} sequences needs {:.1} GiB; {:.1} GiB are free",
+        tier_bytes as f64 / (1u64 << 30) as f64,
+        free as f64 / (1u64 << 30) as f64,
+    );
+    let t_tier = Instant::now();
+    for s in &mut seqs {
+        s.add_tier(model.ops(), tier, &pool)?;
+    }
+    ops_dev.synchronize()?;
+    let tier_fill_secs = t_tier.elapsed().as_secs_f64();
     let fixed = serde_json::json!({
         "context": ctx, "method": "shadowkv", "batch": batch, "generated": gen,
         "settings": {"budget": p.budget, "rank": p.rank, "chunk_size": p.chunk_size,
@@ -198,6 +199,7 @@ pub fn run(
         "host_pool_gib": pool.pool().bytes() as f64 / (1u64 << 30) as f64, "pool_register_secs": register_secs,
         "gpu_fit": gpu_fit, "host_fit": host_fit, "value_fetch": fetch.label(),
         "gpu_tier_chunks": tier, "gpu_tier_gib": tier_bytes as f64 / (1u64 << 30) as f64,
+        "gpu_tier_fill_secs": tier_fill_secs,
     });
     let mut last = vec![first[0]; batch];
     let mut runs = Vec::with_capacity(micro.len());

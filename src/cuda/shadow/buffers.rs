@@ -96,6 +96,21 @@ impl LayerBuffers {
         &self.layout
     }
 
+    /// Adds an empty GPU value tier of `chunks` entries per KV head to buffers made
+    /// without one; the layout becomes the same with that tier.
+    pub fn add_tier(&mut self, ops: &CudaOps, chunks: usize) -> Result<()> {
+        ensure!(
+            self.tier.is_none(),
+            "these ShadowKV buffers already have a GPU value tier"
+        );
+        let layout = self.layout.with_tier(chunks)?;
+        if chunks > 0 {
+            self.tier = Some(TierBuffers::new(ops, &layout)?);
+        }
+        self.layout = layout;
+        Ok(())
+    }
+
     /// Checks that every buffer still holds its layout's size (the fields are public,
     /// so a buffer may have been replaced).
     pub fn check(&self) -> Result<()> {

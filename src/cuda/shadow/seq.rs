@@ -19,7 +19,7 @@ pub struct GpuShadowSeq {
     layers: Vec<LayerBuffers>,
     counts: SeqCounts,
     len: usize,
-    _lease: PoolLease,
+    lease: PoolLease,
 }
 
 impl GpuShadowSeq {
@@ -46,6 +46,21 @@ impl GpuShadowSeq {
     /// Layers.
     pub fn layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// Adds a GPU value tier of `chunks` entries per layer and KV head to a sequence
+    /// compressed without one, filled with its newest chunks from its slot of `pool`
+    /// (the pool it was compressed into).
+    pub fn add_tier(&mut self, ops: &CudaOps, chunks: usize, pool: &GpuValuePool) -> Result<()> {
+        let dev_pool = pool.device();
+        let slot = self.lease.seq();
+        for (l, bufs) in self.layers.iter_mut().enumerate() {
+            bufs.add_tier(ops, chunks)?;
+            // SAFETY: the pool is registered for the device and this sequence's slot is
+            // its own; the host does not write it.
+            unsafe { ops.shadow_tier_fill_pool(bufs, &dev_pool, (l, slot), self.counts.chunks as usize)? };
+        }
+        Ok(())
     }
 
     /// Device bytes of its buffers.
@@ -379,7 +394,7 @@ impl CudaModel {
             layers,
             counts,
             len: tokens,
-            _lease: lease,
+            lease,
         })
     }
 }

@@ -4,11 +4,12 @@
 //! keeps its table ([`CudaOps::shadow_reuse`]); the fetch writes each chunk it brings
 //! from the host into it ([`CudaOps::shadow_fetch_values`]); [`CudaOps::shadow_tier_copy`]
 //! moves the tier hits into their slots; [`CudaOps::shadow_tier_fill`] fills it with the
-//! newest chunks at the end of a prefill. The values are the pool's bytes: a step gives
+//! newest chunks at the end of a prefill, [`CudaOps::shadow_tier_fill_pool`] from the
+//! host pool for a tier added later ([`crate::cuda::shadow::GpuShadowSeq::add_tier`]). The values are the pool's bytes: a step gives
 //! the same outputs with a tier of any size or none.
 
 use super::buffers::{LayerBuffers, ShadowTable, StepScratch};
-use super::layout::ShadowLayout;
+use super::layout::{DevicePool, ShadowLayout};
 use crate::cuda::ops::{check_len, i32_of, kernel_params, CudaOps};
 use anyhow::{ensure, Result};
 use cudarc::driver::{DevicePtr, LaunchConfig};
@@ -142,6 +143,62 @@ impl CudaOps {
                 &self.k.shadow_tier_fill,
                 cfg,
                 &mut kernel_params![&addrs, &vp, &first, &dims],
+            )
+        }
+    }
+    /// Fills one sequence's tier of layer `layer` with the newest of its `chunks` sparse
+    /// chunks (as many as the tier holds), read from its slot `pool_seq` of the host
+    /// value `pool`: the fill of a tier added after the prefill's dense cache is gone.
+    ///
+    /// # Safety
+    /// `pool.addr` must be the device-mapped address of a live bf16 allocation of
+    /// `pool.shape` (as [`CudaOps::shadow_fetch_values`]), not written by the host
+    /// while the copy runs.
+    pub unsafe fn shadow_tier_fill_pool(
+        &self,
+        bufs: &LayerBuffers,
+        pool: &DevicePool,
+        (layer, pool_seq): (usize, usize),
+        chunks: usize,
+    ) -> Result<()> {
+        let l = bufs.layout();
+        if l.tier == 0 || chunks == 0 {
+            return Ok(());
+        }
+        bufs.check()?;
+        ensure!(
+            chunks <= l.chunk_cap,
+            "tier fill: {chunks} chunks, a sequence holds {}",
+            l.chunk_cap
+        );
+        let counts = super::layout::SeqCounts {
+            chunks: i32_of("tier fill: chunks", chunks)?,
+            pool_seq: i32_of("tier fill: pool slot", pool_seq)?,
+            ..Default::default()
+        };
+        pool.check(l, layer, &[counts])?;
+        let n = chunks.min(l.tier);
+        let (first, li, si, seqs, pc) = (
+            i32_of("tier fill: first chunk", chunks - n)?,
+            i32_of("layer", layer)?,
+            counts.pool_seq,
+            i32_of("pool sequences", pool.shape.seqs)?,
+            i32_of("pool chunks", pool.shape.chunks)?,
+        );
+        let addrs = bufs.addrs(self);
+        let dims = l.dims();
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, l.kv_heads as u32, 1),
+            block_dim: (TIER_FILL_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the buffers hold the layout's tier (checked); the pool serves the
+        // layout, layer and slot (checked), its address is the caller's contract.
+        unsafe {
+            self.launch_pdl(
+                &self.k.shadow_tier_fill_pool,
+                cfg,
+                &mut kernel_params![&addrs, &pool.addr, &li, &si, &seqs, &pc, &first, &dims],
             )
         }
     }
