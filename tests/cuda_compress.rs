@@ -2,13 +2,15 @@
 //! The compression runs the landmarks, outliers, exact rows and pool write on a side
 //! stream beside the factorisation, and times its stages when asked: neither may change
 //! a bit of the state it makes (the same kernels and cuBLAS calls on the same inputs, so
-//! the comparison is exact). Synthetic weights made on the GPU, two layers of
+//! the comparison is exact), nor may factorising the layers on several worker streams at
+//! once, with a workspace made on first use or by `prepare`. Synthetic weights made on
+//! the GPU, six layers of
 //! Llama-3.1-8B's shape (1024 wide: the randomised factorisation) and of SmolLM2's (192:
 //! the exact one), prompts of a few thousand tokens. Without a GPU the test prints that it
 //! skipped.
 
 use half::bf16;
-use shadowkv::cuda::shadow::seq::CompressStage;
+use shadowkv::cuda::shadow::CompressStage;
 use shadowkv::cuda::shadow::{CompressWorkspace, FactorWorkspace, GpuValuePool, LayerBuffers, ShadowLayout};
 use shadowkv::cuda::testing::ops_or_skip;
 use shadowkv::cuda::{CudaModel, CudaOps};
@@ -49,11 +51,12 @@ fn pool_bytes(ops: &CudaOps, pool: &GpuValuePool) -> Vec<u8> {
 }
 
 #[test]
-fn side_stream_and_stage_timing_make_the_state_one_stream_makes() {
+fn side_stream_workers_and_stage_timing_make_the_state_one_stream_makes() {
     for (arch, tokens) in [("llama-3.1-8b", 3000 + 5), ("smollm2-135m", 2000 + 3)] {
         let Some(ops) = ops_or_skip() else { return };
         let mut cfg = preset(arch).unwrap();
-        cfg.num_layers = 2;
+        // More layers than factorisation workers: a worker takes several.
+        cfg.num_layers = 6;
         let model = CudaModel::synthetic(ops, cfg.clone(), 7, false).unwrap();
         let ops = model.ops();
         let ids: Vec<u32> = (0..tokens)
@@ -104,6 +107,9 @@ fn side_stream_and_stage_timing_make_the_state_one_stream_makes() {
         // The compression, timed, then again untimed with the same workspace.
         let mut ws = CompressWorkspace::default();
         ws.time_stages(true);
+        if arch == "llama-3.1-8b" {
+            ws.prepare(ops, &layout).unwrap();
+        }
         for timed in [true, false] {
             if !timed {
                 ws.time_stages(false);

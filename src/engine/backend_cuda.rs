@@ -93,11 +93,15 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
                     "a value pool of {} sequences for a batch of {max_batch}",
                     pool.shape().seqs
                 );
+                // The compression's workers before the memory is counted: their scratch is
+                // held from here on.
+                let mut ws = CompressWorkspace::default();
+                ws.prepare(m.ops(), &layout)?;
                 Some(ShadowGpu {
                     layout,
                     max_batch,
                     pool: GpuValuePool::new(m.ops(), pool)?,
-                    ws: CompressWorkspace::default(),
+                    ws,
                     fetch: FetchPath::ZeroCopy,
                 })
             }

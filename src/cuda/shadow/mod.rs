@@ -18,12 +18,14 @@
 //! - [`tier`]: the GPU value tier, a FIFO cache of chunks' values in free device memory
 //!   that the reuse diff consults before a miss is fetched from the host.
 //! - A sequence ([`seq`]): its buffers of every layer, made from a dense prefill by
-//!   [`crate::cuda::CudaModel::compress_shadow`]; its values in the registered host
+//!   [`crate::cuda::CudaModel::compress_shadow`] ([`compress`]: the factorisation of
+//!   the layers on worker streams beside the rest); its values in the registered host
 //!   pool ([`pool`]).
 //! - [`timeline`]: a step's stage events as spans on its streams (`bench --trace`).
 
 pub mod append;
 pub mod buffers;
+pub mod compress;
 pub mod decode;
 pub mod factor;
 pub mod fetch;
@@ -39,10 +41,11 @@ pub mod tier;
 pub mod timeline;
 
 pub use buffers::{LayerBuffers, ShadowTable, StepScratch};
+pub use compress::{CompressStage, CompressTimes, CompressWorkspace};
 pub use decode::ShadowStep;
 pub use factor::{FactorMethod, FactorWorkspace};
 pub use fetch::{HostMapping, FETCH_BLOCKS};
 pub use layout::{DevicePool, SeqAddrs, SeqCounts, ShadowLayout};
 pub use pool::GpuValuePool;
-pub use seq::{CompressWorkspace, GpuShadowSeq};
+pub use seq::GpuShadowSeq;
 pub use tier::TierSize;
