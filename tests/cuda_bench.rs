@@ -202,3 +202,63 @@ fn flash_prefill_throughput() {
         assert!(got.iter().all(|x| x.is_finite()), "non-finite output at ctx {ctx}");
     }
 }
+
+#[test]
+#[ignore = "benchmark: needs a GPU"]
+fn shadow_selection_bandwidth() {
+    use shadowkv::cuda::shadow::{LayerBuffers, SeqCounts, ShadowLayout, ShadowTable, StepScratch};
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    // Llama-3.1-8B's heads (8 KV heads of 128, groups of 4), chunks of 8 tokens, a
+    // budget of 256 chunks: the bench's batches at 124928 and 61440 tokens, and one
+    // sequence.
+    for (batch, chunks) in [(14usize, 15_616usize), (29, 7_680), (1, 15_616)] {
+        let l = ShadowLayout {
+            kv_heads: 8,
+            head_dim: 128,
+            group: 4,
+            chunk: 8,
+            rank: 16,
+            slots: 256,
+            outliers: 2,
+            local: 2,
+            chunk_cap: chunks + 2,
+            tier: 0,
+        };
+        l.validate().unwrap();
+        let bufs: Vec<LayerBuffers> = (0..batch)
+            .map(|b| {
+                let mut buf = LayerBuffers::new(&ops, l).unwrap();
+                ops.fill_random_bf16(&mut buf.marks, 11 + b as u64, 1.0).unwrap();
+                buf
+            })
+            .collect();
+        let counts = SeqCounts {
+            chunks: chunks as i32,
+            recent: 0,
+            outliers: 0,
+            pool_seq: 0,
+        };
+        let entries: Vec<(&LayerBuffers, SeqCounts)> = bufs.iter().map(|b| (b, counts)).collect();
+        let table = ShadowTable::new(&ops, &entries).unwrap();
+        let mut q = dev.zeros::<bf16>(batch * l.kv_heads * l.group * l.head_dim).unwrap();
+        ops.fill_random_bf16(&mut q, 5, 3.0).unwrap();
+        let mut scratch = StepScratch::new(&ops, &l, batch).unwrap();
+        let mut selected = dev.zeros::<i32>(batch * l.kv_heads * l.slots).unwrap();
+        let (med, lo, hi) = time_ms(&ops, 3, 30, || ops.shadow_scores(&table, &q, &mut scratch).unwrap());
+        let marks = (batch * chunks * l.kv_heads * l.head_dim * 2) as f64;
+        let gbs = marks / (med * 1e-3) / 1e9;
+        eprintln!(
+            "BENCH shadow_scores batch={batch} chunks={chunks} kv_heads=8 d=128 group=4 landmark_bytes={marks:.3e} \
+             median_ms={med:.4} min_ms={lo:.4} max_ms={hi:.4} GB/s={gbs:.0} of_hbm={:.2}",
+            gbs / HBM_GBS
+        );
+        let (med, lo, hi) = time_ms(&ops, 3, 30, || {
+            ops.shadow_top_k(&table, &scratch.scores, &mut selected).unwrap()
+        });
+        eprintln!(
+            "BENCH shadow_top_k batch={batch} chunks={chunks} kv_heads=8 slots=256 median_ms={med:.4} min_ms={lo:.4} \
+             max_ms={hi:.4}"
+        );
+    }
+}
