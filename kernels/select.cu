@@ -12,7 +12,12 @@
 // read once, by as many blocks as the batch has tiles, SELECT_BATCH rounds of loads
 // issued before their dot products. The queries sit in shared memory as float4 pieces
 // interleaved by lane (the eight lanes of a chunk read 128 consecutive bytes), each
-// piece read once per SELECT_BATCH rounds.
+// piece read once per SELECT_BATCH rounds. Nsight Compute (14 x 15616 chunks) found the
+// kernel issue-bound (71 % of issue slots busy at 2.1 TB/s), so each landmark piece is
+// converted to f32 once for every query head, the lane's dims are a compile-time count
+// (logits_tile<PER>), and the exponentials are __expf (the accurate expf took a fifth
+// of the instructions): 226 -> 213 us, now bound by HBM latency (a ring of cp.async
+// rounds in shared memory was slower, 253 us).
 //
 // shadow_softmax, same grid: combines the statistics of the sequence's tiles per query
 // head and writes the scores of its tile, scores [batch, kv_heads, chunk_cap] (entries
@@ -55,16 +60,94 @@ __device__ __forceinline__ float2 softmax_merge(float2 a, float2 b) {
     return make_float2(m, a.y * expf(a.x - m) + b.y * expf(b.x - m));
 }
 
-// Eight bf16 of a 16-byte load, times eight query values from shared memory, summed.
-__device__ __forceinline__ float dot8(uint4 raw, const float* q) {
-    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&raw);
-    float acc = 0.f;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        const float2 f = __bfloat1622float2(p[e]);
-        acc += q[2 * e] * f.x + q[2 * e + 1] * f.y;
+// The running softmax statistics (max, sum of exp(x - max)) with one more value x.
+__device__ __forceinline__ void softmax_push(float2& st, float x) {
+    if (x > st.x) {
+        st.y = st.y * __expf(st.x - x) + 1.f;  // exp(-inf - x) = 0 on the first value
+        st.x = x;
+    } else {
+        st.y += __expf(x - st.x);
     }
-    return acc;
+}
+
+// The body of shadow_logits for PER = d / SELECT_LANES dims per lane (8 or 16: one or
+// two 16-byte loads), so that every loop over a lane's dims unrolls without a branch.
+template <int PER>
+__device__ __forceinline__ void logits_tile(float* __restrict__ out, float2& st, const float4* __restrict__ qs4,
+                                            const __nv_bfloat16* __restrict__ marks,
+                                            const unsigned char* __restrict__ excl, int ch0, int end, int kvd, int g,
+                                            int sub, int grp, float scale) {
+    constexpr int PIECES = PER / 4;  // float4 pieces of the lane's dims
+    constexpr int LOADS = PER / 8;   // 16-byte loads of the lane's landmark dims
+    // The trip count is the block's, so every lane of a warp takes part in the shuffles.
+    // The landmarks of SELECT_BATCH rounds are loaded before any is used, so that many
+    // 16-byte loads per lane are in flight at once.
+    for (int base = ch0; base < end; base += SELECT_BATCH * (SELECT_THREADS / SELECT_LANES)) {
+        uint4 raw[SELECT_BATCH][LOADS];
+#pragma unroll
+        for (int u = 0; u < SELECT_BATCH; ++u) {
+            const int ch = base + u * (SELECT_THREADS / SELECT_LANES) + grp;
+            const uint4* src = reinterpret_cast<const uint4*>(marks + (size_t)(ch < end ? ch : ch0) * kvd);
+#pragma unroll
+            for (int i = 0; i < LOADS; ++i) raw[u][i] = src[i];
+        }
+        float acc[SELECT_BATCH][SELECT_MAX_GROUP];
+#pragma unroll
+        for (int u = 0; u < SELECT_BATCH; ++u)
+#pragma unroll
+            for (int j = 0; j < SELECT_MAX_GROUP; ++j) acc[u][j] = 0.f;
+        // Piece m (dims 4m .. 4m+3 of the lane's) of each round's landmark converted once,
+        // then applied to every query head's piece m (read once for the rounds).
+#pragma unroll
+        for (int m = 0; m < PIECES; ++m) {
+            float4 f[SELECT_BATCH];
+#pragma unroll
+            for (int u = 0; u < SELECT_BATCH; ++u) {
+                const uint4 r = raw[u][m / 2];
+                const unsigned int w0 = (m & 1) ? r.z : r.x, w1 = (m & 1) ? r.w : r.y;
+                // bf16 to f32 is a shift of the bits into the high half.
+                f[u] = make_float4(__uint_as_float(w0 << 16), __uint_as_float(w0 & 0xffff0000u),
+                                   __uint_as_float(w1 << 16), __uint_as_float(w1 & 0xffff0000u));
+            }
+#pragma unroll
+            for (int j = 0; j < SELECT_MAX_GROUP; ++j) {
+                if (j < g) {
+                    const float4 qv = qs4[(j * PIECES + m) * SELECT_LANES + sub];
+#pragma unroll
+                    for (int u = 0; u < SELECT_BATCH; ++u) {
+                        float a = acc[u][j];
+                        a = fmaf(qv.x, f[u].x, a);
+                        a = fmaf(qv.y, f[u].y, a);
+                        a = fmaf(qv.z, f[u].z, a);
+                        a = fmaf(qv.w, f[u].w, a);
+                        acc[u][j] = a;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < SELECT_BATCH; ++u) {
+            const int ch = base + u * (SELECT_THREADS / SELECT_LANES) + grp;
+            float mine = SELECT_NEG_INF;
+#pragma unroll
+            for (int j = 0; j < SELECT_MAX_GROUP; ++j) {
+                if (j < g) {
+                    float a = acc[u][j];
+#pragma unroll
+                    for (int o = SELECT_LANES / 2; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+                    if (j == sub) mine = a * scale;
+                }
+            }
+            if (ch < end && sub < g) {
+                if (excl[ch] != 0) {
+                    out[(size_t)ch * g + sub] = SELECT_NEG_INF;
+                } else {
+                    out[(size_t)ch * g + sub] = mine;
+                    softmax_push(st, mine);
+                }
+            }
+        }
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
@@ -101,72 +184,10 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
     // Lane `sub` keeps the statistics of query head j = sub.
     float2 st = make_float2(SELECT_NEG_INF, 0.f);
     const int end = min(n, ch0 + SELECT_TILE);
-    // The trip count is the block's, so every lane of a warp takes part in the shuffles.
-    // The landmarks of SELECT_BATCH rounds are loaded before any is used, so that many
-    // 16-byte loads per lane are in flight at once (the kernel is bound by HBM latency
-    // otherwise: each round's shuffles would wait for its own loads).
-    for (int base = ch0; base < end; base += SELECT_BATCH * (SELECT_THREADS / SELECT_LANES)) {
-        uint4 r0[SELECT_BATCH], r1[SELECT_BATCH];
-#pragma unroll
-        for (int u = 0; u < SELECT_BATCH; ++u) {
-            const int ch = base + u * (SELECT_THREADS / SELECT_LANES) + grp;
-            const uint4* src = reinterpret_cast<const uint4*>(marks + (size_t)(ch < end ? ch : ch0) * kvd);
-            r0[u] = src[0];
-            r1[u] = per > 8 ? src[1] : make_uint4(0u, 0u, 0u, 0u);
-        }
-        // Dot products: each query piece read once and applied to the round's chunks.
-        float acc[SELECT_BATCH][SELECT_MAX_GROUP];
-#pragma unroll
-        for (int u = 0; u < SELECT_BATCH; ++u)
-#pragma unroll
-            for (int j = 0; j < SELECT_MAX_GROUP; ++j) acc[u][j] = 0.f;
-#pragma unroll
-        for (int j = 0; j < SELECT_MAX_GROUP; ++j) {
-            if (j >= g) break;
-#pragma unroll
-            for (int m = 0; m < SELECT_MAX_DIM / SELECT_LANES / 4; ++m) {
-                if (m >= pieces) break;
-                const float4 qv = qs4[(j * pieces + m) * SELECT_LANES + sub];
-#pragma unroll
-                for (int u = 0; u < SELECT_BATCH; ++u) {
-                    // Piece m: dims 4m .. 4m+3 of the lane's, in r0 (m < 2) or r1.
-                    const uint4 raw = m < 2 ? r0[u] : r1[u];
-                    const unsigned int w0 = (m & 1) ? raw.z : raw.x, w1 = (m & 1) ? raw.w : raw.y;
-                    const float2 f0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w0));
-                    const float2 f1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w1));
-                    float a = acc[u][j];
-                    a = fmaf(qv.x, f0.x, a);
-                    a = fmaf(qv.y, f0.y, a);
-                    a = fmaf(qv.z, f1.x, a);
-                    a = fmaf(qv.w, f1.y, a);
-                    acc[u][j] = a;
-                }
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < SELECT_BATCH; ++u) {
-            const int ch = base + u * (SELECT_THREADS / SELECT_LANES) + grp;
-            const bool valid = ch < end;
-            const bool out_chunk = valid && excl[ch] != 0;
-            float mine = SELECT_NEG_INF;
-#pragma unroll
-            for (int j = 0; j < SELECT_MAX_GROUP; ++j) {
-                if (j >= g) break;
-                float a = acc[u][j];
-#pragma unroll
-                for (int o = SELECT_LANES / 2; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
-                if (j == sub) mine = a * scale;
-            }
-            if (valid && sub < g) {
-                if (out_chunk) {
-                    out[(size_t)ch * g + sub] = SELECT_NEG_INF;
-                } else {
-                    out[(size_t)ch * g + sub] = mine;
-                    st = softmax_merge(st, make_float2(mine, 1.f));
-                }
-            }
-        }
-    }
+    if (per == 16)
+        logits_tile<16>(out, st, qs4, marks, excl, ch0, end, kvd, g, sub, grp, scale);
+    else
+        logits_tile<8>(out, st, qs4, marks, excl, ch0, end, kvd, g, sub, grp, scale);
     part[grp][sub] = st;
     __syncthreads();
     if (threadIdx.x < g) {
@@ -214,7 +235,7 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
     if (!excl[ch]) {
 #pragma unroll
         for (int j = 0; j < SELECT_MAX_GROUP; ++j)
-            if (j < g) best = fmaxf(best, expf(lg[j] - stat_m[j]) * stat_inv[j]);
+            if (j < g) best = fmaxf(best, __expf(lg[j] - stat_m[j]) * stat_inv[j]);
     }
     scores[row * dims.chunk_cap + ch] = best;
 }
