@@ -277,6 +277,62 @@ fn a_window_covers_only_its_stretch() {
     );
 }
 
+/// --hide-idle leaves out the tracks without a span in the window (here: the second
+/// gather thread, the copy stream and the engine in [4000,6000] µs), in the numbers and
+/// in the picture; the hidden share is the same (idle tracks run nothing).
+#[test]
+fn hide_idle_leaves_out_the_tracks_without_spans() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = numbers_with(&data("trace-overlap.json"), dir.path(), &["--window", "4:6"]);
+    let v = numbers_with(&data("trace-overlap.json"), dir.path(), &["--window", "4:6", "--hide-idle"]);
+    let names: Vec<&str> = v["tracks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["compute stream", "gather 0", "lane 1"]);
+    assert_eq!(v["value_fetch"], all["value_fetch"]);
+    assert_eq!(v["stages"], all["stages"]);
+    let rows = svg_rows(&dir.path().join("trace-overlap.svg"));
+    assert_eq!(
+        labels_and_spans(&rows),
+        [("compute stream", 2), ("gather 0", 1), ("lane 1", 1)].map(|(n, c)| (n.to_string(), c))
+    );
+}
+
+/// A track label longer than the label column keeps its start and its end around a
+/// "…" (labels of one run differ at the end: "…, lane 0 compute", "…, lane 0 fetch"),
+/// and the whole name in its tooltip.
+#[test]
+fn long_track_labels_keep_their_start_and_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = |lane: &str| format!("124928 tokens, zero-copy, GPU tier 11712 (2 micro-batches), {lane}");
+    let trace = json!([
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 1, "args": {"name": name("lane 0 compute")}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 2, "args": {"name": name("lane 0 fetch")}},
+        {"ph": "X", "name": "reconstruct", "pid": 1, "tid": 1, "ts": 0, "dur": 100},
+        {"ph": "X", "name": "fetch", "pid": 1, "tid": 2, "ts": 20, "dur": 100},
+    ]);
+    let path = dir.path().join("long.json");
+    std::fs::write(&path, trace.to_string()).unwrap();
+    let v = numbers(&path, dir.path());
+    assert_eq!(v["value_fetch"]["hidden_ms"], 0.08);
+    let text = std::fs::read_to_string(dir.path().join("long.svg")).unwrap();
+    let rows = svg_rows(&dir.path().join("long.svg"));
+    let labels: Vec<&str> = rows.iter().map(|r| r.label.as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "124928 tokens, zero-copy, G…cro-batches), lane 0 compute",
+            "124928 tokens, zero-copy, G…micro-batches), lane 0 fetch"
+        ]
+    );
+    for lane in ["lane 0 compute", "lane 0 fetch"] {
+        assert!(text.contains(&format!("<title>{}</title>", name(lane))), "{lane}");
+    }
+}
+
 /// What the daemon's trace says, read here independently of the tool: per track its
 /// name and span count, per span name the count and summed duration (µs).
 struct Recorded {
