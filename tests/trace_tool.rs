@@ -284,7 +284,11 @@ fn a_window_covers_only_its_stretch() {
 fn hide_idle_leaves_out_the_tracks_without_spans() {
     let dir = tempfile::tempdir().unwrap();
     let all = numbers_with(&data("trace-overlap.json"), dir.path(), &["--window", "4:6"]);
-    let v = numbers_with(&data("trace-overlap.json"), dir.path(), &["--window", "4:6", "--hide-idle"]);
+    let v = numbers_with(
+        &data("trace-overlap.json"),
+        dir.path(),
+        &["--window", "4:6", "--hide-idle"],
+    );
     let names: Vec<&str> = v["tracks"]
         .as_array()
         .unwrap()

@@ -131,11 +131,7 @@ impl CudaOps {
         ensure!(vp % 16 == 0, "tier fill: values address {vp:#x} is not 16-byte aligned");
         let addrs = bufs.addrs(self);
         let dims = l.dims();
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, l.kv_heads as u32, 1),
-            block_dim: (TIER_FILL_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = fill_grid(n, l.kv_heads);
         // SAFETY: the buffers hold the layout's tier (checked), v the prefill's values
         // (checked); entries [0, n) of each head take chunks [first, chunks).
         unsafe {
@@ -146,6 +142,7 @@ impl CudaOps {
             )
         }
     }
+
     /// Fills one sequence's tier of layer `layer` with the newest of its `chunks` sparse
     /// chunks (as many as the tier holds), read from its slot `pool_seq` of the host
     /// value `pool`: the fill of a tier added after the prefill's dense cache is gone.
@@ -187,11 +184,7 @@ impl CudaOps {
         );
         let addrs = bufs.addrs(self);
         let dims = l.dims();
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, l.kv_heads as u32, 1),
-            block_dim: (TIER_FILL_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = fill_grid(n, l.kv_heads);
         // SAFETY: the buffers hold the layout's tier (checked); the pool serves the
         // layout, layer and slot (checked), its address is the caller's contract.
         unsafe {
@@ -201,5 +194,14 @@ impl CudaOps {
                 &mut kernel_params![&addrs, &pool.addr, &li, &si, &seqs, &pc, &first, &dims],
             )
         }
+    }
+}
+
+/// The grid of the tier fills: a block per entry filled (`n`) and KV head.
+fn fill_grid(n: usize, kv_heads: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n as u32, kv_heads as u32, 1),
+        block_dim: (TIER_FILL_THREADS, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
