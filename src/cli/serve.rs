@@ -349,6 +349,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if let Some((_, pool)) = &mut shadow {
         bind_pool(pool, &placement);
     }
+    // The gather actors (cpu-gather on the GPU), whose metrics the server publishes.
+    let mut gatherers: Option<Arc<GatherPool>> = None;
     let model = if let Some(dev) = gpu {
         let model = super::backend::load_cuda_model(dev, &spec, &m, false)?;
         let lanes = match topo.limits.prefill_lane {
@@ -369,7 +371,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
             })
             .map_err(|e| topo.error_at("pipeline.gpu_tier", format!("{e:#}")))?;
         if shadowkv && topo.pipeline.value_fetch == TopoFetch::CpuGather {
-            backend = backend.with_gatherer(Arc::new(gather_pool(&placement)?));
+            let pool = Arc::new(gather_pool(&placement)?);
+            gatherers = Some(pool.clone());
+            backend = backend.with_gatherer(pool);
         }
         Loaded::Cuda(Box::new(backend))
     } else {
@@ -435,7 +439,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
         ended: engine_ended,
         grace,
     };
-    let served = rt.block_on(serve(state, keys, drain, std_listener, metrics_listener, prometheus));
+    let served = rt.block_on(serve(
+        state,
+        keys,
+        drain,
+        (std_listener, metrics_listener),
+        prometheus,
+        gatherers,
+    ));
     engine.shutdown(Duration::ZERO);
     if !matches!(rt.block_on(joined), Ok(Ok(()))) {
         bail!("the engine thread panicked");
@@ -507,14 +518,15 @@ impl Drain {
     }
 }
 
-/// Serves until a signal, then drains (see [`Drain::on_signal`]).
+/// Serves until a signal, then drains (see [`Drain::on_signal`]); every 5 s the
+/// recorder's upkeep runs and the gather actors' metrics are published.
 async fn serve(
     state: Arc<AppState>,
     keys: ApiKeys,
     drain: Drain,
-    listener: std::net::TcpListener,
-    metrics_listener: Option<std::net::TcpListener>,
+    (listener, metrics_listener): (std::net::TcpListener, Option<std::net::TcpListener>),
     prometheus: metrics_exporter_prometheus::PrometheusHandle,
+    gatherers: Option<Arc<GatherPool>>,
 ) -> Result<()> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -529,6 +541,9 @@ async fn serve(
         loop {
             tick.tick().await;
             prometheus.run_upkeep();
+            if let Some(g) = &gatherers {
+                g.publish_metrics();
+            }
         }
     });
     if let Some(ml) = metrics_listener {

@@ -51,6 +51,14 @@ struct Counters {
     panicked: AtomicBool,
 }
 
+/// An actor's busy time at an instant ([`Actor::busy_mark`]): plain data a publisher
+/// keeps between two readings of the busy ratio.
+#[derive(Clone, Copy, Debug)]
+pub struct BusyMark {
+    busy_ns: u64,
+    at: Instant,
+}
+
 /// The handle of a running actor: its inbox's sending side and its thread.
 pub struct Actor<M: Send + 'static> {
     name: String,
@@ -129,6 +137,24 @@ impl<M: Send + 'static> Actor<M> {
         let life = self.counters.started.elapsed().max(Duration::from_nanos(1));
         let busy = Duration::from_nanos(self.counters.busy_ns.load(Ordering::Relaxed));
         (busy.as_secs_f64() / life.as_secs_f64()).min(1.0)
+    }
+
+    /// Where the actor's busy time stands now, for [`Actor::busy_ratio_since`].
+    pub fn busy_mark(&self) -> BusyMark {
+        BusyMark {
+            busy_ns: self.counters.busy_ns.load(Ordering::Relaxed),
+            at: Instant::now(),
+        }
+    }
+
+    /// The share of the time since `mark` the actor spent in its handler (0 to 1, a
+    /// handler still running counted once it returns), and moves `mark` to now.
+    pub fn busy_ratio_since(&self, mark: &mut BusyMark) -> f64 {
+        let now = self.busy_mark();
+        let span = now.at.duration_since(mark.at).max(Duration::from_nanos(1));
+        let busy = Duration::from_nanos(now.busy_ns.saturating_sub(mark.busy_ns));
+        *mark = now;
+        (busy.as_secs_f64() / span.as_secs_f64()).min(1.0)
     }
 
     /// Closes the inbox, lets the actor handle what is queued and waits for its thread.

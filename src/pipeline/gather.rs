@@ -7,7 +7,8 @@
 //! with a message naming the thread, the other threads finish their ranges, and the
 //! pool keeps serving the next call.
 
-use super::actor::{panic_message, Actor, ActorSpec};
+use super::actor::{panic_message, Actor, ActorSpec, BusyMark};
+use crate::telemetry as tm;
 use anyhow::{anyhow, ensure, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use std::ops::Range;
@@ -43,6 +44,8 @@ impl Drop for Answers {
 /// N pinned gather threads.
 pub struct GatherPool {
     threads: Vec<Actor<Part>>,
+    /// Each thread's busy time at the last [`GatherPool::publish_metrics`].
+    marks: std::sync::Mutex<Vec<BusyMark>>,
 }
 
 impl GatherPool {
@@ -68,12 +71,25 @@ impl GatherPool {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(GatherPool { threads })
+        let marks = std::sync::Mutex::new(threads.iter().map(Actor::busy_mark).collect());
+        Ok(GatherPool { threads, marks })
     }
 
     /// Threads in the pool.
     pub fn threads(&self) -> usize {
         self.threads.len()
+    }
+
+    /// Sets, per thread (label `actor`: `gather-i`), the share of the time since the
+    /// last call it spent gathering ([`tm::ACTOR_BUSY_RATIO`]) and the parts waiting in
+    /// its inbox ([`tm::ACTOR_INBOX_DEPTH`]), on the installed metrics recorder.
+    pub fn publish_metrics(&self) {
+        let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        for (t, mark) in self.threads.iter().zip(marks.iter_mut()) {
+            let actor = t.name().to_string();
+            metrics::gauge!(tm::ACTOR_BUSY_RATIO, "actor" => actor.clone()).set(t.busy_ratio_since(mark));
+            metrics::gauge!(tm::ACTOR_INBOX_DEPTH, "actor" => actor).set(t.depth() as f64);
+        }
     }
 
     /// Runs `work` on contiguous ranges covering `0..n` (one per thread, in order, none

@@ -43,6 +43,12 @@ pub const VALUE_BYTES_FETCHED: &str = "shadowkv_value_bytes_fetched_total";
 /// Share of selected value chunks already resident (ShadowKV reuse cache).
 pub const REUSE_HIT_RATIO: &str = "shadowkv_reuse_hit_ratio";
 
+/// Share of the time an actor thread spent handling messages since the previous
+/// reading (label `actor`, e.g. `gather-0`; published every 5 s).
+pub const ACTOR_BUSY_RATIO: &str = "shadowkv_actor_busy_ratio";
+/// Messages waiting in an actor's inbox (label `actor`).
+pub const ACTOR_INBOX_DEPTH: &str = "shadowkv_actor_inbox_depth";
+
 /// Every metric name, for documentation and tests.
 pub const ALL: &[&str] = &[
     STAGE_SECONDS,
@@ -60,6 +66,8 @@ pub const ALL: &[&str] = &[
     GPU_BYTES,
     VALUE_BYTES_FETCHED,
     REUSE_HIT_RATIO,
+    ACTOR_BUSY_RATIO,
+    ACTOR_INBOX_DEPTH,
 ];
 
 /// Histogram buckets of the latency metrics, in seconds.
@@ -141,6 +149,16 @@ fn describe() {
         REUSE_HIT_RATIO,
         Unit::Count,
         "Share of selected value chunks already resident (ShadowKV)"
+    );
+    describe_gauge!(
+        ACTOR_BUSY_RATIO,
+        Unit::Count,
+        "Share of the last 5 s an actor thread spent handling messages (label actor)"
+    );
+    describe_gauge!(
+        ACTOR_INBOX_DEPTH,
+        Unit::Count,
+        "Messages waiting in an actor's inbox (label actor)"
     );
     describe_counter!(PROMPT_TOKENS, Unit::Count, "Prompt tokens of admitted requests");
     describe_counter!(GENERATED_TOKENS, Unit::Count, "Generated tokens");
