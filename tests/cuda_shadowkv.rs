@@ -35,6 +35,7 @@ use shadowkv::model::tokenizer::TextTokenizer;
 use shadowkv::model::weights::ModelWeights;
 use shadowkv::pool::{ValuePool, ValueType};
 use shadowkv::shadow::{Attention, ShadowParams};
+use shadowkv::telemetry::trace::TraceWriter;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -247,7 +248,11 @@ fn engine_with_a_prefill_lane_equals_generate_cuda() {
         max_context,
         prefill_chunk: 256,
     };
-    let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
+    // Traced: the engine's steps and each lane's GPU streams.
+    let dir = tempfile::tempdir().unwrap();
+    let trace_path = dir.path().join("engine.json");
+    let trace = TraceWriter::create(&trace_path, Instant::now()).unwrap();
+    let (engine, join) = spawn_engine(backend, tok.clone(), config, Some(trace)).unwrap();
     let mut rx = engine
         .submit(EngineRequest {
             prompt: ids,
@@ -268,6 +273,51 @@ fn engine_with_a_prefill_lane_equals_generate_cuda() {
     join.join().unwrap();
     assert_eq!(text, want[0].text);
     eprintln!("RESULT shadowkv_engine equal_text={}", text.len());
+    check_gpu_tracks(&trace_path, cfg.num_layers, gen);
+}
+
+/// The engine's trace holds its lanes' GPU streams: on the decoding lane's compute
+/// track one `attention` span per layer and ShadowKV step (every step but the first
+/// token's), with the other stages; on its fetch track one `fetch` per layer and step
+/// (zero-copy); every span inside the run.
+fn check_gpu_tracks(path: &std::path::Path, layers: usize, gen: usize) {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let ev = v.as_array().unwrap();
+    let tid_of = |name: &str| {
+        ev.iter()
+            .find(|e| e["ph"] == "M" && e["args"]["name"] == name)
+            .and_then(|e| e["tid"].as_u64())
+    };
+    let count = |tid: u64, name: &str| {
+        ev.iter()
+            .filter(|e| e["ph"] == "X" && e["tid"] == tid && e["name"] == name)
+            .count()
+    };
+    let (compute, fetch) = (0..2)
+        .filter_map(|lane| {
+            let c = tid_of(&format!("lane {lane} GPU compute"))?;
+            (count(c, "attention") > 0).then(|| (c, tid_of(&format!("lane {lane} GPU fetch"))))
+        })
+        .next()
+        .expect("a lane's GPU compute track with attention spans");
+    let steps = count(compute, "attention") / layers;
+    assert_eq!(count(compute, "attention"), steps * layers, "whole steps");
+    assert!(
+        steps + 1 >= gen - 1 && steps < gen,
+        "{steps} ShadowKV steps for {gen} tokens"
+    );
+    // `mlp` is the dense work before each layer's selection but the first's.
+    for stage in ["scores", "top-k", "reuse", "reconstruct", "mlp"] {
+        assert!(count(compute, stage) >= steps * (layers - 1), "{stage}");
+    }
+    let fetch = fetch.expect("a GPU fetch track (zero-copy)");
+    assert_eq!(count(fetch, "fetch"), steps * layers);
+    let end = ev.iter().filter_map(|e| e["ts"].as_f64()).fold(0.0, f64::max);
+    for e in ev.iter().filter(|e| e["ph"] == "X") {
+        let (ts, dur) = (e["ts"].as_f64().unwrap(), e["dur"].as_f64().unwrap());
+        assert!(ts >= 0.0 && dur >= 0.0 && ts + dur <= end + 1e6, "{e}");
+    }
+    eprintln!("RESULT shadowkv_engine_trace gpu_steps={steps}");
 }
 
 /// Mean score and mean hit rate of one method's results.

@@ -22,7 +22,7 @@ use crate::cuda::graph::{Lane, ShadowSeqInput};
 use crate::cuda::shadow::decode::GatherTimes;
 use crate::cuda::shadow::seq::sequence_bytes;
 use crate::cuda::shadow::tier::tier_chunks_for;
-use crate::cuda::shadow::timeline::{GpuSpan, StreamKind};
+use crate::cuda::shadow::timeline::{GpuSpan, GpuTracks};
 use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout, TierSize};
 use crate::cuda::{CudaModel, GpuSeq, ShadowCounters};
 use crate::engine::sampling::SamplingParams;
@@ -487,27 +487,9 @@ impl BenchTrace {
     /// Adds a lane's spans, in milliseconds from the GPU event that stands for the host
     /// time `anchor`, as the tracks `<label> compute` and `<label> fetch`.
     pub fn lane(&mut self, label: &str, anchor: Instant, spans: &[GpuSpan]) -> Result<()> {
-        let (compute, fetch) = (self.next_tid, self.next_tid + 1);
+        let tids = (self.next_tid, self.next_tid + 1);
         self.next_tid += 2;
-        self.writer.thread_name(compute, &format!("{label} compute"))?;
-        if spans.iter().any(|s| s.stream == StreamKind::Fetch) {
-            self.writer.thread_name(fetch, &format!("{label} fetch"))?;
-        }
-        let at = |ms: f64| anchor + std::time::Duration::from_secs_f64(ms.max(0.0) / 1e3);
-        for s in spans {
-            let tid = match s.stream {
-                StreamKind::Compute => compute,
-                StreamKind::Fetch => fetch,
-            };
-            self.writer.span(
-                tid,
-                s.name,
-                at(s.start_ms),
-                at(s.end_ms),
-                serde_json::json!({"layer": s.layer}),
-            )?;
-        }
-        Ok(())
+        GpuTracks::new(&mut self.writer, label, tids, anchor)?.write(&mut self.writer, spans)
     }
 
     /// Closes the file.

@@ -143,6 +143,11 @@ impl Lane {
         Ok(at)
     }
 
+    /// The spans recorded since the last call, recording on (empty when not tracing).
+    pub fn drain_trace(&mut self) -> Vec<GpuSpan> {
+        self.trace.as_mut().map(|(_, s)| std::mem::take(s)).unwrap_or_default()
+    }
+
     /// Stops recording and returns the spans recorded (empty when not tracing).
     pub fn take_trace(&mut self) -> Vec<GpuSpan> {
         self.trace.take().map(|(_, s)| s).unwrap_or_default()

@@ -15,11 +15,13 @@
 
 use super::sampling::{Sampler, SamplingParams};
 use crate::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput};
+use crate::cuda::shadow::timeline::GpuSpan;
 use crate::model::config::ModelConfig;
 use crate::pool::ValuePool;
 use crate::shadow::{ShadowParams, ShadowStats};
 use anyhow::{bail, ensure, Result};
 use std::borrow::Borrow;
+use std::time::Instant;
 
 /// What a sequence feeds a step.
 #[derive(Debug, Clone, Copy)]
@@ -56,6 +58,9 @@ pub struct StepOutput {
     /// Seconds of GPU time the step spent in each stage, from the GPU's own event
     /// timestamps (ShadowKV steps on the GPU; empty elsewhere).
     pub gpu_stages: Vec<(&'static str, f64)>,
+    /// The step's GPU spans, in milliseconds from its lane's anchor, while the GPU
+    /// timeline is traced ([`StepBackend::start_gpu_trace`]; empty otherwise).
+    pub gpu_spans: Vec<GpuSpan>,
 }
 
 /// Counters a backend may report; zero where it has no such thing.
@@ -112,6 +117,13 @@ pub trait StepBackend: Send {
     /// the step's sampling sequences, and the sequences that failed on their own (an
     /// error of the whole step is an `Err`).
     fn complete(&mut self, lane: usize, ticket: Self::Ticket) -> Result<StepOutput>;
+
+    /// Starts recording the GPU timeline of every lane's steps (each step's spans then
+    /// come in [`StepOutput::gpu_spans`]): per lane, the host time its spans count from;
+    /// none where the backend has no GPU timeline (the default).
+    fn start_gpu_trace(&mut self) -> Result<Vec<Instant>> {
+        Ok(Vec::new())
+    }
 
     /// Backend counters for the metrics.
     fn stats(&self) -> BackendStats {

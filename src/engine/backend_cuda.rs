@@ -416,7 +416,17 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
             tokens,
             failed: Vec::new(),
             gpu_stages: step_stages(&before, &self.lanes[lane].stage_ms),
+            gpu_spans: self.lanes[lane].drain_trace(),
         })
+    }
+
+    /// With ShadowKV (whose lanes time their stages), every lane's timeline from now;
+    /// none with full attention (no stage marks).
+    fn start_gpu_trace(&mut self) -> Result<Vec<std::time::Instant>> {
+        if self.shadow.is_none() {
+            return Ok(Vec::new());
+        }
+        self.lanes.iter_mut().map(|l| l.start_trace()).collect()
     }
 
     fn stats(&self) -> BackendStats {

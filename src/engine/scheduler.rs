@@ -24,6 +24,7 @@
 use super::backend::{SeqSpec, StepBackend, StepInput, StepSeq};
 use super::sampling::SamplingParams;
 use super::text::{FinishReason, SeqText, StopRules};
+use crate::cuda::shadow::timeline::GpuTracks;
 use crate::model::tokenizer::TextTokenizer;
 use crate::telemetry::{self as tm, trace::TraceWriter};
 use std::collections::VecDeque;
@@ -241,6 +242,10 @@ impl EngineHandle {
     }
 }
 
+/// The first trace track of the lanes' GPU streams (lane i: compute `GPU_TRACK_TID +
+/// 2i`, fetch `+ 2i + 1`); the engine is track 1 and lane i's steps track `2 + i`.
+const GPU_TRACK_TID: u64 = 100;
+
 /// Starts the engine thread. `trace`, when given, gets one span per step.
 pub fn spawn_engine<M: StepBackend + 'static>(
     model: M,
@@ -271,6 +276,7 @@ pub fn spawn_engine<M: StepBackend + 'static>(
         running: Vec::new(),
         deadline: None,
         trace,
+        gpu_tracks: Vec::new(),
         lanes,
         next_key: 0,
     };
@@ -380,6 +386,8 @@ struct Engine<M: StepBackend> {
     running: Vec<Seq<M::Seq>>,
     deadline: Option<Instant>,
     trace: Option<TraceWriter>,
+    /// While tracing, each lane's GPU tracks (where the backend has a GPU timeline).
+    gpu_tracks: Vec<GpuTracks>,
     lanes: Vec<LaneQueue<M::Ticket>>,
     next_key: u64,
 }
@@ -395,6 +403,21 @@ impl<M: StepBackend> Engine<M> {
             let _ = t.thread_name(1, "engine");
             for lane in 0..self.lanes.len() {
                 let _ = t.thread_name(2 + lane as u64, &format!("lane {lane}"));
+            }
+            // Each lane's GPU streams on tracks of their own, from their anchors.
+            let tracks = self.model.start_gpu_trace().and_then(|anchors| {
+                anchors
+                    .into_iter()
+                    .enumerate()
+                    .map(|(lane, at)| {
+                        let tids = (GPU_TRACK_TID + 2 * lane as u64, GPU_TRACK_TID + 2 * lane as u64 + 1);
+                        GpuTracks::new(t, &format!("lane {lane} GPU"), tids, at)
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()
+            });
+            match tracks {
+                Ok(g) => self.gpu_tracks = g,
+                Err(e) => tracing::warn!("the trace has no GPU tracks: {e:#}"),
             }
         }
         loop {
@@ -772,6 +795,9 @@ impl<M: StepBackend> Engine<M> {
                 "sampled": decode_rows});
             let _ = tr.span(2 + lane as u64, kind, start, t1, args);
             let _ = tr.span(1, "output", t1, t2, serde_json::json!({"tokens": generated}));
+            if let Some(g) = self.gpu_tracks.get_mut(lane) {
+                let _ = g.write(tr, &out.gpu_spans);
+            }
         }
     }
 

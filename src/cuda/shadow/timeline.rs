@@ -1,10 +1,14 @@
 //! A ShadowKV step's GPU timeline: the stage marks of the compute stream and the fetch
 //! spans of the fetch stream, turned into spans in milliseconds from a lane's anchor
-//! event (for `bench --trace`; the events are the stage timing's, read after the step).
+//! event (the events are the stage timing's, read after the step), and written to a
+//! trace file as a lane's two GPU tracks ([`GpuTracks`]: `bench --trace` and the
+//! daemon's `trace.enabled`).
 
 use super::decode::Stage;
+use crate::telemetry::trace::TraceWriter;
 use anyhow::Result;
 use cudarc::driver::CudaEvent;
+use std::time::{Duration, Instant};
 
 /// Which of a lane's streams a span ran on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +98,56 @@ pub fn step_spans(
     Ok(spans(&marks, &fetches))
 }
 
+/// A lane's two GPU tracks in a trace file: its compute stream and its fetch stream
+/// (named once its first fetch span comes), with the host time its anchor event stands
+/// for.
+pub struct GpuTracks {
+    label: String,
+    anchor: Instant,
+    compute: u64,
+    fetch: u64,
+    fetch_named: bool,
+}
+
+impl GpuTracks {
+    /// Tracks `tids` (compute, fetch) named `<label> compute` and `<label> fetch`, whose
+    /// spans count from the host time `anchor`; names the compute track in `w`.
+    pub fn new(w: &mut TraceWriter, label: &str, (compute, fetch): (u64, u64), anchor: Instant) -> Result<Self> {
+        w.thread_name(compute, &format!("{label} compute"))?;
+        Ok(GpuTracks {
+            label: label.to_string(),
+            anchor,
+            compute,
+            fetch,
+            fetch_named: false,
+        })
+    }
+
+    /// Writes `spans` (milliseconds from the anchor) to their tracks, each with its
+    /// layer.
+    pub fn write(&mut self, w: &mut TraceWriter, spans: &[GpuSpan]) -> Result<()> {
+        if !self.fetch_named && spans.iter().any(|s| s.stream == StreamKind::Fetch) {
+            w.thread_name(self.fetch, &format!("{} fetch", self.label))?;
+            self.fetch_named = true;
+        }
+        let at = |ms: f64| self.anchor + Duration::from_secs_f64(ms.max(0.0) / 1e3);
+        for s in spans {
+            let tid = match s.stream {
+                StreamKind::Compute => self.compute,
+                StreamKind::Fetch => self.fetch,
+            };
+            w.span(
+                tid,
+                s.name,
+                at(s.start_ms),
+                at(s.end_ms),
+                serde_json::json!({"layer": s.layer}),
+            )?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,5 +185,58 @@ mod tests {
         let s = spans(&marks, &[]);
         assert_eq!(s[5].name, "fetch");
         assert_eq!(s.len(), marks.len() - 1);
+    }
+
+    #[test]
+    fn gpu_tracks_write_each_stream_on_its_track_from_the_anchor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.json");
+        let t0 = Instant::now();
+        let mut w = TraceWriter::create(&path, t0).unwrap();
+        let anchor = t0 + Duration::from_millis(10);
+        let mut g = GpuTracks::new(&mut w, "lane 1 GPU", (7, 8), anchor).unwrap();
+        let span = |stream, name, start_ms, end_ms| GpuSpan {
+            stream,
+            name,
+            layer: 3,
+            start_ms,
+            end_ms,
+        };
+        g.write(&mut w, &[span(StreamKind::Compute, "scores", 1.0, 1.5)])
+            .unwrap();
+        g.write(&mut w, &[span(StreamKind::Fetch, "fetch", 2.0, 2.25)]).unwrap();
+        g.write(&mut w, &[span(StreamKind::Fetch, "fetch", 3.0, 3.25)]).unwrap();
+        w.finish().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let ev = v.as_array().unwrap();
+        let names: Vec<(&str, u64)> = ev
+            .iter()
+            .filter(|e| e["ph"] == "M")
+            .map(|e| (e["args"]["name"].as_str().unwrap(), e["tid"].as_u64().unwrap()))
+            .collect();
+        // The fetch track is named once, when its first span comes.
+        assert_eq!(names, [("lane 1 GPU compute", 7), ("lane 1 GPU fetch", 8)]);
+        let spans: Vec<(&str, u64, f64, f64)> = ev
+            .iter()
+            .filter(|e| e["ph"] == "X")
+            .map(|e| {
+                assert_eq!(e["args"]["layer"], 3);
+                (
+                    e["name"].as_str().unwrap(),
+                    e["tid"].as_u64().unwrap(),
+                    e["ts"].as_f64().unwrap(),
+                    e["dur"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(spans.len(), 3);
+        let close = |a: f64, b: f64| (a - b).abs() < 0.01;
+        assert!(spans[0].0 == "scores" && spans[0].1 == 7, "{spans:?}");
+        assert!(close(spans[0].2, 11_000.0) && close(spans[0].3, 500.0), "{spans:?}");
+        assert!(
+            spans[1].0 == "fetch" && spans[1].1 == 8 && close(spans[1].2, 12_000.0),
+            "{spans:?}"
+        );
+        assert!(close(spans[2].2, 13_000.0) && close(spans[2].3, 250.0), "{spans:?}");
     }
 }
