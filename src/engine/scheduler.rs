@@ -793,7 +793,14 @@ impl<M: StepBackend> Engine<M> {
         if let Some(tr) = &mut self.trace {
             let args = serde_json::json!({"sequences": f.members.len(), "prefill_tokens": f.prefill_tokens,
                 "sampled": decode_rows});
-            let _ = tr.span(2 + lane as u64, kind, start, t1, args);
+            // With the lane's GPU streams traced, its decode steps are `step` spans: the
+            // GPU tracks hold their compute, and `tools/trace` counts `decode` as compute.
+            let name = if kind == "decode" && self.gpu_tracks.get(lane).is_some() {
+                "step"
+            } else {
+                kind
+            };
+            let _ = tr.span(2 + lane as u64, name, start, t1, args);
             let _ = tr.span(1, "output", t1, t2, serde_json::json!({"tokens": generated}));
             if let Some(g) = self.gpu_tracks.get_mut(lane) {
                 let _ = g.write(tr, &out.gpu_spans);
