@@ -62,6 +62,7 @@ __device__ __forceinline__ float2 softmax_merge(float2 a, float2 b) {
 
 // The running softmax statistics (max, sum of exp(x - max)) with one more value x.
 __device__ __forceinline__ void softmax_push(float2& st, float x) {
+    if (x == SELECT_NEG_INF) return;  // adds nothing (and exp(-inf - -inf) would be NaN)
     if (x > st.x) {
         st.y = st.y * __expf(st.x - x) + 1.f;  // exp(-inf - x) = 0 on the first value
         st.x = x;

@@ -226,23 +226,27 @@ fn gather_threads_and_rayon_stage_the_same_chunks() {
     assert!(RayonGather.gather(&src, &bad, chunk, &mut one).is_err());
 }
 
-/// The gather actors' metrics: per thread the share of the time since the last
-/// publication spent working (one thread slept 60 ms of a ~120 ms interval, the other
-/// nothing) and its inbox depth, rendered by a real Prometheus recorder.
+/// The gather actors' metrics: per thread the share of the time between two
+/// publications spent working (one thread slept 60 ms of a ~120 ms interval, the other
+/// next to nothing) and its inbox depth, rendered by a real Prometheus recorder.
 #[test]
 fn gather_threads_publish_their_busy_ratio_and_inbox_depth() {
     use metrics_exporter_prometheus::PrometheusBuilder;
     let recorder = PrometheusBuilder::new().build_recorder();
     let handle = recorder.handle();
     let pool = GatherPool::new(2, &[]).unwrap();
-    metrics::with_local_recorder(&recorder, || pool.publish_metrics());
+    // The interval between the two publications lies inside [t0, t0 + span].
     let t0 = Instant::now();
+    metrics::with_local_recorder(&recorder, || pool.publish_metrics());
     // One item: only the first thread gets a range.
     pool.for_each_range(1, &|_| std::thread::sleep(Duration::from_millis(60)))
         .unwrap();
+    // A thread adds its busy time just after it answers, before it takes its next
+    // part: once both have answered an empty part, the sleep is counted.
+    pool.for_each_range(2, &|_| {}).unwrap();
     std::thread::sleep(Duration::from_millis(60));
-    let span = t0.elapsed().as_secs_f64();
     metrics::with_local_recorder(&recorder, || pool.publish_metrics());
+    let span = t0.elapsed().as_secs_f64();
     let text = handle.render();
     let value = |name: &str| -> f64 {
         text.lines()
@@ -251,13 +255,11 @@ fn gather_threads_publish_their_busy_ratio_and_inbox_depth() {
     };
     let busy0 = value("shadowkv_actor_busy_ratio{actor=\"gather-0\"}");
     let busy1 = value("shadowkv_actor_busy_ratio{actor=\"gather-1\"}");
-    // At least the 60 ms slept, over an interval a little longer than `span` (the first
-    // mark was taken just before t0); nothing on the idle thread.
     assert!(
-        busy0 >= 0.06 / (span + 0.05) && busy0 <= 1.0,
-        "gather-0 busy {busy0} over {span} s"
+        busy0 >= 0.06 / span && busy0 <= 1.0,
+        "gather-0 busy {busy0} over at most {span} s"
     );
-    assert_eq!(busy1, 0.0, "gather-1 did nothing");
+    assert!(busy1 < 0.1, "gather-1 only ran an empty part: busy {busy1}");
     for t in ["gather-0", "gather-1"] {
         assert_eq!(
             value(&format!("shadowkv_actor_inbox_depth{{actor=\"{t}\"}}")),

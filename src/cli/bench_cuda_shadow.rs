@@ -148,7 +148,7 @@ pub fn run(
     let share = |secs: f64| secs / prefill_secs;
     eprintln!(
         "[context {ctx}, ShadowKV compression (workers prepared in {prepare_secs:.3} s): first {compress_secs:.3} s \
-         ({:.1} % of the dense prefill), mean of {batch} {compress_secs_mean:.3} s ({:.1} %); ms by stage summed over layers, first / mean (GPU \
+         ({:.1} % of the dense prefill), mean of {batch} {compress_secs_mean:.3} s ({:.1} %); ms by stage summed over layers and workers, first / mean (GPU \
          events; eigenvectors-host by the host's clock, part of eigenvectors): {}]",
         100.0 * share(compress_secs),
         100.0 * share(compress_secs_mean),

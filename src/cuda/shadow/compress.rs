@@ -216,6 +216,8 @@ impl CompressWorkspace {
             w.ops
                 .shadow_factorize(&keys, rows, kvd, rank, rows, &mut sv, &mut u, &mut w.ws)?;
             w.ws.take_timing();
+            // The scratch of a whole sequence's `u`, not just the warm-up's.
+            w.ws.reserve_coefficients(dev, rank, layout.chunk_cap * layout.chunk)?;
             dev.synchronize()?;
         }
         Ok(())
@@ -387,6 +389,14 @@ impl CudaModel {
             }
             Ok(())
         })();
+        if joined.is_err() {
+            // The buffers are freed on `ops`'s stream when this returns: without the
+            // joins, wait from the host until nothing writes them.
+            let _ = side.device().stream().synchronize();
+            for w in workers.iter() {
+                let _ = w.ops.device().stream().synchronize();
+            }
+        }
         factored?;
         joined?;
         mark(&mut marks, ops, CompressStage::SideTail)?;

@@ -171,6 +171,15 @@ impl FactorWorkspace {
         }
     }
 
+    /// Allocates now the scratch of `u` that a factorisation at rank `rank` with up to
+    /// `u_rows` rows of `u` needs, so that it allocates nothing for it later.
+    pub fn reserve_coefficients(&mut self, dev: &CudaDevice, rank: usize, u_rows: usize) -> Result<()> {
+        if rank > 0 && u_rows > 0 {
+            grow(dev, &mut self.u_part, u_piece_rows(rank, u_rows) * rank)?;
+        }
+        Ok(())
+    }
+
     /// Device bytes held.
     pub fn bytes(&self) -> usize {
         fn b<T>(s: &Option<CudaSlice<T>>) -> usize {
@@ -188,6 +197,11 @@ impl FactorWorkspace {
             + b(&self.sv_lo)
             + b(&self.u_part)
     }
+}
+
+/// Rows of `u` accumulated at once: at most [`U_PIECE`] values, at least one row.
+fn u_piece_rows(rank: usize, u_rows: usize) -> usize {
+    (U_PIECE / rank).clamp(1, u_rows)
 }
 
 /// `buf` with at least `n` elements (reallocated, contents lost, when shorter).
@@ -332,7 +346,7 @@ impl CudaOps {
         let (kvd_i, rank_i) = (i32_of("kvd", kvd)?, i32_of("rank", rank)?);
         let dev = self.device();
         let s = dev.stream();
-        let piece_rows = (U_PIECE / rank).clamp(1, u_rows);
+        let piece_rows = u_piece_rows(rank, u_rows);
         let part = grow(dev, &mut ws.u_part, piece_rows * rank)?;
         let (kp, _g1) = kpre.device_ptr(s);
         let (up, _g2) = u.device_ptr_mut(s);
