@@ -51,7 +51,7 @@ pub enum CompressStage {
     Begin,
     /// The layer's buffers allocated and cleared ([`LayerBuffers::new`]).
     Alloc,
-    /// The Gram matrix of the pre-RoPE keys ([`FactorStep::Gram`]).
+    /// The Gram matrix (this and the next two on the workers' streams) of the pre-RoPE keys ([`FactorStep::Gram`]).
     Gram,
     /// Its top eigenvectors ([`FactorStep::Eigenvectors`]; the host's own part is
     /// [`CompressTimes::eigen_host_ms`]).
@@ -69,7 +69,8 @@ pub enum CompressStage {
     /// The side stream waiting for a layer's buffers (the landmarks, outliers, exact
     /// rows and pool write run on a stream of their own, beside the factorisation).
     SideIdle,
-    /// The compression's stream waiting, at the end, for the side stream to finish.
+    /// The compression's stream waiting, at the end, for the side stream and the
+    /// factorisation's workers to finish.
     SideTail,
 }
 
