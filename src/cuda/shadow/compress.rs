@@ -51,7 +51,8 @@ pub enum CompressStage {
     Begin,
     /// The layer's buffers allocated and cleared ([`LayerBuffers::new`]).
     Alloc,
-    /// The Gram matrix (this and the next two on the workers' streams) of the pre-RoPE keys ([`FactorStep::Gram`]).
+    /// The Gram matrix of the pre-RoPE keys ([`FactorStep::Gram`]; this stage and the
+    /// next two run on the factorisation workers' streams).
     Gram,
     /// Its top eigenvectors ([`FactorStep::Eigenvectors`]; the host's own part is
     /// [`CompressTimes::eigen_host_ms`]).
