@@ -1,9 +1,25 @@
-// Small helpers shared by several kernel files: eight packed bf16 values to and from
-// fp32, the order-preserving integer image of a float, and a 64-bit mixing function
-// for reproducible pseudo-random numbers.
+// Small helpers shared by several kernel files: the bf16 tensor-core product, a guarded
+// 16-byte load, eight packed bf16 values to and from fp32, the order-preserving integer
+// image of a float, and a 64-bit mixing function for reproducible pseudo-random numbers.
 // Passed to NVRTC as an in-memory header by src/cuda/nvrtc.rs and tools/nvrtc-check.
 #pragma once
 #include <cuda_bf16.h>
+
+// d += a · b on the tensor cores: a [16 x 16] row-major, b [16 x 8] column-major, bf16
+// in, fp32 accumulate (the fragments of PTX's mma.m16n8k16).
+__device__ __forceinline__ void mma_16816(float (&d)[4], unsigned a0, unsigned a1, unsigned a2,
+                                          unsigned a3, unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Sixteen bytes at p through the read-only cache, or zeros where !ok.
+__device__ __forceinline__ uint4 load16(const __nv_bfloat16* p, bool ok) {
+    return ok ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0u, 0u, 0u, 0u);
+}
 
 // The eight bf16 values of a 16-byte load, as fp32.
 __device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {

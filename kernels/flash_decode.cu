@@ -25,25 +25,13 @@
 // are built from them without shuffles.
 #include <cuda_bf16.h>
 
+#include "common.cuh"
 #include "pdl.cuh"
 
 #define FD_WARPS 4
 #define FD_THREADS (FD_WARPS * 32)
 #define FD_HEADS 8  // query heads per block after padding (mma n)
 #define FD_NEG_INF __int_as_float(0xff800000)
-
-__device__ __forceinline__ void mma_16816(float (&d)[4], unsigned a0, unsigned a1, unsigned a2,
-                                          unsigned a3, unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint4 load16(const __nv_bfloat16* p, bool ok) {
-    return ok ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0u, 0u, 0u, 0u);
-}
 
 __device__ __forceinline__ unsigned word(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;

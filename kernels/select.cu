@@ -7,18 +7,13 @@
 // shadow_logits, grid (tiles, kv_heads, batch), SELECT_THREADS threads: the logits of a
 // tile of SELECT_TILE chunks, logits [batch, kv_heads, chunk_cap, group] (outliers -inf),
 // and the tile's softmax statistics per query head, stats [batch, kv_heads, tile_cap,
-// group] as (max, sum of exp(logit - max)). Eight lanes per chunk, each holding d/8
-// dims of the landmark (16-byte loads), reduced by three shuffles; the landmarks are
-// read once, by as many blocks as the batch has tiles, SELECT_BATCH rounds of loads
-// issued before their dot products. The queries sit in shared memory as float4 pieces
-// interleaved by lane (the eight lanes of a chunk read 128 consecutive bytes), each
-// piece read once per SELECT_BATCH rounds. Nsight Compute (14 x 15616 chunks) found the
-// kernel issue-bound (71 % of issue slots busy at 2.1 TB/s), so each landmark piece is
-// converted to f32 once for every query head, the lane's dims are a compile-time count
-// (logits_tile<PER>), and the exponentials are __expf (the accurate expf took a fifth
-// of the instructions): 226 -> 213 us, now bound by HBM latency (a ring of cp.async
-// rounds in shared memory was slower, 253 us).
-//
+// group] as (max, sum of exp(logit - max)). Each warp takes 32 chunks as two m16 tiles
+// of an mma whose n is the group's query heads (logits_tile). The landmarks are read once,
+// by as many blocks as the batch has tiles. History (14 x 15616 chunks, d 128, group 4,
+// H200): eight lanes a chunk with fp32 FMAs were issue-bound, then latency-bound at 213 us
+// (2.1 TB/s; a ring of cp.async rounds in shared memory was slower, 253 us); the tensor
+// cores leave the kernel little to do but load.
+
 // shadow_softmax, same grid: combines the statistics of the sequence's tiles per query
 // head and writes the scores of its tile, scores [batch, kv_heads, chunk_cap] (entries
 // past the sequence's chunks untouched).
@@ -42,15 +37,14 @@
 
 #define SELECT_THREADS 256
 #define SELECT_TILE 256
-#define SELECT_LANES 8  // lanes per chunk; also the largest group
-#define SELECT_MAX_GROUP 8
-#define SELECT_MAX_DIM 128
-#define SELECT_BATCH 2  // rounds of chunks whose landmarks are loaded together (4: 128 registers)
+#define SELECT_WARPS (SELECT_THREADS / 32)
+#define SELECT_WARP_CHUNKS (SELECT_TILE / SELECT_WARPS)  // two m16 tiles a warp
+#define SELECT_MAX_GROUP 8                                // mma n: query heads 2t, 2t + 1 of t < 4
 #define TOPK_THREADS 1024
 #define SELECT_NEG_INF __int_as_float(0xff800000)
 
 static_assert(SELECT_TILE == SELECT_THREADS, "shadow_softmax scores one chunk per thread");
-static_assert(SELECT_THREADS % 32 == 0 && 32 % SELECT_LANES == 0, "chunk groups stay inside a warp");
+static_assert(SELECT_WARP_CHUNKS == 32, "logits_tile takes two m16 tiles a warp");
 
 // The (max, sum) pair of a softmax over a union of two sets, each given by its own pair.
 __device__ __forceinline__ float2 softmax_merge(float2 a, float2 b) {
@@ -71,81 +65,75 @@ __device__ __forceinline__ void softmax_push(float2& st, float x) {
     }
 }
 
-// The body of shadow_logits for PER = d / SELECT_LANES dims per lane (8 or 16: one or
-// two 16-byte loads), so that every loop over a lane's dims unrolls without a branch.
-template <int PER>
-__device__ __forceinline__ void logits_tile(float* __restrict__ out, float2& st, const float4* __restrict__ qs4,
+// Sixteen bytes at p through the non-coherent cache, issued where the source puts it:
+// asm volatile keeps the loads ahead of the (asm volatile) products, so all of a warp's
+// loads are in flight together (the compiler otherwise sinks them between the mma).
+__device__ __forceinline__ uint4 load16_issued(const __nv_bfloat16* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// The logits of the warp's SELECT_WARP_CHUNKS chunks from c0 (two m16 tiles) for head
+// dimension D, pushed into the thread's softmax statistics st[e] of query head 2*t + e.
+// S = marks · qᵀ on the tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate), A =
+// the landmark rows straight from global memory (16-byte loads, all of the warp's issued
+// before the first product), B = the group's queries held in registers (n = query head,
+// heads past the group zero). Within one mma the order of k is free as long as both
+// operands use the same one: logical k 2t+e of k-step 2i+j is dim 32i + 8t + 4j + e and
+// k 2t+8+e is dim 32i + 8t + 4j + 2 + e, so a thread's 16-byte piece i of a row feeds
+// k-steps 2i and 2i+1 without shuffles (flash_decode.cu reads its keys the same way).
+template <int D>
+__device__ __forceinline__ void logits_tile(float* __restrict__ out, float2 (&st)[2], const __nv_bfloat16* __restrict__ qb,
                                             const __nv_bfloat16* __restrict__ marks,
-                                            const unsigned char* __restrict__ excl, int ch0, int end, int kvd, int g,
-                                            int sub, int grp, float scale) {
-    constexpr int PIECES = PER / 4;  // float4 pieces of the lane's dims
-    constexpr int LOADS = PER / 8;   // 16-byte loads of the lane's landmark dims
-    // The trip count is the block's, so every lane of a warp takes part in the shuffles.
-    // The landmarks of SELECT_BATCH rounds are loaded before any is used, so that many
-    // 16-byte loads per lane are in flight at once.
-    for (int base = ch0; base < end; base += SELECT_BATCH * (SELECT_THREADS / SELECT_LANES)) {
-        uint4 raw[SELECT_BATCH][LOADS];
+                                            const unsigned char* __restrict__ excl, int first, int c0, int end, int kvd,
+                                            int g, float scale) {
+    constexpr int NCH = D / 32;  // 16-byte pieces of a row a thread reads
+    const int lane = threadIdx.x & 31, gi = lane >> 2, t = lane & 3;  // mma groupID, thread in group
+    uint4 qf[NCH];
 #pragma unroll
-        for (int u = 0; u < SELECT_BATCH; ++u) {
-            const int ch = base + u * (SELECT_THREADS / SELECT_LANES) + grp;
-            const uint4* src = reinterpret_cast<const uint4*>(marks + (size_t)(ch < end ? ch : ch0) * kvd);
+    for (int i = 0; i < NCH; ++i) qf[i] = load16(qb + (size_t)(gi < g ? gi : 0) * D + i * 32 + t * 8, gi < g);
+    // Rows past the tile read the block's first chunk instead: a row of the product
+    // depends on its own row of A only, and those rows are not stored.
+    uint4 kr[2][2][NCH];  // [m16 tile][row gi, row gi + 8][piece]
 #pragma unroll
-            for (int i = 0; i < LOADS; ++i) raw[u][i] = src[i];
+    for (int u = 0; u < 2; ++u)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int ch = c0 + 16 * u + 8 * h + gi;
+            const __nv_bfloat16* src = marks + (size_t)(ch < end ? ch : first) * kvd + t * 8;
+#pragma unroll
+            for (int i = 0; i < NCH; ++i) kr[u][h][i] = load16_issued(src + i * 32);
         }
-        float acc[SELECT_BATCH][SELECT_MAX_GROUP];
+    // Both tiles' products before any store, so that no load waits behind a store.
+    float acc[2][4];
 #pragma unroll
-        for (int u = 0; u < SELECT_BATCH; ++u)
+    for (int u = 0; u < 2; ++u) {
 #pragma unroll
-            for (int j = 0; j < SELECT_MAX_GROUP; ++j) acc[u][j] = 0.f;
-        // Piece m (dims 4m .. 4m+3 of the lane's) of each round's landmark converted once,
-        // then applied to every query head's piece m (read once for the rounds).
+        for (int k = 0; k < 4; ++k) acc[u][k] = 0.f;
 #pragma unroll
-        for (int m = 0; m < PIECES; ++m) {
-            float4 f[SELECT_BATCH];
-#pragma unroll
-            for (int u = 0; u < SELECT_BATCH; ++u) {
-                const uint4 r = raw[u][m / 2];
-                const unsigned int w0 = (m & 1) ? r.z : r.x, w1 = (m & 1) ? r.w : r.y;
-                // bf16 to f32 is a shift of the bits into the high half.
-                f[u] = make_float4(__uint_as_float(w0 << 16), __uint_as_float(w0 & 0xffff0000u),
-                                   __uint_as_float(w1 << 16), __uint_as_float(w1 & 0xffff0000u));
-            }
-#pragma unroll
-            for (int j = 0; j < SELECT_MAX_GROUP; ++j) {
-                if (j < g) {
-                    const float4 qv = qs4[(j * PIECES + m) * SELECT_LANES + sub];
-#pragma unroll
-                    for (int u = 0; u < SELECT_BATCH; ++u) {
-                        float a = acc[u][j];
-                        a = fmaf(qv.x, f[u].x, a);
-                        a = fmaf(qv.y, f[u].y, a);
-                        a = fmaf(qv.z, f[u].z, a);
-                        a = fmaf(qv.w, f[u].w, a);
-                        acc[u][j] = a;
-                    }
-                }
-            }
+        for (int i = 0; i < NCH; ++i) {
+            mma_16816(acc[u], kr[u][0][i].x, kr[u][1][i].x, kr[u][0][i].y, kr[u][1][i].y, qf[i].x, qf[i].y);
+            mma_16816(acc[u], kr[u][0][i].z, kr[u][1][i].z, kr[u][0][i].w, kr[u][1][i].w, qf[i].z, qf[i].w);
         }
+    }
+    // acc[u]: (chunk gi, head 2t), (gi, 2t + 1), (gi + 8, 2t), (gi + 8, 2t + 1) of tile u
 #pragma unroll
-        for (int u = 0; u < SELECT_BATCH; ++u) {
-            const int ch = base + u * (SELECT_THREADS / SELECT_LANES) + grp;
-            float mine = SELECT_NEG_INF;
+    for (int u = 0; u < 2; ++u) {
 #pragma unroll
-            for (int j = 0; j < SELECT_MAX_GROUP; ++j) {
-                if (j < g) {
-                    float a = acc[u][j];
+        for (int h = 0; h < 2; ++h) {
+            const int ch = c0 + 16 * u + 8 * h + gi;
+            if (ch >= end) continue;
+            const bool outlier = excl[ch] != 0;
 #pragma unroll
-                    for (int o = SELECT_LANES / 2; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
-                    if (j == sub) mine = a * scale;
-                }
-            }
-            if (ch < end && sub < g) {
-                if (excl[ch] != 0) {
-                    out[(size_t)ch * g + sub] = SELECT_NEG_INF;
-                } else {
-                    out[(size_t)ch * g + sub] = mine;
-                    softmax_push(st, mine);
-                }
+            for (int e = 0; e < 2; ++e) {
+                const int j = 2 * t + e;
+                if (j >= g) continue;
+                const float x = acc[u][2 * h + e] * scale;
+                out[(size_t)ch * g + j] = outlier ? SELECT_NEG_INF : x;
+                if (!outlier) softmax_push(st[e], x);
             }
         }
     }
@@ -157,45 +145,44 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
                   ShadowDims dims, float scale) {
     pdl_wait();
     pdl_trigger();
-    __shared__ float4 qs4[SELECT_MAX_GROUP * SELECT_MAX_DIM / 4];
-    __shared__ float2 part[SELECT_THREADS / SELECT_LANES][SELECT_LANES];
+    __shared__ float2 part[SELECT_WARPS][SELECT_MAX_GROUP];
     const int tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int n = counts[b].chunks, ch0 = tile * SELECT_TILE;
     if (ch0 >= n) return;
     const int d = dims.head_dim, g = dims.group, kvd = dims.kv_heads * d;
-    const int sub = threadIdx.x % SELECT_LANES, grp = threadIdx.x / SELECT_LANES;
-    const int per = d / SELECT_LANES;  // 8 or 16 dims: one or two 16-byte loads
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const size_t row = (size_t)b * dims.kv_heads + h;
     const __nv_bfloat16* qb = q + row * g * d;
-    // Lane `sub` holds dims sub*per .. +per of a landmark, as per/4 float4 pieces; piece
-    // m of query head j sits at (j * pieces + m) * SELECT_LANES + sub, so the eight
-    // lanes of a chunk read 128 consecutive bytes (no bank conflict), once per round.
-    const int pieces = per / 4;
-    for (int i = threadIdx.x; i < g * d / 4; i += blockDim.x) {
-        const int s = i % SELECT_LANES, m = (i / SELECT_LANES) % pieces, j = i / (SELECT_LANES * pieces);
-        const __nv_bfloat16* src = qb + j * d + s * per + 4 * m;
-        qs4[i] = make_float4(__bfloat162float(src[0]), __bfloat162float(src[1]), __bfloat162float(src[2]),
-                             __bfloat162float(src[3]));
-    }
-    __syncthreads();
-    const __nv_bfloat16* marks = reinterpret_cast<const __nv_bfloat16*>(bufs[b].marks) + (size_t)h * d + sub * per;
+    const __nv_bfloat16* marks = reinterpret_cast<const __nv_bfloat16*>(bufs[b].marks) + (size_t)h * d;
     const unsigned char* excl = reinterpret_cast<const unsigned char*>(bufs[b].outlier) + (size_t)h * dims.chunk_cap;
     float* out = logits + row * dims.chunk_cap * g;
 
-    // Lane `sub` keeps the statistics of query head j = sub.
-    float2 st = make_float2(SELECT_NEG_INF, 0.f);
-    const int end = min(n, ch0 + SELECT_TILE);
-    if (per == 16)
-        logits_tile<16>(out, st, qs4, marks, excl, ch0, end, kvd, g, sub, grp, scale);
+    // The thread's statistics of query heads 2t and 2t + 1 over its chunks.
+    float2 st[2] = {make_float2(SELECT_NEG_INF, 0.f), make_float2(SELECT_NEG_INF, 0.f)};
+    const int c0 = ch0 + warp * SELECT_WARP_CHUNKS, end = min(n, ch0 + SELECT_TILE);
+    if (d == 128)
+        logits_tile<128>(out, st, qb, marks, excl, ch0, c0, end, kvd, g, scale);
     else
-        logits_tile<8>(out, st, qs4, marks, excl, ch0, end, kvd, g, sub, grp, scale);
-    part[grp][sub] = st;
+        logits_tile<64>(out, st, qb, marks, excl, ch0, c0, end, kvd, g, scale);
+    // Merged over the warp's eight groups (lanes of one t), then over the warps.
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+#pragma unroll
+        for (int o = 4; o < 32; o <<= 1) {
+            const float2 v = make_float2(__shfl_xor_sync(0xffffffffu, st[e].x, o), __shfl_xor_sync(0xffffffffu, st[e].y, o));
+            st[e] = softmax_merge(st[e], v);
+        }
+    }
+    if (lane < 4) {
+        part[warp][2 * lane] = st[0];
+        part[warp][2 * lane + 1] = st[1];
+    }
     __syncthreads();
     if (threadIdx.x < g) {
-        float2 t = make_float2(SELECT_NEG_INF, 0.f);
-        for (int w = 0; w < SELECT_THREADS / SELECT_LANES; ++w) t = softmax_merge(t, part[w][threadIdx.x]);
+        float2 s = make_float2(SELECT_NEG_INF, 0.f);
+        for (int w = 0; w < SELECT_WARPS; ++w) s = softmax_merge(s, part[w][threadIdx.x]);
         const int tile_cap = (dims.chunk_cap + SELECT_TILE - 1) / SELECT_TILE;
-        stats[(row * tile_cap + tile) * g + threadIdx.x] = t;
+        stats[(row * tile_cap + tile) * g + threadIdx.x] = s;
     }
 }
 
