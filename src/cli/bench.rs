@@ -57,13 +57,14 @@ pub struct BenchArgs {
     /// Prompt tokens per prefill pass (with --backend cuda).
     #[arg(long, default_value_t = 4096)]
     prefill_chunk: usize,
-    /// ShadowKV on the GPU: split the batch into this many micro-batches, each on its
-    /// own CUDA stream, so one waits for its values while another computes; a list
-    /// measures each on the same sequences (comma-separated).
+    /// ShadowKV on the GPU: split each layer's attention into this many micro-batches
+    /// (groups of sequences), so one micro-batch's values cross PCIe while the GPU
+    /// selects and rebuilds keys for the others; the projections and MLP still run once
+    /// for the whole batch. A list measures each on the same sequences (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = vec![1usize])]
     micro_batches: Vec<usize>,
     /// ShadowKV on the GPU: write the GPU timeline of the last decode steps of each run
-    /// (every stage of every layer on each micro-batch's compute and fetch streams, timed
+    /// (every stage of every layer on the compute and fetch streams, timed
     /// by GPU events and placed on the host clock) to FILE as Chrome trace JSON, for
     /// `tools/trace FILE` or Perfetto.
     #[arg(long, value_name = "FILE")]

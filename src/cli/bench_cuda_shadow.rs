@@ -18,19 +18,19 @@ use super::backend::ValueFetch;
 use super::bench_cuda::{median, HBM_BYTES_PER_S};
 use crate::cpu::model::chunked_prefill;
 use crate::cuda::device::StreamPriority;
-use crate::cuda::graph::{Lane, ShadowSeqInput};
+use crate::cuda::graph::ShadowSeqInput;
 use crate::cuda::shadow::decode::GatherTimes;
 use crate::cuda::shadow::seq::sequence_bytes;
 use crate::cuda::shadow::tier::tier_chunks_for;
 use crate::cuda::shadow::timeline::{GpuSpan, GpuTracks};
 use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout, TierSize};
-use crate::cuda::{CudaModel, GpuSeq, ShadowCounters};
+use crate::cuda::{CudaModel, GpuSeq};
 use crate::engine::sampling::SamplingParams;
 use crate::pool::space::MachineMemory;
 use crate::pool::{ValuePool, ValueType};
 use crate::shadow::ShadowParams;
 use crate::telemetry::trace::TraceWriter;
-use anyhow::{anyhow, bail, ensure, Result};
+use anyhow::{bail, ensure, Result};
 use indicatif::ProgressBar;
 use std::time::Instant;
 
@@ -49,9 +49,9 @@ pub struct ShadowRun {
 /// Benchmarks ShadowKV with `p` at context `ctx` on `model`, fetching by `fetch` with a
 /// GPU value tier of `tier`: `batch` sequences (the largest that fits when `None`; the
 /// tier, at `auto`, takes what the free GPU memory holds after them), then `gen` decode
-/// steps for each entry of `micro`
-/// (the batch split into that many micro-batches, one lane and stream each), all on
-/// the same prefilled and compressed sequences; one result per entry.
+/// steps for each entry of `micro` (each step's attention split into that many
+/// micro-batches), all on the same prefilled and compressed sequences; one result per
+/// entry.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     model: &CudaModel,
@@ -306,11 +306,11 @@ struct Decoded {
     total: usize,
 }
 
-/// Runs `gen` decode steps of `seqs` split into `micro` micro-batches: one lane (its
-/// own stream, scratch and step) per micro-batch, each submitted and completed on its
-/// own thread, so one micro-batch's value fetch overlaps another's compute. `last`
-/// holds each sequence's last token and is advanced. With `trace`, the GPU timeline of
-/// the last [`TRACE_STEPS`] steps goes to it, under `label`.
+/// Runs `gen` decode steps of `seqs` with each step's attention split into `micro`
+/// micro-batches (one lane; one micro-batch's value fetch overlaps the selection and
+/// key rebuild of the others). `last` holds each sequence's last token and is advanced.
+/// With `trace`, the GPU timeline of the last [`TRACE_STEPS`] steps goes to it, under
+/// `label`.
 #[allow(clippy::too_many_arguments)]
 fn decode(
     model: &CudaModel,
@@ -327,62 +327,32 @@ fn decode(
         micro >= 1 && micro <= batch,
         "--micro-batches {micro} does not split a batch of {batch}"
     );
-    let mut lanes = (0..micro)
-        .map(|_| {
-            let mut lane = model.new_lane(StreamPriority::High, false)?;
-            // Each stage of each layer timed on the GPU (events; a little overhead).
-            lane.time_stages(true);
-            Ok(lane)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let sizes: Vec<usize> = (0..micro)
-        .map(|i| batch / micro + usize::from(i < batch % micro))
-        .collect();
+    let mut lane = model.new_lane(StreamPriority::High, false)?;
+    // Each stage of each layer timed on the GPU (events; a little overhead).
+    lane.time_stages(true);
+    lane.set_micro_batches(micro);
     let greedy = SamplingParams::default().device_row(0, 0);
-    let counters = |lanes: &[Lane]| -> Result<ShadowCounters> {
-        lanes.iter().try_fold(
-            ShadowCounters::default(),
-            |c, lane| Ok(c + model.shadow_counters(lane)?),
-        )
-    };
+    let rows = vec![greedy; batch];
     let dev = model.ops().device();
     dev.synchronize()?;
-    let c0 = counters(&lanes)?;
+    let c0 = model.shadow_counters(&lane)?;
     let mut steps = Vec::with_capacity(gen);
     let mut min_free = usize::MAX;
-    let mut anchors = Vec::new();
+    let mut anchor = None;
     let td = Instant::now();
     for step in 0..gen {
         if trace.is_some() && step + TRACE_STEPS.min(gen) == gen {
-            anchors = lanes.iter_mut().map(|l| l.start_trace()).collect::<Result<Vec<_>>>()?;
+            anchor = Some(lane.start_trace()?);
         }
         let ts = Instant::now();
-        let next = std::thread::scope(|scope| -> Result<Vec<u32>> {
-            let mut rest_seqs = &mut *seqs;
-            let mut rest_last = &*last;
-            let mut jobs = Vec::with_capacity(micro);
-            for (lane, &n) in lanes.iter_mut().zip(&sizes) {
-                let (group, more) = rest_seqs.split_at_mut(n);
-                let (toks, more_last) = rest_last.split_at(n);
-                (rest_seqs, rest_last) = (more, more_last);
-                jobs.push(scope.spawn(move || -> Result<Vec<u32>> {
-                    let toks: Vec<[u32; 1]> = toks.iter().map(|&t| [t]).collect();
-                    let mut inputs: Vec<ShadowSeqInput> = group
-                        .iter_mut()
-                        .zip(&toks)
-                        .map(|(seq, t)| ShadowSeqInput { token: t, seq })
-                        .collect();
-                    let rows = vec![greedy; inputs.len()];
-                    let ticket = model.submit_shadow(lane, &mut inputs, &rows, &[], pool, fetch.path())?;
-                    model.complete(lane, ticket)
-                }));
-            }
-            let mut out = Vec::with_capacity(batch);
-            for job in jobs {
-                out.extend(job.join().map_err(|_| anyhow!("a micro-batch's thread panicked"))??);
-            }
-            Ok(out)
-        })?;
+        let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
+        let mut inputs: Vec<ShadowSeqInput> = seqs
+            .iter_mut()
+            .zip(&toks)
+            .map(|(seq, t)| ShadowSeqInput { token: t, seq })
+            .collect();
+        let ticket = model.submit_shadow(&mut lane, &mut inputs, &rows, &[], pool, fetch.path())?;
+        let next = model.complete(&mut lane, ticket)?;
         last.copy_from_slice(&next);
         steps.push(ts.elapsed().as_secs_f64());
         if steps.len() == 2 {
@@ -390,25 +360,16 @@ fn decode(
         }
     }
     let decode_secs = td.elapsed().as_secs_f64();
-    if let Some((t, label)) = trace {
-        for (i, (lane, anchor)) in lanes.iter_mut().zip(anchors).enumerate() {
-            t.lane(&format!("{label}, lane {i}"), anchor, &lane.take_trace())?;
-        }
+    if let (Some((t, label)), Some(anchor)) = (trace, anchor) {
+        t.lane(&format!("{label}, lane 0"), anchor, &lane.take_trace())?;
     }
-    let c = counters(&lanes)? - c0;
-    let mut stages: Vec<(String, f64)> = Vec::new();
-    let mut gather = GatherTimes::default();
-    for lane in &lanes {
-        for (s, ms) in &lane.stage_ms {
-            match stages.iter_mut().find(|(n, _)| n == s.name()) {
-                Some((_, t)) => *t += ms / gen as f64,
-                None => stages.push((s.name().to_string(), ms / gen as f64)),
-            }
-        }
-        gather.wait_secs += lane.gather.wait_secs;
-        gather.gather_secs += lane.gather.gather_secs;
-        gather.bytes += lane.gather.bytes;
-    }
+    let c = model.shadow_counters(&lane)? - c0;
+    let stages: Vec<(String, f64)> = lane
+        .stage_ms
+        .iter()
+        .map(|(s, ms)| (s.name().to_string(), ms / gen as f64))
+        .collect();
+    let gather = lane.gather;
     let (selected, hits, tier_hits) = (c.selected as f64, c.hits as f64, c.tier_hits as f64);
     let misses = Misses {
         fetched: c.fetched() as f64 / gen as f64,
@@ -421,7 +382,7 @@ fn decode(
         misses,
         hit_rate: share(hits),
         tier_hit_rate: share(tier_hits),
-        gpu_bytes: gpu_bytes(model, seqs, misses, micro),
+        gpu_bytes: gpu_bytes(model, seqs, misses),
         stages,
         gather,
         min_free,
@@ -429,12 +390,12 @@ fn decode(
     })
 }
 
-/// GPU bytes of a step: the weights (read once per micro-batch), and per sequence and
+/// GPU bytes of a step: the weights, and per sequence and
 /// layer the landmarks scored, the rows attended (keys and values), for each miss of the
 /// slots its rebuilt keys (the coefficients read, the keys written) and its values
 /// written, and with a GPU value tier the tier hits' values read from the tier and the
 /// fetched chunks' values written to it.
-fn gpu_bytes(model: &CudaModel, seqs: &[GpuShadowSeq], m: Misses, micro: usize) -> f64 {
+fn gpu_bytes(model: &CudaModel, seqs: &[GpuShadowSeq], m: Misses) -> f64 {
     let layout = seqs[0].layer(0).layout();
     let c = seqs[0].counts();
     let (_, attended) = layout.attended_rows(&c);
@@ -443,17 +404,17 @@ fn gpu_bytes(model: &CudaModel, seqs: &[GpuShadowSeq], m: Misses, micro: usize) 
     let per_miss = (layout.chunk * (layout.rank * 2 + layout.head_dim * 4)) as f64;
     let values = (layout.chunk * layout.head_dim * 2) as f64;
     let tier_moves = if layout.tier > 0 { m.tier + m.fetched } else { 0.0 };
-    (micro * model.weight_bytes()) as f64
+    model.weight_bytes() as f64
         + (seqs.len() * model.config().num_layers) as f64 * per_layer
         + (m.fetched + m.tier) * per_miss
         + tier_moves * values
 }
 
 /// The step's bound: the larger of its fetched value bytes over PCIe and its GPU bytes
-/// (one micro-batch: the weights once) at the HBM rate.
+/// at the HBM rate.
 fn bound_secs(model: &CudaModel, layout: &ShadowLayout, seqs: &[GpuShadowSeq], m: Misses) -> f64 {
     let fetched = m.fetched * (layout.chunk * layout.head_dim * 2) as f64;
-    (fetched / PCIE_BYTES_PER_S).max(gpu_bytes(model, seqs, m, 1) / HBM_BYTES_PER_S)
+    (fetched / PCIE_BYTES_PER_S).max(gpu_bytes(model, seqs, m) / HBM_BYTES_PER_S)
 }
 
 /// Misses of the slots a step, by where their values came from.

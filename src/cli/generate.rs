@@ -121,6 +121,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         progress,
         value_fetch: a.cuda.one_fetch()?,
         gpu_tier: a.cuda.one_tier()?,
+        ..Default::default()
     };
     let (load_secs, (mut gens, stats)) = match a.backend {
         Backend::Cpu => {

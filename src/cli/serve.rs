@@ -212,14 +212,6 @@ fn place_actors(topo: &Topology, gpu: Option<&CudaDevice>) -> Result<Placement> 
              the engine thread and CUDA streams for now"
         );
     }
-    if topo.pipeline.micro_batches > 1 {
-        warn!(
-            "pipeline.micro_batches = {}: the daemon does not split its steps yet (each ShadowKV step runs its \
-             value fetch on a stream beside the key rebuild instead); `shadowkv bench --micro-batches` measures \
-             the split",
-            topo.pipeline.micro_batches
-        );
-    }
     Ok(placement)
 }
 
@@ -364,6 +356,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 TopoFetch::ZeroCopy => FetchPath::ZeroCopy,
                 TopoFetch::CpuGather => FetchPath::CpuGather,
             })
+            .with_micro_batches(topo.pipeline.micro_batches)
             .with_tier(match topo.pipeline.gpu_tier {
                 AutoOr::Auto => TierSize::Auto,
                 AutoOr::Value(0) => TierSize::Off,

@@ -92,6 +92,8 @@ pub struct Lane {
     pub gather: GatherTimes,
     /// Whether ShadowKV steps time their stages on the GPU.
     time_stages: bool,
+    /// Micro-batches a ShadowKV step's attention is split into.
+    micro_batches: usize,
     /// The queued step's stage marks, read when it completes.
     marks: Vec<(Stage, CudaEvent)>,
     /// The queued step's fetch-stream marks, read when it completes.
@@ -158,6 +160,13 @@ impl Lane {
     pub fn time_stages(&mut self, on: bool) {
         self.time_stages = on;
     }
+
+    /// Splits the attention of its ShadowKV steps into `n` micro-batches (at least 1;
+    /// at most one a sequence), so that one micro-batch's value fetch runs while the GPU
+    /// selects and rebuilds for the others ([`crate::cuda::shadow::ShadowStep`]).
+    pub fn set_micro_batches(&mut self, n: usize) {
+        self.micro_batches = n.max(1);
+    }
 }
 
 /// A step queued on a lane; [`CudaModel::complete`] waits for it and gives its tokens.
@@ -195,6 +204,7 @@ impl CudaModel {
             shadow_hits: [0; 2],
             gather: GatherTimes::default(),
             time_stages: false,
+            micro_batches: 1,
             marks: Vec::new(),
             fetch_marks: Vec::new(),
             trace: None,
@@ -277,7 +287,7 @@ impl CudaModel {
         self.stage_sampling(ops, sc, &plan, sampling)?;
         let step = {
             let refs: Vec<&GpuShadowSeq> = seqs.iter().map(|s| &*s.seq).collect();
-            let step = ShadowStep::new(ops, &refs, pool, fetch)?
+            let step = ShadowStep::new(ops, &refs, pool, fetch, lane.micro_batches)?
                 .with_fetch_stream(lane.fetch_ops.as_ref())
                 .with_gatherer(gatherer.as_deref().map(|g| g as &dyn ChunkGather));
             if lane.time_stages {
@@ -287,18 +297,18 @@ impl CudaModel {
             }
         };
         let layout = *step.layout();
-        if sc
-            .shadow
-            .as_ref()
-            .is_none_or(|s| s.batch() < seqs.len() || s.layout() != &layout)
-        {
-            // The hit counter lives in the scratch: keep its count.
-            if let Some(old) = sc.shadow.take() {
+        let parts = step.micro_batches();
+        let largest = parts.iter().map(|r| r.len()).max().unwrap_or(0);
+        if sc.shadow.len() != parts.len() || sc.shadow.iter().any(|s| s.batch() < largest || s.layout() != &layout) {
+            // The hit counters live in the scratch: keep their counts.
+            for old in sc.shadow.drain(..) {
                 let h = ops.device().stream().clone_dtoh(&old.hits)?;
                 lane.shadow_hits[0] += h[0];
                 lane.shadow_hits[1] += h[1];
             }
-            sc.shadow = Some(StepScratch::new(ops, &layout, seqs.len())?);
+            for _ in parts {
+                sc.shadow.push(StepScratch::new(ops, &layout, largest)?);
+            }
         }
         self.encode_step(ops, sc, &plan, Attend::Shadow(&step))?;
         self.encode_sampling(ops, sc, &plan)?;
@@ -320,10 +330,12 @@ impl CudaModel {
     /// ShadowKV chunks selected, found in their slot and found in the GPU value tier by
     /// the lane's steps so far.
     pub fn shadow_counters(&self, lane: &Lane) -> Result<ShadowCounters> {
-        let now = match lane.sc.shadow.as_ref() {
-            Some(s) => lane.ops.device().stream().clone_dtoh(&s.hits)?,
-            None => vec![0, 0],
-        };
+        let mut now = [0u64; 2];
+        for s in &lane.sc.shadow {
+            let h = lane.ops.device().stream().clone_dtoh(&s.hits)?;
+            now[0] += h[0];
+            now[1] += h[1];
+        }
         Ok(ShadowCounters {
             selected: lane.shadow_selected,
             hits: lane.shadow_hits[0] + now[0],

@@ -204,8 +204,9 @@ pub(crate) struct Scratch {
     /// Sampled tokens (the next step's `prev_map` indexes them).
     pub(crate) tokens: Option<CudaSlice<u32>>,
     pub(crate) decode_ws: DecodeWorkspace,
-    /// The stage buffers of ShadowKV decode steps (grown for the batch).
-    pub(crate) shadow: Option<StepScratch>,
+    /// The stage buffers of ShadowKV decode steps, one per micro-batch (grown for the
+    /// largest; empty before the first).
+    pub(crate) shadow: Vec<StepScratch>,
     /// Bumped whenever a buffer is reallocated (a captured step is then stale).
     pub(crate) generation: u64,
 }
@@ -888,7 +889,7 @@ impl CudaModel {
                     &ints.slice(lay.positions()),
                     &self.inv_freq,
                     &mut *attn,
-                    shadow.as_mut().expect("reserved for ShadowKV steps"),
+                    shadow,
                     decode_ws,
                 )?,
             }

@@ -194,6 +194,15 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
         self
     }
 
+    /// ShadowKV steps split their attention into `n` micro-batches (at most one a
+    /// sequence; 1 unless set), on every lane.
+    pub fn with_micro_batches(mut self, n: usize) -> Self {
+        for lane in &mut self.lanes {
+            lane.set_micro_batches(n);
+        }
+        self
+    }
+
     /// The cpu-gather path copies the missed value chunks with `g` (the pipeline's
     /// pinned gather threads) on every lane.
     pub fn with_gatherer(mut self, g: std::sync::Arc<dyn crate::cuda::shadow::decode::ChunkGather + Send>) -> Self {

@@ -73,6 +73,8 @@ pub struct GenerateOptions {
     pub value_fetch: FetchPath,
     /// ShadowKV on the GPU: the GPU value tier.
     pub gpu_tier: TierSize,
+    /// ShadowKV on the GPU: micro-batches each step's attention is split into.
+    pub micro_batches: usize,
 }
 
 impl Default for GenerateOptions {
@@ -83,6 +85,7 @@ impl Default for GenerateOptions {
             attention: Attention::Full,
             value_fetch: FetchPath::ZeroCopy,
             gpu_tier: TierSize::Off,
+            micro_batches: 1,
         }
     }
 }
@@ -135,6 +138,7 @@ pub fn generate_cuda(
     run(
         &mut CudaBackend::new(model, cap, reqs.len(), 1, graphs, shadow)?
             .with_fetch(opts.value_fetch)
+            .with_micro_batches(opts.micro_batches)
             .with_tier(opts.gpu_tier)?,
         tok,
         reqs,

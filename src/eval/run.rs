@@ -265,6 +265,7 @@ fn run_sample(
                         attention: (m.attention)(context)?,
                         value_fetch: fetch,
                         gpu_tier: tier,
+                        ..Default::default()
                     };
                     let req = GenerateRequest {
                         prompt: ids.to_vec(),

@@ -1,8 +1,8 @@
 //! The attention of one ShadowKV decode step, layer by layer ([`ShadowStep`]): the
-//! GPU form of [`crate::shadow::ShadowSeq::attend_layer`], one launch per stage for the
-//! whole batch — append the token to the recent window → landmark scores and top-k →
-//! reuse diff → rebuild the missed keys | fetch the missed values → flash-decoding over
-//! each (sequence, KV head)'s attended rows → fold a full window's oldest chunk.
+//! GPU form of [`crate::shadow::ShadowSeq::attend_layer`] — append the token to the
+//! recent window → landmark scores and top-k → reuse diff → rebuild the missed keys |
+//! fetch the missed values → flash-decoding over each (sequence, KV head)'s attended rows
+//! → fold a full window's oldest chunk.
 //!
 //! The values of the misses come one of two ways ([`FetchPath`]): `zero-copy`, a
 //! kernel on a few blocks reads them from the registered host pool over PCIe, on a
@@ -10,10 +10,15 @@
 //! ([`ShadowStep::with_fetch_stream`]; a lane gives its steps one); or
 //! `cpu-gather`, the miss lists go back to the host, which copies the chunks from the
 //! pool into pinned staging on several threads while the GPU rebuilds the keys, and the
-//! staging goes to the GPU in one copy that a kernel scatters into the slots. The host
-//! waits for each layer's miss lists in this path (the pipeline actors of a later stage
-//! take that wait off the compute stream's thread).
-
+//! staging goes to the GPU in one copy that a kernel scatters into the slots.
+//!
+//! Micro-batches ([`ShadowStep::with_micro_batches`]): the append, the projections and
+//! the MLP run once for the whole batch, but each layer's selection, fetch, rebuild and
+//! attention run per micro-batch (a contiguous group of the sequences, one
+//! [`StepScratch`] each), ordered so that the first micro-batch's fetch starts as soon
+//! as its miss lists exist and runs while the GPU selects for the next ones and rebuilds
+//! every micro-batch's keys: select 1, fetch 1 | select 2, fetch 2 | … | rebuild all, then
+//! attend 1 once fetch 1 is in, attend 2 …
 use super::buffers::{GatherBuffers, ShadowTable, StepScratch};
 use super::fetch::FETCH_BLOCKS;
 use super::layout::{DevicePool, SeqCounts, ShadowLayout};
@@ -23,11 +28,11 @@ use crate::cpu::attention::AttnShape;
 use crate::cuda::attention::{partition_len, DecodeArgs, DecodeWorkspace};
 use crate::cuda::CudaOps;
 use anyhow::{ensure, Result};
-use cudarc::driver::CudaEvent;
-use cudarc::driver::{CudaSlice, CudaView, DevicePtr};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaView, DevicePtr};
 use half::bf16;
 use rayon::prelude::*;
 use std::cell::{Cell, RefCell};
+use std::ops::Range;
 use std::time::Instant;
 
 /// One decode step's ShadowKV state for every layer: each layer's table of the
@@ -35,7 +40,12 @@ use std::time::Instant;
 /// tables over the rows each (sequence, KV head) attends, and the value pool.
 pub struct ShadowStep<'a> {
     layout: ShadowLayout,
+    /// Each layer's table of the whole batch.
     tables: Vec<ShadowTable<'a>>,
+    /// The sequences of each micro-batch (one range: the whole batch).
+    parts: Vec<Range<usize>>,
+    /// With several micro-batches, `[micro-batch][layer]` tables of their sequences.
+    part_tables: Vec<Vec<ShadowTable<'a>>>,
     pool: &'a GpuValuePool,
     dev_pool: DevicePool,
     fetch: FetchPath,
@@ -63,17 +73,40 @@ pub struct ShadowStep<'a> {
 
 impl<'a> ShadowStep<'a> {
     /// The step of `seqs` (each about to take one token) on `ops`'s stream, fetching
-    /// values from `pool` by `fetch`.
-    pub fn new(ops: &CudaOps, seqs: &[&'a GpuShadowSeq], pool: &'a GpuValuePool, fetch: FetchPath) -> Result<Self> {
+    /// values from `pool` by `fetch`, its attention split into `micro` micro-batches
+    /// (at most one a sequence; see the module's documentation).
+    pub fn new(
+        ops: &CudaOps,
+        seqs: &[&'a GpuShadowSeq],
+        pool: &'a GpuValuePool,
+        fetch: FetchPath,
+        micro: usize,
+    ) -> Result<Self> {
         ensure!(!seqs.is_empty(), "a ShadowKV step needs a sequence");
+        ensure!(micro >= 1, "a ShadowKV step needs at least one micro-batch");
         let layout = *seqs[0].layer(0).layout();
         let layers = seqs[0].layers();
         let counts: Vec<SeqCounts> = seqs.iter().map(|s| s.counts_with_token()).collect();
-        let mut tables = Vec::with_capacity(layers);
-        for l in 0..layers {
-            let entries: Vec<_> = seqs.iter().zip(&counts).map(|(s, c)| (s.layer(l), *c)).collect();
-            tables.push(ShadowTable::new(ops, &entries)?);
-        }
+        let table_of = |range: Range<usize>, l: usize| {
+            let entries: Vec<_> = seqs[range.clone()]
+                .iter()
+                .zip(&counts[range])
+                .map(|(s, c)| (s.layer(l), *c))
+                .collect();
+            ShadowTable::new(ops, &entries)
+        };
+        let tables = (0..layers)
+            .map(|l| table_of(0..seqs.len(), l))
+            .collect::<Result<Vec<_>>>()?;
+        let parts = split_batch(seqs.len(), micro);
+        let part_tables = if parts.len() > 1 {
+            parts
+                .iter()
+                .map(|r| (0..layers).map(|l| table_of(r.clone(), l)).collect())
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
         let (d, kvh) = (layout.head_dim, layout.kv_heads);
         let e = seqs.len() * kvh;
         let mut ptrs = Vec::with_capacity(layers * 2 * e);
@@ -101,6 +134,8 @@ impl<'a> ShadowStep<'a> {
         Ok(ShadowStep {
             layout,
             tables,
+            parts,
+            part_tables,
             pool,
             dev_pool: pool.device(),
             fetch,
@@ -119,6 +154,20 @@ impl<'a> ShadowStep<'a> {
     /// Sequences.
     pub fn batch(&self) -> usize {
         self.tables[0].batch()
+    }
+
+    /// The sequences of each micro-batch, in order (one step scratch each, as large as
+    /// the largest).
+    pub fn micro_batches(&self) -> &[Range<usize>] {
+        &self.parts
+    }
+
+    /// Layer `l`'s table of micro-batch `p`.
+    fn part_table(&self, p: usize, l: usize) -> &ShadowTable<'a> {
+        match self.part_tables.get(p) {
+            Some(t) => &t[l],
+            None => &self.tables[l],
+        }
     }
 
     /// Runs the zero-copy fetch on `ops`'s stream (when given), concurrently with the
@@ -152,7 +201,8 @@ impl<'a> ShadowStep<'a> {
     /// (`[batch, (heads + 2·kv_heads)·d]`, `bias` added) into the rotated queries `q`
     /// and the new key and value appended to each recent window (at `positions`), then
     /// selects, diffs, rebuilds and fetches the missed chunks, writes the attention
-    /// output to `out` `[batch, heads·d]`, and folds full windows.
+    /// output to `out` `[batch, heads·d]`, and folds full windows. `scratch` holds one
+    /// step scratch per micro-batch ([`ShadowStep::micro_batches`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attend_layer(
         &self,
@@ -162,84 +212,141 @@ impl<'a> ShadowStep<'a> {
         positions: &CudaView<'_, i32>,
         inv_freq: &CudaSlice<f32>,
         out: &mut CudaSlice<bf16>,
-        scratch: &mut StepScratch,
+        scratch: &mut [StepScratch],
         ws: &mut DecodeWorkspace,
     ) -> Result<()> {
-        let t = &self.tables[l];
+        ensure!(
+            scratch.len() == self.parts.len(),
+            "a ShadowKV step of {} micro-batches given {} step scratches",
+            self.parts.len(),
+            scratch.len()
+        );
         let lay = &self.layout;
         let heads = lay.kv_heads * lay.group;
+        let row = heads * lay.head_dim;
         self.mark(ops, Stage::Start)?;
-        ops.shadow_qkv_append(q, qkv, bias, positions, inv_freq, t, heads)?;
+        ops.shadow_qkv_append(q, qkv, bias, positions, inv_freq, &self.tables[l], heads)?;
         self.mark(ops, Stage::Append)?;
-        ops.shadow_scores(t, &*q, scratch)?;
-        self.mark(ops, Stage::Scores)?;
-        ops.shadow_top_k(t, &scratch.scores, &mut scratch.selected)?;
-        self.mark(ops, Stage::Select)?;
-        ops.shadow_reuse(t, scratch)?;
-        self.mark(ops, Stage::Reuse)?;
-        if lay.tier > 0 {
-            // Before the fetch, which may replace the entries the hits come from.
-            ops.shadow_tier_copy(t, scratch)?;
-            self.mark(ops, Stage::Tier)?;
-        }
-        let tier_base = (lay.tier > 0).then_some(&scratch.tier_base);
-        match self.fetch {
-            FetchPath::ZeroCopy => {
-                // The fetch reads the miss lists and writes the missed slots' values; the
-                // rebuild reads the lists and writes their keys: the two run side by
-                // side when the step has a fetch stream (few blocks reading PCIe beside
-                // many computing), and the attention waits for both.
-                let fetch = |on: &CudaOps| {
-                    // SAFETY: the pool is registered with the device (GpuValuePool) and
-                    // each sequence reads only its own leased slot.
-                    unsafe {
-                        on.shadow_fetch_values(
-                            t,
-                            &scratch.misses,
-                            &scratch.fetch_count,
-                            tier_base,
-                            &self.dev_pool,
-                            l,
-                            FETCH_BLOCKS,
-                        )
-                    }
-                };
-                if let Some(side) = self.fetch_ops {
-                    side.device().stream().join(ops.device().stream())?;
-                    let begin = self
-                        .fetch_marks
-                        .as_ref()
-                        .map(|_| side.device().event(true))
-                        .transpose()?;
-                    if let Some(e) = &begin {
-                        e.record(side.device().stream())?;
-                    }
-                    fetch(side)?;
-                    if let (Some(marks), Some(begin)) = (&self.fetch_marks, begin) {
-                        let end = side.device().event(true)?;
-                        end.record(side.device().stream())?;
-                        marks.borrow_mut().push((begin, end));
-                    }
-                }
-                ops.shadow_rebuild(t, &scratch.misses, &scratch.miss_count, inv_freq)?;
-                self.mark(ops, Stage::Rebuild)?;
-                match self.fetch_ops {
-                    Some(side) => ops.device().stream().join(side.device().stream())?,
-                    None => fetch(ops)?,
-                }
-                self.mark(ops, Stage::Fetch)?;
+        // Each micro-batch's selection; its fetch is queued as soon as its miss lists are.
+        let mut pending = Vec::with_capacity(self.parts.len());
+        for (p, (range, sc)) in self.parts.iter().zip(scratch.iter_mut()).enumerate() {
+            let t = self.part_table(p, l);
+            ops.shadow_scores(t, &q.slice(range.start * row..range.end * row), sc)?;
+            self.mark(ops, Stage::Scores)?;
+            ops.shadow_top_k(t, &sc.scores, &mut sc.selected)?;
+            self.mark(ops, Stage::Select)?;
+            ops.shadow_reuse(t, sc)?;
+            self.mark(ops, Stage::Reuse)?;
+            if lay.tier > 0 {
+                // Before the fetch, which may replace the entries the hits come from.
+                ops.shadow_tier_copy(t, sc)?;
+                self.mark(ops, Stage::Tier)?;
             }
-            FetchPath::CpuGather => self.cpu_gather(ops, l, scratch, inv_freq)?,
+            pending.push(self.queue_fetch(ops, t, l, sc)?);
         }
-        let e = self.batch() * lay.kv_heads;
+        // The keys of every micro-batch's misses, while the values come.
+        for (p, sc) in scratch.iter().enumerate() {
+            ops.shadow_rebuild(self.part_table(p, l), &sc.misses, &sc.miss_count, inv_freq)?;
+            self.mark(ops, Stage::Rebuild)?;
+        }
+        for (p, ((range, sc), fetch)) in self.parts.iter().zip(scratch.iter_mut()).zip(pending).enumerate() {
+            let t = self.part_table(p, l);
+            self.finish_fetch(ops, t, l, sc, fetch)?;
+            self.mark(ops, Stage::Fetch)?;
+            self.attend(ops, l, range.clone(), (&*q, &mut *out), ws)?;
+            self.mark(ops, Stage::Attend)?;
+        }
+        // SAFETY: as the fetch: the registered pool, each sequence its own slot.
+        unsafe { ops.shadow_fold(&self.tables[l], &self.dev_pool, l)? };
+        self.mark(ops, Stage::Fold)
+    }
+
+    /// Starts the fetch of a micro-batch's misses (table `t`, its scratch `sc`) once its
+    /// miss lists are queued: zero-copy with a fetch stream, the fetch kernel on that
+    /// stream; cpu-gather, the lists' copy back to the host. Otherwise nothing yet.
+    fn queue_fetch(&self, ops: &CudaOps, t: &ShadowTable, l: usize, sc: &mut StepScratch) -> Result<PendingFetch> {
+        match (self.fetch, self.fetch_ops) {
+            (FetchPath::ZeroCopy, Some(side)) => {
+                side.device().stream().join(ops.device().stream())?;
+                let begin = self
+                    .fetch_marks
+                    .as_ref()
+                    .map(|_| side.device().event(true))
+                    .transpose()?;
+                if let Some(e) = &begin {
+                    e.record(side.device().stream())?;
+                }
+                self.zero_copy(side, t, l, sc)?;
+                if let (Some(marks), Some(begin)) = (&self.fetch_marks, begin) {
+                    let end = side.device().event(true)?;
+                    end.record(side.device().stream())?;
+                    marks.borrow_mut().push((begin, end));
+                }
+                let done = side.device().event(false)?;
+                done.record(side.device().stream())?;
+                Ok(PendingFetch::Side(done))
+            }
+            (FetchPath::ZeroCopy, None) => Ok(PendingFetch::Inline),
+            (FetchPath::CpuGather, _) => self.queue_lists(ops, t, sc).map(PendingFetch::Lists),
+        }
+    }
+
+    /// Completes a micro-batch's fetch on `ops`'s stream: waits for the fetch stream, or
+    /// runs the fetch there, or gathers the values on the host and copies them in.
+    fn finish_fetch(
+        &self,
+        ops: &CudaOps,
+        t: &ShadowTable,
+        l: usize,
+        sc: &mut StepScratch,
+        fetch: PendingFetch,
+    ) -> Result<()> {
+        match fetch {
+            PendingFetch::Side(done) => Ok(ops.device().stream().wait(&done)?),
+            PendingFetch::Inline => self.zero_copy(ops, t, l, sc),
+            PendingFetch::Lists(lists) => self.gather_values(ops, t, l, sc, &lists),
+        }
+    }
+
+    /// The zero-copy fetch of table `t`'s misses of layer `l` on `on`'s stream.
+    fn zero_copy(&self, on: &CudaOps, t: &ShadowTable, l: usize, sc: &StepScratch) -> Result<()> {
+        let tier_base = (self.layout.tier > 0).then_some(&sc.tier_base);
+        // SAFETY: the pool is registered with the device (GpuValuePool) and each
+        // sequence reads only its own leased slot.
+        unsafe {
+            on.shadow_fetch_values(
+                t,
+                &sc.misses,
+                &sc.fetch_count,
+                tier_base,
+                &self.dev_pool,
+                l,
+                FETCH_BLOCKS,
+            )
+        }
+    }
+
+    /// Flash-decoding of layer `l` for the sequences `seqs` (rows of `q` and `out`).
+    fn attend(
+        &self,
+        ops: &CudaOps,
+        l: usize,
+        seqs: Range<usize>,
+        (q, out): (&CudaSlice<bf16>, &mut CudaSlice<bf16>),
+        ws: &mut DecodeWorkspace,
+    ) -> Result<()> {
+        let lay = &self.layout;
+        let all = self.batch() * lay.kv_heads;
+        let (e0, e) = (seqs.start * lay.kv_heads, seqs.len() * lay.kv_heads);
+        let row = (lay.kv_heads * lay.group * lay.head_dim * 2) as u64;
         let s = ops.device().stream();
-        let ptrs = self.attn_ptrs.device_ptr(s).0 + 8 * (2 * l * e) as u64;
+        let ptrs = self.attn_ptrs.device_ptr(s).0 + 8 * (2 * l * all + e0) as u64;
         let args = DecodeArgs {
-            out: out.device_ptr(s).0,
-            q: q.device_ptr(s).0,
+            out: out.device_ptr(s).0 + row * seqs.start as u64,
+            q: q.device_ptr(s).0 + row * seqs.start as u64,
             k_ptrs: ptrs,
-            v_ptrs: ptrs + 8 * e as u64,
-            lens: self.lens.device_ptr(s).0,
+            v_ptrs: ptrs + 8 * all as u64,
+            lens: self.lens.device_ptr(s).0 + 4 * e0 as u64,
             batch: e,
             max_len: self.max_len,
         };
@@ -249,14 +356,11 @@ impl<'a> ShadowStep<'a> {
             head_dim: lay.head_dim,
         };
         let part = partition_len(e, 1, self.max_len, ops.decode_slots());
-        // SAFETY: q and out hold batch·heads·d values (the step's rows); each entry's
-        // address is its head's first attended row, `lens` rows of d values inside the
-        // attention buffers (attended_rows), which the tables borrow for the step.
-        unsafe { ops.flash_decode_raw(&args, shape, ws, part)? };
-        self.mark(ops, Stage::Attend)?;
-        // SAFETY: as the fetch: the registered pool, each sequence its own slot.
-        unsafe { ops.shadow_fold(t, &self.dev_pool, l)? };
-        self.mark(ops, Stage::Fold)
+        // SAFETY: q and out hold batch·heads·d values (the step's rows; `seqs` is one of
+        // the step's micro-batches); each entry's address is its head's first attended
+        // row, `lens` rows of d values inside the attention buffers (attended_rows),
+        // which the tables borrow for the step.
+        unsafe { ops.flash_decode_raw(&args, shape, ws, part) }
     }
 
     /// With stage timing on, records an event marking the end of `stage` (or the start
@@ -281,32 +385,42 @@ impl<'a> ShadowStep<'a> {
         self.fetch_marks.as_ref().map(|m| m.take()).unwrap_or_default()
     }
 
-    /// The cpu-gather fetch of layer `l`: reads the miss lists back, queues the key
-    /// rebuild, gathers the missed chunks from the pool into pinned staging on the
-    /// host's threads meanwhile, then copies the staging to the GPU and scatters it.
-    fn cpu_gather(&self, ops: &CudaOps, l: usize, scratch: &mut StepScratch, inv_freq: &CudaSlice<f32>) -> Result<()> {
-        let t = &self.tables[l];
+    /// The cpu-gather fetch's first half: queues the copy of table `t`'s miss lists
+    /// back to the host; the event marks their arrival.
+    fn queue_lists(&self, ops: &CudaOps, t: &ShadowTable, sc: &mut StepScratch) -> Result<CudaEvent> {
         let lay = &self.layout;
-        let batch = t.batch();
-        if scratch.gather.is_none() {
-            scratch.gather = Some(GatherBuffers::new(ops, lay, scratch.batch())?);
+        if sc.gather.is_none() {
+            sc.gather = Some(GatherBuffers::new(ops, lay, sc.batch())?);
         }
         let s = ops.device().stream();
-        let heads = batch * lay.kv_heads;
-        {
-            let g = scratch.gather.as_mut().expect("made above");
-            s.memcpy_dtoh(&scratch.misses.slice(0..heads * lay.slots * 2), &mut g.misses)?;
-            s.memcpy_dtoh(&scratch.fetch_count.slice(0..heads), &mut g.miss_count)?;
-        }
+        let heads = t.batch() * lay.kv_heads;
+        let g = sc.gather.as_mut().expect("made above");
+        s.memcpy_dtoh(&sc.misses.slice(0..heads * lay.slots * 2), &mut g.misses)?;
+        s.memcpy_dtoh(&sc.fetch_count.slice(0..heads), &mut g.miss_count)?;
         let lists = ops.device().event(false)?;
         lists.record(s)?;
-        // The GPU rebuilds the keys while the host gathers the values.
-        ops.shadow_rebuild(t, &scratch.misses, &scratch.miss_count, inv_freq)?;
-        self.mark(ops, Stage::Rebuild)?;
+        Ok(lists)
+    }
+
+    /// The cpu-gather fetch's second half, for layer `l`: once the miss lists are in
+    /// (`lists`; the GPU meanwhile selects and rebuilds), gathers the missed chunks
+    /// from the pool into pinned staging on the host's threads, then copies the staging
+    /// to the GPU and scatters it into the slots.
+    fn gather_values(
+        &self,
+        ops: &CudaOps,
+        t: &ShadowTable,
+        l: usize,
+        sc: &mut StepScratch,
+        lists: &CudaEvent,
+    ) -> Result<()> {
+        let lay = &self.layout;
+        let s = ops.device().stream();
+        let heads = t.batch() * lay.kv_heads;
         let t0 = Instant::now();
         lists.synchronize()?;
         let t1 = Instant::now();
-        let g = scratch.gather.as_mut().expect("made above");
+        let g = sc.gather.as_mut().expect("made by queue_lists");
         let (misses, counts) = (g.misses.as_slice()?, g.miss_count.as_slice()?);
         let shape = self.dev_pool.shape;
         let chunk_elems = shape.chunk_elems;
@@ -346,16 +460,8 @@ impl<'a> ShadowStep<'a> {
         // pinned staging outlives the copy, and the next write to it (the next layer's
         // gather) waits for that layer's miss lists, queued after this copy.
         unsafe { cudarc::driver::result::memcpy_htod_async(dst, &staging[..n], s.cu_stream()) }?;
-        let tier_base = (lay.tier > 0).then_some(&scratch.tier_base);
-        ops.shadow_scatter_values(
-            t,
-            &scratch.misses,
-            &scratch.fetch_count,
-            tier_base,
-            &g.device,
-            FETCH_BLOCKS,
-        )?;
-        self.mark(ops, Stage::Fetch)?;
+        let tier_base = (lay.tier > 0).then_some(&sc.tier_base);
+        ops.shadow_scatter_values(t, &sc.misses, &sc.fetch_count, tier_base, &g.device, FETCH_BLOCKS)?;
         let mut times = self.gather.get();
         times.wait_secs += (t1 - t0).as_secs_f64();
         times.gather_secs += (t2 - t1).as_secs_f64();
@@ -363,6 +469,30 @@ impl<'a> ShadowStep<'a> {
         self.gather.set(times);
         Ok(())
     }
+}
+
+/// A micro-batch's fetch between its selection and its attention.
+enum PendingFetch {
+    /// Running on the fetch stream; the event marks its end.
+    Side(CudaEvent),
+    /// Zero-copy without a fetch stream: to run on the step's stream after the rebuild.
+    Inline,
+    /// cpu-gather: the miss lists are on their way to the host (the event marks it).
+    Lists(CudaEvent),
+}
+
+/// `n` sequences split into `micro` contiguous micro-batches (at most `n`), the first
+/// `n % micro` one sequence larger.
+pub fn split_batch(n: usize, micro: usize) -> Vec<Range<usize>> {
+    let m = micro.clamp(1, n.max(1));
+    let mut start = 0;
+    (0..m)
+        .map(|i| {
+            let len = n / m + usize::from(i < n % m);
+            start += len;
+            start - len..start
+        })
+        .collect()
 }
 
 /// The stages of a ShadowKV decode layer, as the stage timing names them.
@@ -476,5 +606,20 @@ impl ChunkGather for RayonGather {
             .zip(sources.par_iter())
             .for_each(|(d, &s)| d.copy_from_slice(&src[s..s + chunk]));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_batch;
+
+    #[test]
+    fn micro_batches_cover_the_batch_in_order() {
+        assert_eq!(split_batch(14, 1), vec![0..14]);
+        assert_eq!(split_batch(14, 2), vec![0..7, 7..14]);
+        assert_eq!(split_batch(14, 4), vec![0..4, 4..8, 8..11, 11..14]);
+        // Never an empty micro-batch.
+        assert_eq!(split_batch(2, 4), vec![0..1, 1..2]);
+        assert_eq!(split_batch(1, 0), vec![0..1]);
     }
 }
