@@ -12,8 +12,8 @@
 // by as many blocks as the batch has tiles. History (14 x 15616 chunks, d 128, group 4,
 // H200): eight lanes a chunk with fp32 FMAs were issue-bound, then latency-bound at 213 us
 // (2.1 TB/s; a ring of cp.async rounds in shared memory was slower, 253 us); the tensor
-// cores leave the kernel little to do but load.
-
+// cores leave the kernel little to do but load (168 us, 2.8 TB/s).
+//
 // shadow_softmax, same grid: combines the statistics of the sequence's tiles per query
 // head and writes the scores of its tile, scores [batch, kv_heads, chunk_cap] (entries
 // past the sequence's chunks untouched).
@@ -24,11 +24,16 @@
 // topk_rows, grid (rows): the same selection over rows of any values, no exclusions
 // (the outlier chunks of a prefill, on negated cosines).
 //
-// The selection: a radix select (four 8-bit digits, most significant first) on the
+// The selection: a radix select (three 11-bit digits, most significant first) on the
 // order-preserving integer image of the floats finds the k-th largest key T and how
 // many keys equal to T are taken; then one pass in chunk order takes every key above T
 // and the first of those equal to T, and writes each taken id at its rank among the
-// taken ones (a block-wide prefix count), so the output is ascending.
+// taken ones, so the output is ascending. The first pass reads the scores once and
+// keeps their keys in dynamic shared memory (61 KB at 15616 chunks), where the later
+// passes read them; a head with more chunks than fit reads global memory at each pass.
+// One block per head (14 x 8 heads at 124928 tokens: 112 of the H200's 132 SMs); the
+// old four 8-bit passes over global memory, each a loop of ~16 dependent L2 round trips
+// and a barrier-heavy scan, took 55 us a layer, almost all of it latency.
 #include <cuda_bf16.h>
 
 #include "common.cuh"
@@ -41,10 +46,16 @@
 #define SELECT_WARP_CHUNKS (SELECT_TILE / SELECT_WARPS)  // two m16 tiles a warp
 #define SELECT_MAX_GROUP 8                                // mma n: query heads 2t, 2t + 1 of t < 4
 #define TOPK_THREADS 1024
+#define TOPK_WARPS (TOPK_THREADS / 32)
+#define TOPK_BITS 11  // radix digit: passes over bits 31..21, 20..10 and 10..0 of the keys
+#define TOPK_BINS (1 << TOPK_BITS)
+#define TOPK_LOADS 8   // entries a thread loads from global memory before counting them
+#define TOPK_UNROLL 4  // keys a thread loads before counting them, in the later passes
 #define SELECT_NEG_INF __int_as_float(0xff800000)
 
 static_assert(SELECT_TILE == SELECT_THREADS, "shadow_softmax scores one chunk per thread");
 static_assert(SELECT_WARP_CHUNKS == 32, "logits_tile takes two m16 tiles a warp");
+static_assert(TOPK_BINS == 2 * TOPK_THREADS && TOPK_WARPS <= 32, "top-k: two bins a thread, one count a lane");
 
 // The (max, sum) pair of a softmax over a union of two sets, each given by its own pair.
 __device__ __forceinline__ float2 softmax_merge(float2 a, float2 b) {
@@ -228,102 +239,214 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
     scores[row * dims.chunk_cap + ch] = best;
 }
 
-// The k best of v[0..n) (not excluded where excl is given), by value, ties to the lower
-// index, ascending into out[0..min(k, candidates)), -1 in the rest of out[0..out_len).
-// Every thread of the block calls it (blockDim.x a multiple of 32); k <= out_len.
-__device__ void block_top_k(const float* __restrict__ v, const unsigned char* __restrict__ excl, int n, int k,
-                            int* __restrict__ out, int out_len) {
-    __shared__ unsigned int hist[256];
-    __shared__ int scratch[32];
-    __shared__ unsigned int s_prefix;
-    __shared__ int s_need;
-    const int tid = threadIdx.x, nt = blockDim.x;
-    int mine = 0;
-    for (int i = tid; i < n; i += nt) mine += excl == nullptr || excl[i] == 0;
-    int cands;
-    block_exclusive_sum(mine, scratch, &cands);
+// Shared memory of block_top_k besides the keys.
+struct TopkShared {
+    unsigned int hist[TOPK_BINS];
+    int scratch[32];
+    int warp_above[TOPK_WARPS], warp_eq[TOPK_WARPS];
+    unsigned int digit;
+    int need;
+};
+
+// The selection key of entry i: the order-preserving image of v[i], or 0 where the entry
+// is excluded (the key of a candidate only if it is the -NaN with every bit set: the
+// passes correct for that).
+__device__ __forceinline__ unsigned int topk_key(const float* __restrict__ v, const unsigned char* __restrict__ excl,
+                                                 int i) {
+    const float x = v[i];
+    return excl != nullptr && excl[i] != 0 ? 0u : ordered(x);
+}
+
+// Entry i's key from shared memory (SHARED) or from global memory.
+template <bool SHARED>
+__device__ __forceinline__ unsigned int topk_key_at(const unsigned int* keys, const float* __restrict__ v,
+                                                    const unsigned char* __restrict__ excl, int i) {
+    return SHARED ? keys[i] : topk_key(v, excl, i);
+}
+
+// Adds each lane's digit to hist (digit >= TOPK_BINS: none), the lanes of a digit at
+// once: the scores of one softmax share their top digits, which would otherwise
+// serialise a warp's lanes on one bin. Every lane of the warp calls it.
+__device__ __forceinline__ void topk_count(unsigned int* hist, unsigned int digit) {
+    const unsigned int peers = __match_any_sync(0xffffffffu, digit);
+    if (digit < TOPK_BINS && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
+}
+
+// Thread t's bins are hi = TOPK_BINS - 1 - 2t and hi - 1 (thread order is descending
+// digit order): their counts (bin 0 less `less0`), the count of the bins above them, and
+// the sum of all bins. Clears its bins. Every thread calls it; ends with a barrier.
+__device__ __forceinline__ void topk_bins(TopkShared& sh, int less0, int& c_hi, int& c_lo, int& above, int& total) {
+    const int hi = TOPK_BINS - 1 - 2 * (int)threadIdx.x;
+    c_hi = (int)sh.hist[hi];
+    c_lo = (int)sh.hist[hi - 1] - (hi == 1 ? less0 : 0);
+    above = block_exclusive_sum(c_hi + c_lo, sh.scratch, &total);
+    sh.hist[hi] = 0;  // read only by this thread; the next counting follows a barrier
+    sh.hist[hi - 1] = 0;
+}
+
+// The body of block_top_k, with the keys in shared memory `keys` (SHARED) or read from
+// global memory at each pass.
+//
+// Pass 1 reads the entries once (TOPK_LOADS loads a thread in flight), keeps their keys
+// (SHARED) and counts the candidates' top TOPK_BITS bits; each pass's bin holding the
+// k-th largest key is found by one block-wide prefix sum over the bins, and the next
+// pass counts the next digit of the keys in that bin only (bits 31..21, 20..10, 10..0:
+// the last pass's top bit is already known). The output pass gives each warp a
+// contiguous range of entries: the warp counts the keys above the threshold and equal to
+// it in its range (ballots), one barrier shares the counts, and a second walk writes
+// each taken id at its rank among the taken ones.
+template <bool SHARED>
+__device__ __forceinline__ void block_top_k_from(TopkShared& sh, unsigned int* keys, const float* __restrict__ v,
+                                                 const unsigned char* __restrict__ excl, int n, int k,
+                                                 int* __restrict__ out, int out_len) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    for (int i = tid; i < TOPK_BINS; i += TOPK_THREADS) sh.hist[i] = 0;
+    __syncthreads();
+    for (int i0 = 0; i0 < n; i0 += TOPK_LOADS * TOPK_THREADS) {
+        float x[TOPK_LOADS];
+        bool ex[TOPK_LOADS];
+#pragma unroll
+        for (int u = 0; u < TOPK_LOADS; ++u) {
+            const int i = i0 + u * TOPK_THREADS + tid;
+            x[u] = i < n ? v[i] : 0.f;
+            ex[u] = i >= n || (excl != nullptr && excl[i] != 0);
+        }
+#pragma unroll
+        for (int u = 0; u < TOPK_LOADS; ++u) {
+            const int i = i0 + u * TOPK_THREADS + tid;
+            const unsigned int key = ex[u] ? 0u : ordered(x[u]);
+            if (SHARED && i < n) keys[i] = key;
+            topk_count(sh.hist, ex[u] ? TOPK_BINS : key >> (32 - TOPK_BITS));
+        }
+    }
+    __syncthreads();
+    int c_hi, c_lo, above, cands;
+    topk_bins(sh, 0, c_hi, c_lo, above, cands);
     const int kk = min(k, cands);
     // Keys above thr are all taken, and the first `ties` keys equal to thr (by index).
-    // With every candidate taken, thr = 0 and ties covers every key equal to 0.
+    // With every candidate taken, thr = 0 and ties covers every candidate key equal to 0.
     unsigned int thr = 0;
     int ties = cands;
     if (kk > 0 && kk < cands) {
-        unsigned int prefix = 0, mask = 0;
-        int need = kk;  // rank, from the top, of the k-th key among those matching prefix
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            for (int i = tid; i < 256; i += nt) hist[i] = 0;
-            __syncthreads();
-            // Warp-aggregated counts: the lanes of a warp with the same digit add once
-            // (scores of one softmax share their top digits, which would otherwise
-            // serialise every lane on one bin).
-            for (int i0 = 0; i0 < n; i0 += nt) {
-                const int i = i0 + tid;
-                const bool cand = i < n && (excl == nullptr || excl[i] == 0);
-                const unsigned int u = cand ? ordered(v[i]) : 0u;
-                const unsigned int digit = cand && (u & mask) == prefix ? (u >> shift) & 255u : 256u;
-                const unsigned int peers = __match_any_sync(0xffffffffu, digit);
-                if (digit < 256u && (tid & 31) == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
+        unsigned int prefix = 0;  // the bits of the k-th largest key found so far
+        int need = kk;            // its rank, from the top, among the keys matching prefix
+        for (int shift = 32 - TOPK_BITS;; shift = max(shift - TOPK_BITS, 0)) {
+            if (above < need && need <= above + c_hi + c_lo) {
+                const bool in_hi = need <= above + c_hi;
+                sh.digit = TOPK_BINS - 1 - 2 * tid - (in_hi ? 0 : 1);
+                sh.need = need - above - (in_hi ? 0 : c_hi);
             }
             __syncthreads();
-            if (tid == 0) {
-                int above = 0, dd = 255;
-                for (; dd > 0; --dd) {
-                    if (above + (int)hist[dd] >= need) break;
-                    above += hist[dd];
+            prefix |= sh.digit << shift;
+            need = sh.need;
+            if (shift == 0) break;
+            const unsigned int mask = ~0u << shift;
+            const int next = max(shift - TOPK_BITS, 0);
+            for (int i0 = 0; i0 < n; i0 += TOPK_UNROLL * TOPK_THREADS) {
+                unsigned int u[TOPK_UNROLL];
+#pragma unroll
+                for (int j = 0; j < TOPK_UNROLL; ++j) {
+                    const int i = i0 + j * TOPK_THREADS + tid;
+                    u[j] = i < n ? topk_key_at<SHARED>(keys, v, excl, i) : 0u;
                 }
-                s_prefix = prefix | ((unsigned int)dd << shift);
-                s_need = need - above;
+#pragma unroll
+                for (int j = 0; j < TOPK_UNROLL; ++j) {
+                    const bool in = i0 + j * TOPK_THREADS + tid < n && (u[j] & mask) == prefix;
+                    if (__any_sync(0xffffffffu, in)) topk_count(sh.hist, in ? (u[j] >> next) & (TOPK_BINS - 1) : TOPK_BINS);
+                }
             }
             __syncthreads();
-            prefix = s_prefix;
-            need = s_need;
-            mask |= 255u << shift;
+            // Excluded entries (key 0) match a prefix of zeros, in bin 0.
+            int total;
+            topk_bins(sh, prefix == 0 ? n - cands : 0, c_hi, c_lo, above, total);
         }
         thr = prefix;
         ties = need;
     }
-    int taken = 0, equal_seen = 0;
     if (kk > 0) {
-        for (int t0 = 0; t0 < n; t0 += nt) {
-            const int i = t0 + tid;
-            const bool cand = i < n && (excl == nullptr || excl[i] == 0);
-            const unsigned int u = cand ? ordered(v[i]) : 0u;
-            const bool eq = cand && u == thr, above = cand && u > thr;
-            // One scan counts both (above in the high half, equal in the low; at most
-            // nt <= 1024 of each): of the keys equal to thr only the first `left` are
-            // taken, so the keys taken before this one are those above it plus
-            // min(equal before it, left).
-            int total;
-            const int before = block_exclusive_sum(((int)above << 16) | (int)eq, scratch, &total);
-            const int left = max(0, ties - equal_seen);
-            const int eq_before = before & 0xffff;
-            if (above || (eq && eq_before < left)) out[taken + (before >> 16) + min(eq_before, left)] = i;
-            taken += (total >> 16) + min(total & 0xffff, left);
-            equal_seen += total & 0xffff;
+        // Warp w's entries: [w * span, (w + 1) * span) within [0, n), span a multiple of 32.
+        const int span = ((n + TOPK_WARPS - 1) / TOPK_WARPS + 31) & ~31;
+        const int lo = min(n, warp * span), hi = min(n, lo + span);
+        // Ballots of the lanes whose entry i is above thr, and equal to it (a candidate:
+        // where thr is 0, an excluded entry's key is 0 too).
+        auto ballots = [&](int i, unsigned int& b_above, unsigned int& b_eq) {
+            const unsigned int u = i < hi ? topk_key_at<SHARED>(keys, v, excl, i) : 0u;
+            const bool eq = i < hi && u == thr && (thr != 0u || excl == nullptr || excl[i] == 0);
+            b_above = __ballot_sync(0xffffffffu, i < hi && u > thr);
+            b_eq = __ballot_sync(0xffffffffu, eq);
+        };
+        int a = 0, e = 0;
+        for (int base = lo; base < hi; base += 32) {
+            unsigned int ba, be;
+            ballots(base + lane, ba, be);
+            a += __popc(ba);
+            e += __popc(be);
+        }
+        if (lane == 0) {
+            sh.warp_above[warp] = a;
+            sh.warp_eq[warp] = e;
+        }
+        __syncthreads();
+        // A, E: the keys above thr and equal to it before the current entry. Taken before
+        // it: every key above, and the first `ties` of those equal.
+        int A = lane < warp ? sh.warp_above[lane] : 0, E = lane < warp ? sh.warp_eq[lane] : 0;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            A += __shfl_xor_sync(0xffffffffu, A, o);
+            E += __shfl_xor_sync(0xffffffffu, E, o);
+        }
+        const unsigned int below = (1u << lane) - 1u;
+        for (int base = lo; base < hi && A + min(E, ties) < kk; base += 32) {
+            unsigned int ba, be;
+            ballots(base + lane, ba, be);
+            const int ra = A + __popc(ba & below), re = E + __popc(be & below);
+            if ((ba >> lane) & 1u)
+                out[ra + min(re, ties)] = base + lane;
+            else if (((be >> lane) & 1u) && re < ties)
+                out[ra + re] = base + lane;
+            A += __popc(ba);
+            E += __popc(be);
         }
     }
-    for (int i = kk + tid; i < out_len; i += nt) out[i] = -1;
+    for (int i = kk + tid; i < out_len; i += TOPK_THREADS) out[i] = -1;
 }
 
+// The k best of v[0..n) (not excluded where excl is given), by value (total order), ties
+// to the lower index, ascending into out[0..min(k, candidates)), -1 in the rest of
+// out[0..out_len). Every thread of a block of TOPK_THREADS calls it; k <= out_len. The
+// keys sit in the dynamic shared memory where n <= shared_keys (it holds that many),
+// else every pass reads the entries from global memory again.
+__device__ void block_top_k(const float* __restrict__ v, const unsigned char* __restrict__ excl, int n, int k,
+                            int* __restrict__ out, int out_len, int shared_keys) {
+    extern __shared__ unsigned int topk_keys[];
+    __shared__ TopkShared sh;
+    if (n <= shared_keys)
+        block_top_k_from<true>(sh, topk_keys, v, excl, n, k, out, out_len);
+    else
+        block_top_k_from<false>(sh, nullptr, v, excl, n, k, out, out_len);
+}
+
+// Dynamic shared memory: shared_keys * 4 bytes (0: the keys are read from global memory).
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     shadow_top_k(int* __restrict__ selected, const float* __restrict__ scores,
                  const ShadowSeqBufs* __restrict__ bufs, const ShadowSeqCounts* __restrict__ counts,
-                 ShadowDims dims) {
+                 ShadowDims dims, int shared_keys) {
     pdl_wait();
     pdl_trigger();
     const int h = blockIdx.x, b = blockIdx.y;
     const size_t row = (size_t)b * dims.kv_heads + h;
     const unsigned char* excl = reinterpret_cast<const unsigned char*>(bufs[b].outlier) + (size_t)h * dims.chunk_cap;
     block_top_k(scores + row * dims.chunk_cap, excl, counts[b].chunks, dims.slots, selected + row * dims.slots,
-                dims.slots);
+                dims.slots, shared_keys);
 }
 
 // out[r, 0..k): the k largest of values[r, 0..n) ascending by index (-1 past the
-// candidates), for each row r = blockIdx.x.
+// candidates), for each row r = blockIdx.x. Dynamic shared memory as shadow_top_k's.
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-    topk_rows(int* __restrict__ out, const float* __restrict__ values, int n, int k, int values_stride) {
+    topk_rows(int* __restrict__ out, const float* __restrict__ values, int n, int k, int values_stride,
+              int shared_keys) {
     pdl_wait();
     pdl_trigger();
     const size_t r = blockIdx.x;
-    block_top_k(values + r * values_stride, nullptr, n, k, out + r * k, k);
+    block_top_k(values + r * values_stride, nullptr, n, k, out + r * k, k, shared_keys);
 }

@@ -6,9 +6,10 @@
 //! that nothing changed where it must not write, and runs batches of sequences of
 //! different lengths in one launch, chunk counts that are not multiples of any tile,
 //! d = 64 and 128, groups 1, 3, 4, 7 and 8, SmolLM2's shape (3 KV heads, d 64, group 3)
-//! and Llama-3.1-8B's (8, 128, 4), up to 16K chunks per head for the selection. Without
-//! a CUDA device each test prints `skipped: no CUDA device (...)` and passes
-//! (`SHADOWKV_REQUIRE_CUDA=1` turns that into a failure, as tools/gpu-check sets it).
+//! and Llama-3.1-8B's (8, 128, 4), up to 16K chunks per head for the selection (and, for
+//! the top-k, rows longer than shared memory holds). Without a CUDA device each test
+//! prints `skipped: no CUDA device (...)` and passes (`SHADOWKV_REQUIRE_CUDA=1` turns
+//! that into a failure, as tools/gpu-check sets it).
 //!
 //! Tolerances, and why:
 //! - landmark scores (fp32 throughout; the dot products, and the softmax's normaliser
@@ -240,6 +241,7 @@ fn scores_and_top_k_match_the_cpu() {
         (2, 64, 7, &[513], 20),
         (1, 64, 8, &[16_381], 512),
         (8, 128, 4, &[16_384], 256),
+        (8, 128, 4, &[15_616, 15_616], 256),
     ];
     for &(kvh, d, g, chunks, slots) in cases {
         let chunk_cap = chunks.iter().max().unwrap() + 3;
@@ -323,10 +325,66 @@ fn scores_and_top_k_match_the_cpu() {
     }
 }
 
+/// Runs `shadow_top_k` over sequences of `chunks` chunks of `kvh` heads, each score
+/// drawn by `draw`, a fifth of the chunks outliers, and checks every head's selection of
+/// `slots` chunks against the CPU's `top_k`, exactly.
+fn check_top_k(
+    ops: &CudaOps,
+    rng: &mut StdRng,
+    (kvh, chunks, slots): (usize, &[usize], usize),
+    draw: impl Fn(&mut StdRng) -> f32,
+    what: &str,
+) {
+    let dev = ops.device();
+    let chunk_cap = chunks.iter().max().unwrap() + 5;
+    let l = ShadowLayout {
+        slots,
+        chunk_cap,
+        ..small_layout(kvh, 64, 1)
+    };
+    let case = format!("kv_heads={kvh},chunks={chunks:?},S={slots}");
+    let batch = chunks.len();
+    let mut bufs = Vec::new();
+    let mut flags_all = Vec::new();
+    // Scores past a sequence's chunks are NaN, which would be the largest: a kernel
+    // reading them would select them.
+    let mut scores = vec![f32::NAN; batch * kvh * chunk_cap];
+    for (b, &n) in chunks.iter().enumerate() {
+        let mut lb = LayerBuffers::new(ops, l).unwrap();
+        let flags: Vec<u8> = (0..kvh * chunk_cap).map(|_| rng.random_bool(0.2) as u8).collect();
+        lb.outlier = dev.upload(&flags).unwrap();
+        bufs.push(lb);
+        flags_all.push(flags);
+        for h in 0..kvh {
+            for c in 0..n {
+                scores[(b * kvh + h) * chunk_cap + c] = draw(rng);
+            }
+        }
+    }
+    let entries: Vec<(&LayerBuffers, SeqCounts)> =
+        bufs.iter().zip(chunks).map(|(b, &n)| (b, counts(n, 0, 0, 0))).collect();
+    let table = ShadowTable::new(ops, &entries).unwrap();
+    let ds = dev.upload(&scores).unwrap();
+    let mut selected = dev.upload(&vec![i32::MIN; batch * kvh * slots]).unwrap();
+    ops.shadow_top_k(&table, &ds, &mut selected).unwrap();
+    let sel = dev.download(&selected).unwrap();
+    for (b, &n) in chunks.iter().enumerate() {
+        for h in 0..kvh {
+            let ex: Vec<bool> = flags_all[b][h * chunk_cap..][..n].iter().map(|&f| f != 0).collect();
+            let want = top_k(&scores[(b * kvh + h) * chunk_cap..][..n], &ex, slots);
+            assert_selection(
+                &sel[(b * kvh + h) * slots..][..slots],
+                &want,
+                &format!("{case},{what},seq={b},head={h}"),
+            );
+        }
+    }
+    Errors::default().report("shadow_top_k", &format!("{case},{what},exact"));
+}
+
 #[test]
 fn top_k_is_exact_with_many_ties() {
     let Some(ops) = ops_or_skip() else { return };
-    let dev = ops.device();
     let mut rng = seeded("shadow_top_k_ties");
     // Few distinct values, signed zeros among them (total order: -0 < +0).
     let values = [-1.0f32, -0.0, 0.0, 0.25, 0.5, 0.5, 0.75, 1.0, f32::NEG_INFINITY];
@@ -336,52 +394,81 @@ fn top_k_is_exact_with_many_ties() {
         (3, &[100, 30, 0, 1, 64], 64),
         (1, &[5000, 2], 1),
         (4, &[1025, 1023, 1024], 300),
+        (8, &[15_616, 15_616], 256),
     ];
-    for &(kvh, chunks, slots) in cases {
-        let chunk_cap = chunks.iter().max().unwrap() + 5;
-        let l = ShadowLayout {
-            slots,
-            chunk_cap,
-            ..small_layout(kvh, 64, 1)
-        };
-        let case = format!("kv_heads={kvh},chunks={chunks:?},S={slots}");
-        let batch = chunks.len();
-        let mut bufs = Vec::new();
-        let mut flags_all = Vec::new();
-        // Scores past a sequence's chunks are NaN, which would be the largest: a kernel
-        // reading them would select them.
-        let mut scores = vec![f32::NAN; batch * kvh * chunk_cap];
-        for (b, &n) in chunks.iter().enumerate() {
-            let mut lb = LayerBuffers::new(&ops, l).unwrap();
-            let flags: Vec<u8> = (0..kvh * chunk_cap).map(|_| rng.random_bool(0.2) as u8).collect();
-            lb.outlier = dev.upload(&flags).unwrap();
-            bufs.push(lb);
-            flags_all.push(flags);
-            for h in 0..kvh {
-                for c in 0..n {
-                    scores[(b * kvh + h) * chunk_cap + c] = values[rng.random_range(0..values.len())];
+    for &case in cases {
+        check_top_k(
+            &ops,
+            &mut rng,
+            case,
+            |r| values[r.random_range(0..values.len())],
+            "ties",
+        );
+    }
+}
+
+/// The top-k kernels keep a row's keys in shared memory where they fit
+/// ([`CudaOps::top_k_shared_keys`]) and read global memory at each pass where not: both
+/// ways exact, on distinct values and on ties, and where the k-th key is the lowest one
+/// (the -NaN with every bit set, whose key is that of an excluded chunk).
+#[test]
+fn top_k_is_exact_in_and_beyond_shared_memory() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let mut rng = seeded("shadow_top_k_shared");
+    let fit = ops.top_k_shared_keys();
+    eprintln!("top-k: {fit} keys fit in shared memory");
+    let big = fit + 1000;
+    let values = [-1.0f32, 0.0, 0.25, 0.5, 1.0];
+    let lowest = f32::from_bits(u32::MAX);
+    for (case, what) in [
+        ((2usize, &[big, 3000][..], 256usize), "beyond"),
+        ((2, &[3000, 2999][..], 256), "within"),
+    ] {
+        check_top_k(&ops, &mut rng, case, |r| r.random::<f32>(), &format!("{what},distinct"));
+        check_top_k(
+            &ops,
+            &mut rng,
+            case,
+            |r| values[r.random_range(0..values.len())],
+            &format!("{what},ties"),
+        );
+        // Four fifths of the scores the lowest key: about 480 other candidates of 3000
+        // chunks, so the 1000th best is the lowest key.
+        let case = (case.0, case.1, 1000);
+        check_top_k(
+            &ops,
+            &mut rng,
+            case,
+            |r| if r.random_bool(0.8) { lowest } else { r.random::<f32>() },
+            &format!("{what},lowest"),
+        );
+    }
+    // topk_rows (no exclusions): rows within and beyond shared memory, k above n.
+    for &(rows, n, k) in &[(3usize, 1000usize, 24usize), (2, big, 300), (1, 100, 200)] {
+        let stride = n + 3;
+        let vals: Vec<f32> = (0..rows * stride)
+            .map(|_| {
+                if rng.random_bool(0.5) {
+                    values[rng.random_range(0..values.len())]
+                } else {
+                    rng.random::<f32>()
                 }
-            }
+            })
+            .collect();
+        let dv = dev.upload(&vals).unwrap();
+        let mut out = dev.upload(&vec![i32::MIN; rows * k]).unwrap();
+        ops.top_k_rows(&mut out, &dv, rows, (n, stride), k).unwrap();
+        let got = dev.download(&out).unwrap();
+        for r in 0..rows {
+            let want = top_k(&vals[r * stride..][..n], &vec![false; n], k);
+            assert_selection(
+                &got[r * k..][..k],
+                &want,
+                &format!("topk_rows rows={rows},n={n},k={k},row={r}"),
+            );
         }
-        let entries: Vec<(&LayerBuffers, SeqCounts)> =
-            bufs.iter().zip(chunks).map(|(b, &n)| (b, counts(n, 0, 0, 0))).collect();
-        let table = ShadowTable::new(&ops, &entries).unwrap();
-        let ds = dev.upload(&scores).unwrap();
-        let mut selected = dev.upload(&vec![i32::MIN; batch * kvh * slots]).unwrap();
-        ops.shadow_top_k(&table, &ds, &mut selected).unwrap();
-        let sel = dev.download(&selected).unwrap();
-        for (b, &n) in chunks.iter().enumerate() {
-            for h in 0..kvh {
-                let ex: Vec<bool> = flags_all[b][h * chunk_cap..][..n].iter().map(|&f| f != 0).collect();
-                let want = top_k(&scores[(b * kvh + h) * chunk_cap..][..n], &ex, slots);
-                assert_selection(
-                    &sel[(b * kvh + h) * slots..][..slots],
-                    &want,
-                    &format!("{case},seq={b},head={h}"),
-                );
-            }
-        }
-        Errors::default().report("shadow_top_k", &format!("{case},ties,exact"));
+        Errors::default().report("topk_rows", &format!("rows={rows},n={n},k={k},exact"));
     }
 }
 

@@ -78,6 +78,8 @@ pub struct Kernels {
     pub(crate) factor_gram_f64: CudaFunction,
     pub(crate) factor_basis_out: CudaFunction,
     pub(crate) factor_round_bf16: CudaFunction,
+    /// How many keys `shadow_top_k` and `topk_rows` may keep in dynamic shared memory.
+    pub(crate) topk_shared_keys: usize,
     _modules: Vec<Arc<CudaModule>>,
 }
 
@@ -119,6 +121,9 @@ impl Kernels {
         let marks = load(find("landmarks.cu"))?;
         let fold = load(find("fold.cu"))?;
         let factor = load(find("factor.cu"))?;
+        let shadow_top_k = get(&sel, "shadow_top_k")?;
+        let topk_rows = get(&sel, "topk_rows")?;
+        let topk_shared_keys = super::shadow::select::allow_shared_keys(dev, &[&shadow_top_k, &topk_rows])?;
         Ok(Kernels {
             embedding_gather: get(&emb, "embedding_gather")?,
             rmsnorm_residual: get(&norm, "rmsnorm_residual")?,
@@ -139,8 +144,8 @@ impl Kernels {
             qkv_rope_append_shadow: get(&qa, "qkv_rope_append_shadow")?,
             shadow_logits: get(&sel, "shadow_logits")?,
             shadow_softmax: get(&sel, "shadow_softmax")?,
-            shadow_top_k: get(&sel, "shadow_top_k")?,
-            topk_rows: get(&sel, "topk_rows")?,
+            shadow_top_k,
+            topk_rows,
             shadow_reuse: get(&reuse, "shadow_reuse")?,
             shadow_rebuild: get(&rebuild, "shadow_rebuild")?,
             shadow_fetch: get(&fetch, "shadow_fetch")?,
@@ -158,6 +163,7 @@ impl Kernels {
             factor_gram_f64: get(&factor, "factor_gram_f64")?,
             factor_basis_out: get(&factor, "factor_basis_out")?,
             factor_round_bf16: get(&factor, "factor_round_bf16")?,
+            topk_shared_keys,
             _modules: modules,
         })
     }

@@ -2,15 +2,45 @@
 //! [`crate::shadow::select`]): landmark scores, then the top-k chunks per KV head.
 
 use super::buffers::{ShadowTable, StepScratch};
+use crate::cuda::device::CudaDevice;
 use crate::cuda::ops::{check_len, i32_of, kernel_params, CudaOps};
-use anyhow::{ensure, Result};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
+use anyhow::{ensure, Context, Result};
+use cudarc::driver::sys::{CUdevice_attribute_enum, CUfunction_attribute_enum};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
 
 /// Threads of a logits or softmax block (`SELECT_THREADS` of kernels/select.cu).
 const SELECT_THREADS: u32 = 256;
 /// Threads of a top-k block.
 const TOPK_THREADS: u32 = 1024;
+
+/// Lets the top-k kernels `fns` use as much dynamic shared memory as a block of the
+/// device may have beside their static shared memory, and returns how many 4-byte keys
+/// that holds: rows of up to that many values are selected from shared memory, longer
+/// ones from global memory at each pass (slower, same result).
+pub(crate) fn allow_shared_keys(dev: &CudaDevice, fns: &[&CudaFunction]) -> Result<usize> {
+    dev.context().bind_to_thread()?;
+    let most = dev
+        .context()
+        .attribute(CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .context("top-k: reading the shared memory a block may have")?;
+    let mut fixed = 0;
+    for f in fns {
+        fixed = fixed.max(
+            f.shared_size_bytes()
+                .context("top-k: reading a kernel's shared memory")?,
+        );
+    }
+    let bytes = (most - fixed).max(0) / 4 * 4;
+    for f in fns {
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes,
+        )
+        .with_context(|| format!("top-k: allowing {bytes} bytes of shared memory per block"))?;
+    }
+    Ok(bytes as usize / 4)
+}
 
 impl CudaOps {
     /// Landmark scores of every KV head of every sequence of `t`: for each query head
@@ -87,19 +117,37 @@ impl CudaOps {
         let (op, _g2) = selected.device_ptr_mut(s);
         let (addrs, counts) = t.device_arrays(self);
         let dims = l.dims();
+        // Sized by the layout, not by this step's chunk counts, so a captured graph
+        // stays valid.
+        let (keys, bytes) = self.top_k_shared(l.chunk_cap);
         let cfg = LaunchConfig {
             grid_dim: t.head_grid(),
             block_dim: (TOPK_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: bytes,
         };
-        // SAFETY: as in shadow_scores.
+        // SAFETY: as in shadow_scores; the dynamic shared memory holds `keys` keys.
         unsafe {
             self.launch_pdl(
                 &self.k.shadow_top_k,
                 cfg,
-                &mut kernel_params![&op, &sp, &addrs, &counts, &dims],
+                &mut kernel_params![&op, &sp, &addrs, &counts, &dims, &keys],
             )
         }
+    }
+
+    /// How many values a row may have for the top-k kernels ([`CudaOps::shadow_top_k`],
+    /// [`CudaOps::top_k_rows`]) to keep it in shared memory on this device; longer rows
+    /// are read from global memory at each of the selection's passes.
+    pub fn top_k_shared_keys(&self) -> usize {
+        self.k.topk_shared_keys
+    }
+
+    /// The keys (as the kernels' `shared_keys` argument) and bytes of dynamic shared
+    /// memory of a top-k launch over rows of up to `n` values: all of them, or none.
+    fn top_k_shared(&self, n: usize) -> (i32, u32) {
+        let keys = if n <= self.k.topk_shared_keys { n } else { 0 };
+        // keys <= topk_shared_keys, which came from an i32 byte count.
+        (keys as i32, (keys * 4) as u32)
     }
 
     /// For each of `rows` rows of `values` (row stride `stride`), the `k` largest of its
@@ -124,13 +172,20 @@ impl CudaOps {
         let (vp, _g1) = values.device_ptr(s);
         let (op, _g2) = out.device_ptr_mut(s);
         let (ni, ki, si) = (i32_of("n", n)?, i32_of("k", k)?, i32_of("stride", stride)?);
+        let (keys, bytes) = self.top_k_shared(n);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (TOPK_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: bytes,
         };
         // SAFETY: values holds rows rows of stride values (the last one n), out rows·k
-        // ints (checked).
-        unsafe { self.launch_pdl(&self.k.topk_rows, cfg, &mut kernel_params![&op, &vp, &ni, &ki, &si]) }
+        // ints (checked); the dynamic shared memory holds `keys` keys.
+        unsafe {
+            self.launch_pdl(
+                &self.k.topk_rows,
+                cfg,
+                &mut kernel_params![&op, &vp, &ni, &ki, &si, &keys],
+            )
+        }
     }
 }
