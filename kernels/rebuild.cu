@@ -1,3 +1,45 @@
+// Key rebuild of the missed chunks of the ShadowKV decode step, on the bf16 tensor cores
+// (reference: LowRank::rebuild in src/shadow/factor.rs, then Rope::tables / Rope::apply).
+//
+// For each miss (slot, chunk) of KV head h of sequence b, the chunk's rows
+// t = chunk * c + i (i < c) are rebuilt from the low-rank pre-RoPE keys,
+//   k[t, :] = u[t, 0..rank) . sv[0..rank, h*d .. (h+1)*d)     (fp32 accumulation),
+// rotated at position t (Hugging Face rotate-half, the arithmetic of rope.cu) and
+// stored as bf16 to ak[h, slot_row(slot) + i, :]. Invalid entries of a list are skipped.
+//
+// Work: a tile is REBUILD_ROWS rows, the rows of M = REBUILD_ROWS / c consecutive
+// entries of one head's miss list stacked (tile row p is row p % c of entry p / c; rows
+// past M*c, past the list or of an invalid miss are empty: u staged as zero, nothing
+// stored). All the batch's tiles, head after head, are shared evenly among the grid's
+// blocks (the wrapper launches as many as the device holds at once), so a block runs a
+// contiguous run of tiles, mostly of one or two heads, and a head with many misses is
+// split among blocks.
+//
+// Product: mma.sync m16n8k16 bf16 with fp32 accumulation. u is bf16 already (exact); sv
+// (fp32) is split into two bf16 terms, hi = bf16_rn(sv) and lo = bf16_rn(sv - hi)
+// (|sv - hi - lo| <= 2^-18 |sv|), and u multiplies both: hi alone (2^-9) would leave
+// errors far over the tolerance of tests/cuda_shadow.rs on rotated keys that cancel.
+// A bf16 m16n8k16 takes the time of a TF32 m16n8k8 for twice the products, and the
+// fragments come from shared memory by ldmatrix (A: u [row][rank]; B: sv [rank][column]
+// by ldmatrix.trans, which gives the column-major fragment), one x4 load per 16x16 of u
+// and per pair of n8 tiles of a term, with strides that keep them free of bank conflicts.
+//
+// Shared memory: the head's sv as hi and lo, [rank][d + 8] bf16, stays resident while the
+// block runs that head's tiles (staged, with plain loads and the split, only when the
+// head changes): 160 ranks at d = 128 (87 KB), 320 at d = 64. A larger rank is walked in
+// panels of that many ranks, each restaged for every tile (correct, slower). u streams
+// through two stages of [REBUILD_ROWS][32 ranks] by cp.async (16-byte copies where the
+// rank keeps u's rows 16-byte aligned, plain loads otherwise): while a stage is
+// multiplied the next (the tile's next 32 ranks, or the next tile's first) is in flight.
+// About 108 KB a block at d = 128 and rank 160, so two blocks share an SM of the H200.
+//
+// Warp w computes tile rows 32*(w/2) .. 32*(w/2) + 31 (two m16 tiles) and, of the d/16
+// n8 tiles of the first half of the head, those of (w%2)*d/32 .. (w%2+1)*d/32 - 1
+// together with their rotation partners, tile j + d/16 for tile j: in the m16n8
+// accumulator (the same layout for k16 as for k8) a thread holds columns
+// 8*j + 2*(lane%4) + {0,1} of tile j at rows lane/4 and lane/4 + 8, so column j' < d/2
+// and its partner j' + d/2 sit in the same thread and slot, and the rotation is done in
+// registers. A warp with no row of the tile to rebuild skips the multiplication.
 #include <cuda_bf16.h>
 
 #include "pdl.cuh"
@@ -171,17 +213,28 @@ __device__ __forceinline__ void rb_stage_u(unsigned short* ub, const unsigned sh
 template <int D>
 __device__ __forceinline__ void rb_stage_sv(unsigned short* hi, unsigned short* lo, const float* __restrict__ SV,
                                             size_t kvd, int r, int k0, int rows) {
-    constexpr int QUADS = D / 4, S = D + 8;
-    for (int i = threadIdx.x; i < rows * QUADS; i += REBUILD_THREADS) {
-        const int kk = i / QUADS, col = (i % QUADS) * 4;
-        const float4 v = k0 + kk < r ? *reinterpret_cast<const float4*>(SV + (size_t)(k0 + kk) * kvd + col)
-                                     : make_float4(0.f, 0.f, 0.f, 0.f);
-        const __nv_bfloat162 h01 = __floats2bfloat162_rn(v.x, v.y), h23 = __floats2bfloat162_rn(v.z, v.w);
-        const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
-        const __nv_bfloat162 l01 = __floats2bfloat162_rn(__fsub_rn(v.x, f01.x), __fsub_rn(v.y, f01.y));
-        const __nv_bfloat162 l23 = __floats2bfloat162_rn(__fsub_rn(v.z, f23.x), __fsub_rn(v.w, f23.y));
-        *reinterpret_cast<uint2*>(hi + kk * S + col) = make_uint2(rb_bits(h01), rb_bits(h23));
-        *reinterpret_cast<uint2*>(lo + kk * S + col) = make_uint2(rb_bits(l01), rb_bits(l23));
+    constexpr int QUADS = D / 4, S = D + 8, BATCH = 4;  // loads in flight a thread
+    const int n = rows * QUADS;
+    for (int i0 = threadIdx.x; i0 < n; i0 += BATCH * REBUILD_THREADS) {
+        float4 vs[BATCH];
+#pragma unroll
+        for (int q = 0; q < BATCH; ++q) {
+            const int i = i0 + q * REBUILD_THREADS, kk = i / QUADS, col = (i % QUADS) * 4;
+            vs[q] = i < n && k0 + kk < r ? *reinterpret_cast<const float4*>(SV + (size_t)(k0 + kk) * kvd + col)
+                                         : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int q = 0; q < BATCH; ++q) {
+            const int i = i0 + q * REBUILD_THREADS, kk = i / QUADS, col = (i % QUADS) * 4;
+            if (i >= n) break;
+            const float4 v = vs[q];
+            const __nv_bfloat162 h01 = __floats2bfloat162_rn(v.x, v.y), h23 = __floats2bfloat162_rn(v.z, v.w);
+            const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
+            const __nv_bfloat162 l01 = __floats2bfloat162_rn(__fsub_rn(v.x, f01.x), __fsub_rn(v.y, f01.y));
+            const __nv_bfloat162 l23 = __floats2bfloat162_rn(__fsub_rn(v.z, f23.x), __fsub_rn(v.w, f23.y));
+            *reinterpret_cast<uint2*>(hi + kk * S + col) = make_uint2(rb_bits(h01), rb_bits(h23));
+            *reinterpret_cast<uint2*>(lo + kk * S + col) = make_uint2(rb_bits(l01), rb_bits(l23));
+        }
     }
 }
 
