@@ -1,208 +1,292 @@
-// Key rebuild of the missed chunks of the ShadowKV decode step, on the tensor cores
+// Key rebuild of the missed chunks of the ShadowKV decode step, on the bf16 tensor cores
 // (reference: LowRank::rebuild in src/shadow/factor.rs, then Rope::tables / Rope::apply).
 //
 // For each miss (slot, chunk) of KV head h of sequence b, the chunk's rows
 // t = chunk * c + i (i < c) are rebuilt from the low-rank pre-RoPE keys,
 //   k[t, :] = u[t, 0..rank) . sv[0..rank, h*d .. (h+1)*d)     (fp32 accumulation),
 // rotated at position t (Hugging Face rotate-half, the arithmetic of rope.cu) and
-// stored as bf16 to ak[h, slot_row(slot) + i, :].
+// stored as bf16 to ak[h, slot_row(slot) + i, :]. Invalid entries of a list are skipped.
 //
-// Grid (ceil(slots / M), kv_heads, batch), M = REBUILD_ROWS / c misses a block, block of
-// REBUILD_WARPS warps. Block x of head h takes the misses x*M .. x*M + M - 1 of the
-// head's list with their rows stacked: block row p is row p % c of miss p / c. Rows past
-// M*c, past the list or of an invalid miss are empty (u staged as zero, nothing stored).
+// Work: a tile is REBUILD_ROWS rows, the rows of M = REBUILD_ROWS / c consecutive
+// entries of one head's miss list stacked (tile row p is row p % c of entry p / c; rows
+// past M*c, past the list or of an invalid miss are empty: u staged as zero, nothing
+// stored). All the batch's tiles, head after head, are shared evenly among the grid's
+// blocks (the wrapper launches as many as the device holds at once), so a block runs a
+// contiguous run of tiles, mostly of one or two heads, and a head with many misses is
+// split among blocks.
 //
-// The product [REBUILD_ROWS, rank] x [rank, d] runs on mma.sync m16n8k8 TF32 with fp32
-// accumulation. u's bf16 values are exact in TF32. sv is split into two TF32 terms,
-// hi = rna(sv) and lo = rna(sv - hi) (|sv - hi - lo| <= 2^-22 |sv|), and u multiplies
-// both (two mma a k-step): hi alone (2^-11) leaves errors up to 8x the tolerance of
-// tests/cuda_shadow.rs on rotated keys that cancel, hi + lo is as close as fp32 sums.
+// Product: mma.sync m16n8k16 bf16 with fp32 accumulation. u is bf16 already (exact); sv
+// (fp32) is split into two bf16 terms, hi = bf16_rn(sv) and lo = bf16_rn(sv - hi)
+// (|sv - hi - lo| <= 2^-18 |sv|), and u multiplies both: hi alone (2^-9) would leave
+// errors far over the tolerance of tests/cuda_shadow.rs on rotated keys that cancel.
+// A bf16 m16n8k16 takes the time of a TF32 m16n8k8 for twice the products, and the
+// fragments come from shared memory by ldmatrix (A: u [row][rank]; B: sv [rank][column]
+// by ldmatrix.trans, which gives the column-major fragment), one x4 load per 16x16 of u
+// and per pair of n8 tiles of a term, with strides that keep them free of bank conflicts.
 //
-// Warp w computes block rows 32*(w/2) .. 32*(w/2) + 31 (two m16 tiles) and, of the d/16
+// Shared memory: the head's sv as hi and lo, [rank][d + 8] bf16, stays resident while the
+// block runs that head's tiles (staged, with plain loads and the split, only when the
+// head changes): 160 ranks at d = 128 (87 KB), 320 at d = 64. A larger rank is walked in
+// panels of that many ranks, each restaged for every tile (correct, slower). u streams
+// through two stages of [REBUILD_ROWS][32 ranks] by cp.async (16-byte copies where the
+// rank keeps u's rows 16-byte aligned, plain loads otherwise): while a stage is
+// multiplied the next (the tile's next 32 ranks, or the next tile's first) is in flight.
+// About 108 KB a block at d = 128 and rank 160, so two blocks share an SM of the H200.
+//
+// Warp w computes tile rows 32*(w/2) .. 32*(w/2) + 31 (two m16 tiles) and, of the d/16
 // n8 tiles of the first half of the head, those of (w%2)*d/32 .. (w%2+1)*d/32 - 1
 // together with their rotation partners, tile j + d/16 for tile j: in the m16n8
-// accumulator a thread holds columns 8*j + 2*(lane%4) + {0,1} of tile j at rows lane/4
-// and lane/4 + 8, so column j' < d/2 and its partner j' + d/2 sit in the same thread and
-// slot, and the rotation is done in registers. The rank is walked in tiles of
-// REBUILD_K_TILE staged in shared memory (hi and lo of the head's d columns of sv, as
-// TF32; u of the block's rows, as bf16); two blocks share an SM, so one stages while the
-// other multiplies. A warp with no row to rebuild skips the multiplication.
+// accumulator (the same layout for k16 as for k8) a thread holds columns
+// 8*j + 2*(lane%4) + {0,1} of tile j at rows lane/4 and lane/4 + 8, so column j' < d/2
+// and its partner j' + d/2 sit in the same thread and slot, and the rotation is done in
+// registers. A warp with no row of the tile to rebuild skips the multiplication.
 #include <cuda_bf16.h>
 
 #include "pdl.cuh"
 #include "shadow.cuh"
 
-#define REBUILD_ROWS 128  // block rows: 8 warps x 32
+#define REBUILD_ROWS 128  // rows of a tile: 8 warps, 4 row groups of 32 x 2 column halves
 #define REBUILD_WARPS 8
 #define REBUILD_THREADS (REBUILD_WARPS * 32)
-#define REBUILD_K_TILE 32
-#define REBUILD_MAX_DIM 128
-// Shared row strides: the B fragment reads (k = lane%4 (+4), n = lane/4) hit banks
-// 8*(lane%4) + lane/4 with sv rows of 8 mod 32 words; the A fragment reads (row = lane/4
-// (+8), k = lane%4 (+4)) hit banks 20*(lane/4) + (lane%4)/2 with u rows of 20 mod 32
-// words (bf16 pairs share a word): no conflicts.
-#define REBUILD_SV_STRIDE (REBUILD_MAX_DIM + 8)  // words
-#define REBUILD_U_STRIDE (REBUILD_K_TILE + 8)    // bf16 values
+#define REBUILD_K_CHUNK 32  // ranks of u a pipeline stage holds (two k16 steps)
+// Ranks x columns of a head's sv (hi and lo) a block keeps in shared memory: rank 160
+// at d = 128, 320 at d = 64 (a multiple of REBUILD_K_CHUNK either way). Larger ranks
+// are walked in panels of that many ranks, restaged for every tile.
+#define REBUILD_SV_RANK_COLS (160 * 128)
+// Shared row strides (bf16 values): u rows of 80 bytes and sv rows of 2*d + 16 bytes put
+// the 8 rows of each ldmatrix 8x8 matrix in 8 different 16-byte bank groups (80 mod 128
+// = 5 x 16, (2d + 16) mod 128 = 16), so its reads are free of bank conflicts.
+#define REBUILD_U_STRIDE (REBUILD_K_CHUNK + 8)
+#define REBUILD_U_BYTES (2 * REBUILD_ROWS * REBUILD_U_STRIDE * 2)  // the two stages
+#define REBUILD_META_BYTES (4 * REBUILD_ROWS * 4)                  // tok and arow, two tiles
 
-struct RebuildSmem {
-    unsigned sv_hi[REBUILD_K_TILE][REBUILD_SV_STRIDE];  // TF32 bits, [rank in tile][column]
-    unsigned sv_lo[REBUILD_K_TILE][REBUILD_SV_STRIDE];
-    unsigned short u[REBUILD_ROWS][REBUILD_U_STRIDE];  // bf16 bits, [row][rank in tile]
-    int tok[REBUILD_ROWS];   // token of block row p (its row of u, its position), -1 = empty
-    int arow[REBUILD_ROWS];  // its row of the head's attention buffer
-};
-
-__device__ __forceinline__ unsigned rb_tf32(float x) {
-    unsigned r;
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-    return r;
+// Ranks of sv a block stages at once (a multiple of REBUILD_K_CHUNK).
+__device__ __forceinline__ int rb_panel_ranks(int d, int r) {
+    return min((r + REBUILD_K_CHUNK - 1) / REBUILD_K_CHUNK * REBUILD_K_CHUNK, REBUILD_SV_RANK_COLS / d);
 }
 
-// d += a . b on the tensor cores: a [16 x 8] row-major, b [8 x 8] column-major, TF32.
+__device__ __forceinline__ unsigned rb_smem_addr(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1; zero-filled when !ok (no bytes read).
+__device__ __forceinline__ void rb_cp_async16(unsigned dst, const void* src, bool ok) {
+    const int n = ok ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+
+__device__ __forceinline__ void rb_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+__device__ __forceinline__ void rb_cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void rb_ldsm_x4(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void rb_ldsm_x4_t(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// d += a . b on the tensor cores: a [16 x 16] row-major, b [16 x 8] column-major, bf16 in,
+// fp32 accumulate.
 __device__ __forceinline__ void rb_mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Loads a thread's 16-byte pieces of the u rows of the rank tile from k0 (zero past the
-// rank or for an empty row) into registers, where `vec` (the rank keeps rows 16-byte
-// aligned); nothing otherwise.
-template <int PARTS, int LOADS>
-__device__ __forceinline__ void rb_load_u(uint4 (&ur)[LOADS], const RebuildSmem& s,
-                                          const unsigned short* __restrict__ U, int r, int k0, int tid, bool vec) {
-    if (!vec) return;
+__device__ __forceinline__ unsigned rb_bits(__nv_bfloat162 v) { return *reinterpret_cast<unsigned*>(&v); }
+
+// Tiles of a head's miss list of `count` entries (clamped to [0, slots]), `per` misses a tile.
+__device__ __forceinline__ int rb_tiles(int count, int slots, int per) {
+    return (min(max(count, 0), slots) + per - 1) / per;
+}
+
+// off[e] = the tiles of the lists before list e, off[lists] = all of them (returned), in
+// shared memory. Every thread of the block must call it; ends with a barrier.
+__device__ __forceinline__ int rb_tile_offsets(const int* __restrict__ miss_count, int lists, int slots, int per,
+                                               int* off, int* scratch) {
+    const int n = (lists + REBUILD_THREADS - 1) / REBUILD_THREADS;
+    const int lo = min(lists, (int)threadIdx.x * n), hi = min(lists, lo + n);
+    int s = 0;
+    for (int e = lo; e < hi; ++e) s += rb_tiles(miss_count[e], slots, per);
+    int total;
+    int acc = block_exclusive_sum(s, scratch, &total);
+    for (int e = lo; e < hi; ++e) {
+        off[e] = acc;
+        acc += rb_tiles(miss_count[e], slots, per);
+    }
+    if (threadIdx.x == 0) off[lists] = total;
+    __syncthreads();
+    return total;
+}
+
+// A tile: up to `per` consecutive entries of the miss list of KV head h of sequence b.
+struct RbTile {
+    int b, h;
+    int first;  // its first entry
+    int nm;     // entries of the list
+};
+
+__device__ __forceinline__ RbTile rb_tile(const int* off, int lists, int t, int per, const ShadowDims& dims,
+                                          const int* __restrict__ miss_count) {
+    const int e = run_of(off, lists, t);
+    RbTile x;
+    x.b = e / dims.kv_heads;
+    x.h = e - x.b * dims.kv_heads;
+    x.first = (t - off[e]) * per;
+    x.nm = min(max(miss_count[e], 0), dims.slots);
+    return x;
+}
+
+// (token, row of the head's attention buffer) of row p of tile x: row p % c of its miss
+// p / c; token -1 for an empty row (past the tile's misses or the list, or an invalid miss).
+__device__ __forceinline__ int2 rb_row(const RbTile& x, int p, int per, const ShadowDims& dims,
+                                       const int2* __restrict__ misses, const ShadowSeqCounts* __restrict__ counts) {
+    const int c = dims.chunk, j = p / c, i = p - j * c;
+    if (j >= per || x.first + j >= x.nm) return make_int2(-1, 0);
+    const int2 m = misses[((size_t)x.b * dims.kv_heads + x.h) * dims.slots + x.first + j];
+    if (m.x < 0 || m.x >= dims.slots || m.y < 0 || m.y >= dims.chunk_cap) return make_int2(-1, 0);
+    return make_int2(m.y * c + i, shadow_slot_row(dims, counts[x.b].outliers, m.x) + i);
+}
+
+// Starts tile x: its rows' tokens and attention rows into tok / arow (threads below
+// REBUILD_ROWS, one row each), and this thread's two rows of u to stage (rows tid/4 and
+// tid/4 + 64; null = empty) into lrow.
+__device__ __forceinline__ void rb_start_tile(const RbTile& x, int per, const ShadowDims& dims,
+                                              const int2* __restrict__ misses,
+                                              const ShadowSeqCounts* __restrict__ counts,
+                                              const ShadowSeqBufs* __restrict__ bufs, int* tok, int* arow,
+                                              const unsigned short* (&lrow)[2]) {
+    const int tid = threadIdx.x;
+    if (tid < REBUILD_ROWS) {
+        const int2 q = rb_row(x, tid, per, dims, misses, counts);
+        tok[tid] = q.x;
+        arow[tid] = q.y;
+    }
+    const unsigned short* U = reinterpret_cast<const unsigned short*>(bufs[x.b].u);  // bf16 bits
 #pragma unroll
-    for (int q = 0; q < LOADS; ++q) {
-        const int i = tid + q * REBUILD_THREADS, row = i / PARTS, k = (i % PARTS) * 8;
-        const int tok = s.tok[row];
-        ur[q] = tok >= 0 && k0 + k < r ? *reinterpret_cast<const uint4*>(U + (size_t)tok * r + k0 + k)
-                                       : make_uint4(0u, 0u, 0u, 0u);
+    for (int q = 0; q < 2; ++q) {
+        const int t = rb_row(x, (tid >> 2) + 64 * q, per, dims, misses, counts).x;
+        lrow[q] = t >= 0 ? U + (size_t)t * dims.rank : nullptr;
     }
 }
 
-// The block's work once the rows are in s.tok / s.arow, for head dimension D. U: the
-// sequence's u (bf16 bits); SV: its sv from the head's first column (row stride kvd);
-// ak: row 0 of the head's attention keys.
-template <int D>
-__device__ __forceinline__ void rebuild_rows(RebuildSmem& s, const unsigned short* __restrict__ U,
-                                             const float* __restrict__ SV, size_t kvd, int r,
-                                             const float* __restrict__ inv_freq, __nv_bfloat16* __restrict__ ak) {
-    constexpr int QUADS = D / 4;                                        // float4 of an sv row
-    constexpr int SV_LOADS = REBUILD_K_TILE * QUADS / REBUILD_THREADS;  // a thread's, per tile
-    constexpr int U_ROW_STEP = REBUILD_THREADS / REBUILD_K_TILE;        // rows staged at once
-    constexpr int U_LOADS = REBUILD_ROWS / U_ROW_STEP;                  // a thread's, per tile
-    constexpr int U_PARTS = REBUILD_K_TILE / 8;                         // 16-byte pieces of a u row's tile
-    constexpr int U_VLOADS = REBUILD_ROWS * U_PARTS / REBUILD_THREADS;  // a thread's, per tile
-    constexpr int PAIRS = D / 32;  // rotation pairs of n8 tiles a warp computes
-    constexpr int HALF = D / 16;   // n8 tiles of half a head
-    static_assert(SV_LOADS * REBUILD_THREADS == REBUILD_K_TILE * QUADS, "sv tile split evenly");
-    static_assert(U_LOADS * U_ROW_STEP == REBUILD_ROWS, "u tile split evenly");
-    static_assert(U_VLOADS * REBUILD_THREADS == REBUILD_ROWS * U_PARTS, "u tile split evenly in 16-byte pieces");
-    static_assert(REBUILD_ROWS == REBUILD_WARPS / 2 * 32 && D <= REBUILD_MAX_DIM, "warp tiling");
-
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int g = lane >> 2, tq = lane & 3;  // mma groupID, thread in group
-    const int row0 = (warp >> 1) * 32;       // the warp's first block row
-    const int tile0 = (warp & 1) * PAIRS;    // its first n8 tile
-    const int uk = tid % REBUILD_K_TILE, urow = tid / REBUILD_K_TILE;  // what it stages of u
-    const bool active = __any_sync(0xffffffffu, s.tok[row0 + lane] >= 0);
-
-    float acc[2][PAIRS][2][4];  // [m16 tile][pair][half][mma slot]
+// Stages ranks k0 .. k0 + 31 of the tile's u rows into the stage buffer `ub` ([row][rank],
+// zero past the rank or for an empty row): thread tid takes the 16 bytes of ranks
+// k0 + 8*(tid%4) .. +7 of rows tid/4 and tid/4 + 64. By cp.async where the rank keeps u's
+// rows 16-byte aligned (`vec`); by plain loads and a shared store otherwise. `any` is
+// some valid global address (the source of a zero-filled copy, never read).
+__device__ __forceinline__ void rb_stage_u(unsigned short* ub, const unsigned short* const (&lrow)[2], int k0,
+                                           int r, bool vec, const void* any) {
+    const int tid = threadIdx.x, k = k0 + (tid & 3) * 8;
 #pragma unroll
-    for (int m = 0; m < 2; ++m)
-#pragma unroll
-        for (int p = 0; p < PAIRS; ++p)
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[m][p][e / 4][e % 4] = 0.f;
-
-    // Software pipeline: where the rank keeps u's rows 16-byte aligned, the next rank
-    // tile's u (gathered rows, from HBM) is loaded into registers while this tile's
-    // products run; sv (one matrix a head, mostly in L2) is loaded when staged.
-    const bool vec_u = (r & 7) == 0;
-    uint4 ur[U_VLOADS];
-    rb_load_u<U_PARTS, U_VLOADS>(ur, s, U, r, 0, tid, vec_u);
-    for (int k0 = 0; k0 < r; k0 += REBUILD_K_TILE) {
-        // Stage the rank tile from k0, zero past the rank or for an empty row: sv split
-        // into TF32 hi and lo, u as it is.
-#pragma unroll
-        for (int q = 0; q < SV_LOADS; ++q) {
-            const int i = tid + q * REBUILD_THREADS, kk = i / QUADS, col = (i % QUADS) * 4;
-            const float4 v = k0 + kk < r ? *reinterpret_cast<const float4*>(SV + (size_t)(k0 + kk) * kvd + col)
-                                         : make_float4(0.f, 0.f, 0.f, 0.f);
-            uint4 hi, lo;
-            hi.x = rb_tf32(v.x);
-            hi.y = rb_tf32(v.y);
-            hi.z = rb_tf32(v.z);
-            hi.w = rb_tf32(v.w);
-            lo.x = rb_tf32(v.x - __uint_as_float(hi.x));
-            lo.y = rb_tf32(v.y - __uint_as_float(hi.y));
-            lo.z = rb_tf32(v.z - __uint_as_float(hi.z));
-            lo.w = rb_tf32(v.w - __uint_as_float(hi.w));
-            *reinterpret_cast<uint4*>(&s.sv_hi[kk][col]) = hi;
-            *reinterpret_cast<uint4*>(&s.sv_lo[kk][col]) = lo;
-        }
-        if (vec_u) {
-#pragma unroll
-            for (int q = 0; q < U_VLOADS; ++q) {
-                const int i = tid + q * REBUILD_THREADS, row = i / U_PARTS, k = (i % U_PARTS) * 8;
-                *reinterpret_cast<uint4*>(&s.u[row][k]) = ur[q];
-            }
+    for (int q = 0; q < 2; ++q) {
+        unsigned short* dst = ub + ((tid >> 2) + 64 * q) * REBUILD_U_STRIDE + (tid & 3) * 8;
+        const unsigned short* src = lrow[q];
+        if (vec) {
+            const bool ok = src != nullptr && k < r;
+            rb_cp_async16(rb_smem_addr(dst), ok ? (const void*)(src + k) : any, ok);
         } else {
+            unsigned w[4];
 #pragma unroll
-            for (int q = 0; q < U_LOADS; ++q) {
-                const int row = urow + q * U_ROW_STEP, tok = s.tok[row];
-                s.u[row][uk] = tok >= 0 && k0 + uk < r ? U[(size_t)tok * r + k0 + uk] : 0;
+            for (int e = 0; e < 4; ++e) {
+                const int ka = k + 2 * e;
+                const unsigned lo = src != nullptr && ka < r ? src[ka] : 0u;
+                const unsigned hi = src != nullptr && ka + 1 < r ? src[ka + 1] : 0u;
+                w[e] = lo | hi << 16;
             }
+            *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
         }
-        __syncthreads();
-        if (k0 + REBUILD_K_TILE < r) rb_load_u<U_PARTS, U_VLOADS>(ur, s, U, r, k0 + REBUILD_K_TILE, tid, vec_u);
-        if (active) {
-            // One k-step at a time (32 mma each): unrolled, the loads run ahead and the
-            // registers pass the 128 that two blocks an SM allow.
-#pragma unroll 1
-            for (int ks = 0; ks < REBUILD_K_TILE; ks += 8) {
-                // A fragments: bf16 bits widened to fp32, exact TF32 values.
-                unsigned a[2][4];
-#pragma unroll
-                for (int m = 0; m < 2; ++m) {
-                    const unsigned short* ua = &s.u[row0 + 16 * m + g][ks + tq];
-                    a[m][0] = (unsigned)ua[0] << 16;
-                    a[m][1] = (unsigned)ua[8 * REBUILD_U_STRIDE] << 16;
-                    a[m][2] = (unsigned)ua[4] << 16;
-                    a[m][3] = (unsigned)ua[8 * REBUILD_U_STRIDE + 4] << 16;
-                }
-#pragma unroll
-                for (int p = 0; p < PAIRS; ++p) {
-#pragma unroll
-                    for (int hf = 0; hf < 2; ++hf) {
-                        const int n = (tile0 + p + hf * HALF) * 8 + g;
-                        const unsigned h0 = s.sv_hi[ks + tq][n], h1 = s.sv_hi[ks + tq + 4][n];
-                        const unsigned l0 = s.sv_lo[ks + tq][n], l1 = s.sv_lo[ks + tq + 4][n];
-#pragma unroll
-                        for (int m = 0; m < 2; ++m) {
-                            rb_mma(acc[m][p][hf], a[m], l0, l1);
-                            rb_mma(acc[m][p][hf], a[m], h0, h1);
-                        }
-                    }
-                }
-            }
-        }
-        __syncthreads();
     }
+}
 
-    // Rotate and store: slot 2*hr + e of tile (tile0 + p) holds row g + 8*hr, column j + e,
-    // the same slot of its partner tile column j + e + D/2.
+// Stages `rows` ranks of the head's sv from rank k0 into hi / lo ([rank][column], row
+// stride D + 8), split into two bf16 terms: hi = bf16_rn(sv), lo = bf16_rn(sv - hi)
+// (the difference is exact in fp32); zero past the rank. SV: the head's first column of
+// rank 0, row stride kvd.
+template <int D>
+__device__ __forceinline__ void rb_stage_sv(unsigned short* hi, unsigned short* lo, const float* __restrict__ SV,
+                                            size_t kvd, int r, int k0, int rows) {
+    constexpr int QUADS = D / 4, S = D + 8, BATCH = 4;  // loads in flight a thread
+    const int n = rows * QUADS;
+    for (int i0 = threadIdx.x; i0 < n; i0 += BATCH * REBUILD_THREADS) {
+        float4 vs[BATCH];
+#pragma unroll
+        for (int q = 0; q < BATCH; ++q) {
+            const int i = i0 + q * REBUILD_THREADS, kk = i / QUADS, col = (i % QUADS) * 4;
+            vs[q] = i < n && k0 + kk < r ? *reinterpret_cast<const float4*>(SV + (size_t)(k0 + kk) * kvd + col)
+                                         : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int q = 0; q < BATCH; ++q) {
+            const int i = i0 + q * REBUILD_THREADS, kk = i / QUADS, col = (i % QUADS) * 4;
+            if (i >= n) break;
+            const float4 v = vs[q];
+            const __nv_bfloat162 h01 = __floats2bfloat162_rn(v.x, v.y), h23 = __floats2bfloat162_rn(v.z, v.w);
+            const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
+            const __nv_bfloat162 l01 = __floats2bfloat162_rn(__fsub_rn(v.x, f01.x), __fsub_rn(v.y, f01.y));
+            const __nv_bfloat162 l23 = __floats2bfloat162_rn(__fsub_rn(v.z, f23.x), __fsub_rn(v.w, f23.y));
+            *reinterpret_cast<uint2*>(hi + kk * S + col) = make_uint2(rb_bits(h01), rb_bits(h23));
+            *reinterpret_cast<uint2*>(lo + kk * S + col) = make_uint2(rb_bits(l01), rb_bits(l23));
+        }
+    }
+}
+
+// The warp's products of one stage (two k16 steps): its two m16 tiles of rows times its
+// PAIRS pairs of n8 tiles (tile j and its rotation partner j + D/16), u times lo then hi.
+// ua: this lane's ldmatrix address in the stage's u; ha / la: in sv hi / lo at the
+// stage's first rank.
+template <int D>
+__device__ __forceinline__ void rb_mma_stage(float (&acc)[2][D / 32][2][4], unsigned ua, unsigned ha,
+                                             unsigned la) {
+    constexpr int PAIRS = D / 32, SV_ROW = (D + 8) * 2, U_ROW = REBUILD_U_STRIDE * 2;  // bytes
+#pragma unroll
+    for (int ks = 0; ks < REBUILD_K_CHUNK; ks += 16) {
+        unsigned a[2][4];
+#pragma unroll
+        for (int m = 0; m < 2; ++m) rb_ldsm_x4(a[m], ua + m * 16 * U_ROW + ks * 2);
+#pragma unroll
+        for (int p = 0; p < PAIRS; ++p) {
+            unsigned bh[4], bl[4];  // b0, b1 of tile j, then of its partner
+            rb_ldsm_x4_t(bl, la + ks * SV_ROW + p * 16);
+            rb_ldsm_x4_t(bh, ha + ks * SV_ROW + p * 16);
+#pragma unroll
+            for (int m = 0; m < 2; ++m) {
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    rb_mma(acc[m][p][hf], a[m], bl[2 * hf], bl[2 * hf + 1]);
+                    rb_mma(acc[m][p][hf], a[m], bh[2 * hf], bh[2 * hf + 1]);
+                }
+            }
+        }
+    }
+}
+
+// Rotates the warp's finished rows and stores them as bf16: slot 2*hr + e of pair p, half
+// 0 holds row g + 8*hr of m16 tile m, column j + e (j = 8*(tile0 + p) + 2*tq), half 1 the
+// same slot of its partner column j + e + D/2. tok / arow: the tile's rows; ak: row 0 of
+// the head's attention keys.
+template <int D>
+__device__ __forceinline__ void rb_store(const float (&acc)[2][D / 32][2][4], const int* tok, const int* arow,
+                                         int row0, int tile0, const float* __restrict__ inv_freq,
+                                         __nv_bfloat16* __restrict__ ak) {
+    constexpr int PAIRS = D / 32;
+    const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
             const int row = row0 + 16 * m + 8 * hr + g;
-            const int tok = s.tok[row];
-            if (tok < 0) continue;
-            __nv_bfloat16* dst = ak + (size_t)s.arow[row] * D;
-            const float pos = (float)tok;
+            const int t = tok[row];
+            if (t < 0) continue;
+            __nv_bfloat16* dst = ak + (size_t)arow[row] * D;
+            const float pos = (float)t;
 #pragma unroll
             for (int p = 0; p < PAIRS; ++p) {
                 const int j = (tile0 + p) * 8 + 2 * tq;
@@ -222,40 +306,141 @@ __device__ __forceinline__ void rebuild_rows(RebuildSmem& s, const unsigned shor
     }
 }
 
+// Shared memory of a block (dynamic; sizes in bytes, kp = rb_panel_ranks):
+//   u     [2][REBUILD_ROWS][REBUILD_U_STRIDE] bf16   the two pipeline stages   20480
+//   sv_hi [kp][d + 8] bf16, sv_lo [kp][d + 8] bf16   the staged panel of sv     4 kp (d + 8)
+//   tok, arow [2][REBUILD_ROWS] int                  two tiles' rows            2048
+//   off   [lists + 1] int                            tiles before each list     4 (lists + 1)
+// (src/cuda/shadow/rebuild.rs sizes it the same way.)
+struct RbSmem {
+    unsigned short *u, *sv_hi, *sv_lo;
+    int *tok, *arow, *off;
+};
+
+__device__ __forceinline__ RbSmem rb_smem(unsigned char* base, int d, int kp) {
+    RbSmem s;
+    s.u = reinterpret_cast<unsigned short*>(base);
+    s.sv_hi = s.u + 2 * REBUILD_ROWS * REBUILD_U_STRIDE;
+    s.sv_lo = s.sv_hi + kp * (d + 8);
+    s.tok = reinterpret_cast<int*>(s.sv_lo + kp * (d + 8));
+    s.arow = s.tok + 2 * REBUILD_ROWS;
+    s.off = s.arow + 2 * REBUILD_ROWS;
+    return s;
+}
+
+// The block's tiles t0 .. t1 - 1 for head dimension D. One pipeline step per (tile,
+// stage of REBUILD_K_CHUNK ranks): wait for the step's u, barrier, start loading the next
+// step's u into the other buffer, multiply, and after a tile's last stage rotate and
+// store it. sv is staged (plain loads, converted to hi / lo) when the tile's head differs
+// from the staged one, or at every panel when the rank needs more than one.
+template <int D>
+__device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists, int t0, int t1,
+                                              const int2* __restrict__ misses, const int* __restrict__ miss_count,
+                                              const ShadowSeqBufs* __restrict__ bufs,
+                                              const ShadowSeqCounts* __restrict__ counts,
+                                              const float* __restrict__ inv_freq, const ShadowDims& dims) {
+    constexpr int PAIRS = D / 32, HALF = D / 16, SV_ROW = (D + 8) * 2, U_ROW = REBUILD_U_STRIDE * 2;  // bytes
+    constexpr int U_STAGE = REBUILD_ROWS * REBUILD_U_STRIDE;  // bf16 values of a stage
+    static_assert(REBUILD_ROWS == REBUILD_WARPS / 2 * 32 && REBUILD_THREADS == 2 * REBUILD_ROWS, "warp tiling");
+    static_assert(REBUILD_SV_RANK_COLS / D % REBUILD_K_CHUNK == 0, "panels of whole stages");
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int row0 = (warp >> 1) * 32;     // the warp's first row of a tile
+    const int tile0 = (warp & 1) * PAIRS;  // its first n8 tile
+    const int r = dims.rank, per = REBUILD_ROWS / dims.chunk;
+    const int kch = (r + REBUILD_K_CHUNK - 1) / REBUILD_K_CHUNK;  // stages a tile
+    const int pch = kp / REBUILD_K_CHUNK;                          // stages a panel of sv
+    const bool one_panel = kch <= pch;
+    const bool vec = (r & 7) == 0;
+    const size_t kvd = (size_t)dims.kv_heads * D;
+
+    // ldmatrix addresses of this lane: for u, row (lane%8) + 8*((lane/8)%2) of the warp's
+    // first m16 tile at rank 8*(lane/16) (A fragments a0..a3); for sv, rank (lane%8) +
+    // 8*((lane/8)%2) at column 8*tile0, or of its partner tile for lanes 16..31 (matrices
+    // b0, b1 of tile j, then of j + D/16: ldmatrix.trans gives the column-major B).
+    const unsigned ua = rb_smem_addr(s.u) + ((row0 + (lane & 7) + 8 * ((lane >> 3) & 1)) * U_ROW + 16 * (lane >> 4));
+    const unsigned sv_lane = ((lane & 7) + 8 * ((lane >> 3) & 1)) * SV_ROW + 16 * (tile0 + (lane >> 4) * HALF);
+    const unsigned ha = rb_smem_addr(s.sv_hi) + sv_lane, la = rb_smem_addr(s.sv_lo) + sv_lane;
+
+    const unsigned short* lrow[2];
+    RbTile nxt = rb_tile(s.off, lists, t0, per, dims, miss_count);
+    rb_start_tile(nxt, per, dims, misses, counts, bufs, s.tok, s.arow, lrow);
+    rb_stage_u(s.u, lrow, 0, r, vec, misses);
+    rb_cp_async_commit();
+
+    RbTile cur = nxt;
+    int staged = -1;  // list whose sv the one panel holds
+    bool active = false;
+    float acc[2][PAIRS][2][4];
+    const int steps = (t1 - t0) * kch;
+    int ti = 0, kc = 0;  // the step's tile (from t0) and stage
+    for (int st = 0; st < steps; ++st) {
+        if (kc == 0) {
+            cur = nxt;
+#pragma unroll
+            for (int m = 0; m < 2; ++m)
+#pragma unroll
+                for (int p = 0; p < PAIRS; ++p)
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[m][p][e / 4][e % 4] = 0.f;
+        }
+        const int e = cur.b * dims.kv_heads + cur.h;
+        if (kc % pch == 0 && (!one_panel || e != staged)) {
+            __syncthreads();  // every warp is done with the panel staged before
+            rb_stage_sv<D>(s.sv_hi, s.sv_lo, reinterpret_cast<const float*>(bufs[cur.b].sv) + (size_t)cur.h * D, kvd,
+                           r, kc * REBUILD_K_CHUNK, min(kp, (kch - kc) * REBUILD_K_CHUNK));
+            staged = e;
+        }
+        rb_cp_async_wait_all();
+        __syncthreads();  // the step's u and sv, and the tile's rows, are in; the other u
+                          // buffer and the other tile's rows are free
+        const int par = (ti & 1) * REBUILD_ROWS;
+        if (kc == 0) active = __any_sync(0xffffffffu, s.tok[par + row0 + lane] >= 0);
+        if (st + 1 < steps) {
+            int nk = kc + 1;
+            if (nk == kch) {
+                nk = 0;
+                nxt = rb_tile(s.off, lists, t0 + ti + 1, per, dims, miss_count);
+                const int np = REBUILD_ROWS - par;
+                rb_start_tile(nxt, per, dims, misses, counts, bufs, s.tok + np, s.arow + np, lrow);
+            }
+            rb_stage_u(s.u + ((st + 1) & 1) * U_STAGE, lrow, nk * REBUILD_K_CHUNK, r, vec, misses);
+            rb_cp_async_commit();
+        }
+        if (active) {
+            const unsigned k_off = (kc % pch) * REBUILD_K_CHUNK * SV_ROW;
+            rb_mma_stage<D>(acc, ua + (st & 1) * U_STAGE * 2, ha + k_off, la + k_off);
+        }
+        if (kc == kch - 1)
+            rb_store<D>(acc, s.tok + par, s.arow + par, row0, tile0, inv_freq,
+                        shadow_attn_row(bufs[cur.b].ak, dims, cur.h, 0));
+        if (++kc == kch) {
+            kc = 0;
+            ++ti;
+        }
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(REBUILD_THREADS, 2)
     shadow_rebuild(const int2* __restrict__ misses, const int* __restrict__ miss_count,
                    const ShadowSeqBufs* __restrict__ bufs, const ShadowSeqCounts* __restrict__ counts,
-                   const float* __restrict__ inv_freq, ShadowDims dims) {
+                   const float* __restrict__ inv_freq, ShadowDims dims, int batch) {
     pdl_wait();
     pdl_trigger();
-    __shared__ __align__(16) RebuildSmem s;
-    const int h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
-    const int d = dims.head_dim, c = dims.chunk;
-    const size_t row = (size_t)b * dims.kv_heads + h;
-    const int nm = min(miss_count[row], dims.slots);
-    const int per = REBUILD_ROWS / c;  // misses a block
-    const int first = blockIdx.x * per;
-    if (first >= nm) return;
-    if (tid < REBUILD_ROWS) {
-        const int j = tid / c, i = tid - j * c;
-        int tok = -1, arow = 0;
-        if (j < per && first + j < nm) {
-            const int2 m = misses[row * dims.slots + first + j];
-            if (m.x >= 0 && m.x < dims.slots && m.y >= 0 && m.y < dims.chunk_cap) {  // else not a miss
-                tok = m.y * c + i;
-                arow = shadow_slot_row(dims, counts[b].outliers, m.x) + i;
-            }
-        }
-        s.tok[tid] = tok;
-        s.arow[tid] = arow;
-    }
-    __syncthreads();
-    const unsigned short* U = reinterpret_cast<const unsigned short*>(bufs[b].u);  // bf16 bits
-    const float* SV = reinterpret_cast<const float*>(bufs[b].sv) + (size_t)h * d;
-    const size_t kvd = (size_t)dims.kv_heads * d;
-    __nv_bfloat16* ak = shadow_attn_row(bufs[b].ak, dims, h, 0);
+    extern __shared__ __align__(16) unsigned char rb_shared[];
+    __shared__ int scratch[32];
+    const int d = dims.head_dim, lists = batch * dims.kv_heads;
+    const int per = REBUILD_ROWS / dims.chunk;  // misses a tile
+    const int kp = rb_panel_ranks(d, dims.rank);
+    const RbSmem s = rb_smem(rb_shared, d, kp);
+    const int total = rb_tile_offsets(miss_count, lists, dims.slots, per, s.off, scratch);
+    // An even share of all the tiles, in order: a block runs one head's tiles after
+    // another and restages sv only when the head changes.
+    const int t0 = (int)((long long)total * blockIdx.x / gridDim.x);
+    const int t1 = (int)((long long)total * (blockIdx.x + 1) / gridDim.x);
+    if (t0 >= t1) return;
     if (d == 128)
-        rebuild_rows<128>(s, U, SV, kvd, dims.rank, inv_freq, ak);
+        rebuild_tiles<128>(s, kp, lists, t0, t1, misses, miss_count, bufs, counts, inv_freq, dims);
     else if (d == 64)
-        rebuild_rows<64>(s, U, SV, kvd, dims.rank, inv_freq, ak);
+        rebuild_tiles<64>(s, kp, lists, t0, t1, misses, miss_count, bufs, counts, inv_freq, dims);
 }

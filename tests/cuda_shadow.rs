@@ -869,10 +869,15 @@ fn key_rebuild_matches_low_rank_and_rope() {
     let dev = ops.device();
     let mut rng = seeded("shadow_rebuild");
     // (model, chunk, rank, chunk_cap, S): llama3 RoPE scaling at positions up to 131K;
-    // d = 64 and 128; chunks of 1, 3, 5, 8 and 16 tokens (blocks take 128 / c misses,
-    // rows past them empty); ranks 1, 37 and 203 (not multiples of the mma's 8 nor of
-    // the 32-rank tile) up to kv_heads·d = 1024, the largest; several blocks per head;
-    // group 7 (Qwen2).
+    // d = 64 and 128; chunks of 1, 3, 5, 8 and 16 tokens (tiles take 128 / c misses,
+    // rows past them empty); ranks 1, 37 and 203 (not multiples of the mma's 16 nor of
+    // the 32-rank stage; 37 and 203 not of 8 either: u loaded without cp.async) up to
+    // kv_heads·d = 1024, the largest; 203 and 1024 need more than the 160 ranks of sv a
+    // block keeps (panels restaged per tile); group 7 (Qwen2). Each case on the default
+    // grid (a tile or two per block here), on one block (every tile of every head in
+    // turn: sv restaged when the head changes, the u pipeline running across tiles) and
+    // on three (heads split between blocks); some entries of the lists are invalid
+    // misses, which the kernel must skip.
     for &(arch, chunk, rank, chunk_cap, slots) in &[
         ("smollm2-135m", 8usize, 160usize, 1100usize, 32usize),
         ("llama-3.1-8b", 8, 160, 16_384, 64),
@@ -917,40 +922,96 @@ fn key_rebuild_matches_low_rank_and_rope() {
                 cols: kvd,
             });
         }
-        let entries: Vec<(&LayerBuffers, SeqCounts)> = bufs
-            .iter()
-            .enumerate()
-            .map(|(b, x)| (x, counts(chunks[b], 0, outliers[b], 0)))
-            .collect();
-        let table = ShadowTable::new(&ops, &entries).unwrap();
         let misses = random_misses(&ops, &mut rng, &l, &chunks);
+        let misses = with_invalid_misses(&ops, &mut rng, &l, misses);
         let inv = dev.upload(&rope_inv_freq(&cfg)).unwrap();
-        ops.shadow_rebuild(&table, &misses.pairs, &misses.count, &inv).unwrap();
         let rope = Rope::new(&cfg);
-        let (mut got, mut want) = (Vec::new(), Vec::new());
-        let mut written = 0;
-        for (b, buf) in bufs.iter().enumerate() {
-            let ak = dev.download(&buf.ak).unwrap();
+        let mut want = Vec::new();
+        for (b, lr) in lowrank.iter().enumerate() {
             for h in 0..kvh {
-                for &(slot, ch) in &misses.lists[b * kvh + h] {
+                for &(_, ch) in &misses.lists[b * kvh + h] {
                     let mut k = vec![0f32; chunk * d];
-                    lowrank[b].rebuild(ch * chunk, chunk, h * d..(h + 1) * d, &mut k);
+                    lr.rebuild(ch * chunk, chunk, h * d..(h + 1) * d, &mut k);
                     let positions: Vec<usize> = (ch * chunk..(ch + 1) * chunk).collect();
                     let (cos, sin) = rope.tables(&positions);
                     rope.apply(&mut k, 1, &cos, &sin);
                     want.extend(k);
-                    let at = attn_at(&l, h, l.slot_row(outliers[b], slot));
-                    got.extend(f32s(&ak[at..at + chunk * d]));
-                    written += chunk * d;
                 }
             }
-            let untouched = ak.iter().filter(|v| v.to_bits() == NAN_BITS).count();
-            assert_eq!(ak.len() - untouched, written, "{case}: rows written outside the slots");
-            written = 0;
         }
         let atol = 1e-4 * rms(&want);
-        check("shadow_rebuild", &case, &got, &want, EW_RTOL, atol);
+        for grid in [None, Some(1), Some(3)] {
+            for b in bufs.iter_mut() {
+                ops.fill_nan_bf16(&mut b.ak).unwrap();
+            }
+            let entries: Vec<(&LayerBuffers, SeqCounts)> = bufs
+                .iter()
+                .enumerate()
+                .map(|(b, x)| (x, counts(chunks[b], 0, outliers[b], 0)))
+                .collect();
+            let table = ShadowTable::new(&ops, &entries).unwrap();
+            let blocks = match grid {
+                None => {
+                    ops.shadow_rebuild(&table, &misses.pairs, &misses.count, &inv).unwrap();
+                    ops.shadow_rebuild_blocks(&table).unwrap()
+                }
+                Some(n) => {
+                    ops.shadow_rebuild_on(&table, &misses.pairs, &misses.count, &inv, n)
+                        .unwrap();
+                    n
+                }
+            };
+            let mut got = Vec::new();
+            for (b, buf) in bufs.iter().enumerate() {
+                let ak = dev.download(&buf.ak).unwrap();
+                let mut written = 0;
+                for h in 0..kvh {
+                    for &(slot, _) in &misses.lists[b * kvh + h] {
+                        let at = attn_at(&l, h, l.slot_row(outliers[b], slot));
+                        got.extend(f32s(&ak[at..at + chunk * d]));
+                        written += chunk * d;
+                    }
+                }
+                let untouched = ak.iter().filter(|v| v.to_bits() == NAN_BITS).count();
+                assert_eq!(
+                    ak.len() - untouched,
+                    written,
+                    "{case}, {blocks} blocks: rows written outside the valid misses' slots"
+                );
+            }
+            let run = format!("{case},blocks={blocks}");
+            check("shadow_rebuild", &run, &got, &want, EW_RTOL, atol);
+        }
     }
+}
+
+/// `m` with about a third of its lists (those of two entries or more) holding one
+/// invalid entry in place of a miss (slot -1 or S, chunk -1 or past chunk_cap, in turn),
+/// dropped from `lists`: kernels must skip such entries.
+fn with_invalid_misses(ops: &CudaOps, rng: &mut StdRng, l: &ShadowLayout, mut m: Misses) -> Misses {
+    let mut flat = ops.device().download(&m.pairs).unwrap();
+    let (slots, cap) = (l.slots as i32, l.chunk_cap as i32);
+    let bad = [
+        (Some(-1), None),
+        (Some(slots), None),
+        (None, Some(-1)),
+        (None, Some(cap)),
+    ];
+    let mut kind = 0;
+    for (e, list) in m.lists.iter_mut().enumerate() {
+        if list.len() < 2 || rng.random_range(0..3) != 0 {
+            continue;
+        }
+        let j = rng.random_range(0..list.len());
+        let (slot, chunk) = bad[kind % bad.len()];
+        kind += 1;
+        let at = (e * l.slots + j) * 2;
+        flat[at] = slot.unwrap_or(list[j].0 as i32);
+        flat[at + 1] = chunk.unwrap_or(list[j].1 as i32);
+        list.remove(j);
+    }
+    m.pairs = ops.device().upload(&flat).unwrap();
+    m
 }
 
 #[test]

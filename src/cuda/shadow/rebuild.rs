@@ -5,20 +5,41 @@
 use super::buffers::ShadowTable;
 use super::layout::MAX_CHUNK;
 use crate::cuda::ops::{check_len, kernel_params, CudaOps};
-use anyhow::Result;
+use anyhow::{ensure, Context, Result};
+use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 
-/// Rows one rebuild block computes (`REBUILD_ROWS` of kernels/rebuild.cu): the rows of
+/// Rows of a rebuild tile (`REBUILD_ROWS` of kernels/rebuild.cu): the rows of
 /// `REBUILD_ROWS / chunk` misses.
 const REBUILD_ROWS: usize = 128;
 /// Threads of a rebuild block (`REBUILD_THREADS`: 8 warps).
 const REBUILD_THREADS: u32 = 256;
-const _: () = assert!(REBUILD_ROWS >= MAX_CHUNK, "a block holds the rows of one miss at least");
+/// Ranks of u a pipeline stage holds (`REBUILD_K_CHUNK`).
+const REBUILD_K_CHUNK: usize = 32;
+/// Ranks × columns of a head's sv a block keeps in shared memory
+/// (`REBUILD_SV_RANK_COLS`: rank 160 at d = 128).
+const REBUILD_SV_RANK_COLS: usize = 160 * 128;
+/// Shared memory of the two u stages (`REBUILD_U_BYTES`: rows of 40 bf16).
+const REBUILD_U_BYTES: usize = 2 * REBUILD_ROWS * (REBUILD_K_CHUNK + 8) * 2;
+/// Shared memory of two tiles' row tables (`REBUILD_META_BYTES`).
+const REBUILD_META_BYTES: usize = 4 * REBUILD_ROWS * 4;
+const _: () = assert!(REBUILD_ROWS >= MAX_CHUNK, "a tile holds the rows of one miss at least");
+
+/// Dynamic shared memory of a rebuild block, as `rb_smem` of kernels/rebuild.cu lays it
+/// out: the u stages, a panel of sv's hi and lo terms (the whole rank up to
+/// `REBUILD_SV_RANK_COLS / d`), the row tables and `lists + 1` tile offsets.
+fn rebuild_smem(head_dim: usize, rank: usize, lists: usize) -> usize {
+    let panel = rank
+        .next_multiple_of(REBUILD_K_CHUNK)
+        .min(REBUILD_SV_RANK_COLS / head_dim);
+    REBUILD_U_BYTES + 2 * panel * (head_dim + 8) * 2 + REBUILD_META_BYTES + (lists + 1) * 4
+}
 
 impl CudaOps {
     /// Rebuilds the keys of every miss (as [`CudaOps::shadow_reuse`] lists them) into its
     /// slot of `ak`: the chunk's rows of `u · sv` for the head, rotated at the tokens'
-    /// positions with `inv_freq` (`d/2` values, [`crate::cuda::rope_inv_freq`]).
+    /// positions with `inv_freq` (`d/2` values, [`crate::cuda::rope_inv_freq`]), on
+    /// [`CudaOps::shadow_rebuild_blocks`] blocks.
     pub fn shadow_rebuild(
         &self,
         t: &ShadowTable,
@@ -26,36 +47,86 @@ impl CudaOps {
         miss_count: &CudaSlice<i32>,
         inv_freq: &impl DevicePtr<f32>,
     ) -> Result<()> {
+        let blocks = self.shadow_rebuild_blocks(t)?;
+        self.shadow_rebuild_on(t, misses, miss_count, inv_freq, blocks)
+    }
+
+    /// Blocks [`CudaOps::shadow_rebuild`] launches for the batch: as many as the device
+    /// holds at once at the kernel's shared memory, fewer where the heads' largest miss
+    /// lists make fewer tiles.
+    pub fn shadow_rebuild_blocks(&self, t: &ShadowTable) -> Result<usize> {
+        let l = t.layout();
+        let lists = t.batch() * l.kv_heads;
+        let smem = self.rebuild_allow_smem(rebuild_smem(l.head_dim, l.rank, lists))?;
+        let per_sm = self
+            .k
+            .shadow_rebuild
+            .occupancy_max_active_blocks_per_multiprocessor(REBUILD_THREADS, smem, None)
+            .context("rebuild: occupancy")?;
+        let resident = self.device().info().sm_count as usize * per_sm.max(1) as usize;
+        let most_tiles = lists * l.slots.div_ceil(REBUILD_ROWS / l.chunk);
+        Ok(resident.min(most_tiles).clamp(1, 65_535))
+    }
+
+    /// [`CudaOps::shadow_rebuild`] on `blocks` blocks (1..=65535): the batch's tiles of
+    /// `128 / chunk` misses, in list order, are shared evenly among them.
+    pub fn shadow_rebuild_on(
+        &self,
+        t: &ShadowTable,
+        misses: &CudaSlice<i32>,
+        miss_count: &CudaSlice<i32>,
+        inv_freq: &impl DevicePtr<f32>,
+        blocks: usize,
+    ) -> Result<()> {
         let l = t.layout();
         let heads = t.batch() * l.kv_heads;
         check_len("rebuild: misses", misses.len(), heads * l.slots * 2)?;
         check_len("rebuild: miss counts", miss_count.len(), heads)?;
         check_len("rebuild: inv_freq", inv_freq.len(), l.head_dim / 2)?;
+        ensure!((1..=65_535).contains(&blocks), "rebuild: {blocks} blocks (1..=65535)");
+        let smem = self.rebuild_allow_smem(rebuild_smem(l.head_dim, l.rank, heads))?;
         let s = self.device().stream();
         let (mp, _g1) = misses.device_ptr(s);
         let (cp, _g2) = miss_count.device_ptr(s);
         let (fp, _g3) = inv_freq.device_ptr(s);
         let (addrs, counts) = t.device_arrays(self);
         let dims = l.dims();
-        let (kvh, batch, _) = t.head_grid();
-        // A block per REBUILD_ROWS / chunk entries of each head's miss list (blocks past
-        // a head's misses return at once); the layout keeps the chunk in 1..=MAX_CHUNK.
-        let per_block = REBUILD_ROWS / l.chunk;
+        let batch = t.batch() as i32;
         let cfg = LaunchConfig {
-            grid_dim: (l.slots.div_ceil(per_block) as u32, kvh, batch),
+            grid_dim: (blocks as u32, 1, 1),
             block_dim: (REBUILD_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem as u32,
         };
         // SAFETY: the miss lists and inv_freq hold what the batch needs (checked); the
-        // table's buffers match its layout (checked when it was made); the miss lists
-        // name slots below S and chunks whose rows of u are inside the buffer, as
-        // shadow_reuse writes them from shadow_top_k's selection.
+        // table's buffers match its layout (checked when it was made) and hold `batch`
+        // sequences; the miss lists name slots below S and chunks whose rows of u are
+        // inside the buffer, as shadow_reuse writes them from shadow_top_k's selection
+        // (the kernel skips any other entry); the shared memory is what the kernel lays
+        // out for this layout and batch (allowed above).
         unsafe {
             self.launch_pdl(
                 &self.k.shadow_rebuild,
                 cfg,
-                &mut kernel_params![&mp, &cp, &addrs, &counts, &fp, &dims],
+                &mut kernel_params![&mp, &cp, &addrs, &counts, &fp, &dims, &batch],
             )
         }
+    }
+
+    /// Lets the rebuild kernel use `smem` bytes of dynamic shared memory (over the
+    /// default 48 KiB), preferring shared memory to L1 so that two blocks fit an SM.
+    fn rebuild_allow_smem(&self, smem: usize) -> Result<usize> {
+        let f = &self.k.shadow_rebuild;
+        self.device().context().bind_to_thread()?;
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .with_context(|| format!("rebuild: allowing {smem} bytes of shared memory per block"))?;
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+            100,
+        )
+        .context("rebuild: preferring shared memory to L1")?;
+        Ok(smem)
     }
 }
