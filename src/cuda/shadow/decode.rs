@@ -244,9 +244,17 @@ impl<'a> ShadowStep<'a> {
             }
             pending.push(self.queue_fetch(ops, t, l, sc)?);
         }
-        // The keys of every micro-batch's misses, while the values come.
+        // The keys of every micro-batch's misses, while the values come. The rebuild's
+        // blocks stay resident until it is done, so where a fetch runs beside it they
+        // leave that fetch its blocks' room (else the fetch would wait for the rebuild).
+        let beside = self.fetch == FetchPath::ZeroCopy && self.fetch_ops.is_some();
         for (p, sc) in scratch.iter().enumerate() {
-            ops.shadow_rebuild(self.part_table(p, l), &sc.misses, &sc.miss_count, inv_freq)?;
+            let t = self.part_table(p, l);
+            let mut blocks = ops.shadow_rebuild_blocks(t)?;
+            if beside {
+                blocks = blocks.saturating_sub(FETCH_BLOCKS).max(1);
+            }
+            ops.shadow_rebuild_on(t, &sc.misses, &sc.miss_count, inv_freq, blocks)?;
             self.mark(ops, Stage::Rebuild)?;
         }
         for (p, ((range, sc), fetch)) in self.parts.iter().zip(scratch.iter_mut()).zip(pending).enumerate() {
