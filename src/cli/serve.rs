@@ -190,7 +190,7 @@ fn shadow_settings(
         p.chunk_size,
         p.outlier_chunks,
         p.local_chunks,
-        shape.bytes(4)? as f64 / (1u64 << 30) as f64,
+        shape.bytes(ty.bytes())? as f64 / (1u64 << 30) as f64,
         topo.pools.backing
     );
     Ok(Some((p, pool)))
