@@ -58,7 +58,7 @@ impl CudaOps {
         let bp = bias.map_or(0, |b| b.device_ptr(s).0);
         let (pp, _g3) = positions.device_ptr(s);
         let (fp, _g4) = inv_freq.device_ptr(s);
-        let (addrs, counts) = t.device_arrays(self);
+        let (addrs, counts) = t.device_arrays();
         let nh = i32_of("heads", heads)?;
         let dims = l.dims();
         let cfg = LaunchConfig {

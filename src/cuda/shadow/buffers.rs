@@ -176,45 +176,133 @@ impl LayerBuffers {
 /// The kernels write the buffers through it: it borrows them so that they outlive it.
 pub struct ShadowTable<'a> {
     layout: ShadowLayout,
-    addrs: CudaSlice<SeqAddrs>,
-    counts: CudaSlice<SeqCounts>,
+    /// Device addresses of the address array and the count array (`SeqAddrs` and
+    /// `SeqCounts` of each sequence, as words).
+    addrs: u64,
+    counts: u64,
+    /// The words' allocation when the table has its own ([`ShadowTable::new`]); none
+    /// when they lie in a [`ShadowTables`] upload, which keeps them.
+    own: Option<CudaSlice<u64>>,
     host_counts: Vec<SeqCounts>,
     _bufs: PhantomData<&'a LayerBuffers>,
+}
+
+/// Words of a sequence's [`SeqAddrs`] and of its [`SeqCounts`] in a table's arrays.
+const ADDR_WORDS: usize = std::mem::size_of::<SeqAddrs>() / 8;
+const COUNT_WORDS: usize = std::mem::size_of::<SeqCounts>() / 8;
+
+/// A batch's entries checked against its layout: the layout, and the words of its
+/// address array then its count array.
+fn table_words(ops: &CudaOps, seqs: &[(&LayerBuffers, SeqCounts)]) -> Result<(ShadowLayout, Vec<u64>)> {
+    ensure!(!seqs.is_empty(), "a ShadowKV batch needs at least one sequence");
+    let layout = *seqs[0].0.layout();
+    ensure!(
+        seqs.len() <= 65_535 && seqs.len() * layout.kv_heads <= 12_000,
+        "a batch of {} sequences × {} KV heads is too large for one launch",
+        seqs.len(),
+        layout.kv_heads
+    );
+    let mut words = Vec::with_capacity(seqs.len() * (ADDR_WORDS + COUNT_WORDS));
+    for (i, (b, c)) in seqs.iter().enumerate() {
+        ensure!(
+            *b.layout() == layout,
+            "sequence {i}: buffers of another layout ({:?}, the batch's is {layout:?})",
+            b.layout()
+        );
+        b.check()?;
+        layout.check_counts(i, c)?;
+        let a = b.addrs(ops);
+        words.extend([
+            a.marks,
+            a.outlier,
+            a.u,
+            a.sv,
+            a.slots,
+            a.ak,
+            a.av,
+            a.kpre,
+            a.tier,
+            a.tier_map,
+            a.tier_owner,
+            a.tier_next,
+        ]);
+    }
+    for (_, c) in seqs {
+        words.extend(count_words(c));
+    }
+    Ok((layout, words))
+}
+
+/// A sequence's counts as the words of `ShadowSeqCounts` (little-endian pairs of i32).
+fn count_words(c: &SeqCounts) -> [u64; COUNT_WORDS] {
+    let pair = |lo: i32, hi: i32| (lo as u32 as u64) | ((hi as u32 as u64) << 32);
+    [pair(c.chunks, c.recent), pair(c.outliers, c.pool_seq)]
+}
+
+const _: () = assert!(ADDR_WORDS == 12 && COUNT_WORDS == 2, "SeqAddrs and SeqCounts as words");
+
+/// Many tables (a step's layers, its micro-batches) whose arrays go to the device in
+/// one upload: a step makes about a hundred, and an upload each cost milliseconds
+/// between steps, with the GPU idle.
+pub struct ShadowTables<'a> {
+    tables: Vec<ShadowTable<'a>>,
+    /// The tables' words; their addresses point into it.
+    _words: CudaSlice<u64>,
+}
+
+impl<'a> ShadowTables<'a> {
+    /// One table per entry of `batches`, as [`ShadowTable::new`] would make each.
+    pub fn new(ops: &CudaOps, batches: &[Vec<(&'a LayerBuffers, SeqCounts)>]) -> Result<Self> {
+        let mut all = Vec::new();
+        let mut parts = Vec::with_capacity(batches.len());
+        for seqs in batches {
+            let (layout, words) = table_words(ops, seqs)?;
+            parts.push((layout, all.len(), seqs.iter().map(|s| s.1).collect::<Vec<_>>()));
+            all.extend(words);
+        }
+        let words = ops.device().upload(&all)?;
+        let base = words.device_ptr(ops.device().stream()).0;
+        let tables = parts
+            .into_iter()
+            .map(|(layout, at, host_counts)| {
+                let addrs = base + 8 * at as u64;
+                ShadowTable {
+                    layout,
+                    addrs,
+                    counts: addrs + (8 * ADDR_WORDS * host_counts.len()) as u64,
+                    own: None,
+                    host_counts,
+                    _bufs: PhantomData,
+                }
+            })
+            .collect();
+        Ok(ShadowTables { tables, _words: words })
+    }
+
+    /// The tables, in the order of the batches they were made from.
+    pub fn tables(&self) -> &[ShadowTable<'a>] {
+        &self.tables
+    }
 }
 
 impl<'a> ShadowTable<'a> {
     /// One entry per sequence: its buffers of this layer and its counts.
     pub fn new(ops: &CudaOps, seqs: &[(&'a LayerBuffers, SeqCounts)]) -> Result<Self> {
-        ensure!(!seqs.is_empty(), "a ShadowKV batch needs at least one sequence");
-        let layout = *seqs[0].0.layout();
-        ensure!(
-            seqs.len() <= 65_535 && seqs.len() * layout.kv_heads <= 12_000,
-            "a batch of {} sequences × {} KV heads is too large for one launch",
-            seqs.len(),
-            layout.kv_heads
-        );
-        let mut addrs = Vec::with_capacity(seqs.len());
-        for (i, (b, c)) in seqs.iter().enumerate() {
-            ensure!(
-                *b.layout() == layout,
-                "sequence {i}: buffers of another layout ({:?}, the batch's is {layout:?})",
-                b.layout()
-            );
-            b.check()?;
-            layout.check_counts(i, c)?;
-            addrs.push(b.addrs(ops));
-        }
-        let host_counts: Vec<SeqCounts> = seqs.iter().map(|s| s.1).collect();
+        let (layout, words) = table_words(ops, seqs)?;
+        let own = ops.device().upload(&words)?;
+        let addrs = own.device_ptr(ops.device().stream()).0;
         Ok(ShadowTable {
             layout,
-            addrs: ops.device().upload(&addrs)?,
-            counts: ops.device().upload(&host_counts)?,
-            host_counts,
+            addrs,
+            counts: addrs + (8 * ADDR_WORDS * seqs.len()) as u64,
+            own: Some(own),
+            host_counts: seqs.iter().map(|s| s.1).collect(),
             _bufs: PhantomData,
         })
     }
 
-    /// Replaces every sequence's counts (in place: the device array keeps its address).
+    /// Replaces every sequence's counts (in place: the device array keeps its address);
+    /// a table of a [`ShadowTables`] keeps the counts it was made with.
     pub fn set_counts(&mut self, ops: &CudaOps, counts: &[SeqCounts]) -> Result<()> {
         ensure!(
             counts.len() == self.host_counts.len(),
@@ -225,7 +313,13 @@ impl<'a> ShadowTable<'a> {
         for (i, c) in counts.iter().enumerate() {
             self.layout.check_counts(i, c)?;
         }
-        ops.device().stream().memcpy_htod(counts, &mut self.counts)?;
+        let n = counts.len();
+        let Some(own) = self.own.as_mut() else {
+            anyhow::bail!("the counts of a table made in a set are fixed");
+        };
+        let words: Vec<u64> = counts.iter().flat_map(count_words).collect();
+        let mut dst = own.slice_mut(ADDR_WORDS * n..(ADDR_WORDS + COUNT_WORDS) * n);
+        ops.device().stream().memcpy_htod(&words, &mut dst)?;
         self.host_counts.copy_from_slice(counts);
         Ok(())
     }
@@ -246,9 +340,8 @@ impl<'a> ShadowTable<'a> {
     }
 
     /// Device addresses of the address and count arrays.
-    pub(crate) fn device_arrays(&self, ops: &CudaOps) -> (u64, u64) {
-        let s = ops.device().stream();
-        (self.addrs.device_ptr(s).0, self.counts.device_ptr(s).0)
+    pub(crate) fn device_arrays(&self) -> (u64, u64) {
+        (self.addrs, self.counts)
     }
 
     /// The launch grid of one block per (KV head, sequence).

@@ -19,7 +19,7 @@
 //! as its miss lists exist and runs while the GPU selects for the next ones and rebuilds
 //! every micro-batch's keys: select 1, fetch 1 | select 2, fetch 2 | … | rebuild all, then
 //! attend 1 once fetch 1 is in, attend 2 …
-use super::buffers::{GatherBuffers, ShadowTable, StepScratch};
+use super::buffers::{GatherBuffers, ShadowTable, ShadowTables, StepScratch};
 use super::fetch::FETCH_BLOCKS;
 use super::layout::{DevicePool, SeqCounts, ShadowLayout};
 use super::pool::GpuValuePool;
@@ -40,12 +40,12 @@ use std::time::Instant;
 /// tables over the rows each (sequence, KV head) attends, and the value pool.
 pub struct ShadowStep<'a> {
     layout: ShadowLayout,
-    /// Each layer's table of the whole batch.
-    tables: Vec<ShadowTable<'a>>,
+    /// Each layer's table of the whole batch, then with several micro-batches each
+    /// one's table of each layer (`[layers + p·layers + l]`).
+    tables: ShadowTables<'a>,
+    layers: usize,
     /// The sequences of each micro-batch (one range: the whole batch).
     parts: Vec<Range<usize>>,
-    /// With several micro-batches, `[micro-batch][layer]` tables of their sequences.
-    part_tables: Vec<Vec<ShadowTable<'a>>>,
     pool: &'a GpuValuePool,
     dev_pool: DevicePool,
     fetch: FetchPath,
@@ -87,26 +87,23 @@ impl<'a> ShadowStep<'a> {
         let layout = *seqs[0].layer(0).layout();
         let layers = seqs[0].layers();
         let counts: Vec<SeqCounts> = seqs.iter().map(|s| s.counts_with_token()).collect();
-        let table_of = |range: Range<usize>, l: usize| {
-            let entries: Vec<_> = seqs[range.clone()]
+        let parts = split_batch(seqs.len(), micro);
+        // Each layer's table of the whole batch, then with several micro-batches each
+        // one's table of each layer: one upload for them all.
+        let entries = |range: Range<usize>, l: usize| -> Vec<_> {
+            seqs[range.clone()]
                 .iter()
                 .zip(&counts[range])
                 .map(|(s, c)| (s.layer(l), *c))
-                .collect();
-            ShadowTable::new(ops, &entries)
+                .collect()
         };
-        let tables = (0..layers)
-            .map(|l| table_of(0..seqs.len(), l))
-            .collect::<Result<Vec<_>>>()?;
-        let parts = split_batch(seqs.len(), micro);
-        let part_tables = if parts.len() > 1 {
-            parts
-                .iter()
-                .map(|r| (0..layers).map(|l| table_of(r.clone(), l)).collect())
-                .collect::<Result<Vec<_>>>()?
-        } else {
-            Vec::new()
-        };
+        let mut batches: Vec<_> = (0..layers).map(|l| entries(0..seqs.len(), l)).collect();
+        if parts.len() > 1 {
+            for r in &parts {
+                batches.extend((0..layers).map(|l| entries(r.clone(), l)));
+            }
+        }
+        let tables = ShadowTables::new(ops, &batches)?;
         let (d, kvh) = (layout.head_dim, layout.kv_heads);
         let e = seqs.len() * kvh;
         let mut ptrs = Vec::with_capacity(layers * 2 * e);
@@ -134,8 +131,8 @@ impl<'a> ShadowStep<'a> {
         Ok(ShadowStep {
             layout,
             tables,
+            layers,
             parts,
-            part_tables,
             pool,
             dev_pool: pool.device(),
             fetch,
@@ -153,7 +150,7 @@ impl<'a> ShadowStep<'a> {
 
     /// Sequences.
     pub fn batch(&self) -> usize {
-        self.tables[0].batch()
+        self.tables.tables()[0].batch()
     }
 
     /// The sequences of each micro-batch, in order (one step scratch each, as large as
@@ -162,11 +159,18 @@ impl<'a> ShadowStep<'a> {
         &self.parts
     }
 
+    /// Layer `l`'s table of the whole batch.
+    fn whole(&self, l: usize) -> &ShadowTable<'a> {
+        &self.tables.tables()[l]
+    }
+
     /// Layer `l`'s table of micro-batch `p`.
     fn part_table(&self, p: usize, l: usize) -> &ShadowTable<'a> {
-        match self.part_tables.get(p) {
-            Some(t) => &t[l],
-            None => &self.tables[l],
+        let t = self.tables.tables();
+        if self.parts.len() > 1 {
+            &t[self.layers * (1 + p) + l]
+        } else {
+            &t[l]
         }
     }
 
@@ -225,7 +229,7 @@ impl<'a> ShadowStep<'a> {
         let heads = lay.kv_heads * lay.group;
         let row = heads * lay.head_dim;
         self.mark(ops, Stage::Start)?;
-        ops.shadow_qkv_append(q, qkv, bias, positions, inv_freq, &self.tables[l], heads)?;
+        ops.shadow_qkv_append(q, qkv, bias, positions, inv_freq, self.whole(l), heads)?;
         self.mark(ops, Stage::Append)?;
         // Each micro-batch's selection; its fetch is queued as soon as its miss lists are.
         let mut pending = Vec::with_capacity(self.parts.len());
@@ -265,7 +269,7 @@ impl<'a> ShadowStep<'a> {
             self.mark(ops, Stage::Attend)?;
         }
         // SAFETY: as the fetch: the registered pool, each sequence its own slot.
-        unsafe { ops.shadow_fold(&self.tables[l], &self.dev_pool, l)? };
+        unsafe { ops.shadow_fold(self.whole(l), &self.dev_pool, l)? };
         self.mark(ops, Stage::Fold)
     }
 

@@ -45,7 +45,7 @@ impl CudaOps {
         pool.check(l, layer, t.counts())?;
         let (mp, cp, cfg) = self.miss_launch(t, misses, fetch_count, blocks)?;
         let tb = self.tier_base_addr(t, tier_base)?;
-        let (addrs, counts) = t.device_arrays(self);
+        let (addrs, counts) = t.device_arrays();
         let dims = l.dims();
         let batch = t.batch() as i32;
         let (li, seqs, chunks) = (
@@ -89,7 +89,7 @@ impl CudaOps {
         let s = self.device().stream();
         let (sp, _g) = staging.device_ptr(s);
         ensure!(sp % 16 == 0, "scatter: staging address {sp:#x} is not 16-byte aligned");
-        let (addrs, counts) = t.device_arrays(self);
+        let (addrs, counts) = t.device_arrays();
         let dims = l.dims();
         let batch = t.batch() as i32;
         // SAFETY: staging holds a row per possible miss (checked), the miss lists what

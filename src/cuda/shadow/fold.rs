@@ -32,7 +32,7 @@ impl CudaOps {
                 c.chunks
             );
         }
-        let (addrs, counts) = t.device_arrays(self);
+        let (addrs, counts) = t.device_arrays();
         let dims = l.dims();
         let (li, seqs, pc) = (
             i32_of("layer", layer)?,

@@ -40,7 +40,7 @@ pub mod seq;
 pub mod tier;
 pub mod timeline;
 
-pub use buffers::{LayerBuffers, ShadowTable, StepScratch};
+pub use buffers::{LayerBuffers, ShadowTable, ShadowTables, StepScratch};
 pub use compress::{CompressStage, CompressTimes, CompressWorkspace};
 pub use decode::ShadowStep;
 pub use factor::{FactorMethod, FactorWorkspace};

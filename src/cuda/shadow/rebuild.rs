@@ -89,7 +89,7 @@ impl CudaOps {
         let (mp, _g1) = misses.device_ptr(s);
         let (cp, _g2) = miss_count.device_ptr(s);
         let (fp, _g3) = inv_freq.device_ptr(s);
-        let (addrs, counts) = t.device_arrays(self);
+        let (addrs, counts) = t.device_arrays();
         let dims = l.dims();
         let batch = t.batch() as i32;
         let cfg = LaunchConfig {

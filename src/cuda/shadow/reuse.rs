@@ -41,7 +41,7 @@ impl CudaOps {
         let (tbp, _g6) = s.tier_base.device_ptr_mut(st);
         let (hp, _g7) = s.hits.device_ptr_mut(st);
         let (sp, _g8) = s.selected.device_ptr(st);
-        let (addrs, _) = t.device_arrays(self);
+        let (addrs, _) = t.device_arrays();
         let dims = l.dims();
         let cfg = LaunchConfig {
             grid_dim: t.head_grid(),

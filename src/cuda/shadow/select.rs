@@ -76,7 +76,7 @@ impl CudaOps {
         let (lp, _g2) = scratch.logits.device_ptr_mut(s);
         let (tp, _g3) = scratch.stats.device_ptr_mut(s);
         let (sp, _g4) = scratch.scores.device_ptr_mut(s);
-        let (addrs, counts) = t.device_arrays(self);
+        let (addrs, counts) = t.device_arrays();
         let dims = l.dims();
         let scale = 1.0 / (l.head_dim as f32).sqrt();
         let (kvh, batch, _) = t.head_grid();
@@ -115,7 +115,7 @@ impl CudaOps {
         let s = self.device().stream();
         let (sp, _g1) = scores.device_ptr(s);
         let (op, _g2) = selected.device_ptr_mut(s);
-        let (addrs, counts) = t.device_arrays(self);
+        let (addrs, counts) = t.device_arrays();
         let dims = l.dims();
         // Sized by the layout, not by this step's chunk counts, so a captured graph
         // stays valid.

@@ -89,7 +89,7 @@ impl CudaOps {
         let st = self.device().stream();
         let (fp, _g1) = s.fetch_count.device_ptr(st);
         let (tp, _g2) = s.tier_src.device_ptr(st);
-        let (addrs, counts) = t.device_arrays(self);
+        let (addrs, counts) = t.device_arrays();
         let dims = l.dims();
         let batch = t.batch() as i32;
         // SAFETY: the lists hold what the batch needs (checked); the kernel clamps each
