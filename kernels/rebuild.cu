@@ -7,7 +7,7 @@
 // rotated at position t (Hugging Face rotate-half, the arithmetic of rope.cu) and
 // stored as bf16 to ak[h, slot_row(slot) + i, :]. Invalid entries of a list are skipped.
 //
-// Work: a tile is REBUILD_ROWS (256) rows, the rows of M = REBUILD_ROWS / c consecutive
+// Work: a tile is REBUILD_ROWS rows, the rows of M = REBUILD_ROWS / c consecutive
 // entries of one head's miss list stacked (tile row p is row p % c of entry p / c; rows
 // past M*c, past the list or of an invalid miss are empty: u staged as zero, nothing
 // stored). All the batch's tiles, head after head, are shared evenly among the grid's
@@ -28,16 +28,10 @@
 // block runs that head's tiles (staged, with plain loads and the split, only when the
 // head changes): 160 ranks at d = 128 (87 KB), 320 at d = 64. A larger rank is walked in
 // panels of that many ranks, each restaged for every tile (correct, slower). u streams
-// through a ring of 5 stages (3 where a block has less shared memory, as on the A100)
-// of [REBUILD_ROWS][32 ranks] by cp.async
-// (16-byte copies where the rank keeps u's rows 16-byte aligned, plain loads otherwise):
-// while one stage is multiplied the next four (the tile's next ranks, then the next
-// tiles' first) are in flight, 4 x 16 KB of u an SM. A tile's row table (token and
-// attention row of each row) is looked up a tile ahead: its loads are issued into
-// registers when the previous tile's copies start and written to shared memory after
-// that step's products, so no copy waits on a lookup. About 200 KB a block at d = 128
-// and rank 160 (u ring 100 KB, sv 85 KB, six row tables 12 KB): one block of 512
-// threads an SM of the H200, with one copy of sv.
+// through two stages of [REBUILD_ROWS][32 ranks] by cp.async (16-byte copies where the
+// rank keeps u's rows 16-byte aligned, plain loads otherwise): while a stage is
+// multiplied the next (the tile's next 32 ranks, or the next tile's first) is in flight.
+// About 108 KB a block at d = 128 and rank 160, so two blocks share an SM of the H200.
 //
 // Warp w computes tile rows 32*(w/2) .. 32*(w/2) + 31 (two m16 tiles) and, of the d/16
 // n8 tiles of the first half of the head, those of (w%2)*d/32 .. (w%2+1)*d/32 - 1
@@ -51,15 +45,10 @@
 #include "pdl.cuh"
 #include "shadow.cuh"
 
-#define REBUILD_ROWS 256  // rows of a tile: 16 warps, 8 row groups of 32 x 2 column halves
-#define REBUILD_WARPS 16
+#define REBUILD_ROWS 128  // rows of a tile: 8 warps, 4 row groups of 32 x 2 column halves
+#define REBUILD_WARPS 8
 #define REBUILD_THREADS (REBUILD_WARPS * 32)
 #define REBUILD_K_CHUNK 32  // ranks of u a pipeline stage holds (two k16 steps)
-// u stages of the ring (the launch's `stages`): 5 where a block may have the shared
-// memory (H100, H200: 227 KB), 3 otherwise (A100: 163 KB); stages - 1 are in flight while
-// one is multiplied, and stages + 1 tiles' row tables are kept.
-#define REBUILD_STAGES 5
-#define REBUILD_STAGES_SMALL 3
 // Ranks x columns of a head's sv (hi and lo) a block keeps in shared memory: rank 160
 // at d = 128, 320 at d = 64 (a multiple of REBUILD_K_CHUNK either way). Larger ranks
 // are walked in panels of that many ranks, restaged for every tile.
@@ -68,8 +57,9 @@
 // the 8 rows of each ldmatrix 8x8 matrix in 8 different 16-byte bank groups (80 mod 128
 // = 5 x 16, (2d + 16) mod 128 = 16), so its reads are free of bank conflicts.
 #define REBUILD_U_STRIDE (REBUILD_K_CHUNK + 8)
-#define REBUILD_STAGE_BYTES (REBUILD_ROWS * REBUILD_U_STRIDE * 2)  // a u stage
-#define REBUILD_TABLE_BYTES (2 * REBUILD_ROWS * 4)                // a row table (tok and arow)
+#define REBUILD_U_BYTES (2 * REBUILD_ROWS * REBUILD_U_STRIDE * 2)  // the two stages
+#define REBUILD_META_BYTES (4 * REBUILD_ROWS * 4)                  // tok and arow, two tiles
+
 // Ranks of sv a block stages at once (a multiple of REBUILD_K_CHUNK).
 __device__ __forceinline__ int rb_panel_ranks(int d, int r) {
     return min((r + REBUILD_K_CHUNK - 1) / REBUILD_K_CHUNK * REBUILD_K_CHUNK, REBUILD_SV_RANK_COLS / d);
@@ -87,11 +77,7 @@ __device__ __forceinline__ void rb_cp_async16(unsigned dst, const void* src, boo
 
 __device__ __forceinline__ void rb_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
-// Waits until at most N of this thread's newest commit groups are still in flight.
-template <int N>
-__device__ __forceinline__ void rb_cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
+__device__ __forceinline__ void rb_cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
 __device__ __forceinline__ void rb_ldsm_x4(unsigned (&r)[4], unsigned addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -140,66 +126,60 @@ __device__ __forceinline__ int rb_tile_offsets(const int* __restrict__ miss_coun
     return total;
 }
 
-// A tile: up to `per` consecutive entries of the miss list e = b * kv_heads + h.
+// A tile: up to `per` consecutive entries of the miss list of KV head h of sequence b.
 struct RbTile {
-    int e, b, h;
+    int b, h;
     int first;  // its first entry
+    int nm;     // entries of the list
 };
 
-__device__ __forceinline__ RbTile rb_tile(const int* off, int lists, int t, int per, const ShadowDims& dims) {
+__device__ __forceinline__ RbTile rb_tile(const int* off, int lists, int t, int per, const ShadowDims& dims,
+                                          const int* __restrict__ miss_count) {
+    const int e = run_of(off, lists, t);
     RbTile x;
-    x.e = run_of(off, lists, t);
-    x.b = x.e / dims.kv_heads;
-    x.h = x.e - x.b * dims.kv_heads;
-    x.first = (t - off[x.e]) * per;
+    x.b = e / dims.kv_heads;
+    x.h = e - x.b * dims.kv_heads;
+    x.first = (t - off[e]) * per;
+    x.nm = min(max(miss_count[e], 0), dims.slots);
     return x;
 }
 
-// The loads behind row p of a tile's row table (row p % c of its entry p / c), issued by
-// rb_lookup_begin and turned into the table's (token, attention row) by rb_lookup_end a
-// pipeline step later, so that their latency hides behind a stage's products.
-struct RbLookup {
-    int entry;  // the row's entry of the list; -1: no entry (past the tile or the list's room)
-    int nm;     // entries of the list
-    int n_out;  // the sequence's outlier chunks
-    int2 m;     // the entry: (slot, chunk)
-};
-
-__device__ __forceinline__ RbLookup rb_lookup_begin(const RbTile& x, int p, int per, const ShadowDims& dims,
-                                                    const int2* __restrict__ misses,
-                                                    const int* __restrict__ miss_count,
-                                                    const ShadowSeqCounts* __restrict__ counts) {
-    RbLookup q;
-    q.nm = q.n_out = 0;
-    q.m = make_int2(-1, 0);
-    const int j = p / dims.chunk;
-    q.entry = j < per && x.first + j < dims.slots ? x.first + j : -1;
-    if (q.entry >= 0) {
-        q.m = misses[(size_t)x.e * dims.slots + q.entry];
-        q.nm = miss_count[x.e];
-        q.n_out = counts[x.b].outliers;
-    }
-    return q;
+// (token, row of the head's attention buffer) of row p of tile x: row p % c of its miss
+// p / c; token -1 for an empty row (past the tile's misses or the list, or an invalid miss).
+__device__ __forceinline__ int2 rb_row(const RbTile& x, int p, int per, const ShadowDims& dims,
+                                       const int2* __restrict__ misses, const ShadowSeqCounts* __restrict__ counts) {
+    const int c = dims.chunk, j = p / c, i = p - j * c;
+    if (j >= per || x.first + j >= x.nm) return make_int2(-1, 0);
+    const int2 m = misses[((size_t)x.b * dims.kv_heads + x.h) * dims.slots + x.first + j];
+    if (m.x < 0 || m.x >= dims.slots || m.y < 0 || m.y >= dims.chunk_cap) return make_int2(-1, 0);
+    return make_int2(m.y * c + i, shadow_slot_row(dims, counts[x.b].outliers, m.x) + i);
 }
 
-// Row p of the table (tok, arow): the token and the head's attention row it is stored to;
-// token -1 for an empty row (past the tile's misses or the list, or an invalid miss).
-__device__ __forceinline__ void rb_lookup_end(const RbLookup& q, int p, const ShadowDims& dims, int* tok,
-                                              int* arow) {
-    const int c = dims.chunk, i = p % c;
-    int t = -1, a = 0;
-    if (q.entry >= 0 && q.entry < min(max(q.nm, 0), dims.slots) && q.m.x >= 0 && q.m.x < dims.slots &&
-        q.m.y >= 0 && q.m.y < dims.chunk_cap) {
-        t = q.m.y * c + i;
-        a = shadow_slot_row(dims, q.n_out, q.m.x) + i;
+// Starts tile x: its rows' tokens and attention rows into tok / arow (threads below
+// REBUILD_ROWS, one row each), and this thread's two rows of u to stage (rows tid/4 and
+// tid/4 + 64; null = empty) into lrow.
+__device__ __forceinline__ void rb_start_tile(const RbTile& x, int per, const ShadowDims& dims,
+                                              const int2* __restrict__ misses,
+                                              const ShadowSeqCounts* __restrict__ counts,
+                                              const ShadowSeqBufs* __restrict__ bufs, int* tok, int* arow,
+                                              const unsigned short* (&lrow)[2]) {
+    const int tid = threadIdx.x;
+    if (tid < REBUILD_ROWS) {
+        const int2 q = rb_row(x, tid, per, dims, misses, counts);
+        tok[tid] = q.x;
+        arow[tid] = q.y;
     }
-    tok[p] = t;
-    arow[p] = a;
+    const unsigned short* U = reinterpret_cast<const unsigned short*>(bufs[x.b].u);  // bf16 bits
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+        const int t = rb_row(x, (tid >> 2) + 64 * q, per, dims, misses, counts).x;
+        lrow[q] = t >= 0 ? U + (size_t)t * dims.rank : nullptr;
+    }
 }
 
 // Stages ranks k0 .. k0 + 31 of the tile's u rows into the stage buffer `ub` ([row][rank],
 // zero past the rank or for an empty row): thread tid takes the 16 bytes of ranks
-// k0 + 8*(tid%4) .. +7 of rows tid/4 and tid/4 + REBUILD_THREADS/4 (lrow[0], lrow[1]). By cp.async where the rank keeps u's
+// k0 + 8*(tid%4) .. +7 of rows tid/4 and tid/4 + 64. By cp.async where the rank keeps u's
 // rows 16-byte aligned (`vec`); by plain loads and a shared store otherwise. `any` is
 // some valid global address (the source of a zero-filled copy, never read).
 __device__ __forceinline__ void rb_stage_u(unsigned short* ub, const unsigned short* const (&lrow)[2], int k0,
@@ -207,7 +187,7 @@ __device__ __forceinline__ void rb_stage_u(unsigned short* ub, const unsigned sh
     const int tid = threadIdx.x, k = k0 + (tid & 3) * 8;
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
-        unsigned short* dst = ub + ((tid >> 2) + REBUILD_THREADS / 4 * q) * REBUILD_U_STRIDE + (tid & 3) * 8;
+        unsigned short* dst = ub + ((tid >> 2) + 64 * q) * REBUILD_U_STRIDE + (tid & 3) * 8;
         const unsigned short* src = lrow[q];
         if (vec) {
             const bool ok = src != nullptr && k < r;
@@ -326,54 +306,41 @@ __device__ __forceinline__ void rb_store(const float (&acc)[2][D / 32][2][4], co
     }
 }
 
-// Shared memory of a block (dynamic; sizes in bytes, kp = rb_panel_ranks, S = stages):
-//   u     [S][REBUILD_ROWS][REBUILD_U_STRIDE] bf16   the u ring                 20480 S
+// Shared memory of a block (dynamic; sizes in bytes, kp = rb_panel_ranks):
+//   u     [2][REBUILD_ROWS][REBUILD_U_STRIDE] bf16   the two pipeline stages   20480
 //   sv_hi [kp][d + 8] bf16, sv_lo [kp][d + 8] bf16   the staged panel of sv     4 kp (d + 8)
-//   tok, arow [S + 1][REBUILD_ROWS] int              the tiles' row tables      2048 (S + 1)
-//   useq, akseq [batch] pointer                      each sequence's u and ak   16 batch
+//   tok, arow [2][REBUILD_ROWS] int                  two tiles' rows            2048
 //   off   [lists + 1] int                            tiles before each list     4 (lists + 1)
 // (src/cuda/shadow/rebuild.rs sizes it the same way.)
 struct RbSmem {
     unsigned short *u, *sv_hi, *sv_lo;
-    int *tok, *arow;
-    unsigned long long *useq, *akseq;
-    int* off;
+    int *tok, *arow, *off;
 };
 
-__device__ __forceinline__ RbSmem rb_smem(unsigned char* base, int d, int kp, int batch, int stages) {
+__device__ __forceinline__ RbSmem rb_smem(unsigned char* base, int d, int kp) {
     RbSmem s;
     s.u = reinterpret_cast<unsigned short*>(base);
-    s.sv_hi = s.u + stages * REBUILD_ROWS * REBUILD_U_STRIDE;
+    s.sv_hi = s.u + 2 * REBUILD_ROWS * REBUILD_U_STRIDE;
     s.sv_lo = s.sv_hi + kp * (d + 8);
     s.tok = reinterpret_cast<int*>(s.sv_lo + kp * (d + 8));
-    s.arow = s.tok + (stages + 1) * REBUILD_ROWS;
-    s.useq = reinterpret_cast<unsigned long long*>(s.arow + (stages + 1) * REBUILD_ROWS);
-    s.akseq = s.useq + batch;
-    s.off = reinterpret_cast<int*>(s.akseq + batch);
+    s.arow = s.tok + 2 * REBUILD_ROWS;
+    s.off = s.arow + 2 * REBUILD_ROWS;
     return s;
 }
 
-// The block's tiles t0 .. t1 - 1 for head dimension D and S u stages, as pipeline steps:
-// step q is stage q % kch (ranks 32 * (q % kch) ..) of tile t0 + q / kch. Step q's u is
-// issued (cp.async, one commit group a step) at step q - (S - 1) into ring buffer q % S,
-// so S - 1 steps' copies are in flight while one is multiplied. A step: wait for its u,
-// barrier, issue the u of step q + S - 1 (the buffer the previous step used), multiply,
-// and after a tile's last stage rotate and store it. A tile's row table sits in table
-// (tile - t0) % (S + 1): its loads (the miss entries, the list's
-// count, the outlier count) are issued into registers when the copies of the tile before
-// it start, and written to the table after that step's products, so the copies of a
-// tile find their rows in shared memory. sv is staged (plain loads, converted to hi / lo)
-// when the tile's head differs from the staged one, or at every panel when the rank
-// needs more than one.
-template <int D, int S>
-__device__ __noinline__ void rebuild_tiles(const RbSmem s, int kp, int lists, int t0, int t1,
+// The block's tiles t0 .. t1 - 1 for head dimension D. One pipeline step per (tile,
+// stage of REBUILD_K_CHUNK ranks): wait for the step's u, barrier, start loading the next
+// step's u into the other buffer, multiply, and after a tile's last stage rotate and
+// store it. sv is staged (plain loads, converted to hi / lo) when the tile's head differs
+// from the staged one, or at every panel when the rank needs more than one.
+template <int D>
+__device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists, int t0, int t1,
                                               const int2* __restrict__ misses, const int* __restrict__ miss_count,
                                               const ShadowSeqBufs* __restrict__ bufs,
                                               const ShadowSeqCounts* __restrict__ counts,
                                               const float* __restrict__ inv_freq, const ShadowDims& dims) {
     constexpr int PAIRS = D / 32, HALF = D / 16, SV_ROW = (D + 8) * 2, U_ROW = REBUILD_U_STRIDE * 2;  // bytes
     constexpr int U_STAGE = REBUILD_ROWS * REBUILD_U_STRIDE;  // bf16 values of a stage
-    constexpr int AHEAD = S - 1, TABLES = S + 1;              // steps whose u is in flight, row tables
     static_assert(REBUILD_ROWS == REBUILD_WARPS / 2 * 32 && REBUILD_THREADS == 2 * REBUILD_ROWS, "warp tiling");
     static_assert(REBUILD_SV_RANK_COLS / D % REBUILD_K_CHUNK == 0, "panels of whole stages");
 
@@ -386,7 +353,6 @@ __device__ __noinline__ void rebuild_tiles(const RbSmem s, int kp, int lists, in
     const bool one_panel = kch <= pch;
     const bool vec = (r & 7) == 0;
     const size_t kvd = (size_t)dims.kv_heads * D;
-    const int tiles = t1 - t0, steps = tiles * kch;
 
     // ldmatrix addresses of this lane: for u, row (lane%8) + 8*((lane/8)%2) of the warp's
     // first m16 tile at rank 8*(lane/16) (A fragments a0..a3); for sv, rank (lane%8) +
@@ -396,64 +362,21 @@ __device__ __noinline__ void rebuild_tiles(const RbSmem s, int kp, int lists, in
     const unsigned sv_lane = ((lane & 7) + 8 * ((lane >> 3) & 1)) * SV_ROW + 16 * (tile0 + (lane >> 4) * HALF);
     const unsigned ha = rb_smem_addr(s.sv_hi) + sv_lane, la = rb_smem_addr(s.sv_lo) + sv_lane;
 
-    // Issuing: the u pointers of this thread's two rows of the tile being issued, and the
-    // pending lookup of the next tile's row table (rows below REBUILD_ROWS, one a thread).
-    const unsigned short* lrow[2] = {nullptr, nullptr};
-    RbLookup pend;
-    pend.entry = -1;
-    // Issues step q's u (q < steps) and commits a group (empty past the last step, so that
-    // a step's group is always the (q+1)-th). At a tile's first stage its rows come from
-    // the tile's table (published by a barrier since) and the lookup of the next tile
-    // starts.
-    auto issue = [&](int q) {
-        if (q < steps) {
-            const int it = q / kch, ik = q - it * kch;
-            if (ik == 0) {
-                const RbTile x = rb_tile(s.off, lists, t0 + it, per, dims);
-                const int* tok = s.tok + it % TABLES * REBUILD_ROWS;
-                const unsigned short* U = reinterpret_cast<const unsigned short*>(s.useq[x.b]);  // bf16 bits
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int t = tok[(tid >> 2) + REBUILD_THREADS / 4 * h];
-                    lrow[h] = t >= 0 ? U + (size_t)t * r : nullptr;
-                }
-                if (it + 1 < tiles && tid < REBUILD_ROWS)
-                    pend = rb_lookup_begin(rb_tile(s.off, lists, t0 + it + 1, per, dims), tid, per, dims, misses,
-                                           miss_count, counts);
-            }
-            rb_stage_u(s.u + q % S * U_STAGE, lrow, ik * REBUILD_K_CHUNK, r, vec, misses);
-        }
-        rb_cp_async_commit();
-    };
-    // Writes the pending lookup, begun at step q's issue, to its tile's table.
-    auto finish = [&](int q) {
-        if (tid < REBUILD_ROWS && q < steps && q % kch == 0 && q / kch + 1 < tiles) {
-            const int slot = (q / kch + 1) % TABLES * REBUILD_ROWS;
-            rb_lookup_end(pend, tid, dims, s.tok + slot, s.arow + slot);
-        }
-    };
+    const unsigned short* lrow[2];
+    RbTile nxt = rb_tile(s.off, lists, t0, per, dims, miss_count);
+    rb_start_tile(nxt, per, dims, misses, counts, bufs, s.tok, s.arow, lrow);
+    rb_stage_u(s.u, lrow, 0, r, vec, misses);
+    rb_cp_async_commit();
 
-    // The first tile's table, then the first AHEAD steps' u.
-    if (tid < REBUILD_ROWS) {
-        const RbLookup q = rb_lookup_begin(rb_tile(s.off, lists, t0, per, dims), tid, per, dims, misses, miss_count,
-                                           counts);
-        rb_lookup_end(q, tid, dims, s.tok, s.arow);
-    }
-    __syncthreads();
-    for (int q = 0; q < AHEAD; ++q) {
-        issue(q);
-        finish(q);
-        __syncthreads();  // the next tile's table is in before a later issue reads it
-    }
-
-    RbTile cur;
+    RbTile cur = nxt;
     int staged = -1;  // list whose sv the one panel holds
     bool active = false;
     float acc[2][PAIRS][2][4];
+    const int steps = (t1 - t0) * kch;
     int ti = 0, kc = 0;  // the step's tile (from t0) and stage
     for (int st = 0; st < steps; ++st) {
         if (kc == 0) {
-            cur = rb_tile(s.off, lists, t0 + ti, per, dims);
+            cur = nxt;
 #pragma unroll
             for (int m = 0; m < 2; ++m)
 #pragma unroll
@@ -461,26 +384,36 @@ __device__ __noinline__ void rebuild_tiles(const RbSmem s, int kp, int lists, in
 #pragma unroll
                     for (int e = 0; e < 8; ++e) acc[m][p][e / 4][e % 4] = 0.f;
         }
-        if (kc % pch == 0 && (!one_panel || cur.e != staged)) {
+        const int e = cur.b * dims.kv_heads + cur.h;
+        if (kc % pch == 0 && (!one_panel || e != staged)) {
             __syncthreads();  // every warp is done with the panel staged before
             rb_stage_sv<D>(s.sv_hi, s.sv_lo, reinterpret_cast<const float*>(bufs[cur.b].sv) + (size_t)cur.h * D, kvd,
                            r, kc * REBUILD_K_CHUNK, min(kp, (kch - kc) * REBUILD_K_CHUNK));
-            staged = cur.e;
+            staged = e;
         }
-        rb_cp_async_wait<AHEAD - 1>();  // this step's group (the (st+1)-th) is complete
-        __syncthreads();  // the step's u and sv, and the tables, are in; the buffer the
-                          // previous step used is free
-        const int tab = ti % TABLES * REBUILD_ROWS;
-        if (kc == 0) active = __any_sync(0xffffffffu, s.tok[tab + row0 + lane] >= 0);
-        issue(st + AHEAD);
+        rb_cp_async_wait_all();
+        __syncthreads();  // the step's u and sv, and the tile's rows, are in; the other u
+                          // buffer and the other tile's rows are free
+        const int par = (ti & 1) * REBUILD_ROWS;
+        if (kc == 0) active = __any_sync(0xffffffffu, s.tok[par + row0 + lane] >= 0);
+        if (st + 1 < steps) {
+            int nk = kc + 1;
+            if (nk == kch) {
+                nk = 0;
+                nxt = rb_tile(s.off, lists, t0 + ti + 1, per, dims, miss_count);
+                const int np = REBUILD_ROWS - par;
+                rb_start_tile(nxt, per, dims, misses, counts, bufs, s.tok + np, s.arow + np, lrow);
+            }
+            rb_stage_u(s.u + ((st + 1) & 1) * U_STAGE, lrow, nk * REBUILD_K_CHUNK, r, vec, misses);
+            rb_cp_async_commit();
+        }
         if (active) {
             const unsigned k_off = (kc % pch) * REBUILD_K_CHUNK * SV_ROW;
-            rb_mma_stage<D>(acc, ua + st % S * U_STAGE * 2, ha + k_off, la + k_off);
+            rb_mma_stage<D>(acc, ua + (st & 1) * U_STAGE * 2, ha + k_off, la + k_off);
         }
         if (kc == kch - 1)
-            rb_store<D>(acc, s.tok + tab, s.arow + tab, row0, tile0, inv_freq,
-                        shadow_attn_row(s.akseq[cur.b], dims, cur.h, 0));
-        finish(st + AHEAD);
+            rb_store<D>(acc, s.tok + par, s.arow + par, row0, tile0, inv_freq,
+                        shadow_attn_row(bufs[cur.b].ak, dims, cur.h, 0));
         if (++kc == kch) {
             kc = 0;
             ++ti;
@@ -488,10 +421,10 @@ __device__ __noinline__ void rebuild_tiles(const RbSmem s, int kp, int lists, in
     }
 }
 
-extern "C" __global__ void __launch_bounds__(REBUILD_THREADS, 1)
+extern "C" __global__ void __launch_bounds__(REBUILD_THREADS, 2)
     shadow_rebuild(const int2* __restrict__ misses, const int* __restrict__ miss_count,
                    const ShadowSeqBufs* __restrict__ bufs, const ShadowSeqCounts* __restrict__ counts,
-                   const float* __restrict__ inv_freq, ShadowDims dims, int batch, int stages) {
+                   const float* __restrict__ inv_freq, ShadowDims dims, int batch) {
     pdl_wait();
     pdl_trigger();
     extern __shared__ __align__(16) unsigned char rb_shared[];
@@ -499,27 +432,15 @@ extern "C" __global__ void __launch_bounds__(REBUILD_THREADS, 1)
     const int d = dims.head_dim, lists = batch * dims.kv_heads;
     const int per = REBUILD_ROWS / dims.chunk;  // misses a tile
     const int kp = rb_panel_ranks(d, dims.rank);
-    const RbSmem s = rb_smem(rb_shared, d, kp, batch, stages);
-    for (int b = threadIdx.x; b < batch; b += REBUILD_THREADS) {
-        s.useq[b] = bufs[b].u;
-        s.akseq[b] = bufs[b].ak;
-    }
-    // (its barrier publishes useq and akseq too)
+    const RbSmem s = rb_smem(rb_shared, d, kp);
     const int total = rb_tile_offsets(miss_count, lists, dims.slots, per, s.off, scratch);
     // An even share of all the tiles, in order: a block runs one head's tiles after
     // another and restages sv only when the head changes.
     const int t0 = (int)((long long)total * blockIdx.x / gridDim.x);
     const int t1 = (int)((long long)total * (blockIdx.x + 1) / gridDim.x);
     if (t0 >= t1) return;
-    const bool big = stages == REBUILD_STAGES;
-    if (d == 128 && big)
-        rebuild_tiles<128, REBUILD_STAGES>(s, kp, lists, t0, t1, misses, miss_count, bufs, counts, inv_freq, dims);
-    else if (d == 128)
-        rebuild_tiles<128, REBUILD_STAGES_SMALL>(s, kp, lists, t0, t1, misses, miss_count, bufs, counts, inv_freq,
-                                                 dims);
-    else if (d == 64 && big)
-        rebuild_tiles<64, REBUILD_STAGES>(s, kp, lists, t0, t1, misses, miss_count, bufs, counts, inv_freq, dims);
+    if (d == 128)
+        rebuild_tiles<128>(s, kp, lists, t0, t1, misses, miss_count, bufs, counts, inv_freq, dims);
     else if (d == 64)
-        rebuild_tiles<64, REBUILD_STAGES_SMALL>(s, kp, lists, t0, t1, misses, miss_count, bufs, counts, inv_freq,
-                                                dims);
+        rebuild_tiles<64>(s, kp, lists, t0, t1, misses, miss_count, bufs, counts, inv_freq, dims);
 }

@@ -869,7 +869,7 @@ fn key_rebuild_matches_low_rank_and_rope() {
     let dev = ops.device();
     let mut rng = seeded("shadow_rebuild");
     // (model, chunk, rank, chunk_cap, S): llama3 RoPE scaling at positions up to 131K;
-    // d = 64 and 128; chunks of 1, 3, 5, 8 and 16 tokens (tiles take 256 / c misses,
+    // d = 64 and 128; chunks of 1, 3, 5, 8 and 16 tokens (tiles take 128 / c misses,
     // rows past them empty); ranks 1, 37 and 203 (not multiples of the mma's 16 nor of
     // the 32-rank stage; 37 and 203 not of 8 either: u loaded without cp.async) up to
     // kv_heads·d = 1024, the largest; 203 and 1024 need more than the 160 ranks of sv a
