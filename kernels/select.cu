@@ -76,53 +76,63 @@ __device__ __forceinline__ void softmax_push(float2& st, float x) {
     }
 }
 
-// The logits of the block's tile of chunks ch0 .. end - 1 for head dimension D, each
-// warp's 32 of them pushed into the thread's softmax statistics st[e] of query head
-// 2*t + e. The tile's landmark rows (SELECT_TILE x D bf16, 64 KB at D = 128) go to shared
-// memory first, all by cp.async at once (no registers held: three blocks an SM keep up
-// to 192 KB of loads in flight), 16-byte piece p of row r at piece p ^ 4 * (r & 1) of
-// its row, so that the fragment reads below are free of bank conflicts (a quarter-warp
-// reads pieces 4i + t of rows gi and gi + 1: one half of the 128 bytes each).
+// Sixteen bytes at p through the non-coherent cache, issued where the source puts it:
+// asm volatile keeps the loads ahead of the (asm volatile) products, so all of a warp's
+// loads are in flight together (the compiler otherwise sinks them between the mma).
+__device__ __forceinline__ uint4 load16_issued(const __nv_bfloat16* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// The logits of the warp's SELECT_WARP_CHUNKS chunks from c0 (two m16 tiles) for head
+// dimension D, pushed into the thread's softmax statistics st[e] of query head 2*t + e.
 // S = marks · qᵀ on the tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate), A =
-// the landmark rows, B = the group's queries held in registers (n = query head, heads
-// past the group zero). Within one mma the order of k is free as long as both operands
-// use the same one: logical k 2t+e of k-step 2i+j is dim 32i + 8t + 4j + e and k 2t+8+e
-// is dim 32i + 8t + 4j + 2 + e, so a thread's 16-byte piece i of a row feeds k-steps 2i
-// and 2i+1 without shuffles (flash_decode.cu reads its keys the same way).
+// the landmark rows straight from global memory (16-byte loads, all of the warp's issued
+// before the first product), B = the group's queries held in registers (n = query head,
+// heads past the group zero). Within one mma the order of k is free as long as both
+// operands use the same one: logical k 2t+e of k-step 2i+j is dim 32i + 8t + 4j + e and
+// k 2t+8+e is dim 32i + 8t + 4j + 2 + e, so a thread's 16-byte piece i of a row feeds
+// k-steps 2i and 2i+1 without shuffles (flash_decode.cu reads its keys the same way).
 template <int D>
-__device__ __forceinline__ void logits_tile(float* __restrict__ out, float2 (&st)[2], uint4* __restrict__ rows,
-                                            const __nv_bfloat16* __restrict__ qb,
+__device__ __forceinline__ void logits_tile(float* __restrict__ out, float2 (&st)[2], const __nv_bfloat16* __restrict__ qb,
                                             const __nv_bfloat16* __restrict__ marks,
-                                            const unsigned char* __restrict__ excl, int ch0, int end, int kvd, int g,
-                                            float scale) {
-    constexpr int NCH = D / 32;    // 16-byte pieces of a row a thread reads
-    constexpr int PIECES = D / 8;  // 16-byte pieces of a row
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gi = lane >> 2, t = lane & 3;
-    for (int i = threadIdx.x; i < SELECT_TILE * PIECES; i += SELECT_THREADS) {
-        const int r = i / PIECES, p = i % PIECES, ch = ch0 + r;
-        cp_async16(smem_addr(rows + r * PIECES + (p ^ ((r & 1) << 2))), marks + (size_t)(ch < end ? ch : ch0) * kvd + p * 8,
-                   ch < end);
-    }
+                                            const unsigned char* __restrict__ excl, int first, int c0, int end, int kvd,
+                                            int g, float scale) {
+    constexpr int NCH = D / 32;  // 16-byte pieces of a row a thread reads
+    const int lane = threadIdx.x & 31, gi = lane >> 2, t = lane & 3;  // mma groupID, thread in group
     uint4 qf[NCH];
 #pragma unroll
     for (int i = 0; i < NCH; ++i) qf[i] = load16(qb + (size_t)(gi < g ? gi : 0) * D + i * 32 + t * 8, gi < g);
-    cp_async_wait_all();
-    __syncthreads();
-    const int c0 = ch0 + warp * SELECT_WARP_CHUNKS;
+    // Rows past the tile read the block's first chunk instead: a row of the product
+    // depends on its own row of A only, and those rows are not stored.
+    uint4 kr[2][2][NCH];  // [m16 tile][row gi, row gi + 8][piece]
+#pragma unroll
+    for (int u = 0; u < 2; ++u)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int ch = c0 + 16 * u + 8 * h + gi;
+            const __nv_bfloat16* src = marks + (size_t)(ch < end ? ch : first) * kvd + t * 8;
+#pragma unroll
+            for (int i = 0; i < NCH; ++i) kr[u][h][i] = load16_issued(src + i * 32);
+        }
+    // Both tiles' products before any store, so that no load waits behind a store.
+    float acc[2][4];
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
-        const int r0 = warp * SELECT_WARP_CHUNKS + 16 * u + gi;  // rows r0 and r0 + 8
-        const uint4* a0 = rows + r0 * PIECES;
-        const uint4* a1 = rows + (r0 + 8) * PIECES;
-        const int flip = (r0 & 1) << 2;  // rows r0 and r0 + 8 share their parity
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) acc[u][k] = 0.f;
 #pragma unroll
         for (int i = 0; i < NCH; ++i) {
-            const uint4 k0 = a0[(4 * i + t) ^ flip], k1 = a1[(4 * i + t) ^ flip];
-            mma_16816(acc, k0.x, k1.x, k0.y, k1.y, qf[i].x, qf[i].y);
-            mma_16816(acc, k0.z, k1.z, k0.w, k1.w, qf[i].z, qf[i].w);
+            mma_16816(acc[u], kr[u][0][i].x, kr[u][1][i].x, kr[u][0][i].y, kr[u][1][i].y, qf[i].x, qf[i].y);
+            mma_16816(acc[u], kr[u][0][i].z, kr[u][1][i].z, kr[u][0][i].w, kr[u][1][i].w, qf[i].z, qf[i].w);
         }
-        // acc: (chunk gi, head 2t), (gi, 2t + 1), (gi + 8, 2t), (gi + 8, 2t + 1)
+    }
+    // acc[u]: (chunk gi, head 2t), (gi, 2t + 1), (gi + 8, 2t), (gi + 8, 2t + 1) of tile u
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int ch = c0 + 16 * u + 8 * h + gi;
@@ -132,7 +142,7 @@ __device__ __forceinline__ void logits_tile(float* __restrict__ out, float2 (&st
             for (int e = 0; e < 2; ++e) {
                 const int j = 2 * t + e;
                 if (j >= g) continue;
-                const float x = acc[2 * h + e] * scale;
+                const float x = acc[u][2 * h + e] * scale;
                 out[(size_t)ch * g + j] = outlier ? SELECT_NEG_INF : x;
                 if (!outlier) softmax_push(st[e], x);
             }
@@ -147,7 +157,6 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
     pdl_wait();
     pdl_trigger();
     __shared__ float2 part[SELECT_WARPS][SELECT_MAX_GROUP];
-    extern __shared__ uint4 tile_rows[];  // SELECT_TILE landmark rows of d bf16 (the launch gives them)
     const int tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int n = counts[b].chunks, ch0 = tile * SELECT_TILE;
     if (ch0 >= n) return;
@@ -161,11 +170,11 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
 
     // The thread's statistics of query heads 2t and 2t + 1 over its chunks.
     float2 st[2] = {make_float2(SELECT_NEG_INF, 0.f), make_float2(SELECT_NEG_INF, 0.f)};
-    const int end = min(n, ch0 + SELECT_TILE);
+    const int c0 = ch0 + warp * SELECT_WARP_CHUNKS, end = min(n, ch0 + SELECT_TILE);
     if (d == 128)
-        logits_tile<128>(out, st, tile_rows, qb, marks, excl, ch0, end, kvd, g, scale);
+        logits_tile<128>(out, st, qb, marks, excl, ch0, c0, end, kvd, g, scale);
     else
-        logits_tile<64>(out, st, tile_rows, qb, marks, excl, ch0, end, kvd, g, scale);
+        logits_tile<64>(out, st, qb, marks, excl, ch0, c0, end, kvd, g, scale);
     // Merged over the warp's eight groups (lanes of one t), then over the warps.
 #pragma unroll
     for (int e = 0; e < 2; ++e) {

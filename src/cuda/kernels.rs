@@ -124,8 +124,6 @@ impl Kernels {
         let shadow_top_k = get(&sel, "shadow_top_k")?;
         let topk_rows = get(&sel, "topk_rows")?;
         let topk_shared_keys = super::shadow::select::allow_shared_keys(dev, &[&shadow_top_k, &topk_rows])?;
-        let shadow_logits = get(&sel, "shadow_logits")?;
-        super::shadow::select::allow_logits_tile(dev, &shadow_logits)?;
         Ok(Kernels {
             embedding_gather: get(&emb, "embedding_gather")?,
             rmsnorm_residual: get(&norm, "rmsnorm_residual")?,
@@ -144,7 +142,7 @@ impl Kernels {
             gemv_bf16: get(&gv, "gemv_bf16")?,
             gemv_f32: get(&gv, "gemv_f32")?,
             qkv_rope_append_shadow: get(&qa, "qkv_rope_append_shadow")?,
-            shadow_logits,
+            shadow_logits: get(&sel, "shadow_logits")?,
             shadow_softmax: get(&sel, "shadow_softmax")?,
             shadow_top_k,
             topk_rows,

@@ -2,7 +2,6 @@
 //! [`crate::shadow::select`]): landmark scores, then the top-k chunks per KV head.
 
 use super::buffers::{ShadowTable, StepScratch};
-use super::layout::SELECT_TILE;
 use crate::cuda::device::CudaDevice;
 use crate::cuda::ops::{check_len, i32_of, kernel_params, CudaOps};
 use anyhow::{ensure, Context, Result};
@@ -43,33 +42,13 @@ pub(crate) fn allow_shared_keys(dev: &CudaDevice, fns: &[&CudaFunction]) -> Resu
     Ok(bytes as usize / 4)
 }
 
-/// Dynamic shared memory of a logits block: its tile's landmark rows (`SELECT_TILE` rows
-/// of `head_dim` bf16, as kernels/select.cu stages them).
-fn logits_smem(head_dim: usize) -> usize {
-    SELECT_TILE * head_dim * 2
-}
-
-/// Lets `shadow_logits` stage a tile of the widest rows a layout allows (d = 128: 64 KiB,
-/// over the default 48 KiB a block).
-pub(crate) fn allow_logits_tile(dev: &CudaDevice, logits: &CudaFunction) -> Result<()> {
-    dev.context().bind_to_thread()?;
-    let bytes = logits_smem(128);
-    logits
-        .set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )
-        .with_context(|| format!("select: allowing {bytes} bytes of shared memory per logits block"))?;
-    Ok(())
-}
-
 impl CudaOps {
     /// Landmark scores of every KV head of every sequence of `t`: for each query head
     /// of the head's group, the softmax over the sequence's chunks of `q · landmark /
     /// √d`, then the max over the group; outlier chunks score `-inf`
     /// ([`crate::shadow::select::chunk_scores`]). `q` is `[batch, heads·d]` (post-RoPE).
     /// Two launches over tiles of
-    /// [`SELECT_TILE`] chunks: the logits and each tile's
+    /// [`super::layout::SELECT_TILE`] chunks: the logits and each tile's
     /// softmax statistics into `scratch.logits` and `scratch.stats`, then the scores into
     /// `scratch.scores` `[batch, kv_heads, chunk_cap]` (each sequence's `chunks` entries;
     /// the rest of each row is left as it was).
@@ -107,17 +86,13 @@ impl CudaOps {
             block_dim: (SELECT_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let logits_cfg = LaunchConfig {
-            shared_mem_bytes: logits_smem(l.head_dim) as u32,
-            ..cfg
-        };
         // SAFETY: q and the scratch hold what the batch needs (checked); the table's
         // buffers match its layout (checked when it was made, borrowed for its life) and
         // are whole allocations, so the landmark rows are 16-byte aligned (d is 64 or 128).
         unsafe {
             self.launch_pdl(
                 &self.k.shadow_logits,
-                logits_cfg,
+                cfg,
                 &mut kernel_params![&lp, &tp, &qp, &addrs, &counts, &dims, &scale],
             )?;
             self.launch_pdl(
