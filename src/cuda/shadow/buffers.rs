@@ -211,26 +211,30 @@ fn table_words(ops: &CudaOps, seqs: &[(&LayerBuffers, SeqCounts)]) -> Result<(Sh
         );
         b.check()?;
         layout.check_counts(i, c)?;
-        let a = b.addrs(ops);
-        words.extend([
-            a.marks,
-            a.outlier,
-            a.u,
-            a.sv,
-            a.slots,
-            a.ak,
-            a.av,
-            a.kpre,
-            a.tier,
-            a.tier_map,
-            a.tier_owner,
-            a.tier_next,
-        ]);
+        words.extend(addr_words(&b.addrs(ops)));
     }
     for (_, c) in seqs {
         words.extend(count_words(c));
     }
     Ok((layout, words))
+}
+
+/// A sequence's addresses as the words of `ShadowSeqBufs`, in field order.
+fn addr_words(a: &SeqAddrs) -> [u64; ADDR_WORDS] {
+    [
+        a.marks,
+        a.outlier,
+        a.u,
+        a.sv,
+        a.slots,
+        a.ak,
+        a.av,
+        a.kpre,
+        a.tier,
+        a.tier_map,
+        a.tier_owner,
+        a.tier_next,
+    ]
 }
 
 /// A sequence's counts as the words of `ShadowSeqCounts` (little-endian pairs of i32).
@@ -448,5 +452,41 @@ impl StepScratch {
             hits: dev.zeros(2)?,
             gather: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The words uploaded are the structs' bytes as the kernels read them.
+    #[test]
+    fn table_words_are_the_structs_in_memory() {
+        let a = SeqAddrs {
+            marks: 1,
+            outlier: 2,
+            u: 3,
+            sv: 4,
+            slots: 5,
+            ak: 6,
+            av: 7,
+            kpre: 8,
+            tier: 9,
+            tier_map: 10,
+            tier_owner: 11,
+            tier_next: 12,
+        };
+        // SAFETY: SeqAddrs is #[repr(C)], 12 u64 fields, no padding (asserted in layout.rs).
+        let mem: [u64; ADDR_WORDS] = unsafe { std::mem::transmute(a) };
+        assert_eq!(addr_words(&a), mem);
+        let c = SeqCounts {
+            chunks: 7,
+            recent: -3,
+            outliers: 1 << 30,
+            pool_seq: -1,
+        };
+        // SAFETY: SeqCounts is #[repr(C)], four i32, 16 bytes.
+        let mem: [u64; COUNT_WORDS] = unsafe { std::mem::transmute(c) };
+        assert_eq!(count_words(&c), mem);
     }
 }
