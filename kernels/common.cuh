@@ -1,5 +1,5 @@
 // Small helpers shared by several kernel files: the bf16 tensor-core product, a guarded
-// 16-byte load, eight packed bf16 values to and from fp32, the order-preserving integer
+// 16-byte load, cp.async copies and ldmatrix loads, eight packed bf16 values to and from fp32, the order-preserving integer
 // image of a float, and a 64-bit mixing function for reproducible pseudo-random numbers.
 // Passed to NVRTC as an in-memory header by src/cuda/nvrtc.rs and tools/nvrtc-check.
 #pragma once
@@ -16,9 +16,49 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], unsigned a0, unsigned a
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// The same with a's four registers as an array.
+__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    mma_16816(d, a[0], a[1], a[2], a[3], b0, b1);
+}
+
 // Sixteen bytes at p through the read-only cache, or zeros where !ok.
 __device__ __forceinline__ uint4 load16(const __nv_bfloat16* p, bool ok) {
     return ok ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0u, 0u, 0u, 0u);
+}
+
+// The shared-memory address of p (for cp.async and ldmatrix).
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1; zero-filled when !ok (no bytes read).
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool ok) {
+    const int n = ok ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+
+// Closes the thread's group of cp.async copies issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until at most N of the thread's committed groups are still in flight (a barrier
+// then shares the copies).
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Four 8x8 b16 matrices from shared memory into mma fragments (ldmatrix .x4).
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// The same, each matrix transposed (ldmatrix .x4 .trans).
+__device__ __forceinline__ void ldsm_x4_t(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
 }
 
 // The eight bf16 values of a 16-byte load, as fp32.

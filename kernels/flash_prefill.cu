@@ -33,54 +33,16 @@
 // never written.
 #include <cuda_bf16.h>
 
+#include "common.cuh"
+
 #define FP_NEG_INF __int_as_float(0xff800000)
 
-// ---- PTX wrappers (begin) -------------------------------------------------------------
-__device__ __forceinline__ unsigned fp_smem_addr(const void* p) {
-    return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, bypassing L1; zero-filled when !ok (no bytes read).
-__device__ __forceinline__ void fp_cp_async16(unsigned dst, const void* src, bool ok) {
-    const int n = ok ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-}
-
-__device__ __forceinline__ void fp_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int N>
-__device__ __forceinline__ void fp_cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void fp_ldsm_x4(unsigned (&r)[4], unsigned addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-__device__ __forceinline__ void fp_ldsm_x4_t(unsigned (&r)[4], unsigned addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-// d += a · b, a 16x16 (row), b 16x8 (col), bf16 in, fp32 accumulate.
-__device__ __forceinline__ void fp_mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// 2^x; 2^-inf = +0.
+// 2^x; 2^-inf = +0 (the tensor-core product, cp.async and ldmatrix are in common.cuh).
 __device__ __forceinline__ float fp_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
 }
-// ---- PTX wrappers (end) ---------------------------------------------------------------
 
 __device__ __forceinline__ unsigned fp_pack_bf16(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
@@ -137,7 +99,7 @@ __device__ __forceinline__ void flash_prefill(__nv_bfloat16* __restrict__ out,
         const int idx = tid + i * THREADS;
         const int r = idx / CH, c = idx % CH;
         const bool ok = r < nrows;
-        fp_cp_async16(fp_smem_addr(sQ + r * D + ((c ^ (r & 7)) << 3)), ok ? qg + r * q_stride + c * 8 : qg, ok);
+        cp_async16(smem_addr(sQ + r * D + ((c ^ (r & 7)) << 3)), ok ? qg + r * q_stride + c * 8 : qg, ok);
     }
     auto load_kv = [&](int j, int stage) {
         __nv_bfloat16* dk = sK + stage * KV_TILE;
@@ -150,15 +112,15 @@ __device__ __forceinline__ void flash_prefill(__nv_bfloat16* __restrict__ out,
             const bool ok = key < len;
             const size_t off = ok ? (size_t)key * kv_stride + c * 8 : 0;
             const int so = r * D + ((c ^ (r & 7)) << 3);
-            fp_cp_async16(fp_smem_addr(dk + so), kg + off, ok);
-            fp_cp_async16(fp_smem_addr(dv + so), vg + off, ok);
+            cp_async16(smem_addr(dk + so), kg + off, ok);
+            cp_async16(smem_addr(dv + so), vg + off, ok);
         }
     };
     // Group s < STAGES - 1 holds tile s (group 0 also Q); groups may be empty.
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < n_kv) load_kv(s, s);
-        fp_cp_async_commit();
+        cp_async_commit();
     }
 
     // ---- per-lane ldmatrix offsets (bytes), swizzle included ----------------------------
@@ -177,8 +139,8 @@ __device__ __forceinline__ void flash_prefill(__nv_bfloat16* __restrict__ out,
     const unsigned k_sw = (((lane >> 3) & 1) ^ lr) << 4;
     const unsigned v_off = (unsigned)((lr + ((lane >> 3) & 1) * 8) * ROW_BYTES);
     const unsigned v_sw = (((lane >> 4) & 1) ^ lr) << 4;
-    const unsigned sQa = fp_smem_addr(sQ) + q_off, sKa = fp_smem_addr(sK) + k_off,
-                   sVa = fp_smem_addr(sV) + v_off;
+    const unsigned sQa = smem_addr(sQ) + q_off, sKa = smem_addr(sK) + k_off,
+                   sVa = smem_addr(sV) + v_off;
 
     // This warp's rows: the thread's rows are wr + 16 mt + g (+ 8); the warp skips the
     // tiles past its last real row and masks those that cross its first row's diagonal.
@@ -202,13 +164,13 @@ __device__ __forceinline__ void flash_prefill(__nv_bfloat16* __restrict__ out,
 
     int stage = 0;
     for (int j = 0; j < n_kv; ++j) {
-        fp_cp_async_wait<STAGES - 2>();  // tile j (and Q) landed for this thread...
+        cp_async_wait<STAGES - 2>();  // tile j (and Q) landed for this thread...
         __syncthreads();                 // ... and for all; every warp is done with tile j - 1
         {
             // Refill the stage tile j - 1 used.
             const int jn = j + STAGES - 1;
             if (jn < n_kv) load_kv(jn, stage == 0 ? STAGES - 1 : stage - 1);
-            fp_cp_async_commit();
+            cp_async_commit();
         }
         if constexpr (Q_REGS) {
             if (j == 0) {
@@ -216,7 +178,7 @@ __device__ __forceinline__ void flash_prefill(__nv_bfloat16* __restrict__ out,
                 for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                     for (int kk = 0; kk < NK; ++kk)
-                        fp_ldsm_x4(qf[mt][kk], sQa + mt * 16 * ROW_BYTES + (q_sw ^ (kk << 5)));
+                        ldsm_x4(qf[mt][kk], sQa + mt * 16 * ROW_BYTES + (q_sw ^ (kk << 5)));
             }
         }
         const int kb = j * BN;
@@ -240,17 +202,17 @@ __device__ __forceinline__ void flash_prefill(__nv_bfloat16* __restrict__ out,
                         qk[mt][2] = qf[mt][kk][2];
                         qk[mt][3] = qf[mt][kk][3];
                     } else {
-                        fp_ldsm_x4(qk[mt], sQa + mt * 16 * ROW_BYTES + (q_sw ^ (kk << 5)));
+                        ldsm_x4(qk[mt], sQa + mt * 16 * ROW_BYTES + (q_sw ^ (kk << 5)));
                     }
                 }
 #pragma unroll
                 for (int jp = 0; jp < NS / 2; ++jp) {
                     unsigned kf[4];
-                    fp_ldsm_x4(kf, kbase + jp * 16 * ROW_BYTES + (k_sw ^ (kk << 5)));
+                    ldsm_x4(kf, kbase + jp * 16 * ROW_BYTES + (k_sw ^ (kk << 5)));
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
-                        fp_mma(s[mt][2 * jp], qk[mt], kf[0], kf[1]);
-                        fp_mma(s[mt][2 * jp + 1], qk[mt], kf[2], kf[3]);
+                        mma_16816(s[mt][2 * jp], qk[mt], kf[0], kf[1]);
+                        mma_16816(s[mt][2 * jp + 1], qk[mt], kf[2], kf[3]);
                     }
                 }
             }
@@ -329,18 +291,18 @@ __device__ __forceinline__ void flash_prefill(__nv_bfloat16* __restrict__ out,
 #pragma unroll
                 for (int dp = 0; dp < NK; ++dp) {
                     unsigned vf[4];
-                    fp_ldsm_x4_t(vf, vbase + kk * 16 * ROW_BYTES + (v_sw ^ (dp << 5)));
+                    ldsm_x4_t(vf, vbase + kk * 16 * ROW_BYTES + (v_sw ^ (dp << 5)));
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
-                        fp_mma(o[mt][2 * dp], pa[mt], vf[0], vf[1]);
-                        fp_mma(o[mt][2 * dp + 1], pa[mt], vf[2], vf[3]);
+                        mma_16816(o[mt][2 * dp], pa[mt], vf[0], vf[1]);
+                        mma_16816(o[mt][2 * dp + 1], pa[mt], vf[2], vf[3]);
                     }
                 }
             }
         }
         stage = stage == STAGES - 1 ? 0 : stage + 1;
     }
-    fp_cp_async_wait<0>();  // no copy may still target shared memory at exit
+    cp_async_wait<0>();  // no copy may still target shared memory at exit
 
     // ---- normalise and store: o[mt][i] = (row 16 mt + g, dims 8i + 2t, +1), (row + 8, same)
     if (!warp_live) return;

@@ -42,6 +42,7 @@
 // registers. A warp with no row of the tile to rebuild skips the multiplication.
 #include <cuda_bf16.h>
 
+#include "common.cuh"
 #include "pdl.cuh"
 #include "shadow.cuh"
 
@@ -63,41 +64,6 @@
 // Ranks of sv a block stages at once (a multiple of REBUILD_K_CHUNK).
 __device__ __forceinline__ int rb_panel_ranks(int d, int r) {
     return min((r + REBUILD_K_CHUNK - 1) / REBUILD_K_CHUNK * REBUILD_K_CHUNK, REBUILD_SV_RANK_COLS / d);
-}
-
-__device__ __forceinline__ unsigned rb_smem_addr(const void* p) {
-    return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, bypassing L1; zero-filled when !ok (no bytes read).
-__device__ __forceinline__ void rb_cp_async16(unsigned dst, const void* src, bool ok) {
-    const int n = ok ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-}
-
-__device__ __forceinline__ void rb_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-__device__ __forceinline__ void rb_cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-__device__ __forceinline__ void rb_ldsm_x4(unsigned (&r)[4], unsigned addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-__device__ __forceinline__ void rb_ldsm_x4_t(unsigned (&r)[4], unsigned addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-// d += a . b on the tensor cores: a [16 x 16] row-major, b [16 x 8] column-major, bf16 in,
-// fp32 accumulate.
-__device__ __forceinline__ void rb_mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ unsigned rb_bits(__nv_bfloat162 v) { return *reinterpret_cast<unsigned*>(&v); }
@@ -191,7 +157,7 @@ __device__ __forceinline__ void rb_stage_u(unsigned short* ub, const unsigned sh
         const unsigned short* src = lrow[q];
         if (vec) {
             const bool ok = src != nullptr && k < r;
-            rb_cp_async16(rb_smem_addr(dst), ok ? (const void*)(src + k) : any, ok);
+            cp_async16(smem_addr(dst), ok ? (const void*)(src + k) : any, ok);
         } else {
             unsigned w[4];
 #pragma unroll
@@ -250,18 +216,18 @@ __device__ __forceinline__ void rb_mma_stage(float (&acc)[2][D / 32][2][4], unsi
     for (int ks = 0; ks < REBUILD_K_CHUNK; ks += 16) {
         unsigned a[2][4];
 #pragma unroll
-        for (int m = 0; m < 2; ++m) rb_ldsm_x4(a[m], ua + m * 16 * U_ROW + ks * 2);
+        for (int m = 0; m < 2; ++m) ldsm_x4(a[m], ua + m * 16 * U_ROW + ks * 2);
 #pragma unroll
         for (int p = 0; p < PAIRS; ++p) {
             unsigned bh[4], bl[4];  // b0, b1 of tile j, then of its partner
-            rb_ldsm_x4_t(bl, la + ks * SV_ROW + p * 16);
-            rb_ldsm_x4_t(bh, ha + ks * SV_ROW + p * 16);
+            ldsm_x4_t(bl, la + ks * SV_ROW + p * 16);
+            ldsm_x4_t(bh, ha + ks * SV_ROW + p * 16);
 #pragma unroll
             for (int m = 0; m < 2; ++m) {
 #pragma unroll
                 for (int hf = 0; hf < 2; ++hf) {
-                    rb_mma(acc[m][p][hf], a[m], bl[2 * hf], bl[2 * hf + 1]);
-                    rb_mma(acc[m][p][hf], a[m], bh[2 * hf], bh[2 * hf + 1]);
+                    mma_16816(acc[m][p][hf], a[m], bl[2 * hf], bl[2 * hf + 1]);
+                    mma_16816(acc[m][p][hf], a[m], bh[2 * hf], bh[2 * hf + 1]);
                 }
             }
         }
@@ -358,15 +324,15 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
     // first m16 tile at rank 8*(lane/16) (A fragments a0..a3); for sv, rank (lane%8) +
     // 8*((lane/8)%2) at column 8*tile0, or of its partner tile for lanes 16..31 (matrices
     // b0, b1 of tile j, then of j + D/16: ldmatrix.trans gives the column-major B).
-    const unsigned ua = rb_smem_addr(s.u) + ((row0 + (lane & 7) + 8 * ((lane >> 3) & 1)) * U_ROW + 16 * (lane >> 4));
+    const unsigned ua = smem_addr(s.u) + ((row0 + (lane & 7) + 8 * ((lane >> 3) & 1)) * U_ROW + 16 * (lane >> 4));
     const unsigned sv_lane = ((lane & 7) + 8 * ((lane >> 3) & 1)) * SV_ROW + 16 * (tile0 + (lane >> 4) * HALF);
-    const unsigned ha = rb_smem_addr(s.sv_hi) + sv_lane, la = rb_smem_addr(s.sv_lo) + sv_lane;
+    const unsigned ha = smem_addr(s.sv_hi) + sv_lane, la = smem_addr(s.sv_lo) + sv_lane;
 
     const unsigned short* lrow[2];
     RbTile nxt = rb_tile(s.off, lists, t0, per, dims, miss_count);
     rb_start_tile(nxt, per, dims, misses, counts, bufs, s.tok, s.arow, lrow);
     rb_stage_u(s.u, lrow, 0, r, vec, misses);
-    rb_cp_async_commit();
+    cp_async_commit();
 
     RbTile cur = nxt;
     int staged = -1;  // list whose sv the one panel holds
@@ -391,7 +357,7 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
                            r, kc * REBUILD_K_CHUNK, min(kp, (kch - kc) * REBUILD_K_CHUNK));
             staged = e;
         }
-        rb_cp_async_wait_all();
+        cp_async_wait<0>();
         __syncthreads();  // the step's u and sv, and the tile's rows, are in; the other u
                           // buffer and the other tile's rows are free
         const int par = (ti & 1) * REBUILD_ROWS;
@@ -405,7 +371,7 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
                 rb_start_tile(nxt, per, dims, misses, counts, bufs, s.tok + np, s.arow + np, lrow);
             }
             rb_stage_u(s.u + ((st + 1) & 1) * U_STAGE, lrow, nk * REBUILD_K_CHUNK, r, vec, misses);
-            rb_cp_async_commit();
+            cp_async_commit();
         }
         if (active) {
             const unsigned k_off = (kc % pch) * REBUILD_K_CHUNK * SV_ROW;
