@@ -953,7 +953,7 @@ fn key_rebuild_matches_low_rank_and_rope() {
             let blocks = match grid {
                 None => {
                     ops.shadow_rebuild(&table, &misses.pairs, &misses.count, &inv).unwrap();
-                    ops.shadow_rebuild_blocks(&table).unwrap()
+                    ops.shadow_rebuild_blocks(&table, 0).unwrap()
                 }
                 Some(n) => {
                     ops.shadow_rebuild_on(&table, &misses.pairs, &misses.count, &inv, n)

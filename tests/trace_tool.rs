@@ -590,7 +590,7 @@ fn a_bench_gpu_timeline_shows_the_fetch_hidden_behind_the_rebuild() {
     t.lane(
         "61440 tokens, zero-copy, lane 0",
         std::time::Instant::now(),
-        &spans(&marks, &[(1.0, 2.0)]),
+        &spans(&marks, &[(0, 1.0, 2.0)]),
     )
     .unwrap();
     t.finish().unwrap();

@@ -23,7 +23,7 @@
 use super::device::StreamPriority;
 use super::model::{Attend, CudaModel, GpuCache, GpuSeq, Scratch, StageSeq, StepPlan};
 use super::ops::CudaOps;
-use super::shadow::decode::{stage_ms, ChunkGather, FetchPath, GatherTimes, Stage};
+use super::shadow::decode::{stage_ms, ChunkGather, FetchMark, FetchPath, GatherTimes, Stage};
 use super::shadow::timeline::{step_spans, GpuSpan};
 use super::shadow::{GpuShadowSeq, GpuValuePool, ShadowStep, StepScratch};
 use crate::cpu::LogitsWanted;
@@ -97,7 +97,7 @@ pub struct Lane {
     /// The queued step's stage marks, read when it completes.
     marks: Vec<(Stage, CudaEvent)>,
     /// The queued step's fetch-stream marks, read when it completes.
-    fetch_marks: Vec<(CudaEvent, CudaEvent)>,
+    fetch_marks: Vec<FetchMark>,
     /// While tracing: the anchor event the spans are timed from, and the spans of the
     /// steps completed since.
     trace: Option<(CudaEvent, Vec<GpuSpan>)>,
@@ -299,7 +299,13 @@ impl CudaModel {
         let layout = *step.layout();
         let parts = step.micro_batches();
         let largest = parts.iter().map(|r| r.len()).max().unwrap_or(0);
-        if sc.shadow.len() != parts.len() || sc.shadow.iter().any(|s| s.batch() < largest || s.layout() != &layout) {
+        // Scratch only grows: a step of fewer micro-batches uses the first ones (their
+        // pinned gather buffers are not made again when the batch size moves).
+        if sc.shadow.len() < parts.len()
+            || sc.shadow[..parts.len()]
+                .iter()
+                .any(|s| s.batch() < largest || s.layout() != &layout)
+        {
             // The hit counters live in the scratch: keep their counts.
             for old in sc.shadow.drain(..) {
                 let h = ops.device().stream().clone_dtoh(&old.hits)?;

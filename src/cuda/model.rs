@@ -889,7 +889,7 @@ impl CudaModel {
                     &ints.slice(lay.positions()),
                     &self.inv_freq,
                     &mut *attn,
-                    shadow,
+                    &mut shadow[..step.micro_batches().len()],
                     decode_ws,
                 )?,
             }

@@ -12,7 +12,7 @@
 //! pool into pinned staging on several threads while the GPU rebuilds the keys, and the
 //! staging goes to the GPU in one copy that a kernel scatters into the slots.
 //!
-//! Micro-batches ([`ShadowStep::with_micro_batches`]): the append, the projections and
+//! Micro-batches (the `micro` of [`ShadowStep::new`]): the append, the projections and
 //! the MLP run once for the whole batch, but each layer's selection, fetch, rebuild and
 //! attention run per micro-batch (a contiguous group of the sequences, one
 //! [`StepScratch`] each), ordered so that the first micro-batch's fetch starts as soon
@@ -60,7 +60,7 @@ pub struct ShadowStep<'a> {
     marks: Option<RefCell<Vec<(Stage, CudaEvent)>>>,
     /// With stage timing on and a fetch stream, events on that stream around each
     /// layer's fetch.
-    fetch_marks: Option<RefCell<Vec<(CudaEvent, CudaEvent)>>>,
+    fetch_marks: Option<RefCell<Vec<FetchMark>>>,
     /// `[layer][k | v][batch·kv_heads]` row addresses of the attended rows.
     attn_ptrs: CudaSlice<u64>,
     /// `[batch·kv_heads]` attended rows.
@@ -252,12 +252,10 @@ impl<'a> ShadowStep<'a> {
         // blocks stay resident until it is done, so where a fetch runs beside it they
         // leave that fetch its blocks' room (else the fetch would wait for the rebuild).
         let beside = self.fetch == FetchPath::ZeroCopy && self.fetch_ops.is_some();
+        let room = if beside { FETCH_BLOCKS } else { 0 };
         for (p, sc) in scratch.iter().enumerate() {
             let t = self.part_table(p, l);
-            let mut blocks = ops.shadow_rebuild_blocks(t)?;
-            if beside {
-                blocks = blocks.saturating_sub(FETCH_BLOCKS).max(1);
-            }
+            let blocks = ops.shadow_rebuild_blocks(t, room)?;
             ops.shadow_rebuild_on(t, &sc.misses, &sc.miss_count, inv_freq, blocks)?;
             self.mark(ops, Stage::Rebuild)?;
         }
@@ -292,7 +290,7 @@ impl<'a> ShadowStep<'a> {
                 if let (Some(marks), Some(begin)) = (&self.fetch_marks, begin) {
                     let end = side.device().event(true)?;
                     end.record(side.device().stream())?;
-                    marks.borrow_mut().push((begin, end));
+                    marks.borrow_mut().push((l, begin, end));
                 }
                 let done = side.device().event(false)?;
                 done.record(side.device().stream())?;
@@ -367,7 +365,10 @@ impl<'a> ShadowStep<'a> {
             kv_heads: 1,
             head_dim: lay.head_dim,
         };
-        let part = partition_len(e, 1, self.max_len, ops.decode_slots());
+        // The partition length of the whole batch, whatever the micro-batch: the
+        // flash-decoding merge then sums in the same order, and the outputs are the same
+        // bits with any number of micro-batches.
+        let part = partition_len(all, 1, self.max_len, ops.decode_slots());
         // SAFETY: q and out hold batch·heads·d values (the step's rows; `seqs` is one of
         // the step's micro-batches); each entry's address is its head's first attended
         // row, `lens` rows of d values inside the attention buffers (attended_rows),
@@ -393,7 +394,7 @@ impl<'a> ShadowStep<'a> {
 
     /// The (begin, end) events of each layer's fetch on the fetch stream (empty without
     /// timing or without a fetch stream), to read once the step is done.
-    pub fn take_fetch_marks(&self) -> Vec<(CudaEvent, CudaEvent)> {
+    pub fn take_fetch_marks(&self) -> Vec<FetchMark> {
         self.fetch_marks.as_ref().map(|m| m.take()).unwrap_or_default()
     }
 
@@ -482,6 +483,9 @@ impl<'a> ShadowStep<'a> {
         Ok(())
     }
 }
+
+/// A fetch on the fetch stream: its layer, and events at its begin and end.
+pub type FetchMark = (usize, CudaEvent, CudaEvent);
 
 /// A micro-batch's fetch between its selection and its attention.
 enum PendingFetch {

@@ -47,14 +47,15 @@ impl CudaOps {
         miss_count: &CudaSlice<i32>,
         inv_freq: &impl DevicePtr<f32>,
     ) -> Result<()> {
-        let blocks = self.shadow_rebuild_blocks(t)?;
+        let blocks = self.shadow_rebuild_blocks(t, 0)?;
         self.shadow_rebuild_on(t, misses, miss_count, inv_freq, blocks)
     }
 
     /// Blocks [`CudaOps::shadow_rebuild`] launches for the batch: as many as the device
-    /// holds at once at the kernel's shared memory, fewer where the heads' largest miss
-    /// lists make fewer tiles.
-    pub fn shadow_rebuild_blocks(&self, t: &ShadowTable) -> Result<usize> {
+    /// holds at once at the kernel's shared memory less `room` (what a kernel running
+    /// beside it needs: the rebuild's blocks stay resident until it is done), fewer where
+    /// the heads' largest miss lists make fewer tiles; at least one.
+    pub fn shadow_rebuild_blocks(&self, t: &ShadowTable, room: usize) -> Result<usize> {
         let l = t.layout();
         let lists = t.batch() * l.kv_heads;
         let smem = self.rebuild_allow_smem(rebuild_smem(l.head_dim, l.rank, lists))?;
@@ -65,7 +66,7 @@ impl CudaOps {
             .context("rebuild: occupancy")?;
         let resident = self.device().info().sm_count as usize * per_sm.max(1) as usize;
         let most_tiles = lists * l.slots.div_ceil(REBUILD_ROWS / l.chunk);
-        Ok(resident.min(most_tiles).clamp(1, 65_535))
+        Ok(resident.saturating_sub(room).min(most_tiles).clamp(1, 65_535))
     }
 
     /// [`CudaOps::shadow_rebuild`] on `blocks` blocks (1..=65535): the batch's tiles of

@@ -4,7 +4,7 @@
 //! trace file as a lane's two GPU tracks ([`GpuTracks`]: `bench --trace` and the
 //! daemon's `trace.enabled`).
 
-use super::decode::Stage;
+use super::decode::{FetchMark, Stage};
 use crate::telemetry::trace::TraceWriter;
 use anyhow::Result;
 use cudarc::driver::CudaEvent;
@@ -39,10 +39,10 @@ pub struct GpuSpan {
 
 /// The spans of one step from its compute-stream marks (each stage from the previous
 /// mark to its own; the time before a layer's `Start` is the dense work since the last
-/// layer's attention) and its fetch-stream (begin, end) pairs, one per layer, all as
-/// milliseconds from the anchor. With fetch spans, the compute stream's `Fetch` stage is
+/// layer's attention) and its fetch-stream (layer, begin, end) triples, one per layer and
+/// micro-batch, all as milliseconds from the anchor. With fetch spans, the compute stream's `Fetch` stage is
 /// its wait for them (`fetch-wait`).
-pub fn spans(marks: &[(Stage, f64)], fetches: &[(f64, f64)]) -> Vec<GpuSpan> {
+pub fn spans(marks: &[(Stage, f64)], fetches: &[(usize, f64, f64)]) -> Vec<GpuSpan> {
     let mut out = Vec::with_capacity(marks.len() + fetches.len());
     let mut layer = 0usize;
     let mut started = false;
@@ -70,10 +70,10 @@ pub fn spans(marks: &[(Stage, f64)], fetches: &[(f64, f64)]) -> Vec<GpuSpan> {
             started = true;
         }
     }
-    out.extend(fetches.iter().enumerate().map(|(l, &(a, b))| GpuSpan {
+    out.extend(fetches.iter().map(|&(layer, a, b)| GpuSpan {
         stream: StreamKind::Fetch,
         name: "fetch",
-        layer: l,
+        layer,
         start_ms: a,
         end_ms: b,
     }));
@@ -81,11 +81,7 @@ pub fn spans(marks: &[(Stage, f64)], fetches: &[(f64, f64)]) -> Vec<GpuSpan> {
 }
 
 /// [`spans`] of a step's events, timed from `anchor` (recorded before them).
-pub fn step_spans(
-    anchor: &CudaEvent,
-    marks: &[(Stage, CudaEvent)],
-    fetches: &[(CudaEvent, CudaEvent)],
-) -> Result<Vec<GpuSpan>> {
+pub fn step_spans(anchor: &CudaEvent, marks: &[(Stage, CudaEvent)], fetches: &[FetchMark]) -> Result<Vec<GpuSpan>> {
     let at = |e: &CudaEvent| -> Result<f64> { Ok(anchor.elapsed_ms(e)? as f64) };
     let marks = marks
         .iter()
@@ -93,7 +89,7 @@ pub fn step_spans(
         .collect::<Result<Vec<_>>>()?;
     let fetches = fetches
         .iter()
-        .map(|(a, b)| Ok((at(a)?, at(b)?)))
+        .map(|(l, a, b)| Ok((*l, at(a)?, at(b)?)))
         .collect::<Result<Vec<_>>>()?;
     Ok(spans(&marks, &fetches))
 }
@@ -169,7 +165,7 @@ mod tests {
             (Start, 2.0),
             (Append, 2.1),
         ];
-        let s = spans(&marks, &[(0.7, 1.5)]);
+        let s = spans(&marks, &[(0, 0.7, 1.5)]);
         let names: Vec<_> = s.iter().map(|s| (s.name, s.layer, s.stream)).collect();
         assert_eq!(names[0], ("append", 0, StreamKind::Compute));
         assert_eq!(names[1], ("scores", 0, StreamKind::Compute));
