@@ -321,13 +321,13 @@ pub fn run(a: CudaBench) -> Result<()> {
     }
     if !shadow_rows.is_empty() {
         println!();
-        println!("| context | fetch | GPU tier (chunks/head) | micro-batches | ShadowKV batch | decode tok/s | vs full | step ms (median) | bound ms | × bound | reuse hit | tier hit | value MiB/step | prefill s | compression / prefill | peak GiB | host pool GiB |");
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| context | fetch | GPU tier (chunks/head) | micro-batches | ShadowKV batch | decode tok/s | vs full | step ms (median) | bound ms | × bound | reuse hit | tier hit | value MiB/step | prefill s | compression / prefill | peak GiB | host pool GiB | fetch hidden |");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &shadow_rows {
             let r = &r.row;
             let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
             println!(
-                "| {} | {} | {} | {} | {} | {:.1} | {} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.1} | {:.2} | {:.1} % | {:.1} | {:.1} |",
+                "| {} | {} | {} | {} | {} | {:.1} | {} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.1} | {:.2} | {:.1} % | {:.1} | {:.1} | {} |",
                 r["context"],
                 r["value_fetch"].as_str().unwrap_or("-"),
                 r["gpu_tier_chunks"],
@@ -345,6 +345,9 @@ pub fn run(a: CudaBench) -> Result<()> {
                 100.0 * f("compress_share_mean"),
                 f("peak_gpu_gib"),
                 f("host_pool_gib"),
+                r["fetch_hidden_share"]
+                    .as_f64()
+                    .map_or("-".to_string(), |v| format!("{:.1} %", 100.0 * v)),
             );
         }
     }

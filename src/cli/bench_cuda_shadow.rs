@@ -22,7 +22,7 @@ use crate::cuda::graph::ShadowSeqInput;
 use crate::cuda::shadow::decode::GatherTimes;
 use crate::cuda::shadow::seq::sequence_bytes;
 use crate::cuda::shadow::tier::tier_chunks_for;
-use crate::cuda::shadow::timeline::{GpuSpan, GpuTracks};
+use crate::cuda::shadow::timeline::{hidden_fetch_share, GpuSpan, GpuTracks};
 use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout, TierSize};
 use crate::cuda::{CudaModel, GpuSeq};
 use crate::engine::sampling::SamplingParams;
@@ -257,6 +257,12 @@ pub fn run(
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        if let Some(h) = d.fetch_hidden {
+            eprintln!(
+                "[value fetch hidden behind compute over the last {TRACE_STEPS} steps (trace): {:.1} %]",
+                100.0 * h
+            );
+        }
         let g = d.gather;
         let gather_gbs = if g.gather_secs > 0.0 {
             g.bytes as f64 / g.gather_secs / 1e9
@@ -281,6 +287,7 @@ pub fn run(
             "gather_wait_ms_per_step": 1e3 * g.wait_secs / gen as f64,
             "gather_ms_per_step": 1e3 * g.gather_secs / gen as f64,
             "gather_gb_per_s": gather_gbs,
+            "fetch_hidden_share": d.fetch_hidden,
         });
         for (k, v) in more.as_object().expect("an object") {
             row[k] = v.clone();
@@ -294,6 +301,9 @@ pub fn run(
 struct Decoded {
     decode_secs: f64,
     step_ms: f64,
+    /// With `--trace` and a fetch stream: the share of the fetch time hidden behind
+    /// compute over the traced steps ([`hidden_fetch_share`]).
+    fetch_hidden: Option<f64>,
     /// Misses of the slots a step.
     misses: Misses,
     hit_rate: f64,
@@ -360,8 +370,11 @@ fn decode(
         }
     }
     let decode_secs = td.elapsed().as_secs_f64();
+    let mut fetch_hidden = None;
     if let (Some((t, label)), Some(anchor)) = (trace, anchor) {
-        t.lane(&format!("{label}, lane 0"), anchor, &lane.take_trace())?;
+        let spans = lane.take_trace();
+        fetch_hidden = hidden_fetch_share(&spans);
+        t.lane(&format!("{label}, lane 0"), anchor, &spans)?;
     }
     let c = model.shadow_counters(&lane)? - c0;
     let stages: Vec<(String, f64)> = lane
@@ -379,6 +392,7 @@ fn decode(
     Ok(Decoded {
         decode_secs,
         step_ms: 1e3 * median(&mut steps),
+        fetch_hidden,
         misses,
         hit_rate: share(hits),
         tier_hit_rate: share(tier_hits),

@@ -80,6 +80,49 @@ pub fn spans(marks: &[(Stage, f64)], fetches: &[(usize, f64, f64)]) -> Vec<GpuSp
     out
 }
 
+/// The share of the fetch stream's time that the compute stream spent computing, over
+/// `spans` (one lane's): the measure of the union of the `fetch` spans intersected with
+/// the union of the compute-stream spans other than `fetch-wait` (the wait is not
+/// work), over the measure of the fetch spans; `None` without fetch spans. What
+/// `tools/trace` reports as the value fetch hidden behind compute.
+pub fn hidden_fetch_share(spans: &[GpuSpan]) -> Option<f64> {
+    let union = |pick: &dyn Fn(&GpuSpan) -> bool| {
+        let mut iv: Vec<(f64, f64)> = spans
+            .iter()
+            .filter(|s| pick(s))
+            .map(|s| (s.start_ms, s.end_ms))
+            .collect();
+        iv.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut out: Vec<(f64, f64)> = Vec::with_capacity(iv.len());
+        for (a, b) in iv {
+            match out.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => out.push((a, b)),
+            }
+        }
+        out
+    };
+    let fetch = union(&|s| s.stream == StreamKind::Fetch && s.name == "fetch");
+    let compute = union(&|s| s.stream == StreamKind::Compute && s.name != "fetch-wait");
+    let total: f64 = fetch.iter().map(|(a, b)| b - a).sum();
+    if total <= 0.0 {
+        return None;
+    }
+    let (mut i, mut j, mut hidden) = (0, 0, 0.0);
+    while i < fetch.len() && j < compute.len() {
+        let (a, b) = (fetch[i].0.max(compute[j].0), fetch[i].1.min(compute[j].1));
+        if b > a {
+            hidden += b - a;
+        }
+        if fetch[i].1 < compute[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    Some(hidden / total)
+}
+
 /// [`spans`] of a step's events, timed from `anchor` (recorded before them).
 pub fn step_spans(anchor: &CudaEvent, marks: &[(Stage, CudaEvent)], fetches: &[FetchMark]) -> Result<Vec<GpuSpan>> {
     let at = |e: &CudaEvent| -> Result<f64> { Ok(anchor.elapsed_ms(e)? as f64) };
@@ -181,6 +224,31 @@ mod tests {
         let s = spans(&marks, &[]);
         assert_eq!(s[5].name, "fetch");
         assert_eq!(s.len(), marks.len() - 1);
+    }
+
+    #[test]
+    fn hidden_fetch_share_counts_fetch_time_beside_compute_not_beside_the_wait() {
+        use Stage::*;
+        // Fetch 0.7..1.5 beside scores..reconstruct (0.7..1.0 is reuse and rebuild), then
+        // the compute stream waits 1.0..1.5: 0.3 of 0.8 ms hidden.
+        let marks = [
+            (Start, 0.0),
+            (Append, 0.1),
+            (Scores, 0.5),
+            (Select, 0.6),
+            (Reuse, 0.7),
+            (Rebuild, 1.0),
+            (Fetch, 1.5),
+            (Attend, 1.6),
+        ];
+        let s = spans(&marks, &[(0, 0.7, 1.5)]);
+        let h = hidden_fetch_share(&s).unwrap();
+        assert!((h - 0.3 / 0.8).abs() < 1e-9, "{h}");
+        // Two fetches of a layer overlapping each other count once.
+        let s = spans(&marks, &[(0, 0.7, 1.0), (0, 0.8, 1.0)]);
+        assert!((hidden_fetch_share(&s).unwrap() - 1.0).abs() < 1e-9);
+        // No fetch stream: nothing to hide.
+        assert_eq!(hidden_fetch_share(&spans(&marks, &[])), None);
     }
 
     #[test]
