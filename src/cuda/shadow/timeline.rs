@@ -191,23 +191,24 @@ impl GpuTracks {
 mod tests {
     use super::*;
 
+    /// Two layers' marks; the gap before the second Start is the first layer's MLP.
+    const TWO_LAYERS: [(Stage, f64); 11] = [
+        (Stage::Start, 0.0),
+        (Stage::Append, 0.1),
+        (Stage::Scores, 0.5),
+        (Stage::Select, 0.6),
+        (Stage::Reuse, 0.7),
+        (Stage::Rebuild, 1.0),
+        (Stage::Fetch, 1.5),
+        (Stage::Attend, 1.6),
+        (Stage::Fold, 1.7),
+        (Stage::Start, 2.0),
+        (Stage::Append, 2.1),
+    ];
+
     #[test]
     fn marks_become_named_spans_per_layer() {
-        use Stage::*;
-        // Two layers; the gap before the second Start is the first layer's MLP.
-        let marks = [
-            (Start, 0.0),
-            (Append, 0.1),
-            (Scores, 0.5),
-            (Select, 0.6),
-            (Reuse, 0.7),
-            (Rebuild, 1.0),
-            (Fetch, 1.5),
-            (Attend, 1.6),
-            (Fold, 1.7),
-            (Start, 2.0),
-            (Append, 2.1),
-        ];
+        let marks = TWO_LAYERS;
         let s = spans(&marks, &[(0, 0.7, 1.5)]);
         let names: Vec<_> = s.iter().map(|s| (s.name, s.layer, s.stream)).collect();
         assert_eq!(names[0], ("append", 0, StreamKind::Compute));
@@ -228,19 +229,9 @@ mod tests {
 
     #[test]
     fn hidden_fetch_share_counts_fetch_time_beside_compute_not_beside_the_wait() {
-        use Stage::*;
-        // Fetch 0.7..1.5 beside scores..reconstruct (0.7..1.0 is reuse and rebuild), then
-        // the compute stream waits 1.0..1.5: 0.3 of 0.8 ms hidden.
-        let marks = [
-            (Start, 0.0),
-            (Append, 0.1),
-            (Scores, 0.5),
-            (Select, 0.6),
-            (Reuse, 0.7),
-            (Rebuild, 1.0),
-            (Fetch, 1.5),
-            (Attend, 1.6),
-        ];
+        // Fetch 0.7..1.5 beside the rebuild (0.7..1.0), then the compute stream waits
+        // 1.0..1.5: 0.3 of 0.8 ms hidden.
+        let marks = TWO_LAYERS;
         let s = spans(&marks, &[(0, 0.7, 1.5)]);
         let h = hidden_fetch_share(&s).unwrap();
         assert!((h - 0.3 / 0.8).abs() < 1e-9, "{h}");
