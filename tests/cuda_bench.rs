@@ -262,3 +262,70 @@ fn shadow_selection_bandwidth() {
         );
     }
 }
+
+#[test]
+#[ignore = "benchmark: needs a GPU"]
+fn shadow_rebuild_throughput() {
+    use shadowkv::cuda::shadow::{LayerBuffers, SeqCounts, ShadowLayout, ShadowTable};
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    // One layer of the bench's step at 124928 tokens: 14 sequences of Llama-3.1-8B's
+    // heads, rank 160, chunks of 8, 256 slots of which 232 miss (the reuse hit rate of
+    // the synthetic model is about 9 %).
+    let (batch, chunks, misses) = (14usize, 15_616usize, 232usize);
+    let l = ShadowLayout {
+        kv_heads: 8,
+        head_dim: 128,
+        group: 4,
+        chunk: 8,
+        rank: 160,
+        slots: 256,
+        outliers: 2,
+        local: 2,
+        chunk_cap: chunks + 2,
+        tier: 0,
+    };
+    l.validate().unwrap();
+    let bufs: Vec<LayerBuffers> = (0..batch)
+        .map(|b| {
+            let mut buf = LayerBuffers::new(&ops, l).unwrap();
+            ops.fill_random_bf16(&mut buf.u, 17 + b as u64, 1.0).unwrap();
+            buf
+        })
+        .collect();
+    let counts = SeqCounts {
+        chunks: chunks as i32,
+        recent: 0,
+        outliers: 2,
+        pool_seq: 0,
+    };
+    let entries: Vec<(&LayerBuffers, SeqCounts)> = bufs.iter().map(|b| (b, counts)).collect();
+    let table = ShadowTable::new(&ops, &entries).unwrap();
+    // Each list: slots 0.. in order, chunks spread over the context (distinct, shuffled
+    // by a stride coprime to the chunk count).
+    let lists = batch * l.kv_heads;
+    let mut flat = vec![-1i32; lists * l.slots * 2];
+    for e in 0..lists {
+        for j in 0..misses {
+            flat[(e * l.slots + j) * 2] = j as i32;
+            flat[(e * l.slots + j) * 2 + 1] = ((e * 7_919 + j * 61) % chunks) as i32;
+        }
+    }
+    let pairs = dev.upload(&flat).unwrap();
+    let count = dev.upload(&vec![misses as i32; lists]).unwrap();
+    let inv: Vec<f32> = (0..l.head_dim / 2)
+        .map(|i| 500_000f32.powf(-(2.0 * i as f32) / l.head_dim as f32))
+        .collect();
+    let inv = dev.upload(&inv).unwrap();
+    let blocks = ops.shadow_rebuild_blocks(&table, 0).unwrap();
+    let (med, lo, hi) = time_ms(&ops, 3, 30, || {
+        ops.shadow_rebuild_on(&table, &pairs, &count, &inv, blocks).unwrap()
+    });
+    // Two bf16 terms of sv (hi and lo) multiply every rebuilt row.
+    let flops = (lists * misses * l.chunk * l.rank * l.head_dim * 2 * 2) as f64;
+    eprintln!(
+        "BENCH shadow_rebuild batch={batch} kv_heads=8 d=128 rank=160 chunk=8 misses_per_head={misses} blocks={blocks} \
+         median_ms={med:.4} min_ms={lo:.4} max_ms={hi:.4} TFLOP/s={:.0}",
+        flops / (med * 1e-3) / 1e12
+    );
+}

@@ -318,7 +318,7 @@ struct Decoded {
 
 /// Runs `gen` decode steps of `seqs` with each step's attention split into `micro`
 /// micro-batches (one lane; one micro-batch's value fetch overlaps the selection and
-/// key rebuild of the others). `last` holds each sequence's last token and is advanced.
+/// key rebuild of the others; two steps queued, as the daemon queues them). `last` holds each sequence's last token and is advanced.
 /// With `trace`, the GPU timeline of the last [`TRACE_STEPS`] steps goes to it, under
 /// `label`.
 #[allow(clippy::too_many_arguments)]
@@ -346,29 +346,46 @@ fn decode(
     let dev = model.ops().device();
     dev.synchronize()?;
     let c0 = model.shadow_counters(&lane)?;
-    let mut steps = Vec::with_capacity(gen);
+    let mut done_at = Vec::with_capacity(gen);
     let mut min_free = usize::MAX;
     let mut anchor = None;
+    // As the daemon runs: step n + 1 is queued (its input the tokens step n samples on
+    // the GPU) before step n is read back, so the host's work for a step overlaps the
+    // GPU's for the one before.
+    let mut queued = None;
+    let every_previous: Vec<Option<u32>> = (0..batch as u32).map(Some).collect();
     let td = Instant::now();
     for step in 0..gen {
         if trace.is_some() && step + TRACE_STEPS.min(gen) == gen {
             anchor = Some(lane.start_trace()?);
         }
-        let ts = Instant::now();
         let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
         let mut inputs: Vec<ShadowSeqInput> = seqs
             .iter_mut()
             .zip(&toks)
             .map(|(seq, t)| ShadowSeqInput { token: t, seq })
             .collect();
-        let ticket = model.submit_shadow(&mut lane, &mut inputs, &rows, &[], pool, fetch.path())?;
-        let next = model.complete(&mut lane, ticket)?;
-        last.copy_from_slice(&next);
-        steps.push(ts.elapsed().as_secs_f64());
-        if steps.len() == 2 {
+        let prev: &[Option<u32>] = if queued.is_some() { &every_previous } else { &[] };
+        let ticket = model.submit_shadow(&mut lane, &mut inputs, &rows, prev, pool, fetch.path())?;
+        if let Some(older) = queued.replace(ticket) {
+            last.copy_from_slice(&model.complete(&mut lane, older)?);
+            done_at.push(Instant::now());
+        }
+        if step == 1 {
             min_free = min_free.min(dev.mem_info()?.0);
         }
     }
+    if let Some(older) = queued {
+        last.copy_from_slice(&model.complete(&mut lane, older)?);
+        done_at.push(Instant::now());
+    }
+    // A step's time: from the end of the one before to its own end (the first step's
+    // from the start).
+    let mut steps: Vec<f64> = std::iter::once(td)
+        .chain(done_at.iter().copied())
+        .zip(&done_at)
+        .map(|(a, b)| (*b - a).as_secs_f64())
+        .collect();
     let decode_secs = td.elapsed().as_secs_f64();
     let mut fetch_hidden = None;
     if let (Some((t, label)), Some(anchor)) = (trace, anchor) {

@@ -94,10 +94,6 @@ pub struct Lane {
     time_stages: bool,
     /// Micro-batches a ShadowKV step's attention is split into.
     micro_batches: usize,
-    /// The queued step's stage marks, read when it completes.
-    marks: Vec<(Stage, CudaEvent)>,
-    /// The queued step's fetch-stream marks, read when it completes.
-    fetch_marks: Vec<FetchMark>,
     /// While tracing: the anchor event the spans are timed from, and the spans of the
     /// steps completed since.
     trace: Option<(CudaEvent, Vec<GpuSpan>)>,
@@ -174,6 +170,14 @@ pub struct StepTicket {
     picked: usize,
     buf: usize,
     done: CudaEvent,
+    /// A ShadowKV step's stage marks and fetch-stream marks (empty without stage
+    /// timing), read when it completes: they travel with their step, so completing one
+    /// step never waits for the next one queued behind it.
+    marks: Vec<(Stage, CudaEvent)>,
+    fetch_marks: Vec<FetchMark>,
+    /// Whether the lane was tracing when the step was queued (its spans then belong to
+    /// the trace; an older step's would precede the trace's anchor).
+    traced: bool,
 }
 
 impl StepTicket {
@@ -205,8 +209,6 @@ impl CudaModel {
             gather: GatherTimes::default(),
             time_stages: false,
             micro_batches: 1,
-            marks: Vec::new(),
-            fetch_marks: Vec::new(),
             trace: None,
             stage_ms: Vec::new(),
             fetch_ops: None,
@@ -324,13 +326,15 @@ impl CudaModel {
         lane.gather.wait_secs += g.wait_secs;
         lane.gather.gather_secs += g.gather_secs;
         lane.gather.bytes += g.bytes;
-        lane.marks = step.take_marks();
-        lane.fetch_marks = step.take_fetch_marks();
+        let (marks, fetch_marks) = (step.take_marks(), step.take_fetch_marks());
         drop(step);
         for s in seqs.iter_mut() {
             s.seq.advance(&layout);
         }
-        Self::read_back(lane, plan.picked.len())
+        let mut ticket = Self::read_back(lane, plan.picked.len())?;
+        ticket.marks = marks;
+        ticket.fetch_marks = fetch_marks;
+        Ok(ticket)
     }
 
     /// ShadowKV chunks selected, found in their slot and found in the GPU value tier by
@@ -378,7 +382,14 @@ impl CudaModel {
         }
         let done = lane.ops.device().event(false)?;
         done.record(&stream)?;
-        Ok(StepTicket { picked: n, buf, done })
+        Ok(StepTicket {
+            picked: n,
+            buf,
+            done,
+            marks: Vec::new(),
+            fetch_marks: Vec::new(),
+            traced: lane.trace.is_some(),
+        })
     }
 
     /// Waits for a step queued with [`CudaModel::submit`] and returns its sampled
@@ -386,12 +397,11 @@ impl CudaModel {
     pub fn complete(&self, lane: &mut Lane, t: StepTicket) -> Result<Vec<u32>> {
         t.done.synchronize()?;
         lane.ops.device().context().check_err()?;
-        if let Some((anchor, spans)) = &mut lane.trace {
-            spans.extend(step_spans(anchor, &lane.marks, &lane.fetch_marks)?);
+        if let (Some((anchor, spans)), true) = (&mut lane.trace, t.traced) {
+            spans.extend(step_spans(anchor, &t.marks, &t.fetch_marks)?);
         }
-        lane.fetch_marks.clear();
-        if !lane.marks.is_empty() {
-            for (stage, ms) in stage_ms(&std::mem::take(&mut lane.marks))? {
+        if !t.marks.is_empty() {
+            for (stage, ms) in stage_ms(&t.marks)? {
                 match lane.stage_ms.iter_mut().find(|(s, _)| *s == stage) {
                     Some((_, t)) => *t += ms,
                     None => lane.stage_ms.push((stage, ms)),
