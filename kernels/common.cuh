@@ -1,9 +1,23 @@
-// Small helpers shared by several kernel files: the bf16 tensor-core product, a guarded
-// 16-byte load, cp.async copies and ldmatrix loads, eight packed bf16 values to and from fp32, the order-preserving integer
-// image of a float, and a 64-bit mixing function for reproducible pseudo-random numbers.
+// Small helpers shared by several kernel files: a RoPE sine and cosine, the bf16
+// tensor-core product, a guarded 16-byte load, cp.async copies and ldmatrix loads, eight
+// packed bf16 values to and from fp32, the order-preserving integer image of a float, and
+// a 64-bit mixing function for reproducible pseudo-random numbers.
 // Passed to NVRTC as an in-memory header by src/cuda/nvrtc.rs and tools/nvrtc-check.
 #pragma once
 #include <cuda_bf16.h>
+
+// sin and cos of a RoPE angle a (|a| up to 2^20: positions of a million tokens), within
+// 1e-6 absolute: a is reduced to about [-pi, pi] by two-part 2*pi (hi = fl(2*pi) times
+// the integer k is a multiple of 2^-21, so a - k*hi is exact in one FMA), then the SFU's
+// sine and cosine (2^-21.4 absolute on [-pi, pi]). About 8 instructions, against
+// sincosf's 40 or so and its slow path (local memory) past |a| = 105615; the keys it
+// rotates are stored as bf16 (2^-9 relative).
+__device__ __forceinline__ void rope_sincos(float a, float* s, float* c) {
+    const float k = rintf(a * 0.159154943091895336f);
+    float r = fmaf(-k, 6.28318548202514648f, a);
+    r = fmaf(-k, -1.74845553146951720e-7f, r);
+    __sincosf(r, s, c);
+}
 
 // d += a · b on the tensor cores: a [16 x 16] row-major, b [16 x 8] column-major, bf16
 // in, fp32 accumulate (the fragments of PTX's mma.m16n8k16).

@@ -12,7 +12,8 @@
 // by as many blocks as the batch has tiles. History (14 x 15616 chunks, d 128, group 4,
 // H200): eight lanes a chunk with fp32 FMAs were issue-bound, then latency-bound at 213 us
 // (2.1 TB/s; a ring of cp.async rounds in shared memory was slower, 253 us); the tensor
-// cores leave the kernel little to do but load (168 us, 2.8 TB/s).
+// cores leave the kernel little to do but load (168 us, 2.8 TB/s; 139 us, 3.5 TB/s, at
+// four blocks an SM).
 //
 // shadow_softmax, same grid: combines the statistics of the sequence's tiles per query
 // head and writes the scores of its tile, scores [batch, kv_heads, chunk_cap] (entries
@@ -150,7 +151,10 @@ __device__ __forceinline__ void logits_tile(float* __restrict__ out, float2 (&st
     }
 }
 
-extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
+// Four blocks an SM (64 registers, a few bytes spilled) rather than the three that 70
+// registers allow: 171 -> 139 us at 14 x 15616 chunks (ncu, H200), the loads of one more
+// block in flight.
+extern "C" __global__ void __launch_bounds__(SELECT_THREADS, 4)
     shadow_logits(float* __restrict__ logits, float2* __restrict__ stats, const __nv_bfloat16* __restrict__ q,
                   const ShadowSeqBufs* __restrict__ bufs, const ShadowSeqCounts* __restrict__ counts,
                   ShadowDims dims, float scale) {
