@@ -45,6 +45,7 @@
 #define SELECT_TILE 256
 #define SELECT_WARPS (SELECT_THREADS / 32)
 #define SELECT_WARP_CHUNKS (SELECT_TILE / SELECT_WARPS)  // two m16 tiles a warp
+#define LOGITS_RUN 4                                      // tiles of a logits block
 #define SELECT_MAX_GROUP 8                                // mma n: query heads 2t, 2t + 1 of t < 4
 #define TOPK_THREADS 1024
 #define TOPK_WARPS (TOPK_THREADS / 32)
@@ -55,7 +56,8 @@
 #define SELECT_NEG_INF __int_as_float(0xff800000)
 
 static_assert(SELECT_TILE == SELECT_THREADS, "shadow_softmax scores one chunk per thread");
-static_assert(SELECT_WARP_CHUNKS == 32, "logits_tile takes two m16 tiles a warp");
+static_assert(SELECT_WARP_CHUNKS == 32, "logits_run takes two m16 tiles a warp and tile");
+static_assert(LOGITS_RUN * SELECT_MAX_GROUP <= SELECT_THREADS, "a thread per (tile, query head) of a run");
 static_assert(TOPK_BINS == 2 * TOPK_THREADS && TOPK_WARPS <= 32, "top-k: two bins a thread, one count a lane");
 
 // The (max, sum) pair of a softmax over a union of two sets, each given by its own pair.
@@ -88,116 +90,136 @@ __device__ __forceinline__ uint4 load16_issued(const __nv_bfloat16* p) {
     return v;
 }
 
-// The logits of the warp's SELECT_WARP_CHUNKS chunks from c0 (two m16 tiles) for head
-// dimension D, pushed into the thread's softmax statistics st[e] of query head 2*t + e.
-// S = marks · qᵀ on the tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate), A =
-// the landmark rows straight from global memory (16-byte loads, all of the warp's issued
-// before the first product), B = the group's queries held in registers (n = query head,
-// heads past the group zero). Within one mma the order of k is free as long as both
-// operands use the same one: logical k 2t+e of k-step 2i+j is dim 32i + 8t + 4j + e and
-// k 2t+8+e is dim 32i + 8t + 4j + 2 + e, so a thread's 16-byte piece i of a row feeds
-// k-steps 2i and 2i+1 without shuffles (flash_decode.cu reads its keys the same way).
+// The landmark rows of one m16 tile from chunk c (rows gi and gi + 8 of the tile, this
+// thread's NCH 16-byte pieces of each), issued now: rows past `end` read chunk `first`
+// instead (a row of the product depends on its own row of A only, and those rows are not
+// stored).
+template <int NCH>
+__device__ __forceinline__ void logits_load(uint4 (&kr)[2][NCH], const __nv_bfloat16* __restrict__ marks, int c,
+                                            int end, int first, int kvd) {
+    const int lane = threadIdx.x & 31, gi = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int ch = c + 8 * h + gi;
+        const __nv_bfloat16* src = marks + (size_t)(ch < end ? ch : first) * kvd + t * 8;
+#pragma unroll
+        for (int i = 0; i < NCH; ++i) kr[h][i] = load16_issued(src + i * 32);
+    }
+}
+
+// The logits of one m16 tile of chunks from c (its rows in kr) against the group's queries
+// (qf), stored to out and pushed into the thread's softmax statistics st[e] of query
+// head 2*t + e. S = marks · qᵀ on the tensor cores (mma.sync m16n8k16, bf16 in, fp32
+// accumulate), n = query head (heads past the group zero). Within one mma the order of k
+// is free as long as both operands use the same one: logical k 2t+e of k-step 2i+j is dim
+// 32i + 8t + 4j + e and k 2t+8+e is dim 32i + 8t + 4j + 2 + e, so a thread's 16-byte
+// piece i of a row feeds k-steps 2i and 2i+1 without shuffles (flash_decode.cu reads its
+// keys the same way).
+template <int NCH>
+__device__ __forceinline__ void logits_mma(float* __restrict__ out, float2 (&st)[2], const uint4 (&kr)[2][NCH],
+                                           const uint4 (&qf)[NCH], const unsigned char* __restrict__ excl, int c,
+                                           int end, int g, float scale) {
+    const int lane = threadIdx.x & 31, gi = lane >> 2, t = lane & 3;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < NCH; ++i) {
+        mma_16816(acc, kr[0][i].x, kr[1][i].x, kr[0][i].y, kr[1][i].y, qf[i].x, qf[i].y);
+        mma_16816(acc, kr[0][i].z, kr[1][i].z, kr[0][i].w, kr[1][i].w, qf[i].z, qf[i].w);
+    }
+    // acc: (chunk gi, head 2t), (gi, 2t + 1), (gi + 8, 2t), (gi + 8, 2t + 1)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int ch = c + 8 * h + gi;
+        if (ch >= end) continue;
+        const bool outlier = excl[ch] != 0;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int j = 2 * t + e;
+            if (j >= g) continue;
+            const float x = acc[2 * h + e] * scale;
+            out[(size_t)ch * g + j] = outlier ? SELECT_NEG_INF : x;
+            if (!outlier) softmax_push(st[e], x);
+        }
+    }
+}
+
+// The block's LOGITS_RUN tiles from ch0 for head dimension D: warp w takes the chunks
+// 32w .. 32w + 31 of each tile as two m16 tiles, 2 * LOGITS_RUN in all, each tile's rows
+// loaded while the tile before is multiplied (two register stages, all loads issued ahead
+// of the products: asm volatile keeps the order). The statistics of each tile, merged
+// over the warp, go to part[tile][warp].
 template <int D>
-__device__ __forceinline__ void logits_tile(float* __restrict__ out, float2 (&st)[2], const __nv_bfloat16* __restrict__ qb,
-                                            const __nv_bfloat16* __restrict__ marks,
-                                            const unsigned char* __restrict__ excl, int first, int c0, int end, int kvd,
-                                            int g, float scale) {
+__device__ __forceinline__ void logits_run(float* __restrict__ out, float2 (*part)[SELECT_WARPS][SELECT_MAX_GROUP],
+                                           const __nv_bfloat16* __restrict__ qb,
+                                           const __nv_bfloat16* __restrict__ marks,
+                                           const unsigned char* __restrict__ excl, int ch0, int n, int kvd, int g,
+                                           float scale) {
     constexpr int NCH = D / 32;  // 16-byte pieces of a row a thread reads
-    const int lane = threadIdx.x & 31, gi = lane >> 2, t = lane & 3;  // mma groupID, thread in group
+    constexpr int STEPS = 2 * LOGITS_RUN;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gi = lane >> 2, t = lane & 3;
     uint4 qf[NCH];
 #pragma unroll
     for (int i = 0; i < NCH; ++i) qf[i] = load16(qb + (size_t)(gi < g ? gi : 0) * D + i * 32 + t * 8, gi < g);
-    // Rows past the tile read the block's first chunk instead: a row of the product
-    // depends on its own row of A only, and those rows are not stored.
-    uint4 kr[2][2][NCH];  // [m16 tile][row gi, row gi + 8][piece]
+    // m16 tile s: tile s / 2 of the run, rows 16 * (s % 2) of the warp's 32.
+    auto chunk_of = [&](int s) { return ch0 + (s >> 1) * SELECT_TILE + warp * 32 + 16 * (s & 1); };
+    auto end_of = [&](int s) { return min(n, ch0 + ((s >> 1) + 1) * SELECT_TILE); };
+    uint4 kr[2][2][NCH];
+    logits_load<NCH>(kr[0], marks, chunk_of(0), end_of(0), ch0, kvd);
+    float2 st[2];
 #pragma unroll
-    for (int u = 0; u < 2; ++u)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int ch = c0 + 16 * u + 8 * h + gi;
-            const __nv_bfloat16* src = marks + (size_t)(ch < end ? ch : first) * kvd + t * 8;
-#pragma unroll
-            for (int i = 0; i < NCH; ++i) kr[u][h][i] = load16_issued(src + i * 32);
-        }
-    // Both tiles' products before any store, so that no load waits behind a store.
-    float acc[2][4];
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-#pragma unroll
-        for (int k = 0; k < 4; ++k) acc[u][k] = 0.f;
-#pragma unroll
-        for (int i = 0; i < NCH; ++i) {
-            mma_16816(acc[u], kr[u][0][i].x, kr[u][1][i].x, kr[u][0][i].y, kr[u][1][i].y, qf[i].x, qf[i].y);
-            mma_16816(acc[u], kr[u][0][i].z, kr[u][1][i].z, kr[u][0][i].w, kr[u][1][i].w, qf[i].z, qf[i].w);
-        }
-    }
-    // acc[u]: (chunk gi, head 2t), (gi, 2t + 1), (gi + 8, 2t), (gi + 8, 2t + 1) of tile u
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int ch = c0 + 16 * u + 8 * h + gi;
-            if (ch >= end) continue;
-            const bool outlier = excl[ch] != 0;
+    for (int s = 0; s < STEPS; ++s) {
+        if (s + 1 < STEPS) logits_load<NCH>(kr[(s + 1) & 1], marks, chunk_of(s + 1), end_of(s + 1), ch0, kvd);
+        if ((s & 1) == 0) st[0] = st[1] = make_float2(SELECT_NEG_INF, 0.f);
+        logits_mma<NCH>(out, st, kr[s & 1], qf, excl, chunk_of(s), end_of(s), g, scale);
+        if (s & 1) {
+            // The tile's statistics, merged over the warp's eight groups (lanes of one t).
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const int j = 2 * t + e;
-                if (j >= g) continue;
-                const float x = acc[u][2 * h + e] * scale;
-                out[(size_t)ch * g + j] = outlier ? SELECT_NEG_INF : x;
-                if (!outlier) softmax_push(st[e], x);
+#pragma unroll
+                for (int o = 4; o < 32; o <<= 1) {
+                    const float2 v =
+                        make_float2(__shfl_xor_sync(0xffffffffu, st[e].x, o), __shfl_xor_sync(0xffffffffu, st[e].y, o));
+                    st[e] = softmax_merge(st[e], v);
+                }
+            }
+            if (lane < 4) {
+                part[s >> 1][warp][2 * lane] = st[0];
+                part[s >> 1][warp][2 * lane + 1] = st[1];
             }
         }
     }
 }
 
 // Four blocks an SM (64 registers, a few bytes spilled) rather than the three that 70
-// registers allow: 171 -> 139 us at 14 x 15616 chunks (ncu, H200), the loads of one more
-// block in flight.
-extern "C" __global__ void __launch_bounds__(SELECT_THREADS, 4)
+// registers allow: the loads of one more block in flight.
+extern "C" __global__ void __launch_bounds__(SELECT_THREADS, 3)
     shadow_logits(float* __restrict__ logits, float2* __restrict__ stats, const __nv_bfloat16* __restrict__ q,
                   const ShadowSeqBufs* __restrict__ bufs, const ShadowSeqCounts* __restrict__ counts,
                   ShadowDims dims, float scale) {
     pdl_wait();
     pdl_trigger();
-    __shared__ float2 part[SELECT_WARPS][SELECT_MAX_GROUP];
-    const int tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int n = counts[b].chunks, ch0 = tile * SELECT_TILE;
+    __shared__ float2 part[LOGITS_RUN][SELECT_WARPS][SELECT_MAX_GROUP];
+    const int tile0 = blockIdx.x * LOGITS_RUN, h = blockIdx.y, b = blockIdx.z;
+    const int n = counts[b].chunks, ch0 = tile0 * SELECT_TILE;
     if (ch0 >= n) return;
     const int d = dims.head_dim, g = dims.group, kvd = dims.kv_heads * d;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const size_t row = (size_t)b * dims.kv_heads + h;
     const __nv_bfloat16* qb = q + row * g * d;
     const __nv_bfloat16* marks = reinterpret_cast<const __nv_bfloat16*>(bufs[b].marks) + (size_t)h * d;
     const unsigned char* excl = reinterpret_cast<const unsigned char*>(bufs[b].outlier) + (size_t)h * dims.chunk_cap;
     float* out = logits + row * dims.chunk_cap * g;
-
-    // The thread's statistics of query heads 2t and 2t + 1 over its chunks.
-    float2 st[2] = {make_float2(SELECT_NEG_INF, 0.f), make_float2(SELECT_NEG_INF, 0.f)};
-    const int c0 = ch0 + warp * SELECT_WARP_CHUNKS, end = min(n, ch0 + SELECT_TILE);
     if (d == 128)
-        logits_tile<128>(out, st, qb, marks, excl, ch0, c0, end, kvd, g, scale);
+        logits_run<128>(out, part, qb, marks, excl, ch0, n, kvd, g, scale);
     else
-        logits_tile<64>(out, st, qb, marks, excl, ch0, c0, end, kvd, g, scale);
-    // Merged over the warp's eight groups (lanes of one t), then over the warps.
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-#pragma unroll
-        for (int o = 4; o < 32; o <<= 1) {
-            const float2 v = make_float2(__shfl_xor_sync(0xffffffffu, st[e].x, o), __shfl_xor_sync(0xffffffffu, st[e].y, o));
-            st[e] = softmax_merge(st[e], v);
-        }
-    }
-    if (lane < 4) {
-        part[warp][2 * lane] = st[0];
-        part[warp][2 * lane + 1] = st[1];
-    }
+        logits_run<64>(out, part, qb, marks, excl, ch0, n, kvd, g, scale);
     __syncthreads();
-    if (threadIdx.x < g) {
+    // Each tile of the run that holds chunks: its statistics merged over the warps.
+    const int r = threadIdx.x / SELECT_MAX_GROUP, j = threadIdx.x % SELECT_MAX_GROUP;
+    if (r < LOGITS_RUN && j < g && ch0 + r * SELECT_TILE < n) {
         float2 s = make_float2(SELECT_NEG_INF, 0.f);
-        for (int w = 0; w < SELECT_WARPS; ++w) s = softmax_merge(s, part[w][threadIdx.x]);
+        for (int w = 0; w < SELECT_WARPS; ++w) s = softmax_merge(s, part[r][w][j]);
         const int tile_cap = (dims.chunk_cap + SELECT_TILE - 1) / SELECT_TILE;
-        stats[(row * tile_cap + tile) * g + threadIdx.x] = s;
+        stats[(row * tile_cap + tile0 + r) * g + j] = s;
     }
 }
 

@@ -11,6 +11,8 @@ use half::bf16;
 
 /// Threads of a logits or softmax block (`SELECT_THREADS` of kernels/select.cu).
 const SELECT_THREADS: u32 = 256;
+/// Tiles of a logits block (`LOGITS_RUN`).
+const LOGITS_RUN: usize = 4;
 /// Threads of a top-k block.
 const TOPK_THREADS: u32 = 1024;
 
@@ -86,13 +88,17 @@ impl CudaOps {
             block_dim: (SELECT_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
+        let logits_cfg = LaunchConfig {
+            grid_dim: (l.score_tiles().div_ceil(LOGITS_RUN) as u32, kvh, batch),
+            ..cfg
+        };
         // SAFETY: q and the scratch hold what the batch needs (checked); the table's
         // buffers match its layout (checked when it was made, borrowed for its life) and
         // are whole allocations, so the landmark rows are 16-byte aligned (d is 64 or 128).
         unsafe {
             self.launch_pdl(
                 &self.k.shadow_logits,
-                cfg,
+                logits_cfg,
                 &mut kernel_params![&lp, &tp, &qp, &addrs, &counts, &dims, &scale],
             )?;
             self.launch_pdl(
