@@ -6,9 +6,12 @@
 //! the values to the host pool), and compressed again into every other sequence of the
 //! batch, each with its own slot of the registered bf16 value pool (the first
 //! compression and their mean timed, and each stage of both by GPU events, see
-//! [`CompressWorkspace::time_stages`]); then `gen` decode
-//! steps run through the ShadowKV state with the tokens sampled greedily on the GPU and
-//! the missed value chunks read from host memory by a zero-copy kernel. The batch is the
+//! [`CompressWorkspace::time_stages`]); then, for each micro-batch setting, `gen`
+//! untimed and `gen` timed decode steps run through the ShadowKV state (two queued, as
+//! the daemon runs them) with the tokens sampled greedily on the GPU and the missed value
+//! chunks read from host memory (zero-copy or cpu-gather). The untimed steps put every
+//! setting's measurement past the GPU value tier's first fill: without them a later
+//! setting would inherit a warmer tier than the first. The batch is the
 //! largest that fits both the GPU (every sequence's ShadowKV state, while the prefill
 //! cache is still held) and the host memory (the values). The step's bound is the larger
 //! of its missed value bytes over PCIe (at [`PCIE_BYTES_PER_S`]) and its GPU bytes at
@@ -18,8 +21,8 @@ use super::backend::ValueFetch;
 use super::bench_cuda::{median, HBM_BYTES_PER_S};
 use crate::cpu::model::chunked_prefill;
 use crate::cuda::device::StreamPriority;
-use crate::cuda::graph::ShadowSeqInput;
-use crate::cuda::shadow::decode::GatherTimes;
+use crate::cuda::graph::{Lane, ShadowSeqInput};
+use crate::cuda::shadow::decode::{FetchPath, GatherTimes};
 use crate::cuda::shadow::seq::sequence_bytes;
 use crate::cuda::shadow::tier::tier_chunks_for;
 use crate::cuda::shadow::timeline::{hidden_fetch_share, GpuSpan, GpuTracks};
@@ -66,8 +69,8 @@ pub fn run(
     mut trace: Option<&mut BenchTrace>,
 ) -> Result<Vec<ShadowRun>> {
     let cfg = model.config();
-    // Room for every run's generated tokens.
-    let layout = ShadowLayout::new(cfg, p, ctx + gen * micro.len())?;
+    // Room for every run's generated tokens, its warm-up's included.
+    let layout = ShadowLayout::new(cfg, p, ctx + 2 * gen * micro.len())?;
     let mut lane = model.new_lane(StreamPriority::High, false)?;
     let ops_dev = model.ops().device();
     let greedy = SamplingParams::default().device_row(0, 0);
@@ -316,10 +319,10 @@ struct Decoded {
     total: usize,
 }
 
-/// Runs `gen` decode steps of `seqs` with each step's attention split into `micro`
-/// micro-batches (one lane; one micro-batch's value fetch overlaps the selection and
-/// key rebuild of the others; two steps queued, as the daemon queues them). `last` holds each sequence's last token and is advanced.
-/// With `trace`, the GPU timeline of the last [`TRACE_STEPS`] steps goes to it, under
+/// Runs `gen` untimed then `gen` timed decode steps of `seqs` with each step's attention
+/// split into `micro` micro-batches (one lane; one micro-batch's value fetch overlaps the
+/// selection and key rebuild of the others; two steps queued, as the daemon queues
+/// them). `last` holds each sequence's last token and is advanced. With `trace`, the GPU timeline of the last [`TRACE_STEPS`] steps goes to it, under
 /// `label`.
 #[allow(clippy::too_many_arguments)]
 fn decode(
@@ -344,41 +347,24 @@ fn decode(
     let greedy = SamplingParams::default().device_row(0, 0);
     let rows = vec![greedy; batch];
     let dev = model.ops().device();
-    dev.synchronize()?;
+    let path = fetch.path();
+    // Warm-up: as many untimed steps first, so that every run is measured with its
+    // GPU value tier and slots past their first fill, whatever ran before it.
+    queued_steps(model, &mut lane, seqs, (pool, path), &rows, last, gen, |_, _| Ok(()))?;
+    lane.stage_ms.clear();
     let c0 = model.shadow_counters(&lane)?;
-    let mut done_at = Vec::with_capacity(gen);
     let mut min_free = usize::MAX;
     let mut anchor = None;
-    // As the daemon runs: step n + 1 is queued (its input the tokens step n samples on
-    // the GPU) before step n is read back, so the host's work for a step overlaps the
-    // GPU's for the one before.
-    let mut queued = None;
-    let every_previous: Vec<Option<u32>> = (0..batch as u32).map(Some).collect();
     let td = Instant::now();
-    for step in 0..gen {
+    let done_at = queued_steps(model, &mut lane, seqs, (pool, path), &rows, last, gen, |step, lane| {
         if trace.is_some() && step + TRACE_STEPS.min(gen) == gen {
             anchor = Some(lane.start_trace()?);
         }
-        let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
-        let mut inputs: Vec<ShadowSeqInput> = seqs
-            .iter_mut()
-            .zip(&toks)
-            .map(|(seq, t)| ShadowSeqInput { token: t, seq })
-            .collect();
-        let prev: &[Option<u32>] = if queued.is_some() { &every_previous } else { &[] };
-        let ticket = model.submit_shadow(&mut lane, &mut inputs, &rows, prev, pool, fetch.path())?;
-        if let Some(older) = queued.replace(ticket) {
-            last.copy_from_slice(&model.complete(&mut lane, older)?);
-            done_at.push(Instant::now());
-        }
-        if step == 1 {
+        if step == 2 {
             min_free = min_free.min(dev.mem_info()?.0);
         }
-    }
-    if let Some(older) = queued {
-        last.copy_from_slice(&model.complete(&mut lane, older)?);
-        done_at.push(Instant::now());
-    }
+        Ok(())
+    })?;
     // A step's time: from the end of the one before to its own end (the first step's
     // from the start).
     let mut steps: Vec<f64> = std::iter::once(td)
@@ -419,6 +405,47 @@ fn decode(
         min_free,
         total: dev.mem_info()?.1,
     })
+}
+
+/// Runs `n` decode steps of `seqs` on `lane` as the daemon runs them, two queued: step
+/// i + 1 (its input the tokens step i samples on the GPU) is queued before step i is read
+/// back, so the host's work for a step overlaps the GPU's for the one before. `before(i,
+/// lane)` runs before step i is queued; `last` (each sequence's last token) is advanced.
+/// Returns the time each step was read back.
+#[allow(clippy::too_many_arguments)]
+fn queued_steps(
+    model: &CudaModel,
+    lane: &mut Lane,
+    seqs: &mut [GpuShadowSeq],
+    (pool, fetch): (&GpuValuePool, FetchPath),
+    rows: &[[u64; 5]],
+    last: &mut [u32],
+    n: usize,
+    mut before: impl FnMut(usize, &mut Lane) -> Result<()>,
+) -> Result<Vec<Instant>> {
+    let every_previous: Vec<Option<u32>> = (0..seqs.len() as u32).map(Some).collect();
+    let mut queued = None;
+    let mut done_at = Vec::with_capacity(n);
+    for step in 0..n {
+        before(step, lane)?;
+        let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
+        let mut inputs: Vec<ShadowSeqInput> = seqs
+            .iter_mut()
+            .zip(&toks)
+            .map(|(seq, t)| ShadowSeqInput { token: t, seq })
+            .collect();
+        let prev: &[Option<u32>] = if queued.is_some() { &every_previous } else { &[] };
+        let ticket = model.submit_shadow(lane, &mut inputs, rows, prev, pool, fetch)?;
+        if let Some(older) = queued.replace(ticket) {
+            last.copy_from_slice(&model.complete(lane, older)?);
+            done_at.push(Instant::now());
+        }
+    }
+    if let Some(older) = queued {
+        last.copy_from_slice(&model.complete(lane, older)?);
+        done_at.push(Instant::now());
+    }
+    Ok(done_at)
 }
 
 /// GPU bytes of a step: the weights, and per sequence and
