@@ -274,7 +274,7 @@ pub fn run(
         };
         if fetch == ValueFetch::CpuGather {
             eprintln!(
-                "[cpu-gather per step: the gather actor {:.2} ms waiting for miss lists, {:.2} ms gathering ({gather_gbs:.1} GB/s)]",
+                "[cpu-gather per step: {:.2} ms waiting for miss lists, {:.2} ms gathering ({gather_gbs:.1} GB/s)]",
                 1e3 * g.wait_secs / gen as f64,
                 1e3 * g.gather_secs / gen as f64,
             );
@@ -352,7 +352,6 @@ fn decode(
     // GPU value tier and slots past their first fill, whatever ran before it.
     queued_steps(model, &mut lane, seqs, (pool, path), &rows, last, gen, |_, _| Ok(()))?;
     lane.stage_ms.clear();
-    lane.gather = GatherTimes::default();
     let c0 = model.shadow_counters(&lane)?;
     let mut min_free = usize::MAX;
     let mut anchor = None;
