@@ -352,6 +352,7 @@ fn decode(
     // GPU value tier and slots past their first fill, whatever ran before it.
     queued_steps(model, &mut lane, seqs, (pool, path), &rows, last, gen, |_, _| Ok(()))?;
     lane.stage_ms.clear();
+    lane.gather = GatherTimes::default();
     let c0 = model.shadow_counters(&lane)?;
     let mut min_free = usize::MAX;
     let mut anchor = None;
