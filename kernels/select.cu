@@ -4,16 +4,18 @@
 // h*d..] / sqrt(d))[ch] over the query heads j of the head's group, the softmax taken over
 // the sequence's `chunks` chunks; outlier chunks score -inf. Three kernels:
 //
-// shadow_logits, grid (tiles, kv_heads, batch), SELECT_THREADS threads: the logits of a
-// tile of SELECT_TILE chunks, logits [batch, kv_heads, chunk_cap, group] (outliers -inf),
-// and the tile's softmax statistics per query head, stats [batch, kv_heads, tile_cap,
-// group] as (max, sum of exp(logit - max)). Each warp takes 32 chunks as two m16 tiles
-// of an mma whose n is the group's query heads (logits_tile). The landmarks are read once,
-// by as many blocks as the batch has tiles. History (14 x 15616 chunks, d 128, group 4,
-// H200): eight lanes a chunk with fp32 FMAs were issue-bound, then latency-bound at 213 us
-// (2.1 TB/s; a ring of cp.async rounds in shared memory was slower, 253 us); the tensor
-// cores leave the kernel little to do but load (168 us, 2.8 TB/s; 139 us, 3.5 TB/s, at
-// four blocks an SM).
+// shadow_logits, grid (runs of LOGITS_RUN tiles, kv_heads, batch), SELECT_THREADS
+// threads: the logits of each tile of SELECT_TILE chunks, logits [batch, kv_heads,
+// chunk_cap, group] (outliers -inf), and each tile's softmax statistics per query head,
+// stats [batch, kv_heads, tile_cap, group] as (max, sum of exp(logit - max)). Each warp
+// takes 32 chunks of each tile as two m16 tiles of an mma whose n is the group's query
+// heads, loading the next m16 tile while it multiplies the last (logits_run). The
+// landmarks are read once. History (14 x 15616 chunks, d 128, group 4, H200): eight lanes
+// a chunk with fp32 FMAs were issue-bound, then latency-bound at 213 us (2.1 TB/s; a ring
+// of cp.async rounds in shared memory was slower, 253 us); the tensor cores leave the
+// kernel little to do but load (168 us, 2.8 TB/s; 139 us, 3.5 TB/s, at four blocks an
+// SM; 131 us, 3.7 TB/s, in runs with two register stages; 512 threads of one m16 tile a
+// warp: 181 us).
 //
 // shadow_softmax, same grid: combines the statistics of the sequence's tiles per query
 // head and writes the scores of its tile, scores [batch, kv_heads, chunk_cap] (entries
