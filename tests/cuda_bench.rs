@@ -10,6 +10,7 @@
 use half::bf16;
 use shadowkv::cpu::attention::AttnShape;
 use shadowkv::cuda::attention::partition_len;
+use shadowkv::cuda::shadow::{LayerBuffers, ShadowLayout};
 use shadowkv::cuda::testing::ops_or_skip;
 use shadowkv::cuda::{CudaOps, DecodeWorkspace, KvTable};
 
@@ -36,6 +37,41 @@ fn time_ms(ops: &CudaOps, warm: usize, reps: usize, mut f: impl FnMut()) -> (f64
     dev.synchronize().unwrap();
     t.sort_by(|a, b| a.partial_cmp(b).unwrap());
     (t[reps / 2], t[0], t[reps - 1])
+}
+
+/// One layer of Llama-3.1-8B's heads under ShadowKV (8 KV heads of 128, groups of 4,
+/// chunks of 8 tokens, 256 slots) at `rank` over `chunks` chunks.
+fn llama8b_layer(rank: usize, chunks: usize) -> ShadowLayout {
+    let l = ShadowLayout {
+        kv_heads: 8,
+        head_dim: 128,
+        group: 4,
+        chunk: 8,
+        rank,
+        slots: 256,
+        outliers: 2,
+        local: 2,
+        chunk_cap: chunks + 2,
+        tier: 0,
+    };
+    l.validate().unwrap();
+    l
+}
+
+/// `batch` sequences' buffers of layout `l`, each given to `fill` with its index.
+fn layer_buffers(
+    ops: &CudaOps,
+    l: ShadowLayout,
+    batch: usize,
+    fill: impl Fn(&mut LayerBuffers, u64) -> anyhow::Result<()>,
+) -> Vec<LayerBuffers> {
+    (0..batch)
+        .map(|b| {
+            let mut buf = LayerBuffers::new(ops, l).unwrap();
+            fill(&mut buf, b as u64).unwrap();
+            buf
+        })
+        .collect()
 }
 
 #[test]
@@ -206,33 +242,17 @@ fn flash_prefill_throughput() {
 #[test]
 #[ignore = "benchmark: needs a GPU"]
 fn shadow_selection_bandwidth() {
-    use shadowkv::cuda::shadow::{LayerBuffers, SeqCounts, ShadowLayout, ShadowTable, StepScratch};
+    use shadowkv::cuda::shadow::{SeqCounts, ShadowTable, StepScratch};
     let Some(ops) = ops_or_skip() else { return };
     let dev = ops.device();
     // Llama-3.1-8B's heads (8 KV heads of 128, groups of 4), chunks of 8 tokens, a
     // budget of 256 chunks: the bench's batches at 124928 and 61440 tokens, and one
     // sequence.
     for (batch, chunks) in [(14usize, 15_616usize), (29, 7_680), (1, 15_616)] {
-        let l = ShadowLayout {
-            kv_heads: 8,
-            head_dim: 128,
-            group: 4,
-            chunk: 8,
-            rank: 16,
-            slots: 256,
-            outliers: 2,
-            local: 2,
-            chunk_cap: chunks + 2,
-            tier: 0,
-        };
-        l.validate().unwrap();
-        let bufs: Vec<LayerBuffers> = (0..batch)
-            .map(|b| {
-                let mut buf = LayerBuffers::new(&ops, l).unwrap();
-                ops.fill_random_bf16(&mut buf.marks, 11 + b as u64, 1.0).unwrap();
-                buf
-            })
-            .collect();
+        let l = llama8b_layer(16, chunks);
+        let bufs = layer_buffers(&ops, l, batch, |buf, b| {
+            ops.fill_random_bf16(&mut buf.marks, 11 + b, 1.0)
+        });
         let counts = SeqCounts {
             chunks: chunks as i32,
             recent: 0,
@@ -266,33 +286,15 @@ fn shadow_selection_bandwidth() {
 #[test]
 #[ignore = "benchmark: needs a GPU"]
 fn shadow_rebuild_throughput() {
-    use shadowkv::cuda::shadow::{LayerBuffers, SeqCounts, ShadowLayout, ShadowTable};
+    use shadowkv::cuda::shadow::{SeqCounts, ShadowTable};
     let Some(ops) = ops_or_skip() else { return };
     let dev = ops.device();
     // One layer of the bench's step at 124928 tokens: 14 sequences of Llama-3.1-8B's
     // heads, rank 160, chunks of 8, 256 slots of which 232 miss (the reuse hit rate of
     // the synthetic model is about 9 %).
     let (batch, chunks, misses) = (14usize, 15_616usize, 232usize);
-    let l = ShadowLayout {
-        kv_heads: 8,
-        head_dim: 128,
-        group: 4,
-        chunk: 8,
-        rank: 160,
-        slots: 256,
-        outliers: 2,
-        local: 2,
-        chunk_cap: chunks + 2,
-        tier: 0,
-    };
-    l.validate().unwrap();
-    let bufs: Vec<LayerBuffers> = (0..batch)
-        .map(|b| {
-            let mut buf = LayerBuffers::new(&ops, l).unwrap();
-            ops.fill_random_bf16(&mut buf.u, 17 + b as u64, 1.0).unwrap();
-            buf
-        })
-        .collect();
+    let l = llama8b_layer(160, chunks);
+    let bufs = layer_buffers(&ops, l, batch, |buf, b| ops.fill_random_bf16(&mut buf.u, 17 + b, 1.0));
     let counts = SeqCounts {
         chunks: chunks as i32,
         recent: 0,
