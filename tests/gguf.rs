@@ -679,3 +679,41 @@ fn real_model_matches_python_reference() {
         assert_bit_exact(name, &got, &read_f32s(&out));
     }
 }
+
+/// `dequantize_rows` of every supported type equals the same rows of `dequantize`, bit
+/// for bit, and a range past the last row names the tensor, its rows and the range.
+#[test]
+fn row_ranges_dequantise_like_the_whole_tensor() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let mut w = GgufWriter::new();
+    let (width, rows) = (512u64, 7u64);
+    for t in GgmlType::ALL {
+        let data = random_blocks(&mut rng, t, (width * rows / t.block_elems()) as usize);
+        w.add_tensor(format!("m.{}", t.name()), &[width, rows], t, data);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rows.gguf");
+    w.write(&path).unwrap();
+    let f = GgufFile::open(&path).unwrap();
+    let w = width as usize;
+    for t in GgmlType::ALL {
+        let name = format!("m.{}", t.name());
+        let whole: Vec<u32> = f.dequantize(&name).unwrap().iter().map(|x| x.to_bits()).collect();
+        for r in [0..7, 0..1, 2..5, 6..7, 3..3] {
+            let got: Vec<u32> = f
+                .dequantize_rows(&name, r.clone())
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            assert_eq!(got, whole[r.start * w..r.end * w], "{name} rows {r:?}");
+        }
+        let e = f.dequantize_rows(&name, 5..8).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "tensor `{name}` has 7 rows of 512 elements: rows 5..8 are outside it"
+            )),
+            "{e}"
+        );
+    }
+}

@@ -3,9 +3,11 @@
 
 use super::config::{Arch, Llama3RopeScaling, ModelConfig};
 use super::gguf::GgufFile;
+use super::shard::TensorShard;
 use super::tokenizer::{byte_level_bpe_json, ByteLevelBpeSpec, TextTokenizer};
 use super::weights::{Tensor, TensorSource};
 use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
 use std::path::Path;
 
 /// A GGUF file serving tensors under Hugging Face names.
@@ -46,16 +48,23 @@ fn gguf_name(hf: &str) -> Option<String> {
     Some(format!("blk.{layer}.{g}"))
 }
 
-/// Undoes llama.cpp's rotary permutation of Q/K rows: GGUF row `h·d + 2j + t` holds
-/// Hugging Face row `h·d + t·d/2 + j`.
-fn unpermute_rows(data: &[f32], rows: usize, cols: usize, head_dim: usize) -> Vec<f32> {
-    let mut out = vec![0.0; data.len()];
+/// The GGUF row holding Hugging Face row `hf` of a Q or K weight: llama.cpp's rotary
+/// permutation puts Hugging Face row `h·d + t·d/2 + j` at GGUF row `h·d + 2j + t`, and
+/// keeps every row within its head.
+fn gguf_row(hf: usize, head_dim: usize) -> usize {
     let half = head_dim / 2;
-    for r in 0..rows {
-        let (h, within) = (r / head_dim, r % head_dim);
-        let (j, t) = (within / 2, within % 2);
-        let hf_row = h * head_dim + t * half + j;
-        out[hf_row * cols..(hf_row + 1) * cols].copy_from_slice(&data[r * cols..(r + 1) * cols]);
+    let (h, within) = (hf / head_dim, hf % head_dim);
+    let (t, j) = (within / half, within % half);
+    h * head_dim + 2 * j + t
+}
+
+/// Undoes llama.cpp's rotary permutation of Q/K rows (see [`gguf_row`]) for `rows`
+/// whole heads' rows.
+fn unpermute_rows(data: &[f32], rows: usize, cols: usize, head_dim: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(data.len());
+    for hf in 0..rows {
+        let g = gguf_row(hf, head_dim);
+        out.extend_from_slice(&data[g * cols..(g + 1) * cols]);
     }
     out
 }
@@ -206,8 +215,10 @@ fn config_from_metadata(f: &GgufFile) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
-impl TensorSource for GgufModel {
-    fn load(&self, name: &str) -> Result<Option<Tensor>> {
+impl GgufModel {
+    /// The GGUF name, Hugging Face shape and whether the rows are rotary-permuted of
+    /// Hugging Face tensor `name`, or `None` when the file lacks it.
+    fn locate(&self, name: &str) -> Result<Option<(String, Vec<usize>, bool)>> {
         let Some(gname) = gguf_name(name) else {
             return Ok(None);
         };
@@ -216,19 +227,84 @@ impl TensorSource for GgufModel {
         };
         // GGUF lists dims innermost first; Hugging Face outermost first.
         let shape: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
-        let mut data = self.file.dequantize(&gname)?;
         let d = self.config.head_dim;
         let permuted = gname.ends_with("attn_q.weight") || gname.ends_with("attn_k.weight");
+        if permuted && (shape.len() != 2 || shape[0] % d != 0) {
+            bail!(
+                "{}: tensor `{gname}` has shape {shape:?}, not [heads·{d}, hidden]",
+                self.path
+            );
+        }
+        Ok(Some((gname, shape, permuted)))
+    }
+}
+
+impl TensorSource for GgufModel {
+    fn load(&self, name: &str) -> Result<Option<Tensor>> {
+        let Some((gname, shape, permuted)) = self.locate(name)? else {
+            return Ok(None);
+        };
+        let mut data = self.file.dequantize(&gname)?;
         if permuted {
-            if shape.len() != 2 || shape[0] % d != 0 {
-                bail!(
-                    "{}: tensor `{gname}` has shape {shape:?}, not [heads·{d}, hidden]",
-                    self.path
-                );
-            }
-            data = unpermute_rows(&data, shape[0], shape[1], d);
+            data = unpermute_rows(&data, shape[0], shape[1], self.config.head_dim);
         }
         Ok(Some(Tensor { shape, data }))
+    }
+
+    fn shape(&self, name: &str) -> Result<Option<Vec<usize>>> {
+        Ok(self.locate(name)?.map(|(_, shape, _)| shape))
+    }
+
+    /// Dequantises only the shard's rows of blocks: a row range reads those rows (the
+    /// whole heads around them for a rotary-permuted Q/K); a column range dequantises
+    /// one row at a time per thread and keeps its columns. Vectors are read whole.
+    fn load_shard(&self, name: &str, shard: &TensorShard) -> Result<Option<Tensor>> {
+        let Some((gname, shape, permuted)) = self.locate(name)? else {
+            return Ok(None);
+        };
+        let part = shard.shape_in(name, &shape).with_context(|| self.path.clone())?;
+        let d = self.config.head_dim;
+        let data = match shard {
+            TensorShard::Rows(r) if shape.len() == 2 => {
+                let cols = shape[1];
+                let (lo, hi) = if permuted {
+                    (r.start / d * d, r.end.div_ceil(d) * d)
+                } else {
+                    (r.start, r.end)
+                };
+                let mut rows = self.file.dequantize_rows(&gname, lo..hi)?;
+                if permuted {
+                    rows = unpermute_rows(&rows, hi - lo, cols, d);
+                }
+                rows.truncate((r.end - lo) * cols);
+                rows.drain(..(r.start - lo) * cols);
+                rows
+            }
+            TensorShard::Cols(c) if !c.is_empty() => {
+                let mut out = vec![0.0f32; part.iter().product()];
+                out.par_chunks_mut(c.len())
+                    .enumerate()
+                    .try_for_each(|(hf, dst)| -> Result<()> {
+                        let g = if permuted { gguf_row(hf, d) } else { hf };
+                        let row = self.file.dequantize_rows(&gname, g..g + 1)?;
+                        dst.copy_from_slice(&row[c.clone()]);
+                        Ok(())
+                    })?;
+                out
+            }
+            TensorShard::Cols(_) => Vec::new(),
+            // Whole tensors, and vectors (one GGUF row each).
+            TensorShard::Whole | TensorShard::Rows(_) => {
+                let whole = self
+                    .load(name)?
+                    .with_context(|| format!("{}: tensor `{name}` is missing", self.path))?;
+                match shard {
+                    TensorShard::Whole => whole.data,
+                    _ => shard.apply(&whole)?.data,
+                }
+            }
+        };
+        Ok(Some(Tensor { shape: part, data }))
     }
 
     fn describe(&self) -> String {

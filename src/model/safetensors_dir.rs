@@ -1,6 +1,7 @@
 //! Hugging Face safetensors checkpoints: one `model.safetensors` file or shards listed
 //! in `model.safetensors.index.json`, memory-mapped and converted to f32 on demand.
 
+use super::shard::TensorShard;
 use super::weights::{Tensor, TensorSource};
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
@@ -98,8 +99,46 @@ impl SafetensorsDir {
     }
 }
 
-impl TensorSource for SafetensorsDir {
-    fn load(&self, name: &str) -> Result<Option<Tensor>> {
+/// Appends the little-endian elements in `bytes` (a whole number of them) to `out` as f32.
+type Convert = fn(&[u8], &mut Vec<f32>);
+
+fn from_f32(bytes: &[u8], out: &mut Vec<f32>) {
+    out.extend(
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+    )
+}
+
+fn from_f16(bytes: &[u8], out: &mut Vec<f32>) {
+    out.extend(
+        bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+    )
+}
+
+fn from_bf16(bytes: &[u8], out: &mut Vec<f32>) {
+    out.extend(
+        bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+    )
+}
+
+/// One tensor's place in a mapped file: its path, shape, element width and bytes.
+struct Stored<'a> {
+    path: &'a Path,
+    shape: &'a [usize],
+    width: usize,
+    convert: Convert,
+    bytes: &'a [u8],
+}
+
+impl SafetensorsDir {
+    /// Where tensor `name` lies, with its byte length checked against its shape and
+    /// dtype, or `None` when no file holds it.
+    fn stored(&self, name: &str) -> Result<Option<Stored<'_>>> {
         let Some(&si) = self.index.get(name) else {
             return Ok(None);
         };
@@ -107,42 +146,70 @@ impl TensorSource for SafetensorsDir {
         let info = shard.meta.info(name).context("tensor vanished from header")?;
         let start = 8 + shard.header_len + info.data_offsets.0;
         let end = 8 + shard.header_len + info.data_offsets.1;
-        let bytes = shard.mmap.get(start..end).with_context(|| {
-            format!(
-                "{}: tensor `{name}` data runs past the end of the file",
-                shard.path.display()
-            )
-        })?;
-        let n: usize = info.shape.iter().product();
-        let data = match info.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect::<Vec<f32>>(),
+        let path = shard.path.as_path();
+        let bytes = shard
+            .mmap
+            .get(start..end)
+            .with_context(|| format!("{}: tensor `{name}` data runs past the end of the file", path.display()))?;
+        let (width, convert): (usize, Convert) = match info.dtype {
+            Dtype::F32 => (4, from_f32),
+            Dtype::F16 => (2, from_f16),
+            Dtype::BF16 => (2, from_bf16),
             other => bail!(
                 "{}: tensor `{name}` has dtype {other:?} (supported: F32, F16, BF16)",
-                shard.path.display()
+                path.display()
             ),
         };
-        if data.len() != n {
+        let n: usize = info.shape.iter().product();
+        if bytes.len() != n * width {
             bail!(
                 "{}: tensor `{name}` holds {} values, its shape needs {n}",
-                shard.path.display(),
-                data.len()
+                path.display(),
+                bytes.len() / width
             );
         }
-        Ok(Some(Tensor {
-            shape: info.shape.clone(),
-            data,
+        Ok(Some(Stored {
+            path,
+            shape: &info.shape,
+            width,
+            convert,
+            bytes,
         }))
+    }
+}
+
+impl TensorSource for SafetensorsDir {
+    fn load(&self, name: &str) -> Result<Option<Tensor>> {
+        self.load_shard(name, &TensorShard::Whole)
+    }
+
+    fn shape(&self, name: &str) -> Result<Option<Vec<usize>>> {
+        Ok(self.stored(name)?.map(|s| s.shape.to_vec()))
+    }
+
+    /// Reads (and converts) only the shard's bytes: a row range is one contiguous
+    /// slice of the map, a column range one slice per row.
+    fn load_shard(&self, name: &str, shard: &TensorShard) -> Result<Option<Tensor>> {
+        let Some(s) = self.stored(name)? else {
+            return Ok(None);
+        };
+        let shape = shard
+            .shape_in(name, s.shape)
+            .with_context(|| s.path.display().to_string())?;
+        let mut data = Vec::with_capacity(shape.iter().product());
+        let (w, convert) = (s.width, s.convert);
+        let row_bytes = w * s.shape.get(1..).unwrap_or(&[]).iter().product::<usize>();
+        match shard {
+            TensorShard::Whole => convert(s.bytes, &mut data),
+            TensorShard::Rows(r) => convert(&s.bytes[r.start * row_bytes..r.end * row_bytes], &mut data),
+            TensorShard::Cols(c) if row_bytes > 0 => {
+                for row in s.bytes.chunks_exact(row_bytes) {
+                    convert(&row[c.start * w..c.end * w], &mut data);
+                }
+            }
+            TensorShard::Cols(_) => {} // no columns, so no elements
+        }
+        Ok(Some(Tensor { shape, data }))
     }
 
     fn describe(&self) -> String {

@@ -49,39 +49,55 @@ pub enum TensorShard {
 }
 
 impl TensorShard {
-    /// Cuts this shard out of a full tensor (`[rows]` vectors take `Rows` as elements).
-    pub fn apply(&self, t: &Tensor) -> Result<Tensor> {
-        let rows = *t.shape.first().unwrap_or(&1);
-        let cols = if t.shape.len() > 1 { t.len() / rows.max(1) } else { 1 };
+    /// What is wrong with this shard of a tensor of `shape`, if anything.
+    fn range_error(&self, shape: &[usize]) -> Option<String> {
+        let rows = *shape.first().unwrap_or(&1);
         match self {
-            TensorShard::Whole => Ok(t.clone()),
-            TensorShard::Rows(r) => {
-                if r.end > rows {
-                    bail!("rows {r:?} are outside a tensor of shape {:?}", t.shape);
-                }
-                let mut shape = t.shape.clone();
-                shape[0] = r.len();
-                Ok(Tensor {
-                    shape,
-                    data: t.data[r.start * cols..r.end * cols].to_vec(),
-                })
-            }
+            TensorShard::Whole => None,
+            TensorShard::Rows(r) => (r.start > r.end || r.end > rows).then(|| format!("rows {r:?} are outside it")),
+            TensorShard::Cols(_) if shape.len() != 2 => Some(format!("{self:?} of a tensor that is not a matrix")),
             TensorShard::Cols(c) => {
-                if t.shape.len() != 2 || c.end > cols {
-                    bail!("columns {c:?} are outside a tensor of shape {:?}", t.shape);
-                }
-                let data = t
-                    .data
-                    .chunks_exact(cols)
-                    .flat_map(|row| &row[c.clone()])
-                    .copied()
-                    .collect();
-                Ok(Tensor {
-                    shape: vec![rows, c.len()],
-                    data,
-                })
+                (c.start > c.end || c.end > shape[1]).then(|| format!("columns {c:?} are outside it"))
             }
         }
+    }
+
+    /// The shape of this shard of tensor `name` of shape `shape`, or an error naming
+    /// the tensor, its shape and the range when the range falls outside it. A `[n]`
+    /// vector takes `Rows` as elements; `Cols` needs a matrix.
+    pub fn shape_in(&self, name: &str, shape: &[usize]) -> Result<Vec<usize>> {
+        if let Some(why) = self.range_error(shape) {
+            bail!("tensor `{name}` has shape {shape:?}: {why}");
+        }
+        Ok(match self {
+            TensorShard::Whole => shape.to_vec(),
+            TensorShard::Rows(r) if shape.is_empty() => vec![r.len()],
+            TensorShard::Rows(r) => [&[r.len()], &shape[1..]].concat(),
+            TensorShard::Cols(c) => vec![shape[0], c.len()],
+        })
+    }
+
+    /// Cuts this shard out of a full tensor (errors as [`Self::shape_in`], without a name).
+    pub fn apply(&self, t: &Tensor) -> Result<Tensor> {
+        if let Some(why) = self.range_error(&t.shape) {
+            bail!("a tensor of shape {:?}: {why}", t.shape);
+        }
+        let shape = self.shape_in("", &t.shape)?;
+        let cols = match t.shape.first() {
+            Some(&rows) if t.shape.len() > 1 && rows > 0 => t.len() / rows,
+            _ => 1,
+        };
+        let data = match self {
+            TensorShard::Whole => t.data.clone(),
+            TensorShard::Rows(r) => t.data[r.start * cols..r.end * cols].to_vec(),
+            TensorShard::Cols(c) => t
+                .data
+                .chunks_exact(cols)
+                .flat_map(|row| &row[c.clone()])
+                .copied()
+                .collect(),
+        };
+        Ok(Tensor { shape, data })
     }
 }
 
@@ -397,5 +413,37 @@ mod tests {
         );
         assert!(TensorShard::Cols(3..5).apply(&t).is_err());
         assert!(TensorShard::Rows(2..4).apply(&t).is_err());
+        let v = Tensor {
+            shape: vec![4],
+            data: vec![1.0, 2.0, 3.0, 4.0],
+        };
+        assert_eq!(TensorShard::Rows(1..3).apply(&v).unwrap().data, [2.0, 3.0]);
+    }
+
+    #[test]
+    fn ranges_outside_a_tensor_name_it() {
+        let err = |s: TensorShard, shape: &[usize]| s.shape_in("m.w", shape).unwrap_err().to_string();
+        assert_eq!(
+            err(TensorShard::Cols(3..5), &[3, 4]),
+            "tensor `m.w` has shape [3, 4]: columns 3..5 are outside it"
+        );
+        assert_eq!(
+            err(TensorShard::Rows(2..4), &[3, 4]),
+            "tensor `m.w` has shape [3, 4]: rows 2..4 are outside it"
+        );
+        #[allow(clippy::reversed_empty_ranges)]
+        let backwards = TensorShard::Rows(2..1);
+        assert_eq!(
+            err(backwards, &[3, 4]),
+            "tensor `m.w` has shape [3, 4]: rows 2..1 are outside it"
+        );
+        assert_eq!(
+            err(TensorShard::Cols(0..1), &[4]),
+            "tensor `m.w` has shape [4]: Cols(0..1) of a tensor that is not a matrix"
+        );
+        assert_eq!(TensorShard::Rows(1..3).shape_in("v", &[4]).unwrap(), [2]);
+        assert_eq!(TensorShard::Cols(1..3).shape_in("m", &[5, 4]).unwrap(), [5, 2]);
+        assert_eq!(TensorShard::Rows(0..2).shape_in("m", &[5, 4, 3]).unwrap(), [2, 4, 3]);
+        assert_eq!(TensorShard::Whole.shape_in("m", &[5, 4]).unwrap(), [5, 4]);
     }
 }

@@ -2,6 +2,7 @@
 //! for benchmarks, or written out in the Hugging Face layout by `shadowkv synth`.
 
 use super::config::{Arch, Llama3RopeScaling, ModelConfig};
+use super::shard::TensorShard;
 use super::tokenizer::{byte_level_bpe_json, ByteLevelBpeSpec, TextTokenizer};
 use super::weights::{expected_tensors, Tensor, TensorSource};
 use anyhow::{bail, Context, Result};
@@ -153,16 +154,14 @@ fn name_hash(s: &str) -> u64 {
         .fold(0xcbf29ce484222325, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
-impl TensorSource for SyntheticSource {
-    fn load(&self, name: &str) -> Result<Option<Tensor>> {
-        let Some(shape) = self.shapes.get(name) else {
-            return Ok(None);
-        };
-        let n: usize = shape.iter().product();
+impl SyntheticSource {
+    /// The values of tensor `name` of `shape`, in row-major order, as one stream from
+    /// the tensor's own seeded generator.
+    fn values(&self, name: &str, shape: &[usize]) -> Result<impl Iterator<Item = f32>> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ name_hash(name));
         let round = |x: f32| half::bf16::from_f32(x).to_f32();
-        let data: Vec<f32> = if name.ends_with("norm.weight") {
-            (0..n).map(|_| round(1.0 + rng.random_range(-0.1..0.1))).collect()
+        let normal = if name.ends_with("norm.weight") {
+            None
         } else {
             let fan_in = *shape.last().expect("non-empty shape");
             let std = if name.ends_with(".bias") {
@@ -170,13 +169,53 @@ impl TensorSource for SyntheticSource {
             } else {
                 1.0 / (fan_in as f32).sqrt()
             };
-            let dist = Normal::new(0.0f32, std).context("normal distribution")?;
-            (0..n).map(|_| round(dist.sample(&mut rng))).collect()
+            Some(Normal::new(0.0f32, std).context("normal distribution")?)
         };
-        Ok(Some(Tensor {
-            shape: shape.clone(),
-            data,
+        Ok(std::iter::repeat_with(move || match &normal {
+            None => round(1.0 + rng.random_range(-0.1..0.1)),
+            Some(dist) => round(dist.sample(&mut rng)),
         }))
+    }
+}
+
+impl TensorSource for SyntheticSource {
+    fn load(&self, name: &str) -> Result<Option<Tensor>> {
+        self.load_shard(name, &TensorShard::Whole)
+    }
+
+    fn shape(&self, name: &str) -> Result<Option<Vec<usize>>> {
+        Ok(self.shapes.get(name).cloned())
+    }
+
+    /// Keeps only the shard's values of the tensor's one random stream, so a shard is
+    /// bit-identical to the same part of the whole tensor and only the shard is held.
+    /// The stream is sequential (a normal sample takes a varying number of draws), so
+    /// a row range stops after its last row and a column range runs the whole tensor.
+    fn load_shard(&self, name: &str, shard: &TensorShard) -> Result<Option<Tensor>> {
+        let Some(shape) = self.shapes.get(name) else {
+            return Ok(None);
+        };
+        let part = shard.shape_in(name, shape).with_context(|| self.describe())?;
+        let values = self.values(name, shape)?;
+        let n: usize = shape.iter().product();
+        let cols = if shape.len() > 1 {
+            shape[1..].iter().product()
+        } else {
+            1
+        };
+        let mut data = Vec::with_capacity(part.iter().product());
+        match shard {
+            TensorShard::Whole => data.extend(values.take(n)),
+            TensorShard::Rows(r) => data.extend(values.skip(r.start * cols).take(r.len() * cols)),
+            TensorShard::Cols(c) => data.extend(
+                values
+                    .take(n)
+                    .enumerate()
+                    .filter(|(i, _)| c.contains(&(i % cols)))
+                    .map(|(_, x)| x),
+            ),
+        }
+        Ok(Some(Tensor { shape: part, data }))
     }
 
     fn describe(&self) -> String {

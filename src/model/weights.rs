@@ -1,6 +1,7 @@
 //! f32 weight tensors in the Hugging Face layout, loaded from any [`TensorSource`].
 
 use super::config::ModelConfig;
+use super::shard::{DeviceShard, TensorShard};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -30,6 +31,25 @@ impl Tensor {
 pub trait TensorSource {
     /// Loads `name`, or `Ok(None)` when the source has no such tensor.
     fn load(&self, name: &str) -> Result<Option<Tensor>>;
+
+    /// The shape of `name` (outermost first), or `Ok(None)` when the source has no such
+    /// tensor. The default loads the tensor; the file sources read their headers.
+    fn shape(&self, name: &str) -> Result<Option<Vec<usize>>> {
+        Ok(self.load(name)?.map(|t| t.shape))
+    }
+
+    /// Loads only `shard` of `name` (what one device of a tensor-parallel group holds),
+    /// equal bit for bit to `shard.apply` of the whole tensor, or `Ok(None)` when the
+    /// source has no such tensor. A range outside the tensor is an error naming it, its
+    /// shape and the range. The default loads the whole tensor and cuts it; the file and
+    /// synthetic sources never hold more than the shard (and a row of it).
+    fn load_shard(&self, name: &str, shard: &TensorShard) -> Result<Option<Tensor>> {
+        let Some(t) = self.load(name)? else {
+            return Ok(None);
+        };
+        shard.shape_in(name, &t.shape).with_context(|| self.describe())?;
+        shard.apply(&t).map(Some)
+    }
 
     /// A short description for messages (a path, `synthetic:tiny`, ...).
     fn describe(&self) -> String;
@@ -112,24 +132,50 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     v
 }
 
+/// The error of a tensor the config calls for and the source lacks.
+fn missing(src: &dyn TensorSource, name: &str) -> String {
+    format!("{}: tensor `{name}` is missing", src.describe())
+}
+
 /// Loads `name` and checks its shape, with errors naming the tensor and the source.
 fn fetch(src: &dyn TensorSource, name: &str, shape: &[usize]) -> Result<Tensor> {
-    let t = src
-        .load(name)?
-        .with_context(|| format!("{}: tensor `{name}` is missing", src.describe()))?;
+    let t = src.load(name)?.with_context(|| missing(src, name))?;
     check_shape(src, name, t, shape)
 }
 
 fn check_shape(src: &dyn TensorSource, name: &str, t: Tensor, shape: &[usize]) -> Result<Tensor> {
-    if t.shape != shape {
+    shape_matches(src, name, &t.shape, shape)?;
+    Ok(t)
+}
+
+fn shape_matches(src: &dyn TensorSource, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
+    if got != want {
         bail!(
-            "{}: tensor `{name}` has shape {:?}, the config implies {:?}",
-            src.describe(),
-            t.shape,
-            shape
+            "{}: tensor `{name}` has shape {got:?}, the config implies {want:?}",
+            src.describe()
         );
     }
-    Ok(t)
+    Ok(())
+}
+
+/// Device `shard`'s part of `name`, whose whole shape must be `shape` (checked from the
+/// source's header before anything is read), or `None` when the source lacks it.
+fn fetch_shard(src: &dyn TensorSource, name: &str, shape: &[usize], shard: &DeviceShard) -> Result<Option<Tensor>> {
+    let Some(whole) = src.shape(name)? else {
+        return Ok(None);
+    };
+    shape_matches(src, name, &whole, shape)?;
+    let part = shard.tensor(name)?;
+    let want = part.shape_in(name, shape)?;
+    let t = src.load_shard(name, &part)?.with_context(|| missing(src, name))?;
+    if t.shape != want {
+        bail!(
+            "{}: the {part:?} part of tensor `{name}` came back with shape {:?}, not {want:?}",
+            src.describe(),
+            t.shape
+        );
+    }
+    Ok(Some(t))
 }
 
 impl ModelWeights {
@@ -145,6 +191,40 @@ impl ModelWeights {
         }
         let norm = load_final_norm(cfg, src)?;
         let lm_head = load_lm_head(cfg, src)?;
+        bar.finish_and_clear();
+        Ok(ModelWeights {
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// The weights device `shard` of a tensor-parallel group holds, loaded straight into
+    /// their shards through [`TensorSource::load_shard`] (the safetensors, GGUF and
+    /// synthetic sources never hold a whole split matrix): norms whole, the embedding and the output head by vocabulary rows, q/k/v (and
+    /// their biases), gate and up by rows, o and down by columns. `cfg` is the whole
+    /// model's config; the result is shaped as
+    /// [`super::shard::ShardPlan::device_config`] says for this device.
+    pub fn load_shard(cfg: &ModelConfig, src: &dyn TensorSource, shard: &DeviceShard, progress: bool) -> Result<Self> {
+        let bar = loading_bar(src, cfg.num_layers as u64 + 2, progress);
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_name = "model.embed_tokens.weight";
+        let embed = fetch_shard(src, embed_name, &[v, h], shard)?.with_context(|| missing(src, embed_name))?;
+        bar.inc(1);
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            layers.push(load_layer_shard(cfg, src, shard, l)?);
+            bar.inc(1);
+        }
+        let norm_name = "model.norm.weight";
+        let norm = fetch_shard(src, norm_name, &[h], shard)?.with_context(|| missing(src, norm_name))?;
+        // As in `load_lm_head`: tied, or marked tied only by leaving the head out.
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            fetch_shard(src, "lm_head.weight", &[v, h], shard)?
+        };
         bar.finish_and_clear();
         Ok(ModelWeights {
             embed,
@@ -197,9 +277,31 @@ pub fn load_lm_head(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Option<
 
 /// The weights of block `l` (loaded one block at a time by backends that upload them).
 pub fn load_layer(cfg: &ModelConfig, src: &dyn TensorSource, l: usize) -> Result<LayerWeights> {
+    build_layer(cfg, l, |name, shape| fetch(src, name, shape))
+}
+
+/// Device `shard`'s part of block `l`, shaped as [`super::shard::ShardPlan::device_config`]
+/// says, each tensor loaded through [`TensorSource::load_shard`].
+pub fn load_layer_shard(
+    cfg: &ModelConfig,
+    src: &dyn TensorSource,
+    shard: &DeviceShard,
+    l: usize,
+) -> Result<LayerWeights> {
+    build_layer(cfg, l, |name, shape| {
+        fetch_shard(src, name, shape, shard)?.with_context(|| missing(src, name))
+    })
+}
+
+/// Block `l` from `get(name, full shape)`, one call per tensor of [`layer_tensors`].
+fn build_layer(
+    cfg: &ModelConfig,
+    l: usize,
+    mut get: impl FnMut(&str, &[usize]) -> Result<Tensor>,
+) -> Result<LayerWeights> {
     let mut m = std::collections::HashMap::new();
     for (name, shape) in layer_tensors(cfg) {
-        m.insert(name, fetch(src, &format!("model.layers.{l}.{name}"), &shape)?);
+        m.insert(name, get(&format!("model.layers.{l}.{name}"), &shape)?);
     }
     let mut take = |name: &str| m.remove(name).expect("listed by layer_tensors");
     let qkv_bias = if cfg.attention_bias {

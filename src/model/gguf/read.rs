@@ -8,6 +8,7 @@ use memmap2::Mmap;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Display;
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 /// The four magic bytes every GGUF file starts with.
@@ -206,6 +207,25 @@ impl GgufFile {
             )
         })?;
         dequant::dequantize(t.dtype, bytes, n).map_err(|e| anyhow!("{}: tensor `{name}`: {e:#}", self.path.display()))
+    }
+
+    /// Rows `rows` of tensor `name` dequantised to f32, a row being `dims[0]` elements
+    /// (whole blocks, as `open` checked): only those rows' bytes are read.
+    pub fn dequantize_rows(&self, name: &str, rows: Range<usize>) -> Result<Vec<f32>> {
+        let t = self.info_or_err(name)?;
+        let bytes = self.tensor_bytes(name)?;
+        let width = t.dims.first().copied().unwrap_or(1);
+        let row_bytes = (width / t.dtype.block_elems() * t.dtype.block_bytes()) as usize;
+        let total = bytes.len().checked_div(row_bytes).unwrap_or(0);
+        if rows.start > rows.end || rows.end > total {
+            bail!(
+                "{}: tensor `{name}` has {total} rows of {width} elements: rows {rows:?} are outside it",
+                self.path.display()
+            );
+        }
+        let part = &bytes[rows.start * row_bytes..rows.end * row_bytes];
+        dequant::dequantize(t.dtype, part, rows.len() * width as usize)
+            .map_err(|e| anyhow!("{}: tensor `{name}`: {e:#}", self.path.display()))
     }
 }
 
