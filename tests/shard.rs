@@ -273,27 +273,10 @@ fn check(name: &str, cfg: &ModelConfig, ns: &[usize]) {
     }
 }
 
-/// A small llama-shaped model with 8 query and 4 KV heads (so 1, 2 and 4 devices) and
-/// a vocabulary that leaves a remainder on the last device.
-fn wide(arch: Arch) -> ModelConfig {
-    ModelConfig {
-        num_heads: 8,
-        num_kv_heads: 4,
-        head_dim: 16,
-        hidden_size: 128,
-        intermediate_size: 256,
-        vocab_size: 517,
-        tie_word_embeddings: false,
-        attention_bias: arch == Arch::Qwen2,
-        arch,
-        ..preset("tiny").unwrap()
-    }
-}
-
 #[test]
 fn llama_shards_match_the_full_model() {
     check("tiny", &preset("tiny").unwrap(), &[1, 2]);
-    check("wide llama", &wide(Arch::Llama), &[1, 2, 4]);
+    check("wide llama", &common::wide_model(Arch::Llama), &[1, 2, 4]);
     // One KV head: only one device; llama3 RoPE scaling and tied embeddings.
     let l3 = preset("tiny-llama3").unwrap();
     check("tiny-llama3", &l3, &[1]);
@@ -303,7 +286,7 @@ fn llama_shards_match_the_full_model() {
 #[test]
 fn qwen2_shards_with_biases_match_the_full_model() {
     check("tiny-qwen2", &preset("tiny-qwen2").unwrap(), &[1, 2]);
-    check("wide qwen2", &wide(Arch::Qwen2), &[1, 2, 4]);
+    check("wide qwen2", &common::wide_model(Arch::Qwen2), &[1, 2, 4]);
 }
 
 /// SmolLM2-135M's shape (9 query / 3 KV heads, 49152 ids) with 2 of its 30 layers:
@@ -325,7 +308,7 @@ fn smollm2_shape_over_three_devices() {
 /// then fail by far, so a passing check means the plan is right.
 #[test]
 fn a_wrong_plan_fails_the_comparison() {
-    let cfg = wide(Arch::Llama);
+    let cfg = common::wide_model(Arch::Llama);
     let src = SyntheticSource::new("wide", &cfg, 11);
     let ids = prompt(&cfg);
     let want = full_logits(&cfg, &src, &ids);

@@ -125,23 +125,6 @@ fn check(label: &str, cfg: &ModelConfig, src: &dyn TensorSource, ns: &[usize]) -
     split
 }
 
-/// A small model with 8 query / 4 KV heads (1, 2 and 4 devices) and a vocabulary that
-/// leaves a remainder on the last device.
-fn wide(arch: Arch) -> ModelConfig {
-    ModelConfig {
-        num_heads: 8,
-        num_kv_heads: 4,
-        head_dim: 16,
-        hidden_size: 128,
-        intermediate_size: 256,
-        vocab_size: 517,
-        tie_word_embeddings: false,
-        attention_bias: arch == Arch::Qwen2,
-        arch,
-        ..preset("tiny").unwrap()
-    }
-}
-
 #[test]
 fn synthetic_shards_equal_the_cut_of_the_whole() {
     let smol = ModelConfig {
@@ -152,8 +135,8 @@ fn synthetic_shards_equal_the_cut_of_the_whole() {
         ("tiny", preset("tiny").unwrap(), &[1, 2]),
         ("tiny-llama3", preset("tiny-llama3").unwrap(), &[1]),
         ("tiny-qwen2", preset("tiny-qwen2").unwrap(), &[1, 2]),
-        ("wide llama", wide(Arch::Llama), &[1, 2, 4]),
-        ("wide qwen2", wide(Arch::Qwen2), &[1, 2, 4]),
+        ("wide llama", common::wide_model(Arch::Llama), &[1, 2, 4]),
+        ("wide qwen2", common::wide_model(Arch::Qwen2), &[1, 2, 4]),
         ("smollm2-135m (2 layers)", smol, &[1, 3]),
     ];
     for (label, cfg, ns) in cases {
@@ -170,7 +153,7 @@ fn safetensors_shards_equal_the_cut_of_the_whole() {
         (Arch::Llama, WriteDtype::F16, usize::MAX),
         (Arch::Qwen2, WriteDtype::F32, usize::MAX),
     ] {
-        let cfg = wide(arch);
+        let cfg = common::wide_model(arch);
         let dir = tempfile::tempdir().unwrap();
         write_hf(
             dir.path(),
@@ -200,7 +183,7 @@ fn gguf_shards_equal_the_cut_of_the_whole() {
 /// plus one f32 row of the whole tensor at once, while `load` allocates the whole.
 #[test]
 fn the_shard_path_never_holds_a_whole_matrix() {
-    let cfg = wide(Arch::Qwen2);
+    let cfg = common::wide_model(Arch::Qwen2);
     let synth = SyntheticSource::new("wide", &cfg, 3);
     let dir = tempfile::tempdir().unwrap();
     write_hf(dir.path(), &cfg, &synth, WriteDtype::Bf16, usize::MAX, |_| {}).unwrap();

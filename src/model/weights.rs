@@ -181,16 +181,38 @@ fn fetch_shard(src: &dyn TensorSource, name: &str, shape: &[usize], shard: &Devi
 impl ModelWeights {
     /// Loads every tensor the config calls for, showing a progress bar when `progress`.
     pub fn load(cfg: &ModelConfig, src: &dyn TensorSource, progress: bool) -> Result<Self> {
+        Self::assemble(
+            cfg,
+            src,
+            progress,
+            || load_embed(cfg, src),
+            |l| load_layer(cfg, src, l),
+            || load_final_norm(cfg, src),
+            || load_lm_head(cfg, src),
+        )
+    }
+
+    /// The embedding, every layer, the final norm and the head, loaded in that order by
+    /// the given functions, with a progress bar over them when `progress`.
+    fn assemble(
+        cfg: &ModelConfig,
+        src: &dyn TensorSource,
+        progress: bool,
+        embed: impl FnOnce() -> Result<Tensor>,
+        mut layer: impl FnMut(usize) -> Result<LayerWeights>,
+        norm: impl FnOnce() -> Result<Tensor>,
+        head: impl FnOnce() -> Result<Option<Tensor>>,
+    ) -> Result<Self> {
         let bar = loading_bar(src, cfg.num_layers as u64 + 2, progress);
-        let embed = load_embed(cfg, src)?;
+        let embed = embed()?;
         bar.inc(1);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
-            layers.push(load_layer(cfg, src, l)?);
+            layers.push(layer(l)?);
             bar.inc(1);
         }
-        let norm = load_final_norm(cfg, src)?;
-        let lm_head = load_lm_head(cfg, src)?;
+        let norm = norm()?;
+        let lm_head = head()?;
         bar.finish_and_clear();
         Ok(ModelWeights {
             embed,
@@ -207,31 +229,22 @@ impl ModelWeights {
     /// model's config; the result is shaped as
     /// [`super::shard::ShardPlan::device_config`] says for this device.
     pub fn load_shard(cfg: &ModelConfig, src: &dyn TensorSource, shard: &DeviceShard, progress: bool) -> Result<Self> {
-        let bar = loading_bar(src, cfg.num_layers as u64 + 2, progress);
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-        let embed_name = "model.embed_tokens.weight";
-        let embed = fetch_shard(src, embed_name, &[v, h], shard)?.with_context(|| missing(src, embed_name))?;
-        bar.inc(1);
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for l in 0..cfg.num_layers {
-            layers.push(load_layer_shard(cfg, src, shard, l)?);
-            bar.inc(1);
-        }
-        let norm_name = "model.norm.weight";
-        let norm = fetch_shard(src, norm_name, &[h], shard)?.with_context(|| missing(src, norm_name))?;
-        // As in `load_lm_head`: tied, or marked tied only by leaving the head out.
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            fetch_shard(src, "lm_head.weight", &[v, h], shard)?
-        };
-        bar.finish_and_clear();
-        Ok(ModelWeights {
-            embed,
-            layers,
-            norm,
-            lm_head,
-        })
+        let whole =
+            |name: &str, shape: &[usize]| fetch_shard(src, name, shape, shard)?.with_context(|| missing(src, name));
+        Self::assemble(
+            cfg,
+            src,
+            progress,
+            || whole("model.embed_tokens.weight", &[v, h]),
+            |l| load_layer_shard(cfg, src, shard, l),
+            || whole("model.norm.weight", &[h]),
+            // As in `load_lm_head`: tied, or marked tied only by leaving the head out.
+            || match cfg.tie_word_embeddings {
+                true => Ok(None),
+                false => fetch_shard(src, "lm_head.weight", &[v, h], shard),
+            },
+        )
     }
 }
 

@@ -4,7 +4,26 @@
 pub mod gpu_check;
 
 use serde_json::Value;
+use shadowkv::model::config::{Arch, ModelConfig};
+use shadowkv::model::synthetic::preset;
 use std::path::PathBuf;
+
+/// A small model of architecture `arch` with 8 query and 4 KV heads (so 1, 2 and 4
+/// tensor-parallel devices) and a vocabulary that leaves a remainder on the last device.
+pub fn wide_model(arch: Arch) -> ModelConfig {
+    ModelConfig {
+        num_heads: 8,
+        num_kv_heads: 4,
+        head_dim: 16,
+        hidden_size: 128,
+        intermediate_size: 256,
+        vocab_size: 517,
+        tie_word_embeddings: false,
+        attention_bias: arch == Arch::Qwen2,
+        arch,
+        ..preset("tiny").unwrap()
+    }
+}
 
 /// The SmolLM2 test model: `$SHADOWKV_TEST_MODEL`, else the `tools/fetch-model` cache.
 /// Fails (never skips) when it is absent: `tools/test` and CI fetch it.
