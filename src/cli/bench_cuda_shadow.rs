@@ -322,8 +322,8 @@ struct Decoded {
 /// Runs `gen` untimed then `gen` timed decode steps of `seqs` with each step's attention
 /// split into `micro` micro-batches (one lane; one micro-batch's value fetch overlaps the
 /// selection and key rebuild of the others; two steps queued, as the daemon queues
-/// them). `last` holds each sequence's last token and is advanced. With `trace`, the GPU timeline of the last [`TRACE_STEPS`] steps goes to it, under
-/// `label`.
+/// them). `last` holds each sequence's last token and is advanced. With `trace`, the
+/// GPU timeline of the last [`TRACE_STEPS`] steps goes to it, under `label`.
 #[allow(clippy::too_many_arguments)]
 fn decode(
     model: &CudaModel,
