@@ -3,6 +3,7 @@
 use crate::cuda::shadow::decode::FetchPath;
 use crate::cuda::shadow::TierSize;
 use crate::cuda::{CudaDevice, CudaModel, CudaOps, DeviceError};
+use crate::engine::backend_tp::TpWeights;
 use crate::model::load::{synthetic_spec, OpenedModel};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
@@ -22,8 +23,9 @@ pub struct CudaArgs {
     /// CUDA device ordinal (with --backend cuda).
     #[arg(long, default_value_t = 0)]
     pub device: usize,
-    /// CUDA device ordinals for tensor parallelism, comma-separated (`0,1`); not with
-    /// --device. Planned (issue 13): this build runs one GPU and refuses more.
+    /// CUDA device ordinals of a tensor-parallel group, comma-separated (`0,1`): the
+    /// model is split over them (NCCL joins them; one entry runs the group's code on
+    /// one GPU). Not with --device.
     #[arg(long, value_delimiter = ',', num_args = 1.., conflicts_with = "device")]
     pub devices: Option<Vec<usize>>,
     /// Launch every decode step's kernels one by one instead of replaying a captured
@@ -72,34 +74,54 @@ impl ValueFetch {
     }
 }
 
-/// Why a run over `n` GPUs stops at start-up in this build.
-pub fn tensor_parallel_planned(n: usize) -> String {
-    format!("tensor parallel over {n} GPUs is planned (issue 13); this build runs one GPU")
+/// The GPUs a command runs on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Gpus {
+    /// One GPU, the whole model on it (`--device`).
+    One(usize),
+    /// A tensor-parallel group, in rank order (`--devices`).
+    Group(Vec<usize>),
 }
 
 impl CudaArgs {
-    /// The one GPU to run on: `--device`, or the only entry of `--devices`. A list with
-    /// a repeated ordinal, or of more than one GPU, is an error naming `--devices`.
-    pub fn ordinal(&self) -> Result<usize> {
+    /// The GPUs to run on: `--device`, or the group of `--devices`. A list with a
+    /// repeated ordinal is an error naming `--devices`.
+    pub fn gpus(&self) -> Result<Gpus> {
         let Some(list) = &self.devices else {
-            return Ok(self.device);
+            return Ok(Gpus::One(self.device));
         };
         for (i, d) in list.iter().enumerate() {
             if list[..i].contains(d) {
                 anyhow::bail!("--devices lists GPU {d} twice");
             }
         }
-        match list.as_slice() {
-            [d] => Ok(*d),
-            _ => anyhow::bail!("--devices {}: {}", join(list), tensor_parallel_planned(list.len())),
+        Ok(Gpus::Group(list.clone()))
+    }
+
+    /// The one GPU of a command that runs on one: `--device`, or a group of one;
+    /// `what` names the command in the error for a larger group.
+    pub fn ordinal(&self, what: &str) -> Result<usize> {
+        match self.gpus()? {
+            Gpus::One(d) => Ok(d),
+            Gpus::Group(list) if list.len() == 1 => Ok(list[0]),
+            Gpus::Group(list) => anyhow::bail!(
+                "--devices {}: {what} runs on one GPU; tensor parallelism is in `generate`, `bench` and `serve`",
+                join(&list)
+            ),
         }
     }
 
-    /// Refuses a GPU value tier on the CPU backend (which keeps every value in host
-    /// memory).
+    /// Refuses GPU settings on the CPU backend: a GPU value tier (the CPU backend keeps
+    /// every value in host memory) and a tensor-parallel group.
     pub fn cpu_has_no_tier(&self) -> Result<()> {
         if self.gpu_tier.iter().any(|&t| t != TierSize::Off) {
             anyhow::bail!("--gpu-tier needs --backend cuda (the CPU backend has no GPU memory to keep values in)");
+        }
+        if let Some(list) = &self.devices {
+            anyhow::bail!(
+                "--devices {} needs --backend cuda (the CPU backend runs on this host's cores)",
+                join(list)
+            );
         }
         Ok(())
     }
@@ -126,12 +148,21 @@ fn join(list: &[usize]) -> String {
     list.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
 }
 
-/// Opens the GPU of `--device` (or `--devices`) for `--backend cuda`; a missing GPU is
-/// an error naming the flag.
-pub fn open_gpu(a: &CudaArgs) -> Result<CudaDevice> {
-    CudaDevice::new(a.ordinal()?).map_err(|e| match e {
+/// Opens the one GPU of `--device` (or a `--devices` group of one) for `--backend
+/// cuda` in the command `what`; a missing GPU is an error naming the flag.
+pub fn open_gpu(a: &CudaArgs, what: &str) -> Result<CudaDevice> {
+    CudaDevice::new(a.ordinal(what)?).map_err(|e| match e {
         DeviceError::Unavailable(why) => anyhow::anyhow!("--backend cuda: no usable GPU ({why})"),
         e => e.into(),
+    })
+}
+
+/// Where each device of a group takes its weights from for the model `spec`:
+/// `synthetic:` weights are made on each device, others read from their files.
+pub fn tp_weights<'a>(spec: &str, m: &'a OpenedModel) -> Result<TpWeights<'a>> {
+    Ok(match synthetic_spec(spec)? {
+        Some((_, seed)) => TpWeights::Synthetic(seed),
+        None => TpWeights::Source(m.source.as_ref()),
     })
 }
 
@@ -161,27 +192,28 @@ mod tests {
     }
 
     #[test]
-    fn one_device_from_either_flag() {
-        assert_eq!(parse(&[]).unwrap().ordinal().unwrap(), 0);
-        assert_eq!(parse(&["--device", "3"]).unwrap().ordinal().unwrap(), 3);
+    fn one_device_or_a_group() {
+        assert_eq!(parse(&[]).unwrap().gpus().unwrap(), Gpus::One(0));
+        assert_eq!(parse(&["--device", "3"]).unwrap().gpus().unwrap(), Gpus::One(3));
         let one = parse(&["--devices", "2"]).unwrap();
-        assert_eq!((one.devices.clone(), one.ordinal().unwrap()), (Some(vec![2]), 2));
+        assert_eq!(one.gpus().unwrap(), Gpus::Group(vec![2]));
+        assert_eq!(one.ordinal("eval").unwrap(), 2);
+        assert_eq!(
+            parse(&["--devices", "1,0"]).unwrap().gpus().unwrap(),
+            Gpus::Group(vec![1, 0])
+        );
     }
 
     #[test]
     fn device_lists_are_refused_with_reasons() {
         let two = parse(&["--devices", "0,1"]).unwrap();
         assert_eq!(two.devices, Some(vec![0, 1]));
-        let e = two.ordinal().unwrap_err().to_string();
+        let e = two.ordinal("eval").unwrap_err().to_string();
         assert_eq!(
             e,
-            "--devices 0,1: tensor parallel over 2 GPUs is planned (issue 13); this build runs one GPU"
+            "--devices 0,1: eval runs on one GPU; tensor parallelism is in `generate`, `bench` and `serve`"
         );
-        let e = parse(&["--devices", "1,0,1"])
-            .unwrap()
-            .ordinal()
-            .unwrap_err()
-            .to_string();
+        let e = parse(&["--devices", "1,0,1"]).unwrap().gpus().unwrap_err().to_string();
         assert_eq!(e, "--devices lists GPU 1 twice");
         let e = parse(&["--device", "0", "--devices", "0,1"]).unwrap_err().to_string();
         assert!(e.contains("--devices") && e.contains("--device "), "{e}");

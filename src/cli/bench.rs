@@ -104,7 +104,7 @@ fn median(xs: &mut [f64]) -> f64 {
 /// Runs `shadowkv bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
     let threads = super::set_threads(a.threads)?;
-    a.cuda.ordinal()?;
+    a.cuda.gpus()?;
     let batch = match a.batch.as_str() {
         "auto" => None,
         b => Some(

@@ -8,7 +8,7 @@
 //! Decode tokens/s is batch × steps / decode time, as the paper measures it; the HBM
 //! bytes of a step are the weights plus the keys and values read and written.
 
-use super::backend::{load_cuda_model, open_gpu, CudaArgs};
+use super::backend::{load_cuda_model, open_gpu, CudaArgs, Gpus};
 use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::model::chunked_prefill;
 use crate::cpu::LogitsWanted;
@@ -113,11 +113,14 @@ fn step_bytes(model: &CudaModel, lens: &[usize]) -> f64 {
 
 /// Runs the CUDA benchmark.
 pub fn run(a: CudaBench) -> Result<()> {
+    if let Gpus::Group(devices) = a.cuda.gpus()? {
+        return super::bench_group::run(&a, &devices);
+    }
     let progress = std::io::stderr().is_terminal();
     let m = open_model(&a.model)?;
     let cfg = m.config.clone();
     let t_load = Instant::now();
-    let model = load_cuda_model(open_gpu(&a.cuda)?, &a.model, &m, progress)?;
+    let model = load_cuda_model(open_gpu(&a.cuda, "bench")?, &a.model, &m, progress)?;
     let load_secs = t_load.elapsed().as_secs_f64();
     let info = model.ops().device().info().clone();
     let (_, total_mem) = model.ops().device().mem_info()?;

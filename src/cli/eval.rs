@@ -125,11 +125,14 @@ fn ruler(a: RulerArgs) -> Result<()> {
     if a.backend == Backend::Cpu {
         a.cuda.cpu_has_no_tier()?;
     }
-    a.cuda.ordinal()?;
+    a.cuda.ordinal("eval")?;
     let m = open_model(&a.model)?;
     let (cpu, gpu) = match a.backend {
         Backend::Cpu => (Some(cpu_model(&m, progress)?), None),
-        Backend::Cuda => (None, Some(load_cuda_model(open_gpu(&a.cuda)?, &a.model, &m, progress)?)),
+        Backend::Cuda => (
+            None,
+            Some(load_cuda_model(open_gpu(&a.cuda, "eval")?, &a.model, &m, progress)?),
+        ),
     };
     let model = match (&cpu, &gpu) {
         (Some(c), _) => EvalModel::Cpu(c),

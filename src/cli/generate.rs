@@ -1,9 +1,9 @@
 //! `shadowkv generate`: one prompt in, one continuation out.
 
-use super::backend::{load_cuda_model, open_gpu, Backend, CudaArgs};
+use super::backend::{load_cuda_model, open_gpu, tp_weights, Backend, CudaArgs, Gpus};
 use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::CpuModel;
-use crate::engine::generate::{generate, generate_cuda, GenerateOptions, GenerateRequest};
+use crate::engine::generate::{generate, generate_cuda, generate_parallel, GenerateOptions, GenerateRequest};
 use crate::engine::sampling::SamplingParams;
 use crate::model::chat::ChatMessage;
 use crate::model::load::open_model;
@@ -75,7 +75,7 @@ pub struct GenerateArgs {
 /// Runs `shadowkv generate`.
 pub fn run(a: GenerateArgs) -> Result<()> {
     let threads = super::set_threads(a.threads)?;
-    a.cuda.ordinal()?;
+    let gpus = a.cuda.gpus()?;
     let text = match (&a.prompt, &a.prompt_file) {
         (Some(p), _) => p.clone(),
         (None, Some(f)) => {
@@ -132,10 +132,20 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             (load_secs, generate(&model, &m.tokenizer, &[req], opts)?)
         }
         Backend::Cuda => {
-            let model = load_cuda_model(open_gpu(&a.cuda)?, &a.model, &m, progress)?;
-            let load_secs = t_load.elapsed().as_secs_f64();
             let graphs = !a.cuda.no_graph;
-            (load_secs, generate_cuda(&model, &m.tokenizer, &[req], opts, graphs)?)
+            match gpus {
+                Gpus::One(_) => {
+                    let model = load_cuda_model(open_gpu(&a.cuda, "generate")?, &a.model, &m, progress)?;
+                    let load_secs = t_load.elapsed().as_secs_f64();
+                    (load_secs, generate_cuda(&model, &m.tokenizer, &[req], opts, graphs)?)
+                }
+                Gpus::Group(devices) => {
+                    // The group loads its weights as it starts: the load is in the total.
+                    let weights = tp_weights(&a.model, &m)?;
+                    let out = generate_parallel(&m.config, weights, &devices, &m.tokenizer, &[req], opts, graphs)?;
+                    (t_load.elapsed().as_secs_f64(), out)
+                }
+            }
         }
     };
     let g = gens.pop().context("no generation")?;

@@ -4,6 +4,7 @@ mod backend;
 mod bench;
 mod bench_cuda;
 pub mod bench_cuda_shadow;
+mod bench_group;
 mod eval;
 mod generate;
 mod inspect;

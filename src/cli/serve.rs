@@ -3,11 +3,13 @@
 //! SIGTERM/SIGINT.
 
 use crate::cpu::CpuModel;
+use crate::cuda::nccl::Nccl;
 use crate::cuda::shadow::decode::FetchPath;
 use crate::cuda::shadow::TierSize;
 use crate::cuda::{CudaDevice, DeviceError};
 use crate::engine::backend::CpuBackend;
 use crate::engine::backend_cuda::CudaBackend;
+use crate::engine::backend_tp::{PoolMaker, TpBackend, TpOptions};
 use crate::engine::scheduler::{spawn_engine, EngineHandle, SchedulerConfig};
 use crate::model::config::ModelConfig;
 use crate::model::load::open_model;
@@ -127,6 +129,14 @@ fn shadow_settings(
     cfg: &ModelConfig,
     max_context: usize,
 ) -> Result<Option<(ShadowParams, ValuePool)>> {
+    let Some(p) = shadow_params(topo, cfg)? else {
+        return Ok(None);
+    };
+    Ok(Some((p, value_pool(topo, &p, cfg, max_context, None)?)))
+}
+
+/// The ShadowKV settings of a `mode = "shadowkv"` topology, checked against the model.
+fn shadow_params(topo: &Topology, cfg: &ModelConfig) -> Result<Option<ShadowParams>> {
     let a = &topo.attention;
     if a.mode != AttentionMode::Shadowkv {
         return Ok(None);
@@ -146,6 +156,19 @@ fn shadow_settings(
         };
         return Err(topo.error_at(key, e.to_string()).into());
     }
+    Ok(Some(p))
+}
+
+/// The value pool of ShadowKV `p` for a model shaped `cfg` (the whole model, or
+/// device `rank`'s share of a tensor-parallel group, whose pool file gets the rank in
+/// its name), as `pools` says.
+fn value_pool(
+    topo: &Topology,
+    p: &ShadowParams,
+    cfg: &ModelConfig,
+    max_context: usize,
+    rank: Option<usize>,
+) -> Result<ValuePool> {
     // The GPU keeps its values in bf16, the CPU reference in f32.
     let ty = if topo.backend.kind == BackendKind::Cuda {
         ValueType::Bf16
@@ -155,10 +178,11 @@ fn shadow_settings(
     let shape = p.pool_shape(cfg, topo.limits.max_batch, max_context);
     let pool = match (topo.pools.backing, &topo.pools.path) {
         (PoolBacking::File, Some(path)) => {
-            let file = if path.is_dir() {
-                path.join("shadowkv-values.pool")
-            } else {
-                path.clone()
+            let file = match (path.is_dir(), rank) {
+                (true, None) => path.join("shadowkv-values.pool"),
+                (true, Some(r)) => path.join(format!("shadowkv-values-rank{r}.pool")),
+                (false, None) => path.clone(),
+                (false, Some(r)) => path.with_extension(format!("rank{r}.pool")),
             };
             ValuePool::file_backed_of(shape, &file, ty).map_err(|e| {
                 let hint = match e.downcast_ref::<SpaceError>() {
@@ -184,16 +208,17 @@ fn shadow_settings(
         })?,
     };
     info!(
-        "ShadowKV: budget {}, rank {}, chunk {}, {} outlier and {} local chunks; value pool {:.2} GiB ({:?})",
+        "ShadowKV: budget {}, rank {}, chunk {}, {} outlier and {} local chunks; value pool{} {:.2} GiB ({:?})",
         p.budget,
         p.rank,
         p.chunk_size,
         p.outlier_chunks,
         p.local_chunks,
+        rank.map_or(String::new(), |r| format!(" of device {r}")),
         shape.bytes(ty.bytes())? as f64 / (1u64 << 30) as f64,
         topo.pools.backing
     );
-    Ok(Some((p, pool)))
+    Ok(pool)
 }
 
 /// Where the actors run (see [`Placement::plan`]), logged; impossible settings are
@@ -218,7 +243,11 @@ fn place_actors(topo: &Topology, gpu: Option<&CudaDevice>) -> Result<Placement> 
 /// Binds an anonymous value pool's memory to the placement's pool node before anything
 /// touches it; where that cannot be done the pool still serves, unbound, with a warning.
 fn bind_pool(pool: &mut ValuePool, placement: &Placement) {
-    let node = placement.pool_node;
+    bind_pool_to(pool, placement.pool_node)
+}
+
+/// Binds a value pool's memory to NUMA node `node` (as [`bind_pool`]).
+fn bind_pool_to(pool: &mut ValuePool, node: u32) {
     match pool.bind_to_node(node) {
         Ok(()) => info!("value pool bound to NUMA node {node}"),
         Err(e) => warn!("value pool not bound to NUMA node {node} (pools.numa_node): {e:#}; it serves unbound"),
@@ -249,6 +278,7 @@ fn gather_pool(placement: &Placement) -> Result<GatherPool> {
 enum Loaded {
     Cpu(Box<CpuModel>),
     Cuda(Box<CudaBackend>),
+    Group(Box<TpBackend>),
 }
 
 /// Runs `shadowkv serve`.
@@ -279,13 +309,22 @@ pub fn run(a: ServeArgs) -> Result<()> {
     // The GPU is checked before any model is fetched or opened; a missing one is the
     // topology's `backend.kind`, named like every other topology error.
     let devices = topo.backend.device_list();
-    if devices.len() > 1 {
-        return Err(topo
-            .error_at(
-                "backend.devices",
-                super::backend::tensor_parallel_planned(devices.len()),
-            )
-            .into());
+    // `backend.devices` makes a tensor-parallel group (of one GPU or more): every GPU
+    // and NCCL are checked here; the group opens them again when it loads the model.
+    let group = cuda && topo.backend.devices.is_some();
+    let mut pool_nodes = Vec::new();
+    if group {
+        for &d in &devices {
+            let gpu = CudaDevice::new(d as usize).map_err(|e| {
+                topo.error_at(
+                    "backend.devices",
+                    format!("GPU {d} cannot be used: {}", anyhow::Error::from(e)),
+                )
+            })?;
+            let machine = Machine::read(Source::Host, Some(&gpu.info().pci_bus_id.to_string()))?;
+            pool_nodes.push(Placement::plan(&topo, &machine)?.pool_node);
+        }
+        Nccl::load().map_err(|e| topo.error_at("backend.devices", format!("{e:#}")))?;
     }
     let gpu = if cuda {
         let ordinal = devices[0] as usize;
@@ -337,13 +376,60 @@ pub fn run(a: ServeArgs) -> Result<()> {
             )
             .into());
     }
-    let mut shadow = shadow_settings(&topo, &m.config, max_context)?;
+    let mut shadow = if group {
+        None
+    } else {
+        shadow_settings(&topo, &m.config, max_context)?
+    };
     if let Some((_, pool)) = &mut shadow {
         bind_pool(pool, &placement);
     }
     // The gather actors (cpu-gather on the GPU), whose metrics the server publishes.
     let mut gatherers: Option<Arc<GatherPool>> = None;
-    let model = if let Some(dev) = gpu {
+    let model = if group {
+        drop(gpu);
+        let params = shadow_params(&topo, &m.config)?;
+        // Each device's pool holds its KV heads' values, bound to its GPU's node.
+        let pool = |rank: usize, cfg: &ModelConfig| -> Result<ValuePool> {
+            let p = params.as_ref().expect("asked for with ShadowKV only");
+            let mut pool = value_pool(&topo, p, cfg, max_context, Some(rank))?;
+            bind_pool_to(&mut pool, pool_nodes[rank]);
+            Ok(pool)
+        };
+        let backend = TpBackend::new(
+            &m.config,
+            super::backend::tp_weights(&spec, &m)?,
+            TpOptions {
+                devices: devices.iter().map(|&d| d as usize).collect(),
+                cache_tokens: max_context,
+                max_batch: topo.limits.max_batch,
+                lanes: match topo.limits.prefill_lane {
+                    PrefillLane::Mixed => 1,
+                    PrefillLane::Auto | PrefillLane::Separate => 2,
+                },
+                graphs: true,
+                shadow: params.map(|p| (p, &pool as PoolMaker)),
+                fetch: match topo.pipeline.value_fetch {
+                    TopoFetch::ZeroCopy => FetchPath::ZeroCopy,
+                    TopoFetch::CpuGather => FetchPath::CpuGather,
+                },
+                micro_batches: topo.pipeline.micro_batches,
+                tier: match topo.pipeline.gpu_tier {
+                    AutoOr::Auto => TierSize::Auto,
+                    AutoOr::Value(0) => TierSize::Off,
+                    AutoOr::Value(n) => TierSize::Chunks(n),
+                },
+                progress: false,
+            },
+        )
+        .map_err(|e| topo.error_at("backend.devices", format!("{e:#}")))?;
+        info!(
+            "tensor parallel over GPUs {devices:?} ({:?}): {:.2} GB of weights",
+            backend.nccl(),
+            backend.weight_bytes() as f64 / 1e9
+        );
+        Loaded::Group(Box::new(backend))
+    } else if let Some(dev) = gpu {
         let model = super::backend::load_cuda_model(dev, &spec, &m, false)?;
         let lanes = match topo.limits.prefill_lane {
             PrefillLane::Mixed => 1,
@@ -400,6 +486,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let tok = Arc::new(m.tokenizer);
     let (engine, engine_thread) = match model {
         Loaded::Cuda(model) => spawn_engine(*model, tok.clone(), config, trace),
+        Loaded::Group(model) => spawn_engine(*model, tok.clone(), config, trace),
         Loaded::Cpu(model) => spawn_engine(CpuBackend::new(*model, shadow)?, tok.clone(), config, trace),
     }
     .context("starting the engine thread")?;

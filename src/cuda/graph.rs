@@ -169,7 +169,7 @@ impl Lane {
 pub struct StepTicket {
     picked: usize,
     buf: usize,
-    done: CudaEvent,
+    done: Arc<CudaEvent>,
     /// A ShadowKV step's stage marks and fetch-stream marks (empty without stage
     /// timing), read when it completes: they travel with their step, so completing one
     /// step never waits for the next one queued behind it.
@@ -184,6 +184,12 @@ impl StepTicket {
     /// Whether the step has finished on the GPU (never blocks).
     pub fn is_done(&self) -> bool {
         self.done.is_complete()
+    }
+
+    /// The event that marks the step's end, for a thread that watches it while
+    /// another holds the ticket (the tensor-parallel backend's ranks).
+    pub fn end_event(&self) -> Arc<CudaEvent> {
+        self.done.clone()
     }
 
     /// Moves the step's end past the work queued on `lane` since it was submitted (a
@@ -337,6 +343,23 @@ impl CudaModel {
         Ok(ticket)
     }
 
+    /// Stops the tensor-parallel communicators of the model's own stream and of `lanes`
+    /// at once, ending collectives that wait for a device that will not come (after a
+    /// step failed on some devices of the group only). The model runs no collective
+    /// step afterwards.
+    pub fn abort_collectives(&self, lanes: &mut [Lane]) {
+        let own = match self.scratch.lock() {
+            Ok(mut sc) => sc.tp.comm.take(),
+            Err(poisoned) => poisoned.into_inner().tp.comm.take(),
+        };
+        for comm in own
+            .into_iter()
+            .chain(lanes.iter_mut().filter_map(|l| l.sc.tp.comm.take()))
+        {
+            comm.abort();
+        }
+    }
+
     /// ShadowKV chunks selected, found in their slot and found in the GPU value tier by
     /// the lane's steps so far.
     pub fn shadow_counters(&self, lane: &Lane) -> Result<ShadowCounters> {
@@ -380,7 +403,7 @@ impl CudaModel {
             let t = lane.sc.tokens.as_ref().expect("reserved");
             stream.memcpy_dtoh(&t.slice(0..n), slot.as_mut().expect("allocated"))?;
         }
-        let done = lane.ops.device().event(false)?;
+        let done = Arc::new(lane.ops.device().event(false)?);
         done.record(&stream)?;
         Ok(StepTicket {
             picked: n,

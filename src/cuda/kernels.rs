@@ -36,6 +36,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     kernel_file!("landmarks.cu"),
     kernel_file!("fold.cu"),
     kernel_file!("factor.cu"),
+    kernel_file!("parallel.cu"),
 ];
 
 /// The loaded kernel functions.
@@ -50,6 +51,7 @@ pub struct Kernels {
     pub(crate) fill_u16: CudaFunction,
     pub(crate) fill_u32: CudaFunction,
     pub(crate) fill_random_bf16: CudaFunction,
+    pub(crate) vocab_concat: CudaFunction,
     pub(crate) flash_prefill_d64: CudaFunction,
     pub(crate) flash_prefill_d128: CudaFunction,
     pub(crate) qkv_rope_append: CudaFunction,
@@ -121,6 +123,7 @@ impl Kernels {
         let marks = load(find("landmarks.cu"))?;
         let fold = load(find("fold.cu"))?;
         let factor = load(find("factor.cu"))?;
+        let par = load(find("parallel.cu"))?;
         let shadow_top_k = get(&sel, "shadow_top_k")?;
         let topk_rows = get(&sel, "topk_rows")?;
         let topk_shared_keys = super::shadow::select::allow_shared_keys(dev, &[&shadow_top_k, &topk_rows])?;
@@ -135,6 +138,7 @@ impl Kernels {
             fill_u16: get(&util, "fill_u16")?,
             fill_u32: get(&util, "fill_u32")?,
             fill_random_bf16: get(&util, "fill_random_bf16")?,
+            vocab_concat: get(&par, "vocab_concat")?,
             flash_prefill_d64: get(&fp, "flash_prefill_d64")?,
             flash_prefill_d128: get(&fp, "flash_prefill_d128")?,
             qkv_rope_append: get(&qa, "qkv_rope_append")?,

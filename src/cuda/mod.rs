@@ -15,7 +15,8 @@
 //!   own) that queue steps asynchronously.
 //! - [`shadow`]: ShadowKV's kernels (selection, reuse diff, key rebuild, value fetch,
 //!   prefill compression, append and fold) on a layout defined once.
-//! - [`nccl`]: finding NCCL and keeping NVLink multicast off (no collective yet).
+//! - [`nccl`]: finding and loading NCCL (NVLink multicast kept off), communicators and
+//!   the collectives of tensor parallelism.
 //! - [`testing`]: open the device or skip (used by `tests/cuda_*.rs`).
 //!
 //! cudarc loads libcuda, libnvrtc and libcublas at run time, so the crate builds and
@@ -29,6 +30,7 @@ pub mod model;
 pub mod nccl;
 pub mod nvrtc;
 pub mod ops;
+pub mod parallel;
 pub mod prefill;
 pub mod shadow;
 pub mod step;

@@ -18,6 +18,7 @@
 
 use super::attention::{partition_len, DecodeArgs, DecodeWorkspace, KvTable};
 use super::ops::{rope_inv_freq, CudaOps};
+use super::parallel::{vocab_concat, TpScratch, TpShard};
 use super::prefill::PrefillTiles;
 use super::shadow::{ShadowStep, StepScratch};
 use super::step::{cache_offsets, RowTargets, StepLayout};
@@ -25,10 +26,15 @@ use crate::cpu::attention::AttnShape;
 use crate::cpu::model::chunked_prefill;
 use crate::cpu::LogitsWanted;
 use crate::model::config::ModelConfig;
-use crate::model::weights::{load_embed, load_final_norm, load_layer, load_lm_head, loading_bar, Tensor, TensorSource};
+use crate::model::shard::ShardPlan;
+use crate::model::weights::{
+    load_embed, load_embed_shard, load_final_norm, load_layer, load_layer_shard, load_lm_head, load_lm_head_shard,
+    loading_bar, LayerWeights, Tensor, TensorSource,
+};
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr};
 use half::bf16;
+use std::ops::Range;
 use std::sync::Mutex;
 
 /// One block's weights on the device, q/k/v and gate/up fused, with the weights of the
@@ -207,6 +213,8 @@ pub(crate) struct Scratch {
     /// The stage buffers of ShadowKV decode steps, one per micro-batch (grown for the
     /// largest; empty before the first).
     pub(crate) shadow: Vec<StepScratch>,
+    /// Tensor parallelism's communicator and logits buffers (unused on one GPU).
+    pub(crate) tp: TpScratch,
     /// Bumped whenever a buffer is reallocated (a captured step is then stale).
     pub(crate) generation: u64,
 }
@@ -253,6 +261,8 @@ pub struct CudaModel {
     /// Unit norm weight (the block norms' weights are folded into the matrices).
     ones: CudaSlice<bf16>,
     weight_bytes: usize,
+    /// This device's place in a tensor-parallel group (none: the whole model).
+    tp: Option<TpShard>,
     pub(crate) scratch: Mutex<Scratch>,
 }
 
@@ -260,48 +270,91 @@ fn to_bf16(t: &Tensor) -> Vec<bf16> {
     t.data.iter().map(|&v| bf16::from_f32(v)).collect()
 }
 
+/// Uploads one block, q/k/v and gate/up fused, each RMSNorm's weight folded into the
+/// columns of the matrix after it (f32 products, rounded once to bf16).
+fn upload_layer(ops: &CudaOps, w: &LayerWeights) -> Result<GpuLayer> {
+    let dev = ops.device();
+    // Rows of the parts, one after another; with `g`, every row times g.
+    let cat = |parts: &[&Tensor], g: Option<&Tensor>| -> Result<CudaSlice<bf16>> {
+        let mut v: Vec<bf16> = Vec::with_capacity(parts.iter().map(|t| t.len()).sum());
+        for t in parts {
+            match g {
+                Some(g) => {
+                    for row in t.data.chunks_exact(g.len()) {
+                        v.extend(row.iter().zip(&g.data).map(|(a, b)| bf16::from_f32(a * b)));
+                    }
+                }
+                None => v.extend(t.data.iter().map(|&a| bf16::from_f32(a))),
+            }
+        }
+        dev.upload(&v)
+    };
+    Ok(GpuLayer {
+        wqkv: cat(&[&w.q_proj, &w.k_proj, &w.v_proj], Some(&w.input_norm))?,
+        bqkv: w.qkv_bias.as_ref().map(|[q, k, v]| cat(&[q, k, v], None)).transpose()?,
+        wo: dev.upload(&to_bf16(&w.o_proj))?,
+        w_gate_up: cat(&[&w.gate_proj, &w.up_proj], Some(&w.post_norm))?,
+        w_down: dev.upload(&to_bf16(&w.down_proj))?,
+    })
+}
+
 impl CudaModel {
     /// Uploads the weights of `src`, one block at a time (dequantised to f32 by the
     /// source, stored as bf16), with a progress bar when `progress`.
     pub fn from_source(ops: CudaOps, config: ModelConfig, src: &dyn TensorSource, progress: bool) -> Result<Self> {
+        Self::upload(ops, config, src, None, progress)
+    }
+
+    /// Uploads device `tp.rank()`'s shard of `plan`'s model from `src` (the whole
+    /// model's `config`), each tensor read straight into its shard, one block at a time.
+    pub fn from_shard(
+        ops: CudaOps,
+        config: ModelConfig,
+        src: &dyn TensorSource,
+        (plan, tp): (&ShardPlan, TpShard),
+        progress: bool,
+    ) -> Result<Self> {
+        Self::upload(ops, config, src, Some((plan, tp)), progress)
+    }
+
+    fn upload(
+        ops: CudaOps,
+        config: ModelConfig,
+        src: &dyn TensorSource,
+        tp: Option<(&ShardPlan, TpShard)>,
+        progress: bool,
+    ) -> Result<Self> {
         config.validate()?;
         let bar = loading_bar(src, config.num_layers as u64 + 2, progress);
         let dev = ops.device();
         let up = |t: &Tensor| dev.upload(&to_bf16(t));
-        let embed = up(&load_embed(&config, src)?)?;
+        let shard = tp.as_ref().map(|(_, t)| t.shard());
+        let embed = up(&match shard {
+            Some(sh) => load_embed_shard(&config, src, sh)?,
+            None => load_embed(&config, src)?,
+        })?;
         bar.inc(1);
         let mut layers = Vec::with_capacity(config.num_layers);
         for l in 0..config.num_layers {
-            let w = load_layer(&config, src, l)?;
-            // Rows of the parts, one after another; with `g`, every row times g (f32,
-            // then rounded once to bf16).
-            let cat = |parts: &[&Tensor], g: Option<&Tensor>| -> Result<CudaSlice<bf16>> {
-                let mut v: Vec<bf16> = Vec::with_capacity(parts.iter().map(|t| t.len()).sum());
-                for t in parts {
-                    match g {
-                        Some(g) => {
-                            for row in t.data.chunks_exact(g.len()) {
-                                v.extend(row.iter().zip(&g.data).map(|(a, b)| bf16::from_f32(a * b)));
-                            }
-                        }
-                        None => v.extend(t.data.iter().map(|&a| bf16::from_f32(a))),
-                    }
-                }
-                dev.upload(&v)
+            let w = match shard {
+                Some(sh) => load_layer_shard(&config, src, sh, l)?,
+                None => load_layer(&config, src, l)?,
             };
-            layers.push(GpuLayer {
-                wqkv: cat(&[&w.q_proj, &w.k_proj, &w.v_proj], Some(&w.input_norm))?,
-                bqkv: w.qkv_bias.as_ref().map(|[q, k, v]| cat(&[q, k, v], None)).transpose()?,
-                wo: up(&w.o_proj)?,
-                w_gate_up: cat(&[&w.gate_proj, &w.up_proj], Some(&w.post_norm))?,
-                w_down: up(&w.down_proj)?,
-            });
+            layers.push(upload_layer(&ops, &w)?);
             bar.inc(1);
         }
         let norm = up(&load_final_norm(&config, src)?)?;
-        let lm_head = load_lm_head(&config, src)?.map(|t| up(&t)).transpose()?;
+        let lm_head = match shard {
+            Some(sh) => load_lm_head_shard(&config, src, sh)?,
+            None => load_lm_head(&config, src)?,
+        };
+        let lm_head = lm_head.map(|t| up(&t)).transpose()?;
         bar.finish_and_clear();
-        Self::assemble(ops, config, embed, layers, norm, lm_head)
+        let (config, tp) = match tp {
+            Some((plan, t)) => (t.device_config(plan)?, Some(t)),
+            None => (config, None),
+        };
+        Self::assemble(ops, config, (embed, layers, norm, lm_head), tp)
     }
 
     /// Random weights made on the device (an 8B-shaped model needs no files): matrices
@@ -311,19 +364,67 @@ impl CudaModel {
     /// seed (that one draws on the host); the cost of a forward pass does not depend on
     /// them.
     pub fn synthetic(ops: CudaOps, config: ModelConfig, seed: u64, progress: bool) -> Result<Self> {
+        Self::generate(ops, config, seed, None, progress)
+    }
+
+    /// Device `tp.rank()`'s shard of [`CudaModel::synthetic`]'s weights for `plan`'s
+    /// model (`config`, whole): bit for bit the rows and columns of the one-GPU model's
+    /// matrices this device holds, made on this device alone.
+    pub fn synthetic_shard(
+        ops: CudaOps,
+        config: ModelConfig,
+        seed: u64,
+        (plan, tp): (&ShardPlan, TpShard),
+        progress: bool,
+    ) -> Result<Self> {
+        Self::generate(ops, config, seed, Some((plan, tp)), progress)
+    }
+
+    fn generate(
+        ops: CudaOps,
+        config: ModelConfig,
+        seed: u64,
+        tp: Option<(&ShardPlan, TpShard)>,
+        progress: bool,
+    ) -> Result<Self> {
         config.validate()?;
         let c = &config;
         let (h, d) = (c.hidden_size, c.head_dim);
-        let qkv_w = (c.num_heads + 2 * c.num_kv_heads) * d;
+        let (qd, inter) = (c.num_heads * d, c.intermediate_size);
+        // What this device holds; one device holds the whole model.
+        let shard = match &tp {
+            Some((_, t)) => t.shard().clone(),
+            None => ShardPlan::new(c, 1)?.shard(0)?,
+        };
         let counter = std::cell::Cell::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        // Uniform in [-a, a) has standard deviation a/√3.
-        let uniform = |n: usize, std: f32| -> Result<CudaSlice<bf16>> {
-            let mut b = ops.device().zeros::<bf16>(n)?;
+        let next_seed = || {
             counter.set(counter.get().wrapping_add(1));
-            ops.fill_random_bf16(&mut b, counter.get(), std * 3f32.sqrt())?;
+            counter.get()
+        };
+        // Uniform in [-a, a) has standard deviation a/√3. These rows of a tensor of
+        // `cols` columns, stacked.
+        let rows = |parts: &[Range<usize>], cols: usize, std: f32| -> Result<CudaSlice<bf16>> {
+            let seed = next_seed();
+            let n = parts.iter().map(|r| r.len()).sum::<usize>() * cols;
+            let mut b = ops.device().zeros::<bf16>(n)?;
+            let mut at = 0;
+            for r in parts {
+                let len = r.len() * cols;
+                let mut part = b.slice_mut(at..at + len);
+                ops.fill_random_rect(&mut part, (r.len(), cols), (cols, r.start, 0), seed, std * 3f32.sqrt())?;
+                at += len;
+            }
             Ok(b)
         };
-        let matrix = |rows: usize, cols: usize| uniform(rows * cols, 1.0 / (cols as f32).sqrt());
+        let matrix_rows = |parts: &[Range<usize>], cols: usize| rows(parts, cols, 1.0 / (cols as f32).sqrt());
+        // These columns of every row of a `[rows, ld]` matrix.
+        let matrix_cols = |n_rows: usize, part: Range<usize>, ld: usize| -> Result<CudaSlice<bf16>> {
+            let seed = next_seed();
+            let mut b = ops.device().zeros::<bf16>(n_rows * part.len())?;
+            let scale = 3f32.sqrt() / (ld as f32).sqrt();
+            ops.fill_random_rect(&mut b, (n_rows, part.len()), (ld, 0, part.start), seed, scale)?;
+            Ok(b)
+        };
         let bar = if progress {
             let b = indicatif::ProgressBar::new(c.num_layers as u64);
             b.set_style(
@@ -334,7 +435,7 @@ impl CudaModel {
         } else {
             indicatif::ProgressBar::hidden()
         };
-        let embed = matrix(c.vocab_size, h)?;
+        let embed = matrix_rows(std::slice::from_ref(&shard.vocab), h)?;
         let mut layers = Vec::with_capacity(c.num_layers);
         let mut rng = seed ^ 0x5851_f42d_4c95_7f2d;
         let mut norm_w = |ops: &CudaOps| -> Result<CudaSlice<bf16>> {
@@ -350,17 +451,17 @@ impl CudaModel {
         };
         for _ in 0..c.num_layers {
             let bqkv = if c.attention_bias {
-                Some(uniform(qkv_w, 0.02)?)
+                Some(rows(&shard.fused_qkv_rows(), 1, 0.02)?)
             } else {
                 None
             };
             // The norms' weights would be folded into these: random either way.
             layers.push(GpuLayer {
-                wqkv: matrix(qkv_w, h)?,
+                wqkv: matrix_rows(&shard.fused_qkv_rows(), h)?,
                 bqkv,
-                wo: matrix(h, c.num_heads * d)?,
-                w_gate_up: matrix(2 * c.intermediate_size, h)?,
-                w_down: matrix(h, c.intermediate_size)?,
+                wo: matrix_cols(h, shard.q_rows(), qd)?,
+                w_gate_up: matrix_rows(&shard.fused_gate_up_rows(), h)?,
+                w_down: matrix_cols(h, shard.inter.clone(), inter)?,
             });
             bar.inc(1);
         }
@@ -368,19 +469,21 @@ impl CudaModel {
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(matrix(c.vocab_size, h)?)
+            Some(matrix_rows(std::slice::from_ref(&shard.vocab), h)?)
         };
         bar.finish_and_clear();
-        Self::assemble(ops, config, embed, layers, norm, lm_head)
+        let (config, tp) = match tp {
+            Some((plan, t)) => (t.device_config(plan)?, Some(t)),
+            None => (config, None),
+        };
+        Self::assemble(ops, config, (embed, layers, norm, lm_head), tp)
     }
 
     fn assemble(
         ops: CudaOps,
         config: ModelConfig,
-        embed: CudaSlice<bf16>,
-        layers: Vec<GpuLayer>,
-        norm: CudaSlice<bf16>,
-        lm_head: Option<CudaSlice<bf16>>,
+        (embed, layers, norm, lm_head): (CudaSlice<bf16>, Vec<GpuLayer>, CudaSlice<bf16>, Option<CudaSlice<bf16>>),
+        tp: Option<TpShard>,
     ) -> Result<Self> {
         let d = config.head_dim;
         ensure!(
@@ -414,11 +517,18 @@ impl CudaModel {
             inv_freq,
             ones,
             weight_bytes,
+            tp,
             scratch: Mutex::new(Scratch::default()),
         })
     }
 
-    /// The model's hyper-parameters.
+    /// This device's place in a tensor-parallel group, if it is in one.
+    pub fn tensor_parallel(&self) -> Option<&TpShard> {
+        self.tp.as_ref()
+    }
+
+    /// The model's hyper-parameters (a tensor-parallel device's: its share of the heads
+    /// and MLP units, the whole vocabulary).
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }
@@ -670,6 +780,11 @@ impl CudaModel {
         if picked > sc.picked {
             grow(ops, g, &mut sc.sel, picked * h)?;
             grow(ops, g, &mut sc.logits, picked * c.vocab_size)?;
+            if let Some(t) = &self.tp {
+                let per = t.vocab_per();
+                grow(ops, g, &mut sc.tp.local, picked * per)?;
+                grow(ops, g, &mut sc.tp.gathered, t.world() * picked * per)?;
+            }
             sc.picked = picked;
         }
         grow(ops, g, &mut sc.ids, layout.ids_len())?;
@@ -846,6 +961,7 @@ impl CudaModel {
             tokens,
             decode_ws,
             shadow,
+            tp: tps,
             ..
         } = sc;
         let (x, xn) = (x.as_mut().unwrap(), xn.as_mut().unwrap());
@@ -859,10 +975,24 @@ impl CudaModel {
             ints_p + 4 * lay.prev_map().start as u64,
             tokens.as_ref().expect("reserved").device_ptr(&s).0,
         );
+        // With tensor parallelism: each device embeds the ids it holds (zeros for the
+        // others), the all-reduce completes the rows; each row-parallel product below
+        // is a partial sum (the residual added on rank 0 only), completed the same way.
+        let tp = self.tp.as_ref();
+        if let Some(t) = tp {
+            tps.join(t, ops)?;
+        }
+        let held = tp.map_or(0..c.vocab_size, |t| t.vocab_rows());
+        let lead = tp.is_none_or(|t| t.rank() == 0);
+        let mut complete = |x: &mut CudaSlice<bf16>| match tp {
+            Some(_) => tps.all_reduce(ops, x, n * h),
+            None => Ok(()),
+        };
         // SAFETY: ids and prev_map hold `n` staged rows; prev_map's indices were checked
         // against the previous step's sampled rows by the caller (`CudaModel::submit`),
         // and `tokens` keeps them when it grows.
-        unsafe { ops.embedding_raw(x, &self.embed, prev, n, h, c.vocab_size)? };
+        unsafe { ops.embedding_raw(x, &self.embed, prev, n, h, (held, c.vocab_size))? };
+        complete(x)?;
         // Caches that keep the keys before RoPE get them from a rows buffer, copied
         // into place after each layer's split.
         let keep_pre = matches!(attend, Attend::Dense(caches) if caches.iter().any(|c| c.keeps_pre_rope()));
@@ -894,10 +1024,12 @@ impl CudaModel {
                 )?,
             }
             // Residual adds in the products' epilogues.
-            ops.linear(x, attn, &w.wo, n, qd, h, true)?;
+            ops.linear(x, attn, &w.wo, n, qd, h, lead)?;
+            complete(x)?;
             ops.linear_normed(gate_up, x, &w.w_gate_up, (n, h, 2 * inter), eps, xn, &self.ones)?;
             ops.swiglu(act, gate_up, n, inter)?;
-            ops.linear(x, act, &w.w_down, n, inter, h, true)?;
+            ops.linear(x, act, &w.w_down, n, inter, h, lead)?;
+            complete(x)?;
         }
         if plan.picked.is_empty() {
             return Ok(());
@@ -907,7 +1039,30 @@ impl CudaModel {
         ops.rmsnorm_residual(xn, x, None, &self.norm, n, h, eps)?;
         ops.embedding(sel, xn, &ids.slice(lay.picked()), k, h, n)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        ops.linear_f32(logits, sel, head, k, h, c.vocab_size)?;
+        match tp {
+            None => ops.linear_f32(logits, sel, head, k, h, c.vocab_size)?,
+            Some(t) => {
+                // This device's ids, then every device's in vocabulary order.
+                let per = t.vocab_per();
+                ops.linear_f32(
+                    tps.local.as_mut().expect("reserved"),
+                    sel,
+                    head,
+                    k,
+                    h,
+                    t.vocab_rows().len(),
+                )?;
+                tps.all_gather_logits(ops, k * per)?;
+                vocab_concat(
+                    ops,
+                    logits,
+                    tps.gathered.as_ref().expect("reserved"),
+                    k,
+                    per,
+                    c.vocab_size,
+                )?;
+            }
+        }
         Ok(())
     }
 }

@@ -76,7 +76,7 @@ pub(crate) fn i32_of(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| anyhow::anyhow!("{what} = {v} does not fit a 32-bit int"))
 }
 
-fn grid_1d(n: usize, block: u32) -> (u32, u32, u32) {
+pub(crate) fn grid_1d(n: usize, block: u32) -> (u32, u32, u32) {
     (n.div_ceil(block as usize).clamp(1, 65_535 * 16) as u32, 1, 1)
 }
 
@@ -217,16 +217,32 @@ impl CudaOps {
         hidden: usize,
         vocab: usize,
     ) -> Result<()> {
+        self.embedding_rows(out, table, ids, (rows, hidden), (0..vocab, vocab))
+    }
+
+    /// [`CudaOps::embedding`] from a table holding the rows `held` of a vocabulary of
+    /// `vocab` ids (a tensor-parallel device's share): ids held elsewhere give rows of
+    /// zeros, ids past the vocabulary rows of NaN.
+    pub fn embedding_rows(
+        &self,
+        out: &mut impl DevicePtrMut<bf16>,
+        table: &impl DevicePtr<bf16>,
+        ids: &impl DevicePtr<u32>,
+        (rows, hidden): (usize, usize),
+        (held, vocab): (std::ops::Range<usize>, usize),
+    ) -> Result<()> {
         check_len("embedding ids", ids.len(), rows)?;
         let s = self.dev.stream();
         let (i, _g) = ids.device_ptr(s);
         // SAFETY: no previous-token map.
-        unsafe { self.embedding_raw(out, table, (i, 0, 0), rows, hidden, vocab) }
+        unsafe { self.embedding_raw(out, table, (i, 0, 0), rows, hidden, (held, vocab)) }
     }
 
     /// [`CudaOps::embedding`] from raw device addresses `(ids, prev_map, prev_tokens)`:
     /// row `r` takes its id from `prev_tokens[prev_map[r]]` where `prev_map[r] >= 0`
-    /// (`prev_map` may be 0: none), else from `ids[r]`.
+    /// (`prev_map` may be 0: none), else from `ids[r]`. The table holds the rows
+    /// `held` of a vocabulary of `vocab` ids; ids held elsewhere (another device of a
+    /// tensor-parallel group) give rows of zeros, ids past the vocabulary rows of NaN.
     ///
     /// # Safety
     /// `ids` and (when not 0) `prev_map` must hold `rows` elements, and `prev_tokens`
@@ -238,10 +254,11 @@ impl CudaOps {
         (i, pm, pt): (u64, u64, u64),
         rows: usize,
         hidden: usize,
-        vocab: usize,
+        (held, vocab): (std::ops::Range<usize>, usize),
     ) -> Result<()> {
         check_len("embedding output", out.len(), rows * hidden)?;
-        check_len("embedding table", table.len(), vocab * hidden)?;
+        check_len("embedding table", table.len(), held.len() * hidden)?;
+        ensure!(held.end <= vocab, "embedding rows {held:?} of a vocabulary of {vocab}");
         if rows == 0 {
             return Ok(());
         }
@@ -249,6 +266,7 @@ impl CudaOps {
         let (o, _g1) = out.device_ptr_mut(s);
         let (t, _g2) = table.device_ptr(s);
         let (h, v) = (i32_of("hidden", hidden)?, u32::try_from(vocab)?);
+        let (lo, n) = (held.start as u32, held.len() as u32);
         let cfg = Self::launch_cfg((i32_of("rows", rows)? as u32, 1, 1), 128, 0);
         // SAFETY: out and table hold rows·hidden and vocab·hidden elements (checked); the
         // id arrays are the caller's contract.
@@ -256,7 +274,7 @@ impl CudaOps {
             self.launch_pdl(
                 &self.k.embedding_gather,
                 cfg,
-                &mut kernel_params![&o, &t, &i, &pm, &pt, &h, &v],
+                &mut kernel_params![&o, &t, &i, &pm, &pt, &h, &lo, &n, &v],
             )
         }?;
         Ok(())
@@ -576,17 +594,39 @@ impl CudaOps {
     /// `seed` and the index only (test and benchmark data made on the device).
     pub fn fill_random_bf16(&self, buf: &mut impl DevicePtrMut<bf16>, seed: u64, scale: f32) -> Result<()> {
         let n = buf.len();
+        self.fill_random_rect(buf, (1, n), (n, 0, 0), seed, scale)
+    }
+
+    /// Fills a `[rows, cols]` bf16 buffer with the rectangle at `(row0, col0)` of the
+    /// pseudo-random matrix of `ld` columns that [`CudaOps::fill_random_bf16`] would make
+    /// whole with `seed` and `scale`: a device's shard of a synthetic weight, bit for bit
+    /// the whole matrix's rows or columns.
+    pub fn fill_random_rect(
+        &self,
+        buf: &mut impl DevicePtrMut<bf16>,
+        (rows, cols): (usize, usize),
+        (ld, row0, col0): (usize, usize, usize),
+        seed: u64,
+        scale: f32,
+    ) -> Result<()> {
+        check_len("random fill", buf.len(), rows * cols)?;
+        ensure!(col0 + cols <= ld, "columns {col0}..{} of a matrix of {ld}", col0 + cols);
+        let n = rows * cols;
         if n == 0 {
             return Ok(());
         }
         let s = self.dev.stream();
         let (p, _g) = buf.device_ptr_mut(s);
         let cfg = Self::launch_cfg(grid_1d(n, 256), 256, 0);
-        // SAFETY: writes n elements of the buffer.
+        // SAFETY: writes rows·cols elements of the buffer (checked).
         unsafe {
             s.launch_builder(&self.k.fill_random_bf16)
                 .arg(&p)
-                .arg(&n)
+                .arg(&rows)
+                .arg(&cols)
+                .arg(&ld)
+                .arg(&row0)
+                .arg(&col0)
                 .arg(&seed)
                 .arg(&scale)
                 .launch(cfg)

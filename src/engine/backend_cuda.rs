@@ -220,6 +220,35 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
             .collect()
     }
 
+    /// Stops the model's tensor-parallel communicators at once (see
+    /// [`CudaModel::abort_collectives`]).
+    pub fn abort_collectives(&mut self) {
+        self.model.borrow().abort_collectives(&mut self.lanes);
+    }
+
+    /// A new sequence holding a copy of `seq`'s dense cache (its prompt prefilled once,
+    /// copied into the others of a benchmark's batch), with `seq`'s settings; its
+    /// first step feeds tokens (not the previous step's).
+    pub fn fork_seq(&self, seq: &CudaSeq) -> Result<CudaSeq> {
+        let m: &CudaModel = self.model.borrow();
+        let GpuState::Dense(from) = &seq.state else {
+            bail!("only a sequence with a dense cache can be copied");
+        };
+        let mut cache = if from.keeps_pre_rope() {
+            m.new_cache_pre_rope(from.capacity())?
+        } else {
+            m.new_cache(from.capacity())?
+        };
+        cache.copy_from(m, from)?;
+        m.ops().device().synchronize()?;
+        Ok(CudaSeq {
+            state: GpuState::Dense(cache),
+            spec: seq.spec,
+            sampled: seq.sampled,
+            last: None,
+        })
+    }
+
     /// Frees the dense caches whose compression has run.
     fn free_retired(&mut self) {
         self.retired.retain(|(done, _)| !done.is_complete());

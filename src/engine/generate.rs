@@ -1,10 +1,11 @@
 //! The generation loop, one for every backend ([`run`]): chunked prefill, then batched
 //! decode steps until each sequence meets EOS, a stop string, its token limit or the
 //! model's context. [`generate`] runs it on the CPU (full attention or ShadowKV),
-//! [`generate_cuda`] on the GPU.
+//! [`generate_cuda`] on the GPU, [`generate_parallel`] over several.
 
 use super::backend::{CpuBackend, SeqSpec, StepBackend, StepInput, StepOutput, StepSeq};
 use super::backend_cuda::CudaBackend;
+use super::backend_tp::{TpBackend, TpOptions, TpWeights};
 use super::sampling::SamplingParams;
 pub use super::text::FinishReason;
 use super::text::{SeqText, StopRules};
@@ -13,9 +14,10 @@ use crate::cpu::{CpuModel, LogitsWanted};
 use crate::cuda::shadow::decode::FetchPath;
 use crate::cuda::shadow::{GpuValuePool, ShadowLayout, TierSize};
 use crate::cuda::CudaModel;
+use crate::model::config::ModelConfig;
 use crate::model::tokenizer::TextTokenizer;
 use crate::pool::{ValuePool, ValueType};
-use crate::shadow::{Attention, ShadowStats};
+use crate::shadow::{Attention, ShadowParams, ShadowStats};
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::time::Instant;
@@ -120,20 +122,10 @@ pub fn generate_cuda(
     graphs: bool,
 ) -> Result<(Vec<Generation>, GenerateStats)> {
     let cfg = model.config();
-    let ctx = cfg.max_position_embeddings;
-    validate_requests(reqs, ctx)?;
-    let cap = reqs
-        .iter()
-        .map(|r| (r.prompt.len() + r.max_tokens).min(ctx))
-        .max()
-        .unwrap_or(1);
+    let cap = gpu_cache_tokens(reqs, cfg.max_position_embeddings)?;
     let shadow = match opts.attention {
         Attention::Full => None,
-        Attention::ShadowKv(p) => {
-            let layout = ShadowLayout::new(cfg, &p, cap)?;
-            let shape = GpuValuePool::shape_for(&layout, cfg.num_layers, reqs.len());
-            Some((p, ValuePool::anonymous_of(shape, ValueType::Bf16)?))
-        }
+        Attention::ShadowKv(p) => Some((p, gpu_value_pool(cfg, &p, cap, reqs.len())?)),
     };
     run(
         &mut CudaBackend::new(model, cap, reqs.len(), 1, graphs, shadow)?
@@ -144,6 +136,64 @@ pub fn generate_cuda(
         reqs,
         opts,
     )
+}
+
+/// Runs every request to completion as one batch over the GPUs `devices` (tensor
+/// parallel: `config`'s model split over them, each loading its shard from
+/// `weights`), as [`generate_cuda`] does on one.
+pub fn generate_parallel(
+    config: &ModelConfig,
+    weights: TpWeights,
+    devices: &[usize],
+    tok: &TextTokenizer,
+    reqs: &[GenerateRequest],
+    opts: GenerateOptions,
+    graphs: bool,
+) -> Result<(Vec<Generation>, GenerateStats)> {
+    let cap = gpu_cache_tokens(reqs, config.max_position_embeddings)?;
+    let pool = |_rank: usize, cfg: &ModelConfig| match opts.attention {
+        Attention::ShadowKv(p) => gpu_value_pool(cfg, &p, cap, reqs.len()),
+        Attention::Full => bail!("full attention has no value pool"),
+    };
+    let mut backend = TpBackend::new(
+        config,
+        weights,
+        TpOptions {
+            devices: devices.to_vec(),
+            cache_tokens: cap,
+            max_batch: reqs.len(),
+            lanes: 1,
+            graphs,
+            shadow: match opts.attention {
+                Attention::ShadowKv(p) => Some((p, &pool)),
+                Attention::Full => None,
+            },
+            fetch: opts.value_fetch,
+            micro_batches: opts.micro_batches,
+            tier: opts.gpu_tier,
+            progress: opts.progress,
+        },
+    )?;
+    run(&mut backend, tok, reqs, opts)
+}
+
+/// Tokens the GPU caches of `reqs` hold: the longest prompt and completion, within
+/// the model's context `ctx` (the requests checked first).
+fn gpu_cache_tokens(reqs: &[GenerateRequest], ctx: usize) -> Result<usize> {
+    validate_requests(reqs, ctx)?;
+    Ok(reqs
+        .iter()
+        .map(|r| (r.prompt.len() + r.max_tokens).min(ctx))
+        .max()
+        .unwrap_or(1))
+}
+
+/// A bf16 value pool for `seqs` ShadowKV sequences of `cap` tokens of a model shaped
+/// `cfg` (one GPU's, or one device's of a group).
+fn gpu_value_pool(cfg: &ModelConfig, p: &ShadowParams, cap: usize, seqs: usize) -> Result<ValuePool> {
+    let layout = ShadowLayout::new(cfg, p, cap)?;
+    let shape = GpuValuePool::shape_for(&layout, cfg.num_layers, seqs);
+    ValuePool::anonymous_of(shape, ValueType::Bf16)
 }
 
 /// The generation loop over any backend: each prompt prefilled in chunks, then decode

@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod backend_cuda;
+pub mod backend_tp;
 pub mod generate;
 pub mod sampling;
 pub mod scheduler;

@@ -229,21 +229,14 @@ impl ModelWeights {
     /// model's config; the result is shaped as
     /// [`super::shard::ShardPlan::device_config`] says for this device.
     pub fn load_shard(cfg: &ModelConfig, src: &dyn TensorSource, shard: &DeviceShard, progress: bool) -> Result<Self> {
-        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-        let whole =
-            |name: &str, shape: &[usize]| fetch_shard(src, name, shape, shard)?.with_context(|| missing(src, name));
         Self::assemble(
             cfg,
             src,
             progress,
-            || whole("model.embed_tokens.weight", &[v, h]),
+            || load_embed_shard(cfg, src, shard),
             |l| load_layer_shard(cfg, src, shard, l),
-            || whole("model.norm.weight", &[h]),
-            // As in `load_lm_head`: tied, or marked tied only by leaving the head out.
-            || match cfg.tie_word_embeddings {
-                true => Ok(None),
-                false => fetch_shard(src, "lm_head.weight", &[v, h], shard),
-            },
+            || load_final_norm(cfg, src),
+            || load_lm_head_shard(cfg, src, shard),
         )
     }
 }
@@ -264,6 +257,21 @@ pub fn loading_bar(src: &dyn TensorSource, steps: u64, show: bool) -> ProgressBa
 /// The token embedding table `[vocab, hidden]`.
 pub fn load_embed(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Tensor> {
     fetch(src, "model.embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size])
+}
+
+/// Device `shard`'s rows of the token embedding table (its token ids).
+pub fn load_embed_shard(cfg: &ModelConfig, src: &dyn TensorSource, shard: &DeviceShard) -> Result<Tensor> {
+    let name = "model.embed_tokens.weight";
+    fetch_shard(src, name, &[cfg.vocab_size, cfg.hidden_size], shard)?.with_context(|| missing(src, name))
+}
+
+/// Device `shard`'s rows of the output head, or `None` when it is tied to the
+/// embedding (as [`load_lm_head`]).
+pub fn load_lm_head_shard(cfg: &ModelConfig, src: &dyn TensorSource, shard: &DeviceShard) -> Result<Option<Tensor>> {
+    if cfg.tie_word_embeddings {
+        return Ok(None);
+    }
+    fetch_shard(src, "lm_head.weight", &[cfg.vocab_size, cfg.hidden_size], shard)
 }
 
 /// The final norm's weight `[hidden]`.

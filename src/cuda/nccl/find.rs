@@ -1,7 +1,5 @@
-//! NCCL, before any collective runs: finding `libnccl.so.2` where `dlopen` would, with
-//! an error that names every place looked, and keeping NVLink multicast off.
-//!
-//! Nothing here loads NCCL or calls it; tensor parallelism (issue 13) will, after both.
+//! Finding `libnccl.so.2` where `dlopen` would, with an error that names every place
+//! looked, and keeping NVLink multicast off before NCCL starts.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

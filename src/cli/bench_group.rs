@@ -1,0 +1,310 @@
+//! `shadowkv bench --backend cuda --devices 0,1`: full-attention decode over a
+//! tensor-parallel group against one GPU in the same run, through the engine the
+//! daemon runs ([`StepBackend`]: steps queued two deep, tokens sampled on the GPU).
+//!
+//! Per context and per engine (one GPU where the model fits it, then the group): one
+//! sequence is prefilled (timed), its cache is copied into the rest of the batch (the
+//! largest that fits every device, or `--batch`), `gen` decode steps run over the
+//! batch, then `gen` over the first sequence alone (the latency of one sequence). The
+//! group also times NCCL's all-reduce at the size of one of its decode step's
+//! all-reduces (two a layer and one for the embedding) and at 256 MiB, for the bus
+//! bandwidth of the host's link, in the same run.
+
+use super::bench_cuda::{median, CudaBench};
+use crate::engine::backend::{SeqSpec, StepBackend, StepInput, StepSeq};
+use crate::engine::backend_cuda::CudaBackend;
+use crate::engine::backend_tp::{TpBackend, TpOptions};
+use crate::engine::sampling::SamplingParams;
+use crate::model::config::ModelConfig;
+use crate::model::load::open_model;
+use anyhow::{bail, Context, Result};
+use std::io::IsTerminal;
+use std::time::Instant;
+
+/// Bytes of the all-reduce that measures the link's bus bandwidth.
+const BUS_BYTES: usize = 256 << 20;
+
+/// What the benchmark needs of an engine beyond [`StepBackend`].
+trait Engine: StepBackend {
+    /// A copy of a prefilled sequence.
+    fn fork(&mut self, s: &Self::Seq) -> Result<Self::Seq>;
+    /// Free and total memory of each device.
+    fn memory(&self) -> Result<Vec<(usize, usize)>>;
+    /// One device's bytes of a dense cache of `tokens` tokens.
+    fn cache_bytes(&self, tokens: usize) -> usize;
+}
+
+impl Engine for CudaBackend {
+    fn fork(&mut self, s: &Self::Seq) -> Result<Self::Seq> {
+        self.fork_seq(s)
+    }
+    fn memory(&self) -> Result<Vec<(usize, usize)>> {
+        Ok(vec![self.model().ops().device().mem_info()?])
+    }
+    fn cache_bytes(&self, tokens: usize) -> usize {
+        self.model().cache_bytes(tokens)
+    }
+}
+
+impl Engine for TpBackend {
+    fn fork(&mut self, s: &Self::Seq) -> Result<Self::Seq> {
+        self.fork_seq(s)
+    }
+    fn memory(&self) -> Result<Vec<(usize, usize)>> {
+        TpBackend::memory(self)
+    }
+    fn cache_bytes(&self, tokens: usize) -> usize {
+        TpBackend::cache_bytes(self, tokens)
+    }
+}
+
+/// One engine's measurement at one context.
+struct Row {
+    gpus: usize,
+    context: usize,
+    batch: usize,
+    prefill_tps: f64,
+    decode_tps: f64,
+    step_ms: f64,
+    one_seq_ms: f64,
+}
+
+/// Runs the group benchmark over `devices`.
+pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
+    if !a.shadow.is_empty() {
+        bail!("--devices benchmarks full attention for now: pass --attention full");
+    }
+    let progress = std::io::stderr().is_terminal();
+    let m = open_model(&a.model)?;
+    let cfg = m.config.clone();
+    let longest = a.contexts.iter().copied().max().unwrap_or(0);
+    if longest == 0 || longest + 2 * a.gen > cfg.max_position_embeddings {
+        bail!(
+            "context {longest} + {} generated tokens exceeds the model's {}",
+            2 * a.gen,
+            cfg.max_position_embeddings
+        );
+    }
+    let cache_tokens = longest + 2 * a.gen;
+    let mut rows = Vec::new();
+    // One GPU first, where the whole model fits it.
+    if devices.len() > 1 {
+        let dev = crate::cuda::CudaDevice::new(devices[0])
+            .map_err(|e| anyhow::anyhow!("GPU {} cannot be used: {e}", devices[0]))?;
+        let (free, _) = dev.mem_info()?;
+        let weights = 2 * cfg.parameter_count();
+        if weights + (4 << 30) < free {
+            let model = super::backend::load_cuda_model(dev, &a.model, &m, progress)?;
+            let mut one = CudaBackend::new(model, cache_tokens, 1, 1, !a.cuda.no_graph, None)?;
+            for &ctx in &a.contexts {
+                rows.push(measure(&mut one, 1, &cfg, ctx, a)?);
+            }
+        } else {
+            eprintln!(
+                "[one GPU: {:.0} GB of weights do not fit GPU {}'s {:.0} GB free; the group runs alone]",
+                weights as f64 / 1e9,
+                devices[0],
+                free as f64 / 1e9
+            );
+            drop(dev);
+        }
+    }
+    let t0 = Instant::now();
+    let mut group = TpBackend::new(
+        &cfg,
+        super::backend::tp_weights(&a.model, &m)?,
+        TpOptions {
+            devices: devices.to_vec(),
+            cache_tokens,
+            max_batch: 1,
+            lanes: 1,
+            graphs: !a.cuda.no_graph,
+            shadow: None,
+            fetch: crate::cuda::shadow::decode::FetchPath::ZeroCopy,
+            micro_batches: 1,
+            tier: crate::cuda::shadow::TierSize::Off,
+            progress,
+        },
+    )?;
+    let load_secs = t0.elapsed().as_secs_f64();
+    let info = crate::cuda::CudaDevice::new(devices[0])?.info().clone();
+    println!(
+        "machine: {} × {} ({} SMs each); {:?}; model {} ({:.2} GB of bf16 weights over the group, {load_secs:.1} s \
+         to load); {} decode steps; CUDA graphs {}",
+        devices.len(),
+        info.name,
+        info.sm_count,
+        group.nccl(),
+        a.model,
+        group.weight_bytes() as f64 / 1e9,
+        a.gen,
+        if a.cuda.no_graph { "off" } else { "on" }
+    );
+    let mut reduce = Vec::new();
+    for &ctx in &a.contexts {
+        let r = measure(&mut group, devices.len(), &cfg, ctx, a)?;
+        // The decode step's all-reduces: rows × hidden bf16 values each.
+        let step_bytes = r.batch * cfg.hidden_size * 2;
+        let per = group.time_all_reduce(step_bytes, 50)?;
+        reduce.push((ctx, step_bytes, per, 2 * cfg.num_layers + 1));
+        rows.push(r);
+    }
+    let bus = group.time_all_reduce(BUS_BYTES, 20)?;
+    let n = devices.len() as f64;
+    // NCCL's bus bandwidth: what crosses each link, 2(n − 1)/n of the buffer (none for
+    // a group of one).
+    let bus_gbs = |bytes: usize, secs: f64| match devices.len() {
+        1 => "-".to_string(),
+        _ => format!("{:.1}", 2.0 * (n - 1.0) / n * bytes as f64 / secs / 1e9),
+    };
+    drop(group);
+    println!(
+        "| GPUs | context | batch | prefill tok/s | decode tok/s | step ms (median) | vs 1 GPU | one sequence ms/token \
+         | vs 1 GPU |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        let base = rows
+            .iter()
+            .find(|b| b.gpus == 1 && b.context == r.context && r.gpus > 1);
+        let ratio = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}×"));
+        println!(
+            "| {} | {} | {} | {:.0} | {:.1} | {:.2} | {} | {:.2} | {} |",
+            r.gpus,
+            r.context,
+            r.batch,
+            r.prefill_tps,
+            r.decode_tps,
+            r.step_ms,
+            ratio(base.map(|b| r.decode_tps / b.decode_tps)),
+            r.one_seq_ms,
+            ratio(base.map(|b| b.one_seq_ms / r.one_seq_ms)),
+        );
+    }
+    println!();
+    println!(
+        "NCCL all-reduce on this host: {} MiB in {:.3} ms, bus bandwidth {} GB/s",
+        BUS_BYTES >> 20,
+        bus * 1e3,
+        bus_gbs(BUS_BYTES, bus)
+    );
+    println!("| context | all-reduce bytes | µs each (median) | per step | ms per step | bus GB/s at that size |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for (ctx, bytes, secs, count) in reduce {
+        println!(
+            "| {ctx} | {bytes} | {:.1} | {count} | {:.2} | {} |",
+            secs * 1e6,
+            secs * count as f64 * 1e3,
+            bus_gbs(bytes, secs)
+        );
+    }
+    Ok(())
+}
+
+/// Prefills one sequence of `ctx` tokens, copies it into the largest batch that fits
+/// (or `--batch`), decodes the batch, then the first sequence alone.
+fn measure<E: Engine>(e: &mut E, gpus: usize, cfg: &ModelConfig, ctx: usize, a: &CudaBench) -> Result<Row> {
+    let spec = SeqSpec {
+        sampling: SamplingParams::default(),
+        seed: 0,
+        prompt_tokens: ctx,
+        max_tokens: 2 * a.gen,
+    };
+    let mut first = e.new_seq(&spec)?;
+    let ids: Vec<u32> = (0..ctx)
+        .map(|i| ((i * 7919 + 13) % (cfg.vocab_size - 1)) as u32)
+        .collect();
+    let t0 = Instant::now();
+    let mut next = 0;
+    let chunks: Vec<&[u32]> = ids.chunks(a.prefill_chunk.max(1)).collect();
+    for (i, part) in chunks.iter().enumerate() {
+        let last = i + 1 == chunks.len();
+        let t = e.submit(
+            0,
+            &mut [StepSeq {
+                input: StepInput::Tokens(part),
+                seq: &mut first,
+                sample: last,
+                prompt_done: last,
+            }],
+        )?;
+        let out = e.complete(0, t)?;
+        if last {
+            next = *out.tokens.first().context("the prefill sampled no token")?;
+        }
+    }
+    let prefill_secs = t0.elapsed().as_secs_f64();
+    let cap = ctx + 2 * a.gen;
+    let per = e.cache_bytes(cap);
+    let fit = e
+        .memory()?
+        .iter()
+        .map(|&(free, _)| free.saturating_sub(2 << 30) / per)
+        .min()
+        .unwrap_or(0);
+    let batch = match a.batch {
+        Some(b) if b > 1 + fit => bail!(
+            "a batch of {b} at context {ctx} does not fit {gpus} GPU(s): {fit} more caches of {:.2} GiB each",
+            per as f64 / (1u64 << 30) as f64
+        ),
+        Some(b) => b,
+        None => 1 + fit,
+    };
+    let mut seqs = vec![first];
+    for _ in 1..batch {
+        let f = e.fork(&seqs[0])?;
+        seqs.push(f);
+    }
+    let (decode_tps, step_ms) = decode(e, &mut seqs, next, a.gen)?;
+    let mut one = seqs.drain(..1).collect::<Vec<_>>();
+    drop(seqs);
+    let (one_tps, _) = decode(e, &mut one, next, a.gen)?;
+    eprintln!(
+        "[{gpus} GPU(s), context {ctx}: batch {batch}, prefill {prefill_secs:.2} s, decode {decode_tps:.1} tok/s, step \
+         {step_ms:.2} ms, one sequence {:.2} ms/token]",
+        1e3 / one_tps
+    );
+    Ok(Row {
+        gpus,
+        context: ctx,
+        batch,
+        prefill_tps: ctx as f64 / prefill_secs,
+        decode_tps,
+        step_ms,
+        one_seq_ms: 1e3 / one_tps,
+    })
+}
+
+/// `gen` decode steps over `seqs` (the first fed `token`, each next one the token the
+/// step before sampled, queued two deep as the daemon does): tokens/s and the median
+/// time between steps, in milliseconds.
+fn decode<E: Engine>(e: &mut E, seqs: &mut [E::Seq], token: u32, gen: usize) -> Result<(f64, f64)> {
+    let one = [token];
+    let step = |e: &mut E, seqs: &mut [E::Seq], input: StepInput| {
+        let mut batch: Vec<StepSeq<'_, E::Seq>> = seqs
+            .iter_mut()
+            .map(|seq| StepSeq {
+                input,
+                seq,
+                sample: true,
+                prompt_done: false,
+            })
+            .collect();
+        e.submit(0, &mut batch)
+    };
+    let t0 = Instant::now();
+    let mut queued = step(e, seqs, StepInput::Tokens(&one))?;
+    let mut times = Vec::with_capacity(gen);
+    let mut last = Instant::now();
+    for _ in 1..gen {
+        let next = step(e, seqs, StepInput::Previous)?;
+        e.complete(0, queued)?;
+        let now = Instant::now();
+        times.push((now - last).as_secs_f64());
+        last = now;
+        queued = next;
+    }
+    e.complete(0, queued)?;
+    let secs = t0.elapsed().as_secs_f64();
+    Ok(((seqs.len() * gen) as f64 / secs, 1e3 * median(&mut times)))
+}

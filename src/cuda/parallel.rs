@@ -1,0 +1,233 @@
+//! One GPU's place in a tensor-parallel group (Megatron-style, as
+//! [`crate::model::shard`] plans it) and what its forward pass adds to the one-GPU
+//! pass: the all-reduces that sum the row-parallel products (and the vocabulary-split
+//! embedding) into the residual stream every device keeps whole, and the all-gather
+//! that puts the logits of the vocabulary split back in order
+//! (`kernels/parallel.cu`), so that every device samples the same tokens from the same
+//! logits with the same seeds.
+//!
+//! Collectives on one NCCL communicator must be queued in one order on every rank and
+//! never from two streams at once, so each scratch (one per stream: the model's own
+//! and each lane's) joins a communicator of its own at its first collective step. The
+//! bootstrap ids are made up front and shared by the ranks; every rank runs the same
+//! steps in the same order, so the n-th scratch to ask gets the n-th id everywhere.
+
+use super::nccl::{Comm, Nccl, UniqueId};
+use super::ops::{grid_1d, CudaOps};
+use crate::model::config::ModelConfig;
+use crate::model::shard::{DeviceShard, ShardPlan};
+use anyhow::{bail, ensure, Result};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Communicators a group prepares ids for: the model's own stream, two lanes and one
+/// to spare (a benchmark's lane).
+pub const COMMUNICATORS: usize = 4;
+
+/// A device's shard of the model and its communicators.
+pub struct TpShard {
+    shard: DeviceShard,
+    world: usize,
+    vocab: usize,
+    vocab_per: usize,
+    nccl: Arc<Nccl>,
+    ids: Vec<UniqueId>,
+    next: AtomicUsize,
+}
+
+impl TpShard {
+    /// Rank `rank` of `plan`'s group, with the communicators bootstrapped at `ids`
+    /// (the same list on every rank).
+    pub fn new(plan: &ShardPlan, rank: usize, nccl: Arc<Nccl>, ids: Vec<UniqueId>) -> Result<Self> {
+        let shard = plan.shard(rank)?;
+        let whole = plan.device_config(0)?;
+        let last = plan.shard(plan.devices() - 1)?;
+        Ok(TpShard {
+            world: plan.devices(),
+            vocab: last.vocab.end,
+            vocab_per: whole.vocab_size,
+            shard,
+            nccl,
+            ids,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// This device's rank.
+    pub fn rank(&self) -> usize {
+        self.shard.rank
+    }
+
+    /// Devices in the group.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// What this device holds.
+    pub fn shard(&self) -> &DeviceShard {
+        &self.shard
+    }
+
+    /// Token ids whose embedding rows and output-head rows this device holds.
+    pub fn vocab_rows(&self) -> Range<usize> {
+        self.shard.vocab.clone()
+    }
+
+    /// The config this device's kernels run: its heads, KV heads and MLP units, and
+    /// the whole vocabulary (token ids and logits are the model's).
+    pub fn device_config(&self, plan: &ShardPlan) -> Result<ModelConfig> {
+        Ok(ModelConfig {
+            vocab_size: self.vocab,
+            ..plan.device_config(self.rank())?
+        })
+    }
+
+    /// Joins the next communicator (blocks until every rank has joined it) with the
+    /// device of `ops` current on this thread.
+    pub(crate) fn communicator(&self, ops: &CudaOps) -> Result<Comm> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        let Some(id) = self.ids.get(i) else {
+            bail!(
+                "more than {} streams run tensor-parallel steps on one model",
+                self.ids.len()
+            );
+        };
+        ops.device().context().bind_to_thread()?;
+        Comm::init(&self.nccl, id, self.world, self.rank())
+    }
+
+    /// Values each device contributes to the logits all-gather per row.
+    pub(crate) fn vocab_per(&self) -> usize {
+        self.vocab_per
+    }
+}
+
+/// The collective buffers of one scratch: its communicator, and the logits of this
+/// device's ids and of every device's, grown on demand.
+#[derive(Default)]
+pub(crate) struct TpScratch {
+    pub comm: Option<Comm>,
+    pub local: Option<CudaSlice<f32>>,
+    pub gathered: Option<CudaSlice<f32>>,
+}
+
+impl TpScratch {
+    /// Joins a communicator if this scratch has none yet.
+    pub fn join(&mut self, tp: &TpShard, ops: &CudaOps) -> Result<&mut Comm> {
+        if self.comm.is_none() {
+            self.comm = Some(tp.communicator(ops)?);
+        }
+        Ok(self.comm.as_mut().expect("joined above"))
+    }
+
+    /// Sums `buf`'s first `n` values over the group, in place, on `ops`'s stream.
+    pub fn all_reduce(&mut self, ops: &CudaOps, buf: &mut CudaSlice<half::bf16>, n: usize) -> Result<()> {
+        ensure!(buf.len() >= n, "all-reduce of {n} values in a buffer of {}", buf.len());
+        let s = ops.device().stream();
+        let (p, _g) = buf.device_ptr_mut(s);
+        let comm = self.comm.as_mut().expect("joined before the step");
+        // SAFETY: `buf` holds n bf16 values on this device and outlives the queued work
+        // (a scratch buffer); every rank queues the same step's collectives in order.
+        unsafe { comm.all_reduce_sum_bf16(p, n, s.cu_stream()) }
+    }
+}
+
+impl TpScratch {
+    /// Gathers every device's `count` logits (`local`) into `gathered`, rank by rank.
+    pub fn all_gather_logits(&mut self, ops: &CudaOps, count: usize) -> Result<()> {
+        let (local, gathered) = (
+            self.local.as_ref().expect("reserved"),
+            self.gathered.as_mut().expect("reserved"),
+        );
+        let comm = self.comm.as_mut().expect("joined before the step");
+        ensure!(
+            local.len() >= count && gathered.len() >= comm.world() * count,
+            "logits buffers too small"
+        );
+        let s = ops.device().stream();
+        let (l, _g1) = local.device_ptr(s);
+        let (g, _g2) = gathered.device_ptr_mut(s);
+        // SAFETY: both buffers hold what the gather reads and writes (checked) and are
+        // scratch buffers that outlive the queued work.
+        unsafe { comm.all_gather_f32(l, g, count, s.cu_stream()) }
+    }
+}
+
+/// `out[rows, vocab]` = the logits of every device in vocabulary order, from the
+/// all-gathered blocks `gathered` (`world · rows · per` values, as
+/// `kernels/parallel.cu` describes).
+pub fn vocab_concat(
+    ops: &CudaOps,
+    out: &mut CudaSlice<f32>,
+    gathered: &CudaSlice<f32>,
+    rows: usize,
+    per: usize,
+    vocab: usize,
+) -> Result<()> {
+    ensure!(
+        out.len() >= rows * vocab,
+        "logits buffer of {} for {rows} × {vocab}",
+        out.len()
+    );
+    ensure!(
+        gathered.len() >= rows * per * vocab.div_ceil(per),
+        "gathered logits of {} for {rows} rows",
+        gathered.len()
+    );
+    if rows == 0 {
+        return Ok(());
+    }
+    let s = ops.device().stream();
+    let (o, _g1) = out.device_ptr_mut(s);
+    let (i, _g2) = gathered.device_ptr(s);
+    let (r, p, v) = (rows as i32, per as i32, vocab as i32);
+    let (gx, _, _) = grid_1d(vocab, 256);
+    let cfg = cudarc::driver::LaunchConfig {
+        grid_dim: (gx.min(256), rows as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: reads world·rows·per and writes rows·vocab values (checked above).
+    unsafe {
+        s.launch_builder(&ops.k.vocab_concat)
+            .arg(&o)
+            .arg(&i)
+            .arg(&r)
+            .arg(&p)
+            .arg(&v)
+            .launch(cfg)
+    }?;
+    Ok(())
+}
+
+/// Seconds one all-reduce of `bytes` bytes takes on `model`'s group (the median of
+/// `iters`, after warm-up), on the model's own stream and communicator; every rank
+/// must call it at once. `None` for a model that is not in a group.
+pub fn time_all_reduce(model: &super::CudaModel, bytes: usize, iters: usize) -> Result<Option<f64>> {
+    let Some(tp) = model.tensor_parallel() else {
+        return Ok(None);
+    };
+    let ops = model.ops();
+    let mut sc = model.scratch.lock().expect("scratch lock");
+    let comm = sc.tp.join(tp, ops)?;
+    let dev = ops.device();
+    let mut buf = dev.zeros::<u8>(bytes.max(1))?;
+    let s = dev.stream();
+    let (p, _g) = buf.device_ptr_mut(s);
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..iters + 3 {
+        let (a, b) = (dev.event(true)?, dev.event(true)?);
+        a.record(s)?;
+        // SAFETY: `buf` holds `bytes` bytes and outlives the work (synchronised below).
+        unsafe { comm.all_reduce_bytes(p, bytes, s.cu_stream()) }?;
+        b.record(s)?;
+        b.synchronize()?;
+        if i >= 3 {
+            times.push(a.elapsed_ms(&b)? as f64 / 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times.get(times.len() / 2).copied())
+}

@@ -1,0 +1,644 @@
+//! Tensor parallelism behind the scheduler: one model over several GPUs of one host,
+//! one thread and one CUDA context per GPU, each thread running the one-GPU backend
+//! ([`CudaBackend`]) over its device's shard ([`crate::model::shard`]), with the
+//! collectives inside each step ([`crate::cuda::parallel`]).
+//!
+//! Every rank gets every command, in the same order: the same sequences, the same
+//! steps on the same lanes, so each queues the same collectives in the same order and
+//! samples the same tokens from the same (all-gathered) logits with the same seeds.
+//! The caller's thread sends a command to every rank before it waits for any: a rank
+//! that joins a communicator or queues a collective may wait for the others. ShadowKV
+//! runs per device too: each rank compresses its own KV heads, keeps their values in a
+//! pool of its own and fetches them over its own PCIe link.
+//!
+//! A step that fails on every rank fails as on one GPU. A step that fails on some
+//! ranks only leaves the others' collectives waiting: the group aborts its
+//! communicators and refuses every later step, naming the first failure.
+
+use super::backend::{BackendStats, SeqSpec, StepBackend, StepInput, StepOutput, StepSeq};
+use super::backend_cuda::{CudaBackend, CudaSeq};
+use crate::cuda::nccl::Nccl;
+use crate::cuda::parallel::{time_all_reduce, TpShard, COMMUNICATORS};
+use crate::cuda::shadow::decode::FetchPath;
+use crate::cuda::shadow::TierSize;
+use crate::cuda::{CudaDevice, CudaModel, CudaOps, DeviceError};
+use crate::model::config::ModelConfig;
+use crate::model::shard::ShardPlan;
+use crate::model::weights::TensorSource;
+use crate::pool::ValuePool;
+use crate::shadow::{ShadowParams, ShadowStats};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use cudarc::driver::{CudaContext, CudaEvent};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Where each device's weights come from.
+pub enum TpWeights<'a> {
+    /// [`CudaModel::synthetic_shard`] with this seed (made on each device).
+    Synthetic(u64),
+    /// A model's files, each device reading its shard.
+    Source(&'a dyn TensorSource),
+}
+
+/// Makes rank `r`'s ShadowKV value pool for its device config (its KV heads).
+pub type PoolMaker<'a> = &'a dyn Fn(usize, &ModelConfig) -> Result<ValuePool>;
+
+/// How the group serves: the one-GPU backend's settings, applied on every device.
+pub struct TpOptions<'a> {
+    /// CUDA ordinals, one per rank, in rank order.
+    pub devices: Vec<usize>,
+    /// Tokens a sequence's cache holds at most.
+    pub cache_tokens: usize,
+    /// Sequences served at once at most.
+    pub max_batch: usize,
+    /// Lanes (1, or 2 to prefill beside decoding).
+    pub lanes: usize,
+    /// Decode steps captured as CUDA graphs.
+    pub graphs: bool,
+    /// ShadowKV's settings and each rank's value pool (none: full attention).
+    pub shadow: Option<(ShadowParams, PoolMaker<'a>)>,
+    /// ShadowKV's value fetch path.
+    pub fetch: FetchPath,
+    /// ShadowKV's micro-batches.
+    pub micro_batches: usize,
+    /// ShadowKV's GPU value tier.
+    pub tier: TierSize,
+    /// A progress bar while the weights load.
+    pub progress: bool,
+}
+
+/// One sequence's part of a step, as every rank gets it.
+struct Part {
+    seq: u64,
+    /// Its tokens; `None`: the token the previous step sampled.
+    tokens: Option<Vec<u32>>,
+    sample: bool,
+    prompt_done: bool,
+}
+
+enum Cmd {
+    NewSeq(u64, SeqSpec),
+    Fork {
+        from: u64,
+        to: u64,
+    },
+    Free(u64),
+    Submit {
+        lane: usize,
+        ticket: u64,
+        parts: Arc<Vec<Part>>,
+    },
+    Complete {
+        lane: usize,
+        ticket: u64,
+    },
+    Stats,
+    StartTrace,
+    Memory,
+    AllReduce {
+        bytes: usize,
+        iters: usize,
+    },
+    Abort,
+    Shutdown,
+}
+
+enum Reply {
+    Done(Result<()>),
+    Submitted(Result<(Arc<CudaEvent>, Vec<usize>)>),
+    Completed(Result<StepOutput>),
+    Stats(BackendStats, Option<ShadowStats>),
+    Trace(Result<Vec<std::time::Instant>>),
+    Memory(Result<(usize, usize)>),
+    Seconds(Result<Option<f64>>),
+}
+
+/// One rank's thread: the one-GPU backend over its shard, its sequences and its
+/// queued steps.
+struct Worker {
+    backend: CudaBackend,
+    seqs: HashMap<u64, CudaSeq>,
+    tickets: HashMap<u64, crate::cuda::StepTicket>,
+}
+
+impl Worker {
+    fn run(mut self, rx: Receiver<Cmd>, tx: Sender<Reply>) {
+        // Each command that expects a reply gets exactly one.
+        while let Ok(cmd) = rx.recv() {
+            let reply = match cmd {
+                Cmd::NewSeq(id, spec) => Some(Reply::Done(self.backend.new_seq(&spec).map(|s| {
+                    self.seqs.insert(id, s);
+                }))),
+                Cmd::Fork { from, to } => Some(Reply::Done(self.fork(from, to))),
+                Cmd::Free(id) => {
+                    self.seqs.remove(&id);
+                    None
+                }
+                Cmd::Submit { lane, ticket, parts } => Some(Reply::Submitted(self.submit(lane, ticket, &parts))),
+                Cmd::Complete { lane, ticket } => Some(Reply::Completed(match self.tickets.remove(&ticket) {
+                    Some(t) => self.backend.complete(lane, t),
+                    None => Err(anyhow!("no queued step {ticket}")),
+                })),
+                Cmd::Stats => Some(Reply::Stats(self.backend.stats(), self.backend.shadow_stats())),
+                Cmd::StartTrace => Some(Reply::Trace(self.backend.start_gpu_trace())),
+                Cmd::Memory => Some(Reply::Memory(self.backend.model().ops().device().mem_info())),
+                Cmd::AllReduce { bytes, iters } => {
+                    Some(Reply::Seconds(time_all_reduce(self.backend.model(), bytes, iters)))
+                }
+                Cmd::Abort => {
+                    self.backend.abort_collectives();
+                    None
+                }
+                Cmd::Shutdown => break,
+            };
+            if let Some(r) = reply {
+                if tx.send(r).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn fork(&mut self, from: u64, to: u64) -> Result<()> {
+        let seq = self.seqs.get(&from).context("no such sequence")?;
+        let copy = self.backend.fork_seq(seq)?;
+        self.seqs.insert(to, copy);
+        Ok(())
+    }
+
+    fn submit(&mut self, lane: usize, ticket: u64, parts: &[Part]) -> Result<(Arc<CudaEvent>, Vec<usize>)> {
+        let mut taken = Vec::with_capacity(parts.len());
+        for p in parts {
+            match self.seqs.remove(&p.seq) {
+                Some(s) => taken.push((p.seq, s)),
+                None => {
+                    for (id, s) in taken {
+                        self.seqs.insert(id, s);
+                    }
+                    bail!("sequence {} is not on this device", p.seq);
+                }
+            }
+        }
+        let mut batch: Vec<StepSeq<'_, CudaSeq>> = taken
+            .iter_mut()
+            .zip(parts)
+            .map(|((_, seq), p)| StepSeq {
+                input: match &p.tokens {
+                    Some(t) => StepInput::Tokens(t),
+                    None => StepInput::Previous,
+                },
+                seq,
+                sample: p.sample,
+                prompt_done: p.prompt_done,
+            })
+            .collect();
+        let queued = self.backend.submit(lane, &mut batch);
+        drop(batch);
+        let bytes = taken.iter().map(|(_, s)| self.backend.seq_bytes(s)).collect();
+        for (id, s) in taken {
+            self.seqs.insert(id, s);
+        }
+        let t = queued?;
+        let end = t.end_event();
+        self.tickets.insert(ticket, t);
+        Ok((end, bytes))
+    }
+}
+
+/// A rank: its thread's inbox and replies, and its device's context.
+struct Rank {
+    tx: Sender<Cmd>,
+    rx: Receiver<Reply>,
+    ctx: Arc<CudaContext>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// One sequence of the group: its id on every rank, its length and device bytes.
+pub struct TpSeq {
+    id: u64,
+    len: usize,
+    bytes: usize,
+    free: Vec<Sender<Cmd>>,
+}
+
+impl Drop for TpSeq {
+    fn drop(&mut self) {
+        for tx in &self.free {
+            // A rank that has stopped holds nothing any more.
+            let _ = tx.send(Cmd::Free(self.id));
+        }
+    }
+}
+
+/// A step queued on every rank.
+pub struct TpTicket {
+    id: u64,
+    ends: Vec<Arc<CudaEvent>>,
+}
+
+/// The model over several GPUs.
+pub struct TpBackend {
+    config: ModelConfig,
+    ranks: Vec<Rank>,
+    lanes: usize,
+    /// Ids of sequences and steps.
+    next_id: AtomicU64,
+    weight_bytes: usize,
+    nccl: Arc<Nccl>,
+    /// Why the group stopped serving, once a step failed on some ranks only.
+    broken: Option<String>,
+}
+
+impl TpBackend {
+    /// Loads `config`'s model over `opts.devices` (its shard on each, straight from
+    /// `weights`) and starts one thread per GPU. Refuses a device list with a repeat,
+    /// a GPU that is not there, a model whose heads or MLP do not divide over the
+    /// devices, and a host without NCCL, each with the reason.
+    pub fn new(config: &ModelConfig, weights: TpWeights, opts: TpOptions) -> Result<Self> {
+        let n = opts.devices.len();
+        ensure!(n > 0, "tensor parallelism needs at least one device");
+        for (i, d) in opts.devices.iter().enumerate() {
+            if opts.devices[..i].contains(d) {
+                bail!("the device list names GPU {d} twice");
+            }
+        }
+        let plan = ShardPlan::new(config, n)?;
+        for (rank, &ordinal) in opts.devices.iter().enumerate() {
+            CudaDevice::new(ordinal).map_err(|e| gpu_error(e, ordinal, rank))?;
+        }
+        let nccl = Nccl::load()?;
+        let ids = (0..COMMUNICATORS)
+            .map(|_| nccl.unique_id())
+            .collect::<Result<Vec<_>>>()?;
+        let mut ranks = Vec::with_capacity(n);
+        let mut weight_bytes = 0;
+        for (rank, &ordinal) in opts.devices.iter().enumerate() {
+            let dev = CudaDevice::new(ordinal).map_err(|e| gpu_error(e, ordinal, rank))?;
+            let ctx = dev.context().clone();
+            let ops = CudaOps::new(dev).with_context(|| format!("starting the CUDA backend on GPU {ordinal}"))?;
+            let tp = TpShard::new(&plan, rank, nccl.clone(), ids.clone())?;
+            let model = match weights {
+                TpWeights::Synthetic(seed) => {
+                    CudaModel::synthetic_shard(ops, config.clone(), seed, (&plan, tp), opts.progress)?
+                }
+                TpWeights::Source(src) => CudaModel::from_shard(ops, config.clone(), src, (&plan, tp), opts.progress)?,
+            };
+            weight_bytes += model.weight_bytes();
+            let shadow = match &opts.shadow {
+                Some((p, pool)) => Some((*p, pool(rank, model.config())?)),
+                None => None,
+            };
+            let backend = CudaBackend::new(
+                model,
+                opts.cache_tokens,
+                opts.max_batch,
+                opts.lanes,
+                opts.graphs,
+                shadow,
+            )
+            .with_context(|| format!("GPU {ordinal} (rank {rank})"))?
+            .with_fetch(opts.fetch)
+            .with_micro_batches(opts.micro_batches)
+            .with_tier(opts.tier)?;
+            let (tx, cmd_rx) = unbounded();
+            let (reply_tx, rx) = bounded(1);
+            let worker = Worker {
+                backend,
+                seqs: HashMap::new(),
+                tickets: HashMap::new(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("gpu{ordinal}-rank{rank}"))
+                .spawn(move || worker.run(cmd_rx, reply_tx))
+                .context("starting a GPU thread")?;
+            ranks.push(Rank {
+                tx,
+                rx,
+                ctx,
+                thread: Some(thread),
+            });
+        }
+        Ok(TpBackend {
+            config: config.clone(),
+            ranks,
+            lanes: opts.lanes,
+            next_id: AtomicU64::new(0),
+            weight_bytes,
+            nccl,
+            broken: None,
+        })
+    }
+
+    /// Devices in the group.
+    pub fn devices(&self) -> usize {
+        self.ranks.len()
+    }
+
+    /// Bytes of weights over all devices.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// Free and total memory of each device, in rank order.
+    pub fn memory(&self) -> Result<Vec<(usize, usize)>> {
+        self.all(|_| Cmd::Memory)?
+            .into_iter()
+            .map(|r| match r {
+                Reply::Memory(m) => m,
+                _ => Err(anyhow!("a rank answered out of turn")),
+            })
+            .collect()
+    }
+
+    /// Device bytes of one device's share of a dense cache of `tokens` tokens.
+    pub fn cache_bytes(&self, tokens: usize) -> usize {
+        let c = &self.config;
+        c.num_layers * 2 * tokens * (c.num_kv_heads / self.ranks.len()) * c.head_dim * 2
+    }
+
+    /// Seconds one all-reduce of `bytes` bytes takes over the group (NCCL, rank 0's
+    /// median of `iters`).
+    pub fn time_all_reduce(&mut self, bytes: usize, iters: usize) -> Result<f64> {
+        self.check_serving()?;
+        let replies = self.all(|_| Cmd::AllReduce { bytes, iters })?;
+        let results = replies
+            .into_iter()
+            .map(|r| match r {
+                Reply::Seconds(r) => r.and_then(|s| s.context("a device outside the group")),
+                _ => Err(anyhow!("a rank answered out of turn")),
+            })
+            .collect();
+        Ok(self.agree("timing an all-reduce", results)?[0])
+    }
+
+    /// The NCCL library the group runs on.
+    pub fn nccl(&self) -> &Nccl {
+        &self.nccl
+    }
+
+    fn take_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Sends `cmd(rank)` to every rank, then collects one reply from each.
+    fn all(&self, cmd: impl Fn(usize) -> Cmd) -> Result<Vec<Reply>> {
+        for (r, rank) in self.ranks.iter().enumerate() {
+            rank.tx
+                .send(cmd(r))
+                .map_err(|_| anyhow!("the thread of rank {r} has stopped"))?;
+        }
+        self.ranks
+            .iter()
+            .enumerate()
+            .map(|(r, rank)| {
+                rank.rx
+                    .recv()
+                    .map_err(|_| anyhow!("the thread of rank {r} has stopped"))
+            })
+            .collect()
+    }
+
+    /// The ranks' results as one: all fine, all failed (rank 0's error), or some
+    /// failed (the group stops: see the module's documentation).
+    fn agree<T>(&mut self, what: &str, results: Vec<Result<T>>) -> Result<Vec<T>> {
+        let failed: Vec<usize> = (0..results.len()).filter(|&r| results[r].is_err()).collect();
+        if failed.is_empty() {
+            return Ok(results.into_iter().map(|r| r.expect("checked")).collect());
+        }
+        let first = failed[0];
+        let err = results.into_iter().nth(first).expect("exists").err().expect("failed");
+        if failed.len() < self.ranks.len() {
+            let why = format!("{what} failed on rank {first} only: {err:#}");
+            for rank in &self.ranks {
+                let _ = rank.tx.send(Cmd::Abort);
+            }
+            self.broken = Some(why.clone());
+            bail!("{why}; the tensor-parallel group has stopped");
+        }
+        Err(err)
+    }
+
+    fn check_serving(&self) -> Result<()> {
+        match &self.broken {
+            Some(why) => bail!("the tensor-parallel group has stopped ({why})"),
+            None => Ok(()),
+        }
+    }
+
+    /// A new sequence holding a copy of `seq`'s dense cache on every rank (see
+    /// [`CudaBackend::fork_seq`]).
+    pub fn fork_seq(&mut self, seq: &TpSeq) -> Result<TpSeq> {
+        self.check_serving()?;
+        let to = self.take_id();
+        let from = seq.id;
+        let replies = self.all(|_| Cmd::Fork { from, to })?;
+        let results = replies.into_iter().map(done).collect();
+        self.agree("copying a sequence", results)?;
+        Ok(TpSeq {
+            id: to,
+            len: seq.len,
+            bytes: seq.bytes,
+            free: self.ranks.iter().map(|r| r.tx.clone()).collect(),
+        })
+    }
+}
+
+/// Why GPU `ordinal` (rank `rank`) cannot be opened.
+fn gpu_error(e: DeviceError, ordinal: usize, rank: usize) -> anyhow::Error {
+    match e {
+        DeviceError::Unavailable(why) => anyhow!("GPU {ordinal} (rank {rank}) cannot be used: {why}"),
+        e => anyhow::Error::from(e).context(format!("opening GPU {ordinal} (rank {rank})")),
+    }
+}
+
+fn done(r: Reply) -> Result<()> {
+    match r {
+        Reply::Done(r) => r,
+        _ => Err(anyhow!("a rank answered out of turn")),
+    }
+}
+
+impl StepBackend for TpBackend {
+    type Seq = TpSeq;
+    type Ticket = TpTicket;
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn lanes(&self) -> usize {
+        self.lanes
+    }
+
+    fn queue_depth(&self) -> usize {
+        2
+    }
+
+    fn new_seq(&self, spec: &SeqSpec) -> Result<TpSeq> {
+        self.check_serving()?;
+        let id = self.take_id();
+        let spec = *spec;
+        let replies = self.all(|_| Cmd::NewSeq(id, spec))?;
+        // Nothing is queued yet: a refusal on any rank refuses the sequence everywhere.
+        if let Some(e) = replies.into_iter().map(done).find_map(|r| r.err()) {
+            for rank in &self.ranks {
+                let _ = rank.tx.send(Cmd::Free(id));
+            }
+            return Err(e);
+        }
+        Ok(TpSeq {
+            id,
+            len: 0,
+            bytes: 0,
+            free: self.ranks.iter().map(|r| r.tx.clone()).collect(),
+        })
+    }
+
+    fn seq_len(&self, seq: &TpSeq) -> usize {
+        seq.len
+    }
+
+    fn seq_bytes(&self, seq: &TpSeq) -> usize {
+        seq.bytes
+    }
+
+    fn submit(&mut self, lane: usize, batch: &mut [StepSeq<'_, TpSeq>]) -> Result<TpTicket> {
+        self.check_serving()?;
+        ensure!(lane < self.lanes, "no lane {lane}");
+        let parts: Arc<Vec<Part>> = Arc::new(
+            batch
+                .iter()
+                .map(|s| Part {
+                    seq: s.seq.id,
+                    tokens: match s.input {
+                        StepInput::Tokens(t) => Some(t.to_vec()),
+                        StepInput::Previous => None,
+                    },
+                    sample: s.sample,
+                    prompt_done: s.prompt_done,
+                })
+                .collect(),
+        );
+        let ticket = self.take_id();
+        let replies = self.all(|_| Cmd::Submit {
+            lane,
+            ticket,
+            parts: parts.clone(),
+        })?;
+        let results = replies
+            .into_iter()
+            .map(|r| match r {
+                Reply::Submitted(r) => r,
+                _ => Err(anyhow!("a rank answered out of turn")),
+            })
+            .collect();
+        let queued = self.agree("a step", results)?;
+        let mut ends = Vec::with_capacity(queued.len());
+        let mut bytes = vec![0; batch.len()];
+        for (end, b) in queued {
+            ends.push(end);
+            for (sum, b) in bytes.iter_mut().zip(b) {
+                *sum += b;
+            }
+        }
+        for ((s, p), b) in batch.iter_mut().zip(parts.iter()).zip(bytes) {
+            s.seq.len += p.tokens.as_ref().map_or(1, |t| t.len());
+            s.seq.bytes = b;
+        }
+        Ok(TpTicket { id: ticket, ends })
+    }
+
+    fn is_done(&self, ticket: &TpTicket) -> bool {
+        ticket
+            .ends
+            .iter()
+            .zip(&self.ranks)
+            .all(|(e, r)| r.ctx.bind_to_thread().is_ok() && e.is_complete())
+    }
+
+    fn complete(&mut self, lane: usize, ticket: TpTicket) -> Result<StepOutput> {
+        self.check_serving()?;
+        let id = ticket.id;
+        let replies = self.all(|_| Cmd::Complete { lane, ticket: id })?;
+        let results = replies
+            .into_iter()
+            .map(|r| match r {
+                Reply::Completed(r) => r,
+                _ => Err(anyhow!("a rank answered out of turn")),
+            })
+            .collect();
+        let outs = self.agree("completing a step", results)?;
+        let mut outs = outs.into_iter();
+        let first = outs.next().expect("one rank at least");
+        for (r, o) in outs.enumerate() {
+            if o.tokens != first.tokens {
+                let why = format!("rank {} sampled other tokens than rank 0", r + 1);
+                self.broken = Some(why.clone());
+                bail!("{why}: the tensor-parallel group has stopped");
+            }
+        }
+        Ok(first)
+    }
+
+    fn start_gpu_trace(&mut self) -> Result<Vec<std::time::Instant>> {
+        // Rank 0's timeline stands for the group's.
+        let replies = self.all(|_| Cmd::StartTrace)?;
+        match replies.into_iter().next() {
+            Some(Reply::Trace(r)) => r,
+            _ => Err(anyhow!("a rank answered out of turn")),
+        }
+    }
+
+    fn stats(&self) -> BackendStats {
+        let mut sum = BackendStats::default();
+        let Ok(replies) = self.all(|_| Cmd::Stats) else {
+            return sum;
+        };
+        let mut shadow = ShadowStats::default();
+        for r in replies {
+            if let Reply::Stats(s, sh) = r {
+                sum.gpu_bytes += s.gpu_bytes;
+                sum.pool_bytes += s.pool_bytes;
+                sum.value_bytes_fetched += s.value_bytes_fetched;
+                if let Some(sh) = sh {
+                    shadow.hits += sh.hits;
+                    shadow.misses += sh.misses;
+                }
+            }
+        }
+        sum.reuse_hit_ratio = shadow.hit_rate();
+        sum
+    }
+
+    fn shadow_stats(&self) -> Option<ShadowStats> {
+        let replies = self.all(|_| Cmd::Stats).ok()?;
+        let mut total: Option<ShadowStats> = None;
+        for r in replies {
+            if let Reply::Stats(_, Some(sh)) = r {
+                let t = total.get_or_insert_with(ShadowStats::default);
+                t.hits += sh.hits;
+                t.misses += sh.misses;
+                t.value_bytes_fetched += sh.value_bytes_fetched;
+            }
+        }
+        total
+    }
+}
+
+impl Drop for TpBackend {
+    fn drop(&mut self) {
+        // Every rank is told before any is joined: a communicator's teardown may wait
+        // for the other ranks'. (Sequences still alive hold senders: the inboxes stay
+        // open, so the threads are told, not left to see them close.)
+        for rank in &self.ranks {
+            let _ = rank.tx.send(Cmd::Shutdown);
+        }
+        let threads: Vec<_> = self.ranks.iter_mut().filter_map(|r| r.thread.take()).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
