@@ -59,7 +59,7 @@ pub struct CudaBench {
 impl CudaBench {
     /// The ShadowKV settings of each ShadowKV method at context `ctx` (the generated
     /// tokens included).
-    fn shadow_for(&self, cfg: &ModelConfig, ctx: usize) -> Result<Vec<ShadowParams>> {
+    pub(super) fn shadow_for(&self, cfg: &ModelConfig, ctx: usize) -> Result<Vec<ShadowParams>> {
         self.shadow
             .iter()
             .filter_map(|&m| match self.shadow_args.attention(m, cfg, ctx + self.gen) {

@@ -1,22 +1,37 @@
-//! `shadowkv bench --backend cuda --devices 0,1`: full-attention decode over a
-//! tensor-parallel group against one GPU in the same run, through the engine the
-//! daemon runs ([`StepBackend`]: steps queued two deep, tokens sampled on the GPU).
+//! `shadowkv bench --backend cuda --devices 0,1`: decode over a tensor-parallel group
+//! against one GPU in the same run, through the engine the daemon runs
+//! ([`StepBackend`]: steps queued two deep, tokens sampled on the GPU).
 //!
-//! Per context and per engine (one GPU where the model fits it, then the group): one
-//! sequence is prefilled (timed), its cache is copied into the rest of the batch (the
-//! largest that fits every device, or `--batch`), `gen` decode steps run over the
-//! batch, then `gen` over the first sequence alone (the latency of one sequence). The
-//! group also times NCCL's all-reduce at the size of one of its decode step's
-//! all-reduces (two a layer and one for the embedding) and at 256 MiB, for the bus
-//! bandwidth of the host's link, in the same run.
+//! Full attention, per context and per engine (one GPU where the model fits it, then
+//! the group): one sequence is prefilled (timed), its cache is copied into the rest of
+//! the batch (the largest that fits every device, or `--batch`), `gen` decode steps run
+//! over the batch, then `gen` over the first sequence alone (the latency of one
+//! sequence). The group also times NCCL's all-reduce at the size of one of its decode
+//! step's all-reduces (two a layer and one for the embedding) and at 256 MiB, for the
+//! bus bandwidth of the host's link, in the same run.
+//!
+//! ShadowKV, per context, over the group only, at its own largest batch (every
+//! device's ShadowKV state and a dense prefill in its free memory, every device's
+//! values in the host's): one sequence is prefilled but for its last token, its dense
+//! cache is copied and each copy compressed by its last token's step (one at a time:
+//! a dense copy of a long prompt is large), then the batch decodes `gen` steps. Its
+//! tokens/s is compared with the group's full attention at the same context.
 
 use super::bench_cuda::{median, CudaBench};
+use crate::cuda::shadow::decode::FetchPath;
+use crate::cuda::shadow::layout::ShadowLayout;
+use crate::cuda::shadow::seq::sequence_bytes;
+use crate::cuda::shadow::TierSize;
 use crate::engine::backend::{SeqSpec, StepBackend, StepInput, StepSeq};
 use crate::engine::backend_cuda::CudaBackend;
 use crate::engine::backend_tp::{TpBackend, TpOptions};
+use crate::engine::generate::gpu_value_pool;
 use crate::engine::sampling::SamplingParams;
 use crate::model::config::ModelConfig;
-use crate::model::load::open_model;
+use crate::model::load::{open_model, OpenedModel};
+use crate::model::shard::ShardPlan;
+use crate::pool::space::MachineMemory;
+use crate::shadow::ShadowParams;
 use anyhow::{bail, Context, Result};
 use std::io::IsTerminal;
 use std::time::Instant;
@@ -71,9 +86,6 @@ struct Row {
 
 /// Runs the group benchmark over `devices`.
 pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
-    if !a.shadow.is_empty() {
-        bail!("--devices benchmarks full attention for now: pass --attention full");
-    }
     let progress = std::io::stderr().is_terminal();
     let m = open_model(&a.model)?;
     let cfg = m.config.clone();
@@ -88,7 +100,7 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
     let cache_tokens = longest + 2 * a.gen;
     let mut rows = Vec::new();
     // One GPU first, where the whole model fits it.
-    if devices.len() > 1 {
+    if devices.len() > 1 && a.full {
         let dev = crate::cuda::CudaDevice::new(devices[0])
             .map_err(|e| anyhow::anyhow!("GPU {} cannot be used: {e}", devices[0]))?;
         let (free, _) = dev.mem_info()?;
@@ -120,9 +132,9 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
             lanes: 1,
             graphs: !a.cuda.no_graph,
             shadow: None,
-            fetch: crate::cuda::shadow::decode::FetchPath::ZeroCopy,
+            fetch: FetchPath::ZeroCopy,
             micro_batches: 1,
-            tier: crate::cuda::shadow::TierSize::Off,
+            tier: TierSize::Off,
             progress,
         },
     )?;
@@ -141,7 +153,7 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
         if a.cuda.no_graph { "off" } else { "on" }
     );
     let mut reduce = Vec::new();
-    for &ctx in &a.contexts {
+    for &ctx in a.contexts.iter().filter(|_| a.full) {
         let r = measure(&mut group, devices.len(), &cfg, ctx, a)?;
         // The decode step's all-reduces: rows × hidden bf16 values each.
         let step_bytes = r.batch * cfg.hidden_size * 2;
@@ -158,6 +170,12 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
         _ => format!("{:.1}", 2.0 * (n - 1.0) / n * bytes as f64 / secs / 1e9),
     };
     drop(group);
+    let mut shadow_rows = Vec::new();
+    for &ctx in &a.contexts {
+        for p in a.shadow_for(&cfg, ctx)? {
+            shadow_rows.push(measure_shadow(a, devices, &m, &p, ctx, progress)?);
+        }
+    }
     println!(
         "| GPUs | context | batch | prefill tok/s | decode tok/s | step ms (median) | vs 1 GPU | one sequence ms/token \
          | vs 1 GPU |"
@@ -181,6 +199,23 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
             ratio(base.map(|b| b.one_seq_ms / r.one_seq_ms)),
         );
     }
+    if !shadow_rows.is_empty() {
+        println!();
+        println!("| GPUs | context | ShadowKV batch | decode tok/s | step ms (median) | vs full (group) |");
+        println!("|---:|---:|---:|---:|---:|---:|");
+        for r in &shadow_rows {
+            let full = rows.iter().find(|f| f.gpus == r.gpus && f.context == r.context);
+            println!(
+                "| {} | {} | {} | {:.1} | {:.2} | {} |",
+                r.gpus,
+                r.context,
+                r.batch,
+                r.decode_tps,
+                r.step_ms,
+                full.map_or("-".to_string(), |f| format!("{:.2}×", r.decode_tps / f.decode_tps))
+            );
+        }
+    }
     println!();
     println!(
         "NCCL all-reduce on this host: {} MiB in {:.3} ms, bus bandwidth {} GB/s",
@@ -199,6 +234,127 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// ShadowKV over the group at context `ctx`: a group made for the largest batch whose
+/// ShadowKV state fits every device and whose values fit the host, filled from one
+/// prefill (see the module's documentation), decoded `gen` steps.
+fn measure_shadow(
+    a: &CudaBench,
+    devices: &[usize],
+    m: &OpenedModel,
+    p: &ShadowParams,
+    ctx: usize,
+    progress: bool,
+) -> Result<Row> {
+    let cfg = &m.config;
+    let n = devices.len();
+    let cache_tokens = ctx + 2 * a.gen;
+    let plan = ShardPlan::new(cfg, n)?;
+    let rank_cfg = plan.device_config(0)?;
+    let layout = ShadowLayout::new(&rank_cfg, p, cache_tokens)?;
+    let (per_gpu, one_pool) = sequence_bytes(&layout, cfg.num_layers)?;
+    // Each device: its weights, one dense prefill (keys, values, keys before RoPE) and a
+    // margin out of what is free now; the host: every device's pool.
+    let weights = 2 * cfg.parameter_count() / n;
+    let prefill = 3 * cfg.num_layers * ctx * rank_cfg.num_kv_heads * cfg.head_dim * 2;
+    let mut gpu_fit = usize::MAX;
+    for &d in devices {
+        let (free, _) = crate::cuda::CudaDevice::new(d)
+            .map_err(|e| anyhow::anyhow!("GPU {d} cannot be used: {e}"))?
+            .mem_info()?;
+        gpu_fit = gpu_fit.min(free.saturating_sub(weights + prefill + (6 << 30)) / per_gpu);
+    }
+    let host = MachineMemory::read()?;
+    let host_fit = (host.available as f64 * 0.9) as usize / (one_pool * n);
+    let fit = gpu_fit.min(host_fit);
+    let batch = match a.batch {
+        Some(b) if b > fit => {
+            bail!("a ShadowKV batch of {b} at context {ctx} does not fit: {gpu_fit} fit the GPUs, {host_fit} the host")
+        }
+        Some(b) => b,
+        None if fit == 0 => bail!("not one ShadowKV sequence of {ctx} tokens fits the GPUs and the host"),
+        None => fit,
+    };
+    let pool = |_rank: usize, c: &ModelConfig| gpu_value_pool(c, p, cache_tokens, batch);
+    let mut group = TpBackend::new(
+        cfg,
+        super::backend::tp_weights(&a.model, m)?,
+        TpOptions {
+            devices: devices.to_vec(),
+            cache_tokens,
+            max_batch: batch,
+            lanes: 1,
+            graphs: !a.cuda.no_graph,
+            shadow: Some((*p, &pool)),
+            fetch: a.cuda.value_fetch.first().map_or(FetchPath::ZeroCopy, |f| f.path()),
+            micro_batches: a.micro_batches.first().copied().unwrap_or(1),
+            tier: a.cuda.gpu_tier.first().copied().unwrap_or(TierSize::Off),
+            progress,
+        },
+    )?;
+    let spec = SeqSpec {
+        sampling: SamplingParams::default(),
+        seed: 0,
+        prompt_tokens: ctx,
+        max_tokens: 2 * a.gen,
+    };
+    let mut first = group.new_seq(&spec)?;
+    let ids: Vec<u32> = (0..ctx)
+        .map(|i| ((i * 7919 + 13) % (cfg.vocab_size - 1)) as u32)
+        .collect();
+    let (head, last) = ids.split_at(ctx - 1);
+    for part in head.chunks(a.prefill_chunk.max(1)) {
+        let t = group.submit(
+            0,
+            &mut [StepSeq {
+                input: StepInput::Tokens(part),
+                seq: &mut first,
+                sample: false,
+                prompt_done: false,
+            }],
+        )?;
+        group.complete(0, t)?;
+    }
+    // Each copy (and then the first) takes the prompt's last token and is compressed.
+    let mut first = Some(first);
+    let mut seqs = Vec::with_capacity(batch);
+    let mut next = 0;
+    for i in 0..batch {
+        let mut s = match i + 1 < batch {
+            true => group.fork_seq(first.as_ref().expect("kept until the last"))?,
+            false => first.take().expect("kept until the last"),
+        };
+        let t = group.submit(
+            0,
+            &mut [StepSeq {
+                input: StepInput::Tokens(last),
+                seq: &mut s,
+                sample: true,
+                prompt_done: true,
+            }],
+        )?;
+        next = *group
+            .complete(0, t)?
+            .tokens
+            .first()
+            .context("the prefill sampled no token")?;
+        seqs.push(s);
+    }
+    let (decode_tps, step_ms) = decode(&mut group, &mut seqs, next, a.gen)?;
+    eprintln!(
+        "[{n} GPU(s), context {ctx}, ShadowKV: batch {batch} (GPUs fit {gpu_fit}, host {host_fit}), decode \
+         {decode_tps:.1} tok/s, step {step_ms:.2} ms]"
+    );
+    Ok(Row {
+        gpus: n,
+        context: ctx,
+        batch,
+        prefill_tps: 0.0,
+        decode_tps,
+        step_ms,
+        one_seq_ms: 0.0,
+    })
 }
 
 /// Prefills one sequence of `ctx` tokens, copies it into the largest batch that fits

@@ -190,7 +190,7 @@ fn gpu_cache_tokens(reqs: &[GenerateRequest], ctx: usize) -> Result<usize> {
 
 /// A bf16 value pool for `seqs` ShadowKV sequences of `cap` tokens of a model shaped
 /// `cfg` (one GPU's, or one device's of a group).
-fn gpu_value_pool(cfg: &ModelConfig, p: &ShadowParams, cap: usize, seqs: usize) -> Result<ValuePool> {
+pub fn gpu_value_pool(cfg: &ModelConfig, p: &ShadowParams, cap: usize, seqs: usize) -> Result<ValuePool> {
     let layout = ShadowLayout::new(cfg, p, cap)?;
     let shape = GpuValuePool::shape_for(&layout, cfg.num_layers, seqs);
     ValuePool::anonymous_of(shape, ValueType::Bf16)
