@@ -404,21 +404,18 @@ impl TpBackend {
     /// The ranks' results as one: all fine, all failed (rank 0's error), or some
     /// failed (the group stops: see the module's documentation).
     fn agree<T>(&mut self, what: &str, results: Vec<Result<T>>) -> Result<Vec<T>> {
-        let failed: Vec<usize> = (0..results.len()).filter(|&r| results[r].is_err()).collect();
-        if failed.is_empty() {
-            return Ok(results.into_iter().map(|r| r.expect("checked")).collect());
-        }
-        let first = failed[0];
-        let err = results.into_iter().nth(first).expect("exists").err().expect("failed");
-        if failed.len() < self.ranks.len() {
-            let why = format!("{what} failed on rank {first} only: {err:#}");
-            for rank in &self.ranks {
-                let _ = rank.tx.send(Cmd::Abort);
+        match verdict(results) {
+            Verdict::Done(all) => Ok(all),
+            Verdict::Failed(e) => Err(e),
+            Verdict::Split(rank, e) => {
+                let why = format!("{what} failed on rank {rank}, not on every rank: {e:#}");
+                for rank in &self.ranks {
+                    let _ = rank.tx.send(Cmd::Abort);
+                }
+                self.broken = Some(why.clone());
+                bail!("{why}; the tensor-parallel group has stopped");
             }
-            self.broken = Some(why.clone());
-            bail!("{why}; the tensor-parallel group has stopped");
         }
-        Err(err)
     }
 
     fn check_serving(&self) -> Result<()> {
@@ -444,6 +441,42 @@ impl TpBackend {
             free: self.ranks.iter().map(|r| r.tx.clone()).collect(),
         })
     }
+}
+
+/// What the ranks' results of one command come to.
+enum Verdict<T> {
+    /// Every rank succeeded.
+    Done(Vec<T>),
+    /// Every rank failed (rank 0's error).
+    Failed(anyhow::Error),
+    /// Some ranks failed: the first of them and its error.
+    Split(usize, anyhow::Error),
+}
+
+fn verdict<T>(results: Vec<Result<T>>) -> Verdict<T> {
+    let ranks = results.len();
+    let mut done = Vec::with_capacity(ranks);
+    let mut failed = None;
+    let mut failures = 0;
+    for (r, res) in results.into_iter().enumerate() {
+        match res {
+            Ok(v) => done.push(v),
+            Err(e) => {
+                failures += 1;
+                failed.get_or_insert((r, e));
+            }
+        }
+    }
+    match failed {
+        None => Verdict::Done(done),
+        Some((_, e)) if failures == ranks => Verdict::Failed(e),
+        Some((r, e)) => Verdict::Split(r, e),
+    }
+}
+
+/// The first rank whose tokens differ from rank 0's, if any.
+fn first_disagreeing(outs: &[StepOutput]) -> Option<usize> {
+    outs.iter().position(|o| o.tokens != outs[0].tokens)
 }
 
 /// Why GPU `ordinal` (rank `rank`) cannot be opened.
@@ -571,16 +604,12 @@ impl StepBackend for TpBackend {
             })
             .collect();
         let outs = self.agree("completing a step", results)?;
-        let mut outs = outs.into_iter();
-        let first = outs.next().expect("one rank at least");
-        for (r, o) in outs.enumerate() {
-            if o.tokens != first.tokens {
-                let why = format!("rank {} sampled other tokens than rank 0", r + 1);
-                self.broken = Some(why.clone());
-                bail!("{why}: the tensor-parallel group has stopped");
-            }
+        if let Some(r) = first_disagreeing(&outs) {
+            let why = format!("rank {r} sampled other tokens than rank 0");
+            self.broken = Some(why.clone());
+            bail!("{why}: the tensor-parallel group has stopped");
         }
-        Ok(first)
+        Ok(outs.into_iter().next().expect("one rank at least"))
     }
 
     fn start_gpu_trace(&mut self) -> Result<Vec<std::time::Instant>> {
@@ -640,5 +669,33 @@ impl Drop for TpBackend {
         for t in threads {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ranks_results_agree_or_name_the_first_rank_that_failed() {
+        assert!(matches!(verdict::<u8>(vec![Ok(1), Ok(2)]), Verdict::Done(v) if v == [1, 2]));
+        match verdict::<u8>(vec![Err(anyhow!("zero")), Err(anyhow!("one"))]) {
+            Verdict::Failed(e) => assert_eq!(e.to_string(), "zero"),
+            _ => panic!("every rank failed"),
+        }
+        match verdict::<u8>(vec![Ok(1), Err(anyhow!("one")), Err(anyhow!("two"))]) {
+            Verdict::Split(1, e) => assert_eq!(e.to_string(), "one"),
+            _ => panic!("ranks 1 and 2 failed, rank 0 did not"),
+        }
+    }
+
+    #[test]
+    fn ranks_that_sampled_other_tokens_are_found() {
+        let out = |t: &[u32]| StepOutput {
+            tokens: t.to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(first_disagreeing(&[out(&[1, 2]), out(&[1, 2])]), None);
+        assert_eq!(first_disagreeing(&[out(&[1, 2]), out(&[1, 2]), out(&[1, 3])]), Some(2));
     }
 }
