@@ -121,9 +121,9 @@ fn serve_with_the_cuda_backend_and_no_gpu_names_the_topology_key() {
 }
 
 /// A tensor-parallel group (`--devices`, `backend.devices`) is checked at start-up:
-/// the CPU backend refuses it, `eval` runs on one GPU, a repeated GPU is named, and
-/// without the GPUs (or NCCL) the error says which GPU or library is missing, with the
-/// flag or the topology key. On a host with the GPUs the tiny model's head dimension
+/// the CPU backend refuses it, a repeated GPU is named, and without the GPUs (or NCCL)
+/// the error says which GPU or library is missing, for a group of two or of one, with
+/// the flag or the topology key. On a host with the GPUs the tiny model's head dimension
 /// is what is refused.
 #[test]
 fn device_groups_are_checked_at_start_up() {
@@ -156,13 +156,11 @@ fn device_groups_are_checked_at_start_up() {
             !ok && err.contains("--devices 0,1 needs --backend cuda"),
             "{args:?}: {err}"
         );
-        let args = [run, &tiny[..], &["--backend", "cuda", "--devices", "0,1"]].concat();
-        let (ok, err) = shadowkv(&args);
-        assert!(!ok, "{args:?}");
-        if run[0] == "eval" {
-            assert!(err.contains("--devices 0,1: eval runs on one GPU"), "{args:?}: {err}");
-        } else {
-            assert!(cannot_start(&err), "{args:?}: {err}");
+        // A group of two, and of one (the group's code on one GPU).
+        for list in ["0,1", "0"] {
+            let args = [run, &tiny[..], &["--backend", "cuda", "--devices", list]].concat();
+            let (ok, err) = shadowkv(&args);
+            assert!(!ok && cannot_start(&err), "{args:?}: {err}");
         }
         let args = [run, &tiny[..], &["--backend", "cuda", "--devices", "1,1"]].concat();
         let (ok, err) = shadowkv(&args);

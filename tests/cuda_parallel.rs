@@ -2,7 +2,8 @@
 //! bit), a group of one against the whole model (the same logits bit for bit: the
 //! collectives of one rank change nothing), a group of one through the engine against
 //! the one-GPU engine on SmolLM2 (the same greedy tokens, full attention and ShadowKV),
-//! and, where the host has two GPUs, a group of two against one GPU (logits within
+//! the same for a group loaded once and configured anew for each run (as `eval` uses
+//! it, more runs than it has communicator ids), and, where the host has two GPUs, a group of two against one GPU (logits within
 //! bf16 tolerance, the ranks' logits identical). Without a GPU each test prints that
 //! it skipped; without NCCL the group tests do (`SHADOWKV_REQUIRE_CUDA=1` makes both
 //! failures).
@@ -17,8 +18,8 @@ use shadowkv::cuda::nccl::Nccl;
 use shadowkv::cuda::parallel::{vocab_concat, TpShard, COMMUNICATORS};
 use shadowkv::cuda::testing::{ops_or_skip, record_skip, REQUIRE_ENV};
 use shadowkv::cuda::{CudaDevice, CudaModel, CudaOps, GpuSeq};
-use shadowkv::engine::backend_tp::TpWeights;
-use shadowkv::engine::generate::{generate_cuda, generate_parallel, GenerateOptions, GenerateRequest};
+use shadowkv::engine::backend_tp::{TpBackend, TpWeights};
+use shadowkv::engine::generate::{generate_cuda, generate_group, generate_parallel, GenerateOptions, GenerateRequest};
 use shadowkv::engine::sampling::SamplingParams;
 use shadowkv::model::config::ModelConfig;
 use shadowkv::model::load::open_model;
@@ -323,4 +324,54 @@ fn a_group_of_one_generates_what_the_one_gpu_engine_generates() {
             one.iter().map(|g| g.completion_ids.len()).sum::<usize>()
         );
     }
+}
+
+/// `eval --devices`'s use of a group: loaded once, then configured for each run with
+/// other settings (full attention and ShadowKV, alternately). Each run gives the
+/// one-GPU engine's tokens, and the runs outnumber the group's communicator ids: the
+/// lanes of each configuration rejoin the communicators of the one it replaced.
+#[test]
+fn a_group_configured_anew_for_each_run_generates_what_the_one_gpu_engine_generates() {
+    let Some(ops) = ops_or_skip() else { return };
+    let Some(_) = nccl_or_skip() else { return };
+    let m = open_model(common::test_model().to_str().unwrap()).unwrap();
+    let gpu = CudaModel::from_source(ops, m.config.clone(), m.source.as_ref(), false).unwrap();
+    let shadow = ShadowParams {
+        budget: 256,
+        rank: 96,
+        chunk_size: 8,
+        outlier_chunks: 8,
+        local_chunks: 4,
+    };
+    let reqs = [smollm2_request(&m.tokenizer, 700, 40)];
+    let opts = |attention| GenerateOptions {
+        prefill_chunk: 256,
+        attention,
+        ..Default::default()
+    };
+    let (full, shadowkv) = (Attention::Full, Attention::ShadowKv(shadow));
+    let want_full = generate_cuda(&gpu, &m.tokenizer, &reqs, opts(full), true).unwrap().0;
+    let want_shadow = generate_cuda(&gpu, &m.tokenizer, &reqs, opts(shadowkv), true)
+        .unwrap()
+        .0;
+    assert!(!want_full[0].completion_ids.is_empty() && !want_shadow[0].completion_ids.is_empty());
+    let mut group = TpBackend::load(&m.config, TpWeights::Source(m.source.as_ref()), &[0], false).unwrap();
+    let runs = COMMUNICATORS + 2;
+    for run in 0..runs {
+        let (attention, want) = if run % 2 == 0 {
+            (full, &want_full)
+        } else {
+            (shadowkv, &want_shadow)
+        };
+        let (got, _) = generate_group(&mut group, &m.tokenizer, &reqs, opts(attention), true).unwrap();
+        assert_eq!(
+            got[0].completion_ids, want[0].completion_ids,
+            "run {run}: {attention:?}"
+        );
+    }
+    println!(
+        "RESULT group_configured_anew_smollm2 runs={runs} tokens_full={} tokens_shadowkv={} equal",
+        want_full[0].completion_ids.len(),
+        want_shadow[0].completion_ids.len()
+    );
 }

@@ -399,7 +399,10 @@ fn eval_ruler_on_the_gpu_scores_like_the_cpu() {
         ]
     };
     let t0 = Instant::now();
-    let on_cpu = run_ruler(&EvalModel::Cpu(&cpu), &tok, chat, &plan, &methods(), false, |_| Ok(())).unwrap();
+    let on_cpu = run_ruler(&mut EvalModel::Cpu(&cpu), &tok, chat, &plan, &methods(), false, |_| {
+        Ok(())
+    })
+    .unwrap();
     let cpu_secs = t0.elapsed().as_secs_f64();
     // The GPU prefills in larger chunks, as `eval ruler --backend cuda` does.
     let gpu_plan = RulerPlan {
@@ -408,7 +411,7 @@ fn eval_ruler_on_the_gpu_scores_like_the_cpu() {
     };
     let t0 = Instant::now();
     let on_gpu = run_ruler(
-        &EvalModel::Cuda {
+        &mut EvalModel::Cuda {
             model: &gpu,
             fetch: FetchPath::ZeroCopy,
             tier: TierSize::Off,

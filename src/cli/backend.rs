@@ -98,19 +98,6 @@ impl CudaArgs {
         Ok(Gpus::Group(list.clone()))
     }
 
-    /// The one GPU of a command that runs on one: `--device`, or a group of one;
-    /// `what` names the command in the error for a larger group.
-    pub fn ordinal(&self, what: &str) -> Result<usize> {
-        match self.gpus()? {
-            Gpus::One(d) => Ok(d),
-            Gpus::Group(list) if list.len() == 1 => Ok(list[0]),
-            Gpus::Group(list) => anyhow::bail!(
-                "--devices {}: {what} runs on one GPU; tensor parallelism is in `generate`, `bench` and `serve`",
-                join(&list)
-            ),
-        }
-    }
-
     /// Refuses GPU settings on the CPU backend: a GPU value tier (the CPU backend keeps
     /// every value in host memory) and a tensor-parallel group.
     pub fn cpu_has_no_tier(&self) -> Result<()> {
@@ -148,10 +135,10 @@ fn join(list: &[usize]) -> String {
     list.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
 }
 
-/// Opens the one GPU of `--device` (or a `--devices` group of one) for `--backend
-/// cuda` in the command `what`; a missing GPU is an error naming the flag.
-pub fn open_gpu(a: &CudaArgs, what: &str) -> Result<CudaDevice> {
-    CudaDevice::new(a.ordinal(what)?).map_err(|e| match e {
+/// Opens GPU `ordinal` (`--device`) for `--backend cuda`; a missing GPU is an error
+/// naming the flag.
+pub fn open_gpu(ordinal: usize) -> Result<CudaDevice> {
+    CudaDevice::new(ordinal).map_err(|e| match e {
         DeviceError::Unavailable(why) => anyhow::anyhow!("--backend cuda: no usable GPU ({why})"),
         e => e.into(),
     })
@@ -197,7 +184,6 @@ mod tests {
         assert_eq!(parse(&["--device", "3"]).unwrap().gpus().unwrap(), Gpus::One(3));
         let one = parse(&["--devices", "2"]).unwrap();
         assert_eq!(one.gpus().unwrap(), Gpus::Group(vec![2]));
-        assert_eq!(one.ordinal("eval").unwrap(), 2);
         assert_eq!(
             parse(&["--devices", "1,0"]).unwrap().gpus().unwrap(),
             Gpus::Group(vec![1, 0])
@@ -208,11 +194,6 @@ mod tests {
     fn device_lists_are_refused_with_reasons() {
         let two = parse(&["--devices", "0,1"]).unwrap();
         assert_eq!(two.devices, Some(vec![0, 1]));
-        let e = two.ordinal("eval").unwrap_err().to_string();
-        assert_eq!(
-            e,
-            "--devices 0,1: eval runs on one GPU; tensor parallelism is in `generate`, `bench` and `serve`"
-        );
         let e = parse(&["--devices", "1,0,1"]).unwrap().gpus().unwrap_err().to_string();
         assert_eq!(e, "--devices lists GPU 1 twice");
         let e = parse(&["--device", "0", "--devices", "0,1"]).unwrap_err().to_string();

@@ -113,14 +113,15 @@ fn step_bytes(model: &CudaModel, lens: &[usize]) -> f64 {
 
 /// Runs the CUDA benchmark.
 pub fn run(a: CudaBench) -> Result<()> {
-    if let Gpus::Group(devices) = a.cuda.gpus()? {
-        return super::bench_group::run(&a, &devices);
-    }
+    let ordinal = match a.cuda.gpus()? {
+        Gpus::One(d) => d,
+        Gpus::Group(devices) => return super::bench_group::run(&a, &devices),
+    };
     let progress = std::io::stderr().is_terminal();
     let m = open_model(&a.model)?;
     let cfg = m.config.clone();
     let t_load = Instant::now();
-    let model = load_cuda_model(open_gpu(&a.cuda, "bench")?, &a.model, &m, progress)?;
+    let model = load_cuda_model(open_gpu(ordinal)?, &a.model, &m, progress)?;
     let load_secs = t_load.elapsed().as_secs_f64();
     let info = model.ops().device().info().clone();
     let (_, total_mem) = model.ops().device().mem_info()?;

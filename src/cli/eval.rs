@@ -1,9 +1,10 @@
 //! `shadowkv eval`: RULER-style long-context tasks and teacher-forced fidelity, for
 //! full attention and ShadowKV side by side.
 
-use super::backend::{load_cuda_model, open_gpu, Backend, CudaArgs};
+use super::backend::{load_cuda_model, open_gpu, tp_weights, Backend, CudaArgs, Gpus};
 use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::CpuModel;
+use crate::engine::backend_tp::TpBackend;
 use crate::eval::fidelity::fidelity;
 use crate::eval::haystack::Haystack;
 use crate::eval::run::{hit_rates, run_ruler, summary, EvalModel, MethodSpec, RulerPlan, SampleResult};
@@ -62,8 +63,8 @@ struct RulerArgs {
     /// CPU threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Where the model runs: the CPU reference, or a GPU (each method then prefills and
-    /// decodes every sample on its own).
+    /// Where the model runs: the CPU reference, or a GPU or a tensor-parallel group
+    /// (`--devices`; each method then prefills and decodes every sample on its own).
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
     #[command(flatten)]
@@ -125,24 +126,31 @@ fn ruler(a: RulerArgs) -> Result<()> {
     if a.backend == Backend::Cpu {
         a.cuda.cpu_has_no_tier()?;
     }
-    a.cuda.ordinal("eval")?;
+    let gpus = a.cuda.gpus()?;
     let m = open_model(&a.model)?;
-    let (cpu, gpu) = match a.backend {
-        Backend::Cpu => (Some(cpu_model(&m, progress)?), None),
-        Backend::Cuda => (
-            None,
-            Some(load_cuda_model(open_gpu(&a.cuda, "eval")?, &a.model, &m, progress)?),
-        ),
-    };
-    let model = match (&cpu, &gpu) {
-        (Some(c), _) => EvalModel::Cpu(c),
-        (_, Some(g)) => EvalModel::Cuda {
-            model: g,
+    let graphs = !a.cuda.no_graph;
+    // The loaded model (one of them), borrowed by `model` for the whole run.
+    let (mut cpu, mut gpu, mut group) = (None, None, None);
+    let mut model = match (a.backend, gpus) {
+        (Backend::Cpu, _) => EvalModel::Cpu(cpu.insert(cpu_model(&m, progress)?)),
+        (Backend::Cuda, Gpus::One(d)) => EvalModel::Cuda {
+            model: gpu.insert(load_cuda_model(open_gpu(d)?, &a.model, &m, progress)?),
             fetch,
             tier,
-            graphs: !a.cuda.no_graph,
+            graphs,
         },
-        _ => unreachable!("one backend is loaded"),
+        // Loaded once; every sample and method configures it anew.
+        (Backend::Cuda, Gpus::Group(devices)) => EvalModel::Group {
+            group: group.insert(TpBackend::load(
+                &m.config,
+                tp_weights(&a.model, &m)?,
+                &devices,
+                progress,
+            )?),
+            fetch,
+            tier,
+            graphs,
+        },
     };
     let chat = if a.no_chat { None } else { m.chat_template.as_ref() };
     let methods: Vec<MethodSpec> = a
@@ -180,7 +188,7 @@ fn ruler(a: RulerArgs) -> Result<()> {
             None => Ok(()),
         }
     };
-    let results = run_ruler(&model, &m.tokenizer, chat, &plan, &methods, progress, |partial| {
+    let results = run_ruler(&mut model, &m.tokenizer, chat, &plan, &methods, progress, |partial| {
         save(partial, false)
     })?;
     save(&results, true)?;

@@ -134,8 +134,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         Backend::Cuda => {
             let graphs = !a.cuda.no_graph;
             match gpus {
-                Gpus::One(_) => {
-                    let model = load_cuda_model(open_gpu(&a.cuda, "generate")?, &a.model, &m, progress)?;
+                Gpus::One(d) => {
+                    let model = load_cuda_model(open_gpu(d)?, &a.model, &m, progress)?;
                     let load_secs = t_load.elapsed().as_secs_f64();
                     (load_secs, generate_cuda(&model, &m.tokenizer, &[req], opts, graphs)?)
                 }

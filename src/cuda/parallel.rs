@@ -8,23 +8,35 @@
 //!
 //! Collectives on one NCCL communicator must be queued in one order on every rank and
 //! never from two streams at once, so each scratch (one per stream: the model's own
-//! and each lane's) joins a communicator of its own at its first collective step. The
-//! bootstrap ids are made up front and shared by the ranks; every rank runs the same
-//! steps in the same order, so the n-th scratch to ask gets the n-th id everywhere.
+//! and each lane's) joins a communicator of its own at its first collective step, and
+//! gives it back to its device's [`TpShard`] when it is dropped (once its stream is
+//! done), for the next scratch to join: a backend rebuilt with new settings (new lanes)
+//! reuses the communicators of the one it replaces instead of making new ones.
+//!
+//! Every rank must pick the same communicator at each join. The bootstrap ids are made
+//! up front and shared by the ranks; every rank runs the same commands in the same
+//! order (the same steps, the same scratches made and dropped), so at each join every
+//! rank's free list holds the same ids: a join takes the free one of lowest index
+//! (whatever order they came back in), or, with none free, initialises the next id,
+//! the same one everywhere.
 
 use super::nccl::{Comm, Nccl, UniqueId};
 use super::ops::{grid_1d, CudaOps};
 use crate::model::config::ModelConfig;
 use crate::model::shard::{DeviceShard, ShardPlan};
 use anyhow::{bail, ensure, Result};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PushKernelArg};
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// Communicators a group prepares ids for: the model's own stream, two lanes and one
-/// to spare (a benchmark's lane).
+/// to spare (a benchmark's lane). Streams that run at the same time each hold one;
+/// a dropped stream's goes back to its device for the next.
 pub const COMMUNICATORS: usize = 4;
+
+/// Communicators given back by dropped scratches, with the index of their bootstrap id.
+type FreeComms = Arc<Mutex<FreeList<Comm>>>;
 
 /// A device's shard of the model and its communicators.
 pub struct TpShard {
@@ -34,7 +46,9 @@ pub struct TpShard {
     vocab_per: usize,
     nccl: Arc<Nccl>,
     ids: Vec<UniqueId>,
+    /// Index of the next id to initialise.
     next: AtomicUsize,
+    free: FreeComms,
 }
 
 impl TpShard {
@@ -52,6 +66,7 @@ impl TpShard {
             nccl,
             ids,
             next: AtomicUsize::new(0),
+            free: FreeComms::default(),
         })
     }
 
@@ -84,18 +99,35 @@ impl TpShard {
         })
     }
 
-    /// Joins the next communicator (blocks until every rank has joined it) with the
-    /// device of `ops` current on this thread.
-    pub(crate) fn communicator(&self, ops: &CudaOps) -> Result<Comm> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        let Some(id) = self.ids.get(i) else {
+    /// A communicator for a scratch running on `ops`'s stream: the free one of lowest
+    /// index, or else the next id's, joined (blocking until every rank has joined it)
+    /// with `ops`'s device current on this thread. Every rank asks in the same order
+    /// and holds the same free list when it does (see the module's documentation).
+    pub(crate) fn communicator(&self, ops: &CudaOps) -> Result<Joined> {
+        let stream = ops.device().stream().clone();
+        let reused = self.free.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some((index, comm)) = reused {
+            return Ok(Joined {
+                index,
+                comm: Some(comm),
+                stream,
+                free: self.free.clone(),
+            });
+        }
+        let index = self.next.fetch_add(1, Ordering::Relaxed);
+        let Some(id) = self.ids.get(index) else {
             bail!(
-                "more than {} streams run tensor-parallel steps on one model",
+                "more than {} streams run tensor-parallel steps on one model at once",
                 self.ids.len()
             );
         };
         ops.device().context().bind_to_thread()?;
-        Comm::init(&self.nccl, id, self.world, self.rank())
+        Ok(Joined {
+            index,
+            comm: Some(Comm::init(&self.nccl, id, self.world, self.rank())?),
+            stream,
+            free: self.free.clone(),
+        })
     }
 
     /// Values each device contributes to the logits all-gather per row.
@@ -104,11 +136,70 @@ impl TpShard {
     }
 }
 
+/// Items by index, taken lowest index first whatever order they were put in.
+#[derive(Debug)]
+struct FreeList<T>(Vec<(usize, T)>);
+
+impl<T> Default for FreeList<T> {
+    fn default() -> Self {
+        FreeList(Vec::new())
+    }
+}
+
+impl<T> FreeList<T> {
+    fn put(&mut self, index: usize, item: T) {
+        self.0.push((index, item));
+    }
+
+    fn take(&mut self) -> Option<(usize, T)> {
+        let at = (0..self.0.len()).min_by_key(|&i| self.0[i].0)?;
+        Some(self.0.swap_remove(at))
+    }
+}
+
+/// A communicator a scratch has joined, and the stream it runs on. Dropped, it goes
+/// back to its device's free list once that stream's work is done (so no two streams
+/// ever queue collectives on it at once).
+pub(crate) struct Joined {
+    index: usize,
+    /// `None` once aborted.
+    comm: Option<Comm>,
+    stream: Arc<CudaStream>,
+    free: FreeComms,
+}
+
+impl Joined {
+    fn comm(&mut self) -> &mut Comm {
+        self.comm.as_mut().expect("only `abort` takes it")
+    }
+
+    /// Stops the communicator at once (see [`Comm::abort`]); it is not given back.
+    pub fn abort(mut self) {
+        if let Some(c) = self.comm.take() {
+            c.abort();
+        }
+    }
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        let Some(comm) = self.comm.take() else { return };
+        // A stream that cannot finish its work (a failed step) leaves its device
+        // unusable: its communicator is destroyed, not handed to another stream.
+        if self.stream.synchronize().is_ok() {
+            self.free
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .put(self.index, comm);
+        }
+    }
+}
+
 /// The collective buffers of one scratch: its communicator, and the logits of this
 /// device's ids and of every device's, grown on demand.
 #[derive(Default)]
 pub(crate) struct TpScratch {
-    pub comm: Option<Comm>,
+    pub comm: Option<Joined>,
     pub local: Option<CudaSlice<f32>>,
     pub gathered: Option<CudaSlice<f32>>,
 }
@@ -119,7 +210,7 @@ impl TpScratch {
         if self.comm.is_none() {
             self.comm = Some(tp.communicator(ops)?);
         }
-        Ok(self.comm.as_mut().expect("joined above"))
+        Ok(self.comm.as_mut().expect("joined above").comm())
     }
 
     /// Sums `buf`'s first `n` values over the group, in place, on `ops`'s stream.
@@ -127,7 +218,7 @@ impl TpScratch {
         ensure!(buf.len() >= n, "all-reduce of {n} values in a buffer of {}", buf.len());
         let s = ops.device().stream();
         let (p, _g) = buf.device_ptr_mut(s);
-        let comm = self.comm.as_mut().expect("joined before the step");
+        let comm = self.comm.as_mut().expect("joined before the step").comm();
         // SAFETY: `buf` holds n bf16 values on this device and outlives the queued work
         // (a scratch buffer); every rank queues the same step's collectives in order.
         unsafe { comm.all_reduce_sum_bf16(p, n, s.cu_stream()) }
@@ -141,7 +232,7 @@ impl TpScratch {
             self.local.as_ref().expect("reserved"),
             self.gathered.as_mut().expect("reserved"),
         );
-        let comm = self.comm.as_mut().expect("joined before the step");
+        let comm = self.comm.as_mut().expect("joined before the step").comm();
         ensure!(
             local.len() >= count && gathered.len() >= comm.world() * count,
             "logits buffers too small"
@@ -230,4 +321,28 @@ pub fn time_all_reduce(model: &super::CudaModel, bytes: usize, iters: usize) -> 
     }
     times.sort_by(f64::total_cmp);
     Ok(times.get(times.len() / 2).copied())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FreeList;
+
+    #[test]
+    fn the_free_list_gives_the_lowest_index_whatever_the_order_of_return() {
+        // Two ranks that get the same communicators back in different orders still
+        // take the same one next.
+        let (mut a, mut b) = (FreeList::default(), FreeList::default());
+        for i in [2, 0, 3] {
+            a.put(i, format!("a{i}"));
+        }
+        for i in [3, 2, 0] {
+            b.put(i, format!("b{i}"));
+        }
+        let order = |l: &mut FreeList<String>| std::iter::from_fn(|| l.take().map(|(i, _)| i)).collect::<Vec<_>>();
+        assert_eq!(order(&mut a), [0, 2, 3]);
+        assert_eq!(order(&mut b), [0, 2, 3]);
+        assert!(a.take().is_none());
+        a.put(5, "x".into());
+        assert_eq!(a.take(), Some((5, "x".to_string())));
+    }
 }

@@ -11,6 +11,12 @@
 //! runs per device too: each rank compresses its own KV heads, keeps their values in a
 //! pool of its own and fetches them over its own PCIe link.
 //!
+//! The loaded group and its serving settings are apart: [`TpBackend::load`] puts the
+//! weights on the devices and starts the threads, [`TpBackend::configure`] (re)builds
+//! every rank's backend over its loaded shard with new settings (cache, batch, lanes,
+//! ShadowKV and its pools, ...), so a caller that runs request after request with
+//! other settings (`eval`) loads the weights once. [`TpBackend::new`] does both.
+//!
 //! A step that fails on every rank fails as on one GPU. A step that fails on some
 //! ranks only leaves the others' collectives waiting: the group aborts its
 //! communicators and refuses every later step, naming the first failure.
@@ -35,6 +41,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+/// The backend each rank runs: the one-GPU backend over its shard, which it keeps
+/// across settings.
+type RankBackend = CudaBackend<Arc<CudaModel>>;
+
 /// Where each device's weights come from.
 pub enum TpWeights<'a> {
     /// [`CudaModel::synthetic_shard`] with this seed (made on each device).
@@ -47,6 +57,27 @@ pub enum TpWeights<'a> {
 pub type PoolMaker<'a> = &'a dyn Fn(usize, &ModelConfig) -> Result<ValuePool>;
 
 /// How the group serves: the one-GPU backend's settings, applied on every device.
+pub struct TpServing<'a> {
+    /// Tokens a sequence's cache holds at most.
+    pub cache_tokens: usize,
+    /// Sequences served at once at most.
+    pub max_batch: usize,
+    /// Lanes (1, or 2 to prefill beside decoding).
+    pub lanes: usize,
+    /// Decode steps captured as CUDA graphs.
+    pub graphs: bool,
+    /// ShadowKV's settings and each rank's value pool (none: full attention).
+    pub shadow: Option<(ShadowParams, PoolMaker<'a>)>,
+    /// ShadowKV's value fetch path.
+    pub fetch: FetchPath,
+    /// ShadowKV's micro-batches.
+    pub micro_batches: usize,
+    /// ShadowKV's GPU value tier.
+    pub tier: TierSize,
+}
+
+/// [`TpBackend::new`]'s options: the devices and the serving settings of
+/// [`TpServing`] at once.
 pub struct TpOptions<'a> {
     /// CUDA ordinals, one per rank, in rank order.
     pub devices: Vec<usize>,
@@ -70,6 +101,34 @@ pub struct TpOptions<'a> {
     pub progress: bool,
 }
 
+impl<'a> TpOptions<'a> {
+    /// The serving settings.
+    fn serving(&self) -> TpServing<'a> {
+        TpServing {
+            cache_tokens: self.cache_tokens,
+            max_batch: self.max_batch,
+            lanes: self.lanes,
+            graphs: self.graphs,
+            shadow: self.shadow,
+            fetch: self.fetch,
+            micro_batches: self.micro_batches,
+            tier: self.tier,
+        }
+    }
+}
+
+/// One rank's serving settings, its value pool made.
+struct RankServing {
+    cache_tokens: usize,
+    max_batch: usize,
+    lanes: usize,
+    graphs: bool,
+    shadow: Option<(ShadowParams, ValuePool)>,
+    fetch: FetchPath,
+    micro_batches: usize,
+    tier: TierSize,
+}
+
 /// One sequence's part of a step, as every rank gets it.
 struct Part {
     seq: u64,
@@ -80,6 +139,9 @@ struct Part {
 }
 
 enum Cmd {
+    Configure(Box<RankServing>),
+    /// Drops the rank's backend (after a configuration failed on another rank).
+    Release,
     NewSeq(u64, SeqSpec),
     Fork {
         from: u64,
@@ -116,10 +178,12 @@ enum Reply {
     Seconds(Result<Option<f64>>),
 }
 
-/// One rank's thread: the one-GPU backend over its shard, its sequences and its
-/// queued steps.
+/// One rank's thread: its device's shard of the model, the one-GPU backend over it
+/// (once configured), its sequences and its queued steps.
 struct Worker {
-    backend: CudaBackend,
+    model: Arc<CudaModel>,
+    ctx: Arc<CudaContext>,
+    backend: Option<RankBackend>,
     seqs: HashMap<u64, CudaSeq>,
     tickets: HashMap<u64, crate::cuda::StepTicket>,
 }
@@ -129,7 +193,12 @@ impl Worker {
         // Each command that expects a reply gets exactly one.
         while let Ok(cmd) = rx.recv() {
             let reply = match cmd {
-                Cmd::NewSeq(id, spec) => Some(Reply::Done(self.backend.new_seq(&spec).map(|s| {
+                Cmd::Configure(s) => Some(Reply::Done(self.configure(*s))),
+                Cmd::Release => {
+                    self.backend = None;
+                    None
+                }
+                Cmd::NewSeq(id, spec) => Some(Reply::Done(self.backend().and_then(|b| b.new_seq(&spec)).map(|s| {
                     self.seqs.insert(id, s);
                 }))),
                 Cmd::Fork { from, to } => Some(Reply::Done(self.fork(from, to))),
@@ -139,17 +208,21 @@ impl Worker {
                 }
                 Cmd::Submit { lane, ticket, parts } => Some(Reply::Submitted(self.submit(lane, ticket, &parts))),
                 Cmd::Complete { lane, ticket } => Some(Reply::Completed(match self.tickets.remove(&ticket) {
-                    Some(t) => self.backend.complete(lane, t),
+                    Some(t) => self.backend().and_then(|b| b.complete(lane, t)),
                     None => Err(anyhow!("no queued step {ticket}")),
                 })),
-                Cmd::Stats => Some(Reply::Stats(self.backend.stats(), self.backend.shadow_stats())),
-                Cmd::StartTrace => Some(Reply::Trace(self.backend.start_gpu_trace())),
-                Cmd::Memory => Some(Reply::Memory(self.backend.model().ops().device().mem_info())),
-                Cmd::AllReduce { bytes, iters } => {
-                    Some(Reply::Seconds(time_all_reduce(self.backend.model(), bytes, iters)))
-                }
+                Cmd::Stats => Some(match &self.backend {
+                    Some(b) => Reply::Stats(b.stats(), b.shadow_stats()),
+                    None => Reply::Stats(BackendStats::default(), None),
+                }),
+                Cmd::StartTrace => Some(Reply::Trace(self.backend().and_then(|b| b.start_gpu_trace()))),
+                Cmd::Memory => Some(Reply::Memory(self.model.ops().device().mem_info())),
+                Cmd::AllReduce { bytes, iters } => Some(Reply::Seconds(time_all_reduce(&self.model, bytes, iters))),
                 Cmd::Abort => {
-                    self.backend.abort_collectives();
+                    match &mut self.backend {
+                        Some(b) => b.abort_collectives(),
+                        None => self.model.abort_collectives(&mut []),
+                    }
                     None
                 }
                 Cmd::Shutdown => break,
@@ -162,14 +235,51 @@ impl Worker {
         }
     }
 
+    fn backend(&mut self) -> Result<&mut RankBackend> {
+        configured(&mut self.backend)
+    }
+
+    /// Replaces the backend by one with settings `s` over the same shard. The old one
+    /// goes first (its work done, its memory handed back), so the new one has the
+    /// whole device's free memory; its lanes' communicators go back to the shard for
+    /// the new lanes to join.
+    fn configure(&mut self, s: RankServing) -> Result<()> {
+        ensure!(
+            self.seqs.is_empty() && self.tickets.is_empty(),
+            "the group still holds {} sequences and {} queued steps: drop them before changing its settings",
+            self.seqs.len(),
+            self.tickets.len()
+        );
+        self.ctx.bind_to_thread()?;
+        if let Some(old) = self.backend.take() {
+            self.ctx.synchronize()?;
+            drop(old);
+            self.model.ops().device().release_memory()?;
+        }
+        let backend = CudaBackend::new(
+            self.model.clone(),
+            s.cache_tokens,
+            s.max_batch,
+            s.lanes,
+            s.graphs,
+            s.shadow,
+        )?
+        .with_fetch(s.fetch)
+        .with_micro_batches(s.micro_batches)
+        .with_tier(s.tier)?;
+        self.backend = Some(backend);
+        Ok(())
+    }
+
     fn fork(&mut self, from: u64, to: u64) -> Result<()> {
         let seq = self.seqs.get(&from).context("no such sequence")?;
-        let copy = self.backend.fork_seq(seq)?;
+        let copy = configured(&mut self.backend)?.fork_seq(seq)?;
         self.seqs.insert(to, copy);
         Ok(())
     }
 
     fn submit(&mut self, lane: usize, ticket: u64, parts: &[Part]) -> Result<(Arc<CudaEvent>, Vec<usize>)> {
+        let backend = configured(&mut self.backend)?;
         let mut taken = Vec::with_capacity(parts.len());
         for p in parts {
             match self.seqs.remove(&p.seq) {
@@ -195,9 +305,9 @@ impl Worker {
                 prompt_done: p.prompt_done,
             })
             .collect();
-        let queued = self.backend.submit(lane, &mut batch);
+        let queued = backend.submit(lane, &mut batch);
         drop(batch);
-        let bytes = taken.iter().map(|(_, s)| self.backend.seq_bytes(s)).collect();
+        let bytes = taken.iter().map(|(_, s)| backend.seq_bytes(s)).collect();
         for (id, s) in taken {
             self.seqs.insert(id, s);
         }
@@ -206,6 +316,13 @@ impl Worker {
         self.tickets.insert(ticket, t);
         Ok((end, bytes))
     }
+}
+
+/// The backend of a configured rank.
+fn configured(backend: &mut Option<RankBackend>) -> Result<&mut RankBackend> {
+    backend
+        .as_mut()
+        .context("the tensor-parallel group has no serving settings (configure it first)")
 }
 
 /// A rank: its thread's inbox and replies, and its device's context.
@@ -243,6 +360,11 @@ pub struct TpTicket {
 pub struct TpBackend {
     config: ModelConfig,
     ranks: Vec<Rank>,
+    /// CUDA ordinals, in rank order.
+    devices: Vec<usize>,
+    /// Each rank's model config (its heads, KV heads and MLP units).
+    rank_configs: Vec<ModelConfig>,
+    /// Lanes of the settings the ranks serve with (0: not configured).
     lanes: usize,
     /// Ids of sequences and steps.
     next_id: AtomicU64,
@@ -254,19 +376,29 @@ pub struct TpBackend {
 
 impl TpBackend {
     /// Loads `config`'s model over `opts.devices` (its shard on each, straight from
-    /// `weights`) and starts one thread per GPU. Refuses a device list with a repeat,
-    /// a GPU that is not there, a model whose heads or MLP do not divide over the
-    /// devices, and a host without NCCL, each with the reason.
+    /// `weights`), starts one thread per GPU and configures them with `opts`'
+    /// settings: [`TpBackend::load`], then [`TpBackend::configure`].
     pub fn new(config: &ModelConfig, weights: TpWeights, opts: TpOptions) -> Result<Self> {
-        let n = opts.devices.len();
+        let mut group = Self::load(config, weights, &opts.devices, opts.progress)?;
+        group.configure(opts.serving())?;
+        Ok(group)
+    }
+
+    /// Loads `config`'s model over `devices` (its shard on each, straight from
+    /// `weights`) and starts one thread per GPU; the group serves once configured
+    /// ([`TpBackend::configure`]). Refuses a device list with a repeat, a GPU that is
+    /// not there, a model whose heads or MLP do not divide over the devices, and a
+    /// host without NCCL, each with the reason.
+    pub fn load(config: &ModelConfig, weights: TpWeights, devices: &[usize], progress: bool) -> Result<Self> {
+        let n = devices.len();
         ensure!(n > 0, "tensor parallelism needs at least one device");
-        for (i, d) in opts.devices.iter().enumerate() {
-            if opts.devices[..i].contains(d) {
+        for (i, d) in devices.iter().enumerate() {
+            if devices[..i].contains(d) {
                 bail!("the device list names GPU {d} twice");
             }
         }
         let plan = ShardPlan::new(config, n)?;
-        for (rank, &ordinal) in opts.devices.iter().enumerate() {
+        for (rank, &ordinal) in devices.iter().enumerate() {
             CudaDevice::new(ordinal).map_err(|e| gpu_error(e, ordinal, rank))?;
         }
         let nccl = Nccl::load()?;
@@ -274,39 +406,27 @@ impl TpBackend {
             .map(|_| nccl.unique_id())
             .collect::<Result<Vec<_>>>()?;
         let mut ranks = Vec::with_capacity(n);
+        let mut rank_configs = Vec::with_capacity(n);
         let mut weight_bytes = 0;
-        for (rank, &ordinal) in opts.devices.iter().enumerate() {
+        for (rank, &ordinal) in devices.iter().enumerate() {
             let dev = CudaDevice::new(ordinal).map_err(|e| gpu_error(e, ordinal, rank))?;
             let ctx = dev.context().clone();
             let ops = CudaOps::new(dev).with_context(|| format!("starting the CUDA backend on GPU {ordinal}"))?;
             let tp = TpShard::new(&plan, rank, nccl.clone(), ids.clone())?;
             let model = match weights {
                 TpWeights::Synthetic(seed) => {
-                    CudaModel::synthetic_shard(ops, config.clone(), seed, (&plan, tp), opts.progress)?
+                    CudaModel::synthetic_shard(ops, config.clone(), seed, (&plan, tp), progress)?
                 }
-                TpWeights::Source(src) => CudaModel::from_shard(ops, config.clone(), src, (&plan, tp), opts.progress)?,
+                TpWeights::Source(src) => CudaModel::from_shard(ops, config.clone(), src, (&plan, tp), progress)?,
             };
             weight_bytes += model.weight_bytes();
-            let shadow = match &opts.shadow {
-                Some((p, pool)) => Some((*p, pool(rank, model.config())?)),
-                None => None,
-            };
-            let backend = CudaBackend::new(
-                model,
-                opts.cache_tokens,
-                opts.max_batch,
-                opts.lanes,
-                opts.graphs,
-                shadow,
-            )
-            .with_context(|| format!("GPU {ordinal} (rank {rank})"))?
-            .with_fetch(opts.fetch)
-            .with_micro_batches(opts.micro_batches)
-            .with_tier(opts.tier)?;
+            rank_configs.push(model.config().clone());
             let (tx, cmd_rx) = unbounded();
             let (reply_tx, rx) = bounded(1);
             let worker = Worker {
-                backend,
+                model: Arc::new(model),
+                ctx: ctx.clone(),
+                backend: None,
                 seqs: HashMap::new(),
                 tickets: HashMap::new(),
             };
@@ -324,12 +444,62 @@ impl TpBackend {
         Ok(TpBackend {
             config: config.clone(),
             ranks,
-            lanes: opts.lanes,
+            devices: devices.to_vec(),
+            rank_configs,
+            lanes: 0,
             next_id: AtomicU64::new(0),
             weight_bytes,
             nccl,
             broken: None,
         })
+    }
+
+    /// (Re)builds every rank's backend over its loaded shard with the settings `s`
+    /// (each rank's value pool made here by `s.shadow`'s maker), in place of the
+    /// settings it served with; the group must hold no sequence. Refuses settings
+    /// that do not fit a device's free memory, naming the GPU; after a refusal the
+    /// group serves nothing until configured again.
+    pub fn configure(&mut self, s: TpServing) -> Result<()> {
+        self.check_serving()?;
+        let mut settings = Vec::with_capacity(self.ranks.len());
+        for (rank, cfg) in self.rank_configs.iter().enumerate() {
+            settings.push(Box::new(RankServing {
+                cache_tokens: s.cache_tokens,
+                max_batch: s.max_batch,
+                lanes: s.lanes,
+                graphs: s.graphs,
+                shadow: match &s.shadow {
+                    Some((p, pool)) => Some((*p, pool(rank, cfg)?)),
+                    None => None,
+                },
+                fetch: s.fetch,
+                micro_batches: s.micro_batches,
+                tier: s.tier,
+            }));
+        }
+        self.lanes = 0;
+        for (r, (rank, settings)) in self.ranks.iter().zip(settings).enumerate() {
+            rank.tx
+                .send(Cmd::Configure(settings))
+                .map_err(|_| anyhow!("the thread of rank {r} has stopped"))?;
+        }
+        let replies = self.replies()?;
+        // Nothing is queued while the ranks build: a refusal anywhere leaves every rank
+        // without a backend (the same communicators back on each), not a group half
+        // configured.
+        let failed = replies
+            .into_iter()
+            .map(done)
+            .enumerate()
+            .find_map(|(r, res)| res.err().map(|e| (r, e)));
+        if let Some((rank, e)) = failed {
+            for rank in &self.ranks {
+                let _ = rank.tx.send(Cmd::Release);
+            }
+            return Err(e.context(format!("GPU {} (rank {rank})", self.devices[rank])));
+        }
+        self.lanes = s.lanes;
+        Ok(())
     }
 
     /// Devices in the group.
@@ -390,6 +560,11 @@ impl TpBackend {
                 .send(cmd(r))
                 .map_err(|_| anyhow!("the thread of rank {r} has stopped"))?;
         }
+        self.replies()
+    }
+
+    /// One reply from each rank, in rank order.
+    fn replies(&self) -> Result<Vec<Reply>> {
         self.ranks
             .iter()
             .enumerate()
@@ -425,10 +600,19 @@ impl TpBackend {
         }
     }
 
+    fn check_configured(&self) -> Result<()> {
+        self.check_serving()?;
+        ensure!(
+            self.lanes > 0,
+            "the tensor-parallel group has no serving settings (configure it first)"
+        );
+        Ok(())
+    }
+
     /// A new sequence holding a copy of `seq`'s dense cache on every rank (see
     /// [`CudaBackend::fork_seq`]).
     pub fn fork_seq(&mut self, seq: &TpSeq) -> Result<TpSeq> {
-        self.check_serving()?;
+        self.check_configured()?;
         let to = self.take_id();
         let from = seq.id;
         let replies = self.all(|_| Cmd::Fork { from, to })?;
@@ -511,7 +695,7 @@ impl StepBackend for TpBackend {
     }
 
     fn new_seq(&self, spec: &SeqSpec) -> Result<TpSeq> {
-        self.check_serving()?;
+        self.check_configured()?;
         let id = self.take_id();
         let spec = *spec;
         let replies = self.all(|_| Cmd::NewSeq(id, spec))?;
@@ -539,7 +723,7 @@ impl StepBackend for TpBackend {
     }
 
     fn submit(&mut self, lane: usize, batch: &mut [StepSeq<'_, TpSeq>]) -> Result<TpTicket> {
-        self.check_serving()?;
+        self.check_configured()?;
         ensure!(lane < self.lanes, "no lane {lane}");
         let parts: Arc<Vec<Part>> = Arc::new(
             batch

@@ -1,11 +1,12 @@
 //! The generation loop, one for every backend ([`run`]): chunked prefill, then batched
 //! decode steps until each sequence meets EOS, a stop string, its token limit or the
 //! model's context. [`generate`] runs it on the CPU (full attention or ShadowKV),
-//! [`generate_cuda`] on the GPU, [`generate_parallel`] over several.
+//! [`generate_cuda`] on the GPU, [`generate_parallel`] over several ([`generate_group`]
+//! on a group already loaded).
 
 use super::backend::{CpuBackend, SeqSpec, StepBackend, StepInput, StepOutput, StepSeq};
 use super::backend_cuda::CudaBackend;
-use super::backend_tp::{TpBackend, TpOptions, TpWeights};
+use super::backend_tp::{TpBackend, TpServing, TpWeights};
 use super::sampling::SamplingParams;
 pub use super::text::FinishReason;
 use super::text::{SeqText, StopRules};
@@ -150,31 +151,41 @@ pub fn generate_parallel(
     opts: GenerateOptions,
     graphs: bool,
 ) -> Result<(Vec<Generation>, GenerateStats)> {
-    let cap = gpu_cache_tokens(reqs, config.max_position_embeddings)?;
+    // Bad requests before the (long) load.
+    validate_requests(reqs, config.max_position_embeddings)?;
+    let mut group = TpBackend::load(config, weights, devices, opts.progress)?;
+    generate_group(&mut group, tok, reqs, opts, graphs)
+}
+
+/// Runs every request to completion as one batch on a loaded tensor-parallel group,
+/// configured for them as [`generate_cuda`] configures its backend on one GPU; the
+/// group keeps its weights for the next call (`eval` runs sample after sample so).
+pub fn generate_group(
+    group: &mut TpBackend,
+    tok: &TextTokenizer,
+    reqs: &[GenerateRequest],
+    opts: GenerateOptions,
+    graphs: bool,
+) -> Result<(Vec<Generation>, GenerateStats)> {
+    let cap = gpu_cache_tokens(reqs, group.config().max_position_embeddings)?;
     let pool = |_rank: usize, cfg: &ModelConfig| match opts.attention {
         Attention::ShadowKv(p) => gpu_value_pool(cfg, &p, cap, reqs.len()),
         Attention::Full => bail!("full attention has no value pool"),
     };
-    let mut backend = TpBackend::new(
-        config,
-        weights,
-        TpOptions {
-            devices: devices.to_vec(),
-            cache_tokens: cap,
-            max_batch: reqs.len(),
-            lanes: 1,
-            graphs,
-            shadow: match opts.attention {
-                Attention::ShadowKv(p) => Some((p, &pool)),
-                Attention::Full => None,
-            },
-            fetch: opts.value_fetch,
-            micro_batches: opts.micro_batches,
-            tier: opts.gpu_tier,
-            progress: opts.progress,
+    group.configure(TpServing {
+        cache_tokens: cap,
+        max_batch: reqs.len(),
+        lanes: 1,
+        graphs,
+        shadow: match opts.attention {
+            Attention::ShadowKv(p) => Some((p, &pool)),
+            Attention::Full => None,
         },
-    )?;
-    run(&mut backend, tok, reqs, opts)
+        fetch: opts.value_fetch,
+        micro_batches: opts.micro_batches,
+        tier: opts.gpu_tier,
+    })?;
+    run(group, tok, reqs, opts)
 }
 
 /// Tokens the GPU caches of `reqs` hold: the longest prompt and completion, within

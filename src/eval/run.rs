@@ -1,8 +1,8 @@
 //! Runs the RULER-style tasks with several attention methods side by side. On the CPU
 //! each sample's prompt is prefilled once (dense, keeping pre-RoPE keys) and every
 //! method decodes from its own fork of that prefill, so the methods differ only in
-//! decoding; on the GPU each method runs the prompt through the generation loop (the
-//! same dense prefill, then its own decode).
+//! decoding; on a GPU or a tensor-parallel group each method runs the prompt through
+//! the generation loop (the same dense prefill, then its own decode).
 
 use super::haystack::Haystack;
 use super::tasks::{build, context, score, Sample, Task};
@@ -10,7 +10,11 @@ use crate::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput, SeqKvCache};
 use crate::cuda::shadow::decode::FetchPath;
 use crate::cuda::shadow::TierSize;
 use crate::cuda::CudaModel;
-use crate::engine::generate::{generate_cuda, GenerateOptions, GenerateRequest};
+use crate::engine::backend::StepBackend;
+use crate::engine::backend_tp::TpBackend;
+use crate::engine::generate::{
+    generate_cuda, generate_group, GenerateOptions, GenerateRequest, GenerateStats, Generation,
+};
 use crate::engine::sampling::{argmax, SamplingParams};
 use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::model::config::ModelConfig;
@@ -39,6 +43,18 @@ pub enum EvalModel<'a> {
         /// Capture full-attention decode steps as CUDA graphs.
         graphs: bool,
     },
+    /// A tensor-parallel group, loaded once and configured anew for each sample and
+    /// method; the settings as [`EvalModel::Cuda`]'s.
+    Group {
+        /// The loaded group.
+        group: &'a mut TpBackend,
+        /// How ShadowKV fetches the missed values.
+        fetch: FetchPath,
+        /// ShadowKV's GPU value tier.
+        tier: TierSize,
+        /// Capture full-attention decode steps as CUDA graphs.
+        graphs: bool,
+    },
 }
 
 impl EvalModel<'_> {
@@ -47,6 +63,7 @@ impl EvalModel<'_> {
         match self {
             EvalModel::Cpu(m) => m.config(),
             EvalModel::Cuda { model, .. } => model.config(),
+            EvalModel::Group { group, .. } => group.config(),
         }
     }
 }
@@ -175,7 +192,7 @@ fn decode_all(model: &CpuModel, caches: &mut [SeqCache], first: u32, max_new: us
 /// Runs the plan; returns one result per sample and method. `after_sample` sees every
 /// result so far each time a sample finishes (to save partial results).
 pub fn run_ruler(
-    model: &EvalModel,
+    model: &mut EvalModel,
     tok: &TextTokenizer,
     chat: Option<&ChatTemplate>,
     plan: &RulerPlan,
@@ -183,7 +200,7 @@ pub fn run_ruler(
     progress: bool,
     mut after_sample: impl FnMut(&[SampleResult]) -> Result<()>,
 ) -> Result<Vec<SampleResult>> {
-    let cfg = model.config();
+    let ctx = model.config().max_position_embeddings;
     let total = plan.tasks.len() * plan.lengths.len() * plan.samples * plan.haystacks.len();
     let bar = if progress {
         ProgressBar::new(total as u64)
@@ -193,11 +210,8 @@ pub fn run_ruler(
     bar.set_style(ProgressStyle::with_template("eval {bar:30} {pos}/{len} {msg} eta {eta}").expect("static template"));
     let mut results = Vec::new();
     for &length in &plan.lengths {
-        if length > cfg.max_position_embeddings {
-            bail!(
-                "length {length} exceeds the model's context of {}",
-                cfg.max_position_embeddings
-            );
+        if length > ctx {
+            bail!("length {length} exceeds the model's context of {ctx}");
         }
         for &task in &plan.tasks {
             for &hay in &plan.haystacks {
@@ -240,46 +254,69 @@ pub fn run_ruler(
 
 /// Runs one prompt with every method: (label, text, hit rate).
 fn run_sample(
-    model: &EvalModel,
+    model: &mut EvalModel,
     tok: &TextTokenizer,
     ids: &[u32],
     sample: &Sample,
     methods: &[MethodSpec],
     prefill_chunk: usize,
 ) -> Result<Vec<(String, String, Option<f64>)>> {
-    match *model {
+    match model {
         EvalModel::Cpu(m) => run_sample_cpu(m, tok, ids, sample, methods, prefill_chunk),
         EvalModel::Cuda {
             model,
             fetch,
             tier,
             graphs,
-        } => {
-            let context = ids.len() + sample.max_new;
-            methods
-                .iter()
-                .map(|m| {
-                    let opts = GenerateOptions {
-                        prefill_chunk,
-                        progress: false,
-                        attention: (m.attention)(context)?,
-                        value_fetch: fetch,
-                        gpu_tier: tier,
-                        ..Default::default()
-                    };
-                    let req = GenerateRequest {
-                        prompt: ids.to_vec(),
-                        max_tokens: sample.max_new,
-                        sampling: SamplingParams::default(),
-                        stop: Vec::new(),
-                    };
-                    let (mut gens, stats) = generate_cuda(model, tok, &[req], opts, graphs)?;
-                    let g = gens.pop().context("no generation")?;
-                    Ok((m.label.clone(), g.text, stats.shadow.map(|s| s.hit_rate())))
-                })
-                .collect()
-        }
+        } => run_sample_gpu(ids, sample, methods, prefill_chunk, *fetch, *tier, |reqs, opts| {
+            generate_cuda(model, tok, reqs, opts, *graphs)
+        }),
+        EvalModel::Group {
+            group,
+            fetch,
+            tier,
+            graphs,
+        } => run_sample_gpu(ids, sample, methods, prefill_chunk, *fetch, *tier, |reqs, opts| {
+            generate_group(group, tok, reqs, opts, *graphs)
+        }),
     }
+}
+
+/// Runs one prompt (`ids`, `sample`) with every method through `generate`, the
+/// generation loop on one GPU or a group, fetching ShadowKV's values as `fetch` and
+/// `tier` say.
+fn run_sample_gpu(
+    ids: &[u32],
+    sample: &Sample,
+    methods: &[MethodSpec],
+    prefill_chunk: usize,
+    fetch: FetchPath,
+    tier: TierSize,
+    mut generate: impl FnMut(&[GenerateRequest], GenerateOptions) -> Result<(Vec<Generation>, GenerateStats)>,
+) -> Result<Vec<(String, String, Option<f64>)>> {
+    let context = ids.len() + sample.max_new;
+    let req = GenerateRequest {
+        prompt: ids.to_vec(),
+        max_tokens: sample.max_new,
+        sampling: SamplingParams::default(),
+        stop: Vec::new(),
+    };
+    methods
+        .iter()
+        .map(|m| {
+            let opts = GenerateOptions {
+                prefill_chunk,
+                progress: false,
+                attention: (m.attention)(context)?,
+                value_fetch: fetch,
+                gpu_tier: tier,
+                ..Default::default()
+            };
+            let (mut gens, stats) = generate(std::slice::from_ref(&req), opts)?;
+            let g = gens.pop().context("no generation")?;
+            Ok((m.label.clone(), g.text, stats.shadow.map(|s| s.hit_rate())))
+        })
+        .collect()
 }
 
 /// Prefills one prompt on the CPU and decodes it with every method from a fork of the
