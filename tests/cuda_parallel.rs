@@ -22,10 +22,10 @@ use shadowkv::engine::backend_tp::{TpBackend, TpWeights};
 use shadowkv::engine::generate::{generate_cuda, generate_group, generate_parallel, GenerateOptions, GenerateRequest};
 use shadowkv::engine::sampling::SamplingParams;
 use shadowkv::model::config::ModelConfig;
-use shadowkv::model::load::open_model;
+use shadowkv::model::load::{open_model, OpenedModel};
 use shadowkv::model::shard::ShardPlan;
 use shadowkv::model::synthetic::preset;
-use shadowkv::shadow::{Attention, ShadowParams};
+use shadowkv::shadow::Attention;
 use std::sync::Arc;
 
 fn required() -> bool {
@@ -277,19 +277,20 @@ fn smollm2_request(tok: &shadowkv::model::tokenizer::TextTokenizer, n: usize, ge
     }
 }
 
-#[test]
-fn a_group_of_one_generates_what_the_one_gpu_engine_generates() {
-    let Some(ops) = ops_or_skip() else { return };
-    let Some(_) = nccl_or_skip() else { return };
+/// SmolLM2 on device 0 and opened for the group, or `None` (the test skips) without a
+/// GPU or NCCL.
+fn smollm2_on_gpu() -> Option<(CudaModel, OpenedModel)> {
+    let ops = ops_or_skip()?;
+    nccl_or_skip()?;
     let m = open_model(common::test_model().to_str().unwrap()).unwrap();
     let gpu = CudaModel::from_source(ops, m.config.clone(), m.source.as_ref(), false).unwrap();
-    let shadow = ShadowParams {
-        budget: 256,
-        rank: 96,
-        chunk_size: 8,
-        outlier_chunks: 8,
-        local_chunks: 4,
-    };
+    Some((gpu, m))
+}
+
+#[test]
+fn a_group_of_one_generates_what_the_one_gpu_engine_generates() {
+    let Some((gpu, m)) = smollm2_on_gpu() else { return };
+    let shadow = common::smollm2_shadow();
     for attention in [Attention::Full, Attention::ShadowKv(shadow)] {
         let reqs = [
             smollm2_request(&m.tokenizer, 900, 48),
@@ -332,17 +333,8 @@ fn a_group_of_one_generates_what_the_one_gpu_engine_generates() {
 /// lanes of each configuration rejoin the communicators of the one it replaced.
 #[test]
 fn a_group_configured_anew_for_each_run_generates_what_the_one_gpu_engine_generates() {
-    let Some(ops) = ops_or_skip() else { return };
-    let Some(_) = nccl_or_skip() else { return };
-    let m = open_model(common::test_model().to_str().unwrap()).unwrap();
-    let gpu = CudaModel::from_source(ops, m.config.clone(), m.source.as_ref(), false).unwrap();
-    let shadow = ShadowParams {
-        budget: 256,
-        rank: 96,
-        chunk_size: 8,
-        outlier_chunks: 8,
-        local_chunks: 4,
-    };
+    let Some((gpu, m)) = smollm2_on_gpu() else { return };
+    let shadow = common::smollm2_shadow();
     let reqs = [smollm2_request(&m.tokenizer, 700, 40)];
     let opts = |attention| GenerateOptions {
         prefill_chunk: 256,

@@ -144,22 +144,11 @@ fn every_chunk_at_full_rank_equals_full_attention() {
     }
 }
 
-/// The usual settings of these tests on SmolLM2: a budget of 256 tokens, rank 96.
-fn usual_params() -> ShadowParams {
-    ShadowParams {
-        budget: 256,
-        rank: 96,
-        chunk_size: 8,
-        outlier_chunks: 8,
-        local_chunks: 4,
-    }
-}
-
 #[test]
 fn usual_settings_agree_with_the_cpu_reference() {
     let Some((gpu, cpu, tok)) = smollm2() else { return };
     let ids = prompt(&tok, 3000);
-    let p = usual_params();
+    let p = common::smollm2_shadow();
     let gen = 64;
     let opts = GenerateOptions {
         prefill_chunk: 512,
@@ -228,7 +217,7 @@ fn usual_settings_agree_with_the_cpu_reference() {
 #[test]
 fn micro_batches_give_the_same_tokens() {
     let Some((gpu, _, tok)) = smollm2() else { return };
-    let p = usual_params();
+    let p = common::smollm2_shadow();
     let reqs: Vec<GenerateRequest> = [2600, 2000, 1500]
         .iter()
         .map(|&n| request(prompt(&tok, n), 32))
@@ -272,7 +261,7 @@ fn engine_with_a_prefill_lane_equals_generate_cuda() {
     let gpu = Arc::new(gpu);
     let tok = Arc::new(tok);
     let cfg = gpu.config().clone();
-    let p = usual_params();
+    let p = common::smollm2_shadow();
     let ids = prompt(&tok, 1200);
     let gen = 40;
     let opts = GenerateOptions {

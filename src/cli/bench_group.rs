@@ -24,7 +24,7 @@ use crate::cuda::shadow::seq::sequence_bytes;
 use crate::cuda::shadow::TierSize;
 use crate::engine::backend::{SeqSpec, StepBackend, StepInput, StepSeq};
 use crate::engine::backend_cuda::CudaBackend;
-use crate::engine::backend_tp::{TpBackend, TpOptions};
+use crate::engine::backend_tp::{TpBackend, TpOptions, TpServing};
 use crate::engine::generate::gpu_value_pool;
 use crate::engine::sampling::SamplingParams;
 use crate::model::config::ModelConfig;
@@ -127,14 +127,16 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
         super::backend::tp_weights(&a.model, &m)?,
         TpOptions {
             devices: devices.to_vec(),
-            cache_tokens,
-            max_batch: 1,
-            lanes: 1,
-            graphs: !a.cuda.no_graph,
-            shadow: None,
-            fetch: FetchPath::ZeroCopy,
-            micro_batches: 1,
-            tier: TierSize::Off,
+            serving: TpServing {
+                cache_tokens,
+                max_batch: 1,
+                lanes: 1,
+                graphs: !a.cuda.no_graph,
+                shadow: None,
+                fetch: FetchPath::ZeroCopy,
+                micro_batches: 1,
+                tier: TierSize::Off,
+            },
             progress,
         },
     )?;
@@ -282,14 +284,16 @@ fn measure_shadow(
         super::backend::tp_weights(&a.model, m)?,
         TpOptions {
             devices: devices.to_vec(),
-            cache_tokens,
-            max_batch: batch,
-            lanes: 1,
-            graphs: !a.cuda.no_graph,
-            shadow: Some((*p, &pool)),
-            fetch: a.cuda.value_fetch.first().map_or(FetchPath::ZeroCopy, |f| f.path()),
-            micro_batches: a.micro_batches.first().copied().unwrap_or(1),
-            tier: a.cuda.gpu_tier.first().copied().unwrap_or(TierSize::Off),
+            serving: TpServing {
+                cache_tokens,
+                max_batch: batch,
+                lanes: 1,
+                graphs: !a.cuda.no_graph,
+                shadow: Some((*p, &pool)),
+                fetch: a.cuda.value_fetch.first().map_or(FetchPath::ZeroCopy, |f| f.path()),
+                micro_batches: a.micro_batches.first().copied().unwrap_or(1),
+                tier: a.cuda.gpu_tier.first().copied().unwrap_or(TierSize::Off),
+            },
             progress,
         },
     )?;

@@ -9,7 +9,7 @@ use crate::cuda::shadow::TierSize;
 use crate::cuda::{CudaDevice, DeviceError};
 use crate::engine::backend::CpuBackend;
 use crate::engine::backend_cuda::CudaBackend;
-use crate::engine::backend_tp::{PoolMaker, TpBackend, TpOptions};
+use crate::engine::backend_tp::{PoolMaker, TpBackend, TpOptions, TpServing};
 use crate::engine::scheduler::{spawn_engine, EngineHandle, SchedulerConfig};
 use crate::model::config::ModelConfig;
 use crate::model::load::open_model;
@@ -401,23 +401,25 @@ pub fn run(a: ServeArgs) -> Result<()> {
             super::backend::tp_weights(&spec, &m)?,
             TpOptions {
                 devices: devices.iter().map(|&d| d as usize).collect(),
-                cache_tokens: max_context,
-                max_batch: topo.limits.max_batch,
-                lanes: match topo.limits.prefill_lane {
-                    PrefillLane::Mixed => 1,
-                    PrefillLane::Auto | PrefillLane::Separate => 2,
-                },
-                graphs: true,
-                shadow: params.map(|p| (p, &pool as PoolMaker)),
-                fetch: match topo.pipeline.value_fetch {
-                    TopoFetch::ZeroCopy => FetchPath::ZeroCopy,
-                    TopoFetch::CpuGather => FetchPath::CpuGather,
-                },
-                micro_batches: topo.pipeline.micro_batches,
-                tier: match topo.pipeline.gpu_tier {
-                    AutoOr::Auto => TierSize::Auto,
-                    AutoOr::Value(0) => TierSize::Off,
-                    AutoOr::Value(n) => TierSize::Chunks(n),
+                serving: TpServing {
+                    cache_tokens: max_context,
+                    max_batch: topo.limits.max_batch,
+                    lanes: match topo.limits.prefill_lane {
+                        PrefillLane::Mixed => 1,
+                        PrefillLane::Auto | PrefillLane::Separate => 2,
+                    },
+                    graphs: true,
+                    shadow: params.map(|p| (p, &pool as PoolMaker)),
+                    fetch: match topo.pipeline.value_fetch {
+                        TopoFetch::ZeroCopy => FetchPath::ZeroCopy,
+                        TopoFetch::CpuGather => FetchPath::CpuGather,
+                    },
+                    micro_batches: topo.pipeline.micro_batches,
+                    tier: match topo.pipeline.gpu_tier {
+                        AutoOr::Auto => TierSize::Auto,
+                        AutoOr::Value(0) => TierSize::Off,
+                        AutoOr::Value(n) => TierSize::Chunks(n),
+                    },
                 },
                 progress: false,
             },

@@ -76,45 +76,14 @@ pub struct TpServing<'a> {
     pub tier: TierSize,
 }
 
-/// [`TpBackend::new`]'s options: the devices and the serving settings of
-/// [`TpServing`] at once.
+/// [`TpBackend::new`]'s options: the devices and how they serve.
 pub struct TpOptions<'a> {
     /// CUDA ordinals, one per rank, in rank order.
     pub devices: Vec<usize>,
-    /// Tokens a sequence's cache holds at most.
-    pub cache_tokens: usize,
-    /// Sequences served at once at most.
-    pub max_batch: usize,
-    /// Lanes (1, or 2 to prefill beside decoding).
-    pub lanes: usize,
-    /// Decode steps captured as CUDA graphs.
-    pub graphs: bool,
-    /// ShadowKV's settings and each rank's value pool (none: full attention).
-    pub shadow: Option<(ShadowParams, PoolMaker<'a>)>,
-    /// ShadowKV's value fetch path.
-    pub fetch: FetchPath,
-    /// ShadowKV's micro-batches.
-    pub micro_batches: usize,
-    /// ShadowKV's GPU value tier.
-    pub tier: TierSize,
+    /// The serving settings.
+    pub serving: TpServing<'a>,
     /// A progress bar while the weights load.
     pub progress: bool,
-}
-
-impl<'a> TpOptions<'a> {
-    /// The serving settings.
-    fn serving(&self) -> TpServing<'a> {
-        TpServing {
-            cache_tokens: self.cache_tokens,
-            max_batch: self.max_batch,
-            lanes: self.lanes,
-            graphs: self.graphs,
-            shadow: self.shadow,
-            fetch: self.fetch,
-            micro_batches: self.micro_batches,
-            tier: self.tier,
-        }
-    }
 }
 
 /// One rank's serving settings, its value pool made.
@@ -380,7 +349,7 @@ impl TpBackend {
     /// settings: [`TpBackend::load`], then [`TpBackend::configure`].
     pub fn new(config: &ModelConfig, weights: TpWeights, opts: TpOptions) -> Result<Self> {
         let mut group = Self::load(config, weights, &opts.devices, opts.progress)?;
-        group.configure(opts.serving())?;
+        group.configure(opts.serving)?;
         Ok(group)
     }
 

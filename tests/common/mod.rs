@@ -143,3 +143,15 @@ pub fn gpu_margins(gpu: &shadowkv::cuda::CudaModel, prompt: &[u32], gen: &[u32])
         .remove(0);
     top2_margins(&logits, gpu.config().vocab_size)
 }
+
+/// The ShadowKV settings of the SmolLM2 tests on the GPU: a budget of 256 tokens, rank
+/// 96, chunks of 8, 8 outlier and 4 local chunks.
+pub fn smollm2_shadow() -> shadowkv::shadow::ShadowParams {
+    shadowkv::shadow::ShadowParams {
+        budget: 256,
+        rank: 96,
+        chunk_size: 8,
+        outlier_chunks: 8,
+        local_chunks: 4,
+    }
+}
