@@ -4,12 +4,12 @@
 
 use crate::cpu::CpuModel;
 use crate::cuda::nccl::Nccl;
-use crate::cuda::shadow::decode::FetchPath;
+use crate::cuda::shadow::decode::{ChunkGather, FetchPath};
 use crate::cuda::shadow::TierSize;
 use crate::cuda::{CudaDevice, DeviceError};
 use crate::engine::backend::CpuBackend;
 use crate::engine::backend_cuda::CudaBackend;
-use crate::engine::backend_tp::{PoolMaker, TpBackend, TpOptions, TpServing};
+use crate::engine::backend_tp::{GatherMaker, PoolMaker, TpBackend, TpOptions, TpServing};
 use crate::engine::scheduler::{spawn_engine, EngineHandle, SchedulerConfig};
 use crate::model::config::ModelConfig;
 use crate::model::load::open_model;
@@ -312,7 +312,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     // `backend.devices` makes a tensor-parallel group (of one GPU or more): every GPU
     // and NCCL are checked here; the group opens them again when it loads the model.
     let group = cuda && topo.backend.devices.is_some();
-    let mut pool_nodes = Vec::new();
+    // Where each GPU's value pool and gather threads go: its NUMA node and cores.
+    let mut rank_placements = Vec::new();
     if group {
         for &d in &devices {
             let gpu = CudaDevice::new(d as usize).map_err(|e| {
@@ -322,7 +323,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 )
             })?;
             let machine = Machine::read(Source::Host, Some(&gpu.info().pci_bus_id.to_string()))?;
-            pool_nodes.push(Placement::plan(&topo, &machine)?.pool_node);
+            rank_placements.push(Placement::plan(&topo, &machine)?);
         }
         Nccl::load().map_err(|e| topo.error_at("backend.devices", format!("{e:#}")))?;
     }
@@ -393,9 +394,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let pool = |rank: usize, cfg: &ModelConfig| -> Result<ValuePool> {
             let p = params.as_ref().expect("asked for with ShadowKV only");
             let mut pool = value_pool(&topo, p, cfg, max_context, Some(rank))?;
-            bind_pool_to(&mut pool, pool_nodes[rank]);
+            bind_pool_to(&mut pool, rank_placements[rank].pool_node);
             Ok(pool)
         };
+        // cpu-gather: each GPU's gather threads pinned to its own node's cores.
+        let gathers = params.is_some() && topo.pipeline.value_fetch == TopoFetch::CpuGather;
+        let gatherer =
+            |rank: usize| -> Result<Arc<dyn ChunkGather + Send>> { Ok(Arc::new(gather_pool(&rank_placements[rank])?)) };
         let backend = TpBackend::new(
             &m.config,
             super::backend::tp_weights(&spec, &m)?,
@@ -420,6 +425,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                         AutoOr::Value(0) => TierSize::Off,
                         AutoOr::Value(n) => TierSize::Chunks(n),
                     },
+                    gatherers: gathers.then_some(&gatherer as GatherMaker),
                 },
                 progress: false,
             },

@@ -25,7 +25,7 @@ use super::backend::{BackendStats, SeqSpec, StepBackend, StepInput, StepOutput, 
 use super::backend_cuda::{CudaBackend, CudaSeq};
 use crate::cuda::nccl::Nccl;
 use crate::cuda::parallel::{time_all_reduce, TpShard, COMMUNICATORS};
-use crate::cuda::shadow::decode::FetchPath;
+use crate::cuda::shadow::decode::{ChunkGather, FetchPath};
 use crate::cuda::shadow::TierSize;
 use crate::cuda::{CudaDevice, CudaModel, CudaOps, DeviceError};
 use crate::model::config::ModelConfig;
@@ -56,6 +56,9 @@ pub enum TpWeights<'a> {
 /// Makes rank `r`'s ShadowKV value pool for its device config (its KV heads).
 pub type PoolMaker<'a> = &'a dyn Fn(usize, &ModelConfig) -> Result<ValuePool>;
 
+/// Makes rank `r`'s cpu-gather actors (pinned near its GPU).
+pub type GatherMaker<'a> = &'a dyn Fn(usize) -> Result<Arc<dyn ChunkGather + Send>>;
+
 /// How the group serves: the one-GPU backend's settings, applied on every device.
 pub struct TpServing<'a> {
     /// Tokens a sequence's cache holds at most.
@@ -74,6 +77,8 @@ pub struct TpServing<'a> {
     pub micro_batches: usize,
     /// ShadowKV's GPU value tier.
     pub tier: TierSize,
+    /// Each rank's cpu-gather actors (none: rayon's threads).
+    pub gatherers: Option<GatherMaker<'a>>,
 }
 
 /// [`TpBackend::new`]'s options: the devices and how they serve.
@@ -96,6 +101,7 @@ struct RankServing {
     fetch: FetchPath,
     micro_batches: usize,
     tier: TierSize,
+    gatherer: Option<Arc<dyn ChunkGather + Send>>,
 }
 
 /// One sequence's part of a step, as every rank gets it.
@@ -236,7 +242,10 @@ impl Worker {
         .with_fetch(s.fetch)
         .with_micro_batches(s.micro_batches)
         .with_tier(s.tier)?;
-        self.backend = Some(backend);
+        self.backend = Some(match s.gatherer {
+            Some(g) => backend.with_gatherer(g),
+            None => backend,
+        });
         Ok(())
     }
 
@@ -443,6 +452,7 @@ impl TpBackend {
                 },
                 fetch: s.fetch,
                 micro_batches: s.micro_batches,
+                gatherer: s.gatherers.map(|g| g(rank)).transpose()?,
                 tier: s.tier,
             }));
         }

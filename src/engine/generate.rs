@@ -184,6 +184,7 @@ pub fn generate_group(
         fetch: opts.value_fetch,
         micro_batches: opts.micro_batches,
         tier: opts.gpu_tier,
+        gatherers: None,
     })?;
     run(group, tok, reqs, opts)
 }
