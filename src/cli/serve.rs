@@ -24,7 +24,7 @@ use crate::server::{metrics_router, router, AppState};
 use crate::shadow::ShadowParams;
 use crate::telemetry::{self, trace::TraceWriter};
 use crate::topology::{
-    AttentionMode, AutoOr, BackendKind, PoolBacking, PrefillLane, Topology, ValueFetch as TopoFetch,
+    AttentionMode, AutoOr, BackendKind, PoolBacking, PrefillLane, PrefillShare, Topology, ValueFetch as TopoFetch,
 };
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -426,6 +426,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                         AutoOr::Value(n) => TierSize::Chunks(n),
                     },
                     gatherers: gathers.then_some(&gatherer as GatherMaker),
+                    prefill_half_sm: topo.limits.prefill_sm_share == PrefillShare::Half,
                 },
                 progress: false,
             },
@@ -451,6 +452,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 TopoFetch::CpuGather => FetchPath::CpuGather,
             })
             .with_micro_batches(topo.pipeline.micro_batches)
+            .with_prefill_half_sm(topo.limits.prefill_sm_share == PrefillShare::Half)
             .with_tier(match topo.pipeline.gpu_tier {
                 AutoOr::Auto => TierSize::Auto,
                 AutoOr::Value(0) => TierSize::Off,

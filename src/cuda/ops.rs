@@ -24,6 +24,8 @@ pub struct CudaOps {
     _blas_ws: CudaSlice<u8>,
     gemv: AtomicBool,
     pdl: AtomicBool,
+    /// Prefill attention at one block a multiprocessor ([`CudaOps::share_sms_with_decoding`]).
+    pub(crate) prefill_half_sm: AtomicBool,
     gemv_warps: usize,
     /// Flash-decoding split blocks resident at once, found on first use
     /// (`super::attention`).
@@ -100,6 +102,14 @@ impl CudaOps {
     /// The same kernels and settings on a new stream of the same device, created at
     /// `priority`, with a cuBLAS handle of its own: another lane of work that the GPU
     /// runs beside this one.
+    /// Has this stream's prefill attention run one block a multiprocessor (`true`)
+    /// instead of as many as fit (two): it asks for more shared memory than half a
+    /// multiprocessor holds, so the other half of each multiprocessor's registers stays
+    /// free for kernels of other streams (the decode lane's) to start at once.
+    pub fn share_sms_with_decoding(&self, on: bool) {
+        self.prefill_half_sm.store(on, Ordering::Relaxed);
+    }
+
     pub fn fork(&self, priority: StreamPriority) -> Result<CudaOps> {
         let ops = Self::on_device(
             self.dev.with_new_stream(priority)?,
@@ -137,6 +147,7 @@ impl CudaOps {
             _blas_ws: blas_ws,
             gemv: AtomicBool::new(true),
             pdl: AtomicBool::new(pdl),
+            prefill_half_sm: AtomicBool::new(false),
             gemv_warps,
             decode_slots: OnceLock::new(),
         })

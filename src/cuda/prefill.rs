@@ -232,7 +232,17 @@ impl CudaOps {
         } else {
             &self.k.flash_prefill_d128
         };
-        let smem = cfg.shared_bytes(d);
+        // Sharing multiprocessors with decoding: more shared memory than half of one
+        // holds keeps one block on each (within what one block may have).
+        let smem = if self.prefill_half_sm.load(std::sync::atomic::Ordering::Relaxed) {
+            use cudarc::driver::sys::CUdevice_attribute_enum as A;
+            let ctx = self.device().context();
+            let per_sm = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)? as usize;
+            let per_block = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
+            cfg.shared_bytes(d).max((per_sm / 2 + 1024).min(per_block))
+        } else {
+            cfg.shared_bytes(d)
+        };
         self.device().context().bind_to_thread()?;
         f.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

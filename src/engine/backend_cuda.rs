@@ -203,6 +203,16 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
         self
     }
 
+    /// With `half`, the prefill lane's attention (the second lane, where there is one)
+    /// runs one block a multiprocessor, leaving the rest of each to the decode lane's
+    /// kernels ([`crate::cuda::CudaOps::share_sms_with_decoding`]).
+    pub fn with_prefill_half_sm(self, half: bool) -> Self {
+        if let Some(lane) = self.lanes.get(1) {
+            lane.ops().share_sms_with_decoding(half);
+        }
+        self
+    }
+
     /// The cpu-gather path copies the missed value chunks with `g` (the pipeline's
     /// pinned gather threads) on every lane.
     pub fn with_gatherer(mut self, g: std::sync::Arc<dyn crate::cuda::shadow::decode::ChunkGather + Send>) -> Self {

@@ -79,6 +79,9 @@ pub struct TpServing<'a> {
     pub tier: TierSize,
     /// Each rank's cpu-gather actors (none: rayon's threads).
     pub gatherers: Option<GatherMaker<'a>>,
+    /// The prefill lane's attention at one block a multiprocessor
+    /// ([`CudaBackend::with_prefill_half_sm`]).
+    pub prefill_half_sm: bool,
 }
 
 /// [`TpBackend::new`]'s options: the devices and how they serve.
@@ -102,6 +105,7 @@ struct RankServing {
     micro_batches: usize,
     tier: TierSize,
     gatherer: Option<Arc<dyn ChunkGather + Send>>,
+    prefill_half_sm: bool,
 }
 
 /// One sequence's part of a step, as every rank gets it.
@@ -241,6 +245,7 @@ impl Worker {
         )?
         .with_fetch(s.fetch)
         .with_micro_batches(s.micro_batches)
+        .with_prefill_half_sm(s.prefill_half_sm)
         .with_tier(s.tier)?;
         self.backend = Some(match s.gatherer {
             Some(g) => backend.with_gatherer(g),
@@ -453,6 +458,7 @@ impl TpBackend {
                 fetch: s.fetch,
                 micro_batches: s.micro_batches,
                 gatherer: s.gatherers.map(|g| g(rank)).transpose()?,
+                prefill_half_sm: s.prefill_half_sm,
                 tier: s.tier,
             }));
         }

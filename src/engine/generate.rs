@@ -185,6 +185,7 @@ pub fn generate_group(
         micro_batches: opts.micro_batches,
         tier: opts.gpu_tier,
         gatherers: None,
+        prefill_half_sm: false,
     })?;
     run(group, tok, reqs, opts)
 }

@@ -197,6 +197,22 @@ pub struct LimitsSection {
     /// Where prompts are prefilled: in the decode steps, or beside them.
     #[serde(default)]
     pub prefill_lane: PrefillLane,
+    /// How much of each multiprocessor the separate prefill lane's attention takes.
+    #[serde(default)]
+    pub prefill_sm_share: PrefillShare,
+}
+
+/// How much of each GPU multiprocessor the separate prefill lane's attention takes.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefillShare {
+    /// As many blocks as fit (two): the fastest prefill.
+    #[default]
+    All,
+    /// One block a multiprocessor, the other half of its registers left to the decode
+    /// lane's kernels: steadier decoding while long prompts are prefilled, a slower
+    /// prefill.
+    Half,
 }
 
 /// Where prompts are prefilled.
@@ -231,6 +247,7 @@ impl Default for LimitsSection {
             max_queue: d_max_queue(),
             prefill_chunk: d_prefill_chunk(),
             prefill_lane: PrefillLane::Auto,
+            prefill_sm_share: PrefillShare::All,
         }
     }
 }
@@ -592,6 +609,15 @@ impl Topology {
             return e(
                 "limits.prefill_lane",
                 "`separate` prefills on a second CUDA stream: it needs backend.kind = \"cuda\"".into(),
+            );
+        }
+        let separate = self.backend.kind == BackendKind::Cuda && l.prefill_lane != PrefillLane::Mixed;
+        if l.prefill_sm_share == PrefillShare::Half && !separate {
+            return e(
+                "limits.prefill_sm_share",
+                "`half` shares each GPU multiprocessor between the separate prefill lane and the decode steps: \
+                 it needs backend.kind = \"cuda\" and limits.prefill_lane `separate` (or `auto`)"
+                    .into(),
             );
         }
         if let Some(list) = &self.backend.devices {

@@ -79,6 +79,12 @@ fn impossible_values_name_key_and_line() {
         ("[limits]\nmax_context = 1\n", "limits.max_context", 2),
         ("[limits]\nprefill_chunk = 0\n", "limits.prefill_chunk", 2),
         ("[limits]\nprefill_lane = \"separate\"\n", "limits.prefill_lane", 2),
+        ("[limits]\nprefill_sm_share = \"half\"\n", "limits.prefill_sm_share", 2),
+        (
+            "[backend]\nkind = \"cuda\"\n[limits]\nprefill_lane = \"mixed\"\nprefill_sm_share = \"half\"\n",
+            "limits.prefill_sm_share",
+            5,
+        ),
         ("[attention]\nchunk_size = 8\nbudget = 100\n", "attention.budget", 3),
         ("[attention]\nrank = 0\n", "attention.rank", 2),
         ("[attention]\nchunk_size = 0\n", "attention.chunk_size", 2),
