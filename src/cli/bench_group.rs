@@ -301,28 +301,10 @@ fn measure_shadow(
             progress,
         },
     )?;
-    let spec = SeqSpec {
-        sampling: SamplingParams::default(),
-        seed: 0,
-        prompt_tokens: ctx,
-        max_tokens: 2 * a.gen,
-    };
-    let mut first = group.new_seq(&spec)?;
-    let ids: Vec<u32> = (0..ctx)
-        .map(|i| ((i * 7919 + 13) % (cfg.vocab_size - 1)) as u32)
-        .collect();
+    let (mut first, ids) = prompt(&mut group, cfg, ctx, a.gen)?;
     let (head, last) = ids.split_at(ctx - 1);
     for part in head.chunks(a.prefill_chunk.max(1)) {
-        let t = group.submit(
-            0,
-            &mut [StepSeq {
-                input: StepInput::Tokens(part),
-                seq: &mut first,
-                sample: false,
-                prompt_done: false,
-            }],
-        )?;
-        group.complete(0, t)?;
+        feed(&mut group, &mut first, part, false)?;
     }
     // Each copy (and then the first) takes the prompt's last token and is compressed.
     let mut first = Some(first);
@@ -333,20 +315,7 @@ fn measure_shadow(
             true => group.fork_seq(first.as_ref().expect("kept until the last"))?,
             false => first.take().expect("kept until the last"),
         };
-        let t = group.submit(
-            0,
-            &mut [StepSeq {
-                input: StepInput::Tokens(last),
-                seq: &mut s,
-                sample: true,
-                prompt_done: true,
-            }],
-        )?;
-        next = *group
-            .complete(0, t)?
-            .tokens
-            .first()
-            .context("the prefill sampled no token")?;
+        next = feed(&mut group, &mut s, last, true)?;
         seqs.push(s);
     }
     let (decode_tps, step_ms) = decode(&mut group, &mut seqs, next, a.gen)?;
@@ -368,34 +337,12 @@ fn measure_shadow(
 /// Prefills one sequence of `ctx` tokens, copies it into the largest batch that fits
 /// (or `--batch`), decodes the batch, then the first sequence alone.
 fn measure<E: Engine>(e: &mut E, gpus: usize, cfg: &ModelConfig, ctx: usize, a: &CudaBench) -> Result<Row> {
-    let spec = SeqSpec {
-        sampling: SamplingParams::default(),
-        seed: 0,
-        prompt_tokens: ctx,
-        max_tokens: 2 * a.gen,
-    };
-    let mut first = e.new_seq(&spec)?;
-    let ids: Vec<u32> = (0..ctx)
-        .map(|i| ((i * 7919 + 13) % (cfg.vocab_size - 1)) as u32)
-        .collect();
+    let (mut first, ids) = prompt(e, cfg, ctx, a.gen)?;
     let t0 = Instant::now();
     let mut next = 0;
     let chunks: Vec<&[u32]> = ids.chunks(a.prefill_chunk.max(1)).collect();
     for (i, part) in chunks.iter().enumerate() {
-        let last = i + 1 == chunks.len();
-        let t = e.submit(
-            0,
-            &mut [StepSeq {
-                input: StepInput::Tokens(part),
-                seq: &mut first,
-                sample: last,
-                prompt_done: last,
-            }],
-        )?;
-        let out = e.complete(0, t)?;
-        if last {
-            next = *out.tokens.first().context("the prefill sampled no token")?;
-        }
+        next = feed(e, &mut first, part, i + 1 == chunks.len())?;
     }
     let prefill_secs = t0.elapsed().as_secs_f64();
     let cap = ctx + 2 * a.gen;
@@ -437,6 +384,40 @@ fn measure<E: Engine>(e: &mut E, gpus: usize, cfg: &ModelConfig, ctx: usize, a: 
         step_ms,
         one_seq_ms: 1e3 / one_tps,
     })
+}
+
+/// A new sequence for a prompt of `ctx` tokens and `2 · gen` generated ones, and the
+/// prompt's token ids.
+fn prompt<E: Engine>(e: &mut E, cfg: &ModelConfig, ctx: usize, gen: usize) -> Result<(E::Seq, Vec<u32>)> {
+    let spec = SeqSpec {
+        sampling: SamplingParams::default(),
+        seed: 0,
+        prompt_tokens: ctx,
+        max_tokens: 2 * gen,
+    };
+    let ids = (0..ctx)
+        .map(|i| ((i * 7919 + 13) % (cfg.vocab_size - 1)) as u32)
+        .collect();
+    Ok((e.new_seq(&spec)?, ids))
+}
+
+/// One step of `part` of `seq`'s prompt; with `last` the prompt is done (ShadowKV
+/// compresses it) and the step's sampled token is returned (0 otherwise).
+fn feed<E: Engine>(e: &mut E, seq: &mut E::Seq, part: &[u32], last: bool) -> Result<u32> {
+    let t = e.submit(
+        0,
+        &mut [StepSeq {
+            input: StepInput::Tokens(part),
+            seq,
+            sample: last,
+            prompt_done: last,
+        }],
+    )?;
+    let out = e.complete(0, t)?;
+    match last {
+        true => out.tokens.first().copied().context("the prefill sampled no token"),
+        false => Ok(0),
+    }
 }
 
 /// `gen` decode steps over `seqs` (the first fed `token`, each next one the token the
