@@ -97,7 +97,7 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
             rope_scaling: Some(llama31),
             ..shape(Llama, 4096, 14336, 32, 32, 8, 128256, 131072)
         },
-        // 141 GB of bf16 weights: more than one GPU holds (tensor parallelism, issue 13).
+        // 141 GB of bf16 weights: more than one GPU holds (`--devices 0,1`).
         "llama-3.1-70b" => ModelConfig {
             rope_theta: 500000.0,
             rope_scaling: Some(llama31),

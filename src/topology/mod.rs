@@ -99,8 +99,8 @@ pub struct BackendSection {
     /// One CUDA device ordinal (0 when neither this nor `devices` is given).
     #[serde(default)]
     pub device: Option<u32>,
-    /// Several CUDA device ordinals for tensor parallelism (planned: issue 13). Not
-    /// together with `device`.
+    /// The CUDA device ordinals of a tensor-parallel group (the model split over them;
+    /// one entry runs the group's code on one GPU). Not together with `device`.
     #[serde(default)]
     pub devices: Option<Vec<u32>>,
 }
