@@ -277,6 +277,7 @@ pub fn spawn_engine<M: StepBackend + 'static>(
         deadline: None,
         trace,
         gpu_tracks: Vec::new(),
+        stats_at: None,
         lanes,
         next_key: 0,
     };
@@ -390,7 +391,14 @@ struct Engine<M: StepBackend> {
     gpu_tracks: Vec<GpuTracks>,
     lanes: Vec<LaneQueue<M::Ticket>>,
     next_key: u64,
+    /// When the backend's counters were last read for the metrics.
+    stats_at: Option<Instant>,
 }
+
+/// How often the backend's counters are read for the metrics while steps are queued:
+/// reading them may wait for the GPU (ShadowKV's hit counters live on the device,
+/// behind the queued step), which would empty the queue that hides the host's work.
+const STATS_EVERY: Duration = Duration::from_millis(250);
 
 fn request_done(outcome: &'static str, arrived: Instant) {
     metrics::counter!(tm::REQUESTS, "outcome" => outcome).increment(1);
@@ -586,7 +594,7 @@ impl<M: StepBackend> Engine<M> {
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         let running = self.running.len();
         self.shared.running.store(running, Ordering::SeqCst);
         let queued = self.shared.in_system.load(Ordering::SeqCst).saturating_sub(running);
@@ -594,6 +602,11 @@ impl<M: StepBackend> Engine<M> {
         metrics::gauge!(tm::QUEUE_DEPTH).set(queued as f64);
         let kv: usize = self.running.iter().map(|s| self.model.seq_bytes(&s.state)).sum();
         metrics::gauge!(tm::KV_BYTES).set(kv as f64);
+        let idle = self.lanes.iter().all(|l| l.queued.is_empty());
+        if !idle && self.stats_at.is_some_and(|t| t.elapsed() < STATS_EVERY) {
+            return;
+        }
+        self.stats_at = Some(Instant::now());
         let st = self.model.stats();
         metrics::gauge!(tm::POOL_BYTES).set(st.pool_bytes as f64);
         metrics::gauge!(tm::GPU_BYTES).set(st.gpu_bytes as f64);
@@ -865,7 +878,7 @@ impl<M: StepBackend> Engine<M> {
 mod tests {
     use super::*;
     use crate::cpu::CpuModel;
-    use crate::engine::backend::CpuBackend;
+    use crate::engine::backend::{BackendStats, CpuBackend, StepOutput};
     use crate::engine::generate::{generate, GenerateOptions, GenerateRequest};
     use crate::model::load::open_model;
     use crate::model::weights::ModelWeights;
@@ -1054,5 +1067,102 @@ mod tests {
         assert!(matches!(engine.submit(bad), Err(SubmitError::Invalid(_))));
         engine.shutdown(Duration::ZERO);
         join.join().unwrap();
+    }
+
+    /// A CPU backend that counts how often its counters are read while a step of its
+    /// is queued (on the GPU such a read may wait for that step).
+    struct Counting {
+        inner: CpuBackend,
+        queued: usize,
+        reads_while_queued: Arc<std::sync::atomic::AtomicUsize>,
+        steps: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl StepBackend for Counting {
+        type Seq = <CpuBackend as StepBackend>::Seq;
+        type Ticket = <CpuBackend as StepBackend>::Ticket;
+        fn config(&self) -> &crate::model::config::ModelConfig {
+            self.inner.config()
+        }
+        fn lanes(&self) -> usize {
+            self.inner.lanes()
+        }
+        fn queue_depth(&self) -> usize {
+            self.inner.queue_depth()
+        }
+        fn new_seq(&self, spec: &SeqSpec) -> anyhow::Result<Self::Seq> {
+            self.inner.new_seq(spec)
+        }
+        fn seq_len(&self, seq: &Self::Seq) -> usize {
+            self.inner.seq_len(seq)
+        }
+        fn seq_bytes(&self, seq: &Self::Seq) -> usize {
+            self.inner.seq_bytes(seq)
+        }
+        fn submit(&mut self, lane: usize, batch: &mut [StepSeq<'_, Self::Seq>]) -> anyhow::Result<Self::Ticket> {
+            self.queued += 1;
+            self.steps.fetch_add(1, Ordering::SeqCst);
+            self.inner.submit(lane, batch)
+        }
+        fn is_done(&self, ticket: &Self::Ticket) -> bool {
+            self.inner.is_done(ticket)
+        }
+        fn complete(&mut self, lane: usize, ticket: Self::Ticket) -> anyhow::Result<StepOutput> {
+            self.queued -= 1;
+            self.inner.complete(lane, ticket)
+        }
+        fn stats(&self) -> BackendStats {
+            if self.queued > 0 {
+                self.reads_while_queued.fetch_add(1, Ordering::SeqCst);
+            }
+            self.inner.stats()
+        }
+    }
+
+    #[test]
+    fn the_backends_counters_are_not_read_after_every_step_while_steps_are_queued() {
+        let (model, tok) = tiny();
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let steps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let backend = Counting {
+            inner: CpuBackend::new(model, None).unwrap().with_schedule(1, 2),
+            queued: 0,
+            reads_while_queued: reads.clone(),
+            steps: steps.clone(),
+        };
+        let config = SchedulerConfig {
+            max_batch: 4,
+            max_queue: 8,
+            max_context: 256,
+            prefill_chunk: 16,
+        };
+        let (engine, join) = spawn_engine(backend, Arc::new(tok), config, None).unwrap();
+        let t0 = Instant::now();
+        let rxs: Vec<_> = (0..4)
+            .map(|i| {
+                engine
+                    .submit(EngineRequest {
+                        prompt: vec![1, 2, 3, 4 + i],
+                        max_tokens: 40,
+                        sampling: SamplingParams::default(),
+                        stop: vec![],
+                    })
+                    .unwrap()
+            })
+            .collect();
+        for rx in rxs {
+            collect(rx);
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        engine.shutdown(Duration::ZERO);
+        join.join().unwrap();
+        let (reads, steps) = (reads.load(Ordering::SeqCst), steps.load(Ordering::SeqCst));
+        // At most one read a STATS_EVERY while steps are queued (and one to start).
+        let allowed = 2 + (secs / STATS_EVERY.as_secs_f64()) as usize;
+        assert!(steps >= 40, "{steps} steps");
+        assert!(
+            reads <= allowed,
+            "{reads} reads while steps were queued, over {steps} steps in {secs:.2} s"
+        );
     }
 }
