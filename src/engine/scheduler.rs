@@ -391,8 +391,9 @@ struct Engine<M: StepBackend> {
     gpu_tracks: Vec<GpuTracks>,
     lanes: Vec<LaneQueue<M::Ticket>>,
     next_key: u64,
-    /// When the backend's counters were last read for the metrics.
-    stats_at: Option<Instant>,
+    /// When the backend's counters were last read for the metrics, and how many
+    /// sequences were running then.
+    stats_at: Option<(Instant, usize)>,
 }
 
 /// How often the backend's counters are read for the metrics while steps are queued:
@@ -602,11 +603,17 @@ impl<M: StepBackend> Engine<M> {
         metrics::gauge!(tm::QUEUE_DEPTH).set(queued as f64);
         let kv: usize = self.running.iter().map(|s| self.model.seq_bytes(&s.state)).sum();
         metrics::gauge!(tm::KV_BYTES).set(kv as f64);
+        // Read when no step is queued, when a sequence came or went, or every
+        // STATS_EVERY.
         let idle = self.lanes.iter().all(|l| l.queued.is_empty());
-        if !idle && self.stats_at.is_some_and(|t| t.elapsed() < STATS_EVERY) {
+        if !idle
+            && self
+                .stats_at
+                .is_some_and(|(t, n)| n == running && t.elapsed() < STATS_EVERY)
+        {
             return;
         }
-        self.stats_at = Some(Instant::now());
+        self.stats_at = Some((Instant::now(), running));
         let st = self.model.stats();
         metrics::gauge!(tm::POOL_BYTES).set(st.pool_bytes as f64);
         metrics::gauge!(tm::GPU_BYTES).set(st.gpu_bytes as f64);
@@ -1143,7 +1150,7 @@ mod tests {
                 engine
                     .submit(EngineRequest {
                         prompt: vec![1, 2, 3, 4 + i],
-                        max_tokens: 40,
+                        max_tokens: 60,
                         sampling: SamplingParams::default(),
                         stop: vec![],
                     })
@@ -1157,8 +1164,9 @@ mod tests {
         engine.shutdown(Duration::ZERO);
         join.join().unwrap();
         let (reads, steps) = (reads.load(Ordering::SeqCst), steps.load(Ordering::SeqCst));
-        // At most one read a STATS_EVERY while steps are queued (and one to start).
-        let allowed = 2 + (secs / STATS_EVERY.as_secs_f64()) as usize;
+        // At most one read a STATS_EVERY while steps are queued, and one each time a
+        // sequence comes or goes (4 of each).
+        let allowed = 9 + (secs / STATS_EVERY.as_secs_f64()) as usize;
         assert!(steps >= 40, "{steps} steps");
         assert!(
             reads <= allowed,
