@@ -499,13 +499,15 @@ impl TpBackend {
 
     /// Free and total memory of each device, in rank order.
     pub fn memory(&self) -> Result<Vec<(usize, usize)>> {
-        self.all(|_| Cmd::Memory)?
-            .into_iter()
-            .map(|r| match r {
-                Reply::Memory(m) => m,
-                _ => Err(anyhow!("a rank answered out of turn")),
-            })
-            .collect()
+        self.ask(
+            |_| Cmd::Memory,
+            |r| match r {
+                Reply::Memory(m) => Some(m),
+                _ => None,
+            },
+        )?
+        .into_iter()
+        .collect()
     }
 
     /// Device bytes of one device's share of a dense cache of `tokens` tokens.
@@ -518,14 +520,13 @@ impl TpBackend {
     /// median of `iters`).
     pub fn time_all_reduce(&mut self, bytes: usize, iters: usize) -> Result<f64> {
         self.check_serving()?;
-        let replies = self.all(|_| Cmd::AllReduce { bytes, iters })?;
-        let results = replies
-            .into_iter()
-            .map(|r| match r {
-                Reply::Seconds(r) => r.and_then(|s| s.context("a device outside the group")),
-                _ => Err(anyhow!("a rank answered out of turn")),
-            })
-            .collect();
+        let results = self.ask(
+            |_| Cmd::AllReduce { bytes, iters },
+            |r| match r {
+                Reply::Seconds(r) => Some(r.and_then(|s| s.context("a device outside the group"))),
+                _ => None,
+            },
+        )?;
         Ok(self.agree("timing an all-reduce", results)?[0])
     }
 
@@ -546,6 +547,16 @@ impl TpBackend {
                 .map_err(|_| anyhow!("the thread of rank {r} has stopped"))?;
         }
         self.replies()
+    }
+
+    /// [`TpBackend::all`], each reply taken apart by `pick` (`None`: a reply of
+    /// another kind, which is an error).
+    fn ask<T>(&self, cmd: impl Fn(usize) -> Cmd, pick: impl Fn(Reply) -> Option<Result<T>>) -> Result<Vec<Result<T>>> {
+        Ok(self
+            .all(cmd)?
+            .into_iter()
+            .map(|r| pick(r).unwrap_or_else(|| Err(anyhow!("a rank answered out of turn"))))
+            .collect())
     }
 
     /// One reply from each rank, in rank order.
@@ -725,18 +736,17 @@ impl StepBackend for TpBackend {
                 .collect(),
         );
         let ticket = self.take_id();
-        let replies = self.all(|_| Cmd::Submit {
-            lane,
-            ticket,
-            parts: parts.clone(),
-        })?;
-        let results = replies
-            .into_iter()
-            .map(|r| match r {
-                Reply::Submitted(r) => r,
-                _ => Err(anyhow!("a rank answered out of turn")),
-            })
-            .collect();
+        let results = self.ask(
+            |_| Cmd::Submit {
+                lane,
+                ticket,
+                parts: parts.clone(),
+            },
+            |r| match r {
+                Reply::Submitted(r) => Some(r),
+                _ => None,
+            },
+        )?;
         let queued = self.agree("a step", results)?;
         let mut ends = Vec::with_capacity(queued.len());
         let mut bytes = vec![0; batch.len()];
@@ -764,14 +774,13 @@ impl StepBackend for TpBackend {
     fn complete(&mut self, lane: usize, ticket: TpTicket) -> Result<StepOutput> {
         self.check_serving()?;
         let id = ticket.id;
-        let replies = self.all(|_| Cmd::Complete { lane, ticket: id })?;
-        let results = replies
-            .into_iter()
-            .map(|r| match r {
-                Reply::Completed(r) => r,
-                _ => Err(anyhow!("a rank answered out of turn")),
-            })
-            .collect();
+        let results = self.ask(
+            |_| Cmd::Complete { lane, ticket: id },
+            |r| match r {
+                Reply::Completed(r) => Some(r),
+                _ => None,
+            },
+        )?;
         let outs = self.agree("completing a step", results)?;
         if let Some(r) = first_disagreeing(&outs) {
             let why = format!("rank {r} sampled other tokens than rank 0");
