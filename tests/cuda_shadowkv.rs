@@ -18,8 +18,9 @@
 
 mod common;
 
+use half::bf16;
 use shadowkv::cpu::{CpuModel, LogitsWanted, SeqInput};
-use shadowkv::cuda::shadow::decode::FetchPath;
+use shadowkv::cuda::shadow::decode::{ChunkGather, FetchPath, RayonGather};
 use shadowkv::cuda::shadow::TierSize;
 use shadowkv::cuda::testing::ops_or_skip;
 use shadowkv::cuda::CudaModel;
@@ -306,6 +307,83 @@ fn engine_with_a_prefill_lane_equals_generate_cuda() {
     assert_eq!(text, want[0].text);
     eprintln!("RESULT shadowkv_engine equal_text={}", text.len());
     check_gpu_tracks(&trace_path, cfg.num_layers, gen);
+}
+
+/// A gather that panics on its first call, then copies as rayon's threads do.
+struct PanicsOnce(std::sync::atomic::AtomicBool);
+
+impl ChunkGather for PanicsOnce {
+    fn gather(&self, src: &[bf16], sources: &[usize], chunk: usize, dst: &mut [bf16]) -> anyhow::Result<()> {
+        if !self.0.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            panic!("gather thread lost");
+        }
+        RayonGather.gather(src, sources, chunk, dst)
+    }
+}
+
+/// Runs `prompt` through `engine` to its end: the text, or the failure's message.
+fn engine_text(
+    engine: &shadowkv::engine::scheduler::EngineHandle,
+    prompt: Vec<u32>,
+    gen: usize,
+) -> Result<String, String> {
+    let mut rx = engine
+        .submit(EngineRequest {
+            prompt,
+            max_tokens: gen,
+            sampling: SamplingParams::default(),
+            stop: vec![],
+        })
+        .unwrap();
+    let mut text = String::new();
+    loop {
+        match rx.blocking_recv().expect("the engine ended the stream") {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done { .. } => return Ok(text),
+            Event::Failed(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+#[test]
+fn a_gather_that_panics_fails_its_request_and_the_engine_serves_on() {
+    let Some((gpu, _, tok)) = smollm2() else { return };
+    let gpu = Arc::new(gpu);
+    let tok = Arc::new(tok);
+    let cfg = gpu.config().clone();
+    let p = usual_params();
+    let ids = prompt(&tok, 1200);
+    let gen = 24;
+    let opts = GenerateOptions {
+        prefill_chunk: 256,
+        attention: Attention::ShadowKv(p),
+        ..Default::default()
+    };
+    let (want, _) = generate_cuda(&gpu, &tok, &[request(ids.clone(), gen)], opts, true).unwrap();
+    let max_context = 2048;
+    let pool = ValuePool::anonymous_of(p.pool_shape(&cfg, 2, max_context), ValueType::Bf16).unwrap();
+    let backend = CudaBackend::new(gpu.clone(), max_context, 2, 2, true, Some((p, pool)))
+        .unwrap()
+        .with_fetch(FetchPath::CpuGather)
+        .with_gatherer(Arc::new(PanicsOnce(Default::default())));
+    let config = SchedulerConfig {
+        max_batch: 2,
+        max_queue: 2,
+        max_context,
+        prefill_chunk: 256,
+    };
+    let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
+    // The first ShadowKV step's gather panics: that request fails, naming the panic,
+    // and nothing waits forever (the GPU's stream wait is released all the same).
+    let first = engine_text(&engine, ids.clone(), gen);
+    let e = first.expect_err("a request whose gather panicked");
+    assert!(e.contains("gather thread lost"), "{e}");
+    // The next request is served, through the same actor, and equals generate_cuda.
+    let second = engine_text(&engine, ids, gen).expect("the engine serves on");
+    assert_eq!(second, want[0].text);
+    engine.shutdown(Duration::ZERO);
+    join.join().unwrap();
+    eprintln!("RESULT shadowkv_gather_panic failed_then_equal_text={}", second.len());
 }
 
 /// The engine's trace holds its lanes' GPU streams: on the decoding lane's compute

@@ -274,7 +274,7 @@ pub fn run(
         };
         if fetch == ValueFetch::CpuGather {
             eprintln!(
-                "[cpu-gather per step: {:.2} ms waiting for miss lists, {:.2} ms gathering ({gather_gbs:.1} GB/s)]",
+                "[cpu-gather per step: the gather actor {:.2} ms waiting for miss lists, {:.2} ms gathering ({gather_gbs:.1} GB/s)]",
                 1e3 * g.wait_secs / gen as f64,
                 1e3 * g.gather_secs / gen as f64,
             );

@@ -23,8 +23,9 @@
 use super::device::StreamPriority;
 use super::model::{Attend, CudaModel, GpuCache, GpuSeq, Scratch, StageSeq, StepPlan};
 use super::ops::CudaOps;
-use super::shadow::decode::{stage_ms, ChunkGather, FetchMark, FetchPath, GatherTimes, Stage};
+use super::shadow::decode::{stage_ms, ChunkGather, FetchMark, FetchPath, GatherTimes, RayonGather, Stage};
 use super::shadow::timeline::{step_spans, GpuSpan};
+use super::shadow::transfer::GatherTransfer;
 use super::shadow::{GpuShadowSeq, GpuValuePool, ShadowStep, StepScratch};
 use crate::cpu::LogitsWanted;
 use anyhow::{ensure, Result};
@@ -104,6 +105,8 @@ pub struct Lane {
     fetch_ops: Option<CudaOps>,
     /// The cpu-gather path's chunk copy (none: rayon's threads).
     gatherer: Option<Arc<dyn ChunkGather + Send>>,
+    /// The cpu-gather path's actor (made at the lane's first cpu-gather step).
+    transfer: Option<GatherTransfer>,
 }
 
 /// One ShadowKV sequence's part of a decode step.
@@ -178,6 +181,8 @@ pub struct StepTicket {
     /// Whether the lane was tracing when the step was queued (its spans then belong to
     /// the trace; an older step's would precede the trace's anchor).
     traced: bool,
+    /// The cpu-gather actor's jobs of the step (empty without).
+    gather_jobs: std::ops::Range<u64>,
 }
 
 impl StepTicket {
@@ -219,6 +224,7 @@ impl CudaModel {
             stage_ms: Vec::new(),
             fetch_ops: None,
             gatherer: None,
+            transfer: None,
         })
     }
 
@@ -289,7 +295,31 @@ impl CudaModel {
         if fetch == FetchPath::ZeroCopy && lane.fetch_ops.is_none() {
             lane.fetch_ops = Some(lane.ops.fork(StreamPriority::Highest)?);
         }
-        let gatherer = lane.gatherer.clone();
+        if fetch == FetchPath::CpuGather {
+            let layout = *seqs[0].seq.layer(0).layout();
+            if !lane
+                .transfer
+                .as_ref()
+                .is_some_and(|t| t.serves(&layout, seqs.len(), pool))
+            {
+                // The old actor's jobs and buffers are done with once the lane's work is.
+                lane.ops.device().synchronize()?;
+                let gather: Arc<dyn ChunkGather + Send> = match &lane.gatherer {
+                    Some(g) => g.clone(),
+                    None => Arc::new(RayonGather),
+                };
+                lane.transfer = None;
+                lane.transfer = Some(GatherTransfer::new(
+                    &lane.ops,
+                    &layout,
+                    seqs.len(),
+                    pool,
+                    gather,
+                    "cpu-gather",
+                )?);
+            }
+        }
+        let first_job = lane.transfer.as_ref().map_or(0, |t| t.next_job());
         let (ops, sc) = (&lane.ops, &mut lane.sc);
         let plan = self.stage_rows(ops, sc, &staged, prev)?;
         self.stage_sampling(ops, sc, &plan, sampling)?;
@@ -297,7 +327,7 @@ impl CudaModel {
             let refs: Vec<&GpuShadowSeq> = seqs.iter().map(|s| &*s.seq).collect();
             let step = ShadowStep::new(ops, &refs, pool, fetch, lane.micro_batches)?
                 .with_fetch_stream(lane.fetch_ops.as_ref())
-                .with_gatherer(gatherer.as_deref().map(|g| g as &dyn ChunkGather));
+                .with_transfer(lane.transfer.as_ref());
             if lane.time_stages {
                 step.with_stage_times()
             } else {
@@ -328,10 +358,6 @@ impl CudaModel {
         self.encode_sampling(ops, sc, &plan)?;
         lane.graphs.eager += 1;
         lane.shadow_selected += step.selected;
-        let g = step.gather.get();
-        lane.gather.wait_secs += g.wait_secs;
-        lane.gather.gather_secs += g.gather_secs;
-        lane.gather.bytes += g.bytes;
         let (marks, fetch_marks) = (step.take_marks(), step.take_fetch_marks());
         drop(step);
         for s in seqs.iter_mut() {
@@ -340,6 +366,7 @@ impl CudaModel {
         let mut ticket = Self::read_back(lane, plan.picked.len())?;
         ticket.marks = marks;
         ticket.fetch_marks = fetch_marks;
+        ticket.gather_jobs = first_job..lane.transfer.as_ref().map_or(0, |t| t.next_job());
         Ok(ticket)
     }
 
@@ -412,6 +439,7 @@ impl CudaModel {
             marks: Vec::new(),
             fetch_marks: Vec::new(),
             traced: lane.trace.is_some(),
+            gather_jobs: 0..0,
         })
     }
 
@@ -420,6 +448,15 @@ impl CudaModel {
     pub fn complete(&self, lane: &mut Lane, t: StepTicket) -> Result<Vec<u32>> {
         t.done.synchronize()?;
         lane.ops.device().context().check_err()?;
+        if let Some(tr) = &lane.transfer {
+            let g = tr.take_times();
+            lane.gather.wait_secs += g.wait_secs;
+            lane.gather.gather_secs += g.gather_secs;
+            lane.gather.bytes += g.bytes;
+            if let Some(e) = tr.take_error(t.gather_jobs.clone()) {
+                anyhow::bail!("cpu-gather: {e}");
+            }
+        }
         if let (Some((anchor, spans)), true) = (&mut lane.trace, t.traced) {
             spans.extend(step_spans(anchor, &t.marks, &t.fetch_marks)?);
         }

@@ -385,12 +385,11 @@ pub struct StepScratch {
     /// Counters added to by every step: selected chunks found in their slot, and misses
     /// found in the GPU value tier.
     pub hits: CudaSlice<u64>,
-    /// The cpu-gather path's buffers, made on its first use.
-    pub gather: Option<GatherBuffers>,
 }
 
-/// What the cpu-gather path moves through the host: the miss lists read back, the
-/// gathered values in pinned staging, and their copy on the device.
+/// What the cpu-gather path moves through the host for one job: the miss lists read
+/// back, and the gathered values in pinned staging (copied to the device by
+/// [`super::transfer::GatherTransfer`]).
 pub struct GatherBuffers {
     /// Miss lists `[batch, kv_heads, S]` of (slot, chunk) pairs, read back.
     pub misses: PinnedHostSlice<i32>,
@@ -398,8 +397,6 @@ pub struct GatherBuffers {
     pub miss_count: PinnedHostSlice<i32>,
     /// Gathered values, `[misses, c·d]` in list order.
     pub staging: PinnedHostSlice<bf16>,
-    /// The staging on the device.
-    pub device: CudaSlice<bf16>,
 }
 
 impl GatherBuffers {
@@ -415,7 +412,6 @@ impl GatherBuffers {
                 misses: ctx.alloc_pinned_with_flags(heads * layout.slots * 2, 0)?,
                 miss_count: ctx.alloc_pinned_with_flags(heads, 0)?,
                 staging: ctx.alloc_pinned_with_flags(rows, 0)?,
-                device: ops.device().zeros(rows)?,
             })
         }
     }
@@ -450,7 +446,6 @@ impl StepScratch {
             tier_base: dev.zeros(heads)?,
             tier_count: dev.zeros(heads)?,
             hits: dev.zeros(2)?,
-            gather: None,
         })
     }
 }

@@ -8,9 +8,11 @@
 //! kernel on a few blocks reads them from the registered host pool over PCIe, on a
 //! stream of its own beside the key rebuild where the step has one
 //! ([`ShadowStep::with_fetch_stream`]; a lane gives its steps one); or
-//! `cpu-gather`, the miss lists go back to the host, which copies the chunks from the
-//! pool into pinned staging on several threads while the GPU rebuilds the keys, and the
-//! staging goes to the GPU in one copy that a kernel scatters into the slots.
+//! `cpu-gather`, the miss lists go back to the host, where an actor
+//! ([`super::transfer::GatherTransfer`]) copies the chunks from the pool into pinned
+//! staging on several threads while the GPU rebuilds the keys and sends the staging to
+//! the GPU, and the step's stream waits for it (a stream memory operation, not the host)
+//! before a kernel scatters it into the slots.
 //!
 //! Micro-batches (the `micro` of [`ShadowStep::new`]): the append, the projections and
 //! the MLP run once for the whole batch, but each layer's selection, fetch, rebuild and
@@ -19,11 +21,12 @@
 //! as its miss lists exist and runs while the GPU selects for the next ones and rebuilds
 //! every micro-batch's keys: select 1, fetch 1 | select 2, fetch 2 | … | rebuild all, then
 //! attend 1 once fetch 1 is in, attend 2 …
-use super::buffers::{GatherBuffers, ShadowTable, ShadowTables, StepScratch};
+use super::buffers::{ShadowTable, ShadowTables, StepScratch};
 use super::fetch::FETCH_BLOCKS;
 use super::layout::{DevicePool, SeqCounts, ShadowLayout};
 use super::pool::GpuValuePool;
 use super::seq::GpuShadowSeq;
+use super::transfer::GatherTransfer;
 use crate::cpu::attention::AttnShape;
 use crate::cuda::attention::{partition_len, DecodeArgs, DecodeWorkspace};
 use crate::cuda::CudaOps;
@@ -31,9 +34,8 @@ use anyhow::{ensure, Result};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaView, DevicePtr};
 use half::bf16;
 use rayon::prelude::*;
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::ops::Range;
-use std::time::Instant;
 
 /// One decode step's ShadowKV state for every layer: each layer's table of the
 /// sequences' buffers and counts (the step's token included), the flash-decoding
@@ -46,16 +48,13 @@ pub struct ShadowStep<'a> {
     layers: usize,
     /// The sequences of each micro-batch (one range: the whole batch).
     parts: Vec<Range<usize>>,
-    pool: &'a GpuValuePool,
     dev_pool: DevicePool,
     fetch: FetchPath,
     /// zero-copy: the stream the fetch runs on beside the key rebuild (none: after it,
     /// on the step's stream).
     fetch_ops: Option<&'a CudaOps>,
-    /// cpu-gather: the threads that copy the missed chunks (none: rayon's).
-    gatherer: Option<&'a dyn ChunkGather>,
-    /// cpu-gather: seconds the host waited for miss lists, seconds it gathered, bytes.
-    pub gather: Cell<GatherTimes>,
+    /// cpu-gather: the actor that gathers and sends the missed chunks.
+    transfer: Option<&'a GatherTransfer>,
     /// With stage timing on, an event at the end of each stage of each layer.
     marks: Option<RefCell<Vec<(Stage, CudaEvent)>>>,
     /// With stage timing on and a fetch stream, events on that stream around each
@@ -133,12 +132,10 @@ impl<'a> ShadowStep<'a> {
             tables,
             layers,
             parts,
-            pool,
             dev_pool: pool.device(),
             fetch,
             fetch_ops: None,
-            gatherer: None,
-            gather: Cell::new(GatherTimes::default()),
+            transfer: None,
             marks: None,
             fetch_marks: None,
             attn_ptrs: ops.device().upload(&ptrs)?,
@@ -182,10 +179,10 @@ impl<'a> ShadowStep<'a> {
         self
     }
 
-    /// Copies the cpu-gather path's missed chunks with `g` (when given) instead of
-    /// rayon's threads.
-    pub fn with_gatherer(mut self, g: Option<&'a dyn ChunkGather>) -> Self {
-        self.gatherer = g;
+    /// Has the cpu-gather path's misses gathered and sent by `t` (required for
+    /// cpu-gather).
+    pub fn with_transfer(mut self, t: Option<&'a GatherTransfer>) -> Self {
+        self.transfer = t;
         self
     }
 
@@ -273,7 +270,8 @@ impl<'a> ShadowStep<'a> {
 
     /// Starts the fetch of a micro-batch's misses (table `t`, its scratch `sc`) once its
     /// miss lists are queued: zero-copy with a fetch stream, the fetch kernel on that
-    /// stream; cpu-gather, the lists' copy back to the host. Otherwise nothing yet.
+    /// stream; cpu-gather, the lists' copy back to the host and the actor's job.
+    /// Otherwise nothing yet.
     fn queue_fetch(&self, ops: &CudaOps, t: &ShadowTable, l: usize, sc: &mut StepScratch) -> Result<PendingFetch> {
         match (self.fetch, self.fetch_ops) {
             (FetchPath::ZeroCopy, Some(side)) => {
@@ -297,12 +295,12 @@ impl<'a> ShadowStep<'a> {
                 Ok(PendingFetch::Side(done))
             }
             (FetchPath::ZeroCopy, None) => Ok(PendingFetch::Inline),
-            (FetchPath::CpuGather, _) => self.queue_lists(ops, t, sc).map(PendingFetch::Lists),
+            (FetchPath::CpuGather, _) => Ok(PendingFetch::Gather(self.gatherer()?.queue(ops, t, l, sc)?)),
         }
     }
 
     /// Completes a micro-batch's fetch on `ops`'s stream: waits for the fetch stream, or
-    /// runs the fetch there, or gathers the values on the host and copies them in.
+    /// runs the fetch there, or waits for the actor's values and scatters them.
     fn finish_fetch(
         &self,
         ops: &CudaOps,
@@ -314,7 +312,7 @@ impl<'a> ShadowStep<'a> {
         match fetch {
             PendingFetch::Side(done) => Ok(ops.device().stream().wait(&done)?),
             PendingFetch::Inline => self.zero_copy(ops, t, l, sc),
-            PendingFetch::Lists(lists) => self.gather_values(ops, t, l, sc, &lists),
+            PendingFetch::Gather(job) => self.gatherer()?.finish(ops, t, sc, job),
         }
     }
 
@@ -398,89 +396,10 @@ impl<'a> ShadowStep<'a> {
         self.fetch_marks.as_ref().map(|m| m.take()).unwrap_or_default()
     }
 
-    /// The cpu-gather fetch's first half: queues the copy of table `t`'s miss lists
-    /// back to the host; the event marks their arrival.
-    fn queue_lists(&self, ops: &CudaOps, t: &ShadowTable, sc: &mut StepScratch) -> Result<CudaEvent> {
-        let lay = &self.layout;
-        if sc.gather.is_none() {
-            sc.gather = Some(GatherBuffers::new(ops, lay, sc.batch())?);
-        }
-        let s = ops.device().stream();
-        let heads = t.batch() * lay.kv_heads;
-        let g = sc.gather.as_mut().expect("made above");
-        s.memcpy_dtoh(&sc.misses.slice(0..heads * lay.slots * 2), &mut g.misses)?;
-        s.memcpy_dtoh(&sc.fetch_count.slice(0..heads), &mut g.miss_count)?;
-        let lists = ops.device().event(false)?;
-        lists.record(s)?;
-        Ok(lists)
-    }
-
-    /// The cpu-gather fetch's second half, for layer `l`: once the miss lists are in
-    /// (`lists`; the GPU meanwhile selects and rebuilds), gathers the missed chunks
-    /// from the pool into pinned staging on the host's threads, then copies the staging
-    /// to the GPU and scatters it into the slots.
-    fn gather_values(
-        &self,
-        ops: &CudaOps,
-        t: &ShadowTable,
-        l: usize,
-        sc: &mut StepScratch,
-        lists: &CudaEvent,
-    ) -> Result<()> {
-        let lay = &self.layout;
-        let s = ops.device().stream();
-        let heads = t.batch() * lay.kv_heads;
-        let t0 = Instant::now();
-        lists.synchronize()?;
-        let t1 = Instant::now();
-        let g = sc.gather.as_mut().expect("made by queue_lists");
-        let (misses, counts) = (g.misses.as_slice()?, g.miss_count.as_slice()?);
-        let shape = self.dev_pool.shape;
-        let chunk_elems = shape.chunk_elems;
-        // Each miss's source in the pool, in list order (sequence, head, place).
-        let mut sources = Vec::new();
-        for (e, &n) in counts[..heads].iter().enumerate() {
-            let (b, h) = (e / lay.kv_heads, e % lay.kv_heads);
-            let seq = t.counts()[b].pool_seq as usize;
-            for j in 0..n.max(0) as usize {
-                let chunk = misses[(e * lay.slots + j) * 2 + 1] as usize;
-                sources.push(self.dev_pool.chunk_offset(l, seq, h, chunk));
-            }
-        }
-        let staging = g.staging.as_mut_slice()?;
-        ensure!(
-            sources.len() * chunk_elems <= staging.len(),
-            "cpu-gather: {} misses overflow the staging",
-            sources.len()
-        );
-        // SAFETY: the pool's memory holds `shape` bf16 values; the offsets are of chunks
-        // inside it (the miss lists name chunks below chunk_cap of leased slots), which
-        // the device does not write during this step's fetch.
-        let pool: &[bf16] = unsafe {
-            std::slice::from_raw_parts(
-                self.pool.pool().base_ptr().cast::<bf16>(),
-                shape.elems().expect("checked at creation"),
-            )
-        };
-        match self.gatherer {
-            Some(g) => g.gather(pool, &sources, chunk_elems, &mut staging[..sources.len() * chunk_elems])?,
-            None => RayonGather.gather(pool, &sources, chunk_elems, &mut staging[..sources.len() * chunk_elems])?,
-        }
-        let t2 = Instant::now();
-        let n = sources.len() * chunk_elems;
-        let dst = g.device.device_ptr(s).0;
-        // SAFETY: the first n staged values go to the device staging (as large); the
-        // pinned staging outlives the copy, and the next write to it (the next layer's
-        // gather) waits for that layer's miss lists, queued after this copy.
-        unsafe { cudarc::driver::result::memcpy_htod_async(dst, &staging[..n], s.cu_stream()) }?;
-        let tier_base = (lay.tier > 0).then_some(&sc.tier_base);
-        ops.shadow_scatter_values(t, &sc.misses, &sc.fetch_count, tier_base, &g.device, FETCH_BLOCKS)?;
-        let mut times = self.gather.get();
-        times.wait_secs += (t1 - t0).as_secs_f64();
-        times.gather_secs += (t2 - t1).as_secs_f64();
-        times.bytes += 2 * n as u64;
-        self.gather.set(times);
-        Ok(())
+    /// The cpu-gather actor (an error where the step has none).
+    fn gatherer(&self) -> Result<&'a GatherTransfer> {
+        self.transfer
+            .ok_or_else(|| anyhow::anyhow!("a cpu-gather step without its gather actor"))
     }
 }
 
@@ -493,8 +412,8 @@ enum PendingFetch {
     Side(CudaEvent),
     /// Zero-copy without a fetch stream: to run on the step's stream after the rebuild.
     Inline,
-    /// cpu-gather: the miss lists are on their way to the host (the event marks it).
-    Lists(CudaEvent),
+    /// cpu-gather: the actor's ring slot and job number.
+    Gather((usize, u32)),
 }
 
 /// `n` sequences split into `micro` contiguous micro-batches (at most `n`), the first

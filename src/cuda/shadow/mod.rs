@@ -39,6 +39,7 @@ pub mod select;
 pub mod seq;
 pub mod tier;
 pub mod timeline;
+pub mod transfer;
 
 pub use buffers::{LayerBuffers, ShadowTable, ShadowTables, StepScratch};
 pub use compress::{CompressStage, CompressTimes, CompressWorkspace};
