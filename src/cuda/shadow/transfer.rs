@@ -59,6 +59,99 @@ struct Ring {
     next: u64,
 }
 
+/// The ring's flags: `RING` u32s that the actor's stream writes and the step's stream
+/// waits on, in plain device memory (`cuMemAlloc`: the stream-ordered allocator's memory
+/// is refused by stream memory operations on some drivers) or, where the device refuses
+/// that too, in pinned host memory mapped for the device. Which one is decided by a
+/// write and a wait tried at creation.
+struct Flags {
+    /// The first flag's device address.
+    addr: u64,
+    /// The host allocation behind it, when the flags live in host memory.
+    host: Option<usize>,
+}
+
+impl Flags {
+    /// Flags (zero) that stream memory operations accept on `stream`'s device.
+    fn new(stream: &CudaStream) -> Result<Self> {
+        let bytes = 4 * RING;
+        // SAFETY: a fresh allocation of `bytes`, zeroed before use, freed in Drop (or
+        // here when refused).
+        let device = unsafe {
+            let addr = cudarc::driver::result::malloc_sync(bytes)?;
+            cudarc::driver::result::memset_d8_sync(addr, 0, bytes)?;
+            Flags { addr, host: None }
+        };
+        let device_err = match device.try_on(stream) {
+            Ok(()) => return Ok(device),
+            Err(e) => e,
+        };
+        drop(device);
+        // SAFETY: as above, in pinned host memory mapped for the device; the device
+        // address is the mapping's.
+        let host = unsafe {
+            let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+            let p = cudarc::driver::result::malloc_host(bytes, flags)?;
+            std::ptr::write_bytes(p.cast::<u8>(), 0, bytes);
+            let mut addr = 0;
+            let r = sys::cuMemHostGetDevicePointer_v2(&mut addr, p, 0);
+            let f = Flags {
+                addr,
+                host: Some(p as usize),
+            };
+            ensure!(
+                r == sys::cudaError_enum::CUDA_SUCCESS,
+                "cpu-gather: mapping the ring's flags: {r:?}"
+            );
+            f
+        };
+        match host.try_on(stream) {
+            Ok(()) => Ok(host),
+            Err(host_err) => Err(anyhow!(
+                "cpu-gather needs stream memory operations (cuStreamWaitValue32 and cuStreamWriteValue32), which \
+                 this GPU refuses on device memory ({device_err}) and on mapped host memory ({host_err}); use the \
+                 zero-copy value fetch"
+            )),
+        }
+    }
+
+    /// A write, a wait for it and a write back to zero on `stream`, waited for.
+    fn try_on(&self, stream: &CudaStream) -> Result<(), String> {
+        let s = stream.cu_stream();
+        // SAFETY: the first flag, written and waited on by this stream alone.
+        unsafe {
+            let w = CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32;
+            let r = sys::cuStreamWriteValue32_v2(s, self.addr, u32::MAX, w);
+            if r != sys::cudaError_enum::CUDA_SUCCESS {
+                return Err(format!("write: {r:?}"));
+            }
+            let eq = CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_EQ as u32;
+            let r = sys::cuStreamWaitValue32_v2(s, self.addr, u32::MAX, eq);
+            if r != sys::cudaError_enum::CUDA_SUCCESS {
+                return Err(format!("wait: {r:?}"));
+            }
+            let r = sys::cuStreamWriteValue32_v2(s, self.addr, 0, w);
+            if r != sys::cudaError_enum::CUDA_SUCCESS {
+                return Err(format!("write: {r:?}"));
+            }
+        }
+        stream.synchronize().map_err(|e| format!("{e:?}"))
+    }
+}
+
+impl Drop for Flags {
+    fn drop(&mut self) {
+        // SAFETY: the allocation made in new; no stream uses it any more (the actor's
+        // owner drops it after the lane's work).
+        unsafe {
+            let _ = match self.host {
+                Some(p) => cudarc::driver::result::free_host(p as *mut std::ffi::c_void),
+                None => cudarc::driver::result::free_sync(self.addr),
+            };
+        }
+    }
+}
+
 /// What the actor's thread and the queuing thread share.
 struct Shared {
     /// Each ring slot's pinned buffers (the queuing thread copies the lists in, once the
@@ -80,10 +173,13 @@ pub struct GatherTransfer {
     /// The queuing thread's own: each slot's event after the last scatter that read it
     /// and its last job's number, and the next job's slot.
     ring: Mutex<Ring>,
-    flags: CudaSlice<u32>,
+    flags: Flags,
     layout: ShadowLayout,
     batch: usize,
     pool_addr: u64,
+    /// The queuing thread's stream and the actor's, synchronised before the flags and
+    /// buffers are freed.
+    streams: [Arc<CudaStream>; 2],
     tx: Option<Sender<Job>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -113,16 +209,17 @@ impl GatherTransfer {
             errors: Mutex::new(Vec::new()),
             times: Mutex::new(GatherTimes::default()),
         });
-        let flags = dev.zeros::<u32>(RING)?;
         let stream = ops.fork(StreamPriority::Highest)?.device().stream().clone();
+        let flags = Flags::new(&stream)?;
         let (tx, rx) = unbounded::<Job>();
         let (sh, lay) = (shared.clone(), *layout);
+        let streams = [dev.stream().clone(), stream.clone()];
         let dev_pool = pool.device();
         // The pool's memory, as the gather reads it (see the thread's SAFETY note).
         // SAFETY: only the address is taken here.
         let pool_base = unsafe { pool.pool().base_ptr() } as usize;
         let pool_elems = dev_pool.shape.elems()?;
-        let flag_base = flags.device_ptr(dev.stream()).0;
+        let flag_base = flags.addr;
         let ctx = dev.context().clone();
         let thread = std::thread::Builder::new()
             .name(name.to_string())
@@ -184,6 +281,7 @@ impl GatherTransfer {
             layout: *layout,
             batch,
             pool_addr: pool.device().addr,
+            streams,
             tx: Some(tx),
             thread: Some(thread),
         })
@@ -247,7 +345,7 @@ impl GatherTransfer {
         (slot_i, seqno): (usize, u32),
     ) -> Result<()> {
         let s = ops.device().stream();
-        let flag = self.flags.device_ptr(s).0 + 4 * slot_i as u64;
+        let flag = self.flags.addr + 4 * slot_i as u64;
         // SAFETY: `flag` is a u32 of the flags buffer, alive as long as self.
         let r = unsafe {
             sys::cuStreamWaitValue32_v2(
@@ -259,8 +357,7 @@ impl GatherTransfer {
         };
         ensure!(
             r == sys::cudaError_enum::CUDA_SUCCESS,
-            "cpu-gather: the stream wait for ring slot {slot_i} failed ({r:?}): the GPU needs stream memory \
-             operations (cuStreamWaitValue32); the zero-copy value fetch does without"
+            "cpu-gather: the stream wait for ring slot {slot_i} failed: {r:?}"
         );
         let tier_base = (self.layout.tier > 0).then_some(&sc.tier_base);
         let staged = &self.shared.device[slot_i];
@@ -293,11 +390,15 @@ impl GatherTransfer {
 
 impl Drop for GatherTransfer {
     fn drop(&mut self) {
-        // The thread ends once the inbox is closed and empty; its flag writes are queued
-        // on its own stream, which the buffers' owner synchronises before freeing.
+        // The thread ends once the inbox is closed and empty; then both streams finish
+        // what they were given (waits on the flags, copies from the staging) before the
+        // flags and buffers go.
         drop(self.tx.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        for s in &self.streams {
+            let _ = s.synchronize();
         }
     }
 }
