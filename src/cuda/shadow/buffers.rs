@@ -388,8 +388,8 @@ pub struct StepScratch {
 }
 
 /// What the cpu-gather path moves through the host for one job: the miss lists read
-/// back, and the gathered values in pinned staging (copied to the device by
-/// [`super::transfer::GatherTransfer`]).
+/// back, and the gathered values in pinned staging mapped for the device (the scatter
+/// kernel reads it there; [`super::transfer::GatherTransfer`]).
 pub struct GatherBuffers {
     /// Miss lists `[batch, kv_heads, S]` of (slot, chunk) pairs, read back.
     pub misses: PinnedHostSlice<i32>,
@@ -405,15 +405,30 @@ impl GatherBuffers {
         let ctx = ops.device().context();
         let heads = batch * layout.kv_heads;
         let rows = heads * layout.slots * layout.chunk * layout.head_dim;
-        // SAFETY: plain pinned memory (flags 0: the host reads and writes it), written
-        // by copies or by the gather before it is read.
+        let mapped = cudarc::driver::sys::CU_MEMHOSTALLOC_DEVICEMAP | cudarc::driver::sys::CU_MEMHOSTALLOC_PORTABLE;
+        // SAFETY: pinned memory (the lists: plain, the host reads them; the staging:
+        // mapped for the device, which reads it), written by copies or by the gather
+        // before it is read.
         unsafe {
             Ok(GatherBuffers {
                 misses: ctx.alloc_pinned_with_flags(heads * layout.slots * 2, 0)?,
                 miss_count: ctx.alloc_pinned_with_flags(heads, 0)?,
-                staging: ctx.alloc_pinned_with_flags(rows, 0)?,
+                staging: ctx.alloc_pinned_with_flags(rows, mapped)?,
             })
         }
+    }
+
+    /// The staging's address on the device (its mapping).
+    pub fn staging_device_addr(&self) -> Result<u64> {
+        let p = self.staging.as_ptr()?;
+        let mut addr = 0;
+        // SAFETY: `p` is the start of a live allocation made with DEVICEMAP.
+        let r = unsafe { cudarc::driver::sys::cuMemHostGetDevicePointer_v2(&mut addr, p as *mut _, 0) };
+        anyhow::ensure!(
+            r == cudarc::driver::sys::cudaError_enum::CUDA_SUCCESS,
+            "cpu-gather: mapping the staging for the device: {r:?}"
+        );
+        Ok(addr)
     }
 }
 

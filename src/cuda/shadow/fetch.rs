@@ -81,19 +81,38 @@ impl CudaOps {
         staging: &impl DevicePtr<bf16>,
         blocks: usize,
     ) -> Result<()> {
+        let (sp, _g) = staging.device_ptr(self.device().stream());
+        // SAFETY: a device buffer of staging.len() values, borrowed for the launch.
+        unsafe { self.shadow_scatter_values_at(t, misses, fetch_count, tier_base, (sp, staging.len()), blocks) }
+    }
+
+    /// [`CudaOps::shadow_scatter_values`] from `staging` = (device address, values): the
+    /// cpu-gather actor's mapped host staging.
+    ///
+    /// # Safety
+    /// The address must be readable by the device for that many bf16 values until the
+    /// kernel is done (device memory, or pinned host memory mapped for the device).
+    pub unsafe fn shadow_scatter_values_at(
+        &self,
+        t: &ShadowTable,
+        misses: &CudaSlice<i32>,
+        fetch_count: &CudaSlice<i32>,
+        tier_base: Option<&CudaSlice<i32>>,
+        (sp, len): (u64, usize),
+        blocks: usize,
+    ) -> Result<()> {
         let l = t.layout();
         let rows = t.batch() * l.kv_heads * l.slots;
-        check_len("scatter: staging", staging.len(), rows * l.chunk * l.head_dim)?;
+        check_len("scatter: staging", len, rows * l.chunk * l.head_dim)?;
         let (mp, cp, cfg) = self.miss_launch(t, misses, fetch_count, blocks)?;
         let tb = self.tier_base_addr(t, tier_base)?;
-        let s = self.device().stream();
-        let (sp, _g) = staging.device_ptr(s);
         ensure!(sp % 16 == 0, "scatter: staging address {sp:#x} is not 16-byte aligned");
         let (addrs, counts) = t.device_arrays();
         let dims = l.dims();
         let batch = t.batch() as i32;
-        // SAFETY: staging holds a row per possible miss (checked), the miss lists what
-        // the batch needs (checked; out-of-range entries are skipped).
+        // SAFETY: staging holds a row per possible miss (checked; readable: the caller's
+        // contract), the miss lists what the batch needs (checked; out-of-range entries
+        // are skipped).
         unsafe {
             self.launch_pdl(
                 &self.k.shadow_scatter,
