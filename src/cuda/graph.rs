@@ -297,11 +297,8 @@ impl CudaModel {
         }
         if fetch == FetchPath::CpuGather {
             let layout = *seqs[0].seq.layer(0).layout();
-            if !lane
-                .transfer
-                .as_ref()
-                .is_some_and(|t| t.serves(&layout, seqs.len(), pool))
-            {
+            let shape = (&layout, seqs.len(), lane.micro_batches);
+            if !lane.transfer.as_ref().is_some_and(|t| t.serves(shape, pool)) {
                 // The old actor's jobs and buffers are done with once the lane's work is.
                 lane.ops.device().synchronize()?;
                 let gather: Arc<dyn ChunkGather + Send> = match &lane.gatherer {
@@ -309,14 +306,7 @@ impl CudaModel {
                     None => Arc::new(RayonGather),
                 };
                 lane.transfer = None;
-                lane.transfer = Some(GatherTransfer::new(
-                    &lane.ops,
-                    &layout,
-                    seqs.len(),
-                    pool,
-                    gather,
-                    "cpu-gather",
-                )?);
+                lane.transfer = Some(GatherTransfer::new(&lane.ops, shape, pool, gather, "cpu-gather")?);
             }
         }
         let first_job = lane.transfer.as_ref().map_or(0, |t| t.next_job());

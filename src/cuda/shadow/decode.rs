@@ -10,9 +10,9 @@
 //! ([`ShadowStep::with_fetch_stream`]; a lane gives its steps one); or
 //! `cpu-gather`, the miss lists go back to the host, where an actor
 //! ([`super::transfer::GatherTransfer`]) copies the chunks from the pool into pinned
-//! staging on several threads while the GPU rebuilds the keys and sends the staging to
-//! the GPU, and the step's stream waits for it (a stream memory operation, not the host)
-//! before a kernel scatters it into the slots.
+//! staging mapped for the device on several threads while the GPU rebuilds the keys,
+//! and the step's stream waits for it (in a host function; the thread queuing the step
+//! does not) before a kernel scatters it into the slots.
 //!
 //! Micro-batches (the `micro` of [`ShadowStep::new`]): the append, the projections and
 //! the MLP run once for the whole batch, but each layer's selection, fetch, rebuild and
