@@ -13,6 +13,8 @@
 //!   rates within 5 points.
 //! - The zero-copy and cpu-gather fetch paths give the same tokens (the same bytes).
 //! - Through the engine with a prefill lane, a request alone equals `generate_cuda`.
+//! - cpu-gather's actor: a gather that panics fails its own request and the engine
+//!   serves on; a shutdown while slow gathers are in flight ends.
 //! - `eval ruler` on the GPU scores like the CPU reference on the same samples (full
 //!   attention and ShadowKV), with the reuse hit rate within 5 points.
 
@@ -374,7 +376,7 @@ fn a_gather_that_panics_fails_its_request_and_the_engine_serves_on() {
     };
     let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
     // The first ShadowKV step's gather panics: that request fails, naming the panic,
-    // and nothing waits forever (the GPU's stream wait is released all the same).
+    // and nothing waits forever (the step's host function is released all the same).
     let first = engine_text(&engine, ids.clone(), gen);
     let e = first.expect_err("a request whose gather panicked");
     assert!(e.contains("gather thread lost"), "{e}");
@@ -384,6 +386,74 @@ fn a_gather_that_panics_fails_its_request_and_the_engine_serves_on() {
     engine.shutdown(Duration::ZERO);
     join.join().unwrap();
     eprintln!("RESULT shadowkv_gather_panic failed_then_equal_text={}", second.len());
+}
+
+/// A gather that takes 20 ms a call, so that a step's gathers are still to do when the
+/// engine is told to stop.
+struct Slow;
+
+impl ChunkGather for Slow {
+    fn gather(&self, src: &[bf16], sources: &[usize], chunk: usize, dst: &mut [bf16]) -> anyhow::Result<()> {
+        std::thread::sleep(Duration::from_millis(20));
+        RayonGather.gather(src, sources, chunk, dst)
+    }
+}
+
+#[test]
+fn a_shutdown_with_gathers_in_flight_ends() {
+    let Some((gpu, _, tok)) = smollm2() else { return };
+    let gpu = Arc::new(gpu);
+    let tok = Arc::new(tok);
+    let cfg = gpu.config().clone();
+    let p = usual_params();
+    let max_context = 2048;
+    let pool = ValuePool::anonymous_of(p.pool_shape(&cfg, 2, max_context), ValueType::Bf16).unwrap();
+    let backend = CudaBackend::new(gpu.clone(), max_context, 2, 2, true, Some((p, pool)))
+        .unwrap()
+        .with_fetch(FetchPath::CpuGather)
+        .with_gatherer(Arc::new(Slow));
+    let config = SchedulerConfig {
+        max_batch: 2,
+        max_queue: 2,
+        max_context,
+        prefill_chunk: 256,
+    };
+    let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
+    let mut rx = engine
+        .submit(EngineRequest {
+            prompt: prompt(&tok, 1200),
+            max_tokens: 200,
+            sampling: SamplingParams::default(),
+            stop: vec![],
+        })
+        .unwrap();
+    // Two tokens out: ShadowKV steps are decoding, each layer's gather 20 ms long.
+    for _ in 0..2 {
+        match rx.blocking_recv().expect("the engine ended the stream") {
+            Event::Text(_) => {}
+            e => panic!("before the shutdown: {e:?}"),
+        }
+    }
+    let t0 = Instant::now();
+    engine.shutdown(Duration::ZERO);
+    let (ended, end) = std::sync::mpsc::channel();
+    std::thread::spawn(move || ended.send(join.join().is_ok()).unwrap());
+    let ok = end
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the engine still runs 120 s after its shutdown (a host function waits forever?)");
+    assert!(ok, "the engine thread panicked");
+    let mut last = None;
+    while let Some(e) = rx.blocking_recv() {
+        last = Some(e);
+    }
+    assert!(
+        matches!(last, Some(Event::Failed(_)) | Some(Event::Done { .. })),
+        "the request's stream ended without an end: {last:?}"
+    );
+    eprintln!(
+        "RESULT shadowkv_gather_shutdown ended_after_s={:.2}",
+        t0.elapsed().as_secs_f64()
+    );
 }
 
 /// The engine's trace holds its lanes' GPU streams: on the decoding lane's compute
