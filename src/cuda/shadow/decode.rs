@@ -26,7 +26,7 @@ use super::fetch::FETCH_BLOCKS;
 use super::layout::{DevicePool, SeqCounts, ShadowLayout};
 use super::pool::GpuValuePool;
 use super::seq::GpuShadowSeq;
-use super::transfer::GatherTransfer;
+use super::transfer::{GatherTransfer, PendingGather};
 use crate::cpu::attention::AttnShape;
 use crate::cuda::attention::{partition_len, DecodeArgs, DecodeWorkspace};
 use crate::cuda::CudaOps;
@@ -412,8 +412,8 @@ enum PendingFetch {
     Side(CudaEvent),
     /// Zero-copy without a fetch stream: to run on the step's stream after the rebuild.
     Inline,
-    /// cpu-gather: the actor's ring slot and job number.
-    Gather((usize, u32)),
+    /// cpu-gather: the actor's job.
+    Gather(PendingGather),
 }
 
 /// `n` sequences split into `micro` contiguous micro-batches (at most `n`), the first

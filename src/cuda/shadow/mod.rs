@@ -14,7 +14,9 @@
 //!   attention with [`crate::cuda::CudaOps::flash_decode`], one entry per (sequence,
 //!   KV head) over [`ShadowLayout::attended_rows`] → [`fold`] (a full recent window's
 //!   oldest chunk into the sparse region); [`decode`] runs them in order for a step
-//!   ([`ShadowStep`]), fetching by zero-copy or cpu-gather.
+//!   ([`ShadowStep`]), fetching by zero-copy or cpu-gather ([`transfer`]: the gather
+//!   actor a step's stream waits for in host functions; its host side, free of CUDA
+//!   calls, in `gather_actor`).
 //! - [`tier`]: the GPU value tier, a FIFO cache of chunks' values in free device memory
 //!   that the reuse diff consults before a miss is fetched from the host.
 //! - A sequence ([`seq`]): its buffers of every layer, made from a dense prefill by
@@ -30,6 +32,7 @@ pub mod decode;
 pub mod factor;
 pub mod fetch;
 pub mod fold;
+mod gather_actor;
 pub mod landmarks;
 pub mod layout;
 pub mod pool;

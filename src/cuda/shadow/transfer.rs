@@ -1,65 +1,50 @@
-//! The cpu-gather fetch without the step's host thread: a gather actor the step's
-//! stream waits for in a host function.
+//! The cpu-gather fetch without the step's host thread: a gather actor
+//! ([`super::gather_actor`]) that the step's stream waits for in a host function.
 //!
 //! The thread that queues a decode step never waits for the GPU here. Per layer and
 //! micro-batch it queues, on the step's stream, the copy of the miss lists into a ring
-//! slot's pinned buffers and an event after it, and sends the actor a [`Job`]; then it
-//! queues a host function (`cuLaunchHostFunc`) before the scatter kernel, and goes on to
-//! the next layer. The actor's thread waits for the event, gathers the missed chunks from
-//! the pool into the slot's staging (with the lane's [`ChunkGather`]: the pipeline's
-//! pinned gather threads, or rayon's) and marks the slot done in [`Ready`]. The host
-//! function blocks the stream until then; the staging is pinned host memory mapped for
-//! the device, which the scatter kernel reads over PCIe. Stream memory operations
+//! slot's pinned buffers and a host function after it that tells the actor they are in,
+//! and sends the actor the job; then it queues a second host function before the
+//! scatter kernel, which holds the stream until the actor is done with the job, and goes
+//! on to the next layer. The actor's thread gathers the missed chunks from the pool into
+//! the slot's staging (with the lane's [`ChunkGather`]: the pipeline's pinned gather
+//! threads, or rayon's), making no CUDA call. The staging is pinned host memory mapped
+//! for the device, which the scatter kernel reads over PCIe. Stream memory operations
 //! (`cuStreamWaitValue32`) are not used: the H200 refused them on mapped host memory.
 //!
 //! A slot is used again only once the scatter that read it is done (an event the queuing
 //! thread waits for: it runs at most a ring's length of jobs ahead of the GPU), or, where
-//! its step stopped before the scatter, once the actor has marked it. A job whose
-//! gather fails (an error, or a panic of a gather thread) still marks its slot, so the
+//! its step stopped before the scatter, once the actor is done with its job. A job whose
+//! gather fails (an error, or a panic of a gather thread) is still done, so that the
 //! host function returns, and leaves its error for [`GatherTransfer::take_error`]: the
-//! lane fails the step with it. When the actor's thread ends, every waiting host function
-//! is released.
+//! lane fails the step with it. When the actor's thread ends, every waiting host
+//! function is released; when the actor is dropped, its thread stops waiting for lists
+//! that a failed stream will not bring.
 
 use super::buffers::{GatherBuffers, ShadowTable, StepScratch};
 use super::decode::{ChunkGather, GatherTimes};
 use super::fetch::FETCH_BLOCKS;
-use super::layout::{DevicePool, ShadowLayout};
+use super::gather_actor::{gather_job, lists_arrived, wait_for_gather, Actor, HostCall, Job, Progress, SlotMem};
+use super::layout::ShadowLayout;
 use super::pool::GpuValuePool;
 use crate::cuda::CudaOps;
-use anyhow::{anyhow, ensure, Context, Result};
-use crossbeam_channel::{unbounded, Sender};
-use cudarc::driver::{CudaEvent, CudaStream};
+use anyhow::{ensure, Context, Result};
+use cudarc::driver::{CudaEvent, CudaStream, DriverError};
 use half::bf16;
 use std::ffi::c_void;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
 
 /// The fewest ring slots: jobs (a layer's micro-batch each) the queuing thread may run
 /// ahead of the GPU's scatter. A lane with more micro-batches gets one slot each.
 pub const RING: usize = 8;
 
-/// One layer's (and micro-batch's) gather for the actor.
-struct Job {
-    /// Its number among the actor's jobs.
-    id: u64,
-    /// Recorded after the miss lists' copy into the slot's host buffers.
-    lists: CudaEvent,
-    slot: usize,
-    /// Marked done in [`Ready`] once the slot's staging holds the values.
-    seqno: u32,
-    layer: usize,
-    /// Each sequence's slot of the value pool, in batch order.
-    pool_seqs: Vec<usize>,
-}
-
 /// Where a ring slot's last job stands, as the queuing thread knows it.
 enum SlotUse {
     /// Nothing pending on it.
     Free,
-    /// Sent to the actor; its scatter not queued yet (or never: its step stopped first).
-    Sent(u32),
+    /// Job `n` sent to the actor; its scatter not queued yet (or never: its step stopped
+    /// first).
+    Sent(u64),
     /// Its scatter queued: the event after it.
     Scattered(CudaEvent),
 }
@@ -67,129 +52,34 @@ enum SlotUse {
 /// The ring as the queuing thread sees it.
 struct Ring {
     last: Vec<SlotUse>,
-    seqnos: Vec<u32>,
+    /// The next job's number.
     next: u64,
 }
 
-/// What the actor has done, as the host functions and the queuing thread wait for it.
-/// Plain host memory only: a host function may drop the last reference to it, and it
-/// must make no CUDA call.
-struct Ready {
-    state: Mutex<ReadyState>,
-    changed: Condvar,
-}
-
-struct ReadyState {
-    /// Each slot's last job done (its `seqno`; 0: none).
-    done: Vec<u32>,
-    /// The number of the last job done.
-    last_job: Option<u64>,
-    /// The actor's thread has ended: nothing more will be marked.
-    stopped: bool,
-}
-
-impl Ready {
-    fn new(slots: usize) -> Self {
-        Ready {
-            state: Mutex::new(ReadyState {
-                done: vec![0; slots],
-                last_job: None,
-                stopped: false,
-            }),
-            changed: Condvar::new(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, ReadyState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Marks job `id` (`seqno` of `slot`) done.
-    fn mark(&self, slot: usize, seqno: u32, id: u64) {
-        let mut s = self.lock();
-        s.done[slot] = seqno;
-        s.last_job = Some(id);
-        drop(s);
-        self.changed.notify_all();
-    }
-
-    /// Releases every waiter, now and later.
-    fn stop(&self) {
-        self.lock().stopped = true;
-        self.changed.notify_all();
-    }
-
-    /// Blocks until `seqno` of `slot` is done or the actor has stopped.
-    fn wait(&self, slot: usize, seqno: u32) {
-        let mut s = self.lock();
-        while s.done[slot] != seqno && !s.stopped {
-            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-
-    /// Whether every job up to `id` is done.
-    fn done_through(&self, id: u64) -> bool {
-        self.lock().last_job.is_some_and(|d| d >= id)
-    }
-}
-
-/// Stops [`Ready`] when dropped: the actor's thread holds one, so its end (a panic
-/// included) releases every waiting host function.
-struct StopOnExit(Arc<Ready>);
-
-impl Drop for StopOnExit {
-    fn drop(&mut self) {
-        self.0.stop();
-    }
-}
-
-/// A host function's argument: the slot and number it waits for.
-struct HostWait {
-    ready: Arc<Ready>,
+/// A job queued by [`GatherTransfer::queue`], for [`GatherTransfer::finish`].
+pub struct PendingGather {
+    id: u64,
     slot: usize,
-    seqno: u32,
-}
-
-/// The host function queued before a scatter: blocks the stream until the actor is done
-/// with the job (or has stopped). Makes no CUDA call and always returns.
-///
-/// # Safety
-/// `data` is a `Box<HostWait>` leaked for this one call.
-unsafe extern "C" fn wait_for_gather(data: *mut c_void) {
-    // SAFETY: the caller's contract; the box is ours from here.
-    let w = unsafe { Box::from_raw(data.cast::<HostWait>()) };
-    // No panic may leave an extern "C" function; `wait` recovers poisoned locks.
-    let _ = catch_unwind(AssertUnwindSafe(|| w.ready.wait(w.slot, w.seqno)));
-}
-
-/// What the actor's thread and the queuing thread share.
-struct Shared {
-    /// Each ring slot's pinned buffers (the queuing thread copies the lists in, once the
-    /// slot's last scatter is done; the actor reads them and fills the staging).
-    slots: Vec<Mutex<GatherBuffers>>,
-    /// The errors of jobs not yet claimed by a step ([`GatherTransfer::take_error`]), by
-    /// job number.
-    errors: Mutex<Vec<(u64, String)>>,
-    /// Host time of the gathers.
-    times: Mutex<GatherTimes>,
 }
 
 /// The cpu-gather path's actor for one lane (see the module's documentation).
 pub struct GatherTransfer {
-    shared: Arc<Shared>,
-    ready: Arc<Ready>,
-    /// The queuing thread's own: where each slot's last job stands, its last sequence
-    /// number, and the next job's number.
+    actor: Actor,
+    /// The queuing thread's own: where each slot's last job stands, and the next job's
+    /// number.
     ring: Mutex<Ring>,
+    /// Each slot's host buffers as the queuing thread and the actor address them.
+    slots: Arc<[SlotMem]>,
     /// Each slot's staging as the device addresses it.
     staging: Vec<u64>,
     layout: ShadowLayout,
     batch: usize,
     pool_addr: u64,
-    /// The queuing thread's stream, synchronised before the buffers go.
+    /// The stream its jobs are queued on (their numbers follow its order).
     stream: Arc<CudaStream>,
-    tx: Option<Sender<Job>>,
-    thread: Option<JoinHandle<()>>,
+    /// The pinned buffers `slots` address: dropped after the actor's thread has ended
+    /// and the stream is done with them.
+    _buffers: Vec<GatherBuffers>,
 }
 
 impl GatherTransfer {
@@ -206,71 +96,54 @@ impl GatherTransfer {
         let dev = ops.device();
         dev.context().bind_to_thread()?;
         let ring_len = RING.max(micro);
-        let slots = (0..ring_len)
+        let mut buffers = (0..ring_len)
             .map(|_| GatherBuffers::new(ops, layout, batch))
             .collect::<Result<Vec<_>>>()?;
-        let staging = slots
+        let staging = buffers
             .iter()
             .map(|b| b.staging_device_addr())
             .collect::<Result<Vec<_>>>()?;
-        let shared = Arc::new(Shared {
-            slots: slots.into_iter().map(Mutex::new).collect(),
-            errors: Mutex::new(Vec::new()),
-            times: Mutex::new(GatherTimes::default()),
-        });
-        let ready = Arc::new(Ready::new(ring_len));
-        let (tx, rx) = unbounded::<Job>();
-        let (sh, rd, lay) = (shared.clone(), ready.clone(), *layout);
-        let dev_pool = pool.device();
-        // The pool's memory, as the gather reads it (see the thread's SAFETY note).
+        let slots: Arc<[SlotMem]> = buffers
+            .iter_mut()
+            .map(|b| {
+                Ok(SlotMem {
+                    misses: (b.misses.as_mut_ptr()?, b.misses.len()),
+                    counts: (b.miss_count.as_mut_ptr()?, b.miss_count.len()),
+                    staging: (b.staging.as_mut_ptr()?, b.staging.len()),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?
+            .into();
+        let (lay, dev_pool, mem) = (*layout, pool.device(), slots.clone());
+        // The pool's memory, as the gather reads it (see the work's SAFETY note).
         // SAFETY: only the address is taken here.
         let pool_base = unsafe { pool.pool().base_ptr() } as usize;
         let pool_elems = dev_pool.shape.elems()?;
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                let _stop = StopOnExit(rd.clone());
-                // SAFETY: the registered pool outlives the lane (the backend holds it),
-                // and the device does not write the chunks a step's misses name.
-                let pool: &[bf16] = unsafe { std::slice::from_raw_parts(pool_base as *const bf16, pool_elems) };
-                for job in rx {
-                    let done = catch_unwind(AssertUnwindSafe(|| run_job(&sh, &lay, &dev_pool, pool, &*gather, &job)));
-                    let err = match done {
-                        Ok(Ok(())) => None,
-                        Ok(Err(e)) => Some(format!("{e:#}")),
-                        Err(p) => Some(format!(
-                            "{} panicked: {}",
-                            std::thread::current().name().unwrap_or("cpu-gather"),
-                            p.downcast_ref::<&str>()
-                                .map(|s| s.to_string())
-                                .or_else(|| p.downcast_ref::<String>().cloned())
-                                .unwrap_or_else(|| "a panic without a message".into())
-                        )),
-                    };
-                    // Before the mark: the step that waits for it must find its error.
-                    if let Some(e) = err {
-                        sh.errors.lock().unwrap_or_else(|p| p.into_inner()).push((job.id, e));
-                    }
-                    // Always: a host function waits for it.
-                    rd.mark(job.slot, job.seqno, job.id);
-                }
-            })
-            .context("starting the cpu-gather actor's thread")?;
+        let actor = Actor::spawn(
+            name,
+            Box::new(move |job: &Job| {
+                // SAFETY: the registered pool outlives the lane (the backend holds it), and
+                // the device does not write the chunks a step's misses name.
+                let pool = unsafe { std::slice::from_raw_parts(pool_base as *const bf16, pool_elems) };
+                // SAFETY: the slot's buffers outlive the thread (the transfer joins it
+                // first); the job's host function ran after its lists' copy, and the slot
+                // is not used again before the job is done.
+                unsafe { gather_job(&mem[job.slot], &lay, (&dev_pool, pool), &*gather, job) }
+            }),
+        )?;
         Ok(GatherTransfer {
-            shared,
-            ready,
+            actor,
             ring: Mutex::new(Ring {
                 last: (0..ring_len).map(|_| SlotUse::Free).collect(),
-                seqnos: vec![0; ring_len],
                 next: 0,
             }),
+            slots,
             staging,
             layout: *layout,
             batch,
             pool_addr: pool.device().addr,
             stream: dev.stream().clone(),
-            tx: Some(tx),
-            thread: Some(thread),
+            _buffers: buffers,
         })
     }
 
@@ -284,76 +157,77 @@ impl GatherTransfer {
     }
 
     /// Queues the first half of table `t`'s fetch for layer `l` on `ops`'s stream: the
-    /// copy of the miss lists into the next ring slot (once the scatter that last read
-    /// it is done) and the job to the actor. Returns the slot and its sequence number
-    /// for [`GatherTransfer::finish`].
-    pub fn queue(&self, ops: &CudaOps, t: &ShadowTable, l: usize, sc: &StepScratch) -> Result<(usize, u32)> {
+    /// copy of the miss lists (of `sc`) into the next ring slot, once it is free, the host
+    /// function that marks them in, and the job to the actor.
+    pub fn queue(&self, ops: &CudaOps, t: &ShadowTable, l: usize, sc: &StepScratch) -> Result<PendingGather> {
         let lay = &self.layout;
-        let heads = t.batch() * lay.kv_heads;
         let s = ops.device().stream();
+        ensure!(
+            s.cu_stream() == self.stream.cu_stream(),
+            "cpu-gather: a job queued on another stream than its actor's"
+        );
+        ensure!(!self.actor.progress.stopped(), "the cpu-gather actor has stopped");
+        let heads = t.batch() * lay.kv_heads;
+        let (n_misses, n_counts) = (heads * lay.slots * 2, heads);
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         let id = ring.next;
-        ring.next += 1;
-        let slot_i = (id % self.staging.len() as u64) as usize;
-        // The actor is done with the slot once the scatter that read it is (its host
-        // function came before), or, where its step stopped before the scatter, once
-        // the actor has marked it: only then may the lists be copied over.
-        match std::mem::replace(&mut ring.last[slot_i], SlotUse::Free) {
+        let slot = (id % self.slots.len() as u64) as usize;
+        let mem = self.slots[slot];
+        ensure!(
+            n_misses <= mem.misses.1 && n_counts <= mem.counts.1,
+            "cpu-gather: a batch of {} sequences, the actor serves {}",
+            t.batch(),
+            self.batch
+        );
+        // The slot is free once the scatter that last read it is done (the host function
+        // before it waited for the actor), or, where that step stopped before its
+        // scatter, once the actor is done with its job.
+        match std::mem::replace(&mut ring.last[slot], SlotUse::Free) {
             SlotUse::Scattered(e) => e.synchronize()?,
-            SlotUse::Sent(seqno) => self.ready.wait(slot_i, seqno),
+            SlotUse::Sent(prev) => self.actor.progress.wait_done(prev),
             SlotUse::Free => {}
         }
-        ring.seqnos[slot_i] = ring.seqnos[slot_i].wrapping_add(1).max(1);
-        let seqno = ring.seqnos[slot_i];
-        let mut slot = self.shared.slots[slot_i].lock().unwrap_or_else(|p| p.into_inner());
-        s.memcpy_dtoh(&sc.misses.slice(0..heads * lay.slots * 2), &mut slot.misses)?;
-        s.memcpy_dtoh(&sc.fetch_count.slice(0..heads), &mut slot.miss_count)?;
-        drop(slot);
-        let lists = ops.device().event(false)?;
-        lists.record(s)?;
-        let job = Job {
+        // Exactly the micro-batch's lists: a copy into the whole slot would read past a
+        // micro-batch's scratch (CUDA_ERROR_INVALID_VALUE).
+        // SAFETY: the slot's pinned list buffers hold these lengths (checked); neither the
+        // actor (done with the slot's last job) nor an earlier copy (done before that
+        // job's lists were marked in) touches them now.
+        let (misses, counts) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(mem.misses.0, n_misses),
+                std::slice::from_raw_parts_mut(mem.counts.0, n_counts),
+            )
+        };
+        s.memcpy_dtoh(&sc.misses.slice(0..n_misses), misses)?;
+        s.memcpy_dtoh(&sc.fetch_count.slice(0..n_counts), counts)?;
+        launch_host(s, lists_arrived, &self.actor.progress, id)
+            .with_context(|| format!("cpu-gather: queueing the lists' arrival for ring slot {slot}"))?;
+        self.actor.send(Job {
             id,
-            lists,
-            slot: slot_i,
-            seqno,
+            slot,
             layer: l,
             pool_seqs: t.counts().iter().map(|c| c.pool_seq as usize).collect(),
-        };
-        self.tx
-            .as_ref()
-            .expect("present until drop")
-            .send(job)
-            .map_err(|_| anyhow!("the cpu-gather actor has stopped"))?;
-        ring.last[slot_i] = SlotUse::Sent(seqno);
-        Ok((slot_i, seqno))
+        })?;
+        ring.next = id + 1;
+        ring.last[slot] = SlotUse::Sent(id);
+        Ok(PendingGather { id, slot })
     }
 
     /// Queues the second half on `ops`'s stream: the host function that waits for the
-    /// actor's job, the scatter of the slot's staging into the slots of table `t`
+    /// actor's `job`, the scatter of the slot's staging into the slots of table `t`
     /// (misses of `sc`), and the event that frees the ring slot.
-    pub fn finish(
-        &self,
-        ops: &CudaOps,
-        t: &ShadowTable,
-        sc: &StepScratch,
-        (slot_i, seqno): (usize, u32),
-    ) -> Result<()> {
+    pub fn finish(&self, ops: &CudaOps, t: &ShadowTable, sc: &StepScratch, job: PendingGather) -> Result<()> {
         let s = ops.device().stream();
-        let wait = Box::into_raw(Box::new(HostWait {
-            ready: self.ready.clone(),
-            slot: slot_i,
-            seqno,
-        }));
-        // SAFETY: `wait_for_gather` makes no CUDA call and takes the box, which a launch
-        // that succeeded leaves to it alone.
-        let launched = unsafe {
-            cudarc::driver::result::stream::launch_host_function(s.cu_stream(), wait_for_gather, wait.cast())
-        };
-        if let Err(e) = launched {
-            // SAFETY: a failed launch left the box with us.
-            drop(unsafe { Box::from_raw(wait) });
-            return Err(e).context(format!("cpu-gather: queueing the wait for ring slot {slot_i}"));
+        let PendingGather { id, slot } = job;
+        {
+            let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+            ensure!(
+                matches!(ring.last[slot], SlotUse::Sent(n) if n == id),
+                "cpu-gather: job {id} finished after its ring slot {slot} was reused"
+            );
         }
+        launch_host(s, wait_for_gather, &self.actor.progress, id)
+            .with_context(|| format!("cpu-gather: queueing the wait for ring slot {slot}"))?;
         let tier_base = (self.layout.tier > 0).then_some(&sc.tier_base);
         let rows = self.batch * self.layout.kv_heads * self.layout.slots;
         let elems = rows * self.layout.chunk * self.layout.head_dim;
@@ -366,13 +240,13 @@ impl GatherTransfer {
                 &sc.misses,
                 &sc.fetch_count,
                 tier_base,
-                (self.staging[slot_i], elems),
+                (self.staging[slot], elems),
                 FETCH_BLOCKS,
             )?
         };
         let consumed = ops.device().event(false)?;
         consumed.record(s)?;
-        self.ring.lock().unwrap_or_else(|p| p.into_inner()).last[slot_i] = SlotUse::Scattered(consumed);
+        self.ring.lock().unwrap_or_else(|p| p.into_inner()).last[slot] = SlotUse::Scattered(consumed);
         Ok(())
     }
 
@@ -385,133 +259,44 @@ impl GatherTransfer {
     /// are wrong), removing their errors and older ones; later jobs' errors stay for
     /// their own steps. A step whose jobs the actor stopped before doing fails too.
     pub fn take_error(&self, jobs: std::ops::Range<u64>) -> Option<String> {
-        let mut errors = self.shared.errors.lock().unwrap_or_else(|p| p.into_inner());
-        let first = errors.iter().find(|(id, _)| jobs.contains(id)).map(|(_, e)| e.clone());
-        errors.retain(|(id, _)| *id >= jobs.end);
-        drop(errors);
-        first.or_else(|| {
-            (!jobs.is_empty() && !self.ready.done_through(jobs.end - 1))
-                .then(|| "the gather actor stopped before the step's gathers were done".to_string())
-        })
+        self.actor.take_error(jobs)
     }
 
     /// Host time of the gathers since the last call.
     pub fn take_times(&self) -> GatherTimes {
-        std::mem::take(&mut *self.shared.times.lock().unwrap_or_else(|p| p.into_inner()))
+        self.actor.take_times()
     }
 }
 
 impl Drop for GatherTransfer {
     fn drop(&mut self) {
-        // The thread ends once the inbox is closed and empty (each job marks its slot;
-        // its end releases any host function still waiting); then the stream finishes
-        // what reads the staging before it goes.
-        drop(self.tx.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        // No more jobs; the stream runs the host functions still queued (the actor does
+        // their jobs: their lists come first); then an actor still waiting for lists
+        // (their stream failed) stops, and the buffers go once its thread has ended.
+        self.actor.close_inbox();
         let _ = self.stream.synchronize();
+        self.actor.end();
     }
 }
 
-/// One job on the actor's thread: wait for the lists, then gather into the slot's
-/// staging.
-fn run_job(
-    sh: &Shared,
-    lay: &ShadowLayout,
-    dev_pool: &DevicePool,
-    pool: &[bf16],
-    gather: &dyn ChunkGather,
-    job: &Job,
-) -> Result<()> {
-    let t0 = Instant::now();
-    job.lists.synchronize()?;
-    let t1 = Instant::now();
-    let mut bufs = sh.slots[job.slot].lock().unwrap_or_else(|p| p.into_inner());
-    let heads = job.pool_seqs.len() * lay.kv_heads;
-    let (misses, counts) = (bufs.misses.as_slice()?, bufs.miss_count.as_slice()?);
-    let chunk_elems = dev_pool.shape.chunk_elems;
-    // Each miss's source in the pool, in list order (sequence, head, place).
-    let mut sources = Vec::new();
-    for (e, &n) in counts[..heads].iter().enumerate() {
-        let (b, h) = (e / lay.kv_heads, e % lay.kv_heads);
-        for j in 0..(n.max(0) as usize).min(lay.slots) {
-            let chunk = misses[(e * lay.slots + j) * 2 + 1] as usize;
-            sources.push(dev_pool.chunk_offset(job.layer, job.pool_seqs[b], h, chunk));
-        }
+/// Queues host function `f` for job `id` of `progress` on `s`.
+fn launch_host(
+    s: &CudaStream,
+    f: unsafe extern "C" fn(*mut c_void),
+    progress: &Arc<Progress>,
+    id: u64,
+) -> std::result::Result<(), DriverError> {
+    s.context().bind_to_thread()?;
+    let call = Box::into_raw(Box::new(HostCall {
+        progress: progress.clone(),
+        id,
+    }));
+    // SAFETY: `f` makes no CUDA call and takes the box, which a launch that succeeded
+    // leaves to it alone.
+    let launched = unsafe { cudarc::driver::result::stream::launch_host_function(s.cu_stream(), f, call.cast()) };
+    if launched.is_err() {
+        // SAFETY: a failed launch left the box with us.
+        drop(unsafe { Box::from_raw(call) });
     }
-    let n = sources.len() * chunk_elems;
-    let staging = bufs.staging.as_mut_slice()?;
-    ensure!(
-        n <= staging.len(),
-        "cpu-gather: {} misses overflow the staging",
-        sources.len()
-    );
-    gather.gather(pool, &sources, chunk_elems, &mut staging[..n])?;
-    let t2 = Instant::now();
-    let mut times = sh.times.lock().unwrap_or_else(|p| p.into_inner());
-    times.wait_secs += (t1 - t0).as_secs_f64();
-    times.gather_secs += (t2 - t1).as_secs_f64();
-    times.bytes += 2 * n as u64;
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::mpsc;
-    use std::time::Duration;
-
-    /// Runs the host function for (`slot`, `seqno`) on a thread of its own, as the
-    /// driver would; the receiver hears when it has returned.
-    fn host_function(ready: &Arc<Ready>, slot: usize, seqno: u32) -> mpsc::Receiver<()> {
-        let w = Box::into_raw(Box::new(HostWait {
-            ready: ready.clone(),
-            slot,
-            seqno,
-        })) as usize;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            // SAFETY: the box leaked above, for this one call.
-            unsafe { wait_for_gather(w as *mut c_void) };
-            tx.send(()).unwrap();
-        });
-        rx
-    }
-
-    const SHORT: Duration = Duration::from_millis(200);
-    const LONG: Duration = Duration::from_secs(10);
-
-    #[test]
-    fn a_host_function_returns_once_its_job_is_marked_and_not_before() {
-        let ready = Arc::new(Ready::new(2));
-        let waits = host_function(&ready, 1, 3);
-        ready.mark(0, 3, 0);
-        ready.mark(1, 2, 1);
-        assert!(waits.recv_timeout(SHORT).is_err(), "returned for another slot or job");
-        ready.mark(1, 3, 2);
-        waits.recv_timeout(LONG).expect("still waiting once its job was marked");
-        assert!(ready.done_through(2) && !ready.done_through(3));
-    }
-
-    #[test]
-    fn the_actor_thread_ending_releases_every_host_function() {
-        let ready = Arc::new(Ready::new(RING));
-        let waits: Vec<_> = (0..RING).map(|s| host_function(&ready, s, 1)).collect();
-        assert!(waits[0].recv_timeout(SHORT).is_err());
-        // A thread that dies by a panic, holding the guard as the actor's does.
-        let guard = StopOnExit(ready.clone());
-        let died = std::thread::spawn(move || {
-            let _stop = guard;
-            panic!("actor lost");
-        });
-        assert!(died.join().is_err());
-        for w in waits {
-            w.recv_timeout(LONG)
-                .expect("a host function still waits after the actor ended");
-        }
-        // And any queued later, whose jobs will never be done.
-        host_function(&ready, 0, 7).recv_timeout(LONG).unwrap();
-        assert!(!ready.done_through(0));
-    }
+    launched
 }
