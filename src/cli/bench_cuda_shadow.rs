@@ -353,7 +353,7 @@ fn decode(
     queued_steps(model, &mut lane, seqs, (pool, path), &rows, last, gen, |_, _| Ok(()))?;
     lane.stage_ms.clear();
     lane.gather = GatherTimes::default();
-    let c0 = model.shadow_counters(&lane)?;
+    let c0 = lane.shadow_counters();
     let mut min_free = usize::MAX;
     let mut anchor = None;
     let td = Instant::now();
@@ -380,7 +380,7 @@ fn decode(
         fetch_hidden = hidden_fetch_share(&spans);
         t.lane(&format!("{label}, lane 0"), anchor, &spans)?;
     }
-    let c = model.shadow_counters(&lane)? - c0;
+    let c = lane.shadow_counters() - c0;
     let stages: Vec<(String, f64)> = lane
         .stage_ms
         .iter()

@@ -85,10 +85,13 @@ pub struct Lane {
     next_buf: usize,
     /// Rows sampled by the lane's last queued step (bounds `prev` of the next).
     last_picked: usize,
-    /// ShadowKV chunks its steps selected (hits and misses together), and the slot and
-    /// tier hits counted by scratch buffers since replaced.
+    /// ShadowKV chunks its completed steps selected (hits and misses together), and of
+    /// them the slot and tier hits.
     shadow_selected: u64,
     shadow_hits: [u64; 2],
+    /// Pinned buffers the hit counters of a ShadowKV step are read back into, one per
+    /// read-back buffer (as `readback`): read when the step completes.
+    hits_back: [Option<PinnedHostSlice<u64>>; 2],
     /// Host time of the cpu-gather path's steps.
     pub gather: GatherTimes,
     /// Whether ShadowKV steps time their stages on the GPU.
@@ -160,6 +163,16 @@ impl Lane {
         self.time_stages = on;
     }
 
+    /// ShadowKV chunks selected, found in their slot and found in the GPU value tier by
+    /// the lane's completed steps (read back with each step: no wait for the GPU).
+    pub fn shadow_counters(&self) -> ShadowCounters {
+        ShadowCounters {
+            selected: self.shadow_selected,
+            hits: self.shadow_hits[0],
+            tier_hits: self.shadow_hits[1],
+        }
+    }
+
     /// Splits the attention of its ShadowKV steps into `n` micro-batches (at least 1;
     /// at most one a sequence), so that one micro-batch's value fetch runs while the GPU
     /// selects and rebuilds for the others ([`crate::cuda::shadow::ShadowStep`]).
@@ -183,6 +196,9 @@ pub struct StepTicket {
     traced: bool,
     /// The cpu-gather actor's jobs of the step (empty without).
     gather_jobs: std::ops::Range<u64>,
+    /// A ShadowKV step's chunks selected and micro-batches (whose hit counters it reads
+    /// back into the lane's `hits_back`).
+    shadow: Option<(u64, usize)>,
 }
 
 impl StepTicket {
@@ -217,6 +233,7 @@ impl CudaModel {
             last_picked: 0,
             shadow_selected: 0,
             shadow_hits: [0; 2],
+            hits_back: [None, None],
             gather: GatherTimes::default(),
             time_stages: false,
             micro_batches: 1,
@@ -334,29 +351,31 @@ impl CudaModel {
                 .iter()
                 .any(|s| s.batch() < largest || s.layout() != &layout)
         {
-            // The hit counters live in the scratch: keep their counts.
-            for old in sc.shadow.drain(..) {
-                let h = ops.device().stream().clone_dtoh(&old.hits)?;
-                lane.shadow_hits[0] += h[0];
-                lane.shadow_hits[1] += h[1];
-            }
+            // Each step reads its own hit counts back (read_back_hits): nothing to keep.
+            sc.shadow.clear();
             for _ in parts {
                 sc.shadow.push(StepScratch::new(ops, &layout, largest)?);
             }
         }
+        let n_parts = parts.len();
+        for s in &mut sc.shadow[..n_parts] {
+            ops.device().stream().memset_zeros(&mut s.hits)?;
+        }
         self.encode_step(ops, sc, &plan, Attend::Shadow(&step))?;
         self.encode_sampling(ops, sc, &plan)?;
         lane.graphs.eager += 1;
-        lane.shadow_selected += step.selected;
+        let selected = step.selected;
         let (marks, fetch_marks) = (step.take_marks(), step.take_fetch_marks());
         drop(step);
         for s in seqs.iter_mut() {
             s.seq.advance(&layout);
         }
+        Self::read_back_hits(lane, n_parts)?;
         let mut ticket = Self::read_back(lane, plan.picked.len())?;
         ticket.marks = marks;
         ticket.fetch_marks = fetch_marks;
         ticket.gather_jobs = first_job..lane.transfer.as_ref().map_or(0, |t| t.next_job());
+        ticket.shadow = Some((selected, n_parts));
         Ok(ticket)
     }
 
@@ -377,28 +396,34 @@ impl CudaModel {
         }
     }
 
-    /// ShadowKV chunks selected, found in their slot and found in the GPU value tier by
-    /// the lane's steps so far.
-    pub fn shadow_counters(&self, lane: &Lane) -> Result<ShadowCounters> {
-        let mut now = [0u64; 2];
-        for s in &lane.sc.shadow {
-            let h = lane.ops.device().stream().clone_dtoh(&s.hits)?;
-            now[0] += h[0];
-            now[1] += h[1];
-        }
-        Ok(ShadowCounters {
-            selected: lane.shadow_selected,
-            hits: lane.shadow_hits[0] + now[0],
-            tier_hits: lane.shadow_hits[1] + now[1],
-        })
-    }
-
     fn check_previous(&self, lane: &Lane, prev: &[Option<u32>]) -> Result<()> {
         if let Some(r) = prev.iter().flatten().find(|&&r| r as usize >= lane.last_picked) {
             anyhow::bail!(
                 "previous-step row {r} does not exist (the lane's last step sampled {} rows)",
                 lane.last_picked
             );
+        }
+        Ok(())
+    }
+
+    /// Queues the copy of the hit counters of the step's `parts` micro-batches (their
+    /// scratch) into the pinned buffer of the lane's next read-back, which
+    /// [`CudaModel::complete`] reads once the step is done.
+    fn read_back_hits(lane: &mut Lane, parts: usize) -> Result<()> {
+        let slot = &mut lane.hits_back[lane.next_buf];
+        if slot.as_ref().is_none_or(|b| b.len() < 2 * parts) {
+            // SAFETY: written by the copies below before it is read.
+            *slot = Some(unsafe {
+                lane.ops
+                    .device()
+                    .context()
+                    .alloc_pinned_with_flags::<u64>(2 * parts.max(8), 0)
+            }?);
+        }
+        let host = slot.as_mut().expect("allocated").as_mut_slice()?;
+        let stream = lane.ops.device().stream();
+        for (s, h) in lane.sc.shadow[..parts].iter().zip(host.chunks_mut(2)) {
+            stream.memcpy_dtoh(&s.hits, h)?;
         }
         Ok(())
     }
@@ -430,6 +455,7 @@ impl CudaModel {
             fetch_marks: Vec::new(),
             traced: lane.trace.is_some(),
             gather_jobs: 0..0,
+            shadow: None,
         })
     }
 
@@ -446,6 +472,17 @@ impl CudaModel {
             if let Some(e) = tr.take_error(t.gather_jobs.clone()) {
                 anyhow::bail!("cpu-gather: {e}");
             }
+        }
+        if let Some((selected, parts)) = t.shadow {
+            let hits = lane.hits_back[t.buf]
+                .as_ref()
+                .expect("written by submit_shadow")
+                .as_slice()?;
+            for h in hits[..2 * parts].chunks(2) {
+                lane.shadow_hits[0] += h[0];
+                lane.shadow_hits[1] += h[1];
+            }
+            lane.shadow_selected += selected;
         }
         if let (Some((anchor, spans)), true) = (&mut lane.trace, t.traced) {
             spans.extend(step_spans(anchor, &t.marks, &t.fetch_marks)?);

@@ -500,7 +500,7 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
         let sh = self.shadow.as_ref()?;
         let mut c = ShadowCounters::default();
         for lane in &self.lanes {
-            c = c + self.model().shadow_counters(lane).unwrap_or_default();
+            c = c + lane.shadow_counters();
         }
         // Tier hits are misses of the slots (their keys are rebuilt) whose values did not
         // cross PCIe.
