@@ -14,7 +14,8 @@
 //! - The zero-copy and cpu-gather fetch paths give the same tokens (the same bytes).
 //! - Through the engine with a prefill lane, a request alone equals `generate_cuda`.
 //! - cpu-gather's actor: a gather that panics fails its own request and the engine
-//!   serves on; a shutdown while slow gathers are in flight ends.
+//!   serves on; two requests decoding together in two micro-batches both end; a
+//!   shutdown while slow gathers are in flight ends.
 //! - `eval ruler` on the GPU scores like the CPU reference on the same samples (full
 //!   attention and ShadowKV), with the reuse hit rate within 5 points.
 
@@ -386,6 +387,68 @@ fn a_gather_that_panics_fails_its_request_and_the_engine_serves_on() {
     engine.shutdown(Duration::ZERO);
     join.join().unwrap();
     eprintln!("RESULT shadowkv_gather_panic failed_then_equal_text={}", second.len());
+}
+
+/// cpu-gather through the engine with two micro-batches and two requests decoding
+/// together: every step queued ahead holds host functions while the engine reports its
+/// stats, a micro-batch's miss lists are shorter than the actor's slots, and the batch
+/// grows (new scratch) while a step is in flight. Both requests end, within a time limit.
+#[test]
+fn an_engine_with_cpu_gather_in_micro_batches_serves_two_requests_at_once() {
+    let Some((gpu, _, tok)) = smollm2() else { return };
+    let gpu = Arc::new(gpu);
+    let tok = Arc::new(tok);
+    let cfg = gpu.config().clone();
+    let p = usual_params();
+    let max_context = 2048;
+    let pool = ValuePool::anonymous_of(p.pool_shape(&cfg, 2, max_context), ValueType::Bf16).unwrap();
+    let backend = CudaBackend::new(gpu.clone(), max_context, 2, 2, true, Some((p, pool)))
+        .unwrap()
+        .with_fetch(FetchPath::CpuGather)
+        .with_micro_batches(2);
+    let config = SchedulerConfig {
+        max_batch: 2,
+        max_queue: 2,
+        max_context,
+        prefill_chunk: 256,
+    };
+    let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
+    let gen = 40;
+    let (ended, end) = std::sync::mpsc::channel();
+    for n in [1200, 900] {
+        let mut rx = engine
+            .submit(EngineRequest {
+                prompt: prompt(&tok, n),
+                max_tokens: gen,
+                sampling: SamplingParams::default(),
+                stop: vec![],
+            })
+            .unwrap();
+        let ended = ended.clone();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let last = loop {
+                match rx.blocking_recv() {
+                    Some(Event::Text(t)) => text.push_str(&t),
+                    e => break e,
+                }
+            };
+            let _ = ended.send((n, text, last));
+        });
+    }
+    for _ in 0..2 {
+        let (n, text, last) = end
+            .recv_timeout(Duration::from_secs(120))
+            .expect("a request still runs after 120 s (a host function waits forever?)");
+        assert!(
+            matches!(last, Some(Event::Done { .. })),
+            "the request of {n} tokens ended with {last:?}"
+        );
+        assert!(!text.is_empty(), "the request of {n} tokens gave no text");
+    }
+    engine.shutdown(Duration::ZERO);
+    join.join().unwrap();
+    eprintln!("RESULT shadowkv_gather_engine_micro_batches requests=2 done");
 }
 
 /// A gather that takes 20 ms a call, so that a step's gathers are still to do when the
