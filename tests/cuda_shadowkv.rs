@@ -354,7 +354,7 @@ fn a_gather_that_panics_fails_its_request_and_the_engine_serves_on() {
     let gpu = Arc::new(gpu);
     let tok = Arc::new(tok);
     let cfg = gpu.config().clone();
-    let p = usual_params();
+    let p = common::smollm2_shadow();
     let ids = prompt(&tok, 1200);
     let gen = 24;
     let opts = GenerateOptions {
@@ -399,7 +399,7 @@ fn an_engine_with_cpu_gather_in_micro_batches_serves_two_requests_at_once() {
     let gpu = Arc::new(gpu);
     let tok = Arc::new(tok);
     let cfg = gpu.config().clone();
-    let p = usual_params();
+    let p = common::smollm2_shadow();
     let max_context = 2048;
     let pool = ValuePool::anonymous_of(p.pool_shape(&cfg, 2, max_context), ValueType::Bf16).unwrap();
     let backend = CudaBackend::new(gpu.clone(), max_context, 2, 2, true, Some((p, pool)))
@@ -468,7 +468,7 @@ fn a_shutdown_with_gathers_in_flight_ends() {
     let gpu = Arc::new(gpu);
     let tok = Arc::new(tok);
     let cfg = gpu.config().clone();
-    let p = usual_params();
+    let p = common::smollm2_shadow();
     let max_context = 2048;
     let pool = ValuePool::anonymous_of(p.pool_shape(&cfg, 2, max_context), ValueType::Bf16).unwrap();
     let backend = CudaBackend::new(gpu.clone(), max_context, 2, 2, true, Some((p, pool)))
