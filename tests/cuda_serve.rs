@@ -83,6 +83,7 @@ fn through_engine(s: &Setup, reqs: &[EngineRequest], lanes: usize, max_batch: us
         max_queue: 16,
         max_context: 1024,
         prefill_chunk: 64,
+        decode_spacing: std::time::Duration::ZERO,
     };
     let backend = CudaBackend::new(s.gpu.clone(), 1024, max_batch, lanes, true, None).unwrap();
     let (engine, join) = spawn_engine(backend, s.tok.clone(), config, None).unwrap();
@@ -173,6 +174,7 @@ fn engine_frees_dropped_requests_and_shuts_down_with_steps_in_flight() {
         max_queue: 2,
         max_context: 1024,
         prefill_chunk: 64,
+        decode_spacing: std::time::Duration::ZERO,
     };
     let backend = CudaBackend::new(s.gpu.clone(), 1024, 2, 2, true, None).unwrap();
     let (engine, join) = spawn_engine(backend, s.tok.clone(), config, None).unwrap();

@@ -283,6 +283,7 @@ fn engine_with_a_prefill_lane_equals_generate_cuda() {
         max_queue: 2,
         max_context,
         prefill_chunk: 256,
+        decode_spacing: std::time::Duration::ZERO,
     };
     // Traced: the engine's steps and each lane's GPU streams.
     let dir = tempfile::tempdir().unwrap();
@@ -374,6 +375,7 @@ fn a_gather_that_panics_fails_its_request_and_the_engine_serves_on() {
         max_queue: 2,
         max_context,
         prefill_chunk: 256,
+        decode_spacing: std::time::Duration::ZERO,
     };
     let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
     // The first ShadowKV step's gather panics: that request fails, naming the panic,
@@ -411,6 +413,7 @@ fn an_engine_with_cpu_gather_in_micro_batches_serves_two_requests_at_once() {
         max_queue: 2,
         max_context,
         prefill_chunk: 256,
+        decode_spacing: std::time::Duration::ZERO,
     };
     let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
     let gen = 40;
@@ -480,6 +483,7 @@ fn a_shutdown_with_gathers_in_flight_ends() {
         max_queue: 2,
         max_context,
         prefill_chunk: 256,
+        decode_spacing: std::time::Duration::ZERO,
     };
     let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
     let mut rx = engine

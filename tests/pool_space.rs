@@ -211,6 +211,7 @@ fn a_pool_that_cannot_be_leased_fails_only_that_request() {
         max_queue: 4,
         max_context: 256,
         prefill_chunk: 256,
+        decode_spacing: std::time::Duration::ZERO,
     };
     let tok = Arc::new(m.tokenizer);
     let (engine, join) = spawn_engine(

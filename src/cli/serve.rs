@@ -492,6 +492,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_queue: topo.limits.max_queue,
         max_context,
         prefill_chunk: topo.limits.prefill_chunk,
+        decode_spacing: Duration::from_millis(topo.limits.decode_spacing_ms),
     };
     let tok = Arc::new(m.tokenizer);
     let (engine, engine_thread) = match model {

@@ -45,6 +45,10 @@ pub struct SchedulerConfig {
     pub max_context: usize,
     /// Most prompt tokens prefilled per step.
     pub prefill_chunk: usize,
+    /// With a separate prefill lane, while it has prompt chunks queued, decode steps
+    /// start at least this far apart (zero: whenever the decode lane has room), so the
+    /// prefill gets the GPU in between.
+    pub decode_spacing: Duration,
 }
 
 /// One request for the engine.
@@ -365,6 +369,8 @@ struct LaneQueue<T> {
     /// When the lane's last completed step ended (the next one's GPU time starts no
     /// earlier).
     last_done: Option<Instant>,
+    /// When the lane's last step was queued.
+    last_submit: Option<Instant>,
 }
 
 impl<T> Default for LaneQueue<T> {
@@ -372,8 +378,20 @@ impl<T> Default for LaneQueue<T> {
         LaneQueue {
             queued: VecDeque::new(),
             last_done: None,
+            last_submit: None,
         }
     }
+}
+
+/// Whether a lane may take another step now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Room {
+    /// Yes.
+    Open,
+    /// No: its queue is full.
+    Full,
+    /// Not before then: the decode lane, spaced while a prompt is prefilled.
+    At(Instant),
 }
 
 struct Engine<M: StepBackend> {
@@ -444,16 +462,30 @@ impl<M: StepBackend> Engine<M> {
             }
             self.drop_gone();
             self.admit();
-            let depth = self.model.queue_depth().max(1);
+            let mut wake = None;
             for lane in 0..self.lanes.len() {
-                while self.lanes[lane].queued.len() < depth {
+                loop {
+                    let room = self.room(lane);
+                    if room == Room::Full {
+                        break;
+                    }
                     let Some(plan) = self.schedule(lane) else { break };
+                    if let Room::At(t) = room {
+                        wake = Some(t);
+                        break;
+                    }
                     self.submit(lane, plan);
                 }
             }
-            match self.lane_to_complete() {
-                Some(lane) => self.complete(lane),
-                None => self.fail_stalled(),
+            match (self.lane_to_complete(), wake) {
+                // A spaced decode step is due before the oldest step ends: wait for
+                // its time, not for that step.
+                (Some(lane), Some(t)) if !self.model.is_done(&self.lanes[lane].queued[0].ticket) => {
+                    std::thread::sleep(t.saturating_duration_since(Instant::now()));
+                }
+                (Some(lane), _) => self.complete(lane),
+                (None, Some(t)) => std::thread::sleep(t.saturating_duration_since(Instant::now())),
+                (None, None) => self.fail_stalled(),
             }
             self.publish();
             if self.deadline.is_some() && self.running.is_empty() && self.waiting.is_empty() {
@@ -621,6 +653,31 @@ impl<M: StepBackend> Engine<M> {
         metrics::counter!(tm::VALUE_BYTES_FETCHED).absolute(st.value_bytes_fetched);
     }
 
+    /// Whether `lane` may take another step now: while its queue has room, except that
+    /// with `decode_spacing` the decode lane of two, while the prefill lane has steps
+    /// queued, takes one step at a time, each at least the spacing after the last.
+    fn room(&self, lane: usize) -> Room {
+        let q = &self.lanes[lane];
+        let spaced = lane == 0
+            && self.lanes.len() == 2
+            && !self.config.decode_spacing.is_zero()
+            && !self.lanes[self.prefill_lane()].queued.is_empty();
+        if !spaced {
+            return if q.queued.len() < self.model.queue_depth().max(1) {
+                Room::Open
+            } else {
+                Room::Full
+            };
+        }
+        if !q.queued.is_empty() {
+            return Room::Full;
+        }
+        match q.last_submit.map(|t| t + self.config.decode_spacing) {
+            Some(t) if t > Instant::now() => Room::At(t),
+            _ => Room::Open,
+        }
+    }
+
     /// The lane prompts are prefilled on.
     fn prefill_lane(&self) -> usize {
         self.lanes.len() - 1
@@ -729,6 +786,7 @@ impl<M: StepBackend> Engine<M> {
             }
             s.in_flight += 1;
         }
+        self.lanes[lane].last_submit = Some(t0);
         self.lanes[lane].queued.push_back(InFlight {
             ticket,
             members,
@@ -921,6 +979,7 @@ mod tests {
             max_queue: 8,
             max_context: 256,
             prefill_chunk: 7,
+            decode_spacing: std::time::Duration::ZERO,
         };
         let backend = CpuBackend::new(model, None).unwrap().with_schedule(lanes, depth);
         let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
@@ -992,6 +1051,7 @@ mod tests {
             max_queue: 2,
             max_context: 4096,
             prefill_chunk: 64,
+            decode_spacing: std::time::Duration::ZERO,
         };
         let backend = CpuBackend::new(model, None).unwrap().with_schedule(2, 2);
         let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
@@ -1040,6 +1100,7 @@ mod tests {
             max_queue: 1,
             max_context: 4096,
             prefill_chunk: 64,
+            decode_spacing: std::time::Duration::ZERO,
         };
         let backend = CpuBackend::new(model, None).unwrap().with_schedule(1, depth);
         let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
@@ -1077,12 +1138,26 @@ mod tests {
     }
 
     /// A CPU backend that counts how often its counters are read while a step of its
-    /// is queued (on the GPU such a read may wait for that step).
+    /// is queued (on the GPU such a read may wait for that step), and logs when each
+    /// decode-lane step was queued and whether the prefill lane had steps queued then.
     struct Counting {
         inner: CpuBackend,
-        queued: usize,
+        queued: [usize; 2],
         reads_while_queued: Arc<std::sync::atomic::AtomicUsize>,
         steps: Arc<std::sync::atomic::AtomicUsize>,
+        decode_submits: Arc<Mutex<Vec<(Instant, bool)>>>,
+    }
+
+    impl Counting {
+        fn new(inner: CpuBackend) -> Self {
+            Counting {
+                inner,
+                queued: [0; 2],
+                reads_while_queued: Arc::default(),
+                steps: Arc::default(),
+                decode_submits: Arc::default(),
+            }
+        }
     }
 
     impl StepBackend for Counting {
@@ -1107,7 +1182,11 @@ mod tests {
             self.inner.seq_bytes(seq)
         }
         fn submit(&mut self, lane: usize, batch: &mut [StepSeq<'_, Self::Seq>]) -> anyhow::Result<Self::Ticket> {
-            self.queued += 1;
+            if lane == 0 {
+                let prefilling = self.queued.get(1).is_some_and(|&q| q > 0);
+                self.decode_submits.lock().unwrap().push((Instant::now(), prefilling));
+            }
+            self.queued[lane] += 1;
             self.steps.fetch_add(1, Ordering::SeqCst);
             self.inner.submit(lane, batch)
         }
@@ -1115,11 +1194,11 @@ mod tests {
             self.inner.is_done(ticket)
         }
         fn complete(&mut self, lane: usize, ticket: Self::Ticket) -> anyhow::Result<StepOutput> {
-            self.queued -= 1;
+            self.queued[lane] -= 1;
             self.inner.complete(lane, ticket)
         }
         fn stats(&self) -> BackendStats {
-            if self.queued > 0 {
+            if self.queued.iter().sum::<usize>() > 0 {
                 self.reads_while_queued.fetch_add(1, Ordering::SeqCst);
             }
             self.inner.stats()
@@ -1129,19 +1208,14 @@ mod tests {
     #[test]
     fn the_backends_counters_are_not_read_after_every_step_while_steps_are_queued() {
         let (model, tok) = tiny();
-        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let steps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let backend = Counting {
-            inner: CpuBackend::new(model, None).unwrap().with_schedule(1, 2),
-            queued: 0,
-            reads_while_queued: reads.clone(),
-            steps: steps.clone(),
-        };
+        let backend = Counting::new(CpuBackend::new(model, None).unwrap().with_schedule(1, 2));
+        let (reads, steps) = (backend.reads_while_queued.clone(), backend.steps.clone());
         let config = SchedulerConfig {
             max_batch: 4,
             max_queue: 8,
             max_context: 256,
             prefill_chunk: 16,
+            decode_spacing: std::time::Duration::ZERO,
         };
         let (engine, join) = spawn_engine(backend, Arc::new(tok), config, None).unwrap();
         let t0 = Instant::now();
@@ -1172,5 +1246,73 @@ mod tests {
             reads <= allowed,
             "{reads} reads while steps were queued, over {steps} steps in {secs:.2} s"
         );
+    }
+
+    /// With `decode_spacing`, decode steps queued while the prefill lane has steps
+    /// queued start at least the spacing apart (one at a time), and the outputs stay
+    /// what they are unspaced.
+    #[test]
+    fn decode_steps_are_spaced_while_a_prompt_is_prefilled() {
+        let (model, tok) = tiny();
+        let (reference, _) = tiny();
+        let spacing = Duration::from_millis(5);
+        let backend = Counting::new(CpuBackend::new(model, None).unwrap().with_schedule(2, 2));
+        let log = backend.decode_submits.clone();
+        let config = SchedulerConfig {
+            max_batch: 2,
+            max_queue: 2,
+            max_context: 2048,
+            prefill_chunk: 4,
+            decode_spacing: spacing,
+        };
+        let tok = Arc::new(tok);
+        let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
+        let short = EngineRequest {
+            prompt: vec![1, 2, 3],
+            max_tokens: 300,
+            sampling: SamplingParams::default(),
+            stop: vec![],
+        };
+        let first = engine.submit(short.clone()).unwrap();
+        // Once the first decodes, a long prompt is prefilled beside it, 4 tokens a step.
+        let t0 = Instant::now();
+        while log.lock().unwrap().is_empty() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "no decode step");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let long = EngineRequest {
+            prompt: (0..1200).map(|i| 5 + i % 50).collect(),
+            max_tokens: 2,
+            ..short.clone()
+        };
+        let second = engine.submit(long.clone()).unwrap();
+        let (text, ..) = collect(first);
+        collect(second);
+        engine.shutdown(Duration::ZERO);
+        join.join().unwrap();
+        let g = GenerateRequest {
+            prompt: short.prompt.clone(),
+            max_tokens: short.max_tokens,
+            sampling: short.sampling,
+            stop: vec![],
+        };
+        let alone = generate(&reference, &tok, &[g], GenerateOptions::default())
+            .unwrap()
+            .0
+            .remove(0);
+        assert_eq!(text, alone.text);
+        let log = log.lock().unwrap();
+        let spaced: Vec<Duration> = log.windows(2).filter(|w| w[1].1).map(|w| w[1].0 - w[0].0).collect();
+        assert!(
+            spaced.len() >= 3,
+            "{} decode steps queued while prefilling",
+            spaced.len()
+        );
+        for gap in &spaced {
+            assert!(
+                *gap >= spacing,
+                "decode steps {gap:?} apart while prefilling (spacing {spacing:?})"
+            );
+        }
     }
 }

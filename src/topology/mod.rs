@@ -200,6 +200,11 @@ pub struct LimitsSection {
     /// How much of each multiprocessor the separate prefill lane's attention takes.
     #[serde(default)]
     pub prefill_sm_share: PrefillShare,
+    /// While prompts are prefilled on the separate lane, decode steps start at least
+    /// this many milliseconds apart (0: as soon as the decode lane has room), leaving
+    /// the GPU to the prefill in between.
+    #[serde(default)]
+    pub decode_spacing_ms: u64,
 }
 
 /// How much of each GPU multiprocessor the separate prefill lane's attention takes.
@@ -248,6 +253,7 @@ impl Default for LimitsSection {
             prefill_chunk: d_prefill_chunk(),
             prefill_lane: PrefillLane::Auto,
             prefill_sm_share: PrefillShare::All,
+            decode_spacing_ms: 0,
         }
     }
 }
@@ -618,6 +624,20 @@ impl Topology {
                 "`half` shares each GPU multiprocessor between the separate prefill lane and the decode steps: \
                  it needs backend.kind = \"cuda\" and limits.prefill_lane `separate` (or `auto`)"
                     .into(),
+            );
+        }
+        if l.decode_spacing_ms > 0 && !separate {
+            return e(
+                "limits.decode_spacing_ms",
+                "spaces the decode steps while the separate prefill lane runs: it needs backend.kind = \"cuda\" \
+                 and limits.prefill_lane `separate` (or `auto`)"
+                    .into(),
+            );
+        }
+        if l.decode_spacing_ms > 10_000 {
+            return e(
+                "limits.decode_spacing_ms",
+                format!("{} ms between decode steps is more than 10 s", l.decode_spacing_ms),
             );
         }
         if let Some(list) = &self.backend.devices {

@@ -85,6 +85,12 @@ fn impossible_values_name_key_and_line() {
             "limits.prefill_sm_share",
             5,
         ),
+        ("[limits]\ndecode_spacing_ms = 20\n", "limits.decode_spacing_ms", 2),
+        (
+            "[backend]\nkind = \"cuda\"\n[limits]\ndecode_spacing_ms = 20000\n",
+            "limits.decode_spacing_ms",
+            4,
+        ),
         ("[attention]\nchunk_size = 8\nbudget = 100\n", "attention.budget", 3),
         ("[attention]\nrank = 0\n", "attention.rank", 2),
         ("[attention]\nchunk_size = 0\n", "attention.chunk_size", 2),
