@@ -287,9 +287,13 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
             }
         }
         if allocated {
-            // New caches are allocated and zeroed on the model's own stream: done before
-            // the lane's stream writes them.
-            model.ops().device().synchronize()?;
+            // New caches are allocated and zeroed on the model's own stream: the lane's
+            // stream waits for that (not the whole device, whose other lane may be
+            // busy for a while) before it writes them.
+            let dev = model.ops().device();
+            let zeroed = dev.event(false)?;
+            zeroed.record(dev.stream())?;
+            self.lanes[lane].ops().device().stream().wait(&zeroed)?;
         }
         let sampling: Vec<[u64; 5]> = batch
             .iter()
