@@ -4,10 +4,10 @@
 // the GPU value tier (shadow_tier_copy, kernels/tier.cu).
 //
 // shadow_fetch (zero-copy): each miss (slot, chunk) of KV head h of sequence b copies the
-// chunk's c * d bf16 values from the host value pool, read over PCIe through its
-// device-mapped address,
-//   pool [layer][pool_seq][kv_head][chunk][c * d]   (src/pool, in bf16)
-//   src = pool + (((layer * pool_seqs + pool_seq_b) * kv_heads + h) * pool_chunks + chunk) * c * d,
+// chunk's c * d bf16 values from the value pool holding the sequence's slot
+// (shadow_pool_chunk, shadow.cuh): the host pool, read over PCIe through its
+// device-mapped address, or for a GPU value slot the pool in device memory (an HBM copy),
+//   pool [layer][seq][kv_head][chunk][c * d]   (src/pool, in bf16),
 // to av[h, slot_row(slot) ..] (c rows of d, token order).
 // shadow_scatter (cpu-gather): the same misses, the values already gathered by the host
 // into staging [n, c * d] (on the device) in list order: sequence, then head, then the
@@ -41,17 +41,14 @@ struct TierDst {
 extern "C" __global__ void __launch_bounds__(FETCH_THREADS, 1)
     shadow_fetch(const int2* __restrict__ misses, const int* __restrict__ fetch_count,
                  const int* __restrict__ tier_base, const ShadowSeqBufs* __restrict__ bufs,
-                 const ShadowSeqCounts* __restrict__ counts, ShadowDims dims, int batch,
-                 const __nv_bfloat16* __restrict__ pool, int layer, int pool_seqs, int pool_chunks) {
+                 const ShadowSeqCounts* __restrict__ counts, ShadowDims dims, int batch, ShadowPool pool,
+                 int layer) {
     pdl_wait();
     pdl_trigger();
-    const size_t chunk_elems = (size_t)dims.chunk * dims.head_dim;
     copy_chunks(
         misses, fetch_count, bufs, counts, dims, batch, dims.chunk_cap, [](int) { return 0; },
         [=](int b, int h, int chunk, int, int) {
-            const size_t seq = (size_t)layer * pool_seqs + counts[b].pool_seq;
-            return reinterpret_cast<const uint4*>(pool +
-                                                  ((seq * dims.kv_heads + h) * pool_chunks + chunk) * chunk_elems);
+            return reinterpret_cast<const uint4*>(shadow_pool_chunk(pool, dims, layer, counts[b].pool_seq, h, chunk));
         },
         TierDst{bufs, tier_base, dims});
 }

@@ -7,8 +7,9 @@
 // shadow_fold_chunk, grid (kv_heads, batch), FOLD_THREADS threads, per head h:
 //   - the landmark (fp32 mean of the chunk's post-RoPE keys, summed in time order) to
 //     marks[ch, h*d..] as bf16;
-//   - the chunk's values, token order, to the host value pool at (layer, pool_seq, h, ch)
-//     through the pool's device-mapped address (the device writes the pool itself);
+//   - the chunk's values, token order, to the value pool at (layer, pool_seq, h, ch): the
+//     host pool through its device-mapped address (the device writes the pool itself),
+//     or for a GPU value slot the pool in device memory (shadow_pool_chunk, shadow.cuh);
 //   - outlier[h, ch] = 0.
 // shadow_fold_project, grid (c, batch), FOLD_THREADS threads, per chunk token i: its
 //   coefficients on the basis, u[ch * c + i, k] = kpre[R - 1 - i, :] . sv[k, :] (fp32
@@ -28,8 +29,7 @@
 
 extern "C" __global__ void __launch_bounds__(FOLD_THREADS)
     shadow_fold_chunk(const ShadowSeqBufs* __restrict__ bufs, const ShadowSeqCounts* __restrict__ counts,
-                      ShadowDims dims, __nv_bfloat16* __restrict__ pool, int layer, int pool_seqs,
-                      int pool_chunks) {
+                      ShadowDims dims, ShadowPool pool, int layer) {
     pdl_wait();
     pdl_trigger();
     const int h = blockIdx.x, b = blockIdx.y;
@@ -44,8 +44,7 @@ extern "C" __global__ void __launch_bounds__(FOLD_THREADS)
         reinterpret_cast<__nv_bfloat16*>(s.marks)[(size_t)ch * kvd + (size_t)h * d + j] = __float2bfloat16_rn(l / (float)c);
     }
     const int row_words = d / 8;
-    const size_t seq = (size_t)layer * pool_seqs + n.pool_seq;
-    uint4* dst = reinterpret_cast<uint4*>(pool + ((seq * dims.kv_heads + h) * pool_chunks + ch) * c * d);
+    uint4* dst = reinterpret_cast<uint4*>(shadow_pool_chunk(pool, dims, layer, n.pool_seq, h, ch));
     for (int w = threadIdx.x; w < c * row_words; w += blockDim.x) {
         const int i = w / row_words, x = w - i * row_words;
         dst[w] = reinterpret_cast<const uint4*>(shadow_attn_row(s.av, dims, h, R - 1 - i))[x];

@@ -18,7 +18,8 @@
 //   otherwise: recent token t = x - O * c (0 = the oldest, position chunks * c + t)
 //              to ak/av[h, R - 1 - t] and its pre-RoPE key to kpre[R - 1 - t, h*d..].
 // shadow_pool_write, grid (chunks, kv_heads), block 128: the values of chunk ch of head h
-// to the host value pool (device-mapped) at (layer, pool_seq, h, ch), token order, one
+// to the value pool holding slot pool_seq (the host pool, device-mapped, or the GPU value
+// slots' pool; shadow_pool_chunk, shadow.cuh) at (layer, pool_seq, h, ch), token order, one
 // 16-byte store per thread (a warp writes 512 contiguous bytes). No fence: the host reads
 // the pool only after it has seen the kernel complete, and a kernel after it on the
 // device only after pdl_wait (or the kernel boundary), both of which make the writes
@@ -109,17 +110,15 @@ extern "C" __global__ void shadow_place_prefill(const __nv_bfloat16* __restrict_
     shadow_attn_row(bufs.av, dims, h, row)[j] = v[token * kvd + (size_t)h * d + j];
 }
 
-extern "C" __global__ void shadow_pool_write(__nv_bfloat16* __restrict__ pool, const __nv_bfloat16* __restrict__ v,
-                                             int layer, int pool_seq, int pool_seqs, int pool_chunks,
-                                             ShadowDims dims) {
+extern "C" __global__ void shadow_pool_write(ShadowPool pool, const __nv_bfloat16* __restrict__ v, int layer,
+                                             int pool_seq, ShadowDims dims) {
     pdl_wait();
     pdl_trigger();
     const int ch = blockIdx.x, h = blockIdx.y;
     const int d = dims.head_dim, c = dims.chunk;
     const size_t kvd = (size_t)dims.kv_heads * d;
     const int row_words = d / 8;
-    const size_t seq = (size_t)layer * pool_seqs + pool_seq;
-    uint4* dst = reinterpret_cast<uint4*>(pool + ((seq * dims.kv_heads + h) * pool_chunks + ch) * c * d);
+    uint4* dst = reinterpret_cast<uint4*>(shadow_pool_chunk(pool, dims, layer, pool_seq, h, ch));
     for (int w = threadIdx.x; w < c * row_words; w += blockDim.x) {
         const int t = w / row_words, i = w - t * row_words;
         dst[w] = reinterpret_cast<const uint4*>(v + ((size_t)ch * c + t) * kvd + (size_t)h * d)[i];

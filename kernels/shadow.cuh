@@ -46,12 +46,35 @@ struct ShadowSeqCounts {
     int chunks;    // chunks in the sparse region
     int recent;    // tokens in the recent window
     int outliers;  // outlier chunks of each head (n_out <= O)
-    int pool_seq;  // the sequence's slot in the host value pool
+    int pool_seq;  // the sequence's slot in the value pools (global, see ShadowPool)
+};
+
+// The bf16 value pools, each [layer][seq][kv_head][chunk][c * d]: the host pool (its
+// device-mapped address; read over PCIe) of host_seqs slots and the pool in device memory
+// of dev_seqs slots (GPU value slots). A sequence's pool_seq is global: below host_seqs a
+// host slot, else device slot pool_seq - host_seqs.
+struct ShadowPool {
+    unsigned long long host, dev;  // 0 where that pool holds no slot
+    int host_seqs, dev_seqs;
+    int chunks;  // chunks per slot and head
+    int pad;
 };
 
 static_assert(sizeof(ShadowDims) == 44, "ShadowDims mirrors layout.rs");
 static_assert(sizeof(ShadowSeqBufs) == 96, "ShadowSeqBufs mirrors layout.rs");
 static_assert(sizeof(ShadowSeqCounts) == 16, "ShadowSeqCounts mirrors layout.rs");
+static_assert(sizeof(ShadowPool) == 32, "ShadowPool mirrors layout.rs");
+
+// The c * d values of chunk `chunk` of head h of global slot `pool_seq` at layer `layer`,
+// in whichever pool holds the slot (the caller keeps the slot and chunk in range).
+__device__ __forceinline__ __nv_bfloat16* shadow_pool_chunk(const ShadowPool& p, const ShadowDims& dims, int layer,
+                                                            int pool_seq, int h, int chunk) {
+    const bool dev = pool_seq >= p.host_seqs;
+    const size_t seqs = dev ? p.dev_seqs : p.host_seqs;
+    const size_t s = dev ? pool_seq - p.host_seqs : pool_seq;
+    return reinterpret_cast<__nv_bfloat16*>(dev ? p.dev : p.host) +
+           ((((size_t)layer * seqs + s) * dims.kv_heads + h) * p.chunks + chunk) * dims.chunk * dims.head_dim;
+}
 
 // First row of slot `slot` for a sequence with `n_out` outlier chunks.
 __device__ __forceinline__ int shadow_slot_row(const ShadowDims& s, int n_out, int slot) {

@@ -13,8 +13,8 @@
 // head h takes chunk first + x of the dense values v [T_tokens, kv_heads * d] (one
 // sequence), and the table records it; tier_next[h] = n % T.
 // shadow_tier_fill_pool, the same grid and result, the chunks read from the sequence's
-// slot of the registered host value pool instead (a tier added after the prefill's
-// dense cache is gone): pool [layer][pool_seq][kv_head][chunk][c * d].
+// slot of the value pools instead (a tier added after the prefill's dense cache is gone):
+// the registered host pool or the GPU value slots' pool (shadow_pool_chunk, shadow.cuh).
 #include <cuda_bf16.h>
 
 #include "pdl.cuh"
@@ -59,17 +59,14 @@ extern "C" __global__ void shadow_tier_fill(ShadowSeqBufs bufs, const __nv_bfloa
     }
 }
 
-extern "C" __global__ void shadow_tier_fill_pool(ShadowSeqBufs bufs, const __nv_bfloat16* __restrict__ pool, int layer,
-                                                 int pool_seq, int pool_seqs, int pool_chunks, int first,
-                                                 ShadowDims dims) {
+extern "C" __global__ void shadow_tier_fill_pool(ShadowSeqBufs bufs, ShadowPool pool, int layer, int pool_seq,
+                                                 int first, ShadowDims dims) {
     pdl_wait();
     pdl_trigger();
     const int x = blockIdx.x, h = blockIdx.y, n = gridDim.x;
     const int ch = first + x;
     const int words = dims.chunk * dims.head_dim / 8;
-    const size_t seq = (size_t)layer * pool_seqs + pool_seq;
-    const uint4* src = reinterpret_cast<const uint4*>(pool + ((seq * dims.kv_heads + h) * pool_chunks + ch) *
-                                                                 dims.chunk * dims.head_dim);
+    const uint4* src = reinterpret_cast<const uint4*>(shadow_pool_chunk(pool, dims, layer, pool_seq, h, ch));
     uint4* dst = shadow_tier_entry(bufs, dims, h, x);
     for (int w = threadIdx.x; w < words; w += blockDim.x) dst[w] = src[w];
     if (threadIdx.x == 0) {

@@ -87,6 +87,30 @@ fn bench_options_are_checked_by_name() {
             &["--backend", "cuda", "--gpu-tier", "lots"],
             "the GPU value tier is `off`, `auto` or a number of chunks",
         ),
+        (&["--gpu-value-slots", "auto"], "--gpu-value-slots needs --backend cuda"),
+        (
+            &["--backend", "cuda", "--gpu-value-slots", "lots"],
+            "GPU value slots are `off`, `auto` or a number of sequences",
+        ),
+        (
+            &["--backend", "cuda", "--attention", "full", "--gpu-value-slots", "2"],
+            "add shadowkv to --attention",
+        ),
+        (
+            &[
+                "--backend",
+                "cuda",
+                "--gpu-value-slots",
+                "2",
+                "--value-fetch",
+                "zero-copy,cpu-gather",
+            ],
+            "--gpu-value-slots with --value-fetch cpu-gather",
+        ),
+        (
+            &["--backend", "cuda", "--gpu-value-slots", "auto", "--devices", "0,1"],
+            "not measured over a tensor-parallel group (--devices)",
+        ),
     ];
     for (extra, want) in cases {
         let mut args = vec!["bench", "--model", "synthetic:tiny", "--context", "64", "--gen", "2"];

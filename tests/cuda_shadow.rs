@@ -7,7 +7,10 @@
 //! different lengths in one launch, chunk counts that are not multiples of any tile,
 //! d = 64 and 128, groups 1, 3, 4, 7 and 8, SmolLM2's shape (3 KV heads, d 64, group 3)
 //! and Llama-3.1-8B's (8, 128, 4), up to 16K chunks per head for the selection (and, for
-//! the top-k, rows longer than shared memory holds). Without a CUDA device each test
+//! the top-k, rows longer than shared memory holds). The kernels that read or write the
+//! value pools (fetch, pool write, fold, tier fill) get sequences in the registered host
+//! pool and in GPU value slots (device memory) in the same launch, each checked against
+//! the bytes of its own pool. Without a CUDA device each test
 //! prints `skipped: no CUDA device (...)` and passes (`SHADOWKV_REQUIRE_CUDA=1` turns
 //! that into a failure, as tools/gpu-check sets it).
 //!
@@ -45,7 +48,7 @@
 mod common;
 
 use common::gpu_check::*;
-use cudarc::driver::{CudaSlice, CudaView};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr};
 use half::bf16;
 use memmap2::MmapMut;
 use rand::rngs::StdRng;
@@ -221,6 +224,39 @@ fn random_pool(rng: &mut StdRng, shape: &PoolShape) -> (MmapMut, Vec<bf16>) {
 
 fn pool_slice(map: &mut MmapMut) -> &mut [bf16] {
     bytemuck::cast_slice_mut(&mut map[..])
+}
+
+/// `n` GPU value slots after a test's host pool of `shape` (mapped at `host`): random
+/// values in device memory, the two pools as the kernels see them, and the slots'
+/// values.
+fn with_dev_slots(
+    ops: &CudaOps,
+    rng: &mut StdRng,
+    shape: &PoolShape,
+    host: u64,
+    n: usize,
+) -> (DevicePool, CudaSlice<bf16>, Vec<bf16>) {
+    let (vals, _) = rand_bf16(rng, PoolShape { seqs: n, ..*shape }.elems().unwrap(), 1.0);
+    let buf = ops.device().upload(&vals).unwrap();
+    let dev = buf.device_ptr(ops.device().stream()).0;
+    let pool = DevicePool {
+        host,
+        dev,
+        shape: *shape,
+        dev_seqs: n,
+    };
+    (pool, buf, vals)
+}
+
+/// The values of chunk `c` of head `h` of global slot `seq` at `layer`, from the host
+/// pool's values or the GPU value slots', whichever holds the slot.
+fn chunk_ref<'a, T>(
+    pool: &DevicePool,
+    (host, dev): (&'a [T], &'a [T]),
+    (layer, seq, h, c): (usize, usize, usize, usize),
+) -> &'a [T] {
+    let vals = if pool.on_device(seq) { dev } else { host };
+    &vals[pool.chunk_offset(layer, seq, h, c)..][..pool.shape.chunk_elems]
 }
 
 /// Element offset of one row of head `h` in an attention buffer.
@@ -613,7 +649,8 @@ impl TierModel {
 #[test]
 fn gpu_value_tier_keeps_its_fifo_and_moves_the_pool_bytes() {
     // Both fills (from a prefill's dense values, from the pool into a tier added later)
-    // and both fetch paths; the same FIFO model and bytes for each.
+    // and both fetch paths, one sequence's values in a GPU value slot, the others' in the
+    // host pool; the same FIFO model and bytes for each.
     let Some(ops) = ops_or_skip() else { return };
     let dev = ops.device();
     // (kv_heads, d, chunk, S, T, batch): a tier larger than the slots, one smaller (more
@@ -632,25 +669,22 @@ fn gpu_value_tier_keeps_its_fifo_and_moves_the_pool_bytes() {
         .with_tier(tier)
         .unwrap();
         let case = format!("kv_heads={kvh},d={d},c={chunk},S={slots},T={tier},batch={batch}");
+        // The last sequence's values in a GPU value slot (global slot batch - 1), the
+        // others' in the host pool.
         let shape = PoolShape {
             layers: 1,
-            seqs: batch,
+            seqs: batch - 1,
             kv_heads: kvh,
             chunks: l.chunk_cap,
             chunk_elems: chunk * d,
         };
         let mut rng = seeded("shadow_tier");
-        let (mut map, pool_ref) = random_pool(&mut rng, &shape);
+        let (mut map, host_ref) = random_pool(&mut rng, &shape);
         let mapping = HostMapping::new(&ops, pool_slice(&mut map)).unwrap();
-        let pool = DevicePool {
-            addr: mapping.device_addr(),
-            shape,
-        };
+        let (pool, _slots, dev_ref) = with_dev_slots(&ops, &mut rng, &shape, mapping.device_addr(), 1);
+        let refs = (&host_ref[..], &dev_ref[..]);
         let ce = chunk * d;
-        let chunk_of = |b: usize, h: usize, c: usize| {
-            let at = pool.chunk_offset(0, b, h, c);
-            bits(&pool_ref[at..at + ce])
-        };
+        let chunk_of = |b: usize, h: usize, c: usize| bits(chunk_ref(&pool, refs, (0, b, h, c)));
         let outs: Vec<usize> = (0..batch).map(|_| rng.random_range(0..=l.outliers)).collect();
         let seq_counts: Vec<SeqCounts> = (0..batch).map(|b| counts(l.chunk_cap, 0, outs[b], b)).collect();
         // The selections of every step, shared by both fetch paths.
@@ -696,10 +730,10 @@ fn gpu_value_tier_keeps_its_fifo_and_moves_the_pool_bytes() {
                 let mut v = vec![bf16::ZERO; tokens * l.kv_width()];
                 for c in 0..l.chunk_cap {
                     for h in 0..kvh {
-                        let at = pool.chunk_offset(0, b, h, c);
+                        let src = chunk_ref(&pool, refs, (0, b, h, c));
                         for t in 0..chunk {
                             let row = (c * chunk + t) * l.kv_width() + h * d;
-                            v[row..row + d].copy_from_slice(&pool_ref[at + t * d..at + (t + 1) * d]);
+                            v[row..row + d].copy_from_slice(&src[t * d..(t + 1) * d]);
                         }
                     }
                 }
@@ -761,14 +795,16 @@ fn gpu_value_tier_keeps_its_fifo_and_moves_the_pool_bytes() {
                     lists.push(fetch);
                 }
                 if gather {
-                    // The host gathers the chunks to fetch in list order; the scatter puts
-                    // them in their slots and tier entries.
+                    // The host gathers the chunks to fetch in list order (here from the
+                    // reference, the GPU value slot's included: the scatter's input; the
+                    // real actor serves host slots only); the scatter puts them in their
+                    // slots and tier entries.
                     let mut staging = vec![bf16::from_bits(NAN_BITS); batch * kvh * slots * ce];
                     let mut t = 0;
                     for (e, list) in lists.iter().enumerate() {
                         for &(_, c) in list {
-                            let at = pool.chunk_offset(0, e / kvh, e % kvh, c as usize);
-                            staging[t * ce..(t + 1) * ce].copy_from_slice(&pool_ref[at..at + ce]);
+                            let src = chunk_ref(&pool, refs, (0, e / kvh, e % kvh, c as usize));
+                            staging[t * ce..(t + 1) * ce].copy_from_slice(src);
                             t += 1;
                         }
                     }
@@ -1040,14 +1076,15 @@ fn value_fetch_and_scatter_copy_the_misses_bit_exact() {
             chunks: l.chunk_cap,
             chunk_elems: chunk * d,
         };
-        let (mut map, pool_ref) = random_pool(&mut rng, &shape);
+        let (mut map, host_ref) = random_pool(&mut rng, &shape);
         let mapping = HostMapping::new(&ops, pool_slice(&mut map)).unwrap();
-        let pool = DevicePool {
-            addr: mapping.device_addr(),
-            shape,
-        };
+        // Three GPU value slots after the host's; the first sequence takes one (an
+        // HBM copy through the same kernel), the others host slots.
+        let (pool, _slots, dev_ref) = with_dev_slots(&ops, &mut rng, &shape, mapping.device_addr(), 3);
+        let refs = (&host_ref[..], &dev_ref[..]);
         let layer = 1;
-        let pool_seqs = rand::seq::index::sample(&mut rng, shape.seqs, batch).into_vec();
+        let mut pool_seqs = rand::seq::index::sample(&mut rng, shape.seqs, batch).into_vec();
+        pool_seqs[0] = rng.random_range(shape.seqs..pool.slots());
         let outs: Vec<usize> = (0..batch).map(|_| rng.random_range(0..=l.outliers)).collect();
         let chunks = vec![l.chunk_cap; batch];
         let mut zc: Vec<LayerBuffers> = (0..batch).map(|_| LayerBuffers::new(&ops, l).unwrap()).collect();
@@ -1067,8 +1104,7 @@ fn value_fetch_and_scatter_copy_the_misses_bit_exact() {
                 for h in 0..kvh {
                     for &(slot, ch) in &misses.lists[b * kvh + h] {
                         let at = attn_at(&l, h, l.slot_row(outs[b], slot));
-                        let src = pool.chunk_offset(layer, pool_seqs[b], h, ch);
-                        av[at..at + ce].copy_from_slice(&bits(&pool_ref[src..src + ce]));
+                        av[at..at + ce].copy_from_slice(&bits(chunk_ref(&pool, refs, (layer, pool_seqs[b], h, ch))));
                     }
                 }
                 av
@@ -1091,16 +1127,20 @@ fn value_fetch_and_scatter_copy_the_misses_bit_exact() {
                 );
             }
         }
-        Errors::default().report("shadow_fetch", &format!("{case},blocks=1/16/5,exact"));
-        // cpu-gather: the host gathers the same chunks in list order into staging.
+        Errors::default().report(
+            "shadow_fetch",
+            &format!("{case},blocks=1/16/5,seq 0 in GPU value slot {},exact", pool_seqs[0]),
+        );
+        // cpu-gather: the host gathers the same chunks in list order into staging (from
+        // the reference, the GPU value slot's included: the real actor serves host
+        // slots only, this checks the scatter).
         let rows = batch * kvh * slots;
         let mut staging = vec![bf16::from_bits(NAN_BITS); rows * ce];
         let mut t = 0;
         for (e, list) in misses.lists.iter().enumerate() {
             let (b, h) = (e / kvh, e % kvh);
             for &(_, ch) in list {
-                let src = pool.chunk_offset(layer, pool_seqs[b], h, ch);
-                staging[t * ce..(t + 1) * ce].copy_from_slice(&pool_ref[src..src + ce]);
+                staging[t * ce..(t + 1) * ce].copy_from_slice(chunk_ref(&pool, refs, (layer, pool_seqs[b], h, ch)));
                 t += 1;
             }
         }
@@ -1181,9 +1221,11 @@ fn prefill_compression_matches_the_cpu() {
         ops.shadow_landmarks(&bufs, &dk, tokens, &mut neg_cos).unwrap();
         ops.shadow_outliers(&bufs, &neg_cos, tokens, &mut ids).unwrap();
         ops.shadow_place_prefill(&bufs, (&dk, &dv, &dkp), tokens, &ids).unwrap();
+        // Two host slots and two GPU value slots (global 2 and 3), all poisoned; the
+        // values go to host slot 1 and to device slot 1 (global 3).
         let shape = PoolShape {
             layers: 2,
-            seqs: 3,
+            seqs: 2,
             kv_heads: kvh,
             chunks: l.chunk_cap,
             chunk_elems: c * d,
@@ -1191,12 +1233,13 @@ fn prefill_compression_matches_the_cpu() {
         let mut map = MmapMut::map_anon(shape.elems().unwrap() * 2).unwrap();
         pool_slice(&mut map).fill(bf16::from_bits(NAN_BITS));
         let mapping = HostMapping::new(&ops, pool_slice(&mut map)).unwrap();
-        let pool = DevicePool {
-            addr: mapping.device_addr(),
-            shape,
-        };
-        // SAFETY: the pool is mapped for the device and read only after the copy.
-        unsafe { ops.shadow_pool_write(&l, &pool, (1, 2), &dv, tokens) }.unwrap();
+        let (pool, mut dev_slots, _) = with_dev_slots(&ops, &mut rng, &shape, mapping.device_addr(), 2);
+        ops.fill_nan_bf16(&mut dev_slots).unwrap();
+        for slot in [1, 3] {
+            // SAFETY: the pools are mapped for (and allocated on) the device and read only
+            // after the copy.
+            unsafe { ops.shadow_pool_write(&l, &pool, (1, slot), &dv, tokens) }.unwrap();
+        }
 
         // Landmarks: bit-exact; rows past the chunks untouched.
         let marks_cpu = landmarks(&kf, chunks, c, kvd);
@@ -1274,20 +1317,27 @@ fn prefill_compression_matches_the_cpu() {
         assert!(av == want_v, "{case}: attention values differ");
         assert!(kp == want_p, "{case}: recent pre-RoPE keys differ");
         Errors::default().report("shadow_place_prefill", &format!("{case},exact"));
-        // The pool: every sparse chunk of slot 2 of layer 1, nothing else.
-        let got = bits(mapping.host().unwrap());
-        let mut want = vec![NAN_BITS; got.len()];
-        for h in 0..kvh {
-            for ch in 0..chunks {
-                let dst = pool.chunk_offset(1, 2, h, ch);
-                for i in 0..c {
-                    let src = (ch * c + i) * kvd + h * d;
-                    want[dst + i * d..dst + (i + 1) * d].copy_from_slice(&vb[src..src + d]);
+        // The pools: every sparse chunk of slots 1 and 3 of layer 1, nothing else.
+        let got = (bits(mapping.host().unwrap()), bits(&dev.download(&dev_slots).unwrap()));
+        let mut want = (vec![NAN_BITS; got.0.len()], vec![NAN_BITS; got.1.len()]);
+        for slot in [1, 3] {
+            let into = if pool.on_device(slot) { &mut want.1 } else { &mut want.0 };
+            for h in 0..kvh {
+                for ch in 0..chunks {
+                    let dst = pool.chunk_offset(1, slot, h, ch);
+                    for i in 0..c {
+                        let src = (ch * c + i) * kvd + h * d;
+                        into[dst + i * d..dst + (i + 1) * d].copy_from_slice(&vb[src..src + d]);
+                    }
                 }
             }
         }
-        assert!(got == want, "{case}: pool contents differ");
-        Errors::default().report("shadow_pool_write", &format!("{case},exact"));
+        assert!(got.0 == want.0, "{case}: host pool contents differ");
+        assert!(got.1 == want.1, "{case}: GPU value slots' contents differ");
+        Errors::default().report(
+            "shadow_pool_write",
+            &format!("{case},host slot 1 and GPU value slot 3,exact"),
+        );
     }
 }
 
@@ -1434,11 +1484,12 @@ fn fold_matches_the_cpu_fold() {
         let big_r = l.recent_rows();
         let case = format!("{arch},c={c},R={big_r}");
         // (chunks, recent, pool slot): two full windows fold (one into the last chunk
-        // the layout holds), one a token short does not.
-        let seqs = [(10usize, big_r, 2usize), (3, big_r - 1, 0), (39, big_r, 1)];
+        // the layout holds, its values to a host slot; the other's to GPU value slot 1,
+        // global 3), one a token short does not.
+        let seqs = [(10usize, big_r, 3usize), (3, big_r - 1, 0), (39, big_r, 1)];
         let shape = PoolShape {
             layers: 2,
-            seqs: 3,
+            seqs: 2,
             kv_heads: kvh,
             chunks: l.chunk_cap,
             chunk_elems: c * d,
@@ -1446,10 +1497,7 @@ fn fold_matches_the_cpu_fold() {
         let layer = 1;
         let (mut map, pool_before) = random_pool(&mut rng, &shape);
         let mapping = HostMapping::new(&ops, pool_slice(&mut map)).unwrap();
-        let pool = DevicePool {
-            addr: mapping.device_addr(),
-            shape,
-        };
+        let (pool, dev_slots, dev_before) = with_dev_slots(&ops, &mut rng, &shape, mapping.device_addr(), 2);
         let mut bufs = Vec::new();
         let mut before = Vec::new();
         let mut svs = Vec::new();
@@ -1480,8 +1528,8 @@ fn fold_matches_the_cpu_fold() {
         let table = ShadowTable::new(&ops, &entries).unwrap();
         // SAFETY: the pool is mapped for the device and read only after the fold.
         unsafe { ops.shadow_fold(&table, &pool, layer) }.unwrap();
-        let pool_after = bits(mapping.host().unwrap());
-        let mut pool_want = bits(&pool_before);
+        let pool_after = (bits(mapping.host().unwrap()), bits(&dev.download(&dev_slots).unwrap()));
+        let mut pool_want = (bits(&pool_before), bits(&dev_before));
         let (mut gu, mut wu) = (Vec::new(), Vec::new());
         for (b, buf) in bufs.iter().enumerate() {
             let (ch, n, ps) = seqs[b];
@@ -1509,7 +1557,12 @@ fn fold_matches_the_cpu_fold() {
                             k_old[i * kvd + h * d + j] = bf16::from_bits(ak0[at + j]).to_f32();
                         }
                         let dst = pool.chunk_offset(layer, ps, h, ch) + i * d;
-                        pool_want[dst..dst + d].copy_from_slice(&av0[at..at + d]);
+                        let into = if pool.on_device(ps) {
+                            &mut pool_want.1
+                        } else {
+                            &mut pool_want.0
+                        };
+                        into[dst..dst + d].copy_from_slice(&av0[at..at + d]);
                     }
                     for j in 0..kvd {
                         p_old[i * kvd + j] = bf16::from_bits(kp0[row * kvd + j]).to_f32();
@@ -1548,7 +1601,8 @@ fn fold_matches_the_cpu_fold() {
             }
             assert_eq!(flags, want_flags, "{what}: outlier flags");
         }
-        assert!(pool_after == pool_want, "{case}: pool contents differ");
+        assert!(pool_after.0 == pool_want.0, "{case}: host pool contents differ");
+        assert!(pool_after.1 == pool_want.1, "{case}: GPU value slots' contents differ");
         Errors::default().report("shadow_fold", &format!("{case},landmark/values/shift exact"));
         check("shadow_fold_project", &case, &gu, &wu, EW_RTOL, 1e-4 * rms(&wu));
     }
@@ -1590,21 +1644,20 @@ fn one_layer_decode_end_to_end_matches_cpu_attention() {
         let shapes = [(1100usize, 13usize, 4usize), (257, big_r, 4), (37, 1, 3), (20, 5, 2)];
         let batch = shapes.len();
         let case = format!("{arch},seqs={shapes:?},S={slots}");
+        // Sequence i in pool slot i: the first two in the host pool, the others in GPU
+        // value slots.
         let shape = PoolShape {
             layers: 2,
-            seqs: batch + 1,
+            seqs: 2,
             kv_heads: kvh,
             chunks: l.chunk_cap,
             chunk_elems: c * d,
         };
         let layer = 1;
         let (mut map, pool_vals) = random_pool(&mut rng, &shape);
-        let pool_f = f32s(&pool_vals);
         let mapping = HostMapping::new(&ops, pool_slice(&mut map)).unwrap();
-        let pool = DevicePool {
-            addr: mapping.device_addr(),
-            shape,
-        };
+        let (pool, _slots, dev_vals) = with_dev_slots(&ops, &mut rng, &shape, mapping.device_addr(), batch - 2);
+        let (host_f, dev_f) = (f32s(&pool_vals), f32s(&dev_vals));
         let mut bufs = Vec::new();
         let mut host = Vec::new();
         for (i, &(chunks, n, n_out)) in shapes.iter().enumerate() {
@@ -1765,8 +1818,8 @@ fn one_layer_decode_end_to_end_matches_cpu_attention() {
                         let (cos, sin) = rope.tables(&positions);
                         rope.apply(&mut k, 1, &cos, &sin);
                         keys.extend(k.iter().map(|&x| bf16::from_f32(x).to_f32()));
-                        let src = pool.chunk_offset(layer, hs.counts.pool_seq as usize, h, ch);
-                        vals.extend_from_slice(&pool_f[src..src + c * d]);
+                        let seq = hs.counts.pool_seq as usize;
+                        vals.extend_from_slice(chunk_ref(&pool, (&host_f, &dev_f), (layer, seq, h, ch)));
                     }
                     let len = keys.len() / d;
                     assert_eq!(len, l.attended_rows(&hs.counts).1, "{what}: rows attended");
@@ -1835,7 +1888,9 @@ fn bad_inputs_are_errors_that_say_what() {
         let e = msg(ops.shadow_scores(&table, &short, &mut two).unwrap_err());
         assert!(e.contains("select: queries"), "{e}");
         let bad_pool = DevicePool {
-            addr: 0,
+            host: 16,
+            dev: 0,
+            dev_seqs: 0,
             shape: PoolShape {
                 layers: 1,
                 seqs: 1,
@@ -1853,6 +1908,25 @@ fn bad_inputs_are_errors_that_say_what() {
         // SAFETY: as above.
         let e = msg(unsafe { ops.shadow_fold(&table, &bad_pool, 0) }.unwrap_err());
         assert!(e.contains("values per chunk"), "{e}");
+        // A slot past the host pool and the GPU value slots is refused, not read.
+        let small = DevicePool {
+            dev: 32,
+            dev_seqs: 1,
+            shape: PoolShape {
+                chunk_elems: l.chunk * l.head_dim,
+                ..bad_pool.shape
+            },
+            ..bad_pool
+        };
+        let past = ShadowTable::new(&ops, &[(&b, ok), (&b, counts(10, 3, 2, 2))]).unwrap();
+        // SAFETY: as above (the sequence's slot is outside the pools).
+        let e = msg(
+            unsafe { ops.shadow_fetch_values(&past, &two.misses, &two.miss_count, None, &small, 0, 16) }.unwrap_err(),
+        );
+        assert!(e.contains("pool slot 2 outside the pools' 2 (1 host, 1 device)"), "{e}");
+        // SAFETY: as above.
+        let e = msg(unsafe { ops.shadow_fold(&past, &small, 0) }.unwrap_err());
+        assert!(e.contains("sequence 1: pool slot 2"), "{e}");
     }
     {
         // The append's counts include the new token: an empty window is a caller's mistake.

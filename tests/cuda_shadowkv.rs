@@ -11,7 +11,9 @@
 //!   the greedy tokens agree wherever the CPU's top-2 margin is clear (0.5: the GPU's
 //!   bf16 logits sit 0.1–0.3 from the CPU's f32 ones on SmolLM2), and the reuse hit
 //!   rates within 5 points.
-//! - The zero-copy and cpu-gather fetch paths give the same tokens (the same bytes).
+//! - The zero-copy and cpu-gather fetch paths give the same tokens (the same bytes), and
+//!   so do GPU value slots holding some or all of a batch's values; through the engine a
+//!   GPU value slot is given back when its sequence ends.
 //! - Through the engine with a prefill lane, a request alone equals `generate_cuda`.
 //! - cpu-gather's actor: a gather that panics fails its own request and the engine
 //!   serves on; two requests decoding together in two micro-batches both end; a
@@ -217,7 +219,9 @@ fn usual_settings_agree_with_the_cpu_reference() {
 
 /// Micro-batches change the order of the GPU's work, not its results: three prompts of
 /// different lengths decoded together give the same tokens with the attention split into
-/// 1, 2 or 3 micro-batches, on both fetch paths, with and without a GPU value tier.
+/// 1, 2 or 3 micro-batches, on both fetch paths, with and without a GPU value tier. So do
+/// GPU value slots (the values of some or all of the batch in device memory, fetched by
+/// the same kernel from there): the same tokens as with every value in the host pool.
 #[test]
 fn micro_batches_give_the_same_tokens() {
     let Some((gpu, _, tok)) = smollm2() else { return };
@@ -232,31 +236,46 @@ fn micro_batches_give_the_same_tokens() {
         ..Default::default()
     };
     let (want, _) = generate_cuda(&gpu, &tok, &reqs, opts, true).unwrap();
-    for (value_fetch, gpu_tier, micro_batches) in [
-        (FetchPath::ZeroCopy, TierSize::Off, 2),
-        (FetchPath::ZeroCopy, TierSize::Off, 3),
-        (FetchPath::CpuGather, TierSize::Off, 2),
-        (FetchPath::ZeroCopy, TierSize::Chunks(16), 2),
-        (FetchPath::CpuGather, TierSize::Chunks(16), 3),
+    for (value_fetch, gpu_tier, micro_batches, gpu_value_slots) in [
+        (FetchPath::ZeroCopy, TierSize::Off, 2, 0),
+        (FetchPath::ZeroCopy, TierSize::Off, 3, 0),
+        (FetchPath::CpuGather, TierSize::Off, 2, 0),
+        (FetchPath::ZeroCopy, TierSize::Chunks(16), 2, 0),
+        (FetchPath::CpuGather, TierSize::Chunks(16), 3, 0),
+        (FetchPath::ZeroCopy, TierSize::Off, 1, 1),
+        (FetchPath::ZeroCopy, TierSize::Off, 2, 2),
+        (FetchPath::ZeroCopy, TierSize::Off, 1, 3),
+        (FetchPath::ZeroCopy, TierSize::Chunks(16), 3, 3),
     ] {
         let o = GenerateOptions {
             value_fetch,
             gpu_tier,
             micro_batches,
+            gpu_value_slots,
             ..opts
         };
         let (got, _) = generate_cuda(&gpu, &tok, &reqs, o, true).unwrap();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert_eq!(
                 g.completion_ids, w.completion_ids,
-                "request {i}: {micro_batches} micro-batches ({value_fetch:?}, tier {gpu_tier}) differ from one"
+                "request {i}: {micro_batches} micro-batches ({value_fetch:?}, tier {gpu_tier}, {gpu_value_slots} GPU \
+                 value slots) differ from one"
             );
         }
         let n: usize = got.iter().map(|g| g.completion_ids.len()).sum();
         eprintln!(
-            "RESULT shadowkv_micro_batches {value_fetch:?} tier={gpu_tier} micro={micro_batches} equal_tokens={n}"
+            "RESULT shadowkv_micro_batches {value_fetch:?} tier={gpu_tier} micro={micro_batches} \
+             gpu_value_slots={gpu_value_slots} equal_tokens={n}"
         );
     }
+    // cpu-gather reads host memory only: GPU value slots with it are refused, by name.
+    let o = GenerateOptions {
+        value_fetch: FetchPath::CpuGather,
+        gpu_value_slots: 1,
+        ..opts
+    };
+    let e = format!("{:#}", generate_cuda(&gpu, &tok, &reqs, o, true).unwrap_err());
+    assert!(e.contains("GPU value slots") && e.contains("cpu-gather"), "{e}");
 }
 
 #[test]
@@ -347,6 +366,78 @@ fn engine_text(
             Event::Failed(e) => return Err(e.to_string()),
         }
     }
+}
+
+/// GPU value slots through the engine: a backend of one host slot and one GPU value slot
+/// (zero-copy). Requests one at a time each take the GPU value slot (leased first) and
+/// give it back when they end, their texts those of `generate_cuda`; two at once hold
+/// both slots and both end; a request after them finds a slot again (none leaked).
+#[test]
+fn engine_with_a_gpu_value_slot_gives_each_slot_back() {
+    let Some((gpu, _, tok)) = smollm2() else { return };
+    let gpu = Arc::new(gpu);
+    let tok = Arc::new(tok);
+    let cfg = gpu.config().clone();
+    let p = common::smollm2_shadow();
+    let gen = 24;
+    let opts = GenerateOptions {
+        prefill_chunk: 256,
+        attention: Attention::ShadowKv(p),
+        ..Default::default()
+    };
+    let prompts: Vec<Vec<u32>> = [1200, 900, 1500].iter().map(|&n| prompt(&tok, n)).collect();
+    let want: Vec<String> = prompts
+        .iter()
+        .map(|ids| {
+            let (mut g, _) = generate_cuda(&gpu, &tok, &[request(ids.clone(), gen)], opts, true).unwrap();
+            g.remove(0).text
+        })
+        .collect();
+    let max_context = 2048;
+    let pool = ValuePool::anonymous_of(p.pool_shape(&cfg, 1, max_context), ValueType::Bf16).unwrap();
+    let backend = CudaBackend::new(gpu.clone(), max_context, 1, 2, true, Some((p, pool)))
+        .unwrap()
+        .with_fetch(FetchPath::ZeroCopy)
+        .with_value_slots(1)
+        .unwrap();
+    let config = SchedulerConfig {
+        max_batch: 2,
+        max_queue: 2,
+        max_context,
+        prefill_chunk: 256,
+    };
+    let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
+    for (ids, w) in prompts.iter().zip(&want) {
+        assert_eq!(&engine_text(&engine, ids.clone(), gen).unwrap(), w);
+    }
+    let both: Vec<_> = prompts[..2]
+        .iter()
+        .map(|ids| {
+            engine
+                .submit(EngineRequest {
+                    prompt: ids.clone(),
+                    max_tokens: gen,
+                    sampling: SamplingParams::default(),
+                    stop: vec![],
+                })
+                .unwrap()
+        })
+        .collect();
+    for mut rx in both {
+        let mut text = String::new();
+        loop {
+            match rx.blocking_recv().expect("the engine ended the stream") {
+                Event::Text(t) => text.push_str(&t),
+                Event::Done { .. } => break,
+                Event::Failed(e) => panic!("two requests in a host and a GPU value slot: {e}"),
+            }
+        }
+        assert!(!text.is_empty());
+    }
+    assert_eq!(engine_text(&engine, prompts[2].clone(), gen).unwrap(), want[2]);
+    engine.shutdown(Duration::ZERO);
+    join.join().unwrap();
+    eprintln!("RESULT shadowkv_engine_gpu_value_slot requests=6 done");
 }
 
 #[test]

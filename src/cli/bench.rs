@@ -2,9 +2,10 @@
 //! side by side, after one shared prefill per context, with the reuse hit rate and the
 //! value bytes fetched per step.
 
-use super::backend::{Backend, CudaArgs};
+use super::backend::{Backend, CudaArgs, ValueFetch};
 use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput, SeqKvCache};
+use crate::cuda::shadow::ValueSlots;
 use crate::engine::sampling::argmax;
 use crate::model::load::open_model;
 use crate::model::weights::ModelWeights;
@@ -63,6 +64,14 @@ pub struct BenchArgs {
     /// for the whole batch. A list measures each on the same sequences (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = vec![1usize])]
     micro_batches: Vec<usize>,
+    /// ShadowKV on the GPU: sequences whose values live in GPU memory (GPU value slots,
+    /// read by the zero-copy fetch without crossing PCIe) besides those in the host
+    /// pool, so that host memory no longer caps the batch. `off`; `auto`: with
+    /// `--batch auto`, the host-held batch as without them plus as many sequences as the
+    /// GPU memory left holds (each its ShadowKV state and values), with a number, as
+    /// many of them as the GPU memory holds; or a number of sequences.
+    #[arg(long, default_value_t = ValueSlots::Off)]
+    gpu_value_slots: ValueSlots,
     /// ShadowKV on the GPU: write the GPU timeline of the last decode steps of each run
     /// (every stage of every layer on the compute and fetch streams, timed
     /// by GPU events and placed on the host clock) to FILE as Chrome trace JSON, for
@@ -101,6 +110,26 @@ fn median(xs: &mut [f64]) -> f64 {
     }
 }
 
+/// Refuses `--gpu-value-slots` where it cannot run, naming the flags.
+fn check_value_slots(a: &BenchArgs) -> Result<()> {
+    if a.backend != Backend::Cuda {
+        bail!("--gpu-value-slots needs --backend cuda (the CPU backend has no GPU memory to keep values in)");
+    }
+    if a.attention.iter().all(|&m| m == Method::Full) {
+        bail!("--gpu-value-slots holds ShadowKV's values: add shadowkv to --attention");
+    }
+    if a.cuda.value_fetch.contains(&ValueFetch::CpuGather) {
+        bail!(
+            "--gpu-value-slots with --value-fetch cpu-gather: the gather threads read host memory only; GPU value \
+             slots are read by zero-copy"
+        );
+    }
+    if a.cuda.devices.is_some() {
+        bail!("--gpu-value-slots is not measured over a tensor-parallel group (--devices): run it on one --device");
+    }
+    Ok(())
+}
+
 /// Runs `shadowkv bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
     let threads = super::set_threads(a.threads)?;
@@ -120,8 +149,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.gen < 2 || a.attention.is_empty() {
         bail!("--gen must be at least 2 and --attention not empty");
     }
+    if a.gpu_value_slots != ValueSlots::Off {
+        check_value_slots(&a)?;
+    }
     if a.backend == Backend::Cuda {
         return super::bench_cuda::run(super::bench_cuda::CudaBench {
+            value_slots: a.gpu_value_slots,
             full: a.attention.contains(&Method::Full),
             shadow: a.attention.iter().copied().filter(|&m| m != Method::Full).collect(),
             shadow_args: a.shadow.clone(),

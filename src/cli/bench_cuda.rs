@@ -12,6 +12,7 @@ use super::backend::{load_cuda_model, open_gpu, CudaArgs, Gpus};
 use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::model::chunked_prefill;
 use crate::cpu::LogitsWanted;
+use crate::cuda::shadow::ValueSlots;
 use crate::cuda::{CudaModel, GpuCache, GpuSeq, StepGraphs};
 use crate::engine::sampling::SamplingParams;
 use crate::model::config::ModelConfig;
@@ -54,6 +55,8 @@ pub struct CudaBench {
     pub shadow: Vec<Method>,
     /// ShadowKV settings given on the command line.
     pub shadow_args: ShadowArgs,
+    /// ShadowKV's GPU value slots.
+    pub value_slots: ValueSlots,
 }
 
 impl CudaBench {
@@ -164,7 +167,7 @@ pub fn run(a: CudaBench) -> Result<()> {
                 let runs = super::bench_cuda_shadow::run(
                     &model,
                     p,
-                    (fetch, tier),
+                    (fetch, tier, a.value_slots),
                     ctx,
                     a.batch,
                     a.gen,
@@ -325,7 +328,7 @@ pub fn run(a: CudaBench) -> Result<()> {
     }
     if !shadow_rows.is_empty() {
         println!();
-        println!("| context | fetch | GPU tier (chunks/head) | micro-batches | ShadowKV batch | decode tok/s | vs full | step ms (median) | bound ms | × bound | reuse hit | tier hit | value MiB/step | prefill s | compression / prefill | peak GiB | host pool GiB | fetch hidden |");
+        println!("| context | fetch | GPU tier (chunks/head) | micro-batches | ShadowKV batch (host+GPU slots) | decode tok/s | vs full | step ms (median) | bound ms | × bound | reuse hit | tier hit | value MiB/step | prefill s | compression / prefill | peak GiB | host pool GiB | fetch hidden |");
         println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &shadow_rows {
             let r = &r.row;
@@ -336,7 +339,10 @@ pub fn run(a: CudaBench) -> Result<()> {
                 r["value_fetch"].as_str().unwrap_or("-"),
                 r["gpu_tier_chunks"],
                 r["micro_batches"],
-                r["batch"],
+                match r["gpu_value_slots"].as_u64() {
+                    Some(n) if n > 0 => format!("{} ({}+{n})", r["batch"], r["batch"].as_u64().unwrap_or(0) - n),
+                    _ => r["batch"].to_string(),
+                },
                 f("decode_tokens_per_s"),
                 r["ratio_to_full"].as_f64().map_or("-".to_string(), |v| format!("{v:.2}×")),
                 f("step_ms_median"),

@@ -13,9 +13,11 @@
 //! setting's measurement past the GPU value tier's first fill: without them a later
 //! setting would inherit a warmer tier than the first. The batch is the
 //! largest that fits both the GPU (every sequence's ShadowKV state, while the prefill
-//! cache is still held) and the host memory (the values). The step's bound is the larger
-//! of its missed value bytes over PCIe (at [`PCIE_BYTES_PER_S`]) and its GPU bytes at
-//! the HBM rate.
+//! cache is still held) and the host memory (the values); with GPU value slots
+//! (`--gpu-value-slots`), sequences whose values the GPU holds too join it
+//! ([`fit_batch`]). The step's bound is the larger of its missed value bytes over PCIe
+//! (at [`PCIE_BYTES_PER_S`]; the misses of sequences in GPU value slots do not cross it)
+//! and its GPU bytes at the HBM rate.
 
 use super::backend::ValueFetch;
 use super::bench_cuda::{median, HBM_BYTES_PER_S};
@@ -26,7 +28,7 @@ use crate::cuda::shadow::decode::{FetchPath, GatherTimes};
 use crate::cuda::shadow::seq::sequence_bytes;
 use crate::cuda::shadow::tier::tier_chunks_for;
 use crate::cuda::shadow::timeline::{hidden_fetch_share, GpuSpan, GpuTracks};
-use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout, TierSize};
+use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout, TierSize, ValueSlots};
 use crate::cuda::{CudaModel, GpuSeq};
 use crate::engine::sampling::SamplingParams;
 use crate::pool::space::MachineMemory;
@@ -50,8 +52,9 @@ pub struct ShadowRun {
 }
 
 /// Benchmarks ShadowKV with `p` at context `ctx` on `model`, fetching by `fetch` with a
-/// GPU value tier of `tier`: `batch` sequences (the largest that fits when `None`; the
-/// tier, at `auto`, takes what the free GPU memory holds after them), then `gen` decode
+/// GPU value tier of `tier` and GPU value slots `slots`: `batch` sequences (the largest
+/// that fits when `None`, see [`fit_batch`]; the tier, at `auto`, takes what the free
+/// GPU memory holds after them), then `gen` decode
 /// steps for each entry of `micro` (each step's attention split into that many
 /// micro-batches), all on the same prefilled and compressed sequences; one result per
 /// entry.
@@ -59,7 +62,7 @@ pub struct ShadowRun {
 pub fn run(
     model: &CudaModel,
     p: &ShadowParams,
-    (fetch, tier): (ValueFetch, TierSize),
+    (fetch, tier, slots): (ValueFetch, TierSize, ValueSlots),
     ctx: usize,
     batch: Option<usize>,
     gen: usize,
@@ -98,32 +101,28 @@ pub fn run(
     bar.finish_and_clear();
     let prefill_secs = t0.elapsed().as_secs_f64();
     // How many sequences fit: their ShadowKV state on the GPU (the prefill cache still
-    // held), their values in host memory.
+    // held), their values in host memory or GPU value slots.
     let (per_gpu, one_pool) = sequence_bytes(&layout, cfg.num_layers)?;
     let (free, _) = ops_dev.mem_info()?;
-    let gpu_fit = free.saturating_sub(2 << 30) / per_gpu;
     let host = MachineMemory::read()?;
-    // Leave a tenth of the host's memory to everything else.
-    let host_fit = (host.available as f64 * 0.9) as usize / one_pool;
-    let fit = gpu_fit.min(host_fit);
-    let batch = match batch {
-        Some(b) if b > fit => bail!(
-            "a ShadowKV batch of {b} at context {ctx} does not fit: {:.2} GiB of GPU state each ({:.1} GiB free \
-             → {gpu_fit}) and {:.2} GiB of host values each ({:.1} GiB available → {host_fit})",
-            per_gpu as f64 / (1u64 << 30) as f64,
-            free as f64 / (1u64 << 30) as f64,
-            one_pool as f64 / (1u64 << 30) as f64,
-            host.available as f64 / (1u64 << 30) as f64
-        ),
-        Some(b) => b,
-        None if fit == 0 => bail!("not one ShadowKV sequence of {ctx} tokens fits the GPU and host memory"),
-        None => fit,
+    let mem = FitMemory {
+        gpu: free.saturating_sub(2 << 30),
+        // Leave a tenth of the host's memory to everything else.
+        host: (host.available as f64 * 0.9) as usize,
+        state: per_gpu,
+        values: one_pool,
     };
+    let fit = fit_batch(&mem, batch, slots, ctx)?;
+    let (gpu_fit, host_fit, batch) = (fit.gpu_fit, fit.host_fit, fit.batch());
     let t_reg = Instant::now();
     let pool = GpuValuePool::new(
         model.ops(),
-        ValuePool::anonymous_of(GpuValuePool::shape_for(&layout, cfg.num_layers, batch), ValueType::Bf16)?,
-    )?;
+        ValuePool::anonymous_of(
+            GpuValuePool::shape_for(&layout, cfg.num_layers, fit.host),
+            ValueType::Bf16,
+        )?,
+    )?
+    .with_device_slots(model.ops(), fit.device)?;
     let register_secs = t_reg.elapsed().as_secs_f64();
     let mut ws = CompressWorkspace::default();
     ws.time_stages(true);
@@ -207,6 +206,7 @@ pub fn run(
         "pcie_bytes_per_s_assumed": PCIE_BYTES_PER_S,
         "host_pool_gib": pool.pool().bytes() as f64 / (1u64 << 30) as f64, "pool_register_secs": register_secs,
         "gpu_fit": gpu_fit, "host_fit": host_fit, "value_fetch": fetch.label(),
+        "gpu_value_slots": fit.device, "gpu_value_slots_gib": pool.device_bytes() as f64 / (1u64 << 30) as f64,
         "gpu_tier_chunks": tier, "gpu_tier_gib": tier_bytes as f64 / (1u64 << 30) as f64,
         "gpu_tier_fill_secs": tier_fill_secs,
     });
@@ -229,12 +229,14 @@ pub fn run(
         let bound_s = bound_secs(model, &layout, &seqs, d.misses);
         let tps = (batch * gen) as f64 / d.decode_secs;
         let peak_gib = (d.total - d.min_free.min(d.total)) as f64 / (1u64 << 30) as f64;
-        let fetched_per_step = d.misses.fetched * (layout.chunk * layout.head_dim * 2) as f64;
+        let chunk_bytes = (layout.chunk * layout.head_dim * 2) as f64;
+        let fetched_per_step = (d.misses.host + d.misses.device) * chunk_bytes;
+        let pcie_per_step = d.misses.host * chunk_bytes;
         eprintln!(
-            "[context {ctx}, ShadowKV ({}{}, {m} micro-batch{}): batch {batch} (GPU fits {gpu_fit}, host {host_fit}), \
+            "[context {ctx}, ShadowKV ({}{}, {m} micro-batch{}): batch {batch} (GPU fits {gpu_fit}, host {host_fit}{}), \
              prefill {prefill_secs:.2} s + compression {compress_secs_mean:.3} s ({:.1} %, mean), decode {tps:.1} tok/s, \
-             step {:.2} ms = {:.2}× its bound, hit rate {:.3} (GPU tier {:.3}), {:.1} MiB of values fetched a step; \
-             pool registered in {register_secs:.1} s]",
+             step {:.2} ms = {:.2}× its bound, hit rate {:.3} (GPU tier {:.3}), {:.1} MiB of values fetched a step \
+             ({:.1} MiB over PCIe); pool registered in {register_secs:.1} s]",
             fetch.label(),
             if tier > 0 {
                 format!(
@@ -245,12 +247,23 @@ pub fn run(
                 String::new()
             },
             if m == 1 { "" } else { "es" },
+            if fit.device > 0 {
+                format!(
+                    "; {} of them with their values in host memory, {} in GPU value slots ({:.1} GiB)",
+                    fit.host,
+                    fit.device,
+                    pool.device_bytes() as f64 / (1u64 << 30) as f64
+                )
+            } else {
+                String::new()
+            },
             100.0 * share(compress_secs_mean),
             d.step_ms,
             d.step_ms / 1e3 / bound_s,
             d.hit_rate,
             d.tier_hit_rate,
             fetched_per_step / (1u64 << 20) as f64,
+            pcie_per_step / (1u64 << 20) as f64,
         );
         eprintln!(
             "[GPU ms per step by stage, summed over layers and micro-batches: {}]",
@@ -284,6 +297,7 @@ pub fn run(
             "micro_batches": m, "context_at_end": ctx_now,
             "decode_tokens_per_s": tps, "step_ms_median": d.step_ms,
             "reuse_hit_rate": d.hit_rate, "tier_hit_rate": d.tier_hit_rate, "value_bytes_per_step": fetched_per_step,
+            "pcie_value_bytes_per_step": pcie_per_step,
             "gpu_bytes_per_step": d.gpu_bytes, "bound_ms": bound_s * 1e3,
             "bound_ratio": d.step_ms / 1e3 / bound_s, "peak_gpu_gib": peak_gib,
             "stage_ms_per_step": d.stages.iter().map(|(s, ms)| (s.clone(), serde_json::json!(ms))).collect::<serde_json::Map<_, _>>(),
@@ -388,8 +402,14 @@ fn decode(
         .collect();
     let gather = lane.gather;
     let (selected, hits, tier_hits) = (c.selected as f64, c.hits as f64, c.tier_hits as f64);
+    // The counters do not tell which sequence a fetched chunk was for; the batch's
+    // sequences are copies of one prompt decoding the same tokens, so each fetches the
+    // same share, and those in GPU value slots fetch theirs from device memory.
+    let fetched = c.fetched() as f64 / gen as f64;
+    let on_device = seqs.iter().filter(|s| s.values_on_device()).count() as f64 / batch as f64;
     let misses = Misses {
-        fetched: c.fetched() as f64 / gen as f64,
+        host: fetched * (1.0 - on_device),
+        device: fetched * on_device,
         tier: tier_hits / gen as f64,
     };
     let share = |n: f64| if selected > 0.0 { n / selected } else { 0.0 };
@@ -452,8 +472,8 @@ fn queued_steps(
 /// GPU bytes of a step: the weights, and per sequence and
 /// layer the landmarks scored, the rows attended (keys and values), for each miss of the
 /// slots its rebuilt keys (the coefficients read, the keys written) and its values
-/// written, and with a GPU value tier the tier hits' values read from the tier and the
-/// fetched chunks' values written to it.
+/// written, the values read from GPU value slots, and with a GPU value tier the tier
+/// hits' values read from the tier and the fetched chunks' values written to it.
 fn gpu_bytes(model: &CudaModel, seqs: &[GpuShadowSeq], m: Misses) -> f64 {
     let layout = seqs[0].layer(0).layout();
     let c = seqs[0].counts();
@@ -462,27 +482,141 @@ fn gpu_bytes(model: &CudaModel, seqs: &[GpuShadowSeq], m: Misses) -> f64 {
         (c.chunks as usize * layout.kv_width() * 2 + attended * layout.kv_heads * layout.head_dim * 4) as f64;
     let per_miss = (layout.chunk * (layout.rank * 2 + layout.head_dim * 4)) as f64;
     let values = (layout.chunk * layout.head_dim * 2) as f64;
-    let tier_moves = if layout.tier > 0 { m.tier + m.fetched } else { 0.0 };
+    let fetched = m.host + m.device;
+    let tier_moves = if layout.tier > 0 { m.tier + fetched } else { 0.0 };
     model.weight_bytes() as f64
         + (seqs.len() * model.config().num_layers) as f64 * per_layer
-        + (m.fetched + m.tier) * per_miss
-        + tier_moves * values
+        + (fetched + m.tier) * per_miss
+        + (tier_moves + m.device) * values
 }
 
-/// The step's bound: the larger of its fetched value bytes over PCIe and its GPU bytes
-/// at the HBM rate.
+/// The step's bound: the larger of its value bytes fetched over PCIe (from the host
+/// pool) and its GPU bytes at the HBM rate.
 fn bound_secs(model: &CudaModel, layout: &ShadowLayout, seqs: &[GpuShadowSeq], m: Misses) -> f64 {
-    let fetched = m.fetched * (layout.chunk * layout.head_dim * 2) as f64;
-    (fetched / PCIE_BYTES_PER_S).max(gpu_bytes(model, seqs, m) / HBM_BYTES_PER_S)
+    let pcie = m.host * (layout.chunk * layout.head_dim * 2) as f64;
+    (pcie / PCIE_BYTES_PER_S).max(gpu_bytes(model, seqs, m) / HBM_BYTES_PER_S)
 }
 
 /// Misses of the slots a step, by where their values came from.
 #[derive(Clone, Copy)]
 struct Misses {
-    /// Fetched from the host.
-    fetched: f64,
+    /// Fetched from the host pool (over PCIe).
+    host: f64,
+    /// Fetched from GPU value slots (device memory).
+    device: f64,
     /// Found in the GPU value tier.
     tier: f64,
+}
+
+/// The memory a ShadowKV batch is fitted into, in bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct FitMemory {
+    /// GPU memory free for the sequences (the margin left out).
+    pub gpu: usize,
+    /// Host memory available for the values (the share left to the rest taken out).
+    pub host: usize,
+    /// GPU bytes of one sequence's ShadowKV state.
+    pub state: usize,
+    /// Bytes of one sequence's values (one pool slot, in host or GPU memory).
+    pub values: usize,
+}
+
+/// A ShadowKV batch: the sequences whose values the host pool holds and those in GPU
+/// value slots, and how many host-held sequences each memory alone would hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchFit {
+    /// Sequences with their values in the host pool.
+    pub host: usize,
+    /// Sequences with their values in GPU value slots.
+    pub device: usize,
+    /// Sequences whose ShadowKV state the GPU holds (no GPU value slot).
+    pub gpu_fit: usize,
+    /// Sequences whose values the host holds.
+    pub host_fit: usize,
+}
+
+impl BatchFit {
+    /// Sequences in all.
+    pub fn batch(&self) -> usize {
+        self.host + self.device
+    }
+}
+
+/// How a ShadowKV batch of `batch` sequences (`None`: the largest) at context `ctx`
+/// splits between the host pool and GPU value slots `slots` in memory `m`. Every
+/// sequence's state takes GPU memory, a host-held one's values host memory, a GPU value
+/// slot's values GPU memory. `--batch auto`: the host-held batch is what both memories
+/// hold (as without slots); `auto` slots add as many sequences (state and values each)
+/// as the GPU memory left holds, `N` slots take their room first. A given batch: `auto`
+/// gives as many of its sequences GPU value slots as the GPU memory left by their state
+/// holds, `N` gives N. A batch that does not fit is refused naming both memories.
+pub fn fit_batch(m: &FitMemory, batch: Option<usize>, slots: ValueSlots, ctx: usize) -> Result<BatchFit> {
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    let (state, values) = (m.state.max(1), m.values.max(1));
+    let both = state + values;
+    let gpu_fit = m.gpu / state;
+    let host_fit = m.host / values;
+    let (host, device) = match (batch, slots) {
+        (None, ValueSlots::Off) => (gpu_fit.min(host_fit), 0),
+        (None, ValueSlots::Auto) => {
+            let h = gpu_fit.min(host_fit);
+            (h, (m.gpu - h * state) / both)
+        }
+        (None, ValueSlots::Count(n)) => {
+            let Some(left) = n.checked_mul(both).and_then(|b| m.gpu.checked_sub(b)) else {
+                bail!(
+                    "{n} GPU value slots at context {ctx} do not fit: {:.2} GiB each (ShadowKV state {:.2} + values \
+                     {:.2}), {:.1} GiB of GPU memory free",
+                    gib(both),
+                    gib(state),
+                    gib(values),
+                    gib(m.gpu)
+                );
+            };
+            ((left / state).min(host_fit), n)
+        }
+        (Some(b), ValueSlots::Off) => (b, 0),
+        (Some(b), ValueSlots::Auto) => {
+            let d = (m.gpu.saturating_sub(b.saturating_mul(state)) / values).min(b);
+            (b - d, d)
+        }
+        (Some(b), ValueSlots::Count(n)) => {
+            ensure!(n <= b, "--gpu-value-slots {n} exceeds the batch of {b}");
+            (b - n, n)
+        }
+    };
+    let fit = BatchFit {
+        host,
+        device,
+        gpu_fit,
+        host_fit,
+    };
+    let gpu_need = fit
+        .batch()
+        .saturating_mul(state)
+        .saturating_add(device.saturating_mul(values));
+    let host_need = host.saturating_mul(values);
+    if let Some(b) = batch {
+        if gpu_need > m.gpu || host_need > m.host {
+            bail!(
+                "a ShadowKV batch of {b} at context {ctx} ({host} with their values in host memory, {device} in GPU \
+                 value slots) does not fit: {:.2} GiB of GPU state each and {:.2} GiB of values each need {:.1} GiB \
+                 of GPU memory ({:.1} free → {gpu_fit} without GPU value slots) and {:.1} GiB of host memory ({:.1} \
+                 available → {host_fit})",
+                gib(state),
+                gib(values),
+                gib(gpu_need),
+                gib(m.gpu),
+                gib(host_need),
+                gib(m.host)
+            );
+        }
+    }
+    ensure!(
+        fit.batch() > 0,
+        "not one ShadowKV sequence of {ctx} tokens fits the GPU and host memory"
+    );
+    Ok(fit)
 }
 
 /// Decode steps traced at the end of each run (`bench --trace`).
@@ -515,5 +649,86 @@ impl BenchTrace {
     /// Closes the file.
     pub fn finish(self) -> Result<()> {
         self.writer.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: usize = 1 << 30;
+
+    /// The H200 at 124928 tokens, roughly: 2.5 GiB of state and 7.6 GiB of values a
+    /// sequence, 120 GiB of GPU memory and 125 GiB of host memory free.
+    fn h200() -> FitMemory {
+        FitMemory {
+            gpu: 120 * GIB,
+            host: 112 * GIB,
+            state: 5 * GIB / 2,
+            values: 76 * GIB / 10,
+        }
+    }
+
+    #[test]
+    fn auto_adds_what_the_gpu_memory_left_holds() {
+        let m = h200();
+        let off = fit_batch(&m, None, ValueSlots::Off, 1).unwrap();
+        // The host holds 14 sequences' values; the GPU 48 sequences' state.
+        assert_eq!((off.host, off.device, off.gpu_fit, off.host_fit), (14, 0, 48, 14));
+        let auto = fit_batch(&m, None, ValueSlots::Auto, 1).unwrap();
+        // 120 - 14 · 2.5 = 85 GiB left, 10.1 GiB a device-held sequence: 8 more.
+        assert_eq!((auto.host, auto.device), (14, 8));
+        assert!(14 * m.state + 8 * (m.state + m.values) <= m.gpu);
+        assert!(14 * m.state + 9 * (m.state + m.values) > m.gpu);
+        // N slots take their room first; the host-held batch is what remains.
+        let three = fit_batch(&m, None, ValueSlots::Count(3), 1).unwrap();
+        assert_eq!((three.host, three.device), (14, 3));
+        let eleven = fit_batch(&m, None, ValueSlots::Count(11), 1).unwrap();
+        // 120 - 11 · 10.1 = 8.9 GiB: the state of 3 host-held sequences.
+        assert_eq!((eleven.host, eleven.device), (3, 11));
+        let e = fit_batch(&m, None, ValueSlots::Count(12), 124928)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("12 GPU value slots at context 124928 do not fit"), "{e}");
+    }
+
+    #[test]
+    fn a_given_batch_is_split_or_refused_naming_both_memories() {
+        let m = h200();
+        assert_eq!(
+            fit_batch(&m, Some(10), ValueSlots::Off, 1).unwrap(),
+            BatchFit {
+                host: 10,
+                device: 0,
+                gpu_fit: 48,
+                host_fit: 14
+            }
+        );
+        // auto: as many of the batch as the GPU memory left by their state holds.
+        let f = fit_batch(&m, Some(20), ValueSlots::Auto, 1).unwrap();
+        // 120 - 20 · 2.5 = 70 GiB: 9 sequences' values.
+        assert_eq!((f.host, f.device), (11, 9));
+        let f = fit_batch(&m, Some(4), ValueSlots::Auto, 1).unwrap();
+        assert_eq!((f.host, f.device), (0, 4));
+        let f = fit_batch(&m, Some(20), ValueSlots::Count(8), 1).unwrap();
+        assert_eq!((f.host, f.device), (12, 8));
+        for (b, slots) in [
+            (15, ValueSlots::Off),
+            (30, ValueSlots::Auto),
+            (20, ValueSlots::Count(2)),
+        ] {
+            let e = fit_batch(&m, Some(b), slots, 61440).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("batch of {b} at context 61440"))
+                    && e.contains("GiB of GPU memory")
+                    && e.contains("GiB of host memory"),
+                "{e}"
+            );
+        }
+        let e = fit_batch(&m, Some(2), ValueSlots::Count(3), 1).unwrap_err().to_string();
+        assert!(e.contains("--gpu-value-slots 3 exceeds the batch of 2"), "{e}");
+        let none = FitMemory { gpu: GIB, ..m };
+        let e = fit_batch(&none, None, ValueSlots::Auto, 8).unwrap_err().to_string();
+        assert!(e.contains("not one ShadowKV sequence of 8 tokens"), "{e}");
     }
 }

@@ -161,7 +161,8 @@ fn shadow_params(topo: &Topology, cfg: &ModelConfig) -> Result<Option<ShadowPara
 
 /// The value pool of ShadowKV `p` for a model shaped `cfg` (the whole model, or
 /// device `rank`'s share of a tensor-parallel group, whose pool file gets the rank in
-/// its name), as `pools` says.
+/// its name), as `pools` says: for the `limits.max_batch` sequences less the
+/// `pipeline.gpu_value_slots` that keep their values in GPU memory.
 fn value_pool(
     topo: &Topology,
     p: &ShadowParams,
@@ -175,7 +176,9 @@ fn value_pool(
     } else {
         ValueType::F32
     };
-    let shape = p.pool_shape(cfg, topo.limits.max_batch, max_context);
+    // Validated: at most max_batch, and 0 but on the GPU.
+    let seqs = topo.limits.max_batch - topo.pipeline.gpu_value_slots;
+    let shape = p.pool_shape(cfg, seqs, max_context);
     let pool = match (topo.pools.backing, &topo.pools.path) {
         (PoolBacking::File, Some(path)) => {
             let file = match (path.is_dir(), rank) {
@@ -199,10 +202,19 @@ fn value_pool(
             topo.error_at(
                 "limits.max_batch",
                 format!(
-                    "the anonymous value pool (pools.backing) for {} sequences (limits.max_batch) of {max_context} \
-                     tokens (limits.max_context): {e:#}; lower either limit, or set pools.backing = \"file\" \
-                     with pools.path on a disk with room",
-                    topo.limits.max_batch
+                    "the anonymous value pool (pools.backing) for {seqs} sequences (limits.max_batch{}) of \
+                     {max_context} tokens (limits.max_context): {e:#}; lower either limit, {}or set \
+                     pools.backing = \"file\" with pools.path on a disk with room",
+                    if topo.pipeline.gpu_value_slots > 0 {
+                        " less pipeline.gpu_value_slots"
+                    } else {
+                        ""
+                    },
+                    if topo.backend.kind == BackendKind::Cuda {
+                        "keep more sequences' values in GPU memory (pipeline.gpu_value_slots, with zero-copy), "
+                    } else {
+                        ""
+                    }
                 ),
             )
         })?,
@@ -425,6 +437,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
                         AutoOr::Value(0) => TierSize::Off,
                         AutoOr::Value(n) => TierSize::Chunks(n),
                     },
+                    // Full attention has no values to place: the key is ignored then.
+                    value_slots: if params.is_some() {
+                        topo.pipeline.gpu_value_slots
+                    } else {
+                        0
+                    },
                     gatherers: gathers.then_some(&gatherer as GatherMaker),
                     prefill_half_sm: topo.limits.prefill_sm_share == PrefillShare::Half,
                 },
@@ -445,7 +463,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
             PrefillLane::Auto | PrefillLane::Separate => 2,
         };
         let shadowkv = shadow.is_some();
-        let mut backend = CudaBackend::new(model, max_context, topo.limits.max_batch, lanes, true, shadow.take())
+        // Of max_batch sequences, these keep their values in GPU memory (full attention
+        // has none: the key is ignored then); the host pool holds the others'.
+        let value_slots = if shadowkv { topo.pipeline.gpu_value_slots } else { 0 };
+        let host_held = topo.limits.max_batch - value_slots;
+        let mut backend = CudaBackend::new(model, max_context, host_held, lanes, true, shadow.take())
             .map_err(|e| topo.error_at("limits", format!("{e:#}")))?
             .with_fetch(match topo.pipeline.value_fetch {
                 TopoFetch::ZeroCopy => FetchPath::ZeroCopy,
@@ -453,12 +475,20 @@ pub fn run(a: ServeArgs) -> Result<()> {
             })
             .with_micro_batches(topo.pipeline.micro_batches)
             .with_prefill_half_sm(topo.limits.prefill_sm_share == PrefillShare::Half)
+            .with_value_slots(value_slots)
+            .map_err(|e| topo.error_at("pipeline.gpu_value_slots", format!("{e:#}")))?
             .with_tier(match topo.pipeline.gpu_tier {
                 AutoOr::Auto => TierSize::Auto,
                 AutoOr::Value(0) => TierSize::Off,
                 AutoOr::Value(n) => TierSize::Chunks(n),
             })
             .map_err(|e| topo.error_at("pipeline.gpu_tier", format!("{e:#}")))?;
+        if value_slots > 0 {
+            info!(
+                "ShadowKV: {value_slots} of {} sequences keep their values in GPU memory (pipeline.gpu_value_slots)",
+                topo.limits.max_batch
+            );
+        }
         if shadowkv && topo.pipeline.value_fetch == TopoFetch::CpuGather {
             let pool = Arc::new(gather_pool(&placement)?);
             gatherers = Some(pool.clone());

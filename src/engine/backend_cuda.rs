@@ -8,15 +8,15 @@
 //! step for its prompt and completion) or ShadowKV: a sequence is prefilled densely
 //! into a cache that also keeps its keys before RoPE, compressed on the GPU when the
 //! prompt is in (low-rank keys, landmarks, outliers and the recent window on the GPU,
-//! its values in the registered host pool), and decodes through its ShadowKV state;
-//! its dense cache is freed once the compression that read it has run.
+//! its values in the registered host pool or a GPU value slot), and decodes through its
+//! ShadowKV state; its dense cache is freed once the compression that read it has run.
 
 use super::backend::{BackendStats, LaneSerials, LastSample, SeqSpec, StepBackend, StepInput, StepOutput, StepSeq};
 use crate::cpu::LogitsWanted;
 use crate::cuda::device::StreamPriority;
 use crate::cuda::graph::ShadowSeqInput;
 use crate::cuda::shadow::decode::{FetchPath, Stage};
-use crate::cuda::shadow::seq::layer_bytes;
+use crate::cuda::shadow::seq::{layer_bytes, sequence_bytes};
 use crate::cuda::shadow::tier::tier_chunks_for;
 use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout, TierSize};
 use crate::cuda::{CudaModel, GpuCache, GpuSeq, Lane, ShadowCounters, StepTicket};
@@ -47,11 +47,11 @@ pub struct CudaSeq {
     last: Option<LastSample>,
 }
 
-/// ShadowKV on the GPU: the layout of every sequence, the host value pool and the
-/// compression's scratch.
+/// ShadowKV on the GPU: the layout of every sequence, the value pools (host, and GPU
+/// value slots) and the compression's scratch.
 struct ShadowGpu {
     layout: ShadowLayout,
-    /// Sequences the backend serves at most.
+    /// Sequences the backend serves at most (host slots and GPU value slots).
     max_batch: usize,
     pool: GpuValuePool,
     ws: CompressWorkspace,
@@ -151,6 +151,48 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
     /// The model.
     pub fn model(&self) -> &CudaModel {
         self.model.borrow()
+    }
+
+    /// ShadowKV serves `n` more sequences (none unless set; the backend then serves its
+    /// `max_batch + n`), their values in GPU value slots: device memory the fetch copies
+    /// from without crossing PCIe, so that host memory no longer caps the batch (the host
+    /// pool keeps its `max_batch` slots; a sequence takes a GPU value slot while one is
+    /// free). Refuses slots whose values do not fit the free GPU memory beside every
+    /// sequence's ShadowKV state and a prefill, saying how much they need and how much
+    /// is free; refuses them with full attention (no values to place) and with
+    /// cpu-gather (whose actor reads host memory only). Before
+    /// [`CudaBackend::with_tier`], which takes what they leave.
+    pub fn with_value_slots(mut self, n: usize) -> Result<Self> {
+        if n == 0 {
+            return Ok(self);
+        }
+        let Some(mut sh) = self.shadow.take() else {
+            bail!("GPU value slots hold ShadowKV's values: full attention has none to place");
+        };
+        ensure!(
+            sh.fetch != FetchPath::CpuGather,
+            "GPU value slots are read by the zero-copy fetch: cpu-gather's actor reads host memory only"
+        );
+        let m: &CudaModel = self.model.borrow();
+        let layers = m.config().num_layers;
+        let (free, _) = m.ops().device().mem_info()?;
+        let total = sh.max_batch + n;
+        let state = shadow_need(m, &sh.layout, self.cache_tokens, total) + memory_margin(self.lanes.len());
+        let (_, slot) = sequence_bytes(&sh.layout, layers)?;
+        let need = slot * n;
+        if state + need > free {
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            bail!(
+                "{n} GPU value slots need {:.1} GiB of GPU memory for their values ({:.2} GiB each); {:.1} GiB are                  free besides the ShadowKV state of all {total} sequences and a prefill",
+                gib(need),
+                gib(slot),
+                gib(free.saturating_sub(state))
+            );
+        }
+        sh.pool = sh.pool.with_device_slots(m.ops(), n)?;
+        sh.max_batch = total;
+        self.shadow = Some(sh);
+        Ok(self)
     }
 
     /// ShadowKV keeps a GPU value tier of `tier` (none unless set; at `auto`, what the

@@ -77,6 +77,9 @@ pub struct TpServing<'a> {
     pub micro_batches: usize,
     /// ShadowKV's GPU value tier.
     pub tier: TierSize,
+    /// Of `max_batch`, the sequences whose values live in GPU value slots, on every
+    /// rank ([`CudaBackend::with_value_slots`]); each rank's pool holds the others'.
+    pub value_slots: usize,
     /// Each rank's cpu-gather actors (none: rayon's threads).
     pub gatherers: Option<GatherMaker<'a>>,
     /// The prefill lane's attention at one block a multiprocessor
@@ -104,6 +107,7 @@ struct RankServing {
     fetch: FetchPath,
     micro_batches: usize,
     tier: TierSize,
+    value_slots: usize,
     gatherer: Option<Arc<dyn ChunkGather + Send>>,
     prefill_half_sm: bool,
 }
@@ -235,10 +239,11 @@ impl Worker {
             drop(old);
             self.model.ops().device().release_memory()?;
         }
+        // The host pool serves the sequences outside the GPU value slots.
         let backend = CudaBackend::new(
             self.model.clone(),
             s.cache_tokens,
-            s.max_batch,
+            s.max_batch - s.value_slots,
             s.lanes,
             s.graphs,
             s.shadow,
@@ -246,6 +251,7 @@ impl Worker {
         .with_fetch(s.fetch)
         .with_micro_batches(s.micro_batches)
         .with_prefill_half_sm(s.prefill_half_sm)
+        .with_value_slots(s.value_slots)?
         .with_tier(s.tier)?;
         self.backend = Some(match s.gatherer {
             Some(g) => backend.with_gatherer(g),
@@ -444,6 +450,12 @@ impl TpBackend {
     /// group serves nothing until configured again.
     pub fn configure(&mut self, s: TpServing) -> Result<()> {
         self.check_serving()?;
+        ensure!(
+            s.value_slots <= s.max_batch,
+            "{} GPU value slots for a batch of {}",
+            s.value_slots,
+            s.max_batch
+        );
         let mut settings = Vec::with_capacity(self.ranks.len());
         for (rank, cfg) in self.rank_configs.iter().enumerate() {
             settings.push(Box::new(RankServing {
@@ -460,6 +472,7 @@ impl TpBackend {
                 gatherer: s.gatherers.map(|g| g(rank)).transpose()?,
                 prefill_half_sm: s.prefill_half_sm,
                 tier: s.tier,
+                value_slots: s.value_slots,
             }));
         }
         self.lanes = 0;

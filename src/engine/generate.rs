@@ -19,7 +19,7 @@ use crate::model::config::ModelConfig;
 use crate::model::tokenizer::TextTokenizer;
 use crate::pool::{ValuePool, ValueType};
 use crate::shadow::{Attention, ShadowParams, ShadowStats};
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::time::Instant;
 
@@ -78,6 +78,9 @@ pub struct GenerateOptions {
     pub gpu_tier: TierSize,
     /// ShadowKV on the GPU: micro-batches each step's attention is split into.
     pub micro_batches: usize,
+    /// ShadowKV on the GPU: of the requests, how many keep their values in GPU value
+    /// slots instead of the host pool ([`CudaBackend::with_value_slots`]).
+    pub gpu_value_slots: usize,
 }
 
 impl Default for GenerateOptions {
@@ -89,6 +92,7 @@ impl Default for GenerateOptions {
             value_fetch: FetchPath::ZeroCopy,
             gpu_tier: TierSize::Off,
             micro_batches: 1,
+            gpu_value_slots: 0,
         }
     }
 }
@@ -102,6 +106,10 @@ pub fn generate(
     opts: GenerateOptions,
 ) -> Result<(Vec<Generation>, GenerateStats)> {
     let cfg = model.config();
+    ensure!(
+        opts.gpu_value_slots == 0,
+        "GPU value slots need the CUDA backend (the CPU backend keeps every value in host memory)"
+    );
     let shadow = match opts.attention {
         Attention::Full => None,
         Attention::ShadowKv(p) => Some((
@@ -124,14 +132,16 @@ pub fn generate_cuda(
 ) -> Result<(Vec<Generation>, GenerateStats)> {
     let cfg = model.config();
     let cap = gpu_cache_tokens(reqs, cfg.max_position_embeddings)?;
+    let host_seqs = host_held(reqs.len(), opts.gpu_value_slots)?;
     let shadow = match opts.attention {
         Attention::Full => None,
-        Attention::ShadowKv(p) => Some((p, gpu_value_pool(cfg, &p, cap, reqs.len())?)),
+        Attention::ShadowKv(p) => Some((p, gpu_value_pool(cfg, &p, cap, host_seqs)?)),
     };
     run(
-        &mut CudaBackend::new(model, cap, reqs.len(), 1, graphs, shadow)?
+        &mut CudaBackend::new(model, cap, host_seqs, 1, graphs, shadow)?
             .with_fetch(opts.value_fetch)
             .with_micro_batches(opts.micro_batches)
+            .with_value_slots(opts.gpu_value_slots)?
             .with_tier(opts.gpu_tier)?,
         tok,
         reqs,
@@ -168,8 +178,9 @@ pub fn generate_group(
     graphs: bool,
 ) -> Result<(Vec<Generation>, GenerateStats)> {
     let cap = gpu_cache_tokens(reqs, group.config().max_position_embeddings)?;
+    let host_seqs = host_held(reqs.len(), opts.gpu_value_slots)?;
     let pool = |_rank: usize, cfg: &ModelConfig| match opts.attention {
-        Attention::ShadowKv(p) => gpu_value_pool(cfg, &p, cap, reqs.len()),
+        Attention::ShadowKv(p) => gpu_value_pool(cfg, &p, cap, host_seqs),
         Attention::Full => bail!("full attention has no value pool"),
     };
     group.configure(TpServing {
@@ -184,6 +195,7 @@ pub fn generate_group(
         fetch: opts.value_fetch,
         micro_batches: opts.micro_batches,
         tier: opts.gpu_tier,
+        value_slots: opts.gpu_value_slots,
         gatherers: None,
         prefill_half_sm: false,
     })?;
@@ -199,6 +211,14 @@ fn gpu_cache_tokens(reqs: &[GenerateRequest], ctx: usize) -> Result<usize> {
         .map(|r| (r.prompt.len() + r.max_tokens).min(ctx))
         .max()
         .unwrap_or(1))
+}
+
+/// The requests of a batch of `batch` whose values stay in the host pool, `slots` of
+/// them keeping theirs in GPU value slots.
+fn host_held(batch: usize, slots: usize) -> Result<usize> {
+    batch
+        .checked_sub(slots)
+        .with_context(|| format!("{slots} GPU value slots for a batch of {batch} requests"))
 }
 
 /// A bf16 value pool for `seqs` ShadowKV sequences of `cap` tokens of a model shaped

@@ -284,6 +284,11 @@ pub struct PipelineSection {
     /// after `limits` holds).
     #[serde(default = "d_gpu_tier")]
     pub gpu_tier: AutoOr<usize>,
+    /// ShadowKV on the GPU: of `limits.max_batch` sequences, how many keep their values
+    /// in GPU memory (GPU value slots) rather than the host pool, which is sized for the
+    /// others; read by the zero-copy fetch.
+    #[serde(default)]
+    pub gpu_value_slots: usize,
 }
 
 fn d_gpu_tier() -> AutoOr<usize> {
@@ -300,6 +305,7 @@ impl Default for PipelineSection {
             micro_batches: 1,
             value_fetch: ValueFetch::CpuGather,
             gpu_tier: d_gpu_tier(),
+            gpu_value_slots: 0,
         }
     }
 }
@@ -680,6 +686,27 @@ impl Topology {
                 "pipeline.gpu_tier",
                 "a GPU value tier needs a GPU: set backend.kind = \"cuda\" or gpu_tier = 0".into(),
             );
+        }
+        if p.gpu_value_slots > 0 {
+            let why = if p.gpu_value_slots > l.max_batch {
+                Some(format!(
+                    "{} sequences' values in GPU memory of at most limits.max_batch ({}) sequences",
+                    p.gpu_value_slots, l.max_batch
+                ))
+            } else if self.backend.kind != BackendKind::Cuda {
+                Some("GPU value slots need a GPU: set backend.kind = \"cuda\" or gpu_value_slots = 0".into())
+            } else if p.value_fetch == ValueFetch::CpuGather {
+                Some(
+                    "GPU value slots are read by the zero-copy fetch: set pipeline.value_fetch = \"zero-copy\" \
+                     (cpu-gather's threads read host memory only) or gpu_value_slots = 0"
+                        .into(),
+                )
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return e("pipeline.gpu_value_slots", why);
+            }
         }
         for (name, actor) in [
             ("compute", &self.actors.compute),

@@ -102,6 +102,17 @@ fn impossible_values_name_key_and_line() {
         ),
         ("[pipeline]\nvalue_fetch = \"zero-copy\"\n", "pipeline.value_fetch", 2),
         ("[pipeline]\ngpu_tier = \"auto\"\n", "pipeline.gpu_tier", 2),
+        ("[pipeline]\ngpu_value_slots = 2\n", "pipeline.gpu_value_slots", 2),
+        (
+            "[backend]\nkind = \"cuda\"\n[pipeline]\ngpu_value_slots = 2\n",
+            "pipeline.gpu_value_slots",
+            4,
+        ),
+        (
+            "[backend]\nkind = \"cuda\"\n[limits]\nmax_batch = 2\n[pipeline]\nvalue_fetch = \"zero-copy\"\ngpu_value_slots = 3\n",
+            "pipeline.gpu_value_slots",
+            7,
+        ),
         (
             "[actors.gather]\nthreads = 4\ncores = [0, 1]\n",
             "actors.gather.threads",
@@ -133,6 +144,27 @@ fn impossible_values_name_key_and_line() {
             "{shown}"
         );
     }
+}
+
+#[test]
+fn gpu_value_slots_need_cuda_zero_copy_and_room_in_the_batch() {
+    let ok = "[backend]\nkind = \"cuda\"\n[limits]\nmax_batch = 4\n[pipeline]\nvalue_fetch = \"zero-copy\"\n";
+    let t = Topology::parse(ok, "t.toml").unwrap();
+    assert_eq!(t.pipeline.gpu_value_slots, 0);
+    for n in [1, 4] {
+        let t = Topology::parse(&format!("{ok}gpu_value_slots = {n}\n"), "t.toml").unwrap();
+        assert_eq!(t.pipeline.gpu_value_slots, n);
+    }
+    let e = err(&format!("{ok}gpu_value_slots = 5\n"));
+    assert!(e.message.contains("at most limits.max_batch (4)"), "{e}");
+    // cpu-gather (the default fetch) is refused, naming both keys.
+    let e = err("[backend]\nkind = \"cuda\"\n[pipeline]\ngpu_value_slots = 1\n");
+    assert_eq!(e.key.as_deref(), Some("pipeline.gpu_value_slots"), "{e}");
+    assert!(e.message.contains("pipeline.value_fetch = \"zero-copy\""), "{e}");
+    let e = err("[pipeline]\ngpu_value_slots = 1\n");
+    assert!(e.message.contains("backend.kind = \"cuda\""), "{e}");
+    let e = err("[pipeline]\ngpu_value_slots = -1\n");
+    assert_eq!(e.key.as_deref(), Some("pipeline.gpu_value_slots"), "{e}");
 }
 
 #[test]

@@ -260,8 +260,9 @@ impl CudaModel {
     /// RoPE) into ShadowKV state, ordered after the work queued on `ops`'s stream: per
     /// layer the rank-r factorisation of the pre-RoPE keys, the landmarks and outlier
     /// chunks, the exact rows of the outliers and the recent window, and the values of
-    /// the sparse chunks to a newly leased slot of `pool` (and, with a GPU value tier,
-    /// the newest of them to the tier).
+    /// the sparse chunks to a newly leased slot of `pool` (a GPU value slot while one is
+    /// free, else a host slot; and, with a GPU value tier, the newest of them to the
+    /// tier).
     ///
     /// Each layer's buffers are allocated and cleared on `ops`'s stream; the landmarks,
     /// outliers, exact rows and pool write of each layer then run on the workspace's
@@ -334,8 +335,9 @@ impl CudaModel {
                 mark(&mut side_marks, side, CompressStage::Outliers)?;
                 side.shadow_place_prefill(bufs, (&k, &v, &pre), tokens, ids)?;
                 mark(&mut side_marks, side, CompressStage::Place)?;
-                // SAFETY: the pool is registered for the device (GpuValuePool) and slot
-                // `lease.seq()` is this sequence's alone; the host does not touch it.
+                // SAFETY: the pools are registered with or allocated on the device
+                // (GpuValuePool) and slot `lease.seq()` is this sequence's alone; the host
+                // does not touch it.
                 unsafe { side.shadow_pool_write(layout, &dev_pool, (l, lease.seq()), &v, tokens)? };
                 side.shadow_tier_fill(bufs, &v, tokens, counts.chunks as usize)?;
                 mark(&mut side_marks, side, CompressStage::PoolWrite)?;

@@ -5,7 +5,8 @@
 //! → fold a full window's oldest chunk.
 //!
 //! The values of the misses come one of two ways ([`FetchPath`]): `zero-copy`, a
-//! kernel on a few blocks reads them from the registered host pool over PCIe, on a
+//! kernel on a few blocks reads them from the registered host pool over PCIe (or, for a
+//! sequence in a GPU value slot, from device memory), on a
 //! stream of its own beside the key rebuild where the step has one
 //! ([`ShadowStep::with_fetch_stream`]; a lane gives its steps one); or
 //! `cpu-gather`, the miss lists go back to the host, where an actor
@@ -263,7 +264,8 @@ impl<'a> ShadowStep<'a> {
             self.attend(ops, l, range.clone(), (&*q, &mut *out), ws)?;
             self.mark(ops, Stage::Attend)?;
         }
-        // SAFETY: as the fetch: the registered pool, each sequence its own slot.
+        // SAFETY: as the fetch: the registered pool and the device slots (GpuValuePool),
+        // each sequence its own slot.
         unsafe { ops.shadow_fold(self.whole(l), &self.dev_pool, l)? };
         self.mark(ops, Stage::Fold)
     }
@@ -319,8 +321,8 @@ impl<'a> ShadowStep<'a> {
     /// The zero-copy fetch of table `t`'s misses of layer `l` on `on`'s stream.
     fn zero_copy(&self, on: &CudaOps, t: &ShadowTable, l: usize, sc: &StepScratch) -> Result<()> {
         let tier_base = (self.layout.tier > 0).then_some(&sc.tier_base);
-        // SAFETY: the pool is registered with the device (GpuValuePool) and each
-        // sequence reads only its own leased slot.
+        // SAFETY: the host pool is registered with the device and the device slots
+        // allocated on it (GpuValuePool); each sequence reads only its own leased slot.
         unsafe {
             on.shadow_fetch_values(
                 t,

@@ -22,14 +22,16 @@ pub const FETCH_BLOCKS: usize = 16;
 impl CudaOps {
     /// Zero-copy fetch: copies the `c·d` values of every miss to fetch (the first
     /// `fetch_count` of each head's list, as [`CudaOps::shadow_reuse`] writes them) from
-    /// layer `layer` of the host value `pool` into its slot of `av`, on `blocks` blocks of
-    /// 256 threads striding over all misses of the batch. With a GPU value tier,
-    /// `tier_base` (the reuse diff's) places each in its tier entry too.
+    /// layer `layer` of the value pool holding its sequence's slot (the host pool over
+    /// PCIe, or the GPU value slots' pool in device memory) into its slot of `av`, on
+    /// `blocks` blocks of 256 threads striding over all misses of the batch. With a GPU
+    /// value tier, `tier_base` (the reuse diff's) places each in its tier entry too.
     ///
     /// # Safety
-    /// `pool.addr` must be the device-mapped address of a live bf16 allocation of
+    /// `pool.host` must be the device-mapped address of a live bf16 allocation of
     /// `pool.shape` (host memory registered with the driver, e.g. [`HostMapping`]),
-    /// not written by the host while the copy runs.
+    /// not written by the host while the copy runs, and `pool.dev` the address of a live
+    /// device allocation of `pool.dev_shape()` bf16 values.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn shadow_fetch_values(
         &self,
@@ -48,20 +50,16 @@ impl CudaOps {
         let (addrs, counts) = t.device_arrays();
         let dims = l.dims();
         let batch = t.batch() as i32;
-        let (li, seqs, chunks) = (
-            i32_of("layer", layer)?,
-            i32_of("pool sequences", pool.shape.seqs)?,
-            i32_of("pool chunks", pool.shape.chunks)?,
-        );
+        let (kp, li) = (pool.kernel(), i32_of("layer", layer)?);
         // SAFETY: the miss lists hold what the batch needs (checked; the kernel skips
-        // entries naming a slot or chunk out of range); the pool's shape serves the
-        // layout and every sequence's pool slot (checked), its address the caller's
+        // entries naming a slot or chunk out of range); the pools' shape serves the
+        // layout and every sequence's pool slot (checked), their addresses the caller's
         // contract.
         unsafe {
             self.launch_pdl(
                 &self.k.shadow_fetch,
                 cfg,
-                &mut kernel_params![&mp, &cp, &tb, &addrs, &counts, &dims, &batch, &pool.addr, &li, &seqs, &chunks],
+                &mut kernel_params![&mp, &cp, &tb, &addrs, &counts, &dims, &batch, &kp, &li],
             )
         }
     }

@@ -13,14 +13,16 @@ impl CudaOps {
     /// Folds every sequence of `t` whose recent window is full (`n = R` tokens; the
     /// others are left alone): its oldest chunk becomes sparse chunk `chunks` — the
     /// landmark of its post-RoPE keys joins `marks`, its values go to layer `layer` of
-    /// the host value `pool` (written by the device through the pool's mapped address),
+    /// the value pool holding its slot (the host pool, written by the device through its
+    /// mapped address, or the GPU value slots' pool),
     /// its pre-RoPE keys' coefficients on the basis join `u`, and it is no outlier —
     /// then the other recent rows move down by one chunk. The caller then counts
     /// `n = R - c` and `chunks + 1` for those sequences ([`ShadowTable::set_counts`]).
     ///
     /// # Safety
-    /// `pool.addr` must be the device-mapped address of a live bf16 allocation of
-    /// `pool.shape`, not accessed by the host while the kernels run.
+    /// `pool.host` must be the device-mapped address of a live bf16 allocation of
+    /// `pool.shape`, not accessed by the host while the kernels run, and `pool.dev` the
+    /// address of a live device allocation of `pool.dev_shape()` bf16 values.
     pub unsafe fn shadow_fold(&self, t: &ShadowTable, pool: &DevicePool, layer: usize) -> Result<()> {
         let l = t.layout();
         pool.check(l, layer, t.counts())?;
@@ -34,11 +36,7 @@ impl CudaOps {
         }
         let (addrs, counts) = t.device_arrays();
         let dims = l.dims();
-        let (li, seqs, pc) = (
-            i32_of("layer", layer)?,
-            i32_of("pool sequences", pool.shape.seqs)?,
-            i32_of("pool chunks", pool.shape.chunks)?,
-        );
+        let (kp, li) = (pool.kernel(), i32_of("layer", layer)?);
         let heads = LaunchConfig {
             grid_dim: t.head_grid(),
             block_dim: (FOLD_THREADS, 1, 1),
@@ -51,13 +49,13 @@ impl CudaOps {
         // SAFETY: the folding sequences have room for one more chunk in their buffers
         // (checked here) and in the pool (which serves the layout, layer and their pool
         // slots: checked); the buffers match the layout (checked when the table was
-        // made); the pool's address is the caller's contract. The three kernels run in
+        // made); the pools' addresses are the caller's contract. The three kernels run in
         // stream order, the shift last.
         unsafe {
             self.launch_pdl(
                 &self.k.shadow_fold_chunk,
                 heads,
-                &mut kernel_params![&addrs, &counts, &dims, &pool.addr, &li, &seqs, &pc],
+                &mut kernel_params![&addrs, &counts, &dims, &kp, &li],
             )?;
             self.launch_pdl(
                 &self.k.shadow_fold_project,

@@ -315,6 +315,13 @@ pub(super) unsafe fn gather_job(
         )
     };
     let chunk_elems = dev_pool.shape.chunk_elems;
+    for &s in &job.pool_seqs {
+        ensure!(
+            s < dev_pool.shape.seqs,
+            "cpu-gather: pool slot {s} is not one of the host pool's {}",
+            dev_pool.shape.seqs
+        );
+    }
     let mut sources = Vec::new();
     for (e, &n) in counts.iter().enumerate() {
         let (b, h) = (e / lay.kv_heads, e % lay.kv_heads);
@@ -524,7 +531,12 @@ mod tests {
             chunks: 8,
             chunk_elems: 4,
         };
-        let dev_pool = DevicePool { addr: 0, shape };
+        let dev_pool = DevicePool {
+            host: 0,
+            dev: 0,
+            shape,
+            dev_seqs: 0,
+        };
         // Each value's bits are its index in the pool.
         let pool: Vec<bf16> = (0..shape.elems().unwrap()).map(|i| bf16::from_bits(i as u16)).collect();
         // A slot made for a batch of 3 holding the lists of a micro-batch of 1 (pool
@@ -571,5 +583,18 @@ mod tests {
         };
         // SAFETY: as above.
         assert!(unsafe { gather_job(&mem, &lay, (&dev_pool, &pool), &RayonGather, &big) }.is_err());
+        // A sequence in a GPU value slot (global slot 3, after the host's 3) is not the
+        // actor's to read.
+        let on_gpu = Job {
+            pool_seqs: vec![3],
+            ..big
+        };
+        let with_slots = DevicePool {
+            dev_seqs: 1,
+            ..dev_pool
+        };
+        // SAFETY: as above.
+        let e = unsafe { gather_job(&mem, &lay, (&with_slots, &pool), &RayonGather, &on_gpu) }.unwrap_err();
+        assert!(e.to_string().contains("pool slot 3"), "{e}");
     }
 }

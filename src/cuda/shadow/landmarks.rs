@@ -1,7 +1,7 @@
 //! The ShadowKV compression of a prefill, per layer and sequence, on the layer's dense
 //! keys and values (kernels/landmarks.cu; references [`crate::shadow::landmarks`] and
 //! [`crate::shadow::ShadowSeq::from_prefill`]): landmarks, outlier chunks, the exact
-//! rows of the outliers and the recent window, and the values to the host pool. (The
+//! rows of the outliers and the recent window, and the values to the value pool. (The
 //! factorisation of the pre-RoPE keys, `u` and `sv`, is [`super::factor`].)
 //!
 //! Order: [`CudaOps::shadow_landmarks`] → [`CudaOps::shadow_outliers`] →
@@ -150,12 +150,14 @@ impl CudaOps {
     }
 
     /// Writes the values `v` `[tokens, kv_heads·d]` of the sparse chunks of a prefill to
-    /// layer `layer`, slot `pool_seq` of the host value pool, chunk-major (the device
-    /// writes the pool through its mapped address).
+    /// layer `layer`, global slot `pool_seq` of the value pools, chunk-major (the device
+    /// writes the host pool through its mapped address, a GPU value slot in its own
+    /// memory).
     ///
     /// # Safety
-    /// `pool.addr` must be the device-mapped address of a live bf16 allocation of
-    /// `pool.shape`, not accessed by the host while the copy runs.
+    /// `pool.host` must be the device-mapped address of a live bf16 allocation of
+    /// `pool.shape`, not accessed by the host while the copy runs, and `pool.dev` the
+    /// address of a live device allocation of `pool.dev_shape()` bf16 values.
     pub unsafe fn shadow_pool_write(
         &self,
         layout: &ShadowLayout,
@@ -178,25 +180,20 @@ impl CudaOps {
             vp % 16 == 0,
             "pool write: values address {vp:#x} is not 16-byte aligned"
         );
-        let (li, si, seqs, pc) = (
-            i32_of("layer", layer)?,
-            i32_of("pool slot", pool_seq)?,
-            i32_of("pool sequences", pool.shape.seqs)?,
-            i32_of("pool chunks", pool.shape.chunks)?,
-        );
+        let (kp, li, si) = (pool.kernel(), i32_of("layer", layer)?, i32_of("pool slot", pool_seq)?);
         let dims = layout.dims();
         let cfg = LaunchConfig {
             grid_dim: (chunks as u32, layout.kv_heads as u32, 1),
             block_dim: (POOL_WRITE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: v holds the tokens (checked); the pool serves the layout, layer and slot
-        // (checked), its address is the caller's contract.
+        // SAFETY: v holds the tokens (checked); the pools serve the layout, layer and slot
+        // (checked), their addresses are the caller's contract.
         unsafe {
             self.launch_pdl(
                 &self.k.shadow_pool_write,
                 cfg,
-                &mut kernel_params![&pool.addr, &vp, &li, &si, &seqs, &pc, &dims],
+                &mut kernel_params![&kp, &vp, &li, &si, &dims],
             )
         }
     }

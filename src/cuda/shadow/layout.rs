@@ -27,7 +27,9 @@
 //!
 //! The host value pool is bf16 `[layer][pool_seq][kvh][chunk][c·d]`, the CPU pool's
 //! layout ([`crate::pool::PoolShape`]), read (and written, when a chunk folds) by the
-//! kernels through its device-mapped address.
+//! kernels through its device-mapped address; GPU value slots, where there are any, are a
+//! second pool of the same layout in device memory, their slots numbered after the host
+//! pool's ([`DevicePool`]).
 
 use crate::model::config::ModelConfig;
 use crate::pool::PoolShape;
@@ -408,7 +410,8 @@ pub struct SeqCounts {
     pub recent: i32,
     /// Outlier chunks of each head (`O'`, at most `O`).
     pub outliers: i32,
-    /// The sequence's slot in the host value pool.
+    /// The sequence's slot in the value pools (global: host slots first, then device
+    /// slots; see [`DevicePool`]).
     pub pool_seq: i32,
 }
 
@@ -422,25 +425,59 @@ unsafe impl cudarc::driver::DeviceRepr for SeqAddrs {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for SeqCounts {}
 
-/// A bf16 host value pool seen from the device: its device-mapped address and shape.
+/// The bf16 value pools seen from the device: the host pool (device-mapped) and,
+/// where there are GPU value slots, a pool in device memory of the same layout after
+/// it. Slot indices are global: `0..shape.seqs` are host slots, `shape.seqs..`
+/// `shape.seqs + dev_seqs` device slots (device slot `i` is global `shape.seqs + i`).
 #[derive(Clone, Copy, Debug)]
 pub struct DevicePool {
-    /// Device address of element 0 (host memory registered with the driver).
-    pub addr: u64,
-    /// The pool's shape (`chunk_elems = c · d`).
+    /// Device address of the host pool's element 0 (host memory registered with the
+    /// driver; 0 when the host pool holds no slot).
+    pub host: u64,
+    /// Device address of the device pool's element 0 (0 without device slots).
+    pub dev: u64,
+    /// The host pool's shape (`seqs` = its slots, `chunk_elems = c · d`); the device
+    /// pool has the same but `dev_seqs` slots.
     pub shape: PoolShape,
+    /// Slots in device memory.
+    pub dev_seqs: usize,
 }
 
 impl DevicePool {
-    /// Element offset of a chunk: `(((layer·seqs + seq)·kv_heads + head)·chunks + chunk)·chunk_elems`.
-    pub fn chunk_offset(&self, layer: usize, seq: usize, head: usize, chunk: usize) -> usize {
-        let s = &self.shape;
-        (((layer * s.seqs + seq) * s.kv_heads + head) * s.chunks + chunk) * s.chunk_elems
+    /// Slots of both pools.
+    pub fn slots(&self) -> usize {
+        self.shape.seqs + self.dev_seqs
     }
 
-    /// Checks that the pool serves `layout` at `layer` for sequences with `counts`: the
+    /// Whether global slot `seq` lies in device memory.
+    pub fn on_device(&self, seq: usize) -> bool {
+        seq >= self.shape.seqs
+    }
+
+    /// The device pool's shape.
+    pub fn dev_shape(&self) -> PoolShape {
+        PoolShape {
+            seqs: self.dev_seqs,
+            ..self.shape
+        }
+    }
+
+    /// Element offset of a chunk of global slot `seq` in the pool holding that slot
+    /// ([`DevicePool::on_device`]): `(((layer·seqs + s)·kv_heads + head)·chunks +
+    /// chunk)·chunk_elems`, with `seqs` and `s` that pool's slots and the slot's index in it.
+    pub fn chunk_offset(&self, layer: usize, seq: usize, head: usize, chunk: usize) -> usize {
+        let (seqs, s) = if self.on_device(seq) {
+            (self.dev_seqs, seq - self.shape.seqs)
+        } else {
+            (self.shape.seqs, seq)
+        };
+        let p = &self.shape;
+        (((layer * seqs + s) * p.kv_heads + head) * p.chunks + chunk) * p.chunk_elems
+    }
+
+    /// Checks that the pools serve `layout` at `layer` for sequences with `counts`: the
     /// same heads and chunk size, room for every chunk a sequence can hold, each
-    /// sequence's pool slot inside the pool.
+    /// sequence's pool slot inside one of the pools.
     pub(crate) fn check(&self, layout: &ShadowLayout, layer: usize, counts: &[SeqCounts]) -> Result<()> {
         let s = &self.shape;
         ensure!(
@@ -459,27 +496,64 @@ impl DevicePool {
         );
         ensure!(layer < s.layers, "layer {layer} outside the value pool's {}", s.layers);
         ensure!(
-            s.seqs <= i32::MAX as usize && s.chunks <= i32::MAX as usize,
-            "value pool of {} sequences × {} chunks: too large for the kernels' indices",
+            self.slots() <= i32::MAX as usize && s.chunks <= i32::MAX as usize,
+            "value pools of {} + {} sequences × {} chunks: too large for the kernels' indices",
             s.seqs,
+            self.dev_seqs,
             s.chunks
         );
         ensure!(
-            self.addr % 16 == 0,
-            "value pool address {:#x} is not 16-byte aligned",
-            self.addr
+            self.host % 16 == 0 && self.dev % 16 == 0,
+            "value pool addresses {:#x} (host) and {:#x} (device) are not both 16-byte aligned",
+            self.host,
+            self.dev
+        );
+        ensure!(
+            (s.seqs == 0 || self.host != 0) && (self.dev_seqs == 0 || self.dev != 0),
+            "value pools of {} host and {} device slots without an address for each",
+            s.seqs,
+            self.dev_seqs
         );
         for (i, c) in counts.iter().enumerate() {
             ensure!(
-                (c.pool_seq as usize) < s.seqs,
-                "sequence {i}: pool slot {} outside the pool's {}",
+                (c.pool_seq as usize) < self.slots(),
+                "sequence {i}: pool slot {} outside the pools' {} ({} host, {} device)",
                 c.pool_seq,
-                s.seqs
+                self.slots(),
+                s.seqs,
+                self.dev_seqs
             );
         }
         Ok(())
     }
+
+    /// The pools as the kernels take them, by value (`ShadowPool` in kernels/shadow.cuh).
+    pub(crate) fn kernel(&self) -> ShadowPool {
+        // check() keeps the counts within an i32.
+        ShadowPool {
+            host: self.host,
+            dev: self.dev,
+            host_seqs: self.shape.seqs as i32,
+            dev_seqs: self.dev_seqs as i32,
+            chunks: self.shape.chunks as i32,
+            pad: 0,
+        }
+    }
 }
+
+/// [`DevicePool`] as the kernels take it (`ShadowPool` in kernels/shadow.cuh), by value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ShadowPool {
+    host: u64,
+    dev: u64,
+    host_seqs: i32,
+    dev_seqs: i32,
+    chunks: i32,
+    pad: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<ShadowPool>() == 32);
 
 #[cfg(test)]
 mod tests {
@@ -523,6 +597,67 @@ mod tests {
         assert_eq!(l.slot_row(4, 0), 48 + 32);
         assert_eq!(l.attended_rows(&c).1, 40 + 32 + 48);
         l.check_counts(0, &c).unwrap();
+    }
+
+    #[test]
+    fn device_slots_are_numbered_after_the_host_slots() {
+        let cfg = preset("smollm2-135m").unwrap();
+        let p = ShadowParams::defaults(&cfg, 8192);
+        let l = ShadowLayout::new(&cfg, &p, 8192).unwrap();
+        let (kvh, chunks, ce) = (l.kv_heads, l.chunk_cap, l.chunk * l.head_dim);
+        let shape = PoolShape {
+            layers: 2,
+            seqs: 3,
+            kv_heads: kvh,
+            chunks,
+            chunk_elems: ce,
+        };
+        let pool = DevicePool {
+            host: 4096,
+            dev: 8192,
+            shape,
+            dev_seqs: 2,
+        };
+        assert_eq!(pool.slots(), 5);
+        assert!(!pool.on_device(2) && pool.on_device(3));
+        assert_eq!(pool.dev_shape().seqs, 2);
+        // Layer 1, head 1, chunk 5 of host slot 2, and of device slot 1 (global 4).
+        assert_eq!(pool.chunk_offset(1, 2, 1, 5), (((3 + 2) * kvh + 1) * chunks + 5) * ce);
+        assert_eq!(pool.chunk_offset(1, 4, 1, 5), (((2 + 1) * kvh + 1) * chunks + 5) * ce);
+        // The last chunk of each pool ends at that pool's end.
+        assert_eq!(
+            pool.chunk_offset(1, 2, kvh - 1, chunks - 1) + ce,
+            shape.elems().unwrap()
+        );
+        assert_eq!(
+            pool.chunk_offset(1, 4, kvh - 1, chunks - 1) + ce,
+            pool.dev_shape().elems().unwrap()
+        );
+        let seq = |s: i32| SeqCounts {
+            pool_seq: s,
+            ..Default::default()
+        };
+        pool.check(&l, 1, &[seq(0), seq(4)]).unwrap();
+        let e = pool.check(&l, 1, &[seq(0), seq(5)]).unwrap_err().to_string();
+        assert!(
+            e.contains("sequence 1: pool slot 5 outside the pools' 5 (3 host, 2 device)"),
+            "{e}"
+        );
+        let e = DevicePool { dev: 0, ..pool }.check(&l, 0, &[]).unwrap_err().to_string();
+        assert!(e.contains("without an address"), "{e}");
+        let e = DevicePool { dev: 8200, ..pool }
+            .check(&l, 0, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("16-byte aligned"), "{e}");
+        // Device slots alone: no host address needed.
+        let only = DevicePool {
+            host: 0,
+            shape: PoolShape { seqs: 0, ..shape },
+            ..pool
+        };
+        only.check(&l, 1, &[seq(1)]).unwrap();
+        assert_eq!(only.chunk_offset(0, 1, 0, 0), kvh * chunks * ce);
     }
 
     #[test]

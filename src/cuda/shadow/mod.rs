@@ -7,7 +7,7 @@
 //!   a decode step's scratch ([`StepScratch`]).
 //! - Prefill, per layer and sequence: [`factor`] (the low-rank pre-RoPE keys, `u` and
 //!   `sv`), [`landmarks`] (landmarks, outlier chunks, the exact outlier and recent rows,
-//!   the values to the host pool).
+//!   the values to the value pool).
 //! - Decode, per layer, one launch per stage for the whole batch: [`append`] (the new
 //!   token into the recent window) → [`select`] (scores, top-k) → [`reuse`] (the slot
 //!   diff) → [`fetch`] (values of the misses) | [`rebuild`] (keys of the misses) →
@@ -22,7 +22,7 @@
 //! - A sequence ([`seq`]): its buffers of every layer, made from a dense prefill by
 //!   [`crate::cuda::CudaModel::compress_shadow`] ([`compress`]: the factorisation of
 //!   the layers on worker streams beside the rest); its values in the registered host
-//!   pool ([`pool`]).
+//!   pool or a GPU value slot ([`pool`]).
 //! - [`timeline`]: a step's stage events as spans on its streams (`bench --trace`).
 
 pub mod append;
@@ -50,6 +50,6 @@ pub use decode::ShadowStep;
 pub use factor::{FactorMethod, FactorWorkspace};
 pub use fetch::{HostMapping, FETCH_BLOCKS};
 pub use layout::{DevicePool, SeqAddrs, SeqCounts, ShadowLayout};
-pub use pool::GpuValuePool;
+pub use pool::{GpuValuePool, ValueLease, ValueSlots};
 pub use seq::GpuShadowSeq;
 pub use tier::TierSize;

@@ -1,23 +1,50 @@
-//! The host value pool of GPU ShadowKV: a bf16 [`ValuePool`] registered with the driver
+//! The value pools of GPU ShadowKV: a bf16 host [`ValuePool`] registered with the driver
 //! and mapped into the device's address space, so that the kernels write a prefill's
-//! values and read the missed chunks straight from host memory.
+//! values and read the missed chunks straight from host memory; and, optionally, GPU
+//! value slots ([`GpuValuePool::with_device_slots`]): a second pool of the same layout
+//! in device memory, so that the sequences leasing one keep their values in HBM and
+//! never cross PCIe. Slot indices are global (host slots first, then device slots; see
+//! [`DevicePool`]); a lease ([`ValueLease`]) takes a device slot while one is free, and
+//! returns its slot when dropped.
 
 use super::fetch::HostMapping;
 use super::layout::{DevicePool, ShadowLayout};
 use crate::cuda::CudaOps;
 use crate::pool::{PoolLease, PoolShape, ValuePool, ValueType};
-use anyhow::{ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
+use cudarc::driver::{CudaContext, CudaSlice, DevicePtr};
 use half::bf16;
+use std::sync::{Arc, Mutex};
 
-/// A bf16 value pool the device reads and writes.
+/// A bf16 value pool the device reads and writes, with its GPU value slots.
 pub struct GpuValuePool {
-    // Declared first: unregistered (dropped) before the pool's memory goes.
-    mapping: HostMapping<'static, bf16>,
+    // Declared first: unregistered (dropped) before the pool's memory goes. None when
+    // the host pool holds no slot (every slot is a device slot).
+    mapping: Option<HostMapping<'static, bf16>>,
     pool: ValuePool,
+    dev: Option<DeviceSlots>,
+    slots: SlotList,
+}
+
+/// The GPU value slots' memory: `[layer][dev_seq][kv_head][chunk][c·d]` bf16, freed
+/// once the device is done with it.
+struct DeviceSlots {
+    mem: Option<CudaSlice<bf16>>,
+    addr: u64,
+    ctx: Arc<CudaContext>,
+}
+
+impl Drop for DeviceSlots {
+    fn drop(&mut self) {
+        // Kernels queued on any stream may still read or write the slots (they take the
+        // address, not the buffer): wait for them before the memory goes.
+        let _ = self.ctx.synchronize();
+        drop(self.mem.take());
+    }
 }
 
 impl GpuValuePool {
-    /// Registers `pool` (bf16 values) with the device of `ops`.
+    /// Registers `pool` (bf16 values) with the device of `ops`; no device slots.
     pub fn new(ops: &CudaOps, pool: ValuePool) -> Result<Self> {
         ensure!(
             pool.value_type() == ValueType::Bf16,
@@ -25,34 +52,94 @@ impl GpuValuePool {
             pool.value_type()
         );
         let n = pool.bytes() / 2;
-        // SAFETY: the pool's memory holds n bf16 values (page-aligned) and lives as long
-        // as `pool`, which this struct keeps and drops after the mapping; the host only
-        // touches it through leases, which the device's users coordinate with.
-        let mem: &'static mut [bf16] = unsafe { std::slice::from_raw_parts_mut(pool.base_ptr().cast(), n) };
-        let mapping = HostMapping::new(ops, mem).with_context(|| {
-            format!(
-                "pinning the value pool ({:.1} GiB) for the GPU",
-                pool.bytes() as f64 / (1u64 << 30) as f64
-            )
-        })?;
-        Ok(GpuValuePool { mapping, pool })
+        let mapping = if n == 0 {
+            None
+        } else {
+            // SAFETY: the pool's memory holds n bf16 values (page-aligned) and lives as
+            // long as `pool`, which this struct keeps and drops after the mapping; the
+            // host only touches it through leases, which the device's users coordinate
+            // with.
+            let mem: &'static mut [bf16] = unsafe { std::slice::from_raw_parts_mut(pool.base_ptr().cast(), n) };
+            Some(HostMapping::new(ops, mem).with_context(|| {
+                format!(
+                    "pinning the value pool ({:.1} GiB) for the GPU",
+                    pool.bytes() as f64 / (1u64 << 30) as f64
+                )
+            })?)
+        };
+        let slots = SlotList::new(pool.shape().seqs, 0);
+        Ok(GpuValuePool {
+            mapping,
+            pool,
+            dev: None,
+            slots,
+        })
     }
 
-    /// The pool.
+    /// Adds `n` GPU value slots (none when 0): one zeroed device allocation of the host
+    /// pool's layout for `n` sequences, numbered after the host slots. Refused once a
+    /// slot is leased, or when it already has device slots.
+    pub fn with_device_slots(mut self, ops: &CudaOps, n: usize) -> Result<Self> {
+        ensure!(self.dev.is_none(), "the value pool already has GPU value slots");
+        ensure!(
+            self.pool.leased() == 0,
+            "GPU value slots are added before any slot is leased"
+        );
+        if n == 0 {
+            return Ok(self);
+        }
+        let shape = PoolShape {
+            seqs: n,
+            ..self.pool.shape()
+        };
+        let bytes = shape.bytes(2)?;
+        let dev = ops.device();
+        let mem = dev.zeros::<bf16>(shape.elems()?).with_context(|| {
+            format!(
+                "allocating {n} GPU value slots ({:.1} GiB)",
+                bytes as f64 / (1u64 << 30) as f64
+            )
+        })?;
+        let addr = mem.device_ptr(dev.stream()).0;
+        // The zeroing is queued on the device's stream: done before another stream's
+        // kernel writes the slots.
+        dev.synchronize()?;
+        self.dev = Some(DeviceSlots {
+            mem: Some(mem),
+            addr,
+            ctx: dev.context().clone(),
+        });
+        self.slots = SlotList::new(self.pool.shape().seqs, n);
+        Ok(self)
+    }
+
+    /// The host pool.
     pub fn pool(&self) -> &ValuePool {
         &self.pool
     }
 
-    /// Takes a free sequence slot.
-    pub fn lease(&self) -> Result<PoolLease> {
-        self.pool.lease()
+    /// GPU value slots.
+    pub fn device_slots(&self) -> usize {
+        self.slots.dev_seqs
     }
 
-    /// The pool as the kernels see it.
+    /// Bytes of the GPU value slots' allocation.
+    pub fn device_bytes(&self) -> usize {
+        self.device().dev_shape().bytes(2).unwrap_or(0)
+    }
+
+    /// Takes a free sequence slot: a GPU value slot while one is free, else a host slot.
+    pub fn lease(&self) -> Result<ValueLease> {
+        self.slots.lease(&self.pool)
+    }
+
+    /// The pools as the kernels see them.
     pub fn device(&self) -> DevicePool {
         DevicePool {
-            addr: self.mapping.device_addr(),
+            host: self.mapping.as_ref().map_or(0, |m| m.device_addr()),
+            dev: self.dev.as_ref().map_or(0, |d| d.addr),
             shape: self.pool.shape(),
+            dev_seqs: self.slots.dev_seqs,
         }
     }
 
@@ -65,5 +152,177 @@ impl GpuValuePool {
             chunks: layout.chunk_cap,
             chunk_elems: layout.chunk * layout.head_dim,
         }
+    }
+}
+
+/// How many GPU value slots (`bench --gpu-value-slots`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValueSlots {
+    /// None: every sequence's values in the host pool.
+    Off,
+    /// As many as the free GPU memory holds.
+    Auto,
+    /// This many.
+    Count(usize),
+}
+
+impl std::fmt::Display for ValueSlots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ValueSlots::Off => f.write_str("off"),
+            ValueSlots::Auto => f.write_str("auto"),
+            ValueSlots::Count(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for ValueSlots {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "off" | "0" => Ok(ValueSlots::Off),
+            "auto" => Ok(ValueSlots::Auto),
+            n => n
+                .parse::<usize>()
+                .map(ValueSlots::Count)
+                .map_err(|_| format!("`{n}`: GPU value slots are `off`, `auto` or a number of sequences")),
+        }
+    }
+}
+
+/// The free GPU value slots (global indices `host_seqs..host_seqs + dev_seqs`) beside a
+/// host pool's own free list: the bookkeeping of [`GpuValuePool::lease`].
+struct SlotList {
+    host_seqs: usize,
+    dev_seqs: usize,
+    free: Arc<Mutex<Vec<usize>>>,
+}
+
+impl SlotList {
+    /// `dev_seqs` free device slots after `host_seqs` host slots.
+    fn new(host_seqs: usize, dev_seqs: usize) -> Self {
+        SlotList {
+            host_seqs,
+            dev_seqs,
+            // Popped from the end: the lowest slot first.
+            free: Arc::new(Mutex::new((host_seqs..host_seqs + dev_seqs).rev().collect())),
+        }
+    }
+
+    /// A device slot while one is free, else a slot of `host`.
+    fn lease(&self, host: &ValuePool) -> Result<ValueLease> {
+        if let Some(seq) = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return Ok(ValueLease::Device(DeviceLease {
+                free: self.free.clone(),
+                seq,
+            }));
+        }
+        // The host pool refuses only when it is full.
+        host.lease().map(ValueLease::Host).map_err(|_| {
+            anyhow!(
+                "the value pools are full: {} sequences hold their {} host and {} GPU value slots",
+                self.host_seqs + self.dev_seqs,
+                self.host_seqs,
+                self.dev_seqs
+            )
+        })
+    }
+}
+
+/// A sequence's slot in the value pools, returned when dropped.
+pub enum ValueLease {
+    /// A slot of the host pool (its index is global and local alike).
+    Host(PoolLease),
+    /// A GPU value slot.
+    Device(DeviceLease),
+}
+
+impl ValueLease {
+    /// The global slot index (the sequence's `pool_seq`).
+    pub fn seq(&self) -> usize {
+        match self {
+            ValueLease::Host(l) => l.seq(),
+            ValueLease::Device(l) => l.seq,
+        }
+    }
+
+    /// Whether the slot lies in device memory.
+    pub fn on_device(&self) -> bool {
+        matches!(self, ValueLease::Device(_))
+    }
+}
+
+/// A sequence's GPU value slot; returned to the free list when dropped.
+pub struct DeviceLease {
+    free: Arc<Mutex<Vec<usize>>>,
+    seq: usize,
+}
+
+impl Drop for DeviceLease {
+    fn drop(&mut self) {
+        self.free.lock().unwrap_or_else(|p| p.into_inner()).push(self.seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host_pool(seqs: usize) -> ValuePool {
+        let shape = PoolShape {
+            layers: 1,
+            seqs,
+            kv_heads: 1,
+            chunks: 2,
+            chunk_elems: 4,
+        };
+        ValuePool::anonymous(shape).unwrap()
+    }
+
+    #[test]
+    fn device_slots_are_leased_first_and_come_back_when_dropped() {
+        let host = host_pool(2);
+        let slots = SlotList::new(2, 3);
+        // Device slots 2, 3, 4 (global: after the host's 0 and 1), lowest first.
+        let d: Vec<ValueLease> = (0..3).map(|_| slots.lease(&host).unwrap()).collect();
+        assert_eq!(d.iter().map(ValueLease::seq).collect::<Vec<_>>(), vec![2, 3, 4]);
+        assert!(d.iter().all(ValueLease::on_device));
+        assert_eq!(host.leased(), 0);
+        // Then the host's.
+        let h: Vec<ValueLease> = (0..2).map(|_| slots.lease(&host).unwrap()).collect();
+        assert!(h.iter().all(|l| !l.on_device() && l.seq() < 2));
+        assert_ne!(h[0].seq(), h[1].seq());
+        assert_eq!(host.leased(), 2);
+        let e = slots.lease(&host).err().expect("full").to_string();
+        assert!(e.contains("full") && e.contains("2 host and 3 GPU value slots"), "{e}");
+        // A device slot dropped is the next one leased, before any host slot.
+        let mut d = d;
+        let gone = d.remove(1).seq();
+        let again = slots.lease(&host).unwrap();
+        assert!(again.on_device() && again.seq() == gone);
+        // A host slot dropped is leased again once the device slots are all taken.
+        let mut h = h;
+        let freed = h.pop().unwrap().seq();
+        assert_eq!(host.leased(), 1);
+        let next = slots.lease(&host).unwrap();
+        assert!(!next.on_device() && next.seq() == freed);
+    }
+
+    #[test]
+    fn without_device_slots_the_host_pool_serves_alone() {
+        let host = host_pool(1);
+        let slots = SlotList::new(1, 0);
+        let a = slots.lease(&host).unwrap();
+        assert!(!a.on_device() && a.seq() == 0);
+        assert!(slots.lease(&host).is_err());
+        drop(a);
+        assert_eq!(slots.lease(&host).unwrap().seq(), 0);
+        // Device slots alone (an empty host pool).
+        let none = host_pool(0);
+        let slots = SlotList::new(0, 1);
+        let d = slots.lease(&none).unwrap();
+        assert!(d.on_device() && d.seq() == 0);
+        let e = slots.lease(&none).err().expect("full").to_string();
+        assert!(e.contains("0 host and 1 GPU value slots"), "{e}");
     }
 }

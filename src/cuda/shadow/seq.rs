@@ -1,13 +1,12 @@
 //! One sequence decoding with ShadowKV on the GPU ([`GpuShadowSeq`]): its buffers of
-//! every layer, its counts and its slot in the host value pool; made from a finished
+//! every layer, its counts and its slot in the value pools; made from a finished
 //! dense prefill that kept its keys before RoPE
 //! ([`crate::cuda::CudaModel::compress_shadow`], in [`super::compress`]).
 
 use super::buffers::LayerBuffers;
 use super::layout::{SeqCounts, ShadowLayout};
-use super::pool::GpuValuePool;
+use super::pool::{GpuValuePool, ValueLease};
 use crate::cuda::CudaOps;
-use crate::pool::PoolLease;
 use anyhow::Result;
 
 /// A sequence's ShadowKV state on the GPU.
@@ -15,12 +14,12 @@ pub struct GpuShadowSeq {
     layers: Vec<LayerBuffers>,
     counts: SeqCounts,
     len: usize,
-    lease: PoolLease,
+    lease: ValueLease,
 }
 
 impl GpuShadowSeq {
     /// A sequence of `len` tokens from its layers' buffers, its counts and its pool slot.
-    pub(super) fn new(layers: Vec<LayerBuffers>, counts: SeqCounts, len: usize, lease: PoolLease) -> Self {
+    pub(super) fn new(layers: Vec<LayerBuffers>, counts: SeqCounts, len: usize, lease: ValueLease) -> Self {
         GpuShadowSeq {
             layers,
             counts,
@@ -54,6 +53,11 @@ impl GpuShadowSeq {
         self.layers.len()
     }
 
+    /// Whether its values lie in a GPU value slot (else in the host pool).
+    pub fn values_on_device(&self) -> bool {
+        self.lease.on_device()
+    }
+
     /// Adds a GPU value tier of `chunks` entries per layer and KV head to a sequence
     /// compressed without one, filled with its newest chunks from its slot of `pool`
     /// (the pool it was compressed into).
@@ -62,8 +66,8 @@ impl GpuShadowSeq {
         let slot = self.lease.seq();
         for (l, bufs) in self.layers.iter_mut().enumerate() {
             bufs.add_tier(ops, chunks)?;
-            // SAFETY: the pool is registered for the device and this sequence's slot is
-            // its own; the host does not write it.
+            // SAFETY: the pools are registered with (or allocated on) the device and this
+            // sequence's slot is its own; the host does not write it.
             unsafe { ops.shadow_tier_fill_pool(bufs, &dev_pool, (l, slot), self.counts.chunks as usize)? };
         }
         Ok(())
@@ -105,7 +109,7 @@ pub fn layer_bytes(l: &ShadowLayout) -> usize {
 }
 
 /// Device bytes of one sequence's ShadowKV state over `layers` layers of `layout`, and
-/// host bytes of its values (bf16) in the value pool.
+/// bytes of its values (bf16) in the value pool (one slot, host or GPU).
 pub fn sequence_bytes(layout: &ShadowLayout, layers: usize) -> Result<(usize, usize)> {
     Ok((
         layer_bytes(layout) * layers,

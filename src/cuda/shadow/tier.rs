@@ -5,7 +5,7 @@
 //! from the host into it ([`CudaOps::shadow_fetch_values`]); [`CudaOps::shadow_tier_copy`]
 //! moves the tier hits into their slots; [`CudaOps::shadow_tier_fill`] fills it with the
 //! newest chunks at the end of a prefill, [`CudaOps::shadow_tier_fill_pool`] from the
-//! host pool for a tier added later ([`crate::cuda::shadow::GpuShadowSeq::add_tier`]). The values are the pool's bytes: a step gives
+//! value pools for a tier added later ([`crate::cuda::shadow::GpuShadowSeq::add_tier`]). The values are the pool's bytes: a step gives
 //! the same outputs with a tier of any size or none.
 
 use super::buffers::{LayerBuffers, ShadowTable, StepScratch};
@@ -144,13 +144,14 @@ impl CudaOps {
     }
 
     /// Fills one sequence's tier of layer `layer` with the newest of its `chunks` sparse
-    /// chunks (as many as the tier holds), read from its slot `pool_seq` of the host
-    /// value `pool`: the fill of a tier added after the prefill's dense cache is gone.
+    /// chunks (as many as the tier holds), read from its global slot `pool_seq` of the
+    /// value pools: the fill of a tier added after the prefill's dense cache is gone.
     ///
     /// # Safety
-    /// `pool.addr` must be the device-mapped address of a live bf16 allocation of
-    /// `pool.shape` (as [`CudaOps::shadow_fetch_values`]), not written by the host
-    /// while the copy runs.
+    /// As [`CudaOps::shadow_fetch_values`]: `pool.host` must be the device-mapped address
+    /// of a live bf16 allocation of `pool.shape`, not written by the host while the copy
+    /// runs, and `pool.dev` the address of a live device allocation of
+    /// `pool.dev_shape()` bf16 values.
     pub unsafe fn shadow_tier_fill_pool(
         &self,
         bufs: &LayerBuffers,
@@ -175,23 +176,22 @@ impl CudaOps {
         };
         pool.check(l, layer, &[counts])?;
         let n = chunks.min(l.tier);
-        let (first, li, si, seqs, pc) = (
+        let (first, li, si, kp) = (
             i32_of("tier fill: first chunk", chunks - n)?,
             i32_of("layer", layer)?,
             counts.pool_seq,
-            i32_of("pool sequences", pool.shape.seqs)?,
-            i32_of("pool chunks", pool.shape.chunks)?,
+            pool.kernel(),
         );
         let addrs = bufs.addrs(self);
         let dims = l.dims();
         let cfg = fill_grid(n, l.kv_heads);
-        // SAFETY: the buffers hold the layout's tier (checked); the pool serves the
-        // layout, layer and slot (checked), its address is the caller's contract.
+        // SAFETY: the buffers hold the layout's tier (checked); the pools serve the
+        // layout, layer and slot (checked), their addresses are the caller's contract.
         unsafe {
             self.launch_pdl(
                 &self.k.shadow_tier_fill_pool,
                 cfg,
-                &mut kernel_params![&addrs, &pool.addr, &li, &si, &seqs, &pc, &first, &dims],
+                &mut kernel_params![&addrs, &kp, &li, &si, &first, &dims],
             )
         }
     }

@@ -85,7 +85,8 @@ pub struct GatherTransfer {
 impl GatherTransfer {
     /// The actor for steps of up to `batch` sequences of `layout` in up to `micro`
     /// micro-batches on `ops`'s stream, reading `pool` and copying chunks with `gather`;
-    /// its thread is named `name`.
+    /// its thread is named `name`. Refused for a pool with GPU value slots (the actor
+    /// reads host memory only).
     pub fn new(
         ops: &CudaOps,
         (layout, batch, micro): (&ShadowLayout, usize, usize),
@@ -93,6 +94,12 @@ impl GatherTransfer {
         gather: Arc<dyn ChunkGather + Send>,
         name: &str,
     ) -> Result<Self> {
+        ensure!(
+            pool.device_slots() == 0,
+            "cpu-gather reads the host value pool: it does not serve a pool with {} GPU value slots (fetch \
+             zero-copy, or keep every sequence's values in host memory)",
+            pool.device_slots()
+        );
         let dev = ops.device();
         dev.context().bind_to_thread()?;
         let ring_len = RING.max(micro);
@@ -141,7 +148,7 @@ impl GatherTransfer {
             staging,
             layout: *layout,
             batch,
-            pool_addr: pool.device().addr,
+            pool_addr: pool.device().host,
             stream: dev.stream().clone(),
             _buffers: buffers,
         })
@@ -153,7 +160,8 @@ impl GatherTransfer {
         self.layout == *layout
             && batch <= self.batch
             && micro <= self.staging.len()
-            && pool.device().addr == self.pool_addr
+            && pool.device().host == self.pool_addr
+            && pool.device_slots() == 0
     }
 
     /// Queues the first half of table `t`'s fetch for layer `l` on `ops`'s stream: the
