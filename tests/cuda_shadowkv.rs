@@ -405,6 +405,7 @@ fn engine_with_a_gpu_value_slot_gives_each_slot_back() {
         max_queue: 2,
         max_context,
         prefill_chunk: 256,
+        decode_spacing: std::time::Duration::ZERO,
     };
     let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
     for (ids, w) in prompts.iter().zip(&want) {
