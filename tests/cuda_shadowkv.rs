@@ -32,7 +32,7 @@ use shadowkv::cuda::CudaModel;
 use shadowkv::engine::backend_cuda::CudaBackend;
 use shadowkv::engine::generate::{generate, generate_cuda, GenerateOptions, GenerateRequest};
 use shadowkv::engine::sampling::SamplingParams;
-use shadowkv::engine::scheduler::{spawn_engine, EngineRequest, Event, SchedulerConfig};
+use shadowkv::engine::scheduler::{spawn_engine, EngineHandle, EngineRequest, Event, SchedulerConfig};
 use shadowkv::eval::haystack::Haystack;
 use shadowkv::eval::run::{run_ruler, EvalModel, MethodSpec, RulerPlan, SampleResult};
 use shadowkv::eval::tasks::Task;
@@ -44,6 +44,7 @@ use shadowkv::shadow::{Attention, ShadowParams};
 use shadowkv::telemetry::trace::TraceWriter;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 /// The CPU's margins at each generated position, the tokens forced.
 fn cpu_margins(cpu: &CpuModel, prompt: &[u32], gen: &[u32]) -> Vec<f32> {
@@ -287,47 +288,17 @@ fn engine_with_a_prefill_lane_equals_generate_cuda() {
     let p = common::smollm2_shadow();
     let ids = prompt(&tok, 1200);
     let gen = 40;
-    let opts = GenerateOptions {
-        prefill_chunk: 256,
-        attention: Attention::ShadowKv(p),
-        ..Default::default()
-    };
-    let (want, _) = generate_cuda(&gpu, &tok, &[request(ids.clone(), gen)], opts, true).unwrap();
-    let max_context = 2048;
-    let shape = p.pool_shape(&cfg, 2, max_context);
-    let pool = ValuePool::anonymous_of(shape, ValueType::Bf16).unwrap();
-    let backend = CudaBackend::new(gpu.clone(), max_context, 2, 2, true, Some((p, pool))).unwrap();
-    let config = SchedulerConfig {
-        max_batch: 2,
-        max_queue: 2,
-        max_context,
-        prefill_chunk: 256,
-        decode_spacing: std::time::Duration::ZERO,
-    };
+    let want = alone_text(&gpu, &tok, p, &ids, gen);
+    let backend = engine_backend(&gpu, p, 2);
     // Traced: the engine's steps and each lane's GPU streams.
     let dir = tempfile::tempdir().unwrap();
     let trace_path = dir.path().join("engine.json");
     let trace = TraceWriter::create(&trace_path, Instant::now()).unwrap();
-    let (engine, join) = spawn_engine(backend, tok.clone(), config, Some(trace)).unwrap();
-    let mut rx = engine
-        .submit(EngineRequest {
-            prompt: ids,
-            max_tokens: gen,
-            sampling: SamplingParams::default(),
-            stop: vec![],
-        })
-        .unwrap();
-    let mut text = String::new();
-    loop {
-        match rx.blocking_recv().expect("the engine ended the stream") {
-            Event::Text(t) => text.push_str(&t),
-            Event::Done { .. } => break,
-            Event::Failed(e) => panic!("{e}"),
-        }
-    }
+    let (engine, join) = spawn_engine(backend, tok.clone(), engine_config(), Some(trace)).unwrap();
+    let text = stream_text(submit(&engine, ids, gen)).unwrap();
     engine.shutdown(Duration::ZERO);
     join.join().unwrap();
-    assert_eq!(text, want[0].text);
+    assert_eq!(text, want);
     eprintln!("RESULT shadowkv_engine equal_text={}", text.len());
     check_gpu_tracks(&trace_path, cfg.num_layers, gen);
 }
@@ -344,20 +315,49 @@ impl ChunkGather for PanicsOnce {
     }
 }
 
-/// Runs `prompt` through `engine` to its end: the text, or the failure's message.
-fn engine_text(
-    engine: &shadowkv::engine::scheduler::EngineHandle,
-    prompt: Vec<u32>,
-    gen: usize,
-) -> Result<String, String> {
-    let mut rx = engine
+/// The engine tests' model (shared with their backend), tokenizer and ShadowKV
+/// settings; `None` (the test skips) without a GPU.
+fn engine_parts() -> Option<(Arc<CudaModel>, Arc<TextTokenizer>, ShadowParams)> {
+    let (gpu, _, tok) = smollm2()?;
+    Some((Arc::new(gpu), Arc::new(tok), common::smollm2_shadow()))
+}
+
+/// Context of the engine tests' sequences.
+const ENGINE_CONTEXT: usize = 2048;
+
+/// A ShadowKV backend on two lanes for `slots` sequences of [`ENGINE_CONTEXT`] tokens
+/// (zero-copy, one micro-batch unless the test sets more).
+fn engine_backend(gpu: &Arc<CudaModel>, p: ShadowParams, slots: usize) -> CudaBackend<Arc<CudaModel>> {
+    let cfg = gpu.config();
+    let pool = ValuePool::anonymous_of(p.pool_shape(cfg, slots, ENGINE_CONTEXT), ValueType::Bf16).unwrap();
+    CudaBackend::new(gpu.clone(), ENGINE_CONTEXT, slots, 2, true, Some((p, pool))).unwrap()
+}
+
+/// The engine tests' scheduler: two sequences, prompts in chunks of 256.
+fn engine_config() -> SchedulerConfig {
+    SchedulerConfig {
+        max_batch: 2,
+        max_queue: 2,
+        max_context: ENGINE_CONTEXT,
+        prefill_chunk: 256,
+        decode_spacing: Duration::ZERO,
+    }
+}
+
+/// Submits `prompt` (greedy, `gen` tokens) to `engine`.
+fn submit(engine: &EngineHandle, prompt: Vec<u32>, gen: usize) -> UnboundedReceiver<Event> {
+    engine
         .submit(EngineRequest {
             prompt,
             max_tokens: gen,
             sampling: SamplingParams::default(),
             stop: vec![],
         })
-        .unwrap();
+        .unwrap()
+}
+
+/// A request's stream to its end: the text, or the failure's message.
+fn stream_text(mut rx: UnboundedReceiver<Event>) -> Result<String, String> {
     let mut text = String::new();
     loop {
         match rx.blocking_recv().expect("the engine ended the stream") {
@@ -368,71 +368,47 @@ fn engine_text(
     }
 }
 
+/// What `generate_cuda` gives `ids` alone with ShadowKV `p` (prompt chunks of 256, `gen`
+/// greedy tokens): the engine tests' reference.
+fn alone_text(gpu: &CudaModel, tok: &TextTokenizer, p: ShadowParams, ids: &[u32], gen: usize) -> String {
+    let opts = GenerateOptions {
+        prefill_chunk: 256,
+        attention: Attention::ShadowKv(p),
+        ..Default::default()
+    };
+    let (mut g, _) = generate_cuda(gpu, tok, &[request(ids.to_vec(), gen)], opts, true).unwrap();
+    g.remove(0).text
+}
+
+/// Runs `prompt` through `engine` to its end: the text, or the failure's message.
+fn engine_text(engine: &EngineHandle, prompt: Vec<u32>, gen: usize) -> Result<String, String> {
+    stream_text(submit(engine, prompt, gen))
+}
+
 /// GPU value slots through the engine: a backend of one host slot and one GPU value slot
 /// (zero-copy). Requests one at a time each take the GPU value slot (leased first) and
 /// give it back when they end, their texts those of `generate_cuda`; two at once hold
 /// both slots and both end; a request after them finds a slot again (none leaked).
 #[test]
 fn engine_with_a_gpu_value_slot_gives_each_slot_back() {
-    let Some((gpu, _, tok)) = smollm2() else { return };
-    let gpu = Arc::new(gpu);
-    let tok = Arc::new(tok);
-    let cfg = gpu.config().clone();
-    let p = common::smollm2_shadow();
+    let Some((gpu, tok, p)) = engine_parts() else { return };
     let gen = 24;
-    let opts = GenerateOptions {
-        prefill_chunk: 256,
-        attention: Attention::ShadowKv(p),
-        ..Default::default()
-    };
     let prompts: Vec<Vec<u32>> = [1200, 900, 1500].iter().map(|&n| prompt(&tok, n)).collect();
-    let want: Vec<String> = prompts
-        .iter()
-        .map(|ids| {
-            let (mut g, _) = generate_cuda(&gpu, &tok, &[request(ids.clone(), gen)], opts, true).unwrap();
-            g.remove(0).text
-        })
-        .collect();
-    let max_context = 2048;
-    let pool = ValuePool::anonymous_of(p.pool_shape(&cfg, 1, max_context), ValueType::Bf16).unwrap();
-    let backend = CudaBackend::new(gpu.clone(), max_context, 1, 2, true, Some((p, pool)))
-        .unwrap()
+    let want: Vec<String> = prompts.iter().map(|ids| alone_text(&gpu, &tok, p, ids, gen)).collect();
+    let backend = engine_backend(&gpu, p, 1)
         .with_fetch(FetchPath::ZeroCopy)
         .with_value_slots(1)
         .unwrap();
-    let config = SchedulerConfig {
-        max_batch: 2,
-        max_queue: 2,
-        max_context,
-        prefill_chunk: 256,
-        decode_spacing: std::time::Duration::ZERO,
-    };
-    let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
+    let (engine, join) = spawn_engine(backend, tok.clone(), engine_config(), None).unwrap();
     for (ids, w) in prompts.iter().zip(&want) {
         assert_eq!(&engine_text(&engine, ids.clone(), gen).unwrap(), w);
     }
     let both: Vec<_> = prompts[..2]
         .iter()
-        .map(|ids| {
-            engine
-                .submit(EngineRequest {
-                    prompt: ids.clone(),
-                    max_tokens: gen,
-                    sampling: SamplingParams::default(),
-                    stop: vec![],
-                })
-                .unwrap()
-        })
+        .map(|ids| submit(&engine, ids.clone(), gen))
         .collect();
-    for mut rx in both {
-        let mut text = String::new();
-        loop {
-            match rx.blocking_recv().expect("the engine ended the stream") {
-                Event::Text(t) => text.push_str(&t),
-                Event::Done { .. } => break,
-                Event::Failed(e) => panic!("two requests in a host and a GPU value slot: {e}"),
-            }
-        }
+    for rx in both {
+        let text = stream_text(rx).unwrap_or_else(|e| panic!("two requests in a host and a GPU value slot: {e}"));
         assert!(!text.is_empty());
     }
     assert_eq!(engine_text(&engine, prompts[2].clone(), gen).unwrap(), want[2]);
@@ -443,33 +419,14 @@ fn engine_with_a_gpu_value_slot_gives_each_slot_back() {
 
 #[test]
 fn a_gather_that_panics_fails_its_request_and_the_engine_serves_on() {
-    let Some((gpu, _, tok)) = smollm2() else { return };
-    let gpu = Arc::new(gpu);
-    let tok = Arc::new(tok);
-    let cfg = gpu.config().clone();
-    let p = common::smollm2_shadow();
+    let Some((gpu, tok, p)) = engine_parts() else { return };
     let ids = prompt(&tok, 1200);
     let gen = 24;
-    let opts = GenerateOptions {
-        prefill_chunk: 256,
-        attention: Attention::ShadowKv(p),
-        ..Default::default()
-    };
-    let (want, _) = generate_cuda(&gpu, &tok, &[request(ids.clone(), gen)], opts, true).unwrap();
-    let max_context = 2048;
-    let pool = ValuePool::anonymous_of(p.pool_shape(&cfg, 2, max_context), ValueType::Bf16).unwrap();
-    let backend = CudaBackend::new(gpu.clone(), max_context, 2, 2, true, Some((p, pool)))
-        .unwrap()
+    let want = alone_text(&gpu, &tok, p, &ids, gen);
+    let backend = engine_backend(&gpu, p, 2)
         .with_fetch(FetchPath::CpuGather)
         .with_gatherer(Arc::new(PanicsOnce(Default::default())));
-    let config = SchedulerConfig {
-        max_batch: 2,
-        max_queue: 2,
-        max_context,
-        prefill_chunk: 256,
-        decode_spacing: std::time::Duration::ZERO,
-    };
-    let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
+    let (engine, join) = spawn_engine(backend, tok.clone(), engine_config(), None).unwrap();
     // The first ShadowKV step's gather panics: that request fails, naming the panic,
     // and nothing waits forever (the step's host function is released all the same).
     let first = engine_text(&engine, ids.clone(), gen);
@@ -477,7 +434,7 @@ fn a_gather_that_panics_fails_its_request_and_the_engine_serves_on() {
     assert!(e.contains("gather thread lost"), "{e}");
     // The next request is served, through the same actor, and equals generate_cuda.
     let second = engine_text(&engine, ids, gen).expect("the engine serves on");
-    assert_eq!(second, want[0].text);
+    assert_eq!(second, want);
     engine.shutdown(Duration::ZERO);
     join.join().unwrap();
     eprintln!("RESULT shadowkv_gather_panic failed_then_equal_text={}", second.len());
@@ -489,36 +446,15 @@ fn a_gather_that_panics_fails_its_request_and_the_engine_serves_on() {
 /// grows (new scratch) while a step is in flight. Both requests end, within a time limit.
 #[test]
 fn an_engine_with_cpu_gather_in_micro_batches_serves_two_requests_at_once() {
-    let Some((gpu, _, tok)) = smollm2() else { return };
-    let gpu = Arc::new(gpu);
-    let tok = Arc::new(tok);
-    let cfg = gpu.config().clone();
-    let p = common::smollm2_shadow();
-    let max_context = 2048;
-    let pool = ValuePool::anonymous_of(p.pool_shape(&cfg, 2, max_context), ValueType::Bf16).unwrap();
-    let backend = CudaBackend::new(gpu.clone(), max_context, 2, 2, true, Some((p, pool)))
-        .unwrap()
+    let Some((gpu, tok, p)) = engine_parts() else { return };
+    let backend = engine_backend(&gpu, p, 2)
         .with_fetch(FetchPath::CpuGather)
         .with_micro_batches(2);
-    let config = SchedulerConfig {
-        max_batch: 2,
-        max_queue: 2,
-        max_context,
-        prefill_chunk: 256,
-        decode_spacing: std::time::Duration::ZERO,
-    };
-    let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
+    let (engine, join) = spawn_engine(backend, tok.clone(), engine_config(), None).unwrap();
     let gen = 40;
     let (ended, end) = std::sync::mpsc::channel();
     for n in [1200, 900] {
-        let mut rx = engine
-            .submit(EngineRequest {
-                prompt: prompt(&tok, n),
-                max_tokens: gen,
-                sampling: SamplingParams::default(),
-                stop: vec![],
-            })
-            .unwrap();
+        let mut rx = submit(&engine, prompt(&tok, n), gen);
         let ended = ended.clone();
         std::thread::spawn(move || {
             let mut text = String::new();
@@ -559,33 +495,12 @@ impl ChunkGather for Slow {
 
 #[test]
 fn a_shutdown_with_gathers_in_flight_ends() {
-    let Some((gpu, _, tok)) = smollm2() else { return };
-    let gpu = Arc::new(gpu);
-    let tok = Arc::new(tok);
-    let cfg = gpu.config().clone();
-    let p = common::smollm2_shadow();
-    let max_context = 2048;
-    let pool = ValuePool::anonymous_of(p.pool_shape(&cfg, 2, max_context), ValueType::Bf16).unwrap();
-    let backend = CudaBackend::new(gpu.clone(), max_context, 2, 2, true, Some((p, pool)))
-        .unwrap()
+    let Some((gpu, tok, p)) = engine_parts() else { return };
+    let backend = engine_backend(&gpu, p, 2)
         .with_fetch(FetchPath::CpuGather)
         .with_gatherer(Arc::new(Slow));
-    let config = SchedulerConfig {
-        max_batch: 2,
-        max_queue: 2,
-        max_context,
-        prefill_chunk: 256,
-        decode_spacing: std::time::Duration::ZERO,
-    };
-    let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
-    let mut rx = engine
-        .submit(EngineRequest {
-            prompt: prompt(&tok, 1200),
-            max_tokens: 200,
-            sampling: SamplingParams::default(),
-            stop: vec![],
-        })
-        .unwrap();
+    let (engine, join) = spawn_engine(backend, tok.clone(), engine_config(), None).unwrap();
+    let mut rx = submit(&engine, prompt(&tok, 1200), 200);
     // Two tokens out: ShadowKV steps are decoding, each layer's gather 20 ms long.
     for _ in 0..2 {
         match rx.blocking_recv().expect("the engine ended the stream") {
