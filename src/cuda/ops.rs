@@ -27,8 +27,8 @@ pub struct CudaOps {
     /// Prefill attention at one block a multiprocessor ([`CudaOps::share_sms_with_decoding`]).
     pub(crate) prefill_half_sm: AtomicBool,
     gemv_warps: usize,
-    /// Flash-decoding split blocks resident at once, found on first use
-    /// (`super::attention`).
+    /// Flash-decoding split blocks resident at once, found by the flash-decoding
+    /// launcher on first use.
     pub(crate) decode_slots: OnceLock<usize>,
 }
 

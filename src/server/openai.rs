@@ -3,7 +3,7 @@
 use super::error::ApiError;
 use super::AppState;
 use crate::engine::sampling::SamplingParams;
-use crate::engine::scheduler::EngineRequest;
+use crate::engine::scheduler::{EngineRequest, Usage};
 use crate::model::chat::ChatMessage;
 use serde::Deserialize;
 use serde_json::Value;
@@ -464,4 +464,10 @@ pub fn prepare_chat(b: &RequestBody, st: &AppState) -> Result<Prepared, ApiError
         stream,
         include_usage,
     })
+}
+
+/// A request's token counts as the OpenAI API's `usage` object.
+pub(super) fn usage_json(u: Usage) -> Value {
+    serde_json::json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens})
 }

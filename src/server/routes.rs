@@ -1,7 +1,7 @@
 //! The HTTP handlers.
 
 use super::error::ApiError;
-use super::openai::{parse_body, prepare_chat, prepare_completion, Prepared};
+use super::openai::{parse_body, prepare_chat, prepare_completion, usage_json, Prepared};
 use super::sse::{event_stream, Kind};
 use super::AppState;
 use crate::engine::scheduler::{EngineError, Event, SubmitError, Usage};
@@ -121,11 +121,6 @@ async fn run(st: Arc<AppState>, p: Prepared, kind: Kind) -> Response {
         usage,
     ))
     .into_response()
-}
-
-pub(super) fn usage_json(u: Usage) -> Value {
-    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens})
 }
 
 fn whole_response(

@@ -4,7 +4,7 @@
 //! the sequence's slot before the next step.
 
 use super::error::ApiError;
-use super::routes::usage_json as usage_value;
+use super::openai::usage_json;
 use crate::engine::scheduler::{EngineError, Event};
 use axum::response::sse::Event as SseEvent;
 use futures_util::stream::{self, Stream};
@@ -88,7 +88,7 @@ impl State {
                     let u = json!({"id": self.id, "object": match self.kind {
                             Kind::Completion => "text_completion", Kind::Chat => "chat.completion.chunk" },
                         "created": self.created, "model": self.model, "choices": [],
-                        "usage": usage_value(usage)});
+                        "usage": usage_json(usage)});
                     self.push(u);
                 }
                 self.done();
