@@ -183,7 +183,8 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
         if state + need > free {
             let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
             bail!(
-                "{n} GPU value slots need {:.1} GiB of GPU memory for their values ({:.2} GiB each); {:.1} GiB are                  free besides the ShadowKV state of all {total} sequences and a prefill",
+                "{n} GPU value slots need {:.1} GiB of GPU memory for their values ({:.2} GiB each); {:.1} GiB are \
+                 free besides the ShadowKV state of all {total} sequences and a prefill",
                 gib(need),
                 gib(slot),
                 gib(free.saturating_sub(state))

@@ -414,6 +414,10 @@ struct Engine<M: StepBackend> {
     stats_at: Option<(Instant, usize)>,
 }
 
+/// How often the engine looks at the queued steps (and its commands) while it waits
+/// for a spaced decode step's time.
+const SPACING_POLL: Duration = Duration::from_millis(1);
+
 /// How often the backend's counters are read for the metrics while steps are queued:
 /// reading them may wait for the GPU (ShadowKV's hit counters live on the device,
 /// behind the queued step), which would empty the queue that hides the host's work.
@@ -479,13 +483,14 @@ impl<M: StepBackend> Engine<M> {
             }
             match (self.lane_to_complete(), wake) {
                 // A spaced decode step is due before the oldest step ends: wait for
-                // its time, not for that step.
+                // its time, not for that step, looking again every millisecond (so a
+                // prefill step that ends meanwhile, or a command, is taken at once).
                 (Some(lane), Some(t)) if !self.model.is_done(&self.lanes[lane].queued[0].ticket) => {
-                    std::thread::sleep(t.saturating_duration_since(Instant::now()));
+                    std::thread::sleep(t.saturating_duration_since(Instant::now()).min(SPACING_POLL));
                 }
                 (Some(lane), _) => self.complete(lane),
-                (None, Some(t)) => std::thread::sleep(t.saturating_duration_since(Instant::now())),
-                (None, None) => self.fail_stalled(),
+                // (Spacing needs a queued prefill step, so there is none to wait for.)
+                (None, _) => self.fail_stalled(),
             }
             self.publish();
             if self.deadline.is_some() && self.running.is_empty() && self.waiting.is_empty() {
