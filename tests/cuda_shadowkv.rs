@@ -397,6 +397,7 @@ fn engine_with_a_gpu_value_slot_gives_each_slot_back() {
     let want: Vec<String> = prompts.iter().map(|ids| alone_text(&gpu, &tok, p, ids, gen)).collect();
     let backend = engine_backend(&gpu, p, 1)
         .with_fetch(FetchPath::ZeroCopy)
+        .unwrap()
         .with_value_slots(1)
         .unwrap();
     let (engine, join) = spawn_engine(backend, tok.clone(), engine_config(), None).unwrap();
@@ -425,6 +426,7 @@ fn a_gather_that_panics_fails_its_request_and_the_engine_serves_on() {
     let want = alone_text(&gpu, &tok, p, &ids, gen);
     let backend = engine_backend(&gpu, p, 2)
         .with_fetch(FetchPath::CpuGather)
+        .unwrap()
         .with_gatherer(Arc::new(PanicsOnce(Default::default())));
     let (engine, join) = spawn_engine(backend, tok.clone(), engine_config(), None).unwrap();
     // The first ShadowKV step's gather panics: that request fails, naming the panic,
@@ -449,6 +451,7 @@ fn an_engine_with_cpu_gather_in_micro_batches_serves_two_requests_at_once() {
     let Some((gpu, tok, p)) = engine_parts() else { return };
     let backend = engine_backend(&gpu, p, 2)
         .with_fetch(FetchPath::CpuGather)
+        .unwrap()
         .with_micro_batches(2);
     let (engine, join) = spawn_engine(backend, tok.clone(), engine_config(), None).unwrap();
     let gen = 40;
@@ -498,6 +501,7 @@ fn a_shutdown_with_gathers_in_flight_ends() {
     let Some((gpu, tok, p)) = engine_parts() else { return };
     let backend = engine_backend(&gpu, p, 2)
         .with_fetch(FetchPath::CpuGather)
+        .unwrap()
         .with_gatherer(Arc::new(Slow));
     let (engine, join) = spawn_engine(backend, tok.clone(), engine_config(), None).unwrap();
     let mut rx = submit(&engine, prompt(&tok, 1200), 200);

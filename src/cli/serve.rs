@@ -473,6 +473,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 TopoFetch::ZeroCopy => FetchPath::ZeroCopy,
                 TopoFetch::CpuGather => FetchPath::CpuGather,
             })
+            .map_err(|e| topo.error_at("pipeline.value_fetch", format!("{e:#}")))?
             .with_micro_batches(topo.pipeline.micro_batches)
             .with_prefill_half_sm(topo.limits.prefill_sm_share == PrefillShare::Half)
             .with_value_slots(value_slots)

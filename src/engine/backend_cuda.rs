@@ -229,12 +229,18 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
         Ok(self)
     }
 
-    /// ShadowKV fetches the missed values by `fetch` (zero-copy unless set).
-    pub fn with_fetch(mut self, fetch: FetchPath) -> Self {
+    /// ShadowKV fetches the missed values by `fetch` (zero-copy unless set); cpu-gather
+    /// is refused once the pool has GPU value slots (as [`Self::with_value_slots`] refuses
+    /// them under cpu-gather).
+    pub fn with_fetch(mut self, fetch: FetchPath) -> Result<Self> {
         if let Some(s) = &mut self.shadow {
+            ensure!(
+                fetch != FetchPath::CpuGather || s.pool.device_slots() == 0,
+                "cpu-gather's actor reads host memory only: it cannot fetch from GPU value slots"
+            );
             s.fetch = fetch;
         }
-        self
+        Ok(self)
     }
 
     /// ShadowKV steps split their attention into `n` micro-batches (at most one a

@@ -248,7 +248,7 @@ impl Worker {
             s.graphs,
             s.shadow,
         )?
-        .with_fetch(s.fetch)
+        .with_fetch(s.fetch)?
         .with_micro_batches(s.micro_batches)
         .with_prefill_half_sm(s.prefill_half_sm)
         .with_value_slots(s.value_slots)?

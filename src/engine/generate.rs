@@ -139,7 +139,7 @@ pub fn generate_cuda(
     };
     run(
         &mut CudaBackend::new(model, cap, host_seqs, 1, graphs, shadow)?
-            .with_fetch(opts.value_fetch)
+            .with_fetch(opts.value_fetch)?
             .with_micro_batches(opts.micro_batches)
             .with_value_slots(opts.gpu_value_slots)?
             .with_tier(opts.gpu_tier)?,
