@@ -105,7 +105,9 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("GPU {} cannot be used: {e}", devices[0]))?;
         let (free, _) = dev.mem_info()?;
         let weights = 2 * cfg.parameter_count();
-        if weights + (4 << 30) < free {
+        // The weights, one cache of the longest context and a margin.
+        let one_cache = cfg.num_layers * 2 * cache_tokens * cfg.num_kv_heads * cfg.head_dim * 2;
+        if weights + one_cache + (4 << 30) < free {
             let model = super::backend::load_cuda_model(dev, &a.model, &m, progress)?;
             let mut one = CudaBackend::new(model, cache_tokens, 1, 1, !a.cuda.no_graph, None)?;
             for &ctx in &a.contexts {
@@ -113,60 +115,22 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
             }
         } else {
             eprintln!(
-                "[one GPU: {:.0} GB of weights do not fit GPU {}'s {:.0} GB free; the group runs alone]",
+                "[one GPU: {:.0} GB of weights and a cache of {cache_tokens} tokens ({:.0} GB) do not fit GPU {}'s {:.0} \
+                 GB free; the group runs alone]",
                 weights as f64 / 1e9,
+                one_cache as f64 / 1e9,
                 devices[0],
                 free as f64 / 1e9
             );
             drop(dev);
         }
     }
-    let t0 = Instant::now();
-    let mut group = TpBackend::new(
-        &cfg,
-        super::backend::tp_weights(&a.model, &m)?,
-        TpOptions {
-            devices: devices.to_vec(),
-            serving: TpServing {
-                cache_tokens,
-                max_batch: 1,
-                lanes: 1,
-                graphs: !a.cuda.no_graph,
-                shadow: None,
-                fetch: FetchPath::ZeroCopy,
-                micro_batches: 1,
-                tier: TierSize::Off,
-                value_slots: 0,
-                gatherers: None,
-                prefill_half_sm: false,
-            },
-            progress,
-        },
-    )?;
-    let load_secs = t0.elapsed().as_secs_f64();
-    let info = crate::cuda::CudaDevice::new(devices[0])?.info().clone();
-    println!(
-        "machine: {} × {} ({} SMs each); {:?}; model {} ({:.2} GB of bf16 weights over the group, {load_secs:.1} s \
-         to load); {} decode steps; CUDA graphs {}",
-        devices.len(),
-        info.name,
-        info.sm_count,
-        group.nccl(),
-        a.model,
-        group.weight_bytes() as f64 / 1e9,
-        a.gen,
-        if a.cuda.no_graph { "off" } else { "on" }
-    );
+    // The group with full attention, and NCCL's all-reduce timed over it.
     let mut reduce = Vec::new();
-    for &ctx in a.contexts.iter().filter(|_| a.full) {
-        let r = measure(&mut group, devices.len(), &cfg, ctx, a)?;
-        // The decode step's all-reduces: rows × hidden bf16 values each.
-        let step_bytes = r.batch * cfg.hidden_size * 2;
-        let per = group.time_all_reduce(step_bytes, 50)?;
-        reduce.push((ctx, step_bytes, per, 2 * cfg.num_layers + 1));
-        rows.push(r);
+    let mut bus = None;
+    if a.full {
+        bus = Some(full_group(a, devices, &m, cache_tokens, progress, &mut rows, &mut reduce)?);
     }
-    let bus = group.time_all_reduce(BUS_BYTES, 20)?;
     let n = devices.len() as f64;
     // NCCL's bus bandwidth: what crosses each link, 2(n − 1)/n of the buffer (none for
     // a group of one).
@@ -174,7 +138,6 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
         1 => "-".to_string(),
         _ => format!("{:.1}", 2.0 * (n - 1.0) / n * bytes as f64 / secs / 1e9),
     };
-    drop(group);
     let mut shadow_rows = Vec::new();
     for &ctx in &a.contexts {
         for p in a.shadow_for(&cfg, ctx)? {
@@ -221,6 +184,7 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
             );
         }
     }
+    let Some(bus) = bus else { return Ok(()) };
     println!();
     println!(
         "NCCL all-reduce on this host: {} MiB in {:.3} ms, bus bandwidth {} GB/s",
@@ -239,6 +203,75 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The group with full attention at every context (rows into `rows`, the decode step's
+/// all-reduce timed at each into `reduce`); returns the seconds of one all-reduce of
+/// [`BUS_BYTES`].
+fn full_group(
+    a: &CudaBench,
+    devices: &[usize],
+    m: &OpenedModel,
+    cache_tokens: usize,
+    progress: bool,
+    rows: &mut Vec<Row>,
+    reduce: &mut Vec<(usize, usize, f64, usize)>,
+) -> Result<f64> {
+    let cfg = &m.config;
+    let t0 = Instant::now();
+    let mut group = TpBackend::new(
+        cfg,
+        super::backend::tp_weights(&a.model, m)?,
+        TpOptions {
+            devices: devices.to_vec(),
+            serving: TpServing {
+                cache_tokens,
+                max_batch: 1,
+                lanes: 1,
+                graphs: !a.cuda.no_graph,
+                shadow: None,
+                fetch: FetchPath::ZeroCopy,
+                micro_batches: 1,
+                tier: TierSize::Off,
+                value_slots: 0,
+                gatherers: None,
+                prefill_half_sm: false,
+            },
+            progress,
+        },
+    )?;
+    let load_secs = t0.elapsed().as_secs_f64();
+    let info = crate::cuda::CudaDevice::new(devices[0])?.info().clone();
+    println!(
+        "machine: {} × {} ({} SMs each); {:?}; model {} ({:.2} GB of bf16 weights over the group, {load_secs:.1} s \
+         to load); {} decode steps; CUDA graphs {}",
+        devices.len(),
+        info.name,
+        info.sm_count,
+        group.nccl(),
+        a.model,
+        group.weight_bytes() as f64 / 1e9,
+        a.gen,
+        if a.cuda.no_graph { "off" } else { "on" }
+    );
+    for &ctx in &a.contexts {
+        let r = measure(&mut group, devices.len(), cfg, ctx, a)?;
+        // The decode step's all-reduces: rows × hidden bf16 values each.
+        let step_bytes = r.batch * cfg.hidden_size * 2;
+        let per = group.time_all_reduce(step_bytes, 50)?;
+        eprintln!(
+            "[context {ctx}: NCCL all-reduce of {step_bytes} bytes {:.1} µs, {} a step: {:.2} ms of the {:.2} ms step]",
+            per * 1e6,
+            2 * cfg.num_layers + 1,
+            per * (2 * cfg.num_layers + 1) as f64 * 1e3,
+            r.step_ms
+        );
+        reduce.push((ctx, step_bytes, per, 2 * cfg.num_layers + 1));
+        rows.push(r);
+    }
+    let bus = group.time_all_reduce(BUS_BYTES, 20)?;
+    eprintln!("[NCCL all-reduce of {} MiB: {:.3} ms]", BUS_BYTES >> 20, bus * 1e3);
+    Ok(bus)
 }
 
 /// ShadowKV over the group at context `ctx`: a group made for the largest batch whose
@@ -282,6 +315,11 @@ fn measure_shadow(
         None => fit,
     };
     let pool = |_rank: usize, c: &ModelConfig| gpu_value_pool(c, p, cache_tokens, batch);
+    eprintln!(
+        "[{n} GPU(s), context {ctx}, ShadowKV: building the group for a batch of {batch}, {:.1} GB of host values]",
+        (batch * one_pool * n) as f64 / 1e9
+    );
+    let t0 = Instant::now();
     let mut group = TpBackend::new(
         cfg,
         super::backend::tp_weights(&a.model, m)?,
@@ -303,11 +341,15 @@ fn measure_shadow(
             progress,
         },
     )?;
+    let built = t0.elapsed().as_secs_f64();
     let (mut first, ids) = prompt(&mut group, cfg, ctx, a.gen)?;
     let (head, last) = ids.split_at(ctx - 1);
+    let t0 = Instant::now();
     for part in head.chunks(a.prefill_chunk.max(1)) {
         feed(&mut group, &mut first, part, false)?;
     }
+    let prefilled = t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
     // Each copy (and then the first) takes the prompt's last token and is compressed.
     let mut first = Some(first);
     let mut seqs = Vec::with_capacity(batch);
@@ -320,10 +362,12 @@ fn measure_shadow(
         next = feed(&mut group, &mut s, last, true)?;
         seqs.push(s);
     }
+    let copied = t0.elapsed().as_secs_f64();
     let (decode_tps, step_ms) = decode(&mut group, &mut seqs, next, a.gen)?;
     eprintln!(
         "[{n} GPU(s), context {ctx}, ShadowKV: batch {batch} (GPUs fit {gpu_fit}, host {host_fit}), decode \
-         {decode_tps:.1} tok/s, step {step_ms:.2} ms]"
+         {decode_tps:.1} tok/s, step {step_ms:.2} ms; group and pools built in {built:.1} s, prefill {prefilled:.1} s, \
+         {batch} copies compressed in {copied:.1} s]"
     );
     Ok(Row {
         gpus: n,
