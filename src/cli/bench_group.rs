@@ -129,7 +129,15 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
     let mut reduce = Vec::new();
     let mut bus = None;
     if a.full {
-        bus = Some(full_group(a, devices, &m, cache_tokens, progress, &mut rows, &mut reduce)?);
+        bus = Some(full_group(
+            a,
+            devices,
+            &m,
+            cache_tokens,
+            progress,
+            &mut rows,
+            &mut reduce,
+        )?);
     }
     let n = devices.len() as f64;
     // NCCL's bus bandwidth: what crosses each link, 2(n − 1)/n of the buffer (none for

@@ -191,6 +191,8 @@ impl<'a, T: Copy> HostMapping<'a, T> {
         ctx.bind_to_thread()?;
         let bytes = std::mem::size_of_val(mem);
         let ptr = mem.as_mut_ptr();
+        // SAFETY: `mem` is exclusively borrowed and its bytes are plain data.
+        fault_in(unsafe { std::slice::from_raw_parts_mut(ptr.cast::<u8>(), bytes) });
         // SAFETY: ptr..ptr+bytes is a live allocation borrowed for 'a; the mapping
         // unregisters it on drop, before the borrow ends.
         unsafe { sys::cuMemHostRegister_v2(ptr.cast(), bytes, sys::CU_MEMHOSTREGISTER_DEVICEMAP) }
@@ -227,11 +229,78 @@ impl<'a, T: Copy> HostMapping<'a, T> {
     }
 }
 
+/// Brings every page of `mem` into memory before the driver pins it, from all cores at
+/// once (asking for transparent huge pages where the kernel offers them), keeping its
+/// bytes. Pinning pages that are not there yet makes the driver allocate and clear them
+/// one by one on a single thread: ~1.9 GB/s for a fresh pool on the H200 hosts, minutes
+/// for a pool of a few hundred GB.
+fn fault_in(mem: &mut [u8]) {
+    use rayon::prelude::*;
+    const PAGE: usize = 4096;
+    if mem.is_empty() {
+        return;
+    }
+    // Huge pages are advice: where the kernel does not offer them this fails and the
+    // pages stay small. Only the page-aligned part of the range can be advised.
+    let start = mem.as_ptr() as usize;
+    let aligned = start.next_multiple_of(PAGE);
+    let end = (start + mem.len()) & !(PAGE - 1);
+    if end > aligned {
+        // SAFETY: madvise only advises on pages of this live, exclusively borrowed range.
+        unsafe { libc::madvise(aligned as *mut libc::c_void, end - aligned, libc::MADV_HUGEPAGE) };
+    }
+    mem.par_chunks_mut(64 << 20).for_each(|chunk| {
+        for i in (0..chunk.len()).step_by(PAGE) {
+            let b = &mut chunk[i];
+            // A volatile read and write of the same byte: the page is faulted in for
+            // writing and the value kept, whatever the compiler knows of it.
+            // SAFETY: `b` is a valid, exclusively borrowed byte.
+            unsafe { std::ptr::write_volatile(b, std::ptr::read_volatile(b)) };
+        }
+    });
+}
+
 impl<T> Drop for HostMapping<'_, T> {
     fn drop(&mut self) {
         // Work still queued may use the memory: wait for it before unpinning.
         let _ = self.ctx.synchronize();
         // SAFETY: registered in new(), unregistered once.
         unsafe { cudarc::driver::sys::cuMemHostUnregister(self.ptr.cast()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fault_in;
+
+    /// Pages of `mem` the kernel reports resident.
+    fn resident(mem: &[u8]) -> usize {
+        let pages = mem.len().div_ceil(4096);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `mem` is a live page-aligned mapping of `mem.len()` bytes and `vec` has a
+        // byte per page.
+        let rc = unsafe { libc::mincore(mem.as_ptr() as *mut libc::c_void, mem.len(), vec.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+        vec.iter().filter(|&&v| v & 1 == 1).count()
+    }
+
+    #[test]
+    fn fault_in_brings_every_page_in_and_keeps_the_bytes() {
+        let len = (96 << 20) + 12345;
+        let mut map = memmap2::MmapMut::map_anon(len).unwrap();
+        // A fresh anonymous mapping: nothing resident yet but the pages written below.
+        let marks: Vec<usize> = (0..len).step_by(7_919_993).collect();
+        for (k, &i) in marks.iter().enumerate() {
+            map[i] = (k as u8).wrapping_mul(31).wrapping_add(1);
+        }
+        let before = resident(&map);
+        assert!(before < len / 4096 / 2, "{before} pages resident before");
+        // An unaligned view, as a caller's slice may be.
+        fault_in(&mut map[3..]);
+        assert_eq!(resident(&map), len.div_ceil(4096));
+        for (k, &i) in marks.iter().enumerate() {
+            assert_eq!(map[i], (k as u8).wrapping_mul(31).wrapping_add(1), "byte {i}");
+        }
+        assert!(map.iter().enumerate().all(|(i, &b)| b == 0 || marks.contains(&i)));
     }
 }
