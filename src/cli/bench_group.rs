@@ -2,20 +2,22 @@
 //! against one GPU in the same run, through the engine the daemon runs
 //! ([`StepBackend`]: steps queued two deep, tokens sampled on the GPU).
 //!
-//! Full attention, per context and per engine (one GPU where the model fits it, then
-//! the group): one sequence is prefilled (timed), its cache is copied into the rest of
-//! the batch (the largest that fits every device, or `--batch`), `gen` decode steps run
-//! over the batch, then `gen` over the first sequence alone (the latency of one
-//! sequence). The group also times NCCL's all-reduce at the size of one of its decode
-//! step's all-reduces (two a layer and one for the embedding) and at 256 MiB, for the
-//! bus bandwidth of the host's link, in the same run.
+//! Full attention (`--attention full`), per context and per engine (one GPU where the
+//! weights and one cache of the longest context fit it, then the group): one sequence is
+//! prefilled (timed), its cache is copied into the rest of the batch (the largest that
+//! fits every device, or `--batch`), `gen` decode steps run over the batch, then `gen`
+//! over the first sequence alone (the latency of one sequence). The group also times
+//! NCCL's all-reduce at the size of one of its decode step's all-reduces (two a layer and
+//! one for the embedding) and at 256 MiB, for the bus bandwidth of the host's link, in
+//! the same run.
 //!
-//! ShadowKV, per context, over the group only, at its own largest batch (every
-//! device's ShadowKV state and a dense prefill in its free memory, every device's
-//! values in the host's): one sequence is prefilled but for its last token, its dense
-//! cache is copied and each copy compressed by its last token's step (one at a time:
-//! a dense copy of a long prompt is large), then the batch decodes `gen` steps. Its
-//! tokens/s is compared with the group's full attention at the same context.
+//! ShadowKV (`--attention shadowkv`), per context, over the group only, at its own
+//! largest batch (every device's ShadowKV state and a dense prefill in its free memory,
+//! every device's values in the host's): one sequence is prefilled but for its last
+//! token, its dense cache is copied and each copy compressed by its last token's step
+//! (one at a time: a dense copy of a long prompt is large), then the batch decodes `gen`
+//! steps. Its tokens/s is compared with the group's full attention at the same context
+//! when both ran. Each stage prints a line (stderr) as it ends.
 
 use super::bench_cuda::{median, CudaBench};
 use crate::cuda::shadow::decode::FetchPath;
@@ -98,6 +100,21 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
         );
     }
     let cache_tokens = longest + 2 * a.gen;
+    let info = crate::cuda::CudaDevice::new(devices[0])
+        .map_err(|e| anyhow::anyhow!("GPU {} cannot be used: {e}", devices[0]))?
+        .info()
+        .clone();
+    println!(
+        "machine: {} × {} ({} SMs each); {:?}; model {} ({:.2} GB of bf16 weights); {} decode steps; CUDA graphs {}",
+        devices.len(),
+        info.name,
+        info.sm_count,
+        crate::cuda::nccl::Nccl::load()?,
+        a.model,
+        2.0 * cfg.parameter_count() as f64 / 1e9,
+        a.gen,
+        if a.cuda.no_graph { "off" } else { "on" }
+    );
     let mut rows = Vec::new();
     // One GPU first, where the whole model fits it.
     if devices.len() > 1 && a.full {
@@ -249,18 +266,10 @@ fn full_group(
         },
     )?;
     let load_secs = t0.elapsed().as_secs_f64();
-    let info = crate::cuda::CudaDevice::new(devices[0])?.info().clone();
-    println!(
-        "machine: {} × {} ({} SMs each); {:?}; model {} ({:.2} GB of bf16 weights over the group, {load_secs:.1} s \
-         to load); {} decode steps; CUDA graphs {}",
-        devices.len(),
-        info.name,
-        info.sm_count,
-        group.nccl(),
-        a.model,
+    eprintln!(
+        "[the group with full attention: {:.2} GB of bf16 weights over {} GPUs, {load_secs:.1} s to load]",
         group.weight_bytes() as f64 / 1e9,
-        a.gen,
-        if a.cuda.no_graph { "off" } else { "on" }
+        devices.len()
     );
     for &ctx in &a.contexts {
         let r = measure(&mut group, devices.len(), cfg, ctx, a)?;
