@@ -6,7 +6,8 @@
 //! it, more runs than it has communicator ids), and, where the host has two GPUs, a group of two against one GPU (logits within
 //! bf16 tolerance, the ranks' logits identical). Without a GPU each test prints that
 //! it skipped; without NCCL the group tests do (`SHADOWKV_REQUIRE_CUDA=1` makes both
-//! failures).
+//! failures). Where the host has two GPUs, a group of two whose decode steps were
+//! captured as CUDA graphs is also dropped within a time limit (NCCL's teardown order).
 
 mod common;
 
@@ -16,9 +17,12 @@ use rand::Rng;
 use shadowkv::cpu::LogitsWanted;
 use shadowkv::cuda::nccl::Nccl;
 use shadowkv::cuda::parallel::{vocab_concat, TpShard, COMMUNICATORS};
+use shadowkv::cuda::shadow::decode::FetchPath;
+use shadowkv::cuda::shadow::TierSize;
 use shadowkv::cuda::testing::{ops_or_skip, record_skip, REQUIRE_ENV};
 use shadowkv::cuda::{CudaDevice, CudaModel, CudaOps, GpuSeq};
-use shadowkv::engine::backend_tp::{TpBackend, TpWeights};
+use shadowkv::engine::backend::{SeqSpec, StepBackend, StepInput, StepSeq};
+use shadowkv::engine::backend_tp::{TpBackend, TpOptions, TpServing, TpWeights};
 use shadowkv::engine::generate::{generate_cuda, generate_group, generate_parallel, GenerateOptions, GenerateRequest};
 use shadowkv::engine::sampling::SamplingParams;
 use shadowkv::model::config::ModelConfig;
@@ -27,6 +31,7 @@ use shadowkv::model::shard::ShardPlan;
 use shadowkv::model::synthetic::preset;
 use shadowkv::shadow::Attention;
 use std::sync::Arc;
+use std::time::Duration;
 
 fn required() -> bool {
     std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1")
@@ -213,13 +218,20 @@ fn a_group_of_one_gives_the_whole_models_logits_bit_for_bit() {
     assert_eq!(same, a.len(), "a group of one must give the whole model's logits");
 }
 
-#[test]
-fn two_gpus_give_one_gpus_logits() {
-    let Some(ops) = ops_or_skip() else { return };
+/// Whether the host has two GPUs; says why the test skips if not.
+fn two_gpus_or_skip() -> bool {
     let gpus = cudarc::driver::CudaContext::device_count().unwrap_or(0);
     if gpus < 2 {
         eprintln!("skipped: {gpus} GPU(s); a group of two needs two");
         record_skip("fewer than two GPUs");
+    }
+    gpus >= 2
+}
+
+#[test]
+fn two_gpus_give_one_gpus_logits() {
+    let Some(ops) = ops_or_skip() else { return };
+    if !two_gpus_or_skip() {
         return;
     }
     let Some(nccl) = nccl_or_skip() else { return };
@@ -261,6 +273,83 @@ fn two_gpus_give_one_gpus_logits() {
             assert_eq!(argmax(a), argmax(b), "row {i}");
         }
     }
+}
+
+/// A group of two whose decode steps were captured as CUDA graphs (checked: every rank
+/// captured and replayed one), and whose model stream joined a communicator of its
+/// own (an all-reduce timed, as `bench --devices` does), is dropped within a minute.
+/// NCCL counts such a graph as a reference on the communicator it captured and the
+/// last rank to destroy that communicator waits for every one: a rank that gave its
+/// communicators up before its graph waited for itself (`bench --devices 0,1` hung).
+#[test]
+fn a_group_of_two_with_captured_steps_is_dropped_without_hanging() {
+    if ops_or_skip().is_none() || !two_gpus_or_skip() || nccl_or_skip().is_none() {
+        return;
+    }
+    let cfg = small_model();
+    let mut group = TpBackend::new(
+        &cfg,
+        TpWeights::Synthetic(7),
+        TpOptions {
+            devices: vec![0, 1],
+            serving: TpServing {
+                cache_tokens: 64,
+                max_batch: 1,
+                lanes: 1,
+                graphs: true,
+                shadow: None,
+                fetch: FetchPath::ZeroCopy,
+                micro_batches: 1,
+                tier: TierSize::Off,
+                value_slots: 0,
+                gatherers: None,
+                prefill_half_sm: false,
+            },
+            progress: false,
+        },
+    )
+    .unwrap();
+    let prompt: Vec<u32> = (0..23).map(|i| (i * 37 + 5) % 1003).collect();
+    let spec = SeqSpec {
+        sampling: SamplingParams::default(),
+        seed: 0,
+        prompt_tokens: prompt.len(),
+        max_tokens: 8,
+    };
+    let mut seq = group.new_seq(&spec).unwrap();
+    // The prompt, then decode steps: the first runs eagerly and is captured, the next
+    // ones replay the capture.
+    for step in 0..5 {
+        let (input, prompt_done) = match step {
+            0 => (StepInput::Tokens(&prompt), true),
+            _ => (StepInput::Previous, false),
+        };
+        let batch = &mut [StepSeq {
+            input,
+            seq: &mut seq,
+            sample: true,
+            prompt_done,
+        }];
+        let queued = group.submit(0, batch).unwrap();
+        assert_eq!(group.complete(0, queued).unwrap().tokens.len(), 1, "step {step}");
+    }
+    let counts = group.graph_counts().unwrap();
+    assert!(
+        counts.len() == 2 && counts.iter().all(|lanes| lanes[0].0 >= 1 && lanes[0].1 >= 1),
+        "every rank captures and replays its decode step: {counts:?}"
+    );
+    group.time_all_reduce(1 << 20, 3).unwrap();
+    drop(seq);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(group);
+        let _ = tx.send(());
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(60)).is_ok(),
+        "dropping a group of two with captured steps took over a minute (NCCL teardown hangs)"
+    );
+    println!("RESULT group_of_two_dropped graphs={counts:?}");
 }
 
 fn smollm2_request(tok: &shadowkv::model::tokenizer::TextTokenizer, n: usize, gen: usize) -> GenerateRequest {

@@ -35,7 +35,9 @@ use std::sync::Arc;
 /// Sequence lengths are bucketed to multiples of this for a captured step.
 const LEN_BUCKET: usize = 1024;
 
-/// The captured decode step of a batch, if any, and counters.
+/// The captured decode step of a batch, if any, and counters. With a tensor-parallel
+/// model, drop it before the model: its graph holds a reference on the communicator
+/// it captured (see [`crate::cuda::parallel`]); a [`Lane`]'s does so by itself.
 pub struct StepGraphs {
     enabled: bool,
     current: Option<Captured>,
@@ -76,6 +78,11 @@ impl StepGraphs {
 
 /// A stream of work of its own: its operations handle (stream and cuBLAS), scratch,
 /// captured decode step and pinned buffers the sampled tokens are read back into.
+///
+/// Dropped, a lane destroys its captured step before its scratch gives its
+/// tensor-parallel communicator back: the graph holds NCCL's reference on the
+/// communicator, which must be gone before the communicator is destroyed (see
+/// [`crate::cuda::parallel`]).
 pub struct Lane {
     ops: CudaOps,
     sc: Scratch,
@@ -110,6 +117,14 @@ pub struct Lane {
     gatherer: Option<Arc<dyn ChunkGather + Send>>,
     /// The cpu-gather path's actor (made at the lane's first cpu-gather step).
     transfer: Option<GatherTransfer>,
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        // Before the fields (`sc`'s communicator among them) go; see the type's
+        // documentation.
+        self.graphs.current = None;
+    }
 }
 
 /// One ShadowKV sequence's part of a decode step.
@@ -382,8 +397,13 @@ impl CudaModel {
     /// Stops the tensor-parallel communicators of the model's own stream and of `lanes`
     /// at once, ending collectives that wait for a device that will not come (after a
     /// step failed on some devices of the group only). The model runs no collective
-    /// step afterwards.
+    /// step afterwards. The lanes' captured steps are destroyed first: the rank that
+    /// aborts a communicator last waits for every graph that captured it (see
+    /// [`crate::cuda::parallel`]).
     pub fn abort_collectives(&self, lanes: &mut [Lane]) {
+        for lane in lanes.iter_mut() {
+            lane.graphs.current = None;
+        }
         let own = match self.scratch.lock() {
             Ok(mut sc) => sc.tp.comm.take(),
             Err(poisoned) => poisoned.into_inner().tp.comm.take(),

@@ -19,6 +19,20 @@
 //! rank's free list holds the same ids: a join takes the free one of lowest index
 //! (whatever order they came back in), or, with none free, initialises the next id,
 //! the same one everywhere.
+//!
+//! Teardown follows two rules that NCCL's own teardown needs (its `src/init.cc`):
+//! - A CUDA graph that captured collectives holds a reference on the communicator, and
+//!   the rank of this process that destroys (or aborts) a communicator last waits
+//!   until every such graph, on every device, has been destroyed
+//!   (`commReclaim` → `commDestroySync`). So a rank drops every graph that captured a
+//!   communicator before it gives that communicator up ([`crate::cuda::Lane`]'s drop,
+//!   [`crate::cuda::CudaModel::abort_collectives`]); otherwise the last rank waits for
+//!   its own graph.
+//! - The free list is dropped lowest index first, whatever order the communicators
+//!   came back in, so every rank destroys them in the same order: where a destroy
+//!   waits for the other ranks' destroy of the same communicator (ranks in other
+//!   processes: the proxy thread is joined once every peer has closed), no two ranks
+//!   wait for each other on different communicators.
 
 use super::nccl::{Comm, Nccl, UniqueId};
 use super::ops::{grid_1d, CudaOps};
@@ -136,7 +150,8 @@ impl TpShard {
     }
 }
 
-/// Items by index, taken lowest index first whatever order they were put in.
+/// Items by index, taken (and dropped, with the list) lowest index first whatever
+/// order they were put in.
 #[derive(Debug)]
 struct FreeList<T>(Vec<(usize, T)>);
 
@@ -154,6 +169,15 @@ impl<T> FreeList<T> {
     fn take(&mut self) -> Option<(usize, T)> {
         let at = (0..self.0.len()).min_by_key(|&i| self.0[i].0)?;
         Some(self.0.swap_remove(at))
+    }
+}
+
+impl<T> Drop for FreeList<T> {
+    fn drop(&mut self) {
+        // A Vec would drop its items in the order they were put back, which differs
+        // between ranks: communicators are destroyed in index order on every rank
+        // instead (see the module's documentation).
+        while self.take().is_some() {}
     }
 }
 
@@ -326,6 +350,7 @@ pub fn time_all_reduce(model: &super::CudaModel, bytes: usize, iters: usize) -> 
 #[cfg(test)]
 mod tests {
     use super::FreeList;
+    use std::sync::{Arc, Mutex};
 
     #[test]
     fn the_free_list_gives_the_lowest_index_whatever_the_order_of_return() {
@@ -344,5 +369,29 @@ mod tests {
         assert!(a.take().is_none());
         a.put(5, "x".into());
         assert_eq!(a.take(), Some((5, "x".to_string())));
+    }
+
+    /// Records its index in a shared log when dropped.
+    struct Logged(usize, Arc<Mutex<Vec<usize>>>);
+
+    impl Drop for Logged {
+        fn drop(&mut self) {
+            self.1.lock().unwrap().push(self.0);
+        }
+    }
+
+    #[test]
+    fn the_free_list_drops_its_items_lowest_index_first_whatever_the_order_of_return() {
+        // Two ranks that got their communicators back in different orders destroy them
+        // in the same order when their lists go.
+        for returned in [[3, 0, 2, 1], [1, 2, 0, 3], [0, 1, 2, 3]] {
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let mut list = FreeList::default();
+            for i in returned {
+                list.put(i, Logged(i, log.clone()));
+            }
+            drop(list);
+            assert_eq!(*log.lock().unwrap(), [0, 1, 2, 3], "returned in the order {returned:?}");
+        }
     }
 }

@@ -141,6 +141,7 @@ enum Cmd {
         ticket: u64,
     },
     Stats,
+    Graphs,
     StartTrace,
     Memory,
     AllReduce {
@@ -156,6 +157,7 @@ enum Reply {
     Submitted(Result<(Arc<CudaEvent>, Vec<usize>)>),
     Completed(Result<StepOutput>),
     Stats(BackendStats, Option<ShadowStats>),
+    Graphs(Vec<(usize, usize, usize)>),
     Trace(Result<Vec<std::time::Instant>>),
     Memory(Result<(usize, usize)>),
     Seconds(Result<Option<f64>>),
@@ -198,6 +200,9 @@ impl Worker {
                     Some(b) => Reply::Stats(b.stats(), b.shadow_stats()),
                     None => Reply::Stats(BackendStats::default(), None),
                 }),
+                Cmd::Graphs => Some(Reply::Graphs(
+                    self.backend.as_ref().map(RankBackend::graph_counts).unwrap_or_default(),
+                )),
                 Cmd::StartTrace => Some(Reply::Trace(self.backend().and_then(|b| b.start_gpu_trace()))),
                 Cmd::Memory => Some(Reply::Memory(self.model.ops().device().mem_info())),
                 Cmd::AllReduce { bytes, iters } => Some(Reply::Seconds(time_all_reduce(&self.model, bytes, iters))),
@@ -543,6 +548,20 @@ impl TpBackend {
         Ok(self.agree("timing an all-reduce", results)?[0])
     }
 
+    /// Each rank's graph captures, replays and eager steps, lane by lane
+    /// ([`CudaBackend::graph_counts`]), in rank order (empty lanes: not configured).
+    pub fn graph_counts(&self) -> Result<Vec<Vec<(usize, usize, usize)>>> {
+        self.ask(
+            |_| Cmd::Graphs,
+            |r| match r {
+                Reply::Graphs(g) => Some(Ok(g)),
+                _ => None,
+            },
+        )?
+        .into_iter()
+        .collect()
+    }
+
     /// The NCCL library the group runs on.
     pub fn nccl(&self) -> &Nccl {
         &self.nccl
@@ -851,8 +870,10 @@ impl StepBackend for TpBackend {
 impl Drop for TpBackend {
     fn drop(&mut self) {
         // Every rank is told before any is joined: a communicator's teardown may wait
-        // for the other ranks'. (Sequences still alive hold senders: the inboxes stay
-        // open, so the threads are told, not left to see them close.)
+        // for the other ranks' (the last to destroy one waits for every rank's graphs
+        // that captured it: see `crate::cuda::parallel`). (Sequences still alive hold
+        // senders: the inboxes stay open, so the threads are told, not left to see
+        // them close.)
         for rank in &self.ranks {
             let _ = rank.tx.send(Cmd::Shutdown);
         }
