@@ -123,7 +123,7 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
         let (free, _) = dev.mem_info()?;
         let weights = 2 * cfg.parameter_count();
         // The weights, one cache of the longest context and a margin.
-        let one_cache = cfg.num_layers * 2 * cache_tokens * cfg.num_kv_heads * cfg.head_dim * 2;
+        let one_cache = cache_tokens * cfg.kv_bytes_per_token(2);
         if weights + one_cache + (4 << 30) < free {
             let model = super::backend::load_cuda_model(dev, &a.model, &m, progress)?;
             let mut one = CudaBackend::new(model, cache_tokens, 1, 1, !a.cuda.no_graph, None)?;

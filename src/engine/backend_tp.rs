@@ -530,8 +530,7 @@ impl TpBackend {
 
     /// Device bytes of one device's share of a dense cache of `tokens` tokens.
     pub fn cache_bytes(&self, tokens: usize) -> usize {
-        let c = &self.config;
-        c.num_layers * 2 * tokens * (c.num_kv_heads / self.ranks.len()) * c.head_dim * 2
+        tokens * self.config.kv_bytes_per_token(2) / self.ranks.len()
     }
 
     /// Seconds one all-reduce of `bytes` bytes takes over the group (NCCL, rank 0's
