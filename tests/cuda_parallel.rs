@@ -17,8 +17,6 @@ use rand::Rng;
 use shadowkv::cpu::LogitsWanted;
 use shadowkv::cuda::nccl::Nccl;
 use shadowkv::cuda::parallel::{vocab_concat, TpShard, COMMUNICATORS};
-use shadowkv::cuda::shadow::decode::FetchPath;
-use shadowkv::cuda::shadow::TierSize;
 use shadowkv::cuda::testing::{ops_or_skip, record_skip, REQUIRE_ENV};
 use shadowkv::cuda::{CudaDevice, CudaModel, CudaOps, GpuSeq};
 use shadowkv::engine::backend::{SeqSpec, StepBackend, StepInput, StepSeq};
@@ -292,19 +290,7 @@ fn a_group_of_two_with_captured_steps_is_dropped_without_hanging() {
         TpWeights::Synthetic(7),
         TpOptions {
             devices: vec![0, 1],
-            serving: TpServing {
-                cache_tokens: 64,
-                max_batch: 1,
-                lanes: 1,
-                graphs: true,
-                shadow: None,
-                fetch: FetchPath::ZeroCopy,
-                micro_batches: 1,
-                tier: TierSize::Off,
-                value_slots: 0,
-                gatherers: None,
-                prefill_half_sm: false,
-            },
+            serving: TpServing::full_attention(64, 1, true),
             progress: false,
         },
     )

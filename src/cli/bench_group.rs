@@ -251,19 +251,7 @@ fn full_group(
         super::backend::tp_weights(&a.model, m)?,
         TpOptions {
             devices: devices.to_vec(),
-            serving: TpServing {
-                cache_tokens,
-                max_batch: 1,
-                lanes: 1,
-                graphs: !a.cuda.no_graph,
-                shadow: None,
-                fetch: FetchPath::ZeroCopy,
-                micro_batches: 1,
-                tier: TierSize::Off,
-                value_slots: 0,
-                gatherers: None,
-                prefill_half_sm: false,
-            },
+            serving: TpServing::full_attention(cache_tokens, 1, !a.cuda.no_graph),
             progress,
         },
     )?;
@@ -345,17 +333,11 @@ fn measure_shadow(
         TpOptions {
             devices: devices.to_vec(),
             serving: TpServing {
-                cache_tokens,
-                max_batch: batch,
-                lanes: 1,
-                graphs: !a.cuda.no_graph,
                 shadow: Some((*p, &pool)),
                 fetch: a.cuda.value_fetch.first().map_or(FetchPath::ZeroCopy, |f| f.path()),
                 micro_batches: a.micro_batches.first().copied().unwrap_or(1),
                 tier: a.cuda.gpu_tier.first().copied().unwrap_or(TierSize::Off),
-                value_slots: 0,
-                gatherers: None,
-                prefill_half_sm: false,
+                ..TpServing::full_attention(cache_tokens, batch, !a.cuda.no_graph)
             },
             progress,
         },

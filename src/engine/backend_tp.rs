@@ -87,6 +87,27 @@ pub struct TpServing<'a> {
     pub prefill_half_sm: bool,
 }
 
+impl TpServing<'_> {
+    /// Full attention for up to `max_batch` sequences of `cache_tokens` tokens on one
+    /// lane: no ShadowKV, no GPU value tier or slots, the prefill at full occupancy
+    /// (the ShadowKV fields take their defaults, for a struct update).
+    pub fn full_attention(cache_tokens: usize, max_batch: usize, graphs: bool) -> Self {
+        TpServing {
+            cache_tokens,
+            max_batch,
+            lanes: 1,
+            graphs,
+            shadow: None,
+            fetch: FetchPath::ZeroCopy,
+            micro_batches: 1,
+            tier: TierSize::Off,
+            value_slots: 0,
+            gatherers: None,
+            prefill_half_sm: false,
+        }
+    }
+}
+
 /// [`TpBackend::new`]'s options: the devices and how they serve.
 pub struct TpOptions<'a> {
     /// CUDA ordinals, one per rank, in rank order.
