@@ -8,8 +8,8 @@
 //! fits every device, or `--batch`), `gen` decode steps run over the batch, then `gen`
 //! over the first sequence alone (the latency of one sequence). The group also times
 //! NCCL's all-reduce at the size of one of its decode step's all-reduces (two a layer and
-//! one for the embedding) and at 256 MiB, for the bus bandwidth of the host's link, in
-//! the same run.
+//! one for the embedding), at one sequence's size and at 256 MiB, for the bus bandwidth
+//! of the host's link, in the same run.
 //!
 //! ShadowKV (`--attention shadowkv`), per context, over the group only, at its own
 //! largest batch (every device's ShadowKV state and a dense prefill in its free memory,
@@ -219,11 +219,11 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
         bus * 1e3,
         bus_gbs(BUS_BYTES, bus)
     );
-    println!("| context | all-reduce bytes | µs each (median) | per step | ms per step | bus GB/s at that size |");
+    println!("| step | all-reduce bytes | µs each (median) | per step | ms per step | bus GB/s at that size |");
     println!("|---:|---:|---:|---:|---:|---:|");
-    for (ctx, bytes, secs, count) in reduce {
+    for (step, bytes, secs, count) in reduce {
         println!(
-            "| {ctx} | {bytes} | {:.1} | {count} | {:.2} | {} |",
+            "| {step} | {bytes} | {:.1} | {count} | {:.2} | {} |",
             secs * 1e6,
             secs * count as f64 * 1e3,
             bus_gbs(bytes, secs)
@@ -232,9 +232,9 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// The group with full attention at every context (rows into `rows`, the decode step's
-/// all-reduce timed at each into `reduce`); returns the seconds of one all-reduce of
-/// [`BUS_BYTES`].
+/// The group with full attention at every context (rows into `rows`; the decode step's
+/// all-reduce timed at each, and one sequence's, into `reduce`); returns the seconds of
+/// one all-reduce of [`BUS_BYTES`].
 fn full_group(
     a: &CudaBench,
     devices: &[usize],
@@ -242,7 +242,7 @@ fn full_group(
     cache_tokens: usize,
     progress: bool,
     rows: &mut Vec<Row>,
-    reduce: &mut Vec<(usize, usize, f64, usize)>,
+    reduce: &mut Vec<(String, usize, f64, usize)>,
 ) -> Result<f64> {
     let cfg = &m.config;
     let t0 = Instant::now();
@@ -273,9 +273,24 @@ fn full_group(
             per * (2 * cfg.num_layers + 1) as f64 * 1e3,
             r.step_ms
         );
-        reduce.push((ctx, step_bytes, per, 2 * cfg.num_layers + 1));
+        reduce.push((
+            format!("context {ctx}, batch {}", r.batch),
+            step_bytes,
+            per,
+            2 * cfg.num_layers + 1,
+        ));
         rows.push(r);
     }
+    // One sequence's step: one row a collective, what its latency is made of.
+    let one_bytes = cfg.hidden_size * 2;
+    let one = group.time_all_reduce(one_bytes, 50)?;
+    eprintln!(
+        "[one sequence: NCCL all-reduce of {one_bytes} bytes {:.1} µs, {} a token: {:.2} ms]",
+        one * 1e6,
+        2 * cfg.num_layers + 1,
+        one * (2 * cfg.num_layers + 1) as f64 * 1e3
+    );
+    reduce.push(("one sequence".to_string(), one_bytes, one, 2 * cfg.num_layers + 1));
     let bus = group.time_all_reduce(BUS_BYTES, 20)?;
     eprintln!("[NCCL all-reduce of {} MiB: {:.3} ms]", BUS_BYTES >> 20, bus * 1e3);
     Ok(bus)
