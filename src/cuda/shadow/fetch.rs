@@ -263,7 +263,9 @@ fn fault_in(mem: &mut [u8]) {
                     // are pages of the exclusively borrowed range.
                     let populated =
                         unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_POPULATE_WRITE) };
-                    if populated != 0 {
+                    // EINVAL: a kernel without the advice (before Linux 5.14). Other
+                    // failures (no memory) are left to the driver's pinning to report.
+                    if populated != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
                         // SAFETY: `range` is the exclusively borrowed range.
                         unsafe { write_pages(from, to, range) };
                     }
