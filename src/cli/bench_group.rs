@@ -232,6 +232,25 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// The model of `a` over `devices`, loaded and serving with `serving`.
+fn new_group(
+    a: &CudaBench,
+    devices: &[usize],
+    m: &OpenedModel,
+    serving: TpServing<'_>,
+    progress: bool,
+) -> Result<TpBackend> {
+    TpBackend::new(
+        &m.config,
+        super::backend::tp_weights(&a.model, m)?,
+        TpOptions {
+            devices: devices.to_vec(),
+            serving,
+            progress,
+        },
+    )
+}
+
 /// The group with full attention at every context (rows into `rows`; the decode step's
 /// all-reduce timed at each, and one sequence's, into `reduce`); returns the seconds of
 /// one all-reduce of [`BUS_BYTES`].
@@ -246,14 +265,12 @@ fn full_group(
 ) -> Result<f64> {
     let cfg = &m.config;
     let t0 = Instant::now();
-    let mut group = TpBackend::new(
-        cfg,
-        super::backend::tp_weights(&a.model, m)?,
-        TpOptions {
-            devices: devices.to_vec(),
-            serving: TpServing::full_attention(cache_tokens, 1, !a.cuda.no_graph),
-            progress,
-        },
+    let mut group = new_group(
+        a,
+        devices,
+        m,
+        TpServing::full_attention(cache_tokens, 1, !a.cuda.no_graph),
+        progress,
     )?;
     let load_secs = t0.elapsed().as_secs_f64();
     eprintln!(
@@ -342,21 +359,14 @@ fn measure_shadow(
         (batch * one_pool * n) as f64 / 1e9
     );
     let t0 = Instant::now();
-    let mut group = TpBackend::new(
-        cfg,
-        super::backend::tp_weights(&a.model, m)?,
-        TpOptions {
-            devices: devices.to_vec(),
-            serving: TpServing {
-                shadow: Some((*p, &pool)),
-                fetch: a.cuda.value_fetch.first().map_or(FetchPath::ZeroCopy, |f| f.path()),
-                micro_batches: a.micro_batches.first().copied().unwrap_or(1),
-                tier: a.cuda.gpu_tier.first().copied().unwrap_or(TierSize::Off),
-                ..TpServing::full_attention(cache_tokens, batch, !a.cuda.no_graph)
-            },
-            progress,
-        },
-    )?;
+    let serving = TpServing {
+        shadow: Some((*p, &pool)),
+        fetch: a.cuda.value_fetch.first().map_or(FetchPath::ZeroCopy, |f| f.path()),
+        micro_batches: a.micro_batches.first().copied().unwrap_or(1),
+        tier: a.cuda.gpu_tier.first().copied().unwrap_or(TierSize::Off),
+        ..TpServing::full_attention(cache_tokens, batch, !a.cuda.no_graph)
+    };
+    let mut group = new_group(a, devices, m, serving, progress)?;
     eprintln!(
         "[{n} GPU(s), context {ctx}, ShadowKV: the group (weights, pools pinned) built in {:.1} s]",
         t0.elapsed().as_secs_f64()
