@@ -194,6 +194,77 @@ fn linear_decode_bandwidth() {
     }
 }
 
+/// How the decode step's memory-bound kernels scale with the multiprocessors they may
+/// use: flash-decoding over 16 sequences of 8192 tokens and the gate|up product at 16
+/// rows, each on a partition of the GPU (a green context, as `limits.prefill_sms` leaves
+/// the decode lane the rest) and on the whole GPU.
+#[test]
+#[ignore = "benchmark: needs a GPU"]
+fn decode_bandwidth_by_sms() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let total = dev.info().sm_count;
+    let split = shadowkv::cuda::green::sm_split(dev.context()).unwrap();
+    let shape = AttnShape {
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+    };
+    let kvd = shape.kv_heads * shape.head_dim;
+    let (batch, ctx) = (16usize, 8192usize);
+    let mut kv = Vec::new();
+    for b in 0..batch {
+        let mut kb = dev.zeros::<bf16>(ctx * kvd).unwrap();
+        let mut vb = dev.zeros::<bf16>(ctx * kvd).unwrap();
+        ops.fill_random_bf16(&mut kb, 2 * b as u64 + 10, 1.0).unwrap();
+        ops.fill_random_bf16(&mut vb, 2 * b as u64 + 11, 1.0).unwrap();
+        kv.push((kb, vb));
+    }
+    let mut q = dev.zeros::<bf16>(batch * shape.heads * shape.head_dim).unwrap();
+    ops.fill_random_bf16(&mut q, 7, 3.0).unwrap();
+    let (m, k, n) = (16usize, 4096usize, 28_672usize);
+    let mut x = dev.zeros::<bf16>(m * k).unwrap();
+    let mut w = dev.zeros::<bf16>(n * k).unwrap();
+    ops.fill_random_bf16(&mut x, 1, 1.0).unwrap();
+    ops.fill_random_bf16(&mut w, 2, 0.02).unwrap();
+    dev.synchronize().unwrap();
+    let kv_bytes = (batch * ctx * kvd * 2 * 2) as f64;
+    let w_bytes = ((n * k + m * k + m * n) * 2) as f64;
+    let sizes: Vec<u32> = [8u32, 16, 24, 32, 48, 64, 96, 120]
+        .into_iter()
+        .filter(|&s| split.round(s) == Ok(s))
+        .collect();
+    for sms in sizes.into_iter().map(Some).chain([None]) {
+        let part = match sms {
+            Some(s) => ops.fork_on_sms(shadowkv::cuda::StreamPriority::Normal, s).unwrap(),
+            None => ops.fork(shadowkv::cuda::StreamPriority::Normal).unwrap(),
+        };
+        let pd = part.device();
+        let seqs: Vec<_> = kv.iter().map(|(kb, vb)| (kb, vb, ctx)).collect();
+        let table = KvTable::new(&part, &seqs, kvd).unwrap();
+        let mut ws = DecodeWorkspace::new();
+        let mut out = pd.zeros::<bf16>(batch * shape.heads * shape.head_dim).unwrap();
+        let mut lin = pd.zeros::<bf16>(m * n).unwrap();
+        pd.synchronize().unwrap();
+        let (att, _, _) = time_ms(&part, 3, 20, || {
+            part.flash_decode(&mut out, &q, &table, shape, &mut ws).unwrap()
+        });
+        let (gemm, _, _) = time_ms(&part, 3, 20, || part.linear(&mut lin, &x, &w, m, k, n, false).unwrap());
+        let got = pd.download(&out).unwrap();
+        assert!(
+            got.iter().all(|v| v.is_finite()),
+            "non-finite attention output on {sms:?} SMs"
+        );
+        eprintln!(
+            "BENCH decode_by_sms sms={} of {total} flash_decode_ms={att:.3} kv_GB/s={:.0} linear_m16_ms={gemm:.3} \
+             linear_GB/s={:.0}",
+            pd.info().sm_count,
+            kv_bytes / (att * 1e-3) / 1e9,
+            w_bytes / (gemm * 1e-3) / 1e9
+        );
+    }
+}
+
 #[test]
 #[ignore = "benchmark: needs a GPU"]
 fn flash_prefill_throughput() {

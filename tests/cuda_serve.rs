@@ -78,6 +78,17 @@ fn setup() -> Option<Setup> {
 /// Runs `reqs` through an engine on `lanes` lanes with at most `max_batch` sequences;
 /// returns each request's text and token count.
 fn through_engine(s: &Setup, reqs: &[EngineRequest], lanes: usize, max_batch: usize) -> Vec<(String, usize)> {
+    let backend = CudaBackend::new(s.gpu.clone(), 1024, max_batch, lanes, true, None).unwrap();
+    serve(s, backend, reqs, max_batch)
+}
+
+/// Runs `reqs` through an engine on `backend`.
+fn serve(
+    s: &Setup,
+    backend: CudaBackend<Arc<CudaModel>>,
+    reqs: &[EngineRequest],
+    max_batch: usize,
+) -> Vec<(String, usize)> {
     let config = SchedulerConfig {
         max_batch,
         max_queue: 16,
@@ -85,7 +96,6 @@ fn through_engine(s: &Setup, reqs: &[EngineRequest], lanes: usize, max_batch: us
         prefill_chunk: 64,
         decode_spacing: std::time::Duration::ZERO,
     };
-    let backend = CudaBackend::new(s.gpu.clone(), 1024, max_batch, lanes, true, None).unwrap();
     let (engine, join) = spawn_engine(backend, s.tok.clone(), config, None).unwrap();
     let rxs: Vec<_> = reqs.iter().map(|r| engine.submit(r.clone()).unwrap()).collect();
     let out = rxs.into_iter().map(collect).collect();
@@ -123,6 +133,37 @@ fn engine_alone_equals_generate_cuda() {
         }
     }
     eprintln!("RESULT engine alone: 3 requests x 2 lane settings equal generate_cuda");
+}
+
+/// With the prefill lane on a partition of the multiprocessors (a green context), the
+/// engine's texts equal generate_cuda's, and the partition is the size asked for rounded
+/// up to the driver's granule; a partition that leaves the decode lane nothing is refused.
+#[test]
+fn prefill_lane_on_a_share_of_the_sms_gives_the_same_text() {
+    let Some(s) = setup() else { return };
+    let sms = s.gpu.ops().device().info().sm_count;
+    let split = shadowkv::cuda::green::sm_split(s.gpu.ops().device().context()).unwrap();
+    assert_eq!(split.total, sms);
+    let ask = sms / 2 - 1;
+    let mut got_sms = 0;
+    for r in requests(&s.tok).iter().take(3) {
+        let (_, want) = alone(&s, r);
+        let backend = CudaBackend::new(s.gpu.clone(), 1024, 4, 2, true, None).unwrap();
+        let (backend, got) = backend.with_prefill_sms(ask).unwrap();
+        assert_eq!(got, split.round(ask).unwrap(), "asked for {ask} of {sms}");
+        got_sms = got;
+        assert_eq!(serve(&s, backend, std::slice::from_ref(r), 4)[0].0, want);
+    }
+    let backend = CudaBackend::new(s.gpu.clone(), 1024, 4, 2, true, None).unwrap();
+    let err = backend
+        .with_prefill_sms(sms)
+        .err()
+        .expect("a partition of the whole GPU is refused");
+    assert!(format!("{err:#}").contains("leave fewer than"), "{err:#}");
+    eprintln!(
+        "RESULT prefill lane on {got_sms} of {sms} multiprocessors (granule {}): 3 requests equal generate_cuda",
+        split.granularity
+    );
 }
 
 /// Six requests through an engine of four slots (queueing, prefills beside decoding,

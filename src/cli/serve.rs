@@ -445,6 +445,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                     },
                     gatherers: gathers.then_some(&gatherer as GatherMaker),
                     prefill_half_sm: topo.limits.prefill_sm_share == PrefillShare::Half,
+                    prefill_sms: topo.limits.prefill_sms,
                 },
                 progress: false,
             },
@@ -467,8 +468,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
         // has none: the key is ignored then); the host pool holds the others'.
         let value_slots = if shadowkv { topo.pipeline.gpu_value_slots } else { 0 };
         let host_held = topo.limits.max_batch - value_slots;
-        let mut backend = CudaBackend::new(model, max_context, host_held, lanes, true, shadow.take())
+        let (backend, prefill_sms) = CudaBackend::new(model, max_context, host_held, lanes, true, shadow.take())
             .map_err(|e| topo.error_at("limits", format!("{e:#}")))?
+            .with_prefill_sms(topo.limits.prefill_sms)
+            .map_err(|e| topo.error_at("limits.prefill_sms", format!("{e:#}")))?;
+        if prefill_sms > 0 {
+            info!("the prefill lane runs on {prefill_sms} multiprocessors (limits.prefill_sms)");
+        }
+        let mut backend = backend
             .with_fetch(match topo.pipeline.value_fetch {
                 TopoFetch::ZeroCopy => FetchPath::ZeroCopy,
                 TopoFetch::CpuGather => FetchPath::CpuGather,

@@ -207,21 +207,39 @@ impl CudaDevice {
     /// `priority` (see [`StreamPriority`]): what another lane of work (a prefill running
     /// beside decode steps) launches on.
     pub fn with_new_stream(&self, priority: StreamPriority) -> anyhow::Result<CudaDevice> {
+        let stream = self.ctx.new_stream_with_priority(self.priority(priority)?)?;
+        Ok(CudaDevice {
+            ctx: self.ctx.clone(),
+            stream,
+            info: self.info.clone(),
+        })
+    }
+
+    /// As [`CudaDevice::with_new_stream`], on a stream whose kernels run on a partition
+    /// of at least `sms` multiprocessors ([`super::green`]); its [`DeviceInfo::sm_count`]
+    /// is the partition's, so launch heuristics size their grids for it.
+    pub fn with_stream_on_sms(&self, priority: StreamPriority, sms: u32) -> anyhow::Result<CudaDevice> {
+        let (stream, got) = super::green::stream_on_sms(&self.ctx, sms, self.priority(priority)?)?;
+        Ok(CudaDevice {
+            ctx: self.ctx.clone(),
+            stream,
+            info: DeviceInfo {
+                sm_count: got,
+                ..self.info.clone()
+            },
+        })
+    }
+
+    /// The driver's number for `priority` (greater priorities are smaller numbers).
+    fn priority(&self, priority: StreamPriority) -> anyhow::Result<i32> {
         self.ctx.bind_to_thread()?;
         let (least, greatest) = cudarc::driver::result::stream::get_priority_range()?;
-        // Greater priorities are smaller numbers.
-        let p = match priority {
+        Ok(match priority {
             StreamPriority::Normal => least,
             // One level below the greatest while that is still above Normal.
             StreamPriority::High if greatest + 1 < least => greatest + 1,
             StreamPriority::High => greatest,
             StreamPriority::Highest => greatest,
-        };
-        let stream = self.ctx.new_stream_with_priority(p)?;
-        Ok(CudaDevice {
-            ctx: self.ctx.clone(),
-            stream,
-            info: self.info.clone(),
         })
     }
 

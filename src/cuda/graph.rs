@@ -74,6 +74,11 @@ impl StepGraphs {
             eager: 0,
         }
     }
+
+    /// Whether decode steps are captured.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
 }
 
 /// A stream of work of its own: its operations handle (stream and cuBLAS), scratch,
@@ -239,8 +244,18 @@ impl StepTicket {
 impl CudaModel {
     /// A new lane on its own stream at `priority`; `graphs` turns decode-step capture on.
     pub fn new_lane(&self, priority: StreamPriority, graphs: bool) -> Result<Lane> {
-        Ok(Lane {
-            ops: self.ops().fork(priority)?,
+        Ok(Self::lane_on(self.ops().fork(priority)?, graphs))
+    }
+
+    /// As [`CudaModel::new_lane`], on a stream whose kernels run on at least `sms` of
+    /// the GPU's multiprocessors only ([`CudaOps::fork_on_sms`]).
+    pub fn new_lane_on_sms(&self, priority: StreamPriority, graphs: bool, sms: u32) -> Result<Lane> {
+        Ok(Self::lane_on(self.ops().fork_on_sms(priority, sms)?, graphs))
+    }
+
+    fn lane_on(ops: CudaOps, graphs: bool) -> Lane {
+        Lane {
+            ops,
             sc: Scratch::default(),
             graphs: StepGraphs::new(graphs),
             readback: [None, None],
@@ -257,7 +272,7 @@ impl CudaModel {
             fetch_ops: None,
             gatherer: None,
             transfer: None,
-        })
+        }
     }
 
     /// Runs one step and samples one token for every sequence that wants logits

@@ -2,6 +2,7 @@
 //!
 //! - [`device`]: the context, the compute stream, events and device buffers
 //!   ([`CudaDevice::new`] returns [`DeviceError::Unavailable`] without a driver or GPU).
+//! - [`green`]: streams on a share of the multiprocessors (green contexts).
 //! - [`nvrtc`]: compiles `kernels/*.cu` for the device's architecture with NVRTC and
 //!   caches the machine code on disk.
 //! - [`ops`]: embedding gather, RMSNorm fused with the residual add, RoPE, SwiGLU and
@@ -25,6 +26,7 @@
 pub mod attention;
 pub mod device;
 pub mod graph;
+pub mod green;
 pub mod kernels;
 pub mod model;
 pub mod nccl;

@@ -99,9 +99,6 @@ impl CudaOps {
         Self::on_device(dev, k, hopper, gemv_warps)
     }
 
-    /// The same kernels and settings on a new stream of the same device, created at
-    /// `priority`, with a cuBLAS handle of its own: another lane of work that the GPU
-    /// runs beside this one.
     /// Has this stream's prefill attention run one block a multiprocessor (`true`)
     /// instead of as many as fit (two): it asks for more shared memory than half a
     /// multiprocessor holds, so the other half of each multiprocessor's registers stays
@@ -110,13 +107,21 @@ impl CudaOps {
         self.prefill_half_sm.store(on, Ordering::Relaxed);
     }
 
+    /// The same kernels and settings on a new stream of the same device, created at
+    /// `priority`, with a cuBLAS handle of its own: another lane of work that the GPU
+    /// runs beside this one.
     pub fn fork(&self, priority: StreamPriority) -> Result<CudaOps> {
-        let ops = Self::on_device(
-            self.dev.with_new_stream(priority)?,
-            self.k.clone(),
-            self.pdl.load(Ordering::Relaxed),
-            self.gemv_warps,
-        )?;
+        self.fork_on(self.dev.with_new_stream(priority)?)
+    }
+
+    /// As [`CudaOps::fork`], on a stream whose kernels run on at least `sms` of the
+    /// GPU's multiprocessors only ([`CudaDevice::with_stream_on_sms`]).
+    pub fn fork_on_sms(&self, priority: StreamPriority, sms: u32) -> Result<CudaOps> {
+        self.fork_on(self.dev.with_stream_on_sms(priority, sms)?)
+    }
+
+    fn fork_on(&self, dev: CudaDevice) -> Result<CudaOps> {
+        let ops = Self::on_device(dev, self.k.clone(), self.pdl.load(Ordering::Relaxed), self.gemv_warps)?;
         ops.gemv.store(self.gemv.load(Ordering::Relaxed), Ordering::Relaxed);
         Ok(ops)
     }

@@ -262,6 +262,25 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
         self
     }
 
+    /// The separate prefill lane (the second lane; none with one lane) runs on a
+    /// partition of at least `sms` of the GPU's multiprocessors (0: the whole GPU), so
+    /// the decode lane's kernels always find the others free
+    /// ([`crate::cuda::green`]). Refuses a partition that leaves the decode lane less
+    /// than the driver's smallest one. Before the other `with_` settings, which then
+    /// apply to the new lane too. Returns the partition's size (0 without one).
+    pub fn with_prefill_sms(mut self, sms: u32) -> Result<(Self, u32)> {
+        if sms == 0 || self.lanes.len() < 2 {
+            return Ok((self, 0));
+        }
+        let m: &CudaModel = self.model.borrow();
+        let graphs = self.lanes[1].graphs.enabled();
+        let mut lane = m.new_lane_on_sms(StreamPriority::Normal, graphs, sms)?;
+        lane.time_stages(self.shadow.is_some());
+        let got = lane.ops().device().info().sm_count;
+        self.lanes[1] = lane;
+        Ok((self, got))
+    }
+
     /// The cpu-gather path copies the missed value chunks with `g` (the pipeline's
     /// pinned gather threads) on every lane.
     pub fn with_gatherer(mut self, g: std::sync::Arc<dyn crate::cuda::shadow::decode::ChunkGather + Send>) -> Self {

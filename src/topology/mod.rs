@@ -200,6 +200,11 @@ pub struct LimitsSection {
     /// How much of each multiprocessor the separate prefill lane's attention takes.
     #[serde(default)]
     pub prefill_sm_share: PrefillShare,
+    /// The separate prefill lane runs on a partition of this many of the GPU's
+    /// multiprocessors (rounded up to the driver's granule, 8 on Hopper), so a decode
+    /// step always finds the others free; 0: the whole GPU.
+    #[serde(default)]
+    pub prefill_sms: u32,
     /// While prompts are prefilled on the separate lane, decode steps start at least
     /// this many milliseconds apart (0: as soon as the decode lane has room), leaving
     /// the GPU to the prefill in between.
@@ -253,6 +258,7 @@ impl Default for LimitsSection {
             prefill_chunk: d_prefill_chunk(),
             prefill_lane: PrefillLane::Auto,
             prefill_sm_share: PrefillShare::All,
+            prefill_sms: 0,
             decode_spacing_ms: 0,
         }
     }
@@ -629,6 +635,14 @@ impl Topology {
                 "limits.prefill_sm_share",
                 "`half` shares each GPU multiprocessor between the separate prefill lane and the decode steps: \
                  it needs backend.kind = \"cuda\" and limits.prefill_lane `separate` (or `auto`)"
+                    .into(),
+            );
+        }
+        if l.prefill_sms > 0 && !separate {
+            return e(
+                "limits.prefill_sms",
+                "puts the separate prefill lane on a share of the GPU's multiprocessors: it needs backend.kind = \
+                 \"cuda\" and limits.prefill_lane `separate` (or `auto`)"
                     .into(),
             );
         }

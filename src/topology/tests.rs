@@ -85,6 +85,12 @@ fn impossible_values_name_key_and_line() {
             "limits.prefill_sm_share",
             5,
         ),
+        ("[limits]\nprefill_sms = 100\n", "limits.prefill_sms", 2),
+        (
+            "[backend]\nkind = \"cuda\"\n[limits]\nprefill_lane = \"mixed\"\nprefill_sms = 100\n",
+            "limits.prefill_sms",
+            5,
+        ),
         ("[limits]\ndecode_spacing_ms = 20\n", "limits.decode_spacing_ms", 2),
         (
             "[backend]\nkind = \"cuda\"\n[limits]\ndecode_spacing_ms = 20000\n",
