@@ -263,21 +263,26 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
     }
 
     /// The separate prefill lane (the second lane; none with one lane) runs on a
-    /// partition of at least `sms` of the GPU's multiprocessors (0: the whole GPU), so
-    /// the decode lane's kernels always find the others free
-    /// ([`crate::cuda::green`]). Refuses a partition that leaves the decode lane less
-    /// than the driver's smallest one. Before the other `with_` settings, which then
-    /// apply to the new lane too. Returns the partition's size (0 without one).
+    /// partition of at least `sms` of the GPU's multiprocessors (0: the whole GPU)
+    /// ([`crate::cuda::green`]) and owns it: its stream's priority is above the decode
+    /// lane's, so as its blocks retire its next ones take their multiprocessors. The
+    /// decode lane's kernels run on the others, which they always find free, and on
+    /// whatever the prefill leaves idle. Refuses a partition that leaves the decode
+    /// lane less than the driver's smallest one. Before the other `with_` settings,
+    /// which then apply to the new lanes too. Returns the partition's size (0 without one).
     pub fn with_prefill_sms(mut self, sms: u32) -> Result<(Self, u32)> {
         if sms == 0 || self.lanes.len() < 2 {
             return Ok((self, 0));
         }
         let m: &CudaModel = self.model.borrow();
-        let graphs = self.lanes[1].graphs.enabled();
-        let mut lane = m.new_lane_on_sms(StreamPriority::Normal, graphs, sms)?;
-        lane.time_stages(self.shadow.is_some());
-        let got = lane.ops().device().info().sm_count;
-        self.lanes[1] = lane;
+        let graphs = self.lanes[0].graphs.enabled();
+        let mut prefill = m.new_lane_on_sms(StreamPriority::High, graphs, sms)?;
+        let mut decode = m.new_lane(StreamPriority::Normal, graphs)?;
+        let got = prefill.ops().device().info().sm_count;
+        for lane in [&mut decode, &mut prefill] {
+            lane.time_stages(self.shadow.is_some());
+        }
+        self.lanes = vec![decode, prefill];
         Ok((self, got))
     }
 
