@@ -19,7 +19,9 @@
 //!
 //! A step that fails on every rank fails as on one GPU. A step that fails on some
 //! ranks only leaves the others' collectives waiting: the group aborts its
-//! communicators and refuses every later step, naming the first failure.
+//! communicators and refuses every later step, naming the first failure. So does a
+//! step from which the ranks left out different sequences (a compression that failed
+//! on some ranks only): their collectives differ in size.
 
 use super::backend::{BackendStats, SeqSpec, StepBackend, StepInput, StepOutput, StepSeq};
 use super::backend_cuda::{CudaBackend, CudaSeq, CudaTicket};
