@@ -14,7 +14,9 @@
 //! - The zero-copy and cpu-gather fetch paths give the same tokens (the same bytes), and
 //!   so do GPU value slots holding some or all of a batch's values; through the engine a
 //!   GPU value slot is given back when its sequence ends.
-//! - Through the engine with a prefill lane, a request alone equals `generate_cuda`.
+//! - Through the engine with a prefill lane, a request alone equals `generate_cuda`,
+//!   and so do two requests, one decoding while the other's prompt is prefilled on the
+//!   second lane and compressed at its first decode step.
 //! - cpu-gather's actor: a gather that panics fails its own request and the engine
 //!   serves on; two requests decoding together in two micro-batches both end; a
 //!   shutdown while slow gathers are in flight ends.
@@ -301,6 +303,47 @@ fn engine_with_a_prefill_lane_equals_generate_cuda() {
     assert_eq!(text, want);
     eprintln!("RESULT shadowkv_engine equal_text={}", text.len());
     check_gpu_tracks(&trace_path, cfg.num_layers, gen);
+}
+
+/// One request decodes while a second one's prompt is prefilled on the prefill lane and
+/// compressed at its first decode step (on the compression's stream, after its last
+/// chunk only; the decode lane waiting for it): each gives what `generate_cuda` gives it
+/// alone, and the first is still decoding when the second ends.
+#[test]
+fn a_prompt_prefilled_beside_a_decoding_request_equals_each_alone() {
+    let Some((gpu, tok, p)) = engine_parts() else { return };
+    let (first, second) = (prompt(&tok, 1200), prompt(&tok, 1500));
+    let (gen_first, gen_second) = (160, 24);
+    let want_first = alone_text(&gpu, &tok, p, &first, gen_first);
+    let want_second = alone_text(&gpu, &tok, p, &second, gen_second);
+    let (engine, join) = spawn_engine(engine_backend(&gpu, p, 2), tok.clone(), engine_config(), None).unwrap();
+    let mut rx = submit(&engine, first, gen_first);
+    // The first request's text has begun: it decodes when the second comes.
+    let mut text = match rx.blocking_recv() {
+        Some(Event::Text(t)) => t,
+        e => panic!("the first request's first event: {e:?}"),
+    };
+    let first_rx = std::thread::spawn(move || {
+        let rest = stream_text(rx);
+        (rest, Instant::now())
+    });
+    let second_text = engine_text(&engine, second, gen_second).unwrap();
+    let second_done = Instant::now();
+    let (rest, first_done) = first_rx.join().unwrap();
+    text.push_str(&rest.unwrap());
+    engine.shutdown(Duration::ZERO);
+    join.join().unwrap();
+    assert_eq!(text, want_first);
+    assert_eq!(second_text, want_second);
+    assert!(
+        first_done > second_done,
+        "the first request ended before the second: they did not run side by side"
+    );
+    eprintln!(
+        "RESULT shadowkv_engine_side_by_side equal_texts={}+{}",
+        text.len(),
+        second_text.len()
+    );
 }
 
 /// A gather that panics on its first call, then copies as rayon's threads do.

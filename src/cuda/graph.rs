@@ -232,13 +232,6 @@ impl StepTicket {
     pub fn end_event(&self) -> Arc<CudaEvent> {
         self.done.clone()
     }
-
-    /// Moves the step's end past the work queued on `lane` since it was submitted (a
-    /// compression that follows a prefill's last step): completing the ticket then
-    /// waits for that work too, so another lane may use what it made.
-    pub fn extend(&self, lane: &Lane) -> Result<()> {
-        Ok(self.done.record(lane.ops.device().stream())?)
-    }
 }
 
 impl CudaModel {

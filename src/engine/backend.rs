@@ -42,7 +42,9 @@ pub struct StepSeq<'a, S> {
     /// Whether to sample a token after the step (false for a prompt chunk that is not
     /// the prompt's last).
     pub sample: bool,
-    /// Whether the step completes the prompt (ShadowKV compresses the prefill then).
+    /// Whether the step completes the prompt (ShadowKV compresses the prefill then, or,
+    /// where the backend [defers it](StepBackend::defers_prefill), at the sequence's
+    /// first decode step).
     pub prompt_done: bool,
 }
 
@@ -95,6 +97,14 @@ pub trait StepBackend: Send {
     /// runs the step itself (nothing to overlap), 2 where it only queues it.
     fn queue_depth(&self) -> usize {
         1
+    }
+
+    /// Whether a sequence whose prompt is in keeps its prefill's memory until its first
+    /// decode step is queued (ShadowKV on the GPU with a prefill lane compresses it
+    /// then, with room for one such prefill): the scheduler starts no new prompt
+    /// meanwhile. False unless the backend says so.
+    fn defers_prefill(&self) -> bool {
+        false
     }
 
     /// A fresh sequence.

@@ -6,10 +6,18 @@
 //!
 //! Attention is full (each sequence's dense KV cache on the GPU, allocated at its first
 //! step for its prompt and completion) or ShadowKV: a sequence is prefilled densely
-//! into a cache that also keeps its keys before RoPE, compressed on the GPU when the
+//! into a cache that also keeps its keys before RoPE, compressed on the GPU once the
 //! prompt is in (low-rank keys, landmarks, outliers and the recent window on the GPU,
 //! its values in the registered host pool or a GPU value slot), and decodes through its
 //! ShadowKV state; its dense cache is freed once the compression that read it has run.
+//!
+//! Compressions run on a stream of their own. With a prefill lane, a prompt is
+//! compressed at its first decode step, which the scheduler queues once the prompt's
+//! last chunk is done: the compression waits for that chunk only (an event), not for
+//! the other prompts' chunks queued on the prefill lane behind it, and the decode lane
+//! waits for the compression. With one lane (the loops that prefill every prompt before
+//! decoding any), a prompt is compressed as its last chunk is queued, so that one dense
+//! cache is held at a time.
 
 use super::backend::{BackendStats, LaneSerials, LastSample, SeqSpec, StepBackend, StepInput, StepOutput, StepSeq};
 use crate::cpu::LogitsWanted;
@@ -19,13 +27,14 @@ use crate::cuda::shadow::decode::{FetchPath, Stage};
 use crate::cuda::shadow::seq::{layer_bytes, sequence_bytes};
 use crate::cuda::shadow::tier::tier_chunks_for;
 use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout, TierSize};
-use crate::cuda::{CudaModel, GpuCache, GpuSeq, Lane, ShadowCounters, StepTicket};
+use crate::cuda::{CudaModel, CudaOps, GpuCache, GpuSeq, Lane, ShadowCounters, StepTicket};
 use crate::model::config::ModelConfig;
 use crate::pool::ValuePool;
 use crate::shadow::{ShadowParams, ShadowStats};
 use anyhow::{bail, ensure, Result};
 use cudarc::driver::CudaEvent;
 use std::borrow::Borrow;
+use std::sync::Arc;
 
 /// Where a sequence's keys and values are.
 enum GpuState {
@@ -33,8 +42,14 @@ enum GpuState {
     Empty,
     /// A dense cache.
     Dense(GpuCache),
+    /// ShadowKV: a dense cache holding the whole prompt, not compressed yet, and the
+    /// event recorded on the lane that queued the prompt's last chunk, after it.
+    Prefilled(GpuCache, CudaEvent),
     /// ShadowKV state, after its prompt was compressed.
     Shadow(GpuShadowSeq),
+    /// ShadowKV: its compression failed (the step that tried reports it); the steps
+    /// after leave it out.
+    Failed,
 }
 
 /// One sequence on the GPU: its state, its sampling row and where its last sampled
@@ -48,14 +63,38 @@ pub struct CudaSeq {
 }
 
 /// ShadowKV on the GPU: the layout of every sequence, the value pools (host, and GPU
-/// value slots) and the compression's scratch.
+/// value slots), the compression's stream and its scratch.
 struct ShadowGpu {
     layout: ShadowLayout,
     /// Sequences the backend serves at most (host slots and GPU value slots).
     max_batch: usize,
     pool: GpuValuePool,
+    /// The stream compressions are queued on (high priority), apart from the lanes.
+    compress: CudaOps,
     ws: CompressWorkspace,
     fetch: FetchPath,
+}
+
+/// A step queued by [`CudaBackend`]: the lane's ticket, the sequences of its batch that
+/// failed on their own (their compression) and, of its sampled rows, those whose
+/// sequence was left out of the step for it (each gets a token that means nothing).
+pub struct CudaTicket {
+    step: StepTicket,
+    failed: Vec<(usize, String)>,
+    left_out: Vec<usize>,
+}
+
+impl CudaTicket {
+    /// The event that marks the step's end ([`StepTicket::end_event`]).
+    pub fn end_event(&self) -> Arc<CudaEvent> {
+        self.step.end_event()
+    }
+
+    /// The sequences of the step's batch (their index) that failed on their own, with
+    /// why.
+    pub fn failed(&self) -> &[(usize, String)] {
+        &self.failed
+    }
 }
 
 /// [`CudaModel`] (owned, or borrowed by the generation loop) for the server.
@@ -93,14 +132,16 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
                     "a value pool of {} sequences for a batch of {max_batch}",
                     pool.shape().seqs
                 );
-                // The compression's workers before the memory is counted: their scratch is
-                // held from here on.
+                // The compression's stream and workers before the memory is counted: their
+                // scratch is held from here on.
+                let compress = m.ops().fork(StreamPriority::High)?;
                 let mut ws = CompressWorkspace::default();
-                ws.prepare(m.ops(), &layout)?;
+                ws.prepare(&compress, &layout)?;
                 Some(ShadowGpu {
                     layout,
                     max_batch,
                     pool: GpuValuePool::new(m.ops(), pool)?,
+                    compress,
                     ws,
                     fetch: FetchPath::ZeroCopy,
                 })
@@ -337,14 +378,62 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
         self.retired.retain(|(done, _)| !done.is_complete());
     }
 
+    /// Whether a prompt is compressed at its sequence's first decode step rather than
+    /// as its last chunk is queued: ShadowKV with a prefill lane.
+    fn defers(&self) -> bool {
+        self.shadow.is_some() && self.lanes.len() > 1
+    }
+
+    /// Compresses `seq`'s prefilled prompt into ShadowKV state on the compression
+    /// stream, which first waits for the event recorded after the prompt's last chunk
+    /// (only that chunk, whatever else its lane has queued since); `lane`'s stream then
+    /// waits for the compression, so the steps queued on it next read the whole state.
+    /// The dense cache is freed once the compression's work (a failed one's too) has
+    /// run. A sequence whose compression fails is left `Failed`.
+    fn compress(&mut self, lane: usize, seq: &mut CudaSeq) -> Result<()> {
+        let GpuState::Prefilled(dense, written) = std::mem::replace(&mut seq.state, GpuState::Failed) else {
+            bail!("only a prefilled sequence is compressed");
+        };
+        let model: &CudaModel = self.model.borrow();
+        let sh = self
+            .shadow
+            .as_mut()
+            .expect("prefilled sequences come from a ShadowKV backend");
+        let stream = sh.compress.device().stream();
+        let compressed = match stream.wait(&written) {
+            Ok(()) => model.compress_shadow(&sh.compress, &dense, &sh.layout, &sh.pool, &mut sh.ws),
+            Err(e) => Err(e.into()),
+        };
+        let done = sh.compress.device().event(false).and_then(|e| {
+            e.record(stream)?;
+            Ok(e)
+        });
+        let done = match done {
+            Ok(e) => e,
+            Err(e) => {
+                // No event to free the cache after: wait until nothing reads it.
+                let _ = stream.synchronize();
+                return Err(e);
+            }
+        };
+        let waited = self.lanes[lane].ops().device().stream().wait(&done);
+        self.retired.push((done, dense));
+        let compressed = compressed?;
+        waited?;
+        seq.state = GpuState::Shadow(compressed);
+        Ok(())
+    }
+
     /// A dense step (prompt chunks, or full-attention decoding) of `batch` on `lane`;
-    /// ShadowKV compresses each prompt it completes.
+    /// under ShadowKV, each prompt it completes becomes `Prefilled`, and is compressed
+    /// at once with one lane. Returns the step and the sequences (their index in
+    /// `batch`) whose compression failed, with why.
     fn submit_dense(
         &mut self,
         lane: usize,
         batch: &mut [StepSeq<'_, CudaSeq>],
         prev: &[Option<u32>],
-    ) -> Result<StepTicket> {
+    ) -> Result<(StepTicket, Vec<(usize, String)>)> {
         let model: &CudaModel = self.model.borrow();
         let mut allocated = false;
         for s in batch.iter_mut() {
@@ -393,28 +482,25 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
             .collect();
         let ticket = model.submit(&mut self.lanes[lane], &mut seqs, &sampling, prev)?;
         drop(seqs);
-        if let Some(sh) = &mut self.shadow {
-            let ops = self.lanes[lane].ops();
-            let mut compressed_any = false;
-            for s in batch.iter_mut().filter(|s| s.prompt_done) {
-                compressed_any = true;
-                let GpuState::Dense(dense) = &s.seq.state else {
-                    unreachable!("checked above")
-                };
-                let compressed = model.compress_shadow(ops, dense, &sh.layout, &sh.pool, &mut sh.ws)?;
-                let done = ops.device().event(false)?;
-                done.record(ops.device().stream())?;
-                let GpuState::Dense(dense) = std::mem::replace(&mut s.seq.state, GpuState::Shadow(compressed)) else {
-                    unreachable!("checked above")
-                };
-                self.retired.push((done, dense));
-            }
-            if compressed_any {
-                // The sequences decode on another lane: their step ends once compressed.
-                ticket.extend(&self.lanes[lane])?;
+        let mut failed = Vec::new();
+        if self.shadow.is_none() {
+            return Ok((ticket, failed));
+        }
+        for (i, s) in batch.iter_mut().enumerate().filter(|(_, s)| s.prompt_done) {
+            let stream = self.lanes[lane].ops().device().stream();
+            let written = self.lanes[lane].ops().device().event(false)?;
+            written.record(stream)?;
+            let GpuState::Dense(dense) = std::mem::replace(&mut s.seq.state, GpuState::Failed) else {
+                unreachable!("a dense step's sequences hold dense caches")
+            };
+            s.seq.state = GpuState::Prefilled(dense, written);
+            if !self.defers() {
+                if let Err(e) = self.compress(lane, s.seq) {
+                    failed.push((i, format!("{e:#}")));
+                }
             }
         }
-        Ok(ticket)
+        Ok((ticket, failed))
     }
 
     /// A ShadowKV decode step of `batch` (one token each) on `lane`.
@@ -457,7 +543,7 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
 
 impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
     type Seq = CudaSeq;
-    type Ticket = StepTicket;
+    type Ticket = CudaTicket;
 
     fn config(&self) -> &ModelConfig {
         self.model().config()
@@ -469,6 +555,10 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
 
     fn queue_depth(&self) -> usize {
         2
+    }
+
+    fn defers_prefill(&self) -> bool {
+        self.defers()
     }
 
     fn new_seq(&self, spec: &SeqSpec) -> Result<CudaSeq> {
@@ -488,58 +578,99 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
 
     fn seq_len(&self, seq: &CudaSeq) -> usize {
         match &seq.state {
-            GpuState::Empty => 0,
-            GpuState::Dense(c) => c.len(),
+            GpuState::Empty | GpuState::Failed => 0,
+            GpuState::Dense(c) | GpuState::Prefilled(c, _) => c.len(),
             GpuState::Shadow(s) => s.len(),
         }
     }
 
     fn seq_bytes(&self, seq: &CudaSeq) -> usize {
         match &seq.state {
-            GpuState::Empty => 0,
-            GpuState::Dense(c) => c.bytes(),
+            GpuState::Empty | GpuState::Failed => 0,
+            GpuState::Dense(c) | GpuState::Prefilled(c, _) => c.bytes(),
             GpuState::Shadow(s) => s.bytes(),
         }
     }
 
-    fn submit(&mut self, lane: usize, batch: &mut [StepSeq<'_, CudaSeq>]) -> Result<StepTicket> {
+    fn submit(&mut self, lane: usize, batch: &mut [StepSeq<'_, CudaSeq>]) -> Result<CudaTicket> {
         ensure!(lane < self.lanes.len(), "no lane {lane}");
         self.free_retired();
-        let mut prev = Vec::with_capacity(batch.len());
-        for s in batch.iter() {
+        // A sequence at its first decode step is compressed first (ShadowKV with a
+        // prefill lane). One whose compression fails, now or at an earlier step, is left
+        // out of the step and fails alone.
+        let mut failed = Vec::new();
+        for (i, s) in batch.iter_mut().enumerate() {
+            let why = match s.seq.state {
+                GpuState::Prefilled(..) => self.compress(lane, s.seq).err().map(|e| format!("{e:#}")),
+                GpuState::Failed => Some("its prompt's compression failed".to_string()),
+                _ => None,
+            };
+            if let Some(why) = why {
+                failed.push((i, why));
+            }
+        }
+        let (mut live, mut live_index, mut left_out) = (Vec::with_capacity(batch.len()), Vec::new(), Vec::new());
+        let mut row = 0;
+        for (i, s) in batch.iter_mut().enumerate() {
+            if !failed.iter().any(|&(f, _)| f == i) {
+                live_index.push(i);
+                live.push(StepSeq {
+                    input: s.input,
+                    seq: &mut *s.seq,
+                    sample: s.sample,
+                    prompt_done: s.prompt_done,
+                });
+            } else if s.sample {
+                left_out.push(row);
+            }
+            row += usize::from(s.sample);
+        }
+        if let Some((_, why)) = failed.first().filter(|_| live.is_empty()) {
+            bail!("{why}");
+        }
+        let mut prev = Vec::with_capacity(live.len());
+        for s in live.iter() {
             prev.push(match s.input {
                 StepInput::Tokens(_) => None,
                 StepInput::Previous => Some(self.serials.previous_row(lane, s.seq.last)? as u32),
             });
         }
-        let shadow = batch
+        let shadow = live
             .iter()
             .filter(|s| matches!(s.seq.state, GpuState::Shadow(_)))
             .count();
         let ticket = match shadow {
-            0 => self.submit_dense(lane, batch, &prev)?,
-            n if n == batch.len() => self.submit_shadow(lane, batch, &prev)?,
+            0 => {
+                let (ticket, more) = self.submit_dense(lane, &mut live, &prev)?;
+                failed.extend(more.into_iter().map(|(i, why)| (live_index[i], why)));
+                ticket
+            }
+            n if n == live.len() => self.submit_shadow(lane, &mut live, &prev)?,
             _ => bail!("a step mixes ShadowKV decoding with prompt chunks: prefill on a lane of its own"),
         };
         let step = self.serials.take(lane);
-        for (row, s) in batch.iter_mut().filter(|s| s.sample).enumerate() {
+        for (row, s) in live.iter_mut().filter(|s| s.sample).enumerate() {
             s.seq.last = Some(LastSample { lane, step, row });
             s.seq.sampled += 1;
         }
-        Ok(ticket)
+        Ok(CudaTicket {
+            step: ticket,
+            failed,
+            left_out,
+        })
     }
 
-    fn is_done(&self, ticket: &StepTicket) -> bool {
-        ticket.is_done()
+    fn is_done(&self, ticket: &CudaTicket) -> bool {
+        ticket.step.is_done()
     }
 
-    fn complete(&mut self, lane: usize, ticket: StepTicket) -> Result<StepOutput> {
+    fn complete(&mut self, lane: usize, ticket: CudaTicket) -> Result<StepOutput> {
         let before = self.lanes[lane].stage_ms.clone();
-        let tokens = self.model.borrow().complete(&mut self.lanes[lane], ticket)?;
+        let tokens = self.model.borrow().complete(&mut self.lanes[lane], ticket.step)?;
         self.free_retired();
         Ok(StepOutput {
-            tokens,
-            failed: Vec::new(),
+            tokens: with_rows_left_out(tokens, &ticket.left_out),
+            failed: ticket.failed,
             gpu_stages: step_stages(&before, &self.lanes[lane].stage_ms),
             gpu_spans: self.lanes[lane].drain_trace(),
         })
@@ -588,6 +719,16 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
             value_bytes_fetched: c.fetched() * (sh.layout.chunk * sh.layout.head_dim * 2) as u64,
         })
     }
+}
+
+/// A step's sampled tokens with a token that means nothing (0) put at each row of
+/// `left_out` (rows of the whole batch's samples, ascending), whose sequence sat the
+/// step out.
+fn with_rows_left_out(mut tokens: Vec<u32>, left_out: &[usize]) -> Vec<u32> {
+    for &row in left_out {
+        tokens.insert(row.min(tokens.len()), 0);
+    }
+    tokens
 }
 
 /// GPU bytes of ShadowKV for `max_batch` sequences of `layout` with room for
@@ -641,5 +782,13 @@ mod tests {
         assert_eq!(s[0].0, "select");
         assert!((s[0].1 - 2.5e-3).abs() < 1e-12);
         assert_eq!(s[1], ("reconstruct", 3.0e-3));
+    }
+
+    #[test]
+    fn rows_left_out_of_a_step_get_a_token_in_their_place() {
+        // A batch of five samples whose rows 0, 2 and 4 sat out: the step sampled 1 and 3.
+        assert_eq!(with_rows_left_out(vec![11, 13], &[0, 2, 4]), [0, 11, 0, 13, 0]);
+        assert_eq!(with_rows_left_out(vec![11, 13], &[]), [11, 13]);
+        assert_eq!(with_rows_left_out(Vec::new(), &[0, 1]), [0, 0]);
     }
 }

@@ -19,10 +19,12 @@
 //!
 //! A step that fails on every rank fails as on one GPU. A step that fails on some
 //! ranks only leaves the others' collectives waiting: the group aborts its
-//! communicators and refuses every later step, naming the first failure.
+//! communicators and refuses every later step, naming the first failure. So does a
+//! step from which the ranks left out different sequences (a compression that failed
+//! on some ranks only): their collectives differ in size.
 
 use super::backend::{BackendStats, SeqSpec, StepBackend, StepInput, StepOutput, StepSeq};
-use super::backend_cuda::{CudaBackend, CudaSeq};
+use super::backend_cuda::{CudaBackend, CudaSeq, CudaTicket};
 use crate::cuda::nccl::Nccl;
 use crate::cuda::parallel::{time_all_reduce, TpShard, COMMUNICATORS};
 use crate::cuda::shadow::decode::{ChunkGather, FetchPath};
@@ -180,7 +182,9 @@ enum Cmd {
 
 enum Reply {
     Done(Result<()>),
-    Submitted(Result<(Arc<CudaEvent>, Vec<usize>)>),
+    /// A queued step's end, each sequence's bytes and the sequences (their index in the
+    /// batch) that the rank left out of it.
+    Submitted(Result<(Arc<CudaEvent>, Vec<usize>, Vec<usize>)>),
     Completed(Result<StepOutput>),
     Stats(BackendStats, Option<ShadowStats>),
     Graphs(Vec<(usize, usize, usize)>),
@@ -196,7 +200,7 @@ struct Worker {
     ctx: Arc<CudaContext>,
     backend: Option<RankBackend>,
     seqs: HashMap<u64, CudaSeq>,
-    tickets: HashMap<u64, crate::cuda::StepTicket>,
+    tickets: HashMap<u64, CudaTicket>,
 }
 
 impl Worker {
@@ -300,7 +304,7 @@ impl Worker {
         Ok(())
     }
 
-    fn submit(&mut self, lane: usize, ticket: u64, parts: &[Part]) -> Result<(Arc<CudaEvent>, Vec<usize>)> {
+    fn submit(&mut self, lane: usize, ticket: u64, parts: &[Part]) -> Result<(Arc<CudaEvent>, Vec<usize>, Vec<usize>)> {
         let backend = configured(&mut self.backend)?;
         let mut taken = Vec::with_capacity(parts.len());
         for p in parts {
@@ -335,8 +339,9 @@ impl Worker {
         }
         let t = queued?;
         let end = t.end_event();
+        let failed = t.failed().iter().map(|&(i, _)| i).collect();
         self.tickets.insert(ticket, t);
-        Ok((end, bytes))
+        Ok((end, bytes, failed))
     }
 }
 
@@ -388,6 +393,9 @@ pub struct TpBackend {
     rank_configs: Vec<ModelConfig>,
     /// Lanes of the settings the ranks serve with (0: not configured).
     lanes: usize,
+    /// Whether the ranks defer each prompt's compression to its first decode step
+    /// ([`StepBackend::defers_prefill`]: ShadowKV with a prefill lane).
+    defers: bool,
     /// Ids of sequences and steps.
     next_id: AtomicU64,
     weight_bytes: usize,
@@ -469,6 +477,7 @@ impl TpBackend {
             devices: devices.to_vec(),
             rank_configs,
             lanes: 0,
+            defers: false,
             next_id: AtomicU64::new(0),
             weight_bytes,
             nccl,
@@ -531,6 +540,7 @@ impl TpBackend {
             return Err(e.context(format!("GPU {} (rank {rank})", self.devices[rank])));
         }
         self.lanes = s.lanes;
+        self.defers = s.shadow.is_some() && s.lanes > 1;
         Ok(())
     }
 
@@ -639,14 +649,19 @@ impl TpBackend {
             Verdict::Done(all) => Ok(all),
             Verdict::Failed(e) => Err(e),
             Verdict::Split(rank, e) => {
-                let why = format!("{what} failed on rank {rank}, not on every rank: {e:#}");
-                for rank in &self.ranks {
-                    let _ = rank.tx.send(Cmd::Abort);
-                }
-                self.broken = Some(why.clone());
-                bail!("{why}; the tensor-parallel group has stopped");
+                Err(self.halt(format!("{what} failed on rank {rank}, not on every rank: {e:#}")))
             }
         }
+    }
+
+    /// Stops the group for `why` (the ranks' queued collectives may wait for each other
+    /// forever): aborts every rank's communicators and refuses every later step.
+    fn halt(&mut self, why: String) -> anyhow::Error {
+        for rank in &self.ranks {
+            let _ = rank.tx.send(Cmd::Abort);
+        }
+        self.broken = Some(why.clone());
+        anyhow!("{why}; the tensor-parallel group has stopped")
     }
 
     fn check_serving(&self) -> Result<()> {
@@ -750,6 +765,10 @@ impl StepBackend for TpBackend {
         2
     }
 
+    fn defers_prefill(&self) -> bool {
+        self.defers
+    }
+
     fn new_seq(&self, spec: &SeqSpec) -> Result<TpSeq> {
         self.check_configured()?;
         let id = self.take_id();
@@ -808,9 +827,17 @@ impl StepBackend for TpBackend {
             },
         )?;
         let queued = self.agree("a step", results)?;
+        // Ranks that left other sequences out of the step queued collectives of other
+        // sizes.
+        if let Some(r) = queued.iter().position(|q| q.2 != queued[0].2) {
+            return Err(self.halt(format!(
+                "rank {r} left sequences {:?} out of a step (their compression failed), rank 0 {:?}",
+                queued[r].2, queued[0].2
+            )));
+        }
         let mut ends = Vec::with_capacity(queued.len());
         let mut bytes = vec![0; batch.len()];
-        for (end, b) in queued {
+        for (end, b, _) in queued {
             ends.push(end);
             for (sum, b) in bytes.iter_mut().zip(b) {
                 *sum += b;

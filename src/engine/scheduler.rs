@@ -17,9 +17,11 @@
 //! the decode steps (every decoding sequence brings one token per step). With two
 //! lanes (the GPU with `limits.prefill_lane = "separate"`), prompts are prefilled on
 //! the second lane, a lower-priority CUDA stream, beside the decode steps of the first,
-//! so long prompts never hold decoding sequences to one token per prefill step. A
-//! sequence whose receiver is gone (the client disconnected) leaves before the next
-//! step.
+//! so long prompts never hold decoding sequences to one token per prefill step. Where
+//! the backend defers a finished prefill's work to the sequence's first decode step
+//! (ShadowKV's compression on the GPU: [`StepBackend::defers_prefill`]), no new prompt
+//! starts while a sequence waits for that step. A sequence whose receiver is gone (the
+//! client disconnected) leaves before the next step.
 
 use super::backend::{SeqSpec, StepBackend, StepInput, StepSeq};
 use super::sampling::SamplingParams;
@@ -328,6 +330,12 @@ struct Seq<S> {
 impl<S> Seq<S> {
     fn prefilled(&self) -> bool {
         self.fed == self.prompt.len()
+    }
+
+    /// Its prompt's last chunk is queued or done, and no decode step for it yet: it
+    /// has sampled one token (the prompt's), and is not over.
+    fn awaits_first_decode(&self) -> bool {
+        !self.finished && self.prefilled() && self.out.ids().len() + self.pending <= 1
     }
 }
 
@@ -690,7 +698,8 @@ impl<M: StepBackend> Engine<M> {
 
     /// The next step of `lane`, if it has work: every decoding sequence that may take
     /// another token (one token each; on the prefill lane of two, none), then prompt
-    /// chunks, at most `prefill_chunk` prompt tokens in all.
+    /// chunks, at most `prefill_chunk` prompt tokens in all (no new prompt's while a
+    /// deferred prefill waits for its first decode step).
     fn schedule(&self, lane: usize) -> Option<StepPlan> {
         let last_step = self.lanes[lane].queued.back();
         let mut plan = StepPlan {
@@ -721,7 +730,14 @@ impl<M: StepBackend> Engine<M> {
         }
         if lane == self.prefill_lane() {
             let chunk = self.config.prefill_chunk;
+            // A backend that defers a finished prefill's work to the sequence's first
+            // decode step holds that prefill's memory until then, with room for one:
+            // no new prompt starts meanwhile (those begun go on).
+            let held = self.model.defers_prefill() && self.running.iter().any(|s| s.awaits_first_decode());
             for s in self.running.iter().filter(|s| !s.finished && !s.prefilled()) {
+                if held && s.fed == 0 {
+                    continue;
+                }
                 let n = (s.prompt.len() - s.fed).min(chunk);
                 if plan.prefill_tokens > 0 && plan.prefill_tokens + n > chunk {
                     continue;
@@ -1142,15 +1158,22 @@ mod tests {
         join.join().unwrap();
     }
 
+    /// A step's lane and its members' first input tokens (`None`: the previous step's
+    /// token).
+    type LoggedStep = (usize, Vec<Option<u32>>);
+
     /// A CPU backend that counts how often its counters are read while a step of its
-    /// is queued (on the GPU such a read may wait for that step), and logs when each
-    /// decode-lane step was queued and whether the prefill lane had steps queued then.
+    /// is queued (on the GPU such a read may wait for that step), logs when each
+    /// decode-lane step was queued and whether the prefill lane had steps queued then,
+    /// logs every step ([`LoggedStep`]), and says it defers prefills where told to.
     struct Counting {
         inner: CpuBackend,
         queued: [usize; 2],
         reads_while_queued: Arc<std::sync::atomic::AtomicUsize>,
         steps: Arc<std::sync::atomic::AtomicUsize>,
         decode_submits: Arc<Mutex<Vec<(Instant, bool)>>>,
+        submits: Arc<Mutex<Vec<LoggedStep>>>,
+        defers: bool,
     }
 
     impl Counting {
@@ -1161,6 +1184,8 @@ mod tests {
                 reads_while_queued: Arc::default(),
                 steps: Arc::default(),
                 decode_submits: Arc::default(),
+                submits: Arc::default(),
+                defers: false,
             }
         }
     }
@@ -1177,6 +1202,9 @@ mod tests {
         fn queue_depth(&self) -> usize {
             self.inner.queue_depth()
         }
+        fn defers_prefill(&self) -> bool {
+            self.defers
+        }
         fn new_seq(&self, spec: &SeqSpec) -> anyhow::Result<Self::Seq> {
             self.inner.new_seq(spec)
         }
@@ -1191,6 +1219,14 @@ mod tests {
                 let prefilling = self.queued.get(1).is_some_and(|&q| q > 0);
                 self.decode_submits.lock().unwrap().push((Instant::now(), prefilling));
             }
+            let firsts = batch
+                .iter()
+                .map(|s| match s.input {
+                    StepInput::Tokens(t) => t.first().copied(),
+                    StepInput::Previous => None,
+                })
+                .collect();
+            self.submits.lock().unwrap().push((lane, firsts));
             self.queued[lane] += 1;
             self.steps.fetch_add(1, Ordering::SeqCst);
             self.inner.submit(lane, batch)
@@ -1319,5 +1355,59 @@ mod tests {
                 "decode steps {gap:?} apart while prefilling (spacing {spacing:?})"
             );
         }
+    }
+
+    /// A backend that defers a finished prefill's work to the sequence's first decode
+    /// step: a new prompt's first chunk waits for the prompt before it to have its first
+    /// decode step queued; without deferral it goes as soon as the prefill lane has
+    /// room. A request that ends at its prompt's token (it never decodes) holds nothing
+    /// up, and the texts are the same either way.
+    #[test]
+    fn a_deferred_prefill_holds_new_prompts_until_its_first_decode_step() {
+        let mut texts = Vec::new();
+        for defers in [false, true] {
+            let (model, tok) = tiny();
+            let mut backend = Counting::new(CpuBackend::new(model, None).unwrap().with_schedule(2, 2));
+            backend.defers = defers;
+            let log = backend.submits.clone();
+            let config = SchedulerConfig {
+                max_batch: 3,
+                max_queue: 3,
+                max_context: 1024,
+                prefill_chunk: 4,
+                decode_spacing: Duration::ZERO,
+            };
+            let (engine, join) = spawn_engine(backend, Arc::new(tok), config, None).unwrap();
+            let request = |prompt: Vec<u32>, max_tokens| EngineRequest {
+                prompt,
+                max_tokens,
+                sampling: SamplingParams::default(),
+                stop: vec![],
+            };
+            // One token, then a long prompt (100 full chunks), then one that starts with 50.
+            let one = engine.submit(request(vec![1, 2, 3], 1)).unwrap();
+            let long = engine
+                .submit(request((0..400).map(|i| 5 + i % 20).collect(), 4))
+                .unwrap();
+            let next = engine.submit(request((50..58).collect(), 4)).unwrap();
+            let (_, finish, usage) = collect(one);
+            assert_eq!((finish, usage.completion_tokens), (FinishReason::Length, 1));
+            texts.push((collect(long).0, collect(next).0));
+            engine.shutdown(Duration::ZERO);
+            join.join().unwrap();
+            let log = log.lock().unwrap();
+            let first_decode = log.iter().position(|(lane, _)| *lane == 0).expect("a decode step");
+            let next_starts = log
+                .iter()
+                .position(|(lane, firsts)| *lane == 1 && firsts.contains(&Some(50)))
+                .expect("the last prompt's first chunk");
+            assert_eq!(
+                next_starts > first_decode,
+                defers,
+                "deferring {defers}: the last prompt started at step {next_starts}, the long one's first decode \
+                 step was step {first_decode}"
+            );
+        }
+        assert_eq!(texts[0], texts[1]);
     }
 }
