@@ -494,6 +494,9 @@ fn feed<E: Engine>(e: &mut E, seq: &mut E::Seq, part: &[u32], last: bool) -> Res
         }],
     )?;
     let out = e.complete(0, t)?;
+    if let Some((_, why)) = out.failed.first() {
+        bail!("a prompt of the benchmark failed: {why}");
+    }
     match last {
         true => out.tokens.first().copied().context("the prefill sampled no token"),
         false => Ok(0),
@@ -521,15 +524,21 @@ fn decode<E: Engine>(e: &mut E, seqs: &mut [E::Seq], token: u32, gen: usize) -> 
     let mut queued = step(e, seqs, StepInput::Tokens(&one))?;
     let mut times = Vec::with_capacity(gen);
     let mut last = Instant::now();
+    let done = |e: &mut E, t| -> Result<()> {
+        match e.complete(0, t)?.failed.first() {
+            Some((_, why)) => bail!("a sequence of the benchmark failed: {why}"),
+            None => Ok(()),
+        }
+    };
     for _ in 1..gen {
         let next = step(e, seqs, StepInput::Previous)?;
-        e.complete(0, queued)?;
+        done(e, queued)?;
         let now = Instant::now();
         times.push((now - last).as_secs_f64());
         last = now;
         queued = next;
     }
-    e.complete(0, queued)?;
+    done(e, queued)?;
     let secs = t0.elapsed().as_secs_f64();
     Ok(((seqs.len() * gen) as f64 / secs, 1e3 * median(&mut times)))
 }

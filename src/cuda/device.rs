@@ -67,9 +67,10 @@ impl DeviceInfo {
 }
 
 /// How the GPU schedules a stream's blocks against other streams' blocks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum StreamPriority {
     /// The default (lowest) priority.
+    #[default]
     Normal,
     /// Above `Normal` (decode lanes): its blocks go first when both have work waiting.
     High,

@@ -101,8 +101,9 @@ pub trait StepBackend: Send {
 
     /// Whether a sequence whose prompt is in keeps its prefill's memory until its first
     /// decode step is queued (ShadowKV on the GPU with a prefill lane compresses it
-    /// then, with room for one such prefill): the scheduler starts no new prompt
-    /// meanwhile. False unless the backend says so.
+    /// then): the scheduler starts no new prompt meanwhile, so such memory is not held
+    /// long (prompts that start in the step that completes another's are not held back,
+    /// so more than one can wait at once). False unless the backend says so.
     fn defers_prefill(&self) -> bool {
         false
     }

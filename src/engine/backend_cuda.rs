@@ -69,7 +69,8 @@ struct ShadowGpu {
     /// Sequences the backend serves at most (host slots and GPU value slots).
     max_batch: usize,
     pool: GpuValuePool,
-    /// The stream compressions are queued on (high priority), apart from the lanes.
+    /// The stream compressions are queued on (the greatest priority; its side and
+    /// worker streams one below), apart from the lanes.
     compress: CudaOps,
     ws: CompressWorkspace,
     fetch: FetchPath,
@@ -134,8 +135,9 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
                 );
                 // The compression's stream and workers before the memory is counted: their
                 // scratch is held from here on.
-                let compress = m.ops().fork(StreamPriority::High)?;
-                let mut ws = CompressWorkspace::default();
+                // Above every lane's priority: a compression blocks the engine thread.
+                let compress = m.ops().fork(StreamPriority::Highest)?;
+                let mut ws = CompressWorkspace::at_priority(StreamPriority::High);
                 ws.prepare(&compress, &layout)?;
                 Some(ShadowGpu {
                     layout,
@@ -487,11 +489,24 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
             return Ok((ticket, failed));
         }
         for (i, s) in batch.iter_mut().enumerate().filter(|(_, s)| s.prompt_done) {
-            let stream = self.lanes[lane].ops().device().stream();
-            let written = self.lanes[lane].ops().device().event(false)?;
-            written.record(stream)?;
             let GpuState::Dense(dense) = std::mem::replace(&mut s.seq.state, GpuState::Failed) else {
                 unreachable!("a dense step's sequences hold dense caches")
+            };
+            let dev = self.lanes[lane].ops().device();
+            let written = dev.event(false).and_then(|e| {
+                e.record(dev.stream())?;
+                Ok(e)
+            });
+            let written = match written {
+                Ok(e) => e,
+                Err(e) => {
+                    // The step is queued: the cache goes once nothing reads it, and the
+                    // sequence fails alone.
+                    let _ = dev.stream().synchronize();
+                    drop(dense);
+                    failed.push((i, format!("{e:#}")));
+                    continue;
+                }
             };
             s.seq.state = GpuState::Prefilled(dense, written);
             if !self.defers() {

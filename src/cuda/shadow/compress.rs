@@ -35,6 +35,8 @@ pub struct CompressWorkspace {
     timing: Option<Vec<TimedCompression>>,
     /// The stream of the stages beside the factorisation (made on first use).
     side: Option<CudaOps>,
+    /// The priority of the side stream and the workers' streams (Normal unless set).
+    priority: StreamPriority,
 }
 
 /// A stream, cuBLAS handle and scratch that factorise one layer at a time.
@@ -197,6 +199,16 @@ impl CompressWorkspace {
         }
     }
 
+    /// A workspace whose side stream and workers' streams run at `priority` (for
+    /// compressions that must not queue behind other work: the daemon's, which block
+    /// its engine thread).
+    pub fn at_priority(priority: StreamPriority) -> Self {
+        CompressWorkspace {
+            priority,
+            ..Default::default()
+        }
+    }
+
     /// Makes the side stream and the factorisation's workers for compressions on `ops`'s
     /// device and runs one small factorisation of `layout`'s width and rank on each, so
     /// that their scratch is allocated and cuBLAS has loaded its kernels before the first
@@ -229,15 +241,15 @@ impl CompressWorkspace {
     /// from `ops` where missing.
     fn grow(&mut self, ops: &CudaOps) -> Result<()> {
         if self.side.is_none() {
-            // Below the caller's priority: its small products go first.
-            self.side = Some(ops.fork(StreamPriority::Normal)?);
+            // At most the caller's priority (set it below): its small products go first.
+            self.side = Some(ops.fork(self.priority)?);
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         while self.workers.len() < FACTOR_WORKERS.min(cores) {
             let mut ws = FactorWorkspace::new();
             ws.time_steps(self.timing.is_some());
             self.workers.push(FactorWorker {
-                ops: ops.fork(StreamPriority::Normal)?,
+                ops: ops.fork(self.priority)?,
                 ws,
             });
         }
@@ -305,6 +317,7 @@ impl CudaModel {
             workers,
             timing,
             side,
+            ..
         } = ws;
         let (neg_cos, ids) = (neg_cos.as_mut().expect("grown"), ids.as_mut().expect("grown"));
         let side = side.as_ref().expect("made by grow");
