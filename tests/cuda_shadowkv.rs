@@ -312,8 +312,10 @@ fn engine_with_a_prefill_lane_equals_generate_cuda() {
 #[test]
 fn a_prompt_prefilled_beside_a_decoding_request_equals_each_alone() {
     let Some((gpu, tok, p)) = engine_parts() else { return };
-    let (first, second) = (prompt(&tok, 1200), prompt(&tok, 1500));
-    let (gen_first, gen_second) = (160, 24);
+    // The first decodes long enough (about 5 s) to outlast the second's prefill,
+    // compression and decoding (well under 1 s on an H200).
+    let (first, second) = (prompt(&tok, 400), prompt(&tok, 1500));
+    let (gen_first, gen_second) = (1500, 24);
     let want_first = alone_text(&gpu, &tok, p, &first, gen_first);
     let want_second = alone_text(&gpu, &tok, p, &second, gen_second);
     let (engine, join) = spawn_engine(engine_backend(&gpu, p, 2), tok.clone(), engine_config(), None).unwrap();
@@ -337,7 +339,8 @@ fn a_prompt_prefilled_beside_a_decoding_request_equals_each_alone() {
     assert_eq!(second_text, want_second);
     assert!(
         first_done > second_done,
-        "the first request ended before the second: they did not run side by side"
+        "the first request ({} characters) ended before the second: they did not run side by side",
+        text.len()
     );
     eprintln!(
         "RESULT shadowkv_engine_side_by_side equal_texts={}+{}",
