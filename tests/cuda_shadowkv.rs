@@ -312,13 +312,19 @@ fn engine_with_a_prefill_lane_equals_generate_cuda() {
 #[test]
 fn a_prompt_prefilled_beside_a_decoding_request_equals_each_alone() {
     let Some((gpu, tok, p)) = engine_parts() else { return };
-    // The first decodes long enough (about 5 s) to outlast the second's prefill,
-    // compression and decoding (well under 1 s on an H200).
+    // The first decodes for about 5 s. Its steps, two queued at high priority, would
+    // leave the second's prefill almost no GPU (the daemon's decode-first default):
+    // spaced 5 ms apart while the prefill lane has work, they leave it room to finish
+    // well before the first ends.
     let (first, second) = (prompt(&tok, 400), prompt(&tok, 1500));
     let (gen_first, gen_second) = (1500, 24);
     let want_first = alone_text(&gpu, &tok, p, &first, gen_first);
     let want_second = alone_text(&gpu, &tok, p, &second, gen_second);
-    let (engine, join) = spawn_engine(engine_backend(&gpu, p, 2), tok.clone(), engine_config(), None).unwrap();
+    let config = SchedulerConfig {
+        decode_spacing: Duration::from_millis(5),
+        ..engine_config()
+    };
+    let (engine, join) = spawn_engine(engine_backend(&gpu, p, 2), tok.clone(), config, None).unwrap();
     let mut rx = submit(&engine, first, gen_first);
     // The first request's text has begun: it decodes when the second comes.
     let mut text = match rx.blocking_recv() {
