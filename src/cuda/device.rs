@@ -110,12 +110,7 @@ impl CudaDevice {
         // cudarc panics on a missing driver symbol (a driver too old for the bindings):
         // report that as an error instead of aborting the caller.
         let opened = std::panic::catch_unwind(|| Self::open(ordinal)).map_err(|p| {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            DeviceError::Unavailable(format!("the CUDA driver could not be used: {msg}"))
+            DeviceError::Unavailable(format!("the CUDA driver could not be used: {}", panic_message(&*p)))
         })?;
         opened
     }
@@ -304,6 +299,14 @@ impl CudaDevice {
     pub fn mem_info(&self) -> anyhow::Result<(usize, usize)> {
         Ok(self.ctx.mem_get_info()?)
     }
+}
+
+/// What a caught panic said (the bindings panic on a driver entry point they cannot find).
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 impl std::fmt::Debug for CudaDevice {

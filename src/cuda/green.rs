@@ -100,6 +100,24 @@ pub fn stream_on_sms(ctx: &Arc<CudaContext>, sms: u32, priority: i32) -> anyhow:
         // SAFETY: the stream belongs to this device's primary context and is never destroyed.
         return Ok((unsafe { ctx.wrap_borrowed_stream(p.stream as sys::CUstream) }, p.sms));
     }
+    // A driver older than green contexts (CUDA 12.4) lacks their entry points, which
+    // the bindings report by panicking: an error here.
+    let made =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| create(ctx, sms, priority))).map_err(|p| {
+            anyhow::anyhow!(
+                "this CUDA driver cannot partition the GPU (green contexts need CUDA 12.4 or later): {}",
+                super::device::panic_message(&*p)
+            )
+        })??;
+    let (stream, got) = (made.stream as sys::CUstream, made.sms);
+    parts.insert(key, made);
+    // SAFETY: the stream was made on this device and is never destroyed.
+    Ok((unsafe { ctx.wrap_borrowed_stream(stream) }, got))
+}
+
+/// Makes a green context of at least `sms` multiprocessors of `ctx`'s device and a
+/// stream on it at `priority`.
+fn create(ctx: &Arc<CudaContext>, sms: u32, priority: i32) -> anyhow::Result<Partition> {
     ctx.bind_to_thread()?;
     let (res, split) = sm_resource(ctx)?;
     let want = split.round(sms).map_err(|e| anyhow::anyhow!(e))?;
@@ -144,15 +162,10 @@ pub fn stream_on_sms(ctx: &Arc<CudaContext>, sms: u32, priority: i32) -> anyhow:
         unsafe { sys::cuGreenCtxDestroy(green) };
         return Err(e);
     }
-    parts.insert(
-        key,
-        Partition {
-            stream: stream as usize,
-            sms: got,
-        },
-    );
-    // SAFETY: the stream was made on this device and is never destroyed.
-    Ok((unsafe { ctx.wrap_borrowed_stream(stream) }, got))
+    Ok(Partition {
+        stream: stream as usize,
+        sms: got,
+    })
 }
 
 #[cfg(test)]
