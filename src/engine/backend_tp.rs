@@ -20,8 +20,10 @@
 //! A step that fails on every rank fails as on one GPU. A step that fails on some
 //! ranks only leaves the others' collectives waiting: the group aborts its
 //! communicators and refuses every later step, naming the first failure. So does a
-//! step from which the ranks left out different sequences (a compression that failed
-//! on some ranks only): their collectives differ in size.
+//! step after which the ranks disagree on which sequences failed on their own (a
+//! compression that failed on some ranks only): the ranks' states differ from then
+//! on, and a step that left different sequences out queued collectives of different
+//! sizes.
 
 use super::backend::{BackendStats, SeqSpec, StepBackend, StepInput, StepOutput, StepSeq};
 use super::backend_cuda::{CudaBackend, CudaSeq, CudaTicket};
@@ -183,7 +185,8 @@ enum Cmd {
 enum Reply {
     Done(Result<()>),
     /// A queued step's end, each sequence's bytes and the sequences (their index in the
-    /// batch) that the rank left out of it.
+    /// batch) that failed on the rank on their own (left out of the step, or failed as
+    /// it was queued).
     Submitted(Result<(Arc<CudaEvent>, Vec<usize>, Vec<usize>)>),
     Completed(Result<StepOutput>),
     Stats(BackendStats, Option<ShadowStats>),
@@ -827,11 +830,11 @@ impl StepBackend for TpBackend {
             },
         )?;
         let queued = self.agree("a step", results)?;
-        // Ranks that left other sequences out of the step queued collectives of other
-        // sizes.
+        // Ranks that disagree on which sequences failed: their states differ, and if
+        // they left other sequences out they queued collectives of other sizes.
         if let Some(r) = queued.iter().position(|q| q.2 != queued[0].2) {
             return Err(self.halt(format!(
-                "rank {r} left sequences {:?} out of a step (their compression failed), rank 0 {:?}",
+                "sequences {:?} of a step failed on rank {r} (their compression), {:?} on rank 0",
                 queued[r].2, queued[0].2
             )));
         }
