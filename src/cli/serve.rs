@@ -445,7 +445,6 @@ pub fn run(a: ServeArgs) -> Result<()> {
                     },
                     gatherers: gathers.then_some(&gatherer as GatherMaker),
                     prefill_half_sm: topo.limits.prefill_sm_share == PrefillShare::Half,
-                    prefill_sms: topo.limits.prefill_sms,
                 },
                 progress: false,
             },

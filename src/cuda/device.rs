@@ -72,7 +72,8 @@ pub enum StreamPriority {
     /// The default (lowest) priority.
     #[default]
     Normal,
-    /// Above `Normal` (decode lanes): its blocks go first when both have work waiting.
+    /// Above `Normal` (decode lanes; the prefill lane on its partition of the SMs):
+    /// its blocks go first when both have work waiting.
     High,
     /// The greatest priority (the value fetch beside a decode lane's compute: its few
     /// blocks must start as soon as the miss lists are out, not after the rebuild's).

@@ -3,19 +3,25 @@
 //! the rest free.
 //!
 //! A green context made from the device's SM resource runs the work of its streams on
-//! its multiprocessors only; the streams still belong to the primary context, so the
-//! kernels loaded there, cuBLAS and every device buffer work on them unchanged. The
-//! separate prefill lane runs on such a partition (`limits.prefill_sms`): its long
-//! attention blocks can then hold at most that many multiprocessors, and a decode
-//! step's kernels start at once on the others.
+//! its multiprocessors only. It shares the primary context's memory and loaded
+//! modules, so the kernels, cuBLAS and the device buffers of the rest of the code work
+//! on its streams unchanged; its streams are its own, not the primary context's, and
+//! events of the primary context are recorded on them and waited for across (checked
+//! once when a partition is made). The separate prefill lane runs on such a partition
+//! (`limits.prefill_sms`): its long attention blocks can then hold at most that many
+//! multiprocessors, and a decode step's kernels find the others free.
 //!
 //! A partition lives as long as the process: buffers allocated on its stream keep a
 //! handle to the stream and are freed on it whenever they are dropped, so the stream
-//! must outlive them all. Asking again for the same partition returns the same one.
+//! must outlive them all. Asking again for a partition of the same size returns the
+//! same one (and the same stream: its users' work then runs in order).
 
 use cudarc::driver::{sys, CudaContext, CudaStream, DriverError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
+
+/// The first driver with every entry point used here (`cuGreenCtxStreamCreate`: 12.5).
+const MIN_DRIVER: i32 = 12050;
 
 /// How a device's multiprocessors can be split.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +57,7 @@ struct Partition {
     sms: u32,
 }
 
+/// Device ordinal, partition size (rounded), stream priority.
 type Key = (usize, u32, i32);
 
 fn partitions() -> &'static Mutex<HashMap<Key, Partition>> {
@@ -63,8 +70,22 @@ fn check(what: &'static str, r: sys::CUresult) -> anyhow::Result<()> {
         .map_err(|e: DriverError| anyhow::anyhow!("CUDA error while {what}: {e}"))
 }
 
-/// The device's SM resource: its size and how it splits.
+/// The device's SM resource: its size and how it splits. Refuses a driver older than
+/// green contexts.
 fn sm_resource(ctx: &CudaContext) -> anyhow::Result<(sys::CUdevResource, SmSplit)> {
+    let mut version = 0;
+    // SAFETY: writes one int.
+    check("reading the driver version", unsafe {
+        sys::cuDriverGetVersion(&mut version)
+    })?;
+    anyhow::ensure!(
+        version >= MIN_DRIVER,
+        "partitioning the GPU (green contexts) needs a CUDA {}.{} driver or later; this one is {}.{}",
+        MIN_DRIVER / 1000,
+        MIN_DRIVER % 1000 / 10,
+        version / 1000,
+        version % 1000 / 10
+    );
     // SAFETY: a plain C struct the driver fills in.
     let mut res: sys::CUdevResource = unsafe { std::mem::zeroed() };
     // SAFETY: writes one resource description of the device.
@@ -77,11 +98,38 @@ fn sm_resource(ctx: &CudaContext) -> anyhow::Result<(sys::CUdevResource, SmSplit
     })?;
     // SAFETY: the union's SM member is the one a CU_DEV_RESOURCE_TYPE_SM resource holds.
     let sm = unsafe { res.__bindgen_anon_1.sm };
+    let granularity = match granule_reported(&sm) {
+        0 => granule_of(ctx.compute_capability()?.0),
+        g => g,
+    };
     let split = SmSplit {
         total: sm.smCount,
-        granularity: sm.minSmPartitionSize.max(sm.smCoscheduledAlignment).max(1),
+        granularity,
     };
     Ok((res, split))
+}
+
+/// The partition granule the driver reports (CUDA 13 bindings; 0 where unknown).
+#[cfg(feature = "cuda-13")]
+fn granule_reported(sm: &sys::CUdevSmResource) -> u32 {
+    sm.minSmPartitionSize.max(sm.smCoscheduledAlignment)
+}
+
+/// The partition granule the driver reports (the CUDA 12 bindings have none: 0).
+#[cfg(not(feature = "cuda-13"))]
+fn granule_reported(_sm: &sys::CUdevSmResource) -> u32 {
+    0
+}
+
+/// The partition granule of a compute capability's major version where the driver
+/// reports none: groups of 8 SMs from Hopper on, of at least 4 (in steps of 2) on
+/// Ampere and Ada, of 2 before.
+fn granule_of(major: i32) -> u32 {
+    match major {
+        9.. => 8,
+        8 => 4,
+        _ => 2,
+    }
 }
 
 /// How `ctx`'s device splits its multiprocessors.
@@ -89,38 +137,63 @@ pub fn sm_split(ctx: &CudaContext) -> anyhow::Result<SmSplit> {
     Ok(sm_resource(ctx)?.1)
 }
 
-/// A stream of `ctx` (the device's primary context) whose kernels run on a partition
-/// of at least `sms` multiprocessors, at stream `priority` (the driver's numbering),
-/// and the partition's size. Refuses a partition that would leave the rest of the
-/// device less than one granule ([`SmSplit::round`]).
+/// A stream whose kernels run on a partition of at least `sms` of `ctx`'s device's
+/// multiprocessors, at stream `priority` (the driver's numbering), and the partition's
+/// size. Refuses a partition that would leave the rest of the device less than one
+/// granule ([`SmSplit::round`]), and a driver without green contexts.
 pub fn stream_on_sms(ctx: &Arc<CudaContext>, sms: u32, priority: i32) -> anyhow::Result<(Arc<CudaStream>, u32)> {
-    let key = (ctx.ordinal(), sms, priority);
-    let mut parts = partitions().lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = parts.get(&key) {
-        // SAFETY: the stream belongs to this device's primary context and is never destroyed.
-        return Ok((unsafe { ctx.wrap_borrowed_stream(p.stream as sys::CUstream) }, p.sms));
-    }
-    // A driver older than green contexts (CUDA 12.4) lacks their entry points, which
-    // the bindings report by panicking: an error here.
-    let made =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| create(ctx, sms, priority))).map_err(|p| {
-            anyhow::anyhow!(
-                "this CUDA driver cannot partition the GPU (green contexts need CUDA 12.4 or later): {}",
-                super::device::panic_message(&*p)
-            )
-        })??;
-    let (stream, got) = (made.stream as sys::CUstream, made.sms);
-    parts.insert(key, made);
-    // SAFETY: the stream was made on this device and is never destroyed.
-    Ok((unsafe { ctx.wrap_borrowed_stream(stream) }, got))
+    ctx.bind_to_thread()?;
+    // A driver older than the bindings lacks entry points, which they report by
+    // panicking: an error here.
+    let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> anyhow::Result<_> {
+        let (res, split) = sm_resource(ctx)?;
+        let want = split.round(sms).map_err(|e| anyhow::anyhow!(e))?;
+        let key = (ctx.ordinal(), want, priority);
+        let mut parts = partitions().lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = parts.get(&key) {
+            return Ok((p.stream, p.sms));
+        }
+        let p = create(ctx, res, want, priority)?;
+        let out = (p.stream, p.sms);
+        parts.insert(key, p);
+        Ok(out)
+    }))
+    .map_err(|p| {
+        anyhow::anyhow!(
+            "this CUDA driver cannot partition the GPU: {}",
+            super::device::panic_message(&*p)
+        )
+    })??;
+    // SAFETY: the stream was made on this device, shares the primary context's memory
+    // (checked by `create`) and is never destroyed.
+    Ok((unsafe { ctx.wrap_borrowed_stream(made.0 as sys::CUstream) }, made.1))
 }
 
-/// Makes a green context of at least `sms` multiprocessors of `ctx`'s device and a
-/// stream on it at `priority`.
-fn create(ctx: &Arc<CudaContext>, sms: u32, priority: i32) -> anyhow::Result<Partition> {
-    ctx.bind_to_thread()?;
-    let (res, split) = sm_resource(ctx)?;
-    let want = split.round(sms).map_err(|e| anyhow::anyhow!(e))?;
+/// The size of the partition `stream` runs on, as the driver reports it: `None` for a
+/// stream of the whole GPU.
+pub fn partition_of(stream: &CudaStream) -> anyhow::Result<Option<u32>> {
+    let mut green: sys::CUgreenCtx = std::ptr::null_mut();
+    // SAFETY: writes one handle; the stream is live.
+    check("asking a stream for its green context", unsafe {
+        sys::cuStreamGetGreenCtx(stream.cu_stream(), &mut green)
+    })?;
+    if green.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: a plain C struct the driver fills in.
+    let mut res: sys::CUdevResource = unsafe { std::mem::zeroed() };
+    // SAFETY: `green` is a live green context; writes one resource description.
+    check("reading a partition's multiprocessors", unsafe {
+        sys::cuGreenCtxGetDevResource(green, &mut res, sys::CUdevResourceType::CU_DEV_RESOURCE_TYPE_SM)
+    })?;
+    // SAFETY: the SM member, as asked for.
+    Ok(Some(unsafe { res.__bindgen_anon_1.sm.smCount }))
+}
+
+/// Makes a green context of `want` multiprocessors of `res` (`ctx`'s device's) and a
+/// stream on it at `priority`, and checks that an event of the primary context
+/// recorded on that stream can be waited for by one of its streams.
+fn create(ctx: &Arc<CudaContext>, res: sys::CUdevResource, want: u32, priority: i32) -> anyhow::Result<Partition> {
     // SAFETY: plain C structs the driver fills in.
     let (mut group, mut rest): (sys::CUdevResource, sys::CUdevResource) =
         unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
@@ -161,6 +234,23 @@ fn create(ctx: &Arc<CudaContext>, sms: u32, priority: i32) -> anyhow::Result<Par
         // SAFETY: nothing uses the context yet.
         unsafe { sys::cuGreenCtxDestroy(green) };
         return Err(e);
+    }
+    // SAFETY: the stream is live and is never destroyed.
+    let wrapped = unsafe { ctx.wrap_borrowed_stream(stream) };
+    let across = (|| -> Result<(), DriverError> {
+        let probe = ctx.new_event(None)?;
+        probe.record(&wrapped)?;
+        let other = ctx.new_stream()?;
+        other.wait(&probe)?;
+        other.synchronize()
+    })();
+    if let Err(e) = across {
+        // SAFETY: nothing else knows the stream or the context yet.
+        unsafe {
+            sys::cuStreamDestroy_v2(stream);
+            sys::cuGreenCtxDestroy(green);
+        }
+        anyhow::bail!("a stream on the partition does not order work with the rest of the GPU: {e}");
     }
     Ok(Partition {
         stream: stream as usize,

@@ -121,7 +121,9 @@ impl CudaOps {
     }
 
     fn fork_on(&self, dev: CudaDevice) -> Result<CudaOps> {
-        let ops = Self::on_device(dev, self.k.clone(), self.pdl.load(Ordering::Relaxed), self.gemv_warps)?;
+        // The GEMV's split for the multiprocessors the new stream may use.
+        let warps = self.gemv_warps * dev.info().sm_count as usize / self.dev.info().sm_count.max(1) as usize;
+        let ops = Self::on_device(dev, self.k.clone(), self.pdl.load(Ordering::Relaxed), warps.max(1))?;
         ops.gemv.store(self.gemv.load(Ordering::Relaxed), Ordering::Relaxed);
         Ok(ops)
     }

@@ -2,7 +2,9 @@
 //! the device, each step queued on a lane (a CUDA stream of its own) so that the host
 //! prepares step n+1 while step n runs. Lane 0 runs at high priority; with a second
 //! lane, long prefills run on it at normal priority beside the decode steps, which the
-//! GPU then schedules first.
+//! GPU then schedules first. With the prefill lane on a partition of the
+//! multiprocessors ([`CudaBackend::with_prefill_sms`]) the order is the other way
+//! round: the prefill first on its partition, the decode steps on the rest.
 //!
 //! Attention is full (each sequence's dense KV cache on the GPU, allocated at its first
 //! step for its prompt and completion) or ShadowKV: a sequence is prefilled densely
@@ -31,7 +33,7 @@ use crate::cuda::{CudaModel, CudaOps, GpuCache, GpuSeq, Lane, ShadowCounters, St
 use crate::model::config::ModelConfig;
 use crate::pool::ValuePool;
 use crate::shadow::{ShadowParams, ShadowStats};
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::CudaEvent;
 use std::borrow::Borrow;
 use std::sync::Arc;
@@ -319,9 +321,12 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
         }
         let m: &CudaModel = self.model.borrow();
         let graphs = self.lanes[0].graphs.enabled();
-        let mut prefill = m.new_lane_on_sms(StreamPriority::High, graphs, sms)?;
+        // No captures on the prefill lane: its stream is shared by every lane asking for
+        // a partition of this size (crate::cuda::green).
+        let mut prefill = m.new_lane_on_sms(StreamPriority::High, false, sms)?;
         let mut decode = m.new_lane(StreamPriority::Normal, graphs)?;
-        let got = prefill.ops().device().info().sm_count;
+        let got = crate::cuda::green::partition_of(prefill.ops().device().stream())?
+            .context("the prefill lane's stream is not on a partition")?;
         for lane in [&mut decode, &mut prefill] {
             lane.time_stages(self.shadow.is_some());
         }

@@ -89,9 +89,6 @@ pub struct TpServing<'a> {
     /// The prefill lane's attention at one block a multiprocessor
     /// ([`CudaBackend::with_prefill_half_sm`]).
     pub prefill_half_sm: bool,
-    /// The prefill lane on a partition of this many multiprocessors, 0 for the whole
-    /// GPU ([`CudaBackend::with_prefill_sms`]).
-    pub prefill_sms: u32,
 }
 
 impl TpServing<'_> {
@@ -111,7 +108,6 @@ impl TpServing<'_> {
             value_slots: 0,
             gatherers: None,
             prefill_half_sm: false,
-            prefill_sms: 0,
         }
     }
 }
@@ -139,7 +135,6 @@ struct RankServing {
     value_slots: usize,
     gatherer: Option<Arc<dyn ChunkGather + Send>>,
     prefill_half_sm: bool,
-    prefill_sms: u32,
 }
 
 /// One sequence's part of a step, as every rank gets it.
@@ -286,8 +281,6 @@ impl Worker {
             s.graphs,
             s.shadow,
         )?
-        .with_prefill_sms(s.prefill_sms)?
-        .0
         .with_fetch(s.fetch)?
         .with_micro_batches(s.micro_batches)
         .with_prefill_half_sm(s.prefill_half_sm)
@@ -516,7 +509,6 @@ impl TpBackend {
                 micro_batches: s.micro_batches,
                 gatherer: s.gatherers.map(|g| g(rank)).transpose()?,
                 prefill_half_sm: s.prefill_half_sm,
-                prefill_sms: s.prefill_sms,
                 tier: s.tier,
                 value_slots: s.value_slots,
             }));

@@ -198,7 +198,6 @@ pub fn generate_group(
         value_slots: opts.gpu_value_slots,
         gatherers: None,
         prefill_half_sm: false,
-        prefill_sms: 0,
     })?;
     run(group, tok, reqs, opts)
 }

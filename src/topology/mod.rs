@@ -646,6 +646,14 @@ impl Topology {
                     .into(),
             );
         }
+        if l.prefill_sms > 0 && self.backend.devices.is_some() {
+            return e(
+                "limits.prefill_sms",
+                "a partition of the multiprocessors for the prefill lane is not yet supported on a tensor-parallel \
+                 group (backend.devices; give backend.device for one GPU): its collectives have not run on one"
+                    .into(),
+            );
+        }
         if l.decode_spacing_ms > 0 && !separate {
             return e(
                 "limits.decode_spacing_ms",

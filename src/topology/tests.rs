@@ -91,6 +91,11 @@ fn impossible_values_name_key_and_line() {
             "limits.prefill_sms",
             5,
         ),
+        (
+            "[backend]\nkind = \"cuda\"\ndevices = [0, 1]\n[limits]\nprefill_sms = 64\n",
+            "limits.prefill_sms",
+            5,
+        ),
         ("[limits]\ndecode_spacing_ms = 20\n", "limits.decode_spacing_ms", 2),
         (
             "[backend]\nkind = \"cuda\"\n[limits]\ndecode_spacing_ms = 20000\n",
