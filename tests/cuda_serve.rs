@@ -154,6 +154,13 @@ fn prefill_lane_on_a_share_of_the_sms_gives_the_same_text() {
         got_sms = got;
         assert_eq!(serve(&s, backend, std::slice::from_ref(r), 4)[0].0, want);
     }
+    // The driver puts a partition's stream on a green context of that size, and the
+    // model's own stream on none.
+    let dev = s.gpu.ops().device();
+    let (stream, made) = shadowkv::cuda::green::stream_on_sms(dev.context(), ask, 0).unwrap();
+    assert_eq!(made, got_sms);
+    assert_eq!(shadowkv::cuda::green::partition_of(&stream).unwrap(), Some(got_sms));
+    assert_eq!(shadowkv::cuda::green::partition_of(dev.stream()).unwrap(), None);
     let backend = CudaBackend::new(s.gpu.clone(), 1024, 4, 2, true, None).unwrap();
     let err = backend
         .with_prefill_sms(sms)
