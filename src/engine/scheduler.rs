@@ -731,8 +731,8 @@ impl<M: StepBackend> Engine<M> {
         if lane == self.prefill_lane() {
             let chunk = self.config.prefill_chunk;
             // A backend that defers a finished prefill's work to the sequence's first
-            // decode step holds that prefill's memory until then, with room for one:
-            // no new prompt starts meanwhile (those begun go on).
+            // decode step holds that prefill's memory until then: no new prompt starts
+            // meanwhile (those begun go on).
             let held = self.model.defers_prefill() && self.running.iter().any(|s| s.awaits_first_decode());
             for s in self.running.iter().filter(|s| !s.finished && !s.prefilled()) {
                 if held && s.fed == 0 {
