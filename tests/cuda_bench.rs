@@ -7,6 +7,7 @@
 //! inputs are random (made on the device) and several times larger than the L2 cache.
 //! Each benchmark prints `BENCH <name> ...` lines.
 
+use cudarc::driver::CudaSlice;
 use half::bf16;
 use shadowkv::cpu::attention::AttnShape;
 use shadowkv::cuda::attention::partition_len;
@@ -37,6 +38,20 @@ fn time_ms(ops: &CudaOps, warm: usize, reps: usize, mut f: impl FnMut()) -> (f64
     dev.synchronize().unwrap();
     t.sort_by(|a, b| a.partial_cmp(b).unwrap());
     (t[reps / 2], t[0], t[reps - 1])
+}
+
+/// `batch` sequences' keys and values of `len` elements each, random on the device.
+fn random_kv(ops: &CudaOps, batch: usize, len: usize) -> Vec<(CudaSlice<bf16>, CudaSlice<bf16>)> {
+    let dev = ops.device();
+    (0..batch)
+        .map(|b| {
+            let mut k = dev.zeros::<bf16>(len).unwrap();
+            let mut v = dev.zeros::<bf16>(len).unwrap();
+            ops.fill_random_bf16(&mut k, 2 * b as u64 + 10, 1.0).unwrap();
+            ops.fill_random_bf16(&mut v, 2 * b as u64 + 11, 1.0).unwrap();
+            (k, v)
+        })
+        .collect()
 }
 
 /// One layer of Llama-3.1-8B's heads under ShadowKV (8 KV heads of 128, groups of 4,
@@ -105,20 +120,11 @@ fn flash_decode_bandwidth() {
     };
     let kvd = shape.kv_heads * shape.head_dim;
     for (batch, ctx) in [(8usize, 32_768usize), (8, 131_072), (1, 61_440), (1, 124_928)] {
-        let mut k = Vec::new();
-        let mut v = Vec::new();
-        for b in 0..batch {
-            let mut kb = dev.zeros::<bf16>(ctx * kvd).unwrap();
-            let mut vb = dev.zeros::<bf16>(ctx * kvd).unwrap();
-            ops.fill_random_bf16(&mut kb, 2 * b as u64 + 10, 1.0).unwrap();
-            ops.fill_random_bf16(&mut vb, 2 * b as u64 + 11, 1.0).unwrap();
-            k.push(kb);
-            v.push(vb);
-        }
+        let kv = random_kv(&ops, batch, ctx * kvd);
         let mut q = dev.zeros::<bf16>(batch * shape.heads * shape.head_dim).unwrap();
         ops.fill_random_bf16(&mut q, 7, 3.0).unwrap();
         let mut out = dev.zeros::<bf16>(batch * shape.heads * shape.head_dim).unwrap();
-        let seqs: Vec<_> = (0..batch).map(|b| (&k[b], &v[b], ctx)).collect();
+        let seqs: Vec<_> = kv.iter().map(|(k, v)| (k, v, ctx)).collect();
         let table = KvTable::new(&ops, &seqs, kvd).unwrap();
         let mut ws = DecodeWorkspace::new();
         let auto = partition_len(batch, shape.kv_heads, ctx, ops.decode_slots());
@@ -212,14 +218,7 @@ fn decode_bandwidth_by_sms() {
     };
     let kvd = shape.kv_heads * shape.head_dim;
     let (batch, ctx) = (16usize, 8192usize);
-    let mut kv = Vec::new();
-    for b in 0..batch {
-        let mut kb = dev.zeros::<bf16>(ctx * kvd).unwrap();
-        let mut vb = dev.zeros::<bf16>(ctx * kvd).unwrap();
-        ops.fill_random_bf16(&mut kb, 2 * b as u64 + 10, 1.0).unwrap();
-        ops.fill_random_bf16(&mut vb, 2 * b as u64 + 11, 1.0).unwrap();
-        kv.push((kb, vb));
-    }
+    let kv = random_kv(&ops, batch, ctx * kvd);
     let mut q = dev.zeros::<bf16>(batch * shape.heads * shape.head_dim).unwrap();
     ops.fill_random_bf16(&mut q, 7, 3.0).unwrap();
     let (m, k, n) = (16usize, 4096usize, 28_672usize);
