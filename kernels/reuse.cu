@@ -17,7 +17,10 @@
 // tier_count[b, h] tier hits (their entry in tier_src[b, h, j]), in ascending chunk order; the j-th fetched
 // chunk, j < T, replaces tier entry (tier_next + j) % T (the table is updated here, the
 // values by the fetch; tier_base[b, h] = tier_next before the step), tier_next moves on,
-// and the tier hits are added to hits[1]. Without a tier every miss is fetched
+// and the tier hits are added to hits[1]. A chunk found in an entry that this step's fetch
+// replaces is fetched instead (the smallest n >= the misses not in the tier such that n =
+// those + the hits in the first min(n, T) entries from tier_next), so the tier copy and the
+// fetch touch distinct entries and may run at once. Without a tier every miss is fetched
 // (fetch_count = miss_count) and the list is as above.
 #include "pdl.cuh"
 #include "shadow.cuh"
@@ -100,6 +103,27 @@ extern "C" __global__ void __launch_bounds__(REUSE_THREADS)
     int nfetch;
     block_exclusive_sum(to_fetch, scratch, &nfetch);  // its barriers publish is_hit and base
 
+    // Hits in the entries the fetch replaces are fetched instead: n grows to its fixed
+    // point (a few rounds: each takes in only the hits of the entries newly covered).
+    if (T > 0) {
+        int n = nfetch;
+        for (;;) {
+            const int covered = min(n, T);
+            int doomed = 0;
+            for (int i = tid; i < k; i += nt)
+                doomed += is_hit[i] >= 2 && (is_hit[i] - 2 - base + T) % T < covered;
+            int total;
+            block_exclusive_sum(doomed, scratch, &total);
+            if (nfetch + total == n) break;
+            n = nfetch + total;
+        }
+        const int covered = min(n, T);
+        for (int i = tid; i < k; i += nt)
+            if (is_hit[i] >= 2 && (is_hit[i] - 2 - base + T) % T < covered) is_hit[i] = 0;
+        nfetch = n;
+        __syncthreads();
+    }
+
     // Misses, in selection order, take the free slots in order; fetched ones first in the
     // list, tier hits after them.
     int nmiss = 0, nf = 0, nt_hit = 0;
@@ -117,18 +141,33 @@ extern "C" __global__ void __launch_bounds__(REUSE_THREADS)
             const int at = fetched ? rf : nfetch + rt;
             misses[row * S + at] = make_int2(s, c);
             if (tiered) tier_src[row * S + at] = code - 2;
-            if (fetched && rf < T) {
-                // Distinct entries for distinct fetched chunks, none of them in the tier.
-                const int e = (base + rf) % T;
-                const int old = towner[e];
-                if (old >= 0 && old < dims.chunk_cap) tmap[old] = -1;
-                tmap[c] = e;
-                towner[e] = c;
-            }
+            // A fetched one's place in the list, for the tier's update below (each thread
+            // its own entries of is_hit).
+            if (fetched) is_hit[i] = -1 - rf;
         }
         nmiss += total;
         nf += total_f;
         nt_hit += total_t;
+    }
+    if (T > 0) {
+        // The j-th fetched chunk, j < T, replaces entry (base + j) % T: first every replaced
+        // entry's chunk leaves the map (it may be one fetched again now), then each fetched
+        // chunk enters it. Distinct entries for distinct fetched chunks.
+        __syncthreads();
+        for (int i = tid; i < k; i += nt) {
+            const int rf = -1 - is_hit[i];
+            if (rf < 0 || rf >= T) continue;
+            const int old = towner[(base + rf) % T];
+            if (old >= 0 && old < dims.chunk_cap) tmap[old] = -1;
+        }
+        __syncthreads();
+        for (int i = tid; i < k; i += nt) {
+            const int rf = -1 - is_hit[i];
+            if (rf < 0 || rf >= T) continue;
+            const int e = (base + rf) % T;
+            tmap[sel[i]] = e;
+            towner[e] = sel[i];
+        }
     }
     if (tid == 0) {
         miss_count[row] = nmiss;

@@ -21,7 +21,8 @@
 //! [`StepScratch`] each), ordered so that the first micro-batch's fetch starts as soon
 //! as its miss lists exist and runs while the GPU selects for the next ones and rebuilds
 //! every micro-batch's keys: select 1, fetch 1 | select 2, fetch 2 | … | rebuild all, then
-//! attend 1 once fetch 1 is in, attend 2 …
+//! attend 1 once fetch 1 is in, attend 2 … A micro-batch's copy of its GPU value tier's
+//! hits runs after its fetch is queued, beside it.
 use super::buffers::{ShadowTable, ShadowTables, StepScratch};
 use super::fetch::FETCH_BLOCKS;
 use super::layout::{DevicePool, SeqCounts, ShadowLayout};
@@ -54,6 +55,8 @@ pub struct ShadowStep<'a> {
     /// zero-copy: the stream the fetch runs on beside the key rebuild (none: after it,
     /// on the step's stream).
     fetch_ops: Option<&'a CudaOps>,
+    /// zero-copy: the blocks the fetch kernel runs on.
+    fetch_blocks: usize,
     /// cpu-gather: the actor that gathers and sends the missed chunks.
     transfer: Option<&'a GatherTransfer>,
     /// With stage timing on, an event at the end of each stage of each layer.
@@ -136,6 +139,7 @@ impl<'a> ShadowStep<'a> {
             dev_pool: pool.device(),
             fetch,
             fetch_ops: None,
+            fetch_blocks: FETCH_BLOCKS,
             transfer: None,
             marks: None,
             fetch_marks: None,
@@ -177,6 +181,14 @@ impl<'a> ShadowStep<'a> {
     /// attention for the fetch.
     pub fn with_fetch_stream(mut self, ops: Option<&'a CudaOps>) -> Self {
         self.fetch_ops = ops;
+        self
+    }
+
+    /// Runs the zero-copy fetch on `n` blocks (at least one; default [`FETCH_BLOCKS`]):
+    /// fewer leave more of the GPU to the work beside it, as long as they keep enough
+    /// PCIe reads in flight.
+    pub fn with_fetch_blocks(mut self, n: usize) -> Self {
+        self.fetch_blocks = n.max(1);
         self
     }
 
@@ -239,18 +251,19 @@ impl<'a> ShadowStep<'a> {
             self.mark(ops, Stage::Select)?;
             ops.shadow_reuse(t, sc)?;
             self.mark(ops, Stage::Reuse)?;
+            pending.push(self.queue_fetch(ops, t, l, sc)?);
             if lay.tier > 0 {
-                // Before the fetch, which may replace the entries the hits come from.
+                // Beside the fetch: the reuse diff fetches again any hit whose entry the
+                // fetch replaces, so the two touch distinct entries and slots.
                 ops.shadow_tier_copy(t, sc)?;
                 self.mark(ops, Stage::Tier)?;
             }
-            pending.push(self.queue_fetch(ops, t, l, sc)?);
         }
         // The keys of every micro-batch's misses, while the values come. The rebuild's
         // blocks stay resident until it is done, so where a fetch runs beside it they
         // leave that fetch its blocks' room (else the fetch would wait for the rebuild).
         let beside = self.fetch == FetchPath::ZeroCopy && self.fetch_ops.is_some();
-        let room = if beside { FETCH_BLOCKS } else { 0 };
+        let room = if beside { self.fetch_blocks } else { 0 };
         for (p, sc) in scratch.iter().enumerate() {
             let t = self.part_table(p, l);
             let blocks = ops.shadow_rebuild_blocks(t, room)?;
@@ -331,7 +344,7 @@ impl<'a> ShadowStep<'a> {
                 tier_base,
                 &self.dev_pool,
                 l,
-                FETCH_BLOCKS,
+                self.fetch_blocks,
             )
         }
     }
