@@ -11,7 +11,7 @@ const FOLD_THREADS: u32 = 256;
 
 impl CudaOps {
     /// Folds every sequence of `t` whose recent window is full (`n = R` tokens; the
-    /// others are left alone): its oldest chunk becomes sparse chunk `chunks` — the
+    /// others are left alone, and nothing is launched where none is full): its oldest chunk becomes sparse chunk `chunks` — the
     /// landmark of its post-RoPE keys joins `marks`, its values go to layer `layer` of
     /// the value pool holding its slot (the host pool, written by the device through its
     /// mapped address, or the GPU value slots' pool),
@@ -33,6 +33,9 @@ impl CudaOps {
                 "fold: sequence {i} already holds {} chunks, the most it can",
                 c.chunks
             );
+        }
+        if t.counts().iter().all(|c| c.recent != full) {
+            return Ok(());
         }
         let (addrs, counts) = t.device_arrays();
         let dims = l.dims();
