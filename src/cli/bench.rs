@@ -5,7 +5,7 @@
 use super::backend::{Backend, CudaArgs, ValueFetch};
 use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput, SeqKvCache};
-use crate::cuda::shadow::ValueSlots;
+use crate::cuda::shadow::{ValueSlots, FETCH_BLOCKS};
 use crate::engine::sampling::argmax;
 use crate::model::load::open_model;
 use crate::model::weights::ModelWeights;
@@ -64,6 +64,11 @@ pub struct BenchArgs {
     /// for the whole batch. A list measures each on the same sequences (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = vec![1usize])]
     micro_batches: Vec<usize>,
+    /// ShadowKV on the GPU with `--value-fetch zero-copy`: blocks the fetch kernel runs
+    /// on beside the key rebuild (each reads host memory over PCIe and holds a share of
+    /// an SM while it waits). A list measures each (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![FETCH_BLOCKS])]
+    fetch_blocks: Vec<usize>,
     /// ShadowKV on the GPU: sequences whose values live in GPU memory (GPU value slots,
     /// read by the zero-copy fetch without crossing PCIe) besides those in the host
     /// pool, so that host memory no longer caps the batch. `off`; `auto`: with
@@ -146,6 +151,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.micro_batches.is_empty() || a.micro_batches.contains(&0) {
         bail!("--micro-batches takes counts of at least 1");
     }
+    if a.fetch_blocks.is_empty() || a.fetch_blocks.contains(&0) {
+        bail!("--fetch-blocks takes counts of at least 1");
+    }
     if a.gen < 2 || a.attention.is_empty() {
         bail!("--gen must be at least 2 and --attention not empty");
     }
@@ -164,6 +172,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             gen: a.gen,
             prefill_chunk: a.prefill_chunk,
             micro_batches: a.micro_batches,
+            fetch_blocks: a.fetch_blocks,
             trace: a.trace,
             peer_torch: a.peer == Some(Peer::Torch),
             cuda: a.cuda,
@@ -175,6 +184,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     if a.micro_batches != [1] {
         bail!("--micro-batches needs --backend cuda (the CPU backend decodes its batch as one)");
+    }
+    if a.fetch_blocks != [FETCH_BLOCKS] {
+        bail!("--fetch-blocks needs --backend cuda");
     }
     if a.trace.is_some() {
         bail!("--trace needs --backend cuda (it records GPU streams)");

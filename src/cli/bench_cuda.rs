@@ -41,6 +41,8 @@ pub struct CudaBench {
     pub prefill_chunk: usize,
     /// ShadowKV micro-batch counts, each measured.
     pub micro_batches: Vec<usize>,
+    /// Blocks of the zero-copy value fetch, each measured (with each micro-batch count).
+    pub fetch_blocks: Vec<usize>,
     /// Where to write the GPU timeline of the ShadowKV runs (Chrome trace JSON).
     pub trace: Option<PathBuf>,
     /// Run the PyTorch peer too.
@@ -171,7 +173,7 @@ pub fn run(a: CudaBench) -> Result<()> {
                     ctx,
                     a.batch,
                     a.gen,
-                    &a.micro_batches,
+                    (&a.micro_batches, &a.fetch_blocks),
                     a.prefill_chunk,
                     bar,
                     trace.as_mut(),
@@ -328,17 +330,18 @@ pub fn run(a: CudaBench) -> Result<()> {
     }
     if !shadow_rows.is_empty() {
         println!();
-        println!("| context | fetch | GPU tier (chunks/head) | micro-batches | ShadowKV batch (host+GPU slots) | decode tok/s | vs full | step ms (median) | bound ms | × bound | reuse hit | tier hit | value MiB/step | prefill s | compression / prefill | peak GiB | host pool GiB | fetch hidden |");
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| context | fetch | GPU tier (chunks/head) | micro-batches | fetch blocks | ShadowKV batch (host+GPU slots) | decode tok/s | vs full | step ms (median) | bound ms | × bound | reuse hit | tier hit | value MiB/step | prefill s | compression / prefill | peak GiB | host pool GiB | fetch hidden |");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &shadow_rows {
             let r = &r.row;
             let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
             println!(
-                "| {} | {} | {} | {} | {} | {:.1} | {} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.1} | {:.2} | {:.1} % | {:.1} | {:.1} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {:.1} | {} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.1} | {:.2} | {:.1} % | {:.1} | {:.1} | {} |",
                 r["context"],
                 r["value_fetch"].as_str().unwrap_or("-"),
                 r["gpu_tier_chunks"],
                 r["micro_batches"],
+                r["fetch_blocks"],
                 match r["gpu_value_slots"].as_u64() {
                     Some(n) if n > 0 => format!("{} ({}+{n})", r["batch"], r["batch"].as_u64().unwrap_or(0) - n),
                     _ => r["batch"].to_string(),

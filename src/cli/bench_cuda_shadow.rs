@@ -56,8 +56,8 @@ pub struct ShadowRun {
 /// that fits when `None`, see [`fit_batch`]; the tier, at `auto`, takes what the free
 /// GPU memory holds after them), then `gen` decode
 /// steps for each entry of `micro` (each step's attention split into that many
-/// micro-batches), all on the same prefilled and compressed sequences; one result per
-/// entry.
+/// micro-batches) with each of `fetch_blocks` (the zero-copy fetch's blocks), all on the
+/// same prefilled and compressed sequences; one result per pair.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     model: &CudaModel,
@@ -66,14 +66,14 @@ pub fn run(
     ctx: usize,
     batch: Option<usize>,
     gen: usize,
-    micro: &[usize],
+    (micro, fetch_blocks): (&[usize], &[usize]),
     prefill_chunk: usize,
     bar: ProgressBar,
     mut trace: Option<&mut BenchTrace>,
 ) -> Result<Vec<ShadowRun>> {
     let cfg = model.config();
     // Room for every run's generated tokens, its warm-up's included.
-    let layout = ShadowLayout::new(cfg, p, ctx + 2 * gen * micro.len())?;
+    let layout = ShadowLayout::new(cfg, p, ctx + 2 * gen * micro.len() * fetch_blocks.len())?;
     let mut lane = model.new_lane(StreamPriority::High, false)?;
     let ops_dev = model.ops().device();
     let greedy = SamplingParams::default().device_row(0, 0);
@@ -211,20 +211,26 @@ pub fn run(
         "gpu_tier_fill_secs": tier_fill_secs,
     });
     let mut last = vec![first[0]; batch];
-    let mut runs = Vec::with_capacity(micro.len());
-    for &m in micro {
+    let mut runs = Vec::with_capacity(micro.len() * fetch_blocks.len());
+    let settings = micro.iter().flat_map(|&m| fetch_blocks.iter().map(move |&fb| (m, fb)));
+    for (m, fb) in settings {
         let label = format!(
-            "{ctx} tokens, {}{} ({m} micro-batch{})",
+            "{ctx} tokens, {}{} ({m} micro-batch{}{})",
             fetch.label(),
             if tier > 0 {
                 format!(", GPU tier {tier}")
             } else {
                 String::new()
             },
-            if m == 1 { "" } else { "es" }
+            if m == 1 { "" } else { "es" },
+            if fetch_blocks.len() > 1 {
+                format!(", {fb} fetch blocks")
+            } else {
+                String::new()
+            }
         );
         let tr = trace.as_deref_mut().map(|t| (t, label.as_str()));
-        let d = decode(model, &mut seqs, &pool, fetch, m, gen, &mut last, tr)?;
+        let d = decode(model, &mut seqs, &pool, (fetch, fb), m, gen, &mut last, tr)?;
         let ctx_now = seqs[0].len();
         let bound_s = bound_secs(model, &layout, &seqs, d.misses);
         let tps = (batch * gen) as f64 / d.decode_secs;
@@ -294,7 +300,7 @@ pub fn run(
         }
         let mut row = fixed.clone();
         let more = serde_json::json!({
-            "micro_batches": m, "context_at_end": ctx_now,
+            "micro_batches": m, "fetch_blocks": fb, "context_at_end": ctx_now,
             "decode_tokens_per_s": tps, "step_ms_median": d.step_ms,
             "reuse_hit_rate": d.hit_rate, "tier_hit_rate": d.tier_hit_rate, "value_bytes_per_step": fetched_per_step,
             "pcie_value_bytes_per_step": pcie_per_step,
@@ -334,7 +340,7 @@ struct Decoded {
 }
 
 /// Runs `gen` untimed then `gen` timed decode steps of `seqs` with each step's attention
-/// split into `micro` micro-batches (one lane; one micro-batch's value fetch overlaps the
+/// split into `micro` micro-batches and the zero-copy fetch on `fetch_blocks` blocks (one lane; one micro-batch's value fetch overlaps the
 /// selection and key rebuild of the others; two steps queued, as the daemon queues
 /// them). `last` holds each sequence's last token and is advanced. With `trace`, the
 /// GPU timeline of the last [`TRACE_STEPS`] steps goes to it, under `label`.
@@ -343,7 +349,7 @@ fn decode(
     model: &CudaModel,
     seqs: &mut [GpuShadowSeq],
     pool: &GpuValuePool,
-    fetch: ValueFetch,
+    (fetch, fetch_blocks): (ValueFetch, usize),
     micro: usize,
     gen: usize,
     last: &mut [u32],
@@ -358,6 +364,7 @@ fn decode(
     // Each stage of each layer timed on the GPU (events; a little overhead).
     lane.time_stages(true);
     lane.set_micro_batches(micro);
+    lane.set_fetch_blocks(fetch_blocks);
     let greedy = SamplingParams::default().device_row(0, 0);
     let rows = vec![greedy; batch];
     let dev = model.ops().device();

@@ -23,7 +23,7 @@ use super::bench_cuda::{median, CudaBench};
 use crate::cuda::shadow::decode::FetchPath;
 use crate::cuda::shadow::layout::ShadowLayout;
 use crate::cuda::shadow::seq::sequence_bytes;
-use crate::cuda::shadow::TierSize;
+use crate::cuda::shadow::{TierSize, FETCH_BLOCKS};
 use crate::engine::backend::{SeqSpec, StepBackend, StepInput, StepSeq};
 use crate::engine::backend_cuda::CudaBackend;
 use crate::engine::backend_tp::{TpBackend, TpOptions, TpServing};
@@ -88,6 +88,9 @@ struct Row {
 
 /// Runs the group benchmark over `devices`.
 pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
+    if a.fetch_blocks != [FETCH_BLOCKS] {
+        bail!("--fetch-blocks is measured on one GPU (--device), not with --devices");
+    }
     let progress = std::io::stderr().is_terminal();
     let m = open_model(&a.model)?;
     let cfg = m.config.clone();

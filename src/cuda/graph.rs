@@ -26,7 +26,7 @@ use super::ops::CudaOps;
 use super::shadow::decode::{stage_ms, ChunkGather, FetchMark, FetchPath, GatherTimes, RayonGather, Stage};
 use super::shadow::timeline::{step_spans, GpuSpan};
 use super::shadow::transfer::GatherTransfer;
-use super::shadow::{GpuShadowSeq, GpuValuePool, ShadowStep, StepScratch};
+use super::shadow::{GpuShadowSeq, GpuValuePool, ShadowStep, StepScratch, FETCH_BLOCKS};
 use crate::cpu::LogitsWanted;
 use anyhow::{ensure, Result};
 use cudarc::driver::{sys, CudaEvent, CudaGraph, PinnedHostSlice};
@@ -110,6 +110,8 @@ pub struct Lane {
     time_stages: bool,
     /// Micro-batches a ShadowKV step's attention is split into.
     micro_batches: usize,
+    /// Blocks of a ShadowKV step's zero-copy value fetch.
+    fetch_blocks: usize,
     /// While tracing: the anchor event the spans are timed from, and the spans of the
     /// steps completed since.
     trace: Option<(CudaEvent, Vec<GpuSpan>)>,
@@ -199,6 +201,12 @@ impl Lane {
     pub fn set_micro_batches(&mut self, n: usize) {
         self.micro_batches = n.max(1);
     }
+
+    /// Runs the zero-copy value fetch of its ShadowKV steps on `n` blocks (at least 1;
+    /// default [`FETCH_BLOCKS`]).
+    pub fn set_fetch_blocks(&mut self, n: usize) {
+        self.fetch_blocks = n.max(1);
+    }
 }
 
 /// A step queued on a lane; [`CudaModel::complete`] waits for it and gives its tokens.
@@ -260,6 +268,7 @@ impl CudaModel {
             gather: GatherTimes::default(),
             time_stages: false,
             micro_batches: 1,
+            fetch_blocks: FETCH_BLOCKS,
             trace: None,
             stage_ms: Vec::new(),
             fetch_ops: None,
@@ -357,6 +366,7 @@ impl CudaModel {
             let refs: Vec<&GpuShadowSeq> = seqs.iter().map(|s| &*s.seq).collect();
             let step = ShadowStep::new(ops, &refs, pool, fetch, lane.micro_batches)?
                 .with_fetch_stream(lane.fetch_ops.as_ref())
+                .with_fetch_blocks(lane.fetch_blocks)
                 .with_transfer(lane.transfer.as_ref());
             if lane.time_stages {
                 step.with_stage_times()
