@@ -213,7 +213,15 @@ pub fn run(
     let mut last = vec![first[0]; batch];
     let mut runs = Vec::with_capacity(micro.len() * fetch_blocks.len());
     let settings = micro.iter().flat_map(|&m| fetch_blocks.iter().map(move |&fb| (m, fb)));
-    for (m, fb) in settings {
+    for (i, (m, fb)) in settings.enumerate() {
+        if tier > 0 && i > 0 {
+            // Each run starts from the tier the first one had: it warms over a run's
+            // steps (the selection is not uniform), and a later run would otherwise
+            // find more of its misses there.
+            for s in &mut seqs {
+                s.refill_tier(model.ops(), &pool)?;
+            }
+        }
         let label = format!(
             "{ctx} tokens, {}{} ({m} micro-batch{}{})",
             fetch.label(),

@@ -50,18 +50,24 @@ impl TierBuffers {
     /// An empty tier for `layout` (which has one).
     fn new(ops: &CudaOps, layout: &ShadowLayout) -> Result<Self> {
         let dev = ops.device();
-        let mut map = dev.zeros::<i32>(layout.tier_map_len())?;
-        let mut owner = dev.zeros::<i32>(layout.tier_owner_len())?;
-        for b in [&mut map, &mut owner] {
+        let mut t = TierBuffers {
+            values: dev.zeros(layout.tier_len())?,
+            map: dev.zeros(layout.tier_map_len())?,
+            owner: dev.zeros(layout.tier_owner_len())?,
+            next: dev.zeros(layout.tier_next_len())?,
+        };
+        t.clear(ops)?;
+        Ok(t)
+    }
+
+    /// Empties the tier: no chunk in any entry (the values are left as they are).
+    fn clear(&mut self, ops: &CudaOps) -> Result<()> {
+        let dev = ops.device();
+        for b in [&mut self.map, &mut self.owner] {
             let p = b.device_ptr_mut(dev.stream()).0;
             ops.fill_raw_u32(p, b.len(), u32::MAX)?;
         }
-        Ok(TierBuffers {
-            values: dev.zeros(layout.tier_len())?,
-            map,
-            owner,
-            next: dev.zeros(layout.tier_next_len())?,
-        })
+        Ok(())
     }
 }
 
@@ -109,6 +115,11 @@ impl LayerBuffers {
         }
         self.layout = layout;
         Ok(())
+    }
+
+    /// Empties its GPU value tier, if it has one (no chunk in any entry).
+    pub fn clear_tier(&mut self, ops: &CudaOps) -> Result<()> {
+        self.tier.as_mut().map_or(Ok(()), |t| t.clear(ops))
     }
 
     /// Checks that every buffer still holds its layout's size (the fields are public,

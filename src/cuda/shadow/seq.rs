@@ -62,10 +62,26 @@ impl GpuShadowSeq {
     /// compressed without one, filled with its newest chunks from its slot of `pool`
     /// (the pool it was compressed into).
     pub fn add_tier(&mut self, ops: &CudaOps, chunks: usize, pool: &GpuValuePool) -> Result<()> {
+        for bufs in self.layers.iter_mut() {
+            bufs.add_tier(ops, chunks)?;
+        }
+        self.fill_tier(ops, pool)
+    }
+
+    /// Empties its GPU value tier and fills it again with its newest chunks, as
+    /// [`GpuShadowSeq::add_tier`] left it (so that runs after one another start alike).
+    pub fn refill_tier(&mut self, ops: &CudaOps, pool: &GpuValuePool) -> Result<()> {
+        for bufs in self.layers.iter_mut() {
+            bufs.clear_tier(ops)?;
+        }
+        self.fill_tier(ops, pool)
+    }
+
+    /// Fills each layer's (empty) tier with the newest chunks from its slot of `pool`.
+    fn fill_tier(&mut self, ops: &CudaOps, pool: &GpuValuePool) -> Result<()> {
         let dev_pool = pool.device();
         let slot = self.lease.seq();
-        for (l, bufs) in self.layers.iter_mut().enumerate() {
-            bufs.add_tier(ops, chunks)?;
+        for (l, bufs) in self.layers.iter().enumerate() {
             // SAFETY: the pools are registered with (or allocated on) the device and this
             // sequence's slot is its own; the host does not write it.
             unsafe { ops.shadow_tier_fill_pool(bufs, &dev_pool, (l, slot), self.counts.chunks as usize)? };
