@@ -75,8 +75,9 @@ pub fn tier_chunks_for(layout: &ShadowLayout, layers: usize, seqs: usize, bytes:
 impl CudaOps {
     /// Copies every tier hit of the step (the last `s.tier_count` entries of each head's
     /// miss list, their entries in `s.tier_src`) from the sequence's tier into its slot
-    /// of `av`, on [`TIER_COPY_BLOCKS`] blocks. Nothing to do without a tier. Must run
-    /// before the fetch of the same step, which may overwrite the entries it reads.
+    /// of `av`, on [`TIER_COPY_BLOCKS`] blocks. Nothing to do without a tier. May run
+    /// beside the fetch of the same step: the reuse diff gave that fetch other entries
+    /// and slots (a hit in an entry the fetch replaces is fetched instead).
     pub fn shadow_tier_copy(&self, t: &ShadowTable, s: &StepScratch) -> Result<()> {
         let l = t.layout();
         if l.tier == 0 {
