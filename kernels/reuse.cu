@@ -104,7 +104,9 @@ extern "C" __global__ void __launch_bounds__(REUSE_THREADS)
     block_exclusive_sum(to_fetch, scratch, &nfetch);  // its barriers publish is_hit and base
 
     // Hits in the entries the fetch replaces are fetched instead: n grows to its fixed
-    // point (a few rounds: each takes in only the hits of the entries newly covered).
+    // point (each round takes in only the hits of the entries newly covered: usually one
+    // or two rounds, at most one per hit). A tier of fewer entries than a step fetches
+    // is then all covered and gives no hits.
     if (T > 0) {
         int n = nfetch;
         for (;;) {
@@ -164,9 +166,10 @@ extern "C" __global__ void __launch_bounds__(REUSE_THREADS)
         for (int i = tid; i < k; i += nt) {
             const int rf = -1 - is_hit[i];
             if (rf < 0 || rf >= T) continue;
-            const int e = (base + rf) % T;
-            tmap[sel[i]] = e;
-            towner[e] = sel[i];
+            const int e = (base + rf) % T, c = sel[i];
+            if (c >= dims.chunk_cap) continue;  // as the lookup: never in the tier
+            tmap[c] = e;
+            towner[e] = c;
         }
     }
     if (tid == 0) {

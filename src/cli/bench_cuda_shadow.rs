@@ -215,12 +215,14 @@ pub fn run(
     let settings = micro.iter().flat_map(|&m| fetch_blocks.iter().map(move |&fb| (m, fb)));
     for (i, (m, fb)) in settings.enumerate() {
         if tier > 0 && i > 0 {
-            // Each run starts from the tier the first one had: it warms over a run's
-            // steps (the selection is not uniform), and a later run would otherwise
-            // find more of its misses there.
+            // Each run starts from a tier filled as the first one's was (the newest
+            // chunks): it warms over a run's steps (the selection is not uniform), and a
+            // later run would otherwise find more of its misses there. The run's lane
+            // is a stream of its own: the refill must be done before it starts.
             for s in &mut seqs {
                 s.refill_tier(model.ops(), &pool)?;
             }
+            ops_dev.synchronize()?;
         }
         let label = format!(
             "{ctx} tokens, {}{} ({m} micro-batch{}{})",

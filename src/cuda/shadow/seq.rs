@@ -69,7 +69,8 @@ impl GpuShadowSeq {
     }
 
     /// Empties its GPU value tier and fills it again with its newest chunks, as
-    /// [`GpuShadowSeq::add_tier`] left it (so that runs after one another start alike).
+    /// [`GpuShadowSeq::add_tier`] fills it (so that runs after one another start alike),
+    /// on `ops`'s stream: no step may run on another stream until that is done.
     pub fn refill_tier(&mut self, ops: &CudaOps, pool: &GpuValuePool) -> Result<()> {
         for bufs in self.layers.iter_mut() {
             bufs.clear_tier(ops)?;
