@@ -20,7 +20,9 @@
 //! that chunk only (an event), not for the other prompts' chunks queued on the prefill
 //! lane behind it; the sequence sits the decode steps out until its state is in
 //! ([`StepBackend::seq_ready`]), and the thread answers once the compression has run on
-//! the GPU, after which it frees the dense cache. With one lane (the loops that prefill
+//! the GPU, after which it frees the dense cache. Dropping the backend lets the
+//! compression in hand end and joins the thread; prompts still queued for it are not
+//! compressed (their sequences get an error). With one lane (the loops that prefill
 //! every prompt before decoding any), a prompt is compressed on the caller's thread as
 //! its last chunk is queued, so that one dense cache is held at a time; the
 //! tensor-parallel ranks ([`CudaBackend::with_inline_compression`]) compress on theirs
@@ -99,13 +101,26 @@ struct Compressor {
     layers: usize,
 }
 
-/// A prompt for the compression thread: its dense cache, the event after its last
-/// chunk, the layout of its state and the pool its values go to.
+/// A prompt for the compression thread: its dense cache, the layout of its state and
+/// the pool its values go to.
 struct CompressJob {
-    dense: GpuCache,
-    written: CudaEvent,
+    prompt: WrittenCache,
     layout: ShadowLayout,
     pool: Arc<GpuValuePool>,
+}
+
+/// A prompt's dense cache and the event recorded after its last chunk. Dropped, it
+/// waits for that event before the cache goes: a job the compression thread never ran
+/// (stopped first) does not free the cache under a chunk still writing it.
+struct WrittenCache {
+    cache: GpuCache,
+    written: CudaEvent,
+}
+
+impl Drop for WrittenCache {
+    fn drop(&mut self) {
+        let _ = self.written.synchronize();
+    }
 }
 
 /// Where prompts are compressed.
@@ -127,27 +142,20 @@ impl Compressor {
     /// complete, and nothing reads the dense cache any more) and frees the dense cache,
     /// whether the compression succeeded or not.
     fn run(&mut self, job: CompressJob) -> Result<GpuShadowSeq> {
-        let CompressJob {
-            dense,
-            written,
-            layout,
-            pool,
-        } = job;
+        let CompressJob { prompt, layout, pool } = job;
         let dev = self.ops.device();
         let compressed = dev
             .context()
             .bind_to_thread()
-            .and_then(|()| dev.stream().wait(&written))
+            .and_then(|()| dev.stream().wait(&prompt.written))
             .map_err(anyhow::Error::from)
-            .and_then(|()| compress_prefill(self.layers, &self.ops, &dense, &layout, &pool, &mut self.ws));
-        // The compression's stream waited for its other streams and for the chunk; the
-        // chunk's event covers a compression that could not wait for it.
+            .and_then(|()| compress_prefill(self.layers, &self.ops, &prompt.cache, &layout, &pool, &mut self.ws));
+        // The compression's stream waited for its other streams and for the chunk (the
+        // cache, dropped, waits for the chunk too: a compression that could not).
         let done = dev.stream().synchronize();
-        let chunk = written.synchronize();
-        drop(dense);
+        drop(prompt);
         let state = compressed?;
         done?;
-        chunk?;
         Ok(state)
     }
 }
@@ -513,8 +521,7 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
         };
         let (tokens, bytes) = (dense.len(), dense.bytes());
         let state = thread.submit(CompressJob {
-            dense,
-            written,
+            prompt: WrittenCache { cache: dense, written },
             layout: *layout,
             pool: pool.clone(),
         });
