@@ -714,9 +714,8 @@ impl<M: StepBackend> Engine<M> {
 
     /// The next step of `lane`, if it has work: every decoding sequence that may take
     /// another token and that the backend is ready for (one token each; on the prefill
-    /// lane of two, none), then prompt
-    /// chunks, at most `prefill_chunk` prompt tokens in all (no new prompt's while a
-    /// deferred prefill waits for its first decode step).
+    /// lane of two, none), then prompt chunks, at most `prefill_chunk` prompt tokens in
+    /// all (no new prompt's while a deferred prefill waits for its first decode step).
     fn schedule(&self, lane: usize) -> Option<StepPlan> {
         let last_step = self.lanes[lane].queued.back();
         let mut plan = StepPlan {
