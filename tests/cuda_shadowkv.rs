@@ -17,7 +17,9 @@
 //!   GPU value slot is given back when its sequence ends.
 //! - Through the engine with a prefill lane, a request alone equals `generate_cuda`,
 //!   and so do two requests, one decoding while the other's prompt is prefilled on the
-//!   second lane and compressed at its first decode step.
+//!   second lane and compressed on the compression thread, and two prompts that come
+//!   together. A shutdown while a prompt is being compressed ends, and the model serves
+//!   on after it.
 //! - cpu-gather's actor: a gather that panics fails its own request and the engine
 //!   serves on; two requests decoding together in two micro-batches both end; a
 //!   shutdown while slow gathers are in flight ends.
@@ -307,9 +309,10 @@ fn engine_with_a_prefill_lane_equals_generate_cuda() {
 }
 
 /// One request decodes while a second one's prompt is prefilled on the prefill lane and
-/// compressed at its first decode step (on the compression's stream, after its last
-/// chunk only; the decode lane waiting for it): each gives what `generate_cuda` gives it
-/// alone, and the first is still decoding when the second ends.
+/// compressed on the compression thread (on the compression's stream, after its last
+/// chunk only; the second sitting the decode steps out until its state is in): each
+/// gives what `generate_cuda` gives it alone, and the first is still decoding when the
+/// second ends.
 #[test]
 fn a_prompt_prefilled_beside_a_decoding_request_equals_each_alone() {
     let Some((gpu, tok, p)) = engine_parts() else { return };
@@ -354,6 +357,69 @@ fn a_prompt_prefilled_beside_a_decoding_request_equals_each_alone() {
         text.len(),
         second_text.len()
     );
+}
+
+/// Two prompts that come together (both prefilled on the prefill lane, each compressed
+/// on the compression thread, the second's prefill held until the first's first decode
+/// step): each gives what `generate_cuda` gives it alone.
+#[test]
+fn two_prompts_at_once_each_equal_generate_cuda() {
+    let Some((gpu, tok, p)) = engine_parts() else { return };
+    let gen = 32;
+    let prompts = [prompt(&tok, 1500), prompt(&tok, 700)];
+    let want: Vec<String> = prompts.iter().map(|ids| alone_text(&gpu, &tok, p, ids, gen)).collect();
+    let (engine, join) = spawn_engine(engine_backend(&gpu, p, 2), tok.clone(), engine_config(), None).unwrap();
+    let rxs: Vec<_> = prompts.iter().map(|ids| submit(&engine, ids.clone(), gen)).collect();
+    let got: Vec<String> = rxs.into_iter().map(|rx| stream_text(rx).unwrap()).collect();
+    engine.shutdown(Duration::ZERO);
+    join.join().unwrap();
+    assert_eq!(got, want);
+    eprintln!(
+        "RESULT shadowkv_engine_two_prompts equal_texts={}+{}",
+        got[0].len(),
+        got[1].len()
+    );
+}
+
+/// A shutdown as soon as a prompt's first token is out (its compression handed to the
+/// compression thread as its last chunk was queued, likely still running) ends: the
+/// engine thread and the compression thread are joined within a time limit, the stream
+/// ends with an end, and a new engine on the same model then serves a request as
+/// `generate_cuda` does (the device is fine). Twice, so that one of the shutdowns likely
+/// finds the compression running.
+#[test]
+fn a_shutdown_with_a_compression_in_flight_ends() {
+    let Some((gpu, tok, p)) = engine_parts() else { return };
+    let ids = prompt(&tok, 1800);
+    let gen = 16;
+    let want = alone_text(&gpu, &tok, p, &ids, gen);
+    for _ in 0..2 {
+        let (engine, join) = spawn_engine(engine_backend(&gpu, p, 1), tok.clone(), engine_config(), None).unwrap();
+        let mut rx = submit(&engine, ids.clone(), gen);
+        let first = rx.blocking_recv().expect("the engine ended the stream");
+        assert!(matches!(first, Event::Text(_)), "{first:?}");
+        engine.shutdown(Duration::ZERO);
+        let (ended, end) = std::sync::mpsc::channel();
+        std::thread::spawn(move || ended.send(join.join().is_ok()).unwrap());
+        let ok = end
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the engine still runs 60 s after its shutdown");
+        assert!(ok, "the engine thread panicked");
+        let mut last = None;
+        while let Some(e) = rx.blocking_recv() {
+            last = Some(e);
+        }
+        assert!(
+            matches!(last, Some(Event::Failed(_)) | Some(Event::Done { .. })),
+            "the request's stream ended without an end: {last:?}"
+        );
+    }
+    let (engine, join) = spawn_engine(engine_backend(&gpu, p, 1), tok.clone(), engine_config(), None).unwrap();
+    let text = engine_text(&engine, ids, gen).unwrap();
+    engine.shutdown(Duration::ZERO);
+    join.join().unwrap();
+    assert_eq!(text, want);
+    eprintln!("RESULT shadowkv_compression_shutdown then_equal_text={}", text.len());
 }
 
 /// A gather that panics on its first call, then copies as rayon's threads do.

@@ -93,7 +93,16 @@ impl GpuCache {
         model: &CudaModel,
         l: usize,
     ) -> (CudaView<'_, bf16>, CudaView<'_, bf16>, Option<CudaView<'_, bf16>>) {
-        let kvw = model.kv_width();
+        self.layer_of_width(model.kv_width(), l)
+    }
+
+    /// [`GpuCache::layer`] for a model whose `kv_heads·d` is `kvw` (for a caller that does
+    /// not hold the model).
+    pub fn layer_of_width(
+        &self,
+        kvw: usize,
+        l: usize,
+    ) -> (CudaView<'_, bf16>, CudaView<'_, bf16>, Option<CudaView<'_, bf16>>) {
         let (ko, vo) = cache_offsets(l, self.cap, kvw);
         let n = self.len * kvw;
         let pre = self

@@ -101,11 +101,22 @@ pub trait StepBackend: Send {
 
     /// Whether a sequence whose prompt is in keeps its prefill's memory until its first
     /// decode step is queued (ShadowKV on the GPU with a prefill lane compresses it
-    /// then): the scheduler starts no new prompt meanwhile, so such memory is not held
+    /// meanwhile, on a thread of its own, or then): the scheduler starts no new prompt meanwhile, so such memory is not held
     /// long (prompts that start in the step that completes another's are not held back,
     /// so more than one can wait at once). False unless the backend says so.
     fn defers_prefill(&self) -> bool {
         false
+    }
+
+    /// Whether a sequence may join a step now (true unless the backend says otherwise):
+    /// false while work the backend does for it apart from the steps is still running
+    /// (ShadowKV on the GPU with a prefill lane compresses a prompt on a thread of its
+    /// own). The scheduler leaves such a sequence out of its steps until it is ready,
+    /// and does not wait on a long step meanwhile; a backend that is given one anyway
+    /// waits for it. A sequence whose work failed becomes ready: the first step given
+    /// it reports the failure ([`StepOutput::failed`]).
+    fn seq_ready(&self, _seq: &Self::Seq) -> bool {
+        true
     }
 
     /// A fresh sequence.

@@ -13,27 +13,35 @@
 //! its values in the registered host pool or a GPU value slot), and decodes through its
 //! ShadowKV state; its dense cache is freed once the compression that read it has run.
 //!
-//! Compressions run on a stream of their own. With a prefill lane, a prompt is
-//! compressed at its first decode step, which the scheduler queues once the prompt's
-//! last chunk is done: the compression waits for that chunk only (an event), not for
-//! the other prompts' chunks queued on the prefill lane behind it, and the decode lane
-//! waits for the compression. With one lane (the loops that prefill every prompt before
-//! decoding any), a prompt is compressed as its last chunk is queued, so that one dense
-//! cache is held at a time.
+//! Compressions run on a stream of their own. With a prefill lane, a prompt is handed
+//! to the compression thread as its last chunk is queued ([`Worker`]: the compression's
+//! host work, the eigenvectors' round trips above all, then runs beside the engine
+//! thread, which keeps queueing the other sequences' steps): the compression waits for
+//! that chunk only (an event), not for the other prompts' chunks queued on the prefill
+//! lane behind it; the sequence sits the decode steps out until its state is in
+//! ([`StepBackend::seq_ready`]), and the thread answers once the compression has run on
+//! the GPU, after which it frees the dense cache. Dropping the backend lets the
+//! compression in hand end and joins the thread; prompts still queued for it are not
+//! compressed (their sequences get an error). With one lane (the loops that prefill
+//! every prompt before decoding any), a prompt is compressed on the caller's thread as
+//! its last chunk is queued, so that one dense cache is held at a time; the
+//! tensor-parallel ranks ([`CudaBackend::with_inline_compression`]) compress on theirs
+//! at the sequence's first decode step, the decode lane waiting for the compression.
 
 use super::backend::{BackendStats, LaneSerials, LastSample, SeqSpec, StepBackend, StepInput, StepOutput, StepSeq};
+use super::worker::{Pending, Worker};
 use crate::cpu::LogitsWanted;
 use crate::cuda::device::StreamPriority;
 use crate::cuda::graph::ShadowSeqInput;
 use crate::cuda::shadow::decode::{FetchPath, Stage};
 use crate::cuda::shadow::seq::{layer_bytes, sequence_bytes};
 use crate::cuda::shadow::tier::tier_chunks_for;
-use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout, TierSize};
+use crate::cuda::shadow::{compress_prefill, CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout, TierSize};
 use crate::cuda::{CudaModel, CudaOps, GpuCache, GpuSeq, Lane, ShadowCounters, StepTicket};
 use crate::model::config::ModelConfig;
 use crate::pool::ValuePool;
 use crate::shadow::{ShadowParams, ShadowStats};
-use anyhow::{bail, ensure, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 use cudarc::driver::CudaEvent;
 use std::borrow::Borrow;
 use std::sync::Arc;
@@ -47,6 +55,14 @@ enum GpuState {
     /// ShadowKV: a dense cache holding the whole prompt, not compressed yet, and the
     /// event recorded on the lane that queued the prompt's last chunk, after it.
     Prefilled(GpuCache, CudaEvent),
+    /// ShadowKV: its prompt handed to the compression thread, which holds the dense
+    /// cache (of `bytes`) and answers with the state of its `tokens` once the compression
+    /// has run on the GPU (or with why it failed).
+    Compressing {
+        state: Pending<GpuShadowSeq>,
+        tokens: usize,
+        bytes: usize,
+    },
     /// ShadowKV state, after its prompt was compressed.
     Shadow(GpuShadowSeq),
     /// ShadowKV: its compression failed (the step that tried reports it); the steps
@@ -65,17 +81,83 @@ pub struct CudaSeq {
 }
 
 /// ShadowKV on the GPU: the layout of every sequence, the value pools (host, and GPU
-/// value slots), the compression's stream and its scratch.
+/// value slots; shared with the compression thread's jobs), where compressions run
+/// and how values are fetched.
 struct ShadowGpu {
     layout: ShadowLayout,
     /// Sequences the backend serves at most (host slots and GPU value slots).
     max_batch: usize,
-    pool: GpuValuePool,
-    /// The stream compressions are queued on (the greatest priority; its side and
-    /// worker streams one below), apart from the lanes.
-    compress: CudaOps,
-    ws: CompressWorkspace,
+    pool: Arc<GpuValuePool>,
+    compression: Compression,
     fetch: FetchPath,
+}
+
+/// What compresses prompts: the stream compressions are queued on (the greatest
+/// priority; its side and worker streams one below), apart from the lanes, its scratch,
+/// and the model's layer count (all a compression needs of the model).
+struct Compressor {
+    ops: CudaOps,
+    ws: CompressWorkspace,
+    layers: usize,
+}
+
+/// A prompt for the compression thread: its dense cache, the layout of its state and
+/// the pool its values go to.
+struct CompressJob {
+    prompt: WrittenCache,
+    layout: ShadowLayout,
+    pool: Arc<GpuValuePool>,
+}
+
+/// A prompt's dense cache and the event recorded after its last chunk. Dropped, it
+/// waits for that event before the cache goes: a job the compression thread never ran
+/// (stopped first) does not free the cache under a chunk still writing it.
+struct WrittenCache {
+    cache: GpuCache,
+    written: CudaEvent,
+}
+
+impl Drop for WrittenCache {
+    fn drop(&mut self) {
+        let _ = self.written.synchronize();
+    }
+}
+
+/// Where prompts are compressed.
+enum Compression {
+    /// On the thread that queues the steps.
+    Inline(Box<Compressor>),
+    /// On a thread of its own, which owns the compressor.
+    Thread(Worker<CompressJob, GpuShadowSeq, Compressor>),
+}
+
+/// Compressions the thread's mailbox holds at most: far above any batch (the scheduler
+/// starts no prompt while one waits for its compression), so a hand-off never finds it
+/// full.
+const COMPRESS_QUEUE: usize = 256;
+
+impl Compressor {
+    /// The compression thread's job: compresses `job`'s prompt once its last chunk is
+    /// done, then waits for the compression's GPU work (so the state it returns is
+    /// complete, and nothing reads the dense cache any more) and frees the dense cache,
+    /// whether the compression succeeded or not.
+    fn run(&mut self, job: CompressJob) -> Result<GpuShadowSeq> {
+        let CompressJob { prompt, layout, pool } = job;
+        let dev = self.ops.device();
+        let compressed = dev
+            .context()
+            .bind_to_thread()
+            .and_then(|()| dev.stream().wait(&prompt.written))
+            .map_err(anyhow::Error::from)
+            .and_then(|()| compress_prefill(self.layers, &self.ops, &prompt.cache, &layout, &pool, &mut self.ws));
+        // The compression's stream waited for its other streams and for the chunk (the
+        // cache, dropped, waits for the chunk too: a compression that could not).
+        let done = dev.stream().synchronize();
+        drop(prompt);
+        let state = compressed?;
+        done?;
+        Ok(state)
+    }
 }
 
 /// A step queued by [`CudaBackend`]: the lane's ticket, the sequences of its batch that
@@ -137,16 +219,26 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
                 );
                 // The compression's stream and workers before the memory is counted: their
                 // scratch is held from here on.
-                // Above every lane's priority: a compression blocks the engine thread.
-                let compress = m.ops().fork(StreamPriority::Highest)?;
+                // Above every lane's priority: a compression holds its sequence's first
+                // decode step back (and, compressed inline, the engine thread).
+                let ops = m.ops().fork(StreamPriority::Highest)?;
                 let mut ws = CompressWorkspace::at_priority(StreamPriority::High);
-                ws.prepare(&compress, &layout)?;
+                ws.prepare(&ops, &layout)?;
+                let compressor = Compressor {
+                    ops,
+                    ws,
+                    layers: m.config().num_layers,
+                };
+                let compression = if lanes > 1 {
+                    Compression::Thread(Worker::spawn("compress", COMPRESS_QUEUE, compressor, Compressor::run)?)
+                } else {
+                    Compression::Inline(Box::new(compressor))
+                };
                 Some(ShadowGpu {
                     layout,
                     max_batch,
-                    pool: GpuValuePool::new(m.ops(), pool)?,
-                    compress,
-                    ws,
+                    pool: Arc::new(GpuValuePool::new(m.ops(), pool)?),
+                    compression,
                     fetch: FetchPath::ZeroCopy,
                 })
             }
@@ -235,7 +327,9 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
                 gib(free.saturating_sub(state))
             );
         }
-        sh.pool = sh.pool.with_device_slots(m.ops(), n)?;
+        let pool = Arc::try_unwrap(sh.pool)
+            .map_err(|_| anyhow!("GPU value slots are added before the first prompt is compressed"))?;
+        sh.pool = Arc::new(pool.with_device_slots(m.ops(), n)?);
         sh.max_batch = total;
         self.shadow = Some(sh);
         Ok(self)
@@ -333,6 +427,23 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
         Ok((self, got))
     }
 
+    /// With a prefill lane, each prompt is compressed on the thread that queues the
+    /// steps, at its sequence's first decode step (the decode lane's stream waiting for
+    /// the compression), rather than on the compression thread: for the tensor-parallel
+    /// ranks ([`super::backend_tp`]), whose group does not ask whether a sequence is
+    /// ready. Stops the compression thread, taking its stream and scratch back; nothing
+    /// changes without one (full attention, one lane).
+    pub fn with_inline_compression(mut self) -> Result<Self> {
+        if let Some(mut sh) = self.shadow.take() {
+            sh.compression = match sh.compression {
+                Compression::Thread(t) => Compression::Inline(Box::new(t.stop()?)),
+                inline => inline,
+            };
+            self.shadow = Some(sh);
+        }
+        Ok(self)
+    }
+
     /// The cpu-gather path copies the missed value chunks with `g` (the pipeline's
     /// pinned gather threads) on every lane.
     pub fn with_gatherer(mut self, g: std::sync::Arc<dyn crate::cuda::shadow::decode::ChunkGather + Send>) -> Self {
@@ -384,19 +495,63 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
         self.retired.retain(|(done, _)| !done.is_complete());
     }
 
-    /// Whether a prompt is compressed at its sequence's first decode step rather than
-    /// as its last chunk is queued: ShadowKV with a prefill lane.
+    /// Whether a prompt is not compressed as its last chunk is queued (ShadowKV with a
+    /// prefill lane): it is handed to the compression thread then, or compressed inline
+    /// at its sequence's first decode step; either way its dense cache is held until
+    /// that step may be queued ([`StepBackend::defers_prefill`]).
     fn defers(&self) -> bool {
         self.shadow.is_some() && self.lanes.len() > 1
     }
 
-    /// Compresses `seq`'s prefilled prompt into ShadowKV state on the compression
-    /// stream, which first waits for the event recorded after the prompt's last chunk
-    /// (only that chunk, whatever else its lane has queued since); `lane`'s stream then
-    /// waits for the compression, so the steps queued on it next read the whole state.
-    /// The dense cache is freed once the compression's work (a failed one's too) has
-    /// run. A sequence whose compression fails is left `Failed`.
+    /// Hands `seq`'s prefilled prompt to the compression thread, where there is one:
+    /// the sequence is `Compressing` until [`Self::receive`] takes its state.
+    fn hand_off(&self, seq: &mut CudaSeq) {
+        let Some(ShadowGpu {
+            compression: Compression::Thread(thread),
+            layout,
+            pool,
+            ..
+        }) = &self.shadow
+        else {
+            return;
+        };
+        let GpuState::Prefilled(..) = &seq.state else { return };
+        let GpuState::Prefilled(dense, written) = std::mem::replace(&mut seq.state, GpuState::Failed) else {
+            unreachable!("matched above")
+        };
+        let (tokens, bytes) = (dense.len(), dense.bytes());
+        let state = thread.submit(CompressJob {
+            prompt: WrittenCache { cache: dense, written },
+            layout: *layout,
+            pool: pool.clone(),
+        });
+        seq.state = GpuState::Compressing { state, tokens, bytes };
+    }
+
+    /// Takes a `Compressing` sequence's state from the compression thread (waiting for
+    /// it if it is not in yet): the sequence becomes `Shadow`, or `Failed` with the
+    /// compression's error. The compression has run on the GPU before the thread
+    /// answers: the steps that read the state need not wait for it.
+    fn receive(seq: &mut CudaSeq) -> Result<()> {
+        let GpuState::Compressing { state, .. } = std::mem::replace(&mut seq.state, GpuState::Failed) else {
+            bail!("only a sequence being compressed is received");
+        };
+        seq.state = GpuState::Shadow(state.take()?);
+        Ok(())
+    }
+
+    /// Compresses `seq`'s prefilled prompt into ShadowKV state now: on the compression
+    /// thread where there is one (waiting for it), else on the compression stream from
+    /// this thread, which first waits for the event recorded after the prompt's last
+    /// chunk (only that chunk, whatever else its lane has queued since); `lane`'s stream
+    /// then waits for the compression, so the steps queued on it next read the whole
+    /// state. The dense cache is freed once the compression's work (a failed one's too)
+    /// has run. A sequence whose compression fails is left `Failed`.
     fn compress(&mut self, lane: usize, seq: &mut CudaSeq) -> Result<()> {
+        self.hand_off(seq);
+        if let GpuState::Compressing { .. } = seq.state {
+            return Self::receive(seq);
+        }
         let GpuState::Prefilled(dense, written) = std::mem::replace(&mut seq.state, GpuState::Failed) else {
             bail!("only a prefilled sequence is compressed");
         };
@@ -405,12 +560,15 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
             .shadow
             .as_mut()
             .expect("prefilled sequences come from a ShadowKV backend");
-        let stream = sh.compress.device().stream();
+        let Compression::Inline(c) = &mut sh.compression else {
+            unreachable!("handed to the compression thread above")
+        };
+        let stream = c.ops.device().stream();
         let compressed = match stream.wait(&written) {
-            Ok(()) => model.compress_shadow(&sh.compress, &dense, &sh.layout, &sh.pool, &mut sh.ws),
+            Ok(()) => model.compress_shadow(&c.ops, &dense, &sh.layout, &sh.pool, &mut c.ws),
             Err(e) => Err(e.into()),
         };
-        let done = sh.compress.device().event(false).and_then(|e| {
+        let done = c.ops.device().event(false).and_then(|e| {
             e.record(stream)?;
             Ok(e)
         });
@@ -432,8 +590,8 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
 
     /// A dense step (prompt chunks, or full-attention decoding) of `batch` on `lane`;
     /// under ShadowKV, each prompt it completes becomes `Prefilled`, and is compressed
-    /// at once with one lane. Returns the step and the sequences (their index in
-    /// `batch`) whose compression failed, with why.
+    /// at once with one lane, or handed to the compression thread. Returns the step and
+    /// the sequences (their index in `batch`) whose compression failed, with why.
     fn submit_dense(
         &mut self,
         lane: usize,
@@ -517,6 +675,8 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
                 if let Err(e) = self.compress(lane, s.seq) {
                     failed.push((i, format!("{e:#}")));
                 }
+            } else {
+                self.hand_off(s.seq);
             }
         }
         Ok((ticket, failed))
@@ -580,6 +740,14 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
         self.defers()
     }
 
+    /// A sequence is not ready while its compression runs.
+    fn seq_ready(&self, seq: &CudaSeq) -> bool {
+        match &seq.state {
+            GpuState::Compressing { state, .. } => state.is_ready(),
+            _ => true,
+        }
+    }
+
     fn new_seq(&self, spec: &SeqSpec) -> Result<CudaSeq> {
         if let Some(sh) = &self.shadow {
             sh.layout.check_prefill(spec.prompt_tokens)?;
@@ -599,6 +767,7 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
         match &seq.state {
             GpuState::Empty | GpuState::Failed => 0,
             GpuState::Dense(c) | GpuState::Prefilled(c, _) => c.len(),
+            GpuState::Compressing { tokens, .. } => *tokens,
             GpuState::Shadow(s) => s.len(),
         }
     }
@@ -607,6 +776,7 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
         match &seq.state {
             GpuState::Empty | GpuState::Failed => 0,
             GpuState::Dense(c) | GpuState::Prefilled(c, _) => c.bytes(),
+            GpuState::Compressing { bytes, .. } => *bytes,
             GpuState::Shadow(s) => s.bytes(),
         }
     }
@@ -614,12 +784,15 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
     fn submit(&mut self, lane: usize, batch: &mut [StepSeq<'_, CudaSeq>]) -> Result<CudaTicket> {
         ensure!(lane < self.lanes.len(), "no lane {lane}");
         self.free_retired();
-        // A sequence at its first decode step is compressed first (ShadowKV with a
-        // prefill lane). One whose compression fails, now or at an earlier step, is left
-        // out of the step and fails alone.
+        // A sequence at its first decode step takes its state from the compression
+        // thread (waiting for it where the caller did not ask `seq_ready`), or is
+        // compressed first (ShadowKV with a prefill lane, compressed inline). One whose
+        // compression fails, now or at an earlier step, is left out of the step and fails
+        // alone.
         let mut failed = Vec::new();
         for (i, s) in batch.iter_mut().enumerate() {
             let why = match s.seq.state {
+                GpuState::Compressing { .. } => Self::receive(s.seq).err().map(|e| format!("{e:#}")),
                 GpuState::Prefilled(..) => self.compress(lane, s.seq).err().map(|e| format!("{e:#}")),
                 GpuState::Failed => Some("its prompt's compression failed".to_string()),
                 _ => None,

@@ -272,7 +272,11 @@ impl Worker {
             drop(old);
             self.model.ops().device().release_memory()?;
         }
-        // The host pool serves the sequences outside the GPU value slots.
+        // The host pool serves the sequences outside the GPU value slots. Each rank
+        // compresses a prompt on its own thread at the sequence's first decode step, not
+        // on a compression thread beside its steps: leaving a sequence out of the steps
+        // until it is ready would take every rank's word (the group's steps must hold
+        // the same sequences on each), which the group does not ask for.
         let backend = CudaBackend::new(
             self.model.clone(),
             s.cache_tokens,
@@ -285,7 +289,8 @@ impl Worker {
         .with_micro_batches(s.micro_batches)
         .with_prefill_half_sm(s.prefill_half_sm)
         .with_value_slots(s.value_slots)?
-        .with_tier(s.tier)?;
+        .with_tier(s.tier)?
+        .with_inline_compression()?;
         self.backend = Some(match s.gatherer {
             Some(g) => backend.with_gatherer(g),
             None => backend,

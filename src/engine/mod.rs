@@ -7,3 +7,4 @@ pub mod generate;
 pub mod sampling;
 pub mod scheduler;
 pub mod text;
+pub mod worker;

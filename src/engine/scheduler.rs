@@ -20,8 +20,12 @@
 //! so long prompts never hold decoding sequences to one token per prefill step. Where
 //! the backend defers a finished prefill's work to the sequence's first decode step
 //! (ShadowKV's compression on the GPU: [`StepBackend::defers_prefill`]), no new prompt
-//! starts while a sequence waits for that step. A sequence whose receiver is gone (the
-//! client disconnected) leaves before the next step.
+//! starts while a sequence waits for that step. A sequence the backend is still working
+//! on apart from the steps (that compression, on a thread of its own:
+//! [`StepBackend::seq_ready`]) sits the decode steps out until it is ready, the others
+//! decoding meanwhile; while one does, the engine waits on no step but the decode lane's
+//! (short), looking at it again every millisecond. A sequence whose receiver is gone
+//! (the client disconnected) leaves before the next step.
 
 use super::backend::{SeqSpec, StepBackend, StepInput, StepSeq};
 use super::sampling::SamplingParams;
@@ -426,6 +430,10 @@ struct Engine<M: StepBackend> {
 /// for a spaced decode step's time.
 const SPACING_POLL: Duration = Duration::from_millis(1);
 
+/// How often the engine looks at a sequence the backend is not done with (and at the
+/// queued steps and its commands) while it has no decode step to wait on.
+const READY_POLL: Duration = Duration::from_millis(1);
+
 /// How often the backend's counters are read for the metrics while steps are queued:
 /// reading them may wait for the GPU (ShadowKV's hit counters live on the device,
 /// behind the queued step), which would empty the queue that hides the host's work.
@@ -489,6 +497,7 @@ impl<M: StepBackend> Engine<M> {
                     self.submit(lane, plan);
                 }
             }
+            let unready = self.awaits_backend();
             match (self.lane_to_complete(), wake) {
                 // A spaced decode step is due before the oldest step ends: wait for
                 // its time, not for that step, looking again every millisecond (so a
@@ -496,7 +505,14 @@ impl<M: StepBackend> Engine<M> {
                 (Some(lane), Some(t)) if !self.model.is_done(&self.lanes[lane].queued[0].ticket) => {
                     std::thread::sleep(t.saturating_duration_since(Instant::now()).min(SPACING_POLL));
                 }
+                // A sequence the backend is not done with joins the decode steps once it
+                // is: wait on no longer step meanwhile (a decode step is short, and the
+                // one after it is where the sequence would join).
+                (Some(lane), _) if unready && lane != 0 && !self.model.is_done(&self.lanes[lane].queued[0].ticket) => {
+                    std::thread::sleep(READY_POLL);
+                }
                 (Some(lane), _) => self.complete(lane),
+                (None, _) if unready => std::thread::sleep(READY_POLL),
                 // (Spacing needs a queued prefill step, so there is none to wait for.)
                 (None, _) => self.fail_stalled(),
             }
@@ -697,9 +713,9 @@ impl<M: StepBackend> Engine<M> {
     }
 
     /// The next step of `lane`, if it has work: every decoding sequence that may take
-    /// another token (one token each; on the prefill lane of two, none), then prompt
-    /// chunks, at most `prefill_chunk` prompt tokens in all (no new prompt's while a
-    /// deferred prefill waits for its first decode step).
+    /// another token and that the backend is ready for (one token each; on the prefill
+    /// lane of two, none), then prompt chunks, at most `prefill_chunk` prompt tokens in
+    /// all (no new prompt's while a deferred prefill waits for its first decode step).
     fn schedule(&self, lane: usize) -> Option<StepPlan> {
         let last_step = self.lanes[lane].queued.back();
         let mut plan = StepPlan {
@@ -714,6 +730,9 @@ impl<M: StepBackend> Engine<M> {
             let generated = s.out.ids().len() + s.pending;
             let len = self.model.seq_len(&s.state);
             if generated == 0 || generated >= s.max_tokens || len >= self.config.max_context {
+                continue;
+            }
+            if !self.model.seq_ready(&s.state) {
                 continue;
             }
             let input = if s.pending == 0 {
@@ -747,6 +766,13 @@ impl<M: StepBackend> Engine<M> {
             }
         }
         (!plan.members.is_empty()).then_some(plan)
+    }
+
+    /// Whether a running sequence waits for the backend ([`StepBackend::seq_ready`]).
+    fn awaits_backend(&self) -> bool {
+        self.running
+            .iter()
+            .any(|s| !s.finished && !self.model.seq_ready(&s.state))
     }
 
     /// Queues a planned step on `lane`.
@@ -1409,5 +1435,305 @@ mod tests {
             );
         }
         assert_eq!(texts[0], texts[1]);
+    }
+
+    /// How long a [`Gated`] backend keeps a sequence not ready once its prompt's last
+    /// chunk is queued.
+    #[derive(Clone, Copy, Debug)]
+    enum Hold {
+        /// Until the decode lane has taken this many more steps.
+        Steps(usize),
+        /// For this long.
+        For(Duration),
+        /// Never.
+        Forever,
+    }
+
+    /// A [`Gated`] step's lane and its members (their admission order).
+    type GatedStep = (usize, Vec<usize>);
+
+    /// When a held sequence becomes ready.
+    #[derive(Clone, Copy, Debug)]
+    enum Gate {
+        AfterStep(usize),
+        At(Instant),
+        Never,
+    }
+
+    /// A CPU sequence and its gate.
+    struct GatedSeq {
+        inner: crate::engine::backend::CpuSeq,
+        /// Its admission order.
+        n: usize,
+        gate: Option<Gate>,
+        /// Its first step once ready reports it failed.
+        fails: bool,
+    }
+
+    /// A CPU backend that keeps chosen sequences not ready for a while once their
+    /// prompt's last chunk is queued, as the GPU's compression thread does (it defers
+    /// prefills, too), and fails some of them at their first step after. It counts the
+    /// steps it was given holding a sequence that was not ready (and refuses them), and
+    /// logs each step's lane and members (admission order). Its decode steps never say
+    /// they are done before the engine waits for them (as the GPU's often do not), so
+    /// that the prefill lane's steps, all done at once on the CPU, are not left behind
+    /// the decode lane's.
+    struct Gated {
+        inner: CpuBackend,
+        /// Per admitted sequence, in order: its hold and whether it fails after (none:
+        /// never held).
+        holds: Vec<Option<(Hold, bool)>>,
+        admitted: AtomicUsize,
+        decode_steps: usize,
+        steps: Arc<Mutex<Vec<GatedStep>>>,
+        unready_given: Arc<AtomicUsize>,
+    }
+
+    impl Gated {
+        fn new(holds: Vec<Option<(Hold, bool)>>) -> Self {
+            let (model, _) = tiny();
+            Gated {
+                inner: CpuBackend::new(model, None).unwrap().with_schedule(2, 2),
+                holds,
+                admitted: AtomicUsize::new(0),
+                decode_steps: 0,
+                steps: Arc::default(),
+                unready_given: Arc::default(),
+            }
+        }
+    }
+
+    impl StepBackend for Gated {
+        type Seq = GatedSeq;
+        type Ticket = (usize, StepOutput);
+        fn config(&self) -> &crate::model::config::ModelConfig {
+            self.inner.config()
+        }
+        fn lanes(&self) -> usize {
+            self.inner.lanes()
+        }
+        fn queue_depth(&self) -> usize {
+            self.inner.queue_depth()
+        }
+        fn defers_prefill(&self) -> bool {
+            true
+        }
+        fn seq_ready(&self, seq: &GatedSeq) -> bool {
+            match seq.gate {
+                None => true,
+                Some(Gate::AfterStep(n)) => self.decode_steps >= n,
+                Some(Gate::At(t)) => Instant::now() >= t,
+                Some(Gate::Never) => false,
+            }
+        }
+        fn new_seq(&self, spec: &SeqSpec) -> anyhow::Result<GatedSeq> {
+            Ok(GatedSeq {
+                inner: self.inner.new_seq(spec)?,
+                n: self.admitted.fetch_add(1, Ordering::SeqCst),
+                gate: None,
+                fails: false,
+            })
+        }
+        fn seq_len(&self, seq: &GatedSeq) -> usize {
+            self.inner.seq_len(&seq.inner)
+        }
+        fn seq_bytes(&self, seq: &GatedSeq) -> usize {
+            self.inner.seq_bytes(&seq.inner)
+        }
+        fn submit(&mut self, lane: usize, batch: &mut [StepSeq<'_, GatedSeq>]) -> anyhow::Result<(usize, StepOutput)> {
+            if batch.iter().any(|s| !self.seq_ready(s.seq)) {
+                self.unready_given.fetch_add(1, Ordering::SeqCst);
+                anyhow::bail!("a step holds a sequence that is not ready");
+            }
+            let members: Vec<usize> = batch.iter().map(|s| s.seq.n).collect();
+            self.steps.lock().unwrap().push((lane, members));
+            // A sequence's first step once ready reports its failure.
+            let mut failed = Vec::new();
+            for (i, s) in batch.iter_mut().enumerate() {
+                if s.seq.gate.take().is_some() && std::mem::take(&mut s.seq.fails) {
+                    failed.push((i, format!("sequence {} failed while it was not ready", s.seq.n)));
+                }
+            }
+            let done: Vec<bool> = batch.iter().map(|s| s.prompt_done).collect();
+            let mut inner: Vec<StepSeq<'_, crate::engine::backend::CpuSeq>> = batch
+                .iter_mut()
+                .map(|s| StepSeq {
+                    input: s.input,
+                    seq: &mut s.seq.inner,
+                    sample: s.sample,
+                    prompt_done: s.prompt_done,
+                })
+                .collect();
+            let mut out = self.inner.submit(lane, &mut inner)?;
+            drop(inner);
+            out.failed.extend(failed);
+            if lane == 0 {
+                self.decode_steps += 1;
+            }
+            for (s, _) in batch.iter_mut().zip(done).filter(|(_, d)| *d) {
+                if let Some(Some((hold, fails))) = self.holds.get(s.seq.n) {
+                    s.seq.gate = Some(match *hold {
+                        Hold::Steps(n) => Gate::AfterStep(self.decode_steps + n),
+                        Hold::For(d) => Gate::At(Instant::now() + d),
+                        Hold::Forever => Gate::Never,
+                    });
+                    s.seq.fails = *fails;
+                }
+            }
+            Ok((lane, out))
+        }
+        fn is_done(&self, ticket: &(usize, StepOutput)) -> bool {
+            ticket.0 != 0
+        }
+        fn complete(&mut self, lane: usize, ticket: (usize, StepOutput)) -> anyhow::Result<StepOutput> {
+            self.inner.complete(lane, ticket.1)
+        }
+    }
+
+    /// The gated tests' scheduler: two lanes' worth of room, prompts in chunks of 4.
+    fn gated_config() -> SchedulerConfig {
+        SchedulerConfig {
+            max_batch: 3,
+            max_queue: 3,
+            max_context: 1024,
+            prefill_chunk: 4,
+            decode_spacing: Duration::ZERO,
+        }
+    }
+
+    /// A greedy request.
+    fn gated_request(prompt: Vec<u32>, max_tokens: usize) -> EngineRequest {
+        EngineRequest {
+            prompt,
+            max_tokens,
+            sampling: SamplingParams::default(),
+            stop: vec![],
+        }
+    }
+
+    /// What `generate` gives `r` alone.
+    fn alone_text(r: &EngineRequest) -> String {
+        let (reference, tok) = tiny();
+        let g = GenerateRequest {
+            prompt: r.prompt.clone(),
+            max_tokens: r.max_tokens,
+            sampling: r.sampling,
+            stop: r.stop.clone(),
+        };
+        generate(&reference, &tok, &[g], GenerateOptions::default())
+            .unwrap()
+            .0
+            .remove(0)
+            .text
+    }
+
+    /// A sequence the backend keeps not ready for 20 decode steps once its prompt is in
+    /// is left out of the decode steps meanwhile, while the other sequence decodes on
+    /// (20 steps without it), then joins them; both give what they give alone.
+    #[test]
+    fn a_sequence_not_ready_sits_out_the_decode_steps_and_joins_once_ready() {
+        let backend = Gated::new(vec![None, Some((Hold::Steps(20), false))]);
+        let (steps, unready) = (backend.steps.clone(), backend.unready_given.clone());
+        let (_, tok) = tiny();
+        let (engine, join) = spawn_engine(backend, Arc::new(tok), gated_config(), None).unwrap();
+        let (first, held) = (gated_request(vec![1, 2, 3], 80), gated_request((10..19).collect(), 8));
+        let rxs = [
+            engine.submit(first.clone()).unwrap(),
+            engine.submit(held.clone()).unwrap(),
+        ];
+        let [a, b] = rxs.map(|rx| collect(rx).0);
+        engine.shutdown(Duration::ZERO);
+        join.join().unwrap();
+        assert_eq!(
+            unready.load(Ordering::SeqCst),
+            0,
+            "steps were given a sequence that was not ready"
+        );
+        assert_eq!((a, b), (alone_text(&first), alone_text(&held)));
+        let steps = steps.lock().unwrap();
+        let decode: Vec<&Vec<usize>> = steps.iter().filter(|(l, _)| *l == 0).map(|(_, m)| m).collect();
+        // The held one's last chunk (the prefill lane's last step with it) and its first
+        // decode step: 20 decode steps of the other in between.
+        let prompt_in = steps.iter().rposition(|(l, m)| *l == 1 && m.contains(&1)).unwrap();
+        let before = steps[..prompt_in].iter().filter(|(l, _)| *l == 0).count();
+        let first_decode = decode
+            .iter()
+            .position(|m| m.contains(&1))
+            .expect("the held sequence decoded");
+        assert!(
+            first_decode >= before + 20,
+            "joined at decode step {first_decode}, its prompt was in at {before}"
+        );
+        assert!(decode[before..first_decode].iter().all(|m| m == &&vec![0]));
+    }
+
+    /// A sequence kept not ready while nothing else runs or is queued is waited for (not
+    /// failed as a sequence that cannot be scheduled) and then decodes.
+    #[test]
+    fn a_sequence_not_ready_alone_is_waited_for() {
+        let hold = Duration::from_millis(60);
+        let (_, tok) = tiny();
+        let backend = Gated::new(vec![Some((Hold::For(hold), false))]);
+        let (engine, join) = spawn_engine(backend, Arc::new(tok), gated_config(), None).unwrap();
+        let r = gated_request(vec![4, 5, 6, 7, 8], 6);
+        let t0 = Instant::now();
+        let (text, finish, _) = collect(engine.submit(r.clone()).unwrap());
+        assert!(t0.elapsed() >= hold);
+        assert_eq!((text, finish), (alone_text(&r), FinishReason::Length));
+        engine.shutdown(Duration::ZERO);
+        join.join().unwrap();
+    }
+
+    /// A sequence whose backend work failed while it was not ready gets the failure, at
+    /// its first step; the other decodes on and gives what it gives alone.
+    #[test]
+    fn a_sequence_that_failed_while_not_ready_gets_its_error() {
+        let backend = Gated::new(vec![None, Some((Hold::Steps(5), true))]);
+        let (_, tok) = tiny();
+        let (engine, join) = spawn_engine(backend, Arc::new(tok), gated_config(), None).unwrap();
+        let first = gated_request(vec![1, 2, 3], 40);
+        let a = engine.submit(first.clone()).unwrap();
+        let mut b = engine.submit(gated_request((10..19).collect(), 8)).unwrap();
+        let failure = loop {
+            match b.blocking_recv().expect("the engine ended the stream") {
+                Event::Text(_) => {}
+                other => break other,
+            }
+        };
+        match failure {
+            Event::Failed(EngineError::Internal(m)) => assert!(m.contains("failed while it was not ready"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(collect(a).0, alone_text(&first));
+        engine.shutdown(Duration::ZERO);
+        join.join().unwrap();
+    }
+
+    /// A shutdown while a sequence is not ready (and never will be) ends it as shut down
+    /// once the grace period is over, and the engine stops.
+    #[test]
+    fn a_shutdown_while_a_sequence_is_not_ready_ends() {
+        let backend = Gated::new(vec![Some((Hold::Forever, false))]);
+        let steps = backend.steps.clone();
+        let (_, tok) = tiny();
+        let (engine, join) = spawn_engine(backend, Arc::new(tok), gated_config(), None).unwrap();
+        let mut rx = engine.submit(gated_request(vec![1, 2, 3], 8)).unwrap();
+        // Its prompt is in (one step), then it is held.
+        let t0 = Instant::now();
+        while steps.lock().unwrap().is_empty() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no step");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let t0 = Instant::now();
+        engine.shutdown(Duration::from_millis(50));
+        join.join().unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        let mut end = None;
+        while let Some(ev) = rx.blocking_recv() {
+            end = Some(ev);
+        }
+        assert_eq!(end, Some(Event::Failed(EngineError::ShuttingDown)));
+        assert_eq!(*steps.lock().unwrap(), [(1, vec![0])], "it never decoded");
     }
 }

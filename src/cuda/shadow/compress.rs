@@ -293,137 +293,149 @@ impl CudaModel {
         pool: &GpuValuePool,
         ws: &mut CompressWorkspace,
     ) -> Result<GpuShadowSeq> {
-        ensure!(
-            dense.keeps_pre_rope(),
-            "ShadowKV compresses a prefill whose cache kept the keys before RoPE"
-        );
-        let tokens = dense.len();
-        layout.check_prefill(tokens)?;
-        let lease = pool.lease()?;
-        let dev_pool = pool.device();
-        let counts = layout.prefill_counts(tokens, lease.seq());
-        let kvh = layout.kv_heads;
-        let dev = ops.device();
-        if ws.neg_cos.as_ref().is_none_or(|b| b.len() < kvh * layout.chunk_cap) {
-            ws.neg_cos = Some(dev.zeros(kvh * layout.chunk_cap)?);
+        compress_prefill(self.config().num_layers, ops, dense, layout, pool, ws)
+    }
+}
+
+/// [`CudaModel::compress_shadow`] of a model of `layer_count` layers (all a compression
+/// needs of the model besides `layout`), for a thread that does not hold the model.
+pub fn compress_prefill(
+    layer_count: usize,
+    ops: &CudaOps,
+    dense: &GpuCache,
+    layout: &ShadowLayout,
+    pool: &GpuValuePool,
+    ws: &mut CompressWorkspace,
+) -> Result<GpuShadowSeq> {
+    ensure!(
+        dense.keeps_pre_rope(),
+        "ShadowKV compresses a prefill whose cache kept the keys before RoPE"
+    );
+    let tokens = dense.len();
+    layout.check_prefill(tokens)?;
+    let lease = pool.lease()?;
+    let dev_pool = pool.device();
+    let counts = layout.prefill_counts(tokens, lease.seq());
+    let kvh = layout.kv_heads;
+    let dev = ops.device();
+    if ws.neg_cos.as_ref().is_none_or(|b| b.len() < kvh * layout.chunk_cap) {
+        ws.neg_cos = Some(dev.zeros(kvh * layout.chunk_cap)?);
+    }
+    if ws.ids.as_ref().is_none_or(|b| b.len() < (kvh * layout.outliers).max(1)) {
+        ws.ids = Some(dev.zeros((kvh * layout.outliers).max(1))?);
+    }
+    ws.grow(ops)?;
+    let CompressWorkspace {
+        neg_cos,
+        ids,
+        workers,
+        timing,
+        side,
+        ..
+    } = ws;
+    let (neg_cos, ids) = (neg_cos.as_mut().expect("grown"), ids.as_mut().expect("grown"));
+    let side = side.as_ref().expect("made by grow");
+    let sparse_tokens = counts.chunks as usize * layout.chunk;
+    // Marks a failed compression left behind are not this one's.
+    for w in workers.iter_mut() {
+        w.ws.take_timing();
+    }
+    let (mut marks, mut side_marks) = (timing.is_some().then(Vec::new), timing.is_some().then(Vec::new));
+    mark(&mut marks, ops, CompressStage::Begin)?;
+    mark(&mut side_marks, side, CompressStage::Begin)?;
+    // Every layer's buffers stay here until the side stream and the workers are
+    // joined below, even when a layer fails: they may still be writing them.
+    let mut layers = Vec::with_capacity(layer_count);
+    let mut place_layers = || -> Result<()> {
+        for l in 0..layer_count {
+            layers.push(LayerBuffers::new(ops, *layout)?);
+            let bufs = layers.last_mut().expect("pushed above");
+            mark(&mut marks, ops, CompressStage::Alloc)?;
+            let (k, v, pre) = dense.layer_of_width(layout.kv_width(), l);
+            let pre = pre.expect("checked above");
+            side.device().stream().join(ops.device().stream())?;
+            mark(&mut side_marks, side, CompressStage::SideIdle)?;
+            side.shadow_landmarks(bufs, &k, tokens, neg_cos)?;
+            mark(&mut side_marks, side, CompressStage::Landmarks)?;
+            side.shadow_outliers(bufs, neg_cos, tokens, ids)?;
+            mark(&mut side_marks, side, CompressStage::Outliers)?;
+            side.shadow_place_prefill(bufs, (&k, &v, &pre), tokens, ids)?;
+            mark(&mut side_marks, side, CompressStage::Place)?;
+            // SAFETY: the pools are registered with or allocated on the device
+            // (GpuValuePool) and slot `lease.seq()` is this sequence's alone; the host
+            // does not touch it.
+            unsafe { side.shadow_pool_write(layout, &dev_pool, (l, lease.seq()), &v, tokens)? };
+            side.shadow_tier_fill(bufs, &v, tokens, counts.chunks as usize)?;
+            mark(&mut side_marks, side, CompressStage::PoolWrite)?;
         }
-        if ws.ids.as_ref().is_none_or(|b| b.len() < (kvh * layout.outliers).max(1)) {
-            ws.ids = Some(dev.zeros((kvh * layout.outliers).max(1))?);
+        Ok(())
+    };
+    let placed = place_layers();
+    // The factorisations, once every layer's buffers are allocated and cleared.
+    let mut worker_marks = Vec::with_capacity(workers.len());
+    let mut eigen_host = Duration::ZERO;
+    let factored = placed.and_then(|()| {
+        for w in workers.iter() {
+            w.ops.device().stream().join(ops.device().stream())?;
         }
-        ws.grow(ops)?;
-        let CompressWorkspace {
-            neg_cos,
-            ids,
-            workers,
-            timing,
-            side,
-            ..
-        } = ws;
-        let (neg_cos, ids) = (neg_cos.as_mut().expect("grown"), ids.as_mut().expect("grown"));
-        let side = side.as_ref().expect("made by grow");
-        let sparse_tokens = counts.chunks as usize * layout.chunk;
-        // Marks a failed compression left behind are not this one's.
-        for w in workers.iter_mut() {
-            w.ws.take_timing();
-        }
-        let (mut marks, mut side_marks) = (timing.is_some().then(Vec::new), timing.is_some().then(Vec::new));
-        mark(&mut marks, ops, CompressStage::Begin)?;
-        mark(&mut side_marks, side, CompressStage::Begin)?;
-        let layer_count = self.config().num_layers;
-        // Every layer's buffers stay here until the side stream and the workers are
-        // joined below, even when a layer fails: they may still be writing them.
-        let mut layers = Vec::with_capacity(layer_count);
-        let mut place_layers = || -> Result<()> {
-            for l in 0..layer_count {
-                layers.push(LayerBuffers::new(ops, *layout)?);
-                let bufs = layers.last_mut().expect("pushed above");
-                mark(&mut marks, ops, CompressStage::Alloc)?;
-                let (k, v, pre) = dense.layer(self, l);
-                let pre = pre.expect("checked above");
-                side.device().stream().join(ops.device().stream())?;
-                mark(&mut side_marks, side, CompressStage::SideIdle)?;
-                side.shadow_landmarks(bufs, &k, tokens, neg_cos)?;
-                mark(&mut side_marks, side, CompressStage::Landmarks)?;
-                side.shadow_outliers(bufs, neg_cos, tokens, ids)?;
-                mark(&mut side_marks, side, CompressStage::Outliers)?;
-                side.shadow_place_prefill(bufs, (&k, &v, &pre), tokens, ids)?;
-                mark(&mut side_marks, side, CompressStage::Place)?;
-                // SAFETY: the pools are registered with or allocated on the device
-                // (GpuValuePool) and slot `lease.seq()` is this sequence's alone; the host
-                // does not touch it.
-                unsafe { side.shadow_pool_write(layout, &dev_pool, (l, lease.seq()), &v, tokens)? };
-                side.shadow_tier_fill(bufs, &v, tokens, counts.chunks as usize)?;
-                mark(&mut side_marks, side, CompressStage::PoolWrite)?;
-            }
-            Ok(())
-        };
-        let placed = place_layers();
-        // The factorisations, once every layer's buffers are allocated and cleared.
-        let mut worker_marks = Vec::with_capacity(workers.len());
-        let mut eigen_host = Duration::ZERO;
-        let factored = placed.and_then(|()| {
-            for w in workers.iter() {
-                w.ops.device().stream().join(ops.device().stream())?;
-            }
-            let pres: Vec<_> = (0..layer_count)
-                .map(|l| dense.layer(self, l).2.expect("checked above"))
+        let pres: Vec<_> = (0..layer_count)
+            .map(|l| dense.layer_of_width(layout.kv_width(), l).2.expect("checked above"))
+            .collect();
+        let dims = (tokens, layout.kv_width(), layout.rank, sparse_tokens);
+        let timed = timing.is_some();
+        let jobs = std::sync::Mutex::new(layers.iter_mut().zip(&pres));
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let results: Vec<Result<WorkerTimes>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = workers
+                .iter_mut()
+                .map(|w| scope.spawn(|| factor_layers(w, &jobs, &failed, dims, timed)))
                 .collect();
-            let dims = (tokens, layout.kv_width(), layout.rank, sparse_tokens);
-            let timed = timing.is_some();
-            let jobs = std::sync::Mutex::new(layers.iter_mut().zip(&pres));
-            let failed = std::sync::atomic::AtomicBool::new(false);
-            let results: Vec<Result<WorkerTimes>> = std::thread::scope(|scope| {
-                let handles: Vec<_> = workers
-                    .iter_mut()
-                    .map(|w| scope.spawn(|| factor_layers(w, &jobs, &failed, dims, timed)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err(anyhow::anyhow!("a factorisation thread panicked")))
-                    })
-                    .collect()
-            });
-            let mut first_err = None;
-            for r in results {
-                match r {
-                    Ok(t) => {
-                        eigen_host += t.host;
-                        worker_marks.extend(t.marks);
-                    }
-                    Err(e) => {
-                        first_err.get_or_insert(e);
-                    }
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a factorisation thread panicked")))
+                })
+                .collect()
+        });
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok(t) => {
+                    eigen_host += t.host;
+                    worker_marks.extend(t.marks);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
                 }
             }
-            first_err.map_or(Ok(()), Err)
-        });
-        let joined = (|| -> Result<()> {
-            ops.device().stream().join(side.device().stream())?;
-            for w in workers.iter() {
-                ops.device().stream().join(w.ops.device().stream())?;
-            }
-            Ok(())
-        })();
-        if joined.is_err() {
-            // The buffers are freed on `ops`'s stream when this returns: without the
-            // joins, wait from the host until nothing writes them.
-            let _ = side.device().stream().synchronize();
-            for w in workers.iter() {
-                let _ = w.ops.device().stream().synchronize();
-            }
         }
-        factored?;
-        joined?;
-        mark(&mut marks, ops, CompressStage::SideTail)?;
-        if let (Some(m), Some(s), Some(timed)) = (marks, side_marks, timing) {
-            let mut streams = vec![m, s];
-            streams.extend(worker_marks);
-            timed.push(TimedCompression { streams, eigen_host });
+        first_err.map_or(Ok(()), Err)
+    });
+    let joined = (|| -> Result<()> {
+        ops.device().stream().join(side.device().stream())?;
+        for w in workers.iter() {
+            ops.device().stream().join(w.ops.device().stream())?;
         }
-        Ok(GpuShadowSeq::new(layers, counts, tokens, lease))
+        Ok(())
+    })();
+    if joined.is_err() {
+        // The buffers are freed on `ops`'s stream when this returns: without the
+        // joins, wait from the host until nothing writes them.
+        let _ = side.device().stream().synchronize();
+        for w in workers.iter() {
+            let _ = w.ops.device().stream().synchronize();
+        }
     }
+    factored?;
+    joined?;
+    mark(&mut marks, ops, CompressStage::SideTail)?;
+    if let (Some(m), Some(s), Some(timed)) = (marks, side_marks, timing) {
+        let mut streams = vec![m, s];
+        streams.extend(worker_marks);
+        timed.push(TimedCompression { streams, eigen_host });
+    }
+    Ok(GpuShadowSeq::new(layers, counts, tokens, lease))
 }
 
 /// What one worker timed over a compression: its stream's marks (opening with

@@ -45,7 +45,7 @@ pub mod timeline;
 pub mod transfer;
 
 pub use buffers::{LayerBuffers, ShadowTable, ShadowTables, StepScratch};
-pub use compress::{CompressStage, CompressTimes, CompressWorkspace};
+pub use compress::{compress_prefill, CompressStage, CompressTimes, CompressWorkspace};
 pub use decode::ShadowStep;
 pub use factor::{FactorMethod, FactorWorkspace};
 pub use fetch::{HostMapping, FETCH_BLOCKS};
