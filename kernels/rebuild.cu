@@ -32,15 +32,13 @@
 // that head's tiles (staged, with plain loads and the rounding, only when the head
 // changes): 160 ranks at d = 128 (43 KB), 320 at d = 64. A larger rank is walked in
 // panels of that many ranks, each restaged for every tile (correct, slower). u streams
-// through REBUILD_STAGES (4) stages of [REBUILD_ROWS][32 ranks] by cp.async (16-byte
-// copies where the rank keeps u's rows 16-byte aligned, plain loads otherwise): while a
-// stage is multiplied the next three (of this tile, then of the next) are in flight, so
-// the gathered rows' latency hides (with two stages, one in flight, the kernel waited on
-// it: 36 % of issue slots busy, 1.2 TB/s, the same 100 us with half the products).
-// About 85 KB a block at d = 128 and rank 160 (84.5 KiB and 4 bytes a miss list): two
-// blocks an SM of the H200, which is also what the registers hold (__launch_bounds__: at
+// through two stages of [REBUILD_ROWS][32 ranks] by cp.async (16-byte copies where the
+// rank keeps u's rows 16-byte aligned, plain loads otherwise): while a stage is
+// multiplied the next (the tile's next 32 ranks, or the next tile's first) is in flight.
+// About 65 KB a block at d = 128 and rank 160 (64.5 KiB and 4 bytes a miss list), room
+// for three blocks on an SM of the H200, but registers hold two (__launch_bounds__): at
 // d = 128 a thread's 64 fp32 accumulators, fragments and addresses fit the 128 registers
-// of two blocks an SM and spill at the 80 of three).
+// of two blocks an SM and spill at the 80 of three.
 //
 // Warp w computes tile rows 32*(w/2) .. 32*(w/2) + 31 (two m16 tiles) and, of the d/16
 // n8 tiles of the first half of the head, those of (w%2)*d/32 .. (w%2+1)*d/32 - 1
@@ -67,10 +65,7 @@
 // the 8 rows of each ldmatrix 8x8 matrix in 8 different 16-byte bank groups (80 mod 128
 // = 5 x 16, (2d + 16) mod 128 = 16), so its reads are free of bank conflicts.
 #define REBUILD_U_STRIDE (REBUILD_K_CHUNK + 8)
-// Stages of u in shared memory: while one is multiplied, up to REBUILD_STAGES - 1 more
-// (of this tile or the next) are in flight, so the gathered rows' latency is hidden.
-#define REBUILD_STAGES 4
-#define REBUILD_U_BYTES (REBUILD_STAGES * REBUILD_ROWS * REBUILD_U_STRIDE * 2)
+#define REBUILD_U_BYTES (2 * REBUILD_ROWS * REBUILD_U_STRIDE * 2)  // the two stages
 #define REBUILD_META_BYTES (4 * REBUILD_ROWS * 4)                  // tok and arow, two tiles
 
 // Ranks of sv a block stages at once (a multiple of REBUILD_K_CHUNK).
@@ -184,18 +179,6 @@ __device__ __forceinline__ void rb_stage_u(unsigned short* ub, const unsigned sh
     }
 }
 
-// Waits until at most `pending` (0..2) of the thread's committed groups of copies are
-// still in flight.
-__device__ __forceinline__ void rb_wait(int pending) {
-    static_assert(REBUILD_STAGES - 2 == 2, "rb_wait covers pending counts 0..REBUILD_STAGES - 2");
-    if (pending >= 2)
-        cp_async_wait<2>();
-    else if (pending == 1)
-        cp_async_wait<1>();
-    else
-        cp_async_wait<0>();
-}
-
 // Stages `rows` ranks of the head's sv from rank k0 into `out` ([rank][column], row
 // stride D + 8), rounded to bf16 (to nearest even); zero past the rank. SV: the head's
 // first column of rank 0, row stride kvd.
@@ -285,7 +268,7 @@ __device__ __forceinline__ void rb_store(const float (&acc)[2][D / 32][2][4], co
 }
 
 // Shared memory of a block (dynamic; sizes in bytes, kp = rb_panel_ranks):
-//   u     [4][REBUILD_ROWS][REBUILD_U_STRIDE] bf16   the pipeline's stages      40960
+//   u     [2][REBUILD_ROWS][REBUILD_U_STRIDE] bf16   the two pipeline stages   20480
 //   sv    [kp][d + 8] bf16                           the staged panel of sv     2 kp (d + 8)
 //   tok, arow [2][REBUILD_ROWS] int                  two tiles' rows            2048
 //   off   [lists + 1] int                            tiles before each list     4 (lists + 1)
@@ -306,9 +289,9 @@ __device__ __forceinline__ RbSmem rb_smem(unsigned char* base, int d, int kp) {
 }
 
 // The block's tiles t0 .. t1 - 1 for head dimension D. One pipeline step per (tile,
-// stage of REBUILD_K_CHUNK ranks): wait for the step's u, barrier, start loading the u of
-// the step `ahead` steps on into the buffer the step before used, multiply, and after a
-// tile's last stage rotate and store it. sv is staged (plain loads, rounded to bf16) when the tile's head differs
+// stage of REBUILD_K_CHUNK ranks): wait for the step's u, barrier, start loading the next
+// step's u into the other buffer, multiply, and after a tile's last stage rotate and
+// store it. sv is staged (plain loads, rounded to bf16) when the tile's head differs
 // from the staged one, or at every panel when the rank needs more than one.
 template <int D>
 __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists, int t0, int t1,
@@ -339,38 +322,17 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
     const unsigned sa =
         smem_addr(s.sv) + (((lane & 7) + 8 * ((lane >> 3) & 1)) * SV_ROW + 16 * (tile0 + (lane >> 4) * HALF));
 
-    // The stages issued ahead of the one multiplied: at most a tile's, so the copies in
-    // flight never reach past the next tile (whose rows and row tables are double
-    // buffered).
-    const int ahead = min(REBUILD_STAGES - 1, kch);
-    const int steps = (t1 - t0) * kch;
     const unsigned short* lrow[2];
-    RbTile nxt;
-    int is = 0, iti = 0, ikc = 0;  // the next step to issue, its tile (from t0) and stage
-    // Issues step `is`'s u into its stage buffer (a new tile's row tables and rows first),
-    // and commits one group a step (empty past the last), so the waits count alike.
-    auto issue = [&]() {
-        if (is < steps) {
-            if (ikc == 0) {
-                nxt = rb_tile(s.off, lists, t0 + iti, per, dims, miss_count);
-                const int np = (iti & 1) * REBUILD_ROWS;
-                rb_start_tile(nxt, per, dims, misses, counts, bufs, s.tok + np, s.arow + np, lrow);
-            }
-            rb_stage_u(s.u + (is % REBUILD_STAGES) * U_STAGE, lrow, ikc * REBUILD_K_CHUNK, r, vec, misses);
-            if (++ikc == kch) {
-                ikc = 0;
-                ++iti;
-            }
-            ++is;
-        }
-        cp_async_commit();
-    };
-    for (int i = 0; i < ahead; ++i) issue();
+    RbTile nxt = rb_tile(s.off, lists, t0, per, dims, miss_count);
+    rb_start_tile(nxt, per, dims, misses, counts, bufs, s.tok, s.arow, lrow);
+    rb_stage_u(s.u, lrow, 0, r, vec, misses);
+    cp_async_commit();
 
     RbTile cur = nxt;
     int staged = -1;  // list whose sv the one panel holds
     bool active = false;
     float acc[2][PAIRS][2][4];
+    const int steps = (t1 - t0) * kch;
     int ti = 0, kc = 0;  // the step's tile (from t0) and stage
     for (int st = 0; st < steps; ++st) {
         if (kc == 0) {
@@ -389,15 +351,25 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
                            r, kc * REBUILD_K_CHUNK, min(kp, (kch - kc) * REBUILD_K_CHUNK));
             staged = e;
         }
-        rb_wait(ahead - 1);
-        __syncthreads();  // the step's u and sv, and the tile's rows, are in; the buffer
-                          // the step before used and the rows of the tile before are free
+        cp_async_wait<0>();
+        __syncthreads();  // the step's u and sv, and the tile's rows, are in; the other u
+                          // buffer and the other tile's rows are free
         const int par = (ti & 1) * REBUILD_ROWS;
         if (kc == 0) active = __any_sync(0xffffffffu, s.tok[par + row0 + lane] >= 0);
-        issue();  // step st + ahead
+        if (st + 1 < steps) {
+            int nk = kc + 1;
+            if (nk == kch) {
+                nk = 0;
+                nxt = rb_tile(s.off, lists, t0 + ti + 1, per, dims, miss_count);
+                const int np = REBUILD_ROWS - par;
+                rb_start_tile(nxt, per, dims, misses, counts, bufs, s.tok + np, s.arow + np, lrow);
+            }
+            rb_stage_u(s.u + ((st + 1) & 1) * U_STAGE, lrow, nk * REBUILD_K_CHUNK, r, vec, misses);
+            cp_async_commit();
+        }
         if (active) {
             const unsigned k_off = (kc % pch) * REBUILD_K_CHUNK * SV_ROW;
-            rb_mma_stage<D>(acc, ua + (st % REBUILD_STAGES) * U_STAGE * 2, sa + k_off);
+            rb_mma_stage<D>(acc, ua + (st & 1) * U_STAGE * 2, sa + k_off);
         }
         if (kc == kch - 1)
             rb_store<D>(acc, s.tok + par, s.arow + par, row0, tile0, inv_freq,

@@ -19,8 +19,8 @@ const REBUILD_K_CHUNK: usize = 32;
 /// Ranks × columns of a head's sv a block keeps in shared memory
 /// (`REBUILD_SV_RANK_COLS`: rank 160 at d = 128).
 const REBUILD_SV_RANK_COLS: usize = 160 * 128;
-/// Shared memory of the four u stages (`REBUILD_U_BYTES`: rows of 40 bf16).
-const REBUILD_U_BYTES: usize = 4 * REBUILD_ROWS * (REBUILD_K_CHUNK + 8) * 2;
+/// Shared memory of the two u stages (`REBUILD_U_BYTES`: rows of 40 bf16).
+const REBUILD_U_BYTES: usize = 2 * REBUILD_ROWS * (REBUILD_K_CHUNK + 8) * 2;
 /// Shared memory of two tiles' row tables (`REBUILD_META_BYTES`).
 const REBUILD_META_BYTES: usize = 4 * REBUILD_ROWS * 4;
 const _: () = assert!(REBUILD_ROWS >= MAX_CHUNK, "a tile holds the rows of one miss at least");
