@@ -16,29 +16,23 @@
 // contiguous run of tiles, mostly of one or two heads, and a head with many misses is
 // split among blocks.
 //
-// Product: mma.sync m16n8k16 bf16 with fp32 accumulation, of u (bf16 already) and sv
-// rounded to bf16 (to nearest even) once, as it is staged into shared memory, as the
-// ShadowKV paper's implementation keeps U and SV in bf16. sv stays fp32 in device memory
-// (the fold projects onto it); the rebuild's input precision is bf16(sv). Against the
-// product with the fp32 sv, an element of k before the rotation is off by at most
-// 2^-9 sum_k |u[t,k] sv[k,col]| (relative to that sum, not to |k|: the terms may cancel);
-// against u . bf16(sv), the reference tests/cuda_shadow.rs computes, only the fp32
-// accumulation order and the bf16 rounding of the output differ. The fragments come from
-// shared memory by ldmatrix (A: u [row][rank]; B: sv [rank][column] by ldmatrix.trans,
-// which gives the column-major fragment), one x4 load per 16x16 of u and per pair of n8
-// tiles, with strides that keep them free of bank conflicts.
+// Product: mma.sync m16n8k16 bf16 with fp32 accumulation. u is bf16 already (exact); sv
+// (fp32) is split into two bf16 terms, hi = bf16_rn(sv) and lo = bf16_rn(sv - hi)
+// (|sv - hi - lo| <= 2^-18 |sv|), and u multiplies both: hi alone (2^-9) would leave
+// errors far over the tolerance of tests/cuda_shadow.rs on rotated keys that cancel.
+// A bf16 m16n8k16 takes the time of a TF32 m16n8k8 for twice the products, and the
+// fragments come from shared memory by ldmatrix (A: u [row][rank]; B: sv [rank][column]
+// by ldmatrix.trans, which gives the column-major fragment), one x4 load per 16x16 of u
+// and per pair of n8 tiles of a term, with strides that keep them free of bank conflicts.
 //
-// Shared memory: the head's sv, [rank][d + 8] bf16, stays resident while the block runs
-// that head's tiles (staged, with plain loads and the rounding, only when the head
-// changes): 160 ranks at d = 128 (43 KB), 320 at d = 64. A larger rank is walked in
+// Shared memory: the head's sv as hi and lo, [rank][d + 8] bf16, stays resident while the
+// block runs that head's tiles (staged, with plain loads and the split, only when the
+// head changes): 160 ranks at d = 128 (87 KB), 320 at d = 64. A larger rank is walked in
 // panels of that many ranks, each restaged for every tile (correct, slower). u streams
 // through two stages of [REBUILD_ROWS][32 ranks] by cp.async (16-byte copies where the
 // rank keeps u's rows 16-byte aligned, plain loads otherwise): while a stage is
 // multiplied the next (the tile's next 32 ranks, or the next tile's first) is in flight.
-// About 65 KB a block at d = 128 and rank 160 (64.5 KiB and 4 bytes a miss list), room
-// for three blocks on an SM of the H200, but registers hold two (__launch_bounds__): at
-// d = 128 a thread's 64 fp32 accumulators, fragments and addresses fit the 128 registers
-// of two blocks an SM and spill at the 80 of three.
+// About 108 KB a block at d = 128 and rank 160, so two blocks share an SM of the H200.
 //
 // Warp w computes tile rows 32*(w/2) .. 32*(w/2) + 31 (two m16 tiles) and, of the d/16
 // n8 tiles of the first half of the head, those of (w%2)*d/32 .. (w%2+1)*d/32 - 1
@@ -57,9 +51,9 @@
 #define REBUILD_WARPS 8
 #define REBUILD_THREADS (REBUILD_WARPS * 32)
 #define REBUILD_K_CHUNK 32  // ranks of u a pipeline stage holds (two k16 steps)
-// Ranks x columns of a head's sv a block keeps in shared memory: rank 160 at d = 128,
-// 320 at d = 64 (a multiple of REBUILD_K_CHUNK either way). Larger ranks are walked in
-// panels of that many ranks, restaged for every tile.
+// Ranks x columns of a head's sv (hi and lo) a block keeps in shared memory: rank 160
+// at d = 128, 320 at d = 64 (a multiple of REBUILD_K_CHUNK either way). Larger ranks
+// are walked in panels of that many ranks, restaged for every tile.
 #define REBUILD_SV_RANK_COLS (160 * 128)
 // Shared row strides (bf16 values): u rows of 80 bytes and sv rows of 2*d + 16 bytes put
 // the 8 rows of each ldmatrix 8x8 matrix in 8 different 16-byte bank groups (80 mod 128
@@ -179,12 +173,13 @@ __device__ __forceinline__ void rb_stage_u(unsigned short* ub, const unsigned sh
     }
 }
 
-// Stages `rows` ranks of the head's sv from rank k0 into `out` ([rank][column], row
-// stride D + 8), rounded to bf16 (to nearest even); zero past the rank. SV: the head's
-// first column of rank 0, row stride kvd.
+// Stages `rows` ranks of the head's sv from rank k0 into hi / lo ([rank][column], row
+// stride D + 8), split into two bf16 terms: hi = bf16_rn(sv), lo = bf16_rn(sv - hi)
+// (the difference is exact in fp32); zero past the rank. SV: the head's first column of
+// rank 0, row stride kvd.
 template <int D>
-__device__ __forceinline__ void rb_stage_sv(unsigned short* out, const float* __restrict__ SV, size_t kvd, int r,
-                                            int k0, int rows) {
+__device__ __forceinline__ void rb_stage_sv(unsigned short* hi, unsigned short* lo, const float* __restrict__ SV,
+                                            size_t kvd, int r, int k0, int rows) {
     constexpr int QUADS = D / 4, S = D + 8, BATCH = 4;  // loads in flight a thread
     const int n = rows * QUADS;
     for (int i0 = threadIdx.x; i0 < n; i0 += BATCH * REBUILD_THREADS) {
@@ -201,16 +196,22 @@ __device__ __forceinline__ void rb_stage_sv(unsigned short* out, const float* __
             if (i >= n) break;
             const float4 v = vs[q];
             const __nv_bfloat162 h01 = __floats2bfloat162_rn(v.x, v.y), h23 = __floats2bfloat162_rn(v.z, v.w);
-            *reinterpret_cast<uint2*>(out + kk * S + col) = make_uint2(rb_bits(h01), rb_bits(h23));
+            const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
+            const __nv_bfloat162 l01 = __floats2bfloat162_rn(__fsub_rn(v.x, f01.x), __fsub_rn(v.y, f01.y));
+            const __nv_bfloat162 l23 = __floats2bfloat162_rn(__fsub_rn(v.z, f23.x), __fsub_rn(v.w, f23.y));
+            *reinterpret_cast<uint2*>(hi + kk * S + col) = make_uint2(rb_bits(h01), rb_bits(h23));
+            *reinterpret_cast<uint2*>(lo + kk * S + col) = make_uint2(rb_bits(l01), rb_bits(l23));
         }
     }
 }
 
 // The warp's products of one stage (two k16 steps): its two m16 tiles of rows times its
-// PAIRS pairs of n8 tiles (tile j and its rotation partner j + D/16). ua: this lane's
-// ldmatrix address in the stage's u; sa: in the staged sv at the stage's first rank.
+// PAIRS pairs of n8 tiles (tile j and its rotation partner j + D/16), u times lo then hi.
+// ua: this lane's ldmatrix address in the stage's u; ha / la: in sv hi / lo at the
+// stage's first rank.
 template <int D>
-__device__ __forceinline__ void rb_mma_stage(float (&acc)[2][D / 32][2][4], unsigned ua, unsigned sa) {
+__device__ __forceinline__ void rb_mma_stage(float (&acc)[2][D / 32][2][4], unsigned ua, unsigned ha,
+                                             unsigned la) {
     constexpr int PAIRS = D / 32, SV_ROW = (D + 8) * 2, U_ROW = REBUILD_U_STRIDE * 2;  // bytes
 #pragma unroll
     for (int ks = 0; ks < REBUILD_K_CHUNK; ks += 16) {
@@ -219,12 +220,17 @@ __device__ __forceinline__ void rb_mma_stage(float (&acc)[2][D / 32][2][4], unsi
         for (int m = 0; m < 2; ++m) ldsm_x4(a[m], ua + m * 16 * U_ROW + ks * 2);
 #pragma unroll
         for (int p = 0; p < PAIRS; ++p) {
-            unsigned b[4];  // b0, b1 of tile j, then of its partner
-            ldsm_x4_t(b, sa + ks * SV_ROW + p * 16);
+            unsigned bh[4], bl[4];  // b0, b1 of tile j, then of its partner
+            ldsm_x4_t(bl, la + ks * SV_ROW + p * 16);
+            ldsm_x4_t(bh, ha + ks * SV_ROW + p * 16);
 #pragma unroll
-            for (int m = 0; m < 2; ++m)
+            for (int m = 0; m < 2; ++m) {
 #pragma unroll
-                for (int hf = 0; hf < 2; ++hf) mma_16816(acc[m][p][hf], a[m], b[2 * hf], b[2 * hf + 1]);
+                for (int hf = 0; hf < 2; ++hf) {
+                    mma_16816(acc[m][p][hf], a[m], bl[2 * hf], bl[2 * hf + 1]);
+                    mma_16816(acc[m][p][hf], a[m], bh[2 * hf], bh[2 * hf + 1]);
+                }
+            }
         }
     }
 }
@@ -269,20 +275,21 @@ __device__ __forceinline__ void rb_store(const float (&acc)[2][D / 32][2][4], co
 
 // Shared memory of a block (dynamic; sizes in bytes, kp = rb_panel_ranks):
 //   u     [2][REBUILD_ROWS][REBUILD_U_STRIDE] bf16   the two pipeline stages   20480
-//   sv    [kp][d + 8] bf16                           the staged panel of sv     2 kp (d + 8)
+//   sv_hi [kp][d + 8] bf16, sv_lo [kp][d + 8] bf16   the staged panel of sv     4 kp (d + 8)
 //   tok, arow [2][REBUILD_ROWS] int                  two tiles' rows            2048
 //   off   [lists + 1] int                            tiles before each list     4 (lists + 1)
 // (src/cuda/shadow/rebuild.rs sizes it the same way.)
 struct RbSmem {
-    unsigned short *u, *sv;
+    unsigned short *u, *sv_hi, *sv_lo;
     int *tok, *arow, *off;
 };
 
 __device__ __forceinline__ RbSmem rb_smem(unsigned char* base, int d, int kp) {
     RbSmem s;
     s.u = reinterpret_cast<unsigned short*>(base);
-    s.sv = s.u + 2 * REBUILD_ROWS * REBUILD_U_STRIDE;
-    s.tok = reinterpret_cast<int*>(s.sv + kp * (d + 8));
+    s.sv_hi = s.u + 2 * REBUILD_ROWS * REBUILD_U_STRIDE;
+    s.sv_lo = s.sv_hi + kp * (d + 8);
+    s.tok = reinterpret_cast<int*>(s.sv_lo + kp * (d + 8));
     s.arow = s.tok + 2 * REBUILD_ROWS;
     s.off = s.arow + 2 * REBUILD_ROWS;
     return s;
@@ -291,7 +298,7 @@ __device__ __forceinline__ RbSmem rb_smem(unsigned char* base, int d, int kp) {
 // The block's tiles t0 .. t1 - 1 for head dimension D. One pipeline step per (tile,
 // stage of REBUILD_K_CHUNK ranks): wait for the step's u, barrier, start loading the next
 // step's u into the other buffer, multiply, and after a tile's last stage rotate and
-// store it. sv is staged (plain loads, rounded to bf16) when the tile's head differs
+// store it. sv is staged (plain loads, converted to hi / lo) when the tile's head differs
 // from the staged one, or at every panel when the rank needs more than one.
 template <int D>
 __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists, int t0, int t1,
@@ -319,8 +326,8 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
     // 8*((lane/8)%2) at column 8*tile0, or of its partner tile for lanes 16..31 (matrices
     // b0, b1 of tile j, then of j + D/16: ldmatrix.trans gives the column-major B).
     const unsigned ua = smem_addr(s.u) + ((row0 + (lane & 7) + 8 * ((lane >> 3) & 1)) * U_ROW + 16 * (lane >> 4));
-    const unsigned sa =
-        smem_addr(s.sv) + (((lane & 7) + 8 * ((lane >> 3) & 1)) * SV_ROW + 16 * (tile0 + (lane >> 4) * HALF));
+    const unsigned sv_lane = ((lane & 7) + 8 * ((lane >> 3) & 1)) * SV_ROW + 16 * (tile0 + (lane >> 4) * HALF);
+    const unsigned ha = smem_addr(s.sv_hi) + sv_lane, la = smem_addr(s.sv_lo) + sv_lane;
 
     const unsigned short* lrow[2];
     RbTile nxt = rb_tile(s.off, lists, t0, per, dims, miss_count);
@@ -347,7 +354,7 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
         const int e = cur.b * dims.kv_heads + cur.h;
         if (kc % pch == 0 && (!one_panel || e != staged)) {
             __syncthreads();  // every warp is done with the panel staged before
-            rb_stage_sv<D>(s.sv, reinterpret_cast<const float*>(bufs[cur.b].sv) + (size_t)cur.h * D, kvd,
+            rb_stage_sv<D>(s.sv_hi, s.sv_lo, reinterpret_cast<const float*>(bufs[cur.b].sv) + (size_t)cur.h * D, kvd,
                            r, kc * REBUILD_K_CHUNK, min(kp, (kch - kc) * REBUILD_K_CHUNK));
             staged = e;
         }
@@ -369,7 +376,7 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
         }
         if (active) {
             const unsigned k_off = (kc % pch) * REBUILD_K_CHUNK * SV_ROW;
-            rb_mma_stage<D>(acc, ua + (st & 1) * U_STAGE * 2, sa + k_off);
+            rb_mma_stage<D>(acc, ua + (st & 1) * U_STAGE * 2, ha + k_off, la + k_off);
         }
         if (kc == kch - 1)
             rb_store<D>(acc, s.tok + par, s.arow + par, row0, tile0, inv_freq,

@@ -26,10 +26,7 @@
 //! - key rebuild and the fold's projection onto the basis (fp32 sums of rank or
 //!   kv_heads·d products, stored bf16): every element within 2⁻⁷·|ref| + 10⁻⁴·rms(ref)
 //!   (bf16 rounding, one step more at a rounding boundary; sums that cancel keep fp32's
-//!   absolute error); the rotation is rope.cu's arithmetic. The rebuild multiplies by sv
-//!   rounded to bf16 (its defined input precision, kernels/rebuild.cu): its reference
-//!   is the CPU's product with that same bf16 sv, so the tolerance covers only the
-//!   accumulation order and the output's rounding;
+//!   absolute error); the rotation is rope.cu's arithmetic;
 //! - the append's q and k (RoPE, as the rope test of tests/cuda_kernels.rs): within
 //!   2⁻⁷·|ref| + 10⁻⁵·max|ref|; its v and pre-RoPE k: bit-exact (bf16 of the same fp32
 //!   sum);
@@ -946,8 +943,7 @@ fn key_rebuild_matches_low_rank_and_rope() {
     // grid (a tile or two per block here), on one block (every tile of every head in
     // turn: sv restaged when the head changes, the u pipeline running across tiles) and
     // on three (heads split between blocks); some entries of the lists are invalid
-    // misses, which the kernel must skip. sv goes up in fp32 and the reference
-    // multiplies by it rounded to bf16, as the kernel does.
+    // misses, which the kernel must skip.
     for &(arch, chunk, rank, chunk_cap, slots) in &[
         ("smollm2-135m", 8usize, 160usize, 1100usize, 32usize),
         ("llama-3.1-8b", 8, 160, 16_384, 64),
@@ -987,7 +983,7 @@ fn key_rebuild_matches_low_rank_and_rope() {
             bufs.push(b);
             lowrank.push(LowRank {
                 u: uf,
-                sv: bf16_rounded(&sv),
+                sv,
                 rank,
                 cols: kvd,
             });
@@ -1720,10 +1716,9 @@ fn one_layer_decode_end_to_end_matches_cpu_attention() {
                 counts: counts(chunks, n, n_out, i),
                 marks: marks_f,
                 flags,
-                // The rebuild's basis: sv rounded to bf16, as the kernel multiplies.
                 basis: LowRank {
                     u: uf,
-                    sv: bf16_rounded(&sv),
+                    sv,
                     rank: l.rank,
                     cols: kvd,
                 },

@@ -4,10 +4,9 @@
 //!
 //! - With a budget covering the context, full rank and no outlier chunks, GPU ShadowKV
 //!   gives GPU full attention's greedy tokens, through generations that fold chunks.
-//!   The keys are rebuilt from bf16 coefficients and a bf16 basis (roundings the
-//!   dense cache's keys do not have), so a token may differ only at a near-tie: where
-//!   full attention's own top-2 margin, its logits recomputed with the tokens forced,
-//!   is below 0.25.
+//!   The keys are rebuilt from bf16 coefficients (one more rounding than the dense
+//!   cache's keys), so a token may differ only at a near-tie: where full attention's
+//!   own top-2 margin, its logits recomputed with the tokens forced, is below 0.25.
 //! - At SmolLM2's usual settings, GPU ShadowKV against the CPU reference's ShadowKV:
 //!   the greedy tokens agree wherever the CPU's top-2 margin is clear (0.5: the GPU's
 //!   bf16 logits sit 0.1–0.3 from the CPU's f32 ones on SmolLM2), and the reuse hit

@@ -29,11 +29,6 @@ pub fn f32s(v: &[bf16]) -> Vec<f32> {
     v.iter().map(|x| x.to_f32()).collect()
 }
 
-/// f32 values rounded to bf16 (to nearest even), as f32.
-pub fn bf16_rounded(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
-}
-
 /// How far a kernel's output is from the reference.
 #[derive(Default, Clone, Copy)]
 pub struct Errors {

@@ -26,13 +26,13 @@ const REBUILD_META_BYTES: usize = 4 * REBUILD_ROWS * 4;
 const _: () = assert!(REBUILD_ROWS >= MAX_CHUNK, "a tile holds the rows of one miss at least");
 
 /// Dynamic shared memory of a rebuild block, as `rb_smem` of kernels/rebuild.cu lays it
-/// out: the u stages, a panel of sv rounded to bf16 (the whole rank up to
+/// out: the u stages, a panel of sv's hi and lo terms (the whole rank up to
 /// `REBUILD_SV_RANK_COLS / d`), the row tables and `lists + 1` tile offsets.
 fn rebuild_smem(head_dim: usize, rank: usize, lists: usize) -> usize {
     let panel = rank
         .next_multiple_of(REBUILD_K_CHUNK)
         .min(REBUILD_SV_RANK_COLS / head_dim);
-    REBUILD_U_BYTES + panel * (head_dim + 8) * 2 + REBUILD_META_BYTES + (lists + 1) * 4
+    REBUILD_U_BYTES + 2 * panel * (head_dim + 8) * 2 + REBUILD_META_BYTES + (lists + 1) * 4
 }
 
 impl CudaOps {
