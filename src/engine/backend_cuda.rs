@@ -19,10 +19,11 @@
 //! thread, which keeps queueing the other sequences' steps): the compression waits for
 //! that chunk only (an event), not for the other prompts' chunks queued on the prefill
 //! lane behind it; the sequence sits the decode steps out until its state is in
-//! ([`StepBackend::seq_ready`]), and the thread answers once the compression has run on
-//! the GPU, after which it frees the dense cache. Dropping the backend lets the
-//! compression in hand end and joins the thread; prompts still queued for it are not
-//! compressed (their sequences get an error). With one lane (the loops that prefill
+//! ([`StepBackend::seq_ready`]); the thread frees the dense cache once the compression
+//! has run on the GPU, then answers. A sequence that ends before the thread comes to
+//! its prompt (at its first token, or its request dropped) is not compressed. Dropping
+//! the backend lets the compression in hand end and joins the thread; prompts still
+//! queued for it are not compressed (their sequences get an error). With one lane (the loops that prefill
 //! every prompt before decoding any), a prompt is compressed on the caller's thread as
 //! its last chunk is queued, so that one dense cache is held at a time; the
 //! tensor-parallel ranks ([`CudaBackend::with_inline_compression`]) compress on theirs
@@ -39,11 +40,14 @@ use crate::cuda::shadow::tier::tier_chunks_for;
 use crate::cuda::shadow::{compress_prefill, CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout, TierSize};
 use crate::cuda::{CudaModel, CudaOps, GpuCache, GpuSeq, Lane, ShadowCounters, StepTicket};
 use crate::model::config::ModelConfig;
+use crate::pipeline::actor::panic_message;
 use crate::pool::ValuePool;
 use crate::shadow::{ShadowParams, ShadowStats};
 use anyhow::{anyhow, bail, ensure, Result};
 use cudarc::driver::CudaEvent;
 use std::borrow::Borrow;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Where a sequence's keys and values are.
@@ -62,6 +66,8 @@ enum GpuState {
         state: Pending<GpuShadowSeq>,
         tokens: usize,
         bytes: usize,
+        /// Tells the thread, once the sequence is gone, not to compress it.
+        _cancel: CancelOnDrop,
     },
     /// ShadowKV state, after its prompt was compressed.
     Shadow(GpuShadowSeq),
@@ -101,12 +107,24 @@ struct Compressor {
     layers: usize,
 }
 
-/// A prompt for the compression thread: its dense cache, the layout of its state and
-/// the pool its values go to.
+/// A prompt for the compression thread: its dense cache, the layout of its state, the
+/// pool its values go to, and whether its sequence is gone (ended at its first token, or
+/// its request dropped) before the thread came to it.
 struct CompressJob {
     prompt: WrittenCache,
     layout: ShadowLayout,
     pool: Arc<GpuValuePool>,
+    cancelled: Arc<AtomicBool>,
+}
+
+/// Sets its flag when dropped: a `Compressing` sequence's, so that a sequence dropped
+/// before the thread reaches its job is not compressed.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// A prompt's dense cache and the event recorded after its last chunk. Dropped, it
@@ -132,8 +150,8 @@ enum Compression {
 }
 
 /// Compressions the thread's mailbox holds at most: far above any batch (the scheduler
-/// starts no prompt while one waits for its compression), so a hand-off never finds it
-/// full.
+/// starts no prompt while a live one waits for its compression, and the prompts of
+/// sequences already gone are skipped at once), so a hand-off does not find it full.
 const COMPRESS_QUEUE: usize = 256;
 
 impl Compressor {
@@ -142,19 +160,33 @@ impl Compressor {
     /// complete, and nothing reads the dense cache any more) and frees the dense cache,
     /// whether the compression succeeded or not.
     fn run(&mut self, job: CompressJob) -> Result<GpuShadowSeq> {
-        let CompressJob { prompt, layout, pool } = job;
+        let CompressJob {
+            prompt,
+            layout,
+            pool,
+            cancelled,
+        } = job;
+        if cancelled.load(Ordering::Acquire) {
+            // The cache, dropped, waits for its last chunk.
+            bail!("its sequence ended before its compression began");
+        }
         let dev = self.ops.device();
-        let compressed = dev
-            .context()
-            .bind_to_thread()
-            .and_then(|()| dev.stream().wait(&prompt.written))
-            .map_err(anyhow::Error::from)
-            .and_then(|()| compress_prefill(self.layers, &self.ops, &prompt.cache, &layout, &pool, &mut self.ws));
+        let compressed = catch_unwind(AssertUnwindSafe(|| {
+            dev.context()
+                .bind_to_thread()
+                .and_then(|()| dev.stream().wait(&prompt.written))
+                .map_err(anyhow::Error::from)
+                .and_then(|()| compress_prefill(self.layers, &self.ops, &prompt.cache, &layout, &pool, &mut self.ws))
+        }));
         // The compression's stream waited for its other streams and for the chunk (the
-        // cache, dropped, waits for the chunk too: a compression that could not).
-        let done = dev.stream().synchronize();
+        // cache, dropped, waits for the chunk too: a compression that could not). One
+        // that panicked may have left work on any of them: then the whole device.
+        let done = match &compressed {
+            Ok(_) => dev.stream().synchronize().map_err(anyhow::Error::from),
+            Err(_) => dev.synchronize(),
+        };
         drop(prompt);
-        let state = compressed?;
+        let state = compressed.map_err(|p| anyhow!("the compression panicked: {}", panic_message(&*p)))??;
         done?;
         Ok(state)
     }
@@ -520,12 +552,19 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
             unreachable!("matched above")
         };
         let (tokens, bytes) = (dense.len(), dense.bytes());
+        let cancelled = Arc::new(AtomicBool::new(false));
         let state = thread.submit(CompressJob {
             prompt: WrittenCache { cache: dense, written },
             layout: *layout,
             pool: pool.clone(),
+            cancelled: cancelled.clone(),
         });
-        seq.state = GpuState::Compressing { state, tokens, bytes };
+        seq.state = GpuState::Compressing {
+            state,
+            tokens,
+            bytes,
+            _cancel: CancelOnDrop(cancelled),
+        };
     }
 
     /// Takes a `Compressing` sequence's state from the compression thread (waiting for

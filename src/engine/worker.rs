@@ -248,14 +248,17 @@ mod tests {
     fn dropping_the_worker_ends_the_job_in_hand_and_skips_the_rest() {
         let ran = Arc::new(std::sync::Mutex::new(Vec::new()));
         let log = ran.clone();
+        let (started_tx, started) = bounded(4);
         let w = Worker::spawn("slow", 4, (), move |_: &mut (), x: u32| {
+            started_tx.send(x).unwrap();
             std::thread::sleep(Duration::from_millis(50));
             log.lock().unwrap().push(x);
             Ok(x)
         })
         .unwrap();
         let p: Vec<_> = (0..3).map(|x| w.submit(x)).collect();
-        std::thread::sleep(Duration::from_millis(10));
+        // The first job is in hand (the others wait in the mailbox) before the drop.
+        assert_eq!(started.recv_timeout(Duration::from_secs(10)).unwrap(), 0);
         drop(w);
         assert_eq!(*ran.lock().unwrap(), [0]);
         let mut p = p.into_iter();
