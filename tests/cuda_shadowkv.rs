@@ -380,6 +380,33 @@ fn two_prompts_at_once_each_equal_generate_cuda() {
     );
 }
 
+/// Requests that end at their first token (`max_tokens` 1), several at once: their
+/// prompts are handed to the compression thread as their last chunks are queued, and
+/// their sequences are gone before it comes to most of them (those are skipped). Each
+/// gives `generate_cuda`'s token, and a request after them `generate_cuda`'s text.
+#[test]
+fn requests_that_end_at_their_first_token_leave_the_engine_serving() {
+    let Some((gpu, tok, p)) = engine_parts() else { return };
+    let short: Vec<Vec<u32>> = [600, 650, 700, 750, 800].iter().map(|&n| prompt(&tok, n)).collect();
+    let want_short: Vec<String> = short.iter().map(|ids| alone_text(&gpu, &tok, p, ids, 1)).collect();
+    let last = prompt(&tok, 900);
+    let gen = 24;
+    let want_last = alone_text(&gpu, &tok, p, &last, gen);
+    let (engine, join) = spawn_engine(engine_backend(&gpu, p, 2), tok.clone(), engine_config(), None).unwrap();
+    let rxs: Vec<_> = short.iter().map(|ids| submit(&engine, ids.clone(), 1)).collect();
+    let got_short: Vec<String> = rxs.into_iter().map(|rx| stream_text(rx).unwrap()).collect();
+    let got_last = engine_text(&engine, last, gen).unwrap();
+    engine.shutdown(Duration::ZERO);
+    join.join().unwrap();
+    assert_eq!(got_short, want_short);
+    assert_eq!(got_last, want_last);
+    eprintln!(
+        "RESULT shadowkv_engine_first_token_ends requests={} then equal_text={}",
+        got_short.len(),
+        got_last.len()
+    );
+}
+
 /// A shutdown as soon as a prompt's first token is out (its compression handed to the
 /// compression thread as its last chunk was queued, likely still running) ends: the
 /// engine thread and the compression thread are joined within a time limit, the stream
