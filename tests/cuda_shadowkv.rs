@@ -425,21 +425,7 @@ fn a_shutdown_with_a_compression_in_flight_ends() {
         let mut rx = submit(&engine, ids.clone(), gen);
         let first = rx.blocking_recv().expect("the engine ended the stream");
         assert!(matches!(first, Event::Text(_)), "{first:?}");
-        engine.shutdown(Duration::ZERO);
-        let (ended, end) = std::sync::mpsc::channel();
-        std::thread::spawn(move || ended.send(join.join().is_ok()).unwrap());
-        let ok = end
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the engine still runs 60 s after its shutdown");
-        assert!(ok, "the engine thread panicked");
-        let mut last = None;
-        while let Some(e) = rx.blocking_recv() {
-            last = Some(e);
-        }
-        assert!(
-            matches!(last, Some(Event::Failed(_)) | Some(Event::Done { .. })),
-            "the request's stream ended without an end: {last:?}"
-        );
+        shutdown_ends(&engine, join, &mut rx, Duration::from_secs(60));
     }
     let (engine, join) = spawn_engine(engine_backend(&gpu, p, 1), tok.clone(), engine_config(), None).unwrap();
     let text = engine_text(&engine, ids, gen).unwrap();
@@ -488,6 +474,32 @@ fn engine_config() -> SchedulerConfig {
         prefill_chunk: 256,
         decode_spacing: Duration::ZERO,
     }
+}
+
+/// Shuts `engine` down at once and checks that its thread (`join`) ends within `limit`
+/// without a panic, and that the request's stream `rx` then ends with an end (done or
+/// failed).
+fn shutdown_ends(
+    engine: &EngineHandle,
+    join: std::thread::JoinHandle<()>,
+    rx: &mut UnboundedReceiver<Event>,
+    limit: Duration,
+) {
+    engine.shutdown(Duration::ZERO);
+    let (ended, end) = std::sync::mpsc::channel();
+    std::thread::spawn(move || ended.send(join.join().is_ok()).unwrap());
+    let ok = end
+        .recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("the engine still runs {limit:?} after its shutdown"));
+    assert!(ok, "the engine thread panicked");
+    let mut last = None;
+    while let Some(e) = rx.blocking_recv() {
+        last = Some(e);
+    }
+    assert!(
+        matches!(last, Some(Event::Failed(_)) | Some(Event::Done { .. })),
+        "the request's stream ended without an end: {last:?}"
+    );
 }
 
 /// Submits `prompt` (greedy, `gen` tokens) to `engine`.
@@ -659,21 +671,8 @@ fn a_shutdown_with_gathers_in_flight_ends() {
         }
     }
     let t0 = Instant::now();
-    engine.shutdown(Duration::ZERO);
-    let (ended, end) = std::sync::mpsc::channel();
-    std::thread::spawn(move || ended.send(join.join().is_ok()).unwrap());
-    let ok = end
-        .recv_timeout(Duration::from_secs(120))
-        .expect("the engine still runs 120 s after its shutdown (a host function waits forever?)");
-    assert!(ok, "the engine thread panicked");
-    let mut last = None;
-    while let Some(e) = rx.blocking_recv() {
-        last = Some(e);
-    }
-    assert!(
-        matches!(last, Some(Event::Failed(_)) | Some(Event::Done { .. })),
-        "the request's stream ended without an end: {last:?}"
-    );
+    // A host function waiting forever would keep the engine from ending.
+    shutdown_ends(&engine, join, &mut rx, Duration::from_secs(120));
     eprintln!(
         "RESULT shadowkv_gather_shutdown ended_after_s={:.2}",
         t0.elapsed().as_secs_f64()
