@@ -22,7 +22,7 @@ fn shipped_configs_parse() {
     assert_eq!(h200.attention.mode, AttentionMode::Shadowkv);
     assert_eq!(h200.actors.gather.cores, Cores::List((3..=15).collect()));
     assert_eq!(h200.actors.gather.threads, AutoOr::Value(12));
-    assert_eq!(h200.pipeline.micro_batches, 2);
+    assert_eq!(h200.pipeline.micro_batches, 1);
     let cuda = Topology::load(&repo("pipeline-configs/cuda.toml")).unwrap();
     assert_eq!(cuda.backend.kind, BackendKind::Cuda);
     assert_eq!(cuda.attention.mode, AttentionMode::Full);
