@@ -1,7 +1,7 @@
 // Value fetch of the missed chunks of the ShadowKV decode step (reference: the fetch
 // stage of src/shadow/seq.rs), into the slots of av. The reuse diff lists, per (b, h),
 // first the misses to fetch from the host (fetch_count[b, h] of them), then those found in
-// the GPU value tier (shadow_tier_copy, kernels/tier.cu).
+// the GPU value tier (copied by the key rebuild, kernels/rebuild.cu).
 //
 // shadow_fetch (zero-copy): each miss (slot, chunk) of KV head h of sequence b copies the
 // chunk's c * d bf16 values from the value pool holding the sequence's slot

@@ -8,6 +8,15 @@
 // rope_sincos of common.cuh: within 1e-6 of sincosf, without its slow path) and
 // stored as bf16 to ak[h, slot_row(slot) + i, :]. Invalid entries of a list are skipped.
 //
+// Tier hits: given fetch_count and tier_src (as shadow_reuse writes them; null: none),
+// the entries of list e from fetch_count[e] on are tier hits, entry j's values in tier
+// entry tier_src[e, j]; the kernel copies those values to their slot's
+// rows of av as it starts each tile (rb_copy_tier). The rebuild waits on latency more
+// than on HBM, and the other block of the SM multiplies meanwhile; as a kernel of its own
+// before the rebuild the copy took 1.8 ms of a 20.6 ms step (29 x 61440 tokens, H200).
+// The fetch of the same step touches other slots and tier entries (shadow_reuse sees to
+// it).
+//
 // Work: a tile is REBUILD_ROWS rows, the rows of M = REBUILD_ROWS / c consecutive
 // entries of one head's miss list stacked (tile row p is row p % c of entry p / c; rows
 // past M*c, past the list or of an invalid miss are empty: u staged as zero, nothing
@@ -60,7 +69,8 @@
 // = 5 x 16, (2d + 16) mod 128 = 16), so its reads are free of bank conflicts.
 #define REBUILD_U_STRIDE (REBUILD_K_CHUNK + 8)
 #define REBUILD_U_BYTES (2 * REBUILD_ROWS * REBUILD_U_STRIDE * 2)  // the two stages
-#define REBUILD_META_BYTES (4 * REBUILD_ROWS * 4)                  // tok and arow, two tiles
+#define REBUILD_META_BYTES (6 * REBUILD_ROWS * 4)                  // tok, arow and tent, two tiles
+#define REBUILD_COPY 1  // 16-byte words of tier hits a thread keeps in flight
 
 // Ranks of sv a block stages at once (a multiple of REBUILD_K_CHUNK).
 __device__ __forceinline__ int rb_panel_ranks(int d, int r) {
@@ -98,16 +108,18 @@ struct RbTile {
     int b, h;
     int first;  // its first entry
     int nm;     // entries of the list
+    int fc;     // of which fetched (the rest are tier hits), or nm without tier hits to copy
 };
 
 __device__ __forceinline__ RbTile rb_tile(const int* off, int lists, int t, int per, const ShadowDims& dims,
-                                          const int* __restrict__ miss_count) {
+                                          const int* __restrict__ miss_count, const int* __restrict__ fetch_count) {
     const int e = run_of(off, lists, t);
     RbTile x;
     x.b = e / dims.kv_heads;
     x.h = e - x.b * dims.kv_heads;
     x.first = (t - off[e]) * per;
     x.nm = min(max(miss_count[e], 0), dims.slots);
+    x.fc = fetch_count != nullptr && dims.tier > 0 ? min(max(fetch_count[e], 0), x.nm) : x.nm;
     return x;
 }
 
@@ -122,19 +134,29 @@ __device__ __forceinline__ int2 rb_row(const RbTile& x, int p, int per, const Sh
     return make_int2(m.y * c + i, shadow_slot_row(dims, counts[x.b].outliers, m.x) + i);
 }
 
-// Starts tile x: its rows' tokens and attention rows into tok / arow (threads below
-// REBUILD_ROWS, one row each), and this thread's two rows of u to stage (rows tid/4 and
-// tid/4 + 64; null = empty) into lrow.
+// Starts tile x: its rows' tokens, attention rows and rows of the head's GPU value tier
+// (-1: not a tier hit) into tok / arow / tent (threads below REBUILD_ROWS, one row each),
+// and this thread's
+// two rows of u to stage (rows tid/4 and tid/4 + 64; null = empty) into lrow.
 __device__ __forceinline__ void rb_start_tile(const RbTile& x, int per, const ShadowDims& dims,
                                               const int2* __restrict__ misses,
                                               const ShadowSeqCounts* __restrict__ counts,
-                                              const ShadowSeqBufs* __restrict__ bufs, int* tok, int* arow,
+                                              const ShadowSeqBufs* __restrict__ bufs,
+                                              const int* __restrict__ tier_src, int* tok, int* arow, int* tent,
                                               const unsigned short* (&lrow)[2]) {
     const int tid = threadIdx.x;
     if (tid < REBUILD_ROWS) {
         const int2 q = rb_row(x, tid, per, dims, misses, counts);
         tok[tid] = q.x;
         arow[tid] = q.y;
+        const int j = x.first + tid / dims.chunk;  // the row's entry of the list
+        int ent = -1;
+        if (q.x >= 0 && j >= x.fc) {
+            const int e = x.b * dims.kv_heads + x.h;
+            const int entry = min(max(tier_src[(size_t)e * dims.slots + j], 0), dims.tier - 1);
+            ent = entry * dims.chunk + tid % dims.chunk;
+        }
+        tent[tid] = ent;
     }
     const unsigned short* U = reinterpret_cast<const unsigned short*>(bufs[x.b].u);  // bf16 bits
 #pragma unroll
@@ -176,11 +198,11 @@ __device__ __forceinline__ void rb_stage_u(unsigned short* ub, const unsigned sh
 // Stages `rows` ranks of the head's sv from rank k0 into hi / lo ([rank][column], row
 // stride D + 8), split into two bf16 terms: hi = bf16_rn(sv), lo = bf16_rn(sv - hi)
 // (the difference is exact in fp32); zero past the rank. SV: the head's first column of
-// rank 0, row stride kvd.
-template <int D>
+// rank 0, row stride kvd. BATCH: 16-byte loads a thread keeps in flight.
+template <int D, int BATCH>
 __device__ __forceinline__ void rb_stage_sv(unsigned short* hi, unsigned short* lo, const float* __restrict__ SV,
                                             size_t kvd, int r, int k0, int rows) {
-    constexpr int QUADS = D / 4, S = D + 8, BATCH = 4;  // loads in flight a thread
+    constexpr int QUADS = D / 4, S = D + 8;
     const int n = rows * QUADS;
     for (int i0 = threadIdx.x; i0 < n; i0 += BATCH * REBUILD_THREADS) {
         float4 vs[BATCH];
@@ -273,15 +295,45 @@ __device__ __forceinline__ void rb_store(const float (&acc)[2][D / 32][2][4], co
     }
 }
 
+// Copies the tier hits' values of the tile whose rows are arow / tent to their rows of
+// av: thread tid copies word tid % (D / 8) (16 bytes) of the rows tid / (D / 8) + k *
+// (REBUILD_THREADS / (D / 8)), REBUILD_COPY loads in flight; rows that are not tier hits
+// are skipped. Called where no accumulator is live (the loads take registers).
+template <int D>
+__device__ __forceinline__ void rb_copy_tier(const int* arow, const int* tent, const ShadowSeqBufs& buf,
+                                             const ShadowDims& dims, int h) {
+    constexpr int ROW_WORDS = D / 8, STRIDE = REBUILD_THREADS / ROW_WORDS;  // rows a pass
+    static_assert(REBUILD_ROWS % (STRIDE * REBUILD_COPY) == 0, "whole passes");
+    const uint4* tier = shadow_tier_entry(buf, dims, h, 0);
+    uint4* av = reinterpret_cast<uint4*>(shadow_attn_row(buf.av, dims, h, 0));
+    const int i = threadIdx.x % ROW_WORDS;
+    for (int p0 = threadIdx.x / ROW_WORDS; p0 < REBUILD_ROWS; p0 += STRIDE * REBUILD_COPY) {
+        uint4 v[REBUILD_COPY];
+        int dst[REBUILD_COPY];  // word of av, or -1
+#pragma unroll
+        for (int q = 0; q < REBUILD_COPY; ++q) {
+            const int p = p0 + q * STRIDE, src = tent[p];
+            dst[q] = -1;
+            if (src >= 0) {
+                v[q] = __ldg(tier + src * ROW_WORDS + i);
+                dst[q] = arow[p] * ROW_WORDS + i;
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < REBUILD_COPY; ++q)
+            if (dst[q] >= 0) av[dst[q]] = v[q];
+    }
+}
+
 // Shared memory of a block (dynamic; sizes in bytes, kp = rb_panel_ranks):
 //   u     [2][REBUILD_ROWS][REBUILD_U_STRIDE] bf16   the two pipeline stages   20480
 //   sv_hi [kp][d + 8] bf16, sv_lo [kp][d + 8] bf16   the staged panel of sv     4 kp (d + 8)
-//   tok, arow [2][REBUILD_ROWS] int                  two tiles' rows            2048
+//   tok, arow, tent [2][REBUILD_ROWS] int            two tiles' rows            3072
 //   off   [lists + 1] int                            tiles before each list     4 (lists + 1)
 // (src/cuda/shadow/rebuild.rs sizes it the same way.)
 struct RbSmem {
     unsigned short *u, *sv_hi, *sv_lo;
-    int *tok, *arow, *off;
+    int *tok, *arow, *tent, *off;
 };
 
 __device__ __forceinline__ RbSmem rb_smem(unsigned char* base, int d, int kp) {
@@ -291,18 +343,21 @@ __device__ __forceinline__ RbSmem rb_smem(unsigned char* base, int d, int kp) {
     s.sv_lo = s.sv_hi + kp * (d + 8);
     s.tok = reinterpret_cast<int*>(s.sv_lo + kp * (d + 8));
     s.arow = s.tok + 2 * REBUILD_ROWS;
-    s.off = s.arow + 2 * REBUILD_ROWS;
+    s.tent = s.arow + 2 * REBUILD_ROWS;
+    s.off = s.tent + 2 * REBUILD_ROWS;
     return s;
 }
 
 // The block's tiles t0 .. t1 - 1 for head dimension D. One pipeline step per (tile,
 // stage of REBUILD_K_CHUNK ranks): wait for the step's u, barrier, start loading the next
-// step's u into the other buffer, multiply, and after a tile's last stage rotate and
-// store it. sv is staged (plain loads, converted to hi / lo) when the tile's head differs
+// step's u into the other buffer, multiply; after a tile's last stage rotate and store
+// it. (Written as one loop over all the steps, it zeroed the accumulators and divided
+// by the panel at every step: 64 selects and an integer division for 32 products.) sv is staged (plain loads, converted to hi / lo) when the tile's head differs
 // from the staged one, or at every panel when the rank needs more than one.
 template <int D>
 __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists, int t0, int t1,
                                               const int2* __restrict__ misses, const int* __restrict__ miss_count,
+                                              const int* __restrict__ fetch_count, const int* __restrict__ tier_src,
                                               const ShadowSeqBufs* __restrict__ bufs,
                                               const ShadowSeqCounts* __restrict__ counts,
                                               const float* __restrict__ inv_freq, const ShadowDims& dims) {
@@ -330,66 +385,63 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
     const unsigned ha = smem_addr(s.sv_hi) + sv_lane, la = smem_addr(s.sv_lo) + sv_lane;
 
     const unsigned short* lrow[2];
-    RbTile nxt = rb_tile(s.off, lists, t0, per, dims, miss_count);
-    rb_start_tile(nxt, per, dims, misses, counts, bufs, s.tok, s.arow, lrow);
+    RbTile nxt = rb_tile(s.off, lists, t0, per, dims, miss_count, fetch_count);
+    rb_start_tile(nxt, per, dims, misses, counts, bufs, tier_src, s.tok, s.arow, s.tent, lrow);
     rb_stage_u(s.u, lrow, 0, r, vec, misses);
     cp_async_commit();
 
-    RbTile cur = nxt;
     int staged = -1;  // list whose sv the one panel holds
-    bool active = false;
-    float acc[2][PAIRS][2][4];
-    const int steps = (t1 - t0) * kch;
-    int ti = 0, kc = 0;  // the step's tile (from t0) and stage
-    for (int st = 0; st < steps; ++st) {
-        if (kc == 0) {
-            cur = nxt;
-#pragma unroll
-            for (int m = 0; m < 2; ++m)
-#pragma unroll
-                for (int p = 0; p < PAIRS; ++p)
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) acc[m][p][e / 4][e % 4] = 0.f;
-        }
+    int st = 0;       // pipeline steps so far (the u buffer of a step is st % 2)
+    for (int ti = 0; ti < t1 - t0; ++ti) {
+        const RbTile cur = nxt;
         const int e = cur.b * dims.kv_heads + cur.h;
-        if (kc % pch == 0 && (!one_panel || e != staged)) {
+        const int par = (ti & 1) * REBUILD_ROWS;  // the tile's rows in tok / arow
+        const float* sv = reinterpret_cast<const float*>(bufs[cur.b].sv) + (size_t)cur.h * D;
+        if (!one_panel || e != staged) {
+            // No accumulator is live yet: the staging keeps more loads in flight.
             __syncthreads();  // every warp is done with the panel staged before
-            rb_stage_sv<D>(s.sv_hi, s.sv_lo, reinterpret_cast<const float*>(bufs[cur.b].sv) + (size_t)cur.h * D, kvd,
-                           r, kc * REBUILD_K_CHUNK, min(kp, (kch - kc) * REBUILD_K_CHUNK));
+            rb_stage_sv<D, 10>(s.sv_hi, s.sv_lo, sv, kvd, r, 0, min(kp, kch * REBUILD_K_CHUNK));
             staged = e;
         }
-        cp_async_wait<0>();
-        __syncthreads();  // the step's u and sv, and the tile's rows, are in; the other u
-                          // buffer and the other tile's rows are free
-        const int par = (ti & 1) * REBUILD_ROWS;
-        if (kc == 0) active = __any_sync(0xffffffffu, s.tok[par + row0 + lane] >= 0);
-        if (st + 1 < steps) {
-            int nk = kc + 1;
-            if (nk == kch) {
-                nk = 0;
-                nxt = rb_tile(s.off, lists, t0 + ti + 1, per, dims, miss_count);
-                const int np = REBUILD_ROWS - par;
-                rb_start_tile(nxt, per, dims, misses, counts, bufs, s.tok + np, s.arow + np, lrow);
+        float acc[2][PAIRS][2][4] = {};
+        bool active = false;
+        for (int kc = 0, pk = 0; kc < kch; ++kc, ++st) {  // pk = kc % pch
+            if (pk == 0 && kc > 0) {
+                __syncthreads();  // every warp is done with the panel before
+                rb_stage_sv<D, 4>(s.sv_hi, s.sv_lo, sv, kvd, r, kc * REBUILD_K_CHUNK,
+                                  min(kp, (kch - kc) * REBUILD_K_CHUNK));
             }
-            rb_stage_u(s.u + ((st + 1) & 1) * U_STAGE, lrow, nk * REBUILD_K_CHUNK, r, vec, misses);
-            cp_async_commit();
+            cp_async_wait<0>();
+            __syncthreads();  // the step's u and sv, and the tile's rows, are in; the other u
+                              // buffer and the other tile's rows are free
+            if (kc == 0) active = __any_sync(0xffffffffu, s.tok[par + row0 + lane] >= 0);
+            // The next step's u: the tile's next ranks, or the next tile's first.
+            if (kc + 1 < kch) {
+                rb_stage_u(s.u + ((st + 1) & 1) * U_STAGE, lrow, (kc + 1) * REBUILD_K_CHUNK, r, vec, misses);
+                cp_async_commit();
+            } else if (t0 + ti + 1 < t1) {
+                nxt = rb_tile(s.off, lists, t0 + ti + 1, per, dims, miss_count, fetch_count);
+                const int np = REBUILD_ROWS - par;
+                rb_start_tile(nxt, per, dims, misses, counts, bufs, tier_src, s.tok + np, s.arow + np, s.tent + np,
+                              lrow);
+                rb_stage_u(s.u + ((st + 1) & 1) * U_STAGE, lrow, 0, r, vec, misses);
+                cp_async_commit();
+            }
+            if (active) {
+                const unsigned k_off = pk * REBUILD_K_CHUNK * SV_ROW;
+                rb_mma_stage<D>(acc, ua + (st & 1) * U_STAGE * 2, ha + k_off, la + k_off);
+            }
+            if (++pk == pch) pk = 0;
         }
-        if (active) {
-            const unsigned k_off = (kc % pch) * REBUILD_K_CHUNK * SV_ROW;
-            rb_mma_stage<D>(acc, ua + (st & 1) * U_STAGE * 2, ha + k_off, la + k_off);
-        }
-        if (kc == kch - 1)
-            rb_store<D>(acc, s.tok + par, s.arow + par, row0, tile0, inv_freq,
-                        shadow_attn_row(bufs[cur.b].ak, dims, cur.h, 0));
-        if (++kc == kch) {
-            kc = 0;
-            ++ti;
-        }
+        rb_store<D>(acc, s.tok + par, s.arow + par, row0, tile0, inv_freq, shadow_attn_row(bufs[cur.b].ak, dims, cur.h, 0));
+        // The accumulators are free: the tile's tier hits (its rows still in par).
+        rb_copy_tier<D>(s.arow + par, s.tent + par, bufs[cur.b], dims, cur.h);
     }
 }
 
 extern "C" __global__ void __launch_bounds__(REBUILD_THREADS, 2)
     shadow_rebuild(const int2* __restrict__ misses, const int* __restrict__ miss_count,
+                   const int* __restrict__ fetch_count, const int* __restrict__ tier_src,
                    const ShadowSeqBufs* __restrict__ bufs, const ShadowSeqCounts* __restrict__ counts,
                    const float* __restrict__ inv_freq, ShadowDims dims, int batch) {
     pdl_wait();
@@ -407,7 +459,9 @@ extern "C" __global__ void __launch_bounds__(REBUILD_THREADS, 2)
     const int t1 = (int)((long long)total * (blockIdx.x + 1) / gridDim.x);
     if (t0 >= t1) return;
     if (d == 128)
-        rebuild_tiles<128>(s, kp, lists, t0, t1, misses, miss_count, bufs, counts, inv_freq, dims);
+        rebuild_tiles<128>(s, kp, lists, t0, t1, misses, miss_count, fetch_count, tier_src, bufs, counts, inv_freq,
+                           dims);
     else if (d == 64)
-        rebuild_tiles<64>(s, kp, lists, t0, t1, misses, miss_count, bufs, counts, inv_freq, dims);
+        rebuild_tiles<64>(s, kp, lists, t0, t1, misses, miss_count, fetch_count, tier_src, bufs, counts, inv_freq,
+                          dims);
 }

@@ -2,7 +2,9 @@
 //
 // The score of chunk ch for KV head h of sequence b is max_j softmax_j(q_j . marks[ch,
 // h*d..] / sqrt(d))[ch] over the query heads j of the head's group, the softmax taken over
-// the sequence's `chunks` chunks; outlier chunks score -inf. Three kernels:
+// the sequence's `chunks` chunks; outlier chunks score -inf.
+//
+// Two kernels:
 //
 // shadow_logits, grid (runs of LOGITS_RUN tiles, kv_heads, batch), SELECT_THREADS
 // threads: the logits of each tile of SELECT_TILE chunks, logits [batch, kv_heads,
@@ -17,13 +19,15 @@
 // SM; 131 us, 3.7 TB/s, in runs with two register stages; 512 threads of one m16 tile a
 // warp: 181 us).
 //
-// shadow_softmax, same grid: combines the statistics of the sequence's tiles per query
-// head and writes the scores of its tile, scores [batch, kv_heads, chunk_cap] (entries
-// past the sequence's chunks untouched).
-//
 // shadow_top_k, grid (kv_heads, batch), TOPK_THREADS threads: the `slots` best
-// non-outlier chunks of those scores, ties to the lower id, written ascending to
-// selected [batch, kv_heads, slots], -1 after the last (exactly shadow::select::top_k).
+// non-outlier chunks by score, ties to the lower id, written ascending to selected
+// [batch, kv_heads, slots], -1 after the last (exactly shadow::select::top_k). Given the
+// statistics, it first combines those of the sequence's tiles per query head and takes
+// each chunk's score from its logits as it reads them (and writes the scores to scores
+// [batch, kv_heads, chunk_cap] where that is given, entries past the sequence's chunks
+// untouched); without them it selects by the scores it is given. (A softmax kernel of its
+// own between the two, which wrote the scores and had top-k read them back, took about
+// 29 us a layer at 29 x 7680 chunks, most of it latency: a fifth of the selection's time.)
 // topk_rows, grid (rows): the same selection over rows of any values, no exclusions
 // (the outlier chunks of a prefill, on negated cosines).
 //
@@ -53,11 +57,10 @@
 #define TOPK_WARPS (TOPK_THREADS / 32)
 #define TOPK_BITS 11  // radix digit: passes over bits 31..21, 20..10 and 10..0 of the keys
 #define TOPK_BINS (1 << TOPK_BITS)
-#define TOPK_LOADS 8   // entries a thread loads from global memory before counting them
-#define TOPK_UNROLL 4  // keys a thread loads before counting them, in the later passes
+#define TOPK_LOADS 8   // values a thread loads from global memory before counting them
+#define TOPK_UNROLL 4  // keys a thread reads from shared memory before counting them, later passes
 #define SELECT_NEG_INF __int_as_float(0xff800000)
 
-static_assert(SELECT_TILE == SELECT_THREADS, "shadow_softmax scores one chunk per thread");
 static_assert(SELECT_WARP_CHUNKS == 32, "logits_run takes two m16 tiles a warp and tile");
 static_assert(LOGITS_RUN * SELECT_MAX_GROUP <= SELECT_THREADS, "a thread per (tile, query head) of a run");
 static_assert(TOPK_BINS == 2 * TOPK_THREADS && TOPK_WARPS <= 32, "top-k: two bins a thread, one count a lane");
@@ -226,48 +229,6 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS, 3)
     }
 }
 
-extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
-    shadow_softmax(float* __restrict__ scores, const float* __restrict__ logits, const float2* __restrict__ stats,
-                   const ShadowSeqBufs* __restrict__ bufs, const ShadowSeqCounts* __restrict__ counts,
-                   ShadowDims dims) {
-    pdl_wait();
-    pdl_trigger();
-    __shared__ float stat_m[SELECT_MAX_GROUP], stat_inv[SELECT_MAX_GROUP];
-    const int tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int n = counts[b].chunks, ch0 = tile * SELECT_TILE;
-    if (ch0 >= n) return;
-    const int g = dims.group, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const size_t row = (size_t)b * dims.kv_heads + h;
-    const int tile_cap = (dims.chunk_cap + SELECT_TILE - 1) / SELECT_TILE;
-    const int tiles = (n + SELECT_TILE - 1) / SELECT_TILE;
-    // Warp j combines the statistics of query head j over the sequence's tiles.
-    if (warp < g) {
-        float2 t = make_float2(SELECT_NEG_INF, 0.f);
-        for (int i = lane; i < tiles; i += 32) t = softmax_merge(t, stats[(row * tile_cap + i) * g + warp]);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float2 u = make_float2(__shfl_xor_sync(0xffffffffu, t.x, o), __shfl_xor_sync(0xffffffffu, t.y, o));
-            t = softmax_merge(t, u);
-        }
-        if (lane == 0) {
-            stat_m[warp] = t.x;
-            stat_inv[warp] = t.y > 0.f ? 1.f / t.y : 0.f;
-        }
-    }
-    __syncthreads();
-    const int ch = ch0 + threadIdx.x;
-    if (ch >= n) return;
-    const float* lg = logits + (row * dims.chunk_cap + ch) * g;
-    const unsigned char* excl = reinterpret_cast<const unsigned char*>(bufs[b].outlier) + (size_t)h * dims.chunk_cap;
-    float best = SELECT_NEG_INF;
-    if (!excl[ch]) {
-#pragma unroll
-        for (int j = 0; j < SELECT_MAX_GROUP; ++j)
-            if (j < g) best = fmaxf(best, __expf(lg[j] - stat_m[j]) * stat_inv[j]);
-    }
-    scores[row * dims.chunk_cap + ch] = best;
-}
-
 // Shared memory of block_top_k besides the keys.
 struct TopkShared {
     unsigned int hist[TOPK_BINS];
@@ -277,20 +238,60 @@ struct TopkShared {
     int need;
 };
 
-// The selection key of entry i: the order-preserving image of v[i], or 0 where the entry
-// is excluded (the key of a candidate only if it is the -NaN with every bit set: the
-// passes correct for that).
-__device__ __forceinline__ unsigned int topk_key(const float* __restrict__ v, const unsigned char* __restrict__ excl,
-                                                 int i) {
-    const float x = v[i];
-    return excl != nullptr && excl[i] != 0 ? 0u : ordered(x);
+// The values of a top-k row, given: entry i is v[i].
+struct TopkGiven {
+    static constexpr int LOADS = TOPK_LOADS;  // entries a thread loads before counting them
+    const float* __restrict__ v;
+    __device__ __forceinline__ float at(int i) const { return v[i]; }
+    __device__ __forceinline__ void keep(int, float, bool) const {}
+};
+
+// The softmax of each query head of a shadow_top_k block's group: (max, 1 / sum of
+// exp(logit - max)) over the sequence's chunks.
+__shared__ float2 topk_softmax[SELECT_MAX_GROUP];
+
+// The values of a shadow_top_k row computed from its logits (lg: [chunk][g], scaled):
+// entry i is max_j exp(lg[i, j] - m_j) * inv_j over the group's query heads j, (m_j,
+// inv_j) = topk_softmax[j]. keep() writes each entry's score to out (-inf for an excluded
+// one) where out is given.
+struct TopkSoftmax {
+    static constexpr int LOADS = TOPK_LOADS / 2;
+    const float* __restrict__ lg;
+    float* __restrict__ out;
+    int g;
+    __device__ __forceinline__ float at(int i) const {
+        const float* l = lg + (size_t)i * g;
+        float best = SELECT_NEG_INF;
+        if (g == 4) {  // Llama's groups: one 16-byte load (the rows are 16-byte aligned)
+            const float4 x = __ldg(reinterpret_cast<const float4*>(l));
+            const float xs[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) best = fmaxf(best, __expf(xs[j] - topk_softmax[j].x) * topk_softmax[j].y);
+            return best;
+        }
+#pragma unroll
+        for (int j = 0; j < SELECT_MAX_GROUP; ++j)
+            if (j < g) best = fmaxf(best, __expf(l[j] - topk_softmax[j].x) * topk_softmax[j].y);
+        return best;
+    }
+    __device__ __forceinline__ void keep(int i, float x, bool excluded) const {
+        if (out != nullptr) out[i] = excluded ? SELECT_NEG_INF : x;
+    }
+};
+
+// The selection key of entry i: the order-preserving image of its value, or 0 where the
+// entry is excluded (the key of a candidate only if it is the -NaN with every bit set:
+// the passes correct for that).
+template <class Src>
+__device__ __forceinline__ unsigned int topk_key(const Src& src, const unsigned char* __restrict__ excl, int i) {
+    return excl != nullptr && excl[i] != 0 ? 0u : ordered(src.at(i));
 }
 
-// Entry i's key from shared memory (SHARED) or from global memory.
-template <bool SHARED>
-__device__ __forceinline__ unsigned int topk_key_at(const unsigned int* keys, const float* __restrict__ v,
+// Entry i's key from shared memory (SHARED) or from its source.
+template <bool SHARED, class Src>
+__device__ __forceinline__ unsigned int topk_key_at(const unsigned int* keys, const Src& src,
                                                     const unsigned char* __restrict__ excl, int i) {
-    return SHARED ? keys[i] : topk_key(v, excl, i);
+    return SHARED ? keys[i] : topk_key(src, excl, i);
 }
 
 // Adds each lane's digit to hist (digit >= TOPK_BINS: none), the lanes of a digit at
@@ -313,36 +314,38 @@ __device__ __forceinline__ void topk_bins(TopkShared& sh, int less0, int& c_hi, 
     sh.hist[hi - 1] = 0;
 }
 
-// The body of block_top_k, with the keys in shared memory `keys` (SHARED) or read from
-// global memory at each pass.
+// The body of block_top_k, with the keys in shared memory `keys` (SHARED) or taken from
+// the source at each pass.
 //
-// Pass 1 reads the entries once (TOPK_LOADS loads a thread in flight), keeps their keys
-// (SHARED) and counts the candidates' top TOPK_BITS bits; each pass's bin holding the
+// Pass 1 reads the entries once (Src::LOADS entries a thread in flight), hands each to
+// src.keep, keeps their keys (SHARED) and counts the candidates' top TOPK_BITS bits; each pass's bin holding the
 // k-th largest key is found by one block-wide prefix sum over the bins, and the next
 // pass counts the next digit of the keys in that bin only (bits 31..21, 20..10, 10..0:
 // the last pass's top bit is already known). The output pass gives each warp a
 // contiguous range of entries: the warp counts the keys above the threshold and equal to
 // it in its range (ballots), one barrier shares the counts, and a second walk writes
 // each taken id at its rank among the taken ones.
-template <bool SHARED>
-__device__ __forceinline__ void block_top_k_from(TopkShared& sh, unsigned int* keys, const float* __restrict__ v,
+template <bool SHARED, class Src>
+__device__ __forceinline__ void block_top_k_from(TopkShared& sh, unsigned int* keys, const Src& src,
                                                  const unsigned char* __restrict__ excl, int n, int k,
                                                  int* __restrict__ out, int out_len) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     for (int i = tid; i < TOPK_BINS; i += TOPK_THREADS) sh.hist[i] = 0;
     __syncthreads();
-    for (int i0 = 0; i0 < n; i0 += TOPK_LOADS * TOPK_THREADS) {
-        float x[TOPK_LOADS];
-        bool ex[TOPK_LOADS];
+    constexpr int LOADS = Src::LOADS;
+    for (int i0 = 0; i0 < n; i0 += LOADS * TOPK_THREADS) {
+        float x[LOADS];
+        bool ex[LOADS];
 #pragma unroll
-        for (int u = 0; u < TOPK_LOADS; ++u) {
+        for (int u = 0; u < LOADS; ++u) {
             const int i = i0 + u * TOPK_THREADS + tid;
-            x[u] = i < n ? v[i] : 0.f;
+            x[u] = i < n ? src.at(i) : 0.f;
             ex[u] = i >= n || (excl != nullptr && excl[i] != 0);
         }
 #pragma unroll
-        for (int u = 0; u < TOPK_LOADS; ++u) {
+        for (int u = 0; u < LOADS; ++u) {
             const int i = i0 + u * TOPK_THREADS + tid;
+            if (i < n) src.keep(i, x[u], ex[u]);
             const unsigned int key = ex[u] ? 0u : ordered(x[u]);
             if (SHARED && i < n) keys[i] = key;
             topk_count(sh.hist, ex[u] ? TOPK_BINS : key >> (32 - TOPK_BITS));
@@ -371,15 +374,16 @@ __device__ __forceinline__ void block_top_k_from(TopkShared& sh, unsigned int* k
             if (shift == 0) break;
             const unsigned int mask = ~0u << shift;
             const int next = max(shift - TOPK_BITS, 0);
-            for (int i0 = 0; i0 < n; i0 += TOPK_UNROLL * TOPK_THREADS) {
-                unsigned int u[TOPK_UNROLL];
+            constexpr int UNROLL = SHARED ? TOPK_UNROLL : Src::LOADS / 2;
+            for (int i0 = 0; i0 < n; i0 += UNROLL * TOPK_THREADS) {
+                unsigned int u[UNROLL];
 #pragma unroll
-                for (int j = 0; j < TOPK_UNROLL; ++j) {
+                for (int j = 0; j < UNROLL; ++j) {
                     const int i = i0 + j * TOPK_THREADS + tid;
-                    u[j] = i < n ? topk_key_at<SHARED>(keys, v, excl, i) : 0u;
+                    u[j] = i < n ? topk_key_at<SHARED>(keys, src, excl, i) : 0u;
                 }
 #pragma unroll
-                for (int j = 0; j < TOPK_UNROLL; ++j) {
+                for (int j = 0; j < UNROLL; ++j) {
                     const bool in = i0 + j * TOPK_THREADS + tid < n && (u[j] & mask) == prefix;
                     if (__any_sync(0xffffffffu, in)) topk_count(sh.hist, in ? (u[j] >> next) & (TOPK_BINS - 1) : TOPK_BINS);
                 }
@@ -399,7 +403,7 @@ __device__ __forceinline__ void block_top_k_from(TopkShared& sh, unsigned int* k
         // Ballots of the lanes whose entry i is above thr, and equal to it (a candidate:
         // where thr is 0, an excluded entry's key is 0 too).
         auto ballots = [&](int i, unsigned int& b_above, unsigned int& b_eq) {
-            const unsigned int u = i < hi ? topk_key_at<SHARED>(keys, v, excl, i) : 0u;
+            const unsigned int u = i < hi ? topk_key_at<SHARED>(keys, src, excl, i) : 0u;
             const bool eq = i < hi && u == thr && (thr != 0u || excl == nullptr || excl[i] == 0);
             b_above = __ballot_sync(0xffffffffu, i < hi && u > thr);
             b_eq = __ballot_sync(0xffffffffu, eq);
@@ -440,33 +444,57 @@ __device__ __forceinline__ void block_top_k_from(TopkShared& sh, unsigned int* k
     for (int i = kk + tid; i < out_len; i += TOPK_THREADS) out[i] = -1;
 }
 
-// The k best of v[0..n) (not excluded where excl is given), by value (total order), ties
-// to the lower index, ascending into out[0..min(k, candidates)), -1 in the rest of
-// out[0..out_len). Every thread of a block of TOPK_THREADS calls it; k <= out_len. The
-// keys sit in the dynamic shared memory where n <= shared_keys (it holds that many),
-// else every pass reads the entries from global memory again.
-__device__ void block_top_k(const float* __restrict__ v, const unsigned char* __restrict__ excl, int n, int k,
-                            int* __restrict__ out, int out_len, int shared_keys) {
+// The k best of the source's entries 0..n (not excluded where excl is given), by value
+// (total order), ties to the lower index, ascending into out[0..min(k, candidates)), -1
+// in the rest of out[0..out_len). Every thread of a block of TOPK_THREADS calls it;
+// k <= out_len. The keys sit in the dynamic shared memory where n <= shared_keys (it
+// holds that many), else every pass takes the entries from the source again.
+template <class Src>
+__device__ __forceinline__ void block_top_k(const Src src, const unsigned char* __restrict__ excl, int n, int k,
+                                            int* __restrict__ out, int out_len, int shared_keys) {
     extern __shared__ unsigned int topk_keys[];
     __shared__ TopkShared sh;
     if (n <= shared_keys)
-        block_top_k_from<true>(sh, topk_keys, v, excl, n, k, out, out_len);
+        block_top_k_from<true>(sh, topk_keys, src, excl, n, k, out, out_len);
     else
-        block_top_k_from<false>(sh, nullptr, v, excl, n, k, out, out_len);
+        block_top_k_from<false>(sh, nullptr, src, excl, n, k, out, out_len);
 }
 
-// Dynamic shared memory: shared_keys * 4 bytes (0: the keys are read from global memory).
-extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-    shadow_top_k(int* __restrict__ selected, const float* __restrict__ scores,
-                 const ShadowSeqBufs* __restrict__ bufs, const ShadowSeqCounts* __restrict__ counts,
-                 ShadowDims dims, int shared_keys) {
+// Dynamic shared memory: shared_keys * 4 bytes (0: the entries are read again at every
+// pass). stats null: select by scores; else by the scores of the logits and their tiles'
+// statistics (as shadow_logits writes them), written to scores unless that is null.
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS, 2)
+    shadow_top_k(int* __restrict__ selected, float* __restrict__ scores, const float* __restrict__ logits,
+                 const float2* __restrict__ stats, const ShadowSeqBufs* __restrict__ bufs,
+                 const ShadowSeqCounts* __restrict__ counts, ShadowDims dims, int shared_keys) {
     pdl_wait();
     pdl_trigger();
-    const int h = blockIdx.x, b = blockIdx.y;
+    const int h = blockIdx.x, b = blockIdx.y, n = counts[b].chunks;
     const size_t row = (size_t)b * dims.kv_heads + h;
     const unsigned char* excl = reinterpret_cast<const unsigned char*>(bufs[b].outlier) + (size_t)h * dims.chunk_cap;
-    block_top_k(scores + row * dims.chunk_cap, excl, counts[b].chunks, dims.slots, selected + row * dims.slots,
-                dims.slots, shared_keys);
+    int* out = selected + row * dims.slots;
+    float* sc = scores != nullptr ? scores + row * dims.chunk_cap : nullptr;
+    if (stats == nullptr) {
+        block_top_k(TopkGiven{sc}, excl, n, dims.slots, out, dims.slots, shared_keys);
+        return;
+    }
+    // Warp j combines the statistics of query head j over the sequence's tiles.
+    const int g = dims.group, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (warp < g) {
+        const int tile_cap = (dims.chunk_cap + SELECT_TILE - 1) / SELECT_TILE;
+        const int tiles = (n + SELECT_TILE - 1) / SELECT_TILE;
+        float2 t = make_float2(SELECT_NEG_INF, 0.f);
+        for (int i = lane; i < tiles; i += 32) t = softmax_merge(t, stats[(row * tile_cap + i) * g + warp]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float2 u = make_float2(__shfl_xor_sync(0xffffffffu, t.x, o), __shfl_xor_sync(0xffffffffu, t.y, o));
+            t = softmax_merge(t, u);
+        }
+        if (lane == 0) topk_softmax[warp] = make_float2(t.x, t.y > 0.f ? 1.f / t.y : 0.f);
+    }
+    __syncthreads();
+    const TopkSoftmax src{logits + row * dims.chunk_cap * g, sc, g};
+    block_top_k(src, excl, n, dims.slots, out, dims.slots, shared_keys);
 }
 
 // out[r, 0..k): the k largest of values[r, 0..n) ascending by index (-1 past the
@@ -477,5 +505,5 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     pdl_wait();
     pdl_trigger();
     const size_t r = blockIdx.x;
-    block_top_k(values + r * values_stride, nullptr, n, k, out + r * k, k, shared_keys);
+    block_top_k(TopkGiven{values + r * values_stride}, nullptr, n, k, out + r * k, k, shared_keys);
 }

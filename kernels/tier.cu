@@ -5,10 +5,7 @@
 // the host into the entry the diff gave it. No CPU reference: the tier moves the same
 // bytes as the host pool holds, so a step's values are bit-identical with it or without.
 //
-// shadow_tier_copy, any grid of TIER_THREADS-thread blocks, dynamic shared memory
-// (batch * kv_heads + 1) ints: the tier hits of list e = b * kv_heads + h are
-// misses[e, fetch_count[e] .. fetch_count[e] + tier_count[e]), each (slot, chunk), with
-// tier_src[e, j] the entry holding it; each goes to its slot of av.
+// The tier hits go to their slots of av in the key rebuild (rebuild.cu), beside their keys.
 // shadow_tier_fill, grid (n, kv_heads), block 128: at the end of a prefill, entry x < n of
 // head h takes chunk first + x of the dense values v [T_tokens, kv_heads * d] (one
 // sequence), and the table records it; tier_next[h] = n % T.
@@ -20,24 +17,6 @@
 #include "pdl.cuh"
 #include "shadow.cuh"
 
-#define TIER_THREADS 256
-
-extern "C" __global__ void __launch_bounds__(TIER_THREADS)
-    shadow_tier_copy(const int2* __restrict__ misses, const int* __restrict__ fetch_count,
-                     const int* __restrict__ tier_count, const int* __restrict__ tier_src,
-                     const ShadowSeqBufs* __restrict__ bufs, const ShadowSeqCounts* __restrict__ counts,
-                     ShadowDims dims, int batch) {
-    pdl_wait();
-    pdl_trigger();
-    if (dims.tier <= 0) return;
-    copy_chunks(
-        misses, tier_count, bufs, counts, dims, batch, 0, [=](int e) { return max(fetch_count[e], 0); },
-        [=](int b, int h, int, int, int idx) -> const uint4* {
-            const int entry = tier_src[idx];
-            return shadow_tier_entry(bufs[b], dims, h, min(max(entry, 0), dims.tier - 1));
-        },
-        [](int, int, int, int) -> uint4* { return nullptr; });
-}
 
 extern "C" __global__ void shadow_tier_fill(ShadowSeqBufs bufs, const __nv_bfloat16* __restrict__ v, int first,
                                             ShadowDims dims) {

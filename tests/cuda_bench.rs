@@ -334,20 +334,18 @@ fn shadow_selection_bandwidth() {
         let mut q = dev.zeros::<bf16>(batch * l.kv_heads * l.group * l.head_dim).unwrap();
         ops.fill_random_bf16(&mut q, 5, 3.0).unwrap();
         let mut scratch = StepScratch::new(&ops, &l, batch).unwrap();
-        let mut selected = dev.zeros::<i32>(batch * l.kv_heads * l.slots).unwrap();
         let (med, lo, hi) = time_ms(&ops, 3, 30, || ops.shadow_scores(&table, &q, &mut scratch).unwrap());
         let marks = (batch * chunks * l.kv_heads * l.head_dim * 2) as f64;
         let gbs = marks / (med * 1e-3) / 1e9;
         eprintln!(
-            "BENCH shadow_scores batch={batch} chunks={chunks} kv_heads=8 d=128 group=4 landmark_bytes={marks:.3e} \
+            "BENCH shadow_logits batch={batch} chunks={chunks} kv_heads=8 d=128 group=4 landmark_bytes={marks:.3e} \
              median_ms={med:.4} min_ms={lo:.4} max_ms={hi:.4} GB/s={gbs:.0} of_hbm={:.2}",
             gbs / HBM_GBS
         );
-        let (med, lo, hi) = time_ms(&ops, 3, 30, || {
-            ops.shadow_top_k(&table, &scratch.scores, &mut selected).unwrap()
-        });
+        // The softmax over the logits and the top-k, one kernel.
+        let (med, lo, hi) = time_ms(&ops, 3, 30, || ops.shadow_select(&table, &mut scratch, false).unwrap());
         eprintln!(
-            "BENCH shadow_top_k batch={batch} chunks={chunks} kv_heads=8 slots=256 median_ms={med:.4} min_ms={lo:.4} \
+            "BENCH shadow_select batch={batch} chunks={chunks} kv_heads=8 slots=256 median_ms={med:.4} min_ms={lo:.4} \
              max_ms={hi:.4}"
         );
     }
@@ -356,7 +354,7 @@ fn shadow_selection_bandwidth() {
 #[test]
 #[ignore = "benchmark: needs a GPU"]
 fn shadow_rebuild_throughput() {
-    use shadowkv::cuda::shadow::{SeqCounts, ShadowTable};
+    use shadowkv::cuda::shadow::{RebuildLists, SeqCounts, ShadowTable};
     let Some(ops) = ops_or_skip() else { return };
     let dev = ops.device();
     // One layer of the bench's step at 124928 tokens: 14 sequences of Llama-3.1-8B's
@@ -391,7 +389,8 @@ fn shadow_rebuild_throughput() {
     let inv = dev.upload(&inv).unwrap();
     let blocks = ops.shadow_rebuild_blocks(&table, 0).unwrap();
     let (med, lo, hi) = time_ms(&ops, 3, 30, || {
-        ops.shadow_rebuild_on(&table, &pairs, &count, &inv, blocks).unwrap()
+        ops.shadow_rebuild_on(&table, RebuildLists::keys(&pairs, &count), &inv, blocks)
+            .unwrap()
     });
     // Two bf16 terms of sv (hi and lo) multiply every rebuilt row.
     let flops = (lists * misses * l.chunk * l.rank * l.head_dim * 2 * 2) as f64;

@@ -56,7 +56,8 @@ use rand::Rng;
 use shadowkv::cpu::attention::{causal_attention, AttnJob, AttnShape};
 use shadowkv::cpu::ops::Rope;
 use shadowkv::cuda::shadow::{
-    DevicePool, HostMapping, LayerBuffers, SeqCounts, ShadowLayout, ShadowTable, StepScratch, FETCH_BLOCKS,
+    DevicePool, HostMapping, LayerBuffers, RebuildLists, SeqCounts, ShadowLayout, ShadowTable, StepScratch,
+    FETCH_BLOCKS,
 };
 use shadowkv::cuda::testing::ops_or_skip;
 use shadowkv::cuda::{rope_inv_freq, CudaOps, DecodeWorkspace, KvTable};
@@ -315,11 +316,11 @@ fn scores_and_top_k_match_the_cpu() {
         let dq = dev.upload(&q).unwrap();
         let mut scratch = StepScratch::new(&ops, &l, batch).unwrap();
         ops.fill_nan_f32(&mut scratch.scores).unwrap();
+        scratch.selected = dev.upload(&vec![i32::MIN; batch * kvh * slots]).unwrap();
         ops.shadow_scores(&table, &dq, &mut scratch).unwrap();
+        ops.shadow_select(&table, &mut scratch, true).unwrap();
         let got = dev.download(&scratch.scores).unwrap();
-        let mut selected = dev.upload(&vec![i32::MIN; batch * kvh * slots]).unwrap();
-        ops.shadow_top_k(&table, &scratch.scores, &mut selected).unwrap();
-        let sel = dev.download(&selected).unwrap();
+        let sel = dev.download(&scratch.selected).unwrap();
         let mut worst = Errors::default();
         for (b, &n) in chunks.iter().enumerate() {
             for h in 0..kvh {
@@ -709,6 +710,8 @@ fn gpu_value_tier_keeps_its_fifo_and_moves_the_pool_bytes() {
         let (pool, _slots, dev_ref) = with_dev_slots(&ops, &mut rng, &shape, mapping.device_addr(), 1);
         let refs = (&host_ref[..], &dev_ref[..]);
         let ce = chunk * d;
+        // The rebuild copies the tier hits (the keys it writes are not checked here).
+        let inv = dev.upload(&vec![1e-3f32; d / 2]).unwrap();
         let chunk_of = |b: usize, h: usize, c: usize| bits(chunk_ref(&pool, refs, (0, b, h, c)));
         let outs: Vec<usize> = (0..batch).map(|_| rng.random_range(0..=l.outliers)).collect();
         let seq_counts: Vec<SeqCounts> = (0..batch).map(|b| counts(l.chunk_cap, 0, outs[b], b)).collect();
@@ -858,8 +861,10 @@ fn gpu_value_tier_keeps_its_fifo_and_moves_the_pool_bytes() {
                     .unwrap();
                 }
                 // After the fetch: the step runs them at once, on two streams, so the fetch
-                // must leave alone the entries the tier hits come from.
-                ops.shadow_tier_copy(&table, &scratch).unwrap();
+                // must leave alone the entries the tier hits come from. The rebuild copies
+                // the tier hits beside their keys.
+                ops.shadow_rebuild(&table, RebuildLists::of_step(&scratch), &inv)
+                    .unwrap();
                 let gh = dev.download(&scratch.hits).unwrap();
                 assert_eq!(
                     (gh[0], gh[1]),
@@ -1018,11 +1023,12 @@ fn key_rebuild_matches_low_rank_and_rope() {
             let table = ShadowTable::new(&ops, &entries).unwrap();
             let blocks = match grid {
                 None => {
-                    ops.shadow_rebuild(&table, &misses.pairs, &misses.count, &inv).unwrap();
+                    ops.shadow_rebuild(&table, RebuildLists::keys(&misses.pairs, &misses.count), &inv)
+                        .unwrap();
                     ops.shadow_rebuild_blocks(&table, 0).unwrap()
                 }
                 Some(n) => {
-                    ops.shadow_rebuild_on(&table, &misses.pairs, &misses.count, &inv, n)
+                    ops.shadow_rebuild_on(&table, RebuildLists::keys(&misses.pairs, &misses.count), &inv, n)
                         .unwrap();
                     n
                 }
@@ -1745,12 +1751,10 @@ fn one_layer_decode_end_to_end_matches_cpu_attention() {
             };
             let qf = f32s(&q);
             let dq = dev.upload(&q).unwrap();
-            ops.fill_nan_f32(&mut scratch.scores).unwrap();
             ops.shadow_scores(&table, &dq, &mut scratch).unwrap();
-            ops.shadow_top_k(&table, &scratch.scores, &mut scratch.selected)
-                .unwrap();
+            ops.shadow_select(&table, &mut scratch, false).unwrap();
             ops.shadow_reuse(&table, &mut scratch).unwrap();
-            ops.shadow_rebuild(&table, &scratch.misses, &scratch.miss_count, &inv)
+            ops.shadow_rebuild(&table, RebuildLists::of_step(&scratch), &inv)
                 .unwrap();
             // SAFETY: the pool is mapped for the device and the host leaves it alone.
             unsafe {
@@ -1912,7 +1916,9 @@ fn bad_inputs_are_errors_that_say_what() {
         let mut one = StepScratch::new(&ops, &l, 1).unwrap();
         let q = dev.zeros::<bf16>(2 * l.kv_heads * l.group * l.head_dim).unwrap();
         let e = msg(ops.shadow_scores(&table, &q, &mut one).unwrap_err());
-        assert!(e.contains("select: scores"), "{e}");
+        assert!(e.contains("select: logits"), "{e}");
+        let e = msg(ops.shadow_select(&table, &mut one, false).unwrap_err());
+        assert!(e.contains("select: logits"), "{e}");
         let short = dev.zeros::<bf16>(10).unwrap();
         let mut two = StepScratch::new(&ops, &l, 2).unwrap();
         let e = msg(ops.shadow_scores(&table, &short, &mut two).unwrap_err());

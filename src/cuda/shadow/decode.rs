@@ -27,6 +27,7 @@ use super::buffers::{ShadowTable, ShadowTables, StepScratch};
 use super::fetch::FETCH_BLOCKS;
 use super::layout::{DevicePool, SeqCounts, ShadowLayout};
 use super::pool::GpuValuePool;
+use super::rebuild::RebuildLists;
 use super::seq::GpuShadowSeq;
 use super::transfer::{GatherTransfer, PendingGather};
 use crate::cpu::attention::AttnShape;
@@ -247,19 +248,15 @@ impl<'a> ShadowStep<'a> {
             let t = self.part_table(p, l);
             ops.shadow_scores(t, &q.slice(range.start * row..range.end * row), sc)?;
             self.mark(ops, Stage::Scores)?;
-            ops.shadow_top_k(t, &sc.scores, &mut sc.selected)?;
+            ops.shadow_select(t, sc, false)?;
             self.mark(ops, Stage::Select)?;
             ops.shadow_reuse(t, sc)?;
             self.mark(ops, Stage::Reuse)?;
             pending.push(self.queue_fetch(ops, t, l, sc)?);
-            if lay.tier > 0 {
-                // Beside the fetch: the reuse diff fetches again any hit whose entry the
-                // fetch replaces, so the two touch distinct entries and slots.
-                ops.shadow_tier_copy(t, sc)?;
-                self.mark(ops, Stage::Tier)?;
-            }
         }
-        // The keys of every micro-batch's misses, while the values come. The rebuild's
+        // The keys of every micro-batch's misses, and the values of its tier hits, while
+        // the fetched values come: the reuse diff fetches again any hit whose entry the
+        // fetch replaces, so the two touch distinct entries and slots. The rebuild's
         // blocks stay resident until it is done, so where a fetch runs beside it they
         // leave that fetch its blocks' room (else the fetch would wait for the rebuild).
         let beside = self.fetch == FetchPath::ZeroCopy && self.fetch_ops.is_some();
@@ -267,7 +264,7 @@ impl<'a> ShadowStep<'a> {
         for (p, sc) in scratch.iter().enumerate() {
             let t = self.part_table(p, l);
             let blocks = ops.shadow_rebuild_blocks(t, room)?;
-            ops.shadow_rebuild_on(t, &sc.misses, &sc.miss_count, inv_freq, blocks)?;
+            ops.shadow_rebuild_on(t, RebuildLists::of_step(sc), inv_freq, blocks)?;
             self.mark(ops, Stage::Rebuild)?;
         }
         for (p, ((range, sc), fetch)) in self.parts.iter().zip(scratch.iter_mut()).zip(pending).enumerate() {
@@ -452,15 +449,13 @@ pub enum Stage {
     Start,
     /// The qkv split and the append to the recent window.
     Append,
-    /// Landmark logits and their softmax (the scores).
+    /// Landmark logits and each tile's softmax statistics.
     Scores,
-    /// The top-k of the scores.
+    /// The scores (the softmax of the logits) and their top-k.
     Select,
     /// The reuse diff.
     Reuse,
-    /// The copy of the misses found in the GPU value tier.
-    Tier,
-    /// The key rebuild of the misses.
+    /// The key rebuild of the misses (and the copy of those found in the GPU value tier).
     Rebuild,
     /// The value fetch of the misses (zero-copy, or cpu-gather's copy and scatter).
     Fetch,
@@ -479,7 +474,6 @@ impl Stage {
             Stage::Scores => "scores",
             Stage::Select => "top-k",
             Stage::Reuse => "reuse",
-            Stage::Tier => "tier",
             Stage::Rebuild => "reconstruct",
             Stage::Fetch => "fetch",
             Stage::Attend => "attention",

@@ -134,8 +134,8 @@ impl CudaOps {
         }
     }
 
-    /// Checks the miss lists of a fetch, scatter or tier copy and returns their
-    /// addresses and the launch configuration.
+    /// Checks the miss lists of a fetch or scatter and returns their addresses and the
+    /// launch configuration.
     pub(super) fn miss_launch(
         &self,
         t: &ShadowTable,

@@ -42,8 +42,8 @@ pub const MAX_GROUP: usize = 8;
 pub const MAX_CHUNK: usize = 16;
 /// Largest `kv_heads · head_dim` (the fold's projection holds a key row in shared memory).
 pub const MAX_KV_WIDTH: usize = 1024;
-/// Chunks one block of the selection's logits and softmax kernels scores
-/// (`SELECT_TILE` of kernels/select.cu).
+/// Chunks a tile of the selection's logits holds, each tile with its own softmax
+/// statistics (`SELECT_TILE` of kernels/select.cu).
 pub const SELECT_TILE: usize = 256;
 
 /// The shape of the ShadowKV state of every sequence of a batch (one model, one set of

@@ -51,5 +51,6 @@ pub use factor::{FactorMethod, FactorWorkspace};
 pub use fetch::{HostMapping, FETCH_BLOCKS};
 pub use layout::{DevicePool, SeqAddrs, SeqCounts, ShadowLayout};
 pub use pool::{GpuValuePool, ValueLease, ValueSlots};
+pub use rebuild::RebuildLists;
 pub use seq::GpuShadowSeq;
 pub use tier::TierSize;

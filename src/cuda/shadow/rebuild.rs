@@ -2,7 +2,7 @@
 //! (kernels/rebuild.cu; reference [`crate::shadow::factor::LowRank::rebuild`] then
 //! [`crate::cpu::ops::Rope`]).
 
-use super::buffers::ShadowTable;
+use super::buffers::{ShadowTable, StepScratch};
 use super::layout::MAX_CHUNK;
 use crate::cuda::ops::{check_len, kernel_params, CudaOps};
 use anyhow::{ensure, Context, Result};
@@ -21,8 +21,9 @@ const REBUILD_K_CHUNK: usize = 32;
 const REBUILD_SV_RANK_COLS: usize = 160 * 128;
 /// Shared memory of the two u stages (`REBUILD_U_BYTES`: rows of 40 bf16).
 const REBUILD_U_BYTES: usize = 2 * REBUILD_ROWS * (REBUILD_K_CHUNK + 8) * 2;
-/// Shared memory of two tiles' row tables (`REBUILD_META_BYTES`).
-const REBUILD_META_BYTES: usize = 4 * REBUILD_ROWS * 4;
+/// Shared memory of two tiles' row tables (`REBUILD_META_BYTES`: tokens, attention rows
+/// and tier entries).
+const REBUILD_META_BYTES: usize = 6 * REBUILD_ROWS * 4;
 const _: () = assert!(REBUILD_ROWS >= MAX_CHUNK, "a tile holds the rows of one miss at least");
 
 /// Dynamic shared memory of a rebuild block, as `rb_smem` of kernels/rebuild.cu lays it
@@ -35,20 +36,57 @@ fn rebuild_smem(head_dim: usize, rank: usize, lists: usize) -> usize {
     REBUILD_U_BYTES + 2 * panel * (head_dim + 8) * 2 + REBUILD_META_BYTES + (lists + 1) * 4
 }
 
+/// The misses a rebuild works on: each list's `(slot, chunk)` entries and count (as
+/// [`CudaOps::shadow_reuse`] writes them), and, where the layout has a GPU value tier and
+/// the tier hits' values are to be copied beside the keys, each list's fetch count (the
+/// tier hits follow the fetched misses) and each hit's tier entry.
+#[derive(Clone, Copy)]
+pub struct RebuildLists<'a> {
+    /// `[batch, kv_heads, S]` pairs `(slot, chunk)`.
+    pub misses: &'a CudaSlice<i32>,
+    /// `[batch, kv_heads]` entries of each list.
+    pub miss_count: &'a CudaSlice<i32>,
+    /// `(fetch_count, tier_src)`, `[batch, kv_heads]` and `[batch, kv_heads, S]`: copy
+    /// the tier hits' values to their slots of `av`; `None`, keys only.
+    pub tier_hits: Option<(&'a CudaSlice<i32>, &'a CudaSlice<i32>)>,
+}
+
+impl<'a> RebuildLists<'a> {
+    /// A step's lists from its scratch, the tier hits with them where the layout has a
+    /// tier.
+    pub fn of_step(s: &'a StepScratch) -> Self {
+        Self {
+            misses: &s.misses,
+            miss_count: &s.miss_count,
+            tier_hits: (s.layout().tier > 0).then_some((&s.fetch_count, &s.tier_src)),
+        }
+    }
+
+    /// Keys only, for the given lists.
+    pub fn keys(misses: &'a CudaSlice<i32>, miss_count: &'a CudaSlice<i32>) -> Self {
+        Self {
+            misses,
+            miss_count,
+            tier_hits: None,
+        }
+    }
+}
+
 impl CudaOps {
-    /// Rebuilds the keys of every miss (as [`CudaOps::shadow_reuse`] lists them) into its
-    /// slot of `ak`: the chunk's rows of `u · sv` for the head, rotated at the tokens'
-    /// positions with `inv_freq` (`d/2` values, [`crate::cuda::rope_inv_freq`]), on
-    /// [`CudaOps::shadow_rebuild_blocks`] blocks.
+    /// Rebuilds the keys of every miss of `lists` into its slot of `ak`: the chunk's rows
+    /// of `u · sv` for the head, rotated at the tokens' positions with `inv_freq` (`d/2`
+    /// values, [`crate::cuda::rope_inv_freq`]), on [`CudaOps::shadow_rebuild_blocks`]
+    /// blocks; and, given tier hits, copies their values from the GPU value tier to their
+    /// slots of `av`. May run beside the fetch of the same step: the reuse diff gave that
+    /// fetch other slots and tier entries.
     pub fn shadow_rebuild(
         &self,
         t: &ShadowTable,
-        misses: &CudaSlice<i32>,
-        miss_count: &CudaSlice<i32>,
+        lists: RebuildLists<'_>,
         inv_freq: &impl DevicePtr<f32>,
     ) -> Result<()> {
         let blocks = self.shadow_rebuild_blocks(t, 0)?;
-        self.shadow_rebuild_on(t, misses, miss_count, inv_freq, blocks)
+        self.shadow_rebuild_on(t, lists, inv_freq, blocks)
     }
 
     /// Blocks [`CudaOps::shadow_rebuild`] launches for the batch: as many as the device
@@ -74,22 +112,28 @@ impl CudaOps {
     pub fn shadow_rebuild_on(
         &self,
         t: &ShadowTable,
-        misses: &CudaSlice<i32>,
-        miss_count: &CudaSlice<i32>,
+        lists: RebuildLists<'_>,
         inv_freq: &impl DevicePtr<f32>,
         blocks: usize,
     ) -> Result<()> {
         let l = t.layout();
         let heads = t.batch() * l.kv_heads;
-        check_len("rebuild: misses", misses.len(), heads * l.slots * 2)?;
-        check_len("rebuild: miss counts", miss_count.len(), heads)?;
+        check_len("rebuild: misses", lists.misses.len(), heads * l.slots * 2)?;
+        check_len("rebuild: miss counts", lists.miss_count.len(), heads)?;
+        if let Some((fetch_count, tier_src)) = lists.tier_hits {
+            ensure!(l.tier > 0, "rebuild: tier hits to copy without a GPU value tier");
+            check_len("rebuild: fetch counts", fetch_count.len(), heads)?;
+            check_len("rebuild: tier sources", tier_src.len(), heads * l.slots)?;
+        }
         check_len("rebuild: inv_freq", inv_freq.len(), l.head_dim / 2)?;
         ensure!((1..=65_535).contains(&blocks), "rebuild: {blocks} blocks (1..=65535)");
         let smem = self.rebuild_allow_smem(rebuild_smem(l.head_dim, l.rank, heads))?;
         let s = self.device().stream();
-        let (mp, _g1) = misses.device_ptr(s);
-        let (cp, _g2) = miss_count.device_ptr(s);
+        let (mp, _g1) = lists.misses.device_ptr(s);
+        let (cp, _g2) = lists.miss_count.device_ptr(s);
         let (fp, _g3) = inv_freq.device_ptr(s);
+        let tier = lists.tier_hits.map(|(f, src)| (f.device_ptr(s), src.device_ptr(s)));
+        let (fcp, tsp) = tier.as_ref().map_or((0, 0), |((f, _), (src, _))| (*f, *src));
         let (addrs, counts) = t.device_arrays();
         let dims = l.dims();
         let batch = t.batch() as i32;
@@ -98,17 +142,17 @@ impl CudaOps {
             block_dim: (REBUILD_THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        // SAFETY: the miss lists and inv_freq hold what the batch needs (checked); the
-        // table's buffers match its layout (checked when it was made) and hold `batch`
-        // sequences; the miss lists name slots below S and chunks whose rows of u are
-        // inside the buffer, as shadow_reuse writes them from shadow_top_k's selection
-        // (the kernel skips any other entry); the shared memory is what the kernel lays
-        // out for this layout and batch (allowed above).
+        // SAFETY: the lists and inv_freq hold what the batch needs (checked); the table's
+        // buffers match its layout (checked when it was made) and hold `batch` sequences;
+        // the miss lists name slots below S and chunks whose rows of u are inside the
+        // buffer, as shadow_reuse writes them from shadow_top_k's selection (the kernel
+        // skips any other entry, and clamps tier entries to the tier); the shared memory
+        // is what the kernel lays out for this layout and batch (allowed above).
         unsafe {
             self.launch_pdl(
                 &self.k.shadow_rebuild,
                 cfg,
-                &mut kernel_params![&mp, &cp, &addrs, &counts, &fp, &dims, &batch],
+                &mut kernel_params![&mp, &cp, &fcp, &tsp, &addrs, &counts, &fp, &dims, &batch],
             )
         }
     }

@@ -9,7 +9,7 @@ use cudarc::driver::sys::{CUdevice_attribute_enum, CUfunction_attribute_enum};
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
 
-/// Threads of a logits or softmax block (`SELECT_THREADS` of kernels/select.cu).
+/// Threads of a logits block (`SELECT_THREADS` of kernels/select.cu).
 const SELECT_THREADS: u32 = 256;
 /// Tiles of a logits block (`LOGITS_RUN`).
 const LOGITS_RUN: usize = 4;
@@ -44,53 +44,49 @@ pub(crate) fn allow_shared_keys(dev: &CudaDevice, fns: &[&CudaFunction]) -> Resu
     Ok(bytes as usize / 4)
 }
 
+/// Checks that `scratch` was made for `t`'s layout and holds its batch's logits,
+/// statistics, scores and selection.
+fn check_scratch(t: &ShadowTable, scratch: &StepScratch) -> Result<()> {
+    let l = t.layout();
+    let heads = t.batch() * l.kv_heads;
+    ensure!(
+        scratch.layout() == l,
+        "select: the step scratch was made for another layout"
+    );
+    check_len("select: logits", scratch.logits.len(), heads * l.chunk_cap * l.group)?;
+    check_len(
+        "select: statistics",
+        scratch.stats.len(),
+        heads * l.score_tiles() * l.group * 2,
+    )?;
+    check_len("select: scores", scratch.scores.len(), heads * l.chunk_cap)?;
+    check_len("select: selection", scratch.selected.len(), heads * l.slots)
+}
+
 impl CudaOps {
-    /// Landmark scores of every KV head of every sequence of `t`: for each query head
-    /// of the head's group, the softmax over the sequence's chunks of `q · landmark /
-    /// √d`, then the max over the group; outlier chunks score `-inf`
-    /// ([`crate::shadow::select::chunk_scores`]). `q` is `[batch, heads·d]` (post-RoPE).
-    /// Two launches over tiles of
-    /// [`super::layout::SELECT_TILE`] chunks: the logits and each tile's
-    /// softmax statistics into `scratch.logits` and `scratch.stats`, then the scores into
-    /// `scratch.scores` `[batch, kv_heads, chunk_cap]` (each sequence's `chunks` entries;
-    /// the rest of each row is left as it was).
+    /// Landmark logits of every KV head of every sequence of `t`, the first half of the
+    /// selection ([`CudaOps::shadow_select`] is the second): `q · landmark / √d` for each
+    /// query head of the head's group into `scratch.logits` (outlier chunks `-inf`), and
+    /// the softmax statistics of each tile of [`super::layout::SELECT_TILE`] chunks into
+    /// `scratch.stats`. `q` is `[batch, heads·d]` (post-RoPE).
     pub fn shadow_scores(&self, t: &ShadowTable, q: &impl DevicePtr<bf16>, scratch: &mut StepScratch) -> Result<()> {
         let l = t.layout();
         let b = t.batch();
         check_len("select: queries", q.len(), b * l.kv_heads * l.group * l.head_dim)?;
-        ensure!(
-            scratch.layout() == l,
-            "select: the step scratch was made for another layout"
-        );
-        check_len("select: scores", scratch.scores.len(), b * l.kv_heads * l.chunk_cap)?;
-        check_len(
-            "select: logits",
-            scratch.logits.len(),
-            b * l.kv_heads * l.chunk_cap * l.group,
-        )?;
-        check_len(
-            "select: statistics",
-            scratch.stats.len(),
-            b * l.kv_heads * l.score_tiles() * l.group * 2,
-        )?;
+        check_scratch(t, scratch)?;
         let s = self.device().stream();
         let (qp, _g1) = q.device_ptr(s);
         let (lp, _g2) = scratch.logits.device_ptr_mut(s);
         let (tp, _g3) = scratch.stats.device_ptr_mut(s);
-        let (sp, _g4) = scratch.scores.device_ptr_mut(s);
         let (addrs, counts) = t.device_arrays();
         let dims = l.dims();
         let scale = 1.0 / (l.head_dim as f32).sqrt();
         let (kvh, batch, _) = t.head_grid();
         // At most 2^30 chunks (ShadowLayout::validate), so the tile count fits a grid.
         let cfg = LaunchConfig {
-            grid_dim: (l.score_tiles() as u32, kvh, batch),
+            grid_dim: (l.score_tiles().div_ceil(LOGITS_RUN) as u32, kvh, batch),
             block_dim: (SELECT_THREADS, 1, 1),
             shared_mem_bytes: 0,
-        };
-        let logits_cfg = LaunchConfig {
-            grid_dim: (l.score_tiles().div_ceil(LOGITS_RUN) as u32, kvh, batch),
-            ..cfg
         };
         // SAFETY: q and the scratch hold what the batch needs (checked); the table's
         // buffers match its layout (checked when it was made, borrowed for its life) and
@@ -98,21 +94,38 @@ impl CudaOps {
         unsafe {
             self.launch_pdl(
                 &self.k.shadow_logits,
-                logits_cfg,
-                &mut kernel_params![&lp, &tp, &qp, &addrs, &counts, &dims, &scale],
-            )?;
-            self.launch_pdl(
-                &self.k.shadow_softmax,
                 cfg,
-                &mut kernel_params![&sp, &lp, &tp, &addrs, &counts, &dims],
+                &mut kernel_params![&lp, &tp, &qp, &addrs, &counts, &dims, &scale],
             )
         }
     }
 
-    /// The `S` best non-outlier chunks of each KV head by `scores` (as written by
-    /// [`CudaOps::shadow_scores`]), ties to the lower id, ascending into `selected`
-    /// `[batch, kv_heads, S]`, -1 after the last when a head has fewer candidates
-    /// (exactly [`crate::shadow::select::top_k`]).
+    /// The `S` best non-outlier chunks of each KV head by landmark score, from the logits
+    /// and statistics [`CudaOps::shadow_scores`] left in `scratch`: each score is the max
+    /// over the head's group of the softmax over the sequence's chunks
+    /// ([`crate::shadow::select::chunk_scores`], outliers `-inf`), computed as the
+    /// selection reads it. Ties go to the lower id; ascending into `scratch.selected`
+    /// `[batch, kv_heads, S]`, -1 after the last when a head has fewer candidates (exactly
+    /// [`crate::shadow::select::top_k`]). With `keep_scores` the scores are also written
+    /// to `scratch.scores` `[batch, kv_heads, chunk_cap]` (each sequence's `chunks`
+    /// entries; the rest of each row left as it was).
+    pub fn shadow_select(&self, t: &ShadowTable, scratch: &mut StepScratch, keep_scores: bool) -> Result<()> {
+        check_scratch(t, scratch)?;
+        let s = self.device().stream();
+        let (lp, _g1) = scratch.logits.device_ptr(s);
+        let (tp, _g2) = scratch.stats.device_ptr(s);
+        let (op, _g3) = scratch.selected.device_ptr_mut(s);
+        let (sp, _g4) = scratch.scores.device_ptr_mut(s);
+        let sp = if keep_scores { sp } else { 0 };
+        // SAFETY: the scratch holds what the batch needs (checked).
+        unsafe { self.launch_top_k(t, op, sp, lp, tp) }
+    }
+
+    /// The `S` best non-outlier chunks of each KV head by the given `scores`
+    /// `[batch, kv_heads, chunk_cap]` (each sequence's first `chunks` entries), ties to the
+    /// lower id, ascending into `selected` `[batch, kv_heads, S]`, -1 after the last when a
+    /// head has fewer candidates (exactly [`crate::shadow::select::top_k`]): the selection
+    /// of [`CudaOps::shadow_select`] on scores from elsewhere.
     pub fn shadow_top_k(&self, t: &ShadowTable, scores: &CudaSlice<f32>, selected: &mut CudaSlice<i32>) -> Result<()> {
         let l = t.layout();
         let b = t.batch();
@@ -121,22 +134,35 @@ impl CudaOps {
         let s = self.device().stream();
         let (sp, _g1) = scores.device_ptr(s);
         let (op, _g2) = selected.device_ptr_mut(s);
+        // SAFETY: scores and selected hold what the batch needs (checked); the kernel
+        // only reads the scores when given no statistics.
+        unsafe { self.launch_top_k(t, op, sp, 0, 0) }
+    }
+
+    /// Launches `shadow_top_k` over `t`'s heads: selection `op`, scores `sp` (read where
+    /// `tp` is null, else written unless null), logits `lp` and statistics `tp`.
+    ///
+    /// # Safety
+    /// Each non-null pointer holds what the batch of `t` needs.
+    unsafe fn launch_top_k(&self, t: &ShadowTable, op: u64, sp: u64, lp: u64, tp: u64) -> Result<()> {
         let (addrs, counts) = t.device_arrays();
-        let dims = l.dims();
+        let dims = t.layout().dims();
         // Sized by the layout, not by this step's chunk counts, so a captured graph
         // stays valid.
-        let (keys, bytes) = self.top_k_shared(l.chunk_cap);
+        let (keys, bytes) = self.top_k_shared(t.layout().chunk_cap);
         let cfg = LaunchConfig {
             grid_dim: t.head_grid(),
             block_dim: (TOPK_THREADS, 1, 1),
             shared_mem_bytes: bytes,
         };
-        // SAFETY: as in shadow_scores; the dynamic shared memory holds `keys` keys.
+        // SAFETY: the table's buffers match its layout (checked when it was made,
+        // borrowed for its life), the caller's pointers hold the batch; the dynamic shared
+        // memory holds `keys` keys.
         unsafe {
             self.launch_pdl(
                 &self.k.shadow_top_k,
                 cfg,
-                &mut kernel_params![&op, &sp, &addrs, &counts, &dims, &keys],
+                &mut kernel_params![&op, &sp, &lp, &tp, &addrs, &counts, &dims, &keys],
             )
         }
     }

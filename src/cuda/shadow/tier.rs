@@ -2,22 +2,19 @@
 //! `T` chunks' values in free device memory, so that a missed chunk found there is
 //! copied from HBM instead of read over PCIe. The reuse diff looks misses up in it and
 //! keeps its table ([`CudaOps::shadow_reuse`]); the fetch writes each chunk it brings
-//! from the host into it ([`CudaOps::shadow_fetch_values`]); [`CudaOps::shadow_tier_copy`]
-//! moves the tier hits into their slots; [`CudaOps::shadow_tier_fill`] fills it with the
+//! from the host into it ([`CudaOps::shadow_fetch_values`]); the key rebuild copies the
+//! tier hits into their slots beside their keys ([`CudaOps::shadow_rebuild`]);
+//! [`CudaOps::shadow_tier_fill`] fills it with the
 //! newest chunks at the end of a prefill, [`CudaOps::shadow_tier_fill_pool`] from the
 //! value pools for a tier added later ([`crate::cuda::shadow::GpuShadowSeq::add_tier`]). The values are the pool's bytes: a step gives
 //! the same outputs with a tier of any size or none.
 
-use super::buffers::{LayerBuffers, ShadowTable, StepScratch};
+use super::buffers::LayerBuffers;
 use super::layout::{DevicePool, ShadowLayout};
 use crate::cuda::ops::{check_len, i32_of, kernel_params, CudaOps};
 use anyhow::{ensure, Result};
 use cudarc::driver::{DevicePtr, LaunchConfig};
 use half::bf16;
-
-/// Blocks of [`CudaOps::shadow_tier_copy`]: two per SM of an H100/H200, enough to move
-/// the hits at HBM speed (a few hundred kB per head and layer).
-pub const TIER_COPY_BLOCKS: usize = 264;
 
 /// Threads of `shadow_tier_fill`.
 const TIER_FILL_THREADS: u32 = 128;
@@ -73,37 +70,6 @@ pub fn tier_chunks_for(layout: &ShadowLayout, layers: usize, seqs: usize, bytes:
 }
 
 impl CudaOps {
-    /// Copies every tier hit of the step (the last `s.tier_count` entries of each head's
-    /// miss list, their entries in `s.tier_src`) from the sequence's tier into its slot
-    /// of `av`, on [`TIER_COPY_BLOCKS`] blocks. Nothing to do without a tier. May run
-    /// beside the fetch of the same step: the reuse diff gave that fetch other entries
-    /// and slots (a hit in an entry the fetch replaces is fetched instead).
-    pub fn shadow_tier_copy(&self, t: &ShadowTable, s: &StepScratch) -> Result<()> {
-        let l = t.layout();
-        if l.tier == 0 {
-            return Ok(());
-        }
-        let heads = t.batch() * l.kv_heads;
-        check_len("tier copy: fetch counts", s.fetch_count.len(), heads)?;
-        check_len("tier copy: tier sources", s.tier_src.len(), heads * l.slots)?;
-        let (mp, cp, cfg) = self.miss_launch(t, &s.misses, &s.tier_count, TIER_COPY_BLOCKS)?;
-        let st = self.device().stream();
-        let (fp, _g1) = s.fetch_count.device_ptr(st);
-        let (tp, _g2) = s.tier_src.device_ptr(st);
-        let (addrs, counts) = t.device_arrays();
-        let dims = l.dims();
-        let batch = t.batch() as i32;
-        // SAFETY: the lists hold what the batch needs (checked); the kernel clamps each
-        // entry to the tier and skips slots out of range.
-        unsafe {
-            self.launch_pdl(
-                &self.k.shadow_tier_copy,
-                cfg,
-                &mut kernel_params![&mp, &fp, &cp, &tp, &addrs, &counts, &dims, &batch],
-            )
-        }
-    }
-
     /// Fills one sequence's tier of one layer, at the end of its prefill of `tokens`
     /// tokens, with the newest of its `chunks` sparse chunks (as many as the tier holds),
     /// their values taken from the dense prefill's `v` `[tokens, kv_heads·d]`.
