@@ -11,7 +11,7 @@
 // Tier hits: given fetch_count and tier_src (as shadow_reuse writes them; null: none),
 // the entries of list e from fetch_count[e] on are tier hits, entry j's values in tier
 // entry tier_src[e, j]; the kernel copies those values to their slot's
-// rows of av as it starts each tile (rb_copy_tier). The rebuild waits on latency more
+// rows of av as it finishes each tile (rb_copy_tier). The rebuild waits on latency more
 // than on HBM, and the other block of the SM multiplies meanwhile; as a kernel of its own
 // before the rebuild the copy took 1.8 ms of a 20.6 ms step (29 x 61440 tokens, H200).
 // The fetch of the same step touches other slots and tier entries (shadow_reuse sees to

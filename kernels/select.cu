@@ -4,7 +4,7 @@
 // h*d..] / sqrt(d))[ch] over the query heads j of the head's group, the softmax taken over
 // the sequence's `chunks` chunks; outlier chunks score -inf.
 //
-// Two kernels:
+// Three kernels:
 //
 // shadow_logits, grid (runs of LOGITS_RUN tiles, kv_heads, batch), SELECT_THREADS
 // threads: the logits of each tile of SELECT_TILE chunks, logits [batch, kv_heads,
@@ -446,14 +446,14 @@ __device__ __forceinline__ void block_top_k_from(TopkShared& sh, unsigned int* k
 
 // The k best of the source's entries 0..n (not excluded where excl is given), by value
 // (total order), ties to the lower index, ascending into out[0..min(k, candidates)), -1
-// in the rest of out[0..out_len). Every thread of a block of TOPK_THREADS calls it;
-// k <= out_len. The keys sit in the dynamic shared memory where n <= shared_keys (it
+// in the rest of out[0..out_len). Every thread of a block of TOPK_THREADS calls it, with
+// the block's one TopkShared (declared by the kernel: a __shared__ variable here would
+// be one per source type); k <= out_len. The keys sit in the dynamic shared memory where n <= shared_keys (it
 // holds that many), else every pass takes the entries from the source again.
 template <class Src>
-__device__ __forceinline__ void block_top_k(const Src src, const unsigned char* __restrict__ excl, int n, int k,
-                                            int* __restrict__ out, int out_len, int shared_keys) {
+__device__ __forceinline__ void block_top_k(TopkShared& sh, const Src src, const unsigned char* __restrict__ excl,
+                                            int n, int k, int* __restrict__ out, int out_len, int shared_keys) {
     extern __shared__ unsigned int topk_keys[];
-    __shared__ TopkShared sh;
     if (n <= shared_keys)
         block_top_k_from<true>(sh, topk_keys, src, excl, n, k, out, out_len);
     else
@@ -469,13 +469,14 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS, 2)
                  const ShadowSeqCounts* __restrict__ counts, ShadowDims dims, int shared_keys) {
     pdl_wait();
     pdl_trigger();
+    __shared__ TopkShared sh;
     const int h = blockIdx.x, b = blockIdx.y, n = counts[b].chunks;
     const size_t row = (size_t)b * dims.kv_heads + h;
     const unsigned char* excl = reinterpret_cast<const unsigned char*>(bufs[b].outlier) + (size_t)h * dims.chunk_cap;
     int* out = selected + row * dims.slots;
     float* sc = scores != nullptr ? scores + row * dims.chunk_cap : nullptr;
     if (stats == nullptr) {
-        block_top_k(TopkGiven{sc}, excl, n, dims.slots, out, dims.slots, shared_keys);
+        block_top_k(sh, TopkGiven{sc}, excl, n, dims.slots, out, dims.slots, shared_keys);
         return;
     }
     // Warp j combines the statistics of query head j over the sequence's tiles.
@@ -494,7 +495,7 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS, 2)
     }
     __syncthreads();
     const TopkSoftmax src{logits + row * dims.chunk_cap * g, sc, g};
-    block_top_k(src, excl, n, dims.slots, out, dims.slots, shared_keys);
+    block_top_k(sh, src, excl, n, dims.slots, out, dims.slots, shared_keys);
 }
 
 // out[r, 0..k): the k largest of values[r, 0..n) ascending by index (-1 past the
@@ -505,5 +506,6 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     pdl_wait();
     pdl_trigger();
     const size_t r = blockIdx.x;
-    block_top_k(TopkGiven{values + r * values_stride}, nullptr, n, k, out + r * k, k, shared_keys);
+    __shared__ TopkShared sh;
+    block_top_k(sh, TopkGiven{values + r * values_stride}, nullptr, n, k, out + r * k, k, shared_keys);
 }

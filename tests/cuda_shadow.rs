@@ -679,22 +679,26 @@ fn gpu_value_tier_keeps_its_fifo_and_moves_the_pool_bytes() {
     // host pool; the same FIFO model and bytes for each.
     let Some(ops) = ops_or_skip() else { return };
     let dev = ops.device();
-    // (kv_heads, d, chunk, S, T, batch): a tier larger than the slots, one smaller (more
-    // fetched chunks a step than entries), and 300 slots (two tiles of the kernels).
-    for &(kvh, d, chunk, slots, tier, batch) in &[
-        (3usize, 64usize, 8usize, 16usize, 24usize, 2usize),
-        (2, 128, 16, 7, 5, 3),
-        (1, 64, 1, 300, 400, 2),
+    // (kv_heads, d, chunk, S, T, batch, rank): a tier larger than the slots, one smaller
+    // (more fetched chunks a step than entries), 300 slots (two tiles of the kernels), and
+    // chunks of 3 (42 misses a rebuild tile) at rank 192 (two panels of sv at d = 128),
+    // where the rebuild copies the tier hits over tiles of several lists.
+    for &(kvh, d, chunk, slots, tier, batch, rank) in &[
+        (3usize, 64usize, 8usize, 16usize, 24usize, 2usize, 16usize),
+        (2, 128, 16, 7, 5, 3, 16),
+        (1, 64, 1, 300, 400, 2, 16),
+        (2, 128, 3, 60, 70, 2, 192),
     ] {
         let l = ShadowLayout {
             chunk,
             slots,
+            rank,
             chunk_cap: 3 * slots + 5,
             ..small_layout(kvh, d, 1)
         }
         .with_tier(tier)
         .unwrap();
-        let case = format!("kv_heads={kvh},d={d},c={chunk},S={slots},T={tier},batch={batch}");
+        let case = format!("kv_heads={kvh},d={d},c={chunk},S={slots},T={tier},batch={batch},rank={rank}");
         // The last sequence's values in a GPU value slot (global slot batch - 1), the
         // others' in the host pool.
         let shape = PoolShape {
@@ -862,8 +866,14 @@ fn gpu_value_tier_keeps_its_fifo_and_moves_the_pool_bytes() {
                 }
                 // After the fetch: the step runs them at once, on two streams, so the fetch
                 // must leave alone the entries the tier hits come from. The rebuild copies
-                // the tier hits beside their keys.
-                ops.shadow_rebuild(&table, RebuildLists::of_step(&scratch), &inv)
+                // the tier hits beside their keys: on as many blocks as it takes, or (with
+                // cpu-gather) on one, which runs every tile of every list in turn.
+                let blocks = if gather {
+                    1
+                } else {
+                    ops.shadow_rebuild_blocks(&table, 0).unwrap()
+                };
+                ops.shadow_rebuild_on(&table, RebuildLists::of_step(&scratch), &inv, blocks)
                     .unwrap();
                 let gh = dev.download(&scratch.hits).unwrap();
                 assert_eq!(

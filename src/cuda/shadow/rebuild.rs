@@ -145,7 +145,7 @@ impl CudaOps {
         // SAFETY: the lists and inv_freq hold what the batch needs (checked); the table's
         // buffers match its layout (checked when it was made) and hold `batch` sequences;
         // the miss lists name slots below S and chunks whose rows of u are inside the
-        // buffer, as shadow_reuse writes them from shadow_top_k's selection (the kernel
+        // buffer, as shadow_reuse writes them from shadow_select's selection (the kernel
         // skips any other entry, and clamps tier entries to the tier); the shared memory
         // is what the kernel lays out for this layout and batch (allowed above).
         unsafe {

@@ -11,7 +11,7 @@ const REUSE_THREADS: u32 = 256;
 
 impl CudaOps {
     /// Updates every head's slot table to hold exactly its selected chunks
-    /// (`s.selected`, as [`CudaOps::shadow_top_k`] writes them): hits keep their slot,
+    /// (`s.selected`, as [`CudaOps::shadow_select`] writes them): hits keep their slot,
     /// the misses (in ascending chunk order) take the freed slots in ascending order.
     /// Writes each head's misses to `s.misses` `[batch, kv_heads, S]` as (slot, chunk)
     /// pairs and their number to `s.miss_count`; of them the first `s.fetch_count` are
