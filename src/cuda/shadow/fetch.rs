@@ -15,9 +15,10 @@ use half::bf16;
 /// Threads of a fetch block.
 const FETCH_THREADS: u32 = 256;
 /// Blocks of the zero-copy fetch that keep PCIe busy without holding the SMs other
-/// kernels need (measured on the H200: 16 blocks of 256 threads move 50 GB/s and leave
-/// a concurrent HBM-bound kernel 3.46 TB/s of its 4.24).
-pub const FETCH_BLOCKS: usize = 16;
+/// kernels need. On the H200, 16 blocks of 256 threads move 50 GB/s and leave a
+/// concurrent HBM-bound kernel 3.46 TB/s of its 4.24; with the key rebuild alone beside
+/// the fetch, 24 hide 94 % of it against 86 % with 16 (docs/perf/gpu.md, session 15).
+pub const FETCH_BLOCKS: usize = 24;
 
 impl CudaOps {
     /// Zero-copy fetch: copies the `c·d` values of every miss to fetch (the first
