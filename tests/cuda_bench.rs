@@ -118,8 +118,21 @@ fn flash_decode_bandwidth() {
         kv_heads: 8,
         head_dim: 128,
     };
-    let kvd = shape.kv_heads * shape.head_dim;
-    for (batch, ctx) in [(8usize, 32_768usize), (8, 131_072), (1, 61_440), (1, 124_928)] {
+    // And a ShadowKV step's attention at 29 × 61440: each (sequence, KV head) one entry of
+    // its 1280 attended rows and 4 query heads.
+    let shadow = AttnShape {
+        heads: 4,
+        kv_heads: 1,
+        head_dim: 128,
+    };
+    for (shape, batch, ctx) in [
+        (shape, 8usize, 32_768usize),
+        (shape, 8, 131_072),
+        (shape, 1, 61_440),
+        (shape, 1, 124_928),
+        (shadow, 232, 1280),
+    ] {
+        let kvd = shape.kv_heads * shape.head_dim;
         let kv = random_kv(&ops, batch, ctx * kvd);
         let mut q = dev.zeros::<bf16>(batch * shape.heads * shape.head_dim).unwrap();
         ops.fill_random_bf16(&mut q, 7, 3.0).unwrap();
@@ -129,7 +142,7 @@ fn flash_decode_bandwidth() {
         let mut ws = DecodeWorkspace::new();
         let auto = partition_len(batch, shape.kv_heads, ctx, ops.decode_slots());
         let kv_bytes = (batch * ctx * kvd * 2 * 2) as f64;
-        for part in [auto, 256, 512, 1024] {
+        for part in [auto, 128, 256, 512, 1024] {
             let (med, lo, hi) = time_ms(&ops, 5, 30, || {
                 ops.flash_decode_with_partition(&mut out, &q, &table, shape, &mut ws, part)
                     .unwrap()
@@ -139,9 +152,11 @@ fn flash_decode_bandwidth() {
             let gbs = kv_bytes / (med * 1e-3) / 1e9;
             let all = (kv_bytes + partial_bytes) / (med * 1e-3) / 1e9;
             eprintln!(
-                "BENCH flash_decode ctx={ctx} batch={batch} heads=32/8 d=128 part={part}{} kv_bytes={:.3e} \
+                "BENCH flash_decode ctx={ctx} batch={batch} heads={}/{} d=128 part={part}{} kv_bytes={:.3e} \
                  median_ms={med:.3} min_ms={lo:.3} max_ms={hi:.3} kv_GB/s={gbs:.0} all_GB/s={all:.0} \
                  of_4.3TB/s={:.1}% bound_ms={:.3}",
+                shape.heads,
+                shape.kv_heads,
                 if part == auto { "(auto)" } else { "" },
                 kv_bytes,
                 100.0 * gbs / HBM_GBS,
@@ -167,7 +182,7 @@ fn linear_decode_bandwidth() {
         (14_336, 4096),
         (4096, 128_256),
     ];
-    for &m in &[1usize, 2, 8, 16] {
+    for &m in &[1usize, 2, 8, 16, 29] {
         for &(k, n) in &shapes {
             let mut x = dev.zeros::<bf16>(m * k).unwrap();
             let mut w = dev.zeros::<bf16>(n * k).unwrap();
@@ -354,15 +369,37 @@ fn shadow_selection_bandwidth() {
 #[test]
 #[ignore = "benchmark: needs a GPU"]
 fn shadow_rebuild_throughput() {
-    use shadowkv::cuda::shadow::{RebuildLists, SeqCounts, ShadowTable};
     let Some(ops) = ops_or_skip() else { return };
-    let dev = ops.device();
     // One layer of the bench's step at 124928 tokens: 14 sequences of Llama-3.1-8B's
     // heads, rank 160, chunks of 8, 256 slots of which 232 miss (the reuse hit rate of
-    // the synthetic model is about 9 %).
-    let (batch, chunks, misses) = (14usize, 15_616usize, 232usize);
-    let l = llama8b_layer(160, chunks);
-    let bufs = layer_buffers(&ops, l, batch, |buf, b| ops.fill_random_bf16(&mut buf.u, 17 + b, 1.0));
+    // the synthetic model is about 9 %), keys only, every resident block.
+    rebuild_bench(&ops, (14, 15_616, 256, 232), None, 0);
+    // At 61440 tokens as the step runs it: 29 sequences, 128 slots of which 115 miss and
+    // 86 of those are tier hits (the tier hit rate 0.75 of the selected), with the copy of
+    // their values, beside a fetch on 24 blocks (their room left).
+    rebuild_bench(&ops, (29, 7_680, 128, 115), None, 0);
+    rebuild_bench(&ops, (29, 7_680, 128, 115), Some(86), 0);
+    rebuild_bench(&ops, (29, 7_680, 128, 115), Some(86), 24);
+}
+
+/// Times the key rebuild of `batch` sequences of `chunks` chunks, `slots` slots of which
+/// `misses` miss in every list, the last `tier_hits` of them (if any) copied from a GPU
+/// value tier, on the resident blocks less `room`.
+fn rebuild_bench(
+    ops: &CudaOps,
+    (batch, chunks, slots, misses): (usize, usize, usize, usize),
+    tier_hits: Option<usize>,
+    room: usize,
+) {
+    use shadowkv::cuda::shadow::{RebuildLists, SeqCounts, ShadowTable};
+    let dev = ops.device();
+    let tier = 512;
+    let mut l = llama8b_layer(160, chunks);
+    l.slots = slots;
+    if tier_hits.is_some() {
+        l = l.with_tier(tier).unwrap();
+    }
+    let bufs = layer_buffers(ops, l, batch, |buf, b| ops.fill_random_bf16(&mut buf.u, 17 + b, 1.0));
     let counts = SeqCounts {
         chunks: chunks as i32,
         recent: 0,
@@ -370,33 +407,45 @@ fn shadow_rebuild_throughput() {
         pool_seq: 0,
     };
     let entries: Vec<(&LayerBuffers, SeqCounts)> = bufs.iter().map(|b| (b, counts)).collect();
-    let table = ShadowTable::new(&ops, &entries).unwrap();
+    let table = ShadowTable::new(ops, &entries).unwrap();
     // Each list: slots 0.. in order, chunks spread over the context (distinct, shuffled
-    // by a stride coprime to the chunk count).
+    // by a stride coprime to the chunk count); tier hits from distinct tier entries.
     let lists = batch * l.kv_heads;
     let mut flat = vec![-1i32; lists * l.slots * 2];
+    let mut src = vec![0i32; lists * l.slots];
     for e in 0..lists {
         for j in 0..misses {
             flat[(e * l.slots + j) * 2] = j as i32;
             flat[(e * l.slots + j) * 2 + 1] = ((e * 7_919 + j * 61) % chunks) as i32;
+            src[e * l.slots + j] = ((e * 31 + j * 7) % tier) as i32;
         }
     }
     let pairs = dev.upload(&flat).unwrap();
     let count = dev.upload(&vec![misses as i32; lists]).unwrap();
+    let fetched = dev
+        .upload(&vec![(misses - tier_hits.unwrap_or(0)) as i32; lists])
+        .unwrap();
+    let tier_src = dev.upload(&src).unwrap();
     let inv: Vec<f32> = (0..l.head_dim / 2)
         .map(|i| 500_000f32.powf(-(2.0 * i as f32) / l.head_dim as f32))
         .collect();
     let inv = dev.upload(&inv).unwrap();
-    let blocks = ops.shadow_rebuild_blocks(&table, 0).unwrap();
-    let (med, lo, hi) = time_ms(&ops, 3, 30, || {
-        ops.shadow_rebuild_on(&table, RebuildLists::keys(&pairs, &count), &inv, blocks)
-            .unwrap()
+    let blocks = ops.shadow_rebuild_blocks(&table, room).unwrap();
+    let lists_of = || RebuildLists {
+        misses: &pairs,
+        miss_count: &count,
+        tier_hits: tier_hits.map(|_| (&fetched, &tier_src)),
+    };
+    let (med, lo, hi) = time_ms(ops, 3, 30, || {
+        ops.shadow_rebuild_on(&table, lists_of(), &inv, blocks).unwrap()
     });
     // Two bf16 terms of sv (hi and lo) multiply every rebuilt row.
     let flops = (lists * misses * l.chunk * l.rank * l.head_dim * 2 * 2) as f64;
     eprintln!(
-        "BENCH shadow_rebuild batch={batch} kv_heads=8 d=128 rank=160 chunk=8 misses_per_head={misses} blocks={blocks} \
-         median_ms={med:.4} min_ms={lo:.4} max_ms={hi:.4} TFLOP/s={:.0}",
+        "BENCH shadow_rebuild batch={batch} chunks={chunks} kv_heads=8 d=128 rank=160 chunk=8 slots={slots} \
+         misses_per_head={misses} tier_hits_per_head={} blocks={blocks} median_ms={med:.4} min_ms={lo:.4} \
+         max_ms={hi:.4} TFLOP/s={:.0}",
+        tier_hits.unwrap_or(0),
         flops / (med * 1e-3) / 1e12
     );
 }

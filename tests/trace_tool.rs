@@ -574,15 +574,15 @@ fn a_bench_gpu_timeline_shows_the_fetch_hidden_behind_the_rebuild() {
     use shadowkv::cuda::shadow::decode::Stage::*;
     use shadowkv::cuda::shadow::timeline::spans;
     let marks = [
-        (Start, 0.0),
-        (Append, 0.1),
-        (Scores, 0.5),
-        (Select, 0.6),
-        (Reuse, 1.0),
-        (Rebuild, 1.6),
-        (Fetch, 2.0),
-        (Attend, 2.2),
-        (Fold, 2.3),
+        (0, Start, 0.0),
+        (0, Append, 0.1),
+        (0, Scores, 0.5),
+        (0, Select, 0.6),
+        (0, Reuse, 1.0),
+        (0, Rebuild, 1.6),
+        (0, Fetch, 2.0),
+        (0, Attend, 2.2),
+        (0, Fold, 2.3),
     ];
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gpu.json");
@@ -603,4 +603,60 @@ fn a_bench_gpu_timeline_shows_the_fetch_hidden_behind_the_rebuild() {
     for n in ["scores", "top-k", "reconstruct", "fetch", "fetch-wait", "attention"] {
         assert!(names.contains(&n), "{n} missing from {names:?}");
     }
+}
+
+/// Two micro-batches (`bench --micro-batches 2`): the first on a stream of its own
+/// (track `micro-batch 0`), selecting and rebuilding beside the second's landmark scores
+/// on the compute stream, whose fold waits for it (`join`). The fetches [0.4, 1.0] and
+/// [1.0, 2.0] ms run beside compute on either stream until 1.6 ms: 1.2 of 1.6 ms hidden,
+/// and neither wait (`fetch-wait`, `join`) counts as compute.
+#[test]
+fn a_bench_gpu_timeline_of_two_micro_batches_has_a_track_per_stream() {
+    use shadowkv::cli::bench_cuda_shadow::BenchTrace;
+    use shadowkv::cuda::shadow::decode::Stage::*;
+    use shadowkv::cuda::shadow::timeline::{hidden_fetch_share, spans};
+    let marks = [
+        (0, Start, 0.0),
+        (0, Append, 0.1),
+        (1, Start, 0.1),
+        (1, Scores, 0.3),
+        (1, Select, 0.35),
+        (1, Reuse, 0.4),
+        (1, Rebuild, 0.9),
+        (1, Fetch, 1.0),
+        (1, Attend, 1.1),
+        (0, Scores, 0.5),
+        (0, Select, 0.6),
+        (0, Reuse, 1.0),
+        (0, Rebuild, 1.6),
+        (0, Fetch, 2.0),
+        (0, Attend, 2.2),
+        (0, Join, 2.4),
+        (0, Fold, 2.5),
+    ];
+    let s = spans(&marks, &[(0, 0.4, 1.0), (0, 1.0, 2.0)]);
+    assert!((hidden_fetch_share(&s).unwrap() - 0.75).abs() < 1e-9);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gpu.json");
+    let mut t = BenchTrace::create(&path).unwrap();
+    t.lane(
+        "61440 tokens, zero-copy, 2 micro-batches, lane 0",
+        std::time::Instant::now(),
+        &s,
+    )
+    .unwrap();
+    t.finish().unwrap();
+    let v = numbers(&path, dir.path());
+    let tracks: Vec<&str> = v["tracks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(tracks.len(), 3, "{v}");
+    assert!(tracks.iter().any(|t| t.ends_with("lane 0 micro-batch 0")), "{tracks:?}");
+    let f = &v["value_fetch"];
+    assert!((f["total_ms"].as_f64().unwrap() - 1.6).abs() < 1e-3, "{f}");
+    assert!((f["hidden_ms"].as_f64().unwrap() - 1.2).abs() < 1e-3, "{f}");
+    assert!(stage_names(&v).contains(&"join"), "{:?}", stage_names(&v));
 }

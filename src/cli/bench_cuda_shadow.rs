@@ -27,7 +27,7 @@ use crate::cuda::graph::{Lane, ShadowSeqInput};
 use crate::cuda::shadow::decode::{FetchPath, GatherTimes};
 use crate::cuda::shadow::seq::sequence_bytes;
 use crate::cuda::shadow::tier::tier_chunks_for;
-use crate::cuda::shadow::timeline::{hidden_fetch_share, GpuSpan, GpuTracks};
+use crate::cuda::shadow::timeline::{hidden_fetch_share, GpuSpan, GpuTracks, TRACKS_PER_LANE};
 use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout, TierSize, ValueSlots};
 use crate::cuda::{CudaModel, GpuSeq};
 use crate::engine::sampling::SamplingParams;
@@ -639,8 +639,9 @@ pub fn fit_batch(m: &FitMemory, batch: Option<usize>, slots: ValueSlots, ctx: us
 /// Decode steps traced at the end of each run (`bench --trace`).
 pub const TRACE_STEPS: usize = 3;
 
-/// `bench --trace`: the GPU timelines of the ShadowKV runs, two tracks per lane (its
-/// compute stream and its fetch stream), placed on the host clock.
+/// `bench --trace`: the GPU timelines of the ShadowKV runs, a track per stream of each
+/// lane (its compute stream, its fetch stream, its micro-batches' streams), placed on
+/// the host clock.
 pub struct BenchTrace {
     writer: TraceWriter,
     next_tid: u64,
@@ -656,11 +657,12 @@ impl BenchTrace {
     }
 
     /// Adds a lane's spans, in milliseconds from the GPU event that stands for the host
-    /// time `anchor`, as the tracks `<label> compute` and `<label> fetch`.
+    /// time `anchor`, as the tracks `<label> compute`, `<label> fetch` and `<label>
+    /// micro-batch p`.
     pub fn lane(&mut self, label: &str, anchor: Instant, spans: &[GpuSpan]) -> Result<()> {
-        let tids = (self.next_tid, self.next_tid + 1);
-        self.next_tid += 2;
-        GpuTracks::new(&mut self.writer, label, tids, anchor)?.write(&mut self.writer, spans)
+        let first = self.next_tid;
+        self.next_tid += TRACKS_PER_LANE;
+        GpuTracks::new(&mut self.writer, label, first, anchor)?.write(&mut self.writer, spans)
     }
 
     /// Closes the file.

@@ -75,6 +75,10 @@ pub enum StreamPriority {
     /// Above `Normal` (decode lanes; the prefill lane on its partition of the SMs):
     /// its blocks go first when both have work waiting.
     High,
+    /// Above `High` (the streams of a ShadowKV step's earlier micro-batches, whose work
+    /// goes ahead of the later ones'). The same as `Highest` on a device with fewer
+    /// than four levels.
+    Higher,
     /// The greatest priority (the value fetch beside a decode lane's compute: its few
     /// blocks must start as soon as the miss lists are out, not after the rebuild's).
     /// The same as `High` on a device with fewer than three levels.
@@ -233,10 +237,10 @@ impl CudaDevice {
         let (least, greatest) = cudarc::driver::result::stream::get_priority_range()?;
         Ok(match priority {
             StreamPriority::Normal => least,
-            // One level below the greatest while that is still above Normal.
-            StreamPriority::High if greatest + 1 < least => greatest + 1,
-            StreamPriority::High => greatest,
-            StreamPriority::Highest => greatest,
+            // Two levels below the greatest while that is still above Normal, or one.
+            StreamPriority::High if greatest + 2 < least => greatest + 2,
+            StreamPriority::High | StreamPriority::Higher if greatest + 1 < least => greatest + 1,
+            StreamPriority::High | StreamPriority::Higher | StreamPriority::Highest => greatest,
         })
     }
 

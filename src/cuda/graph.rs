@@ -23,7 +23,9 @@
 use super::device::StreamPriority;
 use super::model::{Attend, CudaModel, GpuCache, GpuSeq, Scratch, StageSeq, StepPlan};
 use super::ops::CudaOps;
-use super::shadow::decode::{stage_ms, ChunkGather, FetchMark, FetchPath, GatherTimes, RayonGather, Stage};
+use super::shadow::decode::{
+    split_batch, stage_ms, ChunkGather, FetchMark, FetchPath, GatherTimes, RayonGather, Stage, StageMark,
+};
 use super::shadow::timeline::{step_spans, GpuSpan};
 use super::shadow::transfer::GatherTransfer;
 use super::shadow::{GpuShadowSeq, GpuValuePool, ShadowStep, StepScratch, FETCH_BLOCKS};
@@ -120,6 +122,9 @@ pub struct Lane {
     /// The stream the zero-copy value fetch runs on beside the key rebuild (made at
     /// the lane's first ShadowKV step).
     fetch_ops: Option<CudaOps>,
+    /// The streams of a ShadowKV step's micro-batches but the last (made as a step
+    /// first needs them).
+    part_ops: Vec<CudaOps>,
     /// The cpu-gather path's chunk copy (none: rayon's threads).
     gatherer: Option<Arc<dyn ChunkGather + Send>>,
     /// The cpu-gather path's actor (made at the lane's first cpu-gather step).
@@ -217,7 +222,7 @@ pub struct StepTicket {
     /// A ShadowKV step's stage marks and fetch-stream marks (empty without stage
     /// timing), read when it completes: they travel with their step, so completing one
     /// step never waits for the next one queued behind it.
-    marks: Vec<(Stage, CudaEvent)>,
+    marks: Vec<StageMark>,
     fetch_marks: Vec<FetchMark>,
     /// Whether the lane was tracing when the step was queued (its spans then belong to
     /// the trace; an older step's would precede the trace's anchor).
@@ -272,6 +277,7 @@ impl CudaModel {
             trace: None,
             stage_ms: Vec::new(),
             fetch_ops: None,
+            part_ops: Vec::new(),
             gatherer: None,
             transfer: None,
         }
@@ -358,6 +364,11 @@ impl CudaModel {
                 lane.transfer = Some(GatherTransfer::new(&lane.ops, shape, pool, gather, "cpu-gather")?);
             }
         }
+        let parts = split_batch(seqs.len(), lane.micro_batches).len();
+        while lane.part_ops.len() + 1 < parts {
+            let p = lane.ops.fork(StreamPriority::Higher)?;
+            lane.part_ops.push(p);
+        }
         let first_job = lane.transfer.as_ref().map_or(0, |t| t.next_job());
         let (ops, sc) = (&lane.ops, &mut lane.sc);
         let plan = self.stage_rows(ops, sc, &staged, prev)?;
@@ -366,6 +377,7 @@ impl CudaModel {
             let refs: Vec<&GpuShadowSeq> = seqs.iter().map(|s| &*s.seq).collect();
             let step = ShadowStep::new(ops, &refs, pool, fetch, lane.micro_batches)?
                 .with_fetch_stream(lane.fetch_ops.as_ref())
+                .with_part_streams(&lane.part_ops)
                 .with_fetch_blocks(lane.fetch_blocks)
                 .with_transfer(lane.transfer.as_ref());
             if lane.time_stages {

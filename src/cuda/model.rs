@@ -1029,7 +1029,6 @@ impl CudaModel {
                     &self.inv_freq,
                     &mut *attn,
                     &mut shadow[..step.micro_batches().len()],
-                    decode_ws,
                 )?,
             }
             // Residual adds in the products' epilogues.

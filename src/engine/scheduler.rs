@@ -30,7 +30,7 @@
 use super::backend::{SeqSpec, StepBackend, StepInput, StepSeq};
 use super::sampling::SamplingParams;
 use super::text::{FinishReason, SeqText, StopRules};
-use crate::cuda::shadow::timeline::GpuTracks;
+use crate::cuda::shadow::timeline::{GpuTracks, TRACKS_PER_LANE};
 use crate::model::tokenizer::TextTokenizer;
 use crate::telemetry::{self as tm, trace::TraceWriter};
 use std::collections::VecDeque;
@@ -252,8 +252,9 @@ impl EngineHandle {
     }
 }
 
-/// The first trace track of the lanes' GPU streams (lane i: compute `GPU_TRACK_TID +
-/// 2i`, fetch `+ 2i + 1`); the engine is track 1 and lane i's steps track `2 + i`.
+/// The first trace track of the lanes' GPU streams (lane i: `GPU_TRACK_TID + i ·
+/// TRACKS_PER_LANE` on, see [`GpuTracks`]); the engine is track 1 and lane i's steps
+/// track `2 + i`.
 const GPU_TRACK_TID: u64 = 100;
 
 /// Starts the engine thread. `trace`, when given, gets one span per step.
@@ -457,8 +458,8 @@ impl<M: StepBackend> Engine<M> {
                     .into_iter()
                     .enumerate()
                     .map(|(lane, at)| {
-                        let tids = (GPU_TRACK_TID + 2 * lane as u64, GPU_TRACK_TID + 2 * lane as u64 + 1);
-                        GpuTracks::new(t, &format!("lane {lane} GPU"), tids, at)
+                        let first = GPU_TRACK_TID + TRACKS_PER_LANE * lane as u64;
+                        GpuTracks::new(t, &format!("lane {lane} GPU"), first, at)
                     })
                     .collect::<anyhow::Result<Vec<_>>>()
             });

@@ -3,6 +3,7 @@
 //! one stage to the next ([`StepScratch`]).
 
 use super::layout::{SeqAddrs, SeqCounts, ShadowLayout};
+use crate::cuda::attention::DecodeWorkspace;
 use crate::cuda::CudaOps;
 use anyhow::{ensure, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PinnedHostSlice};
@@ -396,6 +397,9 @@ pub struct StepScratch {
     /// Counters added to by every step: selected chunks found in their slot, and misses
     /// found in the GPU value tier.
     pub hits: CudaSlice<u64>,
+    /// The flash-decoding partials of the micro-batch's attention (its own: the
+    /// micro-batches attend at once on their streams).
+    pub attention: DecodeWorkspace,
 }
 
 /// What the cpu-gather path moves through the host for one job: the miss lists read
@@ -472,6 +476,7 @@ impl StepScratch {
             tier_base: dev.zeros(heads)?,
             tier_count: dev.zeros(heads)?,
             hits: dev.zeros(2)?,
+            attention: DecodeWorkspace::new(),
         })
     }
 }

@@ -18,11 +18,17 @@
 //! Micro-batches (the `micro` of [`ShadowStep::new`]): the append, the projections and
 //! the MLP run once for the whole batch, but each layer's selection, fetch, rebuild and
 //! attention run per micro-batch (a contiguous group of the sequences, one
-//! [`StepScratch`] each), ordered so that the first micro-batch's fetch starts as soon
-//! as its miss lists exist and runs while the GPU selects for the next ones and rebuilds
-//! every micro-batch's keys: select 1, fetch 1 | select 2, fetch 2 | … | rebuild all, then
-//! attend 1 once fetch 1 is in, attend 2 … A micro-batch's copy of its GPU value tier's
-//! hits runs after its fetch is queued, beside it.
+//! [`StepScratch`] each), every micro-batch but the last on a stream of its own
+//! ([`ShadowStep::with_part_streams`], at a greater priority than the step's) and the
+//! last on the step's stream: each waits for the append, selects, has its misses
+//! fetched, rebuilds their keys and attends, and the step's stream waits for them all
+//! before the fold. So one micro-batch's latency-bound selection kernels and its attention
+//! run beside the other's scores and rebuild, each fetch starts as soon as its own miss
+//! lists exist, and the micro-batches' fetches follow one another on the fetch stream.
+//! (Making a micro-batch's scores wait for the one's before, so that the first one's
+//! fetch starts earlier, measured slower: its rebuild then took the SMs from the second
+//! one's scores.) The key rebuild copies a micro-batch's GPU value tier
+//! hits beside its fetch.
 use super::buffers::{ShadowTable, ShadowTables, StepScratch};
 use super::fetch::FETCH_BLOCKS;
 use super::layout::{DevicePool, SeqCounts, ShadowLayout};
@@ -60,8 +66,11 @@ pub struct ShadowStep<'a> {
     fetch_blocks: usize,
     /// cpu-gather: the actor that gathers and sends the missed chunks.
     transfer: Option<&'a GatherTransfer>,
-    /// With stage timing on, an event at the end of each stage of each layer.
-    marks: Option<RefCell<Vec<(Stage, CudaEvent)>>>,
+    /// The streams of the micro-batches but the last (which runs on the step's).
+    part_ops: Vec<&'a CudaOps>,
+    /// With stage timing on, an event at the end of each stage of each layer, on each
+    /// stream.
+    marks: Option<RefCell<Vec<StageMark>>>,
     /// With stage timing on and a fetch stream, events on that stream around each
     /// layer's fetch.
     fetch_marks: Option<RefCell<Vec<FetchMark>>>,
@@ -142,6 +151,7 @@ impl<'a> ShadowStep<'a> {
             fetch_ops: None,
             fetch_blocks: FETCH_BLOCKS,
             transfer: None,
+            part_ops: Vec::new(),
             marks: None,
             fetch_marks: None,
             attn_ptrs: ops.device().upload(&ptrs)?,
@@ -182,6 +192,14 @@ impl<'a> ShadowStep<'a> {
     /// attention for the fetch.
     pub fn with_fetch_stream(mut self, ops: Option<&'a CudaOps>) -> Self {
         self.fetch_ops = ops;
+        self
+    }
+
+    /// Runs micro-batch `p` (but the last) on `ops[p]`'s stream (required with several
+    /// micro-batches: one stream fewer than micro-batches; see the module's
+    /// documentation).
+    pub fn with_part_streams(mut self, ops: &'a [CudaOps]) -> Self {
+        self.part_ops = ops.iter().collect();
         self
     }
 
@@ -228,7 +246,6 @@ impl<'a> ShadowStep<'a> {
         inv_freq: &CudaSlice<f32>,
         out: &mut CudaSlice<bf16>,
         scratch: &mut [StepScratch],
-        ws: &mut DecodeWorkspace,
     ) -> Result<()> {
         ensure!(
             scratch.len() == self.parts.len(),
@@ -236,48 +253,76 @@ impl<'a> ShadowStep<'a> {
             self.parts.len(),
             scratch.len()
         );
+        let last = self.parts.len() - 1;
+        ensure!(
+            self.part_ops.len() >= last,
+            "a ShadowKV step of {} micro-batches given {} streams for them",
+            self.parts.len(),
+            self.part_ops.len()
+        );
         let lay = &self.layout;
         let heads = lay.kv_heads * lay.group;
         let row = heads * lay.head_dim;
-        self.mark(ops, Stage::Start)?;
+        self.mark(ops, 0, Stage::Start)?;
         ops.shadow_qkv_append(q, qkv, bias, positions, inv_freq, self.whole(l), heads)?;
-        self.mark(ops, Stage::Append)?;
-        // Each micro-batch's selection; its fetch is queued as soon as its miss lists are.
-        let mut pending = Vec::with_capacity(self.parts.len());
-        for (p, (range, sc)) in self.parts.iter().zip(scratch.iter_mut()).enumerate() {
-            let t = self.part_table(p, l);
-            ops.shadow_scores(t, &q.slice(range.start * row..range.end * row), sc)?;
-            self.mark(ops, Stage::Scores)?;
-            ops.shadow_select(t, sc, false)?;
-            self.mark(ops, Stage::Select)?;
-            ops.shadow_reuse(t, sc)?;
-            self.mark(ops, Stage::Reuse)?;
-            pending.push(self.queue_fetch(ops, t, l, sc)?);
-        }
-        // The keys of every micro-batch's misses, and the values of its tier hits, while
-        // the fetched values come: the reuse diff fetches again any hit whose entry the
-        // fetch replaces, so the two touch distinct entries and slots. The rebuild's
-        // blocks stay resident until it is done, so where a fetch runs beside it they
-        // leave that fetch its blocks' room (else the fetch would wait for the rebuild).
+        self.mark(ops, 0, Stage::Append)?;
+        let appended = if last > 0 {
+            let e = ops.device().event(false)?;
+            e.record(ops.device().stream())?;
+            Some(e)
+        } else {
+            None
+        };
+        // The keys of a micro-batch's misses, and the values of its tier hits, are
+        // rebuilt and copied while its fetched values come: the reuse diff fetches again
+        // any hit whose entry the fetch replaces, so the two touch distinct entries and
+        // slots. The rebuild's blocks stay resident until it is done, so where a fetch
+        // runs beside it they leave that fetch its blocks' room (else the fetch would
+        // wait for the rebuild).
         let beside = self.fetch == FetchPath::ZeroCopy && self.fetch_ops.is_some();
         let room = if beside { self.fetch_blocks } else { 0 };
-        for (p, sc) in scratch.iter().enumerate() {
+        let mut done = Vec::with_capacity(last);
+        for (p, (range, sc)) in self.parts.iter().zip(scratch.iter_mut()).enumerate() {
+            let (on, tag) = match appended.as_ref().filter(|_| p < last) {
+                Some(e) => {
+                    let on = self.part_ops[p];
+                    on.device().stream().wait(e)?;
+                    self.mark(on, p + 1, Stage::Start)?;
+                    (on, p + 1)
+                }
+                None => (ops, 0),
+            };
             let t = self.part_table(p, l);
-            let blocks = ops.shadow_rebuild_blocks(t, room)?;
-            ops.shadow_rebuild_on(t, RebuildLists::of_step(sc), inv_freq, blocks)?;
-            self.mark(ops, Stage::Rebuild)?;
+            on.shadow_scores(t, &q.slice(range.start * row..range.end * row), sc)?;
+            self.mark(on, tag, Stage::Scores)?;
+            on.shadow_select(t, sc, false)?;
+            self.mark(on, tag, Stage::Select)?;
+            on.shadow_reuse(t, sc)?;
+            self.mark(on, tag, Stage::Reuse)?;
+            let fetch = self.queue_fetch(on, t, l, sc)?;
+            let blocks = on.shadow_rebuild_blocks(t, room)?;
+            on.shadow_rebuild_on(t, RebuildLists::of_step(sc), inv_freq, blocks)?;
+            self.mark(on, tag, Stage::Rebuild)?;
+            self.finish_fetch(on, t, l, sc, fetch)?;
+            self.mark(on, tag, Stage::Fetch)?;
+            self.attend(on, l, range.clone(), (&*q, &mut *out), &mut sc.attention)?;
+            self.mark(on, tag, Stage::Attend)?;
+            if tag > 0 {
+                let e = on.device().event(false)?;
+                e.record(on.device().stream())?;
+                done.push(e);
+            }
         }
-        for (p, ((range, sc), fetch)) in self.parts.iter().zip(scratch.iter_mut()).zip(pending).enumerate() {
-            let t = self.part_table(p, l);
-            self.finish_fetch(ops, t, l, sc, fetch)?;
-            self.mark(ops, Stage::Fetch)?;
-            self.attend(ops, l, range.clone(), (&*q, &mut *out), ws)?;
-            self.mark(ops, Stage::Attend)?;
+        for e in &done {
+            ops.device().stream().wait(e)?;
+        }
+        if !done.is_empty() {
+            self.mark(ops, 0, Stage::Join)?;
         }
         // SAFETY: as the fetch: the registered pool and the device slots (GpuValuePool),
         // each sequence its own slot.
         unsafe { ops.shadow_fold(self.whole(l), &self.dev_pool, l)? };
-        self.mark(ops, Stage::Fold)
+        self.mark(ops, 0, Stage::Fold)
     }
 
     /// Starts the fetch of a micro-batch's misses (table `t`, its scratch `sc`) once its
@@ -387,18 +432,19 @@ impl<'a> ShadowStep<'a> {
     }
 
     /// With stage timing on, records an event marking the end of `stage` (or the start
-    /// of the layer's work) on `ops`'s stream.
-    fn mark(&self, ops: &CudaOps, stage: Stage) -> Result<()> {
+    /// of the layer's work) on `ops`'s stream, stream `tag` of the step (0: its own;
+    /// p + 1: micro-batch p's).
+    fn mark(&self, ops: &CudaOps, tag: usize, stage: Stage) -> Result<()> {
         if let Some(marks) = &self.marks {
             let e = ops.device().event(true)?;
             e.record(ops.device().stream())?;
-            marks.borrow_mut().push((stage, e));
+            marks.borrow_mut().push((tag, stage, e));
         }
         Ok(())
     }
 
     /// The stage marks recorded (empty without timing), to read once the step is done.
-    pub fn take_marks(&self) -> Vec<(Stage, CudaEvent)> {
+    pub fn take_marks(&self) -> Vec<StageMark> {
         self.marks.as_ref().map(|m| m.take()).unwrap_or_default()
     }
 
@@ -414,6 +460,10 @@ impl<'a> ShadowStep<'a> {
             .ok_or_else(|| anyhow::anyhow!("a cpu-gather step without its gather actor"))
     }
 }
+
+/// A stage mark: the step's stream it was recorded on (0: the step's own; p + 1: that
+/// of micro-batch p), the stage that ends there, and its event.
+pub type StageMark = (usize, Stage, CudaEvent);
 
 /// A fetch on the fetch stream: its layer, and events at its begin and end.
 pub type FetchMark = (usize, CudaEvent, CudaEvent);
@@ -461,6 +511,8 @@ pub enum Stage {
     Fetch,
     /// Flash-decoding over the attended rows.
     Attend,
+    /// The step's stream waiting for the micro-batches on streams of their own.
+    Join,
     /// The fold of full windows.
     Fold,
 }
@@ -477,25 +529,31 @@ impl Stage {
             Stage::Rebuild => "reconstruct",
             Stage::Fetch => "fetch",
             Stage::Attend => "attention",
+            Stage::Join => "join",
             Stage::Fold => "fold",
         }
     }
 }
 
-/// Milliseconds of GPU time per stage, from a step's marks (each stage from the
-/// previous mark to its own; `Start` marks open a layer).
-pub fn stage_ms(marks: &[(Stage, CudaEvent)]) -> Result<Vec<(Stage, f64)>> {
+/// Milliseconds of GPU time per stage, from a step's marks (on each stream, each stage
+/// from the previous mark to its own; `Start` marks open a layer). Stages that ran at once
+/// on several streams count on each.
+pub fn stage_ms(marks: &[StageMark]) -> Result<Vec<(Stage, f64)>> {
     let mut out: Vec<(Stage, f64)> = Vec::new();
-    for w in marks.windows(2) {
-        let (_, a) = &w[0];
-        let (stage, b) = &w[1];
-        if *stage == Stage::Start {
-            continue;
-        }
-        let ms = a.elapsed_ms(b)? as f64;
-        match out.iter_mut().find(|(s, _)| s == stage) {
-            Some((_, t)) => *t += ms,
-            None => out.push((*stage, ms)),
+    let streams = marks.iter().map(|m| m.0).max().map_or(0, |m| m + 1);
+    for tag in 0..streams {
+        let mine: Vec<_> = marks.iter().filter(|m| m.0 == tag).collect();
+        for w in mine.windows(2) {
+            let (_, _, a) = w[0];
+            let (_, stage, b) = w[1];
+            if *stage == Stage::Start {
+                continue;
+            }
+            let ms = a.elapsed_ms(b)? as f64;
+            match out.iter_mut().find(|(s, _)| s == stage) {
+                Some((_, t)) => *t += ms,
+                None => out.push((*stage, ms)),
+            }
         }
     }
     Ok(out)

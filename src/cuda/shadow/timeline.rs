@@ -1,10 +1,10 @@
-//! A ShadowKV step's GPU timeline: the stage marks of the compute stream and the fetch
-//! spans of the fetch stream, turned into spans in milliseconds from a lane's anchor
-//! event (the events are the stage timing's, read after the step), and written to a
-//! trace file as a lane's two GPU tracks ([`GpuTracks`]: `bench --trace` and the
-//! daemon's `trace.enabled`).
+//! A ShadowKV step's GPU timeline: the stage marks of the compute stream (and of the
+//! micro-batches' own streams) and the fetch spans of the fetch stream, turned into
+//! spans in milliseconds from a lane's anchor event (the events are the stage timing's,
+//! read after the step), and written to a trace file as a lane's GPU tracks, one per
+//! stream ([`GpuTracks`]: `bench --trace` and the daemon's `trace.enabled`).
 
-use super::decode::{FetchMark, Stage};
+use super::decode::{FetchMark, Stage, StageMark};
 use crate::telemetry::trace::TraceWriter;
 use anyhow::Result;
 use cudarc::driver::CudaEvent;
@@ -17,6 +17,9 @@ pub enum StreamKind {
     Compute,
     /// The stream the zero-copy value fetch runs on beside the rebuild.
     Fetch,
+    /// The stream of micro-batch `p` (all but the last micro-batch run on one of their
+    /// own: selection, rebuild and attention).
+    Part(usize),
 }
 
 /// One span of GPU work, in milliseconds from the lane's anchor.
@@ -37,37 +40,50 @@ pub struct GpuSpan {
     pub end_ms: f64,
 }
 
-/// The spans of one step from its compute-stream marks (each stage from the previous
-/// mark to its own; the time before a layer's `Start` is the dense work since the last
-/// layer's attention) and its fetch-stream (layer, begin, end) triples, one per layer and
-/// micro-batch, all as milliseconds from the anchor. With fetch spans, the compute stream's `Fetch` stage is
-/// its wait for them (`fetch-wait`).
-pub fn spans(marks: &[(Stage, f64)], fetches: &[(usize, f64, f64)]) -> Vec<GpuSpan> {
+/// The spans of one step from its stage marks, (stream tag, stage, ms) as
+/// [`StageMark`]s (tag 0: the compute stream, each stage from the previous mark to its
+/// own; the time before a layer's `Start` is the dense work since the last layer's
+/// attention; tag p + 1: micro-batch p's stream, idle before each `Start`), and its
+/// fetch-stream (layer, begin, end) triples, one per layer and micro-batch, all as
+/// milliseconds from the anchor. With fetch spans, a `Fetch` stage is its stream's wait
+/// for them (`fetch-wait`).
+pub fn spans(marks: &[(usize, Stage, f64)], fetches: &[(usize, f64, f64)]) -> Vec<GpuSpan> {
     let mut out = Vec::with_capacity(marks.len() + fetches.len());
-    let mut layer = 0usize;
-    let mut started = false;
-    for w in marks.windows(2) {
-        let ((_, a), (stage, b)) = (w[0], w[1]);
-        let name = match stage {
-            Stage::Start => "mlp",
-            Stage::Fetch if !fetches.is_empty() => "fetch-wait",
-            other => other.name(),
-        };
-        // The dense work before a layer's Start belongs to the layer before it (its
-        // output projection and MLP).
-        out.push(GpuSpan {
-            stream: StreamKind::Compute,
-            name,
-            layer,
-            start_ms: a,
-            end_ms: b,
-        });
-        if stage == Stage::Start {
-            if started {
-                layer += 1;
-            }
+    let streams = marks.iter().map(|m| m.0).max().map_or(0, |m| m + 1);
+    for tag in 0..streams {
+        let stream = if tag == 0 {
+            StreamKind::Compute
         } else {
-            started = true;
+            StreamKind::Part(tag - 1)
+        };
+        let mine: Vec<(Stage, f64)> = marks.iter().filter(|m| m.0 == tag).map(|m| (m.1, m.2)).collect();
+        let mut layer = 0usize;
+        let mut started = false;
+        for w in mine.windows(2) {
+            let ((_, a), (stage, b)) = (w[0], w[1]);
+            let name = match stage {
+                Stage::Start => "mlp",
+                Stage::Fetch if !fetches.is_empty() => "fetch-wait",
+                other => other.name(),
+            };
+            // The dense work before a layer's Start belongs to the layer before it (its
+            // output projection and MLP); a micro-batch's stream is idle then.
+            if stage != Stage::Start || tag == 0 {
+                out.push(GpuSpan {
+                    stream,
+                    name,
+                    layer,
+                    start_ms: a,
+                    end_ms: b,
+                });
+            }
+            if stage == Stage::Start {
+                if started {
+                    layer += 1;
+                }
+            } else {
+                started = true;
+            }
         }
     }
     out.extend(fetches.iter().map(|&(layer, a, b)| GpuSpan {
@@ -80,10 +96,10 @@ pub fn spans(marks: &[(Stage, f64)], fetches: &[(usize, f64, f64)]) -> Vec<GpuSp
     out
 }
 
-/// The share of the fetch stream's time that the compute stream spent computing, over
+/// The share of the fetch stream's time that the compute streams spent computing, over
 /// `spans` (one lane's): the measure of the union of the `fetch` spans intersected with
-/// the union of the compute-stream spans other than `fetch-wait` (the wait is not
-/// work), over the measure of the fetch spans; `None` without fetch spans. What
+/// the union of the compute and micro-batch streams' spans other than `fetch-wait` and
+/// `join` (waits are not work), over the measure of the fetch spans; `None` without fetch spans. What
 /// `tools/trace` reports as the value fetch hidden behind compute.
 pub fn hidden_fetch_share(spans: &[GpuSpan]) -> Option<f64> {
     let union = |pick: &dyn Fn(&GpuSpan) -> bool| {
@@ -103,7 +119,7 @@ pub fn hidden_fetch_share(spans: &[GpuSpan]) -> Option<f64> {
         out
     };
     let fetch = union(&|s| s.stream == StreamKind::Fetch && s.name == "fetch");
-    let compute = union(&|s| s.stream == StreamKind::Compute && s.name != "fetch-wait");
+    let compute = union(&|s| s.stream != StreamKind::Fetch && s.name != "fetch-wait" && s.name != "join");
     let total: f64 = fetch.iter().map(|(a, b)| b - a).sum();
     if total <= 0.0 {
         return None;
@@ -124,11 +140,11 @@ pub fn hidden_fetch_share(spans: &[GpuSpan]) -> Option<f64> {
 }
 
 /// [`spans`] of a step's events, timed from `anchor` (recorded before them).
-pub fn step_spans(anchor: &CudaEvent, marks: &[(Stage, CudaEvent)], fetches: &[FetchMark]) -> Result<Vec<GpuSpan>> {
+pub fn step_spans(anchor: &CudaEvent, marks: &[StageMark], fetches: &[FetchMark]) -> Result<Vec<GpuSpan>> {
     let at = |e: &CudaEvent| -> Result<f64> { Ok(anchor.elapsed_ms(e)? as f64) };
     let marks = marks
         .iter()
-        .map(|(s, e)| Ok((*s, at(e)?)))
+        .map(|(t, s, e)| Ok((*t, *s, at(e)?)))
         .collect::<Result<Vec<_>>>()?;
     let fetches = fetches
         .iter()
@@ -137,46 +153,54 @@ pub fn step_spans(anchor: &CudaEvent, marks: &[(Stage, CudaEvent)], fetches: &[F
     Ok(spans(&marks, &fetches))
 }
 
-/// A lane's two GPU tracks in a trace file: its compute stream and its fetch stream
-/// (named once its first fetch span comes), with the host time its anchor event stands
-/// for.
+/// Trace tracks (thread ids) a lane's GPU streams take: its compute stream, its fetch
+/// stream, and the streams of micro-batches 0..=5 (later micro-batches share the last).
+pub const TRACKS_PER_LANE: u64 = 8;
+
+/// A lane's GPU tracks in a trace file, one per stream: its compute stream, its fetch
+/// stream and its micro-batches' streams (each named once its first span comes), with
+/// the host time its anchor event stands for.
 pub struct GpuTracks {
     label: String,
     anchor: Instant,
-    compute: u64,
-    fetch: u64,
-    fetch_named: bool,
+    first: u64,
+    named: u64,
 }
 
 impl GpuTracks {
-    /// Tracks `tids` (compute, fetch) named `<label> compute` and `<label> fetch`, whose
-    /// spans count from the host time `anchor`; names the compute track in `w`.
-    pub fn new(w: &mut TraceWriter, label: &str, (compute, fetch): (u64, u64), anchor: Instant) -> Result<Self> {
-        w.thread_name(compute, &format!("{label} compute"))?;
+    /// Tracks `first .. first + TRACKS_PER_LANE` named `<label> compute`, `<label>
+    /// fetch`, `<label> micro-batch p`, whose spans count from the host time `anchor`;
+    /// names the compute track in `w`.
+    pub fn new(w: &mut TraceWriter, label: &str, first: u64, anchor: Instant) -> Result<Self> {
+        w.thread_name(first, &format!("{label} compute"))?;
         Ok(GpuTracks {
             label: label.to_string(),
             anchor,
-            compute,
-            fetch,
-            fetch_named: false,
+            first,
+            named: 1,
         })
     }
 
     /// Writes `spans` (milliseconds from the anchor) to their tracks, each with its
     /// layer.
     pub fn write(&mut self, w: &mut TraceWriter, spans: &[GpuSpan]) -> Result<()> {
-        if !self.fetch_named && spans.iter().any(|s| s.stream == StreamKind::Fetch) {
-            w.thread_name(self.fetch, &format!("{} fetch", self.label))?;
-            self.fetch_named = true;
-        }
         let at = |ms: f64| self.anchor + Duration::from_secs_f64(ms.max(0.0) / 1e3);
         for s in spans {
-            let tid = match s.stream {
-                StreamKind::Compute => self.compute,
-                StreamKind::Fetch => self.fetch,
+            let track = match s.stream {
+                StreamKind::Compute => 0,
+                StreamKind::Fetch => 1,
+                StreamKind::Part(p) => 2 + (p as u64).min(TRACKS_PER_LANE - 3),
             };
+            if self.named & (1 << track) == 0 {
+                let name = match s.stream {
+                    StreamKind::Fetch => format!("{} fetch", self.label),
+                    _ => format!("{} micro-batch {}", self.label, track - 2),
+                };
+                w.thread_name(self.first + track, &name)?;
+                self.named |= 1 << track;
+            }
             w.span(
-                tid,
+                self.first + track,
                 s.name,
                 at(s.start_ms),
                 at(s.end_ms),
@@ -192,18 +216,18 @@ mod tests {
     use super::*;
 
     /// Two layers' marks; the gap before the second Start is the first layer's MLP.
-    const TWO_LAYERS: [(Stage, f64); 11] = [
-        (Stage::Start, 0.0),
-        (Stage::Append, 0.1),
-        (Stage::Scores, 0.5),
-        (Stage::Select, 0.6),
-        (Stage::Reuse, 0.7),
-        (Stage::Rebuild, 1.0),
-        (Stage::Fetch, 1.5),
-        (Stage::Attend, 1.6),
-        (Stage::Fold, 1.7),
-        (Stage::Start, 2.0),
-        (Stage::Append, 2.1),
+    const TWO_LAYERS: [(usize, Stage, f64); 11] = [
+        (0, Stage::Start, 0.0),
+        (0, Stage::Append, 0.1),
+        (0, Stage::Scores, 0.5),
+        (0, Stage::Select, 0.6),
+        (0, Stage::Reuse, 0.7),
+        (0, Stage::Rebuild, 1.0),
+        (0, Stage::Fetch, 1.5),
+        (0, Stage::Attend, 1.6),
+        (0, Stage::Fold, 1.7),
+        (0, Stage::Start, 2.0),
+        (0, Stage::Append, 2.1),
     ];
 
     #[test]
@@ -249,7 +273,7 @@ mod tests {
         let t0 = Instant::now();
         let mut w = TraceWriter::create(&path, t0).unwrap();
         let anchor = t0 + Duration::from_millis(10);
-        let mut g = GpuTracks::new(&mut w, "lane 1 GPU", (7, 8), anchor).unwrap();
+        let mut g = GpuTracks::new(&mut w, "lane 1 GPU", 7, anchor).unwrap();
         let span = |stream, name, start_ms, end_ms| GpuSpan {
             stream,
             name,
