@@ -11,9 +11,13 @@
 //     host pool through its device-mapped address (the device writes the pool itself),
 //     or for a GPU value slot the pool in device memory (shadow_pool_chunk, shadow.cuh);
 //   - outlier[h, ch] = 0.
-// shadow_fold_project, grid (c, batch), FOLD_THREADS threads, per chunk token i: its
-//   coefficients on the basis, u[ch * c + i, k] = kpre[R - 1 - i, :] . sv[k, :] (fp32
-//   sums over kv_heads * d, one warp per k), stored bf16.
+// shadow_fold_project, grid (ceil(rank / FOLD_WARPS), batch), FOLD_THREADS threads: the
+//   chunk's tokens' coefficients on the basis, u[ch * c + i, k] = kpre[R - 1 - i, :] .
+//   sv[k, :] (fp32 sums over kv_heads * d: lane-strided, then a butterfly), stored bf16,
+//   for the block's FOLD_WARPS basis rows k (a warp each) and every token of the chunk at
+//   once, FOLD_TOKENS at a time from shared memory, so each row of sv is read once. (With
+//   a block per token and each warp walking 20 rows one after another it took 76-96 us a
+//   layer on the H200, whatever the batch: a latency chain.)
 // shadow_fold_shift, grid (kv_heads, batch), FOLD_THREADS threads: the other R - c rows
 //   move down by c rows, to end at row R again (ak, av and kpre; the caller then counts
 //   n = R - c and chunks_b + 1). Launched after the two kernels above, which read the
@@ -26,6 +30,8 @@
 #include "shadow.cuh"
 
 #define FOLD_THREADS 256
+#define FOLD_WARPS (FOLD_THREADS / 32)
+#define FOLD_TOKENS 8  // chunk tokens a pass of shadow_fold_project holds in shared memory
 
 extern "C" __global__ void __launch_bounds__(FOLD_THREADS)
     shadow_fold_chunk(const ShadowSeqBufs* __restrict__ bufs, const ShadowSeqCounts* __restrict__ counts,
@@ -58,25 +64,42 @@ extern "C" __global__ void __launch_bounds__(FOLD_THREADS)
                         ShadowDims dims) {
     pdl_wait();
     pdl_trigger();
-    __shared__ float kp[1024];  // kv_heads * d <= 1024
-    const int i = blockIdx.x, b = blockIdx.y;
+    __shared__ float kp[FOLD_TOKENS][1024];  // kv_heads * d <= 1024
+    const int b = blockIdx.y;
     const ShadowSeqCounts n = counts[b];
     if (n.recent != dims.recent) return;
-    const int kvd = dims.kv_heads * dims.head_dim, r = dims.rank;
+    const int kvd = dims.kv_heads * dims.head_dim, r = dims.rank, c = dims.chunk;
     const ShadowSeqBufs s = bufs[b];
-    const __nv_bfloat16* src = reinterpret_cast<const __nv_bfloat16*>(s.kpre) + (size_t)(dims.recent - 1 - i) * kvd;
-    for (int col = threadIdx.x; col < kvd; col += blockDim.x) kp[col] = __bfloat162float(src[col]);
-    __syncthreads();
+    const __nv_bfloat16* kpre = reinterpret_cast<const __nv_bfloat16*>(s.kpre);
     const float* sv = reinterpret_cast<const float*>(s.sv);
-    __nv_bfloat16* u = reinterpret_cast<__nv_bfloat16*>(s.u) + ((size_t)n.chunks * dims.chunk + i) * r;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    for (int k = warp; k < r; k += nwarps) {
+    __nv_bfloat16* u = reinterpret_cast<__nv_bfloat16*>(s.u) + (size_t)n.chunks * c * r;
+    const int lane = threadIdx.x & 31, k = blockIdx.x * FOLD_WARPS + (threadIdx.x >> 5);
+    for (int i0 = 0; i0 < c; i0 += FOLD_TOKENS) {
+        const int nt = min(FOLD_TOKENS, c - i0);
+        __syncthreads();  // every warp is done with the tokens before
+        for (int x = threadIdx.x; x < nt * kvd; x += blockDim.x) {
+            const int i = x / kvd, col = x - i * kvd;
+            kp[i][col] = __bfloat162float(kpre[(size_t)(dims.recent - 1 - (i0 + i)) * kvd + col]);
+        }
+        __syncthreads();
+        if (k >= r) continue;
         const float* row = sv + (size_t)k * kvd;
-        float acc = 0.f;
-        for (int col = lane; col < kvd; col += 32) acc += kp[col] * row[col];
+        float acc[FOLD_TOKENS];
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-        if (lane == 0) u[k] = __float2bfloat16_rn(acc);
+        for (int t = 0; t < FOLD_TOKENS; ++t) acc[t] = 0.f;
+#pragma unroll 4
+        for (int col = lane; col < kvd; col += 32) {
+            const float v = row[col];
+#pragma unroll
+            for (int t = 0; t < FOLD_TOKENS; ++t)
+                if (t < nt) acc[t] += kp[t][col] * v;
+        }
+#pragma unroll
+        for (int t = 0; t < FOLD_TOKENS; ++t) {
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], o);
+            if (lane == 0 && t < nt) u[(size_t)(i0 + t) * r + k] = __float2bfloat16_rn(acc[t]);
+        }
     }
 }
 

@@ -1508,10 +1508,13 @@ fn fold_matches_the_cpu_fold() {
     let Some(ops) = ops_or_skip() else { return };
     let dev = ops.device();
     let mut rng = seeded("shadow_fold");
-    for &(arch, chunk, local) in &[
-        ("smollm2-135m", 8usize, 2usize),
-        ("llama-3.1-8b", 8, 4),
-        ("qwen2-0.5b", 5, 1),
+    // The projection takes a chunk's tokens eight at a time (12: a pass of 8, then 4) and
+    // a block's basis rows eight at a time (rank 20: a block of 8 and a part-block of 4).
+    for &(arch, chunk, local, rank) in &[
+        ("smollm2-135m", 8usize, 2usize, 24usize),
+        ("llama-3.1-8b", 8, 4, 20),
+        ("qwen2-0.5b", 5, 1, 24),
+        ("smollm2-135m", 12, 1, 20),
     ] {
         let cfg = preset(arch).unwrap();
         let l = layout_of(
@@ -1519,7 +1522,7 @@ fn fold_matches_the_cpu_fold() {
             ShadowLayout {
                 chunk,
                 local,
-                rank: 24,
+                rank,
                 slots: 4,
                 outliers: 2,
                 chunk_cap: 40,

@@ -97,6 +97,20 @@ impl DecodeWorkspace {
         Self::default()
     }
 
+    /// Makes room, allocating on `ops`'s stream, for a launch over `batch` entries of
+    /// `heads` query heads of dimension `d`, at most `max_len` rows each in partitions of
+    /// `part_len`.
+    pub(crate) fn reserve(
+        &mut self,
+        ops: &CudaOps,
+        (batch, heads, d): (usize, usize, usize),
+        max_len: usize,
+        part_len: usize,
+    ) -> Result<()> {
+        let parts = max_len.div_ceil(part_len).max(1);
+        self.ensure(ops, batch * heads * parts * d, batch * heads * parts * 2)
+    }
+
     fn ensure(&mut self, ops: &CudaOps, o: usize, ml: usize) -> Result<()> {
         if self.o_part.as_ref().is_none_or(|b| b.len() < o) {
             self.o_part = Some(ops.device().zeros(o)?);
@@ -264,7 +278,7 @@ impl CudaOps {
             (max_parts + REDUCE_THREADS) * 4 <= 48 * 1024,
             "{max_parts} partitions: use a longer partition"
         );
-        ws.ensure(self, batch * heads * max_parts * d, batch * heads * max_parts * 2)?;
+        ws.reserve(self, (batch, heads, d), args.max_len, part_len)?;
         let s = self.device().stream();
         let o_part = ws.o_part.as_mut().unwrap();
         let (op, _g1) = o_part.device_ptr_mut(s);

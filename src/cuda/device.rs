@@ -75,14 +75,27 @@ pub enum StreamPriority {
     /// Above `Normal` (decode lanes; the prefill lane on its partition of the SMs):
     /// its blocks go first when both have work waiting.
     High,
-    /// Above `High` (the streams of a ShadowKV step's earlier micro-batches, whose work
-    /// goes ahead of the later ones'). The same as `Highest` on a device with fewer
-    /// than four levels.
+    /// Above `High` where the device has four levels or more (the H200 has six), else
+    /// the same as `High`: the streams of a High lane's earlier ShadowKV micro-batches,
+    /// whose work goes ahead of the last one's on the lane's own stream.
     Higher,
     /// The greatest priority (the value fetch beside a decode lane's compute: its few
     /// blocks must start as soon as the miss lists are out, not after the rebuild's).
     /// The same as `High` on a device with fewer than three levels.
     Highest,
+}
+
+impl StreamPriority {
+    /// One step up, below `Highest`: `Normal` → `High` → `Higher`. The streams a lane
+    /// forks for its earlier micro-batches take it, so they never pass the fetch stream,
+    /// nor, from a `Normal` lane, a `High` one.
+    pub fn raised(self) -> StreamPriority {
+        match self {
+            StreamPriority::Normal => StreamPriority::High,
+            StreamPriority::High | StreamPriority::Higher => StreamPriority::Higher,
+            StreamPriority::Highest => StreamPriority::Highest,
+        }
+    }
 }
 
 /// One GPU: its primary context and a compute stream.
@@ -237,7 +250,7 @@ impl CudaDevice {
         let (least, greatest) = cudarc::driver::result::stream::get_priority_range()?;
         Ok(match priority {
             StreamPriority::Normal => least,
-            // Two levels below the greatest while that is still above Normal, or one.
+            // Two levels below the greatest while that is still above Normal, else one.
             StreamPriority::High if greatest + 2 < least => greatest + 2,
             StreamPriority::High | StreamPriority::Higher if greatest + 1 < least => greatest + 1,
             StreamPriority::High | StreamPriority::Higher | StreamPriority::Highest => greatest,
@@ -317,5 +330,18 @@ pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 impl std::fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaDevice").field("info", &self.info).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StreamPriority::*;
+
+    #[test]
+    fn a_raised_priority_climbs_one_step_and_stays_below_the_fetch() {
+        assert_eq!(Normal.raised(), High);
+        assert_eq!(High.raised(), Higher);
+        assert_eq!(Higher.raised(), Higher);
+        assert_eq!(Highest.raised(), Highest);
     }
 }

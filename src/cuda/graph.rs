@@ -122,9 +122,12 @@ pub struct Lane {
     /// The stream the zero-copy value fetch runs on beside the key rebuild (made at
     /// the lane's first ShadowKV step).
     fetch_ops: Option<CudaOps>,
-    /// The streams of a ShadowKV step's micro-batches but the last (made as a step
-    /// first needs them).
+    /// The streams of a zero-copy ShadowKV step's micro-batches but the last (made as a
+    /// step first needs them, one step above the lane's priority: the fetch stream
+    /// serves the micro-batches in order, so the first ones' lists should be out first).
     part_ops: Vec<CudaOps>,
+    /// The priority the lane's stream was made at.
+    priority: StreamPriority,
     /// The cpu-gather path's chunk copy (none: rayon's threads).
     gatherer: Option<Arc<dyn ChunkGather + Send>>,
     /// The cpu-gather path's actor (made at the lane's first cpu-gather step).
@@ -250,16 +253,16 @@ impl StepTicket {
 impl CudaModel {
     /// A new lane on its own stream at `priority`; `graphs` turns decode-step capture on.
     pub fn new_lane(&self, priority: StreamPriority, graphs: bool) -> Result<Lane> {
-        Ok(Self::lane_on(self.ops().fork(priority)?, graphs))
+        Ok(Self::lane_on(self.ops().fork(priority)?, priority, graphs))
     }
 
     /// As [`CudaModel::new_lane`], on a stream whose kernels run on at least `sms` of
     /// the GPU's multiprocessors only ([`CudaOps::fork_on_sms`]).
     pub fn new_lane_on_sms(&self, priority: StreamPriority, graphs: bool, sms: u32) -> Result<Lane> {
-        Ok(Self::lane_on(self.ops().fork_on_sms(priority, sms)?, graphs))
+        Ok(Self::lane_on(self.ops().fork_on_sms(priority, sms)?, priority, graphs))
     }
 
-    fn lane_on(ops: CudaOps, graphs: bool) -> Lane {
+    fn lane_on(ops: CudaOps, priority: StreamPriority, graphs: bool) -> Lane {
         Lane {
             ops,
             sc: Scratch::default(),
@@ -278,6 +281,7 @@ impl CudaModel {
             stage_ms: Vec::new(),
             fetch_ops: None,
             part_ops: Vec::new(),
+            priority,
             gatherer: None,
             transfer: None,
         }
@@ -365,8 +369,8 @@ impl CudaModel {
             }
         }
         let parts = split_batch(seqs.len(), lane.micro_batches).len();
-        while lane.part_ops.len() + 1 < parts {
-            let p = lane.ops.fork(StreamPriority::Higher)?;
+        while fetch == FetchPath::ZeroCopy && lane.part_ops.len() + 1 < parts {
+            let p = lane.ops.fork(lane.priority.raised())?;
             lane.part_ops.push(p);
         }
         let first_job = lane.transfer.as_ref().map_or(0, |t| t.next_job());

@@ -18,17 +18,20 @@
 //! Micro-batches (the `micro` of [`ShadowStep::new`]): the append, the projections and
 //! the MLP run once for the whole batch, but each layer's selection, fetch, rebuild and
 //! attention run per micro-batch (a contiguous group of the sequences, one
-//! [`StepScratch`] each), every micro-batch but the last on a stream of its own
-//! ([`ShadowStep::with_part_streams`], at a greater priority than the step's) and the
-//! last on the step's stream: each waits for the append, selects, has its misses
+//! [`StepScratch`] each). With the zero-copy fetch every micro-batch but the last runs
+//! on a stream of its own ([`ShadowStep::with_part_streams`], one step above the lane's
+//! priority, so that the first micro-batches' miss lists, which the fetch stream serves
+//! first, come first)
+//! and the last on the step's stream: each waits for the append, selects, has its misses
 //! fetched, rebuilds their keys and attends, and the step's stream waits for them all
-//! before the fold. So one micro-batch's latency-bound selection kernels and its attention
-//! run beside the other's scores and rebuild, each fetch starts as soon as its own miss
-//! lists exist, and the micro-batches' fetches follow one another on the fetch stream.
-//! (Making a micro-batch's scores wait for the one's before, so that the first one's
-//! fetch starts earlier, measured slower: its rebuild then took the SMs from the second
-//! one's scores.) The key rebuild copies a micro-batch's GPU value tier
-//! hits beside its fetch.
+//! before the fold. So one micro-batch's latency-bound selection kernels and attention
+//! run beside the others' scores and rebuilds; the fetches follow one another on the
+//! fetch stream, each queued once its micro-batch's miss lists exist. (Making a
+//! micro-batch's scores wait for the one's before, so that the first fetch starts
+//! earlier, measured slower: its rebuild then took the SMs from the second one's
+//! scores.) With cpu-gather they stay on the step's stream, ordered select 1, fetch 1 |
+//! select 2, fetch 2 | … | rebuild all, then attend 1 once fetch 1 is in, attend 2 …
+//! The key rebuild copies a micro-batch's GPU value tier hits beside its fetch.
 use super::buffers::{ShadowTable, ShadowTables, StepScratch};
 use super::fetch::FETCH_BLOCKS;
 use super::layout::{DevicePool, SeqCounts, ShadowLayout};
@@ -196,8 +199,8 @@ impl<'a> ShadowStep<'a> {
     }
 
     /// Runs micro-batch `p` (but the last) on `ops[p]`'s stream (required with several
-    /// micro-batches: one stream fewer than micro-batches; see the module's
-    /// documentation).
+    /// micro-batches and the zero-copy fetch: one stream fewer than micro-batches; see
+    /// the module's documentation).
     pub fn with_part_streams(mut self, ops: &'a [CudaOps]) -> Self {
         self.part_ops = ops.iter().collect();
         self
@@ -253,26 +256,100 @@ impl<'a> ShadowStep<'a> {
             self.parts.len(),
             scratch.len()
         );
-        let last = self.parts.len() - 1;
+        let forks = self.forks();
         ensure!(
-            self.part_ops.len() >= last,
+            self.part_ops.len() >= forks,
             "a ShadowKV step of {} micro-batches given {} streams for them",
             self.parts.len(),
             self.part_ops.len()
         );
         let lay = &self.layout;
         let heads = lay.kv_heads * lay.group;
-        let row = heads * lay.head_dim;
         self.mark(ops, 0, Stage::Start)?;
         ops.shadow_qkv_append(q, qkv, bias, positions, inv_freq, self.whole(l), heads)?;
         self.mark(ops, 0, Stage::Append)?;
-        let appended = if last > 0 {
-            let e = ops.device().event(false)?;
-            e.record(ops.device().stream())?;
-            Some(e)
-        } else {
-            None
+        if forks > 0 {
+            // The micro-batches' own flash-decoding workspaces are allocated (and, when
+            // they grow, freed) on the step's stream, which every fork joins.
+            let part = self.partition(ops);
+            for (range, sc) in self.parts.iter().zip(scratch.iter_mut()) {
+                let e = range.len() * lay.kv_heads;
+                sc.attention
+                    .reserve(ops, (e, lay.group, lay.head_dim), self.max_len, part)?;
+            }
+            let appended = ops.device().event(false)?;
+            appended.record(ops.device().stream())?;
+            for on in &self.part_ops[..forks] {
+                on.device().stream().wait(&appended)?;
+            }
+        }
+        let queued = self.queue_parts(ops, l, (&*q, &mut *out), inv_freq, scratch);
+        if forks > 0 {
+            // Joined even where queuing failed part-way, so that nothing the step's
+            // stream frees or writes next is still in use on a fork.
+            for on in &self.part_ops[..forks] {
+                ops.device().stream().join(on.device().stream())?;
+            }
+        }
+        queued?;
+        if forks > 0 {
+            self.mark(ops, 0, Stage::Join)?;
+        }
+        // SAFETY: as the fetch: the registered pool and the device slots (GpuValuePool),
+        // each sequence its own slot.
+        unsafe { ops.shadow_fold(self.whole(l), &self.dev_pool, l)? };
+        self.mark(ops, 0, Stage::Fold)
+    }
+
+    /// Micro-batches that run on a stream of their own: all but the last, with the
+    /// zero-copy fetch. (cpu-gather keeps them on the step's stream: its actor does the
+    /// jobs in the order they are queued, and the driver may run the host functions of
+    /// all streams on one thread, so a wait on one stream could block the lists of an
+    /// earlier job on another.)
+    fn forks(&self) -> usize {
+        match self.fetch {
+            FetchPath::ZeroCopy => self.parts.len() - 1,
+            FetchPath::CpuGather => 0,
+        }
+    }
+
+    /// Queues layer `l`'s work after the append, per micro-batch: its selection and its
+    /// fetch, then its key rebuild, then its attention once its fetch is in. Micro-batch
+    /// `p < forks` runs on `part_ops[p]` (which waits for the append), the others on
+    /// `ops`'s stream in this order, so that there the first fetch runs beside the
+    /// others' selection and every rebuild.
+    fn queue_parts(
+        &self,
+        ops: &CudaOps,
+        l: usize,
+        (q, out): (&CudaSlice<bf16>, &mut CudaSlice<bf16>),
+        inv_freq: &CudaSlice<f32>,
+        scratch: &mut [StepScratch],
+    ) -> Result<()> {
+        let lay = &self.layout;
+        let row = lay.kv_heads * lay.group * lay.head_dim;
+        let forks = self.forks();
+        let on = |p: usize| -> (&CudaOps, usize) {
+            if p < forks {
+                (self.part_ops[p], p + 1)
+            } else {
+                (ops, 0)
+            }
         };
+        let mut pending = Vec::with_capacity(self.parts.len());
+        for (p, (range, sc)) in self.parts.iter().zip(scratch.iter_mut()).enumerate() {
+            let ((o, tag), t) = (on(p), self.part_table(p, l));
+            if tag > 0 {
+                self.mark(o, tag, Stage::Start)?;
+            }
+            o.shadow_scores(t, &q.slice(range.start * row..range.end * row), sc)?;
+            self.mark(o, tag, Stage::Scores)?;
+            o.shadow_select(t, sc, false)?;
+            self.mark(o, tag, Stage::Select)?;
+            o.shadow_reuse(t, sc)?;
+            self.mark(o, tag, Stage::Reuse)?;
+            pending.push(self.queue_fetch(o, t, l, sc)?);
+        }
         // The keys of a micro-batch's misses, and the values of its tier hits, are
         // rebuilt and copied while its fetched values come: the reuse diff fetches again
         // any hit whose entry the fetch replaces, so the two touch distinct entries and
@@ -281,48 +358,20 @@ impl<'a> ShadowStep<'a> {
         // wait for the rebuild).
         let beside = self.fetch == FetchPath::ZeroCopy && self.fetch_ops.is_some();
         let room = if beside { self.fetch_blocks } else { 0 };
-        let mut done = Vec::with_capacity(last);
-        for (p, (range, sc)) in self.parts.iter().zip(scratch.iter_mut()).enumerate() {
-            let (on, tag) = match appended.as_ref().filter(|_| p < last) {
-                Some(e) => {
-                    let on = self.part_ops[p];
-                    on.device().stream().wait(e)?;
-                    self.mark(on, p + 1, Stage::Start)?;
-                    (on, p + 1)
-                }
-                None => (ops, 0),
-            };
-            let t = self.part_table(p, l);
-            on.shadow_scores(t, &q.slice(range.start * row..range.end * row), sc)?;
-            self.mark(on, tag, Stage::Scores)?;
-            on.shadow_select(t, sc, false)?;
-            self.mark(on, tag, Stage::Select)?;
-            on.shadow_reuse(t, sc)?;
-            self.mark(on, tag, Stage::Reuse)?;
-            let fetch = self.queue_fetch(on, t, l, sc)?;
-            let blocks = on.shadow_rebuild_blocks(t, room)?;
-            on.shadow_rebuild_on(t, RebuildLists::of_step(sc), inv_freq, blocks)?;
-            self.mark(on, tag, Stage::Rebuild)?;
-            self.finish_fetch(on, t, l, sc, fetch)?;
-            self.mark(on, tag, Stage::Fetch)?;
-            self.attend(on, l, range.clone(), (&*q, &mut *out), &mut sc.attention)?;
-            self.mark(on, tag, Stage::Attend)?;
-            if tag > 0 {
-                let e = on.device().event(false)?;
-                e.record(on.device().stream())?;
-                done.push(e);
-            }
+        for (p, sc) in scratch.iter().enumerate() {
+            let ((o, tag), t) = (on(p), self.part_table(p, l));
+            let blocks = o.shadow_rebuild_blocks(t, room)?;
+            o.shadow_rebuild_on(t, RebuildLists::of_step(sc), inv_freq, blocks)?;
+            self.mark(o, tag, Stage::Rebuild)?;
         }
-        for e in &done {
-            ops.device().stream().wait(e)?;
+        for (p, ((range, sc), fetch)) in self.parts.iter().zip(scratch.iter_mut()).zip(pending).enumerate() {
+            let ((o, tag), t) = (on(p), self.part_table(p, l));
+            self.finish_fetch(o, t, l, sc, fetch)?;
+            self.mark(o, tag, Stage::Fetch)?;
+            self.attend(o, l, range.clone(), (q, &mut *out), &mut sc.attention)?;
+            self.mark(o, tag, Stage::Attend)?;
         }
-        if !done.is_empty() {
-            self.mark(ops, 0, Stage::Join)?;
-        }
-        // SAFETY: as the fetch: the registered pool and the device slots (GpuValuePool),
-        // each sequence its own slot.
-        unsafe { ops.shadow_fold(self.whole(l), &self.dev_pool, l)? };
-        self.mark(ops, 0, Stage::Fold)
+        Ok(())
     }
 
     /// Starts the fetch of a micro-batch's misses (table `t`, its scratch `sc`) once its
@@ -420,15 +469,19 @@ impl<'a> ShadowStep<'a> {
             kv_heads: 1,
             head_dim: lay.head_dim,
         };
-        // The partition length of the whole batch, whatever the micro-batch: the
-        // flash-decoding merge then sums in the same order, and the outputs are the same
-        // bits with any number of micro-batches.
-        let part = partition_len(all, 1, self.max_len, ops.decode_slots());
+        let part = self.partition(ops);
         // SAFETY: q and out hold batch·heads·d values (the step's rows; `seqs` is one of
         // the step's micro-batches); each entry's address is its head's first attended
         // row, `lens` rows of d values inside the attention buffers (attended_rows),
         // which the tables borrow for the step.
         unsafe { ops.flash_decode_raw(&args, shape, ws, part) }
+    }
+
+    /// The flash-decoding partition length: the whole batch's, whatever the micro-batch,
+    /// so that the merge sums in the same order and the outputs are the same bits with
+    /// any number of micro-batches.
+    fn partition(&self, ops: &CudaOps) -> usize {
+        partition_len(self.batch() * self.layout.kv_heads, 1, self.max_len, ops.decode_slots())
     }
 
     /// With stage timing on, records an event marking the end of `stage` (or the start

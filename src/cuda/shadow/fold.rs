@@ -8,6 +8,8 @@ use anyhow::{ensure, Result};
 use cudarc::driver::LaunchConfig;
 
 const FOLD_THREADS: u32 = 256;
+/// Basis rows a block of `shadow_fold_project` computes (a warp each).
+const FOLD_WARPS: usize = FOLD_THREADS as usize / 32;
 
 impl CudaOps {
     /// Folds every sequence of `t` whose recent window is full (`n = R` tokens; the
@@ -45,8 +47,8 @@ impl CudaOps {
             block_dim: (FOLD_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let tokens = LaunchConfig {
-            grid_dim: (l.chunk as u32, t.batch() as u32, 1),
+        let basis_rows = LaunchConfig {
+            grid_dim: (l.rank.div_ceil(FOLD_WARPS) as u32, t.batch() as u32, 1),
             ..heads
         };
         // SAFETY: the folding sequences have room for one more chunk in their buffers
@@ -62,7 +64,7 @@ impl CudaOps {
             )?;
             self.launch_pdl(
                 &self.k.shadow_fold_project,
-                tokens,
+                basis_rows,
                 &mut kernel_params![&addrs, &counts, &dims],
             )?;
             self.launch_pdl(

@@ -17,7 +17,6 @@ use anyhow::{anyhow, ensure, Result};
 use crossbeam_channel::{unbounded, Sender};
 use half::bf16;
 use std::any::Any;
-use std::collections::BTreeSet;
 use std::ffi::c_void;
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -49,9 +48,6 @@ pub(super) struct Progress {
 struct ProgressState {
     /// Jobs numbered below it have their miss lists in their slot's buffers.
     arrived: u64,
-    /// Jobs numbered above `arrived` whose lists are in: micro-batches queue their jobs
-    /// on streams of their own, so lists may come out of order.
-    early: BTreeSet<u64>,
     /// Jobs numbered below it are done (gathered, or failed).
     done: u64,
     /// The actor's thread has ended: no more jobs will be done.
@@ -80,14 +76,7 @@ impl Progress {
 
     /// Marks job `id`'s lists in.
     pub fn lists_in(&self, id: u64) {
-        self.update(|s| {
-            if id >= s.arrived {
-                s.early.insert(id);
-            }
-            while s.early.remove(&s.arrived) {
-                s.arrived += 1;
-            }
-        });
+        self.update(|s| s.arrived = s.arrived.max(id + 1));
     }
 
     /// Marks job `id` done.
@@ -102,8 +91,7 @@ impl Progress {
 
     /// Blocks until job `id`'s lists are in (true) or will not come (false).
     fn wait_lists(&self, id: u64) -> bool {
-        let s = self.wait_until(|s| s.arrived > id || s.early.contains(&id) || s.closed);
-        s.arrived > id || s.early.contains(&id)
+        self.wait_until(|s| s.arrived > id || s.closed).arrived > id
     }
 
     /// Whether every job numbered below `end` is done.
@@ -427,42 +415,6 @@ mod tests {
         assert_eq!(*lock(&did), vec![0]);
         assert_eq!(actor.take_error(0..1), None);
         assert_eq!(actor.take_times().bytes, 10);
-    }
-
-    #[test]
-    fn lists_that_come_out_of_order_are_done_in_order() {
-        // Two micro-batches on two streams: job 1's lists come before job 0's.
-        let did = Arc::new(Mutex::new(Vec::new()));
-        let seen = did.clone();
-        let actor = Actor::spawn(
-            "test-gather",
-            Box::new(move |j: &Job| {
-                lock(&seen).push(j.id);
-                Ok(1)
-            }),
-        )
-        .unwrap();
-        let waits: Vec<_> = (0..2)
-            .map(|id| host_function(wait_for_gather, &actor.progress, id))
-            .collect();
-        actor.send(job(0)).unwrap();
-        actor.send(job(1)).unwrap();
-        host_function(lists_arrived, &actor.progress, 1)
-            .recv_timeout(LONG)
-            .unwrap();
-        assert!(
-            waits[1].recv_timeout(SHORT).is_err(),
-            "job 1 done before job 0's lists came"
-        );
-        assert!(lock(&did).is_empty(), "a job done before its turn");
-        host_function(lists_arrived, &actor.progress, 0)
-            .recv_timeout(LONG)
-            .unwrap();
-        for w in &waits {
-            w.recv_timeout(LONG).expect("a wait outlived its job");
-        }
-        assert_eq!(*lock(&did), vec![0, 1]);
-        assert!(actor.progress.done_before(2));
     }
 
     #[test]

@@ -29,8 +29,9 @@ pub struct GpuSpan {
     pub stream: StreamKind,
     /// The stage: `mlp` (the dense work between two layers' attention: the output
     /// projection, the MLP and the next projections), `append`, `scores`, `top-k`,
-    /// `reuse`, `reconstruct`, `fetch`, `fetch-wait` (the compute stream waiting for the
-    /// fetch stream), `attention`, `fold`.
+    /// `reuse`, `reconstruct`, `fetch`, `fetch-wait` (a stream waiting for the fetch
+    /// stream), `attention`, `join` (the compute stream waiting for the micro-batches'
+    /// streams), `fold`.
     pub name: &'static str,
     /// The layer.
     pub layer: usize,
@@ -154,8 +155,9 @@ pub fn step_spans(anchor: &CudaEvent, marks: &[StageMark], fetches: &[FetchMark]
 }
 
 /// Trace tracks (thread ids) a lane's GPU streams take: its compute stream, its fetch
-/// stream, and the streams of micro-batches 0..=5 (later micro-batches share the last).
-pub const TRACKS_PER_LANE: u64 = 8;
+/// stream, and the streams of micro-batches 0..=13 (later micro-batches share the last,
+/// where their spans may overlap).
+pub const TRACKS_PER_LANE: u64 = 16;
 
 /// A lane's GPU tracks in a trace file, one per stream: its compute stream, its fetch
 /// stream and its micro-batches' streams (each named once its first span comes), with

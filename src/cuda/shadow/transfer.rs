@@ -2,7 +2,7 @@
 //! ([`super::gather_actor`]) that the step's stream waits for in a host function.
 //!
 //! The thread that queues a decode step never waits for the GPU here. Per layer and
-//! micro-batch it queues, on the micro-batch's stream, the copy of the miss lists into a ring
+//! micro-batch it queues, on the step's stream, the copy of the miss lists into a ring
 //! slot's pinned buffers and a host function after it that tells the actor they are in,
 //! and sends the actor the job; then it queues a second host function before the
 //! scatter kernel, which holds the stream until the actor is done with the job, and goes
@@ -75,9 +75,8 @@ pub struct GatherTransfer {
     layout: ShadowLayout,
     batch: usize,
     pool_addr: u64,
-    /// The streams its jobs were queued on (micro-batches queue theirs on streams of
-    /// their own), to wait for when it goes.
-    streams: Mutex<Vec<Arc<CudaStream>>>,
+    /// The stream its jobs are queued on (their numbers follow its order).
+    stream: Arc<CudaStream>,
     /// The pinned buffers `slots` address: dropped after the actor's thread has ended
     /// and the stream is done with them.
     _buffers: Vec<GatherBuffers>,
@@ -85,7 +84,7 @@ pub struct GatherTransfer {
 
 impl GatherTransfer {
     /// The actor for steps of up to `batch` sequences of `layout` in up to `micro`
-    /// micro-batches on `ops`'s device (each job on its micro-batch's stream), reading `pool` and copying chunks with `gather`;
+    /// micro-batches on `ops`'s stream, reading `pool` and copying chunks with `gather`;
     /// its thread is named `name`. Refused for a pool with GPU value slots (the actor
     /// reads host memory only).
     pub fn new(
@@ -150,7 +149,7 @@ impl GatherTransfer {
             layout: *layout,
             batch,
             pool_addr: pool.device().host,
-            streams: Mutex::new(vec![dev.stream().clone()]),
+            stream: dev.stream().clone(),
             _buffers: buffers,
         })
     }
@@ -171,13 +170,11 @@ impl GatherTransfer {
     pub fn queue(&self, ops: &CudaOps, t: &ShadowTable, l: usize, sc: &StepScratch) -> Result<PendingGather> {
         let lay = &self.layout;
         let s = ops.device().stream();
+        ensure!(
+            s.cu_stream() == self.stream.cu_stream(),
+            "cpu-gather: a job queued on another stream than its actor's"
+        );
         ensure!(!self.actor.progress.stopped(), "the cpu-gather actor has stopped");
-        {
-            let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
-            if !streams.iter().any(|x| x.cu_stream() == s.cu_stream()) {
-                streams.push(s.clone());
-            }
-        }
         let heads = t.batch() * lay.kv_heads;
         let (n_misses, n_counts) = (heads * lay.slots * 2, heads);
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
@@ -281,13 +278,11 @@ impl GatherTransfer {
 
 impl Drop for GatherTransfer {
     fn drop(&mut self) {
-        // No more jobs; the streams run the host functions still queued (the actor does
+        // No more jobs; the stream runs the host functions still queued (the actor does
         // their jobs: their lists come first); then an actor still waiting for lists
         // (their stream failed) stops, and the buffers go once its thread has ended.
         self.actor.close_inbox();
-        for s in self.streams.get_mut().unwrap_or_else(|p| p.into_inner()).iter() {
-            let _ = s.synchronize();
-        }
+        let _ = self.stream.synchronize();
         self.actor.end();
     }
 }
