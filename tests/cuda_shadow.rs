@@ -1509,7 +1509,7 @@ fn fold_matches_the_cpu_fold() {
     let dev = ops.device();
     let mut rng = seeded("shadow_fold");
     // The projection takes a chunk's tokens eight at a time (12: a pass of 8, then 4) and
-    // a block's basis rows eight at a time (rank 20: a block of 8 and a part-block of 4).
+    // a block's basis rows eight at a time (rank 20: two blocks of 8 and a part-block of 4).
     for &(arch, chunk, local, rank) in &[
         ("smollm2-135m", 8usize, 2usize, 24usize),
         ("llama-3.1-8b", 8, 4, 20),

@@ -284,14 +284,20 @@ impl<'a> ShadowStep<'a> {
             }
         }
         let queued = self.queue_parts(ops, l, (&*q, &mut *out), inv_freq, scratch);
-        if forks > 0 {
-            // Joined even where queuing failed part-way, so that nothing the step's
-            // stream frees or writes next is still in use on a fork.
-            for on in &self.part_ops[..forks] {
-                ops.device().stream().join(on.device().stream())?;
+        // The step's stream waits for the forks, and where queuing failed part-way for
+        // the fetch stream too (a fetch queued before the failure may not have been
+        // waited for), so that nothing it frees or writes next is still in use. Every
+        // join is tried; the queuing error comes first.
+        let fetch = self.fetch_ops.filter(|_| queued.is_err());
+        let mut joined = Ok(());
+        for on in self.part_ops[..forks].iter().copied().chain(fetch) {
+            let r = ops.device().stream().join(on.device().stream());
+            if joined.is_ok() {
+                joined = r;
             }
         }
         queued?;
+        joined?;
         if forks > 0 {
             self.mark(ops, 0, Stage::Join)?;
         }
