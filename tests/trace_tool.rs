@@ -564,13 +564,23 @@ fn bad_input_is_a_clear_error() {
     assert!(err.contains("stages both compute and fetch: gather"), "{err}");
 }
 
+/// The tool's `--json` numbers for one lane's GPU `spans`, written as `bench --trace`
+/// writes them, under `label`.
+fn bench_timeline(label: &str, spans: &[shadowkv::cuda::shadow::timeline::GpuSpan]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gpu.json");
+    let mut t = shadowkv::cli::bench_cuda_shadow::BenchTrace::create(&path).unwrap();
+    t.lane(label, std::time::Instant::now(), spans).unwrap();
+    t.finish().unwrap();
+    numbers(&path, dir.path())
+}
+
 /// The GPU timeline `bench --trace` writes (a step's stage marks as spans on a lane's
 /// compute and fetch streams, through the same code), drawn by the tool: two tracks, the
 /// fetch [1.0, 2.0] ms hidden behind the rebuild [1.0, 1.6] and nothing else of the
 /// compute stream (the fetch-wait is not compute), so 60 % hidden; the stages by name.
 #[test]
 fn a_bench_gpu_timeline_shows_the_fetch_hidden_behind_the_rebuild() {
-    use shadowkv::cli::bench_cuda_shadow::BenchTrace;
     use shadowkv::cuda::shadow::decode::Stage::*;
     use shadowkv::cuda::shadow::timeline::spans;
     let marks = [
@@ -584,17 +594,7 @@ fn a_bench_gpu_timeline_shows_the_fetch_hidden_behind_the_rebuild() {
         (0, Attend, 2.2),
         (0, Fold, 2.3),
     ];
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gpu.json");
-    let mut t = BenchTrace::create(&path).unwrap();
-    t.lane(
-        "61440 tokens, zero-copy, lane 0",
-        std::time::Instant::now(),
-        &spans(&marks, &[(0, 1.0, 2.0)]),
-    )
-    .unwrap();
-    t.finish().unwrap();
-    let v = numbers(&path, dir.path());
+    let v = bench_timeline("61440 tokens, zero-copy, lane 0", &spans(&marks, &[(0, 1.0, 2.0)]));
     assert_eq!(v["tracks"].as_array().unwrap().len(), 2, "{v}");
     let f = &v["value_fetch"];
     assert!((f["total_ms"].as_f64().unwrap() - 1.0).abs() < 1e-3, "{f}");
@@ -612,7 +612,6 @@ fn a_bench_gpu_timeline_shows_the_fetch_hidden_behind_the_rebuild() {
 /// and neither wait (`fetch-wait`, `join`) counts as compute.
 #[test]
 fn a_bench_gpu_timeline_of_two_micro_batches_has_a_track_per_stream() {
-    use shadowkv::cli::bench_cuda_shadow::BenchTrace;
     use shadowkv::cuda::shadow::decode::Stage::*;
     use shadowkv::cuda::shadow::timeline::{hidden_fetch_share, spans};
     let marks = [
@@ -636,17 +635,7 @@ fn a_bench_gpu_timeline_of_two_micro_batches_has_a_track_per_stream() {
     ];
     let s = spans(&marks, &[(0, 0.4, 1.0), (0, 1.0, 2.0)]);
     assert!((hidden_fetch_share(&s).unwrap() - 0.75).abs() < 1e-9);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gpu.json");
-    let mut t = BenchTrace::create(&path).unwrap();
-    t.lane(
-        "61440 tokens, zero-copy, 2 micro-batches, lane 0",
-        std::time::Instant::now(),
-        &s,
-    )
-    .unwrap();
-    t.finish().unwrap();
-    let v = numbers(&path, dir.path());
+    let v = bench_timeline("61440 tokens, zero-copy, 2 micro-batches, lane 0", &s);
     let tracks: Vec<&str> = v["tracks"]
         .as_array()
         .unwrap()
