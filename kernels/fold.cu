@@ -15,7 +15,8 @@
 //   chunk's tokens' coefficients on the basis, u[ch * c + i, k] = kpre[R - 1 - i, :] .
 //   sv[k, :] (fp32 sums over kv_heads * d: lane-strided, then a butterfly), stored bf16,
 //   for the block's FOLD_WARPS basis rows k (a warp each) and every token of the chunk at
-//   once, FOLD_TOKENS at a time from shared memory, so each row of sv is read once. (With
+//   once, FOLD_TOKENS at a time from shared memory, so each row of sv is read once a
+//   pass (once for chunks of up to FOLD_TOKENS tokens, the usual 8). (With
 //   a block per token and each warp walking 20 rows one after another it took 76-96 us a
 //   layer on the H200, whatever the batch: a latency chain.)
 // shadow_fold_shift, grid (kv_heads, batch), FOLD_THREADS threads: the other R - c rows
