@@ -5,8 +5,8 @@
 // window the oldest chunk is rows R - c .. R, its token i (in time order) at row R - 1 - i.
 //
 // shadow_fold_chunk, grid (kv_heads, batch), FOLD_THREADS threads, per head h:
-//   - the landmark (fp32 mean of the chunk's post-RoPE keys, summed in time order) to
-//     marks[ch, h*d..] as bf16;
+//   - the landmark (fp32 mean of the chunk's post-RoPE keys, summed in time order) in
+//     8 bits: codes to marks[h, ch, ..], scale to mark_scales[h, ch] (shadow_mark_code);
 //   - the chunk's values, token order, to the value pool at (layer, pool_seq, h, ch): the
 //     host pool through its device-mapped address (the device writes the pool itself),
 //     or for a GPU value slot the pool in device memory (shadow_pool_chunk, shadow.cuh);
@@ -43,13 +43,18 @@ extern "C" __global__ void __launch_bounds__(FOLD_THREADS)
     const ShadowSeqCounts n = counts[b];
     if (n.recent != dims.recent) return;
     const int d = dims.head_dim, c = dims.chunk, R = dims.recent, ch = n.chunks;
-    const size_t kvd = (size_t)dims.kv_heads * d;
     const ShadowSeqBufs s = bufs[b];
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        float l = 0.f;
+    __shared__ float scratch[32];
+    static_assert(FOLD_THREADS >= 128, "a thread per landmark value (d <= 128)");
+    const int j = threadIdx.x;
+    float l = 0.f;
+    if (j < d) {
         for (int i = 0; i < c; ++i) l += __bfloat162float(shadow_attn_row(s.ak, dims, h, R - 1 - i)[j]);
-        reinterpret_cast<__nv_bfloat16*>(s.marks)[(size_t)ch * kvd + (size_t)h * d + j] = __float2bfloat16_rn(l / (float)c);
+        l = l / (float)c;
     }
+    const float ms = shadow_mark_scale(block_max(fabsf(l), scratch));
+    if (j < d) reinterpret_cast<signed char*>(s.marks)[((size_t)h * dims.chunk_cap + ch) * d + j] = shadow_mark_code(l, ms);
+    if (j == 0) reinterpret_cast<float*>(s.mark_scales)[(size_t)h * dims.chunk_cap + ch] = ms;
     const int row_words = d / 8;
     uint4* dst = reinterpret_cast<uint4*>(shadow_pool_chunk(pool, dims, layer, n.pool_seq, h, ch));
     for (int w = threadIdx.x; w < c * row_words; w += blockDim.x) {

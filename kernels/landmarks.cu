@@ -1,13 +1,14 @@
 // The ShadowKV compression of one sequence's prefill, per layer, on the layer's dense
 // keys k [T, kv_heads * d] (post-RoPE), values v and pre-RoPE keys kpre (same shape),
-// bf16 (references: landmarks / min_cosines / outlier_chunks in src/shadow/landmarks.rs
+// bf16 (references: landmarks / Marks8 / min_cosines / outlier_chunks in src/shadow/landmarks.rs
 // and ShadowSeq::from_prefill in src/shadow/seq.rs). The sparse region is the first
 // `chunks` chunks of c tokens; the n = T - chunks * c tokens after it are the recent
 // window.
 //
 // shadow_landmarks, grid (chunks, kv_heads), block d: the landmark of chunk ch and head
-// h (the fp32 mean of its c keys, summed in token order) to marks[ch, h*d..] as bf16,
-// and the minimum over the chunk's keys of their cosine similarity to that (fp32)
+// h (the fp32 mean of its c keys, summed in token order) in 8 bits, its codes to
+// marks[h, ch, ..] and its scale to mark_scales[h, ch] (shadow_mark_code, shadow.cuh),
+// and the minimum over the chunk's keys of their cosine similarity to the fp32
 // landmark, negated, to neg_cos[h, ch] (a zero vector has cosine 1). The O chunks of
 // each head with the largest negated cosine are its outliers (topk_rows, select.cu).
 // shadow_outlier_flags, grid (kv_heads): outlier[h, 0..chunk_cap) = 0, then 1 for each
@@ -55,7 +56,9 @@ extern "C" __global__ void shadow_landmarks(float* __restrict__ neg_cos, const _
     float l = 0.f;
     for (int t = 0; t < c; ++t) l += __bfloat162float(kc[t * kvd]);
     l = l / (float)c;
-    reinterpret_cast<__nv_bfloat16*>(bufs.marks)[(size_t)ch * kvd + (size_t)h * d + j] = __float2bfloat16_rn(l);
+    const float ms = shadow_mark_scale(block_max(fabsf(l), scratch));
+    reinterpret_cast<signed char*>(bufs.marks)[((size_t)h * dims.chunk_cap + ch) * d + j] = shadow_mark_code(l, ms);
+    if (j == 0) reinterpret_cast<float*>(bufs.mark_scales)[(size_t)h * dims.chunk_cap + ch] = ms;
     const float nl = sqrtf(block_sum(l * l, scratch));
     float lowest = __int_as_float(0x7f800000);  // +inf
     for (int t = 0; t < c; ++t) {

@@ -1,8 +1,9 @@
 // Chunk selection of the ShadowKV decode step (reference: src/shadow/select.rs).
 //
-// The score of chunk ch for KV head h of sequence b is max_j softmax_j(q_j . marks[ch,
-// h*d..] / sqrt(d))[ch] over the query heads j of the head's group, the softmax taken over
-// the sequence's `chunks` chunks; outlier chunks score -inf.
+// The score of chunk ch for KV head h of sequence b is max_j softmax_j(q_j . L / sqrt(d))[ch]
+// over the query heads j of the head's group, L = the chunk's landmark (8-bit codes
+// marks[h, ch, ..] times mark_scales[h, ch]), the softmax taken over the sequence's
+// `chunks` chunks; outlier chunks score -inf.
 //
 // Three kernels:
 //
@@ -10,14 +11,19 @@
 // threads: the logits of each tile of SELECT_TILE chunks, logits [batch, kv_heads,
 // chunk_cap, group] (outliers -inf), and each tile's softmax statistics per query head,
 // stats [batch, kv_heads, tile_cap, group] as (max, sum of exp(logit - max)). Each warp
-// takes 32 chunks of each tile as two m16 tiles of an mma whose n is the group's query
-// heads, loading the next m16 tile while it multiplies the last (logits_run). The
-// landmarks are read once. History (14 x 15616 chunks, d 128, group 4, H200): eight lanes
-// a chunk with fp32 FMAs were issue-bound, then latency-bound at 213 us (2.1 TB/s; a ring
-// of cp.async rounds in shared memory was slower, 253 us); the tensor cores leave the
-// kernel little to do but load (168 us, 2.8 TB/s; 139 us, 3.5 TB/s, at four blocks an
-// SM; 131 us, 3.7 TB/s, in runs with two register stages; 512 threads of one m16 tile a
-// warp: 181 us).
+// takes 32 chunks of each tile as two m16 tiles of an integer mma (codes times the query
+// in two 8-bit parts) whose n is the group's query heads, loading the next m16 tile while
+// it multiplies the last (logits_run). The landmarks are read once. History (d 128, group
+// 4, H200): with bf16 landmarks [chunk, kvh * d], at 14 x 15616 chunks, eight lanes a
+// chunk with fp32 FMAs were issue-bound, then latency-bound at 213 us (2.1 TB/s); the
+// tensor cores left the kernel little to do but load (131 us, 3.7 TB/s, in runs with two
+// register stages). 8-bit landmarks halve the bytes but not the time as long as each warp
+// does the same work a tile: codes turned into f16 for f16 products (126 us; 100 us at
+// four blocks an SM), head-major rows (96 us): the kernel issued 428 instructions a warp
+// and m16 tile, most of them the softmax statistics taken value by value (an exp and a
+// branch each) and the conversions. Integer products (no conversion) and the statistics
+// taken once a tile (one max, then one exp a value) leave about 250: 88.5 us at 29 x 7680
+// chunks (2.7 TB/s of 8-bit landmarks and scales).
 //
 // shadow_top_k, grid (kv_heads, batch), TOPK_THREADS threads: the `slots` best
 // non-outlier chunks by score, ties to the lower id, written ascending to selected
@@ -52,6 +58,8 @@
 #define SELECT_WARPS (SELECT_THREADS / 32)
 #define SELECT_WARP_CHUNKS (SELECT_TILE / SELECT_WARPS)  // two m16 tiles a warp
 #define LOGITS_RUN 4                                      // tiles of a logits block
+#define LOGITS_AHEAD 1                                    // m16 tiles of landmarks loaded ahead
+#define LOGITS_BLOCKS 3                                   // blocks an SM (launch bounds)
 #define SELECT_MAX_GROUP 8                                // mma n: query heads 2t, 2t + 1 of t < 4
 #define TOPK_THREADS 1024
 #define TOPK_WARPS (TOPK_THREADS / 32)
@@ -73,21 +81,10 @@ __device__ __forceinline__ float2 softmax_merge(float2 a, float2 b) {
     return make_float2(m, a.y * expf(a.x - m) + b.y * expf(b.x - m));
 }
 
-// The running softmax statistics (max, sum of exp(x - max)) with one more value x.
-__device__ __forceinline__ void softmax_push(float2& st, float x) {
-    if (x == SELECT_NEG_INF) return;  // adds nothing (and exp(-inf - -inf) would be NaN)
-    if (x > st.x) {
-        st.y = st.y * __expf(st.x - x) + 1.f;  // exp(-inf - x) = 0 on the first value
-        st.x = x;
-    } else {
-        st.y += __expf(x - st.x);
-    }
-}
-
 // Sixteen bytes at p through the non-coherent cache, issued where the source puts it:
 // asm volatile keeps the loads ahead of the (asm volatile) products, so all of a warp's
 // loads are in flight together (the compiler otherwise sinks them between the mma).
-__device__ __forceinline__ uint4 load16_issued(const __nv_bfloat16* p) {
+__device__ __forceinline__ uint4 load16_issued(const void* p) {
     uint4 v;
     asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
@@ -95,110 +92,197 @@ __device__ __forceinline__ uint4 load16_issued(const __nv_bfloat16* p) {
     return v;
 }
 
-// The landmark rows of one m16 tile from chunk c (rows gi and gi + 8 of the tile, this
-// thread's NCH 16-byte pieces of each), issued now: rows past `end` read chunk `first`
-// instead (a row of the product depends on its own row of A only, and those rows are not
-// stored).
-template <int NCH>
-__device__ __forceinline__ void logits_load(uint4 (&kr)[2][NCH], const __nv_bfloat16* __restrict__ marks, int c,
-                                            int end, int first, int kvd) {
+// Four bytes at p the same way.
+__device__ __forceinline__ float load4_issued(const float* p) {
+    float v;
+    asm volatile("ld.global.nc.f32 %0, [%1];\n" : "=f"(v) : "l"(p));
+    return v;
+}
+
+// d += a · b on the integer tensor cores: a [16 x 32] row-major, b [32 x 8] column-major,
+// s8 in, s32 accumulate (the fragments of PTX's mma.m16n8k32: a0 / a1 rows gi / gi + 8 at
+// k 4t..4t+3, a2 / a3 the same rows at k 16+4t..; b0 / b1 column gi at those k).
+__device__ __forceinline__ void mma_16832_s8(int (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                             unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Four signed bytes packed into a word, the first lowest.
+__device__ __forceinline__ unsigned pack_s8(int a, int b, int c, int d) {
+    return (unsigned)(a & 0xff) | (unsigned)(b & 0xff) << 8 | (unsigned)(c & 0xff) << 16 | (unsigned)(d & 0xff) << 24;
+}
+
+// A query head in two 8-bit parts, as the integer products take it: q ~ sq (256 hi + lo),
+// hi in [-127, 127] and lo in [-128, 127] (Q = round(q / sq) within +-QUERY_STEPS, sq =
+// max|q| / QUERY_STEPS: 15 bits, finer than the bf16 q itself wherever |q| > max|q| / 128).
+// Thread (gi, t) holds dims 64 i + 16 t .. + 15 of query head gi (< g; zero past the group)
+// as 4 NP words a part, word 4i + w = dims 64 i + 16 t + 4 w .. + 3, and returns sq.
+#define QUERY_STEPS (127.f * 256.f)
+template <int NP>
+__device__ __forceinline__ float query_parts(unsigned (&hi)[4 * NP], unsigned (&lo)[4 * NP],
+                                             const __nv_bfloat16* __restrict__ qh, bool in_group) {
+    const int t = threadIdx.x & 3;
+    float v[NP][16];
+    float m = 0.f;
+#pragma unroll
+    for (int i = 0; i < NP; ++i) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            float f[8];
+            unpack8(load16(qh + i * 64 + t * 16 + j * 8, in_group), f);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                v[i][8 * j + k] = f[k];
+                m = fmaxf(m, fabsf(f[k]));
+            }
+        }
+    }
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    const float inv = m == 0.f ? 0.f : QUERY_STEPS / m;
+#pragma unroll
+    for (int i = 0; i < NP; ++i) {
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            int h[4], l[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const int x = max(-32512, min(32512, __float2int_rn(v[i][4 * w + k] * inv)));
+                h[k] = (x + 128) >> 8;  // floor((x + 128) / 256): lo = x - 256 hi in [-128, 127]
+                l[k] = x - (h[k] << 8);
+            }
+            hi[4 * i + w] = pack_s8(h[0], h[1], h[2], h[3]);
+            lo[4 * i + w] = pack_s8(l[0], l[1], l[2], l[3]);
+        }
+    }
+    return m / QUERY_STEPS;
+}
+
+// One m16 tile of landmarks as a thread holds them: of rows gi and gi + 8 of the tile,
+// this thread's NP 16-byte pieces of codes and the two rows' scales.
+template <int NP>
+struct MarkRows {
+    uint4 code[2][NP];
+    float scale[2];
+};
+
+// The rows of the m16 tile from chunk c, issued now: rows past `end` read chunk `first`
+// instead (a row of the product depends on its own row of A only, and those rows are
+// not stored). Piece i of a row is its bytes 64 i + 16 t .. + 15.
+template <int NP>
+__device__ __forceinline__ void logits_load(MarkRows<NP>& r, const signed char* __restrict__ marks,
+                                            const float* __restrict__ scales, int c, int end, int first) {
     const int lane = threadIdx.x & 31, gi = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        const int ch = c + 8 * h + gi;
-        const __nv_bfloat16* src = marks + (size_t)(ch < end ? ch : first) * kvd + t * 8;
+        const int ch = c + 8 * h + gi, row = ch < end ? ch : first;
+        const signed char* src = marks + (size_t)row * (NP * 64) + t * 16;
 #pragma unroll
-        for (int i = 0; i < NCH; ++i) kr[h][i] = load16_issued(src + i * 32);
+        for (int i = 0; i < NP; ++i) r.code[h][i] = load16_issued(src + i * 64);
+        r.scale[h] = load4_issued(scales + row);
     }
 }
 
-// The logits of one m16 tile of chunks from c (its rows in kr) against the group's queries
-// (qf), stored to out and pushed into the thread's softmax statistics st[e] of query
-// head 2*t + e. S = marks · qᵀ on the tensor cores (mma.sync m16n8k16, bf16 in, fp32
-// accumulate), n = query head (heads past the group zero). Within one mma the order of k
-// is free as long as both operands use the same one: logical k 2t+e of k-step 2i+j is dim
-// 32i + 8t + 4j + e and k 2t+8+e is dim 32i + 8t + 4j + 2 + e, so a thread's 16-byte
-// piece i of a row feeds k-steps 2i and 2i+1 without shuffles (flash_decode.cu reads its
-// keys the same way).
-template <int NCH>
-__device__ __forceinline__ void logits_mma(float* __restrict__ out, float2 (&st)[2], const uint4 (&kr)[2][NCH],
-                                           const uint4 (&qf)[NCH], const unsigned char* __restrict__ excl, int c,
-                                           int end, int g, float scale) {
+// The logits of one m16 tile of chunks from c (its rows in r) against the group's queries
+// (the parts qhi, qlo; qs[e] = sq of query head 2t + e times the softmax scale), stored to
+// out and returned in x (-inf for an outlier, a row past `end` or a head past the group):
+// codes · q on the integer tensor cores, 256 (codes · hi) + codes · lo exact in s32, then
+// times the scales. Within one mma the order of k is free as long as both operands use
+// the same one: word w of a thread's piece i of codes holds the same four dims as word
+// 4i + w of its query parts.
+template <int NP>
+__device__ __forceinline__ void logits_mma(float (&x)[4], float* __restrict__ out, const MarkRows<NP>& r,
+                                           const unsigned (&qhi)[4 * NP], const unsigned (&qlo)[4 * NP],
+                                           const float (&qs)[2], const unsigned char* __restrict__ excl, int c,
+                                           int end, int g) {
     const int lane = threadIdx.x & 31, gi = lane >> 2, t = lane & 3;
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    int ah[4] = {0, 0, 0, 0}, al[4] = {0, 0, 0, 0};
 #pragma unroll
-    for (int i = 0; i < NCH; ++i) {
-        mma_16816(acc, kr[0][i].x, kr[1][i].x, kr[0][i].y, kr[1][i].y, qf[i].x, qf[i].y);
-        mma_16816(acc, kr[0][i].z, kr[1][i].z, kr[0][i].w, kr[1][i].w, qf[i].z, qf[i].w);
+    for (int i = 0; i < NP; ++i) {
+        const uint4 a = r.code[0][i], b = r.code[1][i];
+        mma_16832_s8(ah, a.x, b.x, a.y, b.y, qhi[4 * i], qhi[4 * i + 1]);
+        mma_16832_s8(al, a.x, b.x, a.y, b.y, qlo[4 * i], qlo[4 * i + 1]);
+        mma_16832_s8(ah, a.z, b.z, a.w, b.w, qhi[4 * i + 2], qhi[4 * i + 3]);
+        mma_16832_s8(al, a.z, b.z, a.w, b.w, qlo[4 * i + 2], qlo[4 * i + 3]);
     }
-    // acc: (chunk gi, head 2t), (gi, 2t + 1), (gi + 8, 2t), (gi + 8, 2t + 1)
+    // accumulators: (chunk gi, head 2t), (gi, 2t + 1), (gi + 8, 2t), (gi + 8, 2t + 1)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int ch = c + 8 * h + gi;
-        if (ch >= end) continue;
-        const bool outlier = excl[ch] != 0;
+        const bool outlier = ch < end && excl[ch] != 0;
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-            const int j = 2 * t + e;
-            if (j >= g) continue;
-            const float x = acc[2 * h + e] * scale;
-            out[(size_t)ch * g + j] = outlier ? SELECT_NEG_INF : x;
-            if (!outlier) softmax_push(st[e], x);
+            const int j = 2 * t + e, k = 2 * h + e;
+            const float v = (float)(ah[k] * 256 + al[k]) * qs[e] * r.scale[h];
+            x[k] = ch < end && j < g && !outlier ? v : SELECT_NEG_INF;
+            if (ch < end && j < g) out[(size_t)ch * g + j] = x[k];
         }
     }
+}
+
+// The softmax statistics (max, sum of exp(x - max)) of query head 2t + e over a tile's 32
+// chunks of the warp: this thread's four logits a..d of that head (-inf: none), then the
+// warp's eight lanes of the same t. (-inf, 0) where every logit is -inf.
+__device__ __forceinline__ float2 tile_stats(float a, float b, float c, float d) {
+    float m = fmaxf(fmaxf(a, b), fmaxf(c, d));
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    const float base = m == SELECT_NEG_INF ? 0.f : m;
+    float s = __expf(a - base) + __expf(b - base) + __expf(c - base) + __expf(d - base);
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    return make_float2(m, s);
 }
 
 // The block's LOGITS_RUN tiles from ch0 for head dimension D: warp w takes the chunks
-// 32w .. 32w + 31 of each tile as two m16 tiles, 2 * LOGITS_RUN in all, each tile's rows
-// loaded while the tile before is multiplied (two register stages, all loads issued ahead
-// of the products: asm volatile keeps the order). The statistics of each tile, merged
-// over the warp, go to part[tile][warp].
+// 32w .. 32w + 31 of each tile as two m16 tiles, 2 * LOGITS_RUN in all, each m16 tile's
+// rows loaded LOGITS_AHEAD tiles before it is multiplied (a ring of register stages, all
+// loads issued ahead of the products: asm volatile keeps the order). The statistics of
+// each tile over the warp go to part[tile][warp].
 template <int D>
 __device__ __forceinline__ void logits_run(float* __restrict__ out, float2 (*part)[SELECT_WARPS][SELECT_MAX_GROUP],
                                            const __nv_bfloat16* __restrict__ qb,
-                                           const __nv_bfloat16* __restrict__ marks,
-                                           const unsigned char* __restrict__ excl, int ch0, int n, int kvd, int g,
+                                           const signed char* __restrict__ marks, const float* __restrict__ scales,
+                                           const unsigned char* __restrict__ excl, int ch0, int n, int g,
                                            float scale) {
-    constexpr int NCH = D / 32;  // 16-byte pieces of a row a thread reads
+    constexpr int NP = D / 64;  // 16-byte pieces of codes of a row a thread reads
     constexpr int STEPS = 2 * LOGITS_RUN;
+    constexpr int RING = LOGITS_AHEAD + 1;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gi = lane >> 2, t = lane & 3;
-    uint4 qf[NCH];
-#pragma unroll
-    for (int i = 0; i < NCH; ++i) qf[i] = load16(qb + (size_t)(gi < g ? gi : 0) * D + i * 32 + t * 8, gi < g);
     // m16 tile s: tile s / 2 of the run, rows 16 * (s % 2) of the warp's 32.
     auto chunk_of = [&](int s) { return ch0 + (s >> 1) * SELECT_TILE + warp * 32 + 16 * (s & 1); };
     auto end_of = [&](int s) { return min(n, ch0 + ((s >> 1) + 1) * SELECT_TILE); };
-    uint4 kr[2][2][NCH];
-    logits_load<NCH>(kr[0], marks, chunk_of(0), end_of(0), ch0, kvd);
-    float2 st[2];
+    MarkRows<NP> kr[RING];
+#pragma unroll
+    for (int s = 0; s < LOGITS_AHEAD; ++s) logits_load<NP>(kr[s], marks, scales, chunk_of(s), end_of(s), ch0);
+    unsigned qhi[4 * NP], qlo[4 * NP];
+    const float sq = query_parts<NP>(qhi, qlo, qb + (size_t)(gi < g ? gi : 0) * D, gi < g);
+    const float qs[2] = {__shfl_sync(0xffffffffu, sq, 8 * t) * scale, __shfl_sync(0xffffffffu, sq, 8 * t + 4) * scale};
+    float x[2][4];  // the logits of the tile's two m16 tiles
 #pragma unroll
     for (int s = 0; s < STEPS; ++s) {
-        if (s + 1 < STEPS) logits_load<NCH>(kr[(s + 1) & 1], marks, chunk_of(s + 1), end_of(s + 1), ch0, kvd);
-        if ((s & 1) == 0) st[0] = st[1] = make_float2(SELECT_NEG_INF, 0.f);
-        logits_mma<NCH>(out, st, kr[s & 1], qf, excl, chunk_of(s), end_of(s), g, scale);
+        if (s + LOGITS_AHEAD < STEPS)
+            logits_load<NP>(kr[(s + LOGITS_AHEAD) % RING], marks, scales, chunk_of(s + LOGITS_AHEAD),
+                            end_of(s + LOGITS_AHEAD), ch0);
+        logits_mma<NP>(x[s & 1], out, kr[s % RING], qhi, qlo, qs, excl, chunk_of(s), end_of(s), g);
         if (s & 1) {
-            // The tile's statistics, merged over the warp's eight groups (lanes of one t).
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-#pragma unroll
-                for (int o = 4; o < 32; o <<= 1) {
-                    const float2 v =
-                        make_float2(__shfl_xor_sync(0xffffffffu, st[e].x, o), __shfl_xor_sync(0xffffffffu, st[e].y, o));
-                    st[e] = softmax_merge(st[e], v);
-                }
-            }
-            if (lane < 4) {
-                part[s >> 1][warp][2 * lane] = st[0];
-                part[s >> 1][warp][2 * lane + 1] = st[1];
+                const float2 st = tile_stats(x[0][e], x[0][2 + e], x[1][e], x[1][2 + e]);
+                if (lane < 4) part[s >> 1][warp][2 * lane + e] = st;
             }
         }
     }
 }
 
-// Three blocks an SM: 80 registers hold the two stages of landmark rows with a few bytes
-// spilled (allowed in tools/nvrtc-check: 130.6 us against 141.9 for the one-stage kernel
-// at four blocks an SM, 14 x 15616 chunks on the H200).
-extern "C" __global__ void __launch_bounds__(SELECT_THREADS, 3)
+// Three blocks an SM of 80 registers, one m16 tile in flight beyond the one multiplied:
+// 88.5 us at 29 x 7680 chunks on the H200, against 97.7 for two blocks with three tiles
+// in flight and 93.8 for four blocks with one (sm_80 spills a few bytes: tools/nvrtc-check).
+extern "C" __global__ void __launch_bounds__(SELECT_THREADS, LOGITS_BLOCKS)
     shadow_logits(float* __restrict__ logits, float2* __restrict__ stats, const __nv_bfloat16* __restrict__ q,
                   const ShadowSeqBufs* __restrict__ bufs, const ShadowSeqCounts* __restrict__ counts,
                   ShadowDims dims, float scale) {
@@ -208,16 +292,17 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS, 3)
     const int tile0 = blockIdx.x * LOGITS_RUN, h = blockIdx.y, b = blockIdx.z;
     const int n = counts[b].chunks, ch0 = tile0 * SELECT_TILE;
     if (ch0 >= n) return;
-    const int d = dims.head_dim, g = dims.group, kvd = dims.kv_heads * d;
+    const int d = dims.head_dim, g = dims.group;
     const size_t row = (size_t)b * dims.kv_heads + h;
     const __nv_bfloat16* qb = q + row * g * d;
-    const __nv_bfloat16* marks = reinterpret_cast<const __nv_bfloat16*>(bufs[b].marks) + (size_t)h * d;
+    const signed char* marks = reinterpret_cast<const signed char*>(bufs[b].marks) + (size_t)h * dims.chunk_cap * d;
+    const float* mscale = reinterpret_cast<const float*>(bufs[b].mark_scales) + (size_t)h * dims.chunk_cap;
     const unsigned char* excl = reinterpret_cast<const unsigned char*>(bufs[b].outlier) + (size_t)h * dims.chunk_cap;
     float* out = logits + row * dims.chunk_cap * g;
     if (d == 128)
-        logits_run<128>(out, part, qb, marks, excl, ch0, n, kvd, g, scale);
+        logits_run<128>(out, part, qb, marks, mscale, excl, ch0, n, g, scale);
     else
-        logits_run<64>(out, part, qb, marks, excl, ch0, n, kvd, g, scale);
+        logits_run<64>(out, part, qb, marks, mscale, excl, ch0, n, g, scale);
     __syncthreads();
     // Each tile of the run that holds chunks: its statistics merged over the warps.
     const int r = threadIdx.x / SELECT_MAX_GROUP, j = threadIdx.x % SELECT_MAX_GROUP;

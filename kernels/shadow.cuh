@@ -4,7 +4,8 @@
 // Passed to NVRTC as an in-memory header by src/cuda/nvrtc.rs and tools/nvrtc-check.
 //
 // Per sequence and layer (kvh = kv_heads, d = head_dim, c = chunk, R = recent rows):
-//   marks   [chunk_cap, kvh * d] bf16   landmark of each chunk (row = chunk)
+//   marks   [kvh, chunk_cap, d]  i8     landmark of each chunk in 8 bits, code * scale
+//   mark_scales [kvh, chunk_cap] f32    (shadow_mark_code), head-major: the scores stream a head
 //   outlier [kvh, chunk_cap]     u8     1 = outlier chunk of that head (never selected)
 //   u       [chunk_cap * c, rank] bf16  low-rank coefficients of the sparse tokens
 //   sv      [rank, kvh * d]      f32    the basis
@@ -38,7 +39,7 @@ struct ShadowDims {
 };
 
 struct ShadowSeqBufs {
-    unsigned long long marks, outlier, u, sv, slots, ak, av, kpre;
+    unsigned long long marks, mark_scales, outlier, u, sv, slots, ak, av, kpre;
     unsigned long long tier, tier_map, tier_owner, tier_next;  // 0 without a tier
 };
 
@@ -61,7 +62,7 @@ struct ShadowPool {
 };
 
 static_assert(sizeof(ShadowDims) == 44, "ShadowDims mirrors layout.rs");
-static_assert(sizeof(ShadowSeqBufs) == 96, "ShadowSeqBufs mirrors layout.rs");
+static_assert(sizeof(ShadowSeqBufs) == 104, "ShadowSeqBufs mirrors layout.rs");
 static_assert(sizeof(ShadowSeqCounts) == 16, "ShadowSeqCounts mirrors layout.rs");
 static_assert(sizeof(ShadowPool) == 32, "ShadowPool mirrors layout.rs");
 
@@ -74,6 +75,31 @@ __device__ __forceinline__ __nv_bfloat16* shadow_pool_chunk(const ShadowPool& p,
     const size_t s = dev ? pool_seq - p.host_seqs : pool_seq;
     return reinterpret_cast<__nv_bfloat16*>(dev ? p.dev : p.host) +
            ((((size_t)layer * seqs + s) * dims.kv_heads + h) * p.chunks + chunk) * dims.chunk * dims.head_dim;
+}
+
+// A landmark in 8 bits (reference: Marks8 in src/shadow/landmarks.rs, the same
+// arithmetic): the scale of a vector whose largest |value| is max_abs, max_abs / 127 (0
+// for a zero vector), and the code of its value l, round(l / scale) to even within
+// +-127 (0 where the scale is 0). IEEE divisions, whatever the compiler's options.
+__device__ __forceinline__ float shadow_mark_scale(float max_abs) {
+    return max_abs == 0.f ? 0.f : __fdiv_rn(max_abs, 127.f);
+}
+__device__ __forceinline__ signed char shadow_mark_code(float l, float scale) {
+    return scale == 0.f ? 0 : (signed char)max(-127, min(127, __float2int_rn(__fdiv_rn(l, scale))));
+}
+
+// The largest v over the block (blockDim.x a multiple of 32, at most 1024); every thread
+// gets it. `scratch` is a __shared__ float[32]; ends with a barrier.
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float m = scratch[0];
+    for (int w = 1; w < nwarps; ++w) m = fmaxf(m, scratch[w]);
+    __syncthreads();
+    return m;
 }
 
 // First row of slot `slot` for a sequence with `n_out` outlier chunks.

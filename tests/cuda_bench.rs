@@ -9,6 +9,8 @@
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use shadowkv::cpu::attention::AttnShape;
 use shadowkv::cuda::attention::partition_len;
 use shadowkv::cuda::shadow::{LayerBuffers, ShadowLayout};
@@ -335,8 +337,13 @@ fn shadow_selection_bandwidth() {
     // sequence.
     for (batch, chunks) in [(14usize, 15_616usize), (29, 7_680), (1, 15_616)] {
         let l = llama8b_layer(16, chunks);
+        // 8-bit landmarks: codes over their range, scales of 1/127 (values within ±1).
         let bufs = layer_buffers(&ops, l, batch, |buf, b| {
-            ops.fill_random_bf16(&mut buf.marks, 11 + b, 1.0)
+            let mut rng = StdRng::seed_from_u64(11 + b);
+            let codes: Vec<i8> = (0..l.marks_len()).map(|_| rng.random_range(-127..=127)).collect();
+            buf.marks = dev.upload(&codes)?;
+            buf.mark_scales = dev.upload(&vec![1.0f32 / 127.0; l.mark_scales_len()])?;
+            Ok(())
         });
         let counts = SeqCounts {
             chunks: chunks as i32,
@@ -350,7 +357,7 @@ fn shadow_selection_bandwidth() {
         ops.fill_random_bf16(&mut q, 5, 3.0).unwrap();
         let mut scratch = StepScratch::new(&ops, &l, batch).unwrap();
         let (med, lo, hi) = time_ms(&ops, 3, 30, || ops.shadow_scores(&table, &q, &mut scratch).unwrap());
-        let marks = (batch * chunks * l.kv_heads * l.head_dim * 2) as f64;
+        let marks = (batch * chunks * l.kv_heads * (l.head_dim + 4)) as f64;
         let gbs = marks / (med * 1e-3) / 1e9;
         eprintln!(
             "BENCH shadow_logits batch={batch} chunks={chunks} kv_heads=8 d=128 group=4 landmark_bytes={marks:.3e} \

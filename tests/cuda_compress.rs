@@ -25,7 +25,22 @@ fn layer_bits(ops: &CudaOps, b: &LayerBuffers) -> Vec<(&'static str, Vec<u32>)> 
         dev.download(x).unwrap().iter().map(|v| v.to_bits() as u32).collect()
     };
     vec![
-        ("marks", bf(&b.marks)),
+        (
+            "marks",
+            dev.download(&b.marks)
+                .unwrap()
+                .iter()
+                .map(|&v| v as u8 as u32)
+                .collect(),
+        ),
+        (
+            "mark_scales",
+            dev.download(&b.mark_scales)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect(),
+        ),
         (
             "outlier",
             dev.download(&b.outlier).unwrap().iter().map(|&v| v as u32).collect(),

@@ -15,9 +15,11 @@
 //! that into a failure, as tools/gpu-check sets it).
 //!
 //! Tolerances, and why:
-//! - landmark scores (fp32 throughout; the dot products, and the softmax's normaliser
-//!   over up to 16K chunks, accumulated online, sum in another order than the CPU's):
-//!   every score within 2⁻¹³·|ref| + 10⁻⁹·max|ref|; outlier chunks exactly -inf;
+//! - landmark scores (8-bit landmark codes times the query in 15 bits, exact in integers,
+//!   then fp32; the softmax's normaliser over up to 16K chunks sums in another order than
+//!   the CPU's): every score within (2⁻¹³ + r_q)·|ref| + 10⁻⁹·max|ref|, r_q the bound of
+//!   the query's rounding (`query_rtol`: about 10⁻³ on these inputs); outlier chunks
+//!   exactly -inf;
 //! - top-k (on the GPU's own scores, and on quantised scores full of ties), reuse diff,
 //!   outlier selection (on the GPU's own cosines): exact. Against the CPU's selection
 //!   from its own scores (end-to-end test, outliers), the same chunks except near ties:
@@ -30,7 +32,8 @@
 //! - the append's q and k (RoPE, as the rope test of tests/cuda_kernels.rs): within
 //!   2⁻⁷·|ref| + 10⁻⁵·max|ref|; its v and pre-RoPE k: bit-exact (bf16 of the same fp32
 //!   sum);
-//! - landmarks (the same fp32 sum in the same token order, one rounding): bit-exact;
+//! - landmarks (the same fp32 sum in the same token order, then the same 8-bit rounding):
+//!   codes and scales bit-exact;
 //! - minimum cosines (fp32 dot products of d terms and two square roots, |cos| ≤ 1):
 //!   within 2·10⁻⁵;
 //! - every copy (value fetch, scatter, prefill placement, pool writes, the fold's values
@@ -65,7 +68,7 @@ use shadowkv::model::config::ModelConfig;
 use shadowkv::model::synthetic::preset;
 use shadowkv::pool::PoolShape;
 use shadowkv::shadow::factor::LowRank;
-use shadowkv::shadow::landmarks::{landmarks, min_cosines, outlier_chunks};
+use shadowkv::shadow::landmarks::{landmarks, min_cosines, outlier_chunks, Marks8};
 use shadowkv::shadow::reuse::SlotTable;
 use shadowkv::shadow::select::{chunk_scores, top_k, HeadMarks};
 use std::collections::{BTreeSet, HashMap};
@@ -115,6 +118,96 @@ fn counts(chunks: usize, recent: usize, outliers: usize, pool_seq: usize) -> Seq
 
 fn bits(v: &[bf16]) -> Vec<u16> {
     v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Random 8-bit landmarks for every chunk of `l`: codes over their whole range and
+/// scales about 1/127 (landmark values within about ±1), one vector in 16 zero (scale 0).
+fn rand_marks(rng: &mut StdRng, l: &ShadowLayout) -> Marks8 {
+    let scales: Vec<f32> = (0..l.chunk_cap * l.kv_heads)
+        .map(|_| {
+            if rng.random_range(0..16) == 0 {
+                0.0
+            } else {
+                rng.random_range(0.5f32..1.5) / 127.0
+            }
+        })
+        .collect();
+    let codes = (0..l.marks_len())
+        .map(|i| {
+            if scales[i / l.head_dim] == 0.0 {
+                0
+            } else {
+                rng.random_range(-127i8..=127)
+            }
+        })
+        .collect();
+    Marks8 { codes, scales }
+}
+
+/// Vectors of `n` values, `[chunk, head]` (the CPU's layout) to `[head, chunk]` (the GPU's),
+/// or back with `back`.
+fn by_head<T: Copy + Default>(v: &[T], l: &ShadowLayout, n: usize, back: bool) -> Vec<T> {
+    let mut out = vec![T::default(); v.len()];
+    for ch in 0..l.chunk_cap {
+        for h in 0..l.kv_heads {
+            let (cpu, gpu) = ((ch * l.kv_heads + h) * n, (h * l.chunk_cap + ch) * n);
+            let (from, to) = if back { (gpu, cpu) } else { (cpu, gpu) };
+            out[to..to + n].copy_from_slice(&v[from..from + n]);
+        }
+    }
+    out
+}
+
+/// Uploads `m` (every chunk of `b`'s layout) as `b`'s landmarks.
+fn upload_marks(ops: &CudaOps, b: &mut LayerBuffers, m: &Marks8) {
+    let l = *b.layout();
+    b.marks = ops.device().upload(&by_head(&m.codes, &l, l.head_dim, false)).unwrap();
+    b.mark_scales = ops.device().upload(&by_head(&m.scales, &l, 1, false)).unwrap();
+}
+
+/// `b`'s landmarks as codes and scales in the CPU's layout.
+fn download_marks(ops: &CudaOps, b: &LayerBuffers) -> Marks8 {
+    let l = *b.layout();
+    Marks8 {
+        codes: by_head(&ops.device().download(&b.marks).unwrap(), &l, l.head_dim, true),
+        scales: by_head(&ops.device().download(&b.mark_scales).unwrap(), &l, 1, true),
+    }
+}
+
+/// The relative error the scores' query rounding allows on one KV head's scores: the
+/// logits multiply the landmark codes by the query in 15 bits (`q ≈ sq·Q`, `sq =
+/// max|q_j| / 32512`, kernels/select.cu), so a logit of query head `j` may be off by
+/// `sq/2 · Σ|code| · scale / √d`, and a softmax probability by twice the largest of those.
+fn query_rtol(qg: &[f32], m: HeadMarks) -> f64 {
+    let d = m.head_dim;
+    let kvd = m.kv_heads * d;
+    let chunks = m.scales.len() / m.kv_heads;
+    let widest = (0..chunks)
+        .map(|c| {
+            let codes: f64 = m.codes[c * kvd + m.head * d..][..d]
+                .iter()
+                .map(|&x| (x as f64).abs())
+                .sum();
+            codes * m.scales[c * m.kv_heads + m.head] as f64
+        })
+        .fold(0.0, f64::max);
+    let sq = qg
+        .chunks(d)
+        .map(|q| q.iter().fold(0.0f64, |a, &x| a.max((x as f64).abs())))
+        .fold(0.0, f64::max)
+        / 32512.0;
+    2.0 * 0.5 * sq * widest / (d as f64).sqrt()
+}
+
+/// Where head `h`'s landmarks of the first `chunks` chunks of `m` live.
+fn head_marks<'a>(m: &'a Marks8, l: &ShadowLayout, chunks: usize, h: usize) -> HeadMarks<'a> {
+    HeadMarks {
+        codes: &m.codes[..chunks * l.kv_width()],
+        scales: &m.scales[..chunks * l.kv_heads],
+        kv_heads: l.kv_heads,
+        head: h,
+        head_dim: l.head_dim,
+    }
 }
 
 /// Asserts a selection row: `want` ascending, then -1 to the row's end.
@@ -289,23 +382,22 @@ fn scores_and_top_k_match_the_cpu() {
         };
         l.validate().unwrap();
         let case = format!("kv_heads={kvh},d={d},group={g},chunks={chunks:?},S={slots}");
-        let kvd = kvh * d;
         let batch = chunks.len();
         let mut bufs = Vec::new();
-        let mut marks_f = Vec::new();
+        let mut marks_all = Vec::new();
         let mut flags_all = Vec::new();
         for &n in chunks {
             let mut b = LayerBuffers::new(&ops, l).unwrap();
-            let (m, mf) = rand_bf16(&mut rng, chunk_cap * kvd, 1.0);
+            let m = rand_marks(&mut rng, &l);
             let mut flags: Vec<u8> = (0..kvh * chunk_cap).map(|_| rng.random_bool(0.1) as u8).collect();
             if n == 5 {
                 // A head whose every chunk is an outlier: nothing to select.
                 flags[..chunk_cap].fill(1);
             }
-            b.marks = dev.upload(&m).unwrap();
+            upload_marks(&ops, &mut b, &m);
             b.outlier = dev.upload(&flags).unwrap();
             bufs.push(b);
-            marks_f.push(mf);
+            marks_all.push(m);
             flags_all.push(flags);
         }
         let entries: Vec<(&LayerBuffers, SeqCounts)> =
@@ -327,13 +419,8 @@ fn scores_and_top_k_match_the_cpu() {
                 let what = format!("{case},seq={b},head={h}");
                 let ex: Vec<bool> = flags_all[b][h * chunk_cap..][..n].iter().map(|&f| f != 0).collect();
                 let qg = &qf[(b * kvh + h) * g * d..][..g * d];
-                let marks = HeadMarks {
-                    marks: &marks_f[b][..n * kvd],
-                    kvd,
-                    col0: h * d,
-                    head_dim: d,
-                };
-                let want = chunk_scores(qg, marks, &ex);
+                let want = chunk_scores(qg, head_marks(&marks_all[b], &l, n, h), &ex);
+                let rtol = SCORE_RTOL + query_rtol(qg, head_marks(&marks_all[b], &l, n, h));
                 let row = &got[(b * kvh + h) * chunk_cap..][..chunk_cap];
                 for c in 0..n {
                     if ex[c] {
@@ -344,9 +431,7 @@ fn scores_and_top_k_match_the_cpu() {
                 let (gs, ws): (Vec<f32>, Vec<f32>) = (0..n).filter(|&c| !ex[c]).map(|c| (row[c], want[c])).unzip();
                 if !ws.is_empty() {
                     let atol = 1e-9 * max_abs(&ws);
-                    worst = worst.worst(errors("shadow_scores", &what, &gs, &ws, |_, w| {
-                        SCORE_RTOL * w.abs() + atol
-                    }));
+                    worst = worst.worst(errors("shadow_scores", &what, &gs, &ws, |_, w| rtol * w.abs() + atol));
                 }
                 // The top-k of the GPU's own scores, exactly.
                 let want_sel = top_k(&row[..n], &ex, slots);
@@ -1256,7 +1341,9 @@ fn prefill_compression_matches_the_cpu() {
             dev.upload(&kpre).unwrap(),
         );
         let mut bufs = LayerBuffers::new(&ops, l).unwrap();
-        ops.fill_nan_bf16(&mut bufs.marks).unwrap();
+        // Code -128 is never written (codes stay within ±127).
+        bufs.marks = dev.upload(&vec![i8::MIN; l.marks_len()]).unwrap();
+        ops.fill_nan_f32(&mut bufs.mark_scales).unwrap();
         ops.fill_nan_bf16(&mut bufs.ak).unwrap();
         ops.fill_nan_bf16(&mut bufs.av).unwrap();
         ops.fill_nan_bf16(&mut bufs.kpre).unwrap();
@@ -1287,16 +1374,29 @@ fn prefill_compression_matches_the_cpu() {
             unsafe { ops.shadow_pool_write(&l, &pool, (1, slot), &dv, tokens) }.unwrap();
         }
 
-        // Landmarks: bit-exact; rows past the chunks untouched.
+        // Landmarks: codes and scales bit-exact; chunks past the prefill's untouched.
         let marks_cpu = landmarks(&kf, chunks, c, kvd);
-        let marks = dev.download(&bufs.marks).unwrap();
-        let want: Vec<u16> = marks_cpu
-            .iter()
-            .map(|&x| bf16::from_f32(x).to_bits())
-            .chain(std::iter::repeat(NAN_BITS))
-            .take(marks.len())
-            .collect();
-        assert!(bits(&marks) == want, "{case}: landmarks differ");
+        let q8 = Marks8::quantize(&marks_cpu, d);
+        let got = download_marks(&ops, &bufs);
+        assert_eq!(
+            got.codes[..q8.codes.len()],
+            q8.codes[..],
+            "{case}: landmark codes differ"
+        );
+        assert!(
+            got.codes[q8.codes.len()..].iter().all(|&x| x == i8::MIN),
+            "{case}: codes written past the chunks"
+        );
+        let sbits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        assert_eq!(
+            sbits(&got.scales[..q8.scales.len()]),
+            sbits(&q8.scales),
+            "{case}: landmark scales differ"
+        );
+        assert!(
+            got.scales[q8.scales.len()..].iter().all(|x| x.is_nan()),
+            "{case}: scales written past the chunks"
+        );
         Errors::default().report("shadow_landmarks", &format!("{case},exact"));
         // Minimum cosines.
         let gc = dev.download(&neg_cos).unwrap();
@@ -1550,15 +1650,16 @@ fn fold_matches_the_cpu_fold() {
         let mut bufs = Vec::new();
         let mut before = Vec::new();
         let mut svs = Vec::new();
+        let mut marks_before = Vec::new();
         for _ in &seqs {
             let mut b = LayerBuffers::new(&ops, l).unwrap();
-            let (marks, _) = rand_bf16(&mut rng, l.marks_len(), 1.0);
+            let marks = rand_marks(&mut rng, &l);
             let (u, _) = rand_bf16(&mut rng, l.u_len(), 1.0);
             let (ak, _) = rand_bf16(&mut rng, l.attn_len(), 1.0);
             let (av, _) = rand_bf16(&mut rng, l.attn_len(), 1.0);
             let (kp, _) = rand_bf16(&mut rng, l.kpre_len(), 1.0);
             let sv: Vec<f32> = (0..l.sv_len()).map(|_| rng.random_range(-0.2..0.2)).collect();
-            b.marks = dev.upload(&marks).unwrap();
+            upload_marks(&ops, &mut b, &marks);
             b.outlier = dev.upload(&vec![1u8; l.outlier_len()]).unwrap();
             b.u = dev.upload(&u).unwrap();
             b.sv = dev.upload(&sv).unwrap();
@@ -1566,7 +1667,8 @@ fn fold_matches_the_cpu_fold() {
             b.av = dev.upload(&av).unwrap();
             b.kpre = dev.upload(&kp).unwrap();
             bufs.push(b);
-            before.push([bits(&marks), bits(&u), bits(&ak), bits(&av), bits(&kp)]);
+            before.push([bits(&u), bits(&ak), bits(&av), bits(&kp)]);
+            marks_before.push(marks);
             svs.push(sv);
         }
         let entries: Vec<(&LayerBuffers, SeqCounts)> = bufs
@@ -1583,9 +1685,10 @@ fn fold_matches_the_cpu_fold() {
         for (b, buf) in bufs.iter().enumerate() {
             let (ch, n, ps) = seqs[b];
             let what = format!("{case},seq={b}");
-            let [_, _, ak0, av0, kp0] = &before[b];
+            let [_, ak0, av0, kp0] = &before[b];
+            let got_marks = download_marks(&ops, buf);
+            let mut want_marks = marks_before[b].clone();
             let got = [
-                bits(&dev.download(&buf.marks).unwrap()),
                 bits(&dev.download(&buf.u).unwrap()),
                 bits(&dev.download(&buf.ak).unwrap()),
                 bits(&dev.download(&buf.av).unwrap()),
@@ -1617,9 +1720,9 @@ fn fold_matches_the_cpu_fold() {
                         p_old[i * kvd + j] = bf16::from_bits(kp0[row * kvd + j]).to_f32();
                     }
                 }
-                for (j, m) in landmarks(&k_old, 1, c, kvd).iter().enumerate() {
-                    want[0][ch * kvd + j] = bf16::from_f32(*m).to_bits();
-                }
+                let q8 = Marks8::quantize(&landmarks(&k_old, 1, c, kvd), d);
+                want_marks.codes[ch * kvd..][..kvd].copy_from_slice(&q8.codes);
+                want_marks.scales[ch * kvh..][..kvh].copy_from_slice(&q8.scales);
                 let basis = LowRank {
                     u: Vec::new(),
                     sv: svs[b].clone(),
@@ -1629,22 +1732,23 @@ fn fold_matches_the_cpu_fold() {
                 let u_new = basis.project(&p_old, c);
                 let u_at = ch * c * rank;
                 gu.extend(
-                    got[1][u_at..u_at + c * rank]
+                    got[0][u_at..u_at + c * rank]
                         .iter()
                         .map(|&x| bf16::from_bits(x).to_f32()),
                 );
                 wu.extend_from_slice(&u_new);
-                want[1][u_at..u_at + c * rank].copy_from_slice(&got[1][u_at..u_at + c * rank]);
+                want[0][u_at..u_at + c * rank].copy_from_slice(&got[0][u_at..u_at + c * rank]);
                 for h in 0..kvh {
                     want_flags[h * l.chunk_cap + ch] = 0;
                     // The other rows move down by one chunk.
                     let (from, to) = (attn_at(&l, h, 0), attn_at(&l, h, c));
-                    want[2][to..to + (big_r - c) * d].copy_from_slice(&ak0[from..from + (big_r - c) * d]);
-                    want[3][to..to + (big_r - c) * d].copy_from_slice(&av0[from..from + (big_r - c) * d]);
+                    want[1][to..to + (big_r - c) * d].copy_from_slice(&ak0[from..from + (big_r - c) * d]);
+                    want[2][to..to + (big_r - c) * d].copy_from_slice(&av0[from..from + (big_r - c) * d]);
                 }
-                want[4][c * kvd..big_r * kvd].copy_from_slice(&kp0[..(big_r - c) * kvd]);
+                want[3][c * kvd..big_r * kvd].copy_from_slice(&kp0[..(big_r - c) * kvd]);
             }
-            let names = ["landmarks", "u", "keys", "values", "pre-RoPE keys"];
+            assert!(got_marks == want_marks, "{what}: landmarks differ");
+            let names = ["u", "keys", "values", "pre-RoPE keys"];
             for ((g, w), name) in got.iter().zip(&want).zip(names) {
                 assert!(g == w, "{what}: {name} differ");
             }
@@ -1660,7 +1764,7 @@ fn fold_matches_the_cpu_fold() {
 /// One sequence of the end-to-end test, as the host knows it.
 struct HostSeq {
     counts: SeqCounts,
-    marks: Vec<f32>,
+    marks: Marks8,
     flags: Vec<u8>,
     basis: LowRank,
     ak: Vec<f32>,
@@ -1711,7 +1815,7 @@ fn one_layer_decode_end_to_end_matches_cpu_attention() {
         let mut host = Vec::new();
         for (i, &(chunks, n, n_out)) in shapes.iter().enumerate() {
             let mut b = LayerBuffers::new(&ops, l).unwrap();
-            let (marks, marks_f) = rand_bf16(&mut rng, l.marks_len(), 1.0);
+            let marks = rand_marks(&mut rng, &l);
             let mut flags = vec![0u8; l.outlier_len()];
             for h in 0..kvh {
                 for o in rand::seq::index::sample(&mut rng, chunks, n_out) {
@@ -1724,7 +1828,7 @@ fn one_layer_decode_end_to_end_matches_cpu_attention() {
             let sv: Vec<f32> = (0..l.sv_len()).map(|_| rng.random_range(-s..s)).collect();
             let (ak, akf) = rand_bf16(&mut rng, l.attn_len(), 1.0);
             let (av, avf) = rand_bf16(&mut rng, l.attn_len(), 1.0);
-            b.marks = dev.upload(&marks).unwrap();
+            upload_marks(&ops, &mut b, &marks);
             b.outlier = dev.upload(&flags).unwrap();
             b.u = dev.upload(&u).unwrap();
             b.sv = dev.upload(&sv).unwrap();
@@ -1733,7 +1837,7 @@ fn one_layer_decode_end_to_end_matches_cpu_attention() {
             bufs.push(b);
             host.push(HostSeq {
                 counts: counts(chunks, n, n_out, i),
-                marks: marks_f,
+                marks,
                 flags,
                 basis: LowRank {
                     u: uf,
@@ -1819,16 +1923,11 @@ fn one_layer_decode_end_to_end_matches_cpu_attention() {
                     // Selection: the CPU's from its own scores, but for near ties.
                     let ex: Vec<bool> = hs.flags[h * l.chunk_cap..][..chunks].iter().map(|&f| f != 0).collect();
                     let qg = &qf[e * g * d..(e + 1) * g * d];
-                    let marks = HeadMarks {
-                        marks: &hs.marks[..chunks * kvd],
-                        kvd,
-                        col0: h * d,
-                        head_dim: d,
-                    };
-                    let scores = chunk_scores(qg, marks, &ex);
+                    let scores = chunk_scores(qg, head_marks(&hs.marks, &l, chunks, h), &ex);
+                    let rtol = 2.0 * (SCORE_RTOL + query_rtol(qg, head_marks(&hs.marks, &l, chunks, h)));
                     let gpu_sel = selection_of(&sel[e * slots..][..slots]);
                     let cpu_sel = top_k(&scores, &ex, slots);
-                    assert_same_but_near_ties(&cpu_sel, &gpu_sel, &scores, (2.0 * SCORE_RTOL, 0.0), &what);
+                    assert_same_but_near_ties(&cpu_sel, &gpu_sel, &scores, (rtol, 0.0), &what);
                     // The reuse diff of that selection: exactly the CPU's.
                     let plan = cpu_tables[e].plan(&gpu_sel);
                     hits_cpu += plan.hits as u64;

@@ -1,5 +1,5 @@
-//! Chunk landmarks (mean post-RoPE key per chunk and KV head) and outlier chunks (the
-//! chunks whose keys their landmark represents worst).
+//! Chunk landmarks (mean post-RoPE key per chunk and KV head), their 8-bit storage, and
+//! outlier chunks (the chunks whose keys their landmark represents worst).
 
 /// Landmarks `[chunks, kv_heads·d]` of the first `chunks·chunk_size` rows of `k`
 /// (post-RoPE keys, `[tokens, kv_heads·d]`).
@@ -13,6 +13,57 @@ pub fn landmarks(k: &[f32], chunks: usize, chunk_size: usize, kvd: usize) -> Vec
         l.iter_mut().for_each(|a| *a /= chunk_size as f32);
     }
     out
+}
+
+/// Landmarks stored in 8 bits: each (chunk, KV head) vector of `d` values as codes
+/// `round(x / s)` (ties to even, within ±127) and one scale `s = max|x| / 127` (a zero
+/// vector: scale 0, codes 0), so the landmark is `code · s`. The scores read every
+/// landmark at every step; codes halve what bf16 would read.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Marks8 {
+    /// Codes `[chunks, kv_heads·d]`.
+    pub codes: Vec<i8>,
+    /// Scales `[chunks, kv_heads]`.
+    pub scales: Vec<f32>,
+}
+
+impl Marks8 {
+    /// The codes and scales of `marks` (`[chunks, kv_heads·d]`, from [`landmarks`]).
+    pub fn quantize(marks: &[f32], head_dim: usize) -> Marks8 {
+        let mut codes = vec![0i8; marks.len()];
+        let scales = marks
+            .chunks_exact(head_dim)
+            .zip(codes.chunks_exact_mut(head_dim))
+            .map(|(v, q)| quantize_mark(v, q))
+            .collect();
+        Marks8 { codes, scales }
+    }
+
+    /// Appends `more`'s chunks after this one's.
+    pub fn append(&mut self, more: Marks8) {
+        self.codes.extend(more.codes);
+        self.scales.extend(more.scales);
+    }
+
+    /// Bytes held (codes and scales).
+    pub fn bytes(&self) -> usize {
+        self.codes.len() + 4 * self.scales.len()
+    }
+}
+
+/// The codes of one landmark vector `v` into `codes`, returning its scale (the rounding
+/// of [`Marks8`]; kernels/landmarks.cu rounds the same way: IEEE divisions, ties to even).
+pub fn quantize_mark(v: &[f32], codes: &mut [i8]) -> f32 {
+    let m = v.iter().fold(0.0f32, |a, x| a.max(x.abs()));
+    if m == 0.0 {
+        codes.fill(0);
+        return 0.0;
+    }
+    let s = m / 127.0;
+    for (q, &x) in codes.iter_mut().zip(v) {
+        *q = (x / s).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    s
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -81,5 +132,24 @@ mod tests {
         assert_eq!(&m[2..4], &[0.0, 1.0]);
         assert_eq!(outlier_chunks(&k, &m, 2, 1, 2, 1), vec![vec![1]]);
         assert_eq!(outlier_chunks(&k, &m, 2, 1, 2, 5), vec![vec![0, 1, 2]]);
+    }
+
+    #[test]
+    fn codes_keep_each_vector_within_half_a_step_of_its_scale() {
+        // Two chunks of two heads of dim 3; the second head of chunk 1 is zero.
+        let m = [1.0, -0.5, 0.25, 254.0, 1.0, -127.0, -0.1, 0.0, 0.3, 0.0, 0.0, 0.0];
+        let q = Marks8::quantize(&m, 3);
+        assert_eq!(q.scales, vec![1.0 / 127.0, 2.0, 0.3 / 127.0, 0.0]);
+        // 0.5 and 1.0 / 2 round to even: 64 (63.5), 0 (0.5).
+        assert_eq!(&q.codes[..6], &[127, -64, 32, 127, 0, -64]);
+        assert_eq!(&q.codes[9..], &[0, 0, 0]);
+        for (v, (c, s)) in m.chunks(3).zip(q.codes.chunks(3).zip(&q.scales)) {
+            for (x, &k) in v.iter().zip(c) {
+                assert!((x - k as f32 * s).abs() <= 0.5 * s * (1.0 + 1e-6), "{x} vs {k} x {s}");
+            }
+        }
+        let mut two = q.clone();
+        two.append(q.clone());
+        assert_eq!((two.codes.len(), two.scales.len(), two.bytes()), (24, 8, 24 + 32));
     }
 }

@@ -3,25 +3,28 @@
 
 use crate::cpu::ops::softmax;
 
-/// Where one KV head's landmarks live.
+/// Where one KV head's landmarks live (8-bit, [`crate::shadow::landmarks::Marks8`]).
 #[derive(Clone, Copy, Debug)]
 pub struct HeadMarks<'a> {
-    /// Landmarks `[chunks, kvd]` of all heads.
-    pub marks: &'a [f32],
-    /// Row width of `marks` (`kv_heads · d`).
-    pub kvd: usize,
-    /// First column of this head.
-    pub col0: usize,
+    /// Codes `[chunks, kv_heads·d]` of all heads.
+    pub codes: &'a [i8],
+    /// Scales `[chunks, kv_heads]` of all heads.
+    pub scales: &'a [f32],
+    /// KV heads.
+    pub kv_heads: usize,
+    /// This head.
+    pub head: usize,
     /// Head dimension.
     pub head_dim: usize,
 }
 
 /// Per-chunk scores of one KV head: the max over the group's query heads `q`
 /// (`[group, d]`) of each head's softmax over the candidate chunks. Excluded chunks
-/// (outliers) score `-inf`.
+/// (outliers) score `-inf`. A logit is `(q_h · codes) · s_c / √d`.
 pub fn chunk_scores(q: &[f32], m: HeadMarks, excluded: &[bool]) -> Vec<f32> {
     let d = m.head_dim;
-    let chunks = m.marks.len() / m.kvd;
+    let kvd = m.kv_heads * d;
+    let chunks = m.scales.len() / m.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let mut best = vec![f32::NEG_INFINITY; chunks];
     let mut row = vec![0.0f32; chunks];
@@ -30,8 +33,9 @@ pub fn chunk_scores(q: &[f32], m: HeadMarks, excluded: &[bool]) -> Vec<f32> {
             *s = if excluded[c] {
                 f32::NEG_INFINITY
             } else {
-                let l = &m.marks[c * m.kvd + m.col0..c * m.kvd + m.col0 + d];
-                qh.iter().zip(l).map(|(a, b)| a * b).sum::<f32>() * scale
+                let l = &m.codes[c * kvd + m.head * d..][..d];
+                let dot = qh.iter().zip(l).map(|(a, &b)| a * b as f32).sum::<f32>();
+                dot * m.scales[c * m.kv_heads + m.head] * scale
             };
         }
         softmax(&mut row);
@@ -87,11 +91,12 @@ mod tests {
     #[test]
     fn scores_take_the_max_over_the_group() {
         // Two query heads of dim 2; chunk 0 matches head 0, chunk 2 matches head 1.
-        let marks = [4.0, 0.0, 0.0, 0.0, 0.0, 4.0, 0.0, 0.0];
+        let codes = [4, 0, 0, 0, 0, 4, 0, 0];
         let m = HeadMarks {
-            marks: &marks,
-            kvd: 2,
-            col0: 0,
+            codes: &codes,
+            scales: &[1.0; 4],
+            kv_heads: 1,
+            head: 0,
             head_dim: 2,
         };
         let q = [1.0, 0.0, 0.0, 1.0];

@@ -2,7 +2,7 @@
 //! decode step: select → reuse diff → fetch values / rebuild keys → attend.
 
 use super::factor::LowRank;
-use super::landmarks::{landmarks, outlier_chunks};
+use super::landmarks::{landmarks, outlier_chunks, Marks8};
 use super::params::ShadowParams;
 use super::reuse::{ReusePlan, SlotTable};
 use super::select::{chunk_scores, top_k, HeadMarks};
@@ -56,7 +56,7 @@ struct HeadState {
 /// One layer: the sparse region (chunks `0..chunks`) and the exact recent window.
 struct LayerState {
     factor: LowRank,
-    marks: Vec<f32>,
+    marks: Marks8,
     chunks: usize,
     heads: Vec<HeadState>,
     recent_k: Vec<f32>,
@@ -113,6 +113,7 @@ impl ShadowSeq {
             factor.u.truncate(sparse * p.rank);
             let marks = landmarks(&kv.k, chunks, c, kvd);
             let outliers = outlier_chunks(&kv.k[..sparse * kvd], &marks, c, kvh, d, p.outlier_chunks.min(chunks));
+            let marks = Marks8::quantize(&marks, d);
             let mut heads = Vec::with_capacity(kvh);
             for (h, out_ids) in outliers.iter().enumerate() {
                 for ch in 0..chunks {
@@ -239,7 +240,9 @@ impl ShadowSeq {
             bail!("the sequence outgrew its value pool ({} chunks)", self.lease.chunks());
         }
         layer.factor.append(&layer.recent_kpre[..c * kvd], c);
-        layer.marks.extend(landmarks(&layer.recent_k[..c * kvd], 1, c, kvd));
+        layer
+            .marks
+            .append(Marks8::quantize(&landmarks(&layer.recent_k[..c * kvd], 1, c, kvd), d));
         for h in 0..kvh {
             self.lease.write(l, h, ch, &head_rows(&layer.recent_v, kvd, h, d, 0, c));
             layer.heads[h].outlier.push(false);
@@ -253,8 +256,7 @@ impl ShadowSeq {
 
     /// Bytes of the on-device state (factors, landmarks, exact chunks, slots, window).
     pub fn bytes(&self) -> usize {
-        let floats: usize = self
-            .layers
+        self.layers
             .iter()
             .map(|l| {
                 let heads: usize = l
@@ -262,10 +264,10 @@ impl ShadowSeq {
                     .iter()
                     .map(|h| h.outlier_k.len() + h.outlier_v.len() + h.slot_k.len() + h.slot_v.len())
                     .sum();
-                l.factor.u.len() + l.factor.sv.len() + l.marks.len() + heads + l.recent_k.len() * 2 + l.recent_v.len()
+                4 * (l.factor.u.len() + l.factor.sv.len() + heads + l.recent_k.len() * 2 + l.recent_v.len())
+                    + l.marks.bytes()
             })
-            .sum();
-        floats * 4
+            .sum()
     }
 
     /// Tokens held exactly in the recent window of layer 0.
@@ -285,9 +287,10 @@ impl ShadowSeq {
 /// Stage 1: the chunks head `h` attends this step.
 fn select_stage(layer: &LayerState, h: usize, qg: &[f32], d: usize, kvd: usize, k: usize) -> Vec<u32> {
     let marks = HeadMarks {
-        marks: &layer.marks,
-        kvd,
-        col0: h * d,
+        codes: &layer.marks.codes,
+        scales: &layer.marks.scales,
+        kv_heads: kvd / d,
+        head: h,
         head_dim: d,
     };
     let excluded = &layer.heads[h].outlier;

@@ -14,8 +14,10 @@ use std::marker::PhantomData;
 /// documentation gives each one's layout).
 pub struct LayerBuffers {
     layout: ShadowLayout,
-    /// Landmarks `[chunk_cap, kv_heads·d]`.
-    pub marks: CudaSlice<bf16>,
+    /// Landmark codes `[kv_heads, chunk_cap, d]`.
+    pub marks: CudaSlice<i8>,
+    /// Landmark scales `[kv_heads, chunk_cap]`.
+    pub mark_scales: CudaSlice<f32>,
     /// Outlier flags `[kv_heads, chunk_cap]`.
     pub outlier: CudaSlice<u8>,
     /// Low-rank coefficients `[chunk_cap·c, rank]`.
@@ -83,6 +85,7 @@ impl LayerBuffers {
         Ok(LayerBuffers {
             layout,
             marks: dev.zeros(layout.marks_len())?,
+            mark_scales: dev.zeros(layout.mark_scales_len())?,
             outlier: dev.zeros(layout.outlier_len())?,
             u: dev.zeros(layout.u_len())?,
             sv: dev.zeros(layout.sv_len())?,
@@ -129,6 +132,7 @@ impl LayerBuffers {
         let l = &self.layout;
         for (name, have, need) in [
             ("marks", self.marks.len(), l.marks_len()),
+            ("mark_scales", self.mark_scales.len(), l.mark_scales_len()),
             ("outlier", self.outlier.len(), l.outlier_len()),
             ("u", self.u.len(), l.u_len()),
             ("sv", self.sv.len(), l.sv_len()),
@@ -167,6 +171,7 @@ impl LayerBuffers {
         let t = self.tier.as_ref();
         SeqAddrs {
             marks: self.marks.device_ptr(s).0,
+            mark_scales: self.mark_scales.device_ptr(s).0,
             outlier: self.outlier.device_ptr(s).0,
             u: self.u.device_ptr(s).0,
             sv: self.sv.device_ptr(s).0,
@@ -235,6 +240,7 @@ fn table_words(ops: &CudaOps, seqs: &[(&LayerBuffers, SeqCounts)]) -> Result<(Sh
 fn addr_words(a: &SeqAddrs) -> [u64; ADDR_WORDS] {
     [
         a.marks,
+        a.mark_scales,
         a.outlier,
         a.u,
         a.sv,
@@ -255,7 +261,7 @@ fn count_words(c: &SeqCounts) -> [u64; COUNT_WORDS] {
     [pair(c.chunks, c.recent), pair(c.outliers, c.pool_seq)]
 }
 
-const _: () = assert!(ADDR_WORDS == 12 && COUNT_WORDS == 2, "SeqAddrs and SeqCounts as words");
+const _: () = assert!(ADDR_WORDS == 13 && COUNT_WORDS == 2, "SeqAddrs and SeqCounts as words");
 
 /// Many tables (a step's layers, its micro-batches) whose arrays go to the device in
 /// one upload: a step makes about a hundred, and an upload each cost milliseconds
@@ -490,19 +496,20 @@ mod tests {
     fn table_words_are_the_structs_in_memory() {
         let a = SeqAddrs {
             marks: 1,
-            outlier: 2,
-            u: 3,
-            sv: 4,
-            slots: 5,
-            ak: 6,
-            av: 7,
-            kpre: 8,
-            tier: 9,
-            tier_map: 10,
-            tier_owner: 11,
-            tier_next: 12,
+            mark_scales: 2,
+            outlier: 3,
+            u: 4,
+            sv: 5,
+            slots: 6,
+            ak: 7,
+            av: 8,
+            kpre: 9,
+            tier: 10,
+            tier_map: 11,
+            tier_owner: 12,
+            tier_next: 13,
         };
-        // SAFETY: SeqAddrs is #[repr(C)], 12 u64 fields, no padding (asserted in layout.rs).
+        // SAFETY: SeqAddrs is #[repr(C)], 13 u64 fields, no padding (asserted in layout.rs).
         let mem: [u64; ADDR_WORDS] = unsafe { std::mem::transmute(a) };
         assert_eq!(addr_words(&a), mem);
         let c = SeqCounts {

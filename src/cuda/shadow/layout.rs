@@ -5,7 +5,9 @@
 //! Per sequence and layer, with `kvh` KV heads of dimension `d`, chunks of `c` tokens,
 //! rank `r`, `S` slots (selected chunks per head), `O` outlier chunks per head and `L`
 //! local chunks:
-//! - `marks` `[chunk_cap, kvh·d]` bf16: the landmark of each chunk (row = chunk);
+//! - `marks` `[kvh, chunk_cap, d]` i8 and `mark_scales` `[kvh, chunk_cap]` f32: the landmark
+//!   of each chunk in 8 bits, `code · scale` ([`crate::shadow::landmarks::Marks8`]),
+//!   head-major, so that the scores stream each head's landmarks from contiguous memory;
 //! - `outlier` `[kvh, chunk_cap]` u8: 1 = an outlier chunk of that head (never selected);
 //! - `u` `[chunk_cap·c, r]` bf16: low-rank coefficients of the sparse tokens; `sv`
 //!   `[r, kvh·d]` f32: the basis (pre-RoPE keys ≈ `u · sv`);
@@ -207,6 +209,11 @@ impl ShadowLayout {
         self.chunk_cap * self.kv_width()
     }
 
+    /// Elements of `mark_scales`.
+    pub fn mark_scales_len(&self) -> usize {
+        self.kv_heads * self.chunk_cap
+    }
+
     /// Elements of `outlier`.
     pub fn outlier_len(&self) -> usize {
         self.kv_heads * self.chunk_cap
@@ -375,6 +382,8 @@ pub(crate) struct ShadowDims {
 pub struct SeqAddrs {
     /// `marks`.
     pub marks: u64,
+    /// `mark_scales`.
+    pub mark_scales: u64,
     /// `outlier`.
     pub outlier: u64,
     /// `u`.
@@ -416,7 +425,7 @@ pub struct SeqCounts {
 }
 
 const _: () = assert!(std::mem::size_of::<ShadowDims>() == 44);
-const _: () = assert!(std::mem::size_of::<SeqAddrs>() == 96);
+const _: () = assert!(std::mem::size_of::<SeqAddrs>() == 104);
 const _: () = assert!(std::mem::size_of::<SeqCounts>() == 16);
 
 // SAFETY: plain #[repr(C)] structs of integers, valid for any bit pattern, copied to the

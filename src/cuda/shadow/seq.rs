@@ -119,9 +119,10 @@ impl GpuShadowSeq {
 
 /// Device bytes of one layer's buffers of `layout`.
 pub fn layer_bytes(l: &ShadowLayout) -> usize {
-    2 * (l.marks_len() + l.u_len() + 2 * l.attn_len() + l.kpre_len())
+    2 * (l.u_len() + 2 * l.attn_len() + l.kpre_len())
+        + l.marks_len()
         + l.outlier_len()
-        + 4 * (l.sv_len() + l.slots_len())
+        + 4 * (l.mark_scales_len() + l.sv_len() + l.slots_len())
         + l.tier_bytes()
 }
 
