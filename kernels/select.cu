@@ -22,8 +22,9 @@
 // four blocks an SM), head-major rows (96 us): the kernel issued 428 instructions a warp
 // and m16 tile, most of them the softmax statistics taken value by value (an exp and a
 // branch each) and the conversions. Integer products (no conversion) and the statistics
-// taken once a tile (one max, then one exp a value) leave about 250: 88.5 us at 29 x 7680
-// chunks (2.7 TB/s of 8-bit landmarks and scales).
+// taken once a tile (one max, then one exp a value) leave about 145: 83.0 us at 29 x 7680
+// chunks (2.8 TB/s of 8-bit landmarks and scales; ncu: DRAM 70 % busy, warps waiting on
+// their loads).
 //
 // shadow_top_k, grid (kv_heads, batch), TOPK_THREADS threads: the `slots` best
 // non-outlier chunks by score, ties to the lower id, written ascending to selected
@@ -210,6 +211,7 @@ __device__ __forceinline__ void logits_mma(float (&x)[4], float* __restrict__ ou
         mma_16832_s8(al, a.z, b.z, a.w, b.w, qlo[4 * i + 2], qlo[4 * i + 3]);
     }
     // accumulators: (chunk gi, head 2t), (gi, 2t + 1), (gi + 8, 2t), (gi + 8, 2t + 1)
+    float* __restrict__ o = out + (size_t)c * g;  // the tile's rows
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int ch = c + 8 * h + gi;
@@ -219,9 +221,17 @@ __device__ __forceinline__ void logits_mma(float (&x)[4], float* __restrict__ ou
             const int j = 2 * t + e, k = 2 * h + e;
             const float v = (float)(ah[k] * 256 + al[k]) * qs[e] * r.scale[h];
             x[k] = ch < end && j < g && !outlier ? v : SELECT_NEG_INF;
-            if (ch < end && j < g) out[(size_t)ch * g + j] = x[k];
+            if (ch < end && j < g) o[(8 * h + gi) * g + j] = x[k];
         }
     }
+}
+
+// exp(x) by the special function unit, flushing results below 2^-126 to zero (as
+// __expf, without its path for them: a term that small adds nothing to a sum of ones).
+__device__ __forceinline__ float exp_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x * 1.4426950408889634f));
+    return y;
 }
 
 // The softmax statistics (max, sum of exp(x - max)) of query head 2t + e over a tile's 32
@@ -232,7 +242,7 @@ __device__ __forceinline__ float2 tile_stats(float a, float b, float c, float d)
 #pragma unroll
     for (int o = 4; o < 32; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     const float base = m == SELECT_NEG_INF ? 0.f : m;
-    float s = __expf(a - base) + __expf(b - base) + __expf(c - base) + __expf(d - base);
+    float s = exp_ftz(a - base) + exp_ftz(b - base) + exp_ftz(c - base) + exp_ftz(d - base);
 #pragma unroll
     for (int o = 4; o < 32; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     return make_float2(m, s);
@@ -281,7 +291,8 @@ __device__ __forceinline__ void logits_run(float* __restrict__ out, float2 (*par
 
 // Three blocks an SM of 80 registers, one m16 tile in flight beyond the one multiplied:
 // 88.5 us at 29 x 7680 chunks on the H200, against 97.7 for two blocks with three tiles
-// in flight and 93.8 for four blocks with one (sm_80 spills a few bytes: tools/nvrtc-check).
+// in flight and 93.8 for four blocks with one (then 83.0 with exp_ftz and the tile's
+// output offsets in 32 bits).
 extern "C" __global__ void __launch_bounds__(SELECT_THREADS, LOGITS_BLOCKS)
     shadow_logits(float* __restrict__ logits, float2* __restrict__ stats, const __nv_bfloat16* __restrict__ q,
                   const ShadowSeqBufs* __restrict__ bufs, const ShadowSeqCounts* __restrict__ counts,

@@ -487,7 +487,7 @@ fn queued_steps(
 }
 
 /// GPU bytes of a step: the weights, and per sequence and
-/// layer the landmarks scored, the rows attended (keys and values), for each miss of the
+/// layer the landmarks scored (codes and scales), the rows attended (keys and values), for each miss of the
 /// slots its rebuilt keys (the coefficients read, the keys written) and its values
 /// written, the values read from GPU value slots, and with a GPU value tier the tier
 /// hits' values read from the tier and the fetched chunks' values written to it.
@@ -495,8 +495,9 @@ fn gpu_bytes(model: &CudaModel, seqs: &[GpuShadowSeq], m: Misses) -> f64 {
     let layout = seqs[0].layer(0).layout();
     let c = seqs[0].counts();
     let (_, attended) = layout.attended_rows(&c);
-    let per_layer =
-        (c.chunks as usize * layout.kv_width() * 2 + attended * layout.kv_heads * layout.head_dim * 4) as f64;
+    // Landmarks: 8-bit codes and an fp32 scale per chunk and KV head.
+    let marks = c.chunks as usize * (layout.kv_width() + 4 * layout.kv_heads);
+    let per_layer = (marks + attended * layout.kv_heads * layout.head_dim * 4) as f64;
     let per_miss = (layout.chunk * (layout.rank * 2 + layout.head_dim * 4)) as f64;
     let values = (layout.chunk * layout.head_dim * 2) as f64;
     let fetched = m.host + m.device;
