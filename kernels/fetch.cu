@@ -3,23 +3,24 @@
 // first the misses to fetch from the host (fetch_count[b, h] of them), then those found in
 // the GPU value tier (copied by the key rebuild, kernels/rebuild.cu).
 //
-// shadow_fetch (zero-copy): each miss (slot, chunk) of KV head h of sequence b copies the
-// chunk's c * d bf16 values from the value pool holding the sequence's slot
+// shadow_fetch (zero-copy): each miss (slot, chunk) of KV head h of sequence b reads the
+// chunk's c * d values in 8 bits from the value pool holding the sequence's slot
 // (shadow_pool_chunk, shadow.cuh): the host pool, read over PCIe through its
 // device-mapped address, or for a GPU value slot the pool in device memory (an HBM copy),
-//   pool [layer][seq][kv_head][chunk][c * d]   (src/pool, in bf16),
-// to av[h, slot_row(slot) ..] (c rows of d, token order).
-// shadow_scatter (cpu-gather): the same misses, the values already gathered by the host
-// into staging [n, c * d] (on the device) in list order: sequence, then head, then the
+//   pool [layer][seq][kv_head][chunk]   (src/pool: codes, then a scale per token),
+// and writes them as bf16 to av[h, slot_row(slot) ..] (c rows of d, token order).
+// shadow_scatter (cpu-gather): the same misses, their chunks already gathered by the host
+// into staging [n] chunks (on the device) in list order: sequence, then head, then the
 // miss's place j in misses[b, h, 0..fetch_count[b, h]).
 // With a GPU value tier (dims.tier = T > 0) both also write the j-th fetched chunk of
-// (b, h), for j < T, to tier entry (tier_base[b, h] + j) % T, the entry the reuse diff gave it.
+// (b, h), for j < T, as it is (8 bits) to tier entry (tier_base[b, h] + j) % T, the entry
+// the reuse diff gave it.
 //
 // Grid: any number of blocks of FETCH_THREADS threads (the zero-copy path runs on few
 // blocks so that the warps waiting on PCIe do not hold the SMs other kernels need);
 // dynamic shared memory (batch * kv_heads + 1) ints. Each block computes the offsets of
 // the (b, h) miss lists, then its warps stride over all misses, one chunk per warp,
-// 16-byte words (copy_chunks, shadow.cuh).
+// 16-byte words (copy_chunks, shadow.cuh, which also turns the codes into bf16).
 #include <cuda_bf16.h>
 
 #include "pdl.cuh"
@@ -57,12 +58,12 @@ extern "C" __global__ void __launch_bounds__(FETCH_THREADS, 1)
     shadow_scatter(const int2* __restrict__ misses, const int* __restrict__ fetch_count,
                    const int* __restrict__ tier_base, const ShadowSeqBufs* __restrict__ bufs,
                    const ShadowSeqCounts* __restrict__ counts, ShadowDims dims, int batch,
-                   const __nv_bfloat16* __restrict__ staging) {
+                   const unsigned char* __restrict__ staging) {
     pdl_wait();
     pdl_trigger();
-    const size_t chunk_elems = (size_t)dims.chunk * dims.head_dim;
+    const size_t chunk_bytes = value_chunk_bytes(dims);
     copy_chunks(
         misses, fetch_count, bufs, counts, dims, batch, dims.chunk_cap, [](int) { return 0; },
-        [=](int, int, int, int t, int) { return reinterpret_cast<const uint4*>(staging + (size_t)t * chunk_elems); },
+        [=](int, int, int, int t, int) { return reinterpret_cast<const uint4*>(staging + (size_t)t * chunk_bytes); },
         TierDst{bufs, tier_base, dims});
 }

@@ -6,8 +6,9 @@
 //
 // shadow_fold_chunk, grid (kv_heads, batch), FOLD_THREADS threads, per head h:
 //   - the landmark (fp32 mean of the chunk's post-RoPE keys, summed in time order) in
-//     8 bits: codes to marks[h, ch, ..], scale to mark_scales[h, ch] (shadow_mark_code);
-//   - the chunk's values, token order, to the value pool at (layer, pool_seq, h, ch): the
+//     8 bits: codes to marks[h, ch, ..], scale to mark_scales[h, ch] (code8_code);
+//   - the chunk's values, token order, in 8 bits (code8_value_chunk) to the value pool at
+//     (layer, pool_seq, h, ch): the
 //     host pool through its device-mapped address (the device writes the pool itself),
 //     or for a GPU value slot the pool in device memory (shadow_pool_chunk, shadow.cuh);
 //   - outlier[h, ch] = 0.
@@ -52,15 +53,11 @@ extern "C" __global__ void __launch_bounds__(FOLD_THREADS)
         for (int i = 0; i < c; ++i) l += __bfloat162float(shadow_attn_row(s.ak, dims, h, R - 1 - i)[j]);
         l = l / (float)c;
     }
-    const float ms = shadow_mark_scale(block_max(fabsf(l), scratch));
-    if (j < d) reinterpret_cast<signed char*>(s.marks)[((size_t)h * dims.chunk_cap + ch) * d + j] = shadow_mark_code(l, ms);
+    const float ms = code8_scale(block_max(fabsf(l), scratch));
+    if (j < d) reinterpret_cast<signed char*>(s.marks)[((size_t)h * dims.chunk_cap + ch) * d + j] = code8_code(l, ms);
     if (j == 0) reinterpret_cast<float*>(s.mark_scales)[(size_t)h * dims.chunk_cap + ch] = ms;
-    const int row_words = d / 8;
-    uint4* dst = reinterpret_cast<uint4*>(shadow_pool_chunk(pool, dims, layer, n.pool_seq, h, ch));
-    for (int w = threadIdx.x; w < c * row_words; w += blockDim.x) {
-        const int i = w / row_words, x = w - i * row_words;
-        dst[w] = reinterpret_cast<const uint4*>(shadow_attn_row(s.av, dims, h, R - 1 - i))[x];
-    }
+    code8_value_chunk([&](int i) { return shadow_attn_row(s.av, dims, h, R - 1 - i); },
+                      shadow_pool_chunk(pool, dims, layer, n.pool_seq, h, ch), dims);
     if (threadIdx.x == 0) reinterpret_cast<unsigned char*>(s.outlier)[(size_t)h * dims.chunk_cap + ch] = 0;
     __threadfence_system();
 }

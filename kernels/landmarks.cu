@@ -7,7 +7,7 @@
 //
 // shadow_landmarks, grid (chunks, kv_heads), block d: the landmark of chunk ch and head
 // h (the fp32 mean of its c keys, summed in token order) in 8 bits, its codes to
-// marks[h, ch, ..] and its scale to mark_scales[h, ch] (shadow_mark_code, shadow.cuh),
+// marks[h, ch, ..] and its scale to mark_scales[h, ch] (code8_code, shadow.cuh),
 // and the minimum over the chunk's keys of their cosine similarity to the fp32
 // landmark, negated, to neg_cos[h, ch] (a zero vector has cosine 1). The O chunks of
 // each head with the largest negated cosine are its outliers (topk_rows, select.cu).
@@ -56,8 +56,8 @@ extern "C" __global__ void shadow_landmarks(float* __restrict__ neg_cos, const _
     float l = 0.f;
     for (int t = 0; t < c; ++t) l += __bfloat162float(kc[t * kvd]);
     l = l / (float)c;
-    const float ms = shadow_mark_scale(block_max(fabsf(l), scratch));
-    reinterpret_cast<signed char*>(bufs.marks)[((size_t)h * dims.chunk_cap + ch) * d + j] = shadow_mark_code(l, ms);
+    const float ms = code8_scale(block_max(fabsf(l), scratch));
+    reinterpret_cast<signed char*>(bufs.marks)[((size_t)h * dims.chunk_cap + ch) * d + j] = code8_code(l, ms);
     if (j == 0) reinterpret_cast<float*>(bufs.mark_scales)[(size_t)h * dims.chunk_cap + ch] = ms;
     const float nl = sqrtf(block_sum(l * l, scratch));
     float lowest = __int_as_float(0x7f800000);  // +inf
@@ -120,10 +120,6 @@ extern "C" __global__ void shadow_pool_write(ShadowPool pool, const __nv_bfloat1
     const int ch = blockIdx.x, h = blockIdx.y;
     const int d = dims.head_dim, c = dims.chunk;
     const size_t kvd = (size_t)dims.kv_heads * d;
-    const int row_words = d / 8;
-    uint4* dst = reinterpret_cast<uint4*>(shadow_pool_chunk(pool, dims, layer, pool_seq, h, ch));
-    for (int w = threadIdx.x; w < c * row_words; w += blockDim.x) {
-        const int t = w / row_words, i = w - t * row_words;
-        dst[w] = reinterpret_cast<const uint4*>(v + ((size_t)ch * c + t) * kvd + (size_t)h * d)[i];
-    }
+    code8_value_chunk([&](int t) { return v + ((size_t)ch * c + t) * kvd + (size_t)h * d; },
+                      shadow_pool_chunk(pool, dims, layer, pool_seq, h, ch), dims);
 }

@@ -10,7 +10,7 @@
 //
 // Tier hits: given fetch_count and tier_src (as shadow_reuse writes them; null: none),
 // the entries of list e from fetch_count[e] on are tier hits, entry j's values in tier
-// entry tier_src[e, j]; the kernel copies those values to their slot's
+// entry tier_src[e, j] (8 bits); the kernel writes those values as bf16 to their slot's
 // rows of av as it finishes each tile (rb_copy_tier). The rebuild waits on latency more
 // than on HBM, and the other block of the SM multiplies meanwhile; as a kernel of its own
 // before the rebuild the copy took 1.8 ms of a 20.6 ms step (29 x 61440 tokens, H200).
@@ -135,9 +135,9 @@ __device__ __forceinline__ int2 rb_row(const RbTile& x, int p, int per, const Sh
 }
 
 // Starts tile x: its rows' tokens, attention rows and rows of the head's GPU value tier
-// (-1: not a tier hit) into tok / arow / tent (threads below REBUILD_ROWS, one row each),
-// and this thread's
-// two rows of u to stage (rows tid/4 and tid/4 + 64; null = empty) into lrow.
+// (entry * value_chunk_bytes + row of the entry, the bytes a multiple of 16 and the row
+// below MAX_CHUNK = 16; -1: not a tier hit) into tok / arow / tent (threads below
+// REBUILD_ROWS, one row each), and this thread's two rows of u to stage (rows tid/4 and tid/4 + 64; null = empty) into lrow.
 __device__ __forceinline__ void rb_start_tile(const RbTile& x, int per, const ShadowDims& dims,
                                               const int2* __restrict__ misses,
                                               const ShadowSeqCounts* __restrict__ counts,
@@ -154,7 +154,7 @@ __device__ __forceinline__ void rb_start_tile(const RbTile& x, int per, const Sh
         if (q.x >= 0 && j >= x.fc) {
             const int e = x.b * dims.kv_heads + x.h;
             const int entry = min(max(tier_src[(size_t)e * dims.slots + j], 0), dims.tier - 1);
-            ent = entry * dims.chunk + tid % dims.chunk;
+            ent = entry * value_chunk_bytes(dims) + tid % dims.chunk;
         }
         tent[tid] = ent;
     }
@@ -296,32 +296,40 @@ __device__ __forceinline__ void rb_store(const float (&acc)[2][D / 32][2][4], co
 }
 
 // Copies the tier hits' values of the tile whose rows are arow / tent to their rows of
-// av: thread tid copies word tid % (D / 8) (16 bytes) of the rows tid / (D / 8) + k *
-// (REBUILD_THREADS / (D / 8)), REBUILD_COPY loads in flight; rows that are not tier hits
-// are skipped. Called where no accumulator is live (the loads take registers).
+// av, as bf16 from the tier's 8 bits (row t % 16 of the entry at byte t - t % 16 for tent
+// t): thread tid
+// writes word tid % (D / 8) (8 values from 8 codes and the row's scale) of the rows
+// tid / (D / 8) + k * (REBUILD_THREADS / (D / 8)), REBUILD_COPY loads in flight; rows that
+// are not tier hits are skipped. Called where no accumulator is live (the loads take
+// registers).
 template <int D>
 __device__ __forceinline__ void rb_copy_tier(const int* arow, const int* tent, const ShadowSeqBufs& buf,
                                              const ShadowDims& dims, int h) {
     constexpr int ROW_WORDS = D / 8, STRIDE = REBUILD_THREADS / ROW_WORDS;  // rows a pass
     static_assert(REBUILD_ROWS % (STRIDE * REBUILD_COPY) == 0, "whole passes");
-    const uint4* tier = shadow_tier_entry(buf, dims, h, 0);
+    const unsigned char* tier = reinterpret_cast<const unsigned char*>(shadow_tier_entry(buf, dims, h, 0));
+    const int c = dims.chunk;
     uint4* av = reinterpret_cast<uint4*>(shadow_attn_row(buf.av, dims, h, 0));
     const int i = threadIdx.x % ROW_WORDS;
     for (int p0 = threadIdx.x / ROW_WORDS; p0 < REBUILD_ROWS; p0 += STRIDE * REBUILD_COPY) {
-        uint4 v[REBUILD_COPY];
+        uint2 v[REBUILD_COPY];
+        float sc[REBUILD_COPY];
         int dst[REBUILD_COPY];  // word of av, or -1
 #pragma unroll
         for (int q = 0; q < REBUILD_COPY; ++q) {
             const int p = p0 + q * STRIDE, src = tent[p];
             dst[q] = -1;
             if (src >= 0) {
-                v[q] = __ldg(tier + src * ROW_WORDS + i);
+                const int r = src & 15;
+                const unsigned char* chunk = tier + (src - r);
+                v[q] = __ldg(reinterpret_cast<const uint2*>(chunk + (size_t)r * D) + i);
+                sc[q] = __ldg(reinterpret_cast<const float*>(chunk + (size_t)c * D) + r);
                 dst[q] = arow[p] * ROW_WORDS + i;
             }
         }
 #pragma unroll
         for (int q = 0; q < REBUILD_COPY; ++q)
-            if (dst[q] >= 0) av[dst[q]] = v[q];
+            if (dst[q] >= 0) av[dst[q]] = code8_expand8(v[q], sc[q]);
     }
 }
 

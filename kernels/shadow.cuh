@@ -5,7 +5,7 @@
 //
 // Per sequence and layer (kvh = kv_heads, d = head_dim, c = chunk, R = recent rows):
 //   marks   [kvh, chunk_cap, d]  i8     landmark of each chunk in 8 bits, code * scale
-//   mark_scales [kvh, chunk_cap] f32    (shadow_mark_code), head-major: the scores stream a head
+//   mark_scales [kvh, chunk_cap] f32    (code8_code), head-major: the scores stream a head
 //   outlier [kvh, chunk_cap]     u8     1 = outlier chunk of that head (never selected)
 //   u       [chunk_cap * c, rank] bf16  low-rank coefficients of the sparse tokens
 //   sv      [rank, kvh * d]      f32    the basis
@@ -17,7 +17,8 @@
 //   kpre    [R, kvh * d]         bf16   pre-RoPE keys of the recent window, same rows
 // and, with a GPU value tier of T > 0 entries per head (a FIFO cache of chunks' values in
 // device memory, so that a missed chunk found there is not read over PCIe):
-//   tier       [kvh, T, c * d]   bf16   the values of the chunk each entry holds
+//   tier       [kvh, T]  chunks of value_chunk_bytes: the values of the chunk each entry holds,
+//                                       in the pool's format (below)
 //   tier_map   [kvh, chunk_cap]  i32    the entry holding each chunk, -1 = none
 //   tier_owner [kvh, T]          i32    the chunk each entry holds, -1 = empty
 //   tier_next  [kvh]             i32    the entry the next fetched chunk replaces
@@ -50,7 +51,10 @@ struct ShadowSeqCounts {
     int pool_seq;  // the sequence's slot in the value pools (global, see ShadowPool)
 };
 
-// The bf16 value pools, each [layer][seq][kv_head][chunk][c * d]: the host pool (its
+// The value pools, each [layer][seq][kv_head][chunk], a chunk of one head its c token rows
+// in 8 bits (reference: src/pool, src/shadow/codes8.rs): c * d int8 codes in token order,
+// then c fp32 scales (value = code * scale), padded to whole 16-byte words
+// (value_chunk_bytes): the host pool (its
 // device-mapped address; read over PCIe) of host_seqs slots and the pool in device memory
 // of dev_seqs slots (GPU value slots). A sequence's pool_seq is global: below host_seqs a
 // host slot, else device slot pool_seq - host_seqs.
@@ -66,26 +70,95 @@ static_assert(sizeof(ShadowSeqBufs) == 104, "ShadowSeqBufs mirrors layout.rs");
 static_assert(sizeof(ShadowSeqCounts) == 16, "ShadowSeqCounts mirrors layout.rs");
 static_assert(sizeof(ShadowPool) == 32, "ShadowPool mirrors layout.rs");
 
-// The c * d values of chunk `chunk` of head h of global slot `pool_seq` at layer `layer`,
-// in whichever pool holds the slot (the caller keeps the slot and chunk in range).
-__device__ __forceinline__ __nv_bfloat16* shadow_pool_chunk(const ShadowPool& p, const ShadowDims& dims, int layer,
+// Bytes of one chunk of one head's values in 8 bits (the pools' and the tier's format).
+__device__ __forceinline__ int value_chunk_bytes(const ShadowDims& dims) {
+    return (dims.chunk * (dims.head_dim + 4) + 15) & ~15;
+}
+
+// The values (value_chunk_bytes) of chunk `chunk` of head h of global slot `pool_seq` at
+// layer `layer`, in whichever pool holds the slot (the caller keeps the slot and chunk in
+// range).
+__device__ __forceinline__ unsigned char* shadow_pool_chunk(const ShadowPool& p, const ShadowDims& dims, int layer,
                                                             int pool_seq, int h, int chunk) {
     const bool dev = pool_seq >= p.host_seqs;
     const size_t seqs = dev ? p.dev_seqs : p.host_seqs;
     const size_t s = dev ? pool_seq - p.host_seqs : pool_seq;
-    return reinterpret_cast<__nv_bfloat16*>(dev ? p.dev : p.host) +
-           ((((size_t)layer * seqs + s) * dims.kv_heads + h) * p.chunks + chunk) * dims.chunk * dims.head_dim;
+    return reinterpret_cast<unsigned char*>(dev ? p.dev : p.host) +
+           ((((size_t)layer * seqs + s) * dims.kv_heads + h) * p.chunks + chunk) * value_chunk_bytes(dims);
 }
 
-// A landmark in 8 bits (reference: Marks8 in src/shadow/landmarks.rs, the same
-// arithmetic): the scale of a vector whose largest |value| is max_abs, max_abs / 127 (0
-// for a zero vector), and the code of its value l, round(l / scale) to even within
+// A vector in 8 bits, landmarks and values alike (reference: src/shadow/codes8.rs, the
+// same arithmetic): the scale of a vector whose largest |value| is max_abs, max_abs / 127
+// (0 for a zero vector), and the code of its value l, round(l / scale) to even within
 // +-127 (0 where the scale is 0). IEEE divisions, whatever the compiler's options.
-__device__ __forceinline__ float shadow_mark_scale(float max_abs) {
+__device__ __forceinline__ float code8_scale(float max_abs) {
     return max_abs == 0.f ? 0.f : __fdiv_rn(max_abs, 127.f);
 }
-__device__ __forceinline__ signed char shadow_mark_code(float l, float scale) {
+__device__ __forceinline__ signed char code8_code(float l, float scale) {
     return scale == 0.f ? 0 : (signed char)max(-127, min(127, __float2int_rn(__fdiv_rn(l, scale))));
+}
+
+// Writes token row `x` (d bf16 values, 16-byte aligned) in 8 bits to a chunk in the pools'
+// format: its codes to row r of `chunk`, its scale to the chunk's scale r. One warp, every
+// lane calling (d = 64 or 128: d / 32 values a lane).
+__device__ __forceinline__ void code8_value_row(const __nv_bfloat16* __restrict__ x, unsigned char* chunk, int r,
+                                                const ShadowDims& dims) {
+    const int lane = threadIdx.x & 31, d = dims.head_dim, per = d >> 5;
+    float v[4];
+    if (per == 4) {
+        const uint2 w = reinterpret_cast<const uint2*>(x)[lane];
+        const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w.x));
+        const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w.y));
+        v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+    } else {
+        const float2 a = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(x)[lane]);
+        v[0] = a.x, v[1] = a.y, v[2] = 0.f, v[3] = 0.f;
+    }
+    float m = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    const float s = code8_scale(m);
+    unsigned q = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        if (i < per) q |= (unsigned)(unsigned char)code8_code(v[i], s) << (8 * i);
+    unsigned char* codes = chunk + (size_t)r * d;
+    if (per == 4)
+        reinterpret_cast<unsigned*>(codes)[lane] = q;
+    else
+        reinterpret_cast<unsigned short*>(codes)[lane] = (unsigned short)q;
+    if (lane == 0) reinterpret_cast<float*>(chunk + (size_t)dims.chunk * d)[r] = s;
+}
+
+// Writes a chunk's c token rows, row r at row_of(r) (bf16, 16-byte aligned), in 8 bits to
+// `chunk` (code8_value_row): the block's warps take a row each in turn.
+template <typename RowOf>
+__device__ __forceinline__ void code8_value_chunk(RowOf row_of, unsigned char* chunk, const ShadowDims& dims) {
+    for (int r = threadIdx.x >> 5; r < dims.chunk; r += blockDim.x >> 5) code8_value_row(row_of(r), chunk, r, dims);
+}
+
+// The 8 values of 8 codes at one scale as 8 bf16 (a 16-byte word): bf16(code * scale),
+// the product in fp32 (the reference's f32 value, rounded).
+__device__ __forceinline__ uint4 code8_expand8(uint2 w, float s) {
+    const unsigned in[2] = {w.x, w.y};
+    unsigned o[4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            const float a = __fmul_rn((float)(signed char)(in[i] >> (16 * k)), s);
+            const float b = __fmul_rn((float)(signed char)(in[i] >> (16 * k + 8)), s);
+            const __nv_bfloat162 p = __floats2bfloat162_rn(a, b);
+            o[2 * i + k] = *reinterpret_cast<const unsigned*>(&p);
+        }
+    }
+    return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+// The same for a 16-byte word of 16 codes: two words of bf16 to out[0], out[1].
+__device__ __forceinline__ void code8_expand(uint4 w, float s, uint4* out) {
+    out[0] = code8_expand8(make_uint2(w.x, w.y), s);
+    out[1] = code8_expand8(make_uint2(w.z, w.w), s);
 }
 
 // The largest v over the block (blockDim.x a multiple of 32, at most 1024); every thread
@@ -173,14 +246,16 @@ __device__ __forceinline__ int run_of(const int* off, int n, int t) {
     return lo;
 }
 
-// Copies chunks of c * d bf16 values for a batch's concatenated lists: list e = b *
-// kv_heads + h holds n(e) = counts[e] entries (clamped to [0, S]) at list[e * S + first(e)
-// ...]; entry j of list e copies src_of(b, h, entry, t) (t = the entry's place in the
-// whole concatenation) to its slot's rows of av and, where extra_of(b, h, j, e) is not
-// null, there too. One warp per chunk, 16-byte words, COPY_UNROLL loads in flight per
-// lane; the warps of the whole grid stride over the concatenation. Dynamic shared
-// memory: (batch * kv_heads + 1) ints. Entries naming a slot out of range, or (where
-// `limit` > 0) a second field at or past `limit`, are skipped.
+// Copies chunks of values for a batch's concatenated lists: list e = b * kv_heads + h
+// holds n(e) = counts[e] entries (clamped to [0, S]) at list[e * S + first(e) ...]; entry j
+// of list e reads chunk src_of(b, h, entry, t) (t = the entry's place in the whole
+// concatenation; value_chunk_bytes in the pools' 8-bit format), writes its values as bf16
+// to its slot's rows of av and, where extra_of(b, h, j, e) is not null, its bytes as they
+// are there too. One warp per chunk, 16-byte words, COPY_UNROLL loads in flight per lane
+// (the chunk's scales read first, lane r holding row r's: c <= 32); the warps of the
+// whole grid stride over the concatenation. Dynamic shared memory: (batch * kv_heads + 1)
+// ints. Entries naming a slot out of range, or (where `limit` > 0) a second field at or
+// past `limit`, are skipped.
 #define COPY_UNROLL 4
 template <typename First, typename Src, typename Extra>
 __device__ __forceinline__ void copy_chunks(const int2* __restrict__ list, const int* __restrict__ counts,
@@ -193,7 +268,9 @@ __device__ __forceinline__ void copy_chunks(const int2* __restrict__ list, const
     const int total = block_offsets(counts, lists, dims.slots, off, scratch);
     const int lane = threadIdx.x & 31;
     const int warps = (gridDim.x * blockDim.x) >> 5;
-    const int words = dims.chunk * dims.head_dim / 8;  // 16-byte words per chunk
+    const int words = value_chunk_bytes(dims) / 16;          // 16-byte words per chunk
+    const int code_words = dims.chunk * dims.head_dim / 16;  // of which codes
+    const int row_words = dims.head_dim / 16;                // code words a row
     for (int t = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; t < total; t += warps) {
         const int e = run_of(off, lists, t);
         const int b = e / dims.kv_heads, h = e - b * dims.kv_heads;
@@ -202,6 +279,10 @@ __device__ __forceinline__ void copy_chunks(const int2* __restrict__ list, const
         const int2 m = list[(size_t)e * dims.slots + j];  // (slot, chunk or entry)
         if (m.x < 0 || m.x >= dims.slots || m.y < 0 || (limit > 0 && m.y >= limit)) continue;
         const uint4* src = src_of(b, h, m.y, t, e * dims.slots + j);
+        const float scale =
+            lane < dims.chunk
+                ? reinterpret_cast<const float*>(reinterpret_cast<const unsigned char*>(src) + code_words * 16)[lane]
+                : 0.f;
         uint4* dst = reinterpret_cast<uint4*>(
             shadow_attn_row(bufs[b].av, dims, h, shadow_slot_row(dims, seq_counts[b].outliers, m.x)));
         uint4* extra = extra_of(b, h, j, e);
@@ -215,18 +296,17 @@ __device__ __forceinline__ void copy_chunks(const int2* __restrict__ list, const
 #pragma unroll
             for (int u = 0; u < COPY_UNROLL; ++u) {
                 const int w = w0 + u * 32 + lane;
-                if (w < words) {
-                    dst[w] = v[u];
-                    if (extra) extra[w] = v[u];
-                }
+                const float s = __shfl_sync(0xffffffffu, scale, min(w / row_words, 31));
+                if (w < words && extra) extra[w] = v[u];
+                if (w < code_words) code8_expand(v[u], s, dst + 2 * w);
             }
         }
     }
 }
 
-// The tier entry `entry` of head h (c * d values) of a sequence's buffers.
+// The tier entry `entry` of head h (value_chunk_bytes) of a sequence's buffers.
 __device__ __forceinline__ uint4* shadow_tier_entry(const ShadowSeqBufs& b, const ShadowDims& dims, int h,
                                                     int entry) {
-    return reinterpret_cast<uint4*>(reinterpret_cast<__nv_bfloat16*>(b.tier) +
-                                    ((size_t)h * dims.tier + entry) * dims.chunk * dims.head_dim);
+    return reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(b.tier) +
+                                    ((size_t)h * dims.tier + entry) * value_chunk_bytes(dims));
 }

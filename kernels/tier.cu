@@ -8,7 +8,8 @@
 // The tier hits go to their slots of av in the key rebuild (rebuild.cu), beside their keys.
 // shadow_tier_fill, grid (n, kv_heads), block 128: at the end of a prefill, entry x < n of
 // head h takes chunk first + x of the dense values v [T_tokens, kv_heads * d] (one
-// sequence), and the table records it; tier_next[h] = n % T.
+// sequence) in 8 bits, the bytes the pool write gives the chunk (code8_value_chunk), and
+// the table records it; tier_next[h] = n % T.
 // shadow_tier_fill_pool, the same grid and result, the chunks read from the sequence's
 // slot of the value pools instead (a tier added after the prefill's dense cache is gone):
 // the registered host pool or the GPU value slots' pool (shadow_pool_chunk, shadow.cuh).
@@ -25,12 +26,8 @@ extern "C" __global__ void shadow_tier_fill(ShadowSeqBufs bufs, const __nv_bfloa
     const int x = blockIdx.x, h = blockIdx.y, n = gridDim.x;
     const int d = dims.head_dim, c = dims.chunk, ch = first + x;
     const size_t kvd = (size_t)dims.kv_heads * d;
-    const int row_words = d / 8;
-    uint4* dst = shadow_tier_entry(bufs, dims, h, x);
-    for (int w = threadIdx.x; w < c * row_words; w += blockDim.x) {
-        const int t = w / row_words, i = w - t * row_words;
-        dst[w] = reinterpret_cast<const uint4*>(v + ((size_t)ch * c + t) * kvd + (size_t)h * d)[i];
-    }
+    code8_value_chunk([&](int t) { return v + ((size_t)ch * c + t) * kvd + (size_t)h * d; },
+                      reinterpret_cast<unsigned char*>(shadow_tier_entry(bufs, dims, h, x)), dims);
     if (threadIdx.x == 0) {
         reinterpret_cast<int*>(bufs.tier_owner)[(size_t)h * dims.tier + x] = ch;
         reinterpret_cast<int*>(bufs.tier_map)[(size_t)h * dims.chunk_cap + ch] = x;
@@ -44,7 +41,7 @@ extern "C" __global__ void shadow_tier_fill_pool(ShadowSeqBufs bufs, ShadowPool 
     pdl_trigger();
     const int x = blockIdx.x, h = blockIdx.y, n = gridDim.x;
     const int ch = first + x;
-    const int words = dims.chunk * dims.head_dim / 8;
+    const int words = value_chunk_bytes(dims) / 16;
     const uint4* src = reinterpret_cast<const uint4*>(shadow_pool_chunk(pool, dims, layer, pool_seq, h, ch));
     uint4* dst = shadow_tier_entry(bufs, dims, h, x);
     for (int w = threadIdx.x; w < words; w += blockDim.x) dst[w] = src[w];

@@ -15,7 +15,7 @@ use shadowkv::cuda::shadow::{CompressWorkspace, FactorWorkspace, GpuValuePool, L
 use shadowkv::cuda::testing::ops_or_skip;
 use shadowkv::cuda::{CudaModel, CudaOps};
 use shadowkv::model::synthetic::preset;
-use shadowkv::pool::{ValuePool, ValueType};
+use shadowkv::pool::ValuePool;
 use shadowkv::shadow::ShadowParams;
 
 /// Every buffer of a layer as bits, by name.
@@ -83,7 +83,7 @@ fn side_stream_workers_and_stage_timing_make_the_state_one_stream_makes() {
         let layout = ShadowLayout::new(&cfg, &p, tokens + 8).unwrap();
         let new_pool = || {
             let shape = GpuValuePool::shape_for(&layout, cfg.num_layers, 1);
-            GpuValuePool::new(ops, ValuePool::anonymous_of(shape, ValueType::Bf16).unwrap()).unwrap()
+            GpuValuePool::new(ops, ValuePool::anonymous(shape).unwrap()).unwrap()
         };
         let case = format!(
             "{arch}, {tokens} tokens, kv width {}, rank {}",

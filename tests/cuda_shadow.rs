@@ -57,6 +57,7 @@ use memmap2::MmapMut;
 use rand::rngs::StdRng;
 use rand::Rng;
 use shadowkv::cpu::attention::{causal_attention, AttnJob, AttnShape};
+use shadowkv::cpu::codes8;
 use shadowkv::cpu::ops::Rope;
 use shadowkv::cuda::shadow::{
     DevicePool, HostMapping, LayerBuffers, RebuildLists, SeqCounts, ShadowLayout, ShadowTable, StepScratch,
@@ -66,7 +67,7 @@ use shadowkv::cuda::testing::ops_or_skip;
 use shadowkv::cuda::{rope_inv_freq, CudaOps, DecodeWorkspace, KvTable};
 use shadowkv::model::config::ModelConfig;
 use shadowkv::model::synthetic::preset;
-use shadowkv::pool::PoolShape;
+use shadowkv::pool::{PoolShape, ValueFormat};
 use shadowkv::shadow::factor::LowRank;
 use shadowkv::shadow::landmarks::{landmarks, min_cosines, outlier_chunks, Marks8};
 use shadowkv::shadow::reuse::SlotTable;
@@ -306,31 +307,74 @@ fn random_misses(ops: &CudaOps, rng: &mut StdRng, l: &ShadowLayout, chunks: &[us
     }
 }
 
-/// An anonymous map for a bf16 pool of `shape` (page-aligned, as the real pools are),
-/// filled with random values; also returns the values.
-fn random_pool(rng: &mut StdRng, shape: &PoolShape) -> (MmapMut, Vec<bf16>) {
-    let n = shape.elems().unwrap();
-    let mut map = MmapMut::map_anon(n * 2).unwrap();
-    let (vals, _) = rand_bf16(rng, n, 1.0);
-    pool_slice(&mut map).copy_from_slice(&vals);
-    (map, vals)
+/// The bytes of a pool of `shape` holding random values: each chunk's token rows as
+/// random codes (within ±127, one of them ±127) and a scale 2^-k (k in 0..=10), zero
+/// padding. Such a row is exact in bf16 (codes need 7 bits) and quantizes back to the
+/// same codes and scale, so a chunk made from its bf16 values has the same bytes.
+fn random_pool_bytes(rng: &mut StdRng, shape: &PoolShape) -> Vec<u8> {
+    let (cb, cv, d) = (shape.chunk_bytes(), shape.chunk_values(), shape.head_dim);
+    let mut out = vec![0u8; shape.bytes().unwrap()];
+    for chunk in out.chunks_exact_mut(cb) {
+        for r in 0..shape.chunk {
+            let row = &mut chunk[r * d..(r + 1) * d];
+            for q in row.iter_mut() {
+                *q = rng.random_range(-127i8..=127) as u8;
+            }
+            row[rng.random_range(0..d)] = if rng.random_bool(0.5) { 127 } else { -127i8 as u8 };
+            let s = (-(rng.random_range(0..=10) as f32)).exp2();
+            chunk[cv + 4 * r..cv + 4 * r + 4].copy_from_slice(&s.to_le_bytes());
+        }
+    }
+    out
 }
 
-fn pool_slice(map: &mut MmapMut) -> &mut [bf16] {
-    bytemuck::cast_slice_mut(&mut map[..])
+/// An anonymous map for a pool of `shape` (page-aligned, as the real pools are), filled
+/// with random values ([`random_pool_bytes`]); also returns its bytes.
+fn random_pool(rng: &mut StdRng, shape: &PoolShape) -> (MmapMut, Vec<u8>) {
+    let bytes = random_pool_bytes(rng, shape);
+    let mut map = MmapMut::map_anon(bytes.len()).unwrap();
+    map.copy_from_slice(&bytes);
+    (map, bytes)
+}
+
+/// The values of one chunk of a pool (its bytes, `shape`'s format) as the kernels write
+/// them to the attention buffers: bf16 of code × scale (the product in f32).
+fn chunk_values(bytes: &[u8], shape: &PoolShape) -> Vec<bf16> {
+    let cv = shape.chunk_values();
+    (0..cv)
+        .map(|i| {
+            let r = i / shape.head_dim;
+            let s = f32::from_le_bytes(bytes[cv + 4 * r..cv + 4 * r + 4].try_into().unwrap());
+            bf16::from_f32(bytes[i] as i8 as f32 * s)
+        })
+        .collect()
+}
+
+/// A chunk's rows of bf16 values (token order, `c·d`) in 8 bits as the pools hold them
+/// (the CPU reference's rounding, `codes8::quantize`): codes, then scales; no padding.
+fn quantize_chunk(rows: &[bf16], d: usize) -> Vec<u8> {
+    let (mut codes, mut scales) = (Vec::new(), Vec::new());
+    for row in rows.chunks(d) {
+        let f: Vec<f32> = row.iter().map(|v| v.to_f32()).collect();
+        let mut q = vec![0i8; d];
+        scales.extend_from_slice(&codes8::quantize(&f, &mut q).to_le_bytes());
+        codes.extend(q.iter().map(|&x| x as u8));
+    }
+    codes.extend(scales);
+    codes
 }
 
 /// `n` GPU value slots after a test's host pool of `shape` (mapped at `host`): random
 /// values in device memory, the two pools as the kernels see them, and the slots'
-/// values.
+/// bytes.
 fn with_dev_slots(
     ops: &CudaOps,
     rng: &mut StdRng,
     shape: &PoolShape,
     host: u64,
     n: usize,
-) -> (DevicePool, CudaSlice<bf16>, Vec<bf16>) {
-    let (vals, _) = rand_bf16(rng, PoolShape { seqs: n, ..*shape }.elems().unwrap(), 1.0);
+) -> (DevicePool, CudaSlice<u8>, Vec<u8>) {
+    let vals = random_pool_bytes(rng, &PoolShape { seqs: n, ..*shape });
     let buf = ops.device().upload(&vals).unwrap();
     let dev = buf.device_ptr(ops.device().stream()).0;
     let pool = DevicePool {
@@ -342,15 +386,15 @@ fn with_dev_slots(
     (pool, buf, vals)
 }
 
-/// The values of chunk `c` of head `h` of global slot `seq` at `layer`, from the host
-/// pool's values or the GPU value slots', whichever holds the slot.
-fn chunk_ref<'a, T>(
+/// The bytes of chunk `c` of head `h` of global slot `seq` at `layer`, from the host
+/// pool's or the GPU value slots', whichever holds the slot.
+fn chunk_ref<'a>(
     pool: &DevicePool,
-    (host, dev): (&'a [T], &'a [T]),
+    (host, dev): (&'a [u8], &'a [u8]),
     (layer, seq, h, c): (usize, usize, usize, usize),
-) -> &'a [T] {
+) -> &'a [u8] {
     let vals = if pool.on_device(seq) { dev } else { host };
-    &vals[pool.chunk_offset(layer, seq, h, c)..][..pool.shape.chunk_elems]
+    &vals[pool.chunk_offset(layer, seq, h, c)..][..pool.shape.chunk_bytes()]
 }
 
 /// Element offset of one row of head `h` in an attention buffer.
@@ -791,17 +835,20 @@ fn gpu_value_tier_keeps_its_fifo_and_moves_the_pool_bytes() {
             seqs: batch - 1,
             kv_heads: kvh,
             chunks: l.chunk_cap,
-            chunk_elems: chunk * d,
+            chunk,
+            head_dim: d,
+            format: ValueFormat::Int8,
         };
         let mut rng = seeded("shadow_tier");
         let (mut map, host_ref) = random_pool(&mut rng, &shape);
-        let mapping = HostMapping::new(&ops, pool_slice(&mut map)).unwrap();
+        let mapping = HostMapping::new(&ops, &mut map[..]).unwrap();
         let (pool, _slots, dev_ref) = with_dev_slots(&ops, &mut rng, &shape, mapping.device_addr(), 1);
         let refs = (&host_ref[..], &dev_ref[..]);
-        let ce = chunk * d;
+        let (ce, cb) = (chunk * d, shape.chunk_bytes());
         // The rebuild copies the tier hits (the keys it writes are not checked here).
         let inv = dev.upload(&vec![1e-3f32; d / 2]).unwrap();
-        let chunk_of = |b: usize, h: usize, c: usize| bits(chunk_ref(&pool, refs, (0, b, h, c)));
+        // A chunk's values as the attention buffers get them.
+        let chunk_of = |b: usize, h: usize, c: usize| bits(&chunk_values(chunk_ref(&pool, refs, (0, b, h, c)), &shape));
         let outs: Vec<usize> = (0..batch).map(|_| rng.random_range(0..=l.outliers)).collect();
         let seq_counts: Vec<SeqCounts> = (0..batch).map(|b| counts(l.chunk_cap, 0, outs[b], b)).collect();
         // The selections of every step, shared by both fetch paths.
@@ -847,7 +894,7 @@ fn gpu_value_tier_keeps_its_fifo_and_moves_the_pool_bytes() {
                 let mut v = vec![bf16::ZERO; tokens * l.kv_width()];
                 for c in 0..l.chunk_cap {
                     for h in 0..kvh {
-                        let src = chunk_ref(&pool, refs, (0, b, h, c));
+                        let src = chunk_values(chunk_ref(&pool, refs, (0, b, h, c)), &shape);
                         for t in 0..chunk {
                             let row = (c * chunk + t) * l.kv_width() + h * d;
                             v[row..row + d].copy_from_slice(&src[t * d..(t + 1) * d]);
@@ -915,12 +962,12 @@ fn gpu_value_tier_keeps_its_fifo_and_moves_the_pool_bytes() {
                     // reference, the GPU value slot's included: the scatter's input; the
                     // real actor serves host slots only); the scatter puts them in their
                     // slots and tier entries.
-                    let mut staging = vec![bf16::from_bits(NAN_BITS); batch * kvh * slots * ce];
+                    let mut staging = vec![0xffu8; batch * kvh * slots * cb];
                     let mut t = 0;
                     for (e, list) in lists.iter().enumerate() {
                         for &(_, c) in list {
                             let src = chunk_ref(&pool, refs, (0, e / kvh, e % kvh, c as usize));
-                            staging[t * ce..(t + 1) * ce].copy_from_slice(src);
+                            staging[t * cb..(t + 1) * cb].copy_from_slice(src);
                             t += 1;
                         }
                     }
@@ -972,7 +1019,7 @@ fn gpu_value_tier_keeps_its_fifo_and_moves_the_pool_bytes() {
                     let av = bits(&dev.download(&buf.av).unwrap());
                     let t = buf.tier.as_ref().expect("a tier");
                     let (tv, tmap, towner, tnext) = (
-                        bits(&dev.download(&t.values).unwrap()),
+                        dev.download(&t.values).unwrap(),
                         dev.download(&t.map).unwrap(),
                         dev.download(&t.owner).unwrap(),
                         dev.download(&t.next).unwrap(),
@@ -993,7 +1040,7 @@ fn gpu_value_tier_keeps_its_fifo_and_moves_the_pool_bytes() {
                             if let Some(c) = o {
                                 assert_eq!(tmap[h * l.chunk_cap + *c as usize], x as i32, "{what}: map of {c}");
                                 assert!(
-                                    tv[(h * tier + x) * ce..][..ce] == chunk_of(b, h, *c as usize)[..],
+                                    tv[(h * tier + x) * cb..][..cb] == *chunk_ref(&pool, refs, (0, b, h, *c as usize)),
                                     "{what}: values of entry {x}"
                                 );
                             }
@@ -1205,10 +1252,12 @@ fn value_fetch_and_scatter_copy_the_misses_bit_exact() {
             seqs: batch + 2,
             kv_heads: kvh,
             chunks: l.chunk_cap,
-            chunk_elems: chunk * d,
+            chunk,
+            head_dim: d,
+            format: ValueFormat::Int8,
         };
         let (mut map, host_ref) = random_pool(&mut rng, &shape);
-        let mapping = HostMapping::new(&ops, pool_slice(&mut map)).unwrap();
+        let mapping = HostMapping::new(&ops, &mut map[..]).unwrap();
         // Three GPU value slots after the host's; the first sequence takes one (an
         // HBM copy through the same kernel), the others host slots.
         let (pool, _slots, dev_ref) = with_dev_slots(&ops, &mut rng, &shape, mapping.device_addr(), 3);
@@ -1227,15 +1276,17 @@ fn value_fetch_and_scatter_copy_the_misses_bit_exact() {
             .map(|b| counts(chunks[b], 0, outs[b], pool_seqs[b]))
             .collect();
         let misses = random_misses(&ops, &mut rng, &l, &chunks);
-        // What every slot row must hold, per sequence: the pool chunk or untouched NaN.
-        let ce = chunk * d;
+        // What every slot row must hold, per sequence: the pool chunk's values (bf16 of
+        // code × scale) or untouched NaN.
+        let (ce, cbytes) = (chunk * d, shape.chunk_bytes());
         let want: Vec<Vec<u16>> = (0..batch)
             .map(|b| {
                 let mut av = vec![NAN_BITS; l.attn_len()];
                 for h in 0..kvh {
                     for &(slot, ch) in &misses.lists[b * kvh + h] {
                         let at = attn_at(&l, h, l.slot_row(outs[b], slot));
-                        av[at..at + ce].copy_from_slice(&bits(chunk_ref(&pool, refs, (layer, pool_seqs[b], h, ch))));
+                        let src = chunk_ref(&pool, refs, (layer, pool_seqs[b], h, ch));
+                        av[at..at + ce].copy_from_slice(&bits(&chunk_values(src, &shape)));
                     }
                 }
                 av
@@ -1266,12 +1317,16 @@ fn value_fetch_and_scatter_copy_the_misses_bit_exact() {
         // the reference, the GPU value slot's included: the real actor serves host
         // slots only, this checks the scatter).
         let rows = batch * kvh * slots;
-        let mut staging = vec![bf16::from_bits(NAN_BITS); rows * ce];
+        let mut staging = vec![0xffu8; rows * cbytes];
         let mut t = 0;
         for (e, list) in misses.lists.iter().enumerate() {
             let (b, h) = (e / kvh, e % kvh);
             for &(_, ch) in list {
-                staging[t * ce..(t + 1) * ce].copy_from_slice(chunk_ref(&pool, refs, (layer, pool_seqs[b], h, ch)));
+                staging[t * cbytes..(t + 1) * cbytes].copy_from_slice(chunk_ref(
+                    &pool,
+                    refs,
+                    (layer, pool_seqs[b], h, ch),
+                ));
                 t += 1;
             }
         }
@@ -1361,13 +1416,15 @@ fn prefill_compression_matches_the_cpu() {
             seqs: 2,
             kv_heads: kvh,
             chunks: l.chunk_cap,
-            chunk_elems: c * d,
+            chunk: c,
+            head_dim: d,
+            format: ValueFormat::Int8,
         };
-        let mut map = MmapMut::map_anon(shape.elems().unwrap() * 2).unwrap();
-        pool_slice(&mut map).fill(bf16::from_bits(NAN_BITS));
-        let mapping = HostMapping::new(&ops, pool_slice(&mut map)).unwrap();
+        let mut map = MmapMut::map_anon(shape.bytes().unwrap()).unwrap();
+        map.fill(0xff);
+        let mapping = HostMapping::new(&ops, &mut map[..]).unwrap();
         let (pool, mut dev_slots, _) = with_dev_slots(&ops, &mut rng, &shape, mapping.device_addr(), 2);
-        ops.fill_nan_bf16(&mut dev_slots).unwrap();
+        dev.stream().memset_zeros(&mut dev_slots).unwrap();
         for slot in [1, 3] {
             // SAFETY: the pools are mapped for (and allocated on) the device and read only
             // after the copy.
@@ -1463,18 +1520,24 @@ fn prefill_compression_matches_the_cpu() {
         assert!(av == want_v, "{case}: attention values differ");
         assert!(kp == want_p, "{case}: recent pre-RoPE keys differ");
         Errors::default().report("shadow_place_prefill", &format!("{case},exact"));
-        // The pools: every sparse chunk of slots 1 and 3 of layer 1, nothing else.
-        let got = (bits(mapping.host().unwrap()), bits(&dev.download(&dev_slots).unwrap()));
-        let mut want = (vec![NAN_BITS; got.0.len()], vec![NAN_BITS; got.1.len()]);
+        // The pools: every sparse chunk of slots 1 and 3 of layer 1 in 8 bits, bit-exact
+        // with the CPU's rounding, nothing else (the host pool poisoned with 0xff, the
+        // device's zeroed).
+        let got = (mapping.host().unwrap().to_vec(), dev.download(&dev_slots).unwrap());
+        let mut want = (vec![0xffu8; got.0.len()], vec![0u8; got.1.len()]);
         for slot in [1, 3] {
             let into = if pool.on_device(slot) { &mut want.1 } else { &mut want.0 };
             for h in 0..kvh {
                 for ch in 0..chunks {
                     let dst = pool.chunk_offset(1, slot, h, ch);
-                    for i in 0..c {
-                        let src = (ch * c + i) * kvd + h * d;
-                        into[dst + i * d..dst + (i + 1) * d].copy_from_slice(&vb[src..src + d]);
-                    }
+                    let rows: Vec<bf16> = (0..c)
+                        .flat_map(|i| {
+                            let src = (ch * c + i) * kvd + h * d;
+                            v[src..src + d].to_vec()
+                        })
+                        .collect();
+                    let q = quantize_chunk(&rows, d);
+                    into[dst..dst + q.len()].copy_from_slice(&q);
                 }
             }
         }
@@ -1641,11 +1704,13 @@ fn fold_matches_the_cpu_fold() {
             seqs: 2,
             kv_heads: kvh,
             chunks: l.chunk_cap,
-            chunk_elems: c * d,
+            chunk: c,
+            head_dim: d,
+            format: ValueFormat::Int8,
         };
         let layer = 1;
         let (mut map, pool_before) = random_pool(&mut rng, &shape);
-        let mapping = HostMapping::new(&ops, pool_slice(&mut map)).unwrap();
+        let mapping = HostMapping::new(&ops, &mut map[..]).unwrap();
         let (pool, dev_slots, dev_before) = with_dev_slots(&ops, &mut rng, &shape, mapping.device_addr(), 2);
         let mut bufs = Vec::new();
         let mut before = Vec::new();
@@ -1679,8 +1744,8 @@ fn fold_matches_the_cpu_fold() {
         let table = ShadowTable::new(&ops, &entries).unwrap();
         // SAFETY: the pool is mapped for the device and read only after the fold.
         unsafe { ops.shadow_fold(&table, &pool, layer) }.unwrap();
-        let pool_after = (bits(mapping.host().unwrap()), bits(&dev.download(&dev_slots).unwrap()));
-        let mut pool_want = (bits(&pool_before), bits(&dev_before));
+        let pool_after = (mapping.host().unwrap().to_vec(), dev.download(&dev_slots).unwrap());
+        let mut pool_want = (pool_before.clone(), dev_before.clone());
         let (mut gu, mut wu) = (Vec::new(), Vec::new());
         for (b, buf) in bufs.iter().enumerate() {
             let (ch, n, ps) = seqs[b];
@@ -1701,6 +1766,7 @@ fn fold_matches_the_cpu_fold() {
                 // The oldest chunk in time order: token i at row R - 1 - i.
                 let mut k_old = vec![0f32; c * kvd];
                 let mut p_old = vec![0f32; c * kvd];
+                let mut v_old = vec![Vec::new(); kvh];
                 for i in 0..c {
                     let row = big_r - 1 - i;
                     for h in 0..kvh {
@@ -1708,17 +1774,22 @@ fn fold_matches_the_cpu_fold() {
                         for j in 0..d {
                             k_old[i * kvd + h * d + j] = bf16::from_bits(ak0[at + j]).to_f32();
                         }
-                        let dst = pool.chunk_offset(layer, ps, h, ch) + i * d;
-                        let into = if pool.on_device(ps) {
-                            &mut pool_want.1
-                        } else {
-                            &mut pool_want.0
-                        };
-                        into[dst..dst + d].copy_from_slice(&av0[at..at + d]);
+                        v_old[h].extend(av0[at..at + d].iter().map(|&x| bf16::from_bits(x)));
                     }
                     for j in 0..kvd {
                         p_old[i * kvd + j] = bf16::from_bits(kp0[row * kvd + j]).to_f32();
                     }
+                }
+                // The chunk's values, in 8 bits, to its pool slot.
+                for (h, rows) in v_old.iter().enumerate() {
+                    let dst = pool.chunk_offset(layer, ps, h, ch);
+                    let q = quantize_chunk(rows, d);
+                    let into = if pool.on_device(ps) {
+                        &mut pool_want.1
+                    } else {
+                        &mut pool_want.0
+                    };
+                    into[dst..dst + q.len()].copy_from_slice(&q);
                 }
                 let q8 = Marks8::quantize(&landmarks(&k_old, 1, c, kvd), d);
                 want_marks.codes[ch * kvd..][..kvd].copy_from_slice(&q8.codes);
@@ -1804,13 +1875,14 @@ fn one_layer_decode_end_to_end_matches_cpu_attention() {
             seqs: 2,
             kv_heads: kvh,
             chunks: l.chunk_cap,
-            chunk_elems: c * d,
+            chunk: c,
+            head_dim: d,
+            format: ValueFormat::Int8,
         };
         let layer = 1;
         let (mut map, pool_vals) = random_pool(&mut rng, &shape);
-        let mapping = HostMapping::new(&ops, pool_slice(&mut map)).unwrap();
+        let mapping = HostMapping::new(&ops, &mut map[..]).unwrap();
         let (pool, _slots, dev_vals) = with_dev_slots(&ops, &mut rng, &shape, mapping.device_addr(), batch - 2);
-        let (host_f, dev_f) = (f32s(&pool_vals), f32s(&dev_vals));
         let mut bufs = Vec::new();
         let mut host = Vec::new();
         for (i, &(chunks, n, n_out)) in shapes.iter().enumerate() {
@@ -1965,7 +2037,8 @@ fn one_layer_decode_end_to_end_matches_cpu_attention() {
                         rope.apply(&mut k, 1, &cos, &sin);
                         keys.extend(k.iter().map(|&x| bf16::from_f32(x).to_f32()));
                         let seq = hs.counts.pool_seq as usize;
-                        vals.extend_from_slice(chunk_ref(&pool, (&host_f, &dev_f), (layer, seq, h, ch)));
+                        let src = chunk_ref(&pool, (&pool_vals, &dev_vals), (layer, seq, h, ch));
+                        vals.extend(chunk_values(src, &shape).iter().map(|v| v.to_f32()));
                     }
                     let len = keys.len() / d;
                     assert_eq!(len, l.attended_rows(&hs.counts).1, "{what}: rows attended");
@@ -2044,7 +2117,9 @@ fn bad_inputs_are_errors_that_say_what() {
                 seqs: 1,
                 kv_heads: l.kv_heads,
                 chunks: l.chunk_cap,
-                chunk_elems: 4 * l.head_dim,
+                chunk: l.chunk + 1,
+                head_dim: l.head_dim,
+                format: ValueFormat::Int8,
             },
         };
         // SAFETY: refused before any launch (the pool's shape does not fit).
@@ -2052,16 +2127,16 @@ fn bad_inputs_are_errors_that_say_what() {
             unsafe { ops.shadow_fetch_values(&table, &two.misses, &two.miss_count, None, &bad_pool, 0, 16) }
                 .unwrap_err(),
         );
-        assert!(e.contains("values per chunk"), "{e}");
+        assert!(e.contains("chunks of"), "{e}");
         // SAFETY: as above.
         let e = msg(unsafe { ops.shadow_fold(&table, &bad_pool, 0) }.unwrap_err());
-        assert!(e.contains("values per chunk"), "{e}");
+        assert!(e.contains("chunks of"), "{e}");
         // A slot past the host pool and the GPU value slots is refused, not read.
         let small = DevicePool {
             dev: 32,
             dev_seqs: 1,
             shape: PoolShape {
-                chunk_elems: l.chunk * l.head_dim,
+                chunk: l.chunk,
                 ..bad_pool.shape
             },
             ..bad_pool

@@ -27,7 +27,6 @@
 
 mod common;
 
-use half::bf16;
 use shadowkv::cpu::{CpuModel, LogitsWanted, SeqInput};
 use shadowkv::cuda::shadow::decode::{ChunkGather, FetchPath, RayonGather};
 use shadowkv::cuda::shadow::TierSize;
@@ -43,7 +42,7 @@ use shadowkv::eval::tasks::Task;
 use shadowkv::model::load::open_model;
 use shadowkv::model::tokenizer::TextTokenizer;
 use shadowkv::model::weights::ModelWeights;
-use shadowkv::pool::{ValuePool, ValueType};
+use shadowkv::pool::ValuePool;
 use shadowkv::shadow::{Attention, ShadowParams};
 use shadowkv::telemetry::trace::TraceWriter;
 use std::sync::Arc;
@@ -439,7 +438,7 @@ fn a_shutdown_with_a_compression_in_flight_ends() {
 struct PanicsOnce(std::sync::atomic::AtomicBool);
 
 impl ChunkGather for PanicsOnce {
-    fn gather(&self, src: &[bf16], sources: &[usize], chunk: usize, dst: &mut [bf16]) -> anyhow::Result<()> {
+    fn gather(&self, src: &[u8], sources: &[usize], chunk: usize, dst: &mut [u8]) -> anyhow::Result<()> {
         if !self.0.swap(true, std::sync::atomic::Ordering::SeqCst) {
             panic!("gather thread lost");
         }
@@ -461,7 +460,7 @@ const ENGINE_CONTEXT: usize = 2048;
 /// (zero-copy, one micro-batch unless the test sets more).
 fn engine_backend(gpu: &Arc<CudaModel>, p: ShadowParams, slots: usize) -> CudaBackend<Arc<CudaModel>> {
     let cfg = gpu.config();
-    let pool = ValuePool::anonymous_of(p.pool_shape(cfg, slots, ENGINE_CONTEXT), ValueType::Bf16).unwrap();
+    let pool = ValuePool::anonymous(p.pool_shape(cfg, slots, ENGINE_CONTEXT)).unwrap();
     CudaBackend::new(gpu.clone(), ENGINE_CONTEXT, slots, 2, true, Some((p, pool))).unwrap()
 }
 
@@ -648,7 +647,7 @@ fn an_engine_with_cpu_gather_in_micro_batches_serves_two_requests_at_once() {
 struct Slow;
 
 impl ChunkGather for Slow {
-    fn gather(&self, src: &[bf16], sources: &[usize], chunk: usize, dst: &mut [bf16]) -> anyhow::Result<()> {
+    fn gather(&self, src: &[u8], sources: &[usize], chunk: usize, dst: &mut [u8]) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
         RayonGather.gather(src, sources, chunk, dst)
     }

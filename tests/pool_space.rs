@@ -64,7 +64,7 @@ path = "{}"
 /// Bytes of the pool `serve` makes for these limits on the test model.
 fn pool_bytes(p: ShadowParams, max_batch: usize, max_context: usize) -> u64 {
     let m = open_model(common::test_model().to_str().unwrap()).unwrap();
-    p.pool_shape(&m.config, max_batch, max_context).bytes(4).unwrap() as u64
+    p.pool_shape(&m.config, max_batch, max_context).bytes().unwrap() as u64
 }
 
 /// The size printed after `label` (`2.0 MiB`), in bytes.
@@ -258,13 +258,15 @@ fn a_pool_that_cannot_be_leased_fails_only_that_request() {
 fn an_anonymous_pool_binds_to_a_numa_node_before_it_is_shared() {
     use shadowkv::pipeline::machine::Source;
     use shadowkv::pipeline::Machine;
-    use shadowkv::pool::PoolShape;
+    use shadowkv::pool::{PoolShape, ValueFormat};
     let shape = PoolShape {
         layers: 2,
         seqs: 2,
         kv_heads: 2,
         chunks: 64,
-        chunk_elems: 8 * 16,
+        chunk: 8,
+        head_dim: 16,
+        format: ValueFormat::Int8,
     };
     let node = Machine::read(Source::Host, None).unwrap().nodes[0].index;
     let mut pool = ValuePool::anonymous(shape).unwrap();
@@ -289,9 +291,12 @@ fn an_anonymous_pool_binds_to_a_numa_node_before_it_is_shared() {
     );
     // Bound memory serves as before.
     let mut lease = pool.lease().unwrap();
-    let data: Vec<f32> = (0..shape.chunk_elems).map(|i| i as f32).collect();
+    // Integers with 127 in every row: scale 1, codes the values, back exactly.
+    let data: Vec<f32> = (0..shape.chunk_values())
+        .map(|i| if i % 16 == 0 { 127.0 } else { i as f32 - 64.0 })
+        .collect();
     lease.write(1, 1, 63, &data);
-    let mut back = vec![0f32; shape.chunk_elems];
+    let mut back = vec![0f32; shape.chunk_values()];
     lease.read(1, 1, 63, &mut back);
     assert_eq!(back, data);
     // Once shared, no more binding; a node that is not there; a file-backed pool.

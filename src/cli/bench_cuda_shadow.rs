@@ -32,7 +32,7 @@ use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowL
 use crate::cuda::{CudaModel, GpuSeq};
 use crate::engine::sampling::SamplingParams;
 use crate::pool::space::MachineMemory;
-use crate::pool::{ValuePool, ValueType};
+use crate::pool::ValuePool;
 use crate::shadow::ShadowParams;
 use crate::telemetry::trace::TraceWriter;
 use anyhow::{bail, ensure, Result};
@@ -117,10 +117,7 @@ pub fn run(
     let t_reg = Instant::now();
     let pool = GpuValuePool::new(
         model.ops(),
-        ValuePool::anonymous_of(
-            GpuValuePool::shape_for(&layout, cfg.num_layers, fit.host),
-            ValueType::Bf16,
-        )?,
+        ValuePool::anonymous(GpuValuePool::shape_for(&layout, cfg.num_layers, fit.host))?,
     )?
     .with_device_slots(model.ops(), fit.device)?;
     let register_secs = t_reg.elapsed().as_secs_f64();
@@ -245,7 +242,7 @@ pub fn run(
         let bound_s = bound_secs(model, &layout, &seqs, d.misses);
         let tps = (batch * gen) as f64 / d.decode_secs;
         let peak_gib = (d.total - d.min_free.min(d.total)) as f64 / (1u64 << 30) as f64;
-        let chunk_bytes = (layout.chunk * layout.head_dim * 2) as f64;
+        let chunk_bytes = layout.value_chunk_bytes() as f64;
         let fetched_per_step = (d.misses.host + d.misses.device) * chunk_bytes;
         let pcie_per_step = d.misses.host * chunk_bytes;
         eprintln!(
@@ -499,7 +496,7 @@ fn gpu_bytes(model: &CudaModel, seqs: &[GpuShadowSeq], m: Misses) -> f64 {
     let marks = c.chunks as usize * (layout.kv_width() + 4 * layout.kv_heads);
     let per_layer = (marks + attended * layout.kv_heads * layout.head_dim * 4) as f64;
     let per_miss = (layout.chunk * (layout.rank * 2 + layout.head_dim * 4)) as f64;
-    let values = (layout.chunk * layout.head_dim * 2) as f64;
+    let values = layout.value_chunk_bytes() as f64;
     let fetched = m.host + m.device;
     let tier_moves = if layout.tier > 0 { m.tier + fetched } else { 0.0 };
     model.weight_bytes() as f64
@@ -511,7 +508,7 @@ fn gpu_bytes(model: &CudaModel, seqs: &[GpuShadowSeq], m: Misses) -> f64 {
 /// The step's bound: the larger of its value bytes fetched over PCIe (from the host
 /// pool) and its GPU bytes at the HBM rate.
 fn bound_secs(model: &CudaModel, layout: &ShadowLayout, seqs: &[GpuShadowSeq], m: Misses) -> f64 {
-    let pcie = m.host * (layout.chunk * layout.head_dim * 2) as f64;
+    let pcie = m.host * layout.value_chunk_bytes() as f64;
     (pcie / PCIE_BYTES_PER_S).max(gpu_bytes(model, seqs, m) / HBM_BYTES_PER_S)
 }
 

@@ -18,7 +18,7 @@ use crate::pipeline::machine::Source;
 use crate::pipeline::placement::format_cores;
 use crate::pipeline::{pin, GatherPool, Machine, Placement, Role};
 use crate::pool::space::SpaceError;
-use crate::pool::{ValuePool, ValueType};
+use crate::pool::ValuePool;
 use crate::server::auth::{open_api_warning, ApiKeys};
 use crate::server::{metrics_router, router, AppState};
 use crate::shadow::ShadowParams;
@@ -170,12 +170,6 @@ fn value_pool(
     max_context: usize,
     rank: Option<usize>,
 ) -> Result<ValuePool> {
-    // The GPU keeps its values in bf16, the CPU reference in f32.
-    let ty = if topo.backend.kind == BackendKind::Cuda {
-        ValueType::Bf16
-    } else {
-        ValueType::F32
-    };
     // Validated: at most max_batch, and 0 but on the GPU.
     let seqs = topo.limits.max_batch - topo.pipeline.gpu_value_slots;
     let shape = p.pool_shape(cfg, seqs, max_context);
@@ -187,7 +181,7 @@ fn value_pool(
                 (false, None) => path.clone(),
                 (false, Some(r)) => path.with_extension(format!("rank{r}.pool")),
             };
-            ValuePool::file_backed_of(shape, &file, ty).map_err(|e| {
+            ValuePool::file_backed(shape, &file).map_err(|e| {
                 let hint = match e.downcast_ref::<SpaceError>() {
                     Some(SpaceError::Disk { .. }) => {
                         "; make room there, point pools.path at a larger disk, or lower limits.max_batch or \
@@ -198,7 +192,7 @@ fn value_pool(
                 topo.error_at("pools.path", format!("{e:#}{hint}"))
             })?
         }
-        _ => ValuePool::anonymous_of(shape, ty).map_err(|e| {
+        _ => ValuePool::anonymous(shape).map_err(|e| {
             topo.error_at(
                 "limits.max_batch",
                 format!(
@@ -227,7 +221,7 @@ fn value_pool(
         p.outlier_chunks,
         p.local_chunks,
         rank.map_or(String::new(), |r| format!(" of device {r}")),
-        shape.bytes(ty.bytes())? as f64 / (1u64 << 30) as f64,
+        shape.bytes()? as f64 / (1u64 << 30) as f64,
         topo.pools.backing
     );
     Ok(pool)

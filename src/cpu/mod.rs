@@ -2,6 +2,7 @@
 //! other backend. Matrix products go through the `gemm` crate on the rayon pool.
 
 pub mod attention;
+pub mod codes8;
 pub mod kv_cache;
 pub mod matmul;
 pub mod model;

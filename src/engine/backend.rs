@@ -399,7 +399,7 @@ impl<M: Borrow<CpuModel> + Send> StepBackend for CpuBackend<M> {
             return BackendStats::default();
         };
         let s = pool.shape();
-        let per_seq = (s.layers * s.kv_heads * s.chunks * s.chunk_elems * 4) as u64;
+        let per_seq = s.seq_bytes() as u64;
         BackendStats {
             pool_bytes: pool.leased() as u64 * per_seq,
             value_bytes_fetched: self.totals.value_bytes_fetched,

@@ -17,7 +17,7 @@ use crate::cuda::shadow::{GpuValuePool, ShadowLayout, TierSize};
 use crate::cuda::CudaModel;
 use crate::model::config::ModelConfig;
 use crate::model::tokenizer::TextTokenizer;
-use crate::pool::{ValuePool, ValueType};
+use crate::pool::ValuePool;
 use crate::shadow::{Attention, ShadowParams, ShadowStats};
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -221,12 +221,12 @@ fn host_held(batch: usize, slots: usize) -> Result<usize> {
         .with_context(|| format!("{slots} GPU value slots for a batch of {batch} requests"))
 }
 
-/// A bf16 value pool for `seqs` ShadowKV sequences of `cap` tokens of a model shaped
+/// A value pool for `seqs` ShadowKV sequences of `cap` tokens of a model shaped
 /// `cfg` (one GPU's, or one device's of a group).
 pub fn gpu_value_pool(cfg: &ModelConfig, p: &ShadowParams, cap: usize, seqs: usize) -> Result<ValuePool> {
     let layout = ShadowLayout::new(cfg, p, cap)?;
     let shape = GpuValuePool::shape_for(&layout, cfg.num_layers, seqs);
-    ValuePool::anonymous_of(shape, ValueType::Bf16)
+    ValuePool::anonymous(shape)
 }
 
 /// The generation loop over any backend: each prompt prefilled in chunks, then decode

@@ -187,7 +187,7 @@ impl GatherPool {
 }
 
 impl crate::cuda::shadow::decode::ChunkGather for GatherPool {
-    fn gather(&self, src: &[half::bf16], sources: &[usize], chunk: usize, dst: &mut [half::bf16]) -> Result<()> {
+    fn gather(&self, src: &[u8], sources: &[usize], chunk: usize, dst: &mut [u8]) -> Result<()> {
         GatherPool::gather(self, src, sources, chunk, dst)
     }
 }

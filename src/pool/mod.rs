@@ -1,17 +1,33 @@
 //! Value pools: the host-memory home of ShadowKV's values, chunk-major, laid out
-//! `[layer][seq][kv_head][chunk][chunk_size·head_dim]`, backed by an anonymous or a
-//! file-backed memory map whose room is made sure of when it is created ([`space`]).
-//! Values are f32 (the CPU reference) or bf16 (the GPU, which registers the pool with
-//! the driver and reads and writes it through a mapped address). Sequences lease a
-//! `seq` slot for their lifetime.
+//! `[layer][seq][kv_head][chunk]`, each chunk of one head its `c` token rows in one of two
+//! formats ([`ValueFormat`]): in 8 bits ([`crate::cpu::codes8`]: the `c·d` codes in
+//! token order, then the `c` fp32 scales, padded to whole 16-byte words for the GPU's
+//! loads; 1056 bytes at c = 8, d = 128, about half of bf16's 2048), what every pool holds
+//! by default and the only format the GPU reads; or exact, as f32 (the CPU reference's
+//! checks against full attention). Backed by an anonymous or a file-backed memory map
+//! whose room is made sure of when it is created ([`space`]). The CPU reference reads and
+//! writes chunks as f32 rows (quantized on the way in, scaled on the way out); the GPU
+//! registers the pool with the driver and reads and writes the same bytes through a
+//! mapped address. Sequences lease a `seq` slot for their lifetime.
 
 pub mod numa;
 pub mod space;
 
-use anyhow::{bail, Context, Result};
+use crate::cpu::codes8;
+use anyhow::{bail, ensure, Context, Result};
 use space::PoolMemory;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+
+/// How a pool stores a chunk's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ValueFormat {
+    /// 8-bit codes and a scale per token row (the default; what the GPU reads).
+    #[default]
+    Int8,
+    /// f32, exact (the CPU reference's checks against full attention).
+    F32,
+}
 
 /// The shape of a pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,51 +40,57 @@ pub struct PoolShape {
     pub kv_heads: usize,
     /// Chunks per sequence (the longest context divided by the chunk size, rounded up).
     pub chunks: usize,
-    /// Floats per chunk and head: `chunk_size · head_dim`.
-    pub chunk_elems: usize,
+    /// Tokens per chunk (`c`).
+    pub chunk: usize,
+    /// Values per token and head (`d`).
+    pub head_dim: usize,
+    /// How the values are stored.
+    pub format: ValueFormat,
 }
 
 impl PoolShape {
-    /// Total floats.
-    pub fn elems(&self) -> Result<usize> {
-        [self.layers, self.seqs, self.kv_heads, self.chunks, self.chunk_elems]
+    /// Values of one chunk of one head: `c·d`.
+    pub fn chunk_values(&self) -> usize {
+        self.chunk * self.head_dim
+    }
+
+    /// Bytes of one chunk of one head: in 8 bits `c·d` codes and `c` fp32 scales,
+    /// padded to a multiple of 16; as f32 `4·c·d`.
+    pub fn chunk_bytes(&self) -> usize {
+        match self.format {
+            ValueFormat::Int8 => (self.chunk * (self.head_dim + 4)).next_multiple_of(16),
+            ValueFormat::F32 => 4 * self.chunk_values(),
+        }
+    }
+
+    /// Chunks of one head in the whole pool.
+    fn chunk_count(&self) -> Result<usize> {
+        [self.layers, self.seqs, self.kv_heads, self.chunks]
             .iter()
             .try_fold(1usize, |acc, &x| acc.checked_mul(x))
             .context("pool size overflows")
     }
 
-    /// Total bytes, at `elem_bytes` bytes per element.
-    pub fn bytes(&self, elem_bytes: usize) -> Result<usize> {
-        self.elems()?.checked_mul(elem_bytes).context("pool size overflows")
+    /// Total bytes.
+    pub fn bytes(&self) -> Result<usize> {
+        self.chunk_count()?
+            .checked_mul(self.chunk_bytes())
+            .context("pool size overflows")
     }
 
-    fn offset(&self, layer: usize, seq: usize, head: usize, chunk: usize) -> usize {
-        (((layer * self.seqs + seq) * self.kv_heads + head) * self.chunks + chunk) * self.chunk_elems
+    /// Bytes of one sequence's slot.
+    pub fn seq_bytes(&self) -> usize {
+        self.layers * self.kv_heads * self.chunks * self.chunk_bytes()
     }
-}
 
-/// The element type of a pool's values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ValueType {
-    /// 4-byte floats (the CPU reference).
-    F32,
-    /// bf16 (the GPU).
-    Bf16,
-}
-
-impl ValueType {
-    /// Bytes per value.
-    pub fn bytes(self) -> usize {
-        match self {
-            ValueType::F32 => 4,
-            ValueType::Bf16 => 2,
-        }
+    /// Byte offset of chunk `chunk` of head `head` of slot `seq` at layer `layer`.
+    pub fn offset(&self, layer: usize, seq: usize, head: usize, chunk: usize) -> usize {
+        (((layer * self.seqs + seq) * self.kv_heads + head) * self.chunks + chunk) * self.chunk_bytes()
     }
 }
 
 struct PoolInner {
     shape: PoolShape,
-    ty: ValueType,
     /// Start of the map, taken once through `&mut` so leases may write through it.
     base: *mut u8,
     /// Keeps the mapping alive; accessed through `base`, except to bind it to a NUMA
@@ -96,44 +118,35 @@ pub struct PoolLease {
 }
 
 impl ValuePool {
-    /// An anonymous (RAM, lazily committed) f32 pool; refused (a [`space::SpaceError`])
-    /// when the machine has less memory available.
+    /// An anonymous (RAM, lazily committed) pool; refused (a [`space::SpaceError`]) when
+    /// the machine has less memory available.
     pub fn anonymous(shape: PoolShape) -> Result<Self> {
-        Self::anonymous_of(shape, ValueType::F32)
+        Self::check(&shape)?;
+        Ok(Self::from_memory(shape, space::anonymous(shape.bytes()?)?))
     }
 
-    /// An anonymous pool of `ty` values.
-    pub fn anonymous_of(shape: PoolShape, ty: ValueType) -> Result<Self> {
-        Ok(Self::from_memory(
-            shape,
-            ty,
-            space::anonymous(shape.bytes(ty.bytes())?)?,
-        ))
-    }
-
-    /// An f32 pool backed by the file at `path`, created or emptied, with its blocks
-    /// reserved and locked against other processes; refused (a [`space::SpaceError`])
-    /// when its filesystem has too little room.
+    /// A pool backed by the file at `path`, created or emptied, with its blocks reserved
+    /// and locked against other processes; refused (a [`space::SpaceError`]) when its
+    /// filesystem has too little room.
     pub fn file_backed(shape: PoolShape, path: &Path) -> Result<Self> {
-        Self::file_backed_of(shape, path, ValueType::F32)
+        Self::check(&shape)?;
+        Ok(Self::from_memory(shape, space::file_backed(path, shape.bytes()?)?))
     }
 
-    /// A file-backed pool of `ty` values.
-    pub fn file_backed_of(shape: PoolShape, path: &Path, ty: ValueType) -> Result<Self> {
-        Ok(Self::from_memory(
-            shape,
-            ty,
-            space::file_backed(path, shape.bytes(ty.bytes())?)?,
-        ))
+    fn check(shape: &PoolShape) -> Result<()> {
+        ensure!(
+            shape.chunk > 0 && shape.head_dim > 0,
+            "a value pool needs chunks of at least one token of at least one value"
+        );
+        Ok(())
     }
 
-    fn from_memory(shape: PoolShape, ty: ValueType, mut memory: PoolMemory) -> Self {
+    fn from_memory(shape: PoolShape, mut memory: PoolMemory) -> Self {
         let free = Mutex::new((0..shape.seqs).rev().collect());
         let base = memory.as_mut_ptr();
         ValuePool {
             inner: Arc::new(PoolInner {
                 shape,
-                ty,
                 base,
                 memory,
                 free,
@@ -146,14 +159,9 @@ impl ValuePool {
         self.inner.shape
     }
 
-    /// The pool's value type.
-    pub fn value_type(&self) -> ValueType {
-        self.inner.ty
-    }
-
     /// Bytes the pool holds.
     pub fn bytes(&self) -> usize {
-        self.inner.shape.elems().expect("checked at creation") * self.inner.ty.bytes()
+        self.inner.shape.bytes().expect("checked at creation")
     }
 
     /// The start of the pool's memory, for registering it with a device (which then
@@ -202,6 +210,11 @@ impl PoolLease {
         self.inner.shape.chunks
     }
 
+    /// The pool's shape.
+    pub fn shape(&self) -> PoolShape {
+        self.inner.shape
+    }
+
     /// The leased sequence index.
     pub fn seq(&self) -> usize {
         self.seq
@@ -215,42 +228,56 @@ impl PoolLease {
             "pool index out of range"
         );
         // SAFETY: the offset of an in-range index plus one chunk stays inside the map.
-        unsafe {
-            self.inner
-                .base
-                .add(s.offset(layer, self.seq, head, chunk) * self.inner.ty.bytes())
+        unsafe { self.inner.base.add(s.offset(layer, self.seq, head, chunk)) }
+    }
+
+    /// Reads one chunk of one head as f32 rows (`c·d` values, token order): each code
+    /// times its row's scale (or the values as they are, in an f32 pool).
+    pub fn read(&self, layer: usize, head: usize, chunk: usize, out: &mut [f32]) {
+        let s = self.inner.shape;
+        assert_eq!(out.len(), s.chunk_values(), "a chunk's values");
+        let bytes = self.chunk_bytes(layer, head, chunk);
+        if s.format == ValueFormat::F32 {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+            }
+            return;
+        }
+        let (codes, scales) = bytes.split_at(s.chunk_values());
+        for (r, row) in out.chunks_exact_mut(s.head_dim).enumerate() {
+            let scale = f32::from_le_bytes(scales[4 * r..4 * r + 4].try_into().expect("4 bytes"));
+            codes8::dequantize(
+                bytemuck::cast_slice(&codes[r * s.head_dim..(r + 1) * s.head_dim]),
+                scale,
+                row,
+            );
         }
     }
 
-    /// Reads one chunk of f32 values of one head.
-    pub fn read(&self, layer: usize, head: usize, chunk: usize, out: &mut [f32]) {
-        assert_eq!(
-            self.inner.ty,
-            ValueType::F32,
-            "an f32 read of a {:?} pool",
-            self.inner.ty
-        );
-        out.copy_from_slice(bytemuck::cast_slice(self.chunk_bytes(layer, head, chunk)));
-    }
-
-    /// Writes one chunk of f32 values of one head.
+    /// Writes one chunk of one head from f32 rows (`c·d` values, token order), each row
+    /// quantized to codes and a scale (or as they are, in an f32 pool).
     pub fn write(&mut self, layer: usize, head: usize, chunk: usize, data: &[f32]) {
-        assert_eq!(
-            self.inner.ty,
-            ValueType::F32,
-            "an f32 write to a {:?} pool",
-            self.inner.ty
-        );
-        let n = self.inner.shape.chunk_elems * 4;
-        // SAFETY: the chunk lies inside the map, f32-aligned (the map is page-aligned
-        // and offsets are whole values), and the lease is borrowed exclusively.
-        let dst = unsafe { std::slice::from_raw_parts_mut(self.chunk_ptr(layer, head, chunk), n) };
-        dst.copy_from_slice(bytemuck::cast_slice(data));
+        let s = self.inner.shape;
+        assert_eq!(data.len(), s.chunk_values(), "a chunk's values");
+        // SAFETY: the chunk lies inside the map and the lease is borrowed exclusively.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.chunk_ptr(layer, head, chunk), s.chunk_bytes()) };
+        if s.format == ValueFormat::F32 {
+            for (b, v) in dst.chunks_exact_mut(4).zip(data) {
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+            return;
+        }
+        let (codes, scales) = dst.split_at_mut(s.chunk_values());
+        for (r, row) in data.chunks_exact(s.head_dim).enumerate() {
+            let q: &mut [i8] = bytemuck::cast_slice_mut(&mut codes[r * s.head_dim..(r + 1) * s.head_dim]);
+            let scale = codes8::quantize(row, q);
+            scales[4 * r..4 * r + 4].copy_from_slice(&scale.to_le_bytes());
+        }
     }
 
-    /// The bytes of one chunk of one head (`chunk_elems` values of the pool's type).
+    /// The bytes of one chunk of one head (codes, then scales).
     pub fn chunk_bytes(&self, layer: usize, head: usize, chunk: usize) -> &[u8] {
-        let n = self.inner.shape.chunk_elems * self.inner.ty.bytes();
+        let n = self.inner.shape.chunk_bytes();
         // SAFETY: the chunk lies inside the map, and only this lease (borrowed shared
         // here) touches slot `self.seq` from the host.
         unsafe { std::slice::from_raw_parts(self.chunk_ptr(layer, head, chunk), n) }
@@ -271,6 +298,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn round_trip(pool: &ValuePool) {
+        let exact = pool.shape().format == ValueFormat::F32;
         let s = pool.shape();
         let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
         let mut a = pool.lease().unwrap();
@@ -280,7 +308,7 @@ mod tests {
         for l in 0..s.layers {
             for h in 0..s.kv_heads {
                 for c in 0..s.chunks {
-                    let x: Vec<f32> = (0..s.chunk_elems).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    let x: Vec<f32> = (0..s.chunk_values()).map(|_| rng.random_range(-1.0..1.0)).collect();
                     let y: Vec<f32> = x.iter().map(|v| -v).collect();
                     a.write(l, h, c, &x);
                     b.write(l, h, c, &y);
@@ -288,12 +316,25 @@ mod tests {
                 }
             }
         }
-        let mut got = vec![f32::NAN; s.chunk_elems];
+        // Each row back within half a step of its scale (max |x| / 127); exactly as f32.
+        let close = |got: &[f32], x: &[f32]| {
+            if exact {
+                assert_eq!(got, x);
+                return;
+            }
+            for (g, w) in got.chunks(s.head_dim).zip(x.chunks(s.head_dim)) {
+                let step = w.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+                for (a, b) in g.iter().zip(w) {
+                    assert!((a - b).abs() <= step / 2.0 + 1e-7, "{a} vs {b}");
+                }
+            }
+        };
+        let mut got = vec![f32::NAN; s.chunk_values()];
         for (l, h, c, x, y) in want {
             a.read(l, h, c, &mut got);
-            assert_eq!(got, x);
+            close(&got, &x);
             b.read(l, h, c, &mut got);
-            assert_eq!(got, y);
+            close(&got, &y);
         }
         assert!(pool.lease().is_err(), "two seqs only");
         drop(a);
@@ -308,16 +349,21 @@ mod tests {
             seqs: 2,
             kv_heads: 2,
             chunks: 5,
-            chunk_elems: 24,
+            chunk: 4,
+            head_dim: 6,
+            format: ValueFormat::Int8,
+        };
+        let exact = PoolShape {
+            format: ValueFormat::F32,
+            ..shape
         };
         round_trip(&ValuePool::anonymous(shape).unwrap());
+        round_trip(&ValuePool::anonymous(exact).unwrap());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("values.pool");
         round_trip(&ValuePool::file_backed(shape, &path).unwrap());
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().len(),
-            (shape.elems().unwrap() * 4) as u64
-        );
+        // 4 · (6 + 4) = 40 bytes a chunk, padded to 48.
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), (3 * 2 * 2 * 5 * 48) as u64);
     }
 
     #[test]
@@ -327,7 +373,9 @@ mod tests {
             seqs: 2,
             kv_heads: 2,
             chunks: 5,
-            chunk_elems: 24,
+            chunk: 4,
+            head_dim: 6,
+            format: ValueFormat::Int8,
         };
         assert!(ValuePool::anonymous(shape).is_err());
     }

@@ -1,6 +1,8 @@
 //! Chunk landmarks (mean post-RoPE key per chunk and KV head), their 8-bit storage, and
 //! outlier chunks (the chunks whose keys their landmark represents worst).
 
+use crate::cpu::codes8;
+
 /// Landmarks `[chunks, kv_heads·d]` of the first `chunks·chunk_size` rows of `k`
 /// (post-RoPE keys, `[tokens, kv_heads·d]`).
 pub fn landmarks(k: &[f32], chunks: usize, chunk_size: usize, kvd: usize) -> Vec<f32> {
@@ -15,10 +17,9 @@ pub fn landmarks(k: &[f32], chunks: usize, chunk_size: usize, kvd: usize) -> Vec
     out
 }
 
-/// Landmarks stored in 8 bits: each (chunk, KV head) vector of `d` values as codes
-/// `round(x / s)` (ties to even, within ±127) and one scale `s = max|x| / 127` (a zero
-/// vector: scale 0, codes 0), so the landmark is `code · s`. The scores read every
-/// landmark at every step; codes halve what bf16 would read.
+/// Landmarks stored in 8 bits ([`codes8`]): each (chunk, KV head) vector of `d` values
+/// as codes and one scale, so the landmark is `code · s`. The scores read every landmark
+/// at every step; codes halve what bf16 would read.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Marks8 {
     /// Codes `[chunks, kv_heads·d]`.
@@ -34,7 +35,7 @@ impl Marks8 {
         let scales = marks
             .chunks_exact(head_dim)
             .zip(codes.chunks_exact_mut(head_dim))
-            .map(|(v, q)| quantize_mark(v, q))
+            .map(|(v, q)| codes8::quantize(v, q))
             .collect();
         Marks8 { codes, scales }
     }
@@ -49,21 +50,6 @@ impl Marks8 {
     pub fn bytes(&self) -> usize {
         self.codes.len() + 4 * self.scales.len()
     }
-}
-
-/// The codes of one landmark vector `v` into `codes`, returning its scale (the rounding
-/// of [`Marks8`]; kernels/landmarks.cu rounds the same way: IEEE divisions, ties to even).
-pub fn quantize_mark(v: &[f32], codes: &mut [i8]) -> f32 {
-    let m = v.iter().fold(0.0f32, |a, x| a.max(x.abs()));
-    if m == 0.0 {
-        codes.fill(0);
-        return 0.0;
-    }
-    let s = m / 127.0;
-    for (q, &x) in codes.iter_mut().zip(v) {
-        *q = (x / s).round_ties_even().clamp(-127.0, 127.0) as i8;
-    }
-    s
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {

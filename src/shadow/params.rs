@@ -1,7 +1,7 @@
 //! ShadowKV settings, their defaults (scaled from the paper's) and validation.
 
 use crate::model::config::ModelConfig;
-use crate::pool::PoolShape;
+use crate::pool::{PoolShape, ValueFormat};
 use anyhow::{bail, Result};
 
 /// ShadowKV settings for one model.
@@ -72,7 +72,9 @@ impl ShadowParams {
             seqs,
             kv_heads: cfg.num_kv_heads,
             chunks: context.div_ceil(self.chunk_size),
-            chunk_elems: self.chunk_size * cfg.head_dim,
+            chunk: self.chunk_size,
+            head_dim: cfg.head_dim,
+            format: ValueFormat::Int8,
         }
     }
 

@@ -215,7 +215,7 @@ impl ShadowSeq {
                 rebuild_keys_stage(layer, h, &plan, self.params.chunk_size, d, rope);
                 self.stats.hits += plan.hits as u64;
                 self.stats.misses += plan.misses.len() as u64;
-                self.stats.value_bytes_fetched += (plan.misses.len() * self.params.chunk_size * d * 4) as u64;
+                self.stats.value_bytes_fetched += (plan.misses.len() * self.lease.shape().chunk_bytes()) as u64;
                 let o = &mut out[i * qd + h * g * d..i * qd + (h + 1) * g * d];
                 attend_stage(layer, h, qg, d, kvd, self.params.chunk_size, o);
             }

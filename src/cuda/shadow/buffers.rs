@@ -39,8 +39,9 @@ pub struct LayerBuffers {
 /// One sequence's GPU value tier for one layer (`T` = the layout's `tier` entries per
 /// KV head; see [`ShadowLayout`]).
 pub struct TierBuffers {
-    /// Values of the chunk each entry holds, `[kv_heads, T, c·d]`.
-    pub values: CudaSlice<bf16>,
+    /// Values of the chunk each entry holds, `[kv_heads, T]` chunks in the pool's 8-bit
+    /// format ([`ShadowLayout::value_chunk_bytes`] each).
+    pub values: CudaSlice<u8>,
     /// The entry holding each chunk, -1 = none, `[kv_heads, chunk_cap]`.
     pub map: CudaSlice<i32>,
     /// The chunk each entry holds, -1 = empty, `[kv_heads, T]`.
@@ -416,8 +417,9 @@ pub struct GatherBuffers {
     pub misses: PinnedHostSlice<i32>,
     /// Misses to fetch per head `[batch, kv_heads]` (the first of each list), read back.
     pub miss_count: PinnedHostSlice<i32>,
-    /// Gathered values, `[misses, c·d]` in list order.
-    pub staging: PinnedHostSlice<bf16>,
+    /// Gathered values, `[misses]` chunks as the pool holds them
+    /// ([`ShadowLayout::value_chunk_bytes`] each), in list order.
+    pub staging: PinnedHostSlice<u8>,
 }
 
 impl GatherBuffers {
@@ -425,7 +427,7 @@ impl GatherBuffers {
     pub fn new(ops: &CudaOps, layout: &ShadowLayout, batch: usize) -> Result<Self> {
         let ctx = ops.device().context();
         let heads = batch * layout.kv_heads;
-        let rows = heads * layout.slots * layout.chunk * layout.head_dim;
+        let bytes = heads * layout.slots * layout.value_chunk_bytes();
         let mapped = cudarc::driver::sys::CU_MEMHOSTALLOC_DEVICEMAP | cudarc::driver::sys::CU_MEMHOSTALLOC_PORTABLE;
         // SAFETY: pinned memory (the lists: plain, the host reads them; the staging:
         // mapped for the device, which reads it), written by copies or by the gather
@@ -434,7 +436,7 @@ impl GatherBuffers {
             Ok(GatherBuffers {
                 misses: ctx.alloc_pinned_with_flags(heads * layout.slots * 2, 0)?,
                 miss_count: ctx.alloc_pinned_with_flags(heads, 0)?,
-                staging: ctx.alloc_pinned_with_flags(rows, mapped)?,
+                staging: ctx.alloc_pinned_with_flags(bytes, mapped)?,
             })
         }
     }

@@ -638,19 +638,19 @@ pub struct GatherTimes {
     pub bytes: u64,
 }
 
-/// The cpu-gather path's chunk copy: chunk `i` of `dst` (chunks of `chunk` values) is
+/// The cpu-gather path's chunk copy: chunk `i` of `dst` (chunks of `chunk` bytes) is
 /// `src[sources[i] .. sources[i] + chunk]`. The pipeline's pinned gather threads
 /// implement it; [`RayonGather`] is the default.
 pub trait ChunkGather: Sync {
     /// Copies every chunk (`dst` holds exactly `sources.len()` chunks).
-    fn gather(&self, src: &[bf16], sources: &[usize], chunk: usize, dst: &mut [bf16]) -> Result<()>;
+    fn gather(&self, src: &[u8], sources: &[usize], chunk: usize, dst: &mut [u8]) -> Result<()>;
 }
 
 /// [`ChunkGather`] on rayon's global thread pool.
 pub struct RayonGather;
 
 impl ChunkGather for RayonGather {
-    fn gather(&self, src: &[bf16], sources: &[usize], chunk: usize, dst: &mut [bf16]) -> Result<()> {
+    fn gather(&self, src: &[u8], sources: &[usize], chunk: usize, dst: &mut [u8]) -> Result<()> {
         ensure!(
             dst.len() == sources.len() * chunk,
             "gather: {} chunks of {chunk} into {} values",

@@ -10,7 +10,6 @@ use super::layout::DevicePool;
 use crate::cuda::ops::{check_len, i32_of, kernel_params, CudaOps};
 use anyhow::{ensure, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
-use half::bf16;
 
 /// Threads of a fetch block.
 const FETCH_THREADS: u32 = 256;
@@ -29,10 +28,10 @@ impl CudaOps {
     /// value tier, `tier_base` (the reuse diff's) places each in its tier entry too.
     ///
     /// # Safety
-    /// `pool.host` must be the device-mapped address of a live bf16 allocation of
+    /// `pool.host` must be the device-mapped address of a live allocation of
     /// `pool.shape` (host memory registered with the driver, e.g. [`HostMapping`]),
     /// not written by the host while the copy runs, and `pool.dev` the address of a live
-    /// device allocation of `pool.dev_shape()` bf16 values.
+    /// device allocation of `pool.dev_shape()`.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn shadow_fetch_values(
         &self,
@@ -66,30 +65,31 @@ impl CudaOps {
     }
 
     /// The cpu-gather path's last step: copies the fetched misses' values from `staging`
-    /// `[n, c·d]` (on the device), row `i` for the `i`-th miss of the batch in list
+    /// (on the device: `n` chunks as the pool holds them, [`ShadowLayout::value_chunk_bytes`]
+    /// each), chunk `i` for the `i`-th miss of the batch in list
     /// order (sequence, then KV head, then the miss's place among the first
     /// `fetch_count` of its head's list), into their slots of `av` (and, with a GPU
-    /// value tier, their tier entries), on `blocks` blocks. `staging` must hold a row for
-    /// every miss the batch can have (`batch · kv_heads · S`).
+    /// value tier, their tier entries), on `blocks` blocks. `staging` must hold a chunk
+    /// for every miss the batch can have (`batch · kv_heads · S`).
     pub fn shadow_scatter_values(
         &self,
         t: &ShadowTable,
         misses: &CudaSlice<i32>,
         fetch_count: &CudaSlice<i32>,
         tier_base: Option<&CudaSlice<i32>>,
-        staging: &impl DevicePtr<bf16>,
+        staging: &impl DevicePtr<u8>,
         blocks: usize,
     ) -> Result<()> {
         let (sp, _g) = staging.device_ptr(self.device().stream());
-        // SAFETY: a device buffer of staging.len() values, borrowed for the launch.
+        // SAFETY: a device buffer of staging.len() bytes, borrowed for the launch.
         unsafe { self.shadow_scatter_values_at(t, misses, fetch_count, tier_base, (sp, staging.len()), blocks) }
     }
 
-    /// [`CudaOps::shadow_scatter_values`] from `staging` = (device address, values): the
+    /// [`CudaOps::shadow_scatter_values`] from `staging` = (device address, bytes): the
     /// cpu-gather actor's mapped host staging.
     ///
     /// # Safety
-    /// The address must be readable by the device for that many bf16 values until the
+    /// The address must be readable by the device for that many bytes until the
     /// kernel is done (device memory, or pinned host memory mapped for the device).
     pub unsafe fn shadow_scatter_values_at(
         &self,
@@ -102,7 +102,7 @@ impl CudaOps {
     ) -> Result<()> {
         let l = t.layout();
         let rows = t.batch() * l.kv_heads * l.slots;
-        check_len("scatter: staging", len, rows * l.chunk * l.head_dim)?;
+        check_len("scatter: staging", len, rows * l.value_chunk_bytes())?;
         let (mp, cp, cfg) = self.miss_launch(t, misses, fetch_count, blocks)?;
         let tb = self.tier_base_addr(t, tier_base)?;
         ensure!(sp % 16 == 0, "scatter: staging address {sp:#x} is not 16-byte aligned");

@@ -15,7 +15,6 @@ use super::decode::{ChunkGather, GatherTimes};
 use super::layout::{DevicePool, ShadowLayout};
 use anyhow::{anyhow, ensure, Result};
 use crossbeam_channel::{unbounded, Sender};
-use half::bf16;
 use std::any::Any;
 use std::ffi::c_void;
 use std::ops::Range;
@@ -276,7 +275,7 @@ fn panic_message(p: &(dyn Any + Send)) -> String {
 pub(super) struct SlotMem {
     pub misses: (*mut i32, usize),
     pub counts: (*mut i32, usize),
-    pub staging: (*mut bf16, usize),
+    pub staging: (*mut u8, usize),
 }
 
 // SAFETY: addresses of buffers that outlive the actor's thread (its owner joins it
@@ -297,7 +296,7 @@ unsafe impl Sync for SlotMem {}
 pub(super) unsafe fn gather_job(
     mem: &SlotMem,
     lay: &ShadowLayout,
-    (dev_pool, pool): (&DevicePool, &[bf16]),
+    (dev_pool, pool): (&DevicePool, &[u8]),
     gather: &dyn ChunkGather,
     job: &Job,
 ) -> Result<u64> {
@@ -314,7 +313,7 @@ pub(super) unsafe fn gather_job(
             std::slice::from_raw_parts_mut(mem.staging.0, mem.staging.1),
         )
     };
-    let chunk_elems = dev_pool.shape.chunk_elems;
+    let chunk_bytes = dev_pool.shape.chunk_bytes();
     for &s in &job.pool_seqs {
         ensure!(
             s < dev_pool.shape.seqs,
@@ -330,21 +329,21 @@ pub(super) unsafe fn gather_job(
             sources.push(dev_pool.chunk_offset(job.layer, job.pool_seqs[b], h, chunk));
         }
     }
-    let n = sources.len() * chunk_elems;
+    let n = sources.len() * chunk_bytes;
     ensure!(
         n <= staging.len(),
         "cpu-gather: {} misses overflow the staging",
         sources.len()
     );
-    gather.gather(pool, &sources, chunk_elems, &mut staging[..n])?;
-    Ok(2 * n as u64)
+    gather.gather(pool, &sources, chunk_bytes, &mut staging[..n])?;
+    Ok(n as u64)
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::decode::RayonGather;
     use super::*;
-    use crate::pool::PoolShape;
+    use crate::pool::{PoolShape, ValueFormat};
     use std::sync::mpsc;
     use std::time::Duration;
 
@@ -529,16 +528,19 @@ mod tests {
             seqs: 3,
             kv_heads: 2,
             chunks: 8,
-            chunk_elems: 4,
+            chunk: 1,
+            head_dim: 4,
+            format: ValueFormat::Int8,
         };
+        let cb = shape.chunk_bytes();
         let dev_pool = DevicePool {
             host: 0,
             dev: 0,
             shape,
             dev_seqs: 0,
         };
-        // Each value's bits are its index in the pool.
-        let pool: Vec<bf16> = (0..shape.elems().unwrap()).map(|i| bf16::from_bits(i as u16)).collect();
+        // Each byte is its index in the pool, modulo a prime.
+        let pool: Vec<u8> = (0..shape.bytes().unwrap()).map(|i| (i % 251) as u8).collect();
         // A slot made for a batch of 3 holding the lists of a micro-batch of 1 (pool
         // sequence 2): head 0 fetches chunks 5 and 1 (its third entry is not fetched),
         // head 1 chunk 7; what lies past its heads is not read.
@@ -551,7 +553,7 @@ mod tests {
         let mut counts = vec![99i32; 3 * 2];
         counts[0] = 2;
         counts[1] = 1;
-        let mut staging = vec![bf16::ZERO; 3 * 2 * 3 * 4];
+        let mut staging = vec![0u8; 3 * 2 * 3 * cb];
         let mem = SlotMem {
             misses: (misses.as_mut_ptr(), misses.len()),
             counts: (counts.as_mut_ptr(), counts.len()),
@@ -565,17 +567,16 @@ mod tests {
         };
         // SAFETY: the buffers above, live and touched by nothing else meanwhile.
         let bytes = unsafe { gather_job(&mem, &lay, (&dev_pool, &pool), &RayonGather, &j) }.unwrap();
-        assert_eq!(bytes, 3 * 4 * 2);
-        let want: Vec<u16> = [(0, 5), (0, 1), (1, 7)]
+        assert_eq!(bytes, 3 * cb as u64);
+        let want: Vec<u8> = [(0, 5), (0, 1), (1, 7)]
             .iter()
             .flat_map(|&(h, c)| {
                 let at = dev_pool.chunk_offset(1, 2, h, c);
-                (at..at + 4).map(|i| i as u16)
+                pool[at..at + cb].to_vec()
             })
             .collect();
-        let got: Vec<u16> = staging[..12].iter().map(|v| v.to_bits()).collect();
-        assert_eq!(got, want);
-        assert!(staging[12..].iter().all(|v| v.to_bits() == 0));
+        assert_eq!(&staging[..3 * cb], &want[..]);
+        assert!(staging[3 * cb..].iter().all(|&v| v == 0));
         // A job whose batch the slot does not serve is refused, not read out of bounds.
         let big = Job {
             pool_seqs: vec![0, 1, 2, 0],

@@ -22,19 +22,20 @@
 //! - `kpre` `[R, kvh·d]` bf16: the pre-RoPE keys of the recent window, same rows.
 //! - with a GPU value tier of `T > 0` entries per head (a FIFO cache of chunks' values in
 //!   device memory: a missed chunk found there is copied from HBM, not read over PCIe):
-//!   `tier` `[kvh, T, c·d]` bf16 (the values of the chunk each entry holds), `tier_map`
+//!   `tier` `[kvh, T]` chunks of [`ShadowLayout::value_chunk_bytes`] (the values of the
+//!   chunk each entry holds, in the pool's 8-bit format), `tier_map`
 //!   `[kvh, chunk_cap]` i32 (the entry holding each chunk, -1 = none), `tier_owner`
 //!   `[kvh, T]` i32 (the chunk each entry holds, -1 = empty) and `tier_next` `[kvh]` i32
 //!   (the entry the next fetched chunk replaces).
 //!
-//! The host value pool is bf16 `[layer][pool_seq][kvh][chunk][c·d]`, the CPU pool's
-//! layout ([`crate::pool::PoolShape`]), read (and written, when a chunk folds) by the
+//! The host value pool is `[layer][pool_seq][kvh][chunk]`, each chunk its values in 8 bits
+//! (codes, then a scale per token), the CPU pool's layout ([`crate::pool::PoolShape`]), read (and written, when a chunk folds) by the
 //! kernels through its device-mapped address; GPU value slots, where there are any, are a
 //! second pool of the same layout in device memory, their slots numbered after the host
 //! pool's ([`DevicePool`]).
 
 use crate::model::config::ModelConfig;
-use crate::pool::PoolShape;
+use crate::pool::{PoolShape, ValueFormat};
 use crate::shadow::ShadowParams;
 use anyhow::{ensure, Result};
 
@@ -251,9 +252,24 @@ impl ShadowLayout {
         Ok(l)
     }
 
-    /// Elements of `tier` (0 without a tier).
+    /// Bytes of one chunk of one head's values in the pools and the tier (8-bit codes
+    /// and a scale per token: [`PoolShape::chunk_bytes`]).
+    pub fn value_chunk_bytes(&self) -> usize {
+        PoolShape {
+            layers: 1,
+            seqs: 1,
+            kv_heads: 1,
+            chunks: 1,
+            chunk: self.chunk,
+            head_dim: self.head_dim,
+            format: ValueFormat::Int8,
+        }
+        .chunk_bytes()
+    }
+
+    /// Bytes of `tier` (0 without a tier).
     pub fn tier_len(&self) -> usize {
-        self.kv_heads * self.tier * self.chunk * self.head_dim
+        self.kv_heads * self.tier * self.value_chunk_bytes()
     }
 
     /// Elements of `tier_map` (0 without a tier).
@@ -281,7 +297,7 @@ impl ShadowLayout {
 
     /// Device bytes of one layer's tier of one sequence.
     pub fn tier_bytes(&self) -> usize {
-        2 * self.tier_len() + 4 * (self.tier_map_len() + self.tier_owner_len() + self.tier_next_len())
+        self.tier_len() + 4 * (self.tier_map_len() + self.tier_owner_len() + self.tier_next_len())
     }
 
     /// Chunks in the sparse region after a prefill of `tokens` tokens: the whole chunks
@@ -440,13 +456,13 @@ unsafe impl cudarc::driver::DeviceRepr for SeqCounts {}
 /// `shape.seqs + dev_seqs` device slots (device slot `i` is global `shape.seqs + i`).
 #[derive(Clone, Copy, Debug)]
 pub struct DevicePool {
-    /// Device address of the host pool's element 0 (host memory registered with the
+    /// Device address of the host pool's first byte (host memory registered with the
     /// driver; 0 when the host pool holds no slot).
     pub host: u64,
-    /// Device address of the device pool's element 0 (0 without device slots).
+    /// Device address of the device pool's first byte (0 without device slots).
     pub dev: u64,
-    /// The host pool's shape (`seqs` = its slots, `chunk_elems = c · d`); the device
-    /// pool has the same but `dev_seqs` slots.
+    /// The host pool's shape (`seqs` = its slots); the device pool has the same but
+    /// `dev_seqs` slots.
     pub shape: PoolShape,
     /// Slots in device memory.
     pub dev_seqs: usize,
@@ -471,9 +487,9 @@ impl DevicePool {
         }
     }
 
-    /// Element offset of a chunk of global slot `seq` in the pool holding that slot
+    /// Byte offset of a chunk of global slot `seq` in the pool holding that slot
     /// ([`DevicePool::on_device`]): `(((layer·seqs + s)·kv_heads + head)·chunks +
-    /// chunk)·chunk_elems`, with `seqs` and `s` that pool's slots and the slot's index in it.
+    /// chunk)·chunk_bytes`, with `seqs` and `s` that pool's slots and the slot's index in it.
     pub fn chunk_offset(&self, layer: usize, seq: usize, head: usize, chunk: usize) -> usize {
         let (seqs, s) = if self.on_device(seq) {
             (self.dev_seqs, seq - self.shape.seqs)
@@ -481,7 +497,7 @@ impl DevicePool {
             (self.shape.seqs, seq)
         };
         let p = &self.shape;
-        (((layer * seqs + s) * p.kv_heads + head) * p.chunks + chunk) * p.chunk_elems
+        (((layer * seqs + s) * p.kv_heads + head) * p.chunks + chunk) * p.chunk_bytes()
     }
 
     /// Checks that the pools serve `layout` at `layer` for sequences with `counts`: the
@@ -490,12 +506,18 @@ impl DevicePool {
     pub(crate) fn check(&self, layout: &ShadowLayout, layer: usize, counts: &[SeqCounts]) -> Result<()> {
         let s = &self.shape;
         ensure!(
-            s.kv_heads == layout.kv_heads && s.chunk_elems == layout.chunk * layout.head_dim,
-            "value pool of {} heads × {} values per chunk, the layout needs {} × {}",
+            s.kv_heads == layout.kv_heads
+                && s.chunk == layout.chunk
+                && s.head_dim == layout.head_dim
+                && s.format == ValueFormat::Int8,
+            "value pool of {} heads × chunks of {} tokens of {} values ({:?}), the layout needs {} × {} of {} (Int8)",
             s.kv_heads,
-            s.chunk_elems,
+            s.chunk,
+            s.head_dim,
+            s.format,
             layout.kv_heads,
-            layout.chunk * layout.head_dim
+            layout.chunk,
+            layout.head_dim
         );
         ensure!(
             s.chunks >= layout.chunk_cap,
@@ -613,14 +635,17 @@ mod tests {
         let cfg = preset("smollm2-135m").unwrap();
         let p = ShadowParams::defaults(&cfg, 8192);
         let l = ShadowLayout::new(&cfg, &p, 8192).unwrap();
-        let (kvh, chunks, ce) = (l.kv_heads, l.chunk_cap, l.chunk * l.head_dim);
+        let (kvh, chunks, ce) = (l.kv_heads, l.chunk_cap, l.value_chunk_bytes());
         let shape = PoolShape {
             layers: 2,
             seqs: 3,
             kv_heads: kvh,
             chunks,
-            chunk_elems: ce,
+            chunk: l.chunk,
+            head_dim: l.head_dim,
+            format: ValueFormat::Int8,
         };
+        assert_eq!(ce, l.chunk * (l.head_dim + 4));
         let pool = DevicePool {
             host: 4096,
             dev: 8192,
@@ -636,11 +661,11 @@ mod tests {
         // The last chunk of each pool ends at that pool's end.
         assert_eq!(
             pool.chunk_offset(1, 2, kvh - 1, chunks - 1) + ce,
-            shape.elems().unwrap()
+            shape.bytes().unwrap()
         );
         assert_eq!(
             pool.chunk_offset(1, 4, kvh - 1, chunks - 1) + ce,
-            pool.dev_shape().elems().unwrap()
+            pool.dev_shape().bytes().unwrap()
         );
         let seq = |s: i32| SeqCounts {
             pool_seq: s,

@@ -1,4 +1,4 @@
-//! The value pools of GPU ShadowKV: a bf16 host [`ValuePool`] registered with the driver
+//! The value pools of GPU ShadowKV: a host [`ValuePool`] (values in 8 bits) registered with the driver
 //! and mapped into the device's address space, so that the kernels write a prefill's
 //! values and read the missed chunks straight from host memory; and, optionally, GPU
 //! value slots ([`GpuValuePool::with_device_slots`]): a second pool of the same layout
@@ -10,26 +10,25 @@
 use super::fetch::HostMapping;
 use super::layout::{DevicePool, ShadowLayout};
 use crate::cuda::CudaOps;
-use crate::pool::{PoolLease, PoolShape, ValuePool, ValueType};
+use crate::pool::{PoolLease, PoolShape, ValueFormat, ValuePool};
 use anyhow::{anyhow, ensure, Context, Result};
 use cudarc::driver::{CudaContext, CudaSlice, DevicePtr};
-use half::bf16;
 use std::sync::{Arc, Mutex};
 
-/// A bf16 value pool the device reads and writes, with its GPU value slots.
+/// A value pool the device reads and writes, with its GPU value slots.
 pub struct GpuValuePool {
     // Declared first: unregistered (dropped) before the pool's memory goes. None when
     // the host pool holds no slot (every slot is a device slot).
-    mapping: Option<HostMapping<'static, bf16>>,
+    mapping: Option<HostMapping<'static, u8>>,
     pool: ValuePool,
     dev: Option<DeviceSlots>,
     slots: SlotList,
 }
 
-/// The GPU value slots' memory: `[layer][dev_seq][kv_head][chunk][c·d]` bf16, freed
-/// once the device is done with it.
+/// The GPU value slots' memory: `[layer][dev_seq][kv_head][chunk]`, each chunk as the
+/// host pool lays it out (codes, then scales), freed once the device is done with it.
 struct DeviceSlots {
-    mem: Option<CudaSlice<bf16>>,
+    mem: Option<CudaSlice<u8>>,
     addr: u64,
     ctx: Arc<CudaContext>,
 }
@@ -44,22 +43,23 @@ impl Drop for DeviceSlots {
 }
 
 impl GpuValuePool {
-    /// Registers `pool` (bf16 values) with the device of `ops`; no device slots.
+    /// Registers `pool` with the device of `ops`; no device slots. The GPU reads values
+    /// in 8 bits only.
     pub fn new(ops: &CudaOps, pool: ValuePool) -> Result<Self> {
         ensure!(
-            pool.value_type() == ValueType::Bf16,
-            "the GPU reads bf16 value pools, this one holds {:?}",
-            pool.value_type()
+            pool.shape().format == ValueFormat::Int8,
+            "the GPU reads value pools in 8 bits, this one holds {:?} values",
+            pool.shape().format
         );
-        let n = pool.bytes() / 2;
+        let n = pool.bytes();
         let mapping = if n == 0 {
             None
         } else {
-            // SAFETY: the pool's memory holds n bf16 values (page-aligned) and lives as
+            // SAFETY: the pool's memory holds n bytes (page-aligned) and lives as
             // long as `pool`, which this struct keeps and drops after the mapping; the
             // host only touches it through leases, which the device's users coordinate
             // with.
-            let mem: &'static mut [bf16] = unsafe { std::slice::from_raw_parts_mut(pool.base_ptr().cast(), n) };
+            let mem: &'static mut [u8] = unsafe { std::slice::from_raw_parts_mut(pool.base_ptr(), n) };
             Some(HostMapping::new(ops, mem).with_context(|| {
                 format!(
                     "pinning the value pool ({:.1} GiB) for the GPU",
@@ -92,9 +92,9 @@ impl GpuValuePool {
             seqs: n,
             ..self.pool.shape()
         };
-        let bytes = shape.bytes(2)?;
+        let bytes = shape.bytes()?;
         let dev = ops.device();
-        let mem = dev.zeros::<bf16>(shape.elems()?).with_context(|| {
+        let mem = dev.zeros::<u8>(bytes).with_context(|| {
             format!(
                 "allocating {n} GPU value slots ({:.1} GiB)",
                 bytes as f64 / (1u64 << 30) as f64
@@ -125,7 +125,7 @@ impl GpuValuePool {
 
     /// Bytes of the GPU value slots' allocation.
     pub fn device_bytes(&self) -> usize {
-        self.device().dev_shape().bytes(2).unwrap_or(0)
+        self.device().dev_shape().bytes().unwrap_or(0)
     }
 
     /// Takes a free sequence slot: a GPU value slot while one is free, else a host slot.
@@ -150,7 +150,9 @@ impl GpuValuePool {
             seqs,
             kv_heads: layout.kv_heads,
             chunks: layout.chunk_cap,
-            chunk_elems: layout.chunk * layout.head_dim,
+            chunk: layout.chunk,
+            head_dim: layout.head_dim,
+            format: ValueFormat::Int8,
         }
     }
 }
@@ -274,7 +276,9 @@ mod tests {
             seqs,
             kv_heads: 1,
             chunks: 2,
-            chunk_elems: 4,
+            chunk: 4,
+            head_dim: 4,
+            format: ValueFormat::Int8,
         };
         ValuePool::anonymous(shape).unwrap()
     }

@@ -127,10 +127,10 @@ pub fn layer_bytes(l: &ShadowLayout) -> usize {
 }
 
 /// Device bytes of one sequence's ShadowKV state over `layers` layers of `layout`, and
-/// bytes of its values (bf16) in the value pool (one slot, host or GPU).
+/// bytes of its values (8-bit) in the value pool (one slot, host or GPU).
 pub fn sequence_bytes(layout: &ShadowLayout, layers: usize) -> Result<(usize, usize)> {
     Ok((
         layer_bytes(layout) * layers,
-        GpuValuePool::shape_for(layout, layers, 1).bytes(2)?,
+        GpuValuePool::shape_for(layout, layers, 1).bytes()?,
     ))
 }

@@ -30,7 +30,6 @@ use super::pool::GpuValuePool;
 use crate::cuda::CudaOps;
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::{CudaEvent, CudaStream, DriverError};
-use half::bf16;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
@@ -125,13 +124,13 @@ impl GatherTransfer {
         // The pool's memory, as the gather reads it (see the work's SAFETY note).
         // SAFETY: only the address is taken here.
         let pool_base = unsafe { pool.pool().base_ptr() } as usize;
-        let pool_elems = dev_pool.shape.elems()?;
+        let pool_bytes = dev_pool.shape.bytes()?;
         let actor = Actor::spawn(
             name,
             Box::new(move |job: &Job| {
                 // SAFETY: the registered pool outlives the lane (the backend holds it), and
                 // the device does not write the chunks a step's misses name.
-                let pool = unsafe { std::slice::from_raw_parts(pool_base as *const bf16, pool_elems) };
+                let pool = unsafe { std::slice::from_raw_parts(pool_base as *const u8, pool_bytes) };
                 // SAFETY: the slot's buffers outlive the thread (the transfer joins it
                 // first); the job's host function ran after its lists' copy, and the slot
                 // is not used again before the job is done.
@@ -238,8 +237,8 @@ impl GatherTransfer {
             .with_context(|| format!("cpu-gather: queueing the wait for ring slot {slot}"))?;
         let tier_base = (self.layout.tier > 0).then_some(&sc.tier_base);
         let rows = self.batch * self.layout.kv_heads * self.layout.slots;
-        let elems = rows * self.layout.chunk * self.layout.head_dim;
-        // SAFETY: the slot's staging is mapped pinned memory of `elems` values, which the
+        let bytes = rows * self.layout.value_chunk_bytes();
+        // SAFETY: the slot's staging is mapped pinned memory of `bytes` bytes, which the
         // actor filled before the host function above returned and does not touch again
         // before the event below.
         unsafe {
@@ -248,7 +247,7 @@ impl GatherTransfer {
                 &sc.misses,
                 &sc.fetch_count,
                 tier_base,
-                (self.staging[slot], elems),
+                (self.staging[slot], bytes),
                 FETCH_BLOCKS,
             )?
         };
