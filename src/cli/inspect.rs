@@ -112,7 +112,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
         gib(kv_total_f32)
     );
     println!(
-        "  ShadowKV     {} on the GPU (low-rank keys, landmarks, exact chunks, slots), {} of bf16 values in host \
+        "  ShadowKV     {} on the GPU (low-rank keys, landmarks, exact chunks, slots), {} of values (8-bit) in host \
          memory (budget {}, rank {}, {} outlier chunks)",
         gib(shadow_gpu * a.batch as u64),
         gib(shadow_host * a.batch as u64),

@@ -22,9 +22,9 @@ impl CudaOps {
     /// `n = R - c` and `chunks + 1` for those sequences ([`ShadowTable::set_counts`]).
     ///
     /// # Safety
-    /// `pool.host` must be the device-mapped address of a live bf16 allocation of
+    /// `pool.host` must be the device-mapped address of a live allocation of
     /// `pool.shape`, not accessed by the host while the kernels run, and `pool.dev` the
-    /// address of a live device allocation of `pool.dev_shape()` bf16 values.
+    /// address of a live device allocation of `pool.dev_shape()`.
     pub unsafe fn shadow_fold(&self, t: &ShadowTable, pool: &DevicePool, layer: usize) -> Result<()> {
         let l = t.layout();
         pool.check(l, layer, t.counts())?;

@@ -150,14 +150,14 @@ impl CudaOps {
     }
 
     /// Writes the values `v` `[tokens, kv_heads·d]` of the sparse chunks of a prefill to
-    /// layer `layer`, global slot `pool_seq` of the value pools, chunk-major (the device
+    /// layer `layer`, global slot `pool_seq` of the value pools, chunk-major, in 8 bits (the device
     /// writes the host pool through its mapped address, a GPU value slot in its own
     /// memory).
     ///
     /// # Safety
-    /// `pool.host` must be the device-mapped address of a live bf16 allocation of
+    /// `pool.host` must be the device-mapped address of a live allocation of
     /// `pool.shape`, not accessed by the host while the copy runs, and `pool.dev` the
-    /// address of a live device allocation of `pool.dev_shape()` bf16 values.
+    /// address of a live device allocation of `pool.dev_shape()`.
     pub unsafe fn shadow_pool_write(
         &self,
         layout: &ShadowLayout,

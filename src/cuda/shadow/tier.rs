@@ -116,9 +116,9 @@ impl CudaOps {
     ///
     /// # Safety
     /// As [`CudaOps::shadow_fetch_values`]: `pool.host` must be the device-mapped address
-    /// of a live bf16 allocation of `pool.shape`, not written by the host while the copy
+    /// of a live allocation of `pool.shape`, not written by the host while the copy
     /// runs, and `pool.dev` the address of a live device allocation of
-    /// `pool.dev_shape()` bf16 values.
+    /// `pool.dev_shape()`.
     pub unsafe fn shadow_tier_fill_pool(
         &self,
         bufs: &LayerBuffers,
