@@ -88,9 +88,10 @@ fn fidelity_and_bench_run_and_bad_settings_are_named() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    // Budget over the context and full rank: ShadowKV is exact.
+    // Budget over the context and full rank: ShadowKV is full attention but for the
+    // values' 8 bits (mean KL 1.9e-5 measured; below 1e-6 with exact values).
     assert_eq!(v["fidelity"]["top1_agreement"], 1.0);
-    assert!(v["fidelity"]["mean_kl"].as_f64().unwrap() < 1e-6);
+    assert!(v["fidelity"]["mean_kl"].as_f64().unwrap() < 1e-4);
     let o = shadowkv(&[
         "bench",
         "--model",

@@ -15,9 +15,12 @@ use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 const FETCH_THREADS: u32 = 256;
 /// Blocks of the zero-copy fetch that keep PCIe busy without holding the SMs other
 /// kernels need. On the H200, 16 blocks of 256 threads move 50 GB/s and leave a
-/// concurrent HBM-bound kernel 3.46 TB/s of its 4.24; with the key rebuild alone beside
-/// the fetch, 24 hide 94 % of it against 86 % with 16 (docs/perf/gpu.md, session 15).
-pub const FETCH_BLOCKS: usize = 24;
+/// concurrent HBM-bound kernel 3.46 TB/s of its 4.24. With values in 8 bits the largest
+/// batch doubled (57 × 61440 tokens) and so did a layer's fetch: with two micro-batches
+/// 16 / 24 / 32 / 48 / 64 / 96 blocks decoded 1790 / 2041 / 2075 / 2142 / 2090 / 1989
+/// tok/s, and with 48 one micro-batch hides 94 % of the fetch, as fast as two
+/// (docs/perf/gpu.md, session 19; 24 at 29 sequences in session 15).
+pub const FETCH_BLOCKS: usize = 48;
 
 impl CudaOps {
     /// Zero-copy fetch: copies the `c·d` values of every miss to fetch (the first
