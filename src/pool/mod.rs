@@ -20,10 +20,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 /// How a pool stores a chunk's values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ValueFormat {
     /// 8-bit codes and a scale per token row (the default; what the GPU reads).
-    #[default]
     Int8,
     /// f32, exact (the CPU reference's checks against full attention).
     F32,

@@ -496,8 +496,7 @@ impl DevicePool {
         } else {
             (self.shape.seqs, seq)
         };
-        let p = &self.shape;
-        (((layer * seqs + s) * p.kv_heads + head) * p.chunks + chunk) * p.chunk_bytes()
+        PoolShape { seqs, ..self.shape }.offset(layer, s, head, chunk)
     }
 
     /// Checks that the pools serve `layout` at `layer` for sequences with `counts`: the
