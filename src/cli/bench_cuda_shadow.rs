@@ -176,7 +176,7 @@ pub fn run(
     let tier = match tier {
         TierSize::Off => 0,
         TierSize::Chunks(n) => n,
-        TierSize::Auto => tier_chunks_for(&layout, cfg.num_layers, batch, free.saturating_sub(4 << 30) / 20 * 19),
+        TierSize::Auto => tier_chunks_for(&layout, cfg.num_layers, batch, auto_tier_bytes(free)),
     };
     let layout = layout.with_tier(tier)?;
     let tier_bytes = batch * cfg.num_layers * layout.tier_bytes();
@@ -481,6 +481,15 @@ fn queued_steps(
         done_at.push(Instant::now());
     }
     Ok(done_at)
+}
+
+/// Device memory the `auto` tier takes of `free` (measured after the sequences' state):
+/// all but 2 GiB and 1 % of the rest, left for the steps' scratch and graphs. On the
+/// H200 at 58 × 61440 and 28 × 124928 the decode then kept 3.2 GiB free, and the tier
+/// held 3.4 and 4.5 GiB more than with a margin of 4 GiB and 5 % (its hit rate 0.676 →
+/// 0.684 and 0.683 → 0.700; docs/perf/gpu.md, 2026-12-02 session 20).
+fn auto_tier_bytes(free: usize) -> usize {
+    free.saturating_sub(2 << 30) / 100 * 99
 }
 
 /// GPU bytes of a step: the weights, and per sequence and
