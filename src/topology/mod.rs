@@ -760,6 +760,20 @@ impl Topology {
             }
             _ => {}
         }
+        // The GPU pins the pool for the device (the zero-copy fetch reads it, the fold writes
+        // into it); the driver refuses to pin a shared file mapping (CUDA_ERROR_INVALID_VALUE
+        // on the H200 host, docs/perf/gpu.md 2026-12-02 session 20).
+        if self.pools.backing == PoolBacking::File
+            && self.backend.kind == BackendKind::Cuda
+            && a.mode == AttentionMode::Shadowkv
+        {
+            return e(
+                "pools.backing",
+                "ShadowKV on the GPU pins its value pool for the device, and the CUDA driver does not pin a \
+                 memory-mapped file: use pools.backing = \"anonymous\" (file pools serve the CPU backend)"
+                    .into(),
+            );
+        }
         let s = &self.server;
         let listen = match s.listen.parse::<SocketAddr>() {
             Ok(a) => a,

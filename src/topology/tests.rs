@@ -179,6 +179,20 @@ fn gpu_value_slots_need_cuda_zero_copy_and_room_in_the_batch() {
 }
 
 #[test]
+fn file_pools_serve_the_cpu_backend_only() {
+    let pools = "[pools]\nbacking = \"file\"\npath = \"/tmp/p\"\n";
+    let shadow = "[attention]\nmode = \"shadowkv\"\n";
+    let cuda = "[backend]\nkind = \"cuda\"\n";
+    let e = err(&format!("{cuda}{shadow}{pools}"));
+    assert_eq!(e.key.as_deref(), Some("pools.backing"), "{e}");
+    assert!(e.message.contains("pools.backing = \"anonymous\""), "{e}");
+    for ok in [format!("{shadow}{pools}"), format!("{cuda}{pools}")] {
+        let t = Topology::parse(&ok, "t.toml").unwrap();
+        assert_eq!(t.pools.backing, PoolBacking::File);
+    }
+}
+
+#[test]
 fn syntax_errors_give_the_line() {
     let e = err("[limits]\nmax_batch = 4\nmax_queue = = 2\n");
     assert_eq!(e.line.map(|l| l.0), Some(3), "{e}");
