@@ -10,8 +10,12 @@
 //   (f32 sv) and as the coefficient GEMMs take it (two bf16 terms, hi + lo ≈ sv to 2^-16):
 //   sv = f32(v) when v is not null (v = 0: sv already holds the basis), hi = bf16(sv),
 //   lo = bf16(sv - hi).
-// factor_round_bf16, grid-stride over n elements: dst = bf16(src).
+// factor_code8_rows, grid-stride over n rows of `rank` fp32 values, a warp a row: the
+//   coefficients u in 8 bits, codes to codes[row, ..] and a scale to scales[row]
+//   (code8_coef_row of shadow.cuh, as the fold rounds later tokens' rows).
 #include <cuda_bf16.h>
+
+#include "shadow.cuh"
 
 #define FACTOR_THREADS 256
 
@@ -53,8 +57,10 @@ extern "C" __global__ void factor_basis_out(const double* __restrict__ v, float*
     }
 }
 
-extern "C" __global__ void factor_round_bf16(const float* __restrict__ src, __nv_bfloat16* __restrict__ dst,
-                                             size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        dst[i] = __float2bfloat16_rn(src[i]);
+extern "C" __global__ void __launch_bounds__(FACTOR_THREADS)
+    factor_code8_rows(const float* __restrict__ src, signed char* __restrict__ codes, float* __restrict__ scales,
+                      size_t n, int rank) {
+    const size_t warps = (size_t)gridDim.x * (FACTOR_THREADS / 32);
+    for (size_t row = blockIdx.x * (size_t)(FACTOR_THREADS / 32) + (threadIdx.x >> 5); row < n; row += warps)
+        code8_coef_row(src + row * rank, rank, codes + row * rank, scales + row);
 }

@@ -13,9 +13,9 @@
 //     or for a GPU value slot the pool in device memory (shadow_pool_chunk, shadow.cuh);
 //   - outlier[h, ch] = 0.
 // shadow_fold_project, grid (ceil(rank / FOLD_WARPS), batch), FOLD_THREADS threads: the
-//   chunk's tokens' coefficients on the basis, u[ch * c + i, k] = kpre[R - 1 - i, :] .
-//   sv[k, :] (fp32 sums over kv_heads * d: lane-strided, then a butterfly), stored bf16,
-//   for the block's FOLD_WARPS basis rows k (a warp each) and every token of the chunk at
+//   chunk's tokens' coefficients on the basis, fold_u[i, k] = kpre[R - 1 - i, :] .
+//   sv[k, :] (fp32 sums over kv_heads * d: lane-strided, then a butterfly; shadow_fold_shift
+//   rounds them into u), for the block's FOLD_WARPS basis rows k (a warp each) and every token of the chunk at
 //   once, FOLD_TOKENS at a time from shared memory, so each row of sv is read once a
 //   pass (once for chunks of up to FOLD_TOKENS tokens, the usual 8). (With
 //   a block per token and each warp walking 20 rows one after another it took 76-96 us a
@@ -25,7 +25,10 @@
 //   n = R - c and chunks_b + 1). Launched after the two kernels above, which read the
 //   rows it overwrites. The move goes chunk by chunk from the oldest end, and each thread
 //   always handles the same words of a chunk, so it only ever overwrites words it has
-//   already moved: no barrier is needed.
+//   already moved: no barrier is needed. The blocks of head 0 also write the chunk's
+//   coefficients (fold_u, complete once shadow_fold_project is) in 8 bits, a warp a token:
+//   codes to u[ch * c + i, ..], scale to u_scales[ch * c + i] (code8_coef_row; the scale is
+//   over all ranks of the token, which no block of shadow_fold_project sees).
 #include <cuda_bf16.h>
 
 #include "pdl.cuh"
@@ -75,7 +78,7 @@ extern "C" __global__ void __launch_bounds__(FOLD_THREADS)
     const ShadowSeqBufs s = bufs[b];
     const __nv_bfloat16* kpre = reinterpret_cast<const __nv_bfloat16*>(s.kpre);
     const float* sv = reinterpret_cast<const float*>(s.sv);
-    __nv_bfloat16* u = reinterpret_cast<__nv_bfloat16*>(s.u) + (size_t)n.chunks * c * r;
+    float* u = reinterpret_cast<float*>(s.fold_u);
     const int lane = threadIdx.x & 31, k = blockIdx.x * FOLD_WARPS + (threadIdx.x >> 5);
     for (int i0 = 0; i0 < c; i0 += FOLD_TOKENS) {
         const int nt = min(FOLD_TOKENS, c - i0);
@@ -101,7 +104,7 @@ extern "C" __global__ void __launch_bounds__(FOLD_THREADS)
         for (int t = 0; t < FOLD_TOKENS; ++t) {
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], o);
-            if (lane == 0 && t < nt) u[(size_t)(i0 + t) * r + k] = __float2bfloat16_rn(acc[t]);
+            if (lane == 0 && t < nt) u[(size_t)(i0 + t) * r + k] = acc[t];
         }
     }
 }
@@ -112,10 +115,19 @@ extern "C" __global__ void __launch_bounds__(FOLD_THREADS)
     pdl_wait();
     pdl_trigger();
     const int h = blockIdx.x, b = blockIdx.y;
-    if (counts[b].recent != dims.recent) return;
+    const ShadowSeqCounts n = counts[b];
+    if (n.recent != dims.recent) return;
     const int d = dims.head_dim, c = dims.chunk, R = dims.recent;
     const size_t kvd = (size_t)dims.kv_heads * d;
-    const ShadowSeqBufs s = bufs[b];
+    const ShadowSeqBufs& s = bufs[b];
+    if (h == 0) {
+        const int r = dims.rank;
+        const size_t t0 = (size_t)n.chunks * c;  // the chunk's first token of u
+        const float* fu = reinterpret_cast<const float*>(s.fold_u);
+        signed char* u = reinterpret_cast<signed char*>(s.u) + t0 * r;
+        float* us = reinterpret_cast<float*>(s.u_scales) + t0;
+        for (int i = threadIdx.x >> 5; i < c; i += FOLD_WARPS) code8_coef_row(fu + (size_t)i * r, r, u + (size_t)i * r, us + i);
+    }
     const int row_words = d / 8, words = c * row_words;  // 16-byte words per chunk of one head
     uint4* ak = reinterpret_cast<uint4*>(shadow_attn_row(s.ak, dims, h, 0));
     uint4* av = reinterpret_cast<uint4*>(shadow_attn_row(s.av, dims, h, 0));

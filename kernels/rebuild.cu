@@ -2,8 +2,9 @@
 // (reference: LowRank::rebuild in src/shadow/factor.rs, then Rope::tables / Rope::apply).
 //
 // For each miss (slot, chunk) of KV head h of sequence b, the chunk's rows
-// t = chunk * c + i (i < c) are rebuilt from the low-rank pre-RoPE keys,
-//   k[t, :] = u[t, 0..rank) . sv[0..rank, h*d .. (h+1)*d)     (fp32 accumulation),
+// t = chunk * c + i (i < c) are rebuilt from the low-rank pre-RoPE keys, whose
+// coefficients are 8-bit codes with a scale per token,
+//   k[t, :] = u_scales[t] * (u[t, 0..rank) . sv[0..rank, h*d .. (h+1)*d))   (fp32 accumulation),
 // rotated at position t (Hugging Face rotate-half, the arithmetic of rope.cu but with
 // rope_sincos of common.cuh: within 1e-6 of sincosf, without its slow path) and
 // stored as bf16 to ak[h, slot_row(slot) + i, :]. Invalid entries of a list are skipped.
@@ -25,7 +26,8 @@
 // contiguous run of tiles, mostly of one or two heads, and a head with many misses is
 // split among blocks.
 //
-// Product: mma.sync m16n8k16 bf16 with fp32 accumulation. u is bf16 already (exact); sv
+// Product: mma.sync m16n8k16 bf16 with fp32 accumulation. u's codes are integers within
+// +-127, exact in bf16; the token's scale multiplies the finished row (rb_store). sv
 // (fp32) is split into two bf16 terms, hi = bf16_rn(sv) and lo = bf16_rn(sv - hi)
 // (|sv - hi - lo| <= 2^-18 |sv|), and u multiplies both: hi alone (2^-9) would leave
 // errors far over the tolerance of tests/cuda_shadow.rs on rotated keys that cancel.
@@ -38,10 +40,11 @@
 // block runs that head's tiles (staged, with plain loads and the split, only when the
 // head changes): 160 ranks at d = 128 (87 KB), 320 at d = 64. A larger rank is walked in
 // panels of that many ranks, each restaged for every tile (correct, slower). u streams
-// through two stages of [REBUILD_ROWS][32 ranks] by cp.async (16-byte copies where the
-// rank keeps u's rows 16-byte aligned, plain loads otherwise): while a stage is
-// multiplied the next (the tile's next 32 ranks, or the next tile's first) is in flight.
-// About 108 KB a block at d = 128 and rank 160, so two blocks share an SM of the H200.
+// through two stages of [REBUILD_ROWS][32 ranks] bf16: the codes of the next stage (the
+// tile's next 32 ranks, or the next tile's first) are loaded into registers before a
+// stage is multiplied (8-byte loads where the rank keeps u's rows 8-byte aligned, byte
+// loads otherwise) and widened into the other stage after it. About 109 KB a block at
+// d = 128 and rank 160, so two blocks share an SM of the H200.
 //
 // Warp w computes tile rows 32*(w/2) .. 32*(w/2) + 31 (two m16 tiles) and, of the d/16
 // n8 tiles of the first half of the head, those of (w%2)*d/32 .. (w%2+1)*d/32 - 1
@@ -69,7 +72,7 @@
 // = 5 x 16, (2d + 16) mod 128 = 16), so its reads are free of bank conflicts.
 #define REBUILD_U_STRIDE (REBUILD_K_CHUNK + 8)
 #define REBUILD_U_BYTES (2 * REBUILD_ROWS * REBUILD_U_STRIDE * 2)  // the two stages
-#define REBUILD_META_BYTES (6 * REBUILD_ROWS * 4)                  // tok, arow and tent, two tiles
+#define REBUILD_META_BYTES (8 * REBUILD_ROWS * 4)                  // tok, arow, tent and usc, two tiles
 #define REBUILD_COPY 1  // 16-byte words of tier hits a thread keeps in flight
 
 // Ranks of sv a block stages at once (a multiple of REBUILD_K_CHUNK).
@@ -134,21 +137,23 @@ __device__ __forceinline__ int2 rb_row(const RbTile& x, int p, int per, const Sh
     return make_int2(m.y * c + i, shadow_slot_row(dims, counts[x.b].outliers, m.x) + i);
 }
 
-// Starts tile x: its rows' tokens, attention rows and rows of the head's GPU value tier
-// (entry * value_chunk_bytes + row of the entry, the bytes a multiple of 16 and the row
-// below MAX_CHUNK = 16; -1: not a tier hit) into tok / arow / tent (threads below
-// REBUILD_ROWS, one row each), and this thread's two rows of u to stage (rows tid/4 and tid/4 + 64; null = empty) into lrow.
+// Starts tile x: its rows' tokens, attention rows, coefficient scales and rows of the
+// head's GPU value tier (entry * value_chunk_bytes + row of the entry, the bytes a
+// multiple of 16 and the row below MAX_CHUNK = 16; -1: not a tier hit) into tok / arow /
+// usc / tent (threads below REBUILD_ROWS, one row each), and this thread's two rows of u
+// to stage (rows tid/4 and tid/4 + 64; null = empty) into lrow.
 __device__ __forceinline__ void rb_start_tile(const RbTile& x, int per, const ShadowDims& dims,
                                               const int2* __restrict__ misses,
                                               const ShadowSeqCounts* __restrict__ counts,
                                               const ShadowSeqBufs* __restrict__ bufs,
                                               const int* __restrict__ tier_src, int* tok, int* arow, int* tent,
-                                              const unsigned short* (&lrow)[2]) {
+                                              float* usc, const signed char* (&lrow)[2]) {
     const int tid = threadIdx.x;
     if (tid < REBUILD_ROWS) {
         const int2 q = rb_row(x, tid, per, dims, misses, counts);
         tok[tid] = q.x;
         arow[tid] = q.y;
+        usc[tid] = q.x >= 0 ? reinterpret_cast<const float*>(bufs[x.b].u_scales)[q.x] : 0.f;
         const int j = x.first + tid / dims.chunk;  // the row's entry of the list
         int ent = -1;
         if (q.x >= 0 && j >= x.fc) {
@@ -158,7 +163,7 @@ __device__ __forceinline__ void rb_start_tile(const RbTile& x, int per, const Sh
         }
         tent[tid] = ent;
     }
-    const unsigned short* U = reinterpret_cast<const unsigned short*>(bufs[x.b].u);  // bf16 bits
+    const signed char* U = reinterpret_cast<const signed char*>(bufs[x.b].u);
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
         const int t = rb_row(x, (tid >> 2) + 64 * q, per, dims, misses, counts).x;
@@ -166,32 +171,44 @@ __device__ __forceinline__ void rb_start_tile(const RbTile& x, int per, const Sh
     }
 }
 
-// Stages ranks k0 .. k0 + 31 of the tile's u rows into the stage buffer `ub` ([row][rank],
-// zero past the rank or for an empty row): thread tid takes the 16 bytes of ranks
-// k0 + 8*(tid%4) .. +7 of rows tid/4 and tid/4 + 64. By cp.async where the rank keeps u's
-// rows 16-byte aligned (`vec`); by plain loads and a shared store otherwise. `any` is
-// some valid global address (the source of a zero-filled copy, never read).
-__device__ __forceinline__ void rb_stage_u(unsigned short* ub, const unsigned short* const (&lrow)[2], int k0,
-                                           int r, bool vec, const void* any) {
-    const int tid = threadIdx.x, k = k0 + (tid & 3) * 8;
+// Loads the codes of ranks k0 .. k0 + 31 of the tile's u rows that this thread stages
+// (rb_widen_u) into w: ranks k0 + 8*(tid%4) .. +7 of rows tid/4 and tid/4 + 64, zero past
+// the rank or for an empty row. One 8-byte load a row where the rank keeps u's rows
+// 8-byte aligned (`vec`), byte loads otherwise.
+__device__ __forceinline__ void rb_load_u(uint2 (&w)[2], const signed char* const (&lrow)[2], int k0, int r,
+                                          bool vec) {
+    const int k = k0 + (threadIdx.x & 3) * 8;
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
-        unsigned short* dst = ub + ((tid >> 2) + 64 * q) * REBUILD_U_STRIDE + (tid & 3) * 8;
-        const unsigned short* src = lrow[q];
+        const signed char* src = lrow[q];
         if (vec) {
-            const bool ok = src != nullptr && k < r;
-            cp_async16(smem_addr(dst), ok ? (const void*)(src + k) : any, ok);
+            w[q] = src != nullptr && k < r ? __ldg(reinterpret_cast<const uint2*>(src + k)) : make_uint2(0u, 0u);
         } else {
-            unsigned w[4];
+            unsigned b[2] = {0u, 0u};
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int ka = k + 2 * e;
-                const unsigned lo = src != nullptr && ka < r ? src[ka] : 0u;
-                const unsigned hi = src != nullptr && ka + 1 < r ? src[ka + 1] : 0u;
-                w[e] = lo | hi << 16;
-            }
-            *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+            for (int e = 0; e < 8; ++e)
+                if (src != nullptr && k + e < r) b[e >> 2] |= (unsigned)(unsigned char)src[k + e] << (8 * (e & 3));
+            w[q] = make_uint2(b[0], b[1]);
         }
+    }
+}
+
+// Writes the codes w (rb_load_u) widened to bf16 into their place in the stage buffer `ub`
+// ([row][rank]): 16 bytes a row.
+__device__ __forceinline__ void rb_widen_u(unsigned short* ub, const uint2 (&w)[2]) {
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+        const unsigned in[2] = {w[q].x, w[q].y};
+        unsigned o[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const unsigned x = in[i >> 1] >> (16 * (i & 1));
+            const __nv_bfloat162 p = __floats2bfloat162_rn((float)(signed char)x, (float)(signed char)(x >> 8));
+            o[i] = rb_bits(p);
+        }
+        *reinterpret_cast<uint4*>(ub + ((tid >> 2) + 64 * q) * REBUILD_U_STRIDE + (tid & 3) * 8) =
+            make_uint4(o[0], o[1], o[2], o[3]);
     }
 }
 
@@ -257,13 +274,13 @@ __device__ __forceinline__ void rb_mma_stage(float (&acc)[2][D / 32][2][4], unsi
     }
 }
 
-// Rotates the warp's finished rows and stores them as bf16: slot 2*hr + e of pair p, half
-// 0 holds row g + 8*hr of m16 tile m, column j + e (j = 8*(tile0 + p) + 2*tq), half 1 the
-// same slot of its partner column j + e + D/2. tok / arow: the tile's rows; ak: row 0 of
-// the head's attention keys.
+// Scales the warp's finished rows by their tokens' coefficient scales, rotates them and
+// stores them as bf16: slot 2*hr + e of pair p, half 0 holds row g + 8*hr of m16 tile m,
+// column j + e (j = 8*(tile0 + p) + 2*tq), half 1 the same slot of its partner column
+// j + e + D/2. tok / arow / usc: the tile's rows; ak: row 0 of the head's attention keys.
 template <int D>
 __device__ __forceinline__ void rb_store(const float (&acc)[2][D / 32][2][4], const int* tok, const int* arow,
-                                         int row0, int tile0, const float* __restrict__ inv_freq,
+                                         const float* usc, int row0, int tile0, const float* __restrict__ inv_freq,
                                          __nv_bfloat16* __restrict__ ak) {
     constexpr int PAIRS = D / 32;
     const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
@@ -275,7 +292,7 @@ __device__ __forceinline__ void rb_store(const float (&acc)[2][D / 32][2][4], co
             const int t = tok[row];
             if (t < 0) continue;
             __nv_bfloat16* dst = ak + (size_t)arow[row] * D;
-            const float pos = (float)t;
+            const float pos = (float)t, sc = usc[row];
 #pragma unroll
             for (int p = 0; p < PAIRS; ++p) {
                 const int j = (tile0 + p) * 8 + 2 * tq;
@@ -284,7 +301,8 @@ __device__ __forceinline__ void rb_store(const float (&acc)[2][D / 32][2][4], co
                 for (int e = 0; e < 2; ++e) {
                     float sn, cs;
                     rope_sincos(__fmul_rn(pos, inv_freq[j + e]), &sn, &cs);
-                    const float x0 = acc[m][p][0][2 * hr + e], x1 = acc[m][p][1][2 * hr + e];
+                    const float x0 = __fmul_rn(acc[m][p][0][2 * hr + e], sc);
+                    const float x1 = __fmul_rn(acc[m][p][1][2 * hr + e], sc);
                     o0[e] = __fsub_rn(__fmul_rn(x0, cs), __fmul_rn(x1, sn));
                     o1[e] = __fadd_rn(__fmul_rn(x1, cs), __fmul_rn(x0, sn));
                 }
@@ -336,12 +354,13 @@ __device__ __forceinline__ void rb_copy_tier(const int* arow, const int* tent, c
 // Shared memory of a block (dynamic; sizes in bytes, kp = rb_panel_ranks):
 //   u     [2][REBUILD_ROWS][REBUILD_U_STRIDE] bf16   the two pipeline stages   20480
 //   sv_hi [kp][d + 8] bf16, sv_lo [kp][d + 8] bf16   the staged panel of sv     4 kp (d + 8)
-//   tok, arow, tent [2][REBUILD_ROWS] int            two tiles' rows            3072
+//   tok, arow, tent [2][REBUILD_ROWS] int, usc [2][REBUILD_ROWS] float  two tiles' rows  4096
 //   off   [lists + 1] int                            tiles before each list     4 (lists + 1)
 // (src/cuda/shadow/rebuild.rs sizes it the same way.)
 struct RbSmem {
     unsigned short *u, *sv_hi, *sv_lo;
     int *tok, *arow, *tent, *off;
+    float* usc;
 };
 
 __device__ __forceinline__ RbSmem rb_smem(unsigned char* base, int d, int kp) {
@@ -352,16 +371,18 @@ __device__ __forceinline__ RbSmem rb_smem(unsigned char* base, int d, int kp) {
     s.tok = reinterpret_cast<int*>(s.sv_lo + kp * (d + 8));
     s.arow = s.tok + 2 * REBUILD_ROWS;
     s.tent = s.arow + 2 * REBUILD_ROWS;
-    s.off = s.tent + 2 * REBUILD_ROWS;
+    s.usc = reinterpret_cast<float*>(s.tent + 2 * REBUILD_ROWS);
+    s.off = reinterpret_cast<int*>(s.usc + 2 * REBUILD_ROWS);
     return s;
 }
 
 // The block's tiles t0 .. t1 - 1 for head dimension D. One pipeline step per (tile,
-// stage of REBUILD_K_CHUNK ranks): wait for the step's u, barrier, start loading the next
-// step's u into the other buffer, multiply; after a tile's last stage rotate and store
-// it. (Written as one loop over all the steps, it zeroed the accumulators and divided
-// by the panel at every step: 64 selects and an integer division for 32 products.) sv is staged (plain loads, converted to hi / lo) when the tile's head differs
-// from the staged one, or at every panel when the rank needs more than one.
+// stage of REBUILD_K_CHUNK ranks): barrier (the step's u is in), load the next step's
+// codes, multiply, widen the codes into the other buffer; after a tile's last stage
+// scale, rotate and store it. (Written as one loop over all the steps, it zeroed the accumulators and divided
+// by the panel at every step: 64 selects and an integer division for 32 products.) sv is
+// staged (plain loads, converted to hi / lo) when the tile's head differs from the staged
+// one, or at every panel when the rank needs more than one.
 template <int D>
 __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists, int t0, int t1,
                                               const int2* __restrict__ misses, const int* __restrict__ miss_count,
@@ -392,11 +413,12 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
     const unsigned sv_lane = ((lane & 7) + 8 * ((lane >> 3) & 1)) * SV_ROW + 16 * (tile0 + (lane >> 4) * HALF);
     const unsigned ha = smem_addr(s.sv_hi) + sv_lane, la = smem_addr(s.sv_lo) + sv_lane;
 
-    const unsigned short* lrow[2];
+    const signed char* lrow[2];
+    uint2 w[2];  // the next step's codes
     RbTile nxt = rb_tile(s.off, lists, t0, per, dims, miss_count, fetch_count);
-    rb_start_tile(nxt, per, dims, misses, counts, bufs, tier_src, s.tok, s.arow, s.tent, lrow);
-    rb_stage_u(s.u, lrow, 0, r, vec, misses);
-    cp_async_commit();
+    rb_start_tile(nxt, per, dims, misses, counts, bufs, tier_src, s.tok, s.arow, s.tent, s.usc, lrow);
+    rb_load_u(w, lrow, 0, r, vec);
+    rb_widen_u(s.u, w);
 
     int staged = -1;  // list whose sv the one panel holds
     int st = 0;       // pipeline steps so far (the u buffer of a step is st % 2)
@@ -419,29 +441,31 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
                 rb_stage_sv<D, 4>(s.sv_hi, s.sv_lo, sv, kvd, r, kc * REBUILD_K_CHUNK,
                                   min(kp, (kch - kc) * REBUILD_K_CHUNK));
             }
-            cp_async_wait<0>();
             __syncthreads();  // the step's u and sv, and the tile's rows, are in; the other u
                               // buffer and the other tile's rows are free
             if (kc == 0) active = __any_sync(0xffffffffu, s.tok[par + row0 + lane] >= 0);
-            // The next step's u: the tile's next ranks, or the next tile's first.
+            // The next step's codes: the tile's next ranks, or the next tile's first.
+            bool more = true;
             if (kc + 1 < kch) {
-                rb_stage_u(s.u + ((st + 1) & 1) * U_STAGE, lrow, (kc + 1) * REBUILD_K_CHUNK, r, vec, misses);
-                cp_async_commit();
+                rb_load_u(w, lrow, (kc + 1) * REBUILD_K_CHUNK, r, vec);
             } else if (t0 + ti + 1 < t1) {
                 nxt = rb_tile(s.off, lists, t0 + ti + 1, per, dims, miss_count, fetch_count);
                 const int np = REBUILD_ROWS - par;
                 rb_start_tile(nxt, per, dims, misses, counts, bufs, tier_src, s.tok + np, s.arow + np, s.tent + np,
-                              lrow);
-                rb_stage_u(s.u + ((st + 1) & 1) * U_STAGE, lrow, 0, r, vec, misses);
-                cp_async_commit();
+                              s.usc + np, lrow);
+                rb_load_u(w, lrow, 0, r, vec);
+            } else {
+                more = false;
             }
             if (active) {
                 const unsigned k_off = pk * REBUILD_K_CHUNK * SV_ROW;
                 rb_mma_stage<D>(acc, ua + (st & 1) * U_STAGE * 2, ha + k_off, la + k_off);
             }
+            if (more) rb_widen_u(s.u + ((st + 1) & 1) * U_STAGE, w);
             if (++pk == pch) pk = 0;
         }
-        rb_store<D>(acc, s.tok + par, s.arow + par, row0, tile0, inv_freq, shadow_attn_row(bufs[cur.b].ak, dims, cur.h, 0));
+        rb_store<D>(acc, s.tok + par, s.arow + par, s.usc + par, row0, tile0, inv_freq,
+                    shadow_attn_row(bufs[cur.b].ak, dims, cur.h, 0));
         // The accumulators are free: the tile's tier hits (its rows still in par).
         rb_copy_tier<D>(s.arow + par, s.tent + par, bufs[cur.b], dims, cur.h);
     }

@@ -7,7 +7,9 @@
 //   marks   [kvh, chunk_cap, d]  i8     landmark of each chunk in 8 bits, code * scale
 //   mark_scales [kvh, chunk_cap] f32    (code8_code), head-major: the scores stream a head
 //   outlier [kvh, chunk_cap]     u8     1 = outlier chunk of that head (never selected)
-//   u       [chunk_cap * c, rank] bf16  low-rank coefficients of the sparse tokens
+//   u       [chunk_cap * c, rank] i8   low-rank coefficients of the sparse tokens in 8 bits,
+//   u_scales [chunk_cap * c]     f32    a scale per token: coefficient = code * scale (code8_coef_row)
+//   fold_u  [c, rank]            f32    the fold's coefficients of the chunk it folds, before rounding
 //   sv      [rank, kvh * d]      f32    the basis
 //   slots   [kvh, slots]         i32    chunk held by each slot, -1 = empty
 //   ak, av  [kvh, rows_cap, d]   bf16   attention rows per head:
@@ -40,7 +42,7 @@ struct ShadowDims {
 };
 
 struct ShadowSeqBufs {
-    unsigned long long marks, mark_scales, outlier, u, sv, slots, ak, av, kpre;
+    unsigned long long marks, mark_scales, outlier, u, u_scales, fold_u, sv, slots, ak, av, kpre;
     unsigned long long tier, tier_map, tier_owner, tier_next;  // 0 without a tier
 };
 
@@ -66,7 +68,7 @@ struct ShadowPool {
 };
 
 static_assert(sizeof(ShadowDims) == 44, "ShadowDims mirrors layout.rs");
-static_assert(sizeof(ShadowSeqBufs) == 104, "ShadowSeqBufs mirrors layout.rs");
+static_assert(sizeof(ShadowSeqBufs) == 120, "ShadowSeqBufs mirrors layout.rs");
 static_assert(sizeof(ShadowSeqCounts) == 16, "ShadowSeqCounts mirrors layout.rs");
 static_assert(sizeof(ShadowPool) == 32, "ShadowPool mirrors layout.rs");
 
@@ -96,6 +98,21 @@ __device__ __forceinline__ float code8_scale(float max_abs) {
 }
 __device__ __forceinline__ signed char code8_code(float l, float scale) {
     return scale == 0.f ? 0 : (signed char)max(-127, min(127, __float2int_rn(__fdiv_rn(l, scale))));
+}
+
+// Writes a row of n fp32 low-rank coefficients `src` in 8 bits (the values' rounding, one
+// scale for the row; reference: LowRank::project in src/shadow/factor.rs): the codes to
+// `codes`, the scale to *scale. One warp, every lane calling.
+__device__ __forceinline__ void code8_coef_row(const float* __restrict__ src, int n, signed char* __restrict__ codes,
+                                               float* __restrict__ scale) {
+    const int lane = threadIdx.x & 31;
+    float m = 0.f;
+    for (int i = lane; i < n; i += 32) m = fmaxf(m, fabsf(src[i]));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    const float s = code8_scale(m);
+    for (int i = lane; i < n; i += 32) codes[i] = code8_code(src[i], s);
+    if (lane == 0) *scale = s;
 }
 
 // Writes token row `x` (d bf16 values, 16-byte aligned) in 8 bits to a chunk in the pools'

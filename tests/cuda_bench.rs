@@ -406,7 +406,14 @@ fn rebuild_bench(
     if tier_hits.is_some() {
         l = l.with_tier(tier).unwrap();
     }
-    let bufs = layer_buffers(ops, l, batch, |buf, b| ops.fill_random_bf16(&mut buf.u, 17 + b, 1.0));
+    // Random 8-bit coefficients, each token's scale about the spread of a bf16 u in ±1.
+    let bufs = layer_buffers(ops, l, batch, |buf, b| {
+        let mut rng = StdRng::seed_from_u64(17 + b);
+        let codes: Vec<i8> = (0..buf.u.len()).map(|_| rng.random_range(-127..=127)).collect();
+        buf.u = dev.upload(&codes)?;
+        buf.u_scales = dev.upload(&vec![1.0f32 / 127.0; buf.u_scales.len()])?;
+        Ok(())
+    });
     let counts = SeqCounts {
         chunks: chunks as i32,
         recent: 0,

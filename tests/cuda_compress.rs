@@ -45,7 +45,14 @@ fn layer_bits(ops: &CudaOps, b: &LayerBuffers) -> Vec<(&'static str, Vec<u32>)> 
             "outlier",
             dev.download(&b.outlier).unwrap().iter().map(|&v| v as u32).collect(),
         ),
-        ("u", bf(&b.u)),
+        (
+            "u",
+            dev.download(&b.u).unwrap().iter().map(|&v| v as u8 as u32).collect(),
+        ),
+        (
+            "u_scales",
+            dev.download(&b.u_scales).unwrap().iter().map(|v| v.to_bits()).collect(),
+        ),
         ("sv", dev.download(&b.sv).unwrap().iter().map(|v| v.to_bits()).collect()),
         (
             "slots",
@@ -107,7 +114,8 @@ fn side_stream_workers_and_stage_timing_make_the_state_one_stream_makes() {
             let (k, v, pre) = dense.layer(&model, l);
             let pre = pre.unwrap();
             let (kvd, rank) = (layout.kv_width(), layout.rank);
-            ops.shadow_factorize(&pre, tokens, kvd, rank, sparse, &mut b.sv, &mut b.u, &mut fws)
+            let u = (&mut b.u, &mut b.u_scales);
+            ops.shadow_factorize(&pre, tokens, kvd, rank, sparse, &mut b.sv, u, &mut fws)
                 .unwrap();
             ops.shadow_landmarks(&b, &k, tokens, &mut neg_cos).unwrap();
             ops.shadow_outliers(&b, &neg_cos, tokens, &mut out_ids).unwrap();

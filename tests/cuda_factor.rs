@@ -126,10 +126,33 @@ fn strong_plus_noise(rng: &mut StdRng, rows: usize, kvd: usize, strong: usize, n
     Keys::from_f32(&k, rows, kvd)
 }
 
-/// What the GPU wrote: `sv` (`[rank, kvd]`) and `u` (`[u_rows, rank]`).
+/// What the GPU wrote: `sv` (`[rank, kvd]`), and `u` (`[u_rows, rank]`) as the values of
+/// its 8-bit codes (`code · scale`) with each row's scale.
 struct Factored {
     sv: Vec<f32>,
-    u: Vec<bf16>,
+    u: Vec<f32>,
+    u_scales: Vec<f32>,
+}
+
+/// The code no row of `u` holds (codes stay within ±127): the poison of its tail.
+const CODE_POISON: i8 = i8::MIN;
+
+/// 8-bit coefficients of `rows` rows of `rank` on the device, poisoned.
+fn poisoned_coefs(ops: &CudaOps, rows: usize, rank: usize) -> (CudaSlice<i8>, CudaSlice<f32>) {
+    let dev = ops.device();
+    let codes = dev.upload(&vec![CODE_POISON; rows * rank]).unwrap();
+    let mut scales: CudaSlice<f32> = dev.zeros(rows).unwrap();
+    ops.fill_nan_f32(&mut scales).unwrap();
+    (codes, scales)
+}
+
+/// The values `code · scale` of downloaded coefficients, row by row.
+fn coef_values(codes: &[i8], scales: &[f32], rank: usize) -> Vec<f32> {
+    codes
+        .chunks_exact(rank)
+        .zip(scales)
+        .flat_map(|(row, &s)| row.iter().map(move |&q| q as f32 * s))
+        .collect()
 }
 
 /// Runs the factorisation with poisoned outputs one tail longer than needed, and checks
@@ -139,26 +162,37 @@ fn factorize(ops: &CudaOps, keys: &Keys, rank: usize, u_rows: usize, ws: &mut Fa
     let kvd = keys.kvd;
     let dk = dev.upload(&keys.bf).unwrap();
     let mut sv: CudaSlice<f32> = dev.zeros(rank * kvd + 3).unwrap();
-    let mut u: CudaSlice<bf16> = dev.zeros((u_rows + 5) * rank).unwrap();
+    let (mut u, mut u_scales) = poisoned_coefs(ops, u_rows + 5, rank);
     ops.fill_nan_f32(&mut sv).unwrap();
-    ops.fill_nan_bf16(&mut u).unwrap();
-    ops.shadow_factorize(&dk, keys.rows, kvd, rank, u_rows, &mut sv, &mut u, ws)
+    ops.shadow_factorize(&dk, keys.rows, kvd, rank, u_rows, &mut sv, (&mut u, &mut u_scales), ws)
         .unwrap_or_else(|e| panic!("{case}: {e:#}"));
-    let (sv, u) = (dev.download(&sv).unwrap(), dev.download(&u).unwrap());
+    let (sv, u, u_scales) = (
+        dev.download(&sv).unwrap(),
+        dev.download(&u).unwrap(),
+        dev.download(&u_scales).unwrap(),
+    );
     assert!(
         sv[rank * kvd..].iter().all(|v| v.is_nan()),
         "{case}: sv written past its rank rows"
     );
     assert!(
-        u[u_rows * rank..].iter().all(|v| v.is_nan()),
+        u[u_rows * rank..].iter().all(|&q| q == CODE_POISON) && u_scales[u_rows..].iter().all(|v| v.is_nan()),
         "{case}: u written past u_rows"
+    );
+    assert!(
+        u[..u_rows * rank].iter().all(|&q| q != CODE_POISON),
+        "{case}: a code of u left unwritten (or out of ±127)"
     );
     let sv = sv[..rank * kvd].to_vec();
     let bad = sv.iter().filter(|v| !v.is_finite()).count();
     assert_eq!(bad, 0, "{case}: {bad} elements of sv not finite");
+    let u_scales = u_scales[..u_rows].to_vec();
+    let bad = u_scales.iter().filter(|v| !v.is_finite() || **v < 0.0).count();
+    assert_eq!(bad, 0, "{case}: {bad} scales of u not finite and non-negative");
     Factored {
         sv,
-        u: u[..u_rows * rank].to_vec(),
+        u: coef_values(&u[..u_rows * rank], &u_scales, rank),
+        u_scales,
     }
 }
 
@@ -174,17 +208,29 @@ fn orth_error(sv: &[f32], rank: usize, kvd: usize) -> f64 {
     worst
 }
 
-/// ‖K − K·svᵀ·sv‖ / ‖K‖, with the CPU reference's projection and rebuild.
+/// ‖K − K·svᵀ·sv‖ / ‖K‖ (the exact projection in f32: what the basis keeps, apart from
+/// the rounding of `u` to 8 bits).
 fn rec_error(keys: &Keys, sv: &[f32], rank: usize) -> f64 {
-    let mut lr = LowRank {
-        u: Vec::new(),
-        sv: sv.to_vec(),
+    let (rows, kvd) = (keys.rows, keys.kvd);
+    let mut u = vec![0f32; rows * rank];
+    let svm = MatRef::row_major(sv, rank, kvd);
+    matmul(
+        &mut u,
         rank,
-        cols: keys.kvd,
-    };
-    lr.u = lr.project(&keys.f, keys.rows);
-    let mut rec = vec![f32::NAN; keys.rows * keys.kvd];
-    lr.rebuild(0, keys.rows, 0..keys.kvd, &mut rec);
+        MatRef::row_major(&keys.f, rows, kvd),
+        svm.t(),
+        false,
+        Threads::Pool,
+    );
+    let mut rec = vec![f32::NAN; rows * kvd];
+    matmul(
+        &mut rec,
+        kvd,
+        MatRef::row_major(&u, rows, rank),
+        svm,
+        false,
+        Threads::Pool,
+    );
     let (mut num, mut den) = (0f64, 0f64);
     for (&a, &b) in keys.f.iter().zip(&rec) {
         num += (a as f64 - b as f64).powi(2);
@@ -204,17 +250,28 @@ fn sin_top(a: &[f32], b: &[f32], top: usize, kvd: usize) -> f64 {
         .fold(0f64, |m, &v| m.max(v))
 }
 
-/// Checks `u` against `K[..u_rows]·svᵀ` on the CPU from the GPU's own `sv`.
+/// Checks `u` against `K[..u_rows]·svᵀ` on the CPU from the GPU's own `sv`, rounded to 8
+/// bits as the reference rounds it: within one code (the sums differ in their last bits,
+/// which can move a value across a rounding boundary), and the scales fp32-close.
 fn check_u(keys: &Keys, g: &Factored, rank: usize, u_rows: usize, case: &str) {
     let lr = LowRank {
         u: Vec::new(),
         sv: g.sv.clone(),
         rank,
         cols: keys.kvd,
+        rounded: true,
     };
     let want = lr.project(&keys.f[..u_rows * keys.kvd], u_rows);
-    errors("shadow_factorize_u", case, &f32s(&g.u), &want, |i, w| {
-        EW_RTOL * w.abs() + ROW_ATOL * keys.row_norm(i / rank)
+    let want_scales: Vec<f32> = want
+        .chunks_exact(rank)
+        .map(|row| row.iter().fold(0f32, |a, x| a.max(x.abs())) / 127.0)
+        .collect();
+    errors("shadow_factorize_u_scales", case, &g.u_scales, &want_scales, |i, w| {
+        EW_RTOL * w.abs() + ROW_ATOL * keys.row_norm(i) / 127.0
+    })
+    .report("shadow_factorize_u_scales", case);
+    errors("shadow_factorize_u", case, &g.u, &want, |i, w| {
+        EW_RTOL * w.abs() + ROW_ATOL * keys.row_norm(i / rank) + 1.001 * g.u_scales[i / rank] as f64
     })
     .report("shadow_factorize_u", case);
 }
@@ -265,7 +322,7 @@ fn run_case(
     name: &str,
 ) {
     let t = Instant::now();
-    let cpu = LowRank::factorize(&keys.f, keys.rows, keys.kvd, rank).unwrap();
+    let cpu = LowRank::factorize(&keys.f, keys.rows, keys.kvd, rank, true).unwrap();
     let cpu_s = t.elapsed().as_secs_f64();
     let u_rows = keys.rows - 37;
     for (method, ws) in wss.iter_mut() {
@@ -371,11 +428,15 @@ fn full_rank_rebuilds_the_keys() {
         let orth = orth_error(&g.sv, kvd, kvd);
         assert!(orth <= ORTH_TOL, "{case}: rows of sv orthonormal only to {orth:e}");
         let lr = LowRank {
-            u: f32s(&g.u),
+            u: g.u.clone(),
             sv: g.sv.clone(),
             rank: kvd,
             cols: kvd,
+            rounded: true,
         };
+        // The 8-bit rounding of u moves a row by at most half a code a coefficient:
+        // √kvd · scale / 2 (sv orthonormal), on top of the products' error.
+        let rounding = |t: usize| 0.5 * (kvd as f64).sqrt() * g.u_scales[t] as f64 * 1.001;
         let mut rec = vec![f32::NAN; rows * kvd];
         lr.rebuild(0, rows, 0..kvd, &mut rec);
         let mut worst = 0f64;
@@ -384,15 +445,15 @@ fn full_rank_rebuilds_the_keys() {
                 .map(|c| (rec[t * kvd + c] as f64 - keys.f[t * kvd + c] as f64).powi(2))
                 .sum::<f64>()
                 .sqrt();
-            worst = worst.max(d / keys.row_norm(t));
+            worst = worst.max((d - rounding(t)) / keys.row_norm(t));
         }
         let e = errors("shadow_factorize_full_rank", &case, &rec, &keys.f, |i, _| {
-            EW_RTOL * keys.row_norm(i / kvd)
+            EW_RTOL * keys.row_norm(i / kvd) + rounding(i / kvd)
         });
         e.report("shadow_factorize_full_rank", &case);
         assert!(
             worst <= EW_RTOL,
-            "{case}: a row rebuilt {worst:e} (relative) from its key"
+            "{case}: a row rebuilt {worst:e} (relative, past the rounding of u) from its key"
         );
     }
 }
@@ -404,33 +465,41 @@ fn bad_sizes_are_errors_that_say_what() {
     let (rows, kvd, rank) = (64, 32, 8);
     let k: CudaSlice<bf16> = dev.zeros(rows * kvd).unwrap();
     let mut sv: CudaSlice<f32> = dev.zeros(rank * kvd).unwrap();
-    let mut u: CudaSlice<bf16> = dev.zeros(rows * rank).unwrap();
+    let mut u: CudaSlice<i8> = dev.zeros(rows * rank).unwrap();
+    let mut us: CudaSlice<f32> = dev.zeros(rows).unwrap();
     let mut ws = FactorWorkspace::new();
-    let mut err =
-        |rows: usize, kvd: usize, rank: usize, u_rows: usize, sv: &mut CudaSlice<f32>, u: &mut CudaSlice<bf16>| {
-            ops.shadow_factorize(&k, rows, kvd, rank, u_rows, sv, u, &mut ws)
-                .unwrap_err()
-                .to_string()
-        };
-    let e = err(rows, kvd, 0, rows, &mut sv, &mut u);
+    let mut err = |rows: usize,
+                   kvd: usize,
+                   rank: usize,
+                   u_rows: usize,
+                   sv: &mut CudaSlice<f32>,
+                   u: (&mut CudaSlice<i8>, &mut CudaSlice<f32>)| {
+        ops.shadow_factorize(&k, rows, kvd, rank, u_rows, sv, u, &mut ws)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err(rows, kvd, 0, rows, &mut sv, (&mut u, &mut us));
     assert!(e.contains("rank 0"), "{e}");
-    let e = err(rows, kvd, 33, rows, &mut sv, &mut u);
+    let e = err(rows, kvd, 33, rows, &mut sv, (&mut u, &mut us));
     assert!(e.contains("rank 33") && e.contains("1..=32"), "{e}");
-    let e = err(rows, kvd, rank, 65, &mut sv, &mut u);
+    let e = err(rows, kvd, rank, 65, &mut sv, (&mut u, &mut us));
     assert!(e.contains("u_rows = 65") && e.contains("64"), "{e}");
-    let e = err(0, kvd, rank, 0, &mut sv, &mut u);
+    let e = err(0, kvd, rank, 0, &mut sv, (&mut u, &mut us));
     assert!(e.contains("no key rows"), "{e}");
-    let e = err(rows + 1, kvd, rank, rows, &mut sv, &mut u);
+    let e = err(rows + 1, kvd, rank, rows, &mut sv, (&mut u, &mut us));
     assert!(
         e.contains("keys") && e.contains(&format!("{}", (rows + 1) * kvd)),
         "{e}"
     );
     let mut short_sv: CudaSlice<f32> = dev.zeros(rank * kvd - 1).unwrap();
-    let e = err(rows, kvd, rank, rows, &mut short_sv, &mut u);
+    let e = err(rows, kvd, rank, rows, &mut short_sv, (&mut u, &mut us));
     assert!(e.contains("sv") && e.contains(&format!("{}", rank * kvd)), "{e}");
-    let mut short_u: CudaSlice<bf16> = dev.zeros(rows * rank - 1).unwrap();
-    let e = err(rows, kvd, rank, rows, &mut sv, &mut short_u);
+    let mut short_u: CudaSlice<i8> = dev.zeros(rows * rank - 1).unwrap();
+    let e = err(rows, kvd, rank, rows, &mut sv, (&mut short_u, &mut us));
     assert!(e.contains("u:") && e.contains(&format!("{}", rows * rank)), "{e}");
+    let mut short_scales: CudaSlice<f32> = dev.zeros(rows - 1).unwrap();
+    let e = err(rows, kvd, rank, rows, &mut sv, (&mut u, &mut short_scales));
+    assert!(e.contains("u_scales") && e.contains(&format!("{rows}")), "{e}");
     // Keys holding NaN: an error by either method, not a hang or a NaN basis.
     let mut bad = vec![bf16::ONE; rows * kvd];
     bad[5 * kvd + 3] = bf16::NAN;
@@ -438,7 +507,7 @@ fn bad_sizes_are_errors_that_say_what() {
     for method in [FactorMethod::Exact, FactorMethod::Randomized] {
         let mut ws = FactorWorkspace::with_method(method);
         let e = ops
-            .shadow_factorize(&kb, rows, kvd, rank, rows, &mut sv, &mut u, &mut ws)
+            .shadow_factorize(&kb, rows, kvd, rank, rows, &mut sv, (&mut u, &mut us), &mut ws)
             .unwrap_err()
             .to_string();
         assert!(e.contains("not finite"), "{method:?}: {e}");
@@ -474,10 +543,10 @@ fn timing_at_the_llama_shape() {
         .map(|&x| (x as f64) * (x as f64))
         .sum();
     let mut sv: CudaSlice<f32> = dev.zeros(rank * kvd).unwrap();
-    let mut u: CudaSlice<bf16> = dev.zeros(u_rows * rank).unwrap();
-    let energy = |u: &CudaSlice<bf16>| -> f64 {
-        let u = dev.download(u).unwrap();
-        u.iter().map(|x| (x.to_f64()).powi(2)).sum()
+    let (mut u, mut us) = poisoned_coefs(&ops, u_rows, rank);
+    let energy = |u: &CudaSlice<i8>, us: &CudaSlice<f32>| -> f64 {
+        let u = coef_values(&dev.download(u).unwrap(), &dev.download(us).unwrap(), rank);
+        u.iter().map(|&x| (x as f64).powi(2)).sum()
     };
 
     let mut ws = FactorWorkspace::new();
@@ -488,7 +557,7 @@ fn timing_at_the_llama_shape() {
         dev.synchronize().unwrap();
         let t = Instant::now();
         start.record(dev.stream()).unwrap();
-        ops.shadow_factorize(&k, rows, kvd, rank, u_rows, &mut sv, &mut u, &mut ws)
+        ops.shadow_factorize(&k, rows, kvd, rank, u_rows, &mut sv, (&mut u, &mut us), &mut ws)
             .unwrap();
         end.record(dev.stream()).unwrap();
         end.synchronize().unwrap();
@@ -502,14 +571,14 @@ fn timing_at_the_llama_shape() {
         }
     }
     times.sort_by(f64::total_cmp);
-    let kept_random = energy(&u);
+    let kept_random = energy(&u, &us);
     let mut ws_exact = FactorWorkspace::with_method(FactorMethod::Exact);
     let t = Instant::now();
-    ops.shadow_factorize(&k, rows, kvd, rank, u_rows, &mut sv, &mut u, &mut ws_exact)
+    ops.shadow_factorize(&k, rows, kvd, rank, u_rows, &mut sv, (&mut u, &mut us), &mut ws_exact)
         .unwrap();
     dev.synchronize().unwrap();
     let exact_ms = t.elapsed().as_secs_f64() * 1e3;
-    let kept_exact = energy(&u);
+    let kept_exact = energy(&u, &us);
     let e = |kept: f64| ((norm2 - kept) / norm2).max(0.0).sqrt();
     let (e_random, e_exact) = (e(kept_random), e(kept_exact));
     eprintln!(

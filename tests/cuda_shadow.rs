@@ -121,6 +121,32 @@ fn bits(v: &[bf16]) -> Vec<u16> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
+/// Random low-rank coefficients for every token of `l` in 8 bits, as the GPU holds them:
+/// rows of values within ±`scale` (one row in 16 zero), each rounded to codes and a scale
+/// (`codes8`, as `LowRank::project` rounds). Returns the codes, the scales and the f32
+/// values `code · scale` (the CPU reference's `LowRank::u`).
+fn rand_coefs(rng: &mut StdRng, l: &ShadowLayout, scale: f32) -> (Vec<i8>, Vec<f32>, Vec<f32>) {
+    let r = l.rank;
+    let (mut codes, mut scales, mut vals) = (vec![0i8; l.u_len()], Vec::new(), vec![0f32; l.u_len()]);
+    for (q, v) in codes.chunks_exact_mut(r).zip(vals.chunks_exact_mut(r)) {
+        let row: Vec<f32> = if rng.random_range(0..16) == 0 {
+            vec![0.0; r]
+        } else {
+            (0..r).map(|_| rng.random_range(-scale..scale)).collect()
+        };
+        let s = codes8::quantize(&row, q);
+        codes8::dequantize(q, s, v);
+        scales.push(s);
+    }
+    (codes, scales, vals)
+}
+
+/// Uploads 8-bit coefficients (`rand_coefs`) into `b`.
+fn upload_coefs(ops: &CudaOps, b: &mut LayerBuffers, codes: &[i8], scales: &[f32]) {
+    b.u = ops.device().upload(codes).unwrap();
+    b.u_scales = ops.device().upload(scales).unwrap();
+}
+
 /// Random 8-bit landmarks for every chunk of `l`: codes over their whole range and
 /// scales about 1/127 (landmark values within about ±1), one vector in 16 zero (scale 0).
 fn rand_marks(rng: &mut StdRng, l: &ShadowLayout) -> Marks8 {
@@ -1121,10 +1147,10 @@ fn key_rebuild_matches_low_rank_and_rope() {
         let mut lowrank = Vec::new();
         for _ in 0..chunks.len() {
             let mut b = LayerBuffers::new(&ops, l).unwrap();
-            let (u, uf) = rand_bf16(&mut rng, l.u_len(), 1.0);
+            let (codes, scales, uf) = rand_coefs(&mut rng, &l, 1.0);
             let s = (3.0 / rank as f32).sqrt();
             let sv: Vec<f32> = (0..l.sv_len()).map(|_| rng.random_range(-s..s)).collect();
-            b.u = dev.upload(&u).unwrap();
+            upload_coefs(&ops, &mut b, &codes, &scales);
             b.sv = dev.upload(&sv).unwrap();
             ops.fill_nan_bf16(&mut b.ak).unwrap();
             bufs.push(b);
@@ -1133,6 +1159,7 @@ fn key_rebuild_matches_low_rank_and_rope() {
                 sv,
                 rank,
                 cols: kvd,
+                rounded: true,
             });
         }
         let misses = random_misses(&ops, &mut rng, &l, &chunks);
@@ -1716,23 +1743,26 @@ fn fold_matches_the_cpu_fold() {
         let mut before = Vec::new();
         let mut svs = Vec::new();
         let mut marks_before = Vec::new();
+        let mut coefs_before = Vec::new();
         for _ in &seqs {
             let mut b = LayerBuffers::new(&ops, l).unwrap();
             let marks = rand_marks(&mut rng, &l);
-            let (u, _) = rand_bf16(&mut rng, l.u_len(), 1.0);
+            let (codes, scales, _) = rand_coefs(&mut rng, &l, 1.0);
             let (ak, _) = rand_bf16(&mut rng, l.attn_len(), 1.0);
             let (av, _) = rand_bf16(&mut rng, l.attn_len(), 1.0);
             let (kp, _) = rand_bf16(&mut rng, l.kpre_len(), 1.0);
             let sv: Vec<f32> = (0..l.sv_len()).map(|_| rng.random_range(-0.2..0.2)).collect();
             upload_marks(&ops, &mut b, &marks);
             b.outlier = dev.upload(&vec![1u8; l.outlier_len()]).unwrap();
-            b.u = dev.upload(&u).unwrap();
+            upload_coefs(&ops, &mut b, &codes, &scales);
+            ops.fill_nan_f32(&mut b.fold_u).unwrap();
             b.sv = dev.upload(&sv).unwrap();
             b.ak = dev.upload(&ak).unwrap();
             b.av = dev.upload(&av).unwrap();
             b.kpre = dev.upload(&kp).unwrap();
             bufs.push(b);
-            before.push([bits(&u), bits(&ak), bits(&av), bits(&kp)]);
+            before.push([bits(&ak), bits(&av), bits(&kp)]);
+            coefs_before.push((codes, scales));
             marks_before.push(marks);
             svs.push(sv);
         }
@@ -1747,14 +1777,18 @@ fn fold_matches_the_cpu_fold() {
         let pool_after = (mapping.host().unwrap().to_vec(), dev.download(&dev_slots).unwrap());
         let mut pool_want = (pool_before.clone(), dev_before.clone());
         let (mut gu, mut wu) = (Vec::new(), Vec::new());
+        let (mut g_scales, mut w_scales) = (Vec::new(), Vec::new());
+        let mut step = 0f32; // the largest coefficient step of the folded rows
         for (b, buf) in bufs.iter().enumerate() {
             let (ch, n, ps) = seqs[b];
             let what = format!("{case},seq={b}");
-            let [_, ak0, av0, kp0] = &before[b];
+            let [ak0, av0, kp0] = &before[b];
             let got_marks = download_marks(&ops, buf);
             let mut want_marks = marks_before[b].clone();
+            let got_codes = dev.download(&buf.u).unwrap();
+            let got_scales = dev.download(&buf.u_scales).unwrap();
+            let (mut want_codes, mut want_scales) = coefs_before[b].clone();
             let got = [
-                bits(&dev.download(&buf.u).unwrap()),
                 bits(&dev.download(&buf.ak).unwrap()),
                 bits(&dev.download(&buf.av).unwrap()),
                 bits(&dev.download(&buf.kpre).unwrap()),
@@ -1799,36 +1833,55 @@ fn fold_matches_the_cpu_fold() {
                     sv: svs[b].clone(),
                     rank,
                     cols: kvd,
+                    rounded: true,
                 };
+                // The chunk's coefficients, each token's row in 8 bits (the reference's
+                // rounding; a code may differ by one where the sums differ in the last bits).
                 let u_new = basis.project(&p_old, c);
-                let u_at = ch * c * rank;
-                gu.extend(
-                    got[0][u_at..u_at + c * rank]
-                        .iter()
-                        .map(|&x| bf16::from_bits(x).to_f32()),
-                );
+                let (u_at, t_at) = (ch * c * rank, ch * c);
+                for i in 0..c {
+                    let s = got_scales[t_at + i];
+                    gu.extend(got_codes[u_at + i * rank..][..rank].iter().map(|&q| q as f32 * s));
+                    step = step.max(s);
+                }
                 wu.extend_from_slice(&u_new);
-                want[0][u_at..u_at + c * rank].copy_from_slice(&got[0][u_at..u_at + c * rank]);
+                g_scales.extend_from_slice(&got_scales[t_at..t_at + c]);
+                for row in u_new.chunks_exact(rank) {
+                    w_scales.push(row.iter().fold(0f32, |a, x| a.max(x.abs())) / 127.0);
+                }
+                want_codes[u_at..u_at + c * rank].copy_from_slice(&got_codes[u_at..u_at + c * rank]);
+                want_scales[t_at..t_at + c].copy_from_slice(&got_scales[t_at..t_at + c]);
                 for h in 0..kvh {
                     want_flags[h * l.chunk_cap + ch] = 0;
                     // The other rows move down by one chunk.
                     let (from, to) = (attn_at(&l, h, 0), attn_at(&l, h, c));
-                    want[1][to..to + (big_r - c) * d].copy_from_slice(&ak0[from..from + (big_r - c) * d]);
-                    want[2][to..to + (big_r - c) * d].copy_from_slice(&av0[from..from + (big_r - c) * d]);
+                    want[0][to..to + (big_r - c) * d].copy_from_slice(&ak0[from..from + (big_r - c) * d]);
+                    want[1][to..to + (big_r - c) * d].copy_from_slice(&av0[from..from + (big_r - c) * d]);
                 }
-                want[3][c * kvd..big_r * kvd].copy_from_slice(&kp0[..(big_r - c) * kvd]);
+                want[2][c * kvd..big_r * kvd].copy_from_slice(&kp0[..(big_r - c) * kvd]);
             }
             assert!(got_marks == want_marks, "{what}: landmarks differ");
-            let names = ["u", "keys", "values", "pre-RoPE keys"];
+            let names = ["keys", "values", "pre-RoPE keys"];
             for ((g, w), name) in got.iter().zip(&want).zip(names) {
                 assert!(g == w, "{what}: {name} differ");
             }
+            assert!(
+                got_codes == want_codes,
+                "{what}: coefficient codes differ outside the folded chunk"
+            );
+            assert!(
+                got_scales == want_scales,
+                "{what}: coefficient scales differ outside the folded chunk"
+            );
             assert_eq!(flags, want_flags, "{what}: outlier flags");
         }
         assert!(pool_after.0 == pool_want.0, "{case}: host pool contents differ");
         assert!(pool_after.1 == pool_want.1, "{case}: GPU value slots' contents differ");
         Errors::default().report("shadow_fold", &format!("{case},landmark/values/shift exact"));
-        check("shadow_fold_project", &case, &gu, &wu, EW_RTOL, 1e-4 * rms(&wu));
+        // The scales come from each row's largest coefficient: fp32-close to the reference's.
+        check("shadow_fold_project_scales", &case, &g_scales, &w_scales, 1e-5, 0.0);
+        // The coefficients: within one code of the reference's.
+        check("shadow_fold_project", &case, &gu, &wu, EW_RTOL, 1.001 * step as f64);
     }
 }
 
@@ -1894,7 +1947,7 @@ fn one_layer_decode_end_to_end_matches_cpu_attention() {
                     flags[h * l.chunk_cap + o] = 1;
                 }
             }
-            let (u, uf) = rand_bf16(&mut rng, l.u_len(), 1.0);
+            let (codes, scales, uf) = rand_coefs(&mut rng, &l, 1.0);
             // Rebuilt keys of about the spread of the exact ones.
             let s = (3.0 / l.rank as f32).sqrt();
             let sv: Vec<f32> = (0..l.sv_len()).map(|_| rng.random_range(-s..s)).collect();
@@ -1902,7 +1955,7 @@ fn one_layer_decode_end_to_end_matches_cpu_attention() {
             let (av, avf) = rand_bf16(&mut rng, l.attn_len(), 1.0);
             upload_marks(&ops, &mut b, &marks);
             b.outlier = dev.upload(&flags).unwrap();
-            b.u = dev.upload(&u).unwrap();
+            upload_coefs(&ops, &mut b, &codes, &scales);
             b.sv = dev.upload(&sv).unwrap();
             b.ak = dev.upload(&ak).unwrap();
             b.av = dev.upload(&av).unwrap();
@@ -1916,6 +1969,7 @@ fn one_layer_decode_end_to_end_matches_cpu_attention() {
                     sv,
                     rank: l.rank,
                     cols: kvd,
+                    rounded: true,
                 },
                 ak: akf,
                 av: avf,

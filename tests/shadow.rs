@@ -1,8 +1,8 @@
 //! ShadowKV against full attention on the CPU reference: with a budget covering the
 //! context, full rank, no outliers and exact (f32) values it must give the same tokens
 //! and logits within 1e-4, through prefill and through generations that fold chunks;
-//! with the values in 8 bits (the default) the same tokens, the logits within the
-//! rounding's reach; at small budgets it must still run, fetch only misses, and reuse
+//! with the values and the low-rank coefficients in 8 bits (the default) the same tokens,
+//! the logits within the rounding's reach; at small budgets it must still run, fetch only misses, and reuse
 //! chunks across steps.
 
 mod common;
@@ -115,10 +115,11 @@ fn exact_settings_match_full_attention_on_smollm2() {
     let (diff, same, _) = compare(&model, &long, p, ValueFormat::F32, 24);
     assert!(diff < 1e-4, "logits differ by {diff}");
     assert!(same, "greedy tokens differ");
-    // The values in 8 bits: the same tokens, the logits within 1 % (measured 0.4 %).
+    // The values and the low-rank coefficients in 8 bits (the default): the same tokens,
+    // the logits within 3 % (measured 2.0 %; 8-bit values alone: 0.4 %).
     let (diff, same, _) = compare(&model, &long, p, ValueFormat::Int8, 24);
-    assert!(diff < 1e-2, "8-bit values: logits differ by {diff}");
-    assert!(same, "8-bit values: greedy tokens differ");
+    assert!(diff < 3e-2, "8-bit values and coefficients: logits differ by {diff}");
+    assert!(same, "8-bit values and coefficients: greedy tokens differ");
 }
 
 #[test]

@@ -504,7 +504,8 @@ fn gpu_bytes(model: &CudaModel, seqs: &[GpuShadowSeq], m: Misses) -> f64 {
     // Landmarks: 8-bit codes and an fp32 scale per chunk and KV head.
     let marks = c.chunks as usize * (layout.kv_width() + 4 * layout.kv_heads);
     let per_layer = (marks + attended * layout.kv_heads * layout.head_dim * 4) as f64;
-    let per_miss = (layout.chunk * (layout.rank * 2 + layout.head_dim * 4)) as f64;
+    // A miss: its tokens' 8-bit coefficients and scales read, bf16 keys and values written.
+    let per_miss = (layout.chunk * (layout.rank + 4 + layout.head_dim * 4)) as f64;
     let values = layout.value_chunk_bytes() as f64;
     let fetched = m.host + m.device;
     let tier_moves = if layout.tier > 0 { m.tier + fetched } else { 0.0 };

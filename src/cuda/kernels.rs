@@ -77,7 +77,7 @@ pub struct Kernels {
     pub(crate) shadow_fold_shift: CudaFunction,
     pub(crate) factor_gram_f64: CudaFunction,
     pub(crate) factor_basis_out: CudaFunction,
-    pub(crate) factor_round_bf16: CudaFunction,
+    pub(crate) factor_code8_rows: CudaFunction,
     /// How many keys `shadow_top_k` and `topk_rows` may keep in dynamic shared memory.
     pub(crate) topk_shared_keys: usize,
     _modules: Vec<Arc<CudaModule>>,
@@ -162,7 +162,7 @@ impl Kernels {
             shadow_fold_shift: get(&fold, "shadow_fold_shift")?,
             factor_gram_f64: get(&factor, "factor_gram_f64")?,
             factor_basis_out: get(&factor, "factor_basis_out")?,
-            factor_round_bf16: get(&factor, "factor_round_bf16")?,
+            factor_code8_rows: get(&factor, "factor_code8_rows")?,
             topk_shared_keys,
             _modules: modules,
         })

@@ -24,7 +24,8 @@ use std::sync::{Arc, Mutex};
 pub enum ValueFormat {
     /// 8-bit codes and a scale per token row (the default; what the GPU reads).
     Int8,
-    /// f32, exact (the CPU reference's checks against full attention).
+    /// f32, exact (the CPU reference's checks against full attention; a CPU ShadowKV
+    /// cache over such a pool keeps its low-rank coefficients exact too).
     F32,
 }
 

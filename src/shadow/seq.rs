@@ -9,7 +9,7 @@ use super::select::{chunk_scores, top_k, HeadMarks};
 use crate::cpu::kv_cache::SeqKvCache;
 use crate::cpu::ops::{softmax, Rope};
 use crate::model::config::ModelConfig;
-use crate::pool::{PoolLease, ValuePool};
+use crate::pool::{PoolLease, ValueFormat, ValuePool};
 use anyhow::{bail, Result};
 
 /// Counters of the reuse cache and the value traffic.
@@ -108,8 +108,10 @@ impl ShadowSeq {
             if kv.k_pre.len() != total * kvd {
                 bail!("layer {l}: the prefill cache kept no pre-RoPE keys");
             }
-            // The basis comes from every prompt key; U covers the sparse chunks only.
-            let mut factor = LowRank::factorize(&kv.k_pre, total, kvd, p.rank)?;
+            // The basis comes from every prompt key; U covers the sparse chunks only, in 8
+            // bits over a pool of 8-bit values (exact over exact values: the checks' mode).
+            let rounded = pool.shape().format == ValueFormat::Int8;
+            let mut factor = LowRank::factorize(&kv.k_pre, total, kvd, p.rank, rounded)?;
             factor.u.truncate(sparse * p.rank);
             let marks = landmarks(&kv.k, chunks, c, kvd);
             let outliers = outlier_chunks(&kv.k[..sparse * kvd], &marks, c, kvh, d, p.outlier_chunks.min(chunks));

@@ -20,8 +20,12 @@ pub struct LayerBuffers {
     pub mark_scales: CudaSlice<f32>,
     /// Outlier flags `[kv_heads, chunk_cap]`.
     pub outlier: CudaSlice<u8>,
-    /// Low-rank coefficients `[chunk_cap·c, rank]`.
-    pub u: CudaSlice<bf16>,
+    /// Low-rank coefficients `[chunk_cap·c, rank]`, 8-bit codes.
+    pub u: CudaSlice<i8>,
+    /// The coefficients' scales, one per token, `[chunk_cap·c]`.
+    pub u_scales: CudaSlice<f32>,
+    /// The fold's coefficients of the chunk it folds, before rounding, `[c, rank]`.
+    pub fold_u: CudaSlice<f32>,
     /// Basis `[rank, kv_heads·d]`.
     pub sv: CudaSlice<f32>,
     /// Slot table `[kv_heads, S]`.
@@ -89,6 +93,8 @@ impl LayerBuffers {
             mark_scales: dev.zeros(layout.mark_scales_len())?,
             outlier: dev.zeros(layout.outlier_len())?,
             u: dev.zeros(layout.u_len())?,
+            u_scales: dev.zeros(layout.u_scales_len())?,
+            fold_u: dev.zeros(layout.fold_u_len())?,
             sv: dev.zeros(layout.sv_len())?,
             slots,
             ak: dev.zeros(layout.attn_len())?,
@@ -136,6 +142,8 @@ impl LayerBuffers {
             ("mark_scales", self.mark_scales.len(), l.mark_scales_len()),
             ("outlier", self.outlier.len(), l.outlier_len()),
             ("u", self.u.len(), l.u_len()),
+            ("u_scales", self.u_scales.len(), l.u_scales_len()),
+            ("fold_u", self.fold_u.len(), l.fold_u_len()),
             ("sv", self.sv.len(), l.sv_len()),
             ("slots", self.slots.len(), l.slots_len()),
             ("ak", self.ak.len(), l.attn_len()),
@@ -175,6 +183,8 @@ impl LayerBuffers {
             mark_scales: self.mark_scales.device_ptr(s).0,
             outlier: self.outlier.device_ptr(s).0,
             u: self.u.device_ptr(s).0,
+            u_scales: self.u_scales.device_ptr(s).0,
+            fold_u: self.fold_u.device_ptr(s).0,
             sv: self.sv.device_ptr(s).0,
             slots: self.slots.device_ptr(s).0,
             ak: self.ak.device_ptr(s).0,
@@ -244,6 +254,8 @@ fn addr_words(a: &SeqAddrs) -> [u64; ADDR_WORDS] {
         a.mark_scales,
         a.outlier,
         a.u,
+        a.u_scales,
+        a.fold_u,
         a.sv,
         a.slots,
         a.ak,
@@ -262,7 +274,7 @@ fn count_words(c: &SeqCounts) -> [u64; COUNT_WORDS] {
     [pair(c.chunks, c.recent), pair(c.outliers, c.pool_seq)]
 }
 
-const _: () = assert!(ADDR_WORDS == 13 && COUNT_WORDS == 2, "SeqAddrs and SeqCounts as words");
+const _: () = assert!(ADDR_WORDS == 15 && COUNT_WORDS == 2, "SeqAddrs and SeqCounts as words");
 
 /// Many tables (a step's layers, its micro-batches) whose arrays go to the device in
 /// one upload: a step makes about a hundred, and an upload each cost milliseconds
@@ -501,17 +513,19 @@ mod tests {
             mark_scales: 2,
             outlier: 3,
             u: 4,
-            sv: 5,
-            slots: 6,
-            ak: 7,
-            av: 8,
-            kpre: 9,
-            tier: 10,
-            tier_map: 11,
-            tier_owner: 12,
-            tier_next: 13,
+            u_scales: 5,
+            fold_u: 6,
+            sv: 7,
+            slots: 8,
+            ak: 9,
+            av: 10,
+            kpre: 11,
+            tier: 12,
+            tier_map: 13,
+            tier_owner: 14,
+            tier_next: 15,
         };
-        // SAFETY: SeqAddrs is #[repr(C)], 13 u64 fields, no padding (asserted in layout.rs).
+        // SAFETY: SeqAddrs is #[repr(C)], 15 u64 fields, no padding (asserted in layout.rs).
         let mem: [u64; ADDR_WORDS] = unsafe { std::mem::transmute(a) };
         assert_eq!(addr_words(&a), mem);
         let c = SeqCounts {

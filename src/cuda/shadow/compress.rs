@@ -226,9 +226,11 @@ impl CompressWorkspace {
         for w in &mut self.workers {
             let dev = w.ops.device();
             let keys = dev.upload(&keys)?;
-            let (mut sv, mut u) = (dev.zeros::<f32>(rank * kvd)?, dev.zeros::<bf16>(rows * rank)?);
+            let mut sv = dev.zeros::<f32>(rank * kvd)?;
+            let (mut u, mut u_scales) = (dev.zeros::<i8>(rows * rank)?, dev.zeros::<f32>(rows)?);
+            let u = (&mut u, &mut u_scales);
             w.ops
-                .shadow_factorize(&keys, rows, kvd, rank, rows, &mut sv, &mut u, &mut w.ws)?;
+                .shadow_factorize(&keys, rows, kvd, rank, rows, &mut sv, u, &mut w.ws)?;
             w.ws.take_timing();
             // The scratch of a whole sequence's `u`, not just the warm-up's.
             w.ws.reserve_coefficients(dev, rank, layout.chunk_cap * layout.chunk)?;
@@ -474,9 +476,10 @@ where
         let Some((bufs, pre)) = jobs.lock().unwrap_or_else(|e| e.into_inner()).next() else {
             return Ok(out);
         };
+        let u = (&mut bufs.u, &mut bufs.u_scales);
         let done = w
             .ops
-            .shadow_factorize(pre, tokens, kvd, rank, u_rows, &mut bufs.sv, &mut bufs.u, &mut w.ws);
+            .shadow_factorize(pre, tokens, kvd, rank, u_rows, &mut bufs.sv, u, &mut w.ws);
         if done.is_err() {
             failed.store(true, Ordering::Relaxed);
         }

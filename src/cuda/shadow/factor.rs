@@ -2,7 +2,7 @@
 //! (kernels/factor.cu and cuBLAS; reference [`crate::shadow::factor::LowRank::factorize`]):
 //! the Gram matrix `G = KᵀK` of the keys `K` (`[rows, kvd]` bf16) in fp32, its top-`rank`
 //! eigenvectors as the rows of the basis `sv` (`[rank, kvd]` f32), and the coefficients
-//! `u = K[..u_rows]·svᵀ` (`[u_rows, rank]` bf16). The basis comes from every key of the
+//! `u = K[..u_rows]·svᵀ` (`[u_rows, rank]`, 8-bit codes with a scale per row). The basis comes from every key of the
 //! prompt; `u` covers the sparse chunks only (the recent window keeps exact keys).
 //!
 //! Two ways to the eigenvectors, chosen by size ([`FactorMethod`]):
@@ -18,9 +18,10 @@
 //! `G` is one cuBLAS GEMM (bf16 keys, fp32 products and accumulation, as
 //! [`CudaOps::linear`]). `u` is two: cuBLAS multiplies bf16 by bf16 only, so `sv` is split
 //! into `hi + lo`, both bf16 (`hi + lo` is `sv` to 2⁻¹⁶), and the keys are multiplied by
-//! each, accumulating in fp32 in pieces of at most [`U_PIECE`] values, each then rounded
-//! once to bf16: `u` is `bf16(K·svᵀ)` with the fp32 `sv`, as the fold projects later keys
-//! (`shadow_fold_project`).
+//! each, accumulating in fp32 in pieces of at most [`U_PIECE`] values, each row then
+//! rounded once to 8 bits (`factor_code8_rows`): `u` is `K·svᵀ` with the fp32 `sv`, rounded
+//! as [`crate::shadow::factor::LowRank::project`] rounds it and as the fold rounds later
+//! keys' rows (`shadow_fold_project`, `shadow_fold_shift`).
 //!
 //! With [`FactorWorkspace::time_steps`] on, each call records an event on the stream at
 //! the end of each [`FactorStep`] and adds up the host's time on the eigenvectors' small
@@ -220,8 +221,8 @@ fn grow<'a, T: DeviceRepr + ValidAsZeroBits>(
 impl CudaOps {
     /// Factorises the pre-RoPE keys `kpre` (`[rows, kvd]` bf16) at rank `rank`: writes
     /// `sv` (`[rank, kvd]` f32, orthonormal rows spanning the top-`rank` eigenvectors of
-    /// `kpreᵀ·kpre`, the largest first) and `u` (`[u_rows, rank]` bf16) =
-    /// `kpre[..u_rows]·svᵀ`, `u_rows ≤ rows` (the basis comes from every key, `u` covers
+    /// `kpreᵀ·kpre`, the largest first) and `u` (`[u_rows, rank]` 8-bit codes, and a
+    /// scale per row in `u_scales`) = `kpre[..u_rows]·svᵀ`, `u_rows ≤ rows` (the basis comes from every key, `u` covers
     /// the sparse tokens only). See the module documentation for the method; `ws` chooses
     /// it and holds the scratch.
     ///
@@ -236,7 +237,7 @@ impl CudaOps {
         rank: usize,
         u_rows: usize,
         sv: &mut impl DevicePtrMut<f32>,
-        u: &mut impl DevicePtrMut<bf16>,
+        (u, u_scales): (&mut impl DevicePtrMut<i8>, &mut impl DevicePtrMut<f32>),
         ws: &mut FactorWorkspace,
     ) -> Result<()> {
         ensure!(kvd > 0, "factorisation: key width 0");
@@ -252,6 +253,7 @@ impl CudaOps {
         check_len("factorisation: keys", kpre.len(), rows * kvd)?;
         check_len("factorisation: sv", sv.len(), rank * kvd)?;
         check_len("factorisation: u", u.len(), u_rows * rank)?;
+        check_len("factorisation: u_scales", u_scales.len(), u_rows)?;
         let (rows_i, kvd_i) = (i32_of("rows", rows)?, i32_of("kvd", kvd)?);
         let dev = self.device();
         let s = dev.stream();
@@ -326,18 +328,18 @@ impl CudaOps {
             }?;
         }
 
-        self.factor_coefficients(kpre, (kvd, rank, u_rows), u, ws)?;
+        self.factor_coefficients(kpre, (kvd, rank, u_rows), (u, u_scales), ws)?;
         ws.mark(self, FactorStep::Coefficients)
     }
 
-    /// `u = kpre[..u_rows]·(hi + lo)ᵀ` from the terms in `ws`, in pieces of whole rows:
-    /// column-major, `uᵀ[rank, n] = svᵀ[rank, kvd]` (the row-major sv is the column-major
+    /// `u = kpre[..u_rows]·(hi + lo)ᵀ` from the terms in `ws`, in pieces of whole rows, each
+    /// row rounded to 8 bits: column-major, `uᵀ[rank, n] = svᵀ[rank, kvd]` (the row-major sv is the column-major
     /// `[kvd, rank]` matrix, transposed) `· kpreᵀ[kvd, n]`.
     fn factor_coefficients(
         &self,
         kpre: &impl DevicePtr<bf16>,
         (kvd, rank, u_rows): (usize, usize, usize),
-        u: &mut impl DevicePtrMut<bf16>,
+        (u, u_scales): (&mut impl DevicePtrMut<i8>, &mut impl DevicePtrMut<f32>),
         ws: &mut FactorWorkspace,
     ) -> Result<()> {
         if u_rows == 0 {
@@ -350,6 +352,7 @@ impl CudaOps {
         let part = grow(dev, &mut ws.u_part, piece_rows * rank)?;
         let (kp, _g1) = kpre.device_ptr(s);
         let (up, _g2) = u.device_ptr_mut(s);
+        let (usp, _g6) = u_scales.device_ptr_mut(s);
         let (hp, _g3) = ws.sv_hi.as_ref().expect("grown by shadow_factorize").device_ptr(s);
         let (lp, _g4) = ws.sv_lo.as_ref().expect("grown by shadow_factorize").device_ptr(s);
         let (pp, _g5) = part.device_ptr_mut(s);
@@ -386,16 +389,18 @@ impl CudaOps {
                     )
                 }?;
             }
-            let count = n * rank;
-            let dst = up + (first * rank * 2) as u64;
-            // SAFETY: part holds count fp32 values, u rows first..first+n (count values from
-            // dst) inside its u_rows·rank (checked).
+            let (codes, scales) = (up + (first * rank) as u64, usp + (first * 4) as u64);
+            // SAFETY: part holds n rows of rank fp32 values; u rows first..first+n (n·rank
+            // codes from `codes`, n scales from `scales`) inside its u_rows·rank and u_rows
+            // (checked); a warp a row.
             unsafe {
-                s.launch_builder(&self.k.factor_round_bf16)
+                s.launch_builder(&self.k.factor_code8_rows)
                     .arg(&pp)
-                    .arg(&dst)
-                    .arg(&count)
-                    .launch(grid_stride(count))
+                    .arg(&codes)
+                    .arg(&scales)
+                    .arg(&n)
+                    .arg(&rank_i)
+                    .launch(grid_stride(n * 32))
             }?;
         }
         Ok(())

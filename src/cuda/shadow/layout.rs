@@ -9,8 +9,11 @@
 //!   of each chunk in 8 bits, `code · scale` ([`crate::shadow::landmarks::Marks8`]),
 //!   head-major, so that the scores stream each head's landmarks from contiguous memory;
 //! - `outlier` `[kvh, chunk_cap]` u8: 1 = an outlier chunk of that head (never selected);
-//! - `u` `[chunk_cap·c, r]` bf16: low-rank coefficients of the sparse tokens; `sv`
-//!   `[r, kvh·d]` f32: the basis (pre-RoPE keys ≈ `u · sv`);
+//! - `u` `[chunk_cap·c, r]` i8 and `u_scales` `[chunk_cap·c]` f32: low-rank coefficients of
+//!   the sparse tokens in 8 bits, a scale per token (`code · scale`, as
+//!   [`crate::shadow::factor::LowRank::project`] rounds them); `sv` `[r, kvh·d]` f32: the
+//!   basis (pre-RoPE keys ≈ `u · sv`); `fold_u` `[c, r]` f32: the coefficients of the chunk a
+//!   step folds, before they are rounded into `u`;
 //! - `slots` `[kvh, S]` i32: the chunk each slot holds, -1 = empty;
 //! - `ak`, `av` `[kvh, rows_cap, d]` bf16, `rows_cap = R + (O + S)·c`, per head one region
 //!   after another: the recent window `[0, R)`, `R = (L + 2)·c`, stored newest-first so
@@ -220,9 +223,19 @@ impl ShadowLayout {
         self.kv_heads * self.chunk_cap
     }
 
-    /// Elements of `u`.
+    /// Elements of `u` (bytes: 8-bit codes).
     pub fn u_len(&self) -> usize {
         self.token_cap() * self.rank
+    }
+
+    /// Elements of `u_scales`.
+    pub fn u_scales_len(&self) -> usize {
+        self.token_cap()
+    }
+
+    /// Elements of `fold_u`.
+    pub fn fold_u_len(&self) -> usize {
+        self.chunk * self.rank
     }
 
     /// Elements of `sv`.
@@ -404,6 +417,10 @@ pub struct SeqAddrs {
     pub outlier: u64,
     /// `u`.
     pub u: u64,
+    /// `u_scales`.
+    pub u_scales: u64,
+    /// `fold_u`.
+    pub fold_u: u64,
     /// `sv`.
     pub sv: u64,
     /// `slots`.
@@ -441,7 +458,7 @@ pub struct SeqCounts {
 }
 
 const _: () = assert!(std::mem::size_of::<ShadowDims>() == 44);
-const _: () = assert!(std::mem::size_of::<SeqAddrs>() == 104);
+const _: () = assert!(std::mem::size_of::<SeqAddrs>() == 120);
 const _: () = assert!(std::mem::size_of::<SeqCounts>() == 16);
 
 // SAFETY: plain #[repr(C)] structs of integers, valid for any bit pattern, copied to the

@@ -21,9 +21,9 @@ const REBUILD_K_CHUNK: usize = 32;
 const REBUILD_SV_RANK_COLS: usize = 160 * 128;
 /// Shared memory of the two u stages (`REBUILD_U_BYTES`: rows of 40 bf16).
 const REBUILD_U_BYTES: usize = 2 * REBUILD_ROWS * (REBUILD_K_CHUNK + 8) * 2;
-/// Shared memory of two tiles' row tables (`REBUILD_META_BYTES`: tokens, attention rows
-/// and tier entries).
-const REBUILD_META_BYTES: usize = 6 * REBUILD_ROWS * 4;
+/// Shared memory of two tiles' row tables (`REBUILD_META_BYTES`: tokens, attention rows,
+/// tier entries and coefficient scales).
+const REBUILD_META_BYTES: usize = 8 * REBUILD_ROWS * 4;
 const _: () = assert!(REBUILD_ROWS >= MAX_CHUNK, "a tile holds the rows of one miss at least");
 
 /// Dynamic shared memory of a rebuild block, as `rb_smem` of kernels/rebuild.cu lays it
@@ -74,7 +74,7 @@ impl<'a> RebuildLists<'a> {
 
 impl CudaOps {
     /// Rebuilds the keys of every miss of `lists` into its slot of `ak`: the chunk's rows
-    /// of `u · sv` for the head, rotated at the tokens' positions with `inv_freq` (`d/2`
+    /// of `u · sv` for the head (each token's 8-bit coefficients times its scale), rotated at the tokens' positions with `inv_freq` (`d/2`
     /// values, [`crate::cuda::rope_inv_freq`]), on [`CudaOps::shadow_rebuild_blocks`]
     /// blocks; and, given tier hits, copies their values from the GPU value tier to their
     /// slots of `av`. May run beside the fetch of the same step: the reuse diff gave that

@@ -119,10 +119,11 @@ impl GpuShadowSeq {
 
 /// Device bytes of one layer's buffers of `layout`.
 pub fn layer_bytes(l: &ShadowLayout) -> usize {
-    2 * (l.u_len() + 2 * l.attn_len() + l.kpre_len())
+    2 * (2 * l.attn_len() + l.kpre_len())
+        + l.u_len()
         + l.marks_len()
         + l.outlier_len()
-        + 4 * (l.mark_scales_len() + l.sv_len() + l.slots_len())
+        + 4 * (l.u_scales_len() + l.fold_u_len() + l.mark_scales_len() + l.sv_len() + l.slots_len())
         + l.tier_bytes()
 }
 
