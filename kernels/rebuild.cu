@@ -1,4 +1,4 @@
-// Key rebuild of the missed chunks of the ShadowKV decode step, on the bf16 tensor cores
+// Key rebuild of the missed chunks of the ShadowKV decode step, on the fp16 tensor cores
 // (reference: LowRank::rebuild in src/shadow/factor.rs, then Rope::tables / Rope::apply).
 //
 // For each miss (slot, chunk) of KV head h of sequence b, the chunk's rows
@@ -26,25 +26,26 @@
 // contiguous run of tiles, mostly of one or two heads, and a head with many misses is
 // split among blocks.
 //
-// Product: mma.sync m16n8k16 bf16 with fp32 accumulation. u's codes are integers within
-// +-127, exact in bf16; the token's scale multiplies the finished row (rb_store). sv
-// (fp32) is split into two bf16 terms, hi = bf16_rn(sv) and lo = bf16_rn(sv - hi)
-// (|sv - hi - lo| <= 2^-18 |sv|), and u multiplies both: hi alone (2^-9) would leave
-// errors far over the tolerance of tests/cuda_shadow.rs on rotated keys that cancel.
-// A bf16 m16n8k16 takes the time of a TF32 m16n8k8 for twice the products, and the
-// fragments come from shared memory by ldmatrix (A: u [row][rank]; B: sv [rank][column]
-// by ldmatrix.trans, which gives the column-major fragment), one x4 load per 16x16 of u
-// and per pair of n8 tiles of a term, with strides that keep them free of bank conflicts.
+// Product: mma.sync m16n8k16 fp16 with fp32 accumulation. u's codes are integers within
+// +-127, exact in fp16 (rb_widen_u); the token's scale multiplies the finished row
+// (rb_store). sv (fp32, the rows of an orthonormal basis: entries within +-1) is rounded
+// to fp16, a relative error of at most 2^-11: a rebuilt key moves by about 3e-4 of its
+// size, a twentieth of what the 8-bit coefficients themselves move it (tests/cuda_shadow.rs
+// bounds both). (While u was exact bf16, sv was split into two bf16 terms, hi + lo, to
+// 2^-18: twice the products, and twice the shared memory.) The fragments come from shared
+// memory by ldmatrix (A: u [row][rank]; B: sv [rank][column] by ldmatrix.trans, which
+// gives the column-major fragment), one x4 load per 16x16 of u and per pair of n8 tiles,
+// with strides that keep them free of bank conflicts.
 //
-// Shared memory: the head's sv as hi and lo, [rank][d + 8] bf16, stays resident while the
-// block runs that head's tiles (staged, with plain loads and the split, only when the
-// head changes): 160 ranks at d = 128 (87 KB), 320 at d = 64. A larger rank is walked in
-// panels of that many ranks, each restaged for every tile (correct, slower). u streams
-// through two stages of [REBUILD_ROWS][32 ranks] bf16: the codes of the next stage (the
-// tile's next 32 ranks, or the next tile's first) are loaded into registers before a
-// stage is multiplied (8-byte loads where the rank keeps u's rows 8-byte aligned, byte
-// loads otherwise) and widened into the other stage after it. About 109 KB a block at
-// d = 128 and rank 160, so two blocks share an SM of the H200.
+// Shared memory: the head's sv in fp16, [rank][d + 8], stays resident while the block runs
+// that head's tiles (staged, with plain loads and the rounding, only when the head
+// changes): 320 ranks at d = 128 (87 KB), 640 at d = 64. A larger rank is walked in panels
+// of that many ranks, each restaged for every tile (correct, slower). u streams through
+// two stages of [REBUILD_ROWS][32 ranks] fp16: the codes of the next stage (the tile's
+// next 32 ranks, or the next tile's first) are loaded into registers before a stage is
+// multiplied (8-byte loads where the rank keeps u's rows 8-byte aligned, byte loads
+// otherwise) and widened into the other stage after it. About 66 KB a block at d = 128
+// and rank 160; the registers hold two blocks an SM.
 //
 // Warp w computes tile rows 32*(w/2) .. 32*(w/2) + 31 (two m16 tiles) and, of the d/16
 // n8 tiles of the first half of the head, those of (w%2)*d/32 .. (w%2+1)*d/32 - 1
@@ -54,6 +55,7 @@
 // and its partner j' + d/2 sit in the same thread and slot, and the rotation is done in
 // registers. A warp with no row of the tile to rebuild skips the multiplication.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include "common.cuh"
 #include "pdl.cuh"
@@ -63,11 +65,11 @@
 #define REBUILD_WARPS 8
 #define REBUILD_THREADS (REBUILD_WARPS * 32)
 #define REBUILD_K_CHUNK 32  // ranks of u a pipeline stage holds (two k16 steps)
-// Ranks x columns of a head's sv (hi and lo) a block keeps in shared memory: rank 160
-// at d = 128, 320 at d = 64 (a multiple of REBUILD_K_CHUNK either way). Larger ranks
-// are walked in panels of that many ranks, restaged for every tile.
-#define REBUILD_SV_RANK_COLS (160 * 128)
-// Shared row strides (bf16 values): u rows of 80 bytes and sv rows of 2*d + 16 bytes put
+// Ranks x columns of a head's sv a block keeps in shared memory at most: rank 320 at
+// d = 128, 640 at d = 64 (a multiple of REBUILD_K_CHUNK either way). Larger ranks are
+// walked in panels of that many ranks, restaged for every tile.
+#define REBUILD_SV_RANK_COLS (320 * 128)
+// Shared row strides (16-bit values): u rows of 80 bytes and sv rows of 2*d + 16 bytes put
 // the 8 rows of each ldmatrix 8x8 matrix in 8 different 16-byte bank groups (80 mod 128
 // = 5 x 16, (2d + 16) mod 128 = 16), so its reads are free of bank conflicts.
 #define REBUILD_U_STRIDE (REBUILD_K_CHUNK + 8)
@@ -80,7 +82,7 @@ __device__ __forceinline__ int rb_panel_ranks(int d, int r) {
     return min((r + REBUILD_K_CHUNK - 1) / REBUILD_K_CHUNK * REBUILD_K_CHUNK, REBUILD_SV_RANK_COLS / d);
 }
 
-__device__ __forceinline__ unsigned rb_bits(__nv_bfloat162 v) { return *reinterpret_cast<unsigned*>(&v); }
+__device__ __forceinline__ unsigned rb_bits(__half2 v) { return *reinterpret_cast<unsigned*>(&v); }
 
 // Tiles of a head's miss list of `count` entries (clamped to [0, slots]), `per` misses a tile.
 __device__ __forceinline__ int rb_tiles(int count, int slots, int per) {
@@ -193,32 +195,33 @@ __device__ __forceinline__ void rb_load_u(uint2 (&w)[2], const signed char* cons
     }
 }
 
-// Writes the codes w (rb_load_u) widened to bf16 into their place in the stage buffer `ub`
-// ([row][rank]): 16 bytes a row.
+// Writes the codes w (rb_load_u) widened to fp16 into their place in the stage buffer `ub`
+// ([row][rank]): 16 bytes a row. A code c becomes exactly the fp16 1024 + (c + 128) by a
+// byte permutation of its biased byte (c ^ 0x80) under the exponent byte 0x64, then
+// minus 1152.
 __device__ __forceinline__ void rb_widen_u(unsigned short* ub, const uint2 (&w)[2]) {
     const int tid = threadIdx.x;
+    const __half2 bias = __half2half2(__ushort_as_half((unsigned short)0x6480));  // 1152
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
-        const unsigned in[2] = {w[q].x, w[q].y};
+        const unsigned in[2] = {w[q].x ^ 0x80808080u, w[q].y ^ 0x80808080u};
         unsigned o[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const unsigned x = in[i >> 1] >> (16 * (i & 1));
-            const __nv_bfloat162 p = __floats2bfloat162_rn((float)(signed char)x, (float)(signed char)(x >> 8));
-            o[i] = rb_bits(p);
+            unsigned x = __byte_perm(in[i >> 1], 0x64646464u, (i & 1) ? 0x4342 : 0x4140);
+            o[i] = rb_bits(__hsub2(*reinterpret_cast<__half2*>(&x), bias));
         }
         *reinterpret_cast<uint4*>(ub + ((tid >> 2) + 64 * q) * REBUILD_U_STRIDE + (tid & 3) * 8) =
             make_uint4(o[0], o[1], o[2], o[3]);
     }
 }
 
-// Stages `rows` ranks of the head's sv from rank k0 into hi / lo ([rank][column], row
-// stride D + 8), split into two bf16 terms: hi = bf16_rn(sv), lo = bf16_rn(sv - hi)
-// (the difference is exact in fp32); zero past the rank. SV: the head's first column of
+// Stages `rows` ranks of the head's sv from rank k0 into sh ([rank][column], row stride
+// D + 8) as fp16 (round to nearest); zero past the rank. SV: the head's first column of
 // rank 0, row stride kvd. BATCH: 16-byte loads a thread keeps in flight.
 template <int D, int BATCH>
-__device__ __forceinline__ void rb_stage_sv(unsigned short* hi, unsigned short* lo, const float* __restrict__ SV,
-                                            size_t kvd, int r, int k0, int rows) {
+__device__ __forceinline__ void rb_stage_sv(unsigned short* sh, const float* __restrict__ SV, size_t kvd, int r,
+                                            int k0, int rows) {
     constexpr int QUADS = D / 4, S = D + 8;
     const int n = rows * QUADS;
     for (int i0 = threadIdx.x; i0 < n; i0 += BATCH * REBUILD_THREADS) {
@@ -234,23 +237,17 @@ __device__ __forceinline__ void rb_stage_sv(unsigned short* hi, unsigned short* 
             const int i = i0 + q * REBUILD_THREADS, kk = i / QUADS, col = (i % QUADS) * 4;
             if (i >= n) break;
             const float4 v = vs[q];
-            const __nv_bfloat162 h01 = __floats2bfloat162_rn(v.x, v.y), h23 = __floats2bfloat162_rn(v.z, v.w);
-            const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
-            const __nv_bfloat162 l01 = __floats2bfloat162_rn(__fsub_rn(v.x, f01.x), __fsub_rn(v.y, f01.y));
-            const __nv_bfloat162 l23 = __floats2bfloat162_rn(__fsub_rn(v.z, f23.x), __fsub_rn(v.w, f23.y));
-            *reinterpret_cast<uint2*>(hi + kk * S + col) = make_uint2(rb_bits(h01), rb_bits(h23));
-            *reinterpret_cast<uint2*>(lo + kk * S + col) = make_uint2(rb_bits(l01), rb_bits(l23));
+            *reinterpret_cast<uint2*>(sh + kk * S + col) =
+                make_uint2(rb_bits(__floats2half2_rn(v.x, v.y)), rb_bits(__floats2half2_rn(v.z, v.w)));
         }
     }
 }
 
 // The warp's products of one stage (two k16 steps): its two m16 tiles of rows times its
-// PAIRS pairs of n8 tiles (tile j and its rotation partner j + D/16), u times lo then hi.
-// ua: this lane's ldmatrix address in the stage's u; ha / la: in sv hi / lo at the
-// stage's first rank.
+// PAIRS pairs of n8 tiles (tile j and its rotation partner j + D/16). ua: this lane's
+// ldmatrix address in the stage's u; sa: in sv at the stage's first rank.
 template <int D>
-__device__ __forceinline__ void rb_mma_stage(float (&acc)[2][D / 32][2][4], unsigned ua, unsigned ha,
-                                             unsigned la) {
+__device__ __forceinline__ void rb_mma_stage(float (&acc)[2][D / 32][2][4], unsigned ua, unsigned sa) {
     constexpr int PAIRS = D / 32, SV_ROW = (D + 8) * 2, U_ROW = REBUILD_U_STRIDE * 2;  // bytes
 #pragma unroll
     for (int ks = 0; ks < REBUILD_K_CHUNK; ks += 16) {
@@ -259,16 +256,12 @@ __device__ __forceinline__ void rb_mma_stage(float (&acc)[2][D / 32][2][4], unsi
         for (int m = 0; m < 2; ++m) ldsm_x4(a[m], ua + m * 16 * U_ROW + ks * 2);
 #pragma unroll
         for (int p = 0; p < PAIRS; ++p) {
-            unsigned bh[4], bl[4];  // b0, b1 of tile j, then of its partner
-            ldsm_x4_t(bl, la + ks * SV_ROW + p * 16);
-            ldsm_x4_t(bh, ha + ks * SV_ROW + p * 16);
+            unsigned b[4];  // b0, b1 of tile j, then of its partner
+            ldsm_x4_t(b, sa + ks * SV_ROW + p * 16);
 #pragma unroll
             for (int m = 0; m < 2; ++m) {
 #pragma unroll
-                for (int hf = 0; hf < 2; ++hf) {
-                    mma_16816(acc[m][p][hf], a[m], bl[2 * hf], bl[2 * hf + 1]);
-                    mma_16816(acc[m][p][hf], a[m], bh[2 * hf], bh[2 * hf + 1]);
-                }
+                for (int hf = 0; hf < 2; ++hf) mma_16816_f16(acc[m][p][hf], a[m], b[2 * hf], b[2 * hf + 1]);
             }
         }
     }
@@ -352,13 +345,13 @@ __device__ __forceinline__ void rb_copy_tier(const int* arow, const int* tent, c
 }
 
 // Shared memory of a block (dynamic; sizes in bytes, kp = rb_panel_ranks):
-//   u     [2][REBUILD_ROWS][REBUILD_U_STRIDE] bf16   the two pipeline stages   20480
-//   sv_hi [kp][d + 8] bf16, sv_lo [kp][d + 8] bf16   the staged panel of sv     4 kp (d + 8)
+//   u     [2][REBUILD_ROWS][REBUILD_U_STRIDE] fp16   the two pipeline stages   20480
+//   sv    [kp][d + 8] fp16                           the staged panel of sv     2 kp (d + 8)
 //   tok, arow, tent [2][REBUILD_ROWS] int, usc [2][REBUILD_ROWS] float  two tiles' rows  4096
 //   off   [lists + 1] int                            tiles before each list     4 (lists + 1)
 // (src/cuda/shadow/rebuild.rs sizes it the same way.)
 struct RbSmem {
-    unsigned short *u, *sv_hi, *sv_lo;
+    unsigned short *u, *sv;
     int *tok, *arow, *tent, *off;
     float* usc;
 };
@@ -366,9 +359,8 @@ struct RbSmem {
 __device__ __forceinline__ RbSmem rb_smem(unsigned char* base, int d, int kp) {
     RbSmem s;
     s.u = reinterpret_cast<unsigned short*>(base);
-    s.sv_hi = s.u + 2 * REBUILD_ROWS * REBUILD_U_STRIDE;
-    s.sv_lo = s.sv_hi + kp * (d + 8);
-    s.tok = reinterpret_cast<int*>(s.sv_lo + kp * (d + 8));
+    s.sv = s.u + 2 * REBUILD_ROWS * REBUILD_U_STRIDE;
+    s.tok = reinterpret_cast<int*>(s.sv + kp * (d + 8));
     s.arow = s.tok + 2 * REBUILD_ROWS;
     s.tent = s.arow + 2 * REBUILD_ROWS;
     s.usc = reinterpret_cast<float*>(s.tent + 2 * REBUILD_ROWS);
@@ -381,7 +373,7 @@ __device__ __forceinline__ RbSmem rb_smem(unsigned char* base, int d, int kp) {
 // codes, multiply, widen the codes into the other buffer; after a tile's last stage
 // scale, rotate and store it. (Written as one loop over all the steps, it zeroed the accumulators and divided
 // by the panel at every step: 64 selects and an integer division for 32 products.) sv is
-// staged (plain loads, converted to hi / lo) when the tile's head differs from the staged
+// staged (plain loads, rounded to fp16) when the tile's head differs from the staged
 // one, or at every panel when the rank needs more than one.
 template <int D>
 __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists, int t0, int t1,
@@ -391,7 +383,7 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
                                               const ShadowSeqCounts* __restrict__ counts,
                                               const float* __restrict__ inv_freq, const ShadowDims& dims) {
     constexpr int PAIRS = D / 32, HALF = D / 16, SV_ROW = (D + 8) * 2, U_ROW = REBUILD_U_STRIDE * 2;  // bytes
-    constexpr int U_STAGE = REBUILD_ROWS * REBUILD_U_STRIDE;  // bf16 values of a stage
+    constexpr int U_STAGE = REBUILD_ROWS * REBUILD_U_STRIDE;  // fp16 values of a stage
     static_assert(REBUILD_ROWS == REBUILD_WARPS / 2 * 32 && REBUILD_THREADS == 2 * REBUILD_ROWS, "warp tiling");
     static_assert(REBUILD_SV_RANK_COLS / D % REBUILD_K_CHUNK == 0, "panels of whole stages");
 
@@ -411,7 +403,7 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
     // b0, b1 of tile j, then of j + D/16: ldmatrix.trans gives the column-major B).
     const unsigned ua = smem_addr(s.u) + ((row0 + (lane & 7) + 8 * ((lane >> 3) & 1)) * U_ROW + 16 * (lane >> 4));
     const unsigned sv_lane = ((lane & 7) + 8 * ((lane >> 3) & 1)) * SV_ROW + 16 * (tile0 + (lane >> 4) * HALF);
-    const unsigned ha = smem_addr(s.sv_hi) + sv_lane, la = smem_addr(s.sv_lo) + sv_lane;
+    const unsigned sa = smem_addr(s.sv) + sv_lane;
 
     const signed char* lrow[2];
     uint2 w[2];  // the next step's codes
@@ -430,7 +422,7 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
         if (!one_panel || e != staged) {
             // No accumulator is live yet: the staging keeps more loads in flight.
             __syncthreads();  // every warp is done with the panel staged before
-            rb_stage_sv<D, 10>(s.sv_hi, s.sv_lo, sv, kvd, r, 0, min(kp, kch * REBUILD_K_CHUNK));
+            rb_stage_sv<D, 10>(s.sv, sv, kvd, r, 0, min(kp, kch * REBUILD_K_CHUNK));
             staged = e;
         }
         float acc[2][PAIRS][2][4] = {};
@@ -438,8 +430,7 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
         for (int kc = 0, pk = 0; kc < kch; ++kc, ++st) {  // pk = kc % pch
             if (pk == 0 && kc > 0) {
                 __syncthreads();  // every warp is done with the panel before
-                rb_stage_sv<D, 4>(s.sv_hi, s.sv_lo, sv, kvd, r, kc * REBUILD_K_CHUNK,
-                                  min(kp, (kch - kc) * REBUILD_K_CHUNK));
+                rb_stage_sv<D, 4>(s.sv, sv, kvd, r, kc * REBUILD_K_CHUNK, min(kp, (kch - kc) * REBUILD_K_CHUNK));
             }
             __syncthreads();  // the step's u and sv, and the tile's rows, are in; the other u
                               // buffer and the other tile's rows are free
@@ -459,7 +450,7 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
             }
             if (active) {
                 const unsigned k_off = pk * REBUILD_K_CHUNK * SV_ROW;
-                rb_mma_stage<D>(acc, ua + (st & 1) * U_STAGE * 2, ha + k_off, la + k_off);
+                rb_mma_stage<D>(acc, ua + (st & 1) * U_STAGE * 2, sa + k_off);
             }
             if (more) rb_widen_u(s.u + ((st + 1) & 1) * U_STAGE, w);
             if (++pk == pch) pk = 0;

@@ -16,10 +16,10 @@ const REBUILD_ROWS: usize = 128;
 const REBUILD_THREADS: u32 = 256;
 /// Ranks of u a pipeline stage holds (`REBUILD_K_CHUNK`).
 const REBUILD_K_CHUNK: usize = 32;
-/// Ranks × columns of a head's sv a block keeps in shared memory
-/// (`REBUILD_SV_RANK_COLS`: rank 160 at d = 128).
-const REBUILD_SV_RANK_COLS: usize = 160 * 128;
-/// Shared memory of the two u stages (`REBUILD_U_BYTES`: rows of 40 bf16).
+/// Ranks × columns of a head's sv a block keeps in shared memory at most
+/// (`REBUILD_SV_RANK_COLS`: rank 320 at d = 128).
+const REBUILD_SV_RANK_COLS: usize = 320 * 128;
+/// Shared memory of the two u stages (`REBUILD_U_BYTES`: rows of 40 fp16).
 const REBUILD_U_BYTES: usize = 2 * REBUILD_ROWS * (REBUILD_K_CHUNK + 8) * 2;
 /// Shared memory of two tiles' row tables (`REBUILD_META_BYTES`: tokens, attention rows,
 /// tier entries and coefficient scales).
@@ -27,13 +27,13 @@ const REBUILD_META_BYTES: usize = 8 * REBUILD_ROWS * 4;
 const _: () = assert!(REBUILD_ROWS >= MAX_CHUNK, "a tile holds the rows of one miss at least");
 
 /// Dynamic shared memory of a rebuild block, as `rb_smem` of kernels/rebuild.cu lays it
-/// out: the u stages, a panel of sv's hi and lo terms (the whole rank up to
+/// out: the u stages, a panel of sv in fp16 (the whole rank up to
 /// `REBUILD_SV_RANK_COLS / d`), the row tables and `lists + 1` tile offsets.
 fn rebuild_smem(head_dim: usize, rank: usize, lists: usize) -> usize {
     let panel = rank
         .next_multiple_of(REBUILD_K_CHUNK)
         .min(REBUILD_SV_RANK_COLS / head_dim);
-    REBUILD_U_BYTES + 2 * panel * (head_dim + 8) * 2 + REBUILD_META_BYTES + (lists + 1) * 4
+    REBUILD_U_BYTES + panel * (head_dim + 8) * 2 + REBUILD_META_BYTES + (lists + 1) * 4
 }
 
 /// The misses a rebuild works on: each list's `(slot, chunk)` entries and count (as
