@@ -15,11 +15,14 @@
 // shadow_fold_project, grid (ceil(rank / FOLD_WARPS), batch), FOLD_THREADS threads: the
 //   chunk's tokens' coefficients on the basis, fold_u[i, k] = kpre[R - 1 - i, :] .
 //   sv[k, :] (fp32 sums over kv_heads * d: lane-strided, then a butterfly; shadow_fold_shift
-//   rounds them into u), for the block's FOLD_WARPS basis rows k (a warp each) and every token of the chunk at
-//   once, FOLD_TOKENS at a time from shared memory, so each row of sv is read once a
-//   pass (once for chunks of up to FOLD_TOKENS tokens, the usual 8). (With
-//   a block per token and each warp walking 20 rows one after another it took 76-96 us a
-//   layer on the H200, whatever the batch: a latency chain.)
+//   rounds them into u), for the block's FOLD_WARPS basis rows k (a warp each) and every
+//   token of the chunk at once, FOLD_TOKENS at a time from shared memory, so each row of
+//   sv is read once a pass (once for chunks of up to FOLD_TOKENS tokens, the usual 8).
+//   The keys come in as 16-byte words and all of a lane's 16-byte words of the sv row are
+//   in flight at once (kv_heads * d a multiple of 8): a few round trips to memory, not
+//   one for every 256 values. (With a block per token and each warp walking 20 rows one
+//   after another it took 76-96 us a layer on the H200, whatever the batch: a latency
+//   chain.)
 // shadow_fold_shift, grid (kv_heads, batch), FOLD_THREADS threads: the other R - c rows
 //   move down by c rows, to end at row R again (ak, av and kpre; the caller then counts
 //   n = R - c and chunks_b + 1). Launched after the two kernels above, which read the
@@ -31,6 +34,7 @@
 //   over all ranks of the token, which no block of shadow_fold_project sees).
 #include <cuda_bf16.h>
 
+#include "common.cuh"
 #include "pdl.cuh"
 #include "shadow.cuh"
 
@@ -70,7 +74,7 @@ extern "C" __global__ void __launch_bounds__(FOLD_THREADS)
                         ShadowDims dims) {
     pdl_wait();
     pdl_trigger();
-    __shared__ float kp[FOLD_TOKENS][1024];  // kv_heads * d <= 1024
+    __shared__ __align__(16) float kp[FOLD_TOKENS][1024];  // kv_heads * d <= 1024
     const int b = blockIdx.y;
     const ShadowSeqCounts n = counts[b];
     if (n.recent != dims.recent) return;
@@ -81,24 +85,31 @@ extern "C" __global__ void __launch_bounds__(FOLD_THREADS)
     float* u = reinterpret_cast<float*>(s.fold_u);
     const int lane = threadIdx.x & 31, k = blockIdx.x * FOLD_WARPS + (threadIdx.x >> 5);
     for (int i0 = 0; i0 < c; i0 += FOLD_TOKENS) {
-        const int nt = min(FOLD_TOKENS, c - i0);
+        const int nt = min(FOLD_TOKENS, c - i0), words = nt * kvd / 8;  // 8 keys a 16-byte word
         __syncthreads();  // every warp is done with the tokens before
-        for (int x = threadIdx.x; x < nt * kvd; x += blockDim.x) {
-            const int i = x / kvd, col = x - i * kvd;
-            kp[i][col] = __bfloat162float(kpre[(size_t)(dims.recent - 1 - (i0 + i)) * kvd + col]);
+#pragma unroll 4
+        for (int x = threadIdx.x; x < words; x += FOLD_THREADS) {
+            const int i = x * 8 / kvd, col = x * 8 - i * kvd;
+            float f[8];
+            unpack8(*reinterpret_cast<const uint4*>(kpre + (size_t)(dims.recent - 1 - (i0 + i)) * kvd + col), f);
+            *reinterpret_cast<float4*>(&kp[i][col]) = make_float4(f[0], f[1], f[2], f[3]);
+            *reinterpret_cast<float4*>(&kp[i][col + 4]) = make_float4(f[4], f[5], f[6], f[7]);
         }
         __syncthreads();
         if (k >= r) continue;
-        const float* row = sv + (size_t)k * kvd;
+        const float4* row = reinterpret_cast<const float4*>(sv + (size_t)k * kvd);
         float acc[FOLD_TOKENS];
 #pragma unroll
         for (int t = 0; t < FOLD_TOKENS; ++t) acc[t] = 0.f;
-#pragma unroll 4
-        for (int col = lane; col < kvd; col += 32) {
-            const float v = row[col];
+#pragma unroll 8
+        for (int q = lane; q < kvd / 4; q += 32) {
+            const float4 v = row[q];
 #pragma unroll
-            for (int t = 0; t < FOLD_TOKENS; ++t)
-                if (t < nt) acc[t] += kp[t][col] * v;
+            for (int t = 0; t < FOLD_TOKENS; ++t) {
+                if (t >= nt) break;
+                const float4 x = *reinterpret_cast<const float4*>(&kp[t][4 * q]);
+                acc[t] += x.x * v.x + x.y * v.y + x.z * v.z + x.w * v.w;
+            }
         }
 #pragma unroll
         for (int t = 0; t < FOLD_TOKENS; ++t) {
