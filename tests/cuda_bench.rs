@@ -406,7 +406,7 @@ fn rebuild_bench(
     if tier_hits.is_some() {
         l = l.with_tier(tier).unwrap();
     }
-    // Random 8-bit coefficients, each token's scale about the spread of a bf16 u in ±1.
+    // Random 8-bit coefficients, each token's scale that of values within ±1.
     let bufs = layer_buffers(ops, l, batch, |buf, b| {
         let mut rng = StdRng::seed_from_u64(17 + b);
         let codes: Vec<i8> = (0..buf.u.len()).map(|_| rng.random_range(-127..=127)).collect();
@@ -453,8 +453,8 @@ fn rebuild_bench(
     let (med, lo, hi) = time_ms(ops, 3, 30, || {
         ops.shadow_rebuild_on(&table, lists_of(), &inv, blocks).unwrap()
     });
-    // Two bf16 terms of sv (hi and lo) multiply every rebuilt row.
-    let flops = (lists * misses * l.chunk * l.rank * l.head_dim * 2 * 2) as f64;
+    // The products of every rebuilt row with sv (one fp16 term).
+    let flops = (lists * misses * l.chunk * l.rank * l.head_dim * 2) as f64;
     eprintln!(
         "BENCH shadow_rebuild batch={batch} chunks={chunks} kv_heads=8 d=128 rank=160 chunk=8 slots={slots} \
          misses_per_head={misses} tier_hits_per_head={} blocks={blocks} median_ms={med:.4} min_ms={lo:.4} \
