@@ -382,7 +382,9 @@ struct LaneQueue<T> {
     /// When the lane's last completed step ended (the next one's GPU time starts no
     /// earlier).
     last_done: Option<Instant>,
-    /// When the lane's last step was queued.
+    /// When the backend had taken the lane's last step (its submission returned): the
+    /// decode spacing counts from there, so a step is queued at least the spacing after
+    /// any instant inside the last one's submission.
     last_submit: Option<Instant>,
 }
 
@@ -834,7 +836,7 @@ impl<M: StepBackend> Engine<M> {
             }
             s.in_flight += 1;
         }
-        self.lanes[lane].last_submit = Some(t0);
+        self.lanes[lane].last_submit = Some(Instant::now());
         self.lanes[lane].queued.push_back(InFlight {
             ticket,
             members,
