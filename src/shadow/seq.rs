@@ -104,13 +104,13 @@ impl ShadowSeq {
         // A budget beyond the context selects every chunk: no more slots than chunks.
         let selected = p.selected_chunks().min(pool.shape().chunks);
         let mut layers = Vec::with_capacity(cfg.num_layers);
+        // U in 8 bits over a pool of 8-bit values (exact over exact values: the checks' mode).
+        let rounded = pool.shape().format == ValueFormat::Int8;
         for (l, kv) in dense.layers.iter().enumerate() {
             if kv.k_pre.len() != total * kvd {
                 bail!("layer {l}: the prefill cache kept no pre-RoPE keys");
             }
-            // The basis comes from every prompt key; U covers the sparse chunks only, in 8
-            // bits over a pool of 8-bit values (exact over exact values: the checks' mode).
-            let rounded = pool.shape().format == ValueFormat::Int8;
+            // The basis comes from every prompt key; U covers the sparse chunks only.
             let mut factor = LowRank::factorize(&kv.k_pre, total, kvd, p.rank, rounded)?;
             factor.u.truncate(sparse * p.rank);
             let marks = landmarks(&kv.k, chunks, c, kvd);
