@@ -11,8 +11,9 @@
 //
 // Tier hits: given fetch_count and tier_src (as shadow_reuse writes them; null: none),
 // the entries of list e from fetch_count[e] on are tier hits, entry j's values in tier
-// entry tier_src[e, j] (8 bits); the kernel writes those values as bf16 to their slot's
-// rows of av as it finishes each tile (rb_copy_tier). The rebuild waits on latency more
+// entry tier_src[e, j] (8 bits); the kernel copies a tile's tier hits into shared memory
+// by cp.async as the tile starts (rb_fetch_tier) and writes them as bf16 to their slot's
+// rows of av as it finishes the tile (rb_copy_tier). The rebuild waits on latency more
 // than on HBM, and the other block of the SM multiplies meanwhile; as a kernel of its own
 // before the rebuild the copy took 1.8 ms of a 20.6 ms step (29 x 61440 tokens, H200).
 // The fetch of the same step touches other slots and tier entries (shadow_reuse sees to
@@ -44,8 +45,9 @@
 // two stages of [REBUILD_ROWS][32 ranks] fp16: the codes of the next stage (the tile's
 // next 32 ranks, or the next tile's first) are loaded into registers before a stage is
 // multiplied (8-byte loads where the rank keeps u's rows 8-byte aligned, byte loads
-// otherwise) and widened into the other stage after it. About 66 KB a block at d = 128
-// and rank 160; the registers hold two blocks an SM.
+// otherwise) and widened into the other stage after it. With a tier, a tile's tier hits
+// (16.5 KB at d = 128, c = 8) are staged too. About 66 KB a block at d = 128 and rank 160
+// (83 KB with a tier); the registers hold two blocks an SM.
 //
 // Warp w computes tile rows 32*(w/2) .. 32*(w/2) + 31 (two m16 tiles) and, of the d/16
 // n8 tiles of the first half of the head, those of (w%2)*d/32 .. (w%2+1)*d/32 - 1
@@ -75,7 +77,9 @@
 #define REBUILD_U_STRIDE (REBUILD_K_CHUNK + 8)
 #define REBUILD_U_BYTES (2 * REBUILD_ROWS * REBUILD_U_STRIDE * 2)  // the two stages
 #define REBUILD_META_BYTES (8 * REBUILD_ROWS * 4)                  // tok, arow, tent and usc, two tiles
-#define REBUILD_COPY 1  // 16-byte words of tier hits a thread keeps in flight
+
+// inv_freq in shared memory (head_dim / 2 <= 64 values), read by rb_store.
+__shared__ float rb_inv[64];
 
 // Ranks of sv a block stages at once (a multiple of REBUILD_K_CHUNK).
 __device__ __forceinline__ int rb_panel_ranks(int d, int r) {
@@ -139,10 +143,9 @@ __device__ __forceinline__ int2 rb_row(const RbTile& x, int p, int per, const Sh
     return make_int2(m.y * c + i, shadow_slot_row(dims, counts[x.b].outliers, m.x) + i);
 }
 
-// Starts tile x: its rows' tokens, attention rows, coefficient scales and rows of the
-// head's GPU value tier (entry * value_chunk_bytes + row of the entry, the bytes a
-// multiple of 16 and the row below MAX_CHUNK = 16; -1: not a tier hit) into tok / arow /
-// usc / tent (threads below REBUILD_ROWS, one row each), and this thread's two rows of u
+// Starts tile x: its rows' tokens, attention rows, coefficient scales and chunks of the
+// head's GPU value tier (the byte entry * value_chunk_bytes where the entry starts; -1:
+// not a tier hit) into tok / arow / usc / tent (threads below REBUILD_ROWS, one row each), and this thread's two rows of u
 // to stage (rows tid/4 and tid/4 + 64; null = empty) into lrow.
 __device__ __forceinline__ void rb_start_tile(const RbTile& x, int per, const ShadowDims& dims,
                                               const int2* __restrict__ misses,
@@ -161,7 +164,7 @@ __device__ __forceinline__ void rb_start_tile(const RbTile& x, int per, const Sh
         if (q.x >= 0 && j >= x.fc) {
             const int e = x.b * dims.kv_heads + x.h;
             const int entry = min(max(tier_src[(size_t)e * dims.slots + j], 0), dims.tier - 1);
-            ent = entry * value_chunk_bytes(dims) + tid % dims.chunk;
+            ent = entry * value_chunk_bytes(dims);
         }
         tent[tid] = ent;
     }
@@ -273,7 +276,7 @@ __device__ __forceinline__ void rb_mma_stage(float (&acc)[2][D / 32][2][4], unsi
 // j + e + D/2. tok / arow / usc: the tile's rows; ak: row 0 of the head's attention keys.
 template <int D>
 __device__ __forceinline__ void rb_store(const float (&acc)[2][D / 32][2][4], const int* tok, const int* arow,
-                                         const float* usc, int row0, int tile0, const float* __restrict__ inv_freq,
+                                         const float* usc, int row0, int tile0,
                                          __nv_bfloat16* __restrict__ ak) {
     constexpr int PAIRS = D / 32;
     const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
@@ -293,7 +296,7 @@ __device__ __forceinline__ void rb_store(const float (&acc)[2][D / 32][2][4], co
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     float sn, cs;
-                    rope_sincos(__fmul_rn(pos, inv_freq[j + e]), &sn, &cs);
+                    rope_sincos(__fmul_rn(pos, rb_inv[j + e]), &sn, &cs);
                     const float x0 = __fmul_rn(acc[m][p][0][2 * hr + e], sc);
                     const float x1 = __fmul_rn(acc[m][p][1][2 * hr + e], sc);
                     o0[e] = __fsub_rn(__fmul_rn(x0, cs), __fmul_rn(x1, sn));
@@ -306,61 +309,76 @@ __device__ __forceinline__ void rb_store(const float (&acc)[2][D / 32][2][4], co
     }
 }
 
-// Copies the tier hits' values of the tile whose rows are arow / tent to their rows of
-// av, as bf16 from the tier's 8 bits (row t % 16 of the entry at byte t - t % 16 for tent
-// t): thread tid
-// writes word tid % (D / 8) (8 values from 8 codes and the row's scale) of the rows
-// tid / (D / 8) + k * (REBUILD_THREADS / (D / 8)), REBUILD_COPY loads in flight; rows that
-// are not tier hits are skipped. Called where no accumulator is live (the loads take
-// registers).
+// Starts the copy of the tile's tier hits into `buf` (shared, [per][value_chunk_bytes]):
+// the whole chunk of each miss that is a tier hit (tent of its first row >= 0), 16 bytes
+// a cp.async (REBUILD_THREADS is a multiple of per = REBUILD_ROWS / c), so the loads land while the tile's products run; rb_copy_tier finishes it
+// after cp_async_wait and a barrier. tent: the tile's rows (rb_start_tile).
+__device__ __forceinline__ void rb_fetch_tier(unsigned char* buf, const int* tent, const ShadowSeqBufs& seq,
+                                              const ShadowDims& dims, int h, int per) {
+    // 2c threads a chunk (per = REBUILD_ROWS / c chunks), its 16-byte words in turn.
+    const int c = dims.chunk, tpc = REBUILD_THREADS / per, j = threadIdx.x / tpc, src = tent[j * c];
+    if (src >= 0) {
+        const int words = value_chunk_bytes(dims) / 16;
+        const unsigned char* from =
+            reinterpret_cast<const unsigned char*>(shadow_tier_entry(seq, dims, h, 0)) + src;
+        const unsigned to = smem_addr(buf + j * words * 16);
+        for (int k = threadIdx.x - j * tpc; k < words; k += tpc) cp_async16(to + k * 16, from + k * 16, true);
+    }
+    cp_async_commit();
+}
+
+// Writes the tier hits' values of the tile whose rows are arow / tent, staged in `buf` by
+// rb_fetch_tier (landed: after cp_async_wait and a barrier), to their rows of av as bf16
+// from the tier's 8 bits (row i of a staged chunk at byte i * D, its scale at c * D + 4i):
+// thread tid writes word tid % (D / 8) (8 values from 8 codes and the row's scale) of the
+// rows tid / (D / 8) + k * (REBUILD_THREADS / (D / 8)); rows that are not tier hits are
+// skipped. (The tier's loads issued here, a dependent round trip to HBM for each of the
+// eight passes, took a quarter of the kernel's warp samples; ncu, H200.)
 template <int D>
-__device__ __forceinline__ void rb_copy_tier(const int* arow, const int* tent, const ShadowSeqBufs& buf,
-                                             const ShadowDims& dims, int h) {
+__device__ __forceinline__ void rb_copy_tier(const unsigned char* buf, const int* arow, const int* tent,
+                                             const ShadowSeqBufs& seq, const ShadowDims& dims, int h) {
     constexpr int ROW_WORDS = D / 8, STRIDE = REBUILD_THREADS / ROW_WORDS;  // rows a pass
-    static_assert(REBUILD_ROWS % (STRIDE * REBUILD_COPY) == 0, "whole passes");
-    const unsigned char* tier = reinterpret_cast<const unsigned char*>(shadow_tier_entry(buf, dims, h, 0));
-    const int c = dims.chunk;
-    uint4* av = reinterpret_cast<uint4*>(shadow_attn_row(buf.av, dims, h, 0));
+    const int c = dims.chunk, vcb = value_chunk_bytes(dims);
+    uint4* av = reinterpret_cast<uint4*>(shadow_attn_row(seq.av, dims, h, 0));
     const int i = threadIdx.x % ROW_WORDS;
-    for (int p0 = threadIdx.x / ROW_WORDS; p0 < REBUILD_ROWS; p0 += STRIDE * REBUILD_COPY) {
-        uint2 v[REBUILD_COPY];
-        float sc[REBUILD_COPY];
-        int dst[REBUILD_COPY];  // word of av, or -1
-#pragma unroll
-        for (int q = 0; q < REBUILD_COPY; ++q) {
-            const int p = p0 + q * STRIDE, src = tent[p];
-            dst[q] = -1;
-            if (src >= 0) {
-                const int r = src & 15;
-                const unsigned char* chunk = tier + (src - r);
-                v[q] = __ldg(reinterpret_cast<const uint2*>(chunk + (size_t)r * D) + i);
-                sc[q] = __ldg(reinterpret_cast<const float*>(chunk + (size_t)c * D) + r);
-                dst[q] = arow[p] * ROW_WORDS + i;
-            }
-        }
-#pragma unroll
-        for (int q = 0; q < REBUILD_COPY; ++q)
-            if (dst[q] >= 0) av[dst[q]] = code8_expand8(v[q], sc[q]);
+#pragma unroll 4
+    for (int p = threadIdx.x / ROW_WORDS; p < REBUILD_ROWS; p += STRIDE) {
+        if (tent[p] < 0) continue;
+        const int j = p / c, r = p - j * c;
+        const unsigned char* chunk = buf + j * vcb;
+        const uint2 v = reinterpret_cast<const uint2*>(chunk + r * D)[i];
+        const float sc = reinterpret_cast<const float*>(chunk + c * D)[r];
+        av[arow[p] * ROW_WORDS + i] = code8_expand8(v, sc);
     }
 }
 
 // Shared memory of a block (dynamic; sizes in bytes, kp = rb_panel_ranks):
 //   u     [2][REBUILD_ROWS][REBUILD_U_STRIDE] fp16   the two pipeline stages   20480
 //   sv    [kp][d + 8] fp16                           the staged panel of sv     2 kp (d + 8)
+//   tier  [REBUILD_ROWS / c][value_chunk_bytes]      a tile's tier hits (with a tier)  16896 at d 128, c 8
 //   tok, arow, tent [2][REBUILD_ROWS] int, usc [2][REBUILD_ROWS] float  two tiles' rows  4096
 //   off   [lists + 1] int                            tiles before each list     4 (lists + 1)
 // (src/cuda/shadow/rebuild.rs sizes it the same way.)
+// (inv_freq, d / 2 floats, is static shared memory: rb_inv.)
 struct RbSmem {
     unsigned short *u, *sv;
+    unsigned char* tier;
     int *tok, *arow, *tent, *off;
     float* usc;
 };
 
-__device__ __forceinline__ RbSmem rb_smem(unsigned char* base, int d, int kp) {
+
+// Bytes of a tile's staged tier hits: none without a tier.
+__device__ __forceinline__ int rb_tier_bytes(const ShadowDims& dims) {
+    return dims.tier > 0 ? REBUILD_ROWS / dims.chunk * value_chunk_bytes(dims) : 0;
+}
+
+__device__ __forceinline__ RbSmem rb_smem(unsigned char* base, const ShadowDims& dims, int kp) {
     RbSmem s;
     s.u = reinterpret_cast<unsigned short*>(base);
     s.sv = s.u + 2 * REBUILD_ROWS * REBUILD_U_STRIDE;
-    s.tok = reinterpret_cast<int*>(s.sv + kp * (d + 8));
+    s.tier = reinterpret_cast<unsigned char*>(s.sv + kp * (dims.head_dim + 8));
+    s.tok = reinterpret_cast<int*>(s.tier + rb_tier_bytes(dims));
     s.arow = s.tok + 2 * REBUILD_ROWS;
     s.tent = s.arow + 2 * REBUILD_ROWS;
     s.usc = reinterpret_cast<float*>(s.tent + 2 * REBUILD_ROWS);
@@ -380,8 +398,7 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
                                               const int2* __restrict__ misses, const int* __restrict__ miss_count,
                                               const int* __restrict__ fetch_count, const int* __restrict__ tier_src,
                                               const ShadowSeqBufs* __restrict__ bufs,
-                                              const ShadowSeqCounts* __restrict__ counts,
-                                              const float* __restrict__ inv_freq, const ShadowDims& dims) {
+                                              const ShadowSeqCounts* __restrict__ counts, const ShadowDims& dims) {
     constexpr int PAIRS = D / 32, HALF = D / 16, SV_ROW = (D + 8) * 2, U_ROW = REBUILD_U_STRIDE * 2;  // bytes
     constexpr int U_STAGE = REBUILD_ROWS * REBUILD_U_STRIDE;  // fp16 values of a stage
     static_assert(REBUILD_ROWS == REBUILD_WARPS / 2 * 32 && REBUILD_THREADS == 2 * REBUILD_ROWS, "warp tiling");
@@ -434,7 +451,12 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
             }
             __syncthreads();  // the step's u and sv, and the tile's rows, are in; the other u
                               // buffer and the other tile's rows are free
-            if (kc == 0) active = __any_sync(0xffffffffu, s.tok[par + row0 + lane] >= 0);
+            if (kc == 0) {
+                active = __any_sync(0xffffffffu, s.tok[par + row0 + lane] >= 0);
+                // The tile's tier hits, if any: their chunks land in shared memory while the
+                // products run.
+                if (dims.tier > 0) rb_fetch_tier(s.tier, s.tent + par, bufs[cur.b], dims, cur.h, per);
+            }
             // The next step's codes: the tile's next ranks, or the next tile's first.
             bool more = true;
             if (kc + 1 < kch) {
@@ -455,10 +477,16 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
             if (more) rb_widen_u(s.u + ((st + 1) & 1) * U_STAGE, w);
             if (++pk == pch) pk = 0;
         }
-        rb_store<D>(acc, s.tok + par, s.arow + par, s.usc + par, row0, tile0, inv_freq,
+        rb_store<D>(acc, s.tok + par, s.arow + par, s.usc + par, row0, tile0,
                     shadow_attn_row(bufs[cur.b].ak, dims, cur.h, 0));
-        // The accumulators are free: the tile's tier hits (its rows still in par).
-        rb_copy_tier<D>(s.arow + par, s.tent + par, bufs[cur.b], dims, cur.h);
+        // (A tile without tier hits waits for nothing and its copy skips every row; a flag
+        // kept for them across the products cost spills. Without a tier, the barrier made
+        // the keys-only rebuild 7 % slower.)
+        if (dims.tier > 0) {
+            cp_async_wait<0>();
+            __syncthreads();  // every thread's tier chunks have landed
+            rb_copy_tier<D>(s.tier, s.arow + par, s.tent + par, bufs[cur.b], dims, cur.h);
+        }
     }
 }
 
@@ -474,7 +502,8 @@ extern "C" __global__ void __launch_bounds__(REBUILD_THREADS, 2)
     const int d = dims.head_dim, lists = batch * dims.kv_heads;
     const int per = REBUILD_ROWS / dims.chunk;  // misses a tile
     const int kp = rb_panel_ranks(d, dims.rank);
-    const RbSmem s = rb_smem(rb_shared, d, kp);
+    const RbSmem s = rb_smem(rb_shared, dims, kp);
+    if (threadIdx.x < d / 2) rb_inv[threadIdx.x] = inv_freq[threadIdx.x];  // (rb_tile_offsets ends with a barrier)
     const int total = rb_tile_offsets(miss_count, lists, dims.slots, per, s.off, scratch);
     // An even share of all the tiles, in order: a block runs one head's tiles after
     // another and restages sv only when the head changes.
@@ -482,9 +511,7 @@ extern "C" __global__ void __launch_bounds__(REBUILD_THREADS, 2)
     const int t1 = (int)((long long)total * (blockIdx.x + 1) / gridDim.x);
     if (t0 >= t1) return;
     if (d == 128)
-        rebuild_tiles<128>(s, kp, lists, t0, t1, misses, miss_count, fetch_count, tier_src, bufs, counts, inv_freq,
-                           dims);
+        rebuild_tiles<128>(s, kp, lists, t0, t1, misses, miss_count, fetch_count, tier_src, bufs, counts, dims);
     else if (d == 64)
-        rebuild_tiles<64>(s, kp, lists, t0, t1, misses, miss_count, fetch_count, tier_src, bufs, counts, inv_freq,
-                          dims);
+        rebuild_tiles<64>(s, kp, lists, t0, t1, misses, miss_count, fetch_count, tier_src, bufs, counts, dims);
 }

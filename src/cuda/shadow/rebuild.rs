@@ -3,7 +3,7 @@
 //! [`crate::cpu::ops::Rope`]).
 
 use super::buffers::{ShadowTable, StepScratch};
-use super::layout::MAX_CHUNK;
+use super::layout::{ShadowLayout, MAX_CHUNK};
 use crate::cuda::ops::{check_len, kernel_params, CudaOps};
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::sys::CUfunction_attribute_enum;
@@ -28,12 +28,19 @@ const _: () = assert!(REBUILD_ROWS >= MAX_CHUNK, "a tile holds the rows of one m
 
 /// Dynamic shared memory of a rebuild block, as `rb_smem` of kernels/rebuild.cu lays it
 /// out: the u stages, a panel of sv in fp16 (the whole rank up to
-/// `REBUILD_SV_RANK_COLS / d`), the row tables and `lists + 1` tile offsets.
-fn rebuild_smem(head_dim: usize, rank: usize, lists: usize) -> usize {
-    let panel = rank
+/// `REBUILD_SV_RANK_COLS / d`), with a GPU value tier a tile's tier hits (the chunks of
+/// `REBUILD_ROWS / chunk` misses), the row tables and `lists + 1` tile offsets.
+fn rebuild_smem(l: &ShadowLayout, lists: usize) -> usize {
+    let panel = l
+        .rank
         .next_multiple_of(REBUILD_K_CHUNK)
-        .min(REBUILD_SV_RANK_COLS / head_dim);
-    REBUILD_U_BYTES + panel * (head_dim + 8) * 2 + REBUILD_META_BYTES + (lists + 1) * 4
+        .min(REBUILD_SV_RANK_COLS / l.head_dim);
+    let tier = if l.tier > 0 {
+        REBUILD_ROWS / l.chunk * l.value_chunk_bytes()
+    } else {
+        0
+    };
+    REBUILD_U_BYTES + panel * (l.head_dim + 8) * 2 + tier + REBUILD_META_BYTES + (lists + 1) * 4
 }
 
 /// The misses a rebuild works on: each list's `(slot, chunk)` entries and count (as
@@ -96,7 +103,7 @@ impl CudaOps {
     pub fn shadow_rebuild_blocks(&self, t: &ShadowTable, room: usize) -> Result<usize> {
         let l = t.layout();
         let lists = t.batch() * l.kv_heads;
-        let smem = self.rebuild_allow_smem(rebuild_smem(l.head_dim, l.rank, lists))?;
+        let smem = self.rebuild_allow_smem(rebuild_smem(l, lists))?;
         let per_sm = self
             .k
             .shadow_rebuild
@@ -127,7 +134,7 @@ impl CudaOps {
         }
         check_len("rebuild: inv_freq", inv_freq.len(), l.head_dim / 2)?;
         ensure!((1..=65_535).contains(&blocks), "rebuild: {blocks} blocks (1..=65535)");
-        let smem = self.rebuild_allow_smem(rebuild_smem(l.head_dim, l.rank, heads))?;
+        let smem = self.rebuild_allow_smem(rebuild_smem(l, heads))?;
         let s = self.device().stream();
         let (mp, _g1) = lists.misses.device_ptr(s);
         let (cp, _g2) = lists.miss_count.device_ptr(s);
