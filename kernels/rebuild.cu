@@ -145,8 +145,9 @@ __device__ __forceinline__ int2 rb_row(const RbTile& x, int p, int per, const Sh
 
 // Starts tile x: its rows' tokens, attention rows, coefficient scales and chunks of the
 // head's GPU value tier (the byte entry * value_chunk_bytes where the entry starts; -1:
-// not a tier hit) into tok / arow / usc / tent (threads below REBUILD_ROWS, one row each), and this thread's two rows of u
-// to stage (rows tid/4 and tid/4 + 64; null = empty) into lrow.
+// not a tier hit) into tok / arow / usc / tent (threads below REBUILD_ROWS, one row
+// each), and this thread's two rows of u to stage (rows tid/4 and tid/4 + 64; null =
+// empty) into lrow.
 __device__ __forceinline__ void rb_start_tile(const RbTile& x, int per, const ShadowDims& dims,
                                               const int2* __restrict__ misses,
                                               const ShadowSeqCounts* __restrict__ counts,
@@ -311,11 +312,11 @@ __device__ __forceinline__ void rb_store(const float (&acc)[2][D / 32][2][4], co
 
 // Starts the copy of the tile's tier hits into `buf` (shared, [per][value_chunk_bytes]):
 // the whole chunk of each miss that is a tier hit (tent of its first row >= 0), 16 bytes
-// a cp.async (REBUILD_THREADS is a multiple of per = REBUILD_ROWS / c), so the loads land while the tile's products run; rb_copy_tier finishes it
-// after cp_async_wait and a barrier. tent: the tile's rows (rb_start_tile).
+// a cp.async (2c threads a chunk, per = REBUILD_ROWS / c chunks), so the loads land while
+// the tile's products run; rb_copy_tier finishes it after cp_async_wait and a barrier.
+// tent: the tile's rows (rb_start_tile).
 __device__ __forceinline__ void rb_fetch_tier(unsigned char* buf, const int* tent, const ShadowSeqBufs& seq,
                                               const ShadowDims& dims, int h, int per) {
-    // 2c threads a chunk (per = REBUILD_ROWS / c chunks), its 16-byte words in turn.
     const int c = dims.chunk, tpc = REBUILD_THREADS / per, j = threadIdx.x / tpc, src = tent[j * c];
     if (src >= 0) {
         const int words = value_chunk_bytes(dims) / 16;
@@ -366,7 +367,6 @@ struct RbSmem {
     int *tok, *arow, *tent, *off;
     float* usc;
 };
-
 
 // Bytes of a tile's staged tier hits: none without a tier.
 __device__ __forceinline__ int rb_tier_bytes(const ShadowDims& dims) {
