@@ -314,7 +314,9 @@ __device__ __forceinline__ void rb_store(const float (&acc)[2][D / 32][2][4], co
 // the whole chunk of each miss that is a tier hit (tent of its first row >= 0), 16 bytes
 // a cp.async (2c threads a chunk, per = REBUILD_ROWS / c chunks), so the loads land while
 // the tile's products run; rb_copy_tier finishes it after cp_async_wait and a barrier.
-// tent: the tile's rows (rb_start_tile).
+// tent: the tile's rows (rb_start_tile). Where per does not divide REBUILD_THREADS, the
+// last threads get j = per: row j * c is then still below REBUILD_ROWS (for every c up to
+// MAX_CHUNK), past the tile's rows, and its tent is -1, so they copy nothing.
 __device__ __forceinline__ void rb_fetch_tier(unsigned char* buf, const int* tent, const ShadowSeqBufs& seq,
                                               const ShadowDims& dims, int h, int per) {
     const int c = dims.chunk, tpc = REBUILD_THREADS / per, j = threadIdx.x / tpc, src = tent[j * c];
