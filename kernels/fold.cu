@@ -11,6 +11,9 @@
 //     (layer, pool_seq, h, ch): the
 //     host pool through its device-mapped address (the device writes the pool itself),
 //     or for a GPU value slot the pool in device memory (shadow_pool_chunk, shadow.cuh);
+//     with an outbox (a host-written pool: a file the device cannot address), a host
+//     slot's chunk goes to outbox entry (b, h) instead, and the host copies it into the
+//     pool;
 //   - outlier[h, ch] = 0.
 // shadow_fold_project, grid (ceil(rank / FOLD_WARPS), batch), FOLD_THREADS threads: the
 //   chunk's tokens' coefficients on the basis, fold_u[i, k] = kpre[R - 1 - i, :] .
@@ -44,7 +47,7 @@
 
 extern "C" __global__ void __launch_bounds__(FOLD_THREADS)
     shadow_fold_chunk(const ShadowSeqBufs* __restrict__ bufs, const ShadowSeqCounts* __restrict__ counts,
-                      ShadowDims dims, ShadowPool pool, int layer) {
+                      ShadowDims dims, ShadowPool pool, int layer, unsigned long long outbox) {
     pdl_wait();
     pdl_trigger();
     const int h = blockIdx.x, b = blockIdx.y;
@@ -63,8 +66,11 @@ extern "C" __global__ void __launch_bounds__(FOLD_THREADS)
     const float ms = code8_scale(block_max(fabsf(l), scratch));
     if (j < d) reinterpret_cast<signed char*>(s.marks)[((size_t)h * dims.chunk_cap + ch) * d + j] = code8_code(l, ms);
     if (j == 0) reinterpret_cast<float*>(s.mark_scales)[(size_t)h * dims.chunk_cap + ch] = ms;
-    code8_value_chunk([&](int i) { return shadow_attn_row(s.av, dims, h, R - 1 - i); },
-                      shadow_pool_chunk(pool, dims, layer, n.pool_seq, h, ch), dims);
+    unsigned char* dst = outbox != 0ull && n.pool_seq < pool.host_seqs
+                             ? reinterpret_cast<unsigned char*>(outbox) +
+                                   ((size_t)b * dims.kv_heads + h) * value_chunk_bytes(dims)
+                             : shadow_pool_chunk(pool, dims, layer, n.pool_seq, h, ch);
+    code8_value_chunk([&](int i) { return shadow_attn_row(s.av, dims, h, R - 1 - i); }, dst, dims);
     if (threadIdx.x == 0) reinterpret_cast<unsigned char*>(s.outlier)[(size_t)h * dims.chunk_cap + ch] = 0;
     __threadfence_system();
 }

@@ -1709,6 +1709,17 @@ fn append_writes_the_new_token_into_the_recent_window() {
     }
 }
 
+/// The fold tests' table: each sequence's buffers with (chunks, recent rows, pool slot)
+/// and two outliers.
+fn fold_table<'a>(ops: &CudaOps, bufs: &'a [LayerBuffers], seqs: &[(usize, usize, usize)]) -> ShadowTable<'a> {
+    let entries: Vec<(&LayerBuffers, SeqCounts)> = bufs
+        .iter()
+        .zip(seqs)
+        .map(|(b, &(ch, n, ps))| (b, counts(ch, n, 2, ps)))
+        .collect();
+    ShadowTable::new(ops, &entries).unwrap()
+}
+
 #[test]
 fn fold_matches_the_cpu_fold() {
     let Some(ops) = ops_or_skip() else { return };
@@ -1782,14 +1793,9 @@ fn fold_matches_the_cpu_fold() {
             marks_before.push(marks);
             svs.push(sv);
         }
-        let entries: Vec<(&LayerBuffers, SeqCounts)> = bufs
-            .iter()
-            .zip(&seqs)
-            .map(|(b, &(ch, n, ps))| (b, counts(ch, n, 2, ps)))
-            .collect();
-        let table = ShadowTable::new(&ops, &entries).unwrap();
+        let table = fold_table(&ops, &bufs, &seqs);
         // SAFETY: the pool is mapped for the device and read only after the fold.
-        unsafe { ops.shadow_fold(&table, &pool, layer) }.unwrap();
+        unsafe { ops.shadow_fold(&table, &pool, layer, None) }.unwrap();
         let pool_after = (mapping.host().unwrap().to_vec(), dev.download(&dev_slots).unwrap());
         let mut pool_want = (pool_before.clone(), dev_before.clone());
         let (mut gu, mut wu) = (Vec::new(), Vec::new());
@@ -1899,6 +1905,97 @@ fn fold_matches_the_cpu_fold() {
         // The coefficients: within one code of the reference's.
         check("shadow_fold_project", &case, &gu, &wu, EW_RTOL, 1.001 * step as f64);
     }
+}
+
+/// A host-written pool (a file the device cannot address: its device address is 0):
+/// the fold puts a host slot's chunk in the outbox entry of its sequence and heads, in
+/// the pool's 8 bits, leaves the entries of a sequence that does not fold as they were,
+/// and still writes a GPU value slot's chunk into device memory. Without an outbox it is
+/// refused, naming the pool.
+#[test]
+fn fold_into_an_outbox_for_a_host_written_pool() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let mut rng = seeded("shadow_fold_outbox");
+    let cfg = preset("llama-3.1-8b").unwrap();
+    let l = layout_of(
+        &cfg,
+        ShadowLayout {
+            chunk: 8,
+            local: 2,
+            rank: 16,
+            slots: 4,
+            outliers: 2,
+            chunk_cap: 40,
+            ..small_layout(1, 64, 1)
+        },
+    );
+    let (kvh, d, big_r, cb) = (l.kv_heads, l.head_dim, l.recent_rows(), l.value_chunk_bytes());
+    // (chunks, recent, pool slot): host slot 1 folds, host slot 0 does not, GPU value
+    // slot 0 (global 2) folds.
+    let seqs = [(10usize, big_r, 1usize), (3, big_r - 1, 0), (20, big_r, 2)];
+    let shape = PoolShape {
+        layers: 2,
+        seqs: 2,
+        kv_heads: kvh,
+        chunks: l.chunk_cap,
+        chunk: l.chunk,
+        head_dim: d,
+        format: ValueFormat::Int8,
+    };
+    let (pool, dev_slots, dev_before) = with_dev_slots(&ops, &mut rng, &shape, 0, 1);
+    let mut bufs = Vec::new();
+    let mut values = Vec::new();
+    for _ in &seqs {
+        let mut b = LayerBuffers::new(&ops, l).unwrap();
+        let (ak, _) = rand_bf16(&mut rng, l.attn_len(), 1.0);
+        let (av, _) = rand_bf16(&mut rng, l.attn_len(), 1.0);
+        b.ak = dev.upload(&ak).unwrap();
+        b.av = dev.upload(&av).unwrap();
+        b.sv = dev.upload(&vec![0.1f32; l.sv_len()]).unwrap();
+        bufs.push(b);
+        values.push(av);
+    }
+    let table = fold_table(&ops, &bufs, &seqs);
+    let layer = 1;
+    // SAFETY: refused before any launch (no outbox for the host slots).
+    let e = format!(
+        "{:#}",
+        unsafe { ops.shadow_fold(&table, &pool, layer, None) }.unwrap_err()
+    );
+    assert!(e.contains("not mapped for the device"), "{e}");
+    let poison = vec![0xabu8; seqs.len() * kvh * cb];
+    let outbox = dev.upload(&poison).unwrap();
+    let at = (outbox.device_ptr(dev.stream()).0, outbox.len());
+    // SAFETY: the outbox and the GPU value slots are live device memory of their sizes.
+    unsafe { ops.shadow_fold(&table, &pool, layer, Some(at)) }.unwrap();
+    let got = dev.download(&outbox).unwrap();
+    let mut want = poison.clone();
+    let mut dev_want = dev_before.clone();
+    for (b, &(ch, n, ps)) in seqs.iter().enumerate() {
+        if n != big_r {
+            continue;
+        }
+        for h in 0..kvh {
+            // The oldest chunk in time order: token i at row R - 1 - i.
+            let rows: Vec<bf16> = (0..l.chunk)
+                .flat_map(|i| values[b][attn_at(&l, h, big_r - 1 - i)..][..d].to_vec())
+                .collect();
+            let q = quantize_chunk(&rows, d);
+            if pool.on_device(ps) {
+                let o = pool.chunk_offset(layer, ps, h, ch);
+                dev_want[o..o + q.len()].copy_from_slice(&q);
+            } else {
+                want[(b * kvh + h) * cb..][..q.len()].copy_from_slice(&q);
+            }
+        }
+    }
+    assert!(got == want, "outbox contents differ");
+    assert!(
+        dev.download(&dev_slots).unwrap() == dev_want,
+        "GPU value slots' contents differ"
+    );
+    Errors::default().report("shadow_fold", "outbox,llama-3.1-8b,exact");
 }
 
 /// One sequence of the end-to-end test, as the host knows it.
@@ -2199,7 +2296,7 @@ fn bad_inputs_are_errors_that_say_what() {
         );
         assert!(e.contains("chunks of"), "{e}");
         // SAFETY: as above.
-        let e = msg(unsafe { ops.shadow_fold(&table, &bad_pool, 0) }.unwrap_err());
+        let e = msg(unsafe { ops.shadow_fold(&table, &bad_pool, 0, None) }.unwrap_err());
         assert!(e.contains("chunks of"), "{e}");
         // A slot past the host pool and the GPU value slots is refused, not read.
         let small = DevicePool {
@@ -2218,7 +2315,7 @@ fn bad_inputs_are_errors_that_say_what() {
         );
         assert!(e.contains("pool slot 2 outside the pools' 2 (1 host, 1 device)"), "{e}");
         // SAFETY: as above.
-        let e = msg(unsafe { ops.shadow_fold(&past, &small, 0) }.unwrap_err());
+        let e = msg(unsafe { ops.shadow_fold(&past, &small, 0, None) }.unwrap_err());
         assert!(e.contains("sequence 1: pool slot 2"), "{e}");
     }
     {

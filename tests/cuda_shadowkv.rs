@@ -575,6 +575,49 @@ fn engine_with_a_gpu_value_slot_gives_each_slot_back() {
     eprintln!("RESULT shadowkv_engine_gpu_value_slot requests=6 done");
 }
 
+/// A file-backed value pool on the GPU: the device cannot map it, so cpu-gather reads it
+/// through the page cache, the compression's chunks reach it through a device stage and
+/// the fold's through the actor's outbox. Through the engine (two micro-batches), each
+/// request alone and two at once give the text `generate_cuda` gives each alone with the
+/// pool in memory, over enough tokens to fold several chunks into the file; zero-copy
+/// on it is refused by name.
+#[test]
+fn an_engine_with_a_file_backed_pool_equals_generate_cuda() {
+    let Some((gpu, tok, p)) = engine_parts() else { return };
+    let gen = 56;
+    let prompts: Vec<Vec<u32>> = [1200, 900].iter().map(|&n| prompt(&tok, n)).collect();
+    let want: Vec<String> = prompts.iter().map(|ids| alone_text(&gpu, &tok, p, ids, gen)).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("values.pool");
+    let backend = |gpu: &Arc<CudaModel>| {
+        let pool = ValuePool::file_backed(p.pool_shape(gpu.config(), 2, ENGINE_CONTEXT), &file).unwrap();
+        CudaBackend::new(gpu.clone(), ENGINE_CONTEXT, 2, 2, true, Some((p, pool))).unwrap()
+    };
+    let e = format!(
+        "{:#}",
+        backend(&gpu)
+            .with_fetch(FetchPath::ZeroCopy)
+            .err()
+            .expect("zero-copy on a file")
+    );
+    assert!(e.contains("file-backed") && e.contains("cpu-gather"), "{e}");
+    let (engine, join) = spawn_engine(backend(&gpu).with_micro_batches(2), tok.clone(), engine_config(), None).unwrap();
+    for (ids, w) in prompts.iter().zip(&want) {
+        assert_eq!(
+            &engine_text(&engine, ids.clone(), gen).unwrap(),
+            w,
+            "one request, file-backed pool"
+        );
+    }
+    let both: Vec<_> = prompts.iter().map(|ids| submit(&engine, ids.clone(), gen)).collect();
+    for (rx, w) in both.into_iter().zip(&want) {
+        assert_eq!(&stream_text(rx).unwrap(), w, "two requests at once, file-backed pool");
+    }
+    engine.shutdown(Duration::ZERO);
+    join.join().unwrap();
+    eprintln!("RESULT shadowkv_file_pool_engine requests=4 equal_text=4");
+}
+
 #[test]
 fn a_gather_that_panics_fails_its_request_and_the_engine_serves_on() {
     let Some((gpu, tok, p)) = engine_parts() else { return };

@@ -266,12 +266,19 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
                 } else {
                     Compression::Inline(Box::new(compressor))
                 };
+                let pool = GpuValuePool::new(m.ops(), pool)?;
+                // A file-backed pool is the host's to read: cpu-gather.
+                let fetch = if pool.host_written() {
+                    FetchPath::CpuGather
+                } else {
+                    FetchPath::ZeroCopy
+                };
                 Some(ShadowGpu {
                     layout,
                     max_batch,
-                    pool: Arc::new(GpuValuePool::new(m.ops(), pool)?),
+                    pool: Arc::new(pool),
                     compression,
-                    fetch: FetchPath::ZeroCopy,
+                    fetch,
                 })
             }
             None => None,
@@ -400,14 +407,19 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
         Ok(self)
     }
 
-    /// ShadowKV fetches the missed values by `fetch` (zero-copy unless set); cpu-gather
-    /// is refused once the pool has GPU value slots (as [`Self::with_value_slots`] refuses
-    /// them under cpu-gather).
+    /// ShadowKV fetches the missed values by `fetch` (zero-copy unless set, cpu-gather
+    /// for a file-backed pool); cpu-gather is refused once the pool has GPU value slots
+    /// (as [`Self::with_value_slots`] refuses them under cpu-gather), zero-copy for a
+    /// file-backed pool.
     pub fn with_fetch(mut self, fetch: FetchPath) -> Result<Self> {
         if let Some(s) = &mut self.shadow {
             ensure!(
                 fetch != FetchPath::CpuGather || s.pool.device_slots() == 0,
                 "cpu-gather's actor reads host memory only: it cannot fetch from GPU value slots"
+            );
+            ensure!(
+                fetch == FetchPath::CpuGather || !s.pool.host_written(),
+                "a file-backed value pool is read by cpu-gather only: the device cannot map a file for zero-copy"
             );
             s.fetch = fetch;
         }

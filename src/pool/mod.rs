@@ -186,6 +186,25 @@ impl ValuePool {
         numa::bind_area(inner.memory.as_slice(), node)
     }
 
+    /// Whether a file backs the pool (its pages are the page cache's).
+    pub fn is_file_backed(&self) -> bool {
+        self.inner.memory.is_file_backed()
+    }
+
+    /// Tells the kernel that a file-backed pool is read at random, a chunk here and
+    /// there: a page fault reads its page, not the read-ahead window around it (which
+    /// multiplies the disk's reads once the pool outgrows the page cache). Nothing for an
+    /// anonymous pool.
+    pub fn advise_random(&self) -> Result<()> {
+        if self.is_file_backed() {
+            self.inner
+                .memory
+                .advise_random()
+                .context("advising random reads of the value pool file")?;
+        }
+        Ok(())
+    }
+
     /// Takes a free sequence slot.
     pub fn lease(&self) -> Result<PoolLease> {
         let seq = self.inner.free.lock().expect("pool lock").pop();
@@ -275,6 +294,53 @@ impl PoolLease {
         }
     }
 
+    /// The bytes of one layer of the slot, every head's chunks in a row
+    /// (`[kv_head][chunk]`, as the pool lays them out).
+    pub fn layer_bytes(&self, layer: usize) -> &[u8] {
+        let s = self.inner.shape;
+        // SAFETY: the layer's chunks of this slot lie in a row inside the map
+        // (chunk_ptr checks the layer), and only this lease (borrowed shared here)
+        // touches slot `self.seq` from the host.
+        unsafe { std::slice::from_raw_parts(self.chunk_ptr(layer, 0, 0), s.kv_heads * s.chunks * s.chunk_bytes()) }
+    }
+
+    /// Writes `data` at byte `at` of one layer of the slot (as [`PoolLease::layer_bytes`]
+    /// lays it out): into a file-backed pool with `pwrite`, so that whole pages are
+    /// overwritten without being read from the disk first.
+    pub fn write_layer(&mut self, layer: usize, at: usize, data: &[u8]) -> Result<()> {
+        let s = self.inner.shape;
+        let n = s.kv_heads * s.chunks * s.chunk_bytes();
+        ensure!(
+            at.checked_add(data.len()).is_some_and(|e| e <= n),
+            "{} bytes at {at} of a slot's layer of {n}",
+            data.len()
+        );
+        let start = s.offset(layer, self.seq, 0, 0) + at;
+        // chunk_ptr checks the layer.
+        let dst = self.chunk_ptr(layer, 0, 0);
+        match self.inner.memory.write_file_at(start, data) {
+            Some(r) => r.context("writing the value pool file"),
+            None => {
+                // SAFETY: the range lies in this slot's layer (checked above), which the
+                // lease, borrowed exclusively, alone touches.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst.add(at), data.len()) };
+                Ok(())
+            }
+        }
+    }
+
+    /// Asks the kernel to start reading in `len` bytes at byte `at` of one layer of the
+    /// slot (a file-backed pool's pages the page cache does not hold), before they are
+    /// read in a row.
+    pub fn will_need(&self, layer: usize, at: usize, len: usize) -> Result<()> {
+        let _ = self.chunk_ptr(layer, 0, 0);
+        let start = self.inner.shape.offset(layer, self.seq, 0, 0) + at;
+        self.inner
+            .memory
+            .will_need(start, len)
+            .context("advising the kernel to read the value pool in")
+    }
+
     /// The bytes of one chunk of one head (codes, then scales).
     pub fn chunk_bytes(&self, layer: usize, head: usize, chunk: usize) -> &[u8] {
         let n = self.inner.shape.chunk_bytes();
@@ -342,9 +408,9 @@ mod tests {
         pool.lease().unwrap();
     }
 
-    #[test]
-    fn anonymous_and_file_backed_round_trip() {
-        let shape = PoolShape {
+    /// 3 layers, 2 slots and 2 heads of 5 chunks of 4 tokens of 6 values, in 8 bits.
+    fn small_shape() -> PoolShape {
+        PoolShape {
             layers: 3,
             seqs: 2,
             kv_heads: 2,
@@ -352,18 +418,56 @@ mod tests {
             chunk: 4,
             head_dim: 6,
             format: ValueFormat::Int8,
-        };
+        }
+    }
+
+    #[test]
+    fn anonymous_and_file_backed_round_trip() {
+        let shape = small_shape();
         let exact = PoolShape {
             format: ValueFormat::F32,
             ..shape
         };
-        round_trip(&ValuePool::anonymous(shape).unwrap());
+        let anon = ValuePool::anonymous(shape).unwrap();
+        round_trip(&anon);
+        assert!(!anon.is_file_backed());
         round_trip(&ValuePool::anonymous(exact).unwrap());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("values.pool");
-        round_trip(&ValuePool::file_backed(shape, &path).unwrap());
+        let file = ValuePool::file_backed(shape, &path).unwrap();
+        round_trip(&file);
+        assert!(file.is_file_backed());
         // 4 · (6 + 4) = 40 bytes a chunk, padded to 48.
         assert_eq!(std::fs::metadata(&path).unwrap().len(), (3 * 2 * 2 * 5 * 48) as u64);
+    }
+
+    #[test]
+    fn a_layer_is_written_in_place_in_either_pool() {
+        let shape = small_shape();
+        let dir = tempfile::tempdir().unwrap();
+        let pools = [
+            ValuePool::anonymous(shape).unwrap(),
+            ValuePool::file_backed(shape, &dir.path().join("values.pool")).unwrap(),
+        ];
+        for pool in &pools {
+            let _first = pool.lease().unwrap();
+            let mut lease = pool.lease().unwrap();
+            let n = shape.chunk_bytes();
+            assert_eq!(lease.layer_bytes(1).len(), 2 * 5 * n);
+            let bytes: Vec<u8> = (0..2 * 5 * n).map(|i| (i / n) as u8 + 1).collect();
+            // In two writes, the second starting inside a chunk.
+            lease.write_layer(1, 0, &bytes[..n + 3]).unwrap();
+            lease.write_layer(1, n + 3, &bytes[n + 3..]).unwrap();
+            assert_eq!(lease.layer_bytes(1), &bytes[..]);
+            assert!(lease.write_layer(1, 1, &bytes).is_err(), "past the layer");
+            for (h, c) in (0..2).flat_map(|h| (0..5).map(move |c| (h, c))) {
+                assert!(lease.chunk_bytes(1, h, c).iter().all(|&b| b as usize == h * 5 + c + 1));
+                assert!(lease.chunk_bytes(0, h, c).iter().all(|&b| b == 0));
+                assert!(lease.chunk_bytes(2, h, c).iter().all(|&b| b == 0));
+            }
+            lease.will_need(1, 0, 2 * 5 * n).unwrap();
+            pool.advise_random().unwrap();
+        }
     }
 
     #[test]

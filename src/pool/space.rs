@@ -4,10 +4,11 @@
 //! pool is checked against the machine's memory. Sizes are bytes, whatever the pool's
 //! element type, so every pool gets its memory through [`file_backed`] or [`anonymous`].
 
-use memmap2::MmapMut;
+use memmap2::{Advice, MmapMut};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// Where [`MachineMemory`] is read from.
@@ -81,8 +82,9 @@ pub fn human_size(bytes: u64) -> String {
 /// The memory of a pool: a shared map, and the locked file behind it if any.
 pub struct PoolMemory {
     map: MmapMut,
-    /// Holds the `flock` that keeps other processes from resizing the file under us.
-    _file: Option<File>,
+    /// The file behind the map, if any; holds the `flock` that keeps other processes
+    /// from resizing it under us.
+    file: Option<File>,
 }
 
 impl PoolMemory {
@@ -93,7 +95,25 @@ impl PoolMemory {
 
     /// Whether a file backs the map (its pages live in the page cache).
     pub fn is_file_backed(&self) -> bool {
-        self._file.is_some()
+        self.file.is_some()
+    }
+
+    /// Tells the kernel the map is read at random: a fault reads its page and no
+    /// read-ahead around it (a gather reads one chunk of a page here and there).
+    pub fn advise_random(&self) -> io::Result<()> {
+        self.map.advise(Advice::Random)
+    }
+
+    /// Asks the kernel to start reading in `len` bytes of the map from `offset`.
+    pub fn will_need(&self, offset: usize, len: usize) -> io::Result<()> {
+        self.map.advise_range(Advice::WillNeed, offset, len)
+    }
+
+    /// Writes `data` at byte `offset` of the file behind the map with `pwrite` (the map
+    /// sees it: one page cache), where whole pages are overwritten without being read
+    /// first; `None` for an anonymous map.
+    pub fn write_file_at(&self, offset: usize, data: &[u8]) -> Option<io::Result<()>> {
+        self.file.as_ref().map(|f| f.write_all_at(data, offset as u64))
     }
 
     /// The mapped bytes.
@@ -185,7 +205,7 @@ pub fn anonymous(bytes: usize) -> Result<PoolMemory, SpaceError> {
         what: format!("mapping {} of anonymous memory", human_size(len as u64)),
         source,
     })?;
-    Ok(PoolMemory { map, _file: None })
+    Ok(PoolMemory { map, file: None })
 }
 
 /// The file at `path`, created if absent, locked against other processes, emptied and
@@ -218,7 +238,7 @@ pub fn file_backed(path: &Path, bytes: usize) -> Result<PoolMemory, SpaceError> 
         unsafe { MmapMut::map_mut(&file) }.map_err(io_err("mapping"))
     });
     match mapped {
-        Ok(map) => Ok(PoolMemory { map, _file: Some(file) }),
+        Ok(map) => Ok(PoolMemory { map, file: Some(file) }),
         Err(e) => {
             let _ = std::fs::remove_file(path);
             Err(e)

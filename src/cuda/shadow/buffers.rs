@@ -5,7 +5,7 @@
 use super::layout::{SeqAddrs, SeqCounts, ShadowLayout};
 use crate::cuda::attention::DecodeWorkspace;
 use crate::cuda::CudaOps;
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PinnedHostSlice};
 use half::bf16;
 use std::marker::PhantomData;
@@ -455,16 +455,23 @@ impl GatherBuffers {
 
     /// The staging's address on the device (its mapping).
     pub fn staging_device_addr(&self) -> Result<u64> {
-        let p = self.staging.as_ptr()?;
-        let mut addr = 0;
-        // SAFETY: `p` is the start of a live allocation made with DEVICEMAP.
-        let r = unsafe { cudarc::driver::sys::cuMemHostGetDevicePointer_v2(&mut addr, p as *mut _, 0) };
-        anyhow::ensure!(
-            r == cudarc::driver::sys::cudaError_enum::CUDA_SUCCESS,
-            "cpu-gather: mapping the staging for the device: {r:?}"
-        );
-        Ok(addr)
+        mapped_device_addr(&self.staging).context("cpu-gather: mapping the staging for the device")
     }
+}
+
+/// The device address of pinned host memory allocated mapped for the device
+/// (`CU_MEMHOSTALLOC_DEVICEMAP`).
+pub fn mapped_device_addr(mem: &PinnedHostSlice<u8>) -> Result<u64> {
+    let p = mem.as_ptr()?;
+    let mut addr = 0;
+    // SAFETY: `p` is the start of a live pinned allocation; the driver refuses one made
+    // without DEVICEMAP.
+    let r = unsafe { cudarc::driver::sys::cuMemHostGetDevicePointer_v2(&mut addr, p as *mut _, 0) };
+    anyhow::ensure!(
+        r == cudarc::driver::sys::cudaError_enum::CUDA_SUCCESS,
+        "the driver gave no device address for pinned host memory: {r:?}"
+    );
+    Ok(addr)
 }
 
 impl StepScratch {

@@ -6,7 +6,7 @@
 use super::buffers::LayerBuffers;
 use super::factor::{FactorStep, FactorWorkspace};
 use super::layout::ShadowLayout;
-use super::pool::GpuValuePool;
+use super::pool::{GpuValuePool, SlotStage};
 use super::seq::GpuShadowSeq;
 use crate::cuda::device::StreamPriority;
 use crate::cuda::{CudaModel, CudaOps, GpuCache};
@@ -37,6 +37,9 @@ pub struct CompressWorkspace {
     side: Option<CudaOps>,
     /// The priority of the side stream and the workers' streams (Normal unless set).
     priority: StreamPriority,
+    /// Where a host-written value pool's layer is written before its copy to the host
+    /// (made on first use).
+    pool_stage: Option<SlotStage>,
 }
 
 /// A stream, cuBLAS handle and scratch that factorise one layer at a time.
@@ -315,8 +318,7 @@ pub fn compress_prefill(
     );
     let tokens = dense.len();
     layout.check_prefill(tokens)?;
-    let lease = pool.lease()?;
-    let dev_pool = pool.device();
+    let mut lease = pool.lease()?;
     let counts = layout.prefill_counts(tokens, lease.seq());
     let kvh = layout.kv_heads;
     let dev = ops.device();
@@ -333,6 +335,7 @@ pub fn compress_prefill(
         workers,
         timing,
         side,
+        pool_stage,
         ..
     } = ws;
     let (neg_cos, ids) = (neg_cos.as_mut().expect("grown"), ids.as_mut().expect("grown"));
@@ -363,10 +366,7 @@ pub fn compress_prefill(
             mark(&mut side_marks, side, CompressStage::Outliers)?;
             side.shadow_place_prefill(bufs, (&k, &v, &pre), tokens, ids)?;
             mark(&mut side_marks, side, CompressStage::Place)?;
-            // SAFETY: the pools are registered with or allocated on the device
-            // (GpuValuePool) and slot `lease.seq()` is this sequence's alone; the host
-            // does not touch it.
-            unsafe { side.shadow_pool_write(layout, &dev_pool, (l, lease.seq()), &v, tokens)? };
+            pool.write_prefill(side, layout, (l, &mut lease), &v, tokens, pool_stage)?;
             side.shadow_tier_fill(bufs, &v, tokens, counts.chunks as usize)?;
             mark(&mut side_marks, side, CompressStage::PoolWrite)?;
         }

@@ -100,6 +100,10 @@ impl<'a> ShadowStep<'a> {
     ) -> Result<Self> {
         ensure!(!seqs.is_empty(), "a ShadowKV step needs a sequence");
         ensure!(micro >= 1, "a ShadowKV step needs at least one micro-batch");
+        ensure!(
+            fetch == FetchPath::CpuGather || !pool.host_written(),
+            "a file-backed value pool is read by the cpu-gather fetch only (the device cannot map a file)"
+        );
         let layout = *seqs[0].layer(0).layout();
         let layers = seqs[0].layers();
         let counts: Vec<SeqCounts> = seqs.iter().map(|s| s.counts_with_token()).collect();
@@ -301,9 +305,21 @@ impl<'a> ShadowStep<'a> {
         if forks > 0 {
             self.mark(ops, 0, Stage::Join)?;
         }
+        // A host-written pool's folded chunks go through the actor's outbox.
+        let writer = self.transfer.filter(|_| self.dev_pool.host_written());
+        let outbox = match writer {
+            Some(tr) => tr.fold_outbox(ops, l)?,
+            None => None,
+        };
         // SAFETY: as the fetch: the registered pool and the device slots (GpuValuePool),
-        // each sequence its own slot.
-        unsafe { ops.shadow_fold(self.whole(l), &self.dev_pool, l)? };
+        // each sequence its own slot; the outbox is the actor's, free for this layer.
+        unsafe { ops.shadow_fold(self.whole(l), &self.dev_pool, l, outbox)? };
+        if let Some(tr) = writer {
+            tr.write_back(ops, self.whole(l), l)?;
+            if l + 1 == self.layers {
+                tr.wait_for_writes(ops)?;
+            }
+        }
         self.mark(ops, 0, Stage::Fold)
     }
 

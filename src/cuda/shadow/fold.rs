@@ -3,7 +3,7 @@
 
 use super::buffers::ShadowTable;
 use super::layout::DevicePool;
-use crate::cuda::ops::{i32_of, kernel_params, CudaOps};
+use crate::cuda::ops::{check_len, i32_of, kernel_params, CudaOps};
 use anyhow::{ensure, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -21,13 +21,40 @@ impl CudaOps {
     /// then the other recent rows move down by one chunk. The caller then counts
     /// `n = R - c` and `chunks + 1` for those sequences ([`ShadowTable::set_counts`]).
     ///
+    /// With a host-written pool (a file the device cannot address: `pool.host` is 0)
+    /// the values of sequences in host slots go to `outbox` instead, (device address,
+    /// bytes) of `batch · kv_heads` chunks ([`ShadowLayout::value_chunk_bytes`] each),
+    /// entry `b · kv_heads + h` for head `h` of the table's sequence `b`, for the host to
+    /// copy into the pool.
+    ///
     /// # Safety
     /// `pool.host` must be the device-mapped address of a live allocation of
-    /// `pool.shape`, not accessed by the host while the kernels run, and `pool.dev` the
-    /// address of a live device allocation of `pool.dev_shape()`.
-    pub unsafe fn shadow_fold(&self, t: &ShadowTable, pool: &DevicePool, layer: usize) -> Result<()> {
+    /// `pool.shape` (or 0 with an outbox), not accessed by the host while the kernels
+    /// run, `pool.dev` the address of a live device allocation of `pool.dev_shape()`,
+    /// and `outbox` device-writable memory of its length that nothing else touches
+    /// meanwhile.
+    pub unsafe fn shadow_fold(
+        &self,
+        t: &ShadowTable,
+        pool: &DevicePool,
+        layer: usize,
+        outbox: Option<(u64, usize)>,
+    ) -> Result<()> {
         let l = t.layout();
-        pool.check(l, layer, t.counts())?;
+        let out = match outbox {
+            Some((addr, len)) => {
+                check_len("fold: outbox", len, t.batch() * l.kv_heads * l.value_chunk_bytes())?;
+                ensure!(addr % 16 == 0, "fold: outbox address {addr:#x} is not 16-byte aligned");
+                addr
+            }
+            None => 0,
+        };
+        // With an outbox the kernel writes no host slot: check the rest as if there.
+        let checked = match (pool.host, out) {
+            (0, o) if o != 0 => DevicePool { host: o, ..*pool },
+            _ => *pool,
+        };
+        checked.check(l, layer, t.counts())?;
         let full = l.recent_rows() as i32;
         for (i, c) in t.counts().iter().enumerate() {
             ensure!(
@@ -60,7 +87,7 @@ impl CudaOps {
             self.launch_pdl(
                 &self.k.shadow_fold_chunk,
                 heads,
-                &mut kernel_params![&addrs, &counts, &dims, &kp, &li],
+                &mut kernel_params![&addrs, &counts, &dims, &kp, &li, &out],
             )?;
             self.launch_pdl(
                 &self.k.shadow_fold_project,

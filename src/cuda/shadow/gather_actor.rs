@@ -23,16 +23,37 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-/// One layer's (and micro-batch's) gather.
+/// One layer's (and micro-batch's) gather, or one layer's write-back of folded chunks.
 pub(super) struct Job {
     /// Its number, in the order of the stream.
     pub id: u64,
-    /// The ring slot whose buffers it reads and fills.
-    pub slot: usize,
-    /// The layer whose values it gathers.
+    /// The layer whose values it gathers or writes.
     pub layer: usize,
-    /// Each sequence's slot of the value pool, in batch order.
-    pub pool_seqs: Vec<usize>,
+    /// What it does.
+    pub work: JobWork,
+}
+
+/// The two kinds of job.
+pub(super) enum JobWork {
+    /// Gathers the missed chunks into a ring slot's staging ([`gather_job`]).
+    Gather {
+        /// The ring slot whose buffers it reads and fills.
+        slot: usize,
+        /// Each sequence's slot of the value pool, in batch order.
+        pool_seqs: Vec<usize>,
+    },
+    /// Copies the chunks the fold left in the outbox into a host-written pool
+    /// ([`write_back_job`]).
+    WriteBack(Vec<Fold>),
+}
+
+/// A sequence in a host slot whose oldest recent chunk a step folded: its row of the
+/// batch (its outbox entries), its pool slot and the chunk's index there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Fold {
+    pub row: usize,
+    pub pool_seq: usize,
+    pub chunk: usize,
 }
 
 /// How far the jobs have come. Plain host memory: a host function may drop the last
@@ -286,9 +307,10 @@ unsafe impl Send for SlotMem {}
 // SAFETY: as Send; the queuing thread and the actor never touch a slot at once.
 unsafe impl Sync for SlotMem {}
 
-/// The work of `job` (its lists in `mem`, which serves its batch): gathers each miss's
-/// chunk of layer `job.layer` from `pool` (shaped as `dev_pool`) into the staging in list
-/// order (sequence, KV head, place) with `gather`. Returns the bytes gathered.
+/// The work of a gather job (its lists in `mem`, which serves its batch): gathers each
+/// miss's chunk of layer `layer` of the sequences in pool slots `pool_seqs` from `pool`
+/// (shaped as `dev_pool`) into the staging in list order (sequence, KV head, place) with
+/// `gather`. Returns the bytes gathered.
 ///
 /// # Safety
 /// `mem`'s buffers are live, hold the job's lists, and nothing else touches them until
@@ -298,9 +320,9 @@ pub(super) unsafe fn gather_job(
     lay: &ShadowLayout,
     (dev_pool, pool): (&DevicePool, &[u8]),
     gather: &dyn ChunkGather,
-    job: &Job,
+    (layer, pool_seqs): (usize, &[usize]),
 ) -> Result<u64> {
-    let heads = job.pool_seqs.len() * lay.kv_heads;
+    let heads = pool_seqs.len() * lay.kv_heads;
     ensure!(
         heads <= mem.counts.1 && heads * lay.slots * 2 <= mem.misses.1,
         "cpu-gather: lists of {heads} heads overflow the slot's buffers"
@@ -314,7 +336,7 @@ pub(super) unsafe fn gather_job(
         )
     };
     let chunk_bytes = dev_pool.shape.chunk_bytes();
-    for &s in &job.pool_seqs {
+    for &s in pool_seqs {
         ensure!(
             s < dev_pool.shape.seqs,
             "cpu-gather: pool slot {s} is not one of the host pool's {}",
@@ -326,7 +348,7 @@ pub(super) unsafe fn gather_job(
         let (b, h) = (e / lay.kv_heads, e % lay.kv_heads);
         for j in 0..(n.max(0) as usize).min(lay.slots) {
             let chunk = misses[(e * lay.slots + j) * 2 + 1] as usize;
-            sources.push(dev_pool.chunk_offset(job.layer, job.pool_seqs[b], h, chunk));
+            sources.push(dev_pool.chunk_offset(layer, pool_seqs[b], h, chunk));
         }
     }
     let n = sources.len() * chunk_bytes;
@@ -337,6 +359,61 @@ pub(super) unsafe fn gather_job(
     );
     gather.gather(pool, &sources, chunk_bytes, &mut staging[..n])?;
     Ok(n as u64)
+}
+
+/// The work of a write-back job: copies each fold's chunk of every KV head from the
+/// layer's `outbox` (`[batch][kv_head]` chunks of [`ShadowLayout::value_chunk_bytes`],
+/// the fold's row's entries) to chunk `fold.chunk` of its slot at layer `layer` of the
+/// host-written pool starting at `pool` (shaped as `dev_pool`). Returns the bytes copied.
+///
+/// # Safety
+/// `pool` points at `dev_pool.shape.bytes()` writable bytes, of which nothing else
+/// touches the folded chunks until the job is done; the outbox holds the layer's folded
+/// chunks and nothing writes it meanwhile.
+pub(super) unsafe fn write_back_job(
+    outbox: &[u8],
+    lay: &ShadowLayout,
+    (dev_pool, pool): (&DevicePool, *mut u8),
+    layer: usize,
+    folds: &[Fold],
+) -> Result<u64> {
+    let s = &dev_pool.shape;
+    let cb = s.chunk_bytes();
+    ensure!(
+        cb == lay.value_chunk_bytes() && s.kv_heads == lay.kv_heads,
+        "write-back: a pool of {} heads × {cb}-byte chunks for a layout of {} × {}",
+        s.kv_heads,
+        lay.kv_heads,
+        lay.value_chunk_bytes()
+    );
+    ensure!(
+        layer < s.layers,
+        "write-back: layer {layer} outside the pool's {}",
+        s.layers
+    );
+    for f in folds {
+        ensure!(
+            f.pool_seq < s.seqs && f.chunk < s.chunks,
+            "write-back: chunk {} of pool slot {} outside the host pool's {} slots × {} chunks",
+            f.chunk,
+            f.pool_seq,
+            s.seqs,
+            s.chunks
+        );
+        ensure!(
+            (f.row + 1) * s.kv_heads * cb <= outbox.len(),
+            "write-back: row {} outside the outbox",
+            f.row
+        );
+        for h in 0..s.kv_heads {
+            let src = &outbox[(f.row * s.kv_heads + h) * cb..][..cb];
+            let at = dev_pool.chunk_offset(layer, f.pool_seq, h, f.chunk);
+            // SAFETY: the chunk lies inside the pool (its indices checked above); the
+            // caller's contract leaves it to this job.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), pool.add(at), cb) };
+        }
+    }
+    Ok((folds.len() * s.kv_heads * cb) as u64)
 }
 
 #[cfg(test)]
@@ -369,9 +446,8 @@ mod tests {
     fn job(id: u64) -> Job {
         Job {
             id,
-            slot: 0,
             layer: 0,
-            pool_seqs: vec![0],
+            work: JobWork::WriteBack(Vec::new()),
         }
     }
 
@@ -520,25 +596,31 @@ mod tests {
         }
     }
 
+    /// A host pool of 3 slots, 2 layers and 2 heads of 8 chunks of 16 bytes, for
+    /// [`small_layout`], as the kernels would address it (no device memory: the host's
+    /// jobs only read its shape).
+    fn small_pool() -> DevicePool {
+        DevicePool {
+            host: 0,
+            dev: 0,
+            shape: PoolShape {
+                layers: 2,
+                seqs: 3,
+                kv_heads: 2,
+                chunks: 8,
+                chunk: 1,
+                head_dim: 4,
+                format: ValueFormat::Int8,
+            },
+            dev_seqs: 0,
+        }
+    }
+
     #[test]
     fn a_micro_batch_job_gathers_its_own_sequences_misses_in_list_order() {
         let lay = small_layout();
-        let shape = PoolShape {
-            layers: 2,
-            seqs: 3,
-            kv_heads: 2,
-            chunks: 8,
-            chunk: 1,
-            head_dim: 4,
-            format: ValueFormat::Int8,
-        };
-        let cb = shape.chunk_bytes();
-        let dev_pool = DevicePool {
-            host: 0,
-            dev: 0,
-            shape,
-            dev_seqs: 0,
-        };
+        let dev_pool = small_pool();
+        let (shape, cb) = (dev_pool.shape, dev_pool.shape.chunk_bytes());
         // Each byte is its index in the pool, modulo a prime.
         let pool: Vec<u8> = (0..shape.bytes().unwrap()).map(|i| (i % 251) as u8).collect();
         // A slot made for a batch of 3 holding the lists of a micro-batch of 1 (pool
@@ -559,14 +641,8 @@ mod tests {
             counts: (counts.as_mut_ptr(), counts.len()),
             staging: (staging.as_mut_ptr(), staging.len()),
         };
-        let j = Job {
-            id: 0,
-            slot: 0,
-            layer: 1,
-            pool_seqs: vec![2],
-        };
         // SAFETY: the buffers above, live and touched by nothing else meanwhile.
-        let bytes = unsafe { gather_job(&mem, &lay, (&dev_pool, &pool), &RayonGather, &j) }.unwrap();
+        let bytes = unsafe { gather_job(&mem, &lay, (&dev_pool, &pool), &RayonGather, (1, &[2])) }.unwrap();
         assert_eq!(bytes, 3 * cb as u64);
         let want: Vec<u8> = [(0, 5), (0, 1), (1, 7)]
             .iter()
@@ -578,24 +654,73 @@ mod tests {
         assert_eq!(&staging[..3 * cb], &want[..]);
         assert!(staging[3 * cb..].iter().all(|&v| v == 0));
         // A job whose batch the slot does not serve is refused, not read out of bounds.
-        let big = Job {
-            pool_seqs: vec![0, 1, 2, 0],
-            ..j
-        };
+        let big = (1, &[0, 1, 2, 0][..]);
         // SAFETY: as above.
-        assert!(unsafe { gather_job(&mem, &lay, (&dev_pool, &pool), &RayonGather, &big) }.is_err());
+        assert!(unsafe { gather_job(&mem, &lay, (&dev_pool, &pool), &RayonGather, big) }.is_err());
         // A sequence in a GPU value slot (global slot 3, after the host's 3) is not the
         // actor's to read.
-        let on_gpu = Job {
-            pool_seqs: vec![3],
-            ..big
-        };
         let with_slots = DevicePool {
             dev_seqs: 1,
             ..dev_pool
         };
         // SAFETY: as above.
-        let e = unsafe { gather_job(&mem, &lay, (&with_slots, &pool), &RayonGather, &on_gpu) }.unwrap_err();
+        let e = unsafe { gather_job(&mem, &lay, (&with_slots, &pool), &RayonGather, (1, &[3])) }.unwrap_err();
         assert!(e.to_string().contains("pool slot 3"), "{e}");
+    }
+
+    #[test]
+    fn a_write_back_copies_each_folded_chunk_to_its_slot_and_nothing_else() {
+        let lay = small_layout();
+        let dev_pool = small_pool();
+        let (shape, cb) = (dev_pool.shape, dev_pool.shape.chunk_bytes());
+        let mut pool = vec![0u8; shape.bytes().unwrap()];
+        // A batch of 3: each outbox entry's bytes are its index + 1.
+        let outbox: Vec<u8> = (0..3 * 2 * cb).map(|i| (i / cb + 1) as u8).collect();
+        let folds = [
+            Fold {
+                row: 0,
+                pool_seq: 2,
+                chunk: 5,
+            },
+            Fold {
+                row: 2,
+                pool_seq: 0,
+                chunk: 7,
+            },
+        ];
+        // SAFETY: the pool above, touched by nothing else meanwhile.
+        let bytes = unsafe { write_back_job(&outbox, &lay, (&dev_pool, pool.as_mut_ptr()), 1, &folds) }.unwrap();
+        assert_eq!(bytes, 2 * 2 * cb as u64);
+        let mut want = vec![0u8; pool.len()];
+        for (seq, chunk, row) in [(2, 5, 0), (0, 7, 2)] {
+            for h in 0..2 {
+                let at = dev_pool.chunk_offset(1, seq, h, chunk);
+                want[at..at + cb].fill((row * 2 + h + 1) as u8);
+            }
+        }
+        assert!(pool == want, "the pool holds other bytes than the folded chunks");
+        // A chunk or slot outside the pool, or a row outside the outbox, is refused.
+        for bad in [
+            Fold {
+                row: 0,
+                pool_seq: 3,
+                chunk: 0,
+            },
+            Fold {
+                row: 0,
+                pool_seq: 0,
+                chunk: 8,
+            },
+            Fold {
+                row: 3,
+                pool_seq: 0,
+                chunk: 0,
+            },
+        ] {
+            // SAFETY: as above.
+            let r = unsafe { write_back_job(&outbox, &lay, (&dev_pool, pool.as_mut_ptr()), 1, &[bad]) };
+            assert!(r.is_err(), "{bad:?} accepted");
+        }
+        assert!(pool == want);
     }
 }

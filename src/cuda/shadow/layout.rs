@@ -491,6 +491,12 @@ impl DevicePool {
         self.shape.seqs + self.dev_seqs
     }
 
+    /// Whether the host pool holds slots the device cannot address (a file-backed pool,
+    /// written and read by the host; its address is 0).
+    pub fn host_written(&self) -> bool {
+        self.host == 0 && self.shape.seqs > 0
+    }
+
     /// Whether global slot `seq` lies in device memory.
     pub fn on_device(&self, seq: usize) -> bool {
         seq >= self.shape.seqs
@@ -556,9 +562,14 @@ impl DevicePool {
             self.dev
         );
         ensure!(
-            (s.seqs == 0 || self.host != 0) && (self.dev_seqs == 0 || self.dev != 0),
-            "value pools of {} host and {} device slots without an address for each",
-            s.seqs,
+            s.seqs == 0 || self.host != 0,
+            "the host value pool ({} slots) is not mapped for the device: a file-backed pool is written and read \
+             by the host (fetch by cpu-gather)",
+            s.seqs
+        );
+        ensure!(
+            self.dev_seqs == 0 || self.dev != 0,
+            "{} GPU value slots without an address",
             self.dev_seqs
         );
         for (i, c) in counts.iter().enumerate() {
@@ -694,7 +705,16 @@ mod tests {
             "{e}"
         );
         let e = DevicePool { dev: 0, ..pool }.check(&l, 0, &[]).unwrap_err().to_string();
-        assert!(e.contains("without an address"), "{e}");
+        assert!(e.contains("2 GPU value slots without an address"), "{e}");
+        // A host pool the device cannot address (file-backed, written by the host).
+        let e = DevicePool { host: 0, ..pool }
+            .check(&l, 0, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not mapped for the device") && e.contains("cpu-gather"),
+            "{e}"
+        );
         let e = DevicePool { dev: 8200, ..pool }
             .check(&l, 0, &[])
             .unwrap_err()

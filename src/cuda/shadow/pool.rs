@@ -6,6 +6,14 @@
 //! never cross PCIe. Slot indices are global (host slots first, then device slots; see
 //! [`DevicePool`]); a lease ([`ValueLease`]) takes a device slot while one is free, and
 //! returns its slot when dropped.
+//!
+//! A file-backed host pool is not registered: the driver does not pin a file's pages, and
+//! a pool larger than host memory could not be pinned anyway. Such a pool is *written by
+//! the host* ([`GpuValuePool::host_written`]): the device never addresses it. The
+//! cpu-gather actor reads its missed chunks through the page cache; a prefill's values
+//! and a tier's fill pass through a [`SlotStage`] in device memory and a copy; the fold's
+//! chunks go to an outbox the actor copies into the pool
+//! ([`super::transfer::GatherTransfer`]).
 
 use super::fetch::HostMapping;
 use super::layout::{DevicePool, ShadowLayout};
@@ -13,12 +21,14 @@ use crate::cuda::CudaOps;
 use crate::pool::{PoolLease, PoolShape, ValueFormat, ValuePool};
 use anyhow::{anyhow, ensure, Context, Result};
 use cudarc::driver::{CudaContext, CudaSlice, DevicePtr};
+use half::bf16;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 /// A value pool the device reads and writes, with its GPU value slots.
 pub struct GpuValuePool {
     // Declared first: unregistered (dropped) before the pool's memory goes. None when
-    // the host pool holds no slot (every slot is a device slot).
+    // the host pool holds no slot (every slot is a device slot) or is file-backed.
     mapping: Option<HostMapping<'static, u8>>,
     pool: ValuePool,
     dev: Option<DeviceSlots>,
@@ -43,8 +53,9 @@ impl Drop for DeviceSlots {
 }
 
 impl GpuValuePool {
-    /// Registers `pool` with the device of `ops`; no device slots. The GPU reads values
-    /// in 8 bits only.
+    /// Registers `pool` with the device of `ops` (a file-backed pool is not: it is
+    /// written by the host, see the module's documentation); no device slots. The GPU
+    /// reads values in 8 bits only.
     pub fn new(ops: &CudaOps, pool: ValuePool) -> Result<Self> {
         ensure!(
             pool.shape().format == ValueFormat::Int8,
@@ -52,7 +63,8 @@ impl GpuValuePool {
             pool.shape().format
         );
         let n = pool.bytes();
-        let mapping = if n == 0 {
+        pool.advise_random()?;
+        let mapping = if n == 0 || pool.is_file_backed() {
             None
         } else {
             // SAFETY: the pool's memory holds n bytes (page-aligned) and lives as
@@ -118,6 +130,41 @@ impl GpuValuePool {
         &self.pool
     }
 
+    /// Whether the device cannot address the host pool, which holds slots (a file
+    /// mapping): its chunks are written and read by the host only.
+    pub fn host_written(&self) -> bool {
+        self.mapping.is_none() && self.pool.shape().seqs > 0
+    }
+
+    /// Writes the values `v` `[tokens, kv_heads·d]` of a prefill's sparse chunks to
+    /// layer `layer` of `lease`'s slot, in 8 bits, on `ops`'s stream
+    /// ([`CudaOps::shadow_pool_write`]). For a host slot of a host-written pool the
+    /// device writes them into `stage` (made here on first use) and the host copies
+    /// them into the pool, waiting for the copy.
+    pub fn write_prefill(
+        &self,
+        ops: &CudaOps,
+        layout: &ShadowLayout,
+        (layer, lease): (usize, &mut ValueLease),
+        v: &impl DevicePtr<bf16>,
+        tokens: usize,
+        stage: &mut Option<SlotStage>,
+    ) -> Result<()> {
+        match lease {
+            ValueLease::Host(host) if self.host_written() => {
+                let st = SlotStage::reuse(stage, ops, self.pool.shape())?;
+                // SAFETY: the stage is a live device allocation of its pool's shape (one
+                // GPU value slot, no host slot), which nothing else uses meanwhile.
+                unsafe { ops.shadow_pool_write(layout, &st.device(), (0, 0), v, tokens)? };
+                st.to_host(ops, 0..layout.prefill_chunks(tokens), (host, layer))
+            }
+            // SAFETY: the pools are registered with (or allocated on) the device (host
+            // written ones are served above) and the slot is the lease's alone; the host
+            // does not touch it.
+            _ => unsafe { ops.shadow_pool_write(layout, &self.device(), (layer, lease.seq()), v, tokens) },
+        }
+    }
+
     /// GPU value slots.
     pub fn device_slots(&self) -> usize {
         self.slots.dev_seqs
@@ -154,6 +201,105 @@ impl GpuValuePool {
             head_dim: layout.head_dim,
             format: ValueFormat::Int8,
         }
+    }
+}
+
+/// One slot's layer of a host-written pool in device memory (`[kv_head][chunk]`, laid
+/// out as the pool lays a slot's layer out), which the kernels see as a pool of one GPU
+/// value slot and one layer ([`SlotStage::device`]): where the device writes a prefill's
+/// chunks or reads a tier's, the host copying them from or to the pool.
+pub struct SlotStage {
+    mem: CudaSlice<u8>,
+    shape: PoolShape,
+    /// Host memory a head's chunks pass through on their way to the pool.
+    host: Vec<u8>,
+}
+
+impl SlotStage {
+    /// `stage`, made for a layer of pool shape `pool` where it is not yet.
+    pub fn reuse<'s>(stage: &'s mut Option<SlotStage>, ops: &CudaOps, pool: PoolShape) -> Result<&'s mut SlotStage> {
+        let shape = PoolShape {
+            layers: 1,
+            seqs: 1,
+            ..pool
+        };
+        if stage.as_ref().is_none_or(|s| s.shape != shape) {
+            let bytes = shape.bytes()?;
+            let mem = ops.device().zeros::<u8>(bytes).with_context(|| {
+                format!(
+                    "a device stage of {} MiB for a file-backed value pool's layer",
+                    bytes >> 20
+                )
+            })?;
+            *stage = Some(SlotStage {
+                mem,
+                shape,
+                host: Vec::new(),
+            });
+        }
+        Ok(stage.as_mut().expect("made above"))
+    }
+
+    /// The stage as the kernels see it: a pool of one layer and one GPU value slot
+    /// (global slot 0, layer 0).
+    pub fn device(&self) -> DevicePool {
+        DevicePool {
+            host: 0,
+            dev: self.mem.device_ptr(self.mem.stream()).0,
+            shape: PoolShape { seqs: 0, ..self.shape },
+            dev_seqs: 1,
+        }
+    }
+
+    /// Where chunks `chunks` of each head lie in the stage and in a slot's layer of the
+    /// pool (the same bytes in both).
+    fn head_ranges(&self, chunks: &Range<usize>) -> Result<Vec<Range<usize>>> {
+        let s = &self.shape;
+        ensure!(chunks.end <= s.chunks, "stage: chunks {chunks:?} of {}", s.chunks);
+        let (hb, cb) = (s.chunks * s.chunk_bytes(), s.chunk_bytes());
+        Ok((0..s.kv_heads)
+            .map(|h| h * hb + chunks.start * cb..h * hb + chunks.end * cb)
+            .collect())
+    }
+
+    /// Copies chunks `chunks` of every head to layer `layer` of `lease`'s slot once
+    /// `ops`'s stream is done with the stage: through host memory of its own, then
+    /// [`PoolLease::write_layer`] (so that a file's pages are overwritten, not read first).
+    pub fn to_host(
+        &mut self,
+        ops: &CudaOps,
+        chunks: Range<usize>,
+        (lease, layer): (&mut PoolLease, usize),
+    ) -> Result<()> {
+        let n = chunks.len() * self.shape.chunk_bytes();
+        self.host.resize(n, 0);
+        let s = ops.device().stream();
+        for r in self.head_ranges(&chunks)? {
+            s.memcpy_dtoh(&self.mem.slice(r.clone()), &mut self.host[..])?;
+            s.synchronize()?;
+            lease.write_layer(layer, r.start, &self.host)?;
+        }
+        Ok(())
+    }
+
+    /// Copies chunks `chunks` of every head from layer `layer` of `lease`'s slot into
+    /// the stage on `ops`'s stream (asking the kernel to read them all in first).
+    pub fn from_host(
+        &mut self,
+        ops: &CudaOps,
+        chunks: Range<usize>,
+        (lease, layer): (&PoolLease, usize),
+    ) -> Result<()> {
+        let ranges = self.head_ranges(&chunks)?;
+        for r in &ranges {
+            lease.will_need(layer, r.start, r.len())?;
+        }
+        let bytes = lease.layer_bytes(layer);
+        let s = ops.device().stream();
+        for r in ranges {
+            s.memcpy_htod(&bytes[r.clone()], &mut self.mem.slice_mut(r))?;
+        }
+        Ok(())
     }
 }
 
@@ -251,6 +397,14 @@ impl ValueLease {
     /// Whether the slot lies in device memory.
     pub fn on_device(&self) -> bool {
         matches!(self, ValueLease::Device(_))
+    }
+
+    /// The host pool's lease (none for a GPU value slot).
+    pub fn host(&self) -> Option<&PoolLease> {
+        match self {
+            ValueLease::Host(l) => Some(l),
+            ValueLease::Device(_) => None,
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 
 use super::buffers::LayerBuffers;
 use super::layout::{SeqCounts, ShadowLayout};
-use super::pool::{GpuValuePool, ValueLease};
+use super::pool::{GpuValuePool, SlotStage, ValueLease};
 use crate::cuda::CudaOps;
 use anyhow::Result;
 
@@ -78,14 +78,27 @@ impl GpuShadowSeq {
         self.fill_tier(ops, pool)
     }
 
-    /// Fills each layer's (empty) tier with the newest chunks from its slot of `pool`.
+    /// Fills each layer's (empty) tier with the newest chunks from its slot of `pool`
+    /// (for a host slot of a host-written pool, copied to a device stage first).
     fn fill_tier(&mut self, ops: &CudaOps, pool: &GpuValuePool) -> Result<()> {
-        let dev_pool = pool.device();
-        let slot = self.lease.seq();
+        let chunks = self.counts.chunks as usize;
+        let host = self.lease.host().filter(|_| pool.host_written());
+        let mut stage = None;
         for (l, bufs) in self.layers.iter().enumerate() {
-            // SAFETY: the pools are registered with (or allocated on) the device and this
-            // sequence's slot is its own; the host does not write it.
-            unsafe { ops.shadow_tier_fill_pool(bufs, &dev_pool, (l, slot), self.counts.chunks as usize)? };
+            let (dev_pool, at) = match host {
+                Some(lease) => {
+                    let st = SlotStage::reuse(&mut stage, ops, pool.pool().shape())?;
+                    let n = chunks.min(bufs.layout().tier);
+                    // Stream-ordered after the last layer's fill, which read the stage.
+                    st.from_host(ops, chunks - n..chunks, (lease, l))?;
+                    (st.device(), (0, 0))
+                }
+                None => (pool.device(), (l, self.lease.seq())),
+            };
+            // SAFETY: the pools are registered with (or allocated on) the device, or the
+            // stage holds the slot's layer; this sequence's slot is its own and the host
+            // does not write it.
+            unsafe { ops.shadow_tier_fill_pool(bufs, &dev_pool, at, chunks)? };
         }
         Ok(())
     }

@@ -12,6 +12,16 @@
 //! for the device, which the scatter kernel reads over PCIe. Stream memory operations
 //! (`cuStreamWaitValue32`) are not used: the H200 refused them on mapped host memory.
 //!
+//! With a host-written value pool (a file the device cannot address) the actor also
+//! writes the fold's chunks into the pool: the fold kernel leaves a layer's chunks of the
+//! sequences in host slots in the layer's part of an outbox (pinned host memory mapped
+//! for the device), and a write-back job, queued after the fold like a gather after its
+//! lists, copies them into the pool. The actor does jobs in order, so every later gather
+//! finds them there. The step's stream ends with a host function that waits for its
+//! last write-back, so that a step is done only once its jobs all are (their errors
+//! are the step's); the next fold into the same part of the outbox waits for the
+//! write-back that reads it too, where that is not done by then.
+//!
 //! A slot is used again only once the scatter that read it is done (an event the queuing
 //! thread waits for: it runs at most a ring's length of jobs ahead of the GPU), or, where
 //! its step stopped before the scatter, once the actor is done with its job. A job whose
@@ -21,15 +31,18 @@
 //! function is released; when the actor is dropped, its thread stops waiting for lists
 //! that a failed stream will not bring.
 
+use super::buffers::mapped_device_addr;
 use super::buffers::{GatherBuffers, ShadowTable, StepScratch};
 use super::decode::{ChunkGather, GatherTimes};
 use super::fetch::FETCH_BLOCKS;
-use super::gather_actor::{gather_job, lists_arrived, wait_for_gather, Actor, HostCall, Job, Progress, SlotMem};
+use super::gather_actor::{
+    gather_job, lists_arrived, wait_for_gather, write_back_job, Actor, Fold, HostCall, Job, JobWork, Progress, SlotMem,
+};
 use super::layout::ShadowLayout;
 use super::pool::GpuValuePool;
 use crate::cuda::CudaOps;
 use anyhow::{ensure, Context, Result};
-use cudarc::driver::{CudaEvent, CudaStream, DriverError};
+use cudarc::driver::{CudaEvent, CudaStream, DriverError, PinnedHostSlice};
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
@@ -73,12 +86,29 @@ pub struct GatherTransfer {
     staging: Vec<u64>,
     layout: ShadowLayout,
     batch: usize,
-    pool_addr: u64,
+    /// The host pool's first byte on the host: the pool it reads.
+    pool_base: usize,
+    /// The fold's outbox, with a host-written pool.
+    outbox: Option<Outbox>,
     /// The stream its jobs are queued on (their numbers follow its order).
     stream: Arc<CudaStream>,
     /// The pinned buffers `slots` address: dropped after the actor's thread has ended
     /// and the stream is done with them.
     _buffers: Vec<GatherBuffers>,
+}
+
+/// Where the fold leaves the chunks of a host-written pool's sequences for the actor to
+/// write: `[layer][batch][kv_head]` chunks in pinned host memory mapped for the device.
+struct Outbox {
+    /// Its address on the device.
+    dev: u64,
+    /// Bytes of one layer's part.
+    layer_bytes: usize,
+    /// Per layer, the last write-back job that reads its part.
+    last: Mutex<Vec<Option<u64>>>,
+    /// The memory (its host address is the actor's): dropped with the buffers, after the
+    /// actor's thread has ended.
+    _mem: PinnedHostSlice<u8>,
 }
 
 impl GatherTransfer {
@@ -125,16 +155,57 @@ impl GatherTransfer {
         // SAFETY: only the address is taken here.
         let pool_base = unsafe { pool.pool().base_ptr() } as usize;
         let pool_bytes = dev_pool.shape.bytes()?;
+        let outbox = if pool.host_written() {
+            let layer_bytes = batch * layout.kv_heads * layout.value_chunk_bytes();
+            let layers = dev_pool.shape.layers;
+            // SAFETY: pinned memory mapped for the device, written by the fold before the
+            // actor reads it.
+            let mut mem = unsafe {
+                dev.context().alloc_pinned_with_flags::<u8>(
+                    layers * layer_bytes,
+                    cudarc::driver::sys::CU_MEMHOSTALLOC_DEVICEMAP | cudarc::driver::sys::CU_MEMHOSTALLOC_PORTABLE,
+                )?
+            };
+            let host = (mem.as_mut_ptr()? as usize, layer_bytes);
+            Some((
+                Outbox {
+                    dev: mapped_device_addr(&mem).context("the fold's outbox")?,
+                    layer_bytes,
+                    last: Mutex::new(vec![None; layers]),
+                    _mem: mem,
+                },
+                host,
+            ))
+        } else {
+            None
+        };
+        let outbox_host = outbox.as_ref().map(|(_, h)| *h);
         let actor = Actor::spawn(
             name,
-            Box::new(move |job: &Job| {
-                // SAFETY: the registered pool outlives the lane (the backend holds it), and
-                // the device does not write the chunks a step's misses name.
-                let pool = unsafe { std::slice::from_raw_parts(pool_base as *const u8, pool_bytes) };
-                // SAFETY: the slot's buffers outlive the thread (the transfer joins it
-                // first); the job's host function ran after its lists' copy, and the slot
-                // is not used again before the job is done.
-                unsafe { gather_job(&mem[job.slot], &lay, (&dev_pool, pool), &*gather, job) }
+            Box::new(move |job: &Job| match &job.work {
+                JobWork::Gather { slot, pool_seqs } => {
+                    // SAFETY: the pool outlives the lane (the backend holds it), and
+                    // neither the device nor the host writes the chunks a step's misses
+                    // name.
+                    let pool = unsafe { std::slice::from_raw_parts(pool_base as *const u8, pool_bytes) };
+                    // SAFETY: the slot's buffers outlive the thread (the transfer joins it
+                    // first); the job's host function ran after its lists' copy, and the
+                    // slot is not used again before the job is done.
+                    unsafe { gather_job(&mem[*slot], &lay, (&dev_pool, pool), &*gather, (job.layer, pool_seqs)) }
+                }
+                JobWork::WriteBack(folds) => {
+                    let (base, layer_bytes) =
+                        outbox_host.ok_or_else(|| anyhow::anyhow!("a write-back without an outbox"))?;
+                    // SAFETY: the outbox outlives the thread (as the slots); its layer's
+                    // part holds the fold's chunks (the job's host function ran after the
+                    // fold) and the next fold into it waits for this job.
+                    let outbox = unsafe {
+                        std::slice::from_raw_parts((base + job.layer * layer_bytes) as *const u8, layer_bytes)
+                    };
+                    // SAFETY: the pool outlives the lane; the folded chunks are new to the
+                    // pool, which no gather reads before a later job.
+                    unsafe { write_back_job(outbox, &lay, (&dev_pool, pool_base as *mut u8), job.layer, folds) }
+                }
             }),
         )?;
         Ok(GatherTransfer {
@@ -147,7 +218,8 @@ impl GatherTransfer {
             staging,
             layout: *layout,
             batch,
-            pool_addr: pool.device().host,
+            pool_base,
+            outbox: outbox.map(|(o, _)| o),
             stream: dev.stream().clone(),
             _buffers: buffers,
         })
@@ -159,7 +231,8 @@ impl GatherTransfer {
         self.layout == *layout
             && batch <= self.batch
             && micro <= self.staging.len()
-            && pool.device().host == self.pool_addr
+            // SAFETY: only the address is compared.
+            && unsafe { pool.pool().base_ptr() } as usize == self.pool_base
             && pool.device_slots() == 0
     }
 
@@ -211,9 +284,11 @@ impl GatherTransfer {
             .with_context(|| format!("cpu-gather: queueing the lists' arrival for ring slot {slot}"))?;
         self.actor.send(Job {
             id,
-            slot,
             layer: l,
-            pool_seqs: t.counts().iter().map(|c| c.pool_seq as usize).collect(),
+            work: JobWork::Gather {
+                slot,
+                pool_seqs: t.counts().iter().map(|c| c.pool_seq as usize).collect(),
+            },
         })?;
         ring.next = id + 1;
         ring.last[slot] = SlotUse::Sent(id);
@@ -254,6 +329,83 @@ impl GatherTransfer {
         let consumed = ops.device().event(false)?;
         consumed.record(s)?;
         self.ring.lock().unwrap_or_else(|p| p.into_inner()).last[slot] = SlotUse::Scattered(consumed);
+        Ok(())
+    }
+
+    /// With a host-written pool, layer `l`'s part of the fold's outbox, (device address,
+    /// bytes), for [`CudaOps::shadow_fold`] on `ops`'s stream: first queues there, where
+    /// the last write-back that reads that part is not done yet, a host function that
+    /// waits for it. None for a registered pool.
+    pub fn fold_outbox(&self, ops: &CudaOps, l: usize) -> Result<Option<(u64, usize)>> {
+        let Some(o) = &self.outbox else { return Ok(None) };
+        let s = ops.device().stream();
+        ensure!(
+            s.cu_stream() == self.stream.cu_stream(),
+            "cpu-gather: a fold queued on another stream than its actor's"
+        );
+        let last = o.last.lock().unwrap_or_else(|p| p.into_inner());
+        let prev = *last.get(l).with_context(|| format!("fold outbox: no layer {l}"))?;
+        if let Some(id) = prev.filter(|&id| !self.actor.progress.done_before(id + 1)) {
+            launch_host(s, wait_for_gather, &self.actor.progress, id)
+                .context("cpu-gather: queueing the fold's wait for its outbox")?;
+        }
+        Ok(Some((o.dev + (l * o.layer_bytes) as u64, o.layer_bytes)))
+    }
+
+    /// With a host-written pool, after layer `l`'s fold of table `t` on `ops`'s stream:
+    /// queues there the host function that tells the actor the outbox is filled, and the
+    /// actor's job that writes the folded chunks of the sequences in host slots into the
+    /// pool. Nothing where none folds (or the pool is registered).
+    pub fn write_back(&self, ops: &CudaOps, t: &ShadowTable, l: usize) -> Result<()> {
+        let Some(o) = &self.outbox else { return Ok(()) };
+        let full = self.layout.recent_rows() as i32;
+        let folds: Vec<Fold> = t
+            .counts()
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.recent == full)
+            .map(|(row, c)| Fold {
+                row,
+                pool_seq: c.pool_seq as usize,
+                chunk: c.chunks as usize,
+            })
+            .collect();
+        if folds.is_empty() {
+            return Ok(());
+        }
+        let s = ops.device().stream();
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let id = ring.next;
+        launch_host(s, lists_arrived, &self.actor.progress, id)
+            .context("cpu-gather: queueing the fold outbox's arrival")?;
+        self.actor.send(Job {
+            id,
+            layer: l,
+            work: JobWork::WriteBack(folds),
+        })?;
+        ring.next = id + 1;
+        o.last.lock().unwrap_or_else(|p| p.into_inner())[l] = Some(id);
+        Ok(())
+    }
+
+    /// With a host-written pool, at a step's end on `ops`'s stream: where the last
+    /// write-back queued is not done yet, a host function that waits for it, so that the
+    /// stream is done only once every job of the step is (and their errors are the
+    /// step's). Nothing otherwise.
+    pub fn wait_for_writes(&self, ops: &CudaOps) -> Result<()> {
+        let Some(o) = &self.outbox else { return Ok(()) };
+        let last = o
+            .last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .flatten()
+            .max()
+            .copied();
+        if let Some(id) = last.filter(|&id| !self.actor.progress.done_before(id + 1)) {
+            launch_host(ops.device().stream(), wait_for_gather, &self.actor.progress, id)
+                .context("cpu-gather: queueing the step's wait for its write-backs")?;
+        }
         Ok(())
     }
 
