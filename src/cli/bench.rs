@@ -83,6 +83,12 @@ pub struct BenchArgs {
     /// `tools/trace FILE` or Perfetto.
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
+    /// ShadowKV on the GPU with `--value-fetch cpu-gather`: keep the host value pool in
+    /// the file FILE (made for each run, its blocks reserved, removed after it) instead
+    /// of anonymous memory: the gather threads read it through the page cache and the
+    /// batch is capped by the file's disk, not by host memory (`--batch auto`).
+    #[arg(long, value_name = "FILE")]
+    pool_file: Option<PathBuf>,
 }
 
 /// A peer implementation to compare with.
@@ -160,6 +166,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.gpu_value_slots != ValueSlots::Off {
         check_value_slots(&a)?;
     }
+    if a.pool_file.is_some() && (a.backend != Backend::Cuda || a.cuda.value_fetch != [ValueFetch::CpuGather]) {
+        bail!(
+            "--pool-file keeps ShadowKV's host value pool in a file for --backend cuda with --value-fetch cpu-gather \
+             only (the driver does not pin a file for zero-copy; the CPU backend's pool is anonymous here)"
+        );
+    }
     if a.backend == Backend::Cuda {
         return super::bench_cuda::run(super::bench_cuda::CudaBench {
             value_slots: a.gpu_value_slots,
@@ -174,6 +186,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             micro_batches: a.micro_batches,
             fetch_blocks: a.fetch_blocks,
             trace: a.trace,
+            pool_file: a.pool_file,
             peer_torch: a.peer == Some(Peer::Torch),
             cuda: a.cuda,
             json: a.json,

@@ -45,6 +45,8 @@ pub struct CudaBench {
     pub fetch_blocks: Vec<usize>,
     /// Where to write the GPU timeline of the ShadowKV runs (Chrome trace JSON).
     pub trace: Option<PathBuf>,
+    /// The file that holds ShadowKV's host value pool (anonymous memory without one).
+    pub pool_file: Option<PathBuf>,
     /// Run the PyTorch peer too.
     pub peer_torch: bool,
     /// CUDA options.
@@ -169,7 +171,7 @@ pub fn run(a: CudaBench) -> Result<()> {
                 let runs = super::bench_cuda_shadow::run(
                     &model,
                     p,
-                    (fetch, tier, a.value_slots),
+                    (fetch, tier, a.value_slots, a.pool_file.as_deref()),
                     ctx,
                     a.batch,
                     a.gen,
@@ -177,7 +179,12 @@ pub fn run(a: CudaBench) -> Result<()> {
                     a.prefill_chunk,
                     bar,
                     trace.as_mut(),
-                )?;
+                );
+                if let Some(f) = &a.pool_file {
+                    // The run's pool is gone: so goes its file, leaving the disk to the next.
+                    let _ = std::fs::remove_file(f);
+                }
+                let runs = runs?;
                 for mut r in runs {
                     r.row["machine"] = serde_json::json!(info.name);
                     shadow_rows.push(r);

@@ -31,12 +31,13 @@ use crate::cuda::shadow::timeline::{hidden_fetch_share, GpuSpan, GpuTracks, TRAC
 use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout, TierSize, ValueSlots};
 use crate::cuda::{CudaModel, GpuSeq};
 use crate::engine::sampling::SamplingParams;
-use crate::pool::space::MachineMemory;
+use crate::pool::space::{free_space, MachineMemory};
 use crate::pool::ValuePool;
 use crate::shadow::ShadowParams;
 use crate::telemetry::trace::TraceWriter;
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use indicatif::ProgressBar;
+use std::path::Path;
 use std::time::Instant;
 
 /// The host-to-device rate the value fetch is held to: the zero-copy kernel's measured
@@ -62,7 +63,7 @@ pub struct ShadowRun {
 pub fn run(
     model: &CudaModel,
     p: &ShadowParams,
-    (fetch, tier, slots): (ValueFetch, TierSize, ValueSlots),
+    (fetch, tier, slots, pool_file): (ValueFetch, TierSize, ValueSlots, Option<&Path>),
     ctx: usize,
     batch: Option<usize>,
     gen: usize,
@@ -104,22 +105,38 @@ pub fn run(
     // held), their values in host memory or GPU value slots.
     let (per_gpu, one_pool) = sequence_bytes(&layout, cfg.num_layers)?;
     let (free, _) = ops_dev.mem_info()?;
-    let host = MachineMemory::read()?;
+    let host = match pool_file {
+        // A file's disk holds the pool (less a twentieth for everything else there).
+        Some(f) => {
+            let dir = f
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let free = free_space(dir).with_context(|| format!("the free space of {} (--pool-file)", dir.display()))?;
+            (free as f64 * 0.95) as usize
+        }
+        // Leave a tenth of the host's memory to everything else.
+        None => (MachineMemory::read()?.available as f64 * 0.9) as usize,
+    };
     let mem = FitMemory {
         gpu: free.saturating_sub(2 << 30),
-        // Leave a tenth of the host's memory to everything else.
-        host: (host.available as f64 * 0.9) as usize,
+        host,
         state: per_gpu,
         values: one_pool,
     };
     let fit = fit_batch(&mem, batch, slots, ctx)?;
     let (gpu_fit, host_fit, batch) = (fit.gpu_fit, fit.host_fit, fit.batch());
     let t_reg = Instant::now();
-    let pool = GpuValuePool::new(
-        model.ops(),
-        ValuePool::anonymous(GpuValuePool::shape_for(&layout, cfg.num_layers, fit.host))?,
-    )?
-    .with_device_slots(model.ops(), fit.device)?;
+    let shape = GpuValuePool::shape_for(&layout, cfg.num_layers, fit.host);
+    let host_pool = match pool_file {
+        Some(f) => ValuePool::file_backed(shape, f).with_context(|| format!("the value pool file {}", f.display()))?,
+        None => ValuePool::anonymous(shape)?,
+    };
+    let pool = GpuValuePool::new(model.ops(), host_pool)?.with_device_slots(model.ops(), fit.device)?;
+    let fetch_label = match pool_file {
+        Some(_) => format!("{} from a file", fetch.label()),
+        None => fetch.label().to_string(),
+    };
     let register_secs = t_reg.elapsed().as_secs_f64();
     let mut ws = CompressWorkspace::default();
     ws.time_stages(true);
@@ -202,7 +219,7 @@ pub fn run(
         "compress_prepare_secs": prepare_secs,
         "pcie_bytes_per_s_assumed": PCIE_BYTES_PER_S,
         "host_pool_gib": pool.pool().bytes() as f64 / (1u64 << 30) as f64, "pool_register_secs": register_secs,
-        "gpu_fit": gpu_fit, "host_fit": host_fit, "value_fetch": fetch.label(),
+        "gpu_fit": gpu_fit, "host_fit": host_fit, "value_fetch": fetch_label,
         "gpu_value_slots": fit.device, "gpu_value_slots_gib": pool.device_bytes() as f64 / (1u64 << 30) as f64,
         "gpu_tier_chunks": tier, "gpu_tier_gib": tier_bytes as f64 / (1u64 << 30) as f64,
         "gpu_tier_fill_secs": tier_fill_secs,
@@ -223,7 +240,7 @@ pub fn run(
         }
         let label = format!(
             "{ctx} tokens, {}{} ({m} micro-batch{}{})",
-            fetch.label(),
+            fetch_label,
             if tier > 0 {
                 format!(", GPU tier {tier}")
             } else {
@@ -250,7 +267,7 @@ pub fn run(
              prefill {prefill_secs:.2} s + compression {compress_secs_mean:.3} s ({:.1} %, mean), decode {tps:.1} tok/s, \
              step {:.2} ms = {:.2}× its bound, hit rate {:.3} (GPU tier {:.3}), {:.1} MiB of values fetched a step \
              ({:.1} MiB over PCIe); pool registered in {register_secs:.1} s]",
-            fetch.label(),
+            fetch_label,
             if tier > 0 {
                 format!(
                     ", GPU tier of {tier} chunks per head ({:.1} GiB)",

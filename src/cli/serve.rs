@@ -198,7 +198,7 @@ fn value_pool(
                 format!(
                     "the anonymous value pool (pools.backing) for {seqs} sequences (limits.max_batch{}) of \
                      {max_context} tokens (limits.max_context): {e:#}; lower either limit, {}or set \
-                     pools.backing = \"file\" with pools.path on a disk with room",
+                     pools.backing = \"file\" with pools.path on a disk with room{}",
                     if topo.pipeline.gpu_value_slots > 0 {
                         " less pipeline.gpu_value_slots"
                     } else {
@@ -206,6 +206,11 @@ fn value_pool(
                     },
                     if topo.backend.kind == BackendKind::Cuda {
                         "keep more sequences' values in GPU memory (pipeline.gpu_value_slots, with zero-copy), "
+                    } else {
+                        ""
+                    },
+                    if topo.backend.kind == BackendKind::Cuda {
+                        " (read by pipeline.value_fetch = \"cpu-gather\")"
                     } else {
                         ""
                     }

@@ -760,17 +760,20 @@ impl Topology {
             }
             _ => {}
         }
-        // The GPU pins the pool for the device (the zero-copy fetch reads it, the fold writes
-        // into it); the driver refuses to pin a shared file mapping (CUDA_ERROR_INVALID_VALUE
-        // on the H200 host, docs/perf/gpu.md 2026-12-02 session 20).
+        // The zero-copy fetch reads a pool pinned for the device, and the driver refuses to
+        // pin a shared file mapping (CUDA_ERROR_INVALID_VALUE on the H200 host,
+        // docs/perf/gpu.md 2026-12-02 session 20): a file pool is the host's to read and
+        // write (cpu-gather).
         if self.pools.backing == PoolBacking::File
             && self.backend.kind == BackendKind::Cuda
             && a.mode == AttentionMode::Shadowkv
+            && self.pipeline.value_fetch == ValueFetch::ZeroCopy
         {
             return e(
-                "pools.backing",
-                "ShadowKV on the GPU pins its value pool for the device, and the CUDA driver does not pin a \
-                 memory-mapped file: use pools.backing = \"anonymous\" (file pools serve the CPU backend)"
+                "pipeline.value_fetch",
+                "a file-backed value pool (pools.backing = \"file\") is read by the host: the CUDA driver does \
+                 not pin a memory-mapped file for the zero-copy fetch; set pipeline.value_fetch = \"cpu-gather\" \
+                 (or pools.backing = \"anonymous\")"
                     .into(),
             );
         }

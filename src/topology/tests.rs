@@ -179,14 +179,20 @@ fn gpu_value_slots_need_cuda_zero_copy_and_room_in_the_batch() {
 }
 
 #[test]
-fn file_pools_serve_the_cpu_backend_only() {
+fn file_pools_on_the_gpu_are_read_by_cpu_gather() {
     let pools = "[pools]\nbacking = \"file\"\npath = \"/tmp/p\"\n";
     let shadow = "[attention]\nmode = \"shadowkv\"\n";
     let cuda = "[backend]\nkind = \"cuda\"\n";
-    let e = err(&format!("{cuda}{shadow}{pools}"));
-    assert_eq!(e.key.as_deref(), Some("pools.backing"), "{e}");
-    assert!(e.message.contains("pools.backing = \"anonymous\""), "{e}");
-    for ok in [format!("{shadow}{pools}"), format!("{cuda}{pools}")] {
+    let zero_copy = "[pipeline]\nvalue_fetch = \"zero-copy\"\n";
+    let e = err(&format!("{cuda}{shadow}{pools}{zero_copy}"));
+    assert_eq!(e.key.as_deref(), Some("pipeline.value_fetch"), "{e}");
+    assert!(e.message.contains("value_fetch = \"cpu-gather\""), "{e}");
+    let gather = "[pipeline]\nvalue_fetch = \"cpu-gather\"\n";
+    for ok in [
+        format!("{shadow}{pools}"),
+        format!("{cuda}{pools}"),
+        format!("{cuda}{shadow}{pools}{gather}"),
+    ] {
         let t = Topology::parse(&ok, "t.toml").unwrap();
         assert_eq!(t.pools.backing, PoolBacking::File);
     }
