@@ -31,8 +31,7 @@
 //! function is released; when the actor is dropped, its thread stops waiting for lists
 //! that a failed stream will not bring.
 
-use super::buffers::mapped_device_addr;
-use super::buffers::{GatherBuffers, ShadowTable, StepScratch};
+use super::buffers::{mapped_device_addr, GatherBuffers, ShadowTable, StepScratch};
 use super::decode::{ChunkGather, GatherTimes};
 use super::fetch::FETCH_BLOCKS;
 use super::gather_actor::{
