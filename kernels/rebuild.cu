@@ -28,26 +28,37 @@
 // split among blocks.
 //
 // Product: mma.sync m16n8k16 fp16 with fp32 accumulation. u's codes are integers within
-// +-127, exact in fp16 (rb_widen_u); the token's scale multiplies the finished row
-// (rb_store). sv (fp32, the rows of an orthonormal basis: entries within +-1) is rounded
-// to fp16, a relative error of at most 2^-11: a rebuilt key moves by about 3e-4 of its
-// size, a twentieth of what the 8-bit coefficients themselves move it (tests/cuda_shadow.rs
-// bounds both). (While u was exact bf16, sv was split into two bf16 terms, hi + lo, to
-// 2^-18: twice the products, and twice the shared memory.) The fragments come from shared
-// memory by ldmatrix (A: u [row][rank]; B: sv [rank][column] by ldmatrix.trans, which
-// gives the column-major fragment), one x4 load per 16x16 of u and per pair of n8 tiles,
-// with strides that keep them free of bank conflicts.
+// +-127, exact in fp16; the token's scale multiplies the finished row (rb_store). sv (fp32,
+// the rows of an orthonormal basis: entries within +-1) is rounded to fp16, a relative
+// error of at most 2^-11: a rebuilt key moves by about 3e-4 of its size, a twentieth of
+// what the 8-bit coefficients themselves move it (tests/cuda_shadow.rs bounds both).
+// (While u was exact bf16, sv was split into two bf16 terms, hi + lo, to 2^-18: twice the
+// products, and twice the shared memory.)
+//
+// Operands: a tile's codes stay 8-bit in shared memory ([row][rank], rows of kp + 16
+// bytes: 16-byte aligned for cp.async, and a stride of 4 mod 8 words keeps the eight rows
+// of a fragment load on different banks). A thread's A fragment of a k16 step is two
+// 4-byte loads (rows g and g + 8, ranks 4*tq .. 4*tq + 3) widened to fp16 in registers
+// (rb_widen4): within one mma the order of k is free as long as both operands use the
+// same one, so the fragment's k = 2*tq + j and 8 + 2*tq + j (j < 2) take ranks 4*tq + j
+// and 4*tq + 2 + j, and sv is staged with its ranks permuted to match (rb_sv_row). B
+// comes from sv in shared memory by ldmatrix.trans (the column-major fragment), one x4
+// load per pair of n8 tiles, with a stride that keeps it free of bank conflicts.
+//
+// Pipeline: the codes of the next tile are copied into the other of two buffers by
+// cp.async as a tile starts (16 bytes a copy, consecutive threads on consecutive bytes of
+// a chunk's rows; byte loads where the rank is not a multiple of 16), so a tile's
+// products wait for no load and pass no barrier: two barriers a tile (its codes in; with
+// a tier, its tier hits in). (The previous form streamed u through two stages of 32 ranks
+// in fp16, each loaded into registers one stage ahead and widened into shared memory
+// behind a barrier: five barriers a tile at rank 160, each exposing a gather from HBM.)
 //
 // Shared memory: the head's sv in fp16, [rank][d + 8], stays resident while the block runs
 // that head's tiles (staged, with plain loads and the rounding, only when the head
-// changes): 320 ranks at d = 128 (87 KB), 640 at d = 64. A larger rank is walked in panels
-// of that many ranks, each restaged for every tile (correct, slower). u streams through
-// two stages of [REBUILD_ROWS][32 ranks] fp16: the codes of the next stage (the tile's
-// next 32 ranks, or the next tile's first) are loaded into registers before a stage is
-// multiplied (8-byte loads where the rank keeps u's rows 8-byte aligned, byte loads
-// otherwise) and widened into the other stage after it. With a tier, a tile's tier hits
-// (16.5 KB at d = 128, c = 8) are staged too. About 66 KB a block at d = 128 and rank 160
-// (83 KB with a tier); the registers hold two blocks an SM.
+// changes): up to 320 ranks. A larger rank is walked in panels of that many ranks, sv and
+// the tile's codes restaged for every panel (correct, slower). With a tier, a tile's tier
+// hits (16.5 KB at d = 128, c = 8) are staged too. About 109 KB a block at d = 128, rank
+// 160 and a tier: two blocks an SM.
 //
 // Warp w computes tile rows 32*(w/2) .. 32*(w/2) + 31 (two m16 tiles) and, of the d/16
 // n8 tiles of the first half of the head, those of (w%2)*d/32 .. (w%2+1)*d/32 - 1
@@ -66,24 +77,34 @@
 #define REBUILD_ROWS 128  // rows of a tile: 8 warps, 4 row groups of 32 x 2 column halves
 #define REBUILD_WARPS 8
 #define REBUILD_THREADS (REBUILD_WARPS * 32)
-#define REBUILD_K_CHUNK 32  // ranks of u a pipeline stage holds (two k16 steps)
-// Ranks x columns of a head's sv a block keeps in shared memory at most: rank 320 at
-// d = 128, 640 at d = 64 (a multiple of REBUILD_K_CHUNK either way). Larger ranks are
-// walked in panels of that many ranks, restaged for every tile.
-#define REBUILD_SV_RANK_COLS (320 * 128)
-// Shared row strides (16-bit values): u rows of 80 bytes and sv rows of 2*d + 16 bytes put
-// the 8 rows of each ldmatrix 8x8 matrix in 8 different 16-byte bank groups (80 mod 128
-// = 5 x 16, (2d + 16) mod 128 = 16), so its reads are free of bank conflicts.
-#define REBUILD_U_STRIDE (REBUILD_K_CHUNK + 8)
-#define REBUILD_U_BYTES (2 * REBUILD_ROWS * REBUILD_U_STRIDE * 2)  // the two stages
-#define REBUILD_META_BYTES (8 * REBUILD_ROWS * 4)                  // tok, arow, tent and usc, two tiles
+#define REBUILD_K_CHUNK 32  // a panel's ranks are a multiple of this
+// Ranks of sv (and of a tile's codes) a block keeps in shared memory at most (a multiple
+// of REBUILD_K_CHUNK). Larger ranks are walked in panels of that many ranks, restaged for
+// every tile.
+#define REBUILD_PANEL_RANKS 320
+// sv rows of 2*d + 16 bytes put the 8 rows of each ldmatrix 8x8 matrix in 8 different
+// 16-byte bank groups ((2d + 16) mod 128 = 16), so its reads are free of bank conflicts.
+#define REBUILD_META_BYTES (8 * REBUILD_ROWS * 4)  // tok, arow, tent and usc, two tiles
 
 // inv_freq in shared memory (head_dim / 2 <= 64 values), read by rb_store.
 __shared__ float rb_inv[64];
 
-// Ranks of sv a block stages at once (a multiple of REBUILD_K_CHUNK).
-__device__ __forceinline__ int rb_panel_ranks(int d, int r) {
-    return min((r + REBUILD_K_CHUNK - 1) / REBUILD_K_CHUNK * REBUILD_K_CHUNK, REBUILD_SV_RANK_COLS / d);
+// Ranks of sv and of the codes a block stages at once (a multiple of REBUILD_K_CHUNK).
+__device__ __forceinline__ int rb_panel_ranks(int r) {
+    return min((r + REBUILD_K_CHUNK - 1) / REBUILD_K_CHUNK * REBUILD_K_CHUNK, REBUILD_PANEL_RANKS);
+}
+
+// Bytes of a row of a tile's codes in shared memory: kp + 16 (kp a multiple of 32, so
+// kp / 4 + 4 words: 4 mod 8, and the rows g = 0..7 of a fragment load start on banks
+// 4 * (g * odd mod 8), all different).
+__device__ __forceinline__ int rb_code_stride(int kp) { return kp + 16; }
+
+// The shared-memory row of sv's rank k of a panel: ranks permuted within each 16 so that
+// the mma's k = 8*b + 2*a + j (a < 4, b, j < 2) reads rank 4*a + 2*b + j, the order in
+// which rb_widen4 lays a thread's four codes into its A fragment.
+__device__ __forceinline__ int rb_sv_row(int k) {
+    const int p = k & 15;
+    return (k & ~15) | (8 * ((p >> 1) & 1) + 2 * (p >> 2) + (p & 1));
 }
 
 __device__ __forceinline__ unsigned rb_bits(__half2 v) { return *reinterpret_cast<unsigned*>(&v); }
@@ -146,14 +167,13 @@ __device__ __forceinline__ int2 rb_row(const RbTile& x, int p, int per, const Sh
 // Starts tile x: its rows' tokens, attention rows, coefficient scales and chunks of the
 // head's GPU value tier (the byte entry * value_chunk_bytes where the entry starts; -1:
 // not a tier hit) into tok / arow / usc / tent (threads below REBUILD_ROWS, one row
-// each), and this thread's two rows of u to stage (rows tid/4 and tid/4 + 64; null =
-// empty) into lrow.
+// each).
 __device__ __forceinline__ void rb_start_tile(const RbTile& x, int per, const ShadowDims& dims,
                                               const int2* __restrict__ misses,
                                               const ShadowSeqCounts* __restrict__ counts,
                                               const ShadowSeqBufs* __restrict__ bufs,
                                               const int* __restrict__ tier_src, int* tok, int* arow, int* tent,
-                                              float* usc, const signed char* (&lrow)[2]) {
+                                              float* usc) {
     const int tid = threadIdx.x;
     if (tid < REBUILD_ROWS) {
         const int2 q = rb_row(x, tid, per, dims, misses, counts);
@@ -169,59 +189,50 @@ __device__ __forceinline__ void rb_start_tile(const RbTile& x, int per, const Sh
         }
         tent[tid] = ent;
     }
-    const signed char* U = reinterpret_cast<const signed char*>(bufs[x.b].u);
-#pragma unroll
-    for (int q = 0; q < 2; ++q) {
-        const int t = rb_row(x, (tid >> 2) + 64 * q, per, dims, misses, counts).x;
-        lrow[q] = t >= 0 ? U + (size_t)t * dims.rank : nullptr;
-    }
 }
 
-// Loads the codes of ranks k0 .. k0 + 31 of the tile's u rows that this thread stages
-// (rb_widen_u) into w: ranks k0 + 8*(tid%4) .. +7 of rows tid/4 and tid/4 + 64, zero past
-// the rank or for an empty row. One 8-byte load a row where the rank keeps u's rows
-// 8-byte aligned (`vec`), byte loads otherwise.
-__device__ __forceinline__ void rb_load_u(uint2 (&w)[2], const signed char* const (&lrow)[2], int k0, int r,
-                                          bool vec) {
-    const int k = k0 + (threadIdx.x & 3) * 8;
-#pragma unroll
-    for (int q = 0; q < 2; ++q) {
-        const signed char* src = lrow[q];
-        if (vec) {
-            w[q] = src != nullptr && k < r ? __ldg(reinterpret_cast<const uint2*>(src + k)) : make_uint2(0u, 0u);
-        } else {
-            unsigned b[2] = {0u, 0u};
-#pragma unroll
-            for (int e = 0; e < 8; ++e)
-                if (src != nullptr && k + e < r) b[e >> 2] |= (unsigned)(unsigned char)src[k + e] << (8 * (e & 3));
-            w[q] = make_uint2(b[0], b[1]);
+// Copies ranks k0 .. k0 + n of the codes of tile x's rows into buf ([REBUILD_ROWS][stride]
+// bytes): where the rank is a multiple of 16, by 16-byte cp.async (consecutive threads
+// on consecutive bytes: a chunk's rows are consecutive in u), left in flight (the caller
+// commits and waits); else by byte loads, landed on return. Rows without a token keep
+// what they held: any byte is a finite code, and their products are not stored.
+__device__ __forceinline__ void rb_load_codes(unsigned char* buf, int stride, const RbTile& x, int per,
+                                              const ShadowDims& dims, const int2* __restrict__ misses,
+                                              const ShadowSeqCounts* __restrict__ counts,
+                                              const ShadowSeqBufs* __restrict__ bufs, int k0, int n) {
+    const int r = dims.rank;
+    const signed char* U = reinterpret_cast<const signed char*>(bufs[x.b].u) + k0;
+    if ((r & 15) == 0) {
+        const int segs = n / 16;  // r, k0 and so n are multiples of 16
+        const unsigned base = smem_addr(buf);
+        for (int i = threadIdx.x; i < REBUILD_ROWS * segs; i += REBUILD_THREADS) {
+            const int p = i / segs, q = i - p * segs;
+            const int t = rb_row(x, p, per, dims, misses, counts).x;
+            if (t >= 0) cp_async16(base + p * stride + 16 * q, U + (size_t)t * r + 16 * q, true);
+        }
+    } else {
+        for (int i = threadIdx.x; i < REBUILD_ROWS * n; i += REBUILD_THREADS) {
+            const int p = i / n, k = i - p * n;
+            const int t = rb_row(x, p, per, dims, misses, counts).x;
+            if (t >= 0) buf[p * stride + k] = static_cast<unsigned char>(U[(size_t)t * r + k]);
         }
     }
 }
 
-// Writes the codes w (rb_load_u) widened to fp16 into their place in the stage buffer `ub`
-// ([row][rank]): 16 bytes a row. A code c becomes exactly the fp16 1024 + (c + 128) by a
-// byte permutation of its biased byte (c ^ 0x80) under the exponent byte 0x64, then
-// minus 1152.
-__device__ __forceinline__ void rb_widen_u(unsigned short* ub, const uint2 (&w)[2]) {
-    const int tid = threadIdx.x;
+// Four codes (one 32-bit word, ranks 4*tq .. 4*tq + 3 of a row) widened to fp16: lo holds
+// the first two, hi the last two. A code c becomes exactly the fp16 1024 + (c + 128) by a
+// byte permutation of its biased byte (c ^ 0x80) under the exponent byte 0x64, then minus
+// 1152.
+__device__ __forceinline__ void rb_widen4(unsigned w, unsigned& lo, unsigned& hi) {
     const __half2 bias = __half2half2(__ushort_as_half((unsigned short)0x6480));  // 1152
-#pragma unroll
-    for (int q = 0; q < 2; ++q) {
-        const unsigned in[2] = {w[q].x ^ 0x80808080u, w[q].y ^ 0x80808080u};
-        unsigned o[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            unsigned x = __byte_perm(in[i >> 1], 0x64646464u, (i & 1) ? 0x4342 : 0x4140);
-            o[i] = rb_bits(__hsub2(*reinterpret_cast<__half2*>(&x), bias));
-        }
-        *reinterpret_cast<uint4*>(ub + ((tid >> 2) + 64 * q) * REBUILD_U_STRIDE + (tid & 3) * 8) =
-            make_uint4(o[0], o[1], o[2], o[3]);
-    }
+    const unsigned in = w ^ 0x80808080u;
+    unsigned x = __byte_perm(in, 0x64646464u, 0x4140), y = __byte_perm(in, 0x64646464u, 0x4342);
+    lo = rb_bits(__hsub2(*reinterpret_cast<__half2*>(&x), bias));
+    hi = rb_bits(__hsub2(*reinterpret_cast<__half2*>(&y), bias));
 }
 
 // Stages `rows` ranks of the head's sv from rank k0 into sh ([rank][column], row stride
-// D + 8) as fp16 (round to nearest); zero past the rank. SV: the head's first column of
+// D + 8, rank k at row rb_sv_row(k)) as fp16 (round to nearest); zero past the rank. SV: the head's first column of
 // rank 0, row stride kvd. BATCH: 16-byte loads a thread keeps in flight.
 template <int D, int BATCH>
 __device__ __forceinline__ void rb_stage_sv(unsigned short* sh, const float* __restrict__ SV, size_t kvd, int r,
@@ -241,27 +252,35 @@ __device__ __forceinline__ void rb_stage_sv(unsigned short* sh, const float* __r
             const int i = i0 + q * REBUILD_THREADS, kk = i / QUADS, col = (i % QUADS) * 4;
             if (i >= n) break;
             const float4 v = vs[q];
-            *reinterpret_cast<uint2*>(sh + kk * S + col) =
+            *reinterpret_cast<uint2*>(sh + rb_sv_row(kk) * S + col) =
                 make_uint2(rb_bits(__floats2half2_rn(v.x, v.y)), rb_bits(__floats2half2_rn(v.z, v.w)));
         }
     }
 }
 
-// The warp's products of one stage (two k16 steps): its two m16 tiles of rows times its
-// PAIRS pairs of n8 tiles (tile j and its rotation partner j + D/16). ua: this lane's
-// ldmatrix address in the stage's u; sa: in sv at the stage's first rank.
+// The warp's products of `ksteps` k16 steps of a panel: its two m16 tiles of rows times
+// its PAIRS pairs of n8 tiles (tile j and its rotation partner j + D/16). codes: the
+// warp's first row of the tile's codes (row stride `stride` bytes); sa: this lane's
+// ldmatrix address in the panel's sv.
 template <int D>
-__device__ __forceinline__ void rb_mma_stage(float (&acc)[2][D / 32][2][4], unsigned ua, unsigned sa) {
-    constexpr int PAIRS = D / 32, SV_ROW = (D + 8) * 2, U_ROW = REBUILD_U_STRIDE * 2;  // bytes
-#pragma unroll
-    for (int ks = 0; ks < REBUILD_K_CHUNK; ks += 16) {
+__device__ __forceinline__ void rb_mma_panel(float (&acc)[2][D / 32][2][4], const unsigned char* codes, int stride,
+                                             unsigned sa, int ksteps) {
+    constexpr int PAIRS = D / 32, SV_ROW = (D + 8) * 2;  // bytes
+    const int lane = threadIdx.x & 31;
+    const unsigned char* a0 = codes + (lane >> 2) * stride + 4 * (lane & 3);
+#pragma unroll 2
+    for (int ks = 0; ks < ksteps; ++ks) {
         unsigned a[2][4];
 #pragma unroll
-        for (int m = 0; m < 2; ++m) ldsm_x4(a[m], ua + m * 16 * U_ROW + ks * 2);
+        for (int m = 0; m < 2; ++m) {
+            const unsigned char* p = a0 + 16 * m * stride + 16 * ks;
+            rb_widen4(*reinterpret_cast<const unsigned*>(p), a[m][0], a[m][2]);
+            rb_widen4(*reinterpret_cast<const unsigned*>(p + 8 * stride), a[m][1], a[m][3]);
+        }
 #pragma unroll
         for (int p = 0; p < PAIRS; ++p) {
             unsigned b[4];  // b0, b1 of tile j, then of its partner
-            ldsm_x4_t(b, sa + ks * SV_ROW + p * 16);
+            ldsm_x4_t(b, sa + ks * 16 * SV_ROW + p * 16);
 #pragma unroll
             for (int m = 0; m < 2; ++m) {
 #pragma unroll
@@ -356,7 +375,7 @@ __device__ __forceinline__ void rb_copy_tier(const unsigned char* buf, const int
 }
 
 // Shared memory of a block (dynamic; sizes in bytes, kp = rb_panel_ranks):
-//   u     [2][REBUILD_ROWS][REBUILD_U_STRIDE] fp16   the two pipeline stages   20480
+//   codes [2][REBUILD_ROWS][kp + 16] bytes          two tiles' codes           256 (kp + 16)
 //   sv    [kp][d + 8] fp16                           the staged panel of sv     2 kp (d + 8)
 //   tier  [REBUILD_ROWS / c][value_chunk_bytes]      a tile's tier hits (with a tier)  16896 at d 128, c 8
 //   tok, arow, tent [2][REBUILD_ROWS] int, usc [2][REBUILD_ROWS] float  two tiles' rows  4096
@@ -364,7 +383,8 @@ __device__ __forceinline__ void rb_copy_tier(const unsigned char* buf, const int
 // (src/cuda/shadow/rebuild.rs sizes it the same way.)
 // (inv_freq, d / 2 floats, is static shared memory: rb_inv.)
 struct RbSmem {
-    unsigned short *u, *sv;
+    unsigned char* codes;
+    unsigned short* sv;
     unsigned char* tier;
     int *tok, *arow, *tent, *off;
     float* usc;
@@ -377,8 +397,8 @@ __device__ __forceinline__ int rb_tier_bytes(const ShadowDims& dims) {
 
 __device__ __forceinline__ RbSmem rb_smem(unsigned char* base, const ShadowDims& dims, int kp) {
     RbSmem s;
-    s.u = reinterpret_cast<unsigned short*>(base);
-    s.sv = s.u + 2 * REBUILD_ROWS * REBUILD_U_STRIDE;
+    s.codes = base;
+    s.sv = reinterpret_cast<unsigned short*>(base + 2 * REBUILD_ROWS * rb_code_stride(kp));
     s.tier = reinterpret_cast<unsigned char*>(s.sv + kp * (dims.head_dim + 8));
     s.tok = reinterpret_cast<int*>(s.tier + rb_tier_bytes(dims));
     s.arow = s.tok + 2 * REBUILD_ROWS;
@@ -388,96 +408,86 @@ __device__ __forceinline__ RbSmem rb_smem(unsigned char* base, const ShadowDims&
     return s;
 }
 
-// The block's tiles t0 .. t1 - 1 for head dimension D. One pipeline step per (tile,
-// stage of REBUILD_K_CHUNK ranks): barrier (the step's u is in), load the next step's
-// codes, multiply, widen the codes into the other buffer; after a tile's last stage
-// scale, rotate and store it. (Written as one loop over all the steps, it zeroed the accumulators and divided
-// by the panel at every step: 64 selects and an integer division for 32 products.) sv is
-// staged (plain loads, rounded to fp16) when the tile's head differs from the staged
-// one, or at every panel when the rank needs more than one.
+// The block's tiles t0 .. t1 - 1 for head dimension D. Each tile: wait for its codes
+// and a barrier; restage sv if the tile's head differs from the staged one (or at every
+// panel when the rank needs more than one); start the next tile (its rows, and its codes
+// by cp.async into the other buffer) and this tile's tier hits; multiply; scale, rotate
+// and store; with a tier, wait for the tier hits, a barrier, and write their values.
 template <int D>
 __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists, int t0, int t1,
                                               const int2* __restrict__ misses, const int* __restrict__ miss_count,
                                               const int* __restrict__ fetch_count, const int* __restrict__ tier_src,
                                               const ShadowSeqBufs* __restrict__ bufs,
                                               const ShadowSeqCounts* __restrict__ counts, const ShadowDims& dims) {
-    constexpr int PAIRS = D / 32, HALF = D / 16, SV_ROW = (D + 8) * 2, U_ROW = REBUILD_U_STRIDE * 2;  // bytes
-    constexpr int U_STAGE = REBUILD_ROWS * REBUILD_U_STRIDE;  // fp16 values of a stage
+    constexpr int HALF = D / 16, SV_ROW = (D + 8) * 2;  // bytes
     static_assert(REBUILD_ROWS == REBUILD_WARPS / 2 * 32 && REBUILD_THREADS == 2 * REBUILD_ROWS, "warp tiling");
-    static_assert(REBUILD_SV_RANK_COLS / D % REBUILD_K_CHUNK == 0, "panels of whole stages");
+    static_assert(REBUILD_PANEL_RANKS % REBUILD_K_CHUNK == 0, "panels of whole k16 steps, rows of 16 bytes");
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int row0 = (warp >> 1) * 32;     // the warp's first row of a tile
-    const int tile0 = (warp & 1) * PAIRS;  // its first n8 tile
+    const int row0 = (warp >> 1) * 32;            // the warp's first row of a tile
+    const int tile0 = (warp & 1) * (D / 32);      // its first n8 tile
     const int r = dims.rank, per = REBUILD_ROWS / dims.chunk;
-    const int kch = (r + REBUILD_K_CHUNK - 1) / REBUILD_K_CHUNK;  // stages a tile
-    const int pch = kp / REBUILD_K_CHUNK;                          // stages a panel of sv
-    const bool one_panel = kch <= pch;
-    const bool vec = (r & 7) == 0;
+    const int panels = (r + kp - 1) / kp;
+    const int stride = rb_code_stride(kp), buf_bytes = REBUILD_ROWS * stride;
     const size_t kvd = (size_t)dims.kv_heads * D;
+    // Ranks of panel pn, and those rounded up to whole stages of sv (zero past the rank).
+    auto panel_ranks = [&](int pn) { return min(kp, r - pn * kp); };
+    auto panel_rows = [&](int pn) { return min(kp, (panel_ranks(pn) + REBUILD_K_CHUNK - 1) / REBUILD_K_CHUNK * REBUILD_K_CHUNK); };
 
-    // ldmatrix addresses of this lane: for u, row (lane%8) + 8*((lane/8)%2) of the warp's
-    // first m16 tile at rank 8*(lane/16) (A fragments a0..a3); for sv, rank (lane%8) +
-    // 8*((lane/8)%2) at column 8*tile0, or of its partner tile for lanes 16..31 (matrices
-    // b0, b1 of tile j, then of j + D/16: ldmatrix.trans gives the column-major B).
-    const unsigned ua = smem_addr(s.u) + ((row0 + (lane & 7) + 8 * ((lane >> 3) & 1)) * U_ROW + 16 * (lane >> 4));
-    const unsigned sv_lane = ((lane & 7) + 8 * ((lane >> 3) & 1)) * SV_ROW + 16 * (tile0 + (lane >> 4) * HALF);
-    const unsigned sa = smem_addr(s.sv) + sv_lane;
+    // ldmatrix address of this lane in sv: rank (lane%8) + 8*((lane/8)%2) at column
+    // 8*tile0, or of its partner tile for lanes 16..31 (matrices b0, b1 of tile j, then of
+    // j + D/16: ldmatrix.trans gives the column-major B).
+    const unsigned sa = smem_addr(s.sv) + ((lane & 7) + 8 * ((lane >> 3) & 1)) * SV_ROW + 16 * (tile0 + (lane >> 4) * HALF);
 
-    const signed char* lrow[2];
-    uint2 w[2];  // the next step's codes
-    RbTile nxt = rb_tile(s.off, lists, t0, per, dims, miss_count, fetch_count);
-    rb_start_tile(nxt, per, dims, misses, counts, bufs, tier_src, s.tok, s.arow, s.tent, s.usc, lrow);
-    rb_load_u(w, lrow, 0, r, vec);
-    rb_widen_u(s.u, w);
+    {
+        const RbTile first = rb_tile(s.off, lists, t0, per, dims, miss_count, fetch_count);
+        rb_start_tile(first, per, dims, misses, counts, bufs, tier_src, s.tok, s.arow, s.tent, s.usc);
+        rb_load_codes(s.codes, stride, first, per, dims, misses, counts, bufs, 0, panel_ranks(0));
+        cp_async_commit();
+    }
 
     int staged = -1;  // list whose sv the one panel holds
-    int st = 0;       // pipeline steps so far (the u buffer of a step is st % 2)
     for (int ti = 0; ti < t1 - t0; ++ti) {
-        const RbTile cur = nxt;
+        // (Found again rather than kept from the last tile: fewer registers live across
+        // the products.)
+        const RbTile cur = rb_tile(s.off, lists, t0 + ti, per, dims, miss_count, fetch_count);
         const int e = cur.b * dims.kv_heads + cur.h;
-        const int par = (ti & 1) * REBUILD_ROWS;  // the tile's rows in tok / arow
+        const int par = (ti & 1) * REBUILD_ROWS;  // the tile's rows in tok / arow / tent / usc
+        unsigned char* cb = s.codes + (ti & 1) * buf_bytes;
         const float* sv = reinterpret_cast<const float*>(bufs[cur.b].sv) + (size_t)cur.h * D;
-        if (!one_panel || e != staged) {
-            // No accumulator is live yet: the staging keeps more loads in flight.
-            __syncthreads();  // every warp is done with the panel staged before
-            rb_stage_sv<D, 10>(s.sv, sv, kvd, r, 0, min(kp, kch * REBUILD_K_CHUNK));
+        cp_async_wait<0>();
+        __syncthreads();  // the tile's codes and rows are in; the last tile is done with the
+                          // other buffers
+        const bool restage = panels > 1 || e != staged;
+        if (restage) {
+            rb_stage_sv<D, 10>(s.sv, sv, kvd, r, 0, panel_rows(0));
             staged = e;
         }
-        float acc[2][PAIRS][2][4] = {};
-        bool active = false;
-        for (int kc = 0, pk = 0; kc < kch; ++kc, ++st) {  // pk = kc % pch
-            if (pk == 0 && kc > 0) {
+        // The next tile's rows and codes, and this tile's tier hits, land while the
+        // products run.
+        if (t0 + ti + 1 < t1) {
+            const RbTile nxt = rb_tile(s.off, lists, t0 + ti + 1, per, dims, miss_count, fetch_count);
+            const int np = REBUILD_ROWS - par;
+            rb_start_tile(nxt, per, dims, misses, counts, bufs, tier_src, s.tok + np, s.arow + np, s.tent + np,
+                          s.usc + np);
+            rb_load_codes(s.codes + buf_bytes - (cb - s.codes), stride, nxt, per, dims, misses, counts, bufs, 0,
+                          panel_ranks(0));
+        }
+        cp_async_commit();
+        if (dims.tier > 0) rb_fetch_tier(s.tier, s.tent + par, bufs[cur.b], dims, cur.h, per);
+        if (restage) __syncthreads();  // sv is staged
+        const bool active = __any_sync(0xffffffffu, s.tok[par + row0 + lane] >= 0);
+        float acc[2][D / 32][2][4] = {};
+        for (int pn = 0; pn < panels; ++pn) {
+            if (pn > 0) {
                 __syncthreads();  // every warp is done with the panel before
-                rb_stage_sv<D, 4>(s.sv, sv, kvd, r, kc * REBUILD_K_CHUNK, min(kp, (kch - kc) * REBUILD_K_CHUNK));
+                rb_stage_sv<D, 4>(s.sv, sv, kvd, r, pn * kp, panel_rows(pn));
+                rb_load_codes(cb, stride, cur, per, dims, misses, counts, bufs, pn * kp, panel_ranks(pn));
+                cp_async_commit();
+                cp_async_wait<0>();
+                __syncthreads();  // the panel's sv and codes are in
             }
-            __syncthreads();  // the step's u and sv, and the tile's rows, are in; the other u
-                              // buffer and the other tile's rows are free
-            if (kc == 0) {
-                active = __any_sync(0xffffffffu, s.tok[par + row0 + lane] >= 0);
-                // The tile's tier hits, if any: their chunks land in shared memory while the
-                // products run.
-                if (dims.tier > 0) rb_fetch_tier(s.tier, s.tent + par, bufs[cur.b], dims, cur.h, per);
-            }
-            // The next step's codes: the tile's next ranks, or the next tile's first.
-            bool more = true;
-            if (kc + 1 < kch) {
-                rb_load_u(w, lrow, (kc + 1) * REBUILD_K_CHUNK, r, vec);
-            } else if (t0 + ti + 1 < t1) {
-                nxt = rb_tile(s.off, lists, t0 + ti + 1, per, dims, miss_count, fetch_count);
-                const int np = REBUILD_ROWS - par;
-                rb_start_tile(nxt, per, dims, misses, counts, bufs, tier_src, s.tok + np, s.arow + np, s.tent + np,
-                              s.usc + np, lrow);
-                rb_load_u(w, lrow, 0, r, vec);
-            } else {
-                more = false;
-            }
-            if (active) {
-                const unsigned k_off = pk * REBUILD_K_CHUNK * SV_ROW;
-                rb_mma_stage<D>(acc, ua + (st & 1) * U_STAGE * 2, sa + k_off);
-            }
-            if (more) rb_widen_u(s.u + ((st + 1) & 1) * U_STAGE, w);
-            if (++pk == pch) pk = 0;
+            if (active) rb_mma_panel<D>(acc, cb + row0 * stride, stride, sa, (panel_ranks(pn) + 15) / 16);
         }
         rb_store<D>(acc, s.tok + par, s.arow + par, s.usc + par, row0, tile0,
                     shadow_attn_row(bufs[cur.b].ak, dims, cur.h, 0));
@@ -503,7 +513,7 @@ extern "C" __global__ void __launch_bounds__(REBUILD_THREADS, 2)
     __shared__ int scratch[32];
     const int d = dims.head_dim, lists = batch * dims.kv_heads;
     const int per = REBUILD_ROWS / dims.chunk;  // misses a tile
-    const int kp = rb_panel_ranks(d, dims.rank);
+    const int kp = rb_panel_ranks(dims.rank);
     const RbSmem s = rb_smem(rb_shared, dims, kp);
     if (threadIdx.x < d / 2) rb_inv[threadIdx.x] = inv_freq[threadIdx.x];  // (rb_tile_offsets ends with a barrier)
     const int total = rb_tile_offsets(miss_count, lists, dims.slots, per, s.off, scratch);

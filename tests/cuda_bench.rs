@@ -333,9 +333,15 @@ fn shadow_selection_bandwidth() {
     let Some(ops) = ops_or_skip() else { return };
     let dev = ops.device();
     // Llama-3.1-8B's heads (8 KV heads of 128, groups of 4), chunks of 8 tokens, a
-    // budget of 256 chunks: the bench's batches at 124928 and 61440 tokens, and one
-    // sequence.
-    for (batch, chunks) in [(14usize, 15_616usize), (29, 7_680), (1, 15_616)] {
+    // budget of 256 chunks: the bench's batches at 124928 and 61440 tokens (without a
+    // GPU value tier, and with it: 28 and 57), and one sequence.
+    for (batch, chunks) in [
+        (14usize, 15_616usize),
+        (28, 15_616),
+        (29, 7_680),
+        (57, 7_680),
+        (1, 15_616),
+    ] {
         let l = llama8b_layer(16, chunks);
         // 8-bit landmarks: codes over their range, scales of 1/127 (values within ±1).
         let bufs = layer_buffers(&ops, l, batch, |buf, b| {
@@ -387,6 +393,9 @@ fn shadow_rebuild_throughput() {
     rebuild_bench(&ops, (29, 7_680, 128, 115), None, 0);
     rebuild_bench(&ops, (29, 7_680, 128, 115), Some(86), 0);
     rebuild_bench(&ops, (29, 7_680, 128, 115), Some(86), 24);
+    // The batch the bench reaches at 61440 tokens with a GPU value tier: 57 sequences, 114
+    // misses of which 95 tier hits, beside a fetch on 48 blocks.
+    rebuild_bench(&ops, (57, 7_680, 128, 114), Some(95), 48);
 }
 
 /// Times the key rebuild of `batch` sequences of `chunks` chunks, `slots` slots of which

@@ -836,13 +836,13 @@ fn gpu_value_tier_keeps_its_fifo_and_moves_the_pool_bytes() {
     let dev = ops.device();
     // (kv_heads, d, chunk, S, T, batch, rank): a tier larger than the slots, one smaller
     // (more fetched chunks a step than entries), 300 slots (two tiles of the kernels), and
-    // chunks of 3 (42 misses a rebuild tile) at rank 192 (two panels of sv at d = 128),
+    // chunks of 3 (42 misses a rebuild tile) at rank 400 (two panels of sv and codes),
     // where the rebuild copies the tier hits over tiles of several lists.
     for &(kvh, d, chunk, slots, tier, batch, rank) in &[
         (3usize, 64usize, 8usize, 16usize, 24usize, 2usize, 16usize),
         (2, 128, 16, 7, 5, 3, 16),
         (1, 64, 1, 300, 400, 2, 16),
-        (2, 128, 3, 60, 70, 2, 192),
+        (4, 128, 3, 60, 70, 2, 400),
     ] {
         let l = ShadowLayout {
             chunk,
@@ -1109,12 +1109,12 @@ fn key_rebuild_matches_low_rank_and_rope() {
     let mut rng = seeded("shadow_rebuild");
     // (model, chunk, rank, chunk_cap, S): llama3 RoPE scaling at positions up to 131K;
     // d = 64 and 128; chunks of 1, 3, 5, 8 and 16 tokens (tiles take 128 / c misses,
-    // rows past them empty); ranks 1, 37 and 203 (not multiples of the mma's 16 nor of
-    // the 32-rank stage; 37 and 203 not of 8 either: u loaded without cp.async) up to
-    // kv_heads·d = 1024, the largest; 203 and 1024 need more than the 160 ranks of sv a
-    // block keeps (panels restaged per tile); group 7 (Qwen2). Each case on the default
-    // grid (a tile or two per block here), on one block (every tile of every head in
-    // turn: sv restaged when the head changes, the u pipeline running across tiles) and
+    // rows past them empty); ranks 1, 37 and 203 (not multiples of the mma's 16: their
+    // codes loaded byte by byte, not by cp.async) up to kv_heads·d = 1024, the largest,
+    // which needs more than the 320 ranks of sv a block keeps (panels restaged per tile);
+    // group 7 (Qwen2). Each case on the default grid (a tile or two per block here), on
+    // one block (every tile of every head in turn: sv restaged when the head changes,
+    // each tile's codes loaded while the one before multiplies) and
     // on three (heads split between blocks); some entries of the lists are invalid
     // misses, which the kernel must skip.
     for &(arch, chunk, rank, chunk_cap, slots) in &[

@@ -14,33 +14,29 @@ use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 const REBUILD_ROWS: usize = 128;
 /// Threads of a rebuild block (`REBUILD_THREADS`: 8 warps).
 const REBUILD_THREADS: u32 = 256;
-/// Ranks of u a pipeline stage holds (`REBUILD_K_CHUNK`).
+/// A panel's ranks are a multiple of this (`REBUILD_K_CHUNK`).
 const REBUILD_K_CHUNK: usize = 32;
-/// Ranks × columns of a head's sv a block keeps in shared memory at most
-/// (`REBUILD_SV_RANK_COLS`: rank 320 at d = 128).
-const REBUILD_SV_RANK_COLS: usize = 320 * 128;
-/// Shared memory of the two u stages (`REBUILD_U_BYTES`: rows of 40 fp16).
-const REBUILD_U_BYTES: usize = 2 * REBUILD_ROWS * (REBUILD_K_CHUNK + 8) * 2;
+/// Ranks of sv and of a tile's codes a block keeps in shared memory at most
+/// (`REBUILD_PANEL_RANKS`).
+const REBUILD_PANEL_RANKS: usize = 320;
 /// Shared memory of two tiles' row tables (`REBUILD_META_BYTES`: tokens, attention rows,
 /// tier entries and coefficient scales).
 const REBUILD_META_BYTES: usize = 8 * REBUILD_ROWS * 4;
 const _: () = assert!(REBUILD_ROWS >= MAX_CHUNK, "a tile holds the rows of one miss at least");
 
 /// Dynamic shared memory of a rebuild block, as `rb_smem` of kernels/rebuild.cu lays it
-/// out: the u stages, a panel of sv in fp16 (the whole rank up to
-/// `REBUILD_SV_RANK_COLS / d`), with a GPU value tier a tile's tier hits (the chunks of
-/// `REBUILD_ROWS / chunk` misses), the row tables and `lists + 1` tile offsets.
+/// out: two tiles' 8-bit codes of a panel of ranks (rows of `panel + 16` bytes), the
+/// panel of sv in fp16 (the whole rank up to `REBUILD_PANEL_RANKS`), with a GPU value
+/// tier a tile's tier hits (the chunks of `REBUILD_ROWS / chunk` misses), the row tables
+/// and `lists + 1` tile offsets.
 fn rebuild_smem(l: &ShadowLayout, lists: usize) -> usize {
-    let panel = l
-        .rank
-        .next_multiple_of(REBUILD_K_CHUNK)
-        .min(REBUILD_SV_RANK_COLS / l.head_dim);
+    let panel = l.rank.next_multiple_of(REBUILD_K_CHUNK).min(REBUILD_PANEL_RANKS);
     let tier = if l.tier > 0 {
         REBUILD_ROWS / l.chunk * l.value_chunk_bytes()
     } else {
         0
     };
-    REBUILD_U_BYTES + panel * (l.head_dim + 8) * 2 + tier + REBUILD_META_BYTES + (lists + 1) * 4
+    2 * REBUILD_ROWS * (panel + 16) + panel * (l.head_dim + 8) * 2 + tier + REBUILD_META_BYTES + (lists + 1) * 4
 }
 
 /// The misses a rebuild works on: each list's `(slot, chunk)` entries and count (as
