@@ -192,8 +192,9 @@ __device__ __forceinline__ void rb_start_tile(const RbTile& x, int per, const Sh
 }
 
 // Copies ranks k0 .. k0 + n of the codes of tile x's rows into buf ([REBUILD_ROWS][stride]
-// bytes): where the rank is a multiple of 16, by 16-byte cp.async (consecutive threads
-// on consecutive bytes: a chunk's rows are consecutive in u), left in flight (the caller
+// bytes): where the rank is a multiple of 16, by 16-byte cp.async (u is an allocation of
+// its own, 256-byte aligned, so every row is 16-byte aligned; consecutive threads on
+// consecutive bytes: a chunk's rows are consecutive in u), left in flight (the caller
 // commits and waits); else by byte loads, landed on return. Rows without a token keep
 // what they held: any byte is a finite code, and their products are not stored.
 __device__ __forceinline__ void rb_load_codes(unsigned char* buf, int stride, const RbTile& x, int per,
