@@ -425,20 +425,23 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
     static_assert(REBUILD_PANEL_RANKS % REBUILD_K_CHUNK == 0, "panels of whole k16 steps, rows of 16 bytes");
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int row0 = (warp >> 1) * 32;            // the warp's first row of a tile
-    const int tile0 = (warp & 1) * (D / 32);      // its first n8 tile
+    const int row0 = (warp >> 1) * 32;        // the warp's first row of a tile
+    const int tile0 = (warp & 1) * (D / 32);  // its first n8 tile
     const int r = dims.rank, per = REBUILD_ROWS / dims.chunk;
     const int panels = (r + kp - 1) / kp;
     const int stride = rb_code_stride(kp), buf_bytes = REBUILD_ROWS * stride;
     const size_t kvd = (size_t)dims.kv_heads * D;
     // Ranks of panel pn, and those rounded up to whole stages of sv (zero past the rank).
     auto panel_ranks = [&](int pn) { return min(kp, r - pn * kp); };
-    auto panel_rows = [&](int pn) { return min(kp, (panel_ranks(pn) + REBUILD_K_CHUNK - 1) / REBUILD_K_CHUNK * REBUILD_K_CHUNK); };
+    auto panel_rows = [&](int pn) {
+        return min(kp, (panel_ranks(pn) + REBUILD_K_CHUNK - 1) / REBUILD_K_CHUNK * REBUILD_K_CHUNK);
+    };
 
     // ldmatrix address of this lane in sv: rank (lane%8) + 8*((lane/8)%2) at column
     // 8*tile0, or of its partner tile for lanes 16..31 (matrices b0, b1 of tile j, then of
     // j + D/16: ldmatrix.trans gives the column-major B).
-    const unsigned sa = smem_addr(s.sv) + ((lane & 7) + 8 * ((lane >> 3) & 1)) * SV_ROW + 16 * (tile0 + (lane >> 4) * HALF);
+    const unsigned sa =
+        smem_addr(s.sv) + ((lane & 7) + 8 * ((lane >> 3) & 1)) * SV_ROW + 16 * (tile0 + (lane >> 4) * HALF);
 
     {
         const RbTile first = rb_tile(s.off, lists, t0, per, dims, miss_count, fetch_count);
