@@ -84,7 +84,8 @@
 #define REBUILD_PANEL_RANKS 320
 // sv rows of 2*d + 16 bytes put the 8 rows of each ldmatrix 8x8 matrix in 8 different
 // 16-byte bank groups ((2d + 16) mod 128 = 16), so its reads are free of bank conflicts.
-#define REBUILD_META_BYTES (8 * REBUILD_ROWS * 4)  // tok, arow, tent and usc, two tiles
+// tok, arow, tent and usc of two tiles, and the two tiles (RbTile, 32 bytes each)
+#define REBUILD_META_BYTES (8 * REBUILD_ROWS * 4 + 64)
 
 // inv_freq in shared memory (head_dim / 2 <= 64 values), read by rb_store.
 __shared__ float rb_inv[64];
@@ -108,6 +109,14 @@ __device__ __forceinline__ int rb_sv_row(int k) {
 }
 
 __device__ __forceinline__ unsigned rb_bits(__half2 v) { return *reinterpret_cast<unsigned*>(&v); }
+
+// The multiplier of rb_div for a divisor c in 1 .. MAX_CHUNK: ceil(2^16 / c).
+__device__ __forceinline__ int rb_div_magic(int c) { return (65536 + c - 1) / c; }
+
+// p / c for 0 <= p < REBUILD_ROWS by a multiply and a shift (m = rb_div_magic(c)), instead
+// of a division's dozen instructions: with m = (2^16 + e) / c, e < c, p * m / 2^16 exceeds
+// p / c by p * e / (c 2^16) < 1 / c (p * e < 128 * 16), too little to reach the next integer.
+__device__ __forceinline__ int rb_div(int p, int m) { return (p * m) >> 16; }
 
 // Tiles of a head's miss list of `count` entries (clamped to [0, slots]), `per` misses a tile.
 __device__ __forceinline__ int rb_tiles(int count, int slots, int per) {
@@ -139,7 +148,9 @@ struct RbTile {
     int first;  // its first entry
     int nm;     // entries of the list
     int fc;     // of which fetched (the rest are tier hits), or nm without tier hits to copy
+    int pad[3];
 };
+static_assert(sizeof(RbTile) == 32, "two tiles in the 64 bytes of REBUILD_META_BYTES");
 
 __device__ __forceinline__ RbTile rb_tile(const int* off, int lists, int t, int per, const ShadowDims& dims,
                                           const int* __restrict__ miss_count, const int* __restrict__ fetch_count) {
@@ -154,69 +165,67 @@ __device__ __forceinline__ RbTile rb_tile(const int* off, int lists, int t, int 
 }
 
 // (token, row of the head's attention buffer) of row p of tile x: row p % c of its miss
-// p / c; token -1 for an empty row (past the tile's misses or the list, or an invalid miss).
-__device__ __forceinline__ int2 rb_row(const RbTile& x, int p, int per, const ShadowDims& dims,
+// p / c (cm = rb_div_magic(c)); token -1 for an empty row (past the tile's misses or the list, or an invalid miss).
+__device__ __forceinline__ int2 rb_row(const RbTile& x, int p, int per, int cm, const ShadowDims& dims,
                                        const int2* __restrict__ misses, const ShadowSeqCounts* __restrict__ counts) {
-    const int c = dims.chunk, j = p / c, i = p - j * c;
+    const int c = dims.chunk, j = rb_div(p, cm), i = p - j * c;
     if (j >= per || x.first + j >= x.nm) return make_int2(-1, 0);
     const int2 m = misses[((size_t)x.b * dims.kv_heads + x.h) * dims.slots + x.first + j];
     if (m.x < 0 || m.x >= dims.slots || m.y < 0 || m.y >= dims.chunk_cap) return make_int2(-1, 0);
     return make_int2(m.y * c + i, shadow_slot_row(dims, counts[x.b].outliers, m.x) + i);
 }
 
-// Starts tile x: its rows' tokens, attention rows, coefficient scales and chunks of the
-// head's GPU value tier (the byte entry * value_chunk_bytes where the entry starts; -1:
-// not a tier hit) into tok / arow / usc / tent (threads below REBUILD_ROWS, one row
-// each).
+// Copies ranks k0 .. k0 + n of the codes of token t (-1: none, nothing copied) into row p
+// of buf ([REBUILD_ROWS][stride] bytes), the half `half` of them (two threads a row):
+// where the rank is a multiple of 16, by 16-byte cp.async (u is an allocation of its own,
+// 256-byte aligned, so every row is 16-byte aligned), left in flight (the caller commits
+// and waits); else by byte loads, landed on return. Rows without a token keep what they
+// held: any byte is a finite code, and their products are not stored.
+__device__ __forceinline__ void rb_row_codes(unsigned char* buf, int stride, const ShadowSeqBufs& seq,
+                                             const ShadowDims& dims, int t, int p, int half, int k0, int n) {
+    if (t < 0) return;
+    const int r = dims.rank;
+    const signed char* src = reinterpret_cast<const signed char*>(seq.u) + (size_t)t * r + k0;
+    unsigned char* dst = buf + p * stride;
+    if ((r & 15) == 0) {
+        const int segs = n / 16, mid = (segs + 1) / 2;  // r, k0 and so n are multiples of 16
+        const unsigned to = smem_addr(dst);
+        for (int q = half ? mid : 0; q < (half ? segs : mid); ++q) cp_async16(to + 16 * q, src + 16 * q, true);
+    } else {
+        const int mid = (n + 1) / 2;
+        for (int k = half ? mid : 0; k < (half ? n : mid); ++k) dst[k] = static_cast<unsigned char>(src[k]);
+    }
+}
+
+// Starts tile x (cm = rb_div_magic(c)): its rows' codes of ranks 0 .. n into `codes` (rb_row_codes: each thread
+// pair one row, so a row's token is read once and every copy of the tile is in flight
+// after one round trip to global memory), and its rows' tokens, attention rows,
+// coefficient scales and chunks of the head's GPU value tier (the byte entry *
+// value_chunk_bytes where the entry starts; -1: not a tier hit) into tok / arow / usc /
+// tent. (A loop of the tile's 16-byte copies that read each copy's token first, five
+// dependent round trips a thread at rank 160, was most of a tile's start.)
 __device__ __forceinline__ void rb_start_tile(const RbTile& x, int per, const ShadowDims& dims,
                                               const int2* __restrict__ misses,
                                               const ShadowSeqCounts* __restrict__ counts,
                                               const ShadowSeqBufs* __restrict__ bufs,
-                                              const int* __restrict__ tier_src, int* tok, int* arow, int* tent,
-                                              float* usc) {
-    const int tid = threadIdx.x;
-    if (tid < REBUILD_ROWS) {
-        const int2 q = rb_row(x, tid, per, dims, misses, counts);
-        tok[tid] = q.x;
-        arow[tid] = q.y;
-        usc[tid] = q.x >= 0 ? reinterpret_cast<const float*>(bufs[x.b].u_scales)[q.x] : 0.f;
-        const int j = x.first + tid / dims.chunk;  // the row's entry of the list
+                                              const int* __restrict__ tier_src, int cm, unsigned char* codes,
+                                              int stride, int n, int* tok, int* arow, int* tent, float* usc) {
+    static_assert(REBUILD_THREADS == 2 * REBUILD_ROWS, "two threads a row");
+    const int p = threadIdx.x % REBUILD_ROWS, half = threadIdx.x / REBUILD_ROWS;
+    const int2 q = rb_row(x, p, per, cm, dims, misses, counts);
+    rb_row_codes(codes, stride, bufs[x.b], dims, q.x, p, half, 0, n);
+    if (half == 0) {
+        tok[p] = q.x;
+        arow[p] = q.y;
+        usc[p] = q.x >= 0 ? reinterpret_cast<const float*>(bufs[x.b].u_scales)[q.x] : 0.f;
+        const int j = x.first + rb_div(p, cm);  // the row's entry of the list
         int ent = -1;
         if (q.x >= 0 && j >= x.fc) {
             const int e = x.b * dims.kv_heads + x.h;
             const int entry = min(max(tier_src[(size_t)e * dims.slots + j], 0), dims.tier - 1);
             ent = entry * value_chunk_bytes(dims);
         }
-        tent[tid] = ent;
-    }
-}
-
-// Copies ranks k0 .. k0 + n of the codes of tile x's rows into buf ([REBUILD_ROWS][stride]
-// bytes): where the rank is a multiple of 16, by 16-byte cp.async (u is an allocation of
-// its own, 256-byte aligned, so every row is 16-byte aligned; consecutive threads on
-// consecutive bytes: a chunk's rows are consecutive in u), left in flight (the caller
-// commits and waits); else by byte loads, landed on return. Rows without a token keep
-// what they held: any byte is a finite code, and their products are not stored.
-__device__ __forceinline__ void rb_load_codes(unsigned char* buf, int stride, const RbTile& x, int per,
-                                              const ShadowDims& dims, const int2* __restrict__ misses,
-                                              const ShadowSeqCounts* __restrict__ counts,
-                                              const ShadowSeqBufs* __restrict__ bufs, int k0, int n) {
-    const int r = dims.rank;
-    const signed char* U = reinterpret_cast<const signed char*>(bufs[x.b].u) + k0;
-    if ((r & 15) == 0) {
-        const int segs = n / 16;  // r, k0 and so n are multiples of 16
-        const unsigned base = smem_addr(buf);
-        for (int i = threadIdx.x; i < REBUILD_ROWS * segs; i += REBUILD_THREADS) {
-            const int p = i / segs, q = i - p * segs;
-            const int t = rb_row(x, p, per, dims, misses, counts).x;
-            if (t >= 0) cp_async16(base + p * stride + 16 * q, U + (size_t)t * r + 16 * q, true);
-        }
-    } else {
-        for (int i = threadIdx.x; i < REBUILD_ROWS * n; i += REBUILD_THREADS) {
-            const int p = i / n, k = i - p * n;
-            const int t = rb_row(x, p, per, dims, misses, counts).x;
-            if (t >= 0) buf[p * stride + k] = static_cast<unsigned char>(U[(size_t)t * r + k]);
-        }
+        tent[p] = ent;
     }
 }
 
@@ -353,13 +362,13 @@ __device__ __forceinline__ void rb_fetch_tier(unsigned char* buf, const int* ten
 // Writes the tier hits' values of the tile whose rows are arow / tent, staged in `buf` by
 // rb_fetch_tier (landed: after cp_async_wait and a barrier), to their rows of av as bf16
 // from the tier's 8 bits (row i of a staged chunk at byte i * D, its scale at c * D + 4i):
-// thread tid writes word tid % (D / 8) (8 values from 8 codes and the row's scale) of the
+// (cm = rb_div_magic(c)) thread tid writes word tid % (D / 8) (8 values from 8 codes and the row's scale) of the
 // rows tid / (D / 8) + k * (REBUILD_THREADS / (D / 8)); rows that are not tier hits are
 // skipped. (The tier's loads issued here, a dependent round trip to HBM for each of the
 // eight passes, took a quarter of the kernel's warp samples; ncu, H200.)
 template <int D>
 __device__ __forceinline__ void rb_copy_tier(const unsigned char* buf, const int* arow, const int* tent,
-                                             const ShadowSeqBufs& seq, const ShadowDims& dims, int h) {
+                                             const ShadowSeqBufs& seq, const ShadowDims& dims, int h, int cm) {
     constexpr int ROW_WORDS = D / 8, STRIDE = REBUILD_THREADS / ROW_WORDS;  // rows a pass
     const int c = dims.chunk, vcb = value_chunk_bytes(dims);
     uint4* av = reinterpret_cast<uint4*>(shadow_attn_row(seq.av, dims, h, 0));
@@ -367,7 +376,7 @@ __device__ __forceinline__ void rb_copy_tier(const unsigned char* buf, const int
 #pragma unroll 4
     for (int p = threadIdx.x / ROW_WORDS; p < REBUILD_ROWS; p += STRIDE) {
         if (tent[p] < 0) continue;
-        const int j = p / c, r = p - j * c;
+        const int j = rb_div(p, cm), r = p - j * c;
         const unsigned char* chunk = buf + j * vcb;
         const uint2 v = reinterpret_cast<const uint2*>(chunk + r * D)[i];
         const float sc = reinterpret_cast<const float*>(chunk + c * D)[r];
@@ -380,6 +389,7 @@ __device__ __forceinline__ void rb_copy_tier(const unsigned char* buf, const int
 //   sv    [kp][d + 8] fp16                           the staged panel of sv     2 kp (d + 8)
 //   tier  [REBUILD_ROWS / c][value_chunk_bytes]      a tile's tier hits (with a tier)  16896 at d 128, c 8
 //   tok, arow, tent [2][REBUILD_ROWS] int, usc [2][REBUILD_ROWS] float  two tiles' rows  4096
+//   tiles [2] RbTile                                 the two tiles              64
 //   off   [lists + 1] int                            tiles before each list     4 (lists + 1)
 // (src/cuda/shadow/rebuild.rs sizes it the same way.)
 // (inv_freq, d / 2 floats, is static shared memory: rb_inv.)
@@ -389,6 +399,7 @@ struct RbSmem {
     unsigned char* tier;
     int *tok, *arow, *tent, *off;
     float* usc;
+    RbTile* tiles;  // [2]: the tile whose rows tok / arow / tent / usc [k] hold
 };
 
 // Bytes of a tile's staged tier hits: none without a tier.
@@ -405,7 +416,8 @@ __device__ __forceinline__ RbSmem rb_smem(unsigned char* base, const ShadowDims&
     s.arow = s.tok + 2 * REBUILD_ROWS;
     s.tent = s.arow + 2 * REBUILD_ROWS;
     s.usc = reinterpret_cast<float*>(s.tent + 2 * REBUILD_ROWS);
-    s.off = reinterpret_cast<int*>(s.usc + 2 * REBUILD_ROWS);
+    s.tiles = reinterpret_cast<RbTile*>(s.usc + 2 * REBUILD_ROWS);
+    s.off = reinterpret_cast<int*>(s.tiles + 2);
     return s;
 }
 
@@ -427,7 +439,7 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int row0 = (warp >> 1) * 32;        // the warp's first row of a tile
     const int tile0 = (warp & 1) * (D / 32);  // its first n8 tile
-    const int r = dims.rank, per = REBUILD_ROWS / dims.chunk;
+    const int r = dims.rank, per = REBUILD_ROWS / dims.chunk, cm = rb_div_magic(dims.chunk);
     const int panels = (r + kp - 1) / kp;
     const int stride = rb_code_stride(kp), buf_bytes = REBUILD_ROWS * stride;
     const size_t kvd = (size_t)dims.kv_heads * D;
@@ -445,40 +457,40 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
 
     {
         const RbTile first = rb_tile(s.off, lists, t0, per, dims, miss_count, fetch_count);
-        rb_start_tile(first, per, dims, misses, counts, bufs, tier_src, s.tok, s.arow, s.tent, s.usc);
-        rb_load_codes(s.codes, stride, first, per, dims, misses, counts, bufs, 0, panel_ranks(0));
+        if (tid == 0) s.tiles[0] = first;
+        rb_start_tile(first, per, dims, misses, counts, bufs, tier_src, cm, s.codes, stride, panel_ranks(0), s.tok,
+                      s.arow, s.tent, s.usc);
         cp_async_commit();
     }
 
     int staged = -1;  // list whose sv the one panel holds
     for (int ti = 0; ti < t1 - t0; ++ti) {
-        // (Found again rather than kept from the last tile: fewer registers live across
-        // the products.)
-        const RbTile cur = rb_tile(s.off, lists, t0 + ti, per, dims, miss_count, fetch_count);
-        const int e = cur.b * dims.kv_heads + cur.h;
         const int par = (ti & 1) * REBUILD_ROWS;  // the tile's rows in tok / arow / tent / usc
         unsigned char* cb = s.codes + (ti & 1) * buf_bytes;
-        const float* sv = reinterpret_cast<const float*>(bufs[cur.b].sv) + (size_t)cur.h * D;
         cp_async_wait<0>();
-        __syncthreads();  // the tile's codes and rows are in; the last tile is done with the
-                          // other buffers
+        __syncthreads();  // the tile, its codes and rows are in; the last tile is done with
+                          // the other buffers
+        // (Read from shared memory, where the tile before left it, rather than kept in
+        // registers across the products, or found again by a search and global loads.)
+        const RbTile cur = s.tiles[ti & 1];
+        const int e = cur.b * dims.kv_heads + cur.h;
+        const float* sv = reinterpret_cast<const float*>(bufs[cur.b].sv) + (size_t)cur.h * D;
         const bool restage = panels > 1 || e != staged;
         if (restage) {
             rb_stage_sv<D, 10>(s.sv, sv, kvd, r, 0, panel_rows(0));
             staged = e;
         }
-        // The next tile's rows and codes, and this tile's tier hits, land while the
-        // products run.
+        // This tile's tier hits, and the next tile's rows and codes, land while the products
+        // run (in two groups of copies, the tier hits' first: the tile waits for them alone).
+        if (dims.tier > 0) rb_fetch_tier(s.tier, s.tent + par, bufs[cur.b], dims, cur.h, per);
         if (t0 + ti + 1 < t1) {
             const RbTile nxt = rb_tile(s.off, lists, t0 + ti + 1, per, dims, miss_count, fetch_count);
             const int np = REBUILD_ROWS - par;
-            rb_start_tile(nxt, per, dims, misses, counts, bufs, tier_src, s.tok + np, s.arow + np, s.tent + np,
-                          s.usc + np);
-            rb_load_codes(s.codes + buf_bytes - (cb - s.codes), stride, nxt, per, dims, misses, counts, bufs, 0,
-                          panel_ranks(0));
+            if (tid == 0) s.tiles[(ti + 1) & 1] = nxt;
+            rb_start_tile(nxt, per, dims, misses, counts, bufs, tier_src, cm, s.codes + buf_bytes - (cb - s.codes),
+                          stride, panel_ranks(0), s.tok + np, s.arow + np, s.tent + np, s.usc + np);
         }
         cp_async_commit();
-        if (dims.tier > 0) rb_fetch_tier(s.tier, s.tent + par, bufs[cur.b], dims, cur.h, per);
         if (restage) __syncthreads();  // sv is staged
         const bool active = __any_sync(0xffffffffu, s.tok[par + row0 + lane] >= 0);
         float acc[2][D / 32][2][4] = {};
@@ -486,7 +498,8 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
             if (pn > 0) {
                 __syncthreads();  // every warp is done with the panel before
                 rb_stage_sv<D, 4>(s.sv, sv, kvd, r, pn * kp, panel_rows(pn));
-                rb_load_codes(cb, stride, cur, per, dims, misses, counts, bufs, pn * kp, panel_ranks(pn));
+                rb_row_codes(cb, stride, bufs[cur.b], dims, s.tok[par + tid % REBUILD_ROWS], tid % REBUILD_ROWS,
+                             tid / REBUILD_ROWS, pn * kp, panel_ranks(pn));
                 cp_async_commit();
                 cp_async_wait<0>();
                 __syncthreads();  // the panel's sv and codes are in
@@ -499,9 +512,9 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
         // kept for them across the products cost spills. Without a tier, the barrier made
         // the keys-only rebuild 7 % slower.)
         if (dims.tier > 0) {
-            cp_async_wait<0>();
-            __syncthreads();  // every thread's tier chunks have landed
-            rb_copy_tier<D>(s.tier, s.arow + par, s.tent + par, bufs[cur.b], dims, cur.h);
+            cp_async_wait<1>();  // all but the next tile's codes
+            __syncthreads();     // every thread's tier chunks have landed
+            rb_copy_tier<D>(s.tier, s.arow + par, s.tent + par, bufs[cur.b], dims, cur.h, cm);
         }
     }
 }
