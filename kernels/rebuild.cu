@@ -45,11 +45,12 @@
 // comes from sv in shared memory by ldmatrix.trans (the column-major fragment), one x4
 // load per pair of n8 tiles, with a stride that keeps it free of bank conflicts.
 //
-// Pipeline: the codes of the next tile are copied into the other of two buffers by
-// cp.async as a tile starts (16 bytes a copy, consecutive threads on consecutive bytes of
-// a chunk's rows; byte loads where the rank is not a multiple of 16), so a tile's
-// products wait for no load and pass no barrier: two barriers a tile (its codes in; with
-// a tier, its tier hits in). (The previous form streamed u through two stages of 32 ranks
+// Pipeline: as a tile starts, thread 0 finds the tile after next and every thread loads
+// its row's miss entry of the next tile; after the tile's products, the next tile's codes
+// (16 bytes a copy; byte loads where the rank is not a multiple of 16), coefficient
+// scales and tier entries are copied into the other of two buffers by cp.async, so a
+// tile's products wait for no load and pass no barrier: two barriers a tile (its codes
+// in; with a tier, its tier hits in). (The previous form streamed u through two stages of 32 ranks
 // in fp16, each loaded into registers one stage ahead and widened into shared memory
 // behind a barrier: five barriers a tile at rank 160, each exposing a gather from HBM.)
 //
@@ -84,8 +85,10 @@
 #define REBUILD_PANEL_RANKS 320
 // sv rows of 2*d + 16 bytes put the 8 rows of each ldmatrix 8x8 matrix in 8 different
 // 16-byte bank groups ((2d + 16) mod 128 = 16), so its reads are free of bank conflicts.
-// tok, arow, tent and usc of two tiles, and the two tiles (RbTile, 32 bytes each)
-#define REBUILD_META_BYTES (8 * REBUILD_ROWS * 4 + 64)
+// tok, arow, tent and usc of two tiles, and three tiles (RbTile, 32 bytes each)
+#define REBUILD_META_BYTES (8 * REBUILD_ROWS * 4 + 96)
+// tent of a row that is not a tier hit (else the row's tier entry as tier_src holds it).
+#define RB_NO_TIER (-2147483647 - 1)
 
 // inv_freq in shared memory (head_dim / 2 <= 64 values), read by rb_store.
 __shared__ float rb_inv[64];
@@ -148,31 +151,45 @@ struct RbTile {
     int first;  // its first entry
     int nm;     // entries of the list
     int fc;     // of which fetched (the rest are tier hits), or nm without tier hits to copy
-    int pad[3];
+    int outl;   // the sequence's outlier chunks (its slots' rows follow theirs)
+    int pad[2];
 };
-static_assert(sizeof(RbTile) == 32, "two tiles in the 64 bytes of REBUILD_META_BYTES");
+static_assert(sizeof(RbTile) == 32, "three tiles in the 96 bytes of REBUILD_META_BYTES");
 
-__device__ __forceinline__ RbTile rb_tile(const int* off, int lists, int t, int per, const ShadowDims& dims,
-                                          const int* __restrict__ miss_count, const int* __restrict__ fetch_count) {
-    const int e = run_of(off, lists, t);
+// Tile t, its list found from list e on (a list whose tiles start at or before t; e is
+// left at t's list): one thread finds a block's tiles in order, so the walk moves a list
+// at a time (past lists without tiles), where a search of the offsets took ten
+// dependent shared loads a tile.
+__device__ __forceinline__ RbTile rb_tile(const int* off, int lists, int t, int& e, int per, const ShadowDims& dims,
+                                          const int* __restrict__ miss_count, const int* __restrict__ fetch_count,
+                                          const ShadowSeqCounts* __restrict__ counts) {
+    while (e + 1 < lists && off[e + 1] <= t) ++e;
     RbTile x;
     x.b = e / dims.kv_heads;
     x.h = e - x.b * dims.kv_heads;
     x.first = (t - off[e]) * per;
     x.nm = min(max(miss_count[e], 0), dims.slots);
     x.fc = fetch_count != nullptr && dims.tier > 0 ? min(max(fetch_count[e], 0), x.nm) : x.nm;
+    x.outl = counts[x.b].outliers;
     return x;
 }
 
-// (token, row of the head's attention buffer) of row p of tile x: row p % c of its miss
-// p / c (cm = rb_div_magic(c)); token -1 for an empty row (past the tile's misses or the list, or an invalid miss).
-__device__ __forceinline__ int2 rb_row(const RbTile& x, int p, int per, int cm, const ShadowDims& dims,
-                                       const int2* __restrict__ misses, const ShadowSeqCounts* __restrict__ counts) {
-    const int c = dims.chunk, j = rb_div(p, cm), i = p - j * c;
-    if (j >= per || x.first + j >= x.nm) return make_int2(-1, 0);
-    const int2 m = misses[((size_t)x.b * dims.kv_heads + x.h) * dims.slots + x.first + j];
+// The miss entry of row p of tile x, row p % c of its miss p / c (cm = rb_div_magic(c)),
+// its load issued here and used later (rb_row_place): (-1, -1) for a row past the tile's
+// misses or the list.
+__device__ __forceinline__ int2 rb_row_miss(const RbTile& x, int p, int per, int cm, const ShadowDims& dims,
+                                            const int2* __restrict__ misses) {
+    const int j = rb_div(p, cm);
+    if (j >= per || x.first + j >= x.nm) return make_int2(-1, -1);
+    return misses[((size_t)x.b * dims.kv_heads + x.h) * dims.slots + x.first + j];
+}
+
+// (token, row of the head's attention buffer) of row p of tile x from its miss entry m
+// (rb_row_miss); token -1 for an empty row (none, or an invalid miss).
+__device__ __forceinline__ int2 rb_row_place(const RbTile& x, int2 m, int p, int cm, const ShadowDims& dims) {
+    const int c = dims.chunk, i = p - rb_div(p, cm) * c;
     if (m.x < 0 || m.x >= dims.slots || m.y < 0 || m.y >= dims.chunk_cap) return make_int2(-1, 0);
-    return make_int2(m.y * c + i, shadow_slot_row(dims, counts[x.b].outliers, m.x) + i);
+    return make_int2(m.y * c + i, shadow_slot_row(dims, x.outl, m.x) + i);
 }
 
 // Copies ranks k0 .. k0 + n of the codes of token t (-1: none, nothing copied) into row p
@@ -197,36 +214,42 @@ __device__ __forceinline__ void rb_row_codes(unsigned char* buf, int stride, con
     }
 }
 
-// Starts tile x (cm = rb_div_magic(c)): its rows' codes of ranks 0 .. n into `codes` (rb_row_codes: each thread
-// pair one row, so a row's token is read once and every copy of the tile is in flight
-// after one round trip to global memory), and its rows' tokens, attention rows,
-// coefficient scales and chunks of the head's GPU value tier (the byte entry *
-// value_chunk_bytes where the entry starts; -1: not a tier hit) into tok / arow / usc /
-// tent. (A loop of the tile's 16-byte copies that read each copy's token first, five
-// dependent round trips a thread at rank 160, was most of a tile's start.)
-__device__ __forceinline__ void rb_start_tile(const RbTile& x, int per, const ShadowDims& dims,
-                                              const int2* __restrict__ misses,
-                                              const ShadowSeqCounts* __restrict__ counts,
+// Starts tile x (cm = rb_div_magic(c)) from the miss entry m of this thread's row
+// (rb_row_miss; each thread pair one row): copies the row's codes of ranks 0 .. n into
+// `codes` (rb_row_codes), and stores its token and attention row into tok / arow and
+// copies its coefficient scale and, for a tier hit, its entry of the head's GPU value
+// tier into usc / tent (RB_NO_TIER: not a tier hit), all by cp.async into the thread's
+// open group, so nothing here waits for memory. (Read one after another, the miss
+// entry, the sequence's counts and then the scales and tier entries were three round
+// trips to global memory before every tile's products: 38 % of the kernel's stall
+// samples with the copies of the codes.)
+__device__ __forceinline__ void rb_start_tile(const RbTile& x, int2 m, const ShadowDims& dims,
                                               const ShadowSeqBufs* __restrict__ bufs,
                                               const int* __restrict__ tier_src, int cm, unsigned char* codes,
                                               int stride, int n, int* tok, int* arow, int* tent, float* usc) {
     static_assert(REBUILD_THREADS == 2 * REBUILD_ROWS, "two threads a row");
     const int p = threadIdx.x % REBUILD_ROWS, half = threadIdx.x / REBUILD_ROWS;
-    const int2 q = rb_row(x, p, per, cm, dims, misses, counts);
+    const int2 q = rb_row_place(x, m, p, cm, dims);
     rb_row_codes(codes, stride, bufs[x.b], dims, q.x, p, half, 0, n);
     if (half == 0) {
         tok[p] = q.x;
         arow[p] = q.y;
-        usc[p] = q.x >= 0 ? reinterpret_cast<const float*>(bufs[x.b].u_scales)[q.x] : 0.f;
+        if (q.x >= 0)
+            cp_async4(smem_addr(usc + p), reinterpret_cast<const float*>(bufs[x.b].u_scales) + q.x);
+        else
+            usc[p] = 0.f;
         const int j = x.first + rb_div(p, cm);  // the row's entry of the list
-        int ent = -1;
-        if (q.x >= 0 && j >= x.fc) {
-            const int e = x.b * dims.kv_heads + x.h;
-            const int entry = min(max(tier_src[(size_t)e * dims.slots + j], 0), dims.tier - 1);
-            ent = entry * value_chunk_bytes(dims);
-        }
-        tent[p] = ent;
+        if (q.x >= 0 && j >= x.fc)
+            cp_async4(smem_addr(tent + p), tier_src + ((size_t)x.b * dims.kv_heads + x.h) * dims.slots + j);
+        else
+            tent[p] = RB_NO_TIER;
     }
+}
+
+// Byte offset in the head's tier of the entry that row table value `ent` names (not
+// RB_NO_TIER), clamped to the tier as tier_src is trusted no further.
+__device__ __forceinline__ int rb_tier_offset(int ent, const ShadowDims& dims) {
+    return min(max(ent, 0), dims.tier - 1) * value_chunk_bytes(dims);
 }
 
 // Four codes (one 32-bit word, ranks 4*tq .. 4*tq + 3 of a row) widened to fp16: lo holds
@@ -340,19 +363,19 @@ __device__ __forceinline__ void rb_store(const float (&acc)[2][D / 32][2][4], co
 }
 
 // Starts the copy of the tile's tier hits into `buf` (shared, [per][value_chunk_bytes]):
-// the whole chunk of each miss that is a tier hit (tent of its first row >= 0), 16 bytes
+// the whole chunk of each miss that is a tier hit (tent of its first row not RB_NO_TIER), 16 bytes
 // a cp.async (2c threads a chunk, per = REBUILD_ROWS / c chunks), so the loads land while
 // the tile's products run; rb_copy_tier finishes it after cp_async_wait and a barrier.
 // tent: the tile's rows (rb_start_tile). Where per does not divide REBUILD_THREADS, the
 // last threads get j = per: row j * c is then still below REBUILD_ROWS (for every c up to
-// MAX_CHUNK), past the tile's rows, and its tent is -1, so they copy nothing.
+// MAX_CHUNK), past the tile's rows, and its tent is RB_NO_TIER, so they copy nothing.
 __device__ __forceinline__ void rb_fetch_tier(unsigned char* buf, const int* tent, const ShadowSeqBufs& seq,
                                               const ShadowDims& dims, int h, int per) {
-    const int c = dims.chunk, tpc = REBUILD_THREADS / per, j = threadIdx.x / tpc, src = tent[j * c];
-    if (src >= 0) {
+    const int c = dims.chunk, tpc = REBUILD_THREADS / per, j = threadIdx.x / tpc, ent = tent[j * c];
+    if (ent != RB_NO_TIER) {
         const int words = value_chunk_bytes(dims) / 16;
         const unsigned char* from =
-            reinterpret_cast<const unsigned char*>(shadow_tier_entry(seq, dims, h, 0)) + src;
+            reinterpret_cast<const unsigned char*>(shadow_tier_entry(seq, dims, h, 0)) + rb_tier_offset(ent, dims);
         const unsigned to = smem_addr(buf + j * words * 16);
         for (int k = threadIdx.x - j * tpc; k < words; k += tpc) cp_async16(to + k * 16, from + k * 16, true);
     }
@@ -375,7 +398,7 @@ __device__ __forceinline__ void rb_copy_tier(const unsigned char* buf, const int
     const int i = threadIdx.x % ROW_WORDS;
 #pragma unroll 4
     for (int p = threadIdx.x / ROW_WORDS; p < REBUILD_ROWS; p += STRIDE) {
-        if (tent[p] < 0) continue;
+        if (tent[p] == RB_NO_TIER) continue;
         const int j = rb_div(p, cm), r = p - j * c;
         const unsigned char* chunk = buf + j * vcb;
         const uint2 v = reinterpret_cast<const uint2*>(chunk + r * D)[i];
@@ -389,7 +412,7 @@ __device__ __forceinline__ void rb_copy_tier(const unsigned char* buf, const int
 //   sv    [kp][d + 8] fp16                           the staged panel of sv     2 kp (d + 8)
 //   tier  [REBUILD_ROWS / c][value_chunk_bytes]      a tile's tier hits (with a tier)  16896 at d 128, c 8
 //   tok, arow, tent [2][REBUILD_ROWS] int, usc [2][REBUILD_ROWS] float  two tiles' rows  4096
-//   tiles [2] RbTile                                 the two tiles              64
+//   tiles [3] RbTile                                 a ring of three tiles      96
 //   off   [lists + 1] int                            tiles before each list     4 (lists + 1)
 // (src/cuda/shadow/rebuild.rs sizes it the same way.)
 // (inv_freq, d / 2 floats, is static shared memory: rb_inv.)
@@ -399,7 +422,7 @@ struct RbSmem {
     unsigned char* tier;
     int *tok, *arow, *tent, *off;
     float* usc;
-    RbTile* tiles;  // [2]: the tile whose rows tok / arow / tent / usc [k] hold
+    RbTile* tiles;  // [3]: a ring of the current tile and the next two
 };
 
 // Bytes of a tile's staged tier hits: none without a tier.
@@ -417,7 +440,7 @@ __device__ __forceinline__ RbSmem rb_smem(unsigned char* base, const ShadowDims&
     s.tent = s.arow + 2 * REBUILD_ROWS;
     s.usc = reinterpret_cast<float*>(s.tent + 2 * REBUILD_ROWS);
     s.tiles = reinterpret_cast<RbTile*>(s.usc + 2 * REBUILD_ROWS);
-    s.off = reinterpret_cast<int*>(s.tiles + 2);
+    s.off = reinterpret_cast<int*>(s.tiles + 3);
     return s;
 }
 
@@ -455,24 +478,40 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
     const unsigned sa =
         smem_addr(s.sv) + ((lane & 7) + 8 * ((lane >> 3) & 1)) * SV_ROW + 16 * (tile0 + (lane >> 4) * HALF);
 
+    // The tiles in a ring of three in shared memory: tile ti + 2 is found by thread 0 while
+    // tile ti multiplies, so tile ti + 1's rows can be started during tile ti, and every
+    // thread reads the tiles after a barrier.
+    int walk = 0;  // thread 0: the list of the last tile it found
+    if (tid == 0) {
+        walk = run_of(s.off, lists, t0);
+        s.tiles[0] = rb_tile(s.off, lists, t0, walk, per, dims, miss_count, fetch_count, counts);
+        if (t0 + 1 < t1) s.tiles[1] = rb_tile(s.off, lists, t0 + 1, walk, per, dims, miss_count, fetch_count, counts);
+    }
+    __syncthreads();
     {
-        const RbTile first = rb_tile(s.off, lists, t0, per, dims, miss_count, fetch_count);
-        if (tid == 0) s.tiles[0] = first;
-        rb_start_tile(first, per, dims, misses, counts, bufs, tier_src, cm, s.codes, stride, panel_ranks(0), s.tok,
-                      s.arow, s.tent, s.usc);
+        const RbTile first = s.tiles[0];
+        const int2 m = rb_row_miss(first, tid % REBUILD_ROWS, per, cm, dims, misses);
+        rb_start_tile(first, m, dims, bufs, tier_src, cm, s.codes, stride, panel_ranks(0), s.tok, s.arow, s.tent,
+                      s.usc);
         cp_async_commit();
     }
 
     int staged = -1;  // list whose sv the one panel holds
-    for (int ti = 0; ti < t1 - t0; ++ti) {
+    for (int ti = 0, ring = 0; ti < t1 - t0; ++ti, ring = ring == 2 ? 0 : ring + 1) {
         const int par = (ti & 1) * REBUILD_ROWS;  // the tile's rows in tok / arow / tent / usc
+        const int np = REBUILD_ROWS - par;        // the next tile's
+        const int nring = ring == 2 ? 0 : ring + 1;
         unsigned char* cb = s.codes + (ti & 1) * buf_bytes;
+        const bool more = t0 + ti + 1 < t1;
         cp_async_wait<0>();
         __syncthreads();  // the tile, its codes and rows are in; the last tile is done with
-                          // the other buffers
-        // (Read from shared memory, where the tile before left it, rather than kept in
-        // registers across the products, or found again by a search and global loads.)
-        const RbTile cur = s.tiles[ti & 1];
+                          // the other buffers and its ring entry
+        // (Read from shared memory, where thread 0 left it, rather than kept in registers
+        // across the products, or found again by every thread.)
+        const RbTile cur = s.tiles[ring];
+        if (tid == 0 && t0 + ti + 2 < t1)
+            s.tiles[nring == 2 ? 0 : nring + 1] =
+                rb_tile(s.off, lists, t0 + ti + 2, walk, per, dims, miss_count, fetch_count, counts);
         const int e = cur.b * dims.kv_heads + cur.h;
         const float* sv = reinterpret_cast<const float*>(bufs[cur.b].sv) + (size_t)cur.h * D;
         const bool restage = panels > 1 || e != staged;
@@ -480,17 +519,11 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
             rb_stage_sv<D, 10>(s.sv, sv, kvd, r, 0, panel_rows(0));
             staged = e;
         }
-        // This tile's tier hits, and the next tile's rows and codes, land while the products
-        // run (in two groups of copies, the tier hits' first: the tile waits for them alone).
+        // This tile's tier hits land while the products run (a group of copies of their
+        // own: the tile waits for them alone), and so do the next tile's miss entries.
         if (dims.tier > 0) rb_fetch_tier(s.tier, s.tent + par, bufs[cur.b], dims, cur.h, per);
-        if (t0 + ti + 1 < t1) {
-            const RbTile nxt = rb_tile(s.off, lists, t0 + ti + 1, per, dims, miss_count, fetch_count);
-            const int np = REBUILD_ROWS - par;
-            if (tid == 0) s.tiles[(ti + 1) & 1] = nxt;
-            rb_start_tile(nxt, per, dims, misses, counts, bufs, tier_src, cm, s.codes + buf_bytes - (cb - s.codes),
-                          stride, panel_ranks(0), s.tok + np, s.arow + np, s.tent + np, s.usc + np);
-        }
-        cp_async_commit();
+        const int2 next_miss =
+            more ? rb_row_miss(s.tiles[nring], tid % REBUILD_ROWS, per, cm, dims, misses) : make_int2(-1, -1);
         if (restage) __syncthreads();  // sv is staged
         const bool active = __any_sync(0xffffffffu, s.tok[par + row0 + lane] >= 0);
         float acc[2][D / 32][2][4] = {};
@@ -506,6 +539,11 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
             }
             if (active) rb_mma_panel<D>(acc, cb + row0 * stride, stride, sa, (panel_ranks(pn) + 15) / 16);
         }
+        // The next tile's codes and rows, copied while this one is stored.
+        if (more)
+            rb_start_tile(s.tiles[nring], next_miss, dims, bufs, tier_src, cm, s.codes + buf_bytes - (cb - s.codes),
+                          stride, panel_ranks(0), s.tok + np, s.arow + np, s.tent + np, s.usc + np);
+        cp_async_commit();
         rb_store<D>(acc, s.tok + par, s.arow + par, s.usc + par, row0, tile0,
                     shadow_attn_row(bufs[cur.b].ak, dims, cur.h, 0));
         // (A tile without tier hits waits for nothing and its copy skips every row; a flag

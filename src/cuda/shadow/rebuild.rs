@@ -19,10 +19,10 @@ const REBUILD_K_CHUNK: usize = 32;
 /// Ranks of sv and of a tile's codes a block keeps in shared memory at most
 /// (`REBUILD_PANEL_RANKS`).
 const REBUILD_PANEL_RANKS: usize = 320;
-/// Shared memory of two tiles' row tables and the two tiles themselves
+/// Shared memory of two tiles' row tables and a ring of three tiles
 /// (`REBUILD_META_BYTES`: tokens, attention rows, tier entries and coefficient scales; 32
 /// bytes a tile).
-const REBUILD_META_BYTES: usize = 8 * REBUILD_ROWS * 4 + 64;
+const REBUILD_META_BYTES: usize = 8 * REBUILD_ROWS * 4 + 96;
 const _: () = assert!(REBUILD_ROWS >= MAX_CHUNK, "a tile holds the rows of one miss at least");
 
 /// Dynamic shared memory of a rebuild block, as `rb_smem` of kernels/rebuild.cu lays it
