@@ -40,9 +40,12 @@
 //
 // The selection: a radix select (three 11-bit digits, most significant first) on the
 // order-preserving integer image of the floats finds the k-th largest key T and how
-// many keys equal to T are taken; then one pass in chunk order takes every key above T
-// and the first of those equal to T, and writes each taken id at its rank among the
-// taken ones, so the output is ascending. The first pass reads the scores once and
+// many keys equal to T are taken (or stops at the digit whose bin is taken whole: every
+// key from the bin's least on is taken, T the key below it, none equal: on scores the
+// third digit's pass is mostly skipped, 55.4 -> 52.6 us at 57 x 7680 chunks on the
+// H200); then one pass in chunk order takes every key above T and the first of those
+// equal to T, and writes each taken id at its rank among the taken ones, so the output
+// is ascending. The first pass reads the scores once and
 // keeps their keys in dynamic shared memory (61 KB at 15616 chunks), where the later
 // passes read them; a head with more chunks than fit reads global memory at each pass.
 // One block per head (14 x 8 heads at 124928 tokens: 112 of the H200's 132 SMs); the
@@ -331,7 +334,7 @@ struct TopkShared {
     int scratch[32];
     int warp_above[TOPK_WARPS], warp_eq[TOPK_WARPS];
     unsigned int digit;
-    int need;
+    int need;  // negative: -need where the bin is taken whole (need = its count)
 };
 
 // The values of a top-k row, given: entry i is v[i].
@@ -462,11 +465,20 @@ __device__ __forceinline__ void block_top_k_from(TopkShared& sh, unsigned int* k
             if (above < need && need <= above + c_hi + c_lo) {
                 const bool in_hi = need <= above + c_hi;
                 sh.digit = TOPK_BINS - 1 - 2 * tid - (in_hi ? 0 : 1);
-                sh.need = need - above - (in_hi ? 0 : c_hi);
+                const int nb = need - above - (in_hi ? 0 : c_hi);
+                sh.need = nb == (in_hi ? c_hi : c_lo) ? -nb : nb;
             }
             __syncthreads();
             prefix |= sh.digit << shift;
             need = sh.need;
+            // Every key of the bin taken (the usual case after the second digit on scores):
+            // the keys at or above the bin's least, none equal to the key below it.
+            if (need < 0 && prefix != 0) {
+                prefix -= 1;
+                need = 0;
+                break;
+            }
+            need = abs(need);
             if (shift == 0) break;
             const unsigned int mask = ~0u << shift;
             const int next = max(shift - TOPK_BITS, 0);

@@ -599,6 +599,47 @@ fn top_k_is_exact_with_many_ties() {
     }
 }
 
+/// The selection stops at the radix digit whose bin it takes whole; the key just below
+/// that bin (present here) is then left out. Row 0 stops after the first digit (3 and 2
+/// taken, the float under 2 not), row 1 after the second (two values of one 11-bit bin
+/// and the float just under the second's 22-bit bin), with noise below them all.
+#[test]
+fn top_k_is_exact_where_a_bin_is_taken_whole() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let mut rng = seeded("shadow_top_k_whole_bin");
+    let (n, k) = (3000usize, 2usize);
+    let under = |x: f32| f32::from_bits(x.to_bits() - 1);
+    let in_bin = |m: u32| f32::from_bits(0x4020_0000 + m); // [2.5, 3): one 11-bit bin
+    let rows: [Vec<f32>; 2] = [
+        vec![3.0, 2.0, under(2.0), under(2.0), under(2.0)],
+        vec![
+            in_bin(3 << 15),
+            in_bin(2 << 15),
+            under(in_bin(2 << 15)),
+            in_bin(1 << 15),
+        ],
+    ];
+    let mut vals = Vec::new();
+    for special in &rows {
+        let mut row: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
+        // At distinct places, not in value order.
+        for (j, &v) in special.iter().enumerate() {
+            row[(j * 613 + 2999) % n] = v;
+        }
+        vals.extend(row);
+    }
+    let dv = dev.upload(&vals).unwrap();
+    let mut out = dev.upload(&vec![i32::MIN; rows.len() * k]).unwrap();
+    ops.top_k_rows(&mut out, &dv, rows.len(), (n, n), k).unwrap();
+    let got = dev.download(&out).unwrap();
+    for r in 0..rows.len() {
+        let want = top_k(&vals[r * n..][..n], &vec![false; n], k);
+        assert_selection(&got[r * k..][..k], &want, &format!("whole bin, row={r}"));
+    }
+    Errors::default().report("topk_rows", "a bin taken whole, exact");
+}
+
 /// The top-k kernels keep a row's keys in shared memory where they fit
 /// ([`CudaOps::top_k_shared_keys`]) and read global memory at each pass where not: both
 /// ways exact, on distinct values and on ties, and where the k-th key is the lowest one
