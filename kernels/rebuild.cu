@@ -50,9 +50,10 @@
 // (16 bytes a copy; byte loads where the rank is not a multiple of 16), coefficient
 // scales and tier entries are copied into the other of two buffers by cp.async, so a
 // tile's products wait for no load and pass no barrier: two barriers a tile (its codes
-// in; with a tier, its tier hits in). (The previous form streamed u through two stages of 32 ranks
-// in fp16, each loaded into registers one stage ahead and widened into shared memory
-// behind a barrier: five barriers a tile at rank 160, each exposing a gather from HBM.)
+// in; with a tier, its tier hits in). (The previous form streamed u through two stages
+// of 32 ranks in fp16, each loaded into registers one stage ahead and widened into
+// shared memory behind a barrier: five barriers a tile at rank 160, each exposing a
+// gather from HBM.)
 //
 // Shared memory: the head's sv in fp16, [rank][d + 8], stays resident while the block runs
 // that head's tiles (staged, with plain loads and the rounding, only when the head

@@ -45,9 +45,9 @@
 // third digit's pass is mostly skipped, 55.4 -> 52.6 us at 57 x 7680 chunks on the
 // H200); then one pass in chunk order takes every key above T and the first of those
 // equal to T, and writes each taken id at its rank among the taken ones, so the output
-// is ascending. The first pass reads the scores once and
-// keeps their keys in dynamic shared memory (61 KB at 15616 chunks), where the later
-// passes read them; a head with more chunks than fit reads global memory at each pass.
+// is ascending. The first pass reads the scores once and keeps their keys in dynamic
+// shared memory (61 KB at 15616 chunks), where the later passes read them; a head with
+// more chunks than fit reads global memory at each pass.
 // One block per head (14 x 8 heads at 124928 tokens: 112 of the H200's 132 SMs); the
 // old four 8-bit passes over global memory, each a loop of ~16 dependent L2 round trips
 // and a barrier-heavy scan, took 55 us a layer, almost all of it latency.
