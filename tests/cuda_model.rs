@@ -332,6 +332,82 @@ fn batches_and_graph_replays_equal_single_eager_runs() {
     assert!(err.to_string().contains("exceed its cache"), "{err}");
 }
 
+/// Greedy decode of a batch with graphs on, `steps` steps from `prompts`: the tokens of
+/// each step, and the graph counters.
+fn greedy_with_graphs(gpu: &CudaModel, prompts: &[Vec<u32>], steps: usize) -> (Vec<Vec<u32>>, StepGraphs) {
+    let mut caches: Vec<_> = prompts
+        .iter()
+        .map(|p| gpu.new_cache(p.len() + steps + 1).unwrap())
+        .collect();
+    let greedy = SamplingParams::default().device_row(0, 0);
+    let mut g = StepGraphs::new(true);
+    let mut inputs: Vec<Vec<u32>> = prompts.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let mut seqs: Vec<GpuSeq> = caches
+            .iter_mut()
+            .zip(&inputs)
+            .map(|(c, t)| GpuSeq {
+                tokens: t,
+                cache: c,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let got = gpu.step(&mut seqs, &vec![greedy; prompts.len()], &mut g).unwrap();
+        inputs = got.iter().map(|&t| vec![t]).collect();
+        out.push(got);
+    }
+    (out, g)
+}
+
+/// Another thread's device-wide work (context synchronisations, pinned host memory
+/// allocated and freed) while a batch decodes with graphs on: a capture it invalidates
+/// costs the graph, not the step. The tokens equal those of the same run alone, bit for
+/// bit (captured or eager, a step runs the same kernels on the same bucketed lengths).
+#[test]
+fn decode_graphs_survive_another_threads_device_work() {
+    let Some(ops) = ops_or_skip() else { return };
+    let Some(other) = ops_or_skip() else { return };
+    let (_, gpu, _) = smollm2(ops);
+    let mut rng = seeded("graph interference");
+    let prompts: Vec<Vec<u32>> = [5usize, 40, 300]
+        .iter()
+        .map(|&n| (0..n).map(|_| rng.random_range(100..40_000)).collect())
+        .collect();
+    let steps = 48;
+    let (alone, g) = greedy_with_graphs(&gpu, &prompts, steps);
+    assert!(
+        g.failed == 0 && g.replays > 0,
+        "alone: {} failed captures, {} replays",
+        g.failed,
+        g.replays
+    );
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (busy, (beside, g)) = std::thread::scope(|s| {
+        let noise = s.spawn(|| {
+            let ctx = other.device().context().clone();
+            let (mut rounds, mut refused) = (0usize, 0usize);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: the pinned buffer is only allocated and dropped, never read.
+                let pinned = unsafe { ctx.alloc_pinned::<u8>(1 << 20) };
+                refused += ctx.synchronize().is_err() as usize;
+                drop(pinned);
+                rounds += 1;
+            }
+            (rounds, refused)
+        });
+        let run = greedy_with_graphs(&gpu, &prompts, steps);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (noise.join().unwrap(), run)
+    });
+    eprintln!(
+        "RESULT graph_interference rounds={} refused_syncs={} captures={} failed={} replays={} eager={}",
+        busy.0, busy.1, g.captures, g.failed, g.replays, g.eager
+    );
+    assert!(busy.0 > 0, "the other thread never ran");
+    assert_eq!(beside, alone, "tokens differ with another thread at work");
+}
+
 /// The qkv split: bias, RoPE at each row's position, q packed, k and v appended to
 /// each row's cache at its position, pre-RoPE keys kept: against the CPU's RoPE.
 #[test]

@@ -281,15 +281,15 @@ pub fn run(a: CudaBench) -> Result<()> {
         model.ops().device().release_memory()?;
         eprintln!(
             "[context {ctx}: batch {batch}, prefill {prefill_secs:.2} s ({tflops:.0} TFLOP/s), decode {tps:.1} tok/s, \
-             step {step_ms:.2} ms = {bound_ratio:.3}× the HBM bound; {} graph captures, {} replays, {} eager steps]",
-            graphs.captures, graphs.replays, graphs.eager
+             step {step_ms:.2} ms = {bound_ratio:.3}× the HBM bound; {} graph captures ({} failed), {} replays, {} eager steps]",
+            graphs.captures, graphs.failed, graphs.replays, graphs.eager
         );
         rows.push(serde_json::json!({
             "context": ctx, "batch": batch, "generated": a.gen, "prefill_secs": prefill_secs,
             "prefill_tflops": tflops, "prefill_linear_flops": lin, "prefill_attention_flops": att,
             "decode_tokens_per_s": tps, "step_ms_median": step_ms, "hbm_bytes_per_step": gb_step * 1e9,
             "hbm_bound_ratio": bound_ratio, "peak_gpu_gib": peak_gib, "graphs": !a.cuda.no_graph,
-            "graph_captures": graphs.captures, "graph_replays": graphs.replays,
+            "graph_captures": graphs.captures, "graph_failures": graphs.failed, "graph_replays": graphs.replays,
         }));
         // ShadowKV at its largest batch against full attention at its own.
         for r in shadow_rows.iter_mut().filter(|r| r.row["context"] == ctx) {

@@ -49,7 +49,17 @@ pub struct StepGraphs {
     pub replays: usize,
     /// Steps run eagerly.
     pub eager: usize,
+    /// Captures that failed (their steps ran eagerly all the same): another thread's
+    /// device-wide synchronisation, for one, invalidates a capture in progress.
+    pub failed: usize,
+    /// Steps left to run eagerly before the next capture is tried, after a failure.
+    backoff: usize,
+    /// Capture failures in a row.
+    streak: u32,
 }
+
+/// Steps run eagerly after the n-th capture failure in a row: 2^n, at most this many.
+const MAX_BACKOFF: usize = 256;
 
 struct Captured {
     graph: CudaGraph,
@@ -74,6 +84,9 @@ impl StepGraphs {
             captures: 0,
             replays: 0,
             eager: 0,
+            failed: 0,
+            backoff: 0,
+            streak: 0,
         }
     }
 
@@ -604,27 +617,12 @@ impl CudaModel {
                 // capture only records, its first launch is the next step's.
                 self.encode_step(ops, sc, &plan, Attend::Dense(&caches))?;
                 self.encode_sampling(ops, sc, &plan)?;
-                let gen = sc.generation;
-                let stream = ops.device().stream().clone();
-                stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-                let queued = self
-                    .encode_step(ops, sc, &plan, Attend::Dense(&caches))
-                    .and_then(|()| self.encode_sampling(ops, sc, &plan));
-                let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
-                queued?;
-                ensure!(sc.generation == gen, "scratch buffers moved while capturing a step");
-                if let Some(graph) = ended? {
-                    graph.upload()?;
-                    graphs.current = Some(Captured {
-                        graph,
-                        key,
-                        bucket: plan.max_len,
-                        generation: gen,
-                        workspace: sc.decode_ws.addresses(ops),
-                    });
-                    graphs.captures += 1;
-                }
                 graphs.eager += 1;
+                if graphs.backoff > 0 {
+                    graphs.backoff -= 1;
+                } else {
+                    self.capture_step(ops, sc, graphs, &plan, &caches, key)?;
+                }
             }
         } else {
             self.encode_step(ops, sc, &plan, Attend::Dense(&caches))?;
@@ -635,6 +633,64 @@ impl CudaModel {
             s.cache.advance(s.tokens.len());
         }
         Ok(plan.picked.len())
+    }
+
+    /// Captures the step just run eagerly into `graphs` (its first replay is the next
+    /// step's). A capture that fails (invalidated by another thread's work on the device,
+    /// say) costs nothing but the graph: the step's result is already queued, so it is
+    /// counted, logged, and captures pause for a while, doubling with each failure in a
+    /// row. Errors outside the capture (the stream's own) are returned.
+    fn capture_step(
+        &self,
+        ops: &CudaOps,
+        sc: &mut Scratch,
+        graphs: &mut StepGraphs,
+        plan: &StepPlan,
+        caches: &[&GpuCache],
+        key: Vec<(u64, usize)>,
+    ) -> Result<()> {
+        let gen = sc.generation;
+        let stream = ops.device().stream().clone();
+        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        let queued = self
+            .encode_step(ops, sc, plan, Attend::Dense(caches))
+            .and_then(|()| self.encode_sampling(ops, sc, plan));
+        let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        let captured = match (queued, ended) {
+            (Ok(()), Ok(Some(graph))) if sc.generation == gen => graph.upload().map(|()| graph).map_err(Into::into),
+            (Ok(()), Ok(Some(_))) => Err(anyhow::anyhow!("scratch buffers moved while capturing a step")),
+            (Ok(()), Ok(None)) => Err(anyhow::anyhow!("the capture recorded no graph")),
+            (Err(e), _) => Err(e),
+            (Ok(()), Err(e)) => Err(e.into()),
+        };
+        match captured {
+            Ok(graph) => {
+                graphs.current = Some(Captured {
+                    graph,
+                    key,
+                    bucket: plan.max_len,
+                    generation: gen,
+                    workspace: sc.decode_ws.addresses(ops),
+                });
+                graphs.captures += 1;
+                graphs.streak = 0;
+            }
+            Err(e) => {
+                // The stream must have left capture mode whatever went wrong.
+                ensure!(
+                    stream.capture_status()? == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE,
+                    "the decode stream is still capturing after a failed capture: {e:#}"
+                );
+                graphs.failed += 1;
+                graphs.streak += 1;
+                graphs.backoff = (1usize << graphs.streak.min(16)).min(MAX_BACKOFF);
+                tracing::warn!(
+                    "capturing a decode step failed ({e:#}); it ran without a graph, {} eager steps before the next try",
+                    graphs.backoff
+                );
+            }
+        }
+        Ok(())
     }
 
     fn stage_sampling(&self, ops: &CudaOps, sc: &mut Scratch, plan: &StepPlan, rows: &[[u64; 5]]) -> Result<()> {
