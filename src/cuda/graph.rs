@@ -651,17 +651,15 @@ impl CudaModel {
     ) -> Result<()> {
         let gen = sc.generation;
         let stream = ops.device().stream().clone();
-        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-        let queued = self
-            .encode_step(ops, sc, plan, Attend::Dense(caches))
-            .and_then(|()| self.encode_sampling(ops, sc, plan));
-        let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
-        let captured = match (queued, ended) {
-            (Ok(()), Ok(Some(graph))) if sc.generation == gen => graph.upload().map(|()| graph).map_err(Into::into),
-            (Ok(()), Ok(Some(_))) => Err(anyhow::anyhow!("scratch buffers moved while capturing a step")),
-            (Ok(()), Ok(None)) => Err(anyhow::anyhow!("the capture recorded no graph")),
-            (Err(e), _) => Err(e),
-            (Ok(()), Err(e)) => Err(e.into()),
+        let captured = match stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) {
+            Err(e) => Err(e.into()),
+            Ok(()) => {
+                let queued = self
+                    .encode_step(ops, sc, plan, Attend::Dense(caches))
+                    .and_then(|()| self.encode_sampling(ops, sc, plan));
+                let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+                Self::captured(queued, ended, sc.generation == gen)
+            }
         };
         match captured {
             Ok(graph) => {
@@ -691,6 +689,25 @@ impl CudaModel {
             }
         }
         Ok(())
+    }
+
+    /// The graph of a capture, given how its recording (`queued`) and its end went and
+    /// whether the scratch buffers stayed put meanwhile (`kept`); uploaded.
+    fn captured(
+        queued: Result<()>,
+        ended: std::result::Result<Option<CudaGraph>, cudarc::driver::DriverError>,
+        kept: bool,
+    ) -> Result<CudaGraph> {
+        match (queued, ended) {
+            (Ok(()), Ok(Some(graph))) if kept => {
+                graph.upload()?;
+                Ok(graph)
+            }
+            (Ok(()), Ok(Some(_))) => Err(anyhow::anyhow!("scratch buffers moved while capturing a step")),
+            (Ok(()), Ok(None)) => Err(anyhow::anyhow!("the capture recorded no graph")),
+            (Err(e), _) => Err(e),
+            (Ok(()), Err(e)) => Err(e.into()),
+        }
     }
 
     fn stage_sampling(&self, ops: &CudaOps, sc: &mut Scratch, plan: &StepPlan, rows: &[[u64; 5]]) -> Result<()> {
