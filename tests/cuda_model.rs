@@ -19,7 +19,7 @@ use shadowkv::cpu::ops::Rope;
 use shadowkv::cpu::{CpuModel, LogitsWanted, SeqInput};
 use shadowkv::cuda::step::RowTargets;
 use shadowkv::cuda::testing::ops_or_skip;
-use shadowkv::cuda::{rope_inv_freq, CudaModel, CudaOps, GpuSeq, StepGraphs};
+use shadowkv::cuda::{rope_inv_freq, CudaModel, CudaOps, GpuCache, GpuSeq, StepGraphs};
 use shadowkv::engine::generate::{generate_cuda, GenerateOptions, GenerateRequest};
 use shadowkv::engine::sampling::{argmax, SamplingParams};
 use shadowkv::model::config::ModelConfig;
@@ -219,6 +219,19 @@ fn smollm2_matches_the_cpu_and_its_greedy_tokens() {
     }
 }
 
+/// One step's sequences: each cache fed its inputs, the last token's logits wanted.
+fn last_logits<'a>(caches: &'a mut [GpuCache], inputs: &'a [Vec<u32>]) -> Vec<GpuSeq<'a>> {
+    caches
+        .iter_mut()
+        .zip(inputs)
+        .map(|(c, t)| GpuSeq {
+            tokens: t,
+            cache: c,
+            logits: LogitsWanted::Last,
+        })
+        .collect()
+}
+
 /// Sequences of different lengths in one step (prefill chunks beside decode rows),
 /// decoded together with steps replayed from a CUDA graph, pick the tokens each picks
 /// alone in eager forward passes. Both runs take the same (teacher-forced) tokens, and
@@ -278,15 +291,7 @@ fn batches_and_graph_replays_equal_single_eager_runs() {
                 }
             })
             .collect();
-        let mut seqs: Vec<GpuSeq> = caches
-            .iter_mut()
-            .zip(&inputs)
-            .map(|(c, t)| GpuSeq {
-                tokens: t,
-                cache: c,
-                logits: LogitsWanted::Last,
-            })
-            .collect();
+        let mut seqs = last_logits(&mut caches, &inputs);
         let got = gpu.step(&mut seqs, &[greedy; 3], &mut g).unwrap();
         for i in 0..3 {
             let row = &alone[i].1[step];
@@ -344,15 +349,7 @@ fn greedy_with_graphs(gpu: &CudaModel, prompts: &[Vec<u32>], steps: usize) -> (V
     let mut inputs: Vec<Vec<u32>> = prompts.to_vec();
     let mut out = Vec::new();
     for _ in 0..steps {
-        let mut seqs: Vec<GpuSeq> = caches
-            .iter_mut()
-            .zip(&inputs)
-            .map(|(c, t)| GpuSeq {
-                tokens: t,
-                cache: c,
-                logits: LogitsWanted::Last,
-            })
-            .collect();
+        let mut seqs = last_logits(&mut caches, &inputs);
         let got = gpu.step(&mut seqs, &vec![greedy; prompts.len()], &mut g).unwrap();
         inputs = got.iter().map(|&t| vec![t]).collect();
         out.push(got);
