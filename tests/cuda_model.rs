@@ -219,6 +219,14 @@ fn smollm2_matches_the_cpu_and_its_greedy_tokens() {
     }
 }
 
+/// A cache for each prompt, with room for `steps` more tokens.
+fn caches_for(gpu: &CudaModel, prompts: &[Vec<u32>], steps: usize) -> Vec<GpuCache> {
+    prompts
+        .iter()
+        .map(|p| gpu.new_cache(p.len() + steps + 1).unwrap())
+        .collect()
+}
+
 /// One step's sequences: each cache fed its inputs, the last token's logits wanted.
 fn last_logits<'a>(caches: &'a mut [GpuCache], inputs: &'a [Vec<u32>]) -> Vec<GpuSeq<'a>> {
     caches
@@ -274,10 +282,7 @@ fn batches_and_graph_replays_equal_single_eager_runs() {
     }
     // Together: the prompts in one mixed step, then batched decode replayed from graphs,
     // each sequence fed its lone run's tokens.
-    let mut caches: Vec<_> = prompts
-        .iter()
-        .map(|p| gpu.new_cache(p.len() + steps + 1).unwrap())
-        .collect();
+    let mut caches = caches_for(&gpu, &prompts, steps);
     let greedy = SamplingParams::default().device_row(0, 0);
     let mut g = StepGraphs::new(true);
     let (mut clear, mut agree) = (0, 0);
@@ -340,10 +345,7 @@ fn batches_and_graph_replays_equal_single_eager_runs() {
 /// Greedy decode of a batch with graphs on, `steps` steps from `prompts`: the tokens of
 /// each step, and the graph counters.
 fn greedy_with_graphs(gpu: &CudaModel, prompts: &[Vec<u32>], steps: usize) -> (Vec<Vec<u32>>, StepGraphs) {
-    let mut caches: Vec<_> = prompts
-        .iter()
-        .map(|p| gpu.new_cache(p.len() + steps + 1).unwrap())
-        .collect();
+    let mut caches = caches_for(gpu, prompts, steps);
     let greedy = SamplingParams::default().device_row(0, 0);
     let mut g = StepGraphs::new(true);
     let mut inputs: Vec<Vec<u32>> = prompts.to_vec();
