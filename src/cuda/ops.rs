@@ -16,12 +16,11 @@ use std::sync::{Arc, OnceLock};
 
 /// The CUDA backend's operations on one stream: the device with that stream, the
 /// compiled kernels (shared by every stream's handle, see [`CudaOps::fork`]) and a
-/// cuBLAS handle bound to the stream.
+/// cuBLAS handle bound to the stream, made by its first product ([`CudaOps::blas`]).
 pub struct CudaOps {
     dev: CudaDevice,
     pub(crate) k: Arc<Kernels>,
-    pub(crate) blas: CudaBlas,
-    _blas_ws: CudaSlice<u8>,
+    blas: OnceLock<Blas>,
     gemv: AtomicBool,
     pdl: AtomicBool,
     /// Prefill attention at one block a multiprocessor ([`CudaOps::share_sms_with_decoding`]).
@@ -68,6 +67,27 @@ pub fn gemv_splits(n: usize, k: usize, resident: usize) -> usize {
 
 /// Bytes of the cuBLAS workspace (what cuBLAS recommends for Hopper).
 const BLAS_WORKSPACE: usize = 32 << 20;
+
+/// A cuBLAS handle bound to a stream, with a workspace of its own so that cuBLAS never
+/// allocates while a decode step is being captured into a CUDA graph.
+struct Blas {
+    handle: CudaBlas,
+    _ws: CudaSlice<u8>,
+}
+
+impl Blas {
+    fn new(dev: &CudaDevice) -> Result<Blas> {
+        let handle = CudaBlas::new(dev.stream().clone())?;
+        let ws: CudaSlice<u8> = dev.zeros(BLAS_WORKSPACE)?;
+        {
+            let (p, _g) = ws.device_ptr(dev.stream());
+            // SAFETY: the buffer holds BLAS_WORKSPACE bytes and lives as long as the handle
+            // (both are fields of Blas; the handle is dropped first).
+            unsafe { blas_sys::cublasSetWorkspace_v2(*handle.handle(), p as *mut _, BLAS_WORKSPACE) }.result()?;
+        }
+        Ok(Blas { handle, _ws: ws })
+    }
+}
 
 pub(crate) fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
     ensure!(have >= need, "{what}: buffer of {have} elements, {need} needed");
@@ -137,27 +157,28 @@ impl CudaOps {
                 super::nvrtc::cuda_home().display()
             );
         }
-        let blas = CudaBlas::new(dev.stream().clone())?;
-        // A workspace of our own, so that cuBLAS never allocates while a decode step is
-        // being captured into a CUDA graph.
-        let blas_ws: CudaSlice<u8> = dev.zeros(BLAS_WORKSPACE)?;
-        {
-            let (p, _g) = blas_ws.device_ptr(dev.stream());
-            // SAFETY: the buffer holds BLAS_WORKSPACE bytes and lives as long as the handle
-            // (both are fields of CudaOps; the handle is dropped first).
-            unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), p as *mut _, BLAS_WORKSPACE) }.result()?;
-        }
         Ok(CudaOps {
             dev,
             k,
-            blas,
-            _blas_ws: blas_ws,
+            blas: OnceLock::new(),
             gemv: AtomicBool::new(true),
             pdl: AtomicBool::new(pdl),
             prefill_half_sm: AtomicBool::new(false),
             gemv_warps,
             decode_slots: OnceLock::new(),
         })
+    }
+
+    /// The stream's cuBLAS handle, made (with its 32 MiB workspace) by the first call:
+    /// streams that run no product (a fetch's, a micro-batch's) never hold one. A
+    /// captured decode step always runs eagerly first, so the handle exists before
+    /// any capture.
+    pub(crate) fn blas(&self) -> Result<&CudaBlas> {
+        if let Some(b) = self.blas.get() {
+            return Ok(&b.handle);
+        }
+        let made = Blas::new(&self.dev)?;
+        Ok(&self.blas.get_or_init(|| made).handle)
     }
 
     /// Whether products of at most [`GEMV_MAX_M`] rows use the GEMV kernel (on by
@@ -570,7 +591,7 @@ impl CudaOps {
         // alpha and beta are host scalars (the handle's default pointer mode).
         unsafe {
             blas::gemm_ex(
-                *self.blas.handle(),
+                *self.blas()?.handle(),
                 blas_sys::cublasOperation_t::CUBLAS_OP_T,
                 blas_sys::cublasOperation_t::CUBLAS_OP_N,
                 ni,

@@ -268,7 +268,7 @@ impl CudaOps {
             // SAFETY: kpre holds rows·kvd elements, gram kvd² (checked / grown); host scalars.
             unsafe {
                 blas::gemm_ex(
-                    *self.blas.handle(),
+                    *self.blas()?.handle(),
                     blas_sys::cublasOperation_t::CUBLAS_OP_N,
                     blas_sys::cublasOperation_t::CUBLAS_OP_T,
                     kvd_i,
@@ -367,7 +367,7 @@ impl CudaOps {
                 // host scalars.
                 unsafe {
                     blas::gemm_ex(
-                        *self.blas.handle(),
+                        *self.blas()?.handle(),
                         blas_sys::cublasOperation_t::CUBLAS_OP_T,
                         blas_sys::cublasOperation_t::CUBLAS_OP_N,
                         rank_i,
@@ -532,7 +532,7 @@ impl DeviceBlocks<'_> {
         // workspace grew them for this dim and width); host scalars.
         unsafe {
             blas::dgemm(
-                *self.ops.blas.handle(),
+                *self.ops.blas()?.handle(),
                 op_a,
                 blas_sys::cublasOperation_t::CUBLAS_OP_N,
                 i32_of("m", m)?,
@@ -617,7 +617,7 @@ impl DeviceBlocks<'_> {
         // X·R = x in place; host scalar.
         unsafe {
             blas_sys::cublasDtrsm_v2(
-                *self.ops.blas.handle(),
+                *self.ops.blas()?.handle(),
                 blas_sys::cublasSideMode_t::CUBLAS_SIDE_RIGHT,
                 blas_sys::cublasFillMode_t::CUBLAS_FILL_MODE_UPPER,
                 blas_sys::cublasOperation_t::CUBLAS_OP_N,
