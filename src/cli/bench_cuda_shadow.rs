@@ -8,7 +8,8 @@
 //! compression and their mean timed, and each stage of both by GPU events, see
 //! [`CompressWorkspace::time_stages`]); then, for each micro-batch setting, `gen`
 //! untimed and `gen` timed decode steps run through the ShadowKV state (two queued, as
-//! the daemon runs them) with the tokens sampled greedily on the GPU and the missed value
+//! the daemon runs them), and [`STAGE_STEPS`] more timed by stage (the timed steps carry
+//! no stage events, which slow a step by ≈ 4 %), all with the tokens sampled greedily on the GPU and the missed value
 //! chunks read from host memory (zero-copy or cpu-gather). The untimed steps put every
 //! setting's measurement past the GPU value tier's first fill: without them a later
 //! setting would inherit a warmer tier than the first. The batch is the
@@ -296,7 +297,8 @@ pub fn run(
             pcie_per_step / (1u64 << 20) as f64,
         );
         eprintln!(
-            "[GPU ms per step by stage, summed over layers and micro-batches: {}]",
+            "[GPU ms per step by stage, summed over layers and micro-batches, over the {STAGE_STEPS} steps after \
+             the timed ones (each stage's end an event, which slows the step): {}]",
             d.stages
                 .iter()
                 .map(|(s, ms)| format!("{s} {ms:.2}"))
@@ -366,8 +368,9 @@ struct Decoded {
 /// Runs `gen` untimed then `gen` timed decode steps of `seqs` with each step's attention
 /// split into `micro` micro-batches and the zero-copy fetch on `fetch_blocks` blocks (one lane; one micro-batch's value fetch overlaps the
 /// selection and key rebuild of the others; two steps queued, as the daemon queues
-/// them). `last` holds each sequence's last token and is advanced. With `trace`, the
-/// GPU timeline of the last [`TRACE_STEPS`] steps goes to it, under `label`.
+/// them), then [`STAGE_STEPS`] steps timed by stage. `last` holds each sequence's last
+/// token and is advanced. With `trace`, the GPU timeline of the last [`TRACE_STEPS`]
+/// steps goes to it, under `label`.
 #[allow(clippy::too_many_arguments)]
 fn decode(
     model: &CudaModel,
@@ -385,8 +388,6 @@ fn decode(
         "--micro-batches {micro} does not split a batch of {batch}"
     );
     let mut lane = model.new_lane(StreamPriority::High, false)?;
-    // Each stage of each layer timed on the GPU (events; a little overhead).
-    lane.time_stages(true);
     lane.set_micro_batches(micro);
     lane.set_fetch_blocks(fetch_blocks);
     let greedy = SamplingParams::default().device_row(0, 0);
@@ -396,16 +397,12 @@ fn decode(
     // Warm-up: as many untimed steps first, so that every run is measured with its
     // GPU value tier and slots past their first fill, whatever ran before it.
     queued_steps(model, &mut lane, seqs, (pool, path), &rows, last, gen, |_, _| Ok(()))?;
-    lane.stage_ms.clear();
     lane.gather = GatherTimes::default();
     let c0 = lane.shadow_counters();
     let mut min_free = usize::MAX;
-    let mut anchor = None;
     let td = Instant::now();
-    let done_at = queued_steps(model, &mut lane, seqs, (pool, path), &rows, last, gen, |step, lane| {
-        if trace.is_some() && step + TRACE_STEPS.min(gen) == gen {
-            anchor = Some(lane.start_trace()?);
-        }
+    // The timed steps carry no stage events (they would slow them, see Lane::time_stages).
+    let done_at = queued_steps(model, &mut lane, seqs, (pool, path), &rows, last, gen, |step, _| {
         if step == 2 {
             min_free = min_free.min(dev.mem_info()?.0);
         }
@@ -419,19 +416,41 @@ fn decode(
         .map(|(a, b)| (*b - a).as_secs_f64())
         .collect();
     let decode_secs = td.elapsed().as_secs_f64();
+    let c = lane.shadow_counters() - c0;
+    let gather = lane.gather;
+    // Then the stages, and the trace, of steps timed by stage.
+    lane.time_stages(1);
+    lane.stage_ms.clear();
+    lane.stage_steps = 0;
+    let mut anchor = None;
+    let staged = STAGE_STEPS.min(gen).max(1);
+    queued_steps(
+        model,
+        &mut lane,
+        seqs,
+        (pool, path),
+        &rows,
+        last,
+        staged,
+        |step, lane| {
+            if trace.is_some() && step + TRACE_STEPS.min(staged) == staged {
+                anchor = Some(lane.start_trace()?);
+            }
+            Ok(())
+        },
+    )?;
     let mut fetch_hidden = None;
     if let (Some((t, label)), Some(anchor)) = (trace, anchor) {
         let spans = lane.take_trace();
         fetch_hidden = hidden_fetch_share(&spans);
         t.lane(&format!("{label}, lane 0"), anchor, &spans)?;
     }
-    let c = lane.shadow_counters() - c0;
+    let per_step = lane.stage_steps.max(1) as f64;
     let stages: Vec<(String, f64)> = lane
         .stage_ms
         .iter()
-        .map(|(s, ms)| (s.name().to_string(), ms / gen as f64))
+        .map(|(s, ms)| (s.name().to_string(), ms / per_step))
         .collect();
-    let gather = lane.gather;
     let (selected, hits, tier_hits) = (c.selected as f64, c.hits as f64, c.tier_hits as f64);
     // The counters do not tell which sequence a fetched chunk was for; the batch's
     // sequences are copies of one prompt decoding the same tokens, so each fetches the
@@ -663,6 +682,11 @@ pub fn fit_batch(m: &FitMemory, batch: Option<usize>, slots: ValueSlots, ctx: us
 
 /// Decode steps traced at the end of each run (`bench --trace`).
 pub const TRACE_STEPS: usize = 3;
+
+/// Steps timed by stage after a run's timed steps (its stage breakdown; the trace's
+/// steps are their last): eight, so that the bench's sequences, which fold together one
+/// step in eight, fold once among them.
+pub const STAGE_STEPS: usize = 8;
 
 /// `bench --trace`: the GPU timelines of the ShadowKV runs, a track per stream of each
 /// lane (its compute stream, its fetch stream, its micro-batches' streams), placed on
