@@ -9,8 +9,9 @@
 //! [`CompressWorkspace::time_stages`]); then, for each micro-batch setting, `gen`
 //! untimed and `gen` timed decode steps run through the ShadowKV state (two queued, as
 //! the daemon runs them), and [`STAGE_STEPS`] more timed by stage (the timed steps carry
-//! no stage events, which slow a step by ≈ 4 %), all with the tokens sampled greedily on the GPU and the missed value
-//! chunks read from host memory (zero-copy or cpu-gather). The untimed steps put every
+//! no stage events, which slow a step by ≈ 4 %), all with the tokens sampled greedily
+//! on the GPU and the missed value chunks read from host memory (zero-copy or
+//! cpu-gather). The untimed steps put every
 //! setting's measurement past the GPU value tier's first fill: without them a later
 //! setting would inherit a warmer tier than the first. The batch is the
 //! largest that fits both the GPU (every sequence's ShadowKV state, while the prefill

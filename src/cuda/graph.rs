@@ -180,9 +180,10 @@ impl Lane {
     }
 
     /// Starts recording the GPU timeline of its ShadowKV steps (each of them timed by
-    /// stage until the trace is taken, whatever [`Lane::time_stages`] says): waits for the lane's work, records an anchor event and returns the host time it
-    /// stands for; [`Lane::take_trace`] gives the spans of the steps completed since,
-    /// in milliseconds from it.
+    /// stage until the trace is taken, whatever [`Lane::time_stages`] says): waits for
+    /// the lane's work, records an anchor event and returns the host time it stands
+    /// for; [`Lane::take_trace`] gives the spans of the steps completed since, in
+    /// milliseconds from it.
     pub fn start_trace(&mut self) -> Result<std::time::Instant> {
         let stream = self.ops.device().stream();
         stream.synchronize()?;
