@@ -530,7 +530,8 @@ fn auto_tier_bytes(free: usize) -> usize {
 }
 
 /// GPU bytes of a step: the weights, and per sequence and
-/// layer the landmarks scored (codes and scales), the rows attended (keys and values), for each miss of the
+/// layer the landmarks scored (codes and scales), the rows attended (keys and values), the
+/// basis the keys are rebuilt from (sv, fp32, read once), for each miss of the
 /// slots its rebuilt keys (the coefficients read, the keys written) and its values
 /// written, the values read from GPU value slots, and with a GPU value tier the tier
 /// hits' values read from the tier and the fetched chunks' values written to it.
@@ -540,7 +541,7 @@ fn gpu_bytes(model: &CudaModel, seqs: &[GpuShadowSeq], m: Misses) -> f64 {
     let (_, attended) = layout.attended_rows(&c);
     // Landmarks: 8-bit codes and an fp32 scale per chunk and KV head.
     let marks = c.chunks as usize * (layout.kv_width() + 4 * layout.kv_heads);
-    let per_layer = (marks + attended * layout.kv_heads * layout.head_dim * 4) as f64;
+    let per_layer = (marks + attended * layout.kv_heads * layout.head_dim * 4 + layout.sv_len() * 4) as f64;
     // A miss: its tokens' 8-bit coefficients and scales read, bf16 keys and values written.
     let per_miss = (layout.chunk * (layout.rank + 4 + layout.head_dim * 4)) as f64;
     let values = layout.value_chunk_bytes() as f64;
