@@ -117,9 +117,10 @@ __device__ __forceinline__ unsigned rb_bits(__half2 v) { return *reinterpret_cas
 // The multiplier of rb_div for a divisor c in 1 .. MAX_CHUNK: ceil(2^16 / c).
 __device__ __forceinline__ int rb_div_magic(int c) { return (65536 + c - 1) / c; }
 
-// p / c for 0 <= p < REBUILD_ROWS by a multiply and a shift (m = rb_div_magic(c)), instead
-// of a division's dozen instructions: with m = (2^16 + e) / c, e < c, p * m / 2^16 exceeds
-// p / c by p * e / (c 2^16) < 1 / c (p * e < 128 * 16), too little to reach the next integer.
+// p / c for 0 <= p with p (c - 1) < 2^16 (every p < REBUILD_ROWS for c <= MAX_CHUNK) by a
+// multiply and a shift (m = rb_div_magic(c)), instead of a division's dozen instructions:
+// with m = (2^16 + e) / c, e < c, p * m / 2^16 exceeds p / c by p * e / (c 2^16) < 1 / c,
+// too little to reach the next integer.
 __device__ __forceinline__ int rb_div(int p, int m) { return (p * m) >> 16; }
 
 // Tiles of a head's miss list of `count` entries (clamped to [0, slots]), `per` misses a tile.
@@ -193,31 +194,50 @@ __device__ __forceinline__ int2 rb_row_place(const RbTile& x, int2 m, int p, int
     return make_int2(m.y * c + i, shadow_slot_row(dims, x.outl, m.x) + i);
 }
 
-// Copies ranks k0 .. k0 + n of the codes of token t (-1: none, nothing copied) into row p
-// of buf ([REBUILD_ROWS][stride] bytes), the half `half` of them (two threads a row):
-// where the rank is a multiple of 16, by 16-byte cp.async (u is an allocation of its own,
+// Copies ranks k0 .. k0 + n of the codes of the tile's rows into buf ([REBUILD_ROWS][stride]
+// bytes), each thread pair holding the token t of its row (rb_row: tid / 2; -1: none,
+// nothing copied). Rows without a token keep what they held: any byte is a finite code,
+// and their products are not stored.
+// Where the rank is a multiple of 16, by 16-byte cp.async (u is an allocation of its own,
 // 256-byte aligned, so every row is 16-byte aligned), left in flight (the caller commits
-// and waits); else by byte loads, landed on return. Rows without a token keep what they
-// held: any byte is a finite code, and their products are not stored.
-__device__ __forceinline__ void rb_row_codes(unsigned char* buf, int stride, const ShadowSeqBufs& seq,
-                                             const ShadowDims& dims, int t, int p, int half, int k0, int n) {
-    if (t < 0) return;
+// and waits): each warp copies the 16 rows its lanes hold, its lanes on consecutive
+// 16-byte pieces of the rows (the tokens of a miss are consecutive rows of u, so a warp's
+// copy reads whole sectors, and its lanes' shared stores fall on few banks). (With a
+// thread pair to a row, the 32 lanes of a copy read 32 rows 160 bytes apart, two sectors
+// for each 16 bytes, and stored 176 bytes apart in shared memory: 31 wavefronts a copy
+// where 4 carry its bytes, a quarter of the kernel's shared wavefronts; ncu, H200.)
+// Else by byte loads of the thread's own half row, landed on return. Every lane of the
+// warp calls it.
+__device__ __forceinline__ void rb_codes(unsigned char* buf, int stride, const ShadowSeqBufs& seq,
+                                         const ShadowDims& dims, int t, int k0, int n) {
     const int r = dims.rank;
-    const signed char* src = reinterpret_cast<const signed char*>(seq.u) + (size_t)t * r + k0;
-    unsigned char* dst = buf + p * stride;
+    const signed char* u = reinterpret_cast<const signed char*>(seq.u);
     if ((r & 15) == 0) {
-        const int segs = n / 16, mid = (segs + 1) / 2;  // r, k0 and so n are multiples of 16
-        const unsigned to = smem_addr(dst);
-        for (int q = half ? mid : 0; q < (half ? segs : mid); ++q) cp_async16(to + 16 * q, src + 16 * q, true);
-    } else {
-        const int mid = (n + 1) / 2;
+        // r, k0 and so n are multiples of 16; piece g of the warp's rows is piece g % segs of
+        // its row g / segs (rb_div: g < 16 segs, segs <= REBUILD_PANEL_RANKS / 16 = 20).
+        const int lane = threadIdx.x & 31, row0 = (threadIdx.x >> 5) * 16;
+        const int segs = n / 16, sm = rb_div_magic(segs), total = 16 * segs;
+#pragma unroll 1
+        for (int g0 = 0; g0 < total; g0 += 32) {
+            const int g = g0 + lane, i = rb_div(g, sm), q = g - i * segs;
+            const int ti = __shfl_sync(0xffffffffu, t, 2 * min(i, 15));
+            if (g < total && ti >= 0)
+                cp_async16(smem_addr(buf + (row0 + i) * stride + 16 * q), u + (size_t)ti * r + k0 + 16 * q, true);
+        }
+    } else if (t >= 0) {
+        const int half = threadIdx.x & 1, mid = (n + 1) / 2;
+        const signed char* src = u + (size_t)t * r + k0;
+        unsigned char* dst = buf + (threadIdx.x >> 1) * stride;
         for (int k = half ? mid : 0; k < (half ? n : mid); ++k) dst[k] = static_cast<unsigned char>(src[k]);
     }
 }
 
+// The tile row of this thread (a thread pair a row, so a warp holds 16 consecutive rows).
+__device__ __forceinline__ int rb_row() { return threadIdx.x >> 1; }
+
 // Starts tile x (cm = rb_div_magic(c)) from the miss entry m of this thread's row
 // (rb_row_miss; each thread pair one row): copies the row's codes of ranks 0 .. n into
-// `codes` (rb_row_codes), and stores its token and attention row into tok / arow and
+// `codes` (rb_codes), and stores its token and attention row into tok / arow and
 // copies its coefficient scale and, for a tier hit, its entry of the head's GPU value
 // tier into usc / tent (RB_NO_TIER: not a tier hit), all by cp.async into the thread's
 // open group, so nothing here waits for memory. (Read one after another, the miss
@@ -229,10 +249,10 @@ __device__ __forceinline__ void rb_start_tile(const RbTile& x, int2 m, const Sha
                                               const int* __restrict__ tier_src, int cm, unsigned char* codes,
                                               int stride, int n, int* tok, int* arow, int* tent, float* usc) {
     static_assert(REBUILD_THREADS == 2 * REBUILD_ROWS, "two threads a row");
-    const int p = threadIdx.x % REBUILD_ROWS, half = threadIdx.x / REBUILD_ROWS;
+    const int p = rb_row();
     const int2 q = rb_row_place(x, m, p, cm, dims);
-    rb_row_codes(codes, stride, bufs[x.b], dims, q.x, p, half, 0, n);
-    if (half == 0) {
+    rb_codes(codes, stride, bufs[x.b], dims, q.x, 0, n);
+    if ((threadIdx.x & 1) == 0) {
         tok[p] = q.x;
         arow[p] = q.y;
         if (q.x >= 0)
@@ -491,7 +511,7 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
     __syncthreads();
     {
         const RbTile first = s.tiles[0];
-        const int2 m = rb_row_miss(first, tid % REBUILD_ROWS, per, cm, dims, misses);
+        const int2 m = rb_row_miss(first, rb_row(), per, cm, dims, misses);
         rb_start_tile(first, m, dims, bufs, tier_src, cm, s.codes, stride, panel_ranks(0), s.tok, s.arow, s.tent,
                       s.usc);
         cp_async_commit();
@@ -524,7 +544,7 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
         // own: the tile waits for them alone), and so do the next tile's miss entries.
         if (dims.tier > 0) rb_fetch_tier(s.tier, s.tent + par, bufs[cur.b], dims, cur.h, per);
         const int2 next_miss =
-            more ? rb_row_miss(s.tiles[nring], tid % REBUILD_ROWS, per, cm, dims, misses) : make_int2(-1, -1);
+            more ? rb_row_miss(s.tiles[nring], rb_row(), per, cm, dims, misses) : make_int2(-1, -1);
         if (restage) __syncthreads();  // sv is staged
         const bool active = __any_sync(0xffffffffu, s.tok[par + row0 + lane] >= 0);
         float acc[2][D / 32][2][4] = {};
@@ -532,8 +552,7 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
             if (pn > 0) {
                 __syncthreads();  // every warp is done with the panel before
                 rb_stage_sv<D, 4>(s.sv, sv, kvd, r, pn * kp, panel_rows(pn));
-                rb_row_codes(cb, stride, bufs[cur.b], dims, s.tok[par + tid % REBUILD_ROWS], tid % REBUILD_ROWS,
-                             tid / REBUILD_ROWS, pn * kp, panel_ranks(pn));
+                rb_codes(cb, stride, bufs[cur.b], dims, s.tok[par + rb_row()], pn * kp, panel_ranks(pn));
                 cp_async_commit();
                 cp_async_wait<0>();
                 __syncthreads();  // the panel's sv and codes are in
