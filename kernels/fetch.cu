@@ -8,7 +8,8 @@
 // (shadow_pool_chunk, shadow.cuh): the host pool, read over PCIe through its
 // device-mapped address, or for a GPU value slot the pool in device memory (an HBM copy),
 //   pool [layer][seq][kv_head][chunk]   (src/pool: codes, then a scale per token),
-// and writes them as bf16 to av[h, slot_row(slot) ..] (c rows of d, token order).
+// and writes them as they are to the slot's values in av (shadow_slot_values, shadow.cuh:
+// the attention reads the 8 bits).
 // shadow_scatter (cpu-gather): the same misses, their chunks already gathered by the host
 // into staging [n] chunks (on the device) in list order: sequence, then head, then the
 // miss's place j in misses[b, h, 0..fetch_count[b, h]).
@@ -20,7 +21,7 @@
 // blocks so that the warps waiting on PCIe do not hold the SMs other kernels need);
 // dynamic shared memory (batch * kv_heads + 1) ints. Each block computes the offsets of
 // the (b, h) miss lists, then its warps stride over all misses, one chunk per warp,
-// 16-byte words (copy_chunks, shadow.cuh, which also turns the codes into bf16).
+// 16-byte words (copy_chunks, shadow.cuh).
 #include <cuda_bf16.h>
 
 #include "pdl.cuh"

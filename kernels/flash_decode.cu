@@ -23,7 +23,14 @@
 // Within one mma the order of the k index is free as long as both operands use the
 // same one, so the loads are laid out for 16-byte coalesced reads and the fragments
 // are built from them without shuffles.
+//
+// Values in 8 bits (the _q8 kernels, ShadowKV's attention rows, kv_heads = 1 per entry):
+// the first dense[b] rows of V_b are bf16 rows as above; the rows after them are chunks of
+// `chunk` rows, chunk k in the value pools' 8-bit format (chunk * D codes in token order,
+// then a fp32 scale per token) in place at the first bytes of its `chunk` bf16 rows; their
+// bytes are about half (pv_q8_tiles).
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include "common.cuh"
 #include "pdl.cuh"
@@ -42,10 +49,85 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
     return *reinterpret_cast<unsigned*>(&h);
 }
 
+// The fp16 pair (c0 / 256, c1 / 256) of the codes in bytes k, k + 1 of a word of biased
+// codes (code + 128), SEL = 0x4140 for k = 0, 0x4342 for k = 2: under the exponent byte
+// 0x44 a byte b is the fp16 4 + b / 256, exactly; minus 4.5.
+template <unsigned SEL>
+__device__ __forceinline__ unsigned q8_pair(unsigned biased) {
+    const unsigned x = __byte_perm(biased, 0x44444444u, SEL);
+    const __half2 v = __hsub2(*reinterpret_cast<const __half2*>(&x), __half2half2(__ushort_as_half(0x4480)));
+    return *reinterpret_cast<const unsigned*>(&v);
+}
+
+// Phase 3 of the _q8 kernels over a partition's 8-bit rows [dd, n) (row dd is row x0 of
+// the entry's chunks, which start at vchunks; rows rs bf16 apart), in tiles of 16 rows from
+// row dd, the warps taking them in turn; adds to o. The products run on the fp16 tensor
+// cores: A = the codes / 256 (exact in fp16), B = P · scale · 256 of each token in fp16
+// (P <= 1; the factor keeps small products out of fp16's subnormals), so the
+// dequantisation is one byte permutation and one fp16 subtraction per two values.
+// (Widened to bf16(code · scale) value by value, as a bf16 copy would hold them, the
+// attention took 1.5× as long as on bf16 rows: 4.76 against 3.15 ms a step at
+// 57 × 61440, H200.) sp: the scores' row of the thread's head g.
+template <int D>
+__device__ __forceinline__ void pv_q8_tiles(float (&o)[D / 16][4], const float* sp, const unsigned char* vchunks,
+                                            size_t rs, int dd, int x0, int n, int chunk, unsigned cmag) {
+    constexpr int NKC = D / 16, NVH = D / 64;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3, g = lane >> 2;
+    const int ntq = (n - dd + 15) >> 4;
+    for (int tile = warp; tile < ntq; tile += 2 * FD_WARPS) {
+        unsigned cw[2][4][2 * NVH];  // biased codes: [tile][row r][chunk c, word]
+        float sc[2][4];              // the rows' scales (0 past n)
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            const int tb = dd + (tile + u * FD_WARPS) * 16;
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int row = tb + 2 * t + (r & 1) + 8 * (r >> 1);
+                const bool in = row < n;
+                // Token i of chunk k.
+                const unsigned x = in ? row - dd + x0 : 0, k = chunk > 1 ? __umulhi(x, cmag) : x, i = x - k * chunk;
+                const unsigned char* cb = vchunks + (size_t)k * chunk * rs * 2;
+                sc[u][r] = in ? __ldg(reinterpret_cast<const float*>(cb + chunk * D) + i) : 0.f;
+#pragma unroll
+                for (int c = 0; c < NVH; ++c) {
+                    const uint2 v = in ? __ldg(reinterpret_cast<const uint2*>(cb + i * D + c * 64 + g * 8))
+                                       : make_uint2(0u, 0u);
+                    cw[u][r][2 * c] = v.x ^ 0x80808080u;
+                    cw[u][r][2 * c + 1] = v.y ^ 0x80808080u;
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            const int tb = dd + (tile + u * FD_WARPS) * 16;
+            if (tile + u * FD_WARPS >= ntq) break;
+            float ps[4];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int row = tb + 2 * t + (r & 1) + 8 * (r >> 1);
+                ps[r] = row < n ? sp[row] * sc[u][r] * 256.f : 0.f;
+            }
+            const __half2 h0 = __floats2half2_rn(ps[0], ps[1]), h1 = __floats2half2_rn(ps[2], ps[3]);
+            const unsigned b0 = *reinterpret_cast<const unsigned*>(&h0), b1 = *reinterpret_cast<const unsigned*>(&h1);
+#pragma unroll
+            for (int mt = 0; mt < NKC; ++mt) {
+                // Dims 2w, 2w + 1 of the eight: bytes 2 (w % 2), + 1 of word w / 2; tokens
+                // (2t, 2t + 1) and (2t + 8, 2t + 9) interleaved byte by byte.
+                const int c = mt >> 2, w = mt & 3, cw_i = 2 * c + (w >> 1);
+                const unsigned y01 = __byte_perm(cw[u][0][cw_i], cw[u][1][cw_i], (w & 1) ? 0x7362u : 0x5140u);
+                const unsigned y23 = __byte_perm(cw[u][2][cw_i], cw[u][3][cw_i], (w & 1) ? 0x7362u : 0x5140u);
+                const unsigned a[4] = {q8_pair<0x4140>(y01), q8_pair<0x4342>(y01), q8_pair<0x4140>(y23),
+                                       q8_pair<0x4342>(y23)};
+                mma_16816_f16(o[mt], a, b0, b1);
+            }
+        }
+    }
+}
+
 // Shared memory (floats): stat[FD_HEADS * 2] then a region used first for the score
 // matrix S[FD_HEADS][part_len + 4] and afterwards for the cross-warp reduction
 // red[FD_WARPS][FD_HEADS][D].
-template <int D>
+template <int D, bool Q8>
 __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
                                                    float2* __restrict__ ml_part,
                                                    const __nv_bfloat16* __restrict__ q,
@@ -53,7 +135,8 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
                                                    const unsigned long long* __restrict__ v_ptrs,
                                                    const int* __restrict__ lens, int kv_heads,
                                                    int group, int part_len, int max_parts,
-                                                   float scale_log2) {
+                                                   float scale_log2, const int* __restrict__ dense,
+                                                   int chunk) {
     static_assert(D % 64 == 0, "head dim must be a multiple of 64");
     constexpr int NCH = D / 32;  // 16-byte chunks per K row per thread (phase 1)
     constexpr int NKC = D / 16;  // k-steps of phase 1, m-tiles of phase 3
@@ -78,6 +161,13 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
         reinterpret_cast<const __nv_bfloat16*>(k_ptrs[b]) + (size_t)start * rs + (size_t)kvh * D;
     const __nv_bfloat16* V =
         reinterpret_cast<const __nv_bfloat16*>(v_ptrs[b]) + (size_t)start * rs + (size_t)kvh * D;
+    // Q8: this partition's rows before the 8-bit chunks, the chunks' first byte, and
+    // ceil(2^32 / chunk) (a row's chunk by __umulhi: exact below 2^32 / chunk rows).
+    const int dn = Q8 ? dense[b] - start : n;
+    const unsigned char* vchunks =
+        reinterpret_cast<const unsigned char*>(reinterpret_cast<const __nv_bfloat16*>(v_ptrs[b]) +
+                                               (size_t)(Q8 ? dense[b] : 0) * rs);
+    const unsigned cmag = Q8 && chunk > 1 ? 0xffffffffu / (unsigned)chunk + 1u : 0u;
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;  // mma groupID, thread-in-group
@@ -160,10 +250,14 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
     // A operand = Vᵀ (m = dim, k = token). Thread (g, t) reads tokens 2t, 2t+1, 2t+8,
     // 2t+9 of the tile, dims [c*64 + g*8, +8) for each chunk c; m-tile mt covers word
     // mt%4 of chunk mt/4: row m = g is the even dim of that word, m = g+8 the odd one.
+    // Q8: the bf16 rows [0, dd) in tiles from row 0, then the 8-bit rows [dd, n) in tiles
+    // from row dd (pv_q8_tiles).
     float o[NKC][4];
 #pragma unroll
     for (int mt = 0; mt < NKC; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
-    for (int tile = warp; tile < ntile; tile += 2 * FD_WARPS) {
+    const int dd = Q8 ? min(max(dn, 0), n) : n;  // rows with bf16 values
+    const int ntd = (dd + 15) >> 4;
+    for (int tile = warp; tile < ntd; tile += 2 * FD_WARPS) {
         uint4 vr[2][4][NVH];
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
@@ -173,13 +267,13 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
                 const int row = tb + 2 * t + (r & 1) + 8 * (r >> 1);
                 const __nv_bfloat16* vp = V + (size_t)row * rs + g * 8;
 #pragma unroll
-                for (int c = 0; c < NVH; ++c) vr[u][r][c] = load16(vp + c * 64, row < n);
+                for (int c = 0; c < NVH; ++c) vr[u][r][c] = load16(vp + c * 64, row < dd);
             }
         }
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
             const int tb = (tile + u * FD_WARPS) * 16;
-            if (tb >= ntile * 16) break;
+            if (tb >= ntd * 16) break;
             // B operand = Pᵀ (k = token, n = head g).
             const float* pr = S + g * SP + tb + 2 * t;
             const unsigned b0 = pack_bf16(pr[0], pr[1]);
@@ -194,6 +288,7 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
             }
         }
     }
+    if (Q8) pv_q8_tiles<D>(o, S + g * SP, vchunks, rs, dd, dd - dn, n, chunk, cmag);
     __syncthreads();  // everyone is done with S: reuse it as red
     // o[mt]: (dim pd, head 2t), (pd, 2t+1), (pd+1, 2t), (pd+1, 2t+1), pd = c*64 + g*8 + 2w
 #pragma unroll
@@ -217,18 +312,21 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
             make_float2(stat[2 * threadIdx.x], stat[2 * threadIdx.x + 1]);
 }
 
-#define FD_SPLIT(DIM)                                                                              \
-    extern "C" __global__ void __launch_bounds__(FD_THREADS, 4) flash_decode_split_d##DIM(         \
+#define FD_SPLIT(NAME, DIM, Q8)                                                                  \
+    extern "C" __global__ void __launch_bounds__(FD_THREADS, 4) NAME(                              \
         float* __restrict__ o_part, float2* __restrict__ ml_part,                                  \
         const __nv_bfloat16* __restrict__ q, const unsigned long long* __restrict__ k_ptrs,        \
         const unsigned long long* __restrict__ v_ptrs, const int* __restrict__ lens,               \
-        int kv_heads, int group, int part_len, int max_parts, float scale_log2) {                  \
-        flash_decode_split<DIM>(o_part, ml_part, q, k_ptrs, v_ptrs, lens, kv_heads, group,         \
-                                part_len, max_parts, scale_log2);                                  \
+        int kv_heads, int group, int part_len, int max_parts, float scale_log2,                    \
+        const int* __restrict__ dense, int chunk) {                                                \
+        flash_decode_split<DIM, Q8>(o_part, ml_part, q, k_ptrs, v_ptrs, lens, kv_heads, group,     \
+                                    part_len, max_parts, scale_log2, dense, chunk);                \
     }
 
-FD_SPLIT(64)
-FD_SPLIT(128)
+FD_SPLIT(flash_decode_split_d64, 64, false)
+FD_SPLIT(flash_decode_split_d128, 128, false)
+FD_SPLIT(flash_decode_split_q8_d64, 64, true)
+FD_SPLIT(flash_decode_split_q8_d128, 128, true)
 
 // Merge: grid (heads, batch), block (head_dim, S): S slices of head_dim threads split
 // the partitions between them. Dynamic shared memory: max_parts + S * head_dim floats.

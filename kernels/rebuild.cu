@@ -12,8 +12,8 @@
 // Tier hits: given fetch_count and tier_src (as shadow_reuse writes them; null: none),
 // the entries of list e from fetch_count[e] on are tier hits, entry j's values in tier
 // entry tier_src[e, j] (8 bits); the kernel copies a tile's tier hits into shared memory
-// by cp.async as the tile starts (rb_fetch_tier) and writes them as bf16 to their slot's
-// rows of av as it finishes the tile (rb_copy_tier). The rebuild waits on latency more
+// by cp.async as the tile starts (rb_fetch_tier) and writes them as they are to their
+// slots' values in av as it finishes the tile (rb_copy_tier). The rebuild waits on latency more
 // than on HBM, and the other block of the SM multiplies meanwhile; as a kernel of its own
 // before the rebuild the copy took 1.8 ms of a 20.6 ms step (29 x 61440 tokens, H200).
 // The fetch of the same step touches other slots and tier entries (shadow_reuse sees to
@@ -49,8 +49,8 @@
 // its row's miss entry of the next tile; after the tile's products, the next tile's codes
 // (16 bytes a copy; byte loads where the rank is not a multiple of 16), coefficient
 // scales and tier entries are copied into the other of two buffers by cp.async, so a
-// tile's products wait for no load and pass no barrier: two barriers a tile (its codes
-// in; with a tier, its tier hits in). (The previous form streamed u through two stages
+// tile's products wait for no load and pass no barrier: one barrier a tile (its codes in;
+// each thread waits for the tier words it copies itself). (The previous form streamed u through two stages
 // of 32 ranks in fp16, each loaded into registers one stage ahead and widened into
 // shared memory behind a barrier: five barriers a tile at rank 160, each exposing a
 // gather from HBM.)
@@ -386,7 +386,7 @@ __device__ __forceinline__ void rb_store(const float (&acc)[2][D / 32][2][4], co
 // Starts the copy of the tile's tier hits into `buf` (shared, [per][value_chunk_bytes]):
 // the whole chunk of each miss that is a tier hit (tent of its first row not RB_NO_TIER), 16 bytes
 // a cp.async (2c threads a chunk, per = REBUILD_ROWS / c chunks), so the loads land while
-// the tile's products run; rb_copy_tier finishes it after cp_async_wait and a barrier.
+// the tile's products run; rb_copy_tier finishes it after the thread's cp_async_wait.
 // tent: the tile's rows (rb_start_tile). Where per does not divide REBUILD_THREADS, the
 // last threads get j = per: row j * c is then still below REBUILD_ROWS (for every c up to
 // MAX_CHUNK), past the tile's rows, and its tent is RB_NO_TIER, so they copy nothing.
@@ -403,29 +403,21 @@ __device__ __forceinline__ void rb_fetch_tier(unsigned char* buf, const int* ten
     cp_async_commit();
 }
 
-// Writes the tier hits' values of the tile whose rows are arow / tent, staged in `buf` by
-// rb_fetch_tier (landed: after cp_async_wait and a barrier), to their rows of av as bf16
-// from the tier's 8 bits (row i of a staged chunk at byte i * D, its scale at c * D + 4i):
-// (cm = rb_div_magic(c)) thread tid writes word tid % (D / 8) (8 values from 8 codes and the row's scale) of the
-// rows tid / (D / 8) + k * (REBUILD_THREADS / (D / 8)); rows that are not tier hits are
-// skipped. (The tier's loads issued here, a dependent round trip to HBM for each of the
-// eight passes, took a quarter of the kernel's warp samples; ncu, H200.)
-template <int D>
-__device__ __forceinline__ void rb_copy_tier(const unsigned char* buf, const int* arow, const int* tent,
-                                             const ShadowSeqBufs& seq, const ShadowDims& dims, int h, int cm) {
-    constexpr int ROW_WORDS = D / 8, STRIDE = REBUILD_THREADS / ROW_WORDS;  // rows a pass
-    const int c = dims.chunk, vcb = value_chunk_bytes(dims);
-    uint4* av = reinterpret_cast<uint4*>(shadow_attn_row(seq.av, dims, h, 0));
-    const int i = threadIdx.x % ROW_WORDS;
-#pragma unroll 4
-    for (int p = threadIdx.x / ROW_WORDS; p < REBUILD_ROWS; p += STRIDE) {
-        if (tent[p] == RB_NO_TIER) continue;
-        const int j = rb_div(p, cm), r = p - j * c;
-        const unsigned char* chunk = buf + j * vcb;
-        const uint2 v = reinterpret_cast<const uint2*>(chunk + r * D)[i];
-        const float sc = reinterpret_cast<const float*>(chunk + c * D)[r];
-        av[arow[p] * ROW_WORDS + i] = code8_expand8(v, sc);
-    }
+// Writes the tile's tier hits, staged in `buf` by rb_fetch_tier, to their slots' values in
+// av as they are (8 bits, shadow_slot_values; arow / tent: the tile's rows). Each thread
+// copies the words it staged itself (rb_fetch_tier's chunk j and words), so its own
+// cp_async_wait is all it waits for: no barrier. (While av held bf16 rows, every row was
+// expanded from the staged codes by all the block's threads behind a barrier: 22 % of the
+// kernel's stall samples; ncu, H200.) Not inlined: inlined, the sm_80 build spills.
+__device__ __noinline__ void rb_copy_tier(const unsigned char* buf, const int* arow, const int* tent,
+                                             const ShadowSeqBufs& seq, const ShadowDims& dims, int h) {
+    const int c = dims.chunk, tpc = REBUILD_THREADS / (REBUILD_ROWS / c), j = threadIdx.x / tpc;
+    if (tent[j * c] == RB_NO_TIER) return;
+    const int words = value_chunk_bytes(dims) / 16;
+    const uint4* from = reinterpret_cast<const uint4*>(buf + j * words * 16);
+    uint4* to = reinterpret_cast<uint4*>(shadow_attn_row(seq.av, dims, h, arow[j * c]));
+#pragma unroll 1
+    for (int k = threadIdx.x - j * tpc; k < words; k += tpc) to[k] = from[k];
 }
 
 // Shared memory of a block (dynamic; sizes in bytes, kp = rb_panel_ranks):
@@ -469,7 +461,7 @@ __device__ __forceinline__ RbSmem rb_smem(unsigned char* base, const ShadowDims&
 // and a barrier; restage sv if the tile's head differs from the staged one (or at every
 // panel when the rank needs more than one); start the next tile (its rows, and its codes
 // by cp.async into the other buffer) and this tile's tier hits; multiply; scale, rotate
-// and store; with a tier, wait for the tier hits, a barrier, and write their values.
+// and store; with a tier, wait for this thread's tier words and write them.
 template <int D>
 __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists, int t0, int t1,
                                               const int2* __restrict__ misses, const int* __restrict__ miss_count,
@@ -566,13 +558,10 @@ __device__ __forceinline__ void rebuild_tiles(const RbSmem& s, int kp, int lists
         cp_async_commit();
         rb_store<D>(acc, s.tok + par, s.arow + par, s.usc + par, row0, tile0,
                     shadow_attn_row(bufs[cur.b].ak, dims, cur.h, 0));
-        // (A tile without tier hits waits for nothing and its copy skips every row; a flag
-        // kept for them across the products cost spills. Without a tier, the barrier made
-        // the keys-only rebuild 7 % slower.)
+        // (A tile without tier hits waits for nothing and its copy skips every chunk.)
         if (dims.tier > 0) {
-            cp_async_wait<1>();  // all but the next tile's codes
-            __syncthreads();     // every thread's tier chunks have landed
-            rb_copy_tier<D>(s.tier, s.arow + par, s.tent + par, bufs[cur.b], dims, cur.h, cm);
+            cp_async_wait<1>();  // all but the next tile's codes: this thread's tier words
+            rb_copy_tier(s.tier, s.arow + par, s.tent + par, bufs[cur.b], dims, cur.h);
         }
     }
 }

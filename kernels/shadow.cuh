@@ -15,7 +15,9 @@
 //   ak, av  [kvh, rows_cap, d]   bf16   attention rows per head:
 //           recent [0, R) newest-first ending at row R (n tokens: rows [R - n, R),
 //           the newest at R - n), outliers [R, R + n_out * c), slot s at
-//           R + (n_out + s) * c (n_out = the sequence's outlier chunks)
+//           R + (n_out + s) * c (n_out = the sequence's outlier chunks); a slot's
+//           values are its chunk in the pools' 8-bit format (value_chunk_bytes) in
+//           place, at the first bytes of its c rows of av (shadow_slot_values)
 //   kpre    [R, kvh * d]         bf16   pre-RoPE keys of the recent window, same rows
 // and, with a GPU value tier of T > 0 entries per head (a FIFO cache of chunks' values in
 // device memory, so that a missed chunk found there is not read over PCIe):
@@ -26,6 +28,8 @@
 //   tier_next  [kvh]             i32    the entry the next fetched chunk replaces
 #pragma once
 #include <cuda_bf16.h>
+
+#include "common.cuh"
 
 struct ShadowDims {
     int kv_heads;
@@ -154,38 +158,6 @@ __device__ __forceinline__ void code8_value_chunk(RowOf row_of, unsigned char* c
     for (int r = threadIdx.x >> 5; r < dims.chunk; r += blockDim.x >> 5) code8_value_row(row_of(r), chunk, r, dims);
 }
 
-// The code of byte K of a word of biased codes (code + 128, as `word ^ 0x80808080`) as an
-// exact float: the byte as the low mantissa bits of 2^23, minus 2^23 + 128. A byte
-// permutation and an add, where a conversion (I2F) issues at a quarter of the FP32 rate.
-template <int K>
-__device__ __forceinline__ float code8_float(unsigned biased) {
-    return __int_as_float(__byte_perm(biased, 0x4b000000u, 0x7650 | K)) - 8388736.f;
-}
-
-// The 8 values of 8 codes at one scale as 8 bf16 (a 16-byte word): bf16(code * scale),
-// the product in fp32 (the reference's f32 value, rounded).
-__device__ __forceinline__ uint4 code8_expand8(uint2 w, float s) {
-    const unsigned in[2] = {w.x ^ 0x80808080u, w.y ^ 0x80808080u};
-    unsigned o[4];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-#pragma unroll
-        for (int k = 0; k < 2; ++k) {
-            const float a = __fmul_rn(k ? code8_float<2>(in[i]) : code8_float<0>(in[i]), s);
-            const float b = __fmul_rn(k ? code8_float<3>(in[i]) : code8_float<1>(in[i]), s);
-            const __nv_bfloat162 p = __floats2bfloat162_rn(a, b);
-            o[2 * i + k] = *reinterpret_cast<const unsigned*>(&p);
-        }
-    }
-    return make_uint4(o[0], o[1], o[2], o[3]);
-}
-
-// The same for a 16-byte word of 16 codes: two words of bf16 to out[0], out[1].
-__device__ __forceinline__ void code8_expand(uint4 w, float s, uint4* out) {
-    out[0] = code8_expand8(make_uint2(w.x, w.y), s);
-    out[1] = code8_expand8(make_uint2(w.z, w.w), s);
-}
-
 // The largest v over the block (blockDim.x a multiple of 32, at most 1024); every thread
 // gets it. `scratch` is a __shared__ float[32]; ends with a barrier.
 __device__ __forceinline__ float block_max(float v, float* scratch) {
@@ -209,6 +181,15 @@ __device__ __forceinline__ int shadow_slot_row(const ShadowDims& s, int n_out, i
 __device__ __forceinline__ __nv_bfloat16* shadow_attn_row(unsigned long long base, const ShadowDims& s,
                                                           int h, int row) {
     return reinterpret_cast<__nv_bfloat16*>(base) + ((size_t)h * s.rows_cap + row) * s.head_dim;
+}
+
+// The values of slot `slot` of head h of a sequence with `n_out` outlier chunks: the
+// chunk in the pools' 8-bit format (value_chunk_bytes), in place at the first bytes of the
+// slot's c rows of av (whose 2 c d bytes hold it), where the attention reads them
+// (flash_decode.cu, its 8-bit chunks).
+__device__ __forceinline__ uint4* shadow_slot_values(const ShadowSeqBufs& b, const ShadowDims& s, int h, int n_out,
+                                                     int slot) {
+    return reinterpret_cast<uint4*>(shadow_attn_row(b.av, s, h, shadow_slot_row(s, n_out, slot)));
 }
 
 // Exclusive prefix sum of `v` over the block, in thread order; `*total` receives the
@@ -274,13 +255,12 @@ __device__ __forceinline__ int run_of(const int* off, int n, int t) {
 // Copies chunks of values for a batch's concatenated lists: list e = b * kv_heads + h
 // holds n(e) = counts[e] entries (clamped to [0, S]) at list[e * S + first(e) ...]; entry j
 // of list e reads chunk src_of(b, h, entry, t) (t = the entry's place in the whole
-// concatenation; value_chunk_bytes in the pools' 8-bit format), writes its values as bf16
-// to its slot's rows of av and, where extra_of(b, h, j, e) is not null, its bytes as they
-// are there too. One warp per chunk, 16-byte words, COPY_UNROLL loads in flight per lane
-// (the chunk's scales read first, lane r holding row r's: c <= 32); the warps of the
-// whole grid stride over the concatenation. Dynamic shared memory: (batch * kv_heads + 1)
-// ints. Entries naming a slot out of range, or (where `limit` > 0) a second field at or
-// past `limit`, are skipped.
+// concatenation; value_chunk_bytes in the pools' 8-bit format) and writes its bytes as they
+// are to its slot of av (shadow_slot_values) and, where extra_of(b, h, j, e) is not null,
+// there too. One warp per chunk, 16-byte words, COPY_UNROLL loads in flight per lane; the
+// warps of the whole grid stride over the concatenation. Dynamic shared memory:
+// (batch * kv_heads + 1) ints. Entries naming a slot out of range, or (where `limit` > 0) a
+// second field at or past `limit`, are skipped.
 #define COPY_UNROLL 4
 template <typename First, typename Src, typename Extra>
 __device__ __forceinline__ void copy_chunks(const int2* __restrict__ list, const int* __restrict__ counts,
@@ -293,9 +273,7 @@ __device__ __forceinline__ void copy_chunks(const int2* __restrict__ list, const
     const int total = block_offsets(counts, lists, dims.slots, off, scratch);
     const int lane = threadIdx.x & 31;
     const int warps = (gridDim.x * blockDim.x) >> 5;
-    const int words = value_chunk_bytes(dims) / 16;          // 16-byte words per chunk
-    const int code_words = dims.chunk * dims.head_dim / 16;  // of which codes
-    const int row_words = dims.head_dim / 16;                // code words a row
+    const int words = value_chunk_bytes(dims) / 16;  // 16-byte words per chunk
     for (int t = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; t < total; t += warps) {
         const int e = run_of(off, lists, t);
         const int b = e / dims.kv_heads, h = e - b * dims.kv_heads;
@@ -304,12 +282,7 @@ __device__ __forceinline__ void copy_chunks(const int2* __restrict__ list, const
         const int2 m = list[(size_t)e * dims.slots + j];  // (slot, chunk or entry)
         if (m.x < 0 || m.x >= dims.slots || m.y < 0 || (limit > 0 && m.y >= limit)) continue;
         const uint4* src = src_of(b, h, m.y, t, e * dims.slots + j);
-        const float scale =
-            lane < dims.chunk
-                ? reinterpret_cast<const float*>(reinterpret_cast<const unsigned char*>(src) + code_words * 16)[lane]
-                : 0.f;
-        uint4* dst = reinterpret_cast<uint4*>(
-            shadow_attn_row(bufs[b].av, dims, h, shadow_slot_row(dims, seq_counts[b].outliers, m.x)));
+        uint4* dst = shadow_slot_values(bufs[b], dims, h, seq_counts[b].outliers, m.x);
         uint4* extra = extra_of(b, h, j, e);
         for (int w0 = 0; w0 < words; w0 += 32 * COPY_UNROLL) {
             uint4 v[COPY_UNROLL];
@@ -321,9 +294,10 @@ __device__ __forceinline__ void copy_chunks(const int2* __restrict__ list, const
 #pragma unroll
             for (int u = 0; u < COPY_UNROLL; ++u) {
                 const int w = w0 + u * 32 + lane;
-                const float s = __shfl_sync(0xffffffffu, scale, min(w / row_words, 31));
-                if (w < words && extra) extra[w] = v[u];
-                if (w < code_words) code8_expand(v[u], s, dst + 2 * w);
+                if (w < words) {
+                    dst[w] = v[u];
+                    if (extra) extra[w] = v[u];
+                }
             }
         }
     }

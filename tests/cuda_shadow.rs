@@ -376,6 +376,15 @@ fn chunk_values(bytes: &[u8], shape: &PoolShape) -> Vec<bf16> {
         .collect()
 }
 
+/// The bytes of a chunk in 8 bits as the `u16` words of a bf16 attention buffer they
+/// fill when held in place (a slot's values: the first bytes of its rows of `av`).
+fn slot_words(bytes: &[u8]) -> Vec<u16> {
+    bytes
+        .chunks_exact(2)
+        .map(|w| u16::from_le_bytes([w[0], w[1]]))
+        .collect()
+}
+
 /// A chunk's rows of bf16 values (token order, `c·d`) in 8 bits as the pools hold them
 /// (the CPU reference's rounding, `codes8::quantize`): codes, then scales; no padding.
 fn quantize_chunk(rows: &[bf16], d: usize) -> Vec<u8> {
@@ -911,11 +920,11 @@ fn gpu_value_tier_keeps_its_fifo_and_moves_the_pool_bytes() {
         let mapping = HostMapping::new(&ops, &mut map[..]).unwrap();
         let (pool, _slots, dev_ref) = with_dev_slots(&ops, &mut rng, &shape, mapping.device_addr(), 1);
         let refs = (&host_ref[..], &dev_ref[..]);
-        let (ce, cb) = (chunk * d, shape.chunk_bytes());
+        let cb = shape.chunk_bytes();
         // The rebuild copies the tier hits (the keys it writes are not checked here).
         let inv = dev.upload(&vec![1e-3f32; d / 2]).unwrap();
-        // A chunk's values as the attention buffers get them.
-        let chunk_of = |b: usize, h: usize, c: usize| bits(&chunk_values(chunk_ref(&pool, refs, (0, b, h, c)), &shape));
+        // A chunk's values as a slot holds them: its 8-bit bytes in place.
+        let chunk_of = |b: usize, h: usize, c: usize| slot_words(chunk_ref(&pool, refs, (0, b, h, c)));
         let outs: Vec<usize> = (0..batch).map(|_| rng.random_range(0..=l.outliers)).collect();
         let seq_counts: Vec<SeqCounts> = (0..batch).map(|b| counts(l.chunk_cap, 0, outs[b], b)).collect();
         // The selections of every step, shared by both fetch paths.
@@ -1097,7 +1106,10 @@ fn gpu_value_tier_keeps_its_fifo_and_moves_the_pool_bytes() {
                         for (s, c) in cpu[e].slots().iter().enumerate() {
                             if let Some(c) = c {
                                 let at = attn_at(&l, h, l.slot_row(outs[b], s));
-                                assert!(av[at..at + ce] == chunk_of(b, h, *c as usize)[..], "{what}: slot {s}");
+                                assert!(
+                                    av[at..at + cb / 2] == chunk_of(b, h, *c as usize)[..],
+                                    "{what}: slot {s}"
+                                );
                             }
                         }
                         let m = &model[e];
@@ -1360,9 +1372,9 @@ fn value_fetch_and_scatter_copy_the_misses_bit_exact() {
             .map(|b| counts(chunks[b], 0, outs[b], pool_seqs[b]))
             .collect();
         let misses = random_misses(&ops, &mut rng, &l, &chunks);
-        // What every slot row must hold, per sequence: the pool chunk's values (bf16 of
-        // code × scale) or untouched NaN.
-        let (ce, cbytes) = (chunk * d, shape.chunk_bytes());
+        // What every slot must hold, per sequence: the pool chunk's bytes in place (the
+        // rest of its rows untouched NaN), or untouched NaN.
+        let cbytes = shape.chunk_bytes();
         let want: Vec<Vec<u16>> = (0..batch)
             .map(|b| {
                 let mut av = vec![NAN_BITS; l.attn_len()];
@@ -1370,7 +1382,7 @@ fn value_fetch_and_scatter_copy_the_misses_bit_exact() {
                     for &(slot, ch) in &misses.lists[b * kvh + h] {
                         let at = attn_at(&l, h, l.slot_row(outs[b], slot));
                         let src = chunk_ref(&pool, refs, (layer, pool_seqs[b], h, ch));
-                        av[at..at + ce].copy_from_slice(&bits(&chunk_values(src, &shape)));
+                        av[at..at + cbytes / 2].copy_from_slice(&slot_words(src));
                     }
                 }
                 av
@@ -2177,7 +2189,24 @@ fn one_layer_decode_end_to_end_matches_cpu_attention() {
                 .collect();
             let kv_entries: Vec<(&CudaView<bf16>, &CudaView<bf16>, usize)> =
                 views.iter().map(|(k, v, n)| (k, v, *n)).collect();
-            let kv = KvTable::new(&ops, &kv_entries, d).unwrap();
+            // The slots' values are 8-bit chunks after each head's recent and outlier rows.
+            let dense: Vec<usize> = (0..batch * kvh)
+                .map(|e| {
+                    let c = host[e / kvh].counts;
+                    (c.recent + c.outliers * l.chunk as i32) as usize
+                })
+                .collect();
+            let bad: Vec<usize> = dense.iter().map(|&x| x + 1).collect();
+            let e = KvTable::new(&ops, &kv_entries, d)
+                .unwrap()
+                .with_value_chunks(&ops, &bad, c)
+                .err()
+                .expect("dense rows that leave part of a chunk are refused");
+            assert!(format!("{e:#}").contains("whole chunks"), "{e:#}");
+            let kv = KvTable::new(&ops, &kv_entries, d)
+                .unwrap()
+                .with_value_chunks(&ops, &dense, c)
+                .unwrap();
             let attn = AttnShape {
                 heads: g,
                 kv_heads: 1,

@@ -541,10 +541,17 @@ fn gpu_bytes(model: &CudaModel, seqs: &[GpuShadowSeq], m: Misses) -> f64 {
     let (_, attended) = layout.attended_rows(&c);
     // Landmarks: 8-bit codes and an fp32 scale per chunk and KV head.
     let marks = c.chunks as usize * (layout.kv_width() + 4 * layout.kv_heads);
-    let per_layer = (marks + attended * layout.kv_heads * layout.head_dim * 4 + layout.sv_len() * 4) as f64;
-    // A miss: its tokens' 8-bit coefficients and scales read, bf16 keys and values written.
-    let per_miss = (layout.chunk * (layout.rank + 4 + layout.head_dim * 4)) as f64;
+    // Attention: bf16 keys of every attended row; bf16 values of the recent and outlier
+    // rows, the slots' in 8 bits.
+    let dense = (c.recent + c.outliers * layout.chunk as i32) as usize;
+    let slots = (attended - dense) / layout.chunk;
+    let d = layout.head_dim;
+    let attn = layout.kv_heads * (attended * d * 2 + dense * d * 2 + slots * layout.value_chunk_bytes());
+    let per_layer = (marks + attn + layout.sv_len() * 4) as f64;
     let values = layout.value_chunk_bytes() as f64;
+    // A miss: its tokens' 8-bit coefficients and scales read, bf16 keys and its 8-bit
+    // values written.
+    let per_miss = (layout.chunk * (layout.rank + 4 + d * 2)) as f64 + values;
     let fetched = m.host + m.device;
     let tier_moves = if layout.tier > 0 { m.tier + fetched } else { 0.0 };
     model.weight_bytes() as f64

@@ -3,7 +3,8 @@
 //!
 //! Each sequence's cache is `[len, kv_heads·head_dim]` bf16, keys post-RoPE, the new
 //! token's key and value already appended (the query attends to all `len` rows), as
-//! in the CPU backend. The context is split into partitions of `part_len` tokens that
+//! in the CPU backend. A table may say that each entry's values past its first `dense`
+//! rows are chunks in 8 bits ([`KvTable::with_value_chunks`]: ShadowKV's slots). The context is split into partitions of `part_len` tokens that
 //! run as separate blocks (all query heads of one KV head per block); a second kernel
 //! merges the partitions' partial outputs with their log-sum-exp statistics.
 
@@ -27,7 +28,15 @@ pub struct KvTable<'a> {
     v_ptrs: CudaSlice<u64>,
     lens: CudaSlice<i32>,
     host_lens: Vec<usize>,
+    value_chunks: Option<ValueChunks>,
     _caches: PhantomData<&'a ()>,
+}
+
+/// Where a table's values turn to chunks in 8 bits: each entry's bf16 rows before them,
+/// and the rows of a chunk.
+struct ValueChunks {
+    dense: CudaSlice<i32>,
+    chunk: usize,
 }
 
 impl<'a> KvTable<'a> {
@@ -59,8 +68,36 @@ impl<'a> KvTable<'a> {
             v_ptrs: ops.device().upload(&vp)?,
             lens: ops.device().upload(&lens)?,
             host_lens: seqs.iter().map(|s| s.2).collect(),
+            value_chunks: None,
             _caches: PhantomData,
         })
+    }
+
+    /// The same table with each entry's values past its first `dense[i]` rows held as
+    /// chunks of `chunk` rows in 8 bits, the value pools' format (codes in token order,
+    /// then a fp32 scale per token: [`crate::pool::PoolShape::chunk_bytes`]), chunk `k` in
+    /// place at the first bytes of its `chunk` bf16 rows; each is read as `bf16(code ·
+    /// scale)`. For caches of one KV head (`kv_width = head_dim`), as ShadowKV's rows.
+    pub fn with_value_chunks(mut self, ops: &CudaOps, dense: &[usize], chunk: usize) -> Result<Self> {
+        ensure!(
+            dense.len() == self.batch(),
+            "{} dense lengths for {} sequences",
+            dense.len(),
+            self.batch()
+        );
+        ensure!((1..=1024).contains(&chunk), "value chunks of {chunk} rows");
+        for (i, (&d, &len)) in dense.iter().zip(&self.host_lens).enumerate() {
+            ensure!(
+                d <= len && (len - d) % chunk == 0,
+                "sequence {i}: {len} rows are not {d} bf16 rows and whole chunks of {chunk}"
+            );
+        }
+        let dense: Vec<i32> = dense.iter().map(|&d| d as i32).collect();
+        self.value_chunks = Some(ValueChunks {
+            dense: ops.device().upload(&dense)?,
+            chunk,
+        });
+        Ok(self)
     }
 
     /// Sequences.
@@ -78,9 +115,14 @@ impl<'a> KvTable<'a> {
         &self.host_lens
     }
 
-    /// Device arrays: key-cache addresses, value-cache addresses, lengths (i32).
-    pub(crate) fn device_arrays(&self) -> (&CudaSlice<u64>, &CudaSlice<u64>, &CudaSlice<i32>) {
-        (&self.k_ptrs, &self.v_ptrs, &self.lens)
+    /// Device arrays: key-cache addresses, value-cache addresses, lengths (i32), for a
+    /// kernel that reads bf16 values only (refused where some are in 8-bit chunks).
+    pub(crate) fn device_arrays(&self) -> Result<(&CudaSlice<u64>, &CudaSlice<u64>, &CudaSlice<i32>)> {
+        ensure!(
+            self.value_chunks.is_none(),
+            "this attention reads bf16 values only, and the table holds 8-bit chunks"
+        );
+        Ok((&self.k_ptrs, &self.v_ptrs, &self.lens))
     }
 }
 
@@ -222,6 +264,7 @@ impl CudaOps {
         let (kp, _g3) = kv.k_ptrs.device_ptr(s);
         let (vp, _g4) = kv.v_ptrs.device_ptr(s);
         let (lp, _g5) = kv.lens.device_ptr(s);
+        let chunks = kv.value_chunks.as_ref().map(|v| (v.dense.device_ptr(s), v.chunk));
         let args = DecodeArgs {
             out: outp,
             q: qp,
@@ -230,6 +273,7 @@ impl CudaOps {
             lens: lp,
             batch,
             max_len: kv.max_len(),
+            value_chunks: chunks.as_ref().map(|((p, _), c)| (*p, *c)),
         };
         // SAFETY: q and out hold batch·heads·d values (checked), the table's caches hold
         // len rows of kv_heads·d (checked at construction, borrowed for the table's life).
@@ -242,7 +286,9 @@ impl CudaOps {
     /// # Safety
     /// `args.q` and `args.out` must hold `batch·heads·d` values, `k_ptrs`/`v_ptrs` `batch`
     /// cache addresses whose caches hold `lens[b]` rows of `kv_heads·d` values, `lens`
-    /// `batch` lengths, none above `max_len`, all alive until the launch completes.
+    /// `batch` lengths, none above `max_len`, all alive until the launch completes; with
+    /// `value_chunks`, `batch` dense lengths, each entry's rows past its own as
+    /// [`KvTable::with_value_chunks`] says.
     pub(crate) unsafe fn flash_decode_raw(
         &self,
         args: &DecodeArgs,
@@ -267,6 +313,10 @@ impl CudaOps {
         );
         let batch = args.batch;
         ensure!(
+            args.value_chunks.is_none() || kv_heads == 1,
+            "values in 8-bit chunks need caches of one KV head ({kv_heads} given)"
+        );
+        ensure!(
             batch <= 65_535 && kv_heads <= 65_535,
             "batch {batch} or {kv_heads} KV heads too large"
         );
@@ -287,11 +337,13 @@ impl CudaOps {
         let smem_floats = 2 * MAX_GROUP + (MAX_GROUP * (part_len + 4)).max(WARPS * MAX_GROUP * d);
         let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
         let (kvh, grp, pl, mp) = (kv_heads as i32, group as i32, part_len as i32, max_parts as i32);
-        let split = if d == 64 {
-            &self.k.flash_decode_split_d64
-        } else {
-            &self.k.flash_decode_split_d128
+        let split = match (d, args.value_chunks.is_some()) {
+            (64, false) => &self.k.flash_decode_split_d64,
+            (_, false) => &self.k.flash_decode_split_d128,
+            (64, true) => &self.k.flash_decode_split_q8_d64,
+            (_, true) => &self.k.flash_decode_split_q8_d128,
         };
+        let (dense, chunk) = args.value_chunks.map_or((0, 0), |(p, c)| (p, c as i32));
         let cfg = LaunchConfig {
             grid_dim: (max_parts as u32, kv_heads as u32, batch as u32),
             block_dim: (THREADS, 1, 1),
@@ -314,7 +366,9 @@ impl CudaOps {
                     &grp,
                     &pl,
                     &mp,
-                    &scale_log2
+                    &scale_log2,
+                    &dense,
+                    &chunk
                 ],
             )
         }?;
@@ -373,6 +427,9 @@ pub(crate) struct DecodeArgs {
     pub batch: usize,
     /// Upper bound of the lengths (sizes the grid).
     pub max_len: usize,
+    /// Values in 8-bit chunks past each entry's dense rows: the `batch` dense lengths
+    /// (i32) and the rows of a chunk ([`KvTable::with_value_chunks`]); `None`, bf16 rows.
+    pub value_chunks: Option<(u64, usize)>,
 }
 
 #[cfg(test)]

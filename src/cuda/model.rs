@@ -880,6 +880,7 @@ impl CudaModel {
                 lens: int_at(lay.lens()),
                 batch,
                 max_len: plan.max_len,
+                value_chunks: None,
             };
             // SAFETY: q and out hold rows = batch query rows; the tables hold this layer's
             // cache addresses, whose caches hold `lens` rows (staged above).

@@ -222,7 +222,7 @@ impl CudaOps {
             qp % 16 == 0 && outp % 4 == 0,
             "q (address {qp:#x}) must be 16-byte and out ({outp:#x}) 4-byte aligned"
         );
-        let (k_ptrs, v_ptrs, lens) = kv.device_arrays();
+        let (k_ptrs, v_ptrs, lens) = kv.device_arrays()?;
         let (kp, _g3) = k_ptrs.device_ptr(s);
         let (vp, _g4) = v_ptrs.device_ptr(s);
         let (lp, _g5) = lens.device_ptr(s);

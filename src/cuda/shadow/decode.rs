@@ -81,6 +81,9 @@ pub struct ShadowStep<'a> {
     attn_ptrs: CudaSlice<u64>,
     /// `[batch·kv_heads]` attended rows.
     lens: CudaSlice<i32>,
+    /// `[batch·kv_heads]` attended rows with bf16 values (the recent window and the
+    /// outliers); the slots' values after them are chunks in 8 bits.
+    dense: CudaSlice<i32>,
     max_len: usize,
     /// Chunks selected this step, over the batch's layers and heads (the hits and
     /// misses to come).
@@ -128,10 +131,12 @@ impl<'a> ShadowStep<'a> {
         let e = seqs.len() * kvh;
         let mut ptrs = Vec::with_capacity(layers * 2 * e);
         let mut lens = Vec::with_capacity(e);
+        let mut dense = Vec::with_capacity(e);
         let mut selected = 0u64;
         for c in &counts {
             let (_, len) = layout.attended_rows(c);
             lens.extend(std::iter::repeat_n(len as i32, kvh));
+            dense.extend(std::iter::repeat_n(c.recent + c.outliers * layout.chunk as i32, kvh));
             // Every layer selects (and the reuse kernel counts hits) for every head.
             selected += (layers * kvh * layout.selected_for(c)) as u64;
         }
@@ -163,6 +168,7 @@ impl<'a> ShadowStep<'a> {
             fetch_marks: None,
             attn_ptrs: ops.device().upload(&ptrs)?,
             lens: ops.device().upload(&lens)?,
+            dense: ops.device().upload(&dense)?,
             max_len,
             selected,
         })
@@ -485,6 +491,7 @@ impl<'a> ShadowStep<'a> {
             lens: self.lens.device_ptr(s).0 + 4 * e0 as u64,
             batch: e,
             max_len: self.max_len,
+            value_chunks: Some((self.dense.device_ptr(s).0 + 4 * e0 as u64, lay.chunk)),
         };
         let shape = AttnShape {
             heads: lay.group,
@@ -495,7 +502,8 @@ impl<'a> ShadowStep<'a> {
         // SAFETY: q and out hold batch·heads·d values (the step's rows; `seqs` is one of
         // the step's micro-batches); each entry's address is its head's first attended
         // row, `lens` rows of d values inside the attention buffers (attended_rows),
-        // which the tables borrow for the step.
+        // which the tables borrow for the step; past `dense` rows, its slots, each with
+        // its chunk's values in 8 bits (kernels/shadow.cuh, shadow_slot_values).
         unsafe { ops.flash_decode_raw(&args, shape, ws, part) }
     }
 

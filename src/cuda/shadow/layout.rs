@@ -21,7 +21,11 @@
 //!   `R - 1`); the sequence's `O' ≤ O` outlier chunks at `[R, R + O'·c)`; slot `s` at
 //!   `R + (O' + s)·c`. Slots are occupied from slot 0 up (the selection never shrinks),
 //!   so a query attends ONE contiguous range of rows, [`ShadowLayout::attended_rows`].
-//!   (With `O' = O`, the usual case, slot `s` starts at `R + O·c + s·c`.)
+//!   (With `O' = O`, the usual case, slot `s` starts at `R + O·c + s·c`.) A slot's
+//!   values are its chunk in the pools' 8-bit format
+//!   ([`ShadowLayout::value_chunk_bytes`]), in place at the first bytes of its `c` rows of
+//!   `av`; the attention reads them so ([`crate::cuda::KvTable::with_value_chunks`]),
+//!   about half the bytes of bf16 rows.
 //! - `kpre` `[R, kvh·d]` bf16: the pre-RoPE keys of the recent window, same rows.
 //! - with a GPU value tier of `T > 0` entries per head (a FIFO cache of chunks' values in
 //!   device memory: a missed chunk found there is copied from HBM, not read over PCIe):

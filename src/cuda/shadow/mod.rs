@@ -12,7 +12,8 @@
 //!   token into the recent window) → [`select`] (scores, top-k) → [`reuse`] (the slot
 //!   diff) → [`fetch`] (values of the misses) | [`rebuild`] (keys of the misses) →
 //!   attention with [`crate::cuda::CudaOps::flash_decode`], one entry per (sequence,
-//!   KV head) over [`ShadowLayout::attended_rows`] → [`fold`] (a full recent window's
+//!   KV head) over [`ShadowLayout::attended_rows`], the slots' values read in 8 bits
+//!   ([`crate::cuda::KvTable::with_value_chunks`]) → [`fold`] (a full recent window's
 //!   oldest chunk into the sparse region); [`decode`] runs them in order for a step
 //!   ([`ShadowStep`]), fetching by zero-copy or cpu-gather ([`transfer`]: the gather
 //!   actor a step's stream waits for in host functions; its host side, free of CUDA
