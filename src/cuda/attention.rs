@@ -74,10 +74,10 @@ impl<'a> KvTable<'a> {
     }
 
     /// The same table with each entry's values past its first `dense[i]` rows held as
-    /// chunks of `chunk` rows in 8 bits, the value pools' format (codes in token order,
-    /// then a fp32 scale per token: [`crate::pool::PoolShape::chunk_bytes`]), chunk `k` in
-    /// place at the first bytes of its `chunk` bf16 rows; each is read as `bf16(code ·
-    /// scale)`. For caches of one KV head (`kv_width = head_dim`), as ShadowKV's rows.
+    /// chunks of `chunk` rows in 8 bits, the value pools' format (`chunk · head_dim` codes
+    /// in token order, then a fp32 scale per token), chunk `k` in place at the first bytes
+    /// of its `chunk` bf16 rows; each value is `code · scale` (its products on the fp16
+    /// tensor cores). For caches of one KV head (`kv_width = head_dim`), as ShadowKV's rows.
     pub fn with_value_chunks(mut self, ops: &CudaOps, dense: &[usize], chunk: usize) -> Result<Self> {
         ensure!(
             dense.len() == self.batch(),
