@@ -17,7 +17,8 @@
 //!   10⁻³·rms(ref): cuBLAS rounds the product to bf16 before adding the old output, so
 //!   a sum that cancels keeps the rounding error of its larger terms;
 //! - flash-decoding: per sequence and head, ‖out − ref‖ / ‖ref‖ ≤ 10⁻² and every element
-//!   within 2·10⁻²·max|ref| (the probabilities go through the tensor cores as bf16).
+//!   within 2·10⁻²·max|ref| (the probabilities go through the tensor cores as bf16, or
+//!   as fp16 times the scale for values in 8-bit chunks, whose reference is code · scale).
 //!
 //! Each check prints `RESULT <kernel> <case> max_rel=... max_err/max_ref=... norm_rel=...`:
 //! the largest |out − ref| / |ref| over elements with |ref| ≥ 1% of max|ref|, the largest
@@ -439,6 +440,137 @@ fn flash_decode_head_dim_64_and_explicit_partitions() {
     worst.report(
         "flash_decode",
         "d=64/128,ctx=1/15/100/4097,groups=1/7/8,part=16/64/512/1024/auto",
+    );
+}
+
+/// One entry of a table whose values turn to 8-bit chunks: `dense` bf16 rows, then
+/// `chunks` chunks of `c` rows in the value pools' format in place (codes in token order,
+/// then a fp32 scale per token), on the device as the bf16 words they fill; the f32
+/// values (code · scale) for the reference.
+fn chunked_values(rng: &mut StdRng, dense: usize, chunks: usize, c: usize, d: usize) -> (Vec<bf16>, Vec<f32>) {
+    let (mut words, vf) = rand_bf16(rng, dense * d, 1.0);
+    let mut vf = vf;
+    let chunk_bytes = (c * (d + 4)).next_multiple_of(16);
+    for _ in 0..chunks {
+        let mut bytes = vec![0u8; 2 * c * d];
+        let mut scales = Vec::with_capacity(c);
+        for i in 0..c {
+            // One row in eight all zero (a zero scale), the others of varied size.
+            let s = if rng.random_range(0..8) == 0 {
+                0.0
+            } else {
+                rng.random_range(0.001f32..0.05)
+            };
+            scales.push(s);
+            for j in 0..d {
+                let code = rng.random_range(-127i32..=127);
+                bytes[i * d + j] = code as i8 as u8;
+                vf.push(code as f32 * s);
+            }
+        }
+        for (i, s) in scales.iter().enumerate() {
+            bytes[c * d + 4 * i..c * d + 4 * i + 4].copy_from_slice(&s.to_le_bytes());
+        }
+        // Past the chunk's bytes the rows hold anything: poison them.
+        bytes[chunk_bytes..].fill(0xff);
+        words.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|w| bf16::from_bits(u16::from_le_bytes([w[0], w[1]]))),
+        );
+    }
+    (words, vf)
+}
+
+#[test]
+fn flash_decode_reads_values_in_8_bit_chunks() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let mut rng = seeded("flash_decode_q8");
+    let mut ws = DecodeWorkspace::new();
+    let mut worst = Errors::default();
+    // (dense rows, chunks) per entry: no bf16 rows, no chunks, boundaries inside tiles
+    // and partitions, and a long one.
+    let entries = [(0usize, 5usize), (13, 40), (100, 0), (1, 200), (37, 3)];
+    for &d in &[64usize, 128] {
+        for &c in &[1usize, 3, 8, 16] {
+            let lens: Vec<usize> = entries.iter().map(|&(n, k)| n + k * c).collect();
+            let mut kf = Vec::new();
+            let mut vf = Vec::new();
+            let mut dk = Vec::new();
+            let mut dv = Vec::new();
+            for (&(n, k), &len) in entries.iter().zip(&lens) {
+                let (kb, kff) = rand_bf16(&mut rng, len * d, 1.0);
+                let (vb, vff) = chunked_values(&mut rng, n, k, c, d);
+                dk.push(dev.upload(&kb).unwrap());
+                dv.push(dev.upload(&vb).unwrap());
+                kf.push(kff);
+                vf.push(vff);
+            }
+            let dense: Vec<usize> = entries.iter().map(|e| e.0).collect();
+            let seqs: Vec<_> = (0..entries.len()).map(|b| (&dk[b], &dv[b], lens[b])).collect();
+            let table = KvTable::new(&ops, &seqs, d)
+                .unwrap()
+                .with_value_chunks(&ops, &dense, c)
+                .unwrap();
+            for &group in &[1usize, 4, 8] {
+                let shape = AttnShape {
+                    heads: group,
+                    kv_heads: 1,
+                    head_dim: d,
+                };
+                let batch = entries.len();
+                let (q, qf) = rand_bf16(&mut rng, batch * group * d, 3.0);
+                let dq = dev.upload(&q).unwrap();
+                let jobs: Vec<AttnJob> = (0..batch)
+                    .map(|b| AttnJob {
+                        q: &qf[b * group * d..(b + 1) * group * d],
+                        start: lens[b] - 1,
+                        k: &kf[b],
+                        v: &vf[b],
+                        out_row: b,
+                    })
+                    .collect();
+                let mut want = vec![0f32; batch * group * d];
+                causal_attention(&mut want, &jobs, shape);
+                for part in [Some(16), Some(64), None] {
+                    let mut out = dev.zeros::<bf16>(batch * group * d).unwrap();
+                    ops.fill_nan_bf16(&mut out).unwrap();
+                    ws.poison(&ops).unwrap();
+                    match part {
+                        Some(p) => ops.flash_decode_with_partition(&mut out, &dq, &table, shape, &mut ws, p),
+                        None => ops.flash_decode(&mut out, &dq, &table, shape, &mut ws),
+                    }
+                    .unwrap();
+                    let got = f32s(&dev.download(&out).unwrap());
+                    let case = format!("d={d},chunk={c},group={group},part={part:?}");
+                    assert_eq!(got.iter().filter(|v| v.is_nan()).count(), 0, "{case}: NaN outputs");
+                    assert!(got.iter().any(|&v| v != 0.0), "{case}: all zero");
+                    for (i, (g, w)) in got.chunks_exact(d).zip(want.chunks_exact(d)).enumerate() {
+                        let atol = 2e-2 * max_abs(w);
+                        let e = errors("flash_decode_q8", &format!("{case},row={i}"), g, w, |_, _| atol);
+                        assert!(e.norm_rel <= 1e-2, "{case} row {i}: ‖err‖/‖ref‖ = {:.3e}", e.norm_rel);
+                        worst = worst.worst(e);
+                    }
+                }
+            }
+        }
+    }
+    worst.report(
+        "flash_decode_q8",
+        "d=64/128,chunk=1/3/8/16,groups=1/4/8,part=16/64/auto,dense rows 0/1/13/37/100",
+    );
+    // A table whose chunks do not fill its rows, or that a bf16-only kernel would read.
+    let k = dev.zeros::<bf16>(20 * 64).unwrap();
+    let t = || KvTable::new(&ops, &[(&k, &k, 20)], 64).unwrap();
+    let e = t()
+        .with_value_chunks(&ops, &[3], 8)
+        .err()
+        .expect("3 + 17 rows are not whole chunks");
+    assert!(format!("{e:#}").contains("whole chunks"), "{e:#}");
+    assert!(
+        t().with_value_chunks(&ops, &[4, 4], 8).is_err(),
+        "two dense lengths for one sequence"
     );
 }
 
