@@ -68,7 +68,11 @@
 // accumulator (the same layout for k16 as for k8) a thread holds columns
 // 8*j + 2*(lane%4) + {0,1} of tile j at rows lane/4 and lane/4 + 8, so column j' < d/2
 // and its partner j' + d/2 sit in the same thread and slot, and the rotation is done in
-// registers. A warp with no row of the tile to rebuild skips the multiplication.
+// registers. sv's columns are staged permuted within each warp's group of columns
+// (rb_sv_col), so that a thread's accumulator holds consecutive columns of its rows: a
+// row's columns of a half leave in one 16-byte store (four 4-byte stores to eight rows
+// an instruction each before: the kernel -10 to -17 %, H200). A warp with no row of the
+// tile to rebuild skips the multiplication.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -285,12 +289,30 @@ __device__ __forceinline__ void rb_widen4(unsigned w, unsigned& lo, unsigned& hi
     hi = rb_bits(__hsub2(*reinterpret_cast<__half2*>(&y), bias));
 }
 
+// The shared-memory column of sv's column `col` (even; with col + 1 the next): the
+// columns are permuted within each warp's group of 8 * PAIRS columns of a half (PAIRS =
+// D / 32 n8 tiles), so that the accumulator a thread holds of its PAIRS tiles (columns
+// 2*tq, 2*tq + 1 of each) are 2 * PAIRS consecutive columns of the key: column
+// 2 * PAIRS * tq + 2 * p + e of the group sits in tile p at column 2 * tq + e. The
+// products do not see the order (each output column is its own sum), and rb_store
+// writes a row's columns of a half with one 16-byte store (8 bytes at d = 64) where
+// it took PAIRS 4-byte ones (the key stores were a fifth of the kernel's time: docs/perf).
+template <int D>
+__device__ __forceinline__ int rb_sv_col(int col) {
+    constexpr int PAIRS = D / 32, GROUP = 8 * PAIRS, HALF = D / 2;
+    const int h = col >= HALF ? HALF : 0, c = col - h;
+    const int r = c % GROUP, tq = r / (2 * PAIRS), pe = r % (2 * PAIRS);
+    return h + 8 * (c / GROUP * PAIRS + (pe >> 1)) + 2 * tq + (pe & 1);
+}
+
 // Stages `rows` ranks of the head's sv from rank k0 into sh ([rank][column], row stride
-// D + 8, rank k at row rb_sv_row(k)) as fp16 (round to nearest); zero past the rank. SV: the head's first column of
-// rank 0, row stride kvd. BATCH: 16-byte loads a thread keeps in flight.
+// D + 8, rank k at row rb_sv_row(k), column c at rb_sv_col(c)) as fp16 (round to nearest);
+// zero past the rank. SV: the head's first column of rank 0, row stride kvd. BATCH:
+// 16-byte loads a thread keeps in flight.
 template <int D, int BATCH>
 __device__ __forceinline__ void rb_stage_sv(unsigned short* sh, const float* __restrict__ SV, size_t kvd, int r,
                                             int k0, int rows) {
+    static_assert(D / 32 >= 2, "a 16-byte load of sv holds two pairs of one group's columns");
     constexpr int QUADS = D / 4, S = D + 8;
     const int n = rows * QUADS;
     for (int i0 = threadIdx.x; i0 < n; i0 += BATCH * REBUILD_THREADS) {
@@ -306,8 +328,9 @@ __device__ __forceinline__ void rb_stage_sv(unsigned short* sh, const float* __r
             const int i = i0 + q * REBUILD_THREADS, kk = i / QUADS, col = (i % QUADS) * 4;
             if (i >= n) break;
             const float4 v = vs[q];
-            *reinterpret_cast<uint2*>(sh + rb_sv_row(kk) * S + col) =
-                make_uint2(rb_bits(__floats2half2_rn(v.x, v.y)), rb_bits(__floats2half2_rn(v.z, v.w)));
+            unsigned short* row = sh + rb_sv_row(kk) * S;
+            *reinterpret_cast<unsigned*>(row + rb_sv_col<D>(col)) = rb_bits(__floats2half2_rn(v.x, v.y));
+            *reinterpret_cast<unsigned*>(row + rb_sv_col<D>(col + 2)) = rb_bits(__floats2half2_rn(v.z, v.w));
         }
     }
 }
@@ -346,14 +369,18 @@ __device__ __forceinline__ void rb_mma_panel(float (&acc)[2][D / 32][2][4], cons
 
 // Scales the warp's finished rows by their tokens' coefficient scales, rotates them and
 // stores them as bf16: slot 2*hr + e of pair p, half 0 holds row g + 8*hr of m16 tile m,
-// column j + e (j = 8*(tile0 + p) + 2*tq), half 1 the same slot of its partner column
-// j + e + D/2. tok / arow / usc: the tile's rows; ak: row 0 of the head's attention keys.
+// column c0 + 2*p + e (c0 = 8*tile0 + 2*PAIRS*tq: the sv columns' order, rb_sv_col),
+// half 1 the same slot of its partner column c0 + 2*p + e + D/2; a row's 2*PAIRS columns
+// of each half are stored at once. tok / arow / usc: the tile's rows; ak: row 0 of the
+// head's attention keys.
 template <int D>
 __device__ __forceinline__ void rb_store(const float (&acc)[2][D / 32][2][4], const int* tok, const int* arow,
                                          const float* usc, int row0, int tile0,
                                          __nv_bfloat16* __restrict__ ak) {
     constexpr int PAIRS = D / 32;
+    static_assert(PAIRS == 2 || PAIRS == 4, "a row's columns of a half in one 8- or 16-byte store");
     const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const int c0 = 8 * tile0 + 2 * PAIRS * tq;
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
 #pragma unroll
@@ -361,23 +388,32 @@ __device__ __forceinline__ void rb_store(const float (&acc)[2][D / 32][2][4], co
             const int row = row0 + 16 * m + 8 * hr + g;
             const int t = tok[row];
             if (t < 0) continue;
-            __nv_bfloat16* dst = ak + (size_t)arow[row] * D;
+            __nv_bfloat16* dst = ak + (size_t)arow[row] * D + c0;
             const float pos = (float)t, sc = usc[row];
+            unsigned w0[PAIRS], w1[PAIRS];
 #pragma unroll
             for (int p = 0; p < PAIRS; ++p) {
-                const int j = (tile0 + p) * 8 + 2 * tq;
                 float o0[2], o1[2];
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     float sn, cs;
-                    rope_sincos(__fmul_rn(pos, rb_inv[j + e]), &sn, &cs);
+                    rope_sincos(__fmul_rn(pos, rb_inv[c0 + 2 * p + e]), &sn, &cs);
                     const float x0 = __fmul_rn(acc[m][p][0][2 * hr + e], sc);
                     const float x1 = __fmul_rn(acc[m][p][1][2 * hr + e], sc);
                     o0[e] = __fsub_rn(__fmul_rn(x0, cs), __fmul_rn(x1, sn));
                     o1[e] = __fadd_rn(__fmul_rn(x1, cs), __fmul_rn(x0, sn));
                 }
-                *reinterpret_cast<__nv_bfloat162*>(dst + j) = __floats2bfloat162_rn(o0[0], o0[1]);
-                *reinterpret_cast<__nv_bfloat162*>(dst + j + D / 2) = __floats2bfloat162_rn(o1[0], o1[1]);
+                const __nv_bfloat162 b0 = __floats2bfloat162_rn(o0[0], o0[1]);
+                const __nv_bfloat162 b1 = __floats2bfloat162_rn(o1[0], o1[1]);
+                w0[p] = *reinterpret_cast<const unsigned*>(&b0);
+                w1[p] = *reinterpret_cast<const unsigned*>(&b1);
+            }
+            if constexpr (PAIRS == 4) {
+                *reinterpret_cast<uint4*>(dst) = make_uint4(w0[0], w0[1], w0[2], w0[3]);
+                *reinterpret_cast<uint4*>(dst + D / 2) = make_uint4(w1[0], w1[1], w1[2], w1[3]);
+            } else {
+                *reinterpret_cast<uint2*>(dst) = make_uint2(w0[0], w0[1]);
+                *reinterpret_cast<uint2*>(dst + D / 2) = make_uint2(w1[0], w1[1]);
             }
         }
     }
