@@ -29,6 +29,18 @@
 // `chunk` rows, chunk k in the value pools' 8-bit format (chunk * D codes in token order,
 // then a fp32 scale per token) in place at the first bytes of its `chunk` bf16 rows; their
 // bytes are about half (pv_q8_tiles).
+//
+// Values still coming (the _q8 kernels with mode > 0): a ShadowKV step fetches some of
+// its slots' values while the GPU already attends, in two passes over the same
+// partitions. Entry b's pending slots are the first pend_count[b] entries of its miss
+// list pend_list[b * slots ..] (slot, chunk); mode 1 attends every row but those of a
+// pending slot (it runs before the fetch lands, and reads none of their keys or values),
+// mode 2 only those rows (after it), gathered: its partitions split the pending rows,
+// row x token x % chunk of the slot of pending entry x / chunk, so it costs what they
+// are. Each pass writes its own set of partials (part_base; max_parts is the stride of
+// both), and the merge takes both sets (sets = 2). A row left out has the score -inf; a
+// partition with no row to attend writes (max -inf, sum 0) alone, and the merge skips
+// partials of weight 0.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -39,6 +51,10 @@
 #define FD_THREADS (FD_WARPS * 32)
 #define FD_HEADS 8  // query heads per block after padding (mma n)
 #define FD_NEG_INF __int_as_float(0xff800000)
+#define FD_PEND_WORDS 128  // pending slots of an entry, as bits: at most 4096 slots
+
+// Whether slot k (>= 0) is among the pending ones (bits).
+__device__ __forceinline__ bool k_pending(const unsigned* pend, int k) { return (pend[k >> 5] >> (k & 31)) & 1u; }
 
 __device__ __forceinline__ unsigned word(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
@@ -68,9 +84,9 @@ __device__ __forceinline__ unsigned q8_pair(unsigned biased) {
 // (Widened to bf16(code · scale) value by value, as a bf16 copy would hold them, the
 // attention took 1.5× as long as on bf16 rows: 4.76 against 3.15 ms a step at
 // 57 × 61440, H200.) sp: the scores' row of the thread's head g.
-template <int D>
+template <int D, typename SlotOf>
 __device__ __forceinline__ void pv_q8_tiles(float (&o)[D / 16][4], const float* sp, const unsigned char* vchunks,
-                                            size_t rs, int dd, int x0, int n, int chunk, unsigned cmag) {
+                                            size_t rs, int dd, int x0, int n, int chunk, SlotOf slot_of) {
     constexpr int NKC = D / 16, NVH = D / 64;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3, g = lane >> 2;
     const int ntq = (n - dd + 15) >> 4;
@@ -83,10 +99,12 @@ __device__ __forceinline__ void pv_q8_tiles(float (&o)[D / 16][4], const float* 
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 const int row = tb + 2 * t + (r & 1) + 8 * (r >> 1);
-                const bool in = row < n;
-                // Token i of chunk k.
-                const unsigned x = in ? row - dd + x0 : 0, k = chunk > 1 ? __umulhi(x, cmag) : x, i = x - k * chunk;
-                const unsigned char* cb = vchunks + (size_t)k * chunk * rs * 2;
+                // Token i of slot k (a row the pass leaves out is read as zeros).
+                const unsigned x = row < n ? row - dd + x0 : 0;
+                unsigned i;
+                const int k = slot_of(x, i);
+                const bool in = row < n && k >= 0;
+                const unsigned char* cb = vchunks + (size_t)max(k, 0) * chunk * rs * 2;
                 sc[u][r] = in ? __ldg(reinterpret_cast<const float*>(cb + chunk * D) + i) : 0.f;
 #pragma unroll
                 for (int c = 0; c < NVH; ++c) {
@@ -136,12 +154,15 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
                                                    const int* __restrict__ lens, int kv_heads,
                                                    int group, int part_len, int max_parts,
                                                    float scale_log2, const int* __restrict__ dense,
-                                                   int chunk) {
+                                                   int chunk, const int2* __restrict__ pend_list,
+                                                   const int* __restrict__ pend_count, int slots, int mode,
+                                                   int part_base) {
     static_assert(D % 64 == 0, "head dim must be a multiple of 64");
     constexpr int NCH = D / 32;  // 16-byte chunks per K row per thread (phase 1)
     constexpr int NKC = D / 16;  // k-steps of phase 1, m-tiles of phase 3
     constexpr int NVH = D / 64;  // 16-byte chunks per V row per thread (phase 3)
     extern __shared__ float smem[];
+    __shared__ unsigned pend[FD_PEND_WORDS];  // mode > 0: the entry's pending slots
     float* stat = smem;
     float* S = smem + 2 * FD_HEADS;
     float* red = S;
@@ -150,24 +171,67 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
     pdl_wait();
     pdl_trigger();
     const int part = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
-    const int len = lens[b];
+    const int heads = kv_heads * group;
+    const size_t head0 = (size_t)b * heads + (size_t)kvh * group;
+    const int full = lens[b];
     const int start = part * part_len;
-    if (start >= len) return;
+    if (start >= full) return;  // the merge reads no partial past the entry's rows
+    // Mode 2 attends the pending slots' rows gathered: its row x is token x % chunk of the
+    // slot of pending entry x / chunk. A partition past them attends nothing.
+    const int2* plist = pend_list + (size_t)b * slots;
+    const int len = Q8 && mode == 2 ? min(max(pend_count[b], 0), slots) * chunk : full;
+    if (start >= len) {
+        if (threadIdx.x < group)
+            ml_part[(head0 + threadIdx.x) * max_parts + part_base + part] = make_float2(FD_NEG_INF, 0.f);
+        return;
+    }
     const int n = min(part_len, len - start);
     const int ntile = (n + 15) >> 4;
-    const int heads = kv_heads * group;
     const size_t rs = (size_t)kv_heads * D;  // cache row stride (elements)
-    const __nv_bfloat16* K =
-        reinterpret_cast<const __nv_bfloat16*>(k_ptrs[b]) + (size_t)start * rs + (size_t)kvh * D;
+    // K from the entry's first row (rows found by entry_row), V from the partition's.
+    const __nv_bfloat16* K = reinterpret_cast<const __nv_bfloat16*>(k_ptrs[b]) + (size_t)kvh * D;
     const __nv_bfloat16* V =
         reinterpret_cast<const __nv_bfloat16*>(v_ptrs[b]) + (size_t)start * rs + (size_t)kvh * D;
-    // Q8: this partition's rows before the 8-bit chunks, the chunks' first byte, and
-    // ceil(2^32 / chunk) (a row's chunk by __umulhi: exact below 2^32 / chunk rows).
-    const int dn = Q8 ? dense[b] - start : n;
+    // Q8: this partition's rows before the 8-bit chunks (mode 2: none, and its rows count
+    // from the first pending one), the chunks' first byte, and ceil(2^32 / chunk) (a
+    // row's chunk by __umulhi: exact below 2^32 / chunk rows).
+    const int first = Q8 ? dense[b] : 0;
+    const int dn = Q8 ? (mode == 2 ? -start : first - start) : n;
+    const int nchunks = Q8 && chunk > 0 ? (full - first) / chunk : 0;
     const unsigned char* vchunks =
         reinterpret_cast<const unsigned char*>(reinterpret_cast<const __nv_bfloat16*>(v_ptrs[b]) +
-                                               (size_t)(Q8 ? dense[b] : 0) * rs);
+                                               (size_t)first * rs);
     const unsigned cmag = Q8 && chunk > 1 ? 0xffffffffu / (unsigned)chunk + 1u : 0u;
+    const int words = min((slots + 31) >> 5, FD_PEND_WORDS);  // mode 1: bits of the slots
+    if (Q8 && mode == 1) {  // the pending slots as bits
+        for (int i = threadIdx.x; i < words; i += FD_THREADS) pend[i] = 0u;
+        __syncthreads();
+        const int np = min(max(pend_count[b], 0), slots);
+        for (int j = threadIdx.x; j < np; j += FD_THREADS) {
+            const int k = plist[j].x;
+            if (k >= 0 && k < 32 * words) atomicOr(&pend[k >> 5], 1u << (k & 31));
+        }
+        __syncthreads();
+    }
+    // The slot of the pass's 8-bit row x (x from the entry's first 8-bit row; in mode 2
+    // from the first pending one) and, in i, the row's token in it; -1: the row is not
+    // attended in this pass.
+    auto slot_of = [&](unsigned x, unsigned& i) -> int {
+        const unsigned j = chunk > 1 ? __umulhi(x, cmag) : x;
+        i = x - j * chunk;
+        if (mode == 2) {
+            const int k = plist[j].x;
+            return k >= 0 && k < nchunks ? k : -1;
+        }
+        return mode == 1 && j < 32u * words && k_pending(pend, (int)j) ? -1 : (int)j;
+    };
+    // The entry row of the partition's row r, or -1 where the pass leaves it out.
+    auto entry_row = [&](int r) -> int {
+        if (!Q8 || mode == 0 || r < dn) return start + r;
+        unsigned i;
+        const int k = slot_of((unsigned)(r - dn), i);
+        return k < 0 ? -1 : first + k * chunk + (int)i;
+    };
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;  // mma groupID, thread-in-group
@@ -190,15 +254,18 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
     }
     for (int tile = warp; tile < ntile; tile += 2 * FD_WARPS) {
         uint4 kr[2][2][NCH];  // [tile of the pair][row g, row g+8][chunk]
+        bool ok[2][2];        // the rows are attended in this pass
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
             const int tb = (tile + u * FD_WARPS) * 16;
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int row = tb + g + 8 * h;
-                const __nv_bfloat16* kp = K + (size_t)row * rs + t * 8;
+                const int er = row < n ? entry_row(row) : -1;
+                ok[u][h] = er >= 0;
+                const __nv_bfloat16* kp = K + (size_t)max(er, 0) * rs + t * 8;
 #pragma unroll
-                for (int i = 0; i < NCH; ++i) kr[u][h][i] = load16(kp + i * 32, row < n);
+                for (int i = 0; i < NCH; ++i) kr[u][h][i] = load16(kp + i * 32, ok[u][h]);
             }
         }
 #pragma unroll
@@ -213,11 +280,13 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
                 mma_16816(acc, kr[u][0][i].z, kr[u][1][i].z, kr[u][0][i].w, kr[u][1][i].w,
                           qf[2 * i + 1][0], qf[2 * i + 1][1]);
             }
-            // acc: (token g, head 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
-            S[(2 * t) * SP + tb + g] = acc[0] * scale_log2;
-            S[(2 * t + 1) * SP + tb + g] = acc[1] * scale_log2;
-            S[(2 * t) * SP + tb + g + 8] = acc[2] * scale_log2;
-            S[(2 * t + 1) * SP + tb + g + 8] = acc[3] * scale_log2;
+            // acc: (token g, head 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1); -inf for a row
+            // the pass leaves out (and past n, where only the exponentials read: 0).
+            const bool k0 = ok[u][0], k1 = ok[u][1];
+            S[(2 * t) * SP + tb + g] = k0 ? acc[0] * scale_log2 : FD_NEG_INF;
+            S[(2 * t + 1) * SP + tb + g] = k0 ? acc[1] * scale_log2 : FD_NEG_INF;
+            S[(2 * t) * SP + tb + g + 8] = k1 ? acc[2] * scale_log2 : FD_NEG_INF;
+            S[(2 * t + 1) * SP + tb + g + 8] = k1 ? acc[3] * scale_log2 : FD_NEG_INF;
         }
     }
     __syncthreads();
@@ -231,7 +300,7 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
         for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
         float l = 0.f;
         for (int i = lane; i < ntile * 16; i += 32) {
-            const float p = i < n ? exp2f(row[i] - m) : 0.f;
+            const float p = i < n && m != FD_NEG_INF ? exp2f(row[i] - m) : 0.f;
             row[i] = p;
             l += p;
         }
@@ -256,7 +325,7 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
 #pragma unroll
     for (int mt = 0; mt < NKC; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
     const int dd = Q8 ? min(max(dn, 0), n) : n;  // rows with bf16 values
-    const int ntd = (dd + 15) >> 4;
+    const int ntd = Q8 && mode == 2 ? 0 : (dd + 15) >> 4;  // mode 2: no bf16 row takes part
     for (int tile = warp; tile < ntd; tile += 2 * FD_WARPS) {
         uint4 vr[2][4][NVH];
 #pragma unroll
@@ -288,7 +357,7 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
             }
         }
     }
-    if (Q8) pv_q8_tiles<D>(o, S + g * SP, vchunks, rs, dd, dd - dn, n, chunk, cmag);
+    if (Q8) pv_q8_tiles<D>(o, S + g * SP, vchunks, rs, dd, dd - dn, n, chunk, slot_of);
     __syncthreads();  // everyone is done with S: reuse it as red
     // o[mt]: (dim pd, head 2t), (pd, 2t+1), (pd+1, 2t), (pd+1, 2t+1), pd = c*64 + g*8 + 2w
 #pragma unroll
@@ -299,16 +368,15 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
         *reinterpret_cast<float2*>(r0 + D) = make_float2(o[mt][1], o[mt][3]);
     }
     __syncthreads();
-    const size_t head0 = (size_t)b * heads + (size_t)kvh * group;
     for (int idx = threadIdx.x; idx < group * D; idx += FD_THREADS) {
         const int h = idx / D, dd = idx - h * D;
         float s = 0.f;
 #pragma unroll
         for (int w = 0; w < FD_WARPS; ++w) s += red[((size_t)w * FD_HEADS + h) * D + dd];
-        o_part[((head0 + h) * max_parts + part) * D + dd] = s;
+        o_part[((head0 + h) * max_parts + part_base + part) * D + dd] = s;
     }
     if (threadIdx.x < group)
-        ml_part[(head0 + threadIdx.x) * max_parts + part] =
+        ml_part[(head0 + threadIdx.x) * max_parts + part_base + part] =
             make_float2(stat[2 * threadIdx.x], stat[2 * threadIdx.x + 1]);
 }
 
@@ -318,9 +386,11 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
         const __nv_bfloat16* __restrict__ q, const unsigned long long* __restrict__ k_ptrs,        \
         const unsigned long long* __restrict__ v_ptrs, const int* __restrict__ lens,               \
         int kv_heads, int group, int part_len, int max_parts, float scale_log2,                    \
-        const int* __restrict__ dense, int chunk) {                                                \
+        const int* __restrict__ dense, int chunk, const int2* __restrict__ pend_list,              \
+        const int* __restrict__ pend_count, int slots, int mode, int part_base) {                  \
         flash_decode_split<DIM, Q8>(o_part, ml_part, q, k_ptrs, v_ptrs, lens, kv_heads, group,     \
-                                    part_len, max_parts, scale_log2, dense, chunk);                \
+                                    part_len, max_parts, scale_log2, dense, chunk, pend_list,      \
+                                    pend_count, slots, mode, part_base);                           \
     }
 
 FD_SPLIT(flash_decode_split_d64, 64, false)
@@ -329,13 +399,16 @@ FD_SPLIT(flash_decode_split_q8_d64, 64, true)
 FD_SPLIT(flash_decode_split_q8_d128, 128, true)
 
 // Merge: grid (heads, batch), block (head_dim, S): S slices of head_dim threads split
-// the partitions between them. Dynamic shared memory: max_parts + S * head_dim floats.
-// out = sum_p 2^(m_p - M) o_p / sum_p 2^(m_p - M) l_p. Empty sequences give zeros.
+// the partitions between them. `sets` sets of partials (a pass each) of max_parts / sets
+// partitions, the first nparts of each written. Dynamic shared memory: max_parts + S *
+// head_dim floats. out = sum_p 2^(m_p - M) o_p / sum_p 2^(m_p - M) l_p over the partials
+// of weight above 0 (a partial with nothing attended may have left o_p unwritten).
+// Empty sequences give zeros.
 extern "C" __global__ void flash_decode_reduce(__nv_bfloat16* __restrict__ out,
                                                const float* __restrict__ o_part,
                                                const float2* __restrict__ ml_part,
                                                const int* __restrict__ lens, int heads, int head_dim,
-                                               int part_len, int max_parts) {
+                                               int part_len, int max_parts, int sets) {
     pdl_wait();
     pdl_trigger();
     extern __shared__ float smem[];
@@ -354,11 +427,14 @@ extern "C" __global__ void flash_decode_reduce(__nv_bfloat16* __restrict__ out,
         return;
     }
     const int nparts = (len + part_len - 1) / part_len;
+    const int per_set = max_parts / sets, nall = sets * nparts;
+    // The place of the v-th partial read: partition v % nparts of set v / nparts.
+    auto at = [&](int v) { return v / nparts * per_set + v % nparts; };
     const float2* ml = ml_part + bh * max_parts;
     const int lane = tid & 31, warp = tid >> 5, nwarps = (nthreads + 31) >> 5;
 
     float m = FD_NEG_INF;
-    for (int p = tid; p < nparts; p += nthreads) m = fmaxf(m, ml[p].x);
+    for (int v = tid; v < nall; v += nthreads) m = fmaxf(m, ml[at(v)].x);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     if (lane == 0) scratch[warp] = m;
@@ -371,11 +447,11 @@ extern "C" __global__ void flash_decode_reduce(__nv_bfloat16* __restrict__ out,
     __syncthreads();
     m = bcast;
     float l = 0.f;
-    for (int p = tid; p < nparts; p += nthreads) {
-        const float2 v = ml[p];
-        const float w = exp2f(v.x - m);
-        wgt[p] = w;
-        l += w * v.y;
+    for (int v = tid; v < nall; v += nthreads) {
+        const float2 x = ml[at(v)];
+        const float w = x.x == FD_NEG_INF ? 0.f : exp2f(x.x - m);
+        wgt[v] = w;
+        l += w * x.y;
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
@@ -392,12 +468,17 @@ extern "C" __global__ void flash_decode_reduce(__nv_bfloat16* __restrict__ out,
     const float* op = o_part + bh * max_parts * head_dim;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float acc0 = 0.f, acc1 = 0.f;
-        int p = threadIdx.y;
-        for (; p + (int)blockDim.y < nparts; p += 2 * blockDim.y) {
-            acc0 += wgt[p] * op[(size_t)p * head_dim + d];
-            acc1 += wgt[p + blockDim.y] * op[(size_t)(p + blockDim.y) * head_dim + d];
+        int v = threadIdx.y;
+        if (sets == 1) {
+            for (; v + (int)blockDim.y < nall; v += 2 * blockDim.y) {
+                acc0 += wgt[v] * op[(size_t)v * head_dim + d];
+                acc1 += wgt[v + blockDim.y] * op[(size_t)(v + blockDim.y) * head_dim + d];
+            }
+            if (v < nall) acc0 += wgt[v] * op[(size_t)v * head_dim + d];
+        } else {
+            for (; v < nall; v += blockDim.y)
+                if (wgt[v] > 0.f) acc0 += wgt[v] * op[(size_t)at(v) * head_dim + d];
         }
-        if (p < nparts) acc0 += wgt[p] * op[(size_t)p * head_dim + d];
         red[threadIdx.y * head_dim + d] = acc0 + acc1;
     }
     __syncthreads();

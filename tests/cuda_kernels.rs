@@ -35,7 +35,7 @@ use shadowkv::cpu::attention::{causal_attention, AttnJob, AttnShape};
 use shadowkv::cpu::matmul::linear as cpu_linear;
 use shadowkv::cpu::ops::{rms_norm, silu_mul, Rope};
 use shadowkv::cuda::testing::ops_or_skip;
-use shadowkv::cuda::{rope_inv_freq, CudaOps, DecodeWorkspace, KvTable};
+use shadowkv::cuda::{rope_inv_freq, CudaOps, DecodePass, DecodeWorkspace, KvTable, PendingSlots};
 use shadowkv::model::synthetic::preset;
 
 const EW_RTOL: f64 = 1.0 / 128.0;
@@ -572,6 +572,172 @@ fn flash_decode_reads_values_in_8_bit_chunks() {
         t().with_value_chunks(&ops, &[4, 4], 8).is_err(),
         "two dense lengths for one sequence"
     );
+}
+
+/// Chunk `k`'s rows (of `c`) after an entry's `dense` bf16 rows, as words of a buffer of
+/// rows of `d`.
+fn chunk_words(dense: usize, k: usize, c: usize, d: usize) -> std::ops::Range<usize> {
+    (dense + k * c) * d..(dense + (k + 1) * c) * d
+}
+
+#[test]
+fn flash_decode_in_two_passes_reads_pending_slots_only_in_the_second() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let mut rng = seeded("flash_decode_two_passes");
+    let mut ws = DecodeWorkspace::new();
+    let mut worst = Errors::default();
+    // (dense rows, chunks) per entry, as in the 8-bit test; the pending slots of each are
+    // drawn at random: none, some, every one (where the entry's first partitions then hold
+    // nothing for the ready pass or the pending one).
+    let entries = [(0usize, 5usize), (13, 40), (100, 0), (1, 200), (37, 3), (20, 9)];
+    let slots = 256;
+    for &d in &[64usize, 128] {
+        for &c in &[1usize, 3, 8, 16] {
+            let batch = entries.len();
+            let lens: Vec<usize> = entries.iter().map(|&(n, k)| n + k * c).collect();
+            let (mut kb, mut kf, mut vb, mut vf) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for (&(n, k), &len) in entries.iter().zip(&lens) {
+                let (kw, kff) = rand_bf16(&mut rng, len * d, 1.0);
+                let (vw, vff) = chunked_values(&mut rng, n, k, c, d);
+                kb.push(kw);
+                kf.push(kff);
+                vb.push(vw);
+                vf.push(vff);
+            }
+            // Each entry's list: its pending slots (in random order) first, then some of
+            // its other slots (as a step's tier hits follow its fetched misses), then none.
+            let mut list = vec![-1i32; batch * slots * 2];
+            let mut count = vec![0i32; batch];
+            let mut pending: Vec<Vec<usize>> = Vec::new();
+            for (e, &(_, k)) in entries.iter().enumerate() {
+                let share = [0.0, 0.3, 1.0][e % 3];
+                let mut order: Vec<usize> = (0..k).collect();
+                for i in (1..order.len()).rev() {
+                    order.swap(i, rng.random_range(0..=i));
+                }
+                let np = ((k as f64) * share).round() as usize;
+                for (j, &s) in order.iter().enumerate() {
+                    list[(e * slots + j) * 2] = s as i32;
+                    list[(e * slots + j) * 2 + 1] = rng.random_range(0..10_000);
+                }
+                count[e] = np as i32;
+                pending.push(order[..np].to_vec());
+            }
+            let dlist = dev.upload(&list).unwrap();
+            let dcount = dev.upload(&count).unwrap();
+            let pend = PendingSlots {
+                list: &dlist,
+                count: &dcount,
+                slots,
+            };
+            // The caches as the ready pass finds them: the pending slots' keys and values
+            // are NaN words (their codes 0xff, their scales NaN).
+            let poisoned = |e: usize, words: &[bf16]| -> CudaSlice<bf16> {
+                let mut w = words.to_vec();
+                for &s in &pending[e] {
+                    w[chunk_words(entries[e].0, s, c, d)].fill(bf16::from_bits(0xffff));
+                }
+                dev.upload(&w).unwrap()
+            };
+            let mut dk: Vec<_> = kb.iter().enumerate().map(|(e, w)| poisoned(e, w)).collect();
+            let mut dv: Vec<_> = vb.iter().enumerate().map(|(e, w)| poisoned(e, w)).collect();
+            let dense: Vec<usize> = entries.iter().map(|e| e.0).collect();
+            for &group in &[1usize, 4, 8] {
+                let shape = AttnShape {
+                    heads: group,
+                    kv_heads: 1,
+                    head_dim: d,
+                };
+                let (q, qf) = rand_bf16(&mut rng, batch * group * d, 3.0);
+                let dq = dev.upload(&q).unwrap();
+                let jobs: Vec<AttnJob> = (0..batch)
+                    .map(|b| AttnJob {
+                        q: &qf[b * group * d..(b + 1) * group * d],
+                        start: lens[b] - 1,
+                        k: &kf[b],
+                        v: &vf[b],
+                        out_row: b,
+                    })
+                    .collect();
+                let mut want = vec![0f32; batch * group * d];
+                causal_attention(&mut want, &jobs, shape);
+                for part in [16usize, 64, 1024] {
+                    let mut out = dev.zeros::<bf16>(batch * group * d).unwrap();
+                    ops.fill_nan_bf16(&mut out).unwrap();
+                    ws.poison(&ops).unwrap();
+                    for (e, (k, v)) in dk.iter_mut().zip(dv.iter_mut()).enumerate() {
+                        *k = poisoned(e, &kb[e]);
+                        *v = poisoned(e, &vb[e]);
+                    }
+                    {
+                        let seqs: Vec<_> = (0..batch).map(|b| (&dk[b], &dv[b], lens[b])).collect();
+                        let table = KvTable::new(&ops, &seqs, d)
+                            .unwrap()
+                            .with_value_chunks(&ops, &dense, c)
+                            .unwrap();
+                        ops.flash_decode_pass(&mut out, &dq, &table, shape, &mut ws, part, DecodePass::Ready(pend))
+                            .unwrap();
+                    }
+                    // The fetch lands: the pending slots' true keys and values.
+                    dev.synchronize().unwrap();
+                    for (b, (k, v)) in dk.iter_mut().zip(dv.iter_mut()).enumerate() {
+                        *k = dev.upload(&kb[b]).unwrap();
+                        *v = dev.upload(&vb[b]).unwrap();
+                    }
+                    let seqs: Vec<_> = (0..batch).map(|b| (&dk[b], &dv[b], lens[b])).collect();
+                    let table = KvTable::new(&ops, &seqs, d)
+                        .unwrap()
+                        .with_value_chunks(&ops, &dense, c)
+                        .unwrap();
+                    let got_nan = f32s(&dev.download(&out).unwrap());
+                    assert!(got_nan.iter().all(|v| v.is_nan()), "the ready pass wrote the output");
+                    ops.flash_decode_pass(&mut out, &dq, &table, shape, &mut ws, part, DecodePass::Pending(pend))
+                        .unwrap();
+                    let got = f32s(&dev.download(&out).unwrap());
+                    let case = format!("d={d},chunk={c},group={group},part={part}");
+                    assert_eq!(got.iter().filter(|v| v.is_nan()).count(), 0, "{case}: NaN outputs");
+                    assert!(got.iter().any(|&v| v != 0.0), "{case}: all zero");
+                    for (i, (g, w)) in got.chunks_exact(d).zip(want.chunks_exact(d)).enumerate() {
+                        let atol = 2e-2 * max_abs(w);
+                        let e = errors("flash_decode_two_passes", &format!("{case},row={i}"), g, w, |_, _| atol);
+                        assert!(e.norm_rel <= 1e-2, "{case} row {i}: ‖err‖/‖ref‖ = {:.3e}", e.norm_rel);
+                        worst = worst.worst(e);
+                    }
+                }
+            }
+        }
+    }
+    worst.report(
+        "flash_decode_two_passes",
+        "d=64/128,chunk=1/3/8/16,groups=1/4/8,part=16/64/1024,none/30 %/all slots pending, NaN until the second pass",
+    );
+    // Lists too short for the table, and a bf16-only table, are refused.
+    let k = dev.zeros::<bf16>(16 * 64).unwrap();
+    let table = KvTable::new(&ops, &[(&k, &k, 16)], 64).unwrap();
+    let list = dev.zeros::<i32>(2 * 8).unwrap();
+    let count = dev.zeros::<i32>(1).unwrap();
+    let q = dev.zeros::<bf16>(64).unwrap();
+    let mut out = dev.zeros::<bf16>(64).unwrap();
+    let shape = AttnShape {
+        heads: 1,
+        kv_heads: 1,
+        head_dim: 64,
+    };
+    let short = PendingSlots {
+        list: &list,
+        count: &count,
+        slots: 16,
+    };
+    let e = ops
+        .flash_decode_pass(&mut out, &q, &table, shape, &mut ws, 16, DecodePass::Ready(short))
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("pending slots"), "{e:#}");
+    let fits = PendingSlots { slots: 8, ..short };
+    let e = ops
+        .flash_decode_pass(&mut out, &q, &table, shape, &mut ws, 16, DecodePass::Ready(fits))
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("8-bit chunks"), "{e:#}");
 }
 
 #[test]

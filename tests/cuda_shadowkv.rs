@@ -722,8 +722,9 @@ fn a_shutdown_with_gathers_in_flight_ends() {
 }
 
 /// The engine's trace holds its lanes' GPU streams: on the decoding lane's compute
-/// track one `attention` span per layer and ShadowKV step (every step but the first
-/// token's), with the other stages; on its fetch track one `fetch` per layer and step
+/// track two `attention` spans per layer and ShadowKV step (every step but the first
+/// token's: the rows whose values are in, beside the fetch, then the fetched rows),
+/// with the other stages; on its fetch track one `fetch` per layer and step
 /// (zero-copy); every span inside the run.
 fn check_gpu_tracks(path: &std::path::Path, layers: usize, gen: usize) {
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -745,8 +746,8 @@ fn check_gpu_tracks(path: &std::path::Path, layers: usize, gen: usize) {
         })
         .next()
         .expect("a lane's GPU compute track with attention spans");
-    let steps = count(compute, "attention") / layers;
-    assert_eq!(count(compute, "attention"), steps * layers, "whole steps");
+    let steps = count(compute, "attention") / (2 * layers);
+    assert_eq!(count(compute, "attention"), 2 * steps * layers, "whole steps");
     assert!(
         steps + 1 >= gen - 1 && steps < gen,
         "{steps} ShadowKV steps for {gen} tokens"

@@ -7,6 +7,11 @@
 //! rows are chunks in 8 bits ([`KvTable::with_value_chunks`]: ShadowKV's slots). The context is split into partitions of `part_len` tokens that
 //! run as separate blocks (all query heads of one KV head per block); a second kernel
 //! merges the partitions' partial outputs with their log-sum-exp statistics.
+//!
+//! Over values in 8-bit chunks, the attention may run in two passes ([`DecodePass`]):
+//! every row but those of the slots whose values are still being fetched, then (once
+//! they are in) those rows and the merge of both passes' partials, so that a ShadowKV
+//! step attends while its fetch runs.
 
 use super::ops::{kernel_params, CudaOps};
 use crate::cpu::attention::AttnShape;
@@ -20,6 +25,63 @@ pub const MAX_GROUP: usize = 8;
 const THREADS: u32 = 128;
 const WARPS: usize = 4;
 const REDUCE_THREADS: usize = 512;
+
+/// The pending slots of a table's entries (their values still being fetched): entry
+/// `e`'s are the slots of the first `count[e]` (slot, chunk) pairs of its list
+/// `list[e·2·slots ..]` (a ShadowKV step's miss lists, `fetch_count` of each).
+#[derive(Clone, Copy)]
+pub struct PendingSlots<'a> {
+    /// `[entries, slots]` (slot, chunk) pairs.
+    pub list: &'a CudaSlice<i32>,
+    /// `[entries]` pairs of each list that are pending.
+    pub count: &'a CudaSlice<i32>,
+    /// Slots an entry has (at most [`MAX_PENDING_SLOTS`]).
+    pub slots: usize,
+}
+
+/// Slots an entry may have for a two-pass attention (the kernel's bit set of them).
+pub const MAX_PENDING_SLOTS: usize = 4096;
+
+/// Which rows a flash-decoding launch over values in 8-bit chunks attends.
+#[derive(Clone, Copy, Default)]
+pub enum DecodePass<'a> {
+    /// Every row, the partials merged at once.
+    #[default]
+    Whole,
+    /// Every row but the pending slots' (whose values it never reads): partials only.
+    Ready(PendingSlots<'a>),
+    /// The pending slots' rows, then the merge of both passes' partials (the same
+    /// table, queries, workspace and partition length as the ready pass before it).
+    Pending(PendingSlots<'a>),
+}
+
+/// [`DecodePass`] on raw device addresses: the kernel's mode (0 whole, 1 ready, 2
+/// pending), the lists and counts, the slots.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PassArgs {
+    pub mode: i32,
+    pub list: u64,
+    pub count: u64,
+    pub slots: usize,
+}
+
+impl PassArgs {
+    /// The launch arguments of `pass` on `ops`'s stream.
+    pub(crate) fn of(ops: &CudaOps, pass: DecodePass<'_>) -> Self {
+        let s = ops.device().stream();
+        let raw = |mode, p: PendingSlots<'_>| PassArgs {
+            mode,
+            list: p.list.device_ptr(s).0,
+            count: p.count.device_ptr(s).0,
+            slots: p.slots,
+        };
+        match pass {
+            DecodePass::Whole => PassArgs::default(),
+            DecodePass::Ready(p) => raw(1, p),
+            DecodePass::Pending(p) => raw(2, p),
+        }
+    }
+}
 
 /// The sequences of one decode step: device arrays of cache addresses and lengths.
 /// Borrows the caches so that they outlive every launch that uses the table.
@@ -141,15 +203,16 @@ impl DecodeWorkspace {
 
     /// Makes room, allocating on `ops`'s stream, for a launch over `batch` entries of
     /// `heads` query heads of dimension `d`, at most `max_len` rows each in partitions of
-    /// `part_len`.
+    /// `part_len`, in two passes' sets of partials where `passes` is 2.
     pub(crate) fn reserve(
         &mut self,
         ops: &CudaOps,
         (batch, heads, d): (usize, usize, usize),
         max_len: usize,
         part_len: usize,
+        passes: usize,
     ) -> Result<()> {
-        let parts = max_len.div_ceil(part_len).max(1);
+        let parts = passes * max_len.div_ceil(part_len).max(1);
         self.ensure(ops, batch * heads * parts * d, batch * heads * parts * 2)
     }
 
@@ -254,7 +317,33 @@ impl CudaOps {
         ws: &mut DecodeWorkspace,
         part_len: usize,
     ) -> Result<()> {
+        self.flash_decode_pass(out, q, kv, shape, ws, part_len, DecodePass::Whole)
+    }
+
+    /// [`CudaOps::flash_decode_with_partition`] over the rows of one pass: `Whole`, or
+    /// for a table of values in 8-bit chunks `Ready` and later `Pending` with the same
+    /// pending slots (the ready pass writes no output; the pending one merges both).
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_decode_pass(
+        &self,
+        out: &mut impl DevicePtrMut<bf16>,
+        q: &impl DevicePtr<bf16>,
+        kv: &KvTable,
+        shape: AttnShape,
+        ws: &mut DecodeWorkspace,
+        part_len: usize,
+        pass: DecodePass<'_>,
+    ) -> Result<()> {
         let batch = kv.batch();
+        if let DecodePass::Ready(p) | DecodePass::Pending(p) = pass {
+            ensure!(
+                p.list.len() >= batch * 2 * p.slots && p.count.len() >= batch,
+                "pending slots: lists of {} ints and {} counts for {batch} entries of {} slots",
+                p.list.len(),
+                p.count.len(),
+                p.slots
+            );
+        }
         let need = batch * shape.heads * shape.head_dim;
         ensure!(q.len() >= need, "q holds {} values, {need} needed", q.len());
         ensure!(out.len() >= need, "output holds {} values, {need} needed", out.len());
@@ -274,9 +363,11 @@ impl CudaOps {
             batch,
             max_len: kv.max_len(),
             value_chunks: chunks.as_ref().map(|((p, _), c)| (*p, *c)),
+            pass: PassArgs::of(self, pass),
         };
         // SAFETY: q and out hold batch·heads·d values (checked), the table's caches hold
-        // len rows of kv_heads·d (checked at construction, borrowed for the table's life).
+        // len rows of kv_heads·d (checked at construction, borrowed for the table's life);
+        // the pending lists hold batch lists of `slots` pairs and batch counts (checked).
         unsafe { self.flash_decode_raw(&args, shape, ws, part_len) }
     }
 
@@ -288,7 +379,9 @@ impl CudaOps {
     /// cache addresses whose caches hold `lens[b]` rows of `kv_heads·d` values, `lens`
     /// `batch` lengths, none above `max_len`, all alive until the launch completes; with
     /// `value_chunks`, `batch` dense lengths, each entry's rows past its own as
-    /// [`KvTable::with_value_chunks`] says.
+    /// [`KvTable::with_value_chunks`] says; with a pass other than the whole, `batch`
+    /// lists of `slots` (slot, chunk) pairs and `batch` counts, and for the pending pass
+    /// the ready pass queued before it with the same arguments and workspace.
     pub(crate) unsafe fn flash_decode_raw(
         &self,
         args: &DecodeArgs,
@@ -316,6 +409,12 @@ impl CudaOps {
             args.value_chunks.is_none() || kv_heads == 1,
             "values in 8-bit chunks need caches of one KV head ({kv_heads} given)"
         );
+        let pass = args.pass;
+        ensure!(
+            pass.mode == 0 || (args.value_chunks.is_some() && pass.slots <= MAX_PENDING_SLOTS),
+            "a two-pass attention needs values in 8-bit chunks and at most {MAX_PENDING_SLOTS} slots ({} given)",
+            pass.slots
+        );
         ensure!(
             batch <= 65_535 && kv_heads <= 65_535,
             "batch {batch} or {kv_heads} KV heads too large"
@@ -324,11 +423,12 @@ impl CudaOps {
             return Ok(());
         }
         let max_parts = args.max_len.div_ceil(part_len).max(1);
+        let sets = if pass.mode == 0 { 1 } else { 2 };
         ensure!(
-            (max_parts + REDUCE_THREADS) * 4 <= 48 * 1024,
+            (sets * max_parts + REDUCE_THREADS) * 4 <= 48 * 1024,
             "{max_parts} partitions: use a longer partition"
         );
-        ws.reserve(self, (batch, heads, d), args.max_len, part_len)?;
+        ws.reserve(self, (batch, heads, d), args.max_len, part_len, sets)?;
         let s = self.device().stream();
         let o_part = ws.o_part.as_mut().unwrap();
         let (op, _g1) = o_part.device_ptr_mut(s);
@@ -336,7 +436,15 @@ impl CudaOps {
         let (mlp, _g2) = ml_part.device_ptr_mut(s);
         let smem_floats = 2 * MAX_GROUP + (MAX_GROUP * (part_len + 4)).max(WARPS * MAX_GROUP * d);
         let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
-        let (kvh, grp, pl, mp) = (kv_heads as i32, group as i32, part_len as i32, max_parts as i32);
+        // The partials of a head: `sets` sets of max_parts, the pending pass's second.
+        let (kvh, grp, pl, mp) = (
+            kv_heads as i32,
+            group as i32,
+            part_len as i32,
+            (sets * max_parts) as i32,
+        );
+        let (mode, slots) = (pass.mode, pass.slots as i32);
+        let base = if mode == 2 { max_parts as i32 } else { 0 };
         let split = match (d, args.value_chunks.is_some()) {
             (64, false) => &self.k.flash_decode_split_d64,
             (_, false) => &self.k.flash_decode_split_d128,
@@ -350,9 +458,11 @@ impl CudaOps {
             shared_mem_bytes: (smem_floats * 4) as u32,
         };
         // SAFETY: the caller's contract; the workspace holds batch·heads·max_parts
-        // partials; grid and shared memory match the kernel's layout.
+        // partials; grid and shared memory match the kernel's layout. The ready pass
+        // runs while a fetch kernel runs on another stream: launched early, its blocks
+        // would hold the room that kernel is to take beside the one before.
         unsafe {
-            self.launch_pdl(
+            self.launch_early(
                 split,
                 cfg,
                 &mut kernel_params![
@@ -368,25 +478,34 @@ impl CudaOps {
                     &mp,
                     &scale_log2,
                     &dense,
-                    &chunk
+                    &chunk,
+                    &pass.list,
+                    &pass.count,
+                    &slots,
+                    &mode,
+                    &base
                 ],
+                mode != 1,
             )
         }?;
-        let (nh, hd) = (heads as i32, d as i32);
+        if mode == 1 {
+            return Ok(());
+        }
+        let (nh, hd, ns) = (heads as i32, d as i32, sets as i32);
         // Each block merges one head: `REDUCE_THREADS / d` slices of d threads split the
         // partitions between them.
         let slices = REDUCE_THREADS / d;
         let cfg = LaunchConfig {
             grid_dim: (heads as u32, batch as u32, 1),
             block_dim: (d as u32, slices as u32, 1),
-            shared_mem_bytes: ((max_parts + slices * d) * 4) as u32,
+            shared_mem_bytes: ((sets * max_parts + slices * d) * 4) as u32,
         };
         // SAFETY: as above; the merge reads only the partitions each sequence has.
         unsafe {
             self.launch_pdl(
                 &self.k.flash_decode_reduce,
                 cfg,
-                &mut kernel_params![&args.out, &op, &mlp, &args.lens, &nh, &hd, &pl, &mp],
+                &mut kernel_params![&args.out, &op, &mlp, &args.lens, &nh, &hd, &pl, &mp, &ns],
             )
         }?;
         Ok(())
@@ -430,6 +549,8 @@ pub(crate) struct DecodeArgs {
     /// Values in 8-bit chunks past each entry's dense rows: the `batch` dense lengths
     /// (i32) and the rows of a chunk ([`KvTable::with_value_chunks`]); `None`, bf16 rows.
     pub value_chunks: Option<(u64, usize)>,
+    /// The rows this launch attends ([`DecodePass`]).
+    pub pass: PassArgs,
 }
 
 #[cfg(test)]

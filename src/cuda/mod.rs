@@ -38,7 +38,7 @@ pub mod shadow;
 pub mod step;
 pub mod testing;
 
-pub use attention::{DecodeWorkspace, KvTable};
+pub use attention::{DecodePass, DecodeWorkspace, KvTable, PendingSlots, MAX_PENDING_SLOTS};
 pub use device::{CudaDevice, DeviceError, DeviceInfo, PciBusId, StreamPriority};
 pub use graph::{Lane, ShadowCounters, StepGraphs, StepTicket};
 pub use model::{CudaModel, GpuCache, GpuSeq};

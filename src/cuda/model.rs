@@ -16,7 +16,7 @@
 //! that stay put, so that [`super::graph::DecodeGraph`] can capture a decode step once
 //! and replay it.
 
-use super::attention::{partition_len, DecodeArgs, DecodeWorkspace, KvTable};
+use super::attention::{partition_len, DecodeArgs, DecodeWorkspace, KvTable, PassArgs};
 use super::ops::{rope_inv_freq, CudaOps};
 use super::parallel::{vocab_concat, TpScratch, TpShard};
 use super::prefill::PrefillTiles;
@@ -881,6 +881,7 @@ impl CudaModel {
                 batch,
                 max_len: plan.max_len,
                 value_chunks: None,
+                pass: PassArgs::default(),
             };
             // SAFETY: q and out hold rows = batch query rows; the tables hold this layer's
             // cache addresses, whose caches hold `lens` rows (staged above).

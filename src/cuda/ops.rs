@@ -207,13 +207,30 @@ impl CudaOps {
         cfg: LaunchConfig,
         params: &mut [*mut std::ffi::c_void],
     ) -> Result<()> {
+        // SAFETY: the caller's contract.
+        unsafe { self.launch_early(f, cfg, params, true) }
+    }
+
+    /// [`CudaOps::launch_pdl`], or (`early` false) a plain launch: the kernel's blocks
+    /// take no room on the device before the stream's previous kernel is done (where a
+    /// kernel on another stream needs that room meanwhile).
+    ///
+    /// # Safety
+    /// As [`CudaOps::launch_pdl`].
+    pub(crate) unsafe fn launch_early(
+        &self,
+        f: &cudarc::driver::CudaFunction,
+        cfg: LaunchConfig,
+        params: &mut [*mut std::ffi::c_void],
+        early: bool,
+    ) -> Result<()> {
         use cudarc::driver::sys;
         let s = self.dev.stream();
         // SAFETY: a zeroed attribute is a valid "no attribute" value; id and value set below.
         let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
         attr.value.programmaticStreamSerializationAllowed = 1;
-        let pdl = self.pdl.load(Ordering::Relaxed);
+        let pdl = early && self.pdl.load(Ordering::Relaxed);
         let conf = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,

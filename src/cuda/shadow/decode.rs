@@ -40,7 +40,7 @@ use super::rebuild::RebuildLists;
 use super::seq::GpuShadowSeq;
 use super::transfer::{GatherTransfer, PendingGather};
 use crate::cpu::attention::AttnShape;
-use crate::cuda::attention::{partition_len, DecodeArgs, DecodeWorkspace};
+use crate::cuda::attention::{partition_len, DecodeArgs, DecodePass, PassArgs, PendingSlots};
 use crate::cuda::CudaOps;
 use anyhow::{ensure, Result};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaView, DevicePtr};
@@ -285,7 +285,7 @@ impl<'a> ShadowStep<'a> {
             for (range, sc) in self.parts.iter().zip(scratch.iter_mut()) {
                 let e = range.len() * lay.kv_heads;
                 sc.attention
-                    .reserve(ops, (e, lay.group, lay.head_dim), self.max_len, part)?;
+                    .reserve(ops, (e, lay.group, lay.head_dim), self.max_len, part, 2)?;
             }
             let appended = ops.device().event(false)?;
             appended.record(ops.device().stream())?;
@@ -342,7 +342,8 @@ impl<'a> ShadowStep<'a> {
     }
 
     /// Queues layer `l`'s work after the append, per micro-batch: its selection and its
-    /// fetch, then its key rebuild, then its attention once its fetch is in. Micro-batch
+    /// fetch, then its key rebuild and its attention over the rows whose values are in,
+    /// then once its fetch is in the attention over the fetched rows. Micro-batch
     /// `p < forks` runs on `part_ops[p]` (which waits for the append), the others on
     /// `ops`'s stream in this order, so that there the first fetch runs beside the
     /// others' selection and every rebuild.
@@ -392,11 +393,19 @@ impl<'a> ShadowStep<'a> {
             o.shadow_rebuild_on(t, RebuildLists::of_step(sc), inv_freq, blocks)?;
             self.mark(o, tag, Stage::Rebuild)?;
         }
+        // The attention's rows whose values are in (the recent window, the outliers, the
+        // slots kept or found in the tier) are attended while the fetch runs; the fetched
+        // slots' rows, and the merge, once it is in.
+        for (p, (range, sc)) in self.parts.iter().zip(scratch.iter_mut()).enumerate() {
+            let (o, tag) = on(p);
+            self.attend(o, l, range.clone(), (q, &mut *out), sc, false)?;
+            self.mark(o, tag, Stage::Attend)?;
+        }
         for (p, ((range, sc), fetch)) in self.parts.iter().zip(scratch.iter_mut()).zip(pending).enumerate() {
             let ((o, tag), t) = (on(p), self.part_table(p, l));
             self.finish_fetch(o, t, l, sc, fetch)?;
             self.mark(o, tag, Stage::Fetch)?;
-            self.attend(o, l, range.clone(), (q, &mut *out), &mut sc.attention)?;
+            self.attend(o, l, range.clone(), (q, &mut *out), sc, true)?;
             self.mark(o, tag, Stage::Attend)?;
         }
         Ok(())
@@ -468,18 +477,32 @@ impl<'a> ShadowStep<'a> {
         }
     }
 
-    /// Flash-decoding of layer `l` for the sequences `seqs` (rows of `q` and `out`).
+    /// Flash-decoding of layer `l` for the sequences `seqs` (rows of `q` and `out`), in
+    /// two passes over the micro-batch's scratch `sc`: the rows whose values are in
+    /// (`fetched` false: partials only), then those of the slots its fetch fills and the
+    /// merge (`fetched` true).
     fn attend(
         &self,
         ops: &CudaOps,
         l: usize,
         seqs: Range<usize>,
         (q, out): (&CudaSlice<bf16>, &mut CudaSlice<bf16>),
-        ws: &mut DecodeWorkspace,
+        sc: &mut StepScratch,
+        fetched: bool,
     ) -> Result<()> {
         let lay = &self.layout;
         let all = self.batch() * lay.kv_heads;
         let (e0, e) = (seqs.start * lay.kv_heads, seqs.len() * lay.kv_heads);
+        let pending = PendingSlots {
+            list: &sc.misses,
+            count: &sc.fetch_count,
+            slots: lay.slots,
+        };
+        let pass = if fetched {
+            DecodePass::Pending(pending)
+        } else {
+            DecodePass::Ready(pending)
+        };
         let row = (lay.kv_heads * lay.group * lay.head_dim * 2) as u64;
         let s = ops.device().stream();
         let ptrs = self.attn_ptrs.device_ptr(s).0 + 8 * (2 * l * all + e0) as u64;
@@ -492,6 +515,7 @@ impl<'a> ShadowStep<'a> {
             batch: e,
             max_len: self.max_len,
             value_chunks: Some((self.dense.device_ptr(s).0 + 4 * e0 as u64, lay.chunk)),
+            pass: PassArgs::of(ops, pass),
         };
         let shape = AttnShape {
             heads: lay.group,
@@ -503,8 +527,10 @@ impl<'a> ShadowStep<'a> {
         // the step's micro-batches); each entry's address is its head's first attended
         // row, `lens` rows of d values inside the attention buffers (attended_rows),
         // which the tables borrow for the step; past `dense` rows, its slots, each with
-        // its chunk's values in 8 bits (kernels/shadow.cuh, shadow_slot_values).
-        unsafe { ops.flash_decode_raw(&args, shape, ws, part) }
+        // its chunk's values in 8 bits (kernels/shadow.cuh, shadow_slot_values); the
+        // micro-batch's miss lists hold e lists of `slots` pairs and e fetch counts, and
+        // its fetched pass follows its ready pass with the same arguments.
+        unsafe { ops.flash_decode_raw(&args, shape, &mut sc.attention, part) }
     }
 
     /// The flash-decoding partition length: the whole batch's, whatever the micro-batch,

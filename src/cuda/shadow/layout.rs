@@ -41,6 +41,7 @@
 //! second pool of the same layout in device memory, their slots numbered after the host
 //! pool's ([`DevicePool`]).
 
+use crate::cuda::attention::MAX_PENDING_SLOTS;
 use crate::model::config::ModelConfig;
 use crate::pool::{PoolShape, ValueFormat};
 use crate::shadow::ShadowParams;
@@ -135,6 +136,12 @@ impl ShadowLayout {
             self.kv_width()
         );
         ensure!(self.slots > 0, "ShadowKV on the GPU: no slots (budget below one chunk)");
+        ensure!(
+            self.slots <= MAX_PENDING_SLOTS,
+            "ShadowKV on the GPU: {} slots per head (the two-pass attention takes at most {MAX_PENDING_SLOTS}: \
+             a smaller sparse budget)",
+            self.slots
+        );
         ensure!(
             self.tier <= self.chunk_cap,
             "ShadowKV on the GPU: a value tier of {} chunks per head, more than the {} a sequence holds",
