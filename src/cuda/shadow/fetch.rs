@@ -19,8 +19,12 @@ const FETCH_THREADS: u32 = 256;
 /// batch doubled (57 × 61440 tokens) and so did a layer's fetch: with two micro-batches
 /// 16 / 24 / 32 / 48 / 64 / 96 blocks decoded 1790 / 2041 / 2075 / 2142 / 2090 / 1989
 /// tok/s, and with 48 one micro-batch hides 94 % of the fetch, as fast as two
-/// (docs/perf/gpu.md, session 19; 24 at 29 sequences in session 15).
-pub const FETCH_BLOCKS: usize = 48;
+/// (docs/perf/gpu.md, session 19; 24 at 29 sequences in session 15). Since the fetch
+/// also runs beside the attention's first pass (session 33), 24 blocks leave the key
+/// rebuild its speed alone and still hide the fetch: 57 × 61440 decoded 2742 / 2728 /
+/// 2703 tok/s with 24 / 32 / 48 blocks, where 48 blocks slowed the rebuild beside them
+/// by a third.
+pub const FETCH_BLOCKS: usize = 24;
 
 impl CudaOps {
     /// Zero-copy fetch: copies the `c·d` values of every miss to fetch (the first
