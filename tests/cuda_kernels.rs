@@ -482,6 +482,37 @@ fn chunked_values(rng: &mut StdRng, dense: usize, chunks: usize, c: usize, d: us
     (words, vf)
 }
 
+/// The CPU attention of the last row of each entry (`lens[b]` rows of keys `kf[b]` and
+/// values `vf[b]`) for its `group` query heads of `qf`.
+fn last_row_attention(qf: &[f32], kf: &[Vec<f32>], vf: &[Vec<f32>], lens: &[usize], shape: AttnShape) -> Vec<f32> {
+    let w = shape.heads * shape.head_dim;
+    let jobs: Vec<AttnJob> = (0..lens.len())
+        .map(|b| AttnJob {
+            q: &qf[b * w..(b + 1) * w],
+            start: lens[b] - 1,
+            k: &kf[b],
+            v: &vf[b],
+            out_row: b,
+        })
+        .collect();
+    let mut want = vec![0f32; lens.len() * w];
+    causal_attention(&mut want, &jobs, shape);
+    want
+}
+
+/// Checks each output row of `d` values against the CPU's: no NaN, not all zero, every
+/// element within 2 % of the row's largest, the row's norm-relative error within 1 %.
+fn check_attention_rows(kernel: &str, case: &str, got: &[f32], want: &[f32], d: usize, worst: &mut Errors) {
+    assert_eq!(got.iter().filter(|v| v.is_nan()).count(), 0, "{case}: NaN outputs");
+    assert!(got.iter().any(|&v| v != 0.0), "{case}: all zero");
+    for (i, (g, w)) in got.chunks_exact(d).zip(want.chunks_exact(d)).enumerate() {
+        let atol = 2e-2 * max_abs(w);
+        let e = errors(kernel, &format!("{case},row={i}"), g, w, |_, _| atol);
+        assert!(e.norm_rel <= 1e-2, "{case} row {i}: ‖err‖/‖ref‖ = {:.3e}", e.norm_rel);
+        *worst = worst.worst(e);
+    }
+}
+
 #[test]
 fn flash_decode_reads_values_in_8_bit_chunks() {
     let Some(ops) = ops_or_skip() else { return };
@@ -522,17 +553,7 @@ fn flash_decode_reads_values_in_8_bit_chunks() {
                 let batch = entries.len();
                 let (q, qf) = rand_bf16(&mut rng, batch * group * d, 3.0);
                 let dq = dev.upload(&q).unwrap();
-                let jobs: Vec<AttnJob> = (0..batch)
-                    .map(|b| AttnJob {
-                        q: &qf[b * group * d..(b + 1) * group * d],
-                        start: lens[b] - 1,
-                        k: &kf[b],
-                        v: &vf[b],
-                        out_row: b,
-                    })
-                    .collect();
-                let mut want = vec![0f32; batch * group * d];
-                causal_attention(&mut want, &jobs, shape);
+                let want = last_row_attention(&qf, &kf, &vf, &lens, shape);
                 for part in [Some(16), Some(64), None] {
                     let mut out = dev.zeros::<bf16>(batch * group * d).unwrap();
                     ops.fill_nan_bf16(&mut out).unwrap();
@@ -544,14 +565,7 @@ fn flash_decode_reads_values_in_8_bit_chunks() {
                     .unwrap();
                     let got = f32s(&dev.download(&out).unwrap());
                     let case = format!("d={d},chunk={c},group={group},part={part:?}");
-                    assert_eq!(got.iter().filter(|v| v.is_nan()).count(), 0, "{case}: NaN outputs");
-                    assert!(got.iter().any(|&v| v != 0.0), "{case}: all zero");
-                    for (i, (g, w)) in got.chunks_exact(d).zip(want.chunks_exact(d)).enumerate() {
-                        let atol = 2e-2 * max_abs(w);
-                        let e = errors("flash_decode_q8", &format!("{case},row={i}"), g, w, |_, _| atol);
-                        assert!(e.norm_rel <= 1e-2, "{case} row {i}: ‖err‖/‖ref‖ = {:.3e}", e.norm_rel);
-                        worst = worst.worst(e);
-                    }
+                    check_attention_rows("flash_decode_q8", &case, &got, &want, d, &mut worst);
                 }
             }
         }
@@ -651,17 +665,7 @@ fn flash_decode_in_two_passes_reads_pending_slots_only_in_the_second() {
                 };
                 let (q, qf) = rand_bf16(&mut rng, batch * group * d, 3.0);
                 let dq = dev.upload(&q).unwrap();
-                let jobs: Vec<AttnJob> = (0..batch)
-                    .map(|b| AttnJob {
-                        q: &qf[b * group * d..(b + 1) * group * d],
-                        start: lens[b] - 1,
-                        k: &kf[b],
-                        v: &vf[b],
-                        out_row: b,
-                    })
-                    .collect();
-                let mut want = vec![0f32; batch * group * d];
-                causal_attention(&mut want, &jobs, shape);
+                let want = last_row_attention(&qf, &kf, &vf, &lens, shape);
                 for part in [16usize, 64, 1024] {
                     let mut out = dev.zeros::<bf16>(batch * group * d).unwrap();
                     ops.fill_nan_bf16(&mut out).unwrap();
@@ -696,14 +700,7 @@ fn flash_decode_in_two_passes_reads_pending_slots_only_in_the_second() {
                         .unwrap();
                     let got = f32s(&dev.download(&out).unwrap());
                     let case = format!("d={d},chunk={c},group={group},part={part}");
-                    assert_eq!(got.iter().filter(|v| v.is_nan()).count(), 0, "{case}: NaN outputs");
-                    assert!(got.iter().any(|&v| v != 0.0), "{case}: all zero");
-                    for (i, (g, w)) in got.chunks_exact(d).zip(want.chunks_exact(d)).enumerate() {
-                        let atol = 2e-2 * max_abs(w);
-                        let e = errors("flash_decode_two_passes", &format!("{case},row={i}"), g, w, |_, _| atol);
-                        assert!(e.norm_rel <= 1e-2, "{case} row {i}: ‖err‖/‖ref‖ = {:.3e}", e.norm_rel);
-                        worst = worst.worst(e);
-                    }
+                    check_attention_rows("flash_decode_two_passes", &case, &got, &want, d, &mut worst);
                 }
             }
         }
