@@ -59,9 +59,13 @@ pub enum DecodePass<'a> {
 /// pending), the lists and counts, the slots.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct PassArgs {
+    /// 0: every row; 1: all but the pending slots' rows; 2: only theirs, then the merge.
     pub mode: i32,
+    /// Device address of the (slot, chunk) lists (0 in mode 0).
     pub list: u64,
+    /// Device address of each list's pending count (0 in mode 0).
     pub count: u64,
+    /// Slots an entry has (the lists' stride, in pairs).
     pub slots: usize,
 }
 
