@@ -311,8 +311,9 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
             stat[2 * h + 1] = l;
         }
     }
-    // Padding heads (group..7) hold scores of a zero query (0 everywhere, never NaN):
-    // they only feed output columns that are discarded.
+    // Padding heads (group..7) hold scores of a zero query (0, or -inf on rows left out
+    // and past n, where their products may give NaN): they only feed output columns that
+    // are discarded.
     __syncthreads();
 
     // ---- phase 3: P·V -----------------------------------------------------------------

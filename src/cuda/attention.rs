@@ -28,7 +28,8 @@ const REDUCE_THREADS: usize = 512;
 
 /// The pending slots of a table's entries (their values still being fetched): entry
 /// `e`'s are the slots of the first `count[e]` (slot, chunk) pairs of its list
-/// `list[e·2·slots ..]` (a ShadowKV step's miss lists, `fetch_count` of each).
+/// `list[e·2·slots ..]` (a ShadowKV step's miss lists, `fetch_count` of each), each slot
+/// at most once in an entry's pending pairs (the pending pass attends a slot once a pair).
 #[derive(Clone, Copy)]
 pub struct PendingSlots<'a> {
     /// `[entries, slots]` (slot, chunk) pairs.
@@ -461,7 +462,7 @@ impl CudaOps {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: (smem_floats * 4) as u32,
         };
-        // SAFETY: the caller's contract; the workspace holds batch·heads·max_parts
+        // SAFETY: the caller's contract; the workspace holds batch·heads·sets·max_parts
         // partials; grid and shared memory match the kernel's layout. The ready pass
         // runs while a fetch kernel runs on another stream: launched early, its blocks
         // would hold the room that kernel is to take beside the one before.
