@@ -337,13 +337,15 @@ pub fn run(a: CudaBench) -> Result<()> {
     }
     if !shadow_rows.is_empty() {
         println!();
-        println!("| context | fetch | GPU tier (chunks/head) | micro-batches | fetch blocks | ShadowKV batch (host+GPU slots) | decode tok/s | vs full | step ms (median) | bound ms | × bound | reuse hit | tier hit | value MiB/step | prefill s | compression / prefill | peak GiB | host pool GiB | fetch hidden |");
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| context | fetch | GPU tier (chunks/head) | micro-batches | fetch blocks | ShadowKV batch (host+GPU slots) | decode tok/s | vs full | step ms (median) | bound ms | × bound | floor ms (one micro-batch) | × floor | reuse hit | tier hit | value MiB/step | prefill s | compression / prefill | peak GiB | host pool GiB | fetch hidden |");
+        println!(
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
         for r in &shadow_rows {
             let r = &r.row;
             let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
             println!(
-                "| {} | {} | {} | {} | {} | {} | {:.1} | {} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.1} | {:.2} | {:.1} % | {:.1} | {:.1} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {:.1} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.1} | {:.2} | {:.1} % | {:.1} | {:.1} | {} |",
                 r["context"],
                 r["value_fetch"].as_str().unwrap_or("-"),
                 r["gpu_tier_chunks"],
@@ -358,6 +360,8 @@ pub fn run(a: CudaBench) -> Result<()> {
                 f("step_ms_median"),
                 f("bound_ms"),
                 f("bound_ratio"),
+                f("one_micro_batch_floor_ms"),
+                f("floor_ratio"),
                 f("reuse_hit_rate"),
                 f("tier_hit_rate"),
                 f("value_bytes_per_step") / (1u64 << 20) as f64,

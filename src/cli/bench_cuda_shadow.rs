@@ -19,7 +19,9 @@
 //! (`--gpu-value-slots`), sequences whose values the GPU holds too join it
 //! ([`fit_batch`]). The step's bound is the larger of its missed value bytes over PCIe
 //! (at [`PCIE_BYTES_PER_S`]; the misses of sequences in GPU value slots do not cross it)
-//! and its GPU bytes at the HBM rate.
+//! and its GPU bytes at the HBM rate. Its floor with one micro-batch is longer: a
+//! layer's fetch can only hide behind the work between its selection and its attention's
+//! second pass ([`StepBytes::floor_secs`]).
 
 use super::backend::ValueFetch;
 use super::bench_cuda::{median, HBM_BYTES_PER_S};
@@ -258,7 +260,8 @@ pub fn run(
         let tr = trace.as_deref_mut().map(|t| (t, label.as_str()));
         let d = decode(model, &mut seqs, &pool, (fetch, fb), m, gen, &mut last, tr)?;
         let ctx_now = seqs[0].len();
-        let bound_s = bound_secs(model, &layout, &seqs, d.misses);
+        let bound_s = d.bytes.bound_secs();
+        let floor_s = d.bytes.floor_secs();
         let tps = (batch * gen) as f64 / d.decode_secs;
         let peak_gib = (d.total - d.min_free.min(d.total)) as f64 / (1u64 << 30) as f64;
         let chunk_bytes = layout.value_chunk_bytes() as f64;
@@ -267,7 +270,7 @@ pub fn run(
         eprintln!(
             "[context {ctx}, ShadowKV ({}{}, {m} micro-batch{}): batch {batch} (GPU fits {gpu_fit}, host {host_fit}{}), \
              prefill {prefill_secs:.2} s + compression {compress_secs_mean:.3} s ({:.1} %, mean), decode {tps:.1} tok/s, \
-             step {:.2} ms = {:.2}× its bound, hit rate {:.3} (GPU tier {:.3}), {:.1} MiB of values fetched a step \
+             step {:.2} ms = {:.2}× its bound ({:.2}× one micro-batch's floor), hit rate {:.3} (GPU tier {:.3}), {:.1} MiB of values fetched a step \
              ({:.1} MiB over PCIe); pool registered in {register_secs:.1} s]",
             fetch_label,
             if tier > 0 {
@@ -292,6 +295,7 @@ pub fn run(
             100.0 * share(compress_secs_mean),
             d.step_ms,
             d.step_ms / 1e3 / bound_s,
+            d.step_ms / 1e3 / floor_s,
             d.hit_rate,
             d.tier_hit_rate,
             fetched_per_step / (1u64 << 20) as f64,
@@ -331,8 +335,9 @@ pub fn run(
             "decode_tokens_per_s": tps, "step_ms_median": d.step_ms,
             "reuse_hit_rate": d.hit_rate, "tier_hit_rate": d.tier_hit_rate, "value_bytes_per_step": fetched_per_step,
             "pcie_value_bytes_per_step": pcie_per_step,
-            "gpu_bytes_per_step": d.gpu_bytes, "bound_ms": bound_s * 1e3,
-            "bound_ratio": d.step_ms / 1e3 / bound_s, "peak_gpu_gib": peak_gib,
+            "gpu_bytes_per_step": d.bytes.gpu(), "gpu_bytes_beside_fetch_per_step": d.bytes.window,
+            "bound_ms": bound_s * 1e3, "bound_ratio": d.step_ms / 1e3 / bound_s,
+            "one_micro_batch_floor_ms": floor_s * 1e3, "floor_ratio": d.step_ms / 1e3 / floor_s, "peak_gpu_gib": peak_gib,
             "stage_ms_per_step": d.stages.iter().map(|(s, ms)| (s.clone(), serde_json::json!(ms))).collect::<serde_json::Map<_, _>>(),
             "gather_wait_ms_per_step": 1e3 * g.wait_secs / gen as f64,
             "gather_ms_per_step": 1e3 * g.gather_secs / gen as f64,
@@ -359,7 +364,8 @@ struct Decoded {
     hit_rate: f64,
     /// Of the selected chunks, the share found in the GPU value tier.
     tier_hit_rate: f64,
-    gpu_bytes: f64,
+    /// The step's bytes, by when a step can move them.
+    bytes: StepBytes,
     stages: Vec<(String, f64)>,
     gather: GatherTimes,
     min_free: usize,
@@ -471,7 +477,7 @@ fn decode(
         misses,
         hit_rate: share(hits),
         tier_hit_rate: share(tier_hits),
-        gpu_bytes: gpu_bytes(model, seqs, misses),
+        bytes: byte_shape(model, seqs).step(misses),
         stages,
         gather,
         min_free,
@@ -529,13 +535,90 @@ fn auto_tier_bytes(free: usize) -> usize {
     free.saturating_sub(2 << 30) / 100 * 99
 }
 
-/// GPU bytes of a step: the weights, and per sequence and
-/// layer the landmarks scored (codes and scales), the rows attended (keys and values), the
-/// basis the keys are rebuilt from (sv, fp32, read once), for each miss of the
-/// slots its rebuilt keys (the coefficients read, the keys written) and its values
-/// written, the values read from GPU value slots, and with a GPU value tier the tier
-/// hits' values read from the tier and the fetched chunks' values written to it.
-fn gpu_bytes(model: &CudaModel, seqs: &[GpuShadowSeq], m: Misses) -> f64 {
+/// A step's bytes, split by when a step of one micro-batch can move them. A layer's
+/// fetch starts once its selection is done and its attention's second pass waits for
+/// it, so only the work between them hides behind the values crossing PCIe.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct StepBytes {
+    /// GPU bytes before a layer's fetch or after it: the weights, the landmarks scored,
+    /// the fetched slots' rows attended.
+    serial: f64,
+    /// GPU bytes beside the fetch: the missed keys rebuilt (their coefficients read,
+    /// sv read, the keys written), the tier's values copied, the rows whose values are
+    /// already in attended.
+    window: f64,
+    /// Value bytes fetched over PCIe (from the host pool).
+    pcie: f64,
+}
+
+impl StepBytes {
+    /// GPU bytes of the step.
+    fn gpu(&self) -> f64 {
+        self.serial + self.window
+    }
+
+    /// The step's bound: the larger of its PCIe bytes at [`PCIE_BYTES_PER_S`] and its
+    /// GPU bytes at the HBM rate.
+    fn bound_secs(&self) -> f64 {
+        (self.pcie / PCIE_BYTES_PER_S).max(self.gpu() / HBM_BYTES_PER_S)
+    }
+
+    /// The shortest step of one micro-batch at those rates: the serial bytes, then per
+    /// layer the longer of the fetch and the work beside it (the layers alike, so summed
+    /// over the step). Never below the bound.
+    fn floor_secs(&self) -> f64 {
+        self.serial / HBM_BYTES_PER_S + (self.pcie / PCIE_BYTES_PER_S).max(self.window / HBM_BYTES_PER_S)
+    }
+}
+
+/// The byte model's inputs: the weights' bytes, per sequence and layer the landmarks
+/// scored, the rows attended and sv, and the chunk shapes.
+#[derive(Clone, Copy, Debug)]
+struct ByteShape {
+    weights: f64,
+    /// Sequences times layers.
+    seq_layers: f64,
+    /// A sequence's layer: landmark codes and scales.
+    marks: f64,
+    /// A sequence's layer: the attended rows' keys and values.
+    attn: f64,
+    /// A sequence's layer: sv, fp32.
+    sv: f64,
+    /// A missed chunk of one KV head: its keys rebuilt (coefficients and scales read,
+    /// bf16 keys written).
+    rebuild: f64,
+    /// A chunk's keys as the attention reads them (bf16).
+    keys: f64,
+    /// A chunk's values in 8 bits.
+    values: f64,
+    /// The step has a GPU value tier.
+    tier: bool,
+}
+
+impl ByteShape {
+    /// The bytes of a step with misses `m`: per miss of the slots its rebuilt keys and
+    /// its values written, the values read from GPU value slots, and with a GPU value
+    /// tier the tier hits' values read from the tier and the fetched chunks' values
+    /// written to it.
+    fn step(&self, m: Misses) -> StepBytes {
+        let fetched = m.host + m.device;
+        let tier_moves = if self.tier { m.tier + fetched } else { 0.0 };
+        let misses = (fetched + m.tier) * (self.rebuild + self.values) + (tier_moves + m.device) * self.values;
+        // The fetched slots' rows are attended in the second pass, after the fetch.
+        let pending = fetched * (self.keys + self.values);
+        let attn = self.seq_layers * self.attn;
+        let window = misses + self.seq_layers * self.sv + (attn - pending).max(0.0);
+        let serial = self.weights + self.seq_layers * self.marks + pending.min(attn);
+        StepBytes {
+            serial,
+            window,
+            pcie: m.host * self.values,
+        }
+    }
+}
+
+/// The byte model of `seqs`' steps on `model`.
+fn byte_shape(model: &CudaModel, seqs: &[GpuShadowSeq]) -> ByteShape {
     let layout = seqs[0].layer(0).layout();
     let c = seqs[0].counts();
     let (_, attended) = layout.attended_rows(&c);
@@ -547,24 +630,18 @@ fn gpu_bytes(model: &CudaModel, seqs: &[GpuShadowSeq], m: Misses) -> f64 {
     let slots = (attended - dense) / layout.chunk;
     let d = layout.head_dim;
     let attn = layout.kv_heads * (attended * d * 2 + dense * d * 2 + slots * layout.value_chunk_bytes());
-    let per_layer = (marks + attn + layout.sv_len() * 4) as f64;
-    let values = layout.value_chunk_bytes() as f64;
-    // A miss: its tokens' 8-bit coefficients and scales read, bf16 keys and its 8-bit
-    // values written.
-    let per_miss = (layout.chunk * (layout.rank + 4 + d * 2)) as f64 + values;
-    let fetched = m.host + m.device;
-    let tier_moves = if layout.tier > 0 { m.tier + fetched } else { 0.0 };
-    model.weight_bytes() as f64
-        + (seqs.len() * model.config().num_layers) as f64 * per_layer
-        + (fetched + m.tier) * per_miss
-        + (tier_moves + m.device) * values
-}
-
-/// The step's bound: the larger of its value bytes fetched over PCIe (from the host
-/// pool) and its GPU bytes at the HBM rate.
-fn bound_secs(model: &CudaModel, layout: &ShadowLayout, seqs: &[GpuShadowSeq], m: Misses) -> f64 {
-    let pcie = m.host * layout.value_chunk_bytes() as f64;
-    (pcie / PCIE_BYTES_PER_S).max(gpu_bytes(model, seqs, m) / HBM_BYTES_PER_S)
+    ByteShape {
+        weights: model.weight_bytes() as f64,
+        seq_layers: (seqs.len() * model.config().num_layers) as f64,
+        marks: marks as f64,
+        attn: attn as f64,
+        sv: (layout.sv_len() * 4) as f64,
+        // The tokens' 8-bit coefficients and scales read, bf16 keys written.
+        rebuild: (layout.chunk * (layout.rank + 4 + d * 2)) as f64,
+        keys: (layout.chunk * d * 2) as f64,
+        values: layout.value_chunk_bytes() as f64,
+        tier: layout.tier > 0,
+    }
 }
 
 /// Misses of the slots a step, by where their values came from.
@@ -734,6 +811,64 @@ mod tests {
     use super::*;
 
     const GIB: usize = 1 << 30;
+
+    /// Llama-3.1-8B's shape at 61440 tokens, 58 sequences, as the H200 bench runs it
+    /// (per sequence and layer: 7680 chunks, 1310 rows attended, rank 160).
+    fn llama_8b_at_61440() -> ByteShape {
+        let (kv, d, chunk) = (8.0, 128.0, 8.0);
+        let values = chunk * d + 4.0 * chunk;
+        let (attended, dense, slots) = (1310.0, 190.0, 140.0);
+        ByteShape {
+            weights: 16.06e9,
+            seq_layers: 58.0 * 32.0,
+            marks: 7680.0 * (kv * d + 4.0 * kv),
+            attn: kv * (attended * d * 2.0 + dense * d * 2.0 + slots * values),
+            sv: 160.0 * kv * d * 4.0,
+            rebuild: chunk * (160.0 + 4.0 + d * 2.0),
+            keys: chunk * d * 2.0,
+            values,
+            tier: true,
+        }
+    }
+
+    #[test]
+    fn the_floor_hides_only_the_window_behind_the_fetch() {
+        let shape = llama_8b_at_61440();
+        // The session-33 step's misses: 290 MiB over PCIe, three quarters of the misses
+        // found in the tier.
+        let host = 290.0 * (1u64 << 20) as f64 / shape.values;
+        let m = Misses {
+            host,
+            device: 0.0,
+            tier: 3.0 * host,
+        };
+        let b = shape.step(m);
+        let hbm = |x: f64| x / HBM_BYTES_PER_S;
+        // The split keeps every byte of the bound's model.
+        let fetched = m.host + m.device;
+        let whole = shape.weights
+            + shape.seq_layers * (shape.marks + shape.attn + shape.sv)
+            + (fetched + m.tier) * (shape.rebuild + shape.values)
+            + (m.tier + fetched) * shape.values;
+        assert!((b.gpu() - whole).abs() < 1.0, "{} against {whole}", b.gpu());
+        // At these rates the fetch outlasts the work beside it, so the floor is the
+        // serial bytes plus the fetch, about a quarter above the bound.
+        assert!(b.pcie / PCIE_BYTES_PER_S > hbm(b.window));
+        let (bound, floor) = (b.bound_secs(), b.floor_secs());
+        assert!((floor - (hbm(b.serial) + b.pcie / PCIE_BYTES_PER_S)).abs() < 1e-12);
+        assert!(floor / bound > 1.15 && floor / bound < 1.35, "{floor} against {bound}");
+        // With nothing over PCIe (every miss in the tier or GPU slots) the floor is the bound.
+        let none = shape.step(Misses {
+            host: 0.0,
+            device: host,
+            tier: 3.0 * host,
+        });
+        assert_eq!(none.pcie, 0.0);
+        assert!((none.floor_secs() - none.bound_secs()).abs() < 1e-12);
+        // More misses over PCIe only lengthen the floor, and never below the bound.
+        let more = shape.step(Misses { host: 2.0 * host, ..m });
+        assert!(more.floor_secs() > floor && more.floor_secs() >= more.bound_secs());
+    }
 
     /// The H200 at 124928 tokens, roughly: 2.5 GiB of state and 7.6 GiB of values a
     /// sequence, 120 GiB of GPU memory and 125 GiB of host memory free.
