@@ -15,7 +15,7 @@ use shadowkv::cpu::attention::AttnShape;
 use shadowkv::cuda::attention::partition_len;
 use shadowkv::cuda::shadow::{LayerBuffers, ShadowLayout};
 use shadowkv::cuda::testing::ops_or_skip;
-use shadowkv::cuda::{CudaOps, DecodeWorkspace, KvTable};
+use shadowkv::cuda::{CudaOps, DecodePass, DecodeWorkspace, KvTable, PendingSlots};
 
 /// The HBM bound the design quotes for the H200 (device-to-device copy, bytes read +
 /// written).
@@ -179,6 +179,87 @@ fn flash_decode_bandwidth() {
         }
         let got = dev.download(&out).unwrap();
         assert!(got.iter().all(|x| x.is_finite()), "non-finite output at ctx {ctx}");
+    }
+}
+
+/// A ShadowKV step's attention in two passes, at the step's shape on the H200 (58
+/// sequences × 8 KV heads at 61440 tokens: 1312 rows an entry, 240 bf16 then 134 chunks
+/// of 8 in 8 bits, 4 query heads), with `pending` of each entry's slots fetched while
+/// the first pass runs: the whole attention in one pass, each pass alone, both.
+#[test]
+#[ignore = "benchmark: needs a GPU"]
+fn flash_decode_two_pass_throughput() {
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let shape = AttnShape {
+        heads: 4,
+        kv_heads: 1,
+        head_dim: 128,
+    };
+    let (entries, dense, chunks, chunk, slots) = (464usize, 240usize, 134usize, 8usize, 128usize);
+    let rows = dense + chunks * chunk;
+    let kv = random_kv(&ops, entries, rows * shape.head_dim);
+    let mut q = dev.zeros::<bf16>(entries * shape.heads * shape.head_dim).unwrap();
+    ops.fill_random_bf16(&mut q, 7, 3.0).unwrap();
+    let mut out = dev.zeros::<bf16>(entries * shape.heads * shape.head_dim).unwrap();
+    let seqs: Vec<_> = kv.iter().map(|(k, v)| (k, v, rows)).collect();
+    let table = KvTable::new(&ops, &seqs, shape.head_dim)
+        .unwrap()
+        .with_value_chunks(&ops, &vec![dense; entries], chunk)
+        .unwrap();
+    let part = partition_len(entries, 1, rows, ops.decode_slots());
+    let mut ws = DecodeWorkspace::new();
+    let mut rng = StdRng::seed_from_u64(11);
+    for pending in [0usize, 15, 30, 60] {
+        // Each entry's list: `pending` distinct slots, then -1.
+        let mut list = vec![-1i32; entries * slots * 2];
+        for e in 0..entries {
+            let mut order: Vec<usize> = (0..chunks).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, rng.random_range(0..=i));
+            }
+            for (j, &k) in order[..pending].iter().enumerate() {
+                list[(e * slots + j) * 2] = k as i32;
+                list[(e * slots + j) * 2 + 1] = j as i32;
+            }
+        }
+        let dlist = dev.upload(&list).unwrap();
+        let dcount = dev.upload(&vec![pending as i32; entries]).unwrap();
+        let pend = PendingSlots {
+            list: &dlist,
+            count: &dcount,
+            slots,
+        };
+        let mut run = |pass: Option<DecodePass>| match pass {
+            Some(p) => ops
+                .flash_decode_pass(&mut out, &q, &table, shape, &mut ws, part, p)
+                .unwrap(),
+            None => ops
+                .flash_decode_with_partition(&mut out, &q, &table, shape, &mut ws, part)
+                .unwrap(),
+        };
+        let (whole, ..) = time_ms(&ops, 5, 50, || run(None));
+        let (ready, ..) = time_ms(&ops, 5, 50, || run(Some(DecodePass::Ready(pend))));
+        let (second, ..) = time_ms(&ops, 5, 50, || run(Some(DecodePass::Pending(pend))));
+        let (both, ..) = time_ms(&ops, 5, 50, || {
+            run(Some(DecodePass::Ready(pend)));
+            run(Some(DecodePass::Pending(pend)));
+        });
+        let got = dev.download(&out).unwrap();
+        assert!(got.iter().all(|x| x.to_f32().is_finite()), "non-finite output, {pending} pending");
+        // Bytes: every row's bf16 key; the dense rows' bf16 values, the chunks' 8-bit ones.
+        let d = shape.head_dim;
+        let chunk_bytes = (chunk * d + 4 * chunk) as f64;
+        let all = (entries * (rows * d * 2 + dense * d * 2)) as f64 + (entries * chunks) as f64 * chunk_bytes;
+        let late = (entries * pending) as f64 * (chunk * d * 2) as f64 + (entries * pending) as f64 * chunk_bytes;
+        let ms = |b: f64| b / (HBM_GBS * 1e9) * 1e3;
+        eprintln!(
+            "BENCH flash_decode_two_pass entries={entries} rows={rows} dense={dense} chunk={chunk} pending_slots={pending} \
+             part={part} whole_ms={whole:.4} ready_ms={ready:.4} pending_ms={second:.4} both_ms={both:.4} \
+             whole_bound_ms={:.4} pending_bound_ms={:.4}",
+            ms(all),
+            ms(late)
+        );
     }
 }
 
