@@ -31,14 +31,15 @@
 // bytes are about half (pv_q8_tiles).
 //
 // Values still coming (the _q8 kernels with mode > 0): a ShadowKV step fetches some of
-// its slots' values while the GPU already attends, in two passes over the same
-// partitions. Entry b's pending slots are the first pend_count[b] entries of its miss
-// list pend_list[b * slots ..] (slot, chunk); mode 1 attends every row but those of a
-// pending slot (it runs before the fetch lands, and reads none of their keys or values),
-// mode 2 only those rows (after it), gathered: its partitions split the pending rows,
-// row x token x % chunk of the slot of pending entry x / chunk, so it costs what they
-// are. Each pass writes its own set of partials (part_base; max_parts is the stride of
-// both), and the merge takes both sets (sets = 2). A row left out has the score -inf; a
+// its slots' values while the GPU already attends, in two passes. Entry b's pending slots
+// are the first pend_count[b] entries of its miss list pend_list[b * slots ..] (slot,
+// chunk); mode 1 attends every row but those of a pending slot (it runs before the fetch
+// lands, and reads none of their keys or values), mode 2 only those rows (after it),
+// gathered in partitions of their own (as long as the launch gives: part_len and the grid
+// are the pass's): its row x is token x % chunk of the slot of pending entry x / chunk
+// (a block first stages its rows' entries in shared memory), so it costs what they are.
+// Each pass writes its own set of partials (from part_base; max_parts is the stride of a
+// head's), and the merge takes both (FdParts). A row left out has the score -inf; a
 // partition with no row to attend writes (max -inf, sum 0) alone, and the merge skips
 // partials of weight 0.
 #include <cuda_bf16.h>
@@ -52,6 +53,7 @@
 #define FD_HEADS 8  // query heads per block after padding (mma n)
 #define FD_NEG_INF __int_as_float(0xff800000)
 #define FD_PEND_WORDS 128  // pending slots of an entry, as bits: at most 4096 slots
+#define FD_PEND_SLOTS 1028  // mode 2: the slots of a partition's pending entries (<= 1024 / chunk + 2)
 
 // Whether slot k (>= 0) is among the pending ones (bits).
 __device__ __forceinline__ bool k_pending(const unsigned* pend, int k) { return (pend[k >> 5] >> (k & 31)) & 1u; }
@@ -162,7 +164,9 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
     constexpr int NKC = D / 16;  // k-steps of phase 1, m-tiles of phase 3
     constexpr int NVH = D / 64;  // 16-byte chunks per V row per thread (phase 3)
     extern __shared__ float smem[];
-    __shared__ unsigned pend[FD_PEND_WORDS];  // mode > 0: the entry's pending slots
+    // Mode 1: the entry's pending slots as bits; mode 2: the slot of each pending entry the
+    // partition's rows come from (-1: none).
+    __shared__ unsigned pend[FD_PEND_SLOTS];
     float* stat = smem;
     float* S = smem + 2 * FD_HEADS;
     float* red = S;
@@ -175,7 +179,8 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
     const size_t head0 = (size_t)b * heads + (size_t)kvh * group;
     const int full = lens[b];
     const int start = part * part_len;
-    if (start >= full) return;  // the merge reads no partial past the entry's rows
+    // The merge reads no partial past the entry's rows, but every one of the pending pass.
+    if (start >= full && !(Q8 && mode == 2)) return;
     // Mode 2 attends the pending slots' rows gathered: its row x is token x % chunk of the
     // slot of pending entry x / chunk. A partition past them attends nothing.
     const int2* plist = pend_list + (size_t)b * slots;
@@ -213,15 +218,26 @@ __device__ __forceinline__ void flash_decode_split(float* __restrict__ o_part,
         }
         __syncthreads();
     }
+    // Mode 2: the partition's rows come from pending entries j0 .. j0 + nj - 1.
+    const bool gathered = Q8 && mode == 2 && chunk > 0;
+    const int j0 = gathered ? start / chunk : 0;
+    const int nj = gathered ? min((start + n - 1) / chunk - j0 + 1, FD_PEND_SLOTS) : 0;
+    if (gathered) {
+        for (int j = threadIdx.x; j < nj; j += FD_THREADS) {
+            const int k = plist[j0 + j].x;
+            pend[j] = k >= 0 && k < nchunks ? (unsigned)k : ~0u;
+        }
+        __syncthreads();
+    }
     // The slot of the pass's 8-bit row x (x from the entry's first 8-bit row; in mode 2
     // from the first pending one) and, in i, the row's token in it; -1: the row is not
     // attended in this pass.
     auto slot_of = [&](unsigned x, unsigned& i) -> int {
         const unsigned j = chunk > 1 ? __umulhi(x, cmag) : x;
         i = x - j * chunk;
-        if (mode == 2) {
-            const int k = plist[j].x;
-            return k >= 0 && k < nchunks ? k : -1;
+        if (mode == 2) {  // (x past the partition's rows: a row past n, not read)
+            const int jj = (int)j - j0;
+            return jj >= 0 && jj < nj ? (int)pend[jj] : -1;
         }
         return mode == 1 && j < 32u * words && k_pending(pend, (int)j) ? -1 : (int)j;
     };
@@ -399,22 +415,31 @@ FD_SPLIT(flash_decode_split_d128, 128, false)
 FD_SPLIT(flash_decode_split_q8_d64, 64, true)
 FD_SPLIT(flash_decode_split_q8_d128, 128, true)
 
+// The partials a head merges: the first nparts of its own partitions, then (a two-pass
+// attention) the pending pass's nparts2 from place base2. Every head's partials are
+// stride apart.
+struct FdParts {
+    int nparts, nparts2, base2;
+    __device__ __forceinline__ int count() const { return nparts + nparts2; }
+    // The place of the v-th partial read.
+    __device__ __forceinline__ int at(int v) const { return v < nparts ? v : base2 + v - nparts; }
+};
+
 // Merge: grid (heads, batch), block (head_dim, S): S slices of head_dim threads split
-// the partitions between them. `sets` sets of partials (a pass each) of max_parts / sets
-// partitions, the first nparts of each written. Dynamic shared memory: max_parts + S *
-// head_dim floats. out = sum_p 2^(m_p - M) o_p / sum_p 2^(m_p - M) l_p over the partials
-// of weight above 0 (a partial with nothing attended may have left o_p unwritten).
-// Empty sequences give zeros.
+// the partials between them. Dynamic shared memory: stride + S * head_dim floats.
+// out = sum_p 2^(m_p - M) o_p / sum_p 2^(m_p - M) l_p over the partials of weight above 0
+// (a partial with nothing attended may have left o_p unwritten). Empty sequences give
+// zeros.
 extern "C" __global__ void flash_decode_reduce(__nv_bfloat16* __restrict__ out,
                                                const float* __restrict__ o_part,
                                                const float2* __restrict__ ml_part,
                                                const int* __restrict__ lens, int heads, int head_dim,
-                                               int part_len, int max_parts, int sets) {
+                                               int part_len, int stride, int base2, int nparts2) {
     pdl_wait();
     pdl_trigger();
     extern __shared__ float smem[];
-    float* wgt = smem;              // [max_parts]
-    float* red = smem + max_parts;  // [S][head_dim]
+    float* wgt = smem;           // [stride]
+    float* red = smem + stride;  // [S][head_dim]
     __shared__ float scratch[32];
     __shared__ float bcast;
     const int h = blockIdx.x, b = blockIdx.y;
@@ -427,11 +452,10 @@ extern "C" __global__ void flash_decode_reduce(__nv_bfloat16* __restrict__ out,
         for (int d = tid; d < head_dim; d += nthreads) dst[d] = __float2bfloat16_rn(0.f);
         return;
     }
-    const int nparts = (len + part_len - 1) / part_len;
-    const int per_set = max_parts / sets, nall = sets * nparts;
-    // The place of the v-th partial read: partition v % nparts of set v / nparts.
-    auto at = [&](int v) { return v / nparts * per_set + v % nparts; };
-    const float2* ml = ml_part + bh * max_parts;
+    const FdParts parts{(len + part_len - 1) / part_len, nparts2, base2};
+    const int nall = parts.count();
+    auto at = [&](int v) { return parts.at(v); };
+    const float2* ml = ml_part + bh * stride;
     const int lane = tid & 31, warp = tid >> 5, nwarps = (nthreads + 31) >> 5;
 
     float m = FD_NEG_INF;
@@ -466,11 +490,11 @@ extern "C" __global__ void flash_decode_reduce(__nv_bfloat16* __restrict__ out,
     }
     __syncthreads();
     const float inv = 1.f / bcast;
-    const float* op = o_part + bh * max_parts * head_dim;
+    const float* op = o_part + bh * stride * head_dim;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float acc0 = 0.f, acc1 = 0.f;
         int v = threadIdx.y;
-        if (sets == 1) {
+        if (nparts2 == 0) {
             for (; v + (int)blockDim.y < nall; v += 2 * blockDim.y) {
                 acc0 += wgt[v] * op[(size_t)v * head_dim + d];
                 acc1 += wgt[v + blockDim.y] * op[(size_t)(v + blockDim.y) * head_dim + d];
@@ -490,4 +514,43 @@ extern "C" __global__ void flash_decode_reduce(__nv_bfloat16* __restrict__ out,
             dst[d] = __float2bfloat16_rn(acc * inv);
         }
     }
+}
+
+// Merge of a few partials a head (at most FD_FEW_PARTS, as a ShadowKV step's attention
+// has): grid (heads, batch), head_dim threads, each merging its dimension over every
+// partial and finding their maximum and sum itself (the partials' statistics are the same
+// words for the whole block): no shared memory, no barrier. Arguments and result as
+// flash_decode_reduce's.
+extern "C" __global__ void flash_decode_reduce_few(__nv_bfloat16* __restrict__ out,
+                                                   const float* __restrict__ o_part,
+                                                   const float2* __restrict__ ml_part,
+                                                   const int* __restrict__ lens, int heads, int head_dim,
+                                                   int part_len, int stride, int base2, int nparts2) {
+    pdl_wait();
+    pdl_trigger();
+    const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
+    if (d >= head_dim) return;
+    const size_t bh = (size_t)b * heads + h;
+    const int len = lens[b];
+    if (len <= 0) {
+        out[bh * head_dim + d] = __float2bfloat16_rn(0.f);
+        return;
+    }
+    const FdParts parts{(len + part_len - 1) / part_len, nparts2, base2};
+    const int nall = parts.count();
+    const float2* ml = ml_part + bh * stride;
+    float m = FD_NEG_INF;
+    for (int v = 0; v < nall; ++v) m = fmaxf(m, ml[parts.at(v)].x);
+    const float* op = o_part + bh * stride * head_dim + d;
+    float l = 0.f, acc = 0.f;
+    for (int v = 0; v < nall; ++v) {
+        const int p = parts.at(v);
+        const float2 x = ml[p];
+        const float w = x.x == FD_NEG_INF ? 0.f : exp2f(x.x - m);
+        if (w > 0.f) {
+            l += w * x.y;
+            acc += w * op[(size_t)p * head_dim];
+        }
+    }
+    out[bh * head_dim + d] = __float2bfloat16_rn(acc * (1.f / l));
 }

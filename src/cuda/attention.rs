@@ -25,6 +25,8 @@ pub const MAX_GROUP: usize = 8;
 const THREADS: u32 = 128;
 const WARPS: usize = 4;
 const REDUCE_THREADS: usize = 512;
+/// Partials a head (both passes') up to which the merge runs a thread a dimension.
+const FEW_PARTS: usize = 16;
 
 /// The pending slots of a table's entries (their values still being fetched): entry
 /// `e`'s are the slots of the first `count[e]` (slot, chunk) pairs of its list
@@ -439,16 +441,26 @@ impl CudaOps {
         let (op, _g1) = o_part.device_ptr_mut(s);
         let ml_part = ws.ml_part.as_mut().unwrap();
         let (mlp, _g2) = ml_part.device_ptr_mut(s);
-        let smem_floats = 2 * MAX_GROUP + (MAX_GROUP * (part_len + 4)).max(WARPS * MAX_GROUP * d);
+        let chunk_rows = args.value_chunks.map_or(0, |(_, c)| c);
+        let (mode, slots) = (pass.mode, pass.slots as i32);
+        // The pending pass's partitions: its own, fewer and longer (see pending_parts);
+        // the others' all the rows'.
+        let (launch_len, launch_parts, pend_parts) = match mode {
+            2 => {
+                let (len, n) = pending_parts(pass.slots * chunk_rows, args.max_len, part_len);
+                (len, n, n)
+            }
+            _ => (part_len, max_parts, 0),
+        };
+        let smem_floats = 2 * MAX_GROUP + (MAX_GROUP * (launch_len + 4)).max(WARPS * MAX_GROUP * d);
         let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
         // The partials of a head: `sets` sets of max_parts, the pending pass's second.
         let (kvh, grp, pl, mp) = (
             kv_heads as i32,
             group as i32,
-            part_len as i32,
+            launch_len as i32,
             (sets * max_parts) as i32,
         );
-        let (mode, slots) = (pass.mode, pass.slots as i32);
         let base = if mode == 2 { max_parts as i32 } else { 0 };
         let split = match (d, args.value_chunks.is_some()) {
             (64, false) => &self.k.flash_decode_split_d64,
@@ -458,7 +470,7 @@ impl CudaOps {
         };
         let (dense, chunk) = args.value_chunks.map_or((0, 0), |(p, c)| (p, c as i32));
         let cfg = LaunchConfig {
-            grid_dim: (max_parts as u32, kv_heads as u32, batch as u32),
+            grid_dim: (launch_parts as u32, kv_heads as u32, batch as u32),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: (smem_floats * 4) as u32,
         };
@@ -496,25 +508,50 @@ impl CudaOps {
         if mode == 1 {
             return Ok(());
         }
-        let (nh, hd, ns) = (heads as i32, d as i32, sets as i32);
-        // Each block merges one head: `REDUCE_THREADS / d` slices of d threads split the
-        // partitions between them.
-        let slices = REDUCE_THREADS / d;
-        let cfg = LaunchConfig {
-            grid_dim: (heads as u32, batch as u32, 1),
-            block_dim: (d as u32, slices as u32, 1),
-            shared_mem_bytes: ((sets * max_parts + slices * d) * 4) as u32,
-        };
-        // SAFETY: as above; the merge reads only the partitions each sequence has.
-        unsafe {
-            self.launch_pdl(
-                &self.k.flash_decode_reduce,
-                cfg,
-                &mut kernel_params![&args.out, &op, &mlp, &args.lens, &nh, &hd, &pl, &mp, &ns],
-            )
-        }?;
+        let (nh, hd, rpl, base2, np2) = (
+            heads as i32,
+            d as i32,
+            part_len as i32,
+            max_parts as i32,
+            pend_parts as i32,
+        );
+        let params = &mut kernel_params![&args.out, &op, &mlp, &args.lens, &nh, &hd, &rpl, &mp, &base2, &np2];
+        // SAFETY (both merges): as above; a merge reads only the partitions each
+        // sequence has, and the pending pass's.
+        if max_parts + pend_parts <= FEW_PARTS {
+            // A thread a dimension, each finding the partials' statistics itself.
+            let cfg = LaunchConfig {
+                grid_dim: (heads as u32, batch as u32, 1),
+                block_dim: (d as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { self.launch_pdl(&self.k.flash_decode_reduce_few, cfg, params) }?;
+        } else {
+            // Each block merges one head: `REDUCE_THREADS / d` slices of d threads split
+            // the partitions between them.
+            let slices = REDUCE_THREADS / d;
+            let cfg = LaunchConfig {
+                grid_dim: (heads as u32, batch as u32, 1),
+                block_dim: (d as u32, slices as u32, 1),
+                shared_mem_bytes: ((sets * max_parts + slices * d) * 4) as u32,
+            };
+            unsafe { self.launch_pdl(&self.k.flash_decode_reduce, cfg, params) }?;
+        }
         Ok(())
     }
+}
+
+/// The pending pass's partitions for up to `rows` pending rows (the slots' rows) of
+/// entries of at most `max_len` rows, the other passes' partitions being `part_len`
+/// long: (length, count). A step's pending rows are few (its misses over PCIe) and may
+/// sit anywhere in the slots' rows, so they are not split as the rows are: one
+/// partition of them all up to 1024 rows (the longest a block takes), spares no block
+/// that would find nothing. At most as many partitions as the other passes have (their
+/// set's room in the workspace), since no more rows are pending than an entry has.
+pub(crate) fn pending_parts(rows: usize, max_len: usize, part_len: usize) -> (usize, usize) {
+    let rows = rows.min(max_len).max(1);
+    let len = rows.next_multiple_of(16).min(1024).max(part_len.min(1024));
+    (len, rows.div_ceil(len))
 }
 
 /// The head shapes the attention kernels serve: query heads in whole groups per KV
@@ -586,6 +623,29 @@ mod tests {
             let p = partition_len(b, h, n, slots);
             let cost = |p: usize| (b * h * n.div_ceil(p)).div_ceil(slots) * (p + BLOCK_OVERHEAD_TOKENS);
             assert!(cost(p) <= cost(512) && cost(p) <= cost(1024), "{b} {h} {n}: {p}");
+        }
+    }
+
+    #[test]
+    fn the_pending_pass_covers_every_row_in_as_few_partitions() {
+        // A step at 61440: 128 slots of 8 rows, 1312 rows an entry, partitions of 448.
+        assert_eq!(pending_parts(1024, 1312, 448), (1024, 1));
+        // At 124928: 256 slots of 8, two partitions of 1024.
+        assert_eq!(pending_parts(2048, 2500, 960), (1024, 2));
+        // Few slots: no shorter than the other passes' partitions.
+        assert_eq!(pending_parts(40, 2000, 256), (256, 1));
+        for rows in [0usize, 1, 15, 16, 17, 1000, 1025, 5000, 40_000] {
+            for max_len in [1usize, 100, 1312, 33_000] {
+                for part in [16usize, 64, 448, 1024] {
+                    let (len, n) = pending_parts(rows, max_len, part);
+                    let max_parts = max_len.div_ceil(part).max(1);
+                    // Every pending row (at most the slots' and the entry's) is covered,
+                    // in partitions a block takes, no more of them than the set's room.
+                    assert!(len * n >= rows.min(max_len), "{rows} {max_len} {part}");
+                    assert!(len % 16 == 0 && (16..=1024).contains(&len), "{rows} {max_len} {part}");
+                    assert!(n >= 1 && n <= max_parts, "{rows} {max_len} {part}: {n} > {max_parts}");
+                }
+            }
         }
     }
 }
