@@ -246,7 +246,10 @@ fn flash_decode_two_pass_throughput() {
             run(Some(DecodePass::Pending(pend)));
         });
         let got = dev.download(&out).unwrap();
-        assert!(got.iter().all(|x| x.to_f32().is_finite()), "non-finite output, {pending} pending");
+        assert!(
+            got.iter().all(|x| x.to_f32().is_finite()),
+            "non-finite output, {pending} pending"
+        );
         // Bytes: every row's bf16 key; the dense rows' bf16 values, the chunks' 8-bit ones.
         let d = shape.head_dim;
         let chunk_bytes = (chunk * d + 4 * chunk) as f64;
