@@ -207,10 +207,15 @@ fn flash_decode_two_pass_throughput() {
         .unwrap()
         .with_value_chunks(&ops, &vec![dense; entries], chunk)
         .unwrap();
-    let part = partition_len(entries, 1, rows, ops.decode_slots());
+    let auto = partition_len(entries, 1, rows, ops.decode_slots());
     let mut ws = DecodeWorkspace::new();
     let mut rng = StdRng::seed_from_u64(11);
-    for pending in [0usize, 15, 30, 60] {
+    // The step's partitions at every pending count; others at 30 pending slots.
+    let cases = [0usize, 15, 30, 60]
+        .map(|p| (p, auto))
+        .into_iter()
+        .chain([256usize, 320, 384, 512, 640, 704, 1024].map(|l| (30, l)));
+    for (pending, part) in cases {
         // Each entry's list: `pending` distinct slots, then -1.
         let mut list = vec![-1i32; entries * slots * 2];
         for e in 0..entries {
@@ -258,8 +263,9 @@ fn flash_decode_two_pass_throughput() {
         let ms = |b: f64| b / (HBM_GBS * 1e9) * 1e3;
         eprintln!(
             "BENCH flash_decode_two_pass entries={entries} rows={rows} dense={dense} chunk={chunk} pending_slots={pending} \
-             part={part} whole_ms={whole:.4} ready_ms={ready:.4} pending_ms={second:.4} both_ms={both:.4} \
+             part={part}{} whole_ms={whole:.4} ready_ms={ready:.4} pending_ms={second:.4} both_ms={both:.4} \
              whole_bound_ms={:.4} pending_bound_ms={:.4}",
+            if part == auto { "(auto)" } else { "" },
             ms(all),
             ms(late)
         );
