@@ -516,7 +516,7 @@ extern "C" __global__ void flash_decode_reduce(__nv_bfloat16* __restrict__ out,
     }
 }
 
-// Merge of a few partials a head (at most FD_FEW_PARTS, as a ShadowKV step's attention
+// Merge of a few partials a head (at most the host's FEW_PARTS, as a ShadowKV step's attention
 // has): grid (heads, batch), head_dim threads, each merging its dimension over every
 // partial and finding their maximum and sum itself (the partials' statistics are the same
 // words for the whole block): no shared memory, no barrier. Arguments and result as
