@@ -547,10 +547,8 @@ extern "C" __global__ void flash_decode_reduce_few(__nv_bfloat16* __restrict__ o
         const int p = parts.at(v);
         const float2 x = ml[p];
         const float w = x.x == FD_NEG_INF ? 0.f : exp2f(x.x - m);
-        if (w > 0.f) {
-            l += w * x.y;
-            acc += w * op[(size_t)p * head_dim];
-        }
+        l += w * x.y;  // (a NaN partial makes the output NaN, as in flash_decode_reduce)
+        if (w > 0.f) acc += w * op[(size_t)p * head_dim];
     }
     out[bh * head_dim + d] = __float2bfloat16_rn(acc * (1.f / l));
 }

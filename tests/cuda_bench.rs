@@ -183,8 +183,9 @@ fn flash_decode_bandwidth() {
 }
 
 /// A ShadowKV step's attention in two passes, at the step's shape on the H200 (58
-/// sequences × 8 KV heads at 61440 tokens: 1312 rows an entry, 240 bf16 then 134 chunks
-/// of 8 in 8 bits, 4 query heads), with `pending` of each entry's slots fetched while
+/// sequences × 8 KV heads at 61440 tokens: 1312 rows an entry, 288 bf16 (the recent
+/// window and the outliers) then its 128 slots' chunks of 8 in 8 bits, 4 query heads),
+/// with `pending` of each entry's slots fetched while
 /// the first pass runs: the whole attention in one pass, each pass alone, both.
 #[test]
 #[ignore = "benchmark: needs a GPU"]
@@ -196,7 +197,7 @@ fn flash_decode_two_pass_throughput() {
         kv_heads: 1,
         head_dim: 128,
     };
-    let (entries, dense, chunks, chunk, slots) = (464usize, 240usize, 134usize, 8usize, 128usize);
+    let (entries, dense, chunks, chunk, slots) = (464usize, 288usize, 128usize, 8usize, 128usize);
     let rows = dense + chunks * chunk;
     let kv = random_kv(&ops, entries, rows * shape.head_dim);
     let mut q = dev.zeros::<bf16>(entries * shape.heads * shape.head_dim).unwrap();

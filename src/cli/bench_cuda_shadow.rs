@@ -19,7 +19,7 @@
 //! (`--gpu-value-slots`), sequences whose values the GPU holds too join it
 //! ([`fit_batch`]). The step's bound is the larger of its missed value bytes over PCIe
 //! (at [`PCIE_BYTES_PER_S`]; the misses of sequences in GPU value slots do not cross it)
-//! and its GPU bytes at the HBM rate. Its floor with one micro-batch is longer: a
+//! and its GPU bytes at the HBM rate. Its floor with one micro-batch is no shorter: a
 //! layer's fetch can only hide behind the work between its selection and its attention's
 //! second pass ([`StepBytes::floor_secs`]).
 
@@ -544,8 +544,9 @@ struct StepBytes {
     /// the fetched slots' rows attended.
     serial: f64,
     /// GPU bytes beside the fetch: the missed keys rebuilt (their coefficients read,
-    /// sv read, the keys written), the tier's values copied, the rows whose values are
-    /// already in attended.
+    /// sv read, the keys written), the missed values written to their slots and the
+    /// tier, the tier's and GPU slots' values read, the rows whose values are already in
+    /// attended.
     window: f64,
     /// Value bytes fetched over PCIe (from the host pool).
     pcie: f64,
