@@ -546,10 +546,10 @@ impl CudaOps {
 /// long: (length, count). A step's pending rows are few (its misses over PCIe), gathered
 /// from the slots' rows: one partition of up to 1024 of them (the longest a block takes)
 /// spares most of the blocks that, split as the other passes split the rows, would find
-/// nothing. (The count is fixed by the slots' rows, since a
-/// captured step cannot read its pending count: past 1024 slot rows a partition may
-/// still find none.) At most as many partitions as the other passes have (their
-/// set's room in the workspace), since no more rows are pending than an entry has.
+/// nothing. The count follows the slots' rows, since a captured step cannot read its
+/// pending count: past 1024 slot rows a partition may still find none. At most as many
+/// partitions as the other passes have (their set's room in the workspace), since no
+/// more rows are pending than an entry has.
 pub(crate) fn pending_parts(rows: usize, max_len: usize, part_len: usize) -> (usize, usize) {
     let rows = rows.min(max_len).max(1);
     let len = rows.next_multiple_of(16).min(1024).max(part_len.min(1024));
