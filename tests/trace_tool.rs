@@ -576,12 +576,13 @@ fn bench_timeline(label: &str, spans: &[shadowkv::cuda::shadow::timeline::GpuSpa
 }
 
 /// The GPU timeline `bench --trace` writes (a step's stage marks as spans on a lane's
-/// compute and fetch streams, through the same code), drawn by the tool: two tracks, the
-/// fetch [1.0, 2.0] ms hidden behind the rebuild [1.0, 1.6] and nothing else of the
-/// compute stream (the fetch-wait is not compute), so 60 % hidden; the stages by name.
+/// compute stream, its fetch and fold streams' spans, through the same code), drawn by
+/// the tool: three tracks, the fetch [1.0, 2.0] ms hidden behind the rebuild [1.0, 1.6]
+/// and nothing else (the fetch-wait is not compute; the fold [2.2, 2.3] comes after),
+/// so 60 % hidden; the stages by name.
 #[test]
 fn a_bench_gpu_timeline_shows_the_fetch_hidden_behind_the_rebuild() {
-    use shadowkv::cuda::shadow::decode::Stage::*;
+    use shadowkv::cuda::shadow::decode::{SideWork, Stage::*};
     use shadowkv::cuda::shadow::timeline::spans;
     let marks = [
         (0, Start, 0.0),
@@ -592,27 +593,36 @@ fn a_bench_gpu_timeline_shows_the_fetch_hidden_behind_the_rebuild() {
         (0, Rebuild, 1.6),
         (0, Fetch, 2.0),
         (0, Attend, 2.2),
-        (0, Fold, 2.3),
     ];
-    let v = bench_timeline("61440 tokens, zero-copy, lane 0", &spans(&marks, &[(0, 1.0, 2.0)]));
-    assert_eq!(v["tracks"].as_array().unwrap().len(), 2, "{v}");
+    let sides = [(SideWork::Fetch, 0, 1.0, 2.0), (SideWork::Fold, 0, 2.2, 2.3)];
+    let v = bench_timeline("61440 tokens, zero-copy, lane 0", &spans(&marks, &sides));
+    assert_eq!(v["tracks"].as_array().unwrap().len(), 3, "{v}");
     let f = &v["value_fetch"];
     assert!((f["total_ms"].as_f64().unwrap() - 1.0).abs() < 1e-3, "{f}");
     assert!((f["hidden_ms"].as_f64().unwrap() - 0.6).abs() < 1e-3, "{f}");
     let names = stage_names(&v);
-    for n in ["scores", "top-k", "reconstruct", "fetch", "fetch-wait", "attention"] {
+    for n in [
+        "scores",
+        "top-k",
+        "reconstruct",
+        "fetch",
+        "fetch-wait",
+        "attention",
+        "fold",
+    ] {
         assert!(names.contains(&n), "{n} missing from {names:?}");
     }
 }
 
 /// Two micro-batches (`bench --micro-batches 2`): the first on a stream of its own
 /// (track `micro-batch 0`), selecting and rebuilding beside the second's landmark scores
-/// on the compute stream, whose fold waits for it (`join`). The fetches [0.4, 1.0] and
-/// [1.0, 2.0] ms run beside compute on either stream until 1.6 ms: 1.2 of 1.6 ms hidden,
-/// and neither wait (`fetch-wait`, `join`) counts as compute.
+/// on the compute stream, which waits for it (`join`) before the layer's fold on the
+/// fold stream. The fetches [0.4, 1.0] and [1.0, 2.0] ms run beside compute on either
+/// stream until 1.6 ms: 1.2 of 1.6 ms hidden, and neither wait (`fetch-wait`, `join`)
+/// counts as compute.
 #[test]
 fn a_bench_gpu_timeline_of_two_micro_batches_has_a_track_per_stream() {
-    use shadowkv::cuda::shadow::decode::Stage::*;
+    use shadowkv::cuda::shadow::decode::{SideWork, Stage::*};
     use shadowkv::cuda::shadow::timeline::{hidden_fetch_share, spans};
     let marks = [
         (0, Start, 0.0),
@@ -631,9 +641,15 @@ fn a_bench_gpu_timeline_of_two_micro_batches_has_a_track_per_stream() {
         (0, Fetch, 2.0),
         (0, Attend, 2.2),
         (0, Join, 2.4),
-        (0, Fold, 2.5),
     ];
-    let s = spans(&marks, &[(0, 0.4, 1.0), (0, 1.0, 2.0)]);
+    let s = spans(
+        &marks,
+        &[
+            (SideWork::Fetch, 0, 0.4, 1.0),
+            (SideWork::Fetch, 0, 1.0, 2.0),
+            (SideWork::Fold, 0, 2.4, 2.5),
+        ],
+    );
     assert!((hidden_fetch_share(&s).unwrap() - 0.75).abs() < 1e-9);
     let v = bench_timeline("61440 tokens, zero-copy, 2 micro-batches, lane 0", &s);
     let tracks: Vec<&str> = v["tracks"]
@@ -642,8 +658,9 @@ fn a_bench_gpu_timeline_of_two_micro_batches_has_a_track_per_stream() {
         .iter()
         .map(|t| t["name"].as_str().unwrap())
         .collect();
-    assert_eq!(tracks.len(), 3, "{v}");
+    assert_eq!(tracks.len(), 4, "{v}");
     assert!(tracks.iter().any(|t| t.ends_with("lane 0 micro-batch 0")), "{tracks:?}");
+    assert!(tracks.iter().any(|t| t.ends_with("lane 0 fold")), "{tracks:?}");
     let f = &v["value_fetch"];
     assert!((f["total_ms"].as_f64().unwrap() - 1.6).abs() < 1e-3, "{f}");
     assert!((f["hidden_ms"].as_f64().unwrap() - 1.2).abs() < 1e-3, "{f}");

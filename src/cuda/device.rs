@@ -96,6 +96,17 @@ impl StreamPriority {
             StreamPriority::Highest => StreamPriority::Highest,
         }
     }
+
+    /// One step down: `Highest` → `Higher` → `High` → `Normal` (which stays). A lane's
+    /// fold stream takes it, so that its blocks fill in where the lane's own wait for
+    /// none.
+    pub fn lowered(self) -> StreamPriority {
+        match self {
+            StreamPriority::Normal | StreamPriority::High => StreamPriority::Normal,
+            StreamPriority::Higher => StreamPriority::High,
+            StreamPriority::Highest => StreamPriority::Higher,
+        }
+    }
 }
 
 /// One GPU: its primary context and a compute stream.
@@ -343,5 +354,13 @@ mod tests {
         assert_eq!(High.raised(), Higher);
         assert_eq!(Higher.raised(), Higher);
         assert_eq!(Highest.raised(), Highest);
+    }
+
+    #[test]
+    fn a_lowered_priority_steps_down_to_normal() {
+        assert_eq!(Highest.lowered(), Higher);
+        assert_eq!(Higher.lowered(), High);
+        assert_eq!(High.lowered(), Normal);
+        assert_eq!(Normal.lowered(), Normal);
     }
 }

@@ -24,7 +24,7 @@ use super::device::StreamPriority;
 use super::model::{Attend, CudaModel, GpuCache, GpuSeq, Scratch, StageSeq, StepPlan};
 use super::ops::CudaOps;
 use super::shadow::decode::{
-    split_batch, stage_ms, ChunkGather, FetchMark, FetchPath, GatherTimes, RayonGather, Stage, StageMark,
+    split_batch, stage_ms, ChunkGather, FetchPath, GatherTimes, RayonGather, SideMark, Stage, StageMark,
 };
 use super::shadow::timeline::{step_spans, GpuSpan};
 use super::shadow::transfer::GatherTransfer;
@@ -139,6 +139,9 @@ pub struct Lane {
     /// The stream the zero-copy value fetch runs on beside the key rebuild (made at
     /// the lane's first ShadowKV step).
     fetch_ops: Option<CudaOps>,
+    /// The stream a ShadowKV step folds full windows on beside its next layers (made at
+    /// the lane's first ShadowKV step).
+    fold_ops: Option<CudaOps>,
     /// The streams of a zero-copy ShadowKV step's micro-batches but the last (made as a
     /// step first needs them, one step above the lane's priority: the fetch stream
     /// serves the micro-batches in order, so the first ones' lists should be out first).
@@ -243,11 +246,11 @@ pub struct StepTicket {
     picked: usize,
     buf: usize,
     done: Arc<CudaEvent>,
-    /// A ShadowKV step's stage marks and fetch-stream marks (empty without stage
+    /// A ShadowKV step's stage marks and side-stream marks (empty without stage
     /// timing), read when it completes: they travel with their step, so completing one
     /// step never waits for the next one queued behind it.
     marks: Vec<StageMark>,
-    fetch_marks: Vec<FetchMark>,
+    side_marks: Vec<SideMark>,
     /// Whether the lane was tracing when the step was queued (its spans then belong to
     /// the trace; an older step's would precede the trace's anchor).
     traced: bool,
@@ -303,6 +306,7 @@ impl CudaModel {
             trace: None,
             stage_ms: Vec::new(),
             fetch_ops: None,
+            fold_ops: None,
             part_ops: Vec::new(),
             priority,
             gatherer: None,
@@ -377,6 +381,9 @@ impl CudaModel {
         if fetch == FetchPath::ZeroCopy && lane.fetch_ops.is_none() {
             lane.fetch_ops = Some(lane.ops.fork(StreamPriority::Highest)?);
         }
+        if lane.fold_ops.is_none() {
+            lane.fold_ops = Some(lane.ops.fork(lane.priority.lowered())?);
+        }
         if fetch == FetchPath::CpuGather {
             let layout = *seqs[0].seq.layer(0).layout();
             let shape = (&layout, seqs.len(), lane.micro_batches);
@@ -404,6 +411,7 @@ impl CudaModel {
             let refs: Vec<&GpuShadowSeq> = seqs.iter().map(|s| &*s.seq).collect();
             let step = ShadowStep::new(ops, &refs, pool, fetch, lane.micro_batches)?
                 .with_fetch_stream(lane.fetch_ops.as_ref())
+                .with_fold_stream(lane.fold_ops.as_ref())
                 .with_part_streams(&lane.part_ops)
                 .with_fetch_blocks(lane.fetch_blocks)
                 .with_transfer(lane.transfer.as_ref());
@@ -439,7 +447,7 @@ impl CudaModel {
         self.encode_sampling(ops, sc, &plan)?;
         lane.graphs.eager += 1;
         let selected = step.selected;
-        let (marks, fetch_marks) = (step.take_marks(), step.take_fetch_marks());
+        let (marks, side_marks) = (step.take_marks(), step.take_side_marks());
         drop(step);
         for s in seqs.iter_mut() {
             s.seq.advance(&layout);
@@ -447,7 +455,7 @@ impl CudaModel {
         Self::read_back_hits(lane, n_parts)?;
         let mut ticket = Self::read_back(lane, plan.picked.len())?;
         ticket.marks = marks;
-        ticket.fetch_marks = fetch_marks;
+        ticket.side_marks = side_marks;
         ticket.gather_jobs = first_job..lane.transfer.as_ref().map_or(0, |t| t.next_job());
         ticket.shadow = Some((selected, n_parts));
         Ok(ticket)
@@ -531,7 +539,7 @@ impl CudaModel {
             buf,
             done,
             marks: Vec::new(),
-            fetch_marks: Vec::new(),
+            side_marks: Vec::new(),
             traced: lane.trace.is_some(),
             gather_jobs: 0..0,
             shadow: None,
@@ -564,11 +572,11 @@ impl CudaModel {
             lane.shadow_selected += selected;
         }
         if let (Some((anchor, spans)), true) = (&mut lane.trace, t.traced) {
-            spans.extend(step_spans(anchor, &t.marks, &t.fetch_marks)?);
+            spans.extend(step_spans(anchor, &t.marks, &t.side_marks)?);
         }
         if !t.marks.is_empty() {
             lane.stage_steps += 1;
-            for (stage, ms) in stage_ms(&t.marks)? {
+            for (stage, ms) in stage_ms(&t.marks, &t.side_marks)? {
                 match lane.stage_ms.iter_mut().find(|(s, _)| *s == stage) {
                     Some((_, t)) => *t += ms,
                     None => lane.stage_ms.push((stage, ms)),

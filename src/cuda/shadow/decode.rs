@@ -32,6 +32,11 @@
 //! scores.) With cpu-gather they stay on the step's stream, ordered select 1, fetch 1 |
 //! select 2, fetch 2 | … | rebuild all, then attend 1 once fetch 1 is in, attend 2 …
 //! The key rebuild copies a micro-batch's GPU value tier hits beside its fetch.
+//!
+//! The fold of a layer's full windows needs nothing of the layers after it, nor they of
+//! it: where the lane gives a fold stream ([`ShadowStep::with_fold_stream`]) it runs
+//! there once the layer's attention is done, beside the next layer's projections and
+//! selection, and the step's stream waits for the last fold at the last layer.
 use super::buffers::{ShadowTable, ShadowTables, StepScratch};
 use super::fetch::FETCH_BLOCKS;
 use super::layout::{DevicePool, SeqCounts, ShadowLayout};
@@ -74,9 +79,12 @@ pub struct ShadowStep<'a> {
     /// With stage timing on, an event at the end of each stage of each layer, on each
     /// stream.
     marks: Option<RefCell<Vec<StageMark>>>,
-    /// With stage timing on and a fetch stream, events on that stream around each
-    /// layer's fetch.
-    fetch_marks: Option<RefCell<Vec<FetchMark>>>,
+    /// With stage timing on, events around each layer's work on a side stream (the
+    /// fetch's, the fold's).
+    side_marks: Option<RefCell<Vec<SideMark>>>,
+    /// The stream the fold of full windows runs on beside the next layers' work (none:
+    /// on the step's stream, after the layer's attention).
+    fold_ops: Option<&'a CudaOps>,
     /// `[layer][k | v][batch·kv_heads]` row addresses of the attended rows.
     attn_ptrs: CudaSlice<u64>,
     /// `[batch·kv_heads]` attended rows.
@@ -165,7 +173,8 @@ impl<'a> ShadowStep<'a> {
             transfer: None,
             part_ops: Vec::new(),
             marks: None,
-            fetch_marks: None,
+            side_marks: None,
+            fold_ops: None,
             attn_ptrs: ops.device().upload(&ptrs)?,
             lens: ops.device().upload(&lens)?,
             dense: ops.device().upload(&dense)?,
@@ -208,6 +217,15 @@ impl<'a> ShadowStep<'a> {
         self
     }
 
+    /// Folds each layer's full windows on `ops`'s stream (when given), beside the next
+    /// layers' work: the fold waits for the layer's attention, the step's end for the
+    /// last fold. (A pool the host writes, whose folded chunks the host copies in,
+    /// keeps the fold on the step's stream.)
+    pub fn with_fold_stream(mut self, ops: Option<&'a CudaOps>) -> Self {
+        self.fold_ops = ops;
+        self
+    }
+
     /// Runs micro-batch `p` (but the last) on `ops[p]`'s stream (required with several
     /// micro-batches and the zero-copy fetch: one stream fewer than micro-batches; see
     /// the module's documentation).
@@ -234,7 +252,7 @@ impl<'a> ShadowStep<'a> {
     /// Times every stage of every layer with events on the GPU ([`ShadowStep::take_marks`]).
     pub fn with_stage_times(mut self) -> Self {
         self.marks = Some(RefCell::new(Vec::new()));
-        self.fetch_marks = Some(RefCell::new(Vec::new()));
+        self.side_marks = Some(RefCell::new(Vec::new()));
         self
     }
 
@@ -313,6 +331,23 @@ impl<'a> ShadowStep<'a> {
         }
         // A host-written pool's folded chunks go through the actor's outbox.
         let writer = self.transfer.filter(|_| self.dev_pool.host_written());
+        if let (Some(side), None) = (self.fold_ops, writer) {
+            // SAFETY: as the fetch: the registered pool and the device slots
+            // (GpuValuePool), each sequence its own slot. The fold stream waits for the
+            // layer's attention (the last reader of the rows the fold moves), and no
+            // later work of the step touches this layer's buffers; the step's stream
+            // waits for the last fold (or a failed one), so that the step's end, and
+            // what it frees, comes after every fold.
+            let folded = self.on_side(ops, side, SideWork::Fold, l, || unsafe {
+                side.shadow_fold(self.whole(l), &self.dev_pool, l, None)
+            });
+            if l + 1 == self.layers || folded.is_err() {
+                let joined = ops.device().stream().join(side.device().stream());
+                folded?;
+                joined?;
+            }
+            return Ok(());
+        }
         let outbox = match writer {
             Some(tr) => tr.fold_outbox(ops, l)?,
             None => None,
@@ -418,21 +453,7 @@ impl<'a> ShadowStep<'a> {
     fn queue_fetch(&self, ops: &CudaOps, t: &ShadowTable, l: usize, sc: &mut StepScratch) -> Result<PendingFetch> {
         match (self.fetch, self.fetch_ops) {
             (FetchPath::ZeroCopy, Some(side)) => {
-                side.device().stream().join(ops.device().stream())?;
-                let begin = self
-                    .fetch_marks
-                    .as_ref()
-                    .map(|_| side.device().event(true))
-                    .transpose()?;
-                if let Some(e) = &begin {
-                    e.record(side.device().stream())?;
-                }
-                self.zero_copy(side, t, l, sc)?;
-                if let (Some(marks), Some(begin)) = (&self.fetch_marks, begin) {
-                    let end = side.device().event(true)?;
-                    end.record(side.device().stream())?;
-                    marks.borrow_mut().push((l, begin, end));
-                }
+                self.on_side(ops, side, SideWork::Fetch, l, || self.zero_copy(side, t, l, sc))?;
                 let done = side.device().event(false)?;
                 done.record(side.device().stream())?;
                 Ok(PendingFetch::Side(done))
@@ -557,10 +578,39 @@ impl<'a> ShadowStep<'a> {
         self.marks.as_ref().map(|m| m.take()).unwrap_or_default()
     }
 
-    /// The (begin, end) events of each layer's fetch on the fetch stream (empty without
-    /// timing or without a fetch stream), to read once the step is done.
-    pub fn take_fetch_marks(&self) -> Vec<FetchMark> {
-        self.fetch_marks.as_ref().map(|m| m.take()).unwrap_or_default()
+    /// The (begin, end) events of each layer's work on a side stream (empty without
+    /// timing or without side streams), to read once the step is done.
+    pub fn take_side_marks(&self) -> Vec<SideMark> {
+        self.side_marks.as_ref().map(|m| m.take()).unwrap_or_default()
+    }
+
+    /// Queues `work` (layer `l`'s) on `side`'s stream after everything queued on `ops`'s
+    /// so far, between two events where stages are timed.
+    fn on_side(
+        &self,
+        ops: &CudaOps,
+        side: &CudaOps,
+        kind: SideWork,
+        l: usize,
+        work: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let s = side.device().stream();
+        s.join(ops.device().stream())?;
+        let begin = self
+            .side_marks
+            .as_ref()
+            .map(|_| side.device().event(true))
+            .transpose()?;
+        if let Some(e) = &begin {
+            e.record(s)?;
+        }
+        work()?;
+        if let (Some(marks), Some(begin)) = (&self.side_marks, begin) {
+            let end = side.device().event(true)?;
+            end.record(s)?;
+            marks.borrow_mut().push((kind, l, begin, end));
+        }
+        Ok(())
     }
 
     /// The cpu-gather actor (an error where the step has none).
@@ -574,8 +624,17 @@ impl<'a> ShadowStep<'a> {
 /// of micro-batch p), the stage that ends there, and its event.
 pub type StageMark = (usize, Stage, CudaEvent);
 
-/// A fetch on the fetch stream: its layer, and events at its begin and end.
-pub type FetchMark = (usize, CudaEvent, CudaEvent);
+/// Work a step runs on a side stream of its lane's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SideWork {
+    /// The zero-copy value fetch, beside the key rebuild.
+    Fetch,
+    /// The fold of full windows, beside the next layers.
+    Fold,
+}
+
+/// Work on a side stream: which, its layer, and events at its begin and end.
+pub type SideMark = (SideWork, usize, CudaEvent, CudaEvent);
 
 /// A micro-batch's fetch between its selection and its attention.
 enum PendingFetch {
@@ -645,24 +704,33 @@ impl Stage {
 }
 
 /// Milliseconds of GPU time per stage, from a step's marks (on each stream, each stage
-/// from the previous mark to its own; `Start` marks open a layer). Stages that ran at once
-/// on several streams count on each.
-pub fn stage_ms(marks: &[StageMark]) -> Result<Vec<(Stage, f64)>> {
+/// from the previous mark to its own; `Start` marks open a layer) and its side streams'
+/// folds (`Fold`, begin to end). Stages that ran at once on several streams count on
+/// each.
+pub fn stage_ms(marks: &[StageMark], sides: &[SideMark]) -> Result<Vec<(Stage, f64)>> {
     let mut out: Vec<(Stage, f64)> = Vec::new();
+    let mut add = |stage: Stage, a: &CudaEvent, b: &CudaEvent| -> Result<()> {
+        let ms = a.elapsed_ms(b)? as f64;
+        match out.iter_mut().find(|(s, _)| *s == stage) {
+            Some((_, t)) => *t += ms,
+            None => out.push((stage, ms)),
+        }
+        Ok(())
+    };
     let streams = marks.iter().map(|m| m.0).max().map_or(0, |m| m + 1);
     for tag in 0..streams {
         let mine: Vec<_> = marks.iter().filter(|m| m.0 == tag).collect();
         for w in mine.windows(2) {
             let (_, _, a) = w[0];
             let (_, stage, b) = w[1];
-            if *stage == Stage::Start {
-                continue;
+            if *stage != Stage::Start {
+                add(*stage, a, b)?;
             }
-            let ms = a.elapsed_ms(b)? as f64;
-            match out.iter_mut().find(|(s, _)| s == stage) {
-                Some((_, t)) => *t += ms,
-                None => out.push((*stage, ms)),
-            }
+        }
+    }
+    for (kind, _, a, b) in sides {
+        if *kind == SideWork::Fold {
+            add(Stage::Fold, a, b)?;
         }
     }
     Ok(out)

@@ -1,10 +1,10 @@
 //! A ShadowKV step's GPU timeline: the stage marks of the compute stream (and of the
-//! micro-batches' own streams) and the fetch spans of the fetch stream, turned into
+//! micro-batches' own streams) and the spans of the fetch and fold streams, turned into
 //! spans in milliseconds from a lane's anchor event (the events are the stage timing's,
 //! read after the step), and written to a trace file as a lane's GPU tracks, one per
 //! stream ([`GpuTracks`]: `bench --trace` and the daemon's `trace.enabled`).
 
-use super::decode::{FetchMark, Stage, StageMark};
+use super::decode::{SideMark, SideWork, Stage, StageMark};
 use crate::telemetry::trace::TraceWriter;
 use anyhow::Result;
 use cudarc::driver::CudaEvent;
@@ -20,6 +20,8 @@ pub enum StreamKind {
     /// The stream of micro-batch `p` (all but the last micro-batch run on one of their
     /// own: selection, rebuild and attention).
     Part(usize),
+    /// The stream the fold of full windows runs on beside the next layers.
+    Fold,
 }
 
 /// One span of GPU work, in milliseconds from the lane's anchor.
@@ -45,11 +47,12 @@ pub struct GpuSpan {
 /// [`StageMark`]s (tag 0: the compute stream, each stage from the previous mark to its
 /// own; the time before a layer's `Start` is the dense work since the last layer's
 /// attention; tag p + 1: micro-batch p's stream, idle before each `Start`), and its
-/// fetch-stream (layer, begin, end) triples, one per layer and micro-batch, all as
-/// milliseconds from the anchor. With fetch spans, a `Fetch` stage is its stream's wait
-/// for them (`fetch-wait`).
-pub fn spans(marks: &[(usize, Stage, f64)], fetches: &[(usize, f64, f64)]) -> Vec<GpuSpan> {
-    let mut out = Vec::with_capacity(marks.len() + fetches.len());
+/// side streams' (work, layer, begin, end): a fetch per layer and micro-batch, a fold
+/// per layer, all as milliseconds from the anchor. With fetch spans, a `Fetch` stage is
+/// its stream's wait for them (`fetch-wait`).
+pub fn spans(marks: &[(usize, Stage, f64)], sides: &[(SideWork, usize, f64, f64)]) -> Vec<GpuSpan> {
+    let mut out = Vec::with_capacity(marks.len() + sides.len());
+    let fetched = sides.iter().any(|s| s.0 == SideWork::Fetch);
     let streams = marks.iter().map(|m| m.0).max().map_or(0, |m| m + 1);
     for tag in 0..streams {
         let stream = if tag == 0 {
@@ -64,7 +67,7 @@ pub fn spans(marks: &[(usize, Stage, f64)], fetches: &[(usize, f64, f64)]) -> Ve
             let ((_, a), (stage, b)) = (w[0], w[1]);
             let name = match stage {
                 Stage::Start => "mlp",
-                Stage::Fetch if !fetches.is_empty() => "fetch-wait",
+                Stage::Fetch if fetched => "fetch-wait",
                 other => other.name(),
             };
             // The dense work before a layer's Start belongs to the layer before it (its
@@ -87,12 +90,18 @@ pub fn spans(marks: &[(usize, Stage, f64)], fetches: &[(usize, f64, f64)]) -> Ve
             }
         }
     }
-    out.extend(fetches.iter().map(|&(layer, a, b)| GpuSpan {
-        stream: StreamKind::Fetch,
-        name: "fetch",
-        layer,
-        start_ms: a,
-        end_ms: b,
+    out.extend(sides.iter().map(|&(work, layer, a, b)| {
+        let (stream, name) = match work {
+            SideWork::Fetch => (StreamKind::Fetch, "fetch"),
+            SideWork::Fold => (StreamKind::Fold, "fold"),
+        };
+        GpuSpan {
+            stream,
+            name,
+            layer,
+            start_ms: a,
+            end_ms: b,
+        }
     }));
     out
 }
@@ -141,27 +150,27 @@ pub fn hidden_fetch_share(spans: &[GpuSpan]) -> Option<f64> {
 }
 
 /// [`spans`] of a step's events, timed from `anchor` (recorded before them).
-pub fn step_spans(anchor: &CudaEvent, marks: &[StageMark], fetches: &[FetchMark]) -> Result<Vec<GpuSpan>> {
+pub fn step_spans(anchor: &CudaEvent, marks: &[StageMark], sides: &[SideMark]) -> Result<Vec<GpuSpan>> {
     let at = |e: &CudaEvent| -> Result<f64> { Ok(anchor.elapsed_ms(e)? as f64) };
     let marks = marks
         .iter()
         .map(|(t, s, e)| Ok((*t, *s, at(e)?)))
         .collect::<Result<Vec<_>>>()?;
-    let fetches = fetches
+    let sides = sides
         .iter()
-        .map(|(l, a, b)| Ok((*l, at(a)?, at(b)?)))
+        .map(|(w, l, a, b)| Ok((*w, *l, at(a)?, at(b)?)))
         .collect::<Result<Vec<_>>>()?;
-    Ok(spans(&marks, &fetches))
+    Ok(spans(&marks, &sides))
 }
 
 /// Trace tracks (thread ids) a lane's GPU streams take: its compute stream, its fetch
-/// stream, and the streams of micro-batches 0..=13 (later micro-batches share the last,
-/// where their spans may overlap).
+/// stream, the streams of micro-batches 0..=12 (later micro-batches share the last,
+/// where their spans may overlap) and its fold stream, last.
 pub const TRACKS_PER_LANE: u64 = 16;
 
 /// A lane's GPU tracks in a trace file, one per stream: its compute stream, its fetch
-/// stream and its micro-batches' streams (each named once its first span comes), with
-/// the host time its anchor event stands for.
+/// stream, its micro-batches' streams and its fold stream (each named once its first
+/// span comes), with the host time its anchor event stands for.
 pub struct GpuTracks {
     label: String,
     anchor: Instant,
@@ -171,7 +180,8 @@ pub struct GpuTracks {
 
 impl GpuTracks {
     /// Tracks `first .. first + TRACKS_PER_LANE` named `<label> compute`, `<label>
-    /// fetch`, `<label> micro-batch p`, whose spans count from the host time `anchor`;
+    /// fetch`, `<label> micro-batch p` and `<label> fold`, whose spans count from the
+    /// host time `anchor`;
     /// names the compute track in `w`.
     pub fn new(w: &mut TraceWriter, label: &str, first: u64, anchor: Instant) -> Result<Self> {
         w.thread_name(first, &format!("{label} compute"))?;
@@ -191,11 +201,13 @@ impl GpuTracks {
             let track = match s.stream {
                 StreamKind::Compute => 0,
                 StreamKind::Fetch => 1,
-                StreamKind::Part(p) => 2 + (p as u64).min(TRACKS_PER_LANE - 3),
+                StreamKind::Part(p) => 2 + (p as u64).min(TRACKS_PER_LANE - 4),
+                StreamKind::Fold => TRACKS_PER_LANE - 1,
             };
             if self.named & (1 << track) == 0 {
                 let name = match s.stream {
                     StreamKind::Fetch => format!("{} fetch", self.label),
+                    StreamKind::Fold => format!("{} fold", self.label),
                     _ => format!("{} micro-batch {}", self.label, track - 2),
                 };
                 w.thread_name(self.first + track, &name)?;
@@ -235,7 +247,7 @@ mod tests {
     #[test]
     fn marks_become_named_spans_per_layer() {
         let marks = TWO_LAYERS;
-        let s = spans(&marks, &[(0, 0.7, 1.5)]);
+        let s = spans(&marks, &[(SideWork::Fetch, 0, 0.7, 1.5)]);
         let names: Vec<_> = s.iter().map(|s| (s.name, s.layer, s.stream)).collect();
         assert_eq!(names[0], ("append", 0, StreamKind::Compute));
         assert_eq!(names[1], ("scores", 0, StreamKind::Compute));
@@ -258,14 +270,41 @@ mod tests {
         // Fetch 0.7..1.5 beside the rebuild (0.7..1.0), then the compute stream waits
         // 1.0..1.5: 0.3 of 0.8 ms hidden.
         let marks = TWO_LAYERS;
-        let s = spans(&marks, &[(0, 0.7, 1.5)]);
+        let s = spans(&marks, &[(SideWork::Fetch, 0, 0.7, 1.5)]);
         let h = hidden_fetch_share(&s).unwrap();
         assert!((h - 0.3 / 0.8).abs() < 1e-9, "{h}");
         // Two fetches of a layer overlapping each other count once.
-        let s = spans(&marks, &[(0, 0.7, 1.0), (0, 0.8, 1.0)]);
+        let s = spans(
+            &marks,
+            &[(SideWork::Fetch, 0, 0.7, 1.0), (SideWork::Fetch, 0, 0.8, 1.0)],
+        );
         assert!((hidden_fetch_share(&s).unwrap() - 1.0).abs() < 1e-9);
         // No fetch stream: nothing to hide.
         assert_eq!(hidden_fetch_share(&spans(&marks, &[])), None);
+        // A fold on its own stream is work beside the fetch: over the wait it hides
+        // 0.2 ms more.
+        let s = spans(&marks, &[(SideWork::Fetch, 0, 0.7, 1.5), (SideWork::Fold, 0, 1.1, 1.3)]);
+        assert!((hidden_fetch_share(&s).unwrap() - 0.5 / 0.8).abs() < 1e-9);
+    }
+
+    #[test]
+    fn folds_on_their_stream_become_fold_spans_there() {
+        // Layer 0 folded on the fold stream: the compute stream's marks have no Fold, so
+        // its time after the attention is the layer's MLP; the fetch wait stays one.
+        let marks: Vec<_> = TWO_LAYERS.iter().copied().filter(|m| m.1 != Stage::Fold).collect();
+        let s = spans(&marks, &[(SideWork::Fetch, 0, 0.7, 1.5), (SideWork::Fold, 0, 1.6, 1.9)]);
+        let fold: Vec<_> = s.iter().filter(|s| s.name == "fold").collect();
+        assert_eq!(fold.len(), 1);
+        assert_eq!((fold[0].stream, fold[0].layer), (StreamKind::Fold, 0));
+        assert_eq!((fold[0].start_ms, fold[0].end_ms), (1.6, 1.9));
+        let mlp = s.iter().find(|s| s.name == "mlp").unwrap();
+        assert_eq!((mlp.stream, mlp.start_ms, mlp.end_ms), (StreamKind::Compute, 1.6, 2.0));
+        assert!(s
+            .iter()
+            .any(|s| s.name == "fetch-wait" && s.stream == StreamKind::Compute));
+        // Folds alone (cpu-gather: no fetch stream) leave the fetch stage the fetch.
+        let s = spans(&marks, &[(SideWork::Fold, 0, 1.6, 1.9)]);
+        assert!(s.iter().any(|s| s.name == "fetch" && s.stream == StreamKind::Compute));
     }
 
     #[test]
@@ -287,6 +326,7 @@ mod tests {
             .unwrap();
         g.write(&mut w, &[span(StreamKind::Fetch, "fetch", 2.0, 2.25)]).unwrap();
         g.write(&mut w, &[span(StreamKind::Fetch, "fetch", 3.0, 3.25)]).unwrap();
+        g.write(&mut w, &[span(StreamKind::Fold, "fold", 3.5, 3.75)]).unwrap();
         w.finish().unwrap();
         let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let ev = v.as_array().unwrap();
@@ -296,7 +336,14 @@ mod tests {
             .map(|e| (e["args"]["name"].as_str().unwrap(), e["tid"].as_u64().unwrap()))
             .collect();
         // The fetch track is named once, when its first span comes.
-        assert_eq!(names, [("lane 1 GPU compute", 7), ("lane 1 GPU fetch", 8)]);
+        assert_eq!(
+            names,
+            [
+                ("lane 1 GPU compute", 7),
+                ("lane 1 GPU fetch", 8),
+                ("lane 1 GPU fold", 22)
+            ]
+        );
         let spans: Vec<(&str, u64, f64, f64)> = ev
             .iter()
             .filter(|e| e["ph"] == "X")
@@ -310,7 +357,7 @@ mod tests {
                 )
             })
             .collect();
-        assert_eq!(spans.len(), 3);
+        assert_eq!(spans.len(), 4);
         let close = |a: f64, b: f64| (a - b).abs() < 0.01;
         assert!(spans[0].0 == "scores" && spans[0].1 == 7, "{spans:?}");
         assert!(close(spans[0].2, 11_000.0) && close(spans[0].3, 500.0), "{spans:?}");
@@ -319,5 +366,6 @@ mod tests {
             "{spans:?}"
         );
         assert!(close(spans[2].2, 13_000.0) && close(spans[2].3, 250.0), "{spans:?}");
+        assert!(spans[3].0 == "fold" && spans[3].1 == 22, "{spans:?}");
     }
 }
