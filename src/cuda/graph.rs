@@ -443,8 +443,16 @@ impl CudaModel {
         for s in &mut sc.shadow[..n_parts] {
             ops.device().stream().memset_zeros(&mut s.hits)?;
         }
-        self.encode_step(ops, sc, &plan, Attend::Shadow(&step))?;
-        self.encode_sampling(ops, sc, &plan)?;
+        let encoded = self
+            .encode_step(ops, sc, &plan, Attend::Shadow(&step))
+            .and_then(|()| self.encode_sampling(ops, sc, &plan));
+        // The layers' folds ran on the fold stream beside the step's later work: the
+        // lane's stream waits for them before the step frees its tables, also where
+        // queuing failed part-way.
+        if let Some(fold) = &lane.fold_ops {
+            ops.device().stream().join(fold.device().stream())?;
+        }
+        encoded?;
         lane.graphs.eager += 1;
         let selected = step.selected;
         let (marks, side_marks) = (step.take_marks(), step.take_side_marks());

@@ -36,9 +36,10 @@
 //! The fold of a layer's full windows needs nothing of the layers after it, nor they of
 //! it: where the lane gives a fold stream ([`ShadowStep::with_fold_stream`]) it runs
 //! there once the layer's attention is done, beside the next layer's projections and
-//! selection, and the step's stream waits for the last fold at the last layer.
+//! selection, and the lane's stream waits for the fold stream at the step's end.
 use super::buffers::{ShadowTable, ShadowTables, StepScratch};
 use super::fetch::FETCH_BLOCKS;
+use super::fold::any_window_full;
 use super::layout::{DevicePool, SeqCounts, ShadowLayout};
 use super::pool::GpuValuePool;
 use super::rebuild::RebuildLists;
@@ -218,9 +219,10 @@ impl<'a> ShadowStep<'a> {
     }
 
     /// Folds each layer's full windows on `ops`'s stream (when given), beside the next
-    /// layers' work: the fold waits for the layer's attention, the step's end for the
-    /// last fold. (A pool the host writes, whose folded chunks the host copies in,
-    /// keeps the fold on the step's stream.)
+    /// layers' work: the fold waits for the layer's attention. The caller's stream must
+    /// wait for `ops`'s (a join) before the step is dropped, which frees the tables the
+    /// folds read, and before anything reads what they write. (A pool the host writes,
+    /// whose folded chunks the host copies in, keeps the fold on the step's stream.)
     pub fn with_fold_stream(mut self, ops: Option<&'a CudaOps>) -> Self {
         self.fold_ops = ops;
         self
@@ -332,21 +334,17 @@ impl<'a> ShadowStep<'a> {
         // A host-written pool's folded chunks go through the actor's outbox.
         let writer = self.transfer.filter(|_| self.dev_pool.host_written());
         if let (Some(side), None) = (self.fold_ops, writer) {
+            if !any_window_full(self.whole(l)) {
+                return Ok(());
+            }
             // SAFETY: as the fetch: the registered pool and the device slots
             // (GpuValuePool), each sequence its own slot. The fold stream waits for the
             // layer's attention (the last reader of the rows the fold moves), and no
-            // later work of the step touches this layer's buffers; the step's stream
-            // waits for the last fold (or a failed one), so that the step's end, and
-            // what it frees, comes after every fold.
-            let folded = self.on_side(ops, side, SideWork::Fold, l, || unsafe {
+            // later work of the step touches this layer's buffers; the caller's stream
+            // waits for the fold stream before the step goes (with_fold_stream).
+            return self.on_side(ops, side, SideWork::Fold, l, || unsafe {
                 side.shadow_fold(self.whole(l), &self.dev_pool, l, None)
             });
-            if l + 1 == self.layers || folded.is_err() {
-                let joined = ops.device().stream().join(side.device().stream());
-                folded?;
-                joined?;
-            }
-            return Ok(());
         }
         let outbox = match writer {
             Some(tr) => tr.fold_outbox(ops, l)?,

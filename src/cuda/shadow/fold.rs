@@ -11,6 +11,13 @@ const FOLD_THREADS: u32 = 256;
 /// Basis rows a block of `shadow_fold_project` computes (a warp each).
 const FOLD_WARPS: usize = FOLD_THREADS as usize / 32;
 
+/// Whether any sequence of `t` has a full recent window, i.e. whether
+/// [`CudaOps::shadow_fold`] has work.
+pub(crate) fn any_window_full(t: &ShadowTable) -> bool {
+    let full = t.layout().recent_rows() as i32;
+    t.counts().iter().any(|c| c.recent == full)
+}
+
 impl CudaOps {
     /// Folds every sequence of `t` whose recent window is full (`n = R` tokens; the
     /// others are left alone, and nothing is launched where none is full): its oldest chunk becomes sparse chunk `chunks` — the
@@ -63,7 +70,7 @@ impl CudaOps {
                 c.chunks
             );
         }
-        if t.counts().iter().all(|c| c.recent != full) {
+        if !any_window_full(t) {
             return Ok(());
         }
         let (addrs, counts) = t.device_arrays();
