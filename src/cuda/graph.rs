@@ -450,7 +450,11 @@ impl CudaModel {
         // lane's stream waits for them before the step frees its tables, also where
         // queuing failed part-way.
         if let Some(fold) = &lane.fold_ops {
-            ops.device().stream().join(fold.device().stream())?;
+            if let Err(e) = ops.device().stream().join(fold.device().stream()) {
+                // Without the join the tables could go while a fold reads them.
+                let _ = fold.device().stream().synchronize();
+                return Err(e.into());
+            }
         }
         encoded?;
         lane.graphs.eager += 1;
