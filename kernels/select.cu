@@ -26,7 +26,10 @@
 // chunks (2.8 TB/s of 8-bit landmarks and scales; ncu: DRAM 70 % busy, warps waiting on
 // their loads).
 //
-// shadow_top_k, grid (kv_heads, batch), TOPK_THREADS threads: the `slots` best
+// shadow_top_k, grid (kv_heads, batch), TOPK_THREADS threads (shadow_top_k_half: half as
+// many, for batches whose heads two 1024-thread blocks an SM take in more than one wave:
+// 57 x 8 heads of 7680 chunks, 52 -> 44 us on the H200; fewer heads stay faster in the
+// large blocks, each head's selection being shorter there): the `slots` best
 // non-outlier chunks by score, ties to the lower id, written ascending to selected
 // [batch, kv_heads, slots], -1 after the last (exactly shadow::select::top_k). Given the
 // statistics, it first combines those of the sequence's tiles per query head and takes
@@ -352,10 +355,12 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS, LOGITS_BLOCKS)
 }
 
 // Shared memory of block_top_k besides the keys.
+// BITS: the radix digit's bits (bins: 1 << BITS, two a thread of a block of 1 << (BITS - 1)).
+template <int BITS>
 struct TopkShared {
-    unsigned int hist[TOPK_BINS];
+    unsigned int hist[1 << BITS];
     int scratch[32];
-    int warp_above[TOPK_WARPS], warp_eq[TOPK_WARPS];
+    int warp_above[32], warp_eq[32];
     unsigned int digit;
     int need;  // negative: -need where the bin is taken whole (need = its count)
 };
@@ -416,19 +421,22 @@ __device__ __forceinline__ unsigned int topk_key_at(const unsigned int* keys, co
     return SHARED ? keys[i] : topk_key(src, excl, i);
 }
 
-// Adds each lane's digit to hist (digit >= TOPK_BINS: none), the lanes of a digit at
+// Adds each lane's digit to hist (digit >= BINS: none), the lanes of a digit at
 // once: the scores of one softmax share their top digits, which would otherwise
 // serialise a warp's lanes on one bin. Every lane of the warp calls it.
+template <int BINS>
 __device__ __forceinline__ void topk_count(unsigned int* hist, unsigned int digit) {
     const unsigned int peers = __match_any_sync(0xffffffffu, digit);
-    if (digit < TOPK_BINS && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
+    if (digit < BINS && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
 }
 
-// Thread t's bins are hi = TOPK_BINS - 1 - 2t and hi - 1 (thread order is descending
+// Thread t's bins are hi = BINS - 1 - 2t and hi - 1 (thread order is descending
 // digit order): their counts (bin 0 less `less0`), the count of the bins above them, and
 // the sum of all bins. Clears its bins. Every thread calls it; ends with a barrier.
-__device__ __forceinline__ void topk_bins(TopkShared& sh, int less0, int& c_hi, int& c_lo, int& above, int& total) {
-    const int hi = TOPK_BINS - 1 - 2 * (int)threadIdx.x;
+template <int BITS>
+__device__ __forceinline__ void topk_bins(TopkShared<BITS>& sh, int less0, int& c_hi, int& c_lo, int& above,
+                                          int& total) {
+    const int hi = (1 << BITS) - 1 - 2 * (int)threadIdx.x;
     c_hi = (int)sh.hist[hi];
     c_lo = (int)sh.hist[hi - 1] - (hi == 1 ? less0 : 0);
     above = block_exclusive_sum(c_hi + c_lo, sh.scratch, &total);
@@ -440,42 +448,43 @@ __device__ __forceinline__ void topk_bins(TopkShared& sh, int less0, int& c_hi, 
 // the source at each pass.
 //
 // Pass 1 reads the entries once (Src::LOADS entries a thread in flight), hands each to
-// src.keep, keeps their keys (SHARED) and counts the candidates' top TOPK_BITS bits; each pass's bin holding the
+// src.keep, keeps their keys (SHARED) and counts the candidates' top BITS bits; each pass's bin holding the
 // k-th largest key is found by one block-wide prefix sum over the bins, and the next
 // pass counts the next digit of the keys in that bin only (bits 31..21, 20..10, 10..0:
 // the last pass's top bit is already known). The output pass gives each warp a
 // contiguous range of entries: the warp counts the keys above the threshold and equal to
 // it in its range (ballots), one barrier shares the counts, and a second walk writes
 // each taken id at its rank among the taken ones.
-template <bool SHARED, class Src>
-__device__ __forceinline__ void block_top_k_from(TopkShared& sh, unsigned int* keys, const Src& src,
+template <int BITS, bool SHARED, class Src>
+__device__ __forceinline__ void block_top_k_from(TopkShared<BITS>& sh, unsigned int* keys, const Src& src,
                                                  const unsigned char* __restrict__ excl, int n, int k,
                                                  int* __restrict__ out, int out_len) {
+    constexpr int THREADS = 1 << (BITS - 1), BINS = 1 << BITS, WARPS = THREADS / 32;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    for (int i = tid; i < TOPK_BINS; i += TOPK_THREADS) sh.hist[i] = 0;
+    for (int i = tid; i < BINS; i += THREADS) sh.hist[i] = 0;
     __syncthreads();
     constexpr int LOADS = Src::LOADS;
-    for (int i0 = 0; i0 < n; i0 += LOADS * TOPK_THREADS) {
+    for (int i0 = 0; i0 < n; i0 += LOADS * THREADS) {
         float x[LOADS];
         bool ex[LOADS];
 #pragma unroll
         for (int u = 0; u < LOADS; ++u) {
-            const int i = i0 + u * TOPK_THREADS + tid;
+            const int i = i0 + u * THREADS + tid;
             x[u] = i < n ? src.at(i) : 0.f;
             ex[u] = i >= n || (excl != nullptr && excl[i] != 0);
         }
 #pragma unroll
         for (int u = 0; u < LOADS; ++u) {
-            const int i = i0 + u * TOPK_THREADS + tid;
+            const int i = i0 + u * THREADS + tid;
             if (i < n) src.keep(i, x[u], ex[u]);
             const unsigned int key = ex[u] ? 0u : ordered(x[u]);
             if (SHARED && i < n) keys[i] = key;
-            topk_count(sh.hist, ex[u] ? TOPK_BINS : key >> (32 - TOPK_BITS));
+            topk_count<BINS>(sh.hist, ex[u] ? BINS : key >> (32 - BITS));
         }
     }
     __syncthreads();
     int c_hi, c_lo, above, cands;
-    topk_bins(sh, 0, c_hi, c_lo, above, cands);
+    topk_bins<BITS>(sh, 0, c_hi, c_lo, above, cands);
     const int kk = min(k, cands);
     // Keys above thr are all taken, and the first `ties` keys equal to thr (by index).
     // With every candidate taken, thr = 0 and ties covers every candidate key equal to 0.
@@ -484,10 +493,10 @@ __device__ __forceinline__ void block_top_k_from(TopkShared& sh, unsigned int* k
     if (kk > 0 && kk < cands) {
         unsigned int prefix = 0;  // the bits of the k-th largest key found so far
         int need = kk;            // its rank, from the top, among the keys matching prefix
-        for (int shift = 32 - TOPK_BITS;; shift = max(shift - TOPK_BITS, 0)) {
+        for (int shift = 32 - BITS;; shift = max(shift - BITS, 0)) {
             if (above < need && need <= above + c_hi + c_lo) {
                 const bool in_hi = need <= above + c_hi;
-                sh.digit = TOPK_BINS - 1 - 2 * tid - (in_hi ? 0 : 1);
+                sh.digit = BINS - 1 - 2 * tid - (in_hi ? 0 : 1);
                 const int nb = need - above - (in_hi ? 0 : c_hi);
                 sh.need = nb == (in_hi ? c_hi : c_lo) ? -nb : nb;
             }
@@ -504,32 +513,32 @@ __device__ __forceinline__ void block_top_k_from(TopkShared& sh, unsigned int* k
             need = abs(need);
             if (shift == 0) break;
             const unsigned int mask = ~0u << shift;
-            const int next = max(shift - TOPK_BITS, 0);
+            const int next = max(shift - BITS, 0);
             constexpr int UNROLL = SHARED ? TOPK_UNROLL : Src::LOADS / 2;
-            for (int i0 = 0; i0 < n; i0 += UNROLL * TOPK_THREADS) {
+            for (int i0 = 0; i0 < n; i0 += UNROLL * THREADS) {
                 unsigned int u[UNROLL];
 #pragma unroll
                 for (int j = 0; j < UNROLL; ++j) {
-                    const int i = i0 + j * TOPK_THREADS + tid;
+                    const int i = i0 + j * THREADS + tid;
                     u[j] = i < n ? topk_key_at<SHARED>(keys, src, excl, i) : 0u;
                 }
 #pragma unroll
                 for (int j = 0; j < UNROLL; ++j) {
-                    const bool in = i0 + j * TOPK_THREADS + tid < n && (u[j] & mask) == prefix;
-                    if (__any_sync(0xffffffffu, in)) topk_count(sh.hist, in ? (u[j] >> next) & (TOPK_BINS - 1) : TOPK_BINS);
+                    const bool in = i0 + j * THREADS + tid < n && (u[j] & mask) == prefix;
+                    if (__any_sync(0xffffffffu, in)) topk_count<BINS>(sh.hist, in ? (u[j] >> next) & (BINS - 1) : BINS);
                 }
             }
             __syncthreads();
             // Excluded entries (key 0) match a prefix of zeros, in bin 0.
             int total;
-            topk_bins(sh, prefix == 0 ? n - cands : 0, c_hi, c_lo, above, total);
+            topk_bins<BITS>(sh, prefix == 0 ? n - cands : 0, c_hi, c_lo, above, total);
         }
         thr = prefix;
         ties = need;
     }
     if (kk > 0) {
         // Warp w's entries: [w * span, (w + 1) * span) within [0, n), span a multiple of 32.
-        const int span = ((n + TOPK_WARPS - 1) / TOPK_WARPS + 31) & ~31;
+        const int span = ((n + WARPS - 1) / WARPS + 31) & ~31;
         const int lo = min(n, warp * span), hi = min(n, lo + span);
         // Ballots of the lanes whose entry i is above thr, and equal to it (a candidate:
         // where thr is 0, an excluded entry's key is 0 too).
@@ -572,35 +581,37 @@ __device__ __forceinline__ void block_top_k_from(TopkShared& sh, unsigned int* k
             E += __popc(be);
         }
     }
-    for (int i = kk + tid; i < out_len; i += TOPK_THREADS) out[i] = -1;
+    for (int i = kk + tid; i < out_len; i += THREADS) out[i] = -1;
 }
 
 // The k best of the source's entries 0..n (not excluded where excl is given), by value
 // (total order), ties to the lower index, ascending into out[0..min(k, candidates)), -1
-// in the rest of out[0..out_len). Every thread of a block of TOPK_THREADS calls it, with
+// in the rest of out[0..out_len). Every thread of a block of 1 << (BITS - 1) calls it, with
 // the block's one TopkShared (declared by the kernel: a __shared__ variable here would
 // be one per source type); k <= out_len. The keys sit in the dynamic shared memory where n <= shared_keys (it
 // holds that many), else every pass takes the entries from the source again.
-template <class Src>
-__device__ __forceinline__ void block_top_k(TopkShared& sh, const Src src, const unsigned char* __restrict__ excl,
+template <int BITS, class Src>
+__device__ __forceinline__ void block_top_k(TopkShared<BITS>& sh, const Src src, const unsigned char* __restrict__ excl,
                                             int n, int k, int* __restrict__ out, int out_len, int shared_keys) {
     extern __shared__ unsigned int topk_keys[];
     if (n <= shared_keys)
-        block_top_k_from<true>(sh, topk_keys, src, excl, n, k, out, out_len);
+        block_top_k_from<BITS, true>(sh, topk_keys, src, excl, n, k, out, out_len);
     else
-        block_top_k_from<false>(sh, nullptr, src, excl, n, k, out, out_len);
+        block_top_k_from<BITS, false>(sh, nullptr, src, excl, n, k, out, out_len);
 }
 
 // Dynamic shared memory: shared_keys * 4 bytes (0: the entries are read again at every
 // pass). stats null: select by scores; else by the scores of the logits and their tiles'
 // statistics (as shadow_logits writes them), written to scores unless that is null.
-extern "C" __global__ void __launch_bounds__(TOPK_THREADS, 2)
-    shadow_top_k(int* __restrict__ selected, float* __restrict__ scores, const float* __restrict__ logits,
-                 const float2* __restrict__ stats, const ShadowSeqBufs* __restrict__ bufs,
-                 const ShadowSeqCounts* __restrict__ counts, ShadowDims dims, int shared_keys) {
+template <int BITS>
+__device__ __forceinline__ void shadow_top_k_body(int* __restrict__ selected, float* __restrict__ scores,
+                                                  const float* __restrict__ logits, const float2* __restrict__ stats,
+                                                  const ShadowSeqBufs* __restrict__ bufs,
+                                                  const ShadowSeqCounts* __restrict__ counts, ShadowDims dims,
+                                                  int shared_keys) {
     pdl_wait();
     pdl_trigger();
-    __shared__ TopkShared sh;
+    __shared__ TopkShared<BITS> sh;
     const int h = blockIdx.x, b = blockIdx.y, n = counts[b].chunks;
     const size_t row = (size_t)b * dims.kv_heads + h;
     const unsigned char* excl = reinterpret_cast<const unsigned char*>(bufs[b].outlier) + (size_t)h * dims.chunk_cap;
@@ -629,6 +640,24 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS, 2)
     block_top_k(sh, src, excl, n, dims.slots, out, dims.slots, shared_keys);
 }
 
+// shadow_top_k_body in blocks of TOPK_THREADS (two an SM: 2 x SMs heads at once).
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS, 2)
+    shadow_top_k(int* __restrict__ selected, float* __restrict__ scores, const float* __restrict__ logits,
+                 const float2* __restrict__ stats, const ShadowSeqBufs* __restrict__ bufs,
+                 const ShadowSeqCounts* __restrict__ counts, ShadowDims dims, int shared_keys) {
+    shadow_top_k_body<TOPK_BITS>(selected, scores, logits, stats, bufs, counts, dims, shared_keys);
+}
+
+// shadow_top_k_body in blocks of TOPK_THREADS / 2 (four an SM: 4 x SMs heads at once), for
+// batches with more heads than 1024-thread blocks take in one wave: each head's selection
+// takes longer, but no head waits for a second wave (10-bit digits, up to four passes).
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS / 2, 4)
+    shadow_top_k_half(int* __restrict__ selected, float* __restrict__ scores, const float* __restrict__ logits,
+                      const float2* __restrict__ stats, const ShadowSeqBufs* __restrict__ bufs,
+                      const ShadowSeqCounts* __restrict__ counts, ShadowDims dims, int shared_keys) {
+    shadow_top_k_body<TOPK_BITS - 1>(selected, scores, logits, stats, bufs, counts, dims, shared_keys);
+}
+
 // out[r, 0..k): the k largest of values[r, 0..n) ascending by index (-1 past the
 // candidates), for each row r = blockIdx.x. Dynamic shared memory as shadow_top_k's.
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
@@ -637,6 +666,6 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     pdl_wait();
     pdl_trigger();
     const size_t r = blockIdx.x;
-    __shared__ TopkShared sh;
+    __shared__ TopkShared<TOPK_BITS> sh;
     block_top_k(sh, TopkGiven{values + r * values_stride}, nullptr, n, k, out + r * k, k, shared_keys);
 }

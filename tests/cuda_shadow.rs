@@ -443,6 +443,11 @@ fn scores_and_top_k_match_the_cpu() {
     let dev = ops.device();
     let mut rng = seeded("shadow_select");
     // (kv_heads, d, group, chunks of each sequence, S)
+    // More heads than two 1024-thread blocks an SM take at once: the top-k in half-size
+    // blocks.
+    let many: Vec<usize> = (0..2 * ops.device().info().sm_count as usize / 8 + 1)
+        .map(|i| [2049, 700, 300, 1][i % 4])
+        .collect();
     let cases: &[(usize, usize, usize, &[usize], usize)] = &[
         (3, 64, 3, &[1000, 37, 5, 0], 32),
         (8, 128, 4, &[2049, 700], 256),
@@ -451,6 +456,7 @@ fn scores_and_top_k_match_the_cpu() {
         (1, 64, 8, &[16_381], 512),
         (8, 128, 4, &[16_384], 256),
         (8, 128, 4, &[15_616, 15_616], 256),
+        (8, 128, 4, &many, 256),
     ];
     for &(kvh, d, g, chunks, slots) in cases {
         let chunk_cap = chunks.iter().max().unwrap() + 3;
@@ -606,6 +612,26 @@ fn top_k_is_exact_with_many_ties() {
             "ties",
         );
     }
+}
+
+/// With more heads than two 1024-thread blocks an SM take at once, the top-k runs in
+/// half-size blocks (`shadow_top_k_half`: 10-bit digits, up to four passes): the same
+/// exact selections, over spread values and over many ties.
+#[test]
+fn top_k_in_half_size_blocks_is_exact() {
+    let Some(ops) = ops_or_skip() else { return };
+    let mut rng = seeded("shadow_top_k_half");
+    let seqs = 2 * ops.device().info().sm_count as usize / 8 + 1;
+    let chunks: Vec<usize> = (0..seqs).map(|i| [7680, 3001, 257, 0, 1][i % 5]).collect();
+    check_top_k(&ops, &mut rng, (8, &chunks, 256), |r| r.random::<f32>(), "half blocks");
+    let values = [-1.0f32, -0.0, 0.0, 0.5, 1.0];
+    check_top_k(
+        &ops,
+        &mut rng,
+        (8, &chunks, 256),
+        |r| values[r.random_range(0..values.len())],
+        "half blocks, ties",
+    );
 }
 
 /// The selection stops at the radix digit whose bin it takes whole; the key just below

@@ -64,6 +64,8 @@ pub struct Kernels {
     pub(crate) qkv_rope_append_shadow: CudaFunction,
     pub(crate) shadow_logits: CudaFunction,
     pub(crate) shadow_top_k: CudaFunction,
+    /// `shadow_top_k` in blocks of half the threads, four an SM (batches of many heads).
+    pub(crate) shadow_top_k_half: CudaFunction,
     pub(crate) topk_rows: CudaFunction,
     pub(crate) shadow_reuse: CudaFunction,
     pub(crate) shadow_rebuild: CudaFunction,
@@ -127,7 +129,9 @@ impl Kernels {
         let par = load(find("parallel.cu"))?;
         let shadow_top_k = get(&sel, "shadow_top_k")?;
         let topk_rows = get(&sel, "topk_rows")?;
-        let topk_shared_keys = super::shadow::select::allow_shared_keys(dev, &[&shadow_top_k, &topk_rows])?;
+        let shadow_top_k_half = get(&sel, "shadow_top_k_half")?;
+        let topk_shared_keys =
+            super::shadow::select::allow_shared_keys(dev, &[&shadow_top_k, &shadow_top_k_half, &topk_rows])?;
         Ok(Kernels {
             embedding_gather: get(&emb, "embedding_gather")?,
             rmsnorm_residual: get(&norm, "rmsnorm_residual")?,
@@ -152,6 +156,7 @@ impl Kernels {
             qkv_rope_append_shadow: get(&qa, "qkv_rope_append_shadow")?,
             shadow_logits: get(&sel, "shadow_logits")?,
             shadow_top_k,
+            shadow_top_k_half,
             topk_rows,
             shadow_reuse: get(&reuse, "shadow_reuse")?,
             shadow_rebuild: get(&rebuild, "shadow_rebuild")?,

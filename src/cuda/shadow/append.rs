@@ -6,6 +6,7 @@
 
 use super::buffers::ShadowTable;
 use crate::cuda::ops::{check_len, i32_of, kernel_params, CudaOps};
+use crate::cuda::step::QKV_APPEND_THREADS;
 use anyhow::{ensure, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
@@ -63,7 +64,7 @@ impl CudaOps {
         let dims = l.dims();
         let cfg = LaunchConfig {
             grid_dim: (b as u32, 1, 1),
-            block_dim: (256, 1, 1),
+            block_dim: (QKV_APPEND_THREADS, 1, 1),
             shared_mem_bytes: (d * 4) as u32,
         };
         // SAFETY: the inputs and outputs hold the batch's rows (checked); every target

@@ -150,17 +150,27 @@ impl CudaOps {
         // Sized by the layout, not by this step's chunk counts, so a captured graph
         // stays valid.
         let (keys, bytes) = self.top_k_shared(t.layout().chunk_cap);
+        let grid = t.head_grid();
+        // Two 1024-thread blocks fit an SM: with more heads than that, half-size blocks
+        // (four an SM) take every head in one wave instead of two.
+        let heads = grid.0 as usize * grid.1 as usize;
+        let half = heads > 2 * self.device().info().sm_count as usize;
+        let (f, threads) = if half {
+            (&self.k.shadow_top_k_half, TOPK_THREADS / 2)
+        } else {
+            (&self.k.shadow_top_k, TOPK_THREADS)
+        };
         let cfg = LaunchConfig {
-            grid_dim: t.head_grid(),
-            block_dim: (TOPK_THREADS, 1, 1),
+            grid_dim: grid,
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: bytes,
         };
         // SAFETY: the table's buffers match its layout (checked when it was made,
         // borrowed for its life), the caller's pointers hold the batch; the dynamic shared
-        // memory holds `keys` keys.
+        // memory holds `keys` keys; either kernel takes blocks of the threads given.
         unsafe {
             self.launch_pdl(
-                &self.k.shadow_top_k,
+                f,
                 cfg,
                 &mut kernel_params![&op, &sp, &lp, &tp, &addrs, &counts, &dims, &keys],
             )
