@@ -448,6 +448,10 @@ fn scores_and_top_k_match_the_cpu() {
     let many: Vec<usize> = (0..2 * ops.device().info().sm_count as usize / 8 + 1)
         .map(|i| [2049, 700, 300, 1][i % 4])
         .collect();
+    assert!(
+        ops.top_k_half_blocks(8 * many.len()),
+        "the many-heads case takes the large blocks"
+    );
     let cases: &[(usize, usize, usize, &[usize], usize)] = &[
         (3, 64, 3, &[1000, 37, 5, 0], 32),
         (8, 128, 4, &[2049, 700], 256),
@@ -623,6 +627,10 @@ fn top_k_in_half_size_blocks_is_exact() {
     let mut rng = seeded("shadow_top_k_half");
     let seqs = 2 * ops.device().info().sm_count as usize / 8 + 1;
     let chunks: Vec<usize> = (0..seqs).map(|i| [7680, 3001, 257, 0, 1][i % 5]).collect();
+    assert!(
+        ops.top_k_half_blocks(8 * seqs),
+        "{seqs} sequences take the large blocks"
+    );
     check_top_k(&ops, &mut rng, (8, &chunks, 256), |r| r.random::<f32>(), "half blocks");
     let values = [-1.0f32, -0.0, 0.0, 0.5, 1.0];
     check_top_k(

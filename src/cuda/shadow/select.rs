@@ -151,11 +151,7 @@ impl CudaOps {
         // stays valid.
         let (keys, bytes) = self.top_k_shared(t.layout().chunk_cap);
         let grid = t.head_grid();
-        // Two 1024-thread blocks fit an SM: with more heads than that, half-size blocks
-        // (four an SM) take every head in one wave instead of two.
-        let heads = grid.0 as usize * grid.1 as usize;
-        let half = heads > 2 * self.device().info().sm_count as usize;
-        let (f, threads) = if half {
+        let (f, threads) = if self.top_k_half_blocks(grid.0 as usize * grid.1 as usize) {
             (&self.k.shadow_top_k_half, TOPK_THREADS / 2)
         } else {
             (&self.k.shadow_top_k, TOPK_THREADS)
@@ -175,6 +171,14 @@ impl CudaOps {
                 &mut kernel_params![&op, &sp, &lp, &tp, &addrs, &counts, &dims, &keys],
             )
         }
+    }
+
+    /// Whether [`CudaOps::shadow_top_k`] and [`CudaOps::shadow_select`] take `heads`
+    /// heads in half-size blocks on this device: two 1024-thread blocks fit an SM, so
+    /// with more heads than that, blocks of 512 (four an SM) take every head in one wave
+    /// instead of two.
+    pub fn top_k_half_blocks(&self, heads: usize) -> bool {
+        heads > 2 * self.device().info().sm_count as usize
     }
 
     /// How many values a row may have for the top-k kernels ([`CudaOps::shadow_top_k`],
