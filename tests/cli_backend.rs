@@ -78,6 +78,8 @@ fn bench_options_are_checked_by_name() {
         ),
         (&["--batch", "many"], "got `many`"),
         (&["--peer", "torch"], "--peer needs --backend cuda"),
+        (&["--lanes", "0"], "--lanes takes counts of at least 1"),
+        (&["--lanes", "1,2"], "--lanes needs --backend cuda"),
         (
             &["--backend", "cuda", "--value-fetch", "sideways"],
             "invalid value 'sideways'",

@@ -69,6 +69,13 @@ pub struct BenchArgs {
     /// an SM while it waits). A list measures each (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = vec![FETCH_BLOCKS])]
     fetch_blocks: Vec<usize>,
+    /// ShadowKV on the GPU: split the batch among this many lanes that decode side by
+    /// side (each its own sequences and CUDA streams, each reading the weights), so one
+    /// lane's values cross PCIe while the others compute whole layers: worth it where the
+    /// fetch bounds the step (values in host memory, no GPU tier). A list measures each
+    /// (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1usize])]
+    lanes: Vec<usize>,
     /// ShadowKV on the GPU: sequences whose values live in GPU memory (GPU value slots,
     /// read by the zero-copy fetch without crossing PCIe) besides those in the host
     /// pool, so that host memory no longer caps the batch. `off`; `auto`: with
@@ -160,6 +167,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.fetch_blocks.is_empty() || a.fetch_blocks.contains(&0) {
         bail!("--fetch-blocks takes counts of at least 1");
     }
+    if a.lanes.is_empty() || a.lanes.contains(&0) {
+        bail!("--lanes takes counts of at least 1");
+    }
     if a.gen < 2 || a.attention.is_empty() {
         bail!("--gen must be at least 2 and --attention not empty");
     }
@@ -185,6 +195,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             prefill_chunk: a.prefill_chunk,
             micro_batches: a.micro_batches,
             fetch_blocks: a.fetch_blocks,
+            lanes: a.lanes,
             trace: a.trace,
             pool_file: a.pool_file,
             peer_torch: a.peer == Some(Peer::Torch),
@@ -200,6 +211,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     if a.fetch_blocks != [FETCH_BLOCKS] {
         bail!("--fetch-blocks needs --backend cuda");
+    }
+    if a.lanes != [1] {
+        bail!("--lanes needs --backend cuda");
     }
     if a.trace.is_some() {
         bail!("--trace needs --backend cuda (it records GPU streams)");

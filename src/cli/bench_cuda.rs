@@ -43,6 +43,9 @@ pub struct CudaBench {
     pub micro_batches: Vec<usize>,
     /// Blocks of the zero-copy value fetch, each measured (with each micro-batch count).
     pub fetch_blocks: Vec<usize>,
+    /// ShadowKV lane counts (the batch split among lanes decoding side by side), each
+    /// measured with each micro-batch count and fetch block count.
+    pub lanes: Vec<usize>,
     /// Where to write the GPU timeline of the ShadowKV runs (Chrome trace JSON).
     pub trace: Option<PathBuf>,
     /// The file that holds ShadowKV's host value pool (anonymous memory without one).
@@ -175,7 +178,7 @@ pub fn run(a: CudaBench) -> Result<()> {
                     ctx,
                     a.batch,
                     a.gen,
-                    (&a.micro_batches, &a.fetch_blocks),
+                    (&a.micro_batches, &a.fetch_blocks, &a.lanes),
                     a.prefill_chunk,
                     bar,
                     trace.as_mut(),
@@ -337,19 +340,20 @@ pub fn run(a: CudaBench) -> Result<()> {
     }
     if !shadow_rows.is_empty() {
         println!();
-        println!("| context | fetch | GPU tier (chunks/head) | micro-batches | fetch blocks | ShadowKV batch (host+GPU slots) | decode tok/s | vs full | step ms (median) | bound ms | × bound | floor ms (one micro-batch) | × floor | reuse hit | tier hit | value MiB/step | prefill s | compression / prefill | peak GiB | host pool GiB | fetch hidden |");
+        println!("| context | fetch | GPU tier (chunks/head) | micro-batches | lanes | fetch blocks | ShadowKV batch (host+GPU slots) | decode tok/s | vs full | step ms (median) | bound ms | × bound | floor ms (one micro-batch) | × floor | reuse hit | tier hit | value MiB/step | prefill s | compression / prefill | peak GiB | host pool GiB | fetch hidden |");
         println!(
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for r in &shadow_rows {
             let r = &r.row;
             let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
             println!(
-                "| {} | {} | {} | {} | {} | {} | {:.1} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.1} | {:.2} | {:.1} % | {:.1} | {:.1} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.1} | {:.2} | {:.1} % | {:.1} | {:.1} | {} |",
                 r["context"],
                 r["value_fetch"].as_str().unwrap_or("-"),
                 r["gpu_tier_chunks"],
                 r["micro_batches"],
+                r["lanes"],
                 r["fetch_blocks"],
                 match r["gpu_value_slots"].as_u64() {
                     Some(n) if n > 0 => format!("{} ({}+{n})", r["batch"], r["batch"].as_u64().unwrap_or(0) - n),

@@ -27,7 +27,7 @@ use super::backend::ValueFetch;
 use super::bench_cuda::{median, HBM_BYTES_PER_S};
 use crate::cpu::model::chunked_prefill;
 use crate::cuda::device::StreamPriority;
-use crate::cuda::graph::{Lane, ShadowSeqInput};
+use crate::cuda::graph::{Lane, ShadowCounters, ShadowSeqInput};
 use crate::cuda::shadow::decode::{FetchPath, GatherTimes};
 use crate::cuda::shadow::seq::sequence_bytes;
 use crate::cuda::shadow::tier::tier_chunks_for;
@@ -61,8 +61,9 @@ pub struct ShadowRun {
 /// that fits when `None`, see [`fit_batch`]; the tier, at `auto`, takes what the free
 /// GPU memory holds after them), then `gen` decode
 /// steps for each entry of `micro` (each step's attention split into that many
-/// micro-batches) with each of `fetch_blocks` (the zero-copy fetch's blocks), all on the
-/// same prefilled and compressed sequences; one result per pair.
+/// micro-batches) with each of `fetch_blocks` (the zero-copy fetch's blocks) and each of
+/// `lanes` (the batch split among lanes decoding side by side), all on the same
+/// prefilled and compressed sequences; one result per setting.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     model: &CudaModel,
@@ -71,14 +72,15 @@ pub fn run(
     ctx: usize,
     batch: Option<usize>,
     gen: usize,
-    (micro, fetch_blocks): (&[usize], &[usize]),
+    (micro, fetch_blocks, lanes): (&[usize], &[usize], &[usize]),
     prefill_chunk: usize,
     bar: ProgressBar,
     mut trace: Option<&mut BenchTrace>,
 ) -> Result<Vec<ShadowRun>> {
     let cfg = model.config();
-    // Room for every run's generated tokens, its warm-up's included.
-    let layout = ShadowLayout::new(cfg, p, ctx + 2 * gen * micro.len() * fetch_blocks.len())?;
+    // Room for every run's generated tokens: its warm-up, timed and staged steps.
+    let settings = micro.len() * fetch_blocks.len() * lanes.len();
+    let layout = ShadowLayout::new(cfg, p, ctx + settings * steps_of_a_setting(gen))?;
     let mut lane = model.new_lane(StreamPriority::High, false)?;
     let ops_dev = model.ops().device();
     let greedy = SamplingParams::default().device_row(0, 0);
@@ -229,9 +231,12 @@ pub fn run(
         "gpu_tier_fill_secs": tier_fill_secs,
     });
     let mut last = vec![first[0]; batch];
-    let mut runs = Vec::with_capacity(micro.len() * fetch_blocks.len());
-    let settings = micro.iter().flat_map(|&m| fetch_blocks.iter().map(move |&fb| (m, fb)));
-    for (i, (m, fb)) in settings.enumerate() {
+    let mut runs = Vec::with_capacity(settings);
+    let settings = micro
+        .iter()
+        .flat_map(|&m| fetch_blocks.iter().map(move |&fb| (m, fb)))
+        .flat_map(|(m, fb)| lanes.iter().map(move |&l| (m, fb, l)));
+    for (i, (m, fb, l)) in settings.enumerate() {
         if tier > 0 && i > 0 {
             // Each run starts from a tier filled as the first one's was (the newest
             // chunks): it warms over a run's steps (the selection is not uniform), and a
@@ -255,10 +260,10 @@ pub fn run(
                 format!(", {fb} fetch blocks")
             } else {
                 String::new()
-            }
-        );
+            },
+        ) + &if l > 1 { format!(", {l} lanes") } else { String::new() };
         let tr = trace.as_deref_mut().map(|t| (t, label.as_str()));
-        let d = decode(model, &mut seqs, &pool, (fetch, fb), m, gen, &mut last, tr)?;
+        let d = decode(model, &mut seqs, &pool, (fetch, fb), (m, l), gen, &mut last, tr)?;
         let ctx_now = seqs[0].len();
         let bound_s = d.bytes.bound_secs();
         let floor_s = d.bytes.floor_secs();
@@ -268,7 +273,7 @@ pub fn run(
         let fetched_per_step = (d.misses.host + d.misses.device) * chunk_bytes;
         let pcie_per_step = d.misses.host * chunk_bytes;
         eprintln!(
-            "[context {ctx}, ShadowKV ({}{}, {m} micro-batch{}): batch {batch} (GPU fits {gpu_fit}, host {host_fit}{}), \
+            "[context {ctx}, ShadowKV ({}{}, {m} micro-batch{}{}): batch {batch} (GPU fits {gpu_fit}, host {host_fit}{}), \
              prefill {prefill_secs:.2} s + compression {compress_secs_mean:.3} s ({:.1} %, mean), decode {tps:.1} tok/s, \
              step {:.2} ms = {:.2}× its bound ({:.2}× one micro-batch's floor), hit rate {:.3} (GPU tier {:.3}), {:.1} MiB of values fetched a step \
              ({:.1} MiB over PCIe); pool registered in {register_secs:.1} s]",
@@ -282,6 +287,7 @@ pub fn run(
                 String::new()
             },
             if m == 1 { "" } else { "es" },
+            if l > 1 { format!(", {l} lanes") } else { String::new() },
             if fit.device > 0 {
                 format!(
                     "; {} of them with their values in host memory, {} in GPU value slots ({:.1} GiB)",
@@ -331,7 +337,7 @@ pub fn run(
         }
         let mut row = fixed.clone();
         let more = serde_json::json!({
-            "micro_batches": m, "fetch_blocks": fb, "context_at_end": ctx_now,
+            "micro_batches": m, "lanes": l, "fetch_blocks": fb, "context_at_end": ctx_now,
             "decode_tokens_per_s": tps, "step_ms_median": d.step_ms,
             "reuse_hit_rate": d.hit_rate, "tier_hit_rate": d.tier_hit_rate, "value_bytes_per_step": fetched_per_step,
             "pcie_value_bytes_per_step": pcie_per_step,
@@ -373,43 +379,63 @@ struct Decoded {
 }
 
 /// Runs `gen` untimed then `gen` timed decode steps of `seqs` with each step's attention
-/// split into `micro` micro-batches and the zero-copy fetch on `fetch_blocks` blocks (one lane; one micro-batch's value fetch overlaps the
-/// selection and key rebuild of the others; two steps queued, as the daemon queues
-/// them), then [`STAGE_STEPS`] steps timed by stage. `last` holds each sequence's last
-/// token and is advanced. With `trace`, the GPU timeline of the last [`TRACE_STEPS`]
-/// steps goes to it, under `label`.
+/// split into `micro` micro-batches and the zero-copy fetch on `fetch_blocks` blocks, the
+/// batch split among `lanes` lanes that decode side by side (one micro-batch's value
+/// fetch overlaps the selection and key rebuild of the others, one lane's the whole
+/// steps of the others; two steps queued a lane, as the daemon queues them), then
+/// [`STAGE_STEPS`] steps timed by stage. `last` holds each sequence's last token and is
+/// advanced. With `trace`, the GPU timeline of the last [`TRACE_STEPS`] steps goes to it,
+/// under `label`.
 #[allow(clippy::too_many_arguments)]
 fn decode(
     model: &CudaModel,
     seqs: &mut [GpuShadowSeq],
     pool: &GpuValuePool,
     (fetch, fetch_blocks): (ValueFetch, usize),
-    micro: usize,
+    (micro, lanes): (usize, usize),
     gen: usize,
     last: &mut [u32],
     trace: Option<(&mut BenchTrace, &str)>,
 ) -> Result<Decoded> {
     let batch = seqs.len();
     ensure!(
-        micro >= 1 && micro <= batch,
-        "--micro-batches {micro} does not split a batch of {batch}"
+        lanes >= 1 && lanes <= batch,
+        "--lanes {lanes} does not split a batch of {batch}"
     );
-    let mut lane = model.new_lane(StreamPriority::High, false)?;
-    lane.set_micro_batches(micro);
-    lane.set_fetch_blocks(fetch_blocks);
+    let smallest = batch / lanes;
+    ensure!(
+        micro >= 1 && micro <= smallest,
+        "--micro-batches {micro} does not split a lane's batch of {smallest}"
+    );
+    let mut lanes: Vec<Lane> = (0..lanes)
+        .map(|_| {
+            let mut lane = model.new_lane(StreamPriority::High, false)?;
+            lane.set_micro_batches(micro);
+            lane.set_fetch_blocks(fetch_blocks);
+            Ok(lane)
+        })
+        .collect::<Result<_>>()?;
     let greedy = SamplingParams::default().device_row(0, 0);
     let rows = vec![greedy; batch];
     let dev = model.ops().device();
     let path = fetch.path();
     // Warm-up: as many untimed steps first, so that every run is measured with its
     // GPU value tier and slots past their first fill, whatever ran before it.
-    queued_steps(model, &mut lane, seqs, (pool, path), &rows, last, gen, |_, _| Ok(()))?;
-    lane.gather = GatherTimes::default();
-    let c0 = lane.shadow_counters();
+    queued_steps(model, &mut lanes, seqs, (pool, path), &rows, last, gen, |_, _| Ok(()))?;
+    let counters = |lanes: &[Lane]| {
+        lanes
+            .iter()
+            .map(|l| l.shadow_counters())
+            .fold(ShadowCounters::default(), |a, b| a + b)
+    };
+    for lane in &mut lanes {
+        lane.gather = GatherTimes::default();
+    }
+    let c0 = counters(&lanes);
     let mut min_free = usize::MAX;
     let td = Instant::now();
     // The timed steps carry no stage events (they would slow them, see Lane::time_stages).
-    let done_at = queued_steps(model, &mut lane, seqs, (pool, path), &rows, last, gen, |step, _| {
+    let done_at = queued_steps(model, &mut lanes, seqs, (pool, path), &rows, last, gen, |step, _| {
         if step == 2 {
             min_free = min_free.min(dev.mem_info()?.0);
         }
@@ -423,41 +449,64 @@ fn decode(
         .map(|(a, b)| (*b - a).as_secs_f64())
         .collect();
     let decode_secs = td.elapsed().as_secs_f64();
-    let c = lane.shadow_counters() - c0;
-    let gather = lane.gather;
+    let c = counters(&lanes) - c0;
+    let gather = lanes.iter().fold(GatherTimes::default(), |mut g, l| {
+        g.wait_secs += l.gather.wait_secs;
+        g.gather_secs += l.gather.gather_secs;
+        g.bytes += l.gather.bytes;
+        g
+    });
     // Then the stages, and the trace, of steps timed by stage.
-    lane.time_stages(1);
-    lane.stage_ms.clear();
-    lane.stage_steps = 0;
-    let mut anchor = None;
-    let staged = STAGE_STEPS.min(gen).max(1);
+    for lane in &mut lanes {
+        lane.time_stages(1);
+        lane.stage_ms.clear();
+        lane.stage_steps = 0;
+    }
+    let mut anchors = Vec::new();
+    let staged = staged_steps(gen);
     queued_steps(
         model,
-        &mut lane,
+        &mut lanes,
         seqs,
         (pool, path),
         &rows,
         last,
         staged,
-        |step, lane| {
+        |step, lanes| {
             if trace.is_some() && step + TRACE_STEPS.min(staged) == staged {
-                anchor = Some(lane.start_trace()?);
+                anchors = lanes.iter_mut().map(|l| l.start_trace()).collect::<Result<_>>()?;
             }
             Ok(())
         },
     )?;
     let mut fetch_hidden = None;
-    if let (Some((t, label)), Some(anchor)) = (trace, anchor) {
-        let spans = lane.take_trace();
-        fetch_hidden = hidden_fetch_share(&spans);
-        t.lane(&format!("{label}, lane 0"), anchor, &spans)?;
+    if let (Some((t, label)), Some(&first)) = (trace, anchors.first()) {
+        // Every lane's spans on the first lane's clock, for the share hidden.
+        let mut all = Vec::new();
+        for (i, (lane, &anchor)) in lanes.iter_mut().zip(&anchors).enumerate() {
+            let spans = lane.take_trace();
+            t.lane(&format!("{label}, lane {i}"), anchor, &spans)?;
+            let shift = 1e3 * anchor.saturating_duration_since(first).as_secs_f64();
+            all.extend(spans.into_iter().map(|mut s| {
+                s.start_ms += shift;
+                s.end_ms += shift;
+                s
+            }));
+        }
+        fetch_hidden = hidden_fetch_share(&all);
     }
-    let per_step = lane.stage_steps.max(1) as f64;
-    let stages: Vec<(String, f64)> = lane
-        .stage_ms
-        .iter()
-        .map(|(s, ms)| (s.name().to_string(), ms / per_step))
-        .collect();
+    // Stage times summed over the lanes (each lane's steps are the same steps).
+    let mut stage_ms: Vec<(String, f64)> = Vec::new();
+    for lane in &lanes {
+        let per_step = lane.stage_steps.max(1) as f64;
+        for (s, ms) in &lane.stage_ms {
+            match stage_ms.iter_mut().find(|(n, _)| n == s.name()) {
+                Some((_, t)) => *t += ms / per_step,
+                None => stage_ms.push((s.name().to_string(), ms / per_step)),
+            }
+        }
+    }
+    let stages = stage_ms;
     let (selected, hits, tier_hits) = (c.selected as f64, c.hits as f64, c.tier_hits as f64);
     // The counters do not tell which sequence a fetched chunk was for; the batch's
     // sequences are copies of one prompt decoding the same tokens, so each fetches the
@@ -477,7 +526,7 @@ fn decode(
         misses,
         hit_rate: share(hits),
         tier_hit_rate: share(tier_hits),
-        bytes: byte_shape(model, seqs).step(misses),
+        bytes: byte_shape(model, seqs, lanes.len()).step(misses),
         stages,
         gather,
         min_free,
@@ -485,45 +534,95 @@ fn decode(
     })
 }
 
-/// Runs `n` decode steps of `seqs` on `lane` as the daemon runs them, two queued: step
-/// i + 1 (its input the tokens step i samples on the GPU) is queued before step i is read
-/// back, so the host's work for a step overlaps the GPU's for the one before. `before(i,
-/// lane)` runs before step i is queued; `last` (each sequence's last token) is advanced.
-/// Returns the time each step was read back.
+/// Runs `n` decode steps of `seqs` on `lanes` as the daemon runs them, the batch split
+/// evenly among the lanes (each its own sequences, streams and scratch, so one lane's
+/// steps run beside the others'), two queued a lane: a lane's step i + 1 (its input the
+/// tokens step i samples on the GPU) is queued before its step i is read back, so the
+/// host's work for a step overlaps the GPU's for the one before. `before(i, lanes)` runs
+/// before step i is queued; `last` (each sequence's last token) is advanced. Returns the
+/// time each step was read back (on every lane).
 #[allow(clippy::too_many_arguments)]
 fn queued_steps(
     model: &CudaModel,
-    lane: &mut Lane,
+    lanes: &mut [Lane],
     seqs: &mut [GpuShadowSeq],
     (pool, fetch): (&GpuValuePool, FetchPath),
     rows: &[[u64; 5]],
     last: &mut [u32],
     n: usize,
-    mut before: impl FnMut(usize, &mut Lane) -> Result<()>,
+    mut before: impl FnMut(usize, &mut [Lane]) -> Result<()>,
 ) -> Result<Vec<Instant>> {
-    let every_previous: Vec<Option<u32>> = (0..seqs.len() as u32).map(Some).collect();
-    let mut queued = None;
+    let sizes = lane_sizes(seqs.len(), lanes.len());
+    let every_previous: Vec<Option<u32>> = (0..sizes[0] as u32).map(Some).collect();
+    let mut queued: Vec<_> = lanes.iter().map(|_| None).collect();
     let mut done_at = Vec::with_capacity(n);
     for step in 0..n {
-        before(step, lane)?;
-        let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
-        let mut inputs: Vec<ShadowSeqInput> = seqs
+        before(step, lanes)?;
+        for (((lane, seqs), last), queued) in lanes
             .iter_mut()
-            .zip(&toks)
-            .map(|(seq, t)| ShadowSeqInput { token: t, seq })
-            .collect();
-        let prev: &[Option<u32>] = if queued.is_some() { &every_previous } else { &[] };
-        let ticket = model.submit_shadow(lane, &mut inputs, rows, prev, pool, fetch)?;
-        if let Some(older) = queued.replace(ticket) {
-            last.copy_from_slice(&model.complete(lane, older)?);
+            .zip(split_by(&mut *seqs, &sizes))
+            .zip(split_by(&mut *last, &sizes))
+            .zip(&mut queued)
+        {
+            let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
+            let mut inputs: Vec<ShadowSeqInput> = seqs
+                .iter_mut()
+                .zip(&toks)
+                .map(|(seq, t)| ShadowSeqInput { token: t, seq })
+                .collect();
+            let prev: &[Option<u32>] = if queued.is_some() {
+                &every_previous[..inputs.len()]
+            } else {
+                &[]
+            };
+            let ticket = model.submit_shadow(lane, &mut inputs, &rows[..toks.len()], prev, pool, fetch)?;
+            if let Some(older) = queued.replace(ticket) {
+                last.copy_from_slice(&model.complete(lane, older)?);
+            }
+        }
+        if step > 0 {
             done_at.push(Instant::now());
         }
     }
-    if let Some(older) = queued {
-        last.copy_from_slice(&model.complete(lane, older)?);
-        done_at.push(Instant::now());
+    for ((lane, last), queued) in lanes.iter_mut().zip(split_by(last, &sizes)).zip(&mut queued) {
+        if let Some(older) = queued.take() {
+            last.copy_from_slice(&model.complete(lane, older)?);
+        }
     }
+    done_at.push(Instant::now());
     Ok(done_at)
+}
+
+/// The steps [`decode`] times by stage after `gen` timed ones.
+fn staged_steps(gen: usize) -> usize {
+    STAGE_STEPS.min(gen).max(1)
+}
+
+/// The decode steps of one setting: `gen` untimed, `gen` timed and the staged ones (each
+/// adds a token to every sequence).
+fn steps_of_a_setting(gen: usize) -> usize {
+    2 * gen + staged_steps(gen)
+}
+
+/// The sequences of each lane when `batch` is split among `lanes`: as even as can be,
+/// the larger shares first.
+fn lane_sizes(batch: usize, lanes: usize) -> Vec<usize> {
+    let lanes = lanes.max(1);
+    (0..lanes)
+        .map(|i| batch / lanes + usize::from(i < batch % lanes))
+        .collect()
+}
+
+/// `v` cut into consecutive parts of `sizes` (which sum to at most its length).
+fn split_by<'a, T>(mut v: &'a mut [T], sizes: &[usize]) -> Vec<&'a mut [T]> {
+    sizes
+        .iter()
+        .map(|&n| {
+            let (part, rest) = std::mem::take(&mut v).split_at_mut(n);
+            v = rest;
+            part
+        })
+        .collect()
 }
 
 /// Device memory the `auto` tier takes of `free` (measured after the sequences' state):
@@ -618,8 +717,9 @@ impl ByteShape {
     }
 }
 
-/// The byte model of `seqs`' steps on `model`.
-fn byte_shape(model: &CudaModel, seqs: &[GpuShadowSeq]) -> ByteShape {
+/// The byte model of `seqs`' steps on `model`, decoded on `lanes` lanes (each reads the
+/// weights).
+fn byte_shape(model: &CudaModel, seqs: &[GpuShadowSeq], lanes: usize) -> ByteShape {
     let layout = seqs[0].layer(0).layout();
     let c = seqs[0].counts();
     let (_, attended) = layout.attended_rows(&c);
@@ -632,7 +732,7 @@ fn byte_shape(model: &CudaModel, seqs: &[GpuShadowSeq]) -> ByteShape {
     let d = layout.head_dim;
     let attn = layout.kv_heads * (attended * d * 2 + dense * d * 2 + slots * layout.value_chunk_bytes());
     ByteShape {
-        weights: model.weight_bytes() as f64,
+        weights: (lanes * model.weight_bytes()) as f64,
         seq_layers: (seqs.len() * model.config().num_layers) as f64,
         marks: marks as f64,
         attn: attn as f64,
@@ -812,6 +912,20 @@ mod tests {
     use super::*;
 
     const GIB: usize = 1 << 30;
+
+    #[test]
+    fn lanes_split_the_batch_evenly_and_whole() {
+        assert_eq!(lane_sizes(57, 2), [29, 28]);
+        assert_eq!(lane_sizes(5, 4), [2, 1, 1, 1]);
+        for (batch, lanes) in [(1, 1), (57, 3), (28, 2), (7, 7), (100, 6)] {
+            let s = lane_sizes(batch, lanes);
+            assert_eq!(s.iter().sum::<usize>(), batch, "{batch} in {lanes}");
+            assert!(s.iter().all(|&n| n >= 1) && s[0] - s[lanes - 1] <= 1, "{s:?}");
+        }
+        let mut v: Vec<usize> = (0..5).collect();
+        let parts: Vec<Vec<usize>> = split_by(&mut v, &lane_sizes(5, 4)).iter().map(|p| p.to_vec()).collect();
+        assert_eq!(parts, [vec![0, 1], vec![2], vec![3], vec![4]]);
+    }
 
     /// Llama-3.1-8B's shape at 61440 tokens, 58 sequences, as the H200 bench runs it
     /// (per sequence and layer: 7680 chunks, 1310 rows attended, rank 160).

@@ -91,6 +91,9 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
     if a.fetch_blocks != [FETCH_BLOCKS] {
         bail!("--fetch-blocks is measured on one GPU (--device), not with --devices");
     }
+    if a.lanes != [1] {
+        bail!("--lanes is measured on one GPU (--device), not with --devices");
+    }
     let progress = std::io::stderr().is_terminal();
     let m = open_model(&a.model)?;
     let cfg = m.config.clone();
