@@ -32,6 +32,7 @@ use shadowkv::cuda::shadow::decode::{ChunkGather, FetchPath, RayonGather};
 use shadowkv::cuda::shadow::TierSize;
 use shadowkv::cuda::testing::ops_or_skip;
 use shadowkv::cuda::CudaModel;
+use shadowkv::engine::backend::StepBackend;
 use shadowkv::engine::backend_cuda::CudaBackend;
 use shadowkv::engine::generate::{generate, generate_cuda, GenerateOptions, GenerateRequest};
 use shadowkv::engine::sampling::SamplingParams;
@@ -304,6 +305,37 @@ fn engine_with_a_prefill_lane_equals_generate_cuda() {
     assert_eq!(text, want);
     eprintln!("RESULT shadowkv_engine equal_text={}", text.len());
     check_gpu_tracks(&trace_path, cfg.num_layers, gen);
+}
+
+/// Four requests on two decode lanes beside the prefill lane (`pipeline.decode_lanes =
+/// 2`: each sequence decodes on one of them, the lanes' steps side by side on streams of
+/// their own): each gives what `generate_cuda` gives it alone.
+#[test]
+fn requests_on_two_decode_lanes_equal_each_alone() {
+    let Some((gpu, tok, p)) = engine_parts() else { return };
+    let prompts: Vec<Vec<u32>> = [900, 600, 1100, 400].iter().map(|&n| prompt(&tok, n)).collect();
+    let gen = 24;
+    let want: Vec<String> = prompts.iter().map(|ids| alone_text(&gpu, &tok, p, ids, gen)).collect();
+    let backend = engine_backend(&gpu, p, 4).with_decode_lanes(2).unwrap();
+    assert_eq!((backend.lanes(), backend.decode_lanes()), (3, 2));
+    let config = SchedulerConfig {
+        max_batch: 4,
+        max_queue: 4,
+        ..engine_config()
+    };
+    let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
+    let rxs: Vec<_> = prompts.iter().map(|ids| submit(&engine, ids.clone(), gen)).collect();
+    for (i, (rx, want)) in rxs.into_iter().zip(&want).enumerate() {
+        assert_eq!(&stream_text(rx).unwrap(), want, "request {i}");
+    }
+    engine.shutdown(Duration::ZERO);
+    join.join().unwrap();
+    eprintln!("RESULT shadowkv_decode_lanes equal_requests={}", want.len());
+    // A third decode lane needs the prefill lane: one lane's backend refuses it, by name.
+    let pool = ValuePool::anonymous(p.pool_shape(gpu.config(), 1, ENGINE_CONTEXT)).unwrap();
+    let one = CudaBackend::new(gpu.clone(), ENGINE_CONTEXT, 1, 1, true, Some((p, pool))).unwrap();
+    let e = format!("{:#}", one.with_decode_lanes(2).err().expect("refused"));
+    assert!(e.contains("prefill lane"), "{e}");
 }
 
 /// One request decodes while a second one's prompt is prefilled on the prefill lane and

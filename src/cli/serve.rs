@@ -473,6 +473,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
         if prefill_sms > 0 {
             info!("the prefill lane runs on {prefill_sms} multiprocessors (limits.prefill_sms)");
         }
+        let decode_lanes = topo.pipeline.decode_lanes;
+        let backend = backend
+            .with_decode_lanes(decode_lanes)
+            .map_err(|e| topo.error_at("pipeline.decode_lanes", format!("{e:#}")))?;
+        if decode_lanes > 1 {
+            info!("{decode_lanes} lanes decode side by side (pipeline.decode_lanes)");
+        }
         let mut backend = backend
             .with_fetch(match topo.pipeline.value_fetch {
                 TopoFetch::ZeroCopy => FetchPath::ZeroCopy,

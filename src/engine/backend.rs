@@ -7,8 +7,9 @@
 //! the caller queue step n+1 before it reads step n back, and a sequence can feed step
 //! n+1 the token step n sampled without the host knowing it yet
 //! ([`StepInput::Previous`]). Steps run on lanes: every backend has lane 0; a backend
-//! with a second lane ([`StepBackend::lanes`]) runs it beside the first (long prefills
-//! beside decode steps).
+//! with more ([`StepBackend::lanes`]) runs them side by side: lanes
+//! `0..`[`StepBackend::decode_lanes`] each decode their own share of the sequences, and a
+//! lane past them prefills the prompts (long prefills beside decode steps).
 //!
 //! The CPU model (full attention or ShadowKV) implements it here; the GPU in
 //! [`super::backend_cuda`].
@@ -88,8 +89,15 @@ pub trait StepBackend: Send {
     /// The model's hyper-parameters.
     fn config(&self) -> &ModelConfig;
 
-    /// Lanes of steps that run side by side (1 or 2).
+    /// Lanes of steps that run side by side.
     fn lanes(&self) -> usize {
+        1
+    }
+
+    /// The first lanes, that decode (each its own sequences); a further lane prefills
+    /// the prompts, else they ride in the decode steps. More than one only with such a
+    /// prefill lane.
+    fn decode_lanes(&self) -> usize {
         1
     }
 
@@ -244,6 +252,7 @@ pub struct CpuBackend<M: Borrow<CpuModel> = CpuModel> {
     /// Each lane's last step's tokens (what [`StepInput::Previous`] reads).
     last_tokens: Vec<Vec<u32>>,
     queue_depth: usize,
+    decode_lanes: usize,
 }
 
 impl<M: Borrow<CpuModel>> CpuBackend<M> {
@@ -260,6 +269,7 @@ impl<M: Borrow<CpuModel>> CpuBackend<M> {
             serials: LaneSerials::default(),
             last_tokens: vec![Vec::new()],
             queue_depth: 1,
+            decode_lanes: 1,
         })
     }
 
@@ -270,6 +280,14 @@ impl<M: Borrow<CpuModel>> CpuBackend<M> {
     pub fn with_schedule(mut self, lanes: usize, depth: usize) -> Self {
         self.last_tokens = vec![Vec::new(); lanes.max(1)];
         self.queue_depth = depth.max(1);
+        self
+    }
+
+    /// Of [`CpuBackend::with_schedule`]'s lanes, the first `n` decode (the last one
+    /// prefills where there are more): the scheduler's several decode lanes, tested
+    /// without a GPU.
+    pub fn with_decode_lanes(mut self, n: usize) -> Self {
+        self.decode_lanes = n.clamp(1, self.last_tokens.len());
         self
     }
 
@@ -285,6 +303,10 @@ impl<M: Borrow<CpuModel> + Send> StepBackend for CpuBackend<M> {
 
     fn lanes(&self) -> usize {
         self.last_tokens.len()
+    }
+
+    fn decode_lanes(&self) -> usize {
+        self.decode_lanes
     }
 
     fn queue_depth(&self) -> usize {

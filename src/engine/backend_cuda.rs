@@ -2,7 +2,8 @@
 //! the device, each step queued on a lane (a CUDA stream of its own) so that the host
 //! prepares step n+1 while step n runs. Lane 0 runs at high priority; with a second
 //! lane, long prefills run on it at normal priority beside the decode steps, which the
-//! GPU then schedules first. With the prefill lane on a partition of the
+//! GPU then schedules first; with several decode lanes before it
+//! ([`CudaBackend::with_decode_lanes`]) their steps run side by side. With the prefill lane on a partition of the
 //! multiprocessors ([`CudaBackend::with_prefill_sms`]) the order is the other way
 //! round: the prefill first on its partition, the decode steps on the rest.
 //!
@@ -224,6 +225,12 @@ pub struct CudaBackend<M: Borrow<CudaModel> = CudaModel> {
     model: M,
     cache_tokens: usize,
     lanes: Vec<Lane>,
+    /// The first lanes, that decode ([`CudaBackend::with_decode_lanes`]).
+    decode_lanes: usize,
+    /// The decode lanes' stream priority.
+    decode_priority: StreamPriority,
+    /// GPU bytes of the sequences' state (and a prefill), counted at start-up.
+    need: usize,
     serials: LaneSerials,
     shadow: Option<ShadowGpu>,
     /// Dense caches a queued compression still reads, freed once its event is done.
@@ -323,6 +330,9 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
             model,
             cache_tokens,
             lanes,
+            decode_lanes: 1,
+            decode_priority: priorities[0],
+            need,
             serials: LaneSerials::default(),
             shadow,
             retired: Vec::new(),
@@ -440,14 +450,61 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
         self
     }
 
-    /// With `half`, the prefill lane's attention (the second lane, where there is one)
-    /// runs one block a multiprocessor, leaving the rest of each to the decode lane's
+    /// With `half`, the prefill lane's attention (the last lane, where there is one)
+    /// runs one block a multiprocessor, leaving the rest of each to the decode lanes'
     /// kernels ([`crate::cuda::CudaOps::share_sms_with_decoding`]).
     pub fn with_prefill_half_sm(self, half: bool) -> Self {
-        if let Some(lane) = self.lanes.get(1) {
-            lane.ops().share_sms_with_decoding(half);
+        if self.lanes.len() > 1 {
+            if let Some(lane) = self.lanes.last() {
+                lane.ops().share_sms_with_decoding(half);
+            }
         }
         self
+    }
+
+    /// `n` decode lanes before the prefill lane (1 unless set): each a stream, scratch
+    /// and CUDA graphs of its own at the decode priority, the scheduler giving each
+    /// sequence one of them ([`StepBackend::decode_lanes`]), so their steps run side by
+    /// side and one lane's value fetch overlaps the others' compute (worth it where the
+    /// fetch bounds the step; each lane reads the weights). Needs the prefill lane;
+    /// refuses lanes whose scratch does not fit beside the sequences' state. After
+    /// [`Self::with_prefill_sms`], before the other `with_` settings, which then apply
+    /// to the new lanes too.
+    pub fn with_decode_lanes(mut self, n: usize) -> Result<Self> {
+        ensure!(
+            (1..=crate::topology::MAX_DECODE_LANES).contains(&n),
+            "1 to {} decode lanes, not {n}",
+            crate::topology::MAX_DECODE_LANES
+        );
+        if n == self.decode_lanes {
+            return Ok(self);
+        }
+        ensure!(
+            self.lanes.len() == 2 && self.decode_lanes == 1,
+            "{n} decode lanes need a separate prefill lane beside one decode lane"
+        );
+        let m: &CudaModel = self.model.borrow();
+        let lanes = n + 1;
+        let (free, _) = m.ops().device().mem_info()?;
+        let margin = memory_margin(lanes);
+        ensure!(
+            self.need + margin <= free,
+            "{n} decode lanes keep {:.1} GiB free for their scratch beside {:.1} GiB of sequence state; \
+             {:.1} GiB are free",
+            margin as f64 / (1u64 << 30) as f64,
+            self.need as f64 / (1u64 << 30) as f64,
+            free as f64 / (1u64 << 30) as f64
+        );
+        let graphs = self.lanes[0].graphs.enabled();
+        let stages = if self.shadow.is_some() { STAGE_SAMPLE } else { 0 };
+        for _ in 1..n {
+            let mut lane = m.new_lane(self.decode_priority, graphs)?;
+            lane.time_stages(stages);
+            let at = self.lanes.len() - 1;
+            self.lanes.insert(at, lane);
+        }
+        self.decode_lanes = n;
+        Ok(self)
     }
 
     /// The separate prefill lane (the second lane; none with one lane) runs on a
@@ -473,6 +530,7 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
             lane.time_stages(if self.shadow.is_some() { STAGE_SAMPLE } else { 0 });
         }
         self.lanes = vec![decode, prefill];
+        self.decode_priority = StreamPriority::Normal;
         Ok((self, got))
     }
 
@@ -786,6 +844,10 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
 
     fn lanes(&self) -> usize {
         self.lanes.len()
+    }
+
+    fn decode_lanes(&self) -> usize {
+        self.decode_lanes
     }
 
     fn queue_depth(&self) -> usize {

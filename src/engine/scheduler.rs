@@ -17,7 +17,11 @@
 //! the decode steps (every decoding sequence brings one token per step). With two
 //! lanes (the GPU with `limits.prefill_lane = "separate"`), prompts are prefilled on
 //! the second lane, a lower-priority CUDA stream, beside the decode steps of the first,
-//! so long prompts never hold decoding sequences to one token per prefill step. Where
+//! so long prompts never hold decoding sequences to one token per prefill step. With a
+//! prefill lane, the backend may have several decode lanes before it
+//! ([`StepBackend::decode_lanes`]): each sequence decodes on one of them, taken at
+//! admission where the fewest sequences run, so the lanes' steps (each a share of the
+//! batch) run side by side, and one lane's value fetch overlaps another's compute. Where
 //! the backend defers a finished prefill's work to the sequence's first decode step
 //! (ShadowKV's compression on the GPU: [`StepBackend::defers_prefill`]), no new prompt
 //! starts while a sequence waits for that step. A sequence the backend is still working
@@ -276,6 +280,12 @@ pub fn spawn_engine<M: StepBackend + 'static>(
     });
     let eos = model.config().eos_token_ids.clone();
     let lanes = (0..model.lanes()).map(|_| LaneQueue::default()).collect();
+    // Several decode lanes only before a prefill lane.
+    let decode_lanes = if model.lanes() > model.decode_lanes() {
+        model.decode_lanes().max(1)
+    } else {
+        1
+    };
     let mut engine = Engine {
         model,
         tok,
@@ -290,6 +300,7 @@ pub fn spawn_engine<M: StepBackend + 'static>(
         gpu_tracks: Vec::new(),
         stats_at: None,
         lanes,
+        decode_lanes,
         next_key: 0,
     };
     let join = std::thread::Builder::new().name("engine".into()).spawn(move || {
@@ -326,6 +337,8 @@ struct Seq<S> {
     /// latest such step.
     pending: usize,
     pending_lane: usize,
+    /// The lane its decode steps run on.
+    lane: usize,
     /// Queued steps that hold it: its state stays until they are done.
     in_flight: usize,
     /// Its end has been sent (or it must end): further tokens are dropped.
@@ -423,6 +436,8 @@ struct Engine<M: StepBackend> {
     /// While tracing, each lane's GPU tracks (where the backend has a GPU timeline).
     gpu_tracks: Vec<GpuTracks>,
     lanes: Vec<LaneQueue<M::Ticket>>,
+    /// Lanes `0..decode_lanes` decode; a lane past them prefills.
+    decode_lanes: usize,
     next_key: u64,
     /// When the backend's counters were last read for the metrics, and how many
     /// sequences were running then.
@@ -511,7 +526,11 @@ impl<M: StepBackend> Engine<M> {
                 // A sequence the backend is not done with joins the decode steps once it
                 // is: wait on no longer step meanwhile (a decode step is short, and the
                 // one after it is where the sequence would join).
-                (Some(lane), _) if unready && lane != 0 && !self.model.is_done(&self.lanes[lane].queued[0].ticket) => {
+                (Some(lane), _)
+                    if unready
+                        && lane >= self.decode_lanes
+                        && !self.model.is_done(&self.lanes[lane].queued[0].ticket) =>
+                {
                     std::thread::sleep(READY_POLL);
                 }
                 (Some(lane), _) => self.complete(lane),
@@ -640,6 +659,10 @@ impl<M: StepBackend> Engine<M> {
             };
             metrics::counter!(tm::PROMPT_TOKENS).increment(job.req.prompt.len() as u64);
             self.next_key += 1;
+            // The decode lane with the fewest sequences (the first of equals).
+            let lane = (0..self.decode_lanes)
+                .min_by_key(|&l| self.running.iter().filter(|s| !s.finished && s.lane == l).count())
+                .unwrap_or(0);
             self.running.push(Seq {
                 key: self.next_key,
                 state,
@@ -653,6 +676,7 @@ impl<M: StepBackend> Engine<M> {
                 last_token_at: None,
                 pending: 0,
                 pending_lane: 0,
+                lane,
                 in_flight: 0,
                 finished: false,
             });
@@ -686,12 +710,13 @@ impl<M: StepBackend> Engine<M> {
     }
 
     /// Whether `lane` may take another step now: while its queue has room, except that
-    /// with `decode_spacing` the decode lane of two, while the prefill lane has steps
-    /// queued, takes one step at a time, each at least the spacing after the last.
+    /// with `decode_spacing` a decode lane beside a prefill lane, while the prefill lane
+    /// has steps queued, takes one step at a time, each at least the spacing after the
+    /// last.
     fn room(&self, lane: usize) -> Room {
         let q = &self.lanes[lane];
-        let spaced = lane == 0
-            && self.lanes.len() == 2
+        let spaced = lane < self.decode_lanes
+            && self.lanes.len() > self.decode_lanes
             && !self.config.decode_spacing.is_zero()
             && !self.lanes[self.prefill_lane()].queued.is_empty();
         if !spaced {
@@ -715,9 +740,9 @@ impl<M: StepBackend> Engine<M> {
         self.lanes.len() - 1
     }
 
-    /// The next step of `lane`, if it has work: every decoding sequence that may take
-    /// another token and that the backend is ready for (one token each; on the prefill
-    /// lane of two, none), then prompt chunks, at most `prefill_chunk` prompt tokens in
+    /// The next step of `lane`, if it has work: every sequence decoding on it that may
+    /// take another token and that the backend is ready for (one token each; on a
+    /// prefill lane, none), then prompt chunks, at most `prefill_chunk` prompt tokens in
     /// all (no new prompt's while a deferred prefill waits for its first decode step).
     fn schedule(&self, lane: usize) -> Option<StepPlan> {
         let last_step = self.lanes[lane].queued.back();
@@ -725,9 +750,8 @@ impl<M: StepBackend> Engine<M> {
             members: Vec::new(),
             prefill_tokens: 0,
         };
-        let decodes_here = lane == 0;
         for s in self.running.iter().filter(|s| !s.finished) {
-            if !s.prefilled() || !decodes_here {
+            if !s.prefilled() || s.lane != lane {
                 continue;
             }
             let generated = s.out.ids().len() + s.pending;
@@ -1018,9 +1042,9 @@ mod tests {
     /// Every request through the engine gives what it gives alone through `generate`,
     /// on every schedule: one lane run step by step, one lane with a step queued ahead
     /// (tokens fed from the previous step, a finished sequence's extra token dropped),
-    /// and a second lane for prefills. Some requests end at a stop string found in
-    /// their own output, some at their token limit.
-    fn batched_requests_equal_each_alone(lanes: usize, depth: usize) {
+    /// a second lane for prefills, and two decode lanes beside it. Some requests end at
+    /// a stop string found in their own output, some at their token limit.
+    fn batched_requests_equal_each_alone(lanes: usize, depth: usize, decode_lanes: usize) {
         let (model, tok) = tiny();
         let (reference, _) = tiny();
         let tok = Arc::new(tok);
@@ -1031,7 +1055,10 @@ mod tests {
             prefill_chunk: 7,
             decode_spacing: std::time::Duration::ZERO,
         };
-        let backend = CpuBackend::new(model, None).unwrap().with_schedule(lanes, depth);
+        let backend = CpuBackend::new(model, None)
+            .unwrap()
+            .with_schedule(lanes, depth)
+            .with_decode_lanes(decode_lanes);
         let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
         let alone = |r: &EngineRequest| {
             let g = GenerateRequest {
@@ -1065,7 +1092,7 @@ mod tests {
         for (r, rx) in reqs.iter().zip(rxs) {
             let (text, finish, usage) = collect(rx);
             let g = alone(r);
-            assert_eq!(text, g.text, "lanes {lanes} depth {depth}");
+            assert_eq!(text, g.text, "lanes {lanes} depth {depth} decode lanes {decode_lanes}");
             assert_eq!(finish, g.finish);
             assert_eq!(usage.completion_tokens, g.completion_ids.len());
             assert_eq!(usage.prompt_tokens, r.prompt.len());
@@ -1077,17 +1104,23 @@ mod tests {
 
     #[test]
     fn batched_requests_equal_each_alone_step_by_step() {
-        batched_requests_equal_each_alone(1, 1);
+        batched_requests_equal_each_alone(1, 1, 1);
     }
 
     #[test]
     fn batched_requests_equal_each_alone_with_steps_queued_ahead() {
-        batched_requests_equal_each_alone(1, 2);
+        batched_requests_equal_each_alone(1, 2, 1);
     }
 
     #[test]
     fn batched_requests_equal_each_alone_with_a_prefill_lane() {
-        batched_requests_equal_each_alone(2, 2);
+        batched_requests_equal_each_alone(2, 2, 1);
+    }
+
+    #[test]
+    fn batched_requests_equal_each_alone_on_two_decode_lanes() {
+        batched_requests_equal_each_alone(3, 2, 2);
+        batched_requests_equal_each_alone(4, 1, 3);
     }
 
     /// A shutdown while steps are queued ends every stream with a final event (cancelled,

@@ -282,6 +282,11 @@ pub struct PipelineSection {
     /// Micro-batches the batch is split into to overlap fetching and compute.
     #[serde(default = "d_micro_batches")]
     pub micro_batches: usize,
+    /// Lanes that decode side by side, each its own share of the sequences on its own
+    /// CUDA streams (each reading the weights), so one lane's value fetch overlaps the
+    /// others' compute; beside the separate prefill lane, on one GPU.
+    #[serde(default = "d_decode_lanes")]
+    pub decode_lanes: usize,
     /// `cpu-gather` or `zero-copy`.
     #[serde(default)]
     pub value_fetch: ValueFetch,
@@ -305,10 +310,18 @@ fn d_micro_batches() -> usize {
     1
 }
 
+/// Most lanes that decode side by side on one GPU (`pipeline.decode_lanes`).
+pub const MAX_DECODE_LANES: usize = 4;
+
+fn d_decode_lanes() -> usize {
+    1
+}
+
 impl Default for PipelineSection {
     fn default() -> Self {
         PipelineSection {
             micro_batches: 1,
+            decode_lanes: 1,
             value_fetch: ValueFetch::CpuGather,
             gpu_tier: d_gpu_tier(),
             gpu_value_slots: 0,
@@ -696,6 +709,32 @@ impl Topology {
                     l.max_batch, p.micro_batches
                 ),
             );
+        }
+        if p.decode_lanes != 1 {
+            let why = if p.decode_lanes == 0 || p.decode_lanes > MAX_DECODE_LANES {
+                Some(format!(
+                    "must be between 1 and {MAX_DECODE_LANES}, got {}",
+                    p.decode_lanes
+                ))
+            } else if p.decode_lanes > l.max_batch {
+                Some(format!(
+                    "{} decode lanes for at most limits.max_batch ({}) sequences",
+                    p.decode_lanes, l.max_batch
+                ))
+            } else if !separate {
+                Some(
+                    "several decode lanes run beside the separate prefill lane: they need backend.kind = \"cuda\" and \
+                     limits.prefill_lane `separate` (or `auto`)"
+                        .into(),
+                )
+            } else if self.backend.devices.is_some() {
+                Some("several decode lanes run on one GPU (backend.device), not a tensor-parallel group".into())
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return e("pipeline.decode_lanes", why);
+            }
         }
         if p.value_fetch == ValueFetch::ZeroCopy && self.backend.kind != BackendKind::Cuda {
             return e(

@@ -111,6 +111,27 @@ fn impossible_values_name_key_and_line() {
             "pipeline.micro_batches",
             4,
         ),
+        ("[pipeline]\ndecode_lanes = 2\n", "pipeline.decode_lanes", 2),
+        (
+            "[backend]\nkind = \"cuda\"\n[pipeline]\ndecode_lanes = 5\n",
+            "pipeline.decode_lanes",
+            4,
+        ),
+        (
+            "[backend]\nkind = \"cuda\"\n[limits]\nmax_batch = 2\n[pipeline]\ndecode_lanes = 3\n",
+            "pipeline.decode_lanes",
+            6,
+        ),
+        (
+            "[backend]\nkind = \"cuda\"\n[limits]\nprefill_lane = \"mixed\"\n[pipeline]\ndecode_lanes = 2\n",
+            "pipeline.decode_lanes",
+            6,
+        ),
+        (
+            "[backend]\nkind = \"cuda\"\ndevices = [0, 1]\n[pipeline]\ndecode_lanes = 2\n",
+            "pipeline.decode_lanes",
+            5,
+        ),
         ("[pipeline]\nvalue_fetch = \"zero-copy\"\n", "pipeline.value_fetch", 2),
         ("[pipeline]\ngpu_tier = \"auto\"\n", "pipeline.gpu_tier", 2),
         ("[pipeline]\ngpu_value_slots = 2\n", "pipeline.gpu_value_slots", 2),
