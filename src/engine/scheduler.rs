@@ -879,17 +879,23 @@ impl<M: StepBackend> Engine<M> {
     }
 
     /// Which lane's oldest step to complete next: one that is done already, else the
-    /// decode lane's (its steps are the short ones), else any.
+    /// decode lane whose oldest step was queued first (decode steps are the short ones),
+    /// else any.
     fn lane_to_complete(&self) -> Option<usize> {
-        let busy = (0..self.lanes.len()).filter(|&l| !self.lanes[l].queued.is_empty());
-        let mut first = None;
-        for l in busy {
-            if self.model.is_done(&self.lanes[l].queued[0].ticket) {
-                return Some(l);
-            }
-            first.get_or_insert(l);
+        let busy: Vec<usize> = (0..self.lanes.len())
+            .filter(|&l| !self.lanes[l].queued.is_empty())
+            .collect();
+        if let Some(&l) = busy
+            .iter()
+            .find(|&&l| self.model.is_done(&self.lanes[l].queued[0].ticket))
+        {
+            return Some(l);
         }
-        first
+        busy.iter()
+            .copied()
+            .filter(|&l| l < self.decode_lanes)
+            .min_by_key(|&l| self.lanes[l].queued[0].submitted)
+            .or(busy.first().copied())
     }
 
     /// Nothing is queued and nothing could be: sequences that are running but can take
