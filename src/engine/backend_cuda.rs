@@ -3,9 +3,10 @@
 //! prepares step n+1 while step n runs. Lane 0 runs at high priority; with a second
 //! lane, long prefills run on it at normal priority beside the decode steps, which the
 //! GPU then schedules first; with several decode lanes before it
-//! ([`CudaBackend::with_decode_lanes`]) their steps run side by side. With the prefill lane on a partition of the
-//! multiprocessors ([`CudaBackend::with_prefill_sms`]) the order is the other way
-//! round: the prefill first on its partition, the decode steps on the rest.
+//! ([`CudaBackend::with_decode_lanes`]) their steps run side by side. With the prefill
+//! lane on a partition of the multiprocessors ([`CudaBackend::with_prefill_sms`]) the
+//! order is the other way round: the prefill first on its partition, the decode steps
+//! on the rest.
 //!
 //! Attention is full (each sequence's dense KV cache on the GPU, allocated at its first
 //! step for its prompt and completion) or ShadowKV: a sequence is prefilled densely
@@ -513,12 +514,17 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
     /// lane's, so as its blocks retire its next ones take their multiprocessors. The
     /// decode lane's kernels run on the others, which they always find free, and on
     /// whatever the prefill leaves idle. Refuses a partition that leaves the decode
-    /// lane less than the driver's smallest one. Before the other `with_` settings,
-    /// which then apply to the new lanes too. Returns the partition's size (0 without one).
+    /// lane less than the driver's smallest one. Before [`Self::with_decode_lanes`] and
+    /// the other `with_` settings, which then apply to the new lanes too. Returns the
+    /// partition's size (0 without one).
     pub fn with_prefill_sms(mut self, sms: u32) -> Result<(Self, u32)> {
         if sms == 0 || self.lanes.len() < 2 {
             return Ok((self, 0));
         }
+        ensure!(
+            self.decode_lanes == 1,
+            "the prefill lane's partition is set before the decode lanes are added"
+        );
         let m: &CudaModel = self.model.borrow();
         let graphs = self.lanes[0].graphs.enabled();
         // No captures on the prefill lane: its stream is shared by every lane asking for
