@@ -248,7 +248,7 @@ pub fn run(
             ops_dev.synchronize()?;
         }
         let label = format!(
-            "{ctx} tokens, {}{} ({m} micro-batch{}{})",
+            "{ctx} tokens, {}{} ({m} micro-batch{}{}){}",
             fetch_label,
             if tier > 0 {
                 format!(", GPU tier {tier}")
@@ -261,7 +261,8 @@ pub fn run(
             } else {
                 String::new()
             },
-        ) + &if l > 1 { format!(", {l} lanes") } else { String::new() };
+            if l > 1 { format!(", {l} lanes") } else { String::new() },
+        );
         let tr = trace.as_deref_mut().map(|t| (t, label.as_str()));
         let d = decode(model, &mut seqs, &pool, (fetch, fb), (m, l), gen, &mut last, tr)?;
         let ctx_now = seqs[0].len();
@@ -496,17 +497,16 @@ fn decode(
         fetch_hidden = hidden_fetch_share(&all);
     }
     // Stage times summed over the lanes (each lane's steps are the same steps).
-    let mut stage_ms: Vec<(String, f64)> = Vec::new();
+    let mut stages: Vec<(String, f64)> = Vec::new();
     for lane in &lanes {
         let per_step = lane.stage_steps.max(1) as f64;
         for (s, ms) in &lane.stage_ms {
-            match stage_ms.iter_mut().find(|(n, _)| n == s.name()) {
+            match stages.iter_mut().find(|(n, _)| n == s.name()) {
                 Some((_, t)) => *t += ms / per_step,
-                None => stage_ms.push((s.name().to_string(), ms / per_step)),
+                None => stages.push((s.name().to_string(), ms / per_step)),
             }
         }
     }
-    let stages = stage_ms;
     let (selected, hits, tier_hits) = (c.selected as f64, c.hits as f64, c.tier_hits as f64);
     // The counters do not tell which sequence a fetched chunk was for; the batch's
     // sequences are copies of one prompt decoding the same tokens, so each fetches the

@@ -497,15 +497,24 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
             free as f64 / (1u64 << 30) as f64
         );
         let graphs = self.lanes[0].graphs.enabled();
-        let stages = if self.shadow.is_some() { STAGE_SAMPLE } else { 0 };
         for _ in 1..n {
             let mut lane = m.new_lane(self.decode_priority, graphs)?;
-            lane.time_stages(stages);
+            lane.time_stages(self.stage_every());
             let at = self.lanes.len() - 1;
             self.lanes.insert(at, lane);
         }
         self.decode_lanes = n;
         Ok(self)
+    }
+
+    /// One step in how many a lane times its stages on the GPU: [`STAGE_SAMPLE`] under
+    /// ShadowKV, none with full attention.
+    fn stage_every(&self) -> usize {
+        if self.shadow.is_some() {
+            STAGE_SAMPLE
+        } else {
+            0
+        }
     }
 
     /// The separate prefill lane (the second lane; none with one lane) runs on a
@@ -533,7 +542,7 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
         let mut decode = m.new_lane(StreamPriority::Normal, graphs)?;
         let got = prefill.ops().device().info().sm_count;
         for lane in [&mut decode, &mut prefill] {
-            lane.time_stages(if self.shadow.is_some() { STAGE_SAMPLE } else { 0 });
+            lane.time_stages(self.stage_every());
         }
         self.lanes = vec![decode, prefill];
         self.decode_priority = StreamPriority::Normal;
