@@ -59,6 +59,7 @@ use rand::Rng;
 use shadowkv::cpu::attention::{causal_attention, AttnJob, AttnShape};
 use shadowkv::cpu::codes8;
 use shadowkv::cpu::ops::Rope;
+use shadowkv::cuda::shadow::timeline::{gpu_clock_now, stamp_ms, Stamps};
 use shadowkv::cuda::shadow::{
     DevicePool, HostMapping, LayerBuffers, RebuildLists, SeqCounts, ShadowLayout, ShadowTable, StepScratch,
     FETCH_BLOCKS,
@@ -2445,4 +2446,43 @@ fn bad_inputs_are_errors_that_say_what() {
     b.ak = dev.zeros(10).unwrap();
     let e = ShadowTable::new(&ops, &[(&b, ok)]).err().map(msg).unwrap();
     assert!(e.contains("buffer ak"), "{e}");
+}
+
+/// The stage marks' stamps (kernels/timeline.cu): the GPU's clock in nanoseconds, in
+/// stream order. A stamp launched after the host slept 20 ms is that much later than the
+/// one before it and no more than the host's time later; the anchor clock
+/// (`gpu_clock_now`) advances as the host's does; a full room refuses another stamp.
+#[test]
+fn stage_stamps_count_nanoseconds_in_stream_order() {
+    let Some(ops) = ops_or_skip() else { return };
+    let (g0, h0) = gpu_clock_now(&ops).unwrap();
+    let mut st = Stamps::new(&ops, 3).unwrap();
+    let t0 = std::time::Instant::now();
+    assert_eq!(st.stamp(&ops).unwrap(), 0);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(st.stamp(&ops).unwrap(), 1);
+    let slept = t0.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(st.stamp(&ops).unwrap(), 2);
+    let e = st.stamp(&ops).unwrap_err().to_string();
+    assert!(e.contains("more than 3 stage marks"), "{e}");
+    st.queue_read_back(&ops).unwrap();
+    let ns = st.read().unwrap().to_vec();
+    let (g1, h1) = gpu_clock_now(&ops).unwrap();
+    assert!(
+        g0 > 0 && ns[0] >= g0 && ns[0] <= ns[1] && ns[1] <= ns[2] && ns[2] <= g1,
+        "{g0} {ns:?} {g1}"
+    );
+    let gap = stamp_ms(&ns, 0, 1);
+    assert!(
+        gap >= 19.9 && gap <= slept + 1.0,
+        "{gap} ms between stamps, the host slept {slept} ms"
+    );
+    let (gpu, host) = ((g1 - g0) as f64 / 1e6, (h1 - h0).as_secs_f64() * 1e3);
+    assert!(
+        (gpu - host).abs() <= 1.0 + 0.01 * host,
+        "GPU {gpu} ms against the host's {host} ms"
+    );
+    eprintln!("RESULT stage_stamps gap_ms={gap:.3} slept_ms={slept:.3} gpu_ms={gpu:.3} host_ms={host:.3}");
+    st.clear();
+    assert_eq!(st.stamp(&ops).unwrap(), 0);
 }

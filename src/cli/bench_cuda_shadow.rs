@@ -8,8 +8,9 @@
 //! compression and their mean timed, and each stage of both by GPU events, see
 //! [`CompressWorkspace::time_stages`]); then, for each micro-batch setting, `gen`
 //! untimed and `gen` timed decode steps run through the ShadowKV state (two queued, as
-//! the daemon runs them), and [`STAGE_STEPS`] more timed by stage (the timed steps carry
-//! no stage events, which slow a step by ≈ 4 %), all with the tokens sampled greedily
+//! the daemon runs them), and [`STAGE_STEPS`] more timed by stage queued right behind
+//! them (the timed steps carry no stage stamps, which slow a step by 0.6–2.4 %; the bench
+//! prints the staged steps' time too), all with the tokens sampled greedily
 //! on the GPU and the missed value chunks read from host memory (zero-copy or
 //! cpu-gather). The untimed steps put every
 //! setting's measurement past the GPU value tier's first fill: without them a later
@@ -310,12 +311,20 @@ pub fn run(
         );
         eprintln!(
             "[GPU ms per step by stage, summed over layers and micro-batches, over the {STAGE_STEPS} steps after \
-             the timed ones (each stage's end an event, which slows the step): {}]",
+             the timed ones (each stage's end a GPU timestamp, which slows the step to {:.2} ms{}): {}]",
+            d.staged_step_ms,
+            d.traced_step_ms
+                .map(|ms| format!(", the {TRACE_STEPS} traced ones to {ms:.2} ms"))
+                .unwrap_or_default(),
             d.stages
                 .iter()
                 .map(|(s, ms)| format!("{s} {ms:.2}"))
                 .collect::<Vec<_>>()
                 .join(", ")
+        );
+        eprintln!(
+            "[the host's time queuing a lane's step: {:.2} ms ({:.2} ms with the stage stamps)]",
+            d.queue_ms[0], d.queue_ms[1]
         );
         if let Some(h) = d.fetch_hidden {
             eprintln!(
@@ -340,6 +349,8 @@ pub fn run(
         let more = serde_json::json!({
             "micro_batches": m, "lanes": l, "fetch_blocks": fb, "context_at_end": ctx_now,
             "decode_tokens_per_s": tps, "step_ms_median": d.step_ms,
+            "staged_step_ms_median": d.staged_step_ms, "traced_step_ms_median": d.traced_step_ms,
+            "host_queue_ms_per_lane_step": d.queue_ms[0], "host_queue_ms_per_lane_step_staged": d.queue_ms[1],
             "reuse_hit_rate": d.hit_rate, "tier_hit_rate": d.tier_hit_rate, "value_bytes_per_step": fetched_per_step,
             "pcie_value_bytes_per_step": pcie_per_step,
             "gpu_bytes_per_step": d.bytes.gpu(), "gpu_bytes_beside_fetch_per_step": d.bytes.window,
@@ -363,6 +374,12 @@ pub fn run(
 struct Decoded {
     decode_secs: f64,
     step_ms: f64,
+    /// The median step of those timed by stage (their stamps slow them).
+    staged_step_ms: f64,
+    /// With `--trace`: the median step of the traced ones.
+    traced_step_ms: Option<f64>,
+    /// The host's mean time queuing one lane's step: the timed steps', the staged ones'.
+    queue_ms: [f64; 2],
     /// With `--trace` and a fetch stream: the share of the fetch time hidden behind
     /// compute over the traced steps ([`hidden_fetch_share`]).
     fetch_hidden: Option<f64>,
@@ -434,14 +451,42 @@ fn decode(
     }
     let c0 = counters(&lanes);
     let mut min_free = usize::MAX;
+    // The timed steps carry no stage stamps (they would slow them, see
+    // Lane::time_stages); the steps timed by stage, and the trace's, follow them in the
+    // same queue, so that the lanes keep the phase the timed steps left them in.
+    let staged = staged_steps(gen);
+    let trace_from = gen + staged - TRACE_STEPS.min(staged);
+    let (mut c, mut gather) = (ShadowCounters::default(), GatherTimes::default());
+    let mut anchors = Vec::new();
     let td = Instant::now();
-    // The timed steps carry no stage events (they would slow them, see Lane::time_stages).
-    let done_at = queued_steps(model, &mut lanes, seqs, (pool, path), &rows, last, gen, |step, _| {
-        if step == 2 {
-            min_free = min_free.min(dev.mem_info()?.0);
-        }
-        Ok(())
-    })?;
+    let QueuedSteps { done_at, queue_secs } = queued_steps(
+        model,
+        &mut lanes,
+        seqs,
+        (pool, path),
+        &rows,
+        last,
+        gen + staged,
+        |step, lanes| {
+            if step == 2 {
+                min_free = min_free.min(dev.mem_info()?.0);
+            }
+            if step == gen {
+                for lane in lanes.iter_mut() {
+                    lane.time_stages(1);
+                }
+            }
+            // Step `gen` is queued and `gen - 1` read back: the timed steps' counters.
+            if step == gen + 1 {
+                c = counters(lanes) - c0;
+                gather = GatherTimes::sum(lanes.iter().map(|l| &l.gather));
+            }
+            if trace.is_some() && step == trace_from {
+                anchors = lanes.iter_mut().map(|l| l.start_trace()).collect::<Result<_>>()?;
+            }
+            Ok(())
+        },
+    )?;
     // A step's time: from the end of the one before to its own end (the first step's
     // from the start).
     let mut steps: Vec<f64> = std::iter::once(td)
@@ -449,37 +494,13 @@ fn decode(
         .zip(&done_at)
         .map(|(a, b)| (*b - a).as_secs_f64())
         .collect();
-    let decode_secs = td.elapsed().as_secs_f64();
-    let c = counters(&lanes) - c0;
-    let gather = lanes.iter().fold(GatherTimes::default(), |mut g, l| {
-        g.wait_secs += l.gather.wait_secs;
-        g.gather_secs += l.gather.gather_secs;
-        g.bytes += l.gather.bytes;
-        g
-    });
-    // Then the stages, and the trace, of steps timed by stage.
-    for lane in &mut lanes {
-        lane.time_stages(1);
-        lane.stage_ms.clear();
-        lane.stage_steps = 0;
-    }
-    let mut anchors = Vec::new();
-    let staged = staged_steps(gen);
-    queued_steps(
-        model,
-        &mut lanes,
-        seqs,
-        (pool, path),
-        &rows,
-        last,
-        staged,
-        |step, lanes| {
-            if trace.is_some() && step + TRACE_STEPS.min(staged) == staged {
-                anchors = lanes.iter_mut().map(|l| l.start_trace()).collect::<Result<_>>()?;
-            }
-            Ok(())
-        },
-    )?;
+    let decode_secs = (done_at[gen - 1] - td).as_secs_f64();
+    let staged_ms = |from: usize| 1e3 * median(&mut steps[from..].to_vec());
+    let (staged_step_ms, traced_step_ms) = (staged_ms(gen), staged_ms(trace_from));
+    let lane_steps =
+        |r: std::ops::Range<usize>| 1e3 * queue_secs[r.clone()].iter().sum::<f64>() / (r.len() * lanes.len()) as f64;
+    let queue_ms = [lane_steps(0..gen), lane_steps(gen..gen + staged)];
+    steps.truncate(gen);
     let mut fetch_hidden = None;
     if let (Some((t, label)), Some(&first)) = (trace, anchors.first()) {
         // Every lane's spans on the first lane's clock, for the share hidden.
@@ -522,6 +543,9 @@ fn decode(
     Ok(Decoded {
         decode_secs,
         step_ms: 1e3 * median(&mut steps),
+        staged_step_ms,
+        traced_step_ms: anchors.first().map(|_| traced_step_ms),
+        queue_ms,
         fetch_hidden,
         misses,
         hit_rate: share(hits),
@@ -539,8 +563,7 @@ fn decode(
 /// steps run beside the others'), two queued a lane: a lane's step i + 1 (its input the
 /// tokens step i samples on the GPU) is queued before its step i is read back, so the
 /// host's work for a step overlaps the GPU's for the one before. `before(i, lanes)` runs
-/// before step i is queued; `last` (each sequence's last token) is advanced. Returns the
-/// time each step was read back (on every lane).
+/// before step i is queued; `last` (each sequence's last token) is advanced.
 #[allow(clippy::too_many_arguments)]
 fn queued_steps(
     model: &CudaModel,
@@ -551,12 +574,13 @@ fn queued_steps(
     last: &mut [u32],
     n: usize,
     mut before: impl FnMut(usize, &mut [Lane]) -> Result<()>,
-) -> Result<Vec<Instant>> {
+) -> Result<QueuedSteps> {
     let sizes = lane_sizes(seqs.len(), lanes.len());
     let every_previous: Vec<Option<u32>> = (0..sizes[0] as u32).map(Some).collect();
     let mut queued: Vec<_> = lanes.iter().map(|_| None).collect();
     let mut done_at = Vec::with_capacity(n);
-    for step in 0..n {
+    let mut queue_secs = vec![0.0; n];
+    for (step, queuing) in queue_secs.iter_mut().enumerate() {
         before(step, lanes)?;
         for (((lane, seqs), last), queued) in lanes
             .iter_mut()
@@ -575,7 +599,9 @@ fn queued_steps(
             } else {
                 &[]
             };
+            let t0 = Instant::now();
             let ticket = model.submit_shadow(lane, &mut inputs, &rows[..toks.len()], prev, pool, fetch)?;
+            *queuing += t0.elapsed().as_secs_f64();
             if let Some(older) = queued.replace(ticket) {
                 last.copy_from_slice(&model.complete(lane, older)?);
             }
@@ -590,12 +616,20 @@ fn queued_steps(
         }
     }
     done_at.push(Instant::now());
-    Ok(done_at)
+    Ok(QueuedSteps { done_at, queue_secs })
+}
+
+/// What [`queued_steps`] measured, by step.
+struct QueuedSteps {
+    /// When each step was read back (on every lane).
+    done_at: Vec<Instant>,
+    /// The host's time queuing each step, summed over the lanes.
+    queue_secs: Vec<f64>,
 }
 
 /// The steps [`decode`] times by stage after `gen` timed ones.
 fn staged_steps(gen: usize) -> usize {
-    STAGE_STEPS.min(gen).max(1)
+    STAGE_STEPS.min(gen).max(2)
 }
 
 /// The decode steps of one setting: `gen` untimed, `gen` timed and the staged ones (each

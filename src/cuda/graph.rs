@@ -24,9 +24,10 @@ use super::device::StreamPriority;
 use super::model::{Attend, CudaModel, GpuCache, GpuSeq, Scratch, StageSeq, StepPlan};
 use super::ops::CudaOps;
 use super::shadow::decode::{
-    split_batch, stage_ms, ChunkGather, FetchPath, GatherTimes, RayonGather, SideMark, Stage, StageMark,
+    split_batch, stage_marks_bound, stage_ms, ChunkGather, FetchPath, GatherTimes, RayonGather, SideMark, Stage,
+    StageMark,
 };
-use super::shadow::timeline::{step_spans, GpuSpan};
+use super::shadow::timeline::{gpu_clock_now, step_spans, GpuSpan, Stamps};
 use super::shadow::transfer::GatherTransfer;
 use super::shadow::{GpuShadowSeq, GpuValuePool, ShadowStep, StepScratch, FETCH_BLOCKS};
 use crate::cpu::LogitsWanted;
@@ -131,11 +132,14 @@ pub struct Lane {
     micro_batches: usize,
     /// Blocks of a ShadowKV step's zero-copy value fetch.
     fetch_blocks: usize,
-    /// While tracing: the anchor event the spans are timed from, and the spans of the
-    /// steps completed since.
-    trace: Option<(CudaEvent, Vec<GpuSpan>)>,
+    /// While tracing: the anchor stamp (GPU nanoseconds) the spans are timed from, and
+    /// the spans of the steps completed since.
+    trace: Option<(u64, Vec<GpuSpan>)>,
     /// Milliseconds of GPU time per ShadowKV stage, summed over completed steps.
     pub stage_ms: Vec<(Stage, f64)>,
+    /// Room for stage marks' stamps, read back from completed steps and kept for the
+    /// next timed steps ([`ShadowStep::with_stage_times`]).
+    spare_stamps: Vec<Stamps>,
     /// The stream the zero-copy value fetch runs on beside the key rebuild (made at
     /// the lane's first ShadowKV step).
     fetch_ops: Option<CudaOps>,
@@ -183,17 +187,15 @@ impl Lane {
     }
 
     /// Starts recording the GPU timeline of its ShadowKV steps (each of them timed by
-    /// stage until the trace is taken, whatever [`Lane::time_stages`] says): waits for
-    /// the lane's work, records an anchor event and returns the host time it stands
-    /// for; [`Lane::take_trace`] gives the spans of the steps completed since, in
-    /// milliseconds from it.
+    /// stage until the trace is taken, whatever [`Lane::time_stages`] says): stamps the
+    /// GPU's clock on an idle stream ([`gpu_clock_now`]) and returns the host time it
+    /// stands for; [`Lane::take_trace`] gives the spans of the steps completed since,
+    /// in milliseconds from it. The lane's queued steps go on: waiting for them would
+    /// start every lane's next steps at once, and lanes that decode side by side would
+    /// then run in step, their fetches together, which the trace would show instead
+    /// of their usual overlap.
     pub fn start_trace(&mut self) -> Result<std::time::Instant> {
-        let stream = self.ops.device().stream();
-        stream.synchronize()?;
-        let anchor = self.ops.device().event(true)?;
-        anchor.record(stream)?;
-        anchor.synchronize()?;
-        let at = std::time::Instant::now();
+        let (anchor, at) = gpu_clock_now(&self.ops)?;
         self.trace = Some((anchor, Vec::new()));
         Ok(at)
     }
@@ -208,11 +210,12 @@ impl Lane {
         self.trace.take().map(|(_, s)| s).unwrap_or_default()
     }
 
-    /// Times the stages of one ShadowKV step in `every` (0: none) with events on the
-    /// GPU, summed in [`Lane::stage_ms`] as the steps complete (counted in
-    /// [`Lane::stage_steps`]); while a trace records ([`Lane::start_trace`]) every step
-    /// is timed. The events cost: they stop each kernel from starting during the tail
-    /// of the one before it, ≈ 0.9 ms of a 23 ms step at 58 × 61440 tokens on the H200.
+    /// Times the stages of one ShadowKV step in `every` (0: none) with timestamps the
+    /// GPU writes ([`crate::cuda::shadow::timeline::Stamps`]), summed in
+    /// [`Lane::stage_ms`] as the steps complete (counted in [`Lane::stage_steps`]); while
+    /// a trace records ([`Lane::start_trace`]) every step is timed. The stamps cost: they
+    /// stop each kernel from starting during the tail of the one before it, 0.5 ms of a
+    /// 20 ms step at 57 × 61440 tokens on the H200 (GPU value tier on).
     pub fn time_stages(&mut self, every: usize) {
         self.stage_every = every;
     }
@@ -251,6 +254,8 @@ pub struct StepTicket {
     /// step never waits for the next one queued behind it.
     marks: Vec<StageMark>,
     side_marks: Vec<SideMark>,
+    /// The marks' timestamps, copied to the host by the step's end.
+    stamps: Option<Stamps>,
     /// Whether the lane was tracing when the step was queued (its spans then belong to
     /// the trace; an older step's would precede the trace's anchor).
     traced: bool,
@@ -305,6 +310,7 @@ impl CudaModel {
             fetch_blocks: FETCH_BLOCKS,
             trace: None,
             stage_ms: Vec::new(),
+            spare_stamps: Vec::new(),
             fetch_ops: None,
             fold_ops: None,
             part_ops: Vec::new(),
@@ -418,7 +424,15 @@ impl CudaModel {
             let timed = lane.trace.is_some() || (lane.stage_every > 0 && lane.shadow_steps % lane.stage_every == 0);
             lane.shadow_steps += 1;
             if timed {
-                step.with_stage_times()
+                let room = stage_marks_bound(self.config().num_layers, parts);
+                let stamps = match lane.spare_stamps.pop() {
+                    Some(mut s) if s.capacity() >= room => {
+                        s.clear();
+                        s
+                    }
+                    _ => Stamps::new(ops, room)?,
+                };
+                step.with_stage_times(stamps)
             } else {
                 step
             }
@@ -460,7 +474,16 @@ impl CudaModel {
         lane.graphs.eager += 1;
         let selected = step.selected;
         let (marks, side_marks) = (step.take_marks(), step.take_side_marks());
+        let mut stamps = step.take_stamps();
         drop(step);
+        if let Some(stamps) = &mut stamps {
+            // Every stream that made stamps is joined before they are read back (the
+            // fold stream is, above).
+            for side in lane.fetch_ops.iter().chain(&lane.part_ops) {
+                ops.device().stream().join(side.device().stream())?;
+            }
+            stamps.queue_read_back(ops)?;
+        }
         for s in seqs.iter_mut() {
             s.seq.advance(&layout);
         }
@@ -468,6 +491,7 @@ impl CudaModel {
         let mut ticket = Self::read_back(lane, plan.picked.len())?;
         ticket.marks = marks;
         ticket.side_marks = side_marks;
+        ticket.stamps = stamps;
         ticket.gather_jobs = first_job..lane.transfer.as_ref().map_or(0, |t| t.next_job());
         ticket.shadow = Some((selected, n_parts));
         Ok(ticket)
@@ -552,6 +576,7 @@ impl CudaModel {
             done,
             marks: Vec::new(),
             side_marks: Vec::new(),
+            stamps: None,
             traced: lane.trace.is_some(),
             gather_jobs: 0..0,
             shadow: None,
@@ -564,10 +589,7 @@ impl CudaModel {
         t.done.synchronize()?;
         lane.ops.device().context().check_err()?;
         if let Some(tr) = &lane.transfer {
-            let g = tr.take_times();
-            lane.gather.wait_secs += g.wait_secs;
-            lane.gather.gather_secs += g.gather_secs;
-            lane.gather.bytes += g.bytes;
+            lane.gather += tr.take_times();
             if let Some(e) = tr.take_error(t.gather_jobs.clone()) {
                 anyhow::bail!("cpu-gather: {e}");
             }
@@ -583,17 +605,22 @@ impl CudaModel {
             }
             lane.shadow_selected += selected;
         }
-        if let (Some((anchor, spans)), true) = (&mut lane.trace, t.traced) {
-            spans.extend(step_spans(anchor, &t.marks, &t.side_marks)?);
-        }
-        if !t.marks.is_empty() {
-            lane.stage_steps += 1;
-            for (stage, ms) in stage_ms(&t.marks, &t.side_marks)? {
-                match lane.stage_ms.iter_mut().find(|(s, _)| *s == stage) {
-                    Some((_, t)) => *t += ms,
-                    None => lane.stage_ms.push((stage, ms)),
+        if let Some(stamps) = t.stamps {
+            let ns = stamps.read()?;
+            if let (Some((anchor, spans)), true) = (&mut lane.trace, t.traced) {
+                spans.extend(step_spans(*anchor, &t.marks, &t.side_marks, ns));
+            }
+            if !t.marks.is_empty() {
+                lane.stage_steps += 1;
+                for (stage, ms) in stage_ms(&t.marks, &t.side_marks, ns) {
+                    match lane.stage_ms.iter_mut().find(|(s, _)| *s == stage) {
+                        Some((_, t)) => *t += ms,
+                        None => lane.stage_ms.push((stage, ms)),
+                    }
                 }
             }
+            // Read: the next timed step writes its stamps there.
+            lane.spare_stamps.push(stamps);
         }
         if t.picked == 0 {
             return Ok(Vec::new());

@@ -24,6 +24,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     kernel_file!("swiglu.cu"),
     kernel_file!("flash_decode.cu"),
     kernel_file!("util.cu"),
+    kernel_file!("timeline.cu"),
     kernel_file!("flash_prefill.cu"),
     kernel_file!("qkv_append.cu"),
     kernel_file!("sample.cu"),
@@ -53,6 +54,7 @@ pub struct Kernels {
     pub(crate) flash_decode_reduce_few: CudaFunction,
     pub(crate) fill_u16: CudaFunction,
     pub(crate) fill_u32: CudaFunction,
+    pub(crate) stamp_time: CudaFunction,
     pub(crate) fill_random_bf16: CudaFunction,
     pub(crate) vocab_concat: CudaFunction,
     pub(crate) flash_prefill_d64: CudaFunction,
@@ -114,6 +116,7 @@ impl Kernels {
         let act = load(find("swiglu.cu"))?;
         let fd = load(find("flash_decode.cu"))?;
         let util = load(find("util.cu"))?;
+        let timeline = load(find("timeline.cu"))?;
         let fp = load(find("flash_prefill.cu"))?;
         let qa = load(find("qkv_append.cu"))?;
         let smp = load(find("sample.cu"))?;
@@ -145,6 +148,7 @@ impl Kernels {
             flash_decode_reduce_few: get(&fd, "flash_decode_reduce_few")?,
             fill_u16: get(&util, "fill_u16")?,
             fill_u32: get(&util, "fill_u32")?,
+            stamp_time: get(&timeline, "stamp_time")?,
             fill_random_bf16: get(&util, "fill_random_bf16")?,
             vocab_concat: get(&par, "vocab_concat")?,
             flash_prefill_d64: get(&fp, "flash_prefill_d64")?,

@@ -9,7 +9,7 @@ use super::kernels::Kernels;
 use crate::model::config::ModelConfig;
 use anyhow::{bail, ensure, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -698,6 +698,16 @@ impl CudaOps {
         let cfg = Self::launch_cfg(grid_1d(n, 256), 256, 0);
         // SAFETY: the caller passes a device pointer to n u16 elements.
         unsafe { s.launch_builder(&self.k.fill_u16).arg(&p).arg(&n).arg(&v).launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Writes the GPU's global timer (nanoseconds) to the u64 at device address `at`
+    /// once the work queued before it on `stream` (of this device's context) is done.
+    pub(crate) fn stamp_time(&self, stream: &CudaStream, at: u64) -> Result<()> {
+        let cfg = Self::launch_cfg((1, 1, 1), 1, 0);
+        // SAFETY: the caller passes the device address of a u64 that nothing else
+        // touches until the stamp is read.
+        unsafe { stream.launch_builder(&self.k.stamp_time).arg(&at).launch(cfg) }?;
         Ok(())
     }
 

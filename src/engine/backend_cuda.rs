@@ -157,8 +157,8 @@ enum Compression {
 const COMPRESS_QUEUE: usize = 256;
 
 /// One ShadowKV decode step in this many times its stages on the GPU for
-/// `shadowkv_stage_seconds`: the events cost ≈ 4 % of a step where every step carries
-/// them (0.9 ms of 23 at 58 × 61440 tokens on the H200), an eighth of that here.
+/// `shadowkv_stage_seconds`: the stamps cost 0.6–2.4 % of a step where every step carries
+/// them (0.5 ms of 20 at 57 × 61440 tokens on the H200), an eighth of that here.
 const STAGE_SAMPLE: usize = 8;
 
 impl Compressor {
@@ -321,7 +321,7 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
             .map(|&p| m.new_lane(p, graphs))
             .collect::<Result<Vec<_>>>()?;
         if shadow.is_some() {
-            // One ShadowKV step in STAGE_SAMPLE times its stages on the GPU (events
+            // One ShadowKV step in STAGE_SAMPLE times its stages on the GPU (timestamps
             // read once the step is done, no extra synchronisation) for the stage metrics.
             for lane in &mut lanes {
                 lane.time_stages(STAGE_SAMPLE);

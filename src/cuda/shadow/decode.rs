@@ -44,6 +44,7 @@ use super::layout::{DevicePool, SeqCounts, ShadowLayout};
 use super::pool::GpuValuePool;
 use super::rebuild::RebuildLists;
 use super::seq::GpuShadowSeq;
+use super::timeline::{stamp_ms, Stamps};
 use super::transfer::{GatherTransfer, PendingGather};
 use crate::cpu::attention::AttnShape;
 use crate::cuda::attention::{partition_len, DecodeArgs, DecodePass, PassArgs, PendingSlots};
@@ -77,12 +78,14 @@ pub struct ShadowStep<'a> {
     transfer: Option<&'a GatherTransfer>,
     /// The streams of the micro-batches but the last (which runs on the step's).
     part_ops: Vec<&'a CudaOps>,
-    /// With stage timing on, an event at the end of each stage of each layer, on each
+    /// With stage timing on, a stamp at the end of each stage of each layer, on each
     /// stream.
     marks: Option<RefCell<Vec<StageMark>>>,
-    /// With stage timing on, events around each layer's work on a side stream (the
+    /// With stage timing on, stamps around each layer's work on a side stream (the
     /// fetch's, the fold's).
     side_marks: Option<RefCell<Vec<SideMark>>>,
+    /// With stage timing on, the marks' timestamps.
+    stamps: RefCell<Option<Stamps>>,
     /// The stream the fold of full windows runs on beside the next layers' work (none:
     /// on the step's stream, after the layer's attention).
     fold_ops: Option<&'a CudaOps>,
@@ -175,6 +178,7 @@ impl<'a> ShadowStep<'a> {
             part_ops: Vec::new(),
             marks: None,
             side_marks: None,
+            stamps: RefCell::new(None),
             fold_ops: None,
             attn_ptrs: ops.device().upload(&ptrs)?,
             lens: ops.device().upload(&lens)?,
@@ -251,11 +255,28 @@ impl<'a> ShadowStep<'a> {
         self
     }
 
-    /// Times every stage of every layer with events on the GPU ([`ShadowStep::take_marks`]).
-    pub fn with_stage_times(mut self) -> Self {
+    /// Times every stage of every layer with timestamps the GPU writes into `stamps`
+    /// (empty, with room for [`stage_marks_bound`]; [`ShadowStep::take_marks`] and
+    /// [`ShadowStep::take_stamps`] give them back).
+    pub fn with_stage_times(mut self, stamps: Stamps) -> Self {
         self.marks = Some(RefCell::new(Vec::new()));
         self.side_marks = Some(RefCell::new(Vec::new()));
+        self.stamps = RefCell::new(Some(stamps));
         self
+    }
+
+    /// The stamps of the stage marks (none without stage timing), whose read-back the
+    /// caller queues once every stream that made them is joined.
+    pub fn take_stamps(&self) -> Option<Stamps> {
+        self.stamps.take()
+    }
+
+    /// A stamp on `ops`'s stream; its index.
+    fn stamp(&self, ops: &CudaOps) -> Result<usize> {
+        match self.stamps.borrow().as_ref() {
+            Some(s) => s.stamp(ops),
+            None => anyhow::bail!("a stage mark without stage timing"),
+        }
     }
 
     /// The batch's layout.
@@ -559,13 +580,12 @@ impl<'a> ShadowStep<'a> {
         partition_len(self.batch() * self.layout.kv_heads, 1, self.max_len, ops.decode_slots())
     }
 
-    /// With stage timing on, records an event marking the end of `stage` (or the start
+    /// With stage timing on, stamps the end of `stage` (or the start
     /// of the layer's work) on `ops`'s stream, stream `tag` of the step (0: its own;
     /// p + 1: micro-batch p's).
     fn mark(&self, ops: &CudaOps, tag: usize, stage: Stage) -> Result<()> {
         if let Some(marks) = &self.marks {
-            let e = ops.device().event(true)?;
-            e.record(ops.device().stream())?;
+            let e = self.stamp(ops)?;
             marks.borrow_mut().push((tag, stage, e));
         }
         Ok(())
@@ -576,14 +596,14 @@ impl<'a> ShadowStep<'a> {
         self.marks.as_ref().map(|m| m.take()).unwrap_or_default()
     }
 
-    /// The (begin, end) events of each layer's work on a side stream (empty without
+    /// The (begin, end) stamps of each layer's work on a side stream (empty without
     /// timing or without side streams), to read once the step is done.
     pub fn take_side_marks(&self) -> Vec<SideMark> {
         self.side_marks.as_ref().map(|m| m.take()).unwrap_or_default()
     }
 
     /// Queues `work` (layer `l`'s) on `side`'s stream after everything queued on `ops`'s
-    /// so far, between two events where stages are timed.
+    /// so far, between two stamps where stages are timed.
     fn on_side(
         &self,
         ops: &CudaOps,
@@ -594,18 +614,10 @@ impl<'a> ShadowStep<'a> {
     ) -> Result<()> {
         let s = side.device().stream();
         s.join(ops.device().stream())?;
-        let begin = self
-            .side_marks
-            .as_ref()
-            .map(|_| side.device().event(true))
-            .transpose()?;
-        if let Some(e) = &begin {
-            e.record(s)?;
-        }
+        let begin = self.side_marks.as_ref().map(|_| self.stamp(side)).transpose()?;
         work()?;
         if let (Some(marks), Some(begin)) = (&self.side_marks, begin) {
-            let end = side.device().event(true)?;
-            end.record(s)?;
+            let end = self.stamp(side)?;
             marks.borrow_mut().push((kind, l, begin, end));
         }
         Ok(())
@@ -618,9 +630,10 @@ impl<'a> ShadowStep<'a> {
     }
 }
 
-/// A stage mark: the step's stream it was recorded on (0: the step's own; p + 1: that
-/// of micro-batch p), the stage that ends there, and its event.
-pub type StageMark = (usize, Stage, CudaEvent);
+/// A stage mark: the step's stream it was made on (0: the step's own; p + 1: that of
+/// micro-batch p), the stage that ends there, and its stamp's index in the step's
+/// [`Stamps`].
+pub type StageMark = (usize, Stage, usize);
 
 /// Work a step runs on a side stream of its lane's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -631,8 +644,9 @@ pub enum SideWork {
     Fold,
 }
 
-/// Work on a side stream: which, its layer, and events at its begin and end.
-pub type SideMark = (SideWork, usize, CudaEvent, CudaEvent);
+/// Work on a side stream: which, its layer, and the indices of the stamps at its begin
+/// and end.
+pub type SideMark = (SideWork, usize, usize, usize);
 
 /// A micro-batch's fetch between its selection and its attention.
 enum PendingFetch {
@@ -703,17 +717,16 @@ impl Stage {
 
 /// Milliseconds of GPU time per stage, from a step's marks (on each stream, each stage
 /// from the previous mark to its own; `Start` marks open a layer) and its side streams'
-/// folds (`Fold`, begin to end). Stages that ran at once on several streams count on
-/// each.
-pub fn stage_ms(marks: &[StageMark], sides: &[SideMark]) -> Result<Vec<(Stage, f64)>> {
+/// folds (`Fold`, begin to end), their stamps `ns`. Stages that ran at once on several
+/// streams count on each.
+pub fn stage_ms(marks: &[StageMark], sides: &[SideMark], ns: &[u64]) -> Vec<(Stage, f64)> {
     let mut out: Vec<(Stage, f64)> = Vec::new();
-    let mut add = |stage: Stage, a: &CudaEvent, b: &CudaEvent| -> Result<()> {
-        let ms = a.elapsed_ms(b)? as f64;
+    let mut add = |stage: Stage, a: usize, b: usize| {
+        let ms = stamp_ms(ns, a, b);
         match out.iter_mut().find(|(s, _)| *s == stage) {
             Some((_, t)) => *t += ms,
             None => out.push((stage, ms)),
         }
-        Ok(())
     };
     let streams = marks.iter().map(|m| m.0).max().map_or(0, |m| m + 1);
     for tag in 0..streams {
@@ -722,16 +735,24 @@ pub fn stage_ms(marks: &[StageMark], sides: &[SideMark]) -> Result<Vec<(Stage, f
             let (_, _, a) = w[0];
             let (_, stage, b) = w[1];
             if *stage != Stage::Start {
-                add(*stage, a, b)?;
+                add(*stage, *a, *b);
             }
         }
     }
-    for (kind, _, a, b) in sides {
-        if *kind == SideWork::Fold {
-            add(Stage::Fold, a, b)?;
+    for &(kind, _, a, b) in sides {
+        if kind == SideWork::Fold {
+            add(Stage::Fold, a, b);
         }
     }
-    Ok(out)
+    out
+}
+
+/// The most stage marks a step of `layers` layers in `parts` micro-batches makes: a
+/// layer's on the step's stream (its start, append, join and fold) and its fold's two,
+/// and each micro-batch's (start, scores, top-k, reuse, rebuild, the attention's two
+/// passes and the fetch between them) with its fetch's two on the fetch stream.
+pub fn stage_marks_bound(layers: usize, parts: usize) -> usize {
+    layers * (4 + 2 + parts * (8 + 2))
 }
 
 /// How a decode step gets the missed values to the GPU.
@@ -752,6 +773,25 @@ pub struct GatherTimes {
     pub gather_secs: f64,
     /// Bytes gathered.
     pub bytes: u64,
+}
+
+impl std::ops::AddAssign for GatherTimes {
+    fn add_assign(&mut self, o: Self) {
+        self.wait_secs += o.wait_secs;
+        self.gather_secs += o.gather_secs;
+        self.bytes += o.bytes;
+    }
+}
+
+impl GatherTimes {
+    /// The times of several gathers (lanes, steps) together.
+    pub fn sum<'a>(all: impl IntoIterator<Item = &'a GatherTimes>) -> GatherTimes {
+        let mut sum = GatherTimes::default();
+        for &g in all {
+            sum += g;
+        }
+        sum
+    }
 }
 
 /// The cpu-gather path's chunk copy: chunk `i` of `dst` (chunks of `chunk` bytes) is
