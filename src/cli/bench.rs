@@ -18,6 +18,18 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
+/// Prints a line of the results' table: to stdout, or to stderr where `--json` without a
+/// file writes the JSON to stdout (which then holds nothing else, so that it parses).
+macro_rules! table_line {
+    ($to_stderr:expr) => {
+        if $to_stderr { eprintln!() } else { println!() }
+    };
+    ($to_stderr:expr, $($arg:tt)*) => {
+        if $to_stderr { eprintln!($($arg)*) } else { println!($($arg)*) }
+    };
+}
+pub(crate) use table_line;
+
 /// Arguments of `shadowkv bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -227,15 +239,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let progress = std::io::stderr().is_terminal();
     let model = CpuModel::new(cfg.clone(), ModelWeights::load(&cfg, m.source.as_ref(), progress)?);
     let mut rows = Vec::new();
-    println!(
+    let tables_to_stderr = matches!(a.json, Some(None));
+    table_line!(
+        tables_to_stderr,
         "machine: {}, {threads} threads; model {}; batch {}; {} generated tokens",
         machine(),
         a.model,
         batch,
         a.gen
     );
-    println!("| context | method | decode tok/s | step ms (median) | vs full | reuse hit | value KiB/step | prefill s | compress s |");
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    table_line!(tables_to_stderr, "| context | method | decode tok/s | step ms (median) | vs full | reuse hit | value KiB/step | prefill s | compress s |");
+    table_line!(tables_to_stderr, "|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for &ctx in &a.context {
         if ctx + a.gen > cfg.max_position_embeddings || ctx == 0 {
             bail!(
@@ -320,7 +334,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             }
             let ratio = full_tps.map(|f| tps / f);
             let kib_step = st.value_bytes_fetched as f64 / 1024.0 / (a.gen - 1) as f64;
-            println!(
+            table_line!(
+                tables_to_stderr,
                 "| {ctx} | {} | {tps:.2} | {step_ms:.1} | {} | {} | {} | {prefill_secs:.1} | {} |",
                 method.label(),
                 ratio.map(|r| format!("{r:.2}×")).unwrap_or("-".into()),

@@ -9,6 +9,7 @@
 //! bytes of a step are the weights plus the keys and values read and written.
 
 use super::backend::{load_cuda_model, open_gpu, CudaArgs, Gpus};
+use super::bench::table_line;
 use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::model::chunked_prefill;
 use crate::cpu::LogitsWanted;
@@ -135,7 +136,9 @@ pub fn run(a: CudaBench) -> Result<()> {
     let load_secs = t_load.elapsed().as_secs_f64();
     let info = model.ops().device().info().clone();
     let (_, total_mem) = model.ops().device().mem_info()?;
-    println!(
+    let tables_to_stderr = matches!(a.json, Some(None));
+    table_line!(
+        tables_to_stderr,
         "machine: {} ({} SMs, {:.0} GiB); model {} ({:.2} GB of bf16 weights, {load_secs:.1} s to load); {} decode steps; CUDA graphs {}",
         info.name,
         info.sm_count,
@@ -314,12 +317,16 @@ pub fn run(a: CudaBench) -> Result<()> {
             r["ratio_to_peer"] = serde_json::json!(ratio);
         }
     }
-    println!("| context | batch | prefill s | prefill TFLOP/s | decode tok/s | step ms (median) | HBM GB/step | × HBM bound | peak GiB | peer tok/s | peer step ms | peer × bound | vs peer |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    table_line!(tables_to_stderr, "| context | batch | prefill s | prefill TFLOP/s | decode tok/s | step ms (median) | HBM GB/step | × HBM bound | peak GiB | peer tok/s | peer step ms | peer × bound | vs peer |");
+    table_line!(
+        tables_to_stderr,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for r in &rows {
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         let p = |k: &str| r["peer"][k].as_f64().map_or("-".to_string(), |v| format!("{v:.2}"));
-        println!(
+        table_line!(
+            tables_to_stderr,
             "| {} | {} | {:.2} | {:.0} | {:.1} | {:.2} | {:.2} | {:.3} | {:.1} | {} | {} | {} | {} |",
             r["context"],
             r["batch"],
@@ -339,15 +346,17 @@ pub fn run(a: CudaBench) -> Result<()> {
         );
     }
     if !shadow_rows.is_empty() {
-        println!();
-        println!("| context | fetch | GPU tier (chunks/head) | micro-batches | lanes | fetch blocks | ShadowKV batch (host+GPU slots) | decode tok/s | vs full | step ms (median) | bound ms | × bound | floor ms (one micro-batch) | × floor | reuse hit | tier hit | value MiB/step | prefill s | compression / prefill | peak GiB | host pool GiB | fetch hidden |");
-        println!(
+        table_line!(tables_to_stderr);
+        table_line!(tables_to_stderr, "| context | fetch | GPU tier (chunks/head) | micro-batches | lanes | fetch blocks | ShadowKV batch (host+GPU slots) | decode tok/s | vs full | step ms (median) | bound ms | × bound | floor ms (one micro-batch) | × floor | reuse hit | tier hit | value MiB/step | prefill s | compression / prefill | peak GiB | host pool GiB | fetch hidden |");
+        table_line!(
+            tables_to_stderr,
             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for r in &shadow_rows {
             let r = &r.row;
             let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-            println!(
+            table_line!(
+                tables_to_stderr,
                 "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.1} | {:.2} | {:.1} % | {:.1} | {:.1} | {} |",
                 r["context"],
                 r["value_fetch"].as_str().unwrap_or("-"),
