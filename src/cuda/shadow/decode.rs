@@ -828,7 +828,39 @@ impl ChunkGather for RayonGather {
 
 #[cfg(test)]
 mod tests {
-    use super::split_batch;
+    use super::{split_batch, stage_marks_bound, stage_ms, SideWork, Stage};
+
+    #[test]
+    fn stage_times_come_from_the_stamps_of_each_stream() {
+        // Stamps (ns): the compute stream 0..4, micro-batch 0's stream 4..7, a fold.
+        let ns = [
+            0, 1_000_000, 3_000_000, 3_500_000, 500_000, 2_500_000, 2_750_000, 3_000_000, 3_250_000,
+        ];
+        let marks = [
+            (0, Stage::Start, 0),
+            (0, Stage::Append, 1),
+            (0, Stage::Join, 2),
+            (0, Stage::Start, 3),
+            (1, Stage::Start, 4),
+            (1, Stage::Scores, 5),
+            (1, Stage::Attend, 6),
+        ];
+        let sides = [(SideWork::Fold, 0, 7, 8), (SideWork::Fetch, 0, 4, 6)];
+        let got = stage_ms(&marks, &sides, &ns);
+        let ms = |s: Stage| got.iter().find(|(g, _)| *g == s).map(|(_, m)| *m);
+        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
+        assert!(close(ms(Stage::Append), 1.0) && close(ms(Stage::Join), 2.0), "{got:?}");
+        assert!(
+            close(ms(Stage::Scores), 2.0) && close(ms(Stage::Attend), 0.25),
+            "{got:?}"
+        );
+        // The fold from its side stream; the fetch's side span is no stage; a Start
+        // ends none.
+        assert!(close(ms(Stage::Fold), 0.25) && ms(Stage::Fetch).is_none() && ms(Stage::Start).is_none());
+        assert_eq!(got.len(), 5, "{got:?}");
+        // A step's marks stay within their bound: 7 here for 1 layer of 1 micro-batch.
+        assert!(marks.len() + 2 * sides.len() <= stage_marks_bound(1, 1));
+    }
 
     #[test]
     fn micro_batches_cover_the_batch_in_order() {

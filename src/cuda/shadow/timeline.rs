@@ -97,7 +97,13 @@ pub fn gpu_clock_now(ops: &CudaOps) -> Result<(u64, Instant)> {
 
 /// Milliseconds from stamp `a` to stamp `b` of `ns`.
 pub fn stamp_ms(ns: &[u64], a: usize, b: usize) -> f64 {
-    (ns[b] as f64 - ns[a] as f64) / 1e6
+    ms_between(ns[a], ns[b])
+}
+
+/// Milliseconds from the stamp `from` to the stamp `to` (nanoseconds; negative where
+/// `to` came first).
+fn ms_between(from: u64, to: u64) -> f64 {
+    (to as f64 - from as f64) / 1e6
 }
 
 /// Which of a lane's streams a span ran on.
@@ -246,7 +252,7 @@ pub fn hidden_fetch_share(spans: &[GpuSpan]) -> Option<f64> {
 /// [`spans`] of a step's marks, their stamps `ns`, timed from the stamp `anchor_ns`
 /// (made before them).
 pub fn step_spans(anchor_ns: u64, marks: &[StageMark], sides: &[SideMark], ns: &[u64]) -> Vec<GpuSpan> {
-    let at = |i: usize| (ns[i] as f64 - anchor_ns as f64) / 1e6;
+    let at = |i: usize| ms_between(anchor_ns, ns[i]);
     let marks: Vec<_> = marks.iter().map(|&(t, s, i)| (t, s, at(i))).collect();
     let sides: Vec<_> = sides.iter().map(|&(w, l, a, b)| (w, l, at(a), at(b))).collect();
     spans(&marks, &sides)
@@ -332,6 +338,31 @@ mod tests {
         (0, Stage::Start, 2.0),
         (0, Stage::Append, 2.1),
     ];
+
+    #[test]
+    fn stamps_become_spans_from_the_anchor() {
+        // Stamps in nanoseconds, the anchor 1 ms before the first: TWO_LAYERS' times.
+        let anchor = 5_000_000_000u64;
+        let ns: Vec<u64> = TWO_LAYERS
+            .iter()
+            .map(|m| anchor + (m.2 * 1e6).round() as u64)
+            .chain([anchor + 700_000, anchor + 1_500_000])
+            .collect();
+        let marks: Vec<StageMark> = TWO_LAYERS.iter().enumerate().map(|(i, m)| (m.0, m.1, i)).collect();
+        let fetch = [(SideWork::Fetch, 0, ns.len() - 2, ns.len() - 1)];
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        let want = spans(&TWO_LAYERS, &[(SideWork::Fetch, 0, 0.7, 1.5)]);
+        let got = step_spans(anchor, &marks, &fetch, &ns);
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!((g.stream, g.name, g.layer), (w.stream, w.name, w.layer));
+            assert!(
+                close(g.start_ms, w.start_ms) && close(g.end_ms, w.end_ms),
+                "{g:?} {w:?}"
+            );
+        }
+        assert!(close(stamp_ms(&ns, 0, 1), 0.1) && close(stamp_ms(&ns, 1, 0), -0.1));
+    }
 
     #[test]
     fn marks_become_named_spans_per_layer() {
