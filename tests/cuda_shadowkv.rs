@@ -170,6 +170,15 @@ fn usual_settings_agree_with_the_cpu_reference() {
     let (g, gs) = generate_cuda(&gpu, &tok, &[request(ids.clone(), gen)], opts, true).unwrap();
     let gpu_secs = t0.elapsed().as_secs_f64();
     let (c, cs) = generate(&cpu, &tok, &[request(ids.clone(), gen)], opts).unwrap();
+    // A fetched chunk counts the bytes the CPU reference counts for one: its 8-bit values
+    // (no GPU value tier here, so every miss is fetched).
+    let (gst, cst) = (gs.shadow.unwrap(), cs.shadow.unwrap());
+    assert!(gst.misses > 0 && cst.misses > 0, "{gst:?} {cst:?}");
+    assert_eq!(
+        gst.value_bytes_fetched * cst.misses,
+        cst.value_bytes_fetched * gst.misses,
+        "bytes per fetched chunk: GPU {gst:?}, CPU {cst:?}"
+    );
     // The cpu-gather path moves the same bytes to the same slots: the same tokens.
     let gather = GenerateOptions {
         value_fetch: FetchPath::CpuGather,

@@ -1036,12 +1036,12 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
             c = c + lane.shadow_counters();
         }
         // Tier hits are misses of the slots (their keys are rebuilt) whose values did not
-        // cross PCIe.
+        // cross PCIe; a fetched chunk moves its values as the pool keeps them (8 bits).
         let misses = c.selected.saturating_sub(c.hits);
         Some(ShadowStats {
             hits: c.hits,
             misses,
-            value_bytes_fetched: c.fetched() * (sh.layout.chunk * sh.layout.head_dim * 2) as u64,
+            value_bytes_fetched: c.fetched() * sh.layout.value_chunk_bytes() as u64,
         })
     }
 }
