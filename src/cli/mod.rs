@@ -10,6 +10,7 @@ mod generate;
 mod inspect;
 mod serve;
 mod shadow_args;
+pub mod signals;
 mod synth;
 
 use anyhow::{Context, Result};

@@ -2,6 +2,7 @@
 //! engine thread and the OpenAI-compatible HTTP server, and shuts down cleanly on
 //! SIGTERM/SIGINT.
 
+use super::signals::ShutdownSignals;
 use crate::cpu::CpuModel;
 use crate::cuda::nccl::Nccl;
 use crate::cuda::shadow::decode::{ChunkGather, FetchPath};
@@ -591,21 +592,6 @@ pub fn run(a: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return "SIGINT";
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = tokio::signal::ctrl_c() => "SIGINT",
-    }
-}
-
 /// What the shutdown after a signal needs.
 struct Drain {
     /// The engine to stop.
@@ -622,9 +608,9 @@ impl Drain {
     /// `/health` and new requests answer 503 (what load balancers and probes expect);
     /// once the engine thread has ended, `stop` closes the listeners. A second signal
     /// exits at once.
-    async fn on_signal(mut self, stop: tokio::sync::watch::Sender<bool>) {
+    async fn on_signal(mut self, mut signals: ShutdownSignals, stop: tokio::sync::watch::Sender<bool>) {
         let grace = self.grace;
-        let sig = wait_for_signal().await;
+        let sig = signals.next().await;
         info!(
             "{sig}: shutting down (running requests get up to {:.0}s; /health and new requests get 503 meanwhile)",
             grace.as_secs_f64()
@@ -643,9 +629,9 @@ impl Drain {
         let sig = tokio::select! {
             _ = drained => {
                 let _ = stop.send(true);
-                wait_for_signal().await
+                signals.next().await
             }
-            sig = wait_for_signal() => sig,
+            sig = signals.next() => sig,
         };
         warn!("{sig} again: exiting now");
         std::process::exit(130);
@@ -669,7 +655,9 @@ async fn serve(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    tokio::spawn(drain.on_signal(stop_tx));
+    // Taken here, before the daemon listens (see crate::cli::signals).
+    let signals = ShutdownSignals::take()?;
+    tokio::spawn(drain.on_signal(signals, stop_tx));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {

@@ -1,0 +1,44 @@
+//! The daemon's shutdown signals (SIGTERM, SIGINT), taken back from any library that
+//! took them first.
+//!
+//! NVRTC compiles with LLVM, which installs handlers for SIGTERM, SIGINT and the crash
+//! signals the first time it compiles (on the H200 host the CUDA daemon's SigCgt showed
+//! them). Its handler puts the dispositions back as it found them (the default) and
+//! raises the signal again. tokio's handler calls the handler it replaced before its own
+//! work, so a SIGTERM ran LLVM's, which reset SIGTERM to the default and re-raised it:
+//! the daemon died before its drain began, its trace cut mid-event and no line logged.
+//! Setting both signals back to their default just before tokio takes them leaves tokio
+//! nothing to chain to.
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+/// SIGTERM and SIGINT as streams; made inside a tokio runtime, before the daemon
+/// listens, so that no signal comes before they are in place.
+pub struct ShutdownSignals {
+    term: Signal,
+    int: Signal,
+}
+
+impl ShutdownSignals {
+    /// Sets SIGTERM and SIGINT to their default dispositions, then lets tokio take them.
+    pub fn take() -> Result<Self> {
+        for sig in [libc::SIGTERM, libc::SIGINT] {
+            // SAFETY: setting a disposition to the default installs no code; tokio's
+            // handler replaces it at once, below.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
+        Ok(ShutdownSignals {
+            term: signal(SignalKind::terminate()).context("taking SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("taking SIGINT")?,
+        })
+    }
+
+    /// Waits for the next of the two; returns its name.
+    pub async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
