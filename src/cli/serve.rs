@@ -219,9 +219,14 @@ fn value_pool(
             )
         })?,
     };
+    // The budget against the context: a step's work follows it, and the bench's default
+    // (the paper's ratio) scales it to the context where a topology fixes it.
+    let paper = ShadowParams::defaults(cfg, max_context).budget;
     info!(
-        "ShadowKV: budget {}, rank {}, chunk {}, {} outlier and {} local chunks; value pool{} {:.2} GiB ({:?})",
+        "ShadowKV: budget {} ({:.2} % of limits.max_context {max_context}; `shadowkv bench` defaults to {paper} there), \
+         rank {}, chunk {}, {} outlier and {} local chunks; value pool{} {:.2} GiB ({:?})",
         p.budget,
+        100.0 * p.budget as f64 / max_context as f64,
         p.rank,
         p.chunk_size,
         p.outlier_chunks,
