@@ -279,7 +279,8 @@ fn linear_decode_bandwidth() {
     let Some(ops) = ops_or_skip() else { return };
     let dev = ops.device();
     // Llama-3.1-8B's decode products: qkv, o, gate|up, down and the output head, at 1,
-    // 2, 8 and 16 rows; up to GEMV_MAX_M rows with the GEMV kernel and with cuBLAS.
+    // 2, 8, 16, 29 and 57 rows (57: the tier step's batch at 61440); up to GEMV_MAX_M rows
+    // with the GEMV kernel and with cuBLAS.
     let shapes = [
         (4096usize, 6144usize),
         (4096, 4096),
@@ -287,7 +288,7 @@ fn linear_decode_bandwidth() {
         (14_336, 4096),
         (4096, 128_256),
     ];
-    for &m in &[1usize, 2, 8, 16, 29] {
+    for &m in &[1usize, 2, 8, 16, 29, 57] {
         for &(k, n) in &shapes {
             let mut x = dev.zeros::<bf16>(m * k).unwrap();
             let mut w = dev.zeros::<bf16>(n * k).unwrap();
