@@ -580,3 +580,140 @@ fn rebuild_bench(
         flops / (med * 1e-3) / 1e12
     );
 }
+
+/// The cuBLASLt algorithms its heuristic offers (up to 16) for Llama-3.1-8B's decode
+/// products at 16 and 57 rows, each timed, against `linear` (cublasGemmEx's default
+/// choice): whether picking among them at start-up would stream the weights faster.
+#[test]
+#[ignore = "benchmark: needs a GPU"]
+fn linear_cublaslt_candidates() {
+    use cudarc::cublaslt::{result as lt, sys};
+    use cudarc::driver::DevicePtr;
+    let Some(ops) = ops_or_skip() else { return };
+    let dev = ops.device();
+    let stream = dev.stream();
+    let handle = lt::create_handle().unwrap();
+    let ws_bytes = 32usize << 20;
+    let ws = dev.zeros::<u8>(ws_bytes).unwrap();
+    let (wsp, _gw) = ws.device_ptr(stream);
+    let bf = sys::cudaDataType_t::CUDA_R_16BF;
+    for &m in &[16usize, 57] {
+        for &(k, n) in &[(4096usize, 6144usize), (4096, 4096), (4096, 28_672), (14_336, 4096)] {
+            let mut x = dev.zeros::<bf16>(m * k).unwrap();
+            let mut w = dev.zeros::<bf16>(n * k).unwrap();
+            let mut out = dev.zeros::<bf16>(m * n).unwrap();
+            ops.fill_random_bf16(&mut x, 1, 1.0).unwrap();
+            ops.fill_random_bf16(&mut w, 2, 0.02).unwrap();
+            let (base, _, _) = time_ms(&ops, 5, 50, || ops.linear(&mut out, &x, &w, m, k, n, false).unwrap());
+            let bytes = ((n * k + m * k + m * n) * 2) as f64;
+            // out^T[n, m] = w[n, k] · x^T as column-major: A = w (k × n, transposed), B = x^T (k × m).
+            let desc = lt::create_matmul_desc(
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cudaDataType_t::CUDA_R_32F,
+            )
+            .unwrap();
+            let (t, nt) = (
+                cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T,
+                cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+            );
+            let pref = lt::create_matmul_pref().unwrap();
+            let a = lt::create_matrix_layout(bf, k as u64, n as u64, k as i64).unwrap();
+            let b = lt::create_matrix_layout(bf, k as u64, m as u64, k as i64).unwrap();
+            let c = lt::create_matrix_layout(bf, n as u64, m as u64, n as i64).unwrap();
+            let mut found = [std::mem::MaybeUninit::<sys::cublasLtMatmulHeuristicResult_t>::zeroed(); 16];
+            let mut count = 0i32;
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                    (&t as *const cudarc::cublas::sys::cublasOperation_t).cast(),
+                    std::mem::size_of::<cudarc::cublas::sys::cublasOperation_t>(),
+                )
+                .unwrap();
+                lt::set_matmul_desc_attribute(
+                    desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+                    (&nt as *const cudarc::cublas::sys::cublasOperation_t).cast(),
+                    std::mem::size_of::<cudarc::cublas::sys::cublasOperation_t>(),
+                )
+                .unwrap();
+                lt::set_matmul_pref_attribute(
+                    pref,
+                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    (&ws_bytes as *const usize).cast(),
+                    std::mem::size_of::<usize>(),
+                )
+                .unwrap();
+                sys::cublasLtMatmulAlgoGetHeuristic(
+                    handle,
+                    desc,
+                    a,
+                    b,
+                    c,
+                    c,
+                    pref,
+                    16,
+                    found.as_mut_ptr().cast(),
+                    &mut count,
+                )
+                .result()
+                .unwrap();
+            }
+            let (alpha, beta) = (1.0f32, 0.0f32);
+            let mut times = Vec::new();
+            for (i, h) in found.iter().take(count as usize).enumerate() {
+                let h = unsafe { h.assume_init() };
+                if h.state != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                    continue;
+                }
+                let (xp, _g1) = x.device_ptr(stream);
+                let (wp, _g2) = w.device_ptr(stream);
+                let (op, _g3) = out.device_ptr(stream);
+                let run = || unsafe {
+                    lt::matmul(
+                        handle,
+                        desc,
+                        (&alpha as *const f32).cast(),
+                        (&beta as *const f32).cast(),
+                        wp as *const _,
+                        a,
+                        xp as *const _,
+                        b,
+                        op as *const _,
+                        c,
+                        op as *mut _,
+                        c,
+                        &h.algo,
+                        wsp as *mut _,
+                        ws_bytes,
+                        stream.cu_stream() as _,
+                    )
+                    .unwrap()
+                };
+                let (med, _, _) = time_ms(&ops, 3, 30, run);
+                times.push((med, i, h.wavesCount));
+            }
+            times.sort_by(|p, q| p.0.partial_cmp(&q.0).unwrap());
+            let gbs = |ms: f64| bytes / (ms * 1e-3) / 1e9;
+            let list: Vec<String> = times.iter().map(|(t, i, _)| format!("#{i}:{:.4}", t)).collect();
+            if let Some(&(best, i, waves)) = times.first() {
+                eprintln!(
+                    "BENCH linear_lt m={m} k={k} n={n} gemm_ex_ms={base:.4} ({:.0} GB/s) best_lt_ms={best:.4} ({:.0} GB/s, \
+                     algo #{i} of {count}, waves {waves:.2}) ratio={:.3} all=[{}]",
+                    gbs(base),
+                    gbs(best),
+                    best / base,
+                    list.join(" ")
+                );
+            }
+            unsafe {
+                lt::destroy_matrix_layout(a).unwrap();
+                lt::destroy_matrix_layout(b).unwrap();
+                lt::destroy_matrix_layout(c).unwrap();
+                lt::destroy_matmul_pref(pref).unwrap();
+                lt::destroy_matmul_desc(desc).unwrap();
+            }
+        }
+    }
+    unsafe { lt::destroy_handle(handle).unwrap() };
+}
