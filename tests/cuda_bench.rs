@@ -623,20 +623,11 @@ fn linear_cublaslt_candidates() {
             let mut found = [std::mem::MaybeUninit::<sys::cublasLtMatmulHeuristicResult_t>::zeroed(); 16];
             let mut count = 0i32;
             unsafe {
-                lt::set_matmul_desc_attribute(
-                    desc,
-                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
-                    (&t as *const cudarc::cublas::sys::cublasOperation_t).cast(),
-                    std::mem::size_of::<cudarc::cublas::sys::cublasOperation_t>(),
-                )
-                .unwrap();
-                lt::set_matmul_desc_attribute(
-                    desc,
-                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
-                    (&nt as *const cudarc::cublas::sys::cublasOperation_t).cast(),
-                    std::mem::size_of::<cudarc::cublas::sys::cublasOperation_t>(),
-                )
-                .unwrap();
+                use sys::cublasLtMatmulDescAttributes_t::{CUBLASLT_MATMUL_DESC_TRANSA, CUBLASLT_MATMUL_DESC_TRANSB};
+                for (attr, op) in [(CUBLASLT_MATMUL_DESC_TRANSA, &t), (CUBLASLT_MATMUL_DESC_TRANSB, &nt)] {
+                    let size = std::mem::size_of_val(op);
+                    lt::set_matmul_desc_attribute(desc, attr, std::ptr::from_ref(op).cast(), size).unwrap();
+                }
                 lt::set_matmul_pref_attribute(
                     pref,
                     sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
