@@ -1,14 +1,15 @@
 //! The daemon's shutdown signals (SIGTERM, SIGINT), taken back from any library that
 //! took them first.
 //!
-//! NVRTC compiles with LLVM, which installs handlers for SIGTERM, SIGINT and the crash
-//! signals the first time it compiles (on the H200 host the CUDA daemon's SigCgt showed
-//! them). Its handler puts the dispositions back as it found them (the default) and
-//! raises the signal again. tokio's handler calls the handler it replaced before its own
-//! work, so a SIGTERM ran LLVM's, which reset SIGTERM to the default and re-raised it:
-//! the daemon died before its drain began, its trace cut mid-event and no line logged.
-//! Setting both signals back to their default just before tokio takes them leaves tokio
-//! nothing to chain to.
+//! NVRTC carries LLVM, which installs handlers for SIGTERM, SIGINT and the crash signals
+//! (on the H200 host the CUDA daemon's SigCgt showed LLVM's set; the daemon died the same
+//! way whether its kernels were compiled or read from the kernel cache, NVRTC being
+//! loaded either way). Its handler puts the dispositions back as it found them (the
+//! default) and raises the signal again. tokio's handler calls the handler it replaced
+//! before its own work, so a SIGTERM ran LLVM's, which reset SIGTERM to the default and
+//! re-raised it: the daemon died before its drain began, its trace cut mid-event and no
+//! line logged. Setting both signals back to their default just before tokio takes them
+//! leaves tokio nothing to chain to.
 
 use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, Signal, SignalKind};
