@@ -505,6 +505,21 @@ fn engine_backend(gpu: &Arc<CudaModel>, p: ShadowParams, slots: usize) -> CudaBa
     CudaBackend::new(gpu.clone(), ENGINE_CONTEXT, slots, 2, true, Some((p, pool))).unwrap()
 }
 
+/// The backend reports the GPU value tier it was given (the daemon logs it at start-up):
+/// none before, then its entries and at least their 8-bit values' bytes over every
+/// layer, KV head and sequence.
+#[test]
+fn the_backend_reports_its_gpu_value_tier() {
+    let Some((gpu, _, p)) = engine_parts() else { return };
+    let cfg = gpu.config().clone();
+    let b = engine_backend(&gpu, p, 2);
+    assert_eq!(b.tier(), None);
+    let (entries, bytes) = b.with_tier(TierSize::Chunks(16)).unwrap().tier().expect("a tier");
+    assert_eq!(entries, 16);
+    let values = entries * cfg.num_layers * cfg.num_kv_heads * 2 * p.chunk_size * cfg.head_dim;
+    assert!(bytes >= values, "{bytes} bytes for {values} bytes of values");
+}
+
 /// The engine tests' scheduler: two sequences, prompts in chunks of 256.
 fn engine_config() -> SchedulerConfig {
     SchedulerConfig {

@@ -502,6 +502,15 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 AutoOr::Value(n) => TierSize::Chunks(n),
             })
             .map_err(|e| topo.error_at("pipeline.gpu_tier", format!("{e:#}")))?;
+        if let Some((entries, bytes)) = backend.tier() {
+            info!(
+                "ShadowKV: a GPU value tier of {entries} chunks per layer and KV head of each sequence ({:.1} GiB for \
+                 {} sequences; a sequence of limits.max_context has {} chunks) (pipeline.gpu_tier)",
+                bytes as f64 / (1u64 << 30) as f64,
+                topo.limits.max_batch,
+                max_context.div_ceil(topo.attention.chunk_size)
+            );
+        }
         if value_slots > 0 {
             info!(
                 "ShadowKV: {value_slots} of {} sequences keep their values in GPU memory (pipeline.gpu_value_slots)",

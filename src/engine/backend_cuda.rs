@@ -423,6 +423,14 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
         Ok(self)
     }
 
+    /// The GPU value tier, when ShadowKV keeps one: its entries per layer and KV head of
+    /// a sequence, and its device bytes over every layer and `max_batch` sequence.
+    pub fn tier(&self) -> Option<(usize, usize)> {
+        let s = self.shadow.as_ref().filter(|s| s.layout.tier > 0)?;
+        let layers = self.model.borrow().config().num_layers;
+        Some((s.layout.tier, s.layout.tier_bytes() * layers * s.max_batch))
+    }
+
     /// ShadowKV fetches the missed values by `fetch` (zero-copy unless set, cpu-gather
     /// for a file-backed pool); cpu-gather is refused once the pool has GPU value slots
     /// (as [`Self::with_value_slots`] refuses them under cpu-gather), zero-copy for a
