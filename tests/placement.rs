@@ -386,3 +386,25 @@ fn pinning_binds_the_thread_and_warns_when_it_cannot() {
     .join()
     .unwrap();
 }
+
+/// A gather pool placed with the transfer actor's cores pins each lane's gather-actor
+/// thread there as it starts (`ChunkGather::on_actor_start`, which that thread runs
+/// first); without them the thread keeps its binding.
+#[test]
+fn the_gather_actor_thread_runs_on_the_transfer_cores() {
+    use shadowkv::cuda::shadow::decode::ChunkGather;
+    use shadowkv::pipeline::GatherPool;
+    let m = Machine::read(Source::Host, None).unwrap();
+    let last = *m.cpus().last().unwrap();
+    let placed = GatherPool::new(1, &[]).unwrap().with_transfer_cores(&[last]);
+    let free = GatherPool::new(1, &[]).unwrap();
+    std::thread::spawn(move || {
+        let before = my_cpus();
+        free.on_actor_start();
+        assert_eq!(my_cpus(), before, "no transfer cores: the thread is left alone");
+        placed.on_actor_start();
+        assert_eq!(my_cpus(), last.to_string());
+    })
+    .join()
+    .unwrap();
+}

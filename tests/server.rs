@@ -817,7 +817,8 @@ fn cpus_allowed(status_path: &std::path::Path) -> String {
 }
 
 /// `actors.compute.cores` pins the CPU backend's matrix-product threads (named
-/// `compute-<i>`), one core each, and the start-up log says where they run.
+/// `compute-<i>`), one core each, and the engine thread to those cores, and the
+/// start-up log says where they run.
 #[test]
 fn compute_threads_are_pinned_to_their_cores() {
     let allowed = cpus_allowed(std::path::Path::new("/proc/self/status"));
@@ -841,6 +842,17 @@ fn compute_threads_are_pinned_to_their_cores() {
         })
         .collect();
     assert_eq!(compute, vec![core.to_string()], "one compute thread, on core {core}");
+    // The engine thread, which plans the steps, is the compute actor's too.
+    let engine = std::fs::read_dir(&tasks)
+        .unwrap()
+        .filter_map(|t| t.ok().map(|t| t.path()))
+        .find(|t| std::fs::read_to_string(t.join("comm")).is_ok_and(|n| n.trim() == "engine"))
+        .expect("the daemon runs a thread named `engine`");
+    assert_eq!(
+        cpus_allowed(&engine.join("status")),
+        core.to_string(),
+        "the engine thread"
+    );
     let r = s.post_json(
         "/v1/completions",
         &json!({"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 4}),

@@ -11,7 +11,7 @@ use crate::cuda::{CudaDevice, DeviceError};
 use crate::engine::backend::CpuBackend;
 use crate::engine::backend_cuda::CudaBackend;
 use crate::engine::backend_tp::{GatherMaker, PoolMaker, TpBackend, TpOptions, TpServing};
-use crate::engine::scheduler::{spawn_engine, EngineHandle, SchedulerConfig};
+use crate::engine::scheduler::{spawn_engine_on, EngineHandle, SchedulerConfig};
 use crate::model::config::ModelConfig;
 use crate::model::load::open_model;
 use crate::model::weights::ModelWeights;
@@ -250,8 +250,10 @@ fn place_actors(topo: &Topology, gpu: Option<&CudaDevice>) -> Result<Placement> 
     info!("placement: {placement}");
     if gpu.is_some() {
         info!(
-            "the cuda backend pins its gather threads (cpu-gather) as placed; compute, select and transfer run on \
-             the engine thread and CUDA streams for now"
+            "the cuda backend runs compute on the engine thread, pinned as placed, which queues every step's \
+             kernels on the lanes' CUDA streams, select's scores, top-k and reuse diff among them (select has no \
+             thread of its own: its miss lists reach the fetch stream by an event); transfer is the fetch stream \
+             (zero-copy) or each lane's gather actor, pinned as placed (cpu-gather), and gather the gather threads"
         );
     }
     Ok(placement)
@@ -278,15 +280,20 @@ fn gather_pool(placement: &Placement) -> Result<GatherPool> {
         bail!("the placement has no gather actor");
     };
     let cores: &[usize] = if g.cores.len() == g.threads { &g.cores } else { &[] };
-    let pool = GatherPool::new(g.threads, cores)?;
-    info!(
-        "value gather: {} threads{}",
-        pool.threads(),
+    let transfer = placement.actor(Role::Transfer).map_or(&[][..], |t| &t.cores[..]);
+    let pool = GatherPool::new(g.threads, cores)?.with_transfer_cores(transfer);
+    let pinned = |cores: &[usize]| {
         if cores.is_empty() {
             String::new()
         } else {
             format!(" pinned to cores {}", format_cores(cores))
         }
+    };
+    info!(
+        "value gather: {} threads{}; each lane's gather actor (the transfer actor's thread){}",
+        pool.threads(),
+        pinned(cores),
+        pinned(transfer)
     );
     Ok(pool)
 }
@@ -553,10 +560,16 @@ pub fn run(a: ServeArgs) -> Result<()> {
         decode_spacing: Duration::from_millis(topo.limits.decode_spacing_ms),
     };
     let tok = Arc::new(m.tokenizer);
+    // The engine thread is the compute actor's: it plans each step and, on the GPU,
+    // queues its kernels (the selection's too) on the lanes' streams.
+    let cores = placement
+        .actor(Role::Compute)
+        .map(|a| a.cores.clone())
+        .unwrap_or_default();
     let (engine, engine_thread) = match model {
-        Loaded::Cuda(model) => spawn_engine(*model, tok.clone(), config, trace),
-        Loaded::Group(model) => spawn_engine(*model, tok.clone(), config, trace),
-        Loaded::Cpu(model) => spawn_engine(CpuBackend::new(*model, shadow)?, tok.clone(), config, trace),
+        Loaded::Cuda(model) => spawn_engine_on(*model, tok.clone(), config, trace, cores),
+        Loaded::Group(model) => spawn_engine_on(*model, tok.clone(), config, trace, cores),
+        Loaded::Cpu(model) => spawn_engine_on(CpuBackend::new(*model, shadow)?, tok.clone(), config, trace, cores),
     }
     .context("starting the engine thread")?;
     let state = Arc::new(AppState::new(

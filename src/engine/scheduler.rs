@@ -36,6 +36,7 @@ use super::sampling::SamplingParams;
 use super::text::{FinishReason, SeqText, StopRules};
 use crate::cuda::shadow::timeline::{GpuTracks, TRACKS_PER_LANE};
 use crate::model::tokenizer::TextTokenizer;
+use crate::pipeline::pin::pin_current_thread;
 use crate::telemetry::{self as tm, trace::TraceWriter};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -268,6 +269,19 @@ pub fn spawn_engine<M: StepBackend + 'static>(
     config: SchedulerConfig,
     trace: Option<TraceWriter>,
 ) -> std::io::Result<(EngineHandle, JoinHandle<()>)> {
+    spawn_engine_on(model, tok, config, trace, Vec::new())
+}
+
+/// [`spawn_engine`] with the engine thread pinned to `cores` (the compute actor's: the
+/// thread that plans each step and, on the GPU, queues its kernels, selection included,
+/// on the lanes' streams); an empty list leaves it unpinned.
+pub fn spawn_engine_on<M: StepBackend + 'static>(
+    model: M,
+    tok: Arc<TextTokenizer>,
+    config: SchedulerConfig,
+    trace: Option<TraceWriter>,
+    cores: Vec<usize>,
+) -> std::io::Result<(EngineHandle, JoinHandle<()>)> {
     assert!(config.max_batch >= 1 && config.prefill_chunk >= 1 && config.max_context >= 2);
     let (tx, rx) = mpsc::channel();
     let shared = Arc::new(Shared {
@@ -305,6 +319,7 @@ pub fn spawn_engine<M: StepBackend + 'static>(
     };
     let join = std::thread::Builder::new().name("engine".into()).spawn(move || {
         let _alive = AliveGuard(engine.shared.clone());
+        pin_current_thread(&cores);
         engine.run();
     })?;
     Ok((EngineHandle { shared }, join))

@@ -46,6 +46,9 @@ pub struct GatherPool {
     threads: Vec<Actor<Part>>,
     /// Each thread's busy time at the last [`GatherPool::publish_metrics`].
     marks: std::sync::Mutex<Vec<BusyMark>>,
+    /// The transfer actor's cores, where each lane's gather-actor thread is pinned as
+    /// it starts (empty: unpinned).
+    transfer_cores: Vec<usize>,
 }
 
 impl GatherPool {
@@ -72,7 +75,18 @@ impl GatherPool {
             })
             .collect::<Result<Vec<_>>>()?;
         let marks = std::sync::Mutex::new(threads.iter().map(Actor::busy_mark).collect());
-        Ok(GatherPool { threads, marks })
+        Ok(GatherPool {
+            threads,
+            marks,
+            transfer_cores: Vec::new(),
+        })
+    }
+
+    /// The pool, pinning each lane's gather-actor thread (the transfer actor's host
+    /// side, which hands the pool its work) to `cores` as the thread starts.
+    pub fn with_transfer_cores(mut self, cores: &[usize]) -> Self {
+        self.transfer_cores = cores.to_vec();
+        self
     }
 
     /// Threads in the pool.
@@ -189,5 +203,9 @@ impl GatherPool {
 impl crate::cuda::shadow::decode::ChunkGather for GatherPool {
     fn gather(&self, src: &[u8], sources: &[usize], chunk: usize, dst: &mut [u8]) -> Result<()> {
         GatherPool::gather(self, src, sources, chunk, dst)
+    }
+
+    fn on_actor_start(&self) {
+        super::pin::pin_current_thread(&self.transfer_cores);
     }
 }

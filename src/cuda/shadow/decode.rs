@@ -800,6 +800,11 @@ impl GatherTimes {
 pub trait ChunkGather: Sync {
     /// Copies every chunk (`dst` holds exactly `sources.len()` chunks).
     fn gather(&self, src: &[u8], sources: &[usize], chunk: usize, dst: &mut [u8]) -> Result<()>;
+
+    /// Runs first on each lane's gather-actor thread (the one that waits for a layer's
+    /// miss lists, hands them to [`ChunkGather::gather`] and marks the staging ready:
+    /// the transfer actor's host side), so a gather placed on cores can pin it there.
+    fn on_actor_start(&self) {}
 }
 
 /// [`ChunkGather`] on rayon's global thread pool.

@@ -179,9 +179,9 @@ pub(super) struct Actor {
 }
 
 impl Actor {
-    /// Starts the thread `name`, which does each job sent with `work` once its lists
-    /// are in.
-    pub fn spawn(name: &str, work: Work) -> Result<Self> {
+    /// Starts the thread `name`, which runs `start` first (where the lane's gather
+    /// pins it), then does each job sent with `work` once its lists are in.
+    pub fn spawn(name: &str, start: impl FnOnce() + Send + 'static, work: Work) -> Result<Self> {
         let progress = Arc::new(Progress::default());
         let errors = Arc::new(Mutex::new(Vec::new()));
         let times = Arc::new(Mutex::new(GatherTimes::default()));
@@ -191,6 +191,7 @@ impl Actor {
             .name(name.to_string())
             .spawn(move || {
                 let _stop = StopOnExit(p.clone());
+                start();
                 for job in rx {
                     let t0 = Instant::now();
                     if !p.wait_lists(job.id) {
@@ -473,6 +474,7 @@ mod tests {
         let seen = did.clone();
         let actor = Actor::spawn(
             "test-gather",
+            || {},
             Box::new(move |j: &Job| {
                 lock(&seen).push(j.id);
                 Ok(10)
@@ -496,6 +498,7 @@ mod tests {
     fn a_failing_or_panicking_job_is_done_with_its_error_and_the_actor_serves_on() {
         let actor = Actor::spawn(
             "test-gather",
+            || {},
             Box::new(|j: &Job| match j.id {
                 0 => panic!("gather thread lost"),
                 1 => anyhow::bail!("no such chunk"),
@@ -524,6 +527,7 @@ mod tests {
     fn a_step_keeps_only_its_own_errors() {
         let actor = Actor::spawn(
             "test-gather",
+            || {},
             Box::new(|j: &Job| {
                 anyhow::ensure!(j.id % 2 == 0, "odd {}", j.id);
                 Ok(0)
@@ -543,7 +547,7 @@ mod tests {
 
     #[test]
     fn ending_the_actor_stops_a_job_whose_lists_never_come_and_fails_its_step() {
-        let mut actor = Actor::spawn("test-gather", Box::new(|_: &Job| Ok(0))).unwrap();
+        let mut actor = Actor::spawn("test-gather", || {}, Box::new(|_: &Job| Ok(0))).unwrap();
         let waits = host_function(wait_for_gather, &actor.progress, 0);
         actor.send(job(0)).unwrap();
         let (ended, end) = mpsc::channel();

@@ -179,8 +179,10 @@ impl GatherTransfer {
             None
         };
         let outbox_host = outbox.as_ref().map(|(_, h)| *h);
+        let starting = gather.clone();
         let actor = Actor::spawn(
             name,
+            move || starting.on_actor_start(),
             Box::new(move |job: &Job| match &job.work {
                 JobWork::Gather { slot, pool_seqs } => {
                     // SAFETY: the pool outlives the lane (the backend holds it), and
