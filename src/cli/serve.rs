@@ -11,7 +11,7 @@ use crate::cuda::{CudaDevice, DeviceError};
 use crate::engine::backend::CpuBackend;
 use crate::engine::backend_cuda::CudaBackend;
 use crate::engine::backend_tp::{GatherMaker, PoolMaker, TpBackend, TpOptions, TpServing};
-use crate::engine::scheduler::{spawn_engine_on, EngineHandle, SchedulerConfig};
+use crate::engine::scheduler::{spawn_engine, spawn_engine_on, EngineHandle, SchedulerConfig};
 use crate::model::config::ModelConfig;
 use crate::model::load::open_model;
 use crate::model::weights::ModelWeights;
@@ -560,15 +560,17 @@ pub fn run(a: ServeArgs) -> Result<()> {
         decode_spacing: Duration::from_millis(topo.limits.decode_spacing_ms),
     };
     let tok = Arc::new(m.tokenizer);
-    // The engine thread is the compute actor's: it plans each step and, on the GPU,
-    // queues its kernels (the selection's too) on the lanes' streams.
+    // The engine thread is the compute actor's: it plans each step and, on one GPU,
+    // queues its kernels (the selection's too) on the lanes' streams. A group's ranks
+    // queue their GPUs' kernels on threads of their own, and its engine thread only
+    // hands them the steps: neither is pinned (GPUs of one node would share a core).
     let cores = placement
         .actor(Role::Compute)
         .map(|a| a.cores.clone())
         .unwrap_or_default();
     let (engine, engine_thread) = match model {
         Loaded::Cuda(model) => spawn_engine_on(*model, tok.clone(), config, trace, cores),
-        Loaded::Group(model) => spawn_engine_on(*model, tok.clone(), config, trace, cores),
+        Loaded::Group(model) => spawn_engine(*model, tok.clone(), config, trace),
         Loaded::Cpu(model) => spawn_engine_on(CpuBackend::new(*model, shadow)?, tok.clone(), config, trace, cores),
     }
     .context("starting the engine thread")?;
