@@ -471,10 +471,14 @@ mod tests {
     #[test]
     fn the_actor_does_a_job_once_its_lists_are_in_and_releases_its_wait() {
         let did = Arc::new(Mutex::new(Vec::new()));
-        let seen = did.clone();
+        let (seen, started) = (did.clone(), did.clone());
         let actor = Actor::spawn(
             "test-gather",
-            || {},
+            // The start hook runs first, on the actor's own thread.
+            move || {
+                let on_actor = std::thread::current().name() == Some("test-gather");
+                lock(&started).push(if on_actor { u64::MAX } else { u64::MAX - 1 });
+            },
             Box::new(move |j: &Job| {
                 lock(&seen).push(j.id);
                 Ok(10)
@@ -484,12 +488,16 @@ mod tests {
         let waits = host_function(wait_for_gather, &actor.progress, 0);
         actor.send(job(0)).unwrap();
         assert!(waits.recv_timeout(SHORT).is_err(), "done before its lists were in");
-        assert!(lock(&did).is_empty());
+        assert_eq!(
+            *lock(&did),
+            vec![u64::MAX],
+            "the start hook, on the actor's thread, and no job"
+        );
         host_function(lists_arrived, &actor.progress, 0)
             .recv_timeout(LONG)
             .unwrap();
         waits.recv_timeout(LONG).expect("the wait outlived its job");
-        assert_eq!(*lock(&did), vec![0]);
+        assert_eq!(*lock(&did), vec![u64::MAX, 0]);
         assert_eq!(actor.take_error(0..1), None);
         assert_eq!(actor.take_times().bytes, 10);
     }
