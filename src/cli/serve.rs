@@ -250,10 +250,11 @@ fn place_actors(topo: &Topology, gpu: Option<&CudaDevice>) -> Result<Placement> 
     info!("placement: {placement}");
     if gpu.is_some() {
         info!(
-            "the cuda backend runs compute on the engine thread, pinned as placed, which queues every step's \
-             kernels on the lanes' CUDA streams, select's scores, top-k and reuse diff among them (select has no \
-             thread of its own: its miss lists reach the fetch stream by an event); transfer is the fetch stream \
-             (zero-copy) or each lane's gather actor, pinned as placed (cpu-gather), and gather the gather threads"
+            "the cuda backend runs compute on the thread that queues every step's kernels on the lanes' CUDA \
+             streams (one GPU: the engine thread, pinned as placed; a tensor-parallel group: each GPU's rank \
+             thread, unpinned), select's scores, top-k and reuse diff among them (select has no thread of its \
+             own: its miss lists reach the fetch stream by an event); transfer is the fetch stream (zero-copy) or \
+             each lane's gather actor, pinned as placed (cpu-gather), and gather the gather threads"
         );
     }
     Ok(placement)
