@@ -832,6 +832,13 @@ fn compute_threads_are_pinned_to_their_cores() {
     let s = Server::start(&topology, &["--model", &model_arg()]);
     let log = s.log();
     assert!(log.contains(&format!("compute on core {core}")), "{log}");
+    // The threads name and pin themselves as they start: they are read once the daemon
+    // has answered a request.
+    let r = s.post_json(
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 4}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
     let tasks = std::path::PathBuf::from(format!("/proc/{}/task", s.child.id()));
     let compute: Vec<String> = std::fs::read_dir(&tasks)
         .unwrap()
@@ -853,11 +860,6 @@ fn compute_threads_are_pinned_to_their_cores() {
         core.to_string(),
         "the engine thread"
     );
-    let r = s.post_json(
-        "/v1/completions",
-        &json!({"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 4}),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
 }
 
 /// ShadowKV behind the same API: with a budget covering the context, full rank and no
