@@ -456,6 +456,37 @@ fn dropped_stream_frees_its_slot(s: &Server) {
     );
 }
 
+/// Two prompts of megabytes (each takes the tokenizer seconds, then is refused as longer
+/// than the context) do not hold up `/health`: the tokenizing runs off the server's two
+/// runtime threads, so the probe is answered before either refusal.
+fn long_prompts_do_not_stall_health(s: &Server) {
+    let prompt = "lorem ipsum ".repeat(200_000);
+    let body = json!({"prompt": prompt, "max_tokens": 4}).to_string();
+    let big: Vec<_> = (0..2)
+        .map(|_| {
+            let (addr, body) = (s.addr, body.clone());
+            std::thread::spawn(move || {
+                let r = serve_util::request(addr, "POST", "/v1/completions", Some(&body));
+                (r, std::time::Instant::now())
+            })
+        })
+        .collect();
+    // Both bodies sent and being tokenized.
+    std::thread::sleep(Duration::from_millis(300));
+    let h = s.get("/health");
+    let probed = std::time::Instant::now();
+    assert_eq!(h.status, 200, "{}", h.body);
+    for t in big {
+        let (r, done) = t.join().unwrap();
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert_eq!(r.json()["error"]["code"], "context_length_exceeded", "{}", r.body);
+        assert!(
+            probed < done,
+            "/health waited for a long prompt's tokenizing (answered after its refusal)"
+        );
+    }
+}
+
 /// Checks the Prometheus text format line by line; returns the metric types.
 fn parse_prometheus(text: &str) -> std::collections::BTreeMap<String, String> {
     let mut types = std::collections::BTreeMap::new();
@@ -611,6 +642,8 @@ fn smollm2_server_end_to_end() {
     bad_inputs_get_4xx_naming_the_field(&s);
     eprintln!("[server] dropped stream");
     dropped_stream_frees_its_slot(&s);
+    eprintln!("[server] long prompts beside /health");
+    long_prompts_do_not_stall_health(&s);
     eprintln!("[server] metrics");
     metrics_are_prometheus_with_histograms(&s);
     eprintln!("[server] openai python client");

@@ -1,7 +1,7 @@
 //! The HTTP handlers.
 
 use super::error::ApiError;
-use super::openai::{parse_body, prepare_chat, prepare_completion, usage_json, Prepared};
+use super::openai::{parse_body, prepare_chat, prepare_completion, usage_json, Prepared, RequestBody};
 use super::sse::{event_stream, Kind};
 use super::AppState;
 use crate::engine::scheduler::{EngineError, Event, SubmitError, Usage};
@@ -48,10 +48,7 @@ fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes
 
 /// `POST /v1/completions`.
 pub async fn completions(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
-    match body_bytes(body, st.max_request_bytes)
-        .and_then(|b| parse_body(&b))
-        .and_then(|b| prepare_completion(&b, &st))
-    {
+    match prepare(&st, body, prepare_completion).await {
         Ok(p) => run(st, p, Kind::Completion).await,
         Err(e) => rejected(e),
     }
@@ -59,13 +56,25 @@ pub async fn completions(State(st): St, body: Result<Bytes, BytesRejection>) -> 
 
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
-    match body_bytes(body, st.max_request_bytes)
-        .and_then(|b| parse_body(&b))
-        .and_then(|b| prepare_chat(&b, &st))
-    {
+    match prepare(&st, body, prepare_chat).await {
         Ok(p) => run(st, p, Kind::Chat).await,
         Err(e) => rejected(e),
     }
+}
+
+/// Parses a request body and tokenizes its prompt on a blocking thread: a long prompt
+/// takes seconds to tokenize, which on the runtime's threads would stall every other
+/// request (`/health` among them).
+async fn prepare(
+    st: &Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+    prep: fn(&RequestBody, &AppState) -> Result<Prepared, ApiError>,
+) -> Result<Prepared, ApiError> {
+    let bytes = body_bytes(body, st.max_request_bytes)?;
+    let st = Arc::clone(st);
+    tokio::task::spawn_blocking(move || parse_body(&bytes).and_then(|b| prep(&b, &st)))
+        .await
+        .unwrap_or_else(|e| Err(ApiError::internal(format!("preparing the request failed: {e}"))))
 }
 
 /// Submits to the engine and answers, streamed or whole.
