@@ -74,6 +74,7 @@ impl SeqText {
         self.ids.push(id);
         if rules.eos.contains(&id) {
             self.finish = Some(FinishReason::Eos);
+            self.drop_incomplete_tail();
             return Ok(self.finish);
         }
         let searched = self.committed;
@@ -95,8 +96,17 @@ impl SeqText {
             self.finish = Some(FinishReason::Stop);
         } else if self.ids.len() >= rules.max_tokens || context_full {
             self.finish = Some(FinishReason::Length);
+            self.drop_incomplete_tail();
         }
         Ok(self.finish)
+    }
+
+    /// Drops a character the sequence ended in the middle of (the bytes of its last
+    /// tokens, which the tokenizer shows as U+FFFD, past the last complete character), so
+    /// a finished text never ends in a broken character.
+    fn drop_incomplete_tail(&mut self) {
+        let complete = self.text.trim_end_matches('\u{FFFD}').len();
+        self.text.truncate(complete.max(self.committed));
     }
 
     /// Brings `text` up to the decode of every id, re-decoding only the tail.
@@ -273,6 +283,40 @@ mod tests {
                 s.push(id, &tok, &rules, false).unwrap();
                 assert_eq!(s.text(), tok.decode(&ids, true).unwrap(), "seed {seed}, ids {ids:?}");
             }
+        }
+    }
+
+    #[test]
+    fn a_text_ending_inside_a_character_drops_its_bytes() {
+        let tok = tiny_tokenizer();
+        // A character of several bytes split over several tokens.
+        let ids = tok.encode("ok 🙂", false).unwrap();
+        let whole = tok.decode(&ids, true).unwrap();
+        assert_eq!(whole, "ok 🙂");
+        let cut = (1..ids.len())
+            .rev()
+            .find(|&n| tok.decode(&ids[..n], true).unwrap().ends_with('\u{FFFD}'))
+            .expect("the tokenizer splits the emoji");
+        for eos in [false, true] {
+            let rules = StopRules {
+                eos: &[7],
+                stop: &[],
+                max_tokens: cut + usize::from(eos),
+            };
+            let mut s = SeqText::new();
+            let mut streamed = String::new();
+            for &id in ids[..cut].iter().chain(eos.then_some(&7)) {
+                s.push(id, &tok, &rules, false).unwrap();
+                streamed += &s.take_stream_delta(&[]);
+            }
+            assert!(s.finish().is_some());
+            assert!(!s.text().contains('\u{FFFD}'), "{:?}", s.text());
+            assert!(
+                whole.starts_with(s.text()) && s.text().starts_with("ok"),
+                "{:?}",
+                s.text()
+            );
+            assert_eq!(streamed, s.text());
         }
     }
 
