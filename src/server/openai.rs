@@ -5,6 +5,7 @@ use super::AppState;
 use crate::engine::sampling::SamplingParams;
 use crate::engine::scheduler::{EngineRequest, Usage};
 use crate::model::chat::ChatMessage;
+use crate::topology::plain_serde_message;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -78,7 +79,7 @@ pub fn parse_body(bytes: &[u8]) -> Result<RequestBody, ApiError> {
     }
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
+        let inner = plain_serde_message(&e.into_inner().to_string());
         ApiError::invalid(path.clone(), format!("Invalid value for `{path}`: {inner}")).with_code("invalid_type")
     })
 }
@@ -94,8 +95,14 @@ pub struct Prepared {
     pub include_usage: bool,
 }
 
+/// `param` (and `what` of it, when given) is not supported.
 fn unsupported(param: &str, what: &str) -> ApiError {
-    ApiError::invalid(param, format!("`{param}` {what} is not supported by this server")).with_code("unsupported")
+    let what = if what.is_empty() {
+        String::new()
+    } else {
+        format!(" {what}")
+    };
+    ApiError::invalid(param, format!("`{param}`{what} is not supported by this server")).with_code("unsupported")
 }
 
 /// Checks the sampling, stop, n, stream and unsupported fields.
@@ -117,10 +124,14 @@ fn common(b: &RequestBody, st: &AppState) -> Result<(SamplingParams, Vec<String>
         }
     }
     let temperature = b.temperature.unwrap_or(1.0);
-    if !temperature.is_finite() || temperature < 0.0 {
+    // The engine samples in f32: a temperature past its range would become infinite.
+    if !(0.0..=f64::from(f32::MAX)).contains(&temperature) {
         return Err(ApiError::invalid(
             "temperature",
-            format!("`temperature` must be a number >= 0, got {temperature}"),
+            format!(
+                "`temperature` must be a number from 0 to {:e}, got {temperature}",
+                f32::MAX
+            ),
         ));
     }
     let top_p = b.top_p.unwrap_or(1.0);

@@ -490,6 +490,40 @@ impl fmt::Display for TopologyError {
 
 impl std::error::Error for TopologyError {}
 
+/// A serde message with Rust's type names said as a reader would: `expected usize`
+/// becomes `expected a whole number >= 0`, `expected f64` `expected a number`.
+pub fn plain_serde_message(message: &str) -> String {
+    const NAMES: [(&str, &str); 12] = [
+        ("usize", "a whole number >= 0"),
+        ("u64", "a whole number >= 0"),
+        ("u32", "a whole number >= 0"),
+        ("u16", "a whole number >= 0"),
+        ("u8", "a whole number >= 0"),
+        ("isize", "a whole number"),
+        ("i64", "a whole number"),
+        ("i32", "a whole number"),
+        ("i16", "a whole number"),
+        ("i8", "a whole number"),
+        ("f64", "a number"),
+        ("f32", "a number"),
+    ];
+    let mut out = message.to_string();
+    for (rust, plain) in NAMES {
+        let from = format!("expected {rust}");
+        let mut at = 0;
+        while let Some(i) = out[at..].find(&from).map(|i| at + i) {
+            let end = i + from.len();
+            if out[end..].starts_with(|c: char| c.is_ascii_alphanumeric()) {
+                at = end;
+                continue;
+            }
+            out.replace_range(i..end, &format!("expected {plain}"));
+            at = i;
+        }
+    }
+    out
+}
+
 /// 1-based (line, column) of a byte offset.
 fn line_col(src: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(src.len());
@@ -573,7 +607,7 @@ impl Topology {
                 },
                 None => (None, None),
             };
-            err(key, line, e.message().trim().to_string())
+            err(key, line, plain_serde_message(e.message().trim()))
         })?;
         t.origin = Origin {
             file: file.to_string(),

@@ -60,6 +60,8 @@ fn wrong_types_name_key_and_line() {
     assert!(e.message.contains("tpu"), "{e}");
     let e = err("[limits]\nmax_queue = -1\n");
     assert_eq!(e.key.as_deref(), Some("limits.max_queue"), "{e}");
+    // In words, not Rust's type names.
+    assert!(e.message.contains("expected a whole number >= 0"), "{e}");
     let e = err("\n\n[actors.gather]\nthreads = \"lots\"\n");
     assert_eq!(e.key.as_deref(), Some("actors.gather.threads"), "{e}");
     assert_eq!(e.line.map(|l| l.0), Some(4));
@@ -412,4 +414,17 @@ fn backend_devices_one_or_several_never_both() {
     assert_eq!(e.key.as_deref(), Some("backend.devices"), "{e}");
     let e = err("[backend]\ndevices = [-1]\n");
     assert_eq!(e.key.as_deref(), Some("backend.devices"), "{e}");
+}
+
+#[test]
+fn serde_type_names_read_as_words() {
+    assert_eq!(
+        plain_serde_message("invalid type: string \"x\", expected usize"),
+        "invalid type: string \"x\", expected a whole number >= 0"
+    );
+    assert_eq!(
+        plain_serde_message("expected i64 or expected f32, expected u8s"),
+        "expected a whole number or expected a number, expected u8s"
+    );
+    assert_eq!(plain_serde_message("expected a string"), "expected a string");
 }
