@@ -257,4 +257,23 @@ fn inspect_describes_llama_3_1_70b_without_loading_it() {
         (141_000_000_000..141_200_000_000).contains(&bf16),
         "{bf16} bytes of bf16 weights"
     );
+    // 80 layers of 9 tensors, the embeddings, the final norm and the output head.
+    assert_eq!(v["dtypes"]["bf16 (generated)"]["tensors"], 80 * 9 + 3, "{v}");
+    assert!(v["shadowkv"]["gpu_bytes_per_sequence"].as_u64().unwrap() > 0, "{v}");
+}
+
+/// A model whose head size the GPU's ShadowKV kernels are not built for is still
+/// described, the reason given in place of ShadowKV's GPU figures.
+#[test]
+fn inspect_describes_a_model_shadowkv_on_the_gpu_does_not_take() {
+    let out = Command::new(env!("CARGO_BIN_EXE_shadowkv"))
+        .args(["inspect", "--model", "synthetic:tiny", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["head_dim"], 16);
+    assert!(v["shadowkv"]["gpu_bytes_per_sequence"].is_null(), "{v}");
+    let why = v["shadowkv"]["gpu_unsupported"].as_str().unwrap();
+    assert!(why.contains("head dimension 16"), "{why}");
 }

@@ -1,17 +1,16 @@
 //! `shadowkv inspect`: what a model is and what running it costs in memory.
 
+use super::model_spec::{open_spec, MODEL_HELP};
 use super::shadow_args::ShadowArgs;
 use crate::cuda::shadow::seq::sequence_bytes;
 use crate::cuda::shadow::ShadowLayout;
-use crate::model::load::open_model;
 use anyhow::{bail, Result};
 use clap::Args;
 
 /// Arguments of `shadowkv inspect`.
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// Model: a Hugging Face directory, a .gguf file, or synthetic:<arch>.
-    #[arg(long)]
+    #[arg(long, help = MODEL_HELP)]
     model: String,
     /// Context length for the memory estimate (default: the model's maximum).
     #[arg(long)]
@@ -32,7 +31,7 @@ fn gib(bytes: u64) -> String {
 
 /// Runs `shadowkv inspect`.
 pub fn run(a: InspectArgs) -> Result<()> {
-    let m = open_model(&a.model)?;
+    let m = open_spec(&a.model)?;
     let c = &m.config;
     let ctx = a.context.unwrap_or(c.max_position_embeddings);
     if ctx == 0 || a.batch == 0 {
@@ -45,9 +44,14 @@ pub fn run(a: InspectArgs) -> Result<()> {
     let kv_total_bf16 = kv_bf16.saturating_mul(tokens);
     let kv_total_f32 = kv_f32.saturating_mul(tokens);
     // ShadowKV on the GPU: its state per sequence on the GPU, its values in host memory.
+    // A model the GPU's ShadowKV kernels do not take (a head size they are not built
+    // for) is still described, with the reason in place of the figures.
     let p = a.shadow.params(c, ctx)?;
-    let (shadow_gpu, shadow_host) = sequence_bytes(&ShadowLayout::new(c, &p, ctx)?, c.num_layers)?;
-    let (shadow_gpu, shadow_host) = (shadow_gpu as u64, shadow_host as u64);
+    let shadow = ShadowLayout::new(c, &p, ctx)
+        .and_then(|l| sequence_bytes(&l, c.num_layers))
+        .map(|(g, h)| (g as u64, h as u64))
+        .map_err(|e| format!("{e:#}"));
+    let batch = a.batch as u64;
     if a.json {
         let dtypes: serde_json::Map<String, serde_json::Value> = m
             .dtypes
@@ -66,10 +70,13 @@ pub fn run(a: InspectArgs) -> Result<()> {
             "context": ctx, "batch": a.batch,
             "memory_bytes": {"weights_bf16": params * 2, "weights_f32": params * 4,
                 "kv_bf16": kv_total_bf16, "kv_f32": kv_total_f32,
-                "shadowkv_gpu": shadow_gpu * a.batch as u64, "shadowkv_host": shadow_host * a.batch as u64},
+                "shadowkv_gpu": shadow.as_ref().ok().map(|s| s.0 * batch),
+                "shadowkv_host": shadow.as_ref().ok().map(|s| s.1 * batch)},
             "shadowkv": {"budget": p.budget, "rank": p.rank, "chunk_size": p.chunk_size,
                 "outlier_chunks": p.outlier_chunks, "local_chunks": p.local_chunks,
-                "gpu_bytes_per_sequence": shadow_gpu, "host_bytes_per_sequence": shadow_host},
+                "gpu_bytes_per_sequence": shadow.as_ref().ok().map(|s| s.0),
+                "host_bytes_per_sequence": shadow.as_ref().ok().map(|s| s.1),
+                "gpu_unsupported": shadow.as_ref().err()},
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -111,14 +118,17 @@ pub fn run(a: InspectArgs) -> Result<()> {
         gib(kv_total_bf16),
         gib(kv_total_f32)
     );
-    println!(
-        "  ShadowKV     {} on the GPU (low-rank keys, landmarks, exact chunks, slots), {} of values (8-bit) in host \
-         memory (budget {}, rank {}, {} outlier chunks)",
-        gib(shadow_gpu * a.batch as u64),
-        gib(shadow_host * a.batch as u64),
-        p.budget,
-        p.rank,
-        p.outlier_chunks
-    );
+    match shadow {
+        Ok((gpu, host)) => println!(
+            "  ShadowKV     {} on the GPU (low-rank keys, landmarks, exact chunks, slots), {} of values (8-bit) in \
+             host memory (budget {}, rank {}, {} outlier chunks)",
+            gib(gpu * batch),
+            gib(host * batch),
+            p.budget,
+            p.rank,
+            p.outlier_chunks
+        ),
+        Err(e) => println!("  ShadowKV     not estimated: {e}"),
+    }
     Ok(())
 }

@@ -8,6 +8,7 @@ mod bench_group;
 mod eval;
 mod generate;
 mod inspect;
+mod model_spec;
 mod serve;
 mod shadow_args;
 pub mod signals;
@@ -38,6 +39,15 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Run the OpenAI-compatible inference server described by a topology file.
     Serve(serve::ServeArgs),
+}
+
+/// Parses a count that must be at least 1 (a clap value parser).
+pub(crate) fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Sizes the rayon pool every CPU matrix product runs on (0 = all cores).

@@ -2,6 +2,7 @@
 //! engine thread and the OpenAI-compatible HTTP server, and shuts down cleanly on
 //! SIGTERM/SIGINT.
 
+use super::model_spec::{open_spec, resolve_model};
 use super::signals::ShutdownSignals;
 use crate::cpu::CpuModel;
 use crate::cuda::nccl::Nccl;
@@ -13,7 +14,6 @@ use crate::engine::backend_cuda::CudaBackend;
 use crate::engine::backend_tp::{GatherMaker, PoolMaker, TpBackend, TpOptions, TpServing};
 use crate::engine::scheduler::{spawn_engine, spawn_engine_on, EngineHandle, SchedulerConfig};
 use crate::model::config::ModelConfig;
-use crate::model::load::open_model;
 use crate::model::weights::ModelWeights;
 use crate::pipeline::machine::Source;
 use crate::pipeline::placement::format_cores;
@@ -60,54 +60,6 @@ fn init_tracing() {
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
-}
-
-/// File name of the test model in the `tools/fetch-model` cache.
-const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// Resolves `auto:smollm2` to the test model in the `tools/fetch-model` cache, fetching
-/// it with that script (from this source tree) when absent. Other names pass through.
-pub fn resolve_model(spec: &str) -> Result<String> {
-    let Some(name) = spec.strip_prefix("auto:") else {
-        return Ok(spec.to_string());
-    };
-    if name != "smollm2" {
-        bail!("unknown model `{spec}` (the only auto: model is auto:smollm2)");
-    }
-    let cache = match std::env::var_os("SHADOWKV_CACHE") {
-        Some(c) => PathBuf::from(c),
-        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".cache/shadowkv"),
-    };
-    let path = cache.join("models").join(SMOLLM2_FILE);
-    if path.exists() {
-        return Ok(path.display().to_string());
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fetch-model");
-    if !script.exists() {
-        bail!(
-            "{spec}: {} is missing and {} is not here to fetch it; run tools/fetch-model from the source tree",
-            path.display(),
-            script.display()
-        );
-    }
-    info!("{spec}: fetching the test model with {}", script.display());
-    let out = std::process::Command::new(&script)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !out.status.success() {
-        bail!("{} failed ({})", script.display(), out.status);
-    }
-    let fetched = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap_or("")
-        .trim()
-        .to_string();
-    if fetched.is_empty() || !Path::new(&fetched).exists() {
-        bail!("{} did not print a model path", script.display());
-    }
-    Ok(fetched)
 }
 
 fn served_name(t: &Topology, spec: &str) -> String {
@@ -370,12 +322,20 @@ pub fn run(a: ServeArgs) -> Result<()> {
         None
     };
     let placement = place_actors(&topo, gpu.as_ref())?;
-    let spec = match (&a.model, &topo.model.path) {
-        (Some(m), _) => m.clone(),
-        (None, Some(p)) => p.clone(),
+    let (spec, from_file) = match (&a.model, &topo.model.path) {
+        (Some(m), _) => (m.clone(), false),
+        (None, Some(p)) => (p.clone(), true),
         (None, None) => bail!("{}: no model: set model.path or pass --model", topo.file()),
     };
-    let spec = resolve_model(&spec)?;
+    // A model the topology names that cannot be found or read: its file, line and key.
+    let named = |e: anyhow::Error| -> anyhow::Error {
+        if from_file {
+            topo.error_at("model.path", format!("{e:#}")).into()
+        } else {
+            e
+        }
+    };
+    let spec = resolve_model(&spec).map_err(named)?;
     let threads = match placement.actor(Role::Compute) {
         Some(compute) if !cuda => pin::start_global_pool(compute)?,
         _ => super::set_threads(match topo.actors.compute.threads {
@@ -391,7 +351,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     };
 
     let t0 = Instant::now();
-    let m = open_model(&spec)?;
+    let m = open_spec(&spec).map_err(named)?;
     let ctx = m.config.max_position_embeddings;
     let max_context = topo.limits.max_context.unwrap_or(ctx);
     if max_context > ctx {

@@ -196,6 +196,12 @@ impl ModelConfig {
                 bail!("{name} = {v} is out of range (1..={LIMIT})");
             }
         }
+        if self.max_position_embeddings < 2 {
+            bail!(
+                "max_position_embeddings (the context length) = {} leaves no room for a prompt and a token",
+                self.max_position_embeddings
+            );
+        }
         if self.num_heads % self.num_kv_heads != 0 {
             bail!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",

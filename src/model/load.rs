@@ -59,11 +59,9 @@ pub fn open_model(spec: &str) -> Result<OpenedModel> {
         let config = synthetic::preset(arch)?;
         let tokenizer = synthetic::synthetic_tokenizer(&config)?;
         let chat = ChatTemplate::new(synthetic::CHATML_TEMPLATE, "<|begin_of_text|>", "<|end_of_text|>")?;
-        let n: u64 = super::weights::expected_tensors(&config)
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>() as u64)
-            .sum();
-        let dtypes = BTreeMap::from([("bf16 (generated)".to_string(), (0, n * 2))]);
+        let tensors = super::weights::expected_tensors(&config);
+        let n: u64 = tensors.iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum();
+        let dtypes = BTreeMap::from([("bf16 (generated)".to_string(), (tensors.len(), n * 2))]);
         return Ok(OpenedModel {
             source: Box::new(SyntheticSource::new(spec, &config, seed)),
             config,
