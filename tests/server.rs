@@ -232,6 +232,12 @@ fn bad_inputs_get_4xx_naming_the_field(s: &Server) {
         ),
         (
             "/v1/completions",
+            r#"{"prompt": "hi", "temperature": 1e308}"#.into(),
+            400,
+            Some("temperature"),
+        ),
+        (
+            "/v1/completions",
             json!({"prompt": "hi", "top_p": 0}).to_string(),
             400,
             Some("top_p"),
@@ -382,6 +388,22 @@ fn bad_inputs_get_4xx_naming_the_field(s: &Server) {
             );
         }
     }
+    // Types are named as a reader would, not as Rust does; and no doubled space.
+    let r = s
+        .post("/v1/completions", r#"{"prompt": "hi", "max_tokens": "ten"}"#)
+        .json();
+    let m = r["error"]["message"].as_str().unwrap();
+    assert!(m.contains("expected a whole number") && !m.contains("i64"), "{r}");
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": msgs, "logprobs": true}).to_string(),
+        )
+        .json();
+    assert_eq!(
+        r["error"]["message"], "`logprobs` is not supported by this server",
+        "{r}"
+    );
     // The context limit is named.
     let r = s.post("/v1/completions", &json!({"prompt": long}).to_string()).json();
     assert_eq!(r["error"]["code"], "context_length_exceeded");
@@ -805,6 +827,16 @@ fn bad_topologies_fail_with_key_and_line() {
             &["line 5", "limits.max_context", "4096"],
         ),
         ("[limits]\nmax_batch = 2\n", &[], &["no model"]),
+        (
+            "[model]\nname = \"x\"\npath = \"/nonexistent/model.gguf\"\n",
+            &[],
+            &["line 3", "model.path", "/nonexistent/model.gguf", "does not exist"],
+        ),
+        (
+            "[model]\npath = \"auto:llama\"\n",
+            &[],
+            &["line 2", "model.path", "unknown model `auto:llama`"],
+        ),
         (
             "[actors.compute]\nthreads = 1\ncores = [4095]\n",
             &[],

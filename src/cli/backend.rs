@@ -20,9 +20,9 @@ pub enum Backend {
 /// Options of the CUDA backend.
 #[derive(Args, Debug, Clone)]
 pub struct CudaArgs {
-    /// CUDA device ordinal (with --backend cuda).
-    #[arg(long, default_value_t = 0)]
-    pub device: usize,
+    /// CUDA device ordinal (with --backend cuda; default 0).
+    #[arg(long)]
+    pub device: Option<usize>,
     /// CUDA device ordinals of a tensor-parallel group, comma-separated (`0,1`): the
     /// model is split over them (NCCL joins them; one entry runs the group's code on
     /// one GPU). Not with --device.
@@ -88,7 +88,7 @@ impl CudaArgs {
     /// repeated ordinal is an error naming `--devices`.
     pub fn gpus(&self) -> Result<Gpus> {
         let Some(list) = &self.devices else {
-            return Ok(Gpus::One(self.device));
+            return Ok(Gpus::One(self.device.unwrap_or(0)));
         };
         for (i, d) in list.iter().enumerate() {
             if list[..i].contains(d) {
@@ -99,8 +99,8 @@ impl CudaArgs {
     }
 
     /// Refuses GPU settings on the CPU backend: a GPU value tier (the CPU backend keeps
-    /// every value in host memory) and a tensor-parallel group.
-    pub fn cpu_has_no_tier(&self) -> Result<()> {
+    /// every value in host memory), a tensor-parallel group and a device.
+    pub fn refuse_gpu_settings_on_cpu(&self) -> Result<()> {
         if self.gpu_tier.iter().any(|&t| t != TierSize::Off) {
             anyhow::bail!("--gpu-tier needs --backend cuda (the CPU backend has no GPU memory to keep values in)");
         }
@@ -109,6 +109,9 @@ impl CudaArgs {
                 "--devices {} needs --backend cuda (the CPU backend runs on this host's cores)",
                 join(list)
             );
+        }
+        if let Some(d) = self.device {
+            anyhow::bail!("--device {d} needs --backend cuda (the CPU backend runs on this host's cores)");
         }
         Ok(())
     }

@@ -2,12 +2,13 @@
 //! side by side, after one shared prefill per context, with the reuse hit rate and the
 //! value bytes fetched per step.
 
+use super::at_least_one;
 use super::backend::{Backend, CudaArgs, ValueFetch};
+use super::model_spec::{open_spec, MODEL_HELP};
 use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput, SeqKvCache};
 use crate::cuda::shadow::{ValueSlots, FETCH_BLOCKS};
 use crate::engine::sampling::argmax;
-use crate::model::load::open_model;
 use crate::model::weights::ModelWeights;
 use crate::pool::ValuePool;
 use crate::shadow::{Attention, ShadowStats};
@@ -32,9 +33,9 @@ pub(crate) use table_line;
 
 /// Arguments of `shadowkv bench`.
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct BenchArgs {
-    /// Model: a Hugging Face directory, a .gguf file, or synthetic:<arch>.
-    #[arg(long)]
+    #[arg(long, help = MODEL_HELP)]
     model: String,
     /// Context lengths in tokens (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = vec![8192usize])]
@@ -57,8 +58,8 @@ pub struct BenchArgs {
     /// Write the results as JSON: to FILE, or to stdout when no file is given.
     #[arg(long, num_args = 0..=1, value_name = "FILE")]
     json: Option<Option<PathBuf>>,
-    /// Where the model runs. The CUDA benchmark runs full attention: prefill speed,
-    /// decode throughput and the ratio to the HBM bound.
+    /// Where the model runs. On CUDA each row gives prefill speed, decode throughput and
+    /// the ratio to its bound, for full attention and ShadowKV alike.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
     #[command(flatten)]
@@ -67,8 +68,8 @@ pub struct BenchArgs {
     /// `torch` runs tools/peers/torch_decode.py with the GPU host's PyTorch.
     #[arg(long, value_enum)]
     peer: Option<Peer>,
-    /// Prompt tokens per prefill pass (with --backend cuda).
-    #[arg(long, default_value_t = 4096)]
+    /// Prompt tokens per prefill pass (with --backend cuda; at least 1).
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one)]
     prefill_chunk: usize,
     /// ShadowKV on the GPU: split each layer's attention into this many micro-batches
     /// (groups of sequences), so one micro-batch's values cross PCIe while the GPU
@@ -182,8 +183,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.lanes.is_empty() || a.lanes.contains(&0) {
         bail!("--lanes takes counts of at least 1");
     }
-    if a.gen < 2 || a.attention.is_empty() {
-        bail!("--gen must be at least 2 and --attention not empty");
+    if a.gen < 2 {
+        bail!("--gen must be at least 2 (the first token ends the prefill; decoding is timed from the second)");
+    }
+    if a.attention.is_empty() {
+        bail!("--attention must name at least one method");
+    }
+    if a.context.is_empty() || a.context.contains(&0) {
+        bail!("--context takes lengths of at least 1 token");
     }
     if a.gpu_value_slots != ValueSlots::Off {
         check_value_slots(&a)?;
@@ -230,12 +237,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.trace.is_some() {
         bail!("--trace needs --backend cuda (it records GPU streams)");
     }
-    a.cuda.cpu_has_no_tier()?;
+    a.cuda.refuse_gpu_settings_on_cpu()?;
     let Some(batch) = batch else {
         bail!("--batch auto needs --backend cuda (the CPU benchmark takes a number)");
     };
-    let m = open_model(&a.model)?;
+    let m = open_spec(&a.model)?;
     let cfg = m.config.clone();
+    if let Some(ctx) = a.context.iter().find(|&&c| c + a.gen > cfg.max_position_embeddings) {
+        bail!(
+            "context {ctx} + {} generated tokens exceeds the model's {}",
+            a.gen,
+            cfg.max_position_embeddings
+        );
+    }
     let progress = std::io::stderr().is_terminal();
     let model = CpuModel::new(cfg.clone(), ModelWeights::load(&cfg, m.source.as_ref(), progress)?);
     let mut rows = Vec::new();
@@ -251,13 +265,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
     table_line!(tables_to_stderr, "| context | method | decode tok/s | step ms (median) | vs full | reuse hit | value KiB/step | prefill s | compress s |");
     table_line!(tables_to_stderr, "|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for &ctx in &a.context {
-        if ctx + a.gen > cfg.max_position_embeddings || ctx == 0 {
-            bail!(
-                "context {ctx} + {} generated tokens exceeds the model's {}",
-                a.gen,
-                cfg.max_position_embeddings
-            );
-        }
         // One shared prefill per sequence, keeping pre-RoPE keys so every method forks it.
         let bar = if progress {
             ProgressBar::new((ctx * batch) as u64)

@@ -10,6 +10,7 @@
 
 use super::backend::{load_cuda_model, open_gpu, CudaArgs, Gpus};
 use super::bench::table_line;
+use super::model_spec::open_spec;
 use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::model::chunked_prefill;
 use crate::cpu::LogitsWanted;
@@ -17,7 +18,7 @@ use crate::cuda::shadow::ValueSlots;
 use crate::cuda::{CudaModel, GpuCache, GpuSeq, StepGraphs};
 use crate::engine::sampling::SamplingParams;
 use crate::model::config::ModelConfig;
-use crate::model::load::{open_model, synthetic_spec};
+use crate::model::load::synthetic_spec;
 use crate::shadow::{Attention, ShadowParams};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -129,7 +130,7 @@ pub fn run(a: CudaBench) -> Result<()> {
         Gpus::Group(devices) => return super::bench_group::run(&a, &devices),
     };
     let progress = std::io::stderr().is_terminal();
-    let m = open_model(&a.model)?;
+    let m = open_spec(&a.model)?;
     let cfg = m.config.clone();
     let t_load = Instant::now();
     let model = load_cuda_model(open_gpu(ordinal)?, &a.model, &m, progress)?;
@@ -159,7 +160,7 @@ pub fn run(a: CudaBench) -> Result<()> {
     };
     let mut shadow_rows = Vec::new();
     for &ctx in &a.contexts {
-        if ctx == 0 || ctx + a.gen > cfg.max_position_embeddings {
+        if ctx + a.gen > cfg.max_position_embeddings {
             bail!(
                 "context {ctx} + {} generated tokens exceeds the model's {}",
                 a.gen,

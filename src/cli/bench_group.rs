@@ -20,6 +20,7 @@
 //! when both ran. Each stage prints a line (stderr) as it ends.
 
 use super::bench_cuda::{median, CudaBench};
+use super::model_spec::open_spec;
 use crate::cuda::shadow::decode::FetchPath;
 use crate::cuda::shadow::layout::ShadowLayout;
 use crate::cuda::shadow::seq::sequence_bytes;
@@ -30,7 +31,7 @@ use crate::engine::backend_tp::{TpBackend, TpOptions, TpServing};
 use crate::engine::generate::gpu_value_pool;
 use crate::engine::sampling::SamplingParams;
 use crate::model::config::ModelConfig;
-use crate::model::load::{open_model, OpenedModel};
+use crate::model::load::OpenedModel;
 use crate::model::shard::ShardPlan;
 use crate::pool::space::MachineMemory;
 use crate::shadow::ShadowParams;
@@ -95,10 +96,10 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
         bail!("--lanes is measured on one GPU (--device), not with --devices");
     }
     let progress = std::io::stderr().is_terminal();
-    let m = open_model(&a.model)?;
+    let m = open_spec(&a.model)?;
     let cfg = m.config.clone();
     let longest = a.contexts.iter().copied().max().unwrap_or(0);
-    if longest == 0 || longest + 2 * a.gen > cfg.max_position_embeddings {
+    if longest + 2 * a.gen > cfg.max_position_embeddings {
         bail!(
             "context {longest} + {} generated tokens exceeds the model's {}",
             2 * a.gen,

@@ -1,7 +1,9 @@
 //! `shadowkv eval`: RULER-style long-context tasks and teacher-forced fidelity, for
 //! full attention and ShadowKV side by side.
 
+use super::at_least_one;
 use super::backend::{load_cuda_model, open_gpu, tp_weights, Backend, CudaArgs, Gpus};
+use super::model_spec::{open_spec, MODEL_HELP};
 use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::CpuModel;
 use crate::engine::backend_tp::TpBackend;
@@ -9,12 +11,12 @@ use crate::eval::fidelity::fidelity;
 use crate::eval::haystack::Haystack;
 use crate::eval::run::{hit_rates, run_ruler, summary, EvalModel, MethodSpec, RulerPlan, SampleResult};
 use crate::eval::tasks::Task;
-use crate::model::load::{open_model, OpenedModel};
+use crate::model::load::OpenedModel;
 use crate::model::weights::ModelWeights;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Arguments of `shadowkv eval`.
 #[derive(Args, Debug)]
@@ -33,9 +35,9 @@ enum EvalKind {
 
 /// Arguments of `shadowkv eval ruler`.
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 struct RulerArgs {
-    /// Model: a Hugging Face directory, a .gguf file, or synthetic:<arch>.
-    #[arg(long)]
+    #[arg(long, help = MODEL_HELP)]
     model: String,
     /// Tasks (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = Task::ALL.to_vec())]
@@ -44,7 +46,7 @@ struct RulerArgs {
     #[arg(long, value_delimiter = ',', default_values_t = vec![2048usize, 4096, 8192])]
     lengths: Vec<usize>,
     /// Samples per task, length and haystack (needle depth swept across them).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = at_least_one)]
     samples: usize,
     /// Haystacks (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Haystack::Noise, Haystack::Essay])]
@@ -77,9 +79,9 @@ struct RulerArgs {
 
 /// Arguments of `shadowkv eval fidelity`.
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 struct FidelityArgs {
-    /// Model: a Hugging Face directory, a .gguf file, or synthetic:<arch>.
-    #[arg(long)]
+    #[arg(long, help = MODEL_HELP)]
     model: String,
     /// The long text.
     #[arg(long)]
@@ -116,18 +118,37 @@ pub fn run(a: EvalArgs) -> Result<()> {
 
 fn ruler(a: RulerArgs) -> Result<()> {
     super::set_threads(a.threads)?;
-    if a.samples == 0 || a.tasks.is_empty() || a.lengths.is_empty() || a.attention.is_empty() {
-        bail!("--samples, --tasks, --lengths and --attention must not be empty");
+    for (flag, empty) in [
+        ("--tasks", a.tasks.is_empty()),
+        ("--lengths", a.lengths.is_empty()),
+        ("--haystacks", a.haystacks.is_empty()),
+        ("--attention", a.attention.is_empty()),
+    ] {
+        if empty {
+            bail!("{flag} must name at least one");
+        }
+    }
+    if let Some(dir) = a.json.as_deref().map(|p| p.parent().unwrap_or(Path::new(""))) {
+        // The results are written as the run goes: a folder that is not there fails now,
+        // not after the first sample.
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        if !dir.is_dir() {
+            bail!("--json: the folder {} does not exist", dir.display());
+        }
     }
     let progress = std::io::stderr().is_terminal();
     // Option errors before the (long) model load.
     let fetch = a.cuda.one_fetch()?;
     let tier = a.cuda.one_tier()?;
     if a.backend == Backend::Cpu {
-        a.cuda.cpu_has_no_tier()?;
+        a.cuda.refuse_gpu_settings_on_cpu()?;
     }
     let gpus = a.cuda.gpus()?;
-    let m = open_model(&a.model)?;
+    let m = open_spec(&a.model)?;
     let graphs = !a.cuda.no_graph;
     // The loaded model (one of them), borrowed by `model` for the whole run.
     let (mut cpu, mut gpu, mut group) = (None, None, None);
@@ -167,7 +188,7 @@ fn ruler(a: RulerArgs) -> Result<()> {
     // Report the settings each method uses at each length.
     for &len in &a.lengths {
         for s in &methods {
-            eprintln!("length {len:>6} {:<15} {:?}", s.label, (s.attention)(len)?);
+            eprintln!("length {len:>6} {:<15} {}", s.label, (s.attention)(len)?);
         }
     }
     let plan = RulerPlan {
@@ -226,7 +247,7 @@ fn write_ruler_json(
         "samples": a.samples, "seed": a.seed, "complete": complete,
         "tasks": a.tasks.iter().map(|t| t.name()).collect::<Vec<_>>(),
         "lengths": a.lengths, "haystacks": a.haystacks, "methods": labels,
-        "settings": a.lengths.iter().map(|&l| methods.iter().map(|s| format!("{:?}", (s.attention)(l).ok())).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        "settings": a.lengths.iter().map(|&l| methods.iter().map(|s| (s.attention)(l).ok().map(|a| a.to_string())).collect::<Vec<_>>()).collect::<Vec<_>>(),
         "summary": rows.iter().map(|(t, l, s)| serde_json::json!({"task": t, "length": l, "scores": s})).collect::<Vec<_>>(),
         "reuse_hit_rate": rates.iter().map(|(l, r)| serde_json::json!({"length": l, "rates": r})).collect::<Vec<_>>(),
         "results": results,
@@ -242,7 +263,7 @@ fn fidelity_cmd(a: FidelityArgs) -> Result<()> {
     super::set_threads(a.threads)?;
     let text =
         std::fs::read_to_string(&a.prompt_file).with_context(|| format!("reading {}", a.prompt_file.display()))?;
-    let m = open_model(&a.model)?;
+    let m = open_spec(&a.model)?;
     let model = cpu_model(&m, std::io::stderr().is_terminal())?;
     let ids = m.tokenizer.encode(&text, true)?;
     if ids.len() > m.config.max_position_embeddings {

@@ -1,12 +1,13 @@
 //! `shadowkv generate`: one prompt in, one continuation out.
 
+use super::at_least_one;
 use super::backend::{load_cuda_model, open_gpu, tp_weights, Backend, CudaArgs, Gpus};
+use super::model_spec::{open_spec, MODEL_HELP};
 use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::CpuModel;
 use crate::engine::generate::{generate, generate_cuda, generate_parallel, GenerateOptions, GenerateRequest};
 use crate::engine::sampling::SamplingParams;
 use crate::model::chat::ChatMessage;
-use crate::model::load::open_model;
 use crate::model::weights::ModelWeights;
 use anyhow::{bail, Context, Result};
 use clap::{ArgGroup, Args};
@@ -16,10 +17,10 @@ use std::time::Instant;
 
 /// Arguments of `shadowkv generate`.
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 #[command(group(ArgGroup::new("input").required(true).args(["prompt", "prompt_file"])))]
 pub struct GenerateArgs {
-    /// Model: a Hugging Face directory, a .gguf file, or synthetic:<arch>[@seed].
-    #[arg(long)]
+    #[arg(long, help = MODEL_HELP)]
     model: String,
     /// Prompt text.
     #[arg(long)]
@@ -54,8 +55,8 @@ pub struct GenerateArgs {
     /// CPU threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Prompt tokens per prefill pass.
-    #[arg(long, default_value_t = 512)]
+    /// Prompt tokens per prefill pass (at least 1).
+    #[arg(long, default_value_t = 512, value_parser = at_least_one)]
     prefill_chunk: usize,
     /// Print one JSON object instead of the text.
     #[arg(long)]
@@ -85,7 +86,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let progress = std::io::stderr().is_terminal();
     let t_load = Instant::now();
-    let m = open_model(&a.model)?;
+    let m = open_spec(&a.model)?;
     let prompt_text = if a.chat {
         let tmpl = m
             .chat_template
@@ -125,7 +126,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let (load_secs, (mut gens, stats)) = match a.backend {
         Backend::Cpu => {
-            a.cuda.cpu_has_no_tier()?;
+            a.cuda.refuse_gpu_settings_on_cpu()?;
             let weights = ModelWeights::load(&m.config, m.source.as_ref(), progress)?;
             let model = CpuModel::new(m.config.clone(), weights);
             let load_secs = t_load.elapsed().as_secs_f64();

@@ -350,22 +350,28 @@ fn push_text(
 }
 
 /// Rejects requests that cannot run: an empty prompt, one that fills the context of
-/// `ctx` tokens, no tokens to generate, or bad sampling parameters.
+/// `ctx` tokens, no tokens to generate, or bad sampling parameters. With several
+/// requests the error names the request.
 fn validate_requests(reqs: &[GenerateRequest], ctx: usize) -> Result<()> {
     for (i, r) in reqs.iter().enumerate() {
+        let which = if reqs.len() > 1 {
+            format!("request {i}: ")
+        } else {
+            String::new()
+        };
         if r.prompt.is_empty() {
-            bail!("request {i}: the prompt is empty");
+            bail!("{which}the prompt is empty");
         }
         if r.prompt.len() >= ctx {
             bail!(
-                "request {i}: prompt of {} tokens does not fit the model's context of {ctx} tokens",
+                "{which}prompt of {} tokens does not fit the model's context of {ctx} tokens",
                 r.prompt.len()
             );
         }
         if r.max_tokens == 0 {
-            bail!("request {i}: max_tokens must be at least 1");
+            bail!("{which}max_tokens must be at least 1");
         }
-        r.sampling.validate().map_err(|e| anyhow::anyhow!("request {i}: {e}"))?;
+        r.sampling.validate().map_err(|e| anyhow::anyhow!("{which}{e}"))?;
     }
     Ok(())
 }

@@ -28,6 +28,20 @@ pub enum Attention {
     ShadowKv(ShadowParams),
 }
 
+impl std::fmt::Display for Attention {
+    /// `full`, or ShadowKV's settings in words (`shadowkv: budget 256, rank 160, …`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Attention::Full => write!(f, "full"),
+            Attention::ShadowKv(p) => write!(
+                f,
+                "shadowkv: budget {}, rank {}, chunk {}, {} outlier chunks, {} local chunks",
+                p.budget, p.rank, p.chunk_size, p.outlier_chunks, p.local_chunks
+            ),
+        }
+    }
+}
+
 /// Smallest default budget, in tokens.
 const MIN_BUDGET: usize = 256;
 
@@ -96,6 +110,9 @@ impl ShadowParams {
                 self.chunk_size
             );
         }
+        if self.local_chunks == 0 {
+            bail!("local chunks must be at least 1 (the recent window)");
+        }
         if self.rank == 0 || self.rank > kvd {
             bail!("rank {} must be in 1..={kvd} (kv_heads · head_dim)", self.rank);
         }
@@ -147,5 +164,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("chunk size"), "{e}");
+        let e = ShadowParams { local_chunks: 0, ..ok }
+            .validate(&cfg)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("local chunks"), "{e}");
     }
 }
