@@ -808,10 +808,13 @@ fn check_gpu_tracks(path: &std::path::Path, layers: usize, gen: usize) {
         steps + 1 >= gen - 1 && steps < gen,
         "{steps} ShadowKV steps for {gen} tokens"
     );
-    // `mlp` is the dense work before each layer's selection but the first's.
-    for stage in ["scores", "top-k", "reuse", "reconstruct", "mlp"] {
+    // `mlp` is the dense work before each layer's selection but the first's, and the
+    // last layer's after its attention; then each step's `sample`.
+    for stage in ["scores", "top-k", "reuse", "reconstruct"] {
         assert!(count(compute, stage) >= steps * (layers - 1), "{stage}");
     }
+    assert_eq!(count(compute, "mlp"), steps * layers, "mlp");
+    assert_eq!(count(compute, "sample"), steps, "sample");
     let fetch = fetch.expect("a GPU fetch track (zero-copy)");
     assert_eq!(count(fetch, "fetch"), steps * layers);
     let end = ev.iter().filter_map(|e| e["ts"].as_f64()).fold(0.0, f64::max);

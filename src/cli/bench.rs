@@ -359,7 +359,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 },
             );
             rows.push(serde_json::json!({
-                "context": ctx, "method": method.label(), "settings": format!("{attention:?}"),
+                "context": ctx, "method": method.label(), "settings": attention.settings_json(),
                 "batch": batch, "generated": a.gen, "decode_tokens_per_s": tps, "step_ms_median": step_ms,
                 "ratio_to_full": ratio, "reuse_hit_rate": shadow.then(|| st.hit_rate()),
                 "value_bytes_fetched_per_step": shadow.then_some(kib_step * 1024.0),

@@ -218,8 +218,7 @@ pub fn run(
     let tier_fill_secs = t_tier.elapsed().as_secs_f64();
     let fixed = serde_json::json!({
         "context": ctx, "method": "shadowkv", "batch": batch, "generated": gen,
-        "settings": {"budget": p.budget, "rank": p.rank, "chunk_size": p.chunk_size,
-                     "outlier_chunks": p.outlier_chunks, "local_chunks": p.local_chunks},
+        "settings": p,
         "prefill_secs": prefill_secs, "compress_secs": compress_secs,
         "compress_share": share(compress_secs), "compress_secs_mean": compress_secs_mean,
         "compress_share_mean": share(compress_secs_mean), "compress_stage_ms": compress_stage_ms,

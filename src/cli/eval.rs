@@ -280,10 +280,10 @@ fn fidelity_cmd(a: FidelityArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"model": a.model, "tokens": end, "prefix": prefix, "settings": format!("{p:?}"), "fidelity": f})
+            serde_json::json!({"model": a.model, "tokens": end, "prefix": prefix, "settings": p, "fidelity": f})
         );
     } else {
-        println!("{p:?}");
+        println!("ShadowKV: {p}");
         println!(
             "{} positions after a {prefix}-token prefix: top-1 agreement {:.1} %, mean KL {:.5} nats (max {:.4}), reuse hit rate {:.1} %",
             f.positions,

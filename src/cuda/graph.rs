@@ -459,7 +459,8 @@ impl CudaModel {
         }
         let encoded = self
             .encode_step(ops, sc, &plan, Attend::Shadow(&step))
-            .and_then(|()| self.encode_sampling(ops, sc, &plan));
+            .and_then(|()| self.encode_sampling(ops, sc, &plan))
+            .and_then(|()| step.mark_sampled(ops));
         // The layers' folds ran on the fold stream beside the step's later work: the
         // lane's stream waits for them before the step frees its tables, also where
         // queuing failed part-way.

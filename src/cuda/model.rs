@@ -1041,6 +1041,9 @@ impl CudaModel {
             ops.linear(x, act, &w.w_down, n, inter, h, lead)?;
             complete(x)?;
         }
+        if let Attend::Shadow(step) = attend {
+            step.mark_layers_done(ops)?;
+        }
         if plan.picked.is_empty() {
             return Ok(());
         }

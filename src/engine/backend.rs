@@ -58,9 +58,10 @@ pub struct StepOutput {
     /// Sequences of the step (their index in its batch) that failed on their own, with
     /// why: the step's other sequences are fine.
     pub failed: Vec<(usize, String)>,
-    /// Seconds of GPU time the step spent in each stage, from the GPU's own event
-    /// timestamps (ShadowKV steps on the GPU; empty elsewhere).
-    pub gpu_stages: Vec<(&'static str, f64)>,
+    /// Seconds the step spent in each pipeline stage: GPU time from timestamps the GPU
+    /// writes (ShadowKV steps on the GPU, in the steps that carry them), and with the
+    /// cpu-gather fetch its gather threads' host time (`gather`); empty elsewhere.
+    pub stage_secs: Vec<(&'static str, f64)>,
     /// The step's GPU spans, in milliseconds from its lane's anchor, while the GPU
     /// timeline is traced ([`StepBackend::start_gpu_trace`]; empty otherwise).
     pub gpu_spans: Vec<GpuSpan>,

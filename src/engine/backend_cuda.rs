@@ -999,12 +999,20 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
 
     fn complete(&mut self, lane: usize, ticket: CudaTicket) -> Result<StepOutput> {
         let before = self.lanes[lane].stage_ms.clone();
+        let gathered = self.lanes[lane].gather.gather_secs;
         let tokens = self.model.borrow().complete(&mut self.lanes[lane], ticket.step)?;
         self.free_retired();
+        let mut stage_secs = step_stages(&before, &self.lanes[lane].stage_ms);
+        // The cpu-gather actor's copying, on the host's clock (the jobs done since the
+        // last completed step).
+        let gather = self.lanes[lane].gather.gather_secs - gathered;
+        if gather > 0.0 {
+            stage_secs.push(("gather", gather));
+        }
         Ok(StepOutput {
             tokens: with_rows_left_out(tokens, &ticket.left_out),
             failed: ticket.failed,
-            gpu_stages: step_stages(&before, &self.lanes[lane].stage_ms),
+            stage_secs,
             gpu_spans: self.lanes[lane].drain_trace(),
         })
     }

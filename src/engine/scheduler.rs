@@ -956,7 +956,7 @@ impl<M: StepBackend> Engine<M> {
                 self.fail_members(&[m.key], &anyhow::anyhow!("{why}"));
             }
         }
-        for &(stage, secs) in &out.gpu_stages {
+        for &(stage, secs) in &out.stage_secs {
             metrics::histogram!(tm::STAGE_SECONDS, "stage" => stage).record(secs);
         }
         let generated = self.process(&f.members, &out.tokens, t1);

@@ -4,8 +4,9 @@ use crate::model::config::ModelConfig;
 use crate::pool::{PoolShape, ValueFormat};
 use anyhow::{bail, Result};
 
-/// ShadowKV settings for one model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// ShadowKV settings for one model (serialised as they are named here, in the
+/// benchmarks' and evaluations' JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct ShadowParams {
     /// Tokens of selected chunks attended per step and KV head (a multiple of `chunk_size`).
     pub budget: usize,
@@ -28,16 +29,33 @@ pub enum Attention {
     ShadowKv(ShadowParams),
 }
 
+impl std::fmt::Display for ShadowParams {
+    /// The settings in words (`budget 256, rank 160, chunk 8, …`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "budget {}, rank {}, chunk {}, {} outlier chunks, {} local chunks",
+            self.budget, self.rank, self.chunk_size, self.outlier_chunks, self.local_chunks
+        )
+    }
+}
+
 impl std::fmt::Display for Attention {
-    /// `full`, or ShadowKV's settings in words (`shadowkv: budget 256, rank 160, …`).
+    /// `full`, or `shadowkv: ` and its settings in words.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Attention::Full => write!(f, "full"),
-            Attention::ShadowKv(p) => write!(
-                f,
-                "shadowkv: budget {}, rank {}, chunk {}, {} outlier chunks, {} local chunks",
-                p.budget, p.rank, p.chunk_size, p.outlier_chunks, p.local_chunks
-            ),
+            Attention::ShadowKv(p) => write!(f, "shadowkv: {p}"),
+        }
+    }
+}
+
+impl Attention {
+    /// ShadowKV's settings as JSON (null for full attention).
+    pub fn settings_json(&self) -> serde_json::Value {
+        match self {
+            Attention::Full => serde_json::Value::Null,
+            Attention::ShadowKv(p) => serde_json::to_value(p).expect("plain numbers"),
         }
     }
 }

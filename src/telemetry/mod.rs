@@ -91,7 +91,7 @@ pub fn install_prometheus() -> Result<PrometheusHandle> {
         .install_recorder()
         .context("installing the metrics recorder")?;
     describe();
-    for stage in ["prefill", "decode", "sample", "step"] {
+    for stage in ["prefill", "decode", "step", "output"] {
         let _ = metrics::histogram!(STAGE_SECONDS, "stage" => stage);
     }
     for h in [TTFT_SECONDS, ITL_SECONDS, E2E_SECONDS, BATCH_TOKENS] {

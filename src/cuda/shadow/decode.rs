@@ -591,6 +591,18 @@ impl<'a> ShadowStep<'a> {
         Ok(())
     }
 
+    /// With stage timing on, marks the end of the last layer's dense work (its output
+    /// projection and MLP) on `ops`'s stream, the step's own.
+    pub(crate) fn mark_layers_done(&self, ops: &CudaOps) -> Result<()> {
+        self.mark(ops, 0, Stage::Mlp)
+    }
+
+    /// With stage timing on, marks the end of the step's sampling (the final norm, the
+    /// logits and the sampled tokens) on `ops`'s stream, the step's own.
+    pub(crate) fn mark_sampled(&self, ops: &CudaOps) -> Result<()> {
+        self.mark(ops, 0, Stage::Sample)
+    }
+
     /// The stage marks recorded (empty without timing), to read once the step is done.
     pub fn take_marks(&self) -> Vec<StageMark> {
         self.marks.as_ref().map(|m| m.take()).unwrap_or_default()
@@ -695,6 +707,16 @@ pub enum Stage {
     Join,
     /// The fold of full windows.
     Fold,
+    /// The dense work after the last layer's attention: its output projection and MLP.
+    /// (Between two layers, the same work and the next layer's projections end at the
+    /// next layer's `Start`, which [`stage_ms`] counts as `Mlp`.)
+    Mlp,
+    /// The final norm, the output head's logits and the sampling.
+    Sample,
+    /// The values' way to the GPU: zero-copy, the fetch kernel's time on the fetch
+    /// stream; otherwise (cpu-gather, or zero-copy without a fetch stream) the `Fetch`
+    /// stage's. Never marked: [`stage_ms`] derives it.
+    Transfer,
 }
 
 impl Stage {
@@ -711,14 +733,19 @@ impl Stage {
             Stage::Attend => "attention",
             Stage::Join => "join",
             Stage::Fold => "fold",
+            Stage::Mlp => "mlp",
+            Stage::Sample => "sample",
+            Stage::Transfer => "transfer",
         }
     }
 }
 
 /// Milliseconds of GPU time per stage, from a step's marks (on each stream, each stage
-/// from the previous mark to its own; `Start` marks open a layer) and its side streams'
-/// folds (`Fold`, begin to end), their stamps `ns`. Stages that ran at once on several
-/// streams count on each.
+/// from the previous mark to its own; `Start` marks open a layer, and on the step's own
+/// stream the time before one is the dense work since the layer before: `Mlp`) and its
+/// side streams' spans (`Fold` and the fetch's `Transfer`, begin to end), their stamps
+/// `ns`. Without fetch spans `Transfer` is the `Fetch` stage. Stages that ran at once on
+/// several streams count on each.
 pub fn stage_ms(marks: &[StageMark], sides: &[SideMark], ns: &[u64]) -> Vec<(Stage, f64)> {
     let mut out: Vec<(Stage, f64)> = Vec::new();
     let mut add = |stage: Stage, a: usize, b: usize| {
@@ -728,20 +755,29 @@ pub fn stage_ms(marks: &[StageMark], sides: &[SideMark], ns: &[u64]) -> Vec<(Sta
             None => out.push((stage, ms)),
         }
     };
+    let fetched = sides.iter().any(|s| s.0 == SideWork::Fetch);
     let streams = marks.iter().map(|m| m.0).max().map_or(0, |m| m + 1);
     for tag in 0..streams {
         let mine: Vec<_> = marks.iter().filter(|m| m.0 == tag).collect();
         for w in mine.windows(2) {
             let (_, _, a) = w[0];
             let (_, stage, b) = w[1];
-            if *stage != Stage::Start {
-                add(*stage, *a, *b);
+            match *stage {
+                // A micro-batch's stream is idle before its layer starts.
+                Stage::Start if tag == 0 => add(Stage::Mlp, *a, *b),
+                Stage::Start => {}
+                Stage::Fetch if !fetched => {
+                    add(Stage::Fetch, *a, *b);
+                    add(Stage::Transfer, *a, *b);
+                }
+                other => add(other, *a, *b),
             }
         }
     }
     for &(kind, _, a, b) in sides {
-        if kind == SideWork::Fold {
-            add(Stage::Fold, a, b);
+        match kind {
+            SideWork::Fold => add(Stage::Fold, a, b),
+            SideWork::Fetch => add(Stage::Transfer, a, b),
         }
     }
     out
@@ -749,10 +785,11 @@ pub fn stage_ms(marks: &[StageMark], sides: &[SideMark], ns: &[u64]) -> Vec<(Sta
 
 /// The most stage marks a step of `layers` layers in `parts` micro-batches makes: a
 /// layer's on the step's stream (its start, append, join and fold) and its fold's two,
-/// and each micro-batch's (start, scores, top-k, reuse, rebuild, the attention's two
-/// passes and the fetch between them) with its fetch's two on the fetch stream.
+/// each micro-batch's (start, scores, top-k, reuse, rebuild, the attention's two passes
+/// and the fetch between them) with its fetch's two on the fetch stream, and the step's
+/// last two (the last layer's MLP, the sampling).
 pub fn stage_marks_bound(layers: usize, parts: usize) -> usize {
-    layers * (4 + 2 + parts * (8 + 2))
+    layers * (4 + 2 + parts * (8 + 2)) + 2
 }
 
 /// How a decode step gets the missed values to the GPU.
@@ -859,12 +896,47 @@ mod tests {
             close(ms(Stage::Scores), 2.0) && close(ms(Stage::Attend), 0.25),
             "{got:?}"
         );
-        // The fold from its side stream; the fetch's side span is no stage; a Start
-        // ends none.
-        assert!(close(ms(Stage::Fold), 0.25) && ms(Stage::Fetch).is_none() && ms(Stage::Start).is_none());
-        assert_eq!(got.len(), 5, "{got:?}");
+        // The fold from its side stream, the fetch's side span as the transfer; a Start
+        // ends no stage of its own: on the compute stream the time before it is the
+        // dense work (Mlp), on a micro-batch's stream idle time.
+        assert!(
+            close(ms(Stage::Fold), 0.25) && close(ms(Stage::Transfer), 2.25),
+            "{got:?}"
+        );
+        assert!(close(ms(Stage::Mlp), 0.5), "{got:?}");
+        assert!(ms(Stage::Fetch).is_none() && ms(Stage::Start).is_none(), "{got:?}");
+        assert_eq!(got.len(), 7, "{got:?}");
         // A step's marks stay within their bound: 7 here for 1 layer of 1 micro-batch.
         assert!(marks.len() + 2 * sides.len() <= stage_marks_bound(1, 1));
+    }
+
+    #[test]
+    fn the_step_s_last_marks_and_a_fetch_without_its_own_stream() {
+        // One layer on the compute stream: its stages, the fetch on that stream (no
+        // fetch stream: the fetch is the transfer), the last layer's MLP, the sampling.
+        let ns = [0, 1_000_000, 2_000_000, 4_000_000, 5_000_000, 7_000_000, 7_500_000];
+        let marks = [
+            (0, Stage::Start, 0),
+            (0, Stage::Rebuild, 1),
+            (0, Stage::Fetch, 2),
+            (0, Stage::Attend, 3),
+            (0, Stage::Mlp, 4),
+            (0, Stage::Sample, 5),
+            (0, Stage::Start, 6),
+        ];
+        let got = stage_ms(&marks, &[], &ns);
+        let ms = |s: Stage| got.iter().find(|(g, _)| *g == s).map(|(_, m)| *m);
+        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
+        assert!(
+            close(ms(Stage::Fetch), 1.0) && close(ms(Stage::Transfer), 1.0),
+            "{got:?}"
+        );
+        assert!(close(ms(Stage::Sample), 2.0), "{got:?}");
+        // The MLP after the last layer and the dense work before the next Start.
+        assert!(close(ms(Stage::Mlp), 1.0 + 0.5), "{got:?}");
+        assert_eq!(Stage::Mlp.name(), "mlp");
+        assert_eq!(Stage::Sample.name(), "sample");
+        assert_eq!(Stage::Transfer.name(), "transfer");
     }
 
     #[test]

@@ -383,6 +383,12 @@ mod tests {
         let s = spans(&marks, &[]);
         assert_eq!(s[5].name, "fetch");
         assert_eq!(s.len(), marks.len() - 1);
+        // The step's last marks: the last layer's MLP, then the sampling, both of it.
+        let mut last = marks.to_vec();
+        last.extend([(0, Stage::Mlp, 2.4), (0, Stage::Sample, 2.6)]);
+        let s = spans(&last, &[]);
+        let tail: Vec<_> = s[s.len() - 2..].iter().map(|s| (s.name, s.layer, s.start_ms)).collect();
+        assert_eq!(tail, [("mlp", 1, 2.1), ("sample", 1, 2.4)]);
     }
 
     #[test]
