@@ -303,7 +303,9 @@ fn engine_with_a_prefill_lane_equals_generate_cuda() {
     let gen = 40;
     let want = alone_text(&gpu, &tok, p, &ids, gen);
     let backend = engine_backend(&gpu, p, 2);
-    // Traced: the engine's steps and each lane's GPU streams.
+    // Traced: the engine's steps and each lane's GPU streams; and its metrics (this
+    // test binary's only recorder).
+    let metrics = shadowkv::telemetry::install_prometheus().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let trace_path = dir.path().join("engine.json");
     let trace = TraceWriter::create(&trace_path, Instant::now()).unwrap();
@@ -314,6 +316,27 @@ fn engine_with_a_prefill_lane_equals_generate_cuda() {
     assert_eq!(text, want);
     eprintln!("RESULT shadowkv_engine equal_text={}", text.len());
     check_gpu_tracks(&trace_path, cfg.num_layers, gen);
+    // The stage histogram covers the pipeline's GPU stages (every traced step is timed).
+    let text = metrics.render();
+    for stage in [
+        "select",
+        "reconstruct",
+        "transfer",
+        "attention",
+        "mlp",
+        "sample",
+        "step",
+    ] {
+        let line = format!("shadowkv_stage_seconds_count{{stage=\"{stage}\"}} ");
+        let count: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .unwrap_or_else(|| panic!("no {stage} stage in:\n{text}"))
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(count > 0.0, "stage {stage} never timed");
+    }
 }
 
 /// Four requests on two decode lanes beside the prefill lane (`pipeline.decode_lanes =
