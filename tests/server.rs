@@ -482,7 +482,8 @@ fn dropped_stream_frees_its_slot(s: &Server) {
 /// than the context) do not hold up `/health`: the tokenizing runs off the server's two
 /// runtime threads, so the probe is answered before either refusal.
 fn long_prompts_do_not_stall_health(s: &Server) {
-    let prompt = "lorem ipsum ".repeat(200_000);
+    // 6 MB (of the 16 MiB a body may have): over half a second to tokenize on any core.
+    let prompt = "lorem ipsum ".repeat(500_000);
     let body = json!({"prompt": prompt, "max_tokens": 4}).to_string();
     let big: Vec<_> = (0..2)
         .map(|_| {
@@ -494,7 +495,7 @@ fn long_prompts_do_not_stall_health(s: &Server) {
         })
         .collect();
     // Both bodies sent and being tokenized.
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(100));
     let h = s.get("/health");
     let probed = std::time::Instant::now();
     assert_eq!(h.status, 200, "{}", h.body);

@@ -247,7 +247,7 @@ fn write_ruler_json(
         "samples": a.samples, "seed": a.seed, "complete": complete,
         "tasks": a.tasks.iter().map(|t| t.name()).collect::<Vec<_>>(),
         "lengths": a.lengths, "haystacks": a.haystacks, "methods": labels,
-        "settings": a.lengths.iter().map(|&l| methods.iter().map(|s| (s.attention)(l).ok().map(|a| a.to_string())).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        "settings": a.lengths.iter().map(|&l| methods.iter().map(|s| (s.attention)(l).map_or(serde_json::Value::Null, |a| a.settings_json())).collect::<Vec<_>>()).collect::<Vec<_>>(),
         "summary": rows.iter().map(|(t, l, s)| serde_json::json!({"task": t, "length": l, "scores": s})).collect::<Vec<_>>(),
         "reuse_hit_rate": rates.iter().map(|(l, r)| serde_json::json!({"length": l, "rates": r})).collect::<Vec<_>>(),
         "results": results,

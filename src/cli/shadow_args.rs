@@ -44,8 +44,8 @@ pub struct ShadowArgs {
     /// Outlier chunks kept exact per KV head (default 24 per 1024 budget tokens).
     #[arg(long)]
     pub outlier_chunks: Option<usize>,
-    /// Most recent prompt chunks kept exact (default 4).
-    #[arg(long)]
+    /// Most recent prompt chunks kept exact (default 4; at least 1).
+    #[arg(long, value_parser = super::at_least_one)]
     pub local_chunks: Option<usize>,
 }
 

@@ -60,7 +60,7 @@ pub struct StepOutput {
     pub failed: Vec<(usize, String)>,
     /// Seconds the step spent in each pipeline stage: GPU time from timestamps the GPU
     /// writes (ShadowKV steps on the GPU, in the steps that carry them), and with the
-    /// cpu-gather fetch its gather threads' host time (`gather`); empty elsewhere.
+    /// cpu-gather fetch the wall-clock time of its gather jobs (`gather`); empty elsewhere.
     pub stage_secs: Vec<(&'static str, f64)>,
     /// The step's GPU spans, in milliseconds from its lane's anchor, while the GPU
     /// timeline is traced ([`StepBackend::start_gpu_trace`]; empty otherwise).

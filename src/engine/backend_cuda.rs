@@ -1003,8 +1003,8 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
         let tokens = self.model.borrow().complete(&mut self.lanes[lane], ticket.step)?;
         self.free_retired();
         let mut stage_secs = step_stages(&before, &self.lanes[lane].stage_ms);
-        // The cpu-gather actor's copying, on the host's clock (the jobs done since the
-        // last completed step).
+        // The cpu-gather actor's jobs, their wall-clock time on the host (the jobs done
+        // since the last completed step).
         let gather = self.lanes[lane].gather.gather_secs - gathered;
         if gather > 0.0 {
             stage_secs.push(("gather", gather));

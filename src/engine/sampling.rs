@@ -4,10 +4,15 @@ use anyhow::{bail, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// Temperatures below this pick the most likely token, as 0 does: logits divided by
+/// less would overflow f32, and long before that the softmax is one token's.
+pub const GREEDY_BELOW: f32 = 1e-6;
+
 /// How to pick the next token. `temperature == 0` is greedy.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
-    /// Softmax temperature; 0 picks the most likely token.
+    /// Softmax temperature; 0 (or anything below [`GREEDY_BELOW`]) picks the most
+    /// likely token.
     pub temperature: f32,
     /// Keep only the k most likely tokens (0 = all).
     pub top_k: usize,
@@ -33,8 +38,13 @@ impl SamplingParams {
     /// of the f32 temperature, top-k (0: all), the bits of the f32 top-p, the seed and
     /// a counter (the step), so that a (seed, counter) pair always draws the same token.
     pub fn device_row(&self, seed: u64, counter: u64) -> [u64; 5] {
+        let t = if self.temperature < GREEDY_BELOW {
+            0.0
+        } else {
+            self.temperature
+        };
         [
-            self.temperature.to_bits() as u64,
+            t.to_bits() as u64,
             self.top_k as u64,
             self.top_p.to_bits() as u64,
             seed,
@@ -84,7 +94,7 @@ impl Sampler {
     /// Picks the next token from one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = self.params;
-        if p.temperature == 0.0 || p.top_k == 1 {
+        if p.temperature < GREEDY_BELOW || p.top_k == 1 {
             return argmax(logits);
         }
         let mut cand: Vec<(u32, f32)> = logits
@@ -134,6 +144,23 @@ mod tests {
     fn greedy_picks_max() {
         let mut s = Sampler::new(SamplingParams::default());
         assert_eq!(s.sample(&[0.1, 3.0, -1.0, 2.9]), 1);
+    }
+
+    #[test]
+    fn a_temperature_too_small_to_divide_by_is_greedy() {
+        // 1e-40 would make every logit infinite and the softmax NaN.
+        let p = SamplingParams {
+            temperature: 1e-40,
+            seed: Some(3),
+            ..Default::default()
+        };
+        let mut s = Sampler::new(p);
+        for _ in 0..20 {
+            assert_eq!(s.sample(&[0.1, 3.0, -1.0, 2.9]), 1);
+        }
+        assert_eq!(p.device_row(3, 0)[0], 0, "the device sampler is told 0");
+        let warm = SamplingParams { temperature: 0.7, ..p };
+        assert_eq!(warm.device_row(3, 0)[0], 0.7f32.to_bits() as u64);
     }
 
     #[test]

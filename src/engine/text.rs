@@ -103,7 +103,8 @@ impl SeqText {
 
     /// Drops a character the sequence ended in the middle of (the bytes of its last
     /// tokens, which the tokenizer shows as U+FFFD, past the last complete character), so
-    /// a finished text never ends in a broken character.
+    /// a finished text never ends in a broken character. (A U+FFFD the model wrote
+    /// whole at the very end looks the same to the decoder and goes too.)
     fn drop_incomplete_tail(&mut self) {
         let complete = self.text.trim_end_matches('\u{FFFD}').len();
         self.text.truncate(complete.max(self.committed));

@@ -43,6 +43,9 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// Unix time the server started.
     pub started_unix: u64,
+    /// Requests being parsed and tokenized at once (one per core): a burst of long
+    /// prompts waits here rather than tokenizing all together.
+    pub preparing: tokio::sync::Semaphore,
     ids: AtomicU64,
 }
 
@@ -77,6 +80,7 @@ impl AppState {
             max_request_bytes,
             metrics,
             started_unix: unix_now(),
+            preparing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()).max(2)),
             ids: AtomicU64::new(0),
         }
     }

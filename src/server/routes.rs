@@ -25,6 +25,8 @@ fn rejected(e: ApiError) -> Response {
         "queue_full"
     } else if e.status == StatusCode::SERVICE_UNAVAILABLE {
         "shutdown"
+    } else if e.status.is_server_error() {
+        "error"
     } else {
         "rejected"
     };
@@ -64,17 +66,30 @@ pub async fn chat_completions(State(st): St, body: Result<Bytes, BytesRejection>
 
 /// Parses a request body and tokenizes its prompt on a blocking thread: a long prompt
 /// takes seconds to tokenize, which on the runtime's threads would stall every other
-/// request (`/health` among them).
+/// request (`/health` among them). At most [`AppState::preparing`] at once; none once
+/// the server drains.
 async fn prepare(
     st: &Arc<AppState>,
     body: Result<Bytes, BytesRejection>,
     prep: fn(&RequestBody, &AppState) -> Result<Prepared, ApiError>,
 ) -> Result<Prepared, ApiError> {
     let bytes = body_bytes(body, st.max_request_bytes)?;
+    let draining = || ApiError::shutting_down("The server is shutting down");
+    if st.engine.is_shutting_down() {
+        return Err(draining());
+    }
+    let _slot = st.preparing.acquire().await.map_err(|_| draining())?;
+    if st.engine.is_shutting_down() {
+        return Err(draining());
+    }
     let st = Arc::clone(st);
-    tokio::task::spawn_blocking(move || parse_body(&bytes).and_then(|b| prep(&b, &st)))
-        .await
-        .unwrap_or_else(|e| Err(ApiError::internal(format!("preparing the request failed: {e}"))))
+    match tokio::task::spawn_blocking(move || parse_body(&bytes).and_then(|b| prep(&b, &st))).await {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            tracing::error!("preparing a request failed: {e}");
+            Err(ApiError::internal("The server failed to prepare the request"))
+        }
+    }
 }
 
 /// Submits to the engine and answers, streamed or whole.

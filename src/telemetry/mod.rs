@@ -122,7 +122,8 @@ fn describe() {
         STAGE_SECONDS,
         Unit::Seconds,
         "Latency of engine stages (label stage: prefill, decode, step, output; with ShadowKV on the GPU also \
-         the GPU time of select, reuse, reconstruct, fetch, attention, append and fold, from GPU timestamps)"
+         the GPU time of select, reuse, reconstruct, fetch, transfer, attention, append, mlp, sample, fold \
+         and join, from GPU timestamps, and with cpu-gather the gather jobs' time)"
     );
     describe_histogram!(
         TTFT_SECONDS,

@@ -491,19 +491,20 @@ impl fmt::Display for TopologyError {
 impl std::error::Error for TopologyError {}
 
 /// A serde message with Rust's type names said as a reader would: `expected usize`
-/// becomes `expected a whole number >= 0`, `expected f64` `expected a number`.
+/// becomes `expected a whole number >= 0`, `expected u16` `expected a whole number from
+/// 0 to 65535` (so a value out of range reads right), `expected f64` `expected a number`.
 pub fn plain_serde_message(message: &str) -> String {
     const NAMES: [(&str, &str); 12] = [
         ("usize", "a whole number >= 0"),
         ("u64", "a whole number >= 0"),
-        ("u32", "a whole number >= 0"),
-        ("u16", "a whole number >= 0"),
-        ("u8", "a whole number >= 0"),
+        ("u32", "a whole number from 0 to 4294967295"),
+        ("u16", "a whole number from 0 to 65535"),
+        ("u8", "a whole number from 0 to 255"),
         ("isize", "a whole number"),
         ("i64", "a whole number"),
-        ("i32", "a whole number"),
-        ("i16", "a whole number"),
-        ("i8", "a whole number"),
+        ("i32", "a whole number from -2147483648 to 2147483647"),
+        ("i16", "a whole number from -32768 to 32767"),
+        ("i8", "a whole number from -128 to 127"),
         ("f64", "a number"),
         ("f32", "a number"),
     ];

@@ -426,5 +426,9 @@ fn serde_type_names_read_as_words() {
         plain_serde_message("expected i64 or expected f32, expected u8s"),
         "expected a whole number or expected a number, expected u8s"
     );
+    assert_eq!(
+        plain_serde_message("invalid value: integer `70000`, expected u16"),
+        "invalid value: integer `70000`, expected a whole number from 0 to 65535"
+    );
     assert_eq!(plain_serde_message("expected a string"), "expected a string");
 }

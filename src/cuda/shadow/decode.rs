@@ -876,7 +876,7 @@ mod tests {
     fn stage_times_come_from_the_stamps_of_each_stream() {
         // Stamps (ns): the compute stream 0..4, micro-batch 0's stream 4..7, a fold.
         let ns = [
-            0, 1_000_000, 3_000_000, 3_500_000, 500_000, 2_500_000, 2_750_000, 3_000_000, 3_250_000,
+            0, 1_000_000, 3_000_000, 3_500_000, 500_000, 2_500_000, 2_750_000, 3_000_000, 3_250_000, 3_100_000,
         ];
         let marks = [
             (0, Stage::Start, 0),
@@ -886,6 +886,7 @@ mod tests {
             (1, Stage::Start, 4),
             (1, Stage::Scores, 5),
             (1, Stage::Attend, 6),
+            (1, Stage::Fetch, 9),
         ];
         let sides = [(SideWork::Fold, 0, 7, 8), (SideWork::Fetch, 0, 4, 6)];
         let got = stage_ms(&marks, &sides, &ns);
@@ -904,9 +905,13 @@ mod tests {
             "{got:?}"
         );
         assert!(close(ms(Stage::Mlp), 0.5), "{got:?}");
-        assert!(ms(Stage::Fetch).is_none() && ms(Stage::Start).is_none(), "{got:?}");
-        assert_eq!(got.len(), 7, "{got:?}");
-        // A step's marks stay within their bound: 7 here for 1 layer of 1 micro-batch.
+        // With a fetch stream, a stream's fetch stage is its wait, not the transfer.
+        assert!(close(ms(Stage::Fetch), 0.35), "{got:?}");
+        assert!(ms(Stage::Start).is_none(), "{got:?}");
+        assert_eq!(got.len(), 8, "{got:?}");
+        // A step's marks stay within their bound: 12 here, of 18 for 1 layer of 1
+        // micro-batch.
+        assert_eq!(stage_marks_bound(1, 1), 18);
         assert!(marks.len() + 2 * sides.len() <= stage_marks_bound(1, 1));
     }
 

@@ -126,10 +126,11 @@ pub struct GpuSpan {
     /// The stream it ran on.
     pub stream: StreamKind,
     /// The stage: `mlp` (the dense work between two layers' attention: the output
-    /// projection, the MLP and the next projections), `append`, `scores`, `top-k`,
-    /// `reuse`, `reconstruct`, `fetch`, `fetch-wait` (a stream waiting for the fetch
-    /// stream), `attention`, `join` (the compute stream waiting for the micro-batches'
-    /// streams), `fold`.
+    /// projection, the MLP and the next projections; after the last layer its output
+    /// projection and MLP), `append`, `scores`, `top-k`, `reuse`, `reconstruct`,
+    /// `fetch`, `fetch-wait` (a stream waiting for the fetch stream), `attention`, `join`
+    /// (the compute stream waiting for the micro-batches' streams), `fold`, `sample`
+    /// (the step's final norm, logits and sampling).
     pub name: &'static str,
     /// The layer.
     pub layer: usize,
