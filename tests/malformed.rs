@@ -117,8 +117,9 @@ fn configs_that_cannot_run() {
     let base = serde_json::json!({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100});
     assert!(ModelConfig::from_hf_json(&base.to_string()).is_ok());
-    let cases: [(&str, serde_json::Value, &str); 6] = [
+    let cases: [(&str, serde_json::Value, &str); 7] = [
         ("model_type", "gpt_neox".into(), "unsupported architecture `gpt_neox`"),
+        ("max_position_embeddings", 1.into(), "max_position_embeddings"),
         ("num_key_value_heads", 3.into(), "not a multiple"),
         ("hidden_size", 0.into(), "hidden_size"),
         ("vocab_size", (1u64 << 40).into(), "vocab_size"),

@@ -50,13 +50,14 @@ pub(crate) fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
-/// Sizes the rayon pool every CPU matrix product runs on (0 = all cores).
+/// Sizes the rayon pool every CPU matrix product runs on (0 = all cores); warns when
+/// asked for more threads than the machine has cores.
 pub(crate) fn set_threads(threads: usize) -> Result<usize> {
-    let n = if threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-    } else {
-        threads
-    };
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let n = if threads == 0 { cores } else { threads };
+    if n > cores {
+        eprintln!("warning: {n} threads on {cores} cores: the matrix products' threads will take turns (slower)");
+    }
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build_global()
