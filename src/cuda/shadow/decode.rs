@@ -872,6 +872,16 @@ impl ChunkGather for RayonGather {
 mod tests {
     use super::{split_batch, stage_marks_bound, stage_ms, SideWork, Stage};
 
+    /// The milliseconds `got` gives stage `s`, if any.
+    fn ms_of(got: &[(Stage, f64)], s: Stage) -> Option<f64> {
+        got.iter().find(|(g, _)| *g == s).map(|(_, m)| *m)
+    }
+
+    /// Whether `a` is there and within 1e-9 of `b`.
+    fn close_to(a: Option<f64>, b: f64) -> bool {
+        a.is_some_and(|a| (a - b).abs() < 1e-9)
+    }
+
     #[test]
     fn stage_times_come_from_the_stamps_of_each_stream() {
         // Stamps (ns): the compute stream 0..4, micro-batch 0's stream 4..7, a fold.
@@ -890,8 +900,7 @@ mod tests {
         ];
         let sides = [(SideWork::Fold, 0, 7, 8), (SideWork::Fetch, 0, 4, 6)];
         let got = stage_ms(&marks, &sides, &ns);
-        let ms = |s: Stage| got.iter().find(|(g, _)| *g == s).map(|(_, m)| *m);
-        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
+        let (ms, close) = (|s: Stage| ms_of(&got, s), close_to);
         assert!(close(ms(Stage::Append), 1.0) && close(ms(Stage::Join), 2.0), "{got:?}");
         assert!(
             close(ms(Stage::Scores), 2.0) && close(ms(Stage::Attend), 0.25),
@@ -930,8 +939,7 @@ mod tests {
             (0, Stage::Start, 6),
         ];
         let got = stage_ms(&marks, &[], &ns);
-        let ms = |s: Stage| got.iter().find(|(g, _)| *g == s).map(|(_, m)| *m);
-        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
+        let (ms, close) = (|s: Stage| ms_of(&got, s), close_to);
         assert!(
             close(ms(Stage::Fetch), 1.0) && close(ms(Stage::Transfer), 1.0),
             "{got:?}"
