@@ -2,7 +2,7 @@
 //! engine thread and the OpenAI-compatible HTTP server, and shuts down cleanly on
 //! SIGTERM/SIGINT.
 
-use super::model_spec::{open_spec, resolve_model};
+use super::model_spec::resolve_model;
 use super::signals::ShutdownSignals;
 use crate::cpu::CpuModel;
 use crate::cuda::nccl::Nccl;
@@ -14,6 +14,7 @@ use crate::engine::backend_cuda::CudaBackend;
 use crate::engine::backend_tp::{GatherMaker, PoolMaker, TpBackend, TpOptions, TpServing};
 use crate::engine::scheduler::{spawn_engine, spawn_engine_on, EngineHandle, SchedulerConfig};
 use crate::model::config::ModelConfig;
+use crate::model::load::open_model;
 use crate::model::weights::ModelWeights;
 use crate::pipeline::machine::Source;
 use crate::pipeline::placement::format_cores;
@@ -351,7 +352,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     };
 
     let t0 = Instant::now();
-    let m = open_spec(&spec).map_err(named)?;
+    let m = open_model(&spec).map_err(named)?;
     let ctx = m.config.max_position_embeddings;
     let max_context = topo.limits.max_context.unwrap_or(ctx);
     if max_context > ctx {
