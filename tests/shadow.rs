@@ -12,7 +12,7 @@ use shadowkv::engine::sampling::argmax;
 use shadowkv::model::load::open_model;
 use shadowkv::model::weights::ModelWeights;
 use shadowkv::pool::{PoolShape, ValueFormat, ValuePool};
-use shadowkv::shadow::{ShadowParams, ShadowStats};
+use shadowkv::shadow::{prefill_cache, shadow_stats, ShadowParams, ShadowSeq, ShadowStats};
 
 fn load(spec: &str) -> CpuModel {
     let m = open_model(spec).unwrap();
@@ -48,14 +48,17 @@ fn compare(
         ..p.pool_shape(cfg, 1, cfg.max_position_embeddings)
     };
     let pool = ValuePool::anonymous(shape).unwrap();
-    let mut shadow = model.new_shadow_cache(p, &pool).unwrap();
+    let mut shadow = prefill_cache(cfg, p, &pool).unwrap();
     let logits = model.prefill(&mut shadow, prompt, 512, |_| {}).unwrap();
-    let SeqCache::ShadowPrefill { dense, .. } = &shadow else {
+    let SeqCache::Prefill { dense, .. } = &shadow else {
         panic!("still prefilling")
     };
     let mut full = SeqCache::Dense(dense.clone());
+    // Counters: zeros while a ShadowKV sequence prefills, none for full attention.
+    assert_eq!(shadow_stats(&shadow), Some(ShadowStats::default()));
+    assert_eq!(shadow_stats(&full), None);
     model.finish_prefill(&mut shadow).unwrap();
-    assert!(matches!(shadow, SeqCache::Shadow(_)));
+    assert!(matches!(shadow, SeqCache::Compressed(_)));
     let (mut worst, mut same) = (0.0f32, true);
     let mut tok = argmax(&logits);
     for _ in 0..steps {
@@ -67,14 +70,15 @@ fn compare(
         tok = argmax(&lf);
     }
     assert_eq!(shadow.len(), full.len());
-    let SeqCache::Shadow(sh) = &shadow else {
+    let SeqCache::Compressed(sh) = &shadow else {
         panic!("compressed")
     };
+    let sh = sh.as_any().downcast_ref::<ShadowSeq>().expect("a ShadowKV sequence");
     // Everything is either in the compressed region or in the recent window, and the
     // window stays within two chunks beyond the local window.
     assert_eq!(sh.sparse_chunks() * p.chunk_size + sh.recent_tokens(), full.len());
     assert!(sh.recent_tokens() < (p.local_chunks + 2) * p.chunk_size);
-    (worst, same, shadow.shadow_stats().unwrap())
+    (worst, same, shadow_stats(&shadow).unwrap())
 }
 
 fn exact_params(model: &CpuModel, context: usize) -> ShadowParams {

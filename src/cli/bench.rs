@@ -11,7 +11,7 @@ use crate::cuda::shadow::{ValueSlots, FETCH_BLOCKS};
 use crate::engine::sampling::argmax;
 use crate::model::weights::ModelWeights;
 use crate::pool::ValuePool;
-use crate::shadow::{Attention, ShadowStats};
+use crate::shadow::{shadow_stats, Attention, ShadowSeq, ShadowStats};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -302,8 +302,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let mut caches: Vec<SeqCache> = Vec::new();
             for d in &prefilled {
                 caches.push(match (attention, &pool) {
-                    (Attention::ShadowKv(p), Some(pool)) => d.fork(&cfg, Some((p, pool)))?,
-                    _ => d.fork(&cfg, None)?,
+                    (Attention::ShadowKv(p), Some(pool)) => ShadowSeq::from_prefill(&cfg, p, d, pool)?.into(),
+                    _ => SeqCache::Dense(d.clone()),
                 });
             }
             let compress_secs = tc.elapsed().as_secs_f64();
@@ -331,7 +331,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let step_ms = 1e3 * median(&mut steps);
             let mut st = ShadowStats::default();
             for c in &caches {
-                if let Some(s) = c.shadow_stats() {
+                if let Some(s) = shadow_stats(c) {
                     st.add(&s);
                 }
             }

@@ -1,9 +1,11 @@
-//! Per-sequence key/value cache of the CPU backend.
+//! Per-sequence key/value cache of the CPU backend, and the two traits through which a
+//! compressed attention (ShadowKV's, in `crate::shadow`) plugs into the model without
+//! `cpu` depending on it.
 
+use super::ops::Rope;
 use crate::model::config::ModelConfig;
-use crate::pool::ValuePool;
-use crate::shadow::{ShadowParams, ShadowSeq, ShadowStats};
 use anyhow::Result;
+use std::any::Any;
 
 /// Keys and values of one layer, `[tokens, kv_heads·d]` each (keys after RoPE).
 #[derive(Debug, Clone, Default)]
@@ -63,15 +65,6 @@ impl SeqKvCache {
         self.len += n;
     }
 
-    /// A cache that continues this one: a copy for full attention, or with
-    /// `Some((params, pool))` its ShadowKV compression (needs the pre-RoPE keys).
-    pub fn fork(&self, cfg: &ModelConfig, shadow: Option<(ShadowParams, &ValuePool)>) -> Result<SeqCache> {
-        Ok(match shadow {
-            None => SeqCache::Dense(self.clone()),
-            Some((params, pool)) => SeqCache::Shadow(Box::new(ShadowSeq::from_prefill(cfg, params, self, pool)?)),
-        })
-    }
-
     /// Bytes held by the cache.
     pub fn bytes(&self) -> usize {
         self.layers
@@ -81,30 +74,75 @@ impl SeqKvCache {
     }
 }
 
+/// A sequence whose attention runs stages of its own instead of attending over a dense
+/// cache (ShadowKV's `ShadowSeq`, in `crate::shadow`): the model hands it each layer's new
+/// rows and takes back their attention.
+pub trait CompressedSeq: Send + Any {
+    /// Tokens it holds.
+    fn len(&self) -> usize;
+
+    /// Whether it holds no tokens.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes it holds in memory (ShadowKV: the on-device part, not the pool).
+    fn bytes(&self) -> usize;
+
+    /// Takes layer `l`'s `n` new rows and writes their attention to `out`: `q` is
+    /// `[n, heads·d]`, `k` (rotated), `k_pre` (before RoPE) and `v` are `[n, kv_heads·d]`,
+    /// `out` is `[n, heads·d]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_layer(
+        &mut self,
+        l: usize,
+        q: &[f32],
+        k: &[f32],
+        k_pre: &[f32],
+        v: &[f32],
+        rope: &Rope,
+        out: &mut [f32],
+    ) -> Result<()>;
+
+    /// Records that a forward pass appended `n` tokens to every layer.
+    fn advance(&mut self, n: usize);
+
+    /// Itself, for callers that know the concrete type (its counters).
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// Turns a finished prefill (a dense cache that kept its pre-RoPE keys) into a
+/// [`CompressedSeq`].
+pub trait Compressor: Send + Any {
+    /// The compressed sequence.
+    fn compress(&self, cfg: &ModelConfig, dense: &SeqKvCache) -> Result<Box<dyn CompressedSeq>>;
+
+    /// Itself, for callers that know the concrete type.
+    fn as_any(&self) -> &dyn Any;
+}
+
 /// The attention state of one sequence.
 pub enum SeqCache {
     /// Full attention over an exact cache.
     Dense(SeqKvCache),
-    /// A ShadowKV sequence still prefilling: dense attention, pre-RoPE keys kept,
-    /// compressed by [`SeqCache::finish_prefill`].
-    ShadowPrefill {
+    /// A sequence still prefilling with dense attention (pre-RoPE keys kept), compressed
+    /// by [`SeqCache::finish_prefill`].
+    Prefill {
         /// The exact prefill cache.
         dense: SeqKvCache,
-        /// The settings to compress with.
-        params: ShadowParams,
-        /// Where the values will live.
-        pool: ValuePool,
+        /// What compresses it.
+        compressor: Box<dyn Compressor>,
     },
-    /// A ShadowKV sequence decoding.
-    Shadow(Box<ShadowSeq>),
+    /// A compressed sequence decoding through its own stages.
+    Compressed(Box<dyn CompressedSeq>),
 }
 
 impl SeqCache {
     /// Tokens cached so far.
     pub fn len(&self) -> usize {
         match self {
-            SeqCache::Dense(c) | SeqCache::ShadowPrefill { dense: c, .. } => c.len(),
-            SeqCache::Shadow(s) => s.len(),
+            SeqCache::Dense(c) | SeqCache::Prefill { dense: c, .. } => c.len(),
+            SeqCache::Compressed(s) => s.len(),
         }
     }
 
@@ -113,29 +151,20 @@ impl SeqCache {
         self.len() == 0
     }
 
-    /// Bytes the sequence holds in memory (ShadowKV: the on-device part, not the pool).
+    /// Bytes the sequence holds in memory.
     pub fn bytes(&self) -> usize {
         match self {
-            SeqCache::Dense(c) | SeqCache::ShadowPrefill { dense: c, .. } => c.bytes(),
-            SeqCache::Shadow(s) => s.bytes(),
+            SeqCache::Dense(c) | SeqCache::Prefill { dense: c, .. } => c.bytes(),
+            SeqCache::Compressed(s) => s.bytes(),
         }
     }
 
-    /// Compresses a ShadowKV sequence once its prompt is in; no-op otherwise.
+    /// Compresses a sequence whose prompt is in; no-op for the other states.
     pub fn finish_prefill(&mut self, cfg: &ModelConfig) -> Result<()> {
-        if let SeqCache::ShadowPrefill { dense, params, pool } = self {
-            let s = ShadowSeq::from_prefill(cfg, *params, dense, pool)?;
-            *self = SeqCache::Shadow(Box::new(s));
+        if let SeqCache::Prefill { dense, compressor } = self {
+            let s = compressor.compress(cfg, dense)?;
+            *self = SeqCache::Compressed(s);
         }
         Ok(())
-    }
-
-    /// ShadowKV counters, for ShadowKV sequences.
-    pub fn shadow_stats(&self) -> Option<ShadowStats> {
-        match self {
-            SeqCache::Shadow(s) => Some(s.stats()),
-            SeqCache::ShadowPrefill { .. } => Some(ShadowStats::default()),
-            SeqCache::Dense(_) => None,
-        }
     }
 }

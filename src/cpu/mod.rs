@@ -8,5 +8,5 @@ pub mod matmul;
 pub mod model;
 pub mod ops;
 
-pub use kv_cache::{SeqCache, SeqKvCache};
+pub use kv_cache::{CompressedSeq, Compressor, SeqCache, SeqKvCache};
 pub use model::{CpuModel, LogitsWanted, SeqInput};

@@ -6,8 +6,6 @@ use super::matmul::linear;
 use super::ops::{rms_norm, silu_mul, Rope};
 use crate::model::config::ModelConfig;
 use crate::model::weights::{LayerWeights, ModelWeights};
-use crate::pool::ValuePool;
-use crate::shadow::ShadowParams;
 use anyhow::{bail, Result};
 
 /// One block's weights, with q/k/v and gate/up fused into single matrices.
@@ -129,18 +127,8 @@ impl CpuModel {
         SeqCache::Dense(SeqKvCache::new(&self.config))
     }
 
-    /// A fresh ShadowKV cache for one sequence: dense while prefilling, compressed by
-    /// [`CpuModel::finish_prefill`], values in `pool`.
-    pub fn new_shadow_cache(&self, params: ShadowParams, pool: &ValuePool) -> Result<SeqCache> {
-        params.validate(&self.config)?;
-        Ok(SeqCache::ShadowPrefill {
-            dense: SeqKvCache::with_pre_rope(&self.config),
-            params,
-            pool: pool.clone(),
-        })
-    }
-
-    /// Ends a sequence's prefill: compresses a ShadowKV cache (no-op for full attention).
+    /// Ends a sequence's prefill: compresses a [`SeqCache::Prefill`] cache (no-op for
+    /// full attention).
     pub fn finish_prefill(&self, cache: &mut SeqCache) -> Result<()> {
         cache.finish_prefill(&self.config)
     }
@@ -229,13 +217,13 @@ impl CpuModel {
             self.rope.apply(&mut q, c.num_heads, &cos, &sin);
             self.rope.apply(&mut k_new, c.num_kv_heads, &cos, &sin);
             // Dense caches take the new keys and values and attend in one batched call;
-            // ShadowKV sequences run their own decode stages.
+            // compressed (ShadowKV) sequences run their own decode stages.
             let mut r0 = 0;
             for s in seqs.iter_mut() {
                 let rows = r0 * kvd..(r0 + s.tokens.len()) * kvd;
                 let qrows = r0 * qd..(r0 + s.tokens.len()) * qd;
                 match &mut *s.cache {
-                    SeqCache::Dense(d) | SeqCache::ShadowPrefill { dense: d, .. } => {
+                    SeqCache::Dense(d) | SeqCache::Prefill { dense: d, .. } => {
                         let keep = d.keeps_pre_rope();
                         let kv = &mut d.layers[l];
                         kv.k.extend_from_slice(&k_new[rows.clone()]);
@@ -244,7 +232,7 @@ impl CpuModel {
                             kv.k_pre.extend_from_slice(&k_pre[rows]);
                         }
                     }
-                    SeqCache::Shadow(sh) => {
+                    SeqCache::Compressed(sh) => {
                         let (kn, kp, vn) = (&k_new[rows.clone()], &k_pre[rows.clone()], &v_new[rows]);
                         sh.attend_layer(l, &q[qrows.clone()], kn, kp, vn, &self.rope, &mut attn[qrows])?;
                     }
@@ -255,7 +243,7 @@ impl CpuModel {
             let mut r0 = 0;
             for s in seqs.iter() {
                 let nt = s.tokens.len();
-                if let SeqCache::Dense(d) | SeqCache::ShadowPrefill { dense: d, .. } = &*s.cache {
+                if let SeqCache::Dense(d) | SeqCache::Prefill { dense: d, .. } = &*s.cache {
                     let kv = &d.layers[l];
                     let q = &q[r0 * qd..(r0 + nt) * qd];
                     jobs.push(AttnJob {
@@ -299,8 +287,8 @@ impl CpuModel {
             out.push(logits[at * v..(at + k) * v].to_vec());
             at += k;
             match &mut *s.cache {
-                SeqCache::Dense(d) | SeqCache::ShadowPrefill { dense: d, .. } => d.advance(s.tokens.len()),
-                SeqCache::Shadow(sh) => sh.advance(s.tokens.len()),
+                SeqCache::Dense(d) | SeqCache::Prefill { dense: d, .. } => d.advance(s.tokens.len()),
+                SeqCache::Compressed(sh) => sh.advance(s.tokens.len()),
             }
         }
         Ok(out)

@@ -19,7 +19,7 @@ use crate::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput};
 use crate::cuda::shadow::timeline::GpuSpan;
 use crate::model::config::ModelConfig;
 use crate::pool::ValuePool;
-use crate::shadow::{ShadowParams, ShadowStats};
+use crate::shadow::{prefill_cache, shadow_stats, ShadowParams, ShadowStats};
 use anyhow::{bail, ensure, Result};
 use std::borrow::Borrow;
 use std::time::Instant;
@@ -320,7 +320,7 @@ impl<M: Borrow<CpuModel> + Send> StepBackend for CpuBackend<M> {
 
     fn new_seq(&self, spec: &SeqSpec) -> Result<CpuSeq> {
         let cache = match &self.shadow {
-            Some((p, pool)) => self.model().new_shadow_cache(*p, pool)?,
+            Some((p, pool)) => prefill_cache(self.config(), *p, pool)?,
             None => self.model().new_cache(),
         };
         let sampler = Sampler::new(SamplingParams {
@@ -356,7 +356,7 @@ impl<M: Borrow<CpuModel> + Send> StepBackend for CpuBackend<M> {
         }
         let before: Vec<ShadowStats> = batch
             .iter()
-            .map(|s| s.seq.cache.shadow_stats().unwrap_or_default())
+            .map(|s| shadow_stats(&s.seq.cache).unwrap_or_default())
             .collect();
         let mut inputs: Vec<SeqInput> = batch
             .iter_mut()
@@ -387,7 +387,7 @@ impl<M: Borrow<CpuModel> + Send> StepBackend for CpuBackend<M> {
                     out.failed.push((i, format!("{e:#}")));
                 }
             }
-            if let Some(a) = s.seq.cache.shadow_stats() {
+            if let Some(a) = shadow_stats(&s.seq.cache) {
                 self.totals.hits += a.hits - b.hits;
                 self.totals.misses += a.misses - b.misses;
                 self.totals.value_bytes_fetched += a.value_bytes_fetched - b.value_bytes_fetched;

@@ -4,7 +4,7 @@
 use crate::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput, SeqKvCache};
 use crate::engine::sampling::argmax;
 use crate::pool::ValuePool;
-use crate::shadow::ShadowParams;
+use crate::shadow::{shadow_stats, ShadowParams, ShadowSeq};
 use anyhow::{bail, Result};
 use serde::Serialize;
 
@@ -45,7 +45,7 @@ pub fn fidelity(model: &CpuModel, ids: &[u32], prefix: usize, p: ShadowParams) -
         unreachable!("built dense")
     };
     let pool = ValuePool::anonymous(p.pool_shape(cfg, 1, ids.len()))?;
-    let mut shadow = pre.fork(cfg, Some((p, &pool)))?;
+    let mut shadow: SeqCache = ShadowSeq::from_prefill(cfg, p, &pre, &pool)?.into();
     let mut full = SeqCache::Dense(pre);
     let (mut agree, mut kl_sum, mut kl_max) = (0usize, 0.0f64, 0.0f64);
     let mut lf = logits.clone();
@@ -81,6 +81,6 @@ pub fn fidelity(model: &CpuModel, ids: &[u32], prefix: usize, p: ShadowParams) -
         top1_agreement: agree as f64 / n as f64,
         mean_kl: kl_sum / n as f64,
         max_kl: kl_max,
-        reuse_hit_rate: shadow.shadow_stats().map(|s| s.hit_rate()).unwrap_or(0.0),
+        reuse_hit_rate: shadow_stats(&shadow).map(|s| s.hit_rate()).unwrap_or(0.0),
     })
 }

@@ -20,7 +20,7 @@ use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::model::config::ModelConfig;
 use crate::model::tokenizer::TextTokenizer;
 use crate::pool::ValuePool;
-use crate::shadow::Attention;
+use crate::shadow::{shadow_stats, Attention, ShadowSeq};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
@@ -339,9 +339,10 @@ fn run_sample_cpu(
     let mut caches = Vec::with_capacity(methods.len());
     for m in methods {
         caches.push(match (m.attention)(context)? {
-            Attention::Full => prefilled.fork(cfg, None)?,
+            Attention::Full => SeqCache::Dense(prefilled.clone()),
             Attention::ShadowKv(p) => {
-                prefilled.fork(cfg, Some((p, &ValuePool::anonymous(p.pool_shape(cfg, 1, context))?)))?
+                let pool = ValuePool::anonymous(p.pool_shape(cfg, 1, context))?;
+                ShadowSeq::from_prefill(cfg, p, prefilled, &pool)?.into()
             }
         });
     }
@@ -351,7 +352,7 @@ fn run_sample_cpu(
         res.push((
             m.label.clone(),
             tok.decode(&o, true)?,
-            c.shadow_stats().map(|s| s.hit_rate()),
+            shadow_stats(c).map(|s| s.hit_rate()),
         ));
     }
     Ok(res)

@@ -4,6 +4,7 @@
 //! plain function with plain data between them so that other backends can run them in
 //! separate actors and streams.
 
+pub mod cache;
 pub mod factor;
 pub mod landmarks;
 pub mod params;
@@ -12,5 +13,6 @@ pub mod select;
 pub mod seq;
 pub mod subspace;
 
+pub use cache::{prefill_cache, shadow_stats};
 pub use params::{Attention, ShadowParams};
 pub use seq::{ShadowSeq, ShadowStats};
