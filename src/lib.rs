@@ -8,8 +8,8 @@
 //! [`pipeline`] (the decode pipeline's actors and their placement) → [`engine`]
 //! (sampling, generation, continuous batching) → [`server`] (OpenAI-compatible HTTP),
 //! [`eval`] (long-context evaluation) → [`cli`]; [`topology`] (the `serve`
-//! configuration) and [`telemetry`] (metrics, traces) beside them, importing none of
-//! the others. `tests/layering.rs` checks it.
+//! configuration), [`telemetry`] (metrics, traces) and [`panics`] (a caught panic's text)
+//! beside them, importing none of the others; no two modules use each other. `tests/layering.rs` checks both.
 
 pub mod cli;
 pub mod cpu;
@@ -17,6 +17,7 @@ pub mod cuda;
 pub mod engine;
 pub mod eval;
 pub mod model;
+pub mod panics;
 pub mod pipeline;
 pub mod pool;
 pub mod server;

@@ -203,7 +203,7 @@ fn a_panicking_gather_thread_fails_the_call_and_the_pool_goes_on() {
 /// outside the pool is an error, not a crash.
 #[test]
 fn gather_threads_and_rayon_stage_the_same_chunks() {
-    use shadowkv::cuda::shadow::decode::{ChunkGather, RayonGather};
+    use shadowkv::cuda::shadow::{ChunkGather, RayonGather};
     let chunk = 1056;
     let src: Vec<u8> = (0..chunk * 500).map(|i| (i % 251) as u8).collect();
     let sources: Vec<usize> = (0..123).map(|i| ((i * 37) % 500) * chunk).collect();

@@ -59,7 +59,8 @@ use rand::Rng;
 use shadowkv::cpu::attention::{causal_attention, AttnJob, AttnShape};
 use shadowkv::cpu::codes8;
 use shadowkv::cpu::ops::Rope;
-use shadowkv::cuda::shadow::timeline::{gpu_clock_now, stamp_ms, Stamps};
+use shadowkv::cuda::shadow::stages::stamp_ms;
+use shadowkv::cuda::shadow::timeline::{gpu_clock_now, Stamps};
 use shadowkv::cuda::shadow::{
     DevicePool, HostMapping, LayerBuffers, RebuildLists, SeqCounts, ShadowLayout, ShadowTable, StepScratch,
     FETCH_BLOCKS,

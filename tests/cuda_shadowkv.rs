@@ -28,8 +28,9 @@
 mod common;
 
 use shadowkv::cpu::{CpuModel, LogitsWanted, SeqInput};
-use shadowkv::cuda::shadow::decode::{ChunkGather, FetchPath, RayonGather};
+use shadowkv::cuda::shadow::decode::FetchPath;
 use shadowkv::cuda::shadow::TierSize;
+use shadowkv::cuda::shadow::{ChunkGather, RayonGather};
 use shadowkv::cuda::testing::ops_or_skip;
 use shadowkv::cuda::CudaModel;
 use shadowkv::engine::backend::StepBackend;

@@ -392,7 +392,7 @@ fn pinning_binds_the_thread_and_warns_when_it_cannot() {
 /// first); without them the thread keeps its binding.
 #[test]
 fn the_gather_actor_thread_runs_on_the_transfer_cores() {
-    use shadowkv::cuda::shadow::decode::ChunkGather;
+    use shadowkv::cuda::shadow::ChunkGather;
     use shadowkv::pipeline::GatherPool;
     let m = Machine::read(Source::Host, None).unwrap();
     let last = *m.cpus().last().unwrap();

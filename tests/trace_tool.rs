@@ -582,7 +582,7 @@ fn bench_timeline(label: &str, spans: &[shadowkv::cuda::shadow::timeline::GpuSpa
 /// so 60 % hidden; the stages by name.
 #[test]
 fn a_bench_gpu_timeline_shows_the_fetch_hidden_behind_the_rebuild() {
-    use shadowkv::cuda::shadow::decode::{SideWork, Stage::*};
+    use shadowkv::cuda::shadow::stages::{SideWork, Stage::*};
     use shadowkv::cuda::shadow::timeline::spans;
     let marks = [
         (0, Start, 0.0),
@@ -622,7 +622,7 @@ fn a_bench_gpu_timeline_shows_the_fetch_hidden_behind_the_rebuild() {
 /// counts as compute.
 #[test]
 fn a_bench_gpu_timeline_of_two_micro_batches_has_a_track_per_stream() {
-    use shadowkv::cuda::shadow::decode::{SideWork, Stage::*};
+    use shadowkv::cuda::shadow::stages::{SideWork, Stage::*};
     use shadowkv::cuda::shadow::timeline::{hidden_fetch_share, spans};
     let marks = [
         (0, Start, 0.0),

@@ -4,6 +4,7 @@
 
 use super::at_least_one;
 use super::backend::{Backend, CudaArgs, ValueFetch};
+use super::bench_report::{median, table_line};
 use super::model_spec::{open_spec, MODEL_HELP};
 use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput, SeqKvCache};
@@ -18,18 +19,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
-
-/// Prints a line of the results' table: to stdout, or to stderr where `--json` without a
-/// file writes the JSON to stdout (which then holds nothing else, so that it parses).
-macro_rules! table_line {
-    ($to_stderr:expr) => {
-        if $to_stderr { eprintln!() } else { println!() }
-    };
-    ($to_stderr:expr, $($arg:tt)*) => {
-        if $to_stderr { eprintln!($($arg)*) } else { println!($($arg)*) }
-    };
-}
-pub(crate) use table_line;
 
 /// Arguments of `shadowkv bench`.
 #[derive(Args, Debug)]
@@ -132,15 +121,6 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores")
 }
 
-fn median(xs: &mut [f64]) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    if xs.is_empty() {
-        0.0
-    } else {
-        xs[xs.len() / 2]
-    }
-}
-
 /// Refuses `--gpu-value-slots` where it cannot run, naming the flags.
 fn check_value_slots(a: &BenchArgs) -> Result<()> {
     if a.backend != Backend::Cuda {
@@ -202,7 +182,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     }
     if a.backend == Backend::Cuda {
-        return super::bench_cuda::run(super::bench_cuda::CudaBench {
+        return super::bench_cuda::run(super::bench_cuda_args::CudaBench {
             value_slots: a.gpu_value_slots,
             full: a.attention.contains(&Method::Full),
             shadow: a.attention.iter().copied().filter(|&m| m != Method::Full).collect(),

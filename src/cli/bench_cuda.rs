@@ -8,80 +8,21 @@
 //! Decode tokens/s is batch × steps / decode time, as the paper measures it; the HBM
 //! bytes of a step are the weights plus the keys and values read and written.
 
-use super::backend::{load_cuda_model, open_gpu, CudaArgs, Gpus};
-use super::bench::table_line;
+use super::backend::{load_cuda_model, open_gpu, Gpus};
+use super::bench_cuda_args::CudaBench;
+use super::bench_report::{median, table_line, HBM_BYTES_PER_S};
 use super::model_spec::open_spec;
-use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::model::chunked_prefill;
 use crate::cpu::LogitsWanted;
-use crate::cuda::shadow::ValueSlots;
 use crate::cuda::{CudaModel, GpuCache, GpuSeq, StepGraphs};
 use crate::engine::sampling::SamplingParams;
 use crate::model::config::ModelConfig;
 use crate::model::load::synthetic_spec;
-use crate::shadow::{Attention, ShadowParams};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
-
-/// The H200's HBM bandwidth the design measured (device-to-device copy).
-pub const HBM_BYTES_PER_S: f64 = 4.3e12;
-
-/// What `bench --backend cuda` runs.
-pub struct CudaBench {
-    /// Model spec.
-    pub model: String,
-    /// Contexts (tokens in the cache when decoding starts).
-    pub contexts: Vec<usize>,
-    /// Sequences, `None` = the largest batch that fits.
-    pub batch: Option<usize>,
-    /// Decode steps timed.
-    pub gen: usize,
-    /// Prompt tokens per prefill pass.
-    pub prefill_chunk: usize,
-    /// ShadowKV micro-batch counts, each measured.
-    pub micro_batches: Vec<usize>,
-    /// Blocks of the zero-copy value fetch, each measured (with each micro-batch count).
-    pub fetch_blocks: Vec<usize>,
-    /// ShadowKV lane counts (the batch split among lanes decoding side by side), each
-    /// measured with each micro-batch count and fetch block count.
-    pub lanes: Vec<usize>,
-    /// Where to write the GPU timeline of the ShadowKV runs (Chrome trace JSON).
-    pub trace: Option<PathBuf>,
-    /// The file that holds ShadowKV's host value pool (anonymous memory without one).
-    pub pool_file: Option<PathBuf>,
-    /// Run the PyTorch peer too.
-    pub peer_torch: bool,
-    /// CUDA options.
-    pub cuda: CudaArgs,
-    /// JSON output: `Some(None)` to stdout, `Some(Some(path))` to a file.
-    pub json: Option<Option<PathBuf>>,
-    /// Whether full attention runs.
-    pub full: bool,
-    /// The ShadowKV methods that run, and their settings.
-    pub shadow: Vec<Method>,
-    /// ShadowKV settings given on the command line.
-    pub shadow_args: ShadowArgs,
-    /// ShadowKV's GPU value slots.
-    pub value_slots: ValueSlots,
-}
-
-impl CudaBench {
-    /// The ShadowKV settings of each ShadowKV method at context `ctx` (the generated
-    /// tokens included).
-    pub(super) fn shadow_for(&self, cfg: &ModelConfig, ctx: usize) -> Result<Vec<ShadowParams>> {
-        self.shadow
-            .iter()
-            .filter_map(|&m| match self.shadow_args.attention(m, cfg, ctx + self.gen) {
-                Ok(Attention::Full) => None,
-                Ok(Attention::ShadowKv(p)) => Some(Ok(p)),
-                Err(e) => Some(Err(e)),
-            })
-            .collect()
-    }
-}
 
 /// The prefill progress bar (hidden off a terminal).
 fn prefill_bar(progress: bool, ctx: usize) -> ProgressBar {
@@ -94,12 +35,6 @@ fn prefill_bar(progress: bool, ctx: usize) -> ProgressBar {
         ProgressStyle::with_template("prefill {bar:40} {pos}/{len} tokens eta {eta}").expect("static template"),
     );
     bar
-}
-
-/// The median of `xs` (sorted in place).
-pub(crate) fn median(xs: &mut [f64]) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// FLOPs of prefilling `n` tokens in one sequence: the matrix products (2 per weight

@@ -25,14 +25,15 @@
 //! second pass ([`StepBytes::floor_secs`]).
 
 use super::backend::ValueFetch;
-use super::bench_cuda::{median, HBM_BYTES_PER_S};
+use super::bench_report::{median, HBM_BYTES_PER_S};
 use crate::cpu::model::chunked_prefill;
 use crate::cuda::device::StreamPriority;
 use crate::cuda::graph::{Lane, ShadowCounters, ShadowSeqInput};
-use crate::cuda::shadow::decode::{FetchPath, GatherTimes};
+use crate::cuda::shadow::decode::FetchPath;
 use crate::cuda::shadow::seq::sequence_bytes;
 use crate::cuda::shadow::tier::tier_chunks_for;
 use crate::cuda::shadow::timeline::{hidden_fetch_share, GpuSpan, GpuTracks, TRACKS_PER_LANE};
+use crate::cuda::shadow::GatherTimes;
 use crate::cuda::shadow::{CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout, TierSize, ValueSlots};
 use crate::cuda::{CudaModel, GpuSeq};
 use crate::engine::sampling::SamplingParams;

@@ -19,7 +19,8 @@
 //! steps. Its tokens/s is compared with the group's full attention at the same context
 //! when both ran. Each stage prints a line (stderr) as it ends.
 
-use super::bench_cuda::{median, CudaBench};
+use super::bench_cuda_args::CudaBench;
+use super::bench_report::median;
 use super::model_spec::open_spec;
 use crate::cuda::shadow::decode::FetchPath;
 use crate::cuda::shadow::layout::ShadowLayout;

@@ -3,8 +3,10 @@
 mod backend;
 mod bench;
 mod bench_cuda;
+mod bench_cuda_args;
 pub mod bench_cuda_shadow;
 mod bench_group;
+mod bench_report;
 mod eval;
 mod generate;
 mod inspect;

@@ -1,6 +1,7 @@
 //! The device: a CUDA context (the device's primary context), its compute stream,
 //! events and plain device allocations.
 
+use crate::panics::message as panic_message;
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use std::sync::Arc;
 
@@ -328,14 +329,6 @@ impl CudaDevice {
     pub fn mem_info(&self) -> anyhow::Result<(usize, usize)> {
         Ok(self.ctx.mem_get_info()?)
     }
-}
-
-/// What a caught panic said (the bindings panic on a driver entry point they cannot find).
-pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 impl std::fmt::Debug for CudaDevice {

@@ -23,13 +23,13 @@
 use super::device::StreamPriority;
 use super::model::{Attend, CudaModel, GpuCache, GpuSeq, Scratch, StageSeq, StepPlan};
 use super::ops::CudaOps;
-use super::shadow::decode::{
-    split_batch, stage_marks_bound, stage_ms, ChunkGather, FetchPath, GatherTimes, RayonGather, SideMark, Stage,
-    StageMark,
-};
+use super::shadow::decode::{split_batch, FetchPath};
+use super::shadow::stages::{stage_marks_bound, stage_ms, SideMark, Stage, StageMark};
 use super::shadow::timeline::{gpu_clock_now, step_spans, GpuSpan, Stamps};
 use super::shadow::transfer::GatherTransfer;
-use super::shadow::{GpuShadowSeq, GpuValuePool, ShadowStep, StepScratch, FETCH_BLOCKS};
+use super::shadow::{
+    ChunkGather, GatherTimes, GpuShadowSeq, GpuValuePool, RayonGather, ShadowStep, StepScratch, FETCH_BLOCKS,
+};
 use crate::cpu::LogitsWanted;
 use anyhow::{ensure, Result};
 use cudarc::driver::{sys, CudaEvent, CudaGraph, PinnedHostSlice};

@@ -161,7 +161,7 @@ pub fn stream_on_sms(ctx: &Arc<CudaContext>, sms: u32, priority: i32) -> anyhow:
     .map_err(|p| {
         anyhow::anyhow!(
             "this CUDA driver cannot partition the GPU: {}",
-            super::device::panic_message(&*p)
+            crate::panics::message(&*p)
         )
     })??;
     // SAFETY: the stream was made on this device, shares the primary context's memory

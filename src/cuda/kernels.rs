@@ -3,6 +3,7 @@
 use super::device::CudaDevice;
 use super::nvrtc::{KernelFile, Nvrtc};
 use anyhow::{Context, Result};
+use cudarc::driver::sys::{CUdevice_attribute_enum, CUfunction_attribute_enum};
 use cudarc::driver::{CudaFunction, CudaModule};
 use std::sync::Arc;
 
@@ -133,8 +134,7 @@ impl Kernels {
         let shadow_top_k = get(&sel, "shadow_top_k")?;
         let topk_rows = get(&sel, "topk_rows")?;
         let shadow_top_k_half = get(&sel, "shadow_top_k_half")?;
-        let topk_shared_keys =
-            super::shadow::select::allow_shared_keys(dev, &[&shadow_top_k, &shadow_top_k_half, &topk_rows])?;
+        let topk_shared_keys = allow_shared_keys(dev, &[&shadow_top_k, &shadow_top_k_half, &topk_rows])?;
         Ok(Kernels {
             embedding_gather: get(&emb, "embedding_gather")?,
             rmsnorm_residual: get(&norm, "rmsnorm_residual")?,
@@ -182,4 +182,32 @@ impl Kernels {
             _modules: modules,
         })
     }
+}
+
+/// Lets the top-k kernels `fns` use as much dynamic shared memory as a block of the
+/// device may have beside their static shared memory, and returns how many 4-byte keys
+/// that holds: rows of up to that many values are selected from shared memory, longer
+/// ones from global memory at each pass (slower, same result).
+fn allow_shared_keys(dev: &CudaDevice, fns: &[&CudaFunction]) -> Result<usize> {
+    dev.context().bind_to_thread()?;
+    let most = dev
+        .context()
+        .attribute(CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .context("top-k: reading the shared memory a block may have")?;
+    let mut fixed = 0;
+    for f in fns {
+        fixed = fixed.max(
+            f.shared_size_bytes()
+                .context("top-k: reading a kernel's shared memory")?,
+        );
+    }
+    let bytes = (most - fixed).max(0) / 4 * 4;
+    for f in fns {
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes,
+        )
+        .with_context(|| format!("top-k: allowing {bytes} bytes of shared memory per block"))?;
+    }
+    Ok(bytes as usize / 4)
 }

@@ -36,13 +36,14 @@ use super::worker::{Pending, Worker};
 use crate::cpu::LogitsWanted;
 use crate::cuda::device::StreamPriority;
 use crate::cuda::graph::ShadowSeqInput;
-use crate::cuda::shadow::decode::{FetchPath, Stage};
+use crate::cuda::shadow::decode::FetchPath;
 use crate::cuda::shadow::seq::{layer_bytes, sequence_bytes};
+use crate::cuda::shadow::stages::Stage;
 use crate::cuda::shadow::tier::tier_chunks_for;
 use crate::cuda::shadow::{compress_prefill, CompressWorkspace, GpuShadowSeq, GpuValuePool, ShadowLayout, TierSize};
 use crate::cuda::{CudaModel, CudaOps, GpuCache, GpuSeq, Lane, ShadowCounters, StepTicket};
 use crate::model::config::ModelConfig;
-use crate::pipeline::actor::panic_message;
+use crate::panics::message as panic_message;
 use crate::pool::ValuePool;
 use crate::shadow::{ShadowParams, ShadowStats};
 use anyhow::{anyhow, bail, ensure, Result};
@@ -576,7 +577,7 @@ impl<M: Borrow<CudaModel>> CudaBackend<M> {
 
     /// The cpu-gather path copies the missed value chunks with `g` (the pipeline's
     /// pinned gather threads) on every lane.
-    pub fn with_gatherer(mut self, g: std::sync::Arc<dyn crate::cuda::shadow::decode::ChunkGather + Send>) -> Self {
+    pub fn with_gatherer(mut self, g: std::sync::Arc<dyn crate::cuda::shadow::ChunkGather + Send>) -> Self {
         for lane in &mut self.lanes {
             lane.set_gatherer(g.clone());
         }

@@ -29,7 +29,8 @@ use super::backend::{BackendStats, SeqSpec, StepBackend, StepInput, StepOutput, 
 use super::backend_cuda::{CudaBackend, CudaSeq, CudaTicket};
 use crate::cuda::nccl::Nccl;
 use crate::cuda::parallel::{time_all_reduce, TpShard, COMMUNICATORS};
-use crate::cuda::shadow::decode::{ChunkGather, FetchPath};
+use crate::cuda::shadow::decode::FetchPath;
+use crate::cuda::shadow::ChunkGather;
 use crate::cuda::shadow::TierSize;
 use crate::cuda::{CudaDevice, CudaModel, CudaOps, DeviceError};
 use crate::model::config::ModelConfig;

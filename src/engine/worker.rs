@@ -11,7 +11,7 @@
 //! that waits for room, every queued message handled at the stop), each job here has an
 //! answer the caller polls, a hand-off never waits, and the state comes back at the stop.
 
-use crate::pipeline::actor::panic_message;
+use crate::panics::message as panic_message;
 use anyhow::{anyhow, Context, Result};
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use std::panic::{catch_unwind, AssertUnwindSafe};

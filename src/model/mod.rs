@@ -11,5 +11,6 @@ pub mod load;
 pub mod safetensors_dir;
 pub mod shard;
 pub mod synthetic;
+pub mod tensor;
 pub mod tokenizer;
 pub mod weights;

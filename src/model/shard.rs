@@ -33,7 +33,7 @@
 //! and column-parallel weights are split by rows, so the fold commutes with the split.
 
 use super::config::ModelConfig;
-use super::weights::Tensor;
+use super::tensor::Tensor;
 use anyhow::{bail, Result};
 use std::ops::Range;
 

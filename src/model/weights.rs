@@ -2,29 +2,9 @@
 
 use super::config::ModelConfig;
 use super::shard::{DeviceShard, TensorShard};
+pub use super::tensor::Tensor;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-
-/// A dense row-major f32 tensor.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Tensor {
-    /// Dimensions, outermost first (a linear layer is `[out, in]`).
-    pub shape: Vec<usize>,
-    /// Row-major values.
-    pub data: Vec<f32>,
-}
-
-impl Tensor {
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        self.data.len()
-    }
-
-    /// Whether the tensor holds no elements.
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
-    }
-}
 
 /// Anything that can produce a named tensor in the Hugging Face naming and layout
 /// (`model.layers.3.self_attn.q_proj.weight`, `[out, in]`), dequantised to f32.

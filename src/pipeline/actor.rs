@@ -7,6 +7,7 @@
 //! next send and the stop report it as an error naming the actor, never a hang.
 
 use super::pin::pin_current_thread;
+use crate::panics::message as panic_message;
 use anyhow::{anyhow, Result};
 use crossbeam_channel::{bounded, Sender};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -185,16 +186,5 @@ impl<M: Send + 'static> Drop for Actor<M> {
         if let Err(e) = self.join() {
             tracing::error!("{e:#}");
         }
-    }
-}
-
-/// The text of a panic's payload (a `&str` or `String` message, else a placeholder).
-pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic without a message".to_string()
     }
 }

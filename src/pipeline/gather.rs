@@ -7,7 +7,8 @@
 //! with a message naming the thread, the other threads finish their ranges, and the
 //! pool keeps serving the next call.
 
-use super::actor::{panic_message, Actor, ActorSpec, BusyMark};
+use super::actor::{Actor, ActorSpec, BusyMark};
+use crate::panics::message as panic_message;
 use crate::telemetry as tm;
 use anyhow::{anyhow, ensure, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -200,7 +201,7 @@ impl GatherPool {
     }
 }
 
-impl crate::cuda::shadow::decode::ChunkGather for GatherPool {
+impl crate::cuda::shadow::ChunkGather for GatherPool {
     fn gather(&self, src: &[u8], sources: &[usize], chunk: usize, dst: &mut [u8]) -> Result<()> {
         GatherPool::gather(self, src, sources, chunk, dst)
     }

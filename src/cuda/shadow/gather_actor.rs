@@ -11,11 +11,11 @@
 //! it meet in host memory only: no CUDA call, driver lock or CUDA error state lies
 //! between the stream and the thread it waits for.
 
-use super::decode::{ChunkGather, GatherTimes};
 use super::layout::{DevicePool, ShadowLayout};
+use crate::panics::message as panic_message;
 use anyhow::{anyhow, ensure, Result};
 use crossbeam_channel::{unbounded, Sender};
-use std::any::Any;
+use rayon::prelude::*;
 use std::ffi::c_void;
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -283,14 +283,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A panic's message, as `panic!` gave it.
-fn panic_message(p: &(dyn Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
-}
-
 /// A ring slot's host buffers as the actor addresses them: the miss lists and their
 /// counts (copied in by the stream), the staging (gathered into, read by the device).
 #[derive(Clone, Copy)]
@@ -417,9 +409,75 @@ pub(super) unsafe fn write_back_job(
     Ok((folds.len() * s.kv_heads * cb) as u64)
 }
 
+/// Where the cpu-gather path spent its host time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GatherTimes {
+    /// Waiting for the miss lists.
+    pub wait_secs: f64,
+    /// Copying the chunks into staging.
+    pub gather_secs: f64,
+    /// Bytes gathered.
+    pub bytes: u64,
+}
+
+impl std::ops::AddAssign for GatherTimes {
+    fn add_assign(&mut self, o: Self) {
+        self.wait_secs += o.wait_secs;
+        self.gather_secs += o.gather_secs;
+        self.bytes += o.bytes;
+    }
+}
+
+impl GatherTimes {
+    /// The times of several gathers (lanes, steps) together.
+    pub fn sum<'a>(all: impl IntoIterator<Item = &'a GatherTimes>) -> GatherTimes {
+        let mut sum = GatherTimes::default();
+        for &g in all {
+            sum += g;
+        }
+        sum
+    }
+}
+
+/// The cpu-gather path's chunk copy: chunk `i` of `dst` (chunks of `chunk` bytes) is
+/// `src[sources[i] .. sources[i] + chunk]`. The pipeline's pinned gather threads
+/// implement it; [`RayonGather`] is the default.
+pub trait ChunkGather: Sync {
+    /// Copies every chunk (`dst` holds exactly `sources.len()` chunks).
+    fn gather(&self, src: &[u8], sources: &[usize], chunk: usize, dst: &mut [u8]) -> Result<()>;
+
+    /// Runs first on each lane's gather-actor thread (the one that waits for a layer's
+    /// miss lists, hands them to [`ChunkGather::gather`] and marks the staging ready:
+    /// the transfer actor's host side), so a gather placed on cores can pin it there.
+    fn on_actor_start(&self) {}
+}
+
+/// [`ChunkGather`] on rayon's global thread pool.
+pub struct RayonGather;
+
+impl ChunkGather for RayonGather {
+    fn gather(&self, src: &[u8], sources: &[usize], chunk: usize, dst: &mut [u8]) -> Result<()> {
+        ensure!(
+            dst.len() == sources.len() * chunk,
+            "gather: {} chunks of {chunk} into {} values",
+            sources.len(),
+            dst.len()
+        );
+        ensure!(
+            sources
+                .iter()
+                .all(|&s| s.checked_add(chunk).is_some_and(|e| e <= src.len())),
+            "gather: a chunk lies outside the pool"
+        );
+        dst.par_chunks_mut(chunk)
+            .zip(sources.par_iter())
+            .for_each(|(d, &s)| d.copy_from_slice(&src[s..s + chunk]));
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::super::decode::RayonGather;
     use super::*;
     use crate::pool::{PoolShape, ValueFormat};
     use std::sync::mpsc;

@@ -41,6 +41,7 @@ pub mod rebuild;
 pub mod reuse;
 pub mod select;
 pub mod seq;
+pub mod stages;
 pub mod tier;
 pub mod timeline;
 pub mod transfer;
@@ -50,6 +51,7 @@ pub use compress::{compress_prefill, CompressStage, CompressTimes, CompressWorks
 pub use decode::ShadowStep;
 pub use factor::{FactorMethod, FactorWorkspace};
 pub use fetch::{HostMapping, FETCH_BLOCKS};
+pub use gather_actor::{ChunkGather, GatherTimes, RayonGather};
 pub use layout::{DevicePool, SeqAddrs, SeqCounts, ShadowLayout};
 pub use pool::{GpuValuePool, ValueLease, ValueSlots};
 pub use rebuild::RebuildLists;

@@ -2,11 +2,9 @@
 //! [`crate::shadow::select`]): landmark scores, then the top-k chunks per KV head.
 
 use super::buffers::{ShadowTable, StepScratch};
-use crate::cuda::device::CudaDevice;
 use crate::cuda::ops::{check_len, i32_of, kernel_params, CudaOps};
-use anyhow::{ensure, Context, Result};
-use cudarc::driver::sys::{CUdevice_attribute_enum, CUfunction_attribute_enum};
-use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
+use anyhow::{ensure, Result};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use half::bf16;
 
 /// Threads of a logits block (`SELECT_THREADS` of kernels/select.cu).
@@ -15,34 +13,6 @@ const SELECT_THREADS: u32 = 256;
 const LOGITS_RUN: usize = 4;
 /// Threads of a top-k block.
 const TOPK_THREADS: u32 = 1024;
-
-/// Lets the top-k kernels `fns` use as much dynamic shared memory as a block of the
-/// device may have beside their static shared memory, and returns how many 4-byte keys
-/// that holds: rows of up to that many values are selected from shared memory, longer
-/// ones from global memory at each pass (slower, same result).
-pub(crate) fn allow_shared_keys(dev: &CudaDevice, fns: &[&CudaFunction]) -> Result<usize> {
-    dev.context().bind_to_thread()?;
-    let most = dev
-        .context()
-        .attribute(CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        .context("top-k: reading the shared memory a block may have")?;
-    let mut fixed = 0;
-    for f in fns {
-        fixed = fixed.max(
-            f.shared_size_bytes()
-                .context("top-k: reading a kernel's shared memory")?,
-        );
-    }
-    let bytes = (most - fixed).max(0) / 4 * 4;
-    for f in fns {
-        f.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes,
-        )
-        .with_context(|| format!("top-k: allowing {bytes} bytes of shared memory per block"))?;
-    }
-    Ok(bytes as usize / 4)
-}
 
 /// Checks that `scratch` was made for `t`'s layout and holds its batch's logits,
 /// statistics, scores and selection.

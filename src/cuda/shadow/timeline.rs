@@ -5,7 +5,7 @@
 //! file as a lane's GPU tracks, one per stream ([`GpuTracks`]: `bench --trace` and the
 //! daemon's `trace.enabled`).
 
-use super::decode::{SideMark, SideWork, Stage, StageMark};
+use super::stages::{SideMark, SideWork, Stage, StageMark};
 use crate::cuda::ops::CudaOps;
 use crate::telemetry::trace::TraceWriter;
 use anyhow::{ensure, Result};
@@ -93,11 +93,6 @@ pub fn gpu_clock_now(ops: &CudaOps) -> Result<(u64, Instant)> {
     }
     let ns = idle.clone_dtoh(&slot)?;
     Ok((ns[0], Instant::now()))
-}
-
-/// Milliseconds from stamp `a` to stamp `b` of `ns`.
-pub fn stamp_ms(ns: &[u64], a: usize, b: usize) -> f64 {
-    ms_between(ns[a], ns[b])
 }
 
 /// Milliseconds from the stamp `from` to the stamp `to` (nanoseconds; negative where
@@ -362,7 +357,6 @@ mod tests {
                 "{g:?} {w:?}"
             );
         }
-        assert!(close(stamp_ms(&ns, 0, 1), 0.1) && close(stamp_ms(&ns, 1, 0), -0.1));
     }
 
     #[test]

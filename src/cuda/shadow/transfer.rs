@@ -32,11 +32,11 @@
 //! that a failed stream will not bring.
 
 use super::buffers::{mapped_device_addr, GatherBuffers, ShadowTable, StepScratch};
-use super::decode::{ChunkGather, GatherTimes};
 use super::fetch::FETCH_BLOCKS;
 use super::gather_actor::{
     gather_job, lists_arrived, wait_for_gather, write_back_job, Actor, Fold, HostCall, Job, JobWork, Progress, SlotMem,
 };
+use super::gather_actor::{ChunkGather, GatherTimes};
 use super::layout::ShadowLayout;
 use super::pool::GpuValuePool;
 use crate::cuda::CudaOps;
