@@ -609,6 +609,24 @@ fn metrics_are_prometheus_with_histograms(s: &Server) {
     assert!(metric_value(&text, "shadowkv_value_bytes_fetched_total").is_some());
     assert!(metric_value(&text, "shadowkv_requests_total{outcome=\"completed\"}").unwrap() >= 16.0);
     assert!(metric_value(&text, "shadowkv_requests_total{outcome=\"rejected\"}").unwrap() >= 10.0);
+    // One more request, alone, that ends at the end-of-sequence token: the counters
+    // move by what its usage says (the end token not generated text), and by the time
+    // its answer is in.
+    let count = |name: &str| metric_value(&s.get("/metrics").body, name).unwrap();
+    let (tokens, completed) = (
+        count("shadowkv_generated_tokens_total"),
+        count("shadowkv_requests_total{outcome=\"completed\"}"),
+    );
+    let r = s
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 200, "temperature": 0}),
+        )
+        .json();
+    assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
+    let used = r["usage"]["completion_tokens"].as_f64().unwrap();
+    assert_eq!(count("shadowkv_generated_tokens_total") - tokens, used, "{r}");
+    assert_eq!(count("shadowkv_requests_total{outcome=\"completed\"}") - completed, 1.0);
 }
 
 /// The tests' Python (`common::python`), checked to have the `openai` package, for the

@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// Arguments of `shadowkv serve`.
 #[derive(Args, Debug)]
@@ -599,10 +599,20 @@ impl Drain {
     /// running ones finish (up to the grace period) while the listeners stay open, so
     /// `/health` and new requests answer 503 (what load balancers and probes expect);
     /// once the engine thread has ended, `stop` closes the listeners. A second signal
-    /// exits at once.
+    /// exits at once. An engine thread that ends before any signal (it panicked) closes
+    /// the listeners at once: the daemon then stops with an error, for its supervisor to
+    /// restart it, instead of answering 503 for ever.
     async fn on_signal(mut self, mut signals: ShutdownSignals, stop: tokio::sync::watch::Sender<bool>) {
         let grace = self.grace;
-        let sig = signals.next().await;
+        let first = tokio::select! {
+            sig = signals.next() => Some(sig),
+            _ = self.ended.wait_for(|e| *e) => None,
+        };
+        let Some(sig) = first else {
+            error!("the engine thread ended without a signal; the server stops");
+            let _ = stop.send(true);
+            return;
+        };
         info!(
             "{sig}: shutting down (running requests get up to {:.0}s; /health and new requests get 503 meanwhile)",
             grace.as_secs_f64()
@@ -688,4 +698,51 @@ async fn serve(
         _ = deadline => warn!("connections still open 5 s after the engine stopped; closing them"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The engine thread's end before any signal (as when it panics) closes the
+    /// listeners: the server stops instead of answering 503 for ever.
+    #[test]
+    fn an_engine_that_ends_without_a_signal_stops_the_server() {
+        let m = open_model("synthetic:tiny@5").unwrap();
+        let w = ModelWeights::load(&m.config, m.source.as_ref(), false).unwrap();
+        let backend = CpuBackend::new(CpuModel::new(m.config.clone(), w), None).unwrap();
+        let config = SchedulerConfig {
+            max_batch: 1,
+            max_queue: 1,
+            max_context: 64,
+            prefill_chunk: 16,
+            decode_spacing: Duration::ZERO,
+        };
+        let (engine, join) = spawn_engine(backend, Arc::new(m.tokenizer), config, None).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (ended_tx, ended) = tokio::sync::watch::channel(false);
+            let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+            let drain = Drain {
+                engine: engine.clone(),
+                ended,
+                grace: Duration::from_secs(1),
+            };
+            let task = tokio::spawn(drain.on_signal(ShutdownSignals::take().unwrap(), stop_tx));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(!*stop_rx.borrow(), "stopped before the engine ended");
+            ended_tx.send(true).unwrap();
+            let stopped = tokio::time::timeout(Duration::from_secs(5), stop_rx.wait_for(|s| *s)).await;
+            assert!(matches!(stopped, Ok(Ok(_))), "the listeners were not closed");
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("the drain task did not end")
+                .unwrap();
+        });
+        engine.shutdown(Duration::ZERO);
+        join.join().unwrap();
+    }
 }

@@ -361,6 +361,19 @@ struct Seq<S> {
 }
 
 impl<S> Seq<S> {
+    /// Ends it: first it stops counting against admission (so a client that has its
+    /// answer may send the next request at once, though the sequence's state stays
+    /// until no queued step holds it) and its `outcome` goes to the metrics, then
+    /// `last` to its client.
+    fn end(&mut self, in_system: &AtomicUsize, last: Option<Event>, outcome: &'static str) {
+        self.finished = true;
+        in_system.fetch_sub(1, Ordering::SeqCst);
+        request_done(outcome, self.arrived);
+        if let Some(e) = last {
+            let _ = self.tx.send(e);
+        }
+    }
+
     fn prefilled(&self) -> bool {
         self.fed == self.prompt.len()
     }
@@ -507,9 +520,11 @@ impl<M: StepBackend> Engine<M> {
             if let Some(d) = self.deadline {
                 if Instant::now() >= d {
                     for s in self.running.iter_mut().filter(|s| !s.finished) {
-                        let _ = s.tx.send(Event::Failed(EngineError::ShuttingDown));
-                        s.finished = true;
-                        request_done("shutdown", s.arrived);
+                        s.end(
+                            &self.shared.in_system,
+                            Some(Event::Failed(EngineError::ShuttingDown)),
+                            "shutdown",
+                        );
                     }
                 }
             }
@@ -636,17 +651,14 @@ impl<M: StepBackend> Engine<M> {
             }
             keep
         });
-        let mut freed = before - self.waiting.len();
+        let gone = before - self.waiting.len();
+        if gone > 0 {
+            self.shared.in_system.fetch_sub(gone, Ordering::SeqCst);
+        }
         for s in self.running.iter_mut().filter(|s| !s.finished && s.tx.is_closed()) {
-            s.finished = true;
-            request_done("cancelled", s.arrived);
+            s.end(&self.shared.in_system, None, "cancelled");
         }
-        let n = self.running.len();
         self.running.retain(|s| !(s.finished && s.in_flight == 0));
-        freed += n - self.running.len();
-        if freed > 0 {
-            self.shared.in_system.fetch_sub(freed, Ordering::SeqCst);
-        }
     }
 
     fn admit(&mut self) {
@@ -699,7 +711,9 @@ impl<M: StepBackend> Engine<M> {
     }
 
     fn publish(&mut self) {
-        let running = self.running.len();
+        // Ended sequences that a queued step still holds count neither as running nor
+        // against admission.
+        let running = self.running.iter().filter(|s| !s.finished).count();
         self.shared.running.store(running, Ordering::SeqCst);
         let queued = self.shared.in_system.load(Ordering::SeqCst).saturating_sub(running);
         metrics::gauge!(tm::RUNNING).set(running as f64);
@@ -887,9 +901,8 @@ impl<M: StepBackend> Engine<M> {
     fn fail_members(&mut self, keys: &[u64], e: &anyhow::Error) {
         tracing::error!("a step failed: {e:#}");
         for s in self.running.iter_mut().filter(|s| keys.contains(&s.key) && !s.finished) {
-            let _ = s.tx.send(Event::Failed(EngineError::Internal(format!("{e:#}"))));
-            s.finished = true;
-            request_done("error", s.arrived);
+            let failed = Event::Failed(EngineError::Internal(format!("{e:#}")));
+            s.end(&self.shared.in_system, Some(failed), "error");
         }
     }
 
@@ -960,7 +973,6 @@ impl<M: StepBackend> Engine<M> {
             metrics::histogram!(tm::STAGE_SECONDS, "stage" => stage).record(secs);
         }
         let generated = self.process(&f.members, &out.tokens, t1);
-        metrics::counter!(tm::GENERATED_TOKENS).increment(generated);
         let t2 = Instant::now();
         metrics::histogram!(tm::STAGE_SECONDS, "stage" => "output").record((t2 - t1).as_secs_f64());
         if let Some(tr) = &mut self.trace {
@@ -982,9 +994,11 @@ impl<M: StepBackend> Engine<M> {
     }
 
     /// Gives each sampling member its token: time to first token or inter-token
-    /// latency, stop rules, streamed text, the end. Returns the tokens kept.
+    /// latency, stop rules, streamed text, the end; counts the tokens kept (in the
+    /// metrics before the end goes out, so that a client that has its answer finds it
+    /// there) and returns how many.
     fn process(&mut self, members: &[Member], tokens: &[u32], now: Instant) -> u64 {
-        let mut generated = 0u64;
+        let mut generated = 0;
         for (m, &id) in members.iter().filter(|m| m.samples).zip(tokens) {
             let Some(s) = self.running.iter_mut().find(|s| s.key == m.key) else {
                 continue;
@@ -998,7 +1012,6 @@ impl<M: StepBackend> Engine<M> {
                 Some(t) => metrics::histogram!(tm::ITL_SECONDS).record((now - t).as_secs_f64()),
             }
             s.last_token_at = Some(now);
-            generated += 1;
             let rules = StopRules {
                 eos: &self.eos,
                 stop: &s.stop,
@@ -1008,16 +1021,19 @@ impl<M: StepBackend> Engine<M> {
             let finish = match s.out.push(id, &self.tok, &rules, full) {
                 Ok(f) => f,
                 Err(e) => {
-                    let _ = s.tx.send(Event::Failed(EngineError::Internal(format!("{e:#}"))));
-                    s.finished = true;
-                    request_done("error", s.arrived);
+                    let failed = Event::Failed(EngineError::Internal(format!("{e:#}")));
+                    s.end(&self.shared.in_system, Some(failed), "error");
                     continue;
                 }
             };
+            // Counted as the usage counts them: a final end-of-sequence token is not.
+            if finish != Some(FinishReason::Eos) {
+                metrics::counter!(tm::GENERATED_TOKENS).increment(1);
+                generated += 1;
+            }
             let delta = s.out.take_stream_delta(&s.stop);
             if !delta.is_empty() && s.tx.send(Event::Text(delta)).is_err() {
-                s.finished = true;
-                request_done("cancelled", s.arrived);
+                s.end(&self.shared.in_system, None, "cancelled");
                 continue;
             }
             if let Some(finish) = finish {
@@ -1025,9 +1041,7 @@ impl<M: StepBackend> Engine<M> {
                     prompt_tokens: s.prompt.len(),
                     completion_tokens: s.out.completion_len(),
                 };
-                let _ = s.tx.send(Event::Done { finish, usage });
-                s.finished = true;
-                request_done("completed", s.arrived);
+                s.end(&self.shared.in_system, Some(Event::Done { finish, usage }), "completed");
             }
         }
         generated
@@ -1191,6 +1205,42 @@ mod tests {
     }
 
     #[test]
+    fn an_answered_request_leaves_room_for_the_next_at_once() {
+        // One place in all; each answer's end is sent only once the request no longer
+        // holds it, so the client's next request is never refused, though the step that
+        // sampled past the end still holds the sequence's state (completing it takes
+        // 30 ms here, during which the engine looks at nothing else).
+        let (model, tok) = tiny();
+        let tok = Arc::new(tok);
+        let config = SchedulerConfig {
+            max_batch: 1,
+            max_queue: 0,
+            max_context: 4096,
+            prefill_chunk: 64,
+            decode_spacing: std::time::Duration::ZERO,
+        };
+        let mut backend = Counting::new(CpuBackend::new(model, None).unwrap().with_schedule(1, 2));
+        backend.slow_complete = Duration::from_millis(30);
+        let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
+        let req = EngineRequest {
+            prompt: tok.encode("a b c", true).unwrap(),
+            max_tokens: 2,
+            sampling: SamplingParams::default(),
+            stop: vec![],
+        };
+        for i in 0..10 {
+            let rx = engine
+                .submit(req.clone())
+                .unwrap_or_else(|e| panic!("request {i} refused right after the previous answer: {e:?}"));
+            let (_, _, usage) = collect(rx);
+            assert_eq!(usage.completion_tokens, 2);
+            assert_eq!(engine.in_system(), 0, "request {i} still counted after its answer");
+        }
+        engine.shutdown(Duration::ZERO);
+        join.join().unwrap();
+    }
+
+    #[test]
     fn full_queue_is_refused_and_dropped_receivers_free_slots() {
         full_queue_and_dropped_receivers(1);
         full_queue_and_dropped_receivers(2);
@@ -1257,6 +1307,8 @@ mod tests {
         decode_submits: Arc<Mutex<Vec<(Instant, bool)>>>,
         submits: Arc<Mutex<Vec<LoggedStep>>>,
         defers: bool,
+        /// How long each step's completion takes beyond the CPU's.
+        slow_complete: Duration,
     }
 
     impl Counting {
@@ -1269,6 +1321,7 @@ mod tests {
                 decode_submits: Arc::default(),
                 submits: Arc::default(),
                 defers: false,
+                slow_complete: Duration::ZERO,
             }
         }
     }
@@ -1319,6 +1372,7 @@ mod tests {
         }
         fn complete(&mut self, lane: usize, ticket: Self::Ticket) -> anyhow::Result<StepOutput> {
             self.queued[lane] -= 1;
+            std::thread::sleep(self.slow_complete);
             self.inner.complete(lane, ticket)
         }
         fn stats(&self) -> BackendStats {

@@ -110,8 +110,10 @@ async fn run(st: Arc<AppState>, p: Prepared, kind: Kind) -> Response {
         Err(SubmitError::Invalid(m)) => return rejected(ApiError::bad_request(m, "invalid_value")),
     };
     let id = st.next_id(kind);
+    // `created` is when the request was taken, streamed or whole alike.
+    let created = st.created_now();
     if p.stream {
-        let stream = event_stream(rx, kind, id, st.created_now(), st.model_name.clone(), p.include_usage);
+        let stream = event_stream(rx, kind, id, created, st.model_name.clone(), p.include_usage);
         return Sse::new(stream)
             .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
             .into_response();
@@ -138,7 +140,7 @@ async fn run(st: Arc<AppState>, p: Prepared, kind: Kind) -> Response {
     Json(whole_response(
         kind,
         &id,
-        st.created_now(),
+        created,
         &st.model_name,
         &text,
         finish,
