@@ -137,16 +137,7 @@ async fn run(st: Arc<AppState>, p: Prepared, kind: Kind) -> Response {
             }
         }
     };
-    Json(whole_response(
-        kind,
-        &id,
-        created,
-        &st.model_name,
-        &text,
-        finish,
-        usage,
-    ))
-    .into_response()
+    Json(whole_response(kind, &id, created, &st.model_name, &text, finish, usage)).into_response()
 }
 
 fn whole_response(

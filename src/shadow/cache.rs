@@ -4,7 +4,6 @@
 use super::params::ShadowParams;
 use super::seq::{ShadowSeq, ShadowStats};
 use crate::cpu::kv_cache::{CompressedSeq, Compressor, SeqCache, SeqKvCache};
-use crate::cpu::ops::Rope;
 use crate::model::config::ModelConfig;
 use crate::pool::ValuePool;
 use anyhow::Result;
@@ -19,37 +18,6 @@ struct ShadowCompressor {
 impl Compressor for ShadowCompressor {
     fn compress(&self, cfg: &ModelConfig, dense: &SeqKvCache) -> Result<Box<dyn CompressedSeq>> {
         Ok(Box::new(ShadowSeq::from_prefill(cfg, self.params, dense, &self.pool)?))
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
-
-impl CompressedSeq for ShadowSeq {
-    fn len(&self) -> usize {
-        ShadowSeq::len(self)
-    }
-
-    fn bytes(&self) -> usize {
-        ShadowSeq::bytes(self)
-    }
-
-    fn attend_layer(
-        &mut self,
-        l: usize,
-        q: &[f32],
-        k: &[f32],
-        k_pre: &[f32],
-        v: &[f32],
-        rope: &Rope,
-        out: &mut [f32],
-    ) -> Result<()> {
-        ShadowSeq::attend_layer(self, l, q, k, k_pre, v, rope, out)
-    }
-
-    fn advance(&mut self, n: usize) {
-        ShadowSeq::advance(self, n)
     }
 
     fn as_any(&self) -> &dyn Any {

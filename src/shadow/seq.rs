@@ -6,11 +6,12 @@ use super::landmarks::{landmarks, outlier_chunks, Marks8};
 use super::params::ShadowParams;
 use super::reuse::{ReusePlan, SlotTable};
 use super::select::{chunk_scores, top_k, HeadMarks};
-use crate::cpu::kv_cache::SeqKvCache;
+use crate::cpu::kv_cache::{CompressedSeq, SeqKvCache};
 use crate::cpu::ops::{softmax, Rope};
 use crate::model::config::ModelConfig;
 use crate::pool::{PoolLease, ValueFormat, ValuePool};
 use anyhow::{bail, Result};
+use std::any::Any;
 
 /// Counters of the reuse cache and the value traffic.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -159,32 +160,89 @@ impl ShadowSeq {
         })
     }
 
-    /// Tokens in the sequence.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the sequence holds no tokens.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Records that a forward pass appended `n` tokens to every layer.
-    pub fn advance(&mut self, n: usize) {
-        self.len += n;
-    }
-
     /// Counters so far.
     pub fn stats(&self) -> ShadowStats {
         self.stats
+    }
+
+    /// Moves the oldest recent chunk into the sparse region once the recent window holds
+    /// two chunks beyond the local window: its values go to the pool, its landmark joins
+    /// the others and its pre-RoPE keys are projected onto the layer's basis.
+    fn fold(&mut self, l: usize) -> Result<()> {
+        let (d, kvh) = (self.head_dim, self.kv_heads);
+        let kvd = kvh * d;
+        let c = self.params.chunk_size;
+        let layer = &mut self.layers[l];
+        if layer.recent_k.len() / kvd < (self.params.local_chunks + 2) * c {
+            return Ok(());
+        }
+        let ch = layer.chunks;
+        if ch >= self.lease.chunks() {
+            bail!("the sequence outgrew its value pool ({} chunks)", self.lease.chunks());
+        }
+        layer.factor.append(&layer.recent_kpre[..c * kvd], c);
+        layer
+            .marks
+            .append(Marks8::quantize(&landmarks(&layer.recent_k[..c * kvd], 1, c, kvd), d));
+        for h in 0..kvh {
+            self.lease.write(l, h, ch, &head_rows(&layer.recent_v, kvd, h, d, 0, c));
+            layer.heads[h].outlier.push(false);
+        }
+        layer.chunks += 1;
+        layer.recent_k.drain(..c * kvd);
+        layer.recent_kpre.drain(..c * kvd);
+        layer.recent_v.drain(..c * kvd);
+        Ok(())
+    }
+
+    /// Tokens held exactly in the recent window of layer 0.
+    pub fn recent_tokens(&self) -> usize {
+        self.layers
+            .first()
+            .map(|l| l.recent_k.len() / (self.kv_heads * self.head_dim))
+            .unwrap_or(0)
+    }
+
+    /// Chunks in the sparse region of layer 0.
+    pub fn sparse_chunks(&self) -> usize {
+        self.layers.first().map(|l| l.chunks).unwrap_or(0)
+    }
+}
+
+/// The CPU model's view of a ShadowKV sequence: it hands over each layer's new rows and
+/// takes back their attention ([`crate::cpu::kv_cache::SeqCache::Compressed`]).
+impl CompressedSeq for ShadowSeq {
+    /// Tokens in the sequence.
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Records that a forward pass appended `n` tokens to every layer.
+    fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    /// Bytes of the on-device state (factors, landmarks, exact chunks, slots, window).
+    fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                let heads: usize = l
+                    .heads
+                    .iter()
+                    .map(|h| h.outlier_k.len() + h.outlier_v.len() + h.slot_k.len() + h.slot_v.len())
+                    .sum();
+                4 * (l.factor.u.len() + l.factor.sv.len() + heads + l.recent_k.len() * 2 + l.recent_v.len())
+                    + l.marks.bytes()
+            })
+            .sum()
     }
 
     /// Decodes `n` new tokens of layer `l`: appends their keys and values to the recent
     /// window, then for each token and KV head selects chunks, fetches and rebuilds the
     /// misses, and attends. `q` is `[n, heads·d]`, `k`/`k_pre`/`v` are `[n, kvd]`, and
     /// `out` receives `[n, heads·d]`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn attend_layer(
+    fn attend_layer(
         &mut self,
         l: usize,
         q: &[f32],
@@ -226,63 +284,8 @@ impl ShadowSeq {
         Ok(())
     }
 
-    /// Moves the oldest recent chunk into the sparse region once the recent window holds
-    /// two chunks beyond the local window: its values go to the pool, its landmark joins
-    /// the others and its pre-RoPE keys are projected onto the layer's basis.
-    fn fold(&mut self, l: usize) -> Result<()> {
-        let (d, kvh) = (self.head_dim, self.kv_heads);
-        let kvd = kvh * d;
-        let c = self.params.chunk_size;
-        let layer = &mut self.layers[l];
-        if layer.recent_k.len() / kvd < (self.params.local_chunks + 2) * c {
-            return Ok(());
-        }
-        let ch = layer.chunks;
-        if ch >= self.lease.chunks() {
-            bail!("the sequence outgrew its value pool ({} chunks)", self.lease.chunks());
-        }
-        layer.factor.append(&layer.recent_kpre[..c * kvd], c);
-        layer
-            .marks
-            .append(Marks8::quantize(&landmarks(&layer.recent_k[..c * kvd], 1, c, kvd), d));
-        for h in 0..kvh {
-            self.lease.write(l, h, ch, &head_rows(&layer.recent_v, kvd, h, d, 0, c));
-            layer.heads[h].outlier.push(false);
-        }
-        layer.chunks += 1;
-        layer.recent_k.drain(..c * kvd);
-        layer.recent_kpre.drain(..c * kvd);
-        layer.recent_v.drain(..c * kvd);
-        Ok(())
-    }
-
-    /// Bytes of the on-device state (factors, landmarks, exact chunks, slots, window).
-    pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| {
-                let heads: usize = l
-                    .heads
-                    .iter()
-                    .map(|h| h.outlier_k.len() + h.outlier_v.len() + h.slot_k.len() + h.slot_v.len())
-                    .sum();
-                4 * (l.factor.u.len() + l.factor.sv.len() + heads + l.recent_k.len() * 2 + l.recent_v.len())
-                    + l.marks.bytes()
-            })
-            .sum()
-    }
-
-    /// Tokens held exactly in the recent window of layer 0.
-    pub fn recent_tokens(&self) -> usize {
-        self.layers
-            .first()
-            .map(|l| l.recent_k.len() / (self.kv_heads * self.head_dim))
-            .unwrap_or(0)
-    }
-
-    /// Chunks in the sparse region of layer 0.
-    pub fn sparse_chunks(&self) -> usize {
-        self.layers.first().map(|l| l.chunks).unwrap_or(0)
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 
