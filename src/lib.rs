@@ -6,10 +6,12 @@
 //! ShadowKV algorithm; its values live in pools) → [`cuda`] (the bf16 GPU backend, whose
 //! ShadowKV stages take the algorithm's settings and host parts from [`shadow`]) →
 //! [`pipeline`] (the decode pipeline's actors and their placement) → [`engine`]
-//! (sampling, generation, continuous batching) → [`server`] (OpenAI-compatible HTTP),
-//! [`eval`] (long-context evaluation) → [`cli`]; [`topology`] (the `serve`
-//! configuration), [`telemetry`] (metrics, traces) and [`panics`] (a caught panic's text)
-//! beside them, importing none of the others; no two modules use each other. `tests/layering.rs` checks both.
+//! (sampling, generation, continuous batching) → [`server`] (OpenAI-compatible HTTP)
+//! and [`eval`] (long-context evaluation), neither using the other → [`cli`];
+//! [`topology`] (the `serve` configuration), [`telemetry`] (metrics, traces) and
+//! [`panics`] (a caught panic's text) beside them, importing none of the others. No
+//! two modules use each other, directly or through others. `tests/layering.rs` checks
+//! both.
 
 pub mod cli;
 pub mod cpu;

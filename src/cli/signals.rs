@@ -17,8 +17,16 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 /// SIGTERM and SIGINT as streams; made inside a tokio runtime, before the daemon
 /// listens, so that no signal comes before they are in place.
 pub struct ShutdownSignals {
-    term: Signal,
-    int: Signal,
+    source: Source,
+}
+
+/// Where the signals come from.
+enum Source {
+    /// The process's SIGTERM and SIGINT.
+    Process { term: Signal, int: Signal },
+    /// Names sent by a test (none of the process's signals taken).
+    #[cfg(test)]
+    Given(tokio::sync::mpsc::UnboundedReceiver<&'static str>),
 }
 
 impl ShutdownSignals {
@@ -30,16 +38,37 @@ impl ShutdownSignals {
             unsafe { libc::signal(sig, libc::SIG_DFL) };
         }
         Ok(ShutdownSignals {
-            term: signal(SignalKind::terminate()).context("taking SIGTERM")?,
-            int: signal(SignalKind::interrupt()).context("taking SIGINT")?,
+            source: Source::Process {
+                term: signal(SignalKind::terminate()).context("taking SIGTERM")?,
+                int: signal(SignalKind::interrupt()).context("taking SIGINT")?,
+            },
         })
+    }
+
+    /// Signals that come only from the sender (for tests: the process keeps its own).
+    #[cfg(test)]
+    pub(crate) fn given() -> (tokio::sync::mpsc::UnboundedSender<&'static str>, Self) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (
+            tx,
+            ShutdownSignals {
+                source: Source::Given(rx),
+            },
+        )
     }
 
     /// Waits for the next of the two; returns its name.
     pub async fn next(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
+        match &mut self.source {
+            Source::Process { term, int } => tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            },
+            #[cfg(test)]
+            Source::Given(rx) => match rx.recv().await {
+                Some(name) => name,
+                None => std::future::pending().await,
+            },
         }
     }
 }

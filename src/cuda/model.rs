@@ -32,7 +32,7 @@ use crate::model::weights::{
     loading_bar, LayerWeights, Tensor, TensorSource,
 };
 use anyhow::{bail, ensure, Context, Result};
-use cudarc::driver::{CudaSlice, CudaView, DevicePtr};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 use half::bf16;
 use std::ops::Range;
 use std::sync::Mutex;
@@ -534,6 +534,36 @@ impl CudaModel {
     /// This device's place in a tensor-parallel group, if it is in one.
     pub fn tensor_parallel(&self) -> Option<&TpShard> {
         self.tp.as_ref()
+    }
+
+    /// Seconds one all-reduce of `bytes` bytes takes on the model's group (the median of
+    /// `iters`, after warm-up), on the model's own stream and communicator; every rank
+    /// must call it at once. `None` for a model that is not in a group.
+    pub fn time_all_reduce(&self, bytes: usize, iters: usize) -> Result<Option<f64>> {
+        let Some(tp) = self.tensor_parallel() else {
+            return Ok(None);
+        };
+        let ops = self.ops();
+        let mut sc = self.scratch.lock().expect("scratch lock");
+        let comm = sc.tp.join(tp, ops)?;
+        let dev = ops.device();
+        let mut buf = dev.zeros::<u8>(bytes.max(1))?;
+        let s = dev.stream();
+        let (p, _g) = buf.device_ptr_mut(s);
+        let mut times = Vec::with_capacity(iters);
+        for i in 0..iters + 3 {
+            let (a, b) = (dev.event(true)?, dev.event(true)?);
+            a.record(s)?;
+            // SAFETY: `buf` holds `bytes` bytes and outlives the work (synchronised below).
+            unsafe { comm.all_reduce_bytes(p, bytes, s.cu_stream()) }?;
+            b.record(s)?;
+            b.synchronize()?;
+            if i >= 3 {
+                times.push(a.elapsed_ms(&b)? as f64 / 1e3);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times.get(times.len() / 2).copied())
     }
 
     /// The model's hyper-parameters (a tensor-parallel device's: its share of the heads

@@ -28,7 +28,7 @@
 use super::backend::{BackendStats, SeqSpec, StepBackend, StepInput, StepOutput, StepSeq};
 use super::backend_cuda::{CudaBackend, CudaSeq, CudaTicket};
 use crate::cuda::nccl::Nccl;
-use crate::cuda::parallel::{time_all_reduce, TpShard, COMMUNICATORS};
+use crate::cuda::parallel::{TpShard, COMMUNICATORS};
 use crate::cuda::shadow::decode::FetchPath;
 use crate::cuda::shadow::ChunkGather;
 use crate::cuda::shadow::TierSize;
@@ -234,7 +234,7 @@ impl Worker {
                 )),
                 Cmd::StartTrace => Some(Reply::Trace(self.backend().and_then(|b| b.start_gpu_trace()))),
                 Cmd::Memory => Some(Reply::Memory(self.model.ops().device().mem_info())),
-                Cmd::AllReduce { bytes, iters } => Some(Reply::Seconds(time_all_reduce(&self.model, bytes, iters))),
+                Cmd::AllReduce { bytes, iters } => Some(Reply::Seconds(self.model.time_all_reduce(bytes, iters))),
                 Cmd::Abort => {
                     match &mut self.backend {
                         Some(b) => b.abort_collectives(),

@@ -366,6 +366,7 @@ impl<S> Seq<S> {
     /// until no queued step holds it) and its `outcome` goes to the metrics, then
     /// `last` to its client.
     fn end(&mut self, in_system: &AtomicUsize, last: Option<Event>, outcome: &'static str) {
+        debug_assert!(!self.finished, "a sequence ended twice");
         self.finished = true;
         in_system.fetch_sub(1, Ordering::SeqCst);
         request_done(outcome, self.arrived);
@@ -581,6 +582,8 @@ impl<M: StepBackend> Engine<M> {
         }
         // Anything still queued (the channel closed without a shutdown) is cancelled.
         for j in self.waiting.drain(..) {
+            self.shared.in_system.fetch_sub(1, Ordering::SeqCst);
+            request_done("shutdown", j.arrived);
             let _ = j.tx.send(Event::Failed(EngineError::ShuttingDown));
         }
         if let Some(t) = self.trace.take() {

@@ -128,9 +128,15 @@ pub fn stage_marks_bound(layers: usize, parts: usize) -> usize {
     layers * (4 + 2 + parts * (8 + 2)) + 2
 }
 
-/// Milliseconds from stamp `a` to stamp `b` of `ns`.
+/// Milliseconds from stamp `a` to stamp `b` of `ns` (negative where `b` came first).
 pub fn stamp_ms(ns: &[u64], a: usize, b: usize) -> f64 {
-    (ns[b] as f64 - ns[a] as f64) / 1e6
+    ms_between(ns[a], ns[b])
+}
+
+/// Milliseconds from the stamp `from` to the stamp `to` (nanoseconds; negative where
+/// `to` came first).
+pub fn ms_between(from: u64, to: u64) -> f64 {
+    (to as f64 - from as f64) / 1e6
 }
 
 #[cfg(test)]

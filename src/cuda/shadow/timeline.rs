@@ -5,7 +5,7 @@
 //! file as a lane's GPU tracks, one per stream ([`GpuTracks`]: `bench --trace` and the
 //! daemon's `trace.enabled`).
 
-use super::stages::{SideMark, SideWork, Stage, StageMark};
+use super::stages::{ms_between, SideMark, SideWork, Stage, StageMark};
 use crate::cuda::ops::CudaOps;
 use crate::telemetry::trace::TraceWriter;
 use anyhow::{ensure, Result};
@@ -93,12 +93,6 @@ pub fn gpu_clock_now(ops: &CudaOps) -> Result<(u64, Instant)> {
     }
     let ns = idle.clone_dtoh(&slot)?;
     Ok((ns[0], Instant::now()))
-}
-
-/// Milliseconds from the stamp `from` to the stamp `to` (nanoseconds; negative where
-/// `to` came first).
-fn ms_between(from: u64, to: u64) -> f64 {
-    (to as f64 - from as f64) / 1e6
 }
 
 /// Which of a lane's streams a span ran on.
