@@ -13,7 +13,7 @@
 //!
 //! Everything a step needs from the host (token ids, positions, cache addresses,
 //! lengths) goes to the device in a few copies at the start of the step, into buffers
-//! that stay put, so that [`super::graph::DecodeGraph`] can capture a decode step once
+//! that stay put, so that [`super::graph::StepGraphs`] can capture a decode step once
 //! and replay it.
 
 use super::attention::{partition_len, DecodeArgs, DecodeWorkspace, KvTable, PassArgs};

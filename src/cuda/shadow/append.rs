@@ -2,7 +2,8 @@
 //! kernels/qkv_append.cu): the qkv split and RoPE of [`CudaOps::qkv_rope_append`],
 //! with the new token's key and value written to the recent rows of the attention
 //! buffers and its pre-RoPE key to `kpre` (reference: the append at the start of
-//! [`crate::shadow::ShadowSeq::attend_layer`]).
+//! [`crate::shadow::ShadowSeq`]'s
+//! [`crate::cpu::kv_cache::CompressedSeq::attend_layer`]).
 
 use super::buffers::ShadowTable;
 use crate::cuda::ops::{check_len, i32_of, kernel_params, CudaOps};

@@ -1,5 +1,6 @@
 //! The attention of one ShadowKV decode step, layer by layer ([`ShadowStep`]): the
-//! GPU form of [`crate::shadow::ShadowSeq::attend_layer`] — append the token to the
+//! GPU form of the CPU reference's ([`crate::shadow::ShadowSeq`]'s
+//! [`crate::cpu::kv_cache::CompressedSeq::attend_layer`]) — append the token to the
 //! recent window → landmark scores and top-k → reuse diff → rebuild the missed keys |
 //! fetch the missed values → flash-decoding over each (sequence, KV head)'s attended rows
 //! → fold a full window's oldest chunk.
@@ -256,7 +257,7 @@ impl<'a> ShadowStep<'a> {
     }
 
     /// Times every stage of every layer with timestamps the GPU writes into `stamps`
-    /// (empty, with room for [`stage_marks_bound`]; [`ShadowStep::take_marks`] and
+    /// (empty, with room for [`super::stages::stage_marks_bound`]; [`ShadowStep::take_marks`] and
     /// [`ShadowStep::take_stamps`] give them back).
     pub fn with_stage_times(mut self, stamps: Stamps) -> Self {
         self.marks = Some(RefCell::new(Vec::new()));

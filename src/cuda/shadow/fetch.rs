@@ -72,7 +72,7 @@ impl CudaOps {
     }
 
     /// The cpu-gather path's last step: copies the fetched misses' values from `staging`
-    /// (on the device: `n` chunks as the pool holds them, [`ShadowLayout::value_chunk_bytes`]
+    /// (on the device: `n` chunks as the pool holds them, [`super::layout::ShadowLayout::value_chunk_bytes`]
     /// each), chunk `i` for the `i`-th miss of the batch in list
     /// order (sequence, then KV head, then the miss's place among the first
     /// `fetch_count` of its head's list), into their slots of `av` (and, with a GPU

@@ -30,7 +30,7 @@ impl CudaOps {
     ///
     /// With a host-written pool (a file the device cannot address: `pool.host` is 0)
     /// the values of sequences in host slots go to `outbox` instead, (device address,
-    /// bytes) of `batch · kv_heads` chunks ([`ShadowLayout::value_chunk_bytes`] each),
+    /// bytes) of `batch · kv_heads` chunks ([`super::layout::ShadowLayout::value_chunk_bytes`] each),
     /// entry `b · kv_heads + h` for head `h` of the table's sequence `b`, for the host to
     /// copy into the pool.
     ///
