@@ -214,6 +214,62 @@ fn cli_synth_then_generate_json() {
     );
 }
 
+/// `--force` over a sharded model leaves none of its shards (the loader would read them);
+/// a model larger than the disk's room is refused before a byte is written; a write
+/// that fails part-way removes what it wrote, so the folder does not look like a model.
+#[test]
+fn synth_replaces_whole_models_and_leaves_no_half_written_one() {
+    let exe = env!("CARGO_BIN_EXE_shadowkv");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m");
+    let synth = |args: &[&str]| {
+        Command::new(exe)
+            .arg("synth")
+            .args(args)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let big = synth(&["--arch", "smollm2-135m", "--shard-mib", "100"]);
+    assert!(big.status.success(), "{}", String::from_utf8_lossy(&big.stderr));
+    assert!(out.join("model.safetensors.index.json").exists());
+    let small = synth(&["--arch", "tiny", "--force"]);
+    assert!(small.status.success(), "{}", String::from_utf8_lossy(&small.stderr));
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ]
+    );
+    let (m, _) = load(out.to_str().unwrap());
+    assert_eq!(m.config().hidden_size, preset("tiny").unwrap().hidden_size);
+    // 141 GB of bf16: more than this machine's disks hold.
+    let huge = synth(&["--arch", "llama-3.1-70b", "--force"]);
+    let err = String::from_utf8_lossy(&huge.stderr);
+    assert!(!huge.status.success() && err.contains("GiB free"), "{err}");
+    // A shard that cannot be written (its name taken by a folder): nothing is left.
+    let failing = dir.path().join("f");
+    std::fs::create_dir_all(failing.join("shard-00001.safetensors")).unwrap();
+    let cfg = preset("tiny").unwrap();
+    let src = SyntheticSource::new("synthetic:tiny", &cfg, 1);
+    let e = write_hf(&failing, &cfg, &src, WriteDtype::F32, 64 << 10, |_| {}).unwrap_err();
+    assert!(format!("{e:#}").contains("removed"), "{e:#}");
+    let left: Vec<_> = std::fs::read_dir(&failing)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["shard-00001.safetensors"], "files left after a failed write");
+}
+
 /// Llama-3.1-70B's shape, described without generating a weight: `inspect` only reads
 /// the config, so the 141 GB of weights are never allocated.
 #[test]

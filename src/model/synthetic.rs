@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use serde_json::json;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Names accepted by [`preset`].
 pub const ARCHS: [&str; 12] = [
@@ -337,9 +337,11 @@ struct Encoded {
     bytes: Vec<u8>,
 }
 
-/// Writes `shard-{idx}.safetensors` and returns the names it holds.
-fn write_shard(dir: &Path, idx: usize, tensors: Vec<Encoded>) -> Result<Vec<String>> {
+/// Writes `shard-{idx}.safetensors` (its path added to `made` first) and returns the
+/// names it holds.
+fn write_shard(dir: &Path, idx: usize, tensors: Vec<Encoded>, made: &mut Vec<PathBuf>) -> Result<Vec<String>> {
     let path = dir.join(format!("shard-{idx:05}.safetensors"));
+    made.push(path.clone());
     let views = tensors
         .iter()
         .map(|t| {
@@ -358,24 +360,47 @@ fn write_shard(dir: &Path, idx: usize, tensors: Vec<Encoded>) -> Result<Vec<Stri
 /// Writes a complete Hugging Face model directory for `cfg` with weights from `src`:
 /// config.json, tokenizer.json, tokenizer_config.json (ChatML template) and
 /// safetensors, split into shards of at most `shard_bytes` (plus an index) when larger.
+/// config.json comes last, and a write that fails (a full disk) removes the files it
+/// made, so the folder never looks like a model it is not.
 pub fn write_hf(
     dir: &Path,
     cfg: &ModelConfig,
     src: &dyn TensorSource,
     dtype: WriteDtype,
     shard_bytes: usize,
-    mut on_tensor: impl FnMut(&str),
+    on_tensor: impl FnMut(&str),
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let write_json = |name: &str, v: &serde_json::Value| -> Result<()> {
+    let mut made = Vec::new();
+    let written = write_files(dir, cfg, src, dtype, shard_bytes, on_tensor, &mut made);
+    if written.is_err() {
+        for p in &made {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    written.context("the files written so far were removed")
+}
+
+/// [`write_hf`]'s files, each path added to `made` before it is written.
+fn write_files(
+    dir: &Path,
+    cfg: &ModelConfig,
+    src: &dyn TensorSource,
+    dtype: WriteDtype,
+    shard_bytes: usize,
+    mut on_tensor: impl FnMut(&str),
+    made: &mut Vec<PathBuf>,
+) -> Result<()> {
+    let write_json = |name: &str, v: &serde_json::Value, made: &mut Vec<PathBuf>| -> Result<()> {
         let p = dir.join(name);
+        made.push(p.clone());
         std::fs::write(&p, serde_json::to_string_pretty(v)?).with_context(|| format!("writing {}", p.display()))
     };
-    write_json("config.json", &hf_config_json(cfg))?;
-    write_json("tokenizer.json", &synthetic_tokenizer_json(cfg)?)?;
+    write_json("tokenizer.json", &synthetic_tokenizer_json(cfg)?, made)?;
     write_json(
         "tokenizer_config.json",
         &json!({"bos_token": SPECIALS[0], "eos_token": SPECIALS[1], "chat_template": CHATML_TEMPLATE}),
+        made,
     )?;
     // Tensors go to numbered shards, each flushed once the next tensor would overflow it.
     let mut pending: Vec<Encoded> = Vec::new();
@@ -387,7 +412,7 @@ pub fn write_hf(
             .with_context(|| format!("{}: no tensor `{name}`", src.describe()))?;
         let (dtype, bytes) = encode(&t.data, dtype);
         if pending_bytes + bytes.len() > shard_bytes && !pending.is_empty() {
-            written.push(write_shard(dir, written.len(), std::mem::take(&mut pending))?);
+            written.push(write_shard(dir, written.len(), std::mem::take(&mut pending), made)?);
             pending_bytes = 0;
         }
         pending_bytes += bytes.len();
@@ -399,7 +424,7 @@ pub fn write_hf(
         });
         on_tensor(&name);
     }
-    written.push(write_shard(dir, written.len(), pending)?);
+    written.push(write_shard(dir, written.len(), pending, made)?);
     let count = written.len();
     let final_name = |i: usize| {
         if count == 1 {
@@ -412,6 +437,7 @@ pub fn write_hf(
     for (i, names) in written.iter().enumerate() {
         let from = dir.join(format!("shard-{i:05}.safetensors"));
         let to = dir.join(final_name(i));
+        made.push(to.clone());
         std::fs::rename(&from, &to).with_context(|| format!("renaming {}", from.display()))?;
         for n in names {
             weight_map.insert(n.clone(), json!(final_name(i)));
@@ -421,7 +447,8 @@ pub fn write_hf(
         write_json(
             "model.safetensors.index.json",
             &json!({"metadata": {}, "weight_map": weight_map}),
+            made,
         )?;
     }
-    Ok(())
+    write_json("config.json", &hf_config_json(cfg), made)
 }
