@@ -305,6 +305,22 @@ fn hide_idle_leaves_out_the_tracks_without_spans() {
     );
 }
 
+/// Names holding characters XML cannot hold (a C0 control) still give a valid SVG: each
+/// such character drawn as U+FFFD.
+#[test]
+fn control_characters_in_names_keep_the_svg_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = json!([
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 1, "args": {"name": "lane\u{7} 0"}},
+        {"ph": "X", "name": "reconstruct\u{1b}", "pid": 1, "tid": 1, "ts": 0, "dur": 100},
+    ]);
+    let path = dir.path().join("ctl.json");
+    std::fs::write(&path, trace.to_string()).unwrap();
+    numbers(&path, dir.path());
+    let rows = svg_rows(&dir.path().join("ctl.svg"));
+    assert_eq!(labels_and_spans(&rows), [("lane\u{fffd} 0".to_string(), 1)]);
+}
+
 /// A track label longer than the label column keeps its start and its end around a
 /// "…" (labels of one run differ at the end: "…, lane 0 compute", "…, lane 0 fetch"),
 /// and the whole name in its tooltip.
