@@ -85,6 +85,8 @@ fn bench_options_are_checked_by_name() {
             "invalid value 'sideways'",
         ),
         (&["--gpu-tier", "auto"], "--gpu-tier needs --backend cuda"),
+        (&["--value-fetch", "cpu-gather"], "--value-fetch needs --backend cuda"),
+        (&["--no-graph"], "--no-graph needs --backend cuda"),
         (
             &["--backend", "cuda", "--gpu-tier", "lots"],
             "the GPU value tier is `off`, `auto` or a number of chunks",

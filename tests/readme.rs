@@ -60,7 +60,8 @@ fn generate_json_has_the_documented_keys() {
             "--model",
             "synthetic:tiny",
             "--prompt",
-            "one two three four five six seven eight nine ten",
+            // Long enough for chunks beyond the local window, so ShadowKV selects some.
+            &"one two three four five six seven eight nine ten ".repeat(6),
             "--max-tokens",
             "4",
             "--attention",
@@ -88,7 +89,8 @@ fn bench_json_has_the_documented_keys() {
         "--model",
         "synthetic:tiny",
         "--context",
-        "64",
+        // Chunks beyond the local window and the outliers, so ShadowKV selects some.
+        "256",
         "--gen",
         "3",
         "--attention",

@@ -34,15 +34,15 @@ pub struct CudaArgs {
     pub no_graph: bool,
     /// How ShadowKV on the GPU fetches the missed value chunks from host memory:
     /// `zero-copy` (a kernel reads the registered pool over PCIe) or `cpu-gather` (host
-    /// threads gather them into pinned staging, copied in one transfer). `bench` takes
-    /// a list and measures each.
+    /// threads gather them into pinned staging, copied in one transfer). With `bench`
+    /// only, a comma-separated list: each is measured.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![ValueFetch::ZeroCopy])]
     pub value_fetch: Vec<ValueFetch>,
     /// ShadowKV's GPU value tier: besides the selected chunks, keep chunks' values in
     /// free GPU memory (a FIFO cache per layer and KV head, filled with the newest chunks
     /// at prefill), so a missed chunk found there is not read over PCIe. `off`, `auto`
     /// (as many chunks as the free memory holds once the batch fits) or a number of
-    /// chunks per KV head. `bench` takes a list and measures each.
+    /// chunks per KV head. With `bench` only, a comma-separated list: each is measured.
     #[arg(long, value_delimiter = ',', default_values_t = vec![TierSize::Off])]
     pub gpu_tier: Vec<TierSize>,
 }
@@ -112,6 +112,14 @@ impl CudaArgs {
         }
         if let Some(d) = self.device {
             anyhow::bail!("--device {d} needs --backend cuda (the CPU backend runs on this host's cores)");
+        }
+        if self.value_fetch != [ValueFetch::ZeroCopy] {
+            anyhow::bail!(
+                "--value-fetch needs --backend cuda (the CPU backend reads its value pool in place: nothing crosses PCIe)"
+            );
+        }
+        if self.no_graph {
+            anyhow::bail!("--no-graph needs --backend cuda (the CPU backend launches no kernels)");
         }
         Ok(())
     }

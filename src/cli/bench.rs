@@ -6,6 +6,7 @@ use super::at_least_one;
 use super::backend::{Backend, CudaArgs, ValueFetch};
 use super::bench_report::{median, table_line};
 use super::model_spec::{open_spec, MODEL_HELP};
+use super::output::check_output_file;
 use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::{CpuModel, LogitsWanted, SeqCache, SeqInput, SeqKvCache};
 use crate::cuda::shadow::{ValueSlots, FETCH_BLOCKS};
@@ -172,6 +173,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.context.is_empty() || a.context.contains(&0) {
         bail!("--context takes lengths of at least 1 token");
     }
+    if let Some(Some(path)) = &a.json {
+        check_output_file("--json", path)?;
+    }
     if a.gpu_value_slots != ValueSlots::Off {
         check_value_slots(&a)?;
     }
@@ -230,6 +234,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             cfg.max_position_embeddings
         );
     }
+    // Every method's settings at every context, before the model loads and prefills.
+    for &ctx in &a.context {
+        for &method in &a.attention {
+            a.shadow.attention(method, &cfg, ctx + a.gen)?;
+        }
+    }
     let progress = std::io::stderr().is_terminal();
     let model = CpuModel::new(cfg.clone(), ModelWeights::load(&cfg, m.source.as_ref(), progress)?);
     let mut rows = Vec::new();
@@ -262,7 +272,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 .map(|i| ((i * 7919 + s * 104729 + 13) % (cfg.vocab_size - 1)) as u32)
                 .collect();
             let mut cache = SeqCache::Dense(SeqKvCache::with_pre_rope(&cfg));
-            let logits = model.prefill(&mut cache, &ids, 512, |n| bar.inc(n as u64))?;
+            let logits = model.prefill(&mut cache, &ids, a.prefill_chunk, |n| bar.inc(n as u64))?;
             let SeqCache::Dense(d) = cache else {
                 unreachable!("built dense")
             };
@@ -326,10 +336,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 "| {ctx} | {} | {tps:.2} | {step_ms:.1} | {} | {} | {} | {prefill_secs:.1} | {} |",
                 method.label(),
                 ratio.map(|r| format!("{r:.2}×")).unwrap_or("-".into()),
-                if shadow {
-                    format!("{:.1} %", 100.0 * st.hit_rate())
-                } else {
-                    "-".into()
+                match st.hit_rate().filter(|_| shadow) {
+                    Some(r) => format!("{:.1} %", 100.0 * r),
+                    None => "-".into(),
                 },
                 if shadow { format!("{kib_step:.0}") } else { "-".into() },
                 if shadow {
@@ -341,7 +350,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             rows.push(serde_json::json!({
                 "context": ctx, "method": method.label(), "settings": attention.settings_json(),
                 "batch": batch, "generated": a.gen, "decode_tokens_per_s": tps, "step_ms_median": step_ms,
-                "ratio_to_full": ratio, "reuse_hit_rate": shadow.then(|| st.hit_rate()),
+                "ratio_to_full": ratio, "reuse_hit_rate": st.hit_rate().filter(|_| shadow),
                 "value_bytes_fetched_per_step": shadow.then_some(kib_step * 1024.0),
                 "prefill_secs": prefill_secs, "compress_secs": shadow.then_some(compress_secs),
             }));

@@ -4,6 +4,7 @@
 use super::at_least_one;
 use super::backend::{load_cuda_model, open_gpu, tp_weights, Backend, CudaArgs, Gpus};
 use super::model_spec::{open_spec, MODEL_HELP};
+use super::output::check_output_file;
 use super::shadow_args::{Method, ShadowArgs};
 use crate::cpu::CpuModel;
 use crate::engine::backend_tp::TpBackend;
@@ -16,7 +17,7 @@ use crate::model::weights::ModelWeights;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Arguments of `shadowkv eval`.
 #[derive(Args, Debug)]
@@ -89,8 +90,8 @@ struct FidelityArgs {
     /// Tokens prefilled before comparing (default: all but the last --positions).
     #[arg(long)]
     prefix: Option<usize>,
-    /// Positions compared after the prefix.
-    #[arg(long, default_value_t = 256)]
+    /// Positions compared after the prefix (fewer where the text ends first).
+    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
     positions: usize,
     #[command(flatten)]
     shadow: ShadowArgs,
@@ -128,17 +129,10 @@ fn ruler(a: RulerArgs) -> Result<()> {
             bail!("{flag} must name at least one");
         }
     }
-    if let Some(dir) = a.json.as_deref().map(|p| p.parent().unwrap_or(Path::new(""))) {
-        // The results are written as the run goes: a folder that is not there fails now,
-        // not after the first sample.
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        if !dir.is_dir() {
-            bail!("--json: the folder {} does not exist", dir.display());
-        }
+    if let Some(path) = &a.json {
+        // The results are written as the run goes: a bad place fails now, not after the
+        // first sample.
+        check_output_file("--json", path)?;
     }
     let progress = std::io::stderr().is_terminal();
     // Option errors before the (long) model load.
@@ -149,6 +143,10 @@ fn ruler(a: RulerArgs) -> Result<()> {
     }
     let gpus = a.cuda.gpus()?;
     let m = open_spec(&a.model)?;
+    let ctx = m.config.max_position_embeddings;
+    if let Some(len) = a.lengths.iter().find(|&&l| l > ctx) {
+        bail!("--lengths: {len} exceeds the model's context of {ctx} tokens");
+    }
     let graphs = !a.cuda.no_graph;
     // The loaded model (one of them), borrowed by `model` for the whole run.
     let (mut cpu, mut gpu, mut group) = (None, None, None);
@@ -266,15 +264,23 @@ fn fidelity_cmd(a: FidelityArgs) -> Result<()> {
     let m = open_spec(&a.model)?;
     let model = cpu_model(&m, std::io::stderr().is_terminal())?;
     let ids = m.tokenizer.encode(&text, true)?;
-    if ids.len() > m.config.max_position_embeddings {
-        bail!(
-            "the text has {} tokens, the model's context is {}",
-            ids.len(),
-            m.config.max_position_embeddings
-        );
+    let n = ids.len();
+    // The prefix, then the positions compared after it: the text's last ones unless
+    // --prefix says where they start.
+    let prefix = match a.prefix {
+        Some(p) if p >= n => bail!("--prefix {p}: the text has {n} tokens, none left to compare after it"),
+        Some(p) => p,
+        None if a.positions >= n => bail!(
+            "--positions {}: the text has {n} tokens; at least one must come before the positions compared",
+            a.positions
+        ),
+        None => n - a.positions,
+    };
+    let end = (prefix + a.positions).min(n);
+    let ctx = m.config.max_position_embeddings;
+    if end > ctx {
+        bail!("the prefix and the positions compared take {end} tokens; the model's context is {ctx}");
     }
-    let prefix = a.prefix.unwrap_or(ids.len().saturating_sub(a.positions));
-    let end = (prefix + a.positions).min(ids.len());
     let p = a.shadow.params(&m.config, end)?;
     let f = fidelity(&model, &ids[..end], prefix, p)?;
     if a.json {
@@ -285,12 +291,12 @@ fn fidelity_cmd(a: FidelityArgs) -> Result<()> {
     } else {
         println!("ShadowKV: {p}");
         println!(
-            "{} positions after a {prefix}-token prefix: top-1 agreement {:.1} %, mean KL {:.5} nats (max {:.4}), reuse hit rate {:.1} %",
+            "{} positions after a {prefix}-token prefix: top-1 agreement {:.1} %, mean KL(full ‖ ShadowKV) {:.5} nats (max {:.4}), reuse hit rate {}",
             f.positions,
             100.0 * f.top1_agreement,
             f.mean_kl,
             f.max_kl,
-            100.0 * f.reuse_hit_rate
+            f.reuse_hit_rate.map_or("- (no chunk selected)".into(), |r| format!("{:.1} %", 100.0 * r))
         );
     }
     Ok(())

@@ -168,7 +168,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             "threads": threads,
             "attention": a.attention.label(),
             "backend": format!("{:?}", a.backend).to_lowercase(),
-            "reuse_hit_rate": stats.shadow.map(|s| s.hit_rate()),
+            "reuse_hit_rate": stats.shadow.and_then(|s| s.hit_rate()),
             "value_bytes_fetched": stats.shadow.map(|s| s.value_bytes_fetched),
         });
         println!("{out}");

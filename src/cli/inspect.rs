@@ -37,6 +37,12 @@ pub fn run(a: InspectArgs) -> Result<()> {
     if ctx == 0 || a.batch == 0 {
         bail!("--context and --batch must be at least 1");
     }
+    if ctx > c.max_position_embeddings {
+        eprintln!(
+            "warning: --context {ctx} exceeds the model's context of {} tokens; the figures are for {ctx} all the same",
+            c.max_position_embeddings
+        );
+    }
     let params = c.parameter_count() as u64;
     let kv_bf16 = c.kv_bytes_per_token(2) as u64;
     let kv_f32 = c.kv_bytes_per_token(4) as u64;

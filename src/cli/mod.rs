@@ -11,6 +11,7 @@ mod eval;
 mod generate;
 mod inspect;
 mod model_spec;
+mod output;
 mod serve;
 mod shadow_args;
 pub mod signals;

@@ -426,7 +426,7 @@ impl<M: Borrow<CpuModel> + Send> StepBackend for CpuBackend<M> {
         BackendStats {
             pool_bytes: pool.leased() as u64 * per_seq,
             value_bytes_fetched: self.totals.value_bytes_fetched,
-            reuse_hit_ratio: self.totals.hit_rate(),
+            reuse_hit_ratio: self.totals.hit_rate().unwrap_or(0.0),
             gpu_bytes: 0,
         }
     }

@@ -1042,7 +1042,7 @@ impl<M: Borrow<CudaModel> + Send> StepBackend for CudaBackend<M> {
                 (p.leased() * p.bytes() / p.shape().seqs.max(1)) as u64
             }),
             value_bytes_fetched: shadow.value_bytes_fetched,
-            reuse_hit_ratio: shadow.hit_rate(),
+            reuse_hit_ratio: shadow.hit_rate().unwrap_or(0.0),
         }
     }
 

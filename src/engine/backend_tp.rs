@@ -904,7 +904,7 @@ impl StepBackend for TpBackend {
                 }
             }
         }
-        sum.reuse_hit_ratio = shadow.hit_rate();
+        sum.reuse_hit_ratio = shadow.hit_rate().unwrap_or(0.0);
         sum
     }
 

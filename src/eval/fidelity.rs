@@ -19,8 +19,8 @@ pub struct Fidelity {
     pub mean_kl: f64,
     /// Largest KL at any position.
     pub max_kl: f64,
-    /// ShadowKV reuse hit rate.
-    pub reuse_hit_rate: f64,
+    /// ShadowKV reuse hit rate (none where no chunk was selected).
+    pub reuse_hit_rate: Option<f64>,
 }
 
 fn log_softmax(x: &[f32]) -> Vec<f64> {
@@ -81,6 +81,6 @@ pub fn fidelity(model: &CpuModel, ids: &[u32], prefix: usize, p: ShadowParams) -
         top1_agreement: agree as f64 / n as f64,
         mean_kl: kl_sum / n as f64,
         max_kl: kl_max,
-        reuse_hit_rate: shadow_stats(&shadow).map(|s| s.hit_rate()).unwrap_or(0.0),
+        reuse_hit_rate: shadow_stats(&shadow).and_then(|s| s.hit_rate()),
     })
 }

@@ -314,7 +314,7 @@ fn run_sample_gpu(
             };
             let (mut gens, stats) = generate(std::slice::from_ref(&req), opts)?;
             let g = gens.pop().context("no generation")?;
-            Ok((m.label.clone(), g.text, stats.shadow.map(|s| s.hit_rate())))
+            Ok((m.label.clone(), g.text, stats.shadow.and_then(|s| s.hit_rate())))
         })
         .collect()
 }
@@ -352,7 +352,7 @@ fn run_sample_cpu(
         res.push((
             m.label.clone(),
             tok.decode(&o, true)?,
-            shadow_stats(c).map(|s| s.hit_rate()),
+            shadow_stats(c).and_then(|s| s.hit_rate()),
         ));
     }
     Ok(res)

@@ -25,14 +25,11 @@ pub struct ShadowStats {
 }
 
 impl ShadowStats {
-    /// Fraction of selected chunks that were already resident.
-    pub fn hit_rate(&self) -> f64 {
+    /// Fraction of selected chunks that were already resident; none while no chunk has
+    /// been selected (a context shorter than the local window, or no decode step yet).
+    pub fn hit_rate(&self) -> Option<f64> {
         let total = self.hits + self.misses;
-        if total == 0 {
-            0.0
-        } else {
-            self.hits as f64 / total as f64
-        }
+        (total > 0).then(|| self.hits as f64 / total as f64)
     }
 
     /// Adds another sequence's counters.

@@ -86,7 +86,8 @@ pub struct ShadowLayout {
 
 impl ShadowLayout {
     /// The layout for `cfg` with settings `p` and sequences of up to `context` tokens:
-    /// `S` = the budget's chunks (at most the context's), `O` and `L` as set.
+    /// `S` = the budget's chunks and `O` the outlier chunks (each at most the context's),
+    /// `L` as set.
     pub fn new(cfg: &ModelConfig, p: &ShadowParams, context: usize) -> Result<Self> {
         p.validate(cfg)?;
         let chunk_cap = context.div_ceil(p.chunk_size);
@@ -97,7 +98,7 @@ impl ShadowLayout {
             chunk: p.chunk_size,
             rank: p.rank,
             slots: p.selected_chunks().min(chunk_cap),
-            outliers: p.outlier_chunks,
+            outliers: p.outlier_chunks.min(chunk_cap),
             local: p.local_chunks,
             chunk_cap,
             tier: 0,
@@ -666,6 +667,18 @@ mod tests {
         assert_eq!(l.slot_row(4, 0), 48 + 32);
         assert_eq!(l.attended_rows(&c).1, 40 + 32 + 48);
         l.check_counts(0, &c).unwrap();
+    }
+
+    #[test]
+    fn slots_and_outliers_are_at_most_the_context_s_chunks() {
+        let cfg = preset("smollm2-135m").unwrap();
+        let p = ShadowParams {
+            outlier_chunks: 100_000,
+            ..ShadowParams::defaults(&cfg, 1024)
+        };
+        let l = ShadowLayout::new(&cfg, &p, 1024).unwrap();
+        assert_eq!((l.outliers, l.chunk_cap), (128, 128));
+        assert!(l.slots <= 128);
     }
 
     #[test]
