@@ -125,6 +125,41 @@ fn bench_options_are_checked_by_name() {
     }
 }
 
+/// `generate`'s sampling flags are refused by the flag's name (the API's checks would
+/// name the request fields), and the GPU-only ones by what they need.
+#[test]
+fn generate_options_are_checked_by_name() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--max-tokens", "0"],
+            "'--max-tokens <MAX_TOKENS>': must be at least 1",
+        ),
+        (&["--top-p", "0"], "'--top-p <TOP_P>': must be in (0, 1]"),
+        (
+            &["--temperature", "-1"],
+            "'--temperature <TEMPERATURE>': must be a finite number >= 0",
+        ),
+        (&["--temperature", "inf"], "must be a finite number >= 0"),
+        (&["--no-graph"], "--no-graph needs --backend cuda"),
+        (&["--value-fetch", "cpu-gather"], "--value-fetch needs --backend cuda"),
+        (
+            &["--attention", "full", "--budget", "64", "--rank", "8"],
+            "--budget, --rank set ShadowKV's settings, but --attention runs no `shadowkv`",
+        ),
+        (
+            &["--attention", "shadowkv-paper", "--local-chunks", "2"],
+            "--local-chunks sets ShadowKV's settings",
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["generate", "--model", "synthetic:tiny", "--prompt", "hi"];
+        args.extend_from_slice(extra);
+        let (ok, err) = shadowkv(&args);
+        assert!(!ok, "{args:?} was accepted");
+        assert!(err.contains(want), "{args:?}: stderr lacks {want:?}:\n{err}");
+    }
+}
+
 /// `backend.kind = "cuda"` in a topology names the file, the line and the key where there
 /// is no GPU, like every other topology error (and never a flag that was not used). On
 /// a GPU host the GPU opens and synthetic:tiny's head dimension is what is refused.

@@ -170,6 +170,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.attention.is_empty() {
         bail!("--attention must name at least one method");
     }
+    a.shadow.refuse_unused(&a.attention)?;
     if a.context.is_empty() || a.context.contains(&0) {
         bail!("--context takes lengths of at least 1 token");
     }

@@ -129,6 +129,7 @@ fn ruler(a: RulerArgs) -> Result<()> {
             bail!("{flag} must name at least one");
         }
     }
+    a.shadow.refuse_unused(&a.attention)?;
     if let Some(path) = &a.json {
         // The results are written as the run goes: a bad place fails now, not after the
         // first sample.

@@ -35,13 +35,13 @@ pub struct GenerateArgs {
     #[arg(long, requires = "chat")]
     system: Option<String>,
     /// Most tokens to generate.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = at_least_one)]
     max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = temperature)]
     temperature: f32,
-    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1].
+    #[arg(long, default_value_t = 1.0, value_parser = top_p)]
     top_p: f32,
     /// Keep only the k most likely tokens (0 = no limit).
     #[arg(long, default_value_t = 0)]
@@ -115,6 +115,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         stop: a.stop.clone(),
     };
     let context = (prompt_ids.len() + a.max_tokens).min(m.config.max_position_embeddings);
+    a.shadow.refuse_unused(&[a.attention])?;
     let attention = a.shadow.attention(a.attention, &m.config, context)?;
     let opts = GenerateOptions {
         attention,
@@ -184,4 +185,22 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Parses `--temperature`: a finite number >= 0 (a clap value parser).
+fn temperature(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        Ok(_) => Err("must be a finite number >= 0 (0 is greedy)".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Parses `--top-p`: a probability mass in (0, 1] (a clap value parser).
+fn top_p(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
+        Ok(_) => Err("must be in (0, 1]".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }

@@ -72,6 +72,32 @@ impl ShadowArgs {
         Ok(p)
     }
 
+    /// Refuses ShadowKV flags given where no method takes them: none of `methods` is
+    /// `shadowkv` (full attention has none; `shadowkv-paper` uses the paper's ratios).
+    pub fn refuse_unused(&self, methods: &[Method]) -> Result<()> {
+        if methods.contains(&Method::Shadowkv) {
+            return Ok(());
+        }
+        let given: Vec<&str> = [
+            ("--budget", self.budget.is_some()),
+            ("--rank", self.rank.is_some()),
+            ("--chunk-size", self.chunk_size.is_some()),
+            ("--outlier-chunks", self.outlier_chunks.is_some()),
+            ("--local-chunks", self.local_chunks.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, set)| set.then_some(flag))
+        .collect();
+        if !given.is_empty() {
+            anyhow::bail!(
+                "{} set{} ShadowKV's settings, but --attention runs no `shadowkv` (`shadowkv-paper` uses the paper's ratios)",
+                given.join(", "),
+                if given.len() == 1 { "s" } else { "" }
+            );
+        }
+        Ok(())
+    }
+
     /// The attention mode for `method`.
     pub fn attention(&self, method: Method, cfg: &ModelConfig, context: usize) -> Result<Attention> {
         Ok(match method {
