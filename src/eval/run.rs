@@ -190,7 +190,8 @@ fn decode_all(model: &CpuModel, caches: &mut [SeqCache], first: u32, max_new: us
 }
 
 /// Runs the plan; returns one result per sample and method. `after_sample` sees every
-/// result so far each time a sample finishes (to save partial results).
+/// result so far each time a sample finishes (to save partial results). Without a
+/// progress bar (stderr not a terminal: a log) each finished sample prints a line.
 pub fn run_ruler(
     model: &mut EvalModel,
     tok: &TextTokenizer,
@@ -226,6 +227,7 @@ pub fn run_ruler(
                     let mut rng = StdRng::seed_from_u64(seed);
                     let sample = build(task, hay, length / 4, depth, &mut rng);
                     let ids = fit(&sample, length, tok, chat)?;
+                    let before = results.len();
                     results.extend(
                         run_sample(model, tok, &ids, &sample, methods, plan.prefill_chunk)?
                             .into_iter()
@@ -244,6 +246,18 @@ pub fn run_ruler(
                     );
                     after_sample(&results)?;
                     bar.inc(1);
+                    if !progress {
+                        let scores: Vec<String> = results[before..]
+                            .iter()
+                            .map(|r| format!("{} {:.2}", r.method, r.score))
+                            .collect();
+                        eprintln!(
+                            "sample {}/{total}: {} {length} {hay:?} depth {depth:.2}: {}",
+                            bar.position(),
+                            task.name(),
+                            scores.join(", ")
+                        );
+                    }
                 }
             }
         }
