@@ -6,11 +6,22 @@ use rand::seq::IndexedRandom;
 
 /// Which filler text surrounds the needles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Haystack {
     /// "The grass is green. The sky is blue. ..." repeated.
     Noise,
     /// Generated paragraphs of essay-like prose.
     Essay,
+}
+
+impl Haystack {
+    /// Its name as `--haystacks` takes it (and the JSON gives it).
+    pub fn name(self) -> &'static str {
+        match self {
+            Haystack::Noise => "noise",
+            Haystack::Essay => "essay",
+        }
+    }
 }
 
 const NOISE: &str = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.";
@@ -104,4 +115,18 @@ pub fn sentence(kind: Haystack, rng: &mut StdRng) -> String {
 /// `n` filler sentences, with a paragraph break every few essay sentences.
 pub fn sentences(kind: Haystack, n: usize, rng: &mut StdRng) -> Vec<String> {
     (0..n).map(|_| sentence(kind, rng)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Haystack;
+    use clap::ValueEnum;
+
+    #[test]
+    fn names_are_the_flag_s_and_the_json_s() {
+        for h in Haystack::value_variants() {
+            assert_eq!(h.to_possible_value().unwrap().get_name(), h.name());
+            assert_eq!(serde_json::to_value(h).unwrap(), serde_json::json!(h.name()));
+        }
+    }
 }

@@ -217,7 +217,7 @@ pub fn run_ruler(
         for &task in &plan.tasks {
             for &hay in &plan.haystacks {
                 for i in 0..plan.samples {
-                    bar.set_message(format!("{} {length} {hay:?}", task.name()));
+                    bar.set_message(format!("{} {length} {}", task.name(), hay.name()));
                     let depth = if plan.samples > 1 {
                         i as f64 / (plan.samples - 1) as f64
                     } else {
@@ -252,9 +252,10 @@ pub fn run_ruler(
                             .map(|r| format!("{} {:.2}", r.method, r.score))
                             .collect();
                         eprintln!(
-                            "sample {}/{total}: {} {length} {hay:?} depth {depth:.2}: {}",
+                            "sample {}/{total}: {} {length} {} depth {depth:.2}: {}",
                             bar.position(),
                             task.name(),
+                            hay.name(),
                             scores.join(", ")
                         );
                     }

@@ -7,22 +7,30 @@ use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::Rng;
 
-/// A task family.
+/// A task family. `--tasks` takes its RULER name (`niah_single`, as the table and the
+/// JSON give it) or the same with hyphens (`niah-single`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
 pub enum Task {
     /// One needle; retrieve its value.
+    #[value(alias = "niah_single")]
     NiahSingle,
     /// Several needles with different keys; retrieve one.
+    #[value(alias = "niah_multikey")]
     NiahMultikey,
     /// One key with several values; retrieve them all.
+    #[value(alias = "niah_multivalue")]
     NiahMultivalue,
     /// Several needles; retrieve the values of several keys.
+    #[value(alias = "niah_multiquery")]
     NiahMultiquery,
     /// A chain of variable assignments; name every variable holding a value.
+    #[value(alias = "variable_tracking")]
     VariableTracking,
     /// Words repeated often among rare ones; list the common words.
+    #[value(alias = "common_words")]
     CommonWords,
     /// Words drawn from a Zipf law; list the three most frequent.
+    #[value(alias = "frequent_words")]
     FrequentWords,
 }
 
@@ -262,6 +270,15 @@ pub fn score(output: &str, answers: &[String]) -> f64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn tasks_flag_takes_the_names_the_results_give() {
+        use clap::ValueEnum;
+        for t in Task::ALL {
+            assert_eq!(Task::from_str(t.name(), false), Ok(t));
+            assert_eq!(Task::from_str(&t.name().replace('_', "-"), false), Ok(t));
+        }
+    }
     use super::*;
     use rand::SeedableRng;
 
