@@ -275,6 +275,25 @@ fn a_window_covers_only_its_stretch() {
         err.contains("no span in the window 20:30 ms (the trace covers 0 – 9.000 ms)"),
         "{err}"
     );
+    // The text report counts the window's spans, and says the trace's whole length apart.
+    let text = trace_ok(&[
+        data("trace-overlap.json").to_str().unwrap(),
+        "--out",
+        dir.path().to_str().unwrap(),
+        "--window",
+        "4:6",
+    ]);
+    assert!(
+        text.contains(": 6 tracks, 4 spans in the window (the whole trace: 9.000 ms)"),
+        "{text}"
+    );
+    // A negative start is the window's own error, not the argument parser's.
+    let out = trace_tool(&[data("trace-overlap.json").to_str().unwrap(), "--window", "-1:3"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("expected 0 <= FROM < TO, got '-1:3'"),
+        "{err}"
+    );
 }
 
 /// --hide-idle leaves out the tracks without a span in the window (here: the second
