@@ -67,6 +67,7 @@ pub fn run(a: CudaBench) -> Result<()> {
     let progress = std::io::stderr().is_terminal();
     let m = open_spec(&a.model)?;
     let cfg = m.config.clone();
+    a.check_shadow(&cfg)?;
     let t_load = Instant::now();
     let model = load_cuda_model(open_gpu(ordinal)?, &a.model, &m, progress)?;
     let load_secs = t_load.elapsed().as_secs_f64();

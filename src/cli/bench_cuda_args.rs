@@ -49,6 +49,14 @@ pub struct CudaBench {
 }
 
 impl CudaBench {
+    /// Checks every ShadowKV method's settings at every context, before the model loads.
+    pub(super) fn check_shadow(&self, cfg: &ModelConfig) -> Result<()> {
+        for &ctx in &self.contexts {
+            self.shadow_for(cfg, ctx)?;
+        }
+        Ok(())
+    }
+
     /// The ShadowKV settings of each ShadowKV method at context `ctx` (the generated
     /// tokens included).
     pub(super) fn shadow_for(&self, cfg: &ModelConfig, ctx: usize) -> Result<Vec<ShadowParams>> {

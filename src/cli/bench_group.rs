@@ -99,6 +99,7 @@ pub fn run(a: &CudaBench, devices: &[usize]) -> Result<()> {
     let progress = std::io::stderr().is_terminal();
     let m = open_spec(&a.model)?;
     let cfg = m.config.clone();
+    a.check_shadow(&cfg)?;
     let longest = a.contexts.iter().copied().max().unwrap_or(0);
     if longest + 2 * a.gen > cfg.max_position_embeddings {
         bail!(

@@ -158,6 +158,17 @@ struct Job {
     arrived: Instant,
 }
 
+impl Job {
+    /// Ends a request that never started, as [`Seq::end`] ends a running one: it stops
+    /// counting against admission, its `outcome` goes to the metrics, then `last` to its
+    /// client.
+    fn end(self, in_system: &AtomicUsize, last: Event, outcome: &'static str) {
+        in_system.fetch_sub(1, Ordering::SeqCst);
+        request_done(outcome, self.arrived);
+        let _ = self.tx.send(last);
+    }
+}
+
 struct Shared {
     config: SchedulerConfig,
     tx: Mutex<Option<mpsc::Sender<Command>>>,
@@ -582,9 +593,11 @@ impl<M: StepBackend> Engine<M> {
         }
         // Anything still queued (the channel closed without a shutdown) is cancelled.
         for j in self.waiting.drain(..) {
-            self.shared.in_system.fetch_sub(1, Ordering::SeqCst);
-            request_done("shutdown", j.arrived);
-            let _ = j.tx.send(Event::Failed(EngineError::ShuttingDown));
+            j.end(
+                &self.shared.in_system,
+                Event::Failed(EngineError::ShuttingDown),
+                "shutdown",
+            );
         }
         if let Some(t) = self.trace.take() {
             if let Err(e) = t.finish() {
@@ -619,9 +632,11 @@ impl<M: StepBackend> Engine<M> {
         match c {
             Command::Submit(job) => {
                 if self.deadline.is_some() {
-                    let _ = job.tx.send(Event::Failed(EngineError::ShuttingDown));
-                    self.shared.in_system.fetch_sub(1, Ordering::SeqCst);
-                    request_done("shutdown", job.arrived);
+                    job.end(
+                        &self.shared.in_system,
+                        Event::Failed(EngineError::ShuttingDown),
+                        "shutdown",
+                    );
                 } else {
                     self.waiting.push_back(job);
                 }
@@ -635,9 +650,11 @@ impl<M: StepBackend> Engine<M> {
                 );
                 self.deadline = Some(Instant::now() + grace);
                 for j in self.waiting.drain(..) {
-                    let _ = j.tx.send(Event::Failed(EngineError::ShuttingDown));
-                    self.shared.in_system.fetch_sub(1, Ordering::SeqCst);
-                    request_done("shutdown", j.arrived);
+                    j.end(
+                        &self.shared.in_system,
+                        Event::Failed(EngineError::ShuttingDown),
+                        "shutdown",
+                    );
                 }
             }
         }
@@ -681,9 +698,8 @@ impl<M: StepBackend> Engine<M> {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!("starting a sequence failed: {e:#}");
-                    let _ = job.tx.send(Event::Failed(EngineError::Internal(format!("{e:#}"))));
-                    self.shared.in_system.fetch_sub(1, Ordering::SeqCst);
-                    request_done("error", job.arrived);
+                    let failed = Event::Failed(EngineError::Internal(format!("{e:#}")));
+                    job.end(&self.shared.in_system, failed, "error");
                     continue;
                 }
             };
@@ -1001,7 +1017,7 @@ impl<M: StepBackend> Engine<M> {
     /// metrics before the end goes out, so that a client that has its answer finds it
     /// there) and returns how many.
     fn process(&mut self, members: &[Member], tokens: &[u32], now: Instant) -> u64 {
-        let mut generated = 0;
+        let (mut generated, mut counted) = (0, 0);
         for (m, &id) in members.iter().filter(|m| m.samples).zip(tokens) {
             let Some(s) = self.running.iter_mut().find(|s| s.key == m.key) else {
                 continue;
@@ -1030,10 +1046,7 @@ impl<M: StepBackend> Engine<M> {
                 }
             };
             // Counted as the usage counts them: a final end-of-sequence token is not.
-            if finish != Some(FinishReason::Eos) {
-                metrics::counter!(tm::GENERATED_TOKENS).increment(1);
-                generated += 1;
-            }
+            generated += u64::from(finish != Some(FinishReason::Eos));
             let delta = s.out.take_stream_delta(&s.stop);
             if !delta.is_empty() && s.tx.send(Event::Text(delta)).is_err() {
                 s.end(&self.shared.in_system, None, "cancelled");
@@ -1044,9 +1057,12 @@ impl<M: StepBackend> Engine<M> {
                     prompt_tokens: s.prompt.len(),
                     completion_tokens: s.out.completion_len(),
                 };
+                metrics::counter!(tm::GENERATED_TOKENS).increment(generated - counted);
+                counted = generated;
                 s.end(&self.shared.in_system, Some(Event::Done { finish, usage }), "completed");
             }
         }
+        metrics::counter!(tm::GENERATED_TOKENS).increment(generated - counted);
         generated
     }
 }
@@ -1064,6 +1080,18 @@ mod tests {
         let m = open_model("synthetic:tiny@5").unwrap();
         let w = ModelWeights::load(&m.config, m.source.as_ref(), false).unwrap();
         (CpuModel::new(m.config.clone(), w), m.tokenizer)
+    }
+
+    /// A scheduler of `max_batch` running and `max_queue` queued requests, contexts of
+    /// 4096 tokens, prompts in chunks of 64, decode steps unspaced.
+    fn limits(max_batch: usize, max_queue: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            max_batch,
+            max_queue,
+            max_context: 4096,
+            prefill_chunk: 64,
+            decode_spacing: Duration::ZERO,
+        }
     }
 
     fn collect(mut rx: UnboundedReceiver<Event>) -> (String, FinishReason, Usage) {
@@ -1167,13 +1195,7 @@ mod tests {
     fn shutdown_with_steps_queued_ends_every_stream() {
         let (model, tok) = tiny();
         let tok = Arc::new(tok);
-        let config = SchedulerConfig {
-            max_batch: 2,
-            max_queue: 2,
-            max_context: 4096,
-            prefill_chunk: 64,
-            decode_spacing: std::time::Duration::ZERO,
-        };
+        let config = limits(2, 2);
         let backend = CpuBackend::new(model, None).unwrap().with_schedule(2, 2);
         let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
         let long = EngineRequest {
@@ -1215,13 +1237,7 @@ mod tests {
         // 30 ms here, during which the engine looks at nothing else).
         let (model, tok) = tiny();
         let tok = Arc::new(tok);
-        let config = SchedulerConfig {
-            max_batch: 1,
-            max_queue: 0,
-            max_context: 4096,
-            prefill_chunk: 64,
-            decode_spacing: std::time::Duration::ZERO,
-        };
+        let config = limits(1, 0);
         let mut backend = Counting::new(CpuBackend::new(model, None).unwrap().with_schedule(1, 2));
         backend.slow_complete = Duration::from_millis(30);
         let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
@@ -1252,13 +1268,7 @@ mod tests {
     fn full_queue_and_dropped_receivers(depth: usize) {
         let (model, tok) = tiny();
         let tok = Arc::new(tok);
-        let config = SchedulerConfig {
-            max_batch: 1,
-            max_queue: 1,
-            max_context: 4096,
-            prefill_chunk: 64,
-            decode_spacing: std::time::Duration::ZERO,
-        };
+        let config = limits(1, 1);
         let backend = CpuBackend::new(model, None).unwrap().with_schedule(1, depth);
         let (engine, join) = spawn_engine(backend, tok.clone(), config, None).unwrap();
         let long = EngineRequest {
